@@ -1,0 +1,62 @@
+// Single-process exact attention kernels (no MPI, no gRPC).
+//
+// Layout (row-major, DESIGN.md): q [Tq, H, D] float32; k, v [Tk, Hkv, D] in
+// float32 or bfloat16; o [Tq, H, D] float32; lse [Tq, H] float32 (natural log).
+// H must be a multiple of Hkv; query head h uses kv head h / (H / Hkv).
+//
+// Every call produces a *partial*: (o, lse) over exactly the keys it was given.
+// A row that sees no key (Tk == 0, or everything masked) gives o = 0 and
+// lse = -inf, the empty partial, which merges cleanly (see merge.h).
+//
+// Threading: the kernels parallelise with oneTBB inside the caller's arena
+// (limit with tbb::global_control or a task_arena) and call OpenBLAS
+// single-threaded. Calls are thread-safe; buffers must not alias.
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/dtype.h"
+#include "kernels/status.h"
+
+namespace ringtree {
+
+struct AttentionShape {
+  int64_t q_tokens = 0;   // Tq >= 0
+  int64_t kv_tokens = 0;  // Tk >= 0
+  int heads = 0;          // H >= 1, multiple of kv_heads
+  int kv_heads = 0;       // Hkv >= 1
+  int head_dim = 0;       // D in [1, 256] (32..256 supported and tested; 64/128 tuned)
+};
+
+struct AttentionOptions {
+  // Causal mask on absolute positions: query i (at q_position_offset + i) sees
+  // key j (at kv_position_offset + j) iff key position <= query position.
+  bool causal = false;
+  int64_t q_position_offset = 0;
+  int64_t kv_position_offset = 0;
+  // Softmax scale; <= 0 means 1/sqrt(head_dim).
+  float scale = 0.0f;
+};
+
+// Validates shapes and options. Messages name the field: "[attention] heads ...".
+Status ValidateAttention(const AttentionShape& shape, DType kv_dtype);
+
+// Block-wise (flash) attention forward. Never materialises Tq x Tk; scratch
+// is O(tile) per thread. Dispatches to DecodeAttention when Tq <= 16.
+// `lse` may be null when the caller does not need it.
+// kv_dtype: kFloat32 or kBFloat16 (float16 storage is converted by the caller).
+Status AttentionForward(const float* q, const void* k, const void* v, DType kv_dtype,
+                        const AttentionShape& shape, const AttentionOptions& options, float* o,
+                        float* lse);
+
+// Decode attention: few query tokens (typically 1..16) against a long KV.
+// Splits the KV length across tasks and merges their partials, so even one
+// token with one head uses every core. Same contract as AttentionForward.
+Status DecodeAttention(const float* q, const void* k, const void* v, DType kv_dtype,
+                       const AttentionShape& shape, const AttentionOptions& options, float* o,
+                       float* lse);
+
+// Resolved softmax scale (options.scale, or 1/sqrt(head_dim)).
+float ResolveScale(const AttentionOptions& options, int head_dim);
+
+}  // namespace ringtree
