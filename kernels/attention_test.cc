@@ -1,0 +1,109 @@
+// Table-driven tests of the flash prefill and split-KV decode kernels against
+// the double-precision reference.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+
+#include "kernels/attention.h"
+#include "kernels/reference.h"
+#include "kernels/test_util.h"
+
+namespace ringtree {
+namespace {
+
+struct Case {
+  const char* name;
+  int64_t tq, tk;
+  int heads, kv_heads, head_dim;
+  bool causal;
+  int64_t q_off, kv_off;
+  DType dtype;
+  float scale = 0;           // 0 = default
+  float input_magnitude = 1;  // scales q to push logits to extremes
+  double tolerance = 2e-4;
+};
+
+// Tolerance (per case, default 2e-4): max |o - o_ref|, and 10x that for lse.
+// Outputs are convex combinations of values in [-1, 1]; float32 accumulation
+// over <= 3k keys stays well inside 2e-4. Extreme-logit cases (|logit| in the
+// hundreds) lose absolute precision in the float32 dot products themselves,
+// so they are held to 2e-3 and additionally must contain no NaN or inf.
+
+std::string CaseName(const ::testing::TestParamInfo<Case>& info) { return info.param.name; }
+
+class AttentionTest : public ::testing::TestWithParam<Case> {};
+
+void RunCase(const Case& c, bool decode_entry) {
+  AttentionShape s{c.tq, c.tk, c.heads, c.kv_heads, c.head_dim};
+  AttentionOptions opt{c.causal, c.q_off, c.kv_off, c.scale};
+  auto q = testing::RandomVector(c.tq * c.heads * c.head_dim, 1, -c.input_magnitude, c.input_magnitude);
+  auto kf = testing::RandomVector(c.tk * c.kv_heads * c.head_dim, 2);
+  auto vf = testing::RandomVector(c.tk * c.kv_heads * c.head_dim, 3);
+  auto k = testing::ToStorage(kf, c.dtype);
+  auto v = testing::ToStorage(vf, c.dtype);
+  std::vector<float> o(q.size(), 7.0f), lse(c.tq * c.heads, 7.0f);
+  std::vector<float> o_ref(q.size()), lse_ref(lse.size());
+  ReferenceAttention(q.data(), k.data(), v.data(), c.dtype, s, opt, o_ref.data(), lse_ref.data());
+  Status st = decode_entry ? DecodeAttention(q.data(), k.data(), v.data(), c.dtype, s, opt, o.data(), lse.data())
+                           : AttentionForward(q.data(), k.data(), v.data(), c.dtype, s, opt, o.data(), lse.data());
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_LE(testing::MaxAbsDiff(o.data(), o_ref.data(), o.size()), c.tolerance);
+  EXPECT_LE(testing::MaxAbsDiff(lse.data(), lse_ref.data(), lse.size()), c.tolerance * 10);
+  for (float x : o) ASSERT_TRUE(std::isfinite(x));
+}
+
+TEST_P(AttentionTest, ForwardMatchesReference) { RunCase(GetParam(), false); }
+TEST_P(AttentionTest, DecodeEntryMatchesReference) {
+  if (GetParam().tq > 64) GTEST_SKIP() << "decode entry targets few query tokens";
+  RunCase(GetParam(), true);
+}
+
+const DType F32 = DType::kFloat32, BF16 = DType::kBFloat16;
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, AttentionTest,
+    ::testing::Values(
+        Case{"square_d64_mha", 64, 64, 4, 4, 64, false, 0, 0, F32},
+        Case{"ragged_d64_gqa4", 37, 301, 8, 2, 64, false, 0, 0, F32},
+        Case{"ragged_d80_gqa8_causal", 129, 257, 8, 1, 80, true, 128, 0, F32},
+        Case{"d128_causal_square", 300, 300, 8, 8, 128, true, 0, 0, F32},
+        Case{"d128_gqa4_hkv2", 100, 600, 8, 2, 128, false, 0, 0, F32},
+        Case{"d128_gqa8_hkv8_causal_chunked", 70, 500, 64, 8, 128, true, 430, 0, F32},
+        Case{"mqa_gqa4_hkv1", 33, 517, 4, 1, 128, true, 484, 0, F32},
+        Case{"kv_after_queries_empty_rows", 80, 120, 4, 2, 64, true, 0, 50, F32},
+        Case{"empty_kv", 20, 0, 4, 2, 64, false, 0, 0, F32},
+        Case{"empty_kv_decode", 1, 0, 4, 2, 64, false, 0, 0, F32},
+        Case{"d32", 50, 90, 2, 1, 32, true, 40, 0, F32},
+        Case{"d256", 40, 260, 4, 2, 256, false, 0, 0, F32},
+        Case{"d96_odd", 17, 77, 3, 1, 96, false, 0, 0, F32},
+        Case{"d40_not_multiple_of_16", 19, 45, 2, 2, 40, true, 30, 0, F32},
+        Case{"decode_1tok_long", 1, 2000, 8, 2, 128, false, 0, 0, F32},
+        Case{"decode_1tok_causal", 1, 999, 32, 8, 128, true, 998, 0, F32},
+        Case{"decode_16tok_causal", 16, 1500, 16, 2, 64, true, 1484, 0, F32},
+        Case{"decode_4tok_gqa8", 4, 1030, 8, 1, 128, false, 0, 0, F32},
+        Case{"bf16_prefill_causal", 150, 150, 8, 2, 128, true, 0, 0, BF16},
+        Case{"bf16_prefill_d64", 60, 333, 4, 4, 64, false, 0, 0, BF16},
+        Case{"bf16_decode", 1, 3000, 8, 8, 128, false, 0, 0, BF16},
+        Case{"bf16_decode_gqa4", 3, 1234, 32, 8, 128, true, 1231, 0, BF16},
+        Case{"extreme_large_logits", 30, 200, 4, 2, 64, true, 170, 0, F32, 0, 100.0f, 2e-3},
+        Case{"extreme_large_logits_decode", 2, 500, 4, 2, 64, false, 0, 0, F32, 0, 300.0f, 2e-3},
+        Case{"extreme_small_logits", 30, 200, 4, 2, 64, false, 0, 0, F32, 1e-6f},
+        Case{"custom_scale", 25, 70, 2, 1, 64, false, 0, 0, F32, 0.5f}),
+    CaseName);
+
+TEST(AttentionValidation, RejectsBadShapes) {
+  float x = 0;
+  AttentionShape s{1, 1, 6, 4, 64};
+  Status st = AttentionForward(&x, &x, &x, DType::kFloat32, s, {}, &x, &x);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("heads"), std::string::npos);
+  s = {1, 1, 4, 4, 300};
+  EXPECT_EQ(AttentionForward(&x, &x, &x, DType::kFloat32, s, {}, &x, &x).code(), StatusCode::kInvalidArgument);
+  s = {1, 1, 4, 4, 64};
+  EXPECT_EQ(AttentionForward(&x, &x, &x, DType::kFloat16, s, {}, &x, &x).code(), StatusCode::kInvalidArgument);
+}
+
+}  // namespace
+}  // namespace ringtree

@@ -1,0 +1,119 @@
+// Split-KV decode: the KV length is cut into chunks, each task computes a
+// partial for every (query token, head) over its chunk, and the partials are
+// merged at the end (kernels/merge.h). One task streams all kv heads of its
+// chunk, so memory is read sequentially.
+#include <tbb/parallel_for.h>
+#include <tbb/task_arena.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "kernels/attention.h"
+#include "kernels/merge.h"
+#include "kernels/online_softmax.h"
+
+namespace ringtree {
+
+using internal::kNegInf;
+
+namespace {
+constexpr int kDecodeKeyBlock = 64;
+}  // namespace
+
+Status DecodeAttention(const float* q, const void* k, const void* v, DType kv_dtype,
+                       const AttentionShape& s, const AttentionOptions& opt, float* o, float* lse) {
+  RINGTREE_RETURN_IF_ERROR(ValidateAttention(s, kv_dtype));
+  if (s.q_tokens == 0) return Status::Ok();
+  if (s.q_tokens > 64) return AttentionForward(q, k, v, kv_dtype, s, opt, o, lse);
+  const int D = s.head_dim, H = s.heads, Hkv = s.kv_heads, G = H / Hkv;
+  const int rows = static_cast<int>(s.q_tokens) * G;  // rows per kv head, ordered (t, g)
+  const float qmul = ResolveScale(opt, D) * internal::kLog2e;
+
+  // Pre-scaled queries grouped by kv head: qs[hk][r][D].
+  std::vector<float> qs(static_cast<size_t>(Hkv) * rows * D);
+  for (int hk = 0; hk < Hkv; ++hk)
+    for (int64_t t = 0; t < s.q_tokens; ++t)
+      for (int g = 0; g < G; ++g) {
+        const int r = static_cast<int>(t) * G + g;
+        internal::ScaleCopy(q + (t * H + hk * G + g) * D, qs.data() + (static_cast<int64_t>(hk) * rows + r) * D, D, qmul);
+      }
+
+  int64_t kv_end = s.kv_tokens;
+  if (opt.causal)
+    kv_end = std::min<int64_t>(kv_end, opt.q_position_offset + s.q_tokens - 1 - opt.kv_position_offset + 1);
+  if (kv_end <= 0) {
+    std::fill(o, o + s.q_tokens * H * D, 0.0f);
+    if (lse) std::fill(lse, lse + s.q_tokens * H, kNegInf);
+    return Status::Ok();
+  }
+
+  const int threads = std::max(1, tbb::this_task_arena::max_concurrency());
+  int64_t chunk = (kv_end + threads * 4 - 1) / (threads * 4);
+  chunk = std::max<int64_t>(512, (chunk + kDecodeKeyBlock - 1) / kDecodeKeyBlock * kDecodeKeyBlock);
+  const int64_t chunks = (kv_end + chunk - 1) / chunk;
+  const int64_t state_rows = static_cast<int64_t>(Hkv) * rows;  // rows of one chunk's partial
+  std::vector<float> part_o(chunks * state_rows * D);
+  std::vector<float> part_lse(chunks * state_rows);
+  const bool fp32 = kv_dtype == DType::kFloat32;
+  const int64_t row_stride = static_cast<int64_t>(Hkv) * D;
+
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, chunks, 1), [&](const tbb::blocked_range<int64_t>& range) {
+    for (int64_t c = range.begin(); c < range.end(); ++c) {
+      const int64_t c0 = c * chunk, c1 = std::min(kv_end, c0 + chunk);
+      float* acc = internal::ThreadScratch(0, state_rows * D);
+      float* ml = internal::ThreadScratch(1, state_rows * 2);
+      float* sc = internal::ThreadScratch(2, static_cast<size_t>(rows) * kDecodeKeyBlock);
+      float* kbuf = fp32 ? nullptr : internal::ThreadScratch(3, kDecodeKeyBlock * row_stride);
+      float* vbuf = fp32 ? nullptr : internal::ThreadScratch(4, kDecodeKeyBlock * row_stride);
+      float* m = ml;
+      float* l = ml + state_rows;
+      std::fill(acc, acc + state_rows * D, 0.0f);
+      std::fill(m, m + state_rows, kNegInf);
+      std::fill(l, l + state_rows, 0.0f);
+      for (int64_t j0 = c0; j0 < c1; j0 += kDecodeKeyBlock) {
+        const int jb = static_cast<int>(std::min<int64_t>(kDecodeKeyBlock, c1 - j0));
+        const float* kp;
+        const float* vp;
+        if (fp32) {
+          kp = static_cast<const float*>(k) + j0 * row_stride;
+          vp = static_cast<const float*>(v) + j0 * row_stride;
+        } else {
+          ConvertToFloat32(DType::kBFloat16, static_cast<const uint16_t*>(k) + j0 * row_stride, kbuf, jb * row_stride);
+          ConvertToFloat32(DType::kBFloat16, static_cast<const uint16_t*>(v) + j0 * row_stride, vbuf, jb * row_stride);
+          kp = kbuf;
+          vp = vbuf;
+        }
+        const bool mask = opt.causal && opt.kv_position_offset + j0 + jb - 1 > opt.q_position_offset;
+        for (int hk = 0; hk < Hkv; ++hk) {
+          const int64_t base = static_cast<int64_t>(hk) * rows;
+          internal::QueryKeyDots(qs.data() + base * D, rows, kp + hk * D, row_stride, jb, D, sc, kDecodeKeyBlock);
+          if (mask)
+            internal::ApplyCausalMask(sc, kDecodeKeyBlock, rows, G, jb, 0, j0, opt.q_position_offset, opt.kv_position_offset);
+          internal::OnlineSoftmaxUpdate(sc, kDecodeKeyBlock, rows, jb, m + base, l + base, acc + base * D, D);
+          internal::AccumulateProbValues(sc, kDecodeKeyBlock, rows, vp + hk * D, row_stride, jb, D, acc + base * D);
+        }
+      }
+      for (int64_t r = 0; r < state_rows; ++r)
+        internal::FinalizeRow(acc + r * D, m[r], l[r], D, part_o.data() + (c * state_rows + r) * D,
+                              part_lse.data() + c * state_rows + r);
+    }
+  });
+
+  // Merge chunk partials and scatter to the [Tq, H, D] layout.
+  for (int hk = 0; hk < Hkv; ++hk)
+    for (int r = 0; r < rows; ++r) {
+      const int64_t sr = static_cast<int64_t>(hk) * rows + r;
+      float* acc_o = part_o.data() + sr * D;
+      float* acc_lse = part_lse.data() + sr;
+      for (int64_t c = 1; c < chunks; ++c)
+        MergePartialRow(acc_o, acc_lse, part_o.data() + (c * state_rows + sr) * D, part_lse[c * state_rows + sr], D);
+      const int64_t t = r / G;
+      const int g = r % G;
+      const int64_t out_row = t * H + hk * G + g;
+      std::copy(acc_o, acc_o + D, o + out_row * D);
+      if (lse) lse[out_row] = *acc_lse;
+    }
+  return Status::Ok();
+}
+
+}  // namespace ringtree

@@ -1,0 +1,76 @@
+// Online-softmax state shared by the prefill and decode kernels. Internal.
+// Scores are kept in the log2 domain (queries pre-multiplied by scale*log2(e)),
+// so exp2 replaces exp; lse is converted back to natural log at the end.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "kernels/vector_ops.h"
+
+namespace ringtree::internal {
+
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// Per-thread scratch that grows and is reused across tasks (no page faults in
+// the hot loop).
+inline float* ThreadScratch(int slot, size_t floats) {
+  thread_local std::vector<float> buffers[6];
+  auto& b = buffers[slot];
+  if (b.size() < floats) b.resize(floats);
+  return b.data();
+}
+
+// Rows are (token, group-head) pairs: row r belongs to token t0 + r / group.
+// Masks s[r][c] (key j0 + c) when key position > query position.
+inline void ApplyCausalMask(float* s, int s_stride, int rows, int group, int keys, int64_t t0,
+                            int64_t j0, int64_t q_offset, int64_t kv_offset) {
+  for (int r = 0; r < rows; ++r) {
+    const int64_t t = t0 + r / group;
+    const int64_t last_visible = q_offset + t - kv_offset - j0;  // last visible column
+    int64_t c0 = last_visible + 1;
+    if (c0 < 0) c0 = 0;
+    float* row = s + static_cast<int64_t>(r) * s_stride;
+    for (int64_t c = c0; c < keys; ++c) row[c] = kNegInf;
+  }
+}
+
+// Folds a tile of scores s[rows][keys] (log2 domain) into the running state:
+// row max m, row sum l, un-normalised output acc[rows][D]. Leaves the
+// probabilities exp2(s - m_new) in s for the P*V product.
+inline void OnlineSoftmaxUpdate(float* s, int s_stride, int rows, int keys, float* m, float* l,
+                                float* acc, int D) {
+  for (int r = 0; r < rows; ++r) {
+    float* row = s + static_cast<int64_t>(r) * s_stride;
+    const float mx = RowMax(row, keys);
+    const float m_new = mx > m[r] ? mx : m[r];
+    if (m_new == kNegInf) {  // nothing visible yet in this row
+      for (int c = 0; c < keys; ++c) row[c] = 0.0f;
+      continue;
+    }
+    const float alpha = std::exp2(m[r] - m_new);  // m[r] = -inf gives 0
+    const float sum = Exp2SubInPlaceSum(row, keys, m_new);
+    l[r] = l[r] * alpha + sum;
+    if (alpha != 1.0f) ScaleRow(acc + static_cast<int64_t>(r) * D, D, alpha);
+    m[r] = m_new;
+  }
+}
+
+// Turns row state into a partial: o = acc / l, lse = ln(2) * (m + log2(l)).
+// Rows that saw nothing give (0, -inf).
+inline void FinalizeRow(const float* acc, float m, float l, int D, float* o, float* lse) {
+  if (l == 0.0f || m == kNegInf) {
+    for (int d = 0; d < D; ++d) o[d] = 0.0f;
+    if (lse) *lse = kNegInf;
+    return;
+  }
+  const float inv = 1.0f / l;
+  for (int d = 0; d < D; ++d) o[d] = acc[d] * inv;
+  if (lse) *lse = kLn2 * (m + std::log2(l));
+}
+
+}  // namespace ringtree::internal

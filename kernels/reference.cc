@@ -1,0 +1,57 @@
+#include "kernels/reference.h"
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace ringtree {
+
+void ReferenceAttention(const float* q, const void* k, const void* v, DType kv_dtype,
+                        const AttentionShape& s, const AttentionOptions& opt, float* o, float* lse) {
+  const int D = s.head_dim, H = s.heads, Hkv = s.kv_heads, G = H / Hkv;
+  const size_t kv_elems = static_cast<size_t>(s.kv_tokens) * Hkv * D;
+  std::vector<float> kf(kv_elems), vf(kv_elems);
+  ConvertToFloat32(kv_dtype, k, kf.data(), kv_elems);
+  ConvertToFloat32(kv_dtype, v, vf.data(), kv_elems);
+  const double scale = ResolveScale(opt, D);
+  std::vector<double> scores(s.kv_tokens);
+  std::vector<double> acc(D);
+  for (int64_t t = 0; t < s.q_tokens; ++t) {
+    const int64_t qpos = opt.q_position_offset + t;
+    for (int h = 0; h < H; ++h) {
+      const int hk = h / G;
+      const float* qr = q + (t * H + h) * D;
+      double mx = -std::numeric_limits<double>::infinity();
+      for (int64_t j = 0; j < s.kv_tokens; ++j) {
+        if (opt.causal && opt.kv_position_offset + j > qpos) {
+          scores[j] = -std::numeric_limits<double>::infinity();
+          continue;
+        }
+        const float* kr = kf.data() + (j * Hkv + hk) * D;
+        double dot = 0;
+        for (int d = 0; d < D; ++d) dot += static_cast<double>(qr[d]) * kr[d];
+        scores[j] = dot * scale;
+        if (scores[j] > mx) mx = scores[j];
+      }
+      float* orow = o + (t * H + h) * D;
+      if (mx == -std::numeric_limits<double>::infinity()) {
+        for (int d = 0; d < D; ++d) orow[d] = 0.0f;
+        if (lse) lse[t * H + h] = -std::numeric_limits<float>::infinity();
+        continue;
+      }
+      double sum = 0;
+      std::fill(acc.begin(), acc.end(), 0.0);
+      for (int64_t j = 0; j < s.kv_tokens; ++j) {
+        if (scores[j] == -std::numeric_limits<double>::infinity()) continue;
+        const double p = std::exp(scores[j] - mx);
+        sum += p;
+        const float* vr = vf.data() + (j * Hkv + hk) * D;
+        for (int d = 0; d < D; ++d) acc[d] += p * vr[d];
+      }
+      for (int d = 0; d < D; ++d) orow[d] = static_cast<float>(acc[d] / sum);
+      if (lse) lse[t * H + h] = static_cast<float>(mx + std::log(sum));
+    }
+  }
+}
+
+}  // namespace ringtree

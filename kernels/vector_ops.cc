@@ -1,0 +1,191 @@
+#include "kernels/vector_ops.h"
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <limits>
+
+#include "kernels/dtype.h"
+
+namespace ringtree::internal {
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+#define RT_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
+
+// 2^x for x <= 0 (Cephes exp2f polynomial on [-0.5, 0.5]); x < -126 gives 0.
+RT_AVX512 inline __m512 Exp2Avx512(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-127.0f));
+  __m512 xi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_sub_ps(x, xi);
+  __m512 p = _mm512_set1_ps(1.535336188319500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.339887440266574e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.618437357674640e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550332471162809e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.402264791363012e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931472028550421e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+  __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(xi), _mm512_set1_epi32(127)), 23);
+  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
+}
+
+RT_AVX512 float RowMaxAvx512(const float* x, int n) {
+  __m512 m0 = _mm512_set1_ps(kNegInf), m1 = m0;
+  int i = 0;
+  for (; i + 32 <= n; i += 32) {
+    m0 = _mm512_max_ps(m0, _mm512_loadu_ps(x + i));
+    m1 = _mm512_max_ps(m1, _mm512_loadu_ps(x + i + 16));
+  }
+  for (; i + 16 <= n; i += 16) m0 = _mm512_max_ps(m0, _mm512_loadu_ps(x + i));
+  if (i < n) {
+    __mmask16 mask = static_cast<__mmask16>((1u << (n - i)) - 1);
+    m1 = _mm512_max_ps(m1, _mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), mask, x + i));
+  }
+  return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+}
+
+RT_AVX512 float Exp2SubAvx512(float* x, int n, float sub) {
+  const __m512 s = _mm512_set1_ps(sub);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int i = 0;
+  for (; i + 32 <= n; i += 32) {
+    __m512 a = Exp2Avx512(_mm512_sub_ps(_mm512_loadu_ps(x + i), s));
+    __m512 b = Exp2Avx512(_mm512_sub_ps(_mm512_loadu_ps(x + i + 16), s));
+    _mm512_storeu_ps(x + i, a);
+    _mm512_storeu_ps(x + i + 16, b);
+    acc0 = _mm512_add_ps(acc0, a);
+    acc1 = _mm512_add_ps(acc1, b);
+  }
+  for (; i < n; i += 16) {
+    __mmask16 mask = n - i >= 16 ? 0xffff : static_cast<__mmask16>((1u << (n - i)) - 1);
+    __m512 a = Exp2Avx512(_mm512_sub_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(kNegInf), mask, x + i), s));
+    _mm512_mask_storeu_ps(x + i, mask, a);
+    acc0 = _mm512_add_ps(acc0, _mm512_maskz_mov_ps(mask, a));
+  }
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+RT_AVX512 void QueryKeyDotsAvx512(const float* q, int rows, const float* k, int64_t k_stride,
+                                  int keys, int D, float* s, int s_stride) {
+  // D is a multiple of 16 here. For each key, its row stays in L1 across the
+  // query rows; four rows are done at once to reuse each key load.
+  int r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const float* q0 = q + r * D;
+    for (int j = 0; j < keys; ++j) {
+      const float* kr = k + j * k_stride;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int d = 0; d < D; d += 16) {
+        __m512 kv = _mm512_loadu_ps(kr + d);
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + d), kv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + D + d), kv, a1);
+        a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 2 * D + d), kv, a2);
+        a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 3 * D + d), kv, a3);
+      }
+      s[(r + 0) * s_stride + j] = _mm512_reduce_add_ps(a0);
+      s[(r + 1) * s_stride + j] = _mm512_reduce_add_ps(a1);
+      s[(r + 2) * s_stride + j] = _mm512_reduce_add_ps(a2);
+      s[(r + 3) * s_stride + j] = _mm512_reduce_add_ps(a3);
+    }
+  }
+  for (; r < rows; ++r) {
+    const float* qr = q + r * D;
+    for (int j = 0; j < keys; ++j) {
+      const float* kr = k + j * k_stride;
+      __m512 a0 = _mm512_setzero_ps();
+      for (int d = 0; d < D; d += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + d), _mm512_loadu_ps(kr + d), a0);
+      s[r * s_stride + j] = _mm512_reduce_add_ps(a0);
+    }
+  }
+}
+
+RT_AVX512 void AccumulateProbValuesAvx512(const float* p, int p_stride, int rows, const float* v,
+                                          int64_t v_stride, int keys, int D, float* acc) {
+  // D multiple of 16. Four accumulator rows per 16-wide column chunk stay in
+  // registers while the keys stream by.
+  for (int d = 0; d < D; d += 16) {
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      float* a = acc + r * D + d;
+      __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + D), a2 = _mm512_loadu_ps(a + 2 * D),
+             a3 = _mm512_loadu_ps(a + 3 * D);
+      const float* p0 = p + r * p_stride;
+      for (int j = 0; j < keys; ++j) {
+        __m512 vv = _mm512_loadu_ps(v + j * v_stride + d);
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(p0[j]), vv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_set1_ps(p0[p_stride + j]), vv, a1);
+        a2 = _mm512_fmadd_ps(_mm512_set1_ps(p0[2 * p_stride + j]), vv, a2);
+        a3 = _mm512_fmadd_ps(_mm512_set1_ps(p0[3 * p_stride + j]), vv, a3);
+      }
+      _mm512_storeu_ps(a, a0);
+      _mm512_storeu_ps(a + D, a1);
+      _mm512_storeu_ps(a + 2 * D, a2);
+      _mm512_storeu_ps(a + 3 * D, a3);
+    }
+    for (; r < rows; ++r) {
+      float* a = acc + r * D + d;
+      __m512 a0 = _mm512_loadu_ps(a);
+      const float* pr = p + r * p_stride;
+      for (int j = 0; j < keys; ++j) a0 = _mm512_fmadd_ps(_mm512_set1_ps(pr[j]), _mm512_loadu_ps(v + j * v_stride + d), a0);
+      _mm512_storeu_ps(a, a0);
+    }
+  }
+}
+
+}  // namespace
+
+float RowMax(const float* x, int n) {
+  if (CpuHasAvx512()) return RowMaxAvx512(x, n);
+  float m = kNegInf;
+  for (int i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
+  return m;
+}
+
+float Exp2SubInPlaceSum(float* x, int n, float sub) {
+  if (CpuHasAvx512()) return Exp2SubAvx512(x, n, sub);
+  float sum = 0;
+  for (int i = 0; i < n; ++i) {
+    x[i] = std::exp2(x[i] - sub);
+    sum += x[i];
+  }
+  return sum;
+}
+
+void ScaleRow(float* y, int n, float a) {
+  for (int i = 0; i < n; ++i) y[i] *= a;
+}
+
+void ScaleCopy(const float* x, float* y, int n, float a) {
+  for (int i = 0; i < n; ++i) y[i] = x[i] * a;
+}
+
+void QueryKeyDots(const float* q, int rows, const float* k, int64_t k_stride, int keys, int D,
+                  float* s, int s_stride) {
+  if (CpuHasAvx512() && D % 16 == 0) return QueryKeyDotsAvx512(q, rows, k, k_stride, keys, D, s, s_stride);
+  for (int r = 0; r < rows; ++r) {
+    for (int j = 0; j < keys; ++j) {
+      const float* kr = k + j * k_stride;
+      const float* qr = q + r * D;
+      float dot = 0;
+      for (int d = 0; d < D; ++d) dot += qr[d] * kr[d];
+      s[r * s_stride + j] = dot;
+    }
+  }
+}
+
+void AccumulateProbValues(const float* p, int p_stride, int rows, const float* v, int64_t v_stride,
+                          int keys, int D, float* acc) {
+  if (CpuHasAvx512() && D % 16 == 0) return AccumulateProbValuesAvx512(p, p_stride, rows, v, v_stride, keys, D, acc);
+  for (int r = 0; r < rows; ++r) {
+    float* a = acc + r * D;
+    for (int j = 0; j < keys; ++j) {
+      const float pj = p[r * p_stride + j];
+      const float* vr = v + j * v_stride;
+      for (int d = 0; d < D; ++d) a[d] += pj * vr[d];
+    }
+  }
+}
+
+}  // namespace ringtree::internal

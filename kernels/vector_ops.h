@@ -1,0 +1,26 @@
+// Small row primitives for the attention kernels, with an AVX-512 path chosen
+// at run time and a portable path. Internal to kernels/.
+#pragma once
+
+#include <cstdint>
+
+namespace ringtree::internal {
+
+// max over x[0..n); -inf when n == 0.
+float RowMax(const float* x, int n);
+// x[i] = exp2(x[i] - sub) in place; returns the sum. Inputs <= sub (+tiny) are
+// expected; -inf gives 0. Accuracy ~2 ulp for results above 2^-126.
+float Exp2SubInPlaceSum(float* x, int n, float sub);
+// y[i] *= a.
+void ScaleRow(float* y, int n, float a);
+// y[i] = x[i] * a.
+void ScaleCopy(const float* x, float* y, int n, float a);
+// Dot products of M query rows (q[r*D..], contiguous) with `keys` key rows
+// (k + j*k_stride) into s[r*s_stride + j].
+void QueryKeyDots(const float* q, int rows, const float* k, int64_t k_stride, int keys, int D,
+                  float* s, int s_stride);
+// acc[r*D + d] += sum_j p[r*p_stride + j] * v[j*v_stride + d] for r < rows.
+void AccumulateProbValues(const float* p, int p_stride, int rows, const float* v, int64_t v_stride,
+                          int keys, int D, float* acc);
+
+}  // namespace ringtree::internal
