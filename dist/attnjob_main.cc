@@ -1,0 +1,360 @@
+// attnjob: exact attention of a whole sequence over MPI ranks (Ring Attention).
+//
+//   mpirun -np P attnjob --q q.npy --k k.npy --v v.npy [--causal] [--scale S]
+//                        --out o.npy [--lse lse.npy] [--threads N]
+//   mpirun -np P attnjob --demo [--tokens N --heads H --kv-heads Hkv
+//                        --head-dim D --causal --check]
+//
+// Files: NumPy .npy, [T, heads, head_dim], float32 or float16, C order; the
+// output is float32 [T, heads, head_dim] and --lse writes [T, heads] float32
+// (natural-log sum of exponentials of the scaled scores). Each rank reads and
+// writes only its own shard (MPI-IO); causal runs use the zigzag layout.
+// Any bad input gives one message (rank 0), a non-zero exit on every rank and
+// no output file.
+#include <tbb/global_control.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dist/communicator.h"
+#include "dist/npy.h"
+#include "dist/ring_attention.h"
+#include "dist/sharding.h"
+#include "dist/timing.h"
+#include "kernels/attention.h"
+#include "kernels/blas.h"
+
+namespace ringtree {
+namespace {
+
+struct JobOptions {
+  std::string q_path, k_path, v_path, out_path, lse_path;
+  bool causal = false;
+  float scale = 0.0f;
+  int threads = 0;
+  std::string layout = "auto";
+  bool demo = false;
+  int64_t tokens = 32768;
+  int heads = 8;
+  int kv_heads = 2;
+  int head_dim = 64;
+  bool check = false;
+  bool quiet = false;
+  uint64_t seed = 1234;
+};
+
+using Ranges = std::vector<std::pair<int64_t, int64_t>>;
+
+// "[npy] q.npy: ..." -> "[attnjob] q.npy: ..." (one operation name per message).
+std::string JobMessage(const Status& s) {
+  std::string m = s.message();
+  if (m.rfind("[npy] ", 0) == 0) m = m.substr(6);
+  else if (m.rfind("[attnjob] ", 0) == 0) m = m.substr(10);
+  return "[attnjob] " + m;
+}
+
+int DefaultThreads() {
+  const long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  const int local = MpiEnvironment::LocalRanks();
+  return std::max<int>(1, static_cast<int>(cores) / std::max(1, local));
+}
+
+// Deterministic data for --demo: value of element `index` of tensor `tensor`
+// (0 = q, 1 = k, 2 = v), uniform in [-1, 1), independent of the rank layout.
+inline float DemoValue(uint64_t seed, uint64_t tensor, uint64_t index) {
+  uint64_t z = seed * 0x9E3779B97F4A7C15ull + tensor * 0xD1B54A32D192ED03ull + index;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return static_cast<float>(z >> 40) * (2.0f / 16777216.0f) - 1.0f;
+}
+
+void FillDemoRows(uint64_t seed, uint64_t tensor, const Ranges& ranges, int64_t row_elements, float* out) {
+  for (const auto& [b, e] : ranges)
+    for (int64_t i = b * row_elements; i < e * row_elements; ++i) *out++ = DemoValue(seed, tensor, i);
+}
+
+Ranges ToPairs(const std::vector<TokenRange>& r) {
+  Ranges out;
+  for (const TokenRange& t : r) out.emplace_back(t.begin, t.end);
+  return out;
+}
+
+int64_t RowsIn(const Ranges& r) {
+  int64_t n = 0;
+  for (const auto& [b, e] : r) n += e - b;
+  return n;
+}
+
+struct Problem {
+  int64_t q_tokens = 0, kv_tokens = 0;
+  HeadConfig heads;
+  ShardLayoutKind layout = ShardLayoutKind::kContiguous;
+};
+
+// Checks the three headers against each other; messages name file and field.
+Status CheckShapes(const JobOptions& o, const NpyHeader& q, const NpyHeader& k, const NpyHeader& v, Problem* p) {
+  auto rank3 = [](const std::string& name, const NpyHeader& h) -> Status {
+    if (h.shape.size() != 3)
+      return Status::InvalidArgument("[attnjob] " + name + ": shape " + h.ShapeString() +
+                                     " must have 3 dimensions [tokens, heads, head_dim]");
+    if (h.shape[1] < 1 || h.shape[2] < 1)
+      return Status::InvalidArgument("[attnjob] " + name + ": shape " + h.ShapeString() + " has an empty heads or head_dim");
+    return Status::Ok();
+  };
+  RINGTREE_RETURN_IF_ERROR(rank3(o.q_path, q));
+  RINGTREE_RETURN_IF_ERROR(rank3(o.k_path, k));
+  RINGTREE_RETURN_IF_ERROR(rank3(o.v_path, v));
+  if (v.shape != k.shape)
+    return Status::InvalidArgument("[attnjob] " + o.v_path + ": shape " + v.ShapeString() + " differs from " + o.k_path +
+                                   " shape " + k.ShapeString());
+  if (k.shape[2] != q.shape[2])
+    return Status::InvalidArgument("[attnjob] " + o.k_path + ": head_dim (shape[2]) " + std::to_string(k.shape[2]) +
+                                   " differs from " + o.q_path + " head_dim " + std::to_string(q.shape[2]));
+  if (q.shape[1] % k.shape[1] != 0)
+    return Status::InvalidArgument("[attnjob] " + o.q_path + ": heads (shape[1]) " + std::to_string(q.shape[1]) +
+                                   " is not a multiple of " + o.k_path + " kv heads " + std::to_string(k.shape[1]));
+  if (q.shape[2] > 256)
+    return Status::InvalidArgument("[attnjob] " + o.q_path + ": head_dim (shape[2]) " + std::to_string(q.shape[2]) +
+                                   " exceeds 256");
+  if (o.causal && q.shape[0] != k.shape[0])
+    return Status::InvalidArgument("[attnjob] " + o.k_path + ": tokens (shape[0]) " + std::to_string(k.shape[0]) +
+                                   " must equal " + o.q_path + " tokens " + std::to_string(q.shape[0]) +
+                                   " with --causal");
+  p->q_tokens = q.shape[0];
+  p->kv_tokens = k.shape[0];
+  p->heads = {static_cast<int>(q.shape[1]), static_cast<int>(k.shape[1]), static_cast<int>(q.shape[2]),
+              DType::kFloat32};
+  return Status::Ok();
+}
+
+void PrintSummary(const JobOptions& o, const Problem& p, const Communicator& comm, int threads,
+                  const std::vector<PhaseTimings>& all, double seconds) {
+  const double H = p.heads.heads, D = p.heads.head_dim;
+  // Cost model: QK^T and PV, 2 FLOPs per multiply-add; causal does half.
+  double flops = 4.0 * p.q_tokens * static_cast<double>(p.kv_tokens) * H * D;
+  if (o.causal) flops *= 0.5;
+  std::printf("[attnjob] done: %lld tokens x %lld keys, heads %d/%d, head_dim %d, %s, %d ranks x %d threads\n",
+              static_cast<long long>(p.q_tokens), static_cast<long long>(p.kv_tokens), p.heads.heads, p.heads.kv_heads,
+              p.heads.head_dim, o.causal ? "causal (zigzag)" : "non-causal", comm.size(), threads);
+  std::printf("[attnjob] time %.3f s  %.0f tokens/s  %.1f GFLOP/s\n", seconds, p.q_tokens / seconds,
+              flops / seconds / 1e9);
+  for (size_t r = 0; r < all.size(); ++r) std::printf("[attnjob]   rank %zu: %s\n", r, all[r].ToString().c_str());
+  std::fflush(stdout);
+}
+
+// Gathers each rank's output rows to rank 0 in global order (for --check).
+Status GatherToRoot(const Communicator& comm, const ShardLayout& layout, int64_t row_floats, const float* local,
+                    std::vector<float>* global) {
+  const int P = comm.size();
+  std::vector<int64_t> bytes(P);
+  for (int r = 0; r < P; ++r) bytes[r] = layout.LocalTokens(r) * row_floats * 4;
+  std::vector<float> all(static_cast<size_t>(layout.total_tokens() * row_floats));
+  RINGTREE_RETURN_IF_ERROR(comm.Allgatherv(local, bytes, all.data()));
+  if (comm.rank() != 0) return Status::Ok();
+  global->resize(all.size());
+  const float* src = all.data();
+  for (int r = 0; r < P; ++r)
+    for (const TokenRange& t : layout.RangesOf(r)) {
+      std::copy(src, src + t.length() * row_floats, global->data() + t.begin * row_floats);
+      src += t.length() * row_floats;
+    }
+  return Status::Ok();
+}
+
+Status RunJob(const JobOptions& o, const Communicator& comm, int threads) {
+  const int rank = comm.rank(), P = comm.size();
+  Problem p;
+  NpyHeader qh, kh, vh;
+  if (o.demo) {
+    if (o.tokens < 1) return Status::InvalidArgument("[attnjob] --tokens must be >= 1");
+    if (o.kv_heads < 1 || o.heads < 1 || o.heads % o.kv_heads != 0)
+      return Status::InvalidArgument("[attnjob] --heads must be a positive multiple of --kv-heads");
+    if (o.head_dim < 1 || o.head_dim > 256) return Status::InvalidArgument("[attnjob] --head-dim must be in [1, 256]");
+    p.q_tokens = p.kv_tokens = o.tokens;
+    p.heads = {o.heads, o.kv_heads, o.head_dim, DType::kFloat32};
+  } else {
+    if (o.q_path.empty() || o.k_path.empty() || o.v_path.empty() || o.out_path.empty())
+      return Status::InvalidArgument("[attnjob] --q, --k, --v and --out are required (or --demo)");
+    RINGTREE_ASSIGN_OR_RETURN(qh, ReadNpyHeaderCollective(comm, o.q_path));
+    RINGTREE_ASSIGN_OR_RETURN(kh, ReadNpyHeaderCollective(comm, o.k_path));
+    RINGTREE_ASSIGN_OR_RETURN(vh, ReadNpyHeaderCollective(comm, o.v_path));
+    RINGTREE_RETURN_IF_ERROR(CheckShapes(o, qh, kh, vh, &p));
+  }
+  if (o.layout == "zigzag" || (o.layout == "auto" && o.causal)) p.layout = ShardLayoutKind::kZigzag;
+  RINGTREE_ASSIGN_OR_RETURN(ShardLayout q_layout, ShardLayout::Create(p.layout, p.q_tokens, P));
+  RINGTREE_ASSIGN_OR_RETURN(ShardLayout kv_layout, ShardLayout::Create(p.layout, p.kv_tokens, P));
+  const Ranges q_ranges = ToPairs(q_layout.RangesOf(rank));
+  const Ranges kv_ranges = ToPairs(kv_layout.RangesOf(rank));
+  const int64_t q_row = static_cast<int64_t>(p.heads.heads) * p.heads.head_dim;
+  const int64_t kv_row = static_cast<int64_t>(p.heads.kv_heads) * p.heads.head_dim;
+  std::vector<float> q(static_cast<size_t>(RowsIn(q_ranges) * q_row));
+  std::vector<float> k(static_cast<size_t>(RowsIn(kv_ranges) * kv_row)), v(k.size());
+  const double t_read = NowSeconds();
+  if (o.demo) {
+    FillDemoRows(o.seed, 0, q_ranges, q_row, q.data());
+    FillDemoRows(o.seed, 1, kv_ranges, kv_row, k.data());
+    FillDemoRows(o.seed, 2, kv_ranges, kv_row, v.data());
+  } else {
+    RINGTREE_RETURN_IF_ERROR(ReadNpyRowsCollective(comm, o.q_path, qh, q_ranges, q.data()));
+    RINGTREE_RETURN_IF_ERROR(ReadNpyRowsCollective(comm, o.k_path, kh, kv_ranges, k.data()));
+    RINGTREE_RETURN_IF_ERROR(ReadNpyRowsCollective(comm, o.v_path, vh, kv_ranges, v.data()));
+  }
+  const double read_seconds = NowSeconds() - t_read;
+
+  std::vector<float> out(q.size()), lse(static_cast<size_t>(RowsIn(q_ranges) * p.heads.heads));
+  std::vector<QueryBlock> qblocks;
+  std::vector<KvBlock> kvblocks;
+  int64_t qrow = 0, krow = 0;
+  for (const auto& [b, e] : q_ranges) {
+    qblocks.push_back({q.data() + qrow * q_row, e - b, b, out.data() + qrow * q_row, lse.data() + qrow * p.heads.heads});
+    qrow += e - b;
+  }
+  for (const auto& [b, e] : kv_ranges) {
+    kvblocks.push_back({k.data() + krow * kv_row, v.data() + krow * kv_row, e - b, b});
+    krow += e - b;
+  }
+
+  RingOptions ro;
+  ro.causal = o.causal;
+  ro.scale = o.scale;
+  const double t0 = NowSeconds();
+  if (rank == 0 && !o.quiet) {
+    std::printf("[attnjob] %s: %lld tokens, heads %d/%d, head_dim %d, %s, %d ranks x %d threads (read %.2f s)\n",
+                o.demo ? "demo" : "job", static_cast<long long>(p.q_tokens), p.heads.heads, p.heads.kv_heads,
+                p.heads.head_dim, o.causal ? "causal, zigzag layout" : "non-causal", P, threads, read_seconds);
+    std::fflush(stdout);
+    ro.on_step = [&](int step, int steps) {
+      const double el = NowSeconds() - t0;
+      // Each step covers 1/steps of every query's keys: tokens/s of the whole job so far.
+      std::printf("[attnjob] ring step %d/%d  %.2f s  ~%.0f tokens/s\n", step, steps, el,
+                  p.q_tokens * (static_cast<double>(step) / steps) / std::max(el, 1e-9));
+      std::fflush(stdout);
+    };
+  }
+  PhaseTimings timing;
+  RINGTREE_RETURN_IF_ERROR(RingAttention(comm, p.heads, qblocks, kvblocks, ro, &timing));
+  RINGTREE_RETURN_IF_ERROR(comm.Barrier());
+  const double seconds = NowSeconds() - t0;
+
+  if (!o.demo) {
+    RINGTREE_ASSIGN_OR_RETURN(auto writer,
+                              NpyWriter::Create(comm, o.out_path, {p.q_tokens, p.heads.heads, p.heads.head_dim}));
+    RINGTREE_RETURN_IF_ERROR(writer->Commit(writer->WriteRows(q_ranges, out.data())));
+    if (!o.lse_path.empty()) {
+      RINGTREE_ASSIGN_OR_RETURN(auto lse_writer, NpyWriter::Create(comm, o.lse_path, {p.q_tokens, p.heads.heads}));
+      Status st = lse_writer->Commit(lse_writer->WriteRows(q_ranges, lse.data()));
+      if (!st.ok()) {
+        if (rank == 0) std::remove(o.out_path.c_str());  // no half-finished result set
+        return st;
+      }
+    }
+  }
+
+  RINGTREE_ASSIGN_OR_RETURN(std::vector<PhaseTimings> all, GatherTimings(comm, timing, 0));
+  if (rank == 0 && !o.quiet) PrintSummary(o, p, comm, threads, all, seconds);
+
+  if (o.check) {
+    if (p.q_tokens > 16384)
+      return Status::InvalidArgument("[attnjob] --check runs a single-process pass on rank 0: use --tokens <= 16384");
+    std::vector<float> global_out, global_lse;
+    RINGTREE_RETURN_IF_ERROR(GatherToRoot(comm, q_layout, q_row, out.data(), &global_out));
+    RINGTREE_RETURN_IF_ERROR(GatherToRoot(comm, q_layout, p.heads.heads, lse.data(), &global_lse));
+    Status verdict;
+    if (rank == 0) {
+      const Ranges all_q{{0, p.q_tokens}}, all_kv{{0, p.kv_tokens}};
+      std::vector<float> fq(static_cast<size_t>(p.q_tokens * q_row));
+      std::vector<float> fk(static_cast<size_t>(p.kv_tokens * kv_row)), fv(fk.size());
+      if (o.demo) {
+        FillDemoRows(o.seed, 0, all_q, q_row, fq.data());
+        FillDemoRows(o.seed, 1, all_kv, kv_row, fk.data());
+        FillDemoRows(o.seed, 2, all_kv, kv_row, fv.data());
+      } else {
+        std::vector<int64_t> shape;
+        RINGTREE_RETURN_IF_ERROR(ReadNpyFile(o.q_path, &fq, &shape));
+        RINGTREE_RETURN_IF_ERROR(ReadNpyFile(o.k_path, &fk, &shape));
+        RINGTREE_RETURN_IF_ERROR(ReadNpyFile(o.v_path, &fv, &shape));
+      }
+      std::vector<float> ro_(fq.size()), rl(static_cast<size_t>(p.q_tokens * p.heads.heads));
+      AttentionShape shape{p.q_tokens, p.kv_tokens, p.heads.heads, p.heads.kv_heads, p.heads.head_dim};
+      AttentionOptions ao;
+      ao.causal = o.causal;
+      ao.scale = o.scale;
+      const double c0 = NowSeconds();
+      verdict = AttentionForward(fq.data(), fk.data(), fv.data(), DType::kFloat32, shape, ao, ro_.data(), rl.data());
+      double max_o = 0, max_l = 0;
+      for (size_t i = 0; i < ro_.size(); ++i) max_o = std::max(max_o, std::fabs(double(ro_[i]) - global_out[i]));
+      for (size_t i = 0; i < rl.size(); ++i) max_l = std::max(max_l, std::fabs(double(rl[i]) - global_lse[i]));
+      constexpr double kTolerance = 1e-4;  // fp32, different merge order
+      const bool pass = verdict.ok() && max_o <= kTolerance && max_l <= kTolerance;
+      std::printf("[attnjob] check vs single-process kernel (%.2f s): max |o diff| %.3g, max |lse diff| %.3g, "
+                  "tolerance %.0e: %s\n",
+                  NowSeconds() - c0, max_o, max_l, kTolerance, pass ? "PASS" : "FAIL");
+      std::fflush(stdout);
+      if (verdict.ok() && !pass) verdict = Status::Internal("[attnjob] check failed: distributed result differs");
+    }
+    RINGTREE_RETURN_IF_ERROR(comm.AgreeOnStatus(verdict));
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+}  // namespace ringtree
+
+int main(int argc, char** argv) {
+  using namespace ringtree;
+  auto env = MpiEnvironment::Init(&argc, &argv, MpiEnvironment::ThreadLevel::kFunneled);
+  if (!env.ok()) {
+    std::fprintf(stderr, "[attnjob] %s\n", env.status().message().c_str());
+    return 2;
+  }
+  int exit_code = 0;
+  {
+    Communicator world = Communicator::World();
+    JobOptions o;
+    CLI::App app{"attnjob: exact attention over MPI ranks (Ring Attention prefill)"};
+    app.add_option("--q", o.q_path, "queries .npy [T, heads, head_dim], float32/float16");
+    app.add_option("--k", o.k_path, "keys .npy [T, kv_heads, head_dim]");
+    app.add_option("--v", o.v_path, "values .npy [T, kv_heads, head_dim]");
+    app.add_option("--out", o.out_path, "output .npy [T, heads, head_dim] float32");
+    app.add_option("--lse", o.lse_path, "optional log-sum-exp output .npy [T, heads] float32");
+    app.add_flag("--causal", o.causal, "causal mask (query i sees keys <= i); zigzag layout");
+    app.add_option("--scale", o.scale, "softmax scale (default 1/sqrt(head_dim))");
+    app.add_option("--threads", o.threads, "oneTBB threads per rank (default cores / ranks on this node)");
+    app.add_option("--layout", o.layout, "auto | zigzag | contiguous (auto: zigzag when causal)")
+        ->check(CLI::IsMember({"auto", "zigzag", "contiguous"}));
+    app.add_flag("--demo", o.demo, "generate data instead of reading files");
+    app.add_option("--tokens", o.tokens, "demo: sequence length (default 32768)");
+    app.add_option("--heads", o.heads, "demo: query heads (default 8)");
+    app.add_option("--kv-heads", o.kv_heads, "demo: kv heads (default 2)");
+    app.add_option("--head-dim", o.head_dim, "demo: head dim (default 64)");
+    app.add_option("--seed", o.seed, "demo: data seed");
+    app.add_flag("--check", o.check, "compare with a single-process kernel run on rank 0 (small sizes)");
+    app.add_flag("--quiet", o.quiet, "no progress or summary");
+    try {
+      app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+      // Every rank parses the same argv, so every rank exits the same way.
+      if (world.rank() == 0) app.exit(e);
+      exit_code = e.get_exit_code() == 0 ? 0 : 2;
+      return exit_code;  // env's destructor finalises MPI
+    }
+    const int threads = o.threads > 0 ? o.threads : DefaultThreads();
+    tbb::global_control limit(tbb::global_control::max_allowed_parallelism, threads);
+    SetBlasThreads(1);
+    Status s = RunJob(o, world, threads);
+    // RunJob's errors are agreed (collective reads, AgreeOnStatus) except
+    // local argument errors, which are identical on every rank.
+    if (!s.ok()) {
+      if (world.rank() == 0) std::fprintf(stderr, "%s\n", JobMessage(s).c_str());
+      exit_code = 1;
+    }
+  }
+  return exit_code;
+}

@@ -1,0 +1,378 @@
+#include "dist/npy.h"
+
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <limits>
+#include <sstream>
+
+namespace ringtree {
+
+namespace {
+
+constexpr char kMagic[] = "\x93NUMPY";
+constexpr int64_t kMaxIoBytes = int64_t{1} << 30;
+
+Status Bad(const std::string& name, const std::string& what) {
+  return Status::InvalidArgument("[npy] " + name + ": " + what);
+}
+
+// Finds the value text after 'key': in a Python dict literal.
+bool FindValue(const std::string& dict, const std::string& key, size_t* pos) {
+  for (const char* quote : {"'", "\""}) {
+    const std::string k = std::string(quote) + key + quote;
+    size_t p = dict.find(k);
+    if (p == std::string::npos) continue;
+    p = dict.find(':', p + k.size());
+    if (p == std::string::npos) return false;
+    ++p;
+    while (p < dict.size() && dict[p] == ' ') ++p;
+    *pos = p;
+    return true;
+  }
+  return false;
+}
+
+std::string HeaderDict(const std::vector<int64_t>& shape) {
+  std::string s = "{'descr': '<f4', 'fortran_order': False, 'shape': (";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    s += std::to_string(shape[i]);
+    if (shape.size() == 1 || i + 1 < shape.size()) s += ",";
+    if (i + 1 < shape.size()) s += " ";
+  }
+  s += "), }";
+  return s;
+}
+
+// Complete header bytes (magic, version, length, padded dict) for float32.
+std::string EncodeHeader(const std::vector<int64_t>& shape) {
+  std::string dict = HeaderDict(shape);
+  const bool v2 = dict.size() + 11 > 65535;
+  const size_t prefix = v2 ? 12 : 10;
+  size_t total = prefix + dict.size() + 1;
+  total = (total + 63) / 64 * 64;
+  dict.append(total - prefix - dict.size() - 1, ' ');
+  dict += '\n';
+  std::string out(kMagic, 6);
+  out += static_cast<char>(v2 ? 2 : 1);
+  out += static_cast<char>(0);
+  const uint32_t len = static_cast<uint32_t>(dict.size());
+  out += static_cast<char>(len & 0xff);
+  out += static_cast<char>((len >> 8) & 0xff);
+  if (v2) {
+    out += static_cast<char>((len >> 16) & 0xff);
+    out += static_cast<char>((len >> 24) & 0xff);
+  }
+  return out + dict;
+}
+
+}  // namespace
+
+int64_t NpyHeader::elements() const {
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  return n;
+}
+
+int64_t NpyHeader::row_elements() const {
+  int64_t n = 1;
+  for (size_t i = 1; i < shape.size(); ++i) n *= shape[i];
+  return n;
+}
+
+std::string NpyHeader::ShapeString() const {
+  std::string s = "(";
+  for (size_t i = 0; i < shape.size(); ++i) {
+    s += std::to_string(shape[i]);
+    if (i + 1 < shape.size()) s += ", ";
+  }
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+Result<NpyHeader> ParseNpyHeader(const std::string& name, const uint8_t* data, size_t size, int64_t file_bytes) {
+  if (size < 10 || std::memcmp(data, kMagic, 6) != 0) return Bad(name, "not a .npy file (bad magic)");
+  const int major = data[6];
+  size_t prefix, dict_len;
+  if (major == 1) {
+    prefix = 10;
+    dict_len = data[8] | (data[9] << 8);
+  } else if (major == 2 || major == 3) {
+    if (size < 12) return Bad(name, "header truncated");
+    prefix = 12;
+    dict_len = static_cast<size_t>(data[8]) | (static_cast<size_t>(data[9]) << 8) |
+               (static_cast<size_t>(data[10]) << 16) | (static_cast<size_t>(data[11]) << 24);
+  } else {
+    return Bad(name, "format version " + std::to_string(major) + "." + std::to_string(data[7]) +
+                         " not supported (want 1.0, 2.0 or 3.0)");
+  }
+  if (prefix + dict_len > size) return Bad(name, "header truncated (" + std::to_string(prefix + dict_len) +
+                                                   " header bytes, file has " + std::to_string(size) + ")");
+  const std::string dict(reinterpret_cast<const char*>(data) + prefix, dict_len);
+  NpyHeader h;
+  h.data_offset = static_cast<int64_t>(prefix + dict_len);
+  h.file_bytes = file_bytes;
+
+  size_t p;
+  if (!FindValue(dict, "descr", &p) || p >= dict.size() || (dict[p] != '\'' && dict[p] != '"'))
+    return Bad(name, "header field 'descr' missing or malformed");
+  const size_t end = dict.find(dict[p], p + 1);
+  if (end == std::string::npos) return Bad(name, "header field 'descr' malformed");
+  const std::string descr = dict.substr(p + 1, end - p - 1);
+  if (descr == "<f4") {
+    h.dtype = DType::kFloat32;
+  } else if (descr == "<f2") {
+    h.dtype = DType::kFloat16;
+  } else {
+    return Bad(name, "dtype '" + descr + "' not supported (want '<f4' float32 or '<f2' float16, little-endian)");
+  }
+  if (!FindValue(dict, "fortran_order", &p)) return Bad(name, "header field 'fortran_order' missing");
+  if (dict.compare(p, 4, "True") == 0) return Bad(name, "fortran_order True not supported (want C order)");
+  if (dict.compare(p, 5, "False") != 0) return Bad(name, "header field 'fortran_order' malformed");
+  if (!FindValue(dict, "shape", &p) || p >= dict.size() || dict[p] != '(')
+    return Bad(name, "header field 'shape' missing or malformed");
+  const size_t close = dict.find(')', p);
+  if (close == std::string::npos) return Bad(name, "header field 'shape' malformed");
+  std::string dims = dict.substr(p + 1, close - p - 1);
+  std::stringstream ss(dims);
+  std::string item;
+  while (std::getline(ss, item, ',')) {
+    size_t a = item.find_first_not_of(" \t");
+    if (a == std::string::npos) continue;
+    size_t b = item.find_last_not_of(" \tL");
+    item = item.substr(a, b - a + 1);
+    char* endp = nullptr;
+    errno = 0;
+    const long long v = std::strtoll(item.c_str(), &endp, 10);
+    if (errno != 0 || *endp != '\0' || v < 0) return Bad(name, "header field 'shape' has a bad dimension '" + item + "'");
+    h.shape.push_back(v);
+  }
+  const int64_t need = h.data_offset + h.elements() * static_cast<int64_t>(DTypeSize(h.dtype));
+  if (file_bytes >= 0 && file_bytes < need)
+    return Bad(name, "shape " + h.ShapeString() + " needs " + std::to_string(need - h.data_offset) +
+                         " data bytes, file has " + std::to_string(file_bytes - h.data_offset) + " (truncated)");
+  return h;
+}
+
+namespace {
+
+Result<NpyHeader> ReadHeaderLocal(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return Status::NotFound("[npy] " + path + ": cannot open (" + std::strerror(errno) + ")");
+  in.seekg(0, std::ios::end);
+  const int64_t file_bytes = static_cast<int64_t>(in.tellg());
+  in.seekg(0);
+  std::vector<uint8_t> buf(static_cast<size_t>(std::min<int64_t>(file_bytes, 1 << 20)));
+  in.read(reinterpret_cast<char*>(buf.data()), static_cast<std::streamsize>(buf.size()));
+  if (!in) return Status::IoError("[npy] " + path + ": read of header failed");
+  return ParseNpyHeader(path, buf.data(), buf.size(), file_bytes);
+}
+
+}  // namespace
+
+Result<NpyHeader> ReadNpyHeaderCollective(const Communicator& comm, const std::string& path) {
+  // Rank 0 parses; the header (or the error) is broadcast as int64 fields + text.
+  std::vector<int64_t> fields(64, 0);
+  std::string message;
+  if (comm.rank() == 0) {
+    Result<NpyHeader> h = ReadHeaderLocal(path);
+    if (!h.ok()) {
+      fields[0] = static_cast<int64_t>(h.status().code());
+      message = h.status().message();
+    } else if (h->shape.size() > 56) {
+      fields[0] = static_cast<int64_t>(StatusCode::kInvalidArgument);
+      message = "[npy] " + path + ": too many dimensions";
+    } else {
+      fields[1] = static_cast<int64_t>(h->dtype);
+      fields[2] = h->data_offset;
+      fields[3] = h->file_bytes;
+      fields[4] = static_cast<int64_t>(h->shape.size());
+      for (size_t i = 0; i < h->shape.size(); ++i) fields[5 + i] = h->shape[i];
+    }
+  }
+  RINGTREE_RETURN_IF_ERROR(comm.Broadcast(fields.data(), fields.size() * sizeof(int64_t), 0));
+  if (fields[0] != 0) {
+    RINGTREE_RETURN_IF_ERROR(comm.BroadcastString(&message, 0));
+    return Status(static_cast<StatusCode>(fields[0]), message);
+  }
+  NpyHeader h;
+  h.dtype = static_cast<DType>(fields[1]);
+  h.data_offset = fields[2];
+  h.file_bytes = fields[3];
+  for (int64_t i = 0; i < fields[4]; ++i) h.shape.push_back(fields[5 + i]);
+  return h;
+}
+
+Status ReadNpyRowsCollective(const Communicator& comm, const std::string& path, const NpyHeader& header,
+                             const std::vector<std::pair<int64_t, int64_t>>& row_ranges, float* out) {
+  MPI_File file = MPI_FILE_NULL;
+  RINGTREE_RETURN_IF_ERROR(comm.AgreeOnStatus(MpiStatus(
+      MPI_File_open(comm.handle(), path.c_str(), MPI_MODE_RDONLY, MPI_INFO_NULL, &file), "MPI_File_open " + path)));
+  const int64_t rows = header.shape.empty() ? 1 : header.shape[0];
+  const int64_t elem = static_cast<int64_t>(DTypeSize(header.dtype));
+  const int64_t row_bytes = header.row_elements() * elem;
+  Status local;
+  std::vector<uint8_t> staging;
+  float* dst = out;
+  for (const auto& [begin, end] : row_ranges) {
+    if (begin < 0 || end < begin || end > rows) {
+      local = Status::InvalidArgument("[npy] " + path + ": row range [" + std::to_string(begin) + ", " +
+                                      std::to_string(end) + ") out of bounds (rows " + std::to_string(rows) + ")");
+      break;
+    }
+    const int64_t bytes = (end - begin) * row_bytes;
+    const int64_t n_elem = (end - begin) * header.row_elements();
+    uint8_t* target = reinterpret_cast<uint8_t*>(dst);
+    if (header.dtype != DType::kFloat32) {
+      staging.resize(static_cast<size_t>(bytes));
+      target = staging.data();
+    }
+    for (int64_t off = 0; off < bytes && local.ok();) {
+      const int n = static_cast<int>(std::min(kMaxIoBytes, bytes - off));
+      MPI_Status st;
+      local = MpiStatus(MPI_File_read_at(file, header.data_offset + begin * row_bytes + off, target + off, n, MPI_BYTE, &st),
+                        "MPI_File_read_at " + path);
+      int got = 0;
+      if (local.ok()) MPI_Get_count(&st, MPI_BYTE, &got);
+      if (local.ok() && got != n) local = Status::IoError("[npy] " + path + ": short read (file truncated?)");
+      off += n;
+    }
+    if (!local.ok()) break;
+    if (header.dtype != DType::kFloat32) ConvertToFloat32(header.dtype, staging.data(), dst, static_cast<size_t>(n_elem));
+    dst += n_elem;
+  }
+  MPI_File_close(&file);
+  return comm.AgreeOnStatus(local);
+}
+
+// ---------------------------------------------------------------------------
+// NpyWriter
+
+Result<std::unique_ptr<NpyWriter>> NpyWriter::Create(const Communicator& comm, const std::string& path,
+                                                     std::vector<int64_t> shape) {
+  std::unique_ptr<NpyWriter> w(new NpyWriter());
+  w->comm_ = &comm;
+  w->path_ = path;
+  w->shape_ = std::move(shape);
+  for (size_t i = 1; i < w->shape_.size(); ++i) w->row_elements_ *= w->shape_[i];
+  std::string temp = path + ".tmp." + std::to_string(getpid());
+  RINGTREE_RETURN_IF_ERROR(comm.BroadcastString(&temp, 0));
+  w->temp_path_ = temp;
+  const std::string header = EncodeHeader(w->shape_);
+  w->data_offset_ = static_cast<int64_t>(header.size());
+  Status opened = MpiStatus(MPI_File_open(comm.handle(), temp.c_str(), MPI_MODE_CREATE | MPI_MODE_WRONLY,
+                                          MPI_INFO_NULL, &w->file_),
+                            "MPI_File_open " + path);
+  RINGTREE_RETURN_IF_ERROR(comm.AgreeOnStatus(opened.ok() ? Status::Ok()
+                                                          : Status::IoError("[npy] " + path + ": cannot create (" +
+                                                                            opened.message() + ")")));
+  Status wrote;
+  if (comm.rank() == 0) {
+    MPI_File_set_size(w->file_, 0);
+    MPI_Status st;
+    wrote = MpiStatus(MPI_File_write_at(w->file_, 0, header.data(), static_cast<int>(header.size()), MPI_BYTE, &st),
+                      "MPI_File_write_at " + path);
+  }
+  Status agreed = comm.AgreeOnStatus(wrote);
+  if (!agreed.ok()) {
+    w->Abort();
+    return agreed;
+  }
+  return w;
+}
+
+NpyWriter::~NpyWriter() {
+  // Uncommitted: best-effort local cleanup (no collectives in a destructor).
+  if (!done_) {
+    if (file_ != MPI_FILE_NULL) MPI_File_close(&file_);
+    if (comm_ && comm_->rank() == 0) std::remove(temp_path_.c_str());
+  }
+}
+
+Status NpyWriter::WriteRows(const std::vector<std::pair<int64_t, int64_t>>& row_ranges, const float* rows) {
+  const int64_t row_bytes = row_elements_ * static_cast<int64_t>(sizeof(float));
+  const int64_t total_rows = shape_.empty() ? 1 : shape_[0];
+  const uint8_t* src = reinterpret_cast<const uint8_t*>(rows);
+  for (const auto& [begin, end] : row_ranges) {
+    if (begin < 0 || end < begin || end > total_rows)
+      return Status::InvalidArgument("[npy] " + path_ + ": row range out of bounds");
+    const int64_t bytes = (end - begin) * row_bytes;
+    for (int64_t off = 0; off < bytes;) {
+      const int n = static_cast<int>(std::min(kMaxIoBytes, bytes - off));
+      MPI_Status st;
+      RINGTREE_RETURN_IF_ERROR(
+          MpiStatus(MPI_File_write_at(file_, data_offset_ + begin * row_bytes + off, src + off, n, MPI_BYTE, &st),
+                    "MPI_File_write_at " + path_));
+      off += n;
+    }
+    src += bytes;
+  }
+  return Status::Ok();
+}
+
+Status NpyWriter::Commit(const Status& local) {
+  Status agreed = comm_->AgreeOnStatus(local);
+  if (!agreed.ok()) {
+    Abort();
+    return agreed;
+  }
+  Status closed = MpiStatus(MPI_File_close(&file_), "MPI_File_close " + path_);
+  file_ = MPI_FILE_NULL;
+  Status renamed;
+  if (closed.ok() && comm_->rank() == 0 && std::rename(temp_path_.c_str(), path_.c_str()) != 0)
+    renamed = Status::IoError("[npy] " + path_ + ": rename from " + temp_path_ + " failed (" + std::strerror(errno) + ")");
+  agreed = comm_->AgreeOnStatus(closed.ok() ? renamed : closed);
+  if (!agreed.ok() && comm_->rank() == 0) std::remove(temp_path_.c_str());
+  done_ = true;
+  return agreed;
+}
+
+void NpyWriter::Abort() {
+  if (done_) return;
+  if (file_ != MPI_FILE_NULL) MPI_File_close(&file_);
+  file_ = MPI_FILE_NULL;
+  if (comm_->rank() == 0) std::remove(temp_path_.c_str());
+  done_ = true;
+}
+
+// ---------------------------------------------------------------------------
+// Serial helpers
+
+Status WriteNpyFile(const std::string& path, const float* data, const std::vector<int64_t>& shape, DType dtype) {
+  if (dtype != DType::kFloat32 && dtype != DType::kFloat16)
+    return Status::InvalidArgument("[npy] " + path + ": can only write float32 or float16");
+  std::string header = EncodeHeader(shape);
+  if (dtype == DType::kFloat16) header.replace(header.find("<f4"), 3, "<f2");
+  int64_t n = 1;
+  for (int64_t d : shape) n *= d;
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (!out) return Status::IoError("[npy] " + path + ": cannot create (" + std::strerror(errno) + ")");
+  out.write(header.data(), static_cast<std::streamsize>(header.size()));
+  if (dtype == DType::kFloat32) {
+    out.write(reinterpret_cast<const char*>(data), static_cast<std::streamsize>(n * sizeof(float)));
+  } else {
+    std::vector<uint16_t> half(static_cast<size_t>(n));
+    ConvertFromFloat32(data, DType::kFloat16, half.data(), static_cast<size_t>(n));
+    out.write(reinterpret_cast<const char*>(half.data()), static_cast<std::streamsize>(n * 2));
+  }
+  if (!out) return Status::IoError("[npy] " + path + ": write failed");
+  return Status::Ok();
+}
+
+Status ReadNpyFile(const std::string& path, std::vector<float>* data, std::vector<int64_t>* shape) {
+  RINGTREE_ASSIGN_OR_RETURN(NpyHeader h, ReadHeaderLocal(path));
+  std::ifstream in(path, std::ios::binary);
+  in.seekg(h.data_offset);
+  const int64_t n = h.elements();
+  std::vector<uint8_t> raw(static_cast<size_t>(n * DTypeSize(h.dtype)));
+  in.read(reinterpret_cast<char*>(raw.data()), static_cast<std::streamsize>(raw.size()));
+  if (!in) return Status::IoError("[npy] " + path + ": short read");
+  data->resize(static_cast<size_t>(n));
+  ConvertToFloat32(h.dtype, raw.data(), data->data(), static_cast<size_t>(n));
+  *shape = h.shape;
+  return Status::Ok();
+}
+
+}  // namespace ringtree

@@ -1,0 +1,282 @@
+#include "dist/ring_attention.h"
+
+#include <algorithm>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "kernels/attention.h"
+#include "kernels/merge.h"
+
+namespace ringtree {
+
+namespace {
+
+constexpr int kRingTag = 7301;
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// What every rank must agree on before any KV moves.
+struct RingHeader {
+  int32_t heads, kv_heads, head_dim, kv_dtype, causal;
+  float scale;
+  int32_t kv_blocks;  // this rank's block count (not compared)
+  int32_t local_ok;   // 1 when this rank's arguments are valid
+};
+
+// Descriptor of one KV block inside a packed KV set (sent once, up front).
+struct BlockDescriptor {
+  int64_t tokens;
+  int64_t position_offset;
+};
+
+Status ValidateLocal(const char* op, const HeadConfig& hc, std::span<const QueryBlock> queries,
+                     std::span<const KvBlock> kv) {
+  AttentionShape shape;
+  shape.heads = hc.heads;
+  shape.kv_heads = hc.kv_heads;
+  shape.head_dim = hc.head_dim;
+  Status s = ValidateAttention(shape, hc.kv_dtype);
+  if (!s.ok()) return Status::InvalidArgument(std::string("[") + op + "] " + s.message());
+  for (size_t i = 0; i < queries.size(); ++i) {
+    const QueryBlock& b = queries[i];
+    const std::string where = std::string("[") + op + "] local_queries[" + std::to_string(i) + "]";
+    if (b.tokens < 0) return Status::InvalidArgument(where + ".tokens must be >= 0");
+    if (b.position_offset < 0) return Status::InvalidArgument(where + ".position_offset must be >= 0");
+    if (b.tokens > 0 && (b.q == nullptr || b.o == nullptr))
+      return Status::InvalidArgument(where + ": q and o must not be null");
+  }
+  for (size_t i = 0; i < kv.size(); ++i) {
+    const KvBlock& b = kv[i];
+    const std::string where = std::string("[") + op + "] local_kv[" + std::to_string(i) + "]";
+    if (b.tokens < 0) return Status::InvalidArgument(where + ".tokens must be >= 0");
+    if (b.position_offset < 0) return Status::InvalidArgument(where + ".position_offset must be >= 0");
+    if (b.tokens > 0 && (b.k == nullptr || b.v == nullptr))
+      return Status::InvalidArgument(where + ": k and v must not be null");
+  }
+  return Status::Ok();
+}
+
+// Computes the partial of every query block against one KV set and merges it
+// into the accumulators. `progress` is called between kernel calls so MPI can
+// advance the transfers in flight.
+class RingAccumulator {
+ public:
+  RingAccumulator(const HeadConfig& hc, std::span<const QueryBlock> queries, const RingOptions& options)
+      : hc_(hc), queries_(queries), options_(options) {
+    lse_.resize(queries.size());
+    started_.assign(queries.size(), false);
+    for (size_t i = 0; i < queries.size(); ++i) {
+      const QueryBlock& qb = queries[i];
+      const int64_t rows = qb.tokens * hc.heads;
+      lse_[i].assign(static_cast<size_t>(rows), kNegInf);
+      std::fill(qb.o, qb.o + rows * hc.head_dim, 0.0f);
+      max_rows_ = std::max(max_rows_, rows);
+    }
+    part_o_.resize(static_cast<size_t>(max_rows_) * hc.head_dim);
+    part_lse_.resize(static_cast<size_t>(max_rows_));
+  }
+
+  template <typename Progress>
+  Status Accumulate(std::span<const KvBlock> kv, PhaseTimings* t, Progress&& progress) {
+    for (size_t qi = 0; qi < queries_.size(); ++qi) {
+      const QueryBlock& qb = queries_[qi];
+      if (qb.tokens == 0) continue;
+      const int64_t q_first = qb.position_offset, q_last = qb.position_offset + qb.tokens - 1;
+      for (const KvBlock& kb : kv) {
+        if (kb.tokens == 0) continue;
+        const int64_t k_first = kb.position_offset, k_last = kb.position_offset + kb.tokens - 1;
+        AttentionOptions ao;
+        ao.scale = options_.scale;
+        if (options_.causal) {
+          if (k_first > q_last) continue;  // fully masked: contributes nothing
+          ao.causal = k_last > q_first;    // fully visible pairs run unmasked
+          ao.q_position_offset = qb.position_offset;
+          ao.kv_position_offset = kb.position_offset;
+        }
+        AttentionShape shape{qb.tokens, kb.tokens, hc_.heads, hc_.kv_heads, hc_.head_dim};
+        const int64_t rows = qb.tokens * hc_.heads;
+        const bool direct = !started_[qi];  // first partial goes straight into the output
+        float* o = direct ? qb.o : part_o_.data();
+        float* lse = direct ? lse_[qi].data() : part_lse_.data();
+        double t0 = NowSeconds();
+        RINGTREE_RETURN_IF_ERROR(AttentionForward(qb.q, kb.k, kb.v, hc_.kv_dtype, shape, ao, o, lse));
+        double t1 = NowSeconds();
+        if (!direct) MergePartials(qb.o, lse_[qi].data(), part_o_.data(), part_lse_.data(), rows, hc_.head_dim);
+        double t2 = NowSeconds();
+        started_[qi] = true;
+        if (t) {
+          t->compute_seconds += t1 - t0;
+          t->merge_seconds += t2 - t1;
+        }
+        progress();
+      }
+    }
+    return Status::Ok();
+  }
+
+  void Finish() {
+    for (size_t qi = 0; qi < queries_.size(); ++qi) {
+      const QueryBlock& qb = queries_[qi];
+      if (qb.lse) std::copy(lse_[qi].begin(), lse_[qi].end(), qb.lse);
+    }
+  }
+
+ private:
+  const HeadConfig& hc_;
+  std::span<const QueryBlock> queries_;
+  const RingOptions& options_;
+  std::vector<std::vector<float>> lse_;
+  std::vector<bool> started_;
+  std::vector<float> part_o_, part_lse_;
+  int64_t max_rows_ = 0;
+};
+
+Status RunRing(const char* op, const Communicator& comm, const HeadConfig& hc,
+               std::span<const QueryBlock> queries, std::span<const KvBlock> local_kv, const RingOptions& options,
+               PhaseTimings* timings) {
+  const double start = NowSeconds();
+  PhaseTimings local_t;
+  const int P = comm.size(), rank = comm.rank();
+
+  // 1. Agree on arguments (one allgather): every rank fails together.
+  Status valid = ValidateLocal(op, hc, queries, local_kv);
+  RingHeader mine{hc.heads, hc.kv_heads, hc.head_dim, static_cast<int32_t>(hc.kv_dtype), options.causal ? 1 : 0,
+                  options.scale, static_cast<int32_t>(local_kv.size()), valid.ok() ? 1 : 0};
+  std::vector<RingHeader> headers(P);
+  // The handshake also absorbs arrival skew between ranks: count it as wait.
+  const double h0 = NowSeconds();
+  RINGTREE_RETURN_IF_ERROR(comm.Allgather(&mine, sizeof(RingHeader), headers.data()));
+  local_t.wait_seconds += NowSeconds() - h0;
+  if (!valid.ok()) {
+    RINGTREE_RETURN_IF_ERROR(comm.AgreeOnStatus(valid));
+  } else {
+    bool any_bad = false;
+    for (const RingHeader& h : headers) any_bad |= h.local_ok == 0;
+    if (any_bad) RINGTREE_RETURN_IF_ERROR(comm.AgreeOnStatus(valid));
+  }
+  for (int r = 0; r < P; ++r) {
+    const RingHeader& h = headers[r];
+    if (h.heads != mine.heads || h.kv_heads != mine.kv_heads || h.head_dim != mine.head_dim ||
+        h.kv_dtype != mine.kv_dtype || h.causal != mine.causal || h.scale != mine.scale) {
+      return Status::InvalidArgument(std::string("[") + op + "] rank " + std::to_string(r) +
+                                     " passed a different HeadConfig/causal/scale than rank " +
+                                     std::to_string(rank));
+    }
+  }
+
+  // 2. Exchange the KV block descriptors so every rank knows every payload size.
+  std::vector<BlockDescriptor> my_desc(local_kv.size());
+  for (size_t i = 0; i < local_kv.size(); ++i) my_desc[i] = {local_kv[i].tokens, local_kv[i].position_offset};
+  std::vector<int64_t> desc_bytes(P);
+  std::vector<int64_t> first_block(P + 1, 0);
+  for (int r = 0; r < P; ++r) {
+    desc_bytes[r] = static_cast<int64_t>(headers[r].kv_blocks) * sizeof(BlockDescriptor);
+    first_block[r + 1] = first_block[r] + headers[r].kv_blocks;
+  }
+  std::vector<BlockDescriptor> all_desc(static_cast<size_t>(first_block[P]));
+  const double d0 = NowSeconds();
+  RINGTREE_RETURN_IF_ERROR(comm.Allgatherv(my_desc.data(), desc_bytes, all_desc.data()));
+  local_t.wait_seconds += NowSeconds() - d0;
+  const int64_t row_bytes = static_cast<int64_t>(hc.kv_heads) * hc.head_dim * DTypeSize(hc.kv_dtype);
+  std::vector<int64_t> payload(P, 0);
+  for (int r = 0; r < P; ++r)
+    for (int64_t b = first_block[r]; b < first_block[r + 1]; ++b) payload[r] += 2 * all_desc[b].tokens * row_bytes;
+  const int64_t max_payload = *std::max_element(payload.begin(), payload.end());
+
+  RingAccumulator acc(hc, queries, options);
+
+  // Step 0 computes on the caller's own buffers; a packed copy travels.
+  std::vector<uint8_t> buffers[2];
+  if (P > 1) {
+    buffers[0].resize(static_cast<size_t>(max_payload));
+    buffers[1].resize(static_cast<size_t>(max_payload));
+    uint8_t* p = buffers[0].data();
+    for (const KvBlock& kb : local_kv) {
+      const size_t n = static_cast<size_t>(kb.tokens * row_bytes);
+      if (n == 0) continue;
+      std::memcpy(p, kb.k, n);
+      std::memcpy(p + n, kb.v, n);
+      p += 2 * n;
+    }
+  }
+  // Views of the packed set of rank `owner` held in `buf`.
+  auto view = [&](int owner, const uint8_t* buf) {
+    std::vector<KvBlock> blocks;
+    const uint8_t* p = buf;
+    for (int64_t b = first_block[owner]; b < first_block[owner + 1]; ++b) {
+      const int64_t n = all_desc[b].tokens * row_bytes;
+      blocks.push_back({p, p + n, all_desc[b].tokens, all_desc[b].position_offset});
+      p += 2 * n;
+    }
+    return blocks;
+  };
+
+  const int next = (rank + 1) % P, prev = (rank - 1 + P) % P;
+  int cur = 0;
+  Status failure;
+  for (int step = 0; step < P; ++step) {
+    const int owner = (rank - step + P) % P;  // whose KV we hold now
+    Request send, recv;
+    if (step + 1 < P) {
+      const int incoming = (rank - step - 1 + P) % P;
+      auto r = comm.Irecv(buffers[1 - cur].data(), payload[incoming], prev, kRingTag + step % 2);
+      auto s = comm.Isend(buffers[cur].data(), payload[owner], next, kRingTag + step % 2);
+      if (!r.ok() || !s.ok()) {
+        failure = !r.ok() ? r.status() : s.status();
+        break;
+      }
+      recv = std::move(r.value());
+      send = std::move(s.value());
+      local_t.bytes_sent += payload[owner];
+      local_t.bytes_received += payload[incoming];
+    }
+    // Drive MPI progress between kernel calls (no async progress thread).
+    // Time spent inside MPI here is communication, so it counts as wait.
+    auto progress = [&] {
+      const double p0 = NowSeconds();
+      int flag = 0;
+      MPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, comm.handle(), &flag, MPI_STATUS_IGNORE);
+      local_t.wait_seconds += NowSeconds() - p0;
+    };
+    Status computed;
+    if (step == 0) {
+      computed = acc.Accumulate(local_kv, &local_t, progress);
+    } else {
+      std::vector<KvBlock> blocks = view(owner, buffers[cur].data());
+      computed = acc.Accumulate(blocks, &local_t, progress);
+    }
+    const double w0 = NowSeconds();
+    Status waited = comm.WaitAll({&send, &recv});
+    local_t.wait_seconds += NowSeconds() - w0;
+    local_t.steps += 1;
+    if (!computed.ok() || !waited.ok()) {
+      failure = !computed.ok() ? computed : waited;
+      break;
+    }
+    if (options.on_step) options.on_step(step + 1, P);
+    cur = 1 - cur;
+  }
+  // A kernel error on one rank must not leave the others waiting in the ring:
+  // every rank ran all steps' sends/receives (kernel errors are shape errors
+  // already caught by validation), so only MPI failures break out early.
+  RINGTREE_RETURN_IF_ERROR(failure);
+  acc.Finish();
+  local_t.total_seconds = NowSeconds() - start;
+  if (timings) *timings += local_t;
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status RingAttention(const Communicator& comm, const HeadConfig& heads, std::span<const QueryBlock> local_queries,
+                     std::span<const KvBlock> local_kv, const RingOptions& options, PhaseTimings* timings) {
+  return RunRing("ring_attention", comm, heads, local_queries, local_kv, options, timings);
+}
+
+Status RingDecode(const Communicator& comm, const HeadConfig& heads, std::span<const QueryBlock> queries,
+                  std::span<const KvBlock> local_kv, const RingOptions& options, PhaseTimings* timings) {
+  return RunRing("ring_decode", comm, heads, queries, local_kv, options, timings);
+}
+
+}  // namespace ringtree

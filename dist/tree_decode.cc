@@ -1,0 +1,255 @@
+#include "dist/tree_decode.h"
+
+#include <algorithm>
+#include <limits>
+#include <map>
+#include <mutex>
+#include <string>
+
+#include "kernels/attention.h"
+#include "kernels/merge.h"
+
+namespace ringtree {
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// The user-defined MPI operation: inout <- merge(in, inout) per packed record.
+// head_dim is recovered from the record datatype's size ((D + 1) floats).
+void MergePackedOp(void* in, void* inout, int* len, MPI_Datatype* datatype) {
+  int bytes = 0;
+  MPI_Type_size(*datatype, &bytes);
+  const int head_dim = bytes / static_cast<int>(sizeof(float)) - 1;
+  MergePackedPartials(static_cast<float*>(inout), static_cast<const float*>(in), *len, head_dim);
+}
+
+// One committed record datatype per head_dim and one op, for the process
+// lifetime (MPI objects are cheap; freeing them races with in-flight use).
+struct MpiPartialTypes {
+  std::mutex mu;
+  std::map<int, MPI_Datatype> record_types;
+  MPI_Op op = MPI_OP_NULL;
+};
+
+MpiPartialTypes& Types() {
+  static MpiPartialTypes* t = new MpiPartialTypes();
+  return *t;
+}
+
+Status RecordType(int head_dim, MPI_Datatype* type, MPI_Op* op) {
+  MpiPartialTypes& t = Types();
+  std::lock_guard<std::mutex> lock(t.mu);
+  if (t.op == MPI_OP_NULL)
+    RINGTREE_RETURN_IF_ERROR(MpiStatus(MPI_Op_create(&MergePackedOp, /*commute=*/1, &t.op), "MPI_Op_create"));
+  auto it = t.record_types.find(head_dim);
+  if (it == t.record_types.end()) {
+    MPI_Datatype dt;
+    RINGTREE_RETURN_IF_ERROR(
+        MpiStatus(MPI_Type_contiguous(PackedRowFloats(head_dim), MPI_FLOAT, &dt), "MPI_Type_contiguous"));
+    RINGTREE_RETURN_IF_ERROR(MpiStatus(MPI_Type_commit(&dt), "MPI_Type_commit"));
+    it = t.record_types.emplace(head_dim, dt).first;
+  }
+  *type = it->second;
+  *op = t.op;
+  return Status::Ok();
+}
+
+int CeilLog2(int n) {
+  int k = 0;
+  while ((1 << k) < n) ++k;
+  return k;
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// TreeReducer
+
+Result<std::unique_ptr<TreeReducer>> TreeReducer::Create(const Communicator& comm, TreeTopology topology,
+                                                         int root) {
+  if (root < 0 || root >= comm.size())
+    return Status::InvalidArgument("[tree_decode] root " + std::to_string(root) + " out of range [0, " +
+                                   std::to_string(comm.size()) + ")");
+  std::unique_ptr<TreeReducer> r(new TreeReducer());
+  r->comm_ = &comm;
+  r->topology_ = topology;
+  r->root_ = root;
+  if (topology == TreeTopology::kTwoLevel) {
+    // Root first on its node and first among leaders; elsewhere by rank.
+    const int key = comm.rank() == root ? 0 : comm.rank() + 1;
+    RINGTREE_ASSIGN_OR_RETURN(r->node_, comm.SplitShared(key));
+    const bool leader = r->node_.rank() == 0;
+    RINGTREE_ASSIGN_OR_RETURN(r->leaders_, comm.Split(leader ? 0 : -1, key));
+  }
+  return r;
+}
+
+TreeReducer::~TreeReducer() = default;
+
+Status TreeReducer::Reduce(float* packed, int64_t rows, int head_dim, ReduceTarget target, PhaseTimings* timings) {
+  if (rows > std::numeric_limits<int>::max())
+    return Status::InvalidArgument("[tree_decode] rows " + std::to_string(rows) + " exceed one reduction");
+  MPI_Datatype type = MPI_DATATYPE_NULL;
+  MPI_Op op = MPI_OP_NULL;
+  RINGTREE_RETURN_IF_ERROR(RecordType(head_dim, &type, &op));
+  const int count = static_cast<int>(rows);
+  const int64_t record_bytes = rows * PackedRowFloats(head_dim) * static_cast<int64_t>(sizeof(float));
+  const double t0 = NowSeconds();
+  int64_t messages = 0;
+  auto reduce_to_zero = [&](const Communicator& c) -> Status {
+    if (c.size() == 1) return Status::Ok();
+    if (c.rank() != 0) messages += 1;  // binomial tree: every non-root sends once
+    return MpiStatus(MPI_Reduce(c.rank() == 0 ? MPI_IN_PLACE : packed, c.rank() == 0 ? packed : nullptr, count,
+                                type, op, 0, c.handle()),
+                     "MPI_Reduce");
+  };
+  auto allreduce = [&](const Communicator& c) -> Status {
+    if (c.size() == 1) return Status::Ok();
+    messages += CeilLog2(c.size());  // recursive doubling
+    return MpiStatus(MPI_Allreduce(MPI_IN_PLACE, packed, count, type, op, c.handle()), "MPI_Allreduce");
+  };
+  Status s;
+  if (topology_ == TreeTopology::kFlat) {
+    if (target == ReduceTarget::kAll) {
+      s = allreduce(*comm_);
+    } else if (comm_->size() > 1) {
+      if (comm_->rank() != root_) messages += 1;
+      s = MpiStatus(MPI_Reduce(comm_->rank() == root_ ? MPI_IN_PLACE : packed,
+                               comm_->rank() == root_ ? packed : nullptr, count, type, op, root_, comm_->handle()),
+                    "MPI_Reduce");
+    }
+  } else {
+    s = reduce_to_zero(node_);
+    if (s.ok() && leaders_.valid()) s = target == ReduceTarget::kAll ? allreduce(leaders_) : reduce_to_zero(leaders_);
+    if (s.ok() && target == ReduceTarget::kAll && node_.size() > 1)
+      s = MpiStatus(MPI_Bcast(packed, count, type, 0, node_.handle()), "MPI_Bcast");
+  }
+  if (timings) {
+    timings->wait_seconds += NowSeconds() - t0;
+    timings->bytes_sent += messages * record_bytes;
+    timings->bytes_received += messages * record_bytes;  // symmetric in the tree, to first order
+    timings->steps += 1;
+  }
+  return s;
+}
+
+// ---------------------------------------------------------------------------
+// Local partials
+
+namespace {
+
+Status ValidateGroups(std::span<const DecodeGroup> groups) {
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const DecodeGroup& g = groups[i];
+    const std::string where = "[tree_decode] groups[" + std::to_string(i) + "]";
+    AttentionShape shape{g.q_tokens, 0, g.heads.heads, g.heads.kv_heads, g.heads.head_dim};
+    Status s = ValidateAttention(shape, g.heads.kv_dtype);
+    if (!s.ok()) return Status::InvalidArgument(where + ": " + s.message());
+    if (g.heads.head_dim != groups[0].heads.head_dim)
+      return Status::InvalidArgument(where + ".heads.head_dim " + std::to_string(g.heads.head_dim) +
+                                     " differs from groups[0] (" + std::to_string(groups[0].heads.head_dim) +
+                                     "): one reduction needs one head_dim");
+    if (g.q_tokens > 0 && g.q == nullptr) return Status::InvalidArgument(where + ".q must not be null");
+    for (size_t b = 0; b < g.local_kv.size(); ++b) {
+      const KvBlock& kb = g.local_kv[b];
+      if (kb.tokens < 0) return Status::InvalidArgument(where + ".local_kv[" + std::to_string(b) + "].tokens < 0");
+      if (kb.tokens > 0 && (kb.k == nullptr || kb.v == nullptr))
+        return Status::InvalidArgument(where + ".local_kv[" + std::to_string(b) + "]: k and v must not be null");
+    }
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Status ComputeLocalDecodePartials(std::span<const DecodeGroup> groups, float* packed, PhaseTimings* timings) {
+  RINGTREE_RETURN_IF_ERROR(ValidateGroups(groups));
+  if (groups.empty()) return Status::Ok();
+  const int D = groups[0].heads.head_dim;
+  int64_t max_rows = 0;
+  for (const DecodeGroup& g : groups) max_rows = std::max(max_rows, DecodeGroupRows(g));
+  std::vector<float> acc_o(static_cast<size_t>(max_rows) * D), acc_lse(static_cast<size_t>(max_rows));
+  std::vector<float> part_o(acc_o.size()), part_lse(acc_lse.size());
+  float* out = packed;
+  for (const DecodeGroup& g : groups) {
+    const int64_t rows = DecodeGroupRows(g);
+    std::fill(acc_o.begin(), acc_o.begin() + rows * D, 0.0f);
+    std::fill(acc_lse.begin(), acc_lse.begin() + rows, kNegInf);
+    bool started = false;
+    for (const KvBlock& kb : g.local_kv) {
+      if (kb.tokens == 0 || g.q_tokens == 0) continue;
+      AttentionOptions ao;
+      ao.scale = g.scale;
+      if (g.causal) {
+        const int64_t q_first = g.q_position_offset, q_last = g.q_position_offset + g.q_tokens - 1;
+        if (kb.position_offset > q_last) continue;                  // fully masked
+        ao.causal = kb.position_offset + kb.tokens - 1 > q_first;  // else fully visible
+        ao.q_position_offset = g.q_position_offset;
+        ao.kv_position_offset = kb.position_offset;
+      }
+      AttentionShape shape{g.q_tokens, kb.tokens, g.heads.heads, g.heads.kv_heads, D};
+      float* o = started ? part_o.data() : acc_o.data();
+      float* lse = started ? part_lse.data() : acc_lse.data();
+      const double t0 = NowSeconds();
+      RINGTREE_RETURN_IF_ERROR(DecodeAttention(g.q, kb.k, kb.v, g.heads.kv_dtype, shape, ao, o, lse));
+      const double t1 = NowSeconds();
+      if (started) MergePartials(acc_o.data(), acc_lse.data(), part_o.data(), part_lse.data(), rows, D);
+      started = true;
+      if (timings) {
+        timings->compute_seconds += t1 - t0;
+        timings->merge_seconds += NowSeconds() - t1;
+      }
+    }
+    PackPartials(acc_o.data(), acc_lse.data(), rows, D, out);
+    out += rows * PackedRowFloats(D);
+  }
+  return Status::Ok();
+}
+
+Status TreeDecode(TreeReducer& reducer, std::span<const DecodeGroup> groups, ReduceTarget target,
+                  PhaseTimings* timings) {
+  const double start = NowSeconds();
+  PhaseTimings local_t;
+  const Communicator& comm = reducer.comm();
+  Status valid = ValidateGroups(groups);
+  int64_t rows = 0;
+  for (const DecodeGroup& g : groups) rows += DecodeGroupRows(g);
+  const int64_t D = groups.empty() ? 0 : groups[0].heads.head_dim;
+  // One small allreduce agrees on validity and on the batch shape.
+  int64_t check[5] = {valid.ok() ? 0 : 1, rows, -rows, D, -D};
+  RINGTREE_RETURN_IF_ERROR(comm.AllreduceMax(check, 5));
+  if (check[0] != 0) return comm.AgreeOnStatus(valid);
+  if (check[1] != -check[2] || check[3] != -check[4])
+    return Status::InvalidArgument("[tree_decode] ranks disagree on the batch: rows in [" + std::to_string(-check[2]) +
+                                   ", " + std::to_string(check[1]) + "], head_dim in [" + std::to_string(-check[4]) +
+                                   ", " + std::to_string(check[3]) + "]");
+  if (rows == 0) return Status::Ok();
+  std::vector<float> packed(static_cast<size_t>(rows) * PackedRowFloats(static_cast<int>(D)));
+  Status computed = ComputeLocalDecodePartials(groups, packed.data(), &local_t);
+  // Validation passed everywhere, so a kernel failure here is internal. The
+  // rank still joins the reduction (with empty partials) so no rank is left
+  // waiting, then reports the error; no extra collective on the happy path.
+  if (!computed.ok()) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float* rec = packed.data() + r * PackedRowFloats(static_cast<int>(D));
+      std::fill(rec, rec + PackedRowFloats(static_cast<int>(D)), 0.0f);
+      rec[0] = kNegInf;
+    }
+  }
+  RINGTREE_RETURN_IF_ERROR(reducer.Reduce(packed.data(), rows, static_cast<int>(D), target, &local_t));
+  RINGTREE_RETURN_IF_ERROR(computed);
+  if (target == ReduceTarget::kAll || comm.rank() == reducer.root()) {
+    const float* p = packed.data();
+    for (const DecodeGroup& g : groups) {
+      const int64_t r = DecodeGroupRows(g);
+      if (g.o) UnpackPartials(p, r, static_cast<int>(D), g.o, g.lse);
+      p += r * PackedRowFloats(static_cast<int>(D));
+    }
+  }
+  local_t.total_seconds = NowSeconds() - start;
+  if (timings) *timings += local_t;
+  return Status::Ok();
+}
+
+}  // namespace ringtree
