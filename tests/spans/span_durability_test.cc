@@ -1,0 +1,249 @@
+// Span store durability: reopen from disk gives identical answers; torn tails
+// are dropped; truncated and bit-flipped span files are detected with their
+// location, never used. Real files in a temp directory.
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "tests/spans/spans_test_util.h"
+
+namespace ringtree {
+namespace {
+
+using spans_test::Gaussian;
+
+constexpr int kHeads = 4, kKvHeads = 2, kDim = 64;
+constexpr size_t kRow = size_t(kKvHeads) * kDim;
+
+SpanStoreOptions Options(const std::string& dir, DType dtype = DType::kBFloat16) {
+  SpanStoreOptions o;
+  o.kv_heads = kKvHeads;
+  o.head_dim = kDim;
+  o.dtype = dtype;
+  o.span_tokens = 16;
+  o.sink_tokens = 16;
+  o.window_tokens = 48;
+  o.data_dir = dir;
+  o.hot_budget_bytes = 32 * 1024;  // most spans cold
+  o.cache_budget_bytes = 64 * 1024;
+  o.chunk_tokens = 256;
+  return o;
+}
+
+struct Answers {
+  std::vector<float> exact_o, exact_lse, retr_o, retr_lse;
+  std::vector<int64_t> spans_used;
+  std::vector<float> bound;
+};
+
+Answers Query(SpanStore* store) {
+  Answers a;
+  auto q = Gaussian(2 * kHeads * kDim, 77, 1.5f);
+  AttentionOptions opts;
+  opts.causal = true;
+  opts.q_position_offset = store->end_position() - 2;
+  a.exact_o.resize(q.size());
+  a.exact_lse.resize(2 * kHeads);
+  Status st = store->AttendExact(q.data(), 2, kHeads, opts, a.exact_o.data(), a.exact_lse.data());
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  RetrievalRequest req;
+  req.top_k_spans = 6;
+  RetrievalResult res;
+  a.retr_o.resize(q.size());
+  a.retr_lse.resize(2 * kHeads);
+  st = store->AttendRetrieval(q.data(), 2, kHeads, opts, req, a.retr_o.data(), a.retr_lse.data(),
+                              &res);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  for (const auto& s : res.spans_used) a.spans_used.push_back(s.position_start);
+  a.bound = res.skipped_mass_bound;
+  return a;
+}
+
+void ExpectIdentical(const Answers& a, const Answers& b) {
+  EXPECT_EQ(a.exact_o, b.exact_o);
+  EXPECT_EQ(a.exact_lse, b.exact_lse);
+  EXPECT_EQ(a.retr_o, b.retr_o);
+  EXPECT_EQ(a.retr_lse, b.retr_lse);
+  EXPECT_EQ(a.spans_used, b.spans_used);
+  EXPECT_EQ(a.bound, b.bound);
+}
+
+void AppendRange(SpanStore* store, int64_t from, int64_t to, uint64_t seed) {
+  auto k = Gaussian((to - from) * kRow, seed), v = Gaussian((to - from) * kRow, seed + 1);
+  Status st = store->Append(from, to - from, k.data(), v.data(), DType::kFloat32);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+}
+
+class DurabilityTest : public ::testing::TestWithParam<DType> {
+ protected:
+  void SetUp() override {
+    dir_ = spans_test::TempDir(std::string("dur_") + DTypeName(GetParam()));
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::string dir_;
+};
+
+TEST_P(DurabilityTest, ReopenGivesIdenticalAnswers) {
+  Answers before;
+  {
+    auto store = SpanStore::Create(Options(dir_, GetParam()));
+    ASSERT_TRUE(store.ok()) << store.status().ToString();
+    AppendRange(store->get(), 0, 700, 1);
+    AppendRange(store->get(), 700, 1003, 2);  // partial tail span
+    ASSERT_TRUE((*store)->Sync().ok());
+    before = Query(store->get());
+  }
+  RecoveryReport report;
+  auto reopened = SpanStore::Open(Options(dir_, GetParam()), &report);
+  ASSERT_TRUE(reopened.ok()) << reopened.status().ToString();
+  EXPECT_EQ(report.replayed_records, 0);
+  EXPECT_EQ(report.dropped_tail_bytes, 0u);
+  EXPECT_EQ((*reopened)->total_tokens(), 1003);
+  ExpectIdentical(before, Query(reopened->get()));
+  // The reopened store keeps growing (fills the open tail span) and survives again.
+  AppendRange(reopened->get(), 1003, 1100, 3);
+  ASSERT_TRUE((*reopened)->Sync().ok());
+  Answers grown = Query(reopened->get());
+  reopened->reset();
+  auto again = SpanStore::Open(Options(dir_, GetParam()));
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_EQ((*again)->total_tokens(), 1100);
+  ExpectIdentical(grown, Query(again->get()));
+  // Creating over an existing store is refused.
+  EXPECT_EQ(SpanStore::Create(Options(dir_, GetParam())).status().code(),
+            StatusCode::kAlreadyExists);
+}
+
+TEST_P(DurabilityTest, TornLastRecordIsDroppedAndWholeOnesReplayed) {
+  Answers reference;
+  {
+    // What the store holds if exactly the whole records survive.
+    auto ref = SpanStore::Create(Options(dir_ + "/ref", GetParam()));
+    ASSERT_TRUE(ref.ok());
+    AppendRange(ref->get(), 0, 320, 1);
+    AppendRange(ref->get(), 320, 400, 2);  // spans up to 400 written, 400..416 would be torn
+    reference = Query(ref->get());
+  }
+  uint64_t committed = 0;
+  {
+    auto store = SpanStore::Create(Options(dir_ + "/s", GetParam()));
+    ASSERT_TRUE(store.ok());
+    AppendRange(store->get(), 0, 320, 1);
+    ASSERT_TRUE((*store)->Sync().ok());
+    committed = (*store)->disk_bytes();
+    AppendRange(store->get(), 320, 400, 2);
+    AppendRange(store->get(), 400, 416, 5);  // one more whole span record, then "crash"
+    // No Sync: the manifest still says `committed`.
+  }
+  // Tear the last record: cut it in the middle.
+  const std::string file = dir_ + "/s/spans.dat";
+  const auto size = std::filesystem::file_size(file);
+  const uint64_t record = sizeof(RecordHeader) + kKvHeads * 3 * kDim * 4 +
+                          16 * kRow * DTypeSize(GetParam()) * 2;
+  std::filesystem::resize_file(file, size - record / 2);
+  RecoveryReport report;
+  auto store = SpanStore::Open(Options(dir_ + "/s", GetParam()), &report);
+  ASSERT_TRUE(store.ok()) << store.status().ToString();
+  EXPECT_EQ(report.replayed_records, 5);  // 320..400 = five whole spans
+  EXPECT_EQ(report.dropped_tail_bytes, record - record / 2);
+  EXPECT_NE(report.dropped_reason.find("spans.dat@"), std::string::npos) << report.dropped_reason;
+  EXPECT_EQ((*store)->total_tokens(), 400);
+  EXPECT_GT((*store)->disk_bytes(), committed);
+  ExpectIdentical(reference, Query(store->get()));
+  // Recovery committed its result: a second open finds nothing to do.
+  store->reset();
+  RecoveryReport second;
+  ASSERT_TRUE(SpanStore::Open(Options(dir_ + "/s", GetParam()), &second).ok());
+  EXPECT_EQ(second.replayed_records + int64_t(second.dropped_tail_bytes), 0);
+}
+
+TEST_P(DurabilityTest, TruncatedCommittedFileIsDetected) {
+  {
+    auto store = SpanStore::Create(Options(dir_, GetParam()));
+    ASSERT_TRUE(store.ok());
+    AppendRange(store->get(), 0, 500, 1);
+    ASSERT_TRUE((*store)->Sync().ok());
+  }
+  const std::string file = dir_ + "/spans.dat";
+  std::filesystem::resize_file(file, std::filesystem::file_size(file) - 100);
+  auto store = SpanStore::Open(Options(dir_, GetParam()));
+  ASSERT_FALSE(store.ok());
+  EXPECT_EQ(store.status().code(), StatusCode::kDataLoss);
+  EXPECT_NE(store.status().message().find("spans.dat"), std::string::npos)
+      << store.status().message();
+}
+
+// Flips one bit at `offset` of the file.
+void FlipBit(const std::string& file, uint64_t offset) {
+  int fd = ::open(file.c_str(), O_RDWR);
+  ASSERT_GE(fd, 0);
+  unsigned char b;
+  ASSERT_EQ(::pread(fd, &b, 1, offset), 1);
+  b ^= 0x10;
+  ASSERT_EQ(::pwrite(fd, &b, 1, offset), 1);
+  ::close(fd);
+}
+
+TEST_P(DurabilityTest, BitFlipInPayloadIsReportedWithLocationAndNeverUsed) {
+  uint64_t span_offset = 0, span_bytes = 0;
+  {
+    auto store = SpanStore::Create(Options(dir_, GetParam()));
+    ASSERT_TRUE(store.ok());
+    AppendRange(store->get(), 0, 800, 1);
+    ASSERT_TRUE((*store)->Sync().ok());
+  }
+  // Span 10 (positions 160..176) is cold after reopen; its record starts at
+  // 10 * record bytes.
+  span_bytes = sizeof(RecordHeader) + kKvHeads * 3 * kDim * 4 + 16 * kRow * DTypeSize(GetParam()) * 2;
+  span_offset = 10 * span_bytes;
+  FlipBit(dir_ + "/spans.dat", span_offset + span_bytes - 7);  // inside V
+  auto store = SpanStore::Open(Options(dir_, GetParam()));
+  ASSERT_TRUE(store.ok()) << store.status().ToString();  // headers are fine
+  auto q = Gaussian(kHeads * kDim, 3);
+  std::vector<float> o(q.size()), lse(kHeads);
+  Status st = (*store)->AttendExact(q.data(), 1, kHeads, {}, o.data(), lse.data());
+  EXPECT_EQ(st.code(), StatusCode::kDataLoss);
+  const std::string where = "spans.dat@" + std::to_string(span_offset);
+  EXPECT_NE(st.message().find(where), std::string::npos) << st.message();
+  Status scrub = (*store)->VerifyAll();
+  EXPECT_EQ(scrub.code(), StatusCode::kDataLoss);
+  EXPECT_NE(scrub.message().find(where), std::string::npos) << scrub.message();
+  // Spans other than the corrupt one still answer.
+  std::vector<int64_t> others = {2, 3, 4, 20, 30};
+  EXPECT_TRUE((*store)->AttendSpans(others, q.data(), 1, kHeads, {}, o.data(), lse.data()).ok());
+  // A flipped summary/header bit fails the open, naming the record.
+  FlipBit(dir_ + "/spans.dat", 5 * span_bytes + sizeof(RecordHeader) + 100);
+  store->reset();
+  auto bad = SpanStore::Open(Options(dir_, GetParam()));
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(bad.status().code(), StatusCode::kDataLoss);
+  EXPECT_NE(bad.status().message().find("spans.dat@" + std::to_string(5 * span_bytes)),
+            std::string::npos)
+      << bad.status().message();
+}
+
+TEST_P(DurabilityTest, CorruptManifestIsDetected) {
+  {
+    auto store = SpanStore::Create(Options(dir_, GetParam()));
+    ASSERT_TRUE(store.ok());
+    AppendRange(store->get(), 0, 100, 1);
+    ASSERT_TRUE((*store)->Sync().ok());
+  }
+  FlipBit(dir_ + "/MANIFEST", 20);
+  auto store = SpanStore::Open(Options(dir_, GetParam()));
+  EXPECT_EQ(store.status().code(), StatusCode::kDataLoss);
+  EXPECT_NE(store.status().message().find("MANIFEST"), std::string::npos);
+  EXPECT_EQ(SpanStore::Open(Options(dir_ + "/missing", GetParam())).status().code(),
+            StatusCode::kNotFound);
+}
+
+INSTANTIATE_TEST_SUITE_P(DTypes, DurabilityTest,
+                         ::testing::Values(DType::kFloat32, DType::kBFloat16),
+                         [](const auto& info) { return std::string(DTypeName(info.param)); });
+
+}  // namespace
+}  // namespace ringtree

@@ -1,0 +1,93 @@
+// The pure retrieval math: cross-rank top-k merge, normalisers, the bound.
+#include <gtest/gtest.h>
+
+#include <cmath>
+
+#include "worker/spans/span_select.h"
+
+namespace ringtree {
+namespace {
+
+SpanCandidate C(int rank, int64_t pos, int tokens, double p) {
+  SpanCandidate c;
+  c.rank = rank;
+  c.span_index = pos / 16;
+  c.position_start = pos;
+  c.tokens = tokens;
+  c.priority = p;
+  return c;
+}
+
+struct MergeCase {
+  const char* name;
+  int64_t top_k, budget;
+  std::vector<std::pair<int, int64_t>> expect;  // (rank, position) best first
+};
+
+TEST(MergeTopCandidates, TableOfLimits) {
+  const std::vector<std::vector<SpanCandidate>> per_rank = {
+      {C(0, 0, 16, 0.5), C(0, 64, 16, 0.1), C(0, 128, 16, 0.05)},
+      {C(1, 16, 16, 0.3), C(1, 80, 8, 0.2), C(1, 96, 16, 0.2)},
+      {},
+  };
+  const MergeCase cases[] = {
+      {"top2", 2, 0, {{0, 0}, {1, 16}}},
+      // Ties at 0.2 break by rank then position.
+      {"top4", 4, 0, {{0, 0}, {1, 16}, {1, 80}, {1, 96}}},
+      {"budget40_skips_too_big", 0, 40, {{0, 0}, {1, 16}, {1, 80}}},
+      {"budget_and_k", 2, 1000, {{0, 0}, {1, 16}}},
+      {"unlimited", 0, 0, {{0, 0}, {1, 16}, {1, 80}, {1, 96}, {0, 64}, {0, 128}}},
+  };
+  for (const MergeCase& c : cases) {
+    auto got = MergeTopCandidates(per_rank, c.top_k, c.budget);
+    ASSERT_EQ(got.size(), c.expect.size()) << c.name;
+    for (size_t i = 0; i < got.size(); ++i) {
+      EXPECT_EQ(got[i].rank, c.expect[i].first) << c.name << " #" << i;
+      EXPECT_EQ(got[i].position_start, c.expect[i].second) << c.name << " #" << i;
+    }
+  }
+}
+
+// Normalisers combined across "ranks" equal the normaliser over all spans, and
+// priorities ranked per rank then merged equal the single-store ranking.
+TEST(SpanSelect, DistributedRankingEqualsSingleStore) {
+  SpanScores s;
+  s.spans = 6;
+  s.rows = 2;
+  s.estimate = {1, 0, 3, -1, 0.5f, 2, -2, 4, 0, 0, 2.5f, -INFINITY};
+  s.upper = s.estimate;
+  std::vector<int32_t> tokens = {16, 16, 8, 16, 16, 4};
+  std::vector<int64_t> pos = {0, 16, 32, 40, 56, 72};
+  std::vector<int64_t> all = {0, 1, 2, 3, 4, 5}, a = {0, 2, 4}, b = {1, 3, 5};
+  auto n_all = LogNormalizers(s, tokens, all);
+  auto n = LogNormalizers(s, tokens, a);
+  LogAddNormalizers(&n, LogNormalizers(s, tokens, b));
+  for (size_t r = 0; r < n.size(); ++r) EXPECT_NEAR(n[r], n_all[r], 1e-12);
+  auto single = RankCandidates(s, tokens, pos, all, n_all);
+  auto ra = RankCandidates(s, tokens, pos, a, n);
+  auto rb = RankCandidates(s, tokens, pos, b, n);
+  auto merged = MergeTopCandidates({ra, rb}, 0, 0);
+  ASSERT_EQ(merged.size(), single.size());
+  double total = 0;
+  for (size_t i = 0; i < merged.size(); ++i) {
+    EXPECT_EQ(merged[i].span_index, single[i].span_index);
+    total += merged[i].priority;
+  }
+  EXPECT_NEAR(total, 2.0, 1e-9);  // fractions of each row's estimated mass sum to 1 per row
+}
+
+TEST(SpanSelect, SkippedMassBoundCases) {
+  // Attended mass exp(0) = 1; skipped upper mass exp(u).
+  const float lse[4] = {0.0f, 0.0f, -INFINITY, 5.0f};
+  std::vector<double> u = {std::log(1.0), -INFINITY, 0.0, std::log(1e-6) + 5.0};
+  auto b = SkippedMassBound(lse, u);
+  EXPECT_GE(b[0], 0.5f);
+  EXPECT_LE(b[0], 0.5001f);
+  EXPECT_EQ(b[1], 0.0f);   // nothing skipped
+  EXPECT_EQ(b[2], 1.0f);   // nothing attended
+  EXPECT_GE(b[3], 1e-6f / (1 + 1e-6f));
+  EXPECT_LE(b[3], 2e-6f);
+}
+
+}  // namespace
+}  // namespace ringtree

@@ -1,0 +1,420 @@
+// Span store: exact and retrieval attention against double-precision exact
+// attention, the skipped-mass bound, needles, tiers, KV retrieval.
+#include <gtest/gtest.h>
+
+#include <algorithm>
+#include <cmath>
+#include <filesystem>
+#include <set>
+
+#include "kernels/reference.h"
+#include "tests/spans/spans_test_util.h"
+
+namespace ringtree {
+namespace {
+
+using spans_test::AppendBoth;
+using spans_test::Context;
+using spans_test::ExactDouble;
+using spans_test::Gaussian;
+
+struct StoreCase {
+  const char* name;
+  DType dtype;
+  int span_tokens;
+  int heads, kv_heads, head_dim;
+  int64_t q_tokens;
+  bool causal;
+  std::vector<int64_t> appends;  // chunk sizes appended back to back
+  int64_t gap = 0;               // positions skipped between appends (sharded layouts)
+};
+
+std::string CaseName(const ::testing::TestParamInfo<StoreCase>& info) { return info.param.name; }
+
+SpanStoreOptions OptionsFor(const StoreCase& c) {
+  SpanStoreOptions o;
+  o.kv_heads = c.kv_heads;
+  o.head_dim = c.head_dim;
+  o.dtype = c.dtype;
+  o.span_tokens = c.span_tokens;
+  o.sink_tokens = 16;
+  o.window_tokens = 64;
+  o.chunk_tokens = 256;
+  return o;
+}
+
+// Fills a store per the case; returns the context copy.
+Context Fill(const StoreCase& c, SpanStore* store, uint64_t seed) {
+  Context ctx;
+  ctx.kv_heads = c.kv_heads;
+  ctx.head_dim = c.head_dim;
+  ctx.dtype = c.dtype;
+  int64_t pos = 0;
+  const size_t row = size_t(c.kv_heads) * c.head_dim;
+  for (size_t i = 0; i < c.appends.size(); ++i) {
+    const int64_t n = c.appends[i];
+    auto k = Gaussian(n * row, seed + 2 * i);
+    auto v = Gaussian(n * row, seed + 2 * i + 1);
+    Status st = AppendBoth(store, &ctx, pos, n, k.data(), v.data());
+    EXPECT_TRUE(st.ok()) << st.ToString();
+    pos += n + c.gap;
+  }
+  return ctx;
+}
+
+// Tolerances: o within 2e-4 absolute and lse within 2e-3 of the double
+// reference (float32 kernels over <= 2k keys, values ~N(0,1)).
+constexpr double kOutTol = 2e-4, kLseTol = 2e-3;
+
+void ExpectClose(const std::vector<float>& o, const std::vector<float>& lse,
+                 const spans_test::ExactResult& ref, const char* what) {
+  double max_o = 0, max_l = 0;
+  for (size_t i = 0; i < o.size(); ++i) max_o = std::max(max_o, std::fabs(o[i] - ref.o[i]));
+  for (size_t i = 0; i < lse.size(); ++i) {
+    if (std::isinf(ref.lse[i])) {
+      EXPECT_TRUE(std::isinf(lse[i])) << what << " row " << i;
+      continue;
+    }
+    max_l = std::max(max_l, std::fabs(lse[i] - ref.lse[i]));
+  }
+  EXPECT_LE(max_o, kOutTol) << what;
+  EXPECT_LE(max_l, kLseTol) << what;
+}
+
+class SpanStoreCaseTest : public ::testing::TestWithParam<StoreCase> {};
+
+TEST_P(SpanStoreCaseTest, ExactAndFullBudgetRetrievalMatchReference) {
+  const StoreCase& c = GetParam();
+  auto store = SpanStore::Create(OptionsFor(c));
+  ASSERT_TRUE(store.ok()) << store.status().ToString();
+  Context ctx = Fill(c, store->get(), 11);
+  const int64_t end = (*store)->end_position();
+  const int64_t q_offset = c.causal ? end - c.q_tokens - 40 : end;  // some keys masked
+  auto q = Gaussian(c.q_tokens * c.heads * c.head_dim, 99);
+  AttentionOptions opts;
+  opts.causal = c.causal;
+  opts.q_position_offset = q_offset;
+  const auto ref = ExactDouble(ctx, q.data(), c.q_tokens, c.heads, c.causal, q_offset, 0, false);
+
+  std::vector<float> o(q.size()), lse(c.q_tokens * c.heads);
+  Status st = (*store)->AttendExact(q.data(), c.q_tokens, c.heads, opts, o.data(), lse.data());
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  ExpectClose(o, lse, ref, "exact");
+
+  RetrievalRequest all;
+  all.token_budget = ctx.tokens();  // budget = whole context
+  RetrievalResult res;
+  st = (*store)->AttendRetrieval(q.data(), c.q_tokens, c.heads, opts, all, o.data(), lse.data(),
+                                 &res);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  ExpectClose(o, lse, ref, "retrieval, full budget");
+  EXPECT_TRUE(res.exact);
+  EXPECT_EQ(res.max_skipped_mass_bound, 0.0f);
+
+  // Also against the kernels' own reference when positions are contiguous.
+  if (c.gap == 0) {
+    std::vector<uint8_t> k(ctx.k.size() * DTypeSize(c.dtype)), v(k.size());
+    ConvertFromFloat32(ctx.k.data(), c.dtype, k.data(), ctx.k.size());
+    ConvertFromFloat32(ctx.v.data(), c.dtype, v.data(), ctx.v.size());
+    std::vector<float> o_ref(q.size()), lse_ref(lse.size());
+    AttentionShape shape{c.q_tokens, ctx.tokens(), c.heads, c.kv_heads, c.head_dim};
+    ReferenceAttention(q.data(), k.data(), v.data(), c.dtype, shape, opts, o_ref.data(),
+                       lse_ref.data());
+    double m = 0;
+    for (size_t i = 0; i < o.size(); ++i) m = std::max(m, double(std::fabs(o[i] - o_ref[i])));
+    EXPECT_LE(m, kOutTol);
+  }
+}
+
+TEST_P(SpanStoreCaseTest, SkippedMassBoundIsNeverBelowTrueSkippedMass) {
+  const StoreCase& c = GetParam();
+  auto store = SpanStore::Create(OptionsFor(c));
+  ASSERT_TRUE(store.ok());
+  Context ctx = Fill(c, store->get(), 23);
+  const int64_t end = (*store)->end_position();
+  const auto spans = (*store)->Spans();
+  // 12 random queries x 4 budgets x 3 score modes per case; queries of varying
+  // sharpness (scale up to 8x) so the mass ranges from diffuse to one-token.
+  int checked = 0;
+  for (int trial = 0; trial < 12; ++trial) {
+    const float sharp = 0.5f + trial * 0.7f;
+    auto q = Gaussian(c.q_tokens * c.heads * c.head_dim, 1000 + trial, sharp);
+    AttentionOptions opts;
+    opts.causal = c.causal;
+    opts.q_position_offset = end - c.q_tokens;
+    const auto ref = ExactDouble(ctx, q.data(), c.q_tokens, c.heads, c.causal,
+                                 opts.q_position_offset, 0, true);
+    for (int64_t k : {0, 1, 3, 8}) {
+      for (SpanScoreMode mode :
+           {SpanScoreMode::kUpperBound, SpanScoreMode::kMeanKey, SpanScoreMode::kBlend}) {
+        RetrievalRequest req;
+        req.top_k_spans = k;
+        req.score_mode = mode;
+        std::vector<float> o(q.size()), lse(c.q_tokens * c.heads);
+        RetrievalResult res;
+        ASSERT_TRUE((*store)
+                        ->AttendRetrieval(q.data(), c.q_tokens, c.heads, opts, req, o.data(),
+                                          lse.data(), &res)
+                        .ok());
+        // True skipped mass per row: probability of tokens outside spans_used.
+        std::vector<char> used(ctx.tokens(), 0);
+        int64_t tok = 0;
+        std::set<int64_t> used_spans;
+        for (const auto& s : res.spans_used) used_spans.insert(s.index);
+        for (const auto& s : spans) {
+          for (int32_t t = 0; t < s.tokens; ++t) used[tok + t] = used_spans.count(s.index) > 0;
+          tok += s.tokens;
+        }
+        for (int64_t r = 0; r < c.q_tokens * c.heads; ++r) {
+          double skipped = 0;
+          for (int64_t j = 0; j < ctx.tokens(); ++j)
+            if (!used[j]) skipped += ref.p[r * ctx.tokens() + j];
+          ASSERT_GE(double(res.skipped_mass_bound[r]), skipped)
+              << "trial " << trial << " k " << k << " row " << r;
+          ++checked;
+        }
+      }
+    }
+  }
+  EXPECT_GT(checked, 100);
+}
+
+TEST_P(SpanStoreCaseTest, ToleranceModeMeetsItsBound) {
+  const StoreCase& c = GetParam();
+  auto store = SpanStore::Create(OptionsFor(c));
+  ASSERT_TRUE(store.ok());
+  Context ctx = Fill(c, store->get(), 31);
+  const int64_t end = (*store)->end_position();
+  auto q = Gaussian(c.q_tokens * c.heads * c.head_dim, 5, 2.0f);
+  AttentionOptions opts;
+  opts.causal = c.causal;
+  opts.q_position_offset = end - c.q_tokens;
+  const auto ref = ExactDouble(ctx, q.data(), c.q_tokens, c.heads, c.causal,
+                               opts.q_position_offset, 0, false);
+  for (double tol : {0.5, 0.1, 0.01, 0.0}) {
+    RetrievalRequest req;
+    req.mass_tolerance = tol;
+    std::vector<float> o(q.size()), lse(c.q_tokens * c.heads);
+    RetrievalResult res;
+    ASSERT_TRUE((*store)
+                    ->AttendRetrieval(q.data(), c.q_tokens, c.heads, opts, req, o.data(),
+                                      lse.data(), &res)
+                    .ok());
+    EXPECT_TRUE(res.max_skipped_mass_bound <= tol || res.exact) << tol;
+    if (tol == 0.0) {
+      EXPECT_TRUE(res.exact);
+      ExpectClose(o, lse, ref, "tolerance 0");
+    }
+    // Output error is bounded by twice the skipped mass times max |v| (~5 here).
+    double err = 0;
+    for (size_t i = 0; i < o.size(); ++i) err = std::max(err, std::fabs(o[i] - ref.o[i]));
+    EXPECT_LE(err, 2 * 6.0 * res.max_skipped_mass_bound + kOutTol) << tol;
+  }
+}
+
+const DType F32 = DType::kFloat32, BF16 = DType::kBFloat16;
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, SpanStoreCaseTest,
+    ::testing::Values(
+        StoreCase{"f32_span16_gqa4_decode", F32, 16, 8, 2, 64, 1, false, {700, 300, 41}},
+        StoreCase{"bf16_span16_gqa2_decode", BF16, 16, 4, 2, 128, 1, false, {1024, 5, 7, 300}},
+        StoreCase{"f32_span64_mha_causal_q3", F32, 64, 2, 2, 64, 3, true, {999, 1}},
+        StoreCase{"bf16_span64_mqa_causal", BF16, 64, 4, 1, 128, 2, true, {513, 511, 200}},
+        StoreCase{"f32_span16_gapped_shards", F32, 16, 4, 2, 32, 1, false, {300, 200, 150}, 77},
+        StoreCase{"bf16_span7_odd_causal_gaps", BF16, 7, 2, 1, 48, 2, true, {100, 90, 33}, 5}),
+    CaseName);
+
+// A planted needle span is retrieved with a small budget.
+TEST(SpanStoreRetrieval, PlantedNeedleIsRetrieved) {
+  for (int span_tokens : {16, 64}) {
+    for (DType dtype : {F32, BF16}) {
+      SpanStoreOptions o;
+      o.kv_heads = 2;
+      o.head_dim = 64;
+      o.dtype = dtype;
+      o.span_tokens = span_tokens;
+      o.sink_tokens = 4;
+      o.window_tokens = 32;
+      auto store = SpanStore::Create(o);
+      ASSERT_TRUE(store.ok());
+      const int64_t T = 4096;
+      const size_t row = 2 * 64;
+      auto k = Gaussian(T * row, 7, 0.3f);
+      auto v = Gaussian(T * row, 8);
+      auto dir = Gaussian(64, 9);
+      const int64_t needle_at = span_tokens * 37 + span_tokens / 4;  // inside a span
+      for (int t = 0; t < 4; ++t)
+        for (int d = 0; d < 64; ++d) k[(needle_at + t) * row + 64 + d] = dir[d];  // kv head 1
+      ASSERT_TRUE((*store)->Append(0, T, k.data(), v.data(), DType::kFloat32).ok());
+      // Query heads 2,3 use kv head 1; heads 0,1 are random.
+      std::vector<float> q = Gaussian(4 * 64, 10, 0.3f);
+      for (int d = 0; d < 64; ++d) q[2 * 64 + d] = 1.5f * dir[d];
+      RetrievalRequest req;
+      req.top_k_spans = 2;
+      std::vector<float> out(q.size()), lse(4);
+      RetrievalResult res;
+      ASSERT_TRUE((*store)->AttendRetrieval(q.data(), 1, 4, {}, req, out.data(), lse.data(), &res).ok());
+      bool hit = false;
+      for (const auto& s : res.spans_used)
+        hit |= s.position_start <= needle_at && needle_at < s.position_start + s.tokens;
+      EXPECT_TRUE(hit) << "span_tokens " << span_tokens << " dtype " << DTypeName(dtype);
+      EXPECT_EQ(res.selected_spans, 2);
+    }
+  }
+}
+
+// Exact attention with most spans cold equals exact attention all hot.
+TEST(SpanStoreTiers, ColdEqualsHot) {
+  const std::string dir = spans_test::TempDir("cold_hot");
+  for (DType dtype : {F32, BF16}) {
+    SpanStoreOptions o;
+    o.kv_heads = 2;
+    o.head_dim = 64;
+    o.dtype = dtype;
+    o.span_tokens = 16;
+    o.sink_tokens = 16;
+    o.window_tokens = 64;
+    o.chunk_tokens = 128;
+    auto hot = SpanStore::Create(o);
+    SpanStoreOptions oc = o;
+    oc.data_dir = dir + "/" + DTypeName(dtype);
+    oc.hot_budget_bytes = 16 * 1024;  // far below the 2000-token KV
+    oc.cache_budget_bytes = 64 * 1024;
+    auto cold = SpanStore::Create(oc);
+    ASSERT_TRUE(hot.ok() && cold.ok());
+    const int64_t T = 2000;
+    auto k = Gaussian(T * 128, 1), v = Gaussian(T * 128, 2);
+    for (int64_t at = 0; at < T; at += 250) {
+      ASSERT_TRUE((*hot)->Append(at, 250, &k[at * 128], &v[at * 128], DType::kFloat32).ok());
+      ASSERT_TRUE((*cold)->Append(at, 250, &k[at * 128], &v[at * 128], DType::kFloat32).ok());
+    }
+    int64_t cold_spans = 0;
+    for (const auto& s : (*cold)->Spans()) {
+      cold_spans += s.tier == SpanTier::kCold;
+      if (s.sink || s.window) {
+        EXPECT_EQ(s.tier, SpanTier::kHot) << "sink/window must stay hot";
+      }
+    }
+    EXPECT_GT(cold_spans, 100);
+    EXPECT_EQ((*hot)->cold_bytes(), 0u);
+    EXPECT_GT((*cold)->cold_bytes(), (*cold)->hot_bytes());
+    auto q = Gaussian(2 * 4 * 64, 3);
+    AttentionOptions opts;
+    opts.causal = true;
+    opts.q_position_offset = 1500;
+    std::vector<float> o1(q.size()), l1(8), o2(q.size()), l2(8);
+    ASSERT_TRUE((*hot)->AttendExact(q.data(), 2, 4, opts, o1.data(), l1.data()).ok());
+    Status st = (*cold)->AttendExact(q.data(), 2, 4, opts, o2.data(), l2.data());
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    // Same chunks, same kernels: identical up to float reassociation in the kernels.
+    for (size_t i = 0; i < o1.size(); ++i) EXPECT_NEAR(o1[i], o2[i], 1e-6);
+    for (size_t i = 0; i < l1.size(); ++i) EXPECT_NEAR(l1[i], l2[i], 1e-6);
+    // Retrieval over cold spans (through the LRU) equals retrieval over hot.
+    RetrievalRequest req;
+    req.top_k_spans = 10;
+    RetrievalResult r1, r2;
+    ASSERT_TRUE((*hot)->AttendRetrieval(q.data(), 2, 4, opts, req, o1.data(), l1.data(), &r1).ok());
+    ASSERT_TRUE((*cold)->AttendRetrieval(q.data(), 2, 4, opts, req, o2.data(), l2.data(), &r2).ok());
+    ASSERT_EQ(r1.spans_used.size(), r2.spans_used.size());
+    for (size_t i = 0; i < r1.spans_used.size(); ++i)
+      EXPECT_EQ(r1.spans_used[i].index, r2.spans_used[i].index);
+    for (size_t i = 0; i < o1.size(); ++i) EXPECT_NEAR(o1[i], o2[i], 1e-6);
+    EXPECT_LE((*cold)->cache().bytes(), oc.cache_budget_bytes);
+  }
+  std::filesystem::remove_all(dir);
+}
+
+TEST(SpanStoreTiers, BudgetsAreEnforced) {
+  SpanStoreOptions o;
+  o.kv_heads = 1;
+  o.head_dim = 32;
+  o.span_tokens = 16;
+  o.hot_budget_bytes = 16 * 32 * 4 * 2 * 4;  // four spans of float32 K+V
+  auto store = SpanStore::Create(o);
+  ASSERT_TRUE(store.ok());
+  auto k = Gaussian(200 * 32, 1);
+  EXPECT_TRUE((*store)->Append(0, 64, k.data(), k.data(), DType::kFloat32).ok());
+  Status st = (*store)->Append(64, 16, k.data(), k.data(), DType::kFloat32);
+  EXPECT_EQ(st.code(), StatusCode::kResourceExhausted) << st.ToString();
+  EXPECT_EQ((*store)->total_tokens(), 64);  // refused append changed nothing
+
+  const std::string dir = spans_test::TempDir("disk_budget");
+  o.data_dir = dir;
+  o.disk_budget_bytes = 20000;
+  auto disk = SpanStore::Create(o);
+  ASSERT_TRUE(disk.ok());
+  EXPECT_TRUE((*disk)->Append(0, 32, k.data(), k.data(), DType::kFloat32).ok());
+  st = (*disk)->Append(32, 160, k.data(), k.data(), DType::kFloat32);
+  EXPECT_EQ(st.code(), StatusCode::kResourceExhausted) << st.ToString();
+  std::filesystem::remove_all(dir);
+}
+
+TEST(SpanStoreValidation, BadInputsAreRejected) {
+  SpanStoreOptions o;
+  o.kv_heads = 0;
+  o.head_dim = 64;
+  EXPECT_EQ(SpanStore::Create(o).status().code(), StatusCode::kInvalidArgument);
+  o.kv_heads = 2;
+  o.dtype = DType::kFloat16;
+  EXPECT_EQ(SpanStore::Create(o).status().code(), StatusCode::kInvalidArgument);
+  o.dtype = DType::kFloat32;
+  auto store = SpanStore::Create(o);
+  ASSERT_TRUE(store.ok());
+  auto k = Gaussian(10 * 128, 1);
+  ASSERT_TRUE((*store)->Append(5, 10, k.data(), k.data(), DType::kFloat32).ok());
+  EXPECT_EQ((*store)->Append(10, 1, k.data(), k.data(), DType::kFloat32).code(),
+            StatusCode::kInvalidArgument);  // overlaps
+  std::vector<float> q(3 * 64), out(3 * 64);
+  EXPECT_EQ((*store)->AttendExact(q.data(), 1, 3, {}, out.data(), nullptr).code(),
+            StatusCode::kInvalidArgument);  // heads not a multiple of kv_heads
+}
+
+// KV retrieval returns exactly the K/V appended at the selected positions.
+TEST(SpanStoreRetrieval, RetrieveKVReturnsStoredRows) {
+  const std::string dir = spans_test::TempDir("kv");
+  SpanStoreOptions o;
+  o.kv_heads = 2;
+  o.head_dim = 32;
+  o.dtype = BF16;
+  o.span_tokens = 16;
+  o.sink_tokens = 16;
+  o.window_tokens = 32;
+  o.data_dir = dir;
+  o.hot_budget_bytes = 8192;
+  auto store = SpanStore::Create(o);
+  ASSERT_TRUE(store.ok());
+  Context ctx;
+  ctx.kv_heads = 2;
+  ctx.head_dim = 32;
+  ctx.dtype = BF16;
+  auto k = Gaussian(1000 * 64, 4), v = Gaussian(1000 * 64, 5);
+  ASSERT_TRUE(AppendBoth(store->get(), &ctx, 0, 1000, k.data(), v.data()).ok());
+  auto q = Gaussian(4 * 32, 6);
+  RetrievalRequest req;
+  req.token_budget = 160;
+  int64_t selected_tokens = 0, always = 0;
+  std::vector<int64_t> seen;
+  Status st = (*store)->RetrieveKV(
+      q.data(), 1, 4, {}, req, /*include_always=*/true,
+      [&](const SpanInfo& s, const void* kp, const void* vp) -> Status {
+        seen.push_back(s.position_start);
+        if (s.sink || s.window) always += s.tokens; else selected_tokens += s.tokens;
+        std::vector<float> kf(s.tokens * 64), vf(s.tokens * 64);
+        ConvertToFloat32(BF16, kp, kf.data(), kf.size());
+        ConvertToFloat32(BF16, vp, vf.data(), vf.size());
+        for (size_t i = 0; i < kf.size(); ++i) {
+          EXPECT_EQ(kf[i], ctx.k[s.position_start * 64 + i]);
+          EXPECT_EQ(vf[i], ctx.v[s.position_start * 64 + i]);
+        }
+        return Status::Ok();
+      });
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_EQ(selected_tokens, 160);
+  EXPECT_GE(always, 16 + 32);
+  EXPECT_TRUE(std::is_sorted(seen.begin(), seen.end()));
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace ringtree

@@ -1,0 +1,187 @@
+#include "worker/spans/span_format.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include <cerrno>
+#include <cstring>
+
+namespace ringtree {
+
+uint64_t Checksum64(const void* data, size_t bytes) { return XXH3_64bits(data, bytes); }
+
+uint64_t Checksum64Pair(const void* a, size_t a_bytes, const void* b, size_t b_bytes) {
+  XXH3_state_t* state = XXH3_createState();
+  XXH3_64bits_reset(state);
+  XXH3_64bits_update(state, a, a_bytes);
+  if (b_bytes > 0) XXH3_64bits_update(state, b, b_bytes);
+  uint64_t h = XXH3_64bits_digest(state);
+  XXH3_freeState(state);
+  return h;
+}
+
+namespace {
+constexpr size_t kHeaderChecksummedBytes = offsetof(RecordHeader, header_checksum);
+}
+
+void SealRecordHeader(RecordHeader* header, const void* summary, const void* payload) {
+  header->payload_checksum = Checksum64(payload, header->payload_bytes);
+  header->header_checksum =
+      Checksum64Pair(header, kHeaderChecksummedBytes, summary, header->summary_bytes);
+}
+
+Status VerifyRecordHeader(const RecordHeader& header, const void* summary,
+                          const std::string& where) {
+  if (header.magic != kSpanRecordMagic)
+    return Status::DataLoss("[spans] " + where + ": bad record magic");
+  if (header.version != kSpanRecordVersion || header.header_bytes != sizeof(RecordHeader))
+    return Status::DataLoss("[spans] " + where + ": unsupported record version/header size");
+  uint64_t expect = Checksum64Pair(&header, kHeaderChecksummedBytes, summary, header.summary_bytes);
+  if (expect != header.header_checksum)
+    return Status::DataLoss("[spans] " + where + ": record header/summary checksum mismatch");
+  return Status::Ok();
+}
+
+namespace {
+
+template <typename T>
+void Put(std::string* out, const T& v) {
+  out->append(reinterpret_cast<const char*>(&v), sizeof(T));
+}
+
+struct Reader {
+  const std::string& bytes;
+  size_t pos = 0;
+  template <typename T>
+  bool Get(T* v) {
+    if (pos + sizeof(T) > bytes.size()) return false;
+    std::memcpy(v, bytes.data() + pos, sizeof(T));
+    pos += sizeof(T);
+    return true;
+  }
+};
+
+}  // namespace
+
+std::string EncodeManifest(const Manifest& m) {
+  std::string out;
+  out.reserve(64 + m.spans.size() * 28);
+  Put(&out, kManifestMagic);
+  Put(&out, kManifestVersion);
+  Put(&out, m.kv_heads);
+  Put(&out, m.head_dim);
+  Put(&out, static_cast<uint8_t>(m.dtype));
+  Put(&out, m.span_tokens);
+  Put(&out, m.sink_tokens);
+  Put(&out, m.window_tokens);
+  Put(&out, m.committed_file_bytes);
+  Put(&out, static_cast<uint64_t>(m.spans.size()));
+  for (const ManifestSpan& s : m.spans) {
+    Put(&out, s.position_start);
+    Put(&out, s.tokens);
+    Put(&out, s.record_offset);
+    Put(&out, s.record_bytes);
+  }
+  Put(&out, Checksum64(out.data(), out.size()));
+  return out;
+}
+
+Result<Manifest> DecodeManifest(const std::string& bytes, const std::string& path) {
+  auto corrupt = [&](const std::string& what) {
+    return Status::DataLoss("[spans] " + path + ": manifest " + what);
+  };
+  if (bytes.size() < sizeof(uint64_t)) return corrupt("too short");
+  uint64_t stored;
+  std::memcpy(&stored, bytes.data() + bytes.size() - sizeof(uint64_t), sizeof(uint64_t));
+  if (Checksum64(bytes.data(), bytes.size() - sizeof(uint64_t)) != stored)
+    return corrupt("checksum mismatch");
+  Reader r{bytes};
+  uint32_t magic = 0, version = 0;
+  uint8_t dtype = 0;
+  uint64_t count = 0;
+  Manifest m;
+  if (!r.Get(&magic) || magic != kManifestMagic) return corrupt("bad magic");
+  if (!r.Get(&version) || version != kManifestVersion) return corrupt("unsupported version");
+  if (!r.Get(&m.kv_heads) || !r.Get(&m.head_dim) || !r.Get(&dtype) || !r.Get(&m.span_tokens) ||
+      !r.Get(&m.sink_tokens) || !r.Get(&m.window_tokens) || !r.Get(&m.committed_file_bytes) ||
+      !r.Get(&count))
+    return corrupt("truncated header");
+  m.dtype = static_cast<DType>(dtype);
+  if (count > bytes.size()) return corrupt("span count out of range");
+  m.spans.resize(count);
+  for (ManifestSpan& s : m.spans) {
+    if (!r.Get(&s.position_start) || !r.Get(&s.tokens) || !r.Get(&s.record_offset) ||
+        !r.Get(&s.record_bytes))
+      return corrupt("truncated span table");
+  }
+  if (r.pos + sizeof(uint64_t) != bytes.size()) return corrupt("trailing bytes");
+  return m;
+}
+
+namespace {
+Status Errno(const std::string& op, const std::string& path) {
+  return Status::IoError("[spans] " + op + " " + path + ": " + std::strerror(errno));
+}
+}  // namespace
+
+Status WriteFileAtomically(const std::string& dir, const std::string& name,
+                           const std::string& bytes) {
+  const std::string tmp = dir + "/" + name + ".tmp";
+  const std::string final_path = dir + "/" + name;
+  int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return Errno("open", tmp);
+  size_t done = 0;
+  while (done < bytes.size()) {
+    ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      Status st = Errno("write", tmp);
+      ::close(fd);
+      return st;
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::fsync(fd) != 0) {
+    Status st = Errno("fsync", tmp);
+    ::close(fd);
+    return st;
+  }
+  ::close(fd);
+  if (::rename(tmp.c_str(), final_path.c_str()) != 0) return Errno("rename", tmp);
+  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0) return Errno("open", dir);
+  if (::fsync(dfd) != 0) {
+    Status st = Errno("fsync", dir);
+    ::close(dfd);
+    return st;
+  }
+  ::close(dfd);
+  return Status::Ok();
+}
+
+Result<std::string> ReadWholeFile(const std::string& path) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) {
+    if (errno == ENOENT) return Status::NotFound("[spans] " + path + ": no such file");
+    return Errno("open", path);
+  }
+  std::string out;
+  char buf[1 << 16];
+  while (true) {
+    ssize_t n = ::read(fd, buf, sizeof(buf));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      Status st = Errno("read", path);
+      ::close(fd);
+      return st;
+    }
+    if (n == 0) break;
+    out.append(buf, static_cast<size_t>(n));
+  }
+  ::close(fd);
+  return out;
+}
+
+}  // namespace ringtree

@@ -1,0 +1,98 @@
+// On-disk formats of the span store: span records (append-only span file) and
+// the manifest. Both are checksummed with XXH3-64 (libxxhash).
+//
+// Span record (little-endian; the file "spans.dat" is a sequence of records):
+//   RecordHeader (72 bytes)                      -- covered by header_checksum
+//   summary      kv_heads * 3 * head_dim float32 -- covered by header_checksum
+//                per kv head: [max[D] | min[D] | mean[D]]
+//   payload      k [tokens, kv_heads, head_dim] then v [tokens, kv_heads, head_dim]
+//                in the store's dtype          -- covered by payload_checksum
+// The header and summary are verified when a store is opened (the summaries are
+// the in-RAM index); the payload is verified every time it is read from disk.
+//
+// Manifest ("MANIFEST"): the durable checkpoint of a store: the structural
+// options, the committed length of spans.dat, and per span its position range
+// and record location. Written to "MANIFEST.tmp", fsync'ed, renamed over
+// "MANIFEST", then the directory is fsync'ed, so a crash leaves either the old
+// or the new manifest, never a torn one.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/dtype.h"
+#include "kernels/status.h"
+
+namespace ringtree {
+
+inline constexpr uint32_t kSpanRecordMagic = 0x50535452;  // "RTSP"
+inline constexpr uint16_t kSpanRecordVersion = 1;
+inline constexpr uint32_t kManifestMagic = 0x4d535452;  // "RTSM"
+inline constexpr uint32_t kManifestVersion = 1;
+
+#pragma pack(push, 1)
+struct RecordHeader {
+  uint32_t magic = kSpanRecordMagic;
+  uint16_t version = kSpanRecordVersion;
+  uint16_t header_bytes = sizeof(RecordHeader);
+  uint64_t span_index = 0;      // index of the span in its store (append order)
+  int64_t position_start = 0;   // absolute position of the span's first token
+  uint32_t tokens = 0;          // tokens in this record (a tail span may be partial)
+  uint32_t kv_heads = 0;
+  uint32_t head_dim = 0;
+  uint8_t dtype = 0;            // DType
+  uint8_t reserved[3] = {0, 0, 0};
+  uint64_t summary_bytes = 0;
+  uint64_t payload_bytes = 0;
+  uint64_t payload_checksum = 0;  // XXH3-64 of the payload
+  uint64_t header_checksum = 0;   // XXH3-64 of the header bytes before this field + summary
+};
+#pragma pack(pop)
+static_assert(sizeof(RecordHeader) == 72, "RecordHeader must be 72 bytes");
+
+// XXH3-64 of `bytes` bytes (seed 0).
+uint64_t Checksum64(const void* data, size_t bytes);
+// XXH3-64 of the concatenation a ++ b, without copying.
+uint64_t Checksum64Pair(const void* a, size_t a_bytes, const void* b, size_t b_bytes);
+
+// Fills header.header_checksum / payload_checksum for the given summary/payload.
+void SealRecordHeader(RecordHeader* header, const void* summary, const void* payload);
+
+// Verifies magic, version, sizes and header checksum. `where` names the
+// location for messages, e.g. "/data/s1/spans.dat@4096". Returns DataLoss.
+Status VerifyRecordHeader(const RecordHeader& header, const void* summary, const std::string& where);
+
+// Per-span entry in the manifest.
+struct ManifestSpan {
+  int64_t position_start = 0;
+  uint32_t tokens = 0;
+  uint64_t record_offset = 0;  // offset of the record in spans.dat
+  uint64_t record_bytes = 0;
+};
+
+struct Manifest {
+  // Structural options (fixed at creation).
+  int32_t kv_heads = 0;
+  int32_t head_dim = 0;
+  DType dtype = DType::kFloat32;
+  int32_t span_tokens = 0;
+  int64_t sink_tokens = 0;
+  int64_t window_tokens = 0;
+  // Length of spans.dat covered by this manifest; bytes beyond it are a log
+  // tail that recovery scans (replays whole valid records, drops a torn one).
+  uint64_t committed_file_bytes = 0;
+  std::vector<ManifestSpan> spans;
+};
+
+// Serialises with a trailing XXH3-64 checksum.
+std::string EncodeManifest(const Manifest& manifest);
+// Parses and verifies; DataLoss naming `path` on any mismatch.
+Result<Manifest> DecodeManifest(const std::string& bytes, const std::string& path);
+
+// Durable file helpers (POSIX). Messages start with "[spans]".
+// Writes `bytes` to dir/name.tmp, fsyncs, renames over dir/name, fsyncs dir.
+Status WriteFileAtomically(const std::string& dir, const std::string& name, const std::string& bytes);
+Result<std::string> ReadWholeFile(const std::string& path);
+
+}  // namespace ringtree

@@ -1,0 +1,158 @@
+#include "worker/spans/span_select.h"
+
+#include <algorithm>
+#include <cmath>
+
+namespace ringtree {
+
+namespace {
+constexpr double kNegInf = -std::numeric_limits<double>::infinity();
+
+inline double LogAdd(double a, double b) {
+  if (a == kNegInf) return b;
+  if (b == kNegInf) return a;
+  double m = std::max(a, b);
+  return m + std::log(std::exp(a - m) + std::exp(b - m));
+}
+}  // namespace
+
+const char* SpanScoreModeName(SpanScoreMode mode) {
+  switch (mode) {
+    case SpanScoreMode::kUpperBound:
+      return "upper_bound";
+    case SpanScoreMode::kMeanKey:
+      return "mean_key";
+    case SpanScoreMode::kBlend:
+      return "blend";
+  }
+  return "?";
+}
+
+std::vector<double> LogNormalizers(const SpanScores& scores, const std::vector<int32_t>& span_tokens,
+                                   const std::vector<int64_t>& candidates) {
+  const int64_t rows = scores.rows;
+  // Two passes per row (max, then sum) for stability.
+  std::vector<double> maxv(rows, kNegInf), sum(rows, 0.0);
+  for (int64_t s : candidates) {
+    const float* e = &scores.estimate[s * rows];
+    const double lt = std::log(static_cast<double>(span_tokens[s]));
+    for (int64_t r = 0; r < rows; ++r) maxv[r] = std::max(maxv[r], e[r] + lt);
+  }
+  for (int64_t s : candidates) {
+    const float* e = &scores.estimate[s * rows];
+    const double lt = std::log(static_cast<double>(span_tokens[s]));
+    for (int64_t r = 0; r < rows; ++r)
+      if (maxv[r] != kNegInf) sum[r] += std::exp(e[r] + lt - maxv[r]);
+  }
+  std::vector<double> out(rows, kNegInf);
+  for (int64_t r = 0; r < rows; ++r)
+    if (maxv[r] != kNegInf) out[r] = maxv[r] + std::log(sum[r]);
+  return out;
+}
+
+void LogAddNormalizers(std::vector<double>* acc, const std::vector<double>& other) {
+  if (acc->empty()) {
+    *acc = other;
+    return;
+  }
+  for (size_t r = 0; r < acc->size() && r < other.size(); ++r) (*acc)[r] = LogAdd((*acc)[r], other[r]);
+}
+
+namespace {
+bool Better(const SpanCandidate& a, const SpanCandidate& b) {
+  if (a.priority != b.priority) return a.priority > b.priority;
+  if (a.rank != b.rank) return a.rank < b.rank;
+  return a.position_start < b.position_start;
+}
+}  // namespace
+
+std::vector<SpanCandidate> RankCandidates(const SpanScores& scores,
+                                          const std::vector<int32_t>& span_tokens,
+                                          const std::vector<int64_t>& span_positions,
+                                          const std::vector<int64_t>& candidates,
+                                          const std::vector<double>& normalizer) {
+  const int64_t rows = scores.rows;
+  std::vector<SpanCandidate> out;
+  out.reserve(candidates.size());
+  for (int64_t s : candidates) {
+    const float* e = &scores.estimate[s * rows];
+    const double lt = std::log(static_cast<double>(span_tokens[s]));
+    double p = 0.0;
+    for (int64_t r = 0; r < rows; ++r)
+      if (normalizer[r] != kNegInf && e[r] != -INFINITY) p += std::exp(e[r] + lt - normalizer[r]);
+    SpanCandidate c;
+    c.span_index = s;
+    c.position_start = span_positions[s];
+    c.tokens = span_tokens[s];
+    c.priority = p;
+    out.push_back(c);
+  }
+  std::sort(out.begin(), out.end(), Better);
+  return out;
+}
+
+std::vector<SpanCandidate> MergeTopCandidates(
+    const std::vector<std::vector<SpanCandidate>>& per_rank, int64_t top_k_spans,
+    int64_t token_budget) {
+  std::vector<SpanCandidate> all;
+  for (const auto& list : per_rank) all.insert(all.end(), list.begin(), list.end());
+  std::sort(all.begin(), all.end(), Better);
+  std::vector<SpanCandidate> out;
+  int64_t tokens = 0;
+  for (const SpanCandidate& c : all) {
+    if (top_k_spans > 0 && static_cast<int64_t>(out.size()) >= top_k_spans) break;
+    if (token_budget > 0 && tokens + c.tokens > token_budget) continue;
+    out.push_back(c);
+    tokens += c.tokens;
+  }
+  return out;
+}
+
+std::vector<double> LogUpperSkippedMass(const SpanScores& scores,
+                                        const std::vector<int32_t>& span_tokens,
+                                        const std::vector<int64_t>& skipped) {
+  const int64_t rows = scores.rows;
+  std::vector<double> maxv(rows, kNegInf), sum(rows, 0.0);
+  for (int64_t s : skipped) {
+    const float* u = &scores.upper[s * rows];
+    const double lt = std::log(static_cast<double>(span_tokens[s]));
+    for (int64_t r = 0; r < rows; ++r) maxv[r] = std::max(maxv[r], u[r] + lt);
+  }
+  for (int64_t s : skipped) {
+    const float* u = &scores.upper[s * rows];
+    const double lt = std::log(static_cast<double>(span_tokens[s]));
+    for (int64_t r = 0; r < rows; ++r)
+      if (maxv[r] != kNegInf) sum[r] += std::exp(u[r] + lt - maxv[r]);
+  }
+  std::vector<double> out(rows, kNegInf);
+  for (int64_t r = 0; r < rows; ++r)
+    if (maxv[r] != kNegInf) out[r] = maxv[r] + std::log(sum[r]);
+  return out;
+}
+
+std::vector<float> SkippedMassBound(const float* attended_lse,
+                                    const std::vector<double>& log_upper_skipped) {
+  // Margins: the kernel's float lse may be high by a few ulps of its value;
+  // 1e-4 absolute in log space is far above that for |lse| < 1e3.
+  constexpr double kLogMargin = 1e-4;
+  std::vector<float> out(log_upper_skipped.size());
+  for (size_t r = 0; r < out.size(); ++r) {
+    const double u = log_upper_skipped[r];
+    const double a = static_cast<double>(attended_lse[r]);
+    if (u == kNegInf) {
+      out[r] = 0.0f;
+    } else if (a == kNegInf || std::isnan(a)) {
+      out[r] = 1.0f;
+    } else {
+      const double x = (u + kLogMargin) - (a - kLogMargin * (1.0 + std::fabs(a) * 1e-3));
+      // sigmoid(x), rounded up to float.
+      double b = 1.0 / (1.0 + std::exp(-x));
+      float bf = static_cast<float>(b);
+      if (static_cast<double>(bf) < b) bf = std::nextafter(bf, 2.0f);
+      out[r] = std::min(bf, 1.0f);
+    }
+  }
+  return out;
+}
+
+}  // namespace ringtree

@@ -1,0 +1,107 @@
+// Span scoring, selection and the skipped-mass bound: the pure math of
+// retrieval attention, separate from storage so the coordinator can run the
+// cross-rank parts (normaliser reduction, global top-k, bound) itself.
+//
+// Notation: a query block has `rows` = q_tokens * heads rows (row = t * heads + h).
+// For span s and row r:
+//   upper[s, r]    = scale * max over keys k in s of q_r . k, bounded Quest-style
+//                    from the span's element-wise min/max keys:
+//                    sum_d max(q_d * min_d, q_d * max_d), plus a float-rounding
+//                    slack so it is a true upper bound of the exact score.
+//   estimate[s, r] = the score used to rank spans (see SpanScoreMode).
+// The softmax mass of span s for row r is at most tokens_s * exp(upper[s, r]).
+#pragma once
+
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+namespace ringtree {
+
+enum class SpanScoreMode : uint8_t {
+  kUpperBound = 0,  // rank by the min/max upper bound (Quest)
+  kMeanKey = 1,     // rank by q . mean key
+  kBlend = 2,       // rank by the average of the two
+};
+const char* SpanScoreModeName(SpanScoreMode mode);
+
+// Scores of every span of a store for one query block.
+struct SpanScores {
+  int64_t spans = 0;
+  int64_t rows = 0;             // q_tokens * heads
+  std::vector<float> upper;     // [spans, rows]; -inf where the span is invisible to the row
+  std::vector<float> estimate;  // [spans, rows]; -inf where invisible
+};
+
+// How a retrieval request chooses spans beyond the sinks and the window.
+struct RetrievalRequest {
+  // Select this many spans (0: no limit from k).
+  int64_t top_k_spans = 0;
+  // Select spans until their tokens reach this many (0: no limit from budget).
+  // With both 0 and no tolerance, only sinks and window are attended.
+  int64_t token_budget = 0;
+  // >= 0: tolerance mode. Spans are added in priority order (doubling the
+  // selection each round, starting from top_k/token_budget if given) until
+  // the skipped-mass bound of every row is <= mass_tolerance; when every span
+  // is selected the answer is exact. < 0: off.
+  double mass_tolerance = -1.0;
+  SpanScoreMode score_mode = SpanScoreMode::kUpperBound;
+  // End (exclusive) of the whole context, for the window; -1 = the store's end.
+  // The coordinator passes the global end so every rank agrees on the window.
+  int64_t context_end = -1;
+};
+
+// One span proposed for retrieval. `rank` is filled by the caller when
+// candidates from several ranks are merged.
+struct SpanCandidate {
+  int32_t rank = 0;
+  int64_t span_index = 0;      // index in the owning rank's store
+  int64_t position_start = 0;
+  int32_t tokens = 0;
+  double priority = 0.0;       // larger is better; comparable across ranks (see below)
+};
+
+// Per-row log normaliser of the estimated masses over `candidates`:
+// log sum_s tokens_s * exp(estimate[s, r]). In a distributed query each rank
+// computes its own and the coordinator combines them with LogAddNormalizers;
+// priorities computed against the combined normaliser are comparable across
+// ranks. Returns [rows] (-inf where no candidate is visible).
+std::vector<double> LogNormalizers(const SpanScores& scores, const std::vector<int32_t>& span_tokens,
+                                   const std::vector<int64_t>& candidates);
+// Element-wise log(exp(a) + exp(b)) into `acc`.
+void LogAddNormalizers(std::vector<double>* acc, const std::vector<double>& other);
+
+// Priority of each candidate: sum over rows of its estimated fraction of that
+// row's mass, tokens_s * exp(estimate[s, r] - normalizer[r]). Returns
+// candidates sorted best first (ties broken by lower position).
+std::vector<SpanCandidate> RankCandidates(const SpanScores& scores,
+                                          const std::vector<int32_t>& span_tokens,
+                                          const std::vector<int64_t>& span_positions,
+                                          const std::vector<int64_t>& candidates,
+                                          const std::vector<double>& normalizer);
+
+// Cross-rank top-k merge (pure; the coordinator's global top-k): merges the
+// ranks' candidate lists (each any order) and keeps the best by priority until
+// `top_k_spans` spans (0: no limit) or `token_budget` tokens (0: no limit) are
+// reached; a span that would exceed the token budget is skipped and smaller
+// ones may still fit. Deterministic: ties by (rank, position). Result sorted
+// best first.
+std::vector<SpanCandidate> MergeTopCandidates(
+    const std::vector<std::vector<SpanCandidate>>& per_rank, int64_t top_k_spans,
+    int64_t token_budget);
+
+// Per row: log sum over `skipped` spans of tokens_s * exp(upper[s, r]), an upper
+// bound on the log of the softmax numerator mass they hold. [rows]; -inf if
+// nothing visible is skipped. Ranks' values combine with LogAddNormalizers.
+std::vector<double> LogUpperSkippedMass(const SpanScores& scores,
+                                        const std::vector<int32_t>& span_tokens,
+                                        const std::vector<int64_t>& skipped);
+
+// Upper bound on the fraction of softmax mass in the skipped spans, per row:
+// U / (A + U) with U = exp(log_upper_skipped), A = exp(attended_lse), which
+// bounds S / (A + S) for any true skipped mass S <= U (monotone in S). A small
+// margin covers float rounding of attended_lse. [rows] in [0, 1].
+std::vector<float> SkippedMassBound(const float* attended_lse,
+                                    const std::vector<double>& log_upper_skipped);
+
+}  // namespace ringtree

@@ -1,0 +1,1120 @@
+#include "worker/spans/span_store.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <condition_variable>
+#include <cstring>
+#include <deque>
+#include <filesystem>
+#include <limits>
+#include <mutex>
+#include <thread>
+
+#include <tbb/blocked_range.h>
+#include <tbb/parallel_for.h>
+
+#include "kernels/blas.h"
+#include "kernels/merge.h"
+
+namespace ringtree {
+
+namespace {
+
+constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
+constexpr char kManifestName[] = "MANIFEST";
+constexpr char kSpanFileName[] = "spans.dat";
+
+std::atomic<uint64_t> g_next_store_id{1};
+
+Status Errno(const std::string& op, const std::string& path) {
+  return Status::IoError("[spans] " + op + " " + path + ": " + std::strerror(errno));
+}
+
+Status PwriteAll(int fd, const void* data, size_t bytes, uint64_t offset, const std::string& path) {
+  const char* p = static_cast<const char*>(data);
+  while (bytes > 0) {
+    ssize_t n = ::pwrite(fd, p, bytes, static_cast<off_t>(offset));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Errno("pwrite", path);
+    }
+    p += n;
+    bytes -= static_cast<size_t>(n);
+    offset += static_cast<uint64_t>(n);
+  }
+  return Status::Ok();
+}
+
+// Reads up to `bytes`; returns the count actually read (short at end of file).
+Result<size_t> PreadAll(int fd, void* data, size_t bytes, uint64_t offset, const std::string& path) {
+  char* p = static_cast<char*>(data);
+  size_t done = 0;
+  while (done < bytes) {
+    ssize_t n = ::pread(fd, p + done, bytes - done, static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Errno("pread", path);
+    }
+    if (n == 0) break;
+    done += static_cast<size_t>(n);
+  }
+  return done;
+}
+
+std::string Where(const std::string& path, uint64_t offset) {
+  return path + "@" + std::to_string(offset);
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------------------
+// Construction, options, recovery.
+
+SpanStore::SpanStore(const SpanStoreOptions& options)
+    : options_(options), store_id_(g_next_store_id.fetch_add(1)) {
+  cache_ = options.cache ? options.cache : std::make_shared<SpanCache>(options.cache_budget_bytes);
+}
+
+SpanStore::~SpanStore() {
+  if (fd_ >= 0) ::close(fd_);
+  if (cache_) cache_->EraseStore(store_id_);
+}
+
+Status SpanStore::ValidateOptions(const SpanStoreOptions& o) {
+  if (o.kv_heads < 1) return Status::InvalidArgument("[spans] kv_heads must be >= 1");
+  if (o.head_dim < 1 || o.head_dim > 256)
+    return Status::InvalidArgument("[spans] head_dim must be in [1, 256]");
+  if (o.dtype != DType::kFloat32 && o.dtype != DType::kBFloat16)
+    return Status::InvalidArgument("[spans] dtype must be float32 or bfloat16");
+  if (o.span_tokens < 1 || o.span_tokens > 65536)
+    return Status::InvalidArgument("[spans] span_tokens must be in [1, 65536]");
+  if (o.sink_tokens < 0) return Status::InvalidArgument("[spans] sink_tokens must be >= 0");
+  if (o.window_tokens < 0) return Status::InvalidArgument("[spans] window_tokens must be >= 0");
+  if (o.chunk_tokens < 1) return Status::InvalidArgument("[spans] chunk_tokens must be >= 1");
+  if (o.readahead_chunks < 1)
+    return Status::InvalidArgument("[spans] readahead_chunks must be >= 1");
+  return Status::Ok();
+}
+
+size_t SpanStore::row_bytes() const {
+  return size_t(options_.kv_heads) * options_.head_dim * DTypeSize(options_.dtype);
+}
+
+Status SpanStore::OpenFile(bool create) {
+  file_path_ = options_.data_dir + "/" + kSpanFileName;
+  int flags = O_RDWR | O_CLOEXEC | (create ? (O_CREAT | O_TRUNC) : 0);
+  fd_ = ::open(file_path_.c_str(), flags, 0644);
+  if (fd_ < 0) return Errno("open", file_path_);
+  return Status::Ok();
+}
+
+Result<std::unique_ptr<SpanStore>> SpanStore::Create(const SpanStoreOptions& options) {
+  RINGTREE_RETURN_IF_ERROR(ValidateOptions(options));
+  std::unique_ptr<SpanStore> store(new SpanStore(options));
+  if (!options.data_dir.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(options.data_dir, ec);
+    if (ec)
+      return Status::IoError("[spans] create_directories " + options.data_dir + ": " + ec.message());
+    if (std::filesystem::exists(options.data_dir + "/" + kManifestName))
+      return Status::AlreadyExists("[spans] " + options.data_dir + ": a store already exists");
+    RINGTREE_RETURN_IF_ERROR(store->OpenFile(/*create=*/true));
+    RINGTREE_RETURN_IF_ERROR(store->Sync());  // an empty store is a valid store
+  }
+  return store;
+}
+
+Result<std::unique_ptr<SpanStore>> SpanStore::Open(const SpanStoreOptions& options,
+                                                   RecoveryReport* report) {
+  if (options.data_dir.empty())
+    return Status::InvalidArgument("[spans] data_dir is required to open a store");
+  const std::string manifest_path = options.data_dir + "/" + kManifestName;
+  auto bytes = ReadWholeFile(manifest_path);
+  if (!bytes.ok()) return bytes.status();
+  RINGTREE_ASSIGN_OR_RETURN(Manifest manifest, DecodeManifest(bytes.value(), manifest_path));
+
+  SpanStoreOptions merged = options;
+  const SpanStoreOptions defaults;
+  auto check = [&](bool given, bool equal, const char* field) -> Status {
+    if (given && !equal)
+      return Status::InvalidArgument(std::string("[spans] ") + field +
+                                     " differs from the stored store's");
+    return Status::Ok();
+  };
+  RINGTREE_RETURN_IF_ERROR(
+      check(options.kv_heads != 0, options.kv_heads == manifest.kv_heads, "kv_heads"));
+  RINGTREE_RETURN_IF_ERROR(
+      check(options.head_dim != 0, options.head_dim == manifest.head_dim, "head_dim"));
+  RINGTREE_RETURN_IF_ERROR(check(options.span_tokens != defaults.span_tokens,
+                                 options.span_tokens == manifest.span_tokens, "span_tokens"));
+  merged.kv_heads = manifest.kv_heads;
+  merged.head_dim = manifest.head_dim;
+  merged.dtype = manifest.dtype;
+  merged.span_tokens = manifest.span_tokens;
+  merged.sink_tokens = manifest.sink_tokens;
+  merged.window_tokens = manifest.window_tokens;
+  RINGTREE_RETURN_IF_ERROR(ValidateOptions(merged));
+
+  std::unique_ptr<SpanStore> store(new SpanStore(merged));
+  RINGTREE_RETURN_IF_ERROR(store->OpenFile(/*create=*/false));
+  RecoveryReport local;
+  RINGTREE_RETURN_IF_ERROR(store->Recover(manifest, report ? report : &local));
+  return store;
+}
+
+Status SpanStore::Recover(const Manifest& manifest, RecoveryReport* report) {
+  struct stat st;
+  if (::fstat(fd_, &st) != 0) return Errno("fstat", file_path_);
+  const uint64_t file_size = static_cast<uint64_t>(st.st_size);
+  if (file_size < manifest.committed_file_bytes)
+    return Status::DataLoss("[spans] " + file_path_ + ": file is " + std::to_string(file_size) +
+                            " bytes, manifest committed " +
+                            std::to_string(manifest.committed_file_bytes) + " (truncated)");
+  const size_t summary_bytes = summary_floats_per_span() * sizeof(float);
+  const size_t rb = row_bytes();
+  const int D = options_.head_dim, H = options_.kv_heads;
+
+  auto add_span = [&](const RecordHeader& h, const float* summary, uint64_t offset,
+                      uint64_t record_bytes) {
+    Span s;
+    s.position_start = h.position_start;
+    s.tokens = static_cast<int32_t>(h.tokens);
+    s.capacity = s.tokens;
+    s.sealed = true;  // fixed below for the tail
+    s.sink = s.position_start < options_.sink_tokens;
+    s.record_offset = offset;
+    s.record_bytes = record_bytes;
+    s.persisted_tokens = s.tokens;
+    const int64_t idx = static_cast<int64_t>(h.span_index);
+    if (idx == span_count()) {
+      spans_.push_back(s);
+      summaries_.resize(spans_.size() * summary_floats_per_span());
+      max_abs_.resize(spans_.size() * H);
+      total_tokens_ += s.tokens;
+    } else {  // rewrite of the last (partial) span
+      total_tokens_ += s.tokens - spans_[idx].tokens;
+      spans_[idx] = s;
+    }
+    float* dst = &summaries_[idx * summary_floats_per_span()];
+    std::memcpy(dst, summary, summary_bytes);
+    for (int g = 0; g < H; ++g) {
+      float m = 0.0f;
+      const float* mx = dst + size_t(g) * 3 * D;
+      const float* mn = mx + D;
+      for (int d = 0; d < D; ++d) m = std::max(m, std::max(std::fabs(mx[d]), std::fabs(mn[d])));
+      max_abs_[idx * H + g] = m;
+    }
+  };
+
+  // 1. Committed spans: verify header + summary of each record.
+  std::vector<uint8_t> head(sizeof(RecordHeader) + summary_bytes);
+  for (size_t i = 0; i < manifest.spans.size(); ++i) {
+    const ManifestSpan& ms = manifest.spans[i];
+    const std::string where = Where(file_path_, ms.record_offset);
+    RINGTREE_ASSIGN_OR_RETURN(size_t got,
+                              PreadAll(fd_, head.data(), head.size(), ms.record_offset, file_path_));
+    if (got != head.size()) return Status::DataLoss("[spans] " + where + ": short record header");
+    RecordHeader h;
+    std::memcpy(&h, head.data(), sizeof(h));
+    if (h.summary_bytes != summary_bytes)
+      return Status::DataLoss("[spans] " + where + ": record summary size mismatch");
+    RINGTREE_RETURN_IF_ERROR(VerifyRecordHeader(h, head.data() + sizeof(h), where));
+    if (h.span_index != i || h.position_start != ms.position_start || h.tokens != ms.tokens ||
+        sizeof(RecordHeader) + h.summary_bytes + h.payload_bytes != ms.record_bytes)
+      return Status::DataLoss("[spans] " + where + ": record does not match the manifest");
+    add_span(h, reinterpret_cast<const float*>(head.data() + sizeof(h)), ms.record_offset,
+             ms.record_bytes);
+  }
+  file_bytes_ = manifest.committed_file_bytes;
+
+  // 2. Log tail: replay whole valid records, drop from the first bad one.
+  uint64_t offset = manifest.committed_file_bytes;
+  std::string reason;
+  std::vector<uint8_t> record;
+  while (offset < file_size) {
+    const std::string where = Where(file_path_, offset);
+    if (file_size - offset < sizeof(RecordHeader)) {
+      reason = where + ": torn record header";
+      break;
+    }
+    RecordHeader h;
+    RINGTREE_ASSIGN_OR_RETURN(size_t got, PreadAll(fd_, &h, sizeof(h), offset, file_path_));
+    (void)got;
+    const uint64_t expect_payload = uint64_t(h.tokens) * rb * 2;
+    if (h.magic != kSpanRecordMagic || h.summary_bytes != summary_bytes ||
+        h.payload_bytes != expect_payload || h.kv_heads != uint32_t(H) ||
+        h.head_dim != uint32_t(D) || h.dtype != uint8_t(options_.dtype)) {
+      reason = where + ": invalid record header";
+      break;
+    }
+    const uint64_t record_bytes = sizeof(RecordHeader) + h.summary_bytes + h.payload_bytes;
+    if (file_size - offset < record_bytes) {
+      reason = where + ": torn record (file ends inside it)";
+      break;
+    }
+    record.resize(record_bytes);
+    RINGTREE_ASSIGN_OR_RETURN(got, PreadAll(fd_, record.data(), record_bytes, offset, file_path_));
+    const uint8_t* summary = record.data() + sizeof(RecordHeader);
+    const uint8_t* payload = summary + h.summary_bytes;
+    if (!VerifyRecordHeader(h, summary, where).ok() ||
+        Checksum64(payload, h.payload_bytes) != h.payload_checksum) {
+      reason = where + ": record checksum mismatch";
+      break;
+    }
+    const int64_t idx = static_cast<int64_t>(h.span_index);
+    const bool appends = idx == span_count() &&
+                         (spans_.empty() || h.position_start >= end_position()) && h.tokens > 0;
+    const bool rewrites_last = !spans_.empty() && idx == span_count() - 1 &&
+                               h.position_start == spans_.back().position_start &&
+                               int64_t(h.tokens) >= spans_.back().tokens;
+    if (!appends && !rewrites_last) {
+      reason = where + ": record out of sequence";
+      break;
+    }
+    add_span(h, reinterpret_cast<const float*>(summary), offset, record_bytes);
+    ++report->replayed_records;
+    offset += record_bytes;
+    file_bytes_ = offset;
+  }
+  if (offset < file_size) {
+    report->dropped_tail_bytes = file_size - offset;
+    report->dropped_reason = reason;
+    if (::ftruncate(fd_, static_cast<off_t>(offset)) != 0) return Errno("ftruncate", file_path_);
+  }
+
+  // 3. Seal state of the tail, then warm sinks, window and the open tail span.
+  const int64_t S = options_.span_tokens;
+  for (size_t i = 0; i < spans_.size(); ++i) {
+    Span& s = spans_[i];
+    s.sealed = (i + 1 < spans_.size()) || ((s.position_start + s.tokens) % S == 0);
+  }
+  const int64_t end = end_position();
+  for (size_t i = 0; i < spans_.size(); ++i) {
+    Span& s = spans_[i];
+    if (!(s.sink || IsWindow(s, end) || !s.sealed)) continue;
+    RINGTREE_ASSIGN_OR_RETURN(SpanData data, ReadSpan(i, /*use_cache=*/false, false));
+    const int32_t cap = s.sealed ? s.tokens : static_cast<int32_t>(S);
+    auto buf = std::make_shared<std::vector<uint8_t>>(size_t(cap) * rb * 2);
+    std::memcpy(buf->data(), data.k, size_t(s.tokens) * rb);
+    std::memcpy(buf->data() + size_t(cap) * rb, data.v, size_t(s.tokens) * rb);
+    s.hot = std::move(buf);
+    s.capacity = cap;
+    hot_bytes_ += size_t(cap) * rb * 2;
+  }
+  if (!spans_.empty() && !spans_.back().sealed) {
+    // Running sums of the open span, to keep its mean exact as it grows.
+    Span& s = spans_.back();
+    key_sums_.assign(size_t(H) * D, 0.0);
+    std::vector<float> row(size_t(H) * D);
+    for (int32_t t = 0; t < s.tokens; ++t) {
+      ConvertToFloat32(options_.dtype, s.hot->data() + size_t(t) * rb, row.data(), row.size());
+      for (size_t j = 0; j < row.size(); ++j) key_sums_[j] += row[j];
+    }
+  }
+  next_evict_ = 0;
+  report->spans = span_count();
+  if (report->replayed_records > 0 || report->dropped_tail_bytes > 0) RINGTREE_RETURN_IF_ERROR(Sync());
+  return EnforceHotBudget();
+}
+
+// ---------------------------------------------------------------------------
+// Appends, summaries, tiers, durability.
+
+int64_t SpanStore::end_position() const {
+  if (spans_.empty()) return 0;
+  return spans_.back().position_start + spans_.back().tokens;
+}
+
+bool SpanStore::IsWindow(const Span& s, int64_t context_end) const {
+  return s.position_start + s.tokens > context_end - options_.window_tokens;
+}
+
+void SpanStore::UpdateSummary(int64_t span, int32_t from_row, int32_t to_row) {
+  const int H = options_.kv_heads, D = options_.head_dim;
+  const size_t rb = row_bytes();
+  Span& s = spans_[span];
+  float* sum = &summaries_[span * summary_floats_per_span()];
+  std::vector<float> row(size_t(H) * D);
+  for (int32_t t = from_row; t < to_row; ++t) {
+    ConvertToFloat32(options_.dtype, s.hot->data() + size_t(t) * rb, row.data(), row.size());
+    for (int g = 0; g < H; ++g) {
+      float* mx = sum + size_t(g) * 3 * D;
+      float* mn = mx + D;
+      const float* x = &row[size_t(g) * D];
+      double* ks = &key_sums_[size_t(g) * D];
+      float m = max_abs_[span * H + g];
+      for (int d = 0; d < D; ++d) {
+        mx[d] = std::max(mx[d], x[d]);
+        mn[d] = std::min(mn[d], x[d]);
+        ks[d] += x[d];
+        m = std::max(m, std::fabs(x[d]));
+      }
+      max_abs_[span * H + g] = m;
+    }
+  }
+  const double inv = 1.0 / double(to_row);
+  for (int g = 0; g < H; ++g) {
+    float* mean = sum + size_t(g) * 3 * D + 2 * D;
+    for (int d = 0; d < D; ++d) mean[d] = static_cast<float>(key_sums_[size_t(g) * D + d] * inv);
+  }
+}
+
+Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, const void* v,
+                         DType src_dtype) {
+  if (tokens < 0) return Status::InvalidArgument("[spans.append] tokens must be >= 0");
+  if (tokens == 0) return Status::Ok();
+  if (k == nullptr || v == nullptr) return Status::InvalidArgument("[spans.append] k/v is null");
+  if (position_start < end_position())
+    return Status::InvalidArgument("[spans.append] position_start " +
+                                   std::to_string(position_start) + " is before the store end " +
+                                   std::to_string(end_position()));
+  if (src_dtype != DType::kFloat32 && src_dtype != DType::kFloat16 &&
+      src_dtype != DType::kBFloat16)
+    return Status::InvalidArgument("[spans.append] src dtype not supported");
+  const int64_t S = options_.span_tokens;
+  const size_t rb = row_bytes();
+  const size_t span_bytes = size_t(S) * rb * 2;
+  // Aligned spans this append touches; the first may be the open tail span.
+  int64_t new_spans = (position_start + tokens - 1) / S - position_start / S + 1;
+  if (!spans_.empty() && !spans_.back().sealed && end_position() == position_start) --new_spans;
+  if (options_.data_dir.empty() && options_.hot_budget_bytes > 0 &&
+      hot_bytes_ + size_t(new_spans) * span_bytes > options_.hot_budget_bytes)
+    return Status::ResourceExhausted("[spans.append] hot budget of " +
+                                     std::to_string(options_.hot_budget_bytes) +
+                                     " bytes exceeded and no data_dir to spill to");
+  const size_t record_overhead = sizeof(RecordHeader) + summary_floats_per_span() * sizeof(float);
+  if (!options_.data_dir.empty() && options_.disk_budget_bytes > 0 &&
+      file_bytes_ + size_t(tokens) * rb * 2 + size_t(new_spans + 1) * record_overhead >
+          options_.disk_budget_bytes)
+    return Status::ResourceExhausted("[spans.append] disk budget of " +
+                                     std::to_string(options_.disk_budget_bytes) +
+                                     " bytes exceeded");
+
+  const size_t src_row = size_t(options_.kv_heads) * options_.head_dim * DTypeSize(src_dtype);
+  const size_t row_elems = size_t(options_.kv_heads) * options_.head_dim;
+  std::vector<float> scratch;
+  auto copy_rows = [&](const void* src, uint8_t* dst, int64_t rows) {
+    if (src_dtype == options_.dtype) {
+      std::memcpy(dst, src, size_t(rows) * rb);
+      return;
+    }
+    scratch.resize(size_t(rows) * row_elems);
+    ConvertToFloat32(src_dtype, src, scratch.data(), scratch.size());
+    ConvertFromFloat32(scratch.data(), options_.dtype, dst, scratch.size());
+  };
+
+  const int H = options_.kv_heads;
+  int64_t pos = position_start;
+  int64_t done = 0;
+  while (done < tokens) {
+    bool open_tail = !spans_.empty() && !spans_.back().sealed &&
+                     spans_.back().position_start + spans_.back().tokens == pos;
+    if (!open_tail && !spans_.empty() && !spans_.back().sealed) {
+      // A gap closes the open span: compact it and write it out.
+      Span& t = spans_.back();
+      if (t.capacity != t.tokens) {
+        auto buf = std::make_shared<std::vector<uint8_t>>(size_t(t.tokens) * rb * 2);
+        std::memcpy(buf->data(), t.hot->data(), size_t(t.tokens) * rb);
+        std::memcpy(buf->data() + size_t(t.tokens) * rb, t.hot->data() + size_t(t.capacity) * rb,
+                    size_t(t.tokens) * rb);
+        hot_bytes_ -= size_t(t.capacity - t.tokens) * rb * 2;
+        t.hot = std::move(buf);
+        t.capacity = t.tokens;
+      }
+      t.sealed = true;
+      if (!options_.data_dir.empty() && t.persisted_tokens != t.tokens)
+        RINGTREE_RETURN_IF_ERROR(WriteRecord(span_count() - 1));
+    }
+    if (!open_tail) {
+      Span s;
+      s.position_start = pos;
+      s.capacity = static_cast<int32_t>(S);
+      s.sink = pos < options_.sink_tokens;
+      s.hot = std::make_shared<std::vector<uint8_t>>(span_bytes);
+      hot_bytes_ += span_bytes;
+      spans_.push_back(std::move(s));
+      const size_t nf = summary_floats_per_span();
+      summaries_.resize(spans_.size() * nf);
+      float* sum = &summaries_[(spans_.size() - 1) * nf];
+      for (int g = 0; g < H; ++g) {
+        const int D = options_.head_dim;
+        std::fill(sum + size_t(g) * 3 * D, sum + size_t(g) * 3 * D + D,
+                  -std::numeric_limits<float>::infinity());
+        std::fill(sum + size_t(g) * 3 * D + D, sum + size_t(g) * 3 * D + 2 * D,
+                  std::numeric_limits<float>::infinity());
+        std::fill(sum + size_t(g) * 3 * D + 2 * D, sum + size_t(g) * 3 * D + 3 * D, 0.0f);
+      }
+      max_abs_.resize(spans_.size() * H, 0.0f);
+      key_sums_.assign(size_t(H) * options_.head_dim, 0.0);
+    }
+    const int64_t idx = span_count() - 1;
+    Span& s = spans_[idx];
+    const int64_t boundary = (pos / S + 1) * S;
+    const int64_t n = std::min(tokens - done, boundary - pos);
+    copy_rows(static_cast<const uint8_t*>(k) + size_t(done) * src_row,
+              s.hot->data() + size_t(s.tokens) * rb, n);
+    copy_rows(static_cast<const uint8_t*>(v) + size_t(done) * src_row,
+              s.hot->data() + (size_t(s.capacity) + s.tokens) * rb, n);
+    UpdateSummary(idx, s.tokens, static_cast<int32_t>(s.tokens + n));
+    s.tokens += static_cast<int32_t>(n);
+    total_tokens_ += n;
+    pos += n;
+    done += n;
+    if ((s.position_start + s.tokens) % S == 0) {
+      s.sealed = true;
+      if (!options_.data_dir.empty()) RINGTREE_RETURN_IF_ERROR(WriteRecord(idx));
+    }
+  }
+  return EnforceHotBudget();
+}
+
+Status SpanStore::WriteRecord(int64_t span) {
+  Span& s = spans_[span];
+  const size_t rb = row_bytes();
+  const size_t summary_bytes = summary_floats_per_span() * sizeof(float);
+  const size_t payload = size_t(s.tokens) * rb * 2;
+  std::vector<uint8_t> rec(sizeof(RecordHeader) + summary_bytes + payload);
+  RecordHeader h;
+  h.span_index = static_cast<uint64_t>(span);
+  h.position_start = s.position_start;
+  h.tokens = static_cast<uint32_t>(s.tokens);
+  h.kv_heads = static_cast<uint32_t>(options_.kv_heads);
+  h.head_dim = static_cast<uint32_t>(options_.head_dim);
+  h.dtype = static_cast<uint8_t>(options_.dtype);
+  h.summary_bytes = summary_bytes;
+  h.payload_bytes = payload;
+  uint8_t* summary = rec.data() + sizeof(RecordHeader);
+  uint8_t* body = summary + summary_bytes;
+  std::memcpy(summary, &summaries_[span * summary_floats_per_span()], summary_bytes);
+  std::memcpy(body, s.hot->data(), size_t(s.tokens) * rb);
+  std::memcpy(body + size_t(s.tokens) * rb, s.hot->data() + size_t(s.capacity) * rb,
+              size_t(s.tokens) * rb);
+  SealRecordHeader(&h, summary, body);
+  std::memcpy(rec.data(), &h, sizeof(h));
+  RINGTREE_RETURN_IF_ERROR(PwriteAll(fd_, rec.data(), rec.size(), file_bytes_, file_path_));
+  s.record_offset = file_bytes_;
+  s.record_bytes = rec.size();
+  s.persisted_tokens = s.tokens;
+  file_bytes_ += rec.size();
+  return Status::Ok();
+}
+
+Status SpanStore::EnforceHotBudget() {
+  if (options_.hot_budget_bytes == 0 || options_.data_dir.empty()) return Status::Ok();
+  const int64_t end = end_position();
+  const size_t rb = row_bytes();
+  int64_t i = next_evict_;
+  while (hot_bytes_ > options_.hot_budget_bytes && i < span_count()) {
+    Span& s = spans_[i];
+    if (!s.hot || s.sink) {
+      if (i == next_evict_) ++next_evict_;
+      ++i;
+      continue;
+    }
+    // Positions increase with the index, so once a span is in the window or
+    // open, every later one is too.
+    if (IsWindow(s, end) || !s.sealed) break;
+    if (s.persisted_tokens != s.tokens) RINGTREE_RETURN_IF_ERROR(WriteRecord(i));
+    hot_bytes_ -= size_t(s.capacity) * rb * 2;
+    s.hot.reset();
+    if (i == next_evict_) ++next_evict_;
+    ++i;
+  }
+  return Status::Ok();
+}
+
+Status SpanStore::Sync() {
+  if (options_.data_dir.empty()) return Status::Ok();
+  if (!spans_.empty() && spans_.back().persisted_tokens != spans_.back().tokens)
+    RINGTREE_RETURN_IF_ERROR(WriteRecord(span_count() - 1));
+  if (::fdatasync(fd_) != 0) return Errno("fdatasync", file_path_);
+  Manifest m;
+  m.kv_heads = options_.kv_heads;
+  m.head_dim = options_.head_dim;
+  m.dtype = options_.dtype;
+  m.span_tokens = options_.span_tokens;
+  m.sink_tokens = options_.sink_tokens;
+  m.window_tokens = options_.window_tokens;
+  m.committed_file_bytes = file_bytes_;
+  m.spans.reserve(spans_.size());
+  for (const Span& s : spans_) {
+    ManifestSpan ms;
+    ms.position_start = s.position_start;
+    ms.tokens = static_cast<uint32_t>(s.persisted_tokens);
+    ms.record_offset = s.record_offset;
+    ms.record_bytes = s.record_bytes;
+    m.spans.push_back(ms);
+  }
+  return WriteFileAtomically(options_.data_dir, kManifestName, EncodeManifest(m));
+}
+
+Status SpanStore::DropFileCache() {
+  if (cache_) cache_->EraseStore(store_id_);
+  if (fd_ < 0) return Status::Ok();
+  if (::fdatasync(fd_) != 0) return Errno("fdatasync", file_path_);
+  if (::posix_fadvise(fd_, 0, 0, POSIX_FADV_DONTNEED) != 0) return Errno("fadvise", file_path_);
+  return Status::Ok();
+}
+
+// ---------------------------------------------------------------------------
+// Reads and streaming.
+
+Result<SpanStore::SpanData> SpanStore::ReadSpan(int64_t span, bool use_cache,
+                                                bool insert_into_cache) const {
+  const Span& s = spans_[span];
+  const size_t rb = row_bytes();
+  if (s.hot) {
+    SpanData d;
+    d.owner = s.hot;
+    d.k = s.hot->data();
+    d.v = s.hot->data() + size_t(s.capacity) * rb;
+    return d;
+  }
+  const size_t header_and_summary = sizeof(RecordHeader) + summary_floats_per_span() * sizeof(float);
+  SpanBuffer buffer = cache_->Get(store_id_, s.record_offset);
+  if (!buffer) {
+    const std::string where = Where(file_path_, s.record_offset);
+    auto rec = std::make_shared<std::vector<uint8_t>>(s.record_bytes);
+    RINGTREE_ASSIGN_OR_RETURN(size_t got,
+                              PreadAll(fd_, rec->data(), rec->size(), s.record_offset, file_path_));
+    if (got != rec->size())
+      return Status::DataLoss("[spans] " + where + ": short read (" + std::to_string(got) + " of " +
+                              std::to_string(rec->size()) + " bytes)");
+    RecordHeader h;
+    std::memcpy(&h, rec->data(), sizeof(h));
+    if (h.summary_bytes + sizeof(RecordHeader) != header_and_summary ||
+        h.payload_bytes != size_t(s.tokens) * rb * 2)
+      return Status::DataLoss("[spans] " + where + ": record sizes do not match the index");
+    RINGTREE_RETURN_IF_ERROR(VerifyRecordHeader(h, rec->data() + sizeof(h), where));
+    if (Checksum64(rec->data() + header_and_summary, h.payload_bytes) != h.payload_checksum)
+      return Status::DataLoss("[spans] " + where + ": record payload checksum mismatch");
+    if (h.span_index != uint64_t(span) || h.position_start != s.position_start ||
+        h.tokens != uint32_t(s.tokens))
+      return Status::DataLoss("[spans] " + where + ": record is not span " + std::to_string(span));
+    buffer = rec;
+    if (use_cache && insert_into_cache) cache_->Put(store_id_, s.record_offset, buffer);
+  }
+  SpanData d;
+  d.owner = buffer;
+  d.k = buffer->data() + header_and_summary;
+  d.v = d.k + size_t(s.tokens) * rb;
+  return d;
+}
+
+Status SpanStore::VerifyAll() const {
+  if (options_.data_dir.empty()) return Status::Ok();
+  // Read through a copy of each span's metadata marked cold, bypassing RAM copies.
+  for (int64_t i = 0; i < span_count(); ++i) {
+    const Span& s = spans_[i];
+    if (s.persisted_tokens == 0) continue;
+    const std::string where = Where(file_path_, s.record_offset);
+    std::vector<uint8_t> rec(s.record_bytes);
+    RINGTREE_ASSIGN_OR_RETURN(size_t got,
+                              PreadAll(fd_, rec.data(), rec.size(), s.record_offset, file_path_));
+    if (got != rec.size()) return Status::DataLoss("[spans] " + where + ": short read");
+    RecordHeader h;
+    std::memcpy(&h, rec.data(), sizeof(h));
+    RINGTREE_RETURN_IF_ERROR(VerifyRecordHeader(h, rec.data() + sizeof(h), where));
+    const uint8_t* payload = rec.data() + sizeof(h) + h.summary_bytes;
+    if (sizeof(h) + h.summary_bytes + h.payload_bytes != rec.size() ||
+        Checksum64(payload, h.payload_bytes) != h.payload_checksum)
+      return Status::DataLoss("[spans] " + where + ": record payload checksum mismatch");
+  }
+  return Status::Ok();
+}
+
+Status SpanStore::StreamChunks(const std::vector<int64_t>& spans, bool use_cache,
+                               bool insert_into_cache, bool split_per_span,
+                               const ChunkVisitor& visitor) const {
+  struct Plan {
+    size_t first, last;  // [first, last) into `spans`
+    int64_t position_start, tokens;
+  };
+  std::vector<Plan> plans;
+  bool any_cold = false;
+  for (size_t i = 0; i < spans.size(); ++i) {
+    const Span& s = spans_[spans[i]];
+    if (!s.hot) any_cold = true;
+    if (!plans.empty() && !split_per_span) {
+      Plan& p = plans.back();
+      if (p.position_start + p.tokens == s.position_start &&
+          p.tokens + s.tokens <= options_.chunk_tokens) {
+        p.last = i + 1;
+        p.tokens += s.tokens;
+        continue;
+      }
+    }
+    plans.push_back(Plan{i, i + 1, s.position_start, s.tokens});
+  }
+  const size_t rb = row_bytes();
+
+  // Fills `buf` (k block then v block) for one plan; single-span plans of
+  // compact spans are passed through without a copy.
+  struct Filled {
+    Status status;
+    size_t plan = 0;
+    std::vector<uint8_t> buf;
+    SpanData view;  // zero-copy when view.owner != null
+  };
+  auto fill = [&](size_t pi, Filled* out) {
+    const Plan& p = plans[pi];
+    out->plan = pi;
+    out->view = SpanData{};
+    if (p.last - p.first == 1) {
+      auto d = ReadSpan(spans[p.first], use_cache, insert_into_cache);
+      if (!d.ok()) {
+        out->status = d.status();
+        return;
+      }
+      out->view = d.value();
+      return;
+    }
+    out->buf.resize(size_t(p.tokens) * rb * 2);
+    size_t row = 0;
+    for (size_t i = p.first; i < p.last; ++i) {
+      auto d = ReadSpan(spans[i], use_cache, insert_into_cache);
+      if (!d.ok()) {
+        out->status = d.status();
+        return;
+      }
+      const size_t n = size_t(spans_[spans[i]].tokens) * rb;
+      std::memcpy(out->buf.data() + row, d->k, n);
+      std::memcpy(out->buf.data() + size_t(p.tokens) * rb + row, d->v, n);
+      row += n;
+    }
+  };
+  auto visit = [&](const Filled& f) -> Status {
+    const Plan& p = plans[f.plan];
+    if (f.view.owner) return visitor(f.view.k, f.view.v, p.position_start, p.tokens);
+    return visitor(f.buf.data(), f.buf.data() + size_t(p.tokens) * rb, p.position_start, p.tokens);
+  };
+
+  if (!any_cold || plans.size() <= 1) {
+    Filled f;
+    for (size_t pi = 0; pi < plans.size(); ++pi) {
+      fill(pi, &f);
+      RINGTREE_RETURN_IF_ERROR(f.status);
+      RINGTREE_RETURN_IF_ERROR(visit(f));
+    }
+    return Status::Ok();
+  }
+
+  // Prefetch thread: reads up to readahead_chunks plans ahead of the visitor.
+  std::mutex mu;
+  std::condition_variable cv;
+  std::deque<Filled> ready;
+  std::vector<std::vector<uint8_t>> free_buffers;
+  bool stop = false, producer_done = false;
+  const size_t depth = static_cast<size_t>(options_.readahead_chunks);
+  std::thread producer([&] {
+    for (size_t pi = 0; pi < plans.size(); ++pi) {
+      Filled f;
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait(lock, [&] { return stop || ready.size() < depth; });
+        if (stop) break;
+        if (!free_buffers.empty()) {
+          f.buf = std::move(free_buffers.back());
+          free_buffers.pop_back();
+        }
+      }
+      fill(pi, &f);
+      const bool failed = !f.status.ok();
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        ready.push_back(std::move(f));
+      }
+      cv.notify_all();
+      if (failed) break;
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      producer_done = true;
+    }
+    cv.notify_all();
+  });
+  Status result;
+  while (true) {
+    Filled f;
+    {
+      std::unique_lock<std::mutex> lock(mu);
+      cv.wait(lock, [&] { return !ready.empty() || producer_done; });
+      if (ready.empty()) break;
+      f = std::move(ready.front());
+      ready.pop_front();
+    }
+    cv.notify_all();
+    if (f.status.ok()) f.status = visit(f);
+    if (!f.status.ok()) {
+      result = f.status;
+      break;
+    }
+    std::lock_guard<std::mutex> lock(mu);
+    if (!f.buf.empty()) free_buffers.push_back(std::move(f.buf));
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    stop = true;
+  }
+  cv.notify_all();
+  producer.join();
+  return result;
+}
+
+Status SpanStore::ForEachChunk(const ChunkVisitor& visitor) const {
+  std::vector<int64_t> all(spans_.size());
+  for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int64_t>(i);
+  return StreamChunks(all, /*use_cache=*/true, /*insert_into_cache=*/false, false, visitor);
+}
+
+Status SpanStore::ForEachChunkOf(const std::vector<int64_t>& span_indices, bool use_cache,
+                                 const ChunkVisitor& visitor) const {
+  for (size_t i = 0; i < span_indices.size(); ++i) {
+    if (span_indices[i] < 0 || span_indices[i] >= span_count() ||
+        (i > 0 && span_indices[i] <= span_indices[i - 1]))
+      return Status::InvalidArgument("[spans] span_indices must be sorted, unique and in range");
+  }
+  return StreamChunks(span_indices, use_cache, use_cache, false, visitor);
+}
+
+// ---------------------------------------------------------------------------
+// Attention.
+
+namespace {
+Status CheckQuery(const SpanStoreOptions& o, const float* q, int64_t q_tokens, int heads,
+                  const float* out) {
+  if (q_tokens < 0) return Status::InvalidArgument("[spans.attend] q_tokens must be >= 0");
+  if (heads < 1 || heads % o.kv_heads != 0)
+    return Status::InvalidArgument("[spans.attend] heads must be a positive multiple of kv_heads");
+  if (q_tokens > 0 && (q == nullptr || out == nullptr))
+    return Status::InvalidArgument("[spans.attend] q/o is null");
+  return Status::Ok();
+}
+}  // namespace
+
+Status SpanStore::AttendSpans(const std::vector<int64_t>& span_indices, const float* q,
+                              int64_t q_tokens, int heads, const AttentionOptions& options,
+                              float* o, float* lse) const {
+  RINGTREE_RETURN_IF_ERROR(CheckQuery(options_, q, q_tokens, heads, o));
+  const int D = options_.head_dim;
+  const int64_t rows = q_tokens * heads;
+  std::vector<float> lse_local;
+  if (lse == nullptr) {
+    lse_local.resize(rows);
+    lse = lse_local.data();
+  }
+  std::fill(o, o + rows * D, 0.0f);
+  std::fill(lse, lse + rows, kNegInfF);
+  std::vector<float> o_chunk(rows * D), lse_chunk(rows);
+  const int64_t last_q = options.q_position_offset + q_tokens - 1;
+  auto visitor = [&](const void* k, const void* v, int64_t offset, int64_t tokens) -> Status {
+    if (options.causal && offset > last_q) return Status::Ok();  // fully masked
+    AttentionShape shape{q_tokens, tokens, heads, options_.kv_heads, D};
+    AttentionOptions opts = options;
+    opts.kv_position_offset = offset;
+    RINGTREE_RETURN_IF_ERROR(AttentionForward(q, k, v, options_.dtype, shape, opts,
+                                              o_chunk.data(), lse_chunk.data()));
+    MergePartials(o, lse, o_chunk.data(), lse_chunk.data(), rows, D);
+    return Status::Ok();
+  };
+  return ForEachChunkOf(span_indices, /*use_cache=*/true, visitor);
+}
+
+Status SpanStore::AttendExact(const float* q, int64_t q_tokens, int heads,
+                              const AttentionOptions& options, float* o, float* lse) const {
+  RINGTREE_RETURN_IF_ERROR(CheckQuery(options_, q, q_tokens, heads, o));
+  const int D = options_.head_dim;
+  const int64_t rows = q_tokens * heads;
+  std::vector<float> lse_local;
+  if (lse == nullptr) {
+    lse_local.resize(rows);
+    lse = lse_local.data();
+  }
+  std::fill(o, o + rows * D, 0.0f);
+  std::fill(lse, lse + rows, kNegInfF);
+  std::vector<float> o_chunk(rows * D), lse_chunk(rows);
+  const int64_t last_q = options.q_position_offset + q_tokens - 1;
+  return ForEachChunk([&](const void* k, const void* v, int64_t offset, int64_t tokens) -> Status {
+    if (options.causal && offset > last_q) return Status::Ok();
+    AttentionShape shape{q_tokens, tokens, heads, options_.kv_heads, D};
+    AttentionOptions opts = options;
+    opts.kv_position_offset = offset;
+    RINGTREE_RETURN_IF_ERROR(AttentionForward(q, k, v, options_.dtype, shape, opts,
+                                              o_chunk.data(), lse_chunk.data()));
+    MergePartials(o, lse, o_chunk.data(), lse_chunk.data(), rows, D);
+    return Status::Ok();
+  });
+}
+
+Result<SpanScores> SpanStore::Score(const float* q, int64_t q_tokens, int heads,
+                                    const AttentionOptions& options) const {
+  RINGTREE_RETURN_IF_ERROR(CheckQuery(options_, q, q_tokens, heads, q));
+  const int D = options_.head_dim, Hkv = options_.kv_heads;
+  const int G = heads / Hkv;
+  const int64_t rows = q_tokens * heads;
+  const int64_t n = span_count();
+  const float scale = ResolveScale(options, D);
+  SpanScores scores;
+  scores.spans = n;
+  scores.rows = rows;
+  scores.upper.assign(size_t(n * rows), kNegInfF);
+  scores.estimate.assign(size_t(n * rows), kNegInfF);
+  if (n == 0 || rows == 0) return scores;
+
+  // Per kv head g: Qpm [J, 2D] = [q+ | q-] and Qm [J, D], J = q_tokens * G,
+  // row j = t * G + gi for query head h = g * G + gi.
+  const int64_t J = q_tokens * G;
+  std::vector<float> qpm(size_t(Hkv) * J * 2 * D), qm(size_t(Hkv) * J * D), l1(size_t(Hkv) * J);
+  for (int g = 0; g < Hkv; ++g)
+    for (int64_t t = 0; t < q_tokens; ++t)
+      for (int gi = 0; gi < G; ++gi) {
+        const int64_t j = t * G + gi;
+        const float* qr = q + (t * heads + g * G + gi) * D;
+        float* pm = &qpm[(size_t(g) * J + j) * 2 * D];
+        float* m = &qm[(size_t(g) * J + j) * D];
+        double a = 0.0;
+        for (int d = 0; d < D; ++d) {
+          pm[d] = std::max(qr[d], 0.0f);
+          pm[D + d] = std::min(qr[d], 0.0f);
+          m[d] = qr[d];
+          a += std::fabs(qr[d]);
+        }
+        l1[size_t(g) * J + j] = static_cast<float>(a);
+      }
+  if (GetBlasThreads() != 1) SetBlasThreads(1);
+  const SpanScoreMode mode_unused = SpanScoreMode::kUpperBound;
+  (void)mode_unused;
+  const int64_t block = 512;
+  const int64_t blocks = (n + block - 1) / block;
+  const size_t lda = size_t(Hkv) * 3 * D;
+  tbb::parallel_for(tbb::blocked_range<int64_t>(0, blocks), [&](const tbb::blocked_range<int64_t>& r) {
+    std::vector<float> ub(block * J), mean(block * J);
+    for (int64_t b = r.begin(); b < r.end(); ++b) {
+      const int64_t s0 = b * block;
+      const int64_t nb = std::min(block, n - s0);
+      for (int g = 0; g < Hkv; ++g) {
+        const float* base = &summaries_[(size_t(s0) * Hkv + g) * 3 * D];
+        Sgemm(false, true, int(nb), int(J), 2 * D, 1.0f, base, int(lda),
+              &qpm[size_t(g) * J * 2 * D], 2 * D, 0.0f, ub.data(), int(J));
+        Sgemm(false, true, int(nb), int(J), D, 1.0f, base + 2 * D, int(lda),
+              &qm[size_t(g) * J * D], D, 0.0f, mean.data(), int(J));
+        for (int64_t i = 0; i < nb; ++i) {
+          const int64_t s = s0 + i;
+          const Span& sp = spans_[s];
+          const float ma = max_abs_[s * Hkv + g];
+          for (int64_t t = 0; t < q_tokens; ++t) {
+            if (options.causal && sp.position_start > options.q_position_offset + t) continue;
+            for (int gi = 0; gi < G; ++gi) {
+              const int64_t j = t * G + gi;
+              const int64_t row = t * heads + g * G + gi;
+              // Rounding slack: |float dot - exact| <= 2D * u * sum |q_d| |k_d|.
+              const float slack = 3e-5f * l1[size_t(g) * J + j] * ma + 1e-30f;
+              const float u = scale * (ub[i * J + j] + slack);
+              const float m = scale * mean[i * J + j];
+              scores.upper[s * rows + row] = u;
+              scores.estimate[s * rows + row] = m;  // mode applied below
+            }
+          }
+        }
+      }
+    }
+  });
+  return scores;
+}
+
+void SpanStore::SplitSpans(const AttentionOptions& options, int64_t q_tokens,
+                           const RetrievalRequest& request, std::vector<int64_t>* always,
+                           std::vector<int64_t>* candidates) const {
+  always->clear();
+  candidates->clear();
+  const int64_t end = request.context_end >= 0 ? request.context_end : end_position();
+  const int64_t last_q = options.q_position_offset + q_tokens - 1;
+  for (int64_t i = 0; i < span_count(); ++i) {
+    const Span& s = spans_[i];
+    if (options.causal && s.position_start > last_q) continue;
+    if (s.sink || IsWindow(s, end))
+      always->push_back(i);
+    else
+      candidates->push_back(i);
+  }
+}
+
+namespace {
+// Applies the score mode: estimate holds q.mean (scaled) on entry.
+void ApplyMode(SpanScoreMode mode, SpanScores* scores) {
+  for (size_t i = 0; i < scores->estimate.size(); ++i) {
+    const float u = scores->upper[i];
+    if (u == kNegInfF) continue;
+    switch (mode) {
+      case SpanScoreMode::kUpperBound:
+        scores->estimate[i] = u;
+        break;
+      case SpanScoreMode::kMeanKey:
+        break;
+      case SpanScoreMode::kBlend:
+        scores->estimate[i] = 0.5f * (u + scores->estimate[i]);
+        break;
+    }
+  }
+}
+
+int64_t CountForBudget(const std::vector<SpanCandidate>& ranked, int64_t top_k,
+                       int64_t token_budget) {
+  int64_t take = 0, tokens = 0;
+  for (const SpanCandidate& c : ranked) {
+    if (top_k > 0 && take >= top_k) break;
+    if (token_budget > 0 && tokens + c.tokens > token_budget) break;
+    if (top_k <= 0 && token_budget <= 0) break;
+    tokens += c.tokens;
+    ++take;
+  }
+  return take;
+}
+}  // namespace
+
+Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
+                                  const AttentionOptions& options, const RetrievalRequest& request,
+                                  float* o, float* lse, RetrievalResult* result) const {
+  RINGTREE_RETURN_IF_ERROR(CheckQuery(options_, q, q_tokens, heads, o));
+  if (request.top_k_spans < 0 || request.token_budget < 0)
+    return Status::InvalidArgument("[spans.retrieve] top_k_spans/token_budget must be >= 0");
+  RINGTREE_ASSIGN_OR_RETURN(SpanScores scores, Score(q, q_tokens, heads, options));
+  ApplyMode(request.score_mode, &scores);
+  std::vector<int64_t> always, candidates;
+  SplitSpans(options, q_tokens, request, &always, &candidates);
+  std::vector<int32_t> tokens(span_count());
+  std::vector<int64_t> positions(span_count());
+  for (int64_t i = 0; i < span_count(); ++i) {
+    tokens[i] = spans_[i].tokens;
+    positions[i] = spans_[i].position_start;
+  }
+  const std::vector<double> normalizer = LogNormalizers(scores, tokens, candidates);
+  const std::vector<SpanCandidate> ranked =
+      RankCandidates(scores, tokens, positions, candidates, normalizer);
+  int64_t take = CountForBudget(ranked, request.top_k_spans, request.token_budget);
+  const bool tolerance_mode = request.mass_tolerance >= 0.0;
+
+  const int D = options_.head_dim;
+  const int64_t rows = q_tokens * heads;
+  std::vector<float> lse_local;
+  if (lse == nullptr) {
+    lse_local.resize(rows);
+    lse = lse_local.data();
+  }
+  std::vector<float> o_new(rows * D), lse_new(rows);
+  std::vector<int64_t> attended = always;
+  for (int64_t i = 0; i < take; ++i) attended.push_back(ranked[i].span_index);
+  std::sort(attended.begin(), attended.end());
+  RINGTREE_RETURN_IF_ERROR(AttendSpans(attended, q, q_tokens, heads, options, o, lse));
+  int rounds = 1;
+  std::vector<float> bound;
+  while (true) {
+    std::vector<int64_t> skipped;
+    skipped.reserve(ranked.size() - take);
+    for (size_t i = take; i < ranked.size(); ++i) skipped.push_back(ranked[i].span_index);
+    bound = SkippedMassBound(lse, LogUpperSkippedMass(scores, tokens, skipped));
+    float worst = 0.0f;
+    for (float b : bound) worst = std::max(worst, b);
+    if (!tolerance_mode || worst <= request.mass_tolerance ||
+        take == static_cast<int64_t>(ranked.size()))
+      break;
+    const int64_t next = std::min<int64_t>(ranked.size(), std::max<int64_t>(take * 2, take + 8));
+    std::vector<int64_t> extra;
+    for (int64_t i = take; i < next; ++i) extra.push_back(ranked[i].span_index);
+    std::sort(extra.begin(), extra.end());
+    RINGTREE_RETURN_IF_ERROR(
+        AttendSpans(extra, q, q_tokens, heads, options, o_new.data(), lse_new.data()));
+    MergePartials(o, lse, o_new.data(), lse_new.data(), rows, D);
+    attended.insert(attended.end(), extra.begin(), extra.end());
+    take = next;
+    ++rounds;
+  }
+  if (result != nullptr) {
+    std::sort(attended.begin(), attended.end());
+    const int64_t end = request.context_end >= 0 ? request.context_end : end_position();
+    result->spans_used.clear();
+    result->tokens_attended = 0;
+    for (int64_t i : attended) {
+      const Span& s = spans_[i];
+      result->spans_used.push_back(SpanInfo{i, s.position_start, s.tokens,
+                                            s.hot ? SpanTier::kHot : SpanTier::kCold, s.sink,
+                                            IsWindow(s, end)});
+      result->tokens_attended += s.tokens;
+    }
+    result->selected_spans = take;
+    result->skipped_mass_bound = bound;
+    result->max_skipped_mass_bound = 0.0f;
+    for (float b : bound) result->max_skipped_mass_bound = std::max(result->max_skipped_mass_bound, b);
+    result->exact = take == static_cast<int64_t>(ranked.size());
+    result->rounds = rounds;
+  }
+  return Status::Ok();
+}
+
+Status SpanStore::RetrieveKV(const float* q, int64_t q_tokens, int heads,
+                             const AttentionOptions& options, const RetrievalRequest& request,
+                             bool include_always, const SpanVisitor& visitor) const {
+  RINGTREE_RETURN_IF_ERROR(CheckQuery(options_, q, q_tokens, heads, q));
+  RINGTREE_ASSIGN_OR_RETURN(SpanScores scores, Score(q, q_tokens, heads, options));
+  ApplyMode(request.score_mode, &scores);
+  std::vector<int64_t> always, candidates;
+  SplitSpans(options, q_tokens, request, &always, &candidates);
+  std::vector<int32_t> tokens(span_count());
+  std::vector<int64_t> positions(span_count());
+  for (int64_t i = 0; i < span_count(); ++i) {
+    tokens[i] = spans_[i].tokens;
+    positions[i] = spans_[i].position_start;
+  }
+  const auto ranked = RankCandidates(scores, tokens, positions, candidates,
+                                     LogNormalizers(scores, tokens, candidates));
+  const int64_t take = CountForBudget(ranked, request.top_k_spans, request.token_budget);
+  std::vector<int64_t> list;
+  if (include_always) list = always;
+  for (int64_t i = 0; i < take; ++i) list.push_back(ranked[i].span_index);
+  std::sort(list.begin(), list.end());
+  const int64_t end = request.context_end >= 0 ? request.context_end : end_position();
+  size_t next = 0;
+  return StreamChunks(list, true, true, /*split_per_span=*/true,
+                      [&](const void* k, const void* v, int64_t, int64_t) -> Status {
+                        const int64_t i = list[next++];
+                        const Span& s = spans_[i];
+                        SpanInfo info{i, s.position_start, s.tokens,
+                                      s.hot ? SpanTier::kHot : SpanTier::kCold, s.sink,
+                                      IsWindow(s, end)};
+                        return visitor(info, k, v);
+                      });
+}
+
+// ---------------------------------------------------------------------------
+// Accessors.
+
+std::vector<SpanInfo> SpanStore::Spans() const {
+  std::vector<SpanInfo> out;
+  out.reserve(spans_.size());
+  const int64_t end = end_position();
+  for (int64_t i = 0; i < span_count(); ++i) {
+    const Span& s = spans_[i];
+    out.push_back(SpanInfo{i, s.position_start, s.tokens, s.hot ? SpanTier::kHot : SpanTier::kCold,
+                           s.sink, IsWindow(s, end)});
+  }
+  return out;
+}
+
+size_t SpanStore::cold_bytes() const {
+  size_t b = 0;
+  for (const Span& s : spans_)
+    if (!s.hot) b += size_t(s.tokens) * row_bytes() * 2;
+  return b;
+}
+
+size_t SpanStore::summary_bytes() const {
+  return summaries_.size() * sizeof(float) + max_abs_.size() * sizeof(float) +
+         spans_.size() * sizeof(Span);
+}
+
+}  // namespace ringtree

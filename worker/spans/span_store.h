@@ -1,0 +1,267 @@
+// SpanStore: one rank's KV for one (session, layer), organised in spans, with
+// a hot RAM tier, a cold on-disk tier (append-only checksummed span file read
+// back through an LRU cache), a durable manifest, and exact and retrieval
+// attention over it. Single process: no MPI, no gRPC; the coordinator runs the
+// cross-rank parts with the pure functions in span_select.h.
+//
+// Spans. A span is a run of consecutive positions, at most `span_tokens` long,
+// aligned to multiples of span_tokens in absolute position (so a span is a
+// subset of the global span [k*S, (k+1)*S)); a gap in the appended positions
+// also ends a span. Positions must increase across appends. Each span keeps,
+// per KV head, the element-wise max, min and mean of its keys (in RAM always;
+// they are the index).
+//
+// Tiers. Sealed spans are written through to <data_dir>/spans.dat as soon as
+// they fill up (page cache; fsync'ed on Sync). A span is hot when its K/V
+// stays in RAM; when hot bytes exceed hot_budget_bytes the oldest spans that
+// are neither sinks (intersect [0, sink_tokens)) nor in the window (end after
+// store_end - window_tokens) nor the open tail span lose their RAM copy and
+// become cold. Cold spans are read with pread, checksum-verified, and cached in
+// a byte-bounded LRU (SpanCache). Without a data_dir nothing can spill: an
+// append past the hot budget fails with RESOURCE_EXHAUSTED.
+//
+// Durability. Sync() writes the open tail span as a (possibly partial) record,
+// fdatasyncs spans.dat, then writes the manifest atomically. Open() loads the
+// manifest, verifies every record's header+summary checksum, then scans the
+// file beyond the committed length: whole valid records are replayed, the first
+// torn or corrupt one and everything after it is dropped (and reported in
+// RecoveryReport). Payload checksums are verified on every read; a mismatch is
+// DATA_LOSS naming the file and offset, and the data is never used.
+//
+// Threading. Append/Sync/DropFileCache mutate and need exclusive access. All
+// const methods may run concurrently with each other (they read hot spans,
+// pread the file and use the thread-safe cache) but not with a mutator.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/attention.h"
+#include "kernels/dtype.h"
+#include "kernels/status.h"
+#include "worker/spans/span_cache.h"
+#include "worker/spans/span_format.h"
+#include "worker/spans/span_select.h"
+
+namespace ringtree {
+
+struct SpanStoreOptions {
+  // Structural (fixed at creation, stored in the manifest; when opening an
+  // existing store, 0 / defaults here mean "take the manifest's").
+  int kv_heads = 0;                 // >= 1
+  int head_dim = 0;                 // 1..256
+  DType dtype = DType::kFloat32;    // storage: kFloat32 or kBFloat16
+  int span_tokens = 64;             // 1..65536; 16 and 64 are the tuned sizes
+  int64_t sink_tokens = 64;         // spans intersecting [0, sink_tokens) are sinks
+  int64_t window_tokens = 1024;     // spans ending after end - window_tokens are the window
+
+  // Runtime.
+  std::string data_dir;             // empty: RAM only (no cold tier, no durability)
+  size_t hot_budget_bytes = 0;      // K/V bytes kept in RAM; 0 = unlimited
+  size_t disk_budget_bytes = 0;     // bytes of spans.dat; 0 = unlimited
+  // Read cache for cold spans; share one per rank across stores. Null: the
+  // store makes its own with cache_budget_bytes.
+  std::shared_ptr<SpanCache> cache;
+  size_t cache_budget_bytes = size_t{256} << 20;
+  int64_t chunk_tokens = 4096;      // tokens per streamed chunk (kernel call)
+  int readahead_chunks = 2;         // chunks read ahead of compute
+};
+
+enum class SpanTier : uint8_t { kHot = 0, kCold = 1 };
+
+struct SpanInfo {
+  int64_t index = 0;           // append order in this store
+  int64_t position_start = 0;  // absolute position of the first token
+  int32_t tokens = 0;
+  SpanTier tier = SpanTier::kHot;
+  bool sink = false;
+  bool window = false;
+};
+
+// What Open() found beyond the committed manifest.
+struct RecoveryReport {
+  int64_t spans = 0;                 // spans after recovery
+  int64_t replayed_records = 0;      // whole valid records found after the manifest
+  uint64_t dropped_tail_bytes = 0;   // torn/corrupt tail dropped (file truncated)
+  std::string dropped_reason;        // "" or why, with file@offset
+};
+
+// Result of a retrieval attention call.
+struct RetrievalResult {
+  std::vector<SpanInfo> spans_used;         // sinks, window and selected, in position order
+  int64_t selected_spans = 0;               // beyond sinks and window
+  int64_t tokens_attended = 0;
+  std::vector<float> skipped_mass_bound;    // [q_tokens * heads], upper bound per row
+  float max_skipped_mass_bound = 0.0f;
+  bool exact = false;                       // every visible span was attended
+  int rounds = 1;                           // tolerance-mode rounds
+};
+
+class SpanStore {
+ public:
+  // Visitor for streamed K/V. k, v: [tokens, kv_heads, head_dim] in the store
+  // dtype, valid only during the call; positions are kv_position_offset +
+  // [0, tokens). Returning non-OK stops the stream with that status.
+  using ChunkVisitor = std::function<Status(const void* k, const void* v,
+                                            int64_t kv_position_offset, int64_t tokens)>;
+  // Visitor for KV retrieval: one call per span, k/v as above.
+  using SpanVisitor = std::function<Status(const SpanInfo& span, const void* k, const void* v)>;
+
+  // Creates an empty store. With data_dir, the directory is created if missing
+  // and must not already hold a MANIFEST (ALREADY_EXISTS). INVALID_ARGUMENT on
+  // bad options ("[spans] kv_heads must be >= 1").
+  static Result<std::unique_ptr<SpanStore>> Create(const SpanStoreOptions& options);
+
+  // Opens an existing store from options.data_dir (NOT_FOUND without a
+  // MANIFEST). Structural options come from the manifest; non-default ones
+  // given here must match (INVALID_ARGUMENT). DATA_LOSS if the manifest or a
+  // committed record header is corrupt, or spans.dat is shorter than committed.
+  // `report` (may be null) tells what recovery did with the tail.
+  static Result<std::unique_ptr<SpanStore>> Open(const SpanStoreOptions& options,
+                                                 RecoveryReport* report = nullptr);
+
+  ~SpanStore();
+  SpanStore(const SpanStore&) = delete;
+  SpanStore& operator=(const SpanStore&) = delete;
+
+  // Appends `tokens` positions starting at position_start (>= end_position()).
+  // k, v: [tokens, kv_heads, head_dim] in src_dtype (float32, float16 or
+  // bfloat16; converted to the storage dtype). Copies; the caller keeps
+  // ownership. Errors: INVALID_ARGUMENT (positions, dtype), RESOURCE_EXHAUSTED
+  // (hot budget without data_dir, or disk budget), IO_ERROR. On error the
+  // store is unchanged for validation errors; for IO errors it must be reopened.
+  Status Append(int64_t position_start, int64_t tokens, const void* k, const void* v,
+                DType src_dtype);
+
+  // Makes everything appended so far durable (see header comment). No-op
+  // without a data_dir.
+  Status Sync();
+
+  // Streams every span, in append order, as chunks of contiguous positions
+  // (at most chunk_tokens; a gap starts a new chunk). Cold spans are read by a
+  // prefetch thread up to readahead_chunks ahead of the visitor and bypass the
+  // cache (a full scan would flush it) unless already cached.
+  Status ForEachChunk(const ChunkVisitor& visitor) const;
+
+  // Same, restricted to the given span indices (sorted ascending, unique).
+  // Cold spans go through the LRU cache when use_cache.
+  Status ForEachChunkOf(const std::vector<int64_t>& span_indices, bool use_cache,
+                        const ChunkVisitor& visitor) const;
+
+  // Exact attention of q [q_tokens, heads, head_dim] (float32) over the whole
+  // store: streams chunks, runs AttentionForward on each with the chunk's
+  // position offset, merges partials. o [q_tokens, heads, head_dim], lse
+  // [q_tokens, heads] (lse may be null). heads must be a multiple of kv_heads.
+  Status AttendExact(const float* q, int64_t q_tokens, int heads, const AttentionOptions& options,
+                     float* o, float* lse) const;
+
+  // Partial (o, lse) over exactly the given spans (sorted ascending, unique).
+  Status AttendSpans(const std::vector<int64_t>& span_indices, const float* q, int64_t q_tokens,
+                     int heads, const AttentionOptions& options, float* o, float* lse) const;
+
+  // Scores every span for the query block (GEMMs over the summaries). With
+  // options.causal, spans starting after a row's position are -inf for it.
+  Result<SpanScores> Score(const float* q, int64_t q_tokens, int heads,
+                           const AttentionOptions& options) const;
+
+  // Which spans a request may choose from (not sinks, not window, visible to
+  // the last query row) and which are always attended (sinks + window, visible).
+  void SplitSpans(const AttentionOptions& options, int64_t q_tokens,
+                  const RetrievalRequest& request, std::vector<int64_t>* always,
+                  std::vector<int64_t>* candidates) const;
+
+  // Retrieval attention: sinks + window + the best spans by the request,
+  // merged exactly; fills `result` (spans used, skipped-mass bound per row).
+  // o, lse as in AttendExact (lse may be null).
+  Status AttendRetrieval(const float* q, int64_t q_tokens, int heads,
+                         const AttentionOptions& options, const RetrievalRequest& request,
+                         float* o, float* lse, RetrievalResult* result) const;
+
+  // KV retrieval: selects spans as AttendRetrieval does (tolerance mode is
+  // not used here) and streams each selected span (plus sinks and window when
+  // include_always) to `visitor` in position order, reading cold spans ahead.
+  Status RetrieveKV(const float* q, int64_t q_tokens, int heads, const AttentionOptions& options,
+                    const RetrievalRequest& request, bool include_always,
+                    const SpanVisitor& visitor) const;
+
+  // Reads and verifies every record's payload (scrub). DATA_LOSS on the first
+  // corrupt one, naming file@offset.
+  Status VerifyAll() const;
+
+  // Benchmark helper: fdatasync + POSIX_FADV_DONTNEED on spans.dat and clears
+  // this store's entries from the cache, so the next reads hit the disk.
+  Status DropFileCache();
+
+  // Accessors (cheap).
+  std::vector<SpanInfo> Spans() const;
+  int64_t span_count() const { return static_cast<int64_t>(spans_.size()); }
+  int64_t total_tokens() const { return total_tokens_; }
+  int64_t end_position() const;    // one past the last appended position (0 if empty)
+  size_t hot_bytes() const { return hot_bytes_; }
+  size_t cold_bytes() const;       // K/V bytes of spans without a RAM copy
+  size_t disk_bytes() const { return file_bytes_; }
+  size_t summary_bytes() const;    // RAM used by the index
+  const SpanStoreOptions& options() const { return options_; }
+  const std::string& file_path() const { return file_path_; }
+  SpanCache& cache() const { return *cache_; }
+
+ private:
+  struct Span {
+    int64_t position_start = 0;
+    int32_t tokens = 0;
+    int32_t capacity = 0;          // rows allocated in `hot` (k block then v block)
+    bool sealed = false;
+    bool sink = false;
+    std::shared_ptr<std::vector<uint8_t>> hot;  // null when cold
+    // Latest record on disk (persisted_tokens == 0: none).
+    uint64_t record_offset = 0;
+    uint64_t record_bytes = 0;
+    int32_t persisted_tokens = 0;
+  };
+  // A view of one span's K/V that keeps its buffer alive.
+  struct SpanData {
+    std::shared_ptr<const std::vector<uint8_t>> owner;
+    const uint8_t* k = nullptr;
+    const uint8_t* v = nullptr;
+  };
+
+  explicit SpanStore(const SpanStoreOptions& options);
+  static Status ValidateOptions(const SpanStoreOptions& options);
+  Status OpenFile(bool create);
+  Status Recover(const Manifest& manifest, RecoveryReport* report);
+  size_t row_bytes() const;        // kv_heads * head_dim * dtype size
+  size_t summary_floats_per_span() const { return size_t(options_.kv_heads) * 3 * options_.head_dim; }
+  void UpdateSummary(int64_t span, int32_t from_row, int32_t to_row);
+  void RecomputeSummaryFromKeys(int64_t span, const uint8_t* k, int32_t tokens);
+  bool IsWindow(const Span& s, int64_t context_end) const;
+  Status WriteRecord(int64_t span);
+  Status EnforceHotBudget();
+  Result<SpanData> ReadSpan(int64_t span, bool use_cache, bool insert_into_cache) const;
+  Status StreamChunks(const std::vector<int64_t>& spans, bool use_cache, bool insert_into_cache,
+                      bool split_per_span, const ChunkVisitor& visitor) const;
+  Status SelectForRequest(const SpanScores& scores, const std::vector<int64_t>& candidates,
+                          const RetrievalRequest& request, int64_t first_take,
+                          std::vector<SpanCandidate>* ranked, int64_t* take) const;
+
+  SpanStoreOptions options_;
+  uint64_t store_id_ = 0;
+  std::shared_ptr<SpanCache> cache_;
+  std::string file_path_;
+  int fd_ = -1;
+  uint64_t file_bytes_ = 0;
+  std::vector<Span> spans_;
+  // Summaries [spans, kv_heads, 3, head_dim] ([max | min | mean] per head),
+  // plus per (span, head) the max |key element| for the rounding slack.
+  std::vector<float> summaries_;
+  std::vector<float> max_abs_;
+  std::vector<double> key_sums_;   // tail span's running key sums [kv_heads, head_dim]
+  int64_t total_tokens_ = 0;
+  size_t hot_bytes_ = 0;
+  int64_t next_evict_ = 0;         // spans before this index are cold or protected
+};
+
+}  // namespace ringtree
