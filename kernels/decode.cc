@@ -18,6 +18,15 @@ using internal::kNegInf;
 
 namespace {
 constexpr int kDecodeKeyBlock = 64;
+
+// Software prefetch of `rows` rows of `row_bytes` at `stride_bytes` apart: one
+// kv head's rows are short pieces far apart in memory; fetching the next
+// block's pieces ahead keeps more misses in flight.
+inline void PrefetchRows(const void* base, int rows, int64_t stride_bytes, int row_bytes) {
+  const char* p = static_cast<const char*>(base);
+  for (int r = 0; r < rows; ++r)
+    for (int b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + r * stride_bytes + b, 0, 2);
+}
 }  // namespace
 
 Status DecodeAttention(const float* q, const void* k, const void* v, DType kv_dtype,
@@ -55,6 +64,7 @@ Status DecodeAttention(const float* q, const void* k, const void* v, DType kv_dt
   std::vector<float> part_o(chunks * state_rows * D);
   std::vector<float> part_lse(chunks * state_rows);
   const bool fp32 = kv_dtype == DType::kFloat32;
+  const bool fused_bf16 = !fp32 && internal::HasFusedBFloat16(D);
   const int64_t row_stride = static_cast<int64_t>(Hkv) * D;
 
   tbb::parallel_for(tbb::blocked_range<int64_t>(0, chunks, 1), [&](const tbb::blocked_range<int64_t>& range) {
@@ -63,8 +73,8 @@ Status DecodeAttention(const float* q, const void* k, const void* v, DType kv_dt
       float* acc = internal::ThreadScratch(0, state_rows * D);
       float* ml = internal::ThreadScratch(1, state_rows * 2);
       float* sc = internal::ThreadScratch(2, static_cast<size_t>(rows) * kDecodeKeyBlock);
-      float* kbuf = fp32 ? nullptr : internal::ThreadScratch(3, kDecodeKeyBlock * row_stride);
-      float* vbuf = fp32 ? nullptr : internal::ThreadScratch(4, kDecodeKeyBlock * row_stride);
+      float* kbuf = fp32 || fused_bf16 ? nullptr : internal::ThreadScratch(3, kDecodeKeyBlock * row_stride);
+      float* vbuf = fp32 || fused_bf16 ? nullptr : internal::ThreadScratch(4, kDecodeKeyBlock * row_stride);
       float* m = ml;
       float* l = ml + state_rows;
       std::fill(acc, acc + state_rows * D, 0.0f);
@@ -72,9 +82,13 @@ Status DecodeAttention(const float* q, const void* k, const void* v, DType kv_dt
       std::fill(l, l + state_rows, 0.0f);
       for (int64_t j0 = c0; j0 < c1; j0 += kDecodeKeyBlock) {
         const int jb = static_cast<int>(std::min<int64_t>(kDecodeKeyBlock, c1 - j0));
-        const float* kp;
-        const float* vp;
-        if (fp32) {
+        const float* kp = nullptr;
+        const float* vp = nullptr;
+        const uint16_t* kh = static_cast<const uint16_t*>(k) + j0 * row_stride;
+        const uint16_t* vh = static_cast<const uint16_t*>(v) + j0 * row_stride;
+        if (fused_bf16) {
+          // bfloat16 rows are widened in registers below
+        } else if (fp32) {
           kp = static_cast<const float*>(k) + j0 * row_stride;
           vp = static_cast<const float*>(v) + j0 * row_stride;
         } else {
@@ -84,13 +98,27 @@ Status DecodeAttention(const float* q, const void* k, const void* v, DType kv_dt
           vp = vbuf;
         }
         const bool mask = opt.causal && opt.kv_position_offset + j0 + jb - 1 > opt.q_position_offset;
+        const int64_t next = j0 + kDecodeKeyBlock;
+        const int next_rows = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kDecodeKeyBlock, c1 - next)));
+        const int64_t elem = static_cast<int64_t>(DTypeSize(kv_dtype));
         for (int hk = 0; hk < Hkv; ++hk) {
           const int64_t base = static_cast<int64_t>(hk) * rows;
-          internal::QueryKeyDots(qs.data() + base * D, rows, kp + hk * D, row_stride, jb, D, sc, kDecodeKeyBlock);
+          if (next_rows > 0) {
+            const int64_t off = (next * row_stride + hk * D) * elem;
+            PrefetchRows(static_cast<const char*>(k) + off, next_rows, row_stride * elem, static_cast<int>(D * elem));
+            PrefetchRows(static_cast<const char*>(v) + off, next_rows, row_stride * elem, static_cast<int>(D * elem));
+          }
+          if (fused_bf16)
+            internal::QueryKeyDotsBFloat16(qs.data() + base * D, rows, kh + hk * D, row_stride, jb, D, sc, kDecodeKeyBlock);
+          else
+            internal::QueryKeyDots(qs.data() + base * D, rows, kp + hk * D, row_stride, jb, D, sc, kDecodeKeyBlock);
           if (mask)
             internal::ApplyCausalMask(sc, kDecodeKeyBlock, rows, G, jb, 0, j0, opt.q_position_offset, opt.kv_position_offset);
           internal::OnlineSoftmaxUpdate(sc, kDecodeKeyBlock, rows, jb, m + base, l + base, acc + base * D, D);
-          internal::AccumulateProbValues(sc, kDecodeKeyBlock, rows, vp + hk * D, row_stride, jb, D, acc + base * D);
+          if (fused_bf16)
+            internal::AccumulateProbValuesBFloat16(sc, kDecodeKeyBlock, rows, vh + hk * D, row_stride, jb, D, acc + base * D);
+          else
+            internal::AccumulateProbValues(sc, kDecodeKeyBlock, rows, vp + hk * D, row_stride, jb, D, acc + base * D);
         }
       }
       for (int64_t r = 0; r < state_rows; ++r)

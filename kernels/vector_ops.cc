@@ -67,41 +67,79 @@ RT_AVX512 float Exp2SubAvx512(float* x, int n, float sub) {
   return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
 }
 
-RT_AVX512 void QueryKeyDotsAvx512(const float* q, int rows, const float* k, int64_t k_stride,
-                                  int keys, int D, float* s, int s_stride) {
-  // D is a multiple of 16 here. For each key, its row stays in L1 across the
-  // query rows; four rows are done at once to reuse each key load.
+template <typename T>
+RT_AVX512 inline __m512 Load16(const T* p);
+template <>
+RT_AVX512 inline __m512 Load16<float>(const float* p) { return _mm512_loadu_ps(p); }
+template <>
+RT_AVX512 inline __m512 Load16<uint16_t>(const uint16_t* p) {  // bfloat16 -> float32 in register
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+// Four horizontal sums at once: returns {sum(a), sum(b), sum(c), sum(d)}.
+RT_AVX512 inline __m128 Reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
+  __m256 b8 = _mm256_add_ps(_mm512_castps512_ps256(b), _mm512_extractf32x8_ps(b, 1));
+  __m256 c8 = _mm256_add_ps(_mm512_castps512_ps256(c), _mm512_extractf32x8_ps(c, 1));
+  __m256 d8 = _mm256_add_ps(_mm512_castps512_ps256(d), _mm512_extractf32x8_ps(d, 1));
+  __m256 ab = _mm256_hadd_ps(a8, b8);  // a01 a23 b01 b23 | a45 a67 b45 b67
+  __m256 cd = _mm256_hadd_ps(c8, d8);
+  __m256 abcd = _mm256_hadd_ps(ab, cd);  // a0-3 b0-3 c0-3 d0-3 | a4-7 b4-7 c4-7 d4-7
+  return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
+}
+
+template <typename T>
+RT_AVX512 void QueryKeyDotsAvx512(const float* q, int rows, const T* k, int64_t k_stride, int keys, int D,
+                                  float* s, int s_stride) {
+  // D is a multiple of 16. Four query rows share each key load (and its
+  // widening from bfloat16); their four sums are reduced together.
   int r = 0;
   for (; r + 4 <= rows; r += 4) {
     const float* q0 = q + r * D;
     for (int j = 0; j < keys; ++j) {
-      const float* kr = k + j * k_stride;
+      const T* kr = k + j * k_stride;
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       for (int d = 0; d < D; d += 16) {
-        __m512 kv = _mm512_loadu_ps(kr + d);
+        __m512 kv = Load16(kr + d);
         a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + d), kv, a0);
         a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + D + d), kv, a1);
         a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 2 * D + d), kv, a2);
         a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q0 + 3 * D + d), kv, a3);
       }
-      s[(r + 0) * s_stride + j] = _mm512_reduce_add_ps(a0);
-      s[(r + 1) * s_stride + j] = _mm512_reduce_add_ps(a1);
-      s[(r + 2) * s_stride + j] = _mm512_reduce_add_ps(a2);
-      s[(r + 3) * s_stride + j] = _mm512_reduce_add_ps(a3);
+      alignas(16) float sums[4];
+      _mm_store_ps(sums, Reduce4(a0, a1, a2, a3));
+      s[(r + 0) * s_stride + j] = sums[0];
+      s[(r + 1) * s_stride + j] = sums[1];
+      s[(r + 2) * s_stride + j] = sums[2];
+      s[(r + 3) * s_stride + j] = sums[3];
     }
   }
   for (; r < rows; ++r) {
     const float* qr = q + r * D;
-    for (int j = 0; j < keys; ++j) {
-      const float* kr = k + j * k_stride;
+    int j = 0;
+    for (; j + 4 <= keys; j += 4) {  // one row, four keys reduced together
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int d = 0; d < D; d += 16) {
+        __m512 qv = _mm512_loadu_ps(qr + d);
+        a0 = _mm512_fmadd_ps(qv, Load16(k + j * k_stride + d), a0);
+        a1 = _mm512_fmadd_ps(qv, Load16(k + (j + 1) * k_stride + d), a1);
+        a2 = _mm512_fmadd_ps(qv, Load16(k + (j + 2) * k_stride + d), a2);
+        a3 = _mm512_fmadd_ps(qv, Load16(k + (j + 3) * k_stride + d), a3);
+      }
+      _mm_storeu_ps(s + r * s_stride + j, Reduce4(a0, a1, a2, a3));
+    }
+    for (; j < keys; ++j) {
+      const T* kr = k + j * k_stride;
       __m512 a0 = _mm512_setzero_ps();
-      for (int d = 0; d < D; d += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + d), _mm512_loadu_ps(kr + d), a0);
+      for (int d = 0; d < D; d += 16) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(qr + d), Load16(kr + d), a0);
       s[r * s_stride + j] = _mm512_reduce_add_ps(a0);
     }
   }
 }
 
-RT_AVX512 void AccumulateProbValuesAvx512(const float* p, int p_stride, int rows, const float* v,
+template <typename T>
+RT_AVX512 void AccumulateProbValuesAvx512(const float* p, int p_stride, int rows, const T* v,
                                           int64_t v_stride, int keys, int D, float* acc) {
   // D multiple of 16. Four accumulator rows per 16-wide column chunk stay in
   // registers while the keys stream by.
@@ -113,7 +151,7 @@ RT_AVX512 void AccumulateProbValuesAvx512(const float* p, int p_stride, int rows
              a3 = _mm512_loadu_ps(a + 3 * D);
       const float* p0 = p + r * p_stride;
       for (int j = 0; j < keys; ++j) {
-        __m512 vv = _mm512_loadu_ps(v + j * v_stride + d);
+        __m512 vv = Load16(v + j * v_stride + d);
         a0 = _mm512_fmadd_ps(_mm512_set1_ps(p0[j]), vv, a0);
         a1 = _mm512_fmadd_ps(_mm512_set1_ps(p0[p_stride + j]), vv, a1);
         a2 = _mm512_fmadd_ps(_mm512_set1_ps(p0[2 * p_stride + j]), vv, a2);
@@ -124,12 +162,19 @@ RT_AVX512 void AccumulateProbValuesAvx512(const float* p, int p_stride, int rows
       _mm512_storeu_ps(a + 2 * D, a2);
       _mm512_storeu_ps(a + 3 * D, a3);
     }
-    for (; r < rows; ++r) {
+    for (; r < rows; ++r) {  // single rows: four independent chains hide FMA latency
       float* a = acc + r * D + d;
-      __m512 a0 = _mm512_loadu_ps(a);
+      __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_setzero_ps(), a2 = a1, a3 = a1;
       const float* pr = p + r * p_stride;
-      for (int j = 0; j < keys; ++j) a0 = _mm512_fmadd_ps(_mm512_set1_ps(pr[j]), _mm512_loadu_ps(v + j * v_stride + d), a0);
-      _mm512_storeu_ps(a, a0);
+      int j = 0;
+      for (; j + 4 <= keys; j += 4) {
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(pr[j]), Load16(v + j * v_stride + d), a0);
+        a1 = _mm512_fmadd_ps(_mm512_set1_ps(pr[j + 1]), Load16(v + (j + 1) * v_stride + d), a1);
+        a2 = _mm512_fmadd_ps(_mm512_set1_ps(pr[j + 2]), Load16(v + (j + 2) * v_stride + d), a2);
+        a3 = _mm512_fmadd_ps(_mm512_set1_ps(pr[j + 3]), Load16(v + (j + 3) * v_stride + d), a3);
+      }
+      for (; j < keys; ++j) a0 = _mm512_fmadd_ps(_mm512_set1_ps(pr[j]), Load16(v + j * v_stride + d), a0);
+      _mm512_storeu_ps(a, _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
     }
   }
 }
@@ -173,6 +218,18 @@ void QueryKeyDots(const float* q, int rows, const float* k, int64_t k_stride, in
       s[r * s_stride + j] = dot;
     }
   }
+}
+
+bool HasFusedBFloat16(int D) { return CpuHasAvx512() && D % 16 == 0; }
+
+void QueryKeyDotsBFloat16(const float* q, int rows, const uint16_t* k, int64_t k_stride, int keys, int D,
+                          float* s, int s_stride) {
+  QueryKeyDotsAvx512(q, rows, k, k_stride, keys, D, s, s_stride);
+}
+
+void AccumulateProbValuesBFloat16(const float* p, int p_stride, int rows, const uint16_t* v, int64_t v_stride,
+                                  int keys, int D, float* acc) {
+  AccumulateProbValuesAvx512(p, p_stride, rows, v, v_stride, keys, D, acc);
 }
 
 void AccumulateProbValues(const float* p, int p_stride, int rows, const float* v, int64_t v_stride,

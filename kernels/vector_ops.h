@@ -23,4 +23,12 @@ void QueryKeyDots(const float* q, int rows, const float* k, int64_t k_stride, in
 void AccumulateProbValues(const float* p, int p_stride, int rows, const float* v, int64_t v_stride,
                           int keys, int D, float* acc);
 
+// bfloat16 K/V read and widened in registers (no scratch copy). Only when
+// HasFusedBFloat16(D); otherwise convert to float32 first.
+bool HasFusedBFloat16(int D);
+void QueryKeyDotsBFloat16(const float* q, int rows, const uint16_t* k, int64_t k_stride, int keys, int D,
+                          float* s, int s_stride);
+void AccumulateProbValuesBFloat16(const float* p, int p_stride, int rows, const uint16_t* v, int64_t v_stride,
+                                  int keys, int D, float* acc);
+
 }  // namespace ringtree::internal

@@ -1,0 +1,400 @@
+// Kernel benchmark: flash prefill against OpenBLAS SGEMM and an unfused
+// (full score matrix) baseline, decode against measured memory bandwidth,
+// and peak memory growth. Every ratio is taken against a roofline measured in
+// the same run. Prints a table and writes JSON lines.
+//
+// Cost model:
+//   prefill FLOPs = 4 * N^2 * D * H (non-causal), half that causal
+//   SGEMM FLOPs   = 2 * M * N * K
+//   decode bytes  = 2 * N * Hkv * D * sizeof(storage)   (K and V read once)
+#include <spawn.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
+#include <tbb/global_control.h>
+#include <tbb/parallel_for.h>
+#include <tbb/parallel_reduce.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <functional>
+#include <memory>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "kernels/attention.h"
+#include "kernels/blas.h"
+#include "kernels/dtype.h"
+
+extern char** environ;
+
+namespace ringtree {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double Seconds(Clock::time_point a, Clock::time_point b) { return std::chrono::duration<double>(b - a).count(); }
+
+// Times fn: `reps` runs after `warmup`, returns the minimum (the machine is shared and noisy).
+double TimeMin(const std::function<void()>& fn, int reps, int warmup = 1) {
+  for (int i = 0; i < warmup; ++i) fn();
+  double best = 1e30;
+  for (int i = 0; i < reps; ++i) {
+    auto t0 = Clock::now();
+    fn();
+    best = std::min(best, Seconds(t0, Clock::now()));
+  }
+  return best;
+}
+
+// Fast parallel fill with uniform values in [-1, 1) (xorshift per block).
+void FillRandom(float* x, size_t n, uint64_t seed) {
+  tbb::parallel_for(tbb::blocked_range<size_t>(0, n, 1 << 16), [&](const tbb::blocked_range<size_t>& r) {
+    uint64_t s = seed * 0x9E3779B97F4A7C15ull + r.begin() * 0xBF58476D1CE4E5B9ull + 1;
+    for (size_t i = r.begin(); i < r.end(); ++i) {
+      s ^= s << 13; s ^= s >> 7; s ^= s << 17;
+      x[i] = static_cast<float>(static_cast<int32_t>(s >> 32)) * (1.0f / 2147483648.0f);
+    }
+  });
+}
+
+struct Buffer {
+  std::unique_ptr<uint8_t[]> data;
+  size_t bytes = 0;
+  explicit Buffer(size_t n) : data(new uint8_t[n]), bytes(n) {}
+  template <typename T> T* as() { return reinterpret_cast<T*>(data.get()); }
+};
+
+// Storage of n elements of random values in dtype.
+Buffer RandomStorage(size_t n, DType dtype, uint64_t seed) {
+  Buffer b(n * DTypeSize(dtype));
+  if (dtype == DType::kFloat32) {
+    FillRandom(b.as<float>(), n, seed);
+  } else {
+    tbb::parallel_for(tbb::blocked_range<size_t>(0, n, 1 << 20), [&](const tbb::blocked_range<size_t>& r) {
+      std::vector<float> tmp(r.size());
+      FillRandom(tmp.data(), tmp.size(), seed + r.begin());
+      ConvertFromFloat32(tmp.data(), dtype, b.as<uint16_t>() + r.begin(), r.size());
+    });
+  }
+  return b;
+}
+
+std::string ReadFileLine(const char* path, const char* key) {
+  std::ifstream f(path);
+  std::string line;
+  while (std::getline(f, line))
+    if (line.rfind(key, 0) == 0) return line.substr(line.find(':') + 1);
+  return "";
+}
+
+// Peak resident set of this process image (VmHWM; unlike ru_maxrss it is not
+// inherited from the parent across exec).
+long PeakRssKiB() { return std::atol(ReadFileLine("/proc/self/status", "VmHWM").c_str()); }
+
+struct Options {
+  bool quick = false;
+  std::string json = "bench/results/kernels.jsonl";
+  std::string only;  // prefill, decode, memory or empty for all
+  int threads = 0;
+};
+
+FILE* g_json = nullptr;
+
+void EmitJson(const std::string& obj) {
+  if (g_json) { std::fputs(obj.c_str(), g_json); std::fputc('\n', g_json); std::fflush(g_json); }
+}
+
+std::string Fmt(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+std::string Fmt(const char* fmt, ...) {
+  char buf[1024];
+  va_list ap;
+  va_start(ap, fmt);
+  std::vsnprintf(buf, sizeof buf, fmt, ap);
+  va_end(ap);
+  return buf;
+}
+
+// ---------------- rooflines ----------------
+
+// OpenBLAS SGEMM with its own threads on all cores: C[M,N] = A[M,K] * B[N,K]^T.
+double SgemmGflops(int m, int n, int k, int threads) {
+  std::vector<float> a(static_cast<size_t>(m) * k), b(static_cast<size_t>(n) * k), c(static_cast<size_t>(m) * n);
+  FillRandom(a.data(), a.size(), 1);
+  FillRandom(b.data(), b.size(), 2);
+  SetBlasThreads(threads);
+  double t = TimeMin([&] { Sgemm(false, true, m, n, k, 1.0f, a.data(), k, b.data(), k, 0.0f, c.data(), n); }, 3);
+  SetBlasThreads(1);
+  return 2.0 * m * n * k / t / 1e9;
+}
+
+// Read bandwidth: parallel sum over a buffer much larger than the caches.
+double ReadBandwidthGBs(size_t bytes) {
+  size_t n = bytes / 4;
+  std::vector<float> x(n);
+  FillRandom(x.data(), n, 3);
+  volatile float sink = 0;
+  double t = TimeMin([&] {
+    sink = tbb::parallel_reduce(tbb::blocked_range<size_t>(0, n, 1 << 18), 0.0f,
+        [&](const tbb::blocked_range<size_t>& r, float acc) {
+          float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+          size_t i = r.begin();
+          for (; i + 64 <= r.end(); i += 64) {
+            for (int u = 0; u < 16; ++u) { s0 += x[i + u]; s1 += x[i + 16 + u]; s2 += x[i + 32 + u]; s3 += x[i + 48 + u]; }
+          }
+          for (; i < r.end(); ++i) s0 += x[i];
+          return acc + s0 + s1 + s2 + s3;
+        }, std::plus<float>());
+  }, 5);
+  return static_cast<double>(n) * 4 / t / 1e9;
+}
+
+// ---------------- unfused baseline ----------------
+
+// Full score matrix per head with SGEMM (OpenBLAS threads), row softmax, SGEMM.
+// Needs N_q x N_k floats per head: this is what the flash kernel avoids.
+void UnfusedAttention(const float* q, const float* k, const float* v, int64_t n, int heads, int kv_heads, int d,
+                      bool causal, float* o, std::vector<float>& scores, int threads) {
+  const int g = heads / kv_heads;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  SetBlasThreads(threads);
+  for (int h = 0; h < heads; ++h) {
+    const int hk = h / g;
+    Sgemm(false, true, n, n, d, scale, q + h * d, heads * d, k + hk * d, kv_heads * d, 0.0f, scores.data(), n);
+    tbb::parallel_for(tbb::blocked_range<int64_t>(0, n, 64), [&](const tbb::blocked_range<int64_t>& r) {
+      for (int64_t i = r.begin(); i < r.end(); ++i) {
+        float* row = scores.data() + i * n;
+        const int64_t visible = causal ? i + 1 : n;
+        float mx = -INFINITY;
+        for (int64_t j = 0; j < visible; ++j) mx = std::max(mx, row[j]);
+        float sum = 0;
+        for (int64_t j = 0; j < visible; ++j) { row[j] = std::exp(row[j] - mx); sum += row[j]; }
+        const float inv = 1.0f / sum;
+        for (int64_t j = 0; j < visible; ++j) row[j] *= inv;
+        for (int64_t j = visible; j < n; ++j) row[j] = 0.0f;
+      }
+    });
+    Sgemm(false, false, n, d, n, 1.0f, scores.data(), n, v + hk * d, kv_heads * d, 0.0f, o + h * d, heads * d);
+  }
+  SetBlasThreads(1);
+}
+
+// ---------------- cases ----------------
+
+void Header() {
+  std::printf("\n%-34s %8s %5s %4s %4s %9s %10s %10s %10s\n", "case", "N", "H", "Hkv", "D", "seconds", "GFLOP/s|GB/s",
+              "ratio", "vs_unfused");
+}
+
+void PrefillCase(int64_t n, int heads, int kv_heads, int d, bool causal, bool with_unfused, int threads) {
+  const size_t qn = n * heads * d, kvn = n * kv_heads * d;
+  std::vector<float> q(qn), k(kvn), v(kvn), o(qn), lse(n * heads);
+  FillRandom(q.data(), qn, 11);
+  FillRandom(k.data(), kvn, 12);
+  FillRandom(v.data(), kvn, 13);
+  AttentionShape s{n, n, heads, kv_heads, d};
+  AttentionOptions opt;
+  opt.causal = causal;
+  const double flops = 4.0 * n * n * d * heads * (causal ? 0.5 : 1.0);
+  const int reps = n >= 16384 ? 1 : 2;
+  double t = TimeMin([&] { (void)AttentionForward(q.data(), k.data(), v.data(), DType::kFloat32, s, opt, o.data(), lse.data()); },
+                     reps, n >= 16384 ? 0 : 1);
+  // SGEMM roofline on the same-size GEMM (the N x N x D score product), same run.
+  const double sgemm = SgemmGflops(static_cast<int>(n), static_cast<int>(n), d, threads);
+  const double gflops = flops / t / 1e9;
+  double t_unfused = -1;
+  if (with_unfused) {
+    std::vector<float> scores(static_cast<size_t>(n) * n), o2(qn);
+    t_unfused = TimeMin([&] { UnfusedAttention(q.data(), k.data(), v.data(), n, heads, kv_heads, d, causal, o2.data(), scores, threads); },
+                        1, 0);
+  }
+  const std::string name = Fmt("prefill_%s_N%ld_H%d_Hkv%d_D%d", causal ? "causal" : "full", (long)n, heads, kv_heads, d);
+  std::printf("%-34s %8ld %5d %4d %4d %9.3f %10.1f %10.3f %10s\n", name.c_str(), (long)n, heads, kv_heads, d, t, gflops,
+              gflops / sgemm, with_unfused ? Fmt("%.3f", t_unfused / t).c_str() : "-");
+  std::fflush(stdout);
+  EmitJson(Fmt("{\"name\":\"%s\",\"kind\":\"prefill\",\"causal\":%s,\"N\":%ld,\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,"
+               "\"seconds\":%.6f,\"gflops\":%.2f,\"sgemm_gflops\":%.2f,\"prefill_vs_sgemm\":%.4f,"
+               "\"unfused_seconds\":%.6f,\"prefill_vs_unfused\":%.4f,\"unfused_score_bytes_per_head\":%.0f}",
+               name.c_str(), causal ? "true" : "false", (long)n, heads, kv_heads, d, t, gflops, sgemm, gflops / sgemm,
+               t_unfused, with_unfused ? t_unfused / t : -1.0, 4.0 * n * n));
+}
+
+void DecodeCase(int64_t n, int heads, int kv_heads, int d, DType dtype, double bandwidth) {
+  const size_t kvn = n * kv_heads * d;
+  Buffer k = RandomStorage(kvn, dtype, 21), v = RandomStorage(kvn, dtype, 22);
+  std::vector<float> q(heads * d), o(heads * d), lse(heads);
+  FillRandom(q.data(), q.size(), 23);
+  AttentionShape s{1, n, heads, kv_heads, d};
+  AttentionOptions opt;
+  double t = TimeMin([&] { (void)DecodeAttention(q.data(), k.data.get(), v.data.get(), dtype, s, opt, o.data(), lse.data()); },
+                     n >= (1 << 19) ? 5 : 10);
+  const double bytes = 2.0 * kvn * DTypeSize(dtype);
+  const double gbs = bytes / t / 1e9;
+  const std::string name = Fmt("decode_%s_N%ld_H%d_Hkv%d_D%d", DTypeName(dtype), (long)n, heads, kv_heads, d);
+  std::printf("%-34s %8ld %5d %4d %4d %9.5f %10.2f %10.3f %10s\n", name.c_str(), (long)n, heads, kv_heads, d, t, gbs,
+              gbs / bandwidth, "-");
+  std::fflush(stdout);
+  EmitJson(Fmt("{\"name\":\"%s\",\"kind\":\"decode\",\"dtype\":\"%s\",\"N\":%ld,\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,"
+               "\"seconds\":%.7f,\"kv_bytes\":%.0f,\"gbytes_per_s\":%.3f,\"bandwidth_gbytes_per_s\":%.3f,\"decode_vs_bandwidth\":%.4f}",
+               name.c_str(), DTypeName(dtype), (long)n, heads, kv_heads, d, t, bytes, gbs, bandwidth, gbs / bandwidth));
+}
+
+// Child process for the memory cases: runs one prefill and prints its peak RSS.
+int MemoryChild(int64_t n, int heads, int kv_heads, int d, bool unfused, int threads) {
+  const size_t qn = n * heads * d, kvn = n * kv_heads * d;
+  std::vector<float> q(qn), k(kvn), v(kvn), o(qn), lse(n * heads);
+  FillRandom(q.data(), qn, 1);
+  FillRandom(k.data(), kvn, 2);
+  FillRandom(v.data(), kvn, 3);
+  auto t0 = Clock::now();
+  if (unfused) {
+    std::vector<float> scores(static_cast<size_t>(n) * n);
+    UnfusedAttention(q.data(), k.data(), v.data(), n, heads, kv_heads, d, true, o.data(), scores, threads);
+  } else {
+    AttentionShape s{n, n, heads, kv_heads, d};
+    AttentionOptions opt;
+    opt.causal = true;
+    (void)AttentionForward(q.data(), k.data(), v.data(), DType::kFloat32, s, opt, o.data(), lse.data());
+  }
+  std::printf("%ld %.6f\n", PeakRssKiB(), Seconds(t0, Clock::now()));
+  return 0;
+}
+
+bool RunMemoryChild(int64_t n, int heads, int kv_heads, int d, bool unfused, int threads, long* rss_kib, double* secs) {
+  int pipefd[2];
+  if (pipe(pipefd) != 0) return false;
+  posix_spawn_file_actions_t fa;
+  posix_spawn_file_actions_init(&fa);
+  posix_spawn_file_actions_adddup2(&fa, pipefd[1], 1);
+  posix_spawn_file_actions_addclose(&fa, pipefd[0]);
+  std::vector<std::string> args{"kernel_bench", "--memory-child", std::to_string(n), std::to_string(heads),
+                                std::to_string(kv_heads), std::to_string(d), unfused ? "1" : "0", std::to_string(threads)};
+  std::vector<char*> argv;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  pid_t pid;
+  int rc = posix_spawn(&pid, "/proc/self/exe", &fa, nullptr, argv.data(), environ);
+  posix_spawn_file_actions_destroy(&fa);
+  close(pipefd[1]);
+  if (rc != 0) { close(pipefd[0]); return false; }
+  char buf[256] = {0};
+  ssize_t got = read(pipefd[0], buf, sizeof buf - 1);
+  close(pipefd[0]);
+  int status = 0;
+  waitpid(pid, &status, 0);
+  if (got <= 0 || !WIFEXITED(status) || WEXITSTATUS(status) != 0) return false;
+  return std::sscanf(buf, "%ld %lf", rss_kib, secs) == 2;
+}
+
+void MemoryCase(int64_t n, int heads, int kv_heads, int d, bool unfused, int threads) {
+  const double score_bytes = 4.0 * n * n;
+  const double phys = static_cast<double>(sysconf(_SC_PHYS_PAGES)) * sysconf(_SC_PAGESIZE);
+  const std::string name = Fmt("memory_%s_causal_N%ld_H%d_D%d", unfused ? "unfused" : "flash", (long)n, heads, d);
+  if (unfused && score_bytes > 0.8 * phys) {
+    std::printf("%-34s %8ld %5d %4d %4d %9s  needs %.1f GiB for one head's score matrix > %.1f GiB RAM: not run\n",
+                name.c_str(), (long)n, heads, kv_heads, d, "-", score_bytes / (1 << 30), phys / (1 << 30));
+    EmitJson(Fmt("{\"name\":\"%s\",\"kind\":\"memory\",\"unfused\":true,\"N\":%ld,\"heads\":%d,\"head_dim\":%d,"
+                 "\"fits\":false,\"required_bytes\":%.0f,\"ram_bytes\":%.0f}", name.c_str(), (long)n, heads, d, score_bytes, phys));
+    return;
+  }
+  long rss = 0;
+  double secs = 0;
+  if (!RunMemoryChild(n, heads, kv_heads, d, unfused, threads, &rss, &secs)) {
+    std::printf("%-34s child failed\n", name.c_str());
+    return;
+  }
+  std::printf("%-34s %8ld %5d %4d %4d %9.3f  peak RSS %8.1f MiB\n", name.c_str(), (long)n, heads, kv_heads, d, secs, rss / 1024.0);
+  std::fflush(stdout);
+  EmitJson(Fmt("{\"name\":\"%s\",\"kind\":\"memory\",\"unfused\":%s,\"N\":%ld,\"heads\":%d,\"head_dim\":%d,\"fits\":true,"
+               "\"seconds\":%.4f,\"peak_rss_bytes\":%ld}", name.c_str(), unfused ? "true" : "false", (long)n, heads, d, secs, rss * 1024));
+}
+
+void PrintMachine(int threads) {
+  std::string model = ReadFileLine("/proc/cpuinfo", "model name");
+  std::printf("machine: %s | %u hardware threads | AVX-512 %s | kernel threads %d\n", model.c_str(),
+              std::thread::hardware_concurrency(), CpuHasAvx512() ? "yes" : "no", threads);
+#ifdef NDEBUG
+  std::printf("build: release\n");
+#else
+  std::printf("WARNING: debug build (assertions on): numbers are not representative\n");
+#endif
+  EmitJson(Fmt("{\"name\":\"machine\",\"cpu\":\"%s\",\"hardware_threads\":%u,\"avx512\":%s,\"threads\":%d}",
+               model.c_str(), std::thread::hardware_concurrency(), CpuHasAvx512() ? "true" : "false", threads));
+}
+
+int Main(int argc, char** argv) {
+  if (argc >= 8 && std::string(argv[1]) == "--memory-child") {
+    tbb::global_control gc(tbb::global_control::max_allowed_parallelism, std::atoi(argv[7]));
+    return MemoryChild(std::atol(argv[2]), std::atoi(argv[3]), std::atoi(argv[4]), std::atoi(argv[5]),
+                       std::atoi(argv[6]) != 0, std::atoi(argv[7]));
+  }
+  Options opt;
+  for (int i = 1; i < argc; ++i) {
+    std::string a = argv[i];
+    if (a == "--quick") opt.quick = true;
+    else if (a == "--json" && i + 1 < argc) opt.json = argv[++i];
+    else if (a == "--only" && i + 1 < argc) opt.only = argv[++i];
+    else if (a == "--threads" && i + 1 < argc) opt.threads = std::atoi(argv[++i]);
+    else {
+      std::fprintf(stderr, "usage: kernel_bench [--quick] [--only prefill|decode|memory] [--threads N] [--json FILE]\n");
+      return 2;
+    }
+  }
+  const int threads = opt.threads > 0 ? opt.threads : static_cast<int>(std::thread::hardware_concurrency());
+  tbb::global_control gc(tbb::global_control::max_allowed_parallelism, threads);
+  g_json = std::fopen(opt.json.c_str(), "w");
+  if (!g_json) std::fprintf(stderr, "warning: cannot write %s; JSON lines skipped\n", opt.json.c_str());
+  PrintMachine(threads);
+  const bool all = opt.only.empty();
+  if (all || opt.only == "prefill") {
+    Header();
+    if (opt.quick) {
+      PrefillCase(2048, 8, 8, 128, false, true, threads);
+      PrefillCase(2048, 8, 8, 128, true, true, threads);
+    } else {
+      for (int64_t n : {4096, 8192, 16384}) {
+        PrefillCase(n, 8, 8, 128, false, true, threads);
+        PrefillCase(n, 8, 8, 128, true, true, threads);
+      }
+      PrefillCase(4096, 32, 8, 128, false, true, threads);
+      PrefillCase(4096, 32, 8, 128, true, true, threads);
+      PrefillCase(32768, 8, 8, 128, true, false, threads);
+    }
+  }
+  if (all || opt.only == "decode") {
+    const double bw = ReadBandwidthGBs(opt.quick ? (256u << 20) : (1u << 30));
+    std::printf("\nmemory read bandwidth (same run): %.2f GB/s\n", bw);
+    EmitJson(Fmt("{\"name\":\"read_bandwidth\",\"gbytes_per_s\":%.3f}", bw));
+    Header();
+    std::vector<int64_t> ns = opt.quick ? std::vector<int64_t>{65536} : std::vector<int64_t>{65536, 262144, 1048576};
+    for (int64_t n : ns)
+      for (DType t : {DType::kFloat32, DType::kBFloat16}) DecodeCase(n, 32, 8, 128, t, bw);
+  }
+  if (all || opt.only == "memory") {
+    std::printf("\npeak memory (separate process per case, causal prefill, H=1, D=128)\n");
+    std::vector<int64_t> ns = opt.quick ? std::vector<int64_t>{4096, 8192} : std::vector<int64_t>{8192, 16384, 32768};
+    for (int64_t n : ns) {
+      MemoryCase(n, 1, 1, 128, false, threads);
+      MemoryCase(n, 1, 1, 128, true, threads);
+    }
+    if (!opt.quick) {
+      MemoryCase(81920, 1, 1, 128, false, threads);
+      MemoryCase(81920, 1, 1, 128, true, threads);
+    }
+  }
+  if (g_json) std::fclose(g_json);
+  return 0;
+}
+
+}  // namespace
+}  // namespace ringtree
+
+int main(int argc, char** argv) { return ringtree::Main(argc, argv); }
