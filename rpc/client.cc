@@ -1,0 +1,287 @@
+#include "rpc/client.h"
+
+#include <algorithm>
+#include <cstring>
+
+namespace ringtree {
+
+const char* GrpcCodeName(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::OK: return "OK";
+    case grpc::StatusCode::CANCELLED: return "CANCELLED";
+    case grpc::StatusCode::UNKNOWN: return "UNKNOWN";
+    case grpc::StatusCode::INVALID_ARGUMENT: return "INVALID_ARGUMENT";
+    case grpc::StatusCode::DEADLINE_EXCEEDED: return "DEADLINE_EXCEEDED";
+    case grpc::StatusCode::NOT_FOUND: return "NOT_FOUND";
+    case grpc::StatusCode::ALREADY_EXISTS: return "ALREADY_EXISTS";
+    case grpc::StatusCode::PERMISSION_DENIED: return "PERMISSION_DENIED";
+    case grpc::StatusCode::RESOURCE_EXHAUSTED: return "RESOURCE_EXHAUSTED";
+    case grpc::StatusCode::FAILED_PRECONDITION: return "FAILED_PRECONDITION";
+    case grpc::StatusCode::ABORTED: return "ABORTED";
+    case grpc::StatusCode::OUT_OF_RANGE: return "OUT_OF_RANGE";
+    case grpc::StatusCode::UNIMPLEMENTED: return "UNIMPLEMENTED";
+    case grpc::StatusCode::INTERNAL: return "INTERNAL";
+    case grpc::StatusCode::UNAVAILABLE: return "UNAVAILABLE";
+    case grpc::StatusCode::DATA_LOSS: return "DATA_LOSS";
+    case grpc::StatusCode::UNAUTHENTICATED: return "UNAUTHENTICATED";
+    default: return "UNKNOWN";
+  }
+}
+
+namespace {
+
+StatusCode ToRingtreeCode(grpc::StatusCode code) {
+  switch (code) {
+    case grpc::StatusCode::INVALID_ARGUMENT: return StatusCode::kInvalidArgument;
+    case grpc::StatusCode::NOT_FOUND: return StatusCode::kNotFound;
+    case grpc::StatusCode::FAILED_PRECONDITION: return StatusCode::kFailedPrecondition;
+    case grpc::StatusCode::RESOURCE_EXHAUSTED: return StatusCode::kResourceExhausted;
+    case grpc::StatusCode::DEADLINE_EXCEEDED: return StatusCode::kDeadlineExceeded;
+    case grpc::StatusCode::UNAVAILABLE: return StatusCode::kUnavailable;
+    case grpc::StatusCode::CANCELLED: return StatusCode::kCancelled;
+    case grpc::StatusCode::ALREADY_EXISTS: return StatusCode::kAlreadyExists;
+    case grpc::StatusCode::DATA_LOSS: return StatusCode::kDataLoss;
+    default: return StatusCode::kInternal;
+  }
+}
+
+}  // namespace
+
+Status FromGrpcStatus(const grpc::Status& status, const std::string& method) {
+  if (status.ok()) return Status::Ok();
+  return Status(ToRingtreeCode(status.error_code()),
+                "[" + method + "] " + GrpcCodeName(status.error_code()) + ": " +
+                    status.error_message());
+}
+
+grpc::StatusCode GrpcCodeOf(const Status& status) {
+  if (status.ok()) return grpc::StatusCode::OK;
+  const std::string& m = status.message();
+  size_t close = m.find("] ");
+  if (close == std::string::npos) return grpc::StatusCode::UNKNOWN;
+  for (int c = 0; c <= 16; ++c) {
+    std::string name = GrpcCodeName(static_cast<grpc::StatusCode>(c));
+    if (m.compare(close + 2, name.size() + 1, name + ":") == 0) return static_cast<grpc::StatusCode>(c);
+  }
+  return grpc::StatusCode::UNKNOWN;
+}
+
+AttentionClient::AttentionClient(const ClientOptions& options) : options_(options) {
+  std::shared_ptr<grpc::ChannelCredentials> credentials;
+  grpc::ChannelArguments args;
+  args.SetMaxReceiveMessageSize(options.max_message_bytes);
+  args.SetMaxSendMessageSize(options.max_message_bytes);
+  if (options.tls_root_certs_pem.empty()) {
+    credentials = grpc::InsecureChannelCredentials();
+  } else {
+    grpc::SslCredentialsOptions ssl;
+    ssl.pem_root_certs = options.tls_root_certs_pem;
+    credentials = grpc::SslCredentials(ssl);
+    if (!options.tls_server_name.empty()) {
+      args.SetSslTargetNameOverride(options.tls_server_name);
+    }
+  }
+  channel_ = grpc::CreateCustomChannel(options.address, credentials, args);
+  stub_ = v1::AttentionService::NewStub(channel_);
+}
+
+std::unique_ptr<AttentionClient> AttentionClient::Connect(const ClientOptions& options) {
+  return std::unique_ptr<AttentionClient>(new AttentionClient(options));
+}
+
+bool AttentionClient::WaitForReady(std::chrono::milliseconds timeout) {
+  return channel_->WaitForConnected(std::chrono::system_clock::now() + timeout);
+}
+
+void AttentionClient::PrepareContext(grpc::ClientContext* context) const {
+  if (!options_.bearer_token.empty()) {
+    context->AddMetadata("authorization", "Bearer " + options_.bearer_token);
+  }
+  if (options_.timeout.count() > 0) {
+    context->set_deadline(std::chrono::system_clock::now() + options_.timeout);
+  }
+}
+
+Result<v1::SessionInfo> AttentionClient::CreateSession(const v1::SessionConfig& config) {
+  grpc::ClientContext context;
+  PrepareContext(&context);
+  v1::CreateSessionRequest request;
+  *request.mutable_config() = config;
+  v1::SessionInfo info;
+  grpc::Status status = stub_->CreateSession(&context, request, &info);
+  if (!status.ok()) return FromGrpcStatus(status, "CreateSession");
+  return info;
+}
+
+Result<v1::SessionInfo> AttentionClient::GetSession(const std::string& session_id) {
+  grpc::ClientContext context;
+  PrepareContext(&context);
+  v1::GetSessionRequest request;
+  request.set_session_id(session_id);
+  v1::SessionInfo info;
+  grpc::Status status = stub_->GetSession(&context, request, &info);
+  if (!status.ok()) return FromGrpcStatus(status, "GetSession");
+  return info;
+}
+
+Result<std::vector<v1::SessionInfo>> AttentionClient::ListSessions() {
+  grpc::ClientContext context;
+  PrepareContext(&context);
+  v1::ListSessionsResponse response;
+  grpc::Status status = stub_->ListSessions(&context, v1::ListSessionsRequest(), &response);
+  if (!status.ok()) return FromGrpcStatus(status, "ListSessions");
+  return std::vector<v1::SessionInfo>(response.sessions().begin(), response.sessions().end());
+}
+
+Result<int64_t> AttentionClient::DeleteSession(const std::string& session_id) {
+  grpc::ClientContext context;
+  PrepareContext(&context);
+  v1::DeleteSessionRequest request;
+  request.set_session_id(session_id);
+  v1::DeleteSessionResponse response;
+  grpc::Status status = stub_->DeleteSession(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status, "DeleteSession");
+  return response.freed_bytes();
+}
+
+Result<AppendOutput> AttentionClient::AppendKV(const std::string& session_id, int layer,
+                                               const HostTensor& k, const HostTensor& v,
+                                               int64_t chunk_tokens) {
+  if (k.shape.empty() || k.shape != v.shape || k.dtype != v.dtype) {
+    return Status::InvalidArgument("[AppendKV] k and v must have the same non-empty shape and dtype");
+  }
+  const int64_t tokens = k.shape[0];
+  const int64_t row_bytes = tokens > 0 ? static_cast<int64_t>(k.data.size()) / tokens : 0;
+  chunk_tokens = std::max<int64_t>(1, chunk_tokens);
+  grpc::ClientContext context;
+  PrepareContext(&context);
+  v1::AppendKVResponse response;
+  auto writer = stub_->AppendKV(&context, &response);
+  for (int64_t start = 0; start < tokens || (tokens == 0 && start == 0); start += chunk_tokens) {
+    const int64_t n = std::min(chunk_tokens, tokens - start);
+    v1::AppendKVRequest request;
+    request.set_session_id(session_id);
+    request.set_layer(layer);
+    for (auto [src, dst] : {std::pair{&k, request.mutable_k()}, std::pair{&v, request.mutable_v()}}) {
+      dst->set_dtype(ToProtoDType(src->dtype));
+      dst->add_shape(n);
+      for (size_t d = 1; d < src->shape.size(); ++d) dst->add_shape(src->shape[d]);
+      dst->set_data(src->data.data() + start * row_bytes, static_cast<size_t>(n * row_bytes));
+    }
+    if (!writer->Write(request)) break;  // server ended the call; Finish() says why
+    if (tokens == 0) break;
+  }
+  writer->WritesDone();
+  grpc::Status status = writer->Finish();
+  if (!status.ok()) return FromGrpcStatus(status, "AppendKV");
+  return AppendOutput{response.appended_tokens(), response.first_position(), response.layer_tokens()};
+}
+
+namespace {
+
+void SetOptions(const CallOptions& options, v1::AttentionOptions* out) {
+  out->set_scale(options.scale);
+  out->set_return_lse(options.return_lse);
+  out->set_output_dtype(ToProtoDType(options.output_dtype));
+}
+
+Result<AttentionOutput> OutputFrom(const v1::Tensor& o, const v1::Tensor& lse, const char* method) {
+  AttentionOutput out;
+  RINGTREE_ASSIGN_OR_RETURN(out.o, FromProto(o, method, "o"));
+  if (lse.dtype() != v1::DATA_TYPE_UNSPECIFIED) {
+    RINGTREE_ASSIGN_OR_RETURN(out.lse, FromProto(lse, method, "lse"));
+  }
+  return out;
+}
+
+}  // namespace
+
+Result<AttentionOutput> AttentionClient::Prefill(const std::string& session_id, int layer,
+                                                 const HostTensor& q, const HostTensor& k,
+                                                 const HostTensor& v, const CallOptions& options) {
+  grpc::ClientContext context;
+  PrepareContext(&context);
+  v1::PrefillRequest request;
+  request.set_session_id(session_id);
+  request.set_layer(layer);
+  ToProto(q, request.mutable_q());
+  ToProto(k, request.mutable_k());
+  ToProto(v, request.mutable_v());
+  SetOptions(options, request.mutable_options());
+  request.set_output_chunk_tokens(options.output_chunk_tokens);
+  auto reader = stub_->Prefill(&context, request);
+  AttentionOutput out;
+  out.o.dtype = options.output_dtype;
+  out.o.shape = q.shape;
+  out.lse.dtype = DType::kFloat32;
+  if (options.return_lse && q.shape.size() >= 2) out.lse.shape = {q.shape[0], q.shape[1]};
+  v1::PrefillResponse message;
+  while (reader->Read(&message)) {
+    RINGTREE_ASSIGN_OR_RETURN(HostTensor o, FromProto(message.o(), "Prefill", "o"));
+    out.o.data += o.data;
+    if (message.has_lse() && message.lse().dtype() != v1::DATA_TYPE_UNSPECIFIED) {
+      RINGTREE_ASSIGN_OR_RETURN(HostTensor lse, FromProto(message.lse(), "Prefill", "lse"));
+      out.lse.data += lse.data;
+    }
+    out.first_position = message.first_position();
+    out.layer_tokens = message.layer_tokens();
+  }
+  grpc::Status status = reader->Finish();
+  if (!status.ok()) return FromGrpcStatus(status, "Prefill");
+  if (out.o.data.size() != static_cast<size_t>(out.o.elements()) * DTypeSize(out.o.dtype)) {
+    return Status::Internal("[Prefill] o: streamed output is incomplete");
+  }
+  if (!options.return_lse) out.lse = HostTensor{};
+  return out;
+}
+
+Result<AttentionOutput> AttentionClient::Decode(const std::string& session_id, int layer,
+                                                const HostTensor& q, const HostTensor& k,
+                                                const HostTensor& v, const CallOptions& options) {
+  grpc::ClientContext context;
+  PrepareContext(&context);
+  v1::DecodeRequest request;
+  request.set_session_id(session_id);
+  request.set_layer(layer);
+  ToProto(q, request.mutable_q());
+  ToProto(k, request.mutable_k());
+  ToProto(v, request.mutable_v());
+  SetOptions(options, request.mutable_options());
+  v1::DecodeResponse response;
+  grpc::Status status = stub_->Decode(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status, "Decode");
+  RINGTREE_ASSIGN_OR_RETURN(AttentionOutput out, OutputFrom(response.o(), response.lse(), "Decode"));
+  out.first_position = response.first_position();
+  out.layer_tokens = response.layer_tokens();
+  out.batch_size = response.batch_size();
+  return out;
+}
+
+Result<AttentionOutput> AttentionClient::Attend(const std::string& session_id, int layer,
+                                                const HostTensor& q, const CallOptions& options) {
+  grpc::ClientContext context;
+  PrepareContext(&context);
+  v1::AttendRequest request;
+  request.set_session_id(session_id);
+  request.set_layer(layer);
+  ToProto(q, request.mutable_q());
+  SetOptions(options, request.mutable_options());
+  v1::AttendResponse response;
+  grpc::Status status = stub_->Attend(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status, "Attend");
+  RINGTREE_ASSIGN_OR_RETURN(AttentionOutput out, OutputFrom(response.o(), response.lse(), "Attend"));
+  out.layer_tokens = response.layer_tokens();
+  out.batch_size = response.batch_size();
+  return out;
+}
+
+Result<v1::StatsResponse> AttentionClient::Stats() {
+  grpc::ClientContext context;
+  PrepareContext(&context);
+  v1::StatsResponse response;
+  grpc::Status status = stub_->Stats(&context, v1::StatsRequest(), &response);
+  if (!status.ok()) return FromGrpcStatus(status, "Stats");
+  return response;
+}
+
+}  // namespace ringtree

@@ -1,0 +1,105 @@
+// C++ client of the ringtree.v1 attention service.
+//
+// A thin, typed wrapper over the generated stub: converts host tensors to the
+// wire format, splits AppendKV into stream chunks, reassembles the streamed
+// Prefill output, and turns grpc::Status into ringtree::Status (message
+// "[<Method>] <GRPC_CODE>: <server message>"; the gRPC code is kept in
+// CallStatus::grpc_code for callers that need it).
+//
+// Thread-safety: one AttentionClient may be used from many threads at once
+// (gRPC channels and stubs are thread-safe).
+#pragma once
+
+#include <chrono>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <grpcpp/grpcpp.h>
+
+#include "kernels/status.h"
+#include "ringtree/v1/attention.grpc.pb.h"
+#include "rpc/tensor_codec.h"
+
+namespace ringtree {
+
+struct ClientOptions {
+  std::string address = "127.0.0.1:50051";  // host:port of attnserve
+  std::string bearer_token;                 // sent as "authorization: Bearer <token>" if set
+  std::string tls_root_certs_pem;           // PEM CA bundle; empty = plaintext
+  std::string tls_server_name;              // SNI / name override for TLS (optional)
+  std::chrono::milliseconds timeout{0};     // per-call deadline; 0 = none
+  int max_message_bytes = 256 << 20;        // receive limit for large outputs
+};
+
+// Result of Prefill / Decode / Attend.
+struct AttentionOutput {
+  HostTensor o;              // [tokens, heads, head_dim], options.output_dtype
+  HostTensor lse;            // [tokens, heads] float32 (empty unless return_lse)
+  int64_t first_position = 0;
+  int64_t layer_tokens = 0;  // stored tokens in the layer after the call
+  int batch_size = 0;        // requests in the engine step (Decode/Attend)
+};
+
+struct AppendOutput {
+  int64_t appended_tokens = 0;
+  int64_t first_position = 0;
+  int64_t layer_tokens = 0;
+};
+
+struct CallOptions {
+  float scale = 0.0f;                 // 0 = 1/sqrt(head_dim)
+  bool return_lse = false;
+  DType output_dtype = DType::kFloat32;
+  int output_chunk_tokens = 0;        // Prefill only; 0 = server default
+};
+
+// gRPC status code of a failed call, recovered from a client Status
+// (grpc::StatusCode::UNKNOWN if the status did not come from a call).
+grpc::StatusCode GrpcCodeOf(const Status& status);
+
+class AttentionClient {
+ public:
+  // Creates the channel (does not wait for the server to be up).
+  static std::unique_ptr<AttentionClient> Connect(const ClientOptions& options);
+  // Blocks until the channel is connected or `timeout` passes.
+  bool WaitForReady(std::chrono::milliseconds timeout);
+
+  Result<v1::SessionInfo> CreateSession(const v1::SessionConfig& config);
+  Result<v1::SessionInfo> GetSession(const std::string& session_id);
+  Result<std::vector<v1::SessionInfo>> ListSessions();
+  Result<int64_t> DeleteSession(const std::string& session_id);  // freed bytes
+
+  // Streams k/v [T, Hkv, D] in messages of `chunk_tokens` tokens (all or
+  // nothing on the server side).
+  Result<AppendOutput> AppendKV(const std::string& session_id, int layer, const HostTensor& k,
+                                const HostTensor& v, int64_t chunk_tokens = 4096);
+  Result<AttentionOutput> Prefill(const std::string& session_id, int layer, const HostTensor& q,
+                                  const HostTensor& k, const HostTensor& v,
+                                  const CallOptions& options = {});
+  Result<AttentionOutput> Decode(const std::string& session_id, int layer, const HostTensor& q,
+                                 const HostTensor& k, const HostTensor& v,
+                                 const CallOptions& options = {});
+  Result<AttentionOutput> Attend(const std::string& session_id, int layer, const HostTensor& q,
+                                 const CallOptions& options = {});
+  Result<v1::StatsResponse> Stats();
+
+  // The raw stub, for callers that build requests themselves (tests).
+  v1::AttentionService::Stub* stub() { return stub_.get(); }
+  // Sets auth metadata and the deadline on a fresh context.
+  void PrepareContext(grpc::ClientContext* context) const;
+  const ClientOptions& options() const { return options_; }
+
+ private:
+  explicit AttentionClient(const ClientOptions& options);
+  ClientOptions options_;
+  std::shared_ptr<grpc::Channel> channel_;
+  std::unique_ptr<v1::AttentionService::Stub> stub_;
+};
+
+// ringtree::Status from a failed call: "[<method>] <CODE>: <message>".
+Status FromGrpcStatus(const grpc::Status& status, const std::string& method);
+// Readable code name, e.g. "RESOURCE_EXHAUSTED".
+const char* GrpcCodeName(grpc::StatusCode code);
+
+}  // namespace ringtree

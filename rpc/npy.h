@@ -1,0 +1,21 @@
+// Minimal NumPy .npy reader/writer for the command-line client (whole file in
+// memory, C order only). Job mode's MPI-IO reader lives in dist/; this one
+// serves attnctl, which runs on one machine.
+#pragma once
+
+#include <string>
+
+#include "kernels/status.h"
+#include "rpc/tensor_codec.h"
+
+namespace ringtree {
+
+// Reads '<f4', '<f2' or '<f8' (converted to float32) arrays in C order.
+// Errors name the path: "[npy] k.npy: fortran_order arrays not supported".
+Result<HostTensor> ReadNpy(const std::string& path);
+
+// Writes a float32 or float16 tensor ('<f4' / '<f2'); bfloat16 is written as
+// float32 (NumPy has no bfloat16).
+Status WriteNpy(const std::string& path, const HostTensor& tensor);
+
+}  // namespace ringtree

@@ -1,0 +1,157 @@
+#include "worker/engine/command.h"
+
+#include <cstring>
+#include <type_traits>
+
+namespace ringtree {
+
+int64_t KvRows::tokens() const {
+  int64_t n = 0;
+  for (const KvRun& r : runs) n += r.tokens;
+  return n;
+}
+
+namespace {
+
+class Writer {
+ public:
+  template <typename T>
+  void Pod(const T& value) {
+    static_assert(std::is_trivially_copyable_v<T>);
+    out_.append(reinterpret_cast<const char*>(&value), sizeof(T));
+  }
+  void Bytes(const void* data, size_t n) {
+    Pod<uint64_t>(n);
+    out_.append(static_cast<const char*>(data), n);
+  }
+  void String(const std::string& s) { Bytes(s.data(), s.size()); }
+  template <typename T>
+  void Vector(const std::vector<T>& v) { Bytes(v.data(), v.size() * sizeof(T)); }
+  std::string Take() { return std::move(out_); }
+
+ private:
+  std::string out_;
+};
+
+class Reader {
+ public:
+  explicit Reader(const std::string& in) : in_(in) {}
+  template <typename T>
+  bool Pod(T* value) {
+    if (at_ + sizeof(T) > in_.size()) return false;
+    std::memcpy(value, in_.data() + at_, sizeof(T));
+    at_ += sizeof(T);
+    return true;
+  }
+  bool String(std::string* s) {
+    uint64_t n;
+    if (!Pod(&n) || at_ + n > in_.size()) return false;
+    s->assign(in_.data() + at_, n);
+    at_ += n;
+    return true;
+  }
+  template <typename T>
+  bool Vector(std::vector<T>* v) {
+    uint64_t n;
+    if (!Pod(&n) || at_ + n > in_.size() || n % sizeof(T) != 0) return false;
+    v->resize(n / sizeof(T));
+    std::memcpy(v->data(), in_.data() + at_, n);
+    at_ += n;
+    return true;
+  }
+  bool done() const { return at_ == in_.size(); }
+
+ private:
+  const std::string& in_;
+  size_t at_ = 0;
+};
+
+void Put(Writer& w, const SessionShape& s) { w.Pod(s); }
+bool Get(Reader& r, SessionShape* s) { return r.Pod(s); }
+void Put(Writer& w, const KvRows& rows) {
+  w.Vector(rows.runs);
+  w.String(rows.k);
+  w.String(rows.v);
+}
+bool Get(Reader& r, KvRows* rows) { return r.Vector(&rows->runs) && r.String(&rows->k) && r.String(&rows->v); }
+
+}  // namespace
+
+std::string EncodeCommand(const Command& c) {
+  Writer w;
+  w.Pod(c.kind);
+  switch (c.kind) {
+    case CommandKind::kShutdown: break;
+    case CommandKind::kDeleteSession: w.Pod(c.delete_handle); break;
+    case CommandKind::kAppend:
+      Put(w, c.append.session);
+      w.Pod(c.append.layer);
+      Put(w, c.append.rows);
+      break;
+    case CommandKind::kPrefill: {
+      const PrefillCommand& p = c.prefill;
+      Put(w, p.session);
+      w.Pod(p.layer);
+      w.Pod(p.scale);
+      w.Pod(p.return_lse);
+      w.Pod(p.cached_offset);
+      Put(w, p.rows);
+      w.Vector(p.q);
+      w.Vector(p.rows_per_rank);
+      break;
+    }
+    case CommandKind::kAttendBatch:
+      w.Pod<uint64_t>(c.batch.groups.size());
+      for (const BatchGroup& g : c.batch.groups) {
+        Put(w, g.session);
+        w.Pod(g.layer);
+        w.Pod(g.causal);
+        w.Pod(g.scale);
+        w.Pod(g.q_tokens);
+        w.Pod(g.q_position);
+        w.Vector(g.q);
+        Put(w, g.new_rows);
+      }
+      break;
+  }
+  return w.Take();
+}
+
+Result<Command> DecodeCommand(const std::string& bytes) {
+  Reader r(bytes);
+  Command c;
+  bool ok = r.Pod(&c.kind);
+  if (ok) {
+    switch (c.kind) {
+      case CommandKind::kShutdown: break;
+      case CommandKind::kDeleteSession: ok = r.Pod(&c.delete_handle); break;
+      case CommandKind::kAppend:
+        ok = Get(r, &c.append.session) && r.Pod(&c.append.layer) && Get(r, &c.append.rows);
+        break;
+      case CommandKind::kPrefill: {
+        PrefillCommand& p = c.prefill;
+        ok = Get(r, &p.session) && r.Pod(&p.layer) && r.Pod(&p.scale) && r.Pod(&p.return_lse) &&
+             r.Pod(&p.cached_offset) && Get(r, &p.rows) && r.Vector(&p.q) && r.Vector(&p.rows_per_rank);
+        break;
+      }
+      case CommandKind::kAttendBatch: {
+        uint64_t n = 0;
+        ok = r.Pod(&n);
+        for (uint64_t i = 0; ok && i < n; ++i) {
+          BatchGroup g;
+          ok = Get(r, &g.session) && r.Pod(&g.layer) && r.Pod(&g.causal) && r.Pod(&g.scale) &&
+               r.Pod(&g.q_tokens) && r.Pod(&g.q_position) && r.Vector(&g.q) && Get(r, &g.new_rows);
+          c.batch.groups.push_back(std::move(g));
+        }
+        break;
+      }
+      default: ok = false;
+    }
+  }
+  if (!ok || !r.done()) {
+    return Status::Internal("[engine] malformed command (" + std::to_string(bytes.size()) + " bytes)");
+  }
+  return c;
+}
+
+}  // namespace ringtree

@@ -1,0 +1,88 @@
+// Engine commands: what rank 0's engine loop tells every rank to do in one
+// step, and their binary encoding (sent point to point; each rank receives
+// only the rows it will hold). Plain data; thread-compatible.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/dtype.h"
+#include "kernels/status.h"
+#include "worker/engine/kv_shard.h"
+
+namespace ringtree {
+
+// What a worker needs to know about a session (creates the shard lazily).
+struct SessionShape {
+  uint64_t handle = 0;  // engine-internal id (never the public session id)
+  int32_t layers = 0;
+  int32_t heads = 0;
+  int32_t kv_heads = 0;
+  int32_t head_dim = 0;
+  DType storage = DType::kFloat32;
+  int64_t row_bytes() const { return int64_t(kv_heads) * head_dim * DTypeSize(storage); }
+};
+
+// Rows to store: runs (in position order) and their K/V bytes, concatenated.
+struct KvRows {
+  std::vector<KvRun> runs;
+  std::string k, v;  // [sum(runs.tokens), kv_heads, head_dim] in the storage dtype
+  int64_t tokens() const;
+};
+
+enum class CommandKind : uint8_t { kShutdown = 1, kDeleteSession, kAppend, kPrefill, kAttendBatch };
+
+struct AppendCommand {
+  SessionShape session;
+  int32_t layer = 0;
+  KvRows rows;  // this rank's share
+};
+
+// Chunked prefill by ring attention. Query rows are this rank's runs of the
+// chunk (the same runs whose K/V it stores).
+struct PrefillCommand {
+  SessionShape session;
+  int32_t layer = 0;
+  float scale = 0.0f;
+  bool return_lse = false;
+  // Stored rows are all before the chunk, so only their order matters: this
+  // rank presents them at positions [cached_offset, cached_offset + n), where
+  // the offsets tile [0, L) across ranks (disjoint, all visible to the chunk).
+  int64_t cached_offset = 0;
+  KvRows rows;              // this rank's runs of the chunk
+  std::vector<float> q;     // [rows.tokens(), heads, head_dim]
+  // Rank 0 only: query rows each rank returns, to receive the output.
+  std::vector<int64_t> rows_per_rank;
+};
+
+// One query group of a decode/attend batch step.
+struct BatchGroup {
+  SessionShape session;
+  int32_t layer = 0;
+  bool causal = false;            // decode: true; attend: false
+  float scale = 0.0f;
+  int64_t q_tokens = 0;
+  int64_t q_position = 0;         // absolute position of query row 0 (decode)
+  std::vector<float> q;           // [q_tokens, heads, head_dim] (every rank)
+  KvRows new_rows;                // decode: this rank's share of the new K/V
+};
+
+struct AttendBatchCommand {
+  std::vector<BatchGroup> groups;
+};
+
+struct Command {
+  CommandKind kind = CommandKind::kShutdown;
+  uint64_t delete_handle = 0;
+  AppendCommand append;
+  PrefillCommand prefill;
+  AttendBatchCommand batch;
+};
+
+// Binary encoding (host byte order: all ranks run the same binary).
+std::string EncodeCommand(const Command& command);
+// Errors: truncated or malformed bytes (kInternal; a bug, never user input).
+Result<Command> DecodeCommand(const std::string& bytes);
+
+}  // namespace ringtree

@@ -1,0 +1,55 @@
+// Command encoding round trips; malformed bytes are rejected.
+#include "worker/engine/command.h"
+
+#include <gtest/gtest.h>
+
+namespace ringtree {
+namespace {
+
+TEST(Command, BatchRoundTrip) {
+  Command c;
+  c.kind = CommandKind::kAttendBatch;
+  BatchGroup g;
+  g.session = SessionShape{42, 2, 8, 2, 64, DType::kBFloat16};
+  g.layer = 1;
+  g.causal = true;
+  g.scale = 0.5f;
+  g.q_tokens = 1;
+  g.q_position = 77;
+  g.q.assign(8 * 64, 1.5f);
+  g.new_rows.runs = {{77, 1}};
+  g.new_rows.k.assign(2 * 64 * 2, 'k');
+  g.new_rows.v.assign(2 * 64 * 2, 'v');
+  c.batch.groups.push_back(g);
+  auto decoded = DecodeCommand(EncodeCommand(c));
+  ASSERT_TRUE(decoded.ok()) << decoded.status().ToString();
+  ASSERT_EQ(decoded->batch.groups.size(), 1u);
+  const BatchGroup& d = decoded->batch.groups[0];
+  EXPECT_EQ(d.session.handle, 42u);
+  EXPECT_EQ(d.session.storage, DType::kBFloat16);
+  EXPECT_EQ(d.q_position, 77);
+  EXPECT_EQ(d.q, g.q);
+  EXPECT_EQ(d.new_rows.k, g.new_rows.k);
+  EXPECT_EQ(d.new_rows.runs[0].tokens, 1);
+}
+
+TEST(Command, PrefillRoundTripAndTruncation) {
+  Command c;
+  c.kind = CommandKind::kPrefill;
+  c.prefill.session = SessionShape{7, 1, 4, 4, 32, DType::kFloat32};
+  c.prefill.cached_offset = 128;
+  c.prefill.rows.runs = {{256, 64}, {384, 64}};
+  c.prefill.q.assign(128 * 4 * 32, 2.0f);
+  c.prefill.rows_per_rank = {128, 128};
+  std::string bytes = EncodeCommand(c);
+  auto decoded = DecodeCommand(bytes);
+  ASSERT_TRUE(decoded.ok());
+  EXPECT_EQ(decoded->prefill.cached_offset, 128);
+  EXPECT_EQ(decoded->prefill.rows.tokens(), 128);
+  EXPECT_EQ(decoded->prefill.rows_per_rank.size(), 2u);
+  bytes.pop_back();
+  EXPECT_FALSE(DecodeCommand(bytes).ok());
+}
+
+}  // namespace
+}  // namespace ringtree
