@@ -694,14 +694,31 @@ Status SpanStore::StreamChunks(const std::vector<int64_t>& spans, bool use_cache
     return visitor(f.buf.data(), f.buf.data() + size_t(p.tokens) * rb, p.position_start, p.tokens);
   };
 
+  auto take_buffer = [&]() {
+    std::lock_guard<std::mutex> lock(pool_mutex_);
+    std::vector<uint8_t> b;
+    if (!buffer_pool_.empty()) {
+      b = std::move(buffer_pool_.back());
+      buffer_pool_.pop_back();
+    }
+    return b;
+  };
+  auto give_buffer = [&](std::vector<uint8_t>&& b) {
+    if (b.capacity() == 0) return;
+    std::lock_guard<std::mutex> lock(pool_mutex_);
+    if (buffer_pool_.size() < size_t(options_.readahead_chunks) + 2) buffer_pool_.push_back(std::move(b));
+  };
+
   if (!any_cold || plans.size() <= 1) {
     Filled f;
-    for (size_t pi = 0; pi < plans.size(); ++pi) {
+    f.buf = take_buffer();
+    Status st;
+    for (size_t pi = 0; pi < plans.size() && st.ok(); ++pi) {
       fill(pi, &f);
-      RINGTREE_RETURN_IF_ERROR(f.status);
-      RINGTREE_RETURN_IF_ERROR(visit(f));
+      st = f.status.ok() ? visit(f) : f.status;
     }
-    return Status::Ok();
+    give_buffer(std::move(f.buf));
+    return st;
   }
 
   // Prefetch thread: reads up to readahead_chunks plans ahead of the visitor.
@@ -723,6 +740,7 @@ Status SpanStore::StreamChunks(const std::vector<int64_t>& spans, bool use_cache
           free_buffers.pop_back();
         }
       }
+      if (f.buf.capacity() == 0) f.buf = take_buffer();
       fill(pi, &f);
       const bool failed = !f.status.ok();
       {
@@ -763,6 +781,8 @@ Status SpanStore::StreamChunks(const std::vector<int64_t>& spans, bool use_cache
   }
   cv.notify_all();
   producer.join();
+  for (auto& b : free_buffers) give_buffer(std::move(b));
+  for (auto& f : ready) give_buffer(std::move(f.buf));
   return result;
 }
 

@@ -1,0 +1,507 @@
+// Retrieval-quality and speed benchmark of the span store (issue 5).
+//
+// Builds a SpanStore from synthetic attention-like KV (synthetic_kv.h), then
+// for needle and diffuse decode queries and each token budget compares
+// retrieval attention with exact attention:
+//   recovered_mass  fraction of the true softmax mass inside the attended spans
+//   oracle_mass     the same for an oracle choosing spans by true mass, same budget
+//   rel_l2          ||o_retrieval - o_exact|| / ||o_exact|| (exact in double)
+//   top10_recall    fraction of each row's 10 highest-scoring tokens attended
+//   needle_hit      every span overlapping the needle was attended
+//   retrieval_ms / exact_ms   wall time of AttendRetrieval vs AttendExact
+// Cost model: exact decode reads every K/V byte (tokens*kv_heads*D*2*dtype)
+// and does 4*tokens*heads*D flops; retrieval reads the summaries
+// (spans*kv_heads*3*D floats) plus the budgeted K/V.
+// Output: one JSON line per (kind, mode, budget) on --out, a summary on stdout.
+#include <sys/utsname.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iostream>
+#include <map>
+#include <set>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "bench/retrieval/synthetic_kv.h"
+#include "worker/spans/span_store.h"
+
+namespace ringtree::bench {
+namespace {
+
+struct Args {
+  int64_t tokens = 32768;
+  int span_tokens = 16;
+  int kv_heads = 8, heads = 32, head_dim = 128;
+  DType dtype = DType::kBFloat16;
+  std::vector<double> budgets = {0.01, 0.025, 0.05, 0.0625, 0.125, 0.25};
+  std::vector<SpanScoreMode> modes = {SpanScoreMode::kUpperBound, SpanScoreMode::kMeanKey,
+                                      SpanScoreMode::kBlend};
+  int needle_queries = 8, diffuse_queries = 8;
+  int64_t sink_tokens = 16, window_tokens = 128;
+  std::string data_dir;        // set: store on disk, cold measurements
+  size_t hot_budget_mb = 256, cache_mb = 256;
+  bool quality = true;         // exact double-precision metrics (O(tokens) per row)
+  int exact_timing_queries = 2;
+  std::string out = "retrieval.jsonl";
+  std::string label;
+  uint64_t seed = 1;
+};
+
+std::vector<std::string> Split(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  std::string item;
+  while (std::getline(ss, item, ',')) out.push_back(item);
+  return out;
+}
+
+bool ParseArgs(int argc, char** argv, Args* a) {
+  for (int i = 1; i < argc; ++i) {
+    std::string key = argv[i];
+    auto need = [&]() -> std::string {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "[retrieval_bench] %s needs a value\n", key.c_str());
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    if (key == "--tokens") a->tokens = std::stoll(need());
+    else if (key == "--span") a->span_tokens = std::stoi(need());
+    else if (key == "--kv-heads") a->kv_heads = std::stoi(need());
+    else if (key == "--heads") a->heads = std::stoi(need());
+    else if (key == "--head-dim") a->head_dim = std::stoi(need());
+    else if (key == "--dtype") {
+      if (!ParseDType(need(), &a->dtype)) return false;
+    } else if (key == "--budgets") {
+      a->budgets.clear();
+      for (auto& b : Split(need())) a->budgets.push_back(std::stod(b));
+    } else if (key == "--modes") {
+      a->modes.clear();
+      for (auto& m : Split(need())) {
+        if (m == "upper_bound") a->modes.push_back(SpanScoreMode::kUpperBound);
+        else if (m == "mean_key") a->modes.push_back(SpanScoreMode::kMeanKey);
+        else if (m == "blend") a->modes.push_back(SpanScoreMode::kBlend);
+        else return false;
+      }
+    } else if (key == "--needle-queries") a->needle_queries = std::stoi(need());
+    else if (key == "--diffuse-queries") a->diffuse_queries = std::stoi(need());
+    else if (key == "--sink") a->sink_tokens = std::stoll(need());
+    else if (key == "--window") a->window_tokens = std::stoll(need());
+    else if (key == "--data-dir") a->data_dir = need();
+    else if (key == "--hot-budget-mb") a->hot_budget_mb = std::stoull(need());
+    else if (key == "--cache-mb") a->cache_mb = std::stoull(need());
+    else if (key == "--no-quality") a->quality = false;
+    else if (key == "--exact-timing-queries") a->exact_timing_queries = std::stoi(need());
+    else if (key == "--out") a->out = need();
+    else if (key == "--label") a->label = need();
+    else if (key == "--seed") a->seed = std::stoull(need());
+    else {
+      std::fprintf(stderr, "[retrieval_bench] unknown flag %s\n", key.c_str());
+      return false;
+    }
+  }
+  return true;
+}
+
+double NowMs() {
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+void Die(const Status& st) {
+  std::fprintf(stderr, "%s\n", st.ToString().c_str());
+  std::exit(1);
+}
+
+// Exact attention in double for one decode query, plus per-span true mass.
+struct Truth {
+  std::vector<double> o;          // [rows, D]
+  std::vector<double> span_mass;  // [spans, rows]
+  std::vector<double> span_pv;    // [spans, rows, D]: sum of p * v over the span's tokens
+  std::vector<std::vector<int64_t>> top10;  // per row, token indices
+  double sink_mass = 0, needle_mass = 0;    // mean over rows
+};
+
+Truth ExactTruth(const Args& a, const std::vector<float>& kf, const std::vector<float>& vf,
+                 const float* q, int64_t needle_pos) {
+  const int D = a.head_dim, G = a.heads / a.kv_heads;
+  const int64_t T = a.tokens, S = a.span_tokens, spans = (T + S - 1) / S;
+  const double scale = 1.0 / std::sqrt(double(D));
+  Truth t;
+  t.o.assign(size_t(a.heads) * D, 0.0);
+  t.span_mass.assign(size_t(spans) * a.heads, 0.0);
+  t.span_pv.assign(size_t(spans) * a.heads * D, 0.0);
+  t.top10.resize(a.heads);
+  std::vector<double> s(T);
+  for (int h = 0; h < a.heads; ++h) {
+    const int g = h / G;
+    const float* qr = q + size_t(h) * D;
+    double m = -INFINITY;
+    for (int64_t j = 0; j < T; ++j) {
+      const float* kr = &kf[(size_t(j) * a.kv_heads + g) * D];
+      double acc = 0;
+      for (int d = 0; d < D; ++d) acc += double(qr[d]) * kr[d];
+      s[j] = acc * scale;
+      m = std::max(m, s[j]);
+    }
+    double z = 0;
+    for (int64_t j = 0; j < T; ++j) {
+      s[j] = std::exp(s[j] - m);
+      z += s[j];
+    }
+    std::vector<int64_t> idx(T);
+    for (int64_t j = 0; j < T; ++j) idx[j] = j;
+    std::partial_sort(idx.begin(), idx.begin() + std::min<int64_t>(10, T), idx.end(),
+                      [&](int64_t x, int64_t y) { return s[x] > s[y]; });
+    t.top10[h].assign(idx.begin(), idx.begin() + std::min<int64_t>(10, T));
+    double* o = &t.o[size_t(h) * D];
+    for (int64_t j = 0; j < T; ++j) {
+      const double p = s[j] / z;
+      t.span_mass[size_t(j / S) * a.heads + h] += p;
+      if (j < SyntheticKV::kSinkTokens) t.sink_mass += p / a.heads;
+      if (needle_pos >= 0 && j >= needle_pos && j < needle_pos + SyntheticKV::kNeedleTokens)
+        t.needle_mass += p / a.heads;
+      const float* vr = &vf[(size_t(j) * a.kv_heads + g) * D];
+      double* pv = &t.span_pv[(size_t(j / S) * a.heads + h) * D];
+      for (int d = 0; d < D; ++d) {
+        o[d] += p * vr[d];
+        pv[d] += p * vr[d];
+      }
+    }
+  }
+  return t;
+}
+
+struct Acc {
+  int n = 0;
+  double recovered = 0, oracle = 0, ratio = 0, ratio_min = 1e9, rel_l2 = 0, rel_l2_max = 0,
+         recall = 0, needle_hits = 0, bound = 0, retrieval_ms = 0, tokens = 0, selected = 0,
+         oracle_rel_l2 = 0;
+};
+
+int Run(const Args& a) {
+  // Machine and build, before any number (leveldb db_bench habit).
+  struct utsname u;
+  uname(&u);
+  std::string cpu = "?";
+  {
+    std::ifstream f("/proc/cpuinfo");
+    std::string line;
+    while (std::getline(f, line))
+      if (line.rfind("model name", 0) == 0) {
+        cpu = line.substr(line.find(':') + 2);
+        break;
+      }
+  }
+  std::printf("# retrieval_bench: %s, %ld cores, %s %s\n", cpu.c_str(), sysconf(_SC_NPROCESSORS_ONLN),
+              u.sysname, u.release);
+#ifndef NDEBUG
+  std::printf("# WARNING: assertions enabled (debug build); timings are not meaningful\n");
+#endif
+  const int64_t T = a.tokens;
+  const int D = a.head_dim;
+  std::printf("# context %lld tokens, span %d, kv_heads %d, heads %d, head_dim %d, %s, %s\n",
+              (long long)T, a.span_tokens, a.kv_heads, a.heads, D, DTypeName(a.dtype),
+              a.data_dir.empty() ? "all hot (RAM)" : "on disk, cold");
+
+  // Store.
+  SpanStoreOptions o;
+  o.kv_heads = a.kv_heads;
+  o.head_dim = D;
+  o.dtype = a.dtype;
+  o.span_tokens = a.span_tokens;
+  o.sink_tokens = a.sink_tokens;
+  o.window_tokens = a.window_tokens;
+  o.readahead_chunks = 3;
+  if (!a.data_dir.empty()) {
+    std::filesystem::remove_all(a.data_dir);
+    o.data_dir = a.data_dir;
+    o.hot_budget_bytes = a.hot_budget_mb << 20;
+    o.cache_budget_bytes = a.cache_mb << 20;
+  }
+  auto store_or = SpanStore::Create(o);
+  if (!store_or.ok()) Die(store_or.status());
+  SpanStore& store = **store_or;
+
+  SyntheticKV gen(a.kv_heads, D, a.seed);
+  const int needles = std::max(0, std::min(a.needle_queries, 10));
+  std::vector<int64_t> needle_pos;
+  for (int i = 0; i < needles; ++i) {
+    const double depth = 0.05 + 0.9 * (needles == 1 ? 0.5 : double(i) / (needles - 1));
+    int64_t p = int64_t(depth * (T - 2 * a.window_tokens)) + 7 * i + 3;  // unaligned
+    p = std::max<int64_t>(p, a.sink_tokens + 1);
+    needle_pos.push_back(p);
+    gen.PlantNeedle(p, a.seed * 1000 + i);
+  }
+  const size_t row = size_t(a.kv_heads) * D;
+  std::vector<float> kf, vf;  // stored values, for the exact truth
+  if (a.quality) {
+    kf.resize(size_t(T) * row);
+    vf.resize(size_t(T) * row);
+  }
+  const int64_t chunk = 16384;
+  std::vector<float> k(chunk * row), v(chunk * row);
+  std::vector<uint16_t> tmp(chunk * row);
+  double t0 = NowMs();
+  for (int64_t at = 0; at < T; at += chunk) {
+    const int64_t n = std::min(chunk, T - at);
+    gen.Generate(n, k.data(), v.data());
+    Status st = store.Append(at, n, k.data(), v.data(), DType::kFloat32);
+    if (!st.ok()) Die(st);
+    if (a.quality) {
+      if (a.dtype == DType::kBFloat16) {  // keep the stored (rounded) values
+        ConvertFromFloat32(k.data(), a.dtype, tmp.data(), n * row);
+        ConvertToFloat32(a.dtype, tmp.data(), &kf[at * row], n * row);
+        ConvertFromFloat32(v.data(), a.dtype, tmp.data(), n * row);
+        ConvertToFloat32(a.dtype, tmp.data(), &vf[at * row], n * row);
+      } else {
+        std::copy(k.begin(), k.begin() + n * row, kf.begin() + at * row);
+        std::copy(v.begin(), v.begin() + n * row, vf.begin() + at * row);
+      }
+    }
+  }
+  if (Status st = store.Sync(); !st.ok()) Die(st);
+  const double build_ms = NowMs() - t0;
+  const double kv_bytes = double(T) * row * DTypeSize(a.dtype) * 2;
+  std::printf("# built in %.1f s (%.0f MB/s of K/V); hot %.1f MiB, cold %.1f MiB, disk %.1f MiB, "
+              "index %.1f MiB\n",
+              build_ms / 1e3, kv_bytes / 1e6 / (build_ms / 1e3), store.hot_bytes() / 1048576.0,
+              store.cold_bytes() / 1048576.0, store.disk_bytes() / 1048576.0,
+              store.summary_bytes() / 1048576.0);
+
+  {  // Warm-up (TBB pool, BLAS, first-touch of buffers), untimed.
+    std::vector<float> wq = gen.Query(a.heads, -1, 12345), wo(size_t(a.heads) * D), wl(a.heads);
+    RetrievalRequest wr;
+    wr.token_budget = a.span_tokens * 4;
+    RetrievalResult wres;
+    if (Status st = store.AttendRetrieval(wq.data(), 1, a.heads, {}, wr, wo.data(), wl.data(), &wres);
+        !st.ok())
+      Die(st);
+    if (T <= (int64_t(1) << 18))
+      if (Status st = store.AttendExact(wq.data(), 1, a.heads, {}, wo.data(), wl.data()); !st.ok())
+        Die(st);
+  }
+  const auto spans = store.Spans();
+  std::vector<int64_t> span_of_token_start(spans.size());
+  std::map<std::string, Acc> acc;  // key: kind|mode|budget
+  double exact_ms_sum = 0;
+  int exact_ms_n = 0;
+  std::vector<float> out(size_t(a.heads) * D), lse(a.heads);
+  const int total_queries = a.needle_queries + a.diffuse_queries;
+  double sink_mass_sum[2] = {0, 0}, needle_mass_sum = 0;
+  for (int qi = 0; qi < total_queries; ++qi) {
+    const bool is_needle = qi < a.needle_queries;
+    const int needle = is_needle ? qi % std::max(1, needles) : -1;
+    const int64_t npos = needle >= 0 ? needle_pos[needle] : -1;
+    const std::vector<float> q = gen.Query(a.heads, needle, a.seed * 7919 + qi);
+    AttentionOptions opts;  // decode at the end of the context: everything visible
+    Truth truth;
+    if (a.quality) {
+      truth = ExactTruth(a, kf, vf, q.data(), npos);
+      sink_mass_sum[is_needle] += truth.sink_mass;
+      if (is_needle) needle_mass_sum += truth.needle_mass;
+    }
+    if (qi < a.exact_timing_queries || (is_needle == false && qi - a.needle_queries < a.exact_timing_queries && a.needle_queries == 0)) {
+      if (Status st = store.DropFileCache(); !st.ok()) Die(st);
+      const double s = NowMs();
+      if (Status st = store.AttendExact(q.data(), 1, a.heads, opts, out.data(), lse.data()); !st.ok())
+        Die(st);
+      exact_ms_sum += NowMs() - s;
+      ++exact_ms_n;
+    }
+    for (double frac : a.budgets) {
+      const int64_t budget_tokens = int64_t(std::llround(frac * T));
+      RetrievalRequest base;
+      std::vector<int64_t> always, candidates;
+      store.SplitSpans(opts, 1, base, &always, &candidates);
+      int64_t always_tokens = 0;
+      for (int64_t s : always) always_tokens += spans[s].tokens;
+      base.token_budget = std::max<int64_t>(0, budget_tokens - always_tokens);
+      // Oracle: spans by true total mass, same candidate budget.
+      double oracle_mass = 0, oracle_rel = 0;
+      if (a.quality) {
+        std::vector<int64_t> chosen = always;
+        std::vector<std::pair<double, int64_t>> by_mass;
+        for (int64_t s : candidates) {
+          double m = 0;
+          for (int h = 0; h < a.heads; ++h) m += truth.span_mass[size_t(s) * a.heads + h];
+          by_mass.push_back({m, s});
+        }
+        std::sort(by_mass.begin(), by_mass.end(), [](auto& x, auto& y) { return x.first > y.first; });
+        double m_total = 0;
+        int64_t used = 0;
+        for (auto& [m, s] : by_mass) {
+          if (used + spans[s].tokens > base.token_budget) break;
+          used += spans[s].tokens;
+          m_total += m;
+          chosen.push_back(s);
+        }
+        for (int64_t s : always)
+          for (int h = 0; h < a.heads; ++h) m_total += truth.span_mass[size_t(s) * a.heads + h];
+        oracle_mass = m_total / a.heads;
+        // The oracle's output: exact attention restricted to its spans.
+        double num = 0, den = 0;
+        for (int h = 0; h < a.heads; ++h) {
+          double z = 0;
+          std::vector<double> acc_o(D, 0.0);
+          for (int64_t s : chosen) {
+            z += truth.span_mass[size_t(s) * a.heads + h];
+            const double* pv = &truth.span_pv[(size_t(s) * a.heads + h) * D];
+            for (int d = 0; d < D; ++d) acc_o[d] += pv[d];
+          }
+          for (int d = 0; d < D; ++d) {
+            const double e = acc_o[d] / z - truth.o[size_t(h) * D + d];
+            num += e * e;
+            den += truth.o[size_t(h) * D + d] * truth.o[size_t(h) * D + d];
+          }
+        }
+        oracle_rel = std::sqrt(num / den);
+      }
+      for (SpanScoreMode mode : a.modes) {
+        RetrievalRequest req = base;
+        req.score_mode = mode;
+        RetrievalResult res;
+        if (Status st = store.DropFileCache(); !st.ok()) Die(st);
+        const double s = NowMs();
+        Status st = store.AttendRetrieval(q.data(), 1, a.heads, opts, req, out.data(), lse.data(), &res);
+        const double ms = NowMs() - s;
+        if (!st.ok()) Die(st);
+        char key[128];
+        std::snprintf(key, sizeof(key), "%s|%s|%.5f", is_needle ? "needle" : "diffuse",
+                      SpanScoreModeName(mode), frac);
+        Acc& A = acc[key];
+        ++A.n;
+        A.retrieval_ms += ms;
+        A.tokens += res.tokens_attended;
+        A.selected += res.selected_spans;
+        A.bound += res.max_skipped_mass_bound;
+        if (!a.quality) continue;
+        std::vector<char> used(spans.size(), 0);
+        for (const auto& su : res.spans_used) used[su.index] = 1;
+        double rec = 0;
+        for (size_t sp = 0; sp < spans.size(); ++sp)
+          if (used[sp])
+            for (int h = 0; h < a.heads; ++h) rec += truth.span_mass[sp * a.heads + h];
+        rec /= a.heads;
+        double num = 0, den = 0;
+        for (size_t i = 0; i < out.size(); ++i) {
+          num += (out[i] - truth.o[i]) * (out[i] - truth.o[i]);
+          den += truth.o[i] * truth.o[i];
+        }
+        const double rel = std::sqrt(num / std::max(den, 1e-300));
+        double recall = 0;
+        for (int h = 0; h < a.heads; ++h) {
+          int hit = 0;
+          for (int64_t j : truth.top10[h]) hit += used[j / a.span_tokens];
+          recall += double(hit) / truth.top10[h].size();
+        }
+        recall /= a.heads;
+        bool needle_hit = true;
+        if (npos >= 0)
+          for (int64_t j = npos; j < npos + SyntheticKV::kNeedleTokens; ++j)
+            needle_hit &= used[j / a.span_tokens] != 0;
+        A.recovered += rec;
+        A.oracle += oracle_mass;
+        A.oracle_rel_l2 += oracle_rel;
+        A.ratio += rec / oracle_mass;
+        A.ratio_min = std::min(A.ratio_min, rec / oracle_mass);
+        A.rel_l2 += rel;
+        A.rel_l2_max = std::max(A.rel_l2_max, rel);
+        A.recall += recall;
+        A.needle_hits += needle_hit ? 1 : 0;
+      }
+    }
+  }
+  const double exact_ms = exact_ms_n ? exact_ms_sum / exact_ms_n : NAN;
+  if (a.quality)
+    std::printf("# mass regime: sinks hold %.2f (needle queries) / %.2f (diffuse); needles hold %.2f\n",
+                a.needle_queries ? sink_mass_sum[1] / a.needle_queries : 0.0,
+                a.diffuse_queries ? sink_mass_sum[0] / a.diffuse_queries : 0.0,
+                a.needle_queries ? needle_mass_sum / a.needle_queries : 0.0);
+  std::printf("# exact decode: %.2f ms (mean of %d, %s)\n", exact_ms, exact_ms_n,
+              a.data_dir.empty() ? "hot" : "page cache dropped before each run");
+
+  std::ofstream jsonl(a.out, std::ios::app);
+  std::printf("%-8s %-12s %7s %7s %9s %8s %8s %8s %8s %8s %7s %8s %9s %8s\n", "kind", "mode",
+              "budget", "tokens", "recovered", "oracle", "ratio", "rel_l2", "orc_l2", "top10",
+              "needle", "bound", "retr_ms", "speedup");
+  for (const auto& [key, A] : acc) {
+    auto parts = Split(key);
+    std::stringstream ks(key);
+    std::string kind, mode, budget;
+    std::getline(ks, kind, '|');
+    std::getline(ks, mode, '|');
+    std::getline(ks, budget, '|');
+    const double n = A.n;
+    nlohmann::json j;
+    j["bench"] = "retrieval";
+    j["label"] = a.label;
+    j["context_tokens"] = T;
+    j["span_tokens"] = a.span_tokens;
+    j["kv_heads"] = a.kv_heads;
+    j["heads"] = a.heads;
+    j["head_dim"] = D;
+    j["dtype"] = DTypeName(a.dtype);
+    j["tier"] = a.data_dir.empty() ? "hot" : "cold";
+    j["kind"] = kind;
+    j["mode"] = mode;
+    j["budget_frac"] = std::stod(budget);
+    j["queries"] = A.n;
+    j["tokens_attended"] = A.tokens / n;
+    j["selected_spans"] = A.selected / n;
+    j["bound_max_mean"] = A.bound / n;
+    j["retrieval_ms"] = A.retrieval_ms / n;
+    j["exact_ms"] = exact_ms;
+    j["speedup"] = exact_ms / (A.retrieval_ms / n);
+    if (a.quality) {
+      j["recovered_mass"] = A.recovered / n;
+      j["oracle_mass"] = A.oracle / n;
+      j["mass_ratio_vs_oracle"] = A.ratio / n;
+      j["mass_ratio_vs_oracle_min"] = A.ratio_min;
+      j["rel_l2"] = A.rel_l2 / n;
+      j["rel_l2_max"] = A.rel_l2_max;
+      j["oracle_rel_l2"] = A.oracle_rel_l2 / n;
+      j["top10_recall"] = A.recall / n;
+      if (kind == "needle") j["needle_hit_rate"] = A.needle_hits / n;
+    }
+    jsonl << j.dump() << "\n";
+    std::printf("%-8s %-12s %7.4f %7.0f %9.4f %8.4f %8.4f %8.4f %8.4f %8.4f %7.3f %8.4f %9.2f %8.1f\n",
+                kind.c_str(), mode.c_str(), std::stod(budget), A.tokens / n,
+                a.quality ? A.recovered / n : NAN, a.quality ? A.oracle / n : NAN,
+                a.quality ? A.ratio / n : NAN, a.quality ? A.rel_l2 / n : NAN,
+                a.quality ? A.oracle_rel_l2 / n : NAN,
+                a.quality ? A.recall / n : NAN,
+                (a.quality && kind == "needle") ? A.needle_hits / n : NAN, A.bound / n,
+                A.retrieval_ms / n, exact_ms / (A.retrieval_ms / n));
+  }
+  if (!a.data_dir.empty()) std::filesystem::remove_all(a.data_dir);
+  return 0;
+}
+
+}  // namespace
+}  // namespace ringtree::bench
+
+int main(int argc, char** argv) {
+  ringtree::bench::Args args;
+  if (!ringtree::bench::ParseArgs(argc, argv, &args)) {
+    std::fprintf(stderr,
+                 "usage: retrieval_bench [--tokens N] [--span S] [--kv-heads 8] [--heads 32] "
+                 "[--head-dim 128] [--dtype bfloat16|float32] [--budgets 0.01,0.05,...] "
+                 "[--modes upper_bound,mean_key,blend] [--needle-queries Q] [--diffuse-queries Q] "
+                 "[--sink 16] [--window 128] [--data-dir DIR --hot-budget-mb M --cache-mb M] "
+                 "[--no-quality] [--exact-timing-queries N] [--out FILE.jsonl] [--label L]\n");
+    return 2;
+  }
+  return ringtree::bench::Run(args);
+}
