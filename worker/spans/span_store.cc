@@ -652,6 +652,15 @@ Status SpanStore::StreamChunks(const std::vector<int64_t>& spans, bool use_cache
     plans.push_back(Plan{i, i + 1, s.position_start, s.tokens});
   }
   const size_t rb = row_bytes();
+  // Sparse reads (retrieval): ask the kernel to start reading every cold
+  // record now, so the disk sees many requests in flight instead of one
+  // pread at a time (full scans rely on the kernel's sequential readahead).
+  if (any_cold && insert_into_cache && fd_ >= 0) {
+    for (int64_t i : spans) {
+      const Span& s = spans_[i];
+      if (!s.hot) ::posix_fadvise(fd_, off_t(s.record_offset), off_t(s.record_bytes), POSIX_FADV_WILLNEED);
+    }
+  }
 
   // Fills `buf` (k block then v block) for one plan; single-span plans of
   // compact spans are passed through without a copy.
