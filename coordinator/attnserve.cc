@@ -1,0 +1,209 @@
+// attnserve: the attention service. Launch with mpirun (launch/attnserve):
+//
+//   mpirun -np P attnserve --listen 127.0.0.1:50051 [limits...]
+//
+// Rank 0 hosts the gRPC server and runs the engine loop on its main thread
+// (the only thread of rank 0 that calls MPI); ranks 1..P-1 run the worker
+// command loop. SIGTERM/SIGINT to rank 0: stop admitting, finish what is in
+// flight (up to --shutdown-grace-seconds), stop the workers; every rank exits 0.
+// Workers ignore SIGTERM/SIGINT and wait for rank 0's shutdown command.
+#include <CLI/CLI.hpp>
+#include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/grpcpp.h>
+#include <grpcpp/health_check_service_interface.h>
+#include <oneapi/tbb/global_control.h>
+#include <malloc.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <csignal>
+#include <cstdio>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+#include "coordinator/admission.h"
+#include "coordinator/auth.h"
+#include "coordinator/engine_loop.h"
+#include "coordinator/service.h"
+#include "coordinator/service_stats.h"
+#include "coordinator/session_registry.h"
+#include "dist/communicator.h"
+#include "kernels/blas.h"
+#include "worker/engine/engine.h"
+
+using namespace ringtree;
+
+namespace {
+
+std::atomic<int> g_stop_signal{0};
+
+void OnStopSignal(int signal) { g_stop_signal.store(signal); }
+
+std::string ReadFile(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+int Fail(int rank, const Status& status) {
+  std::fprintf(stderr, "[attnserve] rank %d: %s\n", rank, status.ToString().c_str());
+  return 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // Large buffers (K/V chunks, commands, outputs) come and go every step. With
+  // glibc's defaults each is a fresh mmap whose pages fault in again on first
+  // touch, which costs more than the copy itself (badly so under a VM); keep
+  // them in the heap and reuse the pages instead.
+  mallopt(M_MMAP_THRESHOLD, 512 << 20);
+  mallopt(M_TRIM_THRESHOLD, 1 << 30);
+  CLI::App app{"attnserve: distributed exact-attention service (run under mpirun)"};
+  app.set_config("--config", "", "read flags from a TOML/INI file (flag = value)");
+  std::string listen = "127.0.0.1:50051", port_file, tokens_file, tls_cert, tls_key;
+  AdmissionLimits admission_limits;
+  RequestLimits request_limits;
+  EngineLoopOptions loop_options;
+  int64_t kv_budget_mib = 8192, max_sessions = 1024;
+  int max_message_mib = 64, threads = 0, grace_seconds = 10, spin_us = 2000, sleep_us = 100;
+  app.add_option("--listen", listen, "host:port to listen on (port 0 = any free port)")->capture_default_str();
+  app.add_option("--port-file", port_file, "write the bound port here once ready");
+  app.add_option("--tokens-file", tokens_file, "enable bearer-token auth: lines of 'token tenant'");
+  app.add_option("--tls-cert", tls_cert, "PEM certificate chain; enables TLS (with --tls-key)");
+  app.add_option("--tls-key", tls_key, "PEM private key");
+  app.add_option("--max-queue", admission_limits.max_queue, "requests waiting for the engine")->capture_default_str();
+  app.add_option("--max-in-flight", admission_limits.max_in_flight, "admitted, not completed requests")
+      ->capture_default_str();
+  app.add_option("--kv-budget-mib", kv_budget_mib, "stored K/V budget, all ranks, MiB")->capture_default_str();
+  app.add_option("--max-batch", loop_options.max_batch, "requests per decode/attend engine step")->capture_default_str();
+  app.add_option("--max-sessions", max_sessions, "sessions, all tenants")->capture_default_str();
+  app.add_option("--max-layers", request_limits.max_layers, "layers per session")->capture_default_str();
+  app.add_option("--max-heads", request_limits.max_heads, "query heads per session")->capture_default_str();
+  app.add_option("--max-prefill-tokens", request_limits.max_prefill_tokens, "tokens per Prefill")->capture_default_str();
+  app.add_option("--max-decode-tokens", request_limits.max_decode_tokens, "tokens per Decode")->capture_default_str();
+  app.add_option("--max-attend-tokens", request_limits.max_attend_tokens, "query tokens per Attend")
+      ->capture_default_str();
+  app.add_option("--max-append-tokens", request_limits.max_append_tokens, "tokens per AppendKV call")
+      ->capture_default_str();
+  app.add_option("--default-span-tokens", request_limits.default_span_tokens, "span size when a session gives 0")
+      ->capture_default_str();
+  app.add_option("--max-message-mib", max_message_mib, "gRPC message size limit, MiB")->capture_default_str();
+  app.add_option("--threads", threads, "compute threads per rank (0 = cores / ranks on the node)")
+      ->capture_default_str();
+  app.add_option("--shutdown-grace-seconds", grace_seconds, "time to finish in-flight calls on SIGTERM")
+      ->capture_default_str();
+  app.add_option("--worker-spin-us", spin_us, "workers busy-poll this long after a command")->capture_default_str();
+  app.add_option("--worker-sleep-us", sleep_us, "then sleep this long between polls")->capture_default_str();
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  admission_limits.kv_budget_bytes = kv_budget_mib << 20;
+  loop_options.max_queue = admission_limits.max_queue;
+
+  auto env = MpiEnvironment::Init(&argc, &argv, MpiEnvironment::ThreadLevel::kSerialized);
+  if (!env.ok()) return Fail(-1, env.status());
+  Communicator world = Communicator::World();
+  const int rank = world.rank(), ranks = world.size();
+  const int local_ranks = MpiEnvironment::LocalRanks();
+  if (threads <= 0) threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / local_ranks);
+  tbb::global_control parallelism(tbb::global_control::max_allowed_parallelism, threads);
+  SetBlasThreads(1);
+  auto command_comm = world.Duplicate();
+  if (!command_comm.ok()) return Fail(rank, command_comm.status());
+  auto compute_comm = world.Duplicate();
+  if (!compute_comm.ok()) return Fail(rank, compute_comm.status());
+  auto engine = WorkerEngine::Create(*compute_comm, 0);
+  if (!engine.ok()) return Fail(rank, engine.status());
+  CommandChannel channel(*command_comm);
+
+  if (rank != 0) {
+    std::signal(SIGTERM, SIG_IGN);
+    std::signal(SIGINT, SIG_IGN);
+    Status st = RunWorkerLoop(**engine, channel, 0, spin_us, sleep_us);
+    if (!st.ok()) return Fail(rank, st);
+    return 0;
+  }
+
+  // Rank 0: configuration errors are reported here and stop the workers too.
+  TokenAuth auth;
+  Status setup = Status::Ok();
+  if (!tokens_file.empty()) {
+    auto loaded = TokenAuth::LoadFile(tokens_file);
+    if (loaded.ok()) auth = std::move(loaded).value();
+    else setup = loaded.status();
+  }
+  std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
+  if (setup.ok() && (!tls_cert.empty() || !tls_key.empty())) {
+    const std::string cert = ReadFile(tls_cert), key = ReadFile(tls_key);
+    if (cert.empty() || key.empty()) {
+      setup = Status::InvalidArgument("[attnserve] --tls-cert/--tls-key: both must name readable PEM files");
+    } else {
+      grpc::SslServerCredentialsOptions ssl;
+      ssl.pem_key_cert_pairs.push_back({key, cert});
+      credentials = grpc::SslServerCredentials(ssl);
+    }
+  }
+  Admission admission(admission_limits);
+  ServiceStats stats;
+  SessionRegistry registry(ranks, max_sessions);
+  EngineLoop loop(**engine, channel, ranks, admission, stats, loop_options);
+  AttentionServiceImpl service(registry, admission, loop, stats, auth, request_limits, ranks);
+  std::unique_ptr<grpc::Server> server;
+  int port = 0;
+  if (setup.ok()) {
+    grpc::EnableDefaultHealthCheckService(true);
+    grpc::reflection::InitProtoReflectionServerBuilderPlugin();
+    grpc::ServerBuilder builder;
+    builder.AddListeningPort(listen, credentials, &port);
+    builder.RegisterService(&service);
+    builder.SetMaxReceiveMessageSize(max_message_mib << 20);
+    builder.SetMaxSendMessageSize(max_message_mib << 20);
+    server = builder.BuildAndStart();
+    if (!server || port == 0) setup = Status::Unavailable("[attnserve] --listen " + listen + ": cannot bind");
+  }
+  if (!setup.ok()) {
+    std::fprintf(stderr, "[attnserve] %s\n", setup.ToString().c_str());
+    loop.Run([] { return true; }).ok();  // tells the workers to stop
+    return 2;
+  }
+  std::signal(SIGTERM, OnStopSignal);
+  std::signal(SIGINT, OnStopSignal);
+  const std::string host = listen.substr(0, listen.rfind(':'));
+  if (!port_file.empty()) {
+    const std::string tmp = port_file + ".tmp";
+    std::ofstream(tmp) << port << "\n";
+    std::rename(tmp.c_str(), port_file.c_str());
+  }
+  std::printf("[attnserve] ready: listening on %s:%d (pid %d, %d ranks, %d threads/rank, tls %s, auth %s)\n",
+              host.c_str(), port, static_cast<int>(getpid()), ranks, threads, tls_cert.empty() ? "off" : "on",
+              auth.enabled() ? "on" : "off");
+  std::fflush(stdout);
+
+  // Shutdown: on a signal, stop admitting and let gRPC drain the handlers
+  // (they wait for the engine, which keeps running), then stop the engine.
+  std::atomic<bool> server_down{false};
+  std::thread shutdown_thread;
+  Status run = loop.Run([&] {
+    if (g_stop_signal.load() != 0 && !shutdown_thread.joinable()) {
+      std::printf("[attnserve] signal %d: draining (grace %d s)\n", g_stop_signal.load(), grace_seconds);
+      std::fflush(stdout);
+      admission.StopAdmitting();
+      shutdown_thread = std::thread([&] {
+        server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(grace_seconds));
+        server_down = true;
+      });
+    }
+    return server_down.load();
+  });
+  if (shutdown_thread.joinable()) shutdown_thread.join();
+  server->Wait();
+  std::printf("[attnserve] stopped\n");
+  std::fflush(stdout);
+  if (!run.ok()) return Fail(0, run);
+  return 0;
+}

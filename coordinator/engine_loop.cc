@@ -1,0 +1,424 @@
+#include "coordinator/engine_loop.h"
+
+#include <cstring>
+#include <map>
+#include <set>
+#include <tuple>
+
+namespace ringtree {
+
+bool WorkItem::Wait(const std::function<bool()>& cancelled_check) {
+  std::unique_lock<std::mutex> lock(mu_);
+  for (;;) {
+    if (done_) return true;
+    const auto now = std::chrono::steady_clock::now();
+    if (now >= deadline) return false;
+    if (cancelled_check && cancelled_check()) return false;
+    cv_.wait_until(lock, std::min(deadline, now + std::chrono::milliseconds(5)));
+  }
+}
+
+void WorkItem::Finish(Status s) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    status = std::move(s);
+    done_ = true;
+  }
+  cv_.notify_all();
+}
+
+EngineLoop::EngineLoop(WorkerEngine& engine, const CommandChannel& channel, int world_size, Admission& admission,
+                       ServiceStats& stats, EngineLoopOptions options)
+    : engine_(engine),
+      channel_(channel),
+      world_size_(world_size),
+      admission_(admission),
+      stats_(stats),
+      options_(options),
+      rank_bytes_(world_size, 0),
+      rank_tokens_(world_size, 0) {}
+
+bool EngineLoop::Submit(std::shared_ptr<WorkItem> item) {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    // Deletes are never refused: they free memory and are not admitted work.
+    if (item->kind != WorkItem::Kind::kDelete && static_cast<int64_t>(queue_.size()) >= options_.max_queue) {
+      return false;
+    }
+    queue_.push_back(std::move(item));
+    depth_.store(static_cast<int64_t>(queue_.size()), std::memory_order_relaxed);
+  }
+  cv_.notify_one();
+  return true;
+}
+
+std::vector<int64_t> EngineLoop::RankBytes() const {
+  std::lock_guard<std::mutex> lock(placement_mu_);
+  return rank_bytes_;
+}
+
+std::vector<int64_t> EngineLoop::RankTokens() const {
+  std::lock_guard<std::mutex> lock(placement_mu_);
+  return rank_tokens_;
+}
+
+void EngineLoop::AddPlaced(const SessionShape& shape, const std::vector<PlacedRun>& runs) {
+  std::lock_guard<std::mutex> lock(placement_mu_);
+  for (const PlacedRun& r : runs) {
+    rank_tokens_[r.rank] += r.tokens;
+    rank_bytes_[r.rank] += 2 * r.tokens * shape.row_bytes();
+  }
+}
+
+void EngineLoop::Complete(WorkItem& item, Status status) {
+  if (item.admitted) admission_.Complete(status.ok() ? 0 : item.reserved_kv_bytes);
+  item.Finish(std::move(status));
+}
+
+std::vector<std::shared_ptr<WorkItem>> EngineLoop::NextStep(const std::function<bool()>& should_exit, bool* exit) {
+  std::vector<std::shared_ptr<WorkItem>> step, finished;
+  {
+    std::unique_lock<std::mutex> lock(mu_);
+    while (queue_.empty()) {
+      if (should_exit()) {
+        *exit = true;
+        return {};
+      }
+      cv_.wait_for(lock, std::chrono::milliseconds(20));
+    }
+    using Key = std::pair<uint64_t, int>;
+    std::set<Key> blocked, decode_keys, attend_keys;
+    std::set<uint64_t> blocked_sessions;
+    const auto now = std::chrono::steady_clock::now();
+    std::deque<std::shared_ptr<WorkItem>> keep;
+    bool alone = false;  // the step is one append/prefill/delete
+    while (!queue_.empty()) {
+      std::shared_ptr<WorkItem> item = std::move(queue_.front());
+      queue_.pop_front();
+      const uint64_t handle = item->session->shape.handle;
+      const Key key{handle, item->layer};
+      const bool batchable = item->kind == WorkItem::Kind::kDecode || item->kind == WorkItem::Kind::kAttend;
+      if (item->cancelled || now >= item->deadline ||
+          (item->session->deleted && item->kind != WorkItem::Kind::kDelete)) {
+        finished.push_back(std::move(item));
+        continue;
+      }
+      if (alone || blocked.count(key) || blocked_sessions.count(handle) ||
+          (batchable && static_cast<int>(step.size()) >= options_.max_batch)) {
+        keep.push_back(std::move(item));
+        continue;
+      }
+      if (!batchable) {
+        if (step.empty()) {
+          step.push_back(std::move(item));
+          alone = true;
+        } else {
+          if (item->kind == WorkItem::Kind::kDelete) blocked_sessions.insert(handle);
+          blocked.insert(key);
+          keep.push_back(std::move(item));
+        }
+        continue;
+      }
+      if (item->kind == WorkItem::Kind::kDecode) {
+        if (decode_keys.count(key) || attend_keys.count(key)) {
+          blocked.insert(key);
+          keep.push_back(std::move(item));
+          continue;
+        }
+        decode_keys.insert(key);
+      } else {
+        attend_keys.insert(key);
+      }
+      step.push_back(std::move(item));
+    }
+    queue_ = std::move(keep);
+    depth_.store(static_cast<int64_t>(queue_.size()), std::memory_order_relaxed);
+  }
+  for (auto& item : finished) {
+    if (item->cancelled) Complete(*item, Status::Cancelled("[engine] cancelled by the client before it ran"));
+    else if (item->session->deleted) Complete(*item, Status::NotFound("session_id: session was deleted"));
+    else Complete(*item, Status::DeadlineExceeded("[engine] deadline expired before the request ran"));
+  }
+  return step;
+}
+
+Status EngineLoop::Run(const std::function<bool()>& should_exit) {
+  for (;;) {
+    bool exit = false;
+    std::vector<std::shared_ptr<WorkItem>> step = NextStep(should_exit, &exit);
+    if (exit) break;
+    if (step.empty()) continue;
+    switch (step[0]->kind) {
+      case WorkItem::Kind::kAppend: RunAppend(*step[0]); break;
+      case WorkItem::Kind::kPrefill: RunPrefill(*step[0]); break;
+      case WorkItem::Kind::kDelete: RunDelete(*step[0]); break;
+      default: RunAttentionStep(step); break;
+    }
+  }
+  Command shutdown;
+  shutdown.kind = CommandKind::kShutdown;
+  const std::string bytes = EncodeCommand(shutdown);
+  Status result = Status::Ok();
+  for (int d = 1; d < world_size_; ++d) {
+    Status st = channel_.Send(d, bytes);
+    if (!st.ok() && result.ok()) result = st;
+  }
+  return result;
+}
+
+Result<EngineOutput> EngineLoop::Broadcast(std::vector<Command>& commands) {
+  int64_t sent = 0;
+  for (int d = 1; d < world_size_; ++d) {
+    const std::string bytes = EncodeCommand(commands[d]);
+    sent += static_cast<int64_t>(bytes.size());
+    RINGTREE_RETURN_IF_ERROR(channel_.Send(d, bytes));
+  }
+  stats_.AddBytes(0, 0, sent);
+  return engine_.Execute(commands[0]);
+}
+
+namespace {
+
+// The rows of `runs` that sit on `rank`, cut out of a chunk starting at `first`.
+KvRows SliceRows(const std::vector<PlacedRun>& runs, int rank, int64_t first, int64_t row_bytes,
+                 const std::string& k, const std::string& v) {
+  KvRows rows;
+  for (const PlacedRun& r : runs) {
+    if (r.rank != rank) continue;
+    rows.runs.push_back({r.position, r.tokens});
+    const size_t at = static_cast<size_t>((r.position - first) * row_bytes);
+    const size_t n = static_cast<size_t>(r.tokens * row_bytes);
+    rows.k.append(k, at, n);
+    rows.v.append(v, at, n);
+  }
+  return rows;
+}
+
+}  // namespace
+
+void EngineLoop::RunAppend(WorkItem& item) {
+  SessionRecord& s = *item.session;
+  const int64_t row_bytes = s.shape.row_bytes();
+  std::vector<PlacedRun> runs;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    LayerLayout& layout = s.layers[item.layer];
+    item.first_position = layout.tokens;
+    runs = PlaceAppend(layout, item.kv_tokens, s.config.span_tokens(), RankBytes());
+    item.layer_tokens = layout.tokens;
+    s.kv_bytes += 2 * item.kv_tokens * row_bytes;
+  }
+  AddPlaced(s.shape, runs);
+  std::vector<Command> commands(world_size_);
+  for (int d = 0; d < world_size_; ++d) {
+    commands[d].kind = CommandKind::kAppend;
+    commands[d].append.session = s.shape;
+    commands[d].append.layer = item.layer;
+    commands[d].append.rows = SliceRows(runs, d, item.first_position, row_bytes, item.k, item.v);
+  }
+  item.k.clear();
+  item.v.clear();
+  Result<EngineOutput> out = Broadcast(commands);
+  stats_.RecordBatch("append", 1);
+  Complete(item, out.ok() ? Status::Ok() : out.status());
+}
+
+void EngineLoop::RunPrefill(WorkItem& item) {
+  SessionRecord& s = *item.session;
+  const SessionShape& shape = s.shape;
+  const int64_t row_bytes = shape.row_bytes();
+  const int64_t q_row = int64_t(shape.heads) * shape.head_dim;
+  LayerLayout before, after;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    before = s.layers[item.layer];
+  }
+  after = before;
+  const std::vector<PlacedRun> runs = PlacePrefill(after, item.kv_tokens, s.config.span_tokens(), world_size_);
+  const int64_t first = before.tokens;
+  std::vector<Command> commands(world_size_);
+  std::vector<int64_t> rows_per_rank(world_size_, 0);
+  for (const PlacedRun& r : runs) rows_per_rank[r.rank] += r.tokens;
+  int64_t cached_offset = 0;
+  for (int d = 0; d < world_size_; ++d) {
+    PrefillCommand& p = commands[d].prefill;
+    commands[d].kind = CommandKind::kPrefill;
+    p.session = shape;
+    p.layer = item.layer;
+    p.scale = item.scale;
+    p.return_lse = item.return_lse;
+    p.cached_offset = cached_offset;
+    cached_offset += before.rank_tokens[d];
+    p.rows = SliceRows(runs, d, first, row_bytes, item.k, item.v);
+    for (const PlacedRun& r : runs) {
+      if (r.rank != d) continue;
+      const float* src = item.q.data() + (r.position - first) * q_row;
+      p.q.insert(p.q.end(), src, src + r.tokens * q_row);
+    }
+    if (d == 0) p.rows_per_rank = rows_per_rank;
+  }
+  Result<EngineOutput> out = Broadcast(commands);
+  stats_.RecordBatch("prefill", 1);
+  if (!out.ok()) {
+    Complete(item, out.status());
+    return;
+  }
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    s.layers[item.layer] = after;
+    s.kv_bytes += 2 * item.kv_tokens * row_bytes;
+  }
+  AddPlaced(shape, runs);
+  // Ring traffic: every rank's KV set (cached + chunk share) travels P-1 hops.
+  int64_t ring = 0;
+  for (int d = 0; d < world_size_; ++d) ring += 2 * after.rank_tokens[d] * row_bytes * (world_size_ - 1);
+  stats_.AddBytes(ring, 0, 0);
+  // Reassemble the output in position order from each rank's run-ordered rows.
+  item.o.assign(static_cast<size_t>(item.q_tokens * q_row), 0.0f);
+  if (item.return_lse) item.lse.assign(static_cast<size_t>(item.q_tokens * shape.heads), 0.0f);
+  std::vector<int64_t> cursor(world_size_, 0);
+  for (const PlacedRun& r : runs) {
+    const int64_t at = r.position - first;
+    std::memcpy(item.o.data() + at * q_row, out->rank_o[r.rank].data() + cursor[r.rank] * q_row,
+                sizeof(float) * r.tokens * q_row);
+    if (item.return_lse) {
+      std::memcpy(item.lse.data() + at * shape.heads, out->rank_lse[r.rank].data() + cursor[r.rank] * shape.heads,
+                  sizeof(float) * r.tokens * shape.heads);
+    }
+    cursor[r.rank] += r.tokens;
+  }
+  item.first_position = first;
+  item.layer_tokens = after.tokens;
+  Complete(item, Status::Ok());
+}
+
+void EngineLoop::RunDelete(WorkItem& item) {
+  SessionRecord& s = *item.session;
+  std::vector<Command> commands(world_size_);
+  for (auto& c : commands) {
+    c.kind = CommandKind::kDeleteSession;
+    c.delete_handle = s.shape.handle;
+  }
+  Result<EngineOutput> out = Broadcast(commands);
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    item.freed_bytes = s.kv_bytes;
+    std::lock_guard<std::mutex> placement(placement_mu_);
+    for (const LayerLayout& l : s.layers) {
+      for (int r = 0; r < world_size_; ++r) {
+        rank_tokens_[r] -= l.rank_tokens[r];
+        rank_bytes_[r] -= 2 * l.rank_tokens[r] * s.shape.row_bytes();
+      }
+    }
+    s.kv_bytes = 0;
+  }
+  admission_.FreeKv(item.freed_bytes);
+  Complete(item, out.ok() ? Status::Ok() : out.status());
+}
+
+void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items) {
+  struct Member {
+    WorkItem* item;
+    int64_t row;  // first query row in the group
+  };
+  struct Group {
+    BatchGroup batch;  // rank-independent part (new_rows filled per rank)
+    std::vector<Member> members;
+    std::vector<PlacedRun> runs;  // decode: placement of the new tokens
+    WorkItem* decode = nullptr;
+  };
+  std::vector<Group> groups;
+  std::map<std::tuple<uint64_t, int, float>, size_t> attend_group;
+  int decodes = 0, attends = 0;
+  const std::vector<int64_t> rank_bytes = RankBytes();
+  for (auto& ptr : items) {
+    WorkItem& item = *ptr;
+    SessionRecord& s = *item.session;
+    if (item.kind == WorkItem::Kind::kDecode) {
+      ++decodes;
+      Group g;
+      {
+        std::lock_guard<std::mutex> lock(s.mu);
+        LayerLayout& layout = s.layers[item.layer];
+        item.first_position = layout.tokens;
+        g.runs = PlaceAppend(layout, item.kv_tokens, s.config.span_tokens(), rank_bytes);
+        item.layer_tokens = layout.tokens;
+        s.kv_bytes += 2 * item.kv_tokens * s.shape.row_bytes();
+      }
+      AddPlaced(s.shape, g.runs);
+      g.batch.session = s.shape;
+      g.batch.layer = item.layer;
+      g.batch.causal = true;
+      g.batch.scale = item.scale;
+      g.batch.q_tokens = item.q_tokens;
+      g.batch.q_position = item.first_position;
+      g.batch.q = std::move(item.q);
+      g.members.push_back({&item, 0});
+      g.decode = &item;
+      groups.push_back(std::move(g));
+      continue;
+    }
+    ++attends;
+    {
+      std::lock_guard<std::mutex> lock(s.mu);
+      item.layer_tokens = s.layers[item.layer].tokens;
+    }
+    auto key = std::make_tuple(s.shape.handle, item.layer, item.scale);
+    auto it = attend_group.find(key);
+    if (it == attend_group.end()) {
+      Group g;
+      g.batch.session = s.shape;
+      g.batch.layer = item.layer;
+      g.batch.causal = false;
+      g.batch.scale = item.scale;
+      it = attend_group.emplace(key, groups.size()).first;
+      groups.push_back(std::move(g));
+    }
+    Group& g = groups[it->second];
+    g.members.push_back({&item, g.batch.q_tokens});
+    g.batch.q.insert(g.batch.q.end(), item.q.begin(), item.q.end());
+    g.batch.q_tokens += item.q_tokens;
+  }
+  std::vector<Command> commands(world_size_);
+  for (int d = 0; d < world_size_; ++d) {
+    commands[d].kind = CommandKind::kAttendBatch;
+    for (Group& g : groups) {
+      BatchGroup b = g.batch;  // copies q: each rank needs it
+      if (g.decode) {
+        b.new_rows = SliceRows(g.runs, d, g.decode->first_position, g.batch.session.row_bytes(), g.decode->k,
+                               g.decode->v);
+      }
+      commands[d].batch.groups.push_back(std::move(b));
+    }
+  }
+  Result<EngineOutput> out = Broadcast(commands);
+  const int batch_size = static_cast<int>(items.size());
+  if (decodes) stats_.RecordBatch("decode", decodes);
+  if (attends) stats_.RecordBatch("attend", attends);
+  stats_.RecordBatch("step", batch_size);
+  int64_t tree = 0;
+  for (const Group& g : groups) {
+    tree += g.batch.q_tokens * g.batch.session.heads * (g.batch.session.head_dim + 1) * 4 * (world_size_ - 1);
+  }
+  stats_.AddBytes(0, tree, 0);
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const Group& g = groups[i];
+    const int64_t q_row = int64_t(g.batch.session.heads) * g.batch.session.head_dim;
+    const int64_t heads = g.batch.session.heads;
+    for (const Member& m : g.members) {
+      WorkItem& item = *m.item;
+      item.batch_size = batch_size;
+      if (!out.ok()) {
+        Complete(item, out.status());
+        continue;
+      }
+      const std::vector<float>& o = out->group_o[i];
+      const std::vector<float>& lse = out->group_lse[i];
+      item.o.assign(o.begin() + m.row * q_row, o.begin() + (m.row + item.q_tokens) * q_row);
+      if (item.return_lse) item.lse.assign(lse.begin() + m.row * heads, lse.begin() + (m.row + item.q_tokens) * heads);
+      Complete(item, Status::Ok());
+    }
+  }
+}
+
+}  // namespace ringtree

@@ -1,0 +1,117 @@
+// Rank 0's engine loop: the one thread that calls MPI on rank 0.
+//
+// gRPC handlers validate and admit a request, then Submit a WorkItem and wait
+// for it. The loop takes every request waiting now, forms one step (all
+// decodes and attends that can run together, or one append/prefill/delete),
+// places new tokens on ranks, sends each rank its command, executes rank 0's
+// share through the WorkerEngine, and completes the items.
+//
+// Ordering: requests on the same (session, layer) run in arrival order; at
+// most one decode per (session, layer) per step; an append, prefill or
+// delete runs alone, after everything that arrived before it on its session.
+// Expired or cancelled requests are completed without running.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "coordinator/admission.h"
+#include "coordinator/service_stats.h"
+#include "coordinator/session_registry.h"
+#include "worker/engine/engine.h"
+
+namespace ringtree {
+
+struct WorkItem {
+  enum class Kind { kDelete, kAppend, kPrefill, kDecode, kAttend };
+  Kind kind = Kind::kDecode;
+  std::shared_ptr<SessionRecord> session;
+  int layer = 0;
+  // Inputs (validated by the handler).
+  std::vector<float> q;  // [q_tokens, H, D] float32
+  int64_t q_tokens = 0;
+  std::string k, v;      // [kv_tokens, Hkv, D] in the session's storage dtype
+  int64_t kv_tokens = 0;
+  float scale = 0.0f;
+  bool return_lse = false;
+  int64_t reserved_kv_bytes = 0;  // released on failure
+  bool admitted = false;          // counts in Admission's in-flight
+  std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
+  std::atomic<bool> cancelled{false};
+
+  // Outputs, valid once done.
+  Status status;
+  std::vector<float> o, lse;
+  int64_t first_position = 0;
+  int64_t layer_tokens = 0;
+  int batch_size = 0;
+  int64_t freed_bytes = 0;
+
+  // Waits until done, `deadline`, or `cancelled()` returns true (checked
+  // every few milliseconds). Returns true when done.
+  bool Wait(const std::function<bool()>& cancelled_check);
+  void Finish(Status s);  // sets status and wakes the waiter
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool done_ = false;
+};
+
+struct EngineLoopOptions {
+  int max_batch = 64;         // requests per decode/attend step
+  int64_t max_queue = 256;    // hard bound of the queue (admission checks it first)
+};
+
+class EngineLoop {
+ public:
+  EngineLoop(WorkerEngine& engine, const CommandChannel& channel, int world_size, Admission& admission,
+             ServiceStats& stats, EngineLoopOptions options);
+
+  // Thread-safe. Queues an admitted item. False when the queue is full.
+  bool Submit(std::shared_ptr<WorkItem> item);
+  int64_t queue_depth() const { return depth_.load(std::memory_order_relaxed); }
+  // Per-rank stored bytes/tokens (all sessions), as placed by the engine.
+  std::vector<int64_t> RankBytes() const;
+  std::vector<int64_t> RankTokens() const;
+
+  // Runs steps until `should_exit()` returns true while the queue is empty,
+  // then tells every worker to shut down. Must run on the thread that owns
+  // MPI on rank 0. `should_exit` is polled at least every 20 ms.
+  Status Run(const std::function<bool()>& should_exit);
+
+ private:
+  std::vector<std::shared_ptr<WorkItem>> NextStep(const std::function<bool()>& should_exit, bool* exit);
+  void RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items);
+  void RunAppend(WorkItem& item);
+  void RunPrefill(WorkItem& item);
+  void RunDelete(WorkItem& item);
+  // Sends per-rank commands to workers, executes rank 0's. Returns rank 0's output.
+  Result<EngineOutput> Broadcast(std::vector<Command>& commands);
+  void Complete(WorkItem& item, Status status);
+  void AddPlaced(const SessionShape& shape, const std::vector<PlacedRun>& runs);
+
+  WorkerEngine& engine_;
+  const CommandChannel& channel_;
+  const int world_size_;
+  Admission& admission_;
+  ServiceStats& stats_;
+  const EngineLoopOptions options_;
+
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::shared_ptr<WorkItem>> queue_;
+  std::atomic<int64_t> depth_{0};
+  mutable std::mutex placement_mu_;
+  std::vector<int64_t> rank_bytes_, rank_tokens_;
+};
+
+}  // namespace ringtree

@@ -1,0 +1,536 @@
+#include "coordinator/service.h"
+
+#include <cmath>
+#include <cstring>
+
+#include "kernels/attention.h"
+#include "rpc/tensor_codec.h"
+
+namespace ringtree {
+
+grpc::Status ToGrpcStatus(const Status& status) {
+  grpc::StatusCode code = grpc::StatusCode::INTERNAL;
+  switch (status.code()) {
+    case StatusCode::kOk: return grpc::Status::OK;
+    case StatusCode::kInvalidArgument: code = grpc::StatusCode::INVALID_ARGUMENT; break;
+    case StatusCode::kNotFound: code = grpc::StatusCode::NOT_FOUND; break;
+    case StatusCode::kFailedPrecondition: code = grpc::StatusCode::FAILED_PRECONDITION; break;
+    case StatusCode::kResourceExhausted: code = grpc::StatusCode::RESOURCE_EXHAUSTED; break;
+    case StatusCode::kDeadlineExceeded: code = grpc::StatusCode::DEADLINE_EXCEEDED; break;
+    case StatusCode::kUnavailable: code = grpc::StatusCode::UNAVAILABLE; break;
+    case StatusCode::kCancelled: code = grpc::StatusCode::CANCELLED; break;
+    case StatusCode::kAlreadyExists: code = grpc::StatusCode::ALREADY_EXISTS; break;
+    case StatusCode::kDataLoss: code = grpc::StatusCode::DATA_LOSS; break;
+    default: break;
+  }
+  return grpc::Status(code, status.message());
+}
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+std::string Tag(const char* method) { return std::string("[") + method + "] "; }
+
+// Prefixes "[Method] " unless the message already starts with a tag.
+Status Tagged(const char* method, const Status& s) {
+  if (s.ok() || (!s.message().empty() && s.message()[0] == '[')) return s;
+  return Status(s.code(), Tag(method) + s.message());
+}
+
+Status CheckSessionId(const std::string& id, const char* method) {
+  if (id.empty()) return Status::InvalidArgument(Tag(method) + "session_id: required");
+  if (id.size() > 64) return Status::InvalidArgument(Tag(method) + "session_id: longer than 64 bytes");
+  return Status::Ok();
+}
+
+Status CheckLayer(int layer, const SessionRecord& s, const char* method) {
+  if (layer < 0 || layer >= s.config.layers()) {
+    return Status::InvalidArgument(Tag(method) + "layer: " + std::to_string(layer) + " out of range [0, " +
+                                   std::to_string(s.config.layers()) + ")");
+  }
+  return Status::Ok();
+}
+
+// Checks a [tokens, heads, head_dim] tensor. Returns its dtype and token count.
+Status CheckTensor(const v1::Tensor& t, const char* method, const char* field, int heads, int head_dim,
+                   int64_t min_tokens, int64_t max_tokens, int64_t expected_tokens, DType* dtype, int64_t* tokens) {
+  auto parsed = FromProtoDType(t.dtype(), method, field);
+  if (!parsed.ok()) return parsed.status();
+  *dtype = *parsed;
+  const std::string f = Tag(method) + field;
+  if (t.shape_size() != 3) {
+    return Status::InvalidArgument(f + ".shape: expected [tokens, heads, head_dim], got " +
+                                   std::to_string(t.shape_size()) + " dimensions");
+  }
+  *tokens = t.shape(0);
+  if (expected_tokens >= 0 && *tokens != expected_tokens) {
+    return Status::InvalidArgument(f + ".shape[0]: " + std::to_string(*tokens) + " tokens, expected " +
+                                   std::to_string(expected_tokens) + " (as q)");
+  }
+  if (*tokens < min_tokens || *tokens > max_tokens) {
+    return Status::InvalidArgument(f + ".shape[0]: " + std::to_string(*tokens) + " tokens, allowed [" +
+                                   std::to_string(min_tokens) + ", " + std::to_string(max_tokens) + "]");
+  }
+  if (t.shape(1) != heads) {
+    return Status::InvalidArgument(f + ".shape[1]: " + std::to_string(t.shape(1)) + " heads, the session has " +
+                                   std::to_string(heads));
+  }
+  if (t.shape(2) != head_dim) {
+    return Status::InvalidArgument(f + ".shape[2]: head_dim " + std::to_string(t.shape(2)) +
+                                   ", the session has " + std::to_string(head_dim));
+  }
+  const uint64_t expected = static_cast<uint64_t>(*tokens) * heads * head_dim * DTypeSize(*dtype);
+  if (t.data().size() != expected) {
+    return Status::InvalidArgument(f + ".data: " + std::to_string(t.data().size()) + " bytes, shape and dtype " +
+                                   DTypeName(*dtype) + " need " + std::to_string(expected));
+  }
+  return Status::Ok();
+}
+
+// Converts to float32 (appended to *out) and rejects NaN/Inf.
+Status ToFiniteFloat32(const v1::Tensor& t, DType dtype, const char* method, const char* field,
+                       std::vector<float>* out) {
+  const size_t n = t.data().size() / DTypeSize(dtype);
+  const size_t at = out->size();
+  out->resize(at + n);
+  ConvertToFloat32(dtype, t.data().data(), out->data() + at, n);
+  for (size_t i = 0; i < n; ++i) {
+    if (!std::isfinite((*out)[at + i])) {
+      const size_t row = i / (t.shape(1) * t.shape(2));
+      out->resize(at);
+      return Status::InvalidArgument(Tag(method) + field + ".data: NaN or Inf at token " + std::to_string(row));
+    }
+  }
+  return Status::Ok();
+}
+
+// Converts to the storage dtype (appended to *out), rejecting NaN/Inf.
+Status ToStorage(const v1::Tensor& t, DType dtype, DType storage, const char* method, const char* field,
+                 std::string* out) {
+  std::vector<float> values;
+  RINGTREE_RETURN_IF_ERROR(ToFiniteFloat32(t, dtype, method, field, &values));
+  if (dtype == storage) {
+    out->append(t.data());
+  } else {
+    const size_t at = out->size();
+    out->resize(at + values.size() * DTypeSize(storage));
+    ConvertFromFloat32(values.data(), storage, out->data() + at, values.size());
+  }
+  return Status::Ok();
+}
+
+Status CheckOptions(const v1::AttentionOptions& o, const char* method, DType* output_dtype) {
+  if (!std::isfinite(o.scale()) || o.scale() < 0) {
+    return Status::InvalidArgument(Tag(method) + "options.scale: must be finite and >= 0 (0 = 1/sqrt(head_dim))");
+  }
+  if (o.output_dtype() == v1::DATA_TYPE_UNSPECIFIED) {
+    *output_dtype = DType::kFloat32;
+    return Status::Ok();
+  }
+  auto d = FromProtoDType(o.output_dtype(), method, "options.output_dtype");
+  if (!d.ok()) return d.status();
+  *output_dtype = *d;
+  return Status::Ok();
+}
+
+Clock::time_point SteadyDeadline(const grpc::ServerContext& context) {
+  const auto deadline = context.deadline();
+  if (deadline == std::chrono::system_clock::time_point::max()) return Clock::time_point::max();
+  const auto left = deadline - std::chrono::system_clock::now();
+  if (left > std::chrono::hours(24 * 365)) return Clock::time_point::max();
+  return Clock::now() + std::chrono::duration_cast<Clock::duration>(left);
+}
+
+void PutOutput(const std::vector<float>& values, int64_t row_begin, int64_t rows, int64_t row_elems,
+               std::vector<int64_t> shape, DType dtype, v1::Tensor* out) {
+  shape[0] = rows;
+  ToProto(values.data() + row_begin * row_elems, shape, dtype, out);
+}
+
+}  // namespace
+
+AttentionServiceImpl::AttentionServiceImpl(SessionRegistry& registry, Admission& admission, EngineLoop& engine,
+                                           ServiceStats& stats, const TokenAuth& auth, RequestLimits limits,
+                                           int world_size)
+    : registry_(registry),
+      admission_(admission),
+      engine_(engine),
+      stats_(stats),
+      auth_(auth),
+      limits_(limits),
+      world_size_(world_size),
+      started_(Clock::now()) {}
+
+grpc::Status AttentionServiceImpl::Invalid(const char* method, const Status& status) {
+  admission_.CountInvalid();
+  return ToGrpcStatus(Tagged(method, status));
+}
+
+void AttentionServiceImpl::Record(const char* method, Clock::time_point start, const grpc::Status& status) {
+  const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  if (status.ok()) stats_.RecordLatency(method, seconds);
+  else if (status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) stats_.RecordLatency("(refused)", seconds);
+}
+
+Result<std::shared_ptr<SessionRecord>> AttentionServiceImpl::FindSession(const std::string& tenant,
+                                                                         const std::string& id,
+                                                                         const char* method) const {
+  RINGTREE_RETURN_IF_ERROR(CheckSessionId(id, method));
+  auto found = registry_.Find(tenant, id);
+  if (!found.ok()) return Tagged(method, found.status());
+  return found;
+}
+
+grpc::Status AttentionServiceImpl::Run(const char* method, grpc::ServerContext* context,
+                                       std::shared_ptr<WorkItem> item, int64_t kv_bytes, bool already_admitted) {
+  item->deadline = SteadyDeadline(*context);
+  if (Clock::now() >= item->deadline) {
+    if (already_admitted) admission_.Complete(kv_bytes);
+    return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, Tag(method) + "deadline expired before admission");
+  }
+  if (!already_admitted) {
+    Status admitted = admission_.Admit(method, engine_.queue_depth(), kv_bytes);
+    if (!admitted.ok()) return ToGrpcStatus(admitted);
+  }
+  item->admitted = true;
+  item->reserved_kv_bytes = kv_bytes;
+  if (!engine_.Submit(item)) {
+    admission_.Complete(kv_bytes);
+    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, Tag(method) + "queue full (--max-queue)");
+  }
+  if (!item->Wait([context] { return context->IsCancelled(); })) {
+    item->cancelled = true;  // the engine skips it if it has not started
+    if (context->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, Tag(method) + "cancelled by the client");
+    return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, Tag(method) + "deadline exceeded");
+  }
+  return ToGrpcStatus(Tagged(method, item->status));
+}
+
+grpc::Status AttentionServiceImpl::CreateSession(grpc::ServerContext* context, const v1::CreateSessionRequest* request,
+                                                 v1::SessionInfo* response) {
+  const char* m = "CreateSession";
+  std::string tenant;
+  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
+  if (admission_.draining()) return grpc::Status(grpc::StatusCode::UNAVAILABLE, Tag(m) + "server is shutting down");
+  v1::SessionConfig c = request->config();
+  auto bad = [&](const std::string& what) { return Invalid(m, Status::InvalidArgument("config." + what)); };
+  if (c.layers() < 1 || c.layers() > limits_.max_layers)
+    return bad("layers: " + std::to_string(c.layers()) + ", allowed [1, " + std::to_string(limits_.max_layers) + "]");
+  if (c.heads() < 1 || c.heads() > limits_.max_heads)
+    return bad("heads: " + std::to_string(c.heads()) + ", allowed [1, " + std::to_string(limits_.max_heads) + "]");
+  if (c.kv_heads() < 1 || c.kv_heads() > c.heads())
+    return bad("kv_heads: " + std::to_string(c.kv_heads()) + ", allowed [1, heads]");
+  if (c.heads() % c.kv_heads() != 0)
+    return bad("heads: " + std::to_string(c.heads()) + " is not a multiple of kv_heads " + std::to_string(c.kv_heads()));
+  if (c.head_dim() < 1 || c.head_dim() > 256)
+    return bad("head_dim: " + std::to_string(c.head_dim()) + ", allowed [1, 256]");
+  if (c.storage_dtype() == v1::DATA_TYPE_UNSPECIFIED) c.set_storage_dtype(v1::FLOAT32);
+  if (c.storage_dtype() != v1::FLOAT32 && c.storage_dtype() != v1::BFLOAT16)
+    return bad("storage_dtype: must be FLOAT32 or BFLOAT16");
+  if (c.span_tokens() == 0) c.set_span_tokens(limits_.default_span_tokens);
+  if (c.span_tokens() < 1 || c.span_tokens() > (1 << 20))
+    return bad("span_tokens: " + std::to_string(c.span_tokens()) + ", allowed [1, 1048576] (0 = default)");
+  if (c.sink_tokens() < 0) return bad("sink_tokens: must be >= 0");
+  if (c.window_tokens() < 0) return bad("window_tokens: must be >= 0");
+  if (c.name().size() > 128) return bad("name: longer than 128 bytes");
+  const DType storage = c.storage_dtype() == v1::BFLOAT16 ? DType::kBFloat16 : DType::kFloat32;
+  if (Status st = ValidateAttention(AttentionShape{0, 0, c.heads(), c.kv_heads(), c.head_dim()}, storage); !st.ok())
+    return Invalid(m, Status::InvalidArgument("config: " + st.message()));
+  auto record = registry_.Create(tenant, c);
+  if (!record.ok()) return ToGrpcStatus(record.status());
+  (*record)->ToInfo(response);
+  return grpc::Status::OK;
+}
+
+grpc::Status AttentionServiceImpl::GetSession(grpc::ServerContext* context, const v1::GetSessionRequest* request,
+                                              v1::SessionInfo* response) {
+  std::string tenant;
+  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
+  auto s = FindSession(tenant, request->session_id(), "GetSession");
+  if (!s.ok()) return Invalid("GetSession", s.status());
+  (*s)->ToInfo(response);
+  return grpc::Status::OK;
+}
+
+grpc::Status AttentionServiceImpl::ListSessions(grpc::ServerContext* context, const v1::ListSessionsRequest*,
+                                                v1::ListSessionsResponse* response) {
+  std::string tenant;
+  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
+  for (const auto& s : registry_.List(tenant)) s->ToInfo(response->add_sessions());
+  return grpc::Status::OK;
+}
+
+grpc::Status AttentionServiceImpl::DeleteSession(grpc::ServerContext* context, const v1::DeleteSessionRequest* request,
+                                                 v1::DeleteSessionResponse* response) {
+  const char* m = "DeleteSession";
+  std::string tenant;
+  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
+  if (Status st = CheckSessionId(request->session_id(), m); !st.ok()) return Invalid(m, st);
+  auto s = registry_.Remove(tenant, request->session_id());
+  if (!s.ok()) return Invalid(m, s.status());
+  auto item = std::make_shared<WorkItem>();
+  item->kind = WorkItem::Kind::kDelete;
+  item->session = *s;
+  engine_.Submit(item);  // never refused; the session is already invisible
+  item->Wait(nullptr);
+  response->set_freed_bytes(item->freed_bytes);
+  return ToGrpcStatus(Tagged(m, item->status));
+}
+
+grpc::Status AttentionServiceImpl::AppendKV(grpc::ServerContext* context,
+                                            grpc::ServerReader<v1::AppendKVRequest>* reader,
+                                            v1::AppendKVResponse* response) {
+  const char* m = "AppendKV";
+  const auto start = Clock::now();
+  std::string tenant;
+  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
+  v1::AppendKVRequest message;
+  if (!reader->Read(&message)) return Invalid(m, Status::InvalidArgument("stream: no messages"));
+  auto found = FindSession(tenant, message.session_id(), m);
+  if (!found.ok()) return Invalid(m, found.status());
+  std::shared_ptr<SessionRecord> session = *found;
+  const int layer = message.layer();
+  if (Status st = CheckLayer(layer, *session, m); !st.ok()) return Invalid(m, st);
+  const SessionShape& shape = session->shape;
+  // Admitted from the first message: the stream counts as work in flight and
+  // its KV bytes are reserved chunk by chunk; on any failure everything is
+  // released and nothing was stored (the engine sees only complete calls).
+  Status admitted = admission_.Admit(m, engine_.queue_depth(), 0);
+  if (!admitted.ok()) {
+    grpc::Status g = ToGrpcStatus(admitted);
+    Record(m, start, g);
+    return g;
+  }
+  int64_t reserved = 0;
+  auto fail = [&](const Status& st, bool invalid) {
+    admission_.Complete(reserved);
+    if (invalid) admission_.CountInvalid();
+    return ToGrpcStatus(Tagged(m, st));
+  };
+  auto item = std::make_shared<WorkItem>();
+  item->kind = WorkItem::Kind::kAppend;
+  item->session = session;
+  item->layer = layer;
+  int64_t index = 0;
+  do {
+    const std::string at = "message " + std::to_string(index) + ": ";
+    if (index > 0 && !message.session_id().empty() &&
+        (message.session_id() != session->id || message.layer() != layer)) {
+      return fail(Status::InvalidArgument(at + "session_id/layer differ from the first message"), true);
+    }
+    DType kd, vd;
+    int64_t kt = 0, vt = 0;
+    Status st = CheckTensor(message.k(), m, "k", shape.kv_heads, shape.head_dim, 1, limits_.max_append_tokens, -1,
+                            &kd, &kt);
+    if (st.ok()) {
+      st = CheckTensor(message.v(), m, "v", shape.kv_heads, shape.head_dim, 1, limits_.max_append_tokens, kt, &vd,
+                       &vt);
+    }
+    if (!st.ok()) return fail(Status(st.code(), Tag(m) + at + st.message().substr(Tag(m).size())), true);
+    if (item->kv_tokens + kt > limits_.max_append_tokens) {
+      return fail(Status::InvalidArgument("k.shape[0]: the call exceeds " + std::to_string(limits_.max_append_tokens) +
+                                          " tokens (--max-append-tokens)"),
+                  true);
+    }
+    const int64_t bytes = 2 * kt * shape.row_bytes();
+    if (Status r = admission_.ReserveKv(m, bytes); !r.ok()) return fail(r, false);
+    reserved += bytes;
+    if (Status c = ToStorage(message.k(), kd, shape.storage, m, "k", &item->k); !c.ok()) return fail(c, true);
+    if (Status c = ToStorage(message.v(), vd, shape.storage, m, "v", &item->v); !c.ok()) return fail(c, true);
+    item->kv_tokens += kt;
+    ++index;
+  } while (reader->Read(&message));
+  if (context->IsCancelled()) {
+    return fail(Status::Cancelled("client cancelled the stream; nothing was stored"), false);
+  }
+  grpc::Status g = Run(m, context, item, reserved, /*already_admitted=*/true);
+  Record(m, start, g);
+  if (!g.ok()) return g;
+  response->set_appended_tokens(item->kv_tokens);
+  response->set_first_position(item->first_position);
+  response->set_layer_tokens(item->layer_tokens);
+  return grpc::Status::OK;
+}
+
+grpc::Status AttentionServiceImpl::Prefill(grpc::ServerContext* context, const v1::PrefillRequest* request,
+                                           grpc::ServerWriter<v1::PrefillResponse>* writer) {
+  const char* m = "Prefill";
+  const auto start = Clock::now();
+  std::string tenant;
+  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
+  auto found = FindSession(tenant, request->session_id(), m);
+  if (!found.ok()) return Invalid(m, found.status());
+  std::shared_ptr<SessionRecord> session = *found;
+  const SessionShape& shape = session->shape;
+  if (Status st = CheckLayer(request->layer(), *session, m); !st.ok()) return Invalid(m, st);
+  DType qd, kd, vd, out_dtype;
+  int64_t qt = 0, kt = 0, vt = 0;
+  if (Status st = CheckTensor(request->q(), m, "q", shape.heads, shape.head_dim, 1, limits_.max_prefill_tokens, -1,
+                              &qd, &qt);
+      !st.ok())
+    return Invalid(m, st);
+  if (Status st = CheckTensor(request->k(), m, "k", shape.kv_heads, shape.head_dim, 1, limits_.max_prefill_tokens, qt,
+                              &kd, &kt);
+      !st.ok())
+    return Invalid(m, st);
+  if (Status st = CheckTensor(request->v(), m, "v", shape.kv_heads, shape.head_dim, 1, limits_.max_prefill_tokens, qt,
+                              &vd, &vt);
+      !st.ok())
+    return Invalid(m, st);
+  if (Status st = CheckOptions(request->options(), m, &out_dtype); !st.ok()) return Invalid(m, st);
+  if (request->output_chunk_tokens() < 0) {
+    return Invalid(m, Status::InvalidArgument("output_chunk_tokens: must be >= 0 (0 = server default)"));
+  }
+  auto item = std::make_shared<WorkItem>();
+  item->kind = WorkItem::Kind::kPrefill;
+  item->session = session;
+  item->layer = request->layer();
+  item->q_tokens = qt;
+  item->kv_tokens = kt;
+  item->scale = request->options().scale();
+  item->return_lse = request->options().return_lse();
+  if (Status st = ToFiniteFloat32(request->q(), qd, m, "q", &item->q); !st.ok()) return Invalid(m, st);
+  if (Status st = ToStorage(request->k(), kd, shape.storage, m, "k", &item->k); !st.ok()) return Invalid(m, st);
+  if (Status st = ToStorage(request->v(), vd, shape.storage, m, "v", &item->v); !st.ok()) return Invalid(m, st);
+  grpc::Status g = Run(m, context, item, 2 * kt * shape.row_bytes());
+  Record(m, start, g);
+  if (!g.ok()) return g;
+  const int64_t q_row = int64_t(shape.heads) * shape.head_dim;
+  int64_t chunk = request->output_chunk_tokens();
+  if (chunk == 0) chunk = std::max<int64_t>(1, limits_.prefill_output_chunk_bytes / (q_row * DTypeSize(out_dtype)));
+  for (int64_t at = 0; at < qt; at += chunk) {
+    if (context->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, Tag(m) + "cancelled by the client");
+    const int64_t n = std::min(chunk, qt - at);
+    v1::PrefillResponse out;
+    out.set_token_offset(at);
+    out.set_first_position(item->first_position);
+    out.set_layer_tokens(item->layer_tokens);
+    PutOutput(item->o, at, n, q_row, {n, shape.heads, shape.head_dim}, out_dtype, out.mutable_o());
+    if (item->return_lse) PutOutput(item->lse, at, n, shape.heads, {n, shape.heads}, DType::kFloat32, out.mutable_lse());
+    if (!writer->Write(out)) break;  // client went away; the KV is stored (the step completed)
+  }
+  return grpc::Status::OK;
+}
+
+grpc::Status AttentionServiceImpl::Decode(grpc::ServerContext* context, const v1::DecodeRequest* request,
+                                          v1::DecodeResponse* response) {
+  const char* m = "Decode";
+  const auto start = Clock::now();
+  std::string tenant;
+  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
+  auto found = FindSession(tenant, request->session_id(), m);
+  if (!found.ok()) return Invalid(m, found.status());
+  std::shared_ptr<SessionRecord> session = *found;
+  const SessionShape& shape = session->shape;
+  if (Status st = CheckLayer(request->layer(), *session, m); !st.ok()) return Invalid(m, st);
+  DType qd, kd, vd, out_dtype;
+  int64_t qt = 0, kt = 0, vt = 0;
+  if (Status st = CheckTensor(request->q(), m, "q", shape.heads, shape.head_dim, 1, limits_.max_decode_tokens, -1, &qd,
+                              &qt);
+      !st.ok())
+    return Invalid(m, st);
+  if (Status st = CheckTensor(request->k(), m, "k", shape.kv_heads, shape.head_dim, 1, limits_.max_decode_tokens, qt,
+                              &kd, &kt);
+      !st.ok())
+    return Invalid(m, st);
+  if (Status st = CheckTensor(request->v(), m, "v", shape.kv_heads, shape.head_dim, 1, limits_.max_decode_tokens, qt,
+                              &vd, &vt);
+      !st.ok())
+    return Invalid(m, st);
+  if (Status st = CheckOptions(request->options(), m, &out_dtype); !st.ok()) return Invalid(m, st);
+  auto item = std::make_shared<WorkItem>();
+  item->kind = WorkItem::Kind::kDecode;
+  item->session = session;
+  item->layer = request->layer();
+  item->q_tokens = qt;
+  item->kv_tokens = kt;
+  item->scale = request->options().scale();
+  item->return_lse = request->options().return_lse();
+  if (Status st = ToFiniteFloat32(request->q(), qd, m, "q", &item->q); !st.ok()) return Invalid(m, st);
+  if (Status st = ToStorage(request->k(), kd, shape.storage, m, "k", &item->k); !st.ok()) return Invalid(m, st);
+  if (Status st = ToStorage(request->v(), vd, shape.storage, m, "v", &item->v); !st.ok()) return Invalid(m, st);
+  grpc::Status g = Run(m, context, item, 2 * kt * shape.row_bytes());
+  Record(m, start, g);
+  if (!g.ok()) return g;
+  ToProto(item->o.data(), {qt, shape.heads, shape.head_dim}, out_dtype, response->mutable_o());
+  if (item->return_lse) ToProto(item->lse.data(), {qt, shape.heads}, DType::kFloat32, response->mutable_lse());
+  response->set_first_position(item->first_position);
+  response->set_layer_tokens(item->layer_tokens);
+  response->set_batch_size(item->batch_size);
+  return grpc::Status::OK;
+}
+
+grpc::Status AttentionServiceImpl::Attend(grpc::ServerContext* context, const v1::AttendRequest* request,
+                                          v1::AttendResponse* response) {
+  const char* m = "Attend";
+  const auto start = Clock::now();
+  std::string tenant;
+  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
+  auto found = FindSession(tenant, request->session_id(), m);
+  if (!found.ok()) return Invalid(m, found.status());
+  std::shared_ptr<SessionRecord> session = *found;
+  const SessionShape& shape = session->shape;
+  if (Status st = CheckLayer(request->layer(), *session, m); !st.ok()) return Invalid(m, st);
+  DType qd, out_dtype;
+  int64_t qt = 0;
+  if (Status st = CheckTensor(request->q(), m, "q", shape.heads, shape.head_dim, 1, limits_.max_attend_tokens, -1, &qd,
+                              &qt);
+      !st.ok())
+    return Invalid(m, st);
+  if (Status st = CheckOptions(request->options(), m, &out_dtype); !st.ok()) return Invalid(m, st);
+  {
+    std::lock_guard<std::mutex> lock(session->mu);
+    if (session->layers[request->layer()].tokens == 0) {
+      return Invalid(m, Status::FailedPrecondition("layer: layer " + std::to_string(request->layer()) +
+                                                   " holds no tokens yet (append or prefill first)"));
+    }
+  }
+  auto item = std::make_shared<WorkItem>();
+  item->kind = WorkItem::Kind::kAttend;
+  item->session = session;
+  item->layer = request->layer();
+  item->q_tokens = qt;
+  item->scale = request->options().scale();
+  item->return_lse = request->options().return_lse();
+  if (Status st = ToFiniteFloat32(request->q(), qd, m, "q", &item->q); !st.ok()) return Invalid(m, st);
+  grpc::Status g = Run(m, context, item, 0);
+  Record(m, start, g);
+  if (!g.ok()) return g;
+  ToProto(item->o.data(), {qt, shape.heads, shape.head_dim}, out_dtype, response->mutable_o());
+  if (item->return_lse) ToProto(item->lse.data(), {qt, shape.heads}, DType::kFloat32, response->mutable_lse());
+  response->set_layer_tokens(item->layer_tokens);
+  response->set_batch_size(item->batch_size);
+  return grpc::Status::OK;
+}
+
+grpc::Status AttentionServiceImpl::Stats(grpc::ServerContext* context, const v1::StatsRequest*,
+                                         v1::StatsResponse* response) {
+  std::string tenant;
+  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
+  const Admission::Snapshot a = admission_.snapshot();
+  const std::vector<int64_t> bytes = engine_.RankBytes(), tokens = engine_.RankTokens();
+  const int64_t sessions = static_cast<int64_t>(registry_.size());
+  for (int r = 0; r < world_size_; ++r) {
+    auto* rank = response->add_ranks();
+    rank->set_rank(r);
+    rank->set_kv_bytes(bytes[r]);
+    rank->set_kv_tokens(tokens[r]);
+    rank->set_sessions(sessions);
+  }
+  response->set_queue_depth(engine_.queue_depth());
+  response->set_in_flight(a.in_flight);
+  response->set_admitted(a.admitted);
+  response->set_rejected(a.rejected);
+  for (const auto& [reason, n] : a.rejected_by_reason) (*response->mutable_rejected_by_reason())[reason] = n;
+  response->set_invalid(a.invalid);
+  stats_.Fill(response);
+  response->set_kv_budget_bytes(a.kv_budget);
+  response->set_kv_used_bytes(a.kv_used);
+  response->set_world_size(world_size_);
+  response->set_sessions(sessions);
+  response->set_uptime_s(std::chrono::duration<double>(Clock::now() - started_).count());
+  return grpc::Status::OK;
+}
+
+}  // namespace ringtree

@@ -1,0 +1,83 @@
+// The gRPC edge of the service (ringtree.v1.AttentionService).
+//
+// Handler threads authenticate, validate every field, admit, and enqueue a
+// WorkItem for the engine loop; they never call MPI. Every refusal happens
+// before any state changes. ringtree::Status is converted to grpc::Status
+// here and only here; messages name the method and the field:
+// "[Decode] q.shape[1]: 4 heads, the session has 8".
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "coordinator/admission.h"
+#include "coordinator/auth.h"
+#include "coordinator/engine_loop.h"
+#include "coordinator/service_stats.h"
+#include "coordinator/session_registry.h"
+#include "ringtree/v1/attention.grpc.pb.h"
+
+namespace ringtree {
+
+// Request-size limits (defaults documented in docs/service.md).
+struct RequestLimits {
+  int max_layers = 1024;
+  int max_heads = 1024;
+  int64_t max_prefill_tokens = 65536;   // q/k/v tokens of one Prefill
+  int64_t max_decode_tokens = 16;       // tokens of one Decode
+  int64_t max_attend_tokens = 4096;     // query tokens of one Attend
+  int64_t max_append_tokens = 1 << 24;  // tokens of one AppendKV call (all chunks)
+  int default_span_tokens = 64;
+  int64_t prefill_output_chunk_bytes = 4 << 20;  // default Prefill response message size
+};
+
+// grpc::Status from ringtree::Status (the one conversion point).
+grpc::Status ToGrpcStatus(const Status& status);
+
+class AttentionServiceImpl final : public v1::AttentionService::Service {
+ public:
+  AttentionServiceImpl(SessionRegistry& registry, Admission& admission, EngineLoop& engine, ServiceStats& stats,
+                       const TokenAuth& auth, RequestLimits limits, int world_size);
+
+  grpc::Status CreateSession(grpc::ServerContext* context, const v1::CreateSessionRequest* request,
+                             v1::SessionInfo* response) override;
+  grpc::Status GetSession(grpc::ServerContext* context, const v1::GetSessionRequest* request,
+                          v1::SessionInfo* response) override;
+  grpc::Status ListSessions(grpc::ServerContext* context, const v1::ListSessionsRequest* request,
+                            v1::ListSessionsResponse* response) override;
+  grpc::Status DeleteSession(grpc::ServerContext* context, const v1::DeleteSessionRequest* request,
+                             v1::DeleteSessionResponse* response) override;
+  grpc::Status AppendKV(grpc::ServerContext* context, grpc::ServerReader<v1::AppendKVRequest>* reader,
+                        v1::AppendKVResponse* response) override;
+  grpc::Status Prefill(grpc::ServerContext* context, const v1::PrefillRequest* request,
+                       grpc::ServerWriter<v1::PrefillResponse>* writer) override;
+  grpc::Status Decode(grpc::ServerContext* context, const v1::DecodeRequest* request,
+                      v1::DecodeResponse* response) override;
+  grpc::Status Attend(grpc::ServerContext* context, const v1::AttendRequest* request,
+                      v1::AttendResponse* response) override;
+  grpc::Status Stats(grpc::ServerContext* context, const v1::StatsRequest* request,
+                     v1::StatsResponse* response) override;
+
+ private:
+  // Validation failure: counted, converted, tagged with the method.
+  grpc::Status Invalid(const char* method, const Status& status);
+  // Admission + submit + wait. Returns the item's status as grpc::Status.
+  grpc::Status Run(const char* method, grpc::ServerContext* context, std::shared_ptr<WorkItem> item,
+                   int64_t kv_bytes, bool already_admitted = false);
+  Result<std::shared_ptr<SessionRecord>> FindSession(const std::string& tenant, const std::string& id,
+                                                     const char* method) const;
+  void Record(const char* method, std::chrono::steady_clock::time_point start, const grpc::Status& status);
+
+  SessionRegistry& registry_;
+  Admission& admission_;
+  EngineLoop& engine_;
+  ServiceStats& stats_;
+  const TokenAuth& auth_;
+  const RequestLimits limits_;
+  const int world_size_;
+  const std::chrono::steady_clock::time_point started_;
+};
+
+}  // namespace ringtree

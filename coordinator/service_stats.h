@@ -1,0 +1,42 @@
+// Latency and batching statistics of the service. Thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "ringtree/v1/attention.pb.h"
+
+namespace ringtree {
+
+class ServiceStats {
+ public:
+  // Records one completed call of `method` that took `seconds` (end to end
+  // in the handler). Keeps the most recent 8192 samples per method for the
+  // percentiles; count and mean cover every call.
+  void RecordLatency(const std::string& method, double seconds);
+  // Records one engine step of `kind` serving `requests` requests.
+  void RecordBatch(const std::string& kind, int64_t requests);
+  void AddBytes(int64_t ring, int64_t tree, int64_t command);
+  // Fills latency, batches and byte counters of `out`.
+  void Fill(v1::StatsResponse* out) const;
+
+ private:
+  struct Latency {
+    int64_t count = 0;
+    double sum = 0;
+    std::vector<double> recent;  // ring buffer
+    size_t next = 0;
+  };
+  struct Batch {
+    int64_t steps = 0, requests = 0, max = 0;
+  };
+  mutable std::mutex mu_;
+  std::map<std::string, Latency> latency_;
+  std::map<std::string, Batch> batches_;
+  int64_t ring_bytes_ = 0, tree_bytes_ = 0, command_bytes_ = 0;
+};
+
+}  // namespace ringtree
