@@ -221,6 +221,17 @@ Status RunJob(const JobOptions& o, const Communicator& comm, int threads) {
     krow += e - b;
   }
 
+  // Outputs are created (as temporaries) before the long computation, so an
+  // unwritable path fails in a second, and removed again on any failure.
+  std::unique_ptr<NpyWriter> out_writer, lse_writer;
+  if (!o.demo) {
+    RINGTREE_ASSIGN_OR_RETURN(out_writer,
+                              NpyWriter::Create(comm, o.out_path, {p.q_tokens, p.heads.heads, p.heads.head_dim}));
+    if (!o.lse_path.empty()) {
+      RINGTREE_ASSIGN_OR_RETURN(lse_writer, NpyWriter::Create(comm, o.lse_path, {p.q_tokens, p.heads.heads}));
+    }
+  }
+
   RingOptions ro;
   ro.causal = o.causal;
   ro.scale = o.scale;
@@ -243,12 +254,9 @@ Status RunJob(const JobOptions& o, const Communicator& comm, int threads) {
   RINGTREE_RETURN_IF_ERROR(comm.Barrier());
   const double seconds = NowSeconds() - t0;
 
-  if (!o.demo) {
-    RINGTREE_ASSIGN_OR_RETURN(auto writer,
-                              NpyWriter::Create(comm, o.out_path, {p.q_tokens, p.heads.heads, p.heads.head_dim}));
-    RINGTREE_RETURN_IF_ERROR(writer->Commit(writer->WriteRows(q_ranges, out.data())));
-    if (!o.lse_path.empty()) {
-      RINGTREE_ASSIGN_OR_RETURN(auto lse_writer, NpyWriter::Create(comm, o.lse_path, {p.q_tokens, p.heads.heads}));
+  if (out_writer) {
+    RINGTREE_RETURN_IF_ERROR(out_writer->Commit(out_writer->WriteRows(q_ranges, out.data())));
+    if (lse_writer) {
       Status st = lse_writer->Commit(lse_writer->WriteRows(q_ranges, lse.data()));
       if (!st.ok()) {
         if (rank == 0) std::remove(o.out_path.c_str());  // no half-finished result set

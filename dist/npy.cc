@@ -268,9 +268,9 @@ Result<std::unique_ptr<NpyWriter>> NpyWriter::Create(const Communicator& comm, c
   RINGTREE_RETURN_IF_ERROR(comm.AgreeOnStatus(opened.ok() ? Status::Ok()
                                                           : Status::IoError("[npy] " + path + ": cannot create (" +
                                                                             opened.message() + ")")));
-  Status wrote;
-  if (comm.rank() == 0) {
-    MPI_File_set_size(w->file_, 0);
+  // Collective: drop whatever a stale temporary of the same name held.
+  Status wrote = MpiStatus(MPI_File_set_size(w->file_, 0), "MPI_File_set_size " + path);
+  if (comm.rank() == 0 && wrote.ok()) {
     MPI_Status st;
     wrote = MpiStatus(MPI_File_write_at(w->file_, 0, header.data(), static_cast<int>(header.size()), MPI_BYTE, &st),
                       "MPI_File_write_at " + path);

@@ -1,0 +1,193 @@
+#!/usr/bin/python3
+"""attnjob end to end under real mpirun: small .npy files written here with
+numpy, results compared with a float64 numpy reference, plus every bad-input
+case of the issue (one clear message naming file and field, non-zero exit,
+no hang, no output file left behind).
+
+Tolerance: max |o - o_ref| <= 2e-4, max |lse - lse_ref| <= 2e-3 (float32
+kernels against a float64 reference; float16 inputs are compared against the
+same float16 values widened, so the bound is unchanged).
+"""
+import argparse
+import glob
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+O_TOL, LSE_TOL = 2e-4, 2e-3
+TIMEOUT = 60  # seconds per mpirun; a hang fails the test
+
+
+def reference(q, k, v, causal, scale=None):
+    q = q.astype(np.float64); k = k.astype(np.float64); v = v.astype(np.float64)
+    t, h, d = q.shape
+    tk, hkv, _ = k.shape
+    g = h // hkv
+    scale = 1.0 / np.sqrt(d) if scale is None else scale
+    kk = np.repeat(k, g, axis=1)  # [Tk, H, D]
+    vv = np.repeat(v, g, axis=1)
+    s = np.einsum("thd,jhd->htj", q, kk) * scale
+    if causal:
+        mask = np.arange(tk)[None, :] > np.arange(t)[:, None]
+        s[:, mask] = -np.inf
+    m = s.max(axis=-1, keepdims=True)
+    p = np.exp(s - m)
+    l = p.sum(axis=-1, keepdims=True)
+    o = np.einsum("htj,jhd->thd", p / l, vv)
+    lse = (m + np.log(l))[..., 0].T  # [T, H]
+    return o, lse
+
+
+class Runner:
+    def __init__(self, args):
+        self.args = args
+        self.failures = []
+
+    def run(self, np_ranks, job_args):
+        cmd = [self.args.mpirun, "-np", str(np_ranks), "--oversubscribe", self.args.attnjob,
+               "--threads", "1", "--quiet"] + job_args
+        t0 = time.time()
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            return None, "", "TIMEOUT (hang?) after %ds: %s" % (TIMEOUT, " ".join(cmd)), time.time() - t0
+        return p.returncode, p.stdout, p.stderr, time.time() - t0
+
+    def fail(self, name, why):
+        self.failures.append("%s: %s" % (name, why))
+        print("FAIL %s: %s" % (name, why), flush=True)
+
+
+def save(path, a, fortran=False):
+    if fortran:
+        a = np.asfortranarray(a)
+    np.save(path, a)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--attnjob", required=True)
+    ap.add_argument("--mpirun", default="mpirun")
+    ap.add_argument("--workdir", required=True)
+    args = ap.parse_args()
+    os.makedirs(args.workdir, exist_ok=True)
+    for f in glob.glob(os.path.join(args.workdir, "*")):
+        os.remove(f)
+    w = lambda name: os.path.join(args.workdir, name)
+    r = Runner(args)
+    rng = np.random.default_rng(7)
+
+    # --- correct runs: (name, P, T, Tk, H, Hkv, D, causal, dtype, scale)
+    good = [
+        ("causal_gqa_p2_f32", 2, 61, 61, 4, 2, 32, True, np.float32, None),
+        ("causal_mqa_p3_f16", 3, 50, 50, 4, 1, 64, True, np.float16, None),
+        ("noncausal_p4_cross_lengths", 4, 33, 47, 2, 2, 32, False, np.float32, 0.3),
+        ("causal_p1_f32", 1, 40, 40, 2, 1, 16, True, np.float32, None),
+    ]
+    for name, P, T, Tk, H, Hkv, D, causal, dt, scale in good:
+        q = rng.uniform(-1, 1, (T, H, D)).astype(dt)
+        k = rng.uniform(-1, 1, (Tk, Hkv, D)).astype(dt)
+        v = rng.uniform(-1, 1, (Tk, Hkv, D)).astype(dt)
+        save(w(name + "_q.npy"), q); save(w(name + "_k.npy"), k); save(w(name + "_v.npy"), v)
+        out, lse = w(name + "_o.npy"), w(name + "_lse.npy")
+        job = ["--q", w(name + "_q.npy"), "--k", w(name + "_k.npy"), "--v", w(name + "_v.npy"),
+               "--out", out, "--lse", lse] + (["--causal"] if causal else []) + \
+              (["--scale", str(scale)] if scale else [])
+        rc, so, se, secs = r.run(P, job)
+        if rc != 0:
+            r.fail(name, "exit %s, stderr: %s" % (rc, se.strip()[-600:]))
+            continue
+        o_ref, lse_ref = reference(q, k, v, causal, scale)
+        o_got, lse_got = np.load(out), np.load(lse)
+        if o_got.dtype != np.float32 or o_got.shape != (T, H, D) or lse_got.shape != (T, H):
+            r.fail(name, "output dtype/shape %s %s %s" % (o_got.dtype, o_got.shape, lse_got.shape))
+            continue
+        do, dl = np.abs(o_got - o_ref).max(), np.abs(lse_got - lse_ref).max()
+        if do > O_TOL or dl > LSE_TOL:
+            r.fail(name, "max |o diff| %.3g (tol %g), max |lse diff| %.3g (tol %g)" % (do, O_TOL, dl, LSE_TOL))
+        else:
+            print("ok   %s (P=%d, %.1fs): max |o diff| %.2g, max |lse diff| %.2g" % (name, P, secs, do, dl), flush=True)
+
+    # --- bad input: (name, files dict overrides, extra args, expected substrings in the message)
+    T, H, Hkv, D = 24, 4, 2, 32
+    base = {
+        "q": rng.uniform(-1, 1, (T, H, D)).astype(np.float32),
+        "k": rng.uniform(-1, 1, (T, Hkv, D)).astype(np.float32),
+        "v": rng.uniform(-1, 1, (T, Hkv, D)).astype(np.float32),
+    }
+    bad = [
+        ("missing_file", {"k": "MISSING"}, [], ["bad_missing_file_k.npy", "cannot open"]),
+        ("dtype_f8", {"q": base["q"].astype(np.float64)}, [], ["bad_dtype_f8_q.npy", "dtype '<f8'"]),
+        ("big_endian", {"v": base["v"].astype(">f4")}, [], ["bad_big_endian_v.npy", "dtype '>f4'"]),
+        ("fortran_order", {"k": ("F", base["k"])}, [], ["bad_fortran_order_k.npy", "fortran_order"]),
+        ("v_shape_differs", {"v": base["v"][:20]}, [], ["bad_v_shape_differs_v.npy", "shape (20, 2, 32)"]),
+        ("heads_not_multiple", {"k": rng.uniform(-1, 1, (T, 3, D)).astype(np.float32),
+                                "v": rng.uniform(-1, 1, (T, 3, D)).astype(np.float32)}, [],
+         ["bad_heads_not_multiple_q.npy", "not a multiple", "kv heads 3"]),
+        ("head_dim_differs", {"k": rng.uniform(-1, 1, (T, Hkv, 16)).astype(np.float32),
+                              "v": rng.uniform(-1, 1, (T, Hkv, 16)).astype(np.float32)}, [],
+         ["bad_head_dim_differs_k.npy", "head_dim"]),
+        ("two_dims", {"q": base["q"].reshape(T, H * D)}, [], ["bad_two_dims_q.npy", "3 dimensions"]),
+        ("causal_lengths_differ", {"k": base["k"][:20], "v": base["v"][:20]}, ["--causal"],
+         ["bad_causal_lengths_differ_k.npy", "tokens"]),
+        ("truncated", {"q": "TRUNCATE"}, [], ["bad_truncated_q.npy", "truncated"]),
+        ("not_npy", {"v": "GARBAGE"}, [], ["bad_not_npy_v.npy", "magic"]),
+        # Output cannot be created: nothing left behind, no hang.
+        ("out_dir_missing", {"out": w("no_such_dir/o.npy")}, [], ["no_such_dir/o.npy", "cannot create"]),
+        # --lse fails after --out was written: --out is removed too.
+        ("lse_dir_missing", {"lse": w("no_such_dir/lse.npy")}, [], ["no_such_dir/lse.npy", "cannot create"]),
+    ]
+    for name, over, extra, expect in bad:
+        paths = {}
+        for t in ("q", "k", "v"):
+            p = w("bad_%s_%s.npy" % (name, t))
+            paths[t] = p
+            val = over.get(t, base[t])
+            if isinstance(val, str) and val == "MISSING":
+                continue
+            if isinstance(val, str) and val == "TRUNCATE":
+                save(p, base[t])
+                with open(p, "r+b") as f:
+                    f.truncate(os.path.getsize(p) - 100)
+            elif isinstance(val, str) and val == "GARBAGE":
+                with open(p, "wb") as f:
+                    f.write(b"this is not a numpy file at all" * 4)
+            elif isinstance(val, tuple):
+                save(p, val[1], fortran=True)
+            else:
+                save(p, val)
+        out = over.get("out", w("bad_%s_o.npy" % name))
+        lse = over.get("lse", w("bad_%s_lse.npy" % name))
+        for P in (2, 3):
+            rc, so, se, secs = r.run(P, ["--q", paths["q"], "--k", paths["k"], "--v", paths["v"],
+                                         "--out", out, "--lse", lse] + extra)
+            label = "%s (P=%d)" % (name, P)
+            if rc is None:
+                r.fail(label, se)
+                continue
+            msgs = [l for l in se.splitlines() if l.startswith("[attnjob]")]
+            leftovers = glob.glob(out + "*") + glob.glob(lse + "*") + \
+                glob.glob(w("bad_%s_o.npy*" % name)) + glob.glob(w("bad_%s_lse.npy*" % name))
+            if rc == 0:
+                r.fail(label, "exit 0, want non-zero")
+            elif len(msgs) != 1:
+                r.fail(label, "want exactly one [attnjob] message, got %d: %r" % (len(msgs), se[-600:]))
+            elif not all(e in msgs[0] for e in expect):
+                r.fail(label, "message %r lacks %r" % (msgs[0], expect))
+            elif leftovers:
+                r.fail(label, "output left behind: %r" % leftovers)
+            else:
+                print("ok   %s: exit %d in %.1fs: %s" % (label, rc, secs, msgs[0]), flush=True)
+
+    if r.failures:
+        print("\n%d failure(s)" % len(r.failures))
+        return 1
+    print("\nall attnjob end-to-end cases passed")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,489 @@
+// Multi-rank tests of dist/: run under real mpirun with P = 1, 2, 3, 4
+// (CMakeLists.txt). Every rank runs every test; each compares its own rows
+// with the slow exact single-process reference (kernels/reference.h).
+//
+// Tolerance: max |o - o_ref| <= 2e-4 and max |lse - lse_ref| <= 2e-3 for
+// float32 KV (the kernels' own tolerance: fp32 accumulation in a different
+// order); 2e-2 / 2e-2 when the KV is stored as bfloat16 and the reference gets
+// the same rounded values... (we give the reference the same bf16 bytes, so
+// the bound is again fp32 reordering; kept loose for the merge of many blocks).
+#include <gtest/gtest.h>
+#include <tbb/global_control.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "dist/communicator.h"
+#include "dist/ring_attention.h"
+#include "dist/sharding.h"
+#include "dist/tree_decode.h"
+#include "kernels/blas.h"
+#include "kernels/reference.h"
+#include "kernels/test_util.h"
+
+namespace ringtree {
+namespace {
+
+constexpr double kOTolerance = 2e-4;
+constexpr double kLseTolerance = 2e-3;
+
+const Communicator& World() {
+  static Communicator* w = new Communicator(Communicator::World());
+  return *w;
+}
+
+// Storage bytes of rows [begin, end) of a [T, heads, D] tensor.
+struct Tensor {
+  std::vector<uint8_t> bytes;
+  int64_t row_bytes = 0;
+  const uint8_t* Row(int64_t i) const { return bytes.data() + i * row_bytes; }
+};
+
+Tensor MakeKv(const std::vector<float>& x, int64_t row_elems, DType dtype) {
+  Tensor t;
+  t.bytes = testing::ToStorage(x, dtype);
+  t.row_bytes = row_elems * static_cast<int64_t>(DTypeSize(dtype));
+  return t;
+}
+
+// Reference result for queries at positions [q_begin, q_begin + q_tokens) over
+// keys [0, kv_tokens) of the full tensors.
+void Reference(const std::vector<float>& q, const Tensor& k, const Tensor& v, const HeadConfig& hc, int64_t q_tokens,
+               int64_t kv_tokens, int64_t q_offset, bool causal, std::vector<float>* o, std::vector<float>* lse) {
+  AttentionShape shape{q_tokens, kv_tokens, hc.heads, hc.kv_heads, hc.head_dim};
+  AttentionOptions ao;
+  ao.causal = causal;
+  ao.q_position_offset = q_offset;
+  o->assign(static_cast<size_t>(q_tokens * hc.heads * hc.head_dim), 0.0f);
+  lse->assign(static_cast<size_t>(q_tokens * hc.heads), 0.0f);
+  ReferenceAttention(q.data(), k.bytes.data(), v.bytes.data(), hc.kv_dtype, shape, ao, o->data(), lse->data());
+}
+
+// ---------------------------------------------------------------------------
+// Sharding
+
+struct ShardCase {
+  ShardLayoutKind kind;
+  int64_t total;
+  int ranks;
+};
+
+TEST(ShardLayoutTest, RangesCoverEveryPositionOnceAndLocateInverts) {
+  const ShardCase cases[] = {
+      {ShardLayoutKind::kContiguous, 100, 3}, {ShardLayoutKind::kZigzag, 100, 3}, {ShardLayoutKind::kZigzag, 5, 4},
+      {ShardLayoutKind::kZigzag, 0, 2},       {ShardLayoutKind::kContiguous, 7, 1}, {ShardLayoutKind::kZigzag, 64, 4},
+  };
+  for (const ShardCase& c : cases) {
+    auto layout = ShardLayout::Create(c.kind, c.total, c.ranks);
+    ASSERT_TRUE(layout.ok());
+    std::vector<int> seen(static_cast<size_t>(c.total), 0);
+    int64_t max_local = 0, min_local = c.total;
+    for (int r = 0; r < c.ranks; ++r) {
+      int64_t local = 0;
+      for (const TokenRange& t : layout->RangesOf(r)) {
+        for (int64_t p = t.begin; p < t.end; ++p) {
+          seen[p]++;
+          EXPECT_EQ(layout->Locate(p), (ShardLocation{r, local})) << "position " << p;
+          EXPECT_EQ(layout->GlobalPosition(r, local), p);
+          ++local;
+        }
+      }
+      EXPECT_EQ(local, layout->LocalTokens(r));
+      max_local = std::max(max_local, local);
+      min_local = std::min(min_local, local);
+    }
+    for (int64_t p = 0; p < c.total; ++p) EXPECT_EQ(seen[p], 1) << "position " << p;
+    EXPECT_LE(max_local - min_local, 2) << "uneven lengths stay balanced";
+    EXPECT_EQ(layout->MaxLocalTokens(), max_local);
+  }
+  EXPECT_FALSE(ShardLayout::Create(ShardLayoutKind::kZigzag, 10, 0).ok());
+  EXPECT_FALSE(ShardLayout::Create(ShardLayoutKind::kZigzag, -1, 2).ok());
+}
+
+// ---------------------------------------------------------------------------
+// Ring Attention prefill
+
+struct RingCase {
+  const char* name;
+  int64_t tokens;
+  int heads, kv_heads, head_dim;
+  bool causal;
+  ShardLayoutKind layout;
+  DType kv_dtype;
+};
+
+class RingAttentionTest : public ::testing::TestWithParam<RingCase> {};
+
+TEST_P(RingAttentionTest, EqualsSingleProcessReference) {
+  const RingCase& c = GetParam();
+  const Communicator& comm = World();
+  const HeadConfig hc{c.heads, c.kv_heads, c.head_dim, c.kv_dtype};
+  const int64_t q_row = int64_t{c.heads} * c.head_dim, kv_row = int64_t{c.kv_heads} * c.head_dim;
+  const std::vector<float> q = testing::RandomVector(c.tokens * q_row, 11);
+  const Tensor k = MakeKv(testing::RandomVector(c.tokens * kv_row, 12), kv_row, c.kv_dtype);
+  const Tensor v = MakeKv(testing::RandomVector(c.tokens * kv_row, 13), kv_row, c.kv_dtype);
+  std::vector<float> o_ref, lse_ref;
+  Reference(q, k, v, hc, c.tokens, c.tokens, 0, c.causal, &o_ref, &lse_ref);
+
+  auto layout = ShardLayout::Create(c.layout, c.tokens, comm.size());
+  ASSERT_TRUE(layout.ok());
+  const std::vector<TokenRange> ranges = layout->RangesOf(comm.rank());
+  const int64_t local = layout->LocalTokens(comm.rank());
+  std::vector<float> o(static_cast<size_t>(local * q_row), NAN), lse(static_cast<size_t>(local * c.heads), NAN);
+  std::vector<QueryBlock> qb;
+  std::vector<KvBlock> kb;
+  int64_t row = 0;
+  for (const TokenRange& t : ranges) {
+    qb.push_back({q.data() + t.begin * q_row, t.length(), t.begin, o.data() + row * q_row, lse.data() + row * c.heads});
+    kb.push_back({k.Row(t.begin), v.Row(t.begin), t.length(), t.begin});
+    row += t.length();
+  }
+  RingOptions options;
+  options.causal = c.causal;
+  int steps_seen = 0;
+  options.on_step = [&](int step, int steps) { steps_seen = step; EXPECT_EQ(steps, comm.size()); };
+  PhaseTimings timing;
+  ASSERT_TRUE(RingAttention(comm, hc, qb, kb, options, &timing).ok());
+  EXPECT_EQ(steps_seen, comm.size());
+  EXPECT_EQ(timing.steps, comm.size());
+  row = 0;
+  for (const TokenRange& t : ranges) {
+    EXPECT_LE(testing::MaxAbsDiff(o.data() + row * q_row, o_ref.data() + t.begin * q_row, t.length() * q_row),
+              kOTolerance)
+        << c.name << " rank " << comm.rank();
+    EXPECT_LE(testing::MaxAbsDiff(lse.data() + row * c.heads, lse_ref.data() + t.begin * c.heads,
+                                  t.length() * c.heads),
+              kLseTolerance)
+        << c.name << " rank " << comm.rank();
+    row += t.length();
+  }
+}
+
+constexpr auto kZig = ShardLayoutKind::kZigzag;
+constexpr auto kCont = ShardLayoutKind::kContiguous;
+constexpr auto kF32 = DType::kFloat32;
+constexpr auto kBF16 = DType::kBFloat16;
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, RingAttentionTest,
+    ::testing::Values(RingCase{"causal_zigzag_mha", 96, 4, 4, 32, true, kZig, kF32},
+                      RingCase{"causal_zigzag_gqa_uneven", 101, 6, 2, 64, true, kZig, kF32},
+                      RingCase{"causal_zigzag_mqa_uneven", 77, 4, 1, 32, true, kZig, kF32},
+                      RingCase{"causal_contiguous_gqa", 90, 4, 2, 32, true, kCont, kF32},
+                      RingCase{"noncausal_contiguous_gqa_uneven", 83, 8, 2, 64, false, kCont, kF32},
+                      RingCase{"noncausal_zigzag_mha", 64, 2, 2, 128, false, kZig, kF32},
+                      RingCase{"causal_zigzag_bf16_kv", 70, 4, 2, 64, true, kZig, kBF16},
+                      RingCase{"tiny_fewer_tokens_than_chunks", 5, 2, 1, 32, true, kZig, kF32}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+// Chunked prefill: the queries of a new chunk attend the cached KV (held by the
+// ranks as many small spans, like the service's KV) plus the chunk causally.
+struct ChunkCase {
+  const char* name;
+  int64_t cached, chunk, span_tokens;
+  int heads, kv_heads, head_dim;
+};
+
+class ChunkedPrefillTest : public ::testing::TestWithParam<ChunkCase> {};
+
+TEST_P(ChunkedPrefillTest, ChunkAttendsCachedSpansAndItselfCausally) {
+  const ChunkCase& c = GetParam();
+  const Communicator& comm = World();
+  const int P = comm.size(), rank = comm.rank();
+  const HeadConfig hc{c.heads, c.kv_heads, c.head_dim, kF32};
+  const int64_t total = c.cached + c.chunk;
+  const int64_t q_row = int64_t{c.heads} * c.head_dim, kv_row = int64_t{c.kv_heads} * c.head_dim;
+  const std::vector<float> q = testing::RandomVector(total * q_row, 21);
+  const Tensor k = MakeKv(testing::RandomVector(total * kv_row, 22), kv_row, kF32);
+  const Tensor v = MakeKv(testing::RandomVector(total * kv_row, 23), kv_row, kF32);
+  // Reference: the chunk's queries over all keys up to the end of the chunk.
+  std::vector<float> q_chunk(q.begin() + c.cached * q_row, q.end());
+  std::vector<float> o_ref, lse_ref;
+  Reference(q_chunk, k, v, hc, c.chunk, total, c.cached, true, &o_ref, &lse_ref);
+
+  std::vector<KvBlock> kb;
+  // Cached spans dealt round-robin (rank = span index mod P).
+  for (int64_t s = 0, i = 0; s < c.cached; s += c.span_tokens, ++i)
+    if (i % P == rank) kb.push_back({k.Row(s), v.Row(s), std::min(c.span_tokens, c.cached - s), s});
+  // The new chunk, zigzag-sharded, positions shifted by the cache length.
+  auto layout = ShardLayout::Create(kZig, c.chunk, P);
+  ASSERT_TRUE(layout.ok());
+  const int64_t local = layout->LocalTokens(rank);
+  std::vector<float> o(static_cast<size_t>(local * q_row)), lse(static_cast<size_t>(local * c.heads));
+  std::vector<QueryBlock> qb;
+  int64_t row = 0;
+  for (const TokenRange& t : layout->RangesOf(rank)) {
+    const int64_t pos = c.cached + t.begin;
+    qb.push_back({q.data() + pos * q_row, t.length(), pos, o.data() + row * q_row, lse.data() + row * c.heads});
+    kb.push_back({k.Row(pos), v.Row(pos), t.length(), pos});
+    row += t.length();
+  }
+  RingOptions options;
+  options.causal = true;
+  ASSERT_TRUE(RingAttention(comm, hc, qb, kb, options).ok());
+  row = 0;
+  for (const TokenRange& t : layout->RangesOf(rank)) {
+    EXPECT_LE(testing::MaxAbsDiff(o.data() + row * q_row, o_ref.data() + t.begin * q_row, t.length() * q_row),
+              kOTolerance)
+        << c.name;
+    EXPECT_LE(testing::MaxAbsDiff(lse.data() + row * c.heads, lse_ref.data() + t.begin * c.heads, t.length() * c.heads),
+              kLseTolerance)
+        << c.name;
+    row += t.length();
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, ChunkedPrefillTest,
+                         ::testing::Values(ChunkCase{"cache_160_chunk_48_spans_16", 160, 48, 16, 4, 2, 64},
+                                           ChunkCase{"cache_100_chunk_37_spans_7", 100, 37, 7, 6, 3, 32},
+                                           ChunkCase{"empty_cache_chunk_64", 0, 64, 16, 4, 1, 32}),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+// ---------------------------------------------------------------------------
+// Tree decode (and ring decode, its baseline)
+
+struct Session {
+  HeadConfig hc;
+  int64_t context = 0;   // cached tokens [0, context)
+  int64_t q_tokens = 0;  // decode queries at positions [context - q_tokens, context)
+  std::vector<float> q;
+  Tensor k, v;
+  std::vector<KvBlock> local_kv;
+  std::vector<float> o_ref, lse_ref;
+};
+
+Session MakeSession(const HeadConfig& hc, int64_t context, int64_t q_tokens, int64_t span_tokens, uint64_t seed,
+                    int rank, int P) {
+  Session s;
+  s.hc = hc;
+  s.context = context;
+  s.q_tokens = q_tokens;
+  const int64_t q_row = int64_t{hc.heads} * hc.head_dim, kv_row = int64_t{hc.kv_heads} * hc.head_dim;
+  s.q = testing::RandomVector(q_tokens * q_row, seed);
+  s.k = MakeKv(testing::RandomVector(context * kv_row, seed + 1), kv_row, hc.kv_dtype);
+  s.v = MakeKv(testing::RandomVector(context * kv_row, seed + 2), kv_row, hc.kv_dtype);
+  // Spans dealt to ranks in a skewed order so some rank may hold nothing.
+  for (int64_t p = 0, i = 0; p < context; p += span_tokens, ++i)
+    if ((i * 7 + 3) % (P + 1) % P == rank)
+      s.local_kv.push_back({s.k.Row(p), s.v.Row(p), std::min(span_tokens, context - p), p});
+  Reference(s.q, s.k, s.v, hc, q_tokens, context, context - q_tokens, true, &s.o_ref, &s.lse_ref);
+  return s;
+}
+
+std::vector<Session> MakeSessions() {
+  const int rank = World().rank(), P = World().size();
+  std::vector<Session> sessions;
+  sessions.push_back(MakeSession({4, 2, 64, kF32}, 300, 1, 32, 31, rank, P));
+  sessions.push_back(MakeSession({8, 1, 64, kF32}, 129, 3, 16, 41, rank, P));
+  sessions.push_back(MakeSession({2, 2, 64, kBF16}, 57, 2, 64, 51, rank, P));  // one span: most ranks empty
+  return sessions;
+}
+
+struct TreeCase {
+  const char* name;
+  TreeTopology topology;
+  ReduceTarget target;
+  int root;  // clamped to size - 1
+};
+
+class TreeDecodeTest : public ::testing::TestWithParam<TreeCase> {};
+
+TEST_P(TreeDecodeTest, BatchedSessionsEqualReference) {
+  const TreeCase& c = GetParam();
+  const Communicator& comm = World();
+  const int root = std::min(c.root, comm.size() - 1);
+  auto reducer = TreeReducer::Create(comm, c.topology, root);
+  ASSERT_TRUE(reducer.ok()) << reducer.status().ToString();
+  std::vector<Session> sessions = MakeSessions();
+  std::vector<std::vector<float>> o(sessions.size()), lse(sessions.size());
+  std::vector<DecodeGroup> groups;
+  for (size_t i = 0; i < sessions.size(); ++i) {
+    Session& s = sessions[i];
+    o[i].assign(s.o_ref.size(), NAN);
+    lse[i].assign(s.lse_ref.size(), NAN);
+    DecodeGroup g;
+    g.heads = s.hc;
+    g.q = s.q.data();
+    g.q_tokens = s.q_tokens;
+    g.q_position_offset = s.context - s.q_tokens;
+    g.causal = true;
+    g.local_kv = s.local_kv;
+    g.o = o[i].data();
+    g.lse = lse[i].data();
+    groups.push_back(g);
+  }
+  PhaseTimings timing;
+  // Two steps through the same reducer: it is reusable.
+  for (int step = 0; step < 2; ++step) {
+    ASSERT_TRUE(TreeDecode(**reducer, groups, c.target, &timing).ok());
+    if (c.target == ReduceTarget::kRoot && comm.rank() != root) continue;
+    for (size_t i = 0; i < sessions.size(); ++i) {
+      EXPECT_LE(testing::MaxAbsDiff(o[i].data(), sessions[i].o_ref.data(), o[i].size()), kOTolerance)
+          << c.name << " session " << i << " rank " << comm.rank();
+      EXPECT_LE(testing::MaxAbsDiff(lse[i].data(), sessions[i].lse_ref.data(), lse[i].size()), kLseTolerance)
+          << c.name << " session " << i;
+    }
+  }
+  EXPECT_EQ(timing.steps, 2);
+  // Bytes per step depend on rows and head_dim only, not on the context.
+  if (comm.size() > 1 && comm.rank() != root) {
+    EXPECT_GT(timing.bytes_sent, 0);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Cases, TreeDecodeTest,
+                         ::testing::Values(TreeCase{"flat_root0", TreeTopology::kFlat, ReduceTarget::kRoot, 0},
+                                           TreeCase{"flat_root_last", TreeTopology::kFlat, ReduceTarget::kRoot, 99},
+                                           TreeCase{"flat_allreduce", TreeTopology::kFlat, ReduceTarget::kAll, 0},
+                                           TreeCase{"two_level_root0", TreeTopology::kTwoLevel, ReduceTarget::kRoot, 0},
+                                           TreeCase{"two_level_root1", TreeTopology::kTwoLevel, ReduceTarget::kRoot, 1},
+                                           TreeCase{"two_level_allreduce", TreeTopology::kTwoLevel, ReduceTarget::kAll,
+                                                    0}),
+                         [](const auto& info) { return std::string(info.param.name); });
+
+TEST(TreeDecodeTest, TwoLevelEqualsFlat) {
+  const Communicator& comm = World();
+  auto flat = TreeReducer::Create(comm, TreeTopology::kFlat);
+  auto two = TreeReducer::Create(comm, TreeTopology::kTwoLevel);
+  ASSERT_TRUE(flat.ok() && two.ok());
+  std::vector<Session> sessions = MakeSessions();
+  const Session& s = sessions[0];
+  std::vector<float> o1(s.o_ref.size()), o2(s.o_ref.size()), l1(s.lse_ref.size()), l2(s.lse_ref.size());
+  DecodeGroup g;
+  g.heads = s.hc;
+  g.q = s.q.data();
+  g.q_tokens = s.q_tokens;
+  g.q_position_offset = s.context - s.q_tokens;
+  g.causal = true;
+  g.local_kv = s.local_kv;
+  g.o = o1.data();
+  g.lse = l1.data();
+  ASSERT_TRUE(TreeDecode(**flat, {&g, 1}, ReduceTarget::kAll).ok());
+  g.o = o2.data();
+  g.lse = l2.data();
+  ASSERT_TRUE(TreeDecode(**two, {&g, 1}, ReduceTarget::kAll).ok());
+  EXPECT_LE(testing::MaxAbsDiff(o1.data(), o2.data(), o1.size()), 1e-6);
+  EXPECT_LE(testing::MaxAbsDiff(l1.data(), l2.data(), l1.size()), 1e-5);
+}
+
+TEST(RingDecodeTest, EqualsTreeDecodeAndReference) {
+  const Communicator& comm = World();
+  auto reducer = TreeReducer::Create(comm, TreeTopology::kFlat);
+  ASSERT_TRUE(reducer.ok());
+  std::vector<Session> sessions = MakeSessions();
+  for (size_t i = 0; i < sessions.size(); ++i) {
+    const Session& s = sessions[i];
+    std::vector<float> o_tree(s.o_ref.size()), l_tree(s.lse_ref.size());
+    std::vector<float> o_ring(s.o_ref.size()), l_ring(s.lse_ref.size());
+    DecodeGroup g;
+    g.heads = s.hc;
+    g.q = s.q.data();
+    g.q_tokens = s.q_tokens;
+    g.q_position_offset = s.context - s.q_tokens;
+    g.causal = true;
+    g.local_kv = s.local_kv;
+    g.o = o_tree.data();
+    g.lse = l_tree.data();
+    ASSERT_TRUE(TreeDecode(**reducer, {&g, 1}, ReduceTarget::kAll).ok());
+    QueryBlock qb{s.q.data(), s.q_tokens, s.context - s.q_tokens, o_ring.data(), l_ring.data()};
+    RingOptions options;
+    options.causal = true;
+    PhaseTimings timing;
+    ASSERT_TRUE(RingDecode(comm, s.hc, {&qb, 1}, s.local_kv, options, &timing).ok());
+    EXPECT_LE(testing::MaxAbsDiff(o_ring.data(), o_tree.data(), o_ring.size()), kOTolerance) << "session " << i;
+    EXPECT_LE(testing::MaxAbsDiff(l_ring.data(), l_tree.data(), l_ring.size()), kLseTolerance) << "session " << i;
+    EXPECT_LE(testing::MaxAbsDiff(o_ring.data(), s.o_ref.data(), o_ring.size()), kOTolerance) << "session " << i;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Errors: a bad argument on ONE rank fails the call on every rank, no hang.
+
+TEST(ErrorAgreementTest, BadHeadsOnOneRankFailsEverywhere) {
+  const Communicator& comm = World();
+  const int last = comm.size() - 1;
+  HeadConfig hc{4, 2, 32, kF32};
+  if (comm.rank() == last) hc.kv_heads = 3;  // heads not a multiple of kv_heads
+  std::vector<float> q(4 * 4 * 32, 0.5f), o(q.size()), kv(4 * 3 * 32, 0.25f);
+  QueryBlock qb{q.data(), 4, 0, o.data(), nullptr};
+  KvBlock kb{kv.data(), kv.data(), 4, 4 * comm.rank()};
+  Status s = RingAttention(comm, hc, {&qb, 1}, {&kb, 1}, RingOptions{});
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("heads"), std::string::npos) << s.message();
+
+  // Tree decode: a group with a null query on one rank.
+  auto reducer = TreeReducer::Create(comm, TreeTopology::kFlat);
+  ASSERT_TRUE(reducer.ok());
+  DecodeGroup g;
+  g.heads = {4, 2, 32, kF32};
+  g.q = comm.rank() == last ? nullptr : q.data();
+  g.q_tokens = 1;
+  g.o = o.data();
+  s = TreeDecode(**reducer, {&g, 1}, ReduceTarget::kAll);
+  EXPECT_FALSE(s.ok());
+  EXPECT_NE(s.message().find("q must not be null"), std::string::npos) << s.message();
+
+  // Still usable afterwards.
+  EXPECT_TRUE(comm.Barrier().ok());
+}
+
+TEST(CommunicatorTest, AgreeOnStatusReportsLowestFailingRank) {
+  const Communicator& comm = World();
+  Status local = comm.rank() >= comm.size() / 2 && comm.size() > 1
+                     ? Status::InvalidArgument("[test] rank " + std::to_string(comm.rank()))
+                     : Status::Ok();
+  Status agreed = comm.AgreeOnStatus(local);
+  if (comm.size() == 1) {
+    EXPECT_TRUE(agreed.ok());
+  } else {
+    EXPECT_EQ(agreed.message(), "[test] rank " + std::to_string(comm.size() / 2));
+  }
+  std::string text = comm.rank() == 0 ? "hello from root" : "";
+  ASSERT_TRUE(comm.BroadcastString(&text, 0).ok());
+  EXPECT_EQ(text, "hello from root");
+  // Point-to-point around the ring.
+  const int next = (comm.rank() + 1) % comm.size(), prev = (comm.rank() - 1 + comm.size()) % comm.size();
+  int64_t out = comm.rank(), in = -1;
+  auto r = comm.Irecv(&in, sizeof(in), prev, 5);
+  auto s = comm.Isend(&out, sizeof(out), next, 5);
+  ASSERT_TRUE(r.ok() && s.ok());
+  ASSERT_TRUE(comm.WaitAll({&r.value(), &s.value()}).ok());
+  EXPECT_EQ(in, prev);
+}
+
+}  // namespace
+}  // namespace ringtree
+
+int main(int argc, char** argv) {
+  ::testing::InitGoogleTest(&argc, argv);
+  auto env = ringtree::MpiEnvironment::Init(&argc, &argv);
+  if (!env.ok()) {
+    std::fprintf(stderr, "%s\n", env.status().ToString().c_str());
+    return 2;
+  }
+  int result;
+  {
+    const ringtree::Communicator& world = ringtree::World();
+    // Keep oversubscribed runs cheap: cores / ranks threads each.
+    const int cores = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
+    tbb::global_control limit(tbb::global_control::max_allowed_parallelism,
+                              std::max(1, cores / ringtree::MpiEnvironment::LocalRanks()));
+    ringtree::SetBlasThreads(1);
+    if (world.rank() != 0) {
+      auto& listeners = ::testing::UnitTest::GetInstance()->listeners();
+      delete listeners.Release(listeners.default_result_printer());
+    }
+    result = RUN_ALL_TESTS();
+    // Any rank's failure fails the job (and every rank reports it).
+    int64_t failed = result != 0;
+    world.AllreduceMax(&failed, 1).ok();
+    if (failed && world.rank() == 0) std::fprintf(stderr, "[dist_test] a rank reported failures\n");
+    result = failed ? 1 : 0;
+  }
+  return result;
+}
