@@ -3,7 +3,7 @@
 //   mpirun -np P attnjob --q q.npy --k k.npy --v v.npy [--causal] [--scale S]
 //                        --out o.npy [--lse lse.npy] [--threads N]
 //   mpirun -np P attnjob --demo [--tokens N --heads H --kv-heads Hkv
-//                        --head-dim D --causal --check]
+//                        --head-dim D --causal --check --decode-steps S]
 //
 // Files: NumPy .npy, [T, heads, head_dim], float32 or float16, C order; the
 // output is float32 [T, heads, head_dim] and --lse writes [T, heads] float32
@@ -27,6 +27,7 @@
 #include "dist/ring_attention.h"
 #include "dist/sharding.h"
 #include "dist/timing.h"
+#include "dist/tree_decode.h"
 #include "kernels/attention.h"
 #include "kernels/blas.h"
 
@@ -45,6 +46,7 @@ struct JobOptions {
   int kv_heads = 2;
   int head_dim = 64;
   bool check = false;
+  int decode_steps = -1;  // -1: 8 in --demo, 0 otherwise
   bool quiet = false;
   uint64_t seed = 1234;
 };
@@ -168,6 +170,130 @@ Status GatherToRoot(const Communicator& comm, const ShardLayout& layout, int64_t
   return Status::Ok();
 }
 
+// --check: the distributed result against the single-process kernel on rank 0.
+// Up to kFullCheckTokens tokens every row is compared; above, kSampledRows
+// query rows spread over the sequence (each against its full visible KV), so
+// the check stays cheap at 32k+ tokens.
+Status CheckAgainstSingleProcess(const JobOptions& o, const Problem& p, const Communicator& comm,
+                                 const ShardLayout& q_layout, const std::vector<float>& out,
+                                 const std::vector<float>& lse) {
+  constexpr int64_t kFullCheckTokens = 4096;
+  constexpr int64_t kSampledRows = 48;
+  constexpr double kTolerance = 1e-4;  // fp32, different merge order
+  const int64_t q_row = static_cast<int64_t>(p.heads.heads) * p.heads.head_dim;
+  const int64_t kv_row = static_cast<int64_t>(p.heads.kv_heads) * p.heads.head_dim;
+  std::vector<float> global_out, global_lse;
+  RINGTREE_RETURN_IF_ERROR(GatherToRoot(comm, q_layout, q_row, out.data(), &global_out));
+  RINGTREE_RETURN_IF_ERROR(GatherToRoot(comm, q_layout, p.heads.heads, lse.data(), &global_lse));
+  Status verdict;
+  if (comm.rank() == 0) {
+    const Ranges all_q{{0, p.q_tokens}}, all_kv{{0, p.kv_tokens}};
+    std::vector<float> fq(static_cast<size_t>(p.q_tokens * q_row));
+    std::vector<float> fk(static_cast<size_t>(p.kv_tokens * kv_row)), fv(fk.size());
+    if (o.demo) {
+      FillDemoRows(o.seed, 0, all_q, q_row, fq.data());
+      FillDemoRows(o.seed, 1, all_kv, kv_row, fk.data());
+      FillDemoRows(o.seed, 2, all_kv, kv_row, fv.data());
+    } else {
+      std::vector<int64_t> shape;
+      RINGTREE_RETURN_IF_ERROR(ReadNpyFile(o.q_path, &fq, &shape));
+      RINGTREE_RETURN_IF_ERROR(ReadNpyFile(o.k_path, &fk, &shape));
+      RINGTREE_RETURN_IF_ERROR(ReadNpyFile(o.v_path, &fv, &shape));
+    }
+    std::vector<int64_t> rows;
+    if (p.q_tokens <= kFullCheckTokens) {
+      rows.push_back(-1);  // one call over every row
+    } else {
+      for (int64_t i = 0; i < kSampledRows; ++i) rows.push_back(i * (p.q_tokens - 1) / (kSampledRows - 1));
+    }
+    const double c0 = NowSeconds();
+    double max_o = 0, max_l = 0;
+    for (int64_t row : rows) {
+      const int64_t first = row < 0 ? 0 : row, count = row < 0 ? p.q_tokens : 1;
+      std::vector<float> ro(static_cast<size_t>(count * q_row)), rl(static_cast<size_t>(count * p.heads.heads));
+      AttentionShape shape{count, p.kv_tokens, p.heads.heads, p.heads.kv_heads, p.heads.head_dim};
+      AttentionOptions ao;
+      ao.causal = o.causal;
+      ao.scale = o.scale;
+      ao.q_position_offset = first;
+      verdict = AttentionForward(fq.data() + first * q_row, fk.data(), fv.data(), DType::kFloat32, shape, ao,
+                                 ro.data(), rl.data());
+      if (!verdict.ok()) break;
+      for (size_t i = 0; i < ro.size(); ++i)
+        max_o = std::max(max_o, std::fabs(double(ro[i]) - global_out[first * q_row + i]));
+      for (size_t i = 0; i < rl.size(); ++i)
+        max_l = std::max(max_l, std::fabs(double(rl[i]) - global_lse[first * p.heads.heads + i]));
+    }
+    const bool pass = verdict.ok() && max_o <= kTolerance && max_l <= kTolerance;
+    std::printf("[attnjob] check vs single-process kernel on rank 0 (%s, %.2f s): max |o diff| %.3g, "
+                "max |lse diff| %.3g, tolerance %.0e: %s\n",
+                rows[0] < 0 ? "all rows" : "48 sampled rows", NowSeconds() - c0, max_o, max_l, kTolerance,
+                pass ? "PASS" : "FAIL");
+    std::fflush(stdout);
+    if (verdict.ok() && !pass) verdict = Status::Internal("[attnjob] check failed: distributed result differs");
+  }
+  return comm.AgreeOnStatus(verdict);
+}
+
+// --decode-steps: after the prefill, decode steps against the sharded KV: the
+// query of the next position attends every cached key. Tree decode (one
+// reduction of packed (lse, o) records) against ring decode (KV travels).
+Status RunDecodeDemo(const JobOptions& o, const Problem& p, const Communicator& comm, const std::vector<float>& k,
+                     const std::vector<float>& v, const Ranges& kv_ranges) {
+  const int64_t q_row = static_cast<int64_t>(p.heads.heads) * p.heads.head_dim;
+  const int64_t kv_row = static_cast<int64_t>(p.heads.kv_heads) * p.heads.head_dim;
+  std::vector<KvBlock> blocks;
+  int64_t row = 0;
+  for (const auto& [b, e] : kv_ranges) {
+    blocks.push_back({k.data() + row * kv_row, v.data() + row * kv_row, e - b, b});
+    row += e - b;
+  }
+  RINGTREE_ASSIGN_OR_RETURN(auto reducer, TreeReducer::Create(comm, TreeTopology::kFlat, 0));
+  std::vector<float> q(static_cast<size_t>(q_row)), o_tree(q.size()), o_ring(q.size());
+  std::vector<float> l_tree(static_cast<size_t>(p.heads.heads)), l_ring(l_tree.size());
+  PhaseTimings tree_t, ring_t;
+  double tree_s = 0, ring_s = 0, max_diff = 0;
+  for (int step = 0; step < o.decode_steps; ++step) {
+    const int64_t position = p.kv_tokens + step;
+    FillDemoRows(o.seed, 3, {{position, position + 1}}, q_row, q.data());
+    DecodeGroup g;
+    g.heads = p.heads;
+    g.q = q.data();
+    g.q_tokens = 1;
+    g.q_position_offset = position;
+    g.causal = o.causal;
+    g.scale = o.scale;
+    g.local_kv = blocks;
+    g.o = o_tree.data();
+    g.lse = l_tree.data();
+    RINGTREE_RETURN_IF_ERROR(comm.Barrier());
+    double t0 = NowSeconds();
+    RINGTREE_RETURN_IF_ERROR(TreeDecode(*reducer, {&g, 1}, ReduceTarget::kRoot, &tree_t));
+    tree_s += NowSeconds() - t0;
+    QueryBlock qb{q.data(), 1, position, o_ring.data(), l_ring.data()};
+    RingOptions ro;
+    ro.causal = o.causal;
+    ro.scale = o.scale;
+    RINGTREE_RETURN_IF_ERROR(comm.Barrier());
+    t0 = NowSeconds();
+    RINGTREE_RETURN_IF_ERROR(RingDecode(comm, p.heads, {&qb, 1}, blocks, ro, &ring_t));
+    ring_s += NowSeconds() - t0;
+    if (comm.rank() == 0)
+      for (size_t i = 0; i < o_tree.size(); ++i) max_diff = std::max(max_diff, std::fabs(double(o_tree[i]) - o_ring[i]));
+  }
+  int64_t bytes[2] = {tree_t.bytes_sent, ring_t.bytes_sent};
+  RINGTREE_RETURN_IF_ERROR(comm.AllreduceSum(bytes, 2));
+  if (comm.rank() == 0 && !o.quiet) {
+    const double n = o.decode_steps;
+    std::printf("[attnjob] decode over %lld cached tokens, %d steps: tree %.3f ms/step, %.1f KB moved/step | "
+                "ring %.3f ms/step, %.1f KB moved/step | tree vs ring max |o diff| %.2g\n",
+                static_cast<long long>(p.kv_tokens), o.decode_steps, 1e3 * tree_s / n, bytes[0] / n / 1e3,
+                1e3 * ring_s / n, bytes[1] / n / 1e3, max_diff);
+    std::fflush(stdout);
+  }
+  return Status::Ok();
+}
+
 Status RunJob(const JobOptions& o, const Communicator& comm, int threads) {
   const int rank = comm.rank(), P = comm.size();
   Problem p;
@@ -268,47 +394,8 @@ Status RunJob(const JobOptions& o, const Communicator& comm, int threads) {
   RINGTREE_ASSIGN_OR_RETURN(std::vector<PhaseTimings> all, GatherTimings(comm, timing, 0));
   if (rank == 0 && !o.quiet) PrintSummary(o, p, comm, threads, all, seconds);
 
-  if (o.check) {
-    if (p.q_tokens > 16384)
-      return Status::InvalidArgument("[attnjob] --check runs a single-process pass on rank 0: use --tokens <= 16384");
-    std::vector<float> global_out, global_lse;
-    RINGTREE_RETURN_IF_ERROR(GatherToRoot(comm, q_layout, q_row, out.data(), &global_out));
-    RINGTREE_RETURN_IF_ERROR(GatherToRoot(comm, q_layout, p.heads.heads, lse.data(), &global_lse));
-    Status verdict;
-    if (rank == 0) {
-      const Ranges all_q{{0, p.q_tokens}}, all_kv{{0, p.kv_tokens}};
-      std::vector<float> fq(static_cast<size_t>(p.q_tokens * q_row));
-      std::vector<float> fk(static_cast<size_t>(p.kv_tokens * kv_row)), fv(fk.size());
-      if (o.demo) {
-        FillDemoRows(o.seed, 0, all_q, q_row, fq.data());
-        FillDemoRows(o.seed, 1, all_kv, kv_row, fk.data());
-        FillDemoRows(o.seed, 2, all_kv, kv_row, fv.data());
-      } else {
-        std::vector<int64_t> shape;
-        RINGTREE_RETURN_IF_ERROR(ReadNpyFile(o.q_path, &fq, &shape));
-        RINGTREE_RETURN_IF_ERROR(ReadNpyFile(o.k_path, &fk, &shape));
-        RINGTREE_RETURN_IF_ERROR(ReadNpyFile(o.v_path, &fv, &shape));
-      }
-      std::vector<float> ro_(fq.size()), rl(static_cast<size_t>(p.q_tokens * p.heads.heads));
-      AttentionShape shape{p.q_tokens, p.kv_tokens, p.heads.heads, p.heads.kv_heads, p.heads.head_dim};
-      AttentionOptions ao;
-      ao.causal = o.causal;
-      ao.scale = o.scale;
-      const double c0 = NowSeconds();
-      verdict = AttentionForward(fq.data(), fk.data(), fv.data(), DType::kFloat32, shape, ao, ro_.data(), rl.data());
-      double max_o = 0, max_l = 0;
-      for (size_t i = 0; i < ro_.size(); ++i) max_o = std::max(max_o, std::fabs(double(ro_[i]) - global_out[i]));
-      for (size_t i = 0; i < rl.size(); ++i) max_l = std::max(max_l, std::fabs(double(rl[i]) - global_lse[i]));
-      constexpr double kTolerance = 1e-4;  // fp32, different merge order
-      const bool pass = verdict.ok() && max_o <= kTolerance && max_l <= kTolerance;
-      std::printf("[attnjob] check vs single-process kernel (%.2f s): max |o diff| %.3g, max |lse diff| %.3g, "
-                  "tolerance %.0e: %s\n",
-                  NowSeconds() - c0, max_o, max_l, kTolerance, pass ? "PASS" : "FAIL");
-      std::fflush(stdout);
-      if (verdict.ok() && !pass) verdict = Status::Internal("[attnjob] check failed: distributed result differs");
-    }
-    RINGTREE_RETURN_IF_ERROR(comm.AgreeOnStatus(verdict));
-  }
+  if (o.check) RINGTREE_RETURN_IF_ERROR(CheckAgainstSingleProcess(o, p, comm, q_layout, out, lse));
+  if (o.decode_steps > 0) RINGTREE_RETURN_IF_ERROR(RunDecodeDemo(o, p, comm, k, v, kv_ranges));
   return Status::Ok();
 }
 
@@ -343,7 +430,8 @@ int main(int argc, char** argv) {
     app.add_option("--kv-heads", o.kv_heads, "demo: kv heads (default 2)");
     app.add_option("--head-dim", o.head_dim, "demo: head dim (default 64)");
     app.add_option("--seed", o.seed, "demo: data seed");
-    app.add_flag("--check", o.check, "compare with a single-process kernel run on rank 0 (small sizes)");
+    app.add_flag("--check", o.check, "compare with a single-process kernel run on rank 0 (sampled rows above 4096 tokens)");
+    app.add_option("--decode-steps", o.decode_steps, "after prefill, N tree-vs-ring decode steps (default 8 with --demo)");
     app.add_flag("--quiet", o.quiet, "no progress or summary");
     try {
       app.parse(argc, argv);
@@ -353,6 +441,7 @@ int main(int argc, char** argv) {
       exit_code = e.get_exit_code() == 0 ? 0 : 2;
       return exit_code;  // env's destructor finalises MPI
     }
+    if (o.decode_steps < 0) o.decode_steps = o.demo ? 8 : 0;
     const int threads = o.threads > 0 ? o.threads : DefaultThreads();
     tbb::global_control limit(tbb::global_control::max_allowed_parallelism, threads);
     SetBlasThreads(1);
