@@ -63,7 +63,7 @@ int main(int argc, char** argv) {
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
   CLI::App app{"attnserve: distributed exact-attention service (run under mpirun)"};
   app.set_config("--config", "", "read flags from a TOML/INI file (flag = value)");
-  std::string listen = "127.0.0.1:50051", port_file, tokens_file, tls_cert, tls_key;
+  std::string listen = "127.0.0.1:50051", port_file, pid_file, tokens_file, tls_cert, tls_key;
   AdmissionLimits admission_limits;
   RequestLimits request_limits;
   EngineLoopOptions loop_options;
@@ -71,6 +71,7 @@ int main(int argc, char** argv) {
   int max_message_mib = 64, threads = 0, grace_seconds = 10, spin_us = 2000, sleep_us = 100;
   app.add_option("--listen", listen, "host:port to listen on (port 0 = any free port)")->capture_default_str();
   app.add_option("--port-file", port_file, "write the bound port here once ready");
+  app.add_option("--pid-file", pid_file, "write rank 0's pid here once ready (send it SIGTERM to stop)");
   app.add_option("--tokens-file", tokens_file, "enable bearer-token auth: lines of 'token tenant'");
   app.add_option("--tls-cert", tls_cert, "PEM certificate chain; enables TLS (with --tls-key)");
   app.add_option("--tls-key", tls_key, "PEM private key");
@@ -174,6 +175,11 @@ int main(int argc, char** argv) {
   std::signal(SIGTERM, OnStopSignal);
   std::signal(SIGINT, OnStopSignal);
   const std::string host = listen.substr(0, listen.rfind(':'));
+  if (!pid_file.empty()) {
+    const std::string tmp = pid_file + ".tmp";
+    std::ofstream(tmp) << getpid() << "\n";
+    std::rename(tmp.c_str(), pid_file.c_str());
+  }
   if (!port_file.empty()) {
     const std::string tmp = port_file + ".tmp";
     std::ofstream(tmp) << port << "\n";

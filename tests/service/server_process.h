@@ -1,0 +1,110 @@
+// Starts a real attnserve under `mpirun -np P --oversubscribe` on a free
+// loopback port (--listen 127.0.0.1:0 --port-file), for tests and benchmarks.
+// Stop() sends SIGTERM to rank 0 (as launch/attnserve does) and returns
+// mpirun's exit code. Not thread-safe; one owner.
+#pragma once
+
+#include <signal.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace ringtree::testing {
+
+class ServerProcess {
+ public:
+  // `attnserve`: path of the binary; `extra`: more flags. Returns false when
+  // the server did not become ready within `timeout`.
+  bool Start(const std::string& attnserve, int ranks, const std::vector<std::string>& extra,
+             std::chrono::seconds timeout = std::chrono::seconds(60)) {
+    char dir_template[] = "/tmp/attnserve-test-XXXXXX";
+    dir_ = mkdtemp(dir_template);
+    port_file_ = dir_ + "/port";
+    pid_file_ = dir_ + "/pid";
+    log_file_ = dir_ + "/log";
+    std::vector<std::string> args = {"mpirun", "-np", std::to_string(ranks), "--oversubscribe", "--bind-to", "none",
+                                     attnserve, "--listen", "127.0.0.1:0", "--port-file", port_file_,
+                                     "--pid-file", pid_file_};
+    args.insert(args.end(), extra.begin(), extra.end());
+    mpirun_ = fork();
+    if (mpirun_ == 0) {
+      setsid();  // signals to the test do not reach mpirun
+      setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
+      setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
+      FILE* log = std::fopen(log_file_.c_str(), "w");
+      if (log) {
+        dup2(fileno(log), 1);
+        dup2(fileno(log), 2);
+      }
+      std::vector<char*> argv;
+      for (auto& a : args) argv.push_back(a.data());
+      argv.push_back(nullptr);
+      execvp("mpirun", argv.data());
+      _exit(127);
+    }
+    const auto until = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < until) {
+      std::ifstream port(port_file_), pid(pid_file_);
+      if (port >> port_ && pid >> rank0_pid_ && port_ > 0) return true;
+      int status;
+      if (waitpid(mpirun_, &status, WNOHANG) == mpirun_) {
+        mpirun_ = -1;
+        return false;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    return false;
+  }
+
+  std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
+  int port() const { return port_; }
+  pid_t rank0_pid() const { return rank0_pid_; }
+  std::string log() const {
+    std::ifstream in(log_file_);
+    return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  }
+
+  // SIGTERM to rank 0, then waits up to `timeout` for mpirun. Returns its exit
+  // code (-1 on timeout: the job is then killed).
+  int Stop(std::chrono::seconds timeout = std::chrono::seconds(30)) {
+    if (mpirun_ <= 0) return -1;
+    if (rank0_pid_ > 0) kill(rank0_pid_, SIGTERM);
+    return Wait(timeout);
+  }
+
+  int Wait(std::chrono::seconds timeout) {
+    const auto until = std::chrono::steady_clock::now() + timeout;
+    while (std::chrono::steady_clock::now() < until) {
+      int status;
+      if (waitpid(mpirun_, &status, WNOHANG) == mpirun_) {
+        mpirun_ = -1;
+        return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(50));
+    }
+    kill(-mpirun_, SIGKILL);
+    waitpid(mpirun_, nullptr, 0);
+    mpirun_ = -1;
+    return -1;
+  }
+
+  ~ServerProcess() {
+    if (mpirun_ > 0) Stop(std::chrono::seconds(10));
+  }
+
+ private:
+  std::string dir_, port_file_, pid_file_, log_file_;
+  pid_t mpirun_ = -1;
+  pid_t rank0_pid_ = -1;
+  int port_ = 0;
+};
+
+}  // namespace ringtree::testing
