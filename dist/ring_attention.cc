@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -15,6 +16,25 @@ namespace {
 
 constexpr int kRingTag = 7301;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Owners with at most this many KV blocks send one message per K/V block.
+constexpr int64_t kDirectBlocks = 8;
+
+// Per-thread ring receive buffers, grown on demand and kept (see
+// ReleaseRingBuffers in the header).
+struct RingScratch {
+  std::unique_ptr<uint8_t[]> buffer[2];
+  size_t capacity = 0;
+  void Reserve(size_t bytes) {
+    if (bytes <= capacity) return;
+    buffer[0].reset(new uint8_t[bytes]);  // uninitialised on purpose
+    buffer[1].reset(new uint8_t[bytes]);
+    capacity = bytes;
+  }
+};
+RingScratch& ThreadRingScratch() {
+  thread_local RingScratch scratch;
+  return scratch;
+}
 
 // What every rank must agree on before any KV moves.
 struct RingHeader {
@@ -186,12 +206,21 @@ Status RunRing(const char* op, const Communicator& comm, const HeadConfig& hc,
 
   RingAccumulator acc(hc, queries, options);
 
-  // Step 0 computes on the caller's own buffers; a packed copy travels.
-  std::vector<uint8_t> buffers[2];
+  // Two receive buffers, reused across calls on this thread (no page faults
+  // or zeroing per decode step). Step 0 computes on the caller's own blocks.
+  RingScratch& scratch = ThreadRingScratch();
+  uint8_t* buffers[2] = {nullptr, nullptr};
   if (P > 1) {
-    buffers[0].resize(static_cast<size_t>(max_payload));
-    buffers[1].resize(static_cast<size_t>(max_payload));
-    uint8_t* p = buffers[0].data();
+    scratch.Reserve(static_cast<size_t>(max_payload));
+    buffers[0] = scratch.buffer[0].get();
+    buffers[1] = scratch.buffer[1].get();
+  }
+  // Message plan of an owner's KV set: a few blocks travel as one message per
+  // K and per V block (step 0 sends straight from the caller's memory, no
+  // packing copy); many small blocks (service spans) travel packed as one.
+  auto direct_plan = [&](int owner) { return first_block[owner + 1] - first_block[owner] <= kDirectBlocks; };
+  if (P > 1 && !direct_plan(rank)) {
+    uint8_t* p = buffers[0];
     for (const KvBlock& kb : local_kv) {
       const size_t n = static_cast<size_t>(kb.tokens * row_bytes);
       if (n == 0) continue;
@@ -217,21 +246,56 @@ Status RunRing(const char* op, const Communicator& comm, const HeadConfig& hc,
   Status failure;
   for (int step = 0; step < P; ++step) {
     const int owner = (rank - step + P) % P;  // whose KV we hold now
-    Request send, recv;
+    std::vector<Request> requests;
     if (step + 1 < P) {
       const int incoming = (rank - step - 1 + P) % P;
-      auto r = comm.Irecv(buffers[1 - cur].data(), payload[incoming], prev, kRingTag + step % 2);
-      auto s = comm.Isend(buffers[cur].data(), payload[owner], next, kRingTag + step % 2);
-      if (!r.ok() || !s.ok()) {
-        failure = !r.ok() ? r.status() : s.status();
-        break;
+      const int tag = kRingTag + step % 2;
+      auto post = [&](Result<Request> r) {
+        if (!r.ok()) {
+          if (failure.ok()) failure = r.status();
+          return;
+        }
+        requests.push_back(std::move(r.value()));
+      };
+      // Receive the next set into the other buffer.
+      if (direct_plan(incoming)) {
+        uint8_t* p = buffers[1 - cur];
+        for (int64_t b = first_block[incoming]; b < first_block[incoming + 1]; ++b) {
+          const int64_t n = all_desc[b].tokens * row_bytes;
+          if (n == 0) continue;
+          post(comm.Irecv(p, n, prev, tag));
+          post(comm.Irecv(p + n, n, prev, tag));
+          p += 2 * n;
+        }
+      } else {
+        post(comm.Irecv(buffers[1 - cur], payload[incoming], prev, tag));
       }
-      recv = std::move(r.value());
-      send = std::move(s.value());
+      // Pass the set in hand on.
+      if (direct_plan(owner)) {
+        if (step == 0) {
+          for (const KvBlock& kb : local_kv) {
+            const int64_t n = kb.tokens * row_bytes;
+            if (n == 0) continue;
+            post(comm.Isend(kb.k, n, next, tag));
+            post(comm.Isend(kb.v, n, next, tag));
+          }
+        } else {
+          const uint8_t* p = buffers[cur];
+          for (int64_t b = first_block[owner]; b < first_block[owner + 1]; ++b) {
+            const int64_t n = all_desc[b].tokens * row_bytes;
+            if (n == 0) continue;
+            post(comm.Isend(p, n, next, tag));
+            post(comm.Isend(p + n, n, next, tag));
+            p += 2 * n;
+          }
+        }
+      } else {
+        post(comm.Isend(buffers[cur], payload[owner], next, tag));
+      }
+      if (!failure.ok()) break;
       local_t.bytes_sent += payload[owner];
       local_t.bytes_received += payload[incoming];
     }
-    // Drive MPI progress between kernel calls (no async progress thread).
     // Time spent inside MPI here is communication, so it counts as wait.
     auto progress = [&] {
       const double p0 = NowSeconds();
@@ -243,11 +307,13 @@ Status RunRing(const char* op, const Communicator& comm, const HeadConfig& hc,
     if (step == 0) {
       computed = acc.Accumulate(local_kv, &local_t, progress);
     } else {
-      std::vector<KvBlock> blocks = view(owner, buffers[cur].data());
+      std::vector<KvBlock> blocks = view(owner, buffers[cur]);
       computed = acc.Accumulate(blocks, &local_t, progress);
     }
     const double w0 = NowSeconds();
-    Status waited = comm.WaitAll({&send, &recv});
+    std::vector<Request*> pending;
+    for (Request& r : requests) pending.push_back(&r);
+    Status waited = comm.WaitAll(pending);
     local_t.wait_seconds += NowSeconds() - w0;
     local_t.steps += 1;
     if (!computed.ok() || !waited.ok()) {
@@ -268,6 +334,13 @@ Status RunRing(const char* op, const Communicator& comm, const HeadConfig& hc,
 }
 
 }  // namespace
+
+void ReleaseRingBuffers() {
+  RingScratch& s = ThreadRingScratch();
+  s.buffer[0].reset();
+  s.buffer[1].reset();
+  s.capacity = 0;
+}
 
 Status RingAttention(const Communicator& comm, const HeadConfig& heads, std::span<const QueryBlock> local_queries,
                      std::span<const KvBlock> local_kv, const RingOptions& options, PhaseTimings* timings) {

@@ -83,8 +83,9 @@ struct RingOptions {
 // scaled visible scores (natural log); a row that sees no key gets o = 0,
 // lse = -inf. KV blocks of all ranks must cover disjoint positions.
 //
-// Memory: two receive buffers of the largest rank's KV set, plus an O(rows)
-// partial per query block. Threads: kernels use oneTBB in the caller's arena.
+// Memory: two receive buffers of the largest rank's KV set (kept per calling
+// thread and reused by later calls; ReleaseRingBuffers frees them), plus an
+// O(rows) partial per query block. Threads: kernels use oneTBB in the caller's arena.
 // Timing (optional) is added to *timings: compute = kernels, wait = MPI waits,
 // merge = partial merges, bytes_sent = KV bytes this rank sent.
 // Errors: invalid shapes ("[ring_attention] heads ..."), MPI failures.
@@ -101,5 +102,9 @@ Status RingAttention(const Communicator& comm, const HeadConfig& heads,
 Status RingDecode(const Communicator& comm, const HeadConfig& heads,
                   std::span<const QueryBlock> queries, std::span<const KvBlock> local_kv,
                   const RingOptions& options, PhaseTimings* timings = nullptr);
+
+// Frees this thread's ring receive buffers (they are kept between calls so
+// repeated decode/prefill steps do not re-allocate). Not collective.
+void ReleaseRingBuffers();
 
 }  // namespace ringtree

@@ -1,0 +1,284 @@
+// Scaling benchmark of dist/: tree vs ring decode, and ring-attention prefill.
+// Run under mpirun (bench/dist/run.sh does); rank 0 prints one JSON line per
+// measurement to stdout (and --out FILE, appended).
+//
+//   dist_bench decode  --tokens N [--heads 8 --kv-heads 2 --head-dim 128 --steps 10 --queries 1]
+//   dist_bench prefill --tokens N [--heads 8 --kv-heads 2 --head-dim 64] [--causal] [--repeats 1]
+//
+// Cost model (declared, STYLE habit 5):
+//   decode, per step: FLOPs = 4 * queries * heads * N * D; KV bytes read =
+//     N * kv_heads * D * 4 * 2. Bytes moved per step (sum over ranks):
+//     tree = (P-1) * queries * heads * (D+1) * 4 for a reduce to the root;
+//     ring = (P-1) * N * kv_heads * D * 4 * 2 (every rank's shard visits every other).
+//   prefill: FLOPs = 4 * N^2 * heads * D (half with --causal).
+#include <tbb/global_control.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cstdio>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "dist/communicator.h"
+#include "dist/ring_attention.h"
+#include "dist/sharding.h"
+#include "dist/timing.h"
+#include "dist/tree_decode.h"
+#include "kernels/blas.h"
+
+namespace ringtree {
+namespace {
+
+using nlohmann::json;
+
+struct BenchOptions {
+  std::string mode;
+  int64_t tokens = 16384;
+  int heads = 8, kv_heads = 2, head_dim = 128;
+  int steps = 10, warmup = 2, queries = 1, repeats = 1;
+  bool causal = false;
+  int threads = 0;
+  std::string out;
+  std::string label;
+};
+
+void Fill(uint64_t seed, int64_t first, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint64_t z = (seed << 40) + static_cast<uint64_t>(first + i) * 0x9E3779B97F4A7C15ull;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    z ^= z >> 31;
+    out[i] = static_cast<float>(z >> 40) * (2.0f / 16777216.0f) - 1.0f;
+  }
+}
+
+std::string CpuModel() {
+  std::ifstream in("/proc/cpuinfo");
+  std::string line;
+  while (std::getline(in, line))
+    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
+  return "unknown";
+}
+
+json Machine(const Communicator& comm, int threads) {
+  const long cores = sysconf(_SC_NPROCESSORS_ONLN);
+  return {{"cpu", CpuModel()},
+          {"cores", cores},
+          {"ranks", comm.size()},
+          {"threads_per_rank", threads},
+          {"oversubscribed", static_cast<long>(comm.size()) * threads > cores}};
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+void Emit(const BenchOptions& o, const json& j) {
+  const std::string line = j.dump();
+  std::printf("%s\n", line.c_str());
+  std::fflush(stdout);
+  if (!o.out.empty()) {
+    std::ofstream f(o.out, std::ios::app);
+    f << line << "\n";
+  }
+}
+
+Status RunDecode(const BenchOptions& o, const Communicator& comm, int threads) {
+  const int P = comm.size(), rank = comm.rank();
+  const HeadConfig hc{o.heads, o.kv_heads, o.head_dim, DType::kFloat32};
+  RINGTREE_ASSIGN_OR_RETURN(ShardLayout layout, ShardLayout::Create(ShardLayoutKind::kContiguous, o.tokens, P));
+  const TokenRange range = layout.RangesOf(rank)[0];
+  const int64_t kv_row = int64_t{o.kv_heads} * o.head_dim, q_row = int64_t{o.heads} * o.head_dim;
+  std::vector<float> k(static_cast<size_t>(range.length() * kv_row)), v(k.size());
+  Fill(1, range.begin * kv_row, static_cast<int64_t>(k.size()), k.data());
+  Fill(2, range.begin * kv_row, static_cast<int64_t>(v.size()), v.data());
+  const KvBlock block{k.data(), v.data(), range.length(), range.begin};
+  std::vector<float> q(static_cast<size_t>(o.queries * q_row)), o_tree(q.size()), o_ring(q.size());
+  std::vector<float> l_tree(static_cast<size_t>(o.queries * o.heads)), l_ring(l_tree.size());
+  RINGTREE_ASSIGN_OR_RETURN(auto reducer, TreeReducer::Create(comm, TreeTopology::kFlat, 0));
+
+  std::vector<double> tree_ms, ring_ms;
+  PhaseTimings tree_t, ring_t;
+  double max_diff = 0;
+  for (int step = 0; step < o.warmup + o.steps; ++step) {
+    Fill(3 + step, 0, static_cast<int64_t>(q.size()), q.data());
+    const bool measured = step >= o.warmup;
+    DecodeGroup g;
+    g.heads = hc;
+    g.q = q.data();
+    g.q_tokens = o.queries;
+    g.q_position_offset = o.tokens;
+    g.causal = true;
+    g.local_kv = {&block, 1};
+    g.o = o_tree.data();
+    g.lse = l_tree.data();
+    PhaseTimings t1, t2;
+    RINGTREE_RETURN_IF_ERROR(comm.Barrier());
+    double t0 = NowSeconds();
+    RINGTREE_RETURN_IF_ERROR(TreeDecode(*reducer, {&g, 1}, ReduceTarget::kRoot, &t1));
+    const double tree = NowSeconds() - t0;
+    QueryBlock qb{q.data(), o.queries, o.tokens, o_ring.data(), l_ring.data()};
+    RingOptions ro;
+    ro.causal = true;
+    RINGTREE_RETURN_IF_ERROR(comm.Barrier());
+    t0 = NowSeconds();
+    RINGTREE_RETURN_IF_ERROR(RingDecode(comm, hc, {&qb, 1}, {&block, 1}, ro, &t2));
+    const double ring = NowSeconds() - t0;
+    if (!measured) continue;
+    tree_ms.push_back(1e3 * tree);  // as seen by rank 0 (the root / service engine)
+    ring_ms.push_back(1e3 * ring);
+    tree_t += t1;
+    ring_t += t2;
+    if (rank == 0)
+      for (size_t i = 0; i < o_tree.size(); ++i) max_diff = std::max(max_diff, double(std::fabs(o_tree[i] - o_ring[i])));
+  }
+  RINGTREE_ASSIGN_OR_RETURN(auto tree_all, GatherTimings(comm, tree_t, 0));
+  RINGTREE_ASSIGN_OR_RETURN(auto ring_all, GatherTimings(comm, ring_t, 0));
+  if (rank != 0) return Status::Ok();
+  int64_t tree_bytes = 0, ring_bytes = 0;
+  double tree_compute = 0, ring_compute = 0, tree_wait = 0, ring_wait = 0;
+  for (int r = 0; r < P; ++r) {
+    tree_bytes += tree_all[r].bytes_sent;
+    ring_bytes += ring_all[r].bytes_sent;
+    tree_compute = std::max(tree_compute, tree_all[r].compute_seconds);
+    ring_compute = std::max(ring_compute, ring_all[r].compute_seconds);
+    tree_wait = std::max(tree_wait, tree_all[r].wait_seconds);
+    ring_wait = std::max(ring_wait, ring_all[r].wait_seconds);
+  }
+  const double steps = o.steps;
+  json j = {{"bench", "decode"},
+            {"label", o.label},
+            {"tokens", o.tokens},
+            {"heads", o.heads},
+            {"kv_heads", o.kv_heads},
+            {"head_dim", o.head_dim},
+            {"queries", o.queries},
+            {"steps", o.steps},
+            {"machine", Machine(comm, threads)},
+            {"tree_ms_median", Median(tree_ms)},
+            {"ring_ms_median", Median(ring_ms)},
+            {"tree_ms_min", *std::min_element(tree_ms.begin(), tree_ms.end())},
+            {"ring_ms_min", *std::min_element(ring_ms.begin(), ring_ms.end())},
+            {"tree_bytes_per_step", tree_bytes / steps},
+            {"ring_bytes_per_step", ring_bytes / steps},
+            {"tree_compute_ms_per_step_max_rank", 1e3 * tree_compute / steps},
+            {"ring_compute_ms_per_step_max_rank", 1e3 * ring_compute / steps},
+            {"tree_wait_ms_per_step_max_rank", 1e3 * tree_wait / steps},
+            {"ring_wait_ms_per_step_max_rank", 1e3 * ring_wait / steps},
+            {"speedup_tree_vs_ring", Median(ring_ms) / std::max(1e-9, Median(tree_ms))},
+            {"max_abs_diff_tree_vs_ring", max_diff}};
+  Emit(o, j);
+  return Status::Ok();
+}
+
+Status RunPrefill(const BenchOptions& o, const Communicator& comm, int threads) {
+  const int P = comm.size(), rank = comm.rank();
+  const HeadConfig hc{o.heads, o.kv_heads, o.head_dim, DType::kFloat32};
+  const ShardLayoutKind kind = o.causal ? ShardLayoutKind::kZigzag : ShardLayoutKind::kContiguous;
+  RINGTREE_ASSIGN_OR_RETURN(ShardLayout layout, ShardLayout::Create(kind, o.tokens, P));
+  const int64_t kv_row = int64_t{o.kv_heads} * o.head_dim, q_row = int64_t{o.heads} * o.head_dim;
+  const int64_t local = layout.LocalTokens(rank);
+  std::vector<float> q(static_cast<size_t>(local * q_row)), k(static_cast<size_t>(local * kv_row)), v(k.size());
+  std::vector<float> out(q.size()), lse(static_cast<size_t>(local * o.heads));
+  std::vector<QueryBlock> qb;
+  std::vector<KvBlock> kb;
+  int64_t row = 0;
+  for (const TokenRange& t : layout.RangesOf(rank)) {
+    Fill(4, t.begin * q_row, t.length() * q_row, q.data() + row * q_row);
+    Fill(5, t.begin * kv_row, t.length() * kv_row, k.data() + row * kv_row);
+    Fill(6, t.begin * kv_row, t.length() * kv_row, v.data() + row * kv_row);
+    qb.push_back({q.data() + row * q_row, t.length(), t.begin, out.data() + row * q_row, lse.data() + row * o.heads});
+    kb.push_back({k.data() + row * kv_row, v.data() + row * kv_row, t.length(), t.begin});
+    row += t.length();
+  }
+  RingOptions ro;
+  ro.causal = o.causal;
+  double best = 1e300;
+  std::vector<PhaseTimings> best_all;
+  for (int rep = 0; rep < o.repeats; ++rep) {
+    PhaseTimings t;
+    RINGTREE_RETURN_IF_ERROR(comm.Barrier());
+    const double t0 = NowSeconds();
+    RINGTREE_RETURN_IF_ERROR(RingAttention(comm, hc, qb, kb, ro, &t));
+    RINGTREE_RETURN_IF_ERROR(comm.Barrier());
+    const double seconds = NowSeconds() - t0;
+    RINGTREE_ASSIGN_OR_RETURN(auto all, GatherTimings(comm, t, 0));
+    if (seconds < best) {
+      best = seconds;
+      best_all = all;
+    }
+  }
+  if (rank != 0) return Status::Ok();
+  double flops = 4.0 * o.tokens * static_cast<double>(o.tokens) * o.heads * o.head_dim;
+  if (o.causal) flops *= 0.5;
+  json ranks = json::array();
+  for (int r = 0; r < P; ++r) {
+    const PhaseTimings& t = best_all[r];
+    ranks.push_back({{"rank", r},
+                     {"total_s", t.total_seconds},
+                     {"compute_s", t.compute_seconds},
+                     {"wait_s", t.wait_seconds},
+                     {"merge_s", t.merge_seconds},
+                     {"wait_fraction", t.total_seconds > 0 ? t.wait_seconds / t.total_seconds : 0},
+                     {"bytes_sent", t.bytes_sent}});
+  }
+  json j = {{"bench", "prefill"},       {"label", o.label},       {"tokens", o.tokens},
+            {"heads", o.heads},         {"kv_heads", o.kv_heads}, {"head_dim", o.head_dim},
+            {"causal", o.causal},       {"repeats", o.repeats},   {"machine", Machine(comm, threads)},
+            {"seconds", best},          {"gflops", flops / best / 1e9}, {"tokens_per_s", o.tokens / best},
+            {"per_rank", ranks}};
+  Emit(o, j);
+  return Status::Ok();
+}
+
+}  // namespace
+}  // namespace ringtree
+
+int main(int argc, char** argv) {
+  using namespace ringtree;
+  auto env = MpiEnvironment::Init(&argc, &argv, MpiEnvironment::ThreadLevel::kFunneled);
+  if (!env.ok()) {
+    std::fprintf(stderr, "%s\n", env.status().ToString().c_str());
+    return 2;
+  }
+  int rc = 0;
+  {
+    Communicator world = Communicator::World();
+    BenchOptions o;
+    CLI::App app{"dist_bench: tree vs ring decode, ring prefill"};
+    app.add_option("mode", o.mode, "decode | prefill")->required()->check(CLI::IsMember({"decode", "prefill"}));
+    app.add_option("--tokens", o.tokens);
+    app.add_option("--heads", o.heads);
+    app.add_option("--kv-heads", o.kv_heads);
+    app.add_option("--head-dim", o.head_dim);
+    app.add_option("--steps", o.steps);
+    app.add_option("--warmup", o.warmup);
+    app.add_option("--queries", o.queries);
+    app.add_option("--repeats", o.repeats);
+    app.add_flag("--causal", o.causal);
+    app.add_option("--threads", o.threads);
+    app.add_option("--out", o.out, "append JSON lines here (rank 0)");
+    app.add_option("--label", o.label);
+    try {
+      app.parse(argc, argv);
+    } catch (const CLI::ParseError& e) {
+      if (world.rank() == 0) app.exit(e);
+      return 2;
+    }
+    const int cores = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
+    const int threads = o.threads > 0 ? o.threads : std::max(1, cores / MpiEnvironment::LocalRanks());
+    tbb::global_control limit(tbb::global_control::max_allowed_parallelism, threads);
+    SetBlasThreads(1);
+    Status s = o.mode == "decode" ? RunDecode(o, world, threads) : RunPrefill(o, world, threads);
+    if (!s.ok()) {
+      if (world.rank() == 0) std::fprintf(stderr, "[dist_bench] %s\n", s.message().c_str());
+      rc = 1;
+    }
+  }
+  return rc;
+}
