@@ -1,0 +1,140 @@
+"""AttentionClient: numpy in, numpy out, over gRPC (see __init__.py)."""
+import grpc
+import numpy as np
+
+from ringtree.v1 import attention_pb2 as pb
+from ringtree.v1 import attention_pb2_grpc as pb_grpc
+
+_DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
+
+
+def _to_bfloat16_bits(x):
+    """float32 -> bfloat16 bit patterns (uint16), round to nearest even."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
+    return (rounded >> np.uint32(16)).astype(np.uint16)
+
+
+def to_tensor(array, dtype=None):
+    """numpy array -> ringtree.v1.Tensor. dtype: "float32", "float16" or
+    "bfloat16"; default: float16 arrays stay float16, everything else float32."""
+    array = np.asarray(array)
+    if dtype is None:
+        dtype = "float16" if array.dtype == np.float16 else "float32"
+    if dtype == "bfloat16":
+        data = _to_bfloat16_bits(array.astype(np.float32)).tobytes()
+    else:
+        data = np.ascontiguousarray(array, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
+    return pb.Tensor(dtype=_DTYPES[dtype], shape=list(array.shape), data=data)
+
+
+def from_tensor(tensor):
+    """ringtree.v1.Tensor -> numpy array (float32, or float16 if sent as such)."""
+    shape = tuple(tensor.shape)
+    if tensor.dtype == pb.FLOAT32:
+        return np.frombuffer(tensor.data, dtype="<f4").reshape(shape).copy()
+    if tensor.dtype == pb.FLOAT16:
+        return np.frombuffer(tensor.data, dtype="<f2").reshape(shape).copy()
+    if tensor.dtype == pb.BFLOAT16:
+        bits = np.frombuffer(tensor.data, dtype="<u2").astype(np.uint32) << np.uint32(16)
+        return bits.view(np.float32).reshape(shape).copy()
+    raise ValueError("tensor has no dtype")
+
+
+class AttentionClient:
+    """Thread-safe client. Failed calls raise grpc.RpcError (e.code(), e.details())."""
+
+    def __init__(self, address="127.0.0.1:50051", token=None, root_certificates=None, timeout=None,
+                 max_message_bytes=256 << 20):
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        if root_certificates:
+            creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
+            self.channel = grpc.secure_channel(address, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(address, options=options)
+        self.stub = pb_grpc.AttentionServiceStub(self.channel)
+        self.metadata = [("authorization", "Bearer " + token)] if token else None
+        self.timeout = timeout
+
+    def _kw(self):
+        return {"metadata": self.metadata, "timeout": self.timeout}
+
+    # --- sessions ---------------------------------------------------------
+    def create_session(self, layers=1, heads=8, kv_heads=8, head_dim=64, storage_dtype="float32",
+                       span_tokens=0, sink_tokens=0, window_tokens=0, name=""):
+        config = pb.SessionConfig(layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                                  storage_dtype=_DTYPES[storage_dtype], span_tokens=span_tokens,
+                                  sink_tokens=sink_tokens, window_tokens=window_tokens, name=name)
+        return self.stub.CreateSession(pb.CreateSessionRequest(config=config), **self._kw())
+
+    def get_session(self, session_id):
+        return self.stub.GetSession(pb.GetSessionRequest(session_id=session_id), **self._kw())
+
+    def list_sessions(self):
+        return list(self.stub.ListSessions(pb.ListSessionsRequest(), **self._kw()).sessions)
+
+    def delete_session(self, session_id):
+        return self.stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), **self._kw()).freed_bytes
+
+    # --- KV and attention -------------------------------------------------
+    def append_kv(self, session_id, layer, k, v, chunk_tokens=4096, dtype=None):
+        """Streams k, v [T, kv_heads, head_dim] in chunks; all or nothing."""
+        k, v = np.asarray(k), np.asarray(v)
+
+        def chunks():
+            for start in range(0, k.shape[0], chunk_tokens):
+                yield pb.AppendKVRequest(session_id=session_id, layer=layer,
+                                         k=to_tensor(k[start:start + chunk_tokens], dtype),
+                                         v=to_tensor(v[start:start + chunk_tokens], dtype))
+        return self.stub.AppendKV(chunks(), **self._kw())
+
+    @staticmethod
+    def _options(scale, return_lse, output_dtype):
+        return pb.AttentionOptions(scale=scale, return_lse=return_lse, output_dtype=_DTYPES[output_dtype])
+
+    def prefill(self, session_id, layer, q, k, v, scale=0.0, return_lse=False, output_dtype="float32",
+                dtype=None, output_chunk_tokens=0):
+        """Stores k/v of the chunk; returns o [T, H, D] (and lse [T, H])."""
+        request = pb.PrefillRequest(session_id=session_id, layer=layer, q=to_tensor(q, dtype),
+                                    k=to_tensor(k, dtype), v=to_tensor(v, dtype),
+                                    options=self._options(scale, return_lse, output_dtype),
+                                    output_chunk_tokens=output_chunk_tokens)
+        outs, lses = [], []
+        for message in self.stub.Prefill(request, **self._kw()):
+            outs.append(from_tensor(message.o))
+            if return_lse:
+                lses.append(from_tensor(message.lse))
+        o = np.concatenate(outs, axis=0)
+        return (o, np.concatenate(lses, axis=0)) if return_lse else o
+
+    def decode(self, session_id, layer, q, k, v, scale=0.0, return_lse=False, output_dtype="float32", dtype=None):
+        """Appends k/v, returns o [T, H, D] (and lse). Batched server-side."""
+        r = self.stub.Decode(pb.DecodeRequest(session_id=session_id, layer=layer, q=to_tensor(q, dtype),
+                                              k=to_tensor(k, dtype), v=to_tensor(v, dtype),
+                                              options=self._options(scale, return_lse, output_dtype)),
+                             **self._kw())
+        return (from_tensor(r.o), from_tensor(r.lse)) if return_lse else from_tensor(r.o)
+
+    def attend(self, session_id, layer, q, scale=0.0, return_lse=False, output_dtype="float32", dtype=None):
+        """Queries against everything stored, no append; o [T, H, D] (and lse)."""
+        r = self.stub.Attend(pb.AttendRequest(session_id=session_id, layer=layer, q=to_tensor(q, dtype),
+                                              options=self._options(scale, return_lse, output_dtype)),
+                             **self._kw())
+        return (from_tensor(r.o), from_tensor(r.lse)) if return_lse else from_tensor(r.o)
+
+    def stats(self):
+        return self.stub.Stats(pb.StatsRequest(), **self._kw())
+
+    def health(self, service=""):
+        """Standard grpc.health.v1 check; returns "SERVING", "NOT_SERVING", ..."""
+        check = self.channel.unary_unary("/grpc.health.v1.Health/Check",
+                                         request_serializer=lambda name: (b"\n" + bytes([len(name)]) + name.encode()
+                                                                          if name else b""),
+                                         response_deserializer=lambda data: data)
+        data = check(service, timeout=self.timeout or 10)
+        status = data[1] if len(data) >= 2 and data[0] == 0x08 else 0
+        return {0: "UNKNOWN", 1: "SERVING", 2: "NOT_SERVING", 3: "SERVICE_UNKNOWN"}.get(status, "UNKNOWN")
+
+    def close(self):
+        self.channel.close()

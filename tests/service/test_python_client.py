@@ -1,0 +1,128 @@
+#!/usr/bin/python3
+"""The Python client against a real attnserve under mpirun -np 2.
+
+Checks the full flow (create, append, prefill, decode, attend) against a
+float64 numpy reference (max |o - ref| <= 2e-4), error codes, the standard
+health service and server reflection, then SIGTERM shutdown with exit 0.
+"""
+import argparse
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def reference(q, k, v, causal):
+    """softmax(q k^T / sqrt(D)) v per head (GQA), float64. q [T,H,D], k/v [N,Hkv,D]."""
+    T, H, D = q.shape
+    N, Hkv, _ = k.shape
+    group = H // Hkv
+    out = np.zeros((T, H, D))
+    for h in range(H):
+        kh, vh = k[:, h // group].astype(np.float64), v[:, h // group].astype(np.float64)
+        s = q[:, h].astype(np.float64) @ kh.T / np.sqrt(D)
+        if causal:
+            pos_q = N - T + np.arange(T)
+            s[np.arange(N)[None, :] > pos_q[:, None]] = -np.inf
+        s -= s.max(axis=1, keepdims=True)
+        p = np.exp(s)
+        out[:, h] = (p / p.sum(axis=1, keepdims=True)) @ vh
+    return out
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--attnserve", required=True)
+    parser.add_argument("--python-path", required=True)
+    args = parser.parse_args()
+    sys.path.insert(0, args.python_path)
+    import grpc
+    from ringtree_client import AttentionClient
+
+    workdir = tempfile.mkdtemp(prefix="attnserve-py-")
+    port_file, pid_file = os.path.join(workdir, "port"), os.path.join(workdir, "pid")
+    env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    log = open(os.path.join(workdir, "log"), "w")
+    server = subprocess.Popen(["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none", args.attnserve,
+                               "--listen", "127.0.0.1:0", "--port-file", port_file, "--pid-file", pid_file],
+                              env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        for _ in range(600):
+            if os.path.exists(port_file) and os.path.exists(pid_file):
+                break
+            if server.poll() is not None:
+                raise SystemExit("attnserve exited early")
+            time.sleep(0.05)
+        port = int(open(port_file).read())
+        client = AttentionClient(f"127.0.0.1:{port}", timeout=60)
+        assert client.health() == "SERVING"
+
+        # Reflection lists the service (raw bidi call: ServerReflectionRequest{list_services: ""}).
+        reflect = client.channel.stream_stream("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+                                               request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        reply = b"".join(reflect(iter([b"\x3a\x00"]), timeout=10))
+        assert b"ringtree.v1.AttentionService" in reply, reply
+
+        rng = np.random.default_rng(0)
+        H, HKV, D = 8, 2, 64
+        s = client.create_session(layers=1, heads=H, kv_heads=HKV, head_dim=D, name="python-test")
+        sid = s.session_id
+        k = rng.standard_normal((10000, HKV, D), dtype=np.float32)
+        v = rng.standard_normal((10000, HKV, D), dtype=np.float32)
+        r = client.append_kv(sid, 0, k, v, chunk_tokens=3000)
+        assert r.layer_tokens == 10000, r
+        worst = 0.0
+        q = rng.standard_normal((128, H, D), dtype=np.float32)
+        ck = rng.standard_normal((128, HKV, D), dtype=np.float32)
+        cv = rng.standard_normal((128, HKV, D), dtype=np.float32)
+        k, v = np.concatenate([k, ck]), np.concatenate([v, cv])
+        o, lse = client.prefill(sid, 0, q, ck, cv, return_lse=True, output_chunk_tokens=50)
+        assert o.shape == (128, H, D) and lse.shape == (128, H)
+        worst = max(worst, np.abs(o - reference(q, k, v, True)).max())
+        for _ in range(3):
+            q = rng.standard_normal((1, H, D), dtype=np.float32)
+            dk = rng.standard_normal((1, HKV, D), dtype=np.float32)
+            dv = rng.standard_normal((1, HKV, D), dtype=np.float32)
+            k, v = np.concatenate([k, dk]), np.concatenate([v, dv])
+            worst = max(worst, np.abs(client.decode(sid, 0, q, dk, dv) - reference(q, k, v, True)).max())
+        q = rng.standard_normal((4, H, D), dtype=np.float32)
+        worst = max(worst, np.abs(client.attend(sid, 0, q) - reference(q, k, v, False)).max())
+        o16 = client.attend(sid, 0, q.astype(np.float16), output_dtype="float16")
+        assert o16.dtype == np.float16
+        print(f"python client: max |o - reference| = {worst:.2e}")
+        assert worst <= 2e-4, worst
+        assert client.get_session(sid).layer_tokens[0] == 10128 + 3
+        try:
+            client.attend("0" * 32, 0, q)
+            raise AssertionError("expected NOT_FOUND")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.NOT_FOUND, e
+        try:
+            client.attend(sid, 0, q[:, :4])
+            raise AssertionError("expected INVALID_ARGUMENT")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "q.shape[1]" in e.details(), e.details()
+        stats = client.stats()
+        assert stats.world_size == 2 and sum(r.kv_tokens for r in stats.ranks) == 10131
+        assert client.delete_session(sid) > 0
+        client.close()
+    finally:
+        if os.path.exists(pid_file):
+            os.kill(int(open(pid_file).read()), signal.SIGTERM)
+        try:
+            code = server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            code = -1
+        log.close()
+    print(open(os.path.join(workdir, "log")).read().strip())
+    assert code == 0, f"mpirun exited {code}"
+    print("python client test passed")
+
+
+if __name__ == "__main__":
+    main()
