@@ -14,7 +14,7 @@ bool WorkItem::Wait(const std::function<bool()>& cancelled_check) {
     const auto now = std::chrono::steady_clock::now();
     if (now >= deadline) return false;
     if (cancelled_check && cancelled_check()) return false;
-    cv_.wait_until(lock, std::min(deadline, now + std::chrono::milliseconds(5)));
+    cv_.wait_until(lock, std::min(deadline, now + std::chrono::milliseconds(50)));
   }
 }
 

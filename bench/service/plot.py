@@ -1,0 +1,80 @@
+#!/usr/bin/python3
+"""Table and plot of bench/service results (JSON lines from service_bench)."""
+import argparse
+import json
+
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("jsonl")
+    p.add_argument("--table", required=True)
+    p.add_argument("--plot", required=True)
+    a = p.parse_args()
+    rows = [json.loads(line) for line in open(a.jsonl) if line.strip()]
+    by = lambda s: [r for r in rows if r["scenario"] == s]  # noqa: E731
+    machine = by("machine")[0]
+    out = [f"# Service load benchmark\n",
+           f"host `{machine['host']}`, {machine['cores']} cores, {machine['ranks']} ranks, {machine['build']} build; "
+           f"sessions H={machine['heads']} Hkv={machine['kv_heads']} D={machine['head_dim']} {machine['storage']}.\n"]
+    attend = by("attend_closed")
+    if attend:
+        out.append(f"\n## Attend, closed loop, one shared {attend[0]['session_tokens']}-token session\n")
+        out.append("| clients | queries/s | x one client | p50 ms | p99 ms | mean batch |\n|---|---|---|---|---|---|")
+        for r in attend:
+            out.append(f"| {r['clients']} | {r['throughput']:.1f} | {r['speedup_vs_1']:.2f} | {r['p50_ms']:.2f} | "
+                       f"{r['p99_ms']:.2f} | {r['mean_batch']:.2f} |")
+    decode = by("decode_closed")
+    kernel = by("decode_kernel")
+    if decode:
+        k = kernel[0] if kernel else None
+        out.append(f"\n## Decode, closed loop, one {decode[0]['session_tokens']}-token session per client\n")
+        if k:
+            out.append(f"In-process decode kernel on the same sessions ({k['threads']} threads): "
+                       f"{k['p50_us']:.0f} us per decode = {k['kv_gbs']:.2f} GB/s of KV.\n")
+        out.append("| clients | decodes/s | p50 ms | p99 ms | mean batch | KV GB/s | vs kernel |\n|---|---|---|---|---|---|---|")
+        for r in decode:
+            out.append(f"| {r['clients']} | {r['throughput']:.1f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                       f"{r['mean_batch']:.2f} | {r['kv_gbs']:.2f} | {r['kv_rate_vs_kernel']:.2f} |")
+    for r in by("added_latency"):
+        out.append(f"\n## Added latency (single decode, {r['session_tokens']}-token session)\n")
+        out.append(f"service p50 {r['service_p50_ms']:.3f} ms (p99 {r['service_p99_ms']:.3f}), in-process kernel "
+                   f"p50 {r['kernel_p50_ms']:.3f} ms: added **{r['added_p50_ms']:.3f} ms** at p50.")
+    over = by("overload")
+    if over:
+        out.append("\n## Open loop (decode, 32 sessions, --max-queue 32 --max-batch 32)\n")
+        out.append("| offered | req/s | admitted/s | refused | admitted p50 ms | admitted p99 ms | p99 / half-load p99 | "
+                   "refusal p50 ms | refusal p99 ms |\n|---|---|---|---|---|---|---|---|---|")
+        for r in over:
+            out.append(f"| {r['offered_x_capacity']:.1f}x | {r['offered_rate']:.0f} | {r['admitted_throughput']:.0f} | "
+                       f"{r['refused']} | {r['admitted_p50_ms']:.2f} | {r['admitted_p99_ms']:.2f} | "
+                       f"{r['p99_vs_half_load']:.2f} | {r['refusal_p50_ms']:.2f} | {r['refusal_p99_ms']:.2f} |")
+    text = "\n".join(out) + "\n"
+    open(a.table, "w").write(text)
+    print(text)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for data, label in ((attend, "Attend (shared session)"), (decode, "Decode (own session)")):
+        if data:
+            axes[0].plot([r["clients"] for r in data], [r["throughput"] for r in data], "o-", label=label)
+            axes[1].plot([r["clients"] for r in data], [r["p50_ms"] for r in data], "o-", label=label + " p50")
+            axes[1].plot([r["clients"] for r in data], [r["p99_ms"] for r in data], "x--", label=label + " p99")
+    for ax, title, ylabel in ((axes[0], "Throughput", "requests/s"), (axes[1], "Latency", "ms")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[1].set_yscale("log")
+    fig.suptitle(f"attnserve, {machine['ranks']} ranks on {machine['cores']} cores")
+    fig.tight_layout()
+    fig.savefig(a.plot, dpi=120)
+    print(f"wrote {a.table} and {a.plot}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,431 @@
+// Load generator for the attention service. Starts attnserve under
+// `mpirun -np P` on a free loopback port and measures, printing one JSON
+// object per line (and a readable line to stderr):
+//
+//  attend_closed  C clients (1..64) Attend one query token each against ONE
+//                 shared N-token session: throughput, p50/p99, mean batch.
+//                 Batched attends share one pass over the KV, so throughput
+//                 should grow with C (target: 32 clients >= 8x one client).
+//  decode_closed  C clients each Decode on its own S-token session: decodes/s
+//                 and the KV bytes/s they imply (cost model: every decode
+//                 reads its session's K and V once), against the in-process
+//                 decode kernel (DecodeAttention, all cores, same sessions).
+//  added_latency  one client, one decode at a time on a small session: p50 of
+//                 the service minus p50 of the in-process kernel call.
+//  overload       open loop at 0.5x and 2x the measured decode capacity:
+//                 admitted p50/p99, refusal p50/p99 (RESOURCE_EXHAUSTED).
+//
+// Machine, rank count and build type are printed first.
+#include <CLI/CLI.hpp>
+#include <oneapi/tbb/global_control.h>
+#include <sys/utsname.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cmath>
+#include <cstdarg>
+#include <cstdio>
+#include <fstream>
+#include <mutex>
+#include <random>
+#include <thread>
+
+#include "kernels/attention.h"
+#include "rpc/client.h"
+#include "tests/service/server_process.h"
+
+using namespace ringtree;
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+struct Shape {
+  int heads = 8, kv_heads = 2, head_dim = 64;
+  int64_t q_row() const { return int64_t(heads) * head_dim; }
+  int64_t kv_row() const { return int64_t(kv_heads) * head_dim; }
+};
+
+std::vector<float> Random(std::mt19937& rng, int64_t n) {
+  std::normal_distribution<float> d(0.0f, 1.0f);
+  std::vector<float> out(n);
+  for (auto& x : out) x = d(rng);
+  return out;
+}
+
+double Percentile(std::vector<double> v, double p) {
+  if (v.empty()) return 0;
+  std::sort(v.begin(), v.end());
+  return v[std::min(v.size() - 1, static_cast<size_t>(p * (v.size() - 1) + 0.5))];
+}
+
+std::unique_ptr<AttentionClient> Client(const std::string& address) {
+  ClientOptions o;
+  o.address = address;
+  auto c = AttentionClient::Connect(o);
+  c->WaitForReady(std::chrono::seconds(10));
+  return c;
+}
+
+std::string CreateLoaded(AttentionClient& client, const Shape& s, int64_t tokens, uint32_t seed) {
+  v1::SessionConfig c;
+  c.set_layers(1);
+  c.set_heads(s.heads);
+  c.set_kv_heads(s.kv_heads);
+  c.set_head_dim(s.head_dim);
+  auto info = client.CreateSession(c);
+  if (!info.ok()) {
+    std::fprintf(stderr, "%s\n", info.status().message().c_str());
+    std::exit(1);
+  }
+  std::mt19937 rng(seed);
+  auto k = Random(rng, tokens * s.kv_row());
+  auto v = Random(rng, tokens * s.kv_row());
+  auto r = client.AppendKV(info->session_id(), 0, HostTensor::FromFloat32(k.data(), {tokens, s.kv_heads, s.head_dim}),
+                           HostTensor::FromFloat32(v.data(), {tokens, s.kv_heads, s.head_dim}), 8192);
+  if (!r.ok()) {
+    std::fprintf(stderr, "%s\n", r.status().message().c_str());
+    std::exit(1);
+  }
+  return info->session_id();
+}
+
+// Mean requests per engine step of `kind` between two Stats snapshots.
+double MeanBatch(const v1::StatsResponse& a, const v1::StatsResponse& b, const std::string& kind) {
+  int64_t steps = 0, requests = 0;
+  for (const auto& x : b.batches()) {
+    if (x.kind() == kind) {
+      steps += x.steps();
+      requests += x.requests();
+    }
+  }
+  for (const auto& x : a.batches()) {
+    if (x.kind() == kind) {
+      steps -= x.steps();
+      requests -= x.requests();
+    }
+  }
+  return steps ? double(requests) / steps : 0.0;
+}
+
+struct LoadResult {
+  int64_t ok = 0, refused = 0, failed = 0;
+  double seconds = 0;
+  std::vector<double> ok_ms, refused_ms;
+};
+
+// Closed loop: `clients` threads, each issuing `call(client_index)` back to
+// back for `duration`.
+LoadResult ClosedLoop(int clients, double duration, const std::function<Status(int, AttentionClient&)>& call,
+                      const std::string& address) {
+  LoadResult result;
+  std::mutex mu;
+  std::vector<std::unique_ptr<AttentionClient>> conns;
+  for (int c = 0; c < clients; ++c) conns.push_back(Client(address));
+  const auto start = Clock::now();
+  const auto until = start + std::chrono::duration<double>(duration);
+  std::vector<std::thread> threads;
+  for (int c = 0; c < clients; ++c) {
+    threads.emplace_back([&, c] {
+      LoadResult local;
+      while (Clock::now() < until) {
+        const auto t0 = Clock::now();
+        Status st = call(c, *conns[c]);
+        const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+        if (st.ok()) {
+          ++local.ok;
+          local.ok_ms.push_back(ms);
+        } else if (GrpcCodeOf(st) == grpc::StatusCode::RESOURCE_EXHAUSTED) {
+          ++local.refused;
+          local.refused_ms.push_back(ms);
+        } else {
+          ++local.failed;
+        }
+      }
+      std::lock_guard<std::mutex> lock(mu);
+      result.ok += local.ok;
+      result.refused += local.refused;
+      result.failed += local.failed;
+      result.ok_ms.insert(result.ok_ms.end(), local.ok_ms.begin(), local.ok_ms.end());
+      result.refused_ms.insert(result.refused_ms.end(), local.refused_ms.begin(), local.refused_ms.end());
+    });
+  }
+  for (auto& t : threads) t.join();
+  result.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  return result;
+}
+
+// Open loop: requests arrive at `rate`/s (fixed spacing) for `duration`,
+// each sent by a free thread of a large pool (so arrivals do not wait for
+// completions unless the pool is exhausted, which is reported).
+LoadResult OpenLoop(double rate, double duration, int pool, const std::function<Status(int, AttentionClient&)>& call,
+                    const std::string& address, int64_t* late) {
+  LoadResult result;
+  std::mutex mu;
+  std::vector<std::unique_ptr<AttentionClient>> conns;
+  for (int c = 0; c < 8; ++c) conns.push_back(Client(address));
+  const int64_t total = static_cast<int64_t>(rate * duration);
+  std::atomic<int64_t> next{0}, late_count{0};
+  const auto start = Clock::now() + std::chrono::milliseconds(50);
+  std::vector<std::thread> threads;
+  for (int t = 0; t < pool; ++t) {
+    threads.emplace_back([&, t] {
+      LoadResult local;
+      for (;;) {
+        const int64_t i = next.fetch_add(1);
+        if (i >= total) break;
+        const auto due = start + std::chrono::duration_cast<Clock::duration>(std::chrono::duration<double>(i / rate));
+        if (Clock::now() > due + std::chrono::milliseconds(2)) ++late_count;
+        std::this_thread::sleep_until(due);
+        const auto t0 = Clock::now();
+        Status st = call(static_cast<int>(i), *conns[t % conns.size()]);
+        const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+        if (st.ok()) {
+          ++local.ok;
+          local.ok_ms.push_back(ms);
+        } else if (GrpcCodeOf(st) == grpc::StatusCode::RESOURCE_EXHAUSTED) {
+          ++local.refused;
+          local.refused_ms.push_back(ms);
+        } else {
+          ++local.failed;
+        }
+      }
+      std::lock_guard<std::mutex> lock(mu);
+      result.ok += local.ok;
+      result.refused += local.refused;
+      result.failed += local.failed;
+      result.ok_ms.insert(result.ok_ms.end(), local.ok_ms.begin(), local.ok_ms.end());
+      result.refused_ms.insert(result.refused_ms.end(), local.refused_ms.begin(), local.refused_ms.end());
+    });
+  }
+  for (auto& t : threads) t.join();
+  result.seconds = std::chrono::duration<double>(Clock::now() - start).count();
+  *late = late_count.load();
+  return result;
+}
+
+FILE* g_out = stdout;
+
+void Emit(const std::string& json) {
+  std::fprintf(g_out, "%s\n", json.c_str());
+  std::fflush(g_out);
+}
+
+std::string Fmt(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+std::string Fmt(const char* fmt, ...) {
+  char buf[2048];
+  va_list args;
+  va_start(args, fmt);
+  std::vsnprintf(buf, sizeof(buf), fmt, args);
+  va_end(args);
+  return buf;
+}
+
+// In-process decode kernel over the same session shapes: seconds per call
+// (median of `reps`), each call on the next of `sessions` distinct KV sets.
+double KernelDecodeSeconds(const Shape& s, int64_t tokens, int sessions, int reps, int threads) {
+  tbb::global_control limit(tbb::global_control::max_allowed_parallelism, threads);
+  std::mt19937 rng(7);
+  std::vector<std::vector<float>> ks, vs;
+  for (int i = 0; i < sessions; ++i) {
+    ks.push_back(Random(rng, tokens * s.kv_row()));
+    vs.push_back(Random(rng, tokens * s.kv_row()));
+  }
+  auto q = Random(rng, s.q_row());
+  std::vector<float> o(s.q_row()), lse(s.heads);
+  AttentionShape shape{1, tokens, s.heads, s.kv_heads, s.head_dim};
+  AttentionOptions opt;
+  std::vector<double> times;
+  for (int r = 0; r < reps; ++r) {
+    const int i = r % sessions;
+    const auto t0 = Clock::now();
+    Status st = DecodeAttention(q.data(), ks[i].data(), vs[i].data(), DType::kFloat32, shape, opt, o.data(), lse.data());
+    times.push_back(std::chrono::duration<double>(Clock::now() - t0).count());
+    if (!st.ok()) std::exit(1);
+  }
+  return Percentile(times, 0.5);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"service_bench: load generator for attnserve"};
+  std::string attnserve = ATTNSERVE_PATH, out_path, only;
+  int ranks = 2;
+  double duration = 2.0;
+  int64_t attend_tokens = 65536, decode_tokens = 4096, small_tokens = 1024;
+  std::vector<int> clients = {1, 2, 4, 8, 16, 32, 64};
+  app.add_option("--attnserve", attnserve)->capture_default_str();
+  app.add_option("--ranks", ranks)->capture_default_str();
+  app.add_option("--duration", duration, "seconds per load point")->capture_default_str();
+  app.add_option("--clients", clients, "closed-loop client counts")->capture_default_str();
+  app.add_option("--attend-tokens", attend_tokens)->capture_default_str();
+  app.add_option("--decode-tokens", decode_tokens)->capture_default_str();
+  app.add_option("--out", out_path, "JSON lines file (default stdout)");
+  std::string latency_address;
+  app.add_option("--latency-address", latency_address, "measure added latency against this running server only");
+  app.add_option("--only", only, "run one scenario: attend, decode, latency, overload");
+  CLI11_PARSE(app, argc, argv);
+  if (!out_path.empty()) g_out = std::fopen(out_path.c_str(), "w");
+  const int cores = static_cast<int>(std::thread::hardware_concurrency());
+  utsname host;
+  uname(&host);
+  Shape s;
+#ifdef NDEBUG
+  const char* build = "release";
+#else
+  const char* build = "debug";
+  std::fprintf(stderr, "WARNING: debug build, numbers are meaningless\n");
+#endif
+  Emit(Fmt("{\"scenario\":\"machine\",\"host\":\"%s\",\"cores\":%d,\"ranks\":%d,\"build\":\"%s\",\"heads\":%d,"
+           "\"kv_heads\":%d,\"head_dim\":%d,\"storage\":\"float32\"}",
+           host.nodename, cores, ranks, build, s.heads, s.kv_heads, s.head_dim));
+
+  auto run_server = [&](std::vector<std::string> flags) {
+    auto server = std::make_unique<testing::ServerProcess>();
+    if (!server->Start(attnserve, ranks, flags)) {
+      std::fprintf(stderr, "attnserve did not start:\n%s\n", server->log().c_str());
+      std::exit(1);
+    }
+    return server;
+  };
+
+  if (!latency_address.empty()) {
+    auto admin = Client(latency_address);
+    const std::string id = CreateLoaded(*admin, s, small_tokens, 9);
+    std::mt19937 rng(4);
+    auto q = Random(rng, s.q_row());
+    auto kv = Random(rng, s.kv_row());
+    auto qt = HostTensor::FromFloat32(q.data(), {1, s.heads, s.head_dim});
+    auto kt = HostTensor::FromFloat32(kv.data(), {1, s.kv_heads, s.head_dim});
+    std::vector<double> ms;
+    for (int i = 0; i < 200; ++i) {
+      const auto t0 = Clock::now();
+      if (!admin->Decode(id, 0, qt, kt, kt).ok()) std::exit(1);
+      ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+    }
+    std::printf("decode p50 %.3f ms p99 %.3f ms\n", Percentile(ms, 0.5), Percentile(ms, 0.99));
+    return 0;
+  }
+  double decode_capacity = 0;  // decodes/s at 32 clients
+  double unloaded_p99 = 0;
+  {
+    auto server = run_server({"--max-queue", "256", "--max-in-flight", "512", "--max-batch", "64"});
+    auto admin = Client(server->address());
+    // --- attend: many clients, one shared long session --------------------
+    if (only.empty() || only == "attend") {
+      const std::string shared = CreateLoaded(*admin, s, attend_tokens, 1);
+      std::vector<std::vector<float>> queries;
+      std::mt19937 rng(2);
+      for (int c = 0; c < 64; ++c) queries.push_back(Random(rng, s.q_row()));
+      double single = 0;
+      for (int c : clients) {
+        auto before = admin->Stats();
+        auto r = ClosedLoop(c, duration, [&](int i, AttentionClient& cl) {
+          return cl.Attend(shared, 0, HostTensor::FromFloat32(queries[i].data(), {1, s.heads, s.head_dim})).status();
+        }, server->address());
+        auto after = admin->Stats();
+        const double qps = r.ok / r.seconds;
+        if (c == 1) single = qps;
+        const double kv_gbs = qps / std::max(1.0, MeanBatch(*before, *after, "attend")) * attend_tokens * s.kv_row() * 8 / 1e9;
+        Emit(Fmt("{\"scenario\":\"attend_closed\",\"clients\":%d,\"session_tokens\":%lld,\"ok\":%lld,\"failed\":%lld,"
+                 "\"throughput\":%.2f,\"speedup_vs_1\":%.2f,\"p50_ms\":%.3f,\"p99_ms\":%.3f,\"mean_batch\":%.2f,"
+                 "\"kv_pass_gbs\":%.2f}",
+                 c, static_cast<long long>(attend_tokens), static_cast<long long>(r.ok), static_cast<long long>(r.failed),
+                 qps, single > 0 ? qps / single : 0.0, Percentile(r.ok_ms, 0.5), Percentile(r.ok_ms, 0.99),
+                 MeanBatch(*before, *after, "attend"), kv_gbs));
+      }
+      admin->DeleteSession(shared);
+    }
+    // --- decode: one session per client ---------------------------------------
+    if (only.empty() || only == "decode" || only == "overload") {
+      const int max_clients = *std::max_element(clients.begin(), clients.end());
+      std::vector<std::string> ids;
+      for (int c = 0; c < max_clients; ++c) ids.push_back(CreateLoaded(*admin, s, decode_tokens, 100 + c));
+      std::mt19937 rng(3);
+      auto q = Random(rng, s.q_row());
+      auto kv = Random(rng, s.kv_row());
+      auto qt = HostTensor::FromFloat32(q.data(), {1, s.heads, s.head_dim});
+      auto kt = HostTensor::FromFloat32(kv.data(), {1, s.kv_heads, s.head_dim});
+      const double session_bytes = double(decode_tokens) * s.kv_row() * 4 * 2;
+      const double kernel_s = KernelDecodeSeconds(s, decode_tokens, 32, 200, cores);
+      const double kernel_gbs = session_bytes / kernel_s / 1e9;
+      Emit(Fmt("{\"scenario\":\"decode_kernel\",\"session_tokens\":%lld,\"threads\":%d,\"p50_us\":%.1f,\"kv_gbs\":%.2f}",
+               static_cast<long long>(decode_tokens), cores, kernel_s * 1e6, kernel_gbs));
+      for (int c : clients) {
+        if (only == "overload" && c != 32) continue;
+        auto before = admin->Stats();
+        auto r = ClosedLoop(c, duration, [&](int i, AttentionClient& cl) {
+          return cl.Decode(ids[i], 0, qt, kt, kt).status();
+        }, server->address());
+        auto after = admin->Stats();
+        const double dps = r.ok / r.seconds;
+        if (c == 32) decode_capacity = dps;
+        if (c == 1) unloaded_p99 = Percentile(r.ok_ms, 0.99);
+        Emit(Fmt("{\"scenario\":\"decode_closed\",\"clients\":%d,\"session_tokens\":%lld,\"ok\":%lld,\"failed\":%lld,"
+                 "\"throughput\":%.2f,\"p50_ms\":%.3f,\"p99_ms\":%.3f,\"mean_batch\":%.2f,\"kv_gbs\":%.3f,"
+                 "\"kv_rate_vs_kernel\":%.3f}",
+                 c, static_cast<long long>(decode_tokens), static_cast<long long>(r.ok),
+                 static_cast<long long>(r.failed), dps, Percentile(r.ok_ms, 0.5), Percentile(r.ok_ms, 0.99),
+                 MeanBatch(*before, *after, "decode"), dps * session_bytes / 1e9, dps * session_bytes / 1e9 / kernel_gbs));
+      }
+      for (auto& id : ids) admin->DeleteSession(id);
+    }
+    // --- added latency: one small decode at a time ---------------------------
+    if (only.empty() || only == "latency") {
+      const std::string id = CreateLoaded(*admin, s, small_tokens, 9);
+      std::mt19937 rng(4);
+      auto q = Random(rng, s.q_row());
+      auto kv = Random(rng, s.kv_row());
+      auto qt = HostTensor::FromFloat32(q.data(), {1, s.heads, s.head_dim});
+      auto kt = HostTensor::FromFloat32(kv.data(), {1, s.kv_heads, s.head_dim});
+      std::vector<double> ms;
+      for (int i = 0; i < 400; ++i) {
+        const auto t0 = Clock::now();
+        if (!admin->Decode(id, 0, qt, kt, kt).ok()) std::exit(1);
+        ms.push_back(std::chrono::duration<double, std::milli>(Clock::now() - t0).count());
+      }
+      const double kernel_ms = 1e3 * KernelDecodeSeconds(s, small_tokens + 200, 1, 400, cores);
+      Emit(Fmt("{\"scenario\":\"added_latency\",\"session_tokens\":%lld,\"service_p50_ms\":%.3f,"
+               "\"service_p99_ms\":%.3f,\"kernel_p50_ms\":%.3f,\"added_p50_ms\":%.3f}",
+               static_cast<long long>(small_tokens), Percentile(ms, 0.5), Percentile(ms, 0.99), kernel_ms,
+               Percentile(ms, 0.5) - kernel_ms));
+      admin->DeleteSession(id);
+    }
+    if (server->Stop() != 0) std::fprintf(stderr, "warning: server did not exit 0\n");
+  }
+  // --- overload: open loop at 0.5x and 2x capacity, bounded queue -------------
+  if ((only.empty() || only == "overload") && decode_capacity > 0) {
+    auto server = run_server({"--max-queue", "32", "--max-in-flight", "64", "--max-batch", "32"});
+    auto admin = Client(server->address());
+    std::vector<std::string> ids;
+    for (int c = 0; c < 32; ++c) ids.push_back(CreateLoaded(*admin, s, decode_tokens, 200 + c));
+    std::mt19937 rng(5);
+    auto q = Random(rng, s.q_row());
+    auto kv = Random(rng, s.kv_row());
+    auto qt = HostTensor::FromFloat32(q.data(), {1, s.heads, s.head_dim});
+    auto kt = HostTensor::FromFloat32(kv.data(), {1, s.kv_heads, s.head_dim});
+    double base_p99 = 0;
+    for (double load : {0.5, 2.0}) {
+      int64_t late = 0;
+      auto before = admin->Stats();
+      auto r = OpenLoop(load * decode_capacity, duration * 1.5, 160, [&](int i, AttentionClient& cl) {
+        return cl.Decode(ids[i % ids.size()], 0, qt, kt, kt).status();
+      }, server->address(), &late);
+      auto after = admin->Stats();
+      const double p99 = Percentile(r.ok_ms, 0.99);
+      if (load == 0.5) base_p99 = p99;
+      Emit(Fmt("{\"scenario\":\"overload\",\"offered_x_capacity\":%.1f,\"offered_rate\":%.1f,\"ok\":%lld,"
+               "\"refused\":%lld,\"failed\":%lld,\"late_sends\":%lld,\"admitted_throughput\":%.1f,"
+               "\"admitted_p50_ms\":%.3f,\"admitted_p99_ms\":%.3f,\"p99_vs_half_load\":%.2f,"
+               "\"refusal_p50_ms\":%.3f,\"refusal_p99_ms\":%.3f,\"mean_batch\":%.2f}",
+               load, load * decode_capacity, static_cast<long long>(r.ok), static_cast<long long>(r.refused),
+               static_cast<long long>(r.failed), static_cast<long long>(late), r.ok / r.seconds,
+               Percentile(r.ok_ms, 0.5), p99, base_p99 > 0 ? p99 / base_p99 : 0.0, Percentile(r.refused_ms, 0.5),
+               Percentile(r.refused_ms, 0.99), MeanBatch(*before, *after, "decode")));
+    }
+    if (server->Stop() != 0) std::fprintf(stderr, "warning: server did not exit 0\n");
+  }
+  if (g_out != stdout) std::fclose(g_out);
+  return 0;
+}
