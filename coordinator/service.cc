@@ -32,6 +32,7 @@ using Clock = std::chrono::steady_clock;
 
 std::string Tag(const char* method) { return std::string("[") + method + "] "; }
 
+
 // Prefixes "[Method] " unless the message already starts with a tag.
 Status Tagged(const char* method, const Status& s) {
   if (s.ok() || (!s.message().empty() && s.message()[0] == '[')) return s;
@@ -390,10 +391,21 @@ grpc::Status AttentionServiceImpl::Prefill(grpc::ServerContext* context, const v
   item->kv_tokens = kt;
   item->scale = request->options().scale();
   item->return_lse = request->options().return_lse();
-  if (Status st = ToFiniteFloat32(request->q(), qd, m, "q", &item->q); !st.ok()) return Invalid(m, st);
-  if (Status st = ToStorage(request->k(), kd, shape.storage, m, "k", &item->k); !st.ok()) return Invalid(m, st);
-  if (Status st = ToStorage(request->v(), vd, shape.storage, m, "v", &item->v); !st.ok()) return Invalid(m, st);
-  grpc::Status g = Run(m, context, item, 2 * kt * shape.row_bytes());
+  const int64_t kv_bytes = 2 * kt * shape.row_bytes();
+  // Admission before the O(tokens) conversions, so refusals stay cheap.
+  if (Status a = admission_.Admit(m, engine_.queue_depth(), kv_bytes); !a.ok()) {
+    grpc::Status g = ToGrpcStatus(a);
+    Record(m, start, g);
+    return g;
+  }
+  Status converted = ToFiniteFloat32(request->q(), qd, m, "q", &item->q);
+  if (converted.ok()) converted = ToStorage(request->k(), kd, shape.storage, m, "k", &item->k);
+  if (converted.ok()) converted = ToStorage(request->v(), vd, shape.storage, m, "v", &item->v);
+  if (!converted.ok()) {
+    admission_.Complete(kv_bytes);
+    return Invalid(m, converted);
+  }
+  grpc::Status g = Run(m, context, item, kv_bytes, /*already_admitted=*/true);
   Record(m, start, g);
   if (!g.ok()) return g;
   const int64_t q_row = int64_t(shape.heads) * shape.head_dim;
@@ -447,10 +459,21 @@ grpc::Status AttentionServiceImpl::Decode(grpc::ServerContext* context, const v1
   item->kv_tokens = kt;
   item->scale = request->options().scale();
   item->return_lse = request->options().return_lse();
-  if (Status st = ToFiniteFloat32(request->q(), qd, m, "q", &item->q); !st.ok()) return Invalid(m, st);
-  if (Status st = ToStorage(request->k(), kd, shape.storage, m, "k", &item->k); !st.ok()) return Invalid(m, st);
-  if (Status st = ToStorage(request->v(), vd, shape.storage, m, "v", &item->v); !st.ok()) return Invalid(m, st);
-  grpc::Status g = Run(m, context, item, 2 * kt * shape.row_bytes());
+  const int64_t kv_bytes = 2 * kt * shape.row_bytes();
+  // Admission before the O(tokens) conversions, so refusals stay cheap.
+  if (Status a = admission_.Admit(m, engine_.queue_depth(), kv_bytes); !a.ok()) {
+    grpc::Status g = ToGrpcStatus(a);
+    Record(m, start, g);
+    return g;
+  }
+  Status converted = ToFiniteFloat32(request->q(), qd, m, "q", &item->q);
+  if (converted.ok()) converted = ToStorage(request->k(), kd, shape.storage, m, "k", &item->k);
+  if (converted.ok()) converted = ToStorage(request->v(), vd, shape.storage, m, "v", &item->v);
+  if (!converted.ok()) {
+    admission_.Complete(kv_bytes);
+    return Invalid(m, converted);
+  }
+  grpc::Status g = Run(m, context, item, kv_bytes, /*already_admitted=*/true);
   Record(m, start, g);
   if (!g.ok()) return g;
   ToProto(item->o.data(), {qt, shape.heads, shape.head_dim}, out_dtype, response->mutable_o());
@@ -493,8 +516,16 @@ grpc::Status AttentionServiceImpl::Attend(grpc::ServerContext* context, const v1
   item->q_tokens = qt;
   item->scale = request->options().scale();
   item->return_lse = request->options().return_lse();
-  if (Status st = ToFiniteFloat32(request->q(), qd, m, "q", &item->q); !st.ok()) return Invalid(m, st);
-  grpc::Status g = Run(m, context, item, 0);
+  if (Status a = admission_.Admit(m, engine_.queue_depth(), 0); !a.ok()) {
+    grpc::Status g = ToGrpcStatus(a);
+    Record(m, start, g);
+    return g;
+  }
+  if (Status st = ToFiniteFloat32(request->q(), qd, m, "q", &item->q); !st.ok()) {
+    admission_.Complete(0);
+    return Invalid(m, st);
+  }
+  grpc::Status g = Run(m, context, item, 0, /*already_admitted=*/true);
   Record(m, start, g);
   if (!g.ok()) return g;
   ToProto(item->o.data(), {qt, shape.heads, shape.head_dim}, out_dtype, response->mutable_o());
