@@ -164,6 +164,12 @@ int main(int argc, char** argv) {
     builder.RegisterService(&service);
     builder.SetMaxReceiveMessageSize(max_message_mib << 20);
     builder.SetMaxSendMessageSize(max_message_mib << 20);
+    // Handler threads block while the engine serves their request. With the
+    // default (2 idle pollers max) every completion ends a thread and every
+    // new request starts one: thread churn that costs more than the decode
+    // itself under load. Keep enough idle threads for the in-flight cap.
+    builder.SetSyncServerOption(grpc::ServerBuilder::SyncServerOption::MAX_POLLERS,
+                                static_cast<int>(std::min<int64_t>(admission_limits.max_in_flight + 8, 1024)));
     server = builder.BuildAndStart();
     if (!server || port == 0) setup = Status::Unavailable("[attnserve] --listen " + listen + ": cannot bind");
   }
