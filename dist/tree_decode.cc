@@ -1,6 +1,9 @@
 #include "dist/tree_decode.h"
 
+#include <tbb/parallel_for.h>
+
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -163,46 +166,157 @@ Status ValidateGroups(std::span<const DecodeGroup> groups) {
 
 }  // namespace
 
+namespace {
+
+// A unit of local work: one or more groups whose queries all see every key of
+// the same KV blocks, stacked so the blocks are read once for all of them.
+struct DecodeUnit {
+  std::vector<size_t> members;  // group indices, in call order
+  int64_t q_tokens = 0;         // stacked query tokens
+};
+
+bool SameBlocks(const DecodeGroup& a, const DecodeGroup& b) {
+  if (a.local_kv.size() != b.local_kv.size()) return false;
+  for (size_t i = 0; i < a.local_kv.size(); ++i) {
+    const KvBlock &x = a.local_kv[i], &y = b.local_kv[i];
+    if (x.k != y.k || x.v != y.v || x.tokens != y.tokens || x.position_offset != y.position_offset) return false;
+  }
+  return true;
+}
+
+// True when every query row of g sees every key of its blocks (so causal
+// masking is a no-op and the group may be stacked with others).
+bool SeesAllKeys(const DecodeGroup& g) {
+  if (!g.causal) return true;
+  for (const KvBlock& kb : g.local_kv)
+    if (kb.tokens > 0 && kb.position_offset + kb.tokens - 1 > g.q_position_offset) return false;
+  return true;
+}
+
+float EffectiveScale(const DecodeGroup& g) {
+  return g.scale > 0.0f ? g.scale : 1.0f / std::sqrt(static_cast<float>(g.heads.head_dim));
+}
+
+// Groups in call order; a group joins the first earlier unit with the same
+// heads, scale and blocks when both see all their keys. Bounded stack size.
+std::vector<DecodeUnit> PlanUnits(std::span<const DecodeGroup> groups) {
+  constexpr int64_t kMaxStackedTokens = 256;
+  std::vector<DecodeUnit> units;
+  for (size_t i = 0; i < groups.size(); ++i) {
+    const DecodeGroup& g = groups[i];
+    bool placed = false;
+    if (SeesAllKeys(g) && !g.local_kv.empty()) {
+      for (DecodeUnit& u : units) {
+        const DecodeGroup& h = groups[u.members[0]];
+        if (u.q_tokens + g.q_tokens <= kMaxStackedTokens && SeesAllKeys(h) && h.heads.heads == g.heads.heads &&
+            h.heads.kv_heads == g.heads.kv_heads && h.heads.kv_dtype == g.heads.kv_dtype &&
+            EffectiveScale(h) == EffectiveScale(g) && SameBlocks(h, g)) {
+          u.members.push_back(i);
+          u.q_tokens += g.q_tokens;
+          placed = true;
+          break;
+        }
+      }
+    }
+    if (!placed) units.push_back(DecodeUnit{{i}, g.q_tokens});
+  }
+  return units;
+}
+
+// The partial of one unit over its blocks, written as packed records at each
+// member's offset in `packed`.
+Status ComputeUnit(std::span<const DecodeGroup> groups, const DecodeUnit& unit, const std::vector<int64_t>& offsets,
+                   float* packed, double* compute_seconds, double* merge_seconds) {
+  const DecodeGroup& g0 = groups[unit.members[0]];
+  const int D = g0.heads.head_dim, H = g0.heads.heads;
+  const bool stacked = unit.members.size() > 1;
+  // Stacked queries: [q_tokens, H, D], members one after the other.
+  std::vector<float> q_stack;
+  const float* q = g0.q;
+  if (stacked) {
+    q_stack.resize(static_cast<size_t>(unit.q_tokens * H * D));
+    float* dst = q_stack.data();
+    for (size_t m : unit.members) {
+      const DecodeGroup& g = groups[m];
+      std::copy(g.q, g.q + g.q_tokens * H * D, dst);
+      dst += g.q_tokens * H * D;
+    }
+    q = q_stack.data();
+  }
+  const int64_t rows = unit.q_tokens * H;
+  std::vector<float> acc_o(static_cast<size_t>(rows) * D, 0.0f), acc_lse(static_cast<size_t>(rows), kNegInf);
+  std::vector<float> part_o, part_lse;
+  bool started = false;
+  for (const KvBlock& kb : g0.local_kv) {
+    if (kb.tokens == 0 || unit.q_tokens == 0) continue;
+    AttentionOptions ao;
+    ao.scale = g0.scale;
+    if (g0.causal && !stacked) {
+      const int64_t q_first = g0.q_position_offset, q_last = g0.q_position_offset + g0.q_tokens - 1;
+      if (kb.position_offset > q_last) continue;                  // fully masked
+      ao.causal = kb.position_offset + kb.tokens - 1 > q_first;  // else fully visible
+      ao.q_position_offset = g0.q_position_offset;
+      ao.kv_position_offset = kb.position_offset;
+    }
+    AttentionShape shape{unit.q_tokens, kb.tokens, H, g0.heads.kv_heads, D};
+    if (started && part_o.empty()) {
+      part_o.resize(acc_o.size());
+      part_lse.resize(acc_lse.size());
+    }
+    float* o = started ? part_o.data() : acc_o.data();
+    float* lse = started ? part_lse.data() : acc_lse.data();
+    const double t0 = NowSeconds();
+    // Few rows: split-KV decode; many stacked rows: the GEMM-based flash path.
+    RINGTREE_RETURN_IF_ERROR(AttentionForward(q, kb.k, kb.v, g0.heads.kv_dtype, shape, ao, o, lse));
+    const double t1 = NowSeconds();
+    if (started) MergePartials(acc_o.data(), acc_lse.data(), part_o.data(), part_lse.data(), rows, D);
+    started = true;
+    *compute_seconds += t1 - t0;
+    *merge_seconds += NowSeconds() - t1;
+  }
+  // Members' rows are consecutive in the stack: pack each at its offset.
+  int64_t row = 0;
+  for (size_t m : unit.members) {
+    const int64_t r = DecodeGroupRows(groups[m]);
+    PackPartials(acc_o.data() + row * D, acc_lse.data() + row, r, D, packed + offsets[m]);
+    row += r;
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
 Status ComputeLocalDecodePartials(std::span<const DecodeGroup> groups, float* packed, PhaseTimings* timings) {
   RINGTREE_RETURN_IF_ERROR(ValidateGroups(groups));
   if (groups.empty()) return Status::Ok();
   const int D = groups[0].heads.head_dim;
-  int64_t max_rows = 0;
-  for (const DecodeGroup& g : groups) max_rows = std::max(max_rows, DecodeGroupRows(g));
-  std::vector<float> acc_o(static_cast<size_t>(max_rows) * D), acc_lse(static_cast<size_t>(max_rows));
-  std::vector<float> part_o(acc_o.size()), part_lse(acc_lse.size());
-  float* out = packed;
-  for (const DecodeGroup& g : groups) {
-    const int64_t rows = DecodeGroupRows(g);
-    std::fill(acc_o.begin(), acc_o.begin() + rows * D, 0.0f);
-    std::fill(acc_lse.begin(), acc_lse.begin() + rows, kNegInf);
-    bool started = false;
-    for (const KvBlock& kb : g.local_kv) {
-      if (kb.tokens == 0 || g.q_tokens == 0) continue;
-      AttentionOptions ao;
-      ao.scale = g.scale;
-      if (g.causal) {
-        const int64_t q_first = g.q_position_offset, q_last = g.q_position_offset + g.q_tokens - 1;
-        if (kb.position_offset > q_last) continue;                  // fully masked
-        ao.causal = kb.position_offset + kb.tokens - 1 > q_first;  // else fully visible
-        ao.q_position_offset = g.q_position_offset;
-        ao.kv_position_offset = kb.position_offset;
-      }
-      AttentionShape shape{g.q_tokens, kb.tokens, g.heads.heads, g.heads.kv_heads, D};
-      float* o = started ? part_o.data() : acc_o.data();
-      float* lse = started ? part_lse.data() : acc_lse.data();
-      const double t0 = NowSeconds();
-      RINGTREE_RETURN_IF_ERROR(DecodeAttention(g.q, kb.k, kb.v, g.heads.kv_dtype, shape, ao, o, lse));
-      const double t1 = NowSeconds();
-      if (started) MergePartials(acc_o.data(), acc_lse.data(), part_o.data(), part_lse.data(), rows, D);
-      started = true;
-      if (timings) {
-        timings->compute_seconds += t1 - t0;
-        timings->merge_seconds += NowSeconds() - t1;
-      }
+  std::vector<int64_t> offsets(groups.size());
+  int64_t offset = 0;
+  for (size_t i = 0; i < groups.size(); ++i) {
+    offsets[i] = offset;
+    offset += DecodeGroupRows(groups[i]) * PackedRowFloats(D);
+  }
+  const std::vector<DecodeUnit> units = PlanUnits(groups);
+  std::vector<Status> status(units.size(), Status::Ok());
+  std::vector<double> compute(units.size(), 0.0), merge(units.size(), 0.0);
+  const double t0 = NowSeconds();
+  // Units are independent: with many small ones (distinct sessions) they run
+  // side by side; each kernel call may still split its KV across threads.
+  tbb::parallel_for(size_t{0}, units.size(), [&](size_t u) {
+    status[u] = ComputeUnit(groups, units[u], offsets, packed, &compute[u], &merge[u]);
+  });
+  const double wall = NowSeconds() - t0;
+  for (const Status& s : status) RINGTREE_RETURN_IF_ERROR(s);
+  if (timings) {
+    double c = 0, m = 0;
+    for (size_t u = 0; u < units.size(); ++u) {
+      c += compute[u];
+      m += merge[u];
     }
-    PackPartials(acc_o.data(), acc_lse.data(), rows, D, out);
-    out += rows * PackedRowFloats(D);
+    // Report wall time, split in the proportion of the per-unit sums.
+    const double sum = c + m;
+    timings->compute_seconds += sum > 0 ? wall * c / sum : 0.0;
+    timings->merge_seconds += sum > 0 ? wall * m / sum : 0.0;
   }
   return Status::Ok();
 }

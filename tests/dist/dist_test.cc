@@ -54,10 +54,12 @@ Tensor MakeKv(const std::vector<float>& x, int64_t row_elems, DType dtype) {
 // Reference result for queries at positions [q_begin, q_begin + q_tokens) over
 // keys [0, kv_tokens) of the full tensors.
 void Reference(const std::vector<float>& q, const Tensor& k, const Tensor& v, const HeadConfig& hc, int64_t q_tokens,
-               int64_t kv_tokens, int64_t q_offset, bool causal, std::vector<float>* o, std::vector<float>* lse) {
+               int64_t kv_tokens, int64_t q_offset, bool causal, std::vector<float>* o, std::vector<float>* lse,
+               float scale = 0.0f) {
   AttentionShape shape{q_tokens, kv_tokens, hc.heads, hc.kv_heads, hc.head_dim};
   AttentionOptions ao;
   ao.causal = causal;
+  ao.scale = scale;
   ao.q_position_offset = q_offset;
   o->assign(static_cast<size_t>(q_tokens * hc.heads * hc.head_dim), 0.0f);
   lse->assign(static_cast<size_t>(q_tokens * hc.heads), 0.0f);
@@ -369,6 +371,50 @@ TEST(TreeDecodeTest, TwoLevelEqualsFlat) {
   ASSERT_TRUE(TreeDecode(**two, {&g, 1}, ReduceTarget::kAll).ok());
   EXPECT_LE(testing::MaxAbsDiff(o1.data(), o2.data(), o1.size()), 1e-6);
   EXPECT_LE(testing::MaxAbsDiff(l1.data(), l2.data(), l1.size()), 1e-5);
+}
+
+// Many clients querying one session: groups over the same blocks are stacked
+// into one pass (20 groups x 2 tokens = 40 rows: the GEMM path), mixed with a
+// causal group that must not be stacked (it cannot see the last keys) and a
+// group with another scale. Every group must still equal its own reference.
+TEST(TreeDecodeTest, GroupsSharingKvAreStackedExactly) {
+  const Communicator& comm = World();
+  const int rank = comm.rank(), P = comm.size();
+  auto reducer = TreeReducer::Create(comm, TreeTopology::kFlat);
+  ASSERT_TRUE(reducer.ok());
+  for (DType dtype : {kF32, kBF16}) {
+    const HeadConfig hc{8, 2, 64, dtype};
+    const int64_t context = 700, q_tokens = 2;
+    Session base = MakeSession(hc, context, q_tokens, 48, 77, rank, P);
+    const int n = 22;
+    std::vector<std::vector<float>> q(n), o(n), lse(n), o_ref(n), lse_ref(n);
+    std::vector<DecodeGroup> groups(n);
+    for (int i = 0; i < n; ++i) {
+      q[i] = testing::RandomVector(q_tokens * hc.heads * hc.head_dim, 1000 + i);
+      // Group 20: causal queries in the middle of the context (not stackable).
+      const bool mid = i == 20;
+      const int64_t q_pos = mid ? context / 2 : context;
+      const float scale = i == 21 ? 0.05f : 0.0f;
+      groups[i].heads = hc;
+      groups[i].q = q[i].data();
+      groups[i].q_tokens = q_tokens;
+      groups[i].q_position_offset = q_pos;
+      groups[i].causal = i % 2 == 0 || mid;  // causal after every key sees them all
+      groups[i].scale = scale;
+      groups[i].local_kv = base.local_kv;
+      o[i].assign(q[i].size(), NAN);
+      lse[i].assign(q_tokens * hc.heads, NAN);
+      groups[i].o = o[i].data();
+      groups[i].lse = lse[i].data();
+      Reference(q[i], base.k, base.v, hc, q_tokens, mid ? q_pos + q_tokens : context, mid ? q_pos : context,
+                mid, &o_ref[i], &lse_ref[i], scale);
+    }
+    ASSERT_TRUE(TreeDecode(**reducer, groups, ReduceTarget::kAll).ok());
+    for (int i = 0; i < n; ++i) {
+      EXPECT_LE(testing::MaxAbsDiff(o[i].data(), o_ref[i].data(), o[i].size()), kOTolerance) << "group " << i;
+      EXPECT_LE(testing::MaxAbsDiff(lse[i].data(), lse_ref[i].data(), lse[i].size()), kLseTolerance) << "group " << i;
+    }
+  }
 }
 
 TEST(RingDecodeTest, EqualsTreeDecodeAndReference) {
