@@ -46,6 +46,8 @@ struct Args {
   std::vector<double> budgets = {0.01, 0.025, 0.05, 0.0625, 0.125, 0.25};
   std::vector<SpanScoreMode> modes = {SpanScoreMode::kUpperBound, SpanScoreMode::kMeanKey,
                                       SpanScoreMode::kBlend};
+  // Skipped-span estimates crossed with the modes ("blend+calibrated").
+  std::vector<SkippedEstimate> estimates = {SkippedEstimate::kNone, SkippedEstimate::kCalibrated};
   int needle_queries = 8, diffuse_queries = 8;
   int64_t sink_tokens = 16, window_tokens = 128;
   std::string data_dir;        // set: store on disk, cold measurements
@@ -91,6 +93,14 @@ bool ParseArgs(int argc, char** argv, Args* a) {
         if (m == "upper_bound") a->modes.push_back(SpanScoreMode::kUpperBound);
         else if (m == "mean_key") a->modes.push_back(SpanScoreMode::kMeanKey);
         else if (m == "blend") a->modes.push_back(SpanScoreMode::kBlend);
+        else return false;
+      }
+    } else if (key == "--estimates") {
+      a->estimates.clear();
+      for (auto& m : Split(need())) {
+        if (m == "none") a->estimates.push_back(SkippedEstimate::kNone);
+        else if (m == "mean_key") a->estimates.push_back(SkippedEstimate::kMeanKey);
+        else if (m == "calibrated") a->estimates.push_back(SkippedEstimate::kCalibrated);
         else return false;
       }
     } else if (key == "--needle-queries") a->needle_queries = std::stoi(need());
@@ -187,7 +197,9 @@ struct Acc {
   int n = 0;
   double recovered = 0, oracle = 0, ratio = 0, ratio_min = 1e9, rel_l2 = 0, rel_l2_max = 0,
          recall = 0, needle_hits = 0, bound = 0, retrieval_ms = 0, tokens = 0, selected = 0,
-         oracle_rel_l2 = 0;
+         oracle_rel_l2 = 0, score_ms = 0, select_ms = 0, attend_ms = 0, estimate_ms = 0,
+         estimated_fraction = 0;
+  std::vector<double> ms_all;  // per query, for the median
 };
 
 int Run(const Args& a) {
@@ -368,9 +380,11 @@ int Run(const Args& a) {
         }
         oracle_rel = std::sqrt(num / den);
       }
-      for (SpanScoreMode mode : a.modes) {
+      for (SpanScoreMode mode : a.modes)
+      for (SkippedEstimate estimate : a.estimates) {
         RetrievalRequest req = base;
         req.score_mode = mode;
+        req.skipped_estimate = estimate;
         RetrievalResult res;
         if (Status st = store.DropFileCache(); !st.ok()) Die(st);
         const double s = NowMs();
@@ -378,11 +392,24 @@ int Run(const Args& a) {
         const double ms = NowMs() - s;
         if (!st.ok()) Die(st);
         char key[128];
+        std::string mode_name = SpanScoreModeName(mode);
+        if (estimate != SkippedEstimate::kNone)
+          mode_name += std::string("+") + SkippedEstimateName(estimate);
         std::snprintf(key, sizeof(key), "%s|%s|%.5f", is_needle ? "needle" : "diffuse",
-                      SpanScoreModeName(mode), frac);
+                      mode_name.c_str(), frac);
         Acc& A = acc[key];
         ++A.n;
         A.retrieval_ms += ms;
+        A.ms_all.push_back(ms);
+        A.score_ms += res.score_ms;
+        A.select_ms += res.select_ms;
+        A.attend_ms += res.attend_ms;
+        A.estimate_ms += res.estimate_ms;
+        if (!res.estimated_mass_fraction.empty()) {
+          double f = 0;
+          for (float x : res.estimated_mass_fraction) f += x;
+          A.estimated_fraction += f / res.estimated_mass_fraction.size();
+        }
         A.tokens += res.tokens_attended;
         A.selected += res.selected_spans;
         A.bound += res.max_skipped_mass_bound;
@@ -433,7 +460,7 @@ int Run(const Args& a) {
               a.data_dir.empty() ? "hot" : "page cache dropped before each run");
 
   std::ofstream jsonl(a.out, std::ios::app);
-  std::printf("%-8s %-12s %7s %7s %9s %8s %8s %8s %8s %8s %7s %8s %9s %8s\n", "kind", "mode",
+  std::printf("%-8s %-22s %7s %7s %9s %8s %8s %8s %8s %8s %7s %8s %9s %8s\n", "kind", "mode",
               "budget", "tokens", "recovered", "oracle", "ratio", "rel_l2", "orc_l2", "top10",
               "needle", "bound", "retr_ms", "speedup");
   for (const auto& [key, A] : acc) {
@@ -462,6 +489,16 @@ int Run(const Args& a) {
     j["selected_spans"] = A.selected / n;
     j["bound_max_mean"] = A.bound / n;
     j["retrieval_ms"] = A.retrieval_ms / n;
+    {
+      std::vector<double> v = A.ms_all;
+      std::sort(v.begin(), v.end());
+      j["retrieval_ms_median"] = v.empty() ? NAN : v[v.size() / 2];
+    }
+    j["score_ms"] = A.score_ms / n;
+    j["select_ms"] = A.select_ms / n;
+    j["attend_ms"] = A.attend_ms / n;
+    j["estimate_ms"] = A.estimate_ms / n;
+    j["estimated_mass_fraction"] = A.estimated_fraction / n;
     j["exact_ms"] = exact_ms;
     j["speedup"] = exact_ms / (A.retrieval_ms / n);
     if (a.quality) {
@@ -476,7 +513,7 @@ int Run(const Args& a) {
       if (kind == "needle") j["needle_hit_rate"] = A.needle_hits / n;
     }
     jsonl << j.dump() << "\n";
-    std::printf("%-8s %-12s %7.4f %7.0f %9.4f %8.4f %8.4f %8.4f %8.4f %8.4f %7.3f %8.4f %9.2f %8.1f\n",
+    std::printf("%-8s %-22s %7.4f %7.0f %9.4f %8.4f %8.4f %8.4f %8.4f %8.4f %7.3f %8.4f %9.2f %8.1f\n",
                 kind.c_str(), mode.c_str(), std::stod(budget), A.tokens / n,
                 a.quality ? A.recovered / n : NAN, a.quality ? A.oracle / n : NAN,
                 a.quality ? A.ratio / n : NAN, a.quality ? A.rel_l2 / n : NAN,
@@ -485,6 +522,11 @@ int Run(const Args& a) {
                 (a.quality && kind == "needle") ? A.needle_hits / n : NAN, A.bound / n,
                 A.retrieval_ms / n, exact_ms / (A.retrieval_ms / n));
   }
+  std::printf("# phases (mean ms): kind mode budget | score select attend estimate | estimated mass\n");
+  for (const auto& [key, A] : acc)
+    std::printf("#   %-40s %8.2f %8.2f %8.2f %8.2f | %.4f\n", key.c_str(), A.score_ms / A.n,
+                A.select_ms / A.n, A.attend_ms / A.n, A.estimate_ms / A.n,
+                A.estimated_fraction / A.n);
   if (!a.data_dir.empty()) std::filesystem::remove_all(a.data_dir);
   return 0;
 }

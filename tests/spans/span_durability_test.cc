@@ -36,6 +36,7 @@ SpanStoreOptions Options(const std::string& dir, DType dtype = DType::kBFloat16)
 
 struct Answers {
   std::vector<float> exact_o, exact_lse, retr_o, retr_lse;
+  std::vector<float> est_o, est_lse;  // retrieval with the skipped-span estimate (value means)
   std::vector<int64_t> spans_used;
   std::vector<float> bound;
 };
@@ -60,6 +61,13 @@ Answers Query(SpanStore* store) {
   EXPECT_TRUE(st.ok()) << st.ToString();
   for (const auto& s : res.spans_used) a.spans_used.push_back(s.position_start);
   a.bound = res.skipped_mass_bound;
+  req.skipped_estimate = SkippedEstimate::kCalibrated;
+  a.est_o.resize(q.size());
+  a.est_lse.resize(2 * kHeads);
+  st = store->AttendRetrieval(q.data(), 2, kHeads, opts, req, a.est_o.data(), a.est_lse.data(),
+                              &res);
+  EXPECT_TRUE(st.ok()) << st.ToString();
+  EXPECT_GT(res.estimated_spans, 0);
   return a;
 }
 
@@ -70,6 +78,8 @@ void ExpectIdentical(const Answers& a, const Answers& b) {
   EXPECT_EQ(a.retr_lse, b.retr_lse);
   EXPECT_EQ(a.spans_used, b.spans_used);
   EXPECT_EQ(a.bound, b.bound);
+  EXPECT_EQ(a.est_o, b.est_o);
+  EXPECT_EQ(a.est_lse, b.est_lse);
 }
 
 void AppendRange(SpanStore* store, int64_t from, int64_t to, uint64_t seed) {
@@ -142,7 +152,7 @@ TEST_P(DurabilityTest, TornLastRecordIsDroppedAndWholeOnesReplayed) {
   // Tear the last record: cut it in the middle.
   const std::string file = dir_ + "/s/spans.dat";
   const auto size = std::filesystem::file_size(file);
-  const uint64_t record = sizeof(RecordHeader) + kKvHeads * 3 * kDim * 4 +
+  const uint64_t record = sizeof(RecordHeader) + kKvHeads * 4 * kDim * 4 /* key max|min|mean + value mean */ +
                           16 * kRow * DTypeSize(GetParam()) * 2;
   std::filesystem::resize_file(file, size - record / 2);
   RecoveryReport report;
@@ -198,7 +208,7 @@ TEST_P(DurabilityTest, BitFlipInPayloadIsReportedWithLocationAndNeverUsed) {
   }
   // Span 10 (positions 160..176) is cold after reopen; its record starts at
   // 10 * record bytes.
-  span_bytes = sizeof(RecordHeader) + kKvHeads * 3 * kDim * 4 + 16 * kRow * DTypeSize(GetParam()) * 2;
+  span_bytes = sizeof(RecordHeader) + kKvHeads * 4 * kDim * 4 /* key max|min|mean + value mean */ + 16 * kRow * DTypeSize(GetParam()) * 2;
   span_offset = 10 * span_bytes;
   FlipBit(dir_ + "/spans.dat", span_offset + span_bytes - 7);  // inside V
   auto store = SpanStore::Open(Options(dir_, GetParam()));
@@ -239,6 +249,41 @@ TEST_P(DurabilityTest, CorruptManifestIsDetected) {
   EXPECT_NE(store.status().message().find("MANIFEST"), std::string::npos);
   EXPECT_EQ(SpanStore::Open(Options(dir_ + "/missing", GetParam())).status().code(),
             StatusCode::kNotFound);
+}
+
+// Records of another format version (v1 had no value means) are refused
+// with the version named, never read with the wrong layout or truncated away.
+TEST_P(DurabilityTest, OtherRecordVersionIsRefused) {
+  uint64_t committed = 0;
+  {
+    auto store = SpanStore::Create(Options(dir_, GetParam()));
+    ASSERT_TRUE(store.ok());
+    AppendRange(store->get(), 0, 100, 1);
+    ASSERT_TRUE((*store)->Sync().ok());
+    committed = std::filesystem::file_size(dir_ + "/spans.dat");
+    AppendRange(store->get(), 100, 140, 2);  // whole records after the manifest (log tail)
+  }
+  for (uint64_t at : {uint64_t{0}, committed}) {  // committed record 0, first tail record
+    std::filesystem::remove_all(dir_ + "/copy");
+    std::filesystem::create_directories(dir_ + "/copy");
+    for (const char* f : {"MANIFEST", "spans.dat"})
+      std::filesystem::copy_file(dir_ + "/" + f, dir_ + "/copy/" + f);
+    const std::string file = dir_ + "/copy/spans.dat";
+    const uint64_t size_before = std::filesystem::file_size(file);
+    int fd = ::open(file.c_str(), O_RDWR);
+    ASSERT_GE(fd, 0);
+    const uint16_t v1 = 1;
+    ASSERT_EQ(::pwrite(fd, &v1, 2, at + offsetof(RecordHeader, version)), 2);
+    ::close(fd);
+    auto store = SpanStore::Open(Options(dir_ + "/copy", GetParam()));
+    ASSERT_FALSE(store.ok()) << "record at " << at;
+    EXPECT_EQ(store.status().code(), StatusCode::kDataLoss);
+    EXPECT_NE(store.status().message().find("spans.dat@" + std::to_string(at) +
+                                            ": record version 1 is not supported"),
+              std::string::npos)
+        << store.status().message();
+    EXPECT_EQ(std::filesystem::file_size(file), size_before);
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(DTypes, DurabilityTest,

@@ -110,6 +110,17 @@ TEST_P(SpanStoreCaseTest, ExactAndFullBudgetRetrievalMatchReference) {
   ExpectClose(o, lse, ref, "retrieval, full budget");
   EXPECT_TRUE(res.exact);
   EXPECT_EQ(res.max_skipped_mass_bound, 0.0f);
+  // With the skipped-span estimate on, a full budget leaves nothing to estimate.
+  for (SkippedEstimate est : {SkippedEstimate::kMeanKey, SkippedEstimate::kCalibrated}) {
+    all.skipped_estimate = est;
+    st = (*store)->AttendRetrieval(q.data(), c.q_tokens, c.heads, opts, all, o.data(), lse.data(),
+                                   &res);
+    ASSERT_TRUE(st.ok()) << st.ToString();
+    ExpectClose(o, lse, ref, "retrieval with estimate, full budget");
+    EXPECT_TRUE(res.exact);
+    EXPECT_EQ(res.estimated_spans, 0);
+    EXPECT_EQ(res.max_skipped_mass_bound, 0.0f);
+  }
 
   // Also against the kernels' own reference when positions are contiguous.
   if (c.gap == 0) {
@@ -145,11 +156,15 @@ TEST_P(SpanStoreCaseTest, SkippedMassBoundIsNeverBelowTrueSkippedMass) {
     const auto ref = ExactDouble(ctx, q.data(), c.q_tokens, c.heads, c.causal,
                                  opts.q_position_offset, 0, true);
     for (int64_t k : {0, 1, 3, 8}) {
-      for (SpanScoreMode mode :
-           {SpanScoreMode::kUpperBound, SpanScoreMode::kMeanKey, SpanScoreMode::kBlend}) {
+      for (int variant = 0; variant < 4; ++variant) {
+        // Three score modes, then blend with the skipped-span estimate: the
+        // bound must still cover what was not attended exactly.
+        const SpanScoreMode modes[] = {SpanScoreMode::kUpperBound, SpanScoreMode::kMeanKey,
+                                       SpanScoreMode::kBlend, SpanScoreMode::kBlend};
         RetrievalRequest req;
         req.top_k_spans = k;
-        req.score_mode = mode;
+        req.score_mode = modes[variant];
+        if (variant == 3) req.skipped_estimate = SkippedEstimate::kCalibrated;
         std::vector<float> o(q.size()), lse(c.q_tokens * c.heads);
         RetrievalResult res;
         ASSERT_TRUE((*store)
@@ -170,7 +185,7 @@ TEST_P(SpanStoreCaseTest, SkippedMassBoundIsNeverBelowTrueSkippedMass) {
           for (int64_t j = 0; j < ctx.tokens(); ++j)
             if (!used[j]) skipped += ref.p[r * ctx.tokens() + j];
           ASSERT_GE(double(res.skipped_mass_bound[r]), skipped)
-              << "trial " << trial << " k " << k << " row " << r;
+              << "trial " << trial << " k " << k << " variant " << variant << " row " << r;
           ++checked;
         }
       }
@@ -209,6 +224,103 @@ TEST_P(SpanStoreCaseTest, ToleranceModeMeetsItsBound) {
     double err = 0;
     for (size_t i = 0; i < o.size(); ++i) err = std::max(err, std::fabs(o[i] - ref.o[i]));
     EXPECT_LE(err, 2 * 6.0 * res.max_skipped_mass_bound + kOutTol) << tol;
+  }
+}
+
+// The skipped-span estimate. With the keys constant inside each span, every
+// token of a span has the span's score, so "tokens_s copies of (mean key, mean
+// value)" is exact: retrieval with any budget plus the estimate must equal
+// exact attention. With random keys, the mean-key estimate of a set of spans
+// is a lower bound on their true mass (Jensen), and never above it.
+TEST_P(SpanStoreCaseTest, SkippedEstimateIsExactForConstantKeySpansAndAMassLowerBound) {
+  const StoreCase& c = GetParam();
+  // 1. Constant keys per aligned span (values random per token).
+  {
+    auto store = SpanStore::Create(OptionsFor(c));
+    ASSERT_TRUE(store.ok());
+    Context ctx;
+    ctx.kv_heads = c.kv_heads;
+    ctx.head_dim = c.head_dim;
+    ctx.dtype = c.dtype;
+    const size_t row = size_t(c.kv_heads) * c.head_dim;
+    int64_t pos = 0;
+    for (size_t i = 0; i < c.appends.size(); ++i) {
+      const int64_t n = c.appends[i];
+      auto v = Gaussian(n * row, 500 + i);
+      std::vector<float> k(n * row);
+      for (int64_t t = 0; t < n; ++t) {
+        const auto key = Gaussian(row, 900 + (pos + t) / c.span_tokens, 0.8f);
+        std::copy(key.begin(), key.end(), k.begin() + t * row);
+      }
+      ASSERT_TRUE(AppendBoth(store->get(), &ctx, pos, n, k.data(), v.data()).ok());
+      pos += n + c.gap;
+    }
+    const int64_t end = (*store)->end_position();
+    auto q = Gaussian(c.q_tokens * c.heads * c.head_dim, 77, 1.5f);
+    AttentionOptions opts;
+    opts.causal = c.causal;
+    opts.q_position_offset = end - c.q_tokens;
+    const auto ref = ExactDouble(ctx, q.data(), c.q_tokens, c.heads, c.causal,
+                                 opts.q_position_offset, 0, false);
+    for (SkippedEstimate est : {SkippedEstimate::kMeanKey, SkippedEstimate::kCalibrated}) {
+      for (int64_t k : {0, 2}) {
+        RetrievalRequest req;
+        req.top_k_spans = k;
+        req.skipped_estimate = est;
+        std::vector<float> o(q.size()), lse(c.q_tokens * c.heads);
+        RetrievalResult res;
+        ASSERT_TRUE((*store)
+                        ->AttendRetrieval(q.data(), c.q_tokens, c.heads, opts, req, o.data(),
+                                          lse.data(), &res)
+                        .ok());
+        EXPECT_FALSE(res.exact);
+        EXPECT_GT(res.estimated_spans, 0);
+        ASSERT_EQ(res.estimated_mass_fraction.size(), lse.size());
+        for (float f : res.estimated_mass_fraction) {
+          EXPECT_GE(f, 0.0f);
+          EXPECT_LE(f, 1.0f);
+        }
+        // Causal multi-token cases: spans partly after a row's position are
+        // estimated with all their tokens, so only decode-like rows (the last
+        // one) are exact there; check those.
+        for (int64_t r = (c.causal ? (c.q_tokens - 1) * c.heads : 0); r < c.q_tokens * c.heads;
+             ++r) {
+          EXPECT_NEAR(lse[r], ref.lse[r], kLseTol) << SkippedEstimateName(est) << " row " << r;
+          for (int d = 0; d < c.head_dim; ++d)
+            ASSERT_NEAR(o[r * c.head_dim + d], ref.o[r * c.head_dim + d], kOutTol)
+                << SkippedEstimateName(est) << " k " << k << " row " << r;
+        }
+      }
+    }
+  }
+  // 2. Random keys: the estimate's lse over any set of spans is at most the
+  // exact lse over those spans.
+  {
+    auto store = SpanStore::Create(OptionsFor(c));
+    ASSERT_TRUE(store.ok());
+    Fill(c, store->get(), 41);
+    const int64_t end = (*store)->end_position();
+    AttentionOptions opts;  // non-causal: every span is visible to every row
+    opts.q_position_offset = end;
+    const int64_t rows = c.q_tokens * c.heads;
+    for (int trial = 0; trial < 4; ++trial) {
+      auto q = Gaussian(rows * c.head_dim, 3000 + trial, 0.5f + trial);
+      auto scores = (*store)->Score(q.data(), c.q_tokens, c.heads, opts);
+      ASSERT_TRUE(scores.ok());
+      std::vector<int64_t> subset;
+      for (int64_t s = trial % 3; s < (*store)->span_count(); s += 3) subset.push_back(s);
+      std::vector<float> o_est(rows * c.head_dim), lse_est(rows), o_ex(rows * c.head_dim),
+          lse_ex(rows);
+      ASSERT_TRUE((*store)
+                      ->EstimateSpans(*scores, subset, c.heads, nullptr, o_est.data(),
+                                      lse_est.data())
+                      .ok());
+      ASSERT_TRUE((*store)
+                      ->AttendSpans(subset, q.data(), c.q_tokens, c.heads, opts, o_ex.data(),
+                                    lse_ex.data())
+                      .ok());
+      for (int64_t r = 0; r < rows; ++r) EXPECT_LE(lse_est[r], lse_ex[r] + 1e-4f) << r;
+    }
   }
 }
 

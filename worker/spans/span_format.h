@@ -3,8 +3,10 @@
 //
 // Span record (little-endian; the file "spans.dat" is a sequence of records):
 //   RecordHeader (72 bytes)                      -- covered by header_checksum
-//   summary      kv_heads * 3 * head_dim float32 -- covered by header_checksum
-//                per kv head: [max[D] | min[D] | mean[D]]
+//   summary      kv_heads * 4 * head_dim float32 -- covered by header_checksum
+//                per kv head the keys' [max[D] | min[D] | mean[D]], then per
+//                kv head the values' mean[D]
+// Version 2 added the value means (version 1 records are rejected at open).
 //   payload      k [tokens, kv_heads, head_dim] then v [tokens, kv_heads, head_dim]
 //                in the store's dtype          -- covered by payload_checksum
 // The header and summary are verified when a store is opened (the summaries are
@@ -27,7 +29,7 @@
 namespace ringtree {
 
 inline constexpr uint32_t kSpanRecordMagic = 0x50535452;  // "RTSP"
-inline constexpr uint16_t kSpanRecordVersion = 1;
+inline constexpr uint16_t kSpanRecordVersion = 2;
 inline constexpr uint32_t kManifestMagic = 0x4d535452;  // "RTSM"
 inline constexpr uint32_t kManifestVersion = 1;
 

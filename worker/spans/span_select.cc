@@ -28,6 +28,18 @@ const char* SpanScoreModeName(SpanScoreMode mode) {
   return "?";
 }
 
+const char* SkippedEstimateName(SkippedEstimate estimate) {
+  switch (estimate) {
+    case SkippedEstimate::kNone:
+      return "none";
+    case SkippedEstimate::kMeanKey:
+      return "mean_key";
+    case SkippedEstimate::kCalibrated:
+      return "calibrated";
+  }
+  return "?";
+}
+
 std::vector<double> LogNormalizers(const SpanScores& scores, const std::vector<int32_t>& span_tokens,
                                    const std::vector<int64_t>& candidates) {
   const int64_t rows = scores.rows;

@@ -25,12 +25,32 @@ enum class SpanScoreMode : uint8_t {
 };
 const char* SpanScoreModeName(SpanScoreMode mode);
 
+// What retrieval attention does with the spans it skips (neither sinks, window
+// nor selected). Plain retrieval drops them, which also drops their share of
+// the softmax normaliser: with 16% of a row's mass spread thinly over the
+// background, that alone is a ~0.19 relative output error even when the best
+// spans are chosen. An estimate puts that mass back from the summaries, as a
+// separate partial merged with the exact one.
+enum class SkippedEstimate : uint8_t {
+  kNone = 0,        // skipped spans contribute nothing (plain retrieval; exact spans only)
+  // Each skipped span stands for tokens_s keys at its mean key, with its mean
+  // value: log-mass log(tokens_s) + scale * q . mean_key. By Jensen this is a
+  // lower bound on the span's true mass (the scores vary inside a span).
+  kMeanKey = 1,
+  // kMeanKey times a per-row dispersion factor exp(c_row) measured on the
+  // window, which is attended exactly anyway and was not chosen by score:
+  // c_row = max(0, lse_window_exact - log sum_window tokens_s exp(mean score)).
+  kCalibrated = 2,
+};
+const char* SkippedEstimateName(SkippedEstimate estimate);
+
 // Scores of every span of a store for one query block.
 struct SpanScores {
   int64_t spans = 0;
   int64_t rows = 0;             // q_tokens * heads
   std::vector<float> upper;     // [spans, rows]; -inf where the span is invisible to the row
   std::vector<float> estimate;  // [spans, rows]; -inf where invisible
+  std::vector<float> mean;      // [spans, rows]; scale * q . mean key; -inf where invisible
 };
 
 // How a retrieval request chooses spans beyond the sinks and the window.
@@ -47,6 +67,12 @@ struct RetrievalRequest {
   double mass_tolerance = -1.0;
   // kBlend ranks best in bench/retrieval (needle and diffuse queries alike).
   SpanScoreMode score_mode = SpanScoreMode::kBlend;
+  // Off by default: with an estimate, AttendRetrieval's (o, lse) also holds
+  // the summaries' estimate of the skipped spans (see SkippedEstimate and
+  // RetrievalResult::estimated_mass_fraction); the skipped-mass bound still
+  // bounds the mass that was not attended exactly. kCalibrated is the most
+  // accurate in bench/retrieval.
+  SkippedEstimate skipped_estimate = SkippedEstimate::kNone;
   // End (exclusive) of the whole context, for the window; -1 = the store's end.
   // The coordinator passes the global end so every rank agrees on the window.
   int64_t context_end = -1;

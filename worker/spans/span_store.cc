@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <condition_variable>
 #include <cstring>
@@ -175,7 +176,8 @@ Status SpanStore::Recover(const Manifest& manifest, RecoveryReport* report) {
     return Status::DataLoss("[spans] " + file_path_ + ": file is " + std::to_string(file_size) +
                             " bytes, manifest committed " +
                             std::to_string(manifest.committed_file_bytes) + " (truncated)");
-  const size_t summary_bytes = summary_floats_per_span() * sizeof(float);
+  const size_t summary_bytes = record_summary_bytes();
+  const size_t index_floats = summary_floats_per_span();
   const size_t rb = row_bytes();
   const int D = options_.head_dim, H = options_.kv_heads;
 
@@ -193,15 +195,18 @@ Status SpanStore::Recover(const Manifest& manifest, RecoveryReport* report) {
     const int64_t idx = static_cast<int64_t>(h.span_index);
     if (idx == span_count()) {
       spans_.push_back(s);
-      summaries_.resize(spans_.size() * summary_floats_per_span());
+      summaries_.resize(spans_.size() * index_floats);
+      value_means_.resize(spans_.size() * size_t(H) * D);
       max_abs_.resize(spans_.size() * H);
       total_tokens_ += s.tokens;
     } else {  // rewrite of the last (partial) span
       total_tokens_ += s.tokens - spans_[idx].tokens;
       spans_[idx] = s;
     }
-    float* dst = &summaries_[idx * summary_floats_per_span()];
-    std::memcpy(dst, summary, summary_bytes);
+    float* dst = &summaries_[idx * index_floats];
+    std::memcpy(dst, summary, index_floats * sizeof(float));
+    std::memcpy(&value_means_[idx * size_t(H) * D], summary + index_floats,
+                size_t(H) * D * sizeof(float));
     for (int g = 0; g < H; ++g) {
       float m = 0.0f;
       const float* mx = dst + size_t(g) * 3 * D;
@@ -221,6 +226,10 @@ Status SpanStore::Recover(const Manifest& manifest, RecoveryReport* report) {
     if (got != head.size()) return Status::DataLoss("[spans] " + where + ": short record header");
     RecordHeader h;
     std::memcpy(&h, head.data(), sizeof(h));
+    if (h.magic == kSpanRecordMagic && h.version != kSpanRecordVersion)
+      return Status::DataLoss("[spans] " + where + ": record version " + std::to_string(h.version) +
+                              " is not supported (this build reads version " +
+                              std::to_string(kSpanRecordVersion) + ")");
     if (h.summary_bytes != summary_bytes)
       return Status::DataLoss("[spans] " + where + ": record summary size mismatch");
     RINGTREE_RETURN_IF_ERROR(VerifyRecordHeader(h, head.data() + sizeof(h), where));
@@ -245,6 +254,15 @@ Status SpanStore::Recover(const Manifest& manifest, RecoveryReport* report) {
     RecordHeader h;
     RINGTREE_ASSIGN_OR_RETURN(size_t got, PreadAll(fd_, &h, sizeof(h), offset, file_path_));
     (void)got;
+    // A whole record of another format version is not a torn write: refuse
+    // rather than truncate data this build cannot read.
+    if (h.magic == kSpanRecordMagic && h.version != kSpanRecordVersion &&
+        h.header_bytes == sizeof(RecordHeader) &&
+        file_size - offset >= sizeof(RecordHeader) + h.summary_bytes + h.payload_bytes &&
+        h.kv_heads == uint32_t(H) && h.head_dim == uint32_t(D))
+      return Status::DataLoss("[spans] " + where + ": record version " +
+                              std::to_string(h.version) + " is not supported (this build reads version " +
+                              std::to_string(kSpanRecordVersion) + ")");
     const uint64_t expect_payload = uint64_t(h.tokens) * rb * 2;
     if (h.magic != kSpanRecordMagic || h.summary_bytes != summary_bytes ||
         h.payload_bytes != expect_payload || h.kv_heads != uint32_t(H) ||
@@ -310,10 +328,14 @@ Status SpanStore::Recover(const Manifest& manifest, RecoveryReport* report) {
     // Running sums of the open span, to keep its mean exact as it grows.
     Span& s = spans_.back();
     key_sums_.assign(size_t(H) * D, 0.0);
+    value_sums_.assign(size_t(H) * D, 0.0);
     std::vector<float> row(size_t(H) * D);
     for (int32_t t = 0; t < s.tokens; ++t) {
       ConvertToFloat32(options_.dtype, s.hot->data() + size_t(t) * rb, row.data(), row.size());
       for (size_t j = 0; j < row.size(); ++j) key_sums_[j] += row[j];
+      ConvertToFloat32(options_.dtype, s.hot->data() + (size_t(s.capacity) + t) * rb, row.data(),
+                       row.size());
+      for (size_t j = 0; j < row.size(); ++j) value_sums_[j] += row[j];
     }
   }
   next_evict_ = 0;
@@ -341,6 +363,9 @@ void SpanStore::UpdateSummary(int64_t span, int32_t from_row, int32_t to_row) {
   float* sum = &summaries_[span * summary_floats_per_span()];
   std::vector<float> row(size_t(H) * D);
   for (int32_t t = from_row; t < to_row; ++t) {
+    ConvertToFloat32(options_.dtype, s.hot->data() + (size_t(s.capacity) + t) * rb, row.data(),
+                     row.size());
+    for (size_t j = 0; j < row.size(); ++j) value_sums_[j] += row[j];
     ConvertToFloat32(options_.dtype, s.hot->data() + size_t(t) * rb, row.data(), row.size());
     for (int g = 0; g < H; ++g) {
       float* mx = sum + size_t(g) * 3 * D;
@@ -362,6 +387,8 @@ void SpanStore::UpdateSummary(int64_t span, int32_t from_row, int32_t to_row) {
     float* mean = sum + size_t(g) * 3 * D + 2 * D;
     for (int d = 0; d < D; ++d) mean[d] = static_cast<float>(key_sums_[size_t(g) * D + d] * inv);
   }
+  float* vmean = &value_means_[size_t(span) * H * D];
+  for (size_t j = 0; j < size_t(H) * D; ++j) vmean[j] = static_cast<float>(value_sums_[j] * inv);
 }
 
 Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, const void* v,
@@ -387,7 +414,7 @@ Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, 
     return Status::ResourceExhausted("[spans.append] hot budget of " +
                                      std::to_string(options_.hot_budget_bytes) +
                                      " bytes exceeded and no data_dir to spill to");
-  const size_t record_overhead = sizeof(RecordHeader) + summary_floats_per_span() * sizeof(float);
+  const size_t record_overhead = sizeof(RecordHeader) + record_summary_bytes();
   if (!options_.data_dir.empty() && options_.disk_budget_bytes > 0 &&
       file_bytes_ + size_t(tokens) * rb * 2 + size_t(new_spans + 1) * record_overhead >
           options_.disk_budget_bytes)
@@ -450,7 +477,9 @@ Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, 
         std::fill(sum + size_t(g) * 3 * D + 2 * D, sum + size_t(g) * 3 * D + 3 * D, 0.0f);
       }
       max_abs_.resize(spans_.size() * H, 0.0f);
+      value_means_.resize(spans_.size() * size_t(H) * options_.head_dim, 0.0f);
       key_sums_.assign(size_t(H) * options_.head_dim, 0.0);
+      value_sums_.assign(size_t(H) * options_.head_dim, 0.0);
     }
     const int64_t idx = span_count() - 1;
     Span& s = spans_[idx];
@@ -476,7 +505,8 @@ Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, 
 Status SpanStore::WriteRecord(int64_t span) {
   Span& s = spans_[span];
   const size_t rb = row_bytes();
-  const size_t summary_bytes = summary_floats_per_span() * sizeof(float);
+  const size_t summary_bytes = record_summary_bytes();
+  const size_t index_bytes = summary_floats_per_span() * sizeof(float);
   const size_t payload = size_t(s.tokens) * rb * 2;
   std::vector<uint8_t> rec(sizeof(RecordHeader) + summary_bytes + payload);
   RecordHeader h;
@@ -490,7 +520,10 @@ Status SpanStore::WriteRecord(int64_t span) {
   h.payload_bytes = payload;
   uint8_t* summary = rec.data() + sizeof(RecordHeader);
   uint8_t* body = summary + summary_bytes;
-  std::memcpy(summary, &summaries_[span * summary_floats_per_span()], summary_bytes);
+  std::memcpy(summary, &summaries_[span * summary_floats_per_span()], index_bytes);
+  std::memcpy(summary + index_bytes,
+              &value_means_[size_t(span) * options_.kv_heads * options_.head_dim],
+              summary_bytes - index_bytes);
   std::memcpy(body, s.hot->data(), size_t(s.tokens) * rb);
   std::memcpy(body + size_t(s.tokens) * rb, s.hot->data() + size_t(s.capacity) * rb,
               size_t(s.tokens) * rb);
@@ -575,7 +608,7 @@ Result<SpanStore::SpanData> SpanStore::ReadSpan(int64_t span, bool use_cache,
     d.v = s.hot->data() + size_t(s.capacity) * rb;
     return d;
   }
-  const size_t header_and_summary = sizeof(RecordHeader) + summary_floats_per_span() * sizeof(float);
+  const size_t header_and_summary = sizeof(RecordHeader) + record_summary_bytes();
   SpanBuffer buffer = cache_->Get(store_id_, s.record_offset);
   if (!buffer) {
     const std::string where = Where(file_path_, s.record_offset);
@@ -893,6 +926,7 @@ Result<SpanScores> SpanStore::Score(const float* q, int64_t q_tokens, int heads,
   scores.rows = rows;
   scores.upper.assign(size_t(n * rows), kNegInfF);
   scores.estimate.assign(size_t(n * rows), kNegInfF);
+  scores.mean.assign(size_t(n * rows), kNegInfF);
   if (n == 0 || rows == 0) return scores;
 
   // Per kv head g: Qpm [J, 2D] = [q+ | q-] and Qm [J, D], J = q_tokens * G,
@@ -946,7 +980,8 @@ Result<SpanScores> SpanStore::Score(const float* q, int64_t q_tokens, int heads,
               const float u = scale * (ub[i * J + j] + slack);
               const float m = scale * mean[i * J + j];
               scores.upper[s * rows + row] = u;
-              scores.estimate[s * rows + row] = m;  // mode applied below
+              scores.estimate[s * rows + row] = m;  // mode applied by the caller
+              scores.mean[s * rows + row] = m;
             }
           }
         }
@@ -954,6 +989,75 @@ Result<SpanScores> SpanStore::Score(const float* q, int64_t q_tokens, int heads,
     }
   });
   return scores;
+}
+
+Status SpanStore::EstimateSpans(const SpanScores& scores, const std::vector<int64_t>& span_indices,
+                                int heads, const float* log_offset, float* o, float* lse) const {
+  const int D = options_.head_dim, Hkv = options_.kv_heads;
+  if (heads < 1 || heads % Hkv != 0)
+    return Status::InvalidArgument("[spans.estimate] heads must be a positive multiple of kv_heads");
+  const int64_t rows = scores.rows;
+  if (rows % heads != 0 || scores.spans != span_count() ||
+      scores.mean.size() != size_t(scores.spans * rows))
+    return Status::InvalidArgument("[spans.estimate] scores do not come from this store and heads");
+  if (rows > 0 && (o == nullptr || lse == nullptr))
+    return Status::InvalidArgument("[spans.estimate] o/lse is null");
+  for (int64_t s : span_indices)
+    if (s < 0 || s >= span_count())
+      return Status::InvalidArgument("[spans.estimate] span index out of range");
+  const int G = heads / Hkv;
+  std::fill(o, o + rows * D, 0.0f);
+  std::fill(lse, lse + rows, kNegInfF);
+  if (span_indices.empty() || rows == 0) return Status::Ok();
+
+  // Pass 1: per-row max of the log-masses, so every weight is in (0, 1].
+  std::vector<float> max_log(rows, kNegInfF);
+  for (int64_t s : span_indices) {
+    const float lt = std::log(static_cast<float>(spans_[s].tokens));
+    const float* m = &scores.mean[size_t(s) * rows];
+    for (int64_t r = 0; r < rows; ++r) max_log[r] = std::max(max_log[r], m[r] + lt);
+  }
+  // Pass 2: weighted sums of the mean values, in blocks of spans (one partial
+  // sum per block, added in block order so the result is deterministic).
+  const int64_t block = 1024;
+  const int64_t n = static_cast<int64_t>(span_indices.size());
+  const int64_t blocks = (n + block - 1) / block;
+  std::vector<double> weight_sums(size_t(blocks) * rows, 0.0);
+  std::vector<float> value_sums(size_t(blocks) * rows * D, 0.0f);
+  tbb::parallel_for(int64_t{0}, blocks, [&](int64_t b) {
+    double* ws = &weight_sums[size_t(b) * rows];
+    float* vs = &value_sums[size_t(b) * rows * D];
+    const int64_t end = std::min(n, (b + 1) * block);
+    for (int64_t i = b * block; i < end; ++i) {
+      const int64_t s = span_indices[i];
+      const float lt = std::log(static_cast<float>(spans_[s].tokens));
+      const float* m = &scores.mean[size_t(s) * rows];
+      const float* vm = &value_means_[size_t(s) * Hkv * D];
+      for (int64_t r = 0; r < rows; ++r) {
+        if (m[r] == kNegInfF) continue;
+        const float w = std::exp(m[r] + lt - max_log[r]);
+        ws[r] += w;
+        const float* v = vm + size_t((r % heads) / G) * D;
+        float* acc = vs + size_t(r) * D;
+        for (int d = 0; d < D; ++d) acc[d] += w * v[d];
+      }
+    }
+  });
+  for (int64_t r = 0; r < rows; ++r) {
+    if (max_log[r] == kNegInfF) continue;
+    double w = 0.0;
+    for (int64_t b = 0; b < blocks; ++b) w += weight_sums[size_t(b) * rows + r];
+    if (!(w > 0.0)) continue;
+    float* out = o + r * D;
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* vs = &value_sums[(size_t(b) * rows + r) * D];
+      for (int d = 0; d < D; ++d) out[d] += vs[d];
+    }
+    const float inv = static_cast<float>(1.0 / w);
+    for (int d = 0; d < D; ++d) out[d] *= inv;
+    lse[r] = static_cast<float>(max_log[r] + std::log(w) + (log_offset ? log_offset[r] : 0.0f));
+  }
+  return Status::Ok();
 }
 
 void SpanStore::SplitSpans(const AttentionOptions& options, int64_t q_tokens,
@@ -1012,8 +1116,15 @@ Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
   RINGTREE_RETURN_IF_ERROR(CheckQuery(options_, q, q_tokens, heads, o));
   if (request.top_k_spans < 0 || request.token_budget < 0)
     return Status::InvalidArgument("[spans.retrieve] top_k_spans/token_budget must be >= 0");
+  using Clock = std::chrono::steady_clock;
+  auto ms_since = [](Clock::time_point t) {
+    return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
+  };
+  auto t0 = Clock::now();
   RINGTREE_ASSIGN_OR_RETURN(SpanScores scores, Score(q, q_tokens, heads, options));
   ApplyMode(request.score_mode, &scores);
+  const double score_ms = ms_since(t0);
+  t0 = Clock::now();
   std::vector<int64_t> always, candidates;
   SplitSpans(options, q_tokens, request, &always, &candidates);
   std::vector<int32_t> tokens(span_count());
@@ -1027,6 +1138,8 @@ Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
       RankCandidates(scores, tokens, positions, candidates, normalizer);
   int64_t take = CountForBudget(ranked, request.top_k_spans, request.token_budget);
   const bool tolerance_mode = request.mass_tolerance >= 0.0;
+  const double select_ms = ms_since(t0);
+  t0 = Clock::now();
 
   const int D = options_.head_dim;
   const int64_t rows = q_tokens * heads;
@@ -1039,11 +1152,29 @@ Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
   std::vector<int64_t> attended = always;
   for (int64_t i = 0; i < take; ++i) attended.push_back(ranked[i].span_index);
   std::sort(attended.begin(), attended.end());
-  RINGTREE_RETURN_IF_ERROR(AttendSpans(attended, q, q_tokens, heads, options, o, lse));
+  // The calibrated estimate needs the window's exact lse on its own: attend
+  // it separately and merge (same work, one more merge).
+  const bool calibrate = request.skipped_estimate == SkippedEstimate::kCalibrated;
+  std::vector<int64_t> window;
+  std::vector<float> lse_window;
+  if (calibrate) {
+    const int64_t end = request.context_end >= 0 ? request.context_end : end_position();
+    std::vector<int64_t> rest;
+    for (int64_t i : attended)
+      (!spans_[i].sink && IsWindow(spans_[i], end) ? window : rest).push_back(i);
+    RINGTREE_RETURN_IF_ERROR(AttendSpans(rest, q, q_tokens, heads, options, o, lse));
+    lse_window.resize(rows);
+    RINGTREE_RETURN_IF_ERROR(
+        AttendSpans(window, q, q_tokens, heads, options, o_new.data(), lse_window.data()));
+    MergePartials(o, lse, o_new.data(), lse_window.data(), rows, D);
+  } else {
+    RINGTREE_RETURN_IF_ERROR(AttendSpans(attended, q, q_tokens, heads, options, o, lse));
+  }
   int rounds = 1;
   std::vector<float> bound;
+  std::vector<int64_t> skipped;
   while (true) {
-    std::vector<int64_t> skipped;
+    skipped.clear();
     skipped.reserve(ranked.size() - take);
     for (size_t i = take; i < ranked.size(); ++i) skipped.push_back(ranked[i].span_index);
     bound = SkippedMassBound(lse, LogUpperSkippedMass(scores, tokens, skipped));
@@ -1063,6 +1194,36 @@ Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
     take = next;
     ++rounds;
   }
+  const double attend_ms = ms_since(t0);
+  t0 = Clock::now();
+
+  // Skipped-span estimate, merged after the bound (which covers only the
+  // exactly attended mass) was computed.
+  std::vector<float> estimated_fraction;
+  int64_t estimated_spans = 0;
+  if (request.skipped_estimate != SkippedEstimate::kNone && !skipped.empty()) {
+    std::vector<float> offset;
+    if (calibrate && !window.empty()) {
+      std::vector<float> lse_window_estimate(rows);
+      RINGTREE_RETURN_IF_ERROR(EstimateSpans(scores, window, heads, nullptr, o_new.data(),
+                                             lse_window_estimate.data()));
+      offset.assign(rows, 0.0f);
+      for (int64_t r = 0; r < rows; ++r)
+        if (lse_window[r] != kNegInfF && lse_window_estimate[r] != kNegInfF)
+          offset[r] = std::max(0.0f, lse_window[r] - lse_window_estimate[r]);
+    }
+    std::sort(skipped.begin(), skipped.end());
+    RINGTREE_RETURN_IF_ERROR(EstimateSpans(scores, skipped, heads,
+                                           offset.empty() ? nullptr : offset.data(), o_new.data(),
+                                           lse_new.data()));
+    MergePartials(o, lse, o_new.data(), lse_new.data(), rows, D);
+    estimated_fraction.resize(rows);
+    for (int64_t r = 0; r < rows; ++r)
+      estimated_fraction[r] =
+          lse_new[r] == kNegInfF ? 0.0f : std::min(1.0f, std::exp(lse_new[r] - lse[r]));
+    estimated_spans = static_cast<int64_t>(skipped.size());
+  }
+  const double estimate_ms = ms_since(t0);
   if (result != nullptr) {
     std::sort(attended.begin(), attended.end());
     const int64_t end = request.context_end >= 0 ? request.context_end : end_position();
@@ -1081,6 +1242,12 @@ Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
     for (float b : bound) result->max_skipped_mass_bound = std::max(result->max_skipped_mass_bound, b);
     result->exact = take == static_cast<int64_t>(ranked.size());
     result->rounds = rounds;
+    result->estimated_spans = estimated_spans;
+    result->estimated_mass_fraction = std::move(estimated_fraction);
+    result->score_ms = score_ms;
+    result->select_ms = select_ms;
+    result->attend_ms = attend_ms;
+    result->estimate_ms = estimate_ms;
   }
   return Status::Ok();
 }
@@ -1143,7 +1310,31 @@ size_t SpanStore::cold_bytes() const {
 
 size_t SpanStore::summary_bytes() const {
   return summaries_.size() * sizeof(float) + max_abs_.size() * sizeof(float) +
-         spans_.size() * sizeof(Span);
+         value_means_.size() * sizeof(float) + spans_.size() * sizeof(Span);
+}
+
+// ---------------------------------------------------------------------------
+// Service hooks.
+
+bool SpanStore::HotSpanViews(std::vector<HotSpanView>* views) const {
+  views->clear();
+  views->reserve(spans_.size());
+  const size_t rb = row_bytes();
+  for (const Span& s : spans_) {
+    if (!s.hot) {
+      views->clear();
+      return false;
+    }
+    views->push_back(HotSpanView{s.hot->data(), s.hot->data() + size_t(s.capacity) * rb,
+                                 s.position_start, s.tokens});
+  }
+  return true;
+}
+
+Status SpanStore::SetHotBudget(size_t bytes) {
+  options_.hot_budget_bytes = bytes;
+  next_evict_ = 0;  // a larger budget earlier may have stopped the scan anywhere
+  return EnforceHotBudget();
 }
 
 }  // namespace ringtree

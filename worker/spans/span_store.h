@@ -8,8 +8,8 @@
 // aligned to multiples of span_tokens in absolute position (so a span is a
 // subset of the global span [k*S, (k+1)*S)); a gap in the appended positions
 // also ends a span. Positions must increase across appends. Each span keeps,
-// per KV head, the element-wise max, min and mean of its keys (in RAM always;
-// they are the index).
+// per KV head, the element-wise max, min and mean of its keys and the mean of
+// its values (in RAM always; they are the index).
 //
 // Tiers. Sealed spans are written through to <data_dir>/spans.dat as soon as
 // they fill up (page cache; fsync'ed on Sync). A span is hot when its K/V
@@ -102,6 +102,16 @@ struct RetrievalResult {
   float max_skipped_mass_bound = 0.0f;
   bool exact = false;                       // every visible span was attended
   int rounds = 1;                           // tolerance-mode rounds
+  // With request.skipped_estimate != kNone: the skipped spans whose summaries
+  // were merged in as an estimate, and per row the fraction of the returned
+  // normaliser that came from that estimate, exp(lse_estimate - lse) (0 when
+  // nothing was estimated). The exact part is spans_used; this part is not.
+  int64_t estimated_spans = 0;
+  std::vector<float> estimated_mass_fraction;  // [q_tokens * heads] or empty
+  // Wall time of the phases in milliseconds, for benchmarks and profiling:
+  // scoring the summaries, ranking/selection, reading + attending the spans
+  // (all rounds), and the skipped-span estimate.
+  double score_ms = 0, select_ms = 0, attend_ms = 0, estimate_ms = 0;
 };
 
 class SpanStore {
@@ -171,6 +181,15 @@ class SpanStore {
   Result<SpanScores> Score(const float* q, int64_t q_tokens, int heads,
                            const AttentionOptions& options) const;
 
+  // Partial (o, lse) estimated from the summaries of the given spans (any
+  // order, unique) -- NOT attention over their stored K/V: span s stands for
+  // tokens_s keys with score scores.mean[s, row] + log_offset[row] and value
+  // its mean value (see SkippedEstimate::kMeanKey). `scores` from Score() for
+  // the same query block; log_offset [q_tokens * heads] or null (0). o, lse as
+  // in AttendExact; rows with no visible span get (0, -inf). Uses only RAM.
+  Status EstimateSpans(const SpanScores& scores, const std::vector<int64_t>& span_indices,
+                       int heads, const float* log_offset, float* o, float* lse) const;
+
   // Which spans a request may choose from (not sinks, not window, visible to
   // the last query row) and which are always attended (sinks + window, visible).
   void SplitSpans(const AttentionOptions& options, int64_t q_tokens,
@@ -212,6 +231,22 @@ class SpanStore {
   const std::string& file_path() const { return file_path_; }
   SpanCache& cache() const { return *cache_; }
 
+  // Service hooks (worker/engine). A zero-copy view of one hot span.
+  struct HotSpanView {
+    const void* k = nullptr;  // [tokens, kv_heads, head_dim] in the store dtype
+    const void* v = nullptr;
+    int64_t position_start = 0;
+    int64_t tokens = 0;
+  };
+  // If every span is hot: fills `views` (append order) and returns true; the
+  // views stay valid until the next mutator call. Otherwise clears `views`
+  // and returns false. Lets the engine hand an all-hot store to a batched
+  // kernel without copying spans into chunks.
+  bool HotSpanViews(std::vector<HotSpanView>* views) const;
+  // Changes hot_budget_bytes (0 = unlimited) and, with a data_dir, evicts
+  // down to it now. For a per-rank budget shared by many stores. Mutator.
+  Status SetHotBudget(size_t bytes);
+
  private:
   struct Span {
     int64_t position_start = 0;
@@ -238,6 +273,10 @@ class SpanStore {
   Status Recover(const Manifest& manifest, RecoveryReport* report);
   size_t row_bytes() const;        // kv_heads * head_dim * dtype size
   size_t summary_floats_per_span() const { return size_t(options_.kv_heads) * 3 * options_.head_dim; }
+  // Record summary: the index summary then the mean values [kv_heads, head_dim].
+  size_t record_summary_bytes() const {
+    return (summary_floats_per_span() + size_t(options_.kv_heads) * options_.head_dim) * sizeof(float);
+  }
   void UpdateSummary(int64_t span, int32_t from_row, int32_t to_row);
   void RecomputeSummaryFromKeys(int64_t span, const uint8_t* k, int32_t tokens);
   bool IsWindow(const Span& s, int64_t context_end) const;
@@ -262,6 +301,10 @@ class SpanStore {
   std::vector<float> summaries_;
   std::vector<float> max_abs_;
   std::vector<double> key_sums_;   // tail span's running key sums [kv_heads, head_dim]
+  // Mean value per span and kv head [spans, kv_heads, head_dim] (the
+  // skipped-span estimate), and the tail span's running value sums.
+  std::vector<float> value_means_;
+  std::vector<double> value_sums_;
   int64_t total_tokens_ = 0;
   size_t hot_bytes_ = 0;
   int64_t next_evict_ = 0;         // spans before this index are cold or protected
