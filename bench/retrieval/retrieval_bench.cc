@@ -51,6 +51,7 @@ struct Args {
   int needle_queries = 8, diffuse_queries = 8;
   int64_t sink_tokens = 16, window_tokens = 128;
   std::string data_dir;        // set: store on disk, cold measurements
+  bool keep_data = false;      // keep data_dir, and reuse it when it holds this context
   size_t hot_budget_mb = 256, cache_mb = 256;
   bool quality = true;         // exact double-precision metrics (O(tokens) per row)
   int exact_timing_queries = 2;
@@ -108,6 +109,7 @@ bool ParseArgs(int argc, char** argv, Args* a) {
     else if (key == "--sink") a->sink_tokens = std::stoll(need());
     else if (key == "--window") a->window_tokens = std::stoll(need());
     else if (key == "--data-dir") a->data_dir = need();
+    else if (key == "--keep-data") a->keep_data = true;
     else if (key == "--hot-budget-mb") a->hot_budget_mb = std::stoull(need());
     else if (key == "--cache-mb") a->cache_mb = std::stoull(need());
     else if (key == "--no-quality") a->quality = false;
@@ -237,12 +239,21 @@ int Run(const Args& a) {
   o.window_tokens = a.window_tokens;
   o.readahead_chunks = 3;
   if (!a.data_dir.empty()) {
-    std::filesystem::remove_all(a.data_dir);
+    if (!a.keep_data) std::filesystem::remove_all(a.data_dir);
     o.data_dir = a.data_dir;
     o.hot_budget_bytes = a.hot_budget_mb << 20;
     o.cache_budget_bytes = a.cache_mb << 20;
   }
-  auto store_or = SpanStore::Create(o);
+  // --keep-data without quality metrics: reuse a store built by an earlier
+  // run with the same flags (the queries depend only on the seed).
+  const bool reuse = a.keep_data && !a.quality &&
+                     std::filesystem::exists(a.data_dir + "/MANIFEST");
+  auto store_or = reuse ? SpanStore::Open(o) : SpanStore::Create(o);
+  if (reuse && store_or.ok() && (*store_or)->total_tokens() != a.tokens) {
+    std::fprintf(stderr, "[retrieval_bench] %s holds %lld tokens, not %lld\n", a.data_dir.c_str(),
+                 (long long)(*store_or)->total_tokens(), (long long)a.tokens);
+    return 1;
+  }
   if (!store_or.ok()) Die(store_or.status());
   SpanStore& store = **store_or;
 
@@ -267,6 +278,7 @@ int Run(const Args& a) {
   std::vector<uint16_t> tmp(chunk * row);
   double t0 = NowMs();
   for (int64_t at = 0; at < T; at += chunk) {
+    if (reuse) break;  // the needles above are all the queries need
     const int64_t n = std::min(chunk, T - at);
     gen.Generate(n, k.data(), v.data());
     Status st = store.Append(at, n, k.data(), v.data(), DType::kFloat32);
@@ -527,7 +539,7 @@ int Run(const Args& a) {
     std::printf("#   %-40s %8.2f %8.2f %8.2f %8.2f | %.4f\n", key.c_str(), A.score_ms / A.n,
                 A.select_ms / A.n, A.attend_ms / A.n, A.estimate_ms / A.n,
                 A.estimated_fraction / A.n);
-  if (!a.data_dir.empty()) std::filesystem::remove_all(a.data_dir);
+  if (!a.data_dir.empty() && !a.keep_data) std::filesystem::remove_all(a.data_dir);
   return 0;
 }
 

@@ -210,7 +210,8 @@ TEST_P(DurabilityTest, BitFlipInPayloadIsReportedWithLocationAndNeverUsed) {
   // 10 * record bytes.
   span_bytes = sizeof(RecordHeader) + kKvHeads * 4 * kDim * 4 /* key max|min|mean + value mean */ + 16 * kRow * DTypeSize(GetParam()) * 2;
   span_offset = 10 * span_bytes;
-  FlipBit(dir_ + "/spans.dat", span_offset + span_bytes - 7);  // inside V
+  const uint64_t summary_bytes = kKvHeads * 4 * kDim * 4;  // after the payload (format v3)
+  FlipBit(dir_ + "/spans.dat", span_offset + span_bytes - summary_bytes - 7);  // inside V
   auto store = SpanStore::Open(Options(dir_, GetParam()));
   ASSERT_TRUE(store.ok()) << store.status().ToString();  // headers are fine
   auto q = Gaussian(kHeads * kDim, 3);
@@ -225,8 +226,17 @@ TEST_P(DurabilityTest, BitFlipInPayloadIsReportedWithLocationAndNeverUsed) {
   // Spans other than the corrupt one still answer.
   std::vector<int64_t> others = {2, 3, 4, 20, 30};
   EXPECT_TRUE((*store)->AttendSpans(others, q.data(), 1, kHeads, {}, o.data(), lse.data()).ok());
+  // A flipped header bit of a cold record, after open, fails the read of
+  // that span (the header checksum is checked against the in-RAM summary).
+  FlipBit(dir_ + "/spans.dat", 12 * span_bytes + offsetof(RecordHeader, position_start) + 1);
+  Status header_st = (*store)->AttendSpans({12}, q.data(), 1, kHeads, {}, o.data(), lse.data());
+  EXPECT_EQ(header_st.code(), StatusCode::kDataLoss);
+  EXPECT_NE(header_st.message().find("spans.dat@" + std::to_string(12 * span_bytes)),
+            std::string::npos)
+      << header_st.message();
+  FlipBit(dir_ + "/spans.dat", 12 * span_bytes + offsetof(RecordHeader, position_start) + 1);
   // A flipped summary/header bit fails the open, naming the record.
-  FlipBit(dir_ + "/spans.dat", 5 * span_bytes + sizeof(RecordHeader) + 100);
+  FlipBit(dir_ + "/spans.dat", 5 * span_bytes + span_bytes - summary_bytes + 100);
   store->reset();
   auto bad = SpanStore::Open(Options(dir_, GetParam()));
   ASSERT_FALSE(bad.ok());
@@ -251,7 +261,7 @@ TEST_P(DurabilityTest, CorruptManifestIsDetected) {
             StatusCode::kNotFound);
 }
 
-// Records of another format version (v1 had no value means) are refused
+// Records of another format version (v1: no value means) are refused
 // with the version named, never read with the wrong layout or truncated away.
 TEST_P(DurabilityTest, OtherRecordVersionIsRefused) {
   uint64_t committed = 0;

@@ -298,7 +298,8 @@ TEST_P(SpanStoreCaseTest, SkippedEstimateIsExactForConstantKeySpansAndAMassLower
   {
     auto store = SpanStore::Create(OptionsFor(c));
     ASSERT_TRUE(store.ok());
-    Fill(c, store->get(), 41);
+    const Context ctx = Fill(c, store->get(), 41);
+    const auto spans = (*store)->Spans();
     const int64_t end = (*store)->end_position();
     AttentionOptions opts;  // non-causal: every span is visible to every row
     opts.q_position_offset = end;
@@ -320,6 +321,29 @@ TEST_P(SpanStoreCaseTest, SkippedEstimateIsExactForConstantKeySpansAndAMassLower
                                     lse_ex.data())
                       .ok());
       for (int64_t r = 0; r < rows; ++r) EXPECT_LE(lse_est[r], lse_ex[r] + 1e-4f) << r;
+      // AttendSpans over scattered spans (gathered into shared chunks) is
+      // exact attention over exactly those tokens.
+      Context sub;
+      sub.kv_heads = c.kv_heads;
+      sub.head_dim = c.head_dim;
+      sub.dtype = c.dtype;
+      const size_t row = size_t(c.kv_heads) * c.head_dim;
+      int64_t first_token = 0;
+      size_t next = 0;
+      for (const auto& sp : spans) {
+        if (next < subset.size() && subset[next] == sp.index) {
+          for (int32_t t = 0; t < sp.tokens; ++t) {
+            const int64_t j = first_token + t;
+            sub.positions.push_back(ctx.positions[j]);
+            sub.k.insert(sub.k.end(), ctx.k.begin() + j * row, ctx.k.begin() + (j + 1) * row);
+            sub.v.insert(sub.v.end(), ctx.v.begin() + j * row, ctx.v.begin() + (j + 1) * row);
+          }
+          ++next;
+        }
+        first_token += sp.tokens;
+      }
+      const auto sub_ref = ExactDouble(sub, q.data(), c.q_tokens, c.heads, false, 0, 0, false);
+      ExpectClose(o_ex, lse_ex, sub_ref, "AttendSpans over scattered spans");
     }
   }
 }

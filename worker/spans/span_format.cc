@@ -44,6 +44,26 @@ Status VerifyRecordHeader(const RecordHeader& header, const void* summary,
   return Status::Ok();
 }
 
+Status VerifyRecordHeaderSplit(const RecordHeader& header, const void* summary_a, size_t a_bytes,
+                               const void* summary_b, size_t b_bytes, const std::string& where) {
+  if (header.magic != kSpanRecordMagic)
+    return Status::DataLoss("[spans] " + where + ": bad record magic");
+  if (header.version != kSpanRecordVersion || header.header_bytes != sizeof(RecordHeader))
+    return Status::DataLoss("[spans] " + where + ": unsupported record version/header size");
+  if (a_bytes + b_bytes != header.summary_bytes)
+    return Status::DataLoss("[spans] " + where + ": record summary size mismatch");
+  XXH3_state_t* state = XXH3_createState();
+  XXH3_64bits_reset(state);
+  XXH3_64bits_update(state, &header, kHeaderChecksummedBytes);
+  if (a_bytes > 0) XXH3_64bits_update(state, summary_a, a_bytes);
+  if (b_bytes > 0) XXH3_64bits_update(state, summary_b, b_bytes);
+  const uint64_t expect = XXH3_64bits_digest(state);
+  XXH3_freeState(state);
+  if (expect != header.header_checksum)
+    return Status::DataLoss("[spans] " + where + ": record header/summary checksum mismatch");
+  return Status::Ok();
+}
+
 namespace {
 
 template <typename T>

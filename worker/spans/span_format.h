@@ -3,12 +3,15 @@
 //
 // Span record (little-endian; the file "spans.dat" is a sequence of records):
 //   RecordHeader (72 bytes)                      -- covered by header_checksum
+//   payload      k [tokens, kv_heads, head_dim] then v [tokens, kv_heads, head_dim]
+//                in the store's dtype          -- covered by payload_checksum
 //   summary      kv_heads * 4 * head_dim float32 -- covered by header_checksum
 //                per kv head the keys' [max[D] | min[D] | mean[D]], then per
 //                kv head the values' mean[D]
-// Version 2 added the value means (version 1 records are rejected at open).
-//   payload      k [tokens, kv_heads, head_dim] then v [tokens, kv_heads, head_dim]
-//                in the store's dtype          -- covered by payload_checksum
+// Version 2 added the value means; version 3 moved the summary after the
+// payload, so reading a span's K/V is one contiguous header+payload range (the
+// summary is ~20% of a span-16 record and is in RAM anyway). Records of other
+// versions are refused at open, never read with the wrong layout.
 // The header and summary are verified when a store is opened (the summaries are
 // the in-RAM index); the payload is verified every time it is read from disk.
 //
@@ -29,7 +32,7 @@
 namespace ringtree {
 
 inline constexpr uint32_t kSpanRecordMagic = 0x50535452;  // "RTSP"
-inline constexpr uint16_t kSpanRecordVersion = 2;
+inline constexpr uint16_t kSpanRecordVersion = 3;
 inline constexpr uint32_t kManifestMagic = 0x4d535452;  // "RTSM"
 inline constexpr uint32_t kManifestVersion = 1;
 
@@ -64,6 +67,10 @@ void SealRecordHeader(RecordHeader* header, const void* summary, const void* pay
 // Verifies magic, version, sizes and header checksum. `where` names the
 // location for messages, e.g. "/data/s1/spans.dat@4096". Returns DataLoss.
 Status VerifyRecordHeader(const RecordHeader& header, const void* summary, const std::string& where);
+// Same, with the summary given as two consecutive parts (a_bytes + b_bytes
+// must equal header.summary_bytes).
+Status VerifyRecordHeaderSplit(const RecordHeader& header, const void* summary_a, size_t a_bytes,
+                               const void* summary_b, size_t b_bytes, const std::string& where);
 
 // Per-span entry in the manifest.
 struct ManifestSpan {

@@ -67,15 +67,15 @@ struct RetrievalRequest {
   double mass_tolerance = -1.0;
   // kBlend ranks best in bench/retrieval (needle and diffuse queries alike).
   SpanScoreMode score_mode = SpanScoreMode::kBlend;
+  // End (exclusive) of the whole context, for the window; -1 = the store's end.
+  // The coordinator passes the global end so every rank agrees on the window.
+  int64_t context_end = -1;
   // Off by default: with an estimate, AttendRetrieval's (o, lse) also holds
   // the summaries' estimate of the skipped spans (see SkippedEstimate and
   // RetrievalResult::estimated_mass_fraction); the skipped-mass bound still
   // bounds the mass that was not attended exactly. kCalibrated is the most
   // accurate in bench/retrieval.
   SkippedEstimate skipped_estimate = SkippedEstimate::kNone;
-  // End (exclusive) of the whole context, for the window; -1 = the store's end.
-  // The coordinator passes the global end so every rank agrees on the window.
-  int64_t context_end = -1;
 };
 
 // One span proposed for retrieval. `rank` is filled by the caller when

@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -63,6 +64,33 @@ Result<size_t> PreadAll(int fd, void* data, size_t bytes, uint64_t offset, const
     }
     if (n == 0) break;
     done += static_cast<size_t>(n);
+  }
+  return done;
+}
+
+// Scatter read of up to the iovecs' total bytes; returns the count read
+// (short at end of file). Modifies `iov` while advancing.
+Result<size_t> PreadvAll(int fd, struct iovec* iov, int count, uint64_t offset,
+                         const std::string& path) {
+  size_t done = 0;
+  while (count > 0) {
+    ssize_t n = ::preadv(fd, iov, count, static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return Errno("preadv", path);
+    }
+    if (n == 0) break;
+    done += static_cast<size_t>(n);
+    size_t left = static_cast<size_t>(n);
+    while (count > 0 && left >= iov->iov_len) {
+      left -= iov->iov_len;
+      ++iov;
+      --count;
+    }
+    if (count > 0) {
+      iov->iov_base = static_cast<char*>(iov->iov_base) + left;
+      iov->iov_len -= left;
+    }
   }
   return done;
 }
@@ -216,28 +244,31 @@ Status SpanStore::Recover(const Manifest& manifest, RecoveryReport* report) {
     }
   };
 
-  // 1. Committed spans: verify header + summary of each record.
-  std::vector<uint8_t> head(sizeof(RecordHeader) + summary_bytes);
+  // 1. Committed spans: verify header + summary of each record (the summary
+  // follows the payload, which is verified on every read instead).
+  std::vector<float> summary(summary_bytes / sizeof(float));
   for (size_t i = 0; i < manifest.spans.size(); ++i) {
     const ManifestSpan& ms = manifest.spans[i];
     const std::string where = Where(file_path_, ms.record_offset);
-    RINGTREE_ASSIGN_OR_RETURN(size_t got,
-                              PreadAll(fd_, head.data(), head.size(), ms.record_offset, file_path_));
-    if (got != head.size()) return Status::DataLoss("[spans] " + where + ": short record header");
     RecordHeader h;
-    std::memcpy(&h, head.data(), sizeof(h));
+    RINGTREE_ASSIGN_OR_RETURN(size_t got,
+                              PreadAll(fd_, &h, sizeof(h), ms.record_offset, file_path_));
+    if (got != sizeof(h)) return Status::DataLoss("[spans] " + where + ": short record header");
     if (h.magic == kSpanRecordMagic && h.version != kSpanRecordVersion)
       return Status::DataLoss("[spans] " + where + ": record version " + std::to_string(h.version) +
                               " is not supported (this build reads version " +
                               std::to_string(kSpanRecordVersion) + ")");
-    if (h.summary_bytes != summary_bytes)
-      return Status::DataLoss("[spans] " + where + ": record summary size mismatch");
-    RINGTREE_RETURN_IF_ERROR(VerifyRecordHeader(h, head.data() + sizeof(h), where));
-    if (h.span_index != i || h.position_start != ms.position_start || h.tokens != ms.tokens ||
+    if (h.summary_bytes != summary_bytes || h.payload_bytes != uint64_t(h.tokens) * rb * 2 ||
         sizeof(RecordHeader) + h.summary_bytes + h.payload_bytes != ms.record_bytes)
+      return Status::DataLoss("[spans] " + where + ": record sizes do not match the store/manifest");
+    RINGTREE_ASSIGN_OR_RETURN(
+        got, PreadAll(fd_, summary.data(), summary_bytes,
+                      ms.record_offset + sizeof(RecordHeader) + h.payload_bytes, file_path_));
+    if (got != summary_bytes) return Status::DataLoss("[spans] " + where + ": short record summary");
+    RINGTREE_RETURN_IF_ERROR(VerifyRecordHeader(h, summary.data(), where));
+    if (h.span_index != i || h.position_start != ms.position_start || h.tokens != ms.tokens)
       return Status::DataLoss("[spans] " + where + ": record does not match the manifest");
-    add_span(h, reinterpret_cast<const float*>(head.data() + sizeof(h)), ms.record_offset,
-             ms.record_bytes);
+    add_span(h, summary.data(), ms.record_offset, ms.record_bytes);
   }
   file_bytes_ = manifest.committed_file_bytes;
 
@@ -277,8 +308,8 @@ Status SpanStore::Recover(const Manifest& manifest, RecoveryReport* report) {
     }
     record.resize(record_bytes);
     RINGTREE_ASSIGN_OR_RETURN(got, PreadAll(fd_, record.data(), record_bytes, offset, file_path_));
-    const uint8_t* summary = record.data() + sizeof(RecordHeader);
-    const uint8_t* payload = summary + h.summary_bytes;
+    const uint8_t* payload = record.data() + sizeof(RecordHeader);
+    const uint8_t* summary = payload + h.payload_bytes;
     if (!VerifyRecordHeader(h, summary, where).ok() ||
         Checksum64(payload, h.payload_bytes) != h.payload_checksum) {
       reason = where + ": record checksum mismatch";
@@ -518,8 +549,8 @@ Status SpanStore::WriteRecord(int64_t span) {
   h.dtype = static_cast<uint8_t>(options_.dtype);
   h.summary_bytes = summary_bytes;
   h.payload_bytes = payload;
-  uint8_t* summary = rec.data() + sizeof(RecordHeader);
-  uint8_t* body = summary + summary_bytes;
+  uint8_t* body = rec.data() + sizeof(RecordHeader);
+  uint8_t* summary = body + payload;
   std::memcpy(summary, &summaries_[span * summary_floats_per_span()], index_bytes);
   std::memcpy(summary + index_bytes,
               &value_means_[size_t(span) * options_.kv_heads * options_.head_dim],
@@ -597,6 +628,77 @@ Status SpanStore::DropFileCache() {
 // ---------------------------------------------------------------------------
 // Reads and streaming.
 
+Status SpanStore::ReadColdInto(int64_t span, uint8_t* k_dst, uint8_t* v_dst) const {
+  ColdRead one{span, k_dst, v_dst};
+  return ReadColdRun(&one, 1);
+}
+
+Status SpanStore::ReadColdRun(const ColdRead* reads, size_t count) const {
+  // Records adjacent in the file are read with one preadv per run (a full
+  // scan stays one large sequential read, so the kernel's readahead works);
+  // the summaries between them land in a scratch buffer.
+  const size_t rb = row_bytes();
+  const size_t summary_bytes = record_summary_bytes();
+  constexpr size_t kMaxRecordsPerRead = 240;  // 4 iovecs each, under IOV_MAX (1024)
+  std::vector<RecordHeader> headers(std::min(count, kMaxRecordsPerRead));
+  std::vector<uint8_t> scratch(summary_bytes);
+  std::vector<struct iovec> iov;
+  size_t i = 0;
+  while (i < count) {
+    size_t j = i + 1;
+    while (j < count && j - i < kMaxRecordsPerRead) {
+      const Span& prev = spans_[reads[j - 1].span];
+      if (spans_[reads[j].span].record_offset != prev.record_offset + prev.record_bytes) break;
+      ++j;
+    }
+    iov.clear();
+    size_t want = 0;
+    for (size_t r = i; r < j; ++r) {
+      const size_t n = size_t(spans_[reads[r].span].tokens) * rb;
+      iov.push_back({&headers[r - i], sizeof(RecordHeader)});
+      iov.push_back({reads[r].k, n});
+      iov.push_back({reads[r].v, n});
+      want += sizeof(RecordHeader) + 2 * n;
+      if (r + 1 < j) {
+        iov.push_back({scratch.data(), summary_bytes});
+        want += summary_bytes;
+      }
+    }
+    const Span& first = spans_[reads[i].span];
+    RINGTREE_ASSIGN_OR_RETURN(
+        size_t got, PreadvAll(fd_, iov.data(), int(iov.size()), first.record_offset, file_path_));
+    for (size_t r = i; r < j; ++r) {
+      const int64_t span = reads[r].span;
+      const Span& s = spans_[span];
+      const size_t n = size_t(s.tokens) * rb;
+      auto where = [&] { return Where(file_path_, s.record_offset); };
+      if (got < (s.record_offset - first.record_offset) + sizeof(RecordHeader) + 2 * n)
+        return Status::DataLoss("[spans] " + where() + ": short read (" + std::to_string(got) +
+                                " of " + std::to_string(want) + " bytes from " +
+                                Where(file_path_, first.record_offset) + ")");
+      const RecordHeader& h = headers[r - i];
+      if (h.summary_bytes != summary_bytes || h.payload_bytes != 2 * n)
+        return Status::DataLoss("[spans] " + where() + ": record sizes do not match the index");
+      // The header checksum covers header + summary; the summary is the
+      // in-RAM copy, byte-identical to the record's (verified at open or
+      // written by this process).
+      const size_t index_bytes = summary_floats_per_span() * sizeof(float);
+      RINGTREE_RETURN_IF_ERROR(VerifyRecordHeaderSplit(
+          h, &summaries_[size_t(span) * summary_floats_per_span()], index_bytes,
+          &value_means_[size_t(span) * options_.kv_heads * options_.head_dim],
+          h.summary_bytes - index_bytes, where()));
+      if (Checksum64Pair(reads[r].k, n, reads[r].v, n) != h.payload_checksum)
+        return Status::DataLoss("[spans] " + where() + ": record payload checksum mismatch");
+      if (h.span_index != uint64_t(span) || h.position_start != s.position_start ||
+          h.tokens != uint32_t(s.tokens))
+        return Status::DataLoss("[spans] " + where() + ": record is not span " +
+                                std::to_string(span));
+    }
+    i = j;
+  }
+  return Status::Ok();
+}
+
 Result<SpanStore::SpanData> SpanStore::ReadSpan(int64_t span, bool use_cache,
                                                 bool insert_into_cache) const {
   const Span& s = spans_[span];
@@ -608,40 +710,25 @@ Result<SpanStore::SpanData> SpanStore::ReadSpan(int64_t span, bool use_cache,
     d.v = s.hot->data() + size_t(s.capacity) * rb;
     return d;
   }
-  const size_t header_and_summary = sizeof(RecordHeader) + record_summary_bytes();
-  SpanBuffer buffer = cache_->Get(store_id_, s.record_offset);
+  // Cached buffers hold the verified payload, K then V.
+  const size_t n = size_t(s.tokens) * rb;
+  SpanBuffer buffer = use_cache ? cache_->Get(store_id_, s.record_offset) : nullptr;
   if (!buffer) {
-    const std::string where = Where(file_path_, s.record_offset);
-    auto rec = std::make_shared<std::vector<uint8_t>>(s.record_bytes);
-    RINGTREE_ASSIGN_OR_RETURN(size_t got,
-                              PreadAll(fd_, rec->data(), rec->size(), s.record_offset, file_path_));
-    if (got != rec->size())
-      return Status::DataLoss("[spans] " + where + ": short read (" + std::to_string(got) + " of " +
-                              std::to_string(rec->size()) + " bytes)");
-    RecordHeader h;
-    std::memcpy(&h, rec->data(), sizeof(h));
-    if (h.summary_bytes + sizeof(RecordHeader) != header_and_summary ||
-        h.payload_bytes != size_t(s.tokens) * rb * 2)
-      return Status::DataLoss("[spans] " + where + ": record sizes do not match the index");
-    RINGTREE_RETURN_IF_ERROR(VerifyRecordHeader(h, rec->data() + sizeof(h), where));
-    if (Checksum64(rec->data() + header_and_summary, h.payload_bytes) != h.payload_checksum)
-      return Status::DataLoss("[spans] " + where + ": record payload checksum mismatch");
-    if (h.span_index != uint64_t(span) || h.position_start != s.position_start ||
-        h.tokens != uint32_t(s.tokens))
-      return Status::DataLoss("[spans] " + where + ": record is not span " + std::to_string(span));
-    buffer = rec;
+    auto kv = std::make_shared<std::vector<uint8_t>>(2 * n);
+    RINGTREE_RETURN_IF_ERROR(ReadColdInto(span, kv->data(), kv->data() + n));
+    buffer = kv;
     if (use_cache && insert_into_cache) cache_->Put(store_id_, s.record_offset, buffer);
   }
   SpanData d;
   d.owner = buffer;
-  d.k = buffer->data() + header_and_summary;
-  d.v = d.k + size_t(s.tokens) * rb;
+  d.k = buffer->data();
+  d.v = d.k + n;
   return d;
 }
 
 Status SpanStore::VerifyAll() const {
   if (options_.data_dir.empty()) return Status::Ok();
-  // Read through a copy of each span's metadata marked cold, bypassing RAM copies.
+  // Reads every record from the file, bypassing RAM copies and the cache.
   for (int64_t i = 0; i < span_count(); ++i) {
     const Span& s = spans_[i];
     if (s.persisted_tokens == 0) continue;
@@ -652,17 +739,18 @@ Status SpanStore::VerifyAll() const {
     if (got != rec.size()) return Status::DataLoss("[spans] " + where + ": short read");
     RecordHeader h;
     std::memcpy(&h, rec.data(), sizeof(h));
-    RINGTREE_RETURN_IF_ERROR(VerifyRecordHeader(h, rec.data() + sizeof(h), where));
-    const uint8_t* payload = rec.data() + sizeof(h) + h.summary_bytes;
-    if (sizeof(h) + h.summary_bytes + h.payload_bytes != rec.size() ||
-        Checksum64(payload, h.payload_bytes) != h.payload_checksum)
+    if (sizeof(h) + h.summary_bytes + h.payload_bytes != rec.size())
+      return Status::DataLoss("[spans] " + where + ": record sizes do not match the index");
+    const uint8_t* payload = rec.data() + sizeof(h);
+    RINGTREE_RETURN_IF_ERROR(VerifyRecordHeader(h, payload + h.payload_bytes, where));
+    if (Checksum64(payload, h.payload_bytes) != h.payload_checksum)
       return Status::DataLoss("[spans] " + where + ": record payload checksum mismatch");
   }
   return Status::Ok();
 }
 
 Status SpanStore::StreamChunks(const std::vector<int64_t>& spans, bool use_cache,
-                               bool insert_into_cache, bool split_per_span,
+                               bool insert_into_cache, bool split_per_span, bool gather,
                                const ChunkVisitor& visitor) const {
   struct Plan {
     size_t first, last;  // [first, last) into `spans`
@@ -670,12 +758,17 @@ Status SpanStore::StreamChunks(const std::vector<int64_t>& spans, bool use_cache
   };
   std::vector<Plan> plans;
   bool any_cold = false;
+  size_t cold_bytes = 0;
+  const size_t rb = row_bytes();
   for (size_t i = 0; i < spans.size(); ++i) {
     const Span& s = spans_[spans[i]];
-    if (!s.hot) any_cold = true;
+    if (!s.hot) {
+      any_cold = true;
+      cold_bytes += size_t(s.tokens) * rb * 2;
+    }
     if (!plans.empty() && !split_per_span) {
       Plan& p = plans.back();
-      if (p.position_start + p.tokens == s.position_start &&
+      if ((gather || p.position_start + p.tokens == s.position_start) &&
           p.tokens + s.tokens <= options_.chunk_tokens) {
         p.last = i + 1;
         p.tokens += s.tokens;
@@ -684,19 +777,26 @@ Status SpanStore::StreamChunks(const std::vector<int64_t>& spans, bool use_cache
     }
     plans.push_back(Plan{i, i + 1, s.position_start, s.tokens});
   }
-  const size_t rb = row_bytes();
+  // A read bigger than the cache would only evict itself (and everything
+  // else): cache sparse reads only when they fit comfortably.
+  const bool insert = use_cache && insert_into_cache && cold_bytes <= cache_->budget_bytes() / 2;
   // Sparse reads (retrieval): ask the kernel to start reading every cold
   // record now, so the disk sees many requests in flight instead of one
   // pread at a time (full scans rely on the kernel's sequential readahead).
+  // Only header + payload: the summary after them is in RAM.
   if (any_cold && insert_into_cache && fd_ >= 0) {
     for (int64_t i : spans) {
       const Span& s = spans_[i];
-      if (!s.hot) ::posix_fadvise(fd_, off_t(s.record_offset), off_t(s.record_bytes), POSIX_FADV_WILLNEED);
+      if (!s.hot)
+        ::posix_fadvise(fd_, off_t(s.record_offset),
+                        off_t(sizeof(RecordHeader) + size_t(s.tokens) * rb * 2),
+                        POSIX_FADV_WILLNEED);
     }
   }
 
-  // Fills `buf` (k block then v block) for one plan; single-span plans of
-  // compact spans are passed through without a copy.
+  // Fills one plan: hot or cached single spans are passed through without a
+  // copy; cold spans are read straight into the (pooled) chunk buffer, K
+  // block then V block, with no per-span allocation.
   struct Filled {
     Status status;
     size_t plan = 0;
@@ -708,26 +808,52 @@ Status SpanStore::StreamChunks(const std::vector<int64_t>& spans, bool use_cache
     out->plan = pi;
     out->view = SpanData{};
     if (p.last - p.first == 1) {
-      auto d = ReadSpan(spans[p.first], use_cache, insert_into_cache);
-      if (!d.ok()) {
-        out->status = d.status();
+      const Span& s = spans_[spans[p.first]];
+      SpanBuffer cached;
+      if (!s.hot && use_cache) cached = cache_->Get(store_id_, s.record_offset);
+      if (s.hot) {
+        out->view.owner = s.hot;
+        out->view.k = s.hot->data();
+        out->view.v = s.hot->data() + size_t(s.capacity) * rb;
         return;
       }
-      out->view = d.value();
-      return;
+      if (cached) {
+        out->view.owner = cached;
+        out->view.k = cached->data();
+        out->view.v = cached->data() + size_t(s.tokens) * rb;
+        return;
+      }
     }
     out->buf.resize(size_t(p.tokens) * rb * 2);
+    uint8_t* k_block = out->buf.data();
+    uint8_t* v_block = k_block + size_t(p.tokens) * rb;
     size_t row = 0;
+    std::vector<ColdRead> cold;
     for (size_t i = p.first; i < p.last; ++i) {
-      auto d = ReadSpan(spans[i], use_cache, insert_into_cache);
-      if (!d.ok()) {
-        out->status = d.status();
-        return;
+      const int64_t idx = spans[i];
+      const Span& s = spans_[idx];
+      const size_t n = size_t(s.tokens) * rb;
+      SpanBuffer cached;
+      if (!s.hot && use_cache) cached = cache_->Get(store_id_, s.record_offset);
+      if (s.hot || cached) {
+        const uint8_t* k = s.hot ? s.hot->data() : cached->data();
+        const uint8_t* v = s.hot ? s.hot->data() + size_t(s.capacity) * rb : cached->data() + n;
+        std::memcpy(k_block + row, k, n);
+        std::memcpy(v_block + row, v, n);
+      } else {
+        cold.push_back(ColdRead{idx, k_block + row, v_block + row});
       }
-      const size_t n = size_t(spans_[spans[i]].tokens) * rb;
-      std::memcpy(out->buf.data() + row, d->k, n);
-      std::memcpy(out->buf.data() + size_t(p.tokens) * rb + row, d->v, n);
       row += n;
+    }
+    if (cold.empty()) return;
+    out->status = ReadColdRun(cold.data(), cold.size());
+    if (!out->status.ok() || !insert) return;
+    for (const ColdRead& c : cold) {
+      const Span& s = spans_[c.span];
+      const size_t n = size_t(s.tokens) * rb;
+      auto kv = std::make_shared<std::vector<uint8_t>>(c.k, c.k + n);
+      kv->insert(kv->end(), c.v, c.v + n);
+      cache_->Put(store_id_, s.record_offset, std::move(kv));
     }
   };
   auto visit = [&](const Filled& f) -> Status {
@@ -831,17 +957,22 @@ Status SpanStore::StreamChunks(const std::vector<int64_t>& spans, bool use_cache
 Status SpanStore::ForEachChunk(const ChunkVisitor& visitor) const {
   std::vector<int64_t> all(spans_.size());
   for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int64_t>(i);
-  return StreamChunks(all, /*use_cache=*/true, /*insert_into_cache=*/false, false, visitor);
+  return StreamChunks(all, /*use_cache=*/true, /*insert_into_cache=*/false, false, false, visitor);
 }
 
-Status SpanStore::ForEachChunkOf(const std::vector<int64_t>& span_indices, bool use_cache,
-                                 const ChunkVisitor& visitor) const {
+Status SpanStore::CheckSpanList(const std::vector<int64_t>& span_indices) const {
   for (size_t i = 0; i < span_indices.size(); ++i) {
     if (span_indices[i] < 0 || span_indices[i] >= span_count() ||
         (i > 0 && span_indices[i] <= span_indices[i - 1]))
       return Status::InvalidArgument("[spans] span_indices must be sorted, unique and in range");
   }
-  return StreamChunks(span_indices, use_cache, use_cache, false, visitor);
+  return Status::Ok();
+}
+
+Status SpanStore::ForEachChunkOf(const std::vector<int64_t>& span_indices, bool use_cache,
+                                 const ChunkVisitor& visitor) const {
+  RINGTREE_RETURN_IF_ERROR(CheckSpanList(span_indices));
+  return StreamChunks(span_indices, use_cache, use_cache, false, false, visitor);
 }
 
 // ---------------------------------------------------------------------------
@@ -874,17 +1005,29 @@ Status SpanStore::AttendSpans(const std::vector<int64_t>& span_indices, const fl
   std::fill(lse, lse + rows, kNegInfF);
   std::vector<float> o_chunk(rows * D), lse_chunk(rows);
   const int64_t last_q = options.q_position_offset + q_tokens - 1;
+  RINGTREE_RETURN_IF_ERROR(CheckSpanList(span_indices));
+  // When every selected key is visible to every query row (decode, or keys
+  // all before the first query position), positions do not matter: gather
+  // scattered spans into full chunks, one kernel call per chunk_tokens
+  // instead of one per span.
+  bool gather = !options.causal;
+  if (!span_indices.empty() && options.causal) {
+    const Span& last = spans_[span_indices.back()];
+    gather = last.position_start + last.tokens - 1 <= options.q_position_offset;
+  }
   auto visitor = [&](const void* k, const void* v, int64_t offset, int64_t tokens) -> Status {
     if (options.causal && offset > last_q) return Status::Ok();  // fully masked
     AttentionShape shape{q_tokens, tokens, heads, options_.kv_heads, D};
     AttentionOptions opts = options;
     opts.kv_position_offset = offset;
+    if (gather) opts.causal = false;  // every key visible (checked above)
     RINGTREE_RETURN_IF_ERROR(AttentionForward(q, k, v, options_.dtype, shape, opts,
                                               o_chunk.data(), lse_chunk.data()));
     MergePartials(o, lse, o_chunk.data(), lse_chunk.data(), rows, D);
     return Status::Ok();
   };
-  return ForEachChunkOf(span_indices, /*use_cache=*/true, visitor);
+  return StreamChunks(span_indices, /*use_cache=*/true, /*insert_into_cache=*/true,
+                      /*split_per_span=*/false, gather, visitor);
 }
 
 Status SpanStore::AttendExact(const float* q, int64_t q_tokens, int heads,
@@ -1275,7 +1418,7 @@ Status SpanStore::RetrieveKV(const float* q, int64_t q_tokens, int heads,
   std::sort(list.begin(), list.end());
   const int64_t end = request.context_end >= 0 ? request.context_end : end_position();
   size_t next = 0;
-  return StreamChunks(list, true, true, /*split_per_span=*/true,
+  return StreamChunks(list, true, true, /*split_per_span=*/true, /*gather=*/false,
                       [&](const void* k, const void* v, int64_t, int64_t) -> Status {
                         const int64_t i = list[next++];
                         const Span& s = spans_[i];
@@ -1335,6 +1478,25 @@ Status SpanStore::SetHotBudget(size_t bytes) {
   options_.hot_budget_bytes = bytes;
   next_evict_ = 0;  // a larger budget earlier may have stopped the scan anywhere
   return EnforceHotBudget();
+}
+
+Status SpanStore::WarmNewest() {
+  const size_t rb = row_bytes();
+  for (int64_t i = span_count() - 1; i >= 0; --i) {
+    Span& s = spans_[i];
+    if (s.hot) continue;
+    const size_t bytes = size_t(s.tokens) * rb * 2;
+    if (options_.hot_budget_bytes > 0 && hot_bytes_ + bytes > options_.hot_budget_bytes) break;
+    RINGTREE_ASSIGN_OR_RETURN(SpanData data, ReadSpan(i, /*use_cache=*/false, false));
+    auto buf = std::make_shared<std::vector<uint8_t>>(bytes);
+    std::memcpy(buf->data(), data.k, size_t(s.tokens) * rb);
+    std::memcpy(buf->data() + size_t(s.tokens) * rb, data.v, size_t(s.tokens) * rb);
+    s.hot = std::move(buf);
+    s.capacity = s.tokens;
+    hot_bytes_ += bytes;
+  }
+  next_evict_ = 0;
+  return Status::Ok();
 }
 
 }  // namespace ringtree

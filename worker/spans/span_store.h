@@ -246,6 +246,11 @@ class SpanStore {
   // Changes hot_budget_bytes (0 = unlimited) and, with a data_dir, evicts
   // down to it now. For a per-rank budget shared by many stores. Mutator.
   Status SetHotBudget(size_t bytes);
+  // Reads cold spans back into RAM, newest first, while they fit the hot
+  // budget (all of them when it is 0). After Open() only sinks, window and
+  // the open tail are hot; this restores the hot set a running store has
+  // (eviction takes the oldest first). Mutator. Errors: as reads (DATA_LOSS).
+  Status WarmNewest();
 
  private:
   struct Span {
@@ -283,8 +288,24 @@ class SpanStore {
   Status WriteRecord(int64_t span);
   Status EnforceHotBudget();
   Result<SpanData> ReadSpan(int64_t span, bool use_cache, bool insert_into_cache) const;
+  // Reads a cold span's record header + payload straight into k_dst / v_dst
+  // (tokens * row_bytes() each) with one preadv and verifies it; DATA_LOSS
+  // naming file@offset on any mismatch.
+  Status ReadColdInto(int64_t span, uint8_t* k_dst, uint8_t* v_dst) const;
+  // Same for many spans (in file order for best effect): records adjacent in
+  // the file are read with one preadv each run.
+  struct ColdRead {
+    int64_t span;
+    uint8_t* k;
+    uint8_t* v;
+  };
+  Status ReadColdRun(const ColdRead* reads, size_t count) const;
+  // INVALID_ARGUMENT unless sorted, unique and in range.
+  Status CheckSpanList(const std::vector<int64_t>& span_indices) const;
+  // gather: chunks may join spans that are not position-contiguous (the
+  // visitor must not rely on positions; used when every key is visible).
   Status StreamChunks(const std::vector<int64_t>& spans, bool use_cache, bool insert_into_cache,
-                      bool split_per_span, const ChunkVisitor& visitor) const;
+                      bool split_per_span, bool gather, const ChunkVisitor& visitor) const;
   Status SelectForRequest(const SpanScores& scores, const std::vector<int64_t>& candidates,
                           const RetrievalRequest& request, int64_t first_take,
                           std::vector<SpanCandidate>* ranked, int64_t* take) const;
