@@ -3,6 +3,9 @@
 #include <algorithm>
 #include <cmath>
 
+#include <tbb/blocked_range.h>
+#include <tbb/parallel_for.h>
+
 namespace ringtree {
 
 namespace {
@@ -13,6 +16,40 @@ inline double LogAdd(double a, double b) {
   if (b == kNegInf) return a;
   double m = std::max(a, b);
   return m + std::log(std::exp(a - m) + std::exp(b - m));
+}
+
+// Per row: log sum over `spans` of tokens_s * exp(values[s * rows + r]), in
+// double, over blocks of spans in parallel (two passes per block: max, then
+// sum), combined in block order so the result does not depend on scheduling.
+std::vector<double> BlockLogSumExp(const std::vector<float>& values, int64_t rows,
+                                   const std::vector<int32_t>& span_tokens,
+                                   const std::vector<int64_t>& spans) {
+  const int64_t n = static_cast<int64_t>(spans.size());
+  const int64_t block = 2048;
+  const int64_t blocks = (n + block - 1) / block;
+  std::vector<double> partial(size_t(blocks) * rows, kNegInf);
+  tbb::parallel_for(int64_t{0}, blocks, [&](int64_t b) {
+    const int64_t begin = b * block, end = std::min(n, begin + block);
+    std::vector<double> maxv(rows, kNegInf), sum(rows, 0.0);
+    for (int64_t i = begin; i < end; ++i) {
+      const float* e = &values[size_t(spans[i]) * rows];
+      const double lt = std::log(static_cast<double>(span_tokens[spans[i]]));
+      for (int64_t r = 0; r < rows; ++r) maxv[r] = std::max(maxv[r], e[r] + lt);
+    }
+    for (int64_t i = begin; i < end; ++i) {
+      const float* e = &values[size_t(spans[i]) * rows];
+      const double lt = std::log(static_cast<double>(span_tokens[spans[i]]));
+      for (int64_t r = 0; r < rows; ++r)
+        if (maxv[r] != kNegInf) sum[r] += std::exp(e[r] + lt - maxv[r]);
+    }
+    double* out = &partial[size_t(b) * rows];
+    for (int64_t r = 0; r < rows; ++r)
+      if (maxv[r] != kNegInf) out[r] = maxv[r] + std::log(sum[r]);
+  });
+  std::vector<double> out(rows, kNegInf);
+  for (int64_t b = 0; b < blocks; ++b)
+    for (int64_t r = 0; r < rows; ++r) out[r] = LogAdd(out[r], partial[size_t(b) * rows + r]);
+  return out;
 }
 }  // namespace
 
@@ -42,24 +79,7 @@ const char* SkippedEstimateName(SkippedEstimate estimate) {
 
 std::vector<double> LogNormalizers(const SpanScores& scores, const std::vector<int32_t>& span_tokens,
                                    const std::vector<int64_t>& candidates) {
-  const int64_t rows = scores.rows;
-  // Two passes per row (max, then sum) for stability.
-  std::vector<double> maxv(rows, kNegInf), sum(rows, 0.0);
-  for (int64_t s : candidates) {
-    const float* e = &scores.estimate[s * rows];
-    const double lt = std::log(static_cast<double>(span_tokens[s]));
-    for (int64_t r = 0; r < rows; ++r) maxv[r] = std::max(maxv[r], e[r] + lt);
-  }
-  for (int64_t s : candidates) {
-    const float* e = &scores.estimate[s * rows];
-    const double lt = std::log(static_cast<double>(span_tokens[s]));
-    for (int64_t r = 0; r < rows; ++r)
-      if (maxv[r] != kNegInf) sum[r] += std::exp(e[r] + lt - maxv[r]);
-  }
-  std::vector<double> out(rows, kNegInf);
-  for (int64_t r = 0; r < rows; ++r)
-    if (maxv[r] != kNegInf) out[r] = maxv[r] + std::log(sum[r]);
-  return out;
+  return BlockLogSumExp(scores.estimate, scores.rows, span_tokens, candidates);
 }
 
 void LogAddNormalizers(std::vector<double>* acc, const std::vector<double>& other) {
@@ -84,21 +104,23 @@ std::vector<SpanCandidate> RankCandidates(const SpanScores& scores,
                                           const std::vector<int64_t>& candidates,
                                           const std::vector<double>& normalizer) {
   const int64_t rows = scores.rows;
-  std::vector<SpanCandidate> out;
-  out.reserve(candidates.size());
-  for (int64_t s : candidates) {
-    const float* e = &scores.estimate[s * rows];
-    const double lt = std::log(static_cast<double>(span_tokens[s]));
-    double p = 0.0;
-    for (int64_t r = 0; r < rows; ++r)
-      if (normalizer[r] != kNegInf && e[r] != -INFINITY) p += std::exp(e[r] + lt - normalizer[r]);
-    SpanCandidate c;
-    c.span_index = s;
-    c.position_start = span_positions[s];
-    c.tokens = span_tokens[s];
-    c.priority = p;
-    out.push_back(c);
-  }
+  std::vector<SpanCandidate> out(candidates.size());
+  tbb::parallel_for(tbb::blocked_range<size_t>(0, candidates.size(), 1024),
+                    [&](const tbb::blocked_range<size_t>& range) {
+    for (size_t i = range.begin(); i < range.end(); ++i) {
+      const int64_t s = candidates[i];
+      const float* e = &scores.estimate[s * rows];
+      const double lt = std::log(static_cast<double>(span_tokens[s]));
+      double p = 0.0;
+      for (int64_t r = 0; r < rows; ++r)
+        if (normalizer[r] != kNegInf && e[r] != -INFINITY) p += std::exp(e[r] + lt - normalizer[r]);
+      SpanCandidate& c = out[i];
+      c.span_index = s;
+      c.position_start = span_positions[s];
+      c.tokens = span_tokens[s];
+      c.priority = p;
+    }
+  });
   std::sort(out.begin(), out.end(), Better);
   return out;
 }
@@ -123,23 +145,7 @@ std::vector<SpanCandidate> MergeTopCandidates(
 std::vector<double> LogUpperSkippedMass(const SpanScores& scores,
                                         const std::vector<int32_t>& span_tokens,
                                         const std::vector<int64_t>& skipped) {
-  const int64_t rows = scores.rows;
-  std::vector<double> maxv(rows, kNegInf), sum(rows, 0.0);
-  for (int64_t s : skipped) {
-    const float* u = &scores.upper[s * rows];
-    const double lt = std::log(static_cast<double>(span_tokens[s]));
-    for (int64_t r = 0; r < rows; ++r) maxv[r] = std::max(maxv[r], u[r] + lt);
-  }
-  for (int64_t s : skipped) {
-    const float* u = &scores.upper[s * rows];
-    const double lt = std::log(static_cast<double>(span_tokens[s]));
-    for (int64_t r = 0; r < rows; ++r)
-      if (maxv[r] != kNegInf) sum[r] += std::exp(u[r] + lt - maxv[r]);
-  }
-  std::vector<double> out(rows, kNegInf);
-  for (int64_t r = 0; r < rows; ++r)
-    if (maxv[r] != kNegInf) out[r] = maxv[r] + std::log(sum[r]);
-  return out;
+  return BlockLogSumExp(scores.upper, scores.rows, span_tokens, skipped);
 }
 
 std::vector<float> SkippedMassBound(const float* attended_lse,
