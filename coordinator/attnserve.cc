@@ -1,6 +1,13 @@
 // attnserve: the attention service. Launch with mpirun (launch/attnserve):
 //
-//   mpirun -np P attnserve --listen 127.0.0.1:50051 [limits...]
+//   mpirun -np P attnserve --listen 127.0.0.1:50051 [--data-dir DIR] [limits...]
+//
+// Storage: every rank keeps its K/V in span stores (worker/spans). Without
+// --data-dir everything stays in RAM and --kv-budget-mib refuses appends past
+// it (as before). With --data-dir, each rank keeps at most --hot-budget-mib
+// of K/V in RAM and spills the rest to span files under DIR/rank-<r>/, up to
+// --disk-budget-mib per rank; sessions are durable (DIR/sessions/*.json on
+// rank 0) and a restart on the same DIR with the same rank count recovers them.
 //
 // Rank 0 hosts the gRPC server and runs the engine loop on its main thread
 // (the only thread of rank 0 that calls MPI); ranks 1..P-1 run the worker
@@ -16,6 +23,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <limits>
 #include <csignal>
 #include <cstdio>
 #include <fstream>
@@ -28,6 +36,7 @@
 #include "coordinator/service.h"
 #include "coordinator/service_stats.h"
 #include "coordinator/session_registry.h"
+#include "coordinator/session_store.h"
 #include "dist/communicator.h"
 #include "kernels/blas.h"
 #include "worker/engine/engine.h"
@@ -69,6 +78,9 @@ int main(int argc, char** argv) {
   EngineLoopOptions loop_options;
   int64_t kv_budget_mib = 8192, max_sessions = 1024;
   int max_message_mib = 64, threads = 0, grace_seconds = 10, spin_us = 2000, sleep_us = 100;
+  std::string data_dir;
+  int64_t hot_budget_mib = 4096, disk_budget_mib = 0, cache_mib = 256;
+  int readahead_chunks = 4;
   app.add_option("--listen", listen, "host:port to listen on (port 0 = any free port)")->capture_default_str();
   app.add_option("--port-file", port_file, "write the bound port here once ready");
   app.add_option("--pid-file", pid_file, "write rank 0's pid here once ready (send it SIGTERM to stop)");
@@ -79,6 +91,16 @@ int main(int argc, char** argv) {
   app.add_option("--max-in-flight", admission_limits.max_in_flight, "admitted, not completed requests")
       ->capture_default_str();
   app.add_option("--kv-budget-mib", kv_budget_mib, "stored K/V budget, all ranks, MiB")->capture_default_str();
+  app.add_option("--data-dir", data_dir,
+                 "durable sessions and a disk tier: span files per rank and session metadata here");
+  app.add_option("--hot-budget-mib", hot_budget_mib, "with --data-dir: K/V kept in RAM per rank, MiB (0 = unlimited)")
+      ->capture_default_str();
+  app.add_option("--disk-budget-mib", disk_budget_mib, "with --data-dir: span-file bytes per rank, MiB (0 = unlimited)")
+      ->capture_default_str();
+  app.add_option("--cache-mib", cache_mib, "with --data-dir: LRU cache of cold spans read back, per rank, MiB")
+      ->capture_default_str();
+  app.add_option("--readahead-chunks", readahead_chunks, "chunks of cold spans read ahead of the kernel")
+      ->capture_default_str();
   app.add_option("--max-batch", loop_options.max_batch, "requests per decode/attend engine step")->capture_default_str();
   app.add_option("--max-sessions", max_sessions, "sessions, all tenants")->capture_default_str();
   app.add_option("--max-layers", request_limits.max_layers, "layers per session")->capture_default_str();
@@ -105,6 +127,21 @@ int main(int argc, char** argv) {
   }
   admission_limits.kv_budget_bytes = kv_budget_mib << 20;
   loop_options.max_queue = admission_limits.max_queue;
+  EngineConfig engine_config;
+  StorageSettings storage;
+  if (!data_dir.empty()) {
+    // The memory budget spills to disk: what bounds stored K/V is the disk
+    // budget, checked per rank by the engine loop before anything changes.
+    admission_limits.kv_budget_bytes = std::numeric_limits<int64_t>::max();
+    loop_options.disk_budget_bytes = disk_budget_mib << 20;
+    engine_config.data_dir = data_dir;
+    engine_config.hot_budget_bytes = static_cast<size_t>(hot_budget_mib) << 20;
+    engine_config.cache_budget_bytes = static_cast<size_t>(cache_mib) << 20;
+    engine_config.readahead_chunks = std::max(1, readahead_chunks);
+    storage.durable = true;
+    storage.hot_budget_bytes = hot_budget_mib << 20;
+    storage.disk_budget_bytes = disk_budget_mib << 20;
+  }
 
   auto env = MpiEnvironment::Init(&argc, &argv, MpiEnvironment::ThreadLevel::kSerialized);
   if (!env.ok()) return Fail(-1, env.status());
@@ -118,7 +155,7 @@ int main(int argc, char** argv) {
   if (!command_comm.ok()) return Fail(rank, command_comm.status());
   auto compute_comm = world.Duplicate();
   if (!compute_comm.ok()) return Fail(rank, compute_comm.status());
-  auto engine = WorkerEngine::Create(*compute_comm, 0);
+  auto engine = WorkerEngine::Create(*compute_comm, 0, engine_config);
   if (!engine.ok()) return Fail(rank, engine.status());
   CommandChannel channel(*command_comm);
 
@@ -152,8 +189,17 @@ int main(int argc, char** argv) {
   Admission admission(admission_limits);
   ServiceStats stats;
   SessionRegistry registry(ranks, max_sessions);
-  EngineLoop loop(**engine, channel, ranks, admission, stats, loop_options);
-  AttentionServiceImpl service(registry, admission, loop, stats, auth, request_limits, ranks);
+  SessionStore session_store(data_dir);
+  EngineLoop loop(**engine, channel, ranks, admission, stats, loop_options, &session_store);
+  AttentionServiceImpl service(registry, admission, loop, stats, auth, request_limits, ranks, &session_store, storage);
+  size_t restored = 0;
+  if (setup.ok() && session_store.enabled()) {
+    auto loaded = session_store.LoadAll(ranks);
+    if (!loaded.ok()) setup = loaded.status();
+    for (size_t i = 0; setup.ok() && loaded.ok() && i < loaded->size(); ++i) setup = registry.Restore((*loaded)[i]);
+    if (setup.ok()) setup = loop.Restore(registry.All());
+    restored = setup.ok() ? registry.size() : 0;
+  }
   std::unique_ptr<grpc::Server> server;
   int port = 0;
   if (setup.ok()) {
@@ -191,9 +237,10 @@ int main(int argc, char** argv) {
     std::ofstream(tmp) << port << "\n";
     std::rename(tmp.c_str(), port_file.c_str());
   }
-  std::printf("[attnserve] ready: listening on %s:%d (pid %d, %d ranks, %d threads/rank, tls %s, auth %s)\n",
+  std::printf("[attnserve] ready: listening on %s:%d (pid %d, %d ranks, %d threads/rank, tls %s, auth %s, data-dir %s,"
+              " %zu sessions restored)\n",
               host.c_str(), port, static_cast<int>(getpid()), ranks, threads, tls_cert.empty() ? "off" : "on",
-              auth.enabled() ? "on" : "off");
+              auth.enabled() ? "on" : "off", data_dir.empty() ? "none" : data_dir.c_str(), restored);
   std::fflush(stdout);
 
   // Shutdown: on a signal, stop admitting and let gRPC drain the handlers

@@ -2,6 +2,8 @@
 
 #include <cstring>
 #include <map>
+
+#include "kernels/merge.h"
 #include <set>
 #include <tuple>
 
@@ -28,7 +30,7 @@ void WorkItem::Finish(Status s) {
 }
 
 EngineLoop::EngineLoop(WorkerEngine& engine, const CommandChannel& channel, int world_size, Admission& admission,
-                       ServiceStats& stats, EngineLoopOptions options)
+                       ServiceStats& stats, EngineLoopOptions options, const SessionStore* sessions)
     : engine_(engine),
       channel_(channel),
       world_size_(world_size),
@@ -36,7 +38,10 @@ EngineLoop::EngineLoop(WorkerEngine& engine, const CommandChannel& channel, int 
       stats_(stats),
       options_(options),
       rank_bytes_(world_size, 0),
-      rank_tokens_(world_size, 0) {}
+      rank_tokens_(world_size, 0),
+      rank_disk_(world_size, 0),
+      rank_hot_(world_size, 0),
+      sessions_(sessions) {}
 
 bool EngineLoop::Submit(std::shared_ptr<WorkItem> item) {
   {
@@ -60,6 +65,72 @@ std::vector<int64_t> EngineLoop::RankBytes() const {
 std::vector<int64_t> EngineLoop::RankTokens() const {
   std::lock_guard<std::mutex> lock(placement_mu_);
   return rank_tokens_;
+}
+
+std::vector<int64_t> EngineLoop::RankDiskBytes() const {
+  std::lock_guard<std::mutex> lock(placement_mu_);
+  return rank_disk_;
+}
+
+std::vector<int64_t> EngineLoop::RankHotBytes() const {
+  std::lock_guard<std::mutex> lock(placement_mu_);
+  return rank_hot_;
+}
+
+Status EngineLoop::CheckDiskBudget(const SessionRecord& s, const std::vector<PlacedRun>& runs) const {
+  if (sessions_ == nullptr || !sessions_->enabled() || options_.disk_budget_bytes <= 0) return Status::Ok();
+  const int64_t row_bytes = s.shape.row_bytes();
+  const int64_t span = std::max(1, s.shape.span_tokens);
+  // Per span record: header plus summaries (max/min/mean keys, mean values).
+  const int64_t record_overhead = 128 + 4 * int64_t(s.shape.kv_heads) * s.shape.head_dim * 4;
+  std::vector<int64_t> added(world_size_, 0);
+  for (const PlacedRun& r : runs) {
+    added[r.rank] += 2 * r.tokens * row_bytes + (r.tokens / span + 2) * record_overhead;
+  }
+  const std::vector<int64_t> used = RankDiskBytes();
+  for (int r = 0; r < world_size_; ++r) {
+    if (added[r] == 0) continue;
+    // Sync rewrites the open tail span as a partial record: up to one span more.
+    added[r] += 2 * span * row_bytes + record_overhead;
+    if (used[r] + added[r] > options_.disk_budget_bytes) {
+      return Status::ResourceExhausted(
+          "disk budget of " + std::to_string(options_.disk_budget_bytes >> 20) +
+          " MiB per rank (--disk-budget-mib) would be exceeded on rank " + std::to_string(r) + ": " +
+          std::to_string(used[r]) + " bytes used, this call may need up to " + std::to_string(added[r]));
+    }
+  }
+  return Status::Ok();
+}
+
+Status EngineLoop::AfterWrite(const SessionRecord& s, const EngineOutput& out) {
+  if (!out.rank_disk_bytes.empty()) {
+    std::lock_guard<std::mutex> lock(placement_mu_);
+    rank_disk_ = out.rank_disk_bytes;
+    rank_hot_ = out.rank_hot_bytes;
+  }
+  if (sessions_ == nullptr) return Status::Ok();
+  return sessions_->Save(s);
+}
+
+Status EngineLoop::Restore(const std::vector<std::shared_ptr<SessionRecord>>& sessions) {
+  std::vector<uint64_t> live;
+  for (const auto& s : sessions) {
+    live.push_back(s->shape.handle);
+    std::lock_guard<std::mutex> lock(placement_mu_);
+    for (const LayerLayout& l : s->layers) {
+      for (int r = 0; r < world_size_ && r < static_cast<int>(l.rank_tokens.size()); ++r) {
+        rank_tokens_[r] += l.rank_tokens[r];
+        rank_bytes_[r] += 2 * l.rank_tokens[r] * s->shape.row_bytes();
+      }
+    }
+  }
+  std::vector<Command> commands(world_size_);
+  for (auto& c : commands) {
+    c.kind = CommandKind::kRestore;
+    c.live_handles = live;
+  }
+  Result<EngineOutput> out = Broadcast(commands);
+  return out.status();
 }
 
 void EngineLoop::AddPlaced(const SessionShape& shape, const std::vector<PlacedRun>& runs) {
@@ -97,7 +168,8 @@ std::vector<std::shared_ptr<WorkItem>> EngineLoop::NextStep(const std::function<
       queue_.pop_front();
       const uint64_t handle = item->session->shape.handle;
       const Key key{handle, item->layer};
-      const bool batchable = item->kind == WorkItem::Kind::kDecode || item->kind == WorkItem::Kind::kAttend;
+      const bool batchable = (item->kind == WorkItem::Kind::kDecode || item->kind == WorkItem::Kind::kAttend) &&
+                             !item->retrieval.enabled;
       if (item->cancelled || now >= item->deadline ||
           (item->session->deleted && item->kind != WorkItem::Kind::kDelete)) {
         finished.push_back(std::move(item));
@@ -152,7 +224,11 @@ Status EngineLoop::Run(const std::function<bool()>& should_exit) {
       case WorkItem::Kind::kAppend: RunAppend(*step[0]); break;
       case WorkItem::Kind::kPrefill: RunPrefill(*step[0]); break;
       case WorkItem::Kind::kDelete: RunDelete(*step[0]); break;
-      default: RunAttentionStep(step); break;
+      case WorkItem::Kind::kRetrieveKV: RunRetrieve(*step[0]); break;
+      default:
+        if (step[0]->retrieval.enabled) RunRetrieve(*step[0]);
+        else RunAttentionStep(step);
+        break;
     }
   }
   Command shutdown;
@@ -202,9 +278,14 @@ void EngineLoop::RunAppend(WorkItem& item) {
   std::vector<PlacedRun> runs;
   {
     std::lock_guard<std::mutex> lock(s.mu);
-    LayerLayout& layout = s.layers[item.layer];
+    LayerLayout layout = s.layers[item.layer];
     item.first_position = layout.tokens;
     runs = PlaceAppend(layout, item.kv_tokens, s.config.span_tokens(), RankBytes());
+    if (Status disk = CheckDiskBudget(s, runs); !disk.ok()) {
+      Complete(item, disk);
+      return;
+    }
+    s.layers[item.layer] = layout;
     item.layer_tokens = layout.tokens;
     s.kv_bytes += 2 * item.kv_tokens * row_bytes;
   }
@@ -220,7 +301,8 @@ void EngineLoop::RunAppend(WorkItem& item) {
   item.v.clear();
   Result<EngineOutput> out = Broadcast(commands);
   stats_.RecordBatch("append", 1);
-  Complete(item, out.ok() ? Status::Ok() : out.status());
+  Status st = out.ok() ? AfterWrite(s, *out) : out.status();
+  Complete(item, st);
 }
 
 void EngineLoop::RunPrefill(WorkItem& item) {
@@ -235,11 +317,15 @@ void EngineLoop::RunPrefill(WorkItem& item) {
   }
   after = before;
   const std::vector<PlacedRun> runs = PlacePrefill(after, item.kv_tokens, s.config.span_tokens(), world_size_);
+  if (Status disk = CheckDiskBudget(s, runs); !disk.ok()) {
+    Complete(item, disk);
+    return;
+  }
   const int64_t first = before.tokens;
+  const bool cached = before.tokens > 0;
   std::vector<Command> commands(world_size_);
   std::vector<int64_t> rows_per_rank(world_size_, 0);
   for (const PlacedRun& r : runs) rows_per_rank[r.rank] += r.tokens;
-  int64_t cached_offset = 0;
   for (int d = 0; d < world_size_; ++d) {
     PrefillCommand& p = commands[d].prefill;
     commands[d].kind = CommandKind::kPrefill;
@@ -247,8 +333,11 @@ void EngineLoop::RunPrefill(WorkItem& item) {
     p.layer = item.layer;
     p.scale = item.scale;
     p.return_lse = item.return_lse;
-    p.cached_offset = cached_offset;
-    cached_offset += before.rank_tokens[d];
+    if (cached) {
+      p.chunk_first = first;
+      p.chunk_tokens = item.q_tokens;
+      p.all_q = item.q;
+    }
     p.rows = SliceRows(runs, d, first, row_bytes, item.k, item.v);
     for (const PlacedRun& r : runs) {
       if (r.rank != d) continue;
@@ -274,26 +363,36 @@ void EngineLoop::RunPrefill(WorkItem& item) {
   for (int d = 0; d < world_size_; ++d) ring += 2 * after.rank_tokens[d] * row_bytes * (world_size_ - 1);
   stats_.AddBytes(ring, 0, 0);
   // Reassemble the output in position order from each rank's run-ordered rows.
+  const bool need_lse = item.return_lse || cached;
   item.o.assign(static_cast<size_t>(item.q_tokens * q_row), 0.0f);
-  if (item.return_lse) item.lse.assign(static_cast<size_t>(item.q_tokens * shape.heads), 0.0f);
+  if (need_lse) item.lse.assign(static_cast<size_t>(item.q_tokens * shape.heads), 0.0f);
   std::vector<int64_t> cursor(world_size_, 0);
   for (const PlacedRun& r : runs) {
     const int64_t at = r.position - first;
     std::memcpy(item.o.data() + at * q_row, out->rank_o[r.rank].data() + cursor[r.rank] * q_row,
                 sizeof(float) * r.tokens * q_row);
-    if (item.return_lse) {
+    if (need_lse) {
       std::memcpy(item.lse.data() + at * shape.heads, out->rank_lse[r.rank].data() + cursor[r.rank] * shape.heads,
                   sizeof(float) * r.tokens * shape.heads);
     }
     cursor[r.rank] += r.tokens;
   }
+  // Stored context: merge the tree-reduced partial over it.
+  if (cached && !out->prefill_cached_o.empty()) {
+    MergePartials(item.o.data(), item.lse.data(), out->prefill_cached_o.data(), out->prefill_cached_lse.data(),
+                  item.q_tokens * shape.heads, shape.head_dim);
+  }
+  if (!item.return_lse) item.lse.clear();
   item.first_position = first;
   item.layer_tokens = after.tokens;
-  Complete(item, Status::Ok());
+  Complete(item, AfterWrite(s, *out));
 }
 
 void EngineLoop::RunDelete(WorkItem& item) {
   SessionRecord& s = *item.session;
+  // Metadata first: a crash after this leaves orphan store files, which the
+  // next start removes (Restore); never metadata without its stores.
+  Status removed = sessions_ ? sessions_->Remove(s.id) : Status::Ok();
   std::vector<Command> commands(world_size_);
   for (auto& c : commands) {
     c.kind = CommandKind::kDeleteSession;
@@ -313,7 +412,7 @@ void EngineLoop::RunDelete(WorkItem& item) {
     s.kv_bytes = 0;
   }
   admission_.FreeKv(item.freed_bytes);
-  Complete(item, out.ok() ? Status::Ok() : out.status());
+  Complete(item, !out.ok() ? out.status() : removed);
 }
 
 void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items) {
@@ -330,6 +429,7 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
   std::vector<Group> groups;
   std::map<std::tuple<uint64_t, int, float>, size_t> attend_group;
   int decodes = 0, attends = 0;
+  std::vector<std::pair<WorkItem*, Status>> refused;  // decodes over the disk budget
   const std::vector<int64_t> rank_bytes = RankBytes();
   for (auto& ptr : items) {
     WorkItem& item = *ptr;
@@ -339,9 +439,16 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
       Group g;
       {
         std::lock_guard<std::mutex> lock(s.mu);
-        LayerLayout& layout = s.layers[item.layer];
+        LayerLayout layout = s.layers[item.layer];
         item.first_position = layout.tokens;
         g.runs = PlaceAppend(layout, item.kv_tokens, s.config.span_tokens(), rank_bytes);
+        Status disk = CheckDiskBudget(s, g.runs);
+        if (!disk.ok()) {
+          --decodes;
+          refused.push_back({&item, disk});
+          continue;
+        }
+        s.layers[item.layer] = layout;
         item.layer_tokens = layout.tokens;
         s.kv_bytes += 2 * item.kv_tokens * s.shape.row_bytes();
       }
@@ -379,6 +486,8 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
     g.batch.q.insert(g.batch.q.end(), item.q.begin(), item.q.end());
     g.batch.q_tokens += item.q_tokens;
   }
+  for (auto& [item, status] : refused) Complete(*item, status);
+  if (groups.empty()) return;
   std::vector<Command> commands(world_size_);
   for (int d = 0; d < world_size_; ++d) {
     commands[d].kind = CommandKind::kAttendBatch;
@@ -392,7 +501,15 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
     }
   }
   Result<EngineOutput> out = Broadcast(commands);
-  const int batch_size = static_cast<int>(items.size());
+  const int batch_size = static_cast<int>(items.size() - refused.size());
+  Status persisted = Status::Ok();
+  if (out.ok() && decodes > 0) {
+    for (const Group& g : groups) {
+      if (g.decode == nullptr) continue;
+      Status st = AfterWrite(*g.decode->session, *out);
+      if (!st.ok() && persisted.ok()) persisted = st;
+    }
+  }
   if (decodes) stats_.RecordBatch("decode", decodes);
   if (attends) stats_.RecordBatch("attend", attends);
   stats_.RecordBatch("step", batch_size);
@@ -408,8 +525,8 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
     for (const Member& m : g.members) {
       WorkItem& item = *m.item;
       item.batch_size = batch_size;
-      if (!out.ok()) {
-        Complete(item, out.status());
+      if (!out.ok() || !persisted.ok()) {
+        Complete(item, out.ok() ? persisted : out.status());
         continue;
       }
       const std::vector<float>& o = out->group_o[i];
@@ -419,6 +536,68 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
       Complete(item, Status::Ok());
     }
   }
+}
+
+void EngineLoop::RunRetrieve(WorkItem& item) {
+  SessionRecord& s = *item.session;
+  const bool decode = item.kind == WorkItem::Kind::kDecode;
+  RetrieveCommand base;
+  BatchGroup& g = base.group;
+  g.session = s.shape;
+  g.layer = item.layer;
+  g.causal = decode;
+  g.scale = item.scale;
+  g.q_tokens = item.q_tokens;
+  std::vector<PlacedRun> runs;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    LayerLayout layout = s.layers[item.layer];
+    item.first_position = layout.tokens;
+    if (decode) {
+      runs = PlaceAppend(layout, item.kv_tokens, s.config.span_tokens(), RankBytes());
+      if (Status disk = CheckDiskBudget(s, runs); !disk.ok()) {
+        Complete(item, disk);
+        return;
+      }
+      s.layers[item.layer] = layout;
+      s.kv_bytes += 2 * item.kv_tokens * s.shape.row_bytes();
+    }
+    item.layer_tokens = layout.tokens;
+  }
+  if (decode) AddPlaced(s.shape, runs);
+  g.q_position = decode ? item.first_position : 0;
+  base.top_k_spans = item.retrieval.top_k_spans;
+  base.token_budget = item.retrieval.token_budget;
+  base.mass_tolerance = item.retrieval.mass_tolerance;
+  base.score_mode = item.retrieval.score_mode;
+  base.context_end = item.layer_tokens;
+  base.kv_only = item.kind == WorkItem::Kind::kRetrieveKV;
+  base.include_always = item.retrieval.include_always;
+  std::vector<Command> commands(world_size_);
+  for (int d = 0; d < world_size_; ++d) {
+    commands[d].kind = CommandKind::kRetrieve;
+    commands[d].retrieve = base;
+    commands[d].retrieve.group.q = item.q;
+    if (decode) {
+      commands[d].retrieve.group.new_rows =
+          SliceRows(runs, d, item.first_position, s.shape.row_bytes(), item.k, item.v);
+    }
+  }
+  Result<EngineOutput> out = Broadcast(commands);
+  stats_.RecordBatch(base.kv_only ? "retrieve_kv" : "retrieval", 1);
+  item.batch_size = 1;
+  if (!out.ok()) {
+    Complete(item, out.status());
+    return;
+  }
+  item.retrieval_out = std::move(out->retrieval);
+  if (base.kv_only) {
+    item.kv_runs = std::move(out->runs);
+  } else if (!out->group_o.empty()) {
+    item.o = std::move(out->group_o[0]);
+    if (item.return_lse) item.lse = std::move(out->group_lse[0]);
+  }
+  Complete(item, decode ? AfterWrite(s, *out) : Status::Ok());
 }
 
 }  // namespace ringtree

@@ -26,12 +26,23 @@
 #include "coordinator/admission.h"
 #include "coordinator/service_stats.h"
 #include "coordinator/session_registry.h"
+#include "coordinator/session_store.h"
 #include "worker/engine/engine.h"
 
 namespace ringtree {
 
+// Retrieval parameters of a Decode/Attend in retrieval mode or a RetrieveKV.
+struct RetrievalParams {
+  bool enabled = false;
+  int64_t top_k_spans = 0;
+  int64_t token_budget = 0;
+  double mass_tolerance = -1.0;  // >= 0: tolerance mode
+  uint8_t score_mode = 2;        // SpanScoreMode (kBlend)
+  bool include_always = false;   // RetrieveKV
+};
+
 struct WorkItem {
-  enum class Kind { kDelete, kAppend, kPrefill, kDecode, kAttend };
+  enum class Kind { kDelete, kAppend, kPrefill, kDecode, kAttend, kRetrieveKV };
   Kind kind = Kind::kDecode;
   std::shared_ptr<SessionRecord> session;
   int layer = 0;
@@ -42,6 +53,7 @@ struct WorkItem {
   int64_t kv_tokens = 0;
   float scale = 0.0f;
   bool return_lse = false;
+  RetrievalParams retrieval;      // kDecode/kAttend in retrieval mode, kRetrieveKV
   int64_t reserved_kv_bytes = 0;  // released on failure
   bool admitted = false;          // counts in Admission's in-flight
   std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
@@ -54,6 +66,8 @@ struct WorkItem {
   int64_t layer_tokens = 0;
   int batch_size = 0;
   int64_t freed_bytes = 0;
+  RetrievalOutput retrieval_out;      // retrieval mode
+  std::vector<RetrievedRun> kv_runs;  // kRetrieveKV
 
   // Waits until done, `deadline`, or `cancelled()` returns true (checked
   // every few milliseconds). Returns true when done.
@@ -69,12 +83,22 @@ struct WorkItem {
 struct EngineLoopOptions {
   int max_batch = 64;         // requests per decode/attend step
   int64_t max_queue = 256;    // hard bound of the queue (admission checks it first)
+  // With a data directory: span-file bytes per rank (0 = unlimited). A write
+  // that could exceed it on any rank is refused before anything changes.
+  int64_t disk_budget_bytes = 0;
 };
 
 class EngineLoop {
  public:
+  // `sessions` persists session metadata after every write step (no-op
+  // without a data directory).
   EngineLoop(WorkerEngine& engine, const CommandChannel& channel, int world_size, Admission& admission,
-             ServiceStats& stats, EngineLoopOptions options);
+             ServiceStats& stats, EngineLoopOptions options, const SessionStore* sessions = nullptr);
+
+  // Startup after a restart (engine thread, before Run): counts the restored
+  // sessions' placement and tells every rank which sessions exist (files of
+  // others are removed). Collective with the workers.
+  Status Restore(const std::vector<std::shared_ptr<SessionRecord>>& sessions);
 
   // Thread-safe. Queues an admitted item. False when the queue is full.
   bool Submit(std::shared_ptr<WorkItem> item);
@@ -82,6 +106,9 @@ class EngineLoop {
   // Per-rank stored bytes/tokens (all sessions), as placed by the engine.
   std::vector<int64_t> RankBytes() const;
   std::vector<int64_t> RankTokens() const;
+  // Per-rank span-file and hot bytes after the last write step (data dir only).
+  std::vector<int64_t> RankDiskBytes() const;
+  std::vector<int64_t> RankHotBytes() const;
 
   // Runs steps until `should_exit()` returns true while the queue is empty,
   // then tells every worker to shut down. Must run on the thread that owns
@@ -94,6 +121,12 @@ class EngineLoop {
   void RunAppend(WorkItem& item);
   void RunPrefill(WorkItem& item);
   void RunDelete(WorkItem& item);
+  void RunRetrieve(WorkItem& item);
+  // Refuses (RESOURCE_EXHAUSTED, no state change) a placement that could take
+  // a rank's span file past --disk-budget-mib.
+  Status CheckDiskBudget(const SessionRecord& s, const std::vector<PlacedRun>& runs) const;
+  // After a successful write step: records disk/hot bytes, persists metadata.
+  Status AfterWrite(const SessionRecord& s, const EngineOutput& out);
   // Sends per-rank commands to workers, executes rank 0's. Returns rank 0's output.
   Result<EngineOutput> Broadcast(std::vector<Command>& commands);
   void Complete(WorkItem& item, Status status);
@@ -112,6 +145,8 @@ class EngineLoop {
   std::atomic<int64_t> depth_{0};
   mutable std::mutex placement_mu_;
   std::vector<int64_t> rank_bytes_, rank_tokens_;
+  std::vector<int64_t> rank_disk_, rank_hot_;  // guarded by placement_mu_
+  const SessionStore* sessions_ = nullptr;
 };
 
 }  // namespace ringtree

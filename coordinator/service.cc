@@ -143,6 +143,44 @@ Clock::time_point SteadyDeadline(const grpc::ServerContext& context) {
   return Clock::now() + std::chrono::duration_cast<Clock::duration>(left);
 }
 
+// Validates RetrievalOptions into params (enabled).
+Status CheckRetrieval(const v1::RetrievalOptions& r, const char* method, RetrievalParams* params) {
+  const std::string f = Tag(method) + "retrieval.";
+  if (r.top_k_spans() < 0) return Status::InvalidArgument(f + "top_k_spans: must be >= 0");
+  if (r.token_budget() < 0) return Status::InvalidArgument(f + "token_budget: must be >= 0");
+  if (r.has_mass_tolerance() && (!std::isfinite(r.mass_tolerance()) || r.mass_tolerance() < 0 || r.mass_tolerance() > 1))
+    return Status::InvalidArgument(f + "mass_tolerance: must be in [0, 1]");
+  params->enabled = true;
+  params->top_k_spans = r.top_k_spans();
+  params->token_budget = r.token_budget();
+  params->mass_tolerance = r.has_mass_tolerance() ? r.mass_tolerance() : -1.0;
+  switch (r.score_mode()) {
+    case v1::SPAN_SCORE_MODE_UNSPECIFIED:
+    case v1::BLEND: params->score_mode = static_cast<uint8_t>(SpanScoreMode::kBlend); break;
+    case v1::UPPER_BOUND: params->score_mode = static_cast<uint8_t>(SpanScoreMode::kUpperBound); break;
+    case v1::MEAN_KEY: params->score_mode = static_cast<uint8_t>(SpanScoreMode::kMeanKey); break;
+    default: return Status::InvalidArgument(f + "score_mode: unknown value " + std::to_string(r.score_mode()));
+  }
+  return Status::Ok();
+}
+
+void PutRetrievalInfo(const RetrievalOutput& r, v1::RetrievalInfo* info) {
+  for (const UsedSpan& u : r.spans_used) {
+    v1::SpanRef* ref = info->add_spans_used();
+    ref->set_rank(u.rank);
+    ref->set_position_start(u.position_start);
+    ref->set_tokens(u.tokens);
+    ref->set_tier(u.tier == static_cast<uint8_t>(SpanTier::kHot) ? v1::HOT : v1::COLD);
+    ref->set_kind(u.kind == 0 ? v1::SINK : u.kind == 1 ? v1::WINDOW : v1::SELECTED);
+  }
+  for (float b : r.skipped_mass_bound) info->add_skipped_mass_bound(b);
+  info->set_max_skipped_mass_bound(r.max_skipped_mass_bound);
+  info->set_exact(r.exact);
+  info->set_rounds(r.rounds);
+  info->set_tokens_attended(r.tokens_attended);
+  info->set_selected_spans(r.selected_spans);
+}
+
 void PutOutput(const std::vector<float>& values, int64_t row_begin, int64_t rows, int64_t row_elems,
                std::vector<int64_t> shape, DType dtype, v1::Tensor* out) {
   shape[0] = rows;
@@ -153,7 +191,7 @@ void PutOutput(const std::vector<float>& values, int64_t row_begin, int64_t rows
 
 AttentionServiceImpl::AttentionServiceImpl(SessionRegistry& registry, Admission& admission, EngineLoop& engine,
                                            ServiceStats& stats, const TokenAuth& auth, RequestLimits limits,
-                                           int world_size)
+                                           int world_size, const SessionStore* sessions, StorageSettings storage)
     : registry_(registry),
       admission_(admission),
       engine_(engine),
@@ -161,6 +199,8 @@ AttentionServiceImpl::AttentionServiceImpl(SessionRegistry& registry, Admission&
       auth_(auth),
       limits_(limits),
       world_size_(world_size),
+      sessions_(sessions),
+      storage_(storage),
       started_(Clock::now()) {}
 
 grpc::Status AttentionServiceImpl::Invalid(const char* method, const Status& status) {
@@ -230,8 +270,8 @@ grpc::Status AttentionServiceImpl::CreateSession(grpc::ServerContext* context, c
   if (c.storage_dtype() != v1::FLOAT32 && c.storage_dtype() != v1::BFLOAT16)
     return bad("storage_dtype: must be FLOAT32 or BFLOAT16");
   if (c.span_tokens() == 0) c.set_span_tokens(limits_.default_span_tokens);
-  if (c.span_tokens() < 1 || c.span_tokens() > (1 << 20))
-    return bad("span_tokens: " + std::to_string(c.span_tokens()) + ", allowed [1, 1048576] (0 = default)");
+  if (c.span_tokens() < 1 || c.span_tokens() > 65536)
+    return bad("span_tokens: " + std::to_string(c.span_tokens()) + ", allowed [1, 65536] (0 = default)");
   if (c.sink_tokens() < 0) return bad("sink_tokens: must be >= 0");
   if (c.window_tokens() < 0) return bad("window_tokens: must be >= 0");
   if (c.name().size() > 128) return bad("name: longer than 128 bytes");
@@ -240,6 +280,12 @@ grpc::Status AttentionServiceImpl::CreateSession(grpc::ServerContext* context, c
     return Invalid(m, Status::InvalidArgument("config: " + st.message()));
   auto record = registry_.Create(tenant, c);
   if (!record.ok()) return ToGrpcStatus(record.status());
+  if (sessions_ != nullptr) {
+    if (Status saved = sessions_->Save(**record); !saved.ok()) {
+      registry_.Remove(tenant, (*record)->id).ok();
+      return ToGrpcStatus(Tagged(m, saved));
+    }
+  }
   (*record)->ToInfo(response);
   return grpc::Status::OK;
 }
@@ -451,8 +497,13 @@ grpc::Status AttentionServiceImpl::Decode(grpc::ServerContext* context, const v1
       !st.ok())
     return Invalid(m, st);
   if (Status st = CheckOptions(request->options(), m, &out_dtype); !st.ok()) return Invalid(m, st);
+  RetrievalParams retrieval;
+  if (request->has_retrieval()) {
+    if (Status st = CheckRetrieval(request->retrieval(), m, &retrieval); !st.ok()) return Invalid(m, st);
+  }
   auto item = std::make_shared<WorkItem>();
   item->kind = WorkItem::Kind::kDecode;
+  item->retrieval = retrieval;
   item->session = session;
   item->layer = request->layer();
   item->q_tokens = qt;
@@ -481,6 +532,7 @@ grpc::Status AttentionServiceImpl::Decode(grpc::ServerContext* context, const v1
   response->set_first_position(item->first_position);
   response->set_layer_tokens(item->layer_tokens);
   response->set_batch_size(item->batch_size);
+  if (retrieval.enabled) PutRetrievalInfo(item->retrieval_out, response->mutable_retrieval());
   return grpc::Status::OK;
 }
 
@@ -502,6 +554,10 @@ grpc::Status AttentionServiceImpl::Attend(grpc::ServerContext* context, const v1
       !st.ok())
     return Invalid(m, st);
   if (Status st = CheckOptions(request->options(), m, &out_dtype); !st.ok()) return Invalid(m, st);
+  RetrievalParams retrieval;
+  if (request->has_retrieval()) {
+    if (Status st = CheckRetrieval(request->retrieval(), m, &retrieval); !st.ok()) return Invalid(m, st);
+  }
   {
     std::lock_guard<std::mutex> lock(session->mu);
     if (session->layers[request->layer()].tokens == 0) {
@@ -511,6 +567,7 @@ grpc::Status AttentionServiceImpl::Attend(grpc::ServerContext* context, const v1
   }
   auto item = std::make_shared<WorkItem>();
   item->kind = WorkItem::Kind::kAttend;
+  item->retrieval = retrieval;
   item->session = session;
   item->layer = request->layer();
   item->q_tokens = qt;
@@ -532,6 +589,85 @@ grpc::Status AttentionServiceImpl::Attend(grpc::ServerContext* context, const v1
   if (item->return_lse) ToProto(item->lse.data(), {qt, shape.heads}, DType::kFloat32, response->mutable_lse());
   response->set_layer_tokens(item->layer_tokens);
   response->set_batch_size(item->batch_size);
+  if (retrieval.enabled) PutRetrievalInfo(item->retrieval_out, response->mutable_retrieval());
+  return grpc::Status::OK;
+}
+
+grpc::Status AttentionServiceImpl::RetrieveKV(grpc::ServerContext* context, const v1::RetrieveKVRequest* request,
+                                              grpc::ServerWriter<v1::RetrieveKVResponse>* writer) {
+  const char* m = "RetrieveKV";
+  const auto start = Clock::now();
+  std::string tenant;
+  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
+  auto found = FindSession(tenant, request->session_id(), m);
+  if (!found.ok()) return Invalid(m, found.status());
+  std::shared_ptr<SessionRecord> session = *found;
+  const SessionShape& shape = session->shape;
+  if (Status st = CheckLayer(request->layer(), *session, m); !st.ok()) return Invalid(m, st);
+  DType qd;
+  int64_t qt = 0;
+  if (Status st = CheckTensor(request->q(), m, "q", shape.heads, shape.head_dim, 1, limits_.max_attend_tokens, -1, &qd,
+                              &qt);
+      !st.ok())
+    return Invalid(m, st);
+  if (!std::isfinite(request->scale()) || request->scale() < 0)
+    return Invalid(m, Status::InvalidArgument("scale: must be finite and >= 0 (0 = 1/sqrt(head_dim))"));
+  RetrievalParams retrieval;
+  if (Status st = CheckRetrieval(request->retrieval(), m, &retrieval); !st.ok()) return Invalid(m, st);
+  if (retrieval.top_k_spans == 0 && retrieval.token_budget == 0 && !request->include_always())
+    return Invalid(m, Status::InvalidArgument("retrieval: set top_k_spans or token_budget (or include_always)"));
+  if (request->chunk_tokens() < 0) return Invalid(m, Status::InvalidArgument("chunk_tokens: must be >= 0"));
+  retrieval.include_always = request->include_always();
+  retrieval.mass_tolerance = -1.0;
+  {
+    std::lock_guard<std::mutex> lock(session->mu);
+    if (session->layers[request->layer()].tokens == 0) {
+      return Invalid(m, Status::FailedPrecondition("layer: layer " + std::to_string(request->layer()) +
+                                                   " holds no tokens yet (append or prefill first)"));
+    }
+  }
+  auto item = std::make_shared<WorkItem>();
+  item->kind = WorkItem::Kind::kRetrieveKV;
+  item->session = session;
+  item->layer = request->layer();
+  item->q_tokens = qt;
+  item->scale = request->scale();
+  item->retrieval = retrieval;
+  if (Status a = admission_.Admit(m, engine_.queue_depth(), 0); !a.ok()) {
+    grpc::Status g = ToGrpcStatus(a);
+    Record(m, start, g);
+    return g;
+  }
+  if (Status st = ToFiniteFloat32(request->q(), qd, m, "q", &item->q); !st.ok()) {
+    admission_.Complete(0);
+    return Invalid(m, st);
+  }
+  grpc::Status g = Run(m, context, item, 0, /*already_admitted=*/true);
+  Record(m, start, g);
+  if (!g.ok()) return g;
+  const int64_t row_bytes = shape.row_bytes();
+  int64_t chunk = request->chunk_tokens();
+  if (chunk == 0) chunk = std::max<int64_t>(1, limits_.retrieve_kv_chunk_bytes / (2 * row_bytes));
+  const v1::DataType dtype = shape.storage == DType::kBFloat16 ? v1::BFLOAT16 : v1::FLOAT32;
+  for (const RetrievedRun& run : item->kv_runs) {
+    for (int64_t at = 0; at < run.tokens; at += chunk) {
+      if (context->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, Tag(m) + "cancelled by the client");
+      const int64_t n = std::min(chunk, run.tokens - at);
+      v1::RetrieveKVResponse out;
+      out.set_rank(run.rank);
+      out.set_position_start(run.position_start + at);
+      out.set_selected_spans(item->retrieval_out.selected_spans);
+      out.set_layer_tokens(item->layer_tokens);
+      for (auto [tensor, bytes] : {std::pair{out.mutable_k(), &run.k}, std::pair{out.mutable_v(), &run.v}}) {
+        tensor->set_dtype(dtype);
+        tensor->add_shape(n);
+        tensor->add_shape(shape.kv_heads);
+        tensor->add_shape(shape.head_dim);
+        tensor->set_data(bytes->data() + at * row_bytes, static_cast<size_t>(n * row_bytes));
+      }
+      if (!writer->Write(out)) return grpc::Status::OK;  // client went away; nothing changed
+    }
+  }
   return grpc::Status::OK;
 }
 
@@ -541,6 +677,7 @@ grpc::Status AttentionServiceImpl::Stats(grpc::ServerContext* context, const v1:
   if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
   const Admission::Snapshot a = admission_.snapshot();
   const std::vector<int64_t> bytes = engine_.RankBytes(), tokens = engine_.RankTokens();
+  const std::vector<int64_t> disk = engine_.RankDiskBytes(), hot = engine_.RankHotBytes();
   const int64_t sessions = static_cast<int64_t>(registry_.size());
   for (int r = 0; r < world_size_; ++r) {
     auto* rank = response->add_ranks();
@@ -548,7 +685,14 @@ grpc::Status AttentionServiceImpl::Stats(grpc::ServerContext* context, const v1:
     rank->set_kv_bytes(bytes[r]);
     rank->set_kv_tokens(tokens[r]);
     rank->set_sessions(sessions);
+    if (storage_.durable) {
+      rank->set_disk_bytes(disk[r]);
+      rank->set_hot_bytes(hot[r]);
+    }
   }
+  response->set_durable(storage_.durable);
+  response->set_disk_budget_bytes(storage_.disk_budget_bytes);
+  response->set_hot_budget_bytes(storage_.hot_budget_bytes);
   response->set_queue_depth(engine_.queue_depth());
   response->set_in_flight(a.in_flight);
   response->set_admitted(a.admitted);

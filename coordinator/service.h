@@ -17,6 +17,7 @@
 #include "coordinator/engine_loop.h"
 #include "coordinator/service_stats.h"
 #include "coordinator/session_registry.h"
+#include "coordinator/session_store.h"
 #include "ringtree/v1/attention.grpc.pb.h"
 
 namespace ringtree {
@@ -31,6 +32,14 @@ struct RequestLimits {
   int64_t max_append_tokens = 1 << 24;  // tokens of one AppendKV call (all chunks)
   int default_span_tokens = 64;
   int64_t prefill_output_chunk_bytes = 4 << 20;  // default Prefill response message size
+  int64_t retrieve_kv_chunk_bytes = 4 << 20;     // default RetrieveKV response message size (K+V)
+};
+
+// Storage settings reported by Stats (attnserve --data-dir and budgets).
+struct StorageSettings {
+  bool durable = false;            // --data-dir given
+  int64_t hot_budget_bytes = 0;    // per rank
+  int64_t disk_budget_bytes = 0;   // per rank; 0 = unlimited
 };
 
 // grpc::Status from ringtree::Status (the one conversion point).
@@ -39,7 +48,8 @@ grpc::Status ToGrpcStatus(const Status& status);
 class AttentionServiceImpl final : public v1::AttentionService::Service {
  public:
   AttentionServiceImpl(SessionRegistry& registry, Admission& admission, EngineLoop& engine, ServiceStats& stats,
-                       const TokenAuth& auth, RequestLimits limits, int world_size);
+                       const TokenAuth& auth, RequestLimits limits, int world_size,
+                       const SessionStore* sessions = nullptr, StorageSettings storage = {});
 
   grpc::Status CreateSession(grpc::ServerContext* context, const v1::CreateSessionRequest* request,
                              v1::SessionInfo* response) override;
@@ -57,6 +67,8 @@ class AttentionServiceImpl final : public v1::AttentionService::Service {
                       v1::DecodeResponse* response) override;
   grpc::Status Attend(grpc::ServerContext* context, const v1::AttendRequest* request,
                       v1::AttendResponse* response) override;
+  grpc::Status RetrieveKV(grpc::ServerContext* context, const v1::RetrieveKVRequest* request,
+                          grpc::ServerWriter<v1::RetrieveKVResponse>* writer) override;
   grpc::Status Stats(grpc::ServerContext* context, const v1::StatsRequest* request,
                      v1::StatsResponse* response) override;
 
@@ -77,6 +89,8 @@ class AttentionServiceImpl final : public v1::AttentionService::Service {
   const TokenAuth& auth_;
   const RequestLimits limits_;
   const int world_size_;
+  const SessionStore* sessions_;
+  const StorageSettings storage_;
   const std::chrono::steady_clock::time_point started_;
 };
 

@@ -1,5 +1,6 @@
 #include "coordinator/session_registry.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <random>
@@ -38,8 +39,7 @@ Result<std::shared_ptr<SessionRecord>> SessionRegistry::Create(const std::string
   record->created_unix_ms = std::chrono::duration_cast<std::chrono::milliseconds>(
                                 std::chrono::system_clock::now().time_since_epoch())
                                 .count();
-  record->shape = SessionShape{0, config.layers(), config.heads(), config.kv_heads(), config.head_dim(),
-                               config.storage_dtype() == v1::BFLOAT16 ? DType::kBFloat16 : DType::kFloat32};
+  record->shape = ShapeOf(config);
   record->layers.resize(config.layers());
   for (LayerLayout& l : record->layers) l.rank_tokens.assign(world_size_, 0);
   std::lock_guard<std::mutex> lock(mu_);
@@ -53,6 +53,30 @@ Result<std::shared_ptr<SessionRecord>> SessionRegistry::Create(const std::string
   record->shape.handle = next_handle_++;
   sessions_[record->id] = record;
   return record;
+}
+
+SessionShape ShapeOf(const v1::SessionConfig& config) {
+  SessionShape shape{0, config.layers(), config.heads(), config.kv_heads(), config.head_dim(),
+                     config.storage_dtype() == v1::BFLOAT16 ? DType::kBFloat16 : DType::kFloat32};
+  shape.span_tokens = config.span_tokens();
+  shape.sink_tokens = config.sink_tokens();
+  shape.window_tokens = config.window_tokens();
+  return shape;
+}
+
+std::vector<std::shared_ptr<SessionRecord>> SessionRegistry::All() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<std::shared_ptr<SessionRecord>> out;
+  for (const auto& [id, record] : sessions_) out.push_back(record);
+  return out;
+}
+
+Status SessionRegistry::Restore(std::shared_ptr<SessionRecord> record) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (sessions_.count(record->id)) return Status::DataLoss("[sessions] duplicate session id " + record->id);
+  next_handle_ = std::max(next_handle_, record->shape.handle + 1);
+  sessions_[record->id] = std::move(record);
+  return Status::Ok();
 }
 
 Result<std::shared_ptr<SessionRecord>> SessionRegistry::Find(const std::string& tenant, const std::string& id) const {

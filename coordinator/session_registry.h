@@ -57,6 +57,11 @@ class SessionRegistry {
   // tenant's session is indistinguishable from a missing one).
   Result<std::shared_ptr<SessionRecord>> Find(const std::string& tenant, const std::string& id) const;
   std::vector<std::shared_ptr<SessionRecord>> List(const std::string& tenant) const;
+  // Every session, all tenants (restart bookkeeping).
+  std::vector<std::shared_ptr<SessionRecord>> All() const;
+  // Registers a session loaded from disk (SessionStore) with its id and
+  // handle; later sessions get handles above every restored one.
+  Status Restore(std::shared_ptr<SessionRecord> record);
   // Unregisters (marks deleted); the engine frees the shards.
   Result<std::shared_ptr<SessionRecord>> Remove(const std::string& tenant, const std::string& id);
   size_t size() const;
@@ -68,6 +73,9 @@ class SessionRegistry {
   std::map<std::string, std::shared_ptr<SessionRecord>> sessions_;
   uint64_t next_handle_ = 1;
 };
+
+// The engine shape of a validated, resolved config (handle 0).
+SessionShape ShapeOf(const v1::SessionConfig& config);
 
 // Placement of `tokens` new positions after the layer's current end, for
 // appends and decodes: runs of span_tokens positions (aligned to multiples of

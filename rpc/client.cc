@@ -247,6 +247,7 @@ Result<AttentionOutput> AttentionClient::Decode(const std::string& session_id, i
   ToProto(k, request.mutable_k());
   ToProto(v, request.mutable_v());
   SetOptions(options, request.mutable_options());
+  if (options.retrieval) *request.mutable_retrieval() = *options.retrieval;
   v1::DecodeResponse response;
   grpc::Status status = stub_->Decode(&context, request, &response);
   if (!status.ok()) return FromGrpcStatus(status, "Decode");
@@ -254,6 +255,7 @@ Result<AttentionOutput> AttentionClient::Decode(const std::string& session_id, i
   out.first_position = response.first_position();
   out.layer_tokens = response.layer_tokens();
   out.batch_size = response.batch_size();
+  if (response.has_retrieval()) out.retrieval = response.retrieval();
   return out;
 }
 
@@ -266,12 +268,51 @@ Result<AttentionOutput> AttentionClient::Attend(const std::string& session_id, i
   request.set_layer(layer);
   ToProto(q, request.mutable_q());
   SetOptions(options, request.mutable_options());
+  if (options.retrieval) *request.mutable_retrieval() = *options.retrieval;
   v1::AttendResponse response;
   grpc::Status status = stub_->Attend(&context, request, &response);
   if (!status.ok()) return FromGrpcStatus(status, "Attend");
   RINGTREE_ASSIGN_OR_RETURN(AttentionOutput out, OutputFrom(response.o(), response.lse(), "Attend"));
   out.layer_tokens = response.layer_tokens();
   out.batch_size = response.batch_size();
+  if (response.has_retrieval()) out.retrieval = response.retrieval();
+  return out;
+}
+
+Result<RetrieveKvOutput> AttentionClient::RetrieveKV(const std::string& session_id, int layer, const HostTensor& q,
+                                                     const v1::RetrievalOptions& retrieval, bool include_always,
+                                                     float scale) {
+  grpc::ClientContext context;
+  PrepareContext(&context);
+  v1::RetrieveKVRequest request;
+  request.set_session_id(session_id);
+  request.set_layer(layer);
+  ToProto(q, request.mutable_q());
+  request.set_scale(scale);
+  *request.mutable_retrieval() = retrieval;
+  request.set_include_always(include_always);
+  auto reader = stub_->RetrieveKV(&context, request);
+  RetrieveKvOutput out;
+  v1::RetrieveKVResponse message;
+  while (reader->Read(&message)) {
+    RINGTREE_ASSIGN_OR_RETURN(HostTensor k, FromProto(message.k(), "RetrieveKV", "k"));
+    RINGTREE_ASSIGN_OR_RETURN(HostTensor v, FromProto(message.v(), "RetrieveKV", "v"));
+    out.selected_spans = message.selected_spans();
+    out.layer_tokens = message.layer_tokens();
+    if (!out.runs.empty()) {
+      RetrievedKv& last = out.runs.back();
+      if (last.rank == message.rank() && last.position_start + last.k.shape[0] == message.position_start()) {
+        last.k.data += k.data;
+        last.v.data += v.data;
+        last.k.shape[0] += k.shape[0];
+        last.v.shape[0] += v.shape[0];
+        continue;
+      }
+    }
+    out.runs.push_back(RetrievedKv{message.rank(), message.position_start(), std::move(k), std::move(v)});
+  }
+  grpc::Status status = reader->Finish();
+  if (!status.ok()) return FromGrpcStatus(status, "RetrieveKV");
   return out;
 }
 

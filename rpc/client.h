@@ -12,6 +12,7 @@
 
 #include <chrono>
 #include <memory>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -39,6 +40,21 @@ struct AttentionOutput {
   int64_t first_position = 0;
   int64_t layer_tokens = 0;  // stored tokens in the layer after the call
   int batch_size = 0;        // requests in the engine step (Decode/Attend)
+  // Decode/Attend in retrieval mode: spans used, skipped-mass bound.
+  std::optional<v1::RetrievalInfo> retrieval;
+};
+
+// One run of consecutive positions returned by RetrieveKV.
+struct RetrievedKv {
+  int rank = 0;
+  int64_t position_start = 0;
+  HostTensor k, v;  // [n, kv_heads, head_dim] in the session's storage dtype
+};
+
+struct RetrieveKvOutput {
+  std::vector<RetrievedKv> runs;  // position order; consecutive messages of one run are merged
+  int64_t selected_spans = 0;
+  int64_t layer_tokens = 0;
 };
 
 struct AppendOutput {
@@ -52,6 +68,9 @@ struct CallOptions {
   bool return_lse = false;
   DType output_dtype = DType::kFloat32;
   int output_chunk_tokens = 0;        // Prefill only; 0 = server default
+  // Decode/Attend: retrieval mode (top-k spans / token budget / tolerance)
+  // instead of exact attention. Unset = exact.
+  std::optional<v1::RetrievalOptions> retrieval;
 };
 
 // gRPC status code of a failed call, recovered from a client Status
@@ -82,6 +101,12 @@ class AttentionClient {
                                  const CallOptions& options = {});
   Result<AttentionOutput> Attend(const std::string& session_id, int layer, const HostTensor& q,
                                  const CallOptions& options = {});
+  // KV retrieval: the spans the index selects for q [T, H, D] (retrieval:
+  // top_k_spans and/or token_budget), with their K/V, streamed and merged
+  // into runs of consecutive positions.
+  Result<RetrieveKvOutput> RetrieveKV(const std::string& session_id, int layer, const HostTensor& q,
+                                      const v1::RetrievalOptions& retrieval, bool include_always = false,
+                                      float scale = 0.0f);
   Result<v1::StatsResponse> Stats();
 
   // The raw stub, for callers that build requests themselves (tests).

@@ -5,9 +5,12 @@
 // bfloat16 storage (the reference then reads the same bf16-rounded K/V).
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cmath>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <random>
 #include <thread>
@@ -702,6 +705,309 @@ TEST_F(ServiceShutdown, SigtermDrainsInFlightAndEveryRankExitsZero) {
   EXPECT_EQ(other.load(), 0);
   EXPECT_GT(ok.load() + unavailable.load(), 0);
   EXPECT_NE(server->log().find("stopped"), std::string::npos) << server->log();
+}
+
+// ---------------------------------------------------------------------------
+// Span stores inside the service (issue 5): tiers, durable sessions, retrieval.
+// Each test starts its own server with --data-dir in a fresh directory.
+class ServiceSpans : public ServerSuite {
+ protected:
+  void SetUp() override {
+    char dir_template[] = "/tmp/attnserve-data-XXXXXX";
+    data_dir_ = mkdtemp(dir_template);
+  }
+  void TearDown() override { std::filesystem::remove_all(data_dir_); }
+  std::unique_ptr<testing::ServerProcess> Start(std::vector<std::string> flags) {
+    flags.insert(flags.begin(), {"--data-dir", data_dir_});
+    return StartServer(flags);
+  }
+  static v1::SessionConfig SpanConfig(const Model& m, int span, int sink, int window) {
+    v1::SessionConfig c = Config(m);
+    c.set_span_tokens(span);
+    c.set_sink_tokens(sink);
+    c.set_window_tokens(window);
+    return c;
+  }
+  static v1::RetrievalOptions Budget(int64_t tokens) {
+    v1::RetrievalOptions r;
+    r.set_token_budget(tokens);
+    return r;
+  }
+  std::string data_dir_;
+};
+
+// Exact attention against the model for queries after the context.
+std::vector<float> AttendReference(const Model& m, const std::vector<float>& q, int64_t q_tokens) {
+  AttentionShape s{q_tokens, m.tokens(), m.heads, m.kv_heads, m.head_dim};
+  std::vector<float> o(q.size());
+  ReferenceAttention(q.data(), m.k.data(), m.v.data(), DType::kFloat32, s, AttentionOptions{}, o.data(), nullptr);
+  return o;
+}
+
+bool CoversPosition(const v1::RetrievalInfo& info, int64_t position, v1::SpanKind kind) {
+  for (const auto& span : info.spans_used()) {
+    if (span.kind() == kind && span.position_start() <= position && position < span.position_start() + span.tokens())
+      return true;
+  }
+  return false;
+}
+
+TEST_F(ServiceSpans, RetrievalWithFullBudgetEqualsExactAndFindsTheNeedle) {
+  auto server = Start({});
+  auto client = Client(*server);
+  std::mt19937 rng(7);
+  Model m;
+  auto info = client->CreateSession(SpanConfig(m, 16, 16, 64));
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  const std::string id = info->session_id();
+  // Background keys of small norm; one needle span whose keys point along a
+  // per-KV-head direction the query shares.
+  const int64_t n = 4096, needle = 2560;
+  std::vector<float> k = Random(rng, n * m.kv_heads * m.head_dim), v = Random(rng, n * m.kv_heads * m.head_dim);
+  for (auto& x : k) x *= 0.3f;
+  std::vector<float> dir = Random(rng, m.kv_heads * m.head_dim);
+  for (int64_t t = needle; t < needle + 16; ++t) {
+    for (int i = 0; i < m.kv_heads * m.head_dim; ++i) k[t * m.kv_heads * m.head_dim + i] = 1.5f * dir[i];
+  }
+  m.k = k;
+  m.v = v;
+  ASSERT_TRUE(client->AppendKV(id, 0, HostTensor::FromFloat32(k.data(), {n, m.kv_heads, m.head_dim}),
+                               HostTensor::FromFloat32(v.data(), {n, m.kv_heads, m.head_dim}), 1000)
+                  .ok());
+  std::vector<float> q(m.heads * m.head_dim);
+  for (int h = 0; h < m.heads; ++h) {
+    const int g = h / (m.heads / m.kv_heads);
+    for (int d = 0; d < m.head_dim; ++d) q[h * m.head_dim + d] = dir[g * m.head_dim + d];
+  }
+  const HostTensor qt = HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim});
+  const auto ref = AttendReference(m, q, 1);
+
+  auto exact = client->Attend(id, 0, qt);
+  ASSERT_TRUE(exact.ok()) << exact.status().ToString();
+  EXPECT_LE(MaxDiff(exact->o.ToFloat32(), ref), 2e-4);
+  EXPECT_FALSE(exact->retrieval.has_value());
+
+  // A budget covering the whole context: exact attention, bound 0.
+  CallOptions all;
+  all.retrieval = Budget(1 << 30);
+  auto full = client->Attend(id, 0, qt, all);
+  ASSERT_TRUE(full.ok()) << full.status().ToString();
+  ASSERT_TRUE(full->retrieval.has_value());
+  EXPECT_TRUE(full->retrieval->exact());
+  EXPECT_LE(MaxDiff(full->o.ToFloat32(), ref), 2e-4);
+  EXPECT_LE(full->retrieval->max_skipped_mass_bound(), 1e-6);
+  EXPECT_EQ(full->retrieval->tokens_attended(), n);
+
+  // Top-2 spans: the needle span is selected; spans come from both ranks.
+  CallOptions top;
+  top.retrieval = v1::RetrievalOptions();
+  top.retrieval->set_top_k_spans(2);
+  auto few = client->Attend(id, 0, qt, top);
+  ASSERT_TRUE(few.ok()) << few.status().ToString();
+  const v1::RetrievalInfo& r = *few->retrieval;
+  EXPECT_TRUE(CoversPosition(r, needle, v1::SELECTED)) << r.DebugString();
+  EXPECT_TRUE(CoversPosition(r, 0, v1::SINK));
+  EXPECT_TRUE(CoversPosition(r, n - 1, v1::WINDOW));
+  EXPECT_EQ(r.selected_spans(), 2);
+  EXPECT_FALSE(r.exact());
+  EXPECT_EQ(r.skipped_mass_bound_size(), m.heads);
+  EXPECT_GT(r.max_skipped_mass_bound(), 0.0f);
+  // The needle holds nearly all the mass, so the output is close to exact.
+  EXPECT_LE(MaxDiff(few->o.ToFloat32(), ref), 0.05);
+
+  // Decode in retrieval mode with a full budget equals the exact decode.
+  auto [dk, dv] = NewKv(rng, m, 1);
+  std::vector<float> dq = Random(rng, m.heads * m.head_dim);
+  auto dec = client->Decode(id, 0, HostTensor::FromFloat32(dq.data(), {1, m.heads, m.head_dim}), dk, dv, all);
+  ASSERT_TRUE(dec.ok()) << dec.status().ToString();
+  EXPECT_TRUE(dec->retrieval->exact());
+  EXPECT_LE(MaxDiff(dec->o.ToFloat32(), Reference(m, dq, 1, true)), 2e-4);
+  EXPECT_EQ(dec->layer_tokens, n + 1);
+
+  // KV retrieval: the needle's K/V come back bit-exact.
+  v1::RetrievalOptions one;
+  one.set_top_k_spans(1);
+  auto kv = client->RetrieveKV(id, 0, qt, one);
+  ASSERT_TRUE(kv.ok()) << kv.status().ToString();
+  ASSERT_EQ(kv->runs.size(), 1u);
+  EXPECT_EQ(kv->runs[0].position_start, needle);
+  const std::vector<float> got = kv->runs[0].k.ToFloat32();
+  ASSERT_EQ(got.size(), size_t(16 * m.kv_heads * m.head_dim));
+  EXPECT_EQ(0, std::memcmp(got.data(), m.k.data() + needle * m.kv_heads * m.head_dim, got.size() * 4));
+  // Tolerance mode reaches its tolerance or falls back to exact.
+  CallOptions tol;
+  tol.retrieval = v1::RetrievalOptions();
+  tol.retrieval->set_mass_tolerance(0.01);
+  auto t = client->Attend(id, 0, qt, tol);
+  ASSERT_TRUE(t.ok()) << t.status().ToString();
+  EXPECT_TRUE(t->retrieval->exact() || t->retrieval->max_skipped_mass_bound() <= 0.01);
+  EXPECT_EQ(server->Stop(), 0) << server->log();
+}
+
+TEST_F(ServiceSpans, ExactAttentionWithMostSpansColdMatchesReference) {
+  auto server = Start({"--hot-budget-mib", "1"});
+  auto client = Client(*server);
+  std::mt19937 rng(8);
+  Model m;
+  auto info = client->CreateSession(SpanConfig(m, 16, 16, 64));
+  ASSERT_TRUE(info.ok());
+  const std::string id = info->session_id();
+  const int64_t n = 16384;  // 16 MiB of float32 K/V, 8 MiB per rank, 1 MiB hot
+  auto [k, v] = NewKv(rng, m, n);
+  ASSERT_TRUE(client->AppendKV(id, 0, k, v, 4096).ok());
+  auto stats = client->Stats();
+  ASSERT_TRUE(stats.ok());
+  EXPECT_TRUE(stats->durable());
+  for (const auto& r : stats->ranks()) {
+    EXPECT_LE(r.hot_bytes(), (1 << 20) + (64 << 10)) << "rank " << r.rank();
+    EXPECT_GE(r.disk_bytes(), 4 << 20) << "rank " << r.rank();
+  }
+  std::vector<float> q = Random(rng, 3 * m.heads * m.head_dim);
+  auto out = client->Attend(id, 0, HostTensor::FromFloat32(q.data(), {3, m.heads, m.head_dim}));
+  ASSERT_TRUE(out.ok()) << out.status().ToString();
+  EXPECT_LE(MaxDiff(out->o.ToFloat32(), AttendReference(m, q, 3)), 2e-4);
+  for (int step = 0; step < 3; ++step) {
+    auto [dk, dv] = NewKv(rng, m, 1);
+    std::vector<float> dq = Random(rng, m.heads * m.head_dim);
+    auto d = client->Decode(id, 0, HostTensor::FromFloat32(dq.data(), {1, m.heads, m.head_dim}), dk, dv);
+    ASSERT_TRUE(d.ok()) << d.status().ToString();
+    EXPECT_LE(MaxDiff(d->o.ToFloat32(), Reference(m, dq, 1, true)), 2e-4);
+  }
+  // Prefill after a mostly cold context: the stored part is streamed.
+  std::vector<float> pq = Random(rng, 40 * m.heads * m.head_dim);
+  auto [pk, pv] = NewKv(rng, m, 40);
+  auto p = client->Prefill(id, 0, HostTensor::FromFloat32(pq.data(), {40, m.heads, m.head_dim}), pk, pv);
+  ASSERT_TRUE(p.ok()) << p.status().ToString();
+  EXPECT_LE(MaxDiff(p->o.ToFloat32(), Reference(m, pq, 40, true)), 2e-4);
+  // Retrieval over cold spans reports their tier.
+  CallOptions few;
+  few.retrieval = Budget(256);
+  auto r = client->Attend(id, 0, HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim}), few);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  int cold = 0;
+  for (const auto& span : r->retrieval->spans_used()) cold += span.tier() == v1::COLD;
+  EXPECT_GT(cold, 0);
+  EXPECT_EQ(server->Stop(), 0) << server->log();
+}
+
+TEST_F(ServiceSpans, RestartListsTheSameSessionsAndAnswersIdentically) {
+  std::mt19937 rng(9);
+  Model a, b;
+  b.storage = DType::kBFloat16;
+  std::string id_a, id_b;
+  std::vector<float> q = Random(rng, 2 * a.heads * a.head_dim);
+  const HostTensor qt = HostTensor::FromFloat32(q.data(), {2, a.heads, a.head_dim});
+  CallOptions retrieval;
+  retrieval.retrieval = Budget(512);
+  std::vector<v1::SessionInfo> before;
+  std::string exact_a, exact_b, retrieved_a;
+  {
+    auto server = Start({"--hot-budget-mib", "2"});
+    auto client = Client(*server);
+    auto ia = client->CreateSession(SpanConfig(a, 16, 16, 64));
+    auto ib = client->CreateSession(SpanConfig(b, 64, 64, 256));
+    ASSERT_TRUE(ia.ok() && ib.ok());
+    id_a = ia->session_id();
+    id_b = ib->session_id();
+    auto [ka, va] = NewKv(rng, a, 5000);
+    ASSERT_TRUE(client->AppendKV(id_a, 0, ka, va, 2048).ok());
+    auto [kb, vb] = NewKv(rng, b, 3000, DType::kBFloat16);
+    ASSERT_TRUE(client->AppendKV(id_b, 1, kb, vb).ok());
+    for (int step = 0; step < 5; ++step) {  // decodes leave an open tail span
+      auto [dk, dv] = NewKv(rng, a, 1);
+      std::vector<float> dq = Random(rng, a.heads * a.head_dim);
+      ASSERT_TRUE(client->Decode(id_a, 0, HostTensor::FromFloat32(dq.data(), {1, a.heads, a.head_dim}), dk, dv).ok());
+    }
+    auto oa = client->Attend(id_a, 0, qt);
+    auto ob = client->Attend(id_b, 1, qt);
+    auto ra = client->Attend(id_a, 0, qt, retrieval);
+    ASSERT_TRUE(oa.ok() && ob.ok() && ra.ok());
+    EXPECT_LE(MaxDiff(oa->o.ToFloat32(), AttendReference(a, q, 2)), 2e-4);
+    EXPECT_LE(MaxDiff(ob->o.ToFloat32(), AttendReference(b, q, 2)), 2e-3);
+    exact_a = oa->o.data;
+    exact_b = ob->o.data;
+    retrieved_a = ra->o.data;
+    auto list = client->ListSessions();
+    ASSERT_TRUE(list.ok());
+    before = *list;
+    EXPECT_EQ(server->Stop(), 0) << server->log();
+  }
+  auto server = Start({"--hot-budget-mib", "2"});
+  auto client = Client(*server);
+  EXPECT_NE(server->log().find("2 sessions restored"), std::string::npos) << server->log();
+  auto list = client->ListSessions();
+  ASSERT_TRUE(list.ok());
+  ASSERT_EQ(list->size(), before.size());
+  auto by_id = [](std::vector<v1::SessionInfo> v) {
+    std::sort(v.begin(), v.end(), [](const auto& x, const auto& y) { return x.session_id() < y.session_id(); });
+    return v;
+  };
+  const auto x = by_id(before), y = by_id(*list);
+  for (size_t i = 0; i < x.size(); ++i) {
+    EXPECT_EQ(x[i].SerializeAsString(), y[i].SerializeAsString()) << x[i].DebugString() << y[i].DebugString();
+  }
+  auto oa = client->Attend(id_a, 0, qt);
+  auto ob = client->Attend(id_b, 1, qt);
+  auto ra = client->Attend(id_a, 0, qt, retrieval);
+  ASSERT_TRUE(oa.ok() && ob.ok() && ra.ok());
+  EXPECT_EQ(oa->o.data, exact_a);
+  EXPECT_EQ(ob->o.data, exact_b);
+  EXPECT_EQ(ra->o.data, retrieved_a);
+  // The restored session keeps growing correctly.
+  auto [dk, dv] = NewKv(rng, a, 1);
+  std::vector<float> dq = Random(rng, a.heads * a.head_dim);
+  auto d = client->Decode(id_a, 0, HostTensor::FromFloat32(dq.data(), {1, a.heads, a.head_dim}), dk, dv);
+  ASSERT_TRUE(d.ok()) << d.status().ToString();
+  EXPECT_EQ(d->first_position, 5005);
+  EXPECT_LE(MaxDiff(d->o.ToFloat32(), Reference(a, dq, 1, true)), 2e-4);
+  // A deleted session stays deleted across a restart.
+  ASSERT_TRUE(client->DeleteSession(id_b).ok());
+  EXPECT_EQ(server->Stop(), 0) << server->log();
+  auto again = Start({});
+  auto c2 = Client(*again);
+  auto l2 = c2->ListSessions();
+  ASSERT_TRUE(l2.ok());
+  ASSERT_EQ(l2->size(), 1u);
+  EXPECT_EQ((*l2)[0].session_id(), id_a);
+  EXPECT_EQ(again->Stop(), 0) << again->log();
+}
+
+TEST_F(ServiceSpans, DiskBudgetRefusalChangesNothing) {
+  auto server = Start({"--disk-budget-mib", "2"});
+  auto client = Client(*server);
+  std::mt19937 rng(10);
+  Model m;
+  auto info = client->CreateSession(SpanConfig(m, 64, 64, 256));
+  ASSERT_TRUE(info.ok());
+  const std::string id = info->session_id();
+  auto [k, v] = NewKv(rng, m, 2000);  // 2 MB of K/V, ~1 MB per rank
+  ASSERT_TRUE(client->AppendKV(id, 0, k, v).ok());
+  auto stats_before = client->Stats();
+  ASSERT_TRUE(stats_before.ok());
+  Model more = m;
+  auto [k2, v2] = NewKv(rng, more, 4000);  // would need ~2 MB more per rank
+  auto refused = client->AppendKV(id, 0, k2, v2);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(GrpcCodeOf(refused.status()), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_NE(refused.status().message().find("disk budget"), std::string::npos) << refused.status().ToString();
+  auto session = client->GetSession(id);
+  ASSERT_TRUE(session.ok());
+  EXPECT_EQ(session->layer_tokens(0), 2000);
+  auto stats_after = client->Stats();
+  ASSERT_TRUE(stats_after.ok());
+  for (int r = 0; r < kRanks; ++r) {
+    EXPECT_EQ(stats_after->ranks(r).disk_bytes(), stats_before->ranks(r).disk_bytes());
+  }
+  std::vector<float> q = Random(rng, m.heads * m.head_dim);
+  auto out = client->Attend(id, 0, HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim}));
+  ASSERT_TRUE(out.ok());
+  EXPECT_LE(MaxDiff(out->o.ToFloat32(), AttendReference(m, q, 1)), 2e-4);
+  // A decode still fits and is stored.
+  auto [dk, dv] = NewKv(rng, m, 1);
+  auto d = client->Decode(id, 0, HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim}), dk, dv);
+  ASSERT_TRUE(d.ok()) << d.status().ToString();
+  EXPECT_LE(MaxDiff(d->o.ToFloat32(), Reference(m, q, 1, true)), 2e-4);
+  EXPECT_EQ(server->Stop(), 0) << server->log();
 }
 
 }  // namespace

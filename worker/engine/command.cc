@@ -94,10 +94,12 @@ std::string EncodeCommand(const Command& c) {
       w.Pod(p.layer);
       w.Pod(p.scale);
       w.Pod(p.return_lse);
-      w.Pod(p.cached_offset);
       Put(w, p.rows);
       w.Vector(p.q);
       w.Vector(p.rows_per_rank);
+      w.Pod(p.chunk_first);
+      w.Pod(p.chunk_tokens);
+      w.Vector(p.all_q);
       break;
     }
     case CommandKind::kAttendBatch:
@@ -113,6 +115,27 @@ std::string EncodeCommand(const Command& c) {
         Put(w, g.new_rows);
       }
       break;
+    case CommandKind::kRetrieve: {
+      const RetrieveCommand& r = c.retrieve;
+      const BatchGroup& g = r.group;
+      Put(w, g.session);
+      w.Pod(g.layer);
+      w.Pod(g.causal);
+      w.Pod(g.scale);
+      w.Pod(g.q_tokens);
+      w.Pod(g.q_position);
+      w.Vector(g.q);
+      Put(w, g.new_rows);
+      w.Pod(r.top_k_spans);
+      w.Pod(r.token_budget);
+      w.Pod(r.mass_tolerance);
+      w.Pod(r.score_mode);
+      w.Pod(r.context_end);
+      w.Pod(r.kv_only);
+      w.Pod(r.include_always);
+      break;
+    }
+    case CommandKind::kRestore: w.Vector(c.live_handles); break;
   }
   return w.Take();
 }
@@ -131,7 +154,8 @@ Result<Command> DecodeCommand(const std::string& bytes) {
       case CommandKind::kPrefill: {
         PrefillCommand& p = c.prefill;
         ok = Get(r, &p.session) && r.Pod(&p.layer) && r.Pod(&p.scale) && r.Pod(&p.return_lse) &&
-             r.Pod(&p.cached_offset) && Get(r, &p.rows) && r.Vector(&p.q) && r.Vector(&p.rows_per_rank);
+             Get(r, &p.rows) && r.Vector(&p.q) && r.Vector(&p.rows_per_rank) && r.Pod(&p.chunk_first) &&
+             r.Pod(&p.chunk_tokens) && r.Vector(&p.all_q);
         break;
       }
       case CommandKind::kAttendBatch: {
@@ -145,6 +169,16 @@ Result<Command> DecodeCommand(const std::string& bytes) {
         }
         break;
       }
+      case CommandKind::kRetrieve: {
+        RetrieveCommand& t = c.retrieve;
+        BatchGroup& g = t.group;
+        ok = Get(r, &g.session) && r.Pod(&g.layer) && r.Pod(&g.causal) && r.Pod(&g.scale) && r.Pod(&g.q_tokens) &&
+             r.Pod(&g.q_position) && r.Vector(&g.q) && Get(r, &g.new_rows) && r.Pod(&t.top_k_spans) &&
+             r.Pod(&t.token_budget) && r.Pod(&t.mass_tolerance) && r.Pod(&t.score_mode) && r.Pod(&t.context_end) &&
+             r.Pod(&t.kv_only) && r.Pod(&t.include_always);
+        break;
+      }
+      case CommandKind::kRestore: ok = r.Vector(&c.live_handles); break;
       default: ok = false;
     }
   }

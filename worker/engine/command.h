@@ -21,6 +21,10 @@ struct SessionShape {
   int32_t kv_heads = 0;
   int32_t head_dim = 0;
   DType storage = DType::kFloat32;
+  // Span layout of the session's stores (worker/spans SpanStore options).
+  int32_t span_tokens = 64;
+  int32_t sink_tokens = 64;
+  int32_t window_tokens = 1024;
   int64_t row_bytes() const { return int64_t(kv_heads) * head_dim * DTypeSize(storage); }
 };
 
@@ -31,7 +35,15 @@ struct KvRows {
   int64_t tokens() const;
 };
 
-enum class CommandKind : uint8_t { kShutdown = 1, kDeleteSession, kAppend, kPrefill, kAttendBatch };
+enum class CommandKind : uint8_t {
+  kShutdown = 1,
+  kDeleteSession,
+  kAppend,
+  kPrefill,
+  kAttendBatch,
+  kRetrieve,  // retrieval attention or KV retrieval for one request (collective)
+  kRestore,   // after a restart: the sessions that exist; others' files are removed
+};
 
 struct AppendCommand {
   SessionShape session;
@@ -46,12 +58,16 @@ struct PrefillCommand {
   int32_t layer = 0;
   float scale = 0.0f;
   bool return_lse = false;
-  // Stored rows are all before the chunk, so only their order matters: this
-  // rank presents them at positions [cached_offset, cached_offset + n), where
-  // the offsets tile [0, L) across ranks (disjoint, all visible to the chunk).
-  int64_t cached_offset = 0;
   KvRows rows;              // this rank's runs of the chunk
   std::vector<float> q;     // [rows.tokens(), heads, head_dim]
+  // When the layer already holds tokens (all before the chunk): the whole
+  // chunk's queries [chunk_tokens, heads, head_dim], on every rank. Each rank
+  // attends them to its stored spans (streamed, cold ones from disk) and the
+  // partials are tree-reduced to the root, which merges them with the ring
+  // attention over the chunk itself.
+  int64_t chunk_first = 0;  // absolute position of chunk token 0
+  int64_t chunk_tokens = 0;
+  std::vector<float> all_q;
   // Rank 0 only: query rows each rank returns, to receive the output.
   std::vector<int64_t> rows_per_rank;
 };
@@ -72,12 +88,29 @@ struct AttendBatchCommand {
   std::vector<BatchGroup> groups;
 };
 
+// Retrieval attention (Decode/Attend with retrieval options) or KV retrieval
+// for one request. Every rank scores its own spans; candidates are merged
+// into the global top-k identically on every rank; each rank attends sinks,
+// window and its selected spans; partials are tree-reduced.
+struct RetrieveCommand {
+  BatchGroup group;            // query (+ decode's new rows), as in a batch
+  int64_t top_k_spans = 0;     // 0: no limit from k
+  int64_t token_budget = 0;    // 0: no limit from the budget
+  double mass_tolerance = -1;  // >= 0: tolerance mode
+  uint8_t score_mode = 2;      // SpanScoreMode (kBlend)
+  int64_t context_end = 0;     // global end of the layer (after new rows)
+  bool kv_only = false;        // KV retrieval: return K/V of the selection, no attention
+  bool include_always = false; // KV retrieval: also return sinks and window
+};
+
 struct Command {
   CommandKind kind = CommandKind::kShutdown;
   uint64_t delete_handle = 0;
   AppendCommand append;
   PrefillCommand prefill;
   AttendBatchCommand batch;
+  RetrieveCommand retrieve;
+  std::vector<uint64_t> live_handles;  // kRestore
 };
 
 // Binary encoding (host byte order: all ranks run the same binary).

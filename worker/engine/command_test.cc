@@ -37,14 +37,14 @@ TEST(Command, PrefillRoundTripAndTruncation) {
   Command c;
   c.kind = CommandKind::kPrefill;
   c.prefill.session = SessionShape{7, 1, 4, 4, 32, DType::kFloat32};
-  c.prefill.cached_offset = 128;
+  c.prefill.chunk_first = 128;
   c.prefill.rows.runs = {{256, 64}, {384, 64}};
   c.prefill.q.assign(128 * 4 * 32, 2.0f);
   c.prefill.rows_per_rank = {128, 128};
   std::string bytes = EncodeCommand(c);
   auto decoded = DecodeCommand(bytes);
   ASSERT_TRUE(decoded.ok());
-  EXPECT_EQ(decoded->prefill.cached_offset, 128);
+  EXPECT_EQ(decoded->prefill.chunk_first, 128);
   EXPECT_EQ(decoded->prefill.rows.tokens(), 128);
   EXPECT_EQ(decoded->prefill.rows_per_rank.size(), 2u);
   bytes.pop_back();

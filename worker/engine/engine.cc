@@ -2,23 +2,91 @@
 
 #include <mpi.h>
 
+#include <algorithm>
 #include <chrono>
+#include <cmath>
 #include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <limits>
+#include <set>
 #include <thread>
 
 #include "dist/ring_attention.h"
+#include "kernels/merge.h"
 
 namespace ringtree {
 
 namespace {
 constexpr int kCommandTag = 101;
 constexpr int kPrefillOutputTag = 102;
+constexpr int kRetrieveTag = 103;
+constexpr double kNegInfD = -std::numeric_limits<double>::infinity();
+constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
+
+// Score-mode post-processing as SpanStore::AttendRetrieval does it: Score()
+// leaves the scaled q . mean key in `estimate`.
+void ApplyScoreMode(SpanScoreMode mode, SpanScores* scores) {
+  for (size_t i = 0; i < scores->estimate.size(); ++i) {
+    const float u = scores->upper[i];
+    if (u == kNegInfF) continue;
+    if (mode == SpanScoreMode::kUpperBound) scores->estimate[i] = u;
+    else if (mode == SpanScoreMode::kBlend) scores->estimate[i] = 0.5f * (u + scores->estimate[i]);
+  }
+}
+
+// Element-wise log-sum-exp of per-rank values, on every rank (two allreduces).
+Status AllreduceLogAdd(const Communicator& comm, std::vector<double>* values) {
+  const int n = static_cast<int>(values->size());
+  if (n == 0) return Status::Ok();
+  std::vector<double> m = *values;
+  RINGTREE_RETURN_IF_ERROR(comm.AllreduceMax(m.data(), n));
+  std::vector<double> sum(n, 0.0);
+  for (int i = 0; i < n; ++i) {
+    if (m[i] != kNegInfD && (*values)[i] != kNegInfD) sum[i] = std::exp((*values)[i] - m[i]);
+  }
+  RINGTREE_RETURN_IF_ERROR(comm.AllreduceSum(sum.data(), n));
+  for (int i = 0; i < n; ++i) (*values)[i] = (m[i] == kNegInfD || sum[i] <= 0) ? kNegInfD : m[i] + std::log(sum[i]);
+  return Status::Ok();
+}
+
+// Gathers every rank's POD vector on every rank, rank-major.
+template <typename T>
+Status AllgatherVectors(const Communicator& comm, const std::vector<T>& mine, std::vector<std::vector<T>>* all) {
+  int64_t n = static_cast<int64_t>(mine.size());
+  std::vector<int64_t> counts(comm.size());
+  RINGTREE_RETURN_IF_ERROR(comm.Allgather(&n, sizeof(n), counts.data()));
+  std::vector<int64_t> bytes(comm.size());
+  int64_t total = 0;
+  for (int r = 0; r < comm.size(); ++r) {
+    bytes[r] = counts[r] * static_cast<int64_t>(sizeof(T));
+    total += counts[r];
+  }
+  std::vector<T> flat(static_cast<size_t>(total));
+  RINGTREE_RETURN_IF_ERROR(comm.Allgatherv(mine.data(), bytes, flat.data()));
+  all->assign(comm.size(), {});
+  int64_t at = 0;
+  for (int r = 0; r < comm.size(); ++r) {
+    (*all)[r].assign(flat.begin() + at, flat.begin() + at + counts[r]);
+    at += counts[r];
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 
-Result<std::unique_ptr<WorkerEngine>> WorkerEngine::Create(const Communicator& compute, int root) {
+std::string WorkerEngine::StoreDir(const std::string& data_dir, int rank, uint64_t handle, int layer) {
+  return data_dir + "/rank-" + std::to_string(rank) + "/s" + std::to_string(handle) + "/layer-" +
+         std::to_string(layer);
+}
+
+Result<std::unique_ptr<WorkerEngine>> WorkerEngine::Create(const Communicator& compute, int root,
+                                                            EngineConfig config) {
   std::unique_ptr<WorkerEngine> engine(new WorkerEngine());
   engine->compute_ = &compute;
   engine->root_ = root;
+  engine->config_ = config;
+  engine->cache_ = std::make_shared<SpanCache>(config.cache_budget_bytes);
   RINGTREE_ASSIGN_OR_RETURN(engine->reducer_, TreeReducer::Create(compute, TreeTopology::kFlat, root));
   return engine;
 }
@@ -28,29 +96,153 @@ WorkerEngine::SessionShard& WorkerEngine::Shard(const SessionShape& shape) {
   if (it != sessions_.end()) return it->second;
   SessionShard& shard = sessions_[shape.handle];
   shard.shape = shape;
-  for (int l = 0; l < shape.layers; ++l) {
-    shard.layers.push_back(MakeInMemoryLayerKvShard(shape.kv_heads, shape.head_dim, shape.storage));
-  }
+  shard.layers.resize(static_cast<size_t>(std::max(0, shape.layers)));
   return shard;
 }
 
-Status WorkerEngine::AppendRows(SessionShard& shard, int layer, const KvRows& rows) {
+Result<SpanStore*> WorkerEngine::Store(const SessionShape& shape, int layer) {
+  SessionShard& shard = Shard(shape);
   if (layer < 0 || layer >= static_cast<int>(shard.layers.size())) {
     return Status::Internal("[engine] layer " + std::to_string(layer) + " out of range");
   }
-  const int64_t row_bytes = shard.shape.row_bytes();
+  std::unique_ptr<SpanStore>& slot = shard.layers[layer];
+  if (slot) return slot.get();
+  SpanStoreOptions o;
+  o.kv_heads = shape.kv_heads;
+  o.head_dim = shape.head_dim;
+  o.dtype = shape.storage;
+  o.span_tokens = shape.span_tokens;
+  o.sink_tokens = shape.sink_tokens;
+  o.window_tokens = shape.window_tokens;
+  o.cache = cache_;
+  o.readahead_chunks = config_.readahead_chunks;
+  if (!config_.data_dir.empty()) {
+    o.data_dir = StoreDir(config_.data_dir, compute_->rank(), shape.handle, layer);
+    o.hot_budget_bytes = config_.hot_budget_bytes;
+    if (std::filesystem::exists(o.data_dir + "/MANIFEST")) {
+      RecoveryReport report;
+      RINGTREE_ASSIGN_OR_RETURN(slot, SpanStore::Open(o, &report));
+      // Back to the hot set a running store has (newest spans, up to the
+      // budget), so a restarted service takes the same compute paths.
+      RINGTREE_RETURN_IF_ERROR(slot->WarmNewest());
+      if (report.dropped_tail_bytes > 0) {
+        std::fprintf(stderr, "[attnserve] rank %d: %s: dropped %llu torn tail bytes (%s)\n", compute_->rank(),
+                     o.data_dir.c_str(), static_cast<unsigned long long>(report.dropped_tail_bytes),
+                     report.dropped_reason.c_str());
+      }
+    } else {
+      RINGTREE_ASSIGN_OR_RETURN(slot, SpanStore::Create(o));
+    }
+  } else {
+    RINGTREE_ASSIGN_OR_RETURN(slot, SpanStore::Create(o));
+  }
+  kv_tokens_ += slot->total_tokens();
+  kv_bytes_ += 2 * slot->total_tokens() * shape.row_bytes();
+  return slot.get();
+}
+
+Status WorkerEngine::AppendRows(const SessionShape& shape, int layer, const KvRows& rows) {
+  RINGTREE_ASSIGN_OR_RETURN(SpanStore * store, Store(shape, layer));
+  const int64_t row_bytes = shape.row_bytes();
   if (static_cast<int64_t>(rows.k.size()) != rows.tokens() * row_bytes || rows.k.size() != rows.v.size()) {
     return Status::Internal("[engine] append rows: byte count does not match runs");
   }
   int64_t row = 0;
   for (const KvRun& run : rows.runs) {
-    RINGTREE_RETURN_IF_ERROR(shard.layers[layer]->Append(run.position, run.tokens,
-                                                         rows.k.data() + row * row_bytes,
-                                                         rows.v.data() + row * row_bytes));
+    RINGTREE_RETURN_IF_ERROR(store->Append(run.position, run.tokens, rows.k.data() + row * row_bytes,
+                                           rows.v.data() + row * row_bytes, shape.storage));
     row += run.tokens;
+    kv_tokens_ += run.tokens;
+    kv_bytes_ += 2 * run.tokens * row_bytes;
   }
-  kv_tokens_ += row;
-  kv_bytes_ += 2 * row * row_bytes;
+  return Status::Ok();
+}
+
+Status WorkerEngine::EnforceRankHotBudget() {
+  if (config_.data_dir.empty() || config_.hot_budget_bytes == 0) return Status::Ok();
+  size_t hot = 0;
+  int64_t tokens = 0;
+  for (auto& [handle, shard] : sessions_) {
+    for (auto& store : shard.layers) {
+      if (!store) continue;
+      hot += store->hot_bytes();
+      tokens += store->total_tokens();
+    }
+  }
+  if (hot <= config_.hot_budget_bytes || tokens == 0) return Status::Ok();
+  // Over budget: give every store a share proportional to its size.
+  for (auto& [handle, shard] : sessions_) {
+    for (auto& store : shard.layers) {
+      if (!store || store->total_tokens() == 0) continue;
+      const double share = double(store->total_tokens()) / double(tokens);
+      RINGTREE_RETURN_IF_ERROR(store->SetHotBudget(std::max<size_t>(1, size_t(share * config_.hot_budget_bytes))));
+    }
+  }
+  return Status::Ok();
+}
+
+Status WorkerEngine::FinishWrite(Status local, const std::vector<SpanStore*>& touched, EngineOutput* out) {
+  if (config_.data_dir.empty()) return local;
+  std::set<SpanStore*> unique(touched.begin(), touched.end());
+  for (SpanStore* store : unique) {
+    if (!local.ok()) break;
+    local = store->Sync();
+  }
+  if (local.ok()) local = EnforceRankHotBudget();
+  Status agreed = compute_->AgreeOnStatus(local);
+  int64_t mine[2] = {0, 0};
+  for (auto& [handle, shard] : sessions_) {
+    for (auto& store : shard.layers) {
+      if (!store) continue;
+      mine[0] += static_cast<int64_t>(store->disk_bytes());
+      mine[1] += static_cast<int64_t>(store->hot_bytes());
+    }
+  }
+  std::vector<int64_t> all(2 * static_cast<size_t>(compute_->size()));
+  RINGTREE_RETURN_IF_ERROR(compute_->Allgather(mine, sizeof(mine), all.data()));
+  if (compute_->rank() == root_) {
+    out->rank_disk_bytes.resize(compute_->size());
+    out->rank_hot_bytes.resize(compute_->size());
+    for (int r = 0; r < compute_->size(); ++r) {
+      out->rank_disk_bytes[r] = all[2 * r];
+      out->rank_hot_bytes[r] = all[2 * r + 1];
+    }
+  }
+  return agreed;
+}
+
+Status WorkerEngine::DeleteSession(uint64_t handle) {
+  auto it = sessions_.find(handle);
+  if (it != sessions_.end()) {
+    for (const auto& store : it->second.layers) {
+      if (!store) continue;
+      kv_tokens_ -= store->total_tokens();
+      kv_bytes_ -= 2 * store->total_tokens() * it->second.shape.row_bytes();
+    }
+    sessions_.erase(it);
+  }
+  if (config_.data_dir.empty()) return Status::Ok();
+  std::error_code ec;
+  const std::string dir = config_.data_dir + "/rank-" + std::to_string(compute_->rank()) + "/s" + std::to_string(handle);
+  std::filesystem::remove_all(dir, ec);
+  if (ec) return Status::IoError("[engine] remove " + dir + ": " + ec.message());
+  return Status::Ok();
+}
+
+Status WorkerEngine::Restore(const std::vector<uint64_t>& live) {
+  if (config_.data_dir.empty()) return Status::Ok();
+  const std::set<uint64_t> keep(live.begin(), live.end());
+  const std::string dir = config_.data_dir + "/rank-" + std::to_string(compute_->rank());
+  std::error_code ec;
+  if (!std::filesystem::exists(dir, ec)) return Status::Ok();
+  for (const auto& entry : std::filesystem::directory_iterator(dir, ec)) {
+    const std::string name = entry.path().filename().string();
+    if (name.size() < 2 || name[0] != 's') continue;
+    const uint64_t handle = std::strtoull(name.c_str() + 1, nullptr, 10);
+    if (keep.count(handle)) continue;
+    // A session deleted (or never acknowledged) before a crash.
+    std::filesystem::remove_all(entry.path(), ec);
+  }
   return Status::Ok();
 }
 
@@ -58,60 +250,83 @@ Result<EngineOutput> WorkerEngine::Execute(Command& command) {
   switch (command.kind) {
     case CommandKind::kShutdown: return EngineOutput{};
     case CommandKind::kDeleteSession: {
-      auto it = sessions_.find(command.delete_handle);
-      if (it != sessions_.end()) {
-        for (const auto& layer : it->second.layers) {
-          kv_bytes_ -= layer->bytes();
-          kv_tokens_ -= layer->tokens();
-        }
-        sessions_.erase(it);
-      }
+      RINGTREE_RETURN_IF_ERROR(DeleteSession(command.delete_handle));
+      return EngineOutput{};
+    }
+    case CommandKind::kRestore: {
+      RINGTREE_RETURN_IF_ERROR(Restore(command.live_handles));
       return EngineOutput{};
     }
     case CommandKind::kAppend: {
-      RINGTREE_RETURN_IF_ERROR(AppendRows(Shard(command.append.session), command.append.layer, command.append.rows));
-      return EngineOutput{};
+      EngineOutput out;
+      Status local = AppendRows(command.append.session, command.append.layer, command.append.rows);
+      std::vector<SpanStore*> touched;
+      if (local.ok()) {
+        auto store = Store(command.append.session, command.append.layer);
+        if (store.ok()) touched.push_back(*store);
+      }
+      RINGTREE_RETURN_IF_ERROR(FinishWrite(local, touched, &out));
+      return out;
     }
     case CommandKind::kPrefill: return ExecutePrefill(command.prefill);
     case CommandKind::kAttendBatch: return ExecuteBatch(command.batch);
+    case CommandKind::kRetrieve: return ExecuteRetrieve(command.retrieve);
   }
   return Status::Internal("[engine] unknown command");
 }
 
 Result<EngineOutput> WorkerEngine::ExecutePrefill(PrefillCommand& p) {
-  SessionShard& shard = Shard(p.session);
   const SessionShape& s = p.session;
   const HeadConfig heads{s.heads, s.kv_heads, s.head_dim, s.storage};
   const int64_t q_row = int64_t(s.heads) * s.head_dim;
   const int64_t kv_row_bytes = s.row_bytes();
   const int64_t rows = p.rows.tokens();
+  const bool cached = !p.all_q.empty();
   std::vector<float> o(static_cast<size_t>(rows * q_row));
   std::vector<float> lse(static_cast<size_t>(rows * s.heads));
   std::vector<QueryBlock> queries;
   std::vector<KvBlock> kv;
-  Status local = Status::Ok();
-  if (p.layer < 0 || p.layer >= static_cast<int>(shard.layers.size())) {
-    local = Status::Internal("[engine] prefill layer out of range");
-  } else {
-    const KvChunk cached = shard.layers[p.layer]->AllRows();
-    if (cached.tokens > 0) kv.push_back(KvBlock{cached.k, cached.v, cached.tokens, p.cached_offset});
-    int64_t row = 0;
-    for (const KvRun& run : p.rows.runs) {
-      queries.push_back(QueryBlock{p.q.data() + row * q_row, run.tokens, run.position, o.data() + row * q_row,
-                                   lse.data() + row * s.heads});
-      kv.push_back(KvBlock{p.rows.k.data() + row * kv_row_bytes, p.rows.v.data() + row * kv_row_bytes, run.tokens,
-                           run.position});
-      row += run.tokens;
-    }
+  EngineOutput out;
+  Result<SpanStore*> store = Store(s, p.layer);
+  Status local = store.status();
+  // The stored context (all before the chunk, so fully visible): every rank
+  // attends the whole chunk's queries to its own spans, streaming cold ones.
+  const int64_t all_rows = p.chunk_tokens * s.heads;
+  std::vector<float> cached_o, cached_lse;
+  if (cached && local.ok()) {
+    cached_o.resize(static_cast<size_t>(all_rows * s.head_dim));
+    cached_lse.resize(static_cast<size_t>(all_rows));
+    AttentionOptions ao;
+    ao.scale = p.scale;
+    local = (*store)->AttendExact(p.all_q.data(), p.chunk_tokens, s.heads, ao, cached_o.data(), cached_lse.data());
+  }
+  int64_t row = 0;
+  for (const KvRun& run : p.rows.runs) {
+    queries.push_back(QueryBlock{p.q.data() + row * q_row, run.tokens, run.position, o.data() + row * q_row,
+                                 lse.data() + row * s.heads});
+    kv.push_back(KvBlock{p.rows.k.data() + row * kv_row_bytes, p.rows.v.data() + row * kv_row_bytes, run.tokens,
+                         run.position});
+    row += run.tokens;
   }
   RINGTREE_RETURN_IF_ERROR(compute_->AgreeOnStatus(local));
+  // Ring attention over the chunk itself (causal).
   RingOptions options;
   options.causal = true;
   options.scale = p.scale;
-  EngineOutput out;
   RINGTREE_RETURN_IF_ERROR(RingAttention(*compute_, heads, queries, kv, options, &out.timings));
+  if (cached) {
+    std::vector<float> packed(static_cast<size_t>(all_rows * PackedRowFloats(s.head_dim)));
+    PackPartials(cached_o.data(), cached_lse.data(), all_rows, s.head_dim, packed.data());
+    RINGTREE_RETURN_IF_ERROR(reducer_->Reduce(packed.data(), all_rows, s.head_dim, ReduceTarget::kRoot, &out.timings));
+    if (compute_->rank() == root_) {
+      out.prefill_cached_o.resize(cached_o.size());
+      out.prefill_cached_lse.resize(cached_lse.size());
+      UnpackPartials(packed.data(), all_rows, s.head_dim, out.prefill_cached_o.data(), out.prefill_cached_lse.data());
+    }
+  }
   // The chunk's rows become part of the stored context only once the step succeeded.
-  Status stored = AppendRows(shard, p.layer, p.rows);
+  Status stored = AppendRows(s, p.layer, p.rows);
+  const bool send_lse = p.return_lse || cached;
   // Gather the output rows at the root (sizes known there from the placement).
   if (compute_->rank() == root_) {
     out.rank_o.resize(compute_->size());
@@ -127,15 +342,17 @@ Result<EngineOutput> WorkerEngine::ExecutePrefill(PrefillCommand& p) {
       out.rank_lse[r].resize(static_cast<size_t>(n * s.heads));
       if (n == 0) continue;
       RINGTREE_RETURN_IF_ERROR(compute_->Recv(out.rank_o[r].data(), n * q_row * 4, r, kPrefillOutputTag));
-      if (p.return_lse) {
+      if (send_lse) {
         RINGTREE_RETURN_IF_ERROR(compute_->Recv(out.rank_lse[r].data(), n * s.heads * 4, r, kPrefillOutputTag));
       }
     }
   } else if (rows > 0) {
     RINGTREE_RETURN_IF_ERROR(compute_->Send(o.data(), rows * q_row * 4, root_, kPrefillOutputTag));
-    if (p.return_lse) RINGTREE_RETURN_IF_ERROR(compute_->Send(lse.data(), rows * s.heads * 4, root_, kPrefillOutputTag));
+    if (send_lse) RINGTREE_RETURN_IF_ERROR(compute_->Send(lse.data(), rows * s.heads * 4, root_, kPrefillOutputTag));
   }
-  RINGTREE_RETURN_IF_ERROR(stored);
+  std::vector<SpanStore*> touched;
+  if (store.ok()) touched.push_back(*store);
+  RINGTREE_RETURN_IF_ERROR(FinishWrite(stored, touched, &out));
   return out;
 }
 
@@ -145,33 +362,36 @@ Result<EngineOutput> WorkerEngine::ExecuteBatch(AttendBatchCommand& batch) {
   // 1. Store the decode tokens this rank holds (before computing: a decode
   //    query sees its own token).
   Status local = Status::Ok();
+  bool any_decode = false;
+  std::vector<SpanStore*> touched;
   for (BatchGroup& g : batch.groups) {
+    any_decode = any_decode || g.causal;
     if (g.new_rows.runs.empty()) continue;
-    Status st = AppendRows(Shard(g.session), g.layer, g.new_rows);
+    Status st = AppendRows(g.session, g.layer, g.new_rows);
     if (!st.ok() && local.ok()) local = st;
+    auto store = Store(g.session, g.layer);
+    if (store.ok()) touched.push_back(*store);
   }
-  // 2. Build the groups: stored-before rows as one fully visible block, plus
-  //    the new rows at their true positions (causal within the step).
+  // 2. Per group: an all-hot store is handed to the batched kernel as its
+  //    spans (zero copy, true positions); a store with cold spans is streamed
+  //    (AttendExact reads ahead of the kernel) into a partial.
+  std::vector<std::vector<SpanStore::HotSpanView>> views(n);
   std::vector<std::vector<KvBlock>> blocks(n);
   std::vector<DecodeGroup> groups(n);
+  std::vector<SpanStore*> stores(n, nullptr);
+  std::vector<bool> hot(n, true);
   out.group_o.resize(n);
   out.group_lse.resize(n);
   for (size_t i = 0; i < n; ++i) {
     BatchGroup& g = batch.groups[i];
-    SessionShard& shard = Shard(g.session);
     const SessionShape& s = g.session;
-    if (g.layer >= 0 && g.layer < static_cast<int>(shard.layers.size())) {
-      const KvChunk all = shard.layers[g.layer]->AllRows();
-      const int64_t new_tokens = g.new_rows.tokens();
-      const int64_t old_tokens = all.tokens - new_tokens;
-      const int64_t row_bytes = s.row_bytes();
-      if (old_tokens > 0) blocks[i].push_back(KvBlock{all.k, all.v, old_tokens, 0});
-      int64_t row = old_tokens;
-      for (const KvRun& run : g.new_rows.runs) {
-        blocks[i].push_back(KvBlock{static_cast<const uint8_t*>(all.k) + row * row_bytes,
-                                    static_cast<const uint8_t*>(all.v) + row * row_bytes, run.tokens, run.position});
-        row += run.tokens;
-      }
+    auto store = Store(s, g.layer);
+    if (store.ok()) {
+      stores[i] = *store;
+      hot[i] = stores[i]->HotSpanViews(&views[i]);
+      for (const auto& v : views[i]) blocks[i].push_back(KvBlock{v.k, v.v, v.tokens, v.position_start});
+    } else if (local.ok()) {
+      local = store.status();
     }
     out.group_o[i].resize(static_cast<size_t>(g.q_tokens * s.heads * s.head_dim));
     out.group_lse[i].resize(static_cast<size_t>(g.q_tokens * s.heads));
@@ -179,29 +399,326 @@ Result<EngineOutput> WorkerEngine::ExecuteBatch(AttendBatchCommand& batch) {
                             g.q.data(), g.q_tokens, g.q_position, g.causal, g.scale, blocks[i],
                             out.group_o[i].data(), out.group_lse[i].data()};
   }
-  if (!local.ok()) {
-    // An append failure (memory) on this rank: fail the step on every rank.
-    for (auto& g : groups) g.local_kv = {};
-    groups[0].heads.head_dim = -1;
-  }
-  // 3. One tree reduction per distinct head_dim, in command order (the same
-  //    on every rank).
+  // 3. Local partials per distinct head_dim, in command order (the same on
+  //    every rank), then one agreement and one tree reduction per head_dim.
   std::vector<bool> done(n, false);
-  Status result = Status::Ok();
+  std::vector<std::vector<size_t>> classes;
   for (size_t i = 0; i < n; ++i) {
     if (done[i]) continue;
-    std::vector<DecodeGroup> same;
+    classes.emplace_back();
     for (size_t j = i; j < n; ++j) {
       if (!done[j] && batch.groups[j].session.head_dim == batch.groups[i].session.head_dim) {
-        same.push_back(groups[j]);
+        classes.back().push_back(j);
         done[j] = true;
       }
     }
-    Status st = TreeDecode(*reducer_, same, ReduceTarget::kRoot, &out.timings);
-    if (!st.ok() && result.ok()) result = st;
   }
-  if (!local.ok()) return local;
+  std::vector<std::vector<float>> packed(classes.size());
+  for (size_t c = 0; c < classes.size() && local.ok(); ++c) {
+    const int D = batch.groups[classes[c][0]].session.head_dim;
+    const int64_t rec = PackedRowFloats(D);
+    int64_t rows = 0;
+    std::vector<int64_t> at;
+    std::vector<DecodeGroup> hot_groups;
+    for (size_t i : classes[c]) {
+      at.push_back(rows);
+      rows += DecodeGroupRows(groups[i]);
+      if (hot[i]) hot_groups.push_back(groups[i]);
+    }
+    packed[c].resize(static_cast<size_t>(rows * rec));
+    std::vector<float> hot_packed;
+    if (!hot_groups.empty()) {
+      int64_t hot_rows = 0;
+      for (const DecodeGroup& g : hot_groups) hot_rows += DecodeGroupRows(g);
+      hot_packed.resize(static_cast<size_t>(hot_rows * rec));
+      local = ComputeLocalDecodePartials(hot_groups, hot_packed.data(), &out.timings);
+      if (!local.ok()) break;
+    }
+    int64_t hot_at = 0;
+    for (size_t k = 0; k < classes[c].size() && local.ok(); ++k) {
+      const size_t i = classes[c][k];
+      const DecodeGroup& g = groups[i];
+      const int64_t r = DecodeGroupRows(g);
+      float* dst = packed[c].data() + at[k] * rec;
+      if (hot[i]) {
+        std::memcpy(dst, hot_packed.data() + hot_at * rec, sizeof(float) * r * rec);
+        hot_at += r;
+        continue;
+      }
+      std::vector<float> o(static_cast<size_t>(r * D)), lse(static_cast<size_t>(r));
+      AttentionOptions ao;
+      ao.causal = g.causal;
+      ao.q_position_offset = g.q_position_offset;
+      ao.scale = g.scale;
+      const double t0 = NowSeconds();
+      local = stores[i]->AttendExact(g.q, g.q_tokens, g.heads.heads, ao, o.data(), lse.data());
+      out.timings.compute_seconds += NowSeconds() - t0;
+      PackPartials(o.data(), lse.data(), r, D, dst);
+    }
+  }
+  Status result = compute_->AgreeOnStatus(local);
+  if (result.ok()) {
+    for (size_t c = 0; c < classes.size(); ++c) {
+      const int D = batch.groups[classes[c][0]].session.head_dim;
+      const int64_t rows = static_cast<int64_t>(packed[c].size()) / PackedRowFloats(D);
+      if (rows == 0) continue;
+      const double t0 = NowSeconds();
+      RINGTREE_RETURN_IF_ERROR(reducer_->Reduce(packed[c].data(), rows, D, ReduceTarget::kRoot, &out.timings));
+      out.timings.total_seconds += NowSeconds() - t0;
+      if (compute_->rank() != root_) continue;
+      const float* p = packed[c].data();
+      for (size_t i : classes[c]) {
+        const int64_t r = DecodeGroupRows(groups[i]);
+        UnpackPartials(p, r, D, groups[i].o, groups[i].lse);
+        p += r * PackedRowFloats(D);
+      }
+    }
+  }
+  if (any_decode) {
+    Status w = FinishWrite(Status::Ok(), touched, &out);
+    if (result.ok()) result = w;
+  }
   RINGTREE_RETURN_IF_ERROR(result);
+  return out;
+}
+
+Result<EngineOutput> WorkerEngine::ExecuteRetrieve(RetrieveCommand& r) {
+  EngineOutput out;
+  BatchGroup& g = r.group;
+  const SessionShape& s = g.session;
+  const int me = compute_->rank();
+  const int heads = s.heads, D = s.head_dim;
+  const int64_t rows = g.q_tokens * heads;
+  std::vector<SpanStore*> touched;
+  Status local = Status::Ok();
+  if (!g.new_rows.runs.empty()) local = AppendRows(s, g.layer, g.new_rows);
+  Result<SpanStore*> found = Store(s, g.layer);
+  if (local.ok()) local = found.status();
+  SpanStore* store = found.ok() ? *found : nullptr;
+  if (store && !g.new_rows.runs.empty()) touched.push_back(store);
+
+  // 1. Score this rank's spans; split into always (sinks + window) and candidates.
+  AttentionOptions ao;
+  ao.causal = g.causal;
+  ao.q_position_offset = g.q_position;
+  ao.scale = g.scale;
+  RetrievalRequest request;
+  request.top_k_spans = r.top_k_spans;
+  request.token_budget = r.token_budget;
+  request.mass_tolerance = r.mass_tolerance;
+  request.score_mode = static_cast<SpanScoreMode>(r.score_mode);
+  request.context_end = r.context_end;
+  SpanScores scores;
+  std::vector<int64_t> always, candidates;
+  std::vector<SpanInfo> infos;
+  std::vector<int32_t> tokens;
+  std::vector<int64_t> positions;
+  if (local.ok()) {
+    auto scored = store->Score(g.q.data(), g.q_tokens, heads, ao);
+    if (scored.ok()) {
+      scores = std::move(scored).value();
+      ApplyScoreMode(request.score_mode, &scores);
+      store->SplitSpans(ao, g.q_tokens, request, &always, &candidates);
+      infos = store->Spans();
+      for (const SpanInfo& i : infos) {
+        tokens.push_back(i.tokens);
+        positions.push_back(i.position_start);
+      }
+    } else {
+      local = scored.status();
+    }
+  }
+  Status agreed = compute_->AgreeOnStatus(local);
+  if (!agreed.ok()) {
+    if (!g.new_rows.runs.empty() || g.causal) RINGTREE_RETURN_IF_ERROR(FinishWrite(Status::Ok(), touched, &out));
+    return agreed;
+  }
+  // 2. Global normaliser, so priorities compare across ranks.
+  std::vector<double> normalizer = LogNormalizers(scores, tokens, candidates);
+  normalizer.resize(static_cast<size_t>(rows), kNegInfD);
+  RINGTREE_RETURN_IF_ERROR(AllreduceLogAdd(*compute_, &normalizer));
+  std::vector<SpanCandidate> ranked = RankCandidates(scores, tokens, positions, candidates, normalizer);
+  for (SpanCandidate& c : ranked) c.rank = me;
+  const bool tolerance = r.mass_tolerance >= 0 && !r.kv_only;
+  // A rank never needs to propose more than the global selection can take.
+  if (!tolerance) ranked = MergeTopCandidates({ranked}, r.top_k_spans, r.token_budget);
+  if (!tolerance && r.top_k_spans <= 0 && r.token_budget <= 0) ranked.clear();
+  // 3. Global top-k, computed identically on every rank.
+  std::vector<std::vector<SpanCandidate>> per_rank;
+  RINGTREE_RETURN_IF_ERROR(AllgatherVectors(*compute_, ranked, &per_rank));
+  std::vector<SpanCandidate> merged;
+  if (tolerance) {
+    merged = MergeTopCandidates(per_rank, 0, 0);
+  } else if (r.top_k_spans > 0 || r.token_budget > 0) {
+    merged = MergeTopCandidates(per_rank, r.top_k_spans, r.token_budget);
+  }
+  int64_t total_candidates = static_cast<int64_t>(merged.size());
+  int64_t take = total_candidates;
+  if (tolerance) {
+    // Start from what k / the budget give (at least one span), double per round.
+    take = 0;
+    int64_t budget_tokens = 0;
+    for (const SpanCandidate& c : merged) {
+      if (r.top_k_spans > 0 && take >= r.top_k_spans) break;
+      if (r.token_budget > 0 && budget_tokens + c.tokens > r.token_budget) break;
+      if (r.top_k_spans <= 0 && r.token_budget <= 0) break;
+      budget_tokens += c.tokens;
+      ++take;
+    }
+    take = std::min<int64_t>(std::max<int64_t>(take, 1), total_candidates);
+  }
+  auto my_selection = [&](int64_t from, int64_t to) {
+    std::vector<int64_t> list;
+    for (int64_t i = from; i < to; ++i) {
+      if (merged[i].rank == me) list.push_back(merged[i].span_index);
+    }
+    std::sort(list.begin(), list.end());
+    return list;
+  };
+
+  if (r.kv_only) {
+    // 4a. KV retrieval: stream this rank's selected spans (and sinks + window
+    //     when asked) in position order as runs; the root collects them.
+    std::vector<int64_t> list = my_selection(0, take);
+    if (r.include_always) list.insert(list.end(), always.begin(), always.end());
+    std::sort(list.begin(), list.end());
+    list.erase(std::unique(list.begin(), list.end()), list.end());
+    std::vector<RetrievedRun> runs;
+    const int64_t rb = s.row_bytes();
+    local = store->ForEachChunkOf(list, /*use_cache=*/true,
+                                  [&](const void* k, const void* v, int64_t position, int64_t n) -> Status {
+                                    RetrievedRun run;
+                                    run.rank = me;
+                                    run.position_start = position;
+                                    run.tokens = n;
+                                    run.k.assign(static_cast<const char*>(k), static_cast<size_t>(n * rb));
+                                    run.v.assign(static_cast<const char*>(v), static_cast<size_t>(n * rb));
+                                    runs.push_back(std::move(run));
+                                    return Status::Ok();
+                                  });
+    RINGTREE_RETURN_IF_ERROR(compute_->AgreeOnStatus(local));
+    if (me == root_) {
+      out.runs = std::move(runs);
+      for (int src = 0; src < compute_->size(); ++src) {
+        if (src == root_) continue;
+        int64_t count = 0;
+        RINGTREE_RETURN_IF_ERROR(compute_->Recv(&count, sizeof(count), src, kRetrieveTag));
+        for (int64_t i = 0; i < count; ++i) {
+          int64_t head[2];
+          RINGTREE_RETURN_IF_ERROR(compute_->Recv(head, sizeof(head), src, kRetrieveTag));
+          RetrievedRun run;
+          run.rank = src;
+          run.position_start = head[0];
+          run.tokens = head[1];
+          run.k.resize(static_cast<size_t>(head[1] * rb));
+          run.v.resize(static_cast<size_t>(head[1] * rb));
+          RINGTREE_RETURN_IF_ERROR(compute_->Recv(run.k.data(), head[1] * rb, src, kRetrieveTag));
+          RINGTREE_RETURN_IF_ERROR(compute_->Recv(run.v.data(), head[1] * rb, src, kRetrieveTag));
+          out.runs.push_back(std::move(run));
+        }
+      }
+      std::sort(out.runs.begin(), out.runs.end(),
+                [](const RetrievedRun& a, const RetrievedRun& b) { return a.position_start < b.position_start; });
+    } else {
+      int64_t count = static_cast<int64_t>(runs.size());
+      RINGTREE_RETURN_IF_ERROR(compute_->Send(&count, sizeof(count), root_, kRetrieveTag));
+      for (const RetrievedRun& run : runs) {
+        int64_t head[2] = {run.position_start, run.tokens};
+        RINGTREE_RETURN_IF_ERROR(compute_->Send(head, sizeof(head), root_, kRetrieveTag));
+        RINGTREE_RETURN_IF_ERROR(compute_->Send(run.k.data(), run.tokens * rb, root_, kRetrieveTag));
+        RINGTREE_RETURN_IF_ERROR(compute_->Send(run.v.data(), run.tokens * rb, root_, kRetrieveTag));
+      }
+    }
+    out.retrieval.selected_spans = take;
+    return out;
+  }
+
+  // 4b. Retrieval attention, in rounds (one unless tolerance mode): attend the
+  //     new spans, merge into this rank's partial, tree-reduce to every rank,
+  //     bound the skipped mass.
+  std::vector<float> acc_o(static_cast<size_t>(rows * D), 0.0f), acc_lse(static_cast<size_t>(rows), kNegInfF);
+  std::vector<float> part_o(acc_o.size()), part_lse(acc_lse.size());
+  std::vector<float> merged_o(acc_o.size()), merged_lse(acc_lse.size());
+  std::vector<float> packed(static_cast<size_t>(rows * PackedRowFloats(D)));
+  int64_t attended_to = 0;
+  bool first = true;
+  int rounds = 0;
+  std::vector<float> bound;
+  for (;;) {
+    ++rounds;
+    std::vector<int64_t> list = my_selection(attended_to, take);
+    if (first) list.insert(list.end(), always.begin(), always.end());
+    std::sort(list.begin(), list.end());
+    local = Status::Ok();
+    if (!list.empty()) {
+      const double t0 = NowSeconds();
+      local = store->AttendSpans(list, g.q.data(), g.q_tokens, heads, ao, part_o.data(), part_lse.data());
+      out.timings.compute_seconds += NowSeconds() - t0;
+      if (local.ok()) MergePartials(acc_o.data(), acc_lse.data(), part_o.data(), part_lse.data(), rows, D);
+    }
+    RINGTREE_RETURN_IF_ERROR(compute_->AgreeOnStatus(local));
+    attended_to = take;
+    first = false;
+    PackPartials(acc_o.data(), acc_lse.data(), rows, D, packed.data());
+    RINGTREE_RETURN_IF_ERROR(reducer_->Reduce(packed.data(), rows, D, ReduceTarget::kAll, &out.timings));
+    UnpackPartials(packed.data(), rows, D, merged_o.data(), merged_lse.data());
+    // Skipped: this rank's candidates outside the selection.
+    std::set<int64_t> selected;
+    for (int64_t i = 0; i < take; ++i) {
+      if (merged[i].rank == me) selected.insert(merged[i].span_index);
+    }
+    std::vector<int64_t> skipped;
+    for (int64_t c : candidates) {
+      if (!selected.count(c)) skipped.push_back(c);
+    }
+    std::vector<double> log_upper = LogUpperSkippedMass(scores, tokens, skipped);
+    log_upper.resize(static_cast<size_t>(rows), kNegInfD);
+    RINGTREE_RETURN_IF_ERROR(AllreduceLogAdd(*compute_, &log_upper));
+    bound = SkippedMassBound(merged_lse.data(), log_upper);
+    float max_bound = 0.0f;
+    for (float b : bound) max_bound = std::max(max_bound, b);
+    out.retrieval.max_skipped_mass_bound = max_bound;
+    if (!tolerance || max_bound <= r.mass_tolerance || take >= total_candidates) break;
+    take = std::min<int64_t>(total_candidates, std::max<int64_t>(2 * take, take + 1));
+  }
+  // Every candidate of every rank attended: the answer is exact attention.
+  int64_t all_candidates = static_cast<int64_t>(candidates.size());
+  RINGTREE_RETURN_IF_ERROR(compute_->AllreduceSum(&all_candidates, 1));
+  out.retrieval.exact = take >= all_candidates;
+  out.retrieval.rounds = rounds;
+  out.retrieval.selected_spans = take;
+  // 5. Report the spans used (all ranks) at the root.
+  std::vector<UsedSpan> used;
+  {
+    std::set<int64_t> selected;
+    for (int64_t i = 0; i < take; ++i) {
+      if (merged[i].rank == me) selected.insert(merged[i].span_index);
+    }
+    std::set<int64_t> always_set(always.begin(), always.end());
+    for (const SpanInfo& i : infos) {
+      const bool is_always = always_set.count(i.index) > 0;
+      if (!is_always && !selected.count(i.index)) continue;
+      UsedSpan u;
+      u.rank = me;
+      u.position_start = i.position_start;
+      u.tokens = i.tokens;
+      u.tier = static_cast<uint8_t>(i.tier);
+      u.kind = is_always ? (i.sink ? 0 : 1) : 2;
+      used.push_back(u);
+    }
+  }
+  std::vector<std::vector<UsedSpan>> all_used;
+  RINGTREE_RETURN_IF_ERROR(AllgatherVectors(*compute_, used, &all_used));
+  if (me == root_) {
+    for (auto& v : all_used) out.retrieval.spans_used.insert(out.retrieval.spans_used.end(), v.begin(), v.end());
+    std::sort(out.retrieval.spans_used.begin(), out.retrieval.spans_used.end(),
+              [](const UsedSpan& a, const UsedSpan& b) { return a.position_start < b.position_start; });
+    for (const UsedSpan& u : out.retrieval.spans_used) out.retrieval.tokens_attended += u.tokens;
+    out.retrieval.skipped_mass_bound = std::move(bound);
+    out.group_o.push_back(std::move(merged_o));
+    out.group_lse.push_back(std::move(merged_lse));
+  }
+  if (g.causal) RINGTREE_RETURN_IF_ERROR(FinishWrite(Status::Ok(), touched, &out));
   return out;
 }
 

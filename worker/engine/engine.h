@@ -1,4 +1,14 @@
-// The per-rank engine: session KV shards and command execution.
+// The per-rank engine: session KV stores and command execution.
+//
+// Each rank's share of each (session, layer) lives in a SpanStore
+// (worker/spans/): hot spans in RAM, cold spans in an append-only checksummed
+// file under <data_dir>/rank-<r>/s<handle>/layer-<l> when the engine has a
+// data directory. Decode/attend over an all-hot store hands the spans to the
+// batched tree-decode kernel without copying; a store with cold spans is
+// streamed (read ahead of the kernel) and its partial joins the same
+// reduction. With a data directory every write step (append, prefill, decode)
+// ends with SpanStore::Sync on the stores it touched, before any rank reports
+// success, so an acknowledged write is durable.
 //
 // Every rank (rank 0 included) owns one WorkerEngine. Rank 0's engine loop
 // (coordinator/) builds a Command per rank, sends it (CommandChannel) and
@@ -21,8 +31,45 @@
 #include "dist/tree_decode.h"
 #include "worker/engine/command.h"
 #include "worker/engine/kv_shard.h"
+#include "worker/spans/span_store.h"
 
 namespace ringtree {
+
+// Per-rank storage settings (attnserve flags; defaults in docs/service.md).
+struct EngineConfig {
+  std::string data_dir;           // empty: RAM only, nothing durable, nothing spills
+  size_t hot_budget_bytes = 0;    // this rank's K/V kept in RAM, all stores; 0 = unlimited
+  size_t cache_budget_bytes = size_t{256} << 20;  // LRU of cold spans read back, per rank
+  int readahead_chunks = 4;       // chunks read ahead of the kernel when streaming cold spans
+};
+
+// One span (or run of spans) used by a retrieval request, as reported.
+struct UsedSpan {
+  int32_t rank = 0;
+  int64_t position_start = 0;
+  int32_t tokens = 0;
+  uint8_t tier = 0;  // SpanTier
+  uint8_t kind = 0;  // 0 sink, 1 window, 2 selected
+};
+
+// Retrieval outcome (root).
+struct RetrievalOutput {
+  std::vector<UsedSpan> spans_used;       // all ranks, in position order
+  std::vector<float> skipped_mass_bound;  // [q_tokens * heads]
+  float max_skipped_mass_bound = 0.0f;
+  bool exact = false;
+  int rounds = 1;
+  int64_t tokens_attended = 0;
+  int64_t selected_spans = 0;
+};
+
+// KV retrieval: one run of consecutive positions (root).
+struct RetrievedRun {
+  int32_t rank = 0;
+  int64_t position_start = 0;
+  int64_t tokens = 0;
+  std::string k, v;  // [tokens, kv_heads, head_dim] in the storage dtype
+};
 
 // Outputs of one step, filled on the root only.
 struct EngineOutput {
@@ -30,14 +77,25 @@ struct EngineOutput {
   std::vector<std::vector<float>> group_o, group_lse;
   // kPrefill: per rank, o/lse of that rank's query rows in its run order.
   std::vector<std::vector<float>> rank_o, rank_lse;
+  // kPrefill with stored context: the partial of every chunk query over the
+  // stored tokens (all ranks merged), [chunk_tokens, H, D] and [chunk_tokens, H];
+  // the caller merges it with the ring output. Empty without stored context.
+  std::vector<float> prefill_cached_o, prefill_cached_lse;
   PhaseTimings timings;  // this rank's ring/tree timings for the step
+  // kRetrieve.
+  RetrievalOutput retrieval;
+  std::vector<RetrievedRun> runs;
+  // After a write step with a data directory: every rank's spans.dat bytes
+  // and hot K/V bytes (all stores), gathered at the root; empty otherwise.
+  std::vector<int64_t> rank_disk_bytes, rank_hot_bytes;
 };
 
 class WorkerEngine {
  public:
   // Collective over `compute` (creates the tree reducer). `compute` must
   // outlive the engine; `root` receives results.
-  static Result<std::unique_ptr<WorkerEngine>> Create(const Communicator& compute, int root = 0);
+  static Result<std::unique_ptr<WorkerEngine>> Create(const Communicator& compute, int root = 0,
+                                                      EngineConfig config = {});
 
   // Executes one command. kPrefill and kAttendBatch are collective over the
   // compute communicator (every rank must execute its command of the same
@@ -48,20 +106,38 @@ class WorkerEngine {
   int64_t kv_bytes() const { return kv_bytes_; }
   int64_t kv_tokens() const { return kv_tokens_; }
   size_t sessions() const { return sessions_.size(); }
+  const EngineConfig& config() const { return config_; }
+
+  // The directory of one store: <data_dir>/rank-<rank>/s<handle>/layer-<layer>.
+  static std::string StoreDir(const std::string& data_dir, int rank, uint64_t handle, int layer);
 
  private:
   struct SessionShard {
     SessionShape shape;
-    std::vector<std::unique_ptr<LayerKvShard>> layers;
+    std::vector<std::unique_ptr<SpanStore>> layers;  // created/opened on first use
   };
   WorkerEngine() = default;
   SessionShard& Shard(const SessionShape& shape);
-  Status AppendRows(SessionShard& shard, int layer, const KvRows& rows);
+  // The store of (session, layer): opened from disk if it exists there,
+  // created otherwise. Errors: layer out of range, IO, DATA_LOSS.
+  Result<SpanStore*> Store(const SessionShape& shape, int layer);
+  Status AppendRows(const SessionShape& shape, int layer, const KvRows& rows);
+  // Write-step epilogue: Sync the touched stores, enforce the rank's hot
+  // budget, agree on the status across ranks, gather disk/hot bytes at the
+  // root. Collective. No-op without a data directory (returns `local`
+  // agreed only if `collective`).
+  Status FinishWrite(Status local, const std::vector<SpanStore*>& touched, EngineOutput* out);
+  Status EnforceRankHotBudget();
   Result<EngineOutput> ExecutePrefill(PrefillCommand& command);
   Result<EngineOutput> ExecuteBatch(AttendBatchCommand& command);
+  Result<EngineOutput> ExecuteRetrieve(RetrieveCommand& command);
+  Status DeleteSession(uint64_t handle);
+  Status Restore(const std::vector<uint64_t>& live);
 
   const Communicator* compute_ = nullptr;
   int root_ = 0;
+  EngineConfig config_;
+  std::shared_ptr<SpanCache> cache_;
   std::unique_ptr<TreeReducer> reducer_;
   std::unordered_map<uint64_t, SessionShard> sessions_;
   int64_t kv_bytes_ = 0;
