@@ -7,6 +7,10 @@
 //   prefill ID --layer 0 --q q.npy --k k.npy --v v.npy [--out o.npy]
 //   decode  ID --layer 0 --q q.npy --k k.npy --v v.npy [--out o.npy]
 //   attend  ID --layer 0 --q q.npy [--out o.npy]
+//   decode/attend retrieval mode: [--top-k N] [--token-budget N] [--tolerance X]
+//                 [--score-mode blend|upper|mean]  (prints the spans used and the bound)
+//   retrieve-kv ID --layer 0 --q q.npy (--top-k N | --token-budget N) [--include-always]
+//               [--out-prefix P]  (writes P.k.npy, P.v.npy, P.positions.npy)
 //   demo    [--tokens 16384] ...   (generated data, end to end, checks results)
 //
 // Exit code 0 on success, 1 on a failed call (the status is printed).
@@ -57,10 +61,17 @@ void PrintStats(const v1::StatsResponse& s) {
   for (const auto& [reason, n] : s.rejected_by_reason()) {
     std::printf("  rejected %-12s %lld\n", reason.c_str(), static_cast<long long>(n));
   }
-  std::printf("%-6s %14s %14s %9s\n", "rank", "kv_bytes", "kv_tokens", "sessions");
+  if (s.durable()) {
+    std::printf("durable (--data-dir): hot budget %.1f MiB/rank, disk budget %s\n", s.hot_budget_bytes() / 1048576.0,
+                s.disk_budget_bytes() > 0 ? (std::to_string(s.disk_budget_bytes() >> 20) + " MiB/rank").c_str()
+                                          : "unlimited");
+  }
+  std::printf("%-6s %14s %14s %9s %14s %14s\n", "rank", "kv_bytes", "kv_tokens", "sessions", "hot_bytes",
+              "disk_bytes");
   for (const auto& r : s.ranks()) {
-    std::printf("%-6d %14lld %14lld %9lld\n", r.rank(), static_cast<long long>(r.kv_bytes()),
-                static_cast<long long>(r.kv_tokens()), static_cast<long long>(r.sessions()));
+    std::printf("%-6d %14lld %14lld %9lld %14lld %14lld\n", r.rank(), static_cast<long long>(r.kv_bytes()),
+                static_cast<long long>(r.kv_tokens()), static_cast<long long>(r.sessions()),
+                static_cast<long long>(r.hot_bytes()), static_cast<long long>(r.disk_bytes()));
   }
   std::printf("%-14s %8s %9s %9s %9s %9s\n", "method", "count", "p50 ms", "p90 ms", "p99 ms", "mean ms");
   for (const auto& l : s.latency()) {
@@ -86,6 +97,22 @@ void PrintOutput(const char* what, const AttentionOutput& out, const std::string
               static_cast<long long>(out.first_position), static_cast<long long>(out.layer_tokens),
               out.batch_size, o.empty() ? 0.0 : sum / o.size(),
               o.empty() ? 0.0 : std::sqrt(sumsq / o.size()));
+  if (out.retrieval) {
+    const v1::RetrievalInfo& r = *out.retrieval;
+    int64_t cold = 0;
+    for (const auto& span : r.spans_used()) cold += span.tier() == v1::COLD;
+    std::printf("  retrieval: %lld spans used (%lld selected, %lld cold), %lld tokens attended, exact=%s, rounds=%d,"
+                " max skipped-mass bound %.4g\n",
+                static_cast<long long>(r.spans_used_size()), static_cast<long long>(r.selected_spans()),
+                static_cast<long long>(cold), static_cast<long long>(r.tokens_attended()), r.exact() ? "yes" : "no",
+                r.rounds(), r.max_skipped_mass_bound());
+    for (const auto& span : r.spans_used()) {
+      if (span.kind() != v1::SELECTED) continue;
+      std::printf("    selected rank %d positions [%lld, %lld) %s\n", span.rank(),
+                  static_cast<long long>(span.position_start()),
+                  static_cast<long long>(span.position_start() + span.tokens()), v1::SpanTier_Name(span.tier()).c_str());
+    }
+  }
   if (!path.empty()) {
     Status st = WriteNpy(path, out.o);
     if (!st.ok()) std::fprintf(stderr, "error: %s\n", st.message().c_str());
@@ -273,6 +300,22 @@ int main(int argc, char** argv) {
     }
   }
   append->add_option("--chunk-tokens", chunk_tokens)->capture_default_str();
+  int64_t top_k = 0, token_budget = 0;
+  double tolerance = -1.0;
+  std::string score_mode = "blend", out_prefix;
+  bool include_always = false;
+  auto* retrieve_kv = app.add_subcommand("retrieve-kv", "fetch the K/V of the spans the index selects for queries");
+  retrieve_kv->add_option("id", id, "session id")->required();
+  retrieve_kv->add_option("--layer", layer)->capture_default_str();
+  retrieve_kv->add_option("--q", q_path, "queries .npy [T, H, D]")->required();
+  retrieve_kv->add_flag("--include-always", include_always, "also return sinks and window");
+  retrieve_kv->add_option("--out-prefix", out_prefix, "write PREFIX.k.npy, PREFIX.v.npy, PREFIX.positions.npy");
+  for (auto* sub : {decode, attend, retrieve_kv}) {
+    sub->add_option("--top-k", top_k, "retrieval: spans beyond sinks and window");
+    sub->add_option("--token-budget", token_budget, "retrieval: tokens of selected spans");
+    if (sub != retrieve_kv) sub->add_option("--tolerance", tolerance, "retrieval: skipped-mass tolerance");
+    sub->add_option("--score-mode", score_mode, "retrieval ranking: blend, upper or mean")->capture_default_str();
+  }
 
   int64_t demo_tokens = 16384;
   int prefill_tokens = 512, decode_steps = 4;
@@ -343,6 +386,15 @@ int main(int argc, char** argv) {
     PrintStats(*r);
     return 0;
   }
+  v1::RetrievalOptions retrieval;
+  retrieval.set_top_k_spans(top_k);
+  retrieval.set_token_budget(token_budget);
+  if (tolerance >= 0) retrieval.set_mass_tolerance(tolerance);
+  if (score_mode == "blend") retrieval.set_score_mode(v1::BLEND);
+  else if (score_mode == "upper") retrieval.set_score_mode(v1::UPPER_BOUND);
+  else if (score_mode == "mean") retrieval.set_score_mode(v1::MEAN_KEY);
+  else return Fail(Status::InvalidArgument("[attnctl] --score-mode: blend, upper or mean"));
+  if (top_k > 0 || token_budget > 0 || tolerance >= 0) call.retrieval = retrieval;
   if (demo->parsed()) {
     return RunDemo(*client, demo_tokens, heads, kv_heads, head_dim, prefill_tokens, decode_steps, keep);
   }
@@ -366,6 +418,39 @@ int main(int argc, char** argv) {
     std::printf("appended %lld tokens at position %lld; layer %d now holds %lld tokens\n",
                 static_cast<long long>(r->appended_tokens), static_cast<long long>(r->first_position),
                 layer, static_cast<long long>(r->layer_tokens));
+    return 0;
+  }
+  if (retrieve_kv->parsed()) {
+    auto r = client->RetrieveKV(id, layer, q, retrieval, include_always);
+    if (!r.ok()) return Fail(r.status());
+    int64_t tokens = 0;
+    for (const auto& run : r->runs) tokens += run.k.shape[0];
+    std::printf("retrieve-kv: %zu runs, %lld tokens, %lld spans selected; layer holds %lld tokens\n", r->runs.size(),
+                static_cast<long long>(tokens), static_cast<long long>(r->selected_spans),
+                static_cast<long long>(r->layer_tokens));
+    for (const auto& run : r->runs) {
+      std::printf("  rank %d positions [%lld, %lld)\n", run.rank, static_cast<long long>(run.position_start),
+                  static_cast<long long>(run.position_start + run.k.shape[0]));
+    }
+    if (!out_prefix.empty() && !r->runs.empty()) {
+      HostTensor k_all = r->runs[0].k, v_all = r->runs[0].v;
+      k_all.data.clear();
+      v_all.data.clear();
+      k_all.shape[0] = v_all.shape[0] = tokens;
+      std::vector<float> positions;
+      for (const auto& run : r->runs) {
+        k_all.data += run.k.data;
+        v_all.data += run.v.data;
+        for (int64_t t = 0; t < run.k.shape[0]; ++t) positions.push_back(static_cast<float>(run.position_start + t));
+      }
+      for (auto [path, tensor] : {std::pair{out_prefix + ".k.npy", &k_all}, std::pair{out_prefix + ".v.npy", &v_all}}) {
+        if (Status st = WriteNpy(path, *tensor); !st.ok()) return Fail(st);
+      }
+      if (Status st = WriteNpy(out_prefix + ".positions.npy", HostTensor::FromFloat32(positions.data(), {tokens}));
+          !st.ok())
+        return Fail(st);
+      std::printf("  wrote %s.{k,v,positions}.npy\n", out_prefix.c_str());
+    }
     return 0;
   }
   Result<AttentionOutput> out = Status::Internal("unreachable");

@@ -91,6 +91,15 @@ def main():
             worst = max(worst, np.abs(client.decode(sid, 0, q, dk, dv) - reference(q, k, v, True)).max())
         q = rng.standard_normal((4, H, D), dtype=np.float32)
         worst = max(worst, np.abs(client.attend(sid, 0, q) - reference(q, k, v, False)).max())
+        # Retrieval mode with a budget covering everything is exact attention.
+        from ringtree_client import retrieval_options
+        o_r, info = client.attend(sid, 0, q, retrieval=retrieval_options(token_budget=1 << 30))
+        assert info.exact and info.tokens_attended == 10131, info
+        worst = max(worst, np.abs(o_r - reference(q, k, v, False)).max())
+        runs = client.retrieve_kv(sid, 0, q[:1], retrieval_options(top_k_spans=3))
+        assert 0 < sum(r[2].shape[0] for r in runs) <= 3 * 64, runs
+        for rank, start, rk, rv in runs:
+            assert np.array_equal(rk, k[start:start + rk.shape[0]]) and np.array_equal(rv, v[start:start + rv.shape[0]])
         o16 = client.attend(sid, 0, q.astype(np.float16), output_dtype="float16")
         assert o16.dtype == np.float16
         print(f"python client: max |o - reference| = {worst:.2e}")

@@ -6,6 +6,16 @@ from ringtree.v1 import attention_pb2 as pb
 from ringtree.v1 import attention_pb2_grpc as pb_grpc
 
 _DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
+_SCORE_MODES = {"blend": pb.BLEND, "upper": pb.UPPER_BOUND, "mean": pb.MEAN_KEY}
+
+
+def retrieval_options(top_k_spans=0, token_budget=0, mass_tolerance=None, score_mode="blend"):
+    """ringtree.v1.RetrievalOptions for decode/attend/retrieve_kv (see docs/api.md)."""
+    r = pb.RetrievalOptions(top_k_spans=top_k_spans, token_budget=token_budget,
+                            score_mode=_SCORE_MODES[score_mode])
+    if mass_tolerance is not None:
+        r.mass_tolerance = mass_tolerance
+    return r
 
 
 def _to_bfloat16_bits(x):
@@ -108,20 +118,51 @@ class AttentionClient:
         o = np.concatenate(outs, axis=0)
         return (o, np.concatenate(lses, axis=0)) if return_lse else o
 
-    def decode(self, session_id, layer, q, k, v, scale=0.0, return_lse=False, output_dtype="float32", dtype=None):
-        """Appends k/v, returns o [T, H, D] (and lse). Batched server-side."""
-        r = self.stub.Decode(pb.DecodeRequest(session_id=session_id, layer=layer, q=to_tensor(q, dtype),
-                                              k=to_tensor(k, dtype), v=to_tensor(v, dtype),
-                                              options=self._options(scale, return_lse, output_dtype)),
-                             **self._kw())
-        return (from_tensor(r.o), from_tensor(r.lse)) if return_lse else from_tensor(r.o)
+    @staticmethod
+    def _result(r, return_lse, retrieval):
+        out = [from_tensor(r.o)]
+        if return_lse:
+            out.append(from_tensor(r.lse))
+        if retrieval is not None:
+            out.append(r.retrieval)  # RetrievalInfo: spans_used, max_skipped_mass_bound, exact, ...
+        return out[0] if len(out) == 1 else tuple(out)
 
-    def attend(self, session_id, layer, q, scale=0.0, return_lse=False, output_dtype="float32", dtype=None):
-        """Queries against everything stored, no append; o [T, H, D] (and lse)."""
-        r = self.stub.Attend(pb.AttendRequest(session_id=session_id, layer=layer, q=to_tensor(q, dtype),
-                                              options=self._options(scale, return_lse, output_dtype)),
-                             **self._kw())
-        return (from_tensor(r.o), from_tensor(r.lse)) if return_lse else from_tensor(r.o)
+    def decode(self, session_id, layer, q, k, v, scale=0.0, return_lse=False, output_dtype="float32", dtype=None,
+               retrieval=None):
+        """Appends k/v, returns o [T, H, D] (and lse). Batched server-side.
+        retrieval: RetrievalOptions (see retrieval_options()) for retrieval mode;
+        then the RetrievalInfo is returned last."""
+        request = pb.DecodeRequest(session_id=session_id, layer=layer, q=to_tensor(q, dtype),
+                                   k=to_tensor(k, dtype), v=to_tensor(v, dtype),
+                                   options=self._options(scale, return_lse, output_dtype))
+        if retrieval is not None:
+            request.retrieval.CopyFrom(retrieval)
+        return self._result(self.stub.Decode(request, **self._kw()), return_lse, retrieval)
+
+    def attend(self, session_id, layer, q, scale=0.0, return_lse=False, output_dtype="float32", dtype=None,
+               retrieval=None):
+        """Queries against everything stored, no append; o [T, H, D] (and lse).
+        retrieval: as in decode()."""
+        request = pb.AttendRequest(session_id=session_id, layer=layer, q=to_tensor(q, dtype),
+                                   options=self._options(scale, return_lse, output_dtype))
+        if retrieval is not None:
+            request.retrieval.CopyFrom(retrieval)
+        return self._result(self.stub.Attend(request, **self._kw()), return_lse, retrieval)
+
+    def retrieve_kv(self, session_id, layer, q, retrieval, include_always=False, scale=0.0, dtype=None):
+        """KV retrieval: returns [(rank, position_start, k, v)] runs in position
+        order, k/v [n, kv_heads, head_dim] as float32 numpy arrays."""
+        request = pb.RetrieveKVRequest(session_id=session_id, layer=layer, q=to_tensor(q, dtype), scale=scale,
+                                       retrieval=retrieval, include_always=include_always)
+        runs = []
+        for m in self.stub.RetrieveKV(request, **self._kw()):
+            k, v = from_tensor(m.k), from_tensor(m.v)
+            if runs and runs[-1][0] == m.rank and runs[-1][1] + runs[-1][2].shape[0] == m.position_start:
+                rank, start, k0, v0 = runs[-1]
+                runs[-1] = (rank, start, np.concatenate([k0, k]), np.concatenate([v0, v]))
+            else:
+                runs.append((m.rank, m.position_start, k, v))
+        return runs
 
     def stats(self):
         return self.stub.Stats(pb.StatsRequest(), **self._kw())
