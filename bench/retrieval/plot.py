@@ -38,8 +38,9 @@ def main():
                          "| rel L2 | oracle rel L2 | top-10 recall | needle hit | retrieval ms | speedup |")
             lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         else:
-            lines.append("| kind | mode | budget | tokens | retrieval ms | exact ms | speedup |")
-            lines.append("|---|---|---|---|---|---|---|")
+            lines.append("| kind | mode | budget | tokens | retrieval ms | exact ms | speedup "
+                         "| score / select / attend / estimate ms |")
+            lines.append("|---|---|---|---|---|---|---|---|")
         for r in sorted(rs, key=lambda r: (r["kind"], r["mode"], r["budget_frac"])):
             if quality:
                 nh = r.get("needle_hit_rate")
@@ -53,7 +54,9 @@ def main():
             else:
                 lines.append(
                     f"| {r['kind']} | {r['mode']} | {r['budget_frac']:.4f} | {r['tokens_attended']:.0f} "
-                    f"| {r['retrieval_ms']:.1f} | {r['exact_ms']:.1f} | {r['speedup']:.1f}x |"
+                    f"| {r['retrieval_ms']:.1f} | {r['exact_ms']:.1f} | {r['speedup']:.1f}x "
+                    f"| {r.get('score_ms', float('nan')):.0f} / {r.get('select_ms', float('nan')):.0f} / "
+                    f"{r.get('attend_ms', float('nan')):.0f} / {r.get('estimate_ms', float('nan')):.0f} |"
                 )
         lines.append("")
 

@@ -198,7 +198,10 @@ class SpanStore {
 
   // Retrieval attention: sinks + window + the best spans by the request,
   // merged exactly; fills `result` (spans used, skipped-mass bound per row).
-  // o, lse as in AttendExact (lse may be null).
+  // o, lse as in AttendExact (lse may be null). With request.skipped_estimate
+  // the skipped spans' summary estimate is merged in too (o, lse include it;
+  // result->estimated_mass_fraction says how much); the bound is about the
+  // exactly attended part only.
   Status AttendRetrieval(const float* q, int64_t q_tokens, int heads,
                          const AttentionOptions& options, const RetrievalRequest& request,
                          float* o, float* lse, RetrievalResult* result) const;
