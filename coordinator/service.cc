@@ -106,9 +106,40 @@ Status ToFiniteFloat32(const v1::Tensor& t, DType dtype, const char* method, con
   return Status::Ok();
 }
 
+// Index of the first NaN/Inf element of raw `dtype` data (exponent bits all
+// ones), or -1. Checks the bits directly: no float32 copy of a large chunk.
+int64_t FirstNonFinite(const std::string& data, DType dtype) {
+  if (dtype == DType::kFloat32) {
+    const size_t n = data.size() / 4;
+    for (size_t i = 0; i < n; ++i) {
+      uint32_t bits;
+      std::memcpy(&bits, data.data() + 4 * i, 4);
+      if ((bits & 0x7F800000u) == 0x7F800000u) return static_cast<int64_t>(i);
+    }
+    return -1;
+  }
+  const uint16_t mask = dtype == DType::kBFloat16 ? 0x7F80u : 0x7C00u;  // bfloat16 / float16 exponent
+  const size_t n = data.size() / 2;
+  for (size_t i = 0; i < n; ++i) {
+    uint16_t bits;
+    std::memcpy(&bits, data.data() + 2 * i, 2);
+    if ((bits & mask) == mask) return static_cast<int64_t>(i);
+  }
+  return -1;
+}
+
 // Converts to the storage dtype (appended to *out), rejecting NaN/Inf.
 Status ToStorage(const v1::Tensor& t, DType dtype, DType storage, const char* method, const char* field,
                  std::string* out) {
+  if (dtype == storage) {  // the common bulk-load case: check the bits, copy once
+    const int64_t bad = FirstNonFinite(t.data(), dtype);
+    if (bad >= 0) {
+      return Status::InvalidArgument(Tag(method) + field + ".data: NaN or Inf at token " +
+                                     std::to_string(bad / (t.shape(1) * t.shape(2))));
+    }
+    out->append(t.data());
+    return Status::Ok();
+  }
   std::vector<float> values;
   RINGTREE_RETURN_IF_ERROR(ToFiniteFloat32(t, dtype, method, field, &values));
   if (dtype == storage) {

@@ -86,6 +86,7 @@ if phase == "first":
     msg, call = 8192, 262144
     pool_k = [bf16_tensor(0.3 * rng.standard_normal((msg, HKV, D), dtype=np.float32)) for _ in range(4)]
     pool_v = [bf16_tensor(rng.standard_normal((msg, HKV, D), dtype=np.float32)) for _ in range(4)]
+    pool = [pb.AppendKVRequest(session_id=sid, layer=0, k=pool_k[i], v=pool_v[i]) for i in range(4)]
     t0 = time.time()
     done = 0
     while done < tokens:
@@ -93,12 +94,12 @@ if phase == "first":
         def chunks(start=done, n_call=n_call):
             for at in range(start, start + n_call, msg):
                 i = (at // msg) % 4
-                k = pool_k[i]
                 if at <= needle < at + msg:  # plant the needle span
                     kk = 0.3 * rng.standard_normal((msg, HKV, D), dtype=np.float32)
                     kk[needle - at:needle - at + span] = 1.5 * direction
-                    k = bf16_tensor(kk)
-                yield pb.AppendKVRequest(session_id=sid, layer=0, k=k, v=pool_v[i])
+                    yield pb.AppendKVRequest(session_id=sid, layer=0, k=bf16_tensor(kk), v=pool_v[i])
+                else:
+                    yield pool[i]  # prebuilt: no per-message copies in Python
         r = client.stub.AppendKV(chunks(), timeout=3600)
         done += n_call
         rate = done / (time.time() - t0)
