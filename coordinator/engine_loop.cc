@@ -130,7 +130,13 @@ Status EngineLoop::Restore(const std::vector<std::shared_ptr<SessionRecord>>& se
     c.live_handles = live;
   }
   Result<EngineOutput> out = Broadcast(commands);
-  return out.status();
+  if (!out.ok()) return out.status();
+  if (!out->rank_disk_bytes.empty()) {
+    std::lock_guard<std::mutex> lock(placement_mu_);
+    rank_disk_ = out->rank_disk_bytes;
+    rank_hot_ = out->rank_hot_bytes;
+  }
+  return Status::Ok();
 }
 
 void EngineLoop::AddPlaced(const SessionShape& shape, const std::vector<PlacedRun>& runs) {

@@ -1007,7 +1007,20 @@ TEST_F(ServiceSpans, DiskBudgetRefusalChangesNothing) {
   auto d = client->Decode(id, 0, HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim}), dk, dv);
   ASSERT_TRUE(d.ok()) << d.status().ToString();
   EXPECT_LE(MaxDiff(d->o.ToFloat32(), Reference(m, q, 1, true)), 2e-4);
+  auto stats_stopped = client->Stats();
+  ASSERT_TRUE(stats_stopped.ok());
   EXPECT_EQ(server->Stop(), 0) << server->log();
+  // After a restart the budget still counts what is on disk.
+  auto again = Start({"--disk-budget-mib", "2"});
+  auto c2 = Client(*again);
+  auto stats_restarted = c2->Stats();
+  ASSERT_TRUE(stats_restarted.ok());
+  for (int r = 0; r < kRanks; ++r) {
+    EXPECT_EQ(stats_restarted->ranks(r).disk_bytes(), stats_stopped->ranks(r).disk_bytes());
+  }
+  auto refused_again = c2->AppendKV(id, 0, k2, v2);
+  EXPECT_EQ(GrpcCodeOf(refused_again.status()), grpc::StatusCode::RESOURCE_EXHAUSTED);
+  EXPECT_EQ(again->Stop(), 0) << again->log();
 }
 
 }  // namespace

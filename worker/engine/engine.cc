@@ -254,8 +254,29 @@ Result<EngineOutput> WorkerEngine::Execute(Command& command) {
       return EngineOutput{};
     }
     case CommandKind::kRestore: {
-      RINGTREE_RETURN_IF_ERROR(Restore(command.live_handles));
-      return EngineOutput{};
+      // Collective: every rank removes stale stores, then the root learns
+      // each rank's span-file bytes (for the disk budget) without opening
+      // any store.
+      Status local = Restore(command.live_handles);
+      int64_t mine[2] = {0, 0};
+      if (!config_.data_dir.empty()) {
+        std::error_code ec;
+        const std::string dir = config_.data_dir + "/rank-" + std::to_string(compute_->rank());
+        if (std::filesystem::exists(dir, ec)) {
+          for (const auto& e : std::filesystem::recursive_directory_iterator(dir, ec)) {
+            if (e.path().filename() == "spans.dat") mine[0] += static_cast<int64_t>(e.file_size(ec));
+          }
+        }
+      }
+      RINGTREE_RETURN_IF_ERROR(compute_->AgreeOnStatus(local));
+      std::vector<int64_t> all(2 * static_cast<size_t>(compute_->size()));
+      RINGTREE_RETURN_IF_ERROR(compute_->Allgather(mine, sizeof(mine), all.data()));
+      EngineOutput out;
+      for (int r = 0; r < compute_->size(); ++r) {
+        out.rank_disk_bytes.push_back(all[2 * r]);
+        out.rank_hot_bytes.push_back(0);  // stores open lazily
+      }
+      return out;
     }
     case CommandKind::kAppend: {
       EngineOutput out;
