@@ -21,6 +21,7 @@
 #include <cstdio>
 #include <fstream>
 #include <iostream>
+#include <limits>
 #include <random>
 #include <sstream>
 
@@ -54,10 +55,12 @@ void PrintStats(const v1::StatsResponse& s) {
   std::printf("world_size=%d sessions=%lld uptime=%.1fs queue_depth=%lld in_flight=%lld\n",
               s.world_size(), static_cast<long long>(s.sessions()), s.uptime_s(),
               static_cast<long long>(s.queue_depth()), static_cast<long long>(s.in_flight()));
-  std::printf("admitted=%lld rejected=%lld invalid=%lld kv_used=%.1f MiB of %.1f MiB\n",
+  const bool unbounded = s.kv_budget_bytes() == std::numeric_limits<int64_t>::max();
+  std::printf("admitted=%lld rejected=%lld invalid=%lld kv_used=%.1f MiB of %s\n",
               static_cast<long long>(s.admitted()), static_cast<long long>(s.rejected()),
               static_cast<long long>(s.invalid()), s.kv_used_bytes() / 1048576.0,
-              s.kv_budget_bytes() / 1048576.0);
+              unbounded ? "(no memory budget: spills to disk)"
+                        : (std::to_string(s.kv_budget_bytes() >> 20) + " MiB").c_str());
   for (const auto& [reason, n] : s.rejected_by_reason()) {
     std::printf("  rejected %-12s %lld\n", reason.c_str(), static_cast<long long>(n));
   }
