@@ -2,6 +2,7 @@
 
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
 
@@ -89,9 +90,140 @@ RT_AVX512 inline __m128 Reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
   return _mm_add_ps(_mm256_castps256_ps128(abcd), _mm256_extractf128_ps(abcd, 1));
 }
 
+// Two query rows held in registers (NC = D/16 <= 8 chunks each), keys
+// streamed two at a time: per key only its own D values are loaded (and
+// widened), never the queries again.
+template <typename T, int NC>
+RT_AVX512 void QueryKeyDotsPairAvx512(const float* q0p, const float* q1p, const T* k, int64_t k_stride, int keys,
+                                      float* s0, float* s1) {
+  __m512 q0[NC], q1[NC];
+  for (int c = 0; c < NC; ++c) {
+    q0[c] = _mm512_loadu_ps(q0p + 16 * c);
+    q1[c] = _mm512_loadu_ps(q1p + 16 * c);
+  }
+  int j = 0;
+  for (; j + 2 <= keys; j += 2) {
+    const T* ka = k + j * k_stride;
+    const T* kb = ka + k_stride;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0;
+    for (int c = 0; c < NC; ++c) {
+      const __m512 x = Load16(ka + 16 * c);
+      const __m512 y = Load16(kb + 16 * c);
+      a0 = _mm512_fmadd_ps(q0[c], x, a0);
+      a1 = _mm512_fmadd_ps(q1[c], x, a1);
+      b0 = _mm512_fmadd_ps(q0[c], y, b0);
+      b1 = _mm512_fmadd_ps(q1[c], y, b1);
+    }
+    alignas(16) float sums[4];
+    _mm_store_ps(sums, Reduce4(a0, a1, b0, b1));
+    s0[j] = sums[0];
+    s1[j] = sums[1];
+    s0[j + 1] = sums[2];
+    s1[j + 1] = sums[3];
+  }
+  for (; j < keys; ++j) {
+    const T* ka = k + j * k_stride;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    for (int c = 0; c < NC; ++c) {
+      const __m512 x = Load16(ka + 16 * c);
+      a0 = _mm512_fmadd_ps(q0[c], x, a0);
+      a1 = _mm512_fmadd_ps(q1[c], x, a1);
+    }
+    s0[j] = _mm512_reduce_add_ps(a0);
+    s1[j] = _mm512_reduce_add_ps(a1);
+  }
+}
+
+// Two accumulator rows held in registers while the keys stream by: per key
+// two broadcasts of the probabilities and its D values loaded once.
+template <typename T, int NC>
+RT_AVX512 void AccumulatePairAvx512(const float* p0, const float* p1, const T* v, int64_t v_stride, int keys,
+                                    float* acc0, float* acc1) {
+  __m512 a0[NC], a1[NC];
+  for (int c = 0; c < NC; ++c) {
+    a0[c] = _mm512_loadu_ps(acc0 + 16 * c);
+    a1[c] = _mm512_loadu_ps(acc1 + 16 * c);
+  }
+  for (int j = 0; j < keys; ++j) {
+    const T* vr = v + j * v_stride;
+    const __m512 w0 = _mm512_set1_ps(p0[j]), w1 = _mm512_set1_ps(p1[j]);
+    for (int c = 0; c < NC; ++c) {
+      const __m512 x = Load16(vr + 16 * c);
+      a0[c] = _mm512_fmadd_ps(w0, x, a0[c]);
+      a1[c] = _mm512_fmadd_ps(w1, x, a1[c]);
+    }
+  }
+  for (int c = 0; c < NC; ++c) {
+    _mm512_storeu_ps(acc0 + 16 * c, a0[c]);
+    _mm512_storeu_ps(acc1 + 16 * c, a1[c]);
+  }
+}
+
+// Dispatch on D/16 (2..8); false when D is not handled (caller falls back).
+template <typename T>
+RT_AVX512 bool QueryKeyDotsPairs(const float* q, int rows, const T* k, int64_t k_stride, int keys, int D, float* s,
+                                 int s_stride) {
+  if (rows < 2 || D % 16 != 0 || D < 32 || D > 128) return false;
+  int r = 0;
+  for (; r + 2 <= rows; r += 2) {
+    const float* q0 = q + r * D;
+    float* s0 = s + r * s_stride;
+    switch (D / 16) {
+      case 2: QueryKeyDotsPairAvx512<T, 2>(q0, q0 + D, k, k_stride, keys, s0, s0 + s_stride); break;
+      case 3: QueryKeyDotsPairAvx512<T, 3>(q0, q0 + D, k, k_stride, keys, s0, s0 + s_stride); break;
+      case 4: QueryKeyDotsPairAvx512<T, 4>(q0, q0 + D, k, k_stride, keys, s0, s0 + s_stride); break;
+      case 5: QueryKeyDotsPairAvx512<T, 5>(q0, q0 + D, k, k_stride, keys, s0, s0 + s_stride); break;
+      case 6: QueryKeyDotsPairAvx512<T, 6>(q0, q0 + D, k, k_stride, keys, s0, s0 + s_stride); break;
+      case 7: QueryKeyDotsPairAvx512<T, 7>(q0, q0 + D, k, k_stride, keys, s0, s0 + s_stride); break;
+      default: QueryKeyDotsPairAvx512<T, 8>(q0, q0 + D, k, k_stride, keys, s0, s0 + s_stride); break;
+    }
+  }
+  if (r < rows) {  // odd row: pair it with itself (its second result is discarded)
+    alignas(64) float scratch[256];
+    float* s0 = s + r * s_stride;
+    const float* q0 = q + r * D;
+    for (int j0 = 0; j0 < keys; j0 += 256) {
+      const int n = std::min(256, keys - j0);
+      switch (D / 16) {
+        case 2: QueryKeyDotsPairAvx512<T, 2>(q0, q0, k + j0 * k_stride, k_stride, n, s0 + j0, scratch); break;
+        case 3: QueryKeyDotsPairAvx512<T, 3>(q0, q0, k + j0 * k_stride, k_stride, n, s0 + j0, scratch); break;
+        case 4: QueryKeyDotsPairAvx512<T, 4>(q0, q0, k + j0 * k_stride, k_stride, n, s0 + j0, scratch); break;
+        case 5: QueryKeyDotsPairAvx512<T, 5>(q0, q0, k + j0 * k_stride, k_stride, n, s0 + j0, scratch); break;
+        case 6: QueryKeyDotsPairAvx512<T, 6>(q0, q0, k + j0 * k_stride, k_stride, n, s0 + j0, scratch); break;
+        case 7: QueryKeyDotsPairAvx512<T, 7>(q0, q0, k + j0 * k_stride, k_stride, n, s0 + j0, scratch); break;
+        default: QueryKeyDotsPairAvx512<T, 8>(q0, q0, k + j0 * k_stride, k_stride, n, s0 + j0, scratch); break;
+      }
+    }
+  }
+  return true;
+}
+
+// Returns the number of rows done (pairs; 0 when D is not handled).
+template <typename T>
+RT_AVX512 int AccumulatePairs(const float* p, int p_stride, int rows, const T* v, int64_t v_stride, int keys, int D,
+                              float* acc) {
+  if (rows < 2 || D % 16 != 0 || D < 32 || D > 128) return 0;
+  int r = 0;
+  for (; r + 2 <= rows; r += 2) {
+    const float* p0 = p + r * p_stride;
+    float* a0 = acc + r * D;
+    switch (D / 16) {
+      case 2: AccumulatePairAvx512<T, 2>(p0, p0 + p_stride, v, v_stride, keys, a0, a0 + D); break;
+      case 3: AccumulatePairAvx512<T, 3>(p0, p0 + p_stride, v, v_stride, keys, a0, a0 + D); break;
+      case 4: AccumulatePairAvx512<T, 4>(p0, p0 + p_stride, v, v_stride, keys, a0, a0 + D); break;
+      case 5: AccumulatePairAvx512<T, 5>(p0, p0 + p_stride, v, v_stride, keys, a0, a0 + D); break;
+      case 6: AccumulatePairAvx512<T, 6>(p0, p0 + p_stride, v, v_stride, keys, a0, a0 + D); break;
+      case 7: AccumulatePairAvx512<T, 7>(p0, p0 + p_stride, v, v_stride, keys, a0, a0 + D); break;
+      default: AccumulatePairAvx512<T, 8>(p0, p0 + p_stride, v, v_stride, keys, a0, a0 + D); break;
+    }
+  }
+  return r;  // an odd last row is left to the caller's general path
+}
+
 template <typename T>
 RT_AVX512 void QueryKeyDotsAvx512(const float* q, int rows, const T* k, int64_t k_stride, int keys, int D,
                                   float* s, int s_stride) {
+  if (QueryKeyDotsPairs(q, rows, k, k_stride, keys, D, s, s_stride)) return;
   // D is a multiple of 16. Four query rows share each key load (and its
   // widening from bfloat16); their four sums are reduced together.
   int r = 0;
@@ -141,6 +273,12 @@ RT_AVX512 void QueryKeyDotsAvx512(const float* q, int rows, const T* k, int64_t 
 template <typename T>
 RT_AVX512 void AccumulateProbValuesAvx512(const float* p, int p_stride, int rows, const T* v,
                                           int64_t v_stride, int keys, int D, float* acc) {
+  if (const int done = AccumulatePairs(p, p_stride, rows, v, v_stride, keys, D, acc)) {
+    p += done * p_stride;
+    acc += done * D;
+    rows -= done;
+    if (rows == 0) return;
+  }
   // D multiple of 16. Four accumulator rows per 16-wide column chunk stay in
   // registers while the keys stream by.
   for (int d = 0; d < D; d += 16) {
