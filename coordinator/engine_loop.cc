@@ -125,9 +125,18 @@ Status EngineLoop::Restore(const std::vector<std::shared_ptr<SessionRecord>>& se
     }
   }
   std::vector<Command> commands(world_size_);
-  for (auto& c : commands) {
-    c.kind = CommandKind::kRestore;
-    c.live_handles = live;
+  for (int d = 0; d < world_size_; ++d) {
+    commands[d].kind = CommandKind::kRestore;
+    commands[d].live_handles = live;
+    for (const auto& s : sessions) {
+      std::lock_guard<std::mutex> lock(s->mu);
+      for (size_t l = 0; l < s->layers.size(); ++l) {
+        if (d >= static_cast<int>(s->layers[l].rank_tokens.size())) continue;
+        commands[d].expected_tokens.insert(commands[d].expected_tokens.end(),
+                                           {static_cast<int64_t>(s->shape.handle), static_cast<int64_t>(l),
+                                            s->layers[l].rank_tokens[d]});
+      }
+    }
   }
   Result<EngineOutput> out = Broadcast(commands);
   if (!out.ok()) return out.status();

@@ -970,6 +970,28 @@ TEST_F(ServiceSpans, RestartListsTheSameSessionsAndAnswersIdentically) {
   ASSERT_EQ(l2->size(), 1u);
   EXPECT_EQ((*l2)[0].session_id(), id_a);
   EXPECT_EQ(again->Stop(), 0) << again->log();
+  // A store ahead of the metadata (what a crash between the stores' sync and
+  // the metadata rename leaves) is reported, never attended.
+  const std::string meta = data_dir_ + "/sessions/" + id_a + ".json";
+  std::string text;
+  {
+    std::ifstream in(meta);
+    text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  const size_t at = text.find("\"rank_tokens\":[");
+  ASSERT_NE(at, std::string::npos) << text;
+  const size_t begin = at + std::string("\"rank_tokens\":[").size();
+  const size_t end = text.find_first_of(",]", begin);
+  const int64_t recorded = std::stoll(text.substr(begin, end - begin));
+  text.replace(begin, end - begin, std::to_string(recorded - 1));
+  std::ofstream(meta, std::ios::trunc) << text;
+  auto third = Start({});
+  auto c3 = Client(*third);
+  auto bad = c3->Attend(id_a, 0, qt);
+  ASSERT_FALSE(bad.ok());
+  EXPECT_EQ(GrpcCodeOf(bad.status()), grpc::StatusCode::DATA_LOSS) << bad.status().ToString();
+  EXPECT_NE(bad.status().message().find("session metadata records"), std::string::npos) << bad.status().ToString();
+  EXPECT_EQ(third->Stop(), 0) << third->log();
 }
 
 TEST_F(ServiceSpans, DiskBudgetRefusalChangesNothing) {

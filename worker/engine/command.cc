@@ -135,7 +135,10 @@ std::string EncodeCommand(const Command& c) {
       w.Pod(r.include_always);
       break;
     }
-    case CommandKind::kRestore: w.Vector(c.live_handles); break;
+    case CommandKind::kRestore:
+      w.Vector(c.live_handles);
+      w.Vector(c.expected_tokens);
+      break;
   }
   return w.Take();
 }
@@ -178,7 +181,7 @@ Result<Command> DecodeCommand(const std::string& bytes) {
              r.Pod(&t.kv_only) && r.Pod(&t.include_always);
         break;
       }
-      case CommandKind::kRestore: ok = r.Vector(&c.live_handles); break;
+      case CommandKind::kRestore: ok = r.Vector(&c.live_handles) && r.Vector(&c.expected_tokens); break;
       default: ok = false;
     }
   }

@@ -111,6 +111,9 @@ struct Command {
   AttendBatchCommand batch;
   RetrieveCommand retrieve;
   std::vector<uint64_t> live_handles;  // kRestore
+  // kRestore: (handle, layer, tokens) triples: the tokens this rank holds per
+  // session layer according to rank 0's durable metadata.
+  std::vector<int64_t> expected_tokens;
 };
 
 // Binary encoding (host byte order: all ranks run the same binary).

@@ -122,6 +122,17 @@ Result<SpanStore*> WorkerEngine::Store(const SessionShape& shape, int layer) {
     if (std::filesystem::exists(o.data_dir + "/MANIFEST")) {
       RecoveryReport report;
       RINGTREE_ASSIGN_OR_RETURN(slot, SpanStore::Open(o, &report));
+      // The metadata on rank 0 is written after the stores' sync: a crash in
+      // between leaves a store ahead of it. Refuse to use such a layer
+      // rather than attend tokens that were never acknowledged.
+      auto expected = expected_tokens_.find({shape.handle, layer});
+      if (expected != expected_tokens_.end() && expected->second != slot->total_tokens()) {
+        const int64_t holds = slot->total_tokens();
+        slot.reset();
+        return Status::DataLoss("[engine] " + o.data_dir + ": holds " + std::to_string(holds) +
+                                " tokens, the session metadata records " + std::to_string(expected->second) +
+                                " (interrupted write step before a crash?); the layer cannot be used");
+      }
       // Back to the hot set a running store has (newest spans, up to the
       // budget), so a restarted service takes the same compute paths.
       RINGTREE_RETURN_IF_ERROR(slot->WarmNewest());
@@ -258,6 +269,10 @@ Result<EngineOutput> WorkerEngine::Execute(Command& command) {
       // each rank's span-file bytes (for the disk budget) without opening
       // any store.
       Status local = Restore(command.live_handles);
+      const std::vector<int64_t>& e = command.expected_tokens;
+      for (size_t i = 0; i + 2 < e.size(); i += 3) {
+        expected_tokens_[{static_cast<uint64_t>(e[i]), static_cast<int>(e[i + 1])}] = e[i + 2];
+      }
       int64_t mine[2] = {0, 0};
       if (!config_.data_dir.empty()) {
         std::error_code ec;

@@ -21,6 +21,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -140,6 +141,9 @@ class WorkerEngine {
   std::shared_ptr<SpanCache> cache_;
   std::unique_ptr<TreeReducer> reducer_;
   std::unordered_map<uint64_t, SessionShard> sessions_;
+  // After a restart: tokens per (handle, layer) the metadata records for this
+  // rank; a store opened later must hold exactly that many.
+  std::map<std::pair<uint64_t, int>, int64_t> expected_tokens_;
   int64_t kv_bytes_ = 0;
   int64_t kv_tokens_ = 0;
 };
