@@ -78,7 +78,7 @@ int main(int argc, char** argv) {
   RequestLimits request_limits;
   EngineLoopOptions loop_options;
   int64_t kv_budget_mib = 8192, max_sessions = 1024;
-  int max_message_mib = 64, threads = 0, grace_seconds = 10, spin_us = 200, sleep_us = 100;
+  int max_message_mib = 64, threads = 0, grace_seconds = 10, spin_us = 2000, sleep_us = 100;
   std::string data_dir;
   int64_t hot_budget_mib = 4096, disk_budget_mib = 0, cache_mib = 256;
   int readahead_chunks = 4;
@@ -144,11 +144,6 @@ int main(int argc, char** argv) {
     storage.disk_budget_bytes = disk_budget_mib << 20;
   }
 
-  // Ranks share their node's cores with rank 0's gRPC threads (and on a small
-  // node with each other): a rank waiting inside MPI yields the core instead
-  // of spinning it away from the threads that would end its wait. The
-  // environment (or mpirun --mca) can still override it.
-  setenv("OMPI_MCA_mpi_yield_when_idle", "1", /*overwrite=*/0);
   auto env = MpiEnvironment::Init(&argc, &argv, MpiEnvironment::ThreadLevel::kSerialized);
   if (!env.ok()) return Fail(-1, env.status());
   Communicator world = Communicator::World();
