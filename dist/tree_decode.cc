@@ -247,7 +247,23 @@ Status ComputeUnit(std::span<const DecodeGroup> groups, const DecodeUnit& unit, 
   std::vector<float> acc_o(static_cast<size_t>(rows) * D, 0.0f), acc_lse(static_cast<size_t>(rows), kNegInf);
   std::vector<float> part_o, part_lse;
   bool started = false;
-  for (const KvBlock& kb : g0.local_kv) {
+  // Every query sees every key (stacked units always do): one split-KV pass
+  // over all blocks (e.g. the spans of a store), no per-block call or merge.
+  const bool one_pass = (stacked || SeesAllKeys(g0)) && unit.q_tokens <= 64;
+  if (one_pass) {
+    std::vector<KvSegment> segments;
+    for (const KvBlock& kb : g0.local_kv)
+      if (kb.tokens > 0) segments.push_back(KvSegment{kb.k, kb.v, kb.tokens});
+    AttentionOptions ao;
+    ao.scale = g0.scale;
+    AttentionShape shape{unit.q_tokens, 0, H, g0.heads.kv_heads, D};
+    const double t0 = NowSeconds();
+    RINGTREE_RETURN_IF_ERROR(
+        DecodeAttentionSegments(q, segments, g0.heads.kv_dtype, shape, ao, acc_o.data(), acc_lse.data()));
+    *compute_seconds += NowSeconds() - t0;
+    started = true;
+  }
+  for (const KvBlock& kb : one_pass ? std::span<const KvBlock>{} : g0.local_kv) {
     if (kb.tokens == 0 || unit.q_tokens == 0) continue;
     AttentionOptions ao;
     ao.scale = g0.scale;
@@ -266,8 +282,15 @@ Status ComputeUnit(std::span<const DecodeGroup> groups, const DecodeUnit& unit, 
     float* o = started ? part_o.data() : acc_o.data();
     float* lse = started ? part_lse.data() : acc_lse.data();
     const double t0 = NowSeconds();
-    // Few rows: split-KV decode; many stacked rows: the GEMM-based flash path.
-    RINGTREE_RETURN_IF_ERROR(AttentionForward(q, kb.k, kb.v, g0.heads.kv_dtype, shape, ao, o, lse));
+    // Up to 32 query rows per kv head the register-blocked decode kernel is
+    // faster than the GEMM-based flash path (small-M GEMMs pay for packing);
+    // beyond that the flash path wins (bench: one thread, 32k keys, D=128).
+    const int64_t rows_per_kv_head = unit.q_tokens * (H / g0.heads.kv_heads);
+    if (rows_per_kv_head <= 32) {
+      RINGTREE_RETURN_IF_ERROR(DecodeAttention(q, kb.k, kb.v, g0.heads.kv_dtype, shape, ao, o, lse));
+    } else {
+      RINGTREE_RETURN_IF_ERROR(AttentionForward(q, kb.k, kb.v, g0.heads.kv_dtype, shape, ao, o, lse));
+    }
     const double t1 = NowSeconds();
     if (started) MergePartials(acc_o.data(), acc_lse.data(), part_o.data(), part_lse.data(), rows, D);
     started = true;

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <cstdint>
+#include <span>
 
 #include "kernels/dtype.h"
 #include "kernels/status.h"
@@ -55,6 +56,22 @@ Status AttentionForward(const float* q, const void* k, const void* v, DType kv_d
 Status DecodeAttention(const float* q, const void* k, const void* v, DType kv_dtype,
                        const AttentionShape& shape, const AttentionOptions& options, float* o,
                        float* lse);
+
+// One piece of a KV split across memory: k, v [tokens, Hkv, D] in the kv dtype.
+struct KvSegment {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t tokens = 0;
+};
+
+// Decode attention over the concatenation of `segments` (e.g. the spans of a
+// store, each its own allocation) in one split-KV pass: the same result as
+// DecodeAttention over one buffer holding them in order, without the copy or
+// a kernel call and partial merge per segment. shape.kv_tokens is ignored
+// (the segments' sum is used). Non-causal only; q_tokens <= 64.
+Status DecodeAttentionSegments(const float* q, std::span<const KvSegment> segments, DType kv_dtype,
+                               const AttentionShape& shape, const AttentionOptions& options, float* o,
+                               float* lse);
 
 // Resolved softmax scale (options.scale, or 1/sqrt(head_dim)).
 float ResolveScale(const AttentionOptions& options, int head_dim);

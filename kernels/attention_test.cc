@@ -93,6 +93,54 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"custom_scale", 25, 70, 2, 1, 64, false, 0, 0, F32, 0.5f}),
     CaseName);
 
+// Decode over a KV split into separately allocated segments of uneven sizes
+// (spans of a store: 64, 16, ragged, empty) equals the reference over the
+// concatenation, for both storage dtypes, GQA and several query tokens.
+TEST(DecodeSegmentsTest, EqualsReferenceOverConcatenation) {
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+    for (int tq : {1, 3, 17}) {
+      const int H = 8, Hkv = 2, D = 64;
+      const std::vector<int64_t> sizes = {64, 64, 16, 0, 37, 1, 640, 5, 64, 200};
+      int64_t total = 0;
+      for (int64_t n : sizes) total += n;
+      const int64_t row = int64_t{Hkv} * D;
+      auto q = testing::RandomVector(tq * H * D, 11);
+      auto kf = testing::RandomVector(total * row, 12);
+      auto vf = testing::RandomVector(total * row, 13);
+      auto k = testing::ToStorage(kf, dtype);
+      auto v = testing::ToStorage(vf, dtype);
+      // Each segment copied into its own buffer.
+      std::vector<std::vector<uint8_t>> ks, vs;
+      std::vector<KvSegment> segments;
+      const size_t row_bytes = row * DTypeSize(dtype);
+      int64_t at = 0;
+      for (int64_t n : sizes) {
+        ks.emplace_back(k.begin() + at * row_bytes, k.begin() + (at + n) * row_bytes);
+        vs.emplace_back(v.begin() + at * row_bytes, v.begin() + (at + n) * row_bytes);
+        segments.push_back(KvSegment{ks.back().data(), vs.back().data(), n});
+        at += n;
+      }
+      AttentionShape shape{tq, total, H, Hkv, D};
+      AttentionOptions opt;
+      std::vector<float> o(q.size(), 7.0f), lse(tq * H, 7.0f), o_ref(q.size()), lse_ref(lse.size());
+      ReferenceAttention(q.data(), k.data(), v.data(), dtype, shape, opt, o_ref.data(), lse_ref.data());
+      AttentionShape ignored = shape;
+      ignored.kv_tokens = 0;  // the segments' sum is used
+      Status st = DecodeAttentionSegments(q.data(), segments, dtype, ignored, opt, o.data(), lse.data());
+      ASSERT_TRUE(st.ok()) << st.ToString();
+      EXPECT_LE(testing::MaxAbsDiff(o.data(), o_ref.data(), o.size()), 2e-4) << DTypeName(dtype) << " tq " << tq;
+      EXPECT_LE(testing::MaxAbsDiff(lse.data(), lse_ref.data(), lse.size()), 2e-3) << DTypeName(dtype) << " tq " << tq;
+    }
+  }
+  AttentionOptions causal;
+  causal.causal = true;
+  std::vector<float> q(8 * 64), o(q.size()), lse(8);
+  EXPECT_EQ(DecodeAttentionSegments(q.data(), {}, DType::kFloat32, AttentionShape{1, 0, 8, 2, 64}, causal, o.data(),
+                                    lse.data())
+                .code(),
+            StatusCode::kInvalidArgument);
+}
+
 TEST(AttentionValidation, RejectsBadShapes) {
   float x = 0;
   AttentionShape s{1, 1, 6, 4, 64};

@@ -29,14 +29,29 @@ inline void PrefetchRows(const void* base, int rows, int64_t stride_bytes, int r
 }
 }  // namespace
 
-Status DecodeAttention(const float* q, const void* k, const void* v, DType kv_dtype,
-                       const AttentionShape& s, const AttentionOptions& opt, float* o, float* lse) {
-  RINGTREE_RETURN_IF_ERROR(ValidateAttention(s, kv_dtype));
-  if (s.q_tokens == 0) return Status::Ok();
-  if (s.q_tokens > 64) return AttentionForward(q, k, v, kv_dtype, s, opt, o, lse);
+namespace {
+
+// A run of at most kDecodeKeyBlock keys: rows [0, n) at k/v (row stride
+// Hkv*D elements), key index j0 in the concatenated KV (for causal masks).
+struct KeyBlock {
+  const void* k = nullptr;
+  const void* v = nullptr;
+  int64_t j0 = 0;
+  int n = 0;
+};
+
+// The split-KV decode over a list of key blocks (one contiguous KV, or the
+// concatenation of several segments). kv_end: keys visible to some row.
+Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_dtype, const AttentionShape& s,
+                  const AttentionOptions& opt, float* o, float* lse) {
   const int D = s.head_dim, H = s.heads, Hkv = s.kv_heads, G = H / Hkv;
   const int rows = static_cast<int>(s.q_tokens) * G;  // rows per kv head, ordered (t, g)
   const float qmul = ResolveScale(opt, D) * internal::kLog2e;
+  if (blocks.empty()) {
+    std::fill(o, o + s.q_tokens * H * D, 0.0f);
+    if (lse) std::fill(lse, lse + s.q_tokens * H, kNegInf);
+    return Status::Ok();
+  }
 
   // Pre-scaled queries grouped by kv head: qs[hk][r][D].
   std::vector<float> qs(static_cast<size_t>(Hkv) * rows * D);
@@ -47,29 +62,22 @@ Status DecodeAttention(const float* q, const void* k, const void* v, DType kv_dt
         internal::ScaleCopy(q + (t * H + hk * G + g) * D, qs.data() + (static_cast<int64_t>(hk) * rows + r) * D, D, qmul);
       }
 
-  int64_t kv_end = s.kv_tokens;
-  if (opt.causal)
-    kv_end = std::min<int64_t>(kv_end, opt.q_position_offset + s.q_tokens - 1 - opt.kv_position_offset + 1);
-  if (kv_end <= 0) {
-    std::fill(o, o + s.q_tokens * H * D, 0.0f);
-    if (lse) std::fill(lse, lse + s.q_tokens * H, kNegInf);
-    return Status::Ok();
-  }
-
+  // Chunks are runs of blocks: about 4 per thread, at least 8 blocks (512 keys).
   const int threads = std::max(1, tbb::this_task_arena::max_concurrency());
-  int64_t chunk = (kv_end + threads * 4 - 1) / (threads * 4);
-  chunk = std::max<int64_t>(512, (chunk + kDecodeKeyBlock - 1) / kDecodeKeyBlock * kDecodeKeyBlock);
-  const int64_t chunks = (kv_end + chunk - 1) / chunk;
+  const int64_t nblocks = static_cast<int64_t>(blocks.size());
+  const int64_t chunk = std::max<int64_t>(8, (nblocks + threads * 4 - 1) / (threads * 4));
+  const int64_t chunks = (nblocks + chunk - 1) / chunk;
   const int64_t state_rows = static_cast<int64_t>(Hkv) * rows;  // rows of one chunk's partial
   std::vector<float> part_o(chunks * state_rows * D);
   std::vector<float> part_lse(chunks * state_rows);
   const bool fp32 = kv_dtype == DType::kFloat32;
   const bool fused_bf16 = !fp32 && internal::HasFusedBFloat16(D);
   const int64_t row_stride = static_cast<int64_t>(Hkv) * D;
+  const int64_t elem = static_cast<int64_t>(DTypeSize(kv_dtype));
 
   tbb::parallel_for(tbb::blocked_range<int64_t>(0, chunks, 1), [&](const tbb::blocked_range<int64_t>& range) {
     for (int64_t c = range.begin(); c < range.end(); ++c) {
-      const int64_t c0 = c * chunk, c1 = std::min(kv_end, c0 + chunk);
+      const int64_t b0 = c * chunk, b1 = std::min(nblocks, b0 + chunk);
       float* acc = internal::ThreadScratch(0, state_rows * D);
       float* ml = internal::ThreadScratch(1, state_rows * 2);
       float* sc = internal::ThreadScratch(2, static_cast<size_t>(rows) * kDecodeKeyBlock);
@@ -80,33 +88,33 @@ Status DecodeAttention(const float* q, const void* k, const void* v, DType kv_dt
       std::fill(acc, acc + state_rows * D, 0.0f);
       std::fill(m, m + state_rows, kNegInf);
       std::fill(l, l + state_rows, 0.0f);
-      for (int64_t j0 = c0; j0 < c1; j0 += kDecodeKeyBlock) {
-        const int jb = static_cast<int>(std::min<int64_t>(kDecodeKeyBlock, c1 - j0));
+      for (int64_t b = b0; b < b1; ++b) {
+        const KeyBlock& blk = blocks[b];
+        const int jb = blk.n;
+        const int64_t j0 = blk.j0;
         const float* kp = nullptr;
         const float* vp = nullptr;
-        const uint16_t* kh = static_cast<const uint16_t*>(k) + j0 * row_stride;
-        const uint16_t* vh = static_cast<const uint16_t*>(v) + j0 * row_stride;
+        const uint16_t* kh = static_cast<const uint16_t*>(blk.k);
+        const uint16_t* vh = static_cast<const uint16_t*>(blk.v);
         if (fused_bf16) {
           // bfloat16 rows are widened in registers below
         } else if (fp32) {
-          kp = static_cast<const float*>(k) + j0 * row_stride;
-          vp = static_cast<const float*>(v) + j0 * row_stride;
+          kp = static_cast<const float*>(blk.k);
+          vp = static_cast<const float*>(blk.v);
         } else {
-          ConvertToFloat32(DType::kBFloat16, static_cast<const uint16_t*>(k) + j0 * row_stride, kbuf, jb * row_stride);
-          ConvertToFloat32(DType::kBFloat16, static_cast<const uint16_t*>(v) + j0 * row_stride, vbuf, jb * row_stride);
+          ConvertToFloat32(DType::kBFloat16, kh, kbuf, jb * row_stride);
+          ConvertToFloat32(DType::kBFloat16, vh, vbuf, jb * row_stride);
           kp = kbuf;
           vp = vbuf;
         }
         const bool mask = opt.causal && opt.kv_position_offset + j0 + jb - 1 > opt.q_position_offset;
-        const int64_t next = j0 + kDecodeKeyBlock;
-        const int next_rows = static_cast<int>(std::max<int64_t>(0, std::min<int64_t>(kDecodeKeyBlock, c1 - next)));
-        const int64_t elem = static_cast<int64_t>(DTypeSize(kv_dtype));
+        const KeyBlock* next = b + 1 < b1 ? &blocks[b + 1] : nullptr;
         for (int hk = 0; hk < Hkv; ++hk) {
           const int64_t base = static_cast<int64_t>(hk) * rows;
-          if (next_rows > 0) {
-            const int64_t off = (next * row_stride + hk * D) * elem;
-            PrefetchRows(static_cast<const char*>(k) + off, next_rows, row_stride * elem, static_cast<int>(D * elem));
-            PrefetchRows(static_cast<const char*>(v) + off, next_rows, row_stride * elem, static_cast<int>(D * elem));
+          if (next) {
+            const int64_t off = hk * D * elem;
+            PrefetchRows(static_cast<const char*>(next->k) + off, next->n, row_stride * elem, static_cast<int>(D * elem));
+            PrefetchRows(static_cast<const char*>(next->v) + off, next->n, row_stride * elem, static_cast<int>(D * elem));
           }
           if (fused_bf16)
             internal::QueryKeyDotsBFloat16(qs.data() + base * D, rows, kh + hk * D, row_stride, jb, D, sc, kDecodeKeyBlock);
@@ -142,6 +150,53 @@ Status DecodeAttention(const float* q, const void* k, const void* v, DType kv_dt
       if (lse) lse[out_row] = *acc_lse;
     }
   return Status::Ok();
+}
+
+
+}  // namespace
+
+Status DecodeAttention(const float* q, const void* k, const void* v, DType kv_dtype,
+                       const AttentionShape& s, const AttentionOptions& opt, float* o, float* lse) {
+  RINGTREE_RETURN_IF_ERROR(ValidateAttention(s, kv_dtype));
+  if (s.q_tokens == 0) return Status::Ok();
+  if (s.q_tokens > 64) return AttentionForward(q, k, v, kv_dtype, s, opt, o, lse);
+  int64_t kv_end = s.kv_tokens;
+  if (opt.causal)
+    kv_end = std::min<int64_t>(kv_end, opt.q_position_offset + s.q_tokens - 1 - opt.kv_position_offset + 1);
+  const int64_t row_bytes = static_cast<int64_t>(s.kv_heads) * s.head_dim * DTypeSize(kv_dtype);
+  std::vector<KeyBlock> blocks;
+  for (int64_t j0 = 0; j0 < kv_end; j0 += kDecodeKeyBlock)
+    blocks.push_back(KeyBlock{static_cast<const uint8_t*>(k) + j0 * row_bytes, static_cast<const uint8_t*>(v) + j0 * row_bytes,
+                              j0, static_cast<int>(std::min<int64_t>(kDecodeKeyBlock, kv_end - j0))});
+  return DecodeCore(q, blocks, kv_dtype, s, opt, o, lse);
+}
+
+Status DecodeAttentionSegments(const float* q, std::span<const KvSegment> segments, DType kv_dtype,
+                               const AttentionShape& s, const AttentionOptions& opt, float* o, float* lse) {
+  if (opt.causal) return Status::InvalidArgument("[decode] segments: causal masking is not supported (every query must see every key)");
+  int64_t total = 0;
+  for (size_t i = 0; i < segments.size(); ++i) {
+    if (segments[i].tokens < 0) return Status::InvalidArgument("[decode] segments[" + std::to_string(i) + "].tokens < 0");
+    if (segments[i].tokens > 0 && (!segments[i].k || !segments[i].v))
+      return Status::InvalidArgument("[decode] segments[" + std::to_string(i) + "]: k and v must not be null");
+    total += segments[i].tokens;
+  }
+  AttentionShape shape = s;
+  shape.kv_tokens = total;
+  RINGTREE_RETURN_IF_ERROR(ValidateAttention(shape, kv_dtype));
+  if (shape.q_tokens == 0) return Status::Ok();
+  if (shape.q_tokens > 64) return Status::InvalidArgument("[decode] segments: q_tokens " + std::to_string(shape.q_tokens) + " > 64");
+  const int64_t row_bytes = static_cast<int64_t>(s.kv_heads) * s.head_dim * DTypeSize(kv_dtype);
+  std::vector<KeyBlock> blocks;
+  int64_t j = 0;
+  for (const KvSegment& seg : segments) {
+    for (int64_t j0 = 0; j0 < seg.tokens; j0 += kDecodeKeyBlock)
+      blocks.push_back(KeyBlock{static_cast<const uint8_t*>(seg.k) + j0 * row_bytes,
+                                static_cast<const uint8_t*>(seg.v) + j0 * row_bytes, j + j0,
+                                static_cast<int>(std::min<int64_t>(kDecodeKeyBlock, seg.tokens - j0))});
+    j += seg.tokens;
+  }
+  return DecodeCore(q, blocks, kv_dtype, shape, opt, o, lse);
 }
 
 }  // namespace ringtree
