@@ -19,10 +19,12 @@ def main():
     machine = by("machine")[0]
     out = [f"# Service load benchmark\n",
            f"host `{machine['host']}`, {machine['cores']} cores, {machine['ranks']} ranks, {machine['build']} build; "
-           f"sessions H={machine['heads']} Hkv={machine['kv_heads']} D={machine['head_dim']} {machine['storage']}.\n"]
+           f"decode sessions H={machine['heads']} Hkv={machine['kv_heads']} D={machine['head_dim']} {machine['storage']}.\n"]
     attend = by("attend_closed")
     if attend:
-        out.append(f"\n## Attend, closed loop, one shared {attend[0]['session_tokens']}-token session\n")
+        a0 = attend[0]
+        shape = f", H={a0['heads']} Hkv={a0['kv_heads']} D={a0['head_dim']}" if "heads" in a0 else ""
+        out.append(f"\n## Attend, closed loop, one shared {a0['session_tokens']}-token session{shape}\n")
         out.append("| clients | queries/s | x one client | p50 ms | p99 ms | mean batch |\n|---|---|---|---|---|---|")
         for r in attend:
             out.append(f"| {r['clients']} | {r['throughput']:.1f} | {r['speedup_vs_1']:.2f} | {r['p50_ms']:.2f} | "
