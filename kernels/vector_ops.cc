@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 
 #include "kernels/dtype.h"
 
@@ -159,6 +160,20 @@ RT_AVX512 void AccumulatePairAvx512(const float* p0, const float* p1, const T* v
   }
 }
 
+// Calls f(std::integral_constant<int, NC>{}) for NC = D/16 in 2..8.
+template <typename F>
+RT_AVX512 inline void WithChunks(int nc, F&& f) {
+  switch (nc) {
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
 // Dispatch on D/16 (2..8); false when D is not handled (caller falls back).
 template <typename T>
 RT_AVX512 bool QueryKeyDotsPairs(const float* q, int rows, const T* k, int64_t k_stride, int keys, int D, float* s,
@@ -168,15 +183,7 @@ RT_AVX512 bool QueryKeyDotsPairs(const float* q, int rows, const T* k, int64_t k
   for (; r + 2 <= rows; r += 2) {
     const float* q0 = q + r * D;
     float* s0 = s + r * s_stride;
-    switch (D / 16) {
-      case 2: QueryKeyDotsPairAvx512<T, 2>(q0, q0 + D, k, k_stride, keys, s0, s0 + s_stride); break;
-      case 3: QueryKeyDotsPairAvx512<T, 3>(q0, q0 + D, k, k_stride, keys, s0, s0 + s_stride); break;
-      case 4: QueryKeyDotsPairAvx512<T, 4>(q0, q0 + D, k, k_stride, keys, s0, s0 + s_stride); break;
-      case 5: QueryKeyDotsPairAvx512<T, 5>(q0, q0 + D, k, k_stride, keys, s0, s0 + s_stride); break;
-      case 6: QueryKeyDotsPairAvx512<T, 6>(q0, q0 + D, k, k_stride, keys, s0, s0 + s_stride); break;
-      case 7: QueryKeyDotsPairAvx512<T, 7>(q0, q0 + D, k, k_stride, keys, s0, s0 + s_stride); break;
-      default: QueryKeyDotsPairAvx512<T, 8>(q0, q0 + D, k, k_stride, keys, s0, s0 + s_stride); break;
-    }
+    WithChunks(D / 16, [&](auto nc) { QueryKeyDotsPairAvx512<T, decltype(nc)::value>(q0, q0 + D, k, k_stride, keys, s0, s0 + s_stride); });
   }
   if (r < rows) {  // odd row: pair it with itself (its second result is discarded)
     alignas(64) float scratch[256];
@@ -184,15 +191,7 @@ RT_AVX512 bool QueryKeyDotsPairs(const float* q, int rows, const T* k, int64_t k
     const float* q0 = q + r * D;
     for (int j0 = 0; j0 < keys; j0 += 256) {
       const int n = std::min(256, keys - j0);
-      switch (D / 16) {
-        case 2: QueryKeyDotsPairAvx512<T, 2>(q0, q0, k + j0 * k_stride, k_stride, n, s0 + j0, scratch); break;
-        case 3: QueryKeyDotsPairAvx512<T, 3>(q0, q0, k + j0 * k_stride, k_stride, n, s0 + j0, scratch); break;
-        case 4: QueryKeyDotsPairAvx512<T, 4>(q0, q0, k + j0 * k_stride, k_stride, n, s0 + j0, scratch); break;
-        case 5: QueryKeyDotsPairAvx512<T, 5>(q0, q0, k + j0 * k_stride, k_stride, n, s0 + j0, scratch); break;
-        case 6: QueryKeyDotsPairAvx512<T, 6>(q0, q0, k + j0 * k_stride, k_stride, n, s0 + j0, scratch); break;
-        case 7: QueryKeyDotsPairAvx512<T, 7>(q0, q0, k + j0 * k_stride, k_stride, n, s0 + j0, scratch); break;
-        default: QueryKeyDotsPairAvx512<T, 8>(q0, q0, k + j0 * k_stride, k_stride, n, s0 + j0, scratch); break;
-      }
+      WithChunks(D / 16, [&](auto nc) { QueryKeyDotsPairAvx512<T, decltype(nc)::value>(q0, q0, k + j0 * k_stride, k_stride, n, s0 + j0, scratch); });
     }
   }
   return true;
@@ -207,15 +206,7 @@ RT_AVX512 int AccumulatePairs(const float* p, int p_stride, int rows, const T* v
   for (; r + 2 <= rows; r += 2) {
     const float* p0 = p + r * p_stride;
     float* a0 = acc + r * D;
-    switch (D / 16) {
-      case 2: AccumulatePairAvx512<T, 2>(p0, p0 + p_stride, v, v_stride, keys, a0, a0 + D); break;
-      case 3: AccumulatePairAvx512<T, 3>(p0, p0 + p_stride, v, v_stride, keys, a0, a0 + D); break;
-      case 4: AccumulatePairAvx512<T, 4>(p0, p0 + p_stride, v, v_stride, keys, a0, a0 + D); break;
-      case 5: AccumulatePairAvx512<T, 5>(p0, p0 + p_stride, v, v_stride, keys, a0, a0 + D); break;
-      case 6: AccumulatePairAvx512<T, 6>(p0, p0 + p_stride, v, v_stride, keys, a0, a0 + D); break;
-      case 7: AccumulatePairAvx512<T, 7>(p0, p0 + p_stride, v, v_stride, keys, a0, a0 + D); break;
-      default: AccumulatePairAvx512<T, 8>(p0, p0 + p_stride, v, v_stride, keys, a0, a0 + D); break;
-    }
+    WithChunks(D / 16, [&](auto nc) { AccumulatePairAvx512<T, decltype(nc)::value>(p0, p0 + p_stride, v, v_stride, keys, a0, a0 + D); });
   }
   return r;  // an odd last row is left to the caller's general path
 }
