@@ -83,6 +83,9 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"decode_1tok_causal", 1, 999, 32, 8, 128, true, 998, 0, F32},
         Case{"decode_16tok_causal", 16, 1500, 16, 2, 64, true, 1484, 0, F32},
         Case{"decode_4tok_gqa8", 4, 1030, 8, 1, 128, false, 0, 0, F32},
+        Case{"decode_1tok_mha_f32", 1, 777, 4, 4, 64, false, 0, 0, F32},     // one row per kv head
+        Case{"decode_7tok_mha_d96_causal", 7, 400, 2, 2, 96, true, 393, 0, F32},  // a triple + two pairs
+        Case{"decode_5tok_gqa2_bf16", 5, 640, 4, 2, 128, false, 0, 0, BF16},  // 10 rows: two triples + two pairs
         Case{"bf16_prefill_causal", 150, 150, 8, 2, 128, true, 0, 0, BF16},
         Case{"bf16_prefill_d64", 60, 333, 4, 4, 64, false, 0, 0, BF16},
         Case{"bf16_decode", 1, 3000, 8, 8, 128, false, 0, 0, BF16},

@@ -160,6 +160,109 @@ RT_AVX512 void AccumulatePairAvx512(const float* p0, const float* p1, const T* v
   }
 }
 
+// Three query rows in registers (3*NC <= 24 registers), one key at a time.
+// Used when a kv head has many query rows (stacked queries, large GQA
+// groups): fewer passes over each key row than pairs.
+template <typename T, int NC>
+RT_AVX512 void QueryKeyDotsTripleAvx512(const float* q0p, int64_t q_stride, const T* k, int64_t k_stride, int keys,
+                                        float* s0, int s_stride) {
+  __m512 q0[NC], q1[NC], q2[NC];
+  for (int c = 0; c < NC; ++c) {
+    q0[c] = _mm512_loadu_ps(q0p + 16 * c);
+    q1[c] = _mm512_loadu_ps(q0p + q_stride + 16 * c);
+    q2[c] = _mm512_loadu_ps(q0p + 2 * q_stride + 16 * c);
+  }
+  float* s1 = s0 + s_stride;
+  float* s2 = s1 + s_stride;
+  for (int j = 0; j < keys; ++j) {
+    const T* kr = k + j * k_stride;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0;
+    for (int c = 0; c < NC; ++c) {
+      const __m512 x = Load16(kr + 16 * c);
+      a0 = _mm512_fmadd_ps(q0[c], x, a0);
+      a1 = _mm512_fmadd_ps(q1[c], x, a1);
+      a2 = _mm512_fmadd_ps(q2[c], x, a2);
+    }
+    alignas(16) float sums[4];
+    _mm_store_ps(sums, Reduce4(a0, a1, a2, a2));
+    s0[j] = sums[0];
+    s1[j] = sums[1];
+    s2[j] = sums[2];
+  }
+}
+
+// Three accumulator rows in registers while the values stream by.
+template <typename T, int NC>
+RT_AVX512 void AccumulateTripleAvx512(const float* p0, int p_stride, const T* v, int64_t v_stride, int keys,
+                                      float* acc0, int D) {
+  __m512 a0[NC], a1[NC], a2[NC];
+  for (int c = 0; c < NC; ++c) {
+    a0[c] = _mm512_loadu_ps(acc0 + 16 * c);
+    a1[c] = _mm512_loadu_ps(acc0 + D + 16 * c);
+    a2[c] = _mm512_loadu_ps(acc0 + 2 * D + 16 * c);
+  }
+  const float* p1 = p0 + p_stride;
+  const float* p2 = p1 + p_stride;
+  for (int j = 0; j < keys; ++j) {
+    const T* vr = v + j * v_stride;
+    const __m512 w0 = _mm512_set1_ps(p0[j]), w1 = _mm512_set1_ps(p1[j]), w2 = _mm512_set1_ps(p2[j]);
+    for (int c = 0; c < NC; ++c) {
+      const __m512 x = Load16(vr + 16 * c);
+      a0[c] = _mm512_fmadd_ps(w0, x, a0[c]);
+      a1[c] = _mm512_fmadd_ps(w1, x, a1[c]);
+      a2[c] = _mm512_fmadd_ps(w2, x, a2[c]);
+    }
+  }
+  for (int c = 0; c < NC; ++c) {
+    _mm512_storeu_ps(acc0 + 16 * c, a0[c]);
+    _mm512_storeu_ps(acc0 + D + 16 * c, a1[c]);
+    _mm512_storeu_ps(acc0 + 2 * D + 16 * c, a2[c]);
+  }
+}
+
+// Rows handled by triples before pairs take the rest: with 6 or more rows a
+// kv head needs fewer passes over its keys in threes (4 rows: two pairs).
+inline int TripleRows(int rows) { return rows >= 6 ? rows - (rows % 3 == 1 ? 4 : rows % 3) : 0; }
+
+// One query row in registers, four keys at a time (their sums reduced
+// together): the MHA single-token decode, and an odd row left by pairs.
+template <typename T, int NC>
+RT_AVX512 void QueryKeyDotsSingleAvx512(const float* qp, const T* k, int64_t k_stride, int keys, float* s) {
+  __m512 q[NC];
+  for (int c = 0; c < NC; ++c) q[c] = _mm512_loadu_ps(qp + 16 * c);
+  int j = 0;
+  for (; j + 4 <= keys; j += 4) {
+    const T* k0 = k + j * k_stride;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int c = 0; c < NC; ++c) {
+      a0 = _mm512_fmadd_ps(q[c], Load16(k0 + 16 * c), a0);
+      a1 = _mm512_fmadd_ps(q[c], Load16(k0 + k_stride + 16 * c), a1);
+      a2 = _mm512_fmadd_ps(q[c], Load16(k0 + 2 * k_stride + 16 * c), a2);
+      a3 = _mm512_fmadd_ps(q[c], Load16(k0 + 3 * k_stride + 16 * c), a3);
+    }
+    _mm_storeu_ps(s + j, Reduce4(a0, a1, a2, a3));
+  }
+  for (; j < keys; ++j) {
+    const T* kr = k + j * k_stride;
+    __m512 a0 = _mm512_setzero_ps();
+    for (int c = 0; c < NC; ++c) a0 = _mm512_fmadd_ps(q[c], Load16(kr + 16 * c), a0);
+    s[j] = _mm512_reduce_add_ps(a0);
+  }
+}
+
+// One accumulator row in registers while the values stream by.
+template <typename T, int NC>
+RT_AVX512 void AccumulateSingleAvx512(const float* p, const T* v, int64_t v_stride, int keys, float* acc) {
+  __m512 a[NC];
+  for (int c = 0; c < NC; ++c) a[c] = _mm512_loadu_ps(acc + 16 * c);
+  for (int j = 0; j < keys; ++j) {
+    const T* vr = v + j * v_stride;
+    const __m512 w = _mm512_set1_ps(p[j]);
+    for (int c = 0; c < NC; ++c) a[c] = _mm512_fmadd_ps(w, Load16(vr + 16 * c), a[c]);
+  }
+  for (int c = 0; c < NC; ++c) _mm512_storeu_ps(acc + 16 * c, a[c]);
+}
+
 // Calls f(std::integral_constant<int, NC>{}) for NC = D/16 in 2..8.
 template <typename F>
 RT_AVX512 inline void WithChunks(int nc, F&& f) {
@@ -178,37 +281,49 @@ RT_AVX512 inline void WithChunks(int nc, F&& f) {
 template <typename T>
 RT_AVX512 bool QueryKeyDotsPairs(const float* q, int rows, const T* k, int64_t k_stride, int keys, int D, float* s,
                                  int s_stride) {
-  if (rows < 2 || D % 16 != 0 || D < 32 || D > 128) return false;
+  if (rows < 1 || D % 16 != 0 || D < 32 || D > 128) return false;
   int r = 0;
+  for (const int triples = TripleRows(rows); r < triples; r += 3) {
+    const float* q0 = q + r * D;
+    float* s0 = s + r * s_stride;
+    WithChunks(D / 16, [&](auto nc) { QueryKeyDotsTripleAvx512<T, decltype(nc)::value>(q0, D, k, k_stride, keys, s0, s_stride); });
+  }
   for (; r + 2 <= rows; r += 2) {
     const float* q0 = q + r * D;
     float* s0 = s + r * s_stride;
     WithChunks(D / 16, [&](auto nc) { QueryKeyDotsPairAvx512<T, decltype(nc)::value>(q0, q0 + D, k, k_stride, keys, s0, s0 + s_stride); });
   }
-  if (r < rows) {  // odd row: pair it with itself (its second result is discarded)
-    alignas(64) float scratch[256];
-    float* s0 = s + r * s_stride;
+  if (r < rows) {  // odd row
     const float* q0 = q + r * D;
-    for (int j0 = 0; j0 < keys; j0 += 256) {
-      const int n = std::min(256, keys - j0);
-      WithChunks(D / 16, [&](auto nc) { QueryKeyDotsPairAvx512<T, decltype(nc)::value>(q0, q0, k + j0 * k_stride, k_stride, n, s0 + j0, scratch); });
-    }
+    float* s0 = s + r * s_stride;
+    WithChunks(D / 16, [&](auto nc) { QueryKeyDotsSingleAvx512<T, decltype(nc)::value>(q0, k, k_stride, keys, s0); });
   }
   return true;
 }
 
-// Returns the number of rows done (pairs; 0 when D is not handled).
+// Returns the number of rows done (all of them; 0 when D is not handled).
 template <typename T>
 RT_AVX512 int AccumulatePairs(const float* p, int p_stride, int rows, const T* v, int64_t v_stride, int keys, int D,
                               float* acc) {
-  if (rows < 2 || D % 16 != 0 || D < 32 || D > 128) return 0;
+  if (rows < 1 || D % 16 != 0 || D < 32 || D > 128) return 0;
   int r = 0;
+  for (const int triples = TripleRows(rows); r < triples; r += 3) {
+    const float* p0 = p + r * p_stride;
+    float* a0 = acc + r * D;
+    WithChunks(D / 16, [&](auto nc) { AccumulateTripleAvx512<T, decltype(nc)::value>(p0, p_stride, v, v_stride, keys, a0, D); });
+  }
   for (; r + 2 <= rows; r += 2) {
     const float* p0 = p + r * p_stride;
     float* a0 = acc + r * D;
     WithChunks(D / 16, [&](auto nc) { AccumulatePairAvx512<T, decltype(nc)::value>(p0, p0 + p_stride, v, v_stride, keys, a0, a0 + D); });
   }
-  return r;  // an odd last row is left to the caller's general path
+  if (r < rows) {  // odd row
+    const float* p0 = p + r * p_stride;
+    float* a0 = acc + r * D;
+    WithChunks(D / 16, [&](auto nc) { AccumulateSingleAvx512<T, decltype(nc)::value>(p0, v, v_stride, keys, a0); });
+    ++r;
+  }
+  return r;
 }
 
 template <typename T>
