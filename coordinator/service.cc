@@ -53,6 +53,16 @@ Status CheckLayer(int layer, const SessionRecord& s, const char* method) {
   return Status::Ok();
 }
 
+// Attend and RetrieveKV need stored tokens in the layer.
+Status CheckLayerHasTokens(SessionRecord& s, int layer) {
+  std::lock_guard<std::mutex> lock(s.mu);
+  if (s.layers[layer].tokens == 0) {
+    return Status::FailedPrecondition("layer: layer " + std::to_string(layer) +
+                                      " holds no tokens yet (append or prefill first)");
+  }
+  return Status::Ok();
+}
+
 // Checks a [tokens, heads, head_dim] tensor. Returns its dtype and token count.
 Status CheckTensor(const v1::Tensor& t, const char* method, const char* field, int heads, int head_dim,
                    int64_t min_tokens, int64_t max_tokens, int64_t expected_tokens, DType* dtype, int64_t* tokens) {
@@ -254,6 +264,17 @@ Result<std::shared_ptr<SessionRecord>> AttentionServiceImpl::FindSession(const s
   return found;
 }
 
+grpc::Status AttentionServiceImpl::FindLayer(grpc::ServerContext& context, const std::string& session_id, int layer,
+                                             const char* method, std::shared_ptr<SessionRecord>* session) {
+  std::string tenant;
+  if (grpc::Status a = auth_.Authenticate(context, &tenant); !a.ok()) return a;
+  auto found = FindSession(tenant, session_id, method);
+  if (!found.ok()) return Invalid(method, found.status());
+  if (Status st = CheckLayer(layer, **found, method); !st.ok()) return Invalid(method, st);
+  *session = *std::move(found);
+  return grpc::Status::OK;
+}
+
 grpc::Status AttentionServiceImpl::Run(const char* method, grpc::ServerContext* context,
                                        std::shared_ptr<WorkItem> item, int64_t kv_bytes, bool already_admitted) {
   item->deadline = SteadyDeadline(*context);
@@ -435,13 +456,9 @@ grpc::Status AttentionServiceImpl::Prefill(grpc::ServerContext* context, const v
                                            grpc::ServerWriter<v1::PrefillResponse>* writer) {
   const char* m = "Prefill";
   const auto start = Clock::now();
-  std::string tenant;
-  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
-  auto found = FindSession(tenant, request->session_id(), m);
-  if (!found.ok()) return Invalid(m, found.status());
-  std::shared_ptr<SessionRecord> session = *found;
+  std::shared_ptr<SessionRecord> session;
+  if (grpc::Status g = FindLayer(*context, request->session_id(), request->layer(), m, &session); !g.ok()) return g;
   const SessionShape& shape = session->shape;
-  if (Status st = CheckLayer(request->layer(), *session, m); !st.ok()) return Invalid(m, st);
   DType qd, kd, vd, out_dtype;
   int64_t qt = 0, kt = 0, vt = 0;
   if (Status st = CheckTensor(request->q(), m, "q", shape.heads, shape.head_dim, 1, limits_.max_prefill_tokens, -1,
@@ -506,13 +523,9 @@ grpc::Status AttentionServiceImpl::Decode(grpc::ServerContext* context, const v1
                                           v1::DecodeResponse* response) {
   const char* m = "Decode";
   const auto start = Clock::now();
-  std::string tenant;
-  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
-  auto found = FindSession(tenant, request->session_id(), m);
-  if (!found.ok()) return Invalid(m, found.status());
-  std::shared_ptr<SessionRecord> session = *found;
+  std::shared_ptr<SessionRecord> session;
+  if (grpc::Status g = FindLayer(*context, request->session_id(), request->layer(), m, &session); !g.ok()) return g;
   const SessionShape& shape = session->shape;
-  if (Status st = CheckLayer(request->layer(), *session, m); !st.ok()) return Invalid(m, st);
   DType qd, kd, vd, out_dtype;
   int64_t qt = 0, kt = 0, vt = 0;
   if (Status st = CheckTensor(request->q(), m, "q", shape.heads, shape.head_dim, 1, limits_.max_decode_tokens, -1, &qd,
@@ -571,13 +584,9 @@ grpc::Status AttentionServiceImpl::Attend(grpc::ServerContext* context, const v1
                                           v1::AttendResponse* response) {
   const char* m = "Attend";
   const auto start = Clock::now();
-  std::string tenant;
-  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
-  auto found = FindSession(tenant, request->session_id(), m);
-  if (!found.ok()) return Invalid(m, found.status());
-  std::shared_ptr<SessionRecord> session = *found;
+  std::shared_ptr<SessionRecord> session;
+  if (grpc::Status g = FindLayer(*context, request->session_id(), request->layer(), m, &session); !g.ok()) return g;
   const SessionShape& shape = session->shape;
-  if (Status st = CheckLayer(request->layer(), *session, m); !st.ok()) return Invalid(m, st);
   DType qd, out_dtype;
   int64_t qt = 0;
   if (Status st = CheckTensor(request->q(), m, "q", shape.heads, shape.head_dim, 1, limits_.max_attend_tokens, -1, &qd,
@@ -589,13 +598,7 @@ grpc::Status AttentionServiceImpl::Attend(grpc::ServerContext* context, const v1
   if (request->has_retrieval()) {
     if (Status st = CheckRetrieval(request->retrieval(), m, &retrieval); !st.ok()) return Invalid(m, st);
   }
-  {
-    std::lock_guard<std::mutex> lock(session->mu);
-    if (session->layers[request->layer()].tokens == 0) {
-      return Invalid(m, Status::FailedPrecondition("layer: layer " + std::to_string(request->layer()) +
-                                                   " holds no tokens yet (append or prefill first)"));
-    }
-  }
+  if (Status st = CheckLayerHasTokens(*session, request->layer()); !st.ok()) return Invalid(m, st);
   auto item = std::make_shared<WorkItem>();
   item->kind = WorkItem::Kind::kAttend;
   item->retrieval = retrieval;
@@ -628,13 +631,9 @@ grpc::Status AttentionServiceImpl::RetrieveKV(grpc::ServerContext* context, cons
                                               grpc::ServerWriter<v1::RetrieveKVResponse>* writer) {
   const char* m = "RetrieveKV";
   const auto start = Clock::now();
-  std::string tenant;
-  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
-  auto found = FindSession(tenant, request->session_id(), m);
-  if (!found.ok()) return Invalid(m, found.status());
-  std::shared_ptr<SessionRecord> session = *found;
+  std::shared_ptr<SessionRecord> session;
+  if (grpc::Status g = FindLayer(*context, request->session_id(), request->layer(), m, &session); !g.ok()) return g;
   const SessionShape& shape = session->shape;
-  if (Status st = CheckLayer(request->layer(), *session, m); !st.ok()) return Invalid(m, st);
   DType qd;
   int64_t qt = 0;
   if (Status st = CheckTensor(request->q(), m, "q", shape.heads, shape.head_dim, 1, limits_.max_attend_tokens, -1, &qd,
@@ -650,13 +649,7 @@ grpc::Status AttentionServiceImpl::RetrieveKV(grpc::ServerContext* context, cons
   if (request->chunk_tokens() < 0) return Invalid(m, Status::InvalidArgument("chunk_tokens: must be >= 0"));
   retrieval.include_always = request->include_always();
   retrieval.mass_tolerance = -1.0;
-  {
-    std::lock_guard<std::mutex> lock(session->mu);
-    if (session->layers[request->layer()].tokens == 0) {
-      return Invalid(m, Status::FailedPrecondition("layer: layer " + std::to_string(request->layer()) +
-                                                   " holds no tokens yet (append or prefill first)"));
-    }
-  }
+  if (Status st = CheckLayerHasTokens(*session, request->layer()); !st.ok()) return Invalid(m, st);
   auto item = std::make_shared<WorkItem>();
   item->kind = WorkItem::Kind::kRetrieveKV;
   item->session = session;

@@ -81,6 +81,11 @@ class AttentionServiceImpl final : public v1::AttentionService::Service {
   Result<std::shared_ptr<SessionRecord>> FindSession(const std::string& tenant, const std::string& id,
                                                      const char* method) const;
   void Record(const char* method, std::chrono::steady_clock::time_point start, const grpc::Status& status);
+  // The request's caller, session and layer: authenticates, finds the
+  // session of the caller's tenant and checks the layer index. Not OK: the
+  // status to return as is.
+  grpc::Status FindLayer(grpc::ServerContext& context, const std::string& session_id, int layer, const char* method,
+                         std::shared_ptr<SessionRecord>* session);
 
   SessionRegistry& registry_;
   Admission& admission_;

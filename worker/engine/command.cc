@@ -74,6 +74,20 @@ void Put(Writer& w, const KvRows& rows) {
   w.String(rows.v);
 }
 bool Get(Reader& r, KvRows* rows) { return r.Vector(&rows->runs) && r.String(&rows->k) && r.String(&rows->v); }
+void Put(Writer& w, const BatchGroup& g) {
+  Put(w, g.session);
+  w.Pod(g.layer);
+  w.Pod(g.causal);
+  w.Pod(g.scale);
+  w.Pod(g.q_tokens);
+  w.Pod(g.q_position);
+  w.Vector(g.q);
+  Put(w, g.new_rows);
+}
+bool Get(Reader& r, BatchGroup* g) {
+  return Get(r, &g->session) && r.Pod(&g->layer) && r.Pod(&g->causal) && r.Pod(&g->scale) && r.Pod(&g->q_tokens) &&
+         r.Pod(&g->q_position) && r.Vector(&g->q) && Get(r, &g->new_rows);
+}
 
 }  // namespace
 
@@ -104,28 +118,11 @@ std::string EncodeCommand(const Command& c) {
     }
     case CommandKind::kAttendBatch:
       w.Pod<uint64_t>(c.batch.groups.size());
-      for (const BatchGroup& g : c.batch.groups) {
-        Put(w, g.session);
-        w.Pod(g.layer);
-        w.Pod(g.causal);
-        w.Pod(g.scale);
-        w.Pod(g.q_tokens);
-        w.Pod(g.q_position);
-        w.Vector(g.q);
-        Put(w, g.new_rows);
-      }
+      for (const BatchGroup& g : c.batch.groups) Put(w, g);
       break;
     case CommandKind::kRetrieve: {
       const RetrieveCommand& r = c.retrieve;
-      const BatchGroup& g = r.group;
-      Put(w, g.session);
-      w.Pod(g.layer);
-      w.Pod(g.causal);
-      w.Pod(g.scale);
-      w.Pod(g.q_tokens);
-      w.Pod(g.q_position);
-      w.Vector(g.q);
-      Put(w, g.new_rows);
+      Put(w, r.group);
       w.Pod(r.top_k_spans);
       w.Pod(r.token_budget);
       w.Pod(r.mass_tolerance);
@@ -166,17 +163,14 @@ Result<Command> DecodeCommand(const std::string& bytes) {
         ok = r.Pod(&n);
         for (uint64_t i = 0; ok && i < n; ++i) {
           BatchGroup g;
-          ok = Get(r, &g.session) && r.Pod(&g.layer) && r.Pod(&g.causal) && r.Pod(&g.scale) &&
-               r.Pod(&g.q_tokens) && r.Pod(&g.q_position) && r.Vector(&g.q) && Get(r, &g.new_rows);
+          ok = Get(r, &g);
           c.batch.groups.push_back(std::move(g));
         }
         break;
       }
       case CommandKind::kRetrieve: {
         RetrieveCommand& t = c.retrieve;
-        BatchGroup& g = t.group;
-        ok = Get(r, &g.session) && r.Pod(&g.layer) && r.Pod(&g.causal) && r.Pod(&g.scale) && r.Pod(&g.q_tokens) &&
-             r.Pod(&g.q_position) && r.Vector(&g.q) && Get(r, &g.new_rows) && r.Pod(&t.top_k_spans) &&
+        ok = Get(r, &t.group) && r.Pod(&t.top_k_spans) &&
              r.Pod(&t.token_budget) && r.Pod(&t.mass_tolerance) && r.Pod(&t.score_mode) && r.Pod(&t.context_end) &&
              r.Pod(&t.kv_only) && r.Pod(&t.include_always);
         break;
