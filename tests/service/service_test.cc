@@ -556,11 +556,18 @@ TEST_F(ServiceOverload, RefusesFastWhileAdmittedRequestsComplete) {
   std::atomic<int> ok{0}, refused{0}, wrong{0}, other{0};
   std::vector<double> refusal_ms(kClients, -1);
   std::vector<std::thread> threads;
+  // Every client connects and prepares first; then all send at once, so the
+  // 32 calls really overlap (staggered connects could let a fast engine keep
+  // up with them and refuse nothing).
+  std::atomic<int> ready{0};
+  std::atomic<bool> go{false};
   for (int c = 0; c < kClients; ++c) {
     threads.emplace_back([&, c] {
       auto client = Client(*server_);
       std::mt19937 r(300 + c);
       auto q = Random(r, 16 * 8 * 64);
+      ++ready;
+      while (!go.load()) std::this_thread::yield();
       const auto t0 = Clock::now();
       auto out = client->Attend(info->session_id(), 0, HostTensor::FromFloat32(q.data(), {16, 8, 64}));
       const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
@@ -576,6 +583,8 @@ TEST_F(ServiceOverload, RefusesFastWhileAdmittedRequestsComplete) {
       }
     });
   }
+  while (ready.load() < kClients) std::this_thread::yield();
+  go = true;
   for (auto& t : threads) t.join();
   EXPECT_GT(ok.load(), 0);
   EXPECT_GT(refused.load(), 0);
@@ -587,15 +596,21 @@ TEST_F(ServiceOverload, RefusesFastWhileAdmittedRequestsComplete) {
   std::sort(refusals.begin(), refusals.end());
   ASSERT_FALSE(refusals.empty());
   const double median = refusals[refusals.size() / 2], worst = refusals.back();
-  std::printf("overload: %d admitted, %d refused, refusal median %.2f ms, slowest %.2f ms\n", ok.load(),
-              refused.load(), median, worst);
-  // Refusals do not wait for the engine. The bounds are loose on purpose: 32
-  // client threads and two ranks share this machine's cores with whatever
-  // else runs (CI); bench/service measures refusal latency properly.
-  EXPECT_LT(median, 50.0);
-  EXPECT_LT(worst, 1000.0);
   auto stats = setup->Stats();
   ASSERT_TRUE(stats.ok());
+  // The server's own time for a refusal (handler start to response); the
+  // client-side times also hold 32 client threads' scheduling on shared cores.
+  double server_refusal_p99 = -1;
+  for (const auto& l : stats->latency())
+    if (l.method() == "(refused)") server_refusal_p99 = l.p99_ms();
+  std::printf("overload: %d admitted, %d refused, client-side refusal median %.2f ms, slowest %.2f ms; "
+              "server-side refusal p99 %.3f ms\n",
+              ok.load(), refused.load(), median, worst, server_refusal_p99);
+  // Refusals do not wait for the engine: measured in the server, where
+  // scheduling noise from the test's own threads does not count.
+  ASSERT_GE(server_refusal_p99, 0.0) << "Stats has no (refused) latency entry";
+  EXPECT_LT(server_refusal_p99, 50.0);
+  EXPECT_LT(worst, 1000.0);
   EXPECT_EQ(stats->rejected(), refused.load());
   EXPECT_EQ(stats->in_flight(), 0);
   ASSERT_TRUE(setup->DeleteSession(info->session_id()).ok());
