@@ -282,15 +282,9 @@ Status ComputeUnit(std::span<const DecodeGroup> groups, const DecodeUnit& unit, 
     float* o = started ? part_o.data() : acc_o.data();
     float* lse = started ? part_lse.data() : acc_lse.data();
     const double t0 = NowSeconds();
-    // Up to 32 query rows per kv head the register-blocked decode kernel is
-    // faster than the GEMM-based flash path (small-M GEMMs pay for packing);
-    // beyond that the flash path wins (bench: one thread, 32k keys, D=128).
-    const int64_t rows_per_kv_head = unit.q_tokens * (H / g0.heads.kv_heads);
-    if (rows_per_kv_head <= 32) {
-      RINGTREE_RETURN_IF_ERROR(DecodeAttention(q, kb.k, kb.v, g0.heads.kv_dtype, shape, ao, o, lse));
-    } else {
-      RINGTREE_RETURN_IF_ERROR(AttentionForward(q, kb.k, kb.v, g0.heads.kv_dtype, shape, ao, o, lse));
-    }
+    // DecodeAttention hands more than 64 query tokens to the GEMM-tiled
+    // flash path itself.
+    RINGTREE_RETURN_IF_ERROR(DecodeAttention(q, kb.k, kb.v, g0.heads.kv_dtype, shape, ao, o, lse));
     const double t1 = NowSeconds();
     if (started) MergePartials(acc_o.data(), acc_lse.data(), part_o.data(), part_lse.data(), rows, D);
     started = true;

@@ -111,7 +111,16 @@ Status AttentionForward(const float* q, const void* k, const void* v, DType kv_d
                         const AttentionShape& s, const AttentionOptions& opt, float* o, float* lse) {
   RINGTREE_RETURN_IF_ERROR(ValidateAttention(s, kv_dtype));
   if (s.q_tokens == 0) return Status::Ok();
-  if (s.q_tokens <= 16) return DecodeAttention(q, k, v, kv_dtype, s, opt, o, lse);
+  // Up to 64 query tokens the register-tiled split-KV kernel beats GEMM
+  // tiles, even with 256 rows per kv head (OpenBLAS packs each small tile).
+  if (s.q_tokens <= 64) return DecodeAttention(q, k, v, kv_dtype, s, opt, o, lse);
+  return FlashAttentionForward(q, k, v, kv_dtype, s, opt, o, lse);
+}
+
+Status FlashAttentionForward(const float* q, const void* k, const void* v, DType kv_dtype,
+                             const AttentionShape& s, const AttentionOptions& opt, float* o, float* lse) {
+  RINGTREE_RETURN_IF_ERROR(ValidateAttention(s, kv_dtype));
+  if (s.q_tokens == 0) return Status::Ok();
   EnsureSingleThreadedBlas();
   const int G = s.heads / s.kv_heads;
   const float qmul = ResolveScale(opt, s.head_dim) * internal::kLog2e;

@@ -43,14 +43,20 @@ struct AttentionOptions {
 Status ValidateAttention(const AttentionShape& shape, DType kv_dtype);
 
 // Block-wise (flash) attention forward. Never materialises Tq x Tk; scratch
-// is O(tile) per thread. Dispatches to DecodeAttention when Tq <= 16.
+// is O(tile) per thread. Dispatches to DecodeAttention when Tq <= 64.
 // `lse` may be null when the caller does not need it.
 // kv_dtype: kFloat32 or kBFloat16 (float16 storage is converted by the caller).
 Status AttentionForward(const float* q, const void* k, const void* v, DType kv_dtype,
                         const AttentionShape& shape, const AttentionOptions& options, float* o,
                         float* lse);
 
-// Decode attention: few query tokens (typically 1..16) against a long KV.
+// The GEMM-tiled flash path itself, without the dispatch to DecodeAttention
+// for few query tokens (tests and benchmarks compare the two).
+Status FlashAttentionForward(const float* q, const void* k, const void* v, DType kv_dtype,
+                             const AttentionShape& shape, const AttentionOptions& options, float* o,
+                             float* lse);
+
+// Decode attention: few query tokens (1..64) against a long KV.
 // Splits the KV length across tasks and merges their partials, so even one
 // token with one head uses every core. Same contract as AttentionForward.
 Status DecodeAttention(const float* q, const void* k, const void* v, DType kv_dtype,

@@ -35,7 +35,9 @@ std::string CaseName(const ::testing::TestParamInfo<Case>& info) { return info.p
 
 class AttentionTest : public ::testing::TestWithParam<Case> {};
 
-void RunCase(const Case& c, bool decode_entry) {
+enum class Entry { kForward, kDecode, kFlash };
+
+void RunCase(const Case& c, Entry entry) {
   AttentionShape s{c.tq, c.tk, c.heads, c.kv_heads, c.head_dim};
   AttentionOptions opt{c.causal, c.q_off, c.kv_off, c.scale};
   auto q = testing::RandomVector(c.tq * c.heads * c.head_dim, 1, -c.input_magnitude, c.input_magnitude);
@@ -46,18 +48,22 @@ void RunCase(const Case& c, bool decode_entry) {
   std::vector<float> o(q.size(), 7.0f), lse(c.tq * c.heads, 7.0f);
   std::vector<float> o_ref(q.size()), lse_ref(lse.size());
   ReferenceAttention(q.data(), k.data(), v.data(), c.dtype, s, opt, o_ref.data(), lse_ref.data());
-  Status st = decode_entry ? DecodeAttention(q.data(), k.data(), v.data(), c.dtype, s, opt, o.data(), lse.data())
-                           : AttentionForward(q.data(), k.data(), v.data(), c.dtype, s, opt, o.data(), lse.data());
+  Status st = entry == Entry::kDecode ? DecodeAttention(q.data(), k.data(), v.data(), c.dtype, s, opt, o.data(), lse.data())
+              : entry == Entry::kFlash  ? FlashAttentionForward(q.data(), k.data(), v.data(), c.dtype, s, opt, o.data(), lse.data())
+                                        : AttentionForward(q.data(), k.data(), v.data(), c.dtype, s, opt, o.data(), lse.data());
   ASSERT_TRUE(st.ok()) << st.ToString();
   EXPECT_LE(testing::MaxAbsDiff(o.data(), o_ref.data(), o.size()), c.tolerance);
   EXPECT_LE(testing::MaxAbsDiff(lse.data(), lse_ref.data(), lse.size()), c.tolerance * 10);
   for (float x : o) ASSERT_TRUE(std::isfinite(x));
 }
 
-TEST_P(AttentionTest, ForwardMatchesReference) { RunCase(GetParam(), false); }
+TEST_P(AttentionTest, ForwardMatchesReference) { RunCase(GetParam(), Entry::kForward); }
+// The GEMM-tiled path on every shape, including the few-token ones that
+// AttentionForward hands to the decode kernel.
+TEST_P(AttentionTest, FlashEntryMatchesReference) { RunCase(GetParam(), Entry::kFlash); }
 TEST_P(AttentionTest, DecodeEntryMatchesReference) {
   if (GetParam().tq > 64) GTEST_SKIP() << "decode entry targets few query tokens";
-  RunCase(GetParam(), true);
+  RunCase(GetParam(), Entry::kDecode);
 }
 
 const DType F32 = DType::kFloat32, BF16 = DType::kBFloat16;
@@ -85,7 +91,10 @@ INSTANTIATE_TEST_SUITE_P(
         Case{"decode_4tok_gqa8", 4, 1030, 8, 1, 128, false, 0, 0, F32},
         Case{"decode_1tok_mha_f32", 1, 777, 4, 4, 64, false, 0, 0, F32},     // one row per kv head
         Case{"decode_7tok_mha_d96_causal", 7, 400, 2, 2, 96, true, 393, 0, F32},  // a triple + two pairs
-        Case{"decode_5tok_gqa2_bf16", 5, 640, 4, 2, 128, false, 0, 0, BF16},  // 10 rows: two triples + two pairs
+        Case{"decode_5tok_gqa2_bf16", 5, 640, 4, 2, 128, false, 0, 0, BF16},  // 10 rows: QK 2 quads + pair; PV 6x4 + 2 pairs
+        Case{"decode_13tok_mha_d128", 13, 515, 2, 2, 128, false, 0, 0, F32},  // QK 3 quads + single; PV 2 sixes + single
+        Case{"decode_11tok_mha_d64_bf16", 11, 333, 2, 2, 64, false, 0, 0, BF16},  // QK 2 quads + triple; PV 6 + triple + pair
+        Case{"decode_9tok_mha_d96", 9, 130, 2, 2, 96, false, 0, 0, F32},  // D not a multiple of 64: PV in triples
         Case{"bf16_prefill_causal", 150, 150, 8, 2, 128, true, 0, 0, BF16},
         Case{"bf16_prefill_d64", 60, 333, 4, 4, 64, false, 0, 0, BF16},
         Case{"bf16_decode", 1, 3000, 8, 8, 128, false, 0, 0, BF16},

@@ -191,6 +191,62 @@ RT_AVX512 void QueryKeyDotsTripleAvx512(const float* q0p, int64_t q_stride, cons
   }
 }
 
+// Four query rows by four keys: sixteen independent accumulators (enough to
+// keep both FMA pipes busy past their latency), each key chunk loaded (and
+// widened) once for four rows, and the sixteen sums reduced four at a time.
+// Queries are re-read from L1 per chunk instead of being held in registers.
+template <typename T, int NC>
+RT_AVX512 void QueryKeyDotsQuadAvx512(const float* q0p, int64_t q_stride, const T* k, int64_t k_stride, int keys,
+                                      float* s0, int s_stride) {
+  const float* q1p = q0p + q_stride;
+  const float* q2p = q1p + q_stride;
+  const float* q3p = q2p + q_stride;
+  int j = 0;
+  for (; j + 4 <= keys; j += 4) {
+    const T* k0 = k + j * k_stride;
+    __m512 a[4][4];
+    for (int r = 0; r < 4; ++r)
+      for (int i = 0; i < 4; ++i) a[r][i] = _mm512_setzero_ps();
+    for (int c = 0; c < NC; ++c) {
+      const __m512 x0 = Load16(k0 + 16 * c), x1 = Load16(k0 + k_stride + 16 * c),
+                   x2 = Load16(k0 + 2 * k_stride + 16 * c), x3 = Load16(k0 + 3 * k_stride + 16 * c);
+      const __m512 y0 = _mm512_loadu_ps(q0p + 16 * c), y1 = _mm512_loadu_ps(q1p + 16 * c),
+                   y2 = _mm512_loadu_ps(q2p + 16 * c), y3 = _mm512_loadu_ps(q3p + 16 * c);
+      a[0][0] = _mm512_fmadd_ps(y0, x0, a[0][0]);
+      a[0][1] = _mm512_fmadd_ps(y0, x1, a[0][1]);
+      a[0][2] = _mm512_fmadd_ps(y0, x2, a[0][2]);
+      a[0][3] = _mm512_fmadd_ps(y0, x3, a[0][3]);
+      a[1][0] = _mm512_fmadd_ps(y1, x0, a[1][0]);
+      a[1][1] = _mm512_fmadd_ps(y1, x1, a[1][1]);
+      a[1][2] = _mm512_fmadd_ps(y1, x2, a[1][2]);
+      a[1][3] = _mm512_fmadd_ps(y1, x3, a[1][3]);
+      a[2][0] = _mm512_fmadd_ps(y2, x0, a[2][0]);
+      a[2][1] = _mm512_fmadd_ps(y2, x1, a[2][1]);
+      a[2][2] = _mm512_fmadd_ps(y2, x2, a[2][2]);
+      a[2][3] = _mm512_fmadd_ps(y2, x3, a[2][3]);
+      a[3][0] = _mm512_fmadd_ps(y3, x0, a[3][0]);
+      a[3][1] = _mm512_fmadd_ps(y3, x1, a[3][1]);
+      a[3][2] = _mm512_fmadd_ps(y3, x2, a[3][2]);
+      a[3][3] = _mm512_fmadd_ps(y3, x3, a[3][3]);
+    }
+    for (int r = 0; r < 4; ++r) _mm_storeu_ps(s0 + r * s_stride + j, Reduce4(a[r][0], a[r][1], a[r][2], a[r][3]));
+  }
+  for (; j < keys; ++j) {  // last keys: four rows, one key
+    const T* kr = k + j * k_stride;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int c = 0; c < NC; ++c) {
+      const __m512 x = Load16(kr + 16 * c);
+      a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q0p + 16 * c), x, a0);
+      a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q1p + 16 * c), x, a1);
+      a2 = _mm512_fmadd_ps(_mm512_loadu_ps(q2p + 16 * c), x, a2);
+      a3 = _mm512_fmadd_ps(_mm512_loadu_ps(q3p + 16 * c), x, a3);
+    }
+    alignas(16) float sums[4];
+    _mm_store_ps(sums, Reduce4(a0, a1, a2, a3));
+    for (int r = 0; r < 4; ++r) s0[r * s_stride + j] = sums[r];
+  }
+}
+
 // Three accumulator rows in registers while the values stream by.
 template <typename T, int NC>
 RT_AVX512 void AccumulateTripleAvx512(const float* p0, int p_stride, const T* v, int64_t v_stride, int keys,
@@ -218,6 +274,30 @@ RT_AVX512 void AccumulateTripleAvx512(const float* p0, int p_stride, const T* v,
     _mm512_storeu_ps(acc0 + D + 16 * c, a1[c]);
     _mm512_storeu_ps(acc0 + 2 * D + 16 * c, a2[c]);
   }
+}
+
+// Six accumulator rows by four 16-wide column chunks (24 registers): per key
+// four value loads and six broadcasts feed 24 independent FMAs. The values
+// of a block are streamed once per six rows and four chunks.
+template <typename T>
+RT_AVX512 void AccumulateSixByFourAvx512(const float* p0, int p_stride, const T* v, int64_t v_stride, int keys,
+                                         float* acc0, int D) {
+  __m512 a[6][4];
+  for (int r = 0; r < 6; ++r)
+    for (int c = 0; c < 4; ++c) a[r][c] = _mm512_loadu_ps(acc0 + r * D + 16 * c);
+  for (int j = 0; j < keys; ++j) {
+    const T* vr = v + j * v_stride;
+    const __m512 x0 = Load16(vr), x1 = Load16(vr + 16), x2 = Load16(vr + 32), x3 = Load16(vr + 48);
+    for (int r = 0; r < 6; ++r) {
+      const __m512 w = _mm512_set1_ps(p0[r * p_stride + j]);
+      a[r][0] = _mm512_fmadd_ps(w, x0, a[r][0]);
+      a[r][1] = _mm512_fmadd_ps(w, x1, a[r][1]);
+      a[r][2] = _mm512_fmadd_ps(w, x2, a[r][2]);
+      a[r][3] = _mm512_fmadd_ps(w, x3, a[r][3]);
+    }
+  }
+  for (int r = 0; r < 6; ++r)
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc0 + r * D + 16 * c, a[r][c]);
 }
 
 // Rows handled by triples before pairs take the rest: with 6 or more rows a
@@ -283,7 +363,12 @@ RT_AVX512 bool QueryKeyDotsPairs(const float* q, int rows, const T* k, int64_t k
                                  int s_stride) {
   if (rows < 1 || D % 16 != 0 || D < 32 || D > 128) return false;
   int r = 0;
-  for (const int triples = TripleRows(rows); r < triples; r += 3) {
+  for (; r + 4 <= rows; r += 4) {
+    const float* q0 = q + r * D;
+    float* s0 = s + r * s_stride;
+    WithChunks(D / 16, [&](auto nc) { QueryKeyDotsQuadAvx512<T, decltype(nc)::value>(q0, D, k, k_stride, keys, s0, s_stride); });
+  }
+  for (const int triples = r + TripleRows(rows - r); r < triples; r += 3) {
     const float* q0 = q + r * D;
     float* s0 = s + r * s_stride;
     WithChunks(D / 16, [&](auto nc) { QueryKeyDotsTripleAvx512<T, decltype(nc)::value>(q0, D, k, k_stride, keys, s0, s_stride); });
@@ -307,7 +392,12 @@ RT_AVX512 int AccumulatePairs(const float* p, int p_stride, int rows, const T* v
                               float* acc) {
   if (rows < 1 || D % 16 != 0 || D < 32 || D > 128) return 0;
   int r = 0;
-  for (const int triples = TripleRows(rows); r < triples; r += 3) {
+  if (D % 64 == 0 && rows >= 6) {
+    for (; r + 6 <= rows; r += 6)
+      for (int d = 0; d < D; d += 64)
+        AccumulateSixByFourAvx512<T>(p + r * p_stride, p_stride, v + d, v_stride, keys, acc + r * D + d, D);
+  }
+  for (const int triples = r + TripleRows(rows - r); r < triples; r += 3) {
     const float* p0 = p + r * p_stride;
     float* a0 = acc + r * D;
     WithChunks(D / 16, [&](auto nc) { AccumulateTripleAvx512<T, decltype(nc)::value>(p0, p_stride, v, v_stride, keys, a0, D); });
