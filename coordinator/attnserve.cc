@@ -103,6 +103,10 @@ int main(int argc, char** argv) {
   app.add_option("--readahead-chunks", readahead_chunks, "chunks of cold spans read ahead of the kernel")
       ->capture_default_str();
   app.add_option("--max-batch", loop_options.max_batch, "requests per decode/attend engine step")->capture_default_str();
+  app.add_option("--batch-linger-us", loop_options.batch_linger_us,
+                 "after a step of n > 1 requests, wait up to this long (and <= 10% of that step's time) for its clients' "
+                 "next requests before forming the next step; 0 = off")
+      ->capture_default_str();
   app.add_option("--max-sessions", max_sessions, "sessions, all tenants")->capture_default_str();
   app.add_option("--max-layers", request_limits.max_layers, "layers per session")->capture_default_str();
   app.add_option("--max-heads", request_limits.max_heads, "query heads per session")->capture_default_str();

@@ -30,7 +30,7 @@ Result<TokenAuth> TokenAuth::LoadFile(const std::string& path) {
   return auth;
 }
 
-grpc::Status TokenAuth::Authenticate(const grpc::ServerContext& context, std::string* tenant) const {
+grpc::Status TokenAuth::Authenticate(const grpc::ServerContextBase& context, std::string* tenant) const {
   tenant->clear();
   if (!enabled()) return grpc::Status::OK;
   const auto& metadata = context.client_metadata();

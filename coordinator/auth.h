@@ -21,7 +21,7 @@ class TokenAuth {
   size_t tokens() const { return tenants_.size(); }
   // The caller's tenant from "authorization: Bearer <token>", or
   // UNAUTHENTICATED (missing header, unknown token).
-  grpc::Status Authenticate(const grpc::ServerContext& context, std::string* tenant) const;
+  grpc::Status Authenticate(const grpc::ServerContextBase& context, std::string* tenant) const;
 
  private:
   std::map<std::string, std::string> tenants_;

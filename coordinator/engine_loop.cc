@@ -21,12 +21,16 @@ bool WorkItem::Wait(const std::function<bool()>& cancelled_check) {
 }
 
 void WorkItem::Finish(Status s) {
+  std::function<void()> callback;
   {
     std::lock_guard<std::mutex> lock(mu_);
     status = std::move(s);
     done_ = true;
+    callback = std::move(on_done);
+    on_done = nullptr;
   }
   cv_.notify_all();
+  if (callback) callback();
 }
 
 EngineLoop::EngineLoop(WorkerEngine& engine, const CommandChannel& channel, int world_size, Admission& admission,
@@ -51,6 +55,7 @@ bool EngineLoop::Submit(std::shared_ptr<WorkItem> item) {
       return false;
     }
     queue_.push_back(std::move(item));
+    ++submitted_;
     depth_.store(static_cast<int64_t>(queue_.size()), std::memory_order_relaxed);
   }
   cv_.notify_one();
@@ -158,7 +163,30 @@ void EngineLoop::AddPlaced(const SessionShape& shape, const std::vector<PlacedRu
 
 void EngineLoop::Complete(WorkItem& item, Status status) {
   if (item.admitted) admission_.Complete(status.ok() ? 0 : item.reserved_kv_bytes);
+  // on_done was set before Submit and nobody else touches it now.
+  std::function<void()> callback = std::move(item.on_done);
+  item.on_done = nullptr;
   item.Finish(std::move(status));
+  if (callback) {
+    {
+      std::lock_guard<std::mutex> lock(done_mu_);
+      done_queue_.push_back(std::move(callback));
+    }
+    done_cv_.notify_one();
+  }
+}
+
+void EngineLoop::CompleterLoop() {
+  std::unique_lock<std::mutex> lock(done_mu_);
+  for (;;) {
+    done_cv_.wait(lock, [this] { return done_stop_ || !done_queue_.empty(); });
+    if (done_queue_.empty()) return;  // stopping, all done
+    std::function<void()> callback = std::move(done_queue_.front());
+    done_queue_.pop_front();
+    lock.unlock();
+    callback();
+    lock.lock();
+  }
 }
 
 std::vector<std::shared_ptr<WorkItem>> EngineLoop::NextStep(const std::function<bool()>& should_exit, bool* exit) {
@@ -171,6 +199,17 @@ std::vector<std::shared_ptr<WorkItem>> EngineLoop::NextStep(const std::function<
         return {};
       }
       cv_.wait_for(lock, std::chrono::milliseconds(20));
+    }
+    // Batch linger: the clients of the last step are probably about to send
+    // their next request; wait briefly for them (see EngineLoopOptions).
+    if (options_.batch_linger_us > 0 && last_step_items_ > 1) {
+      const auto budget = std::chrono::duration<double>(
+          std::min(options_.batch_linger_us * 1e-6, 0.1 * last_step_seconds_));
+      const auto until = last_step_end_ + std::chrono::duration_cast<std::chrono::steady_clock::duration>(budget);
+      while (submitted_ - submitted_at_step_end_ < last_step_items_ &&
+             static_cast<int64_t>(queue_.size()) < options_.max_batch && std::chrono::steady_clock::now() < until) {
+        cv_.wait_until(lock, until);
+      }
     }
     using Key = std::pair<uint64_t, int>;
     std::set<Key> blocked, decode_keys, attend_keys;
@@ -230,6 +269,7 @@ std::vector<std::shared_ptr<WorkItem>> EngineLoop::NextStep(const std::function<
 }
 
 Status EngineLoop::Run(const std::function<bool()>& should_exit) {
+  std::thread completer([this] { CompleterLoop(); });
   for (;;) {
     bool exit = false;
     std::vector<std::shared_ptr<WorkItem>> step = NextStep(should_exit, &exit);
@@ -241,11 +281,30 @@ Status EngineLoop::Run(const std::function<bool()>& should_exit) {
       case WorkItem::Kind::kDelete: RunDelete(*step[0]); break;
       case WorkItem::Kind::kRetrieveKV: RunRetrieve(*step[0]); break;
       default:
-        if (step[0]->retrieval.enabled) RunRetrieve(*step[0]);
-        else RunAttentionStep(step);
+        if (step[0]->retrieval.enabled) {
+          RunRetrieve(*step[0]);
+        } else {
+          const auto t0 = std::chrono::steady_clock::now();
+          RunAttentionStep(step);
+          const auto t1 = std::chrono::steady_clock::now();
+          std::lock_guard<std::mutex> lock(mu_);
+          last_step_items_ = static_cast<int64_t>(step.size());
+          last_step_end_ = t1;
+          last_step_seconds_ = std::chrono::duration<double>(t1 - t0).count();
+          submitted_at_step_end_ = submitted_;
+          continue;
+        }
         break;
     }
+    std::lock_guard<std::mutex> lock(mu_);
+    last_step_items_ = 0;
   }
+  {
+    std::lock_guard<std::mutex> lock(done_mu_);
+    done_stop_ = true;
+  }
+  done_cv_.notify_one();
+  completer.join();
   Command shutdown;
   shutdown.kind = CommandKind::kShutdown;
   const std::string bytes = EncodeCommand(shutdown);

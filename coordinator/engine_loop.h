@@ -21,6 +21,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "coordinator/admission.h"
@@ -69,10 +70,14 @@ struct WorkItem {
   RetrievalOutput retrieval_out;      // retrieval mode
   std::vector<RetrievedRun> kv_runs;  // kRetrieveKV
 
+  // Set before Submit by callers that do not wait (gRPC callback handlers):
+  // Finish calls it once, on the engine thread, after the outputs are set.
+  std::function<void()> on_done;
+
   // Waits until done, `deadline`, or `cancelled()` returns true (checked
   // every few milliseconds). Returns true when done.
   bool Wait(const std::function<bool()>& cancelled_check);
-  void Finish(Status s);  // sets status and wakes the waiter
+  void Finish(Status s);  // sets status, wakes the waiter, calls on_done
 
  private:
   std::mutex mu_;
@@ -83,6 +88,12 @@ struct WorkItem {
 struct EngineLoopOptions {
   int max_batch = 64;         // requests per decode/attend step
   int64_t max_queue = 256;    // hard bound of the queue (admission checks it first)
+  // After a decode/attend step of n > 1 requests, the next step waits up to
+  // this long (and at most 10% of the finished step's time) for those n
+  // clients to send their next request, so that concurrent clients share
+  // one step instead of splitting into alternating half-size batches.
+  // 0 disables. A lone client never waits (its request is the one expected).
+  int64_t batch_linger_us = 10000;
   // With a data directory: span-file bytes per rank (0 = unlimited). A write
   // that could exceed it on any rank is refused before anything changes.
   int64_t disk_budget_bytes = 0;
@@ -129,7 +140,11 @@ class EngineLoop {
   Status AfterWrite(const SessionRecord& s, const EngineOutput& out);
   // Sends per-rank commands to workers, executes rank 0's. Returns rank 0's output.
   Result<EngineOutput> Broadcast(std::vector<Command>& commands);
+  // Ends an item: releases its admission, sets its status and wakes its
+  // waiter; its on_done (a callback call's response) runs on the completer
+  // thread, so the engine can form the next step meanwhile.
   void Complete(WorkItem& item, Status status);
+  void CompleterLoop();
   void AddPlaced(const SessionShape& shape, const std::vector<PlacedRun>& runs);
 
   WorkerEngine& engine_;
@@ -143,10 +158,23 @@ class EngineLoop {
   std::condition_variable cv_;
   std::deque<std::shared_ptr<WorkItem>> queue_;
   std::atomic<int64_t> depth_{0};
+  // Batch linger (guarded by mu_): requests submitted so far, the count when
+  // the last attention step finished, that step's size, end and duration.
+  int64_t submitted_ = 0;
+  int64_t submitted_at_step_end_ = 0;
+  int64_t last_step_items_ = 0;
+  std::chrono::steady_clock::time_point last_step_end_{};
+  double last_step_seconds_ = 0.0;
   mutable std::mutex placement_mu_;
   std::vector<int64_t> rank_bytes_, rank_tokens_;
   std::vector<int64_t> rank_disk_, rank_hot_;  // guarded by placement_mu_
   const SessionStore* sessions_ = nullptr;
+
+  // Completer thread: runs on_done callbacks in order.
+  std::mutex done_mu_;
+  std::condition_variable done_cv_;
+  std::deque<std::function<void()>> done_queue_;
+  bool done_stop_ = false;
 };
 
 }  // namespace ringtree

@@ -176,7 +176,7 @@ Status CheckOptions(const v1::AttentionOptions& o, const char* method, DType* ou
   return Status::Ok();
 }
 
-Clock::time_point SteadyDeadline(const grpc::ServerContext& context) {
+Clock::time_point SteadyDeadline(const grpc::ServerContextBase& context) {
   const auto deadline = context.deadline();
   if (deadline == std::chrono::system_clock::time_point::max()) return Clock::time_point::max();
   const auto left = deadline - std::chrono::system_clock::now();
@@ -264,7 +264,7 @@ Result<std::shared_ptr<SessionRecord>> AttentionServiceImpl::FindSession(const s
   return found;
 }
 
-grpc::Status AttentionServiceImpl::FindLayer(grpc::ServerContext& context, const std::string& session_id, int layer,
+grpc::Status AttentionServiceImpl::FindLayer(const grpc::ServerContextBase& context, const std::string& session_id, int layer,
                                              const char* method, std::shared_ptr<SessionRecord>* session) {
   std::string tenant;
   if (grpc::Status a = auth_.Authenticate(context, &tenant); !a.ok()) return a;
@@ -298,6 +298,49 @@ grpc::Status AttentionServiceImpl::Run(const char* method, grpc::ServerContext* 
     return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, Tag(method) + "deadline exceeded");
   }
   return ToGrpcStatus(Tagged(method, item->status));
+}
+
+// The reactor of one callback Decode/Attend. Cancellation (the client's, or
+// its deadline passing) marks the queued item so the engine skips it; the
+// engine still finishes the call. Deletes itself when gRPC is done with it.
+class UnaryCall final : public grpc::ServerUnaryReactor {
+ public:
+  void Watch(const std::shared_ptr<WorkItem>& item) {
+    std::lock_guard<std::mutex> lock(mu_);
+    item_ = item;
+    if (cancelled_) item_->cancelled = true;
+  }
+  void OnCancel() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    cancelled_ = true;
+    if (item_) item_->cancelled = true;
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  std::mutex mu_;
+  bool cancelled_ = false;
+  std::shared_ptr<WorkItem> item_;
+};
+
+std::optional<grpc::Status> AttentionServiceImpl::Submit(const char* method, const grpc::ServerContextBase& context,
+                                                         const std::shared_ptr<WorkItem>& item, int64_t kv_bytes,
+                                                         UnaryCall* call) {
+  item->deadline = SteadyDeadline(context);
+  if (Clock::now() >= item->deadline) {
+    admission_.Complete(kv_bytes);
+    item->on_done = nullptr;
+    return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, Tag(method) + "deadline expired before admission");
+  }
+  item->admitted = true;
+  item->reserved_kv_bytes = kv_bytes;
+  call->Watch(item);
+  if (!engine_.Submit(item)) {
+    admission_.Complete(kv_bytes);
+    item->on_done = nullptr;
+    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, Tag(method) + "queue full (--max-queue)");
+  }
+  return std::nullopt;  // from here on only on_done (engine thread) touches the call
 }
 
 grpc::Status AttentionServiceImpl::CreateSession(grpc::ServerContext* context, const v1::CreateSessionRequest* request,
@@ -519,12 +562,21 @@ grpc::Status AttentionServiceImpl::Prefill(grpc::ServerContext* context, const v
   return grpc::Status::OK;
 }
 
-grpc::Status AttentionServiceImpl::Decode(grpc::ServerContext* context, const v1::DecodeRequest* request,
-                                          v1::DecodeResponse* response) {
+grpc::ServerUnaryReactor* AttentionServiceImpl::Decode(grpc::CallbackServerContext* context,
+                                                       const v1::DecodeRequest* request, v1::DecodeResponse* response) {
+  auto* call = new UnaryCall;
+  if (std::optional<grpc::Status> now = StartDecode(*context, *request, response, call)) call->Finish(*now);
+  return call;
+}
+
+std::optional<grpc::Status> AttentionServiceImpl::StartDecode(grpc::CallbackServerContext& context,
+                                                             const v1::DecodeRequest& req, v1::DecodeResponse* response,
+                                                             UnaryCall* call) {
+  const v1::DecodeRequest* request = &req;
   const char* m = "Decode";
   const auto start = Clock::now();
   std::shared_ptr<SessionRecord> session;
-  if (grpc::Status g = FindLayer(*context, request->session_id(), request->layer(), m, &session); !g.ok()) return g;
+  if (grpc::Status g = FindLayer(context, request->session_id(), request->layer(), m, &session); !g.ok()) return g;
   const SessionShape& shape = session->shape;
   DType qd, kd, vd, out_dtype;
   int64_t qt = 0, kt = 0, vt = 0;
@@ -568,24 +620,40 @@ grpc::Status AttentionServiceImpl::Decode(grpc::ServerContext* context, const v1
     admission_.Complete(kv_bytes);
     return Invalid(m, converted);
   }
-  grpc::Status g = Run(m, context, item, kv_bytes, /*already_admitted=*/true);
-  Record(m, start, g);
-  if (!g.ok()) return g;
-  ToProto(item->o.data(), {qt, shape.heads, shape.head_dim}, out_dtype, response->mutable_o());
-  if (item->return_lse) ToProto(item->lse.data(), {qt, shape.heads}, DType::kFloat32, response->mutable_lse());
-  response->set_first_position(item->first_position);
-  response->set_layer_tokens(item->layer_tokens);
-  response->set_batch_size(item->batch_size);
-  if (retrieval.enabled) PutRetrievalInfo(item->retrieval_out, response->mutable_retrieval());
-  return grpc::Status::OK;
+  item->on_done = [this, m, start, w = item.get(), response, call, out_dtype] {
+    grpc::Status g = ToGrpcStatus(Tagged(m, w->status));
+    Record(m, start, g);
+    if (g.ok()) {
+      const SessionShape& shape = w->session->shape;
+      ToProto(w->o.data(), {w->q_tokens, shape.heads, shape.head_dim}, out_dtype, response->mutable_o());
+      if (w->return_lse) ToProto(w->lse.data(), {w->q_tokens, shape.heads}, DType::kFloat32, response->mutable_lse());
+      response->set_first_position(w->first_position);
+      response->set_layer_tokens(w->layer_tokens);
+      response->set_batch_size(w->batch_size);
+      if (w->retrieval.enabled) PutRetrievalInfo(w->retrieval_out, response->mutable_retrieval());
+    }
+    call->Finish(g);
+  };
+  std::optional<grpc::Status> refused = Submit(m, context, item, kv_bytes, call);
+  if (refused) Record(m, start, *refused);
+  return refused;
 }
 
-grpc::Status AttentionServiceImpl::Attend(grpc::ServerContext* context, const v1::AttendRequest* request,
-                                          v1::AttendResponse* response) {
+grpc::ServerUnaryReactor* AttentionServiceImpl::Attend(grpc::CallbackServerContext* context,
+                                                       const v1::AttendRequest* request, v1::AttendResponse* response) {
+  auto* call = new UnaryCall;
+  if (std::optional<grpc::Status> now = StartAttend(*context, *request, response, call)) call->Finish(*now);
+  return call;
+}
+
+std::optional<grpc::Status> AttentionServiceImpl::StartAttend(grpc::CallbackServerContext& context,
+                                                             const v1::AttendRequest& req, v1::AttendResponse* response,
+                                                             UnaryCall* call) {
+  const v1::AttendRequest* request = &req;
   const char* m = "Attend";
   const auto start = Clock::now();
   std::shared_ptr<SessionRecord> session;
-  if (grpc::Status g = FindLayer(*context, request->session_id(), request->layer(), m, &session); !g.ok()) return g;
+  if (grpc::Status g = FindLayer(context, request->session_id(), request->layer(), m, &session); !g.ok()) return g;
   const SessionShape& shape = session->shape;
   DType qd, out_dtype;
   int64_t qt = 0;
@@ -616,15 +684,22 @@ grpc::Status AttentionServiceImpl::Attend(grpc::ServerContext* context, const v1
     admission_.Complete(0);
     return Invalid(m, st);
   }
-  grpc::Status g = Run(m, context, item, 0, /*already_admitted=*/true);
-  Record(m, start, g);
-  if (!g.ok()) return g;
-  ToProto(item->o.data(), {qt, shape.heads, shape.head_dim}, out_dtype, response->mutable_o());
-  if (item->return_lse) ToProto(item->lse.data(), {qt, shape.heads}, DType::kFloat32, response->mutable_lse());
-  response->set_layer_tokens(item->layer_tokens);
-  response->set_batch_size(item->batch_size);
-  if (retrieval.enabled) PutRetrievalInfo(item->retrieval_out, response->mutable_retrieval());
-  return grpc::Status::OK;
+  item->on_done = [this, m, start, w = item.get(), response, call, out_dtype] {
+    grpc::Status g = ToGrpcStatus(Tagged(m, w->status));
+    Record(m, start, g);
+    if (g.ok()) {
+      const SessionShape& shape = w->session->shape;
+      ToProto(w->o.data(), {w->q_tokens, shape.heads, shape.head_dim}, out_dtype, response->mutable_o());
+      if (w->return_lse) ToProto(w->lse.data(), {w->q_tokens, shape.heads}, DType::kFloat32, response->mutable_lse());
+      response->set_layer_tokens(w->layer_tokens);
+      response->set_batch_size(w->batch_size);
+      if (w->retrieval.enabled) PutRetrievalInfo(w->retrieval_out, response->mutable_retrieval());
+    }
+    call->Finish(g);
+  };
+  std::optional<grpc::Status> refused = Submit(m, context, item, 0, call);
+  if (refused) Record(m, start, *refused);
+  return refused;
 }
 
 grpc::Status AttentionServiceImpl::RetrieveKV(grpc::ServerContext* context, const v1::RetrieveKVRequest* request,

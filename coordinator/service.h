@@ -10,6 +10,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <string>
 
 #include "coordinator/admission.h"
@@ -45,7 +46,17 @@ struct StorageSettings {
 // grpc::Status from ringtree::Status (the one conversion point).
 grpc::Status ToGrpcStatus(const Status& status);
 
-class AttentionServiceImpl final : public v1::AttentionService::Service {
+class UnaryCall;  // service.cc: the reactor of one Decode/Attend call
+
+// Decode and Attend use gRPC's callback API: the handler validates, admits
+// and queues the request and returns; the engine thread finishes the call
+// when the step is done, so no gRPC thread sits waiting for the engine (a
+// busy engine cannot starve refusals or new arrivals of threads). The other
+// methods are synchronous.
+using AttentionServiceBase = v1::AttentionService::WithCallbackMethod_Decode<
+    v1::AttentionService::WithCallbackMethod_Attend<v1::AttentionService::Service>>;
+
+class AttentionServiceImpl final : public AttentionServiceBase {
  public:
   AttentionServiceImpl(SessionRegistry& registry, Admission& admission, EngineLoop& engine, ServiceStats& stats,
                        const TokenAuth& auth, RequestLimits limits, int world_size,
@@ -63,10 +74,10 @@ class AttentionServiceImpl final : public v1::AttentionService::Service {
                         v1::AppendKVResponse* response) override;
   grpc::Status Prefill(grpc::ServerContext* context, const v1::PrefillRequest* request,
                        grpc::ServerWriter<v1::PrefillResponse>* writer) override;
-  grpc::Status Decode(grpc::ServerContext* context, const v1::DecodeRequest* request,
-                      v1::DecodeResponse* response) override;
-  grpc::Status Attend(grpc::ServerContext* context, const v1::AttendRequest* request,
-                      v1::AttendResponse* response) override;
+  grpc::ServerUnaryReactor* Decode(grpc::CallbackServerContext* context, const v1::DecodeRequest* request,
+                                   v1::DecodeResponse* response) override;
+  grpc::ServerUnaryReactor* Attend(grpc::CallbackServerContext* context, const v1::AttendRequest* request,
+                                   v1::AttendResponse* response) override;
   grpc::Status RetrieveKV(grpc::ServerContext* context, const v1::RetrieveKVRequest* request,
                           grpc::ServerWriter<v1::RetrieveKVResponse>* writer) override;
   grpc::Status Stats(grpc::ServerContext* context, const v1::StatsRequest* request,
@@ -78,13 +89,22 @@ class AttentionServiceImpl final : public v1::AttentionService::Service {
   // Admission + submit + wait. Returns the item's status as grpc::Status.
   grpc::Status Run(const char* method, grpc::ServerContext* context, std::shared_ptr<WorkItem> item,
                    int64_t kv_bytes, bool already_admitted = false);
+  // Callback flavour of Run (item->on_done set by the caller): admission
+  // already done; checks the deadline and queues. A value: the call ends now
+  // with it (on_done will not run). nullopt: queued, on_done finishes it.
+  std::optional<grpc::Status> Submit(const char* method, const grpc::ServerContextBase& context,
+                                     const std::shared_ptr<WorkItem>& item, int64_t kv_bytes, UnaryCall* call);
+  std::optional<grpc::Status> StartDecode(grpc::CallbackServerContext& context, const v1::DecodeRequest& request,
+                                          v1::DecodeResponse* response, UnaryCall* call);
+  std::optional<grpc::Status> StartAttend(grpc::CallbackServerContext& context, const v1::AttendRequest& request,
+                                          v1::AttendResponse* response, UnaryCall* call);
   Result<std::shared_ptr<SessionRecord>> FindSession(const std::string& tenant, const std::string& id,
                                                      const char* method) const;
   void Record(const char* method, std::chrono::steady_clock::time_point start, const grpc::Status& status);
   // The request's caller, session and layer: authenticates, finds the
   // session of the caller's tenant and checks the layer index. Not OK: the
   // status to return as is.
-  grpc::Status FindLayer(grpc::ServerContext& context, const std::string& session_id, int layer, const char* method,
+  grpc::Status FindLayer(const grpc::ServerContextBase& context, const std::string& session_id, int layer, const char* method,
                          std::shared_ptr<SessionRecord>* session);
 
   SessionRegistry& registry_;
