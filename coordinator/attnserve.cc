@@ -19,6 +19,9 @@
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <oneapi/tbb/global_control.h>
+#include <oneapi/tbb/task_scheduler_observer.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
 #include <malloc.h>
 #include <unistd.h>
 
@@ -50,6 +53,30 @@ std::atomic<int> g_stop_signal{0};
 
 void OnStopSignal(int signal) { g_stop_signal.store(signal); }
 
+// Compute runs at a lower CPU priority than gRPC: the engine thread, its TBB
+// workers and the worker ranks get nice `--compute-nice`, so that when the
+// kernels saturate the cores, the threads that accept, validate, refuse and
+// answer calls still run at once (admission stays fast under overload).
+void LowerThisThread(int nice) {
+  if (nice > 0) setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), nice);
+}
+
+class ComputeNice : public tbb::task_scheduler_observer {
+ public:
+  explicit ComputeNice(int nice) : nice_(nice) {
+    if (nice_ > 0) observe(true);
+  }
+  ~ComputeNice() override {
+    if (nice_ > 0) observe(false);
+  }
+  void on_scheduler_entry(bool is_worker) override {
+    if (is_worker) LowerThisThread(nice_);
+  }
+
+ private:
+  const int nice_;
+};
+
 std::string ReadFile(const std::string& path) {
   std::ifstream in(path);
   std::stringstream ss;
@@ -78,7 +105,7 @@ int main(int argc, char** argv) {
   RequestLimits request_limits;
   EngineLoopOptions loop_options;
   int64_t kv_budget_mib = 8192, max_sessions = 1024;
-  int max_message_mib = 64, threads = 0, grace_seconds = 10, spin_us = 2000, sleep_us = 100;
+  int max_message_mib = 64, threads = 0, grace_seconds = 10, spin_us = 2000, sleep_us = 100, compute_nice = 10;
   std::string data_dir;
   int64_t hot_budget_mib = 4096, disk_budget_mib = 0, cache_mib = 256;
   int readahead_chunks = 4;
@@ -124,6 +151,10 @@ int main(int argc, char** argv) {
   app.add_option("--shutdown-grace-seconds", grace_seconds, "time to finish in-flight calls on SIGTERM")
       ->capture_default_str();
   app.add_option("--worker-spin-us", spin_us, "workers busy-poll this long after a command")->capture_default_str();
+  app.add_option("--compute-nice", compute_nice,
+                 "nice value of compute threads (engine, TBB workers, worker ranks); 0 = same priority as gRPC")
+      ->check(CLI::Range(0, 19))
+      ->capture_default_str();
   app.add_option("--worker-sleep-us", sleep_us, "then sleep this long between polls")->capture_default_str();
   try {
     app.parse(argc, argv);
@@ -167,6 +198,8 @@ int main(int argc, char** argv) {
   if (rank != 0) {
     std::signal(SIGTERM, SIG_IGN);
     std::signal(SIGINT, SIG_IGN);
+    ComputeNice nice(compute_nice);
+    LowerThisThread(compute_nice);
     Status st = RunWorkerLoop(**engine, channel, 0, spin_us, sleep_us);
     if (!st.ok()) return Fail(rank, st);
     return 0;
@@ -252,6 +285,7 @@ int main(int argc, char** argv) {
   // (they wait for the engine, which keeps running), then stop the engine.
   std::atomic<bool> server_down{false};
   std::thread shutdown_thread;
+  ComputeNice nice(compute_nice);
   Status run = loop.Run([&] {
     if (g_stop_signal.load() != 0 && !shutdown_thread.joinable()) {
       std::printf("[attnserve] signal %d: draining (grace %d s)\n", g_stop_signal.load(), grace_seconds);
