@@ -105,7 +105,7 @@ int main(int argc, char** argv) {
   RequestLimits request_limits;
   EngineLoopOptions loop_options;
   int64_t kv_budget_mib = 8192, max_sessions = 1024;
-  int max_message_mib = 64, threads = 0, grace_seconds = 10, spin_us = 2000, sleep_us = 100, compute_nice = 10;
+  int max_message_mib = 64, threads = 0, grace_seconds = 10, spin_us = 2000, sleep_us = 100, compute_nice = 0;
   std::string data_dir;
   int64_t hot_budget_mib = 4096, disk_budget_mib = 0, cache_mib = 256;
   int readahead_chunks = 4;
@@ -149,6 +149,10 @@ int main(int argc, char** argv) {
   app.add_option("--threads", threads, "compute threads per rank (0 = cores / ranks on the node)")
       ->capture_default_str();
   app.add_option("--shutdown-grace-seconds", grace_seconds, "time to finish in-flight calls on SIGTERM")
+      ->capture_default_str();
+  app.add_option("--batch-linger-fraction", loop_options.batch_linger_fraction,
+                 "the linger is also at most this fraction of the finished step's time")
+      ->check(CLI::Range(0.0, 1.0))
       ->capture_default_str();
   app.add_option("--worker-spin-us", spin_us, "workers busy-poll this long after a command")->capture_default_str();
   app.add_option("--compute-nice", compute_nice,

@@ -208,7 +208,7 @@ std::vector<std::shared_ptr<WorkItem>> EngineLoop::NextStep(const std::function<
     // their next request; wait briefly for them (see EngineLoopOptions).
     if (options_.batch_linger_us > 0 && last_step_items_ > 1) {
       const auto budget = std::chrono::duration<double>(
-          std::min(options_.batch_linger_us * 1e-6, 0.1 * last_step_seconds_));
+          std::min(options_.batch_linger_us * 1e-6, options_.batch_linger_fraction * last_step_seconds_));
       const auto until = last_step_end_ + std::chrono::duration_cast<std::chrono::steady_clock::duration>(budget);
       while (submitted_ - submitted_at_step_end_ < last_step_items_ &&
              static_cast<int64_t>(queue_.size()) < options_.max_batch && std::chrono::steady_clock::now() < until) {

@@ -89,11 +89,12 @@ struct EngineLoopOptions {
   int max_batch = 64;         // requests per decode/attend step
   int64_t max_queue = 256;    // hard bound of the queue (admission checks it first)
   // After a decode/attend step of n > 1 requests, the next step waits up to
-  // this long (and at most 10% of the finished step's time) for those n
+  // this long (and at most batch_linger_fraction of the finished step's time) for those n
   // clients to send their next request, so that concurrent clients share
   // one step instead of splitting into alternating half-size batches.
   // 0 disables. A lone client never waits (its request is the one expected).
   int64_t batch_linger_us = 10000;
+  double batch_linger_fraction = 0.1;  // of the finished step's time
   // Run() lowers the engine thread to this nice value once its helper
   // threads exist (they keep the default priority); 0 = unchanged.
   int compute_nice = 0;

@@ -363,7 +363,10 @@ RT_AVX512 bool QueryKeyDotsPairs(const float* q, int rows, const T* k, int64_t k
                                  int s_stride) {
   if (rows < 1 || D % 16 != 0 || D < 32 || D > 128) return false;
   int r = 0;
-  for (; r + 4 <= rows; r += 4) {
+  // Quads from 8 rows (batched queries): there 16 independent chains beat
+  // rows held in registers. Below, pairs and triples keep the queries in
+  // registers, which is faster for the memory-bound GQA decode (4 rows).
+  for (; rows >= 8 && r + 4 <= rows; r += 4) {
     const float* q0 = q + r * D;
     float* s0 = s + r * s_stride;
     WithChunks(D / 16, [&](auto nc) { QueryKeyDotsQuadAvx512<T, decltype(nc)::value>(q0, D, k, k_stride, keys, s0, s_stride); });
