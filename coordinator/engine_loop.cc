@@ -52,6 +52,7 @@ EngineLoop::EngineLoop(WorkerEngine& engine, const CommandChannel& channel, int 
       sessions_(sessions) {}
 
 bool EngineLoop::Submit(std::shared_ptr<WorkItem> item) {
+  bool wake = false;
   {
     std::lock_guard<std::mutex> lock(mu_);
     // Deletes are never refused: they free memory and are not admitted work.
@@ -61,8 +62,13 @@ bool EngineLoop::Submit(std::shared_ptr<WorkItem> item) {
     queue_.push_back(std::move(item));
     ++submitted_;
     depth_.store(static_cast<int64_t>(queue_.size()), std::memory_order_relaxed);
+    // Wake the engine only when it may act: the first queued request, or the
+    // one that ends a batch linger (other arrivals would only wake it to
+    // wait again).
+    wake = queue_.size() == 1 || submitted_ - submitted_at_step_end_ >= last_step_items_ ||
+           static_cast<int64_t>(queue_.size()) >= options_.max_batch;
   }
-  cv_.notify_one();
+  if (wake) cv_.notify_one();
   return true;
 }
 
