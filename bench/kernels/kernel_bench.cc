@@ -103,7 +103,7 @@ long PeakRssKiB() { return std::atol(ReadFileLine("/proc/self/status", "VmHWM").
 struct Options {
   bool quick = false;
   std::string json = "bench/results/kernels.jsonl";
-  std::string only;  // prefill, decode, memory or empty for all
+  std::string only;  // prefill, decode, batched, memory or empty for all
   int threads = 0;
 };
 
@@ -247,6 +247,37 @@ void DecodeCase(int64_t n, int heads, int kv_heads, int d, DType dtype, double b
                name.c_str(), DTypeName(dtype), (long)n, heads, kv_heads, d, t, bytes, gbs, bandwidth, gbs / bandwidth));
 }
 
+// Several query tokens against one KV (the service's batched Attend: one
+// query per client, H=Hkv=8, D=128): compute-bound from ~8 tokens on, so
+// reported as GFLOP/s against SGEMM measured in the same run, with queries/s
+// and the gain per query over one token (what batching can give at most).
+void BatchedDecodeCase(int64_t n, int q_tokens, double sgemm_gflops, double* single_qps, bool flash) {
+  const int heads = 8, kv_heads = 8, d = 128;
+  const size_t kvn = n * kv_heads * d;
+  std::vector<float> k(kvn), v(kvn), q(q_tokens * heads * d), o(q.size()), lse(q_tokens * heads);
+  FillRandom(k.data(), kvn, 31);
+  FillRandom(v.data(), kvn, 32);
+  FillRandom(q.data(), q.size(), 33);
+  AttentionShape s{q_tokens, n, heads, kv_heads, d};
+  AttentionOptions opt;
+  const double t = TimeMin([&] {
+    if (flash) (void)FlashAttentionForward(q.data(), k.data(), v.data(), DType::kFloat32, s, opt, o.data(), lse.data());
+    else (void)DecodeAttention(q.data(), k.data(), v.data(), DType::kFloat32, s, opt, o.data(), lse.data());
+  }, 5);
+  const double gflops = 4.0 * q_tokens * n * heads * d / t / 1e9;
+  const double qps = q_tokens / t;
+  if (q_tokens == 1 && !flash) *single_qps = qps;
+  const std::string name = Fmt("%s_q%d_N%ld_H%d_D%d", flash ? "flash_tiles" : "batched_decode", q_tokens, (long)n, heads, d);
+  std::printf("%-34s %8ld %5d %4d %4d %9.5f %10.2f %10.3f %9.2fx\n", name.c_str(), (long)n, heads, kv_heads, d, t, gflops,
+              gflops / sgemm_gflops, *single_qps > 0 ? qps / *single_qps : 0.0);
+  std::fflush(stdout);
+  EmitJson(Fmt("{\"name\":\"%s\",\"kind\":\"batched_decode\",\"q_tokens\":%d,\"N\":%ld,\"heads\":%d,\"kv_heads\":%d,"
+               "\"head_dim\":%d,\"seconds\":%.6f,\"gflops\":%.2f,\"sgemm_gflops\":%.2f,\"vs_sgemm\":%.4f,"
+               "\"queries_per_s\":%.1f,\"per_query_gain_vs_1\":%.3f}",
+               name.c_str(), q_tokens, (long)n, heads, kv_heads, d, t, gflops, sgemm_gflops, gflops / sgemm_gflops, qps,
+               *single_qps > 0 ? qps / *single_qps : 0.0));
+}
+
 // Child process for the memory cases: runs one prefill and prints its peak RSS.
 int MemoryChild(int64_t n, int heads, int kv_heads, int d, bool unfused, int threads) {
   const size_t qn = n * heads * d, kvn = n * kv_heads * d;
@@ -344,7 +375,7 @@ int Main(int argc, char** argv) {
     else if (a == "--only" && i + 1 < argc) opt.only = argv[++i];
     else if (a == "--threads" && i + 1 < argc) opt.threads = std::atoi(argv[++i]);
     else {
-      std::fprintf(stderr, "usage: kernel_bench [--quick] [--only prefill|decode|memory] [--threads N] [--json FILE]\n");
+      std::fprintf(stderr, "usage: kernel_bench [--quick] [--only prefill|decode|batched|memory] [--threads N] [--json FILE]\n");
       return 2;
     }
   }
@@ -377,6 +408,18 @@ int Main(int argc, char** argv) {
     std::vector<int64_t> ns = opt.quick ? std::vector<int64_t>{65536} : std::vector<int64_t>{65536, 262144, 1048576};
     for (int64_t n : ns)
       for (DType t : {DType::kFloat32, DType::kBFloat16}) DecodeCase(n, 32, 8, 128, t, bw);
+  }
+  if (all || opt.only == "batched") {
+    // The same SGEMM shape as the prefill roofline (N x N x 128, N = 16k).
+    const int sn = opt.quick ? 4096 : 16384;
+    const double sgemm = SgemmGflops(sn, sn, 128, threads);
+    std::printf("\nbatched decode (Attend batches), f32, SGEMM %dx%dx128 in the same run: %.1f GFLOP/s\n", sn, sn, sgemm);
+    std::printf("%-34s %8s %5s %4s %4s %9s %10s %10s %10s\n", "case", "N", "H", "Hkv", "D", "seconds", "GFLOP/s",
+                "vs_sgemm", "q/s vs q1");
+    const int64_t n = opt.quick ? 16384 : 65536;
+    double single = 0;
+    for (int qt : {1, 8, 16, 32, 64}) BatchedDecodeCase(n, qt, sgemm, &single, false);
+    BatchedDecodeCase(n, 32, sgemm, &single, true);
   }
   if (all || opt.only == "memory") {
     std::printf("\npeak memory (separate process per case, causal prefill, H=1, D=128)\n");
