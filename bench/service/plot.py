@@ -50,14 +50,18 @@ def main():
                    f"p50 {r['kernel_p50_ms']:.3f} ms: added **{r['added_p50_ms']:.3f} ms** at p50.")
     over = by("overload")
     if over:
-        out.append("\n## Open loop (decode, 32 sessions, --max-queue 16 --max-in-flight 32 --max-batch 16)\n")
+        flags = over[0].get("server_flags", "--max-queue 16 --max-in-flight 32 --max-batch 16")
+        out.append(f"\n## Open loop (decode, 32 sessions, {flags})\n")
         out.append("Client-observed latencies include the load generator's own threads on the same cores; "
-                   "`server` columns are measured in the server from handler start to response.\n")
-        out.append("| offered | req/s | admitted/s | refused | admitted p50 ms | admitted p99 ms | p99 / half-load p99 | "
-                   "refusal p50 ms | refusal p99 ms | server refusal p99 ms | server decode p99 ms |\n"
-                   "|---|---|---|---|---|---|---|---|---|---|---|")
+                   "`server` columns are measured in the server from handler start to response. Driver `async`: one "
+                   "thread sends on schedule, one drains completions; `threads`: a pool of 160 blocking client "
+                   "threads (at most 160 calls outstanding). `late` counts sends more than 2 ms behind schedule.\n")
+        out.append("| driver | offered | req/s | late | admitted/s | refused | admitted p50 ms | admitted p99 ms | "
+                   "p99 / half-load p99 | refusal p50 ms | refusal p99 ms | server refusal p99 ms | server decode p99 ms |\n"
+                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in over:
-            out.append(f"| {r['offered_x_capacity']:.1f}x | {r['offered_rate']:.0f} | {r['admitted_throughput']:.0f} | "
+            out.append(f"| {r.get('driver', 'threads')} | {r['offered_x_capacity']:.1f}x | {r['offered_rate']:.0f} | "
+                       f"{r.get('late_sends', 0)} | {r['admitted_throughput']:.0f} | "
                        f"{r['refused']} | {r['admitted_p50_ms']:.2f} | {r['admitted_p99_ms']:.2f} | "
                        f"{r['p99_vs_half_load']:.2f} | {r['refusal_p50_ms']:.2f} | {r['refusal_p99_ms']:.2f} | "
                        f"{r.get('server_refusal_p99_ms', 0):.3f} | {r.get('server_decode_p99_ms', 0):.2f} |")

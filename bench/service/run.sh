@@ -15,4 +15,8 @@ export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 out=$root/bench/results
 mkdir -p "$out"
 "$build/bench/service/service_bench" --out "$out/service.jsonl" "$@"
+# The overload scenario again with blocking client threads (bounded outstanding calls).
+"$build/bench/service/service_bench" --only overload --sync-clients --out "$out/service.threads.jsonl" "$@"
+grep '"overload"' "$out/service.threads.jsonl" >> "$out/service.jsonl"
+rm -f "$out/service.threads.jsonl"
 /usr/bin/python3 "$root/bench/service/plot.py" "$out/service.jsonl" --table "$out/service.md" --plot "$out/service.png"

@@ -624,7 +624,12 @@ int main(int argc, char** argv) {
     // Overload configuration: bounded admission, and compute below gRPC in CPU
     // priority so that accepting and refusing calls is not starved by the
     // kernels (it costs closed-loop throughput, see docs/service.md).
-    auto server = run_server({"--max-queue", "16", "--max-in-flight", "32", "--max-batch", "16", "--compute-nice", "10"});
+    // Admission sized for latency: at most 8 admitted decodes (about one
+    // step) wait or run, so an admitted call waits for at most one step.
+    const std::vector<std::string> overload_flags = {"--max-queue", "8", "--max-in-flight", "8", "--max-batch", "8"};
+    std::string overload_flags_text;
+    for (const auto& f : overload_flags) overload_flags_text += (overload_flags_text.empty() ? "" : " ") + f;
+    auto server = run_server(overload_flags);
     auto admin = Client(server->address());
     std::vector<std::string> ids;
     for (int c = 0; c < 32; ++c) ids.push_back(CreateLoaded(*admin, s, decode_tokens, 200 + c));
@@ -662,12 +667,12 @@ int main(int argc, char** argv) {
         if (l.method() == "(refused)") server_refusal_p99 = l.p99_ms();
         if (l.method() == "Decode") server_decode_p99 = l.p99_ms();
       }
-      Emit(Fmt("{\"scenario\":\"overload\",\"offered_x_capacity\":%.1f,\"offered_rate\":%.1f,\"ok\":%lld,"
+      Emit(Fmt("{\"scenario\":\"overload\",\"driver\":\"%s\",\"server_flags\":\"%s\",\"offered_x_capacity\":%.1f,\"offered_rate\":%.1f,\"ok\":%lld,"
                "\"refused\":%lld,\"failed\":%lld,\"late_sends\":%lld,\"admitted_throughput\":%.1f,"
                "\"admitted_p50_ms\":%.3f,\"admitted_p99_ms\":%.3f,\"p99_vs_half_load\":%.2f,"
                "\"refusal_p50_ms\":%.3f,\"refusal_p99_ms\":%.3f,\"server_refusal_p99_ms\":%.3f,"
                "\"server_decode_p99_ms\":%.3f,\"mean_batch\":%.2f}",
-               load, load * decode_capacity, static_cast<long long>(r.ok), static_cast<long long>(r.refused),
+               sync_clients ? "threads" : "async", overload_flags_text.c_str(), load, load * decode_capacity, static_cast<long long>(r.ok), static_cast<long long>(r.refused),
                static_cast<long long>(r.failed), static_cast<long long>(late), r.ok / r.seconds,
                Percentile(r.ok_ms, 0.5), p99, base_p99 > 0 ? p99 / base_p99 : 0.0, Percentile(r.refused_ms, 0.5),
                Percentile(r.refused_ms, 0.99), server_refusal_p99, server_decode_p99, MeanBatch(*before, *after, "decode")));
