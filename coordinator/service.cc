@@ -2,6 +2,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "kernels/attention.h"
 #include "rpc/tensor_codec.h"
@@ -323,6 +324,28 @@ class UnaryCall final : public grpc::ServerUnaryReactor {
   std::shared_ptr<WorkItem> item_;
 };
 
+// The completion of a callback Decode/Attend (runs on the completer thread):
+// the item's outputs into the response, the latency into Stats, the call
+// finished.
+template <typename Response>
+std::function<void()> AttentionServiceImpl::Responder(const char* method, Clock::time_point start, WorkItem* w,
+                                                      Response* response, UnaryCall* call, DType out_dtype) {
+  return [this, method, start, w, response, call, out_dtype] {
+    grpc::Status g = ToGrpcStatus(Tagged(method, w->status));
+    Record(method, start, g);
+    if (g.ok()) {
+      const SessionShape& shape = w->session->shape;
+      ToProto(w->o.data(), {w->q_tokens, shape.heads, shape.head_dim}, out_dtype, response->mutable_o());
+      if (w->return_lse) ToProto(w->lse.data(), {w->q_tokens, shape.heads}, DType::kFloat32, response->mutable_lse());
+      if constexpr (std::is_same_v<Response, v1::DecodeResponse>) response->set_first_position(w->first_position);
+      response->set_layer_tokens(w->layer_tokens);
+      response->set_batch_size(w->batch_size);
+      if (w->retrieval.enabled) PutRetrievalInfo(w->retrieval_out, response->mutable_retrieval());
+    }
+    call->Finish(g);
+  };
+}
+
 std::optional<grpc::Status> AttentionServiceImpl::Submit(const char* method, const grpc::ServerContextBase& context,
                                                          const std::shared_ptr<WorkItem>& item, int64_t kv_bytes,
                                                          UnaryCall* call) {
@@ -620,20 +643,7 @@ std::optional<grpc::Status> AttentionServiceImpl::StartDecode(grpc::CallbackServ
     admission_.Complete(kv_bytes);
     return Invalid(m, converted);
   }
-  item->on_done = [this, m, start, w = item.get(), response, call, out_dtype] {
-    grpc::Status g = ToGrpcStatus(Tagged(m, w->status));
-    Record(m, start, g);
-    if (g.ok()) {
-      const SessionShape& shape = w->session->shape;
-      ToProto(w->o.data(), {w->q_tokens, shape.heads, shape.head_dim}, out_dtype, response->mutable_o());
-      if (w->return_lse) ToProto(w->lse.data(), {w->q_tokens, shape.heads}, DType::kFloat32, response->mutable_lse());
-      response->set_first_position(w->first_position);
-      response->set_layer_tokens(w->layer_tokens);
-      response->set_batch_size(w->batch_size);
-      if (w->retrieval.enabled) PutRetrievalInfo(w->retrieval_out, response->mutable_retrieval());
-    }
-    call->Finish(g);
-  };
+  item->on_done = Responder(m, start, item.get(), response, call, out_dtype);
   std::optional<grpc::Status> refused = Submit(m, context, item, kv_bytes, call);
   if (refused) Record(m, start, *refused);
   return refused;
@@ -684,19 +694,7 @@ std::optional<grpc::Status> AttentionServiceImpl::StartAttend(grpc::CallbackServ
     admission_.Complete(0);
     return Invalid(m, st);
   }
-  item->on_done = [this, m, start, w = item.get(), response, call, out_dtype] {
-    grpc::Status g = ToGrpcStatus(Tagged(m, w->status));
-    Record(m, start, g);
-    if (g.ok()) {
-      const SessionShape& shape = w->session->shape;
-      ToProto(w->o.data(), {w->q_tokens, shape.heads, shape.head_dim}, out_dtype, response->mutable_o());
-      if (w->return_lse) ToProto(w->lse.data(), {w->q_tokens, shape.heads}, DType::kFloat32, response->mutable_lse());
-      response->set_layer_tokens(w->layer_tokens);
-      response->set_batch_size(w->batch_size);
-      if (w->retrieval.enabled) PutRetrievalInfo(w->retrieval_out, response->mutable_retrieval());
-    }
-    call->Finish(g);
-  };
+  item->on_done = Responder(m, start, item.get(), response, call, out_dtype);
   std::optional<grpc::Status> refused = Submit(m, context, item, 0, call);
   if (refused) Record(m, start, *refused);
   return refused;

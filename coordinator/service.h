@@ -9,6 +9,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <optional>
 #include <string>
@@ -94,6 +95,9 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   // with it (on_done will not run). nullopt: queued, on_done finishes it.
   std::optional<grpc::Status> Submit(const char* method, const grpc::ServerContextBase& context,
                                      const std::shared_ptr<WorkItem>& item, int64_t kv_bytes, UnaryCall* call);
+  template <typename Response>
+  std::function<void()> Responder(const char* method, std::chrono::steady_clock::time_point start, WorkItem* item,
+                                  Response* response, UnaryCall* call, DType out_dtype);
   std::optional<grpc::Status> StartDecode(grpc::CallbackServerContext& context, const v1::DecodeRequest& request,
                                           v1::DecodeResponse* response, UnaryCall* call);
   std::optional<grpc::Status> StartAttend(grpc::CallbackServerContext& context, const v1::AttendRequest& request,

@@ -114,6 +114,14 @@ struct LoadResult {
   int64_t ok = 0, refused = 0, failed = 0;
   double seconds = 0;
   std::vector<double> ok_ms, refused_ms;
+
+  void Add(const LoadResult& other) {
+    ok += other.ok;
+    refused += other.refused;
+    failed += other.failed;
+    ok_ms.insert(ok_ms.end(), other.ok_ms.begin(), other.ok_ms.end());
+    refused_ms.insert(refused_ms.end(), other.refused_ms.begin(), other.refused_ms.end());
+  }
 };
 
 // Closed loop: `clients` threads, each issuing `call(client_index)` back to
@@ -145,11 +153,7 @@ LoadResult ClosedLoop(int clients, double duration, const std::function<Status(i
         }
       }
       std::lock_guard<std::mutex> lock(mu);
-      result.ok += local.ok;
-      result.refused += local.refused;
-      result.failed += local.failed;
-      result.ok_ms.insert(result.ok_ms.end(), local.ok_ms.begin(), local.ok_ms.end());
-      result.refused_ms.insert(result.refused_ms.end(), local.refused_ms.begin(), local.refused_ms.end());
+      result.Add(local);
     });
   }
   for (auto& t : threads) t.join();
@@ -228,11 +232,7 @@ LoadResult AsyncClosedLoop(
     while (cq.Next(&tag, &ok)) {
     }
     std::lock_guard<std::mutex> lock(mu);
-    result.ok += local.ok;
-    result.refused += local.refused;
-    result.failed += local.failed;
-    result.ok_ms.insert(result.ok_ms.end(), local.ok_ms.begin(), local.ok_ms.end());
-    result.refused_ms.insert(result.refused_ms.end(), local.refused_ms.begin(), local.refused_ms.end());
+    result.Add(local);
   };
   std::vector<std::thread> pool;
   for (int t = 0; t < threads; ++t) pool.emplace_back(drive, t);
@@ -277,11 +277,7 @@ LoadResult OpenLoop(double rate, double duration, int pool, const std::function<
         }
       }
       std::lock_guard<std::mutex> lock(mu);
-      result.ok += local.ok;
-      result.refused += local.refused;
-      result.failed += local.failed;
-      result.ok_ms.insert(result.ok_ms.end(), local.ok_ms.begin(), local.ok_ms.end());
-      result.refused_ms.insert(result.refused_ms.end(), local.refused_ms.begin(), local.refused_ms.end());
+      result.Add(local);
     });
   }
   for (auto& t : threads) t.join();
