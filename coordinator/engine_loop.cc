@@ -1,9 +1,5 @@
 #include "coordinator/engine_loop.h"
 
-#include <sys/resource.h>
-#include <sys/syscall.h>
-#include <unistd.h>
-
 #include <cstring>
 #include <map>
 
@@ -280,7 +276,6 @@ std::vector<std::shared_ptr<WorkItem>> EngineLoop::NextStep(const std::function<
 
 Status EngineLoop::Run(const std::function<bool()>& should_exit) {
   std::thread completer([this] { CompleterLoop(); });
-  if (options_.compute_nice > 0) setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), options_.compute_nice);
   for (;;) {
     bool exit = false;
     std::vector<std::shared_ptr<WorkItem>> step = NextStep(should_exit, &exit);

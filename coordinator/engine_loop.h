@@ -95,9 +95,6 @@ struct EngineLoopOptions {
   // 0 disables. A lone client never waits (its request is the one expected).
   int64_t batch_linger_us = 10000;
   double batch_linger_fraction = 0.1;  // of the finished step's time
-  // Run() lowers the engine thread to this nice value once its helper
-  // threads exist (they keep the default priority); 0 = unchanged.
-  int compute_nice = 0;
   // With a data directory: span-file bytes per rank (0 = unlimited). A write
   // that could exceed it on any rank is refused before anything changes.
   int64_t disk_budget_bytes = 0;
