@@ -105,7 +105,7 @@ int main(int argc, char** argv) {
   RequestLimits request_limits;
   EngineLoopOptions loop_options;
   int64_t kv_budget_mib = 8192, max_sessions = 1024;
-  int max_message_mib = 64, threads = 0, grace_seconds = 10, spin_us = 2000, sleep_us = 100, compute_nice = 0;
+  int max_message_mib = 64, threads = 0, grace_seconds = 10, spin_us = 2000, sleep_us = 100, max_sleep_us = 1000, compute_nice = 0;
   std::string data_dir;
   int64_t hot_budget_mib = 4096, disk_budget_mib = 0, cache_mib = 256;
   int readahead_chunks = 4;
@@ -160,6 +160,8 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 19))
       ->capture_default_str();
   app.add_option("--worker-sleep-us", sleep_us, "then sleep this long between polls")->capture_default_str();
+  app.add_option("--worker-max-sleep-us", max_sleep_us, "the sleep doubles while idle, up to this")
+      ->capture_default_str();
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -204,7 +206,7 @@ int main(int argc, char** argv) {
     std::signal(SIGINT, SIG_IGN);
     ComputeNice nice(compute_nice);
     LowerThisThread(compute_nice);
-    Status st = RunWorkerLoop(**engine, channel, 0, spin_us, sleep_us);
+    Status st = RunWorkerLoop(**engine, channel, 0, spin_us, sleep_us, max_sleep_us);
     if (!st.ok()) return Fail(rank, st);
     return 0;
   }

@@ -159,9 +159,11 @@ class CommandChannel {
   // Root: sends `bytes` to `dest`. Blocks until the send buffer is reusable.
   Status Send(int dest, const std::string& bytes) const;
   // Worker: waits for the next command from `root`.
-  // spin_microseconds: busy-poll this long after the previous command before
-  // sleeping `sleep_microseconds` between polls.
-  Result<std::string> Receive(int root, int spin_microseconds, int sleep_microseconds) const;
+  // spin_microseconds: busy-poll this long after the previous command, then
+  // sleep between polls: `sleep_microseconds` first, doubling up to
+  // `max_sleep_microseconds` while idle.
+  Result<std::string> Receive(int root, int spin_microseconds, int sleep_microseconds,
+                              int max_sleep_microseconds) const;
 
  private:
   const Communicator& comm_;
@@ -170,6 +172,7 @@ class CommandChannel {
 // Worker ranks: receive and execute commands until kShutdown. Returns the
 // first error that could not be handled by the step itself.
 Status RunWorkerLoop(WorkerEngine& engine, const CommandChannel& channel, int root,
-                     int spin_microseconds = 2000, int sleep_microseconds = 100);
+                     int spin_microseconds = 2000, int sleep_microseconds = 100,
+                     int max_sleep_microseconds = 1000);
 
 }  // namespace ringtree
