@@ -160,7 +160,7 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0, 19))
       ->capture_default_str();
   app.add_option("--worker-sleep-us", sleep_us, "then sleep this long between polls")->capture_default_str();
-  app.add_option("--worker-max-sleep-us", max_sleep_us, "the sleep doubles while idle, up to this")
+  app.add_option("--worker-max-sleep-us", max_sleep_us, "after 50 ms without a command the sleep doubles, up to this")
       ->capture_default_str();
   try {
     app.parse(argc, argv);

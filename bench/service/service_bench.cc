@@ -327,6 +327,9 @@ class KernelReference {
     q_ = Random(rng, s.q_row());
   }
   double Seconds(int reps, int threads) const {
+    // Let the (idle) server settle first: its worker ranks poll for commands
+    // at full rate for 50 ms after the last one, then back off.
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
     tbb::global_control limit(tbb::global_control::max_allowed_parallelism, threads);
     std::vector<float> o(s_.q_row()), lse(s_.heads);
     AttentionShape shape{1, tokens_, s_.heads, s_.kv_heads, s_.head_dim};

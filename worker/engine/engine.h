@@ -160,8 +160,8 @@ class CommandChannel {
   Status Send(int dest, const std::string& bytes) const;
   // Worker: waits for the next command from `root`.
   // spin_microseconds: busy-poll this long after the previous command, then
-  // sleep between polls: `sleep_microseconds` first, doubling up to
-  // `max_sleep_microseconds` while idle.
+  // sleep `sleep_microseconds` between polls; after 50 ms without a command
+  // the sleep doubles up to `max_sleep_microseconds`.
   Result<std::string> Receive(int root, int spin_microseconds, int sleep_microseconds,
                               int max_sleep_microseconds) const;
 
