@@ -21,16 +21,12 @@ bool WorkItem::Wait(const std::function<bool()>& cancelled_check) {
 }
 
 void WorkItem::Finish(Status s) {
-  std::function<void()> callback;
   {
     std::lock_guard<std::mutex> lock(mu_);
     status = std::move(s);
     done_ = true;
-    callback = std::move(on_done);
-    on_done = nullptr;
   }
   cv_.notify_all();
-  if (callback) callback();
 }
 
 EngineLoop::EngineLoop(WorkerEngine& engine, const CommandChannel& channel, int world_size, Admission& admission,

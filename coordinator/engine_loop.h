@@ -71,13 +71,14 @@ struct WorkItem {
   std::vector<RetrievedRun> kv_runs;  // kRetrieveKV
 
   // Set before Submit by callers that do not wait (gRPC callback handlers):
-  // Finish calls it once, on the engine thread, after the outputs are set.
+  // EngineLoop::Complete hands it to the completer thread once the outputs
+  // are set.
   std::function<void()> on_done;
 
   // Waits until done, `deadline`, or `cancelled()` returns true (checked
   // every few milliseconds). Returns true when done.
   bool Wait(const std::function<bool()>& cancelled_check);
-  void Finish(Status s);  // sets status, wakes the waiter, calls on_done
+  void Finish(Status s);  // sets status and wakes the waiter
 
  private:
   std::mutex mu_;

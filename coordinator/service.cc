@@ -276,16 +276,12 @@ grpc::Status AttentionServiceImpl::FindLayer(const grpc::ServerContextBase& cont
   return grpc::Status::OK;
 }
 
-grpc::Status AttentionServiceImpl::Run(const char* method, grpc::ServerContext* context,
-                                       std::shared_ptr<WorkItem> item, int64_t kv_bytes, bool already_admitted) {
-  item->deadline = SteadyDeadline(*context);
+std::optional<grpc::Status> AttentionServiceImpl::Enqueue(const char* method, const grpc::ServerContextBase& context,
+                                                          const std::shared_ptr<WorkItem>& item, int64_t kv_bytes) {
+  item->deadline = SteadyDeadline(context);
   if (Clock::now() >= item->deadline) {
-    if (already_admitted) admission_.Complete(kv_bytes);
+    admission_.Complete(kv_bytes);
     return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, Tag(method) + "deadline expired before admission");
-  }
-  if (!already_admitted) {
-    Status admitted = admission_.Admit(method, engine_.queue_depth(), kv_bytes);
-    if (!admitted.ok()) return ToGrpcStatus(admitted);
   }
   item->admitted = true;
   item->reserved_kv_bytes = kv_bytes;
@@ -293,6 +289,12 @@ grpc::Status AttentionServiceImpl::Run(const char* method, grpc::ServerContext* 
     admission_.Complete(kv_bytes);
     return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, Tag(method) + "queue full (--max-queue)");
   }
+  return std::nullopt;
+}
+
+grpc::Status AttentionServiceImpl::Run(const char* method, grpc::ServerContext* context,
+                                       std::shared_ptr<WorkItem> item, int64_t kv_bytes) {
+  if (std::optional<grpc::Status> refused = Enqueue(method, *context, item, kv_bytes)) return *refused;
   if (!item->Wait([context] { return context->IsCancelled(); })) {
     item->cancelled = true;  // the engine skips it if it has not started
     if (context->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, Tag(method) + "cancelled by the client");
@@ -344,26 +346,6 @@ std::function<void()> AttentionServiceImpl::Responder(const char* method, Clock:
     }
     call->Finish(g);
   };
-}
-
-std::optional<grpc::Status> AttentionServiceImpl::Submit(const char* method, const grpc::ServerContextBase& context,
-                                                         const std::shared_ptr<WorkItem>& item, int64_t kv_bytes,
-                                                         UnaryCall* call) {
-  item->deadline = SteadyDeadline(context);
-  if (Clock::now() >= item->deadline) {
-    admission_.Complete(kv_bytes);
-    item->on_done = nullptr;
-    return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, Tag(method) + "deadline expired before admission");
-  }
-  item->admitted = true;
-  item->reserved_kv_bytes = kv_bytes;
-  call->Watch(item);
-  if (!engine_.Submit(item)) {
-    admission_.Complete(kv_bytes);
-    item->on_done = nullptr;
-    return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, Tag(method) + "queue full (--max-queue)");
-  }
-  return std::nullopt;  // from here on only on_done (engine thread) touches the call
 }
 
 grpc::Status AttentionServiceImpl::CreateSession(grpc::ServerContext* context, const v1::CreateSessionRequest* request,
@@ -509,7 +491,7 @@ grpc::Status AttentionServiceImpl::AppendKV(grpc::ServerContext* context,
   if (context->IsCancelled()) {
     return fail(Status::Cancelled("client cancelled the stream; nothing was stored"), false);
   }
-  grpc::Status g = Run(m, context, item, reserved, /*already_admitted=*/true);
+  grpc::Status g = Run(m, context, item, reserved);
   Record(m, start, g);
   if (!g.ok()) return g;
   response->set_appended_tokens(item->kv_tokens);
@@ -565,7 +547,7 @@ grpc::Status AttentionServiceImpl::Prefill(grpc::ServerContext* context, const v
     admission_.Complete(kv_bytes);
     return Invalid(m, converted);
   }
-  grpc::Status g = Run(m, context, item, kv_bytes, /*already_admitted=*/true);
+  grpc::Status g = Run(m, context, item, kv_bytes);
   Record(m, start, g);
   if (!g.ok()) return g;
   const int64_t q_row = int64_t(shape.heads) * shape.head_dim;
@@ -644,7 +626,8 @@ std::optional<grpc::Status> AttentionServiceImpl::StartDecode(grpc::CallbackServ
     return Invalid(m, converted);
   }
   item->on_done = Responder(m, start, item.get(), response, call, out_dtype);
-  std::optional<grpc::Status> refused = Submit(m, context, item, kv_bytes, call);
+  call->Watch(item);  // from Enqueue on, only on_done (completer thread) touches the call
+  std::optional<grpc::Status> refused = Enqueue(m, context, item, kv_bytes);
   if (refused) Record(m, start, *refused);
   return refused;
 }
@@ -695,7 +678,8 @@ std::optional<grpc::Status> AttentionServiceImpl::StartAttend(grpc::CallbackServ
     return Invalid(m, st);
   }
   item->on_done = Responder(m, start, item.get(), response, call, out_dtype);
-  std::optional<grpc::Status> refused = Submit(m, context, item, 0, call);
+  call->Watch(item);  // from Enqueue on, only on_done (completer thread) touches the call
+  std::optional<grpc::Status> refused = Enqueue(m, context, item, 0);
   if (refused) Record(m, start, *refused);
   return refused;
 }
@@ -739,7 +723,7 @@ grpc::Status AttentionServiceImpl::RetrieveKV(grpc::ServerContext* context, cons
     admission_.Complete(0);
     return Invalid(m, st);
   }
-  grpc::Status g = Run(m, context, item, 0, /*already_admitted=*/true);
+  grpc::Status g = Run(m, context, item, 0);
   Record(m, start, g);
   if (!g.ok()) return g;
   const int64_t row_bytes = shape.row_bytes();

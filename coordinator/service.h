@@ -87,14 +87,13 @@ class AttentionServiceImpl final : public AttentionServiceBase {
  private:
   // Validation failure: counted, converted, tagged with the method.
   grpc::Status Invalid(const char* method, const Status& status);
-  // Admission + submit + wait. Returns the item's status as grpc::Status.
+  // Queues an admitted item after checking its deadline. A value: refused
+  // (the admission is released, nothing was queued); nullopt: queued.
+  std::optional<grpc::Status> Enqueue(const char* method, const grpc::ServerContextBase& context,
+                                      const std::shared_ptr<WorkItem>& item, int64_t kv_bytes);
+  // Sync handlers: Enqueue, then wait. Returns the item's status.
   grpc::Status Run(const char* method, grpc::ServerContext* context, std::shared_ptr<WorkItem> item,
-                   int64_t kv_bytes, bool already_admitted = false);
-  // Callback flavour of Run (item->on_done set by the caller): admission
-  // already done; checks the deadline and queues. A value: the call ends now
-  // with it (on_done will not run). nullopt: queued, on_done finishes it.
-  std::optional<grpc::Status> Submit(const char* method, const grpc::ServerContextBase& context,
-                                     const std::shared_ptr<WorkItem>& item, int64_t kv_bytes, UnaryCall* call);
+                   int64_t kv_bytes);
   template <typename Response>
   std::function<void()> Responder(const char* method, std::chrono::steady_clock::time_point start, WorkItem* item,
                                   Response* response, UnaryCall* call, DType out_dtype);
