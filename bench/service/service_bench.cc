@@ -115,6 +115,19 @@ struct LoadResult {
   double seconds = 0;
   std::vector<double> ok_ms, refused_ms;
 
+  // One call's outcome: succeeded, else refused (RESOURCE_EXHAUSTED), else failed.
+  void Count(bool succeeded, bool was_refused, double ms) {
+    if (succeeded) {
+      ++ok;
+      ok_ms.push_back(ms);
+    } else if (was_refused) {
+      ++refused;
+      refused_ms.push_back(ms);
+    } else {
+      ++failed;
+    }
+  }
+
   void Add(const LoadResult& other) {
     ok += other.ok;
     refused += other.refused;
@@ -142,15 +155,7 @@ LoadResult ClosedLoop(int clients, double duration, const std::function<Status(i
         const auto t0 = Clock::now();
         Status st = call(c, *conns[c]);
         const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-        if (st.ok()) {
-          ++local.ok;
-          local.ok_ms.push_back(ms);
-        } else if (GrpcCodeOf(st) == grpc::StatusCode::RESOURCE_EXHAUSTED) {
-          ++local.refused;
-          local.refused_ms.push_back(ms);
-        } else {
-          ++local.failed;
-        }
+        local.Count(st.ok(), GrpcCodeOf(st) == grpc::StatusCode::RESOURCE_EXHAUSTED, ms);
       }
       std::lock_guard<std::mutex> lock(mu);
       result.Add(local);
@@ -216,15 +221,8 @@ LoadResult AsyncClosedLoop(
       Slot& s = slots[c];
       const auto now = Clock::now();
       const double ms = std::chrono::duration<double, std::milli>(now - s.t0).count();
-      if (ok && s.status.ok() && s.response.o().data().size() == o_bytes) {
-        ++local.ok;
-        local.ok_ms.push_back(ms);
-      } else if (ok && s.status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) {
-        ++local.refused;
-        local.refused_ms.push_back(ms);
-      } else {
-        ++local.failed;
-      }
+      local.Count(ok && s.status.ok() && s.response.o().data().size() == o_bytes,
+                  ok && s.status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED, ms);
       if (now < until) start_call(c);
       else --outstanding;
     }
@@ -266,15 +264,7 @@ LoadResult OpenLoop(double rate, double duration, int pool, const std::function<
         const auto t0 = Clock::now();
         Status st = call(static_cast<int>(i), *conns[t % conns.size()]);
         const double ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-        if (st.ok()) {
-          ++local.ok;
-          local.ok_ms.push_back(ms);
-        } else if (GrpcCodeOf(st) == grpc::StatusCode::RESOURCE_EXHAUSTED) {
-          ++local.refused;
-          local.refused_ms.push_back(ms);
-        } else {
-          ++local.failed;
-        }
+        local.Count(st.ok(), GrpcCodeOf(st) == grpc::StatusCode::RESOURCE_EXHAUSTED, ms);
       }
       std::lock_guard<std::mutex> lock(mu);
       result.Add(local);
@@ -387,15 +377,8 @@ LoadResult AsyncOpenLoop(
     for (int64_t done = 0; done < total && cq.Next(&tag, &ok); ++done) {
       std::unique_ptr<Call> c(static_cast<Call*>(tag));
       const double ms = std::chrono::duration<double, std::milli>(Clock::now() - c->t0).count();
-      if (ok && c->status.ok() && c->response.o().data().size() == o_bytes) {
-        ++result.ok;
-        result.ok_ms.push_back(ms);
-      } else if (ok && c->status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) {
-        ++result.refused;
-        result.refused_ms.push_back(ms);
-      } else {
-        ++result.failed;
-      }
+      result.Count(ok && c->status.ok() && c->response.o().data().size() == o_bytes,
+                   ok && c->status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED, ms);
     }
   });
   int64_t late_sends = 0;
