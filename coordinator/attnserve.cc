@@ -100,6 +100,8 @@ int main(int argc, char** argv) {
   mallopt(M_TRIM_THRESHOLD, 1 << 30);
   CLI::App app{"attnserve: distributed exact-attention service (run under mpirun)"};
   app.set_config("--config", "", "read flags from a TOML/INI file (flag = value)");
+  // A flag given twice takes its last value (a wrapper script sets defaults, the user overrides them).
+  app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
   std::string listen = "127.0.0.1:50051", port_file, pid_file, tokens_file, tls_cert, tls_key;
   AdmissionLimits admission_limits;
   RequestLimits request_limits;

@@ -534,7 +534,10 @@ TEST_F(ServiceFlow, DeadlineAndCancellation) {
 class ServiceOverload : public ServerSuite {
  protected:
   static void SetUpTestSuite() {
-    server_ = StartServer({"--max-queue", "4", "--max-in-flight", "8", "--kv-budget-mib", "96"}).release();
+    // --kv-budget-mib is given twice: the last value (96) must win, which
+    // KvBudgetRefusesBeforeAnythingChanges checks (a wrapper sets defaults, users override).
+    server_ = StartServer({"--kv-budget-mib", "8192", "--max-queue", "4", "--max-in-flight", "8", "--kv-budget-mib", "96"})
+                  .release();
   }
   static void TearDownTestSuite() {
     EXPECT_EQ(server_->Stop(), 0) << server_->log();
