@@ -4,6 +4,13 @@
 //
 //   dist_bench decode  --tokens N [--heads 8 --kv-heads 2 --head-dim 128 --steps 10 --queries 1]
 //   dist_bench prefill --tokens N [--heads 8 --kv-heads 2 --head-dim 64] [--causal] [--repeats 1]
+//   dist_bench batch   --tokens N --sessions S --batch B [--steps 200]
+//     the service's decode step without gRPC: S distinct N-token sessions
+//     sharded over the ranks, steps of B of them (local partials, status
+//     agreement, one tree reduction, as WorkerEngine::ExecuteBatch does);
+//     decodes/s and the KV bytes/s they imply. With one rank it also times
+//     the in-process kernel on the same sessions (DecodeAttention, all
+//     threads: the service benchmark's reference).
 //
 // Cost model (declared, STYLE habit 5):
 //   decode, per step: FLOPs = 4 * queries * heads * N * D; KV bytes read =
@@ -11,6 +18,7 @@
 //     tree = (P-1) * queries * heads * (D+1) * 4 for a reduce to the root;
 //     ring = (P-1) * N * kv_heads * D * 4 * 2 (every rank's shard visits every other).
 //   prefill: FLOPs = 4 * N^2 * heads * D (half with --causal).
+//   batch: KV bytes per decode = N * kv_heads * D * 4 * 2.
 #include <tbb/global_control.h>
 #include <unistd.h>
 
@@ -28,7 +36,9 @@
 #include "dist/sharding.h"
 #include "dist/timing.h"
 #include "dist/tree_decode.h"
+#include "kernels/attention.h"
 #include "kernels/blas.h"
+#include "kernels/merge.h"
 
 namespace ringtree {
 namespace {
@@ -39,7 +49,7 @@ struct BenchOptions {
   std::string mode;
   int64_t tokens = 16384;
   int heads = 8, kv_heads = 2, head_dim = 128;
-  int steps = 10, warmup = 2, queries = 1, repeats = 1;
+  int steps = 10, warmup = 2, queries = 1, repeats = 1, sessions = 32, batch = 16;
   bool causal = false;
   int threads = 0;
   std::string out;
@@ -236,6 +246,74 @@ Status RunPrefill(const BenchOptions& o, const Communicator& comm, int threads) 
   return Status::Ok();
 }
 
+Status RunBatch(const BenchOptions& o, const Communicator& comm, int threads) {
+  const int P = comm.size(), rank = comm.rank();
+  if (o.sessions < 1 || o.batch < 1 || o.batch > o.sessions)
+    return Status::InvalidArgument("--batch must be in [1, --sessions]");
+  const HeadConfig hc{o.heads, o.kv_heads, o.head_dim, DType::kFloat32};
+  RINGTREE_ASSIGN_OR_RETURN(ShardLayout layout, ShardLayout::Create(ShardLayoutKind::kContiguous, o.tokens, P));
+  const TokenRange range = layout.RangesOf(rank)[0];
+  const int64_t kv_row = int64_t{o.kv_heads} * o.head_dim, q_row = int64_t{o.heads} * o.head_dim;
+  std::vector<std::vector<float>> k(o.sessions), v(o.sessions);
+  std::vector<KvBlock> blocks(o.sessions);
+  for (int s = 0; s < o.sessions; ++s) {
+    k[s].resize(static_cast<size_t>(range.length() * kv_row));
+    v[s].resize(k[s].size());
+    Fill(10 + 2 * s, range.begin * kv_row, static_cast<int64_t>(k[s].size()), k[s].data());
+    Fill(11 + 2 * s, range.begin * kv_row, static_cast<int64_t>(v[s].size()), v[s].data());
+    blocks[s] = KvBlock{k[s].data(), v[s].data(), range.length(), range.begin};
+  }
+  std::vector<float> q(static_cast<size_t>(q_row));
+  Fill(9, 0, q_row, q.data());
+  std::vector<std::vector<float>> out(o.batch, std::vector<float>(q.size())), lse(o.batch, std::vector<float>(o.heads));
+  std::vector<float> packed(static_cast<size_t>(o.batch) * o.heads * PackedRowFloats(o.head_dim));
+  RINGTREE_ASSIGN_OR_RETURN(auto reducer, TreeReducer::Create(comm, TreeTopology::kFlat, 0));
+  int next = 0;
+  auto step = [&]() -> Status {
+    std::vector<DecodeGroup> groups(o.batch);
+    for (int b = 0; b < o.batch; ++b) {
+      const int s = (next + b) % o.sessions;
+      groups[b] = DecodeGroup{hc, q.data(), 1, o.tokens, false, 0.0f, {&blocks[s], 1}, out[b].data(), lse[b].data()};
+    }
+    next = (next + o.batch) % o.sessions;
+    Status local = ComputeLocalDecodePartials(groups, packed.data());
+    RINGTREE_RETURN_IF_ERROR(comm.AgreeOnStatus(local));
+    return reducer->Reduce(packed.data(), int64_t{o.batch} * o.heads, o.head_dim, ReduceTarget::kRoot);
+  };
+  for (int i = 0; i < o.warmup; ++i) RINGTREE_RETURN_IF_ERROR(step());
+  RINGTREE_RETURN_IF_ERROR(comm.Barrier());
+  const double t0 = NowSeconds();
+  for (int i = 0; i < o.steps; ++i) RINGTREE_RETURN_IF_ERROR(step());
+  const double seconds = NowSeconds() - t0;
+  if (rank != 0) return Status::Ok();
+  const double decode_bytes = double(o.tokens) * kv_row * 4 * 2;
+  const double dps = double(o.steps) * o.batch / seconds;
+  json j = {{"bench", "decode_batch"}, {"label", o.label},     {"tokens", o.tokens},     {"heads", o.heads},
+            {"kv_heads", o.kv_heads},  {"head_dim", o.head_dim}, {"sessions", o.sessions}, {"batch", o.batch},
+            {"steps", o.steps},        {"machine", Machine(comm, threads)},
+            {"decodes_per_s", dps},    {"kv_gbs", dps * decode_bytes / 1e9}};
+  if (P == 1) {
+    // The service benchmark's reference: one DecodeAttention per session, all threads.
+    const AttentionShape shape{1, o.tokens, o.heads, o.kv_heads, o.head_dim};
+    AttentionOptions ao;
+    const int reps = std::max(o.sessions, o.steps * o.batch / 2);
+    std::vector<double> us;
+    for (int i = 0; i < reps; ++i) {
+      const int s = i % o.sessions;
+      const double a = NowSeconds();
+      RINGTREE_RETURN_IF_ERROR(DecodeAttention(q.data(), k[s].data(), v[s].data(), DType::kFloat32, shape, ao,
+                                               out[0].data(), lse[0].data()));
+      us.push_back(1e6 * (NowSeconds() - a));
+    }
+    const double kernel_gbs = decode_bytes / (Median(us) * 1e-6) / 1e9;
+    j["kernel_p50_us"] = Median(us);
+    j["kernel_gbs"] = kernel_gbs;
+    j["kv_rate_vs_kernel"] = dps * decode_bytes / 1e9 / kernel_gbs;
+  }
+  Emit(o, j);
+  return Status::Ok();
+}
+
 }  // namespace
 }  // namespace ringtree
 
@@ -251,7 +329,11 @@ int main(int argc, char** argv) {
     Communicator world = Communicator::World();
     BenchOptions o;
     CLI::App app{"dist_bench: tree vs ring decode, ring prefill"};
-    app.add_option("mode", o.mode, "decode | prefill")->required()->check(CLI::IsMember({"decode", "prefill"}));
+    app.add_option("mode", o.mode, "decode | prefill | batch")
+        ->required()
+        ->check(CLI::IsMember({"decode", "prefill", "batch"}));
+    app.add_option("--sessions", o.sessions, "batch: distinct sessions");
+    app.add_option("--batch", o.batch, "batch: sessions per step");
     app.add_option("--tokens", o.tokens);
     app.add_option("--heads", o.heads);
     app.add_option("--kv-heads", o.kv_heads);
@@ -274,7 +356,9 @@ int main(int argc, char** argv) {
     const int threads = o.threads > 0 ? o.threads : std::max(1, cores / MpiEnvironment::LocalRanks());
     tbb::global_control limit(tbb::global_control::max_allowed_parallelism, threads);
     SetBlasThreads(1);
-    Status s = o.mode == "decode" ? RunDecode(o, world, threads) : RunPrefill(o, world, threads);
+    Status s = o.mode == "decode"  ? RunDecode(o, world, threads)
+               : o.mode == "batch" ? RunBatch(o, world, threads)
+                                   : RunPrefill(o, world, threads);
     if (!s.ok()) {
       if (world.rank() == 0) std::fprintf(stderr, "[dist_bench] %s\n", s.message().c_str());
       rc = 1;

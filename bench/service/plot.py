@@ -38,12 +38,37 @@ def main():
             out.append(f"In-process decode kernel on the same sessions ({k['threads']} threads): "
                        f"{k['p50_us']:.0f} us per decode = {k['kv_gbs']:.2f} GB/s of KV at the start; it is measured "
                        f"again right before each row (`kernel GB/s`), and `vs kernel` uses that value.\n")
-        out.append("| clients | decodes/s | p50 ms | p99 ms | mean batch | KV GB/s | kernel GB/s | vs kernel |\n"
-                   "|---|---|---|---|---|---|---|---|")
+        out.append("Every row starts from fresh sessions; `tokens/decode` is the mean KV length each decode really "
+                   "attended (sessions grow by one token per decode), and KV GB/s counts those bytes. `CPU us/decode` "
+                   "is busy machine CPU (server, load generator, everything; /proc/stat) per decode.\n")
+        out.append("| clients | decodes/s | p50 ms | p99 ms | mean batch | tokens/decode | KV GB/s | kernel GB/s | "
+                   "vs kernel | machine busy | CPU us/decode |\n|---|---|---|---|---|---|---|---|---|---|---|")
         for r in decode:
             kg = r.get('kernel_gbs', k['kv_gbs'] if k else 0)
             out.append(f"| {r['clients']} | {r['throughput']:.1f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                       f"{r['mean_batch']:.2f} | {r['kv_gbs']:.2f} | {kg:.2f} | {r['kv_rate_vs_kernel']:.2f} |")
+                       f"{r['mean_batch']:.2f} | {r.get('mean_tokens_attended', r['session_tokens']):.0f} | "
+                       f"{r['kv_gbs']:.2f} | {kg:.2f} | {r['kv_rate_vs_kernel']:.2f} | "
+                       f"{r.get('machine_busy', 0):.2f} | {r.get('cpu_us_per_decode', 0):.0f} |")
+    engine = by("engine_only")
+    if engine:
+        out.append("\n## The same decode step without gRPC (`dist_bench batch`)\n")
+        out.append("Distinct sessions of the decode rows' shape, steps of `batch` of them: local partials, status "
+                   "agreement, one tree reduction (what a worker does per step), no RPC, no appends. With one rank "
+                   "the in-process kernel is timed on the same sessions.\n")
+        out.append("| ranks x threads | sessions | batch | decodes/s | KV GB/s | kernel GB/s | vs kernel |\n"
+                   "|---|---|---|---|---|---|---|")
+        for r in engine:
+            m = r["machine"]
+            out.append(f"| {m['ranks']} x {m['threads_per_rank']} | {r['sessions']} | {r['batch']} | "
+                       f"{r['decodes_per_s']:.0f} | {r['kv_gbs']:.2f} | "
+                       f"{r['kernel_gbs']:.2f} | {r['kv_rate_vs_kernel']:.2f} |" if "kernel_gbs" in r else
+                       f"| {m['ranks']} x {m['threads_per_rank']} | {r['sessions']} | {r['batch']} | "
+                       f"{r['decodes_per_s']:.0f} | {r['kv_gbs']:.2f} | | |")
+    for r in by("rpc_floor"):
+        out.append(f"\n## RPC floor ({r['clients']} async clients, Decode on a missing session: NOT_FOUND from the "
+                   f"handler)\n")
+        out.append(f"{r['calls_per_s']:.0f} calls/s with the machine {100 * r['machine_busy']:.0f} % busy: "
+                   f"**{r['cpu_us_per_call']:.0f} us of CPU per call** (load generator and server together).")
     for r in by("added_latency"):
         out.append(f"\n## Added latency (single decode, {r['session_tokens']}-token session)\n")
         out.append(f"service p50 {r['service_p50_ms']:.3f} ms (p99 {r['service_p99_ms']:.3f}), in-process kernel "

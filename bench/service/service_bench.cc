@@ -12,6 +12,9 @@
 //                 decode kernel (DecodeAttention, all cores, same sessions).
 //  added_latency  one client, one decode at a time on a small session: p50 of
 //                 the service minus p50 of the in-process kernel call.
+//  rpc_floor      32 async clients Decode on a session that does not exist
+//                 (NOT_FOUND from the handler, no engine): calls/s and busy
+//                 machine CPU per call, the cost of the RPC alone.
 //  overload       open loop at 0.5x and 2x the measured decode capacity:
 //                 admitted p50/p99, refusal p50/p99 (RESOURCE_EXHAUSTED).
 //
@@ -19,6 +22,7 @@
 #include <CLI/CLI.hpp>
 #include <oneapi/tbb/global_control.h>
 #include <sys/utsname.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
@@ -52,6 +56,21 @@ std::vector<float> Random(std::mt19937& rng, int64_t n) {
   std::vector<float> out(n);
   for (auto& x : out) x = d(rng);
   return out;
+}
+
+// Busy CPU seconds of the whole machine so far (/proc/stat: all but idle
+// and iowait). Differences over a load point give the CPU it cost (server,
+// load generator and anything else on the machine).
+double MachineBusySeconds() {
+  std::ifstream in("/proc/stat");
+  std::string cpu;
+  in >> cpu;
+  double total = 0, idle = 0, x = 0;
+  for (int i = 0; i < 10 && (in >> x); ++i) {
+    total += x;
+    if (i == 3 || i == 4) idle += x;
+  }
+  return (total - idle) / static_cast<double>(sysconf(_SC_CLK_TCK));
 }
 
 double Percentile(std::vector<double> v, double p) {
@@ -433,7 +452,7 @@ int main(int argc, char** argv) {
   bool sync_clients = false;
   app.add_flag("--sync-clients", sync_clients,
                "closed loops use a thread per client with the blocking C++ client (default: one async completion-queue thread)");
-  app.add_option("--only", only, "run one scenario: attend, decode, latency, overload");
+  app.add_option("--only", only, "run one scenario: attend, decode, latency, rpc, overload");
   std::vector<std::string> server_args;
   app.add_option("--server-arg", server_args, "extra attnserve flag (repeatable), e.g. --server-arg=--worker-spin-us=200");
   CLI11_PARSE(app, argc, argv);
@@ -549,6 +568,7 @@ int main(int argc, char** argv) {
         for (int i = 0; i < c; ++i) ids.push_back(CreateLoaded(*admin, s, decode_tokens, 100 + i));
         kernel_gbs = session_bytes / reference.Seconds(400, cores) / 1e9;
         auto before = admin->Stats();
+        const double busy0 = MachineBusySeconds();
         LoadResult r;
         if (sync_clients) {
           r = ClosedLoop(c, duration, [&](int i, AttentionClient& cl) {
@@ -565,6 +585,7 @@ int main(int argc, char** argv) {
           r = AsyncClosedLoop(c, duration, server->address(), requests, size_t(s.q_row()) * 4,
                               &v1::AttentionService::Stub::PrepareAsyncDecode);
         }
+        const double busy = MachineBusySeconds() - busy0;
         auto after = admin->Stats();
         // KV actually read: the k-th decode on a session loaded with L tokens
         // attends L + k tokens (its own token included). Sessions grow by a
@@ -588,11 +609,13 @@ int main(int argc, char** argv) {
         if (c == 32) decode_capacity = dps;
         Emit(Fmt("{\"scenario\":\"decode_closed\",\"clients\":%d,\"session_tokens\":%lld,\"ok\":%lld,\"failed\":%lld,"
                  "\"throughput\":%.2f,\"p50_ms\":%.3f,\"p99_ms\":%.3f,\"mean_batch\":%.2f,\"kv_gbs\":%.3f,"
-                 "\"kernel_gbs\":%.3f,\"kv_rate_vs_kernel\":%.3f,\"mean_tokens_attended\":%.0f}",
+                 "\"kernel_gbs\":%.3f,\"kv_rate_vs_kernel\":%.3f,\"mean_tokens_attended\":%.0f,"
+                 "\"machine_busy\":%.2f,\"cpu_us_per_decode\":%.0f}",
                  c, static_cast<long long>(decode_tokens), static_cast<long long>(r.ok),
                  static_cast<long long>(r.failed), dps, Percentile(r.ok_ms, 0.5), Percentile(r.ok_ms, 0.99),
                  MeanBatch(*before, *after, "decode"), dps * decode_bytes / 1e9, kernel_gbs,
-                 dps * decode_bytes / 1e9 / kernel_gbs, mean_tokens));
+                 dps * decode_bytes / 1e9 / kernel_gbs, mean_tokens, busy / (r.seconds * cores),
+                 r.ok > 0 ? 1e6 * busy / double(r.ok) : 0.0));
       }
     }
     // --- added latency: one small decode at a time ---------------------------
@@ -615,6 +638,32 @@ int main(int argc, char** argv) {
                static_cast<long long>(small_tokens), Percentile(ms, 0.5), Percentile(ms, 0.99), kernel_ms,
                Percentile(ms, 0.5) - kernel_ms));
       (void)admin->DeleteSession(id);
+    }
+    // --- gRPC floor: calls that end in the handler ------------------------
+    // 32 async clients Decode on a session id that does not exist: the
+    // handler answers NOT_FOUND before the engine, so this is the cost of the
+    // RPC itself (load generator and server on the same cores).
+    if (only.empty() || only == "rpc") {
+      const int c = 32;
+      std::vector<v1::DecodeRequest> requests(c);
+      std::mt19937 rng(7);
+      auto q = Random(rng, s.q_row());
+      auto kv = Random(rng, s.kv_row());
+      for (int i = 0; i < c; ++i) {
+        requests[i].set_session_id(std::string(32, 'f'));
+        ToProto(HostTensor::FromFloat32(q.data(), {1, s.heads, s.head_dim}), requests[i].mutable_q());
+        ToProto(HostTensor::FromFloat32(kv.data(), {1, s.kv_heads, s.head_dim}), requests[i].mutable_k());
+        ToProto(HostTensor::FromFloat32(kv.data(), {1, s.kv_heads, s.head_dim}), requests[i].mutable_v());
+      }
+      const double busy0 = MachineBusySeconds();
+      LoadResult r = AsyncClosedLoop(c, duration, server->address(), requests, size_t(s.q_row()) * 4,
+                                     &v1::AttentionService::Stub::PrepareAsyncDecode);
+      const double busy = MachineBusySeconds() - busy0;
+      const double calls = double(r.ok + r.refused + r.failed);
+      Emit(Fmt("{\"scenario\":\"rpc_floor\",\"clients\":%d,\"calls\":%.0f,\"ok\":%lld,\"calls_per_s\":%.1f,"
+               "\"machine_busy\":%.2f,\"cpu_us_per_call\":%.1f}",
+               c, calls, static_cast<long long>(r.ok), calls / r.seconds, busy / (r.seconds * cores),
+               calls > 0 ? 1e6 * busy / calls : 0.0));
     }
     if (server->Stop() != 0) std::fprintf(stderr, "warning: server did not exit 0\n");
   }
