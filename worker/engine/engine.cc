@@ -279,7 +279,7 @@ Result<EngineOutput> WorkerEngine::Execute(Command& command) {
         const std::string dir = config_.data_dir + "/rank-" + std::to_string(compute_->rank());
         if (std::filesystem::exists(dir, ec)) {
           for (const auto& e : std::filesystem::recursive_directory_iterator(dir, ec)) {
-            if (e.path().filename() == "spans.dat") mine[0] += static_cast<int64_t>(e.file_size(ec));
+            if (IsSpanFileName(e.path().filename().string())) mine[0] += static_cast<int64_t>(e.file_size(ec));
           }
         }
       }

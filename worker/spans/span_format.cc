@@ -97,6 +97,7 @@ std::string EncodeManifest(const Manifest& m) {
   Put(&out, m.sink_tokens);
   Put(&out, m.window_tokens);
   Put(&out, m.committed_file_bytes);
+  Put(&out, m.file_generation);
   Put(&out, static_cast<uint64_t>(m.spans.size()));
   for (const ManifestSpan& s : m.spans) {
     Put(&out, s.position_start);
@@ -123,10 +124,10 @@ Result<Manifest> DecodeManifest(const std::string& bytes, const std::string& pat
   uint64_t count = 0;
   Manifest m;
   if (!r.Get(&magic) || magic != kManifestMagic) return corrupt("bad magic");
-  if (!r.Get(&version) || version != kManifestVersion) return corrupt("unsupported version");
+  if (!r.Get(&version) || (version != kManifestVersion && version != 1)) return corrupt("unsupported version");
   if (!r.Get(&m.kv_heads) || !r.Get(&m.head_dim) || !r.Get(&dtype) || !r.Get(&m.span_tokens) ||
       !r.Get(&m.sink_tokens) || !r.Get(&m.window_tokens) || !r.Get(&m.committed_file_bytes) ||
-      !r.Get(&count))
+      (version >= 2 && !r.Get(&m.file_generation)) || !r.Get(&count))
     return corrupt("truncated header");
   m.dtype = static_cast<DType>(dtype);
   if (count > bytes.size()) return corrupt("span count out of range");
@@ -138,6 +139,21 @@ Result<Manifest> DecodeManifest(const std::string& bytes, const std::string& pat
   }
   if (r.pos + sizeof(uint64_t) != bytes.size()) return corrupt("trailing bytes");
   return m;
+}
+
+std::string SpanFileName(uint32_t generation) {
+  return generation == 0 ? std::string("spans.dat") : "spans." + std::to_string(generation) + ".dat";
+}
+
+bool IsSpanFileName(const std::string& name) {
+  if (name == "spans.dat") return true;
+  const std::string head = "spans.", tail = ".dat";
+  if (name.size() <= head.size() + tail.size() || name.compare(0, head.size(), head) != 0 ||
+      name.compare(name.size() - tail.size(), tail.size(), tail) != 0)
+    return false;
+  const std::string digits = name.substr(head.size(), name.size() - head.size() - tail.size());
+  return digits.size() <= 10 && digits[0] != '0' &&
+         digits.find_first_not_of("0123456789") == std::string::npos;
 }
 
 namespace {

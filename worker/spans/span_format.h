@@ -34,7 +34,7 @@ namespace ringtree {
 inline constexpr uint32_t kSpanRecordMagic = 0x50535452;  // "RTSP"
 inline constexpr uint16_t kSpanRecordVersion = 3;
 inline constexpr uint32_t kManifestMagic = 0x4d535452;  // "RTSM"
-inline constexpr uint32_t kManifestVersion = 1;
+inline constexpr uint32_t kManifestVersion = 2;  // 1 is still read (generation 0)
 
 #pragma pack(push, 1)
 struct RecordHeader {
@@ -91,8 +91,18 @@ struct Manifest {
   // Length of spans.dat covered by this manifest; bytes beyond it are a log
   // tail that recovery scans (replays whole valid records, drops a torn one).
   uint64_t committed_file_bytes = 0;
+  // Which span file the offsets refer to: 0 is "spans.dat", g > 0 is
+  // "spans.<g>.dat". Compaction writes the live records to the next
+  // generation's file and commits by writing the manifest (version 2;
+  // version-1 manifests have no field and mean generation 0).
+  uint32_t file_generation = 0;
   std::vector<ManifestSpan> spans;
 };
+
+// The span file name of a generation: "spans.dat" or "spans.<g>.dat".
+std::string SpanFileName(uint32_t generation);
+// True for names SpanFileName can produce (the engine sums their sizes).
+bool IsSpanFileName(const std::string& name);
 
 // Serialises with a trailing XXH3-64 checksum.
 std::string EncodeManifest(const Manifest& manifest);

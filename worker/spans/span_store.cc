@@ -29,7 +29,6 @@ namespace {
 
 constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
 constexpr char kManifestName[] = "MANIFEST";
-constexpr char kSpanFileName[] = "spans.dat";
 
 std::atomic<uint64_t> g_next_store_id{1};
 
@@ -135,7 +134,7 @@ size_t SpanStore::row_bytes() const {
 }
 
 Status SpanStore::OpenFile(bool create) {
-  file_path_ = options_.data_dir + "/" + kSpanFileName;
+  file_path_ = options_.data_dir + "/" + SpanFileName(file_generation_);
   int flags = O_RDWR | O_CLOEXEC | (create ? (O_CREAT | O_TRUNC) : 0);
   fd_ = ::open(file_path_.c_str(), flags, 0644);
   if (fd_ < 0) return Errno("open", file_path_);
@@ -190,9 +189,18 @@ Result<std::unique_ptr<SpanStore>> SpanStore::Open(const SpanStoreOptions& optio
   RINGTREE_RETURN_IF_ERROR(ValidateOptions(merged));
 
   std::unique_ptr<SpanStore> store(new SpanStore(merged));
+  store->file_generation_ = manifest.file_generation;
   RINGTREE_RETURN_IF_ERROR(store->OpenFile(/*create=*/false));
   RecoveryReport local;
   RINGTREE_RETURN_IF_ERROR(store->Recover(manifest, report ? report : &local));
+  // A compaction interrupted before or after its commit leaves the other
+  // generation's file behind; the manifest names the one in use.
+  std::error_code ec;
+  const std::string current = SpanFileName(store->file_generation_);
+  for (const auto& e : std::filesystem::directory_iterator(options.data_dir, ec)) {
+    const std::string name = e.path().filename().string();
+    if (IsSpanFileName(name) && name != current) std::filesystem::remove(e.path(), ec);
+  }
   return store;
 }
 
@@ -592,11 +600,84 @@ Status SpanStore::EnforceHotBudget() {
   return Status::Ok();
 }
 
+size_t SpanStore::live_disk_bytes() const {
+  size_t live = 0;
+  for (const Span& s : spans_) live += s.record_bytes;
+  return live;
+}
+
 Status SpanStore::Sync() {
   if (options_.data_dir.empty()) return Status::Ok();
   if (!spans_.empty() && spans_.back().persisted_tokens != spans_.back().tokens)
     RINGTREE_RETURN_IF_ERROR(WriteRecord(span_count() - 1));
+  const size_t live = live_disk_bytes();
+  const size_t dead = file_bytes_ - live;
+  if (options_.compact_min_bytes > 0 && dead > options_.compact_min_bytes && dead > live) return Compact();
   if (::fdatasync(fd_) != 0) return Errno("fdatasync", file_path_);
+  return WriteManifest();
+}
+
+Status SpanStore::Compact() {
+  const uint32_t generation = file_generation_ + 1;
+  const std::string path = options_.data_dir + "/" + SpanFileName(generation);
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) return Errno("open", path);
+  auto abandon = [&](Status st) {
+    ::close(fd);
+    ::unlink(path.c_str());
+    return st;
+  };
+  // Records are copied byte for byte, checksums included: a record that was
+  // corrupt on disk stays detectably corrupt.
+  std::vector<uint64_t> offsets(spans_.size());
+  std::vector<uint8_t> record;
+  uint64_t at = 0;
+  for (size_t i = 0; i < spans_.size(); ++i) {
+    const Span& s = spans_[i];
+    if (s.persisted_tokens != s.tokens)
+      return abandon(Status::Internal("[spans] compaction: span " + std::to_string(i) + " is not persisted"));
+    record.resize(s.record_bytes);
+    auto got = PreadAll(fd_, record.data(), record.size(), s.record_offset, file_path_);
+    if (!got.ok()) return abandon(got.status());
+    if (*got != record.size())
+      return abandon(Status::DataLoss("[spans] " + Where(file_path_, s.record_offset) + ": short record"));
+    Status w = PwriteAll(fd, record.data(), record.size(), at, path);
+    if (!w.ok()) return abandon(w);
+    offsets[i] = at;
+    at += record.size();
+  }
+  if (::fdatasync(fd) != 0) return abandon(Errno("fdatasync", path));
+  // Commit: the manifest names the new file. If writing it fails, the one on
+  // disk may be the old or the new (both files are whole and synced); the
+  // store goes on with the old one, and Open keeps whichever the manifest names.
+  const int old_fd = fd_;
+  const std::string old_path = file_path_;
+  const uint64_t old_bytes = file_bytes_;
+  std::vector<uint64_t> old_offsets(spans_.size());
+  for (size_t i = 0; i < spans_.size(); ++i) old_offsets[i] = spans_[i].record_offset;
+  fd_ = fd;
+  file_path_ = path;
+  file_generation_ = generation;
+  file_bytes_ = at;
+  for (size_t i = 0; i < spans_.size(); ++i) spans_[i].record_offset = offsets[i];
+  Status committed = WriteManifest();
+  if (!committed.ok()) {
+    fd_ = old_fd;
+    file_path_ = old_path;
+    file_generation_ = generation - 1;
+    file_bytes_ = old_bytes;
+    for (size_t i = 0; i < spans_.size(); ++i) spans_[i].record_offset = old_offsets[i];
+    ::close(fd);
+    return committed;
+  }
+  if (cache_) cache_->EraseStore(store_id_);  // cached by offset
+  ::close(old_fd);
+  ::unlink(old_path.c_str());
+  ++compactions_;
+  return Status::Ok();
+}
+
+Status SpanStore::WriteManifest() {
   Manifest m;
   m.kv_heads = options_.kv_heads;
   m.head_dim = options_.head_dim;
@@ -605,6 +686,7 @@ Status SpanStore::Sync() {
   m.sink_tokens = options_.sink_tokens;
   m.window_tokens = options_.window_tokens;
   m.committed_file_bytes = file_bytes_;
+  m.file_generation = file_generation_;
   m.spans.reserve(spans_.size());
   for (const Span& s : spans_) {
     ManifestSpan ms;

@@ -21,7 +21,12 @@
 // append past the hot budget fails with RESOURCE_EXHAUSTED.
 //
 // Durability. Sync() writes the open tail span as a (possibly partial) record,
-// fdatasyncs spans.dat, then writes the manifest atomically. Open() loads the
+// fdatasyncs spans.dat, then writes the manifest atomically. Each Sync of a
+// growing tail leaves the tail's previous record dead; when dead bytes pass
+// compact_min_bytes and the live bytes, Sync copies the live records to
+// spans.<g+1>.dat, fsyncs it, commits by writing the manifest that names it,
+// then deletes the old file (a crash leaves the old or the new generation;
+// Open deletes the other). Open() loads the
 // manifest, verifies every record's header+summary checksum, then scans the
 // file beyond the committed length: whole valid records are replayed, the first
 // torn or corrupt one and everything after it is dropped (and reported in
@@ -72,6 +77,12 @@ struct SpanStoreOptions {
   // ~1k tokens keeps them small enough to stay cache- and fault-friendly.
   int64_t chunk_tokens = 1024;
   int readahead_chunks = 2;         // chunks read ahead of compute
+  // Sync compacts the span file when its dead bytes (records superseded by a
+  // longer rewrite of the same partial tail span, one per Sync of a growing
+  // tail) exceed both this and the live bytes: the live records are copied to
+  // the next generation's file, the manifest is switched to it, and the old
+  // file is deleted. 0 = never.
+  size_t compact_min_bytes = size_t{1} << 20;
 };
 
 enum class SpanTier : uint8_t { kHot = 0, kCold = 1 };
@@ -150,8 +161,9 @@ class SpanStore {
   Status Append(int64_t position_start, int64_t tokens, const void* k, const void* v,
                 DType src_dtype);
 
-  // Makes everything appended so far durable (see header comment). No-op
-  // without a data_dir.
+  // Makes everything appended so far durable (see header comment), and
+  // compacts the span file when compact_min_bytes says so. No-op without a
+  // data_dir.
   Status Sync();
 
   // Streams every span, in append order, as chunks of contiguous positions
@@ -229,6 +241,9 @@ class SpanStore {
   size_t hot_bytes() const { return hot_bytes_; }
   size_t cold_bytes() const;       // K/V bytes of spans without a RAM copy
   size_t disk_bytes() const { return file_bytes_; }
+  size_t live_disk_bytes() const;  // bytes of the records the spans use (the rest is dead)
+  uint32_t file_generation() const { return file_generation_; }
+  int64_t compactions() const { return compactions_; }  // since this object was made
   size_t summary_bytes() const;    // RAM used by the index
   const SpanStoreOptions& options() const { return options_; }
   const std::string& file_path() const { return file_path_; }
@@ -316,7 +331,14 @@ class SpanStore {
   SpanStoreOptions options_;
   uint64_t store_id_ = 0;
   std::shared_ptr<SpanCache> cache_;
+  // Builds the manifest of the current state and writes it atomically.
+  Status WriteManifest();
+  // Copies the live records to the next generation's file and commits it.
+  Status Compact();
+
   std::string file_path_;
+  uint32_t file_generation_ = 0;
+  int64_t compactions_ = 0;
   int fd_ = -1;
   uint64_t file_bytes_ = 0;
   std::vector<Span> spans_;
