@@ -9,7 +9,6 @@
 
 #include "kernels/dtype.h"
 #include "kernels/status.h"
-#include "worker/engine/kv_shard.h"
 
 namespace ringtree {
 
@@ -26,6 +25,12 @@ struct SessionShape {
   int32_t sink_tokens = 64;
   int32_t window_tokens = 1024;
   int64_t row_bytes() const { return int64_t(kv_heads) * head_dim * DTypeSize(storage); }
+};
+
+// A run of consecutive positions held contiguously by one rank.
+struct KvRun {
+  int64_t position = 0;  // absolute position of the first token
+  int64_t tokens = 0;
 };
 
 // Rows to store: runs (in position order) and their K/V bytes, concatenated.

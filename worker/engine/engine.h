@@ -31,7 +31,6 @@
 #include "dist/timing.h"
 #include "dist/tree_decode.h"
 #include "worker/engine/command.h"
-#include "worker/engine/kv_shard.h"
 #include "worker/spans/span_store.h"
 
 namespace ringtree {
