@@ -122,16 +122,31 @@ Result<SpanStore*> WorkerEngine::Store(const SessionShape& shape, int layer) {
     if (std::filesystem::exists(o.data_dir + "/MANIFEST")) {
       RecoveryReport report;
       RINGTREE_ASSIGN_OR_RETURN(slot, SpanStore::Open(o, &report));
-      // The metadata on rank 0 is written after the stores' sync: a crash in
-      // between leaves a store ahead of it. Refuse to use such a layer
-      // rather than attend tokens that were never acknowledged.
+      // The metadata on rank 0 is the commit point of a write step, written
+      // after the stores' sync: a crash in between leaves a store ahead of
+      // it by the step's tokens, which no client was told about. They are
+      // the newest positions, so the store is rolled back to the metadata.
+      // A store behind the metadata has lost acknowledged tokens: refused.
       auto expected = expected_tokens_.find({shape.handle, layer});
       if (expected != expected_tokens_.end() && expected->second != slot->total_tokens()) {
         const int64_t holds = slot->total_tokens();
-        slot.reset();
-        return Status::DataLoss("[engine] " + o.data_dir + ": holds " + std::to_string(holds) +
-                                " tokens, the session metadata records " + std::to_string(expected->second) +
-                                " (interrupted write step before a crash?); the layer cannot be used");
+        if (holds > expected->second) {
+          Status rolled = slot->TruncateTo(expected->second);
+          if (!rolled.ok()) {
+            slot.reset();
+            return rolled;
+          }
+          std::fprintf(stderr,
+                       "[attnserve] rank %d: %s: rolled back %lld unacknowledged tokens (the session metadata "
+                       "records %lld; a write step was interrupted)\n",
+                       compute_->rank(), o.data_dir.c_str(), static_cast<long long>(holds - expected->second),
+                       static_cast<long long>(expected->second));
+        } else {
+          slot.reset();
+          return Status::DataLoss("[engine] " + o.data_dir + ": holds " + std::to_string(holds) +
+                                  " tokens, the session metadata records " + std::to_string(expected->second) +
+                                  "; acknowledged tokens are missing and the layer cannot be used");
+        }
       }
       // Back to the hot set a running store has (newest spans, up to the
       // budget), so a restarted service takes the same compute paths.

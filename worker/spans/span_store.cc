@@ -1562,6 +1562,39 @@ Status SpanStore::SetHotBudget(size_t bytes) {
   return EnforceHotBudget();
 }
 
+Status SpanStore::TruncateTo(int64_t tokens) {
+  if (tokens < 0 || tokens > total_tokens_)
+    return Status::InvalidArgument("[spans.truncate] tokens " + std::to_string(tokens) + " not in [0, " +
+                                   std::to_string(total_tokens_) + "]");
+  if (tokens == total_tokens_) return Status::Ok();
+  // The span the cut falls in, and how many of its rows stay.
+  int64_t cut = 0, before = 0;
+  while (before + spans_[cut].tokens <= tokens) before += spans_[cut++].tokens;
+  const int64_t keep = tokens - before;
+  const size_t rb = row_bytes();
+  std::vector<uint8_t> k, v;
+  const int64_t position = spans_[cut].position_start;
+  if (keep > 0) {
+    RINGTREE_ASSIGN_OR_RETURN(SpanData data, ReadSpan(cut, /*use_cache=*/false, false));
+    k.assign(data.k, data.k + size_t(keep) * rb);
+    v.assign(data.v, data.v + size_t(keep) * rb);
+  }
+  const int H = options_.kv_heads, D = options_.head_dim;
+  for (int64_t i = cut; i < span_count(); ++i) {
+    if (spans_[i].hot) hot_bytes_ -= size_t(spans_[i].capacity) * rb * 2;
+    total_tokens_ -= spans_[i].tokens;
+  }
+  spans_.resize(size_t(cut));
+  summaries_.resize(size_t(cut) * summary_floats_per_span());
+  max_abs_.resize(size_t(cut) * H);
+  value_means_.resize(size_t(cut) * H * D);
+  next_evict_ = std::min(next_evict_, cut);
+  // Every span before the cut is sealed, so the kept rows start a new span
+  // (the records of the dropped spans are dead bytes in the file).
+  if (keep > 0) RINGTREE_RETURN_IF_ERROR(Append(position, keep, k.data(), v.data(), options_.dtype));
+  return Sync();
+}
+
 Status SpanStore::WarmNewest() {
   const size_t rb = row_bytes();
   for (int64_t i = span_count() - 1; i >= 0; --i) {

@@ -166,6 +166,14 @@ class SpanStore {
   // data_dir.
   Status Sync();
 
+  // Drops every token after the first `tokens` (the newest positions), e.g.
+  // a write step that reached this store but was never acknowledged. A span
+  // cut in the middle keeps its first rows and becomes the open tail again;
+  // summaries are rebuilt from the rows kept. Durable on return (Sync) with a
+  // data_dir. Errors: INVALID_ARGUMENT unless 0 <= tokens <= total_tokens(),
+  // DATA_LOSS / IO_ERROR reading the cut span.
+  Status TruncateTo(int64_t tokens);
+
   // Streams every span, in append order, as chunks of contiguous positions
   // (at most chunk_tokens; a gap starts a new chunk). Cold spans are read by a
   // prefetch thread up to readahead_chunks ahead of the visitor and bypass the
