@@ -553,8 +553,8 @@ int main(int argc, char** argv) {
       auto kt = HostTensor::FromFloat32(kv.data(), {1, s.kv_heads, s.head_dim});
       const double session_bytes = double(decode_tokens) * s.kv_row() * 4 * 2;
       // The machine is shared and its speed drifts: the kernel reference is
-      // measured again right before every load point and each ratio uses
-      // the one next to it.
+      // measured again right before and right after every load point, and
+      // each ratio uses the mean of those two.
       const KernelReference reference(s, decode_tokens, 32);
       const double kernel_s = reference.Seconds(400, cores);
       double kernel_gbs = session_bytes / kernel_s / 1e9;
@@ -566,7 +566,7 @@ int main(int argc, char** argv) {
         // sessions reused across rows would grow far past decode_tokens.
         std::vector<std::string> ids;
         for (int i = 0; i < c; ++i) ids.push_back(CreateLoaded(*admin, s, decode_tokens, 100 + i));
-        kernel_gbs = session_bytes / reference.Seconds(400, cores) / 1e9;
+        const double kernel_before = session_bytes / reference.Seconds(400, cores) / 1e9;
         auto before = admin->Stats();
         const double busy0 = MachineBusySeconds();
         LoadResult r;
@@ -587,6 +587,11 @@ int main(int argc, char** argv) {
         }
         const double busy = MachineBusySeconds() - busy0;
         auto after = admin->Stats();
+        // The reference again right after the row: the machine's speed drifts
+        // by tens of percent within a minute, so the row is compared with the
+        // mean of the two measurements around it.
+        const double kernel_after = session_bytes / reference.Seconds(400, cores) / 1e9;
+        kernel_gbs = 0.5 * (kernel_before + kernel_after);
         // KV actually read: the k-th decode on a session loaded with L tokens
         // attends L + k tokens (its own token included). Sessions grow by a
         // few hundred tokens in a row, so this is a few percent above L.
@@ -610,12 +615,12 @@ int main(int argc, char** argv) {
         Emit(Fmt("{\"scenario\":\"decode_closed\",\"clients\":%d,\"session_tokens\":%lld,\"ok\":%lld,\"failed\":%lld,"
                  "\"throughput\":%.2f,\"p50_ms\":%.3f,\"p99_ms\":%.3f,\"mean_batch\":%.2f,\"kv_gbs\":%.3f,"
                  "\"kernel_gbs\":%.3f,\"kv_rate_vs_kernel\":%.3f,\"mean_tokens_attended\":%.0f,"
-                 "\"machine_busy\":%.2f,\"cpu_us_per_decode\":%.0f}",
+                 "\"machine_busy\":%.2f,\"cpu_us_per_decode\":%.0f,\"kernel_gbs_before\":%.3f,\"kernel_gbs_after\":%.3f}",
                  c, static_cast<long long>(decode_tokens), static_cast<long long>(r.ok),
                  static_cast<long long>(r.failed), dps, Percentile(r.ok_ms, 0.5), Percentile(r.ok_ms, 0.99),
                  MeanBatch(*before, *after, "decode"), dps * decode_bytes / 1e9, kernel_gbs,
                  dps * decode_bytes / 1e9 / kernel_gbs, mean_tokens, busy / (r.seconds * cores),
-                 r.ok > 0 ? 1e6 * busy / double(r.ok) : 0.0));
+                 r.ok > 0 ? 1e6 * busy / double(r.ok) : 0.0, kernel_before, kernel_after));
       }
     }
     // --- added latency: one small decode at a time ---------------------------
