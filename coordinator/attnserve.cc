@@ -107,7 +107,7 @@ int main(int argc, char** argv) {
   RequestLimits request_limits;
   EngineLoopOptions loop_options;
   int64_t kv_budget_mib = 8192, max_sessions = 1024;
-  int max_message_mib = 64, threads = 0, grace_seconds = 10, spin_us = 2000, sleep_us = 100, max_sleep_us = 1000, compute_nice = 0;
+  int max_message_mib = 64, threads = 0, grace_seconds = 10, spin_us = 2000, sleep_us = 100, max_sleep_us = 1000, compute_nice = 0, max_streams = 64;
   std::string data_dir;
   int64_t hot_budget_mib = 4096, disk_budget_mib = 0, cache_mib = 256;
   int readahead_chunks = 4;
@@ -157,6 +157,10 @@ int main(int argc, char** argv) {
       ->check(CLI::Range(0.0, 1.0))
       ->capture_default_str();
   app.add_option("--worker-spin-us", spin_us, "workers busy-poll this long after a command")->capture_default_str();
+  app.add_option("--max-streams-per-connection", max_streams,
+                 "HTTP/2 concurrent calls per client connection; more wait in the client (0 = no cap)")
+      ->capture_default_str()
+      ->check(CLI::Range(0, 1 << 30));
   app.add_option("--compute-nice", compute_nice,
                  "nice value of compute threads (engine, TBB workers, worker ranks); 0 = same priority as gRPC")
       ->check(CLI::Range(0, 19))
@@ -256,6 +260,7 @@ int main(int argc, char** argv) {
     builder.RegisterService(&service);
     builder.SetMaxReceiveMessageSize(max_message_mib << 20);
     builder.SetMaxSendMessageSize(max_message_mib << 20);
+    if (max_streams > 0) builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, max_streams);
     // Handler threads block while the engine serves their request. With the
     // default (2 idle pollers max) every completion ends a thread and every
     // new request starts one: thread churn that costs more than the decode

@@ -693,6 +693,47 @@ TEST_F(ServiceAuth, TokensAndTenantIsolation) {
 }
 
 // ---------------------------------------------------------------------------
+// --max-streams-per-connection bounds the calls one client connection has in
+// the server: with 1, eight threads sharing one client are served one call
+// at a time (never batched together), and every call still completes.
+class ServiceStreams : public ServerSuite {};
+std::vector<float> AttendReference(const Model& m, const std::vector<float>& q, int64_t q_tokens);
+
+TEST_F(ServiceStreams, StreamCapSerialisesOneConnection) {
+  auto server = StartServer({"--max-streams-per-connection", "1"});
+  auto client = Client(*server);
+  std::mt19937 rng(12);
+  Model m;
+  auto info = client->CreateSession(Config(m));
+  ASSERT_TRUE(info.ok());
+  auto [k, v] = NewKv(rng, m, 20000);
+  ASSERT_TRUE(client->AppendKV(info->session_id(), 0, k, v).ok());
+  std::vector<float> q = Random(rng, m.heads * m.head_dim);
+  const auto ref = AttendReference(m, q, 1);
+  std::atomic<int> ok{0};
+  std::vector<std::thread> threads;
+  for (int t = 0; t < 8; ++t) {
+    threads.emplace_back([&] {
+      for (int i = 0; i < 3; ++i) {
+        auto r = client->Attend(info->session_id(), 0, HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim}));
+        if (r.ok() && MaxDiff(r->o.ToFloat32(), ref) <= 2e-4) ++ok;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(ok.load(), 24);
+  auto stats = client->Stats();
+  ASSERT_TRUE(stats.ok());
+  int64_t attend_steps = 0;
+  for (const auto& b : stats->batches()) {
+    if (b.kind() != "attend") continue;
+    attend_steps = b.steps();
+    EXPECT_EQ(b.max_batch_size(), 1) << stats->DebugString();
+  }
+  EXPECT_EQ(attend_steps, 24);
+  EXPECT_EQ(server->Stop(), 0) << server->log();
+}
+
 class ServiceShutdown : public ServerSuite {};
 
 TEST_F(ServiceShutdown, SigtermDrainsInFlightAndEveryRankExitsZero) {
