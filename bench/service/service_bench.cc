@@ -87,6 +87,20 @@ std::unique_ptr<AttentionClient> Client(const std::string& address) {
   return c;
 }
 
+// One pre-built Decode request per session id: the query `q` and one new
+// token with K = V = `kv` (what every decode driver sends).
+std::vector<v1::DecodeRequest> DecodeRequests(const std::vector<std::string>& ids, const HostTensor& q,
+                                              const HostTensor& kv) {
+  std::vector<v1::DecodeRequest> requests(ids.size());
+  for (size_t i = 0; i < ids.size(); ++i) {
+    requests[i].set_session_id(ids[i]);
+    ToProto(q, requests[i].mutable_q());
+    ToProto(kv, requests[i].mutable_k());
+    ToProto(kv, requests[i].mutable_v());
+  }
+  return requests;
+}
+
 std::string CreateLoaded(AttentionClient& client, const Shape& s, int64_t tokens, uint32_t seed) {
   v1::SessionConfig c;
   c.set_layers(1);
@@ -575,14 +589,7 @@ int main(int argc, char** argv) {
             return cl.Decode(ids[i], 0, qt, kt, kt).status();
           }, server->address());
         } else {
-          std::vector<v1::DecodeRequest> requests(c);
-          for (int i = 0; i < c; ++i) {
-            requests[i].set_session_id(ids[i]);
-            ToProto(qt, requests[i].mutable_q());
-            ToProto(kt, requests[i].mutable_k());
-            ToProto(kt, requests[i].mutable_v());
-          }
-          r = AsyncClosedLoop(c, duration, server->address(), requests, size_t(s.q_row()) * 4,
+          r = AsyncClosedLoop(c, duration, server->address(), DecodeRequests(ids, qt, kt), size_t(s.q_row()) * 4,
                               &v1::AttentionService::Stub::PrepareAsyncDecode);
         }
         const double busy = MachineBusySeconds() - busy0;
@@ -650,16 +657,12 @@ int main(int argc, char** argv) {
     // RPC itself (load generator and server on the same cores).
     if (only.empty() || only == "rpc") {
       const int c = 32;
-      std::vector<v1::DecodeRequest> requests(c);
       std::mt19937 rng(7);
       auto q = Random(rng, s.q_row());
       auto kv = Random(rng, s.kv_row());
-      for (int i = 0; i < c; ++i) {
-        requests[i].set_session_id(std::string(32, 'f'));
-        ToProto(HostTensor::FromFloat32(q.data(), {1, s.heads, s.head_dim}), requests[i].mutable_q());
-        ToProto(HostTensor::FromFloat32(kv.data(), {1, s.kv_heads, s.head_dim}), requests[i].mutable_k());
-        ToProto(HostTensor::FromFloat32(kv.data(), {1, s.kv_heads, s.head_dim}), requests[i].mutable_v());
-      }
+      const auto requests = DecodeRequests(std::vector<std::string>(c, std::string(32, 'f')),
+                                           HostTensor::FromFloat32(q.data(), {1, s.heads, s.head_dim}),
+                                           HostTensor::FromFloat32(kv.data(), {1, s.kv_heads, s.head_dim}));
       const double busy0 = MachineBusySeconds();
       LoadResult r = AsyncClosedLoop(c, duration, server->address(), requests, size_t(s.q_row()) * 4,
                                      &v1::AttentionService::Stub::PrepareAsyncDecode);
@@ -701,14 +704,8 @@ int main(int argc, char** argv) {
           return cl.Decode(ids[i % ids.size()], 0, qt, kt, kt).status();
         }, server->address(), &late);
       } else {
-        std::vector<v1::DecodeRequest> requests(ids.size());
-        for (size_t i = 0; i < ids.size(); ++i) {
-          requests[i].set_session_id(ids[i]);
-          ToProto(qt, requests[i].mutable_q());
-          ToProto(kt, requests[i].mutable_k());
-          ToProto(kt, requests[i].mutable_v());
-        }
-        r = AsyncOpenLoop(load * decode_capacity, duration * 1.5, server->address(), requests, size_t(s.q_row()) * 4,
+        r = AsyncOpenLoop(load * decode_capacity, duration * 1.5, server->address(), DecodeRequests(ids, qt, kt),
+                          size_t(s.q_row()) * 4,
                           &v1::AttentionService::Stub::PrepareAsyncDecode, &late);
       }
       auto after = admin->Stats();
