@@ -3,10 +3,14 @@
 #include <tbb/parallel_for.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <limits>
 #include <string>
 
 #include "kernels/blas.h"
+#include "kernels/cpu.h"
+#include "kernels/flash_tile.h"
 #include "kernels/online_softmax.h"
 
 namespace ringtree {
@@ -31,6 +35,72 @@ Status ValidateAttention(const AttentionShape& s, DType kv_dtype) {
   return Status::Ok();
 }
 
+Status ValidateMasks(const AttentionShape& s, const AttentionOptions& opt) {
+  if (opt.window < 0) return Status::InvalidArgument("[attention] window must be >= 0, got " + std::to_string(opt.window));
+  if (opt.window > 0 && !opt.causal)
+    return Status::InvalidArgument("[attention] window (" + std::to_string(opt.window) +
+                                   ") requires causal: it keeps the keys in (p - window, p]");
+  if (opt.doc_offsets.empty()) return Status::Ok();
+  const auto& d = opt.doc_offsets;
+  if (d.size() < 2 || d[0] != 0)
+    return Status::InvalidArgument("[attention] doc_offsets must be cumulative lengths [0, n1, n1+n2, ...] (at least 2 entries, first 0)");
+  for (size_t i = 1; i < d.size(); ++i)
+    if (d[i] <= d[i - 1])
+      return Status::InvalidArgument("[attention] doc_offsets must be strictly increasing (documents of length >= 1); entry " +
+                                     std::to_string(i) + " is " + std::to_string(d[i]) + " after " + std::to_string(d[i - 1]));
+  auto check = [&](const char* what, int64_t offset, int64_t n) -> Status {
+    if (n == 0) return Status::Ok();
+    if (offset < 0 || offset + n > d.back())
+      return Status::InvalidArgument(std::string("[attention] doc_offsets cover positions [0, ") + std::to_string(d.back()) +
+                                     ") but the " + what + " span [" + std::to_string(offset) + ", " +
+                                     std::to_string(offset + n) + ")");
+    return Status::Ok();
+  };
+  RINGTREE_RETURN_IF_ERROR(check("queries", opt.q_position_offset, s.q_tokens));
+  return check("keys", opt.kv_position_offset, s.kv_tokens);
+}
+
+KeyInterval VisibleKeys(const AttentionOptions& opt, int64_t p) {
+  KeyInterval iv{std::numeric_limits<int64_t>::min() / 4, std::numeric_limits<int64_t>::max() / 4};
+  if (opt.causal) iv.last = p;
+  if (opt.window > 0) iv.first = std::max(iv.first, p - opt.window + 1);
+  if (!opt.doc_offsets.empty()) {
+    const auto& d = opt.doc_offsets;
+    const size_t i = static_cast<size_t>(std::upper_bound(d.begin(), d.end(), p) - d.begin());
+    if (i == 0 || i == d.size()) return KeyInterval{0, -1};  // outside every document
+    iv.first = std::max(iv.first, d[i - 1]);
+    iv.last = std::min(iv.last, d[i] - 1);
+  }
+  return iv;
+}
+
+namespace internal {
+
+void TokenKeyRanges(const AttentionShape& s, const AttentionOptions& opt, int64_t t0, int64_t t1, int64_t* first,
+                    int64_t* last) {
+  for (int64_t t = t0; t < t1; ++t) {
+    const KeyInterval iv = VisibleKeys(opt, opt.q_position_offset + t);
+    first[t - t0] = std::max<int64_t>(0, iv.first - opt.kv_position_offset);
+    last[t - t0] = std::min<int64_t>(s.kv_tokens - 1, iv.last - opt.kv_position_offset);
+  }
+}
+
+namespace {
+std::atomic<int64_t> g_blocks_computed{0}, g_blocks_skipped{0};
+}  // namespace
+
+void CountKeyBlocks(int64_t computed, int64_t skipped) {
+  g_blocks_computed.fetch_add(computed, std::memory_order_relaxed);
+  g_blocks_skipped.fetch_add(skipped, std::memory_order_relaxed);
+}
+
+}  // namespace internal
+
+AttentionCounters ReadAttentionCounters() {
+  return AttentionCounters{internal::g_blocks_computed.load(std::memory_order_relaxed),
+                           internal::g_blocks_skipped.load(std::memory_order_relaxed)};
+}
+
 namespace {
 
 void EnsureSingleThreadedBlas() {
@@ -39,13 +109,16 @@ void EnsureSingleThreadedBlas() {
 
 constexpr int kKeyBlock = 256;
 
-// One task: kv head `hk`, query tokens [t0, t1) with all `group` query heads
-// that share hk, stacked as rows (t, g).
-void PrefillTile(const float* q, const void* k, const void* v, DType kv_dtype, const AttentionShape& s,
-                 const AttentionOptions& opt, float qmul, int hk, int64_t t0, int64_t t1, float* o,
-                 float* lse) {
+// One task on the generic/avx2 paths: kv head `hk`, query tokens [t0, t1)
+// with all `group` query heads that share hk, stacked as rows (t, g); the
+// products on OpenBLAS. Token t sees key indices [first[t-t0], last[t-t0]].
+// Returns the number of key blocks computed.
+int64_t PrefillTileBlas(const float* q, const void* k, const void* v, DType kv_dtype, const AttentionShape& s,
+                        float qmul, int hk, int64_t t0, int64_t t1, const int64_t* first, const int64_t* last,
+                        float* o, float* lse) {
   const int D = s.head_dim, H = s.heads, Hkv = s.kv_heads, G = H / Hkv;
-  const int rows = static_cast<int>(t1 - t0) * G;
+  const int tokens = static_cast<int>(t1 - t0);
+  const int rows = tokens * G;
   float* qs = internal::ThreadScratch(0, static_cast<size_t>(rows) * D);
   float* acc = internal::ThreadScratch(1, static_cast<size_t>(rows) * D);
   float* sc = internal::ThreadScratch(2, static_cast<size_t>(rows) * kKeyBlock);
@@ -61,16 +134,27 @@ void PrefillTile(const float* q, const void* k, const void* v, DType kv_dtype, c
   std::fill(m, m + rows, kNegInf);
   std::fill(l, l + rows, 0.0f);
 
-  int64_t kv_end = s.kv_tokens;
-  if (opt.causal) {  // keys past the last query's position are never visible
-    kv_end = std::min<int64_t>(kv_end, opt.q_position_offset + (t1 - 1) - opt.kv_position_offset + 1);
-  }
+  int64_t kmin = s.kv_tokens, kmax = -1;
+  for (int i = 0; i < tokens; ++i)
+    if (first[i] <= last[i]) {
+      kmin = std::min(kmin, first[i]);
+      kmax = std::max(kmax, last[i]);
+    }
   const bool fp32 = kv_dtype == DType::kFloat32;
   float* kbuf = fp32 ? nullptr : internal::ThreadScratch(4, static_cast<size_t>(kKeyBlock) * D);
   float* vbuf = fp32 ? nullptr : internal::ThreadScratch(5, static_cast<size_t>(kKeyBlock) * D);
   const int64_t row_stride = static_cast<int64_t>(Hkv) * D;
-  for (int64_t j0 = 0; j0 < kv_end; j0 += kKeyBlock) {
-    const int jb = static_cast<int>(std::min<int64_t>(kKeyBlock, kv_end - j0));
+  int64_t computed = 0;
+  for (int64_t j0 = kmin; j0 <= kmax; j0 += kKeyBlock) {
+    const int jb = static_cast<int>(std::min<int64_t>(kKeyBlock, kmax + 1 - j0));
+    bool any = false, full = true;
+    for (int i = 0; i < tokens; ++i) {
+      const bool empty = first[i] > last[i] || last[i] < j0 || first[i] > j0 + jb - 1;
+      any = any || !empty;
+      full = full && !empty && first[i] <= j0 && last[i] >= j0 + jb - 1;
+    }
+    if (!any) continue;
+    ++computed;
     const float* kp;
     const float* vp;
     int ld;
@@ -90,9 +174,7 @@ void PrefillTile(const float* q, const void* k, const void* v, DType kv_dtype, c
       ld = D;
     }
     Sgemm(false, true, rows, jb, D, 1.0f, qs, D, kp, ld, 0.0f, sc, jb);
-    if (opt.causal && opt.kv_position_offset + j0 + jb - 1 > opt.q_position_offset + t0) {
-      internal::ApplyCausalMask(sc, jb, rows, G, jb, t0, j0, opt.q_position_offset, opt.kv_position_offset);
-    }
+    if (!full) internal::ApplyIntervalMask(sc, jb, rows, G, jb, first, last, j0);
     internal::OnlineSoftmaxUpdate(sc, jb, rows, jb, m, l, acc, D);
     Sgemm(false, false, rows, D, jb, 1.0f, sc, jb, vp, ld, 1.0f, acc, D);
   }
@@ -103,6 +185,7 @@ void PrefillTile(const float* q, const void* k, const void* v, DType kv_dtype, c
       internal::FinalizeRow(acc + static_cast<int64_t>(r) * D, m[r], l[r], D, o + out_row * D,
                             lse ? lse + out_row : nullptr);
     }
+  return computed;
 }
 
 }  // namespace
@@ -110,6 +193,7 @@ void PrefillTile(const float* q, const void* k, const void* v, DType kv_dtype, c
 Status AttentionForward(const float* q, const void* k, const void* v, DType kv_dtype,
                         const AttentionShape& s, const AttentionOptions& opt, float* o, float* lse) {
   RINGTREE_RETURN_IF_ERROR(ValidateAttention(s, kv_dtype));
+  RINGTREE_RETURN_IF_ERROR(ValidateMasks(s, opt));
   if (s.q_tokens == 0) return Status::Ok();
   // Up to 64 query tokens the register-tiled split-KV kernel beats GEMM
   // tiles, even with 256 rows per kv head (OpenBLAS packs each small tile).
@@ -120,23 +204,51 @@ Status AttentionForward(const float* q, const void* k, const void* v, DType kv_d
 Status FlashAttentionForward(const float* q, const void* k, const void* v, DType kv_dtype,
                              const AttentionShape& s, const AttentionOptions& opt, float* o, float* lse) {
   RINGTREE_RETURN_IF_ERROR(ValidateAttention(s, kv_dtype));
+  RINGTREE_RETURN_IF_ERROR(ValidateMasks(s, opt));
   if (s.q_tokens == 0) return Status::Ok();
-  EnsureSingleThreadedBlas();
+  const KernelPath path = ActiveKernelPath();
+  const bool own_tiles = path >= KernelPath::kAvx512;
+  if (!own_tiles) EnsureSingleThreadedBlas();
   const int G = s.heads / s.kv_heads;
   const float qmul = ResolveScale(opt, s.head_dim) * internal::kLog2e;
   // About 128 stacked rows per tile: large enough for an efficient GEMM,
   // small enough that scores, queries and the accumulator stay in L2.
-  const int64_t tile = std::max<int64_t>(16, 128 / G);
+  const int64_t tile = std::max<int64_t>(own_tiles ? 8 : 16, 128 / G);
   const int64_t q_tiles = (s.q_tokens + tile - 1) / tile;
   const int64_t tasks = q_tiles * s.kv_heads;
+  const int key_block = own_tiles ? internal::kFlashKeyBlock : kKeyBlock;
+  const int64_t blocks_per_tile = (s.kv_tokens + key_block - 1) / key_block;
   tbb::parallel_for(tbb::blocked_range<int64_t>(0, tasks, 1), [&](const tbb::blocked_range<int64_t>& range) {
+    int64_t first[128], last[128];
+    int64_t computed = 0, tiles = 0;
     for (int64_t task = range.begin(); task < range.end(); ++task) {
       // Largest causal tiles (latest queries) first for better load balance.
       const int64_t qt = q_tiles - 1 - task / s.kv_heads;
       const int hk = static_cast<int>(task % s.kv_heads);
       const int64_t t0 = qt * tile, t1 = std::min(s.q_tokens, t0 + tile);
-      PrefillTile(q, k, v, kv_dtype, s, opt, qmul, hk, t0, t1, o, lse);
+      internal::TokenKeyRanges(s, opt, t0, t1, first, last);
+      ++tiles;
+      if (own_tiles) {
+        internal::FlashTile ft;
+        ft.q = q;
+        ft.k = k;
+        ft.v = v;
+        ft.kv_dtype = kv_dtype;
+        ft.shape = s;
+        ft.qmul = qmul;
+        ft.hk = hk;
+        ft.t0 = t0;
+        ft.t1 = t1;
+        ft.key_first = first;
+        ft.key_last = last;
+        ft.o = o;
+        ft.lse = lse;
+        computed += internal::FlashTileAvx512(ft, path == KernelPath::kAvx512Bf16);
+      } else {
+        computed += PrefillTileBlas(q, k, v, kv_dtype, s, qmul, hk, t0, t1, first, last, o, lse);
+      }
     }
+    internal::CountKeyBlocks(computed, tiles * blocks_per_tile - computed);
   });
   return Status::Ok();
 }

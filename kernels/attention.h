@@ -32,15 +32,40 @@ struct AttentionShape {
 struct AttentionOptions {
   // Causal mask on absolute positions: query i (at q_position_offset + i) sees
   // key j (at kv_position_offset + j) iff key position <= query position.
+  // The masks below combine with it; a query that sees no key gets the
+  // empty partial (0, -inf).
   bool causal = false;
   int64_t q_position_offset = 0;
   int64_t kv_position_offset = 0;
   // Softmax scale; <= 0 means 1/sqrt(head_dim).
   float scale = 0.0f;
+  // Sliding window (requires causal): when > 0, the query at position p sees
+  // the keys at positions in (p - window, p]. 0 = no window.
+  int64_t window = 0;
+  // Packed documents: cumulative lengths over absolute positions,
+  // [0, n1, n1 + n2, ..., total] (document i covers positions
+  // [doc_offsets[i], doc_offsets[i + 1])). A query sees only keys of its own
+  // document (and, with causal/window, only those the other masks allow).
+  // Empty: one document. Every query and key position must lie in
+  // [0, doc_offsets.back()). Not owned; must outlive the call.
+  std::span<const int64_t> doc_offsets;
 };
+
+// The keys a query can see form one interval of positions (causal, window
+// and documents each cut an interval, and intervals intersect to one).
+struct KeyInterval {
+  int64_t first = 0;  // inclusive positions; empty when first > last
+  int64_t last = -1;
+};
+
+// Visible key positions of the query at absolute position `q_position`
+// (doc_offsets already validated).
+KeyInterval VisibleKeys(const AttentionOptions& options, int64_t q_position);
 
 // Validates shapes and options. Messages name the field: "[attention] heads ...".
 Status ValidateAttention(const AttentionShape& shape, DType kv_dtype);
+// Validates the masks (window, doc_offsets) against the shape's positions.
+Status ValidateMasks(const AttentionShape& shape, const AttentionOptions& options);
 
 // Block-wise (flash) attention forward. Never materialises Tq x Tk; scratch
 // is O(tile) per thread. Dispatches to DecodeAttention when Tq <= 64.
@@ -78,6 +103,15 @@ struct KvSegment {
 Status DecodeAttentionSegments(const float* q, std::span<const KvSegment> segments, DType kv_dtype,
                                const AttentionShape& shape, const AttentionOptions& options, float* o,
                                float* lse);
+
+// Process-wide counts since start: key blocks the flash tiles computed, and
+// those they skipped because no query of the tile could see them (windows,
+// documents, causal). Tests use them to check that masked work is not done.
+struct AttentionCounters {
+  int64_t key_blocks_computed = 0;
+  int64_t key_blocks_skipped = 0;
+};
+AttentionCounters ReadAttentionCounters();
 
 // Resolved softmax scale (options.scale, or 1/sqrt(head_dim)).
 float ResolveScale(const AttentionOptions& options, int head_dim);

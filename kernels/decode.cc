@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "kernels/attention.h"
+#include "kernels/flash_tile.h"
 #include "kernels/merge.h"
 #include "kernels/online_softmax.h"
 
@@ -41,9 +42,10 @@ struct KeyBlock {
 };
 
 // The split-KV decode over a list of key blocks (one contiguous KV, or the
-// concatenation of several segments). kv_end: keys visible to some row.
+// concatenation of several segments). first/last: the key indices each query
+// token sees (null: every key); blocks hold only keys some token sees.
 Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_dtype, const AttentionShape& s,
-                  const AttentionOptions& opt, float* o, float* lse) {
+                  const AttentionOptions& opt, const int64_t* first, const int64_t* last, float* o, float* lse) {
   const int D = s.head_dim, H = s.heads, Hkv = s.kv_heads, G = H / Hkv;
   const int rows = static_cast<int>(s.q_tokens) * G;  // rows per kv head, ordered (t, g)
   const float qmul = ResolveScale(opt, D) * internal::kLog2e;
@@ -107,7 +109,9 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
           kp = kbuf;
           vp = vbuf;
         }
-        const bool mask = opt.causal && opt.kv_position_offset + j0 + jb - 1 > opt.q_position_offset;
+        bool mask = false;
+        if (first)
+          for (int64_t t = 0; t < s.q_tokens && !mask; ++t) mask = first[t] > j0 || last[t] < j0 + jb - 1;
         const KeyBlock* next = b + 1 < b1 ? &blocks[b + 1] : nullptr;
         for (int hk = 0; hk < Hkv; ++hk) {
           const int64_t base = static_cast<int64_t>(hk) * rows;
@@ -121,7 +125,7 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
           else
             internal::QueryKeyDots(qs.data() + base * D, rows, kp + hk * D, row_stride, jb, D, sc, kDecodeKeyBlock);
           if (mask)
-            internal::ApplyCausalMask(sc, kDecodeKeyBlock, rows, G, jb, 0, j0, opt.q_position_offset, opt.kv_position_offset);
+            internal::ApplyIntervalMask(sc, kDecodeKeyBlock, rows, G, jb, first, last, j0);
           internal::OnlineSoftmaxUpdate(sc, kDecodeKeyBlock, rows, jb, m + base, l + base, acc + base * D, D);
           if (fused_bf16)
             internal::AccumulateProbValuesBFloat16(sc, kDecodeKeyBlock, rows, vh + hk * D, row_stride, jb, D, acc + base * D);
@@ -158,22 +162,31 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
 Status DecodeAttention(const float* q, const void* k, const void* v, DType kv_dtype,
                        const AttentionShape& s, const AttentionOptions& opt, float* o, float* lse) {
   RINGTREE_RETURN_IF_ERROR(ValidateAttention(s, kv_dtype));
+  RINGTREE_RETURN_IF_ERROR(ValidateMasks(s, opt));
   if (s.q_tokens == 0) return Status::Ok();
   if (s.q_tokens > 64) return AttentionForward(q, k, v, kv_dtype, s, opt, o, lse);
-  int64_t kv_end = s.kv_tokens;
-  if (opt.causal)
-    kv_end = std::min<int64_t>(kv_end, opt.q_position_offset + s.q_tokens - 1 - opt.kv_position_offset + 1);
+  // The keys some query token sees: one interval per token, their union.
+  int64_t first[64], last[64];
+  internal::TokenKeyRanges(s, opt, 0, s.q_tokens, first, last);
+  int64_t kmin = s.kv_tokens, kmax = -1;
+  for (int64_t t = 0; t < s.q_tokens; ++t)
+    if (first[t] <= last[t]) {
+      kmin = std::min(kmin, first[t]);
+      kmax = std::max(kmax, last[t]);
+    }
   const int64_t row_bytes = static_cast<int64_t>(s.kv_heads) * s.head_dim * DTypeSize(kv_dtype);
   std::vector<KeyBlock> blocks;
-  for (int64_t j0 = 0; j0 < kv_end; j0 += kDecodeKeyBlock)
+  for (int64_t j0 = kmin; j0 <= kmax; j0 += kDecodeKeyBlock)
     blocks.push_back(KeyBlock{static_cast<const uint8_t*>(k) + j0 * row_bytes, static_cast<const uint8_t*>(v) + j0 * row_bytes,
-                              j0, static_cast<int>(std::min<int64_t>(kDecodeKeyBlock, kv_end - j0))});
-  return DecodeCore(q, blocks, kv_dtype, s, opt, o, lse);
+                              j0, static_cast<int>(std::min<int64_t>(kDecodeKeyBlock, kmax + 1 - j0))});
+  return DecodeCore(q, blocks, kv_dtype, s, opt, first, last, o, lse);
 }
 
 Status DecodeAttentionSegments(const float* q, std::span<const KvSegment> segments, DType kv_dtype,
                                const AttentionShape& s, const AttentionOptions& opt, float* o, float* lse) {
   if (opt.causal) return Status::InvalidArgument("[decode] segments: causal masking is not supported (every query must see every key)");
+  if (opt.window > 0 || !opt.doc_offsets.empty())
+    return Status::InvalidArgument("[decode] segments: window and doc_offsets are not supported (pass only the visible segments)");
   int64_t total = 0;
   for (size_t i = 0; i < segments.size(); ++i) {
     if (segments[i].tokens < 0) return Status::InvalidArgument("[decode] segments[" + std::to_string(i) + "].tokens < 0");
@@ -196,7 +209,7 @@ Status DecodeAttentionSegments(const float* q, std::span<const KvSegment> segmen
                                 static_cast<int>(std::min<int64_t>(kDecodeKeyBlock, seg.tokens - j0))});
     j += seg.tokens;
   }
-  return DecodeCore(q, blocks, kv_dtype, shape, opt, o, lse);
+  return DecodeCore(q, blocks, kv_dtype, shape, opt, nullptr, nullptr, o, lse);
 }
 
 }  // namespace ringtree

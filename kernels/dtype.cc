@@ -73,17 +73,6 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void F32ToF16Avx512(co
 
 }  // namespace
 
-bool CpuHasAvx512() {
-  static const bool has = [] {
-    const char* off = std::getenv("RINGTREE_DISABLE_AVX512");
-    if (off && *off && *off != '0') return false;  // force the portable path (tests)
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl");
-  }();
-  return has;
-}
-
 const char* DTypeName(DType t) {
   switch (t) {
     case DType::kFloat32: return "float32";

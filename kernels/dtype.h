@@ -29,8 +29,7 @@ float HalfToFloat(uint16_t h);
 void ConvertToFloat32(DType src_type, const void* src, float* dst, size_t n);
 void ConvertFromFloat32(const float* src, DType dst_type, void* dst, size_t n);
 
-// True when the running CPU has AVX-512F/BW/VL (checked once) and the
-// environment variable RINGTREE_DISABLE_AVX512 is not set to a non-zero value.
+// True when the active kernel path (kernels/cpu.h) is AVX-512 or better.
 bool CpuHasAvx512();
 
 }  // namespace ringtree

@@ -3,6 +3,7 @@
 // so exp2 replaces exp; lse is converted back to natural log at the end.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -19,23 +20,28 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Per-thread scratch that grows and is reused across tasks (no page faults in
 // the hot loop).
 inline float* ThreadScratch(int slot, size_t floats) {
-  thread_local std::vector<float> buffers[6];
+  thread_local std::vector<float> buffers[8];
   auto& b = buffers[slot];
   if (b.size() < floats) b.resize(floats);
   return b.data();
 }
 
-// Rows are (token, group-head) pairs: row r belongs to token t0 + r / group.
-// Masks s[r][c] (key j0 + c) when key position > query position.
-inline void ApplyCausalMask(float* s, int s_stride, int rows, int group, int keys, int64_t t0,
-                            int64_t j0, int64_t q_offset, int64_t kv_offset) {
+// Rows are (token, group-head) pairs: row r belongs to token t0 + r / group
+// (t0 relative to the arrays). Masks s[r][c] (key j0 + c) outside the
+// token's visible key indices [first[t], last[t]].
+inline void ApplyIntervalMask(float* s, int s_stride, int rows, int group, int keys, const int64_t* first,
+                              const int64_t* last, int64_t j0) {
   for (int r = 0; r < rows; ++r) {
-    const int64_t t = t0 + r / group;
-    const int64_t last_visible = q_offset + t - kv_offset - j0;  // last visible column
-    int64_t c0 = last_visible + 1;
-    if (c0 < 0) c0 = 0;
+    const int t = r / group;
+    const int64_t c_lo = std::max<int64_t>(0, std::min<int64_t>(keys, first[t] - j0));
+    const int64_t c_hi = std::max<int64_t>(-1, std::min<int64_t>(keys - 1, last[t] - j0));
     float* row = s + static_cast<int64_t>(r) * s_stride;
-    for (int64_t c = c0; c < keys; ++c) row[c] = kNegInf;
+    if (c_lo > c_hi) {
+      for (int c = 0; c < keys; ++c) row[c] = kNegInf;
+      continue;
+    }
+    for (int64_t c = 0; c < c_lo; ++c) row[c] = kNegInf;
+    for (int64_t c = c_hi + 1; c < keys; ++c) row[c] = kNegInf;
   }
 }
 

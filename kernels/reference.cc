@@ -23,7 +23,9 @@ void ReferenceAttention(const float* q, const void* k, const void* v, DType kv_d
       const float* qr = q + (t * H + h) * D;
       double mx = -std::numeric_limits<double>::infinity();
       for (int64_t j = 0; j < s.kv_tokens; ++j) {
-        if (opt.causal && opt.kv_position_offset + j > qpos) {
+        const KeyInterval visible = VisibleKeys(opt, qpos);
+        const int64_t kpos = opt.kv_position_offset + j;
+        if (kpos < visible.first || kpos > visible.last) {
           scores[j] = -std::numeric_limits<double>::infinity();
           continue;
         }

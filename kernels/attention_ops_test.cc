@@ -1,0 +1,276 @@
+// Generated kernel tests in the manner of ggml's test-backend-ops: every
+// kernel path this CPU can run (forced one by one), crossed with head dims,
+// GQA ratios, causal / sliding-window / document masks, ragged lengths and
+// position offsets, empty KV, extreme logits and float32/bfloat16 storage,
+// each against the float64 reference with a tolerance stated per path.
+//
+// Tolerances (max |o - o_ref|; lse is held to 10x that), about 10x the
+// largest error seen on any case when they were set (2026-11-30):
+//   generic, avx2, avx512: 2e-5 (seen 1.6e-6) — fp32 products and sums over
+//       <= 600 keys of values in [-1, 1].
+//   avx512bf16 with bfloat16 KV: 6e-3 (seen 4.3e-3 on the flash tiles) —
+//       queries and probabilities are rounded to bfloat16 (8 significant
+//       bits, relative error <= 2^-9) before the products; sums stay fp32.
+//   extreme logits (|logit| up to ~100): 1e-4 fp32, 2e-2 bf16 products (a
+//       rounding of q shifts a near-one-hot softmax); never NaN or inf.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstdio>
+#include <string>
+#include <vector>
+
+#include "kernels/attention.h"
+#include "kernels/cpu.h"
+#include "kernels/reference.h"
+#include "kernels/test_util.h"
+
+namespace ringtree {
+namespace {
+
+struct OpCase {
+  std::string name;
+  int64_t tq = 0, tk = 0;
+  int heads = 1, kv_heads = 1, head_dim = 64;
+  bool causal = false;
+  int64_t window = 0;
+  std::vector<int64_t> docs;  // cumulative lengths over positions, empty = one document
+  int64_t q_off = 0, kv_off = 0;
+  DType dtype = DType::kFloat32;
+  float magnitude = 1.0f;  // query scale: large values give extreme logits
+};
+
+struct Tolerance {
+  double o, lse;
+};
+
+Tolerance ToleranceFor(KernelPath path, const OpCase& c) {
+  const bool bf16_products = path == KernelPath::kAvx512Bf16 && c.dtype == DType::kBFloat16;
+  double o = bf16_products ? 6e-3 : 2e-5;
+  if (c.magnitude > 1.0f) o = bf16_products ? 2e-2 : 1e-4;
+  return {o, 10 * o};
+}
+
+// Cumulative document lengths covering [0, total) with boundaries at the
+// given cut points.
+std::vector<int64_t> Docs(std::initializer_list<int64_t> cuts, int64_t total) {
+  std::vector<int64_t> d{0};
+  for (int64_t c : cuts)
+    if (c > d.back() && c < total) d.push_back(c);
+  d.push_back(total);
+  return d;
+}
+
+std::vector<OpCase> GenerateCases() {
+  std::vector<OpCase> cases;
+  const int dims[] = {32, 64, 80, 128, 256};
+  const int groups[] = {1, 4, 8};
+  struct Mask {
+    const char* name;
+    bool causal;
+    int64_t window;
+    bool docs;
+  };
+  const Mask masks[] = {
+      {"full", false, 0, false},          {"causal", true, 0, false},
+      {"win5", true, 5, false},           // window smaller than any tile
+      {"win_big", true, 100000, false},   // window longer than the sequence
+      {"docs", false, 0, true},           {"causal_docs", true, 0, true},
+      {"win37_docs", true, 37, true},
+  };
+  int variant = 0;
+  for (const Mask& m : masks)
+    for (DType dtype : {DType::kFloat32, DType::kBFloat16})
+      for (int d : dims)
+        for (int g : groups) {
+          ++variant;
+          OpCase c;
+          // Ragged lengths that change with the case; the kv side is a prefix
+          // that ends with the queries (a ring step's diagonal block) or the
+          // same range, alternately.
+          c.tq = 61 + (variant * 37) % 150;  // 61..210: several tiles, ragged ends
+          const bool prefix = variant % 2 == 0;
+          c.tk = prefix ? c.tq + (variant * 53) % 200 : c.tq;
+          c.kv_off = 0;
+          c.q_off = c.tk - c.tq;
+          c.kv_heads = g == 8 ? 1 : 2;
+          c.heads = g * c.kv_heads;
+          c.head_dim = d;
+          c.causal = m.causal;
+          c.window = m.window;
+          c.dtype = dtype;
+          const int64_t total = c.tk;
+          if (m.docs) c.docs = Docs({c.q_off + 7, c.q_off + c.tq / 2 + 3, c.q_off + c.tq - 2}, total);
+          c.name = std::string(m.name) + "_" + (dtype == DType::kFloat32 ? "f32" : "bf16") + "_d" + std::to_string(d) +
+                   "_g" + std::to_string(g) + "_q" + std::to_string(c.tq) + "_k" + std::to_string(c.tk);
+          cases.push_back(c);
+        }
+  // Special shapes.
+  auto add = [&](OpCase c) { cases.push_back(std::move(c)); };
+  {
+    OpCase c;
+    c.name = "empty_kv";
+    c.tq = 70, c.tk = 0, c.heads = 4, c.kv_heads = 2, c.head_dim = 64;
+    add(c);
+    c.name = "empty_kv_bf16";
+    c.dtype = DType::kBFloat16;
+    add(c);
+  }
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+    OpCase c;
+    c.name = std::string("extreme_logits_") + (dtype == DType::kFloat32 ? "f32" : "bf16");
+    c.tq = 90, c.tk = 300, c.heads = 8, c.kv_heads = 2, c.head_dim = 128, c.causal = true, c.q_off = 210;
+    c.magnitude = 8.0f;
+    c.dtype = dtype;
+    add(c);
+  }
+  {
+    OpCase c;  // queries before every key: every row empty
+    c.name = "kv_after_queries";
+    c.tq = 80, c.tk = 100, c.heads = 4, c.kv_heads = 4, c.head_dim = 64, c.causal = true, c.q_off = 0, c.kv_off = 500;
+    add(c);
+  }
+  {
+    OpCase c;  // one decode token, window inside a long KV, bf16
+    c.name = "decode_window_bf16";
+    c.tq = 1, c.tk = 5000, c.heads = 8, c.kv_heads = 2, c.head_dim = 128, c.causal = true, c.window = 300;
+    c.q_off = 4999, c.dtype = DType::kBFloat16;
+    add(c);
+  }
+  {
+    OpCase c;  // odd head dim (bf16 pairs must not read the next head)
+    c.name = "odd_dim_bf16";
+    c.tq = 75, c.tk = 75, c.heads = 4, c.kv_heads = 2, c.head_dim = 33, c.causal = true, c.dtype = DType::kBFloat16;
+    add(c);
+  }
+  return cases;
+}
+
+struct Reference {
+  std::vector<float> q, o, lse;
+  std::vector<uint8_t> k, v;
+};
+
+Reference MakeReference(const OpCase& c, const AttentionOptions& opt) {
+  Reference r;
+  const AttentionShape s{c.tq, c.tk, c.heads, c.kv_heads, c.head_dim};
+  r.q = testing::RandomVector(c.tq * c.heads * c.head_dim, 11, -c.magnitude, c.magnitude);
+  r.k = testing::ToStorage(testing::RandomVector(c.tk * c.kv_heads * c.head_dim, 12), c.dtype);
+  r.v = testing::ToStorage(testing::RandomVector(c.tk * c.kv_heads * c.head_dim, 13), c.dtype);
+  r.o.assign(r.q.size(), 0.0f);
+  r.lse.assign(c.tq * c.heads, 0.0f);
+  ReferenceAttention(r.q.data(), r.k.data(), r.v.data(), c.dtype, s, opt, r.o.data(), r.lse.data());
+  return r;
+}
+
+std::vector<KernelPath> SupportedPaths() {
+  std::vector<KernelPath> out;
+  for (KernelPath p : {KernelPath::kGeneric, KernelPath::kAvx2, KernelPath::kAvx512, KernelPath::kAvx512Bf16})
+    if (KernelPathSupported(p)) out.push_back(p);
+  return out;
+}
+
+class PathGuard {
+ public:
+  explicit PathGuard(KernelPath p) { ok_ = SetKernelPath(p); }
+  ~PathGuard() { ResetKernelPath(); }
+  bool ok() const { return ok_; }
+
+ private:
+  bool ok_ = false;
+};
+
+class AttentionOpsTest : public ::testing::TestWithParam<OpCase> {};
+
+TEST_P(AttentionOpsTest, EveryPathMatchesFloat64Reference) {
+  const OpCase& c = GetParam();
+  AttentionOptions opt;
+  opt.causal = c.causal;
+  opt.window = c.window;
+  opt.q_position_offset = c.q_off;
+  opt.kv_position_offset = c.kv_off;
+  opt.doc_offsets = c.docs;
+  const AttentionShape s{c.tq, c.tk, c.heads, c.kv_heads, c.head_dim};
+  const Reference ref = MakeReference(c, opt);
+  for (KernelPath path : SupportedPaths()) {
+    PathGuard guard(path);
+    ASSERT_TRUE(guard.ok());
+    const Tolerance tol = ToleranceFor(path, c);
+    for (int entry = 0; entry < 3; ++entry) {
+      if (entry == 2 && c.tq > 64) continue;  // the decode kernel takes up to 64 query tokens
+      std::vector<float> o(ref.q.size(), 7.0f), lse(ref.lse.size(), 7.0f);
+      Status st = entry == 0   ? AttentionForward(ref.q.data(), ref.k.data(), ref.v.data(), c.dtype, s, opt, o.data(), lse.data())
+                  : entry == 1 ? FlashAttentionForward(ref.q.data(), ref.k.data(), ref.v.data(), c.dtype, s, opt, o.data(), lse.data())
+                               : DecodeAttention(ref.q.data(), ref.k.data(), ref.v.data(), c.dtype, s, opt, o.data(), lse.data());
+      const char* entry_name = entry == 0 ? "forward" : entry == 1 ? "flash" : "decode";
+      ASSERT_TRUE(st.ok()) << KernelPathName(path) << " " << entry_name << ": " << st.ToString();
+      for (float x : o) ASSERT_TRUE(std::isfinite(x)) << KernelPathName(path) << " " << entry_name;
+      EXPECT_LE(testing::MaxAbsDiff(o.data(), ref.o.data(), o.size()), tol.o) << KernelPathName(path) << " " << entry_name;
+      EXPECT_LE(testing::MaxAbsDiff(lse.data(), ref.lse.data(), lse.size()), tol.lse) << KernelPathName(path) << " " << entry_name;
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Generated, AttentionOpsTest, ::testing::ValuesIn(GenerateCases()),
+                         [](const ::testing::TestParamInfo<OpCase>& info) { return info.param.name; });
+
+// A window far shorter than the sequence computes only the blocks near the
+// diagonal: the tiles' counters must show the rest skipped, on every path.
+TEST(AttentionMasks, WindowSkipsBlocksOutsideIt) {
+  const int64_t n = 4096;
+  const AttentionShape s{n, n, 2, 2, 64};
+  auto q = testing::RandomVector(n * 2 * 64, 1), k = testing::RandomVector(n * 2 * 64, 2),
+       v = testing::RandomVector(n * 2 * 64, 3);
+  std::vector<float> o(q.size()), lse(n * 2);
+  for (KernelPath path : SupportedPaths()) {
+    PathGuard guard(path);
+    AttentionOptions opt;
+    opt.causal = true;
+    opt.window = 256;
+    const AttentionCounters before = ReadAttentionCounters();
+    ASSERT_TRUE(FlashAttentionForward(q.data(), k.data(), v.data(), DType::kFloat32, s, opt, o.data(), lse.data()).ok());
+    const AttentionCounters after = ReadAttentionCounters();
+    const int64_t computed = after.key_blocks_computed - before.key_blocks_computed;
+    const int64_t skipped = after.key_blocks_skipped - before.key_blocks_skipped;
+    // Each tile sees at most window + tile keys: a few blocks of the ~32 per tile.
+    EXPECT_GT(computed, 0) << KernelPathName(path);
+    EXPECT_LT(computed * 5, skipped) << KernelPathName(path) << ": computed " << computed << ", skipped " << skipped;
+  }
+}
+
+TEST(AttentionMasks, BadMasksAreRejectedNamingTheField) {
+  const AttentionShape s{4, 4, 1, 1, 32};
+  std::vector<float> q(4 * 32), k(4 * 32), v(4 * 32), o(4 * 32);
+  AttentionOptions opt;
+  opt.window = 3;  // without causal
+  Status st = AttentionForward(q.data(), k.data(), v.data(), DType::kFloat32, s, opt, o.data(), nullptr);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("window"), std::string::npos) << st.message();
+  opt.causal = true;
+  opt.window = -1;
+  st = AttentionForward(q.data(), k.data(), v.data(), DType::kFloat32, s, opt, o.data(), nullptr);
+  EXPECT_NE(st.message().find("window"), std::string::npos) << st.message();
+  opt.window = 0;
+  const std::vector<int64_t> short_docs{0, 2, 3};  // covers positions [0, 3) but keys reach 3
+  opt.doc_offsets = short_docs;
+  st = AttentionForward(q.data(), k.data(), v.data(), DType::kFloat32, s, opt, o.data(), nullptr);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("doc_offsets"), std::string::npos) << st.message();
+  const std::vector<int64_t> unsorted{0, 3, 2, 4};
+  opt.doc_offsets = unsorted;
+  st = DecodeAttention(q.data(), k.data(), v.data(), DType::kFloat32, s, opt, o.data(), nullptr);
+  EXPECT_NE(st.message().find("doc_offsets"), std::string::npos) << st.message();
+}
+
+TEST(KernelPaths, ForcingAnUnsupportedPathFailsAndChangesNothing) {
+  const KernelPath before = ActiveKernelPath();
+  for (KernelPath p : {KernelPath::kGeneric, KernelPath::kAvx2, KernelPath::kAvx512, KernelPath::kAvx512Bf16}) {
+    if (KernelPathSupported(p)) continue;
+    EXPECT_FALSE(SetKernelPath(p));
+    EXPECT_EQ(ActiveKernelPath(), before);
+  }
+  std::printf("%s\n", KernelPathDescription().c_str());
+}
+
+}  // namespace
+}  // namespace ringtree

@@ -1,0 +1,82 @@
+// CPU feature detection and the choice of kernel code path.
+//
+// Paths are chosen from cpuid feature bits and the OS's register-state
+// support (XCR0), never from a table of CPU models, so an unknown or newer
+// CPU gets the best path its features allow. Any supported path can be forced
+// for tests and comparisons:
+//   RINGTREE_KERNEL_PATH=generic|avx2|avx512|avx512bf16   (environment), or
+//   SetKernelPath() in-process (tests run the same suite on every path).
+// RINGTREE_DISABLE_AVX512=1 (older spelling) caps the path at avx2.
+// Forcing a path the CPU cannot run is an error at start, never a crash later.
+//
+// OpenBLAS: Debian's OpenBLAS picks its kernels from a model table and falls
+// back to SSE3 "Prescott" kernels on CPUs it does not know (Intel family 6
+// model 207 among them: a fifth of the SGEMM rate). At load, this library
+// re-selects OpenBLAS's core from the same feature bits when its own choice is
+// weaker (SkylakeX/Cooperlake for AVX-512, Haswell for AVX2+FMA), unless the
+// user set OPENBLAS_CORETYPE. BlasCoreName() reports the result.
+#pragma once
+
+#include <string>
+
+namespace ringtree {
+
+struct CpuFeatures {
+  std::string model;  // cpuid brand string
+  bool avx2 = false, fma = false;
+  bool avx512f = false, avx512bw = false, avx512vl = false, avx512dq = false;
+  bool avx512bf16 = false;
+  bool amx_tile = false, amx_bf16 = false;  // cpuid bits
+  bool os_avx = false, os_avx512 = false;   // XCR0: the OS saves ymm / zmm + opmask state
+  bool os_amx = false;                      // XCR0 tile state enabled and arch_prctl permission granted
+};
+
+// Detected once (thread-safe); never changes.
+const CpuFeatures& DetectCpu();
+
+// Ordered: a path may use everything of the ones before it.
+//   kGeneric    portable C++ (+ OpenBLAS for prefill tiles)
+//   kAvx2       AVX2/FMA compiled variants of the portable row primitives
+//   kAvx512     the project's AVX-512 register-tiled micro-kernels
+//   kAvx512Bf16 as kAvx512, and bf16 KV multiplied with vdpbf16ps (bf16
+//               products, fp32 accumulation) instead of being widened to fp32
+// AMX tiles are detected and reported, but no AMX path exists (no machine the
+// project runs on exposes AMX to its VMs, so it could not be tested).
+enum class KernelPath { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+
+const char* KernelPathName(KernelPath path);
+// Parses "generic", "avx2", "avx512", "avx512bf16"; false on anything else.
+bool ParseKernelPath(const std::string& name, KernelPath* out);
+
+// True when the CPU and OS can run `path`.
+bool KernelPathSupported(KernelPath path);
+
+// The best supported path (kAvx512Bf16 only when vdpbf16ps, measured once at
+// start against vfmadd231ps, multiplies faster than fp32 FMA does: on some
+// CPUs it has a quarter of the FMA's throughput, which makes it slower).
+KernelPath DefaultKernelPath();
+
+// The path the kernels use now: the forced one (environment or
+// SetKernelPath), else DefaultKernelPath(). Cheap (one relaxed atomic load).
+KernelPath ActiveKernelPath();
+
+// Forces a path for this process (tests, benchmarks). Returns false and
+// changes nothing when the CPU cannot run it. Not for use while kernels run
+// on other threads.
+bool SetKernelPath(KernelPath path);
+// Back to the environment's choice or the default.
+void ResetKernelPath();
+
+// OpenBLAS's core name now (e.g. "SkylakeX"), and the one it picked itself
+// before this library corrected it (equal when nothing was changed).
+std::string BlasCoreName();
+std::string BlasCoreNameAtLoad();
+
+// vdpbf16ps multiplications per second ÷ vfmadd231ps multiplications per
+// second, from the probe at start (0 when the CPU lacks AVX512-BF16).
+double Bf16DotSpeedup();
+
+// One line for logs and benchmarks: CPU model, features, path, BLAS core.
+std::string KernelPathDescription();
+
+}  // namespace ringtree

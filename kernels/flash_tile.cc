@@ -1,0 +1,464 @@
+// Flash-attention tile on the project's own AVX-512 micro-kernels.
+//
+// The tile works in the transposed domain: queries packed once per tile as
+// QT[d][r] (rows r along the vector lanes), scores as ST[j][r], the output
+// accumulator as OT[d][r]. Then
+//   - QK^T is an outer-product micro-kernel: per d, C vectors of QT times a
+//     broadcast of K[j][d] straight from K's row-major storage (no packing);
+//   - the online softmax is vertical: row maxima, sums and rescaling are
+//     plain vector operations over 16 rows at a time;
+//   - PV is the same micro-kernel again: per key j, C vectors of ST[j] times
+//     a broadcast of V[j][d] from V's storage.
+// Neither K nor V is ever repacked (bf16 is widened per block, or read as
+// bf16 pairs on the vdpbf16ps path), and no BLAS call is made, so the rate
+// does not depend on what OpenBLAS believes the CPU is.
+#include "kernels/flash_tile.h"
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cmath>
+
+#include "kernels/online_softmax.h"
+#include "kernels/simd_avx512.h"
+
+#define RT_AVX512_BF16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma,avx512bf16")))
+
+namespace ringtree::internal {
+namespace {
+
+constexpr int kKB = kFlashKeyBlock;
+
+// ---- fp32 micro-kernels -------------------------------------------------
+
+// st[j][16c..] = sum_d qt[d][16c..] * k[j][d] for NJ keys, C row vectors.
+template <int C, int NJ>
+RT_AVX512 inline void QkMicro(const float* qt, int rp, const float* k, int64_t ks, int D, float* st) {
+  __m512 acc[NJ][C];
+#pragma GCC unroll 32
+  for (int j = 0; j < NJ; ++j)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) acc[j][c] = _mm512_setzero_ps();
+  for (int d = 0; d < D; ++d) {
+    __m512 qv[C];
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) qv[c] = _mm512_loadu_ps(qt + d * rp + 16 * c);
+#pragma GCC unroll 32
+    for (int j = 0; j < NJ; ++j) {
+      const __m512 kb = _mm512_set1_ps(k[j * ks + d]);
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) acc[j][c] = _mm512_fmadd_ps(qv[c], kb, acc[j][c]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int j = 0; j < NJ; ++j)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(st + j * rp + 16 * c, acc[j][c]);
+}
+
+// ot[d][16c..] += sum_j st[j][16c..] * v[j][d] for ND values of d, C row vectors.
+template <int C, int ND>
+RT_AVX512 inline void PvMicro(const float* st, int rp, int nk, const float* v, int64_t vs, float* ot) {
+  __m512 acc[ND][C];
+#pragma GCC unroll 32
+  for (int e = 0; e < ND; ++e)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) acc[e][c] = _mm512_loadu_ps(ot + e * rp + 16 * c);
+  for (int j = 0; j < nk; ++j) {
+    __m512 pv[C];
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) pv[c] = _mm512_loadu_ps(st + j * rp + 16 * c);
+#pragma GCC unroll 32
+    for (int e = 0; e < ND; ++e) {
+      const __m512 vb = _mm512_set1_ps(v[j * vs + e]);
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) acc[e][c] = _mm512_fmadd_ps(pv[c], vb, acc[e][c]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int e = 0; e < ND; ++e)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(ot + e * rp + 16 * c, acc[e][c]);
+}
+
+// ---- bf16 micro-kernels (vdpbf16ps: pairs of bf16 products, fp32 sums) ---
+
+// qt2[i][r]: the bf16 pair (q[r][2i], q[r][2i+1]); k: bf16 rows, read as pairs.
+template <int C, int NJ>
+RT_AVX512_BF16 inline void QkMicroBf16(const uint32_t* qt2, int rp, const uint16_t* k, int64_t ks, int D2,
+                                       float* st) {
+  __m512 acc[NJ][C];
+#pragma GCC unroll 32
+  for (int j = 0; j < NJ; ++j)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) acc[j][c] = _mm512_setzero_ps();
+  for (int i = 0; i < D2; ++i) {
+    __m512bh qv[C];
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) qv[c] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(qt2 + i * rp + 16 * c));
+#pragma GCC unroll 32
+    for (int j = 0; j < NJ; ++j) {
+      uint32_t pair;
+      __builtin_memcpy(&pair, k + j * ks + 2 * i, 4);
+      const __m512bh kb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(pair)));
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) acc[j][c] = _mm512_dpbf16_ps(acc[j][c], qv[c], kb);
+    }
+  }
+#pragma GCC unroll 32
+  for (int j = 0; j < NJ; ++j)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(st + j * rp + 16 * c, acc[j][c]);
+}
+
+// pt2[i][r]: the bf16 pair (p[r][2i], p[r][2i+1]); v2[i][d]: (v[2i][d], v[2i+1][d]).
+template <int C, int ND>
+RT_AVX512_BF16 inline void PvMicroBf16(const uint32_t* pt2, int rp, int nk2, const uint32_t* v2, int D, float* ot) {
+  __m512 acc[ND][C];
+#pragma GCC unroll 32
+  for (int e = 0; e < ND; ++e)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) acc[e][c] = _mm512_loadu_ps(ot + e * rp + 16 * c);
+  for (int i = 0; i < nk2; ++i) {
+    __m512bh pv[C];
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) pv[c] = reinterpret_cast<__m512bh>(_mm512_loadu_si512(pt2 + i * rp + 16 * c));
+#pragma GCC unroll 32
+    for (int e = 0; e < ND; ++e) {
+      const __m512bh vb = reinterpret_cast<__m512bh>(_mm512_set1_epi32(static_cast<int>(v2[i * D + e])));
+#pragma GCC unroll 4
+      for (int c = 0; c < C; ++c) acc[e][c] = _mm512_dpbf16_ps(acc[e][c], pv[c], vb);
+    }
+  }
+#pragma GCC unroll 32
+  for (int e = 0; e < ND; ++e)
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) _mm512_storeu_ps(ot + e * rp + 16 * c, acc[e][c]);
+}
+
+// ---- drivers: all keys / all d of a block, tails by template recursion ----
+
+template <int C, int NJ>
+RT_AVX512 void QkTail(int nj, const float* qt, int rp, const float* k, int64_t ks, int D, float* st) {
+  if constexpr (NJ >= 1) {
+    if (nj == NJ) return QkMicro<C, NJ>(qt, rp, k, ks, D, st);
+    QkTail<C, NJ - 1>(nj, qt, rp, k, ks, D, st);
+  }
+}
+
+template <int C, int NJ>
+RT_AVX512 void QkKeys(const float* qt, int rp, const float* k, int64_t ks, int nk, int D, float* st) {
+  int j = 0;
+  for (; j + NJ <= nk; j += NJ) QkMicro<C, NJ>(qt, rp, k + j * ks, ks, D, st + j * rp);
+  if (j < nk) QkTail<C, NJ - 1>(nk - j, qt, rp, k + j * ks, ks, D, st + j * rp);
+}
+
+RT_AVX512 void QkBlock(const float* qt, int rp, const float* k, int64_t ks, int nk, int D, float* st) {
+  const int rv = rp / 16;
+  int c = 0;
+  for (; c + 4 <= rv; c += 4) QkKeys<4, 6>(qt + 16 * c, rp, k, ks, nk, D, st + 16 * c);
+  for (; c + 2 <= rv; c += 2) QkKeys<2, 12>(qt + 16 * c, rp, k, ks, nk, D, st + 16 * c);
+  for (; c < rv; ++c) QkKeys<1, 12>(qt + 16 * c, rp, k, ks, nk, D, st + 16 * c);
+}
+
+template <int C, int ND>
+RT_AVX512 void PvTail(int nd, const float* st, int rp, int nk, const float* v, int64_t vs, float* ot) {
+  if constexpr (ND >= 1) {
+    if (nd == ND) return PvMicro<C, ND>(st, rp, nk, v, vs, ot);
+    PvTail<C, ND - 1>(nd, st, rp, nk, v, vs, ot);
+  }
+}
+
+template <int C, int ND>
+RT_AVX512 void PvDims(const float* st, int rp, int nk, const float* v, int64_t vs, int D, float* ot) {
+  int d = 0;
+  for (; d + ND <= D; d += ND) PvMicro<C, ND>(st, rp, nk, v + d, vs, ot + d * rp);
+  if (d < D) PvTail<C, ND - 1>(D - d, st, rp, nk, v + d, vs, ot + d * rp);
+}
+
+RT_AVX512 void PvBlock(const float* st, int rp, int nk, const float* v, int64_t vs, int D, float* ot) {
+  const int rv = rp / 16;
+  int c = 0;
+  for (; c + 4 <= rv; c += 4) PvDims<4, 6>(st + 16 * c, rp, nk, v, vs, D, ot + 16 * c);
+  for (; c + 2 <= rv; c += 2) PvDims<2, 12>(st + 16 * c, rp, nk, v, vs, D, ot + 16 * c);
+  for (; c < rv; ++c) PvDims<1, 12>(st + 16 * c, rp, nk, v, vs, D, ot + 16 * c);
+}
+
+template <int C, int NJ>
+RT_AVX512_BF16 void QkTailBf16(int nj, const uint32_t* qt2, int rp, const uint16_t* k, int64_t ks, int D2, float* st) {
+  if constexpr (NJ >= 1) {
+    if (nj == NJ) return QkMicroBf16<C, NJ>(qt2, rp, k, ks, D2, st);
+    QkTailBf16<C, NJ - 1>(nj, qt2, rp, k, ks, D2, st);
+  }
+}
+
+template <int C, int NJ>
+RT_AVX512_BF16 void QkKeysBf16(const uint32_t* qt2, int rp, const uint16_t* k, int64_t ks, int nk, int D2, float* st) {
+  int j = 0;
+  for (; j + NJ <= nk; j += NJ) QkMicroBf16<C, NJ>(qt2, rp, k + j * ks, ks, D2, st + j * rp);
+  if (j < nk) QkTailBf16<C, NJ - 1>(nk - j, qt2, rp, k + j * ks, ks, D2, st + j * rp);
+}
+
+RT_AVX512_BF16 void QkBlockBf16(const uint32_t* qt2, int rp, const uint16_t* k, int64_t ks, int nk, int D2, float* st) {
+  const int rv = rp / 16;
+  int c = 0;
+  for (; c + 4 <= rv; c += 4) QkKeysBf16<4, 6>(qt2 + 16 * c, rp, k, ks, nk, D2, st + 16 * c);
+  for (; c + 2 <= rv; c += 2) QkKeysBf16<2, 12>(qt2 + 16 * c, rp, k, ks, nk, D2, st + 16 * c);
+  for (; c < rv; ++c) QkKeysBf16<1, 12>(qt2 + 16 * c, rp, k, ks, nk, D2, st + 16 * c);
+}
+
+template <int C, int ND>
+RT_AVX512_BF16 void PvTailBf16(int nd, const uint32_t* pt2, int rp, int nk2, const uint32_t* v2, int D, float* ot) {
+  if constexpr (ND >= 1) {
+    if (nd == ND) return PvMicroBf16<C, ND>(pt2, rp, nk2, v2, D, ot);
+    PvTailBf16<C, ND - 1>(nd, pt2, rp, nk2, v2, D, ot);
+  }
+}
+
+template <int C, int ND>
+RT_AVX512_BF16 void PvDimsBf16(const uint32_t* pt2, int rp, int nk2, const uint32_t* v2, int D, float* ot) {
+  int d = 0;
+  for (; d + ND <= D; d += ND) PvMicroBf16<C, ND>(pt2, rp, nk2, v2 + d, D, ot + d * rp);
+  if (d < D) PvTailBf16<C, ND - 1>(D - d, pt2, rp, nk2, v2 + d, D, ot + d * rp);
+}
+
+RT_AVX512_BF16 void PvBlockBf16(const uint32_t* pt2, int rp, int nk2, const uint32_t* v2, int D, float* ot) {
+  const int rv = rp / 16;
+  int c = 0;
+  for (; c + 4 <= rv; c += 4) PvDimsBf16<4, 6>(pt2 + 16 * c, rp, nk2, v2, D, ot + 16 * c);
+  for (; c + 2 <= rv; c += 2) PvDimsBf16<2, 12>(pt2 + 16 * c, rp, nk2, v2, D, ot + 16 * c);
+  for (; c < rv; ++c) PvDimsBf16<1, 12>(pt2 + 16 * c, rp, nk2, v2, D, ot + 16 * c);
+}
+
+// Probabilities st[j][r] (fp32, j < nk) to bf16 pairs pt2[i][r] = (p[2i], p[2i+1]);
+// an odd last key is paired with 0.
+RT_AVX512_BF16 void PackProbPairs(const float* st, int rp, int nk, uint32_t* pt2) {
+  alignas(64) static constexpr uint16_t kInterleave[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                            8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i lo_idx = _mm512_load_si512(kInterleave);
+  for (int i = 0; 2 * i < nk; ++i) {
+    for (int r = 0; r < rp; r += 16) {
+      const __m512 a = _mm512_loadu_ps(st + (2 * i) * rp + r);
+      const __m512 b = 2 * i + 1 < nk ? _mm512_loadu_ps(st + (2 * i + 1) * rp + r) : _mm512_setzero_ps();
+      // cvtne2ps: high half from the first operand, low half from the second.
+      const __m512i ab = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));  // a in 0..15, b in 16..31
+      _mm512_storeu_si512(pt2 + i * rp + r, _mm512_permutexvar_epi16(lo_idx, ab));
+    }
+  }
+}
+
+// V rows (bf16, row stride vs) to pairs v2[i][d] = (v[2i][d], v[2i+1][d]).
+RT_AVX512 void PackValuePairs(const uint16_t* v, int64_t vs, int nk, int D, uint32_t* v2) {
+  for (int i = 0; 2 * i < nk; ++i) {
+    const uint16_t* a = v + (2 * i) * vs;
+    const uint16_t* b = 2 * i + 1 < nk ? a + vs : nullptr;
+    int d = 0;
+    for (; d + 16 <= D; d += 16) {
+      const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + d)));
+      const __m512i y = b ? _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(b + d)))
+                          : _mm512_setzero_si512();
+      _mm512_storeu_si512(v2 + i * D + d, _mm512_or_si512(x, _mm512_slli_epi32(y, 16)));
+    }
+    for (; d < D; ++d) v2[i * D + d] = static_cast<uint32_t>(a[d]) | (b ? static_cast<uint32_t>(b[d]) << 16 : 0u);
+  }
+}
+
+// ---- the tile -------------------------------------------------------------
+
+// Sets st[j][r] = -inf where key j0 + j is outside row r's interval.
+RT_AVX512 void MaskBlock(float* st, int rp, int nk, const int32_t* lo, const int32_t* hi) {
+  const __m512 neg = _mm512_set1_ps(kNegInf);
+  for (int r = 0; r < rp; r += 16) {
+    const __m512i l = _mm512_loadu_si512(lo + r), h = _mm512_loadu_si512(hi + r);
+    for (int j = 0; j < nk; ++j) {
+      const __m512i jv = _mm512_set1_epi32(j);
+      const __mmask16 hidden = _mm512_cmpgt_epi32_mask(l, jv) | _mm512_cmpgt_epi32_mask(jv, h);
+      if (hidden) _mm512_mask_storeu_ps(st + j * rp + r, hidden, neg);
+    }
+  }
+}
+
+// Online softmax over a block in the transposed domain; leaves probabilities in st.
+RT_AVX512 void SoftmaxBlock(float* st, int rp, int nk, int D, float* m, float* l, float* ot) {
+  const __m512 neg = _mm512_set1_ps(kNegInf), one = _mm512_set1_ps(1.0f);
+  for (int r = 0; r < rp; r += 16) {
+    __m512 mx0 = neg, mx1 = neg;
+    int j = 0;
+    for (; j + 2 <= nk; j += 2) {
+      mx0 = _mm512_max_ps(mx0, _mm512_loadu_ps(st + j * rp + r));
+      mx1 = _mm512_max_ps(mx1, _mm512_loadu_ps(st + (j + 1) * rp + r));
+    }
+    if (j < nk) mx0 = _mm512_max_ps(mx0, _mm512_loadu_ps(st + j * rp + r));
+    const __m512 m_old = _mm512_loadu_ps(m + r);
+    const __m512 m_new = _mm512_max_ps(m_old, _mm512_max_ps(mx0, mx1));
+    // Rows that have seen nothing yet subtract 0 (exp2(-inf - 0) = 0, no NaN).
+    const __m512 m_use = _mm512_mask_mov_ps(m_new, _mm512_cmp_ps_mask(m_new, neg, _CMP_EQ_OQ), _mm512_setzero_ps());
+    const __m512 alpha = Exp2Avx512(_mm512_sub_ps(m_old, m_use));
+    __m512 s0 = _mm512_setzero_ps(), s1 = s0;
+    for (j = 0; j + 2 <= nk; j += 2) {
+      const __m512 p0 = Exp2Avx512(_mm512_sub_ps(_mm512_loadu_ps(st + j * rp + r), m_use));
+      const __m512 p1 = Exp2Avx512(_mm512_sub_ps(_mm512_loadu_ps(st + (j + 1) * rp + r), m_use));
+      _mm512_storeu_ps(st + j * rp + r, p0);
+      _mm512_storeu_ps(st + (j + 1) * rp + r, p1);
+      s0 = _mm512_add_ps(s0, p0);
+      s1 = _mm512_add_ps(s1, p1);
+    }
+    if (j < nk) {
+      const __m512 p0 = Exp2Avx512(_mm512_sub_ps(_mm512_loadu_ps(st + j * rp + r), m_use));
+      _mm512_storeu_ps(st + j * rp + r, p0);
+      s0 = _mm512_add_ps(s0, p0);
+    }
+    _mm512_storeu_ps(l + r, _mm512_fmadd_ps(_mm512_loadu_ps(l + r), alpha, _mm512_add_ps(s0, s1)));
+    _mm512_storeu_ps(m + r, m_new);
+    if (_mm512_cmp_ps_mask(alpha, one, _CMP_NEQ_UQ))
+      for (int d = 0; d < D; ++d) _mm512_storeu_ps(ot + d * rp + r, _mm512_mul_ps(_mm512_loadu_ps(ot + d * rp + r), alpha));
+  }
+}
+
+inline int32_t ClampRel(int64_t x) { return static_cast<int32_t>(std::clamp<int64_t>(x, -1, kKB + 1)); }
+
+}  // namespace
+
+int64_t FlashTileAvx512(const FlashTile& t, bool bf16_dot) {
+  const AttentionShape& s = t.shape;
+  const int D = s.head_dim, H = s.heads, Hkv = s.kv_heads, G = H / Hkv;
+  const int tokens = static_cast<int>(t.t1 - t.t0);
+  const int rows = tokens * G;
+  const int rp = (rows + 15) / 16 * 16;
+  const bool bf16 = t.kv_dtype == DType::kBFloat16;
+  bf16_dot = bf16_dot && bf16;
+  const int D2 = (D + 1) / 2;
+
+  float* ot = ThreadScratch(0, static_cast<size_t>(D) * rp);
+  float* st = ThreadScratch(1, static_cast<size_t>(kKB) * rp);
+  float* ml = ThreadScratch(2, static_cast<size_t>(rp) * 2);
+  float* qt = ThreadScratch(3, static_cast<size_t>(D) * rp);  // fp32, or bf16 pairs [D2][rp]
+  float* kv_scratch = ThreadScratch(4, static_cast<size_t>(kKB) * D * 2 + static_cast<size_t>(kKB / 2 + 1) * rp);
+  int32_t* bounds = reinterpret_cast<int32_t*>(ThreadScratch(5, static_cast<size_t>(rp) * 2));
+  float* m = ml;
+  float* l = ml + rp;
+  int32_t* lo = bounds;
+  int32_t* hi = bounds + rp;
+
+  // Pack scaled queries transposed; padded rows are zero.
+  const int64_t q_row_base = static_cast<int64_t>(t.hk) * G;
+  if (bf16_dot) {
+    uint32_t* qt2 = reinterpret_cast<uint32_t*>(qt);
+    for (int i = 0; i < D2; ++i)
+      for (int r = 0; r < rp; ++r) {
+        uint32_t pair = 0;
+        if (r < rows) {
+          const float* qr = t.q + ((t.t0 + r / G) * H + q_row_base + r % G) * D;
+          const uint32_t a = FloatToBFloat16(qr[2 * i] * t.qmul);
+          const uint32_t b = 2 * i + 1 < D ? FloatToBFloat16(qr[2 * i + 1] * t.qmul) : 0u;
+          pair = a | (b << 16);
+        }
+        qt2[i * rp + r] = pair;
+      }
+  } else {
+    for (int r = 0; r < rp; ++r) {
+      if (r < rows) {
+        const float* qr = t.q + ((t.t0 + r / G) * H + q_row_base + r % G) * D;
+        for (int d = 0; d < D; ++d) qt[d * rp + r] = qr[d] * t.qmul;
+      } else {
+        for (int d = 0; d < D; ++d) qt[d * rp + r] = 0.0f;
+      }
+    }
+  }
+  std::fill(ot, ot + static_cast<size_t>(D) * rp, 0.0f);
+  std::fill(m, m + rp, kNegInf);
+  std::fill(l, l + rp, 0.0f);
+
+  // Keys any row of the tile can see.
+  int64_t kmin = s.kv_tokens, kmax = -1;
+  for (int i = 0; i < tokens; ++i)
+    if (t.key_first[i] <= t.key_last[i]) {
+      kmin = std::min(kmin, t.key_first[i]);
+      kmax = std::max(kmax, t.key_last[i]);
+    }
+
+  const int64_t row_stride = static_cast<int64_t>(Hkv) * D;
+  float* kbuf = kv_scratch;
+  float* vbuf = kv_scratch + static_cast<size_t>(kKB) * D;
+  uint32_t* pt2 = reinterpret_cast<uint32_t*>(kv_scratch + static_cast<size_t>(kKB) * D * 2);
+  uint32_t* v2 = reinterpret_cast<uint32_t*>(vbuf);  // bf16 pairs fit in the fp32 V buffer
+  int64_t computed = 0;
+  for (int64_t j0 = kmin; j0 <= kmax; j0 += kKB) {
+    const int nk = static_cast<int>(std::min<int64_t>(kKB, kmax + 1 - j0));
+    bool any = false, full = true;
+    for (int r = 0; r < rp; ++r) {
+      if (r >= rows) {  // padding rows: never masked, never read back
+        lo[r] = -1;
+        hi[r] = kKB + 1;
+        continue;
+      }
+      const int i = r / G;
+      const int64_t first = t.key_first[i], last = t.key_last[i];
+      lo[r] = ClampRel(first - j0);
+      hi[r] = ClampRel(last - j0);
+      const bool empty = first > last || last < j0 || first > j0 + nk - 1;
+      any = any || !empty;
+      full = full && !empty && first <= j0 && last >= j0 + nk - 1;
+    }
+    if (!any) continue;  // wholly masked: skipped, never computed
+    ++computed;
+    if (bf16_dot) {
+      const uint16_t* kh = static_cast<const uint16_t*>(t.k) + j0 * row_stride + t.hk * D;
+      const uint16_t* vh = static_cast<const uint16_t*>(t.v) + j0 * row_stride + t.hk * D;
+      if (D % 2 == 0) {
+        QkBlockBf16(reinterpret_cast<const uint32_t*>(qt), rp, kh, row_stride, nk, D2, st);
+      } else {  // odd D: the pair read would cross into the next head; copy rows padded with 0
+        uint16_t* kpad = reinterpret_cast<uint16_t*>(kbuf);
+        for (int j = 0; j < nk; ++j) {
+          std::copy(kh + j * row_stride, kh + j * row_stride + D, kpad + j * (D + 1));
+          kpad[j * (D + 1) + D] = 0;
+        }
+        QkBlockBf16(reinterpret_cast<const uint32_t*>(qt), rp, kpad, D + 1, nk, D2, st);
+      }
+      if (!full) MaskBlock(st, rp, nk, lo, hi);
+      SoftmaxBlock(st, rp, nk, D, m, l, ot);
+      PackProbPairs(st, rp, nk, pt2);
+      PackValuePairs(vh, row_stride, nk, D, v2);
+      PvBlockBf16(pt2, rp, (nk + 1) / 2, v2, D, ot);
+      continue;
+    }
+    const float* kp;
+    const float* vp;
+    int64_t ks;
+    if (bf16) {
+      const uint16_t* kh = static_cast<const uint16_t*>(t.k) + j0 * row_stride + t.hk * D;
+      const uint16_t* vh = static_cast<const uint16_t*>(t.v) + j0 * row_stride + t.hk * D;
+      for (int j = 0; j < nk; ++j) {
+        ConvertToFloat32(DType::kBFloat16, kh + j * row_stride, kbuf + static_cast<int64_t>(j) * D, D);
+        ConvertToFloat32(DType::kBFloat16, vh + j * row_stride, vbuf + static_cast<int64_t>(j) * D, D);
+      }
+      kp = kbuf;
+      vp = vbuf;
+      ks = D;
+    } else {
+      kp = static_cast<const float*>(t.k) + j0 * row_stride + t.hk * D;
+      vp = static_cast<const float*>(t.v) + j0 * row_stride + t.hk * D;
+      ks = row_stride;
+    }
+    QkBlock(qt, rp, kp, ks, nk, D, st);
+    if (!full) MaskBlock(st, rp, nk, lo, hi);
+    SoftmaxBlock(st, rp, nk, D, m, l, ot);
+    PvBlock(st, rp, nk, vp, ks, D, ot);
+  }
+
+  for (int r = 0; r < rows; ++r) {
+    const int64_t out_row = (t.t0 + r / G) * H + q_row_base + r % G;
+    float* orow = t.o + out_row * D;
+    if (l[r] == 0.0f || m[r] == kNegInf) {
+      std::fill(orow, orow + D, 0.0f);
+      if (t.lse) t.lse[out_row] = kNegInf;
+      continue;
+    }
+    const float inv = 1.0f / l[r];
+    for (int d = 0; d < D; ++d) orow[d] = ot[d * rp + r] * inv;
+    if (t.lse) t.lse[out_row] = kLn2 * (m[r] + std::log2(l[r]));
+  }
+  return computed;
+}
+
+}  // namespace ringtree::internal

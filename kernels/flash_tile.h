@@ -1,0 +1,48 @@
+// One flash-attention tile on the project's own AVX-512 micro-kernels.
+// Internal to kernels/ (attention.cc dispatches here on the avx512 paths).
+#pragma once
+
+#include <cstdint>
+
+#include "kernels/attention.h"
+
+namespace ringtree::internal {
+
+// A tile: kv head `hk`, query tokens [t0, t1), all G = H / Hkv query heads
+// sharing hk stacked as rows r = (t - t0) * G + g. Token t sees the keys with
+// indices [key_first[t - t0], key_last[t - t0]] (empty when first > last),
+// already clipped to [0, kv_tokens).
+struct FlashTile {
+  const float* q = nullptr;  // [Tq, H, D]
+  const void* k = nullptr;   // [Tk, Hkv, D] in kv_dtype
+  const void* v = nullptr;
+  DType kv_dtype = DType::kFloat32;
+  AttentionShape shape;
+  float qmul = 1.0f;  // softmax scale * log2(e)
+  int hk = 0;
+  int64_t t0 = 0, t1 = 0;
+  const int64_t* key_first = nullptr;  // [t1 - t0]
+  const int64_t* key_last = nullptr;
+  float* o = nullptr;    // [Tq, H, D]
+  float* lse = nullptr;  // [Tq, H] or null
+};
+
+// Computes the tile's rows of o and lse. `bf16_dot`: bfloat16 K/V are
+// multiplied with vdpbf16ps (queries and probabilities rounded to bfloat16,
+// fp32 accumulation); otherwise K/V are widened and multiplied in fp32.
+// Requires KernelPath >= kAvx512 (kAvx512Bf16 for bf16_dot). Returns the
+// number of key blocks computed (the rest were wholly masked and skipped).
+int64_t FlashTileAvx512(const FlashTile& tile, bool bf16_dot);
+
+// Key block length of the tiles (a block is computed or skipped whole).
+constexpr int kFlashKeyBlock = 128;
+
+// For query tokens [t0, t1): the key indices each can see, clipped to
+// [0, kv_tokens) (first > last when none), from causal, window and documents.
+void TokenKeyRanges(const AttentionShape& shape, const AttentionOptions& options, int64_t t0, int64_t t1,
+                    int64_t* first, int64_t* last);
+
+// Process-wide counters of key blocks computed and skipped (wholly masked).
+void CountKeyBlocks(int64_t computed, int64_t skipped);
+
+}  // namespace ringtree::internal
