@@ -40,6 +40,8 @@ RingScratch& ThreadRingScratch() {
 struct RingHeader {
   int32_t heads, kv_heads, head_dim, kv_dtype, causal;
   float scale;
+  int64_t window;
+  uint64_t docs_hash;  // FNV-1a of doc_offsets (0 entries: the basis)
   int32_t kv_blocks;  // this rank's block count (not compared)
   int32_t local_ok;   // 1 when this rank's arguments are valid
 };
@@ -50,14 +52,45 @@ struct BlockDescriptor {
   int64_t position_offset;
 };
 
+uint64_t HashOffsets(std::span<const int64_t> d) {
+  uint64_t h = 1469598103934665603ull;
+  for (int64_t x : d)
+    for (int b = 0; b < 8; ++b) h = (h ^ ((static_cast<uint64_t>(x) >> (8 * b)) & 0xff)) * 1099511628211ull;
+  return h;
+}
+
+AttentionOptions KernelOptions(const RingOptions& options, int64_t q_offset, int64_t kv_offset) {
+  AttentionOptions ao;
+  ao.scale = options.scale;
+  ao.causal = options.causal;
+  ao.window = options.window;
+  ao.doc_offsets = options.doc_offsets;
+  ao.q_position_offset = q_offset;
+  ao.kv_position_offset = kv_offset;
+  return ao;
+}
+
 Status ValidateLocal(const char* op, const HeadConfig& hc, std::span<const QueryBlock> queries,
-                     std::span<const KvBlock> kv) {
+                     std::span<const KvBlock> kv, const RingOptions& options) {
   AttentionShape shape;
   shape.heads = hc.heads;
   shape.kv_heads = hc.kv_heads;
   shape.head_dim = hc.head_dim;
   Status s = ValidateAttention(shape, hc.kv_dtype);
   if (!s.ok()) return Status::InvalidArgument(std::string("[") + op + "] " + s.message());
+  // Masks against every local block's positions, so no kernel call can fail
+  // on them once the ring runs.
+  auto check_masks = [&](int64_t q_tokens, int64_t q_off, int64_t kv_tokens, int64_t kv_off) -> Status {
+    AttentionShape sh = shape;
+    sh.q_tokens = q_tokens;
+    sh.kv_tokens = kv_tokens;
+    Status m = ValidateMasks(sh, KernelOptions(options, q_off, kv_off));
+    if (!m.ok()) return Status::InvalidArgument(std::string("[") + op + "] " + m.message());
+    return Status::Ok();
+  };
+  RINGTREE_RETURN_IF_ERROR(check_masks(0, 0, 0, 0));
+  for (const QueryBlock& b : queries) RINGTREE_RETURN_IF_ERROR(check_masks(b.tokens, b.position_offset, 0, 0));
+  for (const KvBlock& b : kv) RINGTREE_RETURN_IF_ERROR(check_masks(0, 0, b.tokens, b.position_offset));
   for (size_t i = 0; i < queries.size(); ++i) {
     const QueryBlock& b = queries[i];
     const std::string where = std::string("[") + op + "] local_queries[" + std::to_string(i) + "]";
@@ -103,17 +136,20 @@ class RingAccumulator {
       const QueryBlock& qb = queries_[qi];
       if (qb.tokens == 0) continue;
       const int64_t q_first = qb.position_offset, q_last = qb.position_offset + qb.tokens - 1;
+      // Every mask gives each query one interval of keys whose ends never
+      // move back as the query moves on: the block's queries together see
+      // [first query's first key, last query's last key].
+      AttentionOptions ao = KernelOptions(options_, qb.position_offset, 0);
+      const KeyInterval seen{VisibleKeys(ao, q_first).first, VisibleKeys(ao, q_last).last};
       for (const KvBlock& kb : kv) {
         if (kb.tokens == 0) continue;
         const int64_t k_first = kb.position_offset, k_last = kb.position_offset + kb.tokens - 1;
-        AttentionOptions ao;
-        ao.scale = options_.scale;
-        if (options_.causal) {
-          if (k_first > q_last) continue;  // fully masked: contributes nothing
-          ao.causal = k_last > q_first;    // fully visible pairs run unmasked
-          ao.q_position_offset = qb.position_offset;
-          ao.kv_position_offset = kb.position_offset;
+        if (k_first > seen.last || k_last < seen.first) {  // fully masked: never computed
+          if (t) t->skipped_pairs += 1;
+          continue;
         }
+        ao.kv_position_offset = kb.position_offset;
+        if (t) t->computed_pairs += 1;
         AttentionShape shape{qb.tokens, kb.tokens, hc_.heads, hc_.kv_heads, hc_.head_dim};
         const int64_t rows = qb.tokens * hc_.heads;
         const bool direct = !started_[qi];  // first partial goes straight into the output
@@ -160,9 +196,10 @@ Status RunRing(const char* op, const Communicator& comm, const HeadConfig& hc,
   const int P = comm.size(), rank = comm.rank();
 
   // 1. Agree on arguments (one allgather): every rank fails together.
-  Status valid = ValidateLocal(op, hc, queries, local_kv);
+  Status valid = ValidateLocal(op, hc, queries, local_kv, options);
   RingHeader mine{hc.heads, hc.kv_heads, hc.head_dim, static_cast<int32_t>(hc.kv_dtype), options.causal ? 1 : 0,
-                  options.scale, static_cast<int32_t>(local_kv.size()), valid.ok() ? 1 : 0};
+                  options.scale, options.window, HashOffsets(options.doc_offsets),
+                  static_cast<int32_t>(local_kv.size()), valid.ok() ? 1 : 0};
   std::vector<RingHeader> headers(P);
   // The handshake also absorbs arrival skew between ranks: count it as wait.
   const double h0 = NowSeconds();
@@ -178,9 +215,10 @@ Status RunRing(const char* op, const Communicator& comm, const HeadConfig& hc,
   for (int r = 0; r < P; ++r) {
     const RingHeader& h = headers[r];
     if (h.heads != mine.heads || h.kv_heads != mine.kv_heads || h.head_dim != mine.head_dim ||
-        h.kv_dtype != mine.kv_dtype || h.causal != mine.causal || h.scale != mine.scale) {
+        h.kv_dtype != mine.kv_dtype || h.causal != mine.causal || h.scale != mine.scale || h.window != mine.window ||
+        h.docs_hash != mine.docs_hash) {
       return Status::InvalidArgument(std::string("[") + op + "] rank " + std::to_string(r) +
-                                     " passed a different HeadConfig/causal/scale than rank " +
+                                     " passed a different HeadConfig/causal/scale/window/doc_offsets than rank " +
                                      std::to_string(rank));
     }
   }

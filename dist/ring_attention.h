@@ -12,9 +12,10 @@
 // (MPI_Isend/Irecv) *before* computing on the block in hand, so transfer
 // overlaps compute.
 //
-// Causal masking uses absolute positions: a query at position i sees a key at
-// position j iff j <= i. (query block, KV block) pairs that are fully masked
-// are skipped; fully visible pairs run unmasked. With a zigzag layout
+// Masks use absolute positions: causally a query at position i sees a key at
+// position j iff j <= i; a sliding window and document boundaries narrow
+// that further (RingOptions). (query block, KV block) pairs that are fully
+// masked are skipped; fully visible pairs run unmasked. With a zigzag layout
 // (sharding.h) every rank does the same work at every step.
 //
 // Chunked prefill (the service): the queries of a new chunk attend everything
@@ -70,6 +71,13 @@ struct KvBlock {
 struct RingOptions {
   bool causal = false;
   float scale = 0.0f;  // <= 0: 1/sqrt(head_dim)
+  // Sliding window (requires causal) and packed documents, as in
+  // kernels/attention.h (AttentionOptions::window, doc_offsets; absolute
+  // positions). Must be the same on every rank. A (query block, KV block)
+  // pair that no query can see is skipped: never computed, counted in
+  // PhaseTimings::skipped_pairs.
+  int64_t window = 0;
+  std::span<const int64_t> doc_offsets;
   // Called on this rank after each ring step with (step, steps), steps = P.
   // For progress output (attnjob prints on rank 0). Must not call MPI.
   std::function<void(int step, int steps)> on_step;

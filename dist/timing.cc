@@ -15,6 +15,8 @@ PhaseTimings& PhaseTimings::operator+=(const PhaseTimings& o) {
   bytes_sent += o.bytes_sent;
   bytes_received += o.bytes_received;
   steps += o.steps;
+  computed_pairs += o.computed_pairs;
+  skipped_pairs += o.skipped_pairs;
   return *this;
 }
 
@@ -35,10 +37,11 @@ double NowSeconds() {
 }
 
 Result<std::vector<PhaseTimings>> GatherTimings(const Communicator& comm, const PhaseTimings& local, int root) {
-  constexpr int kFields = 7;
+  constexpr int kFields = 9;
   double mine[kFields] = {local.compute_seconds, local.wait_seconds, local.merge_seconds, local.total_seconds,
                           static_cast<double>(local.bytes_sent), static_cast<double>(local.bytes_received),
-                          static_cast<double>(local.steps)};
+                          static_cast<double>(local.steps), static_cast<double>(local.computed_pairs),
+                          static_cast<double>(local.skipped_pairs)};
   std::vector<double> all(static_cast<size_t>(comm.size()) * kFields);
   RINGTREE_RETURN_IF_ERROR(MpiStatus(
       MPI_Gather(mine, kFields, MPI_DOUBLE, all.data(), kFields, MPI_DOUBLE, root, comm.handle()), "MPI_Gather"));
@@ -54,6 +57,8 @@ Result<std::vector<PhaseTimings>> GatherTimings(const Communicator& comm, const 
     out[r].bytes_sent = static_cast<int64_t>(f[4]);
     out[r].bytes_received = static_cast<int64_t>(f[5]);
     out[r].steps = static_cast<int64_t>(f[6]);
+    out[r].computed_pairs = static_cast<int64_t>(f[7]);
+    out[r].skipped_pairs = static_cast<int64_t>(f[8]);
   }
   return out;
 }

@@ -26,6 +26,8 @@ struct PhaseTimings {
   int64_t bytes_sent = 0;      // payload bytes this rank handed to MPI (sends, reduce input)
   int64_t bytes_received = 0;  // payload bytes this rank received
   int64_t steps = 0;           // ring steps (or reductions) performed
+  int64_t computed_pairs = 0;  // ring: (query block, KV block) pairs computed
+  int64_t skipped_pairs = 0;   // ring: pairs skipped because every key was masked
 
   // Field-wise sum.
   PhaseTimings& operator+=(const PhaseTimings& other);

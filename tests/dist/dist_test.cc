@@ -183,6 +183,101 @@ INSTANTIATE_TEST_SUITE_P(
                       RingCase{"tiny_fewer_tokens_than_chunks", 5, 2, 1, 32, true, kZig, kF32}),
     [](const auto& info) { return std::string(info.param.name); });
 
+// Ring prefill with a sliding window and packed documents equals the
+// single-process reference, and (query block, KV block) pairs no query can
+// see are skipped, never computed.
+struct MaskedRingCase {
+  const char* name;
+  int64_t tokens;
+  int64_t window;
+  bool docs;
+  ShardLayoutKind layout;
+  DType kv_dtype;
+};
+
+class MaskedRingTest : public ::testing::TestWithParam<MaskedRingCase> {};
+
+TEST_P(MaskedRingTest, EqualsSingleProcessReferenceAndSkipsMaskedPairs) {
+  const MaskedRingCase& c = GetParam();
+  const Communicator& comm = World();
+  const HeadConfig hc{4, 2, 64, c.kv_dtype};
+  const int64_t q_row = int64_t{hc.heads} * hc.head_dim, kv_row = int64_t{hc.kv_heads} * hc.head_dim;
+  const std::vector<float> q = testing::RandomVector(c.tokens * q_row, 21);
+  const Tensor k = MakeKv(testing::RandomVector(c.tokens * kv_row, 22), kv_row, c.kv_dtype);
+  const Tensor v = MakeKv(testing::RandomVector(c.tokens * kv_row, 23), kv_row, c.kv_dtype);
+  // Documents of uneven lengths with boundaries inside the ranks' chunks.
+  std::vector<int64_t> docs;
+  if (c.docs) docs = {0, 13, 14, c.tokens / 2 + 5, c.tokens - 9, c.tokens};
+  AttentionShape shape{c.tokens, c.tokens, hc.heads, hc.kv_heads, hc.head_dim};
+  AttentionOptions ao;
+  ao.causal = true;
+  ao.window = c.window;
+  ao.doc_offsets = docs;
+  std::vector<float> o_ref(static_cast<size_t>(c.tokens * q_row)), lse_ref(static_cast<size_t>(c.tokens * hc.heads));
+  ReferenceAttention(q.data(), k.bytes.data(), v.bytes.data(), hc.kv_dtype, shape, ao, o_ref.data(), lse_ref.data());
+
+  auto layout = ShardLayout::Create(c.layout, c.tokens, comm.size());
+  ASSERT_TRUE(layout.ok());
+  const std::vector<TokenRange> ranges = layout->RangesOf(comm.rank());
+  const int64_t local = layout->LocalTokens(comm.rank());
+  std::vector<float> o(static_cast<size_t>(local * q_row), NAN), lse(static_cast<size_t>(local * hc.heads), NAN);
+  std::vector<QueryBlock> qb;
+  std::vector<KvBlock> kb;
+  int64_t row = 0;
+  for (const TokenRange& t : ranges) {
+    qb.push_back({q.data() + t.begin * q_row, t.length(), t.begin, o.data() + row * q_row, lse.data() + row * hc.heads});
+    kb.push_back({k.Row(t.begin), v.Row(t.begin), t.length(), t.begin});
+    row += t.length();
+  }
+  RingOptions options;
+  options.causal = true;
+  options.window = c.window;
+  options.doc_offsets = docs;
+  PhaseTimings timing;
+  const Status st = RingAttention(comm, hc, qb, kb, options, &timing);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  const double tol = c.kv_dtype == DType::kBFloat16 ? 6e-3 : kOTolerance;  // bf16 products on that path
+  row = 0;
+  for (const TokenRange& t : ranges) {
+    EXPECT_LE(testing::MaxAbsDiff(o.data() + row * q_row, o_ref.data() + t.begin * q_row, t.length() * q_row), tol)
+        << c.name << " rank " << comm.rank();
+    EXPECT_LE(testing::MaxAbsDiff(lse.data() + row * hc.heads, lse_ref.data() + t.begin * hc.heads, t.length() * hc.heads),
+              10 * tol)
+        << c.name << " rank " << comm.rank();
+    row += t.length();
+  }
+  const int64_t pairs = static_cast<int64_t>(ranges.size()) * static_cast<int64_t>(ranges.size()) * comm.size();
+  EXPECT_EQ(timing.computed_pairs + timing.skipped_pairs, pairs) << c.name;
+  // Contiguous chunks longer than the window: a rank's queries reach back at
+  // most into the previous rank's chunk, so at most two pairs are computed.
+  if (c.layout == ShardLayoutKind::kContiguous && c.window > 0 && c.window < c.tokens / comm.size() - 1)
+    EXPECT_LE(timing.computed_pairs, 2) << c.name << " rank " << comm.rank();
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cases, MaskedRingTest,
+    ::testing::Values(MaskedRingCase{"window9_contiguous", 160, 9, false, ShardLayoutKind::kContiguous, DType::kFloat32},
+                      MaskedRingCase{"window9_zigzag", 160, 9, false, ShardLayoutKind::kZigzag, DType::kFloat32},
+                      MaskedRingCase{"window_longer_than_sequence", 90, 1000, false, ShardLayoutKind::kZigzag, DType::kFloat32},
+                      MaskedRingCase{"docs_zigzag", 150, 0, true, ShardLayoutKind::kZigzag, DType::kFloat32},
+                      MaskedRingCase{"docs_window_contiguous_bf16", 150, 20, true, ShardLayoutKind::kContiguous, DType::kBFloat16}),
+    [](const auto& info) { return std::string(info.param.name); });
+
+TEST(MaskedRingTest, DifferentWindowsOnTwoRanksFailEverywhere) {
+  const Communicator& comm = World();
+  if (comm.size() < 2) GTEST_SKIP() << "needs two ranks";
+  const HeadConfig hc{2, 2, 32, DType::kFloat32};
+  std::vector<float> q(10 * 64, 0.5f), k(10 * 64, 0.25f), v(10 * 64, 1.0f), o(10 * 64), lse(10 * 2);
+  QueryBlock qb{q.data(), 10, comm.rank() * 10, o.data(), lse.data()};
+  KvBlock kb{k.data(), v.data(), 10, comm.rank() * 10};
+  RingOptions options;
+  options.causal = true;
+  options.window = comm.rank() == 1 ? 5 : 4;
+  const Status st = RingAttention(comm, hc, std::span<const QueryBlock>(&qb, 1), std::span<const KvBlock>(&kb, 1), options);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("window"), std::string::npos) << st.message();
+}
+
 // Chunked prefill: the queries of a new chunk attend the cached KV (held by the
 // ranks as many small spans, like the service's KV) plus the chunk causally.
 struct ChunkCase {
