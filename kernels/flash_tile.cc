@@ -461,4 +461,44 @@ int64_t FlashTileAvx512(const FlashTile& t, bool bf16_dot) {
   return computed;
 }
 
+void TileGemmFloat32(const float* a, const float* b, int m, int n, int k, float* ct) {
+  constexpr int kRows = 128;
+  float* at = ThreadScratch(6, static_cast<size_t>(k) * kRows);
+  float* st = ThreadScratch(7, static_cast<size_t>(kKB) * kRows);
+  for (int r0 = 0; r0 < m; r0 += kRows) {
+    const int rows = std::min(kRows, m - r0), rp = (rows + 15) / 16 * 16;
+    for (int r = 0; r < rp; ++r)
+      for (int d = 0; d < k; ++d) at[d * rp + r] = r < rows ? a[static_cast<int64_t>(r0 + r) * k + d] : 0.0f;
+    for (int j0 = 0; j0 < n; j0 += kKB) {
+      const int nk = std::min(kKB, n - j0);
+      QkBlock(at, rp, b + static_cast<int64_t>(j0) * k, k, nk, k, st);
+      for (int j = 0; j < nk; ++j) std::copy(st + j * rp, st + j * rp + rows, ct + static_cast<int64_t>(j0 + j) * m + r0);
+    }
+  }
+}
+
+void TileGemmBFloat16(const uint16_t* a, const uint16_t* b, int m, int n, int k, float* ct) {
+  constexpr int kRows = 128;
+  const int k2 = (k + 1) / 2;
+  uint32_t* at = reinterpret_cast<uint32_t*>(ThreadScratch(6, static_cast<size_t>(k2) * kRows));
+  float* st = ThreadScratch(7, static_cast<size_t>(kKB) * kRows);
+  for (int r0 = 0; r0 < m; r0 += kRows) {
+    const int rows = std::min(kRows, m - r0), rp = (rows + 15) / 16 * 16;
+    for (int r = 0; r < rp; ++r)
+      for (int i = 0; i < k2; ++i) {
+        uint32_t pair = 0;
+        if (r < rows) {
+          const uint16_t* ar = a + static_cast<int64_t>(r0 + r) * k;
+          pair = ar[2 * i] | (2 * i + 1 < k ? static_cast<uint32_t>(ar[2 * i + 1]) << 16 : 0u);
+        }
+        at[i * rp + r] = pair;
+      }
+    for (int j0 = 0; j0 < n; j0 += kKB) {
+      const int nk = std::min(kKB, n - j0);
+      QkBlockBf16(at, rp, b + static_cast<int64_t>(j0) * k, k, nk, k2, st);
+      for (int j = 0; j < nk; ++j) std::copy(st + j * rp, st + j * rp + rows, ct + static_cast<int64_t>(j0 + j) * m + r0);
+    }
+  }
+}
+
 }  // namespace ringtree::internal

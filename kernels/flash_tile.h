@@ -34,6 +34,13 @@ struct FlashTile {
 // number of key blocks computed (the rest were wholly masked and skipped).
 int64_t FlashTileAvx512(const FlashTile& tile, bool bf16_dot);
 
+// The tiles' QK^T micro-kernels as a plain GEMM, for the benchmark's
+// roofline: ct[j][r] = sum_d a[r][d] * b[j][d] for r < m, j < n (a [m, k],
+// b [n, k] row-major; ct [n, m]). Single-threaded. The bf16 variant takes
+// bf16 a and b and multiplies with vdpbf16ps (KernelPath kAvx512Bf16).
+void TileGemmFloat32(const float* a, const float* b, int m, int n, int k, float* ct);
+void TileGemmBFloat16(const uint16_t* a, const uint16_t* b, int m, int n, int k, float* ct);
+
 // Key block length of the tiles (a block is computed or skipped whole).
 constexpr int kFlashKeyBlock = 128;
 

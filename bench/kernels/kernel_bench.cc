@@ -32,7 +32,10 @@
 
 #include "kernels/attention.h"
 #include "kernels/blas.h"
+#include "kernels/cpu.h"
 #include "kernels/dtype.h"
+#include "kernels/flash_tile.h"
+#include "kernels/reference.h"
 
 extern char** environ;
 
@@ -103,8 +106,9 @@ long PeakRssKiB() { return std::atol(ReadFileLine("/proc/self/status", "VmHWM").
 struct Options {
   bool quick = false;
   std::string json = "bench/results/kernels.jsonl";
-  std::string only;  // prefill, decode, batched, memory or empty for all
+  std::string only;  // prefill, decode, batched, window, memory or empty for all
   int threads = 0;
+  std::string path;  // force a kernel path (kernels/cpu.h names)
 };
 
 FILE* g_json = nullptr;
@@ -134,6 +138,55 @@ double SgemmGflops(int m, int n, int k, int threads) {
   double t = TimeMin([&] { Sgemm(false, true, m, n, k, 1.0f, a.data(), k, b.data(), k, 0.0f, c.data(), n); }, 3);
   SetBlasThreads(1);
   return 2.0 * m * n * k / t / 1e9;
+}
+
+// The project's own tile GEMM (the flash tiles' QK^T micro-kernel) on all
+// cores, same shape: C = A[M,K] * B[N,K]^T, in fp32 or with bf16 inputs.
+double TileGemmGflops(int m, int n, int k, bool bf16) {
+  std::vector<float> a(static_cast<size_t>(m) * k), b(static_cast<size_t>(n) * k), c(static_cast<size_t>(m) * n);
+  FillRandom(a.data(), a.size(), 1);
+  FillRandom(b.data(), b.size(), 2);
+  std::vector<uint16_t> ab, bb;
+  if (bf16) {
+    ab.resize(a.size());
+    bb.resize(b.size());
+    ConvertFromFloat32(a.data(), DType::kBFloat16, ab.data(), a.size());
+    ConvertFromFloat32(b.data(), DType::kBFloat16, bb.data(), b.size());
+  }
+  const int row_blocks = (m + 127) / 128;
+  double t = TimeMin([&] {
+    tbb::parallel_for(tbb::blocked_range<int>(0, row_blocks, 1), [&](const tbb::blocked_range<int>& r) {
+      for (int rb = r.begin(); rb < r.end(); ++rb) {
+        const int r0 = rb * 128, rows = std::min(128, m - r0);
+        // Each row block writes its own [n, rows] slice of C (transposed layout).
+        float* ct = c.data() + static_cast<size_t>(r0) * n;
+        if (bf16) internal::TileGemmBFloat16(ab.data() + static_cast<size_t>(r0) * k, bb.data(), rows, n, k, ct);
+        else internal::TileGemmFloat32(a.data() + static_cast<size_t>(r0) * k, b.data(), rows, n, k, ct);
+      }
+    });
+  }, 3);
+  return 2.0 * m * n * k / t / 1e9;
+}
+
+struct Rooflines {
+  double openblas_sgemm = 0, tile_sgemm = 0, tile_bf16 = 0;
+  double best_fp32() const { return std::max(openblas_sgemm, tile_sgemm); }
+};
+
+// The machine's best GEMM rates at the prefill's shape (N x N x 128), same run.
+Rooflines MeasureRooflines(int n, int threads) {
+  Rooflines r;
+  r.openblas_sgemm = SgemmGflops(n, n, 128, threads);
+  r.tile_sgemm = TileGemmGflops(n, n, 128, false);
+  if (KernelPathSupported(KernelPath::kAvx512Bf16)) r.tile_bf16 = TileGemmGflops(n, n, 128, true);
+  std::printf("\nGEMM rooflines, %dx%dx128, same run: OpenBLAS SGEMM (core %s) %.1f GFLOP/s | project tile fp32 %.1f | "
+              "project tile bf16 (vdpbf16ps) %s GFLOP/s -> best fp32 %.1f\n",
+              n, n, BlasCoreName().c_str(), r.openblas_sgemm, r.tile_sgemm,
+              r.tile_bf16 > 0 ? Fmt("%.1f", r.tile_bf16).c_str() : "n/a", r.best_fp32());
+  EmitJson(Fmt("{\"name\":\"gemm_rooflines\",\"N\":%d,\"openblas_sgemm_gflops\":%.2f,\"blas_core\":\"%s\","
+               "\"tile_fp32_gflops\":%.2f,\"tile_bf16_gflops\":%.2f,\"best_fp32_gflops\":%.2f}",
+               n, r.openblas_sgemm, BlasCoreName().c_str(), r.tile_sgemm, r.tile_bf16, r.best_fp32()));
+  return r;
 }
 
 // Read bandwidth: parallel sum over a buffer much larger than the caches.
@@ -190,41 +243,104 @@ void UnfusedAttention(const float* q, const float* k, const float* v, int64_t n,
 // ---------------- cases ----------------
 
 void Header() {
-  std::printf("\n%-34s %8s %5s %4s %4s %9s %10s %10s %10s\n", "case", "N", "H", "Hkv", "D", "seconds", "GFLOP/s|GB/s",
-              "ratio", "vs_unfused");
+  std::printf("\n%-40s %8s %5s %4s %4s %9s %10s %10s %10s  %s\n", "case", "N", "H", "Hkv", "D", "seconds", "GFLOP/s|GB/s",
+              "ratio", "vs_unfused", "path");
 }
 
-void PrefillCase(int64_t n, int heads, int kv_heads, int d, bool causal, bool with_unfused, int threads) {
+// Max |o - o_ref| over a sample of query rows (the last 16 tokens and 16 in
+// the middle) against the float64 reference: checks the path's precision at
+// full size without a float64 pass over everything.
+double SampledError(const float* q, const void* k, const void* v, DType dtype, const AttentionShape& s,
+                    const AttentionOptions& opt, const float* o) {
+  double worst = 0;
+  const int64_t qrow = static_cast<int64_t>(s.heads) * s.head_dim;
+  for (int64_t start : {s.q_tokens / 2, s.q_tokens - 16}) {
+    AttentionShape sub = s;
+    sub.q_tokens = 16;
+    AttentionOptions so = opt;
+    so.q_position_offset = opt.q_position_offset + start;
+    std::vector<float> ref(16 * qrow);
+    ReferenceAttention(q + start * qrow, k, v, dtype, sub, so, ref.data(), nullptr);
+    for (int64_t i = 0; i < 16 * qrow; ++i) worst = std::max(worst, std::fabs(static_cast<double>(ref[i]) - o[start * qrow + i]));
+  }
+  return worst;
+}
+
+// One prefill; returns GFLOP/s. dtype: KV storage. `label`: the path it ran.
+double PrefillCase(int64_t n, int heads, int kv_heads, int d, bool causal, bool with_unfused, int threads,
+                   const Rooflines& roof, DType dtype = DType::kFloat32, double fp32_gflops = 0) {
   const size_t qn = n * heads * d, kvn = n * kv_heads * d;
-  std::vector<float> q(qn), k(kvn), v(kvn), o(qn), lse(n * heads);
+  std::vector<float> q(qn), o(qn), lse(n * heads);
   FillRandom(q.data(), qn, 11);
-  FillRandom(k.data(), kvn, 12);
-  FillRandom(v.data(), kvn, 13);
+  Buffer k = RandomStorage(kvn, dtype, 12), v = RandomStorage(kvn, dtype, 13);
   AttentionShape s{n, n, heads, kv_heads, d};
   AttentionOptions opt;
   opt.causal = causal;
   const double flops = 4.0 * n * n * d * heads * (causal ? 0.5 : 1.0);
   const int reps = n >= 16384 ? 1 : 2;
-  double t = TimeMin([&] { (void)AttentionForward(q.data(), k.data(), v.data(), DType::kFloat32, s, opt, o.data(), lse.data()); },
+  double t = TimeMin([&] { (void)AttentionForward(q.data(), k.data.get(), v.data.get(), dtype, s, opt, o.data(), lse.data()); },
                      reps, n >= 16384 ? 0 : 1);
-  // SGEMM roofline on the same-size GEMM (the N x N x D score product), same run.
-  const double sgemm = SgemmGflops(static_cast<int>(n), static_cast<int>(n), d, threads);
+  const double err = SampledError(q.data(), k.data.get(), v.data.get(), dtype, s, opt, o.data());
   const double gflops = flops / t / 1e9;
   double t_unfused = -1;
-  if (with_unfused) {
+  if (with_unfused && dtype == DType::kFloat32) {
     std::vector<float> scores(static_cast<size_t>(n) * n), o2(qn);
-    t_unfused = TimeMin([&] { UnfusedAttention(q.data(), k.data(), v.data(), n, heads, kv_heads, d, causal, o2.data(), scores, threads); },
+    t_unfused = TimeMin([&] { UnfusedAttention(q.data(), k.as<float>(), v.as<float>(), n, heads, kv_heads, d, causal, o2.data(), scores, threads); },
                         1, 0);
   }
-  const std::string name = Fmt("prefill_%s_N%ld_H%d_Hkv%d_D%d", causal ? "causal" : "full", (long)n, heads, kv_heads, d);
-  std::printf("%-34s %8ld %5d %4d %4d %9.3f %10.1f %10.3f %10s\n", name.c_str(), (long)n, heads, kv_heads, d, t, gflops,
-              gflops / sgemm, with_unfused ? Fmt("%.3f", t_unfused / t).c_str() : "-");
+  const bool bf16 = dtype == DType::kBFloat16;
+  const char* path = KernelPathName(ActiveKernelPath());
+  const std::string name = Fmt("prefill_%s%s_N%ld_H%d_Hkv%d_D%d", causal ? "causal" : "full", bf16 ? "_bf16" : "", (long)n,
+                               heads, kv_heads, d);
+  const double vs_best = gflops / roof.best_fp32();
+  std::printf("%-40s %8ld %5d %4d %4d %9.3f %10.1f %10.3f %10s  %-10s err %.1e%s\n", name.c_str(), (long)n, heads, kv_heads, d, t,
+              gflops, vs_best, t_unfused > 0 ? Fmt("%.3f", t_unfused / t).c_str() : "-", path, err,
+              bf16 && fp32_gflops > 0 ? Fmt("  bf16/fp32 %.2fx", gflops / fp32_gflops).c_str() : "");
   std::fflush(stdout);
-  EmitJson(Fmt("{\"name\":\"%s\",\"kind\":\"prefill\",\"causal\":%s,\"N\":%ld,\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,"
-               "\"seconds\":%.6f,\"gflops\":%.2f,\"sgemm_gflops\":%.2f,\"prefill_vs_sgemm\":%.4f,"
+  EmitJson(Fmt("{\"name\":\"%s\",\"kind\":\"prefill\",\"dtype\":\"%s\",\"causal\":%s,\"N\":%ld,\"heads\":%d,\"kv_heads\":%d,"
+               "\"head_dim\":%d,\"path\":\"%s\",\"blas_core\":\"%s\",\"seconds\":%.6f,\"gflops\":%.2f,"
+               "\"best_fp32_gemm_gflops\":%.2f,\"sgemm_gflops\":%.2f,\"prefill_vs_sgemm\":%.4f,"
+               "\"prefill_bf16_vs_fp32\":%.4f,\"max_abs_error_vs_float64\":%.3g,"
                "\"unfused_seconds\":%.6f,\"prefill_vs_unfused\":%.4f,\"unfused_score_bytes_per_head\":%.0f}",
-               name.c_str(), causal ? "true" : "false", (long)n, heads, kv_heads, d, t, gflops, sgemm, gflops / sgemm,
-               t_unfused, with_unfused ? t_unfused / t : -1.0, 4.0 * n * n));
+               name.c_str(), DTypeName(dtype), causal ? "true" : "false", (long)n, heads, kv_heads, d, path,
+               BlasCoreName().c_str(), t, gflops, roof.best_fp32(), roof.openblas_sgemm, vs_best,
+               bf16 && fp32_gflops > 0 ? gflops / fp32_gflops : -1.0, err, t_unfused,
+               t_unfused > 0 ? t_unfused / t : -1.0, 4.0 * n * n));
+  return gflops;
+}
+
+// Causal prefill with a sliding window against full causal at the same size:
+// the windowed run should cost its share of the visible (query, key) pairs.
+void WindowCase(int64_t n, int64_t window, int heads, int d, const Rooflines& roof) {
+  const size_t qn = n * heads * d;
+  std::vector<float> q(qn), k(qn), v(qn), o(qn), lse(n * heads);
+  FillRandom(q.data(), qn, 41);
+  FillRandom(k.data(), qn, 42);
+  FillRandom(v.data(), qn, 43);
+  AttentionShape s{n, n, heads, heads, d};
+  AttentionOptions causal;
+  causal.causal = true;
+  AttentionOptions win = causal;
+  win.window = window;
+  const double t_causal = TimeMin([&] { (void)AttentionForward(q.data(), k.data(), v.data(), DType::kFloat32, s, causal, o.data(), lse.data()); }, 1, 0);
+  const double t_win = TimeMin([&] { (void)AttentionForward(q.data(), k.data(), v.data(), DType::kFloat32, s, win, o.data(), lse.data()); }, 2, 1);
+  const double err = SampledError(q.data(), k.data(), v.data(), DType::kFloat32, s, win, o.data());
+  // Visible pairs: causal sum_p (p+1); windowed sum_p min(p+1, W).
+  const double pairs_causal = 0.5 * n * (n + 1.0);
+  const double w = static_cast<double>(std::min(window, n));
+  const double pairs_win = n * w - 0.5 * w * (w - 1.0);
+  const double proportional = t_causal * pairs_win / pairs_causal;
+  const std::string name = Fmt("window_causal_N%ld_W%ld_H%d_D%d", (long)n, (long)window, heads, d);
+  std::printf("%-40s causal %.3f s, window %.3f s = %.3f of causal; work-proportional %.3f s -> %.2fx (target <= 1.3); "
+              "window rate %.1f GFLOP/s = %.3f of best fp32 GEMM; err %.1e\n",
+              name.c_str(), t_causal, t_win, t_win / t_causal, proportional, t_win / proportional,
+              4.0 * pairs_win * d * heads / t_win / 1e9, 4.0 * pairs_win * d * heads / t_win / 1e9 / roof.best_fp32(), err);
+  std::fflush(stdout);
+  EmitJson(Fmt("{\"name\":\"%s\",\"kind\":\"window\",\"N\":%ld,\"window\":%ld,\"heads\":%d,\"head_dim\":%d,"
+               "\"path\":\"%s\",\"causal_seconds\":%.6f,\"window_seconds\":%.6f,\"work_proportional_seconds\":%.6f,"
+               "\"window_vs_work_proportional\":%.4f,\"max_abs_error_vs_float64\":%.3g}",
+               name.c_str(), (long)n, (long)window, heads, d, KernelPathName(ActiveKernelPath()), t_causal, t_win,
+               proportional, t_win / proportional, err));
 }
 
 void DecodeCase(int64_t n, int heads, int kv_heads, int d, DType dtype, double bandwidth) {
@@ -239,12 +355,14 @@ void DecodeCase(int64_t n, int heads, int kv_heads, int d, DType dtype, double b
   const double bytes = 2.0 * kvn * DTypeSize(dtype);
   const double gbs = bytes / t / 1e9;
   const std::string name = Fmt("decode_%s_N%ld_H%d_Hkv%d_D%d", DTypeName(dtype), (long)n, heads, kv_heads, d);
-  std::printf("%-34s %8ld %5d %4d %4d %9.5f %10.2f %10.3f %10s\n", name.c_str(), (long)n, heads, kv_heads, d, t, gbs,
-              gbs / bandwidth, "-");
+  const char* path = KernelPathName(ActiveKernelPath());
+  std::printf("%-40s %8ld %5d %4d %4d %9.5f %10.2f %10.3f %10s  %s\n", name.c_str(), (long)n, heads, kv_heads, d, t, gbs,
+              gbs / bandwidth, "-", path);
   std::fflush(stdout);
   EmitJson(Fmt("{\"name\":\"%s\",\"kind\":\"decode\",\"dtype\":\"%s\",\"N\":%ld,\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,"
-               "\"seconds\":%.7f,\"kv_bytes\":%.0f,\"gbytes_per_s\":%.3f,\"bandwidth_gbytes_per_s\":%.3f,\"decode_vs_bandwidth\":%.4f}",
-               name.c_str(), DTypeName(dtype), (long)n, heads, kv_heads, d, t, bytes, gbs, bandwidth, gbs / bandwidth));
+               "\"path\":\"%s\",\"seconds\":%.7f,\"kv_bytes\":%.0f,\"gbytes_per_s\":%.3f,\"bandwidth_gbytes_per_s\":%.3f,"
+               "\"decode_vs_bandwidth\":%.4f}",
+               name.c_str(), DTypeName(dtype), (long)n, heads, kv_heads, d, path, t, bytes, gbs, bandwidth, gbs / bandwidth));
 }
 
 // Several query tokens against one KV (the service's batched Attend: one
@@ -349,16 +467,18 @@ void MemoryCase(int64_t n, int heads, int kv_heads, int d, bool unfused, int thr
 }
 
 void PrintMachine(int threads) {
-  std::string model = ReadFileLine("/proc/cpuinfo", "model name");
-  std::printf("machine: %s | %u hardware threads | AVX-512 %s | kernel threads %d\n", model.c_str(),
-              std::thread::hardware_concurrency(), CpuHasAvx512() ? "yes" : "no", threads);
+  std::printf("machine: %u hardware threads | kernel threads %d\n%s\n", std::thread::hardware_concurrency(), threads,
+              KernelPathDescription().c_str());
 #ifdef NDEBUG
   std::printf("build: release\n");
 #else
   std::printf("WARNING: debug build (assertions on): numbers are not representative\n");
 #endif
-  EmitJson(Fmt("{\"name\":\"machine\",\"cpu\":\"%s\",\"hardware_threads\":%u,\"avx512\":%s,\"threads\":%d}",
-               model.c_str(), std::thread::hardware_concurrency(), CpuHasAvx512() ? "true" : "false", threads));
+  EmitJson(Fmt("{\"name\":\"machine\",\"cpu\":\"%s\",\"hardware_threads\":%u,\"path\":\"%s\",\"default_path\":\"%s\","
+               "\"blas_core\":\"%s\",\"blas_core_chosen_by_openblas\":\"%s\",\"bf16_dot_vs_fma\":%.3f,\"threads\":%d}",
+               DetectCpu().model.c_str(), std::thread::hardware_concurrency(), KernelPathName(ActiveKernelPath()),
+               KernelPathName(DefaultKernelPath()), BlasCoreName().c_str(), BlasCoreNameAtLoad().c_str(), Bf16DotSpeedup(),
+               threads));
 }
 
 int Main(int argc, char** argv) {
@@ -374,8 +494,17 @@ int Main(int argc, char** argv) {
     else if (a == "--json" && i + 1 < argc) opt.json = argv[++i];
     else if (a == "--only" && i + 1 < argc) opt.only = argv[++i];
     else if (a == "--threads" && i + 1 < argc) opt.threads = std::atoi(argv[++i]);
+    else if (a == "--path" && i + 1 < argc) opt.path = argv[++i];
     else {
-      std::fprintf(stderr, "usage: kernel_bench [--quick] [--only prefill|decode|batched|memory] [--threads N] [--json FILE]\n");
+      std::fprintf(stderr, "usage: kernel_bench [--quick] [--only prefill|decode|batched|window|memory] [--threads N] "
+                           "[--path generic|avx2|avx512|avx512bf16] [--json FILE]\n");
+      return 2;
+    }
+  }
+  if (!opt.path.empty()) {
+    KernelPath p;
+    if (!ParseKernelPath(opt.path, &p) || !SetKernelPath(p)) {
+      std::fprintf(stderr, "kernel_bench: --path %s: unknown or not supported by this CPU\n", opt.path.c_str());
       return 2;
     }
   }
@@ -386,28 +515,46 @@ int Main(int argc, char** argv) {
   PrintMachine(threads);
   const bool all = opt.only.empty();
   if (all || opt.only == "prefill") {
+    const int n_main = opt.quick ? 2048 : 16384;
+    const Rooflines roof = MeasureRooflines(n_main, threads);
     Header();
-    if (opt.quick) {
-      PrefillCase(2048, 8, 8, 128, false, true, threads);
-      PrefillCase(2048, 8, 8, 128, true, true, threads);
-    } else {
-      for (int64_t n : {4096, 8192, 16384}) {
-        PrefillCase(n, 8, 8, 128, false, true, threads);
-        PrefillCase(n, 8, 8, 128, true, true, threads);
-      }
-      PrefillCase(4096, 32, 8, 128, false, true, threads);
-      PrefillCase(4096, 32, 8, 128, true, true, threads);
-      PrefillCase(32768, 8, 8, 128, true, false, threads);
+    const double fp32 = PrefillCase(n_main, 8, 8, 128, false, true, threads, roof);
+    // bf16 KV on the default path, and on the vdpbf16ps path when the CPU
+    // has it (forced: the default takes it only where the probe found it faster).
+    PrefillCase(n_main, 8, 8, 128, false, false, threads, roof, DType::kBFloat16, fp32);
+    if (KernelPathSupported(KernelPath::kAvx512Bf16) && ActiveKernelPath() != KernelPath::kAvx512Bf16) {
+      const KernelPath before = ActiveKernelPath();
+      SetKernelPath(KernelPath::kAvx512Bf16);
+      PrefillCase(n_main, 8, 8, 128, false, false, threads, roof, DType::kBFloat16, fp32);
+      SetKernelPath(before);
     }
+    PrefillCase(n_main, 8, 8, 128, true, true, threads, roof);
+    if (!opt.quick) {
+      for (int64_t n : {4096, 8192}) {
+        PrefillCase(n, 8, 8, 128, false, true, threads, roof);
+        PrefillCase(n, 8, 8, 128, true, true, threads, roof);
+      }
+      PrefillCase(4096, 32, 8, 128, false, true, threads, roof);
+      PrefillCase(4096, 32, 8, 128, true, true, threads, roof);
+      PrefillCase(32768, 8, 8, 128, true, false, threads, roof);
+    }
+  }
+  if (all || opt.only == "window") {
+    const Rooflines roof = MeasureRooflines(opt.quick ? 2048 : 16384, threads);
+    std::printf("\nsliding window vs full causal prefill (H=Hkv=2, D=128)\n");
+    if (opt.quick) WindowCase(16384, 1024, 2, 128, roof);
+    else WindowCase(65536, 4096, 2, 128, roof);
   }
   if (all || opt.only == "decode") {
     const double bw = ReadBandwidthGBs(opt.quick ? (256u << 20) : (1u << 30));
     std::printf("\nmemory read bandwidth (same run): %.2f GB/s\n", bw);
     EmitJson(Fmt("{\"name\":\"read_bandwidth\",\"gbytes_per_s\":%.3f}", bw));
     Header();
-    std::vector<int64_t> ns = opt.quick ? std::vector<int64_t>{65536} : std::vector<int64_t>{65536, 262144, 1048576};
+    std::vector<int64_t> ns = opt.quick ? std::vector<int64_t>{65536} : std::vector<int64_t>{262144, 1048576};
+    struct Heads { int h, hkv; };
     for (int64_t n : ns)
-      for (DType t : {DType::kFloat32, DType::kBFloat16}) DecodeCase(n, 32, 8, 128, t, bw);
+      for (Heads hh : {Heads{32, 8}, Heads{8, 2}, Heads{8, 1}})
+        for (DType t : {DType::kFloat32, DType::kBFloat16}) DecodeCase(n, hh.h, hh.hkv, 128, t, bw);
   }
   if (all || opt.only == "batched") {
     // The same SGEMM shape as the prefill roofline (N x N x 128, N = 16k).
