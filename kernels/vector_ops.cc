@@ -7,6 +7,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "kernels/cpu.h"
 #include "kernels/dtype.h"
 #include "kernels/simd_avx512.h"
 
@@ -499,10 +500,129 @@ RT_AVX512 void AccumulateProbValuesAvx512(const float* p, int p_stride, int rows
   }
 }
 
+// ---- AVX2/FMA path (CPUs without AVX-512): 8-wide versions of the same ----
+
+#define RT_AVX2 __attribute__((target("avx2,fma")))
+
+RT_AVX2 inline __m256 Load8(const float* p) { return _mm256_loadu_ps(p); }
+RT_AVX2 inline __m256 Load8(const uint16_t* p) {  // bfloat16 -> float32 in register
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+RT_AVX2 inline float HorizontalSum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+// 2^x for x <= 0, the same polynomial as Exp2Avx512; -inf and x < -126 give 0.
+RT_AVX2 inline __m256 Exp2Avx2(__m256 x) {
+  x = _mm256_max_ps(x, _mm256_set1_ps(-127.0f));
+  const __m256 xi = _mm256_round_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_sub_ps(x, xi);
+  __m256 p = _mm256_set1_ps(1.535336188319500e-4f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.339887440266574e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(9.618437357674640e-3f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(5.550332471162809e-2f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.402264791363012e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(6.931472028550421e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(xi), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+RT_AVX2 float RowMaxAvx2(const float* x, int n) {
+  __m256 m = _mm256_set1_ps(kNegInf);
+  int i = 0;
+  for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(x + i));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float r = kNegInf;
+  for (float v : lanes) r = v > r ? v : r;
+  for (; i < n; ++i) r = x[i] > r ? x[i] : r;
+  return r;
+}
+
+RT_AVX2 float Exp2SubAvx2(float* x, int n, float sub) {
+  const __m256 s = _mm256_set1_ps(sub);
+  __m256 acc = _mm256_setzero_ps();
+  int i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 a = Exp2Avx2(_mm256_sub_ps(_mm256_loadu_ps(x + i), s));
+    _mm256_storeu_ps(x + i, a);
+    acc = _mm256_add_ps(acc, a);
+  }
+  float sum = HorizontalSum8(acc);
+  for (; i < n; ++i) {
+    x[i] = std::exp2(x[i] - sub);
+    sum += x[i];
+  }
+  return sum;
+}
+
+// D multiple of 8. Four query rows share each key row's loads.
+template <typename T>
+RT_AVX2 void QueryKeyDotsAvx2(const float* q, int rows, const T* k, int64_t k_stride, int keys, int D, float* s,
+                              int s_stride) {
+  for (int j = 0; j < keys; ++j) {
+    const T* kr = k + j * k_stride;
+    int r = 0;
+    for (; r + 4 <= rows; r += 4) {
+      const float* q0 = q + static_cast<int64_t>(r) * D;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      for (int d = 0; d < D; d += 8) {
+        const __m256 kv = Load8(kr + d);
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + d), kv, a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + D + d), kv, a1);
+        a2 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 2 * D + d), kv, a2);
+        a3 = _mm256_fmadd_ps(_mm256_loadu_ps(q0 + 3 * D + d), kv, a3);
+      }
+      s[r * s_stride + j] = HorizontalSum8(a0);
+      s[(r + 1) * s_stride + j] = HorizontalSum8(a1);
+      s[(r + 2) * s_stride + j] = HorizontalSum8(a2);
+      s[(r + 3) * s_stride + j] = HorizontalSum8(a3);
+    }
+    for (; r < rows; ++r) {
+      const float* qr = q + static_cast<int64_t>(r) * D;
+      __m256 a0 = _mm256_setzero_ps(), a1 = a0;
+      int d = 0;
+      for (; d + 16 <= D; d += 16) {
+        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), Load8(kr + d), a0);
+        a1 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d + 8), Load8(kr + d + 8), a1);
+      }
+      if (d < D) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), Load8(kr + d), a0);
+      s[r * s_stride + j] = HorizontalSum8(_mm256_add_ps(a0, a1));
+    }
+  }
+}
+
+// D multiple of 8. Two keys per step in independent chains.
+template <typename T>
+RT_AVX2 void AccumulateProbValuesAvx2(const float* p, int p_stride, int rows, const T* v, int64_t v_stride, int keys,
+                                      int D, float* acc) {
+  for (int r = 0; r < rows; ++r) {
+    const float* pr = p + static_cast<int64_t>(r) * p_stride;
+    for (int d = 0; d < D; d += 8) {
+      float* a = acc + static_cast<int64_t>(r) * D + d;
+      __m256 a0 = _mm256_loadu_ps(a), a1 = _mm256_setzero_ps();
+      int j = 0;
+      for (; j + 2 <= keys; j += 2) {
+        a0 = _mm256_fmadd_ps(_mm256_set1_ps(pr[j]), Load8(v + j * v_stride + d), a0);
+        a1 = _mm256_fmadd_ps(_mm256_set1_ps(pr[j + 1]), Load8(v + (j + 1) * v_stride + d), a1);
+      }
+      if (j < keys) a0 = _mm256_fmadd_ps(_mm256_set1_ps(pr[j]), Load8(v + j * v_stride + d), a0);
+      _mm256_storeu_ps(a, _mm256_add_ps(a0, a1));
+    }
+  }
+}
+
+bool Avx2Active() { return ActiveKernelPath() >= KernelPath::kAvx2; }
+
 }  // namespace
 
 float RowMax(const float* x, int n) {
   if (CpuHasAvx512()) return RowMaxAvx512(x, n);
+  if (Avx2Active()) return RowMaxAvx2(x, n);
   float m = kNegInf;
   for (int i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
   return m;
@@ -510,6 +630,7 @@ float RowMax(const float* x, int n) {
 
 float Exp2SubInPlaceSum(float* x, int n, float sub) {
   if (CpuHasAvx512()) return Exp2SubAvx512(x, n, sub);
+  if (Avx2Active()) return Exp2SubAvx2(x, n, sub);
   float sum = 0;
   for (int i = 0; i < n; ++i) {
     x[i] = std::exp2(x[i] - sub);
@@ -529,6 +650,7 @@ void ScaleCopy(const float* x, float* y, int n, float a) {
 void QueryKeyDots(const float* q, int rows, const float* k, int64_t k_stride, int keys, int D,
                   float* s, int s_stride) {
   if (CpuHasAvx512() && D % 16 == 0) return QueryKeyDotsAvx512(q, rows, k, k_stride, keys, D, s, s_stride);
+  if (Avx2Active() && D % 8 == 0) return QueryKeyDotsAvx2(q, rows, k, k_stride, keys, D, s, s_stride);
   for (int r = 0; r < rows; ++r) {
     for (int j = 0; j < keys; ++j) {
       const float* kr = k + j * k_stride;
@@ -540,21 +662,24 @@ void QueryKeyDots(const float* q, int rows, const float* k, int64_t k_stride, in
   }
 }
 
-bool HasFusedBFloat16(int D) { return CpuHasAvx512() && D % 16 == 0; }
+bool HasFusedBFloat16(int D) { return (CpuHasAvx512() && D % 16 == 0) || (Avx2Active() && D % 8 == 0); }
 
 void QueryKeyDotsBFloat16(const float* q, int rows, const uint16_t* k, int64_t k_stride, int keys, int D,
                           float* s, int s_stride) {
-  QueryKeyDotsAvx512(q, rows, k, k_stride, keys, D, s, s_stride);
+  if (CpuHasAvx512() && D % 16 == 0) return QueryKeyDotsAvx512(q, rows, k, k_stride, keys, D, s, s_stride);
+  QueryKeyDotsAvx2(q, rows, k, k_stride, keys, D, s, s_stride);
 }
 
 void AccumulateProbValuesBFloat16(const float* p, int p_stride, int rows, const uint16_t* v, int64_t v_stride,
                                   int keys, int D, float* acc) {
-  AccumulateProbValuesAvx512(p, p_stride, rows, v, v_stride, keys, D, acc);
+  if (CpuHasAvx512() && D % 16 == 0) return AccumulateProbValuesAvx512(p, p_stride, rows, v, v_stride, keys, D, acc);
+  AccumulateProbValuesAvx2(p, p_stride, rows, v, v_stride, keys, D, acc);
 }
 
 void AccumulateProbValues(const float* p, int p_stride, int rows, const float* v, int64_t v_stride,
                           int keys, int D, float* acc) {
   if (CpuHasAvx512() && D % 16 == 0) return AccumulateProbValuesAvx512(p, p_stride, rows, v, v_stride, keys, D, acc);
+  if (Avx2Active() && D % 8 == 0) return AccumulateProbValuesAvx2(p, p_stride, rows, v, v_stride, keys, D, acc);
   for (int r = 0; r < rows; ++r) {
     float* a = acc + r * D;
     for (int j = 0; j < keys; ++j) {
