@@ -54,8 +54,9 @@ def build_dir():
 class Cluster:
     """launch/cluster up K ... on enter, down on exit (also on any exception)."""
 
-    def __init__(self, name, hosts, slots, bandwidth="1gbit", workdir=None):
+    def __init__(self, name, hosts, slots, bandwidth="1gbit", workdir=None, bring_up=True):
         self.name, self.hosts, self.slots, self.bandwidth = name, hosts, slots, bandwidth
+        self.bring_up = bring_up  # False: only make sure it is down before and after
         self.workdir = workdir or tempfile.mkdtemp(prefix="cluster-%s-" % name)
         self.hostfile = os.path.join(self.workdir, "hosts")
         self.env = dict(os.environ, CLUSTER_NAME=name, **ROOT_ENV)
@@ -72,23 +73,41 @@ class Cluster:
 
     def __enter__(self):
         self.cluster("down", check=False)
+        if not self.bring_up:
+            return self
+        up = ["up", str(self.hosts), "--slots", str(self.slots), "--bandwidth", self.bandwidth, "--hostfile",
+              self.hostfile]
         t0 = time.time()
-        self.cluster("up", str(self.hosts), "--slots", str(self.slots), "--bandwidth", self.bandwidth,
-                     "--hostfile", self.hostfile)
+        self.cluster(*up)
         self.up_seconds = time.time() - t0
+        again = self.cluster(*up)  # idempotent: the same up again changes nothing
+        assert "already up" in again.stderr and again.stdout.strip() == self.hostfile, again
         status = self.cluster("status").stdout
         print(status.strip(), flush=True)
         self.subnet = [l.split("subnet ")[1].split(",")[0] for l in status.splitlines() if "subnet " in l][0]
         return self
 
+    def leftovers(self):
+        """Whatever of this cluster still exists: namespaces, links, name files, hosts entries, state."""
+        out = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
+        left = [l.split()[0] for l in out if l.startswith(self.name + "-host")]
+        links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True).stdout.split("\n")
+        left += [l.split(": ")[1].split("@")[0] for l in links if ": %s-" % self.name in l]
+        if os.path.isdir("/etc/netns"):
+            left += ["/etc/netns/" + d for d in os.listdir("/etc/netns") if d.startswith(self.name + "-")]
+        if "ringtree-cluster %s\n" % self.name in open("/etc/hosts").read():
+            left.append("/etc/hosts block")
+        if os.path.exists("/run/ringtree-cluster/" + self.name):
+            left.append("/run/ringtree-cluster/" + self.name)
+        return left
+
     def __exit__(self, *exc):
         self.cluster("down", check=False)
-        left = [l for l in subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout.split("\n")
-                if l.startswith(self.name + "-host")]
+        left = self.leftovers()
         if left:
-            print("FAIL: namespaces left after down: %s" % left, flush=True)
+            print("FAIL: left after down: %s" % left, flush=True)
             if exc[0] is None:
-                raise AssertionError("namespaces left after down: %s" % left)
+                raise AssertionError("left after down: %s" % left)
         if exc[0] is None:
             shutil.rmtree(self.workdir, ignore_errors=True)  # kept for a look when the test failed
         else:

@@ -104,24 +104,28 @@ def check_readme(args, attnjob):
     block = readme_block()
     print("README block:\n" + block, flush=True)
     assert "launch/mpirun-ringtree" in block and "--hostfile hosts" in block, block
-    with cc.Cluster("rttr", 2, 2) as c:
+    # The block makes and removes the cluster itself (CLUSTER_NAME = this test's).
+    with cc.Cluster("rttr", 2, 2, bring_up=False) as c:
         w = c.workdir
         os.symlink(cc.LAUNCH, os.path.join(w, "launch"))
         os.symlink(os.path.dirname(os.path.dirname(attnjob)), os.path.join(w, "build"))
-        shape = re.search(r"--tokens (\d+)", block)
         q, k, v = write_inputs(w, 512, 8, 2, 64, seed=5)
-        script = "set -ex\n" + block
-        # The block brings the cluster up and down itself (same name: this test's).
-        p = subprocess.run(["bash", "-c", script], cwd=w, env=c.env, capture_output=True, text=True, timeout=TIMEOUT)
+        # bash -e: any failing line fails the test.
+        p = subprocess.run(["bash", "-e", "-x", "-c", block], cwd=w, env=c.env, capture_output=True, text=True,
+                           timeout=TIMEOUT)
         print(p.stdout[-3000:], p.stderr[-3000:], flush=True)
         assert p.returncode == 0, "README block exited %d" % p.returncode
-        causal = "--causal" in block
-        o = np.load(os.path.join(w, "o.npy"))
-        ro, _ = cc.reference(q, k, v, causal)
-        diff = np.abs(o - ro).max()
+        assert not c.leftovers(), "left after the block's down: %s" % c.leftovers()
+        ro, _ = cc.reference(q, k, v, "--causal" in block)
+        diff = np.abs(np.load(os.path.join(w, "o.npy")) - ro).max()
         print("README block: o.npy max |o - reference| %.2e" % diff, flush=True)
         assert diff <= 2e-4, diff
-        del shape
+        # down after a partial up: a namespace and a veth that no state file knows of.
+        subprocess.run(["ip", "netns", "add", "rttr-host9"], check=True)
+        subprocess.run(["ip", "link", "add", "rttr-veth9", "type", "veth", "peer", "name", "rttr-p9"], check=True)
+        assert len(c.leftovers()) >= 2, c.leftovers()
+        c.cluster("down")
+        assert not c.leftovers(), "down after a partial up left %s" % c.leftovers()
     print("PASS", flush=True)
 
 
