@@ -2,6 +2,7 @@
 //
 //   mpirun -np P attnjob --q q.npy --k k.npy --v v.npy [--causal] [--scale S]
 //                        --out o.npy [--lse lse.npy] [--threads N] [--peer-timeout SEC]
+//                        [--window W] [--doc-lengths lengths.npy] [--kv-dtype bfloat16]
 //   mpirun -np P attnjob --demo [--tokens N --heads H --kv-heads Hkv
 //                        --head-dim D --causal --check --decode-steps S]
 //
@@ -11,6 +12,13 @@
 // writes only its own shard (MPI-IO); causal runs use the zigzag layout.
 // Any bad input gives one message (rank 0), a non-zero exit on every rank and
 // no output file.
+//
+// Masks: --window W (with --causal) lets the query at position p see keys in
+// (p - W, p]; --doc-lengths takes a 1-D integer .npy (or "n1,n2,...") of
+// packed documents' lengths summing to the token count, and a token sees only
+// keys of its own document. Ring steps no query can see are skipped.
+// --kv-dtype bfloat16 stores K/V as bfloat16 (half the ring's bytes; the
+// kernels pick their bf16 path from the CPU, see kernels/cpu.h).
 //
 // Lost ranks (--peer-timeout SEC, default 10, 0 = off): Open MPI 4.1 is
 // fail-stop and notices a dead process only through its daemons, and never a
@@ -59,6 +67,7 @@
 #include "dist/tree_decode.h"
 #include "kernels/attention.h"
 #include "kernels/blas.h"
+#include "kernels/cpu.h"
 
 namespace ringtree {
 namespace {
@@ -79,7 +88,61 @@ struct JobOptions {
   bool quiet = false;
   uint64_t seed = 1234;
   double peer_timeout = 10.0;
+  int64_t window = 0;
+  std::string doc_lengths;  // .npy path or "n1,n2,..."
+  std::string kv_dtype = "float32";
 };
+
+// Document boundaries as cumulative lengths [0, n1, n1+n2, ..., tokens].
+Result<std::vector<int64_t>> DocOffsets(const JobOptions& o, int64_t tokens) {
+  std::vector<int64_t> lengths;
+  if (o.doc_lengths.find(".npy") != std::string::npos) {
+    auto r = ReadNpyIntegers(o.doc_lengths);
+    if (!r.ok()) return Status::InvalidArgument("[attnjob] --doc-lengths " + r.status().message());
+    lengths = std::move(r.value());
+  } else {
+    size_t pos = 0;
+    while (pos <= o.doc_lengths.size()) {
+      const size_t comma = std::min(o.doc_lengths.find(',', pos), o.doc_lengths.size());
+      const std::string item = o.doc_lengths.substr(pos, comma - pos);
+      char* end = nullptr;
+      errno = 0;
+      const long long v = std::strtoll(item.c_str(), &end, 10);
+      if (item.empty() || errno != 0 || *end != '\0')
+        return Status::InvalidArgument("[attnjob] --doc-lengths: '" + item + "' is not an integer (want a .npy path or n1,n2,...)");
+      lengths.push_back(v);
+      pos = comma + 1;
+    }
+  }
+  std::vector<int64_t> offsets{0};
+  for (size_t i = 0; i < lengths.size(); ++i) {
+    if (lengths[i] < 1)
+      return Status::InvalidArgument("[attnjob] --doc-lengths: document " + std::to_string(i) + " has length " +
+                                     std::to_string(lengths[i]) + " (must be >= 1)");
+    if (lengths[i] > tokens - offsets.back())
+      return Status::InvalidArgument("[attnjob] --doc-lengths: the lengths sum past the " + std::to_string(tokens) + " tokens");
+    offsets.push_back(offsets.back() + lengths[i]);
+  }
+  if (offsets.back() != tokens)
+    return Status::InvalidArgument("[attnjob] --doc-lengths: the lengths sum to " + std::to_string(offsets.back()) +
+                                   ", not the " + std::to_string(tokens) + " tokens");
+  return offsets;
+}
+
+// (query, key) pairs the masks leave visible: the job's cost model.
+double VisiblePairs(const JobOptions& o, int64_t q_tokens, int64_t kv_tokens, const std::vector<int64_t>& docs) {
+  if (o.window == 0 && docs.empty()) return o.causal ? 0.5 * q_tokens * (q_tokens + 1.0) : double(q_tokens) * kv_tokens;
+  AttentionOptions ao;
+  ao.causal = o.causal;
+  ao.window = o.window;
+  ao.doc_offsets = docs;
+  double pairs = 0;
+  for (int64_t p = 0; p < q_tokens; ++p) {
+    const KeyInterval iv = VisibleKeys(ao, p);
+    pairs += std::max<int64_t>(0, std::min(iv.last, kv_tokens - 1) - std::max<int64_t>(iv.first, 0) + 1);
+  }
+  return pairs;
+}
 
 using Ranges = std::vector<std::pair<int64_t, int64_t>>;
 
@@ -443,11 +506,10 @@ Status CheckShapes(const JobOptions& o, const NpyHeader& q, const NpyHeader& k, 
 }
 
 void PrintSummary(const JobOptions& o, const Problem& p, const Communicator& comm, int threads,
-                  const std::vector<PhaseTimings>& all, double seconds) {
+                  const std::vector<PhaseTimings>& all, double seconds, double visible_pairs) {
   const double H = p.heads.heads, D = p.heads.head_dim;
-  // Cost model: QK^T and PV, 2 FLOPs per multiply-add; causal does half.
-  double flops = 4.0 * p.q_tokens * static_cast<double>(p.kv_tokens) * H * D;
-  if (o.causal) flops *= 0.5;
+  // Cost model: QK^T and PV, 2 FLOPs per multiply-add, over the visible pairs.
+  const double flops = 4.0 * visible_pairs * H * D;
   std::printf("[attnjob] done: %lld tokens x %lld keys, heads %d/%d, head_dim %d, %s, %d ranks x %d threads\n",
               static_cast<long long>(p.q_tokens), static_cast<long long>(p.kv_tokens), p.heads.heads, p.heads.kv_heads,
               p.heads.head_dim, o.causal ? "causal (zigzag)" : "non-causal", comm.size(), threads);
@@ -485,7 +547,11 @@ Status CheckAgainstSingleProcess(const JobOptions& o, const Problem& p, const Co
                                  const std::vector<float>& lse) {
   constexpr int64_t kFullCheckTokens = 4096;
   constexpr int64_t kSampledRows = 48;
-  constexpr double kTolerance = 1e-4;  // fp32, different merge order
+  // fp32: the same products, another merge order. bf16 products (the
+  // avx512bf16 path) round probabilities against each tile's running max,
+  // which differs between the split and the whole sequence.
+  const double kTolerance =
+      p.heads.kv_dtype == DType::kBFloat16 && ActiveKernelPath() == KernelPath::kAvx512Bf16 ? 5e-3 : 1e-4;
   const int64_t q_row = static_cast<int64_t>(p.heads.heads) * p.heads.head_dim;
   const int64_t kv_row = static_cast<int64_t>(p.heads.kv_heads) * p.heads.head_dim;
   std::vector<float> global_out, global_lse;
@@ -494,6 +560,9 @@ Status CheckAgainstSingleProcess(const JobOptions& o, const Problem& p, const Co
   Status verdict;
   if (comm.rank() == 0) {
     const Ranges all_q{{0, p.q_tokens}}, all_kv{{0, p.kv_tokens}};
+    RINGTREE_ASSIGN_OR_RETURN(const std::vector<int64_t> docs,
+                              o.doc_lengths.empty() ? Result<std::vector<int64_t>>(std::vector<int64_t>{})
+                                                    : DocOffsets(o, p.q_tokens));
     std::vector<float> fq(static_cast<size_t>(p.q_tokens * q_row));
     std::vector<float> fk(static_cast<size_t>(p.kv_tokens * kv_row)), fv(fk.size());
     if (o.demo) {
@@ -505,6 +574,17 @@ Status CheckAgainstSingleProcess(const JobOptions& o, const Problem& p, const Co
       RINGTREE_RETURN_IF_ERROR(ReadNpyFile(o.q_path, &fq, &shape));
       RINGTREE_RETURN_IF_ERROR(ReadNpyFile(o.k_path, &fk, &shape));
       RINGTREE_RETURN_IF_ERROR(ReadNpyFile(o.v_path, &fv, &shape));
+    }
+    std::vector<uint16_t> bk, bv;  // the job's bf16 storage, when it used one
+    const void* kp = fk.data();
+    const void* vp = fv.data();
+    if (p.heads.kv_dtype == DType::kBFloat16) {
+      bk.resize(fk.size());
+      bv.resize(fv.size());
+      ConvertFromFloat32(fk.data(), DType::kBFloat16, bk.data(), fk.size());
+      ConvertFromFloat32(fv.data(), DType::kBFloat16, bv.data(), fv.size());
+      kp = bk.data();
+      vp = bv.data();
     }
     std::vector<int64_t> rows;
     if (p.q_tokens <= kFullCheckTokens) {
@@ -521,9 +601,10 @@ Status CheckAgainstSingleProcess(const JobOptions& o, const Problem& p, const Co
       AttentionOptions ao;
       ao.causal = o.causal;
       ao.scale = o.scale;
+      ao.window = o.window;
+      ao.doc_offsets = docs;
       ao.q_position_offset = first;
-      verdict = AttentionForward(fq.data() + first * q_row, fk.data(), fv.data(), DType::kFloat32, shape, ao,
-                                 ro.data(), rl.data());
+      verdict = AttentionForward(fq.data() + first * q_row, kp, vp, p.heads.kv_dtype, shape, ao, ro.data(), rl.data());
       if (!verdict.ok()) break;
       for (size_t i = 0; i < ro.size(); ++i)
         max_o = std::max(max_o, std::fabs(double(ro[i]) - global_out[first * q_row + i]));
@@ -544,16 +625,8 @@ Status CheckAgainstSingleProcess(const JobOptions& o, const Problem& p, const Co
 // --decode-steps: after the prefill, decode steps against the sharded KV: the
 // query of the next position attends every cached key. Tree decode (one
 // reduction of packed (lse, o) records) against ring decode (KV travels).
-Status RunDecodeDemo(const JobOptions& o, const Problem& p, const Communicator& comm, const std::vector<float>& k,
-                     const std::vector<float>& v, const Ranges& kv_ranges) {
+Status RunDecodeDemo(const JobOptions& o, const Problem& p, const Communicator& comm, std::span<const KvBlock> blocks) {
   const int64_t q_row = static_cast<int64_t>(p.heads.heads) * p.heads.head_dim;
-  const int64_t kv_row = static_cast<int64_t>(p.heads.kv_heads) * p.heads.head_dim;
-  std::vector<KvBlock> blocks;
-  int64_t row = 0;
-  for (const auto& [b, e] : kv_ranges) {
-    blocks.push_back({k.data() + row * kv_row, v.data() + row * kv_row, e - b, b});
-    row += e - b;
-  }
   RINGTREE_ASSIGN_OR_RETURN(auto reducer, TreeReducer::Create(comm, TreeTopology::kFlat, 0));
   std::vector<float> q(static_cast<size_t>(q_row)), o_tree(q.size()), o_ring(q.size());
   std::vector<float> l_tree(static_cast<size_t>(p.heads.heads)), l_ring(l_tree.size());
@@ -619,6 +692,18 @@ Status RunJob(const JobOptions& o, const Communicator& comm, int threads, PeerWa
     RINGTREE_ASSIGN_OR_RETURN(vh, ReadNpyHeaderCollective(comm, o.v_path));
     RINGTREE_RETURN_IF_ERROR(CheckShapes(o, qh, kh, vh, &p));
   }
+  if (o.window < 0) return Status::InvalidArgument("[attnjob] --window must be >= 0");
+  if (o.window > 0 && !o.causal) return Status::InvalidArgument("[attnjob] --window requires --causal (keys in (p - W, p])");
+  std::vector<int64_t> docs;
+  if (!o.doc_lengths.empty()) {
+    if (p.q_tokens != p.kv_tokens)
+      return Status::InvalidArgument("[attnjob] --doc-lengths needs as many query as key tokens (one packed sequence)");
+    RINGTREE_ASSIGN_OR_RETURN(docs, DocOffsets(o, p.q_tokens));
+  }
+  if (!ParseDType(o.kv_dtype, &p.heads.kv_dtype) || p.heads.kv_dtype == DType::kFloat16)
+    return Status::InvalidArgument("[attnjob] --kv-dtype must be float32 or bfloat16, got '" + o.kv_dtype + "'");
+  if (o.decode_steps > 0 && (o.window > 0 || !docs.empty()))
+    return Status::InvalidArgument("[attnjob] --decode-steps does not support --window or --doc-lengths");
   if (o.layout == "zigzag" || (o.layout == "auto" && o.causal)) p.layout = ShardLayoutKind::kZigzag;
   RINGTREE_ASSIGN_OR_RETURN(ShardLayout q_layout, ShardLayout::Create(p.layout, p.q_tokens, P));
   RINGTREE_ASSIGN_OR_RETURN(ShardLayout kv_layout, ShardLayout::Create(p.layout, p.kv_tokens, P));
@@ -638,6 +723,21 @@ Status RunJob(const JobOptions& o, const Communicator& comm, int threads, PeerWa
     RINGTREE_RETURN_IF_ERROR(ReadNpyRowsCollective(comm, o.k_path, kh, kv_ranges, k.data()));
     RINGTREE_RETURN_IF_ERROR(ReadNpyRowsCollective(comm, o.v_path, vh, kv_ranges, v.data()));
   }
+  // bf16 storage: K/V rounded once here, half the bytes in memory and on the ring.
+  std::vector<uint16_t> k16, v16;
+  const uint8_t* k_store = reinterpret_cast<const uint8_t*>(k.data());
+  const uint8_t* v_store = reinterpret_cast<const uint8_t*>(v.data());
+  if (p.heads.kv_dtype == DType::kBFloat16) {
+    k16.resize(k.size());
+    v16.resize(v.size());
+    ConvertFromFloat32(k.data(), DType::kBFloat16, k16.data(), k.size());
+    ConvertFromFloat32(v.data(), DType::kBFloat16, v16.data(), v.size());
+    k_store = reinterpret_cast<const uint8_t*>(k16.data());
+    v_store = reinterpret_cast<const uint8_t*>(v16.data());
+    std::vector<float>().swap(k);
+    std::vector<float>().swap(v);
+  }
+  const int64_t kv_row_bytes = kv_row * static_cast<int64_t>(DTypeSize(p.heads.kv_dtype));
   const double read_seconds = NowSeconds() - t_read;
 
   std::vector<float> out(q.size()), lse(static_cast<size_t>(RowsIn(q_ranges) * p.heads.heads));
@@ -649,7 +749,7 @@ Status RunJob(const JobOptions& o, const Communicator& comm, int threads, PeerWa
     qrow += e - b;
   }
   for (const auto& [b, e] : kv_ranges) {
-    kvblocks.push_back({k.data() + krow * kv_row, v.data() + krow * kv_row, e - b, b});
+    kvblocks.push_back({k_store + krow * kv_row_bytes, v_store + krow * kv_row_bytes, e - b, b});
     krow += e - b;
   }
 
@@ -675,8 +775,14 @@ Status RunJob(const JobOptions& o, const Communicator& comm, int threads, PeerWa
   RingOptions ro;
   ro.causal = o.causal;
   ro.scale = o.scale;
+  ro.window = o.window;
+  ro.doc_offsets = docs;
   const double t0 = NowSeconds();
   if (rank == 0 && !o.quiet) {
+    std::printf("[attnjob] %s\n", KernelPathDescription().c_str());
+    if (o.window > 0 || !docs.empty() || p.heads.kv_dtype != DType::kFloat32)
+      std::printf("[attnjob] kv dtype %s, window %lld, %zu document(s)\n", DTypeName(p.heads.kv_dtype),
+                  static_cast<long long>(o.window), docs.empty() ? size_t{1} : docs.size() - 1);
     std::printf("[attnjob] %s: %lld tokens, heads %d/%d, head_dim %d, %s, %d ranks x %d threads (read %.2f s)\n",
                 o.demo ? "demo" : "job", static_cast<long long>(p.q_tokens), p.heads.heads, p.heads.kv_heads,
                 p.heads.head_dim, o.causal ? "causal, zigzag layout" : "non-causal", P, threads, read_seconds);
@@ -706,10 +812,10 @@ Status RunJob(const JobOptions& o, const Communicator& comm, int threads, PeerWa
   }
 
   RINGTREE_ASSIGN_OR_RETURN(std::vector<PhaseTimings> all, GatherTimings(comm, timing, 0));
-  if (rank == 0 && !o.quiet) PrintSummary(o, p, comm, threads, all, seconds);
+  if (rank == 0 && !o.quiet) PrintSummary(o, p, comm, threads, all, seconds, VisiblePairs(o, p.q_tokens, p.kv_tokens, docs));
 
   if (o.check) RINGTREE_RETURN_IF_ERROR(CheckAgainstSingleProcess(o, p, comm, q_layout, out, lse));
-  if (o.decode_steps > 0) RINGTREE_RETURN_IF_ERROR(RunDecodeDemo(o, p, comm, k, v, kv_ranges));
+  if (o.decode_steps > 0) RINGTREE_RETURN_IF_ERROR(RunDecodeDemo(o, p, comm, kvblocks));
   return Status::Ok();
 }
 
@@ -747,6 +853,11 @@ int main(int argc, char** argv) {
     app.add_flag("--check", o.check, "compare with a single-process kernel run on rank 0 (sampled rows above 4096 tokens)");
     app.add_option("--decode-steps", o.decode_steps, "after prefill, N tree-vs-ring decode steps (default 8 with --demo)");
     app.add_flag("--quiet", o.quiet, "no progress or summary");
+    app.add_option("--window", o.window, "sliding window W (with --causal): a query at p sees keys in (p - W, p]");
+    app.add_option("--doc-lengths", o.doc_lengths,
+                   "packed documents: a 1-D integer .npy (or n1,n2,...) of lengths summing to the tokens; "
+                   "a token sees only its own document");
+    app.add_option("--kv-dtype", o.kv_dtype, "K/V storage: float32 (default) or bfloat16");
     app.add_option("--peer-timeout", o.peer_timeout,
                    "seconds without a heartbeat from a neighbouring rank before the job aborts naming it "
                    "(default 10; 0 = no watchdog)")

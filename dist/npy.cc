@@ -92,7 +92,10 @@ std::string NpyHeader::ShapeString() const {
   return s + (shape.size() == 1 ? ",)" : ")");
 }
 
-Result<NpyHeader> ParseNpyHeader(const std::string& name, const uint8_t* data, size_t size, int64_t file_bytes) {
+namespace {
+
+// The header dictionary of a .npy file and the offset of its first data byte.
+Status ReadNpyDict(const std::string& name, const uint8_t* data, size_t size, std::string* dict_out, size_t* data_offset) {
   if (size < 10 || std::memcmp(data, kMagic, 6) != 0) return Bad(name, "not a .npy file (bad magic)");
   const int major = data[6];
   size_t prefix, dict_len;
@@ -110,17 +113,34 @@ Result<NpyHeader> ParseNpyHeader(const std::string& name, const uint8_t* data, s
   }
   if (prefix + dict_len > size) return Bad(name, "header truncated (" + std::to_string(prefix + dict_len) +
                                                    " header bytes, file has " + std::to_string(size) + ")");
-  const std::string dict(reinterpret_cast<const char*>(data) + prefix, dict_len);
-  NpyHeader h;
-  h.data_offset = static_cast<int64_t>(prefix + dict_len);
-  h.file_bytes = file_bytes;
+  dict_out->assign(reinterpret_cast<const char*>(data) + prefix, dict_len);
+  *data_offset = prefix + dict_len;
+  return Status::Ok();
+}
 
+// The 'descr' string of a header dictionary.
+Status ReadDescr(const std::string& name, const std::string& dict, std::string* descr) {
   size_t p;
   if (!FindValue(dict, "descr", &p) || p >= dict.size() || (dict[p] != '\'' && dict[p] != '"'))
     return Bad(name, "header field 'descr' missing or malformed");
   const size_t end = dict.find(dict[p], p + 1);
   if (end == std::string::npos) return Bad(name, "header field 'descr' malformed");
-  const std::string descr = dict.substr(p + 1, end - p - 1);
+  *descr = dict.substr(p + 1, end - p - 1);
+  return Status::Ok();
+}
+
+}  // namespace
+
+Result<NpyHeader> ParseNpyHeader(const std::string& name, const uint8_t* data, size_t size, int64_t file_bytes) {
+  std::string dict, descr;
+  size_t offset = 0;
+  RINGTREE_RETURN_IF_ERROR(ReadNpyDict(name, data, size, &dict, &offset));
+  NpyHeader h;
+  h.data_offset = static_cast<int64_t>(offset);
+  h.file_bytes = file_bytes;
+  RINGTREE_RETURN_IF_ERROR(ReadDescr(name, dict, &descr));
+
+  size_t p;
   if (descr == "<f4") {
     h.dtype = DType::kFloat32;
   } else if (descr == "<f2") {
@@ -149,7 +169,17 @@ Result<NpyHeader> ParseNpyHeader(const std::string& name, const uint8_t* data, s
     if (errno != 0 || *endp != '\0' || v < 0) return Bad(name, "header field 'shape' has a bad dimension '" + item + "'");
     h.shape.push_back(v);
   }
-  const int64_t need = h.data_offset + h.elements() * static_cast<int64_t>(DTypeSize(h.dtype));
+  // Checked: a header may claim any shape, and a product that wraps around
+  // would make a huge array look like one that fits in the file.
+  int64_t need = static_cast<int64_t>(DTypeSize(h.dtype));
+  for (int64_t d : h.shape) {
+    if (__builtin_mul_overflow(need, d, &need)) {
+      return Bad(name, "shape " + h.ShapeString() + " is too large (its byte count overflows 64 bits)");
+    }
+  }
+  if (__builtin_add_overflow(need, h.data_offset, &need)) {
+    return Bad(name, "shape " + h.ShapeString() + " is too large (its byte count overflows 64 bits)");
+  }
   if (file_bytes >= 0 && file_bytes < need)
     return Bad(name, "shape " + h.ShapeString() + " needs " + std::to_string(need - h.data_offset) +
                          " data bytes, file has " + std::to_string(file_bytes - h.data_offset) + " (truncated)");
@@ -373,6 +403,52 @@ Status ReadNpyFile(const std::string& path, std::vector<float>* data, std::vecto
   ConvertToFloat32(h.dtype, raw.data(), data->data(), static_cast<size_t>(n));
   *shape = h.shape;
   return Status::Ok();
+}
+
+Result<std::vector<int64_t>> ReadNpyIntegers(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return Status::NotFound("[npy] " + path + ": cannot open (" + std::strerror(errno) + ")");
+  std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::string dict, descr;
+  size_t offset = 0;
+  RINGTREE_RETURN_IF_ERROR(ReadNpyDict(path, bytes.data(), bytes.size(), &dict, &offset));
+  RINGTREE_RETURN_IF_ERROR(ReadDescr(path, dict, &descr));
+  size_t width = 0;
+  if (descr == "<i8" || descr == "<u8") width = 8;
+  else if (descr == "<i4" || descr == "<u4") width = 4;
+  else return Bad(path, "dtype '" + descr + "' not supported (want integers: '<i8', '<i4', '<u8' or '<u4')");
+  // The 1-D shape: "(n,)".
+  size_t p;
+  if (!FindValue(dict, "shape", &p) || p >= dict.size() || dict[p] != '(')
+    return Bad(path, "header field 'shape' missing or malformed");
+  char* endp = nullptr;
+  errno = 0;
+  const long long n = std::strtoll(dict.c_str() + p + 1, &endp, 10);
+  if (errno != 0 || n < 0 || endp == dict.c_str() + p + 1 || (*endp != ',' && *endp != ')') ||
+      (*endp == ',' && dict.find_first_not_of(" ", endp - dict.c_str() + 1) != dict.find(')', p)))
+    return Bad(path, "shape must be one-dimensional (n,)");
+  if ((bytes.size() - offset) / width < static_cast<size_t>(n))
+    return Bad(path, "shape (" + std::to_string(n) + ",) needs " + std::to_string(n * width) + " data bytes, file has " +
+                         std::to_string(bytes.size() - offset) + " (truncated)");
+  std::vector<int64_t> out(static_cast<size_t>(n));
+  for (long long i = 0; i < n; ++i) {
+    const uint8_t* e = bytes.data() + offset + i * width;
+    if (width == 8) {
+      int64_t v;
+      std::memcpy(&v, e, 8);
+      if (descr == "<u8" && v < 0) return Bad(path, "element " + std::to_string(i) + " exceeds int64");
+      out[static_cast<size_t>(i)] = v;
+    } else if (descr == "<i4") {
+      int32_t v;
+      std::memcpy(&v, e, 4);
+      out[static_cast<size_t>(i)] = v;
+    } else {
+      uint32_t v;
+      std::memcpy(&v, e, 4);
+      out[static_cast<size_t>(i)] = v;
+    }
+  }
+  return out;
 }
 
 }  // namespace ringtree

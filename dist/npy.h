@@ -35,7 +35,8 @@ struct NpyHeader {
 
 // Parses a header from the first bytes of a file (no I/O). `name` is used in
 // messages. Errors: bad magic, unsupported version, dtype, byte order,
-// fortran order, malformed dict, shape that does not match `file_bytes`.
+// fortran order, malformed dict, shape that does not match `file_bytes` or
+// whose byte count overflows int64 (checked, never wrapped).
 Result<NpyHeader> ParseNpyHeader(const std::string& name, const uint8_t* data, size_t size,
                                  int64_t file_bytes);
 
@@ -94,5 +95,9 @@ Status WriteNpyFile(const std::string& path, const float* data, const std::vecto
                     DType dtype = DType::kFloat32);
 // Reads a whole '<f4'/'<f2' file as float32.
 Status ReadNpyFile(const std::string& path, std::vector<float>* data, std::vector<int64_t>* shape);
+
+// Reads a small 1-D integer .npy ('<i8', '<i4', '<u8', '<u4') whole, on the
+// calling rank (e.g. attnjob's --doc-lengths). Errors name the file and field.
+Result<std::vector<int64_t>> ReadNpyIntegers(const std::string& path);
 
 }  // namespace ringtree
