@@ -14,7 +14,6 @@ Exit 77 (ctest SKIP) without root or network namespaces.
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import time
 
