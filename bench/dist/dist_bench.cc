@@ -38,6 +38,7 @@
 #include "dist/tree_decode.h"
 #include "kernels/attention.h"
 #include "kernels/blas.h"
+#include "kernels/cpu.h"
 #include "kernels/merge.h"
 
 namespace ringtree {
@@ -66,17 +67,11 @@ void Fill(uint64_t seed, int64_t first, int64_t n, float* out) {
   }
 }
 
-std::string CpuModel() {
-  std::ifstream in("/proc/cpuinfo");
-  std::string line;
-  while (std::getline(in, line))
-    if (line.rfind("model name", 0) == 0) return line.substr(line.find(':') + 2);
-  return "unknown";
-}
-
 json Machine(const Communicator& comm, int threads) {
   const long cores = sysconf(_SC_NPROCESSORS_ONLN);
-  return {{"cpu", CpuModel()},
+  return {{"cpu", DetectCpu().model},
+          {"kernel_path", KernelPathName(ActiveKernelPath())},
+          {"blas_core", BlasCoreName()},
           {"cores", cores},
           {"ranks", comm.size()},
           {"threads_per_rank", threads},
@@ -356,6 +351,7 @@ int main(int argc, char** argv) {
     const int threads = o.threads > 0 ? o.threads : std::max(1, cores / MpiEnvironment::LocalRanks());
     tbb::global_control limit(tbb::global_control::max_allowed_parallelism, threads);
     SetBlasThreads(1);
+    if (world.rank() == 0) std::printf("[dist_bench] %s\n", KernelPathDescription().c_str());
     Status s = o.mode == "decode"  ? RunDecode(o, world, threads)
                : o.mode == "batch" ? RunBatch(o, world, threads)
                                    : RunPrefill(o, world, threads);

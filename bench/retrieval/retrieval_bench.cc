@@ -33,6 +33,7 @@
 #include <nlohmann/json.hpp>
 
 #include "bench/retrieval/synthetic_kv.h"
+#include "kernels/cpu.h"
 #include "worker/spans/span_store.h"
 
 namespace ringtree::bench {
@@ -208,18 +209,8 @@ int Run(const Args& a) {
   // Machine and build, before any number (leveldb db_bench habit).
   struct utsname u;
   uname(&u);
-  std::string cpu = "?";
-  {
-    std::ifstream f("/proc/cpuinfo");
-    std::string line;
-    while (std::getline(f, line))
-      if (line.rfind("model name", 0) == 0) {
-        cpu = line.substr(line.find(':') + 2);
-        break;
-      }
-  }
-  std::printf("# retrieval_bench: %s, %ld cores, %s %s\n", cpu.c_str(), sysconf(_SC_NPROCESSORS_ONLN),
-              u.sysname, u.release);
+  std::printf("# retrieval_bench: %ld cores, %s %s\n# %s\n", sysconf(_SC_NPROCESSORS_ONLN), u.sysname, u.release,
+              KernelPathDescription().c_str());
 #ifndef NDEBUG
   std::printf("# WARNING: assertions enabled (debug build); timings are not meaningful\n");
 #endif
