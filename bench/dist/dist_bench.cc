@@ -52,6 +52,7 @@ struct BenchOptions {
   int heads = 8, kv_heads = 2, head_dim = 128;
   int steps = 10, warmup = 2, queries = 1, repeats = 1, sessions = 32, batch = 16;
   bool causal = false;
+  int64_t window = 0;  // prefill: sliding window (with --causal)
   int threads = 0;
   std::string out;
   std::string label;
@@ -203,6 +204,7 @@ Status RunPrefill(const BenchOptions& o, const Communicator& comm, int threads) 
   }
   RingOptions ro;
   ro.causal = o.causal;
+  ro.window = o.window;
   double best = 1e300;
   std::vector<PhaseTimings> best_all;
   for (int rep = 0; rep < o.repeats; ++rep) {
@@ -219,8 +221,10 @@ Status RunPrefill(const BenchOptions& o, const Communicator& comm, int threads) 
     }
   }
   if (rank != 0) return Status::Ok();
-  double flops = 4.0 * o.tokens * static_cast<double>(o.tokens) * o.heads * o.head_dim;
-  if (o.causal) flops *= 0.5;
+  // Visible (query, key) pairs: full, causal, or causal within the window.
+  const double n = static_cast<double>(o.tokens), w = static_cast<double>(std::min(o.window, o.tokens));
+  const double pairs = o.window > 0 ? n * w - 0.5 * w * (w - 1.0) : o.causal ? 0.5 * n * (n + 1.0) : n * n;
+  const double flops = 4.0 * pairs * o.heads * o.head_dim;
   json ranks = json::array();
   for (int r = 0; r < P; ++r) {
     const PhaseTimings& t = best_all[r];
@@ -230,11 +234,14 @@ Status RunPrefill(const BenchOptions& o, const Communicator& comm, int threads) 
                      {"wait_s", t.wait_seconds},
                      {"merge_s", t.merge_seconds},
                      {"wait_fraction", t.total_seconds > 0 ? t.wait_seconds / t.total_seconds : 0},
-                     {"bytes_sent", t.bytes_sent}});
+                     {"bytes_sent", t.bytes_sent},
+                     {"computed_pairs", t.computed_pairs},
+                     {"skipped_pairs", t.skipped_pairs}});
   }
   json j = {{"bench", "prefill"},       {"label", o.label},       {"tokens", o.tokens},
             {"heads", o.heads},         {"kv_heads", o.kv_heads}, {"head_dim", o.head_dim},
-            {"causal", o.causal},       {"repeats", o.repeats},   {"machine", Machine(comm, threads)},
+            {"causal", o.causal},       {"window", o.window},     {"repeats", o.repeats},
+            {"machine", Machine(comm, threads)}, {"visible_pairs", pairs},
             {"seconds", best},          {"gflops", flops / best / 1e9}, {"tokens_per_s", o.tokens / best},
             {"per_rank", ranks}};
   Emit(o, j);
@@ -330,6 +337,7 @@ int main(int argc, char** argv) {
     app.add_option("--sessions", o.sessions, "batch: distinct sessions");
     app.add_option("--batch", o.batch, "batch: sessions per step");
     app.add_option("--tokens", o.tokens);
+    app.add_option("--window", o.window, "prefill: sliding window W (with --causal)");
     app.add_option("--heads", o.heads);
     app.add_option("--kv-heads", o.kv_heads);
     app.add_option("--head-dim", o.head_dim);
