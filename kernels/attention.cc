@@ -229,20 +229,8 @@ Status FlashAttentionForward(const float* q, const void* k, const void* v, DType
       internal::TokenKeyRanges(s, opt, t0, t1, first, last);
       ++tiles;
       if (own_tiles) {
-        internal::FlashTile ft;
-        ft.q = q;
-        ft.k = k;
-        ft.v = v;
-        ft.kv_dtype = kv_dtype;
-        ft.shape = s;
-        ft.qmul = qmul;
-        ft.hk = hk;
-        ft.t0 = t0;
-        ft.t1 = t1;
-        ft.key_first = first;
-        ft.key_last = last;
-        ft.o = o;
-        ft.lse = lse;
+        const internal::FlashTile ft{.q = q, .k = k, .v = v, .kv_dtype = kv_dtype, .shape = s, .qmul = qmul, .hk = hk,
+                                     .t0 = t0, .t1 = t1, .key_first = first, .key_last = last, .o = o, .lse = lse};
         computed += internal::FlashTileAvx512(ft, path == KernelPath::kAvx512Bf16);
       } else {
         computed += PrefillTileBlas(q, k, v, kv_dtype, s, qmul, hk, t0, t1, first, last, o, lse);
