@@ -136,98 +136,76 @@ RT_AVX512_BF16 inline void PvMicroBf16(const uint32_t* pt2, int rp, int nk2, con
     for (int c = 0; c < C; ++c) _mm512_storeu_ps(ot + e * rp + 16 * c, acc[e][c]);
 }
 
-// ---- drivers: all keys / all d of a block, tails by template recursion ----
+// ---- drivers: one sweep over a block, tails by template recursion ----------
+//
+// Every micro-kernel has the shape Run<C, N>(a, rp, b, bs, len, out): C row
+// vectors of `a` (stride rp) against N rows or columns of `b` (stride bs),
+// over `len` inner steps, into out[n * rp + 16 c]. QK sweeps keys (b advances
+// a key row per n), PV sweeps head dims (b advances one column per n).
 
-template <int C, int NJ>
-RT_AVX512 void QkTail(int nj, const float* qt, int rp, const float* k, int64_t ks, int D, float* st) {
-  if constexpr (NJ >= 1) {
-    if (nj == NJ) return QkMicro<C, NJ>(qt, rp, k, ks, D, st);
-    QkTail<C, NJ - 1>(nj, qt, rp, k, ks, D, st);
+struct QkFloat32 {
+  template <int C, int N>
+  RT_AVX512 static void Run(const float* qt, int rp, const float* k, int64_t ks, int D, float* st) {
+    QkMicro<C, N>(qt, rp, k, ks, D, st);
+  }
+};
+struct PvFloat32 {
+  template <int C, int N>
+  RT_AVX512 static void Run(const float* st, int rp, const float* v, int64_t vs, int nk, float* ot) {
+    PvMicro<C, N>(st, rp, nk, v, vs, ot);
+  }
+};
+struct QkBFloat16 {
+  template <int C, int N>
+  RT_AVX512_BF16 static void Run(const uint32_t* qt2, int rp, const uint16_t* k, int64_t ks, int D2, float* st) {
+    QkMicroBf16<C, N>(qt2, rp, k, ks, D2, st);
+  }
+};
+struct PvBFloat16 {
+  template <int C, int N>
+  RT_AVX512_BF16 static void Run(const uint32_t* pt2, int rp, const uint32_t* v2, int64_t D, int nk2, float* ot) {
+    PvMicroBf16<C, N>(pt2, rp, nk2, v2, static_cast<int>(D), ot);
+  }
+};
+
+template <class Kernel, int C, int N, class A, class B>
+RT_AVX512 void SweepTail(int n, const A* a, int rp, const B* b, int64_t bs, int len, float* out) {
+  if constexpr (N >= 1) {
+    if (n == N) return Kernel::template Run<C, N>(a, rp, b, bs, len, out);
+    SweepTail<Kernel, C, N - 1>(n, a, rp, b, bs, len, out);
   }
 }
 
-template <int C, int NJ>
-RT_AVX512 void QkKeys(const float* qt, int rp, const float* k, int64_t ks, int nk, int D, float* st) {
-  int j = 0;
-  for (; j + NJ <= nk; j += NJ) QkMicro<C, NJ>(qt, rp, k + j * ks, ks, D, st + j * rp);
-  if (j < nk) QkTail<C, NJ - 1>(nk - j, qt, rp, k + j * ks, ks, D, st + j * rp);
+template <class Kernel, int C, int N, class A, class B>
+RT_AVX512 void Sweep(int count, const A* a, int rp, const B* b, int64_t b_step, int64_t bs, int len, float* out) {
+  int x = 0;
+  for (; x + N <= count; x += N) Kernel::template Run<C, N>(a, rp, b + x * b_step, bs, len, out + x * rp);
+  if (x < count) SweepTail<Kernel, C, N - 1>(count - x, a, rp, b + x * b_step, bs, len, out + x * rp);
 }
 
+// All row vectors of a block: four at a time (24 accumulators), then two, then one.
+template <class Kernel, class A, class B>
+RT_AVX512 void SweepBlock(const A* a, int rp, const B* b, int64_t b_step, int64_t bs, int count, int len, float* out) {
+  const int rv = rp / 16;
+  int c = 0;
+  for (; c + 4 <= rv; c += 4) Sweep<Kernel, 4, 6>(count, a + 16 * c, rp, b, b_step, bs, len, out + 16 * c);
+  for (; c + 2 <= rv; c += 2) Sweep<Kernel, 2, 12>(count, a + 16 * c, rp, b, b_step, bs, len, out + 16 * c);
+  for (; c < rv; ++c) Sweep<Kernel, 1, 12>(count, a + 16 * c, rp, b, b_step, bs, len, out + 16 * c);
+}
+
+// st[j][r] = Q K^T for keys j < nk (K rows at stride ks).
 RT_AVX512 void QkBlock(const float* qt, int rp, const float* k, int64_t ks, int nk, int D, float* st) {
-  const int rv = rp / 16;
-  int c = 0;
-  for (; c + 4 <= rv; c += 4) QkKeys<4, 6>(qt + 16 * c, rp, k, ks, nk, D, st + 16 * c);
-  for (; c + 2 <= rv; c += 2) QkKeys<2, 12>(qt + 16 * c, rp, k, ks, nk, D, st + 16 * c);
-  for (; c < rv; ++c) QkKeys<1, 12>(qt + 16 * c, rp, k, ks, nk, D, st + 16 * c);
+  SweepBlock<QkFloat32>(qt, rp, k, ks, ks, nk, D, st);
 }
-
-template <int C, int ND>
-RT_AVX512 void PvTail(int nd, const float* st, int rp, int nk, const float* v, int64_t vs, float* ot) {
-  if constexpr (ND >= 1) {
-    if (nd == ND) return PvMicro<C, ND>(st, rp, nk, v, vs, ot);
-    PvTail<C, ND - 1>(nd, st, rp, nk, v, vs, ot);
-  }
-}
-
-template <int C, int ND>
-RT_AVX512 void PvDims(const float* st, int rp, int nk, const float* v, int64_t vs, int D, float* ot) {
-  int d = 0;
-  for (; d + ND <= D; d += ND) PvMicro<C, ND>(st, rp, nk, v + d, vs, ot + d * rp);
-  if (d < D) PvTail<C, ND - 1>(D - d, st, rp, nk, v + d, vs, ot + d * rp);
-}
-
+// ot[d][r] += P V over keys j < nk (V rows at stride vs).
 RT_AVX512 void PvBlock(const float* st, int rp, int nk, const float* v, int64_t vs, int D, float* ot) {
-  const int rv = rp / 16;
-  int c = 0;
-  for (; c + 4 <= rv; c += 4) PvDims<4, 6>(st + 16 * c, rp, nk, v, vs, D, ot + 16 * c);
-  for (; c + 2 <= rv; c += 2) PvDims<2, 12>(st + 16 * c, rp, nk, v, vs, D, ot + 16 * c);
-  for (; c < rv; ++c) PvDims<1, 12>(st + 16 * c, rp, nk, v, vs, D, ot + 16 * c);
+  SweepBlock<PvFloat32>(st, rp, v, 1, vs, D, nk, ot);
 }
-
-template <int C, int NJ>
-RT_AVX512_BF16 void QkTailBf16(int nj, const uint32_t* qt2, int rp, const uint16_t* k, int64_t ks, int D2, float* st) {
-  if constexpr (NJ >= 1) {
-    if (nj == NJ) return QkMicroBf16<C, NJ>(qt2, rp, k, ks, D2, st);
-    QkTailBf16<C, NJ - 1>(nj, qt2, rp, k, ks, D2, st);
-  }
+RT_AVX512 void QkBlockBf16(const uint32_t* qt2, int rp, const uint16_t* k, int64_t ks, int nk, int D2, float* st) {
+  SweepBlock<QkBFloat16>(qt2, rp, k, ks, ks, nk, D2, st);
 }
-
-template <int C, int NJ>
-RT_AVX512_BF16 void QkKeysBf16(const uint32_t* qt2, int rp, const uint16_t* k, int64_t ks, int nk, int D2, float* st) {
-  int j = 0;
-  for (; j + NJ <= nk; j += NJ) QkMicroBf16<C, NJ>(qt2, rp, k + j * ks, ks, D2, st + j * rp);
-  if (j < nk) QkTailBf16<C, NJ - 1>(nk - j, qt2, rp, k + j * ks, ks, D2, st + j * rp);
-}
-
-RT_AVX512_BF16 void QkBlockBf16(const uint32_t* qt2, int rp, const uint16_t* k, int64_t ks, int nk, int D2, float* st) {
-  const int rv = rp / 16;
-  int c = 0;
-  for (; c + 4 <= rv; c += 4) QkKeysBf16<4, 6>(qt2 + 16 * c, rp, k, ks, nk, D2, st + 16 * c);
-  for (; c + 2 <= rv; c += 2) QkKeysBf16<2, 12>(qt2 + 16 * c, rp, k, ks, nk, D2, st + 16 * c);
-  for (; c < rv; ++c) QkKeysBf16<1, 12>(qt2 + 16 * c, rp, k, ks, nk, D2, st + 16 * c);
-}
-
-template <int C, int ND>
-RT_AVX512_BF16 void PvTailBf16(int nd, const uint32_t* pt2, int rp, int nk2, const uint32_t* v2, int D, float* ot) {
-  if constexpr (ND >= 1) {
-    if (nd == ND) return PvMicroBf16<C, ND>(pt2, rp, nk2, v2, D, ot);
-    PvTailBf16<C, ND - 1>(nd, pt2, rp, nk2, v2, D, ot);
-  }
-}
-
-template <int C, int ND>
-RT_AVX512_BF16 void PvDimsBf16(const uint32_t* pt2, int rp, int nk2, const uint32_t* v2, int D, float* ot) {
-  int d = 0;
-  for (; d + ND <= D; d += ND) PvMicroBf16<C, ND>(pt2, rp, nk2, v2 + d, D, ot + d * rp);
-  if (d < D) PvTailBf16<C, ND - 1>(D - d, pt2, rp, nk2, v2 + d, D, ot + d * rp);
-}
-
-RT_AVX512_BF16 void PvBlockBf16(const uint32_t* pt2, int rp, int nk2, const uint32_t* v2, int D, float* ot) {
-  const int rv = rp / 16;
-  int c = 0;
-  for (; c + 4 <= rv; c += 4) PvDimsBf16<4, 6>(pt2 + 16 * c, rp, nk2, v2, D, ot + 16 * c);
-  for (; c + 2 <= rv; c += 2) PvDimsBf16<2, 12>(pt2 + 16 * c, rp, nk2, v2, D, ot + 16 * c);
-  for (; c < rv; ++c) PvDimsBf16<1, 12>(pt2 + 16 * c, rp, nk2, v2, D, ot + 16 * c);
+RT_AVX512 void PvBlockBf16(const uint32_t* pt2, int rp, int nk2, const uint32_t* v2, int D, float* ot) {
+  SweepBlock<PvBFloat16>(pt2, rp, v2, 1, D, D, nk2, ot);
 }
 
 // Probabilities st[j][r] (fp32, j < nk) to bf16 pairs pt2[i][r] = (p[2i], p[2i+1]);
