@@ -154,6 +154,8 @@ Status ValidateGroups(std::span<const DecodeGroup> groups) {
                                      " differs from groups[0] (" + std::to_string(groups[0].heads.head_dim) +
                                      "): one reduction needs one head_dim");
     if (g.q_tokens > 0 && g.q == nullptr) return Status::InvalidArgument(where + ".q must not be null");
+    if (g.window < 0) return Status::InvalidArgument(where + ".window must be >= 0");
+    if (g.window > 0 && !g.causal) return Status::InvalidArgument(where + ".window requires causal");
     for (size_t b = 0; b < g.local_kv.size(); ++b) {
       const KvBlock& kb = g.local_kv[b];
       if (kb.tokens < 0) return Status::InvalidArgument(where + ".local_kv[" + std::to_string(b) + "].tokens < 0");
@@ -188,6 +190,9 @@ bool SameBlocks(const DecodeGroup& a, const DecodeGroup& b) {
 // masking is a no-op and the group may be stacked with others).
 bool SeesAllKeys(const DecodeGroup& g) {
   if (!g.causal) return true;
+  // Blocks are trimmed to the first query's window: one query sees them all,
+  // later ones may not see the oldest keys.
+  if (g.window > 0 && g.q_tokens > 1) return false;
   for (const KvBlock& kb : g.local_kv)
     if (kb.tokens > 0 && kb.position_offset + kb.tokens - 1 > g.q_position_offset) return false;
   return true;
@@ -270,7 +275,8 @@ Status ComputeUnit(std::span<const DecodeGroup> groups, const DecodeUnit& unit, 
     if (g0.causal && !stacked) {
       const int64_t q_first = g0.q_position_offset, q_last = g0.q_position_offset + g0.q_tokens - 1;
       if (kb.position_offset > q_last) continue;                  // fully masked
-      ao.causal = kb.position_offset + kb.tokens - 1 > q_first;  // else fully visible
+      ao.causal = kb.position_offset + kb.tokens - 1 > q_first || g0.window > 0;  // else fully visible
+      ao.window = g0.window;
       ao.q_position_offset = g0.q_position_offset;
       ao.kv_position_offset = kb.position_offset;
     }
@@ -313,6 +319,31 @@ Status ComputeLocalDecodePartials(std::span<const DecodeGroup> groups, float* pa
     offsets[i] = offset;
     offset += DecodeGroupRows(groups[i]) * PackedRowFloats(D);
   }
+  // Sliding windows: each group's blocks cut to the keys its queries can see
+  // (from the first query's window start to the last query), so the kernels
+  // never read what the window hides.
+  std::vector<DecodeGroup> windowed;
+  std::vector<std::vector<KvBlock>> trimmed;
+  for (const DecodeGroup& g : groups)
+    if (g.window > 0) {
+      windowed.assign(groups.begin(), groups.end());
+      trimmed.resize(groups.size());
+      break;
+    }
+  for (size_t i = 0; i < windowed.size(); ++i) {
+    DecodeGroup& g = windowed[i];
+    if (g.window == 0 || g.q_tokens == 0) continue;
+    const int64_t first = g.q_position_offset - g.window + 1, last = g.q_position_offset + g.q_tokens - 1;
+    const int64_t row_bytes = int64_t{g.heads.kv_heads} * g.heads.head_dim * static_cast<int64_t>(DTypeSize(g.heads.kv_dtype));
+    for (const KvBlock& kb : g.local_kv) {
+      const int64_t b = std::max(first, kb.position_offset), e = std::min(last + 1, kb.position_offset + kb.tokens);
+      if (b >= e) continue;
+      const int64_t skip = (b - kb.position_offset) * row_bytes;
+      trimmed[i].push_back({static_cast<const uint8_t*>(kb.k) + skip, static_cast<const uint8_t*>(kb.v) + skip, e - b, b});
+    }
+    g.local_kv = trimmed[i];
+  }
+  if (!windowed.empty()) groups = windowed;
   const std::vector<DecodeUnit> units = PlanUnits(groups);
   std::vector<Status> status(units.size(), Status::Ok());
   std::vector<double> compute(units.size(), 0.0), merge(units.size(), 0.0);

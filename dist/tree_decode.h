@@ -92,6 +92,8 @@ struct DecodeGroup {
   std::span<const KvBlock> local_kv;  // this rank's KV blocks (may be empty)
   float* o = nullptr;               // [q_tokens, H, D] result (root or all ranks)
   float* lse = nullptr;             // [q_tokens, H] result; may be null
+  int64_t window = 0;               // > 0 (with causal): query at p sees keys in (p - window, p];
+                                    // blocks are trimmed to it before any kernel runs
 };
 
 // Rows of a group in the packed layout: q_tokens * heads.
