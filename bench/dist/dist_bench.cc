@@ -5,6 +5,12 @@
 //   dist_bench decode  --tokens N [--heads 8 --kv-heads 2 --head-dim 128 --steps 10 --queries 1]
 //   dist_bench prefill --tokens N [--heads 8 --kv-heads 2 --head-dim 64] [--causal] [--repeats 1]
 //   dist_bench batch   --tokens N --sessions S --batch B [--steps 200]
+//   dist_bench pingpong [--steps 20]   MPI latency/bandwidth, rank 0 <-> rank P-1
+//     (one JSON line per message size, 8 B .. 32 MiB: half the round trip, and
+//     the time of an exchange, both sending at once as a ring step does)
+//   decode and batch take --topology flat|two-level (the tree reduction;
+//   default flat); prefill takes --layout zigzag|contiguous (default: zigzag
+//   with --causal, contiguous without).
 //     the service's decode step without gRPC: S distinct N-token sessions
 //     sharded over the ranks, steps of B of them (local partials, status
 //     agreement, one tree reduction, as WorkerEngine::ExecuteBatch does);
@@ -19,6 +25,7 @@
 //     ring = (P-1) * N * kv_heads * D * 4 * 2 (every rank's shard visits every other).
 //   prefill: FLOPs = 4 * N^2 * heads * D (half with --causal).
 //   batch: KV bytes per decode = N * kv_heads * D * 4 * 2.
+//   pingpong: one-way time of a message of B bytes ~ latency + B / bandwidth.
 #include <tbb/global_control.h>
 #include <unistd.h>
 
@@ -54,6 +61,8 @@ struct BenchOptions {
   bool causal = false;
   int64_t window = 0;  // prefill: sliding window (with --causal)
   int threads = 0;
+  std::string topology = "flat";  // decode, batch: the tree reduction
+  std::string layout;             // prefill: zigzag | contiguous (default by --causal)
   std::string out;
   std::string label;
 };
@@ -77,6 +86,10 @@ json Machine(const Communicator& comm, int threads) {
           {"ranks", comm.size()},
           {"threads_per_rank", threads},
           {"oversubscribed", static_cast<long>(comm.size()) * threads > cores}};
+}
+
+TreeTopology Topology(const BenchOptions& o) {
+  return o.topology == "two-level" ? TreeTopology::kTwoLevel : TreeTopology::kFlat;
 }
 
 double Median(std::vector<double> v) {
@@ -106,7 +119,7 @@ Status RunDecode(const BenchOptions& o, const Communicator& comm, int threads) {
   const KvBlock block{k.data(), v.data(), range.length(), range.begin};
   std::vector<float> q(static_cast<size_t>(o.queries * q_row)), o_tree(q.size()), o_ring(q.size());
   std::vector<float> l_tree(static_cast<size_t>(o.queries * o.heads)), l_ring(l_tree.size());
-  RINGTREE_ASSIGN_OR_RETURN(auto reducer, TreeReducer::Create(comm, TreeTopology::kFlat, 0));
+  RINGTREE_ASSIGN_OR_RETURN(auto reducer, TreeReducer::Create(comm, Topology(o), 0));
 
   std::vector<double> tree_ms, ring_ms;
   PhaseTimings tree_t, ring_t;
@@ -165,6 +178,7 @@ Status RunDecode(const BenchOptions& o, const Communicator& comm, int threads) {
             {"head_dim", o.head_dim},
             {"queries", o.queries},
             {"steps", o.steps},
+            {"topology", o.topology},
             {"machine", Machine(comm, threads)},
             {"tree_ms_median", Median(tree_ms)},
             {"ring_ms_median", Median(ring_ms)},
@@ -185,7 +199,8 @@ Status RunDecode(const BenchOptions& o, const Communicator& comm, int threads) {
 Status RunPrefill(const BenchOptions& o, const Communicator& comm, int threads) {
   const int P = comm.size(), rank = comm.rank();
   const HeadConfig hc{o.heads, o.kv_heads, o.head_dim, DType::kFloat32};
-  const ShardLayoutKind kind = o.causal ? ShardLayoutKind::kZigzag : ShardLayoutKind::kContiguous;
+  const std::string layout_name = !o.layout.empty() ? o.layout : o.causal ? "zigzag" : "contiguous";
+  const ShardLayoutKind kind = layout_name == "zigzag" ? ShardLayoutKind::kZigzag : ShardLayoutKind::kContiguous;
   RINGTREE_ASSIGN_OR_RETURN(ShardLayout layout, ShardLayout::Create(kind, o.tokens, P));
   const int64_t kv_row = int64_t{o.kv_heads} * o.head_dim, q_row = int64_t{o.heads} * o.head_dim;
   const int64_t local = layout.LocalTokens(rank);
@@ -235,12 +250,15 @@ Status RunPrefill(const BenchOptions& o, const Communicator& comm, int threads) 
                      {"merge_s", t.merge_seconds},
                      {"wait_fraction", t.total_seconds > 0 ? t.wait_seconds / t.total_seconds : 0},
                      {"bytes_sent", t.bytes_sent},
+                     {"bytes_received", t.bytes_received},
+                     {"steps", t.steps},
                      {"computed_pairs", t.computed_pairs},
                      {"skipped_pairs", t.skipped_pairs}});
   }
   json j = {{"bench", "prefill"},       {"label", o.label},       {"tokens", o.tokens},
             {"heads", o.heads},         {"kv_heads", o.kv_heads}, {"head_dim", o.head_dim},
             {"causal", o.causal},       {"window", o.window},     {"repeats", o.repeats},
+            {"layout", layout_name},
             {"machine", Machine(comm, threads)}, {"visible_pairs", pairs},
             {"seconds", best},          {"gflops", flops / best / 1e9}, {"tokens_per_s", o.tokens / best},
             {"per_rank", ranks}};
@@ -269,7 +287,9 @@ Status RunBatch(const BenchOptions& o, const Communicator& comm, int threads) {
   Fill(9, 0, q_row, q.data());
   std::vector<std::vector<float>> out(o.batch, std::vector<float>(q.size())), lse(o.batch, std::vector<float>(o.heads));
   std::vector<float> packed(static_cast<size_t>(o.batch) * o.heads * PackedRowFloats(o.head_dim));
-  RINGTREE_ASSIGN_OR_RETURN(auto reducer, TreeReducer::Create(comm, TreeTopology::kFlat, 0));
+  RINGTREE_ASSIGN_OR_RETURN(auto reducer, TreeReducer::Create(comm, Topology(o), 0));
+  PhaseTimings phase;
+  PhaseTimings* tp = nullptr;  // set for the measured steps only
   int next = 0;
   auto step = [&]() -> Status {
     std::vector<DecodeGroup> groups(o.batch);
@@ -278,22 +298,49 @@ Status RunBatch(const BenchOptions& o, const Communicator& comm, int threads) {
       groups[b] = DecodeGroup{hc, q.data(), 1, o.tokens, false, 0.0f, {&blocks[s], 1}, out[b].data(), lse[b].data()};
     }
     next = (next + o.batch) % o.sessions;
-    Status local = ComputeLocalDecodePartials(groups, packed.data());
+    Status local = ComputeLocalDecodePartials(groups, packed.data(), tp);
     RINGTREE_RETURN_IF_ERROR(comm.AgreeOnStatus(local));
-    return reducer->Reduce(packed.data(), int64_t{o.batch} * o.heads, o.head_dim, ReduceTarget::kRoot);
+    return reducer->Reduce(packed.data(), int64_t{o.batch} * o.heads, o.head_dim, ReduceTarget::kRoot, tp);
   };
   for (int i = 0; i < o.warmup; ++i) RINGTREE_RETURN_IF_ERROR(step());
   RINGTREE_RETURN_IF_ERROR(comm.Barrier());
+  tp = &phase;
   const double t0 = NowSeconds();
   for (int i = 0; i < o.steps; ++i) RINGTREE_RETURN_IF_ERROR(step());
   const double seconds = NowSeconds() - t0;
+  tp = nullptr;
+  // The reduction alone (no compute skew): after a barrier, as seen by the root.
+  std::vector<double> reduce_ms;
+  for (int i = 0; i < o.steps; ++i) {
+    RINGTREE_RETURN_IF_ERROR(comm.Barrier());
+    const double a = NowSeconds();
+    RINGTREE_RETURN_IF_ERROR(reducer->Reduce(packed.data(), int64_t{o.batch} * o.heads, o.head_dim,
+                                             ReduceTarget::kRoot));
+    reduce_ms.push_back(1e3 * (NowSeconds() - a));
+  }
+  RINGTREE_ASSIGN_OR_RETURN(auto phase_all, GatherTimings(comm, phase, 0));
   if (rank != 0) return Status::Ok();
+  int64_t tree_bytes = 0;
+  double compute_max = 0, wait_max = 0;
+  for (int r = 0; r < P; ++r) {
+    tree_bytes += phase_all[r].bytes_sent;
+    compute_max = std::max(compute_max, phase_all[r].compute_seconds + phase_all[r].merge_seconds);
+    wait_max = std::max(wait_max, phase_all[r].wait_seconds);
+  }
   const double decode_bytes = double(o.tokens) * kv_row * 4 * 2;
   const double dps = double(o.steps) * o.batch / seconds;
   json j = {{"bench", "decode_batch"}, {"label", o.label},     {"tokens", o.tokens},     {"heads", o.heads},
             {"kv_heads", o.kv_heads},  {"head_dim", o.head_dim}, {"sessions", o.sessions}, {"batch", o.batch},
             {"steps", o.steps},        {"machine", Machine(comm, threads)},
-            {"decodes_per_s", dps},    {"kv_gbs", dps * decode_bytes / 1e9}};
+            {"decodes_per_s", dps},    {"kv_gbs", dps * decode_bytes / 1e9},
+            {"topology", o.topology},  {"step_ms", 1e3 * seconds / o.steps},
+            {"compute_ms_per_step_max_rank", 1e3 * compute_max / o.steps},
+            {"reduce_wait_ms_per_step_max_rank", 1e3 * wait_max / o.steps},
+            {"reduce_wait_ms_per_step_rank0", 1e3 * phase_all[0].wait_seconds / o.steps},
+            {"reduce_only_ms_median", Median(reduce_ms)},
+            {"reduce_only_ms_min", *std::min_element(reduce_ms.begin(), reduce_ms.end())},
+            {"tree_bytes_per_step", double(tree_bytes) / o.steps},
+            {"reduce_bytes_per_rank", double(o.batch) * o.heads * PackedRowFloats(o.head_dim) * 4}};
   if (P == 1) {
     // The service benchmark's reference: one DecodeAttention per session, all threads.
     const AttentionShape shape{1, o.tokens, o.heads, o.kv_heads, o.head_dim};
@@ -316,6 +363,53 @@ Status RunBatch(const BenchOptions& o, const Communicator& comm, int threads) {
   return Status::Ok();
 }
 
+// Ping-pong between rank 0 and rank P-1 (across hosts when they are on
+// different ones): half the median round trip per message size; and an
+// exchange (both send B bytes to each other at once, as a ring step does).
+Status RunPingPong(const BenchOptions& o, const Communicator& comm, int threads) {
+  const int P = comm.size(), rank = comm.rank(), peer = P - 1;
+  if (P < 2) return Status::InvalidArgument("pingpong needs at least 2 ranks");
+  const bool active = rank == 0 || rank == peer;
+  const int64_t max_bytes = int64_t{32} << 20;
+  std::vector<char> buf(static_cast<size_t>(active ? max_bytes : 1), 1), buf2(buf.size(), 2);
+  for (int64_t bytes : {int64_t{8}, int64_t{1} << 10, int64_t{16} << 10, int64_t{64} << 10, int64_t{256} << 10,
+                        int64_t{1} << 20, int64_t{4} << 20, int64_t{8} << 20, int64_t{32} << 20}) {
+    const int reps = bytes <= (64 << 10) ? std::max(50, 5 * o.steps) : std::max(4, o.steps / 4);
+    std::vector<double> us, ex;
+    RINGTREE_RETURN_IF_ERROR(comm.Barrier());
+    for (int i = 0; i < reps + 2; ++i) {
+      const double a = NowSeconds();
+      if (rank == 0) {
+        RINGTREE_RETURN_IF_ERROR(comm.Send(buf.data(), bytes, peer, 77));
+        RINGTREE_RETURN_IF_ERROR(comm.Recv(buf.data(), bytes, peer, 78));
+      } else if (rank == peer) {
+        RINGTREE_RETURN_IF_ERROR(comm.Recv(buf.data(), bytes, 0, 77));
+        RINGTREE_RETURN_IF_ERROR(comm.Send(buf.data(), bytes, 0, 78));
+      }
+      if (i >= 2) us.push_back(0.5e6 * (NowSeconds() - a));
+    }
+    RINGTREE_RETURN_IF_ERROR(comm.Barrier());
+    for (int i = 0; i < reps + 1; ++i) {
+      const double a = NowSeconds();
+      if (active) {
+        const int other = rank == 0 ? peer : 0;
+        MPI_Sendrecv(buf.data(), static_cast<int>(bytes), MPI_BYTE, other, 79, buf2.data(), static_cast<int>(bytes),
+                     MPI_BYTE, other, 79, comm.handle(), MPI_STATUS_IGNORE);
+      }
+      if (i >= 1) ex.push_back(1e6 * (NowSeconds() - a));
+    }
+    if (rank != 0) continue;
+    const double med = Median(us);
+    json j = {{"bench", "pingpong"}, {"label", o.label}, {"bytes", bytes}, {"reps", reps},
+              {"peer", peer}, {"machine", Machine(comm, threads)},
+              {"one_way_us_median", med}, {"one_way_us_min", *std::min_element(us.begin(), us.end())},
+              {"gbs", bytes / (med * 1e-6) / 1e9},
+              {"exchange_us_median", Median(ex)}, {"exchange_gbs_each_way", bytes / (Median(ex) * 1e-6) / 1e9}};
+    Emit(o, j);
+  }
+  return Status::Ok();
+}
+
 }  // namespace
 }  // namespace ringtree
 
@@ -331,9 +425,9 @@ int main(int argc, char** argv) {
     Communicator world = Communicator::World();
     BenchOptions o;
     CLI::App app{"dist_bench: tree vs ring decode, ring prefill"};
-    app.add_option("mode", o.mode, "decode | prefill | batch")
+    app.add_option("mode", o.mode, "decode | prefill | batch | pingpong")
         ->required()
-        ->check(CLI::IsMember({"decode", "prefill", "batch"}));
+        ->check(CLI::IsMember({"decode", "prefill", "batch", "pingpong"}));
     app.add_option("--sessions", o.sessions, "batch: distinct sessions");
     app.add_option("--batch", o.batch, "batch: sessions per step");
     app.add_option("--tokens", o.tokens);
@@ -346,6 +440,10 @@ int main(int argc, char** argv) {
     app.add_option("--queries", o.queries);
     app.add_option("--repeats", o.repeats);
     app.add_flag("--causal", o.causal);
+    app.add_option("--topology", o.topology, "decode, batch: tree reduction flat | two-level")
+        ->check(CLI::IsMember({"flat", "two-level"}));
+    app.add_option("--layout", o.layout, "prefill: zigzag | contiguous (default: zigzag with --causal)")
+        ->check(CLI::IsMember({"zigzag", "contiguous"}));
     app.add_option("--threads", o.threads);
     app.add_option("--out", o.out, "append JSON lines here (rank 0)");
     app.add_option("--label", o.label);
@@ -362,6 +460,7 @@ int main(int argc, char** argv) {
     if (world.rank() == 0) std::printf("[dist_bench] %s\n", KernelPathDescription().c_str());
     Status s = o.mode == "decode"  ? RunDecode(o, world, threads)
                : o.mode == "batch" ? RunBatch(o, world, threads)
+               : o.mode == "pingpong" ? RunPingPong(o, world, threads)
                                    : RunPrefill(o, world, threads);
     if (!s.ok()) {
       if (world.rank() == 0) std::fprintf(stderr, "[dist_bench] %s\n", s.message().c_str());

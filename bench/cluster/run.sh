@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# Benchmarks over emulated links (launch/cluster): 2 hosts as network
+# namespaces joined by tbf-shaped veths of 1, 10 and 25 Gb/s.
+#
+#   bench/cluster/run.sh            # full run (~12 minutes on 2 cores)
+#   QUICK=1 bench/cluster/run.sh    # fewer points (< 3 minutes)
+#
+# Measures, in one run:
+#   calibration (root namespace, 2 ranks x 1 thread on shared memory): causal
+#     ring prefill at N/P = n (per-step compute), decode (local compute over
+#     N/P), ping-pong over shared memory, a reduction among 4 ranks;
+#   per link rate, and per TCP progress mode (Open MPI's default, and
+#   btl_tcp_progress_thread=1): MPI ping-pong across the link (latency,
+#   bandwidth);
+#     ring prefill, causal zigzag, 2 hosts x 1 rank, 1 thread, N/P = n:
+#     per-step compute vs wait; one contiguous-layout point; tree vs ring
+#     decode, 2 hosts x 1 rank; flat vs two-level tree reduction (dist_bench
+#     batch), 2 hosts x 2 ranks, ranks placed by slot and by node.
+# Every dist_bench line gets the bytes the link's tbf qdiscs passed during
+# that run ("link_bytes": to host1, to host2), read from `tc -s`.
+# Then bench/cluster/plot.py (table, plots) and scaling_model.py --check.
+#
+# Writes bench/results/cluster/ (OUT_DIR overrides): cluster.jsonl,
+# cluster.md, *.png, scaling_check.txt. The cluster is named $CLUSTER_NAME
+# (default rtb) and is always torn down, also on failure or Ctrl-C.
+# Needs root (network namespaces). Environment: BUILD_DIR (default build).
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+build=${BUILD_DIR:-$root/build}
+bin=$build/bench/dist/dist_bench
+if [ ! -x "$bin" ]; then
+  echo "[bench/cluster] $bin not found: build first (launch/build, or BUILD_DIR=...)" >&2
+  exit 1
+fi
+if [ "$(id -u)" != 0 ]; then
+  echo "[bench/cluster] needs root (launch/cluster makes network namespaces)" >&2
+  exit 1
+fi
+out_dir=${OUT_DIR:-$root/bench/results/cluster}
+mkdir -p "$out_dir"
+results=$out_dir/cluster.jsonl
+: >"$results"
+export CLUSTER_NAME=${CLUSTER_NAME:-rtb}
+cluster=$root/launch/cluster
+tmp=$(mktemp -d /tmp/ringtree-bench-cluster.XXXXXX)
+hostfile=$tmp/hosts
+cleanup() {
+  "$cluster" down >/dev/null 2>&1 || true
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+trap 'echo "[bench/cluster] interrupted" >&2; exit 130' INT TERM
+started=$(date +%s)
+
+if [ "${QUICK:-0}" = 1 ]; then
+  rates=(1gbit 10gbit)
+  prefill_n=(512 4096)
+  decode_n=(262144)
+  batch_shapes=("8 64")            # heads batch: rows reduced = heads * batch
+  mappings=(slot)
+else
+  rates=(1gbit 10gbit 25gbit)
+  prefill_n=(64 128 256 512 1024 2048 4096 8192 16384)
+  decode_n=(16384 65536 262144)
+  batch_shapes=("8 16" "32 64")
+  mappings=(slot node)
+fi
+
+# Bytes the tbf qdiscs of each host's link passed (root-side veth egress =
+# traffic to the host), "to_host1 to_host2".
+link_bytes() {
+  local i out=""
+  for i in 1 2; do
+    out="$out $(tc -s qdisc show dev "$CLUSTER_NAME-veth$i" 2>/dev/null | awk '/Sent/{print $2; exit}')"
+  done
+  echo "$out"
+}
+
+# run LABEL EXTRA_JSON mpirun-args... -- dist_bench args...
+# Runs dist_bench, appends its JSON lines to $results with the label, the
+# extra fields and the link bytes of the run.
+run() {
+  local label=$1 extra=$2; shift 2
+  local margs=() before after
+  while [ "$1" != "--" ]; do margs+=("$1"); shift; done
+  shift
+  before=$(link_bytes)
+  : >"$tmp/out.jsonl"
+  "$root/launch/mpirun-ringtree" "${margs[@]}" "$bin" "$@" --out "$tmp/out.jsonl" --label "$label" >"$tmp/log" 2>&1 ||
+    { cat "$tmp/log" >&2; echo "[bench/cluster] $label failed" >&2; return 1; }
+  after=$(link_bytes)
+  /usr/bin/python3 - "$tmp/out.jsonl" "$results" "$extra" "$before" "$after" <<'EOF'
+import json, sys
+src, dst, extra, before, after = sys.argv[1:]
+extra = json.loads(extra) if extra else {}
+b = [int(x) for x in before.split()] if before.strip() else []
+a = [int(x) for x in after.split()] if after.strip() else []
+with open(dst, "a") as out:
+    for line in open(src):
+        j = json.loads(line)
+        j.update(extra)
+        if a and b and len(a) == len(b):
+            j["link_bytes"] = [y - x for x, y in zip(b, a)]
+        out.write(json.dumps(j) + "\n")
+EOF
+}
+
+# One summary line of the last result.
+show() {
+  tail -n 1 "$results" | /usr/bin/python3 -c '
+import json, sys
+j = json.loads(sys.stdin.read())
+b = j["bench"]
+if b == "prefill":
+    r = max(j["per_rank"], key=lambda r: r["wait_s"])
+    print("  %-28s N/P=%6d  compute/step %9.3f ms  wait %8.3f ms  link %s" % (j["label"], j["tokens"] // j["machine"]["ranks"],
+          1e3 * r["compute_s"] / max(1, r["steps"]), 1e3 * r["wait_s"], j.get("link_bytes")))
+elif b == "decode":
+    print("  %-28s N=%7d tree %8.2f ms  ring %8.2f ms  (x%.1f)  bytes/step tree %d ring %d" % (j["label"], j["tokens"],
+          j["tree_ms_median"], j["ring_ms_median"], j["speedup_tree_vs_ring"], j["tree_bytes_per_step"], j["ring_bytes_per_step"]))
+elif b == "decode_batch":
+    print("  %-28s %-9s rows %5d  step %7.3f ms  reduce alone %7.3f ms  bytes/step %d" % (j["label"], j["topology"],
+          j["heads"] * j["batch"], j["step_ms"], j["reduce_only_ms_median"], j["tree_bytes_per_step"]))
+'
+}
+
+echo "[bench/cluster] $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'), $(nproc) cores; $(date -u '+%Y-%m-%d %H:%M UTC')"
+
+# Kernel rates with 2 ranks x 1 thread running at once on this machine (as in
+# the 2-host runs, which share its cores), but on one host: shared memory
+# moves the blocks, so the per-step compute is the kernel's alone.
+echo "[bench/cluster] calibration (no cluster: 2 ranks x 1 thread on shared memory)"
+for n in "${prefill_n[@]}"; do
+  reps=5; [ "$n" -ge 2048 ] && reps=3; [ "$n" -ge 8192 ] && reps=1
+  run "calib_prefill" '{"link":"shm","progress":"default"}' -np 2 --bind none -- prefill --tokens $((2 * n)) --causal \
+    --heads 2 --kv-heads 2 --head-dim 128 --threads 1 --repeats "$reps"
+  tail -n 1 "$results" | /usr/bin/python3 -c '
+import json, sys
+j = json.loads(sys.stdin.read())
+c = max(r["compute_s"] + r["merge_s"] for r in j["per_rank"]) / 2
+print("  prefill N/P=%6d causal: compute per step %9.3f ms  %.1f GFLOP/s per rank" % (j["tokens"] // 2, 1e3 * c,
+      4 * (j["tokens"] // 2) ** 2 * j["heads"] * j["head_dim"] / 2 / c / 1e9))'
+done
+for n in "${decode_n[@]}"; do
+  run "calib_decode" '{"link":"shm","progress":"default"}' -np 2 --bind none -- decode --tokens "$n" --steps 8 --warmup 2 --threads 1
+  tail -n 1 "$results" | /usr/bin/python3 -c 'import json,sys; j=json.loads(sys.stdin.read()); print("  decode N=%7d: local compute %8.3f ms per step (N/P = %d)" % (j["tokens"], j["tree_compute_ms_per_step_max_rank"], j["tokens"] // 2))'
+done
+# Ranks of one host talk through shared memory (vader): its latency and rate.
+run "pingpong_shm" '{"link":"shm","progress":"default"}' -np 2 --bind none -- pingpong --steps 20
+for shape in "${batch_shapes[@]}"; do
+  read -r heads batch <<<"$shape"
+  run "calib_batch" '{}' -np 1 -- batch --tokens 256 --sessions "$batch" --batch "$batch" --heads "$heads" \
+    --steps 20 --warmup 3 --threads 1
+  # 4 ranks on this machine's cores, shared memory only: what a reduction
+  # costs when 4 busy-polling ranks share 2 cores (the 2x2 runs do too).
+  run "calib_reduce_4" '{"link":"shm","progress":"default"}' -np 4 --oversubscribe --bind none -- batch --tokens 1024 \
+    --sessions "$batch" --batch "$batch" --heads "$heads" --steps 20 --warmup 3 --threads 1 --topology flat
+done
+
+for rate in "${rates[@]}"; do
+  "$cluster" up 2 --bandwidth "$rate" --slots 2 --hostfile "$hostfile" >/dev/null
+  echo "[bench/cluster] links $rate: $("$cluster" status | sed -n 2p | sed 's/^ *//')"
+  # Open MPI's TCP transport as the hostfile sets it (no progress thread: TCP
+  # moves only when a rank calls into MPI), and with btl_tcp_progress_thread.
+  for progress in default thread; do
+    mca=""; [ "$progress" = thread ] && mca="--mca btl_tcp_progress_thread 1"
+    ex='{"link":"'"$rate"'","progress":"'"$progress"'"}'
+    echo "[bench/cluster] links $rate, TCP progress: $progress"
+    # 2 hosts x 1 rank: one rank per host (--map-by node).
+    export RINGTREE_MPIRUN_ARGS="--map-by node $mca"
+    run "pingpong" "$ex" -np 2 --hostfile "$hostfile" -- pingpong --steps 20
+    grep '"pingpong"' "$results" | tail -n 9 | /usr/bin/python3 -c '
+import json, sys
+print("  pingpong one way:", "  ".join("%s B %.0f us" % (j["bytes"], j["one_way_us_median"]) for j in map(json.loads, sys.stdin)))'
+    for n in "${prefill_n[@]}"; do
+      reps=2; [ "$n" -ge 8192 ] && reps=1
+      run "prefill" "$ex" -np 2 --hostfile "$hostfile" -- prefill --tokens $((2 * n)) --causal --heads 2 --kv-heads 2 \
+        --head-dim 128 --threads 1 --repeats "$reps"
+      show
+    done
+    # The contiguous layout at one size: the causal imbalance zigzag removes.
+    n=4096
+    run "prefill_contiguous" "$ex" -np 2 --hostfile "$hostfile" -- prefill --tokens $((2 * n)) --causal \
+      --layout contiguous --heads 2 --kv-heads 2 --head-dim 128 --threads 1 --repeats 2
+    show
+    for n in "${decode_n[@]}"; do
+      steps=6; [ "$n" -ge 262144 ] && [ "$rate" = 1gbit ] && steps=3
+      run "decode" "$ex" -np 2 --hostfile "$hostfile" -- decode --tokens "$n" --steps "$steps" --warmup 1 --threads 1
+      show
+    done
+    # 2 hosts x 2 ranks: flat vs two-level tree reduction; ranks by slot
+    # (0,1 on host1; 2,3 on host2) and by node (0,2 on host1; 1,3 on host2).
+    # The link as the 2x2 runs see it: ranks 0 (host1) and 3 (host2) ping-pong
+    # while ranks 1 and 2 poll in a barrier, 4 ranks on this machine's cores.
+    export RINGTREE_MPIRUN_ARGS="--map-by slot $mca"
+    run "pingpong_2x2" "$ex" -np 4 --hostfile "$hostfile" -- pingpong --steps 8
+    for mapping in "${mappings[@]}"; do
+      export RINGTREE_MPIRUN_ARGS="--map-by $mapping $mca"
+      for shape in "${batch_shapes[@]}"; do
+        read -r heads batch <<<"$shape"
+        for topo in flat two-level; do
+          run "tree_2x2" '{"link":"'"$rate"'","progress":"'"$progress"'","map_by":"'"$mapping"'"}' -np 4 \
+            --hostfile "$hostfile" -- batch --tokens 1024 --sessions "$batch" --batch "$batch" --heads "$heads" \
+            --steps 20 --warmup 3 --threads 1 --topology "$topo"
+          show
+        done
+      done
+    done
+    unset RINGTREE_MPIRUN_ARGS
+  done
+  "$cluster" down >/dev/null
+done
+
+echo "[bench/cluster] measured in $(( $(date +%s) - started )) s; plots and the model check:"
+/usr/bin/python3 "$root/bench/cluster/plot.py" "$results" "$out_dir"
+/usr/bin/python3 "$root/bench/cluster/scaling_model.py" --calibrate "$results" --check --out-dir "$out_dir" \
+  | tee "$out_dir/scaling_check.txt"
+echo "[bench/cluster] done in $(( $(date +%s) - started )) s"

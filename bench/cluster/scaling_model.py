@@ -1,0 +1,562 @@
+#!/usr/bin/python3
+"""A scaling model of RingTree past this machine (docs/scaling.md).
+
+    /usr/bin/python3 bench/cluster/scaling_model.py --calibrate bench/results/cluster/cluster.jsonl \
+        [--check] [--out-dir bench/results/cluster] [--ranks-per-host 8] [--threads-per-rank 1]
+
+Calibrated from one run of bench/cluster/run.sh (nothing is assumed):
+  prefill kernel   t_step(n) = c0 + 4 n^2 H D / 2 / R     (one causal ring step, N/P = n),
+                   c0 and R fitted to the 1-rank x 1-thread causal prefills of N = n
+  decode kernel    t_dec(n) = d0 + n Hkv D 4 2 / Bdec      fitted to 1-rank decodes over n tokens
+  links            per (rate, TCP progress mode): alpha = one-way time of an 8-byte MPI message,
+                   bw = 8 MiB / (one-way time of 8 MiB - alpha), from the MPI ping-pong across the link;
+                   shared memory (ranks of one host) the same from a 2-rank ping-pong on one host
+  transfer         t(B) = alpha + B / bw
+
+Ring (prefill and the ring-decode baseline) is simulated step by step for
+every rank: at step s rank r computes on the block it holds while it sends it
+to r+1 and receives the next from r-1. A transfer starts when both ends have
+posted it: at the start of the step when the transport moves data in the
+background ("overlap": Open MPI's TCP with btl_tcp_progress_thread=1, or an
+RDMA NIC), or only when both ends have finished the step's compute ("no
+overlap": Open MPI's TCP without a progress thread moves data only inside MPI
+calls, and the ring calls MPI between kernel calls only). A step ends when its
+compute and both transfers are done. Causal work per (rank, step) follows the
+layout: zigzag gives every rank half a block per step, contiguous gives rank r
+a full block from owners below it, half from itself, none from above.
+
+Tree decode = local decode over N/P + the reduction: a binomial tree of
+ceil(log2 P) rounds of one message of rows (D+1) 4 bytes; a round costs the
+link's t(B) when the pair is on different hosts, shared memory's otherwise.
+Flat with ranks placed by host (by slot) has the same rounds as two-level;
+flat with ranks spread over hosts (by node, or any placement the library does
+not see) pays the link on every round; two-level pays log2(ranks per host)
+shared-memory rounds then log2(hosts) link rounds.
+
+--check compares every point measured on the emulated cluster with the
+model and prints the error (target: within 20%).
+"""
+import argparse
+import json
+import math
+import os
+import sys
+from collections import defaultdict
+
+import numpy as np
+
+MIB = 1 << 20
+
+
+# ----------------------------------------------------------------------------- calibration
+class Link:
+    """alpha: one-way latency; bw: one-way rate; bw_ex: rate each way when both
+    ends send at once (a ring step), which on shared cores is not 2x."""
+
+    def __init__(self, name, alpha, bw, bw_ex=None):
+        self.name, self.alpha, self.bw = name, alpha, bw
+        self.bw_ex = bw_ex or bw
+
+    def t(self, nbytes):
+        return self.alpha + nbytes / self.bw
+
+    def t_ex(self, nbytes):
+        return self.alpha + nbytes / self.bw_ex
+
+    def __repr__(self):
+        return "%s: alpha %.1f us, bw %.3f GB/s one way, %.3f GB/s each way in an exchange" % (
+            self.name, 1e6 * self.alpha, self.bw / 1e9, self.bw_ex / 1e9)
+
+
+def nominal_bw(rate):
+    s = rate.lower()
+    mult = {"k": 1e3, "m": 1e6, "g": 1e9}
+    num = s[:-3]
+    return float(num[:-1]) * mult[num[-1]] / 8 if num[-1] in mult else float(num) / 8
+
+
+class Calibration:
+    def __init__(self, rows):
+        self.rows = rows
+        m = next(r["machine"] for r in rows if "machine" in r)
+        self.machine = m
+        # Prefill kernel: t = c0 + a n^2, a = 2 H D / R (causal: half of 4 n^2 H D).
+        cp = sorted([r for r in rows if r.get("label") == "calib_prefill"], key=lambda r: r["tokens"])
+        if not cp:
+            sys.exit("[model] no calib_prefill rows in the results")
+        self.heads_p, self.hd_p = cp[0]["heads"], cp[0]["head_dim"]
+        n = np.array([r["tokens"] / r["machine"]["ranks"] for r in cp], float)
+        # Per-step compute of the busiest rank (2 ranks x 1 thread at once, on shared memory).
+        t = np.array([max(x["compute_s"] + x["merge_s"] for x in r["per_rank"]) / r["machine"]["ranks"]
+                      for r in cp], float)
+        # Least squares on relative error: minimise sum ((c0 + a n^2)/t - 1)^2.
+        A = np.stack([1 / t, n ** 2 / t], axis=1)
+        (c0, a), *_ = np.linalg.lstsq(A, np.ones_like(t), rcond=None)
+        self.c0 = max(0.0, c0)
+        self.a = a
+        self.R = 2 * self.heads_p * self.hd_p / a  # FLOP/s of the prefill kernel, one thread
+        self.prefill_points = list(zip(n, t))
+        # Decode kernel: t = d0 + bytes / Bdec.
+        cd = sorted([r for r in rows if r.get("label") == "calib_decode"], key=lambda r: r["tokens"])
+        self.kvh_d, self.hd_d, self.heads_d = cd[0]["kv_heads"], cd[0]["head_dim"], cd[0]["heads"]
+        b = np.array([r["tokens"] / r["machine"]["ranks"] * r["kv_heads"] * r["head_dim"] * 8 for r in cd], float)
+        td = np.array([r["tree_compute_ms_per_step_max_rank"] / 1e3 for r in cd], float)
+        if len(cd) >= 2:
+            A = np.stack([1 / td, b / td], axis=1)
+            (d0, inv), *_ = np.linalg.lstsq(A, np.ones_like(td), rcond=None)
+        else:
+            d0, inv = 0.0, td[0] / b[0]
+        self.d0, self.Bdec = max(0.0, d0), 1 / inv
+        self.decode_points = list(zip(b, td))
+        # Batch step compute (1 rank over one shard of every session), by rows.
+        self.batch = {(r["heads"], r["batch"]): r["step_ms"] / 1e3 for r in rows if r.get("label") == "calib_batch"}
+        # Links.
+        self.links = {}
+        pp = defaultdict(dict)
+        for r in rows:
+            if r["bench"] == "pingpong":
+                tag = "2x2" if r.get("label") == "pingpong_2x2" else ""
+                pp[(r["link"], r["progress"], tag)][r["bytes"]] = r
+        self.links4 = {}
+        for (link, progress, tag), d in pp.items():
+            key = (link, progress)
+            alpha = d[8]["one_way_us_median"] * 1e-6
+            big = max(d)
+            one = d[big]["one_way_us_median"] * 1e-6
+            ex = d[big].get("exchange_us_median", d[big]["one_way_us_median"]) * 1e-6
+            lk = Link("%s/%s%s" % (link, progress, " 2x2" if tag else ""), alpha, big / max(1e-9, one - alpha),
+                      big / max(1e-9, ex - alpha))
+            (self.links4 if tag else self.links)[key] = lk
+        # A reduction among 4 ranks sharing this machine's cores, shared memory only.
+        self.reduce4 = {(r["heads"], r["batch"]): r["reduce_only_ms_median"] / 1e3
+                        for r in rows if r.get("label") == "calib_reduce_4"}
+        self.shm = self.links.get(("shm", "default"), Link("shm", 1e-6, 5e9))
+
+    def t_step(self, n, frac=0.5):
+        """Compute of one ring step: n queries x n keys, frac of the pairs visible."""
+        return self.c0 + self.a * n * n * (frac / 0.5) if frac > 0 else 0.0
+
+    def t_decode(self, n_tokens, kv_heads=None, head_dim=None):
+        kv_heads = kv_heads or self.kvh_d
+        head_dim = head_dim or self.hd_d
+        return self.d0 + n_tokens * kv_heads * head_dim * 8 / self.Bdec
+
+    def link(self, rate, progress):
+        if (rate, progress) in self.links:
+            return self.links[(rate, progress)]
+        # Past this machine: nominal rate less TCP/IP headers, latency as measured.
+        alphas = [l.alpha for (r, p), l in self.links.items() if p == progress and r != "shm"]
+        alpha = float(np.median(alphas)) if alphas else 20e-6
+        bw = nominal_bw(rate) * 0.94
+        return Link("%s/%s (nominal)" % (rate, progress), alpha, bw, bw)
+
+    def summary(self):
+        out = ["calibration (%s, kernel path %s, from the same run):" % (self.machine.get("cpu"),
+                                                                       self.machine.get("kernel_path"))]
+        out.append("  prefill kernel, 1 thread per rank, 2 ranks at once: R = %.1f GFLOP/s, per-step overhead "
+                   "c0 = %.3f ms (fit to causal ring steps at N/P = %s)" % (
+                       self.R / 1e9, 1e3 * self.c0, ", ".join("%d" % n for n, _ in self.prefill_points)))
+        for n, t in self.prefill_points:
+            out.append("    N/P=%6d measured %9.3f ms per step  fit %9.3f ms (%+.0f%%)" % (
+                n, 1e3 * t, 1e3 * self.t_step(n), 100 * (self.t_step(n) / t - 1)))
+        out.append("  decode kernel, 1 thread per rank, 2 ranks at once: %.2f GB/s of KV, overhead d0 = %.3f ms"
+                   % (self.Bdec / 1e9, 1e3 * self.d0))
+        for b, t in self.decode_points:
+            out.append("    N/P=%8d measured %8.3f ms  fit %8.3f ms (%+.0f%%)" % (
+                b / (self.kvh_d * self.hd_d * 8), 1e3 * t, 1e3 * (self.d0 + b / self.Bdec),
+                100 * ((self.d0 + b / self.Bdec) / t - 1)))
+        for (h, b), t in sorted(self.reduce4.items()):
+            out.append("  reduction of %d rows among 4 ranks on shared memory (4 ranks on this machine's cores): %.3f ms"
+                       % (h * b, 1e3 * t))
+        for key in sorted(self.links, key=lambda k: (k[0] != "shm", k)):
+            out.append("  link %s" % self.links[key])
+        for key in sorted(self.links4):
+            out.append("  link %s (ranks 0 and 3 of 2 hosts x 2 ranks, 1 and 2 polling)" % self.links4[key])
+        return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------- the model
+def ring_time(P, compute, T, overlap):
+    """Simulates a ring of P steps. compute: [P ranks, P steps] seconds; T: one
+    block's transfer seconds (a scalar or [P] per owner). Returns (total time =
+    the last rank's end, wait per rank)."""
+    compute = np.asarray(compute, float)
+    T = np.broadcast_to(np.asarray(T, float), (P,))
+    start = np.zeros(P)
+    busy = np.zeros(P)
+    ranks = np.arange(P)
+    prev, nxt = (ranks - 1) % P, (ranks + 1) % P
+    for s in range(P):
+        c = compute[:, s]
+        end_c = start + c
+        if s + 1 < P and P > 1:
+            owner_in = (ranks - s - 1) % P  # the block rank r receives at step s
+            owner_out = (ranks - s) % P    # the block it sends
+            if overlap:
+                recv_start = np.maximum(start, start[prev])
+                send_start = np.maximum(start, start[nxt])
+            else:
+                recv_start = np.maximum(end_c, end_c[prev])
+                send_start = np.maximum(end_c, end_c[nxt])
+            end = np.maximum.reduce([end_c, recv_start + T[owner_in], send_start + T[owner_out]])
+        else:
+            end = end_c
+        busy += c
+        start = end
+    return float(start.max()), start - busy
+
+
+def causal_fracs(P, layout):
+    """Visible fraction of each (rank, step) block pair, causal."""
+    f = np.zeros((P, P))
+    for r in range(P):
+        for s in range(P):
+            o = (r - s) % P
+            if layout == "zigzag":
+                f[r, s] = 0.5
+            else:
+                f[r, s] = 1.0 if o < r else 0.5 if o == r else 0.0
+    return f
+
+
+def predict_prefill(cal, N, P, link, overlap, layout="zigzag", heads=None, kv_heads=None, head_dim=None,
+                    rank_compute=None):
+    """rank_compute: optional [P] measured compute seconds of each rank in the
+    run (the check's second column): spread over the steps by the layout's
+    work, instead of the calibrated kernel."""
+    heads = heads or cal.heads_p
+    kv_heads = kv_heads or heads
+    head_dim = head_dim or cal.hd_p
+    n = N / P
+    scale = heads * head_dim / (cal.heads_p * cal.hd_p)
+    fr = causal_fracs(P, layout)
+    comp = np.where(fr > 0, cal.c0 + cal.a * scale * n * n * fr / 0.5, 0.0)
+    if rank_compute is not None:
+        comp = comp / comp.sum(axis=1, keepdims=True) * np.asarray(rank_compute, float)[:, None]
+    block = 2 * n * kv_heads * head_dim * 4
+    T = link.t_ex(block)
+    total, wait = ring_time(P, comp, T, overlap)
+    handshake = 2 * math.ceil(math.log2(P)) * 2 * link.alpha if P > 1 else 0.0  # two allgathers
+    return total + handshake, float(wait.max()) + handshake, float(comp.max(axis=0).mean())
+
+
+def threshold(cal, link, heads=None, kv_heads=None, head_dim=None):
+    """N/P above which one causal step's compute outlasts the block's transfer."""
+    heads = heads or cal.heads_p
+    kv_heads = kv_heads or heads
+    head_dim = head_dim or cal.hd_p
+    # 4 n^2 H D / 2 / R = 2 n Hkv D 4 / bw  ->  n* = Hkv 4 R / (H bw)
+    return kv_heads * 4 * cal.R / (heads * link.bw)
+
+
+def reduce_time(cal, P, per_host, rows, head_dim, link, mode):
+    """One binomial reduction of rows (D+1) 4 bytes over P ranks, per_host per host.
+    mode: two-level | flat-by-slot (same rounds) | flat-spread (every round crosses)."""
+    if P <= 1:
+        return 0.0
+    m = rows * (head_dim + 1) * 4
+    rounds = math.ceil(math.log2(P))
+    intra = min(rounds, math.ceil(math.log2(max(1, per_host))))
+    if mode == "flat-spread":
+        # First round: per_host/2 pairs leave each host over its one link at once.
+        t = link.alpha + max(1, per_host // 2) * m / link.bw
+        return t + (rounds - 1) * link.t(m)
+    return intra * cal.shm.t(m) + (rounds - intra) * link.t(m)
+
+
+def reduce_2x2(cal, r, link, mode):
+    """2 hosts x 2 ranks on this machine: the measured cost of the same
+    reduction among 4 ranks on shared memory (4 busy-polling ranks on 2 cores),
+    plus what the link adds over shared memory on the rounds that cross it."""
+    m = r["heads"] * r["batch"] * (r["head_dim"] + 1) * 4
+    base = cal.reduce4.get((r["heads"], r["batch"]))
+    if base is None:
+        return reduce_time(cal, 4, 2, r["heads"] * r["batch"], r["head_dim"], link, mode)
+    if mode == "flat-spread":  # round 1: 1->0 and 3->2 both cross, host2 -> host1, one link
+        extra = link.alpha + 2 * m / link.bw - cal.shm.t(m)
+    else:  # one round crosses: 2 -> 0
+        extra = link.t(m) - cal.shm.t(m)
+    return base + max(0.0, extra)
+
+
+def predict_decode(cal, N, P, link, overlap, method, per_host=1, mode="two-level", heads=None, queries=1,
+                   compute=None):
+    """compute: optional measured local decode seconds per step (the check's second column)."""
+    heads = heads or cal.heads_d
+    n = N / P
+    c = cal.t_decode(n) if compute is None else compute
+    if method == "tree":
+        return c + reduce_time(cal, P, per_host, queries * heads, cal.hd_d, link, mode)
+    comp = np.full((P, P), c)
+    block = 2 * n * cal.kvh_d * cal.hd_d * 4
+    total, _ = ring_time(P, comp, link.t_ex(block), overlap)
+    return total + (2 * link.alpha if P > 1 else 0.0)
+
+
+# ----------------------------------------------------------------------------- check
+def check(cal):
+    """Every measured cluster point against the model: (1) fully predicted from
+    the calibration; (2) the same model with each rank's compute time taken
+    from the run itself, which isolates the link/overlap part of the model from
+    the load other work puts on this shared machine's cores."""
+    rows = cal.rows
+    lines = []
+    errs, errs2 = [], []
+
+    def add(what, measured, predicted, predicted2):
+        e = predicted / measured - 1 if measured > 0 else float("inf")
+        e2 = predicted2 / measured - 1 if measured > 0 else float("inf")
+        errs.append((abs(e), what))
+        errs2.append((abs(e2), what))
+        lines.append("  %-54s %10.3f ms | %10.3f ms %+5.0f%%%s | %10.3f ms %+5.0f%%%s" % (
+            what, 1e3 * measured, 1e3 * predicted, 100 * e, " !" if abs(e) > 0.2 else "  ",
+            1e3 * predicted2, 100 * e2, " !" if abs(e2) > 0.2 else "  "))
+
+    lines.append("%-56s %13s | %22s | %22s" % ("point", "measured", "model (calibrated)", "model (run's compute)"))
+    lines.append("prefill, causal, 2 hosts x 1 rank: wall time of the call [max wait measured / model]")
+    for r in rows:
+        if r["bench"] != "prefill" or r.get("label") not in ("prefill", "prefill_contiguous"):
+            continue
+        P = r["machine"]["ranks"]
+        link = cal.link(r["link"], r["progress"])
+        overlap = r["progress"] == "thread"
+        args = (cal, r["tokens"], P, link, overlap, r.get("layout", "zigzag"), r["heads"], r["kv_heads"], r["head_dim"])
+        tot, wait, _ = predict_prefill(*args)
+        rc = [x["compute_s"] + x["merge_s"] for x in sorted(r["per_rank"], key=lambda x: x["rank"])]
+        tot2, wait2, _ = predict_prefill(*args, rank_compute=rc)
+        mw = max(x["wait_s"] for x in r["per_rank"])
+        add("%-6s %-7s %-6s N/P=%5d [%.1f/%.1f ms]" % (r["link"], r["progress"], r.get("layout")[:6],
+                                                    r["tokens"] // P, 1e3 * mw, 1e3 * wait2), r["seconds"], tot, tot2)
+    lines.append("decode, 2 hosts x 1 rank: median per step as seen by rank 0")
+    for r in rows:
+        if r["bench"] != "decode" or r.get("label") != "decode":
+            continue
+        P = r["machine"]["ranks"]
+        link = cal.link(r["link"], r["progress"])
+        overlap = r["progress"] == "thread"
+        for method in ("tree", "ring"):
+            p = predict_decode(cal, r["tokens"], P, link, overlap, method, 1, "two-level", r["heads"], r["queries"])
+            c = r["%s_compute_ms_per_step_max_rank" % method] / 1e3 / (1 if method == "tree" else P)
+            p2 = predict_decode(cal, r["tokens"], P, link, overlap, method, 1, "two-level", r["heads"], r["queries"],
+                                compute=c)
+            add("%-6s %-7s %s N=%7d" % (r["link"], r["progress"], method, r["tokens"]),
+                r["%s_ms_median" % method] / 1e3, p, p2)
+    lines.append("tree reduction alone, 2 hosts x 2 ranks (4 ranks on %s cores; model = the same reduction among 4 "
+                 "ranks on shared memory, measured, + the link's extra on the rounds that cross it, the link as "
+                 "measured with 4 ranks running)"
+                 % cal.machine.get("cores"))
+    for r in rows:
+        if r["bench"] != "decode_batch" or r.get("label") != "tree_2x2":
+            continue
+        link = cal.links4.get((r["link"], r["progress"]), cal.link(r["link"], r["progress"]))
+        mode = "two-level" if r["topology"] == "two-level" else ("flat-by-slot" if r["map_by"] == "slot" else "flat-spread")
+        p = reduce_2x2(cal, r, link, mode)
+        add("%-6s %-7s by %-4s %-9s rows %4d" % (r["link"], r["progress"], r["map_by"], r["topology"],
+                                                r["heads"] * r["batch"]), r["reduce_only_ms_median"] / 1e3, p, p)
+    for name, es in (("calibrated", errs), ("with the run's compute", errs2)):
+        if not es:
+            continue
+        n_ok = sum(1 for e, _ in es if e <= 0.2)
+        worst = max(es)
+        lines.append("model (%s) within 20%% of %d of %d measured points; median |error| %.0f%%, worst %.0f%% (%s)" % (
+            name, n_ok, len(es), 100 * float(np.median([e for e, _ in es])), 100 * worst[0], " ".join(worst[1].split())))
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- projections
+def fmt_t(s):
+    if s >= 3600:
+        return "%.1f h" % (s / 3600)
+    if s >= 60:
+        return "%.1f min" % (s / 60)
+    if s >= 1:
+        return "%.2f s" % s
+    return "%.1f ms" % (1e3 * s)
+
+
+def projections(cal, args, out_dir):
+    lines = []
+    H, Hkv, D = args.heads, args.kv_heads, args.head_dim
+    thr_scale = args.threads_per_rank
+    lines.append("Projections past this machine: a rank = %d thread(s) at the measured kernel rate "
+                 "(prefill %.1f GFLOP/s, decode %.2f GB/s per thread, scaled linearly), %d ranks per host, "
+                 "H=%d, Hkv=%d, D=%d, float32 KV; links at their nominal rate less 6%% TCP/IP headers, "
+                 "latency as measured here (progress thread), two-level tree unless said."
+                 % (thr_scale, cal.R / 1e9, cal.Bdec / 1e9, args.ranks_per_host, H, Hkv, D))
+    # Scale the rank's rates.
+    cal.a /= thr_scale
+    cal.Bdec *= thr_scale
+    cal.R *= thr_scale
+    Ns = [131072, 1 << 20, 10 * (1 << 20), 100_000_000]
+    Ps = [8, 64, 256, 1024]
+    rates = ["10gbit", "25gbit", "100gbit"]
+    lines.append("\nN/P* (causal ring prefill hides the transfer above it):")
+    for rate in rates:
+        lines.append("  %-8s N/P* = %7.0f tokens" % (rate, threshold(cal, cal.link(rate, "thread"), H, Hkv, D)))
+    for rate in ["10gbit", "100gbit"]:
+        link = cal.link(rate, "thread")
+        lines.append("\nprefill, causal, %s links: zigzag / contiguous (overlapping transport); "
+                     "* = N/P below N/P* (transfer-bound)" % rate)
+        lines.append("  %-10s" % "N \\ P" + "".join("%26s" % P for P in Ps))
+        for N in Ns:
+            cells = []
+            for P in Ps:
+                z, _, _ = predict_prefill(cal, N, P, link, True, "zigzag", H, Hkv, D)
+                c, _, _ = predict_prefill(cal, N, P, link, True, "contiguous", H, Hkv, D)
+                star = "*" if N / P < threshold(cal, link, H, Hkv, D) else " "
+                cells.append("%11s / %10s%s" % (fmt_t(z), fmt_t(c), star))
+            lines.append("  %-10d" % N + "".join("%26s" % c for c in cells))
+    link10 = cal.link("10gbit", "thread")
+    lines.append("\nprefill, causal zigzag, 10gbit: overlapping transport vs none (Open MPI TCP without a progress thread)")
+    lines.append("  %-10s" % "N \\ P" + "".join("%26s" % P for P in Ps))
+    for N in Ns:
+        cells = []
+        for P in Ps:
+            a_, _, _ = predict_prefill(cal, N, P, link10, True, "zigzag", H, Hkv, D)
+            b_, _, _ = predict_prefill(cal, N, P, link10, False, "zigzag", H, Hkv, D)
+            cells.append("%11s / %10s" % (fmt_t(a_), fmt_t(b_)))
+        lines.append("  %-10d" % N + "".join("%26s" % c for c in cells))
+    for rate in ["10gbit", "100gbit"]:
+        link = cal.link(rate, "thread")
+        lines.append("\ndecode latency per token, 1 query, %s: tree two-level / tree flat (spread) / ring" % rate)
+        lines.append("  %-10s" % "N \\ P" + "".join("%34s" % P for P in Ps))
+        for N in Ns:
+            cells = []
+            for P in Ps:
+                t2 = predict_decode(cal, N, P, link, True, "tree", args.ranks_per_host, "two-level", H)
+                tf = predict_decode(cal, N, P, link, True, "tree", args.ranks_per_host, "flat-spread", H)
+                rg = predict_decode(cal, N, P, link, True, "ring", args.ranks_per_host, heads=H) if P <= 1024 else float("nan")
+                cells.append("%9s / %9s / %9s" % (fmt_t(t2), fmt_t(tf), fmt_t(rg)))
+            lines.append("  %-10d" % N + "".join("%34s" % c for c in cells))
+    # Where the reduction matters: a batch of 64 sessions x H rows.
+    lines.append("\ntree reduction alone, 64 sessions x %d heads per step (%.0f KB per rank), 10gbit / 100gbit:"
+                 % (H, 64 * H * (D + 1) * 4 / 1e3))
+    for P in Ps:
+        cells = []
+        for rate in ["10gbit", "100gbit"]:
+            link = cal.link(rate, "thread")
+            t2 = reduce_time(cal, P, args.ranks_per_host, 64 * H, D, link, "two-level")
+            tf = reduce_time(cal, P, args.ranks_per_host, 64 * H, D, link, "flat-spread")
+            cells.append("%s two-level %s, flat spread %s" % (rate, fmt_t(t2), fmt_t(tf)))
+        lines.append("  P=%-5d %s" % (P, "   ".join(cells)))
+    text = "\n".join(lines)
+
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return text
+    Pg = [2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    ax = axes[0]
+    for N, c in zip([1 << 20, 10 * (1 << 20), 100_000_000], ["tab:blue", "tab:orange", "tab:green"]):
+        z = [predict_prefill(cal, N, P, link10, True, "zigzag", H, Hkv, D)[0] for P in Pg]
+        cg = [predict_prefill(cal, N, P, link10, True, "contiguous", H, Hkv, D)[0] for P in Pg]
+        nz = [predict_prefill(cal, N, P, link10, False, "zigzag", H, Hkv, D)[0] for P in Pg]
+        ax.plot(Pg, z, "-o", color=c, label="N=%s zigzag" % fmt_n(N))
+        ax.plot(Pg, cg, "--", color=c, label="N=%s contiguous" % fmt_n(N))
+        ax.plot(Pg, nz, ":", color=c, label="N=%s zigzag, no overlap" % fmt_n(N))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("P (ranks)")
+    ax.set_ylabel("causal prefill time (s)")
+    ax.set_title("model: prefill, 10 Gb/s links, H=%d Hkv=%d D=%d" % (H, Hkv, D))
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6)
+    ax = axes[1]
+    for N, c in zip([1 << 20, 100_000_000], ["tab:blue", "tab:green"]):
+        for rate, ls in [("10gbit", "-"), ("100gbit", "--")]:
+            link = cal.link(rate, "thread")
+            ax.plot(Pg, [predict_decode(cal, N, P, link, True, "tree", args.ranks_per_host, "two-level", H) for P in Pg],
+                    ls, color=c, marker="o", label="tree, N=%s, %s" % (fmt_n(N), rate))
+            ax.plot(Pg, [predict_decode(cal, N, P, link, True, "ring", args.ranks_per_host, heads=H) for P in Pg],
+                    ls, color=c, marker="x", alpha=0.6, label="ring, N=%s, %s" % (fmt_n(N), rate))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("P (ranks)")
+    ax.set_ylabel("decode latency per token (s)")
+    ax.set_title("model: decode, tree vs ring")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "scaling_model.png"), dpi=110)
+    plt.close(fig)
+    return text
+
+
+def fmt_n(N):
+    if N >= 1e6 and N % (1 << 20) == 0:
+        return "%dMi" % (N >> 20)
+    if N >= 1e6:
+        return "%dM" % (N // 1_000_000)
+    return "%dk" % (N // 1024)
+
+
+def check_plot(cal, out_dir):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    meas, pred, kind = [], [], []
+    for r in cal.rows:
+        if r["bench"] == "prefill" and r.get("label") in ("prefill", "prefill_contiguous"):
+            P = r["machine"]["ranks"]
+            p = predict_prefill(cal, r["tokens"], P, cal.link(r["link"], r["progress"]), r["progress"] == "thread",
+                                r.get("layout", "zigzag"), r["heads"], r["kv_heads"], r["head_dim"])[0]
+            meas.append(r["seconds"]); pred.append(p); kind.append("prefill " + r["progress"])
+        elif r["bench"] == "decode" and r.get("label") == "decode":
+            for m in ("tree", "ring"):
+                p = predict_decode(cal, r["tokens"], 2, cal.link(r["link"], r["progress"]), r["progress"] == "thread",
+                                   m, 1, "two-level", r["heads"], r["queries"])
+                meas.append(r["%s_ms_median" % m] / 1e3); pred.append(p); kind.append("decode %s" % m)
+        elif r["bench"] == "decode_batch" and r.get("label") == "tree_2x2":
+            mode = "two-level" if r["topology"] == "two-level" else ("flat-by-slot" if r["map_by"] == "slot" else "flat-spread")
+            p = reduce_2x2(cal, r, cal.links4.get((r["link"], r["progress"]), cal.link(r["link"], r["progress"])), mode)
+            meas.append(r["reduce_only_ms_median"] / 1e3); pred.append(p); kind.append("reduce 2x2")
+    if not meas:
+        return
+    fig, ax = plt.subplots(figsize=(6, 5.5))
+    for k in sorted(set(kind)):
+        ax.scatter([m for m, kk in zip(meas, kind) if kk == k], [p for p, kk in zip(pred, kind) if kk == k], label=k, s=18)
+    lo, hi = min(meas + pred) * 0.5, max(meas + pred) * 2
+    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8)
+    ax.plot([lo, hi], [1.2 * lo, 1.2 * hi], "k:", lw=0.6)
+    ax.plot([lo, hi], [0.8 * lo, 0.8 * hi], "k:", lw=0.6)
+    ax.set_xscale("log"); ax.set_yscale("log")
+    ax.set_xlabel("measured (s)"); ax.set_ylabel("model (s)")
+    ax.set_title("scaling model vs the emulated cluster (dotted: ±20%)")
+    ax.legend(fontsize=7)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "scaling_check.png"), dpi=110)
+    plt.close(fig)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--calibrate", required=True, help="cluster.jsonl of bench/cluster/run.sh")
+    ap.add_argument("--check", action="store_true", help="compare with every measured cluster point")
+    ap.add_argument("--out-dir", default=None, help="where the plots go (default: next to the results)")
+    ap.add_argument("--ranks-per-host", type=int, default=32)
+    ap.add_argument("--threads-per-rank", type=int, default=1)
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    args = ap.parse_args()
+    rows = [json.loads(l) for l in open(args.calibrate) if l.strip()]
+    out_dir = args.out_dir or os.path.dirname(os.path.abspath(args.calibrate))
+    cal = Calibration(rows)
+    print(cal.summary())
+    if args.check:
+        print()
+        print(check(cal))
+        check_plot(cal, out_dir)
+    print()
+    print(projections(cal, args, out_dir))
+
+
+if __name__ == "__main__":
+    main()
