@@ -105,6 +105,26 @@ std::vector<OpCase> GenerateCases() {
                    "_g" + std::to_string(g) + "_q" + std::to_string(c.tq) + "_k" + std::to_string(c.tk);
           cases.push_back(c);
         }
+  // Decode shapes: few query rows per kv head against a longer KV (the
+  // register-resident and even/odd bf16 decode kernels), odd row counts.
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16})
+    for (int d : {32, 64, 96, 128, 256})
+      for (int tq : {1, 3})
+        for (int g : {1, 4}) {
+          OpCase c;
+          c.tq = tq;
+          c.tk = 700 + 13 * d / 32 + tq;
+          c.kv_heads = 2;
+          c.heads = g * 2;
+          c.head_dim = d;
+          c.causal = tq > 1;
+          c.q_off = c.tk - tq;
+          c.window = tq > 1 && d == 64 ? 200 : 0;
+          c.dtype = dtype;
+          c.name = std::string("decode_") + (dtype == DType::kFloat32 ? "f32" : "bf16") + "_d" + std::to_string(d) + "_q" +
+                   std::to_string(tq) + "_g" + std::to_string(g) + (c.window ? "_win" : "");
+          cases.push_back(c);
+        }
   // Special shapes.
   auto add = [&](OpCase c) { cases.push_back(std::move(c)); };
   {

@@ -55,13 +55,20 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
     return Status::Ok();
   }
 
+  // bf16 K/V with few rows per kv head (GQA decode): the even/odd layout
+  // widens 32 values per load with one op per 16 (vector_ops.h); queries and
+  // accumulators are permuted to match and un-permuted at the end.
+  const bool permuted = kv_dtype == DType::kBFloat16 && rows < 8 && internal::HasPermutedBFloat16(D);
   // Pre-scaled queries grouped by kv head: qs[hk][r][D].
   std::vector<float> qs(static_cast<size_t>(Hkv) * rows * D);
+  std::vector<float> row_tmp(permuted ? D : 0);
   for (int hk = 0; hk < Hkv; ++hk)
     for (int64_t t = 0; t < s.q_tokens; ++t)
       for (int g = 0; g < G; ++g) {
         const int r = static_cast<int>(t) * G + g;
-        internal::ScaleCopy(q + (t * H + hk * G + g) * D, qs.data() + (static_cast<int64_t>(hk) * rows + r) * D, D, qmul);
+        float* dst = qs.data() + (static_cast<int64_t>(hk) * rows + r) * D;
+        internal::ScaleCopy(q + (t * H + hk * G + g) * D, permuted ? row_tmp.data() : dst, D, qmul);
+        if (permuted) internal::PermuteEvenOdd(row_tmp.data(), dst, D);
       }
 
   // Chunks are runs of blocks: about 4 per thread, at least 8 blocks (512 keys).
@@ -120,14 +127,18 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
             PrefetchRows(static_cast<const char*>(next->k) + off, next->n, row_stride * elem, static_cast<int>(D * elem));
             PrefetchRows(static_cast<const char*>(next->v) + off, next->n, row_stride * elem, static_cast<int>(D * elem));
           }
-          if (fused_bf16)
+          if (permuted)
+            internal::QueryKeyDotsBFloat16Permuted(qs.data() + base * D, rows, kh + hk * D, row_stride, jb, D, sc, kDecodeKeyBlock);
+          else if (fused_bf16)
             internal::QueryKeyDotsBFloat16(qs.data() + base * D, rows, kh + hk * D, row_stride, jb, D, sc, kDecodeKeyBlock);
           else
             internal::QueryKeyDots(qs.data() + base * D, rows, kp + hk * D, row_stride, jb, D, sc, kDecodeKeyBlock);
           if (mask)
             internal::ApplyIntervalMask(sc, kDecodeKeyBlock, rows, G, jb, first, last, j0);
           internal::OnlineSoftmaxUpdate(sc, kDecodeKeyBlock, rows, jb, m + base, l + base, acc + base * D, D);
-          if (fused_bf16)
+          if (permuted)
+            internal::AccumulateProbValuesBFloat16Permuted(sc, kDecodeKeyBlock, rows, vh + hk * D, row_stride, jb, D, acc + base * D);
+          else if (fused_bf16)
             internal::AccumulateProbValuesBFloat16(sc, kDecodeKeyBlock, rows, vh + hk * D, row_stride, jb, D, acc + base * D);
           else
             internal::AccumulateProbValues(sc, kDecodeKeyBlock, rows, vp + hk * D, row_stride, jb, D, acc + base * D);
@@ -150,7 +161,8 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
       const int64_t t = r / G;
       const int g = r % G;
       const int64_t out_row = t * H + hk * G + g;
-      std::copy(acc_o, acc_o + D, o + out_row * D);
+      if (permuted) internal::UnpermuteEvenOdd(acc_o, o + out_row * D, D);
+      else std::copy(acc_o, acc_o + D, o + out_row * D);
       if (lse) lse[out_row] = *acc_lse;
     }
   return Status::Ok();

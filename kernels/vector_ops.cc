@@ -6,6 +6,7 @@
 #include <cmath>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "kernels/cpu.h"
 #include "kernels/dtype.h"
@@ -500,6 +501,113 @@ RT_AVX512 void AccumulateProbValuesAvx512(const float* p, int p_stride, int rows
   }
 }
 
+// ---- bf16 K/V read as even/odd halves (the "permuted" decode layout) ----
+//
+// One 64-byte load holds 32 bf16 values; a 16-bit left shift of each dword
+// gives the even elements (2i) as fp32 and masking the low half gives the odd
+// ones (2i+1): one op per 16 values and no widening shuffle (vpmovzxwd is a
+// port-5 shuffle plus a shift). Queries and accumulators use the matching
+// order: in each block of 32, the 16 even elements, then the 16 odd ones.
+
+RT_AVX512 inline void LoadEvenOdd(const uint16_t* p, __m512* even, __m512* odd) {
+  const __m512i raw = _mm512_loadu_si512(p);
+  *even = _mm512_castsi512_ps(_mm512_slli_epi32(raw, 16));
+  *odd = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// Two query rows in registers (2*NB vectors each, NB = D/32), two keys at a
+// time, even and odd halves in separate chains (eight chains in flight).
+template <int NB>
+RT_AVX512 void QueryKeyDotsPairEvenOdd(const float* q0p, const float* q1p, const uint16_t* k, int64_t k_stride,
+                                       int keys, float* s0, float* s1) {
+  __m512 q0[2 * NB], q1[2 * NB];
+  for (int c = 0; c < 2 * NB; ++c) {
+    q0[c] = _mm512_loadu_ps(q0p + 16 * c);
+    q1[c] = _mm512_loadu_ps(q1p + 16 * c);
+  }
+  int j = 0;
+  for (; j + 2 <= keys; j += 2) {
+    const uint16_t* ka = k + j * k_stride;
+    const uint16_t* kb = ka + k_stride;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, a0o = a0, a1o = a0, b0o = a0, b1o = a0;
+    for (int m = 0; m < NB; ++m) {
+      __m512 xe, xo, ye, yo;
+      LoadEvenOdd(ka + 32 * m, &xe, &xo);
+      LoadEvenOdd(kb + 32 * m, &ye, &yo);
+      a0 = _mm512_fmadd_ps(q0[2 * m], xe, a0);
+      a0o = _mm512_fmadd_ps(q0[2 * m + 1], xo, a0o);
+      a1 = _mm512_fmadd_ps(q1[2 * m], xe, a1);
+      a1o = _mm512_fmadd_ps(q1[2 * m + 1], xo, a1o);
+      b0 = _mm512_fmadd_ps(q0[2 * m], ye, b0);
+      b0o = _mm512_fmadd_ps(q0[2 * m + 1], yo, b0o);
+      b1 = _mm512_fmadd_ps(q1[2 * m], ye, b1);
+      b1o = _mm512_fmadd_ps(q1[2 * m + 1], yo, b1o);
+    }
+    alignas(16) float sums[4];
+    _mm_store_ps(sums, Reduce4(_mm512_add_ps(a0, a0o), _mm512_add_ps(a1, a1o), _mm512_add_ps(b0, b0o),
+                               _mm512_add_ps(b1, b1o)));
+    s0[j] = sums[0];
+    s1[j] = sums[1];
+    s0[j + 1] = sums[2];
+    s1[j + 1] = sums[3];
+  }
+  for (; j < keys; ++j) {
+    const uint16_t* ka = k + j * k_stride;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a0o = a0, a1o = a0;
+    for (int m = 0; m < NB; ++m) {
+      __m512 xe, xo;
+      LoadEvenOdd(ka + 32 * m, &xe, &xo);
+      a0 = _mm512_fmadd_ps(q0[2 * m], xe, a0);
+      a0o = _mm512_fmadd_ps(q0[2 * m + 1], xo, a0o);
+      a1 = _mm512_fmadd_ps(q1[2 * m], xe, a1);
+      a1o = _mm512_fmadd_ps(q1[2 * m + 1], xo, a1o);
+    }
+    s0[j] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a0o));
+    s1[j] = _mm512_reduce_add_ps(_mm512_add_ps(a1, a1o));
+  }
+}
+
+// Two accumulator rows in registers (2*NB vectors each); per key one load of
+// each 32 values serves both rows.
+template <int NB>
+RT_AVX512 void AccumulatePairEvenOdd(const float* p0, const float* p1, const uint16_t* v, int64_t v_stride, int keys,
+                                     float* acc0, float* acc1) {
+  __m512 a0[2 * NB], a1[2 * NB];
+  for (int c = 0; c < 2 * NB; ++c) {
+    a0[c] = _mm512_loadu_ps(acc0 + 16 * c);
+    a1[c] = p1 ? _mm512_loadu_ps(acc1 + 16 * c) : _mm512_setzero_ps();
+  }
+  for (int j = 0; j < keys; ++j) {
+    const uint16_t* vr = v + j * v_stride;
+    const __m512 w0 = _mm512_set1_ps(p0[j]), w1 = _mm512_set1_ps(p1 ? p1[j] : 0.0f);
+    for (int m = 0; m < NB; ++m) {
+      __m512 e, o;
+      LoadEvenOdd(vr + 32 * m, &e, &o);
+      a0[2 * m] = _mm512_fmadd_ps(w0, e, a0[2 * m]);
+      a0[2 * m + 1] = _mm512_fmadd_ps(w0, o, a0[2 * m + 1]);
+      if (p1) {
+        a1[2 * m] = _mm512_fmadd_ps(w1, e, a1[2 * m]);
+        a1[2 * m + 1] = _mm512_fmadd_ps(w1, o, a1[2 * m + 1]);
+      }
+    }
+  }
+  for (int c = 0; c < 2 * NB; ++c) {
+    _mm512_storeu_ps(acc0 + 16 * c, a0[c]);
+    if (p1) _mm512_storeu_ps(acc1 + 16 * c, a1[c]);
+  }
+}
+
+// Calls f(std::integral_constant<int, NB>{}) for NB = D/32 in 1..4.
+template <typename F>
+RT_AVX512 inline void WithBlocks32(int nb, F&& f) {
+  switch (nb) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
 // ---- AVX2/FMA path (CPUs without AVX-512): 8-wide versions of the same ----
 
 #define RT_AVX2 __attribute__((target("avx2,fma")))
@@ -618,6 +726,13 @@ RT_AVX2 void AccumulateProbValuesAvx2(const float* p, int p_stride, int rows, co
 
 bool Avx2Active() { return ActiveKernelPath() >= KernelPath::kAvx2; }
 
+// A per-thread buffer of n floats for sums that are computed and dropped.
+float* ThreadScratchTail(int n) {
+  thread_local std::vector<float> buf;
+  if (static_cast<int>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
+  return buf.data();
+}
+
 }  // namespace
 
 float RowMax(const float* x, int n) {
@@ -688,6 +803,49 @@ void AccumulateProbValues(const float* p, int p_stride, int rows, const float* v
       for (int d = 0; d < D; ++d) a[d] += pj * vr[d];
     }
   }
+}
+
+bool HasPermutedBFloat16(int D) { return CpuHasAvx512() && D % 32 == 0 && D >= 32 && D <= 128; }
+
+void PermuteEvenOdd(const float* x, float* y, int D) {
+  for (int b = 0; b < D; b += 32)
+    for (int i = 0; i < 16; ++i) {
+      y[b + i] = x[b + 2 * i];
+      y[b + 16 + i] = x[b + 2 * i + 1];
+    }
+}
+
+void UnpermuteEvenOdd(const float* y, float* x, int D) {
+  for (int b = 0; b < D; b += 32)
+    for (int i = 0; i < 16; ++i) {
+      x[b + 2 * i] = y[b + i];
+      x[b + 2 * i + 1] = y[b + 16 + i];
+    }
+}
+
+void QueryKeyDotsBFloat16Permuted(const float* q, int rows, const uint16_t* k, int64_t k_stride, int keys, int D,
+                                  float* s, int s_stride) {
+  WithBlocks32(D / 32, [&](auto nb) {
+    constexpr int NB = decltype(nb)::value;
+    int r = 0;
+    for (; r + 2 <= rows; r += 2)
+      QueryKeyDotsPairEvenOdd<NB>(q + r * D, q + (r + 1) * D, k, k_stride, keys, s + r * s_stride, s + (r + 1) * s_stride);
+    if (r < rows) {  // odd row: paired with itself, its twin's sums discarded
+      float* tmp = ThreadScratchTail(keys);
+      QueryKeyDotsPairEvenOdd<NB>(q + r * D, q + r * D, k, k_stride, keys, s + r * s_stride, tmp);
+    }
+  });
+}
+
+void AccumulateProbValuesBFloat16Permuted(const float* p, int p_stride, int rows, const uint16_t* v, int64_t v_stride,
+                                          int keys, int D, float* acc) {
+  WithBlocks32(D / 32, [&](auto nb) {
+    constexpr int NB = decltype(nb)::value;
+    int r = 0;
+    for (; r + 2 <= rows; r += 2)
+      AccumulatePairEvenOdd<NB>(p + r * p_stride, p + (r + 1) * p_stride, v, v_stride, keys, acc + r * D, acc + (r + 1) * D);
+    if (r < rows) AccumulatePairEvenOdd<NB>(p + r * p_stride, nullptr, v, v_stride, keys, acc + r * D, nullptr);
+  });
 }
 
 }  // namespace ringtree::internal

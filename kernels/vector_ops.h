@@ -31,4 +31,16 @@ void QueryKeyDotsBFloat16(const float* q, int rows, const uint16_t* k, int64_t k
 void AccumulateProbValuesBFloat16(const float* p, int p_stride, int rows, const uint16_t* v, int64_t v_stride,
                                   int keys, int D, float* acc);
 
+// bf16 K/V in the permuted decode layout: q and acc hold, in each block of 32
+// values, the 16 even elements then the 16 odd ones (PermuteEvenOdd); K/V
+// rows stay as stored. Only when HasPermutedBFloat16(D) (AVX-512, D a
+// multiple of 32 up to 128). For few rows per kv head (decode).
+bool HasPermutedBFloat16(int D);
+void PermuteEvenOdd(const float* x, float* y, int D);
+void UnpermuteEvenOdd(const float* y, float* x, int D);
+void QueryKeyDotsBFloat16Permuted(const float* q, int rows, const uint16_t* k, int64_t k_stride, int keys, int D,
+                                  float* s, int s_stride);
+void AccumulateProbValuesBFloat16Permuted(const float* p, int p_stride, int rows, const uint16_t* v, int64_t v_stride,
+                                          int keys, int D, float* acc);
+
 }  // namespace ringtree::internal
