@@ -415,13 +415,19 @@ int64_t FlashTileAvx512(const FlashTile& t, bool bf16_dot) {
       ks = D;
     } else {
       kp = static_cast<const float*>(t.k) + j0 * row_stride + t.hk * D;
-      vp = static_cast<const float*>(t.v) + j0 * row_stride + t.hk * D;
       ks = row_stride;
+      // V rows of one head sit a whole row of all heads apart (a page or
+      // more): the P*V sweep would touch a page per key. One copy makes the
+      // block contiguous.
+      const float* vsrc = static_cast<const float*>(t.v) + j0 * row_stride + t.hk * D;
+      if (row_stride != D)
+        for (int j = 0; j < nk; ++j) std::copy(vsrc + j * row_stride, vsrc + j * row_stride + D, vbuf + static_cast<int64_t>(j) * D);
+      vp = row_stride != D ? vbuf : vsrc;
     }
     QkBlock(qt, rp, kp, ks, nk, D, st);
     if (!full) MaskBlock(st, rp, nk, lo, hi);
     SoftmaxBlock(st, rp, nk, D, m, l, ot);
-    PvBlock(st, rp, nk, vp, ks, D, ot);
+    PvBlock(st, rp, nk, vp, D, D, ot);
   }
 
   for (int r = 0; r < rows; ++r) {
