@@ -78,7 +78,10 @@ def prefill_rows(rows):
         bx = bw_ex.get((r["link"], r.get("progress", "default")))
         thr_m = r["kv_heads"] * 4 * kernel_rate / (r["heads"] * bx) if kernel_rate and bx else float("nan")
         c1 = calib.get(n)
+        csum = max(x["compute_s"] + x["merge_s"] for x in r["per_rank"])
+        hidden_meas = max(0.0, min(1.0, 1.0 - wait / (block / bx))) if bx else float("nan")
         out.append(dict(link=r["link"], progress=r.get("progress", "default"), layout=r.get("layout", "zigzag"),
+                        hidden_meas=hidden_meas, wait_vs_compute=wait / csum if csum > 0 else float("nan"),
                         n=n, P=P, compute_ms=1e3 * cmax, wait_ms=1e3 * wait, transfer_ms=1e3 * T,
                         hidden=hidden, threshold=thr, total_ms=1e3 * r["seconds"], block_bytes=block,
                         link_bytes=r.get("link_bytes"), calib_ms=1e3 * c1 if c1 else None,
@@ -122,15 +125,18 @@ def main():
                   "%.1f GFLOP/s. Threshold "
                   "N/P* = Hkv·4·R/(H·bw): compute per step 4·(N/P)²·H·D/2/R equals transfer 2·(N/P)·Hkv·D·4/bw; "
                   "bw = nominal rate × 0.94 (N/P*), or the rate each way the MPI exchange of 32 MiB delivered in "
-                  "this run (N/P* meas.). *Transfer* and *hidden* use the nominal bw (the stricter). *Hidden* = "
-                  "1 − wait ÷ transfer, wait = all of the rank's wait in the call.\n"
+                  "this run (N/P* meas.). *Transfer* and *hidden* use the nominal bw (the stricter); *hidden vs meas. "
+                  "rate* uses the measured exchange rate. *Hidden* = 1 − wait ÷ transfer, wait = all of the rank's "
+                  "wait in the call (the argument handshake and any skew between the ranks too), the rank with the "
+                  "most wait. *Wait ÷ compute*: that wait over the rank's compute in the call.\n"
                   % (big, kernel_rate / 1e9))
-    md.append("| link | TCP progress | layout | N/P | compute/step | wait | transfer at link rate | hidden | N/P* | N/P* meas. | on the links (tc) |")
-    md.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    md.append("| link | TCP progress | layout | N/P | compute/step | wait | transfer at link rate | hidden | hidden vs meas. rate | wait ÷ compute | N/P* | N/P* meas. | on the links (tc) |")
+    md.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for p in sorted(pre, key=lambda p: (rate_bytes(p["link"]), p["progress"], p["layout"], p["n"])):
-        md.append("| %s | %s | %s | %d | %.2f ms | %.2f ms | %.2f ms | %.0f%% | %.0f | %.0f | %s |" % (
+        md.append("| %s | %s | %s | %d | %.2f ms | %.2f ms | %.2f ms | %.0f%% | %.0f%% | %.1f%% | %.0f | %.0f | %s |" % (
             p["link"], p["progress"], p["layout"], p["n"], p["compute_ms"], p["wait_ms"], p["transfer_ms"],
-            100 * p["hidden"], p["threshold"], p["threshold_measured"], "/".join("%.1f MB" % (b / 1e6) for b in p["link_bytes"] or [])))
+            100 * p["hidden"], 100 * p["hidden_meas"], 100 * p["wait_vs_compute"], p["threshold"],
+            p["threshold_measured"], "/".join("%.1f MB" % (b / 1e6) for b in p["link_bytes"] or [])))
     md.append("")
 
     # Decode.

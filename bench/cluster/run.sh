@@ -41,6 +41,10 @@ mkdir -p "$out_dir"
 results=$out_dir/cluster.jsonl
 : >"$results"
 export CLUSTER_NAME=${CLUSTER_NAME:-rtb}
+# The emulated hosts share this machine's cores (and other work runs on them):
+# ranks waiting in MPI yield the core instead of spinning through their time
+# slice, as Open MPI does by itself when it knows a host is oversubscribed.
+export OMPI_MCA_mpi_yield_when_idle=1
 cluster=$root/launch/cluster
 tmp=$(mktemp -d /tmp/ringtree-bench-cluster.XXXXXX)
 hostfile=$tmp/hosts
@@ -60,7 +64,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   mappings=(slot)
 else
   rates=(1gbit 10gbit 25gbit)
-  prefill_n=(64 128 256 512 1024 2048 4096 8192 16384)
+  prefill_n=(128 256 512 1024 2048 4096 8192 16384)
   decode_n=(16384 65536 262144)
   batch_shapes=("8 16" "32 64")
   mappings=(slot node)
@@ -85,13 +89,14 @@ run() {
   while [ "$1" != "--" ]; do margs+=("$1"); shift; done
   shift
   before=$(link_bytes)
+  load=$(cut -d' ' -f1 /proc/loadavg)
   : >"$tmp/out.jsonl"
   "$root/launch/mpirun-ringtree" "${margs[@]}" "$bin" "$@" --out "$tmp/out.jsonl" --label "$label" >"$tmp/log" 2>&1 ||
     { cat "$tmp/log" >&2; echo "[bench/cluster] $label failed" >&2; return 1; }
   after=$(link_bytes)
-  /usr/bin/python3 - "$tmp/out.jsonl" "$results" "$extra" "$before" "$after" <<'EOF'
+  /usr/bin/python3 - "$tmp/out.jsonl" "$results" "$extra" "$before" "$after" "$load" <<'EOF'
 import json, sys
-src, dst, extra, before, after = sys.argv[1:]
+src, dst, extra, before, after, load = sys.argv[1:]
 extra = json.loads(extra) if extra else {}
 b = [int(x) for x in before.split()] if before.strip() else []
 a = [int(x) for x in after.split()] if after.strip() else []
@@ -99,6 +104,7 @@ with open(dst, "a") as out:
     for line in open(src):
         j = json.loads(line)
         j.update(extra)
+        j["loadavg_1min_at_start"] = float(load)  # this machine is shared: other work's load
         if a and b and len(a) == len(b):
             j["link_bytes"] = [y - x for x, y in zip(b, a)]
         out.write(json.dumps(j) + "\n")
@@ -126,44 +132,50 @@ elif b == "decode_batch":
 
 echo "[bench/cluster] $(grep -m1 'model name' /proc/cpuinfo | sed 's/.*: //'), $(nproc) cores; $(date -u '+%Y-%m-%d %H:%M UTC')"
 
-# Kernel rates with 2 ranks x 1 thread running at once on this machine (as in
-# the 2-host runs, which share its cores), but on one host: shared memory
-# moves the blocks, so the per-step compute is the kernel's alone.
-echo "[bench/cluster] calibration (no cluster: 2 ranks x 1 thread on shared memory)"
-for n in "${prefill_n[@]}"; do
-  reps=5; [ "$n" -ge 2048 ] && reps=3; [ "$n" -ge 8192 ] && reps=1
-  run "calib_prefill" '{"link":"shm","progress":"default"}' -np 2 --bind none -- prefill --tokens $((2 * n)) --causal \
-    --heads 2 --kv-heads 2 --head-dim 128 --threads 1 --repeats "$reps"
-  tail -n 1 "$results" | /usr/bin/python3 -c '
+# Calibration for the model, measured again before each link rate's points
+# (other work's load on this shared machine drifts over a run), on one host
+# with no cluster: kernel rates with 2 ranks x 1 thread running at once (as
+# in the 2-host runs, which share these cores; shared memory moves the blocks,
+# so the per-step compute is the kernel's alone), shared memory's latency and
+# rate, and a reduction among 4 ranks on these cores.
+calibrate() {
+  local for_rate=$1 n reps shape heads batch
+  local cx='{"link":"shm","progress":"default","calib_for":"'"$for_rate"'"}'
+  echo "[bench/cluster] calibration for the $for_rate points (no cluster: 2 ranks x 1 thread on shared memory)"
+  for n in "${prefill_n[@]}"; do
+    reps=5; [ "$n" -ge 2048 ] && reps=3; [ "$n" -ge 8192 ] && reps=1
+    run "calib_prefill" "$cx" -np 2 --bind none -- prefill --tokens $((2 * n)) --causal \
+      --heads 2 --kv-heads 2 --head-dim 128 --threads 1 --repeats "$reps"
+    tail -n 1 "$results" | /usr/bin/python3 -c '
 import json, sys
 j = json.loads(sys.stdin.read())
 c = max(r["compute_s"] + r["merge_s"] for r in j["per_rank"]) / 2
 print("  prefill N/P=%6d causal: compute per step %9.3f ms  %.1f GFLOP/s per rank" % (j["tokens"] // 2, 1e3 * c,
       4 * (j["tokens"] // 2) ** 2 * j["heads"] * j["head_dim"] / 2 / c / 1e9))'
-done
-for n in "${decode_n[@]}"; do
-  run "calib_decode" '{"link":"shm","progress":"default"}' -np 2 --bind none -- decode --tokens "$n" --steps 8 --warmup 2 --threads 1
-  tail -n 1 "$results" | /usr/bin/python3 -c 'import json,sys; j=json.loads(sys.stdin.read()); print("  decode N=%7d: local compute %8.3f ms per step (N/P = %d)" % (j["tokens"], j["tree_compute_ms_per_step_max_rank"], j["tokens"] // 2))'
-done
-# Ranks of one host talk through shared memory (vader): its latency and rate.
-run "pingpong_shm" '{"link":"shm","progress":"default"}' -np 2 --bind none -- pingpong --steps 20
-for shape in "${batch_shapes[@]}"; do
-  read -r heads batch <<<"$shape"
-  run "calib_batch" '{}' -np 1 -- batch --tokens 256 --sessions "$batch" --batch "$batch" --heads "$heads" \
-    --steps 20 --warmup 3 --threads 1
-  # 4 ranks on this machine's cores, shared memory only: what a reduction
-  # costs when 4 busy-polling ranks share 2 cores (the 2x2 runs do too).
-  run "calib_reduce_4" '{"link":"shm","progress":"default"}' -np 4 --oversubscribe --bind none -- batch --tokens 1024 \
-    --sessions "$batch" --batch "$batch" --heads "$heads" --steps 20 --warmup 3 --threads 1 --topology flat
-done
+  done
+  for n in "${decode_n[@]}"; do
+    run "calib_decode" "$cx" -np 2 --bind none -- decode --tokens "$n" --steps 8 --warmup 2 --threads 1
+    tail -n 1 "$results" | /usr/bin/python3 -c 'import json,sys; j=json.loads(sys.stdin.read()); print("  decode N=%7d: local compute %8.3f ms per step (N/P = %d)" % (j["tokens"], j["tree_compute_ms_per_step_max_rank"], j["tokens"] // 2))'
+  done
+  # Ranks of one host talk through shared memory (vader): its latency and rate.
+  run "pingpong_shm" "$cx" -np 2 --bind none -- pingpong --steps 20
+  for shape in "${batch_shapes[@]}"; do
+    read -r heads batch <<<"$shape"
+    # 4 ranks on this machine's cores, shared memory only: what a reduction
+    # costs when 4 ranks share 2 cores (the 2x2 runs do too).
+    run "calib_reduce_4" "$cx" -np 4 --oversubscribe --bind none -- batch --tokens 1024 \
+      --sessions "$batch" --batch "$batch" --heads "$heads" --steps 40 --warmup 3 --threads 1 --topology flat
+  done
+}
 
 for rate in "${rates[@]}"; do
+  calibrate "$rate"
   "$cluster" up 2 --bandwidth "$rate" --slots 2 --hostfile "$hostfile" >/dev/null
   echo "[bench/cluster] links $rate: $("$cluster" status | sed -n 2p | sed 's/^ *//')"
   # Open MPI's TCP transport as the hostfile sets it (no progress thread: TCP
   # moves only when a rank calls into MPI), and with btl_tcp_progress_thread.
   for progress in default thread; do
-    mca=""; [ "$progress" = thread ] && mca="--mca btl_tcp_progress_thread 1"
+    mca="--mca mpi_yield_when_idle 1"; [ "$progress" = thread ] && mca="$mca --mca btl_tcp_progress_thread 1"
     ex='{"link":"'"$rate"'","progress":"'"$progress"'"}'
     echo "[bench/cluster] links $rate, TCP progress: $progress"
     # 2 hosts x 1 rank: one rank per host (--map-by node).
@@ -201,7 +213,7 @@ print("  pingpong one way:", "  ".join("%s B %.0f us" % (j["bytes"], j["one_way_
         for topo in flat two-level; do
           run "tree_2x2" '{"link":"'"$rate"'","progress":"'"$progress"'","map_by":"'"$mapping"'"}' -np 4 \
             --hostfile "$hostfile" -- batch --tokens 1024 --sessions "$batch" --batch "$batch" --heads "$heads" \
-            --steps 20 --warmup 3 --threads 1 --topology "$topo"
+            --steps 40 --warmup 3 --threads 1 --topology "$topo"
           show
         done
       done

@@ -11,7 +11,10 @@ Calibrated from one run of bench/cluster/run.sh (nothing is assumed):
   links            per (rate, TCP progress mode): alpha = one-way time of an 8-byte MPI message,
                    bw = 8 MiB / (one-way time of 8 MiB - alpha), from the MPI ping-pong across the link;
                    shared memory (ranks of one host) the same from a 2-rank ping-pong on one host
-  transfer         t(B) = alpha + B / bw
+  transfer         t(B) = the measured one-way time at B (log-log interpolation between the
+                   ping-pong sizes, 8 B .. 32 MiB), alpha + B / bw beyond; a ring step's
+                   transfer uses the exchange times (both ends send at once). Past this
+                   machine: alpha as measured, bw = nominal rate x 0.94.
 
 Ring (prefill and the ring-decode baseline) is simulated step by step for
 every rank: at step s rank r computes on the block it holds while it sends it
@@ -53,15 +56,27 @@ class Link:
     """alpha: one-way latency; bw: one-way rate; bw_ex: rate each way when both
     ends send at once (a ring step), which on shared cores is not 2x."""
 
-    def __init__(self, name, alpha, bw, bw_ex=None):
+    def __init__(self, name, alpha, bw, bw_ex=None, table=None, table_ex=None):
         self.name, self.alpha, self.bw = name, alpha, bw
         self.bw_ex = bw_ex or bw
+        # Measured (bytes, seconds): inside their range t() interpolates them
+        # (log-log), so protocol steps at mid sizes are the measured ones.
+        self.table, self.table_ex = table, table_ex
+
+    @staticmethod
+    def _interp(table, nbytes, alpha, bw):
+        if not table or nbytes > table[-1][0]:
+            base = table[-1] if table else (0, alpha)
+            return base[1] + (nbytes - base[0]) / bw
+        xs = np.log([max(1, b) for b, _ in table])
+        ys = np.log([t for _, t in table])
+        return float(np.exp(np.interp(math.log(max(1, nbytes)), xs, ys)))
 
     def t(self, nbytes):
-        return self.alpha + nbytes / self.bw
+        return self._interp(self.table, nbytes, self.alpha, self.bw)
 
     def t_ex(self, nbytes):
-        return self.alpha + nbytes / self.bw_ex
+        return self._interp(self.table_ex, nbytes, self.alpha, self.bw_ex)
 
     def __repr__(self):
         return "%s: alpha %.1f us, bw %.3f GB/s one way, %.3f GB/s each way in an exchange" % (
@@ -76,70 +91,112 @@ def nominal_bw(rate):
 
 
 class Calibration:
-    def __init__(self, rows):
+    def __init__(self, rows, for_rate=None):
         self.rows = rows
+        self.for_rate = for_rate
         m = next(r["machine"] for r in rows if "machine" in r)
         self.machine = m
-        # Prefill kernel: t = c0 + a n^2, a = 2 H D / R (causal: half of 4 n^2 H D).
-        cp = sorted([r for r in rows if r.get("label") == "calib_prefill"], key=lambda r: r["tokens"])
+
+        # Calibration rows: those measured just before `for_rate`'s points, or
+        # (None) all of them, the median of each size.
+        def calib(label):
+            return [r for r in rows if r.get("label") == label and
+                    (for_rate is None or r.get("calib_for", for_rate) == for_rate)]
+
+        def median_by(rs, key, value):
+            g = defaultdict(list)
+            for r in rs:
+                g[key(r)].append(value(r))
+            ks = sorted(g)
+            return np.array(ks, float), np.array([float(np.median(g[k])) for k in ks])
+
+        # Prefill kernel, per causal ring step, a = 2 H D / R (causal: half of 4 n^2 H D).
+        cp = calib("calib_prefill")
         if not cp:
             sys.exit("[model] no calib_prefill rows in the results")
         self.heads_p, self.hd_p = cp[0]["heads"], cp[0]["head_dim"]
-        n = np.array([r["tokens"] / r["machine"]["ranks"] for r in cp], float)
         # Per-step compute of the busiest rank (2 ranks x 1 thread at once, on shared memory).
-        t = np.array([max(x["compute_s"] + x["merge_s"] for x in r["per_rank"]) / r["machine"]["ranks"]
-                      for r in cp], float)
-        # Least squares on relative error: minimise sum ((c0 + a n^2)/t - 1)^2.
-        A = np.stack([1 / t, n ** 2 / t], axis=1)
-        (c0, a), *_ = np.linalg.lstsq(A, np.ones_like(t), rcond=None)
-        self.c0 = max(0.0, c0)
-        self.a = a
-        self.R = 2 * self.heads_p * self.hd_p / a  # FLOP/s of the prefill kernel, one thread
+        n, t = median_by(cp, lambda r: r["tokens"] / r["machine"]["ranks"],
+                         lambda r: max(x["compute_s"] + x["merge_s"] for x in r["per_rank"]) / r["machine"]["ranks"])
+        # Outside the measured N/P: a n^2 through the largest one (its rate R).
+        self.c0 = 0.0
+        self.a = t[-1] / n[-1] ** 2
+        self.R = 2 * self.heads_p * self.hd_p / self.a  # FLOP/s of the prefill kernel, one rank
         self.prefill_points = list(zip(n, t))
         # Decode kernel: t = d0 + bytes / Bdec.
-        cd = sorted([r for r in rows if r.get("label") == "calib_decode"], key=lambda r: r["tokens"])
+        cd = calib("calib_decode")
         self.kvh_d, self.hd_d, self.heads_d = cd[0]["kv_heads"], cd[0]["head_dim"], cd[0]["heads"]
-        b = np.array([r["tokens"] / r["machine"]["ranks"] * r["kv_heads"] * r["head_dim"] * 8 for r in cd], float)
-        td = np.array([r["tree_compute_ms_per_step_max_rank"] / 1e3 for r in cd], float)
-        if len(cd) >= 2:
-            A = np.stack([1 / td, b / td], axis=1)
-            (d0, inv), *_ = np.linalg.lstsq(A, np.ones_like(td), rcond=None)
-        else:
-            d0, inv = 0.0, td[0] / b[0]
-        self.d0, self.Bdec = max(0.0, d0), 1 / inv
+        b, td = median_by(cd, lambda r: r["tokens"] / r["machine"]["ranks"] * r["kv_heads"] * r["head_dim"] * 8,
+                          lambda r: r["tree_compute_ms_per_step_max_rank"] / 1e3)
+        # Outside the measured sizes: the rate of the largest one.
+        self.d0, self.Bdec = 0.0, b[-1] / td[-1]
         self.decode_points = list(zip(b, td))
         # Batch step compute (1 rank over one shard of every session), by rows.
         self.batch = {(r["heads"], r["batch"]): r["step_ms"] / 1e3 for r in rows if r.get("label") == "calib_batch"}
         # Links.
         self.links = {}
         pp = defaultdict(dict)
+        shm_rows = defaultdict(list)
         for r in rows:
-            if r["bench"] == "pingpong":
-                tag = "2x2" if r.get("label") == "pingpong_2x2" else ""
-                pp[(r["link"], r["progress"], tag)][r["bytes"]] = r
+            if r["bench"] != "pingpong":
+                continue
+            if r.get("label") == "pingpong_shm":
+                if for_rate is None or r.get("calib_for", for_rate) == for_rate:
+                    shm_rows[r["bytes"]].append(r)
+                continue
+            tag = "2x2" if r.get("label") == "pingpong_2x2" else ""
+            pp[(r["link"], r["progress"], tag)][r["bytes"]] = r
+        for b_, rs in shm_rows.items():  # the median run of each size
+            pp[("shm", "default", "")][b_] = sorted(rs, key=lambda r: r["one_way_us_median"])[len(rs) // 2]
         self.links4 = {}
+        self.alpha_min = {}
         for (link, progress, tag), d in pp.items():
             key = (link, progress)
+            if not tag:  # the fastest of the small messages (8 B, 1 KiB)
+                self.alpha_min[key] = min(d[b]["one_way_us_min"] for b in d if b <= 1024) * 1e-6
             alpha = d[8]["one_way_us_median"] * 1e-6
             big = max(d)
             one = d[big]["one_way_us_median"] * 1e-6
             ex = d[big].get("exchange_us_median", d[big]["one_way_us_median"]) * 1e-6
+            sizes = sorted(d)
             lk = Link("%s/%s%s" % (link, progress, " 2x2" if tag else ""), alpha, big / max(1e-9, one - alpha),
-                      big / max(1e-9, ex - alpha))
+                      big / max(1e-9, ex - alpha),
+                      [(b, d[b]["one_way_us_median"] * 1e-6) for b in sizes],
+                      [(b, d[b].get("exchange_us_median", d[b]["one_way_us_median"]) * 1e-6) for b in sizes])
             (self.links4 if tag else self.links)[key] = lk
         # A reduction among 4 ranks sharing this machine's cores, shared memory only.
-        self.reduce4 = {(r["heads"], r["batch"]): r["reduce_only_ms_median"] / 1e3
-                        for r in rows if r.get("label") == "calib_reduce_4"}
+        r4 = defaultdict(list)
+        for r in calib("calib_reduce_4"):
+            r4[(r["heads"], r["batch"])].append(r["reduce_only_ms_median"] / 1e3)
+        self.reduce4 = {k: float(np.median(v)) for k, v in r4.items()}
         self.shm = self.links.get(("shm", "default"), Link("shm", 1e-6, 5e9))
+        # Shared memory past this machine: the minimum latency, the median rate.
+        self.shm_clean = Link("shm (min latency)", self.alpha_min.get(("shm", "default"), 1e-6), self.shm.bw,
+                              self.shm.bw_ex)
 
     def t_step(self, n, frac=0.5):
-        """Compute of one ring step: n queries x n keys, frac of the pairs visible."""
-        return self.c0 + self.a * n * n * (frac / 0.5) if frac > 0 else 0.0
+        """Compute of one causal ring step (half of n x n visible): the measured
+        per-step time, log-log interpolated between the calibrated N/P; the
+        c0 + a n^2 fit outside them. frac scales to other visible fractions."""
+        if frac <= 0:
+            return 0.0
+        ns = [p[0] for p in self.prefill_points]
+        if ns[0] <= n <= ns[-1]:
+            t = float(np.exp(np.interp(math.log(n), np.log(ns), np.log([p[1] for p in self.prefill_points]))))
+        else:
+            t = self.c0 + self.a * n * n
+        return t * frac / 0.5
 
     def t_decode(self, n_tokens, kv_heads=None, head_dim=None):
+        """Local decode over n_tokens: interpolated between the calibrated
+        sizes (by KV bytes), the d0 + bytes / Bdec fit outside them."""
         kv_heads = kv_heads or self.kvh_d
         head_dim = head_dim or self.hd_d
-        return self.d0 + n_tokens * kv_heads * head_dim * 8 / self.Bdec
+        b = n_tokens * kv_heads * head_dim * 8
+        bs = [p[0] for p in self.decode_points]
+        if len(bs) > 1 and bs[0] <= b <= bs[-1]:
+            return float(np.exp(np.interp(math.log(b), np.log(bs), np.log([p[1] for p in self.decode_points]))))
+        return self.d0 + b / self.Bdec
 
     def link(self, rate, progress):
         if (rate, progress) in self.links:
@@ -147,24 +204,24 @@ class Calibration:
         # Past this machine: nominal rate less TCP/IP headers, latency as measured.
         alphas = [l.alpha for (r, p), l in self.links.items() if p == progress and r != "shm"]
         alpha = float(np.median(alphas)) if alphas else 20e-6
+        # The minimum over the ping-pongs: this machine is shared, so medians
+        # include other work's time slices, which a real host would not have.
+        mins = [self.alpha_min[k] for k in self.alpha_min if k[1] == progress and k[0] != "shm"]
+        alpha = float(np.median(mins)) if mins else alpha
         bw = nominal_bw(rate) * 0.94
-        return Link("%s/%s (nominal)" % (rate, progress), alpha, bw, bw)
+        return Link("%s/%s (nominal)" % (rate, progress), alpha, bw, bw)  # no table: alpha + B / bw
 
     def summary(self):
         out = ["calibration (%s, kernel path %s, from the same run):" % (self.machine.get("cpu"),
                                                                        self.machine.get("kernel_path"))]
-        out.append("  prefill kernel, 1 thread per rank, 2 ranks at once: R = %.1f GFLOP/s, per-step overhead "
-                   "c0 = %.3f ms (fit to causal ring steps at N/P = %s)" % (
-                       self.R / 1e9, 1e3 * self.c0, ", ".join("%d" % n for n, _ in self.prefill_points)))
-        for n, t in self.prefill_points:
-            out.append("    N/P=%6d measured %9.3f ms per step  fit %9.3f ms (%+.0f%%)" % (
-                n, 1e3 * t, 1e3 * self.t_step(n), 100 * (self.t_step(n) / t - 1)))
-        out.append("  decode kernel, 1 thread per rank, 2 ranks at once: %.2f GB/s of KV, overhead d0 = %.3f ms"
-                   % (self.Bdec / 1e9, 1e3 * self.d0))
-        for b, t in self.decode_points:
-            out.append("    N/P=%8d measured %8.3f ms  fit %8.3f ms (%+.0f%%)" % (
-                b / (self.kvh_d * self.hd_d * 8), 1e3 * t, 1e3 * (self.d0 + b / self.Bdec),
-                100 * ((self.d0 + b / self.Bdec) / t - 1)))
+        out.append("  prefill kernel, 1 thread per rank, 2 ranks at once, per causal ring step (interpolated "
+                   "between these; beyond, a n^2 through the largest: R = %.1f GFLOP/s):" % (self.R / 1e9))
+        out.append("    " + "  ".join("N/P=%d %.3f ms (%.1f GFLOP/s)" % (n, 1e3 * t, 2 * n * n * self.heads_p * self.hd_p / t / 1e9)
+                                      for n, t in self.prefill_points))
+        out.append("  decode kernel, 1 thread per rank, 2 ranks at once (interpolated; beyond, %.2f GB/s of KV):"
+                   % (self.Bdec / 1e9))
+        out.append("    " + "  ".join("N/P=%d %.3f ms (%.2f GB/s)" % (b / (self.kvh_d * self.hd_d * 8), 1e3 * t, b / t / 1e9)
+                                      for b, t in self.decode_points))
         for (h, b), t in sorted(self.reduce4.items()):
             out.append("  reduction of %d rows among 4 ranks on shared memory (4 ranks on this machine's cores): %.3f ms"
                        % (h * b, 1e3 * t))
@@ -178,8 +235,10 @@ class Calibration:
 # ----------------------------------------------------------------------------- the model
 def ring_time(P, compute, T, overlap):
     """Simulates a ring of P steps. compute: [P ranks, P steps] seconds; T: one
-    block's transfer seconds (a scalar or [P] per owner). Returns (total time =
-    the last rank's end, wait per rank)."""
+    block's transfer seconds on the edge r -> r+1 (a scalar, or [P] by the
+    sending rank: ranks placed host by host, only the edge that leaves a host
+    crosses its link, the others are shared memory). Returns (total time = the
+    last rank's end, wait per rank)."""
     compute = np.asarray(compute, float)
     T = np.broadcast_to(np.asarray(T, float), (P,))
     start = np.zeros(P)
@@ -190,15 +249,13 @@ def ring_time(P, compute, T, overlap):
         c = compute[:, s]
         end_c = start + c
         if s + 1 < P and P > 1:
-            owner_in = (ranks - s - 1) % P  # the block rank r receives at step s
-            owner_out = (ranks - s) % P    # the block it sends
             if overlap:
                 recv_start = np.maximum(start, start[prev])
                 send_start = np.maximum(start, start[nxt])
             else:
                 recv_start = np.maximum(end_c, end_c[prev])
                 send_start = np.maximum(end_c, end_c[nxt])
-            end = np.maximum.reduce([end_c, recv_start + T[owner_in], send_start + T[owner_out]])
+            end = np.maximum.reduce([end_c, recv_start + T[prev], send_start + T])
         else:
             end = end_c
         busy += c
@@ -219,8 +276,23 @@ def causal_fracs(P, layout):
     return f
 
 
+def edge_times(cal, P, per_host, link, nbytes, overlap=True):
+    """Transfer time of each ring edge r -> r+1, ranks placed host by host.
+    With overlap the time of an exchange (both ends send at once, the
+    transport's progress thread competing with compute); without, the one-way
+    time: then both ranks sit in MPI waits and the link is full duplex (in
+    this machine's runs the no-overlap ring moved its blocks at the one-way
+    rate each way, while MPI_Sendrecv's exchange took about twice as long)."""
+    f = (lambda l: l.t_ex(nbytes)) if overlap else (lambda l: l.t(nbytes))
+    if per_host <= 1:
+        return f(link)
+    r = np.arange(P)
+    crossing = ((r + 1) % per_host == 0) | (r == P - 1)
+    return np.where(crossing, f(link), f(cal.shm))
+
+
 def predict_prefill(cal, N, P, link, overlap, layout="zigzag", heads=None, kv_heads=None, head_dim=None,
-                    rank_compute=None):
+                    rank_compute=None, per_host=1):
     """rank_compute: optional [P] measured compute seconds of each rank in the
     run (the check's second column): spread over the steps by the layout's
     work, instead of the calibrated kernel."""
@@ -234,7 +306,7 @@ def predict_prefill(cal, N, P, link, overlap, layout="zigzag", heads=None, kv_he
     if rank_compute is not None:
         comp = comp / comp.sum(axis=1, keepdims=True) * np.asarray(rank_compute, float)[:, None]
     block = 2 * n * kv_heads * head_dim * 4
-    T = link.t_ex(block)
+    T = edge_times(cal, P, per_host, link, block, overlap)
     total, wait = ring_time(P, comp, T, overlap)
     handshake = 2 * math.ceil(math.log2(P)) * 2 * link.alpha if P > 1 else 0.0  # two allgathers
     return total + handshake, float(wait.max()) + handshake, float(comp.max(axis=0).mean())
@@ -249,19 +321,28 @@ def threshold(cal, link, heads=None, kv_heads=None, head_dim=None):
     return kv_heads * 4 * cal.R / (heads * link.bw)
 
 
-def reduce_time(cal, P, per_host, rows, head_dim, link, mode):
-    """One binomial reduction of rows (D+1) 4 bytes over P ranks, per_host per host.
-    mode: two-level | flat-by-slot (same rounds) | flat-spread (every round crosses)."""
+def reduce_time(cal, P, per_host, rows, head_dim, link, mode, shm=None):
+    """One binomial reduction (round k: rank r + 2^k sends to r) of rows (D+1) 4
+    bytes over P ranks, per_host per host.
+      two-level, or flat with ranks placed host by host ("flat-by-slot": the
+        binomial rounds then fall the same way): log2(per_host) rounds on shared
+        memory in every host at once, then log2(hosts) rounds of one message per
+        link;
+      flat-spread (ranks dealt over the hosts, "by node", or any placement the
+        library does not see): log2(hosts) rounds first, in each of which the
+        sending hosts send per_host messages over their one link, then
+        log2(per_host) rounds on shared memory."""
+    shm = shm or cal.shm
     if P <= 1:
         return 0.0
     m = rows * (head_dim + 1) * 4
-    rounds = math.ceil(math.log2(P))
-    intra = min(rounds, math.ceil(math.log2(max(1, per_host))))
-    if mode == "flat-spread":
-        # First round: per_host/2 pairs leave each host over its one link at once.
-        t = link.alpha + max(1, per_host // 2) * m / link.bw
-        return t + (rounds - 1) * link.t(m)
-    return intra * cal.shm.t(m) + (rounds - intra) * link.t(m)
+    g = max(1, min(per_host, P))
+    hosts = max(1, math.ceil(P / g))
+    intra = math.ceil(math.log2(g)) if g > 1 else 0
+    inter = math.ceil(math.log2(hosts)) if hosts > 1 else 0
+    if mode == "flat-spread" and inter > 0:
+        return inter * (link.alpha + g * m / link.bw) + intra * shm.t(m)
+    return intra * shm.t(m) + inter * link.t(m)
 
 
 def reduce_2x2(cal, r, link, mode):
@@ -280,16 +361,17 @@ def reduce_2x2(cal, r, link, mode):
 
 
 def predict_decode(cal, N, P, link, overlap, method, per_host=1, mode="two-level", heads=None, queries=1,
-                   compute=None):
+                   compute=None, kv_heads=None):
     """compute: optional measured local decode seconds per step (the check's second column)."""
     heads = heads or cal.heads_d
+    kv_heads = kv_heads or cal.kvh_d
     n = N / P
-    c = cal.t_decode(n) if compute is None else compute
+    c = cal.t_decode(n, kv_heads) if compute is None else compute
     if method == "tree":
         return c + reduce_time(cal, P, per_host, queries * heads, cal.hd_d, link, mode)
     comp = np.full((P, P), c)
-    block = 2 * n * cal.kvh_d * cal.hd_d * 4
-    total, _ = ring_time(P, comp, link.t_ex(block), overlap)
+    block = 2 * n * kv_heads * cal.hd_d * 4
+    total, _ = ring_time(P, comp, edge_times(cal, P, per_host, link, block, overlap), overlap)
     return total + (2 * link.alpha if P > 1 else 0.0)
 
 
@@ -302,6 +384,12 @@ def check(cal):
     rows = cal.rows
     lines = []
     errs, errs2 = [], []
+    cals = {}
+
+    def cal_for(rate):  # the calibration measured just before that rate's points
+        if rate not in cals:
+            cals[rate] = Calibration(rows, rate)
+        return cals[rate]
 
     def add(what, measured, predicted, predicted2):
         e = predicted / measured - 1 if measured > 0 else float("inf")
@@ -317,10 +405,11 @@ def check(cal):
     for r in rows:
         if r["bench"] != "prefill" or r.get("label") not in ("prefill", "prefill_contiguous"):
             continue
+        cl = cal_for(r["link"])
         P = r["machine"]["ranks"]
-        link = cal.link(r["link"], r["progress"])
+        link = cl.link(r["link"], r["progress"])
         overlap = r["progress"] == "thread"
-        args = (cal, r["tokens"], P, link, overlap, r.get("layout", "zigzag"), r["heads"], r["kv_heads"], r["head_dim"])
+        args = (cl, r["tokens"], P, link, overlap, r.get("layout", "zigzag"), r["heads"], r["kv_heads"], r["head_dim"])
         tot, wait, _ = predict_prefill(*args)
         rc = [x["compute_s"] + x["merge_s"] for x in sorted(r["per_rank"], key=lambda x: x["rank"])]
         tot2, wait2, _ = predict_prefill(*args, rank_compute=rc)
@@ -331,13 +420,14 @@ def check(cal):
     for r in rows:
         if r["bench"] != "decode" or r.get("label") != "decode":
             continue
+        cl = cal_for(r["link"])
         P = r["machine"]["ranks"]
-        link = cal.link(r["link"], r["progress"])
+        link = cl.link(r["link"], r["progress"])
         overlap = r["progress"] == "thread"
         for method in ("tree", "ring"):
-            p = predict_decode(cal, r["tokens"], P, link, overlap, method, 1, "two-level", r["heads"], r["queries"])
+            p = predict_decode(cl, r["tokens"], P, link, overlap, method, 1, "two-level", r["heads"], r["queries"])
             c = r["%s_compute_ms_per_step_max_rank" % method] / 1e3 / (1 if method == "tree" else P)
-            p2 = predict_decode(cal, r["tokens"], P, link, overlap, method, 1, "two-level", r["heads"], r["queries"],
+            p2 = predict_decode(cl, r["tokens"], P, link, overlap, method, 1, "two-level", r["heads"], r["queries"],
                                 compute=c)
             add("%-6s %-7s %s N=%7d" % (r["link"], r["progress"], method, r["tokens"]),
                 r["%s_ms_median" % method] / 1e3, p, p2)
@@ -348,9 +438,10 @@ def check(cal):
     for r in rows:
         if r["bench"] != "decode_batch" or r.get("label") != "tree_2x2":
             continue
-        link = cal.links4.get((r["link"], r["progress"]), cal.link(r["link"], r["progress"]))
+        cl = cal_for(r["link"])
+        link = cl.links4.get((r["link"], r["progress"]), cl.link(r["link"], r["progress"]))
         mode = "two-level" if r["topology"] == "two-level" else ("flat-by-slot" if r["map_by"] == "slot" else "flat-spread")
-        p = reduce_2x2(cal, r, link, mode)
+        p = reduce_2x2(cl, r, link, mode)
         add("%-6s %-7s by %-4s %-9s rows %4d" % (r["link"], r["progress"], r["map_by"], r["topology"],
                                                 r["heads"] * r["batch"]), r["reduce_only_ms_median"] / 1e3, p, p)
     for name, es in (("calibrated", errs), ("with the run's compute", errs2)):
@@ -378,11 +469,13 @@ def projections(cal, args, out_dir):
     lines = []
     H, Hkv, D = args.heads, args.kv_heads, args.head_dim
     thr_scale = args.threads_per_rank
+    g = args.ranks_per_host
+    cal.shm = cal.shm_clean  # past this machine: no other work's time slices
     lines.append("Projections past this machine: a rank = %d thread(s) at the measured kernel rate "
                  "(prefill %.1f GFLOP/s, decode %.2f GB/s per thread, scaled linearly), %d ranks per host, "
                  "H=%d, Hkv=%d, D=%d, float32 KV; links at their nominal rate less 6%% TCP/IP headers, "
-                 "latency as measured here (progress thread), two-level tree unless said."
-                 % (thr_scale, cal.R / 1e9, cal.Bdec / 1e9, args.ranks_per_host, H, Hkv, D))
+                 "latency the minimum measured here (progress thread; shared memory %.1f us), two-level tree unless said."
+                 % (thr_scale, cal.R / 1e9, cal.Bdec / 1e9, args.ranks_per_host, H, Hkv, D, 1e6 * cal.shm_clean.alpha))
     # Scale the rank's rates.
     cal.a /= thr_scale
     cal.Bdec *= thr_scale
@@ -401,8 +494,8 @@ def projections(cal, args, out_dir):
         for N in Ns:
             cells = []
             for P in Ps:
-                z, _, _ = predict_prefill(cal, N, P, link, True, "zigzag", H, Hkv, D)
-                c, _, _ = predict_prefill(cal, N, P, link, True, "contiguous", H, Hkv, D)
+                z, _, _ = predict_prefill(cal, N, P, link, True, "zigzag", H, Hkv, D, per_host=g)
+                c, _, _ = predict_prefill(cal, N, P, link, True, "contiguous", H, Hkv, D, per_host=g)
                 star = "*" if N / P < threshold(cal, link, H, Hkv, D) else " "
                 cells.append("%11s / %10s%s" % (fmt_t(z), fmt_t(c), star))
             lines.append("  %-10d" % N + "".join("%26s" % c for c in cells))
@@ -412,8 +505,8 @@ def projections(cal, args, out_dir):
     for N in Ns:
         cells = []
         for P in Ps:
-            a_, _, _ = predict_prefill(cal, N, P, link10, True, "zigzag", H, Hkv, D)
-            b_, _, _ = predict_prefill(cal, N, P, link10, False, "zigzag", H, Hkv, D)
+            a_, _, _ = predict_prefill(cal, N, P, link10, True, "zigzag", H, Hkv, D, per_host=g)
+            b_, _, _ = predict_prefill(cal, N, P, link10, False, "zigzag", H, Hkv, D, per_host=g)
             cells.append("%11s / %10s" % (fmt_t(a_), fmt_t(b_)))
         lines.append("  %-10d" % N + "".join("%26s" % c for c in cells))
     for rate in ["10gbit", "100gbit"]:
@@ -423,9 +516,9 @@ def projections(cal, args, out_dir):
         for N in Ns:
             cells = []
             for P in Ps:
-                t2 = predict_decode(cal, N, P, link, True, "tree", args.ranks_per_host, "two-level", H)
-                tf = predict_decode(cal, N, P, link, True, "tree", args.ranks_per_host, "flat-spread", H)
-                rg = predict_decode(cal, N, P, link, True, "ring", args.ranks_per_host, heads=H) if P <= 1024 else float("nan")
+                t2 = predict_decode(cal, N, P, link, True, "tree", args.ranks_per_host, "two-level", H, kv_heads=Hkv)
+                tf = predict_decode(cal, N, P, link, True, "tree", args.ranks_per_host, "flat-spread", H, kv_heads=Hkv)
+                rg = predict_decode(cal, N, P, link, True, "ring", args.ranks_per_host, heads=H, kv_heads=Hkv) if P <= 1024 else float("nan")
                 cells.append("%9s / %9s / %9s" % (fmt_t(t2), fmt_t(tf), fmt_t(rg)))
             lines.append("  %-10d" % N + "".join("%34s" % c for c in cells))
     # Where the reduction matters: a batch of 64 sessions x H rows.
@@ -451,9 +544,9 @@ def projections(cal, args, out_dir):
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     ax = axes[0]
     for N, c in zip([1 << 20, 10 * (1 << 20), 100_000_000], ["tab:blue", "tab:orange", "tab:green"]):
-        z = [predict_prefill(cal, N, P, link10, True, "zigzag", H, Hkv, D)[0] for P in Pg]
-        cg = [predict_prefill(cal, N, P, link10, True, "contiguous", H, Hkv, D)[0] for P in Pg]
-        nz = [predict_prefill(cal, N, P, link10, False, "zigzag", H, Hkv, D)[0] for P in Pg]
+        z = [predict_prefill(cal, N, P, link10, True, "zigzag", H, Hkv, D, per_host=g)[0] for P in Pg]
+        cg = [predict_prefill(cal, N, P, link10, True, "contiguous", H, Hkv, D, per_host=g)[0] for P in Pg]
+        nz = [predict_prefill(cal, N, P, link10, False, "zigzag", H, Hkv, D, per_host=g)[0] for P in Pg]
         ax.plot(Pg, z, "-o", color=c, label="N=%s zigzag" % fmt_n(N))
         ax.plot(Pg, cg, "--", color=c, label="N=%s contiguous" % fmt_n(N))
         ax.plot(Pg, nz, ":", color=c, label="N=%s zigzag, no overlap" % fmt_n(N))
@@ -468,9 +561,9 @@ def projections(cal, args, out_dir):
     for N, c in zip([1 << 20, 100_000_000], ["tab:blue", "tab:green"]):
         for rate, ls in [("10gbit", "-"), ("100gbit", "--")]:
             link = cal.link(rate, "thread")
-            ax.plot(Pg, [predict_decode(cal, N, P, link, True, "tree", args.ranks_per_host, "two-level", H) for P in Pg],
+            ax.plot(Pg, [predict_decode(cal, N, P, link, True, "tree", args.ranks_per_host, "two-level", H, kv_heads=Hkv) for P in Pg],
                     ls, color=c, marker="o", label="tree, N=%s, %s" % (fmt_n(N), rate))
-            ax.plot(Pg, [predict_decode(cal, N, P, link, True, "ring", args.ranks_per_host, heads=H) for P in Pg],
+            ax.plot(Pg, [predict_decode(cal, N, P, link, True, "ring", args.ranks_per_host, heads=H, kv_heads=Hkv) for P in Pg],
                     ls, color=c, marker="x", alpha=0.6, label="ring, N=%s, %s" % (fmt_n(N), rate))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -501,20 +594,24 @@ def check_plot(cal, out_dir):
     except ImportError:
         return
     meas, pred, kind = [], [], []
+    cals = {}
     for r in cal.rows:
+        if r.get("link") and r.get("link") != "shm" and r["link"] not in cals:
+            cals[r["link"]] = Calibration(cal.rows, r["link"])
+        cl = cals.get(r.get("link"), cal)
         if r["bench"] == "prefill" and r.get("label") in ("prefill", "prefill_contiguous"):
             P = r["machine"]["ranks"]
-            p = predict_prefill(cal, r["tokens"], P, cal.link(r["link"], r["progress"]), r["progress"] == "thread",
+            p = predict_prefill(cl, r["tokens"], P, cal.link(r["link"], r["progress"]), r["progress"] == "thread",
                                 r.get("layout", "zigzag"), r["heads"], r["kv_heads"], r["head_dim"])[0]
             meas.append(r["seconds"]); pred.append(p); kind.append("prefill " + r["progress"])
         elif r["bench"] == "decode" and r.get("label") == "decode":
             for m in ("tree", "ring"):
-                p = predict_decode(cal, r["tokens"], 2, cal.link(r["link"], r["progress"]), r["progress"] == "thread",
+                p = predict_decode(cl, r["tokens"], 2, cal.link(r["link"], r["progress"]), r["progress"] == "thread",
                                    m, 1, "two-level", r["heads"], r["queries"])
                 meas.append(r["%s_ms_median" % m] / 1e3); pred.append(p); kind.append("decode %s" % m)
         elif r["bench"] == "decode_batch" and r.get("label") == "tree_2x2":
             mode = "two-level" if r["topology"] == "two-level" else ("flat-by-slot" if r["map_by"] == "slot" else "flat-spread")
-            p = reduce_2x2(cal, r, cal.links4.get((r["link"], r["progress"]), cal.link(r["link"], r["progress"])), mode)
+            p = reduce_2x2(cl, r, cal.links4.get((r["link"], r["progress"]), cal.link(r["link"], r["progress"])), mode)
             meas.append(r["reduce_only_ms_median"] / 1e3); pred.append(p); kind.append("reduce 2x2")
     if not meas:
         return
