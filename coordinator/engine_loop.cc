@@ -163,6 +163,16 @@ void EngineLoop::AddPlaced(const SessionShape& shape, const std::vector<PlacedRu
   }
 }
 
+void EngineLoop::CommitPlaced(SessionRecord& s, int layer, const LayerLayout& layout, int64_t tokens,
+                              const std::vector<PlacedRun>& runs) {
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    s.layers[layer] = layout;
+    s.kv_bytes += 2 * tokens * s.shape.row_bytes();
+  }
+  AddPlaced(s.shape, runs);
+}
+
 void EngineLoop::Complete(WorkItem& item, Status status) {
   if (item.admitted) admission_.Complete(status.ok() ? 0 : item.reserved_kv_bytes);
   // on_done was set before Submit and nobody else touches it now.
@@ -351,21 +361,19 @@ KvRows SliceRows(const std::vector<PlacedRun>& runs, int rank, int64_t first, in
 void EngineLoop::RunAppend(WorkItem& item) {
   SessionRecord& s = *item.session;
   const int64_t row_bytes = s.shape.row_bytes();
+  // Plan without changing anything; commit only after every rank succeeded.
+  LayerLayout layout;
   std::vector<PlacedRun> runs;
   {
     std::lock_guard<std::mutex> lock(s.mu);
-    LayerLayout layout = s.layers[item.layer];
-    item.first_position = layout.tokens;
-    runs = PlaceAppend(layout, item.kv_tokens, s.config.span_tokens(), RankBytes());
-    if (Status disk = CheckDiskBudget(s, runs); !disk.ok()) {
-      Complete(item, disk);
-      return;
-    }
-    s.layers[item.layer] = layout;
-    item.layer_tokens = layout.tokens;
-    s.kv_bytes += 2 * item.kv_tokens * row_bytes;
+    layout = s.layers[item.layer];
   }
-  AddPlaced(s.shape, runs);
+  item.first_position = layout.tokens;
+  runs = PlaceAppend(layout, item.kv_tokens, s.config.span_tokens(), RankBytes());
+  if (Status disk = CheckDiskBudget(s, runs); !disk.ok()) {
+    Complete(item, disk);
+    return;
+  }
   std::vector<Command> commands(world_size_);
   for (int d = 0; d < world_size_; ++d) {
     commands[d].kind = CommandKind::kAppend;
@@ -377,8 +385,13 @@ void EngineLoop::RunAppend(WorkItem& item) {
   item.v.clear();
   Result<EngineOutput> out = Broadcast(commands);
   stats_.RecordBatch("append", 1);
-  Status st = out.ok() ? AfterWrite(s, *out) : out.status();
-  Complete(item, st);
+  if (!out.ok()) {
+    Complete(item, out.status());
+    return;
+  }
+  CommitPlaced(s, item.layer, layout, item.kv_tokens, runs);
+  item.layer_tokens = layout.tokens;
+  Complete(item, AfterWrite(s, *out));
 }
 
 void EngineLoop::RunPrefill(WorkItem& item) {
@@ -428,12 +441,7 @@ void EngineLoop::RunPrefill(WorkItem& item) {
     Complete(item, out.status());
     return;
   }
-  {
-    std::lock_guard<std::mutex> lock(s.mu);
-    s.layers[item.layer] = after;
-    s.kv_bytes += 2 * item.kv_tokens * row_bytes;
-  }
-  AddPlaced(shape, runs);
+  CommitPlaced(s, item.layer, after, item.kv_tokens, runs);
   // Ring traffic: every rank's KV set (cached + chunk share) travels P-1 hops.
   int64_t ring = 0;
   for (int d = 0; d < world_size_; ++d) ring += 2 * after.rank_tokens[d] * row_bytes * (world_size_ - 1);
@@ -500,6 +508,7 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
     BatchGroup batch;  // rank-independent part (new_rows filled per rank)
     std::vector<Member> members;
     std::vector<PlacedRun> runs;  // decode: placement of the new tokens
+    LayerLayout layout;           // decode: the layer after the step (committed on success)
     WorkItem* decode = nullptr;
   };
   std::vector<Group> groups;
@@ -515,20 +524,17 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
       Group g;
       {
         std::lock_guard<std::mutex> lock(s.mu);
-        LayerLayout layout = s.layers[item.layer];
-        item.first_position = layout.tokens;
-        g.runs = PlaceAppend(layout, item.kv_tokens, s.config.span_tokens(), rank_bytes);
-        Status disk = CheckDiskBudget(s, g.runs);
-        if (!disk.ok()) {
-          --decodes;
-          refused.push_back({&item, disk});
-          continue;
-        }
-        s.layers[item.layer] = layout;
-        item.layer_tokens = layout.tokens;
-        s.kv_bytes += 2 * item.kv_tokens * s.shape.row_bytes();
+        g.layout = s.layers[item.layer];
       }
-      AddPlaced(s.shape, g.runs);
+      item.first_position = g.layout.tokens;
+      g.runs = PlaceAppend(g.layout, item.kv_tokens, s.config.span_tokens(), rank_bytes);
+      Status planned = CheckDiskBudget(s, g.runs);
+      if (!planned.ok()) {
+        --decodes;
+        refused.push_back({&item, planned});
+        continue;
+      }
+      item.layer_tokens = g.layout.tokens;
       g.batch.session = s.shape;
       g.batch.layer = item.layer;
       g.batch.causal = true;
@@ -582,6 +588,10 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
   if (out.ok() && decodes > 0) {
     for (const Group& g : groups) {
       if (g.decode == nullptr) continue;
+      CommitPlaced(*g.decode->session, g.decode->layer, g.layout, g.decode->kv_tokens, g.runs);
+    }
+    for (const Group& g : groups) {
+      if (g.decode == nullptr) continue;
       Status st = AfterWrite(*g.decode->session, *out);
       if (!st.ok() && persisted.ok()) persisted = st;
     }
@@ -625,22 +635,21 @@ void EngineLoop::RunRetrieve(WorkItem& item) {
   g.scale = item.scale;
   g.q_tokens = item.q_tokens;
   std::vector<PlacedRun> runs;
+  LayerLayout layout;
   {
     std::lock_guard<std::mutex> lock(s.mu);
-    LayerLayout layout = s.layers[item.layer];
-    item.first_position = layout.tokens;
-    if (decode) {
-      runs = PlaceAppend(layout, item.kv_tokens, s.config.span_tokens(), RankBytes());
-      if (Status disk = CheckDiskBudget(s, runs); !disk.ok()) {
-        Complete(item, disk);
-        return;
-      }
-      s.layers[item.layer] = layout;
-      s.kv_bytes += 2 * item.kv_tokens * s.shape.row_bytes();
-    }
-    item.layer_tokens = layout.tokens;
+    layout = s.layers[item.layer];
   }
-  if (decode) AddPlaced(s.shape, runs);
+  item.first_position = layout.tokens;
+  if (decode) {
+    runs = PlaceAppend(layout, item.kv_tokens, s.config.span_tokens(), RankBytes());
+    Status planned = CheckDiskBudget(s, runs);
+    if (!planned.ok()) {
+      Complete(item, planned);
+      return;
+    }
+  }
+  item.layer_tokens = layout.tokens;
   g.q_position = decode ? item.first_position : 0;
   base.top_k_spans = item.retrieval.top_k_spans;
   base.token_budget = item.retrieval.token_budget;
@@ -666,6 +675,7 @@ void EngineLoop::RunRetrieve(WorkItem& item) {
     Complete(item, out.status());
     return;
   }
+  if (decode) CommitPlaced(s, item.layer, layout, item.kv_tokens, runs);
   item.retrieval_out = std::move(out->retrieval);
   if (base.kv_only) {
     item.kv_runs = std::move(out->runs);

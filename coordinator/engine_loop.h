@@ -9,7 +9,10 @@
 // Ordering: requests on the same (session, layer) run in arrival order; at
 // most one decode per (session, layer) per step; an append, prefill or
 // delete runs alone, after everything that arrived before it on its session.
-// Expired or cancelled requests are completed without running.
+// Expired or cancelled requests are completed without running. A
+// write step changes the session's metadata only after every rank stored
+// its share (a failed step leaves layouts, kv_bytes and placement counters
+// as they were, and the ranks truncate what they appended).
 #pragma once
 
 #include <atomic>
@@ -80,7 +83,6 @@ struct WorkItem {
   bool Wait(const std::function<bool()>& cancelled_check);
   void Finish(Status s);  // sets status and wakes the waiter
 
- private:
   std::mutex mu_;
   std::condition_variable cv_;
   bool done_ = false;
@@ -148,6 +150,11 @@ class EngineLoop {
   void Complete(WorkItem& item, Status status);
   void CompleterLoop();
   void AddPlaced(const SessionShape& shape, const std::vector<PlacedRun>& runs);
+  // After every rank succeeded: the write's planned layout, kv_bytes and
+  // placement counters become the session's (under its mutex).
+  void CommitPlaced(SessionRecord& s, int layer, const LayerLayout& layout, int64_t tokens,
+                    const std::vector<PlacedRun>& runs);
+
 
   WorkerEngine& engine_;
   const CommandChannel& channel_;

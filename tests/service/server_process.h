@@ -21,24 +21,38 @@ namespace ringtree::testing {
 
 class ServerProcess {
  public:
+  // "NAME=value" settings for every rank (set in mpirun's environment and
+  // forwarded with -x), e.g. test hooks.
+  std::vector<std::string> env;
+
   // `attnserve`: path of the binary; `extra`: more flags. Returns false when
   // the server did not become ready within `timeout`.
-  bool Start(const std::string& attnserve, int ranks, const std::vector<std::string>& extra,
+  // RINGTREE_TEST_ATTNSERVE, when set, names another attnserve binary to run
+  // instead (e.g. a build of the code before a fix, to see a test fail).
+  bool Start(std::string attnserve, int ranks, const std::vector<std::string>& extra,
              std::chrono::seconds timeout = std::chrono::seconds(60)) {
+    if (const char* other = std::getenv("RINGTREE_TEST_ATTNSERVE")) attnserve = other;
     char dir_template[] = "/tmp/attnserve-test-XXXXXX";
     dir_ = mkdtemp(dir_template);
     port_file_ = dir_ + "/port";
     pid_file_ = dir_ + "/pid";
     log_file_ = dir_ + "/log";
-    std::vector<std::string> args = {"mpirun", "-np", std::to_string(ranks), "--oversubscribe", "--bind-to", "none",
-                                     attnserve, "--listen", "127.0.0.1:0", "--port-file", port_file_,
-                                     "--pid-file", pid_file_};
+    std::vector<std::string> args = {"mpirun", "-np", std::to_string(ranks), "--oversubscribe", "--bind-to", "none"};
+    for (const std::string& e : env) {
+      args.push_back("-x");
+      args.push_back(e.substr(0, e.find('=')));
+    }
+    args.insert(args.end(), {attnserve, "--listen", "127.0.0.1:0", "--port-file", port_file_, "--pid-file", pid_file_});
     args.insert(args.end(), extra.begin(), extra.end());
     mpirun_ = fork();
     if (mpirun_ == 0) {
       setsid();  // signals to the test do not reach mpirun
       setenv("OMPI_ALLOW_RUN_AS_ROOT", "1", 1);
       setenv("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1", 1);
+      for (const std::string& e : env) {
+        const size_t eq = e.find('=');
+        setenv(e.substr(0, eq).c_str(), eq == std::string::npos ? "" : e.c_str() + eq + 1, 1);
+      }
       FILE* log = std::fopen(log_file_.c_str(), "w");
       if (log) {
         dup2(fileno(log), 1);

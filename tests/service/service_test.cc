@@ -1130,5 +1130,124 @@ TEST_F(ServiceSpans, DiskBudgetRefusalChangesNothing) {
   EXPECT_EQ(again->Stop(), 0) << again->log();
 }
 
+
+// ---------------------------------------------------------------------------
+// The write path under faults: a rank that fails its share of a write step
+// (test hook RINGTREE_TEST_FAIL_APPEND_FILE), deadlines, conditional writes.
+class ServiceWritePath : public ServerSuite {
+ protected:
+  void SetUp() override {
+    char dir_template[] = "/tmp/attnserve-write-XXXXXX";
+    dir_ = mkdtemp(dir_template);
+    fault_file_ = dir_ + "/fail-append";
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::unique_ptr<testing::ServerProcess> Start(bool durable, std::vector<std::string> flags = {}) {
+    if (durable) flags.insert(flags.begin(), {"--data-dir", dir_ + "/data"});
+    auto server = std::make_unique<testing::ServerProcess>();
+    server->env = {"RINGTREE_TEST_FAIL_APPEND_FILE=" + fault_file_};
+    if (!server->Start(ATTNSERVE_PATH, kRanks, flags)) ADD_FAILURE() << "attnserve did not start:\n" << server->log();
+    return server;
+  }
+  // Appends on `rank` fail while set.
+  void FailAppendsOn(int rank) { std::ofstream(fault_file_) << rank; }
+  void StopFailing() { std::filesystem::remove(fault_file_); }
+  // Checks the session metadata and the placement counters against `m`.
+  static void ExpectStored(AttentionClient& client, const std::string& id, const Model& m, int64_t other_layer,
+                           const char* when) {
+    auto info = client.GetSession(id);
+    ASSERT_TRUE(info.ok()) << info.status().message();
+    EXPECT_EQ(info->layer_tokens(0), m.tokens()) << when;
+    EXPECT_EQ(info->kv_bytes(), 2 * (m.tokens() + other_layer) * m.kv_heads * m.head_dim * 4) << when;
+    auto stats = client.Stats();
+    ASSERT_TRUE(stats.ok());
+    int64_t tokens = 0;
+    for (const auto& r : stats->ranks()) tokens += r.kv_tokens();
+    EXPECT_EQ(tokens, m.tokens() + other_layer) << when;
+  }
+  // Every write kind fails while rank 1 fails its appends; afterwards the
+  // session holds exactly the acknowledged tokens and answers exactly.
+  void FailedWritesChangeNothing(bool durable);
+  std::string dir_, fault_file_;
+};
+
+void ServiceWritePath::FailedWritesChangeNothing(bool durable) {
+  std::mt19937 rng(21);
+  Model m;
+  std::string id;
+  {
+    auto server = Start(durable);
+    auto client = Client(*server);
+    auto info = client->CreateSession(Config(m));  // span_tokens 64
+    ASSERT_TRUE(info.ok());
+    id = info->session_id();
+    // Spans 0 and 2 on rank 0, span 1 on rank 1: the next new span goes to rank 1.
+    auto [k0, v0] = NewKv(rng, m, 192);
+    ASSERT_TRUE(client->AppendKV(id, 0, k0, v0).ok());
+    FailAppendsOn(1);
+    const std::vector<float> q1 = Random(rng, m.heads * m.head_dim);
+    const HostTensor q1t = HostTensor::FromFloat32(q1.data(), {1, m.heads, m.head_dim});
+    Model scratch = m;  // rows of failed writes never join the model
+    {
+      auto [dk, dv] = NewKv(rng, scratch, 1);
+      auto out = client->Decode(id, 0, q1t, dk, dv);
+      EXPECT_FALSE(out.ok()) << "decode with rank 1 failing";
+      if (!out.ok()) EXPECT_NE(out.status().message().find("injected fault"), std::string::npos) << out.status().message();
+      ExpectStored(*client, id, m, 0, "after a failed decode");
+    }
+    {
+      auto [dk, dv] = NewKv(rng, scratch, 1);
+      CallOptions retrieval;
+      retrieval.retrieval = v1::RetrievalOptions();
+      retrieval.retrieval->set_token_budget(128);
+      auto out = client->Decode(id, 0, q1t, dk, dv, retrieval);
+      EXPECT_FALSE(out.ok()) << "retrieval decode with rank 1 failing";
+      ExpectStored(*client, id, m, 0, "after a failed retrieval decode");
+    }
+    {
+      auto [ak, av] = NewKv(rng, scratch, 128);  // span 3 on rank 1, span 4 on rank 0
+      auto out = client->AppendKV(id, 0, ak, av);
+      EXPECT_FALSE(out.ok()) << "append with rank 1 failing (rank 0 stored its share)";
+      if (!out.ok()) EXPECT_NE(out.status().message().find("injected fault"), std::string::npos) << out.status().message();
+      ExpectStored(*client, id, m, 0, "after a failed append");
+    }
+    {
+      auto [pk, pv] = NewKv(rng, scratch, 256);
+      const std::vector<float> pq = Random(rng, 256 * m.heads * m.head_dim);
+      auto out = client->Prefill(id, 0, HostTensor::FromFloat32(pq.data(), {256, m.heads, m.head_dim}), pk, pv);
+      EXPECT_FALSE(out.ok()) << "prefill with rank 1 failing";
+      ExpectStored(*client, id, m, 0, "after a failed prefill");
+    }
+    StopFailing();
+    // The same positions are written again, on both ranks, and every answer
+    // matches the acknowledged tokens only.
+    auto [k1, v1] = NewKv(rng, m, 100);
+    auto appended = client->AppendKV(id, 0, k1, v1);
+    ASSERT_TRUE(appended.ok()) << appended.status().message();
+    EXPECT_EQ(appended->first_position, 192);
+    auto [dk, dv] = NewKv(rng, m, 1);
+    auto decoded = client->Decode(id, 0, q1t, dk, dv);
+    ASSERT_TRUE(decoded.ok()) << decoded.status().message();
+    EXPECT_LE(MaxDiff(decoded->o.ToFloat32(), Reference(m, q1, 1, true)), 2e-4);
+    auto attended = client->Attend(id, 0, q1t);
+    ASSERT_TRUE(attended.ok()) << attended.status().message();
+    EXPECT_LE(MaxDiff(attended->o.ToFloat32(), AttendReference(m, q1, 1)), 2e-4);
+    ExpectStored(*client, id, m, 0, "after the faults ended");
+    EXPECT_EQ(server->Stop(), 0) << server->log();
+  }
+  if (!durable) return;
+  // After a restart on the same data directory: no DATA_LOSS, same answers.
+  auto server = Start(true);
+  auto client = Client(*server);
+  const std::vector<float> q = Random(rng, m.heads * m.head_dim);
+  auto attended = client->Attend(id, 0, HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim}));
+  ASSERT_TRUE(attended.ok()) << attended.status().message() << server->log();
+  EXPECT_LE(MaxDiff(attended->o.ToFloat32(), AttendReference(m, q, 1)), 2e-4);
+  ExpectStored(*client, id, m, 0, "after the restart");
+  EXPECT_EQ(server->Stop(), 0) << server->log();
+}
+
+TEST_F(ServiceWritePath, FailedWorkerWritesChangeNothingDurableAndAfterRestart) { FailedWritesChangeNothing(true); }
+
 }  // namespace
 }  // namespace ringtree

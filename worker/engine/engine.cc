@@ -6,6 +6,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <limits>
@@ -21,6 +22,9 @@ namespace {
 constexpr int kCommandTag = 101;
 constexpr int kPrefillOutputTag = 102;
 constexpr int kRetrieveTag = 103;
+// Test hook (fault injection): while the file this names holds a rank
+// number, that rank's appends fail with IO_ERROR. Unset in production.
+constexpr const char* kFailAppendEnv = "RINGTREE_TEST_FAIL_APPEND_FILE";
 constexpr double kNegInfD = -std::numeric_limits<double>::infinity();
 constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
 
@@ -87,6 +91,7 @@ Result<std::unique_ptr<WorkerEngine>> WorkerEngine::Create(const Communicator& c
   engine->root_ = root;
   engine->config_ = config;
   engine->cache_ = std::make_shared<SpanCache>(config.cache_budget_bytes);
+  if (const char* path = std::getenv(kFailAppendEnv)) engine->fail_append_file_ = path;
   RINGTREE_ASSIGN_OR_RETURN(engine->reducer_, TreeReducer::Create(compute, TreeTopology::kFlat, root));
   return engine;
 }
@@ -173,6 +178,15 @@ Status WorkerEngine::AppendRows(const SessionShape& shape, int layer, const KvRo
   if (static_cast<int64_t>(rows.k.size()) != rows.tokens() * row_bytes || rows.k.size() != rows.v.size()) {
     return Status::Internal("[engine] append rows: byte count does not match runs");
   }
+  if (rows.runs.empty()) return Status::Ok();
+  if (InjectedAppendFault()) {
+    return Status::IoError("[engine] append to layer " + std::to_string(layer) + " on rank " +
+                           std::to_string(compute_->rank()) + ": injected fault (" + kFailAppendEnv + ")");
+  }
+  // The step's undo record: a failed step truncates the store back to this.
+  bool recorded = false;
+  for (const UndoEntry& u : undo_) recorded = recorded || u.store == store;
+  if (!recorded) undo_.push_back(UndoEntry{store, store->total_tokens(), row_bytes});
   int64_t row = 0;
   for (const KvRun& run : rows.runs) {
     RINGTREE_RETURN_IF_ERROR(store->Append(run.position, run.tokens, rows.k.data() + row * row_bytes,
@@ -182,6 +196,33 @@ Status WorkerEngine::AppendRows(const SessionShape& shape, int layer, const KvRo
     kv_bytes_ += 2 * run.tokens * row_bytes;
   }
   return Status::Ok();
+}
+
+bool WorkerEngine::InjectedAppendFault() const {
+  if (fail_append_file_.empty()) return false;
+  std::FILE* f = std::fopen(fail_append_file_.c_str(), "r");
+  if (f == nullptr) return false;
+  int rank = -1;
+  const bool fail = std::fscanf(f, "%d", &rank) == 1 && rank == compute_->rank();
+  std::fclose(f);
+  return fail;
+}
+
+void WorkerEngine::RollBackStep(const Status& why) {
+  // Newest entries first is not needed: each entry is a different store.
+  for (const UndoEntry& u : undo_) {
+    const int64_t dropped = u.store->total_tokens() - u.tokens_before;
+    if (dropped <= 0) continue;
+    Status st = u.store->TruncateTo(u.tokens_before);
+    if (!st.ok()) {
+      std::fprintf(stderr, "[attnserve] rank %d: rolling back a failed write step (%s): %s\n", compute_->rank(),
+                   why.ToString().c_str(), st.ToString().c_str());
+      continue;
+    }
+    kv_tokens_ -= dropped;
+    kv_bytes_ -= 2 * dropped * u.row_bytes;
+  }
+  undo_.clear();
 }
 
 Status WorkerEngine::EnforceRankHotBudget() {
@@ -273,6 +314,14 @@ Status WorkerEngine::Restore(const std::vector<uint64_t>& live) {
 }
 
 Result<EngineOutput> WorkerEngine::Execute(Command& command) {
+  undo_.clear();
+  Result<EngineOutput> result = ExecuteStep(command);
+  if (!result.ok() && !undo_.empty()) RollBackStep(result.status());
+  undo_.clear();
+  return result;
+}
+
+Result<EngineOutput> WorkerEngine::ExecuteStep(Command& command) {
   switch (command.kind) {
     case CommandKind::kShutdown: return EngineOutput{};
     case CommandKind::kDeleteSession: {

@@ -97,10 +97,12 @@ class WorkerEngine {
   static Result<std::unique_ptr<WorkerEngine>> Create(const Communicator& compute, int root = 0,
                                                       EngineConfig config = {});
 
-  // Executes one command. kPrefill and kAttendBatch are collective over the
-  // compute communicator (every rank must execute its command of the same
-  // step); the others are local. Errors of collective steps are the same on
-  // every rank (dist/ agrees on them); a failed step stores nothing.
+  // Executes one command. kAppend, kPrefill, kAttendBatch, kRetrieve and
+  // kRestore are collective over the compute communicator (every rank must
+  // execute its command of the same step); the others are local. Errors of
+  // collective steps are the same on every rank (a rank's failure, e.g. an
+  // append error, is agreed on, with or without a data directory); a failed
+  // step stores nothing: tokens it appended are truncated away on every rank.
   Result<EngineOutput> Execute(Command& command);
 
   int64_t kv_bytes() const { return kv_bytes_; }
@@ -128,6 +130,12 @@ class WorkerEngine {
   // agreed only if `collective`).
   Status FinishWrite(Status local, const std::vector<SpanStore*>& touched, EngineOutput* out);
   Status EnforceRankHotBudget();
+  Result<EngineOutput> ExecuteStep(Command& command);
+  // Truncates every store the failed step appended to back to its length
+  // before the step (logs what cannot be rolled back).
+  void RollBackStep(const Status& why);
+  // Test hook: RINGTREE_TEST_FAIL_APPEND_FILE names a file holding this rank.
+  bool InjectedAppendFault() const;
   Result<EngineOutput> ExecutePrefill(PrefillCommand& command);
   Result<EngineOutput> ExecuteBatch(AttendBatchCommand& command);
   Result<EngineOutput> ExecuteRetrieve(RetrieveCommand& command);
@@ -145,6 +153,14 @@ class WorkerEngine {
   std::map<std::pair<uint64_t, int>, int64_t> expected_tokens_;
   int64_t kv_bytes_ = 0;
   int64_t kv_tokens_ = 0;
+  // Stores the current step appended to, with their length before it.
+  struct UndoEntry {
+    SpanStore* store;
+    int64_t tokens_before;
+    int64_t row_bytes;
+  };
+  std::vector<UndoEntry> undo_;
+  std::string fail_append_file_;  // test hook, see InjectedAppendFault
 };
 
 // Point-to-point command delivery from the root to the workers on a
