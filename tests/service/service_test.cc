@@ -1247,6 +1247,8 @@ void ServiceWritePath::FailedWritesChangeNothing(bool durable) {
   EXPECT_EQ(server->Stop(), 0) << server->log();
 }
 
+TEST_F(ServiceWritePath, FailedWorkerWritesReachTheClientAndChangeNothing) { FailedWritesChangeNothing(false); }
+
 TEST_F(ServiceWritePath, FailedWorkerWritesChangeNothingDurableAndAfterRestart) { FailedWritesChangeNothing(true); }
 
 }  // namespace

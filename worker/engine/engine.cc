@@ -249,7 +249,9 @@ Status WorkerEngine::EnforceRankHotBudget() {
 }
 
 Status WorkerEngine::FinishWrite(Status local, const std::vector<SpanStore*>& touched, EngineOutput* out) {
-  if (config_.data_dir.empty()) return local;
+  // Without a data directory there is nothing to sync, but a rank's failure
+  // must still reach the root (and every rank must roll the step back).
+  if (config_.data_dir.empty()) return compute_->AgreeOnStatus(local);
   std::set<SpanStore*> unique(touched.begin(), touched.end());
   for (SpanStore* store : unique) {
     if (!local.ok()) break;
@@ -574,7 +576,7 @@ Result<EngineOutput> WorkerEngine::ExecuteBatch(AttendBatchCommand& batch) {
       }
     }
   }
-  if (any_decode) {
+  if (any_decode && !config_.data_dir.empty()) {  // without one, `result` already agreed on the appends
     Status w = FinishWrite(Status::Ok(), touched, &out);
     if (result.ok()) result = w;
   }
@@ -630,7 +632,9 @@ Result<EngineOutput> WorkerEngine::ExecuteRetrieve(RetrieveCommand& r) {
   }
   Status agreed = compute_->AgreeOnStatus(local);
   if (!agreed.ok()) {
-    if (!g.new_rows.runs.empty() || g.causal) RINGTREE_RETURN_IF_ERROR(FinishWrite(Status::Ok(), touched, &out));
+    if ((!g.new_rows.runs.empty() || g.causal) && !config_.data_dir.empty()) {
+      RINGTREE_RETURN_IF_ERROR(FinishWrite(Status::Ok(), touched, &out));
+    }
     return agreed;
   }
   // 2. Global normaliser, so priorities compare across ranks.
@@ -818,7 +822,7 @@ Result<EngineOutput> WorkerEngine::ExecuteRetrieve(RetrieveCommand& r) {
     out.group_o.push_back(std::move(merged_o));
     out.group_lse.push_back(std::move(merged_lse));
   }
-  if (g.causal) RINGTREE_RETURN_IF_ERROR(FinishWrite(Status::Ok(), touched, &out));
+  if (g.causal && !config_.data_dir.empty()) RINGTREE_RETURN_IF_ERROR(FinishWrite(Status::Ok(), touched, &out));
   return out;
 }
 
