@@ -414,8 +414,11 @@ int64_t FlashTileAvx512(const FlashTile& t, bool bf16_dot) {
       vp = vbuf;
       ks = D;
     } else {
-      kp = static_cast<const float*>(t.k) + j0 * row_stride + t.hk * D;
-      ks = row_stride;
+      const float* ksrc = static_cast<const float*>(t.k) + j0 * row_stride + t.hk * D;
+      if (row_stride != D)
+        for (int j = 0; j < nk; ++j) std::copy(ksrc + j * row_stride, ksrc + j * row_stride + D, kbuf + static_cast<int64_t>(j) * D);
+      kp = row_stride != D ? kbuf : ksrc;
+      ks = D;
       // V rows of one head sit a whole row of all heads apart (a page or
       // more): the P*V sweep would touch a page per key. One copy makes the
       // block contiguous.
