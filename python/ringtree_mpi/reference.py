@@ -15,12 +15,14 @@ def from_bfloat16(h):
     return (np.ascontiguousarray(h, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
-def reference_attention(q, k, v, causal=False, window=0, doc_offsets=None, q_offset=0, kv_offset=0, scale=None):
+def reference_attention(q, k, v, causal=False, window=0, doc_offsets=None, q_offset=0, kv_offset=0, scale=None,
+                        q_positions=None):
     """Exact attention in float64: q [Tq, H, D], k/v [Tk, Hkv, D] (float arrays).
 
     Masks on absolute positions (query i at q_offset + i, key j at kv_offset + j):
     causal (key <= query), window W (key > query - W, with causal), documents
-    (same document of doc_offsets). Returns (o [Tq, H, D], lse [Tq, H]) float64;
+    (same document of doc_offsets). q_positions (optional, [Tq] ints) gives each
+    query row its own absolute position instead (e.g. a sample of rows). Returns (o [Tq, H, D], lse [Tq, H]) float64;
     a row that sees no key gets o = 0, lse = -inf.
     """
     q = np.asarray(q, dtype=np.float64)
@@ -30,7 +32,7 @@ def reference_attention(q, k, v, causal=False, window=0, doc_offsets=None, q_off
     tk, kv_heads, _ = k.shape
     group = heads // kv_heads
     scale = 1.0 / np.sqrt(dim) if scale is None else scale
-    qp = q_offset + np.arange(tq)[:, None]
+    qp = (q_offset + np.arange(tq) if q_positions is None else np.asarray(q_positions, dtype=np.int64))[:, None]
     kp = kv_offset + np.arange(tk)[None, :]
     visible = np.ones((tq, tk), dtype=bool)
     if causal:
@@ -42,16 +44,17 @@ def reference_attention(q, k, v, causal=False, window=0, doc_offsets=None, q_off
         qd = np.searchsorted(bounds, qp, side="right")
         kd = np.searchsorted(bounds, kp, side="right")
         visible &= qd == kd
-    kx = np.repeat(k, group, axis=1)  # [Tk, H, D]: query head h uses kv head h // group
-    vx = np.repeat(v, group, axis=1)
-    s = np.einsum("qhd,khd->hqk", q, kx) * scale
-    s = np.where(visible[None], s, -np.inf)
-    m = s.max(axis=2, keepdims=True)
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    p = np.exp(s - m_safe)
-    total = p.sum(axis=2, keepdims=True)
-    o = np.einsum("hqk,khd->qhd", p / np.where(total > 0, total, 1.0), vx)
-    with np.errstate(divide="ignore"):
-        lse = (np.log(total) + m_safe)[:, :, 0].T  # [Tq, H]
-    lse = np.where(total[:, :, 0].T > 0, lse, -np.inf)
+    o = np.zeros((tq, heads, dim))
+    lse = np.full((tq, heads), -np.inf)
+    for h in range(heads):  # one [Tq, Tk] score matrix at a time (BLAS matmul)
+        kh = k[:, h // group]  # query head h uses kv head h // group
+        s = np.where(visible, (q[:, h] @ kh.T) * scale, -np.inf)
+        m = s.max(axis=1, keepdims=True)
+        m_safe = np.where(np.isfinite(m), m, 0.0)
+        p = np.exp(s - m_safe)
+        total = p.sum(axis=1)
+        seen = total > 0
+        o[:, h] = (p @ v[:, h // group]) / np.where(seen, total, 1.0)[:, None]
+        with np.errstate(divide="ignore"):
+            lse[:, h] = np.where(seen, np.log(np.where(seen, total, 1.0)) + m_safe[:, 0], -np.inf)
     return o, lse
