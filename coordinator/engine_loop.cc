@@ -20,6 +20,21 @@ bool WorkItem::Wait(const std::function<bool()>& cancelled_check) {
   }
 }
 
+bool WorkItem::Claim() {
+  int expected = kQueued;
+  return state_.compare_exchange_strong(expected, kStarted);
+}
+
+bool WorkItem::Abandon() {
+  int expected = kQueued;
+  return state_.compare_exchange_strong(expected, kAbandoned);
+}
+
+void WorkItem::WaitDone() {
+  std::unique_lock<std::mutex> lock(mu_);
+  cv_.wait(lock, [this] { return done_; });
+}
+
 void WorkItem::Finish(Status s) {
   {
     std::lock_guard<std::mutex> lock(mu_);
@@ -171,6 +186,23 @@ void EngineLoop::CommitPlaced(SessionRecord& s, int layer, const LayerLayout& la
     s.kv_bytes += 2 * tokens * s.shape.row_bytes();
   }
   AddPlaced(s.shape, runs);
+}
+
+bool EngineLoop::StartItem(WorkItem& item) {
+  if (item.cancelled) {
+    Complete(item, Status::Cancelled("[engine] cancelled by the client before it ran"));
+    return false;
+  }
+  if (std::chrono::steady_clock::now() >= item.deadline) {
+    item.Abandon();  // a sync handler still waiting then returns DEADLINE_EXCEEDED itself
+    Complete(item, Status::DeadlineExceeded("[engine] deadline expired before the request ran"));
+    return false;
+  }
+  if (!item.Claim()) {  // its handler gave up (deadline or cancellation) just now
+    Complete(item, Status::DeadlineExceeded("[engine] deadline expired before the request ran"));
+    return false;
+  }
+  return true;
 }
 
 void EngineLoop::Complete(WorkItem& item, Status status) {
@@ -359,6 +391,7 @@ KvRows SliceRows(const std::vector<PlacedRun>& runs, int rank, int64_t first, in
 }  // namespace
 
 void EngineLoop::RunAppend(WorkItem& item) {
+  if (!StartItem(item)) return;
   SessionRecord& s = *item.session;
   const int64_t row_bytes = s.shape.row_bytes();
   // Plan without changing anything; commit only after every rank succeeded.
@@ -395,6 +428,7 @@ void EngineLoop::RunAppend(WorkItem& item) {
 }
 
 void EngineLoop::RunPrefill(WorkItem& item) {
+  if (!StartItem(item)) return;
   SessionRecord& s = *item.session;
   const SessionShape& shape = s.shape;
   const int64_t row_bytes = shape.row_bytes();
@@ -516,9 +550,12 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
   int decodes = 0, attends = 0;
   std::vector<std::pair<WorkItem*, Status>> refused;  // decodes over the disk budget
   const std::vector<int64_t> rank_bytes = RankBytes();
+  int started = 0;
   for (auto& ptr : items) {
     WorkItem& item = *ptr;
     SessionRecord& s = *item.session;
+    if (!StartItem(item)) continue;
+    ++started;
     if (item.kind == WorkItem::Kind::kDecode) {
       ++decodes;
       Group g;
@@ -583,7 +620,7 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
     }
   }
   Result<EngineOutput> out = Broadcast(commands);
-  const int batch_size = static_cast<int>(items.size() - refused.size());
+  const int batch_size = static_cast<int>(started - refused.size());
   Status persisted = Status::Ok();
   if (out.ok() && decodes > 0) {
     for (const Group& g : groups) {
@@ -625,6 +662,7 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
 }
 
 void EngineLoop::RunRetrieve(WorkItem& item) {
+  if (!StartItem(item)) return;
   SessionRecord& s = *item.session;
   const bool decode = item.kind == WorkItem::Kind::kDecode;
   RetrieveCommand base;

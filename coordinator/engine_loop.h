@@ -9,7 +9,8 @@
 // Ordering: requests on the same (session, layer) run in arrival order; at
 // most one decode per (session, layer) per step; an append, prefill or
 // delete runs alone, after everything that arrived before it on its session.
-// Expired or cancelled requests are completed without running. A
+// Expired or cancelled requests are completed without running: the deadline
+// is checked again when the item's step starts (WorkItem::Claim), and a
 // write step changes the session's metadata only after every rank stored
 // its share (a failed step leaves layouts, kv_bytes and placement counters
 // as they were, and the ranks truncate what they appended).
@@ -81,8 +82,21 @@ struct WorkItem {
   // Waits until done, `deadline`, or `cancelled()` returns true (checked
   // every few milliseconds). Returns true when done.
   bool Wait(const std::function<bool()>& cancelled_check);
+  // Waits until done, however long that takes (an item whose step started).
+  void WaitDone();
   void Finish(Status s);  // sets status and wakes the waiter
 
+  // Who decides whether a queued item runs: the engine claims it when its
+  // step starts (after the last deadline check), a waiting handler abandons
+  // it when its deadline passes or its client cancels. Exactly one of the
+  // two succeeds: a claimed item runs to completion and its handler must
+  // wait for the outcome (WaitDone); an abandoned one never runs.
+  bool Claim();    // engine: true iff the item was still queued (now started)
+  bool Abandon();  // handler: true iff the item was still queued (now never runs)
+
+ private:
+  enum : int { kQueued, kStarted, kAbandoned };
+  std::atomic<int> state_{kQueued};
   std::mutex mu_;
   std::condition_variable cv_;
   bool done_ = false;
@@ -154,7 +168,10 @@ class EngineLoop {
   // placement counters become the session's (under its mutex).
   void CommitPlaced(SessionRecord& s, int layer, const LayerLayout& layout, int64_t tokens,
                     const std::vector<PlacedRun>& runs);
-
+  // The start of an item's step: completes it without running (and returns
+  // false) when it was cancelled, its deadline has passed, or its handler
+  // abandoned it; otherwise claims it.
+  bool StartItem(WorkItem& item);
 
   WorkerEngine& engine_;
   const CommandChannel& channel_;

@@ -30,6 +30,7 @@ grpc::Status ToGrpcStatus(const Status& status) {
 namespace {
 
 using Clock = std::chrono::steady_clock;
+constexpr auto kMinDeadlineLeft = std::chrono::milliseconds(2);
 
 std::string Tag(const char* method) { return std::string("[") + method + "] "; }
 
@@ -279,7 +280,11 @@ grpc::Status AttentionServiceImpl::FindLayer(const grpc::ServerContextBase& cont
 std::optional<grpc::Status> AttentionServiceImpl::Enqueue(const char* method, const grpc::ServerContextBase& context,
                                                           const std::shared_ptr<WorkItem>& item, int64_t kv_bytes) {
   item->deadline = SteadyDeadline(context);
-  if (Clock::now() >= item->deadline) {
+  // gRPC carries deadlines in whole milliseconds and sends one that already
+  // passed as a 1 ns timeout, which the server rounds up to 1 ms: a request
+  // with less than kMinDeadlineLeft left cannot be told from one that expired
+  // on the way, so it is refused here and never runs.
+  if (item->deadline != Clock::time_point::max() && Clock::now() + kMinDeadlineLeft >= item->deadline) {
     admission_.Complete(kv_bytes);
     return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, Tag(method) + "deadline expired before admission");
   }
@@ -296,9 +301,18 @@ grpc::Status AttentionServiceImpl::Run(const char* method, grpc::ServerContext* 
                                        std::shared_ptr<WorkItem> item, int64_t kv_bytes) {
   if (std::optional<grpc::Status> refused = Enqueue(method, *context, item, kv_bytes)) return *refused;
   if (!item->Wait([context] { return context->IsCancelled(); })) {
-    item->cancelled = true;  // the engine skips it if it has not started
-    if (context->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, Tag(method) + "cancelled by the client");
-    return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, Tag(method) + "deadline exceeded");
+    item->cancelled = true;
+    if (item->Abandon()) {  // not started: it never runs
+      if (context->IsCancelled()) {
+        return grpc::Status(grpc::StatusCode::CANCELLED, Tag(method) + "cancelled by the client; nothing was applied");
+      }
+      return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                          Tag(method) + "deadline exceeded before the request ran; nothing was applied");
+    }
+    // Its step already started: report what it did, never "not done" for a
+    // write that was applied (gRPC may still show the client its own
+    // DEADLINE_EXCEEDED; a retry with expected_layer_tokens tells the truth).
+    item->WaitDone();
   }
   return ToGrpcStatus(Tagged(method, item->status));
 }

@@ -1251,5 +1251,48 @@ TEST_F(ServiceWritePath, FailedWorkerWritesReachTheClientAndChangeNothing) { Fai
 
 TEST_F(ServiceWritePath, FailedWorkerWritesChangeNothingDurableAndAfterRestart) { FailedWritesChangeNothing(true); }
 
+// A deadline that has passed (or is too short to tell from one that has:
+// gRPC sends an expired deadline as 1 ns and rounds it up to 1 ms) never
+// writes: every such call fails and the layer keeps its length.
+TEST_F(ServiceWritePath, ExpiredDeadlinesNeverWrite) {
+  auto server = Start(false);
+  auto setup = Client(*server);
+  std::mt19937 rng(22);
+  Model m;
+  auto info = setup->CreateSession(Config(m));
+  ASSERT_TRUE(info.ok());
+  const std::string id = info->session_id();
+  auto [k0, v0] = NewKv(rng, m, 64);
+  ASSERT_TRUE(setup->AppendKV(id, 0, k0, v0).ok());
+  auto expired = Client(*server, "", std::chrono::milliseconds(1));
+  int ok = 0;
+  for (int i = 0; i < 40; ++i) {
+    const std::vector<float> q = Random(rng, m.heads * m.head_dim);
+    Model scratch = m;
+    auto [dk, dv] = NewKv(rng, scratch, 1);
+    auto d = expired->Decode(id, 0, HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim}), dk, dv);
+    if (d.ok()) ++ok;
+    auto [ak, av] = NewKv(rng, scratch, 8);
+    auto a = expired->AppendKV(id, 0, ak, av);
+    if (a.ok()) ++ok;
+    // And a deadline already in the past when the call is made.
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() - std::chrono::milliseconds(5));
+    v1::DecodeRequest r;
+    r.set_session_id(id);
+    *r.mutable_q() = Tensor3(1, m.heads, m.head_dim);
+    *r.mutable_k() = Tensor3(1, m.kv_heads, m.head_dim);
+    *r.mutable_v() = Tensor3(1, m.kv_heads, m.head_dim);
+    v1::DecodeResponse out;
+    if (setup->stub()->Decode(&ctx, r, &out).ok()) ++ok;
+  }
+  EXPECT_EQ(ok, 0);
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  auto after = setup->GetSession(id);
+  ASSERT_TRUE(after.ok());
+  EXPECT_EQ(after->layer_tokens(0), 64) << "expired calls stored tokens";
+  EXPECT_EQ(server->Stop(), 0) << server->log();
+}
+
 }  // namespace
 }  // namespace ringtree
