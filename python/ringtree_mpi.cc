@@ -258,8 +258,8 @@ struct CheckedKv {
   std::vector<KvBlock> blocks;
 };
 
-// kv_blocks: a sequence of (k, v, position_offset). Appends InvalidArgument
-// naming kv_blocks[i][j] to *status on the first problem.
+// kv_blocks: a sequence of (k, v, position_offset). Returns InvalidArgument
+// naming kv_blocks[i][j] on the first problem.
 // kv_heads / head_dim: < 0 = take from the first block.
 Status CheckKvBlocks(const char* op, const py::object& kv_blocks, DType kv_dtype, int64_t* kv_heads,
                      int64_t* head_dim, CheckedKv* out) {
@@ -303,17 +303,26 @@ py::object RingAttentionPy(py::object comm_obj, py::object q_blocks, py::object 
                            bool causal, std::optional<double> scale, int64_t window, py::object doc_offsets,
                            const std::string& kv_dtype_name, std::optional<int> head_dim_arg, bool return_timings) {
   const char* op = "ring_attention";
-  const DType kv_dtype = ParseKvDtype(op, kv_dtype_name);
-  const float scale_value = ResolveScaleArgument(op, scale);
-  const std::vector<int64_t> docs = DocOffsets(op, doc_offsets);
-  CommArgument comm = ResolveComm(comm_obj);
-
   // Local checks; their result is agreed across ranks before the ring.
   Status local;
+  DType kv_dtype = DType::kFloat32;
+  float scale_value = 0.0f;
+  std::vector<int64_t> docs;
+  try {
+    kv_dtype = ParseKvDtype(op, kv_dtype_name);
+    scale_value = ResolveScaleArgument(op, scale);
+    docs = DocOffsets(op, doc_offsets);
+  } catch (const py::value_error& e) {
+    local = Status::InvalidArgument(e.what());
+  }
+  CommArgument comm = ResolveComm(comm_obj);
+
   int64_t head_dim = head_dim_arg ? *head_dim_arg : -1;
   std::vector<Array3> q_keep;
   std::vector<int64_t> q_offsets;
-  if (!py::isinstance<py::sequence>(q_blocks) || py::isinstance<py::str>(q_blocks)) {
+  if (!local.ok()) {
+    // reported below, after the agreement
+  } else if (!py::isinstance<py::sequence>(q_blocks) || py::isinstance<py::str>(q_blocks)) {
     local = Status::InvalidArgument("[ring_attention] q_blocks must be a sequence of (q, position_offset)");
   } else {
     py::sequence seq = py::reinterpret_borrow<py::sequence>(q_blocks);
@@ -391,14 +400,21 @@ py::object TreeDecodePy(py::object comm_obj, py::object q_obj, int64_t q_positio
                         int64_t window, std::optional<double> scale, std::optional<int> root,
                         std::optional<int> kv_heads_arg, const std::string& kv_dtype_name, bool return_timings) {
   const char* op = "tree_decode";
-  const DType kv_dtype = ParseKvDtype(op, kv_dtype_name);
-  const float scale_value = ResolveScaleArgument(op, scale);
+  // Local checks; their result is agreed across ranks before the reduction.
+  Status local;
+  DType kv_dtype = DType::kFloat32;
+  float scale_value = 0.0f;
+  try {
+    kv_dtype = ParseKvDtype(op, kv_dtype_name);
+    scale_value = ResolveScaleArgument(op, scale);
+  } catch (const py::value_error& e) {
+    local = Status::InvalidArgument(e.what());
+  }
   CommArgument comm = ResolveComm(comm_obj);
   const int rank = comm.comm->comm().rank(), size = comm.comm->comm().size();
 
-  Status local;
   Array3 q;
-  local = CheckArray3(op, "q", q_obj, DType::kFloat32, &q);
+  if (local.ok()) local = CheckArray3(op, "q", q_obj, DType::kFloat32, &q);
   int64_t head_dim = local.ok() ? q.dim[2] : -1;
   int64_t kv_heads = kv_heads_arg ? *kv_heads_arg : -1;
   CheckedKv kv;

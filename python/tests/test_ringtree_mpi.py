@@ -153,6 +153,12 @@ def error_cases():
     bad_q = q.astype(np.float64) if rank == size - 1 else q
     expect_error("one rank's bad q", ValueError, "q_blocks[0][0] (q): dtype must be float32",
                  lambda: ring([(bad_q, 0)], kv))
+    last_dtype = "float16" if rank == size - 1 else "float32"
+    expect_error("one rank's bad kv_dtype", ValueError, "kv_dtype must be 'float32' or 'bfloat16'",
+                 lambda: ring([(q, 0)], kv, kv_dtype=last_dtype))
+    bad_kv = [(k, v.astype(np.float64), 0)] if rank == size - 1 else kv
+    expect_error("tree_decode one rank's bad v", ValueError, "[tree_decode] kv_blocks[0][1] (v): dtype must be float32",
+                 lambda: rt.tree_decode(comm, np.ascontiguousarray(q[:1]), 16, bad_kv))
     expect_error("tree_decode q", ValueError, "[tree_decode] q: dtype must be float32",
                  lambda: rt.tree_decode(comm, q[:1].astype(np.float64), 16, kv))
     expect_error("tree_decode root", ValueError, "root",
