@@ -12,6 +12,7 @@ only one rank passed the bad array. Any failure aborts the job (exit != 0).
 """
 import os
 import sys
+import threading
 import time
 import traceback
 
@@ -196,10 +197,36 @@ def single_process_cases():
     check("kernel_path", isinstance(path, str) and len(path) > 0, path)
 
 
+def gil_case():
+    """The kernels run with the GIL released: a Python thread keeps running during a long call."""
+    q, k, v = make(2048, 8, 8, 64, seed=13)
+    ticks = [0]
+    stop = threading.Event()
+
+    def tick():
+        while not stop.is_set():
+            ticks[0] += 1
+            time.sleep(0.001)
+
+    thread = threading.Thread(target=tick)
+    thread.start()
+    time.sleep(0.01)
+    before, t0 = ticks[0], time.perf_counter()
+    for _ in range(3):
+        rt.attention(q, k, v)
+    seconds, during = time.perf_counter() - t0, ticks[0] - before
+    stop.set()
+    thread.join()
+    # Holding the GIL would allow ~1 tick per call (the interpreter's switch interval).
+    check("GIL released during kernels", seconds < 0.05 or during >= 10,
+          f"({during} ticks of a 1 ms sleeper thread during {seconds:.2f} s of attention)")
+
+
 def main():
     start = time.time()
     log(f"ringtree_mpi test, {size} rank(s); {rt.kernel_path()}")
     single_process_cases()
+    gil_case()
     ring_case("causal zigzag GQA", 301, 4, 2, 64, "zigzag", causal=True)
     ring_case("non-causal contiguous MQA scale", 200, 4, 1, 32, "contiguous", scale=0.3)
     ring_case("non-causal contiguous (mpi4py comm)", 123, 2, 2, 32, "contiguous", use_world=True)
