@@ -188,6 +188,14 @@ void EngineLoop::CommitPlaced(SessionRecord& s, int layer, const LayerLayout& la
   AddPlaced(s.shape, runs);
 }
 
+Status EngineLoop::CheckExpectedTokens(const WorkItem& item, const LayerLayout& layout) {
+  if (item.expected_layer_tokens < 0 || item.expected_layer_tokens == layout.tokens) return Status::Ok();
+  return Status::FailedPrecondition("expected_layer_tokens: " + std::to_string(item.expected_layer_tokens) +
+                                    ", but layer " + std::to_string(item.layer) + " holds " +
+                                    std::to_string(layout.tokens) + " tokens (layer_tokens=" +
+                                    std::to_string(layout.tokens) + "); nothing was written");
+}
+
 bool EngineLoop::StartItem(WorkItem& item) {
   if (item.cancelled) {
     Complete(item, Status::Cancelled("[engine] cancelled by the client before it ran"));
@@ -401,6 +409,10 @@ void EngineLoop::RunAppend(WorkItem& item) {
     std::lock_guard<std::mutex> lock(s.mu);
     layout = s.layers[item.layer];
   }
+  if (Status expected = CheckExpectedTokens(item, layout); !expected.ok()) {
+    Complete(item, expected);
+    return;
+  }
   item.first_position = layout.tokens;
   runs = PlaceAppend(layout, item.kv_tokens, s.config.span_tokens(), RankBytes());
   if (Status disk = CheckDiskBudget(s, runs); !disk.ok()) {
@@ -437,6 +449,10 @@ void EngineLoop::RunPrefill(WorkItem& item) {
   {
     std::lock_guard<std::mutex> lock(s.mu);
     before = s.layers[item.layer];
+  }
+  if (Status expected = CheckExpectedTokens(item, before); !expected.ok()) {
+    Complete(item, expected);
+    return;
   }
   after = before;
   const std::vector<PlacedRun> runs = PlacePrefill(after, item.kv_tokens, s.config.span_tokens(), world_size_);
@@ -563,9 +579,12 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
         std::lock_guard<std::mutex> lock(s.mu);
         g.layout = s.layers[item.layer];
       }
-      item.first_position = g.layout.tokens;
-      g.runs = PlaceAppend(g.layout, item.kv_tokens, s.config.span_tokens(), rank_bytes);
-      Status planned = CheckDiskBudget(s, g.runs);
+      Status planned = CheckExpectedTokens(item, g.layout);
+      if (planned.ok()) {
+        item.first_position = g.layout.tokens;
+        g.runs = PlaceAppend(g.layout, item.kv_tokens, s.config.span_tokens(), rank_bytes);
+        planned = CheckDiskBudget(s, g.runs);
+      }
       if (!planned.ok()) {
         --decodes;
         refused.push_back({&item, planned});
@@ -680,8 +699,11 @@ void EngineLoop::RunRetrieve(WorkItem& item) {
   }
   item.first_position = layout.tokens;
   if (decode) {
-    runs = PlaceAppend(layout, item.kv_tokens, s.config.span_tokens(), RankBytes());
-    Status planned = CheckDiskBudget(s, runs);
+    Status planned = CheckExpectedTokens(item, layout);
+    if (planned.ok()) {
+      runs = PlaceAppend(layout, item.kv_tokens, s.config.span_tokens(), RankBytes());
+      planned = CheckDiskBudget(s, runs);
+    }
     if (!planned.ok()) {
       Complete(item, planned);
       return;

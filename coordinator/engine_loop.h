@@ -63,6 +63,9 @@ struct WorkItem {
   bool admitted = false;          // counts in Admission's in-flight
   std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
   std::atomic<bool> cancelled{false};
+  // Append/Prefill/Decode: write only if the layer holds exactly this many
+  // tokens (else FAILED_PRECONDITION naming the current length); -1 = any.
+  int64_t expected_layer_tokens = -1;
 
   // Outputs, valid once done.
   Status status;
@@ -168,6 +171,9 @@ class EngineLoop {
   // placement counters become the session's (under its mutex).
   void CommitPlaced(SessionRecord& s, int layer, const LayerLayout& layout, int64_t tokens,
                     const std::vector<PlacedRun>& runs);
+  // FAILED_PRECONDITION unless item.expected_layer_tokens is unset or equal
+  // to the layer's current length.
+  static Status CheckExpectedTokens(const WorkItem& item, const LayerLayout& layout);
   // The start of an item's step: completes it without running (and returns
   // false) when it was cancelled, its deadline has passed, or its handler
   // abandoned it; otherwise claims it.

@@ -47,6 +47,14 @@ Status CheckSessionId(const std::string& id, const char* method) {
   return Status::Ok();
 }
 
+Status CheckExpectedLayerTokens(bool has, int64_t expected, const char* method) {
+  if (has && expected < 0) {
+    return Status::InvalidArgument(Tag(method) + "expected_layer_tokens: " + std::to_string(expected) +
+                                   ", must be >= 0 (or unset)");
+  }
+  return Status::Ok();
+}
+
 Status CheckLayer(int layer, const SessionRecord& s, const char* method) {
   if (layer < 0 || layer >= s.config.layers()) {
     return Status::InvalidArgument(Tag(method) + "layer: " + std::to_string(layer) + " out of range [0, " +
@@ -453,6 +461,9 @@ grpc::Status AttentionServiceImpl::AppendKV(grpc::ServerContext* context,
   std::shared_ptr<SessionRecord> session = *found;
   const int layer = message.layer();
   if (Status st = CheckLayer(layer, *session, m); !st.ok()) return Invalid(m, st);
+  if (Status st = CheckExpectedLayerTokens(message.has_expected_layer_tokens(), message.expected_layer_tokens(), m);
+      !st.ok())
+    return Invalid(m, st);
   const SessionShape& shape = session->shape;
   // Admitted from the first message: the stream counts as work in flight and
   // its KV bytes are reserved chunk by chunk; on any failure everything is
@@ -473,6 +484,7 @@ grpc::Status AttentionServiceImpl::AppendKV(grpc::ServerContext* context,
   item->kind = WorkItem::Kind::kAppend;
   item->session = session;
   item->layer = layer;
+  if (message.has_expected_layer_tokens()) item->expected_layer_tokens = message.expected_layer_tokens();
   int64_t index = 0;
   do {
     const std::string at = "message " + std::to_string(index) + ": ";
@@ -539,10 +551,14 @@ grpc::Status AttentionServiceImpl::Prefill(grpc::ServerContext* context, const v
   if (request->output_chunk_tokens() < 0) {
     return Invalid(m, Status::InvalidArgument("output_chunk_tokens: must be >= 0 (0 = server default)"));
   }
+  if (Status st = CheckExpectedLayerTokens(request->has_expected_layer_tokens(), request->expected_layer_tokens(), m);
+      !st.ok())
+    return Invalid(m, st);
   auto item = std::make_shared<WorkItem>();
   item->kind = WorkItem::Kind::kPrefill;
   item->session = session;
   item->layer = request->layer();
+  if (request->has_expected_layer_tokens()) item->expected_layer_tokens = request->expected_layer_tokens();
   item->q_tokens = qt;
   item->kv_tokens = kt;
   item->scale = request->options().scale();
@@ -616,11 +632,15 @@ std::optional<grpc::Status> AttentionServiceImpl::StartDecode(grpc::CallbackServ
   if (request->has_retrieval()) {
     if (Status st = CheckRetrieval(request->retrieval(), m, &retrieval); !st.ok()) return Invalid(m, st);
   }
+  if (Status st = CheckExpectedLayerTokens(request->has_expected_layer_tokens(), request->expected_layer_tokens(), m);
+      !st.ok())
+    return Invalid(m, st);
   auto item = std::make_shared<WorkItem>();
   item->kind = WorkItem::Kind::kDecode;
   item->retrieval = retrieval;
   item->session = session;
   item->layer = request->layer();
+  if (request->has_expected_layer_tokens()) item->expected_layer_tokens = request->expected_layer_tokens();
   item->q_tokens = qt;
   item->kv_tokens = kt;
   item->scale = request->options().scale();

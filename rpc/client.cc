@@ -144,37 +144,74 @@ Result<int64_t> AttentionClient::DeleteSession(const std::string& session_id) {
   return response.freed_bytes();
 }
 
+template <typename T, typename Attempt, typename Applied>
+Result<T> AttentionClient::WriteWithRetries(const char* method, const std::string& session_id, int layer,
+                                            int64_t tokens, std::optional<int64_t> expected, Attempt attempt,
+                                            Applied applied) {
+  const int retries = std::max(0, options_.write_retries);
+  if (retries > 0 && !expected) {
+    Result<v1::SessionInfo> info = GetSession(session_id);
+    if (!info.ok()) return info.status();
+    if (layer < 0 || layer >= info->layer_tokens_size()) return attempt(expected);  // the server names the error
+    expected = info->layer_tokens(layer);
+  }
+  for (int a = 0;; ++a) {
+    Result<T> result = attempt(expected);
+    if (result.ok()) return result;
+    const grpc::StatusCode code = GrpcCodeOf(result.status());
+    if (a > 0 && code == grpc::StatusCode::FAILED_PRECONDITION && expected) {
+      // Was an earlier attempt applied after all (its reply lost)?
+      Result<v1::SessionInfo> info = GetSession(session_id);
+      if (info.ok() && layer < info->layer_tokens_size() && info->layer_tokens(layer) == *expected + tokens) {
+        return applied(*expected);
+      }
+      return result;
+    }
+    if (a >= retries || (code != grpc::StatusCode::DEADLINE_EXCEEDED && code != grpc::StatusCode::UNAVAILABLE)) {
+      return result;
+    }
+  }
+}
+
 Result<AppendOutput> AttentionClient::AppendKV(const std::string& session_id, int layer,
                                                const HostTensor& k, const HostTensor& v,
-                                               int64_t chunk_tokens) {
+                                               int64_t chunk_tokens, std::optional<int64_t> expected_layer_tokens) {
   if (k.shape.empty() || k.shape != v.shape || k.dtype != v.dtype) {
     return Status::InvalidArgument("[AppendKV] k and v must have the same non-empty shape and dtype");
   }
   const int64_t tokens = k.shape[0];
   const int64_t row_bytes = tokens > 0 ? static_cast<int64_t>(k.data.size()) / tokens : 0;
   chunk_tokens = std::max<int64_t>(1, chunk_tokens);
-  grpc::ClientContext context;
-  PrepareContext(&context);
-  v1::AppendKVResponse response;
-  auto writer = stub_->AppendKV(&context, &response);
-  for (int64_t start = 0; start < tokens || (tokens == 0 && start == 0); start += chunk_tokens) {
-    const int64_t n = std::min(chunk_tokens, tokens - start);
-    v1::AppendKVRequest request;
-    request.set_session_id(session_id);
-    request.set_layer(layer);
-    for (auto [src, dst] : {std::pair{&k, request.mutable_k()}, std::pair{&v, request.mutable_v()}}) {
-      dst->set_dtype(ToProtoDType(src->dtype));
-      dst->add_shape(n);
-      for (size_t d = 1; d < src->shape.size(); ++d) dst->add_shape(src->shape[d]);
-      dst->set_data(src->data.data() + start * row_bytes, static_cast<size_t>(n * row_bytes));
+  auto attempt = [&](std::optional<int64_t> expected) -> Result<AppendOutput> {
+    grpc::ClientContext context;
+    PrepareContext(&context);
+    v1::AppendKVResponse response;
+    auto writer = stub_->AppendKV(&context, &response);
+    for (int64_t start = 0; start < tokens || (tokens == 0 && start == 0); start += chunk_tokens) {
+      const int64_t n = std::min(chunk_tokens, tokens - start);
+      v1::AppendKVRequest request;
+      request.set_session_id(session_id);
+      request.set_layer(layer);
+      if (start == 0 && expected) request.set_expected_layer_tokens(*expected);
+      for (auto [src, dst] : {std::pair{&k, request.mutable_k()}, std::pair{&v, request.mutable_v()}}) {
+        dst->set_dtype(ToProtoDType(src->dtype));
+        dst->add_shape(n);
+        for (size_t d = 1; d < src->shape.size(); ++d) dst->add_shape(src->shape[d]);
+        dst->set_data(src->data.data() + start * row_bytes, static_cast<size_t>(n * row_bytes));
+      }
+      if (!writer->Write(request)) break;  // server ended the call; Finish() says why
+      if (tokens == 0) break;
     }
-    if (!writer->Write(request)) break;  // server ended the call; Finish() says why
-    if (tokens == 0) break;
-  }
-  writer->WritesDone();
-  grpc::Status status = writer->Finish();
-  if (!status.ok()) return FromGrpcStatus(status, "AppendKV");
-  return AppendOutput{response.appended_tokens(), response.first_position(), response.layer_tokens()};
+    writer->WritesDone();
+    grpc::Status status = writer->Finish();
+    if (!status.ok()) return FromGrpcStatus(status, "AppendKV");
+    return AppendOutput{response.appended_tokens(), response.first_position(), response.layer_tokens()};
+  };
+  auto applied = [&](int64_t expected) -> Result<AppendOutput> {
+    return AppendOutput{tokens, expected, expected + tokens};
+  };
+  return WriteWithRetries<AppendOutput>("AppendKV", session_id, layer, tokens, expected_layer_tokens, attempt,
+                                        applied);
 }
 
 namespace {
@@ -196,67 +233,97 @@ Result<AttentionOutput> OutputFrom(const v1::Tensor& o, const v1::Tensor& lse, c
 
 }  // namespace
 
+namespace {
+
+// A retried Prefill/Decode found its tokens stored by an earlier attempt.
+Status AppliedEarlier(const char* method, int64_t expected, int64_t tokens) {
+  return Status::FailedPrecondition(std::string("[") + method +
+                                    "] FAILED_PRECONDITION: an earlier attempt was applied (the layer went from " +
+                                    std::to_string(expected) + " to " + std::to_string(expected + tokens) +
+                                    " tokens) but its reply was lost; the output is not available");
+}
+
+}  // namespace
+
 Result<AttentionOutput> AttentionClient::Prefill(const std::string& session_id, int layer,
                                                  const HostTensor& q, const HostTensor& k,
                                                  const HostTensor& v, const CallOptions& options) {
-  grpc::ClientContext context;
-  PrepareContext(&context);
-  v1::PrefillRequest request;
-  request.set_session_id(session_id);
-  request.set_layer(layer);
-  ToProto(q, request.mutable_q());
-  ToProto(k, request.mutable_k());
-  ToProto(v, request.mutable_v());
-  SetOptions(options, request.mutable_options());
-  request.set_output_chunk_tokens(options.output_chunk_tokens);
-  auto reader = stub_->Prefill(&context, request);
-  AttentionOutput out;
-  out.o.dtype = options.output_dtype;
-  out.o.shape = q.shape;
-  out.lse.dtype = DType::kFloat32;
-  if (options.return_lse && q.shape.size() >= 2) out.lse.shape = {q.shape[0], q.shape[1]};
-  v1::PrefillResponse message;
-  while (reader->Read(&message)) {
-    RINGTREE_ASSIGN_OR_RETURN(HostTensor o, FromProto(message.o(), "Prefill", "o"));
-    out.o.data += o.data;
-    if (message.has_lse() && message.lse().dtype() != v1::DATA_TYPE_UNSPECIFIED) {
-      RINGTREE_ASSIGN_OR_RETURN(HostTensor lse, FromProto(message.lse(), "Prefill", "lse"));
-      out.lse.data += lse.data;
+  auto attempt = [&](std::optional<int64_t> expected) -> Result<AttentionOutput> {
+    grpc::ClientContext context;
+    PrepareContext(&context);
+    v1::PrefillRequest request;
+    request.set_session_id(session_id);
+    request.set_layer(layer);
+    ToProto(q, request.mutable_q());
+    ToProto(k, request.mutable_k());
+    ToProto(v, request.mutable_v());
+    SetOptions(options, request.mutable_options());
+    request.set_output_chunk_tokens(options.output_chunk_tokens);
+    if (expected) request.set_expected_layer_tokens(*expected);
+    auto reader = stub_->Prefill(&context, request);
+    AttentionOutput out;
+    out.o.dtype = options.output_dtype;
+    out.o.shape = q.shape;
+    out.lse.dtype = DType::kFloat32;
+    if (options.return_lse && q.shape.size() >= 2) out.lse.shape = {q.shape[0], q.shape[1]};
+    v1::PrefillResponse message;
+    while (reader->Read(&message)) {
+      RINGTREE_ASSIGN_OR_RETURN(HostTensor o, FromProto(message.o(), "Prefill", "o"));
+      out.o.data += o.data;
+      if (message.has_lse() && message.lse().dtype() != v1::DATA_TYPE_UNSPECIFIED) {
+        RINGTREE_ASSIGN_OR_RETURN(HostTensor lse, FromProto(message.lse(), "Prefill", "lse"));
+        out.lse.data += lse.data;
+      }
+      out.first_position = message.first_position();
+      out.layer_tokens = message.layer_tokens();
     }
-    out.first_position = message.first_position();
-    out.layer_tokens = message.layer_tokens();
-  }
-  grpc::Status status = reader->Finish();
-  if (!status.ok()) return FromGrpcStatus(status, "Prefill");
-  if (out.o.data.size() != static_cast<size_t>(out.o.elements()) * DTypeSize(out.o.dtype)) {
-    return Status::Internal("[Prefill] o: streamed output is incomplete");
-  }
-  if (!options.return_lse) out.lse = HostTensor{};
-  return out;
+    grpc::Status status = reader->Finish();
+    if (!status.ok()) return FromGrpcStatus(status, "Prefill");
+    if (out.o.data.size() != static_cast<size_t>(out.o.elements()) * DTypeSize(out.o.dtype)) {
+      return Status::Internal("[Prefill] o: streamed output is incomplete");
+    }
+    if (!options.return_lse) out.lse = HostTensor{};
+    return out;
+  };
+  const int64_t tokens = k.shape.empty() ? 0 : k.shape[0];
+  auto applied = [&](int64_t expected) -> Result<AttentionOutput> {
+    return AppliedEarlier("Prefill", expected, tokens);
+  };
+  return WriteWithRetries<AttentionOutput>("Prefill", session_id, layer, tokens, options.expected_layer_tokens,
+                                           attempt, applied);
 }
 
 Result<AttentionOutput> AttentionClient::Decode(const std::string& session_id, int layer,
                                                 const HostTensor& q, const HostTensor& k,
                                                 const HostTensor& v, const CallOptions& options) {
-  grpc::ClientContext context;
-  PrepareContext(&context);
-  v1::DecodeRequest request;
-  request.set_session_id(session_id);
-  request.set_layer(layer);
-  ToProto(q, request.mutable_q());
-  ToProto(k, request.mutable_k());
-  ToProto(v, request.mutable_v());
-  SetOptions(options, request.mutable_options());
-  if (options.retrieval) *request.mutable_retrieval() = *options.retrieval;
-  v1::DecodeResponse response;
-  grpc::Status status = stub_->Decode(&context, request, &response);
-  if (!status.ok()) return FromGrpcStatus(status, "Decode");
-  RINGTREE_ASSIGN_OR_RETURN(AttentionOutput out, OutputFrom(response.o(), response.lse(), "Decode"));
-  out.first_position = response.first_position();
-  out.layer_tokens = response.layer_tokens();
-  out.batch_size = response.batch_size();
-  if (response.has_retrieval()) out.retrieval = response.retrieval();
-  return out;
+  auto attempt = [&](std::optional<int64_t> expected) -> Result<AttentionOutput> {
+    grpc::ClientContext context;
+    PrepareContext(&context);
+    v1::DecodeRequest request;
+    request.set_session_id(session_id);
+    request.set_layer(layer);
+    ToProto(q, request.mutable_q());
+    ToProto(k, request.mutable_k());
+    ToProto(v, request.mutable_v());
+    SetOptions(options, request.mutable_options());
+    if (options.retrieval) *request.mutable_retrieval() = *options.retrieval;
+    if (expected) request.set_expected_layer_tokens(*expected);
+    v1::DecodeResponse response;
+    grpc::Status status = stub_->Decode(&context, request, &response);
+    if (!status.ok()) return FromGrpcStatus(status, "Decode");
+    RINGTREE_ASSIGN_OR_RETURN(AttentionOutput out, OutputFrom(response.o(), response.lse(), "Decode"));
+    out.first_position = response.first_position();
+    out.layer_tokens = response.layer_tokens();
+    out.batch_size = response.batch_size();
+    if (response.has_retrieval()) out.retrieval = response.retrieval();
+    return out;
+  };
+  const int64_t tokens = k.shape.empty() ? 0 : k.shape[0];
+  auto applied = [&](int64_t expected) -> Result<AttentionOutput> {
+    return AppliedEarlier("Decode", expected, tokens);
+  };
+  return WriteWithRetries<AttentionOutput>("Decode", session_id, layer, tokens, options.expected_layer_tokens,
+                                           attempt, applied);
 }
 
 Result<AttentionOutput> AttentionClient::Attend(const std::string& session_id, int layer,

@@ -31,6 +31,12 @@ struct ClientOptions {
   std::string tls_server_name;              // SNI / name override for TLS (optional)
   std::chrono::milliseconds timeout{0};     // per-call deadline; 0 = none
   int max_message_bytes = 256 << 20;        // receive limit for large outputs
+  // AppendKV, Prefill, Decode: how many times a call that failed with
+  // DEADLINE_EXCEEDED or UNAVAILABLE is sent again. Retries are conditional
+  // (expected_layer_tokens: the layer length before the first attempt, read
+  // with GetSession when the caller gave none), so a write whose reply was
+  // lost is never applied twice. Assumes one writer per layer. 0 = none.
+  int write_retries = 0;
 };
 
 // Result of Prefill / Decode / Attend.
@@ -71,6 +77,9 @@ struct CallOptions {
   // Decode/Attend: retrieval mode (top-k spans / token budget / tolerance)
   // instead of exact attention. Unset = exact.
   std::optional<v1::RetrievalOptions> retrieval;
+  // Prefill/Decode: conditional write; the server writes only if the layer
+  // holds exactly this many tokens (else FAILED_PRECONDITION, nothing written).
+  std::optional<int64_t> expected_layer_tokens;
 };
 
 // gRPC status code of a failed call, recovered from a client Status
@@ -90,9 +99,16 @@ class AttentionClient {
   Result<int64_t> DeleteSession(const std::string& session_id);  // freed bytes
 
   // Streams k/v [T, Hkv, D] in messages of `chunk_tokens` tokens (all or
-  // nothing on the server side).
+  // nothing on the server side). `expected_layer_tokens`: conditional write
+  // (see CallOptions). With write_retries, a retry that finds the layer at
+  // expected + T tokens reports the earlier attempt's success.
   Result<AppendOutput> AppendKV(const std::string& session_id, int layer, const HostTensor& k,
-                                const HostTensor& v, int64_t chunk_tokens = 4096);
+                                const HostTensor& v, int64_t chunk_tokens = 4096,
+                                std::optional<int64_t> expected_layer_tokens = std::nullopt);
+  // Prefill/Decode with write_retries: a retry that finds the layer at
+  // expected + T tokens means an earlier attempt was applied but its output
+  // was lost; the call then fails with FAILED_PRECONDITION saying so (the
+  // tokens are stored once; Attend can recompute what is needed).
   Result<AttentionOutput> Prefill(const std::string& session_id, int layer, const HostTensor& q,
                                   const HostTensor& k, const HostTensor& v,
                                   const CallOptions& options = {});
@@ -117,6 +133,12 @@ class AttentionClient {
 
  private:
   explicit AttentionClient(const ClientOptions& options);
+  // Runs `attempt(expected)` with the retry policy of ClientOptions::write_retries.
+  // `applied(expected)` builds the answer when a retry shows that an earlier
+  // attempt was applied (the layer holds expected + tokens).
+  template <typename T, typename Attempt, typename Applied>
+  Result<T> WriteWithRetries(const char* method, const std::string& session_id, int layer, int64_t tokens,
+                             std::optional<int64_t> expected, Attempt attempt, Applied applied);
   ClientOptions options_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::AttentionService::Stub> stub_;

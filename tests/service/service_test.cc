@@ -1294,5 +1294,79 @@ TEST_F(ServiceWritePath, ExpiredDeadlinesNeverWrite) {
   EXPECT_EQ(server->Stop(), 0) << server->log();
 }
 
+// expected_layer_tokens: the write happens only at that length; otherwise
+// FAILED_PRECONDITION names the current length and nothing changes.
+TEST_F(ServiceWritePath, ConditionalWritesAndSafeRetries) {
+  auto server = Start(false);
+  auto client = Client(*server);
+  std::mt19937 rng(23);
+  Model m;
+  auto info = client->CreateSession(Config(m));
+  ASSERT_TRUE(info.ok());
+  const std::string id = info->session_id();
+  auto [k0, v0] = NewKv(rng, m, 100);
+  ASSERT_TRUE(client->AppendKV(id, 0, k0, v0, 4096, 0).ok());
+  Model scratch = m;
+  auto [k1, v1] = NewKv(rng, scratch, 10);
+  auto stale = client->AppendKV(id, 0, k1, v1, 4, 0);  // a retry of the first append
+  EXPECT_EQ(GrpcCodeOf(stale.status()), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_NE(stale.status().message().find("expected_layer_tokens: 0"), std::string::npos) << stale.status().message();
+  EXPECT_NE(stale.status().message().find("holds 100 tokens"), std::string::npos) << stale.status().message();
+  const std::vector<float> q = Random(rng, m.heads * m.head_dim);
+  const HostTensor qt = HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim});
+  CallOptions at99;
+  at99.expected_layer_tokens = 99;
+  auto [dk, dv] = NewKv(rng, scratch, 1);
+  EXPECT_EQ(GrpcCodeOf(client->Decode(id, 0, qt, dk, dv, at99).status()), grpc::StatusCode::FAILED_PRECONDITION);
+  EXPECT_EQ(GrpcCodeOf(client->Prefill(id, 0, qt, dk, dv, at99).status()), grpc::StatusCode::FAILED_PRECONDITION);
+  CallOptions negative;
+  negative.expected_layer_tokens = -1;
+  auto bad = client->Decode(id, 0, qt, dk, dv, negative);
+  EXPECT_EQ(GrpcCodeOf(bad.status()), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(bad.status().message().find("expected_layer_tokens"), std::string::npos) << bad.status().message();
+  auto unchanged = client->GetSession(id);
+  ASSERT_TRUE(unchanged.ok());
+  EXPECT_EQ(unchanged->layer_tokens(0), 100);
+  // The right length writes.
+  CallOptions at100;
+  at100.expected_layer_tokens = 100;
+  auto [dk2, dv2] = NewKv(rng, m, 1);
+  auto decoded = client->Decode(id, 0, qt, dk2, dv2, at100);
+  ASSERT_TRUE(decoded.ok()) << decoded.status().message();
+  EXPECT_LE(MaxDiff(decoded->o.ToFloat32(), Reference(m, q, 1, true)), 2e-4);
+  auto [k2, v2] = NewKv(rng, m, 20);
+  auto appended = client->AppendKV(id, 0, k2, v2, 4096, 101);
+  ASSERT_TRUE(appended.ok()) << appended.status().message();
+  EXPECT_EQ(appended->layer_tokens, 121);
+
+  // A lost reply: a long Prefill whose deadline passes while its step runs.
+  // The client retries conditionally until the step is over and then learns
+  // that the first attempt was applied: the chunk is stored exactly once.
+  auto [bk, bv] = NewKv(rng, m, 40000);
+  ASSERT_TRUE(client->AppendKV(id, 0, bk, bv).ok());
+  ClientOptions o;
+  o.address = server->address();
+  o.timeout = std::chrono::milliseconds(300);
+  o.write_retries = 200;
+  auto retrying = AttentionClient::Connect(o);
+  ASSERT_TRUE(retrying->WaitForReady(std::chrono::seconds(10)));
+  const int64_t chunk = 4096;
+  const std::vector<float> pq = Random(rng, chunk * m.heads * m.head_dim);
+  auto [pk, pv] = NewKv(rng, m, chunk);
+  auto prefilled = retrying->Prefill(id, 0, HostTensor::FromFloat32(pq.data(), {chunk, m.heads, m.head_dim}), pk, pv);
+  auto now = client->GetSession(id);
+  ASSERT_TRUE(now.ok());
+  EXPECT_EQ(now->layer_tokens(0), m.tokens()) << "the chunk must be stored exactly once";
+  if (!prefilled.ok()) {
+    EXPECT_EQ(GrpcCodeOf(prefilled.status()), grpc::StatusCode::FAILED_PRECONDITION) << prefilled.status().message();
+    EXPECT_NE(prefilled.status().message().find("earlier attempt was applied"), std::string::npos)
+        << prefilled.status().message();
+  }
+  auto attended = client->Attend(id, 0, qt);
+  ASSERT_TRUE(attended.ok());
+  EXPECT_LE(MaxDiff(attended->o.ToFloat32(), AttendReference(m, q, 1)), 2e-4);
+  EXPECT_EQ(server->Stop(), 0) << server->log();
+}
+
 }  // namespace
 }  // namespace ringtree

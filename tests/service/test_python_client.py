@@ -115,6 +115,25 @@ def main():
             raise AssertionError("expected INVALID_ARGUMENT")
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "q.shape[1]" in e.details(), e.details()
+        # Conditional writes: a stale expected_layer_tokens writes nothing.
+        for call in (lambda: client.append_kv(sid, 0, k[:5], v[:5], expected_layer_tokens=10000),
+                     lambda: client.decode(sid, 0, q[:1], k[:1], v[:1], expected_layer_tokens=10130),
+                     lambda: client.prefill(sid, 0, q[:2], k[:2], v[:2], expected_layer_tokens=0)):
+            try:
+                call()
+                raise AssertionError("expected FAILED_PRECONDITION")
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e
+                assert "holds 10131 tokens" in e.details(), e.details()
+        assert client.get_session(sid).layer_tokens[0] == 10131
+        # Retries are conditional: a retrying client writes once, at the length it saw.
+        retrying = AttentionClient(f"127.0.0.1:{port}", timeout=60, write_retries=3)
+        sid2 = retrying.create_session(layers=1, heads=H, kv_heads=HKV, head_dim=D, name="caf\u00e9").session_id
+        r = retrying.append_kv(sid2, 0, k[:7], v[:7])
+        assert r.layer_tokens == 7 and retrying.get_session(sid2).layer_tokens[0] == 7, r
+        assert retrying.get_session(sid2).config.name == "caf\u00e9"
+        assert retrying.delete_session(sid2) > 0
+        retrying.close()
         stats = client.stats()
         assert stats.world_size == 2 and sum(r.kv_tokens for r in stats.ranks) == 10131
         assert client.delete_session(sid) > 0

@@ -51,11 +51,27 @@ def from_tensor(tensor):
     raise ValueError("tensor has no dtype")
 
 
+class AppliedEarlierError(Exception):
+    """A retried prefill/decode found that an earlier attempt was applied (its
+    reply was lost): the tokens are stored once, the output is not available."""
+
+    def __init__(self, method, expected, tokens):
+        super().__init__("%s: an earlier attempt was applied (the layer went from %d to %d tokens) but its "
+                         "reply was lost; the output is not available" % (method, expected, expected + tokens))
+        self.layer_tokens = expected + tokens
+
+
 class AttentionClient:
-    """Thread-safe client. Failed calls raise grpc.RpcError (e.code(), e.details())."""
+    """Thread-safe client. Failed calls raise grpc.RpcError (e.code(), e.details()).
+
+    write_retries: append_kv/prefill/decode calls that fail with
+    DEADLINE_EXCEEDED or UNAVAILABLE are sent again up to this many times,
+    conditionally (expected_layer_tokens = the layer's length before the first
+    attempt), so a write whose reply was lost is never applied twice. Assumes
+    one writer per layer."""
 
     def __init__(self, address="127.0.0.1:50051", token=None, root_certificates=None, timeout=None,
-                 max_message_bytes=256 << 20):
+                 max_message_bytes=256 << 20, write_retries=0):
         options = [("grpc.max_receive_message_length", max_message_bytes),
                    ("grpc.max_send_message_length", max_message_bytes)]
         if root_certificates:
@@ -66,6 +82,30 @@ class AttentionClient:
         self.stub = pb_grpc.AttentionServiceStub(self.channel)
         self.metadata = [("authorization", "Bearer " + token)] if token else None
         self.timeout = timeout
+        self.write_retries = write_retries
+
+    _RETRYABLE = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+
+    def _write(self, session_id, layer, tokens, expected, attempt, applied):
+        """Runs attempt(expected) with the write_retries policy (see class doc)."""
+        if self.write_retries > 0 and expected is None:
+            info = self.get_session(session_id)
+            if 0 <= layer < len(info.layer_tokens):
+                expected = info.layer_tokens[layer]
+        tries = 0
+        while True:
+            try:
+                return attempt(expected)
+            except grpc.RpcError as e:
+                code = e.code()
+                if tries > 0 and code == grpc.StatusCode.FAILED_PRECONDITION and expected is not None:
+                    info = self.get_session(session_id)
+                    if layer < len(info.layer_tokens) and info.layer_tokens[layer] == expected + tokens:
+                        return applied(expected)
+                    raise
+                if tries >= self.write_retries or code not in self._RETRYABLE:
+                    raise
+                tries += 1
 
     def _kw(self):
         return {"metadata": self.metadata, "timeout": self.timeout}
@@ -88,35 +128,56 @@ class AttentionClient:
         return self.stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), **self._kw()).freed_bytes
 
     # --- KV and attention -------------------------------------------------
-    def append_kv(self, session_id, layer, k, v, chunk_tokens=4096, dtype=None):
-        """Streams k, v [T, kv_heads, head_dim] in chunks; all or nothing."""
+    def append_kv(self, session_id, layer, k, v, chunk_tokens=4096, dtype=None, expected_layer_tokens=None):
+        """Streams k, v [T, kv_heads, head_dim] in chunks; all or nothing.
+        expected_layer_tokens: store only if the layer holds exactly that many
+        tokens (else FAILED_PRECONDITION, nothing stored)."""
         k, v = np.asarray(k), np.asarray(v)
 
-        def chunks():
-            for start in range(0, k.shape[0], chunk_tokens):
-                yield pb.AppendKVRequest(session_id=session_id, layer=layer,
-                                         k=to_tensor(k[start:start + chunk_tokens], dtype),
-                                         v=to_tensor(v[start:start + chunk_tokens], dtype))
-        return self.stub.AppendKV(chunks(), **self._kw())
+        def attempt(expected):
+            def chunks():
+                for start in range(0, k.shape[0], chunk_tokens):
+                    r = pb.AppendKVRequest(session_id=session_id, layer=layer,
+                                           k=to_tensor(k[start:start + chunk_tokens], dtype),
+                                           v=to_tensor(v[start:start + chunk_tokens], dtype))
+                    if start == 0 and expected is not None:
+                        r.expected_layer_tokens = expected
+                    yield r
+            return self.stub.AppendKV(chunks(), **self._kw())
+
+        def applied(expected):
+            return pb.AppendKVResponse(appended_tokens=k.shape[0], first_position=expected,
+                                       layer_tokens=expected + k.shape[0])
+        return self._write(session_id, layer, k.shape[0], expected_layer_tokens, attempt, applied)
 
     @staticmethod
     def _options(scale, return_lse, output_dtype):
         return pb.AttentionOptions(scale=scale, return_lse=return_lse, output_dtype=_DTYPES[output_dtype])
 
     def prefill(self, session_id, layer, q, k, v, scale=0.0, return_lse=False, output_dtype="float32",
-                dtype=None, output_chunk_tokens=0):
-        """Stores k/v of the chunk; returns o [T, H, D] (and lse [T, H])."""
+                dtype=None, output_chunk_tokens=0, expected_layer_tokens=None):
+        """Stores k/v of the chunk; returns o [T, H, D] (and lse [T, H]).
+        expected_layer_tokens: conditional write, as in append_kv. A retry
+        that finds the chunk already stored raises AppliedEarlierError."""
         request = pb.PrefillRequest(session_id=session_id, layer=layer, q=to_tensor(q, dtype),
                                     k=to_tensor(k, dtype), v=to_tensor(v, dtype),
                                     options=self._options(scale, return_lse, output_dtype),
                                     output_chunk_tokens=output_chunk_tokens)
-        outs, lses = [], []
-        for message in self.stub.Prefill(request, **self._kw()):
-            outs.append(from_tensor(message.o))
-            if return_lse:
-                lses.append(from_tensor(message.lse))
-        o = np.concatenate(outs, axis=0)
-        return (o, np.concatenate(lses, axis=0)) if return_lse else o
+
+        def attempt(expected):
+            if expected is not None:
+                request.expected_layer_tokens = expected
+            outs, lses = [], []
+            for message in self.stub.Prefill(request, **self._kw()):
+                outs.append(from_tensor(message.o))
+                if return_lse:
+                    lses.append(from_tensor(message.lse))
+            o = np.concatenate(outs, axis=0)
+            return (o, np.concatenate(lses, axis=0)) if return_lse else o
+
+        def applied(expected):
+            raise AppliedEarlierError("Prefill", expected, np.asarray(k).shape[0])
+        return self._write(session_id, layer, np.asarray(k).shape[0], expected_layer_tokens, attempt, applied)
 
     @staticmethod
     def _result(r, return_lse, retrieval):
@@ -128,16 +189,26 @@ class AttentionClient:
         return out[0] if len(out) == 1 else tuple(out)
 
     def decode(self, session_id, layer, q, k, v, scale=0.0, return_lse=False, output_dtype="float32", dtype=None,
-               retrieval=None):
+               retrieval=None, expected_layer_tokens=None):
         """Appends k/v, returns o [T, H, D] (and lse). Batched server-side.
         retrieval: RetrievalOptions (see retrieval_options()) for retrieval mode;
-        then the RetrievalInfo is returned last."""
+        then the RetrievalInfo is returned last. expected_layer_tokens:
+        conditional write, as in append_kv. A retry that finds the tokens
+        already stored raises AppliedEarlierError."""
         request = pb.DecodeRequest(session_id=session_id, layer=layer, q=to_tensor(q, dtype),
                                    k=to_tensor(k, dtype), v=to_tensor(v, dtype),
                                    options=self._options(scale, return_lse, output_dtype))
         if retrieval is not None:
             request.retrieval.CopyFrom(retrieval)
-        return self._result(self.stub.Decode(request, **self._kw()), return_lse, retrieval)
+
+        def attempt(expected):
+            if expected is not None:
+                request.expected_layer_tokens = expected
+            return self._result(self.stub.Decode(request, **self._kw()), return_lse, retrieval)
+
+        def applied(expected):
+            raise AppliedEarlierError("Decode", expected, np.asarray(k).shape[0])
+        return self._write(session_id, layer, np.asarray(k).shape[0], expected_layer_tokens, attempt, applied)
 
     def attend(self, session_id, layer, q, scale=0.0, return_lse=False, output_dtype="float32", dtype=None,
                retrieval=None):
