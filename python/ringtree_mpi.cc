@@ -587,6 +587,10 @@ PYBIND11_MODULE(ringtree_native, m) {
       "Single-process split-KV decode (kernels/attention.h DecodeAttention), 1..64 query tokens. Returns (o, lse).");
   m.def("shard_ranges", &ShardRangesPy, "layout"_a, "tokens"_a, "ranks"_a, "rank"_a,
         "[(begin, end)] token ranges rank holds in layout 'zigzag' or 'contiguous' (dist/sharding.h), local order.");
+  m.def(
+      "release_ring_buffers", [] { ReleaseRingBuffers(); },
+      "Frees this thread's ring receive buffers (ring_attention keeps two buffers of the largest rank's KV set\n"
+      "between calls so repeated calls do not re-allocate). Not collective.");
   m.def("kernel_path", [] { return KernelPathDescription(); },
         "One line: CPU model, features, kernel path, BLAS core (kernels/cpu.h).");
 }
