@@ -1,6 +1,7 @@
 """A long-context job in Python under mpirun: Ring Attention prefill, then Tree decode.
 
     mpirun -np 4 /usr/bin/python3 python/examples/ring_job.py [--tokens 8192 --kv-dtype bfloat16 ...]
+    launch/mpirun-ringtree -np 4 /usr/bin/python3 python/examples/ring_job.py   # fewer cores than ranks
 
 Each rank generates only its zigzag shard of Q/K/V (rows come from a
 per-block seeded generator, so any rank can produce any rows), runs the
