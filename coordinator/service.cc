@@ -7,6 +7,8 @@
 #include "kernels/attention.h"
 #include "rpc/tensor_codec.h"
 
+#include <google/protobuf/unknown_field_set.h>
+
 namespace ringtree {
 
 grpc::Status ToGrpcStatus(const Status& status) {
@@ -370,11 +372,123 @@ std::function<void()> AttentionServiceImpl::Responder(const char* method, Clock:
   };
 }
 
-grpc::Status AttentionServiceImpl::CreateSession(grpc::ServerContext* context, const v1::CreateSessionRequest* request,
-                                                 v1::SessionInfo* response) {
+namespace {
+
+// True iff `s` is well-formed UTF-8 (no overlong forms, surrogates or code
+// points above U+10FFFF): what protobuf requires of a proto3 string.
+bool IsValidUtf8(const std::string& s) {
+  const auto* p = reinterpret_cast<const unsigned char*>(s.data());
+  const size_t n = s.size();
+  for (size_t i = 0; i < n;) {
+    const unsigned char c = p[i];
+    if (c < 0x80) {
+      ++i;
+      continue;
+    }
+    int len = 0;
+    uint32_t cp = 0, min = 0;
+    if ((c & 0xE0) == 0xC0) len = 2, cp = c & 0x1F, min = 0x80;
+    else if ((c & 0xF0) == 0xE0) len = 3, cp = c & 0x0F, min = 0x800;
+    else if ((c & 0xF8) == 0xF0) len = 4, cp = c & 0x07, min = 0x10000;
+    else return false;
+    if (n - i < static_cast<size_t>(len)) return false;
+    for (int k = 1; k < len; ++k) {
+      if ((p[i + k] & 0xC0) != 0x80) return false;
+      cp = (cp << 6) | (p[i + k] & 0x3F);
+    }
+    if (cp < min || cp > 0x10FFFF || (cp >= 0xD800 && cp <= 0xDFFF)) return false;
+    i += len;
+  }
+  return true;
+}
+
+std::string Flatten(const grpc::ByteBuffer& buffer) {
+  std::vector<grpc::Slice> slices;
+  std::string out;
+  if (!buffer.Dump(&slices).ok()) return out;
+  for (const grpc::Slice& slice : slices) out.append(reinterpret_cast<const char*>(slice.begin()), slice.size());
+  return out;
+}
+
+// Checks the string field at `path` (field numbers, outermost first) of raw
+// protobuf bytes for UTF-8 before the typed parse would reject it silently.
+Status CheckUtf8Field(const std::string& bytes, const std::vector<int>& path, const char* method, const char* field) {
+  std::string at = bytes;
+  for (size_t depth = 0; depth < path.size(); ++depth) {
+    google::protobuf::UnknownFieldSet fields;
+    if (!fields.ParseFromString(at)) return Status::Ok();  // malformed bytes: the typed parse reports them
+    std::string next;
+    bool found = false;
+    for (int i = 0; i < fields.field_count(); ++i) {
+      const google::protobuf::UnknownField& f = fields.field(i);
+      if (f.number() != path[depth] || f.type() != google::protobuf::UnknownField::TYPE_LENGTH_DELIMITED) continue;
+      next = f.length_delimited();  // the last occurrence wins, as in the typed parse
+      found = true;
+      if (depth + 1 == path.size() && !IsValidUtf8(next)) {
+        return Status::InvalidArgument(Tag(method) + field + ": not valid UTF-8");
+      }
+    }
+    if (!found) return Status::Ok();
+    at = std::move(next);
+  }
+  return Status::Ok();
+}
+
+template <typename Request>
+Status ParseRaw(const grpc::ByteBuffer& raw, const std::vector<int>& string_field, const char* method,
+                const char* field, Request* request) {
+  const std::string bytes = Flatten(raw);
+  RINGTREE_RETURN_IF_ERROR(CheckUtf8Field(bytes, string_field, method, field));
+  if (!request->ParseFromString(bytes)) return Status::InvalidArgument(Tag(method) + "request: malformed message");
+  return Status::Ok();
+}
+
+grpc::ServerUnaryReactor* FinishRaw(grpc::CallbackServerContext* context, const grpc::Status& status,
+                                    const google::protobuf::Message& reply, grpc::ByteBuffer* response) {
+  if (status.ok()) {
+    grpc::Slice slice(reply.SerializeAsString());
+    *response = grpc::ByteBuffer(&slice, 1);
+  }
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  reactor->Finish(status);
+  return reactor;
+}
+
+}  // namespace
+
+grpc::ServerUnaryReactor* AttentionServiceImpl::CreateSession(grpc::CallbackServerContext* context,
+                                                              const grpc::ByteBuffer* raw, grpc::ByteBuffer* response) {
+  v1::CreateSessionRequest request;
+  v1::SessionInfo info;
+  grpc::Status status;
+  // config (1) . name (9)
+  if (Status parsed = ParseRaw(*raw, {1, 9}, "CreateSession", "config.name", &request); !parsed.ok()) {
+    status = Invalid("CreateSession", parsed);
+  } else {
+    status = CreateSessionTyped(*context, request, &info);
+  }
+  return FinishRaw(context, status, info, response);
+}
+
+grpc::ServerUnaryReactor* AttentionServiceImpl::GetSession(grpc::CallbackServerContext* context,
+                                                           const grpc::ByteBuffer* raw, grpc::ByteBuffer* response) {
+  v1::GetSessionRequest request;
+  v1::SessionInfo info;
+  grpc::Status status;
+  if (Status parsed = ParseRaw(*raw, {1}, "GetSession", "session_id", &request); !parsed.ok()) {
+    status = Invalid("GetSession", parsed);
+  } else {
+    status = GetSessionTyped(*context, request, &info);
+  }
+  return FinishRaw(context, status, info, response);
+}
+
+grpc::Status AttentionServiceImpl::CreateSessionTyped(const grpc::ServerContextBase& context,
+                                                      const v1::CreateSessionRequest& req, v1::SessionInfo* response) {
+  const v1::CreateSessionRequest* request = &req;
   const char* m = "CreateSession";
   std::string tenant;
-  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
+  if (grpc::Status a = auth_.Authenticate(context, &tenant); !a.ok()) return a;
   if (admission_.draining()) return grpc::Status(grpc::StatusCode::UNAVAILABLE, Tag(m) + "server is shutting down");
   v1::SessionConfig c = request->config();
   auto bad = [&](const std::string& what) { return Invalid(m, Status::InvalidArgument("config." + what)); };
@@ -412,10 +526,11 @@ grpc::Status AttentionServiceImpl::CreateSession(grpc::ServerContext* context, c
   return grpc::Status::OK;
 }
 
-grpc::Status AttentionServiceImpl::GetSession(grpc::ServerContext* context, const v1::GetSessionRequest* request,
-                                              v1::SessionInfo* response) {
+grpc::Status AttentionServiceImpl::GetSessionTyped(const grpc::ServerContextBase& context,
+                                                   const v1::GetSessionRequest& req, v1::SessionInfo* response) {
+  const v1::GetSessionRequest* request = &req;
   std::string tenant;
-  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
+  if (grpc::Status a = auth_.Authenticate(context, &tenant); !a.ok()) return a;
   auto s = FindSession(tenant, request->session_id(), "GetSession");
   if (!s.ok()) return Invalid("GetSession", s.status());
   (*s)->ToInfo(response);

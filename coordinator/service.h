@@ -54,8 +54,15 @@ class UnaryCall;  // service.cc: the reactor of one Decode/Attend call
 // when the step is done, so no gRPC thread sits waiting for the engine (a
 // busy engine cannot starve refusals or new arrivals of threads). The other
 // methods are synchronous.
+//
+// CreateSession and GetSession take their request as raw bytes: protobuf's
+// parser rejects a proto3 string field that is not valid UTF-8 before any
+// handler runs (the client would see INTERNAL with an empty message), so
+// these check config.name / session_id first and answer INVALID_ARGUMENT
+// naming the field.
 using AttentionServiceBase = v1::AttentionService::WithCallbackMethod_Decode<
-    v1::AttentionService::WithCallbackMethod_Attend<v1::AttentionService::Service>>;
+    v1::AttentionService::WithCallbackMethod_Attend<v1::AttentionService::WithRawCallbackMethod_CreateSession<
+        v1::AttentionService::WithRawCallbackMethod_GetSession<v1::AttentionService::Service>>>>;
 
 class AttentionServiceImpl final : public AttentionServiceBase {
  public:
@@ -63,10 +70,10 @@ class AttentionServiceImpl final : public AttentionServiceBase {
                        const TokenAuth& auth, RequestLimits limits, int world_size,
                        const SessionStore* sessions = nullptr, StorageSettings storage = {});
 
-  grpc::Status CreateSession(grpc::ServerContext* context, const v1::CreateSessionRequest* request,
-                             v1::SessionInfo* response) override;
-  grpc::Status GetSession(grpc::ServerContext* context, const v1::GetSessionRequest* request,
-                          v1::SessionInfo* response) override;
+  grpc::ServerUnaryReactor* CreateSession(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
+                                          grpc::ByteBuffer* response) override;
+  grpc::ServerUnaryReactor* GetSession(grpc::CallbackServerContext* context, const grpc::ByteBuffer* request,
+                                       grpc::ByteBuffer* response) override;
   grpc::Status ListSessions(grpc::ServerContext* context, const v1::ListSessionsRequest* request,
                             v1::ListSessionsResponse* response) override;
   grpc::Status DeleteSession(grpc::ServerContext* context, const v1::DeleteSessionRequest* request,
@@ -85,6 +92,11 @@ class AttentionServiceImpl final : public AttentionServiceBase {
                      v1::StatsResponse* response) override;
 
  private:
+  // The typed CreateSession / GetSession, once the raw request parsed.
+  grpc::Status CreateSessionTyped(const grpc::ServerContextBase& context, const v1::CreateSessionRequest& request,
+                                  v1::SessionInfo* response);
+  grpc::Status GetSessionTyped(const grpc::ServerContextBase& context, const v1::GetSessionRequest& request,
+                               v1::SessionInfo* response);
   // Validation failure: counted, converted, tagged with the method.
   grpc::Status Invalid(const char* method, const Status& status);
   // Queues an admitted item after checking its deadline. A value: refused

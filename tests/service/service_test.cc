@@ -12,9 +12,11 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <random>
 #include <thread>
 
+#include <grpcpp/generic/generic_stub.h>
 #include <nlohmann/json.hpp>
 
 #include "kernels/reference.h"
@@ -1365,6 +1367,59 @@ TEST_F(ServiceWritePath, ConditionalWritesAndSafeRetries) {
   auto attended = client->Attend(id, 0, qt);
   ASSERT_TRUE(attended.ok());
   EXPECT_LE(MaxDiff(attended->o.ToFloat32(), AttendReference(m, q, 1)), 2e-4);
+  EXPECT_EQ(server->Stop(), 0) << server->log();
+}
+
+// A proto3 string that is not UTF-8 (sent as raw bytes, as an independent
+// client could) is INVALID_ARGUMENT naming the field, not INTERNAL.
+TEST_F(ServiceWritePath, NonUtf8StringsAreInvalidArgumentNamingTheField) {
+  auto server = Start(false);
+  auto channel = grpc::CreateChannel(server->address(), grpc::InsecureChannelCredentials());
+  grpc::GenericStub generic(channel);
+  auto call = [&](const std::string& method, const std::string& bytes, std::string* reply) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    grpc::Slice slice(bytes);
+    grpc::ByteBuffer request(&slice, 1), response;
+    std::promise<grpc::Status> done;
+    generic.UnaryCall(&ctx, "/ringtree.v1.AttentionService/" + method, grpc::StubOptions(), &request, &response,
+                      [&](grpc::Status st) { done.set_value(st); });
+    grpc::Status st = done.get_future().get();
+    if (reply) {
+      std::vector<grpc::Slice> slices;
+      (void)response.Dump(&slices);
+      for (const auto& sl : slices) reply->append(reinterpret_cast<const char*>(sl.begin()), sl.size());
+    }
+    return st;
+  };
+  auto with_name = [](const std::string& name) {
+    std::string config = std::string("\x08\x01\x10\x08\x18\x02\x20\x40", 8) + "\x4a" + char(name.size()) + name;
+    return std::string("\x0a") + char(config.size()) + config;
+  };
+  grpc::Status bad_name = call("CreateSession", with_name("ab\xff\xfe"), nullptr);
+  EXPECT_EQ(bad_name.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad_name.error_message();
+  EXPECT_NE(bad_name.error_message().find("[CreateSession] config.name: not valid UTF-8"), std::string::npos)
+      << bad_name.error_message();
+  grpc::Status bad_id = call("GetSession", std::string("\x0a\x03\xc3\x28\x41", 5), nullptr);
+  EXPECT_EQ(bad_id.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << bad_id.error_message();
+  EXPECT_NE(bad_id.error_message().find("[GetSession] session_id: not valid UTF-8"), std::string::npos)
+      << bad_id.error_message();
+  // Overlong form and a surrogate are not UTF-8 either.
+  EXPECT_EQ(call("GetSession", std::string("\x0a\x02\xc0\x80", 4), nullptr).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_EQ(call("GetSession", std::string("\x0a\x03\xed\xa0\x80", 5), nullptr).error_code(),
+            grpc::StatusCode::INVALID_ARGUMENT);
+  // Valid UTF-8 still works, byte for byte, and garbage is still refused.
+  std::string reply;
+  grpc::Status good = call("CreateSession", with_name("h\xc3\xa9llo \xe2\x82\xac"), &reply);
+  ASSERT_TRUE(good.ok()) << good.error_message();
+  v1::SessionInfo info;
+  ASSERT_TRUE(info.ParseFromString(reply));
+  EXPECT_EQ(info.config().name(), "h\xc3\xa9llo \xe2\x82\xac");
+  std::string got;
+  ASSERT_TRUE(call("GetSession", std::string("\x0a") + char(info.session_id().size()) + info.session_id(), &got).ok());
+  grpc::Status garbage = call("GetSession", std::string("\x0a\x7f", 2), nullptr);
+  EXPECT_EQ(garbage.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << garbage.error_message();
   EXPECT_EQ(server->Stop(), 0) << server->log();
 }
 
