@@ -147,7 +147,10 @@ int main(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--default-span-tokens", request_limits.default_span_tokens, "span size when a session gives 0")
       ->capture_default_str();
-  app.add_option("--max-message-mib", max_message_mib, "gRPC message size limit, MiB")->capture_default_str();
+  // gRPC takes the limit in bytes as an int: at most 2047 MiB (checked, never shifted past int).
+  app.add_option("--max-message-mib", max_message_mib, "gRPC message size limit, MiB")
+      ->check(CLI::Range(1, 2047))
+      ->capture_default_str();
   app.add_option("--threads", threads, "compute threads per rank (0 = cores / ranks on the node)")
       ->capture_default_str();
   app.add_option("--shutdown-grace-seconds", grace_seconds, "time to finish in-flight calls on SIGTERM")
@@ -258,8 +261,9 @@ int main(int argc, char** argv) {
     grpc::ServerBuilder builder;
     builder.AddListeningPort(listen, credentials, &port);
     builder.RegisterService(&service);
-    builder.SetMaxReceiveMessageSize(max_message_mib << 20);
-    builder.SetMaxSendMessageSize(max_message_mib << 20);
+    const int max_message_bytes = static_cast<int>(int64_t{max_message_mib} << 20);  // <= 2047 MiB (checked)
+    builder.SetMaxReceiveMessageSize(max_message_bytes);
+    builder.SetMaxSendMessageSize(max_message_bytes);
     if (max_streams > 0) builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, max_streams);
     // Handler threads block while the engine serves their request. With the
     // default (2 idle pollers max) every completion ends a thread and every

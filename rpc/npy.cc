@@ -62,16 +62,28 @@ Result<HostTensor> ReadNpy(const std::string& path) {
   else if (descr.find("<f2") != std::string::npos) t.dtype = DType::kFloat16;
   else if (descr.find("<f8") != std::string::npos) { t.dtype = DType::kFloat32; from_f8 = true; }
   else return NpyError(path, "dtype " + descr + " not supported (use <f4, <f2 or <f8)");
+  // Dimensions and their products are checked: a header may claim any shape.
   std::string digits;
+  auto dimension = [&]() -> Status {
+    if (digits.size() > 18) return NpyError(path, "shape dimension " + digits + " is too large");
+    t.shape.push_back(std::stoll(digits));
+    digits.clear();
+    return Status::Ok();
+  };
   for (char c : shape_text) {
     if (c >= '0' && c <= '9') digits += c;
-    else if (!digits.empty()) { t.shape.push_back(std::stoll(digits)); digits.clear(); }
+    else if (!digits.empty()) RINGTREE_RETURN_IF_ERROR(dimension());
   }
-  if (!digits.empty()) t.shape.push_back(std::stoll(digits));
-  const int64_t n = t.elements();
-  const size_t elem = from_f8 ? 8 : DTypeSize(t.dtype);
+  if (!digits.empty()) RINGTREE_RETURN_IF_ERROR(dimension());
+  const int64_t elem = from_f8 ? 8 : static_cast<int64_t>(DTypeSize(t.dtype));
+  int64_t n = 1, bytes = elem;
+  for (int64_t d : t.shape) {
+    if (__builtin_mul_overflow(n, d, &n) || __builtin_mul_overflow(bytes, d, &bytes)) {
+      return NpyError(path, "shape " + ShapeString(t.shape) + " is too large (its byte count overflows 64 bits)");
+    }
+  }
   const size_t data_start = header_start + header_len;
-  if (contents.size() - data_start != static_cast<size_t>(n) * elem) {
+  if (contents.size() - data_start != static_cast<uint64_t>(bytes)) {
     return NpyError(path, "data size does not match shape " + ShapeString(t.shape));
   }
   if (from_f8) {

@@ -69,17 +69,22 @@ Result<HostTensor> FromProto(const v1::Tensor& tensor, std::string_view op, std:
   RINGTREE_ASSIGN_OR_RETURN(DType dtype, FromProtoDType(tensor.dtype(), op, field));
   HostTensor t;
   t.dtype = dtype;
-  int64_t n = 1;
+  // Checked: a wrapped-around product would let a huge shape pass with little data.
+  int64_t expected = static_cast<int64_t>(DTypeSize(dtype));
   for (int64_t d : tensor.shape()) {
     if (d < 0) {
       return Status::InvalidArgument("[" + std::string(op) + "] " + std::string(field) +
                                      ".shape: negative dimension");
     }
     t.shape.push_back(d);
-    n *= d;
   }
-  const uint64_t expected = static_cast<uint64_t>(n) * DTypeSize(dtype);
-  if (tensor.data().size() != expected) {
+  for (int64_t d : t.shape) {
+    if (__builtin_mul_overflow(expected, d, &expected)) {
+      return Status::InvalidArgument("[" + std::string(op) + "] " + std::string(field) + ".shape: " +
+                                     ShapeString(t.shape) + " is too large (its byte count overflows 64 bits)");
+    }
+  }
+  if (tensor.data().size() != static_cast<uint64_t>(expected)) {
     return Status::InvalidArgument("[" + std::string(op) + "] " + std::string(field) + ".data: " +
                                    std::to_string(tensor.data().size()) + " bytes, shape " +
                                    ShapeString(t.shape) + " " + DTypeName(dtype) + " needs " +

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "dist/communicator.h"
+#include "dist/npy.h"
 #include "dist/ring_attention.h"
 #include "dist/sharding.h"
 #include "dist/tree_decode.h"
@@ -635,6 +636,35 @@ TEST(CommunicatorTest, AgreeOnStatusReportsLowestFailingRank) {
   ASSERT_TRUE(r.ok() && s.ok());
   ASSERT_TRUE(comm.WaitAll({&r.value(), &s.value()}).ok());
   EXPECT_EQ(in, prev);
+}
+
+// A header may claim any shape: a byte count that overflows int64 is an
+// error, not a wrapped-around size that happens to fit the file.
+TEST(NpyHeaderTest, ShapeWhoseByteCountOverflowsIsRefused) {
+  auto header = [](const std::string& shape) {
+    std::string dict = "{'descr': '<f4', 'fortran_order': False, 'shape': " + shape + ", }";
+    dict.append((64 - (10 + dict.size() + 1) % 64) % 64, ' ');
+    dict += '\n';
+    std::string h = std::string("\x93NUMPY\x01\x00", 8);
+    h += static_cast<char>(dict.size() & 0xff);
+    h += static_cast<char>(dict.size() >> 8);
+    return h + dict;
+  };
+  // 2^32 * 2^32 * 4 bytes wraps to 0: the file (header only) would "fit".
+  for (const std::string shape : {"(4294967296, 4294967296)", "(4611686018427387904,)", "(3, 3074457345618258603)"}) {
+    const std::string h = header(shape);
+    auto parsed = ParseNpyHeader("big.npy", reinterpret_cast<const uint8_t*>(h.data()), h.size(),
+                                 static_cast<int64_t>(h.size()));
+    EXPECT_FALSE(parsed.ok()) << shape;
+    EXPECT_EQ(parsed.status().code(), StatusCode::kInvalidArgument) << shape;
+    EXPECT_NE(parsed.status().message().find("overflows"), std::string::npos) << parsed.status().message();
+  }
+  // A sane shape still parses.
+  const std::string ok = header("(2, 3)");
+  auto parsed = ParseNpyHeader("ok.npy", reinterpret_cast<const uint8_t*>(ok.data()), ok.size(),
+                               static_cast<int64_t>(ok.size()) + 24);
+  ASSERT_TRUE(parsed.ok()) << parsed.status().message();
+  EXPECT_EQ(parsed->elements(), 6);
 }
 
 }  // namespace

@@ -43,9 +43,11 @@ class Reader {
     at_ += sizeof(T);
     return true;
   }
+  // Lengths come from the bytes: compared with what is left, never added to
+  // the offset (at_ + n could wrap around and pass the check).
   bool String(std::string* s) {
     uint64_t n;
-    if (!Pod(&n) || at_ + n > in_.size()) return false;
+    if (!Pod(&n) || n > in_.size() - at_) return false;
     s->assign(in_.data() + at_, n);
     at_ += n;
     return true;
@@ -53,7 +55,7 @@ class Reader {
   template <typename T>
   bool Vector(std::vector<T>* v) {
     uint64_t n;
-    if (!Pod(&n) || at_ + n > in_.size() || n % sizeof(T) != 0) return false;
+    if (!Pod(&n) || n > in_.size() - at_ || n % sizeof(T) != 0) return false;
     v->resize(n / sizeof(T));
     std::memcpy(v->data(), in_.data() + at_, n);
     at_ += n;

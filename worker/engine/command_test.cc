@@ -53,5 +53,32 @@ TEST(Command, PrefillRoundTripAndTruncation) {
   EXPECT_FALSE(DecodeCommand(bytes).ok());
 }
 
+// A length field near 2^64 must not wrap the reader's bounds check around.
+TEST(Command, LengthThatWrapsTheOffsetIsRejected) {
+  Command c;
+  c.kind = CommandKind::kAppend;
+  c.append.session = SessionShape{3, 1, 2, 2, 4, DType::kFloat32};
+  c.append.rows.runs = {{0, 1}};
+  c.append.rows.k.assign(2 * 4 * 4, 'k');
+  c.append.rows.v.assign(2 * 4 * 4, 'v');
+  std::string bytes = EncodeCommand(c);
+  // The runs vector's length field sits after kind, shape and layer.
+  const size_t at = sizeof(CommandKind) + sizeof(SessionShape) + sizeof(int32_t);
+  // n wraps the offset after the length field (at + 8) to a small r <= size,
+  // and is a multiple of sizeof(KvRun) so only the bounds check can catch it.
+  const uint64_t after = at + sizeof(uint64_t);
+  uint64_t r = after % sizeof(KvRun);
+  const uint64_t wraps = uint64_t{0} - after + r;
+  ASSERT_EQ(wraps % sizeof(KvRun), 0u);
+  ASSERT_LE(r, bytes.size());
+  for (uint64_t n : {wraps, ~uint64_t{0} - 15, ~uint64_t{0}}) {
+    std::string bad = bytes;
+    std::memcpy(bad.data() + at, &n, sizeof(n));
+    auto decoded = DecodeCommand(bad);
+    EXPECT_FALSE(decoded.ok()) << n;
+  }
+  ASSERT_TRUE(DecodeCommand(bytes).ok());
+}
+
 }  // namespace
 }  // namespace ringtree
