@@ -43,9 +43,13 @@ def load(path):
 
 def prefill_rows(rows):
     """One dict per prefill run over the cluster, with the derived figures."""
-    # Per-step compute of the busiest rank, 2 ranks x 1 thread on shared memory.
-    calib = {r["tokens"] // r["machine"]["ranks"]: max(x["compute_s"] + x["merge_s"] for x in r["per_rank"]) /
-             r["machine"]["ranks"] for r in rows if r.get("label") == "calib_prefill"}
+    # Per-step compute of the busiest rank, 2 ranks x 1 thread on shared memory,
+    # measured just before each link rate's points (calib_for).
+    calibs = defaultdict(dict)
+    for r in rows:
+        if r.get("label") == "calib_prefill":
+            calibs[r.get("calib_for")][r["tokens"] // r["machine"]["ranks"]] = max(
+                x["compute_s"] + x["merge_s"] for x in r["per_rank"]) / r["machine"]["ranks"]
     # Delivered rate each way when both ends send at once (MPI exchange of the
     # largest ping-pong size), per (link, progress).
     pp = defaultdict(dict)
@@ -57,9 +61,11 @@ def prefill_rows(rows):
         big = max(d)
         if "exchange_us_median" in d[big]:
             bw_ex[key] = big / ((d[big]["exchange_us_median"] - d[8]["one_way_us_median"]) * 1e-6)
-    big = max(calib) if calib else None
     hd = next((r["heads"] * r["head_dim"] for r in rows if r.get("label") == "calib_prefill"), 256)
-    kernel_rate = 2.0 * big * big * hd / calib[big] if big else None
+    rates = {}
+    for key, calib in calibs.items():
+        big = max(calib)
+        rates[key] = (2.0 * big * big * hd / calib[big], big)
     out = []
     for r in rows:
         if r["bench"] != "prefill" or r.get("label") not in ("prefill", "prefill_contiguous"):
@@ -74,6 +80,8 @@ def prefill_rows(rows):
         T = block / bw
         wait = worst["wait_s"]
         hidden = max(0.0, min(1.0, 1.0 - wait / T))
+        kernel_rate, big = rates.get(r["link"], rates.get(None, (None, None)))
+        calib = calibs.get(r["link"], calibs.get(None, {}))
         thr = r["kv_heads"] * 4 * kernel_rate / (r["heads"] * bw) if kernel_rate else float("nan")
         bx = bw_ex.get((r["link"], r.get("progress", "default")))
         thr_m = r["kv_heads"] * 4 * kernel_rate / (r["heads"] * bx) if kernel_rate and bx else float("nan")
@@ -85,8 +93,8 @@ def prefill_rows(rows):
                         n=n, P=P, compute_ms=1e3 * cmax, wait_ms=1e3 * wait, transfer_ms=1e3 * T,
                         hidden=hidden, threshold=thr, total_ms=1e3 * r["seconds"], block_bytes=block,
                         link_bytes=r.get("link_bytes"), calib_ms=1e3 * c1 if c1 else None,
-                        above=n > thr, threshold_measured=thr_m, bw_ex=bx))
-    return out, kernel_rate, big
+                        above=n > thr, threshold_measured=thr_m, bw_ex=bx, kernel_rate=kernel_rate))
+    return out, rates
 
 
 def main():
@@ -118,18 +126,19 @@ def main():
     md.append("")
 
     # Prefill.
-    pre, kernel_rate, big = prefill_rows(rows)
+    pre, rates = prefill_rows(rows)
     md.append("## Ring prefill, causal, 2 hosts × 1 rank × 1 thread, H = Hkv = 2, D = 128, float32\n")
-    if kernel_rate:
-        md.append("Kernel rate R (per rank, 2 ranks × 1 thread at once on shared memory, causal N/P = %d, same run): "
-                  "%.1f GFLOP/s. Threshold "
+    if rates:
+        md.append("Kernel rate R (per rank, 2 ranks × 1 thread at once on shared memory, causal, the largest N/P, "
+                  "measured just before each link rate's points): %s. Threshold "
                   "N/P* = Hkv·4·R/(H·bw): compute per step 4·(N/P)²·H·D/2/R equals transfer 2·(N/P)·Hkv·D·4/bw; "
                   "bw = nominal rate × 0.94 (N/P*), or the rate each way the MPI exchange of 32 MiB delivered in "
                   "this run (N/P* meas.). *Transfer* and *hidden* use the nominal bw (the stricter); *hidden vs meas. "
                   "rate* uses the measured exchange rate. *Hidden* = 1 − wait ÷ transfer, wait = all of the rank's "
                   "wait in the call (the argument handshake and any skew between the ranks too), the rank with the "
                   "most wait. *Wait ÷ compute*: that wait over the rank's compute in the call.\n"
-                  % (big, kernel_rate / 1e9))
+                  % ", ".join("%.1f GFLOP/s (%s, N/P = %d)" % (v[0] / 1e9, k or "all", v[1])
+                              for k, v in sorted(rates.items(), key=lambda kv: str(kv[0]))))
     md.append("| link | TCP progress | layout | N/P | compute/step | wait | transfer at link rate | hidden | hidden vs meas. rate | wait ÷ compute | N/P* | N/P* meas. | on the links (tc) |")
     md.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for p in sorted(pre, key=lambda p: (rate_bytes(p["link"]), p["progress"], p["layout"], p["n"])):
