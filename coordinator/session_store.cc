@@ -4,7 +4,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "worker/spans/span_format.h"  // WriteFileAtomically, ReadWholeFile
+#include "worker/spans/span_format.h"  // WriteFileAtomically, ReadWholeFile, durable directories
 
 namespace ringtree {
 
@@ -35,9 +35,7 @@ Status SessionStore::Save(const SessionRecord& record) const {
     j["layers"] = std::move(layers);
     j["kv_bytes"] = record.kv_bytes;
   }
-  std::error_code ec;
-  std::filesystem::create_directories(Dir(), ec);
-  if (ec) return Status::IoError("[sessions] create " + Dir() + ": " + ec.message());
+  RINGTREE_RETURN_IF_ERROR(CreateDirectoriesDurably(Dir()));
   return WriteFileAtomically(Dir(), record.id + ".json", j.dump());
 }
 
@@ -46,7 +44,8 @@ Status SessionStore::Remove(const std::string& id) const {
   std::error_code ec;
   std::filesystem::remove(Dir() + "/" + id + ".json", ec);
   if (ec) return Status::IoError("[sessions] remove " + id + ": " + ec.message());
-  return Status::Ok();
+  // Durable removal: a deleted session must not come back after a crash.
+  return SyncDirectory(Dir());
 }
 
 Result<std::vector<std::shared_ptr<SessionRecord>>> SessionStore::LoadAll(int world_size) const {

@@ -1423,5 +1423,40 @@ TEST_F(ServiceWritePath, NonUtf8StringsAreInvalidArgumentNamingTheField) {
   EXPECT_EQ(server->Stop(), 0) << server->log();
 }
 
+// A store directory that is missing while the session metadata says the rank
+// holds tokens of the layer is DATA_LOSS naming the path, never an empty layer.
+TEST_F(ServiceWritePath, MissingStoreDirectoryIsDataLossNamingThePath) {
+  std::mt19937 rng(24);
+  Model m;
+  std::string id;
+  {
+    auto server = Start(true);
+    auto client = Client(*server);
+    auto info = client->CreateSession(Config(m));
+    ASSERT_TRUE(info.ok());
+    id = info->session_id();
+    auto [k, v] = NewKv(rng, m, 256);  // spans on both ranks
+    ASSERT_TRUE(client->AppendKV(id, 0, k, v).ok());
+    EXPECT_EQ(server->Stop(), 0) << server->log();
+  }
+  std::string lost;
+  for (const auto& e : std::filesystem::directory_iterator(dir_ + "/data/rank-1")) {
+    if (std::filesystem::exists(e.path() / "layer-0")) lost = (e.path() / "layer-0").string();
+  }
+  ASSERT_FALSE(lost.empty());
+  std::filesystem::remove_all(lost);
+  auto server = Start(true);
+  auto client = Client(*server);
+  const std::vector<float> q = Random(rng, m.heads * m.head_dim);
+  auto out = client->Attend(id, 0, HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim}));
+  ASSERT_FALSE(out.ok()) << "a layer that lost rank 1's tokens answered";
+  EXPECT_EQ(GrpcCodeOf(out.status()), grpc::StatusCode::DATA_LOSS) << out.status().message();
+  EXPECT_NE(out.status().message().find(lost), std::string::npos) << out.status().message();
+  // The other layer (no tokens recorded on any rank) still takes writes.
+  auto [k1, v1] = NewKv(rng, m, 8);
+  EXPECT_TRUE(client->AppendKV(id, 1, k1, v1).ok());
+  EXPECT_EQ(server->Stop(), 0) << server->log();
+}
+
 }  // namespace
 }  // namespace ringtree

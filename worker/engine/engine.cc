@@ -162,6 +162,15 @@ Result<SpanStore*> WorkerEngine::Store(const SessionShape& shape, int layer) {
                      report.dropped_reason.c_str());
       }
     } else {
+      // No store, but the session metadata (the commit point) says this rank
+      // holds tokens of the layer: its directory was lost. Never an empty layer.
+      auto expected = expected_tokens_.find({shape.handle, layer});
+      if (expected != expected_tokens_.end() && expected->second > 0) {
+        return Status::DataLoss("[engine] " + o.data_dir + ": store missing (no MANIFEST), the session metadata "
+                                "records " + std::to_string(expected->second) + " tokens of layer " +
+                                std::to_string(layer) + " on rank " + std::to_string(compute_->rank()) +
+                                "; acknowledged tokens are lost and the layer cannot be used");
+      }
       RINGTREE_ASSIGN_OR_RETURN(slot, SpanStore::Create(o));
     }
   } else {
@@ -291,11 +300,8 @@ Status WorkerEngine::DeleteSession(uint64_t handle) {
     sessions_.erase(it);
   }
   if (config_.data_dir.empty()) return Status::Ok();
-  std::error_code ec;
   const std::string dir = config_.data_dir + "/rank-" + std::to_string(compute_->rank()) + "/s" + std::to_string(handle);
-  std::filesystem::remove_all(dir, ec);
-  if (ec) return Status::IoError("[engine] remove " + dir + ": " + ec.message());
-  return Status::Ok();
+  return RemoveAllDurably(dir);
 }
 
 Status WorkerEngine::Restore(const std::vector<uint64_t>& live) {
@@ -310,7 +316,7 @@ Status WorkerEngine::Restore(const std::vector<uint64_t>& live) {
     const uint64_t handle = std::strtoull(name.c_str() + 1, nullptr, 10);
     if (keep.count(handle)) continue;
     // A session deleted (or never acknowledged) before a crash.
-    std::filesystem::remove_all(entry.path(), ec);
+    RINGTREE_RETURN_IF_ERROR(RemoveAllDurably(entry.path().string()));
   }
   return Status::Ok();
 }

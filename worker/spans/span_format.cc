@@ -7,6 +7,7 @@
 
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 
 namespace ringtree {
 
@@ -195,6 +196,38 @@ Status WriteFileAtomically(const std::string& dir, const std::string& name,
   }
   ::close(dfd);
   return Status::Ok();
+}
+
+Status SyncDirectory(const std::string& dir) {
+  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+  if (dfd < 0) return Errno("open", dir);
+  if (::fsync(dfd) != 0) {
+    Status st = Errno("fsync", dir);
+    ::close(dfd);
+    return st;
+  }
+  ::close(dfd);
+  return Status::Ok();
+}
+
+Status CreateDirectoriesDurably(const std::string& dir) {
+  std::filesystem::path path = std::filesystem::path(dir).lexically_normal();
+  if (!path.has_filename()) path = path.parent_path();  // trailing slash
+  std::error_code ec;
+  if (path.empty() || std::filesystem::is_directory(path, ec)) return Status::Ok();
+  const std::filesystem::path parent = path.parent_path();
+  if (!parent.empty()) RINGTREE_RETURN_IF_ERROR(CreateDirectoriesDurably(parent.string()));
+  if (::mkdir(path.c_str(), 0755) != 0 && errno != EEXIST) return Errno("mkdir", path.string());
+  return SyncDirectory(parent.empty() ? "." : parent.string());
+}
+
+Status RemoveAllDurably(const std::string& path) {
+  std::error_code ec;
+  std::filesystem::remove_all(path, ec);
+  if (ec) return Status::IoError("[spans] remove " + path + ": " + ec.message());
+  const std::filesystem::path parent = std::filesystem::path(path).lexically_normal().parent_path();
+  if (!std::filesystem::is_directory(parent, ec)) return Status::Ok();
+  return SyncDirectory(parent.string());
 }
 
 Result<std::string> ReadWholeFile(const std::string& path) {

@@ -145,10 +145,8 @@ Result<std::unique_ptr<SpanStore>> SpanStore::Create(const SpanStoreOptions& opt
   RINGTREE_RETURN_IF_ERROR(ValidateOptions(options));
   std::unique_ptr<SpanStore> store(new SpanStore(options));
   if (!options.data_dir.empty()) {
-    std::error_code ec;
-    std::filesystem::create_directories(options.data_dir, ec);
-    if (ec)
-      return Status::IoError("[spans] create_directories " + options.data_dir + ": " + ec.message());
+    // Durable entries all the way up before the manifest names the store.
+    RINGTREE_RETURN_IF_ERROR(CreateDirectoriesDurably(options.data_dir));
     if (std::filesystem::exists(options.data_dir + "/" + kManifestName))
       return Status::AlreadyExists("[spans] " + options.data_dir + ": a store already exists");
     RINGTREE_RETURN_IF_ERROR(store->OpenFile(/*create=*/true));
