@@ -1,5 +1,7 @@
 #include "dist/communicator.h"
 
+#include <atomic>
+
 #include <algorithm>
 #include <cstring>
 #include <utility>
@@ -10,6 +12,8 @@ namespace {
 
 // Largest message we hand to MPI in one call (MPI counts are int).
 constexpr int64_t kMaxMessageBytes = int64_t{1} << 30;
+// Point-to-point split size (kMaxMessageBytes unless a test lowered it).
+std::atomic<int64_t> max_part_bytes{kMaxMessageBytes};
 
 int ToMpiLevel(MpiEnvironment::ThreadLevel level) {
   switch (level) {
@@ -177,13 +181,19 @@ Result<Communicator> Communicator::SplitShared(int key) const {
   return Communicator(out, true);
 }
 
+int64_t Communicator::MaxPartBytes() { return max_part_bytes.load(std::memory_order_relaxed); }
+
+void Communicator::SetMaxPartBytesForTesting(int64_t bytes) {
+  max_part_bytes.store(std::clamp<int64_t>(bytes, 1, kMaxMessageBytes), std::memory_order_relaxed);
+}
+
 Result<Request> Communicator::Isend(const void* data, int64_t bytes, int dest, int tag) const {
   Request req;
   req.what_ = "Isend to rank " + std::to_string(dest);
   const char* p = static_cast<const char*>(data);
   int64_t offset = 0;
   do {
-    const int n = static_cast<int>(std::min(kMaxMessageBytes, bytes - offset));
+    const int n = static_cast<int>(std::min(MaxPartBytes(), bytes - offset));
     MPI_Request r = MPI_REQUEST_NULL;
     RINGTREE_RETURN_IF_ERROR(MpiStatus(MPI_Isend(p + offset, n, MPI_BYTE, dest, tag, comm_, &r), req.what_));
     req.parts_.push_back(r);
@@ -198,7 +208,7 @@ Result<Request> Communicator::Irecv(void* data, int64_t bytes, int source, int t
   char* p = static_cast<char*>(data);
   int64_t offset = 0;
   do {
-    const int n = static_cast<int>(std::min(kMaxMessageBytes, bytes - offset));
+    const int n = static_cast<int>(std::min(MaxPartBytes(), bytes - offset));
     MPI_Request r = MPI_REQUEST_NULL;
     RINGTREE_RETURN_IF_ERROR(MpiStatus(MPI_Irecv(p + offset, n, MPI_BYTE, source, tag, comm_, &r), req.what_));
     req.parts_.push_back(r);

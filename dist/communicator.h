@@ -109,6 +109,15 @@ class Communicator {
   Result<Communicator> SplitShared(int key) const;
 
   // --- point-to-point (bytes; any size, split internally above 1 GiB) -------
+  // A message of more than MaxPartBytes() is sent as consecutive MPI
+  // messages of at most that size (MPI counts are int); Irecv/Recv of the
+  // same byte count on the same tag receives them in order. A receiver that
+  // does not know the size must be told it first (see CommandChannel).
+  static int64_t MaxPartBytes();
+  // Test knob: lowers the split size (1 <= bytes <= 1 GiB) so the multi-part
+  // path runs with small buffers. Call on every rank with the same value
+  // while no point-to-point operation is in flight.
+  static void SetMaxPartBytesForTesting(int64_t bytes);
   Result<Request> Isend(const void* data, int64_t bytes, int dest, int tag) const;
   Result<Request> Irecv(void* data, int64_t bytes, int source, int tag) const;
   Status Send(const void* data, int64_t bytes, int dest, int tag) const;

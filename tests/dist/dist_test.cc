@@ -23,6 +23,7 @@
 #include "dist/ring_attention.h"
 #include "dist/sharding.h"
 #include "dist/tree_decode.h"
+#include "worker/engine/engine.h"
 #include "kernels/blas.h"
 #include "kernels/reference.h"
 #include "kernels/test_util.h"
@@ -636,6 +637,37 @@ TEST(CommunicatorTest, AgreeOnStatusReportsLowestFailingRank) {
   ASSERT_TRUE(r.ok() && s.ok());
   ASSERT_TRUE(comm.WaitAll({&r.value(), &s.value()}).ok());
   EXPECT_EQ(in, prev);
+}
+
+// Commands of any size arrive whole: with the communicator's split size
+// lowered to 1000 bytes (as 1 GiB is in production), commands of many parts
+// are reassembled by CommandChannel::Receive.
+TEST(CommandChannelTest, CommandsOfManyMessagePartsArriveWhole) {
+  const Communicator& world = World();
+  if (world.size() < 2) GTEST_SKIP() << "needs 2 ranks";
+  auto dup = world.Duplicate();
+  ASSERT_TRUE(dup.ok());
+  CommandChannel channel(*dup);
+  const int64_t saved = Communicator::MaxPartBytes();
+  Communicator::SetMaxPartBytesForTesting(1000);
+  auto pattern = [](int64_t n, int dest) {
+    std::string s(static_cast<size_t>(n), '\0');
+    for (int64_t i = 0; i < n; ++i) s[i] = static_cast<char>((i * 131 + dest * 7 + i / 1000) & 0xff);
+    return s;
+  };
+  for (int64_t n : {int64_t{1}, int64_t{999}, int64_t{1000}, int64_t{64} << 10, (int64_t{64} << 10) + 1, int64_t{300001}}) {
+    if (world.rank() == 0) {
+      for (int d = 1; d < world.size(); ++d) ASSERT_TRUE(channel.Send(d, pattern(n, d)).ok());
+    } else {
+      auto got = channel.Receive(0, 100, 10, 100);
+      ASSERT_TRUE(got.ok()) << got.status().ToString();
+      EXPECT_EQ(got->size(), static_cast<size_t>(n));
+      EXPECT_TRUE(*got == pattern(n, world.rank())) << n << " bytes arrived changed";
+    }
+  }
+  Communicator::SetMaxPartBytesForTesting(saved);
+  EXPECT_EQ(Communicator::MaxPartBytes(), saved);
+  ASSERT_TRUE(world.Barrier().ok());
 }
 
 // A header may claim any shape: a byte count that overflows int64 is an

@@ -22,6 +22,11 @@ namespace {
 constexpr int kCommandTag = 101;
 constexpr int kPrefillOutputTag = 102;
 constexpr int kRetrieveTag = 103;
+constexpr int kCommandBodyTag = 104;  // the payload of a command too large to inline
+// A command up to this size (and within one MPI message) travels in one
+// message after its 8-byte length; a larger one as the length alone, then its
+// payload on kCommandBodyTag (split by the communicator like any large message).
+constexpr int64_t kInlineCommandBytes = int64_t{64} << 10;
 // Test hook (fault injection): while the file this names holds a rank
 // number, that rank's appends fail with IO_ERROR. Unset in production.
 constexpr const char* kFailAppendEnv = "RINGTREE_TEST_FAIL_APPEND_FILE";
@@ -833,7 +838,17 @@ Result<EngineOutput> WorkerEngine::ExecuteRetrieve(RetrieveCommand& r) {
 }
 
 Status CommandChannel::Send(int dest, const std::string& bytes) const {
-  return comm_.Send(bytes.data(), static_cast<int64_t>(bytes.size()), dest, kCommandTag);
+  const uint64_t total = bytes.size();
+  // Inline only what fits one MPI message (the receiver probes one message).
+  const bool inline_payload =
+      total == 0 || static_cast<int64_t>(total) <= std::min(kInlineCommandBytes,
+                                                            Communicator::MaxPartBytes() - int64_t{sizeof(total)});
+  std::string first(sizeof(total), '\0');
+  std::memcpy(first.data(), &total, sizeof(total));
+  if (inline_payload) first += bytes;
+  RINGTREE_RETURN_IF_ERROR(comm_.Send(first.data(), static_cast<int64_t>(first.size()), dest, kCommandTag));
+  if (inline_payload) return Status::Ok();
+  return comm_.Send(bytes.data(), static_cast<int64_t>(total), dest, kCommandBodyTag);
 }
 
 Result<std::string> CommandChannel::Receive(int root, int spin_microseconds, int sleep_microseconds,
@@ -859,8 +874,22 @@ Result<std::string> CommandChannel::Receive(int root, int spin_microseconds, int
   }
   MPI_Count count = 0;
   RINGTREE_RETURN_IF_ERROR(MpiStatus(MPI_Get_elements_x(&status, MPI_BYTE, &count), "MPI_Get_elements_x"));
-  std::string bytes(static_cast<size_t>(count), '\0');
-  RINGTREE_RETURN_IF_ERROR(comm_.Recv(bytes.data(), static_cast<int64_t>(count), root, kCommandTag));
+  std::string first(static_cast<size_t>(count), '\0');
+  RINGTREE_RETURN_IF_ERROR(comm_.Recv(first.data(), static_cast<int64_t>(count), root, kCommandTag));
+  uint64_t total = 0;
+  if (first.size() < sizeof(total)) {
+    return Status::Internal("[engine] command frame of " + std::to_string(first.size()) + " bytes has no length");
+  }
+  std::memcpy(&total, first.data(), sizeof(total));
+  if (first.size() > sizeof(total) || total == 0) {  // inline payload (a header alone announces a body)
+    if (first.size() - sizeof(total) != total) {
+      return Status::Internal("[engine] command frame: " + std::to_string(first.size() - sizeof(total)) +
+                              " payload bytes, the header says " + std::to_string(total));
+    }
+    return first.substr(sizeof(total));
+  }
+  std::string bytes(static_cast<size_t>(total), '\0');
+  RINGTREE_RETURN_IF_ERROR(comm_.Recv(bytes.data(), static_cast<int64_t>(total), root, kCommandBodyTag));
   return bytes;
 }
 

@@ -171,9 +171,12 @@ class WorkerEngine {
 class CommandChannel {
  public:
   explicit CommandChannel(const Communicator& comm) : comm_(comm) {}
-  // Root: sends `bytes` to `dest`. Blocks until the send buffer is reusable.
+  // Root: sends `bytes` (any length) to `dest`, framed with its length: one
+  // MPI message for small commands, the length then the payload (split by the
+  // communicator above its part size) for large ones. Blocks until the send
+  // buffer is reusable.
   Status Send(int dest, const std::string& bytes) const;
-  // Worker: waits for the next command from `root`.
+  // Worker: waits for the next command from `root` and returns all of it.
   // spin_microseconds: busy-poll this long after the previous command, then
   // sleep `sleep_microseconds` between polls; after 50 ms without a command
   // the sleep doubles up to `max_sleep_microseconds`.
