@@ -1,6 +1,8 @@
 #include "dist/ring_attention.h"
 
 #include <algorithm>
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
@@ -188,6 +190,16 @@ class RingAccumulator {
   int64_t max_rows_ = 0;
 };
 
+// Test hook: RINGTREE_TEST_RING_FAIL="<rank>:<step>" makes that rank's
+// kernel work fail at that ring step, so the error path has a test.
+Status InjectedRingFault(int rank, int step) {
+  const char* spec = std::getenv("RINGTREE_TEST_RING_FAIL");
+  int r = -1, s = -1;
+  if (spec == nullptr || std::sscanf(spec, "%d:%d", &r, &s) != 2 || r != rank || s != step) return Status::Ok();
+  return Status::Internal("[ring] injected kernel fault on rank " + std::to_string(rank) + " at step " +
+                          std::to_string(step) + " (RINGTREE_TEST_RING_FAIL)");
+}
+
 Status RunRing(const char* op, const Communicator& comm, const HeadConfig& hc,
                std::span<const QueryBlock> queries, std::span<const KvBlock> local_kv, const RingOptions& options,
                PhaseTimings* timings) {
@@ -281,7 +293,8 @@ Status RunRing(const char* op, const Communicator& comm, const HeadConfig& hc,
 
   const int next = (rank + 1) % P, prev = (rank - 1 + P) % P;
   int cur = 0;
-  Status failure;
+  Status failure;         // MPI: ends the ring at once
+  Status kernel_failure;  // this rank's kernel error: the ring still completes
   for (int step = 0; step < P; ++step) {
     const int owner = (rank - step + P) % P;  // whose KV we hold now
     std::vector<Request> requests;
@@ -341,12 +354,16 @@ Status RunRing(const char* op, const Communicator& comm, const HeadConfig& hc,
       MPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, comm.handle(), &flag, MPI_STATUS_IGNORE);
       local_t.wait_seconds += NowSeconds() - p0;
     };
-    Status computed;
-    if (step == 0) {
-      computed = acc.Accumulate(local_kv, &local_t, progress);
-    } else {
-      std::vector<KvBlock> blocks = view(owner, buffers[cur]);
-      computed = acc.Accumulate(blocks, &local_t, progress);
+    // After a kernel error this rank computes nothing more but keeps passing
+    // blocks on, so no rank waits for a block that never comes.
+    Status computed = kernel_failure.ok() ? InjectedRingFault(rank, step) : Status::Ok();
+    if (kernel_failure.ok() && computed.ok()) {
+      if (step == 0) {
+        computed = acc.Accumulate(local_kv, &local_t, progress);
+      } else {
+        std::vector<KvBlock> blocks = view(owner, buffers[cur]);
+        computed = acc.Accumulate(blocks, &local_t, progress);
+      }
     }
     const double w0 = NowSeconds();
     std::vector<Request*> pending;
@@ -354,17 +371,19 @@ Status RunRing(const char* op, const Communicator& comm, const HeadConfig& hc,
     Status waited = comm.WaitAll(pending);
     local_t.wait_seconds += NowSeconds() - w0;
     local_t.steps += 1;
-    if (!computed.ok() || !waited.ok()) {
-      failure = !computed.ok() ? computed : waited;
+    if (!waited.ok()) {  // MPI failure: the ring itself is broken
+      failure = waited;
       break;
     }
+    if (!computed.ok() && kernel_failure.ok()) kernel_failure = computed;
     if (options.on_step) options.on_step(step + 1, P);
     cur = 1 - cur;
   }
-  // A kernel error on one rank must not leave the others waiting in the ring:
-  // every rank ran all steps' sends/receives (kernel errors are shape errors
-  // already caught by validation), so only MPI failures break out early.
+  // Only MPI failures leave the ring early. A kernel error on one rank is
+  // agreed on once every rank has run all steps' sends and receives, so all
+  // ranks return it and none hangs.
   RINGTREE_RETURN_IF_ERROR(failure);
+  RINGTREE_RETURN_IF_ERROR(comm.AgreeOnStatus(kernel_failure));
   acc.Finish();
   local_t.total_seconds = NowSeconds() - start;
   if (timings) *timings += local_t;

@@ -615,6 +615,32 @@ TEST(ErrorAgreementTest, BadHeadsOnOneRankFailsEverywhere) {
   EXPECT_TRUE(comm.Barrier().ok());
 }
 
+// A kernel error on one rank in the middle of the ring (test hook
+// RINGTREE_TEST_RING_FAIL): every rank completes the ring protocol and
+// returns the same error; nobody waits for a block that never comes.
+TEST(ErrorAgreementTest, KernelErrorOnOneRankMidRingFailsEverywhereWithoutHanging) {
+  const Communicator& comm = World();
+  if (comm.size() < 2) GTEST_SKIP() << "needs two ranks";
+  const HeadConfig hc{4, 2, 32, kF32};
+  const int64_t tokens = 8;
+  std::vector<float> q(tokens * 4 * 32, 0.5f), o(q.size()), lse(tokens * 4), kv(tokens * 2 * 32, 0.25f);
+  QueryBlock qb{q.data(), tokens, tokens * comm.rank(), o.data(), lse.data()};
+  KvBlock kb{kv.data(), kv.data(), tokens, tokens * comm.rank()};
+  RingOptions options;
+  options.causal = true;
+  for (int fail_step : {0, comm.size() - 1}) {
+    const std::string spec = "1:" + std::to_string(fail_step);
+    setenv("RINGTREE_TEST_RING_FAIL", spec.c_str(), 1);
+    Status s = RingAttention(comm, hc, {&qb, 1}, {&kb, 1}, options);
+    unsetenv("RINGTREE_TEST_RING_FAIL");
+    EXPECT_FALSE(s.ok()) << "rank " << comm.rank() << ", fault at step " << fail_step;
+    EXPECT_NE(s.message().find("injected kernel fault on rank 1"), std::string::npos) << s.message();
+  }
+  // The ring still works afterwards.
+  EXPECT_TRUE(RingAttention(comm, hc, {&qb, 1}, {&kb, 1}, options).ok());
+  EXPECT_TRUE(comm.Barrier().ok());
+}
+
 TEST(CommunicatorTest, AgreeOnStatusReportsLowestFailingRank) {
   const Communicator& comm = World();
   Status local = comm.rank() >= comm.size() / 2 && comm.size() > 1
