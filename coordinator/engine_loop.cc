@@ -396,6 +396,33 @@ KvRows SliceRows(const std::vector<PlacedRun>& runs, int rank, int64_t first, in
   return rows;
 }
 
+// Appends to *out the rows of `runs` that sit on `rank`, in order, cut out
+// of a call held as consecutive parts (AppendKV: one per message) whose first
+// row is position `first`.
+void AppendRowsFromParts(const std::vector<PlacedRun>& runs, int rank, int64_t first, int64_t row_bytes,
+                         const std::vector<std::string>& parts, std::string* out) {
+  size_t part = 0;
+  int64_t part_start = 0;  // byte offset of parts[part] in the call
+  for (const PlacedRun& r : runs) {
+    if (r.rank != rank) continue;
+    int64_t at = (r.position - first) * row_bytes;
+    int64_t left = r.tokens * row_bytes;
+    while (part > 0 && at < part_start) part_start -= static_cast<int64_t>(parts[--part].size());
+    while (left > 0 && part < parts.size()) {
+      const int64_t size = static_cast<int64_t>(parts[part].size());
+      if (at >= part_start + size) {
+        part_start += size;
+        ++part;
+        continue;
+      }
+      const int64_t n = std::min(left, part_start + size - at);
+      out->append(parts[part], static_cast<size_t>(at - part_start), static_cast<size_t>(n));
+      at += n;
+      left -= n;
+    }
+  }
+}
+
 }  // namespace
 
 void EngineLoop::RunAppend(WorkItem& item) {
@@ -419,16 +446,39 @@ void EngineLoop::RunAppend(WorkItem& item) {
     Complete(item, disk);
     return;
   }
-  std::vector<Command> commands(world_size_);
-  for (int d = 0; d < world_size_; ++d) {
-    commands[d].kind = CommandKind::kAppend;
-    commands[d].append.session = s.shape;
-    commands[d].append.layer = item.layer;
-    commands[d].append.rows = SliceRows(runs, d, item.first_position, row_bytes, item.k, item.v);
+  // Memory: rank 0 holds the call once (its parts, as they arrived). Each
+  // worker's rows are copied straight into its encoded command, sent, and
+  // freed before the next rank's; the call is released before rank 0 stores
+  // its own share. Peak: the call plus one rank's share.
+  auto rank_runs = [&](int d) {
+    std::vector<KvRun> mine;
+    for (const PlacedRun& r : runs) {
+      if (r.rank == d) mine.push_back({r.position, r.tokens});
+    }
+    return mine;
+  };
+  Status sent = Status::Ok();
+  int64_t sent_bytes = 0;
+  for (int d = 1; d < world_size_ && sent.ok(); ++d) {
+    const std::string bytes =
+        EncodeAppendCommand(s.shape, item.layer, rank_runs(d), row_bytes, [&](int which, std::string* out) {
+          AppendRowsFromParts(runs, d, item.first_position, row_bytes, which == 0 ? item.k_parts : item.v_parts,
+                              out);
+        });
+    sent_bytes += static_cast<int64_t>(bytes.size());
+    sent = channel_.Send(d, bytes);
   }
-  item.k.clear();
-  item.v.clear();
-  Result<EngineOutput> out = Broadcast(commands);
+  stats_.AddBytes(0, 0, sent_bytes);
+  Command own;
+  own.kind = CommandKind::kAppend;
+  own.append.session = s.shape;
+  own.append.layer = item.layer;
+  own.append.rows.runs = rank_runs(0);
+  AppendRowsFromParts(runs, 0, item.first_position, row_bytes, item.k_parts, &own.append.rows.k);
+  AppendRowsFromParts(runs, 0, item.first_position, row_bytes, item.v_parts, &own.append.rows.v);
+  std::vector<std::string>().swap(item.k_parts);
+  std::vector<std::string>().swap(item.v_parts);
+  Result<EngineOutput> out = sent.ok() ? engine_.Execute(own) : Result<EngineOutput>(sent);
   stats_.RecordBatch("append", 1);
   if (!out.ok()) {
     Complete(item, out.status());

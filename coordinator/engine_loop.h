@@ -55,6 +55,9 @@ struct WorkItem {
   std::vector<float> q;  // [q_tokens, H, D] float32
   int64_t q_tokens = 0;
   std::string k, v;      // [kv_tokens, Hkv, D] in the session's storage dtype
+  // kAppend: the same, as the stream's messages arrived (one part each, so
+  // the call is held once, without a contiguous copy or growth slack).
+  std::vector<std::string> k_parts, v_parts;
   int64_t kv_tokens = 0;
   float scale = 0.0f;
   bool return_lse = false;

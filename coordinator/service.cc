@@ -624,8 +624,11 @@ grpc::Status AttentionServiceImpl::AppendKV(grpc::ServerContext* context,
     const int64_t bytes = 2 * kt * shape.row_bytes();
     if (Status r = admission_.ReserveKv(m, bytes); !r.ok()) return fail(r, false);
     reserved += bytes;
-    if (Status c = ToStorage(message.k(), kd, shape.storage, m, "k", &item->k); !c.ok()) return fail(c, true);
-    if (Status c = ToStorage(message.v(), vd, shape.storage, m, "v", &item->v); !c.ok()) return fail(c, true);
+    std::string k_part, v_part;
+    if (Status c = ToStorage(message.k(), kd, shape.storage, m, "k", &k_part); !c.ok()) return fail(c, true);
+    if (Status c = ToStorage(message.v(), vd, shape.storage, m, "v", &v_part); !c.ok()) return fail(c, true);
+    item->k_parts.push_back(std::move(k_part));
+    item->v_parts.push_back(std::move(v_part));
     item->kv_tokens += kt;
     ++index;
   } while (reader->Read(&message));

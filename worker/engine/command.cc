@@ -27,6 +27,8 @@ class Writer {
   void String(const std::string& s) { Bytes(s.data(), s.size()); }
   template <typename T>
   void Vector(const std::vector<T>& v) { Bytes(v.data(), v.size() * sizeof(T)); }
+  void Reserve(size_t n) { out_.reserve(n); }
+  std::string& raw() { return out_; }
   std::string Take() { return std::move(out_); }
 
  private:
@@ -95,6 +97,9 @@ bool Get(Reader& r, BatchGroup* g) {
 
 std::string EncodeCommand(const Command& c) {
   Writer w;
+  if (c.kind == CommandKind::kAppend) {  // large: one allocation, no growth copies
+    w.Reserve(256 + c.append.rows.runs.size() * sizeof(KvRun) + c.append.rows.k.size() + c.append.rows.v.size());
+  }
   w.Pod(c.kind);
   switch (c.kind) {
     case CommandKind::kShutdown: break;
@@ -138,6 +143,25 @@ std::string EncodeCommand(const Command& c) {
       w.Vector(c.live_handles);
       w.Vector(c.expected_tokens);
       break;
+  }
+  return w.Take();
+}
+
+std::string EncodeAppendCommand(const SessionShape& session, int32_t layer, const std::vector<KvRun>& runs,
+                                int64_t row_bytes,
+                                const std::function<void(int which, std::string* out)>& append_rows) {
+  int64_t tokens = 0;
+  for (const KvRun& r : runs) tokens += r.tokens;
+  const uint64_t n = static_cast<uint64_t>(tokens * row_bytes);
+  Writer w;
+  w.Reserve(256 + runs.size() * sizeof(KvRun) + 2 * n);
+  w.Pod(CommandKind::kAppend);
+  Put(w, session);
+  w.Pod(layer);
+  w.Vector(runs);
+  for (int which = 0; which < 2; ++which) {  // the layout of Put(KvRows): k then v, each length-prefixed
+    w.Pod<uint64_t>(n);
+    append_rows(which, &w.raw());
   }
   return w.Take();
 }

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -123,6 +124,13 @@ struct Command {
 
 // Binary encoding (host byte order: all ranks run the same binary).
 std::string EncodeCommand(const Command& command);
+// The encoding of a kAppend command whose rows (`runs`, row_bytes each) are
+// written straight into it by append_rows(which, out) (which: 0 = k, 1 = v;
+// it must append exactly tokens * row_bytes bytes): the same bytes as
+// EncodeCommand, without holding the rows twice.
+std::string EncodeAppendCommand(const SessionShape& session, int32_t layer, const std::vector<KvRun>& runs,
+                                int64_t row_bytes,
+                                const std::function<void(int which, std::string* out)>& append_rows);
 // Errors: truncated or malformed bytes (kInternal; a bug, never user input).
 Result<Command> DecodeCommand(const std::string& bytes);
 

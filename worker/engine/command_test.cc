@@ -53,6 +53,28 @@ TEST(Command, PrefillRoundTripAndTruncation) {
   EXPECT_FALSE(DecodeCommand(bytes).ok());
 }
 
+// The streaming encoder of appends writes the same bytes as EncodeCommand.
+TEST(Command, EncodeAppendCommandEqualsEncodeCommand) {
+  Command c;
+  c.kind = CommandKind::kAppend;
+  c.append.session = SessionShape{9, 3, 4, 2, 8, DType::kBFloat16};
+  c.append.layer = 2;
+  c.append.rows.runs = {{64, 3}, {192, 2}};
+  const int64_t row_bytes = c.append.session.row_bytes();
+  for (int64_t i = 0; i < 5 * row_bytes; ++i) {
+    c.append.rows.k.push_back(static_cast<char>(i));
+    c.append.rows.v.push_back(static_cast<char>(3 * i + 1));
+  }
+  const std::string streamed = EncodeAppendCommand(c.append.session, 2, c.append.rows.runs, row_bytes,
+                                                   [&](int which, std::string* out) {
+                                                     *out += which == 0 ? c.append.rows.k : c.append.rows.v;
+                                                   });
+  EXPECT_EQ(streamed, EncodeCommand(c));
+  auto decoded = DecodeCommand(streamed);
+  ASSERT_TRUE(decoded.ok());
+  EXPECT_EQ(decoded->append.rows.v, c.append.rows.v);
+}
+
 // A length field near 2^64 must not wrap the reader's bounds check around.
 TEST(Command, LengthThatWrapsTheOffsetIsRejected) {
   Command c;
