@@ -43,6 +43,7 @@
 #include "coordinator/session_store.h"
 #include "dist/communicator.h"
 #include "kernels/blas.h"
+#include "kernels/cpu.h"
 #include "worker/engine/engine.h"
 
 using namespace ringtree;
@@ -296,6 +297,7 @@ int main(int argc, char** argv) {
               " %zu sessions restored)\n",
               host.c_str(), port, static_cast<int>(getpid()), ranks, threads, tls_cert.empty() ? "off" : "on",
               auth.enabled() ? "on" : "off", data_dir.empty() ? "none" : data_dir.c_str(), restored);
+  std::printf("[attnserve] %s\n", KernelPathDescription().c_str());
   std::fflush(stdout);
 
   // Shutdown: on a signal, stop admitting and let gRPC drain the handlers
