@@ -80,8 +80,10 @@ def prefill_rows(rows):
         T = block / bw
         wait = worst["wait_s"]
         hidden = max(0.0, min(1.0, 1.0 - wait / T))
-        kernel_rate, big = rates.get(r["link"], rates.get(None, (None, None)))
-        calib = calibs.get(r["link"], calibs.get(None, {}))
+        # This rate's own calibration, else any (QUICK=1 calibrates once).
+        anyk = next(iter(rates), None)
+        kernel_rate, big = rates.get(r["link"], rates.get(anyk, (None, None)))
+        calib = calibs.get(r["link"], calibs.get(anyk, {}))
         thr = r["kv_heads"] * 4 * kernel_rate / (r["heads"] * bw) if kernel_rate else float("nan")
         bx = bw_ex.get((r["link"], r.get("progress", "default")))
         thr_m = r["kv_heads"] * 4 * kernel_rate / (r["heads"] * bx) if kernel_rate and bx else float("nan")

@@ -99,9 +99,10 @@ class Calibration:
 
         # Calibration rows: those measured just before `for_rate`'s points, or
         # (None) all of them, the median of each size.
-        def calib(label):
-            return [r for r in rows if r.get("label") == label and
-                    (for_rate is None or r.get("calib_for", for_rate) == for_rate)]
+        def calib(label):  # falls back to every calibration (QUICK=1 calibrates once)
+            rs = [r for r in rows if r.get("label") == label and
+                  (for_rate is None or r.get("calib_for", for_rate) == for_rate)]
+            return rs or [r for r in rows if r.get("label") == label]
 
         def median_by(rs, key, value):
             g = defaultdict(list)
@@ -141,13 +142,16 @@ class Calibration:
             if r["bench"] != "pingpong":
                 continue
             if r.get("label") == "pingpong_shm":
-                if for_rate is None or r.get("calib_for", for_rate) == for_rate:
-                    shm_rows[r["bytes"]].append(r)
+                shm_rows[(r.get("calib_for", for_rate) == for_rate or for_rate is None, r["bytes"])].append(r)
                 continue
             tag = "2x2" if r.get("label") == "pingpong_2x2" else ""
             pp[(r["link"], r["progress"], tag)][r["bytes"]] = r
-        for b_, rs in shm_rows.items():  # the median run of each size
-            pp[("shm", "default", "")][b_] = sorted(rs, key=lambda r: r["one_way_us_median"])[len(rs) // 2]
+        mine = any(k[0] for k in shm_rows)  # this rate's own shared-memory ping-pong, else all
+        for (own, b_), rs in shm_rows.items():  # the median run of each size
+            if own or not mine:
+                prev = pp[("shm", "default", "")].get(b_)
+                rs = rs + ([prev] if prev else [])
+                pp[("shm", "default", "")][b_] = sorted(rs, key=lambda r: r["one_way_us_median"])[len(rs) // 2]
         self.links4 = {}
         self.alpha_min = {}
         for (link, progress, tag), d in pp.items():
