@@ -213,13 +213,17 @@ Status FlashAttentionForward(const float* q, const void* k, const void* v, DType
   const float qmul = ResolveScale(opt, s.head_dim) * internal::kLog2e;
   // About 128 stacked rows per tile: large enough for an efficient GEMM,
   // small enough that scores, queries and the accumulator stay in L2.
-  const int64_t tile = std::max<int64_t>(own_tiles ? 8 : 16, 128 / G);
+  // Own tiles: every tile streams its head's whole K/V (from memory once it
+  // outgrows the caches), so long KV gets taller tiles (512 rows: 10% faster
+  // at 16k keys than 128 in A/B runs; at 4k keys 128 rows were 2-7% faster).
+  const int64_t tile_rows = own_tiles && s.kv_tokens >= 8192 ? 512 : 128;
+  const int64_t tile = std::max<int64_t>(own_tiles ? 8 : 16, tile_rows / G);
   const int64_t q_tiles = (s.q_tokens + tile - 1) / tile;
   const int64_t tasks = q_tiles * s.kv_heads;
   const int key_block = own_tiles ? internal::kFlashKeyBlock : kKeyBlock;
   const int64_t blocks_per_tile = (s.kv_tokens + key_block - 1) / key_block;
   tbb::parallel_for(tbb::blocked_range<int64_t>(0, tasks, 1), [&](const tbb::blocked_range<int64_t>& range) {
-    int64_t first[128], last[128];
+    int64_t first[512], last[512];
     int64_t computed = 0, tiles = 0;
     for (int64_t task = range.begin(); task < range.end(); ++task) {
       // Largest causal tiles (latest queries) first for better load balance.

@@ -158,6 +158,15 @@ std::vector<OpCase> GenerateCases() {
     add(c);
   }
   {
+    OpCase c;  // long KV: the own tiles grow to 512 rows (tile of 256 tokens here), ragged last tile
+    c.name = "long_kv_tall_tiles";
+    c.tq = 600, c.tk = 8300, c.heads = 2, c.kv_heads = 1, c.head_dim = 64, c.causal = true, c.q_off = 7700;
+    add(c);
+    c.name = "long_kv_tall_tiles_window_bf16";
+    c.window = 900, c.dtype = DType::kBFloat16;
+    add(c);
+  }
+  {
     OpCase c;  // odd head dim (bf16 pairs must not read the next head)
     c.name = "odd_dim_bf16";
     c.tq = 75, c.tk = 75, c.heads = 4, c.kv_heads = 2, c.head_dim = 33, c.causal = true, c.dtype = DType::kBFloat16;
