@@ -19,15 +19,8 @@ using internal::kNegInf;
 
 namespace {
 constexpr int kDecodeKeyBlock = 64;
+constexpr int kKeyGroup = 16;  // keys per kernel call in the key-major sweep
 
-// Software prefetch of `rows` rows of `row_bytes` at `stride_bytes` apart: one
-// kv head's rows are short pieces far apart in memory; fetching the next
-// block's pieces ahead keeps more misses in flight.
-inline void PrefetchRows(const void* base, int rows, int64_t stride_bytes, int row_bytes) {
-  const char* p = static_cast<const char*>(base);
-  for (int r = 0; r < rows; ++r)
-    for (int b = 0; b < row_bytes; b += 64) __builtin_prefetch(p + r * stride_bytes + b, 0, 2);
-}
 }  // namespace
 
 namespace {
@@ -82,14 +75,13 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
   const bool fp32 = kv_dtype == DType::kFloat32;
   const bool fused_bf16 = !fp32 && internal::HasFusedBFloat16(D);
   const int64_t row_stride = static_cast<int64_t>(Hkv) * D;
-  const int64_t elem = static_cast<int64_t>(DTypeSize(kv_dtype));
 
   tbb::parallel_for(tbb::blocked_range<int64_t>(0, chunks, 1), [&](const tbb::blocked_range<int64_t>& range) {
     for (int64_t c = range.begin(); c < range.end(); ++c) {
       const int64_t b0 = c * chunk, b1 = std::min(nblocks, b0 + chunk);
       float* acc = internal::ThreadScratch(0, state_rows * D);
       float* ml = internal::ThreadScratch(1, state_rows * 2);
-      float* sc = internal::ThreadScratch(2, static_cast<size_t>(rows) * kDecodeKeyBlock);
+      float* sc_all = internal::ThreadScratch(2, static_cast<size_t>(state_rows) * kDecodeKeyBlock);
       float* kbuf = fp32 || fused_bf16 ? nullptr : internal::ThreadScratch(3, kDecodeKeyBlock * row_stride);
       float* vbuf = fp32 || fused_bf16 ? nullptr : internal::ThreadScratch(4, kDecodeKeyBlock * row_stride);
       float* m = ml;
@@ -119,29 +111,45 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
         bool mask = false;
         if (first)
           for (int64_t t = 0; t < s.q_tokens && !mask; ++t) mask = first[t] > j0 || last[t] < j0 + jb - 1;
-        const KeyBlock* next = b + 1 < b1 ? &blocks[b + 1] : nullptr;
+        // Key-major order: groups of kKeyGroup keys, all kv heads of each
+        // group before the next, so the block (kv heads interleaved per key)
+        // is read front to back and the hardware prefetchers stream it. In
+        // head-major order each head walked the block's rows a whole row of
+        // all heads apart, a page per key with 8 heads, and decode read at
+        // half the machine's bandwidth.
+        for (int jj = 0; jj < jb; jj += kKeyGroup) {
+          const int n = std::min(kKeyGroup, jb - jj);
+          for (int hk = 0; hk < Hkv; ++hk) {
+            const int64_t base = static_cast<int64_t>(hk) * rows;
+            float* sc = sc_all + base * kDecodeKeyBlock + jj;
+            const int64_t at = jj * row_stride + hk * D;
+            if (permuted)
+              internal::QueryKeyDotsBFloat16Permuted(qs.data() + base * D, rows, kh + at, row_stride, n, D, sc, kDecodeKeyBlock);
+            else if (fused_bf16)
+              internal::QueryKeyDotsBFloat16(qs.data() + base * D, rows, kh + at, row_stride, n, D, sc, kDecodeKeyBlock);
+            else
+              internal::QueryKeyDots(qs.data() + base * D, rows, kp + at, row_stride, n, D, sc, kDecodeKeyBlock);
+          }
+        }
         for (int hk = 0; hk < Hkv; ++hk) {
           const int64_t base = static_cast<int64_t>(hk) * rows;
-          if (next) {
-            const int64_t off = hk * D * elem;
-            PrefetchRows(static_cast<const char*>(next->k) + off, next->n, row_stride * elem, static_cast<int>(D * elem));
-            PrefetchRows(static_cast<const char*>(next->v) + off, next->n, row_stride * elem, static_cast<int>(D * elem));
-          }
-          if (permuted)
-            internal::QueryKeyDotsBFloat16Permuted(qs.data() + base * D, rows, kh + hk * D, row_stride, jb, D, sc, kDecodeKeyBlock);
-          else if (fused_bf16)
-            internal::QueryKeyDotsBFloat16(qs.data() + base * D, rows, kh + hk * D, row_stride, jb, D, sc, kDecodeKeyBlock);
-          else
-            internal::QueryKeyDots(qs.data() + base * D, rows, kp + hk * D, row_stride, jb, D, sc, kDecodeKeyBlock);
-          if (mask)
-            internal::ApplyIntervalMask(sc, kDecodeKeyBlock, rows, G, jb, first, last, j0);
+          float* sc = sc_all + base * kDecodeKeyBlock;
+          if (mask) internal::ApplyIntervalMask(sc, kDecodeKeyBlock, rows, G, jb, first, last, j0);
           internal::OnlineSoftmaxUpdate(sc, kDecodeKeyBlock, rows, jb, m + base, l + base, acc + base * D, D);
-          if (permuted)
-            internal::AccumulateProbValuesBFloat16Permuted(sc, kDecodeKeyBlock, rows, vh + hk * D, row_stride, jb, D, acc + base * D);
-          else if (fused_bf16)
-            internal::AccumulateProbValuesBFloat16(sc, kDecodeKeyBlock, rows, vh + hk * D, row_stride, jb, D, acc + base * D);
-          else
-            internal::AccumulateProbValues(sc, kDecodeKeyBlock, rows, vp + hk * D, row_stride, jb, D, acc + base * D);
+        }
+        for (int jj = 0; jj < jb; jj += kKeyGroup) {
+          const int n = std::min(kKeyGroup, jb - jj);
+          for (int hk = 0; hk < Hkv; ++hk) {
+            const int64_t base = static_cast<int64_t>(hk) * rows;
+            const float* p = sc_all + base * kDecodeKeyBlock + jj;
+            const int64_t at = jj * row_stride + hk * D;
+            if (permuted)
+              internal::AccumulateProbValuesBFloat16Permuted(p, kDecodeKeyBlock, rows, vh + at, row_stride, n, D, acc + base * D);
+            else if (fused_bf16)
+              internal::AccumulateProbValuesBFloat16(p, kDecodeKeyBlock, rows, vh + at, row_stride, n, D, acc + base * D);
+            else
+              internal::AccumulateProbValues(p, kDecodeKeyBlock, rows, vp + at, row_stride, n, D, acc + base * D);
+          }
         }
       }
       for (int64_t r = 0; r < state_rows; ++r)
