@@ -276,6 +276,13 @@ Result<std::shared_ptr<SessionRecord>> AttentionServiceImpl::FindSession(const s
   return found;
 }
 
+// Calls that do not honour a session's attention_window yet: refused by
+// name instead of answered with full attention.
+Status NotWithAttentionWindow(const char* what) {
+  return Status::InvalidArgument(std::string("attention_window: ") + what +
+                                 " is not supported on a session with a sliding window (Decode is)");
+}
+
 grpc::Status AttentionServiceImpl::FindLayer(const grpc::ServerContextBase& context, const std::string& session_id, int layer,
                                              const char* method, std::shared_ptr<SessionRecord>* session) {
   std::string tenant;
@@ -510,6 +517,7 @@ grpc::Status AttentionServiceImpl::CreateSessionTyped(const grpc::ServerContextB
     return bad("span_tokens: " + std::to_string(c.span_tokens()) + ", allowed [1, 65536] (0 = default)");
   if (c.sink_tokens() < 0) return bad("sink_tokens: must be >= 0");
   if (c.window_tokens() < 0) return bad("window_tokens: must be >= 0");
+  if (c.attention_window() < 0) return bad("attention_window: must be >= 0 (0 = full attention)");
   if (c.name().size() > 128) return bad("name: longer than 128 bytes");
   const DType storage = c.storage_dtype() == v1::BFLOAT16 ? DType::kBFloat16 : DType::kFloat32;
   if (Status st = ValidateAttention(AttentionShape{0, 0, c.heads(), c.kv_heads(), c.head_dim()}, storage); !st.ok())
@@ -651,6 +659,7 @@ grpc::Status AttentionServiceImpl::Prefill(grpc::ServerContext* context, const v
   std::shared_ptr<SessionRecord> session;
   if (grpc::Status g = FindLayer(*context, request->session_id(), request->layer(), m, &session); !g.ok()) return g;
   const SessionShape& shape = session->shape;
+  if (shape.attention_window > 0) return Invalid(m, NotWithAttentionWindow("Prefill"));
   DType qd, kd, vd, out_dtype;
   int64_t qt = 0, kt = 0, vt = 0;
   if (Status st = CheckTensor(request->q(), m, "q", shape.heads, shape.head_dim, 1, limits_.max_prefill_tokens, -1,
@@ -748,6 +757,7 @@ std::optional<grpc::Status> AttentionServiceImpl::StartDecode(grpc::CallbackServ
   if (Status st = CheckOptions(request->options(), m, &out_dtype); !st.ok()) return Invalid(m, st);
   RetrievalParams retrieval;
   if (request->has_retrieval()) {
+    if (shape.attention_window > 0) return Invalid(m, NotWithAttentionWindow("Decode with retrieval"));
     if (Status st = CheckRetrieval(request->retrieval(), m, &retrieval); !st.ok()) return Invalid(m, st);
   }
   if (Status st = CheckExpectedLayerTokens(request->has_expected_layer_tokens(), request->expected_layer_tokens(), m);
@@ -800,6 +810,7 @@ std::optional<grpc::Status> AttentionServiceImpl::StartAttend(grpc::CallbackServ
   std::shared_ptr<SessionRecord> session;
   if (grpc::Status g = FindLayer(context, request->session_id(), request->layer(), m, &session); !g.ok()) return g;
   const SessionShape& shape = session->shape;
+  if (shape.attention_window > 0) return Invalid(m, NotWithAttentionWindow("Attend"));
   DType qd, out_dtype;
   int64_t qt = 0;
   if (Status st = CheckTensor(request->q(), m, "q", shape.heads, shape.head_dim, 1, limits_.max_attend_tokens, -1, &qd,

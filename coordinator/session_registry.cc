@@ -61,6 +61,7 @@ SessionShape ShapeOf(const v1::SessionConfig& config) {
   shape.span_tokens = config.span_tokens();
   shape.sink_tokens = config.sink_tokens();
   shape.window_tokens = config.window_tokens();
+  shape.attention_window = config.attention_window();
   return shape;
 }
 

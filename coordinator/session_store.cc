@@ -25,7 +25,7 @@ Status SessionStore::Save(const SessionRecord& record) const {
                  {"kv_heads", c.kv_heads()},       {"head_dim", c.head_dim()},
                  {"storage_dtype", int(c.storage_dtype())}, {"span_tokens", c.span_tokens()},
                  {"sink_tokens", c.sink_tokens()}, {"window_tokens", c.window_tokens()},
-                 {"name", c.name()}};
+                 {"attention_window", c.attention_window()}, {"name", c.name()}};
   {
     std::lock_guard<std::mutex> lock(record.mu);
     nlohmann::json layers = nlohmann::json::array();
@@ -74,6 +74,7 @@ Result<std::vector<std::shared_ptr<SessionRecord>>> SessionStore::LoadAll(int wo
       config.set_span_tokens(c.at("span_tokens").get<int>());
       config.set_sink_tokens(c.at("sink_tokens").get<int>());
       config.set_window_tokens(c.at("window_tokens").get<int>());
+      config.set_attention_window(c.value("attention_window", int64_t{0}));  // absent before 2026-11-30
       config.set_name(c.at("name").get<std::string>());
       record->shape = ShapeOf(config);
       record->shape.handle = j.at("handle").get<uint64_t>();

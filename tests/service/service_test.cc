@@ -184,6 +184,61 @@ TEST_F(ServiceFlow, FullFlowMatchesReference) {
   EXPECT_EQ(GrpcCodeOf(client->GetSession(id).status()), grpc::StatusCode::NOT_FOUND);
 }
 
+// A sliding-window session: Decode attends only the last attention_window
+// keys (on every rank's spans, hot or cold); calls that do not honour the
+// window yet are refused naming it, never answered with full attention.
+TEST_F(ServiceFlow, AttentionWindowDecodeMatchesReference) {
+  auto client = Client(*server_);
+  std::mt19937 rng(7);
+  Model m;  // GQA 8/2, D 64
+  v1::SessionConfig config = Config(m);
+  config.set_attention_window(-1);
+  EXPECT_EQ(GrpcCodeOf(client->CreateSession(config).status()), grpc::StatusCode::INVALID_ARGUMENT);
+  const int64_t window = 300;
+  config.set_attention_window(window);
+  auto info = client->CreateSession(config);
+  ASSERT_TRUE(info.ok()) << info.status().message();
+  EXPECT_EQ(info->config().attention_window(), window);
+  const std::string id = info->session_id();
+  auto [k, v] = NewKv(rng, m, 2000);
+  ASSERT_TRUE(client->AppendKV(id, 0, k, v).ok());
+  for (int64_t t : {1, 2, 1}) {
+    auto q = Random(rng, t * m.heads * m.head_dim);
+    auto [dk, dv] = NewKv(rng, m, t);
+    auto out = client->Decode(id, 0, HostTensor::FromFloat32(q.data(), {t, m.heads, m.head_dim}), dk, dv);
+    ASSERT_TRUE(out.ok()) << out.status().message();
+    AttentionShape s{t, m.tokens(), m.heads, m.kv_heads, m.head_dim};
+    AttentionOptions opt;
+    opt.causal = true;
+    opt.window = window;
+    opt.q_position_offset = m.tokens() - t;
+    std::vector<float> ref(q.size());
+    ReferenceAttention(q.data(), m.k.data(), m.v.data(), DType::kFloat32, s, opt, ref.data(), nullptr);
+    EXPECT_LE(MaxDiff(out->o.ToFloat32(), ref), 2e-4) << t << " tokens";
+    // Full attention would differ: the window really cut the keys.
+    EXPECT_GT(MaxDiff(out->o.ToFloat32(), Reference(m, q, t, true)), 1e-3);
+  }
+  auto q = Random(rng, m.heads * m.head_dim);
+  auto attend = client->Attend(id, 0, HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim}));
+  EXPECT_EQ(GrpcCodeOf(attend.status()), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(attend.status().message().find("attention_window"), std::string::npos) << attend.status().message();
+  Model scratch = m;
+  auto [pk, pv] = NewKv(rng, scratch, 1);
+  auto prefill = client->Prefill(id, 0, HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim}), pk, pv);
+  EXPECT_EQ(GrpcCodeOf(prefill.status()), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(prefill.status().message().find("attention_window"), std::string::npos) << prefill.status().message();
+  CallOptions retrieval;
+  retrieval.retrieval = v1::RetrievalOptions();
+  retrieval.retrieval->set_token_budget(256);
+  auto retrieved = client->Decode(id, 0, HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim}), pk, pv, retrieval);
+  EXPECT_EQ(GrpcCodeOf(retrieved.status()), grpc::StatusCode::INVALID_ARGUMENT);
+  // Refused calls stored nothing.
+  auto got = client->GetSession(id);
+  ASSERT_TRUE(got.ok());
+  EXPECT_EQ(got->layer_tokens(0), m.tokens());
+  ASSERT_TRUE(client->DeleteSession(id).ok());
+}
+
 TEST_F(ServiceFlow, BFloat16StorageAndHalfPrecisionWire) {
   auto client = Client(*server_);
   std::mt19937 rng(2);

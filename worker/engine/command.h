@@ -25,6 +25,7 @@ struct SessionShape {
   int32_t span_tokens = 64;
   int32_t sink_tokens = 64;
   int32_t window_tokens = 1024;
+  int64_t attention_window = 0;  // sliding-window attention (SessionConfig.attention_window); 0 = full
   int64_t row_bytes() const { return int64_t(kv_heads) * head_dim * DTypeSize(storage); }
 };
 

@@ -510,7 +510,7 @@ Result<EngineOutput> WorkerEngine::ExecuteBatch(AttendBatchCommand& batch) {
     out.group_lse[i].resize(static_cast<size_t>(g.q_tokens * s.heads));
     groups[i] = DecodeGroup{HeadConfig{s.heads, s.kv_heads, s.head_dim, s.storage},
                             g.q.data(), g.q_tokens, g.q_position, g.causal, g.scale, blocks[i],
-                            out.group_o[i].data(), out.group_lse[i].data()};
+                            out.group_o[i].data(), out.group_lse[i].data(), g.causal ? s.attention_window : 0};
   }
   // 3. Local partials per distinct head_dim, in command order (the same on
   //    every rank), then one agreement and one tree reduction per head_dim.
@@ -561,6 +561,7 @@ Result<EngineOutput> WorkerEngine::ExecuteBatch(AttendBatchCommand& batch) {
       std::vector<float> o(static_cast<size_t>(r * D)), lse(static_cast<size_t>(r));
       AttentionOptions ao;
       ao.causal = g.causal;
+      ao.window = g.window;
       ao.q_position_offset = g.q_position_offset;
       ao.scale = g.scale;
       const double t0 = NowSeconds();

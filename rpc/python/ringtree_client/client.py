@@ -112,10 +112,13 @@ class AttentionClient:
 
     # --- sessions ---------------------------------------------------------
     def create_session(self, layers=1, heads=8, kv_heads=8, head_dim=64, storage_dtype="float32",
-                       span_tokens=0, sink_tokens=0, window_tokens=0, name=""):
+                       span_tokens=0, sink_tokens=0, window_tokens=0, name="", attention_window=0):
+        """attention_window > 0: sliding-window attention (Decode sees the last
+        attention_window positions); not retrieval's window_tokens."""
         config = pb.SessionConfig(layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                                   storage_dtype=_DTYPES[storage_dtype], span_tokens=span_tokens,
-                                  sink_tokens=sink_tokens, window_tokens=window_tokens, name=name)
+                                  sink_tokens=sink_tokens, window_tokens=window_tokens, name=name,
+                                  attention_window=attention_window)
         return self.stub.CreateSession(pb.CreateSessionRequest(config=config), **self._kw())
 
     def get_session(self, session_id):
