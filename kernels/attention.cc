@@ -163,12 +163,8 @@ int64_t PrefillTileBlas(const float* q, const void* k, const void* v, DType kv_d
       vp = static_cast<const float*>(v) + (j0 * Hkv + hk) * D;
       ld = static_cast<int>(row_stride);
     } else {
-      const uint16_t* kb = static_cast<const uint16_t*>(k) + (j0 * Hkv + hk) * D;
-      const uint16_t* vb = static_cast<const uint16_t*>(v) + (j0 * Hkv + hk) * D;
-      for (int j = 0; j < jb; ++j) {
-        ConvertToFloat32(DType::kBFloat16, kb + j * row_stride, kbuf + static_cast<int64_t>(j) * D, D);
-        ConvertToFloat32(DType::kBFloat16, vb + j * row_stride, vbuf + static_cast<int64_t>(j) * D, D);
-      }
+      internal::WidenKeyValueRows(static_cast<const uint16_t*>(k) + (j0 * Hkv + hk) * D,
+                                  static_cast<const uint16_t*>(v) + (j0 * Hkv + hk) * D, row_stride, jb, D, kbuf, vbuf);
       kp = kbuf;
       vp = vbuf;
       ld = D;

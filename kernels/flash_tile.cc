@@ -404,12 +404,8 @@ int64_t FlashTileAvx512(const FlashTile& t, bool bf16_dot) {
     const float* vp;
     int64_t ks;
     if (bf16) {
-      const uint16_t* kh = static_cast<const uint16_t*>(t.k) + j0 * row_stride + t.hk * D;
-      const uint16_t* vh = static_cast<const uint16_t*>(t.v) + j0 * row_stride + t.hk * D;
-      for (int j = 0; j < nk; ++j) {
-        ConvertToFloat32(DType::kBFloat16, kh + j * row_stride, kbuf + static_cast<int64_t>(j) * D, D);
-        ConvertToFloat32(DType::kBFloat16, vh + j * row_stride, vbuf + static_cast<int64_t>(j) * D, D);
-      }
+      WidenKeyValueRows(static_cast<const uint16_t*>(t.k) + j0 * row_stride + t.hk * D,
+                        static_cast<const uint16_t*>(t.v) + j0 * row_stride + t.hk * D, row_stride, nk, D, kbuf, vbuf);
       kp = kbuf;
       vp = vbuf;
       ks = D;
@@ -485,6 +481,13 @@ void TileGemmBFloat16(const uint16_t* a, const uint16_t* b, int m, int n, int k,
       QkBlockBf16(at, rp, b + static_cast<int64_t>(j0) * k, k, nk, k2, st);
       for (int j = 0; j < nk; ++j) std::copy(st + j * rp, st + j * rp + rows, ct + static_cast<int64_t>(j0 + j) * m + r0);
     }
+  }
+}
+
+void WidenKeyValueRows(const uint16_t* k, const uint16_t* v, int64_t row_stride, int n, int D, float* kbuf, float* vbuf) {
+  for (int j = 0; j < n; ++j) {
+    ConvertToFloat32(DType::kBFloat16, k + j * row_stride, kbuf + static_cast<int64_t>(j) * D, D);
+    ConvertToFloat32(DType::kBFloat16, v + j * row_stride, vbuf + static_cast<int64_t>(j) * D, D);
   }
 }
 

@@ -41,6 +41,10 @@ int64_t FlashTileAvx512(const FlashTile& tile, bool bf16_dot);
 void TileGemmFloat32(const float* a, const float* b, int m, int n, int k, float* ct);
 void TileGemmBFloat16(const uint16_t* a, const uint16_t* b, int m, int n, int k, float* ct);
 
+// Widens n rows of one head's bf16 K and V (rows row_stride elements apart)
+// into contiguous fp32 buffers [n, D].
+void WidenKeyValueRows(const uint16_t* k, const uint16_t* v, int64_t row_stride, int n, int D, float* kbuf, float* vbuf);
+
 // Key block length of the tiles (a block is computed or skipped whole).
 constexpr int kFlashKeyBlock = 128;
 
