@@ -333,7 +333,11 @@ Status ComputeLocalDecodePartials(std::span<const DecodeGroup> groups, float* pa
   for (size_t i = 0; i < windowed.size(); ++i) {
     DecodeGroup& g = windowed[i];
     if (g.window == 0 || g.q_tokens == 0) continue;
-    const int64_t first = g.q_position_offset - g.window + 1, last = g.q_position_offset + g.q_tokens - 1;
+    AttentionOptions masks;
+    masks.causal = true;
+    masks.window = g.window;
+    const int64_t first = VisibleKeys(masks, g.q_position_offset).first;
+    const int64_t last = VisibleKeys(masks, g.q_position_offset + g.q_tokens - 1).last;
     const int64_t row_bytes = int64_t{g.heads.kv_heads} * g.heads.head_dim * static_cast<int64_t>(DTypeSize(g.heads.kv_dtype));
     for (const KvBlock& kb : g.local_kv) {
       const int64_t b = std::max(first, kb.position_offset), e = std::min(last + 1, kb.position_offset + kb.tokens);

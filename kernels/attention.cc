@@ -134,12 +134,8 @@ int64_t PrefillTileBlas(const float* q, const void* k, const void* v, DType kv_d
   std::fill(m, m + rows, kNegInf);
   std::fill(l, l + rows, 0.0f);
 
-  int64_t kmin = s.kv_tokens, kmax = -1;
-  for (int i = 0; i < tokens; ++i)
-    if (first[i] <= last[i]) {
-      kmin = std::min(kmin, first[i]);
-      kmax = std::max(kmax, last[i]);
-    }
+  int64_t kmin, kmax;
+  internal::VisibleKeySpan(first, last, tokens, &kmin, &kmax);
   const bool fp32 = kv_dtype == DType::kFloat32;
   float* kbuf = fp32 ? nullptr : internal::ThreadScratch(4, static_cast<size_t>(kKeyBlock) * D);
   float* vbuf = fp32 ? nullptr : internal::ThreadScratch(5, static_cast<size_t>(kKeyBlock) * D);
@@ -147,13 +143,8 @@ int64_t PrefillTileBlas(const float* q, const void* k, const void* v, DType kv_d
   int64_t computed = 0;
   for (int64_t j0 = kmin; j0 <= kmax; j0 += kKeyBlock) {
     const int jb = static_cast<int>(std::min<int64_t>(kKeyBlock, kmax + 1 - j0));
-    bool any = false, full = true;
-    for (int i = 0; i < tokens; ++i) {
-      const bool empty = first[i] > last[i] || last[i] < j0 || first[i] > j0 + jb - 1;
-      any = any || !empty;
-      full = full && !empty && first[i] <= j0 && last[i] >= j0 + jb - 1;
-    }
-    if (!any) continue;
+    const internal::BlockVisibility seen = internal::ClassifyKeyBlock(first, last, tokens, j0, jb);
+    if (!seen.any) continue;
     ++computed;
     const float* kp;
     const float* vp;
@@ -170,7 +161,7 @@ int64_t PrefillTileBlas(const float* q, const void* k, const void* v, DType kv_d
       ld = D;
     }
     Sgemm(false, true, rows, jb, D, 1.0f, qs, D, kp, ld, 0.0f, sc, jb);
-    if (!full) internal::ApplyIntervalMask(sc, jb, rows, G, jb, first, last, j0);
+    if (!seen.full) internal::ApplyIntervalMask(sc, jb, rows, G, jb, first, last, j0);
     internal::OnlineSoftmaxUpdate(sc, jb, rows, jb, m, l, acc, D);
     Sgemm(false, false, rows, D, jb, 1.0f, sc, jb, vp, ld, 1.0f, acc, D);
   }

@@ -108,9 +108,7 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
           kp = kbuf;
           vp = vbuf;
         }
-        bool mask = false;
-        if (first)
-          for (int64_t t = 0; t < s.q_tokens && !mask; ++t) mask = first[t] > j0 || last[t] < j0 + jb - 1;
+        const bool mask = first && !internal::ClassifyKeyBlock(first, last, static_cast<int>(s.q_tokens), j0, jb).full;
         // Key-major order: groups of kKeyGroup keys, all kv heads of each
         // group before the next, so the block (kv heads interleaved per key)
         // is read front to back and the hardware prefetchers stream it. In
@@ -188,12 +186,8 @@ Status DecodeAttention(const float* q, const void* k, const void* v, DType kv_dt
   // The keys some query token sees: one interval per token, their union.
   int64_t first[64], last[64];
   internal::TokenKeyRanges(s, opt, 0, s.q_tokens, first, last);
-  int64_t kmin = s.kv_tokens, kmax = -1;
-  for (int64_t t = 0; t < s.q_tokens; ++t)
-    if (first[t] <= last[t]) {
-      kmin = std::min(kmin, first[t]);
-      kmax = std::max(kmax, last[t]);
-    }
+  int64_t kmin, kmax;
+  internal::VisibleKeySpan(first, last, static_cast<int>(s.q_tokens), &kmin, &kmax);
   const int64_t row_bytes = static_cast<int64_t>(s.kv_heads) * s.head_dim * DTypeSize(kv_dtype);
   std::vector<KeyBlock> blocks;
   for (int64_t j0 = kmin; j0 <= kmax; j0 += kDecodeKeyBlock)

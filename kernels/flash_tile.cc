@@ -348,12 +348,8 @@ int64_t FlashTileAvx512(const FlashTile& t, bool bf16_dot) {
   std::fill(l, l + rp, 0.0f);
 
   // Keys any row of the tile can see.
-  int64_t kmin = s.kv_tokens, kmax = -1;
-  for (int i = 0; i < tokens; ++i)
-    if (t.key_first[i] <= t.key_last[i]) {
-      kmin = std::min(kmin, t.key_first[i]);
-      kmax = std::max(kmax, t.key_last[i]);
-    }
+  int64_t kmin, kmax;
+  VisibleKeySpan(t.key_first, t.key_last, tokens, &kmin, &kmax);
 
   const int64_t row_stride = static_cast<int64_t>(Hkv) * D;
   float* kbuf = kv_scratch;
@@ -363,22 +359,15 @@ int64_t FlashTileAvx512(const FlashTile& t, bool bf16_dot) {
   int64_t computed = 0;
   for (int64_t j0 = kmin; j0 <= kmax; j0 += kKB) {
     const int nk = static_cast<int>(std::min<int64_t>(kKB, kmax + 1 - j0));
-    bool any = false, full = true;
-    for (int r = 0; r < rp; ++r) {
-      if (r >= rows) {  // padding rows: never masked, never read back
-        lo[r] = -1;
-        hi[r] = kKB + 1;
-        continue;
+    const BlockVisibility seen = ClassifyKeyBlock(t.key_first, t.key_last, tokens, j0, nk);
+    if (!seen.any) continue;  // wholly masked: skipped, never computed
+    const bool full = seen.full;
+    if (!full)
+      for (int r = 0; r < rp; ++r) {
+        const bool padding = r >= rows;  // never masked, never read back
+        lo[r] = padding ? -1 : ClampRel(t.key_first[r / G] - j0);
+        hi[r] = padding ? kKB + 1 : ClampRel(t.key_last[r / G] - j0);
       }
-      const int i = r / G;
-      const int64_t first = t.key_first[i], last = t.key_last[i];
-      lo[r] = ClampRel(first - j0);
-      hi[r] = ClampRel(last - j0);
-      const bool empty = first > last || last < j0 || first > j0 + nk - 1;
-      any = any || !empty;
-      full = full && !empty && first <= j0 && last >= j0 + nk - 1;
-    }
-    if (!any) continue;  // wholly masked: skipped, never computed
     ++computed;
     if (bf16_dot) {
       const uint16_t* kh = static_cast<const uint16_t*>(t.k) + j0 * row_stride + t.hk * D;

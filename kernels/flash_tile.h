@@ -53,6 +53,35 @@ constexpr int kFlashKeyBlock = 128;
 void TokenKeyRanges(const AttentionShape& shape, const AttentionOptions& options, int64_t t0, int64_t t1,
                     int64_t* first, int64_t* last);
 
+// The union of tokens' visible key intervals (from TokenKeyRanges): keys in
+// [*kmin, *kmax]; *kmin > *kmax when no token sees any key.
+inline void VisibleKeySpan(const int64_t* first, const int64_t* last, int tokens, int64_t* kmin, int64_t* kmax) {
+  *kmin = INT64_MAX;
+  *kmax = -1;
+  for (int i = 0; i < tokens; ++i)
+    if (first[i] <= last[i]) {
+      *kmin = first[i] < *kmin ? first[i] : *kmin;
+      *kmax = last[i] > *kmax ? last[i] : *kmax;
+    }
+}
+
+// A key block [j0, j0 + n) against tokens' visible intervals: `any`, some
+// token sees one of its keys (else the block is skipped); `full`, every token
+// sees all of them (no mask needed).
+struct BlockVisibility {
+  bool any = false;
+  bool full = true;
+};
+inline BlockVisibility ClassifyKeyBlock(const int64_t* first, const int64_t* last, int tokens, int64_t j0, int n) {
+  BlockVisibility v;
+  for (int i = 0; i < tokens; ++i) {
+    const bool empty = first[i] > last[i] || last[i] < j0 || first[i] > j0 + n - 1;
+    v.any = v.any || !empty;
+    v.full = v.full && !empty && first[i] <= j0 && last[i] >= j0 + n - 1;
+  }
+  return v;
+}
+
 // Process-wide counters of key blocks computed and skipped (wholly masked).
 void CountKeyBlocks(int64_t computed, int64_t skipped);
 

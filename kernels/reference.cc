@@ -22,8 +22,8 @@ void ReferenceAttention(const float* q, const void* k, const void* v, DType kv_d
       const int hk = h / G;
       const float* qr = q + (t * H + h) * D;
       double mx = -std::numeric_limits<double>::infinity();
+      const KeyInterval visible = VisibleKeys(opt, qpos);
       for (int64_t j = 0; j < s.kv_tokens; ++j) {
-        const KeyInterval visible = VisibleKeys(opt, qpos);
         const int64_t kpos = opt.kv_position_offset + j;
         if (kpos < visible.first || kpos > visible.last) {
           scores[j] = -std::numeric_limits<double>::infinity();
