@@ -515,86 +515,85 @@ RT_AVX512 inline void LoadEvenOdd(const uint16_t* p, __m512* even, __m512* odd) 
   *odd = _mm512_castsi512_ps(_mm512_and_si512(raw, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-// Two query rows in registers (2*NB vectors each, NB = D/32), two keys at a
-// time, even and odd halves in separate chains (eight chains in flight).
-template <int NB>
-RT_AVX512 void QueryKeyDotsPairEvenOdd(const float* q0p, const float* q1p, const uint16_t* k, int64_t k_stride,
-                                       int keys, float* s0, float* s1) {
-  __m512 q0[2 * NB], q1[2 * NB];
-  for (int c = 0; c < 2 * NB; ++c) {
-    q0[c] = _mm512_loadu_ps(q0p + 16 * c);
-    q1[c] = _mm512_loadu_ps(q1p + 16 * c);
-  }
+// R (1 or 2) query rows in registers (2*NB vectors each, NB = D/32), two
+// keys at a time, even and odd halves in separate chains (4R chains in flight).
+template <int NB, int R>
+RT_AVX512 void QueryKeyDotsEvenOdd(const float* q0p, int64_t q_stride, const uint16_t* k, int64_t k_stride, int keys,
+                                   float* s0, int s_stride) {
+  __m512 q[R][2 * NB];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 2 * NB; ++c) q[r][c] = _mm512_loadu_ps(q0p + r * q_stride + 16 * c);
   int j = 0;
   for (; j + 2 <= keys; j += 2) {
     const uint16_t* ka = k + j * k_stride;
     const uint16_t* kb = ka + k_stride;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, a0o = a0, a1o = a0, b0o = a0, b1o = a0;
+    __m512 even[R][2], odd[R][2];  // [row][key]
+    for (int r = 0; r < R; ++r)
+      for (int x = 0; x < 2; ++x) even[r][x] = odd[r][x] = _mm512_setzero_ps();
     for (int m = 0; m < NB; ++m) {
       __m512 xe, xo, ye, yo;
       LoadEvenOdd(ka + 32 * m, &xe, &xo);
       LoadEvenOdd(kb + 32 * m, &ye, &yo);
-      a0 = _mm512_fmadd_ps(q0[2 * m], xe, a0);
-      a0o = _mm512_fmadd_ps(q0[2 * m + 1], xo, a0o);
-      a1 = _mm512_fmadd_ps(q1[2 * m], xe, a1);
-      a1o = _mm512_fmadd_ps(q1[2 * m + 1], xo, a1o);
-      b0 = _mm512_fmadd_ps(q0[2 * m], ye, b0);
-      b0o = _mm512_fmadd_ps(q0[2 * m + 1], yo, b0o);
-      b1 = _mm512_fmadd_ps(q1[2 * m], ye, b1);
-      b1o = _mm512_fmadd_ps(q1[2 * m + 1], yo, b1o);
+      for (int r = 0; r < R; ++r) {
+        even[r][0] = _mm512_fmadd_ps(q[r][2 * m], xe, even[r][0]);
+        odd[r][0] = _mm512_fmadd_ps(q[r][2 * m + 1], xo, odd[r][0]);
+        even[r][1] = _mm512_fmadd_ps(q[r][2 * m], ye, even[r][1]);
+        odd[r][1] = _mm512_fmadd_ps(q[r][2 * m + 1], yo, odd[r][1]);
+      }
     }
+    const __m512 r0k0 = _mm512_add_ps(even[0][0], odd[0][0]), r0k1 = _mm512_add_ps(even[0][1], odd[0][1]);
     alignas(16) float sums[4];
-    _mm_store_ps(sums, Reduce4(_mm512_add_ps(a0, a0o), _mm512_add_ps(a1, a1o), _mm512_add_ps(b0, b0o),
-                               _mm512_add_ps(b1, b1o)));
-    s0[j] = sums[0];
-    s1[j] = sums[1];
-    s0[j + 1] = sums[2];
-    s1[j + 1] = sums[3];
+    if constexpr (R == 2) {
+      _mm_store_ps(sums, Reduce4(r0k0, _mm512_add_ps(even[1][0], odd[1][0]), r0k1, _mm512_add_ps(even[1][1], odd[1][1])));
+      s0[j] = sums[0];
+      s0[s_stride + j] = sums[1];
+      s0[j + 1] = sums[2];
+      s0[s_stride + j + 1] = sums[3];
+    } else {
+      _mm_store_ps(sums, Reduce4(r0k0, r0k1, r0k0, r0k1));
+      s0[j] = sums[0];
+      s0[j + 1] = sums[1];
+    }
   }
   for (; j < keys; ++j) {
     const uint16_t* ka = k + j * k_stride;
-    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a0o = a0, a1o = a0;
+    __m512 even[R], odd[R];
+    for (int r = 0; r < R; ++r) even[r] = odd[r] = _mm512_setzero_ps();
     for (int m = 0; m < NB; ++m) {
       __m512 xe, xo;
       LoadEvenOdd(ka + 32 * m, &xe, &xo);
-      a0 = _mm512_fmadd_ps(q0[2 * m], xe, a0);
-      a0o = _mm512_fmadd_ps(q0[2 * m + 1], xo, a0o);
-      a1 = _mm512_fmadd_ps(q1[2 * m], xe, a1);
-      a1o = _mm512_fmadd_ps(q1[2 * m + 1], xo, a1o);
+      for (int r = 0; r < R; ++r) {
+        even[r] = _mm512_fmadd_ps(q[r][2 * m], xe, even[r]);
+        odd[r] = _mm512_fmadd_ps(q[r][2 * m + 1], xo, odd[r]);
+      }
     }
-    s0[j] = _mm512_reduce_add_ps(_mm512_add_ps(a0, a0o));
-    s1[j] = _mm512_reduce_add_ps(_mm512_add_ps(a1, a1o));
+    for (int r = 0; r < R; ++r) s0[r * s_stride + j] = _mm512_reduce_add_ps(_mm512_add_ps(even[r], odd[r]));
   }
 }
 
-// Two accumulator rows in registers (2*NB vectors each); per key one load of
-// each 32 values serves both rows.
-template <int NB>
-RT_AVX512 void AccumulatePairEvenOdd(const float* p0, const float* p1, const uint16_t* v, int64_t v_stride, int keys,
-                                     float* acc0, float* acc1) {
-  __m512 a0[2 * NB], a1[2 * NB];
-  for (int c = 0; c < 2 * NB; ++c) {
-    a0[c] = _mm512_loadu_ps(acc0 + 16 * c);
-    a1[c] = p1 ? _mm512_loadu_ps(acc1 + 16 * c) : _mm512_setzero_ps();
-  }
+// R (1 or 2) accumulator rows in registers (2*NB vectors each); per key one
+// load of each 32 values serves every row.
+template <int NB, int R>
+RT_AVX512 void AccumulateEvenOdd(const float* p0, int p_stride, const uint16_t* v, int64_t v_stride, int keys,
+                                 float* acc0, int acc_stride) {
+  __m512 a[R][2 * NB];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 2 * NB; ++c) a[r][c] = _mm512_loadu_ps(acc0 + r * acc_stride + 16 * c);
   for (int j = 0; j < keys; ++j) {
     const uint16_t* vr = v + j * v_stride;
-    const __m512 w0 = _mm512_set1_ps(p0[j]), w1 = _mm512_set1_ps(p1 ? p1[j] : 0.0f);
+    __m512 w[R];
+    for (int r = 0; r < R; ++r) w[r] = _mm512_set1_ps(p0[r * p_stride + j]);
     for (int m = 0; m < NB; ++m) {
       __m512 e, o;
       LoadEvenOdd(vr + 32 * m, &e, &o);
-      a0[2 * m] = _mm512_fmadd_ps(w0, e, a0[2 * m]);
-      a0[2 * m + 1] = _mm512_fmadd_ps(w0, o, a0[2 * m + 1]);
-      if (p1) {
-        a1[2 * m] = _mm512_fmadd_ps(w1, e, a1[2 * m]);
-        a1[2 * m + 1] = _mm512_fmadd_ps(w1, o, a1[2 * m + 1]);
+      for (int r = 0; r < R; ++r) {
+        a[r][2 * m] = _mm512_fmadd_ps(w[r], e, a[r][2 * m]);
+        a[r][2 * m + 1] = _mm512_fmadd_ps(w[r], o, a[r][2 * m + 1]);
       }
     }
   }
-  for (int c = 0; c < 2 * NB; ++c) {
-    _mm512_storeu_ps(acc0 + 16 * c, a0[c]);
-    if (p1) _mm512_storeu_ps(acc1 + 16 * c, a1[c]);
-  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 2 * NB; ++c) _mm512_storeu_ps(acc0 + r * acc_stride + 16 * c, a[r][c]);
 }
 
 // Calls f(std::integral_constant<int, NB>{}) for NB = D/32 in 1..4.
@@ -726,12 +725,6 @@ RT_AVX2 void AccumulateProbValuesAvx2(const float* p, int p_stride, int rows, co
 
 bool Avx2Active() { return ActiveKernelPath() >= KernelPath::kAvx2; }
 
-// A per-thread buffer of n floats for sums that are computed and dropped.
-float* ThreadScratchTail(int n) {
-  thread_local std::vector<float> buf;
-  if (static_cast<int>(buf.size()) < n) buf.resize(static_cast<size_t>(n));
-  return buf.data();
-}
 
 }  // namespace
 
@@ -828,12 +821,8 @@ void QueryKeyDotsBFloat16Permuted(const float* q, int rows, const uint16_t* k, i
   WithBlocks32(D / 32, [&](auto nb) {
     constexpr int NB = decltype(nb)::value;
     int r = 0;
-    for (; r + 2 <= rows; r += 2)
-      QueryKeyDotsPairEvenOdd<NB>(q + r * D, q + (r + 1) * D, k, k_stride, keys, s + r * s_stride, s + (r + 1) * s_stride);
-    if (r < rows) {  // odd row: paired with itself, its twin's sums discarded
-      float* tmp = ThreadScratchTail(keys);
-      QueryKeyDotsPairEvenOdd<NB>(q + r * D, q + r * D, k, k_stride, keys, s + r * s_stride, tmp);
-    }
+    for (; r + 2 <= rows; r += 2) QueryKeyDotsEvenOdd<NB, 2>(q + r * D, D, k, k_stride, keys, s + r * s_stride, s_stride);
+    if (r < rows) QueryKeyDotsEvenOdd<NB, 1>(q + r * D, D, k, k_stride, keys, s + r * s_stride, s_stride);
   });
 }
 
@@ -842,9 +831,8 @@ void AccumulateProbValuesBFloat16Permuted(const float* p, int p_stride, int rows
   WithBlocks32(D / 32, [&](auto nb) {
     constexpr int NB = decltype(nb)::value;
     int r = 0;
-    for (; r + 2 <= rows; r += 2)
-      AccumulatePairEvenOdd<NB>(p + r * p_stride, p + (r + 1) * p_stride, v, v_stride, keys, acc + r * D, acc + (r + 1) * D);
-    if (r < rows) AccumulatePairEvenOdd<NB>(p + r * p_stride, nullptr, v, v_stride, keys, acc + r * D, nullptr);
+    for (; r + 2 <= rows; r += 2) AccumulateEvenOdd<NB, 2>(p + r * p_stride, p_stride, v, v_stride, keys, acc + r * D, D);
+    if (r < rows) AccumulateEvenOdd<NB, 1>(p + r * p_stride, p_stride, v, v_stride, keys, acc + r * D, D);
   });
 }
 
