@@ -202,9 +202,12 @@ __attribute__((target("avx512f"))) float SumAvx512(const float* x, size_t n) {
   size_t i = 0;
   for (; i + 128 <= n; i += 128)
     for (int u = 0; u < 8; ++u) a[u] = _mm512_add_ps(a[u], _mm512_loadu_ps(x + i + 16 * u));
+  for (int u = 1; u < 8; ++u) a[0] = _mm512_add_ps(a[0], a[u]);
+  alignas(64) float lanes[16];
+  _mm512_store_ps(lanes, a[0]);
   float s = 0;
+  for (float l : lanes) s += l;
   for (; i < n; ++i) s += x[i];
-  for (auto& v : a) s += _mm512_reduce_add_ps(v);
   return s;
 }
 
