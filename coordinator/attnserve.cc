@@ -142,6 +142,9 @@ int main(int argc, char** argv) {
   app.add_option("--max-heads", request_limits.max_heads, "query heads per session")->capture_default_str();
   app.add_option("--max-prefill-tokens", request_limits.max_prefill_tokens, "tokens per Prefill")->capture_default_str();
   app.add_option("--max-decode-tokens", request_limits.max_decode_tokens, "tokens per Decode")->capture_default_str();
+  app.add_option("--max-batch-entries", request_limits.max_batch_entries, "entries per DecodeBatch/AttendBatch call")
+      ->check(CLI::Range(1, 1 << 20))
+      ->capture_default_str();
   app.add_option("--max-attend-tokens", request_limits.max_attend_tokens, "query tokens per Attend")
       ->capture_default_str();
   app.add_option("--max-append-tokens", request_limits.max_append_tokens, "tokens per AppendKV call")

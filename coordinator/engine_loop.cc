@@ -59,24 +59,33 @@ EngineLoop::EngineLoop(WorkerEngine& engine, const CommandChannel& channel, int 
       sessions_(sessions) {}
 
 bool EngineLoop::Submit(std::shared_ptr<WorkItem> item) {
+  return SubmitAll({std::move(item)}) == 1;
+}
+
+size_t EngineLoop::SubmitAll(std::vector<std::shared_ptr<WorkItem>> items) {
   bool wake = false;
+  size_t queued = 0;
   {
     std::lock_guard<std::mutex> lock(mu_);
-    // Deletes are never refused: they free memory and are not admitted work.
-    if (item->kind != WorkItem::Kind::kDelete && static_cast<int64_t>(queue_.size()) >= options_.max_queue) {
-      return false;
+    for (std::shared_ptr<WorkItem>& item : items) {
+      // Deletes are never refused: they free memory and are not admitted work.
+      if (item->kind != WorkItem::Kind::kDelete && static_cast<int64_t>(queue_.size()) >= options_.max_queue) {
+        break;
+      }
+      queue_.push_back(std::move(item));
+      ++submitted_;
+      ++queued;
     }
-    queue_.push_back(std::move(item));
-    ++submitted_;
+    if (queued == 0) return 0;
     depth_.store(static_cast<int64_t>(queue_.size()), std::memory_order_relaxed);
     // Wake the engine only when it may act: the first queued request, or the
     // one that ends a batch linger (other arrivals would only wake it to
     // wait again).
-    wake = queue_.size() == 1 || submitted_ - submitted_at_step_end_ >= last_step_items_ ||
+    wake = queue_.size() == queued || submitted_ - submitted_at_step_end_ >= last_step_items_ ||
            static_cast<int64_t>(queue_.size()) >= options_.max_batch;
   }
   if (wake) cv_.notify_one();
-  return true;
+  return queued;
 }
 
 std::vector<int64_t> EngineLoop::RankBytes() const {
@@ -327,6 +336,7 @@ Status EngineLoop::Run(const std::function<bool()>& should_exit) {
     std::vector<std::shared_ptr<WorkItem>> step = NextStep(should_exit, &exit);
     if (exit) break;
     if (step.empty()) continue;
+    ++steps_run_;
     switch (step[0]->kind) {
       case WorkItem::Kind::kAppend: RunAppend(*step[0]); break;
       case WorkItem::Kind::kPrefill: RunPrefill(*step[0]); break;
@@ -717,6 +727,7 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
     for (const Member& m : g.members) {
       WorkItem& item = *m.item;
       item.batch_size = batch_size;
+      item.step_serial = steps_run_;
       if (!out.ok() || !persisted.ok()) {
         Complete(item, out.ok() ? persisted : out.status());
         continue;
@@ -781,6 +792,7 @@ void EngineLoop::RunRetrieve(WorkItem& item) {
   Result<EngineOutput> out = Broadcast(commands);
   stats_.RecordBatch(base.kv_only ? "retrieve_kv" : "retrieval", 1);
   item.batch_size = 1;
+  item.step_serial = steps_run_;
   if (!out.ok()) {
     Complete(item, out.status());
     return;

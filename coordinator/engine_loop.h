@@ -76,6 +76,7 @@ struct WorkItem {
   int64_t first_position = 0;
   int64_t layer_tokens = 0;
   int batch_size = 0;
+  uint64_t step_serial = 0;  // the engine step that ran it (decode/attend), counting from 1
   int64_t freed_bytes = 0;
   RetrievalOutput retrieval_out;      // retrieval mode
   std::vector<RetrievedRun> kv_runs;  // kRetrieveKV
@@ -137,6 +138,10 @@ class EngineLoop {
 
   // Thread-safe. Queues an admitted item. False when the queue is full.
   bool Submit(std::shared_ptr<WorkItem> item);
+  // Thread-safe. Queues items in order under one lock, so that batchable
+  // ones land in the same step (up to max_batch). Returns how many were
+  // queued: a prefix of `items`; the rest did not fit in the queue.
+  size_t SubmitAll(std::vector<std::shared_ptr<WorkItem>> items);
   int64_t queue_depth() const { return depth_.load(std::memory_order_relaxed); }
   // Per-rank stored bytes/tokens (all sessions), as placed by the engine.
   std::vector<int64_t> RankBytes() const;
@@ -204,6 +209,7 @@ class EngineLoop {
   std::vector<int64_t> rank_bytes_, rank_tokens_;
   std::vector<int64_t> rank_disk_, rank_hot_;  // guarded by placement_mu_
   const SessionStore* sessions_ = nullptr;
+  uint64_t steps_run_ = 0;  // engine thread only
 
   // Completer thread: runs on_done callbacks in order.
   std::mutex done_mu_;

@@ -1,7 +1,9 @@
 #include "coordinator/service.h"
 
+#include <atomic>
 #include <cmath>
 #include <cstring>
+#include <set>
 #include <type_traits>
 
 #include "kernels/attention.h"
@@ -732,47 +734,67 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Decode(grpc::CallbackServerConte
 }
 
 std::optional<grpc::Status> AttentionServiceImpl::StartDecode(grpc::CallbackServerContext& context,
-                                                             const v1::DecodeRequest& req, v1::DecodeResponse* response,
-                                                             UnaryCall* call) {
-  const v1::DecodeRequest* request = &req;
+                                                             const v1::DecodeRequest& request,
+                                                             v1::DecodeResponse* response, UnaryCall* call) {
   const char* m = "Decode";
   const auto start = Clock::now();
   std::shared_ptr<SessionRecord> session;
-  if (grpc::Status g = FindLayer(context, request->session_id(), request->layer(), m, &session); !g.ok()) return g;
+  if (grpc::Status g = FindLayer(context, request.session_id(), request.layer(), m, &session); !g.ok()) return g;
+  std::shared_ptr<WorkItem> item;
+  DType out_dtype;
+  const DecodeFields fields{request.layer(),
+                            request.q(),
+                            request.k(),
+                            request.v(),
+                            request.options(),
+                            request.has_retrieval() ? &request.retrieval() : nullptr,
+                            request.has_expected_layer_tokens()
+                                ? std::optional<int64_t>(request.expected_layer_tokens())
+                                : std::nullopt};
+  if (grpc::Status g = PrepareDecode(m, start, std::move(session), fields, &item, &out_dtype); !g.ok()) return g;
+  item->on_done = Responder(m, start, item.get(), response, call, out_dtype);
+  call->Watch(item);  // from Enqueue on, only on_done (completer thread) touches the call
+  std::optional<grpc::Status> refused = Enqueue(m, context, item, item->reserved_kv_bytes);
+  if (refused) Record(m, start, *refused);
+  return refused;
+}
+
+grpc::Status AttentionServiceImpl::PrepareDecode(const char* m, Clock::time_point start,
+                                                 std::shared_ptr<SessionRecord> session, const DecodeFields& f,
+                                                 std::shared_ptr<WorkItem>* out, DType* out_dtype) {
   const SessionShape& shape = session->shape;
-  DType qd, kd, vd, out_dtype;
+  DType qd, kd, vd;
   int64_t qt = 0, kt = 0, vt = 0;
-  if (Status st = CheckTensor(request->q(), m, "q", shape.heads, shape.head_dim, 1, limits_.max_decode_tokens, -1, &qd,
-                              &qt);
+  if (Status st = CheckTensor(f.q, m, "q", shape.heads, shape.head_dim, 1, limits_.max_decode_tokens, -1, &qd, &qt);
       !st.ok())
     return Invalid(m, st);
-  if (Status st = CheckTensor(request->k(), m, "k", shape.kv_heads, shape.head_dim, 1, limits_.max_decode_tokens, qt,
-                              &kd, &kt);
+  if (Status st =
+          CheckTensor(f.k, m, "k", shape.kv_heads, shape.head_dim, 1, limits_.max_decode_tokens, qt, &kd, &kt);
       !st.ok())
     return Invalid(m, st);
-  if (Status st = CheckTensor(request->v(), m, "v", shape.kv_heads, shape.head_dim, 1, limits_.max_decode_tokens, qt,
-                              &vd, &vt);
+  if (Status st =
+          CheckTensor(f.v, m, "v", shape.kv_heads, shape.head_dim, 1, limits_.max_decode_tokens, qt, &vd, &vt);
       !st.ok())
     return Invalid(m, st);
-  if (Status st = CheckOptions(request->options(), m, &out_dtype); !st.ok()) return Invalid(m, st);
+  if (Status st = CheckOptions(f.options, m, out_dtype); !st.ok()) return Invalid(m, st);
   RetrievalParams retrieval;
-  if (request->has_retrieval()) {
+  if (f.retrieval != nullptr) {
     if (shape.attention_window > 0) return Invalid(m, NotWithAttentionWindow("Decode with retrieval"));
-    if (Status st = CheckRetrieval(request->retrieval(), m, &retrieval); !st.ok()) return Invalid(m, st);
+    if (Status st = CheckRetrieval(*f.retrieval, m, &retrieval); !st.ok()) return Invalid(m, st);
   }
-  if (Status st = CheckExpectedLayerTokens(request->has_expected_layer_tokens(), request->expected_layer_tokens(), m);
+  if (Status st = CheckExpectedLayerTokens(f.expected_layer_tokens.has_value(), f.expected_layer_tokens.value_or(0), m);
       !st.ok())
     return Invalid(m, st);
   auto item = std::make_shared<WorkItem>();
   item->kind = WorkItem::Kind::kDecode;
   item->retrieval = retrieval;
   item->session = session;
-  item->layer = request->layer();
-  if (request->has_expected_layer_tokens()) item->expected_layer_tokens = request->expected_layer_tokens();
+  item->layer = f.layer;
+  item->expected_layer_tokens = f.expected_layer_tokens.value_or(-1);
   item->q_tokens = qt;
   item->kv_tokens = kt;
-  item->scale = request->options().scale();
-  item->return_lse = request->options().return_lse();
+  item->scale = f.options.scale();
+  item->return_lse = f.options.return_lse();
   const int64_t kv_bytes = 2 * kt * shape.row_bytes();
   // Admission before the O(tokens) conversions, so refusals stay cheap.
   if (Status a = admission_.Admit(m, engine_.queue_depth(), kv_bytes); !a.ok()) {
@@ -780,18 +802,16 @@ std::optional<grpc::Status> AttentionServiceImpl::StartDecode(grpc::CallbackServ
     Record(m, start, g);
     return g;
   }
-  Status converted = ToFiniteFloat32(request->q(), qd, m, "q", &item->q);
-  if (converted.ok()) converted = ToStorage(request->k(), kd, shape.storage, m, "k", &item->k);
-  if (converted.ok()) converted = ToStorage(request->v(), vd, shape.storage, m, "v", &item->v);
+  Status converted = ToFiniteFloat32(f.q, qd, m, "q", &item->q);
+  if (converted.ok()) converted = ToStorage(f.k, kd, shape.storage, m, "k", &item->k);
+  if (converted.ok()) converted = ToStorage(f.v, vd, shape.storage, m, "v", &item->v);
   if (!converted.ok()) {
     admission_.Complete(kv_bytes);
     return Invalid(m, converted);
   }
-  item->on_done = Responder(m, start, item.get(), response, call, out_dtype);
-  call->Watch(item);  // from Enqueue on, only on_done (completer thread) touches the call
-  std::optional<grpc::Status> refused = Enqueue(m, context, item, kv_bytes);
-  if (refused) Record(m, start, *refused);
-  return refused;
+  item->reserved_kv_bytes = kv_bytes;
+  *out = std::move(item);
+  return grpc::Status::OK;
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::Attend(grpc::CallbackServerContext* context,
@@ -802,49 +822,250 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Attend(grpc::CallbackServerConte
 }
 
 std::optional<grpc::Status> AttentionServiceImpl::StartAttend(grpc::CallbackServerContext& context,
-                                                             const v1::AttendRequest& req, v1::AttendResponse* response,
-                                                             UnaryCall* call) {
-  const v1::AttendRequest* request = &req;
+                                                             const v1::AttendRequest& request,
+                                                             v1::AttendResponse* response, UnaryCall* call) {
   const char* m = "Attend";
   const auto start = Clock::now();
   std::shared_ptr<SessionRecord> session;
-  if (grpc::Status g = FindLayer(context, request->session_id(), request->layer(), m, &session); !g.ok()) return g;
-  const SessionShape& shape = session->shape;
-  if (shape.attention_window > 0) return Invalid(m, NotWithAttentionWindow("Attend"));
-  DType qd, out_dtype;
-  int64_t qt = 0;
-  if (Status st = CheckTensor(request->q(), m, "q", shape.heads, shape.head_dim, 1, limits_.max_attend_tokens, -1, &qd,
-                              &qt);
-      !st.ok())
-    return Invalid(m, st);
-  if (Status st = CheckOptions(request->options(), m, &out_dtype); !st.ok()) return Invalid(m, st);
-  RetrievalParams retrieval;
-  if (request->has_retrieval()) {
-    if (Status st = CheckRetrieval(request->retrieval(), m, &retrieval); !st.ok()) return Invalid(m, st);
-  }
-  if (Status st = CheckLayerHasTokens(*session, request->layer()); !st.ok()) return Invalid(m, st);
-  auto item = std::make_shared<WorkItem>();
-  item->kind = WorkItem::Kind::kAttend;
-  item->retrieval = retrieval;
-  item->session = session;
-  item->layer = request->layer();
-  item->q_tokens = qt;
-  item->scale = request->options().scale();
-  item->return_lse = request->options().return_lse();
-  if (Status a = admission_.Admit(m, engine_.queue_depth(), 0); !a.ok()) {
-    grpc::Status g = ToGrpcStatus(a);
-    Record(m, start, g);
-    return g;
-  }
-  if (Status st = ToFiniteFloat32(request->q(), qd, m, "q", &item->q); !st.ok()) {
-    admission_.Complete(0);
-    return Invalid(m, st);
-  }
+  if (grpc::Status g = FindLayer(context, request.session_id(), request.layer(), m, &session); !g.ok()) return g;
+  std::shared_ptr<WorkItem> item;
+  DType out_dtype;
+  const AttendFields fields{request.layer(), request.q(), request.options(),
+                            request.has_retrieval() ? &request.retrieval() : nullptr};
+  if (grpc::Status g = PrepareAttend(m, start, std::move(session), fields, &item, &out_dtype); !g.ok()) return g;
   item->on_done = Responder(m, start, item.get(), response, call, out_dtype);
   call->Watch(item);  // from Enqueue on, only on_done (completer thread) touches the call
   std::optional<grpc::Status> refused = Enqueue(m, context, item, 0);
   if (refused) Record(m, start, *refused);
   return refused;
+}
+
+grpc::Status AttentionServiceImpl::PrepareAttend(const char* m, Clock::time_point start,
+                                                 std::shared_ptr<SessionRecord> session, const AttendFields& f,
+                                                 std::shared_ptr<WorkItem>* out, DType* out_dtype) {
+  const SessionShape& shape = session->shape;
+  if (shape.attention_window > 0) return Invalid(m, NotWithAttentionWindow("Attend"));
+  DType qd;
+  int64_t qt = 0;
+  if (Status st = CheckTensor(f.q, m, "q", shape.heads, shape.head_dim, 1, limits_.max_attend_tokens, -1, &qd, &qt);
+      !st.ok())
+    return Invalid(m, st);
+  if (Status st = CheckOptions(f.options, m, out_dtype); !st.ok()) return Invalid(m, st);
+  RetrievalParams retrieval;
+  if (f.retrieval != nullptr) {
+    if (Status st = CheckRetrieval(*f.retrieval, m, &retrieval); !st.ok()) return Invalid(m, st);
+  }
+  if (Status st = CheckLayerHasTokens(*session, f.layer); !st.ok()) return Invalid(m, st);
+  auto item = std::make_shared<WorkItem>();
+  item->kind = WorkItem::Kind::kAttend;
+  item->retrieval = retrieval;
+  item->session = session;
+  item->layer = f.layer;
+  item->q_tokens = qt;
+  item->scale = f.options.scale();
+  item->return_lse = f.options.return_lse();
+  if (Status a = admission_.Admit(m, engine_.queue_depth(), 0); !a.ok()) {
+    grpc::Status g = ToGrpcStatus(a);
+    Record(m, start, g);
+    return g;
+  }
+  if (Status st = ToFiniteFloat32(f.q, qd, m, "q", &item->q); !st.ok()) {
+    admission_.Complete(0);
+    return Invalid(m, st);
+  }
+  *out = std::move(item);
+  return grpc::Status::OK;
+}
+
+// The reactor of one DecodeBatch/AttendBatch call. Cancellation (the
+// client's, or its deadline passing) marks every queued entry so the engine
+// skips it; the call finishes when the last entry completes. Deletes itself
+// when gRPC is done with it.
+class BatchCall final : public grpc::ServerUnaryReactor {
+ public:
+  // The entries in flight, plus the handler's own hold until it has queued them.
+  void Hold(size_t entries) { remaining_.store(entries + 1, std::memory_order_relaxed); }
+  // True for the one caller that releases the last hold: it finishes the call.
+  bool Release() { return remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1; }
+  void Watch(const std::vector<std::shared_ptr<WorkItem>>& items) {
+    std::lock_guard<std::mutex> lock(mu_);
+    items_ = items;
+    if (cancelled_) Cancel();
+  }
+  void OnCancel() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    cancelled_ = true;
+    Cancel();
+  }
+  void OnDone() override { delete this; }
+  // Engine steps that ran the entries (written by the completer thread only;
+  // read by whoever releases the last hold).
+  std::set<uint64_t> steps;
+
+ private:
+  void Cancel() {
+    for (const auto& item : items_) item->cancelled = true;
+  }
+  std::atomic<size_t> remaining_{1};
+  std::mutex mu_;
+  bool cancelled_ = false;
+  std::vector<std::shared_ptr<WorkItem>> items_;
+};
+
+namespace {
+
+// An entry's status: "[DecodeBatch] q.shape[1]: ..." becomes
+// "[DecodeBatch] entries[3].q.shape[1]: ...", and "[DecodeBatch] queue full"
+// becomes "[DecodeBatch] entries[3]: queue full".
+void PutEntryStatus(int index, const grpc::Status& g, v1::EntryStatus* out) {
+  out->set_code(static_cast<int32_t>(g.error_code()));
+  if (g.ok()) return;
+  const std::string& msg = g.error_message();
+  size_t at = 0;
+  if (!msg.empty() && msg[0] == '[') {
+    const size_t close = msg.find("] ");
+    if (close != std::string::npos) at = close + 2;
+  }
+  const std::string rest = msg.substr(at);
+  const size_t colon = rest.find(':'), space = rest.find(' ');
+  const bool field = colon != std::string::npos && (space == std::string::npos || colon < space);
+  out->set_message(msg.substr(0, at) + "entries[" + std::to_string(index) + "]" + (field ? "." : ": ") + rest);
+}
+
+// A finished entry's outputs into its result.
+template <typename Result>
+void PutEntryResult(const char* method, int index, const WorkItem& w, DType out_dtype, Result* r) {
+  const grpc::Status g = ToGrpcStatus(Tagged(method, w.status));
+  PutEntryStatus(index, g, r->mutable_status());
+  if (!g.ok()) return;
+  const SessionShape& shape = w.session->shape;
+  ToProto(w.o.data(), {w.q_tokens, shape.heads, shape.head_dim}, out_dtype, r->mutable_o());
+  if (w.return_lse) ToProto(w.lse.data(), {w.q_tokens, shape.heads}, DType::kFloat32, r->mutable_lse());
+  if constexpr (std::is_same_v<Result, v1::DecodeResult>) r->set_first_position(w.first_position);
+  r->set_layer_tokens(w.layer_tokens);
+  if (w.retrieval.enabled) PutRetrievalInfo(w.retrieval_out, r->mutable_retrieval());
+}
+
+}  // namespace
+
+grpc::ServerUnaryReactor* AttentionServiceImpl::DecodeBatch(grpc::CallbackServerContext* context,
+                                                            const v1::DecodeBatchRequest* request,
+                                                            v1::DecodeBatchResponse* response) {
+  auto* call = new BatchCall;
+  auto prepare = [this, request](const char* m, Clock::time_point start, const std::string& tenant, int i,
+                                 std::shared_ptr<WorkItem>* item, DType* out_dtype) {
+    const v1::DecodeEntry& e = request->entries(i);
+    std::shared_ptr<SessionRecord> session;
+    if (grpc::Status g = FindEntryLayer(tenant, e.session_id(), request->layer(), m, &session); !g.ok()) return g;
+    const DecodeFields fields{request->layer(),
+                              e.q(),
+                              e.k(),
+                              e.v(),
+                              request->options(),
+                              e.has_retrieval() ? &e.retrieval() : nullptr,
+                              e.has_expected_layer_tokens() ? std::optional<int64_t>(e.expected_layer_tokens())
+                                                            : std::nullopt};
+    return PrepareDecode(m, start, std::move(session), fields, item, out_dtype);
+  };
+  if (std::optional<grpc::Status> now = StartBatch("DecodeBatch", *context, *request, response, call, prepare)) {
+    call->Finish(*now);
+  }
+  return call;
+}
+
+grpc::ServerUnaryReactor* AttentionServiceImpl::AttendBatch(grpc::CallbackServerContext* context,
+                                                            const v1::AttendBatchRequest* request,
+                                                            v1::AttendBatchResponse* response) {
+  auto* call = new BatchCall;
+  auto prepare = [this, request](const char* m, Clock::time_point start, const std::string& tenant, int i,
+                                 std::shared_ptr<WorkItem>* item, DType* out_dtype) {
+    const v1::AttendEntry& e = request->entries(i);
+    std::shared_ptr<SessionRecord> session;
+    if (grpc::Status g = FindEntryLayer(tenant, e.session_id(), request->layer(), m, &session); !g.ok()) return g;
+    const AttendFields fields{request->layer(), e.q(), request->options(),
+                              e.has_retrieval() ? &e.retrieval() : nullptr};
+    return PrepareAttend(m, start, std::move(session), fields, item, out_dtype);
+  };
+  if (std::optional<grpc::Status> now = StartBatch("AttendBatch", *context, *request, response, call, prepare)) {
+    call->Finish(*now);
+  }
+  return call;
+}
+
+grpc::Status AttentionServiceImpl::FindEntryLayer(const std::string& tenant, const std::string& session_id, int layer,
+                                                  const char* method, std::shared_ptr<SessionRecord>* session) {
+  auto found = FindSession(tenant, session_id, method);
+  if (!found.ok()) return Invalid(method, found.status());
+  if (Status st = CheckLayer(layer, **found, method); !st.ok()) return Invalid(method, st);
+  *session = *std::move(found);
+  return grpc::Status::OK;
+}
+
+template <typename Request, typename Response, typename Prepare>
+std::optional<grpc::Status> AttentionServiceImpl::StartBatch(const char* m, grpc::CallbackServerContext& context,
+                                                            const Request& request, Response* response,
+                                                            BatchCall* call, const Prepare& prepare) {
+  const auto start = Clock::now();
+  std::string tenant;
+  if (grpc::Status a = auth_.Authenticate(context, &tenant); !a.ok()) return a;
+  const int n = request.entries_size();
+  if (n == 0 || n > limits_.max_batch_entries) {
+    return Invalid(m, Status::InvalidArgument(Tag(m) + "entries: " + std::to_string(n) + " entries, allowed [1, " +
+                                              std::to_string(limits_.max_batch_entries) +
+                                              "] (--max-batch-entries)"));
+  }
+  const Clock::time_point deadline = SteadyDeadline(context);
+  if (deadline != Clock::time_point::max() && Clock::now() + kMinDeadlineLeft >= deadline) {
+    grpc::Status g(grpc::StatusCode::DEADLINE_EXCEEDED, Tag(m) + "deadline expired before admission");
+    Record(m, start, g);
+    return g;
+  }
+  response->mutable_results()->Reserve(n);
+  for (int i = 0; i < n; ++i) response->add_results();
+  std::vector<std::shared_ptr<WorkItem>> items;
+  std::vector<int> slots;  // entry index of items[j]
+  items.reserve(static_cast<size_t>(n));
+  auto finish = [this, m, start, call, response] {
+    response->set_engine_steps(static_cast<int32_t>(call->steps.size()));
+    Record(m, start, grpc::Status::OK);
+  };
+  for (int i = 0; i < n; ++i) {
+    auto* result = response->mutable_results(i);
+    std::shared_ptr<WorkItem> item;
+    DType out_dtype = DType::kFloat32;
+    if (grpc::Status g = prepare(m, start, tenant, i, &item, &out_dtype); !g.ok()) {
+      PutEntryStatus(i, g, result->mutable_status());
+      continue;
+    }
+    item->deadline = deadline;
+    item->admitted = true;
+    WorkItem* w = item.get();
+    item->on_done = [m, i, w, out_dtype, result, call, finish] {
+      PutEntryResult(m, i, *w, out_dtype, result);
+      if (w->status.ok()) call->steps.insert(w->step_serial);
+      if (call->Release()) {
+        finish();
+        call->Finish(grpc::Status::OK);
+      }
+    };
+    items.push_back(std::move(item));
+    slots.push_back(i);
+  }
+  call->Hold(items.size());
+  call->Watch(items);
+  const size_t queued = engine_.SubmitAll(items);
+  // Entries that did not fit in the queue: refused, never run.
+  for (size_t j = queued; j < items.size(); ++j) {
+    admission_.Complete(items[j]->reserved_kv_bytes);
+    const grpc::Status full(grpc::StatusCode::RESOURCE_EXHAUSTED, Tag(m) + "queue full (--max-queue)");
+    PutEntryStatus(slots[j], full, response->mutable_results(slots[j])->mutable_status());
+    call->Release();  // never the last: the handler's own hold remains
+  }
+  if (call->Release()) {
+    finish();
+    return grpc::Status::OK;
+  }
+  return std::nullopt;
 }
 
 grpc::Status AttentionServiceImpl::RetrieveKV(grpc::ServerContext* context, const v1::RetrieveKVRequest* request,

@@ -32,6 +32,7 @@ struct RequestLimits {
   int64_t max_decode_tokens = 16;       // tokens of one Decode
   int64_t max_attend_tokens = 4096;     // query tokens of one Attend
   int64_t max_append_tokens = 1 << 24;  // tokens of one AppendKV call (all chunks)
+  int max_batch_entries = 256;          // entries of one DecodeBatch/AttendBatch
   int default_span_tokens = 64;
   int64_t prefill_output_chunk_bytes = 4 << 20;  // default Prefill response message size
   int64_t retrieve_kv_chunk_bytes = 4 << 20;     // default RetrieveKV response message size (K+V)
@@ -48,6 +49,7 @@ struct StorageSettings {
 grpc::Status ToGrpcStatus(const Status& status);
 
 class UnaryCall;  // service.cc: the reactor of one Decode/Attend call
+class BatchCall;  // service.cc: the reactor of one DecodeBatch/AttendBatch call
 
 // Decode and Attend use gRPC's callback API: the handler validates, admits
 // and queues the request and returns; the engine thread finishes the call
@@ -61,8 +63,9 @@ class UnaryCall;  // service.cc: the reactor of one Decode/Attend call
 // these check config.name / session_id first and answer INVALID_ARGUMENT
 // naming the field.
 using AttentionServiceBase = v1::AttentionService::WithCallbackMethod_Decode<
-    v1::AttentionService::WithCallbackMethod_Attend<v1::AttentionService::WithRawCallbackMethod_CreateSession<
-        v1::AttentionService::WithRawCallbackMethod_GetSession<v1::AttentionService::Service>>>>;
+    v1::AttentionService::WithCallbackMethod_Attend<v1::AttentionService::WithCallbackMethod_DecodeBatch<
+        v1::AttentionService::WithCallbackMethod_AttendBatch<v1::AttentionService::WithRawCallbackMethod_CreateSession<
+            v1::AttentionService::WithRawCallbackMethod_GetSession<v1::AttentionService::Service>>>>>>;
 
 class AttentionServiceImpl final : public AttentionServiceBase {
  public:
@@ -86,6 +89,13 @@ class AttentionServiceImpl final : public AttentionServiceBase {
                                    v1::DecodeResponse* response) override;
   grpc::ServerUnaryReactor* Attend(grpc::CallbackServerContext* context, const v1::AttendRequest* request,
                                    v1::AttendResponse* response) override;
+  // Many sessions' decodes (attends) for one layer in one call: each entry
+  // is validated, admitted and answered on its own; the exact entries share
+  // engine steps. See DecodeBatchRequest in the proto.
+  grpc::ServerUnaryReactor* DecodeBatch(grpc::CallbackServerContext* context, const v1::DecodeBatchRequest* request,
+                                        v1::DecodeBatchResponse* response) override;
+  grpc::ServerUnaryReactor* AttendBatch(grpc::CallbackServerContext* context, const v1::AttendBatchRequest* request,
+                                        v1::AttendBatchResponse* response) override;
   grpc::Status RetrieveKV(grpc::ServerContext* context, const v1::RetrieveKVRequest* request,
                           grpc::ServerWriter<v1::RetrieveKVResponse>* writer) override;
   grpc::Status Stats(grpc::ServerContext* context, const v1::StatsRequest* request,
@@ -113,6 +123,44 @@ class AttentionServiceImpl final : public AttentionServiceBase {
                                           v1::DecodeResponse* response, UnaryCall* call);
   std::optional<grpc::Status> StartAttend(grpc::CallbackServerContext& context, const v1::AttendRequest& request,
                                           v1::AttendResponse* response, UnaryCall* call);
+  // The fields of one decode (a Decode call or a DecodeBatch entry) and of
+  // one attend.
+  struct DecodeFields {
+    int layer;
+    const v1::Tensor& q;
+    const v1::Tensor& k;
+    const v1::Tensor& v;
+    const v1::AttentionOptions& options;
+    const v1::RetrievalOptions* retrieval;  // nullptr: exact
+    std::optional<int64_t> expected_layer_tokens;
+  };
+  struct AttendFields {
+    int layer;
+    const v1::Tensor& q;
+    const v1::AttentionOptions& options;
+    const v1::RetrievalOptions* retrieval;
+  };
+  // Validates, admits and converts one decode / attend of `session` (whose
+  // layer index was checked). OK: *item is admitted (item->reserved_kv_bytes
+  // reserved) and ready to queue. Otherwise the refusal, counted and recorded,
+  // and nothing is held.
+  grpc::Status PrepareDecode(const char* method, std::chrono::steady_clock::time_point start,
+                             std::shared_ptr<SessionRecord> session, const DecodeFields& fields,
+                             std::shared_ptr<WorkItem>* item, DType* out_dtype);
+  grpc::Status PrepareAttend(const char* method, std::chrono::steady_clock::time_point start,
+                             std::shared_ptr<SessionRecord> session, const AttendFields& fields,
+                             std::shared_ptr<WorkItem>* item, DType* out_dtype);
+  // A batch call: authenticates once, prepares every entry with `prepare`,
+  // queues the admitted ones together. A value: the call's own refusal
+  // (nothing queued) or OK when no entry was queued; nullopt: the last
+  // entry's completion finishes the call.
+  template <typename Request, typename Response, typename Prepare>
+  std::optional<grpc::Status> StartBatch(const char* method, grpc::CallbackServerContext& context,
+                                         const Request& request, Response* response, BatchCall* call,
+                                         const Prepare& prepare);
+  // A batch entry's session (of `tenant`) and layer check; refusals counted.
+  grpc::Status FindEntryLayer(const std::string& tenant, const std::string& session_id, int layer, const char* method,
+                              std::shared_ptr<SessionRecord>* session);
   Result<std::shared_ptr<SessionRecord>> FindSession(const std::string& tenant, const std::string& id,
                                                      const char* method) const;
   void Record(const char* method, std::chrono::steady_clock::time_point start, const grpc::Status& status);

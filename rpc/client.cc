@@ -1,5 +1,7 @@
 #include "rpc/client.h"
 
+#include <type_traits>
+
 #include <algorithm>
 #include <cstring>
 
@@ -324,6 +326,86 @@ Result<AttentionOutput> AttentionClient::Decode(const std::string& session_id, i
   };
   return WriteWithRetries<AttentionOutput>("Decode", session_id, layer, tokens, options.expected_layer_tokens,
                                            attempt, applied);
+}
+
+namespace {
+
+// A batch response's results into per-entry outputs.
+template <typename Response>
+Result<std::vector<BatchEntryOutput>> BatchOutputs(const Response& response, size_t entries, const char* method) {
+  if (static_cast<size_t>(response.results_size()) != entries) {
+    return Status::Internal(std::string("[") + method + "] " + std::to_string(response.results_size()) +
+                            " results for " + std::to_string(entries) + " entries");
+  }
+  std::vector<BatchEntryOutput> outs(entries);
+  for (size_t i = 0; i < entries; ++i) {
+    const auto& r = response.results(static_cast<int>(i));
+    const auto code = static_cast<grpc::StatusCode>(r.status().code());
+    if (code != grpc::StatusCode::OK) {
+      outs[i].status = FromGrpcStatus(grpc::Status(code, r.status().message()), method);
+      continue;
+    }
+    auto out = OutputFrom(r.o(), r.lse(), method);
+    if (!out.ok()) {
+      outs[i].status = out.status();
+      continue;
+    }
+    outs[i].output = *std::move(out);
+    if constexpr (std::is_same_v<Response, v1::DecodeBatchResponse>) {
+      outs[i].output.first_position = r.first_position();
+    }
+    outs[i].output.layer_tokens = r.layer_tokens();
+    outs[i].output.batch_size = response.engine_steps();
+    if (r.has_retrieval()) outs[i].output.retrieval = r.retrieval();
+  }
+  return outs;
+}
+
+}  // namespace
+
+Result<std::vector<BatchEntryOutput>> AttentionClient::DecodeBatch(int layer, const std::vector<BatchEntry>& entries,
+                                                                   const CallOptions& options) {
+  grpc::ClientContext context;
+  PrepareContext(&context);
+  v1::DecodeBatchRequest request;
+  request.set_layer(layer);
+  SetOptions(options, request.mutable_options());
+  for (const BatchEntry& e : entries) {
+    if (e.q == nullptr || e.k == nullptr || e.v == nullptr) {
+      return Status::InvalidArgument("[DecodeBatch] entries: q, k and v are required");
+    }
+    v1::DecodeEntry* out = request.add_entries();
+    out->set_session_id(e.session_id);
+    ToProto(*e.q, out->mutable_q());
+    ToProto(*e.k, out->mutable_k());
+    ToProto(*e.v, out->mutable_v());
+    if (e.retrieval) *out->mutable_retrieval() = *e.retrieval;
+    if (e.expected_layer_tokens) out->set_expected_layer_tokens(*e.expected_layer_tokens);
+  }
+  v1::DecodeBatchResponse response;
+  grpc::Status status = stub_->DecodeBatch(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status, "DecodeBatch");
+  return BatchOutputs(response, entries.size(), "DecodeBatch");
+}
+
+Result<std::vector<BatchEntryOutput>> AttentionClient::AttendBatch(int layer, const std::vector<BatchEntry>& entries,
+                                                                   const CallOptions& options) {
+  grpc::ClientContext context;
+  PrepareContext(&context);
+  v1::AttendBatchRequest request;
+  request.set_layer(layer);
+  SetOptions(options, request.mutable_options());
+  for (const BatchEntry& e : entries) {
+    if (e.q == nullptr) return Status::InvalidArgument("[AttendBatch] entries: q is required");
+    v1::AttendEntry* out = request.add_entries();
+    out->set_session_id(e.session_id);
+    ToProto(*e.q, out->mutable_q());
+    if (e.retrieval) *out->mutable_retrieval() = *e.retrieval;
+  }
+  v1::AttendBatchResponse response;
+  grpc::Status status = stub_->AttendBatch(&context, request, &response);
+  if (!status.ok()) return FromGrpcStatus(status, "AttendBatch");
+  return BatchOutputs(response, entries.size(), "AttendBatch");
 }
 
 Result<AttentionOutput> AttentionClient::Attend(const std::string& session_id, int layer,

@@ -82,6 +82,24 @@ struct CallOptions {
   std::optional<int64_t> expected_layer_tokens;
 };
 
+// One entry of a DecodeBatch (AttendBatch: k and v unused). The tensors are
+// not owned and must stay valid during the call.
+struct BatchEntry {
+  std::string session_id;
+  const HostTensor* q = nullptr;  // [T, H, D]
+  const HostTensor* k = nullptr;  // [T, Hkv, D] (DecodeBatch)
+  const HostTensor* v = nullptr;
+  std::optional<v1::RetrievalOptions> retrieval;  // unset = exact
+  std::optional<int64_t> expected_layer_tokens;   // DecodeBatch: conditional write
+};
+
+// One entry's answer: its own status and, when OK, its output
+// (batch_size = the engine steps that served the call).
+struct BatchEntryOutput {
+  Status status;
+  AttentionOutput output;
+};
+
 // gRPC status code of a failed call, recovered from a client Status
 // (grpc::StatusCode::UNKNOWN if the status did not come from a call).
 grpc::StatusCode GrpcCodeOf(const Status& status);
@@ -117,6 +135,17 @@ class AttentionClient {
                                  const CallOptions& options = {});
   Result<AttentionOutput> Attend(const std::string& session_id, int layer, const HostTensor& q,
                                  const CallOptions& options = {});
+  // Many sessions' decodes / attends for one layer in one call (an engine's
+  // micro-batch). The call fails as a whole only when no entry could be
+  // considered (auth, an empty or oversized batch, an expired deadline);
+  // otherwise each entry has its own status, in entry order. Not retried:
+  // entries carry expected_layer_tokens for a safe retry by the caller.
+  // options: scale, return_lse, output_dtype for every entry (retrieval and
+  // expected_layer_tokens are per entry).
+  Result<std::vector<BatchEntryOutput>> DecodeBatch(int layer, const std::vector<BatchEntry>& entries,
+                                                    const CallOptions& options = {});
+  Result<std::vector<BatchEntryOutput>> AttendBatch(int layer, const std::vector<BatchEntry>& entries,
+                                                    const CallOptions& options = {});
   // KV retrieval: the spans the index selects for q [T, H, D] (retrieval:
   // top_k_spans and/or token_budget), with their K/V, streamed and merged
   // into runs of consecutive positions.

@@ -326,6 +326,162 @@ TEST_F(ServiceFlow, ConcurrentClientsAreCorrectAndBatched) {
   ASSERT_TRUE(setup->DeleteSession(shared_info->session_id()).ok());
 }
 
+// DecodeBatch / AttendBatch: sessions of different shapes and storage in
+// one call per layer, each answered like its own Decode/Attend; bad entries
+// get their own status naming entries[i] and change nothing; the exact
+// entries share one engine step.
+TEST_F(ServiceFlow, BatchCallsServeManySessionsWithPerEntryStatus) {
+  auto client = Client(*server_);
+  std::mt19937 rng(11);
+  std::vector<Model> models(5);
+  models[1].heads = 4, models[1].kv_heads = 4, models[1].head_dim = 32;  // MHA
+  models[2].heads = 8, models[2].kv_heads = 1, models[2].head_dim = 16;  // MQA
+  models[3].storage = DType::kBFloat16;
+  models[4].heads = 6, models[4].kv_heads = 3, models[4].head_dim = 128;
+  // models[l][i]: session i's layer l (the sessions have 2 layers).
+  std::vector<std::vector<Model>> layers(2, models);
+  std::vector<std::string> ids;
+  for (size_t i = 0; i < models.size(); ++i) {
+    auto info = client->CreateSession(Config(models[i]));
+    ASSERT_TRUE(info.ok()) << info.status().ToString();
+    ids.push_back(info->session_id());
+    for (int l = 0; l < 2; ++l) {
+      auto [k, v] = NewKv(rng, layers[l][i], 300 + 700 * static_cast<int64_t>(i) + l);
+      ASSERT_TRUE(client->AppendKV(ids[i], l, k, v).ok());
+    }
+  }
+  auto tolerance = [&](size_t i) { return models[i].storage == DType::kBFloat16 ? 2e-3 : 2e-4; };
+  // Three engine steps of a 2-layer model: one DecodeBatch per layer-step.
+  for (int step = 0; step < 3; ++step) {
+    for (int l = 0; l < 2; ++l) {
+      std::vector<HostTensor> qs, ks, vs;
+      std::vector<std::vector<float>> qf;
+      std::vector<BatchEntry> entries;
+      for (size_t i = 0; i < models.size(); ++i) {
+        Model& m = layers[l][i];
+        const int64_t t = i == 2 ? 2 : 1;  // one session decodes two tokens
+        qf.push_back(Random(rng, t * m.heads * m.head_dim));
+        auto [k, v] = NewKv(rng, m, t);
+        qs.push_back(HostTensor::FromFloat32(qf.back().data(), {t, m.heads, m.head_dim}));
+        ks.push_back(std::move(k));
+        vs.push_back(std::move(v));
+      }
+      for (size_t i = 0; i < models.size(); ++i) entries.push_back({ids[i], &qs[i], &ks[i], &vs[i], {}, {}});
+      CallOptions opt;
+      opt.return_lse = true;
+      auto out = client->DecodeBatch(l, entries, opt);
+      ASSERT_TRUE(out.ok()) << out.status().ToString();
+      ASSERT_EQ(out->size(), models.size());
+      for (size_t i = 0; i < models.size(); ++i) {
+        const BatchEntryOutput& r = (*out)[i];
+        ASSERT_TRUE(r.status.ok()) << i << ": " << r.status.ToString();
+        const Model& m = layers[l][i];
+        const int64_t t = qs[i].shape[0];
+        EXPECT_EQ(r.output.layer_tokens, m.tokens()) << i;
+        EXPECT_EQ(r.output.first_position, m.tokens() - t) << i;
+        EXPECT_EQ(r.output.o.shape, (std::vector<int64_t>{t, m.heads, m.head_dim}));
+        EXPECT_EQ(r.output.lse.shape, (std::vector<int64_t>{t, m.heads}));
+        EXPECT_LE(MaxDiff(r.output.o.ToFloat32(), Reference(m, qf[i], t, true)), tolerance(i)) << i;
+        EXPECT_EQ(r.output.batch_size, 1) << "distinct sessions share one engine step";
+      }
+    }
+  }
+  // AttendBatch on layer 1: no append, no causal mask.
+  {
+    std::vector<HostTensor> qs;
+    std::vector<std::vector<float>> qf;
+    std::vector<BatchEntry> entries;
+    for (size_t i = 0; i < models.size(); ++i) {
+      const Model& m = layers[1][i];
+      qf.push_back(Random(rng, 3 * m.heads * m.head_dim));
+      qs.push_back(HostTensor::FromFloat32(qf.back().data(), {3, m.heads, m.head_dim}));
+    }
+    for (size_t i = 0; i < models.size(); ++i) entries.push_back({ids[i], &qs[i], nullptr, nullptr, {}, {}});
+    auto out = client->AttendBatch(1, entries);
+    ASSERT_TRUE(out.ok()) << out.status().ToString();
+    for (size_t i = 0; i < models.size(); ++i) {
+      ASSERT_TRUE((*out)[i].status.ok()) << (*out)[i].status.ToString();
+      EXPECT_EQ((*out)[i].output.layer_tokens, layers[1][i].tokens());
+      EXPECT_LE(MaxDiff((*out)[i].output.o.ToFloat32(), Reference(layers[1][i], qf[i], 3, false)), tolerance(i));
+    }
+  }
+  // Bad entries beside good ones: each gets its own status, changes nothing,
+  // and the good entries are served. The same session twice: applied in
+  // entry order, in two engine steps.
+  {
+    Model& m0 = layers[0][0];
+    const int64_t before0 = m0.tokens(), before1 = layers[0][1].tokens();
+    auto q0 = Random(rng, m0.heads * m0.head_dim), q0b = Random(rng, m0.heads * m0.head_dim);
+    HostTensor tq0 = HostTensor::FromFloat32(q0.data(), {1, m0.heads, m0.head_dim});
+    HostTensor tq0b = HostTensor::FromFloat32(q0b.data(), {1, m0.heads, m0.head_dim});
+    // Good: two decodes on session 0.
+    auto [k0, v0] = NewKv(rng, m0, 1);
+    const std::vector<float> ref0 = Reference(m0, q0, 1, true);
+    auto [k0b, v0b] = NewKv(rng, m0, 1);
+    const std::vector<float> ref0b = Reference(m0, q0b, 1, true);
+    // Bad: session 1 with session 0's head count (q.shape[1]).
+    Model scratch = layers[0][1];
+    auto [k1, v1] = NewKv(rng, scratch, 1);
+    // Bad: NaN in k; wrong expected_layer_tokens; unknown session.
+    auto [kn, vn] = NewKv(rng, scratch, 1);
+    std::vector<float> nan_k = kn.ToFloat32();
+    nan_k[5] = NAN;
+    HostTensor tkn = HostTensor::FromFloat32(nan_k.data(), kn.shape);
+    std::vector<BatchEntry> entries = {
+        {ids[0], &tq0, &k0, &v0, {}, before0},
+        {ids[1], &tq0, &k1, &v1, {}, {}},
+        {ids[0], &tq0b, &k0b, &v0b, {}, {}},
+        {ids[1], &tq0, &tkn, &vn, {}, {}},
+        {ids[1], &tq0, &k1, &v1, {}, before1 + 7},
+        {"0123456789abcdef0123456789abcdef", &tq0, &k0, &v0, {}, {}},
+    };
+    // Entries 3 and 4 are shaped for session 1 except q (8 heads x 64 vs 4 x 32): fix q for 3 and 4 so
+    // only the NaN / the expected length is wrong.
+    auto q1 = Random(rng, 4 * 32);
+    HostTensor tq1 = HostTensor::FromFloat32(q1.data(), {1, 4, 32});
+    entries[3].q = &tq1;
+    entries[4].q = &tq1;
+    auto out = client->DecodeBatch(0, entries);
+    ASSERT_TRUE(out.ok()) << out.status().ToString();
+    ASSERT_EQ(out->size(), entries.size());
+    ASSERT_TRUE((*out)[0].status.ok()) << (*out)[0].status.ToString();
+    ASSERT_TRUE((*out)[2].status.ok()) << (*out)[2].status.ToString();
+    EXPECT_EQ((*out)[0].output.first_position, before0);
+    EXPECT_EQ((*out)[2].output.first_position, before0 + 1);
+    EXPECT_LE(MaxDiff((*out)[0].output.o.ToFloat32(), ref0), 2e-4);
+    EXPECT_LE(MaxDiff((*out)[2].output.o.ToFloat32(), ref0b), 2e-4);
+    EXPECT_EQ((*out)[0].output.batch_size, 2) << "the same session twice takes two engine steps";
+    auto expect = [&](size_t i, grpc::StatusCode code, const std::string& text) {
+      EXPECT_EQ(GrpcCodeOf((*out)[i].status), code) << i << ": " << (*out)[i].status.ToString();
+      EXPECT_NE((*out)[i].status.message().find(text), std::string::npos) << i << ": " << (*out)[i].status.ToString();
+    };
+    expect(1, grpc::StatusCode::INVALID_ARGUMENT, "[DecodeBatch] entries[1].q.shape[1]");
+    expect(3, grpc::StatusCode::INVALID_ARGUMENT, "entries[3].k.data: NaN or Inf");
+    expect(4, grpc::StatusCode::FAILED_PRECONDITION, "expected_layer_tokens");
+    expect(5, grpc::StatusCode::NOT_FOUND, "entries[5].session_id");
+    auto s1 = client->GetSession(ids[1]);
+    ASSERT_TRUE(s1.ok());
+    EXPECT_EQ(s1->layer_tokens(0), before1) << "refused entries stored nothing";
+    auto s0 = client->GetSession(ids[0]);
+    ASSERT_TRUE(s0.ok());
+    EXPECT_EQ(s0->layer_tokens(0), before0 + 2);
+  }
+  // Whole-call refusals: an empty batch; a layer out of range is per entry.
+  {
+    auto empty = client->DecodeBatch(0, {});
+    EXPECT_EQ(GrpcCodeOf(empty.status()), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(empty.status().message().find("entries"), std::string::npos) << empty.status().ToString();
+    const Model& m = layers[1][0];
+    auto q = Random(rng, m.heads * m.head_dim);
+    HostTensor tq = HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim});
+    auto out = client->AttendBatch(5, {{ids[0], &tq, nullptr, nullptr, {}, {}}});
+    ASSERT_TRUE(out.ok());
+    EXPECT_EQ(GrpcCodeOf((*out)[0].status), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE((*out)[0].status.message().find("entries[0].layer"), std::string::npos) << (*out)[0].status.ToString();
+  }
+  for (auto& id : ids) ASSERT_TRUE(client->DeleteSession(id).ok());
+}
+
 // One bad request: what it sends and the code it must get.
 struct BadCase {
   std::string name;

@@ -61,6 +61,30 @@ class AppliedEarlierError(Exception):
         self.layer_tokens = expected + tokens
 
 
+class BatchResult:
+    """One entry's answer in a decode_batch/attend_batch: ok, code
+    (grpc.StatusCode), message; when ok: o [T, H, D], lse [T, H] (with
+    return_lse, else None), first_position (decode), layer_tokens, retrieval
+    (RetrievalInfo for retrieval entries, else None)."""
+    __slots__ = ("ok", "code", "message", "o", "lse", "first_position", "layer_tokens", "retrieval")
+
+    def __init__(self, r, return_lse):
+        self.code = _STATUS_CODES.get(r.status.code, grpc.StatusCode.UNKNOWN)
+        self.ok = self.code == grpc.StatusCode.OK
+        self.message = r.status.message
+        self.o = from_tensor(r.o) if self.ok else None
+        self.lse = from_tensor(r.lse) if self.ok and return_lse else None
+        self.first_position = getattr(r, "first_position", 0)
+        self.layer_tokens = r.layer_tokens
+        self.retrieval = r.retrieval if r.HasField("retrieval") else None
+
+    def __repr__(self):
+        return "BatchResult(%s%s)" % (self.code.name, "" if self.ok else ": " + self.message)
+
+
+_STATUS_CODES = {c.value[0]: c for c in grpc.StatusCode}
+
+
 class AttentionClient:
     """Thread-safe client. Failed calls raise grpc.RpcError (e.code(), e.details()).
 
@@ -222,6 +246,36 @@ class AttentionClient:
         if retrieval is not None:
             request.retrieval.CopyFrom(retrieval)
         return self._result(self.stub.Attend(request, **self._kw()), return_lse, retrieval)
+
+    def decode_batch(self, layer, entries, scale=0.0, return_lse=False, output_dtype="float32", dtype=None):
+        """Many sessions' decode steps for one layer in one call (an engine's
+        micro-batch). entries: dicts {"session_id", "q" [T, H, D], "k", "v"
+        [T, Hkv, D], optional "retrieval" (retrieval_options()), optional
+        "expected_layer_tokens"}. Returns a BatchResult per entry, in order;
+        each entry succeeds or fails on its own. Raises grpc.RpcError only
+        when the call as a whole was refused (auth, empty or oversized batch,
+        expired deadline). Not retried (use expected_layer_tokens)."""
+        request = pb.DecodeBatchRequest(layer=layer, options=self._options(scale, return_lse, output_dtype))
+        for e in entries:
+            entry = request.entries.add(session_id=e["session_id"], q=to_tensor(e["q"], dtype),
+                                        k=to_tensor(e["k"], dtype), v=to_tensor(e["v"], dtype))
+            if e.get("retrieval") is not None:
+                entry.retrieval.CopyFrom(e["retrieval"])
+            if e.get("expected_layer_tokens") is not None:
+                entry.expected_layer_tokens = e["expected_layer_tokens"]
+        response = self.stub.DecodeBatch(request, **self._kw())
+        return [BatchResult(r, return_lse) for r in response.results]
+
+    def attend_batch(self, layer, entries, scale=0.0, return_lse=False, output_dtype="float32", dtype=None):
+        """Many sessions' attends for one layer in one call. entries: dicts
+        {"session_id", "q", optional "retrieval"}. As decode_batch."""
+        request = pb.AttendBatchRequest(layer=layer, options=self._options(scale, return_lse, output_dtype))
+        for e in entries:
+            entry = request.entries.add(session_id=e["session_id"], q=to_tensor(e["q"], dtype))
+            if e.get("retrieval") is not None:
+                entry.retrieval.CopyFrom(e["retrieval"])
+        response = self.stub.AttendBatch(request, **self._kw())
+        return [BatchResult(r, return_lse) for r in response.results]
 
     def retrieve_kv(self, session_id, layer, q, retrieval, include_always=False, scale=0.0, dtype=None):
         """KV retrieval: returns [(rank, position_start, k, v)] runs in position
