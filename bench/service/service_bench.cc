@@ -101,9 +101,9 @@ std::vector<v1::DecodeRequest> DecodeRequests(const std::vector<std::string>& id
   return requests;
 }
 
-std::string CreateLoaded(AttentionClient& client, const Shape& s, int64_t tokens, uint32_t seed) {
+std::string CreateLoaded(AttentionClient& client, const Shape& s, int64_t tokens, uint32_t seed, int layers = 1) {
   v1::SessionConfig c;
-  c.set_layers(1);
+  c.set_layers(layers);
   c.set_heads(s.heads);
   c.set_kv_heads(s.kv_heads);
   c.set_head_dim(s.head_dim);
@@ -115,12 +115,15 @@ std::string CreateLoaded(AttentionClient& client, const Shape& s, int64_t tokens
   std::mt19937 rng(seed);
   auto k = Random(rng, tokens * s.kv_row());
   auto v = Random(rng, tokens * s.kv_row());
-  auto r = client.AppendKV(info->session_id(), 0, HostTensor::FromFloat32(k.data(), {tokens, s.kv_heads, s.head_dim}),
-                           HostTensor::FromFloat32(v.data(), {tokens, s.kv_heads, s.head_dim}),
-                           std::max<int64_t>(1, (int64_t{16} << 20) / (s.kv_row() * 4)));  // 32 MiB messages
-  if (!r.ok()) {
-    std::fprintf(stderr, "%s\n", r.status().message().c_str());
-    std::exit(1);
+  const HostTensor kt = HostTensor::FromFloat32(k.data(), {tokens, s.kv_heads, s.head_dim});
+  const HostTensor vt = HostTensor::FromFloat32(v.data(), {tokens, s.kv_heads, s.head_dim});
+  for (int layer = 0; layer < layers; ++layer) {
+    auto r = client.AppendKV(info->session_id(), layer, kt, vt,
+                             std::max<int64_t>(1, (int64_t{16} << 20) / (s.kv_row() * 4)));  // 32 MiB messages
+    if (!r.ok()) {
+      std::fprintf(stderr, "%s\n", r.status().message().c_str());
+      std::exit(1);
+    }
   }
   return info->session_id();
 }
@@ -343,9 +346,11 @@ class KernelReference {
  public:
   KernelReference(const Shape& s, int64_t tokens, int sessions) : s_(s), tokens_(tokens) {
     std::mt19937 rng(7);
+    // Up to 32 random sets; more are copies of them (the timing only needs
+    // distinct memory, and drawing gigabytes of normals takes long).
     for (int i = 0; i < sessions; ++i) {
-      ks_.push_back(Random(rng, tokens * s.kv_row()));
-      vs_.push_back(Random(rng, tokens * s.kv_row()));
+      ks_.push_back(i < 32 ? Random(rng, tokens * s.kv_row()) : ks_[i % 32]);
+      vs_.push_back(i < 32 ? Random(rng, tokens * s.kv_row()) : vs_[i % 32]);
     }
     q_ = Random(rng, s.q_row());
   }
@@ -466,7 +471,11 @@ int main(int argc, char** argv) {
   bool sync_clients = false;
   app.add_flag("--sync-clients", sync_clients,
                "closed loops use a thread per client with the blocking C++ client (default: one async completion-queue thread)");
-  app.add_option("--only", only, "run one scenario: attend, decode, latency, rpc, overload");
+  app.add_option("--only", only, "run one scenario: attend, decode, engine, latency, rpc, overload");
+  std::vector<std::string> engine_shapes = {"1x1", "8x4", "32x1", "32x4", "32x32", "64x4"};
+  app.add_option("--engine-shapes", engine_shapes,
+                 "engine scenario rows SxL: S sessions of --decode-tokens tokens, L layers, one DecodeBatch per layer-step")
+      ->capture_default_str();
   std::vector<std::string> server_args;
   app.add_option("--server-arg", server_args, "extra attnserve flag (repeatable), e.g. --server-arg=--worker-spin-us=200");
   CLI11_PARSE(app, argc, argv);
@@ -628,6 +637,98 @@ int main(int argc, char** argv) {
                  MeanBatch(*before, *after, "decode"), dps * decode_bytes / 1e9, kernel_gbs,
                  dps * decode_bytes / 1e9 / kernel_gbs, mean_tokens, busy / (r.seconds * cores),
                  r.ok > 0 ? 1e6 * busy / double(r.ok) : 0.0, kernel_before, kernel_after));
+      }
+    }
+    // --- engine: one client drives S sessions x L layers, DecodeBatch per layer-step
+    if (only.empty() || only == "engine") {
+      std::mt19937 rng(5);
+      auto q = Random(rng, s.q_row());
+      auto kv = Random(rng, s.kv_row());
+      auto qt = HostTensor::FromFloat32(q.data(), {1, s.heads, s.head_dim});
+      auto kt = HostTensor::FromFloat32(kv.data(), {1, s.kv_heads, s.head_dim});
+      for (const std::string& shape_text : engine_shapes) {
+        int S = 0, L = 0;
+        if (std::sscanf(shape_text.c_str(), "%dx%d", &S, &L) != 2 || S < 1 || L < 1) {
+          std::fprintf(stderr, "--engine-shapes: '%s' is not SxL (e.g. 32x4)\n", shape_text.c_str());
+          return 2;
+        }
+        std::vector<std::string> ids;
+        for (int i = 0; i < S; ++i) ids.push_back(CreateLoaded(*admin, s, decode_tokens, 300 + i, L));
+        std::vector<v1::DecodeBatchRequest> requests(L);
+        for (int l = 0; l < L; ++l) {
+          requests[l].set_layer(l);
+          for (const std::string& id : ids) {
+            v1::DecodeEntry* e = requests[l].add_entries();
+            e->set_session_id(id);
+            ToProto(qt, e->mutable_q());
+            ToProto(kt, e->mutable_k());
+            ToProto(kt, e->mutable_v());
+          }
+        }
+        auto channel = grpc::CreateChannel(server->address(), grpc::InsecureChannelCredentials());
+        auto stub = v1::AttentionService::NewStub(channel);
+        int64_t calls = 0, failed = 0, steps = 0;
+        auto call = [&](int l, double* ms) {
+          grpc::ClientContext context;
+          v1::DecodeBatchResponse response;
+          const auto t0 = Clock::now();
+          grpc::Status st = stub->DecodeBatch(&context, requests[l], &response);
+          if (ms) *ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+          bool ok = st.ok() && response.results_size() == S;
+          for (int i = 0; ok && i < S; ++i) {
+            ok = response.results(i).status().code() == 0 &&
+                 response.results(i).o().data().size() == size_t(s.q_row()) * 4;
+          }
+          steps += response.engine_steps();
+          return ok;
+        };
+        for (int w = 0; w < 2; ++w) {  // warm-up: one layer-step through every layer
+          for (int l = 0; l < L; ++l) call(l, nullptr);
+        }
+        // The in-process reference: the decode kernel on S x L KV sets of
+        // the same shape (round robin, so KV comes from memory as in the
+        // service), all cores; one layer-step = S decodes. Measured before
+        // and after the row, the mean of the two used.
+        const KernelReference reference(s, decode_tokens, S * L);
+        const int reps = std::max(400, std::min(4 * S * L, 4096));
+        const double kernel_before = reference.Seconds(reps, cores) * S;
+        steps = 0;
+        std::vector<double> ms;
+        const double busy0 = MachineBusySeconds();
+        const auto start = Clock::now();
+        int64_t layer_steps = 0;
+        while (std::chrono::duration<double>(Clock::now() - start).count() < duration || layer_steps < 3) {
+          for (int l = 0; l < L; ++l) {
+            double t = 0;
+            if (call(l, &t)) ms.push_back(t);
+            else ++failed;
+            ++calls;
+          }
+          ++layer_steps;
+        }
+        const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+        const double busy = MachineBusySeconds() - busy0;
+        const double kernel_after = reference.Seconds(reps, cores) * S;
+        const double kernel_step_s = 0.5 * (kernel_before + kernel_after);
+        for (const std::string& id : ids) (void)admin->DeleteSession(id);
+        // KV read per session-decode: the sessions grow by one token per
+        // layer-step (warm-up included).
+        const double mean_tokens = double(decode_tokens) + 2.0 + 0.5 * double(layer_steps + 1);
+        const double session_bytes = mean_tokens * s.kv_row() * 4 * 2;
+        const double decodes = double(calls - failed) * S;
+        const double kv_gbs = decodes * session_bytes / seconds / 1e9;
+        const double kernel_gbs = S * double(decode_tokens) * s.kv_row() * 4 * 2 / kernel_step_s / 1e9;
+        const double p50 = Percentile(ms, 0.5);
+        Emit(Fmt("{\"scenario\":\"engine_batch\",\"sessions\":%d,\"layers\":%d,\"session_tokens\":%lld,"
+                 "\"calls\":%lld,\"failed\":%lld,\"p50_ms\":%.3f,\"p99_ms\":%.3f,\"kernel_step_ms\":%.3f,"
+                 "\"added_p50_ms\":%.3f,\"tokens_per_s\":%.1f,\"kv_gbs\":%.3f,\"kernel_gbs\":%.3f,"
+                 "\"kv_rate_vs_kernel\":%.3f,\"cpu_us_per_decode\":%.1f,\"machine_busy\":%.2f,"
+                 "\"engine_steps_per_call\":%.2f,\"kernel_step_ms_before\":%.3f,\"kernel_step_ms_after\":%.3f}",
+                 S, L, static_cast<long long>(decode_tokens), static_cast<long long>(calls),
+                 static_cast<long long>(failed), p50, Percentile(ms, 0.99), 1e3 * kernel_step_s,
+                 p50 - 1e3 * kernel_step_s, double(layer_steps) * S / seconds, kv_gbs, kernel_gbs,
+                 kv_gbs / kernel_gbs, decodes > 0 ? 1e6 * busy / decodes : 0.0, busy / (seconds * cores),
+                 calls ? double(steps) / double(calls) : 0.0, 1e3 * kernel_before, 1e3 * kernel_after));
       }
     }
     // --- added latency: one small decode at a time ---------------------------
