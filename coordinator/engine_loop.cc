@@ -278,13 +278,19 @@ std::vector<std::shared_ptr<WorkItem>> EngineLoop::NextStep(const std::function<
     const auto now = std::chrono::steady_clock::now();
     std::deque<std::shared_ptr<WorkItem>> keep;
     bool alone = false;  // the step is one append/prefill/delete
+    bool retrieval_step = false;  // the step's requests are retrieval ones
     while (!queue_.empty()) {
       std::shared_ptr<WorkItem> item = std::move(queue_.front());
       queue_.pop_front();
       const uint64_t handle = item->session->shape.handle;
       const Key key{handle, item->layer};
-      const bool batchable = (item->kind == WorkItem::Kind::kDecode || item->kind == WorkItem::Kind::kAttend) &&
-                             !item->retrieval.enabled;
+      // Exact decodes/attends share a batch step; retrieval decodes/attends
+      // and KV retrievals share a retrieval step; the other kinds run alone.
+      const bool retrieval = item->kind == WorkItem::Kind::kRetrieveKV ||
+                             ((item->kind == WorkItem::Kind::kDecode || item->kind == WorkItem::Kind::kAttend) &&
+                              item->retrieval.enabled);
+      const bool batchable =
+          retrieval || item->kind == WorkItem::Kind::kDecode || item->kind == WorkItem::Kind::kAttend;
       if (item->cancelled || now >= item->deadline ||
           (item->session->deleted && item->kind != WorkItem::Kind::kDelete)) {
         finished.push_back(std::move(item));
@@ -306,6 +312,12 @@ std::vector<std::shared_ptr<WorkItem>> EngineLoop::NextStep(const std::function<
         }
         continue;
       }
+      if (!step.empty() && retrieval != retrieval_step) {  // the other kind of step: next time, in order
+        blocked.insert(key);
+        keep.push_back(std::move(item));
+        continue;
+      }
+      retrieval_step = retrieval;
       if (item->kind == WorkItem::Kind::kDecode) {
         if (decode_keys.count(key) || attend_keys.count(key)) {
           blocked.insert(key);
@@ -341,10 +353,10 @@ Status EngineLoop::Run(const std::function<bool()>& should_exit) {
       case WorkItem::Kind::kAppend: RunAppend(*step[0]); break;
       case WorkItem::Kind::kPrefill: RunPrefill(*step[0]); break;
       case WorkItem::Kind::kDelete: RunDelete(*step[0]); break;
-      case WorkItem::Kind::kRetrieveKV: RunRetrieve(*step[0]); break;
+      case WorkItem::Kind::kRetrieveKV: RunRetrieveStep(step); break;
       default:
         if (step[0]->retrieval.enabled) {
-          RunRetrieve(*step[0]);
+          RunRetrieveStep(step);
         } else {
           const auto t0 = std::chrono::steady_clock::now();
           RunAttentionStep(step);
@@ -741,71 +753,107 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
   }
 }
 
-void EngineLoop::RunRetrieve(WorkItem& item) {
-  if (!StartItem(item)) return;
-  SessionRecord& s = *item.session;
-  const bool decode = item.kind == WorkItem::Kind::kDecode;
-  RetrieveCommand base;
-  BatchGroup& g = base.group;
-  g.session = s.shape;
-  g.layer = item.layer;
-  g.causal = decode;
-  g.scale = item.scale;
-  g.q_tokens = item.q_tokens;
-  std::vector<PlacedRun> runs;
-  LayerLayout layout;
-  {
-    std::lock_guard<std::mutex> lock(s.mu);
-    layout = s.layers[item.layer];
-  }
-  item.first_position = layout.tokens;
-  if (decode) {
-    Status planned = CheckExpectedTokens(item, layout);
-    if (planned.ok()) {
-      runs = PlaceAppend(layout, item.kv_tokens, s.config.span_tokens(), RankBytes());
-      planned = CheckDiskBudget(s, runs);
+void EngineLoop::RunRetrieveStep(std::vector<std::shared_ptr<WorkItem>>& items) {
+  // Plan every request without changing anything (as RunAttentionStep does);
+  // a request refused here is completed and left out of the step.
+  struct Planned {
+    WorkItem* item;
+    LayerLayout layout;
+    std::vector<PlacedRun> runs;
+    RetrieveCommand base;
+  };
+  std::vector<Planned> plans;
+  const std::vector<int64_t> rank_bytes = RankBytes();
+  for (auto& ptr : items) {
+    WorkItem& item = *ptr;
+    if (!StartItem(item)) continue;
+    SessionRecord& s = *item.session;
+    const bool decode = item.kind == WorkItem::Kind::kDecode;
+    Planned p{&item, {}, {}, {}};
+    {
+      std::lock_guard<std::mutex> lock(s.mu);
+      p.layout = s.layers[item.layer];
     }
-    if (!planned.ok()) {
-      Complete(item, planned);
-      return;
+    item.first_position = p.layout.tokens;
+    if (decode) {
+      Status planned = CheckExpectedTokens(item, p.layout);
+      if (planned.ok()) {
+        p.runs = PlaceAppend(p.layout, item.kv_tokens, s.config.span_tokens(), rank_bytes);
+        planned = CheckDiskBudget(s, p.runs);
+      }
+      if (!planned.ok()) {
+        Complete(item, planned);
+        continue;
+      }
     }
+    item.layer_tokens = p.layout.tokens;
+    BatchGroup& g = p.base.group;
+    g.session = s.shape;
+    g.layer = item.layer;
+    g.causal = decode;
+    g.scale = item.scale;
+    g.q_tokens = item.q_tokens;
+    g.q_position = decode ? item.first_position : 0;
+    p.base.top_k_spans = item.retrieval.top_k_spans;
+    p.base.token_budget = item.retrieval.token_budget;
+    p.base.mass_tolerance = item.retrieval.mass_tolerance;
+    p.base.score_mode = item.retrieval.score_mode;
+    p.base.context_end = item.layer_tokens;
+    p.base.kv_only = item.kind == WorkItem::Kind::kRetrieveKV;
+    p.base.include_always = item.retrieval.include_always;
+    plans.push_back(std::move(p));
   }
-  item.layer_tokens = layout.tokens;
-  g.q_position = decode ? item.first_position : 0;
-  base.top_k_spans = item.retrieval.top_k_spans;
-  base.token_budget = item.retrieval.token_budget;
-  base.mass_tolerance = item.retrieval.mass_tolerance;
-  base.score_mode = item.retrieval.score_mode;
-  base.context_end = item.layer_tokens;
-  base.kv_only = item.kind == WorkItem::Kind::kRetrieveKV;
-  base.include_always = item.retrieval.include_always;
+  if (plans.empty()) return;
   std::vector<Command> commands(world_size_);
   for (int d = 0; d < world_size_; ++d) {
     commands[d].kind = CommandKind::kRetrieve;
-    commands[d].retrieve = base;
-    commands[d].retrieve.group.q = item.q;
-    if (decode) {
-      commands[d].retrieve.group.new_rows =
-          SliceRows(runs, d, item.first_position, s.shape.row_bytes(), item.k, item.v);
+    for (const Planned& p : plans) {
+      RetrieveCommand r = p.base;
+      r.group.q = p.item->q;
+      if (p.item->kind == WorkItem::Kind::kDecode) {
+        r.group.new_rows = SliceRows(p.runs, d, p.item->first_position, p.item->session->shape.row_bytes(),
+                                     p.item->k, p.item->v);
+      }
+      commands[d].retrieves.push_back(std::move(r));
     }
   }
   Result<EngineOutput> out = Broadcast(commands);
-  stats_.RecordBatch(base.kv_only ? "retrieve_kv" : "retrieval", 1);
-  item.batch_size = 1;
-  item.step_serial = steps_run_;
-  if (!out.ok()) {
-    Complete(item, out.status());
-    return;
+  int64_t kv_only = 0;
+  for (const Planned& p : plans) kv_only += p.base.kv_only ? 1 : 0;
+  if (kv_only) stats_.RecordBatch("retrieve_kv", kv_only);
+  if (kv_only < static_cast<int64_t>(plans.size())) {
+    stats_.RecordBatch("retrieval", static_cast<int64_t>(plans.size()) - kv_only);
   }
-  if (decode) CommitPlaced(s, item.layer, layout, item.kv_tokens, runs);
-  item.retrieval_out = std::move(out->retrieval);
-  if (base.kv_only) {
-    item.kv_runs = std::move(out->runs);
-  } else if (!out->group_o.empty()) {
-    item.o = std::move(out->group_o[0]);
-    if (item.return_lse) item.lse = std::move(out->group_lse[0]);
+  if (out.ok() && out->retrieved.size() != plans.size()) {
+    out = Status::Internal("[engine] retrieval step returned " + std::to_string(out->retrieved.size()) +
+                           " results for " + std::to_string(plans.size()) + " requests");
   }
-  Complete(item, decode ? AfterWrite(s, *out) : Status::Ok());
+  for (size_t i = 0; i < plans.size(); ++i) {
+    Planned& p = plans[i];
+    WorkItem& item = *p.item;
+    item.batch_size = static_cast<int>(plans.size());
+    item.step_serial = steps_run_;
+    if (!out.ok()) {
+      Complete(item, out.status());
+      continue;
+    }
+    RetrieveOutcome& r = out->retrieved[i];
+    if (!r.status.ok()) {
+      Complete(item, r.status);
+      continue;
+    }
+    const bool decode = item.kind == WorkItem::Kind::kDecode;
+    SessionRecord& s = *item.session;
+    if (decode) CommitPlaced(s, item.layer, p.layout, item.kv_tokens, p.runs);
+    item.retrieval_out = std::move(r.retrieval);
+    if (p.base.kv_only) {
+      item.kv_runs = std::move(r.runs);
+    } else if (!r.o.empty()) {
+      item.o = std::move(r.o);
+      if (item.return_lse) item.lse = std::move(r.lse);
+    }
+    Complete(item, decode ? AfterWrite(s, *out) : Status::Ok());
+  }
 }
 
 }  // namespace ringtree

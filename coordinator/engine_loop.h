@@ -2,7 +2,8 @@
 //
 // gRPC handlers validate and admit a request, then Submit a WorkItem and wait
 // for it. The loop takes every request waiting now, forms one step (all
-// decodes and attends that can run together, or one append/prefill/delete),
+// exact decodes and attends that can run together, or all retrieval
+// decodes/attends and KV retrievals, or one append/prefill/delete),
 // places new tokens on ranks, sends each rank its command, executes rank 0's
 // share through the WorkerEngine, and completes the items.
 //
@@ -161,7 +162,10 @@ class EngineLoop {
   void RunAppend(WorkItem& item);
   void RunPrefill(WorkItem& item);
   void RunDelete(WorkItem& item);
-  void RunRetrieve(WorkItem& item);
+  // A retrieval step: retrieval decodes/attends and KV retrievals of
+  // distinct (session, layer) decodes, run one after another by the ranks in
+  // one command, each succeeding or failing on its own.
+  void RunRetrieveStep(std::vector<std::shared_ptr<WorkItem>>& items);
   // Refuses (RESOURCE_EXHAUSTED, no state change) a placement that could take
   // a rank's span file past --disk-budget-mib.
   Status CheckDiskBudget(const SessionRecord& s, const std::vector<PlacedRun>& runs) const;

@@ -1118,6 +1118,89 @@ TEST_F(ServiceSpans, RetrievalWithFullBudgetEqualsExactAndFindsTheNeedle) {
   EXPECT_EQ(server->Stop(), 0) << server->log();
 }
 
+// DecodeBatch / AttendBatch with retrieval entries: the retrieval entries of
+// distinct sessions share one retrieval step (the exact ones another), each
+// equals its reference with a budget covering everything, and a failing
+// retrieval entry changes nothing while the others are served.
+TEST_F(ServiceSpans, BatchedRetrievalEntriesShareAStepAndFailAlone) {
+  auto server = Start({});
+  auto client = Client(*server);
+  std::mt19937 rng(17);
+  std::vector<Model> models(4);
+  std::vector<std::string> ids;
+  for (size_t i = 0; i < models.size(); ++i) {
+    auto info = client->CreateSession(SpanConfig(models[i], 16, 16, 64));
+    ASSERT_TRUE(info.ok()) << info.status().ToString();
+    ids.push_back(info->session_id());
+    auto [k, v] = NewKv(rng, models[i], 1000 + 500 * static_cast<int64_t>(i));
+    ASSERT_TRUE(client->AppendKV(ids[i], 0, k, v).ok());
+  }
+  const v1::RetrievalOptions all = Budget(1 << 30);
+  std::vector<HostTensor> qs, ks, vs;
+  std::vector<std::vector<float>> qf, refs;
+  std::vector<int64_t> before;
+  for (size_t i = 0; i < models.size(); ++i) {
+    Model& m = models[i];
+    before.push_back(m.tokens());
+    qf.push_back(Random(rng, m.heads * m.head_dim));
+    qs.push_back(HostTensor::FromFloat32(qf.back().data(), {1, m.heads, m.head_dim}));
+    if (i == 3) {  // refused entry: its token is not part of the model
+      Model scratch = m;
+      auto [k, v] = NewKv(rng, scratch, 1);
+      ks.push_back(std::move(k));
+      vs.push_back(std::move(v));
+      refs.emplace_back();
+      continue;
+    }
+    auto [k, v] = NewKv(rng, m, 1);
+    ks.push_back(std::move(k));
+    vs.push_back(std::move(v));
+    refs.push_back(Reference(m, qf.back(), 1, true));
+  }
+  std::vector<BatchEntry> entries = {
+      {ids[0], &qs[0], &ks[0], &vs[0], all, {}},
+      {ids[1], &qs[1], &ks[1], &vs[1], {}, {}},  // exact
+      {ids[2], &qs[2], &ks[2], &vs[2], all, before[2]},
+      {ids[3], &qs[3], &ks[3], &vs[3], all, before[3] + 3},  // wrong expected length
+  };
+  auto out = client->DecodeBatch(0, entries);
+  ASSERT_TRUE(out.ok()) << out.status().ToString();
+  for (size_t i = 0; i < 3; ++i) {
+    const BatchEntryOutput& r = (*out)[i];
+    ASSERT_TRUE(r.status.ok()) << i << ": " << r.status.ToString();
+    EXPECT_LE(MaxDiff(r.output.o.ToFloat32(), refs[i]), 2e-4) << i;
+    EXPECT_EQ(r.output.layer_tokens, models[i].tokens());
+    EXPECT_EQ(r.output.retrieval.has_value(), i != 1);
+    if (i != 1) EXPECT_TRUE(r.output.retrieval->exact()) << i;
+  }
+  EXPECT_EQ((*out)[0].output.batch_size, 2) << "one retrieval step and one exact step";
+  EXPECT_EQ(GrpcCodeOf((*out)[3].status), grpc::StatusCode::FAILED_PRECONDITION) << (*out)[3].status.ToString();
+  auto s3 = client->GetSession(ids[3]);
+  ASSERT_TRUE(s3.ok());
+  EXPECT_EQ(s3->layer_tokens(0), before[3]);
+  // AttendBatch: retrieval entries with a top-2 selection and a full budget.
+  {
+    std::vector<BatchEntry> attend;
+    v1::RetrievalOptions top;
+    top.set_top_k_spans(2);
+    for (size_t i = 0; i < 3; ++i) attend.push_back({ids[i], &qs[i], nullptr, nullptr, i == 1 ? top : all, {}});
+    auto a = client->AttendBatch(0, attend);
+    ASSERT_TRUE(a.ok()) << a.status().ToString();
+    for (size_t i = 0; i < 3; ++i) {
+      ASSERT_TRUE((*a)[i].status.ok()) << (*a)[i].status.ToString();
+      ASSERT_TRUE((*a)[i].output.retrieval.has_value());
+      if (i == 1) {
+        EXPECT_EQ((*a)[i].output.retrieval->selected_spans(), 2);
+      } else {
+        EXPECT_TRUE((*a)[i].output.retrieval->exact());
+        EXPECT_LE(MaxDiff((*a)[i].output.o.ToFloat32(), AttendReference(models[i], qf[i], 1)), 2e-4);
+      }
+    }
+    EXPECT_EQ((*a)[0].output.batch_size, 1) << "the retrieval entries share one step";
+  }
+  EXPECT_EQ(server->Stop(), 0) << server->log();
+}
+
 TEST_F(ServiceSpans, ExactAttentionWithMostSpansColdMatchesReference) {
   auto server = Start({"--hot-budget-mib", "1"});
   auto client = Client(*server);

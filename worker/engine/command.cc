@@ -127,18 +127,19 @@ std::string EncodeCommand(const Command& c) {
       w.Pod<uint64_t>(c.batch.groups.size());
       for (const BatchGroup& g : c.batch.groups) Put(w, g);
       break;
-    case CommandKind::kRetrieve: {
-      const RetrieveCommand& r = c.retrieve;
-      Put(w, r.group);
-      w.Pod(r.top_k_spans);
-      w.Pod(r.token_budget);
-      w.Pod(r.mass_tolerance);
-      w.Pod(r.score_mode);
-      w.Pod(r.context_end);
-      w.Pod(r.kv_only);
-      w.Pod(r.include_always);
+    case CommandKind::kRetrieve:
+      w.Pod<uint64_t>(c.retrieves.size());
+      for (const RetrieveCommand& r : c.retrieves) {
+        Put(w, r.group);
+        w.Pod(r.top_k_spans);
+        w.Pod(r.token_budget);
+        w.Pod(r.mass_tolerance);
+        w.Pod(r.score_mode);
+        w.Pod(r.context_end);
+        w.Pod(r.kv_only);
+        w.Pod(r.include_always);
+      }
       break;
-    }
     case CommandKind::kRestore:
       w.Vector(c.live_handles);
       w.Vector(c.expected_tokens);
@@ -195,10 +196,14 @@ Result<Command> DecodeCommand(const std::string& bytes) {
         break;
       }
       case CommandKind::kRetrieve: {
-        RetrieveCommand& t = c.retrieve;
-        ok = Get(r, &t.group) && r.Pod(&t.top_k_spans) &&
-             r.Pod(&t.token_budget) && r.Pod(&t.mass_tolerance) && r.Pod(&t.score_mode) && r.Pod(&t.context_end) &&
-             r.Pod(&t.kv_only) && r.Pod(&t.include_always);
+        uint64_t n = 0;
+        ok = r.Pod(&n);
+        for (uint64_t i = 0; ok && i < n; ++i) {
+          RetrieveCommand t;
+          ok = Get(r, &t.group) && r.Pod(&t.top_k_spans) && r.Pod(&t.token_budget) && r.Pod(&t.mass_tolerance) &&
+               r.Pod(&t.score_mode) && r.Pod(&t.context_end) && r.Pod(&t.kv_only) && r.Pod(&t.include_always);
+          c.retrieves.push_back(std::move(t));
+        }
         break;
       }
       case CommandKind::kRestore: ok = r.Vector(&c.live_handles) && r.Vector(&c.expected_tokens); break;

@@ -48,7 +48,7 @@ enum class CommandKind : uint8_t {
   kAppend,
   kPrefill,
   kAttendBatch,
-  kRetrieve,  // retrieval attention or KV retrieval for one request (collective)
+  kRetrieve,  // retrieval attention or KV retrieval for one or more requests (collective)
   kRestore,   // after a restart: the sessions that exist; others' files are removed
 };
 
@@ -116,7 +116,9 @@ struct Command {
   AppendCommand append;
   PrefillCommand prefill;
   AttendBatchCommand batch;
-  RetrieveCommand retrieve;
+  // kRetrieve: the step's requests, run one after another (each with its
+  // own collectives); each succeeds or fails on its own.
+  std::vector<RetrieveCommand> retrieves;
   std::vector<uint64_t> live_handles;  // kRestore
   // kRestore: (handle, layer, tokens) triples: the tokens this rank holds per
   // session layer according to rank 0's durable metadata.

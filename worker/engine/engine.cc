@@ -383,7 +383,35 @@ Result<EngineOutput> WorkerEngine::ExecuteStep(Command& command) {
     }
     case CommandKind::kPrefill: return ExecutePrefill(command.prefill);
     case CommandKind::kAttendBatch: return ExecuteBatch(command.batch);
-    case CommandKind::kRetrieve: return ExecuteRetrieve(command.retrieve);
+    case CommandKind::kRetrieve: {
+      // One request after another; a request's failure (agreed by every
+      // rank inside ExecuteRetrieve) is its own, the next one still runs.
+      EngineOutput out;
+      for (RetrieveCommand& r : command.retrieves) {
+        RetrieveOutcome outcome;
+        undo_.clear();
+        Result<EngineOutput> one = ExecuteRetrieve(r);
+        if (!one.ok()) {
+          if (!undo_.empty()) RollBackStep(one.status());  // this request's rows only
+          outcome.status = one.status();
+        } else {
+          if (!one->group_o.empty()) {
+            outcome.o = std::move(one->group_o[0]);
+            outcome.lse = std::move(one->group_lse[0]);
+          }
+          outcome.retrieval = std::move(one->retrieval);
+          outcome.runs = std::move(one->runs);
+          if (!one->rank_disk_bytes.empty()) {
+            out.rank_disk_bytes = std::move(one->rank_disk_bytes);
+            out.rank_hot_bytes = std::move(one->rank_hot_bytes);
+          }
+          out.timings.compute_seconds += one->timings.compute_seconds;
+        }
+        out.retrieved.push_back(std::move(outcome));
+      }
+      undo_.clear();  // each request's write stands or was rolled back on its own
+      return out;
+    }
   }
   return Status::Internal("[engine] unknown command");
 }

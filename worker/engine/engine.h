@@ -71,6 +71,14 @@ struct RetrievedRun {
   std::string k, v;  // [tokens, kv_heads, head_dim] in the storage dtype
 };
 
+// One request of a kRetrieve step (root): its own status and outputs.
+struct RetrieveOutcome {
+  Status status;
+  std::vector<float> o, lse;  // retrieval attention: [q_tokens, H, D], [q_tokens, H]
+  RetrievalOutput retrieval;
+  std::vector<RetrievedRun> runs;  // KV retrieval
+};
+
 // Outputs of one step, filled on the root only.
 struct EngineOutput {
   // kAttendBatch: per group, o [q_tokens, H, D] and lse [q_tokens, H].
@@ -82,7 +90,9 @@ struct EngineOutput {
   // the caller merges it with the ring output. Empty without stored context.
   std::vector<float> prefill_cached_o, prefill_cached_lse;
   PhaseTimings timings;  // this rank's ring/tree timings for the step
-  // kRetrieve.
+  // kRetrieve: one per request, in command order.
+  std::vector<RetrieveOutcome> retrieved;
+  // Filled by one retrieval request (ExecuteRetrieve), then moved into `retrieved`.
   RetrievalOutput retrieval;
   std::vector<RetrievedRun> runs;
   // After a write step with a data directory: every rank's spans.dat bytes
