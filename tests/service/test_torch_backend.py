@@ -63,26 +63,28 @@ def main():
 
         # 1. Exact decode through DecodeBatch, lockstep with the local model.
         ref = LocalAttention(*shape)
-        worst, scale, steps = 0.0, 0.0, 0
+        worst, scale = 0.0, 0.0
         with ServiceAttention(client, *shape, storage_dtype="float32", name="torch-test") as attn:
             t0 = time.time()
+
+            def compare(step, a, b):
+                nonlocal worst, scale
+                d, s = (a - b).abs().max().item(), b.abs().max().item()
+                assert d <= TOLERANCE * s, "%s: max |logit diff| %.3e > %.0e * max |logit| %.2f" % (
+                    step, d, TOLERANCE, s)
+                worst, scale = max(worst, d), max(scale, s)
             logits, last = prefill_step(model, attn, seq_ids, prompts)
             ref_logits, ref_last = prefill_step(model, ref, seq_ids, prompts)
-            pairs = [(logits, ref_logits)]
+            compare("prefill", logits, ref_logits)
             ref_tokens = []
-            for _ in range(DECODE_STEPS):
+            for step in range(DECODE_STEPS):
                 tokens = ref_last.argmax(-1)
-                assert torch.equal(last.argmax(-1), tokens), "greedy tokens differ at step %d" % steps
+                assert torch.equal(last.argmax(-1), tokens), "greedy tokens differ before decode step %d" % step
                 ref_tokens.append(tokens)
                 last = decode_step(model, attn, seq_ids, tokens)
                 ref_last = decode_step(model, ref, seq_ids, tokens)
-                pairs.append((last, ref_last))
-                steps += 1
+                compare("decode step %d" % step, last, ref_last)
             elapsed = time.time() - t0
-            for i, (a, b) in enumerate(pairs):
-                d, s = (a - b).abs().max().item(), b.abs().max().item()
-                assert d <= TOLERANCE * s, "step %d: max |logit diff| %.3e > %.0e * %.2f" % (i, d, TOLERANCE, s)
-                worst, scale = max(worst, d), max(scale, s)
             assert attn.rpcs["DecodeBatch"] == cfg.layers * DECODE_STEPS and attn.rpcs["Decode"] == 0, attn.rpcs
             assert attn.rpcs["Prefill"] == cfg.layers * len(seq_ids), attn.rpcs
             for s, n in zip(seq_ids, PROMPT_LENGTHS):
