@@ -170,6 +170,8 @@ class ServiceAttention:
         if not (len(seq_ids) == q.shape[0] == k.shape[0] == v.shape[0]):
             raise ValueError("decode: %d seq_ids, q %s, k %s, v %s" % (
                 len(seq_ids), tuple(q.shape), tuple(k.shape), tuple(v.shape)))
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("decode: a sequence appears twice in seq_ids (one token per sequence per step)")
         qn, kn, vn = _numpy(q), _numpy(k), _numpy(v)
         entries = []
         for i, seq_id in enumerate(seq_ids):
