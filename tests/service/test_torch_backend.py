@@ -85,7 +85,7 @@ def main():
                 ref_last = decode_step(model, ref, seq_ids, tokens)
                 compare("decode step %d" % step, last, ref_last)
             elapsed = time.time() - t0
-            assert attn.rpcs["DecodeBatch"] == cfg.layers * DECODE_STEPS and attn.rpcs["Decode"] == 0, attn.rpcs
+            assert attn.rpcs["DecodeBatch"] == cfg.layers * DECODE_STEPS, attn.rpcs
             assert attn.rpcs["Prefill"] == cfg.layers * len(seq_ids), attn.rpcs
             for s, n in zip(seq_ids, PROMPT_LENGTHS):
                 info = client.get_session(attn.sessions[s])
@@ -131,7 +131,7 @@ def main():
             t0 = time.time()
             gen, _ = generate(model, attn, seq_ids, prompts, DECODE_STEPS)
             elapsed = time.time() - t0
-            assert attn.rpcs["DecodeBatch"] == cfg.layers * DECODE_STEPS and attn.rpcs["Decode"] == 0, attn.rpcs
+            assert attn.rpcs["DecodeBatch"] == cfg.layers * DECODE_STEPS, attn.rpcs
         assert len(infos) == cfg.layers * DECODE_STEPS * len(seq_ids)
         assert all(i.exact for i in infos), [i for i in infos if not i.exact][:1]
         assert sum(i.selected_spans for i in infos) > 0

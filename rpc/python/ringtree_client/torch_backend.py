@@ -82,7 +82,7 @@ class ServiceAttention:
         self.sessions = {}   # seq_id -> session_id
         self.tokens = {}     # seq_id -> [stored tokens per layer]
         self.last_retrieval = None  # decode in retrieval mode: [RetrievalInfo] of the last call, in batch order
-        self.rpcs = {"Prefill": 0, "DecodeBatch": 0, "Decode": 0}
+        self.rpcs = {"Prefill": 0, "DecodeBatch": 0}
 
     # --- sessions ---------------------------------------------------------
     def _session(self, seq_id):
@@ -198,21 +198,8 @@ class ServiceAttention:
     def _decode_entries(self, layer, entries):
         """All entries of one layer's decode step -> per-entry results (.ok,
         .code, .message, .o, .retrieval), in entry order."""
-        # Interim until DecodeBatch lands: one Decode RPC per sequence.
-        import grpc
-        from types import SimpleNamespace
-        results = []
-        for e in entries:
-            try:
-                out = self.client.decode(e["session_id"], layer, e["q"], e["k"], e["v"], scale=self.scale,
-                                         dtype=self.wire_dtype, retrieval=e.get("retrieval"),
-                                         expected_layer_tokens=e.get("expected_layer_tokens"))
-                o, info = out if e.get("retrieval") is not None else (out, None)
-                results.append(SimpleNamespace(ok=True, code=grpc.StatusCode.OK, message="", o=o, retrieval=info))
-            except grpc.RpcError as err:
-                results.append(SimpleNamespace(ok=False, code=err.code(), message=err.details(), o=None,
-                                               retrieval=None))
-            self.rpcs["Decode"] += 1
+        results = self.client.decode_batch(layer, entries, scale=self.scale, dtype=self.wire_dtype)
+        self.rpcs["DecodeBatch"] += 1
         return results
 
     def _out(self, o, like):
