@@ -1,5 +1,7 @@
 #include "coordinator/engine_loop.h"
 
+#include <cstdio>
+
 #include <cstring>
 #include <map>
 
@@ -133,14 +135,14 @@ Status EngineLoop::CheckDiskBudget(const SessionRecord& s, const std::vector<Pla
   return Status::Ok();
 }
 
-Status EngineLoop::AfterWrite(const SessionRecord& s, const EngineOutput& out) {
+Status EngineLoop::AfterWrite(const std::vector<std::shared_ptr<SessionRecord>>& written, const EngineOutput& out) {
   if (!out.rank_disk_bytes.empty()) {
     std::lock_guard<std::mutex> lock(placement_mu_);
     rank_disk_ = out.rank_disk_bytes;
     rank_hot_ = out.rank_hot_bytes;
   }
   if (sessions_ == nullptr) return Status::Ok();
-  return sessions_->Save(s);
+  return sessions_->CommitLayouts(written);  // group commit: one journal record, one sync
 }
 
 Status EngineLoop::Restore(const std::vector<std::shared_ptr<SessionRecord>>& sessions) {
@@ -379,6 +381,10 @@ Status EngineLoop::Run(const std::function<bool()>& should_exit) {
   }
   done_cv_.notify_one();
   completer.join();
+  // Fold the metadata journal into the session files (a clean restart then
+  // replays nothing).
+  Status checkpointed = sessions_ ? sessions_->Checkpoint() : Status::Ok();
+  if (!checkpointed.ok()) std::fprintf(stderr, "[attnserve] metadata checkpoint: %s\n", checkpointed.ToString().c_str());
   Command shutdown;
   shutdown.kind = CommandKind::kShutdown;
   const std::string bytes = EncodeCommand(shutdown);
@@ -508,7 +514,7 @@ void EngineLoop::RunAppend(WorkItem& item) {
   }
   CommitPlaced(s, item.layer, layout, item.kv_tokens, runs);
   item.layer_tokens = layout.tokens;
-  Complete(item, AfterWrite(s, *out));
+  Complete(item, AfterWrite({item.session}, *out));
 }
 
 void EngineLoop::RunPrefill(WorkItem& item) {
@@ -591,7 +597,7 @@ void EngineLoop::RunPrefill(WorkItem& item) {
   if (!item.return_lse) item.lse.clear();
   item.first_position = first;
   item.layer_tokens = after.tokens;
-  Complete(item, AfterWrite(s, *out));
+  Complete(item, AfterWrite({item.session}, *out));
 }
 
 void EngineLoop::RunDelete(WorkItem& item) {
@@ -718,11 +724,11 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
       if (g.decode == nullptr) continue;
       CommitPlaced(*g.decode->session, g.decode->layer, g.layout, g.decode->kv_tokens, g.runs);
     }
+    std::vector<std::shared_ptr<SessionRecord>> written;
     for (const Group& g : groups) {
-      if (g.decode == nullptr) continue;
-      Status st = AfterWrite(*g.decode->session, *out);
-      if (!st.ok() && persisted.ok()) persisted = st;
+      if (g.decode != nullptr) written.push_back(g.decode->session);
     }
+    persisted = AfterWrite(written, *out);
   }
   if (decodes) stats_.RecordBatch("decode", decodes);
   if (attends) stats_.RecordBatch("attend", attends);
@@ -828,6 +834,16 @@ void EngineLoop::RunRetrieveStep(std::vector<std::shared_ptr<WorkItem>>& items) 
     out = Status::Internal("[engine] retrieval step returned " + std::to_string(out->retrieved.size()) +
                            " results for " + std::to_string(plans.size()) + " requests");
   }
+  // The decodes that every rank applied become the sessions' state, made
+  // durable together (one journal record); then every request completes.
+  std::vector<std::shared_ptr<SessionRecord>> written;
+  for (size_t i = 0; out.ok() && i < plans.size(); ++i) {
+    WorkItem& item = *plans[i].item;
+    if (item.kind != WorkItem::Kind::kDecode || !out->retrieved[i].status.ok()) continue;
+    CommitPlaced(*item.session, item.layer, plans[i].layout, item.kv_tokens, plans[i].runs);
+    written.push_back(item.session);
+  }
+  const Status persisted = out.ok() && !written.empty() ? AfterWrite(written, *out) : Status::Ok();
   for (size_t i = 0; i < plans.size(); ++i) {
     Planned& p = plans[i];
     WorkItem& item = *p.item;
@@ -842,9 +858,6 @@ void EngineLoop::RunRetrieveStep(std::vector<std::shared_ptr<WorkItem>>& items) 
       Complete(item, r.status);
       continue;
     }
-    const bool decode = item.kind == WorkItem::Kind::kDecode;
-    SessionRecord& s = *item.session;
-    if (decode) CommitPlaced(s, item.layer, p.layout, item.kv_tokens, p.runs);
     item.retrieval_out = std::move(r.retrieval);
     if (p.base.kv_only) {
       item.kv_runs = std::move(r.runs);
@@ -852,7 +865,7 @@ void EngineLoop::RunRetrieveStep(std::vector<std::shared_ptr<WorkItem>>& items) 
       item.o = std::move(r.o);
       if (item.return_lse) item.lse = std::move(r.lse);
     }
-    Complete(item, decode ? AfterWrite(s, *out) : Status::Ok());
+    Complete(item, item.kind == WorkItem::Kind::kDecode ? persisted : Status::Ok());
   }
 }
 

@@ -1,6 +1,12 @@
 #include "coordinator/session_store.h"
 
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
 #include <filesystem>
+#include <set>
 
 #include <nlohmann/json.hpp>
 
@@ -10,10 +16,147 @@ namespace ringtree {
 
 namespace {
 constexpr int kFormatVersion = 1;
+constexpr uint32_t kJournalMagic = 0x314A5452;  // "RTJ1"
+constexpr size_t kJournalHeader = 16;           // magic, payload bytes, XXH3-64 of the payload
+
+// The mutable part of a session's metadata: layouts and kv_bytes.
+nlohmann::json LayoutJson(const SessionRecord& record) {
+  std::lock_guard<std::mutex> lock(record.mu);
+  nlohmann::json layers = nlohmann::json::array();
+  for (const LayerLayout& l : record.layers) {
+    layers.push_back({{"tokens", l.tokens}, {"rank_tokens", l.rank_tokens}, {"open_span_rank", l.open_span_rank}});
+  }
+  return {{"id", record.id}, {"layers", std::move(layers)}, {"kv_bytes", record.kv_bytes}};
+}
+
+// Parses LayoutJson's layers into `layers`; DATA_LOSS naming `where`.
+Status ParseLayers(const nlohmann::json& j, int world_size, int expected_layers, const std::string& where,
+                   std::vector<LayerLayout>* layers) {
+  layers->clear();
+  for (const auto& l : j) {
+    LayerLayout layout;
+    layout.tokens = l.at("tokens").get<int64_t>();
+    layout.rank_tokens = l.at("rank_tokens").get<std::vector<int64_t>>();
+    layout.open_span_rank = l.at("open_span_rank").get<int>();
+    if (static_cast<int>(layout.rank_tokens.size()) != world_size) {
+      return Status::DataLoss("[sessions] " + where + ": written by a service with " +
+                              std::to_string(layout.rank_tokens.size()) + " ranks, this one has " +
+                              std::to_string(world_size) + " (restart with the same rank count)");
+    }
+    layers->push_back(std::move(layout));
+  }
+  if (static_cast<int>(layers->size()) != expected_layers) {
+    return Status::DataLoss("[sessions] " + where + ": layer count does not match the config");
+  }
+  return Status::Ok();
+}
+
+Status JournalError(const char* op, const std::string& path) {
+  return Status::IoError(std::string("[sessions] ") + op + " " + path + ": " + std::strerror(errno));
+}
+
 }  // namespace
+
+SessionStore::~SessionStore() {
+  if (journal_fd_ >= 0) ::close(journal_fd_);
+}
+
+int64_t SessionStore::journal_syncs() const {
+  std::lock_guard<std::mutex> lock(journal_mu_);
+  return journal_syncs_;
+}
 
 Status SessionStore::Save(const SessionRecord& record) const {
   if (!enabled()) return Status::Ok();
+  std::lock_guard<std::mutex> lock(journal_mu_);
+  return SaveLocked(record, seq_);
+}
+
+Status SessionStore::CommitLayouts(const std::vector<std::shared_ptr<SessionRecord>>& records) const {
+  if (!enabled() || records.empty()) return Status::Ok();
+  std::lock_guard<std::mutex> lock(journal_mu_);
+  if (journal_bytes_ > kCheckpointBytes) RINGTREE_RETURN_IF_ERROR(CheckpointLocked());
+  const std::string path = JournalPath();
+  if (journal_fd_ < 0) {
+    RINGTREE_RETURN_IF_ERROR(CreateDirectoriesDurably(Dir()));
+    std::error_code ec;
+    const bool existed = std::filesystem::exists(path, ec);
+    journal_fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (journal_fd_ < 0) return JournalError("open", path);
+    const off_t end = ::lseek(journal_fd_, 0, SEEK_END);
+    if (end < 0) return JournalError("lseek", path);
+    journal_bytes_ = end;
+    if (!existed) RINGTREE_RETURN_IF_ERROR(SyncDirectory(Dir()));  // the journal's own entry
+  }
+  const uint64_t seq = seq_ + 1;
+  nlohmann::json sessions = nlohmann::json::array();
+  std::set<const SessionRecord*> seen;
+  for (const auto& r : records) {
+    if (r && seen.insert(r.get()).second) sessions.push_back(LayoutJson(*r));
+  }
+  const std::string payload = nlohmann::json{{"seq", seq}, {"sessions", std::move(sessions)}}.dump();
+  std::string record(kJournalHeader, '\0');
+  const uint32_t magic = kJournalMagic, length = static_cast<uint32_t>(payload.size());
+  const uint64_t sum = Checksum64(payload.data(), payload.size());
+  std::memcpy(record.data(), &magic, 4);
+  std::memcpy(record.data() + 4, &length, 4);
+  std::memcpy(record.data() + 8, &sum, 8);
+  record += payload;
+  size_t done = 0;
+  while (done < record.size()) {
+    const ssize_t n = ::write(journal_fd_, record.data() + done, record.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      Status st = JournalError("write", path);
+      if (::ftruncate(journal_fd_, journal_bytes_) != 0) {  // no torn record ahead of the next one
+        ::close(journal_fd_);
+        journal_fd_ = -1;
+      }
+      return st;
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::fdatasync(journal_fd_) != 0) {
+    Status st = JournalError("fdatasync", path);
+    ::close(journal_fd_);  // the record's fate is unknown: reopen (and re-read the size) next time
+    journal_fd_ = -1;
+    return st;
+  }
+  seq_ = seq;
+  journal_bytes_ += static_cast<int64_t>(record.size());
+  ++journal_syncs_;
+  for (const auto& r : records) {
+    if (r) journaled_[r->id] = r;
+  }
+  return Status::Ok();
+}
+
+Status SessionStore::Checkpoint() const {
+  if (!enabled()) return Status::Ok();
+  std::lock_guard<std::mutex> lock(journal_mu_);
+  return CheckpointLocked();
+}
+
+Status SessionStore::CheckpointLocked() const {
+  for (const auto& [id, weak] : journaled_) {
+    std::shared_ptr<SessionRecord> r = weak.lock();
+    if (r && !r->deleted) RINGTREE_RETURN_IF_ERROR(SaveLocked(*r, seq_));
+  }
+  journaled_.clear();
+  const std::string path = JournalPath();
+  if (journal_fd_ < 0) {
+    std::error_code ec;
+    if (!std::filesystem::exists(path, ec)) return Status::Ok();
+    journal_fd_ = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
+    if (journal_fd_ < 0) return JournalError("open", path);
+  }
+  if (::ftruncate(journal_fd_, 0) != 0) return JournalError("ftruncate", path);
+  if (::fdatasync(journal_fd_) != 0) return JournalError("fdatasync", path);
+  journal_bytes_ = 0;
+  return Status::Ok();
+}
+
+Status SessionStore::SaveLocked(const SessionRecord& record, uint64_t seq) const {
   nlohmann::json j;
   j["version"] = kFormatVersion;
   j["id"] = record.id;
@@ -26,21 +169,20 @@ Status SessionStore::Save(const SessionRecord& record) const {
                  {"storage_dtype", int(c.storage_dtype())}, {"span_tokens", c.span_tokens()},
                  {"sink_tokens", c.sink_tokens()}, {"window_tokens", c.window_tokens()},
                  {"attention_window", c.attention_window()}, {"name", c.name()}};
-  {
-    std::lock_guard<std::mutex> lock(record.mu);
-    nlohmann::json layers = nlohmann::json::array();
-    for (const LayerLayout& l : record.layers) {
-      layers.push_back({{"tokens", l.tokens}, {"rank_tokens", l.rank_tokens}, {"open_span_rank", l.open_span_rank}});
-    }
-    j["layers"] = std::move(layers);
-    j["kv_bytes"] = record.kv_bytes;
-  }
+  const nlohmann::json layout = LayoutJson(record);
+  j["layers"] = layout.at("layers");
+  j["kv_bytes"] = layout.at("kv_bytes");
+  j["seq"] = seq;
   RINGTREE_RETURN_IF_ERROR(CreateDirectoriesDurably(Dir()));
   return WriteFileAtomically(Dir(), record.id + ".json", j.dump());
 }
 
 Status SessionStore::Remove(const std::string& id) const {
   if (!enabled()) return Status::Ok();
+  {
+    std::lock_guard<std::mutex> lock(journal_mu_);
+    journaled_.erase(id);  // a checkpoint must not write the file back
+  }
   std::error_code ec;
   std::filesystem::remove(Dir() + "/" + id + ".json", ec);
   if (ec) return Status::IoError("[sessions] remove " + id + ": " + ec.message());
@@ -50,6 +192,7 @@ Status SessionStore::Remove(const std::string& id) const {
 
 Result<std::vector<std::shared_ptr<SessionRecord>>> SessionStore::LoadAll(int world_size) const {
   std::vector<std::shared_ptr<SessionRecord>> out;
+  std::map<std::string, uint64_t> file_seq;
   if (!enabled()) return out;
   std::error_code ec;
   if (!std::filesystem::exists(Dir(), ec)) return out;
@@ -78,27 +221,55 @@ Result<std::vector<std::shared_ptr<SessionRecord>>> SessionStore::LoadAll(int wo
       config.set_name(c.at("name").get<std::string>());
       record->shape = ShapeOf(config);
       record->shape.handle = j.at("handle").get<uint64_t>();
-      for (const auto& l : j.at("layers")) {
-        LayerLayout layout;
-        layout.tokens = l.at("tokens").get<int64_t>();
-        layout.rank_tokens = l.at("rank_tokens").get<std::vector<int64_t>>();
-        layout.open_span_rank = l.at("open_span_rank").get<int>();
-        if (static_cast<int>(layout.rank_tokens.size()) != world_size) {
-          return Status::DataLoss("[sessions] " + path + ": written by a service with " +
-                                  std::to_string(layout.rank_tokens.size()) + " ranks, this one has " +
-                                  std::to_string(world_size) + " (restart with the same rank count)");
-        }
-        record->layers.push_back(std::move(layout));
-      }
-      if (static_cast<int>(record->layers.size()) != config.layers()) {
-        return Status::DataLoss("[sessions] " + path + ": layer count does not match the config");
-      }
+      RINGTREE_RETURN_IF_ERROR(ParseLayers(j.at("layers"), world_size, config.layers(), path, &record->layers));
+      file_seq[record->id] = j.value("seq", uint64_t{0});  // absent before the journal (2026-11-30)
       record->kv_bytes = j.at("kv_bytes").get<int64_t>();
     } catch (const std::exception& e) {
       return Status::DataLoss("[sessions] " + path + ": " + e.what());
     }
     out.push_back(std::move(record));
   }
+  // Replay the journal's valid prefix over the files: a record applies to a
+  // session only if it is newer than the session's file.
+  std::lock_guard<std::mutex> lock(journal_mu_);
+  for (const auto& [id, seq] : file_seq) seq_ = std::max(seq_, seq);
+  const std::string path = JournalPath();
+  if (!std::filesystem::exists(path, ec)) return out;
+  RINGTREE_ASSIGN_OR_RETURN(std::string journal, ReadWholeFile(path));
+  std::map<std::string, std::shared_ptr<SessionRecord>> by_id;
+  for (const auto& r : out) by_id[r->id] = r;
+  size_t at = 0;
+  while (at + kJournalHeader <= journal.size()) {
+    uint32_t magic = 0, length = 0;
+    uint64_t sum = 0;
+    std::memcpy(&magic, journal.data() + at, 4);
+    std::memcpy(&length, journal.data() + at + 4, 4);
+    std::memcpy(&sum, journal.data() + at + 8, 8);
+    if (magic != kJournalMagic || length > journal.size() - at - kJournalHeader) break;
+    const char* payload = journal.data() + at + kJournalHeader;
+    if (Checksum64(payload, length) != sum) break;  // a torn last record: never acknowledged
+    try {
+      const nlohmann::json j = nlohmann::json::parse(payload, payload + length);
+      const uint64_t seq = j.at("seq").get<uint64_t>();
+      for (const auto& e : j.at("sessions")) {
+        auto it = by_id.find(e.at("id").get<std::string>());
+        if (it == by_id.end() || seq <= file_seq[it->first]) continue;  // deleted, or the file is newer
+        SessionRecord& r = *it->second;
+        RINGTREE_RETURN_IF_ERROR(
+            ParseLayers(e.at("layers"), world_size, r.config.layers(), path + " (record " + std::to_string(seq) + ")",
+                        &r.layers));
+        r.kv_bytes = e.at("kv_bytes").get<int64_t>();
+        journaled_[r.id] = it->second;
+      }
+      seq_ = std::max(seq_, seq);
+    } catch (const std::exception& e) {
+      return Status::DataLoss("[sessions] " + path + ": a record with a valid checksum does not parse: " + e.what());
+    }
+    at += kJournalHeader + length;
+  }
+  // Fold the replayed states into the files and empty the journal, so that
+  // new records never follow a torn one.
+  RINGTREE_RETURN_IF_ERROR(CheckpointLocked());
   return out;
 }
 

@@ -1201,6 +1201,101 @@ TEST_F(ServiceSpans, BatchedRetrievalEntriesShareAStepAndFailAlone) {
   EXPECT_EQ(server->Stop(), 0) << server->log();
 }
 
+// Group commit: decode steps make their metadata durable as one journal
+// record per step (the session files are not rewritten per decode). After a
+// SIGKILL the journal is replayed (a torn last record ignored), every
+// acknowledged token is there and the answers are exact; a stale journal
+// left over by a crash during a checkpoint never rolls a session back.
+TEST_F(ServiceSpans, GroupCommitJournalSurvivesAKillAndNeverRollsBack) {
+  auto server = Start({});
+  auto client = Client(*server);
+  std::mt19937 rng(23);
+  std::vector<Model> models(3);
+  std::vector<std::string> ids;
+  for (size_t i = 0; i < models.size(); ++i) {
+    auto info = client->CreateSession(SpanConfig(models[i], 16, 16, 64));
+    ASSERT_TRUE(info.ok()) << info.status().ToString();
+    ids.push_back(info->session_id());
+    auto [k, v] = NewKv(rng, models[i], 300);
+    ASSERT_TRUE(client->AppendKV(ids[i], 0, k, v).ok());
+  }
+  auto step = [&] {
+    std::vector<HostTensor> qs, ks, vs;
+    std::vector<std::vector<float>> qf;
+    for (Model& m : models) {
+      qf.push_back(Random(rng, m.heads * m.head_dim));
+      qs.push_back(HostTensor::FromFloat32(qf.back().data(), {1, m.heads, m.head_dim}));
+      auto [k, v] = NewKv(rng, m, 1);
+      ks.push_back(std::move(k));
+      vs.push_back(std::move(v));
+    }
+    std::vector<BatchEntry> entries;
+    for (size_t i = 0; i < models.size(); ++i) entries.push_back({ids[i], &qs[i], &ks[i], &vs[i], {}, {}});
+    auto out = client->DecodeBatch(0, entries);
+    ASSERT_TRUE(out.ok()) << out.status().ToString();
+    for (size_t i = 0; i < models.size(); ++i) {
+      ASSERT_TRUE((*out)[i].status.ok()) << (*out)[i].status.ToString();
+      EXPECT_LE(MaxDiff((*out)[i].output.o.ToFloat32(), Reference(models[i], qf[i], 1, true)), 2e-4);
+    }
+  };
+  for (int t = 0; t < 5; ++t) step();
+  const std::string sessions = data_dir_ + "/sessions";
+  const std::string journal = sessions + "/journal.log";
+  auto file_tokens = [&](const std::string& id) {
+    std::ifstream in(sessions + "/" + id + ".json");
+    return nlohmann::json::parse(in)["layers"][0]["tokens"].get<int64_t>();
+  };
+  ASSERT_TRUE(std::filesystem::exists(journal));
+  EXPECT_GT(std::filesystem::file_size(journal), 0u);
+  EXPECT_EQ(file_tokens(ids[0]), 0) << "appends and decodes go to the journal, not to the session files";
+  // Crash: SIGKILL rank 0 (mpirun then ends the job); a torn record follows.
+  ASSERT_EQ(kill(server->rank0_pid(), SIGKILL), 0);
+  server->Wait(std::chrono::seconds(30));
+  {
+    std::ofstream torn(journal, std::ios::app | std::ios::binary);
+    const uint32_t header[2] = {0x314A5452u, 4000u};
+    torn.write(reinterpret_cast<const char*>(header), sizeof(header));
+    torn << "partial record";
+  }
+  auto second = Start({});
+  auto c2 = Client(*second);
+  for (size_t i = 0; i < models.size(); ++i) {
+    auto info = c2->GetSession(ids[i]);
+    ASSERT_TRUE(info.ok()) << info.status().ToString();
+    EXPECT_EQ(info->layer_tokens(0), 305) << "every acknowledged decode survives the kill";
+    auto q = Random(rng, 2 * models[i].heads * models[i].head_dim);
+    auto o = c2->Attend(ids[i], 0, HostTensor::FromFloat32(q.data(), {2, models[i].heads, models[i].head_dim}));
+    ASSERT_TRUE(o.ok()) << o.status().ToString();
+    EXPECT_LE(MaxDiff(o->o.ToFloat32(), AttendReference(models[i], q, 2)), 2e-4);
+  }
+  EXPECT_EQ(std::filesystem::file_size(journal), 0u) << "replayed into the files at start";
+  EXPECT_EQ(file_tokens(ids[0]), 305);
+  // One more step, a copy of the journal (it ends at 306 tokens), another
+  // step (307); a clean stop checkpoints.
+  client = std::move(c2);
+  step();
+  std::string stale;
+  {
+    std::ifstream in(journal, std::ios::binary);
+    stale.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  EXPECT_FALSE(stale.empty());
+  step();
+  EXPECT_EQ(second->Stop(), 0) << second->log();
+  EXPECT_EQ(file_tokens(ids[0]), 307);
+  // A crash after the files were written but before the journal was
+  // emptied leaves exactly this: the old records are older than the files.
+  std::ofstream(journal, std::ios::trunc | std::ios::binary) << stale;
+  auto third = Start({});
+  auto c3 = Client(*third);
+  for (size_t i = 0; i < models.size(); ++i) {
+    auto info = c3->GetSession(ids[i]);
+    ASSERT_TRUE(info.ok());
+    EXPECT_EQ(info->layer_tokens(0), 307);
+  }
+  EXPECT_EQ(third->Stop(), 0) << third->log();
+}
+
 TEST_F(ServiceSpans, ExactAttentionWithMostSpansColdMatchesReference) {
   auto server = Start({"--hot-budget-mib", "1"});
   auto client = Client(*server);
