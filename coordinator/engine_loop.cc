@@ -381,8 +381,12 @@ Status EngineLoop::Run(const std::function<bool()>& should_exit) {
   }
   done_cv_.notify_one();
   completer.join();
-  // Fold the metadata journal into the session files (a clean restart then
+  // Rank 0's stores complete in their files, its write-ahead log empty; then
+  // the metadata journal folded into the session files (a clean restart
   // replays nothing).
+  if (Status st = engine_.Checkpoint(); !st.ok()) {
+    std::fprintf(stderr, "[attnserve] checkpoint at shutdown: %s\n", st.ToString().c_str());
+  }
   Status checkpointed = sessions_ ? sessions_->Checkpoint() : Status::Ok();
   if (!checkpointed.ok()) std::fprintf(stderr, "[attnserve] metadata checkpoint: %s\n", checkpointed.ToString().c_str());
   Command shutdown;

@@ -8,6 +8,10 @@
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <cerrno>
 #include <filesystem>
 #include <limits>
 #include <set>
@@ -132,6 +136,10 @@ Result<SpanStore*> WorkerEngine::Store(const SessionShape& shape, int layer) {
     if (std::filesystem::exists(o.data_dir + "/MANIFEST")) {
       RecoveryReport report;
       RINGTREE_ASSIGN_OR_RETURN(slot, SpanStore::Open(o, &report));
+      if (Status replayed = ReplayWal(shape.handle, layer, slot.get(), shape); !replayed.ok()) {
+        slot.reset();
+        return replayed;
+      }
       // The metadata on rank 0 is the commit point of a write step, written
       // after the stores' sync: a crash in between leaves a store ahead of
       // it by the step's tokens, which no client was told about. They are
@@ -202,6 +210,22 @@ Status WorkerEngine::AppendRows(const SessionShape& shape, int layer, const KvRo
   for (const UndoEntry& u : undo_) recorded = recorded || u.store == store;
   if (!recorded) undo_.push_back(UndoEntry{store, store->total_tokens(), row_bytes});
   int64_t row = 0;
+  if (!config_.data_dir.empty() && !wal_overflow_) {  // the step's rows for the write-ahead log
+    int64_t pending = 0;
+    for (const WalRun& w : wal_pending_) pending += static_cast<int64_t>(w.k.size() + w.v.size());
+    if (pending + 2 * rows.tokens() * row_bytes > kWalMaxStepBytes) {
+      wal_overflow_ = true;  // a large write: its stores are synced directly
+      wal_pending_.clear();
+    } else {
+      int64_t at = 0;
+      for (const KvRun& run : rows.runs) {
+        const size_t off = static_cast<size_t>(at * row_bytes), n = static_cast<size_t>(run.tokens * row_bytes);
+        wal_pending_.push_back({shape.handle, layer, run.position, run.tokens, rows.k.substr(off, n),
+                                rows.v.substr(off, n)});
+        at += run.tokens;
+      }
+    }
+  }
   for (const KvRun& run : rows.runs) {
     RINGTREE_RETURN_IF_ERROR(store->Append(run.position, run.tokens, rows.k.data() + row * row_bytes,
                                            rows.v.data() + row * row_bytes, shape.storage));
@@ -237,6 +261,212 @@ void WorkerEngine::RollBackStep(const Status& why) {
     kv_bytes_ -= 2 * dropped * u.row_bytes;
   }
   undo_.clear();
+  wal_pending_.clear();
+  wal_overflow_ = false;
+  // The log may hold the rolled-back rows (this rank's record was written
+  // before another rank failed): empty it, so replay never brings them back
+  // in front of later rows at the same positions.
+  if (!config_.data_dir.empty() && (wal_bytes_ > 0 || !wal_dirty_.empty())) {
+    Status st = Checkpoint();
+    if (!st.ok()) {
+      std::fprintf(stderr, "[attnserve] rank %d: checkpoint after a rolled-back step: %s\n", compute_->rank(),
+                   st.ToString().c_str());
+    }
+  }
+}
+
+WorkerEngine::~WorkerEngine() {
+  if (wal_fd_ >= 0) ::close(wal_fd_);
+}
+
+std::string WorkerEngine::WalPath() const {
+  return config_.data_dir + "/rank-" + std::to_string(compute_->rank()) + "/wal.log";
+}
+
+namespace {
+constexpr uint32_t kWalMagic = 0x314C4157;  // "WAL1"
+constexpr size_t kWalHeader = 16;           // magic, payload bytes, XXH3-64 of the payload
+Status WalError(const char* op, const std::string& path) {
+  return Status::IoError(std::string("[engine] ") + op + " " + path + ": " + std::strerror(errno));
+}
+template <typename T>
+void PutPod(std::string* out, const T& v) {
+  out->append(reinterpret_cast<const char*>(&v), sizeof(T));
+}
+}  // namespace
+
+Status WorkerEngine::WriteWal() {
+  const std::string path = WalPath();
+  if (wal_fd_ < 0) {
+    const std::string dir = config_.data_dir + "/rank-" + std::to_string(compute_->rank());
+    RINGTREE_RETURN_IF_ERROR(CreateDirectoriesDurably(dir));
+    std::error_code ec;
+    const bool existed = std::filesystem::exists(path, ec);
+    wal_fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
+    if (wal_fd_ < 0) return WalError("open", path);
+    const off_t end = ::lseek(wal_fd_, 0, SEEK_END);
+    if (end < 0) return WalError("lseek", path);
+    wal_bytes_ = end;
+    if (!existed) RINGTREE_RETURN_IF_ERROR(SyncDirectory(dir));
+  }
+  std::string payload;
+  PutPod<uint64_t>(&payload, wal_pending_.size());
+  for (const WalRun& w : wal_pending_) {
+    PutPod(&payload, w.handle);
+    PutPod(&payload, w.layer);
+    PutPod(&payload, w.position);
+    PutPod(&payload, w.tokens);
+    PutPod<uint64_t>(&payload, w.k.size());
+    payload += w.k;
+    payload += w.v;
+  }
+  std::string record(kWalHeader, '\0');
+  const uint32_t magic = kWalMagic;
+  const uint32_t length = static_cast<uint32_t>(payload.size());  // <= kWalMaxStepBytes + headers
+  const uint64_t sum = Checksum64(payload.data(), payload.size());
+  std::memcpy(record.data(), &magic, 4);
+  std::memcpy(record.data() + 4, &length, 4);
+  std::memcpy(record.data() + 8, &sum, 8);
+  record += payload;
+  size_t done = 0;
+  while (done < record.size()) {
+    const ssize_t n = ::write(wal_fd_, record.data() + done, record.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      Status st = WalError("write", path);
+      if (::ftruncate(wal_fd_, wal_bytes_) != 0) {
+        ::close(wal_fd_);
+        wal_fd_ = -1;
+      }
+      return st;
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (::fdatasync(wal_fd_) != 0) {
+    Status st = WalError("fdatasync", path);
+    ::close(wal_fd_);
+    wal_fd_ = -1;
+    return st;
+  }
+  wal_bytes_ += static_cast<int64_t>(record.size());
+  ++wal_syncs_;
+  for (const WalRun& w : wal_pending_) wal_dirty_.insert({w.handle, w.layer});
+  return Status::Ok();
+}
+
+Status WorkerEngine::Checkpoint() {
+  if (config_.data_dir.empty()) return Status::Ok();
+  for (const auto& [handle, layer] : wal_dirty_) {
+    auto it = sessions_.find(handle);
+    if (it == sessions_.end() || layer >= static_cast<int>(it->second.layers.size())) continue;  // deleted
+    SpanStore* store = it->second.layers[layer].get();
+    if (store) RINGTREE_RETURN_IF_ERROR(store->Sync());
+  }
+  wal_dirty_.clear();
+  const std::string path = WalPath();
+  if (wal_replay_.empty()) {
+    if (wal_fd_ < 0) {
+      std::error_code ec;
+      if (!std::filesystem::exists(path, ec)) return Status::Ok();
+      wal_fd_ = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
+      if (wal_fd_ < 0) return WalError("open", path);
+    }
+    if (::ftruncate(wal_fd_, 0) != 0) return WalError("ftruncate", path);
+    if (::fdatasync(wal_fd_) != 0) return WalError("fdatasync", path);
+    wal_bytes_ = 0;
+    return Status::Ok();
+  }
+  // Runs read at startup for stores not opened since: they stay in the log,
+  // which is rewritten (atomically) to hold only them.
+  wal_pending_.clear();
+  for (const auto& [key, runs] : wal_replay_) wal_pending_.insert(wal_pending_.end(), runs.begin(), runs.end());
+  if (wal_fd_ >= 0) ::close(wal_fd_);
+  wal_fd_ = -1;
+  const std::string dir = config_.data_dir + "/rank-" + std::to_string(compute_->rank());
+  RINGTREE_RETURN_IF_ERROR(WriteFileAtomically(dir, "wal.log", std::string()));
+  Status st = WriteWal();
+  wal_dirty_.clear();  // those stores' rows are in the log, not in their files
+  wal_pending_.clear();
+  return st;
+}
+
+Status WorkerEngine::LoadWal(const std::vector<uint64_t>& live) {
+  const std::set<uint64_t> keep(live.begin(), live.end());
+  const std::string path = WalPath();
+  std::error_code ec;
+  if (!std::filesystem::exists(path, ec)) return Status::Ok();
+  RINGTREE_ASSIGN_OR_RETURN(std::string log, ReadWholeFile(path));
+  size_t at = 0;
+  int64_t records = 0;
+  while (at + kWalHeader <= log.size()) {
+    uint32_t magic = 0, length = 0;
+    uint64_t sum = 0;
+    std::memcpy(&magic, log.data() + at, 4);
+    std::memcpy(&length, log.data() + at + 4, 4);
+    std::memcpy(&sum, log.data() + at + 8, 8);
+    if (magic != kWalMagic || length > log.size() - at - kWalHeader) break;
+    const char* p = log.data() + at + kWalHeader;
+    if (Checksum64(p, length) != sum) break;  // a torn last record: its step was never acknowledged
+    const char* end = p + length;
+    auto take = [&](void* dst, size_t n) {
+      if (static_cast<size_t>(end - p) < n) return false;
+      std::memcpy(dst, p, n);
+      p += n;
+      return true;
+    };
+    uint64_t runs = 0;
+    bool ok = take(&runs, 8);
+    for (uint64_t i = 0; ok && i < runs; ++i) {
+      WalRun w;
+      uint64_t bytes = 0;
+      ok = take(&w.handle, 8) && take(&w.layer, 4) && take(&w.position, 8) && take(&w.tokens, 8) && take(&bytes, 8) &&
+           static_cast<uint64_t>(end - p) >= 2 * bytes;
+      if (!ok) break;
+      w.k.assign(p, bytes);
+      w.v.assign(p + bytes, bytes);
+      p += 2 * bytes;
+      if (keep.count(w.handle)) wal_replay_[{w.handle, w.layer}].push_back(std::move(w));  // else: deleted
+    }
+    if (!ok || p != end) {
+      return Status::DataLoss("[engine] " + path + ": a record with a valid checksum does not parse");
+    }
+    at += kWalHeader + length;
+    ++records;
+  }
+  if (at < log.size()) {  // cut the torn tail so new records never follow it
+    const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return WalError("open", path);
+    const bool cut = ::ftruncate(fd, static_cast<off_t>(at)) == 0 && ::fdatasync(fd) == 0;
+    ::close(fd);
+    if (!cut) return WalError("truncate", path);
+    std::fprintf(stderr, "[attnserve] rank %d: %s: dropped %zu torn tail bytes\n", compute_->rank(), path.c_str(),
+                 log.size() - at);
+  }
+  if (records > 0) {
+    std::fprintf(stderr, "[attnserve] rank %d: %s: %lld records to replay\n", compute_->rank(), path.c_str(),
+                 static_cast<long long>(records));
+  }
+  return Status::Ok();
+}
+
+Status WorkerEngine::ReplayWal(uint64_t handle, int layer, SpanStore* store, const SessionShape& shape) {
+  auto it = wal_replay_.find({handle, layer});
+  if (it == wal_replay_.end()) return Status::Ok();
+  const int64_t rb = shape.row_bytes();
+  int64_t applied = 0;
+  for (const WalRun& w : it->second) {
+    // Positions are absolute; a rank's store holds its own spans of them,
+    // so rows at or after the store's end are new, rows before it are there.
+    const int64_t end = store->end_position();
+    if (w.position + w.tokens <= end) continue;  // already in the store's files
+    const int64_t skip = std::max<int64_t>(0, end - w.position);
+    RINGTREE_RETURN_IF_ERROR(store->Append(w.position + skip, w.tokens - skip, w.k.data() + skip * rb,
+                                           w.v.data() + skip * rb, shape.storage));
+    applied += w.tokens - skip;
+  }
+  wal_replay_.erase(it);
+  if (applied > 0) wal_dirty_.insert({handle, layer});  // in RAM now; the log keeps them until a checkpoint
+  return Status::Ok();
 }
 
 Status WorkerEngine::EnforceRankHotBudget() {
@@ -267,10 +497,22 @@ Status WorkerEngine::FinishWrite(Status local, const std::vector<SpanStore*>& to
   // must still reach the root (and every rank must roll the step back).
   if (config_.data_dir.empty()) return compute_->AgreeOnStatus(local);
   std::set<SpanStore*> unique(touched.begin(), touched.end());
-  for (SpanStore* store : unique) {
-    if (!local.ok()) break;
-    local = store->Sync();
+  if (local.ok() && !wal_overflow_ && !wal_pending_.empty()) {
+    // Group commit: the step's rows, all sessions, in one log record and one sync.
+    local = WriteWal();
+    if (local.ok() && wal_bytes_ > kWalCheckpointBytes) local = Checkpoint();
+  } else if (local.ok() && !unique.empty()) {
+    // A large write syncs its stores directly; the log must then hold no
+    // older rows of them (replay would go behind the store), so it is
+    // emptied first.
+    if (wal_bytes_ > 0 || !wal_dirty_.empty()) local = Checkpoint();
+    for (SpanStore* store : unique) {
+      if (!local.ok()) break;
+      local = store->Sync();
+    }
   }
+  wal_pending_.clear();
+  wal_overflow_ = false;
   if (local.ok()) local = EnforceRankHotBudget();
   Status agreed = compute_->AgreeOnStatus(local);
   int64_t mine[2] = {0, 0};
@@ -295,6 +537,9 @@ Status WorkerEngine::FinishWrite(Status local, const std::vector<SpanStore*>& to
 }
 
 Status WorkerEngine::DeleteSession(uint64_t handle) {
+  for (auto it = wal_replay_.begin(); it != wal_replay_.end();) {
+    it = it->first.first == handle ? wal_replay_.erase(it) : std::next(it);
+  }
   auto it = sessions_.find(handle);
   if (it != sessions_.end()) {
     for (const auto& store : it->second.layers) {
@@ -336,7 +581,7 @@ Result<EngineOutput> WorkerEngine::Execute(Command& command) {
 
 Result<EngineOutput> WorkerEngine::ExecuteStep(Command& command) {
   switch (command.kind) {
-    case CommandKind::kShutdown: return EngineOutput{};
+    case CommandKind::kShutdown: return EngineOutput{};  // RunWorkerLoop / EngineLoop::Run checkpoint
     case CommandKind::kDeleteSession: {
       RINGTREE_RETURN_IF_ERROR(DeleteSession(command.delete_handle));
       return EngineOutput{};
@@ -346,6 +591,7 @@ Result<EngineOutput> WorkerEngine::ExecuteStep(Command& command) {
       // each rank's span-file bytes (for the disk budget) without opening
       // any store.
       Status local = Restore(command.live_handles);
+      if (local.ok() && !config_.data_dir.empty()) local = LoadWal(command.live_handles);
       const std::vector<int64_t>& e = command.expected_tokens;
       for (size_t i = 0; i + 2 < e.size(); i += 3) {
         expected_tokens_[{static_cast<uint64_t>(e[i]), static_cast<int>(e[i + 1])}] = e[i + 2];
@@ -928,7 +1174,13 @@ Status RunWorkerLoop(WorkerEngine& engine, const CommandChannel& channel, int ro
     RINGTREE_ASSIGN_OR_RETURN(std::string bytes,
                               channel.Receive(root, spin_microseconds, sleep_microseconds, max_sleep_microseconds));
     RINGTREE_ASSIGN_OR_RETURN(Command command, DecodeCommand(bytes));
-    if (command.kind == CommandKind::kShutdown) return Status::Ok();
+    if (command.kind == CommandKind::kShutdown) {
+      // The stores' files become complete and the write-ahead log empty, so
+      // a restart replays nothing.
+      Status st = engine.Checkpoint();
+      if (!st.ok()) std::fprintf(stderr, "[attnserve] worker: checkpoint at shutdown: %s\n", st.ToString().c_str());
+      return Status::Ok();
+    }
     Result<EngineOutput> r = engine.Execute(command);
     if (!r.ok()) {
       // Collective steps fail on every rank alike and rank 0 reports them to

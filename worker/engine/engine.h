@@ -22,6 +22,7 @@
 #include <atomic>
 #include <cstdint>
 #include <map>
+#include <set>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -123,6 +124,24 @@ class WorkerEngine {
   // The directory of one store: <data_dir>/rank-<rank>/s<handle>/layer-<layer>.
   static std::string StoreDir(const std::string& data_dir, int rank, uint64_t handle, int layer);
 
+  // Durable mode, group commit on this rank: a write step whose new rows are
+  // small (decode steps, small appends: up to kWalMaxStepBytes) is made
+  // durable by ONE record in the rank's write-ahead log
+  // (<data_dir>/rank-<r>/wal.log: length, XXH3-64, then per run the session,
+  // layer, position and K/V rows) and ONE fdatasync, whatever the number of
+  // sessions; the stores keep those rows in RAM and in their files without a
+  // sync. Checkpoint syncs every store written since the last checkpoint and
+  // empties the log: when the log passes kWalCheckpointBytes, before a large
+  // write that syncs its stores directly, after a rolled-back step, and at
+  // shutdown. After a crash, a store opened from disk gets the log's rows
+  // beyond what its files hold before it is checked against the session
+  // metadata. Not collective.
+  Status Checkpoint();
+  ~WorkerEngine();
+  static constexpr int64_t kWalMaxStepBytes = int64_t{4} << 20;
+  static constexpr int64_t kWalCheckpointBytes = int64_t{64} << 20;
+  int64_t wal_syncs() const { return wal_syncs_; }
+
  private:
   struct SessionShard {
     SessionShape shape;
@@ -170,6 +189,28 @@ class WorkerEngine {
     int64_t row_bytes;
   };
   std::vector<UndoEntry> undo_;
+  // Write-ahead log (durable mode; see Checkpoint).
+  struct WalRun {
+    uint64_t handle = 0;
+    int32_t layer = 0;
+    int64_t position = 0, tokens = 0;
+    std::string k, v;
+  };
+  std::string WalPath() const;
+  // The step's pending runs as one record, then one fdatasync.
+  Status WriteWal();
+  // Startup: reads the log's valid prefix (runs of `live` sessions) into
+  // wal_replay_ and cuts a torn tail.
+  Status LoadWal(const std::vector<uint64_t>& live);
+  // Applies the log's runs of (handle, layer) that `store` lacks.
+  Status ReplayWal(uint64_t handle, int layer, SpanStore* store, const SessionShape& shape);
+  std::vector<WalRun> wal_pending_;  // this step's runs (AppendRows)
+  bool wal_overflow_ = false;        // this step wrote more than kWalMaxStepBytes
+  std::map<std::pair<uint64_t, int>, std::vector<WalRun>> wal_replay_;  // read at startup, not yet applied
+  std::set<std::pair<uint64_t, int>> wal_dirty_;  // stores written since the last checkpoint
+  int wal_fd_ = -1;
+  int64_t wal_bytes_ = 0;
+  int64_t wal_syncs_ = 0;
   std::string fail_append_file_;  // test hook, see InjectedAppendFault
 };
 
