@@ -89,7 +89,7 @@ class RpcMetricsInterceptor final : public grpc::experimental::Interceptor {
   double Seconds() const { return std::chrono::duration<double>(Clock::now() - start_).count(); }
   RpcMetrics::Method* const method_;
   const Clock::time_point start_;
-  bool recorded_ = false;  // hooks of one call run one at a time
+  std::atomic<bool> recorded_{false};  // set at PRE_SEND_STATUS; read by other hooks and the destructor
 };
 
 class RpcMetricsInterceptorFactory final : public grpc::experimental::ServerInterceptorFactoryInterface {

@@ -1,6 +1,8 @@
 #include "coordinator/metrics_http.h"
 
 #include <httplib.h>
+#include <pthread.h>
+#include <signal.h>
 
 #include <atomic>
 #include <chrono>
@@ -60,6 +62,14 @@ Result<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(const HostPo
   }
   Impl* raw = impl.get();
   impl->thread = std::thread([raw] {
+    // A scraper that hangs up mid-response must not kill the service.
+    // attnserve's SIGPIPE is ignored already (by the libraries it starts);
+    // blocking it in this thread and the pool threads it starts (they
+    // inherit the mask) keeps this server safe without relying on that.
+    sigset_t pipe;
+    sigemptyset(&pipe);
+    sigaddset(&pipe, SIGPIPE);
+    pthread_sigmask(SIG_BLOCK, &pipe, nullptr);
     raw->server.listen_after_bind();
     raw->ended = true;
   });

@@ -61,6 +61,24 @@ int HttpGet(int port, const std::string& path, std::string* body) {
   return std::atoi(response.c_str() + response.find(' ') + 1);
 }
 
+// Sends a GET and resets the connection at once (SO_LINGER 0), so the
+// server's reply meets a closed socket (EPIPE/ECONNRESET, SIGPIPE unless
+// the server blocks it).
+void GetAndReset(int port) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
+    const std::string request = "GET /metrics HTTP/1.0\r\n\r\n";
+    send(fd, request.data(), request.size(), MSG_NOSIGNAL);
+    linger reset{1, 0};
+    setsockopt(fd, SOL_SOCKET, SO_LINGER, &reset, sizeof(reset));
+  }
+  close(fd);
+}
+
 // A parsed exposition: # TYPE per family, and every sample by its name and
 // sorted labels ("name{a=\"1\",b=\"2\"}"). `errors` lists every line that is
 // not a comment or `name{labels} value`, every sample whose family has no
@@ -369,6 +387,10 @@ TEST(ServiceMetrics, ScrapeParsesAndCountersMoveWithTraffic) {
   EXPECT_GT(delta("ringtree_command_bytes_total"), 0);
   EXPECT_EQ(delta("ringtree_fsyncs_total", {{"rank", "0"}}), 0);  // RAM only
   EXPECT_GT(delta("ringtree_uptime_seconds"), 0);
+
+  // Scrapers that hang up mid-reply leave the service running.
+  for (int i = 0; i < 50; ++i) GetAndReset(port);
+  EXPECT_EQ(HttpGet(port, "/metrics", &body), 200);
 
   // A delete gives the bytes back.
   ASSERT_TRUE(client->DeleteSession(id).ok());
