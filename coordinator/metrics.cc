@@ -194,8 +194,9 @@ std::string RenderMetrics(const MetricsSources& src) {
 
   const ServiceStats::Counters stats = src.stats->counters();
   out.Family("ringtree_engine_batch_size", "histogram",
-             "requests per engine step, by kind: decode and attend (the requests of each kind in a step), step "
-             "(all of a decode/attend step), append, prefill, retrieval, retrieve_kv");
+             "requests per engine step, by kind: decode and attend (the requests of each kind in a step), "
+             "step (all of a decode/attend step), append, prefill, retrieval and retrieve_kv (requests of a "
+             "retrieval step)");
   for (const auto& [kind, h] : stats.batch_sizes) {
     out.HistogramSamples("ringtree_engine_batch_size", {{"kind", kind}}, h);
   }

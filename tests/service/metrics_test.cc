@@ -388,6 +388,41 @@ TEST(ServiceMetrics, ScrapeParsesAndCountersMoveWithTraffic) {
   EXPECT_EQ(delta("ringtree_fsyncs_total", {{"rank", "0"}}), 0);  // RAM only
   EXPECT_GT(delta("ringtree_uptime_seconds"), 0);
 
+  // A batched call counts once as a call, its entries as one engine step
+  // of two decodes (the interceptor needs no change for a new method).
+  {
+    auto info2 = client->CreateSession(Config());
+    ASSERT_TRUE(info2.ok()) << info2.status().message();
+    ASSERT_TRUE(client->AppendKV(info2->session_id(), 0, RandomTensor(rng, {100, 2, 64}),
+                                 RandomTensor(rng, {100, 2, 64}))
+                    .ok());
+    const Exposition mid = Scrape(port);
+    std::vector<HostTensor> qs, ks, vs;
+    for (int i = 0; i < 2; ++i) {
+      qs.push_back(RandomTensor(rng, {1, 8, 64}));
+      ks.push_back(RandomTensor(rng, {1, 2, 64}));
+      vs.push_back(RandomTensor(rng, {1, 2, 64}));
+    }
+    std::vector<BatchEntry> entries = {{id, &qs[0], &ks[0], &vs[0], {}, {}},
+                                       {info2->session_id(), &qs[1], &ks[1], &vs[1], {}, {}}};
+    auto out = client->DecodeBatch(0, entries);
+    ASSERT_TRUE(out.ok()) << out.status().message();
+    for (const BatchEntryOutput& e : *out) ASSERT_TRUE(e.status.ok()) << e.status.message();
+    const Exposition batched = Scrape(port);
+    auto moved = [&](const std::string& name, const std::map<std::string, std::string>& labels = {}) {
+      return batched.Get(name, labels) - mid.Get(name, labels);
+    };
+    EXPECT_EQ(moved("ringtree_rpc_calls_total", Call("DecodeBatch", "OK")), 1);
+    EXPECT_EQ(moved("ringtree_rpc_duration_seconds_count", Method("DecodeBatch")), 1);
+    EXPECT_EQ(moved("ringtree_engine_batch_size_count", {{"kind", "decode"}}), 1);
+    EXPECT_EQ(moved("ringtree_engine_batch_size_sum", {{"kind", "decode"}}), 2);
+    EXPECT_EQ(moved("ringtree_engine_batch_size_bucket", {{"kind", "decode"}, {"le", "1"}}), 0);
+    EXPECT_EQ(moved("ringtree_engine_batch_size_bucket", {{"kind", "decode"}, {"le", "2"}}), 1);
+    EXPECT_EQ(moved("ringtree_admitted_requests_total"), 2);  // per entry
+    EXPECT_EQ(batched.Sum("ringtree_kv_tokens") - mid.Sum("ringtree_kv_tokens"), 2);
+    ASSERT_TRUE(client->DeleteSession(info2->session_id()).ok());
+  }
+
   // Scrapers that hang up mid-reply leave the service running.
   for (int i = 0; i < 50; ++i) GetAndReset(port);
   EXPECT_EQ(HttpGet(port, "/metrics", &body), 200);
@@ -397,7 +432,7 @@ TEST(ServiceMetrics, ScrapeParsesAndCountersMoveWithTraffic) {
   const Exposition deleted = Scrape(port);
   EXPECT_EQ(deleted.Sum("ringtree_kv_bytes"), before.Sum("ringtree_kv_bytes"));
   EXPECT_EQ(deleted.Get("ringtree_sessions"), before.Get("ringtree_sessions"));
-  EXPECT_EQ(deleted.Get("ringtree_rpc_calls_total", Call("DeleteSession", "OK")), 1);
+  EXPECT_EQ(deleted.Get("ringtree_rpc_calls_total", Call("DeleteSession", "OK")), 2);  // this and the batch block's
   EXPECT_EQ(server.Stop(), 0) << server.log();
 }
 
