@@ -1,7 +1,7 @@
 // fsync/fdatasync with a process-wide count, for the service's metrics
 // (`ringtree_fsyncs_total`). Every sync of the durable path goes through
 // these: span files, manifests and their directories (worker/spans) and the
-// session metadata files (coordinator/session_store, via span_format).
+// session metadata files and journal (coordinator/session_store).
 #pragma once
 
 #include <cstdint>
