@@ -37,6 +37,8 @@
 #include "coordinator/admission.h"
 #include "coordinator/auth.h"
 #include "coordinator/engine_loop.h"
+#include "coordinator/metrics.h"
+#include "coordinator/metrics_http.h"
 #include "coordinator/service.h"
 #include "coordinator/service_stats.h"
 #include "coordinator/session_registry.h"
@@ -103,7 +105,7 @@ int main(int argc, char** argv) {
   app.set_config("--config", "", "read flags from a TOML/INI file (flag = value)");
   // A flag given twice takes its last value (a wrapper script sets defaults, the user overrides them).
   app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
-  std::string listen = "127.0.0.1:50051", port_file, pid_file, tokens_file, tls_cert, tls_key;
+  std::string listen = "127.0.0.1:50051", metrics_listen, port_file, pid_file, tokens_file, tls_cert, tls_key;
   AdmissionLimits admission_limits;
   RequestLimits request_limits;
   EngineLoopOptions loop_options;
@@ -113,6 +115,14 @@ int main(int argc, char** argv) {
   int64_t hot_budget_mib = 4096, disk_budget_mib = 0, cache_mib = 256;
   int readahead_chunks = 4;
   app.add_option("--listen", listen, "host:port to listen on (port 0 = any free port)")->capture_default_str();
+  app.add_option("--metrics-listen", metrics_listen,
+                 "serve Prometheus metrics at http://HOST:PORT/metrics (port 0 = any free port, printed); off if unset")
+      ->check(CLI::Validator(
+          [](std::string& value) {
+            Result<HostPort> parsed = ParseHostPort(value, "");  // CLI11 prefixes the flag's name
+            return parsed.ok() ? std::string() : parsed.status().message();
+          },
+          "HOST:PORT"));
   app.add_option("--port-file", port_file, "write the bound port here once ready");
   app.add_option("--pid-file", pid_file, "write rank 0's pid here once ready (send it SIGTERM to stop)");
   app.add_option("--tokens-file", tokens_file, "enable bearer-token auth: lines of 'token tenant'");
@@ -257,8 +267,10 @@ int main(int argc, char** argv) {
     if (setup.ok()) setup = loop.Restore(registry.All());
     restored = setup.ok() ? registry.size() : 0;
   }
+  RpcMetrics rpc_metrics;  // before the server: its interceptors write here
   std::unique_ptr<grpc::Server> server;
   int port = 0;
+  std::unique_ptr<MetricsHttpServer> metrics_server;
   if (setup.ok()) {
     grpc::EnableDefaultHealthCheckService(true);
     grpc::reflection::InitProtoReflectionServerBuilderPlugin();
@@ -269,6 +281,12 @@ int main(int argc, char** argv) {
     builder.SetMaxReceiveMessageSize(max_message_bytes);
     builder.SetMaxSendMessageSize(max_message_bytes);
     if (max_streams > 0) builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, max_streams);
+    if (!metrics_listen.empty()) {
+      // Every call of every method, counted where its status is sent (see coordinator/metrics.h).
+      std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+      interceptors.push_back(NewRpcMetricsInterceptorFactory(&rpc_metrics));
+      builder.experimental().SetInterceptorCreators(std::move(interceptors));
+    }
     // Handler threads block while the engine serves their request. With the
     // default (2 idle pollers max) every completion ends a thread and every
     // new request starts one: thread churn that costs more than the decode
@@ -277,6 +295,21 @@ int main(int argc, char** argv) {
                                 static_cast<int>(std::min<int64_t>(admission_limits.max_in_flight + 8, 1024)));
     server = builder.BuildAndStart();
     if (!server || port == 0) setup = Status::Unavailable("[attnserve] --listen " + listen + ": cannot bind");
+  }
+  if (setup.ok() && !metrics_listen.empty()) {
+    MetricsSources sources;
+    sources.rpc = &rpc_metrics;
+    sources.admission = &admission;
+    sources.stats = &stats;
+    sources.engine = &loop;
+    sources.registry = &registry;
+    sources.world_size = ranks;
+    sources.durable = storage.durable;
+    sources.started = std::chrono::steady_clock::now();
+    auto started = MetricsHttpServer::Start(*ParseHostPort(metrics_listen, "--metrics-listen"),
+                                            "[attnserve] --metrics-listen", [sources] { return RenderMetrics(sources); });
+    if (started.ok()) metrics_server = std::move(started).value();
+    else setup = started.status();
   }
   if (!setup.ok()) {
     std::fprintf(stderr, "[attnserve] %s\n", setup.ToString().c_str());
@@ -295,6 +328,12 @@ int main(int argc, char** argv) {
     const std::string tmp = port_file + ".tmp";
     std::ofstream(tmp) << port << "\n";
     std::rename(tmp.c_str(), port_file.c_str());
+  }
+  if (metrics_server) {
+    const HostPort at = *ParseHostPort(metrics_listen, "--metrics-listen");
+    std::printf("[attnserve] metrics: http://%s:%d/metrics\n",
+                at.host.find(':') != std::string::npos ? ("[" + at.host + "]").c_str() : at.host.c_str(),
+                metrics_server->port());
   }
   std::printf("[attnserve] ready: listening on %s:%d (pid %d, %d ranks, %d threads/rank, tls %s, auth %s, data-dir %s,"
               " %zu sessions restored)\n",
@@ -322,6 +361,7 @@ int main(int argc, char** argv) {
   });
   if (shutdown_thread.joinable()) shutdown_thread.join();
   server->Wait();
+  metrics_server.reset();  // before the sources it reads go away
   std::printf("[attnserve] stopped\n");
   std::fflush(stdout);
   if (!run.ok()) return Fail(0, run);

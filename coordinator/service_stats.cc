@@ -27,6 +27,9 @@ void ServiceStats::RecordBatch(const std::string& kind, int64_t requests) {
   ++b.steps;
   b.requests += requests;
   b.max = std::max(b.max, requests);
+  std::unique_ptr<Histogram>& h = batch_sizes_[kind];
+  if (!h) h = std::make_unique<Histogram>(std::vector<double>{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024});
+  h->Observe(static_cast<double>(requests));
 }
 
 void ServiceStats::AddBytes(int64_t ring, int64_t tree, int64_t command) {
@@ -65,6 +68,16 @@ void ServiceStats::Fill(v1::StatsResponse* out) const {
   out->set_ring_bytes(ring_bytes_);
   out->set_tree_bytes(tree_bytes_);
   out->set_command_bytes(command_bytes_);
+}
+
+ServiceStats::Counters ServiceStats::counters() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  Counters c;
+  for (const auto& [kind, h] : batch_sizes_) c.batch_sizes[kind] = h->snapshot();
+  c.ring_bytes = ring_bytes_;
+  c.tree_bytes = tree_bytes_;
+  c.command_bytes = command_bytes_;
+  return c;
 }
 
 }  // namespace ringtree

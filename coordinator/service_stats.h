@@ -3,10 +3,12 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
 
+#include "coordinator/histogram.h"
 #include "ringtree/v1/attention.pb.h"
 
 namespace ringtree {
@@ -23,6 +25,14 @@ class ServiceStats {
   // Fills latency, batches and byte counters of `out`.
   void Fill(v1::StatsResponse* out) const;
 
+  // What the metrics endpoint reads: requests per engine step by kind
+  // (buckets 1, 2, 4, ..., 1024) and the byte counters, all since start.
+  struct Counters {
+    std::map<std::string, Histogram::Snapshot> batch_sizes;
+    int64_t ring_bytes = 0, tree_bytes = 0, command_bytes = 0;
+  };
+  Counters counters() const;
+
  private:
   struct Latency {
     int64_t count = 0;
@@ -36,6 +46,7 @@ class ServiceStats {
   mutable std::mutex mu_;
   std::map<std::string, Latency> latency_;
   std::map<std::string, Batch> batches_;
+  std::map<std::string, std::unique_ptr<Histogram>> batch_sizes_;
   int64_t ring_bytes_ = 0, tree_bytes_ = 0, command_bytes_ = 0;
 };
 

@@ -10,6 +10,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "worker/spans/file_sync.h"    // SyncFileData: counted for the metrics
 #include "worker/spans/span_format.h"  // WriteFileAtomically, ReadWholeFile, durable directories
 
 namespace ringtree {
@@ -116,7 +117,7 @@ Status SessionStore::CommitLayouts(const std::vector<std::shared_ptr<SessionReco
     }
     done += static_cast<size_t>(n);
   }
-  if (::fdatasync(journal_fd_) != 0) {
+  if (SyncFileData(journal_fd_) != 0) {
     Status st = JournalError("fdatasync", path);
     ::close(journal_fd_);  // the record's fate is unknown: reopen (and re-read the size) next time
     journal_fd_ = -1;
@@ -151,7 +152,7 @@ Status SessionStore::CheckpointLocked() const {
     if (journal_fd_ < 0) return JournalError("open", path);
   }
   if (::ftruncate(journal_fd_, 0) != 0) return JournalError("ftruncate", path);
-  if (::fdatasync(journal_fd_) != 0) return JournalError("fdatasync", path);
+  if (SyncFileData(journal_fd_) != 0) return JournalError("fdatasync", path);
   journal_bytes_ = 0;
   return Status::Ok();
 }

@@ -9,6 +9,8 @@
 #include <cstring>
 #include <filesystem>
 
+#include "worker/spans/file_sync.h"
+
 namespace ringtree {
 
 uint64_t Checksum64(const void* data, size_t bytes) { return XXH3_64bits(data, bytes); }
@@ -180,7 +182,7 @@ Status WriteFileAtomically(const std::string& dir, const std::string& name,
     }
     done += static_cast<size_t>(n);
   }
-  if (::fsync(fd) != 0) {
+  if (SyncFile(fd) != 0) {
     Status st = Errno("fsync", tmp);
     ::close(fd);
     return st;
@@ -189,7 +191,7 @@ Status WriteFileAtomically(const std::string& dir, const std::string& name,
   if (::rename(tmp.c_str(), final_path.c_str()) != 0) return Errno("rename", tmp);
   int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd < 0) return Errno("open", dir);
-  if (::fsync(dfd) != 0) {
+  if (SyncFile(dfd) != 0) {
     Status st = Errno("fsync", dir);
     ::close(dfd);
     return st;
@@ -201,7 +203,7 @@ Status WriteFileAtomically(const std::string& dir, const std::string& name,
 Status SyncDirectory(const std::string& dir) {
   int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
   if (dfd < 0) return Errno("open", dir);
-  if (::fsync(dfd) != 0) {
+  if (SyncFile(dfd) != 0) {
     Status st = Errno("fsync", dir);
     ::close(dfd);
     return st;

@@ -22,6 +22,7 @@
 
 #include "kernels/blas.h"
 #include "kernels/merge.h"
+#include "worker/spans/file_sync.h"
 
 namespace ringtree {
 
@@ -611,7 +612,7 @@ Status SpanStore::Sync() {
   const size_t live = live_disk_bytes();
   const size_t dead = file_bytes_ - live;
   if (options_.compact_min_bytes > 0 && dead > options_.compact_min_bytes && dead > live) return Compact();
-  if (::fdatasync(fd_) != 0) return Errno("fdatasync", file_path_);
+  if (SyncFileData(fd_) != 0) return Errno("fdatasync", file_path_);
   return WriteManifest();
 }
 
@@ -644,7 +645,7 @@ Status SpanStore::Compact() {
     offsets[i] = at;
     at += record.size();
   }
-  if (::fdatasync(fd) != 0) return abandon(Errno("fdatasync", path));
+  if (SyncFileData(fd) != 0) return abandon(Errno("fdatasync", path));
   // Commit: the manifest names the new file. If writing it fails, the one on
   // disk may be the old or the new (both files are whole and synced); the
   // store goes on with the old one, and Open keeps whichever the manifest names.
@@ -700,7 +701,7 @@ Status SpanStore::WriteManifest() {
 Status SpanStore::DropFileCache() {
   if (cache_) cache_->EraseStore(store_id_);
   if (fd_ < 0) return Status::Ok();
-  if (::fdatasync(fd_) != 0) return Errno("fdatasync", file_path_);
+  if (SyncFileData(fd_) != 0) return Errno("fdatasync", file_path_);
   if (::posix_fadvise(fd_, 0, 0, POSIX_FADV_DONTNEED) != 0) return Errno("fadvise", file_path_);
   return Status::Ok();
 }
