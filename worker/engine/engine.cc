@@ -1,5 +1,7 @@
 #include "worker/engine/engine.h"
 
+#include "worker/spans/file_sync.h"
+
 #include <mpi.h>
 
 #include <algorithm>
@@ -342,7 +344,7 @@ Status WorkerEngine::WriteWal() {
     }
     done += static_cast<size_t>(n);
   }
-  if (::fdatasync(wal_fd_) != 0) {
+  if (SyncFileData(wal_fd_) != 0) {
     Status st = WalError("fdatasync", path);
     ::close(wal_fd_);
     wal_fd_ = -1;
@@ -372,7 +374,7 @@ Status WorkerEngine::Checkpoint() {
       if (wal_fd_ < 0) return WalError("open", path);
     }
     if (::ftruncate(wal_fd_, 0) != 0) return WalError("ftruncate", path);
-    if (::fdatasync(wal_fd_) != 0) return WalError("fdatasync", path);
+    if (SyncFileData(wal_fd_) != 0) return WalError("fdatasync", path);
     wal_bytes_ = 0;
     return Status::Ok();
   }
@@ -436,7 +438,7 @@ Status WorkerEngine::LoadWal(const std::vector<uint64_t>& live) {
   if (at < log.size()) {  // cut the torn tail so new records never follow it
     const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
     if (fd < 0) return WalError("open", path);
-    const bool cut = ::ftruncate(fd, static_cast<off_t>(at)) == 0 && ::fdatasync(fd) == 0;
+    const bool cut = ::ftruncate(fd, static_cast<off_t>(at)) == 0 && SyncFileData(fd) == 0;
     ::close(fd);
     if (!cut) return WalError("truncate", path);
     std::fprintf(stderr, "[attnserve] rank %d: %s: dropped %zu torn tail bytes\n", compute_->rank(), path.c_str(),
