@@ -69,6 +69,21 @@ def main():
             kernel = f"{r['kernel_gbs']:.2f} | {r['kv_rate_vs_kernel']:.2f}" if "kernel_gbs" in r else "|"
             out.append(f"| {m['ranks']} x {m['threads_per_rank']} | {r['sessions']} | {r['batch']} | "
                        f"{r['decodes_per_s']:.0f} | {r['kv_gbs']:.2f} | {kernel} |")
+    batch = by("engine_batch")
+    if batch:
+        out.append("\n## Engine shape: one client, S sessions x L layers, one DecodeBatch per layer-step\n")
+        out.append("Sessions of `session_tokens` tokens; every call carries one decode token for each of the S "
+                   "sessions on one layer. `kernel step` is the in-process decode kernel on S KV sets of the same "
+                   "shape (S x L sets round robin, all cores), measured before and after the row; `vs kernel` is "
+                   "the KV rate through the service over the kernel's; `added` is p50 minus the kernel step. CPU "
+                   "per decode counts the whole machine (server and client).\n")
+        out.append("| S x L | calls | p50 ms | p99 ms | kernel step ms | added p50 ms | tokens/s | KV GB/s | "
+                   "vs kernel | CPU us/decode | engine steps/call |\n|---|---|---|---|---|---|---|---|---|---|---|")
+        for r in batch:
+            out.append(f"| {r['sessions']} x {r['layers']} | {r['calls']} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
+                       f"{r['kernel_step_ms']:.2f} | {r['added_p50_ms']:.2f} | {r['tokens_per_s']:.0f} | "
+                       f"{r['kv_gbs']:.2f} | {r['kv_rate_vs_kernel']:.2f} | {r['cpu_us_per_decode']:.0f} | "
+                       f"{r['engine_steps_per_call']:.2f} |")
     for r in by("rpc_floor"):
         out.append(f"\n## RPC floor ({r['clients']} async clients, Decode on a missing session: NOT_FOUND from the "
                    f"handler)\n")
@@ -87,14 +102,15 @@ def main():
                    "thread sends on schedule, one drains completions; `threads`: a pool of 160 blocking client "
                    "threads (at most 160 calls outstanding). `late` counts sends more than 2 ms behind schedule.\n")
         out.append("| driver | offered | req/s | late | admitted/s | refused | admitted p50 ms | admitted p99 ms | "
-                   "p99 / half-load p99 | refusal p50 ms | refusal p99 ms | server refusal p99 ms | server decode p99 ms |\n"
-                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+                   "p99 / half-load p99 | refusal p50 ms | refusal p99 ms | server refusal p99 ms | server decode p99 ms | "
+                   "client CPU share |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
         for r in over:
             out.append(f"| {r.get('driver', 'threads')} | {r['offered_x_capacity']:.1f}x | {r['offered_rate']:.0f} | "
                        f"{r.get('late_sends', 0)} | {r['admitted_throughput']:.0f} | "
                        f"{r['refused']} | {r['admitted_p50_ms']:.2f} | {r['admitted_p99_ms']:.2f} | "
                        f"{r['p99_vs_half_load']:.2f} | {r['refusal_p50_ms']:.2f} | {r['refusal_p99_ms']:.2f} | "
-                       f"{r.get('server_refusal_p99_ms', 0):.3f} | {r.get('server_decode_p99_ms', 0):.2f} |")
+                       f"{r.get('server_refusal_p99_ms', 0):.3f} | {r.get('server_decode_p99_ms', 0):.2f} | "
+                       f"{r.get('client_cpu_share', float('nan')):.2f} |")
     text = "\n".join(out) + "\n"
     open(a.table, "w").write(text)
     print(text)

@@ -15,12 +15,20 @@
 //  rpc_floor      32 async clients Decode on a session that does not exist
 //                 (NOT_FOUND from the handler, no engine): calls/s and busy
 //                 machine CPU per call, the cost of the RPC alone.
+//  engine_batch   one client drives S sessions x L layers with one
+//                 DecodeBatch per layer-step (an inference engine's shape):
+//                 per-layer-step p50/p99, tokens/s, KV GB/s and CPU per
+//                 decode against the in-process decode kernel on S x L KV
+//                 sets of the same shape, measured before and after the row.
 //  overload       open loop at 0.5x and 2x the measured decode capacity:
-//                 admitted p50/p99, refusal p50/p99 (RESOURCE_EXHAUSTED).
+//                 admitted p50/p99, refusal p50/p99 (RESOURCE_EXHAUSTED), the
+//                 server's own refusal p99 (handler start to response, from
+//                 Stats) and the load generator's CPU share of the machine.
 //
 // Machine, rank count and build type are printed first.
 #include <CLI/CLI.hpp>
 #include <oneapi/tbb/global_control.h>
+#include <sys/resource.h>
 #include <sys/utsname.h>
 #include <unistd.h>
 
@@ -71,6 +79,13 @@ double MachineBusySeconds() {
     if (i == 3 || i == 4) idle += x;
   }
   return (total - idle) / static_cast<double>(sysconf(_SC_CLK_TCK));
+}
+
+// CPU seconds (user + system) of this process so far: the load generator's cost.
+double ProcessCpuSeconds() {
+  rusage u;
+  getrusage(RUSAGE_SELF, &u);
+  return double(u.ru_utime.tv_sec + u.ru_stime.tv_sec) + 1e-6 * double(u.ru_utime.tv_usec + u.ru_stime.tv_usec);
 }
 
 double Percentile(std::vector<double> v, double p) {
@@ -800,6 +815,7 @@ int main(int argc, char** argv) {
       int64_t late = 0;
       auto before = admin->Stats();
       LoadResult r;
+      const double client_cpu0 = ProcessCpuSeconds();
       if (sync_clients) {
         r = OpenLoop(load * decode_capacity, duration * 1.5, 160, [&](int i, AttentionClient& cl) {
           return cl.Decode(ids[i % ids.size()], 0, qt, kt, kt).status();
@@ -809,6 +825,9 @@ int main(int argc, char** argv) {
                           size_t(s.q_row()) * 4,
                           &v1::AttentionService::Stub::PrepareAsyncDecode, &late);
       }
+      // The load generator's own CPU, as a share of the machine: it must stay
+      // well under half, or the latencies measure the sender, not the server.
+      const double client_cpu_share = (ProcessCpuSeconds() - client_cpu0) / (r.seconds * cores);
       auto after = admin->Stats();
       const double p99 = Percentile(r.ok_ms, 0.99);
       if (load == 0.5) base_p99 = p99;
@@ -822,11 +841,12 @@ int main(int argc, char** argv) {
                "\"refused\":%lld,\"failed\":%lld,\"late_sends\":%lld,\"admitted_throughput\":%.1f,"
                "\"admitted_p50_ms\":%.3f,\"admitted_p99_ms\":%.3f,\"p99_vs_half_load\":%.2f,"
                "\"refusal_p50_ms\":%.3f,\"refusal_p99_ms\":%.3f,\"server_refusal_p99_ms\":%.3f,"
-               "\"server_decode_p99_ms\":%.3f,\"mean_batch\":%.2f}",
+               "\"server_decode_p99_ms\":%.3f,\"mean_batch\":%.2f,\"client_cpu_share\":%.3f}",
                sync_clients ? "threads" : "async", overload_flags_text.c_str(), load, load * decode_capacity, static_cast<long long>(r.ok), static_cast<long long>(r.refused),
                static_cast<long long>(r.failed), static_cast<long long>(late), r.ok / r.seconds,
                Percentile(r.ok_ms, 0.5), p99, base_p99 > 0 ? p99 / base_p99 : 0.0, Percentile(r.refused_ms, 0.5),
-               Percentile(r.refused_ms, 0.99), server_refusal_p99, server_decode_p99, MeanBatch(*before, *after, "decode")));
+               Percentile(r.refused_ms, 0.99), server_refusal_p99, server_decode_p99, MeanBatch(*before, *after, "decode"),
+               client_cpu_share));
     }
     if (server->Stop() != 0) std::fprintf(stderr, "warning: server did not exit 0\n");
   }
