@@ -138,7 +138,8 @@ Result<SpanStore*> WorkerEngine::Store(const SessionShape& shape, int layer) {
     if (std::filesystem::exists(o.data_dir + "/MANIFEST")) {
       RecoveryReport report;
       RINGTREE_ASSIGN_OR_RETURN(slot, SpanStore::Open(o, &report));
-      if (Status replayed = ReplayWal(shape.handle, layer, slot.get(), shape); !replayed.ok()) {
+      bool replayed_log = false;
+      if (Status replayed = ReplayWal(shape.handle, layer, slot.get(), shape, &replayed_log); !replayed.ok()) {
         slot.reset();
         return replayed;
       }
@@ -167,6 +168,14 @@ Result<SpanStore*> WorkerEngine::Store(const SessionShape& shape, int layer) {
                                   " tokens, the session metadata records " + std::to_string(expected->second) +
                                   "; acknowledged tokens are missing and the layer cannot be used");
         }
+      }
+      // The log's rows for this store (replayed above, cut back to the
+      // metadata) are made durable in its files and leave the log: a log
+      // record of rows the metadata rolled back must not be replayed again in
+      // front of the rows later written at the same positions.
+      if (replayed_log) {
+        RINGTREE_RETURN_IF_ERROR(slot->Sync());
+        RINGTREE_RETURN_IF_ERROR(Checkpoint());
       }
       // Back to the hot set a running store has (newest spans, up to the
       // budget), so a restarted service takes the same compute paths.
@@ -297,7 +306,7 @@ void PutPod(std::string* out, const T& v) {
 }
 }  // namespace
 
-Status WorkerEngine::WriteWal() {
+Status WorkerEngine::WriteWal(const std::vector<WalRun>& runs) {
   const std::string path = WalPath();
   if (wal_fd_ < 0) {
     const std::string dir = config_.data_dir + "/rank-" + std::to_string(compute_->rank());
@@ -312,8 +321,8 @@ Status WorkerEngine::WriteWal() {
     if (!existed) RINGTREE_RETURN_IF_ERROR(SyncDirectory(dir));
   }
   std::string payload;
-  PutPod<uint64_t>(&payload, wal_pending_.size());
-  for (const WalRun& w : wal_pending_) {
+  PutPod<uint64_t>(&payload, runs.size());
+  for (const WalRun& w : runs) {
     PutPod(&payload, w.handle);
     PutPod(&payload, w.layer);
     PutPod(&payload, w.position);
@@ -352,7 +361,7 @@ Status WorkerEngine::WriteWal() {
   }
   wal_bytes_ += static_cast<int64_t>(record.size());
   ++wal_syncs_;
-  for (const WalRun& w : wal_pending_) wal_dirty_.insert({w.handle, w.layer});
+  for (const WalRun& w : runs) wal_dirty_.insert({w.handle, w.layer});
   return Status::Ok();
 }
 
@@ -380,15 +389,14 @@ Status WorkerEngine::Checkpoint() {
   }
   // Runs read at startup for stores not opened since: they stay in the log,
   // which is rewritten (atomically) to hold only them.
-  wal_pending_.clear();
-  for (const auto& [key, runs] : wal_replay_) wal_pending_.insert(wal_pending_.end(), runs.begin(), runs.end());
+  std::vector<WalRun> keep;
+  for (const auto& [key, runs] : wal_replay_) keep.insert(keep.end(), runs.begin(), runs.end());
   if (wal_fd_ >= 0) ::close(wal_fd_);
   wal_fd_ = -1;
   const std::string dir = config_.data_dir + "/rank-" + std::to_string(compute_->rank());
   RINGTREE_RETURN_IF_ERROR(WriteFileAtomically(dir, "wal.log", std::string()));
-  Status st = WriteWal();
-  wal_dirty_.clear();  // those stores' rows are in the log, not in their files
-  wal_pending_.clear();
+  Status st = WriteWal(keep);
+  wal_dirty_.clear();  // those stores are not open: their rows stay in the log
   return st;
 }
 
@@ -451,8 +459,10 @@ Status WorkerEngine::LoadWal(const std::vector<uint64_t>& live) {
   return Status::Ok();
 }
 
-Status WorkerEngine::ReplayWal(uint64_t handle, int layer, SpanStore* store, const SessionShape& shape) {
+Status WorkerEngine::ReplayWal(uint64_t handle, int layer, SpanStore* store, const SessionShape& shape,
+                               bool* had_records) {
   auto it = wal_replay_.find({handle, layer});
+  *had_records = it != wal_replay_.end();
   if (it == wal_replay_.end()) return Status::Ok();
   const int64_t rb = shape.row_bytes();
   int64_t applied = 0;
@@ -501,7 +511,7 @@ Status WorkerEngine::FinishWrite(Status local, const std::vector<SpanStore*>& to
   std::set<SpanStore*> unique(touched.begin(), touched.end());
   if (local.ok() && !wal_overflow_ && !wal_pending_.empty()) {
     // Group commit: the step's rows, all sessions, in one log record and one sync.
-    local = WriteWal();
+    local = WriteWal(wal_pending_);
     if (local.ok() && wal_bytes_ > kWalCheckpointBytes) local = Checkpoint();
   } else if (local.ok() && !unique.empty()) {
     // A large write syncs its stores directly; the log must then hold no

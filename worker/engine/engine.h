@@ -197,13 +197,14 @@ class WorkerEngine {
     std::string k, v;
   };
   std::string WalPath() const;
-  // The step's pending runs as one record, then one fdatasync.
-  Status WriteWal();
+  // `runs` (a step's) as one log record, then one fdatasync.
+  Status WriteWal(const std::vector<WalRun>& runs);
   // Startup: reads the log's valid prefix (runs of `live` sessions) into
   // wal_replay_ and cuts a torn tail.
   Status LoadWal(const std::vector<uint64_t>& live);
-  // Applies the log's runs of (handle, layer) that `store` lacks.
-  Status ReplayWal(uint64_t handle, int layer, SpanStore* store, const SessionShape& shape);
+  // Applies the log's runs of (handle, layer) that `store` lacks;
+  // *had_records: the log held runs of it.
+  Status ReplayWal(uint64_t handle, int layer, SpanStore* store, const SessionShape& shape, bool* had_records);
   std::vector<WalRun> wal_pending_;  // this step's runs (AppendRows)
   bool wal_overflow_ = false;        // this step wrote more than kWalMaxStepBytes
   std::map<std::pair<uint64_t, int>, std::vector<WalRun>> wal_replay_;  // read at startup, not yet applied
