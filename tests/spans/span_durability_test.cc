@@ -150,8 +150,9 @@ TEST_P(DurabilityTest, DiscoveredBoundariesSurviveReopen) {
     const auto starts = spans_test::RandomSpanStarts(300, 400, 16, 9);
     ASSERT_TRUE((*store)->Append(300, 400, k.data(), v.data(), DType::kFloat32, starts).ok());
     ASSERT_TRUE((*store)->Sync().ok());
-    const auto crash_starts = spans_test::RandomSpanStarts(700, 100, 16, 10);
-    ASSERT_TRUE((*store)->Append(700, 100, k.data(), v.data(), DType::kFloat32, crash_starts).ok());
+    // Ends at 805, not a multiple of span_tokens: only the record flag keeps it sealed.
+    const auto crash_starts = spans_test::RandomSpanStarts(700, 105, 16, 10);
+    ASSERT_TRUE((*store)->Append(700, 105, k.data(), v.data(), DType::kFloat32, crash_starts).ok());
     before = (*store)->Spans();
     answers = Query(store->get());
     // No Sync: the sealed records are in the file's log tail only ("crash").
@@ -169,11 +170,11 @@ TEST_P(DurabilityTest, DiscoveredBoundariesSurviveReopen) {
   ExpectIdentical(answers, Query(reopened->get()));
   // The last discovered span stays closed: a fixed append starts a new span.
   const int32_t last_tokens = after.back().tokens;
-  AppendRange(reopened->get(), 800, 805, 11);
+  AppendRange(reopened->get(), 805, 810, 11);
   const auto grown = (*reopened)->Spans();
   ASSERT_EQ(grown.size(), after.size() + 1);
   EXPECT_EQ(grown[after.size() - 1].tokens, last_tokens);
-  EXPECT_EQ(grown.back().position_start, 800);
+  EXPECT_EQ(grown.back().position_start, 805);
 }
 
 TEST_P(DurabilityTest, TornLastRecordIsDroppedAndWholeOnesReplayed) {

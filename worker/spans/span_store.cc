@@ -348,7 +348,7 @@ Status SpanStore::Recover(const Manifest& manifest, RecoveryReport* report) {
   const int64_t S = options_.span_tokens;
   for (size_t i = 0; i < spans_.size(); ++i) {
     Span& s = spans_[i];
-    s.sealed = (i + 1 < spans_.size()) || ((s.position_start + s.tokens) % S == 0) || s.closed;
+    s.sealed = (i + 1 < spans_.size()) || ((s.position_start + s.tokens) % S == 0) || s.tokens == S || s.closed;
   }
   const int64_t end = end_position();
   for (size_t i = 0; i < spans_.size(); ++i) {
@@ -549,7 +549,9 @@ Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, 
     }
     const int64_t idx = span_count() - 1;
     Span& s = spans_[idx];
-    const int64_t boundary = starts.empty()                  ? (pos / S + 1) * S
+    // Fixed mode: the next multiple of S, and never more than S rows (an
+    // unaligned open tail, e.g. a record whose flag was lost, must not overrun).
+    const int64_t boundary = starts.empty() ? std::min((pos / S + 1) * S, s.position_start + S)
                              : next_start < starts.size() ? starts[next_start]
                                                           : position_start + tokens;
     const int64_t n = std::min(tokens - done, boundary - pos);
@@ -562,7 +564,7 @@ Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, 
     total_tokens_ += n;
     pos += n;
     done += n;
-    if (!starts.empty() ? pos == boundary : (s.position_start + s.tokens) % S == 0) {
+    if (!starts.empty() ? pos == boundary : ((s.position_start + s.tokens) % S == 0 || s.tokens == S)) {
       s.sealed = true;
       s.closed = !starts.empty();
       if (s.closed) shrink(s);
