@@ -234,6 +234,37 @@ TEST(SpanDiscovery, FindsPlantedRuns) {
   EXPECT_GE(discovered, static_cast<int>(p.run_starts.size()) - 3);
 }
 
+// The band is row-normalised before scoring, so a sliding-window prefill
+// (window >= the band) discovers the same spans as full causal attention
+// (the benchmark's 128k runs rely on it).
+TEST(SpanDiscovery, WindowedPrefillGivesTheSameSpans) {
+  const Planted p = MakePlanted(700, 4, 2, 64, 12, 60, 3.0f, 21);
+  const int W = 48;
+  std::vector<float> v(p.k.size(), 0.5f), o(p.q.size());
+  std::vector<std::vector<SpanCut>> results;
+  for (int64_t window : {int64_t{0}, int64_t{W}, int64_t{200}}) {
+    std::vector<float> mass(static_cast<size_t>(p.T) * p.Hkv * W);
+    AttentionBand band{W, mass.data()};
+    AttentionOptions opt{.causal = true, .window = window};
+    opt.band = &band;
+    ASSERT_TRUE(AttentionForward(p.q.data(), p.k.data(), v.data(), DType::kFloat32,
+                                 AttentionShape{p.T, p.T, p.H, p.Hkv, p.D}, opt, o.data(), nullptr)
+                    .ok());
+    auto s = TriangleScores::FromBand(mass.data(), p.T, p.Hkv, p.H, W);
+    ASSERT_TRUE(s.ok());
+    auto cuts = DiscoverSpans(s.value(), SpanDiscoveryOptions{.min_tokens = 6, .max_tokens = 48, .fallback_tokens = 24});
+    ASSERT_TRUE(cuts.ok());
+    results.push_back(cuts.value());
+  }
+  for (size_t r = 1; r < results.size(); ++r) {
+    ASSERT_EQ(results[r].size(), results[0].size()) << r;
+    for (size_t i = 0; i < results[0].size(); ++i) {
+      EXPECT_EQ(results[r][i].begin, results[0][i].begin) << r << " " << i;
+      EXPECT_EQ(results[r][i].discovered, results[0][i].discovered) << r << " " << i;
+    }
+  }
+}
+
 TEST(SpanDiscovery, EdgeCasesAndErrorsNameTheField) {
   std::vector<float> mass(5 * 8, 0.1f);
   auto s = TriangleScores::FromBand(mass.data(), 5, 1, 1, 8);
