@@ -445,6 +445,78 @@ TEST(SpanStoreRetrieval, PlantedNeedleIsRetrieved) {
   }
 }
 
+// Persistent recall: a span found at step 1 stays attended at step 2 (whose
+// query aims elsewhere) only when the history passes it; head voting with a
+// full budget is still exact attention.
+TEST(SpanStoreRetrieval, PersistentRecallKeepsEarlierEvidenceAndVotingAtFullBudgetIsExact) {
+  SpanStoreOptions o;
+  o.kv_heads = 2;
+  o.head_dim = 64;
+  o.span_tokens = 16;
+  o.sink_tokens = 4;
+  o.window_tokens = 32;
+  auto store = SpanStore::Create(o);
+  ASSERT_TRUE(store.ok());
+  const int64_t T = 2048;
+  const size_t row = 2 * 64;
+  auto k = Gaussian(T * row, 17, 0.3f), v = Gaussian(T * row, 18);
+  auto dir_a = Gaussian(64, 19), dir_b = Gaussian(64, 20);
+  const int64_t at_a = 16 * 20 + 3, at_b = 16 * 90 + 5;
+  for (int t = 0; t < 4; ++t)
+    for (int g = 0; g < 2; ++g)
+      for (int d = 0; d < 64; ++d) {
+        k[(at_a + t) * row + g * 64 + d] = dir_a[d];
+        k[(at_b + t) * row + g * 64 + d] = dir_b[d];
+      }
+  ASSERT_TRUE((*store)->Append(0, T, k.data(), v.data(), DType::kFloat32).ok());
+  auto query = [&](const std::vector<float>& dir) {
+    std::vector<float> q = Gaussian(4 * 64, 21, 0.3f);
+    for (int h = 0; h < 4; ++h)
+      for (int d = 0; d < 64; ++d) q[h * 64 + d] += 1.5f * dir[d];
+    return q;
+  };
+  auto holds = [](const RetrievalResult& r, int64_t pos) {
+    for (const auto& s : r.spans_used)
+      if (s.position_start <= pos && pos < s.position_start + s.tokens) return true;
+    return false;
+  };
+  std::vector<float> out(4 * 64), lse(4);
+  RecallHistory history(4);
+  RetrievalRequest req;
+  req.top_k_spans = 1;
+  RetrievalResult step1, plain, recalled;
+  ASSERT_TRUE((*store)->AttendRetrieval(query(dir_a).data(), 1, 4, {}, req, out.data(), lse.data(), &step1).ok());
+  ASSERT_TRUE(holds(step1, at_a));
+  std::vector<int64_t> used;
+  for (const auto& s : step1.spans_used) used.push_back(s.index);
+  history.Record(used);
+  const auto qb = query(dir_b);
+  ASSERT_TRUE((*store)->AttendRetrieval(qb.data(), 1, 4, {}, req, out.data(), lse.data(), &plain).ok());
+  EXPECT_TRUE(holds(plain, at_b));
+  EXPECT_FALSE(holds(plain, at_a));
+  req.persistent_spans = history.Recalled();
+  ASSERT_TRUE((*store)->AttendRetrieval(qb.data(), 1, 4, {}, req, out.data(), lse.data(), &recalled).ok());
+  EXPECT_TRUE(holds(recalled, at_b));  // the budget still buys the new evidence
+  EXPECT_TRUE(holds(recalled, at_a));  // and the old is kept
+  EXPECT_EQ(recalled.selected_spans, plain.selected_spans + 1);
+  // Voting and recall with everything in budget: exact attention.
+  Context ctx;
+  ctx.kv_heads = 2;
+  ctx.head_dim = 64;
+  ctx.k = k;
+  ctx.v = v;
+  for (int64_t t = 0; t < T; ++t) ctx.positions.push_back(t);
+  const auto ref = ExactDouble(ctx, qb.data(), 1, 4, false, 0, 0, false);
+  RetrievalRequest all;
+  all.token_budget = T;
+  all.head_voting = true;
+  all.persistent_spans = history.Recalled();
+  RetrievalResult res;
+  ASSERT_TRUE((*store)->AttendRetrieval(qb.data(), 1, 4, {}, all, out.data(), lse.data(), &res).ok());
+  EXPECT_TRUE(res.exact);
+  ExpectClose(out, lse, ref, "voting + recall, full budget");
+}
+
 // Exact attention with most spans cold equals exact attention all hot.
 TEST(SpanStoreTiers, ColdEqualsHot) {
   const std::string dir = spans_test::TempDir("cold_hot");

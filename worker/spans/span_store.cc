@@ -1367,6 +1367,26 @@ int64_t CountForBudget(const std::vector<SpanCandidate>& ranked, int64_t top_k,
   }
   return take;
 }
+// The request's retrieval options on a ranking (RankCandidates order): head
+// voting re-ranks; persistent spans move to the front and are taken in
+// addition to the budget. Returns how many of ranked's first entries to take.
+int64_t OrderForRequest(const RetrievalRequest& request, const SpanScores& scores, const std::vector<int32_t>& tokens,
+                        const std::vector<int64_t>& positions, const std::vector<int64_t>& candidates,
+                        const std::vector<double>& normalizer, int heads, int kv_heads,
+                        std::vector<SpanCandidate>* ranked) {
+  if (request.head_voting)
+    *ranked = RankCandidatesByVotes(scores, tokens, positions, candidates, normalizer, heads, kv_heads,
+                                    request.top_k_spans, request.token_budget);
+  if (request.persistent_spans.empty()) return CountForBudget(*ranked, request.top_k_spans, request.token_budget);
+  std::vector<int64_t> pinned = request.persistent_spans;
+  std::sort(pinned.begin(), pinned.end());
+  auto is_pinned = [&](const SpanCandidate& c) { return std::binary_search(pinned.begin(), pinned.end(), c.span_index); };
+  const auto rest = std::stable_partition(ranked->begin(), ranked->end(), is_pinned);
+  const int64_t kept = rest - ranked->begin();
+  const std::vector<SpanCandidate> tail(rest, ranked->end());
+  return kept + CountForBudget(tail, request.top_k_spans, request.token_budget);
+}
+
 }  // namespace
 
 Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
@@ -1393,9 +1413,9 @@ Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
     positions[i] = spans_[i].position_start;
   }
   const std::vector<double> normalizer = LogNormalizers(scores, tokens, candidates);
-  const std::vector<SpanCandidate> ranked =
-      RankCandidates(scores, tokens, positions, candidates, normalizer);
-  int64_t take = CountForBudget(ranked, request.top_k_spans, request.token_budget);
+  std::vector<SpanCandidate> ranked = RankCandidates(scores, tokens, positions, candidates, normalizer);
+  int64_t take =
+      OrderForRequest(request, scores, tokens, positions, candidates, normalizer, heads, options_.kv_heads, &ranked);
   const bool tolerance_mode = request.mass_tolerance >= 0.0;
   const double select_ms = ms_since(t0);
   t0 = Clock::now();
@@ -1525,9 +1545,10 @@ Status SpanStore::RetrieveKV(const float* q, int64_t q_tokens, int heads,
     tokens[i] = spans_[i].tokens;
     positions[i] = spans_[i].position_start;
   }
-  const auto ranked = RankCandidates(scores, tokens, positions, candidates,
-                                     LogNormalizers(scores, tokens, candidates));
-  const int64_t take = CountForBudget(ranked, request.top_k_spans, request.token_budget);
+  const std::vector<double> normalizer = LogNormalizers(scores, tokens, candidates);
+  auto ranked = RankCandidates(scores, tokens, positions, candidates, normalizer);
+  const int64_t take =
+      OrderForRequest(request, scores, tokens, positions, candidates, normalizer, heads, options_.kv_heads, &ranked);
   std::vector<int64_t> list;
   if (include_always) list = always;
   for (int64_t i = 0; i < take; ++i) list.push_back(ranked[i].span_index);
