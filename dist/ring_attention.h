@@ -58,6 +58,14 @@ struct QueryBlock {
   int64_t position_offset = 0;  // absolute position of row 0
   float* o = nullptr;           // [tokens, H, D] float32, written (overwritten)
   float* lse = nullptr;         // [tokens, H] float32, written; may be null
+  // Span discovery (RingOptions::band_width > 0): [tokens, Hkv, band_width]
+  // float32, written (kernels/attention.h AttentionBand::mass): the
+  // probabilities, normalised over the whole ring's keys, of the keys within
+  // band_width of each query *inside the KV block that covers this query
+  // block's positions* (the diagonal pair: a zigzag chunk against itself, a
+  // service chunk against its own K/V); zero elsewhere and when no local KV
+  // block covers the query block. Null: no capture for this block.
+  float* band = nullptr;
 };
 
 // Key/value rows of consecutive positions. Not owned; read only.
@@ -81,6 +89,14 @@ struct RingOptions {
   // Called on this rank after each ring step with (step, steps), steps = P.
   // For progress output (attnjob prints on rank 0). Must not call MPI.
   std::function<void(int step, int steps)> on_step;
+  // Span discovery: > 0 captures QueryBlock::band of this width (<= 4096).
+  // The final lse of a row is known only once every step is done, so the
+  // diagonal pairs are computed last, after the ring's last step (which has
+  // no transfer to hide), with the other steps' merged lse as the kernel's
+  // prior: no second pass over K/V. Only this rank's work order changes; the
+  // output differs from a run without capture by the merge order's float
+  // rounding only (tested to 1e-6). Local to a rank (need not agree).
+  int band_width = 0;
 };
 
 // Ring Attention prefill. Collective over `comm`.

@@ -7,6 +7,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <vector>
 
 #include "kernels/blas.h"
 #include "kernels/cpu.h"
@@ -36,6 +37,13 @@ Status ValidateAttention(const AttentionShape& s, DType kv_dtype) {
 }
 
 Status ValidateMasks(const AttentionShape& s, const AttentionOptions& opt) {
+  if (opt.band != nullptr) {
+    if (opt.band->width < 1 || opt.band->width > 4096)
+      return Status::InvalidArgument("[attention] band.width must be in [1, 4096], got " +
+                                     std::to_string(opt.band->width));
+    if (opt.band->mass == nullptr && s.q_tokens > 0)
+      return Status::InvalidArgument("[attention] band.mass must not be null ([q_tokens, kv_heads, width] floats)");
+  }
   if (opt.window < 0) return Status::InvalidArgument("[attention] window must be >= 0, got " + std::to_string(opt.window));
   if (opt.window > 0 && !opt.causal)
     return Status::InvalidArgument("[attention] window (" + std::to_string(opt.window) +
@@ -85,6 +93,49 @@ void TokenKeyRanges(const AttentionShape& s, const AttentionOptions& opt, int64_
   }
 }
 
+void BandBegin(TileBand& b, int rows) {
+  if (b.band == nullptr) return;
+  const size_t n = static_cast<size_t>(rows) * b.band->width;
+  b.scores = ThreadScratch(8, n);
+  std::fill(b.scores, b.scores + n, kNegInf);
+}
+
+void BandCapture(TileBand& b, int64_t t0, int tokens, int G, int64_t j0, int nk, const float* s, int64_t row_stride,
+                 int64_t col_stride) {
+  const int W = b.band->width;
+  for (int tl = 0; tl < tokens; ++tl) {
+    const int64_t own = t0 + tl + b.diag;  // key index at the query's own position
+    const int64_t j_lo = std::max<int64_t>(j0, own - W + 1), j_hi = std::min<int64_t>(j0 + nk - 1, own);
+    for (int64_t j = j_lo; j <= j_hi; ++j)
+      for (int g = 0; g < G; ++g) {
+        const int64_t r = static_cast<int64_t>(tl) * G + g;
+        b.scores[r * W + (own - j)] = s[r * row_stride + (j - j0) * col_stride];
+      }
+  }
+}
+
+void BandFinish(const TileBand& b, int64_t t0, int tokens, int G, int hk, const AttentionShape& shape, const float* m,
+                const float* l) {
+  const int W = b.band->width, H = shape.heads, Hkv = shape.kv_heads;
+  for (int tl = 0; tl < tokens; ++tl) {
+    float* out = b.band->mass + ((t0 + tl) * Hkv + hk) * W;
+    std::fill(out, out + W, 0.0f);
+    for (int g = 0; g < G; ++g) {
+      const int r = tl * G + g;
+      float ref = l[r] == 0.0f || m[r] == kNegInf ? kNegInf : m[r] + std::log2(l[r]);
+      if (b.band->prior_lse != nullptr) {
+        const float prior = b.band->prior_lse[(t0 + tl) * H + hk * G + g] * kLog2e;
+        const float mx = std::max(ref, prior);
+        if (mx != kNegInf) ref = mx + std::log2(std::exp2(ref - mx) + std::exp2(prior - mx));
+      }
+      if (ref == kNegInf) continue;
+      const float* sr = b.scores + static_cast<int64_t>(r) * W;
+      for (int w = 0; w < W; ++w)
+        if (sr[w] != kNegInf) out[w] += std::exp2(sr[w] - ref);
+    }
+  }
+}
+
 namespace {
 std::atomic<int64_t> g_blocks_computed{0}, g_blocks_skipped{0};
 }  // namespace
@@ -109,13 +160,51 @@ void EnsureSingleThreadedBlas() {
 
 constexpr int kKeyBlock = 256;
 
+// AttentionOptions::band for few queries, given the call's lse [Tq, H]:
+// scores of the band's keys recomputed (float32, as the kernels do).
+void BandFromLse(const float* q, const void* k, DType kv_dtype, const AttentionShape& s, const AttentionOptions& opt,
+                 const float* lse) {
+  const AttentionBand& band = *opt.band;
+  const int D = s.head_dim, H = s.heads, Hkv = s.kv_heads, G = H / Hkv, W = band.width;
+  const float scale = ResolveScale(opt, D);
+  std::vector<float> kr(D);
+  std::fill(band.mass, band.mass + s.q_tokens * Hkv * W, 0.0f);
+  for (int64_t t = 0; t < s.q_tokens; ++t) {
+    const int64_t qpos = opt.q_position_offset + t;
+    const KeyInterval visible = VisibleKeys(opt, qpos);
+    for (int w = 0; w < W; ++w) {
+      const int64_t kpos = qpos - w, j = kpos - opt.kv_position_offset;
+      if (j < 0 || j >= s.kv_tokens || kpos < visible.first || kpos > visible.last) continue;
+      for (int hk = 0; hk < Hkv; ++hk) {
+        const size_t elem = static_cast<size_t>((j * Hkv + hk) * D);
+        ConvertToFloat32(kv_dtype, static_cast<const uint8_t*>(k) + elem * DTypeSize(kv_dtype), kr.data(), D);
+        float sum = 0.0f;
+        for (int g = 0; g < G; ++g) {
+          const int h = hk * G + g;
+          float ref = lse[t * H + h];
+          if (band.prior_lse != nullptr) {
+            const float prior = band.prior_lse[t * H + h], mx = std::max(ref, prior);
+            if (mx != kNegInf) ref = mx + std::log(std::exp(ref - mx) + std::exp(prior - mx));
+          }
+          if (ref == kNegInf) continue;
+          const float* qr = q + (t * H + h) * D;
+          float dot = 0.0f;
+          for (int d = 0; d < D; ++d) dot += qr[d] * kr[d];
+          sum += std::exp(dot * scale - ref);
+        }
+        band.mass[(t * Hkv + hk) * W + w] = sum;
+      }
+    }
+  }
+}
+
 // One task on the generic/avx2 paths: kv head `hk`, query tokens [t0, t1)
 // with all `group` query heads that share hk, stacked as rows (t, g); the
 // products on OpenBLAS. Token t sees key indices [first[t-t0], last[t-t0]].
 // Returns the number of key blocks computed.
 int64_t PrefillTileBlas(const float* q, const void* k, const void* v, DType kv_dtype, const AttentionShape& s,
                         float qmul, int hk, int64_t t0, int64_t t1, const int64_t* first, const int64_t* last,
-                        float* o, float* lse) {
+                        float* o, float* lse, internal::TileBand band) {
   const int D = s.head_dim, H = s.heads, Hkv = s.kv_heads, G = H / Hkv;
   const int tokens = static_cast<int>(t1 - t0);
   const int rows = tokens * G;
@@ -140,6 +229,7 @@ int64_t PrefillTileBlas(const float* q, const void* k, const void* v, DType kv_d
   float* kbuf = fp32 ? nullptr : internal::ThreadScratch(4, static_cast<size_t>(kKeyBlock) * D);
   float* vbuf = fp32 ? nullptr : internal::ThreadScratch(5, static_cast<size_t>(kKeyBlock) * D);
   const int64_t row_stride = static_cast<int64_t>(Hkv) * D;
+  internal::BandBegin(band, rows);
   int64_t computed = 0;
   for (int64_t j0 = kmin; j0 <= kmax; j0 += kKeyBlock) {
     const int jb = static_cast<int>(std::min<int64_t>(kKeyBlock, kmax + 1 - j0));
@@ -162,9 +252,11 @@ int64_t PrefillTileBlas(const float* q, const void* k, const void* v, DType kv_d
     }
     Sgemm(false, true, rows, jb, D, 1.0f, qs, D, kp, ld, 0.0f, sc, jb);
     if (!seen.full) internal::ApplyIntervalMask(sc, jb, rows, G, jb, first, last, j0);
+    if (band.band) internal::BandCapture(band, t0, tokens, G, j0, jb, sc, jb, 1);
     internal::OnlineSoftmaxUpdate(sc, jb, rows, jb, m, l, acc, D);
     Sgemm(false, false, rows, D, jb, 1.0f, sc, jb, vp, ld, 1.0f, acc, D);
   }
+  if (band.band) internal::BandFinish(band, t0, tokens, G, hk, s, m, l);
   for (int64_t t = t0; t < t1; ++t)
     for (int g = 0; g < G; ++g) {
       const int r = static_cast<int>(t - t0) * G + g;
@@ -184,8 +276,16 @@ Status AttentionForward(const float* q, const void* k, const void* v, DType kv_d
   if (s.q_tokens == 0) return Status::Ok();
   // Up to 64 query tokens the register-tiled split-KV kernel beats GEMM
   // tiles, even with 256 rows per kv head (OpenBLAS packs each small tile).
-  if (s.q_tokens <= 64) return DecodeAttention(q, k, v, kv_dtype, s, opt, o, lse);
-  return FlashAttentionForward(q, k, v, kv_dtype, s, opt, o, lse);
+  if (s.q_tokens > 64) return FlashAttentionForward(q, k, v, kv_dtype, s, opt, o, lse);
+  if (opt.band == nullptr) return DecodeAttention(q, k, v, kv_dtype, s, opt, o, lse);
+  // Few queries (chunked prefill's small chunks): the decode kernel has no
+  // tiles to capture from; recompute the band's <= 64 * W dot products.
+  std::vector<float> own_lse;
+  if (lse == nullptr) own_lse.resize(static_cast<size_t>(s.q_tokens * s.heads));
+  float* l = lse ? lse : own_lse.data();
+  RINGTREE_RETURN_IF_ERROR(DecodeAttention(q, k, v, kv_dtype, s, opt, o, l));
+  BandFromLse(q, k, kv_dtype, s, opt, l);
+  return Status::Ok();
 }
 
 Status FlashAttentionForward(const float* q, const void* k, const void* v, DType kv_dtype,
@@ -209,6 +309,7 @@ Status FlashAttentionForward(const float* q, const void* k, const void* v, DType
   const int64_t tasks = q_tiles * s.kv_heads;
   const int key_block = own_tiles ? internal::kFlashKeyBlock : kKeyBlock;
   const int64_t blocks_per_tile = (s.kv_tokens + key_block - 1) / key_block;
+  const internal::TileBand band{.band = opt.band, .diag = opt.q_position_offset - opt.kv_position_offset};
   tbb::parallel_for(tbb::blocked_range<int64_t>(0, tasks, 1), [&](const tbb::blocked_range<int64_t>& range) {
     int64_t first[512], last[512];
     int64_t computed = 0, tiles = 0;
@@ -221,10 +322,11 @@ Status FlashAttentionForward(const float* q, const void* k, const void* v, DType
       ++tiles;
       if (own_tiles) {
         const internal::FlashTile ft{.q = q, .k = k, .v = v, .kv_dtype = kv_dtype, .shape = s, .qmul = qmul, .hk = hk,
-                                     .t0 = t0, .t1 = t1, .key_first = first, .key_last = last, .o = o, .lse = lse};
+                                     .t0 = t0, .t1 = t1, .key_first = first, .key_last = last, .o = o, .lse = lse,
+                                     .band = band};
         computed += internal::FlashTileAvx512(ft, path == KernelPath::kAvx512Bf16);
       } else {
-        computed += PrefillTileBlas(q, k, v, kv_dtype, s, qmul, hk, t0, t1, first, last, o, lse);
+        computed += PrefillTileBlas(q, k, v, kv_dtype, s, qmul, hk, t0, t1, first, last, o, lse, band);
       }
     }
     internal::CountKeyBlocks(computed, tiles * blocks_per_tile - computed);

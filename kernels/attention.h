@@ -29,6 +29,27 @@ struct AttentionShape {
   int head_dim = 0;       // D in [1, 256] (32..256 supported and tested; 64/128 tuned)
 };
 
+// The attention mass near the diagonal, captured while prefill computes it
+// (span discovery, Ltri-LLM: worker/spans/span_discovery.h turns it into
+// triangle scores). Memory: Tq * Hkv * width floats, written by the kernel.
+struct AttentionBand {
+  // W >= 1: key offsets 0..W-1, i.e. the key at position p - w of the query
+  // at position p. Span discovery uses W = the longest span.
+  int width = 0;
+  // [Tq, Hkv, W] float32, every entry written: mass[t][hk][w] = sum over the
+  // G = H / Hkv query heads of kv head hk of the softmax probability that
+  // query t gives the key at position (its position - w); 0 where that key is
+  // masked, not among this call's keys, or before position 0. Summed over
+  // the group (not averaged) so tasks of different kv heads never share an
+  // entry: no atomics, deterministic.
+  float* mass = nullptr;
+  // Optional [Tq, H] natural-log lse of keys NOT given to this call (e.g. the
+  // ring's other steps, computed first): probabilities are then normalised
+  // by logaddexp(prior_lse, this call's lse), the lse of the union. Null:
+  // normalised over this call's keys.
+  const float* prior_lse = nullptr;
+};
+
 struct AttentionOptions {
   // Causal mask on absolute positions: query i (at q_position_offset + i) sees
   // key j (at kv_position_offset + j) iff key position <= query position.
@@ -49,6 +70,15 @@ struct AttentionOptions {
   // Empty: one document. Every query and key position must lie in
   // [0, doc_offsets.back()). Not owned; must outlive the call.
   std::span<const int64_t> doc_offsets;
+  // Span discovery (AttentionForward / FlashAttentionForward only; null =
+  // off, the default). Scores of keys within band->width of the diagonal are
+  // copied out of the tile before the online softmax rescales them, kept per
+  // tile, and normalised with the tile's final lse once all its key blocks
+  // are done: no second pass over K/V, no Tq x Tk matrix, o and lse
+  // bit-identical to a call without it. With Tq <= 64 (decode path) the
+  // band's <= 64 * W dot products are recomputed after the call instead.
+  // Not owned; must outlive the call.
+  const AttentionBand* band = nullptr;
 };
 
 // The keys a query can see form one interval of positions (causal, window

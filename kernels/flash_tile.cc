@@ -356,6 +356,8 @@ int64_t FlashTileAvx512(const FlashTile& t, bool bf16_dot) {
   float* vbuf = kv_scratch + static_cast<size_t>(kKB) * D;
   uint32_t* pt2 = reinterpret_cast<uint32_t*>(kv_scratch + static_cast<size_t>(kKB) * D * 2);
   uint32_t* v2 = reinterpret_cast<uint32_t*>(vbuf);  // bf16 pairs fit in the fp32 V buffer
+  TileBand band = t.band;
+  BandBegin(band, rows);
   int64_t computed = 0;
   for (int64_t j0 = kmin; j0 <= kmax; j0 += kKB) {
     const int nk = static_cast<int>(std::min<int64_t>(kKB, kmax + 1 - j0));
@@ -383,6 +385,7 @@ int64_t FlashTileAvx512(const FlashTile& t, bool bf16_dot) {
         QkBlockBf16(reinterpret_cast<const uint32_t*>(qt), rp, kpad, D + 1, nk, D2, st);
       }
       if (!full) MaskBlock(st, rp, nk, lo, hi);
+      if (band.band) BandCapture(band, t.t0, tokens, G, j0, nk, st, 1, rp);
       SoftmaxBlock(st, rp, nk, D, m, l, ot);
       PackProbPairs(st, rp, nk, pt2);
       PackValuePairs(vh, row_stride, nk, D, v2);
@@ -414,10 +417,12 @@ int64_t FlashTileAvx512(const FlashTile& t, bool bf16_dot) {
     }
     QkBlock(qt, rp, kp, ks, nk, D, st);
     if (!full) MaskBlock(st, rp, nk, lo, hi);
+    if (band.band) BandCapture(band, t.t0, tokens, G, j0, nk, st, 1, rp);
     SoftmaxBlock(st, rp, nk, D, m, l, ot);
     PvBlock(st, rp, nk, vp, D, D, ot);
   }
 
+  if (band.band) BandFinish(band, t.t0, tokens, G, t.hk, s, m, l);
   for (int r = 0; r < rows; ++r) {
     const int64_t out_row = (t.t0 + r / G) * H + q_row_base + r % G;
     float* orow = t.o + out_row * D;

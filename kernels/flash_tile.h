@@ -12,6 +12,27 @@ namespace ringtree::internal {
 // sharing hk stacked as rows r = (t - t0) * G + g. Token t sees the keys with
 // indices [key_first[t - t0], key_last[t - t0]] (empty when first > last),
 // already clipped to [0, kv_tokens).
+// Band capture (AttentionOptions::band) for one tile: the raw scores (log2
+// domain, as the tile computed them) of keys within the band, per row, kept
+// until the tile's row max and sum are final; then normalised and summed
+// over the G rows of each token. Rows r = (t - t0) * G + g, as in the tile.
+struct TileBand {
+  const AttentionBand* band = nullptr;  // null: capture off
+  int64_t diag = 0;       // q_position_offset - kv_position_offset: token t's own position is key index t + diag
+  float* scores = nullptr;  // [rows, W], -inf where nothing was captured
+};
+// Starts a tile of `rows` rows (thread scratch; no-op when b.band is null).
+void BandBegin(TileBand& b, int rows);
+// Copies the band entries of key block [j0, j0 + nk) for tokens [t0, t0 +
+// tokens): the score of row r and key j0 + c is s[r * row_stride + c * col_stride].
+// Call after masking and before the online softmax overwrites s.
+void BandCapture(TileBand& b, int64_t t0, int tokens, int G, int64_t j0, int nk, const float* s, int64_t row_stride,
+                 int64_t col_stride);
+// Writes band->mass for the tile's tokens from the final row state m, l
+// (log2 domain, indexed by row) and band->prior_lse.
+void BandFinish(const TileBand& b, int64_t t0, int tokens, int G, int hk, const AttentionShape& shape, const float* m,
+                const float* l);
+
 struct FlashTile {
   const float* q = nullptr;  // [Tq, H, D]
   const void* k = nullptr;   // [Tk, Hkv, D] in kv_dtype
@@ -25,6 +46,7 @@ struct FlashTile {
   const int64_t* key_last = nullptr;
   float* o = nullptr;    // [Tq, H, D]
   float* lse = nullptr;  // [Tq, H] or null
+  TileBand band;         // span discovery capture (band.band null: off)
 };
 
 // Computes the tile's rows of o and lse. `bf16_dot`: bfloat16 K/V are

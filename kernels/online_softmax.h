@@ -20,7 +20,7 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Per-thread scratch that grows and is reused across tasks (no page faults in
 // the hot loop).
 inline float* ThreadScratch(int slot, size_t floats) {
-  thread_local std::vector<float> buffers[8];
+  thread_local std::vector<float> buffers[10];
   auto& b = buffers[slot];
   if (b.size() < floats) b.resize(floats);
   return b.data();

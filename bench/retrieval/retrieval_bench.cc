@@ -34,6 +34,8 @@
 
 #include "bench/retrieval/synthetic_kv.h"
 #include "kernels/cpu.h"
+#include "kernels/attention.h"
+#include "worker/spans/span_discovery.h"
 #include "worker/spans/span_store.h"
 
 namespace ringtree::bench {
@@ -59,6 +61,19 @@ struct Args {
   std::string out = "retrieval.jsonl";
   std::string label;
   uint64_t seed = 1;
+  // Issue 15: span configurations compared on the same data in one run
+  // ("fixed16,fixed64,discovered"; empty: fixed spans of --span), the
+  // generator's statistics (1: runs of mean 64; 2: mixed, synthetic_kv.h),
+  // and the extra query kinds of generator 2.
+  std::vector<std::string> span_configs;
+  int generator = 1;
+  int multi_needle_queries = 0, aggregate_queries = 0;
+  // Span discovery: bounds, and the prefill whose band it uses (query heads
+  // = kv heads; window 0 = full causal; a window >= max span gives the same
+  // spans, the band being row-normalised).
+  int min_span = 8, max_span = 64, fallback_span = 32;
+  double min_score = 0.0;
+  int64_t prefill_window = 0;
 };
 
 std::vector<std::string> Split(const std::string& s) {
@@ -118,6 +133,15 @@ bool ParseArgs(int argc, char** argv, Args* a) {
     else if (key == "--out") a->out = need();
     else if (key == "--label") a->label = need();
     else if (key == "--seed") a->seed = std::stoull(need());
+    else if (key == "--spans") a->span_configs = Split(need());
+    else if (key == "--generator") a->generator = std::stoi(need());
+    else if (key == "--multi-needle-queries") a->multi_needle_queries = std::stoi(need());
+    else if (key == "--aggregate-queries") a->aggregate_queries = std::stoi(need());
+    else if (key == "--min-span") a->min_span = std::stoi(need());
+    else if (key == "--max-span") a->max_span = std::stoi(need());
+    else if (key == "--fallback-span") a->fallback_span = std::stoi(need());
+    else if (key == "--min-score") a->min_score = std::stod(need());
+    else if (key == "--prefill-window") a->prefill_window = std::stoll(need());
     else {
       std::fprintf(stderr, "[retrieval_bench] unknown flag %s\n", key.c_str());
       return false;
@@ -146,10 +170,13 @@ struct Truth {
   double sink_mass = 0, needle_mass = 0;    // mean over rows
 };
 
+// span_of[j]: the store span holding token j; needles: (position, tokens)
+// ranges the query aims at.
 Truth ExactTruth(const Args& a, const std::vector<float>& kf, const std::vector<float>& vf,
-                 const float* q, int64_t needle_pos) {
+                 const float* q, const std::vector<int64_t>& span_of, int64_t spans,
+                 const std::vector<std::pair<int64_t, int64_t>>& needles) {
   const int D = a.head_dim, G = a.heads / a.kv_heads;
-  const int64_t T = a.tokens, S = a.span_tokens, spans = (T + S - 1) / S;
+  const int64_t T = a.tokens;
   const double scale = 1.0 / std::sqrt(double(D));
   Truth t;
   t.o.assign(size_t(a.heads) * D, 0.0);
@@ -181,12 +208,12 @@ Truth ExactTruth(const Args& a, const std::vector<float>& kf, const std::vector<
     double* o = &t.o[size_t(h) * D];
     for (int64_t j = 0; j < T; ++j) {
       const double p = s[j] / z;
-      t.span_mass[size_t(j / S) * a.heads + h] += p;
+      t.span_mass[size_t(span_of[j]) * a.heads + h] += p;
       if (j < SyntheticKV::kSinkTokens) t.sink_mass += p / a.heads;
-      if (needle_pos >= 0 && j >= needle_pos && j < needle_pos + SyntheticKV::kNeedleTokens)
-        t.needle_mass += p / a.heads;
+      for (const auto& [np, nt] : needles)
+        if (j >= np && j < np + nt) t.needle_mass += p / a.heads;
       const float* vr = &vf[(size_t(j) * a.kv_heads + g) * D];
-      double* pv = &t.span_pv[(size_t(j / S) * a.heads + h) * D];
+      double* pv = &t.span_pv[(size_t(span_of[j]) * a.heads + h) * D];
       for (int d = 0; d < D; ++d) {
         o[d] += p * vr[d];
         pv[d] += p * vr[d];
@@ -205,19 +232,20 @@ struct Acc {
   std::vector<double> ms_all;  // per query, for the median
 };
 
-int Run(const Args& a) {
-  // Machine and build, before any number (leveldb db_bench habit).
-  struct utsname u;
-  uname(&u);
-  std::printf("# retrieval_bench: %ld cores, %s %s\n# %s\n", sysconf(_SC_NPROCESSORS_ONLN), u.sysname, u.release,
-              KernelPathDescription().c_str());
-#ifndef NDEBUG
-  std::printf("# WARNING: assertions enabled (debug build); timings are not meaningful\n");
-#endif
+// One span configuration: "fixed<S>" or "discovered" (max_span, bounds from Args).
+struct SpanConfig {
+  std::string name;
+  int span_tokens = 16;
+  bool discovered = false;
+};
+
+int RunConfig(const Args& a_in, const SpanConfig& cfg) {
+  Args a = a_in;
+  a.span_tokens = cfg.span_tokens;
   const int64_t T = a.tokens;
   const int D = a.head_dim;
-  std::printf("# context %lld tokens, span %d, kv_heads %d, heads %d, head_dim %d, %s, %s\n",
-              (long long)T, a.span_tokens, a.kv_heads, a.heads, D, DTypeName(a.dtype),
+  std::printf("# spans %s (generator %d): context %lld tokens, span %d, kv_heads %d, heads %d, head_dim %d, %s, %s\n",
+              cfg.name.c_str(), a.generator, (long long)T, a.span_tokens, a.kv_heads, a.heads, D, DTypeName(a.dtype),
               a.data_dir.empty() ? "all hot (RAM)" : "on disk, cold");
 
   // Store.
@@ -248,8 +276,9 @@ int Run(const Args& a) {
   if (!store_or.ok()) Die(store_or.status());
   SpanStore& store = **store_or;
 
-  SyntheticKV gen(a.kv_heads, D, a.seed);
-  const int needles = std::max(0, std::min(a.needle_queries, 10));
+  SyntheticKV gen(a.kv_heads, D, a.seed, a.generator == 2 ? Statistics::kMixed : Statistics::kRuns64);
+  const int needles =
+      std::max(std::max(0, std::min(a.needle_queries, 10)), a.multi_needle_queries > 0 ? 6 : 0);
   std::vector<int64_t> needle_pos;
   for (int i = 0; i < needles; ++i) {
     const double depth = 0.05 + 0.9 * (needles == 1 ? 0.5 : double(i) / (needles - 1));
@@ -267,12 +296,95 @@ int Run(const Args& a) {
   const int64_t chunk = 16384;
   std::vector<float> k(chunk * row), v(chunk * row);
   std::vector<uint16_t> tmp(chunk * row);
+  // Discovered spans: the whole context and its context queries first, a
+  // prefill with band capture (timed against the same prefill without),
+  // span discovery, then appends of whole spans with their boundaries.
+  std::vector<float> kall, vall;
+  std::vector<int64_t> starts;
+  if (cfg.discovered) {
+    if (reuse) {
+      std::fprintf(stderr, "[retrieval_bench] discovered spans need the data in memory (no --keep-data reuse)\n");
+      return 1;
+    }
+    const int Hp = a.kv_heads;  // prefill query heads (GQA 1): the band's cost is per kv head
+    kall.resize(size_t(T) * row);
+    vall.resize(size_t(T) * row);
+    std::vector<float> qctx(size_t(T) * Hp * D), o(size_t(T) * Hp * D);
+    for (int64_t at = 0; at < T; at += chunk) {
+      const int64_t n = std::min(chunk, T - at);
+      gen.Generate(n, &kall[at * row], &vall[at * row], &qctx[size_t(at) * Hp * D], Hp);
+    }
+    const int W = a.max_span;
+    std::vector<float> band(size_t(T) * a.kv_heads * W);
+    AttentionBand ab{W, band.data()};
+    AttentionOptions po;
+    po.causal = true;
+    po.window = a.prefill_window;
+    const AttentionShape shape{T, T, Hp, a.kv_heads, D};
+    double p0 = NowMs();
+    if (Status st = AttentionForward(qctx.data(), kall.data(), vall.data(), DType::kFloat32, shape, po, o.data(), nullptr);
+        !st.ok())
+      Die(st);
+    const double plain_ms = NowMs() - p0;
+    po.band = &ab;
+    p0 = NowMs();
+    if (Status st = AttentionForward(qctx.data(), kall.data(), vall.data(), DType::kFloat32, shape, po, o.data(), nullptr);
+        !st.ok())
+      Die(st);
+    const double band_ms = NowMs() - p0;
+    p0 = NowMs();
+    auto scores = TriangleScores::FromBand(band.data(), T, a.kv_heads, Hp, W);
+    if (!scores.ok()) Die(scores.status());
+    const SpanDiscoveryOptions dopt{.min_tokens = a.min_span, .max_tokens = a.max_span,
+                                    .fallback_tokens = a.fallback_span, .min_score = a.min_score};
+    auto cuts = DiscoverSpans(scores.value(), dopt);
+    if (!cuts.ok()) Die(cuts.status());
+    const double discover_ms = NowMs() - p0;
+    int64_t found = 0, found_tokens = 0;
+    for (const SpanCut& c : cuts.value()) {
+      starts.push_back(c.begin);
+      if (c.discovered) ++found, found_tokens += c.end - c.begin;
+    }
+    std::printf("# discovery: prefill (causal%s, %d q heads) %.2f s, with band capture %.2f s (%+.1f%%), "
+                "triangle scores + NMS %.3f s (%.2f%%); total %.2f%% of the prefill\n",
+                a.prefill_window > 0 ? (", window " + std::to_string(a.prefill_window)).c_str() : "", Hp,
+                plain_ms / 1e3, band_ms / 1e3, 100.0 * (band_ms - plain_ms) / plain_ms, discover_ms / 1e3,
+                100.0 * discover_ms / plain_ms, 100.0 * (band_ms - plain_ms + discover_ms) / plain_ms);
+    std::printf("# discovered %lld spans (mean %.1f tokens, %.1f%% of tokens), %lld fallback spans\n",
+                (long long)found, found ? double(found_tokens) / found : 0.0, 100.0 * found_tokens / T,
+                (long long)(cuts.value().size() - found));
+    nlohmann::json j;
+    j["bench"] = "span_discovery";
+    j["label"] = a.label;
+    j["generator"] = a.generator;
+    j["context_tokens"] = T;
+    j["prefill_window"] = a.prefill_window;
+    j["prefill_ms"] = plain_ms;
+    j["prefill_band_ms"] = band_ms;
+    j["discover_ms"] = discover_ms;
+    j["overhead_frac"] = (band_ms - plain_ms + discover_ms) / plain_ms;
+    j["discovered_spans"] = found;
+    j["fallback_spans"] = int64_t(cuts.value().size()) - found;
+    j["discovered_mean_tokens"] = found ? double(found_tokens) / found : 0.0;
+    std::ofstream(a.out, std::ios::app) << j.dump() << "\n";
+  }
   double t0 = NowMs();
-  for (int64_t at = 0; at < T; at += chunk) {
+  size_t next_start = 0;
+  for (int64_t at = 0, n = 0; at < T; at += n) {
     if (reuse) break;  // the needles above are all the queries need
-    const int64_t n = std::min(chunk, T - at);
-    gen.Generate(n, k.data(), v.data());
-    Status st = store.Append(at, n, k.data(), v.data(), DType::kFloat32);
+    std::vector<int64_t> chunk_starts;
+    if (cfg.discovered) {  // whole spans, up to ~chunk tokens
+      while (next_start < starts.size() && (chunk_starts.empty() || starts[next_start] < at + chunk))
+        chunk_starts.push_back(starts[next_start++]);
+      n = (next_start < starts.size() ? starts[next_start] : T) - at;
+      if (k.size() < size_t(n) * row) k.resize(size_t(n) * row), v.resize(size_t(n) * row), tmp.resize(size_t(n) * row);
+      std::copy(&kall[at * row], &kall[at * row] + n * row, k.begin());
+      std::copy(&vall[at * row], &vall[at * row] + n * row, v.begin());
+    } else {
+      n = std::min(chunk, T - at);
+      gen.Generate(n, k.data(), v.data());
+    }
+    Status st = store.Append(at, n, k.data(), v.data(), DType::kFloat32, chunk_starts);
     if (!st.ok()) Die(st);
     if (a.quality) {
       if (a.dtype == DType::kBFloat16) {  // keep the stored (rounded) values
@@ -287,6 +399,8 @@ int Run(const Args& a) {
     }
   }
   if (Status st = store.Sync(); !st.ok()) Die(st);
+  std::vector<float>().swap(kall);
+  std::vector<float>().swap(vall);
   const double build_ms = NowMs() - t0;
   const double kv_bytes = double(T) * row * DTypeSize(a.dtype) * 2;
   std::printf("# built in %.1f s (%.0f MB/s of K/V); hot %.1f MiB, cold %.1f MiB, disk %.1f MiB, "
@@ -308,22 +422,37 @@ int Run(const Args& a) {
         Die(st);
   }
   const auto spans = store.Spans();
-  std::vector<int64_t> span_of_token_start(spans.size());
+  std::vector<int64_t> span_of(T, 0);
+  for (const SpanInfo& sp : spans)
+    for (int64_t j = sp.position_start; j < sp.position_start + sp.tokens && j < T; ++j) span_of[j] = sp.index;
   std::map<std::string, Acc> acc;  // key: kind|mode|budget
   double exact_ms_sum = 0;
   int exact_ms_n = 0;
   std::vector<float> out(size_t(a.heads) * D), lse(a.heads);
-  const int total_queries = a.needle_queries + a.diffuse_queries;
+  const int total_queries = a.needle_queries + a.multi_needle_queries + a.diffuse_queries + a.aggregate_queries;
   double sink_mass_sum[2] = {0, 0}, needle_mass_sum = 0;
   for (int qi = 0; qi < total_queries; ++qi) {
-    const bool is_needle = qi < a.needle_queries;
-    const int needle = is_needle ? qi % std::max(1, needles) : -1;
-    const int64_t npos = needle >= 0 ? needle_pos[needle] : -1;
-    const std::vector<float> q = gen.Query(a.heads, needle, a.seed * 7919 + qi);
+    // Kinds in order: needle, multi (two needles), diffuse, aggregate (theme).
+    const int multi_at = a.needle_queries, diffuse_at = multi_at + a.multi_needle_queries,
+              aggregate_at = diffuse_at + a.diffuse_queries;
+    const char* kind = qi < multi_at ? "needle" : qi < diffuse_at ? "multi" : qi < aggregate_at ? "diffuse" : "aggregate";
+    const bool is_needle = qi < diffuse_at;
+    int needle = -1, needle2 = -1;
+    if (qi < multi_at) {
+      needle = qi % std::max(1, needles);
+    } else if (qi < diffuse_at) {  // a shallow and a deep needle
+      const int m = qi - multi_at;
+      needle = m % std::max(1, needles / 2);
+      needle2 = needles - 1 - m % std::max(1, needles / 2);
+    }
+    std::vector<std::pair<int64_t, int64_t>> aimed;  // (position, tokens) of the needles aimed at
+    for (int nd : {needle, needle2})
+      if (nd >= 0) aimed.push_back({needle_pos[nd], gen.needles()[nd].tokens});
+    const std::vector<float> q = gen.Query(a.heads, needle, a.seed * 7919 + qi, needle2, qi >= aggregate_at);
     AttentionOptions opts;  // decode at the end of the context: everything visible
     Truth truth;
     if (a.quality) {
-      truth = ExactTruth(a, kf, vf, q.data(), npos);
+      truth = ExactTruth(a, kf, vf, q.data(), span_of, int64_t(spans.size()), aimed);
       sink_mass_sum[is_needle] += truth.sink_mass;
       if (is_needle) needle_mass_sum += truth.needle_mass;
     }
@@ -398,8 +527,7 @@ int Run(const Args& a) {
         std::string mode_name = SpanScoreModeName(mode);
         if (estimate != SkippedEstimate::kNone)
           mode_name += std::string("+") + SkippedEstimateName(estimate);
-        std::snprintf(key, sizeof(key), "%s|%s|%.5f", is_needle ? "needle" : "diffuse",
-                      mode_name.c_str(), frac);
+        std::snprintf(key, sizeof(key), "%s|%s|%.5f", kind, mode_name.c_str(), frac);
         Acc& A = acc[key];
         ++A.n;
         A.retrieval_ms += ms;
@@ -433,14 +561,13 @@ int Run(const Args& a) {
         double recall = 0;
         for (int h = 0; h < a.heads; ++h) {
           int hit = 0;
-          for (int64_t j : truth.top10[h]) hit += used[j / a.span_tokens];
+          for (int64_t j : truth.top10[h]) hit += used[span_of[j]];
           recall += double(hit) / truth.top10[h].size();
         }
         recall /= a.heads;
         bool needle_hit = true;
-        if (npos >= 0)
-          for (int64_t j = npos; j < npos + SyntheticKV::kNeedleTokens; ++j)
-            needle_hit &= used[j / a.span_tokens] != 0;
+        for (const auto& [np, nt] : aimed)  // every needle of the query, every token of each
+          for (int64_t j = np; j < np + nt; ++j) needle_hit &= used[span_of[j]] != 0;
         A.recovered += rec;
         A.oracle += oracle_mass;
         A.oracle_rel_l2 += oracle_rel;
@@ -456,9 +583,9 @@ int Run(const Args& a) {
   const double exact_ms = exact_ms_n ? exact_ms_sum / exact_ms_n : NAN;
   if (a.quality)
     std::printf("# mass regime: sinks hold %.2f (needle queries) / %.2f (diffuse); needles hold %.2f\n",
-                a.needle_queries ? sink_mass_sum[1] / a.needle_queries : 0.0,
-                a.diffuse_queries ? sink_mass_sum[0] / a.diffuse_queries : 0.0,
-                a.needle_queries ? needle_mass_sum / a.needle_queries : 0.0);
+                a.needle_queries + a.multi_needle_queries ? sink_mass_sum[1] / (a.needle_queries + a.multi_needle_queries) : 0.0,
+                a.diffuse_queries + a.aggregate_queries ? sink_mass_sum[0] / (a.diffuse_queries + a.aggregate_queries) : 0.0,
+                a.needle_queries + a.multi_needle_queries ? needle_mass_sum / (a.needle_queries + a.multi_needle_queries) : 0.0);
   std::printf("# exact decode: %.2f ms (mean of %d, %s)\n", exact_ms, exact_ms_n,
               a.data_dir.empty() ? "hot" : "page cache dropped before each run");
 
@@ -479,6 +606,8 @@ int Run(const Args& a) {
     j["label"] = a.label;
     j["context_tokens"] = T;
     j["span_tokens"] = a.span_tokens;
+    j["spans"] = cfg.name;
+    j["generator"] = a.generator;
     j["kv_heads"] = a.kv_heads;
     j["heads"] = a.heads;
     j["head_dim"] = D;
@@ -513,7 +642,7 @@ int Run(const Args& a) {
       j["rel_l2_max"] = A.rel_l2_max;
       j["oracle_rel_l2"] = A.oracle_rel_l2 / n;
       j["top10_recall"] = A.recall / n;
-      if (kind == "needle") j["needle_hit_rate"] = A.needle_hits / n;
+      if (kind == "needle" || kind == "multi") j["needle_hit_rate"] = A.needle_hits / n;
     }
     jsonl << j.dump() << "\n";
     std::printf("%-8s %-22s %7.4f %7.0f %9.4f %8.4f %8.4f %8.4f %8.4f %8.4f %7.3f %8.4f %9.2f %8.1f\n",
@@ -522,7 +651,7 @@ int Run(const Args& a) {
                 a.quality ? A.ratio / n : NAN, a.quality ? A.rel_l2 / n : NAN,
                 a.quality ? A.oracle_rel_l2 / n : NAN,
                 a.quality ? A.recall / n : NAN,
-                (a.quality && kind == "needle") ? A.needle_hits / n : NAN, A.bound / n,
+                (a.quality && (kind == "needle" || kind == "multi")) ? A.needle_hits / n : NAN, A.bound / n,
                 A.retrieval_ms / n, exact_ms / (A.retrieval_ms / n));
   }
   std::printf("# phases (mean ms): kind mode budget | score select attend estimate | estimated mass\n");
@@ -531,6 +660,30 @@ int Run(const Args& a) {
                 A.select_ms / A.n, A.attend_ms / A.n, A.estimate_ms / A.n,
                 A.estimated_fraction / A.n);
   if (!a.data_dir.empty() && !a.keep_data) std::filesystem::remove_all(a.data_dir);
+  return 0;
+}
+
+int Run(const Args& a) {
+  // Machine and build, before any number (leveldb db_bench habit).
+  struct utsname u;
+  uname(&u);
+  std::printf("# retrieval_bench: %ld cores, %s %s\n# %s\n", sysconf(_SC_NPROCESSORS_ONLN), u.sysname, u.release,
+              KernelPathDescription().c_str());
+#ifndef NDEBUG
+  std::printf("# WARNING: assertions enabled (debug build); timings are not meaningful\n");
+#endif
+  std::vector<SpanConfig> configs;
+  if (a.span_configs.empty()) configs.push_back({"fixed" + std::to_string(a.span_tokens), a.span_tokens, false});
+  for (const std::string& c : a.span_configs) {
+    if (c == "discovered") configs.push_back({c, a.max_span, true});
+    else if (c.rfind("fixed", 0) == 0) configs.push_back({c, std::stoi(c.substr(5)), false});
+    else {
+      std::fprintf(stderr, "[retrieval_bench] --spans: unknown configuration %s (fixed<S> or discovered)\n", c.c_str());
+      return 2;
+    }
+  }
+  for (const SpanConfig& c : configs)
+    if (int rc = RunConfig(a, c); rc != 0) return rc;
   return 0;
 }
 
@@ -545,7 +698,10 @@ int main(int argc, char** argv) {
                  "[--head-dim 128] [--dtype bfloat16|float32] [--budgets 0.01,0.05,...] "
                  "[--modes upper_bound,mean_key,blend] [--needle-queries Q] [--diffuse-queries Q] "
                  "[--sink 16] [--window 128] [--data-dir DIR --hot-budget-mb M --cache-mb M] "
-                 "[--no-quality] [--exact-timing-queries N] [--out FILE.jsonl] [--label L]\n");
+                 "[--no-quality] [--exact-timing-queries N] [--out FILE.jsonl] [--label L] "
+                 "[--spans fixed16,fixed64,discovered] [--generator 1|2] [--multi-needle-queries Q] "
+                 "[--aggregate-queries Q] [--min-span 8] [--max-span 64] [--fallback-span 32] [--min-score 0] "
+                 "[--prefill-window 0]\n");
     return 2;
   }
   return ringtree::bench::Run(args);

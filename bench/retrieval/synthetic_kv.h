@@ -13,6 +13,18 @@
 // Queries are not drawn from the key distribution: a large sink component, a
 // subspace component with its own scale, orthogonal noise, and for needle
 // queries a needle component.
+//
+// Generator 2 (Statistics::kMixed, for span discovery and the retrieval
+// options, issue 15) changes the statistics: run lengths are a mixture of
+// short (6..20) and long (40..200) segments; needles are 8..40 tokens long;
+// about 15% of runs carry a weak shared "theme" direction that aggregation
+// queries point at (their mass is spread over many runs, as MagicPIG shows
+// top-k methods fail on); queries may point at two needles at once (both
+// spans are needed); sinks draw less (query sink coefficient 8, not 11).
+//
+// Context queries (for the prefill that discovers spans): a token's query
+// points at its run's topic (and its needle, inside one), so tokens attend
+// inside their run as real attention does inside a semantic unit.
 #pragma once
 
 #include <cmath>
@@ -41,6 +53,8 @@ class FastRandom {
   uint64_t state_;
 };
 
+enum class Statistics { kRuns64 = 1, kMixed = 2 };
+
 struct Needle {
   int64_t position = 0;
   int64_t tokens = 16;
@@ -55,7 +69,8 @@ class SyntheticKV {
   static constexpr int kSinkTokens = 4;
   static constexpr int kNeedleTokens = 16;
 
-  SyntheticKV(int kv_heads, int head_dim, uint64_t seed) : H_(kv_heads), D_(head_dim), rng_(seed) {
+  SyntheticKV(int kv_heads, int head_dim, uint64_t seed, Statistics stats = Statistics::kRuns64)
+      : H_(kv_heads), D_(head_dim), stats_(stats), rng_(seed) {
     FastRandom r(seed ^ 0xABCDEF);
     basis_.resize(size_t(H_) * kRank * D_);
     for (auto& x : basis_) x = r.Normal() / std::sqrt(float(D_));
@@ -72,13 +87,17 @@ class SyntheticKV {
         outlier_value_[g * kOutliers + i] = (r.Uniform() < 0.5f ? -1.f : 1.f) * (4.f + 4.f * r.Uniform());
       }
     topic_.resize(size_t(H_) * kRank);
+    theme_dir_.resize(size_t(H_) * D_);
+    for (auto& x : theme_dir_) x = r.Normal();
+    for (int g = 0; g < H_; ++g) Normalize(&theme_dir_[size_t(g) * D_]);
   }
+  Statistics statistics() const { return stats_; }
 
   void PlantNeedle(int64_t position, uint64_t seed) {
     FastRandom r(seed);
     Needle n;
     n.position = position;
-    n.tokens = kNeedleTokens;
+    n.tokens = stats_ == Statistics::kMixed ? 8 + int64_t(r.Next() % 33) : kNeedleTokens;
     n.key_dir.resize(size_t(H_) * D_);
     n.value.resize(size_t(H_) * D_);
     for (auto& x : n.key_dir) x = r.Normal();
@@ -89,13 +108,20 @@ class SyntheticKV {
   const std::vector<Needle>& needles() const { return needles_; }
 
   // Generates the next `n` tokens (positions next_position() .. + n) into
-  // k, v [n, kv_heads, D] float32.
-  void Generate(int64_t n, float* k, float* v) {
+  // k, v [n, kv_heads, D] float32, and when q_ctx is not null each token's
+  // context query q_ctx [n, q_heads, D] (q_heads a multiple of kv_heads).
+  void Generate(int64_t n, float* k, float* v, float* q_ctx = nullptr, int q_heads = 0) {
     std::vector<float> latent(kRank);
     for (int64_t t = 0; t < n; ++t, ++pos_) {
       if (run_left_ <= 0) {  // new topic segment
         for (auto& x : topic_) x = rng_.Normal();
-        run_left_ = 8 + int64_t(-std::log(1.0f - rng_.Uniform() * 0.999f) * 56.0f);
+        run_start_ = pos_;
+        if (stats_ == Statistics::kMixed) {
+          run_left_ = rng_.Uniform() < 0.5f ? 6 + int64_t(rng_.Next() % 15) : 40 + int64_t(rng_.Next() % 161);
+          themed_ = rng_.Uniform() < 0.15f;
+        } else {
+          run_left_ = 8 + int64_t(-std::log(1.0f - rng_.Uniform() * 0.999f) * 56.0f);
+        }
       }
       --run_left_;
       const Needle* needle = nullptr;
@@ -125,14 +151,39 @@ class SyntheticKV {
             vr[d] = nv[d] + 0.1f * vr[d];
           }
         }
+        if (themed_ && !needle) {
+          const float* th = &theme_dir_[size_t(g) * D_];
+          for (int d = 0; d < D_; ++d) kr[d] += 3.0f * th[d];
+        }
+      }
+      if (q_ctx != nullptr) {
+        const int G = q_heads / H_;
+        for (int h = 0; h < q_heads; ++h) {
+          const int g = h / G;
+          float* qr = q_ctx + (t * q_heads + h) * D_;
+          for (int d = 0; d < D_; ++d) qr[d] = 0.5f * qrng_.Normal();  // own stream: K/V unchanged
+          for (int i = 0; i < kRank; ++i) {
+            const float c = 3.0f * 0.85f * topic_[g * kRank + i];
+            const float* e = &basis_[(size_t(g) * kRank + i) * D_];
+            for (int d = 0; d < D_; ++d) qr[d] += c * e[d];
+          }
+          const float* sd = &sink_dir_[size_t(g) * D_];
+          for (int d = 0; d < D_; ++d) qr[d] += 3.0f * sd[d];
+          if (needle) {
+            const float* nd = &needle->key_dir[size_t(g) * D_];
+            for (int d = 0; d < D_; ++d) qr[d] += 6.0f * nd[d];
+          }
+        }
       }
     }
   }
   int64_t next_position() const { return pos_; }
 
   // One decode query [heads, D] (heads a multiple of kv_heads). needle < 0:
-  // a diffuse query; else aimed at needles()[needle].
-  std::vector<float> Query(int heads, int needle, uint64_t seed) const {
+  // a diffuse query; else aimed at needles()[needle], and with needle2 >= 0
+  // also at needles()[needle2] (a two-needle query). aggregate: aimed at the
+  // theme shared by ~15% of runs (kMixed) instead of a needle.
+  std::vector<float> Query(int heads, int needle, uint64_t seed, int needle2 = -1, bool aggregate = false) const {
     FastRandom r(seed);
     const int G = heads / H_;
     std::vector<float> q(size_t(heads) * D_);
@@ -146,13 +197,23 @@ class SyntheticKV {
         for (int d = 0; d < D_; ++d) qr[d] += c * e[d];
       }
       const float* s = &sink_dir_[size_t(g) * D_];
-      for (int d = 0; d < D_; ++d) qr[d] += 11.0f * s[d];
+      const float sink = stats_ == Statistics::kMixed ? 8.0f : 11.0f;
+      for (int d = 0; d < D_; ++d) qr[d] += sink * s[d];
       for (int i = 0; i < kOutliers; ++i)
         qr[outlier_channel_[g * kOutliers + i]] += 0.5f * (outlier_value_[g * kOutliers + i] > 0 ? 1 : -1);
       if (needle >= 0) {
         const float* nd = &needles_[needle].key_dir[size_t(g) * D_];
         const float strength = 12.0f + 4.0f * r.Uniform();
         for (int d = 0; d < D_; ++d) qr[d] += strength * nd[d];
+      }
+      if (needle2 >= 0) {
+        const float* nd = &needles_[needle2].key_dir[size_t(g) * D_];
+        const float strength = 12.0f + 4.0f * r.Uniform();
+        for (int d = 0; d < D_; ++d) qr[d] += strength * nd[d];
+      }
+      if (aggregate) {
+        const float* th = &theme_dir_[size_t(g) * D_];
+        for (int d = 0; d < D_; ++d) qr[d] += 9.0f * th[d];
       }
     }
     return q;
@@ -167,12 +228,16 @@ class SyntheticKV {
   }
 
   int H_, D_;
+  Statistics stats_;
   FastRandom rng_;
-  std::vector<float> basis_, sink_dir_, outlier_value_, topic_;
+  FastRandom qrng_{0x5EED};
+  std::vector<float> basis_, sink_dir_, outlier_value_, topic_, theme_dir_;
   std::vector<int> outlier_channel_;
   std::vector<Needle> needles_;
   int64_t pos_ = 0;
   int64_t run_left_ = 0;
+  int64_t run_start_ = 0;
+  bool themed_ = false;
 };
 
 }  // namespace ringtree::bench

@@ -25,6 +25,7 @@
 #include "dist/tree_decode.h"
 #include "worker/engine/engine.h"
 #include "kernels/blas.h"
+#include "kernels/cpu.h"
 #include "kernels/reference.h"
 #include "kernels/test_util.h"
 
@@ -184,6 +185,73 @@ INSTANTIATE_TEST_SUITE_P(
                       RingCase{"causal_zigzag_bf16_kv", 70, 4, 2, 64, true, kZig, kBF16},
                       RingCase{"tiny_fewer_tokens_than_chunks", 5, 2, 1, 32, true, kZig, kF32}),
     [](const auto& info) { return std::string(info.param.name); });
+
+// Span discovery in the ring: each query block's band (diagonal pair only,
+// normalised over every rank's keys) equals the brute force over the full
+// sequence with keys before the block's chunk zeroed; the output stays the
+// ring's output without capture (merge order: float rounding only).
+TEST(RingBandTest, DiagonalBandEqualsFullReference) {
+  const Communicator& comm = World();
+  for (const int64_t tokens : {int64_t{600}, int64_t{90}}) {  // chunks > 64 (flash) and <= 64 (decode path)
+    for (const DType dtype : {kF32, kBF16}) {
+      const HeadConfig hc{8, 2, 32, dtype};
+      const int W = 24;
+      const int64_t q_row = int64_t{hc.heads} * hc.head_dim, kv_row = int64_t{hc.kv_heads} * hc.head_dim;
+      const std::vector<float> q = testing::RandomVector(tokens * q_row, 21, -2.0f, 2.0f);
+      const Tensor k = MakeKv(testing::RandomVector(tokens * kv_row, 22), kv_row, dtype);
+      const Tensor v = MakeKv(testing::RandomVector(tokens * kv_row, 23), kv_row, dtype);
+      auto layout = ShardLayout::Create(kZig, tokens, comm.size());
+      ASSERT_TRUE(layout.ok());
+      const std::vector<TokenRange> ranges = layout->RangesOf(comm.rank());
+      const int64_t local = layout->LocalTokens(comm.rank());
+      std::vector<float> o(local * q_row), lse(local * hc.heads), o_plain(o.size()), lse_plain(lse.size());
+      std::vector<float> band(local * hc.kv_heads * W, NAN);
+      std::vector<QueryBlock> qb, qb_plain;
+      std::vector<KvBlock> kb;
+      int64_t row = 0;
+      for (const TokenRange& t : ranges) {
+        qb.push_back({q.data() + t.begin * q_row, t.length(), t.begin, o.data() + row * q_row,
+                      lse.data() + row * hc.heads, band.data() + row * hc.kv_heads * W});
+        qb_plain.push_back({q.data() + t.begin * q_row, t.length(), t.begin, o_plain.data() + row * q_row,
+                            lse_plain.data() + row * hc.heads});
+        kb.push_back({k.Row(t.begin), v.Row(t.begin), t.length(), t.begin});
+        row += t.length();
+      }
+      RingOptions options;
+      options.causal = true;
+      ASSERT_TRUE(RingAttention(comm, hc, qb_plain, kb, options).ok());
+      options.band_width = W;
+      ASSERT_TRUE(RingAttention(comm, hc, qb, kb, options).ok());
+      EXPECT_LE(testing::MaxAbsDiff(o.data(), o_plain.data(), o.size()), 1e-6);
+      EXPECT_LE(testing::MaxAbsDiff(lse.data(), lse_plain.data(), lse.size()), 1e-6);
+      row = 0;
+      for (const TokenRange& t : ranges) {
+        std::vector<float> ref(t.length() * hc.kv_heads * W);
+        AttentionBand rb{W, ref.data()};
+        AttentionOptions ao;
+        ao.causal = true;
+        ao.q_position_offset = t.begin;
+        ao.band = &rb;
+        ReferenceAttentionBand(q.data() + t.begin * q_row, k.bytes.data(), dtype,
+                               AttentionShape{t.length(), tokens, hc.heads, hc.kv_heads, hc.head_dim}, ao);
+        for (int64_t i = 0; i < t.length(); ++i)  // keys before the chunk: another pair, not captured
+          for (int w = 0; w < W; ++w)
+            if (t.begin + i - w < t.begin)
+              for (int hk = 0; hk < hc.kv_heads; ++hk) ref[(i * hc.kv_heads + hk) * W + w] = 0.0f;
+        const double tol = dtype == kBF16 && ActiveKernelPath() == KernelPath::kAvx512Bf16 ? 2e-2 : 1e-5;
+        EXPECT_LE(testing::MaxAbsDiff(band.data() + row * hc.kv_heads * W, ref.data(), ref.size()), tol)
+            << "tokens " << tokens << " " << DTypeName(dtype) << " chunk at " << t.begin << " rank " << comm.rank();
+        row += t.length();
+      }
+    }
+  }
+  RingOptions bad;
+  bad.band_width = -1;
+  std::vector<QueryBlock> none;
+  std::vector<KvBlock> no_kv;
+  const Status st = RingAttention(comm, HeadConfig{2, 1, 32, kF32}, none, no_kv, bad);
+  EXPECT_NE(st.message().find("band_width"), std::string::npos) << st.ToString();
+}
 
 // Ring prefill with a sliding window and packed documents equals the
 // single-process reference, and (query block, KV block) pairs no query can

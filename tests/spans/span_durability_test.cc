@@ -130,6 +130,53 @@ TEST_P(DurabilityTest, ReopenGivesIdenticalAnswers) {
             StatusCode::kAlreadyExists);
 }
 
+// A data directory of fixed spans (the format before discovered spans: the
+// record flag byte was reserved and 0) opens and grows with discovered spans;
+// their boundaries survive a clean reopen and a crash before the next Sync
+// (replayed from the log tail), and a later fixed append never extends them.
+TEST_P(DurabilityTest, DiscoveredBoundariesSurviveReopen) {
+  {
+    auto store = SpanStore::Create(Options(dir_, GetParam()));
+    ASSERT_TRUE(store.ok());
+    AppendRange(store->get(), 0, 300, 1);  // fixed spans only
+    ASSERT_TRUE((*store)->Sync().ok());
+  }
+  std::vector<SpanInfo> before;
+  Answers answers;
+  {
+    auto store = SpanStore::Open(Options(dir_, GetParam()));
+    ASSERT_TRUE(store.ok()) << store.status().ToString();
+    auto k = Gaussian(600 * kRow, 5), v = Gaussian(600 * kRow, 6);
+    const auto starts = spans_test::RandomSpanStarts(300, 400, 16, 9);
+    ASSERT_TRUE((*store)->Append(300, 400, k.data(), v.data(), DType::kFloat32, starts).ok());
+    ASSERT_TRUE((*store)->Sync().ok());
+    // Ends at 805, not a multiple of span_tokens: only the record flag keeps it sealed.
+    const auto crash_starts = spans_test::RandomSpanStarts(700, 105, 16, 10);
+    ASSERT_TRUE((*store)->Append(700, 105, k.data(), v.data(), DType::kFloat32, crash_starts).ok());
+    before = (*store)->Spans();
+    answers = Query(store->get());
+    // No Sync: the sealed records are in the file's log tail only ("crash").
+  }
+  RecoveryReport report;
+  auto reopened = SpanStore::Open(Options(dir_, GetParam()), &report);
+  ASSERT_TRUE(reopened.ok()) << reopened.status().ToString();
+  EXPECT_GT(report.replayed_records, 0);
+  const auto after = (*reopened)->Spans();
+  ASSERT_EQ(after.size(), before.size());
+  for (size_t i = 0; i < after.size(); ++i) {
+    EXPECT_EQ(after[i].position_start, before[i].position_start) << i;
+    EXPECT_EQ(after[i].tokens, before[i].tokens) << i;
+  }
+  ExpectIdentical(answers, Query(reopened->get()));
+  // The last discovered span stays closed: a fixed append starts a new span.
+  const int32_t last_tokens = after.back().tokens;
+  AppendRange(reopened->get(), 805, 810, 11);
+  const auto grown = (*reopened)->Spans();
+  ASSERT_EQ(grown.size(), after.size() + 1);
+  EXPECT_EQ(grown[after.size() - 1].tokens, last_tokens);
+  EXPECT_EQ(grown.back().position_start, 805);
+}
+
 TEST_P(DurabilityTest, TornLastRecordIsDroppedAndWholeOnesReplayed) {
   Answers reference;
   {

@@ -27,6 +27,7 @@ struct StoreCase {
   bool causal;
   std::vector<int64_t> appends;  // chunk sizes appended back to back
   int64_t gap = 0;               // positions skipped between appends (sharded layouts)
+  bool discovered = false;       // appends give random span boundaries (variable-length spans)
 };
 
 std::string CaseName(const ::testing::TestParamInfo<StoreCase>& info) { return info.param.name; }
@@ -55,7 +56,9 @@ Context Fill(const StoreCase& c, SpanStore* store, uint64_t seed) {
     const int64_t n = c.appends[i];
     auto k = Gaussian(n * row, seed + 2 * i);
     auto v = Gaussian(n * row, seed + 2 * i + 1);
-    Status st = AppendBoth(store, &ctx, pos, n, k.data(), v.data());
+    const std::vector<int64_t> starts =
+        c.discovered ? spans_test::RandomSpanStarts(pos, n, c.span_tokens, seed + 7 * i) : std::vector<int64_t>{};
+    Status st = AppendBoth(store, &ctx, pos, n, k.data(), v.data(), starts);
     EXPECT_TRUE(st.ok()) << st.ToString();
     pos += n + c.gap;
   }
@@ -358,8 +361,50 @@ INSTANTIATE_TEST_SUITE_P(
         StoreCase{"f32_span64_mha_causal_q3", F32, 64, 2, 2, 64, 3, true, {999, 1}},
         StoreCase{"bf16_span64_mqa_causal", BF16, 64, 4, 1, 128, 2, true, {513, 511, 200}},
         StoreCase{"f32_span16_gapped_shards", F32, 16, 4, 2, 32, 1, false, {300, 200, 150}, 77},
-        StoreCase{"bf16_span7_odd_causal_gaps", BF16, 7, 2, 1, 48, 2, true, {100, 90, 33}, 5}),
+        StoreCase{"bf16_span7_odd_causal_gaps", BF16, 7, 2, 1, 48, 2, true, {100, 90, 33}, 5},
+        // Variable-length (discovered) spans: random boundaries, 1..span_tokens long.
+        StoreCase{"f32_span16_discovered_decode", F32, 16, 8, 2, 64, 1, false, {700, 300, 41}, 0, true},
+        StoreCase{"bf16_span64_discovered_causal", BF16, 64, 4, 1, 128, 2, true, {513, 511, 200}, 0, true},
+        StoreCase{"f32_span16_discovered_gaps", F32, 16, 4, 2, 32, 1, false, {300, 200, 150}, 77, true}),
     CaseName);
+
+// Discovered boundaries are the store's spans, exactly; bad ones are refused
+// naming the entry, and a later fixed append starts a new aligned span.
+TEST(SpanStoreDiscovered, SpansFollowTheGivenBoundaries) {
+  SpanStoreOptions o;
+  o.kv_heads = 2;
+  o.head_dim = 32;
+  o.span_tokens = 16;
+  auto store = SpanStore::Create(o);
+  ASSERT_TRUE(store.ok());
+  const size_t row = 2 * 32;
+  auto k = Gaussian(500 * row, 1), v = Gaussian(500 * row, 2);
+  const std::vector<int64_t> starts = spans_test::RandomSpanStarts(10, 300, 16, 5);
+  ASSERT_TRUE((*store)->Append(0, 10, k.data(), v.data(), DType::kFloat32).ok());  // an open fixed span [0, 10)
+  ASSERT_TRUE((*store)->Append(10, 300, k.data(), v.data(), DType::kFloat32, starts).ok());
+  ASSERT_TRUE((*store)->Append(310, 40, k.data(), v.data(), DType::kFloat32).ok());
+  const auto spans = (*store)->Spans();
+  ASSERT_EQ(spans.size(), 1 + starts.size() + 3);  // [0,10), discovered, [310,320) [320,336) [336,350)
+  EXPECT_EQ(spans[0].tokens, 10);
+  for (size_t i = 0; i < starts.size(); ++i) {
+    EXPECT_EQ(spans[1 + i].position_start, starts[i]);
+    EXPECT_EQ(spans[1 + i].tokens, (i + 1 < starts.size() ? starts[i + 1] : 310) - starts[i]);
+  }
+  EXPECT_EQ(spans[1 + starts.size()].position_start, 310);
+  EXPECT_EQ(spans[1 + starts.size()].tokens, 10);
+  EXPECT_EQ(spans.back().tokens, 14);
+  const std::vector<int64_t> bad_first{351}, too_long{350, 367}, not_increasing{350, 350};
+  Status st = (*store)->Append(350, 20, k.data(), v.data(), DType::kFloat32, bad_first);
+  EXPECT_NE(st.message().find("span_starts[0]"), std::string::npos) << st.ToString();
+  st = (*store)->Append(350, 20, k.data(), v.data(), DType::kFloat32, too_long);
+  EXPECT_NE(st.message().find("span_starts[0] = 350"), std::string::npos) << st.ToString();
+  st = (*store)->Append(350, 20, k.data(), v.data(), DType::kFloat32, not_increasing);
+  EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
+  const std::vector<int64_t> outside{350, 365, 371};  // 371 is past the append's end (370)
+  st = (*store)->Append(350, 20, k.data(), v.data(), DType::kFloat32, outside);
+  EXPECT_NE(st.message().find("span_starts[2]"), std::string::npos) << st.ToString();
+  EXPECT_EQ((*store)->total_tokens(), 350);  // refused appends change nothing
+}
 
 // A planted needle span is retrieved with a small budget.
 TEST(SpanStoreRetrieval, PlantedNeedleIsRetrieved) {
@@ -398,6 +443,78 @@ TEST(SpanStoreRetrieval, PlantedNeedleIsRetrieved) {
       EXPECT_EQ(res.selected_spans, 2);
     }
   }
+}
+
+// Persistent recall: a span found at step 1 stays attended at step 2 (whose
+// query aims elsewhere) only when the history passes it; head voting with a
+// full budget is still exact attention.
+TEST(SpanStoreRetrieval, PersistentRecallKeepsEarlierEvidenceAndVotingAtFullBudgetIsExact) {
+  SpanStoreOptions o;
+  o.kv_heads = 2;
+  o.head_dim = 64;
+  o.span_tokens = 16;
+  o.sink_tokens = 4;
+  o.window_tokens = 32;
+  auto store = SpanStore::Create(o);
+  ASSERT_TRUE(store.ok());
+  const int64_t T = 2048;
+  const size_t row = 2 * 64;
+  auto k = Gaussian(T * row, 17, 0.3f), v = Gaussian(T * row, 18);
+  auto dir_a = Gaussian(64, 19), dir_b = Gaussian(64, 20);
+  const int64_t at_a = 16 * 20 + 3, at_b = 16 * 90 + 5;
+  for (int t = 0; t < 4; ++t)
+    for (int g = 0; g < 2; ++g)
+      for (int d = 0; d < 64; ++d) {
+        k[(at_a + t) * row + g * 64 + d] = dir_a[d];
+        k[(at_b + t) * row + g * 64 + d] = dir_b[d];
+      }
+  ASSERT_TRUE((*store)->Append(0, T, k.data(), v.data(), DType::kFloat32).ok());
+  auto query = [&](const std::vector<float>& dir) {
+    std::vector<float> q = Gaussian(4 * 64, 21, 0.3f);
+    for (int h = 0; h < 4; ++h)
+      for (int d = 0; d < 64; ++d) q[h * 64 + d] += 1.5f * dir[d];
+    return q;
+  };
+  auto holds = [](const RetrievalResult& r, int64_t pos) {
+    for (const auto& s : r.spans_used)
+      if (s.position_start <= pos && pos < s.position_start + s.tokens) return true;
+    return false;
+  };
+  std::vector<float> out(4 * 64), lse(4);
+  RecallHistory history(4);
+  RetrievalRequest req;
+  req.top_k_spans = 1;
+  RetrievalResult step1, plain, recalled;
+  ASSERT_TRUE((*store)->AttendRetrieval(query(dir_a).data(), 1, 4, {}, req, out.data(), lse.data(), &step1).ok());
+  ASSERT_TRUE(holds(step1, at_a));
+  std::vector<int64_t> used;
+  for (const auto& s : step1.spans_used) used.push_back(s.index);
+  history.Record(used);
+  const auto qb = query(dir_b);
+  ASSERT_TRUE((*store)->AttendRetrieval(qb.data(), 1, 4, {}, req, out.data(), lse.data(), &plain).ok());
+  EXPECT_TRUE(holds(plain, at_b));
+  EXPECT_FALSE(holds(plain, at_a));
+  req.persistent_spans = history.Recalled();
+  ASSERT_TRUE((*store)->AttendRetrieval(qb.data(), 1, 4, {}, req, out.data(), lse.data(), &recalled).ok());
+  EXPECT_TRUE(holds(recalled, at_b));  // the budget still buys the new evidence
+  EXPECT_TRUE(holds(recalled, at_a));  // and the old is kept
+  EXPECT_EQ(recalled.selected_spans, plain.selected_spans + 1);
+  // Voting and recall with everything in budget: exact attention.
+  Context ctx;
+  ctx.kv_heads = 2;
+  ctx.head_dim = 64;
+  ctx.k = k;
+  ctx.v = v;
+  for (int64_t t = 0; t < T; ++t) ctx.positions.push_back(t);
+  const auto ref = ExactDouble(ctx, qb.data(), 1, 4, false, 0, 0, false);
+  RetrievalRequest all;
+  all.token_budget = T;
+  all.head_voting = true;
+  all.persistent_spans = history.Recalled();
+  RetrievalResult res;
+  ASSERT_TRUE((*store)->AttendRetrieval(qb.data(), 1, 4, {}, all, out.data(), lse.data(), &res).ok());
+  EXPECT_TRUE(res.exact);
+  ExpectClose(out, lse, ref, "voting + recall, full budget");
 }
 
 // Exact attention with most spans cold equals exact attention all hot.

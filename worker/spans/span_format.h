@@ -36,6 +36,12 @@ inline constexpr uint16_t kSpanRecordVersion = 3;
 inline constexpr uint32_t kManifestMagic = 0x4d535452;  // "RTSM"
 inline constexpr uint32_t kManifestVersion = 2;  // 1 is still read (generation 0)
 
+// RecordHeader::flags: the span ended at a discovered boundary (an append
+// with span_starts), not at a multiple of span_tokens, so Open() keeps it
+// sealed. Older records have 0 there (the byte was reserved), so they open
+// as before.
+inline constexpr uint8_t kRecordClosed = 1;
+
 #pragma pack(push, 1)
 struct RecordHeader {
   uint32_t magic = kSpanRecordMagic;
@@ -47,7 +53,8 @@ struct RecordHeader {
   uint32_t kv_heads = 0;
   uint32_t head_dim = 0;
   uint8_t dtype = 0;            // DType
-  uint8_t reserved[3] = {0, 0, 0};
+  uint8_t flags = 0;            // kRecordClosed; 0 in records written before flags existed
+  uint8_t reserved[2] = {0, 0};
   uint64_t summary_bytes = 0;
   uint64_t payload_bytes = 0;
   uint64_t payload_checksum = 0;  // XXH3-64 of the payload

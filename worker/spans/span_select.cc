@@ -125,6 +125,61 @@ std::vector<SpanCandidate> RankCandidates(const SpanScores& scores,
   return out;
 }
 
+std::vector<SpanCandidate> RankCandidatesByVotes(const SpanScores& scores, const std::vector<int32_t>& span_tokens,
+                                                 const std::vector<int64_t>& span_positions,
+                                                 const std::vector<int64_t>& candidates,
+                                                 const std::vector<double>& normalizer, int heads, int kv_heads,
+                                                 int64_t top_k_spans, int64_t token_budget) {
+  std::vector<SpanCandidate> out = RankCandidates(scores, span_tokens, span_positions, candidates, normalizer);
+  const int64_t rows = scores.rows;
+  const int G = heads / std::max(1, kv_heads);
+  std::vector<double> votes(out.size(), 0.0);
+  std::vector<std::pair<double, size_t>> mine(out.size());
+  for (int g = 0; g < kv_heads; ++g) {
+    for (size_t i = 0; i < out.size(); ++i) {
+      const int64_t s = out[i].span_index;
+      const float* e = &scores.estimate[s * rows];
+      const double lt = std::log(static_cast<double>(span_tokens[s]));
+      double p = 0.0;
+      for (int64_t r = 0; r < rows; ++r)
+        if ((r % heads) / G == g && normalizer[r] != kNegInf && e[r] != -INFINITY)
+          p += std::exp(e[r] + lt - normalizer[r]);
+      mine[i] = {p, i};
+    }
+    // out is sorted by summed priority: a stable sort keeps that as the tie-break.
+    std::stable_sort(mine.begin(), mine.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+    int64_t taken = 0, tokens = 0;
+    for (const auto& [p, i] : mine) {
+      if (top_k_spans <= 0 && token_budget <= 0) break;
+      if (top_k_spans > 0 && taken >= top_k_spans) break;
+      if (token_budget > 0 && tokens + out[i].tokens > token_budget) break;
+      votes[i] += 1.0;
+      ++taken;
+      tokens += out[i].tokens;
+    }
+    if (top_k_spans <= 0 && token_budget <= 0)
+      for (double& v : votes) v += 1.0;
+  }
+  double total = 0.0;
+  for (const SpanCandidate& c : out) total += c.priority;
+  for (size_t i = 0; i < out.size(); ++i) out[i].priority = votes[i] + out[i].priority / (1.0 + total);
+  std::sort(out.begin(), out.end(), Better);
+  return out;
+}
+
+void RecallHistory::Record(std::vector<int64_t> spans) {
+  recent_.push_back(std::move(spans));
+  if (static_cast<int>(recent_.size()) > steps_) recent_.erase(recent_.begin());
+}
+
+std::vector<int64_t> RecallHistory::Recalled() const {
+  std::vector<int64_t> out;
+  for (const auto& step : recent_) out.insert(out.end(), step.begin(), step.end());
+  std::sort(out.begin(), out.end());
+  out.erase(std::unique(out.begin(), out.end()), out.end());
+  return out;
+}
+
 std::vector<SpanCandidate> MergeTopCandidates(
     const std::vector<std::vector<SpanCandidate>>& per_rank, int64_t top_k_spans,
     int64_t token_budget) {

@@ -76,7 +76,17 @@ struct RetrievalRequest {
   // bounds the mass that was not attended exactly. kCalibrated is the most
   // accurate in bench/retrieval.
   SkippedEstimate skipped_estimate = SkippedEstimate::kNone;
+  // Head voting (off by default; single store, see RankCandidatesByVotes):
+  // each kv head proposes its own best spans within the budget and spans are
+  // taken by the number of heads proposing them.
+  bool head_voting = false;
+  // Persistent recall: indices of this store's spans recalled at recent
+  // steps (RecallHistory::Recalled). Those that are still candidates are
+  // attended in addition to the budget (at most R steps' worth, bounded by
+  // the history), so evidence found once is not dropped at the next token.
+  std::vector<int64_t> persistent_spans;
 };
+
 
 // One span proposed for retrieval. `rank` is filled by the caller when
 // candidates from several ranks are merged.
@@ -106,6 +116,35 @@ std::vector<SpanCandidate> RankCandidates(const SpanScores& scores,
                                           const std::vector<int64_t>& span_positions,
                                           const std::vector<int64_t>& candidates,
                                           const std::vector<double>& normalizer);
+
+// Head voting (Ltri-LLM's collaborative retrieval): each kv head g ranks the
+// candidates by its own rows' priority (rows r with (r % heads) / (heads /
+// kv_heads) == g, as RankCandidates) and proposes its best until top_k_spans
+// spans or token_budget tokens (a limit of 0 is none; both 0: every
+// candidate). A span's priority becomes votes + p / (1 + sum of p), p its
+// RankCandidates priority: votes decide, the summed mass breaks ties. Sorted
+// best first (ties by position). Single store: per-head lists are not merged
+// across ranks.
+std::vector<SpanCandidate> RankCandidatesByVotes(const SpanScores& scores, const std::vector<int32_t>& span_tokens,
+                                                 const std::vector<int64_t>& span_positions,
+                                                 const std::vector<int64_t>& candidates,
+                                                 const std::vector<double>& normalizer, int heads, int kv_heads,
+                                                 int64_t top_k_spans, int64_t token_budget);
+
+// Persistent recall state of one (session, store): the spans selected at the
+// last `steps` retrieval steps. Bounded (steps lists). Not thread-safe.
+class RecallHistory {
+ public:
+  explicit RecallHistory(int steps) : steps_(steps < 1 ? 1 : steps) {}
+  // One step's selection (span indices; e.g. RetrievalResult::spans_used).
+  void Record(std::vector<int64_t> spans);
+  // Union of the last `steps` recorded selections, sorted, unique.
+  std::vector<int64_t> Recalled() const;
+
+ private:
+  int steps_;
+  std::vector<std::vector<int64_t>> recent_;  // oldest first, at most steps_
+};
 
 // Cross-rank top-k merge (pure; the coordinator's global top-k): merges the
 // ranks' candidate lists (each any order) and keeps the best by priority until

@@ -223,6 +223,7 @@ Status SpanStore::Recover(const Manifest& manifest, RecoveryReport* report) {
     s.tokens = static_cast<int32_t>(h.tokens);
     s.capacity = s.tokens;
     s.sealed = true;  // fixed below for the tail
+    s.closed = (h.flags & kRecordClosed) != 0;
     s.sink = s.position_start < options_.sink_tokens;
     s.record_offset = offset;
     s.record_bytes = record_bytes;
@@ -347,7 +348,7 @@ Status SpanStore::Recover(const Manifest& manifest, RecoveryReport* report) {
   const int64_t S = options_.span_tokens;
   for (size_t i = 0; i < spans_.size(); ++i) {
     Span& s = spans_[i];
-    s.sealed = (i + 1 < spans_.size()) || ((s.position_start + s.tokens) % S == 0);
+    s.sealed = (i + 1 < spans_.size()) || ((s.position_start + s.tokens) % S == 0) || s.tokens == S || s.closed;
   }
   const int64_t end = end_position();
   for (size_t i = 0; i < spans_.size(); ++i) {
@@ -430,7 +431,7 @@ void SpanStore::UpdateSummary(int64_t span, int32_t from_row, int32_t to_row) {
 }
 
 Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, const void* v,
-                         DType src_dtype) {
+                         DType src_dtype, std::span<const int64_t> starts) {
   if (tokens < 0) return Status::InvalidArgument("[spans.append] tokens must be >= 0");
   if (tokens == 0) return Status::Ok();
   if (k == nullptr || v == nullptr) return Status::InvalidArgument("[spans.append] k/v is null");
@@ -444,9 +445,23 @@ Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, 
   const int64_t S = options_.span_tokens;
   const size_t rb = row_bytes();
   const size_t span_bytes = size_t(S) * rb * 2;
-  // Aligned spans this append touches; the first may be the open tail span.
+  if (!starts.empty()) {
+    if (starts[0] != position_start)
+      return Status::InvalidArgument("[spans.append] span_starts[0] (" + std::to_string(starts[0]) +
+                                     ") must equal position_start (" + std::to_string(position_start) + ")");
+    for (size_t i = 0; i < starts.size(); ++i) {
+      const int64_t end = i + 1 < starts.size() ? starts[i + 1] : position_start + tokens;
+      if (end <= starts[i] || end - starts[i] > S)
+        return Status::InvalidArgument("[spans.append] span_starts[" + std::to_string(i) + "] = " +
+                                       std::to_string(starts[i]) + ": the span [" + std::to_string(starts[i]) +
+                                       ", " + std::to_string(end) + ") must hold 1.." + std::to_string(S) +
+                                       " tokens (span_tokens), inside the append");
+    }
+  }
+  // Spans this append touches; the first may be the open tail span.
   int64_t new_spans = (position_start + tokens - 1) / S - position_start / S + 1;
   if (!spans_.empty() && !spans_.back().sealed && end_position() == position_start) --new_spans;
+  if (!starts.empty()) new_spans = static_cast<int64_t>(starts.size());
   if (options_.data_dir.empty() && options_.hot_budget_bytes > 0 &&
       hot_bytes_ + size_t(new_spans) * span_bytes > options_.hot_budget_bytes)
     return Status::ResourceExhausted("[spans.append] hot budget of " +
@@ -476,11 +491,24 @@ Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, 
   const int H = options_.kv_heads;
   int64_t pos = position_start;
   int64_t done = 0;
+  size_t next_start = 0;  // into starts
+  // Frees the unused rows of a span that ends before its capacity.
+  auto shrink = [&](Span& t) {
+    if (t.capacity == t.tokens || !t.hot) return;
+    auto buf = std::make_shared<std::vector<uint8_t>>(size_t(t.tokens) * rb * 2);
+    std::memcpy(buf->data(), t.hot->data(), size_t(t.tokens) * rb);
+    std::memcpy(buf->data() + size_t(t.tokens) * rb, t.hot->data() + size_t(t.capacity) * rb, size_t(t.tokens) * rb);
+    hot_bytes_ -= size_t(t.capacity - t.tokens) * rb * 2;
+    t.hot = std::move(buf);
+    t.capacity = t.tokens;
+  };
   while (done < tokens) {
-    bool open_tail = !spans_.empty() && !spans_.back().sealed &&
+    const bool cut_here = next_start < starts.size() && starts[next_start] == pos;
+    if (cut_here) ++next_start;
+    bool open_tail = !spans_.empty() && !spans_.back().sealed && !cut_here &&
                      spans_.back().position_start + spans_.back().tokens == pos;
     if (!open_tail && !spans_.empty() && !spans_.back().sealed) {
-      // A gap closes the open span: compact it and write it out.
+      // A gap (or a discovered boundary) closes the open span: compact it and write it out.
       Span& t = spans_.back();
       if (t.capacity != t.tokens) {
         auto buf = std::make_shared<std::vector<uint8_t>>(size_t(t.tokens) * rb * 2);
@@ -521,7 +549,11 @@ Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, 
     }
     const int64_t idx = span_count() - 1;
     Span& s = spans_[idx];
-    const int64_t boundary = (pos / S + 1) * S;
+    // Fixed mode: the next multiple of S, and never more than S rows (an
+    // unaligned open tail, e.g. a record whose flag was lost, must not overrun).
+    const int64_t boundary = starts.empty() ? std::min((pos / S + 1) * S, s.position_start + S)
+                             : next_start < starts.size() ? starts[next_start]
+                                                          : position_start + tokens;
     const int64_t n = std::min(tokens - done, boundary - pos);
     copy_rows(static_cast<const uint8_t*>(k) + size_t(done) * src_row,
               s.hot->data() + size_t(s.tokens) * rb, n);
@@ -532,8 +564,10 @@ Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, 
     total_tokens_ += n;
     pos += n;
     done += n;
-    if ((s.position_start + s.tokens) % S == 0) {
+    if (!starts.empty() ? pos == boundary : ((s.position_start + s.tokens) % S == 0 || s.tokens == S)) {
       s.sealed = true;
+      s.closed = !starts.empty();
+      if (s.closed) shrink(s);
       if (!options_.data_dir.empty()) RINGTREE_RETURN_IF_ERROR(WriteRecord(idx));
     }
   }
@@ -554,6 +588,7 @@ Status SpanStore::WriteRecord(int64_t span) {
   h.kv_heads = static_cast<uint32_t>(options_.kv_heads);
   h.head_dim = static_cast<uint32_t>(options_.head_dim);
   h.dtype = static_cast<uint8_t>(options_.dtype);
+  h.flags = s.closed ? kRecordClosed : 0;
   h.summary_bytes = summary_bytes;
   h.payload_bytes = payload;
   uint8_t* body = rec.data() + sizeof(RecordHeader);
@@ -1332,6 +1367,26 @@ int64_t CountForBudget(const std::vector<SpanCandidate>& ranked, int64_t top_k,
   }
   return take;
 }
+// The request's retrieval options on a ranking (RankCandidates order): head
+// voting re-ranks; persistent spans move to the front and are taken in
+// addition to the budget. Returns how many of ranked's first entries to take.
+int64_t OrderForRequest(const RetrievalRequest& request, const SpanScores& scores, const std::vector<int32_t>& tokens,
+                        const std::vector<int64_t>& positions, const std::vector<int64_t>& candidates,
+                        const std::vector<double>& normalizer, int heads, int kv_heads,
+                        std::vector<SpanCandidate>* ranked) {
+  if (request.head_voting)
+    *ranked = RankCandidatesByVotes(scores, tokens, positions, candidates, normalizer, heads, kv_heads,
+                                    request.top_k_spans, request.token_budget);
+  if (request.persistent_spans.empty()) return CountForBudget(*ranked, request.top_k_spans, request.token_budget);
+  std::vector<int64_t> pinned = request.persistent_spans;
+  std::sort(pinned.begin(), pinned.end());
+  auto is_pinned = [&](const SpanCandidate& c) { return std::binary_search(pinned.begin(), pinned.end(), c.span_index); };
+  const auto rest = std::stable_partition(ranked->begin(), ranked->end(), is_pinned);
+  const int64_t kept = rest - ranked->begin();
+  const std::vector<SpanCandidate> tail(rest, ranked->end());
+  return kept + CountForBudget(tail, request.top_k_spans, request.token_budget);
+}
+
 }  // namespace
 
 Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
@@ -1358,9 +1413,9 @@ Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
     positions[i] = spans_[i].position_start;
   }
   const std::vector<double> normalizer = LogNormalizers(scores, tokens, candidates);
-  const std::vector<SpanCandidate> ranked =
-      RankCandidates(scores, tokens, positions, candidates, normalizer);
-  int64_t take = CountForBudget(ranked, request.top_k_spans, request.token_budget);
+  std::vector<SpanCandidate> ranked = RankCandidates(scores, tokens, positions, candidates, normalizer);
+  int64_t take =
+      OrderForRequest(request, scores, tokens, positions, candidates, normalizer, heads, options_.kv_heads, &ranked);
   const bool tolerance_mode = request.mass_tolerance >= 0.0;
   const double select_ms = ms_since(t0);
   t0 = Clock::now();
@@ -1490,9 +1545,10 @@ Status SpanStore::RetrieveKV(const float* q, int64_t q_tokens, int heads,
     tokens[i] = spans_[i].tokens;
     positions[i] = spans_[i].position_start;
   }
-  const auto ranked = RankCandidates(scores, tokens, positions, candidates,
-                                     LogNormalizers(scores, tokens, candidates));
-  const int64_t take = CountForBudget(ranked, request.top_k_spans, request.token_budget);
+  const std::vector<double> normalizer = LogNormalizers(scores, tokens, candidates);
+  auto ranked = RankCandidates(scores, tokens, positions, candidates, normalizer);
+  const int64_t take =
+      OrderForRequest(request, scores, tokens, positions, candidates, normalizer, heads, options_.kv_heads, &ranked);
   std::vector<int64_t> list;
   if (include_always) list = always;
   for (int64_t i = 0; i < take; ++i) list.push_back(ranked[i].span_index);

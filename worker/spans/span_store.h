@@ -7,7 +7,8 @@
 // Spans. A span is a run of consecutive positions, at most `span_tokens` long,
 // aligned to multiples of span_tokens in absolute position (so a span is a
 // subset of the global span [k*S, (k+1)*S)); a gap in the appended positions
-// also ends a span. Positions must increase across appends. Each span keeps,
+// also ends a span. An append may instead give its own span boundaries
+// (discovered spans, any lengths up to span_tokens; see Append). Positions must increase across appends. Each span keeps,
 // per KV head, the element-wise max, min and mean of its keys and the mean of
 // its values (in RAM always; they are the index).
 //
@@ -43,6 +44,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <span>
 #include <string>
 #include <vector>
 
@@ -158,8 +160,19 @@ class SpanStore {
   // ownership. Errors: INVALID_ARGUMENT (positions, dtype), RESOURCE_EXHAUSTED
   // (hot budget without data_dir, or disk budget), IO_ERROR. On error the
   // store is unchanged for validation errors; for IO errors it must be reopened.
+  //
+  // span_starts (optional; span discovery, worker/spans/span_discovery.h):
+  // absolute positions where this append's spans begin, instead of the
+  // aligned multiples of span_tokens: span_starts[0] == position_start,
+  // strictly increasing, inside the append, and no span longer than
+  // span_tokens (INVALID_ARGUMENT naming the entry otherwise). Every span of
+  // such an append is sealed at its end (the last one at the append's end),
+  // marked in its record as ending at a discovered boundary, so it survives
+  // Open() as it was; the next append starts a new span. A span later cut by
+  // TruncateTo is appended again in fixed mode (its start is kept, its end
+  // becomes aligned).
   Status Append(int64_t position_start, int64_t tokens, const void* k, const void* v,
-                DType src_dtype);
+                DType src_dtype, std::span<const int64_t> span_starts = {});
 
   // Makes everything appended so far durable (see header comment), and
   // compacts the span file when compact_min_bytes says so. No-op without a
@@ -284,6 +297,7 @@ class SpanStore {
     int32_t tokens = 0;
     int32_t capacity = 0;          // rows allocated in `hot` (k block then v block)
     bool sealed = false;
+    bool closed = false;           // ended at a discovered boundary (record flag kRecordClosed)
     bool sink = false;
     std::shared_ptr<std::vector<uint8_t>> hot;  // null when cold
     // Latest record on disk (persisted_tokens == 0: none).

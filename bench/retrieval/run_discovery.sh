@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Span discovery (issue 15): fixed spans (16, 64) against discovered spans on
+# the same data, both generators, budgets 1-25%, plus the cost of discovery
+# as a fraction of the prefill it rides on (measured in the same run).
+#   bench/retrieval/run_discovery.sh          # 32k (full causal prefill) and 128k (window-4096 prefill)
+#   QUICK=1 bench/retrieval/run_discovery.sh  # 32k only
+# Writes bench/results/retrieval/discovery.{jsonl,log}. BUILD_DIR as run.sh.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/../.." && pwd)
+build=${BUILD_DIR:-$root/build}
+out=$root/bench/results/retrieval
+mkdir -p "$out"
+bin=$build/bench/retrieval/retrieval_bench
+jsonl=$out/discovery.jsonl
+log=$out/discovery.log
+: >"$jsonl"
+: >"$log"
+run() { echo "\$ retrieval_bench $*" | tee -a "$log"; "$bin" --out "$jsonl" "$@" 2>&1 | grep -v '^#   ' | tee -a "$log"; }
+common=(--spans fixed16,fixed64,discovered --modes blend --estimates none --budgets 0.01,0.03,0.05,0.1,0.25)
+g1=(--generator 1 --needle-queries 10 --diffuse-queries 10)
+g2=(--generator 2 --needle-queries 6 --multi-needle-queries 6 --diffuse-queries 4 --aggregate-queries 4)
+run --label d32k_g1 --tokens 32768 "${common[@]}" "${g1[@]}"
+run --label d32k_g2 --tokens 32768 "${common[@]}" "${g2[@]}"
+if [[ -z ${QUICK:-} ]]; then
+  # 128k: the discovery prefill uses a 4096-token sliding window (the band
+  # is row-normalised, so any window >= the longest span gives the same spans
+  # as full causal attention; a full causal 128k prefill takes ~10 min here).
+  run --label d128k_g1 --tokens 131072 --prefill-window 4096 "${common[@]}" "${g1[@]}"
+  run --label d128k_g2 --tokens 131072 --prefill-window 4096 "${common[@]}" "${g2[@]}"
+fi

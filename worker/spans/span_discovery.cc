@@ -1,0 +1,188 @@
+#include "worker/spans/span_discovery.h"
+
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <string>
+
+namespace ringtree {
+
+Status ValidateSpanDiscovery(const SpanDiscoveryOptions& o) {
+  auto bad = [](const std::string& m) { return Status::InvalidArgument("[span_discovery] " + m); };
+  if (o.min_tokens < 1) return bad("min_tokens must be >= 1, got " + std::to_string(o.min_tokens));
+  if (o.max_tokens > 4096 || o.max_tokens < 2 * o.min_tokens - 1)
+    return bad("max_tokens must be in [2 * min_tokens - 1, 4096] = [" + std::to_string(2 * o.min_tokens - 1) +
+               ", 4096], got " + std::to_string(o.max_tokens));
+  if (o.fallback_tokens < 2 * o.min_tokens - 1 || o.fallback_tokens > o.max_tokens)
+    return bad("fallback_tokens must be in [2 * min_tokens - 1, max_tokens] = [" +
+               std::to_string(2 * o.min_tokens - 1) + ", " + std::to_string(o.max_tokens) + "], got " +
+               std::to_string(o.fallback_tokens));
+  if (!std::isfinite(o.min_score)) return bad("min_score must be finite");
+  return Status::Ok();
+}
+
+Result<TriangleScores> TriangleScores::FromBand(const float* mass, int64_t tokens, int kv_heads, int heads,
+                                                int width, bool normalize_rows) {
+  if (tokens < 0) return Status::InvalidArgument("[span_discovery] tokens must be >= 0, got " + std::to_string(tokens));
+  if (width < 1) return Status::InvalidArgument("[span_discovery] width must be >= 1, got " + std::to_string(width));
+  if (kv_heads < 1 || heads < kv_heads || heads % kv_heads != 0)
+    return Status::InvalidArgument("[span_discovery] heads (" + std::to_string(heads) +
+                                   ") must be a positive multiple of kv_heads (" + std::to_string(kv_heads) + ")");
+  if (mass == nullptr && tokens > 0) return Status::InvalidArgument("[span_discovery] mass must not be null");
+  TriangleScores t;
+  t.tokens_ = tokens;
+  t.width_ = width;
+  const int W = width;
+  // Row prefix R[i][w] = mass of row i on keys [i - w, i] (head average).
+  std::vector<double> row(static_cast<size_t>(tokens) * W);
+  const double inv_heads = 1.0 / heads;
+  t.tot_.assign(static_cast<size_t>(tokens) + 1, 0.0);
+  for (int64_t i = 0; i < tokens; ++i) {
+    double run = 0;
+    double* r = row.data() + static_cast<size_t>(i) * W;
+    for (int w = 0; w < W; ++w) {
+      if (w <= i) {
+        double s = 0;
+        for (int hk = 0; hk < kv_heads; ++hk) s += mass[(i * kv_heads + hk) * W + w];
+        run += s * inv_heads;
+      }
+      r[w] = run;
+    }
+    if (normalize_rows && run > 0) {
+      for (int w = 0; w < W; ++w) r[w] /= run;
+      run = 1.0;
+    }
+    t.tot_[i + 1] = t.tot_[i] + run;
+  }
+  // G(c, k) = G(c, k - 1) + R[c + k - 1][k - 1]; rows past the end add 0.
+  t.g_.assign(static_cast<size_t>(tokens + 1) * (W + 1), 0.0);
+  for (int64_t c = 0; c < tokens; ++c) {
+    double* g = t.g_.data() + static_cast<size_t>(c) * (W + 1);
+    for (int k = 1; k <= W; ++k) {
+      const int64_t i = c + k - 1;
+      g[k] = g[k - 1] + (i < tokens ? row[static_cast<size_t>(i) * W + (k - 1)] : 0.0);
+    }
+  }
+  // h[c] = mass of every row on keys < c: rows < c all of theirs; rows in
+  // [c, c + W - 1) their total minus their part on keys >= c; later rows none.
+  t.h_.assign(static_cast<size_t>(tokens) + 1, 0.0);
+  for (int64_t c = 0; c <= tokens; ++c) {
+    const int64_t m = std::min<int64_t>(tokens, c + W - 1);
+    t.h_[c] = t.tot_[m] - (c < tokens ? t.G(c, m - c) : 0.0);
+  }
+  return t;
+}
+
+double TriangleScores::LeakInPairs(int64_t a, int64_t b) const {
+  // Row a + r (r < L) sees min(a, W - 1 - r) keys before a (none once r >= W - 1).
+  const int64_t L = b - a, W = width_;
+  const int64_t full = std::clamp<int64_t>(W - a, 0, L);  // r <= W - 1 - a: all a keys
+  double pairs = double(full) * double(a);
+  const int64_t r0 = full, r1 = std::min<int64_t>(L, W - 1);  // r in [r0, r1): W - 1 - r keys
+  if (r1 > r0) pairs += double(r1 - r0) * double(W - 1) - 0.5 * double(r1 - r0) * double(r0 + r1 - 1);
+  return pairs;
+}
+
+double TriangleScores::LeakOutPairs(int64_t a, int64_t b) const {
+  // Row b + u (u < tokens - b) sees min(L, W - 1 - u) keys of [a, b).
+  const int64_t L = b - a, W = width_;
+  const int64_t rows = std::min<int64_t>(tokens_ - b, W - 1);
+  const int64_t full = std::clamp<int64_t>(W - 1 - L + 1, 0, rows);  // u <= W - 1 - L: all L keys
+  double pairs = double(full) * double(L);
+  const int64_t u0 = full, u1 = rows;  // u in [u0, u1): W - 1 - u keys
+  if (u1 > u0) pairs += double(u1 - u0) * double(W - 1) - 0.5 * double(u1 - u0) * double(u0 + u1 - 1);
+  return pairs;
+}
+
+namespace {
+
+struct Candidate {
+  float score;
+  int32_t length;
+  int64_t begin;
+};
+
+// Cuts [begin, end) into ceil(n / fallback) near-equal fallback spans.
+void CutFallback(const TriangleScores& s, int64_t begin, int64_t end, int fallback, std::vector<SpanCut>* out) {
+  const int64_t n = end - begin;
+  if (n <= 0) return;
+  const int64_t pieces = (n + fallback - 1) / fallback;
+  for (int64_t p = 0; p < pieces; ++p) {
+    const int64_t a = begin + n * p / pieces, b = begin + n * (p + 1) / pieces;
+    const float score = b - a <= s.width() ? static_cast<float>(s.Score(a, b)) : 0.0f;
+    out->push_back({a, b, false, score});
+  }
+}
+
+}  // namespace
+
+Result<std::vector<SpanCut>> DiscoverSpans(const TriangleScores& s, const SpanDiscoveryOptions& o) {
+  RINGTREE_RETURN_IF_ERROR(ValidateSpanDiscovery(o));
+  if (o.max_tokens > s.width())
+    return Status::InvalidArgument("[span_discovery] max_tokens (" + std::to_string(o.max_tokens) +
+                                   ") exceeds the captured band width (" + std::to_string(s.width()) + ")");
+  const int64_t T = s.tokens();
+  std::vector<SpanCut> out;
+  if (T == 0) return out;
+  if (T < o.min_tokens) {
+    out.push_back({0, T, false, static_cast<float>(s.Score(0, T))});
+    return out;
+  }
+  std::vector<Candidate> cands;
+  cands.reserve(static_cast<size_t>(T) * (o.max_tokens - o.min_tokens + 1));
+  for (int64_t a = 0; a + o.min_tokens <= T; ++a)
+    for (int L = o.min_tokens; L <= o.max_tokens && a + L <= T; ++L) {
+      const double sc = s.Score(a, a + L);
+      if (sc >= o.min_score) cands.push_back({static_cast<float>(sc), L, a});
+    }
+  std::sort(cands.begin(), cands.end(), [](const Candidate& x, const Candidate& y) {
+    if (x.score != y.score) return x.score > y.score;
+    if (x.length != y.length) return x.length < y.length;
+    return x.begin < y.begin;
+  });
+  std::map<int64_t, int64_t> taken;  // begin -> end, disjoint
+  auto gap_ok = [&](int64_t g) { return g == 0 || g >= o.min_tokens; };
+  for (const Candidate& c : cands) {
+    const int64_t a = c.begin, b = c.begin + c.length;
+    auto next = taken.lower_bound(a);
+    if (next != taken.end() && next->first < b) continue;
+    const int64_t left_end = next == taken.begin() ? 0 : std::prev(next)->second;
+    if (left_end > a) continue;
+    const int64_t right_begin = next == taken.end() ? T : next->first;
+    if (!gap_ok(a - left_end) || !gap_ok(right_begin - b)) continue;
+    taken.emplace(a, b);
+  }
+  int64_t pos = 0;
+  for (const auto& [a, b] : taken) {
+    CutFallback(s, pos, a, o.fallback_tokens, &out);
+    out.push_back({a, b, true, static_cast<float>(s.Score(a, b))});
+    pos = b;
+  }
+  CutFallback(s, pos, T, o.fallback_tokens, &out);
+  return out;
+}
+
+double ReferenceTriangle(const std::vector<double>& band, int W, int64_t a, int64_t b) {
+  double sum = 0;
+  for (int64_t i = a; i < b; ++i)
+    for (int64_t j = a; j <= i; ++j)
+      if (i - j < W) sum += band[static_cast<size_t>(i) * W + (i - j)];
+  return sum;
+}
+
+double ReferenceLeakIn(const std::vector<double>& band, int W, int64_t a, int64_t b) {
+  double sum = 0;
+  for (int64_t i = a; i < b; ++i)
+    for (int64_t j = std::max<int64_t>(0, i - W + 1); j < a; ++j) sum += band[static_cast<size_t>(i) * W + (i - j)];
+  return sum;
+}
+
+double ReferenceLeakOut(const std::vector<double>& band, int64_t tokens, int W, int64_t a, int64_t b) {
+  double sum = 0;
+  for (int64_t i = b; i < tokens; ++i)
+    for (int64_t j = a; j < b; ++j)
+      if (i - j < W) sum += band[static_cast<size_t>(i) * W + (i - j)];
+  return sum;
+}
+
+}  // namespace ringtree
