@@ -409,6 +409,10 @@ Result<std::vector<int64_t>> ReadNpyIntegers(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return Status::NotFound("[npy] " + path + ": cannot open (" + std::strerror(errno) + ")");
   std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return ParseNpyIntegers(path, bytes);
+}
+
+Result<std::vector<int64_t>> ParseNpyIntegers(const std::string& path, const std::vector<uint8_t>& bytes) {
   std::string dict, descr;
   size_t offset = 0;
   RINGTREE_RETURN_IF_ERROR(ReadNpyDict(path, bytes.data(), bytes.size(), &dict, &offset));
