@@ -412,7 +412,8 @@ Result<std::vector<int64_t>> ReadNpyIntegers(const std::string& path) {
   return ParseNpyIntegers(path, bytes);
 }
 
-Result<std::vector<int64_t>> ParseNpyIntegers(const std::string& path, const std::vector<uint8_t>& bytes) {
+Result<std::vector<int64_t>> ParseNpyIntegers(const std::string& path,
+                                              const std::vector<uint8_t>& bytes) {
   std::string dict, descr;
   size_t offset = 0;
   RINGTREE_RETURN_IF_ERROR(ReadNpyDict(path, bytes.data(), bytes.size(), &dict, &offset));

@@ -101,6 +101,7 @@ Status ReadNpyFile(const std::string& path, std::vector<float>* data, std::vecto
 Result<std::vector<int64_t>> ReadNpyIntegers(const std::string& path);
 // The same from a whole file's bytes in memory; `name` is used in messages.
 // Any bytes are safe (fuzzed: fuzz/npy_fuzzer.cc).
-Result<std::vector<int64_t>> ParseNpyIntegers(const std::string& name, const std::vector<uint8_t>& bytes);
+Result<std::vector<int64_t>> ParseNpyIntegers(const std::string& name,
+                                              const std::vector<uint8_t>& bytes);
 
 }  // namespace ringtree

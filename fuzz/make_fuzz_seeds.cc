@@ -64,16 +64,20 @@ void NpySeeds(const fs::path& dir, const fs::path& tmp) {
   Check(rt::WriteNpy(tmp / "c.npy", rt::HostTensor::FromFloat32(values.data(), {1, 2, 3})));
   Seed(dir, "rpc_f4_1x2x3", ReadAll(tmp / "c.npy"));
   const double doubles[2] = {0.5, -1.25};
-  Seed(dir, "f8_2", NpyWithHeader("{'descr': '<f8', 'fortran_order': False, 'shape': (2,), }",
-                                  std::string(reinterpret_cast<const char*>(doubles), sizeof(doubles)), 1));
-  Seed(dir, "f4_v2_scalar", NpyWithHeader("{'descr': '<f4', 'fortran_order': False, 'shape': (), }",
-                                          std::string(reinterpret_cast<const char*>(values.data()), 4), 2));
+  Seed(dir, "f8_2",
+       NpyWithHeader("{'descr': '<f8', 'fortran_order': False, 'shape': (2,), }",
+                     std::string(reinterpret_cast<const char*>(doubles), sizeof(doubles)), 1));
+  Seed(dir, "f4_v2_scalar",
+       NpyWithHeader("{'descr': '<f4', 'fortran_order': False, 'shape': (), }",
+                     std::string(reinterpret_cast<const char*>(values.data()), 4), 2));
   const int64_t lengths[3] = {3, 0, 9};
-  Seed(dir, "i8_3", NpyWithHeader("{'descr': '<i8', 'fortran_order': False, 'shape': (3,), }",
-                                  std::string(reinterpret_cast<const char*>(lengths), sizeof(lengths)), 1));
+  Seed(dir, "i8_3",
+       NpyWithHeader("{'descr': '<i8', 'fortran_order': False, 'shape': (3,), }",
+                     std::string(reinterpret_cast<const char*>(lengths), sizeof(lengths)), 1));
   const uint32_t small[2] = {4, 5};
-  Seed(dir, "u4_2", NpyWithHeader("{'descr': '<u4', 'fortran_order': False, 'shape': (2,), }",
-                                  std::string(reinterpret_cast<const char*>(small), sizeof(small)), 1));
+  Seed(dir, "u4_2",
+       NpyWithHeader("{'descr': '<u4', 'fortran_order': False, 'shape': (2,), }",
+                     std::string(reinterpret_cast<const char*>(small), sizeof(small)), 1));
 }
 
 void TensorSeeds(const fs::path& dir) {
@@ -82,7 +86,8 @@ void TensorSeeds(const fs::path& dir) {
   for (rt::DType dtype : dtypes) {
     rt::v1::Tensor t;
     rt::ToProto(values.data(), {2, 3}, dtype, &t);
-    Seed(dir, std::string("proto_") + rt::DTypeName(dtype), std::string(1, '\0') + t.SerializeAsString());
+    Seed(dir, std::string("proto_") + rt::DTypeName(dtype),
+         std::string(1, '\0') + t.SerializeAsString());
     // Structured: mode 1, dtype, rank 2, dims, data.
     std::string s = {'\1', static_cast<char>(t.dtype()), '\2'};
     const int64_t dims[2] = {2, 3};

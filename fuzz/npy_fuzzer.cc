@@ -17,7 +17,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto tensor = ringtree::ParseNpy("fuzz.npy", contents);
   if (tensor.ok()) {
     const ringtree::HostTensor& t = tensor.value();
-    if (t.data.size() != static_cast<size_t>(t.elements()) * ringtree::DTypeSize(t.dtype)) std::abort();
+    if (t.data.size() != static_cast<size_t>(t.elements()) * ringtree::DTypeSize(t.dtype))
+      std::abort();
     if (!t.data.empty()) (void)t.ToFloat32();
   }
 

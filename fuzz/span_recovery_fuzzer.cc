@@ -26,8 +26,10 @@ namespace {
 // Never destroyed: the atexit handler that removes it runs after static destructors.
 const std::string& Dir() {
   static const std::string* dir = [] {
-    const char* base = std::filesystem::is_directory("/dev/shm") ? "/dev/shm" : std::getenv("TMPDIR");
-    auto* pattern = new std::string(std::string(base ? base : "/tmp") + "/ringtree_span_fuzz.XXXXXX");
+    const char* base =
+        std::filesystem::is_directory("/dev/shm") ? "/dev/shm" : std::getenv("TMPDIR");
+    auto* pattern =
+        new std::string(std::string(base ? base : "/tmp") + "/ringtree_span_fuzz.XXXXXX");
     if (::mkdtemp(pattern->data()) == nullptr) std::abort();
     std::atexit([] { std::filesystem::remove_all(Dir()); });
     return pattern;
@@ -80,7 +82,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // The whole open + recovery, then every span read back.
   const std::string& dir = Dir();
   std::error_code ec;
-  for (const auto& e : std::filesystem::directory_iterator(dir, ec)) std::filesystem::remove_all(e.path(), ec);
+  for (const auto& e : std::filesystem::directory_iterator(dir, ec))
+    std::filesystem::remove_all(e.path(), ec);
   WriteFile(dir + "/MANIFEST", manifest);
   WriteFile(dir + "/spans.dat", spans);
   ringtree::SpanStoreOptions options;
@@ -90,9 +93,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto store = ringtree::SpanStore::Open(options, &report);
   if (!store.ok()) return 0;
   (void)store.value()->VerifyAll();
-  (void)store.value()->ForEachChunk([](const void*, const void*, int64_t, int64_t) {
-    return ringtree::Status::Ok();
-  });
+  (void)store.value()->ForEachChunk(
+      [](const void*, const void*, int64_t, int64_t) { return ringtree::Status::Ok(); });
   (void)store.value()->Spans();
   return 0;
 }

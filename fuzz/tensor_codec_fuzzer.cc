@@ -35,7 +35,8 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto host = ringtree::FromProto(tensor, "Fuzz", "tensor");
   if (!host.ok()) return 0;
   const ringtree::HostTensor& t = host.value();
-  if (t.data.size() != static_cast<size_t>(t.elements()) * ringtree::DTypeSize(t.dtype)) std::abort();
+  if (t.data.size() != static_cast<size_t>(t.elements()) * ringtree::DTypeSize(t.dtype))
+    std::abort();
   const std::vector<float> values = t.ToFloat32();
   ringtree::v1::Tensor again;
   ringtree::ToProto(values.data(), t.shape, t.dtype, &again);
