@@ -1,11 +1,11 @@
 // Admission: each limit refuses with RESOURCE_EXHAUSTED naming the limit, and
 // refusals leave the counters unchanged.
+#include "coordinator/admission.h"
+
 #include <gtest/gtest.h>
 
 #include <thread>
 #include <vector>
-
-#include "coordinator/admission.h"
 
 namespace ringtree {
 namespace {
