@@ -176,7 +176,8 @@ Result<NpyHeader> ParseNpyHeader(const std::string& name, const uint8_t* data, s
   int64_t row_bytes = static_cast<int64_t>(DTypeSize(h.dtype));
   for (size_t i = 1; i < h.shape.size(); ++i) {
     if (__builtin_mul_overflow(row_bytes, h.shape[i], &row_bytes)) {
-      return Bad(name, "shape " + h.ShapeString() + " is too large (its row's byte count overflows 64 bits)");
+      return Bad(name, "shape " + h.ShapeString() +
+                           " is too large (its row's byte count overflows 64 bits)");
     }
   }
   int64_t need = static_cast<int64_t>(DTypeSize(h.dtype));
