@@ -9,7 +9,7 @@ Status Admission::Refuse(const std::string& reason, std::string message) {
 }
 
 Status Admission::Admit(const char* method, int64_t queue_depth, int64_t kv_bytes) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   const std::string op = std::string("[") + method + "] ";
   if (draining_) return Status::Unavailable(op + "server is shutting down");
   if (queue_depth >= limits_.max_queue) {
@@ -32,7 +32,7 @@ Status Admission::Admit(const char* method, int64_t queue_depth, int64_t kv_byte
 }
 
 Status Admission::ReserveKv(const char* method, int64_t kv_bytes) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   if (kv_used_ + kv_bytes > limits_.kv_budget_bytes) {
     return Refuse("kv_budget", std::string("[") + method + "] KV memory budget exceeded: storing " +
                                    std::to_string(kv_bytes) + " more bytes would bring " + std::to_string(kv_used_) +
@@ -43,33 +43,33 @@ Status Admission::ReserveKv(const char* method, int64_t kv_bytes) {
 }
 
 void Admission::Complete(int64_t unused_kv_bytes) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   --in_flight_;
   kv_used_ -= unused_kv_bytes;
 }
 
 void Admission::FreeKv(int64_t bytes) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   kv_used_ -= bytes;
 }
 
 void Admission::CountInvalid() {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   ++invalid_;
 }
 
 void Admission::StopAdmitting() {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   draining_ = true;
 }
 
 bool Admission::draining() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   return draining_;
 }
 
 Admission::Snapshot Admission::snapshot() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   return Snapshot{in_flight_, admitted_, rejected_, invalid_, kv_used_, limits_.kv_budget_bytes, rejected_by_reason_};
 }
 

@@ -170,7 +170,16 @@ Result<NpyHeader> ParseNpyHeader(const std::string& name, const uint8_t* data, s
     h.shape.push_back(v);
   }
   // Checked: a header may claim any shape, and a product that wraps around
-  // would make a huge array look like one that fits in the file.
+  // would make a huge array look like one that fits in the file. The row
+  // product (row_elements) on its own too: a leading 0 makes the total 0
+  // whatever the other dimensions are.
+  int64_t row_bytes = static_cast<int64_t>(DTypeSize(h.dtype));
+  for (size_t i = 1; i < h.shape.size(); ++i) {
+    if (__builtin_mul_overflow(row_bytes, h.shape[i], &row_bytes)) {
+      return Bad(name, "shape " + h.ShapeString() +
+                           " is too large (its row's byte count overflows 64 bits)");
+    }
+  }
   int64_t need = static_cast<int64_t>(DTypeSize(h.dtype));
   for (int64_t d : h.shape) {
     if (__builtin_mul_overflow(need, d, &need)) {
@@ -409,6 +418,11 @@ Result<std::vector<int64_t>> ReadNpyIntegers(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return Status::NotFound("[npy] " + path + ": cannot open (" + std::strerror(errno) + ")");
   std::vector<uint8_t> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return ParseNpyIntegers(path, bytes);
+}
+
+Result<std::vector<int64_t>> ParseNpyIntegers(const std::string& path,
+                                              const std::vector<uint8_t>& bytes) {
   std::string dict, descr;
   size_t offset = 0;
   RINGTREE_RETURN_IF_ERROR(ReadNpyDict(path, bytes.data(), bytes.size(), &dict, &offset));

@@ -99,5 +99,9 @@ Status ReadNpyFile(const std::string& path, std::vector<float>* data, std::vecto
 // Reads a small 1-D integer .npy ('<i8', '<i4', '<u8', '<u4') whole, on the
 // calling rank (e.g. attnjob's --doc-lengths). Errors name the file and field.
 Result<std::vector<int64_t>> ReadNpyIntegers(const std::string& path);
+// The same from a whole file's bytes in memory; `name` is used in messages.
+// Any bytes are safe (fuzzed: fuzz/npy_fuzzer.cc).
+Result<std::vector<int64_t>> ParseNpyIntegers(const std::string& name,
+                                              const std::vector<uint8_t>& bytes);
 
 }  // namespace ringtree

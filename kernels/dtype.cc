@@ -128,7 +128,7 @@ float HalfToFloat(uint16_t h) {
 void ConvertToFloat32(DType src_type, const void* src, float* dst, size_t n) {
   switch (src_type) {
     case DType::kFloat32:
-      std::memcpy(dst, src, n * 4);
+      if (n > 0) std::memcpy(dst, src, n * 4);  // an empty vector's data() may be null
       return;
     case DType::kBFloat16: {
       auto* s = static_cast<const uint16_t*>(src);
@@ -148,7 +148,7 @@ void ConvertToFloat32(DType src_type, const void* src, float* dst, size_t n) {
 void ConvertFromFloat32(const float* src, DType dst_type, void* dst, size_t n) {
   switch (dst_type) {
     case DType::kFloat32:
-      std::memcpy(dst, src, n * 4);
+      if (n > 0) std::memcpy(dst, src, n * 4);  // an empty vector's data() may be null
       return;
     case DType::kBFloat16: {
       auto* d = static_cast<uint16_t*>(dst);

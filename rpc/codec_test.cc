@@ -69,5 +69,29 @@ TEST(Npy, ShapeWhoseByteCountOverflowsIsRefused) {
   EXPECT_EQ(empty->elements(), 0);
 }
 
+// ParseNpy (ReadNpy's parser) converts '<f8' to float32 and refuses data of
+// the wrong length either way.
+TEST(Npy, Float64IsReadAsFloat32) {
+  const double values[3] = {0.5, -1.25, 3.0};
+  std::string dict = "{'descr': '<f8', 'fortran_order': False, 'shape': (3,), }";
+  dict.append((64 - (10 + dict.size() + 1) % 64) % 64, ' ');
+  dict += '\n';
+  std::string file = std::string("\x93NUMPY\x01\x00", 8);
+  file += static_cast<char>(dict.size() & 0xff);
+  file += static_cast<char>(dict.size() >> 8);
+  file += dict;
+  file.append(reinterpret_cast<const char*>(values), sizeof(values));
+  auto read = ParseNpy("f8.npy", file);
+  ASSERT_TRUE(read.ok()) << read.status().message();
+  EXPECT_EQ(read->dtype, DType::kFloat32);
+  EXPECT_EQ(read->shape, std::vector<int64_t>{3});
+  EXPECT_EQ(read->ToFloat32(), (std::vector<float>{0.5f, -1.25f, 3.0f}));
+  for (size_t cut : {size_t{1}, size_t{8}}) {
+    auto short_file = ParseNpy("f8.npy", file.substr(0, file.size() - cut));
+    EXPECT_FALSE(short_file.ok()) << cut;
+  }
+  EXPECT_FALSE(ParseNpy("f8.npy", file + std::string(8, '\0')).ok());
+}
+
 }  // namespace
 }  // namespace ringtree

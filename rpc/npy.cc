@@ -35,6 +35,10 @@ Result<HostTensor> ReadNpy(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return Status::NotFound("[npy] " + path + ": cannot open");
   std::string contents((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return ParseNpy(path, contents);
+}
+
+Result<HostTensor> ParseNpy(const std::string& path, const std::string& contents) {
   if (contents.size() < 10 || contents.compare(0, 6, "\x93NUMPY") != 0) {
     return NpyError(path, "not a .npy file");
   }

@@ -13,6 +13,9 @@ namespace ringtree {
 // Reads '<f4', '<f2' or '<f8' (converted to float32) arrays in C order.
 // Errors name the path: "[npy] k.npy: fortran_order arrays not supported".
 Result<HostTensor> ReadNpy(const std::string& path);
+// The same from a whole file's bytes already in memory; `name` is used in
+// messages. Any bytes are safe (fuzzed: fuzz/npy_fuzzer.cc).
+Result<HostTensor> ParseNpy(const std::string& name, const std::string& contents);
 
 // Writes a float32 or float16 tensor ('<f4' / '<f2'); bfloat16 is written as
 // float32 (NumPy has no bfloat16).

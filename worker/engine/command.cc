@@ -59,7 +59,7 @@ class Reader {
     uint64_t n;
     if (!Pod(&n) || n > in_.size() - at_ || n % sizeof(T) != 0) return false;
     v->resize(n / sizeof(T));
-    std::memcpy(v->data(), in_.data() + at_, n);
+    if (n > 0) std::memcpy(v->data(), in_.data() + at_, n);  // an empty vector's data() may be null
     at_ += n;
     return true;
   }

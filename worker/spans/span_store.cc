@@ -115,7 +115,9 @@ SpanStore::~SpanStore() {
 }
 
 Status SpanStore::ValidateOptions(const SpanStoreOptions& o) {
-  if (o.kv_heads < 1) return Status::InvalidArgument("[spans] kv_heads must be >= 1");
+  // Bounded: a manifest's kv_heads sizes the summary buffers at open.
+  if (o.kv_heads < 1 || o.kv_heads > 65536)
+    return Status::InvalidArgument("[spans] kv_heads must be in [1, 65536]");
   if (o.head_dim < 1 || o.head_dim > 256)
     return Status::InvalidArgument("[spans] head_dim must be in [1, 256]");
   if (o.dtype != DType::kFloat32 && o.dtype != DType::kBFloat16)

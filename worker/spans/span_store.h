@@ -139,7 +139,7 @@ class SpanStore {
 
   // Creates an empty store. With data_dir, the directory is created if missing
   // and must not already hold a MANIFEST (ALREADY_EXISTS). INVALID_ARGUMENT on
-  // bad options ("[spans] kv_heads must be >= 1").
+  // bad options ("[spans] kv_heads must be in [1, 65536]").
   static Result<std::unique_ptr<SpanStore>> Create(const SpanStoreOptions& options);
 
   // Opens an existing store from options.data_dir (NOT_FOUND without a

@@ -1,0 +1,211 @@
+// Writes the fuzzers' seed corpora from the real encoders, so the seeds follow
+// the formats when they change: make_fuzz_seeds <fuzz/corpus>. Creates
+// <dir>/<fuzzer>/seed-* files (see each fuzzer's input layout).
+#include <unistd.h>
+
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include "dist/npy.h"
+#include "rpc/npy.h"
+#include "rpc/tensor_codec.h"
+#include "worker/engine/command.h"
+#include "worker/spans/span_format.h"
+#include "worker/spans/span_store.h"
+
+namespace rt = ringtree;
+namespace fs = std::filesystem;
+
+namespace {
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+}
+
+void Seed(const fs::path& dir, const std::string& name, const std::string& bytes) {
+  fs::create_directories(dir);
+  std::ofstream out(dir / ("seed-" + name), std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+}
+
+void Check(const rt::Status& status) {
+  if (!status.ok()) {
+    std::fprintf(stderr, "make_fuzz_seeds: %s\n", status.ToString().c_str());
+    std::exit(1);
+  }
+}
+
+std::string NpyWithHeader(const std::string& dict, const std::string& data, int major) {
+  std::string header = dict;
+  const size_t prefix = major == 1 ? 10 : 12;
+  header.append((64 - (prefix + header.size() + 1) % 64) % 64, ' ');
+  header += '\n';
+  std::string out = "\x93NUMPY";
+  out += static_cast<char>(major);
+  out += '\0';
+  const uint32_t len = static_cast<uint32_t>(header.size());
+  out.append(reinterpret_cast<const char*>(&len), major == 1 ? 2 : 4);
+  return out + header + data;
+}
+
+void NpySeeds(const fs::path& dir, const fs::path& tmp) {
+  const std::vector<float> values = {1, -2, 3.5f, 0, 1e-3f, 7};
+  Check(rt::WriteNpyFile(tmp / "a.npy", values.data(), {2, 3}));
+  Seed(dir, "f4_2x3", ReadAll(tmp / "a.npy"));
+  Check(rt::WriteNpyFile(tmp / "b.npy", values.data(), {6}, rt::DType::kFloat16));
+  Seed(dir, "f2_6", ReadAll(tmp / "b.npy"));
+  Check(rt::WriteNpy(tmp / "c.npy", rt::HostTensor::FromFloat32(values.data(), {1, 2, 3})));
+  Seed(dir, "rpc_f4_1x2x3", ReadAll(tmp / "c.npy"));
+  const double doubles[2] = {0.5, -1.25};
+  Seed(dir, "f8_2",
+       NpyWithHeader("{'descr': '<f8', 'fortran_order': False, 'shape': (2,), }",
+                     std::string(reinterpret_cast<const char*>(doubles), sizeof(doubles)), 1));
+  Seed(dir, "f4_v2_scalar",
+       NpyWithHeader("{'descr': '<f4', 'fortran_order': False, 'shape': (), }",
+                     std::string(reinterpret_cast<const char*>(values.data()), 4), 2));
+  const int64_t lengths[3] = {3, 0, 9};
+  Seed(dir, "i8_3",
+       NpyWithHeader("{'descr': '<i8', 'fortran_order': False, 'shape': (3,), }",
+                     std::string(reinterpret_cast<const char*>(lengths), sizeof(lengths)), 1));
+  const uint32_t small[2] = {4, 5};
+  Seed(dir, "u4_2",
+       NpyWithHeader("{'descr': '<u4', 'fortran_order': False, 'shape': (2,), }",
+                     std::string(reinterpret_cast<const char*>(small), sizeof(small)), 1));
+}
+
+void TensorSeeds(const fs::path& dir) {
+  const std::vector<float> values = {1, -2, 3.5f, 0, 1e-3f, 7};
+  const rt::DType dtypes[3] = {rt::DType::kFloat32, rt::DType::kFloat16, rt::DType::kBFloat16};
+  for (rt::DType dtype : dtypes) {
+    rt::v1::Tensor t;
+    rt::ToProto(values.data(), {2, 3}, dtype, &t);
+    Seed(dir, std::string("proto_") + rt::DTypeName(dtype),
+         std::string(1, '\0') + t.SerializeAsString());
+    // Structured: mode 1, dtype, rank 2, dims, data.
+    std::string s = {'\1', static_cast<char>(t.dtype()), '\2'};
+    const int64_t dims[2] = {2, 3};
+    s.append(reinterpret_cast<const char*>(dims), sizeof(dims));
+    Seed(dir, std::string("shaped_") + rt::DTypeName(dtype), s + t.data());
+  }
+}
+
+rt::SessionShape Shape() {
+  rt::SessionShape s;
+  s.handle = 7;
+  s.layers = 2;
+  s.heads = 2;
+  s.kv_heads = 1;
+  s.head_dim = 2;
+  return s;
+}
+
+rt::KvRows Rows() {
+  rt::KvRows rows;
+  rows.runs = {{0, 1}, {4, 1}};
+  rows.k = std::string(2 * 2 * 4, '\1');
+  rows.v = std::string(2 * 2 * 4, '\2');
+  return rows;
+}
+
+void CommandSeeds(const fs::path& dir) {
+  rt::Command c;
+  c.kind = rt::CommandKind::kShutdown;
+  Seed(dir, "shutdown", rt::EncodeCommand(c));
+  c.kind = rt::CommandKind::kDeleteSession;
+  c.delete_handle = 7;
+  Seed(dir, "delete", rt::EncodeCommand(c));
+  c.kind = rt::CommandKind::kAppend;
+  c.append.session = Shape();
+  c.append.rows = Rows();
+  Seed(dir, "append", rt::EncodeCommand(c));
+  c.kind = rt::CommandKind::kPrefill;
+  c.prefill.session = Shape();
+  c.prefill.rows = Rows();
+  c.prefill.q = std::vector<float>(2 * 2 * 2, 0.5f);
+  c.prefill.rows_per_rank = {2, 2};
+  c.prefill.chunk_tokens = 4;
+  Seed(dir, "prefill", rt::EncodeCommand(c));
+  rt::BatchGroup g;
+  g.session = Shape();
+  g.causal = true;
+  g.q_tokens = 1;
+  g.q = {1, 2, 3, 4};
+  g.new_rows = Rows();
+  c.kind = rt::CommandKind::kAttendBatch;
+  c.batch.groups = {g, g};
+  Seed(dir, "attend_batch", rt::EncodeCommand(c));
+  c.kind = rt::CommandKind::kRetrieve;
+  c.retrieve.group = g;
+  c.retrieve.top_k_spans = 3;
+  c.retrieve.kv_only = true;
+  Seed(dir, "retrieve", rt::EncodeCommand(c));
+  c.kind = rt::CommandKind::kRestore;
+  c.live_handles = {7, 9};
+  c.expected_tokens = {7, 0, 5};
+  Seed(dir, "restore", rt::EncodeCommand(c));
+}
+
+// A store of `tokens` tokens: flags (1 = the harness seals checksums), the
+// manifest (without its checksum when sealed), spans.dat.
+void SpanSeed(const fs::path& dir, const fs::path& tmp, const std::string& name, rt::DType dtype,
+              int64_t tokens, int64_t unsynced) {
+  const fs::path store_dir = tmp / ("store_" + name);
+  rt::SpanStoreOptions o;
+  o.kv_heads = 1;
+  o.head_dim = 4;
+  o.dtype = dtype;
+  o.span_tokens = 4;
+  o.sink_tokens = 4;
+  o.window_tokens = 4;
+  o.data_dir = store_dir;
+  auto store = rt::SpanStore::Create(o);
+  Check(store.status());
+  std::vector<float> k(static_cast<size_t>(tokens + unsynced) * 4), v(k.size());
+  for (size_t i = 0; i < k.size(); ++i) k[i] = 0.25f * float(i % 13), v[i] = -0.5f * float(i % 7);
+  if (tokens > 0) Check(store.value()->Append(0, tokens, k.data(), v.data(), rt::DType::kFloat32));
+  Check(store.value()->Sync());
+  if (unsynced > 0) {
+    Check(store.value()->Append(tokens, unsynced, k.data() + tokens * 4, v.data() + tokens * 4,
+                                rt::DType::kFloat32));
+  }
+  store.value().reset();
+  std::string manifest = ReadAll(store_dir / "MANIFEST");
+  const std::string spans = ReadAll(store_dir / "spans.dat");
+  for (int sealed = 0; sealed < 2; ++sealed) {
+    std::string m = manifest;
+    if (sealed) m.resize(m.size() - sizeof(uint64_t));
+    const uint32_t len = static_cast<uint32_t>(m.size());
+    std::string seed(1, static_cast<char>(sealed));
+    seed.append(reinterpret_cast<const char*>(&len), 4);
+    Seed(dir, name + (sealed ? "_sealed" : "_raw"), seed + m + spans);
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc != 2) {
+    std::fprintf(stderr, "usage: make_fuzz_seeds <corpus dir>\n");
+    return 2;
+  }
+  const fs::path out = argv[1];
+  char pattern[] = "/tmp/ringtree_seeds.XXXXXX";
+  if (::mkdtemp(pattern) == nullptr) return 1;
+  const fs::path tmp = pattern;
+  NpySeeds(out / "npy_fuzzer", tmp);
+  TensorSeeds(out / "tensor_codec_fuzzer");
+  CommandSeeds(out / "command_fuzzer");
+  SpanSeed(out / "span_recovery_fuzzer", tmp, "f32_9", rt::DType::kFloat32, 9, 0);
+  SpanSeed(out / "span_recovery_fuzzer", tmp, "bf16_6_tail3", rt::DType::kBFloat16, 6, 3);
+  SpanSeed(out / "span_recovery_fuzzer", tmp, "empty", rt::DType::kFloat32, 0, 0);
+  fs::remove_all(tmp);
+  std::printf("seeds written under %s\n", out.c_str());
+  return 0;
+}
