@@ -53,6 +53,12 @@ void Admission::FreeKv(int64_t bytes) {
   kv_used_ -= bytes;
 }
 
+void Admission::CountQueueFull() {
+  MutexLock lock(&mu_);
+  ++rejected_;
+  ++rejected_by_reason_["queue_full"];
+}
+
 void Admission::CountInvalid() {
   MutexLock lock(&mu_);
   ++invalid_;

@@ -39,6 +39,10 @@ class Admission {
   void FreeKv(int64_t bytes);
   // Counts a validation refusal (for Stats).
   void CountInvalid();
+  // An admitted request the engine's queue could not take after all (another
+  // handler filled it in between): counted as refused with reason
+  // "queue_full", like an Admit refusal. Call after Complete.
+  void CountQueueFull();
   // After this every Admit fails with UNAVAILABLE.
   void StopAdmitting();
   bool draining() const;

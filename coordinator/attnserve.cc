@@ -14,23 +14,23 @@
 // command loop. SIGTERM/SIGINT to rank 0: stop admitting, finish what is in
 // flight (up to --shutdown-grace-seconds), stop the workers; every rank exits 0.
 // Workers ignore SIGTERM/SIGINT and wait for rank 0's shutdown command.
-#include <CLI/CLI.hpp>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
+#include <malloc.h>
 #include <oneapi/tbb/global_control.h>
 #include <oneapi/tbb/task_scheduler_observer.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
-#include <malloc.h>
 #include <unistd.h>
 
+#include <CLI/CLI.hpp>
 #include <atomic>
-#include <limits>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <limits>
 #include <sstream>
 #include <thread>
 
@@ -105,7 +105,8 @@ int main(int argc, char** argv) {
   app.set_config("--config", "", "read flags from a TOML/INI file (flag = value)");
   // A flag given twice takes its last value (a wrapper script sets defaults, the user overrides them).
   app.option_defaults()->multi_option_policy(CLI::MultiOptionPolicy::TakeLast);
-  std::string listen = "127.0.0.1:50051", metrics_listen, port_file, pid_file, tokens_file, tls_cert, tls_key;
+  std::string listen = "127.0.0.1:50051", metrics_listen, port_file, pid_file, tokens_file,
+              tls_cert, tls_key;
   AdmissionLimits admission_limits;
   RequestLimits request_limits;
   EngineLoopOptions loop_options;
@@ -116,7 +117,8 @@ int main(int argc, char** argv) {
   int readahead_chunks = 4;
   app.add_option("--listen", listen, "host:port to listen on (port 0 = any free port)")->capture_default_str();
   app.add_option("--metrics-listen", metrics_listen,
-                 "serve Prometheus metrics at http://HOST:PORT/metrics (port 0 = any free port, printed); off if unset")
+                 "serve Prometheus metrics at http://HOST:PORT/metrics (port 0 = any free port, "
+                 "printed); off if unset")
       ->check(CLI::Validator(
           [](std::string& value) {
             Result<HostPort> parsed = ParseHostPort(value, "");  // CLI11 prefixes the flag's name
@@ -152,7 +154,8 @@ int main(int argc, char** argv) {
   app.add_option("--max-heads", request_limits.max_heads, "query heads per session")->capture_default_str();
   app.add_option("--max-prefill-tokens", request_limits.max_prefill_tokens, "tokens per Prefill")->capture_default_str();
   app.add_option("--max-decode-tokens", request_limits.max_decode_tokens, "tokens per Decode")->capture_default_str();
-  app.add_option("--max-batch-entries", request_limits.max_batch_entries, "entries per DecodeBatch/AttendBatch call")
+  app.add_option("--max-batch-entries", request_limits.max_batch_entries,
+                 "entries per DecodeBatch/AttendBatch call")
       ->check(CLI::Range(1, 1 << 20))
       ->capture_default_str();
   app.add_option("--max-attend-tokens", request_limits.max_attend_tokens, "query tokens per Attend")
@@ -283,7 +286,8 @@ int main(int argc, char** argv) {
     if (max_streams > 0) builder.AddChannelArgument(GRPC_ARG_MAX_CONCURRENT_STREAMS, max_streams);
     if (!metrics_listen.empty()) {
       // Every call of every method, counted where its status is sent (see coordinator/metrics.h).
-      std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>> interceptors;
+      std::vector<std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>>
+          interceptors;
       interceptors.push_back(NewRpcMetricsInterceptorFactory(&rpc_metrics));
       builder.experimental().SetInterceptorCreators(std::move(interceptors));
     }
@@ -307,9 +311,12 @@ int main(int argc, char** argv) {
     sources.durable = storage.durable;
     sources.started = std::chrono::steady_clock::now();
     auto started = MetricsHttpServer::Start(*ParseHostPort(metrics_listen, "--metrics-listen"),
-                                            "[attnserve] --metrics-listen", [sources] { return RenderMetrics(sources); });
-    if (started.ok()) metrics_server = std::move(started).value();
-    else setup = started.status();
+                                            "[attnserve] --metrics-listen",
+                                            [sources] { return RenderMetrics(sources); });
+    if (started.ok())
+      metrics_server = std::move(started).value();
+    else
+      setup = started.status();
   }
   if (!setup.ok()) {
     std::fprintf(stderr, "[attnserve] %s\n", setup.ToString().c_str());
@@ -331,9 +338,10 @@ int main(int argc, char** argv) {
   }
   if (metrics_server) {
     const HostPort at = *ParseHostPort(metrics_listen, "--metrics-listen");
-    std::printf("[attnserve] metrics: http://%s:%d/metrics\n",
-                at.host.find(':') != std::string::npos ? ("[" + at.host + "]").c_str() : at.host.c_str(),
-                metrics_server->port());
+    std::printf(
+        "[attnserve] metrics: http://%s:%d/metrics\n",
+        at.host.find(':') != std::string::npos ? ("[" + at.host + "]").c_str() : at.host.c_str(),
+        metrics_server->port());
   }
   std::printf("[attnserve] ready: listening on %s:%d (pid %d, %d ranks, %d threads/rank, tls %s, auth %s, data-dir %s,"
               " %zu sessions restored)\n",

@@ -1,13 +1,12 @@
 #include "coordinator/engine_loop.h"
 
 #include <cstdio>
-
 #include <cstring>
 #include <map>
-
-#include "kernels/merge.h"
 #include <set>
 #include <tuple>
+
+#include "kernels/merge.h"
 
 namespace ringtree {
 
@@ -71,7 +70,8 @@ size_t EngineLoop::SubmitAll(std::vector<std::shared_ptr<WorkItem>> items) {
     std::lock_guard<std::mutex> lock(mu_);
     for (std::shared_ptr<WorkItem>& item : items) {
       // Deletes are never refused: they free memory and are not admitted work.
-      if (item->kind != WorkItem::Kind::kDelete && static_cast<int64_t>(queue_.size()) >= options_.max_queue) {
+      if (item->kind != WorkItem::Kind::kDelete &&
+          static_cast<int64_t>(queue_.size()) >= options_.max_queue) {
         break;
       }
       queue_.push_back(std::move(item));
@@ -135,7 +135,8 @@ Status EngineLoop::CheckDiskBudget(const SessionRecord& s, const std::vector<Pla
   return Status::Ok();
 }
 
-Status EngineLoop::AfterWrite(const std::vector<std::shared_ptr<SessionRecord>>& written, const EngineOutput& out) {
+Status EngineLoop::AfterWrite(const std::vector<std::shared_ptr<SessionRecord>>& written,
+                              const EngineOutput& out) {
   if (!out.rank_disk_bytes.empty()) {
     std::lock_guard<std::mutex> lock(placement_mu_);
     rank_disk_ = out.rank_disk_bytes;
@@ -288,11 +289,12 @@ std::vector<std::shared_ptr<WorkItem>> EngineLoop::NextStep(const std::function<
       const Key key{handle, item->layer};
       // Exact decodes/attends share a batch step; retrieval decodes/attends
       // and KV retrievals share a retrieval step; the other kinds run alone.
-      const bool retrieval = item->kind == WorkItem::Kind::kRetrieveKV ||
-                             ((item->kind == WorkItem::Kind::kDecode || item->kind == WorkItem::Kind::kAttend) &&
-                              item->retrieval.enabled);
-      const bool batchable =
-          retrieval || item->kind == WorkItem::Kind::kDecode || item->kind == WorkItem::Kind::kAttend;
+      const bool retrieval =
+          item->kind == WorkItem::Kind::kRetrieveKV ||
+          ((item->kind == WorkItem::Kind::kDecode || item->kind == WorkItem::Kind::kAttend) &&
+           item->retrieval.enabled);
+      const bool batchable = retrieval || item->kind == WorkItem::Kind::kDecode ||
+                             item->kind == WorkItem::Kind::kAttend;
       if (item->cancelled || now >= item->deadline ||
           (item->session->deleted && item->kind != WorkItem::Kind::kDelete)) {
         finished.push_back(std::move(item));
@@ -314,7 +316,8 @@ std::vector<std::shared_ptr<WorkItem>> EngineLoop::NextStep(const std::function<
         }
         continue;
       }
-      if (!step.empty() && retrieval != retrieval_step) {  // the other kind of step: next time, in order
+      if (!step.empty() &&
+          retrieval != retrieval_step) {  // the other kind of step: next time, in order
         blocked.insert(key);
         keep.push_back(std::move(item));
         continue;
@@ -355,7 +358,9 @@ Status EngineLoop::Run(const std::function<bool()>& should_exit) {
       case WorkItem::Kind::kAppend: RunAppend(*step[0]); break;
       case WorkItem::Kind::kPrefill: RunPrefill(*step[0]); break;
       case WorkItem::Kind::kDelete: RunDelete(*step[0]); break;
-      case WorkItem::Kind::kRetrieveKV: RunRetrieveStep(step); break;
+      case WorkItem::Kind::kRetrieveKV:
+        RunRetrieveStep(step);
+        break;
       default:
         if (step[0]->retrieval.enabled) {
           RunRetrieveStep(step);
@@ -388,7 +393,8 @@ Status EngineLoop::Run(const std::function<bool()>& should_exit) {
     std::fprintf(stderr, "[attnserve] checkpoint at shutdown: %s\n", st.ToString().c_str());
   }
   Status checkpointed = sessions_ ? sessions_->Checkpoint() : Status::Ok();
-  if (!checkpointed.ok()) std::fprintf(stderr, "[attnserve] metadata checkpoint: %s\n", checkpointed.ToString().c_str());
+  if (!checkpointed.ok())
+    std::fprintf(stderr, "[attnserve] metadata checkpoint: %s\n", checkpointed.ToString().c_str());
   Command shutdown;
   shutdown.kind = CommandKind::kShutdown;
   const std::string bytes = EncodeCommand(shutdown);
@@ -821,8 +827,8 @@ void EngineLoop::RunRetrieveStep(std::vector<std::shared_ptr<WorkItem>>& items) 
       RetrieveCommand r = p.base;
       r.group.q = p.item->q;
       if (p.item->kind == WorkItem::Kind::kDecode) {
-        r.group.new_rows = SliceRows(p.runs, d, p.item->first_position, p.item->session->shape.row_bytes(),
-                                     p.item->k, p.item->v);
+        r.group.new_rows = SliceRows(p.runs, d, p.item->first_position,
+                                     p.item->session->shape.row_bytes(), p.item->k, p.item->v);
       }
       commands[d].retrieves.push_back(std::move(r));
     }
@@ -835,8 +841,9 @@ void EngineLoop::RunRetrieveStep(std::vector<std::shared_ptr<WorkItem>>& items) 
     stats_.RecordBatch("retrieval", static_cast<int64_t>(plans.size()) - kv_only);
   }
   if (out.ok() && out->retrieved.size() != plans.size()) {
-    out = Status::Internal("[engine] retrieval step returned " + std::to_string(out->retrieved.size()) +
-                           " results for " + std::to_string(plans.size()) + " requests");
+    out = Status::Internal("[engine] retrieval step returned " +
+                           std::to_string(out->retrieved.size()) + " results for " +
+                           std::to_string(plans.size()) + " requests");
   }
   // The decodes that every rank applied become the sessions' state, made
   // durable together (one journal record); then every request completes.

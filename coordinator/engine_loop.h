@@ -172,7 +172,8 @@ class EngineLoop {
   // After a successful write step: records disk/hot bytes, persists the
   // metadata of every session the step wrote as one journal record (group
   // commit: one sync per step, whatever the number of sessions).
-  Status AfterWrite(const std::vector<std::shared_ptr<SessionRecord>>& written, const EngineOutput& out);
+  Status AfterWrite(const std::vector<std::shared_ptr<SessionRecord>>& written,
+                    const EngineOutput& out);
   // Sends per-rank commands to workers, executes rank 0's. Returns rank 0's output.
   Result<EngineOutput> Broadcast(std::vector<Command>& commands);
   // Ends an item: releases its admission, sets its status and wakes its

@@ -41,7 +41,8 @@ class PrometheusText {
   // One sample line `name{labels} value` (label values escaped).
   void Sample(const std::string& name, const Labels& labels, double value);
   // The _bucket (cumulative, le=..., +Inf), _sum and _count lines of a histogram.
-  void HistogramSamples(const std::string& name, const Labels& labels, const Histogram::Snapshot& h);
+  void HistogramSamples(const std::string& name, const Labels& labels,
+                        const Histogram::Snapshot& h);
   const std::string& text() const { return text_; }
 
  private:
@@ -76,8 +77,8 @@ class RpcMetrics {
 // records the call when its status is sent (PRE_SEND_STATUS); a call that
 // ends without sending one (its client went away first) counts as CANCELLED.
 // `metrics` must outlive the server.
-std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface> NewRpcMetricsInterceptorFactory(
-    RpcMetrics* metrics);
+std::unique_ptr<grpc::experimental::ServerInterceptorFactoryInterface>
+NewRpcMetricsInterceptorFactory(RpcMetrics* metrics);
 
 // What a scrape reads. Every pointer must outlive the metrics server.
 struct MetricsSources {

@@ -25,7 +25,8 @@ Result<HostPort> ParseHostPort(const std::string& text, const std::string& flag)
   }
   if (out.host.empty()) return bad("empty host (use 0.0.0.0 for every interface)");
   const std::string port = text.substr(colon + 1);
-  if (port.empty() || port.size() > 5 || port.find_first_not_of("0123456789") != std::string::npos) {
+  if (port.empty() || port.size() > 5 ||
+      port.find_first_not_of("0123456789") != std::string::npos) {
     return bad("port must be a number in 0..65535");
   }
   out.port = std::stoi(port);
@@ -39,10 +40,11 @@ struct MetricsHttpServer::Impl {
   std::atomic<bool> ended{false};  // listen_after_bind returned
 };
 
-MetricsHttpServer::MetricsHttpServer(std::unique_ptr<Impl> impl, int port) : impl_(std::move(impl)), port_(port) {}
+MetricsHttpServer::MetricsHttpServer(std::unique_ptr<Impl> impl, int port)
+    : impl_(std::move(impl)), port_(port) {}
 
-Result<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(const HostPort& at, const std::string& flag,
-                                                                    std::function<std::string()> render) {
+Result<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(
+    const HostPort& at, const std::string& flag, std::function<std::string()> render) {
   auto impl = std::make_unique<Impl>();
   httplib::Server& s = impl->server;
   // Scrapes are rare and cheap: two threads, not httplib's default of one per core (at least 8).
@@ -51,14 +53,16 @@ Result<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(const HostPo
   s.Get("/metrics", [render = std::move(render)](const httplib::Request&, httplib::Response& res) {
     res.set_content(render(), "text/plain; version=0.0.4; charset=utf-8");
   });
-  const std::string address = (at.host.find(':') != std::string::npos ? "[" + at.host + "]" : at.host) + ":" +
-                              std::to_string(at.port);
+  const std::string address =
+      (at.host.find(':') != std::string::npos ? "[" + at.host + "]" : at.host) + ":" +
+      std::to_string(at.port);
   int port = at.port;
   if (at.port == 0) {
     port = s.bind_to_any_port(at.host);
     if (port <= 0) return Status::Unavailable(flag + " " + address + ": cannot bind");
   } else if (!s.bind_to_port(at.host, at.port)) {
-    return Status::Unavailable(flag + " " + address + ": cannot bind (in use, or not an address of this host)");
+    return Status::Unavailable(flag + " " + address +
+                               ": cannot bind (in use, or not an address of this host)");
   }
   Impl* raw = impl.get();
   impl->thread = std::thread([raw] {
@@ -76,7 +80,8 @@ Result<std::unique_ptr<MetricsHttpServer>> MetricsHttpServer::Start(const HostPo
   // stop() only stops a server that is already running: wait until it runs
   // (or failed at once), so a destruction right after Start cannot leave the
   // thread listening.
-  while (!impl->server.is_running() && !impl->ended) std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  while (!impl->server.is_running() && !impl->ended)
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
   if (impl->ended) {
     impl->thread.join();
     return Status::Unavailable(flag + " " + address + ": cannot listen");

@@ -27,7 +27,8 @@ class MetricsHttpServer {
   // the text `render()` returns, called on the server's thread once per scrape
   // (it must be thread-safe against the rest of the process). Other paths are
   // 404. Errors: UNAVAILABLE naming `flag` and the address when it cannot bind.
-  static Result<std::unique_ptr<MetricsHttpServer>> Start(const HostPort& at, const std::string& flag,
+  static Result<std::unique_ptr<MetricsHttpServer>> Start(const HostPort& at,
+                                                          const std::string& flag,
                                                           std::function<std::string()> render);
   // Stops listening and joins the thread.
   ~MetricsHttpServer();

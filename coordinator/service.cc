@@ -1,5 +1,7 @@
 #include "coordinator/service.h"
 
+#include <google/protobuf/unknown_field_set.h>
+
 #include <atomic>
 #include <cmath>
 #include <cstring>
@@ -8,8 +10,6 @@
 
 #include "kernels/attention.h"
 #include "rpc/tensor_codec.h"
-
-#include <google/protobuf/unknown_field_set.h>
 
 namespace ringtree {
 
@@ -311,6 +311,7 @@ std::optional<grpc::Status> AttentionServiceImpl::Enqueue(const char* method, co
   item->reserved_kv_bytes = kv_bytes;
   if (!engine_.Submit(item)) {
     admission_.Complete(kv_bytes);
+    admission_.CountQueueFull();
     return grpc::Status(grpc::StatusCode::RESOURCE_EXHAUSTED, Tag(method) + "queue full (--max-queue)");
   }
   return std::nullopt;
@@ -734,12 +735,15 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Decode(grpc::CallbackServerConte
 }
 
 std::optional<grpc::Status> AttentionServiceImpl::StartDecode(grpc::CallbackServerContext& context,
-                                                             const v1::DecodeRequest& request,
-                                                             v1::DecodeResponse* response, UnaryCall* call) {
+                                                              const v1::DecodeRequest& request,
+                                                              v1::DecodeResponse* response,
+                                                              UnaryCall* call) {
   const char* m = "Decode";
   const auto start = Clock::now();
   std::shared_ptr<SessionRecord> session;
-  if (grpc::Status g = FindLayer(context, request.session_id(), request.layer(), m, &session); !g.ok()) return g;
+  if (grpc::Status g = FindLayer(context, request.session_id(), request.layer(), m, &session);
+      !g.ok())
+    return g;
   std::shared_ptr<WorkItem> item;
   DType out_dtype;
   const DecodeFields fields{request.layer(),
@@ -751,7 +755,9 @@ std::optional<grpc::Status> AttentionServiceImpl::StartDecode(grpc::CallbackServ
                             request.has_expected_layer_tokens()
                                 ? std::optional<int64_t>(request.expected_layer_tokens())
                                 : std::nullopt};
-  if (grpc::Status g = PrepareDecode(m, start, std::move(session), fields, &item, &out_dtype); !g.ok()) return g;
+  if (grpc::Status g = PrepareDecode(m, start, std::move(session), fields, &item, &out_dtype);
+      !g.ok())
+    return g;
   item->on_done = Responder(m, start, item.get(), response, call, out_dtype);
   call->Watch(item);  // from Enqueue on, only on_done (completer thread) touches the call
   std::optional<grpc::Status> refused = Enqueue(m, context, item, item->reserved_kv_bytes);
@@ -760,20 +766,22 @@ std::optional<grpc::Status> AttentionServiceImpl::StartDecode(grpc::CallbackServ
 }
 
 grpc::Status AttentionServiceImpl::PrepareDecode(const char* m, Clock::time_point start,
-                                                 std::shared_ptr<SessionRecord> session, const DecodeFields& f,
+                                                 std::shared_ptr<SessionRecord> session,
+                                                 const DecodeFields& f,
                                                  std::shared_ptr<WorkItem>* out, DType* out_dtype) {
   const SessionShape& shape = session->shape;
   DType qd, kd, vd;
   int64_t qt = 0, kt = 0, vt = 0;
-  if (Status st = CheckTensor(f.q, m, "q", shape.heads, shape.head_dim, 1, limits_.max_decode_tokens, -1, &qd, &qt);
+  if (Status st = CheckTensor(f.q, m, "q", shape.heads, shape.head_dim, 1,
+                              limits_.max_decode_tokens, -1, &qd, &qt);
       !st.ok())
     return Invalid(m, st);
-  if (Status st =
-          CheckTensor(f.k, m, "k", shape.kv_heads, shape.head_dim, 1, limits_.max_decode_tokens, qt, &kd, &kt);
+  if (Status st = CheckTensor(f.k, m, "k", shape.kv_heads, shape.head_dim, 1,
+                              limits_.max_decode_tokens, qt, &kd, &kt);
       !st.ok())
     return Invalid(m, st);
-  if (Status st =
-          CheckTensor(f.v, m, "v", shape.kv_heads, shape.head_dim, 1, limits_.max_decode_tokens, qt, &vd, &vt);
+  if (Status st = CheckTensor(f.v, m, "v", shape.kv_heads, shape.head_dim, 1,
+                              limits_.max_decode_tokens, qt, &vd, &vt);
       !st.ok())
     return Invalid(m, st);
   if (Status st = CheckOptions(f.options, m, out_dtype); !st.ok()) return Invalid(m, st);
@@ -782,7 +790,8 @@ grpc::Status AttentionServiceImpl::PrepareDecode(const char* m, Clock::time_poin
     if (shape.attention_window > 0) return Invalid(m, NotWithAttentionWindow("Decode with retrieval"));
     if (Status st = CheckRetrieval(*f.retrieval, m, &retrieval); !st.ok()) return Invalid(m, st);
   }
-  if (Status st = CheckExpectedLayerTokens(f.expected_layer_tokens.has_value(), f.expected_layer_tokens.value_or(0), m);
+  if (Status st = CheckExpectedLayerTokens(f.expected_layer_tokens.has_value(),
+                                           f.expected_layer_tokens.value_or(0), m);
       !st.ok())
     return Invalid(m, st);
   auto item = std::make_shared<WorkItem>();
@@ -822,17 +831,22 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Attend(grpc::CallbackServerConte
 }
 
 std::optional<grpc::Status> AttentionServiceImpl::StartAttend(grpc::CallbackServerContext& context,
-                                                             const v1::AttendRequest& request,
-                                                             v1::AttendResponse* response, UnaryCall* call) {
+                                                              const v1::AttendRequest& request,
+                                                              v1::AttendResponse* response,
+                                                              UnaryCall* call) {
   const char* m = "Attend";
   const auto start = Clock::now();
   std::shared_ptr<SessionRecord> session;
-  if (grpc::Status g = FindLayer(context, request.session_id(), request.layer(), m, &session); !g.ok()) return g;
+  if (grpc::Status g = FindLayer(context, request.session_id(), request.layer(), m, &session);
+      !g.ok())
+    return g;
   std::shared_ptr<WorkItem> item;
   DType out_dtype;
   const AttendFields fields{request.layer(), request.q(), request.options(),
                             request.has_retrieval() ? &request.retrieval() : nullptr};
-  if (grpc::Status g = PrepareAttend(m, start, std::move(session), fields, &item, &out_dtype); !g.ok()) return g;
+  if (grpc::Status g = PrepareAttend(m, start, std::move(session), fields, &item, &out_dtype);
+      !g.ok())
+    return g;
   item->on_done = Responder(m, start, item.get(), response, call, out_dtype);
   call->Watch(item);  // from Enqueue on, only on_done (completer thread) touches the call
   std::optional<grpc::Status> refused = Enqueue(m, context, item, 0);
@@ -841,13 +855,15 @@ std::optional<grpc::Status> AttentionServiceImpl::StartAttend(grpc::CallbackServ
 }
 
 grpc::Status AttentionServiceImpl::PrepareAttend(const char* m, Clock::time_point start,
-                                                 std::shared_ptr<SessionRecord> session, const AttendFields& f,
+                                                 std::shared_ptr<SessionRecord> session,
+                                                 const AttendFields& f,
                                                  std::shared_ptr<WorkItem>* out, DType* out_dtype) {
   const SessionShape& shape = session->shape;
   if (shape.attention_window > 0) return Invalid(m, NotWithAttentionWindow("Attend"));
   DType qd;
   int64_t qt = 0;
-  if (Status st = CheckTensor(f.q, m, "q", shape.heads, shape.head_dim, 1, limits_.max_attend_tokens, -1, &qd, &qt);
+  if (Status st = CheckTensor(f.q, m, "q", shape.heads, shape.head_dim, 1,
+                              limits_.max_attend_tokens, -1, &qd, &qt);
       !st.ok())
     return Invalid(m, st);
   if (Status st = CheckOptions(f.options, m, out_dtype); !st.ok()) return Invalid(m, st);
@@ -929,7 +945,8 @@ void PutEntryStatus(int index, const grpc::Status& g, v1::EntryStatus* out) {
   const std::string rest = msg.substr(at);
   const size_t colon = rest.find(':'), space = rest.find(' ');
   const bool field = colon != std::string::npos && (space == std::string::npos || colon < space);
-  out->set_message(msg.substr(0, at) + "entries[" + std::to_string(index) + "]" + (field ? "." : ": ") + rest);
+  out->set_message(msg.substr(0, at) + "entries[" + std::to_string(index) + "]" +
+                   (field ? "." : ": ") + rest);
 }
 
 // A finished entry's outputs into its result.
@@ -940,7 +957,8 @@ void PutEntryResult(const char* method, int index, const WorkItem& w, DType out_
   if (!g.ok()) return;
   const SessionShape& shape = w.session->shape;
   ToProto(w.o.data(), {w.q_tokens, shape.heads, shape.head_dim}, out_dtype, r->mutable_o());
-  if (w.return_lse) ToProto(w.lse.data(), {w.q_tokens, shape.heads}, DType::kFloat32, r->mutable_lse());
+  if (w.return_lse)
+    ToProto(w.lse.data(), {w.q_tokens, shape.heads}, DType::kFloat32, r->mutable_lse());
   if constexpr (std::is_same_v<Result, v1::DecodeResult>) r->set_first_position(w.first_position);
   r->set_layer_tokens(w.layer_tokens);
   if (w.retrieval.enabled) PutRetrievalInfo(w.retrieval_out, r->mutable_retrieval());
@@ -952,22 +970,26 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::DecodeBatch(grpc::CallbackServer
                                                             const v1::DecodeBatchRequest* request,
                                                             v1::DecodeBatchResponse* response) {
   auto* call = new BatchCall;
-  auto prepare = [this, request](const char* m, Clock::time_point start, const std::string& tenant, int i,
-                                 std::shared_ptr<WorkItem>* item, DType* out_dtype) {
+  auto prepare = [this, request](const char* m, Clock::time_point start, const std::string& tenant,
+                                 int i, std::shared_ptr<WorkItem>* item, DType* out_dtype) {
     const v1::DecodeEntry& e = request->entries(i);
     std::shared_ptr<SessionRecord> session;
-    if (grpc::Status g = FindEntryLayer(tenant, e.session_id(), request->layer(), m, &session); !g.ok()) return g;
+    if (grpc::Status g = FindEntryLayer(tenant, e.session_id(), request->layer(), m, &session);
+        !g.ok())
+      return g;
     const DecodeFields fields{request->layer(),
                               e.q(),
                               e.k(),
                               e.v(),
                               request->options(),
                               e.has_retrieval() ? &e.retrieval() : nullptr,
-                              e.has_expected_layer_tokens() ? std::optional<int64_t>(e.expected_layer_tokens())
-                                                            : std::nullopt};
+                              e.has_expected_layer_tokens()
+                                  ? std::optional<int64_t>(e.expected_layer_tokens())
+                                  : std::nullopt};
     return PrepareDecode(m, start, std::move(session), fields, item, out_dtype);
   };
-  if (std::optional<grpc::Status> now = StartBatch("DecodeBatch", *context, *request, response, call, prepare)) {
+  if (std::optional<grpc::Status> now =
+          StartBatch("DecodeBatch", *context, *request, response, call, prepare)) {
     call->Finish(*now);
   }
   return call;
@@ -977,23 +999,28 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::AttendBatch(grpc::CallbackServer
                                                             const v1::AttendBatchRequest* request,
                                                             v1::AttendBatchResponse* response) {
   auto* call = new BatchCall;
-  auto prepare = [this, request](const char* m, Clock::time_point start, const std::string& tenant, int i,
-                                 std::shared_ptr<WorkItem>* item, DType* out_dtype) {
+  auto prepare = [this, request](const char* m, Clock::time_point start, const std::string& tenant,
+                                 int i, std::shared_ptr<WorkItem>* item, DType* out_dtype) {
     const v1::AttendEntry& e = request->entries(i);
     std::shared_ptr<SessionRecord> session;
-    if (grpc::Status g = FindEntryLayer(tenant, e.session_id(), request->layer(), m, &session); !g.ok()) return g;
+    if (grpc::Status g = FindEntryLayer(tenant, e.session_id(), request->layer(), m, &session);
+        !g.ok())
+      return g;
     const AttendFields fields{request->layer(), e.q(), request->options(),
                               e.has_retrieval() ? &e.retrieval() : nullptr};
     return PrepareAttend(m, start, std::move(session), fields, item, out_dtype);
   };
-  if (std::optional<grpc::Status> now = StartBatch("AttendBatch", *context, *request, response, call, prepare)) {
+  if (std::optional<grpc::Status> now =
+          StartBatch("AttendBatch", *context, *request, response, call, prepare)) {
     call->Finish(*now);
   }
   return call;
 }
 
-grpc::Status AttentionServiceImpl::FindEntryLayer(const std::string& tenant, const std::string& session_id, int layer,
-                                                  const char* method, std::shared_ptr<SessionRecord>* session) {
+grpc::Status AttentionServiceImpl::FindEntryLayer(const std::string& tenant,
+                                                  const std::string& session_id, int layer,
+                                                  const char* method,
+                                                  std::shared_ptr<SessionRecord>* session) {
   auto found = FindSession(tenant, session_id, method);
   if (!found.ok()) return Invalid(method, found.status());
   if (Status st = CheckLayer(layer, **found, method); !st.ok()) return Invalid(method, st);
@@ -1002,21 +1029,24 @@ grpc::Status AttentionServiceImpl::FindEntryLayer(const std::string& tenant, con
 }
 
 template <typename Request, typename Response, typename Prepare>
-std::optional<grpc::Status> AttentionServiceImpl::StartBatch(const char* m, grpc::CallbackServerContext& context,
-                                                            const Request& request, Response* response,
-                                                            BatchCall* call, const Prepare& prepare) {
+std::optional<grpc::Status> AttentionServiceImpl::StartBatch(const char* m,
+                                                             grpc::CallbackServerContext& context,
+                                                             const Request& request,
+                                                             Response* response, BatchCall* call,
+                                                             const Prepare& prepare) {
   const auto start = Clock::now();
   std::string tenant;
   if (grpc::Status a = auth_.Authenticate(context, &tenant); !a.ok()) return a;
   const int n = request.entries_size();
   if (n == 0 || n > limits_.max_batch_entries) {
-    return Invalid(m, Status::InvalidArgument(Tag(m) + "entries: " + std::to_string(n) + " entries, allowed [1, " +
-                                              std::to_string(limits_.max_batch_entries) +
-                                              "] (--max-batch-entries)"));
+    return Invalid(m, Status::InvalidArgument(
+                          Tag(m) + "entries: " + std::to_string(n) + " entries, allowed [1, " +
+                          std::to_string(limits_.max_batch_entries) + "] (--max-batch-entries)"));
   }
   const Clock::time_point deadline = SteadyDeadline(context);
   if (deadline != Clock::time_point::max() && Clock::now() + kMinDeadlineLeft >= deadline) {
-    grpc::Status g(grpc::StatusCode::DEADLINE_EXCEEDED, Tag(m) + "deadline expired before admission");
+    grpc::Status g(grpc::StatusCode::DEADLINE_EXCEEDED,
+                   Tag(m) + "deadline expired before admission");
     Record(m, start, g);
     return g;
   }
@@ -1057,7 +1087,9 @@ std::optional<grpc::Status> AttentionServiceImpl::StartBatch(const char* m, grpc
   // Entries that did not fit in the queue: refused, never run.
   for (size_t j = queued; j < items.size(); ++j) {
     admission_.Complete(items[j]->reserved_kv_bytes);
-    const grpc::Status full(grpc::StatusCode::RESOURCE_EXHAUSTED, Tag(m) + "queue full (--max-queue)");
+    admission_.CountQueueFull();
+    const grpc::Status full(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                            Tag(m) + "queue full (--max-queue)");
     PutEntryStatus(slots[j], full, response->mutable_results(slots[j])->mutable_status());
     call->Release();  // never the last: the handler's own hold remains
   }

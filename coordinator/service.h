@@ -62,10 +62,13 @@ class BatchCall;  // service.cc: the reactor of one DecodeBatch/AttendBatch call
 // handler runs (the client would see INTERNAL with an empty message), so
 // these check config.name / session_id first and answer INVALID_ARGUMENT
 // naming the field.
-using AttentionServiceBase = v1::AttentionService::WithCallbackMethod_Decode<
-    v1::AttentionService::WithCallbackMethod_Attend<v1::AttentionService::WithCallbackMethod_DecodeBatch<
-        v1::AttentionService::WithCallbackMethod_AttendBatch<v1::AttentionService::WithRawCallbackMethod_CreateSession<
-            v1::AttentionService::WithRawCallbackMethod_GetSession<v1::AttentionService::Service>>>>>>;
+using AttentionServiceBase =
+    v1::AttentionService::WithCallbackMethod_Decode<v1::AttentionService::WithCallbackMethod_Attend<
+        v1::AttentionService::WithCallbackMethod_DecodeBatch<
+            v1::AttentionService::WithCallbackMethod_AttendBatch<
+                v1::AttentionService::WithRawCallbackMethod_CreateSession<
+                    v1::AttentionService::WithRawCallbackMethod_GetSession<
+                        v1::AttentionService::Service>>>>>>;
 
 class AttentionServiceImpl final : public AttentionServiceBase {
  public:
@@ -92,9 +95,11 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   // Many sessions' decodes (attends) for one layer in one call: each entry
   // is validated, admitted and answered on its own; the exact entries share
   // engine steps. See DecodeBatchRequest in the proto.
-  grpc::ServerUnaryReactor* DecodeBatch(grpc::CallbackServerContext* context, const v1::DecodeBatchRequest* request,
+  grpc::ServerUnaryReactor* DecodeBatch(grpc::CallbackServerContext* context,
+                                        const v1::DecodeBatchRequest* request,
                                         v1::DecodeBatchResponse* response) override;
-  grpc::ServerUnaryReactor* AttendBatch(grpc::CallbackServerContext* context, const v1::AttendBatchRequest* request,
+  grpc::ServerUnaryReactor* AttendBatch(grpc::CallbackServerContext* context,
+                                        const v1::AttendBatchRequest* request,
                                         v1::AttendBatchResponse* response) override;
   grpc::Status RetrieveKV(grpc::ServerContext* context, const v1::RetrieveKVRequest* request,
                           grpc::ServerWriter<v1::RetrieveKVResponse>* writer) override;
@@ -156,11 +161,11 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   // entry's completion finishes the call.
   template <typename Request, typename Response, typename Prepare>
   std::optional<grpc::Status> StartBatch(const char* method, grpc::CallbackServerContext& context,
-                                         const Request& request, Response* response, BatchCall* call,
-                                         const Prepare& prepare);
+                                         const Request& request, Response* response,
+                                         BatchCall* call, const Prepare& prepare);
   // A batch entry's session (of `tenant`) and layer check; refusals counted.
-  grpc::Status FindEntryLayer(const std::string& tenant, const std::string& session_id, int layer, const char* method,
-                              std::shared_ptr<SessionRecord>* session);
+  grpc::Status FindEntryLayer(const std::string& tenant, const std::string& session_id, int layer,
+                              const char* method, std::shared_ptr<SessionRecord>* session);
   Result<std::shared_ptr<SessionRecord>> FindSession(const std::string& tenant, const std::string& id,
                                                      const char* method) const;
   void Record(const char* method, std::chrono::steady_clock::time_point start, const grpc::Status& status);

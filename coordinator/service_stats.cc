@@ -28,7 +28,9 @@ void ServiceStats::RecordBatch(const std::string& kind, int64_t requests) {
   b.requests += requests;
   b.max = std::max(b.max, requests);
   std::unique_ptr<Histogram>& h = batch_sizes_[kind];
-  if (!h) h = std::make_unique<Histogram>(std::vector<double>{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024});
+  if (!h)
+    h = std::make_unique<Histogram>(
+        std::vector<double>{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024});
   h->Observe(static_cast<double>(requests));
 }
 

@@ -6,9 +6,8 @@
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
-#include <set>
-
 #include <nlohmann/json.hpp>
+#include <set>
 
 #include "worker/spans/file_sync.h"    // SyncFileData: counted for the metrics
 #include "worker/spans/span_format.h"  // WriteFileAtomically, ReadWholeFile, durable directories
@@ -25,14 +24,16 @@ nlohmann::json LayoutJson(const SessionRecord& record) {
   std::lock_guard<std::mutex> lock(record.mu);
   nlohmann::json layers = nlohmann::json::array();
   for (const LayerLayout& l : record.layers) {
-    layers.push_back({{"tokens", l.tokens}, {"rank_tokens", l.rank_tokens}, {"open_span_rank", l.open_span_rank}});
+    layers.push_back({{"tokens", l.tokens},
+                      {"rank_tokens", l.rank_tokens},
+                      {"open_span_rank", l.open_span_rank}});
   }
   return {{"id", record.id}, {"layers", std::move(layers)}, {"kv_bytes", record.kv_bytes}};
 }
 
 // Parses LayoutJson's layers into `layers`; DATA_LOSS naming `where`.
-Status ParseLayers(const nlohmann::json& j, int world_size, int expected_layers, const std::string& where,
-                   std::vector<LayerLayout>* layers) {
+Status ParseLayers(const nlohmann::json& j, int world_size, int expected_layers,
+                   const std::string& where, std::vector<LayerLayout>* layers) {
   layers->clear();
   for (const auto& l : j) {
     LayerLayout layout;
@@ -53,7 +54,8 @@ Status ParseLayers(const nlohmann::json& j, int world_size, int expected_layers,
 }
 
 Status JournalError(const char* op, const std::string& path) {
-  return Status::IoError(std::string("[sessions] ") + op + " " + path + ": " + std::strerror(errno));
+  return Status::IoError(std::string("[sessions] ") + op + " " + path + ": " +
+                         std::strerror(errno));
 }
 
 }  // namespace
@@ -73,7 +75,8 @@ Status SessionStore::Save(const SessionRecord& record) const {
   return SaveLocked(record, seq_);
 }
 
-Status SessionStore::CommitLayouts(const std::vector<std::shared_ptr<SessionRecord>>& records) const {
+Status SessionStore::CommitLayouts(
+    const std::vector<std::shared_ptr<SessionRecord>>& records) const {
   if (!enabled() || records.empty()) return Status::Ok();
   std::lock_guard<std::mutex> lock(journal_mu_);
   if (journal_bytes_ > kCheckpointBytes) RINGTREE_RETURN_IF_ERROR(CheckpointLocked());
@@ -95,7 +98,8 @@ Status SessionStore::CommitLayouts(const std::vector<std::shared_ptr<SessionReco
   for (const auto& r : records) {
     if (r && seen.insert(r.get()).second) sessions.push_back(LayoutJson(*r));
   }
-  const std::string payload = nlohmann::json{{"seq", seq}, {"sessions", std::move(sessions)}}.dump();
+  const std::string payload =
+      nlohmann::json{{"seq", seq}, {"sessions", std::move(sessions)}}.dump();
   std::string record(kJournalHeader, '\0');
   const uint32_t magic = kJournalMagic, length = static_cast<uint32_t>(payload.size());
   const uint64_t sum = Checksum64(payload.data(), payload.size());
@@ -222,7 +226,8 @@ Result<std::vector<std::shared_ptr<SessionRecord>>> SessionStore::LoadAll(int wo
       config.set_name(c.at("name").get<std::string>());
       record->shape = ShapeOf(config);
       record->shape.handle = j.at("handle").get<uint64_t>();
-      RINGTREE_RETURN_IF_ERROR(ParseLayers(j.at("layers"), world_size, config.layers(), path, &record->layers));
+      RINGTREE_RETURN_IF_ERROR(
+          ParseLayers(j.at("layers"), world_size, config.layers(), path, &record->layers));
       file_seq[record->id] = j.value("seq", uint64_t{0});  // absent before the journal (2026-11-30)
       record->kv_bytes = j.at("kv_bytes").get<int64_t>();
     } catch (const std::exception& e) {
@@ -254,17 +259,19 @@ Result<std::vector<std::shared_ptr<SessionRecord>>> SessionStore::LoadAll(int wo
       const uint64_t seq = j.at("seq").get<uint64_t>();
       for (const auto& e : j.at("sessions")) {
         auto it = by_id.find(e.at("id").get<std::string>());
-        if (it == by_id.end() || seq <= file_seq[it->first]) continue;  // deleted, or the file is newer
+        if (it == by_id.end() || seq <= file_seq[it->first])
+          continue;  // deleted, or the file is newer
         SessionRecord& r = *it->second;
-        RINGTREE_RETURN_IF_ERROR(
-            ParseLayers(e.at("layers"), world_size, r.config.layers(), path + " (record " + std::to_string(seq) + ")",
-                        &r.layers));
+        RINGTREE_RETURN_IF_ERROR(ParseLayers(e.at("layers"), world_size, r.config.layers(),
+                                             path + " (record " + std::to_string(seq) + ")",
+                                             &r.layers));
         r.kv_bytes = e.at("kv_bytes").get<int64_t>();
         journaled_[r.id] = it->second;
       }
       seq_ = std::max(seq_, seq);
     } catch (const std::exception& e) {
-      return Status::DataLoss("[sessions] " + path + ": a record with a valid checksum does not parse: " + e.what());
+      return Status::DataLoss("[sessions] " + path +
+                              ": a record with a valid checksum does not parse: " + e.what());
     }
     at += kJournalHeader + length;
   }

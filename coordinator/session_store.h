@@ -74,9 +74,9 @@ class SessionStore {
   Status CheckpointLocked() const;
   const std::string data_dir_;
   mutable std::mutex journal_mu_;
-  mutable int journal_fd_ = -1;     // open for append; -1 until the first commit
+  mutable int journal_fd_ = -1;  // open for append; -1 until the first commit
   mutable int64_t journal_bytes_ = 0;
-  mutable uint64_t seq_ = 0;        // number of the last committed state
+  mutable uint64_t seq_ = 0;  // number of the last committed state
   mutable int64_t journal_syncs_ = 0;
   // Sessions with journal records since the last checkpoint.
   mutable std::map<std::string, std::weak_ptr<SessionRecord>> journaled_;

@@ -94,7 +94,8 @@ Status ValidateLocal(const char* op, const HeadConfig& hc, std::span<const Query
   for (const QueryBlock& b : queries) RINGTREE_RETURN_IF_ERROR(check_masks(b.tokens, b.position_offset, 0, 0));
   for (const KvBlock& b : kv) RINGTREE_RETURN_IF_ERROR(check_masks(0, 0, b.tokens, b.position_offset));
   if (options.band_width < 0 || options.band_width > 4096)
-    return Status::InvalidArgument(std::string("[") + op + "] band_width must be in [0, 4096], got " +
+    return Status::InvalidArgument(std::string("[") + op +
+                                   "] band_width must be in [0, 4096], got " +
                                    std::to_string(options.band_width));
   for (size_t i = 0; i < queries.size(); ++i) {
     const QueryBlock& b = queries[i];
@@ -129,7 +130,8 @@ class RingAccumulator {
       const int64_t rows = qb.tokens * hc.heads;
       lse_[i].assign(static_cast<size_t>(rows), kNegInf);
       std::fill(qb.o, qb.o + rows * hc.head_dim, 0.0f);
-      if (Capturing(qb)) std::fill(qb.band, qb.band + qb.tokens * hc.kv_heads * options.band_width, 0.0f);
+      if (Capturing(qb))
+        std::fill(qb.band, qb.band + qb.tokens * hc.kv_heads * options.band_width, 0.0f);
       max_rows_ = std::max(max_rows_, rows);
     }
     part_o_.resize(static_cast<size_t>(max_rows_) * hc.head_dim);
@@ -140,14 +142,17 @@ class RingAccumulator {
   // block covering the query block's positions) wait for the last call.
   enum class Pairs { kAll, kNotDiagonal, kDiagonal };
 
-  bool Capturing(const QueryBlock& qb) const { return options_.band_width > 0 && qb.band != nullptr; }
+  bool Capturing(const QueryBlock& qb) const {
+    return options_.band_width > 0 && qb.band != nullptr;
+  }
   static bool Covers(const KvBlock& kb, const QueryBlock& qb) {
     return kb.position_offset <= qb.position_offset &&
            qb.position_offset + qb.tokens <= kb.position_offset + kb.tokens;
   }
 
   template <typename Progress>
-  Status Accumulate(std::span<const KvBlock> kv, PhaseTimings* t, Progress&& progress, Pairs pairs = Pairs::kAll) {
+  Status Accumulate(std::span<const KvBlock> kv, PhaseTimings* t, Progress&& progress,
+                    Pairs pairs = Pairs::kAll) {
     for (size_t qi = 0; qi < queries_.size(); ++qi) {
       const QueryBlock& qb = queries_[qi];
       if (qb.tokens == 0) continue;
@@ -161,7 +166,8 @@ class RingAccumulator {
       for (const KvBlock& kb : kv) {
         if (kb.tokens == 0) continue;
         const bool diagonal = capturing && Covers(kb, qb);
-        if ((pairs == Pairs::kNotDiagonal && diagonal) || (pairs == Pairs::kDiagonal && !diagonal)) continue;
+        if ((pairs == Pairs::kNotDiagonal && diagonal) || (pairs == Pairs::kDiagonal && !diagonal))
+          continue;
         const int64_t k_first = kb.position_offset, k_last = kb.position_offset + kb.tokens - 1;
         if (k_first > seen.last || k_last < seen.first) {  // fully masked: never computed
           if (t) t->skipped_pairs += 1;
@@ -380,7 +386,8 @@ Status RunRing(const char* op, const Communicator& comm, const HeadConfig& hc,
     Status computed = kernel_failure.ok() ? InjectedRingFault(rank, step) : Status::Ok();
     if (kernel_failure.ok() && computed.ok()) {
       if (step == 0) {
-        computed = acc.Accumulate(local_kv, &local_t, progress, RingAccumulator::Pairs::kNotDiagonal);
+        computed =
+            acc.Accumulate(local_kv, &local_t, progress, RingAccumulator::Pairs::kNotDiagonal);
       } else {
         std::vector<KvBlock> blocks = view(owner, buffers[cur]);
         computed = acc.Accumulate(blocks, &local_t, progress);
@@ -402,7 +409,8 @@ Status RunRing(const char* op, const Communicator& comm, const HeadConfig& hc,
   }
   // Band capture: the diagonal pairs, deferred from step 0 (a no-op without capture).
   if (failure.ok() && kernel_failure.ok()) {
-    Status diagonal = acc.Accumulate(local_kv, &local_t, [] {}, RingAccumulator::Pairs::kDiagonal);
+    Status diagonal = acc.Accumulate(
+        local_kv, &local_t, [] {}, RingAccumulator::Pairs::kDiagonal);
     if (!diagonal.ok()) kernel_failure = diagonal;
   }
   // Only MPI failures leave the ring early. A kernel error on one rank is

@@ -42,7 +42,8 @@ Status ValidateMasks(const AttentionShape& s, const AttentionOptions& opt) {
       return Status::InvalidArgument("[attention] band.width must be in [1, 4096], got " +
                                      std::to_string(opt.band->width));
     if (opt.band->mass == nullptr && s.q_tokens > 0)
-      return Status::InvalidArgument("[attention] band.mass must not be null ([q_tokens, kv_heads, width] floats)");
+      return Status::InvalidArgument(
+          "[attention] band.mass must not be null ([q_tokens, kv_heads, width] floats)");
   }
   if (opt.window < 0) return Status::InvalidArgument("[attention] window must be >= 0, got " + std::to_string(opt.window));
   if (opt.window > 0 && !opt.causal)
@@ -100,12 +101,13 @@ void BandBegin(TileBand& b, int rows) {
   std::fill(b.scores, b.scores + n, kNegInf);
 }
 
-void BandCapture(TileBand& b, int64_t t0, int tokens, int G, int64_t j0, int nk, const float* s, int64_t row_stride,
-                 int64_t col_stride) {
+void BandCapture(TileBand& b, int64_t t0, int tokens, int G, int64_t j0, int nk, const float* s,
+                 int64_t row_stride, int64_t col_stride) {
   const int W = b.band->width;
   for (int tl = 0; tl < tokens; ++tl) {
     const int64_t own = t0 + tl + b.diag;  // key index at the query's own position
-    const int64_t j_lo = std::max<int64_t>(j0, own - W + 1), j_hi = std::min<int64_t>(j0 + nk - 1, own);
+    const int64_t j_lo = std::max<int64_t>(j0, own - W + 1),
+                  j_hi = std::min<int64_t>(j0 + nk - 1, own);
     for (int64_t j = j_lo; j <= j_hi; ++j)
       for (int g = 0; g < G; ++g) {
         const int64_t r = static_cast<int64_t>(tl) * G + g;
@@ -114,8 +116,8 @@ void BandCapture(TileBand& b, int64_t t0, int tokens, int G, int64_t j0, int nk,
   }
 }
 
-void BandFinish(const TileBand& b, int64_t t0, int tokens, int G, int hk, const AttentionShape& shape, const float* m,
-                const float* l) {
+void BandFinish(const TileBand& b, int64_t t0, int tokens, int G, int hk,
+                const AttentionShape& shape, const float* m, const float* l) {
   const int W = b.band->width, H = shape.heads, Hkv = shape.kv_heads;
   for (int tl = 0; tl < tokens; ++tl) {
     float* out = b.band->mass + ((t0 + tl) * Hkv + hk) * W;
@@ -162,8 +164,8 @@ constexpr int kKeyBlock = 256;
 
 // AttentionOptions::band for few queries, given the call's lse [Tq, H]:
 // scores of the band's keys recomputed (float32, as the kernels do).
-void BandFromLse(const float* q, const void* k, DType kv_dtype, const AttentionShape& s, const AttentionOptions& opt,
-                 const float* lse) {
+void BandFromLse(const float* q, const void* k, DType kv_dtype, const AttentionShape& s,
+                 const AttentionOptions& opt, const float* lse) {
   const AttentionBand& band = *opt.band;
   const int D = s.head_dim, H = s.heads, Hkv = s.kv_heads, G = H / Hkv, W = band.width;
   const float scale = ResolveScale(opt, D);
@@ -177,7 +179,8 @@ void BandFromLse(const float* q, const void* k, DType kv_dtype, const AttentionS
       if (j < 0 || j >= s.kv_tokens || kpos < visible.first || kpos > visible.last) continue;
       for (int hk = 0; hk < Hkv; ++hk) {
         const size_t elem = static_cast<size_t>((j * Hkv + hk) * D);
-        ConvertToFloat32(kv_dtype, static_cast<const uint8_t*>(k) + elem * DTypeSize(kv_dtype), kr.data(), D);
+        ConvertToFloat32(kv_dtype, static_cast<const uint8_t*>(k) + elem * DTypeSize(kv_dtype),
+                         kr.data(), D);
         float sum = 0.0f;
         for (int g = 0; g < G; ++g) {
           const int h = hk * G + g;
@@ -202,9 +205,10 @@ void BandFromLse(const float* q, const void* k, DType kv_dtype, const AttentionS
 // with all `group` query heads that share hk, stacked as rows (t, g); the
 // products on OpenBLAS. Token t sees key indices [first[t-t0], last[t-t0]].
 // Returns the number of key blocks computed.
-int64_t PrefillTileBlas(const float* q, const void* k, const void* v, DType kv_dtype, const AttentionShape& s,
-                        float qmul, int hk, int64_t t0, int64_t t1, const int64_t* first, const int64_t* last,
-                        float* o, float* lse, internal::TileBand band) {
+int64_t PrefillTileBlas(const float* q, const void* k, const void* v, DType kv_dtype,
+                        const AttentionShape& s, float qmul, int hk, int64_t t0, int64_t t1,
+                        const int64_t* first, const int64_t* last, float* o, float* lse,
+                        internal::TileBand band) {
   const int D = s.head_dim, H = s.heads, Hkv = s.kv_heads, G = H / Hkv;
   const int tokens = static_cast<int>(t1 - t0);
   const int rows = tokens * G;
@@ -309,7 +313,8 @@ Status FlashAttentionForward(const float* q, const void* k, const void* v, DType
   const int64_t tasks = q_tiles * s.kv_heads;
   const int key_block = own_tiles ? internal::kFlashKeyBlock : kKeyBlock;
   const int64_t blocks_per_tile = (s.kv_tokens + key_block - 1) / key_block;
-  const internal::TileBand band{.band = opt.band, .diag = opt.q_position_offset - opt.kv_position_offset};
+  const internal::TileBand band{.band = opt.band,
+                                .diag = opt.q_position_offset - opt.kv_position_offset};
   tbb::parallel_for(tbb::blocked_range<int64_t>(0, tasks, 1), [&](const tbb::blocked_range<int64_t>& range) {
     int64_t first[512], last[512];
     int64_t computed = 0, tiles = 0;
@@ -321,12 +326,24 @@ Status FlashAttentionForward(const float* q, const void* k, const void* v, DType
       internal::TokenKeyRanges(s, opt, t0, t1, first, last);
       ++tiles;
       if (own_tiles) {
-        const internal::FlashTile ft{.q = q, .k = k, .v = v, .kv_dtype = kv_dtype, .shape = s, .qmul = qmul, .hk = hk,
-                                     .t0 = t0, .t1 = t1, .key_first = first, .key_last = last, .o = o, .lse = lse,
+        const internal::FlashTile ft{.q = q,
+                                     .k = k,
+                                     .v = v,
+                                     .kv_dtype = kv_dtype,
+                                     .shape = s,
+                                     .qmul = qmul,
+                                     .hk = hk,
+                                     .t0 = t0,
+                                     .t1 = t1,
+                                     .key_first = first,
+                                     .key_last = last,
+                                     .o = o,
+                                     .lse = lse,
                                      .band = band};
         computed += internal::FlashTileAvx512(ft, path == KernelPath::kAvx512Bf16);
       } else {
-        computed += PrefillTileBlas(q, k, v, kv_dtype, s, qmul, hk, t0, t1, first, last, o, lse, band);
+        computed +=
+            PrefillTileBlas(q, k, v, kv_dtype, s, qmul, hk, t0, t1, first, last, o, lse, band);
       }
     }
     internal::CountKeyBlocks(computed, tiles * blocks_per_tile - computed);

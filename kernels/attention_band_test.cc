@@ -26,13 +26,14 @@ struct BandCase {
   DType dtype;
   int width;
   int64_t window = 0;
-  bool prior = false;        // pass a random prior_lse
-  float magnitude = 1.0f;    // query scale (peaked rows at > 1)
+  bool prior = false;      // pass a random prior_lse
+  float magnitude = 1.0f;  // query scale (peaked rows at > 1)
 };
 
 std::vector<KernelPath> Paths() {
   std::vector<KernelPath> out;
-  for (KernelPath p : {KernelPath::kGeneric, KernelPath::kAvx2, KernelPath::kAvx512, KernelPath::kAvx512Bf16})
+  for (KernelPath p :
+       {KernelPath::kGeneric, KernelPath::kAvx2, KernelPath::kAvx512, KernelPath::kAvx512Bf16})
     if (KernelPathSupported(p)) out.push_back(p);
   return out;
 }
@@ -58,25 +59,31 @@ TEST_P(AttentionBandTest, MatchesBruteForceOnEveryPath) {
   const size_t band_n = static_cast<size_t>(c.tq * c.kv_heads * c.width);
   std::vector<float> ref(band_n, -1.0f);
   AttentionBand ref_band{c.width, ref.data(), c.prior ? prior.data() : nullptr};
-  AttentionOptions opt{.causal = c.causal, .q_position_offset = c.q_off, .kv_position_offset = c.kv_off,
+  AttentionOptions opt{.causal = c.causal,
+                       .q_position_offset = c.q_off,
+                       .kv_position_offset = c.kv_off,
                        .window = c.window};
   opt.band = &ref_band;
   ReferenceAttentionBand(q.data(), k.data(), c.dtype, s, opt);
   for (KernelPath path : Paths()) {
     PathGuard guard(path);
     ASSERT_TRUE(guard.ok);
-    const double tol = c.dtype == DType::kBFloat16 && path == KernelPath::kAvx512Bf16 ? 2e-2 : 2e-5 * c.magnitude;
+    const double tol =
+        c.dtype == DType::kBFloat16 && path == KernelPath::kAvx512Bf16 ? 2e-2 : 2e-5 * c.magnitude;
     for (bool flash : {false, true}) {
       SCOPED_TRACE(std::string(KernelPathName(path)) + (flash ? " flash" : " forward"));
-      std::vector<float> o_off(q.size()), lse_off(c.tq * c.heads), o_on(q.size(), 5.0f), lse_on(lse_off.size(), 5.0f);
+      std::vector<float> o_off(q.size()), lse_off(c.tq * c.heads), o_on(q.size(), 5.0f),
+          lse_on(lse_off.size(), 5.0f);
       std::vector<float> mass(band_n, 7.0f);
       AttentionBand band{c.width, mass.data(), c.prior ? prior.data() : nullptr};
       AttentionOptions off = opt, on = opt;
       off.band = nullptr;
       on.band = &band;
       auto run = flash ? FlashAttentionForward : AttentionForward;
-      ASSERT_TRUE(run(q.data(), k.data(), v.data(), c.dtype, s, off, o_off.data(), lse_off.data()).ok());
-      const Status st = run(q.data(), k.data(), v.data(), c.dtype, s, on, o_on.data(), lse_on.data());
+      ASSERT_TRUE(
+          run(q.data(), k.data(), v.data(), c.dtype, s, off, o_off.data(), lse_off.data()).ok());
+      const Status st =
+          run(q.data(), k.data(), v.data(), c.dtype, s, on, o_on.data(), lse_on.data());
       ASSERT_TRUE(st.ok()) << st.ToString();
       // Discovery never changes the attention itself.
       EXPECT_EQ(0, std::memcmp(o_off.data(), o_on.data(), o_on.size() * sizeof(float)));
@@ -87,8 +94,9 @@ TEST_P(AttentionBandTest, MatchesBruteForceOnEveryPath) {
         const double d = std::fabs(static_cast<double>(mass[i]) - ref[i]);
         if (!(d <= worst)) worst = d, at = i;
       }
-      EXPECT_LE(worst, tol) << "entry " << at << " (token " << at / (c.kv_heads * c.width) << ", offset "
-                            << at % c.width << "): " << mass[at] << " vs " << ref[at];
+      EXPECT_LE(worst, tol) << "entry " << at << " (token " << at / (c.kv_heads * c.width)
+                            << ", offset " << at % c.width << "): " << mass[at] << " vs "
+                            << ref[at];
     }
   }
 }
@@ -109,7 +117,9 @@ const BandCase kCases[] = {
 };
 
 INSTANTIATE_TEST_SUITE_P(Shapes, AttentionBandTest, ::testing::ValuesIn(kCases),
-                         [](const ::testing::TestParamInfo<BandCase>& i) { return std::string(i.param.name); });
+                         [](const ::testing::TestParamInfo<BandCase>& i) {
+                           return std::string(i.param.name);
+                         });
 
 TEST(AttentionBandValidation, NamesTheField) {
   const AttentionShape s{100, 100, 2, 1, 32};
@@ -117,7 +127,8 @@ TEST(AttentionBandValidation, NamesTheField) {
   AttentionBand band{0, mass.data()};
   AttentionOptions opt{.causal = true};
   opt.band = &band;
-  Status st = AttentionForward(q.data(), kv.data(), kv.data(), DType::kFloat32, s, opt, o.data(), nullptr);
+  Status st =
+      AttentionForward(q.data(), kv.data(), kv.data(), DType::kFloat32, s, opt, o.data(), nullptr);
   EXPECT_EQ(st.code(), StatusCode::kInvalidArgument);
   EXPECT_NE(st.message().find("band.width"), std::string::npos) << st.ToString();
   band = AttentionBand{8, nullptr};

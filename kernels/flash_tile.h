@@ -18,7 +18,8 @@ namespace ringtree::internal {
 // over the G rows of each token. Rows r = (t - t0) * G + g, as in the tile.
 struct TileBand {
   const AttentionBand* band = nullptr;  // null: capture off
-  int64_t diag = 0;       // q_position_offset - kv_position_offset: token t's own position is key index t + diag
+  int64_t diag =
+      0;  // q_position_offset - kv_position_offset: token t's own position is key index t + diag
   float* scores = nullptr;  // [rows, W], -inf where nothing was captured
 };
 // Starts a tile of `rows` rows (thread scratch; no-op when b.band is null).
@@ -26,12 +27,12 @@ void BandBegin(TileBand& b, int rows);
 // Copies the band entries of key block [j0, j0 + nk) for tokens [t0, t0 +
 // tokens): the score of row r and key j0 + c is s[r * row_stride + c * col_stride].
 // Call after masking and before the online softmax overwrites s.
-void BandCapture(TileBand& b, int64_t t0, int tokens, int G, int64_t j0, int nk, const float* s, int64_t row_stride,
-                 int64_t col_stride);
+void BandCapture(TileBand& b, int64_t t0, int tokens, int G, int64_t j0, int nk, const float* s,
+                 int64_t row_stride, int64_t col_stride);
 // Writes band->mass for the tile's tokens from the final row state m, l
 // (log2 domain, indexed by row) and band->prior_lse.
-void BandFinish(const TileBand& b, int64_t t0, int tokens, int G, int hk, const AttentionShape& shape, const float* m,
-                const float* l);
+void BandFinish(const TileBand& b, int64_t t0, int tokens, int G, int hk,
+                const AttentionShape& shape, const float* m, const float* l);
 
 struct FlashTile {
   const float* q = nullptr;  // [Tq, H, D]

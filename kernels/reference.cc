@@ -1,7 +1,7 @@
 #include "kernels/reference.h"
 
-#include <cmath>
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -91,7 +91,8 @@ void ReferenceAttentionBand(const float* q, const void* k, DType kv_dtype, const
       }
       double sum = 0;
       if (mx != neg_inf)
-        for (int64_t j = 0; j < s.kv_tokens; ++j) sum += p[j] == neg_inf ? 0.0 : std::exp(p[j] - mx);
+        for (int64_t j = 0; j < s.kv_tokens; ++j)
+          sum += p[j] == neg_inf ? 0.0 : std::exp(p[j] - mx);
       double lse = mx == neg_inf ? neg_inf : mx + std::log(sum);
       if (band.prior_lse != nullptr) {
         const double prior = band.prior_lse[t * H + h];

@@ -18,7 +18,7 @@ void ReferenceAttention(const float* q, const void* k, const void* v, DType kv_d
 // probability row (double precision, normalised over every visible key of
 // the call, and prior_lse when given) and copies the band entries out.
 // options.band must be set; o/lse are not produced.
-void ReferenceAttentionBand(const float* q, const void* k, DType kv_dtype, const AttentionShape& shape,
-                            const AttentionOptions& options);
+void ReferenceAttentionBand(const float* q, const void* k, DType kv_dtype,
+                            const AttentionShape& shape, const AttentionOptions& options);
 
 }  // namespace ringtree

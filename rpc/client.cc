@@ -1,9 +1,8 @@
 #include "rpc/client.h"
 
-#include <type_traits>
-
 #include <algorithm>
 #include <cstring>
+#include <type_traits>
 
 namespace ringtree {
 
@@ -332,10 +331,12 @@ namespace {
 
 // A batch response's results into per-entry outputs.
 template <typename Response>
-Result<std::vector<BatchEntryOutput>> BatchOutputs(const Response& response, size_t entries, const char* method) {
+Result<std::vector<BatchEntryOutput>> BatchOutputs(const Response& response, size_t entries,
+                                                   const char* method) {
   if (static_cast<size_t>(response.results_size()) != entries) {
-    return Status::Internal(std::string("[") + method + "] " + std::to_string(response.results_size()) +
-                            " results for " + std::to_string(entries) + " entries");
+    return Status::Internal(std::string("[") + method + "] " +
+                            std::to_string(response.results_size()) + " results for " +
+                            std::to_string(entries) + " entries");
   }
   std::vector<BatchEntryOutput> outs(entries);
   for (size_t i = 0; i < entries; ++i) {
@@ -363,8 +364,8 @@ Result<std::vector<BatchEntryOutput>> BatchOutputs(const Response& response, siz
 
 }  // namespace
 
-Result<std::vector<BatchEntryOutput>> AttentionClient::DecodeBatch(int layer, const std::vector<BatchEntry>& entries,
-                                                                   const CallOptions& options) {
+Result<std::vector<BatchEntryOutput>> AttentionClient::DecodeBatch(
+    int layer, const std::vector<BatchEntry>& entries, const CallOptions& options) {
   grpc::ClientContext context;
   PrepareContext(&context);
   v1::DecodeBatchRequest request;
@@ -388,8 +389,8 @@ Result<std::vector<BatchEntryOutput>> AttentionClient::DecodeBatch(int layer, co
   return BatchOutputs(response, entries.size(), "DecodeBatch");
 }
 
-Result<std::vector<BatchEntryOutput>> AttentionClient::AttendBatch(int layer, const std::vector<BatchEntry>& entries,
-                                                                   const CallOptions& options) {
+Result<std::vector<BatchEntryOutput>> AttentionClient::AttendBatch(
+    int layer, const std::vector<BatchEntry>& entries, const CallOptions& options) {
   grpc::ClientContext context;
   PrepareContext(&context);
   v1::AttendBatchRequest request;

@@ -142,9 +142,11 @@ class AttentionClient {
   // entries carry expected_layer_tokens for a safe retry by the caller.
   // options: scale, return_lse, output_dtype for every entry (retrieval and
   // expected_layer_tokens are per entry).
-  Result<std::vector<BatchEntryOutput>> DecodeBatch(int layer, const std::vector<BatchEntry>& entries,
+  Result<std::vector<BatchEntryOutput>> DecodeBatch(int layer,
+                                                    const std::vector<BatchEntry>& entries,
                                                     const CallOptions& options = {});
-  Result<std::vector<BatchEntryOutput>> AttendBatch(int layer, const std::vector<BatchEntry>& entries,
+  Result<std::vector<BatchEntryOutput>> AttendBatch(int layer,
+                                                    const std::vector<BatchEntry>& entries,
                                                     const CallOptions& options = {});
   // KV retrieval: the spans the index selects for q [T, H, D] (retrieval:
   // top_k_spans and/or token_budget), with their K/V, streamed and merged

@@ -17,7 +17,9 @@
 
 namespace {
 double NowMs() {
-  return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now().time_since_epoch()).count();
+  return std::chrono::duration<double, std::milli>(
+             std::chrono::steady_clock::now().time_since_epoch())
+      .count();
 }
 }  // namespace
 
@@ -27,11 +29,16 @@ int main(int argc, char** argv) {
   int Hkv = 8, D = 128, reps = 5, W = 64;
   for (int i = 1; i + 1 < argc; i += 2) {
     const std::string k = argv[i];
-    if (k == "--tokens") T = std::stoll(argv[i + 1]);
-    else if (k == "--kv-heads") Hkv = std::stoi(argv[i + 1]);
-    else if (k == "--head-dim") D = std::stoi(argv[i + 1]);
-    else if (k == "--reps") reps = std::stoi(argv[i + 1]);
-    else if (k == "--width") W = std::stoi(argv[i + 1]);
+    if (k == "--tokens")
+      T = std::stoll(argv[i + 1]);
+    else if (k == "--kv-heads")
+      Hkv = std::stoi(argv[i + 1]);
+    else if (k == "--head-dim")
+      D = std::stoi(argv[i + 1]);
+    else if (k == "--reps")
+      reps = std::stoi(argv[i + 1]);
+    else if (k == "--width")
+      W = std::stoi(argv[i + 1]);
     else {
       std::fprintf(stderr, "[discovery_cost] unknown flag %s\n", k.c_str());
       return 2;
@@ -72,13 +79,17 @@ int main(int argc, char** argv) {
   std::sort(t_plain.begin(), t_plain.end());
   std::sort(t_band.begin(), t_band.end());
   const double flops = 4.0 * double(T) * double(T) / 2 * Hkv * D;
-  std::printf("# causal prefill %lld tokens, %d heads x %d, fp32, %d reps interleaved (%.1f GFLOP/s best)\n",
-              (long long)T, Hkv, D, reps, flops / t_plain.front() / 1e6);
+  std::printf(
+      "# causal prefill %lld tokens, %d heads x %d, fp32, %d reps interleaved (%.1f GFLOP/s "
+      "best)\n",
+      (long long)T, Hkv, D, reps, flops / t_plain.front() / 1e6);
   std::printf("prefill        min %9.1f ms  median %9.1f ms\n", t_plain.front(), t_plain[reps / 2]);
-  std::printf("prefill + band min %9.1f ms  median %9.1f ms  capture %+.2f%% (min) %+.2f%% (median)\n",
-              t_band.front(), t_band[reps / 2], 100 * (t_band.front() / t_plain.front() - 1),
-              100 * (t_band[reps / 2] / t_plain[reps / 2] - 1));
-  std::printf("scores + NMS   min %9.1f ms  (%.2f%% of the prefill)\n", t_discover, 100 * t_discover / t_plain.front());
+  std::printf(
+      "prefill + band min %9.1f ms  median %9.1f ms  capture %+.2f%% (min) %+.2f%% (median)\n",
+      t_band.front(), t_band[reps / 2], 100 * (t_band.front() / t_plain.front() - 1),
+      100 * (t_band[reps / 2] / t_plain[reps / 2] - 1));
+  std::printf("scores + NMS   min %9.1f ms  (%.2f%% of the prefill)\n", t_discover,
+              100 * t_discover / t_plain.front());
   std::printf("total          %.2f%% (min-based)\n",
               100 * (t_band.front() - t_plain.front() + t_discover) / t_plain.front());
   return 0;

@@ -25,16 +25,15 @@
 #include <fstream>
 #include <iostream>
 #include <map>
+#include <nlohmann/json.hpp>
 #include <set>
 #include <sstream>
 #include <string>
 #include <vector>
 
-#include <nlohmann/json.hpp>
-
 #include "bench/retrieval/synthetic_kv.h"
-#include "kernels/cpu.h"
 #include "kernels/attention.h"
+#include "kernels/cpu.h"
 #include "worker/spans/span_discovery.h"
 #include "worker/spans/span_store.h"
 
@@ -133,15 +132,24 @@ bool ParseArgs(int argc, char** argv, Args* a) {
     else if (key == "--out") a->out = need();
     else if (key == "--label") a->label = need();
     else if (key == "--seed") a->seed = std::stoull(need());
-    else if (key == "--spans") a->span_configs = Split(need());
-    else if (key == "--generator") a->generator = std::stoi(need());
-    else if (key == "--multi-needle-queries") a->multi_needle_queries = std::stoi(need());
-    else if (key == "--aggregate-queries") a->aggregate_queries = std::stoi(need());
-    else if (key == "--min-span") a->min_span = std::stoi(need());
-    else if (key == "--max-span") a->max_span = std::stoi(need());
-    else if (key == "--fallback-span") a->fallback_span = std::stoi(need());
-    else if (key == "--min-score") a->min_score = std::stod(need());
-    else if (key == "--prefill-window") a->prefill_window = std::stoll(need());
+    else if (key == "--spans")
+      a->span_configs = Split(need());
+    else if (key == "--generator")
+      a->generator = std::stoi(need());
+    else if (key == "--multi-needle-queries")
+      a->multi_needle_queries = std::stoi(need());
+    else if (key == "--aggregate-queries")
+      a->aggregate_queries = std::stoi(need());
+    else if (key == "--min-span")
+      a->min_span = std::stoi(need());
+    else if (key == "--max-span")
+      a->max_span = std::stoi(need());
+    else if (key == "--fallback-span")
+      a->fallback_span = std::stoi(need());
+    else if (key == "--min-score")
+      a->min_score = std::stod(need());
+    else if (key == "--prefill-window")
+      a->prefill_window = std::stoll(need());
     else {
       std::fprintf(stderr, "[retrieval_bench] unknown flag %s\n", key.c_str());
       return false;
@@ -244,9 +252,11 @@ int RunConfig(const Args& a_in, const SpanConfig& cfg) {
   a.span_tokens = cfg.span_tokens;
   const int64_t T = a.tokens;
   const int D = a.head_dim;
-  std::printf("# spans %s (generator %d): context %lld tokens, span %d, kv_heads %d, heads %d, head_dim %d, %s, %s\n",
-              cfg.name.c_str(), a.generator, (long long)T, a.span_tokens, a.kv_heads, a.heads, D, DTypeName(a.dtype),
-              a.data_dir.empty() ? "all hot (RAM)" : "on disk, cold");
+  std::printf(
+      "# spans %s (generator %d): context %lld tokens, span %d, kv_heads %d, heads %d, head_dim "
+      "%d, %s, %s\n",
+      cfg.name.c_str(), a.generator, (long long)T, a.span_tokens, a.kv_heads, a.heads, D,
+      DTypeName(a.dtype), a.data_dir.empty() ? "all hot (RAM)" : "on disk, cold");
 
   // Store.
   SpanStoreOptions o;
@@ -276,7 +286,8 @@ int RunConfig(const Args& a_in, const SpanConfig& cfg) {
   if (!store_or.ok()) Die(store_or.status());
   SpanStore& store = **store_or;
 
-  SyntheticKV gen(a.kv_heads, D, a.seed, a.generator == 2 ? Statistics::kMixed : Statistics::kRuns64);
+  SyntheticKV gen(a.kv_heads, D, a.seed,
+                  a.generator == 2 ? Statistics::kMixed : Statistics::kRuns64);
   const int needles =
       std::max(std::max(0, std::min(a.needle_queries, 10)), a.multi_needle_queries > 0 ? 6 : 0);
   std::vector<int64_t> needle_pos;
@@ -303,7 +314,9 @@ int RunConfig(const Args& a_in, const SpanConfig& cfg) {
   std::vector<int64_t> starts;
   if (cfg.discovered) {
     if (reuse) {
-      std::fprintf(stderr, "[retrieval_bench] discovered spans need the data in memory (no --keep-data reuse)\n");
+      std::fprintf(
+          stderr,
+          "[retrieval_bench] discovered spans need the data in memory (no --keep-data reuse)\n");
       return 1;
     }
     const int Hp = a.kv_heads;  // prefill query heads (GQA 1): the band's cost is per kv head
@@ -322,21 +335,25 @@ int RunConfig(const Args& a_in, const SpanConfig& cfg) {
     po.window = a.prefill_window;
     const AttentionShape shape{T, T, Hp, a.kv_heads, D};
     double p0 = NowMs();
-    if (Status st = AttentionForward(qctx.data(), kall.data(), vall.data(), DType::kFloat32, shape, po, o.data(), nullptr);
+    if (Status st = AttentionForward(qctx.data(), kall.data(), vall.data(), DType::kFloat32, shape,
+                                     po, o.data(), nullptr);
         !st.ok())
       Die(st);
     const double plain_ms = NowMs() - p0;
     po.band = &ab;
     p0 = NowMs();
-    if (Status st = AttentionForward(qctx.data(), kall.data(), vall.data(), DType::kFloat32, shape, po, o.data(), nullptr);
+    if (Status st = AttentionForward(qctx.data(), kall.data(), vall.data(), DType::kFloat32, shape,
+                                     po, o.data(), nullptr);
         !st.ok())
       Die(st);
     const double band_ms = NowMs() - p0;
     p0 = NowMs();
     auto scores = TriangleScores::FromBand(band.data(), T, a.kv_heads, Hp, W);
     if (!scores.ok()) Die(scores.status());
-    const SpanDiscoveryOptions dopt{.min_tokens = a.min_span, .max_tokens = a.max_span,
-                                    .fallback_tokens = a.fallback_span, .min_score = a.min_score};
+    const SpanDiscoveryOptions dopt{.min_tokens = a.min_span,
+                                    .max_tokens = a.max_span,
+                                    .fallback_tokens = a.fallback_span,
+                                    .min_score = a.min_score};
     auto cuts = DiscoverSpans(scores.value(), dopt);
     if (!cuts.ok()) Die(cuts.status());
     const double discover_ms = NowMs() - p0;
@@ -345,14 +362,16 @@ int RunConfig(const Args& a_in, const SpanConfig& cfg) {
       starts.push_back(c.begin);
       if (c.discovered) ++found, found_tokens += c.end - c.begin;
     }
-    std::printf("# discovery: prefill (causal%s, %d q heads) %.2f s, with band capture %.2f s (%+.1f%%), "
-                "triangle scores + NMS %.3f s (%.2f%%); total %.2f%% of the prefill\n",
-                a.prefill_window > 0 ? (", window " + std::to_string(a.prefill_window)).c_str() : "", Hp,
-                plain_ms / 1e3, band_ms / 1e3, 100.0 * (band_ms - plain_ms) / plain_ms, discover_ms / 1e3,
-                100.0 * discover_ms / plain_ms, 100.0 * (band_ms - plain_ms + discover_ms) / plain_ms);
-    std::printf("# discovered %lld spans (mean %.1f tokens, %.1f%% of tokens), %lld fallback spans\n",
-                (long long)found, found ? double(found_tokens) / found : 0.0, 100.0 * found_tokens / T,
-                (long long)(cuts.value().size() - found));
+    std::printf(
+        "# discovery: prefill (causal%s, %d q heads) %.2f s, with band capture %.2f s (%+.1f%%), "
+        "triangle scores + NMS %.3f s (%.2f%%); total %.2f%% of the prefill\n",
+        a.prefill_window > 0 ? (", window " + std::to_string(a.prefill_window)).c_str() : "", Hp,
+        plain_ms / 1e3, band_ms / 1e3, 100.0 * (band_ms - plain_ms) / plain_ms, discover_ms / 1e3,
+        100.0 * discover_ms / plain_ms, 100.0 * (band_ms - plain_ms + discover_ms) / plain_ms);
+    std::printf(
+        "# discovered %lld spans (mean %.1f tokens, %.1f%% of tokens), %lld fallback spans\n",
+        (long long)found, found ? double(found_tokens) / found : 0.0, 100.0 * found_tokens / T,
+        (long long)(cuts.value().size() - found));
     nlohmann::json j;
     j["bench"] = "span_discovery";
     j["label"] = a.label;
@@ -374,10 +393,12 @@ int RunConfig(const Args& a_in, const SpanConfig& cfg) {
     if (reuse) break;  // the needles above are all the queries need
     std::vector<int64_t> chunk_starts;
     if (cfg.discovered) {  // whole spans, up to ~chunk tokens
-      while (next_start < starts.size() && (chunk_starts.empty() || starts[next_start] < at + chunk))
+      while (next_start < starts.size() &&
+             (chunk_starts.empty() || starts[next_start] < at + chunk))
         chunk_starts.push_back(starts[next_start++]);
       n = (next_start < starts.size() ? starts[next_start] : T) - at;
-      if (k.size() < size_t(n) * row) k.resize(size_t(n) * row), v.resize(size_t(n) * row), tmp.resize(size_t(n) * row);
+      if (k.size() < size_t(n) * row)
+        k.resize(size_t(n) * row), v.resize(size_t(n) * row), tmp.resize(size_t(n) * row);
       std::copy(&kall[at * row], &kall[at * row] + n * row, k.begin());
       std::copy(&vall[at * row], &vall[at * row] + n * row, v.begin());
     } else {
@@ -424,18 +445,23 @@ int RunConfig(const Args& a_in, const SpanConfig& cfg) {
   const auto spans = store.Spans();
   std::vector<int64_t> span_of(T, 0);
   for (const SpanInfo& sp : spans)
-    for (int64_t j = sp.position_start; j < sp.position_start + sp.tokens && j < T; ++j) span_of[j] = sp.index;
+    for (int64_t j = sp.position_start; j < sp.position_start + sp.tokens && j < T; ++j)
+      span_of[j] = sp.index;
   std::map<std::string, Acc> acc;  // key: kind|mode|budget
   double exact_ms_sum = 0;
   int exact_ms_n = 0;
   std::vector<float> out(size_t(a.heads) * D), lse(a.heads);
-  const int total_queries = a.needle_queries + a.multi_needle_queries + a.diffuse_queries + a.aggregate_queries;
+  const int total_queries =
+      a.needle_queries + a.multi_needle_queries + a.diffuse_queries + a.aggregate_queries;
   double sink_mass_sum[2] = {0, 0}, needle_mass_sum = 0;
   for (int qi = 0; qi < total_queries; ++qi) {
     // Kinds in order: needle, multi (two needles), diffuse, aggregate (theme).
     const int multi_at = a.needle_queries, diffuse_at = multi_at + a.multi_needle_queries,
               aggregate_at = diffuse_at + a.diffuse_queries;
-    const char* kind = qi < multi_at ? "needle" : qi < diffuse_at ? "multi" : qi < aggregate_at ? "diffuse" : "aggregate";
+    const char* kind = qi < multi_at       ? "needle"
+                       : qi < diffuse_at   ? "multi"
+                       : qi < aggregate_at ? "diffuse"
+                                           : "aggregate";
     const bool is_needle = qi < diffuse_at;
     int needle = -1, needle2 = -1;
     if (qi < multi_at) {
@@ -448,7 +474,8 @@ int RunConfig(const Args& a_in, const SpanConfig& cfg) {
     std::vector<std::pair<int64_t, int64_t>> aimed;  // (position, tokens) of the needles aimed at
     for (int nd : {needle, needle2})
       if (nd >= 0) aimed.push_back({needle_pos[nd], gen.needles()[nd].tokens});
-    const std::vector<float> q = gen.Query(a.heads, needle, a.seed * 7919 + qi, needle2, qi >= aggregate_at);
+    const std::vector<float> q =
+        gen.Query(a.heads, needle, a.seed * 7919 + qi, needle2, qi >= aggregate_at);
     AttentionOptions opts;  // decode at the end of the context: everything visible
     Truth truth;
     if (a.quality) {
@@ -582,10 +609,17 @@ int RunConfig(const Args& a_in, const SpanConfig& cfg) {
   }
   const double exact_ms = exact_ms_n ? exact_ms_sum / exact_ms_n : NAN;
   if (a.quality)
-    std::printf("# mass regime: sinks hold %.2f (needle queries) / %.2f (diffuse); needles hold %.2f\n",
-                a.needle_queries + a.multi_needle_queries ? sink_mass_sum[1] / (a.needle_queries + a.multi_needle_queries) : 0.0,
-                a.diffuse_queries + a.aggregate_queries ? sink_mass_sum[0] / (a.diffuse_queries + a.aggregate_queries) : 0.0,
-                a.needle_queries + a.multi_needle_queries ? needle_mass_sum / (a.needle_queries + a.multi_needle_queries) : 0.0);
+    std::printf(
+        "# mass regime: sinks hold %.2f (needle queries) / %.2f (diffuse); needles hold %.2f\n",
+        a.needle_queries + a.multi_needle_queries
+            ? sink_mass_sum[1] / (a.needle_queries + a.multi_needle_queries)
+            : 0.0,
+        a.diffuse_queries + a.aggregate_queries
+            ? sink_mass_sum[0] / (a.diffuse_queries + a.aggregate_queries)
+            : 0.0,
+        a.needle_queries + a.multi_needle_queries
+            ? needle_mass_sum / (a.needle_queries + a.multi_needle_queries)
+            : 0.0);
   std::printf("# exact decode: %.2f ms (mean of %d, %s)\n", exact_ms, exact_ms_n,
               a.data_dir.empty() ? "hot" : "page cache dropped before each run");
 
@@ -645,14 +679,14 @@ int RunConfig(const Args& a_in, const SpanConfig& cfg) {
       if (kind == "needle" || kind == "multi") j["needle_hit_rate"] = A.needle_hits / n;
     }
     jsonl << j.dump() << "\n";
-    std::printf("%-8s %-22s %7.4f %7.0f %9.4f %8.4f %8.4f %8.4f %8.4f %8.4f %7.3f %8.4f %9.2f %8.1f\n",
-                kind.c_str(), mode.c_str(), std::stod(budget), A.tokens / n,
-                a.quality ? A.recovered / n : NAN, a.quality ? A.oracle / n : NAN,
-                a.quality ? A.ratio / n : NAN, a.quality ? A.rel_l2 / n : NAN,
-                a.quality ? A.oracle_rel_l2 / n : NAN,
-                a.quality ? A.recall / n : NAN,
-                (a.quality && (kind == "needle" || kind == "multi")) ? A.needle_hits / n : NAN, A.bound / n,
-                A.retrieval_ms / n, exact_ms / (A.retrieval_ms / n));
+    std::printf(
+        "%-8s %-22s %7.4f %7.0f %9.4f %8.4f %8.4f %8.4f %8.4f %8.4f %7.3f %8.4f %9.2f %8.1f\n",
+        kind.c_str(), mode.c_str(), std::stod(budget), A.tokens / n,
+        a.quality ? A.recovered / n : NAN, a.quality ? A.oracle / n : NAN,
+        a.quality ? A.ratio / n : NAN, a.quality ? A.rel_l2 / n : NAN,
+        a.quality ? A.oracle_rel_l2 / n : NAN, a.quality ? A.recall / n : NAN,
+        (a.quality && (kind == "needle" || kind == "multi")) ? A.needle_hits / n : NAN, A.bound / n,
+        A.retrieval_ms / n, exact_ms / (A.retrieval_ms / n));
   }
   std::printf("# phases (mean ms): kind mode budget | score select attend estimate | estimated mass\n");
   for (const auto& [key, A] : acc)
@@ -667,18 +701,23 @@ int Run(const Args& a) {
   // Machine and build, before any number (leveldb db_bench habit).
   struct utsname u;
   uname(&u);
-  std::printf("# retrieval_bench: %ld cores, %s %s\n# %s\n", sysconf(_SC_NPROCESSORS_ONLN), u.sysname, u.release,
-              KernelPathDescription().c_str());
+  std::printf("# retrieval_bench: %ld cores, %s %s\n# %s\n", sysconf(_SC_NPROCESSORS_ONLN),
+              u.sysname, u.release, KernelPathDescription().c_str());
 #ifndef NDEBUG
   std::printf("# WARNING: assertions enabled (debug build); timings are not meaningful\n");
 #endif
   std::vector<SpanConfig> configs;
-  if (a.span_configs.empty()) configs.push_back({"fixed" + std::to_string(a.span_tokens), a.span_tokens, false});
+  if (a.span_configs.empty())
+    configs.push_back({"fixed" + std::to_string(a.span_tokens), a.span_tokens, false});
   for (const std::string& c : a.span_configs) {
-    if (c == "discovered") configs.push_back({c, a.max_span, true});
-    else if (c.rfind("fixed", 0) == 0) configs.push_back({c, std::stoi(c.substr(5)), false});
+    if (c == "discovered")
+      configs.push_back({c, a.max_span, true});
+    else if (c.rfind("fixed", 0) == 0)
+      configs.push_back({c, std::stoi(c.substr(5)), false});
     else {
-      std::fprintf(stderr, "[retrieval_bench] --spans: unknown configuration %s (fixed<S> or discovered)\n", c.c_str());
+      std::fprintf(stderr,
+                   "[retrieval_bench] --spans: unknown configuration %s (fixed<S> or discovered)\n",
+                   c.c_str());
       return 2;
     }
   }
@@ -693,15 +732,17 @@ int Run(const Args& a) {
 int main(int argc, char** argv) {
   ringtree::bench::Args args;
   if (!ringtree::bench::ParseArgs(argc, argv, &args)) {
-    std::fprintf(stderr,
-                 "usage: retrieval_bench [--tokens N] [--span S] [--kv-heads 8] [--heads 32] "
-                 "[--head-dim 128] [--dtype bfloat16|float32] [--budgets 0.01,0.05,...] "
-                 "[--modes upper_bound,mean_key,blend] [--needle-queries Q] [--diffuse-queries Q] "
-                 "[--sink 16] [--window 128] [--data-dir DIR --hot-budget-mb M --cache-mb M] "
-                 "[--no-quality] [--exact-timing-queries N] [--out FILE.jsonl] [--label L] "
-                 "[--spans fixed16,fixed64,discovered] [--generator 1|2] [--multi-needle-queries Q] "
-                 "[--aggregate-queries Q] [--min-span 8] [--max-span 64] [--fallback-span 32] [--min-score 0] "
-                 "[--prefill-window 0]\n");
+    std::fprintf(
+        stderr,
+        "usage: retrieval_bench [--tokens N] [--span S] [--kv-heads 8] [--heads 32] "
+        "[--head-dim 128] [--dtype bfloat16|float32] [--budgets 0.01,0.05,...] "
+        "[--modes upper_bound,mean_key,blend] [--needle-queries Q] [--diffuse-queries Q] "
+        "[--sink 16] [--window 128] [--data-dir DIR --hot-budget-mb M --cache-mb M] "
+        "[--no-quality] [--exact-timing-queries N] [--out FILE.jsonl] [--label L] "
+        "[--spans fixed16,fixed64,discovered] [--generator 1|2] [--multi-needle-queries Q] "
+        "[--aggregate-queries Q] [--min-span 8] [--max-span 64] [--fallback-span 32] [--min-score "
+        "0] "
+        "[--prefill-window 0]\n");
     return 2;
   }
   return ringtree::bench::Run(args);

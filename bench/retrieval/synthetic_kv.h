@@ -117,7 +117,8 @@ class SyntheticKV {
         for (auto& x : topic_) x = rng_.Normal();
         run_start_ = pos_;
         if (stats_ == Statistics::kMixed) {
-          run_left_ = rng_.Uniform() < 0.5f ? 6 + int64_t(rng_.Next() % 15) : 40 + int64_t(rng_.Next() % 161);
+          run_left_ = rng_.Uniform() < 0.5f ? 6 + int64_t(rng_.Next() % 15)
+                                            : 40 + int64_t(rng_.Next() % 161);
           themed_ = rng_.Uniform() < 0.15f;
         } else {
           run_left_ = 8 + int64_t(-std::log(1.0f - rng_.Uniform() * 0.999f) * 56.0f);
@@ -183,7 +184,8 @@ class SyntheticKV {
   // a diffuse query; else aimed at needles()[needle], and with needle2 >= 0
   // also at needles()[needle2] (a two-needle query). aggregate: aimed at the
   // theme shared by ~15% of runs (kMixed) instead of a needle.
-  std::vector<float> Query(int heads, int needle, uint64_t seed, int needle2 = -1, bool aggregate = false) const {
+  std::vector<float> Query(int heads, int needle, uint64_t seed, int needle2 = -1,
+                           bool aggregate = false) const {
     FastRandom r(seed);
     const int G = heads / H_;
     std::vector<float> q(size_t(heads) * D_);

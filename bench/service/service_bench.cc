@@ -26,12 +26,12 @@
 //                 Stats) and the load generator's CPU share of the machine.
 //
 // Machine, rank count and build type are printed first.
-#include <CLI/CLI.hpp>
 #include <oneapi/tbb/global_control.h>
 #include <sys/resource.h>
 #include <sys/utsname.h>
 #include <unistd.h>
 
+#include <CLI/CLI.hpp>
 #include <algorithm>
 #include <atomic>
 #include <chrono>
@@ -85,7 +85,8 @@ double MachineBusySeconds() {
 double ProcessCpuSeconds() {
   rusage u;
   getrusage(RUSAGE_SELF, &u);
-  return double(u.ru_utime.tv_sec + u.ru_stime.tv_sec) + 1e-6 * double(u.ru_utime.tv_usec + u.ru_stime.tv_usec);
+  return double(u.ru_utime.tv_sec + u.ru_stime.tv_sec) +
+         1e-6 * double(u.ru_utime.tv_usec + u.ru_stime.tv_usec);
 }
 
 double Percentile(std::vector<double> v, double p) {
@@ -116,7 +117,8 @@ std::vector<v1::DecodeRequest> DecodeRequests(const std::vector<std::string>& id
   return requests;
 }
 
-std::string CreateLoaded(AttentionClient& client, const Shape& s, int64_t tokens, uint32_t seed, int layers = 1) {
+std::string CreateLoaded(AttentionClient& client, const Shape& s, int64_t tokens, uint32_t seed,
+                         int layers = 1) {
   v1::SessionConfig c;
   c.set_layers(layers);
   c.set_heads(s.heads);
@@ -133,8 +135,9 @@ std::string CreateLoaded(AttentionClient& client, const Shape& s, int64_t tokens
   const HostTensor kt = HostTensor::FromFloat32(k.data(), {tokens, s.kv_heads, s.head_dim});
   const HostTensor vt = HostTensor::FromFloat32(v.data(), {tokens, s.kv_heads, s.head_dim});
   for (int layer = 0; layer < layers; ++layer) {
-    auto r = client.AppendKV(info->session_id(), layer, kt, vt,
-                             std::max<int64_t>(1, (int64_t{16} << 20) / (s.kv_row() * 4)));  // 32 MiB messages
+    auto r = client.AppendKV(
+        info->session_id(), layer, kt, vt,
+        std::max<int64_t>(1, (int64_t{16} << 20) / (s.kv_row() * 4)));  // 32 MiB messages
     if (!r.ok()) {
       std::fprintf(stderr, "%s\n", r.status().message().c_str());
       std::exit(1);
@@ -486,10 +489,12 @@ int main(int argc, char** argv) {
   bool sync_clients = false;
   app.add_flag("--sync-clients", sync_clients,
                "closed loops use a thread per client with the blocking C++ client (default: one async completion-queue thread)");
-  app.add_option("--only", only, "run one scenario: attend, decode, engine, latency, rpc, overload");
+  app.add_option("--only", only,
+                 "run one scenario: attend, decode, engine, latency, rpc, overload");
   std::vector<std::string> engine_shapes = {"1x1", "8x4", "32x1", "32x4", "32x32", "64x4"};
   app.add_option("--engine-shapes", engine_shapes,
-                 "engine scenario rows SxL: S sessions of --decode-tokens tokens, L layers, one DecodeBatch per layer-step")
+                 "engine scenario rows SxL: S sessions of --decode-tokens tokens, L layers, one "
+                 "DecodeBatch per layer-step")
       ->capture_default_str();
   std::vector<std::string> server_args;
   app.add_option("--server-arg", server_args, "extra attnserve flag (repeatable), e.g. --server-arg=--worker-spin-us=200");
@@ -664,11 +669,13 @@ int main(int argc, char** argv) {
       for (const std::string& shape_text : engine_shapes) {
         int S = 0, L = 0;
         if (std::sscanf(shape_text.c_str(), "%dx%d", &S, &L) != 2 || S < 1 || L < 1) {
-          std::fprintf(stderr, "--engine-shapes: '%s' is not SxL (e.g. 32x4)\n", shape_text.c_str());
+          std::fprintf(stderr, "--engine-shapes: '%s' is not SxL (e.g. 32x4)\n",
+                       shape_text.c_str());
           return 2;
         }
         std::vector<std::string> ids;
-        for (int i = 0; i < S; ++i) ids.push_back(CreateLoaded(*admin, s, decode_tokens, 300 + i, L));
+        for (int i = 0; i < S; ++i)
+          ids.push_back(CreateLoaded(*admin, s, decode_tokens, 300 + i, L));
         std::vector<v1::DecodeBatchRequest> requests(L);
         for (int l = 0; l < L; ++l) {
           requests[l].set_layer(l);
@@ -712,11 +719,14 @@ int main(int argc, char** argv) {
         const double busy0 = MachineBusySeconds();
         const auto start = Clock::now();
         int64_t layer_steps = 0;
-        while (std::chrono::duration<double>(Clock::now() - start).count() < duration || layer_steps < 3) {
+        while (std::chrono::duration<double>(Clock::now() - start).count() < duration ||
+               layer_steps < 3) {
           for (int l = 0; l < L; ++l) {
             double t = 0;
-            if (call(l, &t)) ms.push_back(t);
-            else ++failed;
+            if (call(l, &t))
+              ms.push_back(t);
+            else
+              ++failed;
             ++calls;
           }
           ++layer_steps;
@@ -732,18 +742,22 @@ int main(int argc, char** argv) {
         const double session_bytes = mean_tokens * s.kv_row() * 4 * 2;
         const double decodes = double(calls - failed) * S;
         const double kv_gbs = decodes * session_bytes / seconds / 1e9;
-        const double kernel_gbs = S * double(decode_tokens) * s.kv_row() * 4 * 2 / kernel_step_s / 1e9;
+        const double kernel_gbs =
+            S * double(decode_tokens) * s.kv_row() * 4 * 2 / kernel_step_s / 1e9;
         const double p50 = Percentile(ms, 0.5);
-        Emit(Fmt("{\"scenario\":\"engine_batch\",\"sessions\":%d,\"layers\":%d,\"session_tokens\":%lld,"
-                 "\"calls\":%lld,\"failed\":%lld,\"p50_ms\":%.3f,\"p99_ms\":%.3f,\"kernel_step_ms\":%.3f,"
-                 "\"added_p50_ms\":%.3f,\"tokens_per_s\":%.1f,\"kv_gbs\":%.3f,\"kernel_gbs\":%.3f,"
-                 "\"kv_rate_vs_kernel\":%.3f,\"cpu_us_per_decode\":%.1f,\"machine_busy\":%.2f,"
-                 "\"engine_steps_per_call\":%.2f,\"kernel_step_ms_before\":%.3f,\"kernel_step_ms_after\":%.3f}",
-                 S, L, static_cast<long long>(decode_tokens), static_cast<long long>(calls),
-                 static_cast<long long>(failed), p50, Percentile(ms, 0.99), 1e3 * kernel_step_s,
-                 p50 - 1e3 * kernel_step_s, double(layer_steps) * S / seconds, kv_gbs, kernel_gbs,
-                 kv_gbs / kernel_gbs, decodes > 0 ? 1e6 * busy / decodes : 0.0, busy / (seconds * cores),
-                 calls ? double(steps) / double(calls) : 0.0, 1e3 * kernel_before, 1e3 * kernel_after));
+        Emit(Fmt(
+            "{\"scenario\":\"engine_batch\",\"sessions\":%d,\"layers\":%d,\"session_tokens\":%lld,"
+            "\"calls\":%lld,\"failed\":%lld,\"p50_ms\":%.3f,\"p99_ms\":%.3f,\"kernel_step_ms\":%."
+            "3f,"
+            "\"added_p50_ms\":%.3f,\"tokens_per_s\":%.1f,\"kv_gbs\":%.3f,\"kernel_gbs\":%.3f,"
+            "\"kv_rate_vs_kernel\":%.3f,\"cpu_us_per_decode\":%.1f,\"machine_busy\":%.2f,"
+            "\"engine_steps_per_call\":%.2f,\"kernel_step_ms_before\":%.3f,\"kernel_step_ms_"
+            "after\":%.3f}",
+            S, L, static_cast<long long>(decode_tokens), static_cast<long long>(calls),
+            static_cast<long long>(failed), p50, Percentile(ms, 0.99), 1e3 * kernel_step_s,
+            p50 - 1e3 * kernel_step_s, double(layer_steps) * S / seconds, kv_gbs, kernel_gbs,
+            kv_gbs / kernel_gbs, decodes > 0 ? 1e6 * busy / decodes : 0.0, busy / (seconds * cores),
+            calls ? double(steps) / double(calls) : 0.0, 1e3 * kernel_before, 1e3 * kernel_after));
       }
     }
     // --- added latency: one small decode at a time ---------------------------
@@ -837,16 +851,19 @@ int main(int argc, char** argv) {
         if (l.method() == "(refused)") server_refusal_p99 = l.p99_ms();
         if (l.method() == "Decode") server_decode_p99 = l.p99_ms();
       }
-      Emit(Fmt("{\"scenario\":\"overload\",\"driver\":\"%s\",\"server_flags\":\"%s\",\"offered_x_capacity\":%.1f,\"offered_rate\":%.1f,\"ok\":%lld,"
-               "\"refused\":%lld,\"failed\":%lld,\"late_sends\":%lld,\"admitted_throughput\":%.1f,"
-               "\"admitted_p50_ms\":%.3f,\"admitted_p99_ms\":%.3f,\"p99_vs_half_load\":%.2f,"
-               "\"refusal_p50_ms\":%.3f,\"refusal_p99_ms\":%.3f,\"server_refusal_p99_ms\":%.3f,"
-               "\"server_decode_p99_ms\":%.3f,\"mean_batch\":%.2f,\"client_cpu_share\":%.3f}",
-               sync_clients ? "threads" : "async", overload_flags_text.c_str(), load, load * decode_capacity, static_cast<long long>(r.ok), static_cast<long long>(r.refused),
-               static_cast<long long>(r.failed), static_cast<long long>(late), r.ok / r.seconds,
-               Percentile(r.ok_ms, 0.5), p99, base_p99 > 0 ? p99 / base_p99 : 0.0, Percentile(r.refused_ms, 0.5),
-               Percentile(r.refused_ms, 0.99), server_refusal_p99, server_decode_p99, MeanBatch(*before, *after, "decode"),
-               client_cpu_share));
+      Emit(Fmt(
+          "{\"scenario\":\"overload\",\"driver\":\"%s\",\"server_flags\":\"%s\",\"offered_x_"
+          "capacity\":%.1f,\"offered_rate\":%.1f,\"ok\":%lld,"
+          "\"refused\":%lld,\"failed\":%lld,\"late_sends\":%lld,\"admitted_throughput\":%.1f,"
+          "\"admitted_p50_ms\":%.3f,\"admitted_p99_ms\":%.3f,\"p99_vs_half_load\":%.2f,"
+          "\"refusal_p50_ms\":%.3f,\"refusal_p99_ms\":%.3f,\"server_refusal_p99_ms\":%.3f,"
+          "\"server_decode_p99_ms\":%.3f,\"mean_batch\":%.2f,\"client_cpu_share\":%.3f}",
+          sync_clients ? "threads" : "async", overload_flags_text.c_str(), load,
+          load * decode_capacity, static_cast<long long>(r.ok), static_cast<long long>(r.refused),
+          static_cast<long long>(r.failed), static_cast<long long>(late), r.ok / r.seconds,
+          Percentile(r.ok_ms, 0.5), p99, base_p99 > 0 ? p99 / base_p99 : 0.0,
+          Percentile(r.refused_ms, 0.5), Percentile(r.refused_ms, 0.99), server_refusal_p99,
+          server_decode_p99, MeanBatch(*before, *after, "decode"), client_cpu_share));
     }
     if (server->Stop() != 0) std::fprintf(stderr, "warning: server did not exit 0\n");
   }

@@ -23,11 +23,11 @@
 #include "dist/ring_attention.h"
 #include "dist/sharding.h"
 #include "dist/tree_decode.h"
-#include "worker/engine/engine.h"
 #include "kernels/blas.h"
 #include "kernels/cpu.h"
 #include "kernels/reference.h"
 #include "kernels/test_util.h"
+#include "worker/engine/engine.h"
 
 namespace ringtree {
 namespace {
@@ -192,11 +192,13 @@ INSTANTIATE_TEST_SUITE_P(
 // ring's output without capture (merge order: float rounding only).
 TEST(RingBandTest, DiagonalBandEqualsFullReference) {
   const Communicator& comm = World();
-  for (const int64_t tokens : {int64_t{600}, int64_t{90}}) {  // chunks > 64 (flash) and <= 64 (decode path)
+  for (const int64_t tokens :
+       {int64_t{600}, int64_t{90}}) {  // chunks > 64 (flash) and <= 64 (decode path)
     for (const DType dtype : {kF32, kBF16}) {
       const HeadConfig hc{8, 2, 32, dtype};
       const int W = 24;
-      const int64_t q_row = int64_t{hc.heads} * hc.head_dim, kv_row = int64_t{hc.kv_heads} * hc.head_dim;
+      const int64_t q_row = int64_t{hc.heads} * hc.head_dim,
+                    kv_row = int64_t{hc.kv_heads} * hc.head_dim;
       const std::vector<float> q = testing::RandomVector(tokens * q_row, 21, -2.0f, 2.0f);
       const Tensor k = MakeKv(testing::RandomVector(tokens * kv_row, 22), kv_row, dtype);
       const Tensor v = MakeKv(testing::RandomVector(tokens * kv_row, 23), kv_row, dtype);
@@ -204,7 +206,8 @@ TEST(RingBandTest, DiagonalBandEqualsFullReference) {
       ASSERT_TRUE(layout.ok());
       const std::vector<TokenRange> ranges = layout->RangesOf(comm.rank());
       const int64_t local = layout->LocalTokens(comm.rank());
-      std::vector<float> o(local * q_row), lse(local * hc.heads), o_plain(o.size()), lse_plain(lse.size());
+      std::vector<float> o(local * q_row), lse(local * hc.heads), o_plain(o.size()),
+          lse_plain(lse.size());
       std::vector<float> band(local * hc.kv_heads * W, NAN);
       std::vector<QueryBlock> qb, qb_plain;
       std::vector<KvBlock> kb;
@@ -212,8 +215,8 @@ TEST(RingBandTest, DiagonalBandEqualsFullReference) {
       for (const TokenRange& t : ranges) {
         qb.push_back({q.data() + t.begin * q_row, t.length(), t.begin, o.data() + row * q_row,
                       lse.data() + row * hc.heads, band.data() + row * hc.kv_heads * W});
-        qb_plain.push_back({q.data() + t.begin * q_row, t.length(), t.begin, o_plain.data() + row * q_row,
-                            lse_plain.data() + row * hc.heads});
+        qb_plain.push_back({q.data() + t.begin * q_row, t.length(), t.begin,
+                            o_plain.data() + row * q_row, lse_plain.data() + row * hc.heads});
         kb.push_back({k.Row(t.begin), v.Row(t.begin), t.length(), t.begin});
         row += t.length();
       }
@@ -232,15 +235,20 @@ TEST(RingBandTest, DiagonalBandEqualsFullReference) {
         ao.causal = true;
         ao.q_position_offset = t.begin;
         ao.band = &rb;
-        ReferenceAttentionBand(q.data() + t.begin * q_row, k.bytes.data(), dtype,
-                               AttentionShape{t.length(), tokens, hc.heads, hc.kv_heads, hc.head_dim}, ao);
-        for (int64_t i = 0; i < t.length(); ++i)  // keys before the chunk: another pair, not captured
+        ReferenceAttentionBand(
+            q.data() + t.begin * q_row, k.bytes.data(), dtype,
+            AttentionShape{t.length(), tokens, hc.heads, hc.kv_heads, hc.head_dim}, ao);
+        for (int64_t i = 0; i < t.length();
+             ++i)  // keys before the chunk: another pair, not captured
           for (int w = 0; w < W; ++w)
             if (t.begin + i - w < t.begin)
               for (int hk = 0; hk < hc.kv_heads; ++hk) ref[(i * hc.kv_heads + hk) * W + w] = 0.0f;
-        const double tol = dtype == kBF16 && ActiveKernelPath() == KernelPath::kAvx512Bf16 ? 2e-2 : 1e-5;
-        EXPECT_LE(testing::MaxAbsDiff(band.data() + row * hc.kv_heads * W, ref.data(), ref.size()), tol)
-            << "tokens " << tokens << " " << DTypeName(dtype) << " chunk at " << t.begin << " rank " << comm.rank();
+        const double tol =
+            dtype == kBF16 && ActiveKernelPath() == KernelPath::kAvx512Bf16 ? 2e-2 : 1e-5;
+        EXPECT_LE(testing::MaxAbsDiff(band.data() + row * hc.kv_heads * W, ref.data(), ref.size()),
+                  tol)
+            << "tokens " << tokens << " " << DTypeName(dtype) << " chunk at " << t.begin << " rank "
+            << comm.rank();
         row += t.length();
       }
     }

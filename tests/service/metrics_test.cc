@@ -4,12 +4,11 @@
 // 0.0.4, that every family the docs list is there, and that the counters move
 // by exactly what the traffic in between did.
 #include <arpa/inet.h>
+#include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
-
-#include <gtest/gtest.h>
 
 #include <algorithm>
 #include <chrono>
@@ -46,14 +45,16 @@ int HttpGet(int port, const std::string& path, std::string* body) {
     close(fd);
     return 0;
   }
-  const std::string request = "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+  const std::string request =
+      "GET " + path + " HTTP/1.0\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
   if (send(fd, request.data(), request.size(), 0) != static_cast<ssize_t>(request.size())) {
     close(fd);
     return 0;
   }
   std::string response;
   char buf[65536];
-  for (ssize_t n; (n = recv(fd, buf, sizeof(buf), 0)) > 0;) response.append(buf, static_cast<size_t>(n));
+  for (ssize_t n; (n = recv(fd, buf, sizeof(buf), 0)) > 0;)
+    response.append(buf, static_cast<size_t>(n));
   close(fd);
   const size_t header_end = response.find("\r\n\r\n");
   if (response.compare(0, 5, "HTTP/") != 0 || header_end == std::string::npos) return 0;
@@ -119,7 +120,8 @@ struct Exposition {
     static const std::regex kSample(R"(^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? ([^ ]+)$)");
     static const std::regex kLabel(R"re(^([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"(,|$))re");
     static const std::regex kComment(R"(^# (HELP|TYPE) ([a-zA-Z_:][a-zA-Z0-9_:]*) (.*)$)");
-    static const std::set<std::string> kTypes = {"counter", "gauge", "histogram", "summary", "untyped"};
+    static const std::set<std::string> kTypes = {"counter", "gauge", "histogram", "summary",
+                                                 "untyped"};
     size_t pos = 0;
     int line_no = 0;
     if (text.empty() || text.back() != '\n') e.errors.push_back("does not end with a newline");
@@ -204,7 +206,8 @@ struct Exposition {
       for (auto& [labels, buckets] : series) {
         std::sort(buckets.begin(), buckets.end());
         for (size_t i = 1; i < buckets.size(); ++i) {
-          if (buckets[i].second < buckets[i - 1].second) errors.push_back(family + "{" + labels + "}: not cumulative");
+          if (buckets[i].second < buckets[i - 1].second)
+            errors.push_back(family + "{" + labels + "}: not cumulative");
         }
         if (buckets.empty() || buckets.back().first != INFINITY) {
           errors.push_back(family + "{" + labels + "}: no +Inf bucket");
@@ -214,7 +217,8 @@ struct Exposition {
         if (count == samples.end() || count->second != buckets.back().second) {
           errors.push_back(family + "{" + labels + "}: +Inf bucket differs from _count");
         }
-        if (!samples.count(family + "_sum{" + labels + "}")) errors.push_back(family + "{" + labels + "}: no _sum");
+        if (!samples.count(family + "_sum{" + labels + "}"))
+          errors.push_back(family + "{" + labels + "}: no _sum");
       }
     }
   }
@@ -279,7 +283,8 @@ std::map<std::string, std::string> Method(const std::string& method) {
 
 TEST(ServiceMetrics, ScrapeParsesAndCountersMoveWithTraffic) {
   testing::ServerProcess server;
-  ASSERT_TRUE(server.Start(ATTNSERVE_PATH, kRanks, {"--metrics-listen", "127.0.0.1:0", "--kv-budget-mib", "16"}))
+  ASSERT_TRUE(server.Start(ATTNSERVE_PATH, kRanks,
+                           {"--metrics-listen", "127.0.0.1:0", "--kv-budget-mib", "16"}))
       << server.log();
   const int port = MetricsPort(server);
   ASSERT_GT(port, 0) << server.log();
@@ -288,23 +293,34 @@ TEST(ServiceMetrics, ScrapeParsesAndCountersMoveWithTraffic) {
 
   const Exposition before = Scrape(port);
   const std::vector<std::pair<std::string, std::string>> families = {
-      {"ringtree_rpc_calls_total", "counter"},       {"ringtree_rpc_duration_seconds", "histogram"},
-      {"ringtree_engine_batch_size", "histogram"},   {"ringtree_ring_bytes_total", "counter"},
-      {"ringtree_tree_bytes_total", "counter"},      {"ringtree_command_bytes_total", "counter"},
-      {"ringtree_queue_depth", "gauge"},             {"ringtree_in_flight_requests", "gauge"},
-      {"ringtree_admitted_requests_total", "counter"}, {"ringtree_refused_requests_total", "counter"},
-      {"ringtree_invalid_requests_total", "counter"}, {"ringtree_kv_budget_bytes", "gauge"},
-      {"ringtree_kv_used_bytes", "gauge"},           {"ringtree_kv_bytes", "gauge"},
-      {"ringtree_kv_tokens", "gauge"},               {"ringtree_kv_hot_bytes", "gauge"},
-      {"ringtree_kv_disk_bytes", "gauge"},           {"ringtree_fsyncs_total", "counter"},
-      {"ringtree_sessions", "gauge"},                {"ringtree_ranks", "gauge"},
+      {"ringtree_rpc_calls_total", "counter"},
+      {"ringtree_rpc_duration_seconds", "histogram"},
+      {"ringtree_engine_batch_size", "histogram"},
+      {"ringtree_ring_bytes_total", "counter"},
+      {"ringtree_tree_bytes_total", "counter"},
+      {"ringtree_command_bytes_total", "counter"},
+      {"ringtree_queue_depth", "gauge"},
+      {"ringtree_in_flight_requests", "gauge"},
+      {"ringtree_admitted_requests_total", "counter"},
+      {"ringtree_refused_requests_total", "counter"},
+      {"ringtree_invalid_requests_total", "counter"},
+      {"ringtree_kv_budget_bytes", "gauge"},
+      {"ringtree_kv_used_bytes", "gauge"},
+      {"ringtree_kv_bytes", "gauge"},
+      {"ringtree_kv_tokens", "gauge"},
+      {"ringtree_kv_hot_bytes", "gauge"},
+      {"ringtree_kv_disk_bytes", "gauge"},
+      {"ringtree_fsyncs_total", "counter"},
+      {"ringtree_sessions", "gauge"},
+      {"ringtree_ranks", "gauge"},
       {"ringtree_uptime_seconds", "gauge"}};
   for (const auto& [name, type] : families) {
     auto it = before.types.find(name);
     ASSERT_NE(it, before.types.end()) << name << " has no # TYPE";
     EXPECT_EQ(it->second, type) << name;
   }
-  for (int r = 0; r < kRanks; ++r) EXPECT_TRUE(before.Has("ringtree_kv_bytes", {{"rank", std::to_string(r)}}));
+  for (int r = 0; r < kRanks; ++r)
+    EXPECT_TRUE(before.Has("ringtree_kv_bytes", {{"rank", std::to_string(r)}}));
   EXPECT_EQ(before.Get("ringtree_ranks"), kRanks);
   EXPECT_EQ(before.Get("ringtree_kv_budget_bytes"), 16 << 20);
 
@@ -317,24 +333,29 @@ TEST(ServiceMetrics, ScrapeParsesAndCountersMoveWithTraffic) {
   ASSERT_TRUE(info.ok()) << info.status().message();
   const std::string id = info->session_id();
   ASSERT_TRUE(client
-                  ->AppendKV(id, 0, RandomTensor(rng, {kAppendTokens, 2, 64}), RandomTensor(rng, {kAppendTokens, 2, 64}),
-                             256)
+                  ->AppendKV(id, 0, RandomTensor(rng, {kAppendTokens, 2, 64}),
+                             RandomTensor(rng, {kAppendTokens, 2, 64}), 256)
                   .ok());
   auto prefill = client->Prefill(id, 0, RandomTensor(rng, {kPrefillTokens, 8, 64}),
-                                 RandomTensor(rng, {kPrefillTokens, 2, 64}), RandomTensor(rng, {kPrefillTokens, 2, 64}));
+                                 RandomTensor(rng, {kPrefillTokens, 2, 64}),
+                                 RandomTensor(rng, {kPrefillTokens, 2, 64}));
   ASSERT_TRUE(prefill.ok()) << prefill.status().message();
   for (int i = 0; i < kDecodes; ++i) {
     auto out = client->Decode(id, 0, RandomTensor(rng, {1, 8, 64}), RandomTensor(rng, {1, 2, 64}),
                               RandomTensor(rng, {1, 2, 64}));
     ASSERT_TRUE(out.ok()) << out.status().message();
   }
-  for (int i = 0; i < kAttends; ++i) ASSERT_TRUE(client->Attend(id, 0, RandomTensor(rng, {4, 8, 64})).ok());
+  for (int i = 0; i < kAttends; ++i)
+    ASSERT_TRUE(client->Attend(id, 0, RandomTensor(rng, {4, 8, 64})).ok());
   const int64_t big = 20000;  // 20.5 MB > --kv-budget-mib 16
-  auto refused = client->AppendKV(id, 1, RandomTensor(rng, {big, 2, 64}), RandomTensor(rng, {big, 2, 64}), 4096);
-  ASSERT_EQ(GrpcCodeOf(refused.status()), grpc::StatusCode::RESOURCE_EXHAUSTED) << refused.status().message();
-  auto missing = client->Decode(std::string(32, 'f'), 0, RandomTensor(rng, {1, 8, 64}), RandomTensor(rng, {1, 2, 64}),
-                                RandomTensor(rng, {1, 2, 64}));
-  ASSERT_EQ(GrpcCodeOf(missing.status()), grpc::StatusCode::NOT_FOUND) << missing.status().message();
+  auto refused = client->AppendKV(id, 1, RandomTensor(rng, {big, 2, 64}),
+                                  RandomTensor(rng, {big, 2, 64}), 4096);
+  ASSERT_EQ(GrpcCodeOf(refused.status()), grpc::StatusCode::RESOURCE_EXHAUSTED)
+      << refused.status().message();
+  auto missing = client->Decode(std::string(32, 'f'), 0, RandomTensor(rng, {1, 8, 64}),
+                                RandomTensor(rng, {1, 2, 64}), RandomTensor(rng, {1, 2, 64}));
+  ASSERT_EQ(GrpcCodeOf(missing.status()), grpc::StatusCode::NOT_FOUND)
+      << missing.status().message();
 
   const Exposition after = Scrape(port);
   auto delta = [&](const std::string& name, const std::map<std::string, std::string>& labels = {}) {
@@ -360,7 +381,8 @@ TEST(ServiceMetrics, ScrapeParsesAndCountersMoveWithTraffic) {
   }
   // Engine steps: one-client decodes and attends are steps of one.
   EXPECT_EQ(delta("ringtree_engine_batch_size_count", {{"kind", "decode"}}), kDecodes);
-  EXPECT_EQ(delta("ringtree_engine_batch_size_bucket", {{"kind", "decode"}, {"le", "1"}}), kDecodes);
+  EXPECT_EQ(delta("ringtree_engine_batch_size_bucket", {{"kind", "decode"}, {"le", "1"}}),
+            kDecodes);
   EXPECT_EQ(delta("ringtree_engine_batch_size_count", {{"kind", "attend"}}), kAttends);
   EXPECT_EQ(delta("ringtree_engine_batch_size_count", {{"kind", "append"}}), 1);
   EXPECT_EQ(delta("ringtree_engine_batch_size_count", {{"kind", "prefill"}}), 1);
@@ -376,11 +398,14 @@ TEST(ServiceMetrics, ScrapeParsesAndCountersMoveWithTraffic) {
   // Stored KV, summed over ranks, grew by exactly what was appended.
   const int64_t tokens = kAppendTokens + kPrefillTokens + kDecodes;
   EXPECT_EQ(after.Sum("ringtree_kv_tokens") - before.Sum("ringtree_kv_tokens"), tokens);
-  EXPECT_EQ(after.Sum("ringtree_kv_bytes") - before.Sum("ringtree_kv_bytes"), tokens * kBytesPerToken);
-  EXPECT_EQ(after.Sum("ringtree_kv_hot_bytes") - before.Sum("ringtree_kv_hot_bytes"), tokens * kBytesPerToken);
+  EXPECT_EQ(after.Sum("ringtree_kv_bytes") - before.Sum("ringtree_kv_bytes"),
+            tokens * kBytesPerToken);
+  EXPECT_EQ(after.Sum("ringtree_kv_hot_bytes") - before.Sum("ringtree_kv_hot_bytes"),
+            tokens * kBytesPerToken);
   EXPECT_EQ(after.Sum("ringtree_kv_disk_bytes"), 0);  // no --data-dir
   EXPECT_EQ(delta("ringtree_kv_used_bytes"), tokens * kBytesPerToken);
-  for (int r = 0; r < kRanks; ++r) EXPECT_GT(after.Get("ringtree_kv_tokens", {{"rank", std::to_string(r)}}), 0) << r;
+  for (int r = 0; r < kRanks; ++r)
+    EXPECT_GT(after.Get("ringtree_kv_tokens", {{"rank", std::to_string(r)}}), 0) << r;
   EXPECT_EQ(delta("ringtree_sessions"), 1);
   EXPECT_GT(delta("ringtree_ring_bytes_total"), 0);  // the prefill's ring
   EXPECT_GT(delta("ringtree_tree_bytes_total"), 0);  // decode/attend reductions
@@ -393,8 +418,9 @@ TEST(ServiceMetrics, ScrapeParsesAndCountersMoveWithTraffic) {
   {
     auto info2 = client->CreateSession(Config());
     ASSERT_TRUE(info2.ok()) << info2.status().message();
-    ASSERT_TRUE(client->AppendKV(info2->session_id(), 0, RandomTensor(rng, {100, 2, 64}),
-                                 RandomTensor(rng, {100, 2, 64}))
+    ASSERT_TRUE(client
+                    ->AppendKV(info2->session_id(), 0, RandomTensor(rng, {100, 2, 64}),
+                               RandomTensor(rng, {100, 2, 64}))
                     .ok());
     const Exposition mid = Scrape(port);
     std::vector<HostTensor> qs, ks, vs;
@@ -409,7 +435,8 @@ TEST(ServiceMetrics, ScrapeParsesAndCountersMoveWithTraffic) {
     ASSERT_TRUE(out.ok()) << out.status().message();
     for (const BatchEntryOutput& e : *out) ASSERT_TRUE(e.status.ok()) << e.status.message();
     const Exposition batched = Scrape(port);
-    auto moved = [&](const std::string& name, const std::map<std::string, std::string>& labels = {}) {
+    auto moved = [&](const std::string& name,
+                     const std::map<std::string, std::string>& labels = {}) {
       return batched.Get(name, labels) - mid.Get(name, labels);
     };
     EXPECT_EQ(moved("ringtree_rpc_calls_total", Call("DecodeBatch", "OK")), 1);
@@ -432,7 +459,8 @@ TEST(ServiceMetrics, ScrapeParsesAndCountersMoveWithTraffic) {
   const Exposition deleted = Scrape(port);
   EXPECT_EQ(deleted.Sum("ringtree_kv_bytes"), before.Sum("ringtree_kv_bytes"));
   EXPECT_EQ(deleted.Get("ringtree_sessions"), before.Get("ringtree_sessions"));
-  EXPECT_EQ(deleted.Get("ringtree_rpc_calls_total", Call("DeleteSession", "OK")), 2);  // this and the batch block's
+  EXPECT_EQ(deleted.Get("ringtree_rpc_calls_total", Call("DeleteSession", "OK")),
+            2);  // this and the batch block's
   EXPECT_EQ(server.Stop(), 0) << server.log();
 }
 
@@ -440,7 +468,8 @@ TEST(ServiceMetrics, DurableModeCountsFsyncsAndDiskBytes) {
   const std::string dir = "/tmp/attnserve-metrics-" + std::to_string(getpid());
   std::filesystem::remove_all(dir);
   testing::ServerProcess server;
-  ASSERT_TRUE(server.Start(ATTNSERVE_PATH, kRanks, {"--metrics-listen", "127.0.0.1:0", "--data-dir", dir}))
+  ASSERT_TRUE(
+      server.Start(ATTNSERVE_PATH, kRanks, {"--metrics-listen", "127.0.0.1:0", "--data-dir", dir}))
       << server.log();
   const int port = MetricsPort(server);
   ASSERT_GT(port, 0) << server.log();
@@ -450,18 +479,20 @@ TEST(ServiceMetrics, DurableModeCountsFsyncsAndDiskBytes) {
   auto info = client->CreateSession(Config());
   ASSERT_TRUE(info.ok()) << info.status().message();
   constexpr int kTokens = 2048, kDecodes = 3;
-  ASSERT_TRUE(client->AppendKV(info->session_id(), 0, RandomTensor(rng, {kTokens, 2, 64}),
-                               RandomTensor(rng, {kTokens, 2, 64}))
+  ASSERT_TRUE(client
+                  ->AppendKV(info->session_id(), 0, RandomTensor(rng, {kTokens, 2, 64}),
+                             RandomTensor(rng, {kTokens, 2, 64}))
                   .ok());
   // Every acknowledged write step syncs something on rank 0 before the
   // reply (at least the session metadata journal; docs/service.md,
   // "Durability"), so each decode moves rank 0's count.
   double fsyncs = Scrape(port).Get("ringtree_fsyncs_total", {{"rank", "0"}});
-  EXPECT_GT(fsyncs, before.Get("ringtree_fsyncs_total", {{"rank", "0"}}));  // the create and the append
+  EXPECT_GT(fsyncs,
+            before.Get("ringtree_fsyncs_total", {{"rank", "0"}}));  // the create and the append
   for (int i = 0; i < kDecodes; ++i) {
     ASSERT_TRUE(client
-                    ->Decode(info->session_id(), 0, RandomTensor(rng, {1, 8, 64}), RandomTensor(rng, {1, 2, 64}),
-                             RandomTensor(rng, {1, 2, 64}))
+                    ->Decode(info->session_id(), 0, RandomTensor(rng, {1, 8, 64}),
+                             RandomTensor(rng, {1, 2, 64}), RandomTensor(rng, {1, 2, 64}))
                     .ok());
     const double now = Scrape(port).Get("ringtree_fsyncs_total", {{"rank", "0"}});
     EXPECT_GE(now, fsyncs + 1) << "decode " << i;
@@ -470,7 +501,8 @@ TEST(ServiceMetrics, DurableModeCountsFsyncsAndDiskBytes) {
   const Exposition after = Scrape(port);
   const int64_t bytes = (kTokens + kDecodes) * kBytesPerToken;
   EXPECT_EQ(after.Sum("ringtree_kv_bytes") - before.Sum("ringtree_kv_bytes"), bytes);
-  EXPECT_GE(after.Sum("ringtree_kv_disk_bytes") - before.Sum("ringtree_kv_disk_bytes"), bytes);  // + headers, summaries
+  EXPECT_GE(after.Sum("ringtree_kv_disk_bytes") - before.Sum("ringtree_kv_disk_bytes"),
+            bytes);  // + headers, summaries
   // All hot (under the hot budget), counted as whole 64-token spans: at
   // most one partly filled span per rank's store above the bytes stored.
   const double hot = after.Sum("ringtree_kv_hot_bytes") - before.Sum("ringtree_kv_hot_bytes");
@@ -494,7 +526,8 @@ TEST(ServiceMetrics, BadAddressFailsAtStartNamingTheFlag) {
   // Malformed: refused while parsing the flags, before MPI starts.
   for (const char* bad : {"localhost", "127.0.0.1:99999", ":9100", "127.0.0.1:port", "::1:9100"}) {
     std::string output;
-    EXPECT_NE(RunShell(std::string(ATTNSERVE_PATH) + " --metrics-listen '" + bad + "'", &output), 0) << bad;
+    EXPECT_NE(RunShell(std::string(ATTNSERVE_PATH) + " --metrics-listen '" + bad + "'", &output), 0)
+        << bad;
     EXPECT_NE(output.find("--metrics-listen"), std::string::npos) << bad << ": " << output;
   }
   // Well-formed but taken: the server stops at start, naming the flag.
@@ -509,9 +542,11 @@ TEST(ServiceMetrics, BadAddressFailsAtStartNamingTheFlag) {
   const std::string taken = "127.0.0.1:" + std::to_string(ntohs(addr.sin_port));
   testing::ServerProcess server;
   const auto start = std::chrono::steady_clock::now();
-  EXPECT_FALSE(server.Start(ATTNSERVE_PATH, kRanks, {"--metrics-listen", taken}));  // false: mpirun exited
+  EXPECT_FALSE(
+      server.Start(ATTNSERVE_PATH, kRanks, {"--metrics-listen", taken}));  // false: mpirun exited
   EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(30));
-  EXPECT_NE(server.log().find("--metrics-listen " + taken + ": cannot bind"), std::string::npos) << server.log();
+  EXPECT_NE(server.log().find("--metrics-listen " + taken + ": cannot bind"), std::string::npos)
+      << server.log();
   close(fd);
 }
 

@@ -366,7 +366,8 @@ TEST_F(ServiceFlow, BatchCallsServeManySessionsWithPerEntryStatus) {
         ks.push_back(std::move(k));
         vs.push_back(std::move(v));
       }
-      for (size_t i = 0; i < models.size(); ++i) entries.push_back({ids[i], &qs[i], &ks[i], &vs[i], {}, {}});
+      for (size_t i = 0; i < models.size(); ++i)
+        entries.push_back({ids[i], &qs[i], &ks[i], &vs[i], {}, {}});
       CallOptions opt;
       opt.return_lse = true;
       auto out = client->DecodeBatch(l, entries, opt);
@@ -396,13 +397,15 @@ TEST_F(ServiceFlow, BatchCallsServeManySessionsWithPerEntryStatus) {
       qf.push_back(Random(rng, 3 * m.heads * m.head_dim));
       qs.push_back(HostTensor::FromFloat32(qf.back().data(), {3, m.heads, m.head_dim}));
     }
-    for (size_t i = 0; i < models.size(); ++i) entries.push_back({ids[i], &qs[i], nullptr, nullptr, {}, {}});
+    for (size_t i = 0; i < models.size(); ++i)
+      entries.push_back({ids[i], &qs[i], nullptr, nullptr, {}, {}});
     auto out = client->AttendBatch(1, entries);
     ASSERT_TRUE(out.ok()) << out.status().ToString();
     for (size_t i = 0; i < models.size(); ++i) {
       ASSERT_TRUE((*out)[i].status.ok()) << (*out)[i].status.ToString();
       EXPECT_EQ((*out)[i].output.layer_tokens, layers[1][i].tokens());
-      EXPECT_LE(MaxDiff((*out)[i].output.o.ToFloat32(), Reference(layers[1][i], qf[i], 3, false)), tolerance(i));
+      EXPECT_LE(MaxDiff((*out)[i].output.o.ToFloat32(), Reference(layers[1][i], qf[i], 3, false)),
+                tolerance(i));
     }
   }
   // Bad entries beside good ones: each gets its own status, changes nothing,
@@ -435,8 +438,8 @@ TEST_F(ServiceFlow, BatchCallsServeManySessionsWithPerEntryStatus) {
         {ids[1], &tq0, &k1, &v1, {}, before1 + 7},
         {"0123456789abcdef0123456789abcdef", &tq0, &k0, &v0, {}, {}},
     };
-    // Entries 3 and 4 are shaped for session 1 except q (8 heads x 64 vs 4 x 32): fix q for 3 and 4 so
-    // only the NaN / the expected length is wrong.
+    // Entries 3 and 4 are shaped for session 1 except q (8 heads x 64 vs 4 x 32): fix q for 3 and 4
+    // so only the NaN / the expected length is wrong.
     auto q1 = Random(rng, 4 * 32);
     HostTensor tq1 = HostTensor::FromFloat32(q1.data(), {1, 4, 32});
     entries[3].q = &tq1;
@@ -453,7 +456,8 @@ TEST_F(ServiceFlow, BatchCallsServeManySessionsWithPerEntryStatus) {
     EXPECT_EQ((*out)[0].output.batch_size, 2) << "the same session twice takes two engine steps";
     auto expect = [&](size_t i, grpc::StatusCode code, const std::string& text) {
       EXPECT_EQ(GrpcCodeOf((*out)[i].status), code) << i << ": " << (*out)[i].status.ToString();
-      EXPECT_NE((*out)[i].status.message().find(text), std::string::npos) << i << ": " << (*out)[i].status.ToString();
+      EXPECT_NE((*out)[i].status.message().find(text), std::string::npos)
+          << i << ": " << (*out)[i].status.ToString();
     };
     expect(1, grpc::StatusCode::INVALID_ARGUMENT, "[DecodeBatch] entries[1].q.shape[1]");
     expect(3, grpc::StatusCode::INVALID_ARGUMENT, "entries[3].k.data: NaN or Inf");
@@ -470,14 +474,16 @@ TEST_F(ServiceFlow, BatchCallsServeManySessionsWithPerEntryStatus) {
   {
     auto empty = client->DecodeBatch(0, {});
     EXPECT_EQ(GrpcCodeOf(empty.status()), grpc::StatusCode::INVALID_ARGUMENT);
-    EXPECT_NE(empty.status().message().find("entries"), std::string::npos) << empty.status().ToString();
+    EXPECT_NE(empty.status().message().find("entries"), std::string::npos)
+        << empty.status().ToString();
     const Model& m = layers[1][0];
     auto q = Random(rng, m.heads * m.head_dim);
     HostTensor tq = HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim});
     auto out = client->AttendBatch(5, {{ids[0], &tq, nullptr, nullptr, {}, {}}});
     ASSERT_TRUE(out.ok());
     EXPECT_EQ(GrpcCodeOf((*out)[0].status), grpc::StatusCode::INVALID_ARGUMENT);
-    EXPECT_NE((*out)[0].status.message().find("entries[0].layer"), std::string::npos) << (*out)[0].status.ToString();
+    EXPECT_NE((*out)[0].status.message().find("entries[0].layer"), std::string::npos)
+        << (*out)[0].status.ToString();
   }
   for (auto& id : ids) ASSERT_TRUE(client->DeleteSession(id).ok());
 }
@@ -1174,7 +1180,8 @@ TEST_F(ServiceSpans, BatchedRetrievalEntriesShareAStepAndFailAlone) {
     if (i != 1) EXPECT_TRUE(r.output.retrieval->exact()) << i;
   }
   EXPECT_EQ((*out)[0].output.batch_size, 2) << "one retrieval step and one exact step";
-  EXPECT_EQ(GrpcCodeOf((*out)[3].status), grpc::StatusCode::FAILED_PRECONDITION) << (*out)[3].status.ToString();
+  EXPECT_EQ(GrpcCodeOf((*out)[3].status), grpc::StatusCode::FAILED_PRECONDITION)
+      << (*out)[3].status.ToString();
   auto s3 = client->GetSession(ids[3]);
   ASSERT_TRUE(s3.ok());
   EXPECT_EQ(s3->layer_tokens(0), before[3]);
@@ -1183,7 +1190,8 @@ TEST_F(ServiceSpans, BatchedRetrievalEntriesShareAStepAndFailAlone) {
     std::vector<BatchEntry> attend;
     v1::RetrievalOptions top;
     top.set_top_k_spans(2);
-    for (size_t i = 0; i < 3; ++i) attend.push_back({ids[i], &qs[i], nullptr, nullptr, i == 1 ? top : all, {}});
+    for (size_t i = 0; i < 3; ++i)
+      attend.push_back({ids[i], &qs[i], nullptr, nullptr, i == 1 ? top : all, {}});
     auto a = client->AttendBatch(0, attend);
     ASSERT_TRUE(a.ok()) << a.status().ToString();
     for (size_t i = 0; i < 3; ++i) {
@@ -1193,7 +1201,8 @@ TEST_F(ServiceSpans, BatchedRetrievalEntriesShareAStepAndFailAlone) {
         EXPECT_EQ((*a)[i].output.retrieval->selected_spans(), 2);
       } else {
         EXPECT_TRUE((*a)[i].output.retrieval->exact());
-        EXPECT_LE(MaxDiff((*a)[i].output.o.ToFloat32(), AttendReference(models[i], qf[i], 1)), 2e-4);
+        EXPECT_LE(MaxDiff((*a)[i].output.o.ToFloat32(), AttendReference(models[i], qf[i], 1)),
+                  2e-4);
       }
     }
     EXPECT_EQ((*a)[0].output.batch_size, 1) << "the retrieval entries share one step";
@@ -1230,12 +1239,14 @@ TEST_F(ServiceSpans, GroupCommitJournalSurvivesAKillAndNeverRollsBack) {
       vs.push_back(std::move(v));
     }
     std::vector<BatchEntry> entries;
-    for (size_t i = 0; i < models.size(); ++i) entries.push_back({ids[i], &qs[i], &ks[i], &vs[i], {}, {}});
+    for (size_t i = 0; i < models.size(); ++i)
+      entries.push_back({ids[i], &qs[i], &ks[i], &vs[i], {}, {}});
     auto out = client->DecodeBatch(0, entries);
     ASSERT_TRUE(out.ok()) << out.status().ToString();
     for (size_t i = 0; i < models.size(); ++i) {
       ASSERT_TRUE((*out)[i].status.ok()) << (*out)[i].status.ToString();
-      EXPECT_LE(MaxDiff((*out)[i].output.o.ToFloat32(), Reference(models[i], qf[i], 1, true)), 2e-4);
+      EXPECT_LE(MaxDiff((*out)[i].output.o.ToFloat32(), Reference(models[i], qf[i], 1, true)),
+                2e-4);
     }
   };
   for (int t = 0; t < 5; ++t) step();
@@ -1247,7 +1258,8 @@ TEST_F(ServiceSpans, GroupCommitJournalSurvivesAKillAndNeverRollsBack) {
   };
   ASSERT_TRUE(std::filesystem::exists(journal));
   EXPECT_GT(std::filesystem::file_size(journal), 0u);
-  EXPECT_EQ(file_tokens(ids[0]), 0) << "appends and decodes go to the journal, not to the session files";
+  EXPECT_EQ(file_tokens(ids[0]), 0)
+      << "appends and decodes go to the journal, not to the session files";
   // Crash: SIGKILL rank 0 (mpirun then ends the job); a torn record follows.
   ASSERT_EQ(kill(server->rank0_pid(), SIGKILL), 0);
   server->Wait(std::chrono::seconds(30));
@@ -1264,7 +1276,8 @@ TEST_F(ServiceSpans, GroupCommitJournalSurvivesAKillAndNeverRollsBack) {
     ASSERT_TRUE(info.ok()) << info.status().ToString();
     EXPECT_EQ(info->layer_tokens(0), 305) << "every acknowledged decode survives the kill";
     auto q = Random(rng, 2 * models[i].heads * models[i].head_dim);
-    auto o = c2->Attend(ids[i], 0, HostTensor::FromFloat32(q.data(), {2, models[i].heads, models[i].head_dim}));
+    auto o = c2->Attend(
+        ids[i], 0, HostTensor::FromFloat32(q.data(), {2, models[i].heads, models[i].head_dim}));
     ASSERT_TRUE(o.ok()) << o.status().ToString();
     EXPECT_LE(MaxDiff(o->o.ToFloat32(), AttendReference(models[i], q, 2)), 2e-4);
   }
@@ -1519,7 +1532,8 @@ TEST_F(ServiceSpans, DiskBudgetRefusalChangesNothing) {
   const int64_t open_span_record = 64 * 2 * m.kv_heads * m.head_dim * 4 + 8192;
   for (int r = 0; r < kRanks; ++r) {
     EXPECT_GE(stats_restarted->ranks(r).disk_bytes(), stats_stopped->ranks(r).disk_bytes());
-    EXPECT_LE(stats_restarted->ranks(r).disk_bytes(), stats_stopped->ranks(r).disk_bytes() + open_span_record);
+    EXPECT_LE(stats_restarted->ranks(r).disk_bytes(),
+              stats_stopped->ranks(r).disk_bytes() + open_span_record);
   }
   auto refused_again = c2->AppendKV(id, 0, k2, v2);
   EXPECT_EQ(GrpcCodeOf(refused_again.status()), grpc::StatusCode::RESOURCE_EXHAUSTED);

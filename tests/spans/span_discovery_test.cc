@@ -8,9 +8,9 @@
 
 #include <algorithm>
 #include <cmath>
-#include <limits>
 #include <cstdio>
 #include <cstdlib>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -20,8 +20,8 @@ namespace ringtree {
 namespace {
 
 // Full causal attention probabilities, head-averaged, in double: P[i][j].
-std::vector<double> FullAttention(const std::vector<float>& q, const std::vector<float>& k, int64_t T, int H,
-                                  int Hkv, int D) {
+std::vector<double> FullAttention(const std::vector<float>& q, const std::vector<float>& k,
+                                  int64_t T, int H, int Hkv, int D) {
   const int G = H / Hkv;
   const double scale = 1.0 / std::sqrt(static_cast<double>(D));
   std::vector<double> P(static_cast<size_t>(T * T), 0.0), row(T);
@@ -30,7 +30,8 @@ std::vector<double> FullAttention(const std::vector<float>& q, const std::vector
       double mx = -std::numeric_limits<double>::infinity();
       for (int64_t j = 0; j <= i; ++j) {
         double dot = 0;
-        for (int d = 0; d < D; ++d) dot += double(q[(i * H + h) * D + d]) * k[(j * Hkv + h / G) * D + d];
+        for (int d = 0; d < D; ++d)
+          dot += double(q[(i * H + h) * D + d]) * k[(j * Hkv + h / G) * D + d];
         row[j] = dot * scale;
         mx = std::max(mx, row[j]);
       }
@@ -50,7 +51,8 @@ struct Planted {
 
 // Runs of distinct orthogonal topics: keys = topic + noise, queries =
 // `focus` * topic + noise, so a token attends inside its own run.
-Planted MakePlanted(int64_t T, int H, int Hkv, int D, int min_run, int max_run, float focus, uint64_t seed) {
+Planted MakePlanted(int64_t T, int H, int Hkv, int D, int min_run, int max_run, float focus,
+                    uint64_t seed) {
   Planted p{T, H, Hkv, D, {}, {}, {}};
   std::mt19937_64 rng(seed);
   std::normal_distribution<float> noise(0.0f, 0.3f);
@@ -67,9 +69,11 @@ Planted MakePlanted(int64_t T, int H, int Hkv, int D, int min_run, int max_run, 
   p.k.resize(static_cast<size_t>(T) * Hkv * D);
   for (int64_t t = 0; t < T; ++t) {
     for (int h = 0; h < Hkv; ++h)
-      for (int d = 0; d < D; ++d) p.k[(t * Hkv + h) * D + d] = noise(rng) + (d == topic[t] ? 3.0f : 0.0f);
+      for (int d = 0; d < D; ++d)
+        p.k[(t * Hkv + h) * D + d] = noise(rng) + (d == topic[t] ? 3.0f : 0.0f);
     for (int h = 0; h < H; ++h)
-      for (int d = 0; d < D; ++d) p.q[(t * H + h) * D + d] = noise(rng) + (d == topic[t] ? focus : 0.0f);
+      for (int d = 0; d < D; ++d)
+        p.q[(t * H + h) * D + d] = noise(rng) + (d == topic[t] ? focus : 0.0f);
   }
   return p;
 }
@@ -80,8 +84,9 @@ std::vector<float> CaptureBand(const Planted& p, int W) {
   AttentionBand band{W, mass.data()};
   AttentionOptions opt{.causal = true};
   opt.band = &band;
-  const Status st = AttentionForward(p.q.data(), p.k.data(), v.data(), DType::kFloat32,
-                                     AttentionShape{p.T, p.T, p.H, p.Hkv, p.D}, opt, o.data(), nullptr);
+  const Status st =
+      AttentionForward(p.q.data(), p.k.data(), v.data(), DType::kFloat32,
+                       AttentionShape{p.T, p.T, p.H, p.Hkv, p.D}, opt, o.data(), nullptr);
   EXPECT_TRUE(st.ok()) << st.ToString();
   return mass;
 }
@@ -92,7 +97,8 @@ TEST(TriangleScores, EqualBruteForceFromTheFullAttentionMatrix) {
     const int W = 48;
     const std::vector<float> mass = CaptureBand(p, W);
     const std::vector<double> P = FullAttention(p.q, p.k, p.T, p.H, p.Hkv, p.D);
-    auto scores = TriangleScores::FromBand(mass.data(), p.T, p.Hkv, p.H, W, /*normalize_rows=*/false);
+    auto scores =
+        TriangleScores::FromBand(mass.data(), p.T, p.Hkv, p.H, W, /*normalize_rows=*/false);
     ASSERT_TRUE(scores.ok()) << scores.status().ToString();
     const TriangleScores& s = scores.value();
     int checked = 0;
@@ -134,7 +140,9 @@ TEST(TriangleScores, PrefixSumsEqualDirectSumsOverTheBand) {
       ASSERT_NEAR(s.value().LeakOut(a, b), ReferenceLeakOut(band, T, W, a, b), 1e-9);
       // Pair counts of the closed forms, by counting.
       int64_t in_pairs = 0, out_pairs = 0;
-      for (int64_t i = a; i < b; ++i) in_pairs += a - std::max<int64_t>(0, i - W + 1) > 0 ? a - std::max<int64_t>(0, i - W + 1) : 0;
+      for (int64_t i = a; i < b; ++i)
+        in_pairs +=
+            a - std::max<int64_t>(0, i - W + 1) > 0 ? a - std::max<int64_t>(0, i - W + 1) : 0;
       for (int64_t i = b; i < T; ++i)
         for (int64_t j = a; j < b; ++j) out_pairs += i - j < W;
       ASSERT_EQ(s.value().LeakInPairs(a, b), double(in_pairs)) << a << " " << b;
@@ -144,7 +152,8 @@ TEST(TriangleScores, PrefixSumsEqualDirectSumsOverTheBand) {
 
 // The greedy selection by brute force: every candidate sorted the same way,
 // overlap and gaps checked token by token.
-std::vector<std::pair<int64_t, int64_t>> ReferenceNms(const TriangleScores& s, const SpanDiscoveryOptions& o) {
+std::vector<std::pair<int64_t, int64_t>> ReferenceNms(const TriangleScores& s,
+                                                      const SpanDiscoveryOptions& o) {
   struct C {
     float score;
     int L;
@@ -197,7 +206,8 @@ TEST(SpanDiscovery, NmsMatchesReferenceAndCoversEverythingWithinBounds) {
       const std::vector<float> mass = CaptureBand(p, 40);
       auto s = TriangleScores::FromBand(mass.data(), p.T, p.Hkv, p.H, 40);
       ASSERT_TRUE(s.ok());
-      const SpanDiscoveryOptions o{.min_tokens = 6, .max_tokens = 40, .fallback_tokens = 16, .min_score = min_score};
+      const SpanDiscoveryOptions o{
+          .min_tokens = 6, .max_tokens = 40, .fallback_tokens = 16, .min_score = min_score};
       auto cuts = DiscoverSpans(s.value(), o);
       ASSERT_TRUE(cuts.ok()) << cuts.status().ToString();
       CheckSegmentation(cuts.value(), p.T, o);
@@ -223,7 +233,8 @@ TEST(SpanDiscovery, FindsPlantedRuns) {
   for (const SpanCut& c : cuts.value()) bounds.push_back(c.begin);
   int hit = 0, runs = 0;
   for (size_t r = 1; r + 1 < p.run_starts.size(); ++r) {
-    if (p.T - p.run_starts[r] < o.min_tokens) continue;  // a last run too short for a span of its own
+    if (p.T - p.run_starts[r] < o.min_tokens)
+      continue;  // a last run too short for a span of its own
     ++runs;
     hit += std::binary_search(bounds.begin(), bounds.end(), p.run_starts[r]);
   }
@@ -252,7 +263,8 @@ TEST(SpanDiscovery, WindowedPrefillGivesTheSameSpans) {
                     .ok());
     auto s = TriangleScores::FromBand(mass.data(), p.T, p.Hkv, p.H, W);
     ASSERT_TRUE(s.ok());
-    auto cuts = DiscoverSpans(s.value(), SpanDiscoveryOptions{.min_tokens = 6, .max_tokens = 48, .fallback_tokens = 24});
+    auto cuts = DiscoverSpans(
+        s.value(), SpanDiscoveryOptions{.min_tokens = 6, .max_tokens = 48, .fallback_tokens = 24});
     ASSERT_TRUE(cuts.ok());
     results.push_back(cuts.value());
   }
@@ -269,23 +281,32 @@ TEST(SpanDiscovery, EdgeCasesAndErrorsNameTheField) {
   std::vector<float> mass(5 * 8, 0.1f);
   auto s = TriangleScores::FromBand(mass.data(), 5, 1, 1, 8);
   ASSERT_TRUE(s.ok());
-  auto short_run = DiscoverSpans(s.value(), SpanDiscoveryOptions{.min_tokens = 8, .max_tokens = 8, .fallback_tokens = 8});
+  auto short_run = DiscoverSpans(
+      s.value(), SpanDiscoveryOptions{.min_tokens = 8, .max_tokens = 8, .fallback_tokens = 8});
   EXPECT_FALSE(short_run.ok());  // 8 < 2 * 8 - 1
   EXPECT_NE(short_run.status().message().find("max_tokens"), std::string::npos);
-  auto one = DiscoverSpans(s.value(), SpanDiscoveryOptions{.min_tokens = 4, .max_tokens = 8, .fallback_tokens = 8});
+  auto one = DiscoverSpans(
+      s.value(), SpanDiscoveryOptions{.min_tokens = 4, .max_tokens = 8, .fallback_tokens = 8});
   ASSERT_TRUE(one.ok());
   ASSERT_EQ(one.value().size(), 1u);  // 5 tokens: a 4-token span would leave a 1-token gap
   auto empty = TriangleScores::FromBand(nullptr, 0, 1, 1, 8);
   ASSERT_TRUE(empty.ok());
-  EXPECT_TRUE(DiscoverSpans(empty.value(), SpanDiscoveryOptions{.min_tokens = 2, .max_tokens = 8, .fallback_tokens = 4})
-                  .value()
-                  .empty());
-  auto wide = DiscoverSpans(s.value(), SpanDiscoveryOptions{.min_tokens = 2, .max_tokens = 16, .fallback_tokens = 4});
+  EXPECT_TRUE(
+      DiscoverSpans(empty.value(),
+                    SpanDiscoveryOptions{.min_tokens = 2, .max_tokens = 8, .fallback_tokens = 4})
+          .value()
+          .empty());
+  auto wide = DiscoverSpans(
+      s.value(), SpanDiscoveryOptions{.min_tokens = 2, .max_tokens = 16, .fallback_tokens = 4});
   EXPECT_NE(wide.status().message().find("band width"), std::string::npos);
-  auto fb = ValidateSpanDiscovery(SpanDiscoveryOptions{.min_tokens = 8, .max_tokens = 64, .fallback_tokens = 10});
+  auto fb = ValidateSpanDiscovery(
+      SpanDiscoveryOptions{.min_tokens = 8, .max_tokens = 64, .fallback_tokens = 10});
   EXPECT_NE(fb.message().find("fallback_tokens"), std::string::npos);
-  EXPECT_NE(ValidateSpanDiscovery(SpanDiscoveryOptions{.min_tokens = 0}).message().find("min_tokens"), std::string::npos);
-  EXPECT_NE(TriangleScores::FromBand(mass.data(), 5, 2, 3, 8).status().message().find("heads"), std::string::npos);
+  EXPECT_NE(
+      ValidateSpanDiscovery(SpanDiscoveryOptions{.min_tokens = 0}).message().find("min_tokens"),
+      std::string::npos);
+  EXPECT_NE(TriangleScores::FromBand(mass.data(), 5, 2, 3, 8).status().message().find("heads"),
+            std::string::npos);
 }
 
 }  // namespace

@@ -1,10 +1,10 @@
 // The pure retrieval math: cross-rank top-k merge, normalisers, the bound.
+#include "worker/spans/span_select.h"
+
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <vector>
-
-#include "worker/spans/span_select.h"
 
 namespace ringtree {
 namespace {
@@ -95,7 +95,7 @@ TEST(SpanSelect, SkippedMassBoundCases) {
 // heads' votes pick B (two of four heads propose it at top-1).
 TEST(HeadVoting, VotesDecideWhereSummedMassDisagrees) {
   const int heads = 4, kv_heads = 4;
-  const double p[4][4] = {{0.97, 0.01, 0.01, 0.01},   // head 0 over spans A, B, C, D
+  const double p[4][4] = {{0.97, 0.01, 0.01, 0.01},  // head 0 over spans A, B, C, D
                           {0.01, 0.51, 0.47, 0.01},
                           {0.01, 0.51, 0.47, 0.01},
                           {0.01, 0.38, 0.60, 0.01}};
@@ -110,17 +110,20 @@ TEST(HeadVoting, VotesDecideWhereSummedMassDisagrees) {
   const std::vector<int32_t> tokens(4, 16);
   const std::vector<int64_t> positions{0, 16, 32, 48}, candidates{0, 1, 2, 3};
   const std::vector<double> norm = LogNormalizers(sc, tokens, candidates);
-  EXPECT_EQ(RankCandidates(sc, tokens, positions, candidates, norm).front().span_index, 2);  // C by mass
+  EXPECT_EQ(RankCandidates(sc, tokens, positions, candidates, norm).front().span_index,
+            2);  // C by mass
   auto top1 = RankCandidatesByVotes(sc, tokens, positions, candidates, norm, heads, kv_heads, 1, 0);
   EXPECT_EQ(top1[0].span_index, 1);  // B: 2 votes
   EXPECT_EQ(top1[1].span_index, 2);  // C: 1 vote, more mass than A
   EXPECT_EQ(top1[2].span_index, 0);  // A: 1 vote
   // Budgets count tokens: 32 tokens = two spans per head. Votes A1 B3 C4.
-  auto top2 = RankCandidatesByVotes(sc, tokens, positions, candidates, norm, heads, kv_heads, 0, 32);
+  auto top2 =
+      RankCandidatesByVotes(sc, tokens, positions, candidates, norm, heads, kv_heads, 0, 32);
   EXPECT_EQ(top2[0].span_index, 2);
   EXPECT_EQ(top2[1].span_index, 1);
   EXPECT_EQ(top2[2].span_index, 0);
-  // GQA: two query heads per kv head vote together (heads 0,1 -> kv 0: A and B; 2,3 -> kv 1: B+C vs C).
+  // GQA: two query heads per kv head vote together (heads 0,1 -> kv 0: A and B; 2,3 -> kv 1: B+C vs
+  // C).
   auto gqa = RankCandidatesByVotes(sc, tokens, positions, candidates, norm, heads, 2, 1, 0);
   EXPECT_EQ(gqa[0].span_index, 2);  // kv 0: A (0.98) beats B (0.52); kv 1: C (1.07) beats B (0.89)
   EXPECT_EQ(gqa[1].span_index, 0);

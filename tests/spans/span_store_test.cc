@@ -57,7 +57,8 @@ Context Fill(const StoreCase& c, SpanStore* store, uint64_t seed) {
     auto k = Gaussian(n * row, seed + 2 * i);
     auto v = Gaussian(n * row, seed + 2 * i + 1);
     const std::vector<int64_t> starts =
-        c.discovered ? spans_test::RandomSpanStarts(pos, n, c.span_tokens, seed + 7 * i) : std::vector<int64_t>{};
+        c.discovered ? spans_test::RandomSpanStarts(pos, n, c.span_tokens, seed + 7 * i)
+                     : std::vector<int64_t>{};
     Status st = AppendBoth(store, &ctx, pos, n, k.data(), v.data(), starts);
     EXPECT_TRUE(st.ok()) << st.ToString();
     pos += n + c.gap;
@@ -363,9 +364,21 @@ INSTANTIATE_TEST_SUITE_P(
         StoreCase{"f32_span16_gapped_shards", F32, 16, 4, 2, 32, 1, false, {300, 200, 150}, 77},
         StoreCase{"bf16_span7_odd_causal_gaps", BF16, 7, 2, 1, 48, 2, true, {100, 90, 33}, 5},
         // Variable-length (discovered) spans: random boundaries, 1..span_tokens long.
-        StoreCase{"f32_span16_discovered_decode", F32, 16, 8, 2, 64, 1, false, {700, 300, 41}, 0, true},
-        StoreCase{"bf16_span64_discovered_causal", BF16, 64, 4, 1, 128, 2, true, {513, 511, 200}, 0, true},
-        StoreCase{"f32_span16_discovered_gaps", F32, 16, 4, 2, 32, 1, false, {300, 200, 150}, 77, true}),
+        StoreCase{
+            "f32_span16_discovered_decode", F32, 16, 8, 2, 64, 1, false, {700, 300, 41}, 0, true},
+        StoreCase{"bf16_span64_discovered_causal",
+                  BF16,
+                  64,
+                  4,
+                  1,
+                  128,
+                  2,
+                  true,
+                  {513, 511, 200},
+                  0,
+                  true},
+        StoreCase{
+            "f32_span16_discovered_gaps", F32, 16, 4, 2, 32, 1, false, {300, 200, 150}, 77, true}),
     CaseName);
 
 // Discovered boundaries are the store's spans, exactly; bad ones are refused
@@ -380,11 +393,14 @@ TEST(SpanStoreDiscovered, SpansFollowTheGivenBoundaries) {
   const size_t row = 2 * 32;
   auto k = Gaussian(500 * row, 1), v = Gaussian(500 * row, 2);
   const std::vector<int64_t> starts = spans_test::RandomSpanStarts(10, 300, 16, 5);
-  ASSERT_TRUE((*store)->Append(0, 10, k.data(), v.data(), DType::kFloat32).ok());  // an open fixed span [0, 10)
+  ASSERT_TRUE((*store)
+                  ->Append(0, 10, k.data(), v.data(), DType::kFloat32)
+                  .ok());  // an open fixed span [0, 10)
   ASSERT_TRUE((*store)->Append(10, 300, k.data(), v.data(), DType::kFloat32, starts).ok());
   ASSERT_TRUE((*store)->Append(310, 40, k.data(), v.data(), DType::kFloat32).ok());
   const auto spans = (*store)->Spans();
-  ASSERT_EQ(spans.size(), 1 + starts.size() + 3);  // [0,10), discovered, [310,320) [320,336) [336,350)
+  ASSERT_EQ(spans.size(),
+            1 + starts.size() + 3);  // [0,10), discovered, [310,320) [320,336) [336,350)
   EXPECT_EQ(spans[0].tokens, 10);
   for (size_t i = 0; i < starts.size(); ++i) {
     EXPECT_EQ(spans[1 + i].position_start, starts[i]);
@@ -485,17 +501,22 @@ TEST(SpanStoreRetrieval, PersistentRecallKeepsEarlierEvidenceAndVotingAtFullBudg
   RetrievalRequest req;
   req.top_k_spans = 1;
   RetrievalResult step1, plain, recalled;
-  ASSERT_TRUE((*store)->AttendRetrieval(query(dir_a).data(), 1, 4, {}, req, out.data(), lse.data(), &step1).ok());
+  ASSERT_TRUE(
+      (*store)
+          ->AttendRetrieval(query(dir_a).data(), 1, 4, {}, req, out.data(), lse.data(), &step1)
+          .ok());
   ASSERT_TRUE(holds(step1, at_a));
   std::vector<int64_t> used;
   for (const auto& s : step1.spans_used) used.push_back(s.index);
   history.Record(used);
   const auto qb = query(dir_b);
-  ASSERT_TRUE((*store)->AttendRetrieval(qb.data(), 1, 4, {}, req, out.data(), lse.data(), &plain).ok());
+  ASSERT_TRUE(
+      (*store)->AttendRetrieval(qb.data(), 1, 4, {}, req, out.data(), lse.data(), &plain).ok());
   EXPECT_TRUE(holds(plain, at_b));
   EXPECT_FALSE(holds(plain, at_a));
   req.persistent_spans = history.Recalled();
-  ASSERT_TRUE((*store)->AttendRetrieval(qb.data(), 1, 4, {}, req, out.data(), lse.data(), &recalled).ok());
+  ASSERT_TRUE(
+      (*store)->AttendRetrieval(qb.data(), 1, 4, {}, req, out.data(), lse.data(), &recalled).ok());
   EXPECT_TRUE(holds(recalled, at_b));  // the budget still buys the new evidence
   EXPECT_TRUE(holds(recalled, at_a));  // and the old is kept
   EXPECT_EQ(recalled.selected_spans, plain.selected_spans + 1);
@@ -512,7 +533,8 @@ TEST(SpanStoreRetrieval, PersistentRecallKeepsEarlierEvidenceAndVotingAtFullBudg
   all.head_voting = true;
   all.persistent_spans = history.Recalled();
   RetrievalResult res;
-  ASSERT_TRUE((*store)->AttendRetrieval(qb.data(), 1, 4, {}, all, out.data(), lse.data(), &res).ok());
+  ASSERT_TRUE(
+      (*store)->AttendRetrieval(qb.data(), 1, 4, {}, all, out.data(), lse.data(), &res).ok());
   EXPECT_TRUE(res.exact);
   ExpectClose(out, lse, ref, "voting + recall, full budget");
 }

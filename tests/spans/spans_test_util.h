@@ -45,7 +45,8 @@ inline std::vector<float> RoundTo(const std::vector<float>& x, DType dtype) {
 // Appends float32 k/v rows at `position` to both the store and the context.
 // span_starts: discovered span boundaries (SpanStore::Append), or empty.
 inline Status AppendBoth(SpanStore* store, Context* ctx, int64_t position, int64_t tokens,
-                         const float* k, const float* v, std::span<const int64_t> span_starts = {}) {
+                         const float* k, const float* v,
+                         std::span<const int64_t> span_starts = {}) {
   RINGTREE_RETURN_IF_ERROR(store->Append(position, tokens, k, v, DType::kFloat32, span_starts));
   const size_t row = size_t(ctx->kv_heads) * ctx->head_dim;
   std::vector<float> kk(k, k + tokens * row), vv(v, v + tokens * row);
@@ -108,7 +109,8 @@ inline ExactResult ExactDouble(const Context& ctx, const float* q, int64_t q_tok
 
 // Random span boundaries for an append of `tokens` at `position`: lengths
 // drawn from [1, max_tokens] (what span discovery may produce).
-inline std::vector<int64_t> RandomSpanStarts(int64_t position, int64_t tokens, int max_tokens, uint64_t seed) {
+inline std::vector<int64_t> RandomSpanStarts(int64_t position, int64_t tokens, int max_tokens,
+                                             uint64_t seed) {
   std::mt19937_64 rng(seed);
   std::uniform_int_distribution<int> len(1, max_tokens);
   std::vector<int64_t> starts;

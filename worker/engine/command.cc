@@ -200,8 +200,9 @@ Result<Command> DecodeCommand(const std::string& bytes) {
         ok = r.Pod(&n);
         for (uint64_t i = 0; ok && i < n; ++i) {
           RetrieveCommand t;
-          ok = Get(r, &t.group) && r.Pod(&t.top_k_spans) && r.Pod(&t.token_budget) && r.Pod(&t.mass_tolerance) &&
-               r.Pod(&t.score_mode) && r.Pod(&t.context_end) && r.Pod(&t.kv_only) && r.Pod(&t.include_always);
+          ok = Get(r, &t.group) && r.Pod(&t.top_k_spans) && r.Pod(&t.token_budget) &&
+               r.Pod(&t.mass_tolerance) && r.Pod(&t.score_mode) && r.Pod(&t.context_end) &&
+               r.Pod(&t.kv_only) && r.Pod(&t.include_always);
           c.retrieves.push_back(std::move(t));
         }
         break;

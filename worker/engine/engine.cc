@@ -1,19 +1,16 @@
 #include "worker/engine/engine.h"
 
-#include "worker/spans/file_sync.h"
-
+#include <fcntl.h>
 #include <mpi.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
-#include <fcntl.h>
-#include <unistd.h>
-
-#include <cerrno>
 #include <filesystem>
 #include <limits>
 #include <set>
@@ -21,6 +18,7 @@
 
 #include "dist/ring_attention.h"
 #include "kernels/merge.h"
+#include "worker/spans/file_sync.h"
 
 namespace ringtree {
 
@@ -139,7 +137,8 @@ Result<SpanStore*> WorkerEngine::Store(const SessionShape& shape, int layer) {
       RecoveryReport report;
       RINGTREE_ASSIGN_OR_RETURN(slot, SpanStore::Open(o, &report));
       bool replayed_log = false;
-      if (Status replayed = ReplayWal(shape.handle, layer, slot.get(), shape, &replayed_log); !replayed.ok()) {
+      if (Status replayed = ReplayWal(shape.handle, layer, slot.get(), shape, &replayed_log);
+          !replayed.ok()) {
         slot.reset();
         return replayed;
       }
@@ -230,9 +229,10 @@ Status WorkerEngine::AppendRows(const SessionShape& shape, int layer, const KvRo
     } else {
       int64_t at = 0;
       for (const KvRun& run : rows.runs) {
-        const size_t off = static_cast<size_t>(at * row_bytes), n = static_cast<size_t>(run.tokens * row_bytes);
-        wal_pending_.push_back({shape.handle, layer, run.position, run.tokens, rows.k.substr(off, n),
-                                rows.v.substr(off, n)});
+        const size_t off = static_cast<size_t>(at * row_bytes),
+                     n = static_cast<size_t>(run.tokens * row_bytes);
+        wal_pending_.push_back({shape.handle, layer, run.position, run.tokens,
+                                rows.k.substr(off, n), rows.v.substr(off, n)});
         at += run.tokens;
       }
     }
@@ -280,8 +280,8 @@ void WorkerEngine::RollBackStep(const Status& why) {
   if (!config_.data_dir.empty() && (wal_bytes_ > 0 || !wal_dirty_.empty())) {
     Status st = Checkpoint();
     if (!st.ok()) {
-      std::fprintf(stderr, "[attnserve] rank %d: checkpoint after a rolled-back step: %s\n", compute_->rank(),
-                   st.ToString().c_str());
+      std::fprintf(stderr, "[attnserve] rank %d: checkpoint after a rolled-back step: %s\n",
+                   compute_->rank(), st.ToString().c_str());
     }
   }
 }
@@ -369,7 +369,8 @@ Status WorkerEngine::Checkpoint() {
   if (config_.data_dir.empty()) return Status::Ok();
   for (const auto& [handle, layer] : wal_dirty_) {
     auto it = sessions_.find(handle);
-    if (it == sessions_.end() || layer >= static_cast<int>(it->second.layers.size())) continue;  // deleted
+    if (it == sessions_.end() || layer >= static_cast<int>(it->second.layers.size()))
+      continue;  // deleted
     SpanStore* store = it->second.layers[layer].get();
     if (store) RINGTREE_RETURN_IF_ERROR(store->Sync());
   }
@@ -429,16 +430,18 @@ Status WorkerEngine::LoadWal(const std::vector<uint64_t>& live) {
     for (uint64_t i = 0; ok && i < runs; ++i) {
       WalRun w;
       uint64_t bytes = 0;
-      ok = take(&w.handle, 8) && take(&w.layer, 4) && take(&w.position, 8) && take(&w.tokens, 8) && take(&bytes, 8) &&
-           static_cast<uint64_t>(end - p) >= 2 * bytes;
+      ok = take(&w.handle, 8) && take(&w.layer, 4) && take(&w.position, 8) && take(&w.tokens, 8) &&
+           take(&bytes, 8) && static_cast<uint64_t>(end - p) >= 2 * bytes;
       if (!ok) break;
       w.k.assign(p, bytes);
       w.v.assign(p + bytes, bytes);
       p += 2 * bytes;
-      if (keep.count(w.handle)) wal_replay_[{w.handle, w.layer}].push_back(std::move(w));  // else: deleted
+      if (keep.count(w.handle))
+        wal_replay_[{w.handle, w.layer}].push_back(std::move(w));  // else: deleted
     }
     if (!ok || p != end) {
-      return Status::DataLoss("[engine] " + path + ": a record with a valid checksum does not parse");
+      return Status::DataLoss("[engine] " + path +
+                              ": a record with a valid checksum does not parse");
     }
     at += kWalHeader + length;
     ++records;
@@ -449,18 +452,18 @@ Status WorkerEngine::LoadWal(const std::vector<uint64_t>& live) {
     const bool cut = ::ftruncate(fd, static_cast<off_t>(at)) == 0 && SyncFileData(fd) == 0;
     ::close(fd);
     if (!cut) return WalError("truncate", path);
-    std::fprintf(stderr, "[attnserve] rank %d: %s: dropped %zu torn tail bytes\n", compute_->rank(), path.c_str(),
-                 log.size() - at);
+    std::fprintf(stderr, "[attnserve] rank %d: %s: dropped %zu torn tail bytes\n", compute_->rank(),
+                 path.c_str(), log.size() - at);
   }
   if (records > 0) {
-    std::fprintf(stderr, "[attnserve] rank %d: %s: %lld records to replay\n", compute_->rank(), path.c_str(),
-                 static_cast<long long>(records));
+    std::fprintf(stderr, "[attnserve] rank %d: %s: %lld records to replay\n", compute_->rank(),
+                 path.c_str(), static_cast<long long>(records));
   }
   return Status::Ok();
 }
 
-Status WorkerEngine::ReplayWal(uint64_t handle, int layer, SpanStore* store, const SessionShape& shape,
-                               bool* had_records) {
+Status WorkerEngine::ReplayWal(uint64_t handle, int layer, SpanStore* store,
+                               const SessionShape& shape, bool* had_records) {
   auto it = wal_replay_.find({handle, layer});
   *had_records = it != wal_replay_.end();
   if (it == wal_replay_.end()) return Status::Ok();
@@ -472,12 +475,14 @@ Status WorkerEngine::ReplayWal(uint64_t handle, int layer, SpanStore* store, con
     const int64_t end = store->end_position();
     if (w.position + w.tokens <= end) continue;  // already in the store's files
     const int64_t skip = std::max<int64_t>(0, end - w.position);
-    RINGTREE_RETURN_IF_ERROR(store->Append(w.position + skip, w.tokens - skip, w.k.data() + skip * rb,
-                                           w.v.data() + skip * rb, shape.storage));
+    RINGTREE_RETURN_IF_ERROR(store->Append(w.position + skip, w.tokens - skip,
+                                           w.k.data() + skip * rb, w.v.data() + skip * rb,
+                                           shape.storage));
     applied += w.tokens - skip;
   }
   wal_replay_.erase(it);
-  if (applied > 0) wal_dirty_.insert({handle, layer});  // in RAM now; the log keeps them until a checkpoint
+  if (applied > 0)
+    wal_dirty_.insert({handle, layer});  // in RAM now; the log keeps them until a checkpoint
   return Status::Ok();
 }
 
@@ -593,7 +598,8 @@ Result<EngineOutput> WorkerEngine::Execute(Command& command) {
 
 Result<EngineOutput> WorkerEngine::ExecuteStep(Command& command) {
   switch (command.kind) {
-    case CommandKind::kShutdown: return EngineOutput{};  // RunWorkerLoop / EngineLoop::Run checkpoint
+    case CommandKind::kShutdown:
+      return EngineOutput{};  // RunWorkerLoop / EngineLoop::Run checkpoint
     case CommandKind::kDeleteSession: {
       RINGTREE_RETURN_IF_ERROR(DeleteSession(command.delete_handle));
       return EngineOutput{};
@@ -1190,7 +1196,9 @@ Status RunWorkerLoop(WorkerEngine& engine, const CommandChannel& channel, int ro
       // The stores' files become complete and the write-ahead log empty, so
       // a restart replays nothing.
       Status st = engine.Checkpoint();
-      if (!st.ok()) std::fprintf(stderr, "[attnserve] worker: checkpoint at shutdown: %s\n", st.ToString().c_str());
+      if (!st.ok())
+        std::fprintf(stderr, "[attnserve] worker: checkpoint at shutdown: %s\n",
+                     st.ToString().c_str());
       return Status::Ok();
     }
     Result<EngineOutput> r = engine.Execute(command);

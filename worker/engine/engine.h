@@ -22,8 +22,8 @@
 #include <atomic>
 #include <cstdint>
 #include <map>
-#include <set>
 #include <memory>
+#include <set>
 #include <string>
 #include <unordered_map>
 #include <vector>
@@ -204,10 +204,12 @@ class WorkerEngine {
   Status LoadWal(const std::vector<uint64_t>& live);
   // Applies the log's runs of (handle, layer) that `store` lacks;
   // *had_records: the log held runs of it.
-  Status ReplayWal(uint64_t handle, int layer, SpanStore* store, const SessionShape& shape, bool* had_records);
+  Status ReplayWal(uint64_t handle, int layer, SpanStore* store, const SessionShape& shape,
+                   bool* had_records);
   std::vector<WalRun> wal_pending_;  // this step's runs (AppendRows)
   bool wal_overflow_ = false;        // this step wrote more than kWalMaxStepBytes
-  std::map<std::pair<uint64_t, int>, std::vector<WalRun>> wal_replay_;  // read at startup, not yet applied
+  std::map<std::pair<uint64_t, int>, std::vector<WalRun>>
+      wal_replay_;                                // read at startup, not yet applied
   std::set<std::pair<uint64_t, int>> wal_dirty_;  // stores written since the last checkpoint
   int wal_fd_ = -1;
   int64_t wal_bytes_ = 0;

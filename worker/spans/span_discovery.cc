@@ -11,24 +11,31 @@ Status ValidateSpanDiscovery(const SpanDiscoveryOptions& o) {
   auto bad = [](const std::string& m) { return Status::InvalidArgument("[span_discovery] " + m); };
   if (o.min_tokens < 1) return bad("min_tokens must be >= 1, got " + std::to_string(o.min_tokens));
   if (o.max_tokens > 4096 || o.max_tokens < 2 * o.min_tokens - 1)
-    return bad("max_tokens must be in [2 * min_tokens - 1, 4096] = [" + std::to_string(2 * o.min_tokens - 1) +
-               ", 4096], got " + std::to_string(o.max_tokens));
+    return bad("max_tokens must be in [2 * min_tokens - 1, 4096] = [" +
+               std::to_string(2 * o.min_tokens - 1) + ", 4096], got " +
+               std::to_string(o.max_tokens));
   if (o.fallback_tokens < 2 * o.min_tokens - 1 || o.fallback_tokens > o.max_tokens)
     return bad("fallback_tokens must be in [2 * min_tokens - 1, max_tokens] = [" +
-               std::to_string(2 * o.min_tokens - 1) + ", " + std::to_string(o.max_tokens) + "], got " +
-               std::to_string(o.fallback_tokens));
+               std::to_string(2 * o.min_tokens - 1) + ", " + std::to_string(o.max_tokens) +
+               "], got " + std::to_string(o.fallback_tokens));
   if (!std::isfinite(o.min_score)) return bad("min_score must be finite");
   return Status::Ok();
 }
 
-Result<TriangleScores> TriangleScores::FromBand(const float* mass, int64_t tokens, int kv_heads, int heads,
-                                                int width, bool normalize_rows) {
-  if (tokens < 0) return Status::InvalidArgument("[span_discovery] tokens must be >= 0, got " + std::to_string(tokens));
-  if (width < 1) return Status::InvalidArgument("[span_discovery] width must be >= 1, got " + std::to_string(width));
+Result<TriangleScores> TriangleScores::FromBand(const float* mass, int64_t tokens, int kv_heads,
+                                                int heads, int width, bool normalize_rows) {
+  if (tokens < 0)
+    return Status::InvalidArgument("[span_discovery] tokens must be >= 0, got " +
+                                   std::to_string(tokens));
+  if (width < 1)
+    return Status::InvalidArgument("[span_discovery] width must be >= 1, got " +
+                                   std::to_string(width));
   if (kv_heads < 1 || heads < kv_heads || heads % kv_heads != 0)
     return Status::InvalidArgument("[span_discovery] heads (" + std::to_string(heads) +
-                                   ") must be a positive multiple of kv_heads (" + std::to_string(kv_heads) + ")");
-  if (mass == nullptr && tokens > 0) return Status::InvalidArgument("[span_discovery] mass must not be null");
+                                   ") must be a positive multiple of kv_heads (" +
+                                   std::to_string(kv_heads) + ")");
+  if (mass == nullptr && tokens > 0)
+    return Status::InvalidArgument("[span_discovery] mass must not be null");
   TriangleScores t;
   t.tokens_ = tokens;
   t.width_ = width;
@@ -79,7 +86,8 @@ double TriangleScores::LeakInPairs(int64_t a, int64_t b) const {
   const int64_t full = std::clamp<int64_t>(W - a, 0, L);  // r <= W - 1 - a: all a keys
   double pairs = double(full) * double(a);
   const int64_t r0 = full, r1 = std::min<int64_t>(L, W - 1);  // r in [r0, r1): W - 1 - r keys
-  if (r1 > r0) pairs += double(r1 - r0) * double(W - 1) - 0.5 * double(r1 - r0) * double(r0 + r1 - 1);
+  if (r1 > r0)
+    pairs += double(r1 - r0) * double(W - 1) - 0.5 * double(r1 - r0) * double(r0 + r1 - 1);
   return pairs;
 }
 
@@ -90,7 +98,8 @@ double TriangleScores::LeakOutPairs(int64_t a, int64_t b) const {
   const int64_t full = std::clamp<int64_t>(W - 1 - L + 1, 0, rows);  // u <= W - 1 - L: all L keys
   double pairs = double(full) * double(L);
   const int64_t u0 = full, u1 = rows;  // u in [u0, u1): W - 1 - u keys
-  if (u1 > u0) pairs += double(u1 - u0) * double(W - 1) - 0.5 * double(u1 - u0) * double(u0 + u1 - 1);
+  if (u1 > u0)
+    pairs += double(u1 - u0) * double(W - 1) - 0.5 * double(u1 - u0) * double(u0 + u1 - 1);
   return pairs;
 }
 
@@ -103,7 +112,8 @@ struct Candidate {
 };
 
 // Cuts [begin, end) into ceil(n / fallback) near-equal fallback spans.
-void CutFallback(const TriangleScores& s, int64_t begin, int64_t end, int fallback, std::vector<SpanCut>* out) {
+void CutFallback(const TriangleScores& s, int64_t begin, int64_t end, int fallback,
+                 std::vector<SpanCut>* out) {
   const int64_t n = end - begin;
   if (n <= 0) return;
   const int64_t pieces = (n + fallback - 1) / fallback;
@@ -120,7 +130,8 @@ Result<std::vector<SpanCut>> DiscoverSpans(const TriangleScores& s, const SpanDi
   RINGTREE_RETURN_IF_ERROR(ValidateSpanDiscovery(o));
   if (o.max_tokens > s.width())
     return Status::InvalidArgument("[span_discovery] max_tokens (" + std::to_string(o.max_tokens) +
-                                   ") exceeds the captured band width (" + std::to_string(s.width()) + ")");
+                                   ") exceeds the captured band width (" +
+                                   std::to_string(s.width()) + ")");
   const int64_t T = s.tokens();
   std::vector<SpanCut> out;
   if (T == 0) return out;
@@ -173,11 +184,13 @@ double ReferenceTriangle(const std::vector<double>& band, int W, int64_t a, int6
 double ReferenceLeakIn(const std::vector<double>& band, int W, int64_t a, int64_t b) {
   double sum = 0;
   for (int64_t i = a; i < b; ++i)
-    for (int64_t j = std::max<int64_t>(0, i - W + 1); j < a; ++j) sum += band[static_cast<size_t>(i) * W + (i - j)];
+    for (int64_t j = std::max<int64_t>(0, i - W + 1); j < a; ++j)
+      sum += band[static_cast<size_t>(i) * W + (i - j)];
   return sum;
 }
 
-double ReferenceLeakOut(const std::vector<double>& band, int64_t tokens, int W, int64_t a, int64_t b) {
+double ReferenceLeakOut(const std::vector<double>& band, int64_t tokens, int W, int64_t a,
+                        int64_t b) {
   double sum = 0;
   for (int64_t i = b; i < tokens; ++i)
     for (int64_t j = a; j < b; ++j)

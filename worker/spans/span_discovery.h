@@ -89,8 +89,8 @@ class TriangleScores {
   // denser than later ones and discovery cuts units into minimum-length
   // pieces (measured on planted runs: 11 of 22 boundaries found without,
   // all with). false: raw probabilities (tests compare with the full matrix).
-  static Result<TriangleScores> FromBand(const float* mass, int64_t tokens, int kv_heads, int heads, int width,
-                                         bool normalize_rows = true);
+  static Result<TriangleScores> FromBand(const float* mass, int64_t tokens, int kv_heads, int heads,
+                                         int width, bool normalize_rows = true);
 
   int64_t tokens() const { return tokens_; }
   int width() const { return width_; }
@@ -99,7 +99,9 @@ class TriangleScores {
   double LeakIn(int64_t a, int64_t b) const { return tot_[b] - tot_[a] - G(a, b - a); }
   double LeakOut(int64_t a, int64_t b) const { return h_[b] - h_[a] - G(a, b - a); }
   // Number of (query, key) pairs each sum above runs over (band-limited).
-  double TrianglePairs(int64_t a, int64_t b) const { return 0.5 * double(b - a) * double(b - a + 1); }
+  double TrianglePairs(int64_t a, int64_t b) const {
+    return 0.5 * double(b - a) * double(b - a + 1);
+  }
   double LeakInPairs(int64_t a, int64_t b) const;
   double LeakOutPairs(int64_t a, int64_t b) const;
   // Mean probability of a pair inside the triangle minus that of a pair
@@ -131,13 +133,15 @@ struct SpanCut {
 
 // The segmentation of [0, scores.tokens()) described above, in order.
 // Errors: invalid options; max_tokens > scores.width().
-Result<std::vector<SpanCut>> DiscoverSpans(const TriangleScores& scores, const SpanDiscoveryOptions& options);
+Result<std::vector<SpanCut>> DiscoverSpans(const TriangleScores& scores,
+                                           const SpanDiscoveryOptions& options);
 
 // Slow exact references for tests: the same quantities by direct sums over a
 // head-averaged band B [tokens, width], and the same greedy selection by
 // scanning every candidate and checking every token.
 double ReferenceTriangle(const std::vector<double>& band, int width, int64_t a, int64_t b);
 double ReferenceLeakIn(const std::vector<double>& band, int width, int64_t a, int64_t b);
-double ReferenceLeakOut(const std::vector<double>& band, int64_t tokens, int width, int64_t a, int64_t b);
+double ReferenceLeakOut(const std::vector<double>& band, int64_t tokens, int width, int64_t a,
+                        int64_t b);
 
 }  // namespace ringtree

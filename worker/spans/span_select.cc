@@ -125,12 +125,15 @@ std::vector<SpanCandidate> RankCandidates(const SpanScores& scores,
   return out;
 }
 
-std::vector<SpanCandidate> RankCandidatesByVotes(const SpanScores& scores, const std::vector<int32_t>& span_tokens,
+std::vector<SpanCandidate> RankCandidatesByVotes(const SpanScores& scores,
+                                                 const std::vector<int32_t>& span_tokens,
                                                  const std::vector<int64_t>& span_positions,
                                                  const std::vector<int64_t>& candidates,
-                                                 const std::vector<double>& normalizer, int heads, int kv_heads,
-                                                 int64_t top_k_spans, int64_t token_budget) {
-  std::vector<SpanCandidate> out = RankCandidates(scores, span_tokens, span_positions, candidates, normalizer);
+                                                 const std::vector<double>& normalizer, int heads,
+                                                 int kv_heads, int64_t top_k_spans,
+                                                 int64_t token_budget) {
+  std::vector<SpanCandidate> out =
+      RankCandidates(scores, span_tokens, span_positions, candidates, normalizer);
   const int64_t rows = scores.rows;
   const int G = heads / std::max(1, kv_heads);
   std::vector<double> votes(out.size(), 0.0);
@@ -147,7 +150,8 @@ std::vector<SpanCandidate> RankCandidatesByVotes(const SpanScores& scores, const
       mine[i] = {p, i};
     }
     // out is sorted by summed priority: a stable sort keeps that as the tie-break.
-    std::stable_sort(mine.begin(), mine.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+    std::stable_sort(mine.begin(), mine.end(),
+                     [](const auto& a, const auto& b) { return a.first > b.first; });
     int64_t taken = 0, tokens = 0;
     for (const auto& [p, i] : mine) {
       if (top_k_spans <= 0 && token_budget <= 0) break;
@@ -162,7 +166,8 @@ std::vector<SpanCandidate> RankCandidatesByVotes(const SpanScores& scores, const
   }
   double total = 0.0;
   for (const SpanCandidate& c : out) total += c.priority;
-  for (size_t i = 0; i < out.size(); ++i) out[i].priority = votes[i] + out[i].priority / (1.0 + total);
+  for (size_t i = 0; i < out.size(); ++i)
+    out[i].priority = votes[i] + out[i].priority / (1.0 + total);
   std::sort(out.begin(), out.end(), Better);
   return out;
 }

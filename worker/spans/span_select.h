@@ -87,7 +87,6 @@ struct RetrievalRequest {
   std::vector<int64_t> persistent_spans;
 };
 
-
 // One span proposed for retrieval. `rank` is filled by the caller when
 // candidates from several ranks are merged.
 struct SpanCandidate {
@@ -125,11 +124,13 @@ std::vector<SpanCandidate> RankCandidates(const SpanScores& scores,
 // RankCandidates priority: votes decide, the summed mass breaks ties. Sorted
 // best first (ties by position). Single store: per-head lists are not merged
 // across ranks.
-std::vector<SpanCandidate> RankCandidatesByVotes(const SpanScores& scores, const std::vector<int32_t>& span_tokens,
+std::vector<SpanCandidate> RankCandidatesByVotes(const SpanScores& scores,
+                                                 const std::vector<int32_t>& span_tokens,
                                                  const std::vector<int64_t>& span_positions,
                                                  const std::vector<int64_t>& candidates,
-                                                 const std::vector<double>& normalizer, int heads, int kv_heads,
-                                                 int64_t top_k_spans, int64_t token_budget);
+                                                 const std::vector<double>& normalizer, int heads,
+                                                 int kv_heads, int64_t top_k_spans,
+                                                 int64_t token_budget);
 
 // Persistent recall state of one (session, store): the spans selected at the
 // last `steps` retrieval steps. Bounded (steps lists). Not thread-safe.

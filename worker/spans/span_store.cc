@@ -3,6 +3,8 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
+#include <tbb/blocked_range.h>
+#include <tbb/parallel_for.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -16,9 +18,6 @@
 #include <limits>
 #include <mutex>
 #include <thread>
-
-#include <tbb/blocked_range.h>
-#include <tbb/parallel_for.h>
 
 #include "kernels/blas.h"
 #include "kernels/merge.h"
@@ -350,7 +349,8 @@ Status SpanStore::Recover(const Manifest& manifest, RecoveryReport* report) {
   const int64_t S = options_.span_tokens;
   for (size_t i = 0; i < spans_.size(); ++i) {
     Span& s = spans_[i];
-    s.sealed = (i + 1 < spans_.size()) || ((s.position_start + s.tokens) % S == 0) || s.tokens == S || s.closed;
+    s.sealed = (i + 1 < spans_.size()) || ((s.position_start + s.tokens) % S == 0) ||
+               s.tokens == S || s.closed;
   }
   const int64_t end = end_position();
   for (size_t i = 0; i < spans_.size(); ++i) {
@@ -450,14 +450,15 @@ Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, 
   if (!starts.empty()) {
     if (starts[0] != position_start)
       return Status::InvalidArgument("[spans.append] span_starts[0] (" + std::to_string(starts[0]) +
-                                     ") must equal position_start (" + std::to_string(position_start) + ")");
+                                     ") must equal position_start (" +
+                                     std::to_string(position_start) + ")");
     for (size_t i = 0; i < starts.size(); ++i) {
       const int64_t end = i + 1 < starts.size() ? starts[i + 1] : position_start + tokens;
       if (end <= starts[i] || end - starts[i] > S)
-        return Status::InvalidArgument("[spans.append] span_starts[" + std::to_string(i) + "] = " +
-                                       std::to_string(starts[i]) + ": the span [" + std::to_string(starts[i]) +
-                                       ", " + std::to_string(end) + ") must hold 1.." + std::to_string(S) +
-                                       " tokens (span_tokens), inside the append");
+        return Status::InvalidArgument(
+            "[spans.append] span_starts[" + std::to_string(i) + "] = " + std::to_string(starts[i]) +
+            ": the span [" + std::to_string(starts[i]) + ", " + std::to_string(end) +
+            ") must hold 1.." + std::to_string(S) + " tokens (span_tokens), inside the append");
     }
   }
   // Spans this append touches; the first may be the open tail span.
@@ -499,7 +500,8 @@ Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, 
     if (t.capacity == t.tokens || !t.hot) return;
     auto buf = std::make_shared<std::vector<uint8_t>>(size_t(t.tokens) * rb * 2);
     std::memcpy(buf->data(), t.hot->data(), size_t(t.tokens) * rb);
-    std::memcpy(buf->data() + size_t(t.tokens) * rb, t.hot->data() + size_t(t.capacity) * rb, size_t(t.tokens) * rb);
+    std::memcpy(buf->data() + size_t(t.tokens) * rb, t.hot->data() + size_t(t.capacity) * rb,
+                size_t(t.tokens) * rb);
     hot_bytes_ -= size_t(t.capacity - t.tokens) * rb * 2;
     t.hot = std::move(buf);
     t.capacity = t.tokens;
@@ -566,7 +568,8 @@ Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, 
     total_tokens_ += n;
     pos += n;
     done += n;
-    if (!starts.empty() ? pos == boundary : ((s.position_start + s.tokens) % S == 0 || s.tokens == S)) {
+    if (!starts.empty() ? pos == boundary
+                        : ((s.position_start + s.tokens) % S == 0 || s.tokens == S)) {
       s.sealed = true;
       s.closed = !starts.empty();
       if (s.closed) shrink(s);
@@ -1372,17 +1375,21 @@ int64_t CountForBudget(const std::vector<SpanCandidate>& ranked, int64_t top_k,
 // The request's retrieval options on a ranking (RankCandidates order): head
 // voting re-ranks; persistent spans move to the front and are taken in
 // addition to the budget. Returns how many of ranked's first entries to take.
-int64_t OrderForRequest(const RetrievalRequest& request, const SpanScores& scores, const std::vector<int32_t>& tokens,
-                        const std::vector<int64_t>& positions, const std::vector<int64_t>& candidates,
+int64_t OrderForRequest(const RetrievalRequest& request, const SpanScores& scores,
+                        const std::vector<int32_t>& tokens, const std::vector<int64_t>& positions,
+                        const std::vector<int64_t>& candidates,
                         const std::vector<double>& normalizer, int heads, int kv_heads,
                         std::vector<SpanCandidate>* ranked) {
   if (request.head_voting)
-    *ranked = RankCandidatesByVotes(scores, tokens, positions, candidates, normalizer, heads, kv_heads,
-                                    request.top_k_spans, request.token_budget);
-  if (request.persistent_spans.empty()) return CountForBudget(*ranked, request.top_k_spans, request.token_budget);
+    *ranked = RankCandidatesByVotes(scores, tokens, positions, candidates, normalizer, heads,
+                                    kv_heads, request.top_k_spans, request.token_budget);
+  if (request.persistent_spans.empty())
+    return CountForBudget(*ranked, request.top_k_spans, request.token_budget);
   std::vector<int64_t> pinned = request.persistent_spans;
   std::sort(pinned.begin(), pinned.end());
-  auto is_pinned = [&](const SpanCandidate& c) { return std::binary_search(pinned.begin(), pinned.end(), c.span_index); };
+  auto is_pinned = [&](const SpanCandidate& c) {
+    return std::binary_search(pinned.begin(), pinned.end(), c.span_index);
+  };
   const auto rest = std::stable_partition(ranked->begin(), ranked->end(), is_pinned);
   const int64_t kept = rest - ranked->begin();
   const std::vector<SpanCandidate> tail(rest, ranked->end());
@@ -1415,9 +1422,10 @@ Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
     positions[i] = spans_[i].position_start;
   }
   const std::vector<double> normalizer = LogNormalizers(scores, tokens, candidates);
-  std::vector<SpanCandidate> ranked = RankCandidates(scores, tokens, positions, candidates, normalizer);
-  int64_t take =
-      OrderForRequest(request, scores, tokens, positions, candidates, normalizer, heads, options_.kv_heads, &ranked);
+  std::vector<SpanCandidate> ranked =
+      RankCandidates(scores, tokens, positions, candidates, normalizer);
+  int64_t take = OrderForRequest(request, scores, tokens, positions, candidates, normalizer, heads,
+                                 options_.kv_heads, &ranked);
   const bool tolerance_mode = request.mass_tolerance >= 0.0;
   const double select_ms = ms_since(t0);
   t0 = Clock::now();
@@ -1549,8 +1557,8 @@ Status SpanStore::RetrieveKV(const float* q, int64_t q_tokens, int heads,
   }
   const std::vector<double> normalizer = LogNormalizers(scores, tokens, candidates);
   auto ranked = RankCandidates(scores, tokens, positions, candidates, normalizer);
-  const int64_t take =
-      OrderForRequest(request, scores, tokens, positions, candidates, normalizer, heads, options_.kv_heads, &ranked);
+  const int64_t take = OrderForRequest(request, scores, tokens, positions, candidates, normalizer,
+                                       heads, options_.kv_heads, &ranked);
   std::vector<int64_t> list;
   if (include_always) list = always;
   for (int64_t i = 0; i < take; ++i) list.push_back(ranked[i].span_index);

@@ -8,9 +8,9 @@
 // aligned to multiples of span_tokens in absolute position (so a span is a
 // subset of the global span [k*S, (k+1)*S)); a gap in the appended positions
 // also ends a span. An append may instead give its own span boundaries
-// (discovered spans, any lengths up to span_tokens; see Append). Positions must increase across appends. Each span keeps,
-// per KV head, the element-wise max, min and mean of its keys and the mean of
-// its values (in RAM always; they are the index).
+// (discovered spans, any lengths up to span_tokens; see Append). Positions must increase across
+// appends. Each span keeps, per KV head, the element-wise max, min and mean of its keys and the
+// mean of its values (in RAM always; they are the index).
 //
 // Tiers. Sealed spans are written through to <data_dir>/spans.dat as soon as
 // they fill up (page cache; fsync'ed on Sync). A span is hot when its K/V
@@ -297,7 +297,7 @@ class SpanStore {
     int32_t tokens = 0;
     int32_t capacity = 0;          // rows allocated in `hot` (k block then v block)
     bool sealed = false;
-    bool closed = false;           // ended at a discovered boundary (record flag kRecordClosed)
+    bool closed = false;  // ended at a discovered boundary (record flag kRecordClosed)
     bool sink = false;
     std::shared_ptr<std::vector<uint8_t>> hot;  // null when cold
     // Latest record on disk (persisted_tokens == 0: none).
