@@ -142,9 +142,11 @@ void CommandSeeds(const fs::path& dir) {
   c.batch.groups = {g, g};
   Seed(dir, "attend_batch", rt::EncodeCommand(c));
   c.kind = rt::CommandKind::kRetrieve;
-  c.retrieve.group = g;
-  c.retrieve.top_k_spans = 3;
-  c.retrieve.kv_only = true;
+  rt::RetrieveCommand r;
+  r.group = g;
+  r.top_k_spans = 3;
+  r.kv_only = true;
+  c.retrieves = {r, r};
   Seed(dir, "retrieve", rt::EncodeCommand(c));
   c.kind = rt::CommandKind::kRestore;
   c.live_handles = {7, 9};
