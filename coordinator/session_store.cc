@@ -16,8 +16,7 @@ namespace ringtree {
 
 namespace {
 constexpr int kFormatVersion = 1;
-constexpr uint32_t kJournalMagic = 0x314A5452;  // "RTJ1"
-constexpr size_t kJournalHeader = 16;           // magic, payload bytes, XXH3-64 of the payload
+constexpr uint32_t kJournalMagic = 0x314A5452;  // "RTJ1" (records: AppendLogRecord)
 
 // The mutable part of a session's metadata: layouts and kv_bytes.
 nlohmann::json LayoutJson(const SessionRecord& record) {
@@ -100,35 +99,19 @@ Status SessionStore::CommitLayouts(
   }
   const std::string payload =
       nlohmann::json{{"seq", seq}, {"sessions", std::move(sessions)}}.dump();
-  std::string record(kJournalHeader, '\0');
-  const uint32_t magic = kJournalMagic, length = static_cast<uint32_t>(payload.size());
-  const uint64_t sum = Checksum64(payload.data(), payload.size());
-  std::memcpy(record.data(), &magic, 4);
-  std::memcpy(record.data() + 4, &length, 4);
-  std::memcpy(record.data() + 8, &sum, 8);
-  record += payload;
-  size_t done = 0;
-  while (done < record.size()) {
-    const ssize_t n = ::write(journal_fd_, record.data() + done, record.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      Status st = JournalError("write", path);
-      if (::ftruncate(journal_fd_, journal_bytes_) != 0) {  // no torn record ahead of the next one
-        ::close(journal_fd_);
-        journal_fd_ = -1;
-      }
-      return st;
+  int64_t appended = 0;
+  bool reopen = false;
+  Status written = AppendLogRecord(journal_fd_, kJournalMagic, payload, journal_bytes_, path,
+                                   &appended, &reopen);
+  if (!written.ok()) {
+    if (reopen) {
+      ::close(journal_fd_);
+      journal_fd_ = -1;
     }
-    done += static_cast<size_t>(n);
-  }
-  if (SyncFileData(journal_fd_) != 0) {
-    Status st = JournalError("fdatasync", path);
-    ::close(journal_fd_);  // the record's fate is unknown: reopen (and re-read the size) next time
-    journal_fd_ = -1;
-    return st;
+    return written;
   }
   seq_ = seq;
-  journal_bytes_ += static_cast<int64_t>(record.size());
+  journal_bytes_ += appended;
   ++journal_syncs_;
   for (const auto& r : records) {
     if (r) journaled_[r->id] = r;
@@ -244,16 +227,7 @@ Result<std::vector<std::shared_ptr<SessionRecord>>> SessionStore::LoadAll(int wo
   RINGTREE_ASSIGN_OR_RETURN(std::string journal, ReadWholeFile(path));
   std::map<std::string, std::shared_ptr<SessionRecord>> by_id;
   for (const auto& r : out) by_id[r->id] = r;
-  size_t at = 0;
-  while (at + kJournalHeader <= journal.size()) {
-    uint32_t magic = 0, length = 0;
-    uint64_t sum = 0;
-    std::memcpy(&magic, journal.data() + at, 4);
-    std::memcpy(&length, journal.data() + at + 4, 4);
-    std::memcpy(&sum, journal.data() + at + 8, 8);
-    if (magic != kJournalMagic || length > journal.size() - at - kJournalHeader) break;
-    const char* payload = journal.data() + at + kJournalHeader;
-    if (Checksum64(payload, length) != sum) break;  // a torn last record: never acknowledged
+  auto replay = [&](const char* payload, uint32_t length) -> Status {
     try {
       const nlohmann::json j = nlohmann::json::parse(payload, payload + length);
       const uint64_t seq = j.at("seq").get<uint64_t>();
@@ -273,8 +247,10 @@ Result<std::vector<std::shared_ptr<SessionRecord>>> SessionStore::LoadAll(int wo
       return Status::DataLoss("[sessions] " + path +
                               ": a record with a valid checksum does not parse: " + e.what());
     }
-    at += kJournalHeader + length;
-  }
+    return Status::Ok();
+  };
+  // Records after the valid prefix are a torn last record: never acknowledged.
+  RINGTREE_RETURN_IF_ERROR(ForEachLogRecord(journal, kJournalMagic, replay).status());
   // Fold the replayed states into the files and empty the journal, so that
   // new records never follow a torn one.
   RINGTREE_RETURN_IF_ERROR(CheckpointLocked());

@@ -296,7 +296,6 @@ std::string WorkerEngine::WalPath() const {
 
 namespace {
 constexpr uint32_t kWalMagic = 0x314C4157;  // "WAL1"
-constexpr size_t kWalHeader = 16;           // magic, payload bytes, XXH3-64 of the payload
 Status WalError(const char* op, const std::string& path) {
   return Status::IoError(std::string("[engine] ") + op + " " + path + ": " + std::strerror(errno));
 }
@@ -331,35 +330,18 @@ Status WorkerEngine::WriteWal(const std::vector<WalRun>& runs) {
     payload += w.k;
     payload += w.v;
   }
-  std::string record(kWalHeader, '\0');
-  const uint32_t magic = kWalMagic;
-  const uint32_t length = static_cast<uint32_t>(payload.size());  // <= kWalMaxStepBytes + headers
-  const uint64_t sum = Checksum64(payload.data(), payload.size());
-  std::memcpy(record.data(), &magic, 4);
-  std::memcpy(record.data() + 4, &length, 4);
-  std::memcpy(record.data() + 8, &sum, 8);
-  record += payload;
-  size_t done = 0;
-  while (done < record.size()) {
-    const ssize_t n = ::write(wal_fd_, record.data() + done, record.size() - done);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      Status st = WalError("write", path);
-      if (::ftruncate(wal_fd_, wal_bytes_) != 0) {
-        ::close(wal_fd_);
-        wal_fd_ = -1;
-      }
-      return st;
+  int64_t appended = 0;
+  bool reopen = false;
+  Status written =
+      AppendLogRecord(wal_fd_, kWalMagic, payload, wal_bytes_, path, &appended, &reopen);
+  if (!written.ok()) {
+    if (reopen) {
+      ::close(wal_fd_);
+      wal_fd_ = -1;
     }
-    done += static_cast<size_t>(n);
+    return written;
   }
-  if (SyncFileData(wal_fd_) != 0) {
-    Status st = WalError("fdatasync", path);
-    ::close(wal_fd_);
-    wal_fd_ = -1;
-    return st;
-  }
-  wal_bytes_ += static_cast<int64_t>(record.size());
+  wal_bytes_ += appended;
   ++wal_syncs_;
   for (const WalRun& w : runs) wal_dirty_.insert({w.handle, w.layer});
   return Status::Ok();
@@ -407,17 +389,8 @@ Status WorkerEngine::LoadWal(const std::vector<uint64_t>& live) {
   std::error_code ec;
   if (!std::filesystem::exists(path, ec)) return Status::Ok();
   RINGTREE_ASSIGN_OR_RETURN(std::string log, ReadWholeFile(path));
-  size_t at = 0;
   int64_t records = 0;
-  while (at + kWalHeader <= log.size()) {
-    uint32_t magic = 0, length = 0;
-    uint64_t sum = 0;
-    std::memcpy(&magic, log.data() + at, 4);
-    std::memcpy(&length, log.data() + at + 4, 4);
-    std::memcpy(&sum, log.data() + at + 8, 8);
-    if (magic != kWalMagic || length > log.size() - at - kWalHeader) break;
-    const char* p = log.data() + at + kWalHeader;
-    if (Checksum64(p, length) != sum) break;  // a torn last record: its step was never acknowledged
+  auto load = [&](const char* p, uint32_t length) -> Status {
     const char* end = p + length;
     auto take = [&](void* dst, size_t n) {
       if (static_cast<size_t>(end - p) < n) return false;
@@ -443,9 +416,11 @@ Status WorkerEngine::LoadWal(const std::vector<uint64_t>& live) {
       return Status::DataLoss("[engine] " + path +
                               ": a record with a valid checksum does not parse");
     }
-    at += kWalHeader + length;
     ++records;
-  }
+    return Status::Ok();
+  };
+  // Records after the valid prefix are a torn last record: its step was never acknowledged.
+  RINGTREE_ASSIGN_OR_RETURN(const size_t at, ForEachLogRecord(log, kWalMagic, load));
   if (at < log.size()) {  // cut the torn tail so new records never follow it
     const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
     if (fd < 0) return WalError("open", path);

@@ -255,4 +255,53 @@ Result<std::string> ReadWholeFile(const std::string& path) {
   return out;
 }
 
+Status AppendLogRecord(int fd, uint32_t magic, const std::string& payload, int64_t size_before,
+                       const std::string& path, int64_t* appended, bool* reopen) {
+  *reopen = false;
+  std::string record(16, '\0');
+  const uint32_t length = static_cast<uint32_t>(payload.size());
+  const uint64_t sum = Checksum64(payload.data(), payload.size());
+  std::memcpy(record.data(), &magic, 4);
+  std::memcpy(record.data() + 4, &length, 4);
+  std::memcpy(record.data() + 8, &sum, 8);
+  record += payload;
+  size_t done = 0;
+  while (done < record.size()) {
+    const ssize_t n = ::write(fd, record.data() + done, record.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      Status st = Errno("write", path);
+      // No torn record ahead of the next one.
+      if (::ftruncate(fd, static_cast<off_t>(size_before)) != 0) *reopen = true;
+      return st;
+    }
+    done += static_cast<size_t>(n);
+  }
+  if (SyncFileData(fd) != 0) {
+    *reopen = true;  // the record's fate is unknown
+    return Errno("fdatasync", path);
+  }
+  *appended = static_cast<int64_t>(record.size());
+  return Status::Ok();
+}
+
+Result<size_t> ForEachLogRecord(
+    const std::string& log, uint32_t magic,
+    const std::function<Status(const char* payload, uint32_t bytes)>& visit) {
+  size_t at = 0;
+  while (at + 16 <= log.size()) {
+    uint32_t m = 0, length = 0;
+    uint64_t sum = 0;
+    std::memcpy(&m, log.data() + at, 4);
+    std::memcpy(&length, log.data() + at + 4, 4);
+    std::memcpy(&sum, log.data() + at + 8, 8);
+    if (m != magic || length > log.size() - at - 16) break;
+    const char* payload = log.data() + at + 16;
+    if (Checksum64(payload, length) != sum) break;
+    RINGTREE_RETURN_IF_ERROR(visit(payload, length));
+    at += 16 + length;
+  }
+  return at;
+}
+
 }  // namespace ringtree

@@ -23,6 +23,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -129,5 +130,22 @@ Status CreateDirectoriesDurably(const std::string& dir);
 // Removes `path` recursively (if present) and fsyncs its parent, so a removed
 // directory cannot come back after a crash.
 Status RemoveAllDurably(const std::string& path);
+
+// A checksummed record log (the engine's write-ahead log, rank 0's session
+// journal): each record is `magic` (u32), the payload's bytes (u32), the
+// payload's XXH3-64 (u64), then the payload.
+// Appends one record to `fd` (open with O_APPEND, `size_before` bytes long)
+// and fdatasyncs it; *appended: the record's bytes. A failed write is cut
+// back off the file; *reopen is set when the file's state is unknown
+// (failed sync, or a cut that failed): the caller closes it and reopens.
+// Errors: IO_ERROR naming `path`.
+Status AppendLogRecord(int fd, uint32_t magic, const std::string& payload, int64_t size_before,
+                       const std::string& path, int64_t* appended, bool* reopen);
+// Calls visit(payload, bytes) for each whole record with a valid checksum,
+// in order, stopping at the first that is not (a torn tail). Returns the
+// length of that valid prefix, or visit's first error.
+Result<size_t> ForEachLogRecord(
+    const std::string& log, uint32_t magic,
+    const std::function<Status(const char* payload, uint32_t bytes)>& visit);
 
 }  // namespace ringtree
