@@ -242,6 +242,23 @@ void PutOutput(const std::vector<float>& values, int64_t row_begin, int64_t rows
   ToProto(values.data() + row_begin * row_elems, shape, dtype, out);
 }
 
+// A finished decode/attend's outputs into its response (Decode/Attend) or
+// batch result (DecodeBatch/AttendBatch): o, lse, first_position (decode),
+// layer_tokens, retrieval info.
+template <typename Message>
+void PutAttentionOutputs(const WorkItem& w, DType out_dtype, Message* m) {
+  const SessionShape& shape = w.session->shape;
+  ToProto(w.o.data(), {w.q_tokens, shape.heads, shape.head_dim}, out_dtype, m->mutable_o());
+  if (w.return_lse)
+    ToProto(w.lse.data(), {w.q_tokens, shape.heads}, DType::kFloat32, m->mutable_lse());
+  if constexpr (std::is_same_v<Message, v1::DecodeResponse> ||
+                std::is_same_v<Message, v1::DecodeResult>) {
+    m->set_first_position(w.first_position);
+  }
+  m->set_layer_tokens(w.layer_tokens);
+  if (w.retrieval.enabled) PutRetrievalInfo(w.retrieval_out, m->mutable_retrieval());
+}
+
 }  // namespace
 
 AttentionServiceImpl::AttentionServiceImpl(SessionRegistry& registry, Admission& admission, EngineLoop& engine,
@@ -370,13 +387,8 @@ std::function<void()> AttentionServiceImpl::Responder(const char* method, Clock:
     grpc::Status g = ToGrpcStatus(Tagged(method, w->status));
     Record(method, start, g);
     if (g.ok()) {
-      const SessionShape& shape = w->session->shape;
-      ToProto(w->o.data(), {w->q_tokens, shape.heads, shape.head_dim}, out_dtype, response->mutable_o());
-      if (w->return_lse) ToProto(w->lse.data(), {w->q_tokens, shape.heads}, DType::kFloat32, response->mutable_lse());
-      if constexpr (std::is_same_v<Response, v1::DecodeResponse>) response->set_first_position(w->first_position);
-      response->set_layer_tokens(w->layer_tokens);
+      PutAttentionOutputs(*w, out_dtype, response);
       response->set_batch_size(w->batch_size);
-      if (w->retrieval.enabled) PutRetrievalInfo(w->retrieval_out, response->mutable_retrieval());
     }
     call->Finish(g);
   };
@@ -954,14 +966,7 @@ template <typename Result>
 void PutEntryResult(const char* method, int index, const WorkItem& w, DType out_dtype, Result* r) {
   const grpc::Status g = ToGrpcStatus(Tagged(method, w.status));
   PutEntryStatus(index, g, r->mutable_status());
-  if (!g.ok()) return;
-  const SessionShape& shape = w.session->shape;
-  ToProto(w.o.data(), {w.q_tokens, shape.heads, shape.head_dim}, out_dtype, r->mutable_o());
-  if (w.return_lse)
-    ToProto(w.lse.data(), {w.q_tokens, shape.heads}, DType::kFloat32, r->mutable_lse());
-  if constexpr (std::is_same_v<Result, v1::DecodeResult>) r->set_first_position(w.first_position);
-  r->set_layer_tokens(w.layer_tokens);
-  if (w.retrieval.enabled) PutRetrievalInfo(w.retrieval_out, r->mutable_retrieval());
+  if (g.ok()) PutAttentionOutputs(w, out_dtype, r);
 }
 
 }  // namespace
