@@ -11,6 +11,7 @@ Status Admission::Refuse(const std::string& reason, std::string message) {
 Status Admission::Admit(const char* method, int64_t queue_depth, int64_t kv_bytes) {
   MutexLock lock(&mu_);
   const std::string op = std::string("[") + method + "] ";
+  if (state_ != State::kServing) return Status::Unavailable(op + unavailable_why_);
   if (draining_) return Status::Unavailable(op + "server is shutting down");
   if (queue_depth >= limits_.max_queue) {
     return Refuse("queue_full", op + "queue full: " + std::to_string(queue_depth) +
@@ -67,6 +68,36 @@ void Admission::CountInvalid() {
 void Admission::StopAdmitting() {
   MutexLock lock(&mu_);
   draining_ = true;
+}
+
+void Admission::SetStarting(std::string why) {
+  MutexLock lock(&mu_);
+  state_ = State::kStarting;
+  unavailable_why_ = std::move(why);
+}
+
+void Admission::SetServing() {
+  MutexLock lock(&mu_);
+  if (state_ == State::kFailed) return;  // a failed world never serves again
+  state_ = State::kServing;
+}
+
+void Admission::Fail(std::string why) {
+  MutexLock lock(&mu_);
+  state_ = State::kFailed;
+  draining_ = true;
+  unavailable_why_ = std::move(why);
+}
+
+bool Admission::failed() const {
+  MutexLock lock(&mu_);
+  return state_ == State::kFailed;
+}
+
+Status Admission::Available(const char* method) const {
+  MutexLock lock(&mu_);
+  if (state_ == State::kServing) return Status::Ok();
+  return Status::Unavailable(std::string("[") + method + "] " + unavailable_why_);
 }
 
 bool Admission::draining() const {

@@ -46,6 +46,15 @@ class Admission {
   // After this every Admit fails with UNAVAILABLE.
   void StopAdmitting();
   bool draining() const;
+  // The service's availability, for every call (admitted or not): while
+  // starting (recovery after a restart) or after the world failed (a lost
+  // rank: the process is about to end), Available() and Admit() return
+  // UNAVAILABLE with `why`. Constructed serving.
+  void SetStarting(std::string why);
+  void SetServing();
+  void Fail(std::string why);
+  bool failed() const;
+  Status Available(const char* method) const;
 
   struct Snapshot {
     int64_t in_flight, admitted, rejected, invalid, kv_used, kv_budget;
@@ -59,6 +68,9 @@ class Admission {
   const AdmissionLimits limits_;
   mutable Mutex mu_;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
+  enum class State { kServing, kStarting, kFailed };
+  State state_ ABSL_GUARDED_BY(mu_) = State::kServing;
+  std::string unavailable_why_ ABSL_GUARDED_BY(mu_);
   int64_t in_flight_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t admitted_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t rejected_ ABSL_GUARDED_BY(mu_) = 0;

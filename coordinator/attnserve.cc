@@ -30,7 +30,9 @@
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <functional>
 #include <limits>
+#include <mutex>
 #include <sstream>
 #include <thread>
 
@@ -44,6 +46,7 @@
 #include "coordinator/session_registry.h"
 #include "coordinator/session_store.h"
 #include "dist/communicator.h"
+#include "dist/peer_watchdog.h"
 #include "kernels/blas.h"
 #include "kernels/cpu.h"
 #include "worker/engine/engine.h"
@@ -53,6 +56,42 @@ using namespace ringtree;
 namespace {
 
 std::atomic<int> g_stop_signal{0};
+
+// What rank 0 does when the peer watchdog reports a lost rank (set once the
+// service exists; see WorldFailed).
+std::mutex g_failure_mu;
+std::function<void(const std::string&)> g_on_world_failure;
+
+// The peer watchdog's callback (its thread; the MPI thread is stuck or about
+// to be). Rank 0 first turns the service away (health NOT_SERVING, every call
+// in flight and every new one UNAVAILABLE naming the lost rank) and gives the
+// answers a moment to leave; then every rank aborts the world, since Open MPI
+// 4.1 cannot continue without the lost rank (fail-stop). A supervisor
+// (launch/attnserve --restart) starts a new world on the same data directory.
+[[noreturn]] void WorldFailed(int rank, const std::string& host, const PeerLoss& loss,
+                              double drain_seconds) {
+  char what[512];
+  std::snprintf(what, sizeof(what), "world failed: lost rank %d on host %s (pid %d): %s", loss.rank,
+                loss.host.c_str(), loss.pid, loss.why.c_str());
+  std::fprintf(stderr, "[attnserve] rank %d on %s: %s; aborting the world\n", rank, host.c_str(),
+               what);
+  std::fflush(stderr);
+  alarm(static_cast<unsigned>(drain_seconds) +
+        10);  // if even the abort hangs, SIGALRM ends the process
+  if (rank == 0) {
+    std::function<void(const std::string&)> hook;
+    {
+      std::lock_guard<std::mutex> lock(g_failure_mu);
+      hook = g_on_world_failure;
+    }
+    if (hook) {
+      hook(what);
+      std::this_thread::sleep_for(std::chrono::duration<double>(drain_seconds));
+    }
+  }
+  MPI_Abort(MPI_COMM_WORLD, 4);
+  _exit(4);
+}
 
 void OnStopSignal(int signal) { g_stop_signal.store(signal); }
 
@@ -115,6 +154,7 @@ int main(int argc, char** argv) {
   std::string data_dir;
   int64_t hot_budget_mib = 4096, disk_budget_mib = 0, cache_mib = 256;
   int readahead_chunks = 4;
+  double peer_timeout = 3.0;
   app.add_option("--listen", listen, "host:port to listen on (port 0 = any free port)")->capture_default_str();
   app.add_option("--metrics-listen", metrics_listen,
                  "serve Prometheus metrics at http://HOST:PORT/metrics (port 0 = any free port, "
@@ -188,6 +228,12 @@ int main(int argc, char** argv) {
   app.add_option("--worker-sleep-us", sleep_us, "then sleep this long between polls")->capture_default_str();
   app.add_option("--worker-max-sleep-us", max_sleep_us, "after 50 ms without a command the sleep doubles, up to this")
       ->capture_default_str();
+  app.add_option(
+         "--peer-timeout", peer_timeout,
+         "seconds without a heartbeat from a rank before the world is declared failed: calls get "
+         "UNAVAILABLE, health NOT_SERVING, every rank exits non-zero (0 = no watchdog)")
+      ->check(CLI::NonNegativeNumber)
+      ->capture_default_str();
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -226,6 +272,18 @@ int main(int argc, char** argv) {
   auto engine = WorkerEngine::Create(*compute_comm, 0, engine_config);
   if (!engine.ok()) return Fail(rank, engine.status());
   CommandChannel channel(*command_comm);
+  // Lost ranks: rank 0 watches every worker, each worker watches rank 0
+  // (dist/peer_watchdog.h). Before any command, on every rank.
+  std::unique_ptr<PeerWatchdog> watchdog;
+  if (peer_timeout > 0 && ranks > 1) {
+    char host[MPI_MAX_PROCESSOR_NAME] = "?";
+    int len = 0;
+    MPI_Get_processor_name(host, &len);
+    watchdog = PeerWatchdog::Start(
+        world, PeerWatchdog::Topology::kStar, peer_timeout,
+        [rank, h = std::string(host)](const PeerLoss& loss) { WorldFailed(rank, h, loss, 1.0); },
+        "[attnserve]");
+  }
 
   if (rank != 0) {
     std::signal(SIGTERM, SIG_IGN);
@@ -233,6 +291,8 @@ int main(int argc, char** argv) {
     ComputeNice nice(compute_nice);
     LowerThisThread(compute_nice);
     Status st = RunWorkerLoop(**engine, channel, 0, spin_us, sleep_us, max_sleep_us);
+    // No goodbye after an error: rank 0 reports this rank lost at once.
+    if (watchdog) watchdog->Stop(st.ok());
     if (!st.ok()) return Fail(rank, st);
     return 0;
   }
@@ -257,18 +317,25 @@ int main(int argc, char** argv) {
     }
   }
   Admission admission(admission_limits);
+  // Until the sessions are recovered and the server listens, every call is
+  // UNAVAILABLE and health NOT_SERVING (a restarted world comes back here).
+  admission.SetStarting(data_dir.empty() ? std::string("starting")
+                                         : "starting: recovering the sessions in " + data_dir);
   ServiceStats stats;
   SessionRegistry registry(ranks, max_sessions);
   SessionStore session_store(data_dir);
   EngineLoop loop(**engine, channel, ranks, admission, stats, loop_options, &session_store);
   AttentionServiceImpl service(registry, admission, loop, stats, auth, request_limits, ranks, &session_store, storage);
-  size_t restored = 0;
-  if (setup.ok() && session_store.enabled()) {
-    auto loaded = session_store.LoadAll(ranks);
-    if (!loaded.ok()) setup = loaded.status();
-    for (size_t i = 0; setup.ok() && loaded.ok() && i < loaded->size(); ++i) setup = registry.Restore((*loaded)[i]);
-    if (setup.ok()) setup = loop.Restore(registry.All());
-    restored = setup.ok() ? registry.size() : 0;
+  // A lost rank from now on: turn every call away at once (the watchdog's
+  // thread then aborts the world).
+  std::atomic<grpc::Server*> live_server{nullptr};
+  {
+    std::lock_guard<std::mutex> lock(g_failure_mu);
+    g_on_world_failure = [&](const std::string& what) {
+      admission.Fail(what + "; the service is restarting if launched with --restart");
+      loop.Fail(Status::Unavailable(what));
+      if (grpc::Server* s = live_server.load()) s->GetHealthCheckService()->SetServingStatus(false);
+    };
   }
   RpcMetrics rpc_metrics;  // before the server: its interceptors write here
   std::unique_ptr<grpc::Server> server;
@@ -300,6 +367,21 @@ int main(int argc, char** argv) {
     server = builder.BuildAndStart();
     if (!server || port == 0) setup = Status::Unavailable("[attnserve] --listen " + listen + ": cannot bind");
   }
+  // Listening from here, but not serving until the sessions are recovered:
+  // health NOT_SERVING, every call UNAVAILABLE ("starting").
+  if (setup.ok()) {
+    server->GetHealthCheckService()->SetServingStatus(false);
+    live_server.store(server.get());
+  }
+  size_t restored = 0;
+  if (setup.ok() && session_store.enabled()) {
+    auto loaded = session_store.LoadAll(ranks);
+    if (!loaded.ok()) setup = loaded.status();
+    for (size_t i = 0; setup.ok() && loaded.ok() && i < loaded->size(); ++i)
+      setup = registry.Restore((*loaded)[i]);
+    if (setup.ok()) setup = loop.Restore(registry.All());
+    restored = setup.ok() ? registry.size() : 0;
+  }
   if (setup.ok() && !metrics_listen.empty()) {
     MetricsSources sources;
     sources.rpc = &rpc_metrics;
@@ -321,8 +403,11 @@ int main(int argc, char** argv) {
   if (!setup.ok()) {
     std::fprintf(stderr, "[attnserve] %s\n", setup.ToString().c_str());
     loop.Run([] { return true; }).ok();  // tells the workers to stop
+    if (watchdog) watchdog->Stop(true);
     return 2;
   }
+  admission.SetServing();
+  server->GetHealthCheckService()->SetServingStatus(true);
   std::signal(SIGTERM, OnStopSignal);
   std::signal(SIGINT, OnStopSignal);
   const std::string host = listen.substr(0, listen.rfind(':'));
@@ -360,6 +445,7 @@ int main(int argc, char** argv) {
       std::printf("[attnserve] signal %d: draining (grace %d s)\n", g_stop_signal.load(), grace_seconds);
       std::fflush(stdout);
       admission.StopAdmitting();
+      server->GetHealthCheckService()->SetServingStatus(false);
       shutdown_thread = std::thread([&] {
         server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(grace_seconds));
         server_down = true;
@@ -367,8 +453,17 @@ int main(int argc, char** argv) {
     }
     return server_down.load();
   });
+  if (loop.failed()) {
+    // The watchdog's thread is answering the calls and will abort the world.
+    for (;;) pause();
+  }
   if (shutdown_thread.joinable()) shutdown_thread.join();
   server->Wait();
+  if (watchdog) watchdog->Stop(run.ok());
+  {
+    std::lock_guard<std::mutex> lock(g_failure_mu);
+    g_on_world_failure = nullptr;  // the service goes away
+  }
   metrics_server.reset();  // before the sources it reads go away
   std::printf("[attnserve] stopped\n");
   std::fflush(stdout);

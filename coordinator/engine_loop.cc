@@ -67,7 +67,13 @@ size_t EngineLoop::SubmitAll(std::vector<std::shared_ptr<WorkItem>> items) {
   bool wake = false;
   size_t queued = 0;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::unique_lock<std::mutex> lock(mu_);
+    if (failed_) {
+      const Status failure = failure_;
+      lock.unlock();
+      for (std::shared_ptr<WorkItem>& item : items) Complete(*item, failure);
+      return items.size();
+    }
     for (std::shared_ptr<WorkItem>& item : items) {
       // Deletes are never refused: they free memory and are not admitted work.
       if (item->kind != WorkItem::Kind::kDelete &&
@@ -225,7 +231,38 @@ bool EngineLoop::StartItem(WorkItem& item) {
   return true;
 }
 
+void EngineLoop::Fail(const Status& status) {
+  std::vector<std::shared_ptr<WorkItem>> queued, running;
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (failed_) return;
+    failed_ = true;
+    failure_ = status;
+    queued.assign(std::make_move_iterator(queue_.begin()), std::make_move_iterator(queue_.end()));
+    queue_.clear();
+    depth_.store(0, std::memory_order_relaxed);
+    running = running_;
+  }
+  cv_.notify_all();
+  // Queued items never ran; the running step's may or may not have been
+  // applied on some ranks: a write of it is recovered at restart only if its
+  // commit record was synced, so a client retries with expected_layer_tokens.
+  for (std::shared_ptr<WorkItem>& item : queued)
+    Complete(*item, Status(status.code(), status.message() + " (the request did not run)"));
+  for (std::shared_ptr<WorkItem>& item : running)
+    Complete(*item, Status(status.code(),
+                           status.message() +
+                               " (the request was running: a write may or may not be applied; "
+                               "check the layer's length or retry with expected_layer_tokens)"));
+}
+
+bool EngineLoop::failed() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return failed_;
+}
+
 void EngineLoop::Complete(WorkItem& item, Status status) {
+  if (item.completed.exchange(true)) return;  // already completed by Fail
   if (item.admitted) admission_.Complete(status.ok() ? 0 : item.reserved_kv_bytes);
   // on_done was set before Submit and nobody else touches it now.
   std::function<void()> callback = std::move(item.on_done);
@@ -258,6 +295,7 @@ std::vector<std::shared_ptr<WorkItem>> EngineLoop::NextStep(const std::function<
   {
     std::unique_lock<std::mutex> lock(mu_);
     while (queue_.empty()) {
+      if (failed_) return {};  // Run returns the failure
       if (should_exit()) {
         *exit = true;
         return {};
@@ -348,9 +386,24 @@ std::vector<std::shared_ptr<WorkItem>> EngineLoop::NextStep(const std::function<
 
 Status EngineLoop::Run(const std::function<bool()>& should_exit) {
   std::thread completer([this] { CompleterLoop(); });
+  Status failed;
   for (;;) {
     bool exit = false;
     std::vector<std::shared_ptr<WorkItem>> step = NextStep(should_exit, &exit);
+    Status failure;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (failed_)
+        failure = failure_;
+      else
+        running_ = step;
+    }
+    if (!failure.ok()) {
+      for (std::shared_ptr<WorkItem>& item : step)
+        Complete(*item, Status(failure.code(), failure.message() + " (the request did not run)"));
+      failed = failure;
+      break;
+    }
     if (exit) break;
     if (step.empty()) continue;
     ++steps_run_;
@@ -373,12 +426,14 @@ Status EngineLoop::Run(const std::function<bool()>& should_exit) {
           last_step_end_ = t1;
           last_step_seconds_ = std::chrono::duration<double>(t1 - t0).count();
           submitted_at_step_end_ = submitted_;
+          running_.clear();
           continue;
         }
         break;
     }
     std::lock_guard<std::mutex> lock(mu_);
     last_step_items_ = 0;
+    running_.clear();
   }
   {
     std::lock_guard<std::mutex> lock(done_mu_);
@@ -386,6 +441,9 @@ Status EngineLoop::Run(const std::function<bool()>& should_exit) {
   }
   done_cv_.notify_one();
   completer.join();
+  // A failed world: the ranks are not all there to checkpoint with or to
+  // tell to stop (the caller ends the process).
+  if (!failed.ok()) return failed;
   // Rank 0's stores complete in their files, its write-ahead log empty; then
   // the metadata journal folded into the session files (a clean restart
   // replays nothing).

@@ -82,6 +82,11 @@ struct WorkItem {
   RetrievalOutput retrieval_out;      // retrieval mode
   std::vector<RetrievedRun> kv_runs;  // kRetrieveKV
 
+  // Set by the first EngineLoop::Complete: an item of a step running when
+  // the world failed is completed by EngineLoop::Fail, and the engine
+  // thread's later completion (if it ever returns) is dropped.
+  std::atomic<bool> completed{false};
+
   // Set before Submit by callers that do not wait (gRPC callback handlers):
   // EngineLoop::Complete hands it to the completer thread once the outputs
   // are set.
@@ -153,8 +158,19 @@ class EngineLoop {
 
   // Runs steps until `should_exit()` returns true while the queue is empty,
   // then tells every worker to shut down. Must run on the thread that owns
-  // MPI on rank 0. `should_exit` is polled at least every 20 ms.
+  // MPI on rank 0. `should_exit` is polled at least every 20 ms. After Fail,
+  // returns the failure without a checkpoint or a shutdown command (if the
+  // step it is in ever returns).
   Status Run(const std::function<bool()>& should_exit);
+
+  // Thread-safe, from any thread (attnserve calls it from the peer
+  // watchdog's when a rank is lost): the world cannot run steps any more.
+  // Every queued item, and every item of the step running now (whose
+  // outcome on the ranks is unknown: the message says so), completes at
+  // once with `status`; items submitted later complete with it at Submit;
+  // no further step starts. Idempotent (the first status stays).
+  void Fail(const Status& status);
+  bool failed() const;
 
  private:
   std::vector<std::shared_ptr<WorkItem>> NextStep(const std::function<bool()>& should_exit, bool* exit);
@@ -205,6 +221,10 @@ class EngineLoop {
   std::condition_variable cv_;
   std::deque<std::shared_ptr<WorkItem>> queue_;
   std::atomic<int64_t> depth_{0};
+  // The step the engine thread runs now, and the failure (guarded by mu_).
+  std::vector<std::shared_ptr<WorkItem>> running_;
+  bool failed_ = false;
+  Status failure_;
   // Batch linger (guarded by mu_): requests submitted so far, the count when
   // the last attention step finished, that step's size, end and duration.
   int64_t submitted_ = 0;

@@ -276,7 +276,7 @@ AttentionServiceImpl::AttentionServiceImpl(SessionRegistry& registry, Admission&
       started_(Clock::now()) {}
 
 grpc::Status AttentionServiceImpl::Invalid(const char* method, const Status& status) {
-  admission_.CountInvalid();
+  if (status.code() != StatusCode::kUnavailable) admission_.CountInvalid();
   return ToGrpcStatus(Tagged(method, status));
 }
 
@@ -289,6 +289,7 @@ void AttentionServiceImpl::Record(const char* method, Clock::time_point start, c
 Result<std::shared_ptr<SessionRecord>> AttentionServiceImpl::FindSession(const std::string& tenant,
                                                                          const std::string& id,
                                                                          const char* method) const {
+  RINGTREE_RETURN_IF_ERROR(admission_.Available(method));  // starting, or the world failed
   RINGTREE_RETURN_IF_ERROR(CheckSessionId(id, method));
   auto found = registry_.Find(tenant, id);
   if (!found.ok()) return Tagged(method, found.status());
@@ -511,6 +512,7 @@ grpc::Status AttentionServiceImpl::CreateSessionTyped(const grpc::ServerContextB
   const char* m = "CreateSession";
   std::string tenant;
   if (grpc::Status a = auth_.Authenticate(context, &tenant); !a.ok()) return a;
+  if (Status available = admission_.Available(m); !available.ok()) return ToGrpcStatus(available);
   if (admission_.draining()) return grpc::Status(grpc::StatusCode::UNAVAILABLE, Tag(m) + "server is shutting down");
   v1::SessionConfig c = request->config();
   auto bad = [&](const std::string& what) { return Invalid(m, Status::InvalidArgument("config." + what)); };
@@ -564,6 +566,8 @@ grpc::Status AttentionServiceImpl::ListSessions(grpc::ServerContext* context, co
                                                 v1::ListSessionsResponse* response) {
   std::string tenant;
   if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
+  if (Status available = admission_.Available("ListSessions"); !available.ok())
+    return ToGrpcStatus(available);
   for (const auto& s : registry_.List(tenant)) s->ToInfo(response->add_sessions());
   return grpc::Status::OK;
 }
@@ -573,6 +577,7 @@ grpc::Status AttentionServiceImpl::DeleteSession(grpc::ServerContext* context, c
   const char* m = "DeleteSession";
   std::string tenant;
   if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
+  if (Status available = admission_.Available(m); !available.ok()) return ToGrpcStatus(available);
   if (Status st = CheckSessionId(request->session_id(), m); !st.ok()) return Invalid(m, st);
   auto s = registry_.Remove(tenant, request->session_id());
   if (!s.ok()) return Invalid(m, s.status());

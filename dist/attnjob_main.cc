@@ -31,36 +31,28 @@
 // HOST_X (...)", delete the job's temporary output and call MPI_Abort, so every
 // rank exits non-zero within seconds and no output file is left. The thread
 // never touches MPI on the fast path; the ring's own calls are unchanged.
-#include <arpa/inet.h>
-#include <fcntl.h>
 #include <glob.h>
-#include <ifaddrs.h>
-#include <net/if.h>
-#include <netinet/in.h>
-#include <netinet/tcp.h>
-#include <poll.h>
-#include <sys/socket.h>
 #include <tbb/global_control.h>
 #include <unistd.h>
 
+#include <CLI/CLI.hpp>
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
-#include <csignal>
-#include <cstring>
-#include <mutex>
-#include <thread>
-
-#include <CLI/CLI.hpp>
-#include <algorithm>
 #include <cmath>
+#include <csignal>
 #include <cstdio>
+#include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "dist/communicator.h"
 #include "dist/npy.h"
+#include "dist/peer_watchdog.h"
 #include "dist/ring_attention.h"
 #include "dist/sharding.h"
 #include "dist/timing.h"
@@ -176,244 +168,28 @@ void FillDemoRows(uint64_t seed, uint64_t tensor, const Ranges& ranges, int64_t 
 }
 
 // ---------------------------------------------------------------------------
-// Peer watchdog (see the file comment).
+// A lost rank (see the file comment and dist/peer_watchdog.h).
 
-class PeerWatchdog {
- public:
-  // What every rank publishes at start (one MPI_Allgather).
-  struct Card {
-    char host[MPI_MAX_PROCESSOR_NAME];
-    int32_t pid = 0;
-    int32_t port = 0;
-    int32_t naddrs = 0;
-    uint32_t addrs[8] = {};  // IPv4, network order: this rank's non-loopback addresses
-  };
+std::mutex g_abort_mu;
+std::vector<std::string> g_abort_cleanup;  // the job's temporary outputs
 
-  // Collective over comm. Returns nullptr (with a warning on rank 0) when the
-  // side connections cannot be made on some rank; the job then runs unwatched.
-  static std::unique_ptr<PeerWatchdog> Start(const Communicator& comm, double timeout);
-  ~PeerWatchdog() { Stop(); }
-
-  // Files to delete before aborting (the job's temporary outputs).
-  void SetCleanup(std::vector<std::string> paths) {
-    std::lock_guard<std::mutex> lock(mu_);
-    cleanup_ = std::move(paths);
-  }
-  const Card& card(int rank) const { return cards_[rank]; }
-  // Sends goodbye on both connections and joins the thread (call before MPI_Finalize).
-  void Stop();
-
- private:
-  struct Link {
-    int fd = -1;
-    int peer = -1;
-    double last_heard = 0;
-    bool said_bye = false;
-  };
-  static double Now() {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-  }
-  Status Connect(int peer, int* fd_out);
-  Status AcceptFrom(int listen_fd, int peer, int* fd_out);
-  void Run();
-  [[noreturn]] void Lost(const Link& link, const std::string& why);
-
-  int rank_ = 0, size_ = 0;
-  double timeout_ = 0;
-  std::vector<Card> cards_;
-  Link links_[2];  // [0] successor (we connected), [1] predecessor (it connected)
-  std::thread thread_;
-  std::atomic<bool> stop_{false};
-  int wake_[2] = {-1, -1};  // pipe: Stop() wakes the thread
-  std::mutex mu_;
-  std::vector<std::string> cleanup_;
-};
-
-bool WaitFd(int fd, short events, double seconds) {
-  pollfd p{fd, events, 0};
-  const double end = std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count() + seconds;
-  while (true) {
-    const double left = end - std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-    if (left <= 0) return false;
-    const int n = poll(&p, 1, static_cast<int>(left * 1000) + 1);
-    if (n > 0) return true;
-    if (n < 0 && errno != EINTR) return false;
-  }
+void SetAbortCleanup(std::vector<std::string> paths) {
+  std::lock_guard<std::mutex> lock(g_abort_mu);
+  g_abort_cleanup = std::move(paths);
 }
 
-Status PeerWatchdog::Connect(int peer, int* fd_out) {
-  const Card& c = cards_[peer];
-  std::vector<uint32_t> candidates;
-  // Same host name: loopback (also the single-machine case); else the peer's
-  // own addresses in the order it listed them.
-  if (std::strncmp(c.host, cards_[rank_].host, sizeof(c.host)) == 0) candidates.push_back(htonl(INADDR_LOOPBACK));
-  for (int i = 0; i < c.naddrs && i < 8; ++i) candidates.push_back(c.addrs[i]);
-  std::string tried;
-  for (uint32_t a : candidates) {
-    int fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (fd < 0) return Status::Unavailable(std::string("socket: ") + std::strerror(errno));
-    sockaddr_in sa{};
-    sa.sin_family = AF_INET;
-    sa.sin_port = htons(static_cast<uint16_t>(c.port));
-    sa.sin_addr.s_addr = a;
-    char text[INET_ADDRSTRLEN] = "?";
-    inet_ntop(AF_INET, &sa.sin_addr, text, sizeof(text));
-    tried += std::string(tried.empty() ? "" : ", ") + text;
-    int rc = connect(fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa));
-    if (rc != 0 && errno == EINPROGRESS && WaitFd(fd, POLLOUT, 3.0)) {
-      int err = 0;
-      socklen_t len = sizeof(err);
-      getsockopt(fd, SOL_SOCKET, SO_ERROR, &err, &len);
-      rc = err == 0 ? 0 : -1;
-    }
-    if (rc == 0) {
-      const int32_t me = rank_;
-      if (send(fd, &me, sizeof(me), MSG_NOSIGNAL) == sizeof(me)) {
-        *fd_out = fd;
-        return Status::Ok();
-      }
-    }
-    close(fd);
-  }
-  return Status::Unavailable("cannot connect to rank " + std::to_string(peer) + " on " + c.host + " (tried " + tried +
-                             " port " + std::to_string(c.port) + ")");
-}
-
-Status PeerWatchdog::AcceptFrom(int listen_fd, int peer, int* fd_out) {
-  const double end = Now() + 10.0;
-  while (Now() < end) {
-    if (!WaitFd(listen_fd, POLLIN, end - Now())) break;
-    int fd = accept4(listen_fd, nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd < 0) continue;
-    int32_t who = -1;
-    if (WaitFd(fd, POLLIN, 3.0) && recv(fd, &who, sizeof(who), MSG_WAITALL) == sizeof(who) && who == peer) {
-      *fd_out = fd;
-      return Status::Ok();
-    }
-    close(fd);  // not our predecessor: ignore
-  }
-  return Status::Unavailable("no connection from rank " + std::to_string(peer) + " on " + cards_[peer].host +
-                             " within 10 s");
-}
-
-std::unique_ptr<PeerWatchdog> PeerWatchdog::Start(const Communicator& comm, double timeout) {
-  std::unique_ptr<PeerWatchdog> w(new PeerWatchdog());
-  w->rank_ = comm.rank();
-  w->size_ = comm.size();
-  w->timeout_ = timeout;
-  Card mine;
-  int len = 0;
-  MPI_Get_processor_name(mine.host, &len);
-  mine.pid = static_cast<int32_t>(getpid());
-  Status local;
-  int listen_fd = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-  sockaddr_in sa{};
-  sa.sin_family = AF_INET;
-  sa.sin_addr.s_addr = htonl(INADDR_ANY);
-  socklen_t sl = sizeof(sa);
-  if (listen_fd < 0 || bind(listen_fd, reinterpret_cast<sockaddr*>(&sa), sizeof(sa)) != 0 || listen(listen_fd, 8) != 0 ||
-      getsockname(listen_fd, reinterpret_cast<sockaddr*>(&sa), &sl) != 0) {
-    local = Status::Unavailable(std::string("listen: ") + std::strerror(errno));
-  } else {
-    mine.port = ntohs(sa.sin_port);
-  }
-  ifaddrs* ifs = nullptr;
-  if (getifaddrs(&ifs) == 0) {
-    for (ifaddrs* i = ifs; i && mine.naddrs < 8; i = i->ifa_next) {
-      if (!i->ifa_addr || i->ifa_addr->sa_family != AF_INET || (i->ifa_flags & IFF_LOOPBACK) || !(i->ifa_flags & IFF_UP))
-        continue;
-      mine.addrs[mine.naddrs++] = reinterpret_cast<sockaddr_in*>(i->ifa_addr)->sin_addr.s_addr;
-    }
-    freeifaddrs(ifs);
-  }
-  w->cards_.resize(w->size_);
-  Status gathered = comm.Allgather(&mine, sizeof(Card), w->cards_.data());
-  if (!gathered.ok()) local = gathered;
-  const int succ = (w->rank_ + 1) % w->size_, pred = (w->rank_ + w->size_ - 1) % w->size_;
-  if (local.ok()) local = w->Connect(succ, &w->links_[0].fd);
-  w->links_[0].peer = succ;
-  if (local.ok()) local = w->AcceptFrom(listen_fd, pred, &w->links_[1].fd);
-  w->links_[1].peer = pred;
-  if (listen_fd >= 0) close(listen_fd);
-  Status agreed = comm.AgreeOnStatus(local.ok() ? local : Status::Unavailable(
-                                                            "rank " + std::to_string(w->rank_) + " on " + mine.host +
-                                                            ": " + local.message()));
-  if (!agreed.ok() || pipe2(w->wake_, O_CLOEXEC) != 0) {
-    if (comm.rank() == 0)
-      std::fprintf(stderr, "[attnjob] warning: peer watchdog off (%s); a frozen rank will hang the job\n",
-                   agreed.message().c_str());
-    for (Link& l : w->links_)
-      if (l.fd >= 0) close(l.fd), l.fd = -1;
-    return nullptr;
-  }
-  for (Link& l : w->links_) l.last_heard = Now();
-  w->thread_ = std::thread([p = w.get()] { p->Run(); });
-  return w;
-}
-
-void PeerWatchdog::Run() {
-  const double interval = std::clamp(timeout_ / 10.0, 0.05, 1.0);
-  double next_beat = 0;
-  char buf[256];
-  double last_loop = Now();
-  while (!stop_.load()) {
-    const double now = Now();
-    if (now - last_loop > std::max(2.0, timeout_ / 2)) {
-      // This thread did not run for a long time: the whole process was
-      // stopped (SIGSTOP, a frozen host). Say so, since its neighbours will
-      // now report it lost, and do not count the gap against them.
-      std::fprintf(stderr, "[attnjob] rank %d on %s: this rank was stopped for %.1f s\n", rank_, cards_[rank_].host,
-                   now - last_loop);
-      std::fflush(stderr);
-      for (Link& l : links_) l.last_heard = now;
-    }
-    last_loop = now;
-    if (now >= next_beat) {
-      const char beat = 'h';
-      for (Link& l : links_)
-        if (!l.said_bye) (void)!send(l.fd, &beat, 1, MSG_NOSIGNAL | MSG_DONTWAIT);  // a full buffer just skips a beat
-      next_beat = now + interval;
-    }
-    pollfd fds[3] = {{links_[0].fd, POLLIN, 0}, {links_[1].fd, POLLIN, 0}, {wake_[0], POLLIN, 0}};
-    for (int i = 0; i < 2; ++i)
-      if (links_[i].said_bye) fds[i].fd = -1;
-    const int n = poll(fds, 3, static_cast<int>(std::max(0.0, next_beat - Now()) * 1000) + 1);
-    if (stop_.load()) break;
-    if (n < 0 && errno != EINTR) break;
-    for (int i = 0; i < 2; ++i) {
-      Link& l = links_[i];
-      if (l.said_bye) continue;
-      if (fds[i].revents & (POLLIN | POLLHUP | POLLERR)) {
-        const ssize_t got = recv(l.fd, buf, sizeof(buf), MSG_DONTWAIT);
-        if (got > 0) {
-          l.last_heard = Now();
-          if (std::memchr(buf, 'b', static_cast<size_t>(got))) l.said_bye = true;
-        } else if (got == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
-          Lost(l, got == 0 ? "its connection closed without a goodbye: the process or its host died"
-                           : std::string("its connection failed (") + std::strerror(errno) + ")");
-        }
-      }
-      if (!l.said_bye && Now() - l.last_heard > timeout_) {
-        char why[160];
-        std::snprintf(why, sizeof(why), "no heartbeat for %.1f s (--peer-timeout %g): frozen, or its host or link is down",
-                      Now() - l.last_heard, timeout_);
-        Lost(l, why);
-      }
-    }
-  }
-}
-
-void PeerWatchdog::Lost(const Link& link, const std::string& why) {
-  const Card& me = cards_[rank_];
-  const Card& peer = cards_[link.peer];
-  std::fprintf(stderr, "[attnjob] rank %d on %s: lost rank %d on host %s (pid %d): %s; aborting the job\n", rank_,
-               me.host, link.peer, peer.host, peer.pid, why.c_str());
+// The peer watchdog's callback: names the lost rank, deletes the temporary
+// outputs and aborts the whole job.
+[[noreturn]] void AbortJob(int me, const std::string& host, const PeerLoss& loss) {
+  std::fprintf(stderr,
+               "[attnjob] rank %d on %s: lost rank %d on host %s (pid %d): %s; aborting the job\n",
+               me, host.c_str(), loss.rank, loss.host.c_str(), loss.pid, loss.why.c_str());
   std::fflush(stderr);
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    std::lock_guard<std::mutex> lock(g_abort_mu);
     // The temporary and whatever MPI-IO keeps beside it (ompio's
     // "<temporary>-<id>-<pid>.lock" shared-file-pointer lock).
-    for (const std::string& p : cleanup_) {
+    for (const std::string& p : g_abort_cleanup) {
       std::remove(p.c_str());
       glob_t g{};
       if (glob((p + "-*.lock").c_str(), GLOB_NOSORT, nullptr, &g) == 0)
@@ -421,34 +197,12 @@ void PeerWatchdog::Lost(const Link& link, const std::string& why) {
       globfree(&g);
     }
   }
-  // MPI_Abort from this thread (MPI is FUNNELED, but the main thread is stuck
-  // and Open MPI's abort path only talks to the local daemon). If even that
-  // hangs, SIGALRM ends the process and the daemon reports it.
+  // MPI_Abort from the watchdog thread (MPI is FUNNELED, but the main thread
+  // is stuck and Open MPI's abort path only talks to the local daemon). If
+  // even that hangs, SIGALRM ends the process and the daemon reports it.
   alarm(10);
   MPI_Abort(MPI_COMM_WORLD, 3);
   _exit(3);
-}
-
-void PeerWatchdog::Stop() {
-  if (!thread_.joinable()) return;
-  stop_.store(true);
-  const char c = 'x';
-  (void)!write(wake_[1], &c, 1);
-  thread_.join();
-  const char bye = 'b';
-  char drain[256];
-  for (Link& l : links_) {
-    // Read what is queued first: closing with unread bytes would send a reset
-    // instead of the goodbye.
-    while (recv(l.fd, drain, sizeof(drain), MSG_DONTWAIT) > 0) {
-    }
-    (void)!send(l.fd, &bye, 1, MSG_NOSIGNAL | MSG_DONTWAIT);
-    shutdown(l.fd, SHUT_WR);
-    close(l.fd);
-    l.fd = -1;
-  }
-  close(wake_[0]);
-  close(wake_[1]);
 }
 
 Ranges ToPairs(const std::vector<TokenRange>& r) {
@@ -768,7 +522,7 @@ Status RunJob(const JobOptions& o, const Communicator& comm, int threads, PeerWa
       const std::string suffix = ".tmp." + std::to_string(watchdog->card(0).pid);
       std::vector<std::string> temps{o.out_path + suffix};
       if (!o.lse_path.empty()) temps.push_back(o.lse_path + suffix);
-      watchdog->SetCleanup(std::move(temps));
+      SetAbortCleanup(std::move(temps));
     }
   }
 
@@ -875,9 +629,19 @@ int main(int argc, char** argv) {
     tbb::global_control limit(tbb::global_control::max_allowed_parallelism, threads);
     SetBlasThreads(1);
     std::unique_ptr<PeerWatchdog> watchdog;
-    if (o.peer_timeout > 0 && world.size() > 1) watchdog = PeerWatchdog::Start(world, o.peer_timeout);
+    if (o.peer_timeout > 0 && world.size() > 1) {
+      char host[MPI_MAX_PROCESSOR_NAME] = "?";
+      int len = 0;
+      MPI_Get_processor_name(host, &len);
+      watchdog = PeerWatchdog::Start(
+          world, PeerWatchdog::Topology::kRing, o.peer_timeout,
+          [me = world.rank(), h = std::string(host)](const PeerLoss& loss) {
+            AbortJob(me, h, loss);
+          },
+          "[attnjob]");
+    }
     Status s = RunJob(o, world, threads, watchdog.get());
-    if (watchdog) watchdog->Stop();
+    if (watchdog) watchdog->Stop(true);
     // RunJob's errors are agreed (collective reads, AgreeOnStatus) except
     // local argument errors, which are identical on every rank.
     if (!s.ok()) {
