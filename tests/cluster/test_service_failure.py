@@ -23,6 +23,7 @@ again; SIGTERM stops it with exit 0 and no process left on any host.
 Exit 77 (ctest SKIP) without root or network namespaces.
 """
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -47,6 +48,8 @@ def main():
     ap.add_argument("--attnserve", required=True)
     ap.add_argument("--python-path", required=True)
     ap.add_argument("--fail", choices=["kill", "freeze"], required=True)
+    ap.add_argument("--json", default=None, help="append the measured times to this JSON-lines file")
+    ap.add_argument("--peer-timeout", default=None, help="pass --peer-timeout to attnserve (default: its own)")
     args = ap.parse_args()
     cc.require_namespaces()
     sys.path.insert(0, args.python_path)
@@ -60,7 +63,8 @@ def main():
         env = dict(c.env, HOSTFILE=c.hostfile, RANKS="2", ATTNSERVE_BIN=os.path.abspath(args.attnserve))
         server, log = cc.popen_session(
             [os.path.join(cc.LAUNCH, "attnserve"), "--restart", "--listen", "0.0.0.0:%d" % PORT, "--port-file",
-             port_file, "--data-dir", os.path.join(w, "data")], env, log_path)
+             port_file, "--data-dir", os.path.join(w, "data")] +
+            (["--peer-timeout", args.peer_timeout] if args.peer_timeout is not None else []), env, log_path)
         address = "%s:%d" % (c.address(1), PORT)
 
         def health():
@@ -206,6 +210,16 @@ def main():
             print("session after restart: %d tokens (%d acknowledged, %d in doubt); max |o - reference| = %.2e" % (
                 layer_tokens, state["tokens"], doubt, err), flush=True)
             assert err <= 2e-4, err
+            if args.json:
+                with open(args.json, "a") as out:
+                    out.write(json.dumps({
+                        "bench": "service_failover", "fail": args.fail, "peer_timeout_s": float(args.peer_timeout or 3),
+                        "first_unavailable_s": round(first, 3), "longest_call_after_failure_s": round(longest, 3),
+                        "serving_again_s": round(t_serving, 2), "acked_tokens": state["tokens"],
+                        "recovered_tokens": layer_tokens, "in_doubt_tokens": doubt,
+                        "in_doubt_applied": layer_tokens > state["tokens"],
+                        "lost_acked_tokens": max(0, state["tokens"] - layer_tokens),
+                        "max_abs_err": float(err), "health": seen}) + "\n")
             # A new write works.
             more = rng.standard_normal((8, HKV, D), dtype=np.float32)
             assert client.append_kv(sid, 0, more, more, expected_layer_tokens=layer_tokens).layer_tokens == \
