@@ -44,6 +44,7 @@
 #include <thread>
 
 #include "kernels/attention.h"
+#include "kernels/cpu.h"
 #include "rpc/client.h"
 #include "rpc/tensor_codec.h"
 #include "tests/service/server_process.h"
@@ -511,9 +512,17 @@ int main(int argc, char** argv) {
   const char* build = "debug";
   std::fprintf(stderr, "WARNING: debug build, numbers are meaningless\n");
 #endif
-  Emit(Fmt("{\"scenario\":\"machine\",\"host\":\"%s\",\"cores\":%d,\"ranks\":%d,\"build\":\"%s\",\"heads\":%d,"
-           "\"kv_heads\":%d,\"head_dim\":%d,\"storage\":\"float32\"}",
-           host.nodename, cores, ranks, build, s.heads, s.kv_heads, s.head_dim));
+  // The CPU and the kernel path the figures were measured on (the server's
+  // ranks pick the same path on this machine; attnserve prints it too).
+  std::string kernel_path = KernelPathDescription();
+  std::fprintf(stderr, "[service_bench] %s\n", kernel_path.c_str());
+  for (char& c : kernel_path)
+    if (c == '"' || c == '\\') c = '\'';
+  Emit(Fmt(
+      "{\"scenario\":\"machine\",\"host\":\"%s\",\"cores\":%d,\"ranks\":%d,\"build\":\"%s\","
+      "\"heads\":%d,"
+      "\"kv_heads\":%d,\"head_dim\":%d,\"storage\":\"float32\",\"kernel_path\":\"%s\"}",
+      host.nodename, cores, ranks, build, s.heads, s.kv_heads, s.head_dim, kernel_path.c_str()));
 
   auto run_server = [&](std::vector<std::string> flags) {
     flags.insert(flags.end(), server_args.begin(), server_args.end());
