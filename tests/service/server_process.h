@@ -4,6 +4,7 @@
 // mpirun's exit code. Not thread-safe; one owner.
 #pragma once
 
+#include <dirent.h>
 #include <signal.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -81,6 +82,32 @@ class ServerProcess {
   std::string address() const { return "127.0.0.1:" + std::to_string(port_); }
   int port() const { return port_; }
   pid_t rank0_pid() const { return rank0_pid_; }
+  // The job's other ranks on this host: mpirun's children named like rank 0.
+  std::vector<pid_t> worker_pids() const {
+    std::vector<pid_t> out;
+    std::ifstream comm0("/proc/" + std::to_string(rank0_pid_) + "/comm");
+    std::string name0;
+    comm0 >> name0;
+    DIR* proc = mpirun_ > 0 ? opendir("/proc") : nullptr;
+    for (dirent* e = proc ? readdir(proc) : nullptr; e != nullptr; e = readdir(proc)) {
+      const pid_t pid = static_cast<pid_t>(std::atoi(e->d_name));
+      if (pid <= 0) continue;
+      std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+      if (!stat) continue;
+      std::string line;
+      std::getline(stat, line);
+      const size_t close = line.rfind(')');
+      const size_t open = line.find('(');
+      if (close == std::string::npos || open == std::string::npos) continue;
+      const std::string name = line.substr(open + 1, close - open - 1);
+      int ppid = 0;
+      char state = 0;
+      std::sscanf(line.c_str() + close + 1, " %c %d", &state, &ppid);
+      if (ppid == mpirun_ && pid != rank0_pid_ && name == name0) out.push_back(pid);
+    }
+    if (proc) closedir(proc);
+    return out;
+  }
   std::string log() const {
     std::ifstream in(log_file_);
     return std::string((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());

@@ -3,6 +3,7 @@
 // the raw stub. Results are compared with kernels/reference.h (double
 // accumulation) at max |o - ref| <= 2e-4 for float32 storage and 2e-3 for
 // bfloat16 storage (the reference then reads the same bf16-rounded K/V).
+#include <grpcpp/generic/generic_stub.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -13,11 +14,10 @@
 #include <filesystem>
 #include <fstream>
 #include <future>
+#include <mutex>
+#include <nlohmann/json.hpp>
 #include <random>
 #include <thread>
-
-#include <grpcpp/generic/generic_stub.h>
-#include <nlohmann/json.hpp>
 
 #include "kernels/reference.h"
 #include "rpc/client.h"
@@ -985,6 +985,57 @@ TEST_F(ServiceShutdown, SigtermDrainsInFlightAndEveryRankExitsZero) {
   EXPECT_EQ(other.load(), 0);
   EXPECT_GT(ok.load() + unavailable.load(), 0);
   EXPECT_NE(server->log().find("stopped"), std::string::npos) << server->log();
+}
+
+// A frozen worker (SIGSTOP): Open MPI never notices; attnserve's peer
+// watchdog does. Calls get UNAVAILABLE naming the lost rank within the
+// timeout plus a little, none hangs, and the world ends non-zero (so that a
+// supervisor restarts it). With --peer-timeout 0 the calls would hang.
+TEST_F(ServiceShutdown, FrozenWorkerTurnsCallsAwayAndEndsTheWorld) {
+  auto server = StartServer({"--peer-timeout", "1"});
+  auto client =
+      Client(*server, "", std::chrono::seconds(20));  // a regression fails instead of hanging
+  std::mt19937 rng(19);
+  Model m;
+  auto info = client->CreateSession(Config(m));
+  ASSERT_TRUE(info.ok());
+  auto [k, v] = NewKv(rng, m, 4000);
+  ASSERT_TRUE(client->AppendKV(info->session_id(), 0, k, v).ok());
+  const std::vector<pid_t> workers = server->worker_pids();
+  ASSERT_EQ(workers.size(), static_cast<size_t>(kRanks - 1)) << server->log();
+  const auto frozen = std::chrono::steady_clock::now();
+  ASSERT_EQ(kill(workers[0], SIGSTOP), 0);
+  std::mutex mu;
+  std::vector<std::pair<double, Status>> failures;  // seconds after the freeze, status
+  std::vector<std::thread> threads;
+  for (int c = 0; c < 3; ++c) {
+    threads.emplace_back([&, c] {
+      std::mt19937 r(500 + c);
+      const std::vector<float> q = Random(r, 2 * 8 * 64);
+      for (;;) {
+        auto out =
+            client->Attend(info->session_id(), 0, HostTensor::FromFloat32(q.data(), {2, 8, 64}));
+        if (out.ok()) continue;
+        std::lock_guard<std::mutex> lock(mu);
+        failures.emplace_back(
+            std::chrono::duration<double>(std::chrono::steady_clock::now() - frozen).count(),
+            out.status());
+        return;
+      }
+    });
+  }
+  for (auto& t : threads) t.join();
+  const int code = server->Wait(std::chrono::seconds(30));
+  kill(workers[0], SIGKILL);  // in case Open MPI left it stopped
+  ASSERT_EQ(failures.size(), 3u);
+  for (const auto& [seconds, status] : failures) {
+    // Whether the connection broke first or the answer came, it is UNAVAILABLE.
+    EXPECT_EQ(GrpcCodeOf(status), grpc::StatusCode::UNAVAILABLE) << status.ToString();
+    EXPECT_LE(seconds, 5.0) << status.ToString();
+  }
+  EXPECT_NE(server->log().find("world failed: lost rank 1"), std::string::npos) << server->log();
+  EXPECT_NE(code, 0) << server->log();
+  EXPECT_NE(code, -1) << "the world did not end within 30 s\n" << server->log();
 }
 
 // ---------------------------------------------------------------------------
