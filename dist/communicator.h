@@ -1,7 +1,12 @@
-// A narrow communicator layer over MPI (STYLE.md habit 3).
+// A narrow communicator layer over MPI (STYLE.md habit 3): the group
+// interface of dist/, with two backends.
 //
 // Everything in dist/ talks to MPI through this file, so the ring and tree
-// logic reads as sends, receives and reductions. Communicators are set to
+// logic reads as sends, receives and reductions. The MPI backend wraps an
+// MPI communicator; the in-process backend (InProcess, dist/local_group.h)
+// runs P ranks as P threads of one process, so that ring, tree and engine
+// logic has unit tests without mpirun. The only MPI-only parts are handle()
+// (MPI-IO in dist/npy, MpiEnvironment) and Abort. Communicators are set to
 // MPI_ERRORS_RETURN, so an MPI failure comes back as a Status naming the
 // operation ("[mpi] Isend to rank 3: ...") instead of aborting the job inside a
 // collective. Exceptions never cross these calls.
@@ -21,6 +26,8 @@
 #include "kernels/status.h"
 
 namespace ringtree {
+
+class LocalGroup;
 
 // RAII MPI_Init_thread / MPI_Finalize. Create exactly one per process, first
 // thing in main(), and keep it alive until every Communicator it produced is
@@ -63,12 +70,14 @@ class Request {
   Request& operator=(Request&& other) noexcept;
   Request(const Request&) = delete;
   Request& operator=(const Request&) = delete;
-  bool active() const { return !parts_.empty(); }
+  bool active() const { return pending(); }
 
  private:
   friend class Communicator;
+  bool pending() const { return !parts_.empty() || local_recv_ != nullptr; }
   // Messages over 1 GiB are split into several MPI messages (MPI counts are int).
   std::vector<MPI_Request> parts_;
+  std::shared_ptr<void> local_recv_;  // in-process backend: a posted LocalGroup::Recv
   std::string what_;  // "Isend to rank 3", for error messages
 };
 
@@ -86,16 +95,24 @@ class Communicator {
   // destruction) iff `owned`. Sets MPI_ERRORS_RETURN on it.
   static Communicator Wrap(MPI_Comm comm, bool owned);
 
-  Communicator() = default;  // invalid (handle() == MPI_COMM_NULL)
+  // In-process backend: `size` ranks as threads of this process. Element r is
+  // rank r's communicator; give each to one thread, which then calls the
+  // collectives like an MPI rank would. `ranks_per_node` (0 = all) sets the
+  // nodes SplitShared groups: ranks [0, n) on node 0, [n, 2n) on node 1...
+  static std::vector<Communicator> InProcess(int size, int ranks_per_node = 0);
+
+  Communicator() = default;  // invalid
   ~Communicator();
   Communicator(Communicator&& other) noexcept;
   Communicator& operator=(Communicator&& other) noexcept;
   Communicator(const Communicator&) = delete;
   Communicator& operator=(const Communicator&) = delete;
 
-  bool valid() const { return comm_ != MPI_COMM_NULL; }
+  bool valid() const { return comm_ != MPI_COMM_NULL || local_ != nullptr; }
+  bool in_process() const { return local_ != nullptr; }
   int rank() const { return rank_; }
   int size() const { return size_; }
+  // The MPI communicator (MPI backend), MPI_COMM_NULL in-process.
   MPI_Comm handle() const { return comm_; }
 
   // Collective. MPI_Comm_dup: a private communication context, e.g. so the
@@ -126,11 +143,25 @@ class Communicator {
   // Errors name the operation that failed, including a truncated receive.
   Status Wait(Request& request) const;
   Status WaitAll(std::vector<Request*> requests) const;
+  // -1 when no message from `source` on `tag` waits to be received, else its
+  // size in bytes (MPI_Iprobe).
+  Result<int64_t> Probe(int source, int tag) const;
+  // Lets transfers in flight progress (Open MPI's TCP transport moves data
+  // only inside MPI calls); called between pieces of compute. No-op in-process.
+  void Progress() const;
 
   // --- collectives ------------------------------------------------------------
   Status Barrier() const;
   // Collective. `bytes` must be equal on every rank.
   Status Broadcast(void* data, int64_t bytes, int root) const;
+  // Collective. Every rank contributes `bytes` bytes; `out` on `root`
+  // receives size() * bytes bytes, rank-major (ignored elsewhere).
+  Status Gather(const void* in, int64_t bytes, void* out, int root) const;
+  // Collective. Merges partial-attention records (kernels/merge.h: `rows`
+  // records of [lse, o[head_dim]] floats) across ranks in place: on `root`
+  // when root >= 0 (other ranks' buffers are then unspecified), on every rank
+  // when root < 0. One reduction with a commutative merge operation.
+  Status ReducePartials(float* packed, int64_t rows, int head_dim, int root) const;
   // Collective. Every rank contributes `bytes` bytes; `out` receives
   // size() * bytes bytes, rank-major.
   Status Allgather(const void* in, int64_t bytes, void* out) const;
@@ -160,7 +191,12 @@ class Communicator {
 
  private:
   Communicator(MPI_Comm comm, bool owned);
+  Communicator(std::shared_ptr<LocalGroup> group, int rank);
+  // In-process collectives: every rank's `mine`, rank-major.
+  Result<std::vector<std::string>> LocalExchange(std::string mine, const char* what,
+                                                 uint64_t* sequence = nullptr) const;
   MPI_Comm comm_ = MPI_COMM_NULL;
+  std::shared_ptr<LocalGroup> local_;
   bool owned_ = false;
   int rank_ = 0;
   int size_ = 0;

@@ -377,8 +377,7 @@ Status RunRing(const char* op, const Communicator& comm, const HeadConfig& hc,
     // Time spent inside MPI here is communication, so it counts as wait.
     auto progress = [&] {
       const double p0 = NowSeconds();
-      int flag = 0;
-      MPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, comm.handle(), &flag, MPI_STATUS_IGNORE);
+      comm.Progress();
       local_t.wait_seconds += NowSeconds() - p0;
     };
     // After a kernel error this rank computes nothing more but keeps passing

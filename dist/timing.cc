@@ -43,8 +43,7 @@ Result<std::vector<PhaseTimings>> GatherTimings(const Communicator& comm, const 
                           static_cast<double>(local.steps), static_cast<double>(local.computed_pairs),
                           static_cast<double>(local.skipped_pairs)};
   std::vector<double> all(static_cast<size_t>(comm.size()) * kFields);
-  RINGTREE_RETURN_IF_ERROR(MpiStatus(
-      MPI_Gather(mine, kFields, MPI_DOUBLE, all.data(), kFields, MPI_DOUBLE, root, comm.handle()), "MPI_Gather"));
+  RINGTREE_RETURN_IF_ERROR(comm.Gather(mine, sizeof(mine), all.data(), root));
   std::vector<PhaseTimings> out;
   if (comm.rank() != root) return out;
   out.resize(comm.size());

@@ -18,46 +18,6 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// The user-defined MPI operation: inout <- merge(in, inout) per packed record.
-// head_dim is recovered from the record datatype's size ((D + 1) floats).
-void MergePackedOp(void* in, void* inout, int* len, MPI_Datatype* datatype) {
-  int bytes = 0;
-  MPI_Type_size(*datatype, &bytes);
-  const int head_dim = bytes / static_cast<int>(sizeof(float)) - 1;
-  MergePackedPartials(static_cast<float*>(inout), static_cast<const float*>(in), *len, head_dim);
-}
-
-// One committed record datatype per head_dim and one op, for the process
-// lifetime (MPI objects are cheap; freeing them races with in-flight use).
-struct MpiPartialTypes {
-  std::mutex mu;
-  std::map<int, MPI_Datatype> record_types;
-  MPI_Op op = MPI_OP_NULL;
-};
-
-MpiPartialTypes& Types() {
-  static MpiPartialTypes* t = new MpiPartialTypes();
-  return *t;
-}
-
-Status RecordType(int head_dim, MPI_Datatype* type, MPI_Op* op) {
-  MpiPartialTypes& t = Types();
-  std::lock_guard<std::mutex> lock(t.mu);
-  if (t.op == MPI_OP_NULL)
-    RINGTREE_RETURN_IF_ERROR(MpiStatus(MPI_Op_create(&MergePackedOp, /*commute=*/1, &t.op), "MPI_Op_create"));
-  auto it = t.record_types.find(head_dim);
-  if (it == t.record_types.end()) {
-    MPI_Datatype dt;
-    RINGTREE_RETURN_IF_ERROR(
-        MpiStatus(MPI_Type_contiguous(PackedRowFloats(head_dim), MPI_FLOAT, &dt), "MPI_Type_contiguous"));
-    RINGTREE_RETURN_IF_ERROR(MpiStatus(MPI_Type_commit(&dt), "MPI_Type_commit"));
-    it = t.record_types.emplace(head_dim, dt).first;
-  }
-  *type = it->second;
-  *op = t.op;
-  return Status::Ok();
-}
-
 int CeilLog2(int n) {
   int k = 0;
   while ((1 << k) < n) ++k;
@@ -92,25 +52,20 @@ TreeReducer::~TreeReducer() = default;
 
 Status TreeReducer::Reduce(float* packed, int64_t rows, int head_dim, ReduceTarget target, PhaseTimings* timings) {
   if (rows > std::numeric_limits<int>::max())
-    return Status::InvalidArgument("[tree_decode] rows " + std::to_string(rows) + " exceed one reduction");
-  MPI_Datatype type = MPI_DATATYPE_NULL;
-  MPI_Op op = MPI_OP_NULL;
-  RINGTREE_RETURN_IF_ERROR(RecordType(head_dim, &type, &op));
-  const int count = static_cast<int>(rows);
+    return Status::InvalidArgument("[tree_decode] rows " + std::to_string(rows) +
+                                   " exceed one reduction");
   const int64_t record_bytes = rows * PackedRowFloats(head_dim) * static_cast<int64_t>(sizeof(float));
   const double t0 = NowSeconds();
   int64_t messages = 0;
   auto reduce_to_zero = [&](const Communicator& c) -> Status {
     if (c.size() == 1) return Status::Ok();
     if (c.rank() != 0) messages += 1;  // binomial tree: every non-root sends once
-    return MpiStatus(MPI_Reduce(c.rank() == 0 ? MPI_IN_PLACE : packed, c.rank() == 0 ? packed : nullptr, count,
-                                type, op, 0, c.handle()),
-                     "MPI_Reduce");
+    return c.ReducePartials(packed, rows, head_dim, 0);
   };
   auto allreduce = [&](const Communicator& c) -> Status {
     if (c.size() == 1) return Status::Ok();
     messages += CeilLog2(c.size());  // recursive doubling
-    return MpiStatus(MPI_Allreduce(MPI_IN_PLACE, packed, count, type, op, c.handle()), "MPI_Allreduce");
+    return c.ReducePartials(packed, rows, head_dim, -1);
   };
   Status s;
   if (topology_ == TreeTopology::kFlat) {
@@ -118,15 +73,13 @@ Status TreeReducer::Reduce(float* packed, int64_t rows, int head_dim, ReduceTarg
       s = allreduce(*comm_);
     } else if (comm_->size() > 1) {
       if (comm_->rank() != root_) messages += 1;
-      s = MpiStatus(MPI_Reduce(comm_->rank() == root_ ? MPI_IN_PLACE : packed,
-                               comm_->rank() == root_ ? packed : nullptr, count, type, op, root_, comm_->handle()),
-                    "MPI_Reduce");
+      s = comm_->ReducePartials(packed, rows, head_dim, root_);
     }
   } else {
     s = reduce_to_zero(node_);
     if (s.ok() && leaders_.valid()) s = target == ReduceTarget::kAll ? allreduce(leaders_) : reduce_to_zero(leaders_);
     if (s.ok() && target == ReduceTarget::kAll && node_.size() > 1)
-      s = MpiStatus(MPI_Bcast(packed, count, type, 0, node_.handle()), "MPI_Bcast");
+      s = node_.Broadcast(packed, record_bytes, 0);
   }
   if (timings) {
     timings->wait_seconds += NowSeconds() - t0;

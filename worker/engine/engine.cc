@@ -1122,12 +1122,11 @@ Status CommandChannel::Send(int dest, const std::string& bytes) const {
 Result<std::string> CommandChannel::Receive(int root, int spin_microseconds, int sleep_microseconds,
                                             int max_sleep_microseconds) const {
   auto last_activity = std::chrono::steady_clock::now();
-  MPI_Status status;
   int sleep_us = std::max(1, sleep_microseconds);
+  int64_t count = -1;
   for (;;) {
-    int flag = 0;
-    RINGTREE_RETURN_IF_ERROR(MpiStatus(MPI_Iprobe(root, kCommandTag, comm_.handle(), &flag, &status), "MPI_Iprobe"));
-    if (flag) break;
+    RINGTREE_ASSIGN_OR_RETURN(count, comm_.Probe(root, kCommandTag));
+    if (count >= 0) break;
     const auto idle = std::chrono::steady_clock::now() - last_activity;
     if (idle > std::chrono::microseconds(spin_microseconds)) {
       std::this_thread::sleep_for(std::chrono::microseconds(sleep_us));
@@ -1140,8 +1139,6 @@ Result<std::string> CommandChannel::Receive(int root, int spin_microseconds, int
         sleep_us = std::max(sleep_microseconds, std::min(sleep_us * 2, max_sleep_microseconds));
     }
   }
-  MPI_Count count = 0;
-  RINGTREE_RETURN_IF_ERROR(MpiStatus(MPI_Get_elements_x(&status, MPI_BYTE, &count), "MPI_Get_elements_x"));
   std::string first(static_cast<size_t>(count), '\0');
   RINGTREE_RETURN_IF_ERROR(comm_.Recv(first.data(), static_cast<int64_t>(count), root, kCommandTag));
   uint64_t total = 0;
