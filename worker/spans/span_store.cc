@@ -22,6 +22,7 @@
 #include "kernels/blas.h"
 #include "kernels/merge.h"
 #include "worker/spans/file_sync.h"
+#include "worker/spans/retrieval_planner.h"
 
 namespace ringtree {
 
@@ -1341,63 +1342,6 @@ void SpanStore::SplitSpans(const AttentionOptions& options, int64_t q_tokens,
   }
 }
 
-namespace {
-// Applies the score mode: estimate holds q.mean (scaled) on entry.
-void ApplyMode(SpanScoreMode mode, SpanScores* scores) {
-  for (size_t i = 0; i < scores->estimate.size(); ++i) {
-    const float u = scores->upper[i];
-    if (u == kNegInfF) continue;
-    switch (mode) {
-      case SpanScoreMode::kUpperBound:
-        scores->estimate[i] = u;
-        break;
-      case SpanScoreMode::kMeanKey:
-        break;
-      case SpanScoreMode::kBlend:
-        scores->estimate[i] = 0.5f * (u + scores->estimate[i]);
-        break;
-    }
-  }
-}
-
-int64_t CountForBudget(const std::vector<SpanCandidate>& ranked, int64_t top_k,
-                       int64_t token_budget) {
-  int64_t take = 0, tokens = 0;
-  for (const SpanCandidate& c : ranked) {
-    if (top_k > 0 && take >= top_k) break;
-    if (token_budget > 0 && tokens + c.tokens > token_budget) break;
-    if (top_k <= 0 && token_budget <= 0) break;
-    tokens += c.tokens;
-    ++take;
-  }
-  return take;
-}
-// The request's retrieval options on a ranking (RankCandidates order): head
-// voting re-ranks; persistent spans move to the front and are taken in
-// addition to the budget. Returns how many of ranked's first entries to take.
-int64_t OrderForRequest(const RetrievalRequest& request, const SpanScores& scores,
-                        const std::vector<int32_t>& tokens, const std::vector<int64_t>& positions,
-                        const std::vector<int64_t>& candidates,
-                        const std::vector<double>& normalizer, int heads, int kv_heads,
-                        std::vector<SpanCandidate>* ranked) {
-  if (request.head_voting)
-    *ranked = RankCandidatesByVotes(scores, tokens, positions, candidates, normalizer, heads,
-                                    kv_heads, request.top_k_spans, request.token_budget);
-  if (request.persistent_spans.empty())
-    return CountForBudget(*ranked, request.top_k_spans, request.token_budget);
-  std::vector<int64_t> pinned = request.persistent_spans;
-  std::sort(pinned.begin(), pinned.end());
-  auto is_pinned = [&](const SpanCandidate& c) {
-    return std::binary_search(pinned.begin(), pinned.end(), c.span_index);
-  };
-  const auto rest = std::stable_partition(ranked->begin(), ranked->end(), is_pinned);
-  const int64_t kept = rest - ranked->begin();
-  const std::vector<SpanCandidate> tail(rest, ranked->end());
-  return kept + CountForBudget(tail, request.top_k_spans, request.token_budget);
-}
-
-}  // namespace
-
 Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
                                   const AttentionOptions& options, const RetrievalRequest& request,
                                   float* o, float* lse, RetrievalResult* result) const {
@@ -1410,7 +1354,7 @@ Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
   };
   auto t0 = Clock::now();
   RINGTREE_ASSIGN_OR_RETURN(SpanScores scores, Score(q, q_tokens, heads, options));
-  ApplyMode(request.score_mode, &scores);
+  ApplyScoreMode(request.score_mode, &scores);
   const double score_ms = ms_since(t0);
   t0 = Clock::now();
   std::vector<int64_t> always, candidates;
@@ -1422,11 +1366,10 @@ Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
     positions[i] = spans_[i].position_start;
   }
   const std::vector<double> normalizer = LogNormalizers(scores, tokens, candidates);
-  std::vector<SpanCandidate> ranked =
-      RankCandidates(scores, tokens, positions, candidates, normalizer);
-  int64_t take = OrderForRequest(request, scores, tokens, positions, candidates, normalizer, heads,
-                                 options_.kv_heads, &ranked);
-  const bool tolerance_mode = request.mass_tolerance >= 0.0;
+  const CandidateOrder order = RankForRequest(request, scores, tokens, positions, candidates,
+                                              normalizer, heads, options_.kv_heads);
+  RetrievalRounds rounds(SelectionSize(request, order), static_cast<int64_t>(order.ranked.size()),
+                         request.mass_tolerance);
   const double select_ms = ms_since(t0);
   t0 = Clock::now();
 
@@ -1439,7 +1382,7 @@ Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
   }
   std::vector<float> o_new(rows * D), lse_new(rows);
   std::vector<int64_t> attended = always;
-  for (int64_t i = 0; i < take; ++i) attended.push_back(ranked[i].span_index);
+  for (int64_t i : SpansOfRank(order, 0, rounds.take(), 0)) attended.push_back(i);
   std::sort(attended.begin(), attended.end());
   // The calibrated estimate needs the window's exact lse on its own: attend
   // it separately and merge (same work, one more merge).
@@ -1459,29 +1402,19 @@ Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
   } else {
     RINGTREE_RETURN_IF_ERROR(AttendSpans(attended, q, q_tokens, heads, options, o, lse));
   }
-  int rounds = 1;
   std::vector<float> bound;
   std::vector<int64_t> skipped;
   while (true) {
-    skipped.clear();
-    skipped.reserve(ranked.size() - take);
-    for (size_t i = take; i < ranked.size(); ++i) skipped.push_back(ranked[i].span_index);
+    skipped = SkippedOfRank(order, rounds.take(), 0, candidates);
     bound = SkippedMassBound(lse, LogUpperSkippedMass(scores, tokens, skipped));
     float worst = 0.0f;
     for (float b : bound) worst = std::max(worst, b);
-    if (!tolerance_mode || worst <= request.mass_tolerance ||
-        take == static_cast<int64_t>(ranked.size()))
-      break;
-    const int64_t next = std::min<int64_t>(ranked.size(), std::max<int64_t>(take * 2, take + 8));
-    std::vector<int64_t> extra;
-    for (int64_t i = take; i < next; ++i) extra.push_back(ranked[i].span_index);
-    std::sort(extra.begin(), extra.end());
+    if (!rounds.Continue(worst)) break;
+    const std::vector<int64_t> extra = SpansOfRank(order, rounds.attended(), rounds.take(), 0);
     RINGTREE_RETURN_IF_ERROR(
         AttendSpans(extra, q, q_tokens, heads, options, o_new.data(), lse_new.data()));
     MergePartials(o, lse, o_new.data(), lse_new.data(), rows, D);
     attended.insert(attended.end(), extra.begin(), extra.end());
-    take = next;
-    ++rounds;
   }
   const double attend_ms = ms_since(t0);
   t0 = Clock::now();
@@ -1501,7 +1434,6 @@ Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
         if (lse_window[r] != kNegInfF && lse_window_estimate[r] != kNegInfF)
           offset[r] = std::max(0.0f, lse_window[r] - lse_window_estimate[r]);
     }
-    std::sort(skipped.begin(), skipped.end());
     RINGTREE_RETURN_IF_ERROR(EstimateSpans(scores, skipped, heads,
                                            offset.empty() ? nullptr : offset.data(), o_new.data(),
                                            lse_new.data()));
@@ -1525,12 +1457,12 @@ Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
                                             IsWindow(s, end)});
       result->tokens_attended += s.tokens;
     }
-    result->selected_spans = take;
+    result->selected_spans = rounds.take();
     result->skipped_mass_bound = bound;
     result->max_skipped_mass_bound = 0.0f;
     for (float b : bound) result->max_skipped_mass_bound = std::max(result->max_skipped_mass_bound, b);
-    result->exact = take == static_cast<int64_t>(ranked.size());
-    result->rounds = rounds;
+    result->exact = rounds.all_taken();
+    result->rounds = rounds.rounds();
     result->estimated_spans = estimated_spans;
     result->estimated_mass_fraction = std::move(estimated_fraction);
     result->score_ms = score_ms;
@@ -1546,7 +1478,7 @@ Status SpanStore::RetrieveKV(const float* q, int64_t q_tokens, int heads,
                              bool include_always, const SpanVisitor& visitor) const {
   RINGTREE_RETURN_IF_ERROR(CheckQuery(options_, q, q_tokens, heads, q));
   RINGTREE_ASSIGN_OR_RETURN(SpanScores scores, Score(q, q_tokens, heads, options));
-  ApplyMode(request.score_mode, &scores);
+  ApplyScoreMode(request.score_mode, &scores);
   std::vector<int64_t> always, candidates;
   SplitSpans(options, q_tokens, request, &always, &candidates);
   std::vector<int32_t> tokens(span_count());
@@ -1556,12 +1488,10 @@ Status SpanStore::RetrieveKV(const float* q, int64_t q_tokens, int heads,
     positions[i] = spans_[i].position_start;
   }
   const std::vector<double> normalizer = LogNormalizers(scores, tokens, candidates);
-  auto ranked = RankCandidates(scores, tokens, positions, candidates, normalizer);
-  const int64_t take = OrderForRequest(request, scores, tokens, positions, candidates, normalizer,
-                                       heads, options_.kv_heads, &ranked);
-  std::vector<int64_t> list;
-  if (include_always) list = always;
-  for (int64_t i = 0; i < take; ++i) list.push_back(ranked[i].span_index);
+  const CandidateOrder order = RankForRequest(request, scores, tokens, positions, candidates,
+                                              normalizer, heads, options_.kv_heads);
+  std::vector<int64_t> list = SpansOfRank(order, 0, SelectionSize(request, order), 0);
+  if (include_always) list.insert(list.end(), always.begin(), always.end());
   std::sort(list.begin(), list.end());
   const int64_t end = request.context_end >= 0 ? request.context_end : end_position();
   size_t next = 0;

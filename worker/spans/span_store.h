@@ -346,9 +346,6 @@ class SpanStore {
   // visitor must not rely on positions; used when every key is visible).
   Status StreamChunks(const std::vector<int64_t>& spans, bool use_cache, bool insert_into_cache,
                       bool split_per_span, bool gather, const ChunkVisitor& visitor) const;
-  Status SelectForRequest(const SpanScores& scores, const std::vector<int64_t>& candidates,
-                          const RetrievalRequest& request, int64_t first_take,
-                          std::vector<SpanCandidate>* ranked, int64_t* take) const;
 
   SpanStoreOptions options_;
   uint64_t store_id_ = 0;
