@@ -708,9 +708,10 @@ int Run(const Args& a) {
   uname(&u);
   std::printf("# retrieval_bench: %ld cores, %s %s\n# %s\n", sysconf(_SC_NPROCESSORS_ONLN),
               u.sysname, u.release, KernelPathDescription().c_str());
-  std::printf("# selection: worker/spans/retrieval_planner.h (the service's planner), tolerance "
-              "rounds grow to max(2*take, take+%lld)\n",
-              static_cast<long long>(RetrievalRounds::kMinGrowth));
+  std::printf(
+      "# selection: worker/spans/retrieval_planner.h (the service's planner), tolerance "
+      "rounds grow to max(2*take, take+%lld)\n",
+      static_cast<long long>(RetrievalRounds::kMinGrowth));
 #ifndef NDEBUG
   std::printf("# WARNING: assertions enabled (debug build); timings are not meaningful\n");
 #endif
