@@ -2,7 +2,14 @@
 // a hot RAM tier, a cold on-disk tier (append-only checksummed span file read
 // back through an LRU cache), a durable manifest, and exact and retrieval
 // attention over it. Single process: no MPI, no gRPC; the coordinator runs the
-// cross-rank parts with the pure functions in span_select.h.
+// cross-rank parts with the pure functions in span_select.h and the
+// retrieval planner (retrieval_planner.h).
+//
+// Implementation files, by concern (one class, one header): span_store.cc
+// (facade: create/open, append, truncate, attention, retrieval),
+// span_index.cc (summaries, scoring), span_record_file.cc (records,
+// manifest, recovery, compaction, scrub), span_tiers.cc (hot budget, cache,
+// eviction, warming), span_chunk_stream.cc (streaming with read-ahead).
 //
 // Spans. A span is a run of consecutive positions, at most `span_tokens` long,
 // aligned to multiples of span_tokens in absolute position (so a span is a
