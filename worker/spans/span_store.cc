@@ -288,10 +288,9 @@ Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, 
   return EnforceHotBudget();
 }
 
-Status SpanStore::AttendSpans(const std::vector<int64_t>& span_indices, const float* q,
-                              int64_t q_tokens, int heads, const AttentionOptions& options,
-                              float* o, float* lse) const {
-  RINGTREE_RETURN_IF_ERROR(CheckQuery(options_, q, q_tokens, heads, o));
+Status SpanStore::AttendStreamed(const std::vector<int64_t>& spans, bool insert_into_cache,
+                                 bool gather, const float* q, int64_t q_tokens, int heads,
+                                 const AttentionOptions& options, float* o, float* lse) const {
   const int D = options_.head_dim;
   const int64_t rows = q_tokens * heads;
   std::vector<float> lse_local;
@@ -303,6 +302,25 @@ Status SpanStore::AttendSpans(const std::vector<int64_t>& span_indices, const fl
   std::fill(lse, lse + rows, kNegInfF);
   std::vector<float> o_chunk(rows * D), lse_chunk(rows);
   const int64_t last_q = options.q_position_offset + q_tokens - 1;
+  auto visitor = [&](const void* k, const void* v, int64_t offset, int64_t tokens) -> Status {
+    if (options.causal && offset > last_q) return Status::Ok();  // fully masked
+    AttentionShape shape{q_tokens, tokens, heads, options_.kv_heads, D};
+    AttentionOptions opts = options;
+    opts.kv_position_offset = offset;
+    if (gather) opts.causal = false;  // every key visible (checked by the caller)
+    RINGTREE_RETURN_IF_ERROR(AttentionForward(q, k, v, options_.dtype, shape, opts,
+                                              o_chunk.data(), lse_chunk.data()));
+    MergePartials(o, lse, o_chunk.data(), lse_chunk.data(), rows, D);
+    return Status::Ok();
+  };
+  return StreamChunks(spans, /*use_cache=*/true, insert_into_cache, /*split_per_span=*/false,
+                      gather, visitor);
+}
+
+Status SpanStore::AttendSpans(const std::vector<int64_t>& span_indices, const float* q,
+                              int64_t q_tokens, int heads, const AttentionOptions& options,
+                              float* o, float* lse) const {
+  RINGTREE_RETURN_IF_ERROR(CheckQuery(options_, q, q_tokens, heads, o));
   RINGTREE_RETURN_IF_ERROR(CheckSpanList(span_indices));
   // When every selected key is visible to every query row (decode, or keys
   // all before the first query position), positions do not matter: gather
@@ -313,45 +331,18 @@ Status SpanStore::AttendSpans(const std::vector<int64_t>& span_indices, const fl
     const Span& last = spans_[span_indices.back()];
     gather = last.position_start + last.tokens - 1 <= options.q_position_offset;
   }
-  auto visitor = [&](const void* k, const void* v, int64_t offset, int64_t tokens) -> Status {
-    if (options.causal && offset > last_q) return Status::Ok();  // fully masked
-    AttentionShape shape{q_tokens, tokens, heads, options_.kv_heads, D};
-    AttentionOptions opts = options;
-    opts.kv_position_offset = offset;
-    if (gather) opts.causal = false;  // every key visible (checked above)
-    RINGTREE_RETURN_IF_ERROR(AttentionForward(q, k, v, options_.dtype, shape, opts,
-                                              o_chunk.data(), lse_chunk.data()));
-    MergePartials(o, lse, o_chunk.data(), lse_chunk.data(), rows, D);
-    return Status::Ok();
-  };
-  return StreamChunks(span_indices, /*use_cache=*/true, /*insert_into_cache=*/true,
-                      /*split_per_span=*/false, gather, visitor);
+  return AttendStreamed(span_indices, /*insert_into_cache=*/true, gather, q, q_tokens, heads,
+                        options, o, lse);
 }
 
 Status SpanStore::AttendExact(const float* q, int64_t q_tokens, int heads,
                               const AttentionOptions& options, float* o, float* lse) const {
   RINGTREE_RETURN_IF_ERROR(CheckQuery(options_, q, q_tokens, heads, o));
-  const int D = options_.head_dim;
-  const int64_t rows = q_tokens * heads;
-  std::vector<float> lse_local;
-  if (lse == nullptr) {
-    lse_local.resize(rows);
-    lse = lse_local.data();
-  }
-  std::fill(o, o + rows * D, 0.0f);
-  std::fill(lse, lse + rows, kNegInfF);
-  std::vector<float> o_chunk(rows * D), lse_chunk(rows);
-  const int64_t last_q = options.q_position_offset + q_tokens - 1;
-  return ForEachChunk([&](const void* k, const void* v, int64_t offset, int64_t tokens) -> Status {
-    if (options.causal && offset > last_q) return Status::Ok();
-    AttentionShape shape{q_tokens, tokens, heads, options_.kv_heads, D};
-    AttentionOptions opts = options;
-    opts.kv_position_offset = offset;
-    RINGTREE_RETURN_IF_ERROR(AttentionForward(q, k, v, options_.dtype, shape, opts,
-                                              o_chunk.data(), lse_chunk.data()));
-    MergePartials(o, lse, o_chunk.data(), lse_chunk.data(), rows, D);
-    return Status::Ok();
-  });
+  // A full scan does not fill the cache (it would flush it; see ForEachChunk).
+  std::vector<int64_t> all(spans_.size());
+  for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int64_t>(i);
+  return AttendStreamed(all, /*insert_into_cache=*/false, /*gather=*/false, q, q_tokens, heads,
+                        options, o, lse);
 }
 
 Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,

@@ -353,6 +353,13 @@ class SpanStore {
   // visitor must not rely on positions; used when every key is visible).
   Status StreamChunks(const std::vector<int64_t>& spans, bool use_cache, bool insert_into_cache,
                       bool split_per_span, bool gather, const ChunkVisitor& visitor) const;
+  // Attention of q over `spans` (sorted, unique; checked by the caller)
+  // streamed as chunks, each chunk's partial merged into (o, lse); the body
+  // of AttendSpans and AttendExact. gather: as StreamChunks (every key
+  // visible to every row, so causal masking is off).
+  Status AttendStreamed(const std::vector<int64_t>& spans, bool insert_into_cache, bool gather,
+                        const float* q, int64_t q_tokens, int heads,
+                        const AttentionOptions& options, float* o, float* lse) const;
 
   SpanStoreOptions options_;
   uint64_t store_id_ = 0;
