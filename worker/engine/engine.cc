@@ -879,26 +879,22 @@ Result<EngineOutput> WorkerEngine::ExecuteRetrieve(RetrieveCommand& r) {
   request.mass_tolerance = r.mass_tolerance;
   request.score_mode = static_cast<SpanScoreMode>(r.score_mode);
   request.context_end = r.context_end;
-  SpanScores scores;
-  std::vector<int64_t> always, candidates;
+  SpanStore::RetrievalInputs in;
   std::vector<SpanInfo> infos;
-  std::vector<int32_t> tokens;
-  std::vector<int64_t> positions;
   if (local.ok()) {
-    auto scored = store->Score(g.q.data(), g.q_tokens, heads, ao);
-    if (scored.ok()) {
-      scores = std::move(scored).value();
-      ApplyScoreMode(request.score_mode, &scores);
-      store->SplitSpans(ao, g.q_tokens, request, &always, &candidates);
+    auto prepared = store->PrepareRetrieval(g.q.data(), g.q_tokens, heads, ao, request);
+    if (prepared.ok()) {
+      in = std::move(prepared).value();
       infos = store->Spans();
-      for (const SpanInfo& i : infos) {
-        tokens.push_back(i.tokens);
-        positions.push_back(i.position_start);
-      }
     } else {
-      local = scored.status();
+      local = prepared.status();
     }
   }
+  const SpanScores& scores = in.scores;
+  const std::vector<int64_t>& always = in.always;
+  const std::vector<int64_t>& candidates = in.candidates;
+  const std::vector<int32_t>& tokens = in.span_tokens;
+  const std::vector<int64_t>& positions = in.span_positions;
   Status agreed = compute_->AgreeOnStatus(local);
   if (!agreed.ok()) {
     if ((!g.new_rows.runs.empty() || g.causal) && !config_.data_dir.empty()) {

@@ -345,6 +345,22 @@ Status SpanStore::AttendExact(const float* q, int64_t q_tokens, int heads,
                         options, o, lse);
 }
 
+Result<SpanStore::RetrievalInputs> SpanStore::PrepareRetrieval(
+    const float* q, int64_t q_tokens, int heads, const AttentionOptions& options,
+    const RetrievalRequest& request) const {
+  RetrievalInputs in;
+  RINGTREE_ASSIGN_OR_RETURN(in.scores, Score(q, q_tokens, heads, options));
+  ApplyScoreMode(request.score_mode, &in.scores);
+  SplitSpans(options, q_tokens, request, &in.always, &in.candidates);
+  in.span_tokens.resize(span_count());
+  in.span_positions.resize(span_count());
+  for (int64_t i = 0; i < span_count(); ++i) {
+    in.span_tokens[i] = spans_[i].tokens;
+    in.span_positions[i] = spans_[i].position_start;
+  }
+  return in;
+}
+
 Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
                                   const AttentionOptions& options, const RetrievalRequest& request,
                                   float* o, float* lse, RetrievalResult* result) const {
@@ -356,21 +372,17 @@ Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
     return std::chrono::duration<double, std::milli>(Clock::now() - t).count();
   };
   auto t0 = Clock::now();
-  RINGTREE_ASSIGN_OR_RETURN(SpanScores scores, Score(q, q_tokens, heads, options));
-  ApplyScoreMode(request.score_mode, &scores);
+  RINGTREE_ASSIGN_OR_RETURN(RetrievalInputs in,
+                            PrepareRetrieval(q, q_tokens, heads, options, request));
   const double score_ms = ms_since(t0);
   t0 = Clock::now();
-  std::vector<int64_t> always, candidates;
-  SplitSpans(options, q_tokens, request, &always, &candidates);
-  std::vector<int32_t> tokens(span_count());
-  std::vector<int64_t> positions(span_count());
-  for (int64_t i = 0; i < span_count(); ++i) {
-    tokens[i] = spans_[i].tokens;
-    positions[i] = spans_[i].position_start;
-  }
+  const SpanScores& scores = in.scores;
+  const std::vector<int64_t>& always = in.always;
+  const std::vector<int64_t>& candidates = in.candidates;
+  const std::vector<int32_t>& tokens = in.span_tokens;
   const std::vector<double> normalizer = LogNormalizers(scores, tokens, candidates);
-  const CandidateOrder order = RankForRequest(request, scores, tokens, positions, candidates,
-                                              normalizer, heads, options_.kv_heads);
+  const CandidateOrder order = RankForRequest(request, scores, tokens, in.span_positions,
+                                              candidates, normalizer, heads, options_.kv_heads);
   RetrievalRounds rounds(SelectionSize(request, order), static_cast<int64_t>(order.ranked.size()),
                          request.mass_tolerance);
   const double select_ms = ms_since(t0);
@@ -480,21 +492,13 @@ Status SpanStore::RetrieveKV(const float* q, int64_t q_tokens, int heads,
                              const AttentionOptions& options, const RetrievalRequest& request,
                              bool include_always, const SpanVisitor& visitor) const {
   RINGTREE_RETURN_IF_ERROR(CheckQuery(options_, q, q_tokens, heads, q));
-  RINGTREE_ASSIGN_OR_RETURN(SpanScores scores, Score(q, q_tokens, heads, options));
-  ApplyScoreMode(request.score_mode, &scores);
-  std::vector<int64_t> always, candidates;
-  SplitSpans(options, q_tokens, request, &always, &candidates);
-  std::vector<int32_t> tokens(span_count());
-  std::vector<int64_t> positions(span_count());
-  for (int64_t i = 0; i < span_count(); ++i) {
-    tokens[i] = spans_[i].tokens;
-    positions[i] = spans_[i].position_start;
-  }
-  const std::vector<double> normalizer = LogNormalizers(scores, tokens, candidates);
-  const CandidateOrder order = RankForRequest(request, scores, tokens, positions, candidates,
-                                              normalizer, heads, options_.kv_heads);
+  RINGTREE_ASSIGN_OR_RETURN(RetrievalInputs in,
+                            PrepareRetrieval(q, q_tokens, heads, options, request));
+  const std::vector<double> normalizer = LogNormalizers(in.scores, in.span_tokens, in.candidates);
+  const CandidateOrder order = RankForRequest(request, in.scores, in.span_tokens, in.span_positions,
+                                              in.candidates, normalizer, heads, options_.kv_heads);
   std::vector<int64_t> list = SpansOfRank(order, 0, SelectionSize(request, order), 0);
-  if (include_always) list.insert(list.end(), always.begin(), always.end());
+  if (include_always) list.insert(list.end(), in.always.begin(), in.always.end());
   std::sort(list.begin(), list.end());
   const int64_t end = request.context_end >= 0 ? request.context_end : end_position();
   size_t next = 0;

@@ -236,6 +236,23 @@ class SpanStore {
                   const RetrievalRequest& request, std::vector<int64_t>* always,
                   std::vector<int64_t>* candidates) const;
 
+  // The per-store inputs of retrieval planning (retrieval_planner.h) for one
+  // query block: Score() with request.score_mode applied (ApplyScoreMode),
+  // SplitSpans() for the request, and every span's tokens and position
+  // (indexed by span). Used by AttendRetrieval / RetrieveKV and by the
+  // engine's distributed retrieval, which plans with the same inputs.
+  struct RetrievalInputs {
+    SpanScores scores;
+    std::vector<int64_t> always;      // sinks + window, visible
+    std::vector<int64_t> candidates;  // the rest, visible
+    std::vector<int32_t> span_tokens;
+    std::vector<int64_t> span_positions;
+  };
+  // Errors: as Score (INVALID_ARGUMENT on a bad query).
+  Result<RetrievalInputs> PrepareRetrieval(const float* q, int64_t q_tokens, int heads,
+                                           const AttentionOptions& options,
+                                           const RetrievalRequest& request) const;
+
   // Retrieval attention: sinks + window + the best spans by the request,
   // merged exactly; fills `result` (spans used, skipped-mass bound per row).
   // o, lse as in AttendExact (lse may be null). With request.skipped_estimate
