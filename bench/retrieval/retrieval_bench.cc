@@ -13,6 +13,10 @@
 // and does 4*tokens*heads*D flops; retrieval reads the summaries
 // (spans*kv_heads*3*D floats) plus the budgeted K/V.
 // Output: one JSON line per (kind, mode, budget) on --out, a summary on stdout.
+// Which spans are attended is decided by worker/spans/retrieval_planner.h,
+// the planner the service's retrieval step runs (AttendRetrieval calls it);
+// on one store the service selects the same spans, so these selections and
+// bounds are the service's; the collectives are not timed here.
 #include <sys/utsname.h>
 #include <unistd.h>
 
@@ -34,6 +38,7 @@
 #include "bench/retrieval/synthetic_kv.h"
 #include "kernels/attention.h"
 #include "kernels/cpu.h"
+#include "worker/spans/retrieval_planner.h"
 #include "worker/spans/span_discovery.h"
 #include "worker/spans/span_store.h"
 
@@ -703,6 +708,10 @@ int Run(const Args& a) {
   uname(&u);
   std::printf("# retrieval_bench: %ld cores, %s %s\n# %s\n", sysconf(_SC_NPROCESSORS_ONLN),
               u.sysname, u.release, KernelPathDescription().c_str());
+  std::printf(
+      "# selection: worker/spans/retrieval_planner.h (the service's planner), tolerance "
+      "rounds grow to max(2*take, take+%lld)\n",
+      static_cast<long long>(RetrievalRounds::kMinGrowth));
 #ifndef NDEBUG
   std::printf("# WARNING: assertions enabled (debug build); timings are not meaningful\n");
 #endif

@@ -35,7 +35,7 @@ TEST(MergeTopCandidates, TableOfLimits) {
       {"top2", 2, 0, {{0, 0}, {1, 16}}},
       // Ties at 0.2 break by rank then position.
       {"top4", 4, 0, {{0, 0}, {1, 16}, {1, 80}, {1, 96}}},
-      {"budget40_skips_too_big", 0, 40, {{0, 0}, {1, 16}, {1, 80}}},
+      {"budget40", 0, 40, {{0, 0}, {1, 16}, {1, 80}}},
       {"budget_and_k", 2, 1000, {{0, 0}, {1, 16}}},
       {"unlimited", 0, 0, {{0, 0}, {1, 16}, {1, 80}, {1, 96}, {0, 64}, {0, 128}}},
   };
@@ -47,6 +47,19 @@ TEST(MergeTopCandidates, TableOfLimits) {
       EXPECT_EQ(got[i].position_start, c.expect[i].second) << c.name << " #" << i;
     }
   }
+}
+
+// The token budget ends the list at the first span that does not fit, even
+// when a smaller, lower-priority span behind it would (one budget rule with
+// the planner's SelectionSize: the selection is a prefix of the order).
+TEST(MergeTopCandidates, BudgetStopsAtTheFirstSpanThatDoesNotFit) {
+  const std::vector<std::vector<SpanCandidate>> per_rank = {
+      {C(0, 0, 16, 0.5), C(0, 64, 4, 0.1)},
+      {C(1, 16, 16, 0.3)},
+  };
+  auto got = MergeTopCandidates(per_rank, 0, 20);
+  ASSERT_EQ(got.size(), 1u);
+  EXPECT_EQ(got[0].position_start, 0);
 }
 
 // Normalisers combined across "ranks" equal the normaliser over all spans, and

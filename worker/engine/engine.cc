@@ -19,6 +19,7 @@
 #include "dist/ring_attention.h"
 #include "kernels/merge.h"
 #include "worker/spans/file_sync.h"
+#include "worker/spans/retrieval_planner.h"
 
 namespace ringtree {
 
@@ -36,17 +37,6 @@ constexpr int64_t kInlineCommandBytes = int64_t{64} << 10;
 constexpr const char* kFailAppendEnv = "RINGTREE_TEST_FAIL_APPEND_FILE";
 constexpr double kNegInfD = -std::numeric_limits<double>::infinity();
 constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
-
-// Score-mode post-processing as SpanStore::AttendRetrieval does it: Score()
-// leaves the scaled q . mean key in `estimate`.
-void ApplyScoreMode(SpanScoreMode mode, SpanScores* scores) {
-  for (size_t i = 0; i < scores->estimate.size(); ++i) {
-    const float u = scores->upper[i];
-    if (u == kNegInfF) continue;
-    if (mode == SpanScoreMode::kUpperBound) scores->estimate[i] = u;
-    else if (mode == SpanScoreMode::kBlend) scores->estimate[i] = 0.5f * (u + scores->estimate[i]);
-  }
-}
 
 // Element-wise log-sum-exp of per-rank values, on every rank (two allreduces).
 Status AllreduceLogAdd(const Communicator& comm, std::vector<double>* values) {
@@ -889,26 +879,22 @@ Result<EngineOutput> WorkerEngine::ExecuteRetrieve(RetrieveCommand& r) {
   request.mass_tolerance = r.mass_tolerance;
   request.score_mode = static_cast<SpanScoreMode>(r.score_mode);
   request.context_end = r.context_end;
-  SpanScores scores;
-  std::vector<int64_t> always, candidates;
+  SpanStore::RetrievalInputs in;
   std::vector<SpanInfo> infos;
-  std::vector<int32_t> tokens;
-  std::vector<int64_t> positions;
   if (local.ok()) {
-    auto scored = store->Score(g.q.data(), g.q_tokens, heads, ao);
-    if (scored.ok()) {
-      scores = std::move(scored).value();
-      ApplyScoreMode(request.score_mode, &scores);
-      store->SplitSpans(ao, g.q_tokens, request, &always, &candidates);
+    auto prepared = store->PrepareRetrieval(g.q.data(), g.q_tokens, heads, ao, request);
+    if (prepared.ok()) {
+      in = std::move(prepared).value();
       infos = store->Spans();
-      for (const SpanInfo& i : infos) {
-        tokens.push_back(i.tokens);
-        positions.push_back(i.position_start);
-      }
     } else {
-      local = scored.status();
+      local = prepared.status();
     }
   }
+  const SpanScores& scores = in.scores;
+  const std::vector<int64_t>& always = in.always;
+  const std::vector<int64_t>& candidates = in.candidates;
+  const std::vector<int32_t>& tokens = in.span_tokens;
+  const std::vector<int64_t>& positions = in.span_positions;
   Status agreed = compute_->AgreeOnStatus(local);
   if (!agreed.ok()) {
     if ((!g.new_rows.runs.empty() || g.causal) && !config_.data_dir.empty()) {
@@ -920,49 +906,23 @@ Result<EngineOutput> WorkerEngine::ExecuteRetrieve(RetrieveCommand& r) {
   std::vector<double> normalizer = LogNormalizers(scores, tokens, candidates);
   normalizer.resize(static_cast<size_t>(rows), kNegInfD);
   RINGTREE_RETURN_IF_ERROR(AllreduceLogAdd(*compute_, &normalizer));
-  std::vector<SpanCandidate> ranked = RankCandidates(scores, tokens, positions, candidates, normalizer);
-  for (SpanCandidate& c : ranked) c.rank = me;
-  const bool tolerance = r.mass_tolerance >= 0 && !r.kv_only;
-  // A rank never needs to propose more than the global selection can take.
-  if (!tolerance) ranked = MergeTopCandidates({ranked}, r.top_k_spans, r.token_budget);
-  if (!tolerance && r.top_k_spans <= 0 && r.token_budget <= 0) ranked.clear();
-  // 3. Global top-k, computed identically on every rank.
+  // 3. Global order and selection (retrieval_planner.h), identical on every
+  //    rank: each rank proposes what the global selection could take from
+  //    it, the proposals are all-gathered and merged.
+  if (r.kv_only) request.mass_tolerance = -1.0;  // KV retrieval has no bound to meet
+  CandidateOrder mine =
+      RankForRequest(request, scores, tokens, positions, candidates, normalizer, heads, s.kv_heads);
+  for (SpanCandidate& c : mine.ranked) c.rank = me;
   std::vector<std::vector<SpanCandidate>> per_rank;
-  RINGTREE_RETURN_IF_ERROR(AllgatherVectors(*compute_, ranked, &per_rank));
-  std::vector<SpanCandidate> merged;
-  if (tolerance) {
-    merged = MergeTopCandidates(per_rank, 0, 0);
-  } else if (r.top_k_spans > 0 || r.token_budget > 0) {
-    merged = MergeTopCandidates(per_rank, r.top_k_spans, r.token_budget);
-  }
-  int64_t total_candidates = static_cast<int64_t>(merged.size());
-  int64_t take = total_candidates;
-  if (tolerance) {
-    // Start from what k / the budget give (at least one span), double per round.
-    take = 0;
-    int64_t budget_tokens = 0;
-    for (const SpanCandidate& c : merged) {
-      if (r.top_k_spans > 0 && take >= r.top_k_spans) break;
-      if (r.token_budget > 0 && budget_tokens + c.tokens > r.token_budget) break;
-      if (r.top_k_spans <= 0 && r.token_budget <= 0) break;
-      budget_tokens += c.tokens;
-      ++take;
-    }
-    take = std::min<int64_t>(std::max<int64_t>(take, 1), total_candidates);
-  }
-  auto my_selection = [&](int64_t from, int64_t to) {
-    std::vector<int64_t> list;
-    for (int64_t i = from; i < to; ++i) {
-      if (merged[i].rank == me) list.push_back(merged[i].span_index);
-    }
-    std::sort(list.begin(), list.end());
-    return list;
-  };
+  RINGTREE_RETURN_IF_ERROR(AllgatherVectors(*compute_, ProposalsFor(request, mine), &per_rank));
+  const CandidateOrder merged = MergeProposals(per_rank);
+  RetrievalRounds schedule(SelectionSize(request, merged),
+                           static_cast<int64_t>(merged.ranked.size()), request.mass_tolerance);
 
   if (r.kv_only) {
     // 4a. KV retrieval: stream this rank's selected spans (and sinks + window
     //     when asked) in position order as runs; the root collects them.
-    std::vector<int64_t> list = my_selection(0, take);
+    std::vector<int64_t> list = SpansOfRank(merged, 0, schedule.take(), me);
     if (r.include_always) list.insert(list.end(), always.begin(), always.end());
     std::sort(list.begin(), list.end());
     list.erase(std::unique(list.begin(), list.end()), list.end());
@@ -1012,7 +972,7 @@ Result<EngineOutput> WorkerEngine::ExecuteRetrieve(RetrieveCommand& r) {
         RINGTREE_RETURN_IF_ERROR(compute_->Send(run.v.data(), run.tokens * rb, root_, kRetrieveTag));
       }
     }
-    out.retrieval.selected_spans = take;
+    out.retrieval.selected_spans = schedule.take();
     return out;
   }
 
@@ -1023,13 +983,10 @@ Result<EngineOutput> WorkerEngine::ExecuteRetrieve(RetrieveCommand& r) {
   std::vector<float> part_o(acc_o.size()), part_lse(acc_lse.size());
   std::vector<float> merged_o(acc_o.size()), merged_lse(acc_lse.size());
   std::vector<float> packed(static_cast<size_t>(rows * PackedRowFloats(D)));
-  int64_t attended_to = 0;
   bool first = true;
-  int rounds = 0;
   std::vector<float> bound;
   for (;;) {
-    ++rounds;
-    std::vector<int64_t> list = my_selection(attended_to, take);
+    std::vector<int64_t> list = SpansOfRank(merged, schedule.attended(), schedule.take(), me);
     if (first) list.insert(list.end(), always.begin(), always.end());
     std::sort(list.begin(), list.end());
     local = Status::Ok();
@@ -1040,20 +997,12 @@ Result<EngineOutput> WorkerEngine::ExecuteRetrieve(RetrieveCommand& r) {
       if (local.ok()) MergePartials(acc_o.data(), acc_lse.data(), part_o.data(), part_lse.data(), rows, D);
     }
     RINGTREE_RETURN_IF_ERROR(compute_->AgreeOnStatus(local));
-    attended_to = take;
     first = false;
     PackPartials(acc_o.data(), acc_lse.data(), rows, D, packed.data());
     RINGTREE_RETURN_IF_ERROR(reducer_->Reduce(packed.data(), rows, D, ReduceTarget::kAll, &out.timings));
     UnpackPartials(packed.data(), rows, D, merged_o.data(), merged_lse.data());
     // Skipped: this rank's candidates outside the selection.
-    std::set<int64_t> selected;
-    for (int64_t i = 0; i < take; ++i) {
-      if (merged[i].rank == me) selected.insert(merged[i].span_index);
-    }
-    std::vector<int64_t> skipped;
-    for (int64_t c : candidates) {
-      if (!selected.count(c)) skipped.push_back(c);
-    }
+    const std::vector<int64_t> skipped = SkippedOfRank(merged, schedule.take(), me, candidates);
     std::vector<double> log_upper = LogUpperSkippedMass(scores, tokens, skipped);
     log_upper.resize(static_cast<size_t>(rows), kNegInfD);
     RINGTREE_RETURN_IF_ERROR(AllreduceLogAdd(*compute_, &log_upper));
@@ -1061,22 +1010,20 @@ Result<EngineOutput> WorkerEngine::ExecuteRetrieve(RetrieveCommand& r) {
     float max_bound = 0.0f;
     for (float b : bound) max_bound = std::max(max_bound, b);
     out.retrieval.max_skipped_mass_bound = max_bound;
-    if (!tolerance || max_bound <= r.mass_tolerance || take >= total_candidates) break;
-    take = std::min<int64_t>(total_candidates, std::max<int64_t>(2 * take, take + 1));
+    if (!schedule.Continue(max_bound)) break;
   }
+  const int64_t take = schedule.take();
   // Every candidate of every rank attended: the answer is exact attention.
   int64_t all_candidates = static_cast<int64_t>(candidates.size());
   RINGTREE_RETURN_IF_ERROR(compute_->AllreduceSum(&all_candidates, 1));
   out.retrieval.exact = take >= all_candidates;
-  out.retrieval.rounds = rounds;
+  out.retrieval.rounds = schedule.rounds();
   out.retrieval.selected_spans = take;
   // 5. Report the spans used (all ranks) at the root.
   std::vector<UsedSpan> used;
   {
-    std::set<int64_t> selected;
-    for (int64_t i = 0; i < take; ++i) {
-      if (merged[i].rank == me) selected.insert(merged[i].span_index);
-    }
+    const std::vector<int64_t> mine_used = SpansOfRank(merged, 0, take, me);
+    const std::set<int64_t> selected(mine_used.begin(), mine_used.end());
     std::set<int64_t> always_set(always.begin(), always.end());
     for (const SpanInfo& i : infos) {
       const bool is_always = always_set.count(i.index) > 0;

@@ -195,7 +195,7 @@ std::vector<SpanCandidate> MergeTopCandidates(
   int64_t tokens = 0;
   for (const SpanCandidate& c : all) {
     if (top_k_spans > 0 && static_cast<int64_t>(out.size()) >= top_k_spans) break;
-    if (token_budget > 0 && tokens + c.tokens > token_budget) continue;
+    if (token_budget > 0 && tokens + c.tokens > token_budget) break;
     out.push_back(c);
     tokens += c.tokens;
   }

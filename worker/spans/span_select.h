@@ -60,10 +60,12 @@ struct RetrievalRequest {
   // Select spans until their tokens reach this many (0: no limit from budget).
   // With both 0 and no tolerance, only sinks and window are attended.
   int64_t token_budget = 0;
-  // >= 0: tolerance mode. Spans are added in priority order (doubling the
-  // selection each round, starting from top_k/token_budget if given) until
-  // the skipped-mass bound of every row is <= mass_tolerance; when every span
-  // is selected the answer is exact. < 0: off.
+  // >= 0: tolerance mode. Spans are added in priority order, starting from
+  // what top_k/token_budget select (possibly none) and growing the take to
+  // max(2 * take, take + 8) each round (RetrievalRounds in
+  // retrieval_planner.h), until the skipped-mass bound of every row is
+  // <= mass_tolerance; when every span is selected the answer is exact.
+  // < 0: off.
   double mass_tolerance = -1.0;
   // kBlend ranks best in bench/retrieval (needle and diffuse queries alike).
   SpanScoreMode score_mode = SpanScoreMode::kBlend;
@@ -147,12 +149,13 @@ class RecallHistory {
   std::vector<std::vector<int64_t>> recent_;  // oldest first, at most steps_
 };
 
-// Cross-rank top-k merge (pure; the coordinator's global top-k): merges the
-// ranks' candidate lists (each any order) and keeps the best by priority until
-// `top_k_spans` spans (0: no limit) or `token_budget` tokens (0: no limit) are
-// reached; a span that would exceed the token budget is skipped and smaller
-// ones may still fit. Deterministic: ties by (rank, position). Result sorted
-// best first.
+// Cross-rank top-k merge (pure): merges the ranks' candidate lists (each any
+// order) and keeps the best by priority until `top_k_spans` spans (0: no
+// limit) or `token_budget` tokens (0: no limit) are reached; the first span
+// that would exceed the token budget ends the list (the budget rule of
+// retrieval_planner.h's SelectionSize, so the result is a prefix of the
+// merged order). Deterministic: ties by (rank, position). Result sorted best
+// first. The service merges with MergeProposals (retrieval_planner.h).
 std::vector<SpanCandidate> MergeTopCandidates(
     const std::vector<std::vector<SpanCandidate>>& per_rank, int64_t top_k_spans,
     int64_t token_budget);

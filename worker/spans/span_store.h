@@ -2,7 +2,14 @@
 // a hot RAM tier, a cold on-disk tier (append-only checksummed span file read
 // back through an LRU cache), a durable manifest, and exact and retrieval
 // attention over it. Single process: no MPI, no gRPC; the coordinator runs the
-// cross-rank parts with the pure functions in span_select.h.
+// cross-rank parts with the pure functions in span_select.h and the
+// retrieval planner (retrieval_planner.h).
+//
+// Implementation files, by concern (one class, one header): span_store.cc
+// (facade: create/open, append, truncate, attention, retrieval),
+// span_index.cc (summaries, scoring), span_record_file.cc (records,
+// manifest, recovery, compaction, scrub), span_tiers.cc (hot budget, cache,
+// eviction, warming), span_chunk_stream.cc (streaming with read-ahead).
 //
 // Spans. A span is a run of consecutive positions, at most `span_tokens` long,
 // aligned to multiples of span_tokens in absolute position (so a span is a
@@ -229,6 +236,23 @@ class SpanStore {
                   const RetrievalRequest& request, std::vector<int64_t>* always,
                   std::vector<int64_t>* candidates) const;
 
+  // The per-store inputs of retrieval planning (retrieval_planner.h) for one
+  // query block: Score() with request.score_mode applied (ApplyScoreMode),
+  // SplitSpans() for the request, and every span's tokens and position
+  // (indexed by span). Used by AttendRetrieval / RetrieveKV and by the
+  // engine's distributed retrieval, which plans with the same inputs.
+  struct RetrievalInputs {
+    SpanScores scores;
+    std::vector<int64_t> always;      // sinks + window, visible
+    std::vector<int64_t> candidates;  // the rest, visible
+    std::vector<int32_t> span_tokens;
+    std::vector<int64_t> span_positions;
+  };
+  // Errors: as Score (INVALID_ARGUMENT on a bad query).
+  Result<RetrievalInputs> PrepareRetrieval(const float* q, int64_t q_tokens, int heads,
+                                           const AttentionOptions& options,
+                                           const RetrievalRequest& request) const;
+
   // Retrieval attention: sinks + window + the best spans by the request,
   // merged exactly; fills `result` (spans used, skipped-mass bound per row).
   // o, lse as in AttendExact (lse may be null). With request.skipped_estimate
@@ -346,9 +370,13 @@ class SpanStore {
   // visitor must not rely on positions; used when every key is visible).
   Status StreamChunks(const std::vector<int64_t>& spans, bool use_cache, bool insert_into_cache,
                       bool split_per_span, bool gather, const ChunkVisitor& visitor) const;
-  Status SelectForRequest(const SpanScores& scores, const std::vector<int64_t>& candidates,
-                          const RetrievalRequest& request, int64_t first_take,
-                          std::vector<SpanCandidate>* ranked, int64_t* take) const;
+  // Attention of q over `spans` (sorted, unique; checked by the caller)
+  // streamed as chunks, each chunk's partial merged into (o, lse); the body
+  // of AttendSpans and AttendExact. gather: as StreamChunks (every key
+  // visible to every row, so causal masking is off).
+  Status AttendStreamed(const std::vector<int64_t>& spans, bool insert_into_cache, bool gather,
+                        const float* q, int64_t q_tokens, int heads,
+                        const AttentionOptions& options, float* o, float* lse) const;
 
   SpanStoreOptions options_;
   uint64_t store_id_ = 0;

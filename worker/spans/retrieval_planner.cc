@@ -1,0 +1,121 @@
+#include "worker/spans/retrieval_planner.h"
+
+#include <algorithm>
+#include <limits>
+
+namespace ringtree {
+
+namespace {
+constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
+
+// Longest prefix of ranked[from, ...) within top_k / token_budget (0: none).
+int64_t PrefixWithinLimits(const std::vector<SpanCandidate>& ranked, size_t from, int64_t top_k,
+                           int64_t token_budget) {
+  if (top_k <= 0 && token_budget <= 0) return 0;
+  int64_t take = 0, tokens = 0;
+  for (size_t i = from; i < ranked.size(); ++i) {
+    if (top_k > 0 && take >= top_k) break;
+    if (token_budget > 0 && tokens + ranked[i].tokens > token_budget) break;
+    tokens += ranked[i].tokens;
+    ++take;
+  }
+  return take;
+}
+}  // namespace
+
+void ApplyScoreMode(SpanScoreMode mode, SpanScores* scores) {
+  for (size_t i = 0; i < scores->estimate.size(); ++i) {
+    const float u = scores->upper[i];
+    if (u == kNegInfF) continue;
+    switch (mode) {
+      case SpanScoreMode::kUpperBound:
+        scores->estimate[i] = u;
+        break;
+      case SpanScoreMode::kMeanKey:
+        break;
+      case SpanScoreMode::kBlend:
+        scores->estimate[i] = 0.5f * (u + scores->estimate[i]);
+        break;
+    }
+  }
+}
+
+CandidateOrder RankForRequest(const RetrievalRequest& request, const SpanScores& scores,
+                              const std::vector<int32_t>& span_tokens,
+                              const std::vector<int64_t>& span_positions,
+                              const std::vector<int64_t>& candidates,
+                              const std::vector<double>& normalizer, int heads, int kv_heads) {
+  CandidateOrder order;
+  order.ranked =
+      request.head_voting
+          ? RankCandidatesByVotes(scores, span_tokens, span_positions, candidates, normalizer,
+                                  heads, kv_heads, request.top_k_spans, request.token_budget)
+          : RankCandidates(scores, span_tokens, span_positions, candidates, normalizer);
+  if (!request.persistent_spans.empty()) {
+    std::vector<int64_t> pinned = request.persistent_spans;
+    std::sort(pinned.begin(), pinned.end());
+    const auto rest = std::stable_partition(
+        order.ranked.begin(), order.ranked.end(), [&](const SpanCandidate& c) {
+          return std::binary_search(pinned.begin(), pinned.end(), c.span_index);
+        });
+    order.pinned = rest - order.ranked.begin();
+  }
+  return order;
+}
+
+int64_t SelectionSize(const RetrievalRequest& request, const CandidateOrder& order) {
+  return order.pinned + PrefixWithinLimits(order.ranked, static_cast<size_t>(order.pinned),
+                                           request.top_k_spans, request.token_budget);
+}
+
+std::vector<SpanCandidate> ProposalsFor(const RetrievalRequest& request,
+                                        const CandidateOrder& order) {
+  if (request.mass_tolerance >= 0.0) return order.ranked;
+  const int64_t n = SelectionSize(request, order);
+  return std::vector<SpanCandidate>(order.ranked.begin(), order.ranked.begin() + n);
+}
+
+CandidateOrder MergeProposals(const std::vector<std::vector<SpanCandidate>>& per_rank) {
+  CandidateOrder order;
+  order.ranked = MergeTopCandidates(per_rank, 0, 0);
+  return order;
+}
+
+std::vector<int64_t> SpansOfRank(const CandidateOrder& order, int64_t from, int64_t to, int rank) {
+  std::vector<int64_t> out;
+  to = std::min<int64_t>(to, static_cast<int64_t>(order.ranked.size()));
+  for (int64_t i = std::max<int64_t>(from, 0); i < to; ++i)
+    if (order.ranked[i].rank == rank) out.push_back(order.ranked[i].span_index);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+std::vector<int64_t> SkippedOfRank(const CandidateOrder& order, int64_t selected, int rank,
+                                   const std::vector<int64_t>& candidates) {
+  const std::vector<int64_t> taken = SpansOfRank(order, 0, selected, rank);
+  std::vector<int64_t> out;
+  out.reserve(candidates.size());
+  for (int64_t c : candidates)
+    if (!std::binary_search(taken.begin(), taken.end(), c)) out.push_back(c);
+  std::sort(out.begin(), out.end());
+  return out;
+}
+
+RetrievalRounds::RetrievalRounds(int64_t first_take, int64_t total, double mass_tolerance)
+    : take_(std::clamp<int64_t>(first_take, 0, std::max<int64_t>(total, 0))),
+      total_(std::max<int64_t>(total, 0)),
+      tolerance_(mass_tolerance) {}
+
+int64_t RetrievalRounds::NextTake(int64_t take, int64_t total) {
+  return std::min<int64_t>(total, std::max<int64_t>(2 * take, take + kMinGrowth));
+}
+
+bool RetrievalRounds::Continue(float max_bound) {
+  if (tolerance_ < 0.0 || max_bound <= tolerance_ || all_taken()) return false;
+  attended_ = take_;
+  take_ = NextTake(take_, total_);
+  ++rounds_;
+  return true;
+}
+
+}  // namespace ringtree
