@@ -7,6 +7,7 @@
 #include <vector>
 
 #include "dist/ring_attention.h"
+#include "dist/tree_decode.h"
 #include "kernels/reference.h"
 #include "kernels/test_util.h"
 
@@ -71,6 +72,20 @@ inline Session MakeSession(const HeadConfig& hc, int64_t context, int64_t q_toke
       s.local_kv.push_back({s.k.Row(p), s.v.Row(p), std::min(span_tokens, context - p), p});
   Reference(s.q, s.k, s.v, hc, q_tokens, context, context - q_tokens, true, &s.o_ref, &s.lse_ref);
   return s;
+}
+
+// The causal decode group of a session's queries over this rank's KV, into o/lse.
+inline DecodeGroup GroupOf(const Session& s, float* o, float* lse) {
+  DecodeGroup g;
+  g.heads = s.hc;
+  g.q = s.q.data();
+  g.q_tokens = s.q_tokens;
+  g.q_position_offset = s.context - s.q_tokens;
+  g.causal = true;
+  g.local_kv = s.local_kv;
+  g.o = o;
+  g.lse = lse;
+  return g;
 }
 
 // Three sessions of different shapes and dtypes (one has a single span, so

@@ -227,15 +227,7 @@ TEST(InProcessTree, FlatAndTwoLevelEqualReference) {
             testing::Session& s = sessions[i];
             o[i].assign(s.o_ref.size(), NAN);
             lse[i].assign(s.lse_ref.size(), NAN);
-            DecodeGroup g;
-            g.heads = s.hc;
-            g.q = s.q.data();
-            g.q_tokens = s.q_tokens;
-            g.q_position_offset = s.context - s.q_tokens;
-            g.causal = true;
-            g.local_kv = s.local_kv;
-            g.o = o[i].data();
-            g.lse = lse[i].data();
+            DecodeGroup g = testing::GroupOf(s, o[i].data(), lse[i].data());
             groups.push_back(g);
           }
           const Status st = TreeDecode(**reducer, groups, target);
