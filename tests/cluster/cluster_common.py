@@ -151,6 +151,46 @@ def popen_session(cmd, env, log_path, cwd=None):
     return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=cwd, start_new_session=True), log
 
 
+class Service:
+    """launch/attnserve [ARGS] --port-file on the cluster's hosts (HOSTFILE, RANKS = hosts x slots), waiting
+    until it is ready; stop() sends SIGTERM (forwarded to rank 0), returns the exit code, kills whatever is
+    left of it (also mpirun, which launch/attnserve starts in its own session) and prints the log's tail."""
+
+    def __init__(self, cluster, attnserve, args, ready_seconds=60):
+        self.log_path = os.path.join(cluster.workdir, "log")
+        self.port_file = os.path.join(cluster.workdir, "port")
+        env = dict(cluster.env, HOSTFILE=cluster.hostfile, RANKS=str(cluster.hosts * cluster.slots),
+                   ATTNSERVE_BIN=os.path.abspath(attnserve))
+        self.proc, self.log = popen_session([os.path.join(LAUNCH, "attnserve")] + list(args) +
+                                            ["--port-file", self.port_file], env, self.log_path)
+        try:
+            deadline = time.time() + ready_seconds
+            while not (os.path.exists(self.port_file) and os.path.getsize(self.port_file) > 0):
+                if self.proc.poll() is not None:
+                    raise AssertionError("attnserve exited early:\n" + self.text())
+                if time.time() > deadline:
+                    raise AssertionError("attnserve not ready in %d s:\n" % ready_seconds + self.text())
+                time.sleep(0.05)
+            self.port = int(open(self.port_file).read())
+        except BaseException:
+            self.close()
+            raise
+
+    def text(self):
+        return open(self.log_path).read()
+
+    def stop(self, timeout=60):
+        self.proc.send_signal(signal.SIGTERM)  # launch/attnserve forwards it to rank 0
+        return self.proc.wait(timeout=timeout)
+
+    def close(self, tail=3000):
+        stop_group(self.proc)
+        subprocess.run(["pkill", "-KILL", "-f", self.port_file], capture_output=True)  # mpirun of a broken run
+        if not self.log.closed:
+            self.log.close()
+        print(self.text().strip()[-tail:], flush=True)
+
+
 def stop_group(proc):
     """Kills what a test started (its whole session) if it still runs."""
     if proc is None or proc.poll() is not None:

@@ -13,9 +13,7 @@ Exit 77 (ctest SKIP) without root or network namespaces.
 """
 import argparse
 import os
-import signal
 import sys
-import time
 
 import numpy as np
 
@@ -52,22 +50,10 @@ def main():
     from ringtree_client import AttentionClient, retrieval_options
 
     with cc.Cluster("rtts", 2, 1) as c:
-        w = c.workdir
-        port_file = os.path.join(w, "port")
-        env = dict(c.env, HOSTFILE=c.hostfile, RANKS="2", ATTNSERVE_BIN=os.path.abspath(args.attnserve))
-        server, log = cc.popen_session([os.path.join(cc.LAUNCH, "attnserve"), "--listen", "0.0.0.0:0",
-                                        "--port-file", port_file], env, os.path.join(w, "log"))
+        service = cc.Service(c, args.attnserve, ["--listen", "0.0.0.0:0"])
         code = None
         try:
-            for _ in range(1200):
-                if os.path.exists(port_file) and os.path.getsize(port_file) > 0:
-                    break
-                if server.poll() is not None:
-                    raise AssertionError("attnserve exited early:\n" + open(os.path.join(w, "log")).read())
-                time.sleep(0.05)
-            else:
-                raise AssertionError("attnserve not ready in 60 s:\n" + open(os.path.join(w, "log")).read())
-            port = int(open(port_file).read())
+            port = service.port
             on = {i: c.pids(i, "attnserve") for i in (1, 2)}
             assert len(on[1]) == 1 and len(on[2]) == 1, "expected one rank per host, got %s" % on
             address = "%s:%d" % (c.address(1), port)
@@ -117,12 +103,9 @@ def main():
             except grpc.RpcError as e:
                 assert e.code() == grpc.StatusCode.NOT_FOUND, e
             client.close()
-            server.send_signal(signal.SIGTERM)  # launch/attnserve forwards it to rank 0
-            code = server.wait(timeout=60)
+            code = service.stop()
         finally:
-            cc.stop_group(server)
-            log.close()
-            print(open(os.path.join(w, "log")).read().strip()[-3000:], flush=True)
+            service.close()
         assert code == 0, "launch/attnserve exited %s after SIGTERM" % code
         left = c.pids(1, "attnserve") + c.pids(2, "attnserve")
         assert not left, left

@@ -57,14 +57,10 @@ def main():
     from ringtree_client import AttentionClient
 
     with cc.Cluster("rtsf" + args.fail[0], 2, 1) as c:
-        w = c.workdir
-        port_file = os.path.join(w, "port")
-        log_path = os.path.join(w, "log")
-        env = dict(c.env, HOSTFILE=c.hostfile, RANKS="2", ATTNSERVE_BIN=os.path.abspath(args.attnserve))
-        server, log = cc.popen_session(
-            [os.path.join(cc.LAUNCH, "attnserve"), "--restart", "--listen", "0.0.0.0:%d" % PORT, "--port-file",
-             port_file, "--data-dir", os.path.join(w, "data")] +
-            (["--peer-timeout", args.peer_timeout] if args.peer_timeout is not None else []), env, log_path)
+        service = cc.Service(c, args.attnserve, [
+            "--restart", "--listen", "0.0.0.0:%d" % PORT, "--data-dir", os.path.join(c.workdir, "data")] +
+            (["--peer-timeout", args.peer_timeout] if args.peer_timeout is not None else []))
+        log_path = service.log_path
         address = "%s:%d" % (c.address(1), PORT)
 
         def health():
@@ -78,14 +74,6 @@ def main():
 
         code = None
         try:
-            for _ in range(1200):
-                if os.path.exists(port_file) and os.path.getsize(port_file) > 0:
-                    break
-                if server.poll() is not None:
-                    raise AssertionError("attnserve exited early:\n" + open(log_path).read())
-                time.sleep(0.05)
-            else:
-                raise AssertionError("attnserve not ready in 60 s:\n" + open(log_path).read())
             assert health() == "SERVING"
             client = AttentionClient(address, timeout=60)
             sid = client.create_session(layers=1, heads=H, kv_heads=HKV, head_dim=D, name="failure").session_id
@@ -225,13 +213,9 @@ def main():
             assert client.append_kv(sid, 0, more, more, expected_layer_tokens=layer_tokens).layer_tokens == \
                 layer_tokens + 8
             client.close()
-            server.send_signal(signal.SIGTERM)
-            code = server.wait(timeout=60)
+            code = service.stop()
         finally:
-            cc.stop_group(server)
-            subprocess.run(["pkill", "-KILL", "-f", port_file], capture_output=True)  # mpirun of a broken run
-            log.close()
-            print(open(log_path).read().strip()[-5000:], flush=True)
+            service.close(tail=5000)
         assert code == 0, "launch/attnserve exited %s after SIGTERM" % code
         left = c.pids(1, "attnserve") + c.pids(2, "attnserve")
         assert not left, left
