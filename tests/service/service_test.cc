@@ -1601,12 +1601,14 @@ class ServiceWritePath : public ServerSuite {
     char dir_template[] = "/tmp/attnserve-write-XXXXXX";
     dir_ = mkdtemp(dir_template);
     fault_file_ = dir_ + "/fail-append";
+    file_fault_ = dir_ + "/file-fault";
   }
   void TearDown() override { std::filesystem::remove_all(dir_); }
   std::unique_ptr<testing::ServerProcess> Start(bool durable, std::vector<std::string> flags = {}) {
     if (durable) flags.insert(flags.begin(), {"--data-dir", dir_ + "/data"});
     auto server = std::make_unique<testing::ServerProcess>();
-    server->env = {"RINGTREE_TEST_FAIL_APPEND_FILE=" + fault_file_};
+    server->env = {"RINGTREE_TEST_FAIL_APPEND_FILE=" + fault_file_,
+                   "RINGTREE_TEST_FILE_FAULT=" + file_fault_};
     if (!server->Start(ATTNSERVE_PATH, kRanks, flags)) ADD_FAILURE() << "attnserve did not start:\n" << server->log();
     return server;
   }
@@ -1629,7 +1631,12 @@ class ServiceWritePath : public ServerSuite {
   // Every write kind fails while rank 1 fails its appends; afterwards the
   // session holds exactly the acknowledged tokens and answers exactly.
   void FailedWritesChangeNothing(bool durable);
-  std::string dir_, fault_file_;
+  // The file layer's fault injection (worker/spans/file_sync.h): the next
+  // write to a path containing `where` fails as `kind` says.
+  void InjectFileFault(const std::string& kind, const std::string& where) {
+    std::ofstream(file_fault_) << kind << " " << where << " 1\n";
+  }
+  std::string dir_, fault_file_, file_fault_;
 };
 
 void ServiceWritePath::FailedWritesChangeNothing(bool durable) {
@@ -1702,6 +1709,80 @@ void ServiceWritePath::FailedWritesChangeNothing(bool durable) {
   auto client = Client(*server);
   const std::vector<float> q = Random(rng, m.heads * m.head_dim);
   auto attended = client->Attend(id, 0, HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim}));
+  ASSERT_TRUE(attended.ok()) << attended.status().message() << server->log();
+  EXPECT_LE(MaxDiff(attended->o.ToFloat32(), AttendReference(m, q, 1)), 2e-4);
+  ExpectStored(*client, id, m, 0, "after the restart");
+  EXPECT_EQ(server->Stop(), 0) << server->log();
+}
+
+// Faults of the disk under a durable service (ENOSPC, EIO, a write cut
+// short), injected in the file layer on either rank's write-ahead log and
+// span files: the client gets the error
+// with the system's reason, the session keeps exactly its acknowledged
+// tokens, the next writes succeed at the same positions, and a restart finds
+// the same data.
+TEST_F(ServiceWritePath, FileFaultsReachTheClientAndLeaveTheSessionUsable) {
+  std::mt19937 rng(23);
+  Model m;
+  std::string id;
+  const std::vector<float> q = Random(rng, m.heads * m.head_dim);
+  const HostTensor qt = HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim});
+  {
+    auto server = Start(true);
+    auto client = Client(*server);
+    auto info = client->CreateSession(Config(m));  // span_tokens 64
+    ASSERT_TRUE(info.ok());
+    id = info->session_id();
+    auto [k0, v0] = NewKv(rng, m, 192);
+    ASSERT_TRUE(client->AppendKV(id, 0, k0, v0).ok());
+    struct Fault {
+      const char* kind;
+      const char* where;
+      const char* reason;
+      int64_t tokens;  // the write: an append of this many tokens, or a decode (1)
+    };
+    // Appends of 128 tokens write spans on both ranks; a decode writes the
+    // rank holding the newest span. "short": half a record, then ENOSPC.
+    const Fault faults[] = {
+        {"enospc", "rank-1/", "No space left on device", 128},
+        {"eio", "rank-0/", "Input/output error", 128},
+        {"short", "rank-1/", "No space left on device", 128},
+        {"enospc", "rank-1/", "No space left on device", 1},
+    };
+    for (const Fault& f : faults) {
+      const std::string what =
+          std::string(f.kind) + " on " + f.where + (f.tokens == 1 ? " (decode)" : " (append)");
+      Model scratch = m;  // rows of a failed write never join the model
+      auto [k, v] = NewKv(rng, scratch, f.tokens);
+      InjectFileFault(f.kind, f.where);
+      Status failed;
+      if (f.tokens == 1) {
+        auto out = client->Decode(id, 0, qt, k, v);
+        failed = out.ok() ? Status::Ok() : out.status();
+      } else {
+        auto out = client->AppendKV(id, 0, k, v);
+        failed = out.ok() ? Status::Ok() : out.status();
+      }
+      std::filesystem::remove(file_fault_);
+      EXPECT_FALSE(failed.ok()) << what << ": the write succeeded";
+      EXPECT_NE(failed.message().find(f.reason), std::string::npos)
+          << what << ": " << failed.message();
+      ExpectStored(*client, id, m, 0, what.c_str());
+      // Usable at once: the same positions take the next write.
+      auto [k1, v1] = NewKv(rng, m, 64);
+      auto appended = client->AppendKV(id, 0, k1, v1);
+      ASSERT_TRUE(appended.ok()) << what << ": " << appended.status().message() << server->log();
+      auto [dk, dv] = NewKv(rng, m, 1);
+      auto decoded = client->Decode(id, 0, qt, dk, dv);
+      ASSERT_TRUE(decoded.ok()) << what << ": " << decoded.status().message();
+      EXPECT_LE(MaxDiff(decoded->o.ToFloat32(), Reference(m, q, 1, true)), 2e-4) << what;
+    }
+    ExpectStored(*client, id, m, 0, "after the faults");
+    EXPECT_EQ(server->Stop(), 0) << server->log();
+  }
+  auto server = Start(true);
+  auto client = Client(*server);
+  auto attended = client->Attend(id, 0, qt);
   ASSERT_TRUE(attended.ok()) << attended.status().message() << server->log();
   EXPECT_LE(MaxDiff(attended->o.ToFloat32(), AttendReference(m, q, 1)), 2e-4);
   ExpectStored(*client, id, m, 0, "after the restart");

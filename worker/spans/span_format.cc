@@ -173,7 +173,7 @@ Status WriteFileAtomically(const std::string& dir, const std::string& name,
   if (fd < 0) return Errno("open", tmp);
   size_t done = 0;
   while (done < bytes.size()) {
-    ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
+    ssize_t n = WriteFile(fd, bytes.data() + done, bytes.size() - done, tmp);
     if (n < 0) {
       if (errno == EINTR) continue;
       Status st = Errno("write", tmp);
@@ -267,7 +267,7 @@ Status AppendLogRecord(int fd, uint32_t magic, const std::string& payload, int64
   record += payload;
   size_t done = 0;
   while (done < record.size()) {
-    const ssize_t n = ::write(fd, record.data() + done, record.size() - done);
+    const ssize_t n = WriteFile(fd, record.data() + done, record.size() - done, path);
     if (n < 0 && errno == EINTR) continue;
     if (n <= 0) {
       Status st = Errno("write", path);

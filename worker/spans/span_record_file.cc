@@ -28,7 +28,7 @@ Status Errno(const std::string& op, const std::string& path) {
 Status PwriteAll(int fd, const void* data, size_t bytes, uint64_t offset, const std::string& path) {
   const char* p = static_cast<const char*>(data);
   while (bytes > 0) {
-    ssize_t n = ::pwrite(fd, p, bytes, static_cast<off_t>(offset));
+    ssize_t n = PwriteFile(fd, p, bytes, static_cast<int64_t>(offset), path);
     if (n < 0) {
       if (errno == EINTR) continue;
       return Errno("pwrite", path);
