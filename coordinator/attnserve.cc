@@ -15,6 +15,7 @@
 // flight (up to --shutdown-grace-seconds), stop the workers; every rank exits 0.
 // Workers ignore SIGTERM/SIGINT and wait for rank 0's shutdown command.
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
+#include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
 #include <grpcpp/health_check_service_interface.h>
 #include <malloc.h>
@@ -126,6 +127,79 @@ std::string ReadFile(const std::string& path) {
   return ss.str();
 }
 
+// Insecure, or TLS from --tls-cert/--tls-key (both must name readable PEM files).
+Result<std::shared_ptr<grpc::ServerCredentials>> ServerCredentials(const std::string& tls_cert,
+                                                                   const std::string& tls_key) {
+  if (tls_cert.empty() && tls_key.empty()) return grpc::InsecureServerCredentials();
+  const std::string cert = ReadFile(tls_cert), key = ReadFile(tls_key);
+  if (cert.empty() || key.empty())
+    return Status::InvalidArgument(
+        "[attnserve] --tls-cert/--tls-key: both must name readable PEM files");
+  grpc::SslServerCredentialsOptions ssl;
+  ssl.pem_key_cert_pairs.push_back({key, cert});
+  return grpc::SslServerCredentials(ssl);
+}
+
+// --placeholder: what launch/attnserve --restart runs on the service's
+// address while no world is up (between a failed world's exit and the new
+// one's readiness). Every call gets UNAVAILABLE; health checks answer
+// NOT_SERVING. No MPI. Both it and the new rank 0 bind the port (gRPC sets
+// SO_REUSEPORT); the supervisor stops it once the new world is ready.
+class PlaceholderService : public grpc::CallbackGenericService {
+ public:
+  grpc::ServerGenericBidiReactor* CreateReactor(
+      grpc::GenericCallbackServerContext* context) override {
+    class Reactor : public grpc::ServerGenericBidiReactor {
+     public:
+      explicit Reactor(bool health) {
+        if (health) {
+          StartRead(&request_);
+        } else {
+          Finish(grpc::Status(
+              grpc::StatusCode::UNAVAILABLE,
+              "[attnserve] restarting: the world failed and a new one is starting; retry"));
+        }
+      }
+      void OnReadDone(bool) override {
+        static const char kNotServing[] = {
+            0x08, 0x02};  // grpc.health.v1.HealthCheckResponse{status: NOT_SERVING}
+        grpc::Slice slice(kNotServing, sizeof(kNotServing));
+        response_ = grpc::ByteBuffer(&slice, 1);
+        StartWriteAndFinish(&response_, grpc::WriteOptions(), grpc::Status::OK);
+      }
+      void OnDone() override { delete this; }
+
+     private:
+      grpc::ByteBuffer request_, response_;
+    };
+    return new Reactor(context->method().rfind("/grpc.health.v1.Health/", 0) == 0);
+  }
+};
+
+int RunPlaceholder(const std::string& listen, const std::string& tls_cert,
+                   const std::string& tls_key) {
+  auto credentials = ServerCredentials(tls_cert, tls_key);
+  if (!credentials.ok()) {
+    std::fprintf(stderr, "%s\n", credentials.status().ToString().c_str());
+    return 2;
+  }
+  PlaceholderService service;
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort(listen, *credentials, &port);
+  builder.RegisterCallbackGenericService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  if (!server || port == 0) {
+    std::fprintf(stderr, "[attnserve] placeholder: --listen %s: cannot bind\n", listen.c_str());
+    return 2;
+  }
+  std::signal(SIGTERM, OnStopSignal);
+  std::signal(SIGINT, OnStopSignal);
+  while (g_stop_signal.load() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  server->Shutdown(std::chrono::system_clock::now());
+  return 0;
+}
+
 int Fail(int rank, const Status& status) {
   std::fprintf(stderr, "[attnserve] rank %d: %s\n", rank, status.ToString().c_str());
   return 1;
@@ -155,6 +229,7 @@ int main(int argc, char** argv) {
   int64_t hot_budget_mib = 4096, disk_budget_mib = 0, cache_mib = 256;
   int readahead_chunks = 4;
   double peer_timeout = 3.0;
+  bool placeholder = false;
   app.add_option("--listen", listen, "host:port to listen on (port 0 = any free port)")->capture_default_str();
   app.add_option("--metrics-listen", metrics_listen,
                  "serve Prometheus metrics at http://HOST:PORT/metrics (port 0 = any free port, "
@@ -166,7 +241,9 @@ int main(int argc, char** argv) {
           },
           "HOST:PORT"));
   app.add_option("--port-file", port_file, "write the bound port here once ready");
-  app.add_option("--pid-file", pid_file, "write rank 0's pid here once ready (send it SIGTERM to stop)");
+  app.add_option(
+      "--pid-file", pid_file,
+      "write rank 0's pid here once it listens (send it SIGTERM to stop; --port-file marks ready)");
   app.add_option("--tokens-file", tokens_file, "enable bearer-token auth: lines of 'token tenant'");
   app.add_option("--tls-cert", tls_cert, "PEM certificate chain; enables TLS (with --tls-key)");
   app.add_option("--tls-key", tls_key, "PEM private key");
@@ -234,11 +311,16 @@ int main(int argc, char** argv) {
          "UNAVAILABLE, health NOT_SERVING, every rank exits non-zero (0 = no watchdog)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+  app.add_flag(
+      "--placeholder", placeholder,
+      "no MPI: answer health NOT_SERVING and every call UNAVAILABLE on --listen until SIGTERM "
+      "(launch/attnserve --restart runs it while a new world starts)");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
+  if (placeholder) return RunPlaceholder(listen, tls_cert, tls_key);
   admission_limits.kv_budget_bytes = kv_budget_mib << 20;
   loop_options.max_queue = admission_limits.max_queue;
   EngineConfig engine_config;
@@ -306,15 +388,12 @@ int main(int argc, char** argv) {
     else setup = loaded.status();
   }
   std::shared_ptr<grpc::ServerCredentials> credentials = grpc::InsecureServerCredentials();
-  if (setup.ok() && (!tls_cert.empty() || !tls_key.empty())) {
-    const std::string cert = ReadFile(tls_cert), key = ReadFile(tls_key);
-    if (cert.empty() || key.empty()) {
-      setup = Status::InvalidArgument("[attnserve] --tls-cert/--tls-key: both must name readable PEM files");
-    } else {
-      grpc::SslServerCredentialsOptions ssl;
-      ssl.pem_key_cert_pairs.push_back({key, cert});
-      credentials = grpc::SslServerCredentials(ssl);
-    }
+  if (setup.ok()) {
+    auto made = ServerCredentials(tls_cert, tls_key);
+    if (made.ok())
+      credentials = *made;
+    else
+      setup = made.status();
   }
   Admission admission(admission_limits);
   // Until the sessions are recovered and the server listens, every call is
@@ -372,6 +451,15 @@ int main(int argc, char** argv) {
   if (setup.ok()) {
     server->GetHealthCheckService()->SetServingStatus(false);
     live_server.store(server.get());
+    // Listening: SIGTERM drains from here on, and the pid file says so (the
+    // supervisor's placeholder then gives the address to this world).
+    std::signal(SIGTERM, OnStopSignal);
+    std::signal(SIGINT, OnStopSignal);
+    if (!pid_file.empty()) {
+      const std::string tmp = pid_file + ".tmp";
+      std::ofstream(tmp) << getpid() << "\n";
+      std::rename(tmp.c_str(), pid_file.c_str());
+    }
   }
   size_t restored = 0;
   if (setup.ok() && session_store.enabled()) {
@@ -408,14 +496,7 @@ int main(int argc, char** argv) {
   }
   admission.SetServing();
   server->GetHealthCheckService()->SetServingStatus(true);
-  std::signal(SIGTERM, OnStopSignal);
-  std::signal(SIGINT, OnStopSignal);
   const std::string host = listen.substr(0, listen.rfind(':'));
-  if (!pid_file.empty()) {
-    const std::string tmp = pid_file + ".tmp";
-    std::ofstream(tmp) << getpid() << "\n";
-    std::rename(tmp.c_str(), pid_file.c_str());
-  }
   if (!port_file.empty()) {
     const std::string tmp = port_file + ".tmp";
     std::ofstream(tmp) << port << "\n";
