@@ -255,9 +255,7 @@ Result<std::string> ReadWholeFile(const std::string& path) {
   return out;
 }
 
-Status AppendLogRecord(int fd, uint32_t magic, const std::string& payload, int64_t size_before,
-                       const std::string& path, int64_t* appended, bool* reopen) {
-  *reopen = false;
+std::string FrameLogRecord(uint32_t magic, const std::string& payload) {
   std::string record(16, '\0');
   const uint32_t length = static_cast<uint32_t>(payload.size());
   const uint64_t sum = Checksum64(payload.data(), payload.size());
@@ -265,6 +263,13 @@ Status AppendLogRecord(int fd, uint32_t magic, const std::string& payload, int64
   std::memcpy(record.data() + 4, &length, 4);
   std::memcpy(record.data() + 8, &sum, 8);
   record += payload;
+  return record;
+}
+
+Status AppendLogRecord(int fd, uint32_t magic, const std::string& payload, int64_t size_before,
+                       const std::string& path, int64_t* appended, bool* reopen) {
+  *reopen = false;
+  const std::string record = FrameLogRecord(magic, payload);
   size_t done = 0;
   while (done < record.size()) {
     const ssize_t n = ::write(fd, record.data() + done, record.size() - done);

@@ -141,6 +141,9 @@ Status RemoveAllDurably(const std::string& path);
 // Errors: IO_ERROR naming `path`.
 Status AppendLogRecord(int fd, uint32_t magic, const std::string& payload, int64_t size_before,
                        const std::string& path, int64_t* appended, bool* reopen);
+// The bytes AppendLogRecord writes for one record (to write a whole log at
+// once, e.g. with WriteFileAtomically).
+std::string FrameLogRecord(uint32_t magic, const std::string& payload);
 // Calls visit(payload, bytes) for each whole record with a valid checksum,
 // in order, stopping at the first that is not (a torn tail). Returns the
 // length of that valid prefix, or visit's first error.
