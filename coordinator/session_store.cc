@@ -169,19 +169,17 @@ Status SessionStore::AppendLocked(const std::string& payload) const {
   const std::string path = JournalPath();
   if (journal_fd_ < 0) {
     RINGTREE_RETURN_IF_ERROR(CreateDirectoriesDurably(Dir()));
-    std::error_code ec;
-    const bool existed = std::filesystem::exists(path, ec);
-    journal_fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-    if (journal_fd_ < 0) return JournalError("open", path);
-    const off_t end = ::lseek(journal_fd_, 0, SEEK_END);
-    if (end < 0) return JournalError("lseek", path);
-    journal_bytes_ = end;
-    if (!existed) RINGTREE_RETURN_IF_ERROR(SyncDirectory(Dir()));  // the journal's own entry
+    bool created = false;
+    RINGTREE_ASSIGN_OR_RETURN(journal_fd_,
+                              OpenLogForAppend(path, kJournalMagic, &journal_bytes_, &created));
+    journal_allocated_ = journal_bytes_;
+    if (created) RINGTREE_RETURN_IF_ERROR(SyncDirectory(Dir()));  // the journal's own entry
   }
   int64_t appended = 0;
   bool reopen = false;
+  // Preallocated: the record's sync writes data only (AppendLogRecord).
   Status written = AppendLogRecord(journal_fd_, kJournalMagic, payload, journal_bytes_, path,
-                                   &appended, &reopen);
+                                   &appended, &reopen, &journal_allocated_);
   if (!written.ok()) {
     if (reopen) {
       ::close(journal_fd_);
@@ -226,9 +224,10 @@ Status SessionStore::CheckpointLocked(uint64_t seq) const {
   if (journal_fd_ < 0) {
     std::error_code ec;
     if (!std::filesystem::exists(path, ec)) return Status::Ok();
-    journal_fd_ = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
+    journal_fd_ = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
     if (journal_fd_ < 0) return JournalError("open", path);
   }
+  journal_allocated_ = 0;
   if (::ftruncate(journal_fd_, 0) != 0) return JournalError("ftruncate", path);
   if (SyncFileData(journal_fd_) != 0) return JournalError("fdatasync", path);
   journal_bytes_ = 0;

@@ -121,7 +121,8 @@ class SessionStore {
   const std::string data_dir_;
   mutable std::mutex journal_mu_;
   mutable int journal_fd_ = -1;  // open for append; -1 until the first commit
-  mutable int64_t journal_bytes_ = 0;
+  mutable int64_t journal_bytes_ = 0;        // the journal's records end here
+  mutable int64_t journal_allocated_ = 0;    // its length (preallocated zeros after journal_bytes_)
   mutable std::atomic<uint64_t> serial_{0};  // the last serial reserved
   mutable int64_t journal_syncs_ = 0;
   mutable bool broken_ = false;  // an abort record could not be written

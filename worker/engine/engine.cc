@@ -363,20 +363,17 @@ Status WorkerEngine::WriteWal(const std::vector<WalRun>& runs) {
   if (wal_fd_ < 0) {
     const std::string dir = config_.data_dir + "/rank-" + std::to_string(compute_->rank());
     RINGTREE_RETURN_IF_ERROR(CreateDirectoriesDurably(dir));
-    std::error_code ec;
-    const bool existed = std::filesystem::exists(path, ec);
-    wal_fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-    if (wal_fd_ < 0) return WalError("open", path);
-    const off_t end = ::lseek(wal_fd_, 0, SEEK_END);
-    if (end < 0) return WalError("lseek", path);
-    wal_bytes_ = end;
-    if (!existed) RINGTREE_RETURN_IF_ERROR(SyncDirectory(dir));
+    bool created = false;
+    RINGTREE_ASSIGN_OR_RETURN(wal_fd_, OpenLogForAppend(path, kWalMagic, &wal_bytes_, &created));
+    wal_allocated_ = wal_bytes_;
+    if (created) RINGTREE_RETURN_IF_ERROR(SyncDirectory(dir));
   }
   const std::string payload = WalPayload(step_serial_, kWalStep, runs);
   int64_t appended = 0;
   bool reopen = false;
-  Status written =
-      AppendLogRecord(wal_fd_, kWalMagic, payload, wal_bytes_, path, &appended, &reopen);
+  // Preallocated: the record's sync writes data only (AppendLogRecord).
+  Status written = AppendLogRecord(wal_fd_, kWalMagic, payload, wal_bytes_, path, &appended,
+                                   &reopen, &wal_allocated_);
   if (!written.ok()) {
     if (reopen) {
       ::close(wal_fd_);
@@ -476,7 +473,10 @@ Result<WalState> WorkerEngine::LoadWal() {
   };
   // Records after the valid prefix are a torn last record: its step was never acknowledged.
   RINGTREE_ASSIGN_OR_RETURN(const size_t at, ForEachLogRecord(log, kWalMagic, load));
-  if (at < log.size()) {  // cut the torn tail so new records never follow it
+  if (at < log.size() && IsZeroTail(log, at)) {
+    // Preallocated space after the last record: not a torn write (the next
+    // WriteWal cuts it off before growing the log again).
+  } else if (at < log.size()) {  // cut the torn tail so new records never follow it
     const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
     if (fd < 0) return WalError("open", path);
     const bool cut = ::ftruncate(fd, static_cast<off_t>(at)) == 0 && SyncFileData(fd) == 0;

@@ -240,7 +240,8 @@ class WorkerEngine {
       wal_replay_;                                // read at startup, not yet applied
   std::set<std::pair<uint64_t, int>> wal_dirty_;  // stores written since the last checkpoint
   int wal_fd_ = -1;
-  int64_t wal_bytes_ = 0;
+  int64_t wal_bytes_ = 0;      // the log's records end here
+  int64_t wal_allocated_ = 0;  // the file's length (zeros after wal_bytes_)
   int64_t wal_syncs_ = 0;
   uint64_t step_serial_ = 0;     // the current command's serial (0: none)
   uint64_t durable_serial_ = 0;  // the last step this rank holds durably (a checkpoint's floor)
