@@ -109,7 +109,8 @@ void SessionStore::JournalThread() const {
 
 void SessionStore::BeginCommit(uint64_t serial, std::vector<int> ranks,
                                std::vector<PlannedLayout> writes) const {
-  std::lock_guard<std::mutex> lock(job_mu_);
+  std::unique_lock<std::mutex> lock(job_mu_);
+  job_cv_.wait(lock, [&] { return job_done_; });  // one commit at a time
   job_done_ = false;
   job_status_ = Status::Ok();
   if (!enabled() || writes.empty()) {
