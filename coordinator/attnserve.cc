@@ -463,7 +463,11 @@ int main(int argc, char** argv) {
   }
   size_t restored = 0;
   if (setup.ok() && session_store.enabled()) {
-    auto loaded = session_store.LoadAll(ranks);
+    // Rank 0's journal records count only where every writing rank's log
+    // holds their step: read the logs first.
+    auto logs = loop.ReadLogs();
+    auto loaded = logs.ok() ? session_store.LoadAll(ranks, &*logs)
+                            : Result<std::vector<std::shared_ptr<SessionRecord>>>(logs.status());
     if (!loaded.ok()) setup = loaded.status();
     for (size_t i = 0; setup.ok() && loaded.ok() && i < loaded->size(); ++i)
       setup = registry.Restore((*loaded)[i]);

@@ -141,15 +141,47 @@ Status EngineLoop::CheckDiskBudget(const SessionRecord& s, const std::vector<Pla
   return Status::Ok();
 }
 
-Status EngineLoop::AfterWrite(const std::vector<std::shared_ptr<SessionRecord>>& written,
-                              const EngineOutput& out) {
+std::vector<int> EngineLoop::WritingRanks(const std::vector<PlannedLayout>& writes) {
+  std::set<int> ranks;
+  for (const PlannedLayout& w : writes) {
+    std::lock_guard<std::mutex> lock(w.session->mu);
+    const std::vector<int64_t>& before = w.session->layers[w.layer].rank_tokens;
+    for (size_t r = 0; r < w.layout.rank_tokens.size(); ++r) {
+      if (w.layout.rank_tokens[r] > (r < before.size() ? before[r] : 0))
+        ranks.insert(static_cast<int>(r));
+    }
+  }
+  return {ranks.begin(), ranks.end()};
+}
+
+uint64_t EngineLoop::BeginCommit(std::vector<PlannedLayout> writes, Command* root) {
+  if (sessions_ == nullptr || !sessions_->enabled() || writes.empty()) return 0;
+  const uint64_t serial = sessions_->ReserveSerial();
+  std::vector<int> ranks = WritingRanks(writes);
+  sessions_->BeginCommit(serial, std::move(ranks), std::move(writes));
+  root->serial = serial;
+  root->commit_wait = [this] { return sessions_->WaitCommit(); };
+  return serial;
+}
+
+void EngineLoop::AbortCommit(uint64_t serial) {
+  if (serial != 0) (void)sessions_->AbortCommit(serial);  // logs its own failure
+}
+
+Status EngineLoop::AfterWrite(uint64_t serial, const EngineOutput& out) {
   if (!out.rank_disk_bytes.empty()) {
     std::lock_guard<std::mutex> lock(placement_mu_);
     rank_disk_ = out.rank_disk_bytes;
     rank_hot_ = out.rank_hot_bytes;
   }
-  if (sessions_ == nullptr) return Status::Ok();
-  return sessions_->CommitLayouts(written);  // group commit: one journal record, one sync
+  return serial == 0 ? Status::Ok() : sessions_->WaitCommit();
+}
+
+Result<std::vector<WalState>> EngineLoop::ReadLogs() {
+  std::vector<Command> commands(world_size_);
+  for (Command& c : commands) c.kind = CommandKind::kReadLog;
+  RINGTREE_ASSIGN_OR_RETURN(EngineOutput out, Broadcast(commands));
+  return std::move(out.rank_logs);
 }
 
 Status EngineLoop::Restore(const std::vector<std::shared_ptr<SessionRecord>>& sessions) {
@@ -553,11 +585,15 @@ void EngineLoop::RunAppend(WorkItem& item) {
     }
     return mine;
   };
+  // Group commit: rank 0's journal record syncs while the ranks store and log.
+  Command own;
+  const uint64_t serial = BeginCommit(
+      {PlannedLayout{item.session, item.layer, layout, 2 * item.kv_tokens * row_bytes}}, &own);
   Status sent = Status::Ok();
   int64_t sent_bytes = 0;
   for (int d = 1; d < world_size_ && sent.ok(); ++d) {
-    const std::string bytes =
-        EncodeAppendCommand(s.shape, item.layer, rank_runs(d), row_bytes, [&](int which, std::string* out) {
+    const std::string bytes = EncodeAppendCommand(
+        serial, s.shape, item.layer, rank_runs(d), row_bytes, [&](int which, std::string* out) {
           AppendRowsFromParts(runs, d, item.first_position, row_bytes, which == 0 ? item.k_parts : item.v_parts,
                               out);
         });
@@ -565,7 +601,6 @@ void EngineLoop::RunAppend(WorkItem& item) {
     sent = channel_.Send(d, bytes);
   }
   stats_.AddBytes(0, 0, sent_bytes);
-  Command own;
   own.kind = CommandKind::kAppend;
   own.append.session = s.shape;
   own.append.layer = item.layer;
@@ -577,12 +612,13 @@ void EngineLoop::RunAppend(WorkItem& item) {
   Result<EngineOutput> out = sent.ok() ? engine_.Execute(own) : Result<EngineOutput>(sent);
   stats_.RecordBatch("append", 1);
   if (!out.ok()) {
+    AbortCommit(serial);
     Complete(item, out.status());
     return;
   }
   CommitPlaced(s, item.layer, layout, item.kv_tokens, runs);
   item.layer_tokens = layout.tokens;
-  Complete(item, AfterWrite({item.session}, *out));
+  Complete(item, AfterWrite(serial, *out));
 }
 
 void EngineLoop::RunPrefill(WorkItem& item) {
@@ -631,9 +667,14 @@ void EngineLoop::RunPrefill(WorkItem& item) {
     }
     if (d == 0) p.rows_per_rank = rows_per_rank;
   }
+  const uint64_t serial =
+      BeginCommit({PlannedLayout{item.session, item.layer, after, 2 * item.kv_tokens * row_bytes}},
+                  &commands[0]);
+  for (Command& c : commands) c.serial = serial;
   Result<EngineOutput> out = Broadcast(commands);
   stats_.RecordBatch("prefill", 1);
   if (!out.ok()) {
+    AbortCommit(serial);
     Complete(item, out.status());
     return;
   }
@@ -665,7 +706,7 @@ void EngineLoop::RunPrefill(WorkItem& item) {
   if (!item.return_lse) item.lse.clear();
   item.first_position = first;
   item.layer_tokens = after.tokens;
-  Complete(item, AfterWrite({item.session}, *out));
+  Complete(item, AfterWrite(serial, *out));
 }
 
 void EngineLoop::RunDelete(WorkItem& item) {
@@ -784,19 +825,26 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
       commands[d].batch.groups.push_back(std::move(b));
     }
   }
+  // Group commit: one journal record for every decode of the step, synced
+  // while the ranks sync their logs.
+  std::vector<PlannedLayout> planned;
+  for (const Group& g : groups) {
+    if (g.decode == nullptr) continue;
+    planned.push_back({g.decode->session, g.decode->layer, g.layout,
+                       2 * g.decode->kv_tokens * g.batch.session.row_bytes()});
+  }
+  const uint64_t serial = BeginCommit(std::move(planned), &commands[0]);
+  for (Command& c : commands) c.serial = serial;
   Result<EngineOutput> out = Broadcast(commands);
   const int batch_size = static_cast<int>(started - refused.size());
   Status persisted = Status::Ok();
+  if (!out.ok()) AbortCommit(serial);
   if (out.ok() && decodes > 0) {
     for (const Group& g : groups) {
       if (g.decode == nullptr) continue;
       CommitPlaced(*g.decode->session, g.decode->layer, g.layout, g.decode->kv_tokens, g.runs);
     }
-    std::vector<std::shared_ptr<SessionRecord>> written;
-    for (const Group& g : groups) {
-      if (g.decode != nullptr) written.push_back(g.decode->session);
-    }
-    persisted = AfterWrite(written, *out);
+    persisted = AfterWrite(serial, *out);
   }
   if (decodes) stats_.RecordBatch("decode", decodes);
   if (attends) stats_.RecordBatch("attend", attends);
@@ -878,9 +926,16 @@ void EngineLoop::RunRetrieveStep(std::vector<std::shared_ptr<WorkItem>>& items) 
     plans.push_back(std::move(p));
   }
   if (plans.empty()) return;
+  // Decodes succeed or fail one by one here, so the journal record follows
+  // the step (with the step's serial, which every rank's log records carry).
+  bool any_decode = false;
+  for (const Planned& p : plans) any_decode = any_decode || p.item->kind == WorkItem::Kind::kDecode;
+  const uint64_t serial =
+      any_decode && sessions_ != nullptr && sessions_->enabled() ? sessions_->ReserveSerial() : 0;
   std::vector<Command> commands(world_size_);
   for (int d = 0; d < world_size_; ++d) {
     commands[d].kind = CommandKind::kRetrieve;
+    commands[d].serial = serial;
     for (const Planned& p : plans) {
       RetrieveCommand r = p.base;
       r.group.q = p.item->q;
@@ -905,14 +960,26 @@ void EngineLoop::RunRetrieveStep(std::vector<std::shared_ptr<WorkItem>>& items) 
   }
   // The decodes that every rank applied become the sessions' state, made
   // durable together (one journal record); then every request completes.
-  std::vector<std::shared_ptr<SessionRecord>> written;
+  std::vector<PlannedLayout> written;
+  for (size_t i = 0; out.ok() && i < plans.size(); ++i) {
+    WorkItem& item = *plans[i].item;
+    if (item.kind != WorkItem::Kind::kDecode || !out->retrieved[i].status.ok()) continue;
+    written.push_back({item.session, item.layer, plans[i].layout,
+                       2 * item.kv_tokens * item.session->shape.row_bytes()});
+  }
+  Status persisted = Status::Ok();
+  if (out.ok() && !written.empty()) {
+    (void)AfterWrite(0, *out);  // disk/hot bytes
+    if (serial != 0) {
+      std::vector<int> ranks = WritingRanks(written);
+      persisted = sessions_->CommitLayouts(serial, std::move(ranks), written);
+    }
+  }
   for (size_t i = 0; out.ok() && i < plans.size(); ++i) {
     WorkItem& item = *plans[i].item;
     if (item.kind != WorkItem::Kind::kDecode || !out->retrieved[i].status.ok()) continue;
     CommitPlaced(*item.session, item.layer, plans[i].layout, item.kv_tokens, plans[i].runs);
-    written.push_back(item.session);
   }
-  const Status persisted = out.ok() && !written.empty() ? AfterWrite(written, *out) : Status::Ok();
   for (size_t i = 0; i < plans.size(); ++i) {
     Planned& p = plans[i];
     WorkItem& item = *p.item;

@@ -141,6 +141,10 @@ class EngineLoop {
   // sessions' placement and tells every rank which sessions exist (files of
   // others are removed). Collective with the workers.
   Status Restore(const std::vector<std::shared_ptr<SessionRecord>>& sessions);
+  // Startup after a restart, before SessionStore::LoadAll and Restore: every
+  // rank reads its write-ahead log; returns which write steps each holds.
+  // Collective with the workers.
+  Result<std::vector<WalState>> ReadLogs();
 
   // Thread-safe. Queues an admitted item. False when the queue is full.
   bool Submit(std::shared_ptr<WorkItem> item);
@@ -185,11 +189,21 @@ class EngineLoop {
   // Refuses (RESOURCE_EXHAUSTED, no state change) a placement that could take
   // a rank's span file past --disk-budget-mib.
   Status CheckDiskBudget(const SessionRecord& s, const std::vector<PlacedRun>& runs) const;
-  // After a successful write step: records disk/hot bytes, persists the
-  // metadata of every session the step wrote as one journal record (group
-  // commit: one sync per step, whatever the number of sessions).
-  Status AfterWrite(const std::vector<std::shared_ptr<SessionRecord>>& written,
-                    const EngineOutput& out);
+  // Group commit (durable mode), before a write step runs: reserves its
+  // serial and starts rank 0's journal record of `writes` (the planned
+  // layouts of every session the step writes: one record, one sync), which
+  // syncs while the ranks sync their logs; `root` (rank 0's command) gets
+  // the serial and waits for the record before the step's status
+  // agreement. Returns the serial (0 without a data directory).
+  uint64_t BeginCommit(std::vector<PlannedLayout> writes, Command* root);
+  // The ranks a write step stores rows on (its planned layouts against the
+  // sessions' current ones).
+  static std::vector<int> WritingRanks(const std::vector<PlannedLayout>& writes);
+  // After a failed write step begun by BeginCommit: an abort record.
+  void AbortCommit(uint64_t serial);
+  // After a successful write step: records disk/hot bytes; the outcome of
+  // its journal record (already part of the step's status agreement).
+  Status AfterWrite(uint64_t serial, const EngineOutput& out);
   // Sends per-rank commands to workers, executes rank 0's. Returns rank 0's output.
   Result<EngineOutput> Broadcast(std::vector<Command>& commands);
   // Ends an item: releases its admission, sets its status and wakes its

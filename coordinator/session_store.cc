@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <nlohmann/json.hpp>
@@ -18,16 +19,24 @@ namespace {
 constexpr int kFormatVersion = 1;
 constexpr uint32_t kJournalMagic = 0x314A5452;  // "RTJ1" (records: AppendLogRecord)
 
-// The mutable part of a session's metadata: layouts and kv_bytes.
-nlohmann::json LayoutJson(const SessionRecord& record) {
+// The mutable part of a session's metadata: layouts and kv_bytes; with
+// `planned`, as a write step will leave them (its layers replaced, kv_bytes grown).
+nlohmann::json LayoutJson(const SessionRecord& record,
+                          const std::vector<const PlannedLayout*>& planned = {}) {
   std::lock_guard<std::mutex> lock(record.mu);
   nlohmann::json layers = nlohmann::json::array();
-  for (const LayerLayout& l : record.layers) {
-    layers.push_back({{"tokens", l.tokens},
-                      {"rank_tokens", l.rank_tokens},
-                      {"open_span_rank", l.open_span_rank}});
+  int64_t kv_bytes = record.kv_bytes;
+  for (size_t i = 0; i < record.layers.size(); ++i) {
+    const LayerLayout* l = &record.layers[i];
+    for (const PlannedLayout* p : planned) {
+      if (p->layer == static_cast<int>(i)) l = &p->layout;
+    }
+    layers.push_back({{"tokens", l->tokens},
+                      {"rank_tokens", l->rank_tokens},
+                      {"open_span_rank", l->open_span_rank}});
   }
-  return {{"id", record.id}, {"layers", std::move(layers)}, {"kv_bytes", record.kv_bytes}};
+  for (const PlannedLayout* p : planned) kv_bytes += p->added_kv_bytes;
+  return {{"id", record.id}, {"layers", std::move(layers)}, {"kv_bytes", kv_bytes}};
 }
 
 // Parses LayoutJson's layers into `layers`; DATA_LOSS naming `where`.
@@ -60,6 +69,12 @@ Status JournalError(const char* op, const std::string& path) {
 }  // namespace
 
 SessionStore::~SessionStore() {
+  {
+    std::lock_guard<std::mutex> lock(job_mu_);
+    stop_ = true;
+  }
+  job_cv_.notify_all();
+  if (thread_.joinable()) thread_.join();
   if (journal_fd_ >= 0) ::close(journal_fd_);
 }
 
@@ -71,38 +86,101 @@ int64_t SessionStore::journal_syncs() const {
 Status SessionStore::Save(const SessionRecord& record) const {
   if (!enabled()) return Status::Ok();
   std::lock_guard<std::mutex> lock(journal_mu_);
-  return SaveLocked(record, seq_);
+  return SaveLocked(record, serial_.load());
 }
 
-Status SessionStore::CommitLayouts(
-    const std::vector<std::shared_ptr<SessionRecord>>& records) const {
-  if (!enabled() || records.empty()) return Status::Ok();
+uint64_t SessionStore::ReserveSerial() const { return enabled() ? ++serial_ : 0; }
+
+void SessionStore::JournalThread() const {
+  std::unique_lock<std::mutex> lock(job_mu_);
+  for (;;) {
+    job_cv_.wait(lock, [&] { return stop_ || job_ != nullptr; });
+    if (job_ == nullptr) return;  // stopping, nothing pending
+    std::function<Status()> job = std::move(job_);
+    job_ = nullptr;
+    lock.unlock();
+    Status st = job();
+    lock.lock();
+    job_status_ = std::move(st);
+    job_done_ = true;
+    job_cv_.notify_all();
+  }
+}
+
+void SessionStore::BeginCommit(uint64_t serial, std::vector<int> ranks,
+                               std::vector<PlannedLayout> writes) const {
+  std::unique_lock<std::mutex> lock(job_mu_);
+  job_cv_.wait(lock, [&] { return job_done_; });  // one commit at a time
+  job_done_ = false;
+  job_status_ = Status::Ok();
+  if (!enabled() || writes.empty()) {
+    job_done_ = true;
+    return;
+  }
+  job_ = [this, serial, ranks = std::move(ranks), writes = std::move(writes)] {
+    return WriteCommit(serial, ranks, writes);
+  };
+  if (!thread_.joinable()) thread_ = std::thread([this] { JournalThread(); });
+  job_cv_.notify_all();
+}
+
+Status SessionStore::WaitCommit() const {
+  std::unique_lock<std::mutex> lock(job_mu_);
+  job_cv_.wait(lock, [&] { return job_done_; });
+  return job_status_;
+}
+
+Status SessionStore::CommitLayouts(uint64_t serial, std::vector<int> ranks,
+                                   std::vector<PlannedLayout> writes) const {
+  BeginCommit(serial, std::move(ranks), std::move(writes));
+  return WaitCommit();
+}
+
+Status SessionStore::WriteCommit(uint64_t serial, const std::vector<int>& ranks,
+                                 const std::vector<PlannedLayout>& writes) const {
   std::lock_guard<std::mutex> lock(journal_mu_);
-  if (journal_bytes_ > kCheckpointBytes) RINGTREE_RETURN_IF_ERROR(CheckpointLocked());
+  if (broken_) {
+    return Status::IoError(
+        "[sessions] " + JournalPath() +
+        ": an abort record could not be written; writes are refused until a restart");
+  }
+  // Every earlier step is finished (acknowledged or aborted): the sessions'
+  // states in memory are exactly those of serial - 1.
+  if (journal_bytes_ > kCheckpointBytes) RINGTREE_RETURN_IF_ERROR(CheckpointLocked(serial - 1));
+  nlohmann::json sessions = nlohmann::json::array();
+  std::map<const SessionRecord*, std::vector<const PlannedLayout*>> by_session;
+  std::vector<const SessionRecord*> order;
+  for (const PlannedLayout& w : writes) {
+    if (!w.session) continue;
+    auto& v = by_session[w.session.get()];
+    if (v.empty()) order.push_back(w.session.get());
+    v.push_back(&w);
+  }
+  for (const SessionRecord* r : order) sessions.push_back(LayoutJson(*r, by_session[r]));
+  const std::string payload =
+      nlohmann::json{{"seq", serial}, {"ranks", ranks}, {"sessions", std::move(sessions)}}.dump();
+  RINGTREE_RETURN_IF_ERROR(AppendLocked(payload));
+  for (const PlannedLayout& w : writes) {
+    if (w.session) journaled_[w.session->id] = w.session;
+  }
+  return Status::Ok();
+}
+
+Status SessionStore::AppendLocked(const std::string& payload) const {
   const std::string path = JournalPath();
   if (journal_fd_ < 0) {
     RINGTREE_RETURN_IF_ERROR(CreateDirectoriesDurably(Dir()));
-    std::error_code ec;
-    const bool existed = std::filesystem::exists(path, ec);
-    journal_fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-    if (journal_fd_ < 0) return JournalError("open", path);
-    const off_t end = ::lseek(journal_fd_, 0, SEEK_END);
-    if (end < 0) return JournalError("lseek", path);
-    journal_bytes_ = end;
-    if (!existed) RINGTREE_RETURN_IF_ERROR(SyncDirectory(Dir()));  // the journal's own entry
+    bool created = false;
+    RINGTREE_ASSIGN_OR_RETURN(journal_fd_,
+                              OpenLogForAppend(path, kJournalMagic, &journal_bytes_, &created));
+    journal_allocated_ = journal_bytes_;
+    if (created) RINGTREE_RETURN_IF_ERROR(SyncDirectory(Dir()));  // the journal's own entry
   }
-  const uint64_t seq = seq_ + 1;
-  nlohmann::json sessions = nlohmann::json::array();
-  std::set<const SessionRecord*> seen;
-  for (const auto& r : records) {
-    if (r && seen.insert(r.get()).second) sessions.push_back(LayoutJson(*r));
-  }
-  const std::string payload =
-      nlohmann::json{{"seq", seq}, {"sessions", std::move(sessions)}}.dump();
   int64_t appended = 0;
   bool reopen = false;
+  // Preallocated: the record's sync writes data only (AppendLogRecord).
   Status written = AppendLogRecord(journal_fd_, kJournalMagic, payload, journal_bytes_, path,
-                                   &appended, &reopen);
+                                   &appended, &reopen, &journal_allocated_);
   if (!written.ok()) {
     if (reopen) {
       ::close(journal_fd_);
@@ -110,34 +188,47 @@ Status SessionStore::CommitLayouts(
     }
     return written;
   }
-  seq_ = seq;
   journal_bytes_ += appended;
   ++journal_syncs_;
-  for (const auto& r : records) {
-    if (r) journaled_[r->id] = r;
-  }
   return Status::Ok();
+}
+
+Status SessionStore::AbortCommit(uint64_t serial) const {
+  if (!enabled() || serial == 0) return Status::Ok();
+  (void)WaitCommit();  // whatever its outcome, the record may be on disk
+  std::lock_guard<std::mutex> lock(journal_mu_);
+  Status st = AppendLocked(nlohmann::json{{"abort", serial}}.dump());
+  if (!st.ok()) {
+    broken_ = true;
+    std::fprintf(
+        stderr,
+        "[attnserve] abort record of step %llu: %s; write steps are refused until a restart\n",
+        static_cast<unsigned long long>(serial), st.ToString().c_str());
+  }
+  return st;
 }
 
 Status SessionStore::Checkpoint() const {
   if (!enabled()) return Status::Ok();
+  (void)WaitCommit();
   std::lock_guard<std::mutex> lock(journal_mu_);
-  return CheckpointLocked();
+  return CheckpointLocked(serial_.load());
 }
 
-Status SessionStore::CheckpointLocked() const {
+Status SessionStore::CheckpointLocked(uint64_t seq) const {
   for (const auto& [id, weak] : journaled_) {
     std::shared_ptr<SessionRecord> r = weak.lock();
-    if (r && !r->deleted) RINGTREE_RETURN_IF_ERROR(SaveLocked(*r, seq_));
+    if (r && !r->deleted) RINGTREE_RETURN_IF_ERROR(SaveLocked(*r, seq));
   }
   journaled_.clear();
   const std::string path = JournalPath();
   if (journal_fd_ < 0) {
     std::error_code ec;
     if (!std::filesystem::exists(path, ec)) return Status::Ok();
-    journal_fd_ = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
+    journal_fd_ = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
     if (journal_fd_ < 0) return JournalError("open", path);
   }
+  journal_allocated_ = 0;
   if (::ftruncate(journal_fd_, 0) != 0) return JournalError("ftruncate", path);
   if (SyncFileData(journal_fd_) != 0) return JournalError("fdatasync", path);
   journal_bytes_ = 0;
@@ -178,11 +269,18 @@ Status SessionStore::Remove(const std::string& id) const {
   return SyncDirectory(Dir());
 }
 
-Result<std::vector<std::shared_ptr<SessionRecord>>> SessionStore::LoadAll(int world_size) const {
+Result<std::vector<std::shared_ptr<SessionRecord>>> SessionStore::LoadAll(
+    int world_size, const std::vector<WalState>* logs) const {
   std::vector<std::shared_ptr<SessionRecord>> out;
   std::map<std::string, uint64_t> file_seq;
   if (!enabled()) return out;
   std::error_code ec;
+  if (logs != nullptr) {  // serials are never reused, even with no session left
+    for (const WalState& w : *logs) {
+      serial_ =
+          std::max({serial_.load(), w.floor, w.serials.empty() ? uint64_t{0} : w.serials.back()});
+    }
+  }
   if (!std::filesystem::exists(Dir(), ec)) return out;
   for (const auto& entry : std::filesystem::directory_iterator(Dir(), ec)) {
     const std::string path = entry.path().string();
@@ -218,19 +316,64 @@ Result<std::vector<std::shared_ptr<SessionRecord>>> SessionStore::LoadAll(int wo
     }
     out.push_back(std::move(record));
   }
-  // Replay the journal's valid prefix over the files: a record applies to a
-  // session only if it is newer than the session's file.
+  // Replay the journal's accepted records over the files: a record applies
+  // to a session only if it is newer than the session's file.
   std::lock_guard<std::mutex> lock(journal_mu_);
-  for (const auto& [id, seq] : file_seq) seq_ = std::max(seq_, seq);
+  uint64_t last = 0;  // serials are never reused: past every file, record and log
+  for (const auto& [id, seq] : file_seq) last = std::max(last, seq);
   const std::string path = JournalPath();
-  if (!std::filesystem::exists(path, ec)) return out;
-  RINGTREE_ASSIGN_OR_RETURN(std::string journal, ReadWholeFile(path));
+  std::string journal;
+  if (std::filesystem::exists(path, ec)) {
+    RINGTREE_ASSIGN_OR_RETURN(journal, ReadWholeFile(path));
+  }
   std::map<std::string, std::shared_ptr<SessionRecord>> by_id;
   for (const auto& r : out) by_id[r->id] = r;
-  auto replay = [&](const char* payload, uint32_t length) -> Status {
+  auto parse = [&](const char* payload, uint32_t length, nlohmann::json* j) -> Status {
     try {
-      const nlohmann::json j = nlohmann::json::parse(payload, payload + length);
+      *j = nlohmann::json::parse(payload, payload + length);
+    } catch (const std::exception& e) {
+      return Status::DataLoss("[sessions] " + path +
+                              ": a record with a valid checksum does not parse: " + e.what());
+    }
+    return Status::Ok();
+  };
+  // First pass: the aborted steps.
+  std::set<uint64_t> aborted;
+  auto find_aborts = [&](const char* payload, uint32_t length) -> Status {
+    nlohmann::json j;
+    RINGTREE_RETURN_IF_ERROR(parse(payload, length, &j));
+    if (j.contains("abort")) aborted.insert(j["abort"].get<uint64_t>());
+    return Status::Ok();
+  };
+  // Records after the valid prefix are a torn last record: never acknowledged.
+  RINGTREE_RETURN_IF_ERROR(ForEachLogRecord(journal, kJournalMagic, find_aborts).status());
+  bool ended = false;  // a record some writing rank's log lacks: the interrupted last step
+  int64_t ignored = 0;
+  auto replay = [&](const char* payload, uint32_t length) -> Status {
+    nlohmann::json j;
+    RINGTREE_RETURN_IF_ERROR(parse(payload, length, &j));
+    try {
+      if (j.contains("abort")) return Status::Ok();
       const uint64_t seq = j.at("seq").get<uint64_t>();
+      last = std::max(last, seq);
+      if (ended) {
+        ++ignored;
+        return Status::Ok();
+      }
+      if (aborted.count(seq)) return Status::Ok();  // a failed step
+      if (logs != nullptr &&
+          j.contains("ranks")) {  // absent before 2026-11-30: written after the logs
+        for (int r : j.at("ranks").get<std::vector<int>>()) {
+          if (r >= 0 && r < static_cast<int>(logs->size()) && (*logs)[r].Holds(seq)) continue;
+          std::fprintf(stderr,
+                       "[attnserve] %s: record %llu dropped: rank %d's write-ahead log does not "
+                       "hold the step "
+                       "(interrupted before every rank synced it; never acknowledged)\n",
+                       path.c_str(), static_cast<unsigned long long>(seq), r);
+          ended = true;
+          return Status::Ok();
+        }
+      }
       for (const auto& e : j.at("sessions")) {
         auto it = by_id.find(e.at("id").get<std::string>());
         if (it == by_id.end() || seq <= file_seq[it->first])
@@ -242,18 +385,21 @@ Result<std::vector<std::shared_ptr<SessionRecord>>> SessionStore::LoadAll(int wo
         r.kv_bytes = e.at("kv_bytes").get<int64_t>();
         journaled_[r.id] = it->second;
       }
-      seq_ = std::max(seq_, seq);
     } catch (const std::exception& e) {
       return Status::DataLoss("[sessions] " + path +
                               ": a record with a valid checksum does not parse: " + e.what());
     }
     return Status::Ok();
   };
-  // Records after the valid prefix are a torn last record: never acknowledged.
   RINGTREE_RETURN_IF_ERROR(ForEachLogRecord(journal, kJournalMagic, replay).status());
+  if (ignored > 0) {
+    std::fprintf(stderr, "[attnserve] %s: %lld records after the dropped one ignored\n",
+                 path.c_str(), static_cast<long long>(ignored));
+  }
+  serial_ = std::max(serial_.load(), last);
   // Fold the replayed states into the files and empty the journal, so that
   // new records never follow a torn one.
-  RINGTREE_RETURN_IF_ERROR(CheckpointLocked());
+  RINGTREE_RETURN_IF_ERROR(CheckpointLocked(serial_.load()));
   return out;
 }
 

@@ -9,32 +9,51 @@
 // (worker/engine).
 //
 // Group commit: the layouts changed by one engine step (every session it
-// wrote) go to the journal <data_dir>/sessions/journal.log as ONE record
+// writes) go to the journal <data_dir>/sessions/journal.log as ONE record
 // (length, XXH3-64 checksum, JSON) made durable by ONE fdatasync, instead of
-// two fsyncs per session. A record carries a sequence number; each session
-// file carries the number of the state it holds, so replaying the journal
-// over the files applies only newer states. LoadAll replays the valid prefix
-// of the journal (a torn last record is a step that was never acknowledged),
-// writes the replayed sessions' files and empties the journal; so does
-// Checkpoint, which CommitLayouts runs when the journal passes
-// kCheckpointBytes and the engine runs at shutdown.
+// two fsyncs per session. The record is written from the step's plan, on a
+// journal thread, while the ranks sync their write-ahead logs (one sync on
+// the step's critical path): it carries the step's serial and the ranks
+// that write rows, and LoadAll accepts it only if every such rank's log
+// holds that serial (WalState, gathered by EngineLoop::ReadLogs) and no
+// abort record of the serial follows it (AbortCommit, after a failed step).
+// Each session file carries the serial of the state it holds, so replaying
+// the journal over the files applies only newer states. LoadAll replays the
+// accepted records (a torn last record, or a record some rank's log lacks,
+// is a step that was never acknowledged, and ends the replay), writes the
+// replayed sessions' files and empties the journal; so does Checkpoint,
+// which a commit runs first when the journal passes kCheckpointBytes and
+// the engine runs at shutdown.
 //
 // Thread-safe: every method may be called from any thread; writes to the
 // same session must be ordered by the caller (the engine loop is the only
-// writer after creation).
+// writer after creation, and runs one commit at a time).
 #pragma once
 
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "coordinator/session_registry.h"
 #include "kernels/status.h"
+#include "worker/engine/engine.h"  // WalState
 
 namespace ringtree {
+
+// One (session, layer) a write step changes, as planned before it runs.
+struct PlannedLayout {
+  std::shared_ptr<SessionRecord> session;
+  int layer = 0;
+  LayerLayout layout;  // the layer after the step
+  int64_t added_kv_bytes = 0;
+};
 
 class SessionStore {
  public:
@@ -48,11 +67,29 @@ class SessionStore {
   // Writes the session's current metadata atomically (takes record.mu).
   // Errors: IO_ERROR naming the file.
   Status Save(const SessionRecord& record) const;
-  // One durable journal record holding the current layouts of `records`
-  // (one engine step's writes): one fdatasync in all. Checkpoints first when
-  // the journal has grown past kCheckpointBytes. Errors: IO_ERROR naming the
-  // journal (the step must then fail: nothing was acknowledged).
-  Status CommitLayouts(const std::vector<std::shared_ptr<SessionRecord>>& records) const;
+  // The serial of the next write step (0 when disabled): every rank's log
+  // record of the step carries it. Never reused, across restarts too.
+  uint64_t ReserveSerial() const;
+  // Starts writing step `serial`'s journal record on the journal thread:
+  // the layouts of `writes` (each replaces its session's layer; kv_bytes grow
+  // by added_kv_bytes), the ranks in `ranks` as the step's writers; one
+  // fdatasync. Returns at once; WaitCommit gives the outcome. Checkpoints
+  // first when the journal has grown past kCheckpointBytes. One commit at a
+  // time.
+  void BeginCommit(uint64_t serial, std::vector<int> ranks,
+                   std::vector<PlannedLayout> writes) const;
+  // Waits for the last BeginCommit: OK once its record is durable. Errors:
+  // IO_ERROR naming the journal (the step must then fail: nothing was
+  // acknowledged). OK when there is none.
+  Status WaitCommit() const;
+  // After a failed step whose record BeginCommit started: waits for it, then
+  // makes an abort record of `serial` durable (recovery drops the step even
+  // if every log holds it). If that fails, the journal refuses every later
+  // commit (IO_ERROR) until a restart.
+  Status AbortCommit(uint64_t serial) const;
+  // BeginCommit then WaitCommit (a step whose writes are known only after it ran).
+  Status CommitLayouts(uint64_t serial, std::vector<int> ranks,
+                       std::vector<PlannedLayout> writes) const;
   // Writes the file of every session journaled since the last checkpoint,
   // then empties the journal.
   Status Checkpoint() const;
@@ -61,23 +98,41 @@ class SessionStore {
   static constexpr int64_t kCheckpointBytes = 16 << 20;
   // Journal fdatasyncs and session-file writes so far (for Stats/metrics).
   int64_t journal_syncs() const;
-  // Reads every session file. DATA_LOSS naming the file if one does not parse
+  // Reads every session file and replays the journal's accepted records
+  // (`logs`: every rank's write-ahead log, EngineLoop::ReadLogs; null
+  // accepts every record). DATA_LOSS naming the file if one does not parse
   // or does not match `world_size` (the service must restart with the same
   // rank count). Records come back with shape, layers and kv_bytes filled.
-  Result<std::vector<std::shared_ptr<SessionRecord>>> LoadAll(int world_size) const;
+  Result<std::vector<std::shared_ptr<SessionRecord>>> LoadAll(
+      int world_size, const std::vector<WalState>* logs = nullptr) const;
 
  private:
   std::string Dir() const { return data_dir_ + "/sessions"; }
   std::string JournalPath() const { return Dir() + "/journal.log"; }
   // Save without taking journal_mu_ (held by the caller), with state number `seq`.
   Status SaveLocked(const SessionRecord& record, uint64_t seq) const;
-  Status CheckpointLocked() const;
+  // Folds the journal into the session files (their states as of `seq`).
+  Status CheckpointLocked(uint64_t seq) const;
+  // Appends one record (journal_mu_ held); the journal's IO errors.
+  Status AppendLocked(const std::string& payload) const;
+  Status WriteCommit(uint64_t serial, const std::vector<int>& ranks,
+                     const std::vector<PlannedLayout>& writes) const;
+  void JournalThread() const;
   const std::string data_dir_;
   mutable std::mutex journal_mu_;
   mutable int journal_fd_ = -1;  // open for append; -1 until the first commit
-  mutable int64_t journal_bytes_ = 0;
-  mutable uint64_t seq_ = 0;  // number of the last committed state
+  mutable int64_t journal_bytes_ = 0;        // the journal's records end here
+  mutable int64_t journal_allocated_ = 0;    // its length (preallocated zeros after journal_bytes_)
+  mutable std::atomic<uint64_t> serial_{0};  // the last serial reserved
   mutable int64_t journal_syncs_ = 0;
+  mutable bool broken_ = false;  // an abort record could not be written
+  // The journal thread and its one pending commit.
+  mutable std::mutex job_mu_;
+  mutable std::condition_variable job_cv_;
+  mutable std::function<Status()> job_;
+  mutable bool job_done_ = true, stop_ = false;
+  mutable Status job_status_;
+  mutable std::thread thread_;
   // Sessions with journal records since the last checkpoint.
   mutable std::map<std::string, std::weak_ptr<SessionRecord>> journaled_;
 };

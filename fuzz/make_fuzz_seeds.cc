@@ -152,6 +152,9 @@ void CommandSeeds(const fs::path& dir) {
   c.live_handles = {7, 9};
   c.expected_tokens = {7, 0, 5};
   Seed(dir, "restore", rt::EncodeCommand(c));
+  rt::Command read_log;
+  read_log.kind = rt::CommandKind::kReadLog;
+  Seed(dir, "read_log", rt::EncodeCommand(read_log));
 }
 
 // A store of `tokens` tokens: flags (1 = the harness seals checksums), the

@@ -1602,13 +1602,15 @@ class ServiceWritePath : public ServerSuite {
     dir_ = mkdtemp(dir_template);
     fault_file_ = dir_ + "/fail-append";
     file_fault_ = dir_ + "/file-fault";
+    crash_file_ = dir_ + "/crash-before-wal";
   }
   void TearDown() override { std::filesystem::remove_all(dir_); }
   std::unique_ptr<testing::ServerProcess> Start(bool durable, std::vector<std::string> flags = {}) {
     if (durable) flags.insert(flags.begin(), {"--data-dir", dir_ + "/data"});
     auto server = std::make_unique<testing::ServerProcess>();
     server->env = {"RINGTREE_TEST_FAIL_APPEND_FILE=" + fault_file_,
-                   "RINGTREE_TEST_FILE_FAULT=" + file_fault_};
+                   "RINGTREE_TEST_FILE_FAULT=" + file_fault_,
+                   "RINGTREE_TEST_CRASH_BEFORE_WAL_FILE=" + crash_file_};
     if (!server->Start(ATTNSERVE_PATH, kRanks, flags)) ADD_FAILURE() << "attnserve did not start:\n" << server->log();
     return server;
   }
@@ -1636,7 +1638,7 @@ class ServiceWritePath : public ServerSuite {
   void InjectFileFault(const std::string& kind, const std::string& where) {
     std::ofstream(file_fault_) << kind << " " << where << " 1\n";
   }
-  std::string dir_, fault_file_, file_fault_;
+  std::string dir_, fault_file_, file_fault_, crash_file_;
 };
 
 void ServiceWritePath::FailedWritesChangeNothing(bool durable) {
@@ -1717,7 +1719,7 @@ void ServiceWritePath::FailedWritesChangeNothing(bool durable) {
 
 // Faults of the disk under a durable service (ENOSPC, EIO, a write cut
 // short), injected in the file layer on either rank's write-ahead log and
-// span files: the client gets the error
+// span files and on rank 0's metadata journal: the client gets the error
 // with the system's reason, the session keeps exactly its acknowledged
 // tokens, the next writes succeed at the same positions, and a restart finds
 // the same data.
@@ -1996,6 +1998,104 @@ TEST_F(ServiceWritePath, MissingStoreDirectoryIsDataLossNamingThePath) {
   auto [k1, v1] = NewKv(rng, m, 8);
   EXPECT_TRUE(client->AppendKV(id, 1, k1, v1).ok());
   EXPECT_EQ(server->Stop(), 0) << server->log();
+}
+
+// The records of a log file (worker/spans/span_format.h framing: magic,
+// length, checksum, payload), up to the first that is not whole.
+std::vector<std::string> LogRecords(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  const std::string log((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<std::string> out;
+  size_t at = 0;
+  while (at + 16 <= log.size()) {
+    uint32_t magic = 0, length = 0;
+    std::memcpy(&magic, log.data() + at, 4);
+    std::memcpy(&length, log.data() + at + 4, 4);
+    if (magic == 0 || length > log.size() - at - 16) break;  // preallocated zeros, or torn
+    out.push_back(log.substr(at + 16, length));
+    at += 16 + length;
+  }
+  return out;
+}
+
+// One sync per write step: rank 0's journal record of a step (naming its
+// serial and the ranks that write rows) is synced while the ranks sync their
+// write-ahead logs. A rank that dies after the journal record is durable but
+// before its own log record is (test hook RINGTREE_TEST_CRASH_BEFORE_WAL_FILE)
+// leaves a journal record naming it and a log that lacks the step: after a
+// restart the step is not visible, every acknowledged token is, and the
+// position takes a new write. Rank 1 (a worker) and rank 0 (whose log and
+// journal sync side by side) in turn.
+TEST_F(ServiceWritePath, KillBetweenJournalAndLogSyncDropsOnlyThatStep) {
+  for (int crash_rank : {1, 0}) {
+    SCOPED_TRACE("rank " + std::to_string(crash_rank) + " dies before its log sync");
+    std::filesystem::remove_all(dir_ + "/data");
+    std::mt19937 rng(25 + crash_rank);
+    Model m;
+    v1::SessionConfig config = Config(m);
+    config.set_span_tokens(16);
+    std::string id;
+    {
+      auto server = Start(true);
+      auto client = Client(*server);
+      auto info = client->CreateSession(config);
+      ASSERT_TRUE(info.ok()) << info.status().ToString();
+      id = info->session_id();
+      auto [k, v] = NewKv(rng, m, 40);
+      ASSERT_TRUE(client->AppendKV(id, 0, k, v).ok());
+      std::ofstream(crash_file_) << crash_rank;
+      // Decodes until one has a row on the crashing rank; the others are acknowledged.
+      bool died = false;
+      for (int t = 0; t < 64 && !died; ++t) {
+        Model next = m;
+        auto [kt, vt] = NewKv(rng, next, 1);
+        const std::vector<float> q = Random(rng, m.heads * m.head_dim);
+        CallOptions o;
+        o.expected_layer_tokens = m.tokens();
+        auto out = client->Decode(
+            id, 0, HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim}), kt, vt, o);
+        if (out.ok()) {
+          m = std::move(next);
+        } else {
+          died = true;
+        }
+      }
+      ASSERT_TRUE(died) << "no decode had a row on rank " << crash_rank;
+      server->Wait(std::chrono::seconds(30));
+      std::filesystem::remove(crash_file_);
+      EXPECT_NE(server->log().find("exiting before the log sync"), std::string::npos)
+          << server->log();
+    }
+    // The journal's last record is the lost step, durable before the rank died.
+    const std::vector<std::string> records = LogRecords(dir_ + "/data/sessions/journal.log");
+    ASSERT_FALSE(records.empty()) << "the journal holds no record of the interrupted step";
+    const nlohmann::json last = nlohmann::json::parse(records.back());
+    ASSERT_TRUE(last.contains("ranks")) << last.dump();
+    const auto ranks = last["ranks"].get<std::vector<int>>();
+    EXPECT_NE(std::find(ranks.begin(), ranks.end(), crash_rank), ranks.end()) << last.dump();
+    EXPECT_EQ(last["sessions"][0]["layers"][0]["tokens"].get<int64_t>(), m.tokens() + 1)
+        << last.dump();
+    auto server = Start(true);
+    auto client = Client(*server);
+    auto info = client->GetSession(id);
+    ASSERT_TRUE(info.ok()) << info.status().ToString();
+    EXPECT_EQ(info->layer_tokens(0), m.tokens())
+        << "the interrupted step is not visible, the acknowledged ones are";
+    const std::vector<float> q2 = Random(rng, 2 * m.heads * m.head_dim);
+    auto o2 = client->Attend(id, 0, HostTensor::FromFloat32(q2.data(), {2, m.heads, m.head_dim}));
+    ASSERT_TRUE(o2.ok()) << o2.status().ToString();
+    EXPECT_LE(MaxDiff(o2->o.ToFloat32(), AttendReference(m, q2, 2)), 2e-4);
+    // The position of the dropped step takes a new write.
+    auto [kt, vt] = NewKv(rng, m, 1);
+    const std::vector<float> q = Random(rng, m.heads * m.head_dim);
+    CallOptions o;
+    o.expected_layer_tokens = m.tokens() - 1;
+    auto out = client->Decode(id, 0, HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim}),
+                              kt, vt, o);
+    ASSERT_TRUE(out.ok()) << out.status().ToString();
+    EXPECT_LE(MaxDiff(out->o.ToFloat32(), Reference(m, q, 1, true)), 2e-4);
+    EXPECT_EQ(server->Stop(), 0) << server->log();
+  }
 }
 
 // Rank 0's peak memory during one large AppendKV: the call once (as it

@@ -101,6 +101,7 @@ std::string EncodeCommand(const Command& c) {
     w.Reserve(256 + c.append.rows.runs.size() * sizeof(KvRun) + c.append.rows.k.size() + c.append.rows.v.size());
   }
   w.Pod(c.kind);
+  w.Pod(c.serial);
   switch (c.kind) {
     case CommandKind::kShutdown: break;
     case CommandKind::kDeleteSession: w.Pod(c.delete_handle); break;
@@ -144,19 +145,22 @@ std::string EncodeCommand(const Command& c) {
       w.Vector(c.live_handles);
       w.Vector(c.expected_tokens);
       break;
+    case CommandKind::kReadLog:
+      break;
   }
   return w.Take();
 }
 
-std::string EncodeAppendCommand(const SessionShape& session, int32_t layer, const std::vector<KvRun>& runs,
-                                int64_t row_bytes,
-                                const std::function<void(int which, std::string* out)>& append_rows) {
+std::string EncodeAppendCommand(
+    uint64_t serial, const SessionShape& session, int32_t layer, const std::vector<KvRun>& runs,
+    int64_t row_bytes, const std::function<void(int which, std::string* out)>& append_rows) {
   int64_t tokens = 0;
   for (const KvRun& r : runs) tokens += r.tokens;
   const uint64_t n = static_cast<uint64_t>(tokens * row_bytes);
   Writer w;
   w.Reserve(256 + runs.size() * sizeof(KvRun) + 2 * n);
   w.Pod(CommandKind::kAppend);
+  w.Pod(serial);
   Put(w, session);
   w.Pod(layer);
   w.Vector(runs);
@@ -170,7 +174,7 @@ std::string EncodeAppendCommand(const SessionShape& session, int32_t layer, cons
 Result<Command> DecodeCommand(const std::string& bytes) {
   Reader r(bytes);
   Command c;
-  bool ok = r.Pod(&c.kind);
+  bool ok = r.Pod(&c.kind) && r.Pod(&c.serial);
   if (ok) {
     switch (c.kind) {
       case CommandKind::kShutdown: break;
@@ -208,6 +212,8 @@ Result<Command> DecodeCommand(const std::string& bytes) {
         break;
       }
       case CommandKind::kRestore: ok = r.Vector(&c.live_handles) && r.Vector(&c.expected_tokens); break;
+      case CommandKind::kReadLog:
+        break;
       default: ok = false;
     }
   }

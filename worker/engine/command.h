@@ -50,6 +50,8 @@ enum class CommandKind : uint8_t {
   kAttendBatch,
   kRetrieve,  // retrieval attention or KV retrieval for one or more requests (collective)
   kRestore,   // after a restart: the sessions that exist; others' files are removed
+  kReadLog,   // after a restart, first: every rank reads its write-ahead log, the root learns its
+              // serials
 };
 
 struct AppendCommand {
@@ -112,6 +114,14 @@ struct RetrieveCommand {
 
 struct Command {
   CommandKind kind = CommandKind::kShutdown;
+  // Durable mode, write steps: the step's serial (rank 0's journal record
+  // names it; each rank's write-ahead log record carries it). 0 otherwise.
+  uint64_t serial = 0;
+  // Root only, never encoded: waits for rank 0's journal record of this step
+  // (synced in parallel with the ranks' logs); the engine folds its status
+  // into the step's status agreement, so a step succeeds only if every log
+  // and the journal hold it.
+  std::function<Status()> commit_wait;
   uint64_t delete_handle = 0;
   AppendCommand append;
   PrefillCommand prefill;
@@ -131,9 +141,9 @@ std::string EncodeCommand(const Command& command);
 // written straight into it by append_rows(which, out) (which: 0 = k, 1 = v;
 // it must append exactly tokens * row_bytes bytes): the same bytes as
 // EncodeCommand, without holding the rows twice.
-std::string EncodeAppendCommand(const SessionShape& session, int32_t layer, const std::vector<KvRun>& runs,
-                                int64_t row_bytes,
-                                const std::function<void(int which, std::string* out)>& append_rows);
+std::string EncodeAppendCommand(
+    uint64_t serial, const SessionShape& session, int32_t layer, const std::vector<KvRun>& runs,
+    int64_t row_bytes, const std::function<void(int which, std::string* out)>& append_rows);
 // Errors: truncated or malformed bytes (kInternal; a bug, never user input).
 Result<Command> DecodeCommand(const std::string& bytes);
 

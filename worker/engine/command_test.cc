@@ -59,20 +59,21 @@ TEST(Command, EncodeAppendCommandEqualsEncodeCommand) {
   c.kind = CommandKind::kAppend;
   c.append.session = SessionShape{9, 3, 4, 2, 8, DType::kBFloat16};
   c.append.layer = 2;
+  c.serial = 41;
   c.append.rows.runs = {{64, 3}, {192, 2}};
   const int64_t row_bytes = c.append.session.row_bytes();
   for (int64_t i = 0; i < 5 * row_bytes; ++i) {
     c.append.rows.k.push_back(static_cast<char>(i));
     c.append.rows.v.push_back(static_cast<char>(3 * i + 1));
   }
-  const std::string streamed = EncodeAppendCommand(c.append.session, 2, c.append.rows.runs, row_bytes,
-                                                   [&](int which, std::string* out) {
-                                                     *out += which == 0 ? c.append.rows.k : c.append.rows.v;
-                                                   });
+  const std::string streamed = EncodeAppendCommand(
+      41, c.append.session, 2, c.append.rows.runs, row_bytes,
+      [&](int which, std::string* out) { *out += which == 0 ? c.append.rows.k : c.append.rows.v; });
   EXPECT_EQ(streamed, EncodeCommand(c));
   auto decoded = DecodeCommand(streamed);
   ASSERT_TRUE(decoded.ok());
   EXPECT_EQ(decoded->append.rows.v, c.append.rows.v);
+  EXPECT_EQ(decoded->serial, 41u);
 }
 
 // A length field near 2^64 must not wrap the reader's bounds check around.
@@ -84,8 +85,8 @@ TEST(Command, LengthThatWrapsTheOffsetIsRejected) {
   c.append.rows.k.assign(2 * 4 * 4, 'k');
   c.append.rows.v.assign(2 * 4 * 4, 'v');
   std::string bytes = EncodeCommand(c);
-  // The runs vector's length field sits after kind, shape and layer.
-  const size_t at = sizeof(CommandKind) + sizeof(SessionShape) + sizeof(int32_t);
+  // The runs vector's length field sits after kind, serial, shape and layer.
+  const size_t at = sizeof(CommandKind) + sizeof(uint64_t) + sizeof(SessionShape) + sizeof(int32_t);
   // n wraps the offset after the length field (at + 8) to a small r <= size,
   // and is a multiple of sizeof(KvRun) so only the bounds check can catch it.
   const uint64_t after = at + sizeof(uint64_t);

@@ -35,6 +35,9 @@ constexpr int64_t kInlineCommandBytes = int64_t{64} << 10;
 // Test hook (fault injection): while the file this names holds a rank
 // number, that rank's appends fail with IO_ERROR. Unset in production.
 constexpr const char* kFailAppendEnv = "RINGTREE_TEST_FAIL_APPEND_FILE";
+// Test hook (crash injection): while the file this names holds a rank
+// number, that rank exits just before syncing a write step's log record.
+constexpr const char* kCrashBeforeWalEnv = "RINGTREE_TEST_CRASH_BEFORE_WAL_FILE";
 constexpr double kNegInfD = -std::numeric_limits<double>::infinity();
 constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
 
@@ -91,6 +94,7 @@ Result<std::unique_ptr<WorkerEngine>> WorkerEngine::Create(const Communicator& c
   engine->config_ = config;
   engine->cache_ = std::make_shared<SpanCache>(config.cache_budget_bytes);
   if (const char* path = std::getenv(kFailAppendEnv)) engine->fail_append_file_ = path;
+  if (const char* path = std::getenv(kCrashBeforeWalEnv)) engine->crash_before_wal_file_ = path;
   RINGTREE_ASSIGN_OR_RETURN(engine->reducer_, TreeReducer::Create(compute, TreeTopology::kFlat, root));
   return engine;
 }
@@ -132,11 +136,13 @@ Result<SpanStore*> WorkerEngine::Store(const SessionShape& shape, int layer) {
         slot.reset();
         return replayed;
       }
-      // The metadata on rank 0 is the commit point of a write step, written
-      // after the stores' sync: a crash in between leaves a store ahead of
-      // it by the step's tokens, which no client was told about. They are
-      // the newest positions, so the store is rolled back to the metadata.
-      // A store behind the metadata has lost acknowledged tokens: refused.
+      // The metadata on rank 0 is the commit point of a write step: its
+      // journal record counts only if every rank that wrote rows holds the
+      // step in its log. A crash during a step leaves a store ahead of the
+      // accepted metadata by the step's tokens, which no client was told
+      // about. They are the newest positions, so the store is rolled back to
+      // the metadata. A store behind the metadata has lost acknowledged
+      // tokens: refused.
       auto expected = expected_tokens_.find({shape.handle, layer});
       if (expected != expected_tokens_.end() && expected->second != slot->total_tokens()) {
         const int64_t holds = slot->total_tokens();
@@ -237,14 +243,35 @@ Status WorkerEngine::AppendRows(const SessionShape& shape, int layer, const KvRo
   return Status::Ok();
 }
 
-bool WorkerEngine::InjectedAppendFault() const {
-  if (fail_append_file_.empty()) return false;
-  std::FILE* f = std::fopen(fail_append_file_.c_str(), "r");
+namespace {
+// Test hooks: `path` names a file that holds `rank`.
+bool FileNamesRank(const std::string& path, int rank) {
+  if (path.empty()) return false;
+  std::FILE* f = std::fopen(path.c_str(), "r");
   if (f == nullptr) return false;
-  int rank = -1;
-  const bool fail = std::fscanf(f, "%d", &rank) == 1 && rank == compute_->rank();
+  int named = -1;
+  const bool yes = std::fscanf(f, "%d", &named) == 1 && named == rank;
   std::fclose(f);
-  return fail;
+  return yes;
+}
+}  // namespace
+
+bool WorkerEngine::InjectedAppendFault() const {
+  return FileNamesRank(fail_append_file_, compute_->rank());
+}
+
+void WorkerEngine::MaybeCrashBeforeWal() {
+  if (!FileNamesRank(crash_before_wal_file_, compute_->rank())) return;
+  // Rank 0 waits for its own journal record; another rank gives rank 0's
+  // (parallel) journal sync ample time to finish.
+  if (commit_wait_)
+    (void)commit_wait_();
+  else
+    std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  std::fprintf(stderr, "[attnserve] rank %d: exiting before the log sync of step %llu (%s)\n",
+               compute_->rank(), static_cast<unsigned long long>(step_serial_), kCrashBeforeWalEnv);
+  std::fflush(stderr);
+  std::_Exit(86);
 }
 
 void WorkerEngine::RollBackStep(const Status& why) {
@@ -285,7 +312,12 @@ std::string WorkerEngine::WalPath() const {
 }
 
 namespace {
-constexpr uint32_t kWalMagic = 0x314C4157;  // "WAL1"
+constexpr uint32_t kWalMagic = 0x324C4157;     // "WAL2": records carry the step's serial
+constexpr uint32_t kWalMagicOld = 0x314C4157;  // "WAL1" (before 2026-11-30): no serials
+// Record payload: serial (u64), kind (u8), runs (u64), then per run handle,
+// layer, position, tokens, K/V bytes, K, V.
+constexpr uint8_t kWalStep = 0;        // a write step's rows (possibly none)
+constexpr uint8_t kWalCheckpoint = 1;  // first record after a checkpoint: serial = floor
 Status WalError(const char* op, const std::string& path) {
   return Status::IoError(std::string("[engine] ") + op + " " + path + ": " + std::strerror(errno));
 }
@@ -293,25 +325,13 @@ template <typename T>
 void PutPod(std::string* out, const T& v) {
   out->append(reinterpret_cast<const char*>(&v), sizeof(T));
 }
-}  // namespace
-
-Status WorkerEngine::WriteWal(const std::vector<WalRun>& runs) {
-  const std::string path = WalPath();
-  if (wal_fd_ < 0) {
-    const std::string dir = config_.data_dir + "/rank-" + std::to_string(compute_->rank());
-    RINGTREE_RETURN_IF_ERROR(CreateDirectoriesDurably(dir));
-    std::error_code ec;
-    const bool existed = std::filesystem::exists(path, ec);
-    wal_fd_ = ::open(path.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644);
-    if (wal_fd_ < 0) return WalError("open", path);
-    const off_t end = ::lseek(wal_fd_, 0, SEEK_END);
-    if (end < 0) return WalError("lseek", path);
-    wal_bytes_ = end;
-    if (!existed) RINGTREE_RETURN_IF_ERROR(SyncDirectory(dir));
-  }
+template <typename Run>
+std::string WalPayload(uint64_t serial, uint8_t kind, const std::vector<Run>& runs) {
   std::string payload;
+  PutPod(&payload, serial);
+  PutPod(&payload, kind);
   PutPod<uint64_t>(&payload, runs.size());
-  for (const WalRun& w : runs) {
+  for (const Run& w : runs) {
     PutPod(&payload, w.handle);
     PutPod(&payload, w.layer);
     PutPod(&payload, w.position);
@@ -320,10 +340,30 @@ Status WorkerEngine::WriteWal(const std::vector<WalRun>& runs) {
     payload += w.k;
     payload += w.v;
   }
+  return payload;
+}
+}  // namespace
+
+bool WalState::Holds(uint64_t serial) const {
+  return serial <= floor || std::binary_search(serials.begin(), serials.end(), serial);
+}
+
+Status WorkerEngine::WriteWal(const std::vector<WalRun>& runs) {
+  const std::string path = WalPath();
+  if (wal_fd_ < 0) {
+    const std::string dir = config_.data_dir + "/rank-" + std::to_string(compute_->rank());
+    RINGTREE_RETURN_IF_ERROR(CreateDirectoriesDurably(dir));
+    bool created = false;
+    RINGTREE_ASSIGN_OR_RETURN(wal_fd_, OpenLogForAppend(path, kWalMagic, &wal_bytes_, &created));
+    wal_allocated_ = wal_bytes_;
+    if (created) RINGTREE_RETURN_IF_ERROR(SyncDirectory(dir));
+  }
+  const std::string payload = WalPayload(step_serial_, kWalStep, runs);
   int64_t appended = 0;
   bool reopen = false;
-  Status written =
-      AppendLogRecord(wal_fd_, kWalMagic, payload, wal_bytes_, path, &appended, &reopen);
+  // Preallocated: the record's sync writes data only (AppendLogRecord).
+  Status written = AppendLogRecord(wal_fd_, kWalMagic, payload, wal_bytes_, path, &appended,
+                                   &reopen, &wal_allocated_);
   if (!written.ok()) {
     if (reopen) {
       ::close(wal_fd_);
@@ -333,6 +373,7 @@ Status WorkerEngine::WriteWal(const std::vector<WalRun>& runs) {
   }
   wal_bytes_ += appended;
   ++wal_syncs_;
+  durable_serial_ = std::max(durable_serial_, step_serial_);
   for (const WalRun& w : runs) wal_dirty_.insert({w.handle, w.layer});
   return Status::Ok();
 }
@@ -348,37 +389,43 @@ Status WorkerEngine::Checkpoint() {
   }
   wal_dirty_.clear();
   const std::string path = WalPath();
-  if (wal_replay_.empty()) {
-    if (wal_fd_ < 0) {
-      std::error_code ec;
-      if (!std::filesystem::exists(path, ec)) return Status::Ok();
-      wal_fd_ = ::open(path.c_str(), O_WRONLY | O_APPEND | O_CLOEXEC);
-      if (wal_fd_ < 0) return WalError("open", path);
-    }
-    if (::ftruncate(wal_fd_, 0) != 0) return WalError("ftruncate", path);
-    if (SyncFileData(wal_fd_) != 0) return WalError("fdatasync", path);
-    wal_bytes_ = 0;
-    return Status::Ok();
-  }
-  // Runs read at startup for stores not opened since: they stay in the log,
-  // which is rewritten (atomically) to hold only them.
+  std::error_code ec;
+  if (wal_fd_ < 0 && wal_replay_.empty() && durable_serial_ == 0 &&
+      !std::filesystem::exists(path, ec))
+    return Status::Ok();  // never written
+  // The log becomes ONE record, written atomically (a crash leaves the old
+  // log or the new one): the floor, which keeps every journal record this
+  // log validated valid, and the runs read at startup for stores not opened
+  // since (they stay in the log until their store is opened).
   std::vector<WalRun> keep;
   for (const auto& [key, runs] : wal_replay_) keep.insert(keep.end(), runs.begin(), runs.end());
   if (wal_fd_ >= 0) ::close(wal_fd_);
   wal_fd_ = -1;
   const std::string dir = config_.data_dir + "/rank-" + std::to_string(compute_->rank());
-  RINGTREE_RETURN_IF_ERROR(WriteFileAtomically(dir, "wal.log", std::string()));
-  Status st = WriteWal(keep);
-  wal_dirty_.clear();  // those stores are not open: their rows stay in the log
-  return st;
+  RINGTREE_RETURN_IF_ERROR(CreateDirectoriesDurably(dir));
+  const std::string log =
+      FrameLogRecord(kWalMagic, WalPayload(durable_serial_, kWalCheckpoint, keep));
+  RINGTREE_RETURN_IF_ERROR(WriteFileAtomically(dir, "wal.log", log));
+  wal_bytes_ = keep.empty()
+                   ? 0
+                   : static_cast<int64_t>(log.size());  // a bare floor does not count as content
+  return Status::Ok();
 }
 
-Status WorkerEngine::LoadWal(const std::vector<uint64_t>& live) {
-  const std::set<uint64_t> keep(live.begin(), live.end());
+Result<WalState> WorkerEngine::LoadWal() {
+  WalState state;
   const std::string path = WalPath();
   std::error_code ec;
-  if (!std::filesystem::exists(path, ec)) return Status::Ok();
+  if (!std::filesystem::exists(path, ec)) return state;
   RINGTREE_ASSIGN_OR_RETURN(std::string log, ReadWholeFile(path));
+  uint32_t old_magic = 0;
+  if (log.size() >= 4) std::memcpy(&old_magic, log.data(), 4);
+  if (old_magic == kWalMagicOld) {
+    return Status::DataLoss(
+        "[engine] " + path +
+        ": a write-ahead log of an older version (no step serials); "
+        "start that version once on this directory and stop it cleanly to empty the log");
+  }
   int64_t records = 0;
   auto load = [&](const char* p, uint32_t length) -> Status {
     const char* end = p + length;
@@ -388,8 +435,10 @@ Status WorkerEngine::LoadWal(const std::vector<uint64_t>& live) {
       p += n;
       return true;
     };
-    uint64_t runs = 0;
-    bool ok = take(&runs, 8);
+    uint64_t serial = 0, runs = 0;
+    uint8_t kind = 0;
+    bool ok = take(&serial, 8) && take(&kind, 1) && take(&runs, 8) &&
+              (kind == kWalStep || kind == kWalCheckpoint);
     for (uint64_t i = 0; ok && i < runs; ++i) {
       WalRun w;
       uint64_t bytes = 0;
@@ -399,19 +448,25 @@ Status WorkerEngine::LoadWal(const std::vector<uint64_t>& live) {
       w.k.assign(p, bytes);
       w.v.assign(p + bytes, bytes);
       p += 2 * bytes;
-      if (keep.count(w.handle))
-        wal_replay_[{w.handle, w.layer}].push_back(std::move(w));  // else: deleted
+      wal_replay_[{w.handle, w.layer}].push_back(std::move(w));  // kRestore drops deleted sessions'
     }
     if (!ok || p != end) {
       return Status::DataLoss("[engine] " + path +
                               ": a record with a valid checksum does not parse");
     }
+    if (kind == kWalCheckpoint)
+      state.floor = std::max(state.floor, serial);
+    else if (serial > 0)
+      state.serials.push_back(serial);
     ++records;
     return Status::Ok();
   };
   // Records after the valid prefix are a torn last record: its step was never acknowledged.
   RINGTREE_ASSIGN_OR_RETURN(const size_t at, ForEachLogRecord(log, kWalMagic, load));
-  if (at < log.size()) {  // cut the torn tail so new records never follow it
+  if (at < log.size() && IsZeroTail(log, at)) {
+    // Preallocated space after the last record: not a torn write (the next
+    // WriteWal cuts it off before growing the log again).
+  } else if (at < log.size()) {  // cut the torn tail so new records never follow it
     const int fd = ::open(path.c_str(), O_WRONLY | O_CLOEXEC);
     if (fd < 0) return WalError("open", path);
     const bool cut = ::ftruncate(fd, static_cast<off_t>(at)) == 0 && SyncFileData(fd) == 0;
@@ -420,11 +475,14 @@ Status WorkerEngine::LoadWal(const std::vector<uint64_t>& live) {
     std::fprintf(stderr, "[attnserve] rank %d: %s: dropped %zu torn tail bytes\n", compute_->rank(),
                  path.c_str(), log.size() - at);
   }
-  if (records > 0) {
+  std::sort(state.serials.begin(), state.serials.end());
+  durable_serial_ =
+      std::max(state.floor, state.serials.empty() ? uint64_t{0} : state.serials.back());
+  if (!wal_replay_.empty()) {
     std::fprintf(stderr, "[attnserve] rank %d: %s: %lld records to replay\n", compute_->rank(),
                  path.c_str(), static_cast<long long>(records));
   }
-  return Status::Ok();
+  return state;
 }
 
 Status WorkerEngine::ReplayWal(uint64_t handle, int layer, SpanStore* store,
@@ -480,7 +538,9 @@ Status WorkerEngine::FinishWrite(Status local, const std::vector<SpanStore*>& to
   if (config_.data_dir.empty()) return compute_->AgreeOnStatus(local);
   std::set<SpanStore*> unique(touched.begin(), touched.end());
   if (local.ok() && !wal_overflow_ && !wal_pending_.empty()) {
-    // Group commit: the step's rows, all sessions, in one log record and one sync.
+    // Group commit: the step's rows, all sessions, in one log record and one
+    // sync (rank 0's journal record syncs in parallel).
+    MaybeCrashBeforeWal();
     local = WriteWal(wal_pending_);
     if (local.ok() && wal_bytes_ > kWalCheckpointBytes) local = Checkpoint();
   } else if (local.ok() && !unique.empty()) {
@@ -492,10 +552,23 @@ Status WorkerEngine::FinishWrite(Status local, const std::vector<SpanStore*>& to
       if (!local.ok()) break;
       local = store->Sync();
     }
+    // Then the step's serial in the log, so that the journal record naming
+    // this rank is accepted at recovery.
+    if (local.ok() && step_serial_ > 0 && !undo_.empty()) {
+      MaybeCrashBeforeWal();
+      local = WriteWal({});
+    }
   }
   wal_pending_.clear();
   wal_overflow_ = false;
   if (local.ok()) local = EnforceRankHotBudget();
+  // Root: the step's journal record (synced in parallel on rank 0) is part
+  // of the step's status: no rank keeps a step the journal does not hold.
+  if (commit_wait_) {
+    Status journal = commit_wait_();
+    commit_wait_ = nullptr;
+    if (local.ok()) local = journal;
+  }
   Status agreed = compute_->AgreeOnStatus(local);
   int64_t mine[2] = {0, 0};
   for (auto& [handle, shard] : sessions_) {
@@ -555,9 +628,18 @@ Status WorkerEngine::Restore(const std::vector<uint64_t>& live) {
 
 Result<EngineOutput> WorkerEngine::Execute(Command& command) {
   undo_.clear();
+  step_serial_ = command.serial;
+  commit_wait_ = std::move(command.commit_wait);
   Result<EngineOutput> result = ExecuteStep(command);
-  if (!result.ok() && !undo_.empty()) RollBackStep(result.status());
+  commit_wait_ = nullptr;
+  if (!result.ok() && !undo_.empty()) {
+    // The whole step is rolled back: the log's floor (written by the
+    // rollback's checkpoint) must not cover it.
+    if (step_serial_ > 0) durable_serial_ = std::min(durable_serial_, step_serial_ - 1);
+    RollBackStep(result.status());
+  }
   undo_.clear();
+  step_serial_ = 0;
   return result;
 }
 
@@ -574,7 +656,10 @@ Result<EngineOutput> WorkerEngine::ExecuteStep(Command& command) {
       // each rank's span-file bytes (for the disk budget) without opening
       // any store.
       Status local = Restore(command.live_handles);
-      if (local.ok() && !config_.data_dir.empty()) local = LoadWal(command.live_handles);
+      const std::set<uint64_t> live(command.live_handles.begin(), command.live_handles.end());
+      for (auto it = wal_replay_.begin(); it != wal_replay_.end();) {  // runs of deleted sessions
+        it = live.count(it->first.first) ? std::next(it) : wal_replay_.erase(it);
+      }
       const std::vector<int64_t>& e = command.expected_tokens;
       for (size_t i = 0; i + 2 < e.size(); i += 3) {
         expected_tokens_[{static_cast<uint64_t>(e[i]), static_cast<int>(e[i + 1])}] = e[i + 2];
@@ -596,6 +681,26 @@ Result<EngineOutput> WorkerEngine::ExecuteStep(Command& command) {
       for (int r = 0; r < compute_->size(); ++r) {
         out.rank_disk_bytes.push_back(all[2 * r]);
         out.rank_hot_bytes.push_back(0);  // stores open lazily
+      }
+      return out;
+    }
+    case CommandKind::kReadLog: {
+      // Collective: every rank reads its log; the root learns which step
+      // serials each holds (to accept or drop rank 0's journal records).
+      Result<WalState> mine = config_.data_dir.empty() ? Result<WalState>(WalState{}) : LoadWal();
+      RINGTREE_RETURN_IF_ERROR(compute_->AgreeOnStatus(mine.status()));
+      std::vector<uint64_t> flat{mine->floor};
+      flat.insert(flat.end(), mine->serials.begin(), mine->serials.end());
+      std::vector<std::vector<uint64_t>> all;
+      RINGTREE_RETURN_IF_ERROR(AllgatherVectors(*compute_, flat, &all));
+      EngineOutput out;
+      for (const auto& v : all) {
+        WalState w;
+        if (!v.empty()) {
+          w.floor = v[0];
+          w.serials.assign(v.begin() + 1, v.end());
+        }
+        out.rank_logs.push_back(std::move(w));
       }
       return out;
     }

@@ -7,8 +7,9 @@
 // batched tree-decode kernel without copying; a store with cold spans is
 // streamed (read ahead of the kernel) and its partial joins the same
 // reduction. With a data directory every write step (append, prefill, decode)
-// ends with SpanStore::Sync on the stores it touched, before any rank reports
-// success, so an acknowledged write is durable.
+// ends with the rank's write-ahead log record of its rows synced (or, for a
+// large write, its stores synced), before any rank reports success, so an
+// acknowledged write is durable (see Checkpoint).
 //
 // Every rank (rank 0 included) owns one WorkerEngine. Rank 0's engine loop
 // (coordinator/) builds a Command per rank, sends it (CommandChannel) and
@@ -21,6 +22,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <set>
@@ -80,6 +82,16 @@ struct RetrieveOutcome {
   std::vector<RetrievedRun> runs;  // KV retrieval
 };
 
+// One rank's write-ahead log as read at startup (kReadLog): the serials of
+// the write steps it holds. `floor`: the log's last checkpoint made every
+// step up to that serial durable in the rank's stores (or rolled it back
+// everywhere), so the rank holds those too.
+struct WalState {
+  uint64_t floor = 0;
+  std::vector<uint64_t> serials;  // ascending
+  bool Holds(uint64_t serial) const;
+};
+
 // Outputs of one step, filled on the root only.
 struct EngineOutput {
   // kAttendBatch: per group, o [q_tokens, H, D] and lse [q_tokens, H].
@@ -99,6 +111,8 @@ struct EngineOutput {
   // After a write step with a data directory: every rank's spans.dat bytes
   // and hot K/V bytes (all stores), gathered at the root; empty otherwise.
   std::vector<int64_t> rank_disk_bytes, rank_hot_bytes;
+  // kReadLog: every rank's write-ahead log.
+  std::vector<WalState> rank_logs;
 };
 
 class WorkerEngine {
@@ -127,15 +141,23 @@ class WorkerEngine {
   // Durable mode, group commit on this rank: a write step whose new rows are
   // small (decode steps, small appends: up to kWalMaxStepBytes) is made
   // durable by ONE record in the rank's write-ahead log
-  // (<data_dir>/rank-<r>/wal.log: length, XXH3-64, then per run the session,
-  // layer, position and K/V rows) and ONE fdatasync, whatever the number of
-  // sessions; the stores keep those rows in RAM and in their files without a
-  // sync. Checkpoint syncs every store written since the last checkpoint and
-  // empties the log: when the log passes kWalCheckpointBytes, before a large
-  // write that syncs its stores directly, after a rolled-back step, and at
-  // shutdown. After a crash, a store opened from disk gets the log's rows
-  // beyond what its files hold before it is checked against the session
-  // metadata. Not collective.
+  // (<data_dir>/rank-<r>/wal.log: length, XXH3-64, then the step's serial and
+  // per run the session, layer, position and K/V rows) and ONE fdatasync,
+  // whatever the number of sessions; the stores keep those rows in RAM and in
+  // their files without a sync. A larger write syncs its stores directly,
+  // then logs a record of its serial without rows. Rank 0's journal record
+  // of the step (coordinator/session_store.h) is synced in parallel and
+  // names the serial and the ranks that wrote rows; recovery accepts it only
+  // if every such rank's log holds the serial (WalState).
+  //
+  // Checkpoint syncs every store written since the last checkpoint and
+  // replaces the log (atomically) by one record of its floor: the serial of
+  // the last step this rank holds, so the journal records it validated stay
+  // valid. Runs when the log passes kWalCheckpointBytes, before a large write
+  // that syncs its stores directly, after a rolled-back step (the floor then
+  // goes back to before that step), and at shutdown. After a crash, a store
+  // opened from disk gets the log's rows beyond what its files hold before it
+  // is checked against the session metadata. Not collective.
   Status Checkpoint();
   ~WorkerEngine();
   static constexpr int64_t kWalMaxStepBytes = int64_t{4} << 20;
@@ -165,6 +187,10 @@ class WorkerEngine {
   void RollBackStep(const Status& why);
   // Test hook: RINGTREE_TEST_FAIL_APPEND_FILE names a file holding this rank.
   bool InjectedAppendFault() const;
+  // Test hook: RINGTREE_TEST_CRASH_BEFORE_WAL_FILE names a file holding this
+  // rank: it exits (status 86) just before syncing a write step's log
+  // record, after rank 0's journal record of the step is durable.
+  void MaybeCrashBeforeWal();
   Result<EngineOutput> ExecutePrefill(PrefillCommand& command);
   Result<EngineOutput> ExecuteBatch(AttendBatchCommand& command);
   Result<EngineOutput> ExecuteRetrieve(RetrieveCommand& command);
@@ -197,11 +223,13 @@ class WorkerEngine {
     std::string k, v;
   };
   std::string WalPath() const;
-  // `runs` (a step's) as one log record, then one fdatasync.
+  // `runs` (a step's, possibly none) as one log record of step_serial_, then
+  // one fdatasync; durable_serial_ becomes step_serial_.
   Status WriteWal(const std::vector<WalRun>& runs);
-  // Startup: reads the log's valid prefix (runs of `live` sessions) into
-  // wal_replay_ and cuts a torn tail.
-  Status LoadWal(const std::vector<uint64_t>& live);
+  // Startup: reads the log's valid prefix into wal_replay_ (every session's
+  // runs; kRestore drops those of deleted sessions), cuts a torn tail and
+  // returns the serials the log holds.
+  Result<WalState> LoadWal();
   // Applies the log's runs of (handle, layer) that `store` lacks;
   // *had_records: the log held runs of it.
   Status ReplayWal(uint64_t handle, int layer, SpanStore* store, const SessionShape& shape,
@@ -212,9 +240,15 @@ class WorkerEngine {
       wal_replay_;                                // read at startup, not yet applied
   std::set<std::pair<uint64_t, int>> wal_dirty_;  // stores written since the last checkpoint
   int wal_fd_ = -1;
-  int64_t wal_bytes_ = 0;
+  int64_t wal_bytes_ = 0;      // the log's records end here
+  int64_t wal_allocated_ = 0;  // the file's length (zeros after wal_bytes_)
   int64_t wal_syncs_ = 0;
+  uint64_t step_serial_ = 0;     // the current command's serial (0: none)
+  uint64_t durable_serial_ = 0;  // the last step this rank holds durably (a checkpoint's floor)
+  std::function<Status()>
+      commit_wait_;               // root: the current step's journal record (Command::commit_wait)
   std::string fail_append_file_;  // test hook, see InjectedAppendFault
+  std::string crash_before_wal_file_;  // test hook, see MaybeCrashBeforeWal
 };
 
 // Point-to-point command delivery from the root to the workers on a

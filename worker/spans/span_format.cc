@@ -5,6 +5,7 @@
 #include <unistd.h>
 #include <xxhash.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <cstring>
 #include <filesystem>
@@ -255,9 +256,7 @@ Result<std::string> ReadWholeFile(const std::string& path) {
   return out;
 }
 
-Status AppendLogRecord(int fd, uint32_t magic, const std::string& payload, int64_t size_before,
-                       const std::string& path, int64_t* appended, bool* reopen) {
-  *reopen = false;
+std::string FrameLogRecord(uint32_t magic, const std::string& payload) {
   std::string record(16, '\0');
   const uint32_t length = static_cast<uint32_t>(payload.size());
   const uint64_t sum = Checksum64(payload.data(), payload.size());
@@ -265,24 +264,87 @@ Status AppendLogRecord(int fd, uint32_t magic, const std::string& payload, int64
   std::memcpy(record.data() + 4, &length, 4);
   std::memcpy(record.data() + 8, &sum, 8);
   record += payload;
-  size_t done = 0;
-  while (done < record.size()) {
-    const ssize_t n = WriteFile(fd, record.data() + done, record.size() - done, path);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) {
-      Status st = Errno("write", path);
-      // No torn record ahead of the next one.
-      if (::ftruncate(fd, static_cast<off_t>(size_before)) != 0) *reopen = true;
-      return st;
+  return record;
+}
+
+Status AppendLogRecord(int fd, uint32_t magic, const std::string& payload, int64_t size_before,
+                       const std::string& path, int64_t* appended, bool* reopen,
+                       int64_t* allocated) {
+  *reopen = false;
+  const std::string record = FrameLogRecord(magic, payload);
+  const int64_t end = size_before + static_cast<int64_t>(record.size());
+  // Writes `n` bytes at `at` (in place) or at the end (O_APPEND).
+  auto write_all = [&](const char* data, size_t n, int64_t at) {
+    size_t done = 0;
+    while (done < n) {
+      const ssize_t w = allocated ? PwriteFile(fd, data + done, n - done, at + static_cast<int64_t>(done), path)
+                                  : WriteFile(fd, data + done, n - done, path);
+      if (w < 0 && errno == EINTR) continue;
+      if (w <= 0) return false;
+      done += static_cast<size_t>(w);
     }
-    done += static_cast<size_t>(n);
+    return true;
+  };
+  auto cut = [&](const char* op) {
+    Status st = Errno(op, path);
+    // No torn record ahead of the next one.
+    if (::ftruncate(fd, static_cast<off_t>(size_before)) != 0) *reopen = true;
+    if (allocated) *allocated = size_before;
+    return st;
+  };
+  if (allocated && end > *allocated) {
+    const int64_t from = std::max(*allocated, size_before);
+    const int64_t to = from + std::max(kLogPreallocateBytes, end - from);
+    const std::string zeros(static_cast<size_t>(std::min<int64_t>(to - from, int64_t{1} << 20)),
+                            '\0');
+    for (int64_t at = from; at < to; at += static_cast<int64_t>(zeros.size())) {
+      if (!write_all(zeros.data(), static_cast<size_t>(std::min<int64_t>(to - at, zeros.size())),
+                     at))
+        return cut("preallocate");
+    }
+    if (SyncFileData(fd) != 0) return cut("fdatasync (preallocation)");
+    *allocated = to;
   }
+  if (!write_all(record.data(), record.size(), size_before)) return cut("write");
   if (SyncFileData(fd) != 0) {
     *reopen = true;  // the record's fate is unknown
     return Errno("fdatasync", path);
   }
   *appended = static_cast<int64_t>(record.size());
   return Status::Ok();
+}
+
+Result<int> OpenLogForAppend(const std::string& path, uint32_t magic, int64_t* end, bool* created) {
+  std::error_code ec;
+  *created = !std::filesystem::exists(path, ec);
+  const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+  if (fd < 0) return Errno("open", path);
+  *end = 0;
+  if (!*created) {
+    Result<std::string> log = ReadWholeFile(path);
+    Result<size_t> valid =
+        log.ok() ? ForEachLogRecord(*log, magic, [](const char*, uint32_t) { return Status::Ok(); })
+                 : Result<size_t>(log.status());
+    if (!valid.ok()) {
+      ::close(fd);
+      return valid.status();
+    }
+    *end = static_cast<int64_t>(*valid);
+    if (*valid < log->size() &&
+        (::ftruncate(fd, static_cast<off_t>(*valid)) != 0 || SyncFileData(fd) != 0)) {
+      Status st = Errno("truncate", path);
+      ::close(fd);
+      return st;
+    }
+  }
+  return fd;
+}
+
+bool IsZeroTail(const std::string& log, size_t from) {
+  for (size_t i = from; i < log.size(); ++i) {
+    if (log[i] != '\0') return false;
+  }
+  return true;
 }
 
 Result<size_t> ForEachLogRecord(

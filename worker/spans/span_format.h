@@ -134,13 +134,35 @@ Status RemoveAllDurably(const std::string& path);
 // A checksummed record log (the engine's write-ahead log, rank 0's session
 // journal): each record is `magic` (u32), the payload's bytes (u32), the
 // payload's XXH3-64 (u64), then the payload.
-// Appends one record to `fd` (open with O_APPEND, `size_before` bytes long)
-// and fdatasyncs it; *appended: the record's bytes. A failed write is cut
-// back off the file; *reopen is set when the file's state is unknown
-// (failed sync, or a cut that failed): the caller closes it and reopens.
+// Appends one record to `fd` (whose records end at `size_before`) and
+// fdatasyncs it; *appended: the record's bytes. A failed write is cut back
+// off the file; *reopen is set when the file's state is unknown (failed sync,
+// or a cut that failed): the caller closes it and reopens.
+//   allocated == nullptr: `fd` is open with O_APPEND and `size_before` long.
+//   Otherwise (preallocated): `fd` is open without O_APPEND, *allocated is
+//   the file's length (zeros after size_before); the record is written in
+//   place, and when it does not fit the file first grows by
+//   kLogPreallocateBytes of zeros (written and synced). A record's sync then
+//   writes data only, no metadata: on ext4 it takes about half as long
+//   (2026-11-30, this VM: 200 against 400 us) and concurrent syncs of
+//   several logs no longer queue behind each other's journal commits.
+//   Readers see the zeros as the end of the log (ForEachLogRecord).
 // Errors: IO_ERROR naming `path`.
 Status AppendLogRecord(int fd, uint32_t magic, const std::string& payload, int64_t size_before,
-                       const std::string& path, int64_t* appended, bool* reopen);
+                       const std::string& path, int64_t* appended, bool* reopen,
+                       int64_t* allocated = nullptr);
+constexpr int64_t kLogPreallocateBytes = int64_t{2} << 20;
+// Opens (creating) the log at `path` for AppendLogRecord's preallocated
+// mode: cuts it to its valid prefix (dropping a preallocated or torn tail,
+// synced) and returns the fd; *end: the prefix's length (size_before and
+// *allocated for the next record). *created: the file did not exist (its
+// directory entry is then the caller's to sync). Errors: IO_ERROR naming it.
+Result<int> OpenLogForAppend(const std::string& path, uint32_t magic, int64_t* end, bool* created);
+// True when log[from, end) is all zero bytes (a preallocated tail, not a torn record).
+bool IsZeroTail(const std::string& log, size_t from);
+// The bytes AppendLogRecord writes for one record (to write a whole log at
+// once, e.g. with WriteFileAtomically).
+std::string FrameLogRecord(uint32_t magic, const std::string& payload);
 // Calls visit(payload, bytes) for each whole record with a valid checksum,
 // in order, stopping at the first that is not (a torn tail). Returns the
 // length of that valid prefix, or visit's first error.
