@@ -277,8 +277,9 @@ Status AppendLogRecord(int fd, uint32_t magic, const std::string& payload, int64
   auto write_all = [&](const char* data, size_t n, int64_t at) {
     size_t done = 0;
     while (done < n) {
-      const ssize_t w = allocated ? PwriteFile(fd, data + done, n - done, at + static_cast<int64_t>(done), path)
-                                  : WriteFile(fd, data + done, n - done, path);
+      const ssize_t w =
+          allocated ? PwriteFile(fd, data + done, n - done, at + static_cast<int64_t>(done), path)
+                    : WriteFile(fd, data + done, n - done, path);
       if (w < 0 && errno == EINTR) continue;
       if (w <= 0) return false;
       done += static_cast<size_t>(w);
