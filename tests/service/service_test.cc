@@ -1630,6 +1630,16 @@ class ServiceWritePath : public ServerSuite {
     for (const auto& r : stats->ranks()) tokens += r.kv_tokens();
     EXPECT_EQ(tokens, m.tokens() + other_layer) << when;
   }
+  // A new session of `m` holding 192 tokens (span_tokens 64): spans 0 and 2
+  // on rank 0, span 1 on rank 1, so the next new span goes to rank 1. Empty
+  // on failure.
+  static std::string SessionOf192(AttentionClient& client, std::mt19937& rng, Model& m) {
+    auto info = client.CreateSession(Config(m));
+    if (!info.ok()) return "";
+    auto [k0, v0] = NewKv(rng, m, 192);
+    if (!client.AppendKV(info->session_id(), 0, k0, v0).ok()) return "";
+    return info->session_id();
+  }
   // Every write kind fails while rank 1 fails its appends; afterwards the
   // session holds exactly the acknowledged tokens and answers exactly.
   void FailedWritesChangeNothing(bool durable);
@@ -1648,12 +1658,8 @@ void ServiceWritePath::FailedWritesChangeNothing(bool durable) {
   {
     auto server = Start(durable);
     auto client = Client(*server);
-    auto info = client->CreateSession(Config(m));  // span_tokens 64
-    ASSERT_TRUE(info.ok());
-    id = info->session_id();
-    // Spans 0 and 2 on rank 0, span 1 on rank 1: the next new span goes to rank 1.
-    auto [k0, v0] = NewKv(rng, m, 192);
-    ASSERT_TRUE(client->AppendKV(id, 0, k0, v0).ok());
+    id = SessionOf192(*client, rng, m);
+    ASSERT_FALSE(id.empty());
     FailAppendsOn(1);
     const std::vector<float> q1 = Random(rng, m.heads * m.head_dim);
     const HostTensor q1t = HostTensor::FromFloat32(q1.data(), {1, m.heads, m.head_dim});
@@ -1732,11 +1738,8 @@ TEST_F(ServiceWritePath, FileFaultsReachTheClientAndLeaveTheSessionUsable) {
   {
     auto server = Start(true);
     auto client = Client(*server);
-    auto info = client->CreateSession(Config(m));  // span_tokens 64
-    ASSERT_TRUE(info.ok());
-    id = info->session_id();
-    auto [k0, v0] = NewKv(rng, m, 192);
-    ASSERT_TRUE(client->AppendKV(id, 0, k0, v0).ok());
+    id = SessionOf192(*client, rng, m);
+    ASSERT_FALSE(id.empty());
     struct Fault {
       const char* kind;
       const char* where;
