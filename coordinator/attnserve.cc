@@ -14,6 +14,7 @@
 // command loop. SIGTERM/SIGINT to rank 0: stop admitting, finish what is in
 // flight (up to --shutdown-grace-seconds), stop the workers; every rank exits 0.
 // Workers ignore SIGTERM/SIGINT and wait for rank 0's shutdown command.
+#include <dirent.h>
 #include <grpcpp/ext/proto_server_reflection_plugin.h>
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/grpcpp.h>
@@ -30,10 +31,12 @@
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <functional>
 #include <limits>
 #include <mutex>
+#include <set>
 #include <sstream>
 #include <thread>
 
@@ -198,6 +201,42 @@ int RunPlaceholder(const std::string& listen, const std::string& tls_cert,
   while (g_stop_signal.load() == 0) std::this_thread::sleep_for(std::chrono::milliseconds(20));
   server->Shutdown(std::chrono::system_clock::now());
   return 0;
+}
+
+// Listening TCP sockets on `port` in this network namespace that belong to
+// another process (/proc/net/tcp{,6} against this process's socket inodes):
+// the supervisor's placeholder shares the port (SO_REUSEPORT) until this
+// world listens, and this world must not report SERVING while a client could
+// still reach the placeholder.
+int OtherListeners(int port) {
+  std::set<std::string> own;
+  if (DIR* fds = opendir("/proc/self/fd")) {
+    while (dirent* e = readdir(fds)) {
+      char target[64] = {};
+      const std::string link = std::string("/proc/self/fd/") + e->d_name;
+      const ssize_t n = readlink(link.c_str(), target, sizeof(target) - 1);
+      if (n > 9 && std::strncmp(target, "socket:[", 8) == 0)
+        own.insert(std::string(target + 8, n - 9));
+    }
+    closedir(fds);
+  }
+  int others = 0;
+  for (const char* table : {"/proc/net/tcp", "/proc/net/tcp6"}) {
+    std::ifstream in(table);
+    std::string line;
+    std::getline(in, line);  // header
+    while (std::getline(in, line)) {
+      std::istringstream f(line);
+      std::string slot, local, remote, state, queues, timer, retransmits, uid, timeout, inode;
+      if (!(f >> slot >> local >> remote >> state >> queues >> timer >> retransmits >> uid >>
+            timeout >> inode))
+        continue;
+      const size_t colon = local.rfind(':');
+      if (state != "0A" || colon == std::string::npos) continue;  // 0A: LISTEN
+      if (std::stoi(local.substr(colon + 1), nullptr, 16) == port && !own.count(inode)) ++others;
+    }
+  }
+  return others;
 }
 
 int Fail(int rank, const Status& status) {
@@ -497,6 +536,17 @@ int main(int argc, char** argv) {
     loop.Run([] { return true; }).ok();  // tells the workers to stop
     if (watchdog) watchdog->Stop(true);
     return 2;
+  }
+  // A placeholder still on our port (launch/attnserve --restart): wait until
+  // it has given way, so that SERVING is never followed by its UNAVAILABLE.
+  for (int waited_ms = 0; OtherListeners(port) > 0; waited_ms += 20) {
+    if (waited_ms >= 10000) {
+      std::fprintf(
+          stderr, "[attnserve] warning: another process still listens on port %d; serving anyway\n",
+          port);
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
   admission.SetServing();
   server->GetHealthCheckService()->SetServingStatus(true);
