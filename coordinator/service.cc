@@ -299,8 +299,10 @@ Result<std::shared_ptr<SessionRecord>> AttentionServiceImpl::FindSession(const s
 // Calls that do not honour a session's attention_window yet: refused by
 // name instead of answered with full attention.
 Status NotWithAttentionWindow(const char* what) {
-  return Status::InvalidArgument(std::string("attention_window: ") + what +
-                                 " is not supported on a session with a sliding window (Decode is)");
+  return Status::InvalidArgument(
+      std::string("attention_window: ") + what +
+      " is not supported on a session with a sliding window (Decode, Prefill and "
+      "retrieval Attend are)");
 }
 
 grpc::Status AttentionServiceImpl::FindLayer(const grpc::ServerContextBase& context, const std::string& session_id, int layer,
@@ -688,7 +690,6 @@ grpc::Status AttentionServiceImpl::Prefill(grpc::ServerContext* context, const v
   std::shared_ptr<SessionRecord> session;
   if (grpc::Status g = FindLayer(*context, request->session_id(), request->layer(), m, &session); !g.ok()) return g;
   const SessionShape& shape = session->shape;
-  if (shape.attention_window > 0) return Invalid(m, NotWithAttentionWindow("Prefill"));
   DType qd, kd, vd, out_dtype;
   int64_t qt = 0, kt = 0, vt = 0;
   if (Status st = CheckTensor(request->q(), m, "q", shape.heads, shape.head_dim, 1, limits_.max_prefill_tokens, -1,
@@ -885,7 +886,11 @@ grpc::Status AttentionServiceImpl::PrepareAttend(const char* m, Clock::time_poin
                                                  const AttendFields& f,
                                                  std::shared_ptr<WorkItem>* out, DType* out_dtype) {
   const SessionShape& shape = session->shape;
-  if (shape.attention_window > 0) return Invalid(m, NotWithAttentionWindow("Attend"));
+  // A sliding-window session's Attend has no position to window from: only
+  // retrieval Attend (over every stored span, ReKV's question over an
+  // offloaded stream) is defined.
+  if (shape.attention_window > 0 && f.retrieval == nullptr)
+    return Invalid(m, NotWithAttentionWindow("Attend without retrieval"));
   DType qd;
   int64_t qt = 0;
   if (Status st = CheckTensor(f.q, m, "q", shape.heads, shape.head_dim, 1,

@@ -186,7 +186,8 @@ TEST_F(ServiceFlow, FullFlowMatchesReference) {
 
 // A sliding-window session: Decode attends only the last attention_window
 // keys (on every rank's spans, hot or cold); calls that do not honour the
-// window yet are refused naming it, never answered with full attention.
+// window (exact Attend, retrieval Decode) are refused naming it, never
+// answered with full attention. Prefill: ServiceSpans.StreamingWindowed*.
 TEST_F(ServiceFlow, AttentionWindowDecodeMatchesReference) {
   auto client = Client(*server_);
   std::mt19937 rng(7);
@@ -224,9 +225,6 @@ TEST_F(ServiceFlow, AttentionWindowDecodeMatchesReference) {
   EXPECT_NE(attend.status().message().find("attention_window"), std::string::npos) << attend.status().message();
   Model scratch = m;
   auto [pk, pv] = NewKv(rng, scratch, 1);
-  auto prefill = client->Prefill(id, 0, HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim}), pk, pv);
-  EXPECT_EQ(GrpcCodeOf(prefill.status()), grpc::StatusCode::INVALID_ARGUMENT);
-  EXPECT_NE(prefill.status().message().find("attention_window"), std::string::npos) << prefill.status().message();
   CallOptions retrieval;
   retrieval.retrieval = v1::RetrievalOptions();
   retrieval.retrieval->set_token_budget(256);
@@ -1311,6 +1309,82 @@ TEST_F(ServiceSpans, DiscoveredSpansFollowThePrefillsAttentionAndSurviveRestart)
   auto info = client->GetSession(discovered_id);
   ASSERT_TRUE(info.ok());
   EXPECT_EQ(info->config().span_boundaries(), v1::SPAN_BOUNDARIES_DISCOVERED);
+}
+
+// ReKV's streaming flow (issue 15): context arrives in chunks, each
+// prefilled with sliding-window attention (ring over the chunk plus the
+// stored keys within the window, cold ones from disk) while its KV is
+// offloaded; questions come at any time as retrieval Attend over everything
+// stored. Each chunk's output equals the windowed reference; a question with
+// a full budget equals exact attention over the whole stream, and a small
+// budget finds a needle long out of the window.
+TEST_F(ServiceSpans, StreamingWindowedPrefillAndRetrievalQuestions) {
+  auto server = Start({"--hot-budget-mib", "1"});
+  auto client = Client(*server);
+  std::mt19937 rng(23);
+  Model m;
+  const int64_t window = 120, chunk = 200, chunks = 8;  // windows inside a chunk and across chunks
+  v1::SessionConfig config = SpanConfig(m, 32, 0, 0);
+  config.set_attention_window(window);
+  auto info = client->CreateSession(config);
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  const std::string id = info->session_id();
+  const int row = m.kv_heads * m.head_dim, qrow = m.heads * m.head_dim;
+  const std::vector<float> dir = Random(rng, row);
+  const int64_t needle = 130;  // in the first chunk
+  for (int64_t c = 0; c < chunks; ++c) {
+    std::vector<float> q = Random(rng, chunk * qrow), k = Random(rng, chunk * row),
+                       v = Random(rng, chunk * row);
+    for (auto& x : k) x *= 0.3f;
+    if (c == 0)
+      for (int64_t t = needle; t < needle + 8; ++t)
+        for (int i = 0; i < row; ++i) k[t * row + i] = 1.5f * dir[i];
+    m.k.insert(m.k.end(), k.begin(), k.end());
+    m.v.insert(m.v.end(), v.begin(), v.end());
+    auto out =
+        client->Prefill(id, 0, HostTensor::FromFloat32(q.data(), {chunk, m.heads, m.head_dim}),
+                        HostTensor::FromFloat32(k.data(), {chunk, m.kv_heads, m.head_dim}),
+                        HostTensor::FromFloat32(v.data(), {chunk, m.kv_heads, m.head_dim}));
+    ASSERT_TRUE(out.ok()) << "chunk " << c << ": " << out.status().ToString();
+    AttentionShape s{chunk, m.tokens(), m.heads, m.kv_heads, m.head_dim};
+    AttentionOptions opt;
+    opt.causal = true;
+    opt.window = window;
+    opt.q_position_offset = m.tokens() - chunk;
+    std::vector<float> ref(q.size());
+    ReferenceAttention(q.data(), m.k.data(), m.v.data(), DType::kFloat32, s, opt, ref.data(),
+                       nullptr);
+    EXPECT_LE(MaxDiff(out->o.ToFloat32(), ref), 2e-4) << "chunk " << c;
+    if (c > 1)
+      EXPECT_GT(MaxDiff(out->o.ToFloat32(), Reference(m, q, chunk, true)), 1e-3)
+          << "the window cut nothing";
+  }
+  std::vector<float> question(qrow);
+  for (int h = 0; h < m.heads; ++h) {
+    const int g = h / (m.heads / m.kv_heads);
+    for (int d = 0; d < m.head_dim; ++d) question[h * m.head_dim + d] = dir[g * m.head_dim + d];
+  }
+  const HostTensor qt = HostTensor::FromFloat32(question.data(), {1, m.heads, m.head_dim});
+  // Exact Attend has no position to window from: refused, naming the option.
+  auto exact = client->Attend(id, 0, qt);
+  EXPECT_EQ(GrpcCodeOf(exact.status()), grpc::StatusCode::INVALID_ARGUMENT);
+  EXPECT_NE(exact.status().message().find("attention_window"), std::string::npos)
+      << exact.status().message();
+  CallOptions all;
+  all.retrieval = Budget(1 << 30);
+  auto full = client->Attend(id, 0, qt, all);
+  ASSERT_TRUE(full.ok()) << full.status().ToString();
+  EXPECT_LE(MaxDiff(full->o.ToFloat32(), AttendReference(m, question, 1)), 2e-4);
+  EXPECT_EQ(full->retrieval->tokens_attended(), chunk * chunks);
+  CallOptions top;
+  top.retrieval = v1::RetrievalOptions();
+  top.retrieval->set_top_k_spans(2);
+  auto found = client->Attend(id, 0, qt, top);
+  ASSERT_TRUE(found.ok()) << found.status().ToString();
+  EXPECT_TRUE(CoversPosition(*found->retrieval, needle, v1::SELECTED));
+  auto got = client->GetSession(id);
+  ASSERT_TRUE(got.ok());
+  EXPECT_EQ(got->layer_tokens(0), chunk * chunks);
 }
 
 TEST_F(ServiceSpans, BatchedRetrievalEntriesShareAStepAndFailAlone) {

@@ -820,6 +820,12 @@ Result<EngineOutput> WorkerEngine::ExecutePrefill(PrefillCommand& p) {
     cached_lse.resize(static_cast<size_t>(all_rows));
     AttentionOptions ao;
     ao.scale = p.scale;
+    if (s.attention_window >
+        0) {  // sliding window: chunk query t sees stored keys > chunk_first + t - W
+      ao.causal = true;
+      ao.window = s.attention_window;
+      ao.q_position_offset = p.chunk_first;
+    }
     local = (*store)->AttendExact(p.all_q.data(), p.chunk_tokens, s.heads, ao, cached_o.data(), cached_lse.data());
   }
   int64_t row = 0;
@@ -848,6 +854,7 @@ Result<EngineOutput> WorkerEngine::ExecutePrefill(PrefillCommand& p) {
   options.causal = true;
   options.scale = p.scale;
   options.band_width = discover ? discovery.max_tokens : 0;
+  options.window = s.attention_window;
   RINGTREE_RETURN_IF_ERROR(RingAttention(*compute_, heads, queries, kv, options, &out.timings));
   std::vector<std::vector<int64_t>> span_starts;
   Status discovered = Status::Ok();

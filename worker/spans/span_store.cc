@@ -339,8 +339,15 @@ Status SpanStore::AttendExact(const float* q, int64_t q_tokens, int heads,
                               const AttentionOptions& options, float* o, float* lse) const {
   RINGTREE_RETURN_IF_ERROR(CheckQuery(options_, q, q_tokens, heads, o));
   // A full scan does not fill the cache (it would flush it; see ForEachChunk).
-  std::vector<int64_t> all(spans_.size());
-  for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int64_t>(i);
+  // With a sliding window, spans wholly before every query's window are
+  // never read.
+  const int64_t first_key =
+      options.causal && options.window > 0 ? options.q_position_offset - options.window + 1 : 0;
+  std::vector<int64_t> all;
+  all.reserve(spans_.size());
+  for (size_t i = 0; i < spans_.size(); ++i)
+    if (spans_[i].position_start + spans_[i].tokens > first_key)
+      all.push_back(static_cast<int64_t>(i));
   return AttendStreamed(all, /*insert_into_cache=*/false, /*gather=*/false, q, q_tokens, heads,
                         options, o, lse);
 }
