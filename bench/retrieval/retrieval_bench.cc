@@ -24,6 +24,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -75,11 +76,14 @@ struct Args {
   // Span discovery: bounds, and the prefill whose band it uses (query heads
   // = kv heads; window 0 = full causal; a window >= max span gives the same
   // spans, the band being row-normalised).
-  int min_span = 8, max_span = 64, fallback_span = 32;
-  double min_score = 0.0;
-  int selection = 0;  // SpanSelection
+  // Defaults: SpanDiscoveryOptions' (kOptimal, 4..16 tokens).
+  int min_span = SpanDiscoveryOptions{}.min_tokens, max_span = SpanDiscoveryOptions{}.max_tokens,
+      fallback_span = SpanDiscoveryOptions{}.fallback_tokens;
+  double min_score = SpanDiscoveryOptions{}.min_score;
+  int selection = static_cast<int>(SpanDiscoveryOptions{}.selection);  // 0 NMS, 1 optimal
   double resolution = 1.0, split_penalty = 0.0;
   double key_scale = 1.0;  // "keys" configurations: KeySimilarityBand's key_scale
+  bool band_columns = false;  // TriangleScores::FromBand's add_columns
   // Band the prefill captures (and TriangleScores spans): max(max_span, this).
   // Wider than the longest span, rows show where their attention goes beyond
   // it (the null model of the scores is a row spread over the band).
@@ -314,6 +318,8 @@ bool ApplyOverrides(const std::string& name, Args* a) {
       a->key_scale = val;
     else if (key == "band")
       a->band_width = int(val);
+    else if (key == "cols")
+      a->band_columns = val != 0;
     else
       return false;
   }
@@ -381,6 +387,14 @@ void ReportBoundaries(const Args& a, const SpanConfig& cfg, const SyntheticKV& g
     int64_t c = 1;
     for (; it != cut.end() && *it < n.position + n.tokens; ++it) ++c;
     overlap += c;
+    if (std::getenv("RETRIEVAL_BENCH_SHOW_NEEDLES")) {  // debugging aid: cuts around each needle
+      std::printf("#   needle [%lld, %lld): cuts", (long long)n.position,
+                  (long long)(n.position + n.tokens));
+      for (auto c2 = cut.lower_bound(n.position - 24);
+           c2 != cut.end() && *c2 <= n.position + n.tokens + 24; ++c2)
+        std::printf(" %lld", (long long)*c2);
+      std::printf("\n");
+    }
   }
   const double nn = std::max<size_t>(1, gen.needles().size());
   j["needle_exact"] = exact / nn;
@@ -524,8 +538,8 @@ int RunConfig(const Args& a_in, const SpanConfig& cfg) {
     }
     std::vector<float>().swap(qctx);
     double p0 = NowMs();
-    auto scores =
-        TriangleScores::FromBand(band.data(), T, a.kv_heads, cfg.from_keys ? a.kv_heads : Hp, W);
+    auto scores = TriangleScores::FromBand(
+        band.data(), T, a.kv_heads, cfg.from_keys ? a.kv_heads : Hp, W, true, a.band_columns);
     if (!scores.ok()) Die(scores.status());
     const SpanDiscoveryOptions dopt = DiscoveryOptions(a);
     auto cuts = DiscoverSpans(scores.value(), dopt);
@@ -955,7 +969,7 @@ int main(int argc, char** argv) {
         "[--sink 16] [--window 128] [--data-dir DIR --hot-budget-mb M --cache-mb M] "
         "[--no-quality] [--exact-timing-queries N] [--out FILE.jsonl] [--label L] "
         "[--spans fixed16,fixed64,discovered] [--generator 1|2] [--multi-needle-queries Q] "
-        "[--aggregate-queries Q] [--min-span 8] [--max-span 64] [--fallback-span 32] [--min-score "
+        "[--aggregate-queries Q] [--min-span 4] [--max-span 16] [--fallback-span 16] [--min-score "
         "0] "
         "[--prefill-window 0] [--band-cache DIR] [--no-prefill-timing] [--discovery-only]\n");
     return 2;

@@ -150,6 +150,39 @@ TEST(TriangleScores, PrefixSumsEqualDirectSumsOverTheBand) {
     }
 }
 
+// add_columns: the prefix sums run over the average of the row-normalised
+// and the column-normalised band (columns of the head-averaged entries),
+// computed here directly.
+TEST(TriangleScores, RowsAndColumnsEqualDirectSumsOverTheAveragedBand) {
+  const int64_t T = 61;
+  const int W = 9, Hkv = 2, H = 4;
+  std::mt19937_64 rng(8);
+  std::uniform_real_distribution<float> u(0.01f, 0.3f);
+  std::vector<float> mass(static_cast<size_t>(T) * Hkv * W);
+  for (auto& x : mass) x = u(rng);
+  std::vector<double> e(static_cast<size_t>(T) * W, 0.0), row(T, 0.0), col(T, 0.0);
+  for (int64_t i = 0; i < T; ++i)
+    for (int w = 0; w <= std::min<int64_t>(i, W - 1); ++w) {
+      for (int hk = 0; hk < Hkv; ++hk) e[i * W + w] += mass[(i * Hkv + hk) * W + w] / double(H);
+      row[i] += e[i * W + w];
+      col[i - w] += e[i * W + w];
+    }
+  std::vector<double> band(e.size(), 0.0);
+  for (int64_t i = 0; i < T; ++i)
+    for (int w = 0; w <= std::min<int64_t>(i, W - 1); ++w)
+      band[i * W + w] = 0.5 * (e[i * W + w] / row[i] + e[i * W + w] / col[i - w]);
+  auto s = TriangleScores::FromBand(mass.data(), T, Hkv, H, W, true, /*add_columns=*/true);
+  ASSERT_TRUE(s.ok());
+  for (int64_t a = 0; a < T; ++a)
+    for (int64_t b = a + 1; b <= std::min<int64_t>(T, a + W); ++b) {
+      ASSERT_NEAR(s.value().Triangle(a, b), ReferenceTriangle(band, W, a, b), 1e-9)
+          << a << " " << b;
+      ASSERT_NEAR(s.value().LeakIn(a, b), ReferenceLeakIn(band, W, a, b), 1e-9) << a << " " << b;
+      ASSERT_NEAR(s.value().LeakOut(a, b), ReferenceLeakOut(band, T, W, a, b), 1e-9)
+          << a << " " << b;
+    }
+}
+
 // The greedy selection by brute force: every candidate sorted the same way,
 // overlap and gaps checked token by token.
 std::vector<std::pair<int64_t, int64_t>> ReferenceNms(const TriangleScores& s,
@@ -206,8 +239,11 @@ TEST(SpanDiscovery, NmsMatchesReferenceAndCoversEverythingWithinBounds) {
       const std::vector<float> mass = CaptureBand(p, 40);
       auto s = TriangleScores::FromBand(mass.data(), p.T, p.Hkv, p.H, 40);
       ASSERT_TRUE(s.ok());
-      const SpanDiscoveryOptions o{
-          .min_tokens = 6, .max_tokens = 40, .fallback_tokens = 16, .min_score = min_score};
+      const SpanDiscoveryOptions o{.min_tokens = 6,
+                                   .max_tokens = 40,
+                                   .fallback_tokens = 16,
+                                   .min_score = min_score,
+                                   .selection = SpanSelection::kGreedyNms};
       auto cuts = DiscoverSpans(s.value(), o);
       ASSERT_TRUE(cuts.ok()) << cuts.status().ToString();
       CheckSegmentation(cuts.value(), p.T, o);
@@ -224,7 +260,10 @@ TEST(SpanDiscovery, FindsPlantedRuns) {
   const std::vector<float> mass = CaptureBand(p, 64);
   auto s = TriangleScores::FromBand(mass.data(), p.T, p.Hkv, p.H, 64);
   ASSERT_TRUE(s.ok());
-  const SpanDiscoveryOptions o{.min_tokens = 8, .max_tokens = 64, .fallback_tokens = 32};
+  const SpanDiscoveryOptions o{.min_tokens = 8,
+                               .max_tokens = 64,
+                               .fallback_tokens = 32,
+                               .selection = SpanSelection::kGreedyNms};
   auto cuts = DiscoverSpans(s.value(), o);
   ASSERT_TRUE(cuts.ok());
   CheckSegmentation(cuts.value(), p.T, o);

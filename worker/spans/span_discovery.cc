@@ -34,7 +34,8 @@ Status ValidateSpanDiscovery(const SpanDiscoveryOptions& o) {
 }
 
 Result<TriangleScores> TriangleScores::FromBand(const float* mass, int64_t tokens, int kv_heads,
-                                                int heads, int width, bool normalize_rows) {
+                                                int heads, int width, bool normalize_rows,
+                                                bool add_columns) {
   if (tokens < 0)
     return Status::InvalidArgument("[span_discovery] tokens must be >= 0, got " +
                                    std::to_string(tokens));
@@ -55,21 +56,32 @@ Result<TriangleScores> TriangleScores::FromBand(const float* mass, int64_t token
   std::vector<double> row(static_cast<size_t>(tokens) * W);
   const double inv_heads = 1.0 / heads;
   t.tot_.assign(static_cast<size_t>(tokens) + 1, 0.0);
-  for (int64_t i = 0; i < tokens; ++i) {
-    double run = 0;
-    double* r = row.data() + static_cast<size_t>(i) * W;
+  // Entries first (head average), then the normalisations.
+  for (int64_t i = 0; i < tokens; ++i)
     for (int w = 0; w < W; ++w) {
-      if (w <= i) {
-        double s = 0;
+      double s = 0;
+      if (w <= i)
         for (int hk = 0; hk < kv_heads; ++hk) s += mass[(i * kv_heads + hk) * W + w];
-        run += s * inv_heads;
+      row[static_cast<size_t>(i) * W + w] = s * inv_heads;
+    }
+  std::vector<double> col;  // mass each key gets from the rows of the band
+  if (normalize_rows && add_columns) {
+    col.assign(static_cast<size_t>(tokens), 0.0);
+    for (int64_t i = 0; i < tokens; ++i)
+      for (int w = 0; w < W && w <= i; ++w) col[i - w] += row[static_cast<size_t>(i) * W + w];
+  }
+  for (int64_t i = 0; i < tokens; ++i) {
+    double* r = row.data() + static_cast<size_t>(i) * W;
+    double total = 0;
+    for (int w = 0; w < W; ++w) total += r[w];
+    if (normalize_rows && total > 0) {
+      for (int w = 0; w < W && w <= i; ++w) {
+        const double by_row = r[w] / total;
+        r[w] = col.empty() ? by_row : 0.5 * (by_row + (col[i - w] > 0 ? r[w] / col[i - w] : 0.0));
       }
-      r[w] = run;
     }
-    if (normalize_rows && run > 0) {
-      for (int w = 0; w < W; ++w) r[w] /= run;
-      run = 1.0;
-    }
+    double run = 0;
+    for (int w = 0; w < W; ++w) r[w] = (run += r[w]);
     t.tot_[i + 1] = t.tot_[i] + run;
   }
   // G(c, k) = G(c, k - 1) + R[c + k - 1][k - 1]; rows past the end add 0.

@@ -61,16 +61,22 @@ enum class SpanSelection : uint8_t {
 };
 
 struct SpanDiscoveryOptions {
-  // Shortest discovered span, >= 1 (default 8 tokens).
-  int min_tokens = 8;
+  // Shortest discovered span, >= 1 (default 4 tokens: generator 2's runs
+  // of 6 tokens get spans of their own).
+  int min_tokens = 4;
   // Longest discovered span and the band width the kernels must capture
   // (AttentionBand::width >= max_tokens). >= 2 * min_tokens - 1 so that any
-  // gap of >= min_tokens can be cut into spans within bounds. Default 64,
-  // the fixed span size of the store's default.
-  int max_tokens = 64;
+  // gap of >= min_tokens can be cut into spans within bounds. Default 16:
+  // measured in bench/retrieval (docs/spans.md), spans of at most 16 tokens
+  // cut at the discovered boundaries beat longer discovered spans (up to 64)
+  // on every retrieval figure: a long unit is then several short spans, each
+  // with tight summaries, and no span straddles a boundary. Capture a band
+  // wider than this (64 in the benchmark): the null model is a row spread
+  // over the whole band.
+  int max_tokens = 16;
   // Tokens no discovered span covers are cut into near-equal spans of at
-  // most this many; in [2 * min_tokens - 1, max_tokens]. Default 32.
-  int fallback_tokens = 32;
+  // most this many; in [2 * min_tokens - 1, max_tokens]. Default 16.
+  int fallback_tokens = 16;
   // Candidates scoring below this are never taken (their tokens fall back
   // to fixed spans). 0 keeps every span that holds more than a flat band
   // row would put inside it, net of what crosses its borders.
@@ -87,7 +93,9 @@ struct SpanDiscoveryOptions {
   // run is cut into max-length pieces. resolution > 1 favours shorter spans,
   // < 1 longer; split_penalty (>= 0, in rows of mass) is charged per span.
   // min_score and fallback_tokens are not used.
-  SpanSelection selection = SpanSelection::kGreedyNms;
+  // Default kOptimal (measured: greedy NMS cut gen-2 needles, 0.67 hit rate
+  // on two-needle queries at 32k, and found fewer planted boundaries).
+  SpanSelection selection = SpanSelection::kOptimal;
   double resolution = 1.0;
   double split_penalty = 0.0;
 };
@@ -114,7 +122,16 @@ class TriangleScores {
   // pieces (measured on planted runs: 11 of 22 boundaries found without,
   // all with). false: raw probabilities (tests compare with the full matrix).
   static Result<TriangleScores> FromBand(const float* mass, int64_t tokens, int kv_heads, int heads,
-                                         int width, bool normalize_rows = true);
+                                         int width, bool normalize_rows = true,
+                                         bool add_columns = false);
+  // add_columns (with normalize_rows): the band becomes the average of the
+  // row-normalised band and the column-normalised one (each key's entries
+  // divided by the mass all later rows in the band give it). Rows see where
+  // a unit starts (a needle's rows attend only inside it) but not always
+  // where it ends: tokens after a needle, in the same topic run, attend to
+  // the needle's keys like to the run's, so a span may run on past the
+  // needle. Columns see that end: the needle's keys get their mass from the
+  // needle's rows. Measured in bench/retrieval (docs/spans.md).
 
   int64_t tokens() const { return tokens_; }
   int width() const { return width_; }
