@@ -82,7 +82,7 @@ struct Args {
   double min_score = SpanDiscoveryOptions{}.min_score;
   int selection = static_cast<int>(SpanDiscoveryOptions{}.selection);  // 0 NMS, 1 optimal
   double resolution = 1.0, split_penalty = 0.0;
-  double key_scale = 1.0;  // "keys" configurations: KeySimilarityBand's key_scale
+  double key_scale = 1.0;     // "keys" configurations: KeySimilarityBand's key_scale
   bool band_columns = false;  // TriangleScores::FromBand's add_columns
   // Band the prefill captures (and TriangleScores spans): max(max_span, this).
   // Wider than the longest span, rows show where their attention goes beyond
