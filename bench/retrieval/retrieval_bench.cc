@@ -82,8 +82,10 @@ struct Args {
   double min_score = SpanDiscoveryOptions{}.min_score;
   int selection = static_cast<int>(SpanDiscoveryOptions{}.selection);  // 0 NMS, 1 optimal
   double resolution = 1.0, split_penalty = 0.0;
-  double key_scale = 1.0;     // "keys" configurations: KeySimilarityBand's key_scale
-  bool band_columns = false;  // TriangleScores::FromBand's add_columns
+  double key_scale = 1.0;  // "keys" configurations: KeySimilarityBand's key_scale
+  // TriangleScores::FromBand's add_columns; on by default (the best
+  // discovered configuration measured, docs/spans.md); "+cols=0" turns it off.
+  bool band_columns = true;
   // Band the prefill captures (and TriangleScores spans): max(max_span, this).
   // Wider than the longest span, rows show where their attention goes beyond
   // it (the null model of the scores is a row spread over the band).

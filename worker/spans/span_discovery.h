@@ -131,7 +131,12 @@ class TriangleScores {
   // where it ends: tokens after a needle, in the same topic run, attend to
   // the needle's keys like to the run's, so a span may run on past the
   // needle. Columns see that end: the needle's keys get their mass from the
-  // needle's rows. Measured in bench/retrieval (docs/spans.md).
+  // needle's rows. Measured in bench/retrieval (docs/spans.md): with
+  // kOptimal 4..16 it is the best configuration there and the benchmark's
+  // default (this function's default stays rows only). The column
+  // sums are over the head-averaged probabilities as captured, so unlike the
+  // rows-only band they depend on the prefill's window (not covered by
+  // SpanDiscovery.WindowedPrefillGivesTheSameSpans).
 
   int64_t tokens() const { return tokens_; }
   int width() const { return width_; }
