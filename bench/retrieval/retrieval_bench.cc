@@ -24,6 +24,7 @@
 #include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -75,9 +76,28 @@ struct Args {
   // Span discovery: bounds, and the prefill whose band it uses (query heads
   // = kv heads; window 0 = full causal; a window >= max span gives the same
   // spans, the band being row-normalised).
-  int min_span = 8, max_span = 64, fallback_span = 32;
-  double min_score = 0.0;
+  // Defaults: SpanDiscoveryOptions' (kOptimal, 4..16 tokens).
+  int min_span = SpanDiscoveryOptions{}.min_tokens, max_span = SpanDiscoveryOptions{}.max_tokens,
+      fallback_span = SpanDiscoveryOptions{}.fallback_tokens;
+  double min_score = SpanDiscoveryOptions{}.min_score;
+  int selection = static_cast<int>(SpanDiscoveryOptions{}.selection);  // 0 NMS, 1 optimal
+  double resolution = 1.0, split_penalty = 0.0;
+  double key_scale = 1.0;  // "keys" configurations: KeySimilarityBand's key_scale
+  // TriangleScores::FromBand's add_columns; on by default (the best
+  // discovered configuration measured, docs/spans.md); "+cols=0" turns it off.
+  bool band_columns = true;
+  // Band the prefill captures (and TriangleScores spans): max(max_span, this).
+  // Wider than the longest span, rows show where their attention goes beyond
+  // it (the null model of the scores is a row spread over the band).
+  int band_width = 64;
   int64_t prefill_window = 0;
+  // Iteration aids (quality figures are deterministic): a directory where the
+  // discovery prefill's band is cached per (generator, tokens, seed, window,
+  // width, heads); skip the plain prefill run only used for timing; stop
+  // after the spans are cut and their boundaries scored (no store, no queries).
+  std::string band_cache;
+  bool time_prefill = true;
+  bool discovery_only = false;
 };
 
 std::vector<std::string> Split(const std::string& s) {
@@ -155,6 +175,12 @@ bool ParseArgs(int argc, char** argv, Args* a) {
       a->min_score = std::stod(need());
     else if (key == "--prefill-window")
       a->prefill_window = std::stoll(need());
+    else if (key == "--band-cache")
+      a->band_cache = need();
+    else if (key == "--no-prefill-timing")
+      a->time_prefill = false;
+    else if (key == "--discovery-only")
+      a->discovery_only = true;
     else {
       std::fprintf(stderr, "[retrieval_bench] unknown flag %s\n", key.c_str());
       return false;
@@ -240,17 +266,144 @@ struct Acc {
   int n = 0;
   double recovered = 0, oracle = 0, ratio = 0, ratio_min = 1e9, rel_l2 = 0, rel_l2_max = 0,
          recall = 0, needle_hits = 0, bound = 0, retrieval_ms = 0, tokens = 0, selected = 0,
-         oracle_rel_l2 = 0, score_ms = 0, select_ms = 0, attend_ms = 0, estimate_ms = 0,
-         estimated_fraction = 0;
+         oracle_rel_l2 = 0, oracle_recall = 0, score_ms = 0, select_ms = 0, attend_ms = 0,
+         estimate_ms = 0, estimated_fraction = 0;
   std::vector<double> ms_all;  // per query, for the median
 };
 
-// One span configuration: "fixed<S>" or "discovered" (max_span, bounds from Args).
+// One span configuration: "fixed<S>" or "discovered" (max_span, bounds from
+// Args; "discovered+min=16+fallback=32" overrides them for this configuration).
 struct SpanConfig {
   std::string name;
   int span_tokens = 16;
   bool discovered = false;
+  bool from_keys = false;  // "keys": boundaries from the keys alone (KeySimilarityBand)
 };
+
+SpanDiscoveryOptions DiscoveryOptions(const Args& a) {
+  SpanDiscoveryOptions o;
+  o.min_tokens = a.min_span;
+  o.max_tokens = a.max_span;
+  o.fallback_tokens = a.fallback_span;
+  o.min_score = a.min_score;
+  o.selection = static_cast<SpanSelection>(a.selection);
+  o.resolution = a.resolution;
+  o.split_penalty = a.split_penalty;
+  return o;
+}
+
+// Applies "+key=value" overrides of a span configuration name to the args.
+bool ApplyOverrides(const std::string& name, Args* a) {
+  std::stringstream ss(name);
+  std::string item;
+  std::getline(ss, item, '+');  // the method
+  while (std::getline(ss, item, '+')) {
+    const size_t eq = item.find('=');
+    if (eq == std::string::npos) return false;
+    const std::string key = item.substr(0, eq);
+    const double val = std::stod(item.substr(eq + 1));
+    if (key == "min")
+      a->min_span = int(val);
+    else if (key == "max")
+      a->max_span = int(val);
+    else if (key == "fallback")
+      a->fallback_span = int(val);
+    else if (key == "score")
+      a->min_score = val;
+    else if (key == "opt")
+      a->selection = int(val);
+    else if (key == "res")
+      a->resolution = val;
+    else if (key == "pen")
+      a->split_penalty = val;
+    else if (key == "kscale")
+      a->key_scale = val;
+    else if (key == "band")
+      a->band_width = int(val);
+    else if (key == "cols")
+      a->band_columns = val != 0;
+    else
+      return false;
+  }
+  a->fallback_span = std::min(a->fallback_span, a->max_span);
+  return true;
+}
+
+// Interior boundaries of a segmentation against the generator's planted ones
+// (topic run starts, needle starts and ends): precision / recall / F1 of the
+// cut positions, exactly and within +-2 tokens; needles that are exactly
+// one span; spans overlapping a needle. Printed and written as a
+// "span_boundaries" record.
+void ReportBoundaries(const Args& a, const SpanConfig& cfg, const SyntheticKV& gen,
+                      const std::vector<int64_t>& starts) {
+  const int64_t T = a.tokens;
+  std::set<int64_t> truth_set;
+  for (int64_t b : gen.run_starts())
+    if (b > 0 && b < T) truth_set.insert(b);
+  for (const Needle& n : gen.needles())
+    for (int64_t b : {n.position, n.position + n.tokens})
+      if (b > 0 && b < T) truth_set.insert(b);
+  std::vector<int64_t> truth(truth_set.begin(), truth_set.end()), pred;
+  for (int64_t b : starts)
+    if (b > 0 && b < T) pred.push_back(b);
+  std::sort(pred.begin(), pred.end());
+  auto matched = [&](int64_t tol) {
+    int64_t m = 0;
+    for (size_t i = 0, j = 0; i < truth.size() && j < pred.size();) {
+      if (std::llabs(truth[i] - pred[j]) <= tol)
+        ++m, ++i, ++j;
+      else if (truth[i] < pred[j])
+        ++i;
+      else
+        ++j;
+    }
+    return double(m);
+  };
+  nlohmann::json j;
+  j["bench"] = "span_boundaries";
+  j["label"] = a.label;
+  j["spans"] = cfg.name;
+  j["generator"] = a.generator;
+  j["context_tokens"] = T;
+  j["spans_total"] = int64_t(pred.size()) + 1;
+  j["mean_tokens"] = double(T) / double(pred.size() + 1);
+  j["true_boundaries"] = int64_t(truth.size());
+  std::printf("# boundaries %s: %zu spans (mean %.1f tokens); planted %zu boundaries",
+              cfg.name.c_str(), pred.size() + 1, double(T) / double(pred.size() + 1), truth.size());
+  for (int64_t tol : {0, 2}) {
+    const double m = matched(tol);
+    const double p = pred.empty() ? 0 : m / pred.size(), r = truth.empty() ? 0 : m / truth.size();
+    const double f1 = p + r > 0 ? 2 * p * r / (p + r) : 0;
+    const std::string sfx = tol == 0 ? "" : "_tol" + std::to_string(tol);
+    j["precision" + sfx] = p;
+    j["recall" + sfx] = r;
+    j["f1" + sfx] = f1;
+    std::printf("; tol %lld: P %.3f R %.3f F1 %.3f", (long long)tol, p, r, f1);
+  }
+  const std::set<int64_t> cut(starts.begin(), starts.end());
+  double exact = 0, overlap = 0;
+  for (const Needle& n : gen.needles()) {
+    exact +=
+        cut.count(n.position) && (cut.count(n.position + n.tokens) || n.position + n.tokens >= T);
+    auto it = cut.upper_bound(n.position);  // first cut after the needle's start
+    int64_t c = 1;
+    for (; it != cut.end() && *it < n.position + n.tokens; ++it) ++c;
+    overlap += c;
+    if (std::getenv("RETRIEVAL_BENCH_SHOW_NEEDLES")) {  // debugging aid: cuts around each needle
+      std::printf("#   needle [%lld, %lld): cuts", (long long)n.position,
+                  (long long)(n.position + n.tokens));
+      for (auto c2 = cut.lower_bound(n.position - 24);
+           c2 != cut.end() && *c2 <= n.position + n.tokens + 24; ++c2)
+        std::printf(" %lld", (long long)*c2);
+      std::printf("\n");
+    }
+  }
+  const double nn = std::max<size_t>(1, gen.needles().size());
+  j["needle_exact"] = exact / nn;
+  j["needle_spans"] = overlap / nn;
+  std::printf("; needles exact %.2f, spans per needle %.2f\n", exact / nn, overlap / nn);
+  std::ofstream(a.out, std::ios::app) << j.dump() << "\n";
+}
 
 int RunConfig(const Args& a_in, const SpanConfig& cfg) {
   Args a = a_in;
@@ -327,38 +480,70 @@ int RunConfig(const Args& a_in, const SpanConfig& cfg) {
     const int Hp = a.kv_heads;  // prefill query heads (GQA 1): the band's cost is per kv head
     kall.resize(size_t(T) * row);
     vall.resize(size_t(T) * row);
-    std::vector<float> qctx(size_t(T) * Hp * D), o(size_t(T) * Hp * D);
+    std::vector<float> qctx(size_t(T) * Hp * D);
     for (int64_t at = 0; at < T; at += chunk) {
       const int64_t n = std::min(chunk, T - at);
       gen.Generate(n, &kall[at * row], &vall[at * row], &qctx[size_t(at) * Hp * D], Hp);
     }
-    const int W = a.max_span;
+    const int W = std::max(a.max_span, a.band_width);
     std::vector<float> band(size_t(T) * a.kv_heads * W);
-    AttentionBand ab{W, band.data()};
-    AttentionOptions po;
-    po.causal = true;
-    po.window = a.prefill_window;
-    const AttentionShape shape{T, T, Hp, a.kv_heads, D};
+    double plain_ms = NAN, band_ms = NAN;
+    std::string cache_file;
+    if (!a.band_cache.empty()) {
+      std::filesystem::create_directories(a.band_cache);
+      char name[256];
+      std::snprintf(name, sizeof(name), "/band_g%d_t%lld_s%llu_n%d_w%lld_W%d_h%d_d%d.f32",
+                    a.generator, (long long)T, (unsigned long long)a.seed, needles,
+                    (long long)a.prefill_window, W, a.kv_heads, D);
+      cache_file = a.band_cache + name;
+    }
+    bool cached = false;
+    if (cfg.from_keys) {
+      const double k0 = NowMs();
+      auto kb = KeySimilarityBand(kall.data(), T, a.kv_heads, D, W, a.key_scale);
+      if (!kb.ok()) Die(kb.status());
+      band = std::move(kb.value());
+      std::printf("# key-similarity band: %.3f s\n", (NowMs() - k0) / 1e3);
+      cached = true;
+      cache_file = "the keys";
+    } else if (!cache_file.empty() && std::filesystem::exists(cache_file)) {
+      std::ifstream in(cache_file, std::ios::binary);
+      in.read(reinterpret_cast<char*>(band.data()), std::streamsize(band.size() * sizeof(float)));
+      cached = bool(in);
+    }
+    if (!cached) {
+      std::vector<float> o(size_t(T) * Hp * D);
+      AttentionBand ab{W, band.data()};
+      AttentionOptions po;
+      po.causal = true;
+      po.window = a.prefill_window;
+      const AttentionShape shape{T, T, Hp, a.kv_heads, D};
+      double p0 = NowMs();
+      if (a.time_prefill) {
+        if (Status st = AttentionForward(qctx.data(), kall.data(), vall.data(), DType::kFloat32,
+                                         shape, po, o.data(), nullptr);
+            !st.ok())
+          Die(st);
+        plain_ms = NowMs() - p0;
+      }
+      po.band = &ab;
+      p0 = NowMs();
+      if (Status st = AttentionForward(qctx.data(), kall.data(), vall.data(), DType::kFloat32,
+                                       shape, po, o.data(), nullptr);
+          !st.ok())
+        Die(st);
+      band_ms = NowMs() - p0;
+      if (!cache_file.empty())
+        std::ofstream(cache_file, std::ios::binary)
+            .write(reinterpret_cast<const char*>(band.data()),
+                   std::streamsize(band.size() * sizeof(float)));
+    }
+    std::vector<float>().swap(qctx);
     double p0 = NowMs();
-    if (Status st = AttentionForward(qctx.data(), kall.data(), vall.data(), DType::kFloat32, shape,
-                                     po, o.data(), nullptr);
-        !st.ok())
-      Die(st);
-    const double plain_ms = NowMs() - p0;
-    po.band = &ab;
-    p0 = NowMs();
-    if (Status st = AttentionForward(qctx.data(), kall.data(), vall.data(), DType::kFloat32, shape,
-                                     po, o.data(), nullptr);
-        !st.ok())
-      Die(st);
-    const double band_ms = NowMs() - p0;
-    p0 = NowMs();
-    auto scores = TriangleScores::FromBand(band.data(), T, a.kv_heads, Hp, W);
+    auto scores = TriangleScores::FromBand(
+        band.data(), T, a.kv_heads, cfg.from_keys ? a.kv_heads : Hp, W, true, a.band_columns);
     if (!scores.ok()) Die(scores.status());
-    const SpanDiscoveryOptions dopt{.min_tokens = a.min_span,
-                                    .max_tokens = a.max_span,
-                                    .fallback_tokens = a.fallback_span,
-                                    .min_score = a.min_score};
+    const SpanDiscoveryOptions dopt = DiscoveryOptions(a);
     auto cuts = DiscoverSpans(scores.value(), dopt);
     if (!cuts.ok()) Die(cuts.status());
     const double discover_ms = NowMs() - p0;
@@ -367,30 +552,45 @@ int RunConfig(const Args& a_in, const SpanConfig& cfg) {
       starts.push_back(c.begin);
       if (c.discovered) ++found, found_tokens += c.end - c.begin;
     }
-    std::printf(
-        "# discovery: prefill (causal%s, %d q heads) %.2f s, with band capture %.2f s (%+.1f%%), "
-        "triangle scores + NMS %.3f s (%.2f%%); total %.2f%% of the prefill\n",
-        a.prefill_window > 0 ? (", window " + std::to_string(a.prefill_window)).c_str() : "", Hp,
-        plain_ms / 1e3, band_ms / 1e3, 100.0 * (band_ms - plain_ms) / plain_ms, discover_ms / 1e3,
-        100.0 * discover_ms / plain_ms, 100.0 * (band_ms - plain_ms + discover_ms) / plain_ms);
+    if (cached)
+      std::printf("# discovery: band from %s; triangle scores + NMS %.3f s\n", cache_file.c_str(),
+                  discover_ms / 1e3);
+    else
+      std::printf(
+          "# discovery: prefill (causal%s, %d q heads) %.2f s, with band capture %.2f s "
+          "(%+.1f%%), triangle scores + NMS %.3f s (%.2f%%); total %.2f%% of the prefill\n",
+          a.prefill_window > 0 ? (", window " + std::to_string(a.prefill_window)).c_str() : "", Hp,
+          plain_ms / 1e3, band_ms / 1e3, 100.0 * (band_ms - plain_ms) / plain_ms, discover_ms / 1e3,
+          100.0 * discover_ms / plain_ms, 100.0 * (band_ms - plain_ms + discover_ms) / plain_ms);
     std::printf(
         "# discovered %lld spans (mean %.1f tokens, %.1f%% of tokens), %lld fallback spans\n",
         (long long)found, found ? double(found_tokens) / found : 0.0, 100.0 * found_tokens / T,
         (long long)(cuts.value().size() - found));
-    nlohmann::json j;
-    j["bench"] = "span_discovery";
-    j["label"] = a.label;
-    j["generator"] = a.generator;
-    j["context_tokens"] = T;
-    j["prefill_window"] = a.prefill_window;
-    j["prefill_ms"] = plain_ms;
-    j["prefill_band_ms"] = band_ms;
-    j["discover_ms"] = discover_ms;
-    j["overhead_frac"] = (band_ms - plain_ms + discover_ms) / plain_ms;
-    j["discovered_spans"] = found;
-    j["fallback_spans"] = int64_t(cuts.value().size()) - found;
-    j["discovered_mean_tokens"] = found ? double(found_tokens) / found : 0.0;
-    std::ofstream(a.out, std::ios::app) << j.dump() << "\n";
+    if (!cached && a.time_prefill) {
+      nlohmann::json j;
+      j["bench"] = "span_discovery";
+      j["label"] = a.label;
+      j["spans"] = cfg.name;
+      j["generator"] = a.generator;
+      j["context_tokens"] = T;
+      j["prefill_window"] = a.prefill_window;
+      j["prefill_ms"] = plain_ms;
+      j["prefill_band_ms"] = band_ms;
+      j["discover_ms"] = discover_ms;
+      j["overhead_frac"] = (band_ms - plain_ms + discover_ms) / plain_ms;
+      j["discovered_spans"] = found;
+      j["fallback_spans"] = int64_t(cuts.value().size()) - found;
+      j["discovered_mean_tokens"] = found ? double(found_tokens) / found : 0.0;
+      std::ofstream(a.out, std::ios::app) << j.dump() << "\n";
+    }
+  } else if (a.discovery_only) {  // only the planted runs are needed
+    for (int64_t at = 0; at < T; at += chunk)
+      gen.Generate(std::min(chunk, T - at), k.data(), v.data());
+    for (int64_t p = 0; p < T; p += a.span_tokens) starts.push_back(p);
+  }
+  if (a.discovery_only) {
+    ReportBoundaries(a, cfg, gen, starts);
+    return 0;
   }
   double t0 = NowMs();
   size_t next_start = 0;
@@ -448,6 +648,11 @@ int RunConfig(const Args& a_in, const SpanConfig& cfg) {
         Die(st);
   }
   const auto spans = store.Spans();
+  {
+    std::vector<int64_t> span_starts;
+    for (const SpanInfo& sp : spans) span_starts.push_back(sp.position_start);
+    ReportBoundaries(a, cfg, gen, span_starts);
+  }
   std::vector<int64_t> span_of(T, 0);
   for (const SpanInfo& sp : spans)
     for (int64_t j = sp.position_start; j < sp.position_start + sp.tokens && j < T; ++j)
@@ -505,7 +710,7 @@ int RunConfig(const Args& a_in, const SpanConfig& cfg) {
       for (int64_t s : always) always_tokens += spans[s].tokens;
       base.token_budget = std::max<int64_t>(0, budget_tokens - always_tokens);
       // Oracle: spans by true total mass, same candidate budget.
-      double oracle_mass = 0, oracle_rel = 0;
+      double oracle_mass = 0, oracle_rel = 0, oracle_recall = 0;
       if (a.quality) {
         std::vector<int64_t> chosen = always;
         std::vector<std::pair<double, int64_t>> by_mass;
@@ -543,6 +748,13 @@ int RunConfig(const Args& a_in, const SpanConfig& cfg) {
           }
         }
         oracle_rel = std::sqrt(num / den);
+        std::vector<char> in_oracle(spans.size(), 0);
+        for (int64_t s : chosen) in_oracle[s] = 1;
+        for (int h = 0; h < a.heads; ++h) {
+          int hit = 0;
+          for (int64_t j : truth.top10[h]) hit += in_oracle[span_of[j]];
+          oracle_recall += double(hit) / truth.top10[h].size() / a.heads;
+        }
       }
       for (SpanScoreMode mode : a.modes)
       for (SkippedEstimate estimate : a.estimates) {
@@ -603,6 +815,7 @@ int RunConfig(const Args& a_in, const SpanConfig& cfg) {
         A.recovered += rec;
         A.oracle += oracle_mass;
         A.oracle_rel_l2 += oracle_rel;
+        A.oracle_recall += oracle_recall;
         A.ratio += rec / oracle_mass;
         A.ratio_min = std::min(A.ratio_min, rec / oracle_mass);
         A.rel_l2 += rel;
@@ -681,6 +894,7 @@ int RunConfig(const Args& a_in, const SpanConfig& cfg) {
       j["rel_l2_max"] = A.rel_l2_max;
       j["oracle_rel_l2"] = A.oracle_rel_l2 / n;
       j["top10_recall"] = A.recall / n;
+      j["oracle_top10_recall"] = A.oracle_recall / n;
       if (kind == "needle" || kind == "multi") j["needle_hit_rate"] = A.needle_hits / n;
     }
     jsonl << j.dump() << "\n";
@@ -719,9 +933,14 @@ int Run(const Args& a) {
   if (a.span_configs.empty())
     configs.push_back({"fixed" + std::to_string(a.span_tokens), a.span_tokens, false});
   for (const std::string& c : a.span_configs) {
-    if (c == "discovered")
-      configs.push_back({c, a.max_span, true});
-    else if (c.rfind("fixed", 0) == 0)
+    if (c.rfind("discovered", 0) == 0 || c.rfind("keys", 0) == 0) {
+      Args ac = a;
+      if (!ApplyOverrides(c, &ac)) {
+        std::fprintf(stderr, "[retrieval_bench] --spans: bad overrides in %s\n", c.c_str());
+        return 2;
+      }
+      configs.push_back({c, ac.max_span, true, c.rfind("keys", 0) == 0});
+    } else if (c.rfind("fixed", 0) == 0)
       configs.push_back({c, std::stoi(c.substr(5)), false});
     else {
       std::fprintf(stderr,
@@ -730,8 +949,11 @@ int Run(const Args& a) {
       return 2;
     }
   }
-  for (const SpanConfig& c : configs)
-    if (int rc = RunConfig(a, c); rc != 0) return rc;
+  for (const SpanConfig& c : configs) {
+    Args ac = a;
+    ApplyOverrides(c.name, &ac);
+    if (int rc = RunConfig(ac, c); rc != 0) return rc;
+  }
   return 0;
 }
 
@@ -749,9 +971,9 @@ int main(int argc, char** argv) {
         "[--sink 16] [--window 128] [--data-dir DIR --hot-budget-mb M --cache-mb M] "
         "[--no-quality] [--exact-timing-queries N] [--out FILE.jsonl] [--label L] "
         "[--spans fixed16,fixed64,discovered] [--generator 1|2] [--multi-needle-queries Q] "
-        "[--aggregate-queries Q] [--min-span 8] [--max-span 64] [--fallback-span 32] [--min-score "
+        "[--aggregate-queries Q] [--min-span 4] [--max-span 16] [--fallback-span 16] [--min-score "
         "0] "
-        "[--prefill-window 0]\n");
+        "[--prefill-window 0] [--band-cache DIR] [--no-prefill-timing] [--discovery-only]\n");
     return 2;
   }
   return ringtree::bench::Run(args);

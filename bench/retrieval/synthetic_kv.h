@@ -116,6 +116,7 @@ class SyntheticKV {
       if (run_left_ <= 0) {  // new topic segment
         for (auto& x : topic_) x = rng_.Normal();
         run_start_ = pos_;
+        run_starts_.push_back(pos_);
         if (stats_ == Statistics::kMixed) {
           run_left_ = rng_.Uniform() < 0.5f ? 6 + int64_t(rng_.Next() % 15)
                                             : 40 + int64_t(rng_.Next() % 161);
@@ -179,6 +180,10 @@ class SyntheticKV {
     }
   }
   int64_t next_position() const { return pos_; }
+  // Start of every topic run generated so far (the planted segmentation the
+  // span-boundary F1 of the benchmark is measured against; needles add their
+  // own starts and ends inside runs).
+  const std::vector<int64_t>& run_starts() const { return run_starts_; }
 
   // One decode query [heads, D] (heads a multiple of kv_heads). needle < 0:
   // a diffuse query; else aimed at needles()[needle], and with needle2 >= 0
@@ -236,6 +241,7 @@ class SyntheticKV {
   std::vector<float> basis_, sink_dir_, outlier_value_, topic_, theme_dir_;
   std::vector<int> outlier_channel_;
   std::vector<Needle> needles_;
+  std::vector<int64_t> run_starts_;
   int64_t pos_ = 0;
   int64_t run_left_ = 0;
   int64_t run_start_ = 0;

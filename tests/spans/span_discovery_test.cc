@@ -150,6 +150,39 @@ TEST(TriangleScores, PrefixSumsEqualDirectSumsOverTheBand) {
     }
 }
 
+// add_columns: the prefix sums run over the average of the row-normalised
+// and the column-normalised band (columns of the head-averaged entries),
+// computed here directly.
+TEST(TriangleScores, RowsAndColumnsEqualDirectSumsOverTheAveragedBand) {
+  const int64_t T = 61;
+  const int W = 9, Hkv = 2, H = 4;
+  std::mt19937_64 rng(8);
+  std::uniform_real_distribution<float> u(0.01f, 0.3f);
+  std::vector<float> mass(static_cast<size_t>(T) * Hkv * W);
+  for (auto& x : mass) x = u(rng);
+  std::vector<double> e(static_cast<size_t>(T) * W, 0.0), row(T, 0.0), col(T, 0.0);
+  for (int64_t i = 0; i < T; ++i)
+    for (int w = 0; w <= std::min<int64_t>(i, W - 1); ++w) {
+      for (int hk = 0; hk < Hkv; ++hk) e[i * W + w] += mass[(i * Hkv + hk) * W + w] / double(H);
+      row[i] += e[i * W + w];
+      col[i - w] += e[i * W + w];
+    }
+  std::vector<double> band(e.size(), 0.0);
+  for (int64_t i = 0; i < T; ++i)
+    for (int w = 0; w <= std::min<int64_t>(i, W - 1); ++w)
+      band[i * W + w] = 0.5 * (e[i * W + w] / row[i] + e[i * W + w] / col[i - w]);
+  auto s = TriangleScores::FromBand(mass.data(), T, Hkv, H, W, true, /*add_columns=*/true);
+  ASSERT_TRUE(s.ok());
+  for (int64_t a = 0; a < T; ++a)
+    for (int64_t b = a + 1; b <= std::min<int64_t>(T, a + W); ++b) {
+      ASSERT_NEAR(s.value().Triangle(a, b), ReferenceTriangle(band, W, a, b), 1e-9)
+          << a << " " << b;
+      ASSERT_NEAR(s.value().LeakIn(a, b), ReferenceLeakIn(band, W, a, b), 1e-9) << a << " " << b;
+      ASSERT_NEAR(s.value().LeakOut(a, b), ReferenceLeakOut(band, T, W, a, b), 1e-9)
+          << a << " " << b;
+    }
+}
+
 // The greedy selection by brute force: every candidate sorted the same way,
 // overlap and gaps checked token by token.
 std::vector<std::pair<int64_t, int64_t>> ReferenceNms(const TriangleScores& s,
@@ -206,8 +239,11 @@ TEST(SpanDiscovery, NmsMatchesReferenceAndCoversEverythingWithinBounds) {
       const std::vector<float> mass = CaptureBand(p, 40);
       auto s = TriangleScores::FromBand(mass.data(), p.T, p.Hkv, p.H, 40);
       ASSERT_TRUE(s.ok());
-      const SpanDiscoveryOptions o{
-          .min_tokens = 6, .max_tokens = 40, .fallback_tokens = 16, .min_score = min_score};
+      const SpanDiscoveryOptions o{.min_tokens = 6,
+                                   .max_tokens = 40,
+                                   .fallback_tokens = 16,
+                                   .min_score = min_score,
+                                   .selection = SpanSelection::kGreedyNms};
       auto cuts = DiscoverSpans(s.value(), o);
       ASSERT_TRUE(cuts.ok()) << cuts.status().ToString();
       CheckSegmentation(cuts.value(), p.T, o);
@@ -224,7 +260,10 @@ TEST(SpanDiscovery, FindsPlantedRuns) {
   const std::vector<float> mass = CaptureBand(p, 64);
   auto s = TriangleScores::FromBand(mass.data(), p.T, p.Hkv, p.H, 64);
   ASSERT_TRUE(s.ok());
-  const SpanDiscoveryOptions o{.min_tokens = 8, .max_tokens = 64, .fallback_tokens = 32};
+  const SpanDiscoveryOptions o{.min_tokens = 8,
+                               .max_tokens = 64,
+                               .fallback_tokens = 32,
+                               .selection = SpanSelection::kGreedyNms};
   auto cuts = DiscoverSpans(s.value(), o);
   ASSERT_TRUE(cuts.ok());
   CheckSegmentation(cuts.value(), p.T, o);
@@ -307,6 +346,109 @@ TEST(SpanDiscovery, EdgeCasesAndErrorsNameTheField) {
       std::string::npos);
   EXPECT_NE(TriangleScores::FromBand(mass.data(), 5, 2, 3, 8).status().message().find("heads"),
             std::string::npos);
+}
+
+// kOptimal: the dynamic program's segmentation has the best total gain of
+// every segmentation (exhaustive recursion), covers everything once within
+// min..max, and its total equals the sum of its spans' gains.
+TEST(SpanDiscovery, OptimalSegmentationIsTheBestOfAll) {
+  int cases = 0;
+  for (uint64_t seed : {1, 2, 3, 4}) {
+    // Small enough for the exhaustive reference (compositions of 26).
+    const Planted p = MakePlanted(26, 4, 2, 16, 3, 10, seed % 2 ? 0.0f : 4.0f, seed);
+    const int W = 10;
+    const std::vector<float> mass = CaptureBand(p, W);
+    auto s = TriangleScores::FromBand(mass.data(), p.T, p.Hkv, p.H, W);
+    ASSERT_TRUE(s.ok());
+    for (double res : {0.5, 1.0, 2.0})
+      for (double pen : {0.0, 0.7})
+        for (int mn : {2, 4}) {
+          SpanDiscoveryOptions o{.min_tokens = mn, .max_tokens = W, .fallback_tokens = W};
+          o.selection = SpanSelection::kOptimal;
+          o.resolution = res;
+          o.split_penalty = pen;
+          auto cuts = DiscoverSpans(s.value(), o);
+          ASSERT_TRUE(cuts.ok()) << cuts.status().ToString();
+          ASSERT_EQ(cuts.value().front().begin, 0);
+          ASSERT_EQ(cuts.value().back().end, p.T);
+          double total = 0;
+          for (size_t i = 0; i < cuts.value().size(); ++i) {
+            const SpanCut& c = cuts.value()[i];
+            ASSERT_GE(c.end - c.begin, mn);
+            ASSERT_LE(c.end - c.begin, W);
+            if (i > 0) {
+              ASSERT_EQ(c.begin, cuts.value()[i - 1].end);
+            }
+            total += OptimalSpanGain(s.value(), o, c.begin, c.end);
+          }
+          EXPECT_NEAR(total, ReferenceOptimalGain(s.value(), o), 1e-9)
+              << "seed " << seed << " res " << res << " pen " << pen << " min " << mn;
+          ++cases;
+        }
+  }
+  EXPECT_EQ(cases, 48);
+}
+
+TEST(SpanDiscovery, OptimalFindsPlantedRuns) {
+  const Planted p = MakePlanted(800, 4, 2, 64, 12, 60, 5.0f, 11);
+  const std::vector<float> mass = CaptureBand(p, 64);
+  auto s = TriangleScores::FromBand(mass.data(), p.T, p.Hkv, p.H, 64);
+  ASSERT_TRUE(s.ok());
+  SpanDiscoveryOptions o{.min_tokens = 8, .max_tokens = 64, .fallback_tokens = 32};
+  o.selection = SpanSelection::kOptimal;
+  auto cuts = DiscoverSpans(s.value(), o);
+  ASSERT_TRUE(cuts.ok());
+  std::vector<int64_t> bounds;
+  for (const SpanCut& c : cuts.value()) bounds.push_back(c.begin);
+  // Every planted boundary is found and no run (all <= 60 < max) is cut.
+  std::vector<int64_t> planted(p.run_starts.begin(), p.run_starts.end() - 1);
+  if (p.T - planted.back() < o.min_tokens) planted.pop_back();  // a last run too short
+  EXPECT_EQ(bounds, planted);
+}
+
+// The key-similarity band against a direct double-precision computation,
+// and planted runs found from the keys alone (queries unused).
+TEST(SpanDiscovery, KeySimilarityBandEqualsDirectSoftmaxAndFindsRuns) {
+  const Planted p = MakePlanted(400, 2, 2, 32, 10, 40, 0.0f, 5);
+  const int W = 40;
+  auto band = KeySimilarityBand(p.k.data(), p.T, p.Hkv, p.D, W, 2.0);
+  ASSERT_TRUE(band.ok()) << band.status().ToString();
+  std::vector<double> mean(static_cast<size_t>(p.Hkv) * p.D, 0.0);
+  for (int64_t t = 0; t < p.T; ++t)
+    for (int j = 0; j < p.Hkv * p.D; ++j) mean[j] += p.k[t * p.Hkv * p.D + j] / double(p.T);
+  for (int64_t i = 0; i < p.T; i += 7)
+    for (int g = 0; g < p.Hkv; ++g) {
+      std::vector<double> e;
+      double z = 0;
+      for (int64_t w = 0; w < std::min<int64_t>(W, i + 1); ++w) {
+        double dot = 0;
+        for (int d = 0; d < p.D; ++d)
+          dot += (p.k[(i * p.Hkv + g) * p.D + d] - mean[g * p.D + d]) *
+                 (p.k[((i - w) * p.Hkv + g) * p.D + d] - mean[g * p.D + d]);
+        e.push_back(std::exp(2.0 * dot / std::sqrt(double(p.D))));
+        z += e.back();
+      }
+      for (int w = 0; w < W; ++w)
+        ASSERT_NEAR(band.value()[(i * p.Hkv + g) * W + w], w < int(e.size()) ? e[w] / z : 0.0, 1e-5)
+            << i << " " << g << " " << w;
+    }
+  auto s = TriangleScores::FromBand(band.value().data(), p.T, p.Hkv, p.Hkv, W);
+  ASSERT_TRUE(s.ok());
+  SpanDiscoveryOptions o{.min_tokens = 8, .max_tokens = W, .fallback_tokens = 20};
+  o.selection = SpanSelection::kOptimal;
+  auto cuts = DiscoverSpans(s.value(), o);
+  ASSERT_TRUE(cuts.ok());
+  std::vector<int64_t> bounds;
+  for (const SpanCut& c : cuts.value()) bounds.push_back(c.begin);
+  std::vector<int64_t> planted(p.run_starts.begin(), p.run_starts.end() - 1);
+  if (p.T - planted.back() < o.min_tokens) planted.pop_back();
+  EXPECT_EQ(bounds, planted);
+  EXPECT_NE(
+      KeySimilarityBand(p.k.data(), p.T, p.Hkv, p.D, W, 0.0).status().message().find("key_scale"),
+      std::string::npos);
+  SpanDiscoveryOptions bad{.min_tokens = 8, .max_tokens = W, .fallback_tokens = 20};
+  bad.resolution = -1;
+  EXPECT_NE(ValidateSpanDiscovery(bad).message().find("resolution"), std::string::npos);
 }
 
 }  // namespace

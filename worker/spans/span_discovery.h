@@ -51,21 +51,53 @@
 
 namespace ringtree {
 
+// How spans are chosen from the triangle scores.
+enum class SpanSelection : uint8_t {
+  // Greedy non-maximum suppression by Score() plus fallback spans (see above).
+  kGreedyNms = 0,
+  // The segmentation maximising the summed excess triangle mass (below),
+  // exactly, by dynamic programming over span ends.
+  kOptimal = 1,
+};
+
 struct SpanDiscoveryOptions {
-  // Shortest discovered span, >= 1 (default 8 tokens).
-  int min_tokens = 8;
+  // Shortest discovered span, >= 1 (default 4 tokens: generator 2's runs
+  // of 6 tokens get spans of their own).
+  int min_tokens = 4;
   // Longest discovered span and the band width the kernels must capture
   // (AttentionBand::width >= max_tokens). >= 2 * min_tokens - 1 so that any
-  // gap of >= min_tokens can be cut into spans within bounds. Default 64,
-  // the fixed span size of the store's default.
-  int max_tokens = 64;
+  // gap of >= min_tokens can be cut into spans within bounds. Default 16:
+  // measured in bench/retrieval (docs/spans.md), spans of at most 16 tokens
+  // cut at the discovered boundaries beat longer discovered spans (up to 64)
+  // on every retrieval figure: a long unit is then several short spans, each
+  // with tight summaries, and no span straddles a boundary. Capture a band
+  // wider than this (64 in the benchmark): the null model is a row spread
+  // over the whole band.
+  int max_tokens = 16;
   // Tokens no discovered span covers are cut into near-equal spans of at
-  // most this many; in [2 * min_tokens - 1, max_tokens]. Default 32.
-  int fallback_tokens = 32;
+  // most this many; in [2 * min_tokens - 1, max_tokens]. Default 16.
+  int fallback_tokens = 16;
   // Candidates scoring below this are never taken (their tokens fall back
   // to fixed spans). 0 keeps every span that holds more than a flat band
   // row would put inside it, net of what crosses its borders.
   double min_score = 0.0;
+  // kOptimal: every token is in exactly one span of min..max tokens, and the
+  // segmentation maximises sum over spans of
+  //   Triangle(a, b) - resolution * TrianglePairs(a, b) / W - split_penalty,
+  // the band mass kept inside spans beyond what rows spreading their band
+  // mass evenly over W keys would keep (modularity with a resolution
+  // parameter). Equivalently it minimises the excess mass across span
+  // borders: cutting a unit open loses the mass its later rows give its
+  // earlier ones, which a flat row would not have given; inside a run longer
+  // than W rows attend evenly, so a cut there costs nothing extra and the
+  // run is cut into max-length pieces. resolution > 1 favours shorter spans,
+  // < 1 longer; split_penalty (>= 0, in rows of mass) is charged per span.
+  // min_score and fallback_tokens are not used.
+  // Default kOptimal (measured: greedy NMS cut gen-2 needles, 0.67 hit rate
+  // on two-needle queries at 32k, and found fewer planted boundaries).
+  SpanSelection selection = SpanSelection::kOptimal;
+  double resolution = 1.0;
+  double split_penalty = 0.0;
 };
 
 // "[span_discovery] <field> ..." naming the bad field.
@@ -90,7 +122,21 @@ class TriangleScores {
   // pieces (measured on planted runs: 11 of 22 boundaries found without,
   // all with). false: raw probabilities (tests compare with the full matrix).
   static Result<TriangleScores> FromBand(const float* mass, int64_t tokens, int kv_heads, int heads,
-                                         int width, bool normalize_rows = true);
+                                         int width, bool normalize_rows = true,
+                                         bool add_columns = false);
+  // add_columns (with normalize_rows): the band becomes the average of the
+  // row-normalised band and the column-normalised one (each key's entries
+  // divided by the mass all later rows in the band give it). Rows see where
+  // a unit starts (a needle's rows attend only inside it) but not always
+  // where it ends: tokens after a needle, in the same topic run, attend to
+  // the needle's keys like to the run's, so a span may run on past the
+  // needle. Columns see that end: the needle's keys get their mass from the
+  // needle's rows. Measured in bench/retrieval (docs/spans.md): with
+  // kOptimal 4..16 it is the best configuration there and the benchmark's
+  // default (this function's default stays rows only). The column
+  // sums are over the head-averaged probabilities as captured, so unlike the
+  // rows-only band they depend on the prefill's window (not covered by
+  // SpanDiscovery.WindowedPrefillGivesTheSameSpans).
 
   int64_t tokens() const { return tokens_; }
   int width() const { return width_; }
@@ -139,6 +185,29 @@ Result<std::vector<SpanCut>> DiscoverSpans(const TriangleScores& scores,
 // Slow exact references for tests: the same quantities by direct sums over a
 // head-averaged band B [tokens, width], and the same greedy selection by
 // scanning every candidate and checking every token.
+// Boundaries from the keys alone (issue 15 item 2: KV appended without
+// queries, no attention computed): a band like the kernels' but with each
+// token's own key as its query, after removing the keys' mean (per kv head,
+// over these tokens; otherwise the large fixed channels of real keys make
+// every pair look alike):
+//   mass[i, g, w] = softmax over w' < min(W, i + 1) of
+//                   scale * (k_i - mu_g) . (k_{i-w'} - mu_g),   g a kv head,
+// scale = key_scale / sqrt(head_dim). Feed it to TriangleScores::FromBand
+// with heads = kv_heads. Tokens of one unit have similar keys, so the
+// self-similarity band shows the same diagonal blocks. keys: [tokens,
+// kv_heads, head_dim] float32. Cost tokens * W * kv_heads * head_dim
+// multiply-adds (parallel over tokens), memory the [tokens, kv_heads, W] band.
+Result<std::vector<float>> KeySimilarityBand(const float* keys, int64_t tokens, int kv_heads,
+                                             int head_dim, int width, double key_scale = 1.0);
+
+// kOptimal's objective for one span (see SpanDiscoveryOptions).
+double OptimalSpanGain(const TriangleScores& scores, const SpanDiscoveryOptions& options, int64_t a,
+                       int64_t b);
+// Slow reference for kOptimal: the best total gain over every segmentation
+// of [0, tokens) into spans of min..max tokens, by exhaustive recursion
+// (small tokens only); -inf if none exists.
+double ReferenceOptimalGain(const TriangleScores& scores, const SpanDiscoveryOptions& options);
+
 double ReferenceTriangle(const std::vector<double>& band, int width, int64_t a, int64_t b);
 double ReferenceLeakIn(const std::vector<double>& band, int width, int64_t a, int64_t b);
 double ReferenceLeakOut(const std::vector<double>& band, int64_t tokens, int width, int64_t a,
