@@ -110,6 +110,7 @@ struct Options {
   std::string only;  // prefill, decode, batched, window, memory or empty for all
   int threads = 0;
   std::string path;  // force a kernel path (kernels/cpu.h names)
+  int64_t decode_n = 0;  // decode: only this KV length (0: the default list)
 };
 
 FILE* g_json = nullptr;
@@ -524,9 +525,13 @@ int Main(int argc, char** argv) {
     else if (a == "--only" && i + 1 < argc) opt.only = argv[++i];
     else if (a == "--threads" && i + 1 < argc) opt.threads = std::atoi(argv[++i]);
     else if (a == "--path" && i + 1 < argc) opt.path = argv[++i];
+    else if (a == "--decode-n" && i + 1 < argc)
+      opt.decode_n = std::atol(argv[++i]);
     else {
-      std::fprintf(stderr, "usage: kernel_bench [--quick] [--only prefill|decode|batched|window|memory] [--threads N] "
-                           "[--path generic|avx2|avx512|avx512bf16] [--json FILE]\n");
+      std::fprintf(stderr,
+                   "usage: kernel_bench [--quick] [--only prefill|decode|batched|window|memory] "
+                   "[--threads N] "
+                   "[--path generic|avx2|avx512|avx512bf16] [--decode-n N] [--json FILE]\n");
       return 2;
     }
   }
@@ -580,6 +585,7 @@ int Main(int argc, char** argv) {
     EmitJson(Fmt("{\"name\":\"read_bandwidth\",\"gbytes_per_s\":%.3f}", bw));
     Header();
     std::vector<int64_t> ns = opt.quick ? std::vector<int64_t>{65536} : std::vector<int64_t>{262144, 1048576};
+    if (opt.decode_n > 0) ns = {opt.decode_n};
     struct Heads { int h, hkv; };
     for (int64_t n : ns)
       for (Heads hh : {Heads{32, 8}, Heads{8, 2}, Heads{8, 1}})
