@@ -42,11 +42,17 @@ struct RangePrefetch {
   }
 };
 
-// Prefetch (into L1) of n rows of D floats, row_stride floats apart.
-inline void PrefetchRows(const float* p, int64_t row_stride, int n, int D) {
+// Prefetch (into L1) of n rows of D floats, row_stride floats apart, from
+// `skip` rows after `base`. The addresses may lie past the end of the KV (the
+// last group of a segment): they are formed as integers, and a prefetch
+// never faults.
+inline void PrefetchRows(const void* base, int64_t skip, int64_t row_stride, int n, int D) {
+  const uintptr_t p =
+      reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(skip * row_stride) * sizeof(float);
   for (int j = 0; j < n; ++j)
     for (int d = 0; d < D; d += 16)
-      _mm_prefetch(reinterpret_cast<const char*>(p + j * row_stride + d), _MM_HINT_T0);
+      _mm_prefetch(reinterpret_cast<const char*>(p + (j * row_stride + d) * sizeof(float)),
+                   _MM_HINT_T0);
 }
 
 // A run of at most kDecodeKeyBlock keys: rows [0, n) at k/v (row stride
@@ -168,8 +174,7 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
             const int64_t at = jj * row_stride + hk * D;
             pfk.Step();
             if (prefetch_group)
-              PrefetchRows(static_cast<const float*>(blk.k) + at + kKeyGroup * row_stride,
-                           row_stride, n, D);
+              PrefetchRows(static_cast<const float*>(blk.k) + at, kKeyGroup, row_stride, n, D);
             if (permuted)
               internal::QueryKeyDotsBFloat16Permuted(qs.data() + base * D, rows, kh + at, row_stride, n, D, sc, kDecodeKeyBlock);
             else if (fused_bf16)
@@ -192,8 +197,7 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
             const int64_t at = jj * row_stride + hk * D;
             pfv.Step();
             if (prefetch_group)
-              PrefetchRows(static_cast<const float*>(blk.v) + at + kKeyGroup * row_stride,
-                           row_stride, n, D);
+              PrefetchRows(static_cast<const float*>(blk.v) + at, kKeyGroup, row_stride, n, D);
             if (permuted)
               internal::AccumulateProbValuesBFloat16Permuted(p, kDecodeKeyBlock, rows, vh + at, row_stride, n, D, acc + base * D);
             else if (fused_bf16)
