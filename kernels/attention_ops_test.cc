@@ -106,11 +106,13 @@ std::vector<OpCase> GenerateCases() {
           cases.push_back(c);
         }
   // Decode shapes: few query rows per kv head against a longer KV (the
-  // register-resident and even/odd bf16 decode kernels), odd row counts.
+  // register-resident and even/odd bf16 decode kernels), odd row counts:
+  // rows per kv head (tq * g) 1..9 cover every even/odd tile height (3..8)
+  // and the pairs left after a tile.
   for (DType dtype : {DType::kFloat32, DType::kBFloat16})
     for (int d : {32, 64, 96, 128, 256})
-      for (int tq : {1, 3})
-        for (int g : {1, 4}) {
+      for (int tq : {1, 2, 3, 5, 7})
+        for (int g : {1, 3, 4, 8}) {
           OpCase c;
           c.tq = tq;
           c.tk = 700 + 13 * d / 32 + tq;

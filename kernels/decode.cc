@@ -2,6 +2,7 @@
 // partial for every (query token, head) over its chunk, and the partials are
 // merged at the end (kernels/merge.h). One task streams all kv heads of its
 // chunk, so memory is read sequentially.
+#include <immintrin.h>
 #include <tbb/parallel_for.h>
 #include <tbb/task_arena.h>
 
@@ -24,6 +25,35 @@ constexpr int kKeyGroup = 16;  // keys per kernel call in the key-major sweep
 }  // namespace
 
 namespace {
+
+// Software prefetch (into L2) of a contiguous byte range, in equal slices:
+// Start(range, steps), then Step() steps times.
+struct RangePrefetch {
+  const char* p = nullptr;
+  const char* end = nullptr;
+  int64_t lines_per_step = 0;
+  void Start(const void* base, int64_t bytes, int steps) {
+    p = static_cast<const char*>(base);
+    end = p + bytes;
+    lines_per_step = (bytes / 64 + steps - 1) / steps;
+  }
+  void Step() {
+    for (int64_t i = 0; i < lines_per_step && p < end; ++i, p += 64) _mm_prefetch(p, _MM_HINT_T1);
+  }
+};
+
+// Prefetch (into L1) of n rows of D floats, row_stride floats apart, from
+// `skip` rows after `base`. The addresses may lie past the end of the KV (the
+// last group of a segment): they are formed as integers, and a prefetch
+// never faults.
+inline void PrefetchRows(const void* base, int64_t skip, int64_t row_stride, int n, int D) {
+  const uintptr_t p =
+      reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(skip * row_stride) * sizeof(float);
+  for (int j = 0; j < n; ++j)
+    for (int d = 0; d < D; d += 16)
+      _mm_prefetch(reinterpret_cast<const char*>(p + (j * row_stride + d) * sizeof(float)),
+                   _MM_HINT_T0);
+}
 
 // A run of at most kDecodeKeyBlock keys: rows [0, n) at k/v (row stride
 // Hkv*D elements), key index j0 in the concatenated KV (for causal masks).
@@ -51,7 +81,8 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
   // bf16 K/V with few rows per kv head (GQA decode): the even/odd layout
   // widens 32 values per load with one op per 16 (vector_ops.h); queries and
   // accumulators are permuted to match and un-permuted at the end.
-  const bool permuted = kv_dtype == DType::kBFloat16 && rows < 8 && internal::HasPermutedBFloat16(D);
+  const bool permuted =
+      kv_dtype == DType::kBFloat16 && rows <= 8 && internal::HasPermutedBFloat16(D);
   // Pre-scaled queries grouped by kv head: qs[hk][r][D].
   std::vector<float> qs(static_cast<size_t>(Hkv) * rows * D);
   std::vector<float> row_tmp(permuted ? D : 0);
@@ -75,6 +106,16 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
   const bool fp32 = kv_dtype == DType::kFloat32;
   const bool fused_bf16 = !fp32 && internal::HasFusedBFloat16(D);
   const int64_t row_stride = static_cast<int64_t>(Hkv) * D;
+  const int64_t row_bytes = row_stride * (fp32 ? 4 : 2);
+  // Software prefetch of the next block (into L2) while this one is
+  // computed: bf16 blocks cost more compute per byte than the core's stream
+  // can hide; fp32 blocks are left to the hardware prefetchers (measured
+  // slower with the software prefetch).
+  const bool prefetch = !fp32;
+  // fp32 with 8 or more rows per kv head (compute-heavier per byte): each
+  // kernel call first prefetches (into L1) the same head's rows of the next
+  // key group, one group ahead of the hardware prefetchers.
+  const bool prefetch_group = fp32 && rows >= 8;
 
   tbb::parallel_for(tbb::blocked_range<int64_t>(0, chunks, 1), [&](const tbb::blocked_range<int64_t>& range) {
     for (int64_t c = range.begin(); c < range.end(); ++c) {
@@ -89,9 +130,19 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
       std::fill(acc, acc + state_rows * D, 0.0f);
       std::fill(m, m + state_rows, kNegInf);
       std::fill(l, l + state_rows, 0.0f);
+      RangePrefetch pfk, pfv;
       for (int64_t b = b0; b < b1; ++b) {
         const KeyBlock& blk = blocks[b];
         const int jb = blk.n;
+        const int steps = (jb + kKeyGroup - 1) / kKeyGroup * Hkv;
+        if (prefetch && b + 1 < b1) {
+          const KeyBlock& nb = blocks[b + 1];
+          pfk.Start(nb.k, nb.n * row_bytes, steps);
+          pfv.Start(nb.v, nb.n * row_bytes, steps);
+        } else {
+          pfk.Start(nullptr, 0, 1);
+          pfv.Start(nullptr, 0, 1);
+        }
         const int64_t j0 = blk.j0;
         const float* kp = nullptr;
         const float* vp = nullptr;
@@ -121,6 +172,9 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
             const int64_t base = static_cast<int64_t>(hk) * rows;
             float* sc = sc_all + base * kDecodeKeyBlock + jj;
             const int64_t at = jj * row_stride + hk * D;
+            pfk.Step();
+            if (prefetch_group)
+              PrefetchRows(static_cast<const float*>(blk.k) + at, kKeyGroup, row_stride, n, D);
             if (permuted)
               internal::QueryKeyDotsBFloat16Permuted(qs.data() + base * D, rows, kh + at, row_stride, n, D, sc, kDecodeKeyBlock);
             else if (fused_bf16)
@@ -141,6 +195,9 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
             const int64_t base = static_cast<int64_t>(hk) * rows;
             const float* p = sc_all + base * kDecodeKeyBlock + jj;
             const int64_t at = jj * row_stride + hk * D;
+            pfv.Step();
+            if (prefetch_group)
+              PrefetchRows(static_cast<const float*>(blk.v) + at, kKeyGroup, row_stride, n, D);
             if (permuted)
               internal::AccumulateProbValuesBFloat16Permuted(p, kDecodeKeyBlock, rows, vh + at, row_stride, n, D, acc + base * D);
             else if (fused_bf16)

@@ -110,6 +110,7 @@ struct Options {
   std::string only;  // prefill, decode, batched, window, memory or empty for all
   int threads = 0;
   std::string path;  // force a kernel path (kernels/cpu.h names)
+  int64_t decode_n = 0;  // decode: only this KV length (0: the default list)
 };
 
 FILE* g_json = nullptr;
@@ -383,15 +384,27 @@ void DecodeCase(int64_t n, int heads, int kv_heads, int d, DType dtype, double b
                      n >= (1 << 19) ? 5 : 10);
   const double bytes = 2.0 * kvn * DTypeSize(dtype);
   const double gbs = bytes / t / 1e9;
+  // The read bandwidth again, right after the case: on a shared machine the
+  // bandwidth drifts within a run, and the case is also given against this
+  // adjacent figure (the ratio column stays against the run's figure).
+  const double adjacent = ReadBandwidthGBs(1u << 30);
   const std::string name = Fmt("decode_%s_N%ld_H%d_Hkv%d_D%d", DTypeName(dtype), (long)n, heads, kv_heads, d);
   const char* path = KernelPathName(ActiveKernelPath());
-  std::printf("%-40s %8ld %5d %4d %4d %9.5f %10.2f %10.3f %10s  %s\n", name.c_str(), (long)n, heads, kv_heads, d, t, gbs,
-              gbs / bandwidth, "-", path);
+  std::printf(
+      "%-40s %8ld %5d %4d %4d %9.5f %10.2f %10.3f %10s  %s  (adjacent read bandwidth %.2f GB/s: "
+      "%.3f)\n",
+      name.c_str(), (long)n, heads, kv_heads, d, t, gbs, gbs / bandwidth, "-", path, adjacent,
+      gbs / adjacent);
   std::fflush(stdout);
-  EmitJson(Fmt("{\"name\":\"%s\",\"kind\":\"decode\",\"dtype\":\"%s\",\"N\":%ld,\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,"
-               "\"path\":\"%s\",\"seconds\":%.7f,\"kv_bytes\":%.0f,\"gbytes_per_s\":%.3f,\"bandwidth_gbytes_per_s\":%.3f,"
-               "\"decode_vs_bandwidth\":%.4f}",
-               name.c_str(), DTypeName(dtype), (long)n, heads, kv_heads, d, path, t, bytes, gbs, bandwidth, gbs / bandwidth));
+  EmitJson(
+      Fmt("{\"name\":\"%s\",\"kind\":\"decode\",\"dtype\":\"%s\",\"N\":%ld,\"heads\":%d,\"kv_"
+          "heads\":%d,\"head_dim\":%d,"
+          "\"path\":\"%s\",\"seconds\":%.7f,\"kv_bytes\":%.0f,\"gbytes_per_s\":%.3f,\"bandwidth_"
+          "gbytes_per_s\":%.3f,"
+          "\"decode_vs_bandwidth\":%.4f,\"adjacent_bandwidth_gbytes_per_s\":%.3f,\"decode_vs_"
+          "adjacent_bandwidth\":%.4f}",
+          name.c_str(), DTypeName(dtype), (long)n, heads, kv_heads, d, path, t, bytes, gbs,
+          bandwidth, gbs / bandwidth, adjacent, gbs / adjacent));
 }
 
 // Several query tokens against one KV (the service's batched Attend: one
@@ -524,9 +537,13 @@ int Main(int argc, char** argv) {
     else if (a == "--only" && i + 1 < argc) opt.only = argv[++i];
     else if (a == "--threads" && i + 1 < argc) opt.threads = std::atoi(argv[++i]);
     else if (a == "--path" && i + 1 < argc) opt.path = argv[++i];
+    else if (a == "--decode-n" && i + 1 < argc)
+      opt.decode_n = std::atol(argv[++i]);
     else {
-      std::fprintf(stderr, "usage: kernel_bench [--quick] [--only prefill|decode|batched|window|memory] [--threads N] "
-                           "[--path generic|avx2|avx512|avx512bf16] [--json FILE]\n");
+      std::fprintf(stderr,
+                   "usage: kernel_bench [--quick] [--only prefill|decode|batched|window|memory] "
+                   "[--threads N] "
+                   "[--path generic|avx2|avx512|avx512bf16] [--decode-n N] [--json FILE]\n");
       return 2;
     }
   }
@@ -580,6 +597,7 @@ int Main(int argc, char** argv) {
     EmitJson(Fmt("{\"name\":\"read_bandwidth\",\"gbytes_per_s\":%.3f}", bw));
     Header();
     std::vector<int64_t> ns = opt.quick ? std::vector<int64_t>{65536} : std::vector<int64_t>{262144, 1048576};
+    if (opt.decode_n > 0) ns = {opt.decode_n};
     struct Heads { int h, hkv; };
     for (int64_t n : ns)
       for (Heads hh : {Heads{32, 8}, Heads{8, 2}, Heads{8, 1}})
