@@ -54,7 +54,8 @@ int main(int argc, char** argv) {
   gen.Generate(T, k.data(), v.data(), q.data(), Hkv);
   const AttentionShape shape{T, T, Hkv, Hkv, D};
   AttentionBand band{W, mass.data()};
-  AttentionOptions plain{.causal = true}, with_band{.causal = true};
+  AttentionOptions plain, with_band;
+  plain.causal = with_band.causal = true;
   with_band.band = &band;
   std::vector<double> t_plain, t_band;
   for (int r = 0; r < reps; ++r)

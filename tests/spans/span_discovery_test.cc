@@ -82,7 +82,8 @@ Planted MakePlanted(int64_t T, int H, int Hkv, int D, int min_run, int max_run, 
 std::vector<float> CaptureBand(const Planted& p, int W) {
   std::vector<float> v(p.k.size(), 0.5f), o(p.q.size()), mass(static_cast<size_t>(p.T) * p.Hkv * W);
   AttentionBand band{W, mass.data()};
-  AttentionOptions opt{.causal = true};
+  AttentionOptions opt;
+  opt.causal = true;
   opt.band = &band;
   const Status st =
       AttentionForward(p.q.data(), p.k.data(), v.data(), DType::kFloat32,
@@ -227,8 +228,12 @@ void CheckSegmentation(const std::vector<SpanCut>& cuts, int64_t T, const SpanDi
     const int64_t len = cuts[i].end - cuts[i].begin;
     EXPECT_GE(len, std::min<int64_t>(T, o.min_tokens)) << i;
     EXPECT_LE(len, cuts[i].discovered ? o.max_tokens : o.fallback_tokens) << i;
-    if (cuts[i].discovered) EXPECT_GE(cuts[i].score, o.min_score);
-    if (i > 0) EXPECT_EQ(cuts[i].begin, cuts[i - 1].end) << i;  // no overlap, no hole
+    if (cuts[i].discovered) {
+      EXPECT_GE(cuts[i].score, o.min_score);
+    }
+    if (i > 0) {
+      EXPECT_EQ(cuts[i].begin, cuts[i - 1].end) << i;  // no overlap, no hole
+    }  // no overlap, no hole
   }
 }
 
@@ -295,7 +300,9 @@ TEST(SpanDiscovery, WindowedPrefillGivesTheSameSpans) {
   for (int64_t window : {int64_t{0}, int64_t{W}, int64_t{200}}) {
     std::vector<float> mass(static_cast<size_t>(p.T) * p.Hkv * W);
     AttentionBand band{W, mass.data()};
-    AttentionOptions opt{.causal = true, .window = window};
+    AttentionOptions opt;
+    opt.causal = true;
+    opt.window = window;
     opt.band = &band;
     ASSERT_TRUE(AttentionForward(p.q.data(), p.k.data(), v.data(), DType::kFloat32,
                                  AttentionShape{p.T, p.T, p.H, p.Hkv, p.D}, opt, o.data(), nullptr)

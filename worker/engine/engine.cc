@@ -784,10 +784,13 @@ Result<EngineOutput> WorkerEngine::ExecuteStep(Command& command) {
 }
 
 namespace {
-// Discovery bounds for a session's span size S: spans of S/8 .. S tokens
-// (the store's limit), gaps cut into spans of about S/2 (the defaults of
-// worker/spans/span_discovery.h at S = 64). Valid for 1 <= S <= 4096
-// (CreateSession refuses discovered spans with larger span_tokens).
+// Discovery bounds for a session's span size S: the optimal segmentation
+// (span_discovery.h's default selection) into spans of S/8 .. S tokens (S is
+// the store's limit; the band captured is S wide). fallback_tokens only
+// matters to the greedy selection. Valid for 1 <= S <= 4096 (CreateSession
+// refuses discovered spans with larger span_tokens). docs/spans.md measured
+// spans of at most 16 tokens as the best at retrieval: sessions that want
+// that set span_tokens 16.
 SpanDiscoveryOptions DiscoveryOptionsFor(int span_tokens) {
   SpanDiscoveryOptions o;
   o.max_tokens = span_tokens;
