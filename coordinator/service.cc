@@ -22,6 +22,9 @@ grpc::Status ToGrpcStatus(const Status& status) {
     case StatusCode::kUnavailable: code = grpc::StatusCode::UNAVAILABLE; break;
     case StatusCode::kCancelled: code = grpc::StatusCode::CANCELLED; break;
     case StatusCode::kAlreadyExists: code = grpc::StatusCode::ALREADY_EXISTS; break;
+    case StatusCode::kUnauthenticated:
+      code = grpc::StatusCode::UNAUTHENTICATED;
+      break;
     case StatusCode::kDataLoss: code = grpc::StatusCode::DATA_LOSS; break;
     default: break;
   }
@@ -144,21 +147,21 @@ void AttentionServiceImpl::Record(const char* method, Clock::time_point start, c
   else if (status.error_code() == grpc::StatusCode::RESOURCE_EXHAUSTED) stats_.RecordLatency("(refused)", seconds);
 }
 
-Result<std::shared_ptr<SessionRecord>> AttentionServiceImpl::FindSession(const std::string& tenant,
+Result<std::shared_ptr<SessionRecord>> AttentionServiceImpl::FindSession(const Caller& caller,
                                                                          const std::string& id,
                                                                          const char* method) const {
   RINGTREE_RETURN_IF_ERROR(admission_.Available(method));  // starting, or the world failed
   RINGTREE_RETURN_IF_ERROR(ValidateSessionId(id, method));
-  auto found = registry_.Find(tenant, id);
+  auto found = registry_.Find(caller.tenant(), id);
   if (!found.ok()) return Tagged(method, found.status());
   return found;
 }
 
 template <typename Input, typename Validate>
-grpc::Status AttentionServiceImpl::Resolve(const char* method, const std::string& tenant,
+grpc::Status AttentionServiceImpl::Resolve(const char* method, const Caller& caller,
                                            const std::string& session_id, const Validate& validate,
                                            std::shared_ptr<SessionRecord>* session, Input* input) {
-  auto found = FindSession(tenant, session_id, method);
+  auto found = FindSession(caller, session_id, method);
   if (!found.ok()) return Invalid(method, found.status());
   Result<Input> valid = validate((*found)->shape);
   if (!valid.ok()) return Invalid(method, valid.status());
@@ -329,61 +332,62 @@ grpc::Status AttentionServiceImpl::CreateSessionTyped(const grpc::ServerContextB
                                                       const v1::CreateSessionRequest& request,
                                                       v1::SessionInfo* response) {
   const char* m = "CreateSession";
-  std::string tenant;
-  if (grpc::Status a = auth_.Authenticate(context, &tenant); !a.ok()) return a;
-  if (Status available = admission_.Available(m); !available.ok()) return ToGrpcStatus(available);
-  if (admission_.draining()) return grpc::Status(grpc::StatusCode::UNAVAILABLE, Tag(m) + "server is shutting down");
-  Result<v1::SessionConfig> config = ValidateSessionConfig(request.config(), limits_);
-  if (!config.ok()) return Invalid(m, config.status());
-  auto record = registry_.Create(tenant, *config);
-  if (!record.ok()) return ToGrpcStatus(record.status());
-  if (sessions_ != nullptr) {
-    if (Status saved = sessions_->Save(**record); !saved.ok()) {
-      registry_.Remove(tenant, (*record)->id).ok();
-      return ToGrpcStatus(Tagged(m, saved));
+  return Authenticated(context, [&](const Caller& caller) -> grpc::Status {
+    if (Status available = admission_.Available(m); !available.ok()) return ToGrpcStatus(available);
+    if (admission_.draining())
+      return grpc::Status(grpc::StatusCode::UNAVAILABLE, Tag(m) + "server is shutting down");
+    Result<v1::SessionConfig> config = ValidateSessionConfig(request.config(), limits_);
+    if (!config.ok()) return Invalid(m, config.status());
+    auto record = registry_.Create(caller.tenant(), *config);
+    if (!record.ok()) return ToGrpcStatus(record.status());
+    if (sessions_ != nullptr) {
+      if (Status saved = sessions_->Save(**record); !saved.ok()) {
+        registry_.Remove(caller.tenant(), (*record)->id).ok();
+        return ToGrpcStatus(Tagged(m, saved));
+      }
     }
-  }
-  (*record)->ToInfo(response);
-  return grpc::Status::OK;
+    (*record)->ToInfo(response);
+    return grpc::Status::OK;
+  });
 }
 
 grpc::Status AttentionServiceImpl::GetSessionTyped(const grpc::ServerContextBase& context,
                                                    const v1::GetSessionRequest& req, v1::SessionInfo* response) {
   const v1::GetSessionRequest* request = &req;
-  std::string tenant;
-  if (grpc::Status a = auth_.Authenticate(context, &tenant); !a.ok()) return a;
-  auto s = FindSession(tenant, request->session_id(), "GetSession");
-  if (!s.ok()) return Invalid("GetSession", s.status());
-  (*s)->ToInfo(response);
-  return grpc::Status::OK;
+  return Authenticated(context, [&](const Caller& caller) -> grpc::Status {
+    auto s = FindSession(caller, request->session_id(), "GetSession");
+    if (!s.ok()) return Invalid("GetSession", s.status());
+    (*s)->ToInfo(response);
+    return grpc::Status::OK;
+  });
 }
 
 grpc::Status AttentionServiceImpl::ListSessions(grpc::ServerContext* context, const v1::ListSessionsRequest*,
                                                 v1::ListSessionsResponse* response) {
-  std::string tenant;
-  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
-  if (Status available = admission_.Available("ListSessions"); !available.ok())
-    return ToGrpcStatus(available);
-  for (const auto& s : registry_.List(tenant)) s->ToInfo(response->add_sessions());
-  return grpc::Status::OK;
+  return Authenticated(*context, [&](const Caller& caller) -> grpc::Status {
+    if (Status available = admission_.Available("ListSessions"); !available.ok())
+      return ToGrpcStatus(available);
+    for (const auto& s : registry_.List(caller.tenant())) s->ToInfo(response->add_sessions());
+    return grpc::Status::OK;
+  });
 }
 
 grpc::Status AttentionServiceImpl::DeleteSession(grpc::ServerContext* context, const v1::DeleteSessionRequest* request,
                                                  v1::DeleteSessionResponse* response) {
   const char* m = "DeleteSession";
-  std::string tenant;
-  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
-  if (Status available = admission_.Available(m); !available.ok()) return ToGrpcStatus(available);
-  if (Status st = ValidateSessionId(request->session_id(), m); !st.ok()) return Invalid(m, st);
-  auto s = registry_.Remove(tenant, request->session_id());
-  if (!s.ok()) return Invalid(m, s.status());
-  auto item = std::make_shared<WorkItem>();
-  item->kind = WorkItem::Kind::kDelete;
-  item->session = *s;
-  engine_.Submit(item);  // never refused; the session is already invisible
-  item->Wait(nullptr);
-  response->set_freed_bytes(item->freed_bytes);
-  return ToGrpcStatus(Tagged(m, item->status));
+  return Authenticated(*context, [&](const Caller& caller) -> grpc::Status {
+    if (Status available = admission_.Available(m); !available.ok()) return ToGrpcStatus(available);
+    if (Status st = ValidateSessionId(request->session_id(), m); !st.ok()) return Invalid(m, st);
+    auto s = registry_.Remove(caller.tenant(), request->session_id());
+    if (!s.ok()) return Invalid(m, s.status());
+    auto item = std::make_shared<WorkItem>();
+    item->kind = WorkItem::Kind::kDelete;
+    item->session = *s;
+    engine_.Submit(item);  // never refused; the session is already invisible
+    item->Wait(nullptr);
+    response->set_freed_bytes(item->freed_bytes);
+    return ToGrpcStatus(Tagged(m, item->status));
+  });
 }
 
 grpc::Status AttentionServiceImpl::AppendKV(grpc::ServerContext* context,
@@ -391,109 +395,116 @@ grpc::Status AttentionServiceImpl::AppendKV(grpc::ServerContext* context,
                                             v1::AppendKVResponse* response) {
   const char* m = "AppendKV";
   const auto start = Clock::now();
-  std::string tenant;
-  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
-  v1::AppendKVRequest message;
-  if (!reader->Read(&message)) return Invalid(m, Status::InvalidArgument("stream: no messages"));
-  std::shared_ptr<SessionRecord> session;
-  bool header = false;  // ValidateAppendHeader's value is its status alone
-  if (grpc::Status g = Resolve(
-          m, tenant, message.session_id(),
-          [&](const SessionShape& shape) -> Result<bool> {
-            RINGTREE_RETURN_IF_ERROR(ValidateAppendHeader(message, shape));
-            return true;
-          },
-          &session, &header);
-      !g.ok())
-    return g;
-  const int layer = message.layer();
-  const SessionShape& shape = session->shape;
-  // Admitted from the first message: the stream counts as work in flight and
-  // its KV bytes are reserved chunk by chunk; on any failure everything is
-  // released and nothing was stored (the engine sees only complete calls).
-  Status admitted = admission_.Admit(m, engine_.queue_depth(), 0);
-  if (!admitted.ok()) {
-    grpc::Status g = ToGrpcStatus(admitted);
+  return Authenticated(*context, [&](const Caller& caller) -> grpc::Status {
+    v1::AppendKVRequest message;
+    if (!reader->Read(&message)) return Invalid(m, Status::InvalidArgument("stream: no messages"));
+    std::shared_ptr<SessionRecord> session;
+    bool header = false;  // ValidateAppendHeader's value is its status alone
+    if (grpc::Status g = Resolve(
+            m, caller, message.session_id(),
+            [&](const SessionShape& shape) -> Result<bool> {
+              RINGTREE_RETURN_IF_ERROR(ValidateAppendHeader(message, shape));
+              return true;
+            },
+            &session, &header);
+        !g.ok())
+      return g;
+    const int layer = message.layer();
+    const SessionShape& shape = session->shape;
+    // Admitted from the first message: the stream counts as work in flight and
+    // its KV bytes are reserved chunk by chunk; on any failure everything is
+    // released and nothing was stored (the engine sees only complete calls).
+    Status admitted = admission_.Admit(m, engine_.queue_depth(), 0);
+    if (!admitted.ok()) {
+      grpc::Status g = ToGrpcStatus(admitted);
+      Record(m, start, g);
+      return g;
+    }
+    int64_t reserved = 0;
+    auto fail = [&](const Status& st, bool invalid) {
+      admission_.Complete(reserved);
+      if (invalid) admission_.CountInvalid();
+      return ToGrpcStatus(Tagged(m, st));
+    };
+    auto item = std::make_shared<WorkItem>();
+    item->kind = WorkItem::Kind::kAppend;
+    item->session = session;
+    item->layer = layer;
+    if (message.has_expected_layer_tokens())
+      item->expected_layer_tokens = message.expected_layer_tokens();
+    int64_t index = 0;
+    do {
+      Result<AppendChunkInput> chunk =
+          ValidateAppendChunk(message, index, session->id, layer, item->kv_tokens, shape, limits_);
+      if (!chunk.ok()) return fail(chunk.status(), true);
+      if (Status r = admission_.ReserveKv(m, chunk->kv_bytes); !r.ok()) return fail(r, false);
+      reserved += chunk->kv_bytes;
+      std::string k_part, v_part;
+      if (Status c = ToStorage(chunk->k, shape.storage, m, &k_part); !c.ok()) return fail(c, true);
+      if (Status c = ToStorage(chunk->v, shape.storage, m, &v_part); !c.ok()) return fail(c, true);
+      item->k_parts.push_back(std::move(k_part));
+      item->v_parts.push_back(std::move(v_part));
+      item->kv_tokens += chunk->k.tokens;
+      ++index;
+    } while (reader->Read(&message));
+    if (context->IsCancelled()) {
+      return fail(Status::Cancelled("client cancelled the stream; nothing was stored"), false);
+    }
+    grpc::Status g = Run(m, context, item, reserved);
     Record(m, start, g);
-    return g;
-  }
-  int64_t reserved = 0;
-  auto fail = [&](const Status& st, bool invalid) {
-    admission_.Complete(reserved);
-    if (invalid) admission_.CountInvalid();
-    return ToGrpcStatus(Tagged(m, st));
-  };
-  auto item = std::make_shared<WorkItem>();
-  item->kind = WorkItem::Kind::kAppend;
-  item->session = session;
-  item->layer = layer;
-  if (message.has_expected_layer_tokens()) item->expected_layer_tokens = message.expected_layer_tokens();
-  int64_t index = 0;
-  do {
-    Result<AppendChunkInput> chunk =
-        ValidateAppendChunk(message, index, session->id, layer, item->kv_tokens, shape, limits_);
-    if (!chunk.ok()) return fail(chunk.status(), true);
-    if (Status r = admission_.ReserveKv(m, chunk->kv_bytes); !r.ok()) return fail(r, false);
-    reserved += chunk->kv_bytes;
-    std::string k_part, v_part;
-    if (Status c = ToStorage(chunk->k, shape.storage, m, &k_part); !c.ok()) return fail(c, true);
-    if (Status c = ToStorage(chunk->v, shape.storage, m, &v_part); !c.ok()) return fail(c, true);
-    item->k_parts.push_back(std::move(k_part));
-    item->v_parts.push_back(std::move(v_part));
-    item->kv_tokens += chunk->k.tokens;
-    ++index;
-  } while (reader->Read(&message));
-  if (context->IsCancelled()) {
-    return fail(Status::Cancelled("client cancelled the stream; nothing was stored"), false);
-  }
-  grpc::Status g = Run(m, context, item, reserved);
-  Record(m, start, g);
-  if (!g.ok()) return g;
-  response->set_appended_tokens(item->kv_tokens);
-  response->set_first_position(item->first_position);
-  response->set_layer_tokens(item->layer_tokens);
-  return grpc::Status::OK;
+    if (!g.ok()) return g;
+    response->set_appended_tokens(item->kv_tokens);
+    response->set_first_position(item->first_position);
+    response->set_layer_tokens(item->layer_tokens);
+    return grpc::Status::OK;
+  });
 }
 
 grpc::Status AttentionServiceImpl::Prefill(grpc::ServerContext* context, const v1::PrefillRequest* request,
                                            grpc::ServerWriter<v1::PrefillResponse>* writer) {
   const char* m = "Prefill";
   const auto start = Clock::now();
-  std::string tenant;
-  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
-  std::shared_ptr<SessionRecord> session;
-  PrefillInput in;
-  if (grpc::Status g = Resolve(
-          m, tenant, request->session_id(),
-          [&](const SessionShape& shape) { return ValidatePrefill(*request, shape, limits_); },
-          &session, &in);
-      !g.ok())
-    return g;
-  const SessionShape& shape = session->shape;
-  auto item = NewItem(WorkItem::Kind::kPrefill, session, in);
-  if (grpc::Status g = AdmitAndConvert(m, start, in.kv_bytes, item.get(), in.q, &in.k, &in.v);
-      !g.ok())
-    return g;
-  grpc::Status g = Run(m, context, item, in.kv_bytes);
-  Record(m, start, g);
-  if (!g.ok()) return g;
-  const int64_t qt = in.q.tokens;
-  const DType out_dtype = in.options.dtype;
-  const int64_t q_row = int64_t(shape.heads) * shape.head_dim;
-  int64_t chunk = in.output_chunk_tokens;
-  if (chunk == 0) chunk = std::max<int64_t>(1, limits_.prefill_output_chunk_bytes / (q_row * DTypeSize(out_dtype)));
-  for (int64_t at = 0; at < qt; at += chunk) {
-    if (context->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, Tag(m) + "cancelled by the client");
-    const int64_t n = std::min(chunk, qt - at);
-    v1::PrefillResponse out;
-    out.set_token_offset(at);
-    out.set_first_position(item->first_position);
-    out.set_layer_tokens(item->layer_tokens);
-    PutOutput(item->o, at, n, q_row, {n, shape.heads, shape.head_dim}, out_dtype, out.mutable_o());
-    if (item->return_lse) PutOutput(item->lse, at, n, shape.heads, {n, shape.heads}, DType::kFloat32, out.mutable_lse());
-    if (!writer->Write(out)) break;  // client went away; the KV is stored (the step completed)
-  }
-  return grpc::Status::OK;
+  return Authenticated(*context, [&](const Caller& caller) -> grpc::Status {
+    std::shared_ptr<SessionRecord> session;
+    PrefillInput in;
+    if (grpc::Status g = Resolve(
+            m, caller, request->session_id(),
+            [&](const SessionShape& shape) { return ValidatePrefill(*request, shape, limits_); },
+            &session, &in);
+        !g.ok())
+      return g;
+    const SessionShape& shape = session->shape;
+    auto item = NewItem(WorkItem::Kind::kPrefill, session, in);
+    if (grpc::Status g = AdmitAndConvert(m, start, in.kv_bytes, item.get(), in.q, &in.k, &in.v);
+        !g.ok())
+      return g;
+    grpc::Status g = Run(m, context, item, in.kv_bytes);
+    Record(m, start, g);
+    if (!g.ok()) return g;
+    const int64_t qt = in.q.tokens;
+    const DType out_dtype = in.options.dtype;
+    const int64_t q_row = int64_t(shape.heads) * shape.head_dim;
+    int64_t chunk = in.output_chunk_tokens;
+    if (chunk == 0)
+      chunk =
+          std::max<int64_t>(1, limits_.prefill_output_chunk_bytes / (q_row * DTypeSize(out_dtype)));
+    for (int64_t at = 0; at < qt; at += chunk) {
+      if (context->IsCancelled())
+        return grpc::Status(grpc::StatusCode::CANCELLED, Tag(m) + "cancelled by the client");
+      const int64_t n = std::min(chunk, qt - at);
+      v1::PrefillResponse out;
+      out.set_token_offset(at);
+      out.set_first_position(item->first_position);
+      out.set_layer_tokens(item->layer_tokens);
+      PutOutput(item->o, at, n, q_row, {n, shape.heads, shape.head_dim}, out_dtype,
+                out.mutable_o());
+      if (item->return_lse)
+        PutOutput(item->lse, at, n, shape.heads, {n, shape.heads}, DType::kFloat32,
+                  out.mutable_lse());
+      if (!writer->Write(out)) break;  // client went away; the KV is stored (the step completed)
+    }
+    return grpc::Status::OK;
+  });
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::Decode(grpc::CallbackServerContext* context,
@@ -509,19 +520,19 @@ std::optional<grpc::Status> AttentionServiceImpl::StartDecode(grpc::CallbackServ
                                                               UnaryCall* call) {
   const char* m = "Decode";
   const auto start = Clock::now();
-  std::string tenant;
-  if (grpc::Status a = auth_.Authenticate(context, &tenant); !a.ok()) return a;
-  std::shared_ptr<SessionRecord> session;
-  DecodeInput in;
-  if (grpc::Status g = Resolve(
-          m, tenant, request.session_id(),
-          [&](const SessionShape& shape) { return ValidateDecode(request, shape, limits_); },
-          &session, &in);
-      !g.ok())
-    return g;
-  std::shared_ptr<WorkItem> item;
-  if (grpc::Status g = PrepareDecode(m, start, std::move(session), in, &item); !g.ok()) return g;
-  return StartUnary(m, start, context, item, in.options.dtype, response, call);
+  return Authenticated(context, [&](const Caller& caller) -> std::optional<grpc::Status> {
+    std::shared_ptr<SessionRecord> session;
+    DecodeInput in;
+    if (grpc::Status g = Resolve(
+            m, caller, request.session_id(),
+            [&](const SessionShape& shape) { return ValidateDecode(request, shape, limits_); },
+            &session, &in);
+        !g.ok())
+      return g;
+    std::shared_ptr<WorkItem> item;
+    if (grpc::Status g = PrepareDecode(m, start, std::move(session), in, &item); !g.ok()) return g;
+    return StartUnary(m, start, context, item, in.options.dtype, response, call);
+  });
 }
 
 template <typename Response>
@@ -563,19 +574,19 @@ std::optional<grpc::Status> AttentionServiceImpl::StartAttend(grpc::CallbackServ
                                                               UnaryCall* call) {
   const char* m = "Attend";
   const auto start = Clock::now();
-  std::string tenant;
-  if (grpc::Status a = auth_.Authenticate(context, &tenant); !a.ok()) return a;
-  std::shared_ptr<SessionRecord> session;
-  AttendInput in;
-  if (grpc::Status g = Resolve(
-          m, tenant, request.session_id(),
-          [&](const SessionShape& shape) { return ValidateAttend(request, shape, limits_); },
-          &session, &in);
-      !g.ok())
-    return g;
-  std::shared_ptr<WorkItem> item;
-  if (grpc::Status g = PrepareAttend(m, start, std::move(session), in, &item); !g.ok()) return g;
-  return StartUnary(m, start, context, item, in.options.dtype, response, call);
+  return Authenticated(context, [&](const Caller& caller) -> std::optional<grpc::Status> {
+    std::shared_ptr<SessionRecord> session;
+    AttendInput in;
+    if (grpc::Status g = Resolve(
+            m, caller, request.session_id(),
+            [&](const SessionShape& shape) { return ValidateAttend(request, shape, limits_); },
+            &session, &in);
+        !g.ok())
+      return g;
+    std::shared_ptr<WorkItem> item;
+    if (grpc::Status g = PrepareAttend(m, start, std::move(session), in, &item); !g.ok()) return g;
+    return StartUnary(m, start, context, item, in.options.dtype, response, call);
+  });
 }
 
 grpc::Status AttentionServiceImpl::PrepareAttend(const char* m, Clock::time_point start,
@@ -660,12 +671,12 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::DecodeBatch(grpc::CallbackServer
                                                             const v1::DecodeBatchRequest* request,
                                                             v1::DecodeBatchResponse* response) {
   auto* call = new BatchCall;
-  auto prepare = [this, request](const char* m, Clock::time_point start, const std::string& tenant,
+  auto prepare = [this, request](const char* m, Clock::time_point start, const Caller& caller,
                                  int i, std::shared_ptr<WorkItem>* item, DType* out_dtype) {
     std::shared_ptr<SessionRecord> session;
     DecodeInput in;
     if (grpc::Status g = Resolve(
-            m, tenant, request->entries(i).session_id(),
+            m, caller, request->entries(i).session_id(),
             [&](const SessionShape& shape) {
               return ValidateDecodeEntry(*request, i, shape, limits_);
             },
@@ -686,12 +697,12 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::AttendBatch(grpc::CallbackServer
                                                             const v1::AttendBatchRequest* request,
                                                             v1::AttendBatchResponse* response) {
   auto* call = new BatchCall;
-  auto prepare = [this, request](const char* m, Clock::time_point start, const std::string& tenant,
+  auto prepare = [this, request](const char* m, Clock::time_point start, const Caller& caller,
                                  int i, std::shared_ptr<WorkItem>* item, DType* out_dtype) {
     std::shared_ptr<SessionRecord> session;
     AttendInput in;
     if (grpc::Status g = Resolve(
-            m, tenant, request->entries(i).session_id(),
+            m, caller, request->entries(i).session_id(),
             [&](const SessionShape& shape) {
               return ValidateAttendEntry(*request, i, shape, limits_);
             },
@@ -715,151 +726,154 @@ std::optional<grpc::Status> AttentionServiceImpl::StartBatch(const char* m,
                                                              Response* response, BatchCall* call,
                                                              const Prepare& prepare) {
   const auto start = Clock::now();
-  std::string tenant;
-  if (grpc::Status a = auth_.Authenticate(context, &tenant); !a.ok()) return a;
-  const int n = request.entries_size();
-  if (Status st = ValidateBatchSize(n, limits_, m); !st.ok()) return Invalid(m, st);
-  const Clock::time_point deadline = SteadyDeadline(context);
-  if (deadline != Clock::time_point::max() && Clock::now() + kMinDeadlineLeft >= deadline) {
-    grpc::Status g(grpc::StatusCode::DEADLINE_EXCEEDED,
-                   Tag(m) + "deadline expired before admission");
-    Record(m, start, g);
-    return g;
-  }
-  response->mutable_results()->Reserve(n);
-  for (int i = 0; i < n; ++i) response->add_results();
-  std::vector<std::shared_ptr<WorkItem>> items;
-  std::vector<int> slots;  // entry index of items[j]
-  items.reserve(static_cast<size_t>(n));
-  auto finish = [this, m, start, call, response] {
-    response->set_engine_steps(static_cast<int32_t>(call->steps.size()));
-    Record(m, start, grpc::Status::OK);
-  };
-  for (int i = 0; i < n; ++i) {
-    auto* result = response->mutable_results(i);
-    std::shared_ptr<WorkItem> item;
-    DType out_dtype = DType::kFloat32;
-    if (grpc::Status g = prepare(m, start, tenant, i, &item, &out_dtype); !g.ok()) {
-      PutEntryStatus(i, g, result->mutable_status());
-      continue;
+  return Authenticated(context, [&](const Caller& caller) -> std::optional<grpc::Status> {
+    const int n = request.entries_size();
+    if (Status st = ValidateBatchSize(n, limits_, m); !st.ok()) return Invalid(m, st);
+    const Clock::time_point deadline = SteadyDeadline(context);
+    if (deadline != Clock::time_point::max() && Clock::now() + kMinDeadlineLeft >= deadline) {
+      grpc::Status g(grpc::StatusCode::DEADLINE_EXCEEDED,
+                     Tag(m) + "deadline expired before admission");
+      Record(m, start, g);
+      return g;
     }
-    item->deadline = deadline;
-    item->admitted = true;
-    WorkItem* w = item.get();
-    item->on_done = [m, i, w, out_dtype, result, call, finish] {
-      PutEntryResult(m, i, *w, out_dtype, result);
-      if (w->status.ok()) call->steps.insert(w->step_serial);
-      if (call->Release()) {
-        finish();
-        call->Finish(grpc::Status::OK);
-      }
+    response->mutable_results()->Reserve(n);
+    for (int i = 0; i < n; ++i) response->add_results();
+    std::vector<std::shared_ptr<WorkItem>> items;
+    std::vector<int> slots;  // entry index of items[j]
+    items.reserve(static_cast<size_t>(n));
+    auto finish = [this, m, start, call, response] {
+      response->set_engine_steps(static_cast<int32_t>(call->steps.size()));
+      Record(m, start, grpc::Status::OK);
     };
-    items.push_back(std::move(item));
-    slots.push_back(i);
-  }
-  call->Hold(items.size());
-  call->Watch(items);
-  const size_t queued = engine_.SubmitAll(items);
-  // Entries that did not fit in the queue: refused, never run.
-  for (size_t j = queued; j < items.size(); ++j) {
-    admission_.Complete(items[j]->reserved_kv_bytes);
-    admission_.CountQueueFull();
-    const grpc::Status full(grpc::StatusCode::RESOURCE_EXHAUSTED,
-                            Tag(m) + "queue full (--max-queue)");
-    PutEntryStatus(slots[j], full, response->mutable_results(slots[j])->mutable_status());
-    call->Release();  // never the last: the handler's own hold remains
-  }
-  if (call->Release()) {
-    finish();
-    return grpc::Status::OK;
-  }
-  return std::nullopt;
+    for (int i = 0; i < n; ++i) {
+      auto* result = response->mutable_results(i);
+      std::shared_ptr<WorkItem> item;
+      DType out_dtype = DType::kFloat32;
+      if (grpc::Status g = prepare(m, start, caller, i, &item, &out_dtype); !g.ok()) {
+        PutEntryStatus(i, g, result->mutable_status());
+        continue;
+      }
+      item->deadline = deadline;
+      item->admitted = true;
+      WorkItem* w = item.get();
+      item->on_done = [m, i, w, out_dtype, result, call, finish] {
+        PutEntryResult(m, i, *w, out_dtype, result);
+        if (w->status.ok()) call->steps.insert(w->step_serial);
+        if (call->Release()) {
+          finish();
+          call->Finish(grpc::Status::OK);
+        }
+      };
+      items.push_back(std::move(item));
+      slots.push_back(i);
+    }
+    call->Hold(items.size());
+    call->Watch(items);
+    const size_t queued = engine_.SubmitAll(items);
+    // Entries that did not fit in the queue: refused, never run.
+    for (size_t j = queued; j < items.size(); ++j) {
+      admission_.Complete(items[j]->reserved_kv_bytes);
+      admission_.CountQueueFull();
+      const grpc::Status full(grpc::StatusCode::RESOURCE_EXHAUSTED,
+                              Tag(m) + "queue full (--max-queue)");
+      PutEntryStatus(slots[j], full, response->mutable_results(slots[j])->mutable_status());
+      call->Release();  // never the last: the handler's own hold remains
+    }
+    if (call->Release()) {
+      finish();
+      return grpc::Status::OK;
+    }
+    return std::nullopt;
+  });
 }
 
 grpc::Status AttentionServiceImpl::RetrieveKV(grpc::ServerContext* context, const v1::RetrieveKVRequest* request,
                                               grpc::ServerWriter<v1::RetrieveKVResponse>* writer) {
   const char* m = "RetrieveKV";
   const auto start = Clock::now();
-  std::string tenant;
-  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
-  std::shared_ptr<SessionRecord> session;
-  RetrieveKVInput in;
-  if (grpc::Status g = Resolve(
-          m, tenant, request->session_id(),
-          [&](const SessionShape& shape) { return ValidateRetrieveKV(*request, shape, limits_); },
-          &session, &in);
-      !g.ok())
-    return g;
-  const SessionShape& shape = session->shape;
-  if (Status st = CheckLayerHasTokens(*session, in.layer); !st.ok()) return Invalid(m, st);
-  auto item = NewItem(WorkItem::Kind::kRetrieveKV, session, in);
-  if (grpc::Status g = AdmitAndConvert(m, start, 0, item.get(), in.q, nullptr, nullptr); !g.ok())
-    return g;
-  grpc::Status g = Run(m, context, item, 0);
-  Record(m, start, g);
-  if (!g.ok()) return g;
-  const int64_t row_bytes = shape.row_bytes();
-  int64_t chunk = in.chunk_tokens;
+  return Authenticated(*context, [&](const Caller& caller) -> grpc::Status {
+    std::shared_ptr<SessionRecord> session;
+    RetrieveKVInput in;
+    if (grpc::Status g = Resolve(
+            m, caller, request->session_id(),
+            [&](const SessionShape& shape) { return ValidateRetrieveKV(*request, shape, limits_); },
+            &session, &in);
+        !g.ok())
+      return g;
+    const SessionShape& shape = session->shape;
+    if (Status st = CheckLayerHasTokens(*session, in.layer); !st.ok()) return Invalid(m, st);
+    auto item = NewItem(WorkItem::Kind::kRetrieveKV, session, in);
+    if (grpc::Status g = AdmitAndConvert(m, start, 0, item.get(), in.q, nullptr, nullptr); !g.ok())
+      return g;
+    grpc::Status g = Run(m, context, item, 0);
+    Record(m, start, g);
+    if (!g.ok()) return g;
+    const int64_t row_bytes = shape.row_bytes();
+    int64_t chunk = in.chunk_tokens;
 
-  if (chunk == 0) chunk = std::max<int64_t>(1, limits_.retrieve_kv_chunk_bytes / (2 * row_bytes));
-  const v1::DataType dtype = shape.storage == DType::kBFloat16 ? v1::BFLOAT16 : v1::FLOAT32;
-  for (const RetrievedRun& run : item->kv_runs) {
-    for (int64_t at = 0; at < run.tokens; at += chunk) {
-      if (context->IsCancelled()) return grpc::Status(grpc::StatusCode::CANCELLED, Tag(m) + "cancelled by the client");
-      const int64_t n = std::min(chunk, run.tokens - at);
-      v1::RetrieveKVResponse out;
-      out.set_rank(run.rank);
-      out.set_position_start(run.position_start + at);
-      out.set_selected_spans(item->retrieval_out.selected_spans);
-      out.set_layer_tokens(item->layer_tokens);
-      for (auto [tensor, bytes] : {std::pair{out.mutable_k(), &run.k}, std::pair{out.mutable_v(), &run.v}}) {
-        tensor->set_dtype(dtype);
-        tensor->add_shape(n);
-        tensor->add_shape(shape.kv_heads);
-        tensor->add_shape(shape.head_dim);
-        tensor->set_data(bytes->data() + at * row_bytes, static_cast<size_t>(n * row_bytes));
+    if (chunk == 0) chunk = std::max<int64_t>(1, limits_.retrieve_kv_chunk_bytes / (2 * row_bytes));
+    const v1::DataType dtype = shape.storage == DType::kBFloat16 ? v1::BFLOAT16 : v1::FLOAT32;
+    for (const RetrievedRun& run : item->kv_runs) {
+      for (int64_t at = 0; at < run.tokens; at += chunk) {
+        if (context->IsCancelled())
+          return grpc::Status(grpc::StatusCode::CANCELLED, Tag(m) + "cancelled by the client");
+        const int64_t n = std::min(chunk, run.tokens - at);
+        v1::RetrieveKVResponse out;
+        out.set_rank(run.rank);
+        out.set_position_start(run.position_start + at);
+        out.set_selected_spans(item->retrieval_out.selected_spans);
+        out.set_layer_tokens(item->layer_tokens);
+        for (auto [tensor, bytes] :
+             {std::pair{out.mutable_k(), &run.k}, std::pair{out.mutable_v(), &run.v}}) {
+          tensor->set_dtype(dtype);
+          tensor->add_shape(n);
+          tensor->add_shape(shape.kv_heads);
+          tensor->add_shape(shape.head_dim);
+          tensor->set_data(bytes->data() + at * row_bytes, static_cast<size_t>(n * row_bytes));
+        }
+        if (!writer->Write(out)) return grpc::Status::OK;  // client went away; nothing changed
       }
-      if (!writer->Write(out)) return grpc::Status::OK;  // client went away; nothing changed
     }
-  }
-  return grpc::Status::OK;
+    return grpc::Status::OK;
+  });
 }
 
 grpc::Status AttentionServiceImpl::Stats(grpc::ServerContext* context, const v1::StatsRequest*,
                                          v1::StatsResponse* response) {
-  std::string tenant;
-  if (grpc::Status a = auth_.Authenticate(*context, &tenant); !a.ok()) return a;
-  const Admission::Snapshot a = admission_.snapshot();
-  const std::vector<int64_t> bytes = engine_.RankBytes(), tokens = engine_.RankTokens();
-  const std::vector<int64_t> disk = engine_.RankDiskBytes(), hot = engine_.RankHotBytes();
-  const int64_t sessions = static_cast<int64_t>(registry_.size());
-  for (int r = 0; r < world_size_; ++r) {
-    auto* rank = response->add_ranks();
-    rank->set_rank(r);
-    rank->set_kv_bytes(bytes[r]);
-    rank->set_kv_tokens(tokens[r]);
-    rank->set_sessions(sessions);
-    if (storage_.durable) {
-      rank->set_disk_bytes(disk[r]);
-      rank->set_hot_bytes(hot[r]);
+  return Authenticated(*context, [&](const Caller&) -> grpc::Status {
+    const Admission::Snapshot a = admission_.snapshot();
+    const std::vector<int64_t> bytes = engine_.RankBytes(), tokens = engine_.RankTokens();
+    const std::vector<int64_t> disk = engine_.RankDiskBytes(), hot = engine_.RankHotBytes();
+    const int64_t sessions = static_cast<int64_t>(registry_.size());
+    for (int r = 0; r < world_size_; ++r) {
+      auto* rank = response->add_ranks();
+      rank->set_rank(r);
+      rank->set_kv_bytes(bytes[r]);
+      rank->set_kv_tokens(tokens[r]);
+      rank->set_sessions(sessions);
+      if (storage_.durable) {
+        rank->set_disk_bytes(disk[r]);
+        rank->set_hot_bytes(hot[r]);
+      }
     }
-  }
-  response->set_durable(storage_.durable);
-  response->set_disk_budget_bytes(storage_.disk_budget_bytes);
-  response->set_hot_budget_bytes(storage_.hot_budget_bytes);
-  response->set_queue_depth(engine_.queue_depth());
-  response->set_in_flight(a.in_flight);
-  response->set_admitted(a.admitted);
-  response->set_rejected(a.rejected);
-  for (const auto& [reason, n] : a.rejected_by_reason) (*response->mutable_rejected_by_reason())[reason] = n;
-  response->set_invalid(a.invalid);
-  stats_.Fill(response);
-  response->set_kv_budget_bytes(a.kv_budget);
-  response->set_kv_used_bytes(a.kv_used);
-  response->set_world_size(world_size_);
-  response->set_sessions(sessions);
-  response->set_uptime_s(std::chrono::duration<double>(Clock::now() - started_).count());
-  return grpc::Status::OK;
+    response->set_durable(storage_.durable);
+    response->set_disk_budget_bytes(storage_.disk_budget_bytes);
+    response->set_hot_budget_bytes(storage_.hot_budget_bytes);
+    response->set_queue_depth(engine_.queue_depth());
+    response->set_in_flight(a.in_flight);
+    response->set_admitted(a.admitted);
+    response->set_rejected(a.rejected);
+    for (const auto& [reason, n] : a.rejected_by_reason)
+      (*response->mutable_rejected_by_reason())[reason] = n;
+    response->set_invalid(a.invalid);
+    stats_.Fill(response);
+    response->set_kv_budget_bytes(a.kv_budget);
+    response->set_kv_used_bytes(a.kv_used);
+    response->set_world_size(world_size_);
+    response->set_sessions(sessions);
+    response->set_uptime_s(std::chrono::duration<double>(Clock::now() - started_).count());
+    return grpc::Status::OK;
+  });
 }
 
 }  // namespace ringtree

@@ -99,6 +99,17 @@ class AttentionServiceImpl final : public AttentionServiceBase {
                                   v1::SessionInfo* response);
   grpc::Status GetSessionTyped(const grpc::ServerContextBase& context, const v1::GetSessionRequest& request,
                                v1::SessionInfo* response);
+  // The auth gate every RPC goes through (coordinator/auth.h): runs
+  // `handler` (const Caller& -> grpc::Status or std::optional<grpc::Status>)
+  // with the caller of `context`, or answers UNAUTHENTICATED and runs
+  // nothing.
+  template <typename Handler>
+  auto Authenticated(const grpc::ServerContextBase& context, const Handler& handler) {
+    Result<Caller> caller = auth_.Authenticate(context);
+    using Answer = decltype(handler(*caller));
+    if (!caller.ok()) return Answer(ToGrpcStatus(caller.status()));
+    return handler(*caller);
+  }
   // Validation failure: counted, converted, tagged with the method.
   grpc::Status Invalid(const char* method, const Status& status);
   // Queues an admitted item after checking its deadline. A value: refused
@@ -120,7 +131,7 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   // by `validate` (SessionShape -> Result<Input>, coordinator/validation.h).
   // Not OK: the refusal, counted, to return as is.
   template <typename Input, typename Validate>
-  grpc::Status Resolve(const char* method, const std::string& tenant, const std::string& session_id,
+  grpc::Status Resolve(const char* method, const Caller& caller, const std::string& session_id,
                        const Validate& validate, std::shared_ptr<SessionRecord>* session,
                        Input* input);
   // The shared middle: admits kv_bytes, then converts q (float32) and k/v
@@ -153,7 +164,7 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   std::optional<grpc::Status> StartBatch(const char* method, grpc::CallbackServerContext& context,
                                          const Request& request, Response* response,
                                          BatchCall* call, const Prepare& prepare);
-  Result<std::shared_ptr<SessionRecord>> FindSession(const std::string& tenant, const std::string& id,
+  Result<std::shared_ptr<SessionRecord>> FindSession(const Caller& caller, const std::string& id,
                                                      const char* method) const;
   void Record(const char* method, std::chrono::steady_clock::time_point start,
               const grpc::Status& status);

@@ -19,11 +19,12 @@ enum class StatusCode {
   kResourceExhausted,
   kDeadlineExceeded,
   kUnavailable,
-  kDataLoss,   // corrupt or torn record on disk
+  kDataLoss,  // corrupt or torn record on disk
   kIoError,
   kInternal,
   kCancelled,
   kAlreadyExists,
+  kUnauthenticated,  // no or unknown credentials (the RPC edge)
 };
 
 const char* StatusCodeName(StatusCode code);
@@ -44,6 +45,9 @@ class [[nodiscard]] Status {
   static Status Internal(std::string m) { return {StatusCode::kInternal, std::move(m)}; }
   static Status Cancelled(std::string m) { return {StatusCode::kCancelled, std::move(m)}; }
   static Status AlreadyExists(std::string m) { return {StatusCode::kAlreadyExists, std::move(m)}; }
+  static Status Unauthenticated(std::string m) {
+    return {StatusCode::kUnauthenticated, std::move(m)};
+  }
 
   bool ok() const { return code_ == StatusCode::kOk; }
   StatusCode code() const { return code_; }
