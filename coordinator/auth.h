@@ -18,7 +18,7 @@
 #include <string_view>
 #include <utility>
 
-#include "kernels/status.h"
+#include "base/status.h"
 
 namespace ringtree {
 

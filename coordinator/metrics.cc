@@ -3,7 +3,7 @@
 #include <charconv>
 #include <cmath>
 
-#include "worker/spans/file_sync.h"
+#include "base/file_sync.h"
 
 namespace ringtree {
 

@@ -4,7 +4,7 @@
 //
 // Most values are read at scrape time from what the service already keeps
 // (Admission, ServiceStats, EngineLoop, SessionRegistry, the fsync count of
-// worker/spans/file_sync.h). Calls and latency per method come from a gRPC
+// base/file_sync.h). Calls and latency per method come from a gRPC
 // server interceptor (RpcMetrics), so every method is counted with its final
 // status code, including refusals, health checks, reflection and methods
 // added later, without a line in any handler.

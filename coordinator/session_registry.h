@@ -12,7 +12,7 @@
 #include <string>
 #include <vector>
 
-#include "kernels/status.h"
+#include "base/status.h"
 #include "ringtree/v1/attention.pb.h"
 #include "worker/engine/command.h"
 

@@ -16,9 +16,9 @@
 #include <string>
 #include <vector>
 
+#include "base/status.h"
 #include "coordinator/engine_loop.h"
 #include "kernels/dtype.h"
-#include "kernels/status.h"
 #include "ringtree/v1/attention.pb.h"
 #include "worker/engine/command.h"
 

@@ -17,10 +17,10 @@
 #include <string>
 #include <vector>
 
+#include "base/status.h"
 #include "dist/communicator.h"
 #include "dist/npy_format.h"
 #include "kernels/dtype.h"
-#include "kernels/status.h"
 
 namespace ringtree {
 

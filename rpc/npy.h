@@ -5,7 +5,7 @@
 
 #include <string>
 
-#include "kernels/status.h"
+#include "base/status.h"
 #include "rpc/tensor_codec.h"
 
 namespace ringtree {

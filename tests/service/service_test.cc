@@ -1698,7 +1698,7 @@ class ServiceWritePath : public ServerSuite {
   // Every write kind fails while rank 1 fails its appends; afterwards the
   // session holds exactly the acknowledged tokens and answers exactly.
   void FailedWritesChangeNothing(bool durable);
-  // The file layer's fault injection (worker/spans/file_sync.h): the next
+  // The file layer's fault injection (base/file_sync.h): the next
   // write to a path containing `where` fails as `kind` says.
   void InjectFileFault(const std::string& kind, const std::string& where) {
     std::ofstream(file_fault_) << kind << " " << where << " 1\n";
