@@ -42,15 +42,7 @@ Status WriteFileAtomically(const std::string& dir, const std::string& name,
   }
   ::close(fd);
   if (::rename(tmp.c_str(), final_path.c_str()) != 0) return Errno("rename", tmp);
-  int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-  if (dfd < 0) return Errno("open", dir);
-  if (SyncFile(dfd) != 0) {
-    Status st = Errno("fsync", dir);
-    ::close(dfd);
-    return st;
-  }
-  ::close(dfd);
-  return Status::Ok();
+  return SyncDirectory(dir);
 }
 
 Status SyncDirectory(const std::string& dir) {

@@ -518,34 +518,30 @@ std::optional<grpc::Status> AttentionServiceImpl::StartDecode(grpc::CallbackServ
                                                               const v1::DecodeRequest& request,
                                                               v1::DecodeResponse* response,
                                                               UnaryCall* call) {
-  const char* m = "Decode";
+  return StartUnary<DecodeInput>(
+      "Decode", context, request.session_id(),
+      [&](const SessionShape& shape) { return ValidateDecode(request, shape, limits_); },
+      &AttentionServiceImpl::PrepareDecode, response, call);
+}
+
+template <typename Input, typename Validate, typename Prepare, typename Response>
+std::optional<grpc::Status> AttentionServiceImpl::StartUnary(
+    const char* m, grpc::CallbackServerContext& context, const std::string& session_id,
+    const Validate& validate, Prepare prepare, Response* response, UnaryCall* call) {
   const auto start = Clock::now();
   return Authenticated(context, [&](const Caller& caller) -> std::optional<grpc::Status> {
     std::shared_ptr<SessionRecord> session;
-    DecodeInput in;
-    if (grpc::Status g = Resolve(
-            m, caller, request.session_id(),
-            [&](const SessionShape& shape) { return ValidateDecode(request, shape, limits_); },
-            &session, &in);
-        !g.ok())
-      return g;
+    Input in;
+    if (grpc::Status g = Resolve(m, caller, session_id, validate, &session, &in); !g.ok()) return g;
     std::shared_ptr<WorkItem> item;
-    if (grpc::Status g = PrepareDecode(m, start, std::move(session), in, &item); !g.ok()) return g;
-    return StartUnary(m, start, context, item, in.options.dtype, response, call);
+    if (grpc::Status g = (this->*prepare)(m, start, std::move(session), in, &item); !g.ok())
+      return g;
+    item->on_done = Responder(m, start, item.get(), response, call, in.options.dtype);
+    call->Watch(item);  // from Enqueue on, only on_done (completer thread) touches the call
+    std::optional<grpc::Status> refused = Enqueue(m, context, item, item->reserved_kv_bytes);
+    if (refused) Record(m, start, *refused);
+    return refused;
   });
-}
-
-template <typename Response>
-std::optional<grpc::Status> AttentionServiceImpl::StartUnary(const char* m, Clock::time_point start,
-                                                             const grpc::ServerContextBase& context,
-                                                             const std::shared_ptr<WorkItem>& item,
-                                                             DType out_dtype, Response* response,
-                                                             UnaryCall* call) {
-  item->on_done = Responder(m, start, item.get(), response, call, out_dtype);
-  call->Watch(item);  // from Enqueue on, only on_done (completer thread) touches the call
-  std::optional<grpc::Status> refused = Enqueue(m, context, item, item->reserved_kv_bytes);
-  if (refused) Record(m, start, *refused);
-  return refused;
 }
 
 grpc::Status AttentionServiceImpl::PrepareDecode(const char* m, Clock::time_point start,
@@ -572,21 +568,10 @@ std::optional<grpc::Status> AttentionServiceImpl::StartAttend(grpc::CallbackServ
                                                               const v1::AttendRequest& request,
                                                               v1::AttendResponse* response,
                                                               UnaryCall* call) {
-  const char* m = "Attend";
-  const auto start = Clock::now();
-  return Authenticated(context, [&](const Caller& caller) -> std::optional<grpc::Status> {
-    std::shared_ptr<SessionRecord> session;
-    AttendInput in;
-    if (grpc::Status g = Resolve(
-            m, caller, request.session_id(),
-            [&](const SessionShape& shape) { return ValidateAttend(request, shape, limits_); },
-            &session, &in);
-        !g.ok())
-      return g;
-    std::shared_ptr<WorkItem> item;
-    if (grpc::Status g = PrepareAttend(m, start, std::move(session), in, &item); !g.ok()) return g;
-    return StartUnary(m, start, context, item, in.options.dtype, response, call);
-  });
+  return StartUnary<AttendInput>(
+      "Attend", context, request.session_id(),
+      [&](const SessionShape& shape) { return ValidateAttend(request, shape, limits_); },
+      &AttentionServiceImpl::PrepareAttend, response, call);
 }
 
 grpc::Status AttentionServiceImpl::PrepareAttend(const char* m, Clock::time_point start,

@@ -140,13 +140,14 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   grpc::Status AdmitAndConvert(const char* method, std::chrono::steady_clock::time_point start,
                                int64_t kv_bytes, WorkItem* item, const TensorInput& q,
                                const TensorInput* k, const TensorInput* v);
-  // A unary Decode/Attend's admitted item: its completion set, queued.
-  template <typename Response>
-  std::optional<grpc::Status> StartUnary(const char* method,
-                                         std::chrono::steady_clock::time_point start,
-                                         const grpc::ServerContextBase& context,
-                                         const std::shared_ptr<WorkItem>& item, DType out_dtype,
-                                         Response* response, UnaryCall* call);
+  // A unary Decode/Attend: authenticates, resolves the session and validates
+  // (`validate`: SessionShape -> Result<Input>), prepares the admitted item
+  // (`prepare`: PrepareDecode / PrepareAttend), sets its completion and
+  // queues it. A value: the refusal; nullopt: queued.
+  template <typename Input, typename Validate, typename Prepare, typename Response>
+  std::optional<grpc::Status> StartUnary(const char* method, grpc::CallbackServerContext& context,
+                                         const std::string& session_id, const Validate& validate,
+                                         Prepare prepare, Response* response, UnaryCall* call);
   // One validated decode / attend of `session` into an admitted WorkItem
   // (item->reserved_kv_bytes reserved), ready to queue. Otherwise the
   // refusal, counted and recorded, and nothing is held.
