@@ -23,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "base/mutex.h"
 #include "coordinator/admission.h"
 #include "coordinator/engine_loop.h"
 #include "coordinator/histogram.h"
@@ -68,8 +69,9 @@ class RpcMetrics {
   void Write(PrometheusText* out) const;
 
  private:
-  mutable std::mutex mu_;
-  std::map<std::string, std::unique_ptr<Method>> methods_;  // by full method name
+  mutable Mutex mu_;
+  std::map<std::string, std::unique_ptr<Method>> methods_
+      ABSL_GUARDED_BY(mu_);  // by full method name
 };
 
 // The interceptor factory to install on the grpc::ServerBuilder
