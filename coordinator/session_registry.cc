@@ -62,6 +62,9 @@ SessionShape ShapeOf(const v1::SessionConfig& config) {
   shape.sink_tokens = config.sink_tokens();
   shape.window_tokens = config.window_tokens();
   shape.attention_window = config.attention_window();
+  shape.span_boundaries = config.span_boundaries() == v1::SPAN_BOUNDARIES_DISCOVERED
+                              ? SessionShape::kDiscoveredSpans
+                              : SessionShape::kFixedSpans;
   return shape;
 }
 

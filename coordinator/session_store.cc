@@ -243,11 +243,17 @@ Status SessionStore::SaveLocked(const SessionRecord& record, uint64_t seq) const
   j["handle"] = record.shape.handle;
   j["created_unix_ms"] = record.created_unix_ms;
   const v1::SessionConfig& c = record.config;
-  j["config"] = {{"layers", c.layers()},           {"heads", c.heads()},
-                 {"kv_heads", c.kv_heads()},       {"head_dim", c.head_dim()},
-                 {"storage_dtype", int(c.storage_dtype())}, {"span_tokens", c.span_tokens()},
-                 {"sink_tokens", c.sink_tokens()}, {"window_tokens", c.window_tokens()},
-                 {"attention_window", c.attention_window()}, {"name", c.name()}};
+  j["config"] = {{"layers", c.layers()},
+                 {"heads", c.heads()},
+                 {"kv_heads", c.kv_heads()},
+                 {"head_dim", c.head_dim()},
+                 {"storage_dtype", int(c.storage_dtype())},
+                 {"span_tokens", c.span_tokens()},
+                 {"sink_tokens", c.sink_tokens()},
+                 {"window_tokens", c.window_tokens()},
+                 {"attention_window", c.attention_window()},
+                 {"span_boundaries", static_cast<int>(c.span_boundaries())},
+                 {"name", c.name()}};
   const nlohmann::json layout = LayoutJson(record);
   j["layers"] = layout.at("layers");
   j["kv_bytes"] = layout.at("kv_bytes");
@@ -304,6 +310,13 @@ Result<std::vector<std::shared_ptr<SessionRecord>>> SessionStore::LoadAll(
       config.set_sink_tokens(c.at("sink_tokens").get<int>());
       config.set_window_tokens(c.at("window_tokens").get<int>());
       config.set_attention_window(c.value("attention_window", int64_t{0}));  // absent before 2026-11-30
+      // Absent before 2026-12-01: fixed spans.
+      const int boundaries =
+          c.value("span_boundaries", static_cast<int>(v1::SPAN_BOUNDARIES_FIXED));
+      if (!v1::SpanBoundaries_IsValid(boundaries) || boundaries == v1::SPAN_BOUNDARIES_UNSPECIFIED)
+        return Status::DataLoss("[sessions] " + path + ": span_boundaries " +
+                                std::to_string(boundaries) + " is not a known value");
+      config.set_span_boundaries(static_cast<v1::SpanBoundaries>(boundaries));
       config.set_name(c.at("name").get<std::string>());
       record->shape = ShapeOf(config);
       record->shape.handle = j.at("handle").get<uint64_t>();

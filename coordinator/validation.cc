@@ -333,6 +333,15 @@ Result<v1::SessionConfig> ValidateSessionConfig(const v1::SessionConfig& config,
   if (c.sink_tokens() < 0) return bad("sink_tokens: must be >= 0");
   if (c.window_tokens() < 0) return bad("window_tokens: must be >= 0");
   if (c.attention_window() < 0) return bad("attention_window: must be >= 0 (0 = full attention)");
+  if (c.span_boundaries() == v1::SPAN_BOUNDARIES_UNSPECIFIED)
+    c.set_span_boundaries(v1::SPAN_BOUNDARIES_FIXED);
+  if (c.span_boundaries() != v1::SPAN_BOUNDARIES_FIXED &&
+      c.span_boundaries() != v1::SPAN_BOUNDARIES_DISCOVERED)
+    return bad("span_boundaries: " + std::to_string(c.span_boundaries()) +
+               " is not FIXED or DISCOVERED");
+  if (c.span_boundaries() == v1::SPAN_BOUNDARIES_DISCOVERED && c.span_tokens() > 4096)
+    return bad("span_boundaries: DISCOVERED needs span_tokens <= 4096, got " +
+               std::to_string(c.span_tokens()));
   if (c.name().size() > 128) return bad("name: longer than 128 bytes");
   const DType storage = c.storage_dtype() == v1::BFLOAT16 ? DType::kBFloat16 : DType::kFloat32;
   if (Status st =

@@ -578,7 +578,7 @@ Status RunJob(const JobOptions& o, const Communicator& comm, int threads, PeerWa
 
 int main(int argc, char** argv) {
   using namespace ringtree;
-  auto env = MpiEnvironment::Init(&argc, &argv, MpiEnvironment::ThreadLevel::kFunneled);
+  auto env = MpiEnvironment::Init(&argc, &argv, MpiEnvironment::ThreadLevel::kSerialized);
   if (!env.ok()) {
     std::fprintf(stderr, "[attnjob] %s\n", env.status().message().c_str());
     return 2;

@@ -340,6 +340,26 @@ void Communicator::Progress() const {
   MPI_Iprobe(MPI_ANY_SOURCE, MPI_ANY_TAG, comm_, &flag, MPI_STATUS_IGNORE);
 }
 
+bool Communicator::PollAll(const std::vector<Request*>& requests) const {
+  if (local_) return true;
+  for (Request* r : requests) {
+    for (MPI_Request& part : r->parts_) {
+      int flag = 0;
+      if (MPI_Request_get_status(part, &flag, MPI_STATUS_IGNORE) != MPI_SUCCESS)
+        return true;  // Wait reports it
+      if (!flag) return false;
+    }
+  }
+  return true;
+}
+
+bool Communicator::ThreadSupportAtLeastSerialized() const {
+  if (local_) return false;
+  int provided = MPI_THREAD_SINGLE;
+  if (MPI_Query_thread(&provided) != MPI_SUCCESS) return false;
+  return provided >= MPI_THREAD_SERIALIZED;
+}
+
 Status Communicator::Barrier() const {
   if (local_) return LocalExchange("", "Barrier").status();
   return MpiStatus(MPI_Barrier(comm_), "MPI_Barrier");

@@ -149,6 +149,13 @@ class Communicator {
   // Lets transfers in flight progress (Open MPI's TCP transport moves data
   // only inside MPI calls); called between pieces of compute. No-op in-process.
   void Progress() const;
+  // Progresses `requests` and reports whether every one is complete, without
+  // completing them: Wait still returns their status (MPI_Request_get_status).
+  // The TransferPoller's probe (dist/transfer_poller.h). In-process: true.
+  bool PollAll(const std::vector<Request*>& requests) const;
+  // Whether MPI was initialised with at least MPI_THREAD_SERIALIZED (so
+  // another thread may call MPI while this one does not). False in-process.
+  bool ThreadSupportAtLeastSerialized() const;
 
   // --- collectives ------------------------------------------------------------
   Status Barrier() const;

@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "dist/transfer_poller.h"
 #include "kernels/attention.h"
 #include "kernels/merge.h"
 
@@ -320,6 +321,8 @@ Status RunRing(const char* op, const Communicator& comm, const HeadConfig& hc,
 
   const int next = (rank + 1) % P, prev = (rank - 1 + P) % P;
   int cur = 0;
+  TransferPoller poller(comm, options.poll_interval_us < 0 ? TransferPoller::DefaultIntervalUs()
+                                                           : options.poll_interval_us);
   Status failure;         // MPI: ends the ring at once
   Status kernel_failure;  // this rank's kernel error: the ring still completes
   for (int step = 0; step < P; ++step) {
@@ -374,8 +377,13 @@ Status RunRing(const char* op, const Communicator& comm, const HeadConfig& hc,
       local_t.bytes_sent += payload[owner];
       local_t.bytes_received += payload[incoming];
     }
-    // Time spent inside MPI here is communication, so it counts as wait.
+    std::vector<Request*> pending;
+    for (Request& r : requests) pending.push_back(&r);
+    // The poller moves the transfers while the kernels run; without it,
+    // they move between kernel calls. Time inside MPI here counts as wait.
+    poller.Start(pending);
     auto progress = [&] {
+      if (poller.enabled()) return;  // no MPI call on this thread until Stop
       const double p0 = NowSeconds();
       comm.Progress();
       local_t.wait_seconds += NowSeconds() - p0;
@@ -393,8 +401,7 @@ Status RunRing(const char* op, const Communicator& comm, const HeadConfig& hc,
       }
     }
     const double w0 = NowSeconds();
-    std::vector<Request*> pending;
-    for (Request& r : requests) pending.push_back(&r);
+    poller.Stop();
     Status waited = comm.WaitAll(pending);
     local_t.wait_seconds += NowSeconds() - w0;
     local_t.steps += 1;
@@ -418,6 +425,9 @@ Status RunRing(const char* op, const Communicator& comm, const HeadConfig& hc,
   RINGTREE_RETURN_IF_ERROR(failure);
   RINGTREE_RETURN_IF_ERROR(comm.AgreeOnStatus(kernel_failure));
   acc.Finish();
+  local_t.transfer_polls = poller.polls();
+  local_t.transfer_seconds = poller.transfer_seconds();
+  local_t.transfers_unfinished = poller.unfinished();
   local_t.total_seconds = NowSeconds() - start;
   if (timings) *timings += local_t;
   return Status::Ok();

@@ -97,6 +97,11 @@ struct RingOptions {
   // output differs from a run without capture by the merge order's float
   // rounding only (tested to 1e-6). Local to a rank (need not agree).
   int band_width = 0;
+  // How often a background thread progresses the step's transfers while the
+  // kernels run (dist/transfer_poller.h), in microseconds; 0 turns it off
+  // (transfers then move only between kernel calls and in the step's final
+  // wait); < 0: RINGTREE_RING_POLL_US, else 100. Local to a rank.
+  int poll_interval_us = -1;
 };
 
 // Ring Attention prefill. Collective over `comm`.

@@ -17,6 +17,9 @@ PhaseTimings& PhaseTimings::operator+=(const PhaseTimings& o) {
   steps += o.steps;
   computed_pairs += o.computed_pairs;
   skipped_pairs += o.skipped_pairs;
+  transfer_polls += o.transfer_polls;
+  transfer_seconds += o.transfer_seconds;
+  transfers_unfinished += o.transfers_unfinished;
   return *this;
 }
 
@@ -37,11 +40,19 @@ double NowSeconds() {
 }
 
 Result<std::vector<PhaseTimings>> GatherTimings(const Communicator& comm, const PhaseTimings& local, int root) {
-  constexpr int kFields = 9;
-  double mine[kFields] = {local.compute_seconds, local.wait_seconds, local.merge_seconds, local.total_seconds,
-                          static_cast<double>(local.bytes_sent), static_cast<double>(local.bytes_received),
-                          static_cast<double>(local.steps), static_cast<double>(local.computed_pairs),
-                          static_cast<double>(local.skipped_pairs)};
+  constexpr int kFields = 12;
+  double mine[kFields] = {local.compute_seconds,
+                          local.wait_seconds,
+                          local.merge_seconds,
+                          local.total_seconds,
+                          static_cast<double>(local.bytes_sent),
+                          static_cast<double>(local.bytes_received),
+                          static_cast<double>(local.steps),
+                          static_cast<double>(local.computed_pairs),
+                          static_cast<double>(local.skipped_pairs),
+                          static_cast<double>(local.transfer_polls),
+                          local.transfer_seconds,
+                          static_cast<double>(local.transfers_unfinished)};
   std::vector<double> all(static_cast<size_t>(comm.size()) * kFields);
   RINGTREE_RETURN_IF_ERROR(comm.Gather(mine, sizeof(mine), all.data(), root));
   std::vector<PhaseTimings> out;
@@ -58,6 +69,9 @@ Result<std::vector<PhaseTimings>> GatherTimings(const Communicator& comm, const 
     out[r].steps = static_cast<int64_t>(f[6]);
     out[r].computed_pairs = static_cast<int64_t>(f[7]);
     out[r].skipped_pairs = static_cast<int64_t>(f[8]);
+    out[r].transfer_polls = static_cast<int64_t>(f[9]);
+    out[r].transfer_seconds = f[10];
+    out[r].transfers_unfinished = static_cast<int64_t>(f[11]);
   }
   return out;
 }

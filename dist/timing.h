@@ -28,6 +28,12 @@ struct PhaseTimings {
   int64_t steps = 0;           // ring steps (or reductions) performed
   int64_t computed_pairs = 0;  // ring: (query block, KV block) pairs computed
   int64_t skipped_pairs = 0;   // ring: pairs skipped because every key was masked
+  int64_t transfer_polls = 0;  // ring: TransferPoller probes while computing (0: poller off)
+  // ring, poller on: seconds from posting a step's transfers until they were
+  // complete, summed over steps, and steps whose transfers were still
+  // incomplete when the compute ended (then not hidden).
+  double transfer_seconds = 0;
+  int64_t transfers_unfinished = 0;
 
   // Field-wise sum.
   PhaseTimings& operator+=(const PhaseTimings& other);

@@ -63,6 +63,7 @@ if [ "${QUICK:-0}" = 1 ]; then
   batch_shapes=("8 64")            # heads batch: rows reduced = heads * batch
   mappings=(slot)
   calibrate_once=1                 # one calibration, before the first rate
+  progress_modes=(none poller)
   link_pingpong_2x2=0
 else
   rates=(1gbit 10gbit 25gbit)
@@ -71,6 +72,7 @@ else
   batch_shapes=("8 16" "32 64")
   mappings=(slot node)
   calibrate_once=0
+  progress_modes=(none poller thread)
   link_pingpong_2x2=1
 fi
 
@@ -176,10 +178,16 @@ for rate in "${rates[@]}"; do
   if [ "$calibrate_once" = 0 ] || [ "$rate" = "${rates[0]}" ]; then calibrate "$rate"; fi
   "$cluster" up 2 --bandwidth "$rate" --slots 2 --hostfile "$hostfile" >/dev/null
   echo "[bench/cluster] links $rate: $("$cluster" status | sed -n 2p | sed 's/^ *//')"
-  # Open MPI's TCP transport as the hostfile sets it (no progress thread: TCP
-  # moves only when a rank calls into MPI), and with btl_tcp_progress_thread.
-  for progress in default thread; do
-    mca="--mca mpi_yield_when_idle 1"; [ "$progress" = thread ] && mca="$mca --mca btl_tcp_progress_thread 1"
+  # How transfers move while a rank computes: "poller" is the ring's own
+  # TransferPoller thread (the default, dist/transfer_poller.h); "none" turns
+  # it off (Open MPI's TCP then moves data only when a rank calls into MPI,
+  # between kernel calls); "thread" is Open MPI's btl_tcp_progress_thread
+  # with the poller off.
+  for progress in "${progress_modes[@]}"; do
+    mca="--mca mpi_yield_when_idle 1 -x RINGTREE_RING_POLL_US"
+    export RINGTREE_RING_POLL_US=0
+    [ "$progress" = poller ] && unset RINGTREE_RING_POLL_US && mca="--mca mpi_yield_when_idle 1"
+    [ "$progress" = thread ] && mca="$mca --mca btl_tcp_progress_thread 1"
     ex='{"link":"'"$rate"'","progress":"'"$progress"'"}'
     echo "[bench/cluster] links $rate, TCP progress: $progress"
     # 2 hosts x 1 rank: one rank per host (--map-by node).
@@ -224,7 +232,7 @@ print("  pingpong one way:", "  ".join("%s B %.0f us" % (j["bytes"], j["one_way_
         done
       done
     done
-    unset RINGTREE_MPIRUN_ARGS
+    unset RINGTREE_MPIRUN_ARGS RINGTREE_RING_POLL_US
   done
   "$cluster" down >/dev/null
 done

@@ -83,6 +83,12 @@ class Link:
             self.name, 1e6 * self.alpha, self.bw / 1e9, self.bw_ex / 1e9)
 
 
+# Progress modes under which a ring step's transfer moves while ranks compute:
+# the ring's own TransferPoller (dist/transfer_poller.h, the default) and
+# Open MPI's btl_tcp_progress_thread. "none" (and "default" in runs made
+# before the poller existed) move data only inside MPI calls.
+OVERLAP_MODES = ("thread", "poller")
+
 def nominal_bw(rate):
     s = rate.lower()
     mult = {"k": 1e3, "m": 1e6, "g": 1e9}
@@ -417,7 +423,7 @@ def check(cal):
         cl = cal_for(r["link"])
         P = r["machine"]["ranks"]
         link = cl.link(r["link"], r["progress"])
-        overlap = r["progress"] == "thread"
+        overlap = r["progress"] in OVERLAP_MODES
         args = (cl, r["tokens"], P, link, overlap, r.get("layout", "zigzag"), r["heads"], r["kv_heads"], r["head_dim"])
         tot, wait, _ = predict_prefill(*args)
         rc = [x["compute_s"] + x["merge_s"] for x in sorted(r["per_rank"], key=lambda x: x["rank"])]
@@ -433,7 +439,7 @@ def check(cal):
         cl = cal_for(r["link"])
         P = r["machine"]["ranks"]
         link = cl.link(r["link"], r["progress"])
-        overlap = r["progress"] == "thread"
+        overlap = r["progress"] in OVERLAP_MODES
         for method in ("tree", "ring"):
             p = predict_decode(cl, r["tokens"], P, link, overlap, method, 1, "two-level", r["heads"], r["queries"])
             c = r["%s_compute_ms_per_step_max_rank" % method] / 1e3 / (1 if method == "tree" else P)
@@ -644,12 +650,12 @@ def check_plot(cal, out_dir):
         cl = cals.get(r.get("link"), cal)
         if r["bench"] == "prefill" and r.get("label") in ("prefill", "prefill_contiguous"):
             P = r["machine"]["ranks"]
-            p = predict_prefill(cl, r["tokens"], P, cal.link(r["link"], r["progress"]), r["progress"] == "thread",
+            p = predict_prefill(cl, r["tokens"], P, cal.link(r["link"], r["progress"]), r["progress"] in OVERLAP_MODES,
                                 r.get("layout", "zigzag"), r["heads"], r["kv_heads"], r["head_dim"])[0]
             meas.append(r["seconds"]); pred.append(p); kind.append("prefill " + r["progress"])
         elif r["bench"] == "decode" and r.get("label") == "decode":
             for m in ("tree", "ring"):
-                p = predict_decode(cl, r["tokens"], 2, cal.link(r["link"], r["progress"]), r["progress"] == "thread",
+                p = predict_decode(cl, r["tokens"], 2, cal.link(r["link"], r["progress"]), r["progress"] in OVERLAP_MODES,
                                    m, 1, "two-level", r["heads"], r["queries"])
                 meas.append(r["%s_ms_median" % m] / 1e3); pred.append(p); kind.append("decode %s" % m)
         elif r["bench"] == "decode_batch" and r.get("label") == "tree_2x2":

@@ -253,7 +253,10 @@ Status RunPrefill(const BenchOptions& o, const Communicator& comm, int threads) 
                      {"bytes_received", t.bytes_received},
                      {"steps", t.steps},
                      {"computed_pairs", t.computed_pairs},
-                     {"skipped_pairs", t.skipped_pairs}});
+                     {"skipped_pairs", t.skipped_pairs},
+                     {"transfer_polls", t.transfer_polls},
+                     {"transfer_s", t.transfer_seconds},
+                     {"transfers_unfinished", t.transfers_unfinished}});
   }
   json j = {{"bench", "prefill"},       {"label", o.label},       {"tokens", o.tokens},
             {"heads", o.heads},         {"kv_heads", o.kv_heads}, {"head_dim", o.head_dim},
@@ -415,7 +418,7 @@ Status RunPingPong(const BenchOptions& o, const Communicator& comm, int threads)
 
 int main(int argc, char** argv) {
   using namespace ringtree;
-  auto env = MpiEnvironment::Init(&argc, &argv, MpiEnvironment::ThreadLevel::kFunneled);
+  auto env = MpiEnvironment::Init(&argc, &argv, MpiEnvironment::ThreadLevel::kSerialized);
   if (!env.ok()) {
     std::fprintf(stderr, "%s\n", env.status().ToString().c_str());
     return 2;

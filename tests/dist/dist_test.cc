@@ -22,6 +22,7 @@
 #include "dist/npy.h"
 #include "dist/ring_attention.h"
 #include "dist/sharding.h"
+#include "dist/transfer_poller.h"
 #include "dist/tree_decode.h"
 #include "kernels/blas.h"
 #include "kernels/cpu.h"
@@ -579,6 +580,73 @@ TEST(RingDecodeTest, EqualsTreeDecodeAndReference) {
     EXPECT_LE(testing::MaxAbsDiff(l_ring.data(), l_tree.data(), l_ring.size()), kLseTolerance) << "session " << i;
     EXPECT_LE(testing::MaxAbsDiff(o_ring.data(), s.o_ref.data(), o_ring.size()), kOTolerance) << "session " << i;
   }
+}
+
+// ---------------------------------------------------------------------------
+// Transfers move while the caller computes (dist/transfer_poller.h).
+
+// Each rank sends 32 MiB to the next and receives from the previous, then
+// makes no MPI call for 400 ms (as a rank inside its kernels). The poller
+// must have seen the transfer complete within that time: without it the
+// rendezvous of a message this size would wait for the final Wait.
+TEST(TransferPollerTest, TransferCompletesWhileTheCallerMakesNoMpiCall) {
+  const Communicator& comm = World();
+  const int P = comm.size(), rank = comm.rank();
+  TransferPoller poller(comm, 100);
+  if (P == 1) {
+    EXPECT_FALSE(poller.enabled());
+    return;
+  }
+  ASSERT_TRUE(poller.enabled());
+  const int64_t bytes = int64_t{32} << 20;
+  std::vector<uint8_t> out(bytes), in(bytes, 0);
+  for (int64_t i = 0; i < bytes; ++i) out[i] = static_cast<uint8_t>(i * 7 + rank);
+  ASSERT_TRUE(comm.Barrier().ok());
+  auto recv = comm.Irecv(in.data(), bytes, (rank - 1 + P) % P, 77);
+  auto send = comm.Isend(out.data(), bytes, (rank + 1) % P, 77);
+  ASSERT_TRUE(recv.ok() && send.ok());
+  poller.Start({&recv.value(), &send.value()});
+  usleep(400 * 1000);
+  poller.Stop();
+  EXPECT_GT(poller.polls(), 0);
+  EXPECT_EQ(poller.unfinished(), 0)
+      << "the transfer did not complete in 400 ms without MPI calls on this thread";
+  EXPECT_LT(poller.transfer_seconds(), 0.4);
+  ASSERT_TRUE(comm.WaitAll({&recv.value(), &send.value()}).ok());
+  const int from = (rank - 1 + P) % P;
+  for (int64_t i = 0; i < bytes; i += 4099)
+    ASSERT_EQ(in[i], static_cast<uint8_t>(i * 7 + from)) << "byte " << i;
+  ASSERT_TRUE(comm.Barrier().ok());
+}
+
+// The ring with the poller off (transfers progress between kernel calls
+// only) gives the same answer as with it on (the default, which every other
+// ring test runs).
+TEST(TransferPollerTest, RingWithoutPollerEqualsRingWithPoller) {
+  const Communicator& comm = World();
+  const int P = comm.size();
+  const int64_t N = 96 * P;
+  HeadConfig hc{4, 2, 32, kF32};
+  const std::vector<float> q = testing::RandomVector(N * hc.heads * hc.head_dim, 5);
+  const std::vector<float> k = testing::RandomVector(N * hc.kv_heads * hc.head_dim, 6);
+  const std::vector<float> v = testing::RandomVector(N * hc.kv_heads * hc.head_dim, 7);
+  const int64_t n = N / P, r0 = comm.rank() * n;
+  std::vector<float> o_on(n * hc.heads * hc.head_dim), o_off(o_on.size());
+  std::vector<float> l_on(n * hc.heads), l_off(l_on.size());
+  const int64_t kv_row = hc.kv_heads * hc.head_dim;
+  KvBlock kb{k.data() + r0 * kv_row, v.data() + r0 * kv_row, n, r0};
+  for (int poll : {100, 0}) {
+    QueryBlock qb{q.data() + r0 * hc.heads * hc.head_dim, n, r0, poll ? o_on.data() : o_off.data(),
+                  poll ? l_on.data() : l_off.data()};
+    RingOptions options;
+    options.causal = true;
+    options.poll_interval_us = poll;
+    PhaseTimings t;
+    ASSERT_TRUE(RingAttention(comm, hc, {&qb, 1}, {&kb, 1}, options, &t).ok());
+    if (poll == 0) EXPECT_EQ(t.transfer_polls, 0);
+  }
+  EXPECT_EQ(o_on, o_off);
+  EXPECT_EQ(l_on, l_off);
 }
 
 // ---------------------------------------------------------------------------

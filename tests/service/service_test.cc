@@ -1234,6 +1234,135 @@ TEST_F(ServiceSpans, RetrievalWithFullBudgetEqualsExactAndFindsTheNeedle) {
 // distinct sessions share one retrieval step (the exact ones another), each
 // equals its reference with a budget covering everything, and a failing
 // retrieval entry changes nothing while the others are served.
+// Span discovery in the service (issue 15): a session with DISCOVERED span
+// boundaries cuts Prefill's rows where the prefill's own attention shows
+// lower-triangular blocks. Planted runs of tokens that attend within
+// themselves must come back as span boundaries (retrieval with a full budget
+// lists every span), the output must equal the reference, the boundaries
+// must survive a restart, and a FIXED session of the same data must keep
+// aligned spans (so the check can fail).
+TEST_F(ServiceSpans, DiscoveredSpansFollowThePrefillsAttentionAndSurviveRestart) {
+  std::mt19937 rng(11);
+  Model m;
+  const int span = 32;
+  // Runs of 9..31 tokens; the keys and queries of a run share a direction.
+  std::vector<int64_t> run_starts;
+  int64_t n = 0;
+  while (n < 600) {
+    run_starts.push_back(n);
+    n += 9 + static_cast<int64_t>(rng() % 23);
+  }
+  const int row = m.kv_heads * m.head_dim, qrow = m.heads * m.head_dim;
+  std::vector<float> k(n * row), v = Random(rng, n * row), q(n * qrow);
+  for (size_t r = 0; r < run_starts.size(); ++r) {
+    const int64_t a = run_starts[r], b = r + 1 < run_starts.size() ? run_starts[r + 1] : n;
+    const std::vector<float> dir = Random(rng, row);
+    for (int64_t t = a; t < b; ++t) {
+      const std::vector<float> noise = Random(rng, row);
+      for (int i = 0; i < row; ++i) k[t * row + i] = 1.2f * dir[i] + 0.2f * noise[i];
+      for (int h = 0; h < m.heads; ++h) {
+        const int g = h / (m.heads / m.kv_heads);
+        for (int d = 0; d < m.head_dim; ++d)
+          q[t * qrow + h * m.head_dim + d] = 1.2f * dir[g * m.head_dim + d];
+      }
+    }
+  }
+  m.k = k;
+  m.v = v;
+  const auto ref = Reference(m, q, n, true);
+  const HostTensor qt = HostTensor::FromFloat32(q.data(), {n, m.heads, m.head_dim});
+  const HostTensor kt = HostTensor::FromFloat32(k.data(), {n, m.kv_heads, m.head_dim});
+  const HostTensor vt = HostTensor::FromFloat32(v.data(), {n, m.kv_heads, m.head_dim});
+  std::vector<float> probe(qrow);
+  for (int i = 0; i < qrow; ++i) probe[i] = q[(n - 1) * qrow + i];
+  const HostTensor pt = HostTensor::FromFloat32(probe.data(), {1, m.heads, m.head_dim});
+  CallOptions all;
+  all.retrieval = Budget(1 << 30);
+  // Every span of the layer, as (start, tokens), from a full-budget retrieval.
+  auto spans_of = [&](AttentionClient& c, const std::string& id) {
+    std::vector<std::pair<int64_t, int64_t>> out;
+    auto r = c.Attend(id, 0, pt, all);
+    EXPECT_TRUE(r.ok()) << r.status().ToString();
+    if (!r.ok() || !r->retrieval) return out;
+    for (const auto& sp : r->retrieval->spans_used())
+      out.push_back({sp.position_start(), sp.tokens()});
+    return out;
+  };
+  std::string discovered_id, fixed_id;
+  std::vector<std::pair<int64_t, int64_t>> before;
+  {
+    auto server = Start({});
+    auto client = Client(*server);
+    v1::SessionConfig dc = SpanConfig(m, span, 0, 0);
+    dc.set_span_boundaries(v1::SPAN_BOUNDARIES_DISCOVERED);
+    auto d = client->CreateSession(dc);
+    ASSERT_TRUE(d.ok()) << d.status().ToString();
+    EXPECT_EQ(d->config().span_boundaries(), v1::SPAN_BOUNDARIES_DISCOVERED);
+    auto f = client->CreateSession(SpanConfig(m, span, 0, 0));
+    ASSERT_TRUE(f.ok()) << f.status().ToString();
+    EXPECT_EQ(f->config().span_boundaries(), v1::SPAN_BOUNDARIES_FIXED);
+    discovered_id = d->session_id();
+    fixed_id = f->session_id();
+    for (const std::string& id : {discovered_id, fixed_id}) {
+      auto out = client->Prefill(id, 0, qt, kt, vt);
+      ASSERT_TRUE(out.ok()) << out.status().ToString();
+      EXPECT_LE(MaxDiff(out->o.ToFloat32(), ref), 2e-4) << id;
+    }
+    // Fixed: every span starts at a multiple of span_tokens.
+    for (const auto& [start, tokens] : spans_of(*client, fixed_id))
+      EXPECT_EQ(start % span, 0) << start;
+    before = spans_of(*client, discovered_id);
+    ASSERT_FALSE(before.empty());
+    int64_t at = 0, unaligned = 0;
+    std::set<int64_t> starts;
+    for (const auto& [start, tokens] : before) {
+      EXPECT_EQ(start, at) << "spans must cover the layer once, in order";
+      EXPECT_GE(tokens, 1);
+      EXPECT_LE(tokens, span);
+      at = start + tokens;
+      unaligned += start % span != 0;
+      starts.insert(start);
+    }
+    EXPECT_EQ(at, n);
+    EXPECT_GT(unaligned, 0) << "discovered spans all fell on fixed boundaries";
+    // Planted boundaries found (a run longer than span_tokens is cut inside
+    // too; a rank boundary also starts a span).
+    int64_t found = 0;
+    for (int64_t b : run_starts) found += starts.count(b);
+    EXPECT_GE(found, static_cast<int64_t>(0.8 * run_starts.size()))
+        << found << " of " << run_starts.size() << " planted boundaries are span starts";
+    // AppendKV rows of the same session are cut into fixed spans after the prefill's.
+    auto [ak, av] = NewKv(rng, m, 2 * span);
+    ASSERT_TRUE(client->AppendKV(discovered_id, 0, ak, av, 1000).ok());
+    auto with_append = spans_of(*client, discovered_id);
+    ASSERT_GT(with_append.size(), before.size());
+    EXPECT_TRUE(std::equal(before.begin(), before.end(), with_append.begin()));
+    int64_t end = n;
+    for (size_t i = before.size(); i < with_append.size(); ++i) {
+      EXPECT_EQ(with_append[i].first, end);
+      EXPECT_LE(with_append[i].second, span);
+      EXPECT_TRUE(with_append[i].first % span == 0 || i == before.size()) << with_append[i].first;
+      end += with_append[i].second;
+    }
+    EXPECT_EQ(end, n + 2 * span);
+    // Crash (no checkpoint at shutdown): the rows come back from the ranks'
+    // write-ahead logs, which carry the discovered starts.
+    for (pid_t w : server->worker_pids()) kill(w, SIGKILL);
+    ASSERT_EQ(kill(server->rank0_pid(), SIGKILL), 0);
+    server->Wait(std::chrono::seconds(30));
+  }
+  // Restart on the same data directory: the same spans.
+  auto server = Start({});
+  auto client = Client(*server);
+  auto after = spans_of(*client, discovered_id);
+  ASSERT_GT(after.size(), before.size());
+  after.resize(before.size());
+  EXPECT_EQ(after, before);
+  auto info = client->GetSession(discovered_id);
+  ASSERT_TRUE(info.ok());
+  EXPECT_EQ(info->config().span_boundaries(), v1::SPAN_BOUNDARIES_DISCOVERED);
+}
+
 TEST_F(ServiceSpans, BatchedRetrievalEntriesShareAStepAndFailAlone) {
   auto server = Start({});
   auto client = Client(*server);

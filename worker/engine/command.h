@@ -26,6 +26,13 @@ struct SessionShape {
   int32_t sink_tokens = 64;
   int32_t window_tokens = 1024;
   int64_t attention_window = 0;  // sliding-window attention (SessionConfig.attention_window); 0 = full
+  // Span boundaries of Prefill's rows (SessionConfig.span_boundaries):
+  // kFixedSpans or kDiscoveredSpans (from the prefill's attention band,
+  // worker/spans/span_discovery.h). AppendKV and decode rows are always fixed.
+  int32_t span_boundaries = 0;
+  int32_t unused = 0;  // keeps the struct free of padding (sent as bytes)
+  static constexpr int32_t kFixedSpans = 0;
+  static constexpr int32_t kDiscoveredSpans = 1;
   int64_t row_bytes() const { return int64_t(kv_heads) * head_dim * DTypeSize(storage); }
 };
 

@@ -21,6 +21,7 @@
 #include "dist/ring_attention.h"
 #include "kernels/merge.h"
 #include "worker/spans/retrieval_planner.h"
+#include "worker/spans/span_discovery.h"
 
 namespace ringtree {
 
@@ -199,7 +200,8 @@ Result<SpanStore*> WorkerEngine::Store(const SessionShape& shape, int layer) {
   return slot.get();
 }
 
-Status WorkerEngine::AppendRows(const SessionShape& shape, int layer, const KvRows& rows) {
+Status WorkerEngine::AppendRows(const SessionShape& shape, int layer, const KvRows& rows,
+                                const std::vector<std::vector<int64_t>>* span_starts) {
   RINGTREE_ASSIGN_OR_RETURN(SpanStore * store, Store(shape, layer));
   const int64_t row_bytes = shape.row_bytes();
   if (static_cast<int64_t>(rows.k.size()) != rows.tokens() * row_bytes || rows.k.size() != rows.v.size()) {
@@ -223,18 +225,23 @@ Status WorkerEngine::AppendRows(const SessionShape& shape, int layer, const KvRo
       wal_pending_.clear();
     } else {
       int64_t at = 0;
-      for (const KvRun& run : rows.runs) {
+      for (size_t i = 0; i < rows.runs.size(); ++i) {
+        const KvRun& run = rows.runs[i];
         const size_t off = static_cast<size_t>(at * row_bytes),
                      n = static_cast<size_t>(run.tokens * row_bytes);
         wal_pending_.push_back({shape.handle, layer, run.position, run.tokens,
-                                rows.k.substr(off, n), rows.v.substr(off, n)});
+                                rows.k.substr(off, n), rows.v.substr(off, n),
+                                span_starts ? (*span_starts)[i] : std::vector<int64_t>{}});
         at += run.tokens;
       }
     }
   }
-  for (const KvRun& run : rows.runs) {
-    RINGTREE_RETURN_IF_ERROR(store->Append(run.position, run.tokens, rows.k.data() + row * row_bytes,
-                                           rows.v.data() + row * row_bytes, shape.storage));
+  for (size_t i = 0; i < rows.runs.size(); ++i) {
+    const KvRun& run = rows.runs[i];
+    RINGTREE_RETURN_IF_ERROR(store->Append(
+        run.position, run.tokens, rows.k.data() + row * row_bytes, rows.v.data() + row * row_bytes,
+        shape.storage,
+        span_starts ? std::span<const int64_t>((*span_starts)[i]) : std::span<const int64_t>()));
     row += run.tokens;
     kv_tokens_ += run.tokens;
     kv_bytes_ += 2 * run.tokens * row_bytes;
@@ -314,9 +321,11 @@ namespace {
 constexpr uint32_t kWalMagic = 0x324C4157;     // "WAL2": records carry the step's serial
 constexpr uint32_t kWalMagicOld = 0x314C4157;  // "WAL1" (before 2026-11-30): no serials
 // Record payload: serial (u64), kind (u8), runs (u64), then per run handle,
-// layer, position, tokens, K/V bytes, K, V.
+// layer, position, tokens, K/V bytes, K, V, and when the kind has
+// kWalSpanStarts: the run's discovered span starts (count u64, then i64s).
 constexpr uint8_t kWalStep = 0;        // a write step's rows (possibly none)
 constexpr uint8_t kWalCheckpoint = 1;  // first record after a checkpoint: serial = floor
+constexpr uint8_t kWalSpanStarts = 0x80;  // flag: runs carry span starts (logs before it have none)
 Status WalError(const char* op, const std::string& path) {
   return Status::IoError(std::string("[engine] ") + op + " " + path + ": " + std::strerror(errno));
 }
@@ -327,8 +336,10 @@ void PutPod(std::string* out, const T& v) {
 template <typename Run>
 std::string WalPayload(uint64_t serial, uint8_t kind, const std::vector<Run>& runs) {
   std::string payload;
+  bool starts = false;
+  for (const Run& w : runs) starts = starts || !w.span_starts.empty();
   PutPod(&payload, serial);
-  PutPod(&payload, kind);
+  PutPod(&payload, static_cast<uint8_t>(kind | (starts ? kWalSpanStarts : 0)));
   PutPod<uint64_t>(&payload, runs.size());
   for (const Run& w : runs) {
     PutPod(&payload, w.handle);
@@ -338,6 +349,9 @@ std::string WalPayload(uint64_t serial, uint8_t kind, const std::vector<Run>& ru
     PutPod<uint64_t>(&payload, w.k.size());
     payload += w.k;
     payload += w.v;
+    if (!starts) continue;
+    PutPod<uint64_t>(&payload, w.span_starts.size());
+    for (int64_t x : w.span_starts) PutPod(&payload, x);
   }
   return payload;
 }
@@ -436,8 +450,10 @@ Result<WalState> WorkerEngine::LoadWal() {
     };
     uint64_t serial = 0, runs = 0;
     uint8_t kind = 0;
-    bool ok = take(&serial, 8) && take(&kind, 1) && take(&runs, 8) &&
-              (kind == kWalStep || kind == kWalCheckpoint);
+    bool ok = take(&serial, 8) && take(&kind, 1) && take(&runs, 8);
+    const bool with_starts = (kind & kWalSpanStarts) != 0;
+    kind &= static_cast<uint8_t>(~kWalSpanStarts);
+    ok = ok && (kind == kWalStep || kind == kWalCheckpoint);
     for (uint64_t i = 0; ok && i < runs; ++i) {
       WalRun w;
       uint64_t bytes = 0;
@@ -447,6 +463,15 @@ Result<WalState> WorkerEngine::LoadWal() {
       w.k.assign(p, bytes);
       w.v.assign(p + bytes, bytes);
       p += 2 * bytes;
+      uint64_t nstarts = 0;
+      if (with_starts) {
+        ok = take(&nstarts, 8) &&
+             nstarts <= static_cast<uint64_t>(std::max<int64_t>(0, w.tokens)) &&
+             static_cast<uint64_t>(end - p) >= nstarts * 8;
+        if (!ok) break;
+        w.span_starts.resize(nstarts);
+        for (uint64_t j = 0; j < nstarts; ++j) take(&w.span_starts[j], 8);
+      }
       wal_replay_[{w.handle, w.layer}].push_back(std::move(w));  // kRestore drops deleted sessions'
     }
     if (!ok || p != end) {
@@ -496,9 +521,17 @@ Status WorkerEngine::ReplayWal(uint64_t handle, int layer, SpanStore* store,
     const int64_t end = store->end_position();
     if (w.position + w.tokens <= end) continue;  // already in the store's files
     const int64_t skip = std::max<int64_t>(0, end - w.position);
+    // Discovered spans from the first row not yet stored on (a span the
+    // store's files hold in part continues as a span of its own).
+    std::vector<int64_t> starts;
+    if (!w.span_starts.empty()) {
+      starts.push_back(w.position + skip);
+      for (int64_t x : w.span_starts)
+        if (x > w.position + skip) starts.push_back(x);
+    }
     RINGTREE_RETURN_IF_ERROR(store->Append(w.position + skip, w.tokens - skip,
                                            w.k.data() + skip * rb, w.v.data() + skip * rb,
-                                           shape.storage));
+                                           shape.storage, starts));
     applied += w.tokens - skip;
   }
   wal_replay_.erase(it);
@@ -748,6 +781,20 @@ Result<EngineOutput> WorkerEngine::ExecuteStep(Command& command) {
   return Status::Internal("[engine] unknown command");
 }
 
+namespace {
+// Discovery bounds for a session's span size S: spans of S/8 .. S tokens
+// (the store's limit), gaps cut into spans of about S/2 (the defaults of
+// worker/spans/span_discovery.h at S = 64). Valid for 1 <= S <= 4096
+// (CreateSession refuses discovered spans with larger span_tokens).
+SpanDiscoveryOptions DiscoveryOptionsFor(int span_tokens) {
+  SpanDiscoveryOptions o;
+  o.max_tokens = span_tokens;
+  o.min_tokens = std::max(1, span_tokens / 8);
+  o.fallback_tokens = std::min(span_tokens, std::max(2 * o.min_tokens - 1, span_tokens / 2));
+  return o;
+}
+}  // namespace
+
 Result<EngineOutput> WorkerEngine::ExecutePrefill(PrefillCommand& p) {
   const SessionShape& s = p.session;
   const HeadConfig heads{s.heads, s.kv_heads, s.head_dim, s.storage};
@@ -781,12 +828,46 @@ Result<EngineOutput> WorkerEngine::ExecutePrefill(PrefillCommand& p) {
                          run.position});
     row += run.tokens;
   }
+  // Span discovery: the ring captures each run's band of attention (its
+  // queries on its own keys, the diagonal pair) for the triangle scores.
+  const bool discover = s.span_boundaries == SessionShape::kDiscoveredSpans;
+  const SpanDiscoveryOptions discovery = DiscoveryOptionsFor(s.span_tokens);
+  std::vector<std::vector<float>> bands;
+  if (discover) {
+    bands.resize(queries.size());
+    for (size_t i = 0; i < queries.size(); ++i) {
+      bands[i].resize(static_cast<size_t>(queries[i].tokens * s.kv_heads * discovery.max_tokens));
+      queries[i].band = bands[i].data();
+    }
+  }
   RINGTREE_RETURN_IF_ERROR(compute_->AgreeOnStatus(local));
   // Ring attention over the chunk itself (causal).
   RingOptions options;
   options.causal = true;
   options.scale = p.scale;
+  options.band_width = discover ? discovery.max_tokens : 0;
   RINGTREE_RETURN_IF_ERROR(RingAttention(*compute_, heads, queries, kv, options, &out.timings));
+  std::vector<std::vector<int64_t>> span_starts;
+  Status discovered = Status::Ok();
+  if (discover) {
+    span_starts.resize(queries.size());
+    for (size_t i = 0; i < queries.size() && discovered.ok(); ++i) {
+      const QueryBlock& qb = queries[i];
+      auto scores =
+          TriangleScores::FromBand(qb.band, qb.tokens, s.kv_heads, s.heads, discovery.max_tokens);
+      if (!scores.ok()) {
+        discovered = scores.status();
+        break;
+      }
+      auto cuts = DiscoverSpans(*scores, discovery);
+      if (!cuts.ok()) {
+        discovered = cuts.status();
+        break;
+      }
+      for (const SpanCut& c : *cuts) span_starts[i].push_back(qb.position_offset + c.begin);
+    }
+    bands.clear();
+  }
   if (cached) {
     std::vector<float> packed(static_cast<size_t>(all_rows * PackedRowFloats(s.head_dim)));
     PackPartials(cached_o.data(), cached_lse.data(), all_rows, s.head_dim, packed.data());
@@ -798,7 +879,9 @@ Result<EngineOutput> WorkerEngine::ExecutePrefill(PrefillCommand& p) {
     }
   }
   // The chunk's rows become part of the stored context only once the step succeeded.
-  Status stored = AppendRows(s, p.layer, p.rows);
+  Status stored = discovered.ok()
+                      ? AppendRows(s, p.layer, p.rows, discover ? &span_starts : nullptr)
+                      : discovered;
   const bool send_lse = p.return_lse || cached;
   // Gather the output rows at the root (sizes known there from the placement).
   if (compute_->rank() == root_) {

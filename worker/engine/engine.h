@@ -174,7 +174,10 @@ class WorkerEngine {
   // The store of (session, layer): opened from disk if it exists there,
   // created otherwise. Errors: layer out of range, IO, DATA_LOSS.
   Result<SpanStore*> Store(const SessionShape& shape, int layer);
-  Status AppendRows(const SessionShape& shape, int layer, const KvRows& rows);
+  // span_starts (optional): per run of `rows`, the absolute positions where
+  // its spans begin (span discovery; SpanStore::Append), or empty for fixed spans.
+  Status AppendRows(const SessionShape& shape, int layer, const KvRows& rows,
+                    const std::vector<std::vector<int64_t>>* span_starts = nullptr);
   // Write-step epilogue: Sync the touched stores, enforce the rank's hot
   // budget, agree on the status across ranks, gather disk/hot bytes at the
   // root. Collective. No-op without a data directory (returns `local`
@@ -221,6 +224,7 @@ class WorkerEngine {
     int32_t layer = 0;
     int64_t position = 0, tokens = 0;
     std::string k, v;
+    std::vector<int64_t> span_starts;  // discovered span starts (empty: fixed spans)
   };
   std::string WalPath() const;
   // `runs` (a step's, possibly none) as one log record of step_serial_, then

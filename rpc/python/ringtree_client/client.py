@@ -136,13 +136,20 @@ class AttentionClient:
 
     # --- sessions ---------------------------------------------------------
     def create_session(self, layers=1, heads=8, kv_heads=8, head_dim=64, storage_dtype="float32",
-                       span_tokens=0, sink_tokens=0, window_tokens=0, name="", attention_window=0):
+                       span_tokens=0, sink_tokens=0, window_tokens=0, name="", attention_window=0,
+                       span_boundaries="fixed"):
         """attention_window > 0: sliding-window attention (Decode sees the last
-        attention_window positions); not retrieval's window_tokens."""
+        attention_window positions); not retrieval's window_tokens.
+        span_boundaries: "fixed" or "discovered" (Prefill's spans follow its
+        own attention, Ltri-LLM)."""
+        if span_boundaries not in ("fixed", "discovered"):
+            raise ValueError("span_boundaries: 'fixed' or 'discovered', got %r" % (span_boundaries,))
         config = pb.SessionConfig(layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
                                   storage_dtype=_DTYPES[storage_dtype], span_tokens=span_tokens,
                                   sink_tokens=sink_tokens, window_tokens=window_tokens, name=name,
-                                  attention_window=attention_window)
+                                  attention_window=attention_window,
+                                  span_boundaries=pb.SPAN_BOUNDARIES_DISCOVERED if span_boundaries == "discovered"
+                                  else pb.SPAN_BOUNDARIES_FIXED)
         return self.stub.CreateSession(pb.CreateSessionRequest(config=config), **self._kw())
 
     def get_session(self, session_id):
