@@ -10,7 +10,7 @@
 #include <string>
 
 #include "base/mutex.h"
-#include "kernels/status.h"
+#include "base/status.h"
 
 namespace ringtree {
 

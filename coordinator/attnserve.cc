@@ -40,6 +40,7 @@
 #include <sstream>
 #include <thread>
 
+#include "base/log.h"
 #include "coordinator/admission.h"
 #include "coordinator/auth.h"
 #include "coordinator/engine_loop.h"
@@ -350,6 +351,10 @@ int main(int argc, char** argv) {
          "UNAVAILABLE, health NOT_SERVING, every rank exits non-zero (0 = no watchdog)")
       ->check(CLI::NonNegativeNumber)
       ->capture_default_str();
+  std::string log_level;
+  app.add_option("--log-level", log_level,
+                 "diagnostics on stderr: trace, debug, info, warn, error, critical or off "
+                 "(default: $RINGTREE_LOG_LEVEL, else info)");
   app.add_flag(
       "--placeholder", placeholder,
       "no MPI: answer health NOT_SERVING and every call UNAVAILABLE on --listen until SIGTERM "
@@ -358,6 +363,12 @@ int main(int argc, char** argv) {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
+  }
+  if (!log_level.empty()) {
+    if (Status st = SetLogLevel(log_level); !st.ok()) {
+      std::fprintf(stderr, "%s\n", st.message().c_str());
+      return 2;
+    }
   }
   if (placeholder) return RunPlaceholder(listen, tls_cert, tls_key);
   admission_limits.kv_budget_bytes = kv_budget_mib << 20;

@@ -30,25 +30,24 @@ Result<TokenAuth> TokenAuth::LoadFile(const std::string& path) {
   return auth;
 }
 
-grpc::Status TokenAuth::Authenticate(const grpc::ServerContextBase& context, std::string* tenant) const {
-  tenant->clear();
-  if (!enabled()) return grpc::Status::OK;
+Result<Caller> TokenAuth::Authenticate(std::optional<std::string_view> authorization) const {
+  if (!enabled()) return Caller("");
+  if (!authorization.has_value())
+    return Status::Unauthenticated("authorization: bearer token required");
+  constexpr std::string_view kPrefix = "Bearer ";
+  if (authorization->substr(0, kPrefix.size()) != kPrefix) {
+    return Status::Unauthenticated("authorization: expected 'Bearer <token>'");
+  }
+  auto found = tenants_.find(std::string(authorization->substr(kPrefix.size())));
+  if (found == tenants_.end()) return Status::Unauthenticated("authorization: unknown token");
+  return Caller(found->second);
+}
+
+Result<Caller> TokenAuth::Authenticate(const grpc::ServerContextBase& context) const {
   const auto& metadata = context.client_metadata();
   auto it = metadata.find("authorization");
-  if (it == metadata.end()) {
-    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "authorization: bearer token required");
-  }
-  const std::string value(it->second.data(), it->second.size());
-  const std::string prefix = "Bearer ";
-  if (value.compare(0, prefix.size(), prefix) != 0) {
-    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "authorization: expected 'Bearer <token>'");
-  }
-  auto found = tenants_.find(value.substr(prefix.size()));
-  if (found == tenants_.end()) {
-    return grpc::Status(grpc::StatusCode::UNAUTHENTICATED, "authorization: unknown token");
-  }
-  *tenant = found->second;
-  return grpc::Status::OK;
+  if (it == metadata.end()) return Authenticate(std::nullopt);
+  return Authenticate(std::string_view(it->second.data(), it->second.size()));
 }
 
 }  // namespace ringtree

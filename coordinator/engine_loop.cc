@@ -6,6 +6,7 @@
 #include <set>
 #include <tuple>
 
+#include "base/log.h"
 #include "kernels/merge.h"
 
 namespace ringtree {
@@ -480,11 +481,10 @@ Status EngineLoop::Run(const std::function<bool()>& should_exit) {
   // the metadata journal folded into the session files (a clean restart
   // replays nothing).
   if (Status st = engine_.Checkpoint(); !st.ok()) {
-    std::fprintf(stderr, "[attnserve] checkpoint at shutdown: %s\n", st.ToString().c_str());
+    LogError("[attnserve] checkpoint at shutdown: {}", st.ToString());
   }
   Status checkpointed = sessions_ ? sessions_->Checkpoint() : Status::Ok();
-  if (!checkpointed.ok())
-    std::fprintf(stderr, "[attnserve] metadata checkpoint: %s\n", checkpointed.ToString().c_str());
+  if (!checkpointed.ok()) LogError("[attnserve] metadata checkpoint: {}", checkpointed.ToString());
   Command shutdown;
   shutdown.kind = CommandKind::kShutdown;
   const std::string bytes = EncodeCommand(shutdown);

@@ -3,7 +3,7 @@
 #include <charconv>
 #include <cmath>
 
-#include "worker/spans/file_sync.h"
+#include "base/file_sync.h"
 
 namespace ringtree {
 
@@ -142,7 +142,7 @@ RpcMetrics::Method::Method() : latency(LatencyBuckets()) {}
 
 RpcMetrics::Method* RpcMetrics::Find(const char* full_method) {
   const std::string full = full_method ? full_method : "";
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   std::unique_ptr<Method>& m = methods_[full];
   if (!m) {
     m = std::make_unique<Method>();
@@ -165,7 +165,7 @@ void RpcMetrics::Record(Method* method, int code, double seconds) {
 }
 
 void RpcMetrics::Write(PrometheusText* out) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   out->Family("ringtree_rpc_calls_total", "counter",
               "gRPC calls finished, by service, method and status code (only codes seen so far are "
               "listed)");

@@ -4,7 +4,7 @@
 //
 // Most values are read at scrape time from what the service already keeps
 // (Admission, ServiceStats, EngineLoop, SessionRegistry, the fsync count of
-// worker/spans/file_sync.h). Calls and latency per method come from a gRPC
+// base/file_sync.h). Calls and latency per method come from a gRPC
 // server interceptor (RpcMetrics), so every method is counted with its final
 // status code, including refusals, health checks, reflection and methods
 // added later, without a line in any handler.
@@ -23,6 +23,7 @@
 #include <utility>
 #include <vector>
 
+#include "base/mutex.h"
 #include "coordinator/admission.h"
 #include "coordinator/engine_loop.h"
 #include "coordinator/histogram.h"
@@ -68,8 +69,9 @@ class RpcMetrics {
   void Write(PrometheusText* out) const;
 
  private:
-  mutable std::mutex mu_;
-  std::map<std::string, std::unique_ptr<Method>> methods_;  // by full method name
+  mutable Mutex mu_;
+  std::map<std::string, std::unique_ptr<Method>> methods_
+      ABSL_GUARDED_BY(mu_);  // by full method name
 };
 
 // The interceptor factory to install on the grpc::ServerBuilder

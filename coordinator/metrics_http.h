@@ -7,7 +7,7 @@
 #include <memory>
 #include <string>
 
-#include "kernels/status.h"
+#include "base/status.h"
 
 namespace ringtree {
 

@@ -20,23 +20,10 @@
 #include "coordinator/service_stats.h"
 #include "coordinator/session_registry.h"
 #include "coordinator/session_store.h"
+#include "coordinator/validation.h"
 #include "ringtree/v1/attention.grpc.pb.h"
 
 namespace ringtree {
-
-// Request-size limits (defaults documented in docs/service.md).
-struct RequestLimits {
-  int max_layers = 1024;
-  int max_heads = 1024;
-  int64_t max_prefill_tokens = 65536;   // q/k/v tokens of one Prefill
-  int64_t max_decode_tokens = 16;       // tokens of one Decode
-  int64_t max_attend_tokens = 4096;     // query tokens of one Attend
-  int64_t max_append_tokens = 1 << 24;  // tokens of one AppendKV call (all chunks)
-  int max_batch_entries = 256;          // entries of one DecodeBatch/AttendBatch
-  int default_span_tokens = 64;
-  int64_t prefill_output_chunk_bytes = 4 << 20;  // default Prefill response message size
-  int64_t retrieve_kv_chunk_bytes = 4 << 20;     // default RetrieveKV response message size (K+V)
-};
 
 // Storage settings reported by Stats (attnserve --data-dir and budgets).
 struct StorageSettings {
@@ -112,6 +99,17 @@ class AttentionServiceImpl final : public AttentionServiceBase {
                                   v1::SessionInfo* response);
   grpc::Status GetSessionTyped(const grpc::ServerContextBase& context, const v1::GetSessionRequest& request,
                                v1::SessionInfo* response);
+  // The auth gate every RPC goes through (coordinator/auth.h): runs
+  // `handler` (const Caller& -> grpc::Status or std::optional<grpc::Status>)
+  // with the caller of `context`, or answers UNAUTHENTICATED and runs
+  // nothing.
+  template <typename Handler>
+  auto Authenticated(const grpc::ServerContextBase& context, const Handler& handler) {
+    Result<Caller> caller = auth_.Authenticate(context);
+    using Answer = decltype(handler(*caller));
+    if (!caller.ok()) return Answer(ToGrpcStatus(caller.status()));
+    return handler(*caller);
+  }
   // Validation failure: counted, converted, tagged with the method.
   grpc::Status Invalid(const char* method, const Status& status);
   // Queues an admitted item after checking its deadline. A value: refused
@@ -128,33 +126,37 @@ class AttentionServiceImpl final : public AttentionServiceBase {
                                           v1::DecodeResponse* response, UnaryCall* call);
   std::optional<grpc::Status> StartAttend(grpc::CallbackServerContext& context, const v1::AttendRequest& request,
                                           v1::AttendResponse* response, UnaryCall* call);
-  // The fields of one decode (a Decode call or a DecodeBatch entry) and of
-  // one attend.
-  struct DecodeFields {
-    int layer;
-    const v1::Tensor& q;
-    const v1::Tensor& k;
-    const v1::Tensor& v;
-    const v1::AttentionOptions& options;
-    const v1::RetrievalOptions* retrieval;  // nullptr: exact
-    std::optional<int64_t> expected_layer_tokens;
-  };
-  struct AttendFields {
-    int layer;
-    const v1::Tensor& q;
-    const v1::AttentionOptions& options;
-    const v1::RetrievalOptions* retrieval;
-  };
-  // Validates, admits and converts one decode / attend of `session` (whose
-  // layer index was checked). OK: *item is admitted (item->reserved_kv_bytes
-  // reserved) and ready to queue. Otherwise the refusal, counted and recorded,
-  // and nothing is held.
+  // The shared front of the attention handlers: the caller's session
+  // `session_id` (FindSession) and the request validated against its shape
+  // by `validate` (SessionShape -> Result<Input>, coordinator/validation.h).
+  // Not OK: the refusal, counted, to return as is.
+  template <typename Input, typename Validate>
+  grpc::Status Resolve(const char* method, const Caller& caller, const std::string& session_id,
+                       const Validate& validate, std::shared_ptr<SessionRecord>* session,
+                       Input* input);
+  // The shared middle: admits kv_bytes, then converts q (float32) and k/v
+  // (storage dtype, when not null) into *item. Not OK: the refusal (counted,
+  // recorded) and nothing is held.
+  grpc::Status AdmitAndConvert(const char* method, std::chrono::steady_clock::time_point start,
+                               int64_t kv_bytes, WorkItem* item, const TensorInput& q,
+                               const TensorInput* k, const TensorInput* v);
+  // A unary Decode/Attend: authenticates, resolves the session and validates
+  // (`validate`: SessionShape -> Result<Input>), prepares the admitted item
+  // (`prepare`: PrepareDecode / PrepareAttend), sets its completion and
+  // queues it. A value: the refusal; nullopt: queued.
+  template <typename Input, typename Validate, typename Prepare, typename Response>
+  std::optional<grpc::Status> StartUnary(const char* method, grpc::CallbackServerContext& context,
+                                         const std::string& session_id, const Validate& validate,
+                                         Prepare prepare, Response* response, UnaryCall* call);
+  // One validated decode / attend of `session` into an admitted WorkItem
+  // (item->reserved_kv_bytes reserved), ready to queue. Otherwise the
+  // refusal, counted and recorded, and nothing is held.
   grpc::Status PrepareDecode(const char* method, std::chrono::steady_clock::time_point start,
-                             std::shared_ptr<SessionRecord> session, const DecodeFields& fields,
-                             std::shared_ptr<WorkItem>* item, DType* out_dtype);
+                             std::shared_ptr<SessionRecord> session, const DecodeInput& input,
+                             std::shared_ptr<WorkItem>* item);
   grpc::Status PrepareAttend(const char* method, std::chrono::steady_clock::time_point start,
-                             std::shared_ptr<SessionRecord> session, const AttendFields& fields,
-                             std::shared_ptr<WorkItem>* item, DType* out_dtype);
+                             std::shared_ptr<SessionRecord> session, const AttendInput& input,
+                             std::shared_ptr<WorkItem>* item);
   // A batch call: authenticates once, prepares every entry with `prepare`,
   // queues the admitted ones together. A value: the call's own refusal
   // (nothing queued) or OK when no entry was queued; nullopt: the last
@@ -163,17 +165,10 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   std::optional<grpc::Status> StartBatch(const char* method, grpc::CallbackServerContext& context,
                                          const Request& request, Response* response,
                                          BatchCall* call, const Prepare& prepare);
-  // A batch entry's session (of `tenant`) and layer check; refusals counted.
-  grpc::Status FindEntryLayer(const std::string& tenant, const std::string& session_id, int layer,
-                              const char* method, std::shared_ptr<SessionRecord>* session);
-  Result<std::shared_ptr<SessionRecord>> FindSession(const std::string& tenant, const std::string& id,
+  Result<std::shared_ptr<SessionRecord>> FindSession(const Caller& caller, const std::string& id,
                                                      const char* method) const;
-  void Record(const char* method, std::chrono::steady_clock::time_point start, const grpc::Status& status);
-  // The request's caller, session and layer: authenticates, finds the
-  // session of the caller's tenant and checks the layer index. Not OK: the
-  // status to return as is.
-  grpc::Status FindLayer(const grpc::ServerContextBase& context, const std::string& session_id, int layer, const char* method,
-                         std::shared_ptr<SessionRecord>* session);
+  void Record(const char* method, std::chrono::steady_clock::time_point start,
+              const grpc::Status& status);
 
   SessionRegistry& registry_;
   Admission& admission_;

@@ -9,7 +9,7 @@ constexpr size_t kRecentSamples = 8192;
 }
 
 void ServiceStats::RecordLatency(const std::string& method, double seconds) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   Latency& l = latency_[method];
   ++l.count;
   l.sum += seconds;
@@ -22,7 +22,7 @@ void ServiceStats::RecordLatency(const std::string& method, double seconds) {
 }
 
 void ServiceStats::RecordBatch(const std::string& kind, int64_t requests) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   Batch& b = batches_[kind];
   ++b.steps;
   b.requests += requests;
@@ -35,14 +35,14 @@ void ServiceStats::RecordBatch(const std::string& kind, int64_t requests) {
 }
 
 void ServiceStats::AddBytes(int64_t ring, int64_t tree, int64_t command) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   ring_bytes_ += ring;
   tree_bytes_ += tree;
   command_bytes_ += command;
 }
 
 void ServiceStats::Fill(v1::StatsResponse* out) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   for (const auto& [method, l] : latency_) {
     auto* s = out->add_latency();
     s->set_method(method);
@@ -73,7 +73,7 @@ void ServiceStats::Fill(v1::StatsResponse* out) const {
 }
 
 ServiceStats::Counters ServiceStats::counters() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   Counters c;
   for (const auto& [kind, h] : batch_sizes_) c.batch_sizes[kind] = h->snapshot();
   c.ring_bytes = ring_bytes_;

@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "base/mutex.h"
 #include "coordinator/histogram.h"
 #include "ringtree/v1/attention.pb.h"
 
@@ -43,11 +44,13 @@ class ServiceStats {
   struct Batch {
     int64_t steps = 0, requests = 0, max = 0;
   };
-  mutable std::mutex mu_;
-  std::map<std::string, Latency> latency_;
-  std::map<std::string, Batch> batches_;
-  std::map<std::string, std::unique_ptr<Histogram>> batch_sizes_;
-  int64_t ring_bytes_ = 0, tree_bytes_ = 0, command_bytes_ = 0;
+  mutable Mutex mu_;
+  std::map<std::string, Latency> latency_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, Batch> batches_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, std::unique_ptr<Histogram>> batch_sizes_ ABSL_GUARDED_BY(mu_);
+  int64_t ring_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t tree_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t command_bytes_ ABSL_GUARDED_BY(mu_) = 0;
 };
 
 }  // namespace ringtree

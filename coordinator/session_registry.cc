@@ -42,7 +42,7 @@ Result<std::shared_ptr<SessionRecord>> SessionRegistry::Create(const std::string
   record->shape = ShapeOf(config);
   record->layers.resize(config.layers());
   for (LayerLayout& l : record->layers) l.rank_tokens.assign(world_size_, 0);
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   if (static_cast<int64_t>(sessions_.size()) >= max_sessions_) {
     return Status::ResourceExhausted("[CreateSession] session limit reached: " + std::to_string(sessions_.size()) +
                                      " sessions (--max-sessions)");
@@ -69,14 +69,14 @@ SessionShape ShapeOf(const v1::SessionConfig& config) {
 }
 
 std::vector<std::shared_ptr<SessionRecord>> SessionRegistry::All() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   std::vector<std::shared_ptr<SessionRecord>> out;
   for (const auto& [id, record] : sessions_) out.push_back(record);
   return out;
 }
 
 Status SessionRegistry::Restore(std::shared_ptr<SessionRecord> record) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   if (sessions_.count(record->id)) return Status::DataLoss("[sessions] duplicate session id " + record->id);
   next_handle_ = std::max(next_handle_, record->shape.handle + 1);
   sessions_[record->id] = std::move(record);
@@ -84,7 +84,7 @@ Status SessionRegistry::Restore(std::shared_ptr<SessionRecord> record) {
 }
 
 Result<std::shared_ptr<SessionRecord>> SessionRegistry::Find(const std::string& tenant, const std::string& id) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   auto it = sessions_.find(id);
   if (it == sessions_.end() || it->second->tenant != tenant) {
     return Status::NotFound("session_id: no session '" + id + "'");
@@ -93,7 +93,7 @@ Result<std::shared_ptr<SessionRecord>> SessionRegistry::Find(const std::string& 
 }
 
 std::vector<std::shared_ptr<SessionRecord>> SessionRegistry::List(const std::string& tenant) const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   std::vector<std::shared_ptr<SessionRecord>> out;
   for (const auto& [id, record] : sessions_) {
     if (record->tenant == tenant) out.push_back(record);
@@ -102,7 +102,7 @@ std::vector<std::shared_ptr<SessionRecord>> SessionRegistry::List(const std::str
 }
 
 Result<std::shared_ptr<SessionRecord>> SessionRegistry::Remove(const std::string& tenant, const std::string& id) {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   auto it = sessions_.find(id);
   if (it == sessions_.end() || it->second->tenant != tenant) {
     return Status::NotFound("session_id: no session '" + id + "'");
@@ -114,7 +114,7 @@ Result<std::shared_ptr<SessionRecord>> SessionRegistry::Remove(const std::string
 }
 
 size_t SessionRegistry::size() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   return sessions_.size();
 }
 

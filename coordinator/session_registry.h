@@ -12,7 +12,8 @@
 #include <string>
 #include <vector>
 
-#include "kernels/status.h"
+#include "base/mutex.h"
+#include "base/status.h"
 #include "ringtree/v1/attention.pb.h"
 #include "worker/engine/command.h"
 
@@ -69,9 +70,9 @@ class SessionRegistry {
  private:
   const int world_size_;
   const int64_t max_sessions_;
-  mutable std::mutex mu_;
-  std::map<std::string, std::shared_ptr<SessionRecord>> sessions_;
-  uint64_t next_handle_ = 1;
+  mutable Mutex mu_;
+  std::map<std::string, std::shared_ptr<SessionRecord>> sessions_ ABSL_GUARDED_BY(mu_);
+  uint64_t next_handle_ ABSL_GUARDED_BY(mu_) = 1;
 };
 
 // The engine shape of a validated, resolved config (handle 0).

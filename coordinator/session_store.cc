@@ -10,8 +10,10 @@
 #include <nlohmann/json.hpp>
 #include <set>
 
-#include "worker/spans/file_sync.h"    // SyncFileData: counted for the metrics
-#include "worker/spans/span_format.h"  // WriteFileAtomically, ReadWholeFile, durable directories
+#include "base/file_sync.h"  // SyncFileData: counted for the metrics
+#include "base/file_util.h"  // WriteFileAtomically, ReadWholeFile, durable directories
+#include "base/log.h"
+#include "worker/spans/span_format.h"  // the journal's record log
 
 namespace ringtree {
 
@@ -200,10 +202,8 @@ Status SessionStore::AbortCommit(uint64_t serial) const {
   Status st = AppendLocked(nlohmann::json{{"abort", serial}}.dump());
   if (!st.ok()) {
     broken_ = true;
-    std::fprintf(
-        stderr,
-        "[attnserve] abort record of step %llu: %s; write steps are refused until a restart\n",
-        static_cast<unsigned long long>(serial), st.ToString().c_str());
+    LogError("[attnserve] abort record of step {}: {}; write steps are refused until a restart",
+             serial, st.ToString());
   }
   return st;
 }
@@ -378,11 +378,10 @@ Result<std::vector<std::shared_ptr<SessionRecord>>> SessionStore::LoadAll(
           j.contains("ranks")) {  // absent before 2026-11-30: written after the logs
         for (int r : j.at("ranks").get<std::vector<int>>()) {
           if (r >= 0 && r < static_cast<int>(logs->size()) && (*logs)[r].Holds(seq)) continue;
-          std::fprintf(stderr,
-                       "[attnserve] %s: record %llu dropped: rank %d's write-ahead log does not "
-                       "hold the step "
-                       "(interrupted before every rank synced it; never acknowledged)\n",
-                       path.c_str(), static_cast<unsigned long long>(seq), r);
+          LogWarn(
+              "[attnserve] {}: record {} dropped: rank {}'s write-ahead log does not hold the step "
+              "(interrupted before every rank synced it; never acknowledged)",
+              path, seq, r);
           ended = true;
           return Status::Ok();
         }
@@ -406,8 +405,7 @@ Result<std::vector<std::shared_ptr<SessionRecord>>> SessionStore::LoadAll(
   };
   RINGTREE_RETURN_IF_ERROR(ForEachLogRecord(journal, kJournalMagic, replay).status());
   if (ignored > 0) {
-    std::fprintf(stderr, "[attnserve] %s: %lld records after the dropped one ignored\n",
-                 path.c_str(), static_cast<long long>(ignored));
+    LogWarn("[attnserve] {}: {} records after the dropped one ignored", path, ignored);
   }
   serial_ = std::max(serial_.load(), last);
   // Fold the replayed states into the files and empty the journal, so that

@@ -41,8 +41,8 @@
 #include <thread>
 #include <vector>
 
+#include "base/status.h"
 #include "coordinator/session_registry.h"
-#include "kernels/status.h"
 #include "worker/engine/engine.h"  // WalState
 
 namespace ringtree {

@@ -23,7 +23,7 @@
 #include <string>
 #include <vector>
 
-#include "kernels/status.h"
+#include "base/status.h"
 
 namespace ringtree {
 

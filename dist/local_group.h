@@ -24,7 +24,7 @@
 #include <utility>
 #include <vector>
 
-#include "kernels/status.h"
+#include "base/status.h"
 
 namespace ringtree {
 

@@ -1,5 +1,6 @@
 // NumPy .npy files, read and written with MPI-IO so each rank touches only
-// its own rows (job mode, attnjob).
+// its own rows (job mode, attnjob). The format itself (headers, whole-file
+// reading and writing) is dist/npy_format.h.
 //
 // Supported input: format version 1.0 / 2.0 / 3.0 headers, little-endian
 // '<f4' (float32) or '<f2' (float16) (also '|' byte order is rejected for
@@ -16,29 +17,12 @@
 #include <string>
 #include <vector>
 
+#include "base/status.h"
 #include "dist/communicator.h"
+#include "dist/npy_format.h"
 #include "kernels/dtype.h"
-#include "kernels/status.h"
 
 namespace ringtree {
-
-struct NpyHeader {
-  DType dtype = DType::kFloat32;  // kFloat32 or kFloat16
-  std::vector<int64_t> shape;
-  int64_t data_offset = 0;        // byte offset of element 0 in the file
-  int64_t file_bytes = 0;         // size of the file on disk
-
-  int64_t elements() const;       // product of shape (1 for a 0-d array)
-  int64_t row_elements() const;   // product of shape[1:] (elements per leading row)
-  std::string ShapeString() const;  // "(4, 8, 64)"
-};
-
-// Parses a header from the first bytes of a file (no I/O). `name` is used in
-// messages. Errors: bad magic, unsupported version, dtype, byte order,
-// fortran order, malformed dict, shape that does not match `file_bytes` or
-// whose byte count overflows int64 (checked, never wrapped).
-Result<NpyHeader> ParseNpyHeader(const std::string& name, const uint8_t* data, size_t size,
-                                 int64_t file_bytes);
 
 // Collective over `comm`: rank 0 reads and parses the header and broadcasts
 // it (or the error, so every rank returns the same error).
@@ -88,20 +72,5 @@ class NpyWriter {
   MPI_File file_ = MPI_FILE_NULL;
   bool done_ = false;
 };
-
-// Serial helpers (no MPI) for tests and tools.
-// Writes a float32 (.npy '<f4') or float16 ('<f2', converted) array.
-Status WriteNpyFile(const std::string& path, const float* data, const std::vector<int64_t>& shape,
-                    DType dtype = DType::kFloat32);
-// Reads a whole '<f4'/'<f2' file as float32.
-Status ReadNpyFile(const std::string& path, std::vector<float>* data, std::vector<int64_t>* shape);
-
-// Reads a small 1-D integer .npy ('<i8', '<i4', '<u8', '<u4') whole, on the
-// calling rank (e.g. attnjob's --doc-lengths). Errors name the file and field.
-Result<std::vector<int64_t>> ReadNpyIntegers(const std::string& path);
-// The same from a whole file's bytes in memory; `name` is used in messages.
-// Any bytes are safe (fuzzed: fuzz/npy_fuzzer.cc).
-Result<std::vector<int64_t>> ParseNpyIntegers(const std::string& name,
-                                              const std::vector<uint8_t>& bytes);
 
 }  // namespace ringtree

@@ -15,6 +15,8 @@
 #include <cstdio>
 #include <cstring>
 
+#include "base/log.h"
+
 namespace ringtree {
 namespace {
 
@@ -182,8 +184,7 @@ std::unique_ptr<PeerWatchdog> PeerWatchdog::Start(const Communicator& comm, Topo
                                        ": " + local.message()));
   if (!agreed.ok() || pipe2(w->wake_, O_CLOEXEC) != 0) {
     if (comm.rank() == 0)
-      std::fprintf(stderr, "%s warning: peer watchdog off (%s); a frozen rank will hang\n",
-                   tag.c_str(), agreed.message().c_str());
+      LogWarn("{} warning: peer watchdog off ({}); a frozen rank will hang", tag, agreed.message());
     for (Link& l : w->links_)
       if (l.fd >= 0) close(l.fd), l.fd = -1;
     w->links_.clear();
@@ -206,9 +207,8 @@ void PeerWatchdog::Run() {
       // This thread did not run for a long time: the whole process was
       // stopped (SIGSTOP, a frozen host). Say so, since its peers will now
       // report it lost, and do not count the gap against them.
-      std::fprintf(stderr, "%s rank %d on %s: this rank was stopped for %.1f s\n", tag_.c_str(),
-                   rank_, cards_[rank_].host, now - last_loop);
-      std::fflush(stderr);
+      LogWarn("{} rank {} on {}: this rank was stopped for {:.1f} s", tag_, rank_,
+              cards_[rank_].host, now - last_loop);
       for (Link& l : links_) l.last_heard = now;
     }
     last_loop = now;

@@ -35,10 +35,10 @@
 #include <functional>
 #include <span>
 
+#include "base/status.h"
 #include "dist/communicator.h"
 #include "dist/timing.h"
 #include "kernels/dtype.h"
-#include "kernels/status.h"
 
 namespace ringtree {
 

@@ -14,7 +14,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "kernels/status.h"
+#include "base/status.h"
 
 namespace ringtree {
 

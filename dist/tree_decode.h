@@ -24,10 +24,10 @@
 #include <span>
 #include <vector>
 
+#include "base/status.h"
 #include "dist/communicator.h"
 #include "dist/ring_attention.h"  // HeadConfig, KvBlock
 #include "dist/timing.h"
-#include "kernels/status.h"
 
 namespace ringtree {
 

@@ -16,8 +16,8 @@
 #include <cstdint>
 #include <span>
 
+#include "base/status.h"
 #include "kernels/dtype.h"
-#include "kernels/status.h"
 
 namespace ringtree {
 

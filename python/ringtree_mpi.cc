@@ -42,6 +42,7 @@
 #include <string>
 #include <vector>
 
+#include "base/status.h"
 #include "dist/communicator.h"
 #include "dist/ring_attention.h"
 #include "dist/sharding.h"
@@ -50,7 +51,6 @@
 #include "kernels/attention.h"
 #include "kernels/cpu.h"
 #include "kernels/dtype.h"
-#include "kernels/status.h"
 
 namespace py = pybind11;
 

@@ -10,15 +10,15 @@
 // (gRPC channels and stubs are thread-safe).
 #pragma once
 
+#include <grpcpp/grpcpp.h>
+
 #include <chrono>
 #include <memory>
 #include <optional>
 #include <string>
 #include <vector>
 
-#include <grpcpp/grpcpp.h>
-
-#include "kernels/status.h"
+#include "base/status.h"
 #include "ringtree/v1/attention.grpc.pb.h"
 #include "rpc/tensor_codec.h"
 

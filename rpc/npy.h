@@ -1,11 +1,11 @@
-// Minimal NumPy .npy reader/writer for the command-line client (whole file in
-// memory, C order only). Job mode's MPI-IO reader lives in dist/; this one
-// serves attnctl, which runs on one machine.
+// .npy files as HostTensors for the command-line client (whole file in
+// memory). A thin adapter: the format itself is dist/npy_format.h, the one
+// implementation job mode's MPI-IO reader uses too.
 #pragma once
 
 #include <string>
 
-#include "kernels/status.h"
+#include "base/status.h"
 #include "rpc/tensor_codec.h"
 
 namespace ringtree {

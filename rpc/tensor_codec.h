@@ -8,8 +8,8 @@
 #include <string_view>
 #include <vector>
 
+#include "base/status.h"
 #include "kernels/dtype.h"
-#include "kernels/status.h"
 #include "ringtree/v1/attention.pb.h"
 
 namespace ringtree {

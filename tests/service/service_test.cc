@@ -3,6 +3,7 @@
 // the raw stub. Results are compared with kernels/reference.h (double
 // accumulation) at max |o - ref| <= 2e-4 for float32 storage and 2e-3 for
 // bfloat16 storage (the reference then reads the same bf16-rounded K/V).
+#include <google/protobuf/descriptor.h>
 #include <grpcpp/generic/generic_stub.h>
 #include <gtest/gtest.h>
 
@@ -912,6 +913,55 @@ TEST_F(ServiceAuth, TokensAndTenantIsolation) {
   ASSERT_TRUE(out.ok());
   EXPECT_LE(MaxDiff(out->o.ToFloat32(), Reference(m, q, 1, false)), 2e-4);
   EXPECT_EQ(alice->GetSession(info->session_id())->layer_tokens(0), 256);
+}
+
+// Every method of the service, called the way an independent client could
+// (raw bytes, any call shape), refuses a caller without a valid token before
+// anything else runs: auth sits in one gate all handlers go through, and a
+// method added later without it fails here.
+TEST_F(ServiceAuth, EveryMethodRefusesAnUnauthenticatedCall) {
+  const google::protobuf::ServiceDescriptor* service =
+      google::protobuf::DescriptorPool::generated_pool()->FindServiceByName(
+          "ringtree.v1.AttentionService");
+  ASSERT_NE(service, nullptr);
+  auto channel = grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials());
+  grpc::GenericStub stub(channel);
+  // One call of any shape: an empty request message, half-close, status.
+  auto call = [&](const std::string& method, const std::string& authorization) {
+    grpc::CompletionQueue cq;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    if (!authorization.empty()) ctx.AddMetadata("authorization", authorization);
+    auto rpc = stub.PrepareCall(&ctx, method, &cq);
+    void* tag = nullptr;
+    bool ok = false;
+    rpc->StartCall(reinterpret_cast<void*>(1));
+    EXPECT_TRUE(cq.Next(&tag, &ok));
+    grpc::Slice empty("");
+    grpc::ByteBuffer request(&empty, 1);
+    rpc->WriteLast(request, grpc::WriteOptions(), reinterpret_cast<void*>(2));
+    EXPECT_TRUE(cq.Next(&tag, &ok));
+    grpc::Status status;
+    rpc->Finish(&status, reinterpret_cast<void*>(3));
+    EXPECT_TRUE(cq.Next(&tag, &ok));
+    cq.Shutdown();
+    while (cq.Next(&tag, &ok)) {
+    }
+    return status;
+  };
+  for (int i = 0; i < service->method_count(); ++i) {
+    const std::string method = "/" + service->full_name() + "/" + service->method(i)->name();
+    for (const auto& [authorization, message] :
+         {std::pair<std::string, std::string>{"", "authorization: bearer token required"},
+          {"Bearer mallory", "authorization: unknown token"},
+          {"alice-secret", "authorization: expected 'Bearer <token>'"}}) {
+      grpc::Status status = call(method, authorization);
+      EXPECT_EQ(status.error_code(), grpc::StatusCode::UNAUTHENTICATED)
+          << method << " " << status.error_message();
+      EXPECT_EQ(status.error_message(), message) << method;
+    }
+  }
+  EXPECT_GE(service->method_count(), 12);
 }
 
 // ---------------------------------------------------------------------------
@@ -1851,7 +1901,7 @@ class ServiceWritePath : public ServerSuite {
   // Every write kind fails while rank 1 fails its appends; afterwards the
   // session holds exactly the acknowledged tokens and answers exactly.
   void FailedWritesChangeNothing(bool durable);
-  // The file layer's fault injection (worker/spans/file_sync.h): the next
+  // The file layer's fault injection (base/file_sync.h): the next
   // write to a path containing `where` fails as `kind` says.
   void InjectFileFault(const std::string& kind, const std::string& where) {
     std::ofstream(file_fault_) << kind << " " << where << " 1\n";

@@ -8,8 +8,8 @@
 #include <string>
 #include <vector>
 
+#include "base/status.h"
 #include "kernels/dtype.h"
-#include "kernels/status.h"
 
 namespace ringtree {
 

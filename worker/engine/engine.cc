@@ -16,9 +16,10 @@
 #include <set>
 #include <thread>
 
+#include "base/file_sync.h"
+#include "base/log.h"
 #include "dist/ring_attention.h"
 #include "kernels/merge.h"
-#include "worker/spans/file_sync.h"
 #include "worker/spans/retrieval_planner.h"
 #include "worker/spans/span_discovery.h"
 
@@ -153,11 +154,10 @@ Result<SpanStore*> WorkerEngine::Store(const SessionShape& shape, int layer) {
             slot.reset();
             return rolled;
           }
-          std::fprintf(stderr,
-                       "[attnserve] rank %d: %s: rolled back %lld unacknowledged tokens (the session metadata "
-                       "records %lld; a write step was interrupted)\n",
-                       compute_->rank(), o.data_dir.c_str(), static_cast<long long>(holds - expected->second),
-                       static_cast<long long>(expected->second));
+          LogWarn(
+              "[attnserve] rank {}: {}: rolled back {} unacknowledged tokens (the session metadata "
+              "records {}; a write step was interrupted)",
+              compute_->rank(), o.data_dir, holds - expected->second, expected->second);
         } else {
           slot.reset();
           return Status::DataLoss("[engine] " + o.data_dir + ": holds " + std::to_string(holds) +
@@ -177,9 +177,8 @@ Result<SpanStore*> WorkerEngine::Store(const SessionShape& shape, int layer) {
       // budget), so a restarted service takes the same compute paths.
       RINGTREE_RETURN_IF_ERROR(slot->WarmNewest());
       if (report.dropped_tail_bytes > 0) {
-        std::fprintf(stderr, "[attnserve] rank %d: %s: dropped %llu torn tail bytes (%s)\n", compute_->rank(),
-                     o.data_dir.c_str(), static_cast<unsigned long long>(report.dropped_tail_bytes),
-                     report.dropped_reason.c_str());
+        LogWarn("[attnserve] rank {}: {}: dropped {} torn tail bytes ({})", compute_->rank(),
+                o.data_dir, report.dropped_tail_bytes, report.dropped_reason);
       }
     } else {
       // No store, but the session metadata (the commit point) says this rank
@@ -275,9 +274,9 @@ void WorkerEngine::MaybeCrashBeforeWal() {
     (void)commit_wait_();
   else
     std::this_thread::sleep_for(std::chrono::milliseconds(500));
-  std::fprintf(stderr, "[attnserve] rank %d: exiting before the log sync of step %llu (%s)\n",
-               compute_->rank(), static_cast<unsigned long long>(step_serial_), kCrashBeforeWalEnv);
-  std::fflush(stderr);
+  LogError("[attnserve] rank {}: exiting before the log sync of step {} ({})", compute_->rank(),
+           step_serial_, kCrashBeforeWalEnv);
+  Logger().flush();
   std::_Exit(86);
 }
 
@@ -288,8 +287,8 @@ void WorkerEngine::RollBackStep(const Status& why) {
     if (dropped <= 0) continue;
     Status st = u.store->TruncateTo(u.tokens_before);
     if (!st.ok()) {
-      std::fprintf(stderr, "[attnserve] rank %d: rolling back a failed write step (%s): %s\n", compute_->rank(),
-                   why.ToString().c_str(), st.ToString().c_str());
+      LogError("[attnserve] rank {}: rolling back a failed write step ({}): {}", compute_->rank(),
+               why.ToString(), st.ToString());
       continue;
     }
     kv_tokens_ -= dropped;
@@ -304,8 +303,8 @@ void WorkerEngine::RollBackStep(const Status& why) {
   if (!config_.data_dir.empty() && (wal_bytes_ > 0 || !wal_dirty_.empty())) {
     Status st = Checkpoint();
     if (!st.ok()) {
-      std::fprintf(stderr, "[attnserve] rank %d: checkpoint after a rolled-back step: %s\n",
-                   compute_->rank(), st.ToString().c_str());
+      LogError("[attnserve] rank {}: checkpoint after a rolled-back step: {}", compute_->rank(),
+               st.ToString());
     }
   }
 }
@@ -497,15 +496,14 @@ Result<WalState> WorkerEngine::LoadWal() {
     const bool cut = ::ftruncate(fd, static_cast<off_t>(at)) == 0 && SyncFileData(fd) == 0;
     ::close(fd);
     if (!cut) return WalError("truncate", path);
-    std::fprintf(stderr, "[attnserve] rank %d: %s: dropped %zu torn tail bytes\n", compute_->rank(),
-                 path.c_str(), log.size() - at);
+    LogWarn("[attnserve] rank {}: {}: dropped {} torn tail bytes", compute_->rank(), path,
+            log.size() - at);
   }
   std::sort(state.serials.begin(), state.serials.end());
   durable_serial_ =
       std::max(state.floor, state.serials.empty() ? uint64_t{0} : state.serials.back());
   if (!wal_replay_.empty()) {
-    std::fprintf(stderr, "[attnserve] rank %d: %s: %lld records to replay\n", compute_->rank(),
-                 path.c_str(), static_cast<long long>(records));
+    LogInfo("[attnserve] rank {}: {}: {} records to replay", compute_->rank(), path, records);
   }
   return state;
 }
@@ -1313,16 +1311,14 @@ Status RunWorkerLoop(WorkerEngine& engine, const CommandChannel& channel, int ro
       // The stores' files become complete and the write-ahead log empty, so
       // a restart replays nothing.
       Status st = engine.Checkpoint();
-      if (!st.ok())
-        std::fprintf(stderr, "[attnserve] worker: checkpoint at shutdown: %s\n",
-                     st.ToString().c_str());
+      if (!st.ok()) LogError("[attnserve] worker: checkpoint at shutdown: {}", st.ToString());
       return Status::Ok();
     }
     Result<EngineOutput> r = engine.Execute(command);
     if (!r.ok()) {
       // Collective steps fail on every rank alike and rank 0 reports them to
       // the client; a worker only logs and keeps serving.
-      std::fprintf(stderr, "[attnserve] worker: %s\n", r.status().ToString().c_str());
+      LogWarn("[attnserve] worker: {}", r.status().ToString());
     }
   }
 }

@@ -47,7 +47,7 @@
 #include <cstdint>
 #include <vector>
 
-#include "kernels/status.h"
+#include "base/status.h"
 
 namespace ringtree {
 

@@ -27,8 +27,9 @@
 #include <string>
 #include <vector>
 
+#include "base/file_util.h"  // WriteFileAtomically, ReadWholeFile: used with the format
+#include "base/status.h"
 #include "kernels/dtype.h"
-#include "kernels/status.h"
 
 namespace ringtree {
 
@@ -116,20 +117,6 @@ bool IsSpanFileName(const std::string& name);
 std::string EncodeManifest(const Manifest& manifest);
 // Parses and verifies; DataLoss naming `path` on any mismatch.
 Result<Manifest> DecodeManifest(const std::string& bytes, const std::string& path);
-
-// Durable file helpers (POSIX). Messages start with "[spans]".
-// Writes `bytes` to dir/name.tmp, fsyncs, renames over dir/name, fsyncs dir.
-Status WriteFileAtomically(const std::string& dir, const std::string& name, const std::string& bytes);
-Result<std::string> ReadWholeFile(const std::string& path);
-// fsyncs a directory, making the entries created or removed in it durable.
-Status SyncDirectory(const std::string& dir);
-// Creates `dir` and any missing parents, fsyncing the parent of each one it
-// creates (a directory's entry lives in its parent: without that sync a crash
-// can lose the directory while files inside it were synced).
-Status CreateDirectoriesDurably(const std::string& dir);
-// Removes `path` recursively (if present) and fsyncs its parent, so a removed
-// directory cannot come back after a crash.
-Status RemoveAllDurably(const std::string& path);
 
 // A checksummed record log (the engine's write-ahead log, rank 0's session
 // journal): each record is `magic` (u32), the payload's bytes (u32), the

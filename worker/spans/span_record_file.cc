@@ -11,7 +11,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "worker/spans/file_sync.h"
+#include "base/file_sync.h"
 #include "worker/spans/span_store.h"
 #include "worker/spans/span_store_internal.h"
 

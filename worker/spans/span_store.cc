@@ -16,8 +16,8 @@
 #include <cstring>
 #include <filesystem>
 
+#include "base/file_sync.h"
 #include "kernels/merge.h"
-#include "worker/spans/file_sync.h"
 #include "worker/spans/retrieval_planner.h"
 #include "worker/spans/span_store_internal.h"
 

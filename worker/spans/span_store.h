@@ -55,9 +55,9 @@
 #include <string>
 #include <vector>
 
+#include "base/status.h"
 #include "kernels/attention.h"
 #include "kernels/dtype.h"
-#include "kernels/status.h"
 #include "worker/spans/span_cache.h"
 #include "worker/spans/span_format.h"
 #include "worker/spans/span_select.h"

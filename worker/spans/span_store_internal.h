@@ -10,7 +10,7 @@
 #include <limits>
 #include <string>
 
-#include "kernels/status.h"
+#include "base/status.h"
 #include "worker/spans/span_store.h"
 
 namespace ringtree::spans_detail {

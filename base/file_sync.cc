@@ -1,4 +1,4 @@
-#include "worker/spans/file_sync.h"
+#include "base/file_sync.h"
 
 #include <unistd.h>
 

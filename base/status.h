@@ -19,11 +19,12 @@ enum class StatusCode {
   kResourceExhausted,
   kDeadlineExceeded,
   kUnavailable,
-  kDataLoss,   // corrupt or torn record on disk
+  kDataLoss,  // corrupt or torn record on disk
   kIoError,
   kInternal,
   kCancelled,
   kAlreadyExists,
+  kUnauthenticated,  // no or unknown credentials (the RPC edge)
 };
 
 const char* StatusCodeName(StatusCode code);
@@ -33,17 +34,28 @@ class [[nodiscard]] Status {
   Status() = default;
   Status(StatusCode code, std::string message) : code_(code), message_(std::move(message)) {}
   static Status Ok() { return {}; }
-  static Status InvalidArgument(std::string m) { return {StatusCode::kInvalidArgument, std::move(m)}; }
+  static Status InvalidArgument(std::string m) {
+    return {StatusCode::kInvalidArgument, std::move(m)};
+  }
   static Status NotFound(std::string m) { return {StatusCode::kNotFound, std::move(m)}; }
-  static Status FailedPrecondition(std::string m) { return {StatusCode::kFailedPrecondition, std::move(m)}; }
-  static Status ResourceExhausted(std::string m) { return {StatusCode::kResourceExhausted, std::move(m)}; }
-  static Status DeadlineExceeded(std::string m) { return {StatusCode::kDeadlineExceeded, std::move(m)}; }
+  static Status FailedPrecondition(std::string m) {
+    return {StatusCode::kFailedPrecondition, std::move(m)};
+  }
+  static Status ResourceExhausted(std::string m) {
+    return {StatusCode::kResourceExhausted, std::move(m)};
+  }
+  static Status DeadlineExceeded(std::string m) {
+    return {StatusCode::kDeadlineExceeded, std::move(m)};
+  }
   static Status Unavailable(std::string m) { return {StatusCode::kUnavailable, std::move(m)}; }
   static Status DataLoss(std::string m) { return {StatusCode::kDataLoss, std::move(m)}; }
   static Status IoError(std::string m) { return {StatusCode::kIoError, std::move(m)}; }
   static Status Internal(std::string m) { return {StatusCode::kInternal, std::move(m)}; }
   static Status Cancelled(std::string m) { return {StatusCode::kCancelled, std::move(m)}; }
   static Status AlreadyExists(std::string m) { return {StatusCode::kAlreadyExists, std::move(m)}; }
+  static Status Unauthenticated(std::string m) {
+    return {StatusCode::kUnauthenticated, std::move(m)};
+  }
 
   bool ok() const { return code_ == StatusCode::kOk; }
   StatusCode code() const { return code_; }
@@ -60,8 +72,8 @@ class [[nodiscard]] Status {
 template <typename T>
 class [[nodiscard]] Result {
  public:
-  Result(T value) : value_(std::move(value)) {}            // NOLINT(implicit)
-  Result(Status status) : status_(std::move(status)) {}    // NOLINT(implicit)
+  Result(T value) : value_(std::move(value)) {}          // NOLINT(implicit)
+  Result(Status status) : status_(std::move(status)) {}  // NOLINT(implicit)
   bool ok() const { return status_.ok(); }
   const Status& status() const { return status_; }
   T& value() & { return *value_; }
@@ -76,18 +88,17 @@ class [[nodiscard]] Result {
   std::optional<T> value_;
 };
 
-#define RINGTREE_RETURN_IF_ERROR(expr)      \
-  do {                                      \
-    ::ringtree::Status _st = (expr);        \
-    if (!_st.ok()) return _st;              \
+#define RINGTREE_RETURN_IF_ERROR(expr) \
+  do {                                 \
+    ::ringtree::Status _st = (expr);   \
+    if (!_st.ok()) return _st;         \
   } while (0)
 
 #define RINGTREE_CONCAT_INNER(a, b) a##b
 #define RINGTREE_CONCAT(a, b) RINGTREE_CONCAT_INNER(a, b)
-#define RINGTREE_ASSIGN_OR_RETURN(lhs, expr)                          \
-  auto RINGTREE_CONCAT(_res_, __LINE__) = (expr);                     \
-  if (!RINGTREE_CONCAT(_res_, __LINE__).ok())                         \
-    return RINGTREE_CONCAT(_res_, __LINE__).status();                 \
+#define RINGTREE_ASSIGN_OR_RETURN(lhs, expr)                                                    \
+  auto RINGTREE_CONCAT(_res_, __LINE__) = (expr);                                               \
+  if (!RINGTREE_CONCAT(_res_, __LINE__).ok()) return RINGTREE_CONCAT(_res_, __LINE__).status(); \
   lhs = std::move(RINGTREE_CONCAT(_res_, __LINE__)).value()
 
 }  // namespace ringtree
