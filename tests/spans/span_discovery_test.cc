@@ -233,7 +233,7 @@ void CheckSegmentation(const std::vector<SpanCut>& cuts, int64_t T, const SpanDi
     }
     if (i > 0) {
       EXPECT_EQ(cuts[i].begin, cuts[i - 1].end) << i;  // no overlap, no hole
-    }  // no overlap, no hole
+    }
   }
 }
 
