@@ -138,8 +138,9 @@ class AttentionClient:
     def create_session(self, layers=1, heads=8, kv_heads=8, head_dim=64, storage_dtype="float32",
                        span_tokens=0, sink_tokens=0, window_tokens=0, name="", attention_window=0,
                        span_boundaries="fixed"):
-        """attention_window > 0: sliding-window attention (Decode sees the last
-        attention_window positions); not retrieval's window_tokens.
+        """attention_window > 0: sliding-window attention (Decode and Prefill
+        see the last attention_window positions; Attend needs retrieval and
+        then sees every stored span); not retrieval's window_tokens.
         span_boundaries: "fixed" or "discovered" (Prefill's spans follow its
         own attention, Ltri-LLM)."""
         if span_boundaries not in ("fixed", "discovered"):
