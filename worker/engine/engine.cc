@@ -782,19 +782,27 @@ Result<EngineOutput> WorkerEngine::ExecuteStep(Command& command) {
 }
 
 namespace {
-// Discovery bounds for a session's span size S: the optimal segmentation
-// (span_discovery.h's default selection) into spans of S/8 .. S tokens (S is
-// the store's limit; the band captured is S wide). fallback_tokens only
-// matters to the greedy selection. Valid for 1 <= S <= 4096 (CreateSession
-// refuses discovered spans with larger span_tokens). docs/spans.md measured
-// spans of at most 16 tokens as the best at retrieval: sessions that want
-// that set span_tokens 16.
-SpanDiscoveryOptions DiscoveryOptionsFor(int span_tokens) {
-  SpanDiscoveryOptions o;
-  o.max_tokens = span_tokens;
-  o.min_tokens = std::max(1, span_tokens / 8);
-  o.fallback_tokens = std::min(span_tokens, std::max(2 * o.min_tokens - 1, span_tokens / 2));
-  return o;
+// How a session of span size S discovers its spans: the configuration
+// bench/retrieval measured as the best (docs/spans.md, "Discovered spans"):
+// the optimal segmentation (span_discovery.h's default selection) into spans
+// of S/4 .. S tokens (4..16 at S = 16, the benchmark's default; S is the
+// store's limit), scored on a band at least 64 keys wide (a row's null model
+// spreads it over the whole band, so a band as narrow as the spans makes
+// every span look dense) averaged with its column-normalised form
+// (add_columns: columns see where a unit ends). Valid for 1 <= S <= 4096
+// (CreateSession refuses discovered spans with larger span_tokens).
+struct DiscoveryPlan {
+  SpanDiscoveryOptions options;
+  int band_width = 0;
+  bool add_columns = true;
+};
+DiscoveryPlan DiscoveryPlanFor(int span_tokens) {
+  DiscoveryPlan plan;
+  plan.options.max_tokens = span_tokens;
+  plan.options.min_tokens = std::max(1, span_tokens / 4);
+  plan.options.fallback_tokens = span_tokens;  // used by the greedy selection only
+  plan.band_width = std::max(64, span_tokens);
+  return plan;
 }
 }  // namespace
 
@@ -840,12 +848,12 @@ Result<EngineOutput> WorkerEngine::ExecutePrefill(PrefillCommand& p) {
   // Span discovery: the ring captures each run's band of attention (its
   // queries on its own keys, the diagonal pair) for the triangle scores.
   const bool discover = s.span_boundaries == SessionShape::kDiscoveredSpans;
-  const SpanDiscoveryOptions discovery = DiscoveryOptionsFor(s.span_tokens);
+  const DiscoveryPlan discovery = DiscoveryPlanFor(s.span_tokens);
   std::vector<std::vector<float>> bands;
   if (discover) {
     bands.resize(queries.size());
     for (size_t i = 0; i < queries.size(); ++i) {
-      bands[i].resize(static_cast<size_t>(queries[i].tokens * s.kv_heads * discovery.max_tokens));
+      bands[i].resize(static_cast<size_t>(queries[i].tokens * s.kv_heads * discovery.band_width));
       queries[i].band = bands[i].data();
     }
   }
@@ -854,7 +862,7 @@ Result<EngineOutput> WorkerEngine::ExecutePrefill(PrefillCommand& p) {
   RingOptions options;
   options.causal = true;
   options.scale = p.scale;
-  options.band_width = discover ? discovery.max_tokens : 0;
+  options.band_width = discover ? discovery.band_width : 0;
   options.window = s.attention_window;
   RINGTREE_RETURN_IF_ERROR(RingAttention(*compute_, heads, queries, kv, options, &out.timings));
   std::vector<std::vector<int64_t>> span_starts;
@@ -864,12 +872,13 @@ Result<EngineOutput> WorkerEngine::ExecutePrefill(PrefillCommand& p) {
     for (size_t i = 0; i < queries.size() && discovered.ok(); ++i) {
       const QueryBlock& qb = queries[i];
       auto scores =
-          TriangleScores::FromBand(qb.band, qb.tokens, s.kv_heads, s.heads, discovery.max_tokens);
+          TriangleScores::FromBand(qb.band, qb.tokens, s.kv_heads, s.heads, discovery.band_width,
+                                   /*normalize_rows=*/true, discovery.add_columns);
       if (!scores.ok()) {
         discovered = scores.status();
         break;
       }
-      auto cuts = DiscoverSpans(*scores, discovery);
+      auto cuts = DiscoverSpans(*scores, discovery.options);
       if (!cuts.ok()) {
         discovered = cuts.status();
         break;
