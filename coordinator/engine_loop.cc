@@ -12,13 +12,13 @@
 namespace ringtree {
 
 bool WorkItem::Wait(const std::function<bool()>& cancelled_check) {
-  std::unique_lock<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   for (;;) {
     if (done_) return true;
     const auto now = std::chrono::steady_clock::now();
     if (now >= deadline) return false;
     if (cancelled_check && cancelled_check()) return false;
-    cv_.wait_until(lock, std::min(deadline, now + std::chrono::milliseconds(50)));
+    cv_.WaitUntil(&mu_, std::min(deadline, now + std::chrono::milliseconds(50)));
   }
 }
 
@@ -33,17 +33,17 @@ bool WorkItem::Abandon() {
 }
 
 void WorkItem::WaitDone() {
-  std::unique_lock<std::mutex> lock(mu_);
-  cv_.wait(lock, [this] { return done_; });
+  MutexLock lock(&mu_);
+  while (!done_) cv_.Wait(&mu_);
 }
 
 void WorkItem::Finish(Status s) {
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     status = std::move(s);
     done_ = true;
   }
-  cv_.notify_all();
+  cv_.NotifyAll();
 }
 
 EngineLoop::EngineLoop(WorkerEngine& engine, const CommandChannel& channel, int world_size, Admission& admission,
@@ -67,53 +67,57 @@ bool EngineLoop::Submit(std::shared_ptr<WorkItem> item) {
 size_t EngineLoop::SubmitAll(std::vector<std::shared_ptr<WorkItem>> items) {
   bool wake = false;
   size_t queued = 0;
+  Status failure;
   {
-    std::unique_lock<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     if (failed_) {
-      const Status failure = failure_;
-      lock.unlock();
-      for (std::shared_ptr<WorkItem>& item : items) Complete(*item, failure);
-      return items.size();
-    }
-    for (std::shared_ptr<WorkItem>& item : items) {
-      // Deletes are never refused: they free memory and are not admitted work.
-      if (item->kind != WorkItem::Kind::kDelete &&
-          static_cast<int64_t>(queue_.size()) >= options_.max_queue) {
-        break;
+      failure = failure_;
+    } else {
+      for (std::shared_ptr<WorkItem>& item : items) {
+        // Deletes are never refused: they free memory and are not admitted work.
+        if (item->kind != WorkItem::Kind::kDelete &&
+            static_cast<int64_t>(queue_.size()) >= options_.max_queue) {
+          break;
+        }
+        queue_.push_back(std::move(item));
+        ++submitted_;
+        ++queued;
       }
-      queue_.push_back(std::move(item));
-      ++submitted_;
-      ++queued;
+      depth_.store(static_cast<int64_t>(queue_.size()), std::memory_order_relaxed);
+      // Wake the engine only when it may act: the first queued request, or
+      // the one that ends a batch linger (other arrivals would only wake it
+      // to wait again).
+      wake = queued > 0 &&
+             (queue_.size() == queued || submitted_ - submitted_at_step_end_ >= last_step_items_ ||
+              static_cast<int64_t>(queue_.size()) >= options_.max_batch);
     }
-    if (queued == 0) return 0;
-    depth_.store(static_cast<int64_t>(queue_.size()), std::memory_order_relaxed);
-    // Wake the engine only when it may act: the first queued request, or the
-    // one that ends a batch linger (other arrivals would only wake it to
-    // wait again).
-    wake = queue_.size() == queued || submitted_ - submitted_at_step_end_ >= last_step_items_ ||
-           static_cast<int64_t>(queue_.size()) >= options_.max_batch;
   }
-  if (wake) cv_.notify_one();
+  if (!failure.ok()) {  // a failed world: answered at once (outside the lock: Complete runs
+                        // callbacks' queue)
+    for (std::shared_ptr<WorkItem>& item : items) Complete(*item, failure);
+    return items.size();
+  }
+  if (wake) cv_.NotifyOne();
   return queued;
 }
 
 std::vector<int64_t> EngineLoop::RankBytes() const {
-  std::lock_guard<std::mutex> lock(placement_mu_);
+  MutexLock lock(&placement_mu_);
   return rank_bytes_;
 }
 
 std::vector<int64_t> EngineLoop::RankTokens() const {
-  std::lock_guard<std::mutex> lock(placement_mu_);
+  MutexLock lock(&placement_mu_);
   return rank_tokens_;
 }
 
 std::vector<int64_t> EngineLoop::RankDiskBytes() const {
-  std::lock_guard<std::mutex> lock(placement_mu_);
+  MutexLock lock(&placement_mu_);
   return rank_disk_;
 }
 
 std::vector<int64_t> EngineLoop::RankHotBytes() const {
-  std::lock_guard<std::mutex> lock(placement_mu_);
+  MutexLock lock(&placement_mu_);
   return rank_hot_;
 }
 
@@ -171,7 +175,7 @@ void EngineLoop::AbortCommit(uint64_t serial) {
 
 Status EngineLoop::AfterWrite(uint64_t serial, const EngineOutput& out) {
   if (!out.rank_disk_bytes.empty()) {
-    std::lock_guard<std::mutex> lock(placement_mu_);
+    MutexLock lock(&placement_mu_);
     rank_disk_ = out.rank_disk_bytes;
     rank_hot_ = out.rank_hot_bytes;
   }
@@ -189,7 +193,7 @@ Status EngineLoop::Restore(const std::vector<std::shared_ptr<SessionRecord>>& se
   std::vector<uint64_t> live;
   for (const auto& s : sessions) {
     live.push_back(s->shape.handle);
-    std::lock_guard<std::mutex> lock(placement_mu_);
+    MutexLock lock(&placement_mu_);
     for (const LayerLayout& l : s->layers) {
       for (int r = 0; r < world_size_ && r < static_cast<int>(l.rank_tokens.size()); ++r) {
         rank_tokens_[r] += l.rank_tokens[r];
@@ -214,7 +218,7 @@ Status EngineLoop::Restore(const std::vector<std::shared_ptr<SessionRecord>>& se
   Result<EngineOutput> out = Broadcast(commands);
   if (!out.ok()) return out.status();
   if (!out->rank_disk_bytes.empty()) {
-    std::lock_guard<std::mutex> lock(placement_mu_);
+    MutexLock lock(&placement_mu_);
     rank_disk_ = out->rank_disk_bytes;
     rank_hot_ = out->rank_hot_bytes;
   }
@@ -222,7 +226,7 @@ Status EngineLoop::Restore(const std::vector<std::shared_ptr<SessionRecord>>& se
 }
 
 void EngineLoop::AddPlaced(const SessionShape& shape, const std::vector<PlacedRun>& runs) {
-  std::lock_guard<std::mutex> lock(placement_mu_);
+  MutexLock lock(&placement_mu_);
   for (const PlacedRun& r : runs) {
     rank_tokens_[r.rank] += r.tokens;
     rank_bytes_[r.rank] += 2 * r.tokens * shape.row_bytes();
@@ -267,7 +271,7 @@ bool EngineLoop::StartItem(WorkItem& item) {
 void EngineLoop::Fail(const Status& status) {
   std::vector<std::shared_ptr<WorkItem>> queued, running;
   {
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     if (failed_) return;
     failed_ = true;
     failure_ = status;
@@ -276,7 +280,7 @@ void EngineLoop::Fail(const Status& status) {
     depth_.store(0, std::memory_order_relaxed);
     running = running_;
   }
-  cv_.notify_all();
+  cv_.NotifyAll();
   // Queued items never ran; the running step's may or may not have been
   // applied on some ranks: a write of it is recovered at restart only if its
   // commit record was synced, so a client retries with expected_layer_tokens.
@@ -290,7 +294,7 @@ void EngineLoop::Fail(const Status& status) {
 }
 
 bool EngineLoop::failed() const {
-  std::lock_guard<std::mutex> lock(mu_);
+  MutexLock lock(&mu_);
   return failed_;
 }
 
@@ -303,37 +307,38 @@ void EngineLoop::Complete(WorkItem& item, Status status) {
   item.Finish(std::move(status));
   if (callback) {
     {
-      std::lock_guard<std::mutex> lock(done_mu_);
+      MutexLock lock(&done_mu_);
       done_queue_.push_back(std::move(callback));
     }
-    done_cv_.notify_one();
+    done_cv_.NotifyOne();
   }
 }
 
 void EngineLoop::CompleterLoop() {
-  std::unique_lock<std::mutex> lock(done_mu_);
   for (;;) {
-    done_cv_.wait(lock, [this] { return done_stop_ || !done_queue_.empty(); });
-    if (done_queue_.empty()) return;  // stopping, all done
-    std::function<void()> callback = std::move(done_queue_.front());
-    done_queue_.pop_front();
-    lock.unlock();
+    std::function<void()> callback;
+    {
+      MutexLock lock(&done_mu_);
+      while (!done_stop_ && done_queue_.empty()) done_cv_.Wait(&done_mu_);
+      if (done_queue_.empty()) return;  // stopping, all done
+      callback = std::move(done_queue_.front());
+      done_queue_.pop_front();
+    }
     callback();
-    lock.lock();
   }
 }
 
 std::vector<std::shared_ptr<WorkItem>> EngineLoop::NextStep(const std::function<bool()>& should_exit, bool* exit) {
   std::vector<std::shared_ptr<WorkItem>> step, finished;
   {
-    std::unique_lock<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     while (queue_.empty()) {
       if (failed_) return {};  // Run returns the failure
       if (should_exit()) {
         *exit = true;
         return {};
       }
-      cv_.wait_for(lock, std::chrono::milliseconds(20));
+      cv_.WaitFor(&mu_, std::chrono::milliseconds(20));
     }
     // Batch linger: the clients of the last step are probably about to send
     // their next request; wait briefly for them (see EngineLoopOptions).
@@ -343,7 +348,7 @@ std::vector<std::shared_ptr<WorkItem>> EngineLoop::NextStep(const std::function<
       const auto until = last_step_end_ + std::chrono::duration_cast<std::chrono::steady_clock::duration>(budget);
       while (submitted_ - submitted_at_step_end_ < last_step_items_ &&
              static_cast<int64_t>(queue_.size()) < options_.max_batch && std::chrono::steady_clock::now() < until) {
-        cv_.wait_until(lock, until);
+        cv_.WaitUntil(&mu_, until);
       }
     }
     using Key = std::pair<uint64_t, int>;
@@ -425,7 +430,7 @@ Status EngineLoop::Run(const std::function<bool()>& should_exit) {
     std::vector<std::shared_ptr<WorkItem>> step = NextStep(should_exit, &exit);
     Status failure;
     {
-      std::lock_guard<std::mutex> lock(mu_);
+      MutexLock lock(&mu_);
       if (failed_)
         failure = failure_;
       else
@@ -454,7 +459,7 @@ Status EngineLoop::Run(const std::function<bool()>& should_exit) {
           const auto t0 = std::chrono::steady_clock::now();
           RunAttentionStep(step);
           const auto t1 = std::chrono::steady_clock::now();
-          std::lock_guard<std::mutex> lock(mu_);
+          MutexLock lock(&mu_);
           last_step_items_ = static_cast<int64_t>(step.size());
           last_step_end_ = t1;
           last_step_seconds_ = std::chrono::duration<double>(t1 - t0).count();
@@ -464,15 +469,15 @@ Status EngineLoop::Run(const std::function<bool()>& should_exit) {
         }
         break;
     }
-    std::lock_guard<std::mutex> lock(mu_);
+    MutexLock lock(&mu_);
     last_step_items_ = 0;
     running_.clear();
   }
   {
-    std::lock_guard<std::mutex> lock(done_mu_);
+    MutexLock lock(&done_mu_);
     done_stop_ = true;
   }
-  done_cv_.notify_one();
+  done_cv_.NotifyOne();
   completer.join();
   // A failed world: the ranks are not all there to checkpoint with or to
   // tell to stop (the caller ends the process).
@@ -723,7 +728,7 @@ void EngineLoop::RunDelete(WorkItem& item) {
   {
     std::lock_guard<std::mutex> lock(s.mu);
     item.freed_bytes = s.kv_bytes;
-    std::lock_guard<std::mutex> placement(placement_mu_);
+    MutexLock placement(&placement_mu_);
     for (const LayerLayout& l : s.layers) {
       for (int r = 0; r < world_size_; ++r) {
         rank_tokens_[r] -= l.rank_tokens[r];

@@ -29,6 +29,7 @@
 #include <thread>
 #include <vector>
 
+#include "base/mutex.h"
 #include "coordinator/admission.h"
 #include "coordinator/service_stats.h"
 #include "coordinator/session_registry.h"
@@ -110,9 +111,9 @@ struct WorkItem {
  private:
   enum : int { kQueued, kStarted, kAbandoned };
   std::atomic<int> state_{kQueued};
-  std::mutex mu_;
-  std::condition_variable cv_;
-  bool done_ = false;
+  Mutex mu_;
+  CondVar cv_;
+  bool done_ ABSL_GUARDED_BY(mu_) = false;
 };
 
 struct EngineLoopOptions {
@@ -231,32 +232,36 @@ class EngineLoop {
   ServiceStats& stats_;
   const EngineLoopOptions options_;
 
-  mutable std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<std::shared_ptr<WorkItem>> queue_;
+  // Lock order: mu_, placement_mu_ and done_mu_ are never held together;
+  // a session's mu may be held while taking placement_mu_ (RunDelete).
+  mutable Mutex mu_;
+  CondVar cv_;
+  std::deque<std::shared_ptr<WorkItem>> queue_ ABSL_GUARDED_BY(mu_);
   std::atomic<int64_t> depth_{0};
-  // The step the engine thread runs now, and the failure (guarded by mu_).
-  std::vector<std::shared_ptr<WorkItem>> running_;
-  bool failed_ = false;
-  Status failure_;
-  // Batch linger (guarded by mu_): requests submitted so far, the count when
-  // the last attention step finished, that step's size, end and duration.
-  int64_t submitted_ = 0;
-  int64_t submitted_at_step_end_ = 0;
-  int64_t last_step_items_ = 0;
-  std::chrono::steady_clock::time_point last_step_end_{};
-  double last_step_seconds_ = 0.0;
-  mutable std::mutex placement_mu_;
-  std::vector<int64_t> rank_bytes_, rank_tokens_;
-  std::vector<int64_t> rank_disk_, rank_hot_;  // guarded by placement_mu_
+  // The step the engine thread runs now, and the failure.
+  std::vector<std::shared_ptr<WorkItem>> running_ ABSL_GUARDED_BY(mu_);
+  bool failed_ ABSL_GUARDED_BY(mu_) = false;
+  Status failure_ ABSL_GUARDED_BY(mu_);
+  // Batch linger: requests submitted so far, the count when the last
+  // attention step finished, that step's size, end and duration.
+  int64_t submitted_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t submitted_at_step_end_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t last_step_items_ ABSL_GUARDED_BY(mu_) = 0;
+  std::chrono::steady_clock::time_point last_step_end_ ABSL_GUARDED_BY(mu_){};
+  double last_step_seconds_ ABSL_GUARDED_BY(mu_) = 0.0;
+  mutable Mutex placement_mu_;
+  std::vector<int64_t> rank_bytes_ ABSL_GUARDED_BY(placement_mu_);
+  std::vector<int64_t> rank_tokens_ ABSL_GUARDED_BY(placement_mu_);
+  std::vector<int64_t> rank_disk_ ABSL_GUARDED_BY(placement_mu_);
+  std::vector<int64_t> rank_hot_ ABSL_GUARDED_BY(placement_mu_);
   const SessionStore* sessions_ = nullptr;
   uint64_t steps_run_ = 0;  // engine thread only
 
   // Completer thread: runs on_done callbacks in order.
-  std::mutex done_mu_;
-  std::condition_variable done_cv_;
-  std::deque<std::function<void()>> done_queue_;
-  bool done_stop_ = false;
+  Mutex done_mu_;
+  CondVar done_cv_;
+  std::deque<std::function<void()>> done_queue_ ABSL_GUARDED_BY(done_mu_);
+  bool done_stop_ ABSL_GUARDED_BY(done_mu_) = false;
 };
 
 }  // namespace ringtree

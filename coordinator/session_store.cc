@@ -72,47 +72,51 @@ Status JournalError(const char* op, const std::string& path) {
 
 SessionStore::~SessionStore() {
   {
-    std::lock_guard<std::mutex> lock(job_mu_);
+    MutexLock lock(&job_mu_);
     stop_ = true;
   }
-  job_cv_.notify_all();
+  job_cv_.NotifyAll();
   if (thread_.joinable()) thread_.join();
   if (journal_fd_ >= 0) ::close(journal_fd_);
 }
 
 int64_t SessionStore::journal_syncs() const {
-  std::lock_guard<std::mutex> lock(journal_mu_);
+  MutexLock lock(&journal_mu_);
   return journal_syncs_;
 }
 
 Status SessionStore::Save(const SessionRecord& record) const {
   if (!enabled()) return Status::Ok();
-  std::lock_guard<std::mutex> lock(journal_mu_);
+  MutexLock lock(&journal_mu_);
   return SaveLocked(record, serial_.load());
 }
 
 uint64_t SessionStore::ReserveSerial() const { return enabled() ? ++serial_ : 0; }
 
 void SessionStore::JournalThread() const {
-  std::unique_lock<std::mutex> lock(job_mu_);
   for (;;) {
-    job_cv_.wait(lock, [&] { return stop_ || job_ != nullptr; });
-    if (job_ == nullptr) return;  // stopping, nothing pending
-    std::function<Status()> job = std::move(job_);
-    job_ = nullptr;
-    lock.unlock();
+    std::function<Status()> job;
+    {
+      MutexLock lock(&job_mu_);
+      while (!stop_ && job_ == nullptr) job_cv_.Wait(&job_mu_);
+      if (job_ == nullptr) return;  // stopping, nothing pending
+      job = std::move(job_);
+      job_ = nullptr;
+    }
     Status st = job();
-    lock.lock();
-    job_status_ = std::move(st);
-    job_done_ = true;
-    job_cv_.notify_all();
+    {
+      MutexLock lock(&job_mu_);
+      job_status_ = std::move(st);
+      job_done_ = true;
+    }
+    job_cv_.NotifyAll();
   }
 }
 
 void SessionStore::BeginCommit(uint64_t serial, std::vector<int> ranks,
                                std::vector<PlannedLayout> writes) const {
-  std::unique_lock<std::mutex> lock(job_mu_);
-  job_cv_.wait(lock, [&] { return job_done_; });  // one commit at a time
+  MutexLock lock(&job_mu_);
+  while (!job_done_) job_cv_.Wait(&job_mu_);  // one commit at a time
   job_done_ = false;
   job_status_ = Status::Ok();
   if (!enabled() || writes.empty()) {
@@ -123,12 +127,12 @@ void SessionStore::BeginCommit(uint64_t serial, std::vector<int> ranks,
     return WriteCommit(serial, ranks, writes);
   };
   if (!thread_.joinable()) thread_ = std::thread([this] { JournalThread(); });
-  job_cv_.notify_all();
+  job_cv_.NotifyAll();
 }
 
 Status SessionStore::WaitCommit() const {
-  std::unique_lock<std::mutex> lock(job_mu_);
-  job_cv_.wait(lock, [&] { return job_done_; });
+  MutexLock lock(&job_mu_);
+  while (!job_done_) job_cv_.Wait(&job_mu_);
   return job_status_;
 }
 
@@ -140,7 +144,7 @@ Status SessionStore::CommitLayouts(uint64_t serial, std::vector<int> ranks,
 
 Status SessionStore::WriteCommit(uint64_t serial, const std::vector<int>& ranks,
                                  const std::vector<PlannedLayout>& writes) const {
-  std::lock_guard<std::mutex> lock(journal_mu_);
+  MutexLock lock(&journal_mu_);
   if (broken_) {
     return Status::IoError(
         "[sessions] " + JournalPath() +
@@ -198,7 +202,7 @@ Status SessionStore::AppendLocked(const std::string& payload) const {
 Status SessionStore::AbortCommit(uint64_t serial) const {
   if (!enabled() || serial == 0) return Status::Ok();
   (void)WaitCommit();  // whatever its outcome, the record may be on disk
-  std::lock_guard<std::mutex> lock(journal_mu_);
+  MutexLock lock(&journal_mu_);
   Status st = AppendLocked(nlohmann::json{{"abort", serial}}.dump());
   if (!st.ok()) {
     broken_ = true;
@@ -211,7 +215,7 @@ Status SessionStore::AbortCommit(uint64_t serial) const {
 Status SessionStore::Checkpoint() const {
   if (!enabled()) return Status::Ok();
   (void)WaitCommit();
-  std::lock_guard<std::mutex> lock(journal_mu_);
+  MutexLock lock(&journal_mu_);
   return CheckpointLocked(serial_.load());
 }
 
@@ -265,7 +269,7 @@ Status SessionStore::SaveLocked(const SessionRecord& record, uint64_t seq) const
 Status SessionStore::Remove(const std::string& id) const {
   if (!enabled()) return Status::Ok();
   {
-    std::lock_guard<std::mutex> lock(journal_mu_);
+    MutexLock lock(&journal_mu_);
     journaled_.erase(id);  // a checkpoint must not write the file back
   }
   std::error_code ec;
@@ -331,7 +335,7 @@ Result<std::vector<std::shared_ptr<SessionRecord>>> SessionStore::LoadAll(
   }
   // Replay the journal's accepted records over the files: a record applies
   // to a session only if it is newer than the session's file.
-  std::lock_guard<std::mutex> lock(journal_mu_);
+  MutexLock lock(&journal_mu_);
   uint64_t last = 0;  // serials are never reused: past every file, record and log
   for (const auto& [id, seq] : file_seq) last = std::max(last, seq);
   const std::string path = JournalPath();
@@ -363,6 +367,7 @@ Result<std::vector<std::shared_ptr<SessionRecord>>> SessionStore::LoadAll(
   bool ended = false;  // a record some writing rank's log lacks: the interrupted last step
   int64_t ignored = 0;
   auto replay = [&](const char* payload, uint32_t length) -> Status {
+    journal_mu_.AssertHeld();  // held by LoadAll around the replay
     nlohmann::json j;
     RINGTREE_RETURN_IF_ERROR(parse(payload, length, &j));
     try {

@@ -41,6 +41,7 @@
 #include <thread>
 #include <vector>
 
+#include "base/mutex.h"
 #include "base/status.h"
 #include "coordinator/session_registry.h"
 #include "worker/engine/engine.h"  // WalState
@@ -110,31 +111,38 @@ class SessionStore {
   std::string Dir() const { return data_dir_ + "/sessions"; }
   std::string JournalPath() const { return Dir() + "/journal.log"; }
   // Save without taking journal_mu_ (held by the caller), with state number `seq`.
-  Status SaveLocked(const SessionRecord& record, uint64_t seq) const;
+  Status SaveLocked(const SessionRecord& record, uint64_t seq) const
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(journal_mu_);
   // Folds the journal into the session files (their states as of `seq`).
-  Status CheckpointLocked(uint64_t seq) const;
+  Status CheckpointLocked(uint64_t seq) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(journal_mu_);
   // Appends one record (journal_mu_ held); the journal's IO errors.
-  Status AppendLocked(const std::string& payload) const;
+  Status AppendLocked(const std::string& payload) const ABSL_EXCLUSIVE_LOCKS_REQUIRED(journal_mu_);
   Status WriteCommit(uint64_t serial, const std::vector<int>& ranks,
                      const std::vector<PlannedLayout>& writes) const;
   void JournalThread() const;
   const std::string data_dir_;
-  mutable std::mutex journal_mu_;
-  mutable int journal_fd_ = -1;  // open for append; -1 until the first commit
-  mutable int64_t journal_bytes_ = 0;        // the journal's records end here
-  mutable int64_t journal_allocated_ = 0;    // its length (preallocated zeros after journal_bytes_)
+  // Lock order: journal_mu_ and job_mu_ are never held together.
+  mutable Mutex journal_mu_;
+  // Open for append; -1 until the first commit.
+  mutable int journal_fd_ ABSL_GUARDED_BY(journal_mu_) = -1;
+  // The journal's records end here; its length (preallocated zeros after).
+  mutable int64_t journal_bytes_ ABSL_GUARDED_BY(journal_mu_) = 0;
+  mutable int64_t journal_allocated_ ABSL_GUARDED_BY(journal_mu_) = 0;
   mutable std::atomic<uint64_t> serial_{0};  // the last serial reserved
-  mutable int64_t journal_syncs_ = 0;
-  mutable bool broken_ = false;  // an abort record could not be written
-  // The journal thread and its one pending commit.
-  mutable std::mutex job_mu_;
-  mutable std::condition_variable job_cv_;
-  mutable std::function<Status()> job_;
-  mutable bool job_done_ = true, stop_ = false;
-  mutable Status job_status_;
-  mutable std::thread thread_;
+  mutable int64_t journal_syncs_ ABSL_GUARDED_BY(journal_mu_) = 0;
+  // An abort record could not be written.
+  mutable bool broken_ ABSL_GUARDED_BY(journal_mu_) = false;
   // Sessions with journal records since the last checkpoint.
-  mutable std::map<std::string, std::weak_ptr<SessionRecord>> journaled_;
+  mutable std::map<std::string, std::weak_ptr<SessionRecord>> journaled_
+      ABSL_GUARDED_BY(journal_mu_);
+  // The journal thread and its one pending commit.
+  mutable Mutex job_mu_;
+  mutable CondVar job_cv_;
+  mutable std::function<Status()> job_ ABSL_GUARDED_BY(job_mu_);
+  mutable bool job_done_ ABSL_GUARDED_BY(job_mu_) = true;
+  mutable bool stop_ ABSL_GUARDED_BY(job_mu_) = false;
+  mutable Status job_status_ ABSL_GUARDED_BY(job_mu_);
+  mutable std::thread thread_;  // started under job_mu_, joined by the destructor
 };
 
 }  // namespace ringtree
