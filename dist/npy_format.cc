@@ -250,7 +250,7 @@ Result<NpyArray> ParseNpyArray(const std::string& name, const std::string& conte
     values[static_cast<size_t>(i)] = static_cast<float>(d);
   }
   a.data.resize(values.size() * sizeof(float));
-  std::memcpy(a.data.data(), values.data(), a.data.size());
+  if (!values.empty()) std::memcpy(a.data.data(), values.data(), a.data.size());  // (no memcpy from null)
   return a;
 }
 
