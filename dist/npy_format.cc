@@ -250,7 +250,8 @@ Result<NpyArray> ParseNpyArray(const std::string& name, const std::string& conte
     values[static_cast<size_t>(i)] = static_cast<float>(d);
   }
   a.data.resize(values.size() * sizeof(float));
-  if (!values.empty()) std::memcpy(a.data.data(), values.data(), a.data.size());  // (no memcpy from null)
+  if (!values.empty())
+    std::memcpy(a.data.data(), values.data(), a.data.size());  // (no memcpy from null)
   return a;
 }
 
