@@ -92,8 +92,9 @@ size_t EngineLoop::SubmitAll(std::vector<std::shared_ptr<WorkItem>> items) {
               static_cast<int64_t>(queue_.size()) >= options_.max_batch);
     }
   }
-  if (!failure.ok()) {  // a failed world: answered at once (outside the lock: Complete runs
-                        // callbacks' queue)
+  // A failed world: every item is answered at once, outside mu_ (Complete
+  // takes the item's and the completer's locks).
+  if (!failure.ok()) {
     for (std::shared_ptr<WorkItem>& item : items) Complete(*item, failure);
     return items.size();
   }

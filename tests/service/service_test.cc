@@ -52,10 +52,14 @@ std::vector<float> Rounded(const std::vector<float>& x, DType dtype) {
   return t.ToFloat32();
 }
 
-std::vector<float> Reference(const Model& m, const std::vector<float>& q, int64_t q_tokens, bool causal) {
+// The last q_tokens positions' attention over the model's KV (window > 0:
+// each query sees only its last `window` positions, needs causal).
+std::vector<float> Reference(const Model& m, const std::vector<float>& q, int64_t q_tokens,
+                             bool causal, int window = 0) {
   AttentionShape s{q_tokens, m.tokens(), m.heads, m.kv_heads, m.head_dim};
   AttentionOptions opt;
   opt.causal = causal;
+  opt.window = window;
   opt.q_position_offset = m.tokens() - q_tokens;
   std::vector<float> o(q.size());
   ReferenceAttention(q.data(), m.k.data(), m.v.data(), DType::kFloat32, s, opt, o.data(), nullptr);
@@ -209,13 +213,7 @@ TEST_F(ServiceFlow, AttentionWindowDecodeMatchesReference) {
     auto [dk, dv] = NewKv(rng, m, t);
     auto out = client->Decode(id, 0, HostTensor::FromFloat32(q.data(), {t, m.heads, m.head_dim}), dk, dv);
     ASSERT_TRUE(out.ok()) << out.status().message();
-    AttentionShape s{t, m.tokens(), m.heads, m.kv_heads, m.head_dim};
-    AttentionOptions opt;
-    opt.causal = true;
-    opt.window = window;
-    opt.q_position_offset = m.tokens() - t;
-    std::vector<float> ref(q.size());
-    ReferenceAttention(q.data(), m.k.data(), m.v.data(), DType::kFloat32, s, opt, ref.data(), nullptr);
+    const std::vector<float> ref = Reference(m, q, t, true, window);
     EXPECT_LE(MaxDiff(out->o.ToFloat32(), ref), 2e-4) << t << " tokens";
     // Full attention would differ: the window really cut the keys.
     EXPECT_GT(MaxDiff(out->o.ToFloat32(), Reference(m, q, t, true)), 1e-3);
@@ -1396,14 +1394,7 @@ TEST_F(ServiceSpans, StreamingWindowedPrefillAndRetrievalQuestions) {
                         HostTensor::FromFloat32(k.data(), {chunk, m.kv_heads, m.head_dim}),
                         HostTensor::FromFloat32(v.data(), {chunk, m.kv_heads, m.head_dim}));
     ASSERT_TRUE(out.ok()) << "chunk " << c << ": " << out.status().ToString();
-    AttentionShape s{chunk, m.tokens(), m.heads, m.kv_heads, m.head_dim};
-    AttentionOptions opt;
-    opt.causal = true;
-    opt.window = window;
-    opt.q_position_offset = m.tokens() - chunk;
-    std::vector<float> ref(q.size());
-    ReferenceAttention(q.data(), m.k.data(), m.v.data(), DType::kFloat32, s, opt, ref.data(),
-                       nullptr);
+    const std::vector<float> ref = Reference(m, q, chunk, true, window);
     EXPECT_LE(MaxDiff(out->o.ToFloat32(), ref), 2e-4) << "chunk " << c;
     if (c > 1)
       EXPECT_GT(MaxDiff(out->o.ToFloat32(), Reference(m, q, chunk, true)), 1e-3)
