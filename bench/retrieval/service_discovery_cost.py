@@ -47,6 +47,11 @@ def main():
                          args=("--max-message-mib", str(min(2047, mib)), "--max-prefill-tokens", str(max(t, 65536))))
     print("attnserve (2 ranks) at %s; prefill of %d tokens, H=%d, Hkv=%d, D=%d, causal, span_tokens %d"
           % (server.address, t, h, hkv, d, a.span_tokens), flush=True)
+    # The CPU, kernel path and BLAS core the ranks run on (attnserve prints them at start).
+    for line in open(server.log_path):
+        if "kernel path" in line:
+            print(line.strip(), flush=True)
+            break
     try:
         c = AttentionClient(server.address, max_message_bytes=min(2047, mib) << 20)
         rows = []
