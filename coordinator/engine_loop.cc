@@ -68,12 +68,14 @@ size_t EngineLoop::SubmitAll(std::vector<std::shared_ptr<WorkItem>> items) {
   bool wake = false;
   size_t queued = 0;
   Status failure;
+  const auto now = std::chrono::steady_clock::now();
   {
     MutexLock lock(&mu_);
     if (failed_) {
       failure = failure_;
     } else {
       for (std::shared_ptr<WorkItem>& item : items) {
+        item->submitted_at = now;
         // Deletes are never refused: they free memory and are not admitted work.
         if (item->kind != WorkItem::Kind::kDelete &&
             static_cast<int64_t>(queue_.size()) >= options_.max_queue) {
@@ -299,20 +301,34 @@ bool EngineLoop::failed() const {
   return failed_;
 }
 
-void EngineLoop::Complete(WorkItem& item, Status status) {
+void EngineLoop::Complete(WorkItem& item, Status status,
+                          std::vector<std::function<void()>>* deferred) {
   if (item.completed.exchange(true)) return;  // already completed by Fail
   if (item.admitted) admission_.Complete(status.ok() ? 0 : item.reserved_kv_bytes);
   // on_done was set before Submit and nobody else touches it now.
   std::function<void()> callback = std::move(item.on_done);
   item.on_done = nullptr;
   item.Finish(std::move(status));
-  if (callback) {
-    {
-      MutexLock lock(&done_mu_);
-      done_queue_.push_back(std::move(callback));
-    }
-    done_cv_.NotifyOne();
+  if (!callback) return;
+  if (deferred) {
+    deferred->push_back(std::move(callback));
+    return;
   }
+  {
+    MutexLock lock(&done_mu_);
+    done_queue_.push_back(std::move(callback));
+  }
+  done_cv_.NotifyOne();
+}
+
+void EngineLoop::FlushDone(std::vector<std::function<void()>>* deferred) {
+  if (deferred->empty()) return;
+  {
+    MutexLock lock(&done_mu_);
+    for (auto& callback : *deferred) done_queue_.push_back(std::move(callback));
+  }
+  deferred->clear();
+  done_cv_.NotifyOne();
 }
 
 void EngineLoop::CompleterLoop() {
@@ -758,6 +774,16 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
   std::map<std::tuple<uint64_t, int, float>, size_t> attend_group;
   int decodes = 0, attends = 0;
   std::vector<std::pair<WorkItem*, Status>> refused;  // decodes over the disk budget
+  using SteadyClock = std::chrono::steady_clock;
+  auto seconds = [](SteadyClock::time_point a, SteadyClock::time_point b) {
+    return std::chrono::duration<double>(b - a).count();
+  };
+  const SteadyClock::time_point step_start = SteadyClock::now();
+  const WorkItem* first =
+      nullptr;  // the step's first-queued request (its "handler" and "queue" phases)
+  for (const auto& ptr : items) {
+    if (first == nullptr || ptr->submitted_at < first->submitted_at) first = ptr.get();
+  }
   const std::vector<int64_t> rank_bytes = RankBytes();
   int started = 0;
   for (auto& ptr : items) {
@@ -841,7 +867,9 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
   }
   const uint64_t serial = BeginCommit(std::move(planned), &commands[0]);
   for (Command& c : commands) c.serial = serial;
+  const SteadyClock::time_point sent = SteadyClock::now();
   Result<EngineOutput> out = Broadcast(commands);
+  const SteadyClock::time_point executed = SteadyClock::now();
   const int batch_size = static_cast<int>(started - refused.size());
   Status persisted = Status::Ok();
   if (!out.ok()) AbortCommit(serial);
@@ -860,8 +888,9 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
     tree += g.batch.q_tokens * g.batch.session.heads * (g.batch.session.head_dim + 1) * 4 * (world_size_ - 1);
   }
   stats_.AddBytes(0, tree, 0);
+  std::vector<std::function<void()>> done;  // the responses, handed to the completer at once
   for (size_t i = 0; i < groups.size(); ++i) {
-    const Group& g = groups[i];
+    Group& g = groups[i];
     const int64_t q_row = int64_t(g.batch.session.heads) * g.batch.session.head_dim;
     const int64_t heads = g.batch.session.heads;
     for (const Member& m : g.members) {
@@ -869,16 +898,31 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
       item.batch_size = batch_size;
       item.step_serial = steps_run_;
       if (!out.ok() || !persisted.ok()) {
-        Complete(item, out.ok() ? persisted : out.status());
+        Complete(item, out.ok() ? persisted : out.status(), &done);
         continue;
       }
-      const std::vector<float>& o = out->group_o[i];
-      const std::vector<float>& lse = out->group_lse[i];
-      item.o.assign(o.begin() + m.row * q_row, o.begin() + (m.row + item.q_tokens) * q_row);
-      if (item.return_lse) item.lse.assign(lse.begin() + m.row * heads, lse.begin() + (m.row + item.q_tokens) * heads);
-      Complete(item, Status::Ok());
+      std::vector<float>& o = out->group_o[i];
+      std::vector<float>& lse = out->group_lse[i];
+      if (g.members.size() == 1) {  // the group's output is this request's: moved, not copied
+        item.o = std::move(o);
+        if (item.return_lse) item.lse = std::move(lse);
+      } else {
+        item.o.assign(o.begin() + m.row * q_row, o.begin() + (m.row + item.q_tokens) * q_row);
+        if (item.return_lse)
+          item.lse.assign(lse.begin() + m.row * heads,
+                          lse.begin() + (m.row + item.q_tokens) * heads);
+      }
+      Complete(item, Status::Ok(), &done);
     }
   }
+  FlushDone(&done);
+  if (first->received_at != SteadyClock::time_point{})
+    stats_.AddPhase("handler", seconds(first->received_at, first->submitted_at));
+  stats_.AddPhase("queue", seconds(first->submitted_at, step_start));
+  stats_.AddPhase("plan", seconds(step_start, sent));
+  stats_.AddPhase("execute", seconds(sent, executed));
+  if (out.ok()) stats_.AddPhase("compute", out->timings.compute_seconds);
+  stats_.AddPhase("finish", seconds(executed, SteadyClock::now()));
 }
 
 void EngineLoop::RunRetrieveStep(std::vector<std::shared_ptr<WorkItem>>& items) {

@@ -65,6 +65,9 @@ struct WorkItem {
   int64_t reserved_kv_bytes = 0;  // released on failure
   bool admitted = false;          // counts in Admission's in-flight
   std::chrono::steady_clock::time_point deadline = std::chrono::steady_clock::time_point::max();
+  // When its handler started (set by the handler; the "handler" phase) and
+  // when it was queued (set by SubmitAll; the "queue" phase).
+  std::chrono::steady_clock::time_point received_at{}, submitted_at{};
   std::atomic<bool> cancelled{false};
   // Append/Prefill/Decode: write only if the layer holds exactly this many
   // tokens (else FAILED_PRECONDITION naming the current length); -1 = any.
@@ -208,7 +211,11 @@ class EngineLoop {
   // Ends an item: releases its admission, sets its status and wakes its
   // waiter; its on_done (a callback call's response) runs on the completer
   // thread, so the engine can form the next step meanwhile.
-  void Complete(WorkItem& item, Status status);
+  // With `deferred`, the on_done is collected there instead, for one
+  // FlushDone (one lock and one wake-up of the completer for a whole step).
+  void Complete(WorkItem& item, Status status,
+                std::vector<std::function<void()>>* deferred = nullptr);
+  void FlushDone(std::vector<std::function<void()>>* deferred);
   void CompleterLoop();
   void AddPlaced(const SessionShape& shape, const std::vector<PlacedRun>& runs);
   // After every rank succeeded: the write's planned layout, kv_bytes and

@@ -216,6 +216,16 @@ std::string RenderMetrics(const MetricsSources& src) {
   out.Family("ringtree_command_bytes_total", "counter",
              "bytes of engine commands sent from rank 0 to the workers");
   out.Sample("ringtree_command_bytes_total", {}, static_cast<double>(stats.command_bytes));
+  out.Family("ringtree_engine_phase_seconds_total", "counter",
+             "seconds of exact decode/attend steps on rank 0, by phase: handler, queue, plan, "
+             "execute, compute (part of execute), finish (docs/api.md, Stats)");
+  for (const auto& [phase, p] : stats.phases)
+    out.Sample("ringtree_engine_phase_seconds_total", {{"phase", phase}}, p.second);
+  out.Family("ringtree_engine_phase_steps_total", "counter",
+             "engine steps counted in ringtree_engine_phase_seconds_total, by phase");
+  for (const auto& [phase, p] : stats.phases)
+    out.Sample("ringtree_engine_phase_steps_total", {{"phase", phase}},
+               static_cast<double>(p.first));
 
   const Admission::Snapshot a = src.admission->snapshot();
   out.Family("ringtree_queue_depth", "gauge", "requests queued for the engine, not yet in a step");

@@ -180,6 +180,7 @@ grpc::Status AttentionServiceImpl::AdmitAndConvert(const char* method, Clock::ti
     Record(method, start, g);
     return g;
   }
+  item->received_at = start;
   const DType storage = item->session->shape.storage;
   if (Status st = ConvertInputs(method, storage, q, k, v, &item->q, &item->k, &item->v); !st.ok()) {
     admission_.Complete(kv_bytes);

@@ -41,6 +41,13 @@ void ServiceStats::AddBytes(int64_t ring, int64_t tree, int64_t command) {
   command_bytes_ += command;
 }
 
+void ServiceStats::AddPhase(const char* phase, double seconds) {
+  MutexLock lock(&mu_);
+  auto& p = phases_[phase];
+  ++p.first;
+  p.second += seconds;
+}
+
 void ServiceStats::Fill(v1::StatsResponse* out) const {
   MutexLock lock(&mu_);
   for (const auto& [method, l] : latency_) {
@@ -67,6 +74,12 @@ void ServiceStats::Fill(v1::StatsResponse* out) const {
     s->set_mean_batch_size(b.steps ? double(b.requests) / b.steps : 0.0);
     s->set_max_batch_size(b.max);
   }
+  for (const auto& [phase, p] : phases_) {
+    auto* s = out->add_phases();
+    s->set_phase(phase);
+    s->set_count(p.first);
+    s->set_total_s(p.second);
+  }
   out->set_ring_bytes(ring_bytes_);
   out->set_tree_bytes(tree_bytes_);
   out->set_command_bytes(command_bytes_);
@@ -79,6 +92,7 @@ ServiceStats::Counters ServiceStats::counters() const {
   c.ring_bytes = ring_bytes_;
   c.tree_bytes = tree_bytes_;
   c.command_bytes = command_bytes_;
+  c.phases = phases_;
   return c;
 }
 

@@ -23,6 +23,9 @@ class ServiceStats {
   // Records one engine step of `kind` serving `requests` requests.
   void RecordBatch(const std::string& kind, int64_t requests);
   void AddBytes(int64_t ring, int64_t tree, int64_t command);
+  // Adds `seconds` to the engine phase `phase` (see PhaseStats in
+  // attention.proto) and counts one.
+  void AddPhase(const char* phase, double seconds);
   // Fills latency, batches and byte counters of `out`.
   void Fill(v1::StatsResponse* out) const;
 
@@ -31,6 +34,7 @@ class ServiceStats {
   struct Counters {
     std::map<std::string, Histogram::Snapshot> batch_sizes;
     int64_t ring_bytes = 0, tree_bytes = 0, command_bytes = 0;
+    std::map<std::string, std::pair<int64_t, double>> phases;  // count, seconds
   };
   Counters counters() const;
 
@@ -51,6 +55,7 @@ class ServiceStats {
   int64_t ring_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t tree_bytes_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t command_bytes_ ABSL_GUARDED_BY(mu_) = 0;
+  std::map<std::string, std::pair<int64_t, double>> phases_ ABSL_GUARDED_BY(mu_);
 };
 
 }  // namespace ringtree

@@ -148,6 +148,34 @@ std::string CreateLoaded(AttentionClient& client, const Shape& s, int64_t tokens
 }
 
 // Mean requests per engine step of `kind` between two Stats snapshots.
+// Mean seconds per step of engine phase `phase` between two Stats snapshots.
+double MeanPhase(const v1::StatsResponse& a, const v1::StatsResponse& b, const std::string& phase) {
+  int64_t count = 0;
+  double total = 0;
+  for (const auto& x : b.phases()) {
+    if (x.phase() == phase) count += x.count(), total += x.total_s();
+  }
+  for (const auto& x : a.phases()) {
+    if (x.phase() == phase) count -= x.count(), total -= x.total_s();
+  }
+  return count > 0 ? total / double(count) : 0.0;
+}
+
+// Mean seconds per call of `method` in the server (handler start to status)
+// between two Stats snapshots.
+double MeanLatency(const v1::StatsResponse& a, const v1::StatsResponse& b,
+                   const std::string& method) {
+  int64_t count = 0;
+  double total = 0;
+  for (const auto& x : b.latency()) {
+    if (x.method() == method) count += x.count(), total += x.count() * x.mean_ms() * 1e-3;
+  }
+  for (const auto& x : a.latency()) {
+    if (x.method() == method) count -= x.count(), total -= x.count() * x.mean_ms() * 1e-3;
+  }
+  return count > 0 ? total / double(count) : 0.0;
+}
+
 double MeanBatch(const v1::StatsResponse& a, const v1::StatsResponse& b, const std::string& kind) {
   int64_t steps = 0, requests = 0;
   for (const auto& x : b.batches()) {
@@ -720,11 +748,11 @@ int main(int argc, char** argv) {
         // the same shape (round robin, so KV comes from memory as in the
         // service), all cores; one layer-step = S decodes. Measured before
         // and after the row, the mean of the two used.
-        const KernelReference reference(s, decode_tokens, S * L);
         const int reps = std::max(400, std::min(4 * S * L, 4096));
-        const double kernel_before = reference.Seconds(reps, cores) * S;
+        double kernel_before = KernelReference(s, decode_tokens, S * L).Seconds(reps, cores) * S;
         steps = 0;
         std::vector<double> ms;
+        auto stats_before = admin->Stats();
         const double busy0 = MachineBusySeconds();
         const auto start = Clock::now();
         int64_t layer_steps = 0;
@@ -742,18 +770,45 @@ int main(int argc, char** argv) {
         }
         const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
         const double busy = MachineBusySeconds() - busy0;
-        const double kernel_after = reference.Seconds(reps, cores) * S;
-        const double kernel_step_s = 0.5 * (kernel_before + kernel_after);
-        for (const std::string& id : ids) (void)admin->DeleteSession(id);
+        auto stats_after = admin->Stats();
+        if (!stats_before.ok() || !stats_after.ok()) {
+          std::fprintf(stderr, "Stats failed\n");
+          return 1;
+        }
         // KV read per session-decode: the sessions grow by one token per
         // layer-step (warm-up included).
         const double mean_tokens = double(decode_tokens) + 2.0 + 0.5 * double(layer_steps + 1);
+        // The in-process step on sessions of the service's mean length: the
+        // reference before the row is scaled to it (the kernel reads KV in
+        // proportion), the one after is measured at it.
+        kernel_before *= mean_tokens / double(decode_tokens);
+        const double kernel_after =
+            KernelReference(s, std::llround(mean_tokens), S * L).Seconds(reps, cores) * S;
+        const double kernel_step_s = 0.5 * (kernel_before + kernel_after);
+        for (const std::string& id : ids) (void)admin->DeleteSession(id);
         const double session_bytes = mean_tokens * s.kv_row() * 4 * 2;
         const double decodes = double(calls - failed) * S;
         const double kv_gbs = decodes * session_bytes / seconds / 1e9;
-        const double kernel_gbs =
-            S * double(decode_tokens) * s.kv_row() * 4 * 2 / kernel_step_s / 1e9;
+        const double kernel_gbs = S * mean_tokens * s.kv_row() * 4 * 2 / kernel_step_s / 1e9;
         const double p50 = Percentile(ms, 0.5);
+        // Where a call's time goes (means per call, ms): the client and the
+        // transport (client mean less the server's), the server's handler,
+        // queue, step phases, and the rest of the server's time (responding).
+        auto phase_ms = [&](const char* name) {
+          return 1e3 * MeanPhase(*stats_before, *stats_after, name);
+        };
+        double client_mean = 0;
+        for (double t : ms) client_mean += t;
+        client_mean = ms.empty() ? 0.0 : client_mean / double(ms.size());
+        const double server_ms = 1e3 * MeanLatency(*stats_before, *stats_after, "DecodeBatch");
+        const double step_ms = phase_ms("plan") + phase_ms("execute") + phase_ms("finish");
+        const std::string breakdown = Fmt(
+            "\"client_mean_ms\":%.3f,\"server_mean_ms\":%.3f,\"handler_ms\":%.3f,\"queue_ms\":%.3f,"
+            "\"plan_ms\":%.3f,\"execute_ms\":%.3f,\"rank0_compute_ms\":%.3f,\"finish_ms\":%.3f,"
+            "\"respond_ms\":%.3f,\"client_and_transport_ms\":%.3f",
+            client_mean, server_ms, phase_ms("handler"), phase_ms("queue"), phase_ms("plan"),
+            phase_ms("execute"), phase_ms("compute"), phase_ms("finish"),
+            server_ms - phase_ms("handler") - phase_ms("queue") - step_ms, client_mean - server_ms);
         Emit(Fmt(
             "{\"scenario\":\"engine_batch\",\"sessions\":%d,\"layers\":%d,\"session_tokens\":%lld,"
             "\"calls\":%lld,\"failed\":%lld,\"p50_ms\":%.3f,\"p99_ms\":%.3f,\"kernel_step_ms\":%."
@@ -761,12 +816,13 @@ int main(int argc, char** argv) {
             "\"added_p50_ms\":%.3f,\"tokens_per_s\":%.1f,\"kv_gbs\":%.3f,\"kernel_gbs\":%.3f,"
             "\"kv_rate_vs_kernel\":%.3f,\"cpu_us_per_decode\":%.1f,\"machine_busy\":%.2f,"
             "\"engine_steps_per_call\":%.2f,\"kernel_step_ms_before\":%.3f,\"kernel_step_ms_"
-            "after\":%.3f}",
+            "after\":%.3f,\"mean_session_tokens\":%.0f,%s}",
             S, L, static_cast<long long>(decode_tokens), static_cast<long long>(calls),
             static_cast<long long>(failed), p50, Percentile(ms, 0.99), 1e3 * kernel_step_s,
             p50 - 1e3 * kernel_step_s, double(layer_steps) * S / seconds, kv_gbs, kernel_gbs,
             kv_gbs / kernel_gbs, decodes > 0 ? 1e6 * busy / decodes : 0.0, busy / (seconds * cores),
-            calls ? double(steps) / double(calls) : 0.0, 1e3 * kernel_before, 1e3 * kernel_after));
+            calls ? double(steps) / double(calls) : 0.0, 1e3 * kernel_before, 1e3 * kernel_after,
+            mean_tokens, breakdown.c_str()));
       }
     }
     // --- added latency: one small decode at a time ---------------------------

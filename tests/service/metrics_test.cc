@@ -299,6 +299,8 @@ TEST(ServiceMetrics, ScrapeParsesAndCountersMoveWithTraffic) {
       {"ringtree_ring_bytes_total", "counter"},
       {"ringtree_tree_bytes_total", "counter"},
       {"ringtree_command_bytes_total", "counter"},
+      {"ringtree_engine_phase_seconds_total", "counter"},
+      {"ringtree_engine_phase_steps_total", "counter"},
       {"ringtree_queue_depth", "gauge"},
       {"ringtree_in_flight_requests", "gauge"},
       {"ringtree_admitted_requests_total", "counter"},
@@ -387,6 +389,16 @@ TEST(ServiceMetrics, ScrapeParsesAndCountersMoveWithTraffic) {
   EXPECT_EQ(delta("ringtree_engine_batch_size_count", {{"kind", "append"}}), 1);
   EXPECT_EQ(delta("ringtree_engine_batch_size_count", {{"kind", "prefill"}}), 1);
   EXPECT_EQ(delta("ringtree_engine_batch_size_sum", {{"kind", "decode"}}), kDecodes);
+  // Where the decode/attend steps' time went: every phase counted once per
+  // step; the kernels are part of the command's execution on rank 0.
+  for (const char* phase : {"handler", "queue", "plan", "execute", "compute", "finish"}) {
+    EXPECT_EQ(delta("ringtree_engine_phase_steps_total", {{"phase", phase}}), kDecodes + kAttends)
+        << phase;
+    EXPECT_GE(delta("ringtree_engine_phase_seconds_total", {{"phase", phase}}), 0) << phase;
+  }
+  EXPECT_GT(delta("ringtree_engine_phase_seconds_total", {{"phase", "compute"}}), 0);
+  EXPECT_GE(delta("ringtree_engine_phase_seconds_total", {{"phase", "execute"}}),
+            delta("ringtree_engine_phase_seconds_total", {{"phase", "compute"}}));
   // Admission: both appends were admitted (the second was refused while
   // reserving its chunks), then the prefill, decodes and attends.
   EXPECT_EQ(delta("ringtree_admitted_requests_total"), 2 + 1 + kDecodes + kAttends);
