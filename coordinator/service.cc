@@ -1,8 +1,12 @@
 #include "coordinator/service.h"
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <deque>
+#include <functional>
+#include <mutex>
 #include <set>
 #include <type_traits>
 
@@ -587,39 +591,182 @@ grpc::Status AttentionServiceImpl::PrepareAttend(const char* m, Clock::time_poin
   return grpc::Status::OK;
 }
 
-// The reactor of one DecodeBatch/AttendBatch call. Cancellation (the
-// client's, or its deadline passing) marks every queued entry so the engine
-// skips it; the call finishes when the last entry completes. Deletes itself
-// when gRPC is done with it.
-class BatchCall final : public grpc::ServerUnaryReactor {
+// The entries of one batch request in flight: counts them down, forwards
+// cancellation (the client's, or its deadline passing) to every queued entry
+// so the engine skips it, and runs `done` once the last entry completed.
+class BatchTracker {
  public:
+  explicit BatchTracker(std::function<void()> done) : done_(std::move(done)) {}
   // The entries in flight, plus the handler's own hold until it has queued them.
   void Hold(size_t entries) { remaining_.store(entries + 1, std::memory_order_relaxed); }
-  // True for the one caller that releases the last hold: it finishes the call.
+  // True for the one caller that releases the last hold: it runs Done.
   bool Release() { return remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1; }
+  void Done() { done_(); }
   void Watch(const std::vector<std::shared_ptr<WorkItem>>& items) {
     std::lock_guard<std::mutex> lock(mu_);
     items_ = items;
-    if (cancelled_) Cancel();
+    if (cancelled_) CancelItems();
   }
-  void OnCancel() override {
+  void Cancel() {
     std::lock_guard<std::mutex> lock(mu_);
     cancelled_ = true;
-    Cancel();
+    CancelItems();
   }
-  void OnDone() override { delete this; }
   // Engine steps that ran the entries (written by the completer thread only;
   // read by whoever releases the last hold).
   std::set<uint64_t> steps;
 
  private:
-  void Cancel() {
+  void CancelItems() {
     for (const auto& item : items_) item->cancelled = true;
   }
+  std::function<void()> done_;
   std::atomic<size_t> remaining_{1};
   std::mutex mu_;
   bool cancelled_ = false;
   std::vector<std::shared_ptr<WorkItem>> items_;
+};
+
+// The reactor of one DecodeBatch/AttendBatch call: finished when the last
+// entry completes. Deletes itself when gRPC is done with it.
+class BatchCall final : public grpc::ServerUnaryReactor {
+ public:
+  BatchCall() : tracker([this] { Finish(grpc::Status::OK); }) {}
+  void OnCancel() override { tracker.Cancel(); }
+  void OnDone() override { delete this; }
+  BatchTracker tracker;
+};
+
+// The reactor of one DecodeBatchStream: each request message is served as a
+// DecodeBatch and answered in order. The next message is read while earlier
+// ones run (at most kMaxPending unanswered), one write at a time. A message
+// refused as a whole (auth, batch size, deadline) ends the stream with that
+// status once the earlier responses are written. Deletes itself when gRPC
+// is done with it.
+class BatchStream final
+    : public grpc::ServerBidiReactor<v1::DecodeBatchRequest, v1::DecodeBatchResponse> {
+ public:
+  BatchStream(AttentionServiceImpl* service, grpc::CallbackServerContext* context)
+      : service_(service), context_(context) {
+    StartRead(&request_);
+  }
+  void OnReadDone(bool ok) override {
+    if (!ok) {  // the client closed its side (or went away)
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        reading_ = false;
+      }
+      MaybeFinish();
+      return;
+    }
+    auto slot = std::make_unique<Slot>();
+    Slot* s = slot.get();
+    slot->tracker = std::make_unique<BatchTracker>([this, s] {
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        s->done = true;
+      }
+      TryWrite();
+    });
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      slots_.push_back(std::move(slot));
+      if (cancelled_) s->tracker->Cancel();
+    }
+    std::optional<grpc::Status> refused =
+        service_->StartDecodeBatch(*context_, request_, &s->response, s->tracker.get());
+    bool read = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (refused) {  // nothing of it was queued: no response, the stream ends
+        slots_.erase(std::find_if(slots_.begin(), slots_.end(),
+                                  [s](const std::unique_ptr<Slot>& x) { return x.get() == s; }));
+        final_ = *refused;
+        reading_ = false;
+      } else if (static_cast<int>(slots_.size()) < kMaxPending) {
+        read = true;
+      } else {
+        read_later_ = true;
+      }
+    }
+    if (read) StartRead(&request_);
+    if (refused) MaybeFinish();
+  }
+  void OnWriteDone(bool ok) override {
+    bool read = false;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      writing_ = false;
+      slots_.pop_front();
+      if (!ok) broken_ = true;  // the client is gone: later responses are dropped
+      if (read_later_) {
+        read_later_ = false;
+        if (broken_)
+          reading_ = false;  // nothing more is read
+        else
+          read = true;
+      }
+    }
+    if (read) StartRead(&request_);
+    TryWrite();
+    MaybeFinish();
+  }
+  void OnCancel() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    cancelled_ = true;
+    for (const auto& slot : slots_) slot->tracker->Cancel();
+  }
+  void OnDone() override { delete this; }
+
+ private:
+  static constexpr int kMaxPending = 4;
+  struct Slot {
+    v1::DecodeBatchResponse response;
+    std::unique_ptr<BatchTracker> tracker;
+    bool done = false;
+  };
+  // Writes the oldest response once it is complete (responses go out in
+  // request order); after a failed write, complete responses are dropped.
+  void TryWrite() {
+    v1::DecodeBatchResponse* next = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      while (broken_ && !slots_.empty() && slots_.front()->done && !writing_) slots_.pop_front();
+      if (writing_ || broken_ || slots_.empty() || !slots_.front()->done) return;
+      writing_ = true;
+      next = &slots_.front()->response;
+    }
+    StartWrite(next);
+    // The read held back by kMaxPending starts in OnWriteDone.
+  }
+  void MaybeFinish() {
+    grpc::Status status;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (broken_) {
+        while (!slots_.empty() && slots_.front()->done) slots_.pop_front();
+      }
+      if (finished_ || reading_ || writing_ || !slots_.empty()) return;
+      finished_ = true;
+      status = cancelled_
+                   ? grpc::Status(grpc::StatusCode::CANCELLED, "[DecodeBatchStream] cancelled")
+                   : final_;
+    }
+    Finish(status);
+  }
+
+  AttentionServiceImpl* service_;
+  grpc::CallbackServerContext* context_;
+  v1::DecodeBatchRequest request_;  // the message being read; consumed before the next read
+  std::mutex mu_;
+  std::deque<std::unique_ptr<Slot>> slots_;  // unanswered messages, oldest first
+  bool reading_ = true;                      // a read is outstanding or will be started
+  bool read_later_ = false;                  // a read waits for a slot to be answered
+  bool writing_ = false;
+  bool broken_ = false;
+  bool cancelled_ = false;
+  bool finished_ = false;
+  grpc::Status final_ = grpc::Status::OK;
 };
 
 namespace {
@@ -653,18 +800,17 @@ void PutEntryResult(const char* method, int index, const WorkItem& w, DType out_
 
 }  // namespace
 
-grpc::ServerUnaryReactor* AttentionServiceImpl::DecodeBatch(grpc::CallbackServerContext* context,
-                                                            const v1::DecodeBatchRequest* request,
-                                                            v1::DecodeBatchResponse* response) {
-  auto* call = new BatchCall;
-  auto prepare = [this, request](const char* m, Clock::time_point start, const Caller& caller,
-                                 int i, std::shared_ptr<WorkItem>* item, DType* out_dtype) {
+std::optional<grpc::Status> AttentionServiceImpl::StartDecodeBatch(
+    grpc::CallbackServerContext& context, const v1::DecodeBatchRequest& request,
+    v1::DecodeBatchResponse* response, BatchTracker* tracker) {
+  auto prepare = [this, &request](const char* m, Clock::time_point start, const Caller& caller,
+                                  int i, std::shared_ptr<WorkItem>* item, DType* out_dtype) {
     std::shared_ptr<SessionRecord> session;
     DecodeInput in;
     if (grpc::Status g = Resolve(
-            m, caller, request->entries(i).session_id(),
+            m, caller, request.entries(i).session_id(),
             [&](const SessionShape& shape) {
-              return ValidateDecodeEntry(*request, i, shape, limits_);
+              return ValidateDecodeEntry(request, i, shape, limits_);
             },
             &session, &in);
         !g.ok())
@@ -672,11 +818,22 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::DecodeBatch(grpc::CallbackServer
     *out_dtype = in.options.dtype;
     return PrepareDecode(m, start, std::move(session), in, item);
   };
+  return StartBatch("DecodeBatch", context, request, response, tracker, prepare);
+}
+
+grpc::ServerUnaryReactor* AttentionServiceImpl::DecodeBatch(grpc::CallbackServerContext* context,
+                                                            const v1::DecodeBatchRequest* request,
+                                                            v1::DecodeBatchResponse* response) {
+  auto* call = new BatchCall;
   if (std::optional<grpc::Status> now =
-          StartBatch("DecodeBatch", *context, *request, response, call, prepare)) {
+          StartDecodeBatch(*context, *request, response, &call->tracker))
     call->Finish(*now);
-  }
   return call;
+}
+
+grpc::ServerBidiReactor<v1::DecodeBatchRequest, v1::DecodeBatchResponse>*
+AttentionServiceImpl::DecodeBatchStream(grpc::CallbackServerContext* context) {
+  return new BatchStream(this, context);
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::AttendBatch(grpc::CallbackServerContext* context,
@@ -699,7 +856,7 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::AttendBatch(grpc::CallbackServer
     return PrepareAttend(m, start, std::move(session), in, item);
   };
   if (std::optional<grpc::Status> now =
-          StartBatch("AttendBatch", *context, *request, response, call, prepare)) {
+          StartBatch("AttendBatch", *context, *request, response, &call->tracker, prepare)) {
     call->Finish(*now);
   }
   return call;
@@ -709,7 +866,7 @@ template <typename Request, typename Response, typename Prepare>
 std::optional<grpc::Status> AttentionServiceImpl::StartBatch(const char* m,
                                                              grpc::CallbackServerContext& context,
                                                              const Request& request,
-                                                             Response* response, BatchCall* call,
+                                                             Response* response, BatchTracker* call,
                                                              const Prepare& prepare) {
   const auto start = Clock::now();
   return Authenticated(context, [&](const Caller& caller) -> std::optional<grpc::Status> {
@@ -747,7 +904,7 @@ std::optional<grpc::Status> AttentionServiceImpl::StartBatch(const char* m,
         if (w->status.ok()) call->steps.insert(w->step_serial);
         if (call->Release()) {
           finish();
-          call->Finish(grpc::Status::OK);
+          call->Done();
         }
       };
       items.push_back(std::move(item));
@@ -765,9 +922,9 @@ std::optional<grpc::Status> AttentionServiceImpl::StartBatch(const char* m,
       PutEntryStatus(slots[j], full, response->mutable_results(slots[j])->mutable_status());
       call->Release();  // never the last: the handler's own hold remains
     }
-    if (call->Release()) {
+    if (call->Release()) {  // nothing was queued, or everything completed already
       finish();
-      return grpc::Status::OK;
+      call->Done();
     }
     return std::nullopt;
   });

@@ -37,6 +37,8 @@ grpc::Status ToGrpcStatus(const Status& status);
 
 class UnaryCall;  // service.cc: the reactor of one Decode/Attend call
 class BatchCall;  // service.cc: the reactor of one DecodeBatch/AttendBatch call
+class BatchTracker;  // service.cc: the entries of one batch request in flight
+class BatchStream;   // service.cc: the reactor of one DecodeBatchStream
 
 // Decode and Attend use gRPC's callback API: the handler validates, admits
 // and queues the request and returns; the engine thread finishes the call
@@ -52,10 +54,11 @@ class BatchCall;  // service.cc: the reactor of one DecodeBatch/AttendBatch call
 using AttentionServiceBase =
     v1::AttentionService::WithCallbackMethod_Decode<v1::AttentionService::WithCallbackMethod_Attend<
         v1::AttentionService::WithCallbackMethod_DecodeBatch<
-            v1::AttentionService::WithCallbackMethod_AttendBatch<
-                v1::AttentionService::WithRawCallbackMethod_CreateSession<
-                    v1::AttentionService::WithRawCallbackMethod_GetSession<
-                        v1::AttentionService::Service>>>>>>;
+            v1::AttentionService::WithCallbackMethod_DecodeBatchStream<
+                v1::AttentionService::WithCallbackMethod_AttendBatch<
+                    v1::AttentionService::WithRawCallbackMethod_CreateSession<
+                        v1::AttentionService::WithRawCallbackMethod_GetSession<
+                            v1::AttentionService::Service>>>>>>>;
 
 class AttentionServiceImpl final : public AttentionServiceBase {
  public:
@@ -85,6 +88,10 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   grpc::ServerUnaryReactor* DecodeBatch(grpc::CallbackServerContext* context,
                                         const v1::DecodeBatchRequest* request,
                                         v1::DecodeBatchResponse* response) override;
+  // DecodeBatch for a whole generation: one request message, one response
+  // message, in order (BatchStream in service.cc).
+  grpc::ServerBidiReactor<v1::DecodeBatchRequest, v1::DecodeBatchResponse>* DecodeBatchStream(
+      grpc::CallbackServerContext* context) override;
   grpc::ServerUnaryReactor* AttendBatch(grpc::CallbackServerContext* context,
                                         const v1::AttendBatchRequest* request,
                                         v1::AttendBatchResponse* response) override;
@@ -157,14 +164,21 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   grpc::Status PrepareAttend(const char* method, std::chrono::steady_clock::time_point start,
                              std::shared_ptr<SessionRecord> session, const AttendInput& input,
                              std::shared_ptr<WorkItem>* item);
-  // A batch call: authenticates once, prepares every entry with `prepare`,
-  // queues the admitted ones together. A value: the call's own refusal
-  // (nothing queued) or OK when no entry was queued; nullopt: the last
-  // entry's completion finishes the call.
+  // A batch request: authenticates once, prepares every entry with
+  // `prepare`, queues the admitted ones together. A value: the request's own
+  // refusal (nothing queued, `tracker` never done); nullopt: `tracker`'s
+  // Done runs once every entry has its result (at once when none was queued).
   template <typename Request, typename Response, typename Prepare>
   std::optional<grpc::Status> StartBatch(const char* method, grpc::CallbackServerContext& context,
                                          const Request& request, Response* response,
-                                         BatchCall* call, const Prepare& prepare);
+                                         BatchTracker* tracker, const Prepare& prepare);
+  // StartBatch of a DecodeBatch request (the unary call and each message of
+  // a DecodeBatchStream).
+  friend class BatchStream;
+  std::optional<grpc::Status> StartDecodeBatch(grpc::CallbackServerContext& context,
+                                               const v1::DecodeBatchRequest& request,
+                                               v1::DecodeBatchResponse* response,
+                                               BatchTracker* tracker);
   Result<std::shared_ptr<SessionRecord>> FindSession(const Caller& caller, const std::string& id,
                                                      const char* method) const;
   void Record(const char* method, std::chrono::steady_clock::time_point start,

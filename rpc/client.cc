@@ -364,18 +364,18 @@ Result<std::vector<BatchEntryOutput>> BatchOutputs(const Response& response, siz
 
 }  // namespace
 
-Result<std::vector<BatchEntryOutput>> AttentionClient::DecodeBatch(
-    int layer, const std::vector<BatchEntry>& entries, const CallOptions& options) {
-  grpc::ClientContext context;
-  PrepareContext(&context);
-  v1::DecodeBatchRequest request;
-  request.set_layer(layer);
-  SetOptions(options, request.mutable_options());
+namespace {
+
+// A DecodeBatchRequest from the client's entries.
+Status BuildDecodeBatch(int layer, const std::vector<BatchEntry>& entries,
+                        const CallOptions& options, v1::DecodeBatchRequest* request) {
+  request->set_layer(layer);
+  SetOptions(options, request->mutable_options());
   for (const BatchEntry& e : entries) {
     if (e.q == nullptr || e.k == nullptr || e.v == nullptr) {
       return Status::InvalidArgument("[DecodeBatch] entries: q, k and v are required");
     }
-    v1::DecodeEntry* out = request.add_entries();
+    v1::DecodeEntry* out = request->add_entries();
     out->set_session_id(e.session_id);
     ToProto(*e.q, out->mutable_q());
     ToProto(*e.k, out->mutable_k());
@@ -383,10 +383,64 @@ Result<std::vector<BatchEntryOutput>> AttentionClient::DecodeBatch(
     if (e.retrieval) *out->mutable_retrieval() = *e.retrieval;
     if (e.expected_layer_tokens) out->set_expected_layer_tokens(*e.expected_layer_tokens);
   }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Result<std::vector<BatchEntryOutput>> AttentionClient::DecodeBatch(
+    int layer, const std::vector<BatchEntry>& entries, const CallOptions& options) {
+  grpc::ClientContext context;
+  PrepareContext(&context);
+  v1::DecodeBatchRequest request;
+  RINGTREE_RETURN_IF_ERROR(BuildDecodeBatch(layer, entries, options, &request));
   v1::DecodeBatchResponse response;
   grpc::Status status = stub_->DecodeBatch(&context, request, &response);
   if (!status.ok()) return FromGrpcStatus(status, "DecodeBatch");
   return BatchOutputs(response, entries.size(), "DecodeBatch");
+}
+
+Result<std::unique_ptr<DecodeBatchStream>> AttentionClient::OpenDecodeBatchStream() {
+  std::unique_ptr<DecodeBatchStream> stream(new DecodeBatchStream);
+  if (!options_.bearer_token.empty()) {
+    stream->context_.AddMetadata("authorization", "Bearer " + options_.bearer_token);
+  }
+  stream->stream_ = stub_->DecodeBatchStream(&stream->context_);
+  if (!stream->stream_) return Status::Unavailable("[DecodeBatchStream] could not open the stream");
+  return stream;
+}
+
+DecodeBatchStream::~DecodeBatchStream() {
+  if (!closed_ && stream_) {
+    context_.TryCancel();
+    (void)stream_->Finish();
+  }
+}
+
+Result<std::vector<BatchEntryOutput>> DecodeBatchStream::Step(
+    int layer, const std::vector<BatchEntry>& entries, const CallOptions& options) {
+  if (closed_) return Status::FailedPrecondition("[DecodeBatchStream] the stream is closed");
+  v1::DecodeBatchRequest request;
+  RINGTREE_RETURN_IF_ERROR(BuildDecodeBatch(layer, entries, options, &request));
+  v1::DecodeBatchResponse response;
+  if (!stream_->Write(request) || !stream_->Read(&response)) {
+    // The server ended the stream: its status says why.
+    closed_ = true;
+    stream_->WritesDone();
+    final_ = FromGrpcStatus(stream_->Finish(), "DecodeBatchStream");
+    return final_.ok() ? Status::Internal("[DecodeBatchStream] the server ended the stream")
+                       : final_;
+  }
+  return BatchOutputs(response, entries.size(), "DecodeBatchStream");
+}
+
+Status DecodeBatchStream::Close() {
+  if (closed_) return final_;
+  closed_ = true;
+  stream_->WritesDone();
+  grpc::Status status = stream_->Finish();
+  final_ = status.ok() ? Status::Ok() : FromGrpcStatus(status, "DecodeBatchStream");
+  return final_;
 }
 
 Result<std::vector<BatchEntryOutput>> AttentionClient::AttendBatch(

@@ -104,6 +104,8 @@ struct BatchEntryOutput {
 // (grpc::StatusCode::UNKNOWN if the status did not come from a call).
 grpc::StatusCode GrpcCodeOf(const Status& status);
 
+class DecodeBatchStream;
+
 class AttentionClient {
  public:
   // Creates the channel (does not wait for the server to be up).
@@ -145,6 +147,11 @@ class AttentionClient {
   Result<std::vector<BatchEntryOutput>> DecodeBatch(int layer,
                                                     const std::vector<BatchEntry>& entries,
                                                     const CallOptions& options = {});
+  // DecodeBatch for a whole generation on one open call: Step sends one
+  // layer-step and waits for its results, which saves a call's set-up per
+  // step. The client's timeout is not applied to the stream (it lives as
+  // long as the generation); each step may still be cancelled by Close.
+  Result<std::unique_ptr<DecodeBatchStream>> OpenDecodeBatchStream();
   Result<std::vector<BatchEntryOutput>> AttendBatch(int layer,
                                                     const std::vector<BatchEntry>& entries,
                                                     const CallOptions& options = {});
@@ -173,6 +180,29 @@ class AttentionClient {
   ClientOptions options_;
   std::shared_ptr<grpc::Channel> channel_;
   std::unique_ptr<v1::AttentionService::Stub> stub_;
+};
+
+// An open DecodeBatchStream (AttentionClient::OpenDecodeBatchStream). One
+// caller at a time. A Step refused as a whole (an empty or oversized batch)
+// ends the stream: that Step and every later one fail with the server's
+// status.
+class DecodeBatchStream {
+ public:
+  ~DecodeBatchStream();  // Close, if not closed
+  // One layer-step: the same request and answer as AttentionClient::DecodeBatch.
+  Result<std::vector<BatchEntryOutput>> Step(int layer, const std::vector<BatchEntry>& entries,
+                                             const CallOptions& options = {});
+  // Ends the stream; the server's final status.
+  Status Close();
+
+ private:
+  friend class AttentionClient;
+  DecodeBatchStream() = default;
+  grpc::ClientContext context_;
+  std::unique_ptr<grpc::ClientReaderWriter<v1::DecodeBatchRequest, v1::DecodeBatchResponse>>
+      stream_;
+  bool closed_ = false;
+  Status final_;
 };
 
 // ringtree::Status from a failed call: "[<method>] <CODE>: <message>".

@@ -521,6 +521,12 @@ int main(int argc, char** argv) {
   app.add_option("--only", only,
                  "run one scenario: attend, decode, engine, latency, rpc, overload");
   std::vector<std::string> engine_shapes = {"1x1", "8x4", "32x1", "32x4", "32x32", "64x4"};
+  std::vector<std::string> engine_transports = {"unary", "stream"};
+  app.add_option("--engine-transport", engine_transports,
+                 "engine scenario: one DecodeBatch call per layer-step (unary) and/or one "
+                 "DecodeBatchStream for the row (stream)")
+      ->check(CLI::IsMember({"unary", "stream"}))
+      ->capture_default_str();
   app.add_option("--engine-shapes", engine_shapes,
                  "engine scenario rows SxL: S sessions of --decode-tokens tokens, L layers, one "
                  "DecodeBatch per layer-step")
@@ -703,127 +709,149 @@ int main(int argc, char** argv) {
       auto kv = Random(rng, s.kv_row());
       auto qt = HostTensor::FromFloat32(q.data(), {1, s.heads, s.head_dim});
       auto kt = HostTensor::FromFloat32(kv.data(), {1, s.kv_heads, s.head_dim});
-      for (const std::string& shape_text : engine_shapes) {
-        int S = 0, L = 0;
-        if (std::sscanf(shape_text.c_str(), "%dx%d", &S, &L) != 2 || S < 1 || L < 1) {
-          std::fprintf(stderr, "--engine-shapes: '%s' is not SxL (e.g. 32x4)\n",
-                       shape_text.c_str());
-          return 2;
-        }
-        std::vector<std::string> ids;
-        for (int i = 0; i < S; ++i)
-          ids.push_back(CreateLoaded(*admin, s, decode_tokens, 300 + i, L));
-        std::vector<v1::DecodeBatchRequest> requests(L);
-        for (int l = 0; l < L; ++l) {
-          requests[l].set_layer(l);
-          for (const std::string& id : ids) {
-            v1::DecodeEntry* e = requests[l].add_entries();
-            e->set_session_id(id);
-            ToProto(qt, e->mutable_q());
-            ToProto(kt, e->mutable_k());
-            ToProto(kt, e->mutable_v());
+      for (const std::string& transport : engine_transports)
+        for (const std::string& shape_text : engine_shapes) {
+          int S = 0, L = 0;
+          if (std::sscanf(shape_text.c_str(), "%dx%d", &S, &L) != 2 || S < 1 || L < 1) {
+            std::fprintf(stderr, "--engine-shapes: '%s' is not SxL (e.g. 32x4)\n",
+                         shape_text.c_str());
+            return 2;
           }
-        }
-        auto channel = grpc::CreateChannel(server->address(), grpc::InsecureChannelCredentials());
-        auto stub = v1::AttentionService::NewStub(channel);
-        int64_t calls = 0, failed = 0, steps = 0;
-        auto call = [&](int l, double* ms) {
-          grpc::ClientContext context;
-          v1::DecodeBatchResponse response;
-          const auto t0 = Clock::now();
-          grpc::Status st = stub->DecodeBatch(&context, requests[l], &response);
-          if (ms) *ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
-          bool ok = st.ok() && response.results_size() == S;
-          for (int i = 0; ok && i < S; ++i) {
-            ok = response.results(i).status().code() == 0 &&
-                 response.results(i).o().data().size() == size_t(s.q_row()) * 4;
-          }
-          steps += response.engine_steps();
-          return ok;
-        };
-        for (int w = 0; w < 2; ++w) {  // warm-up: one layer-step through every layer
-          for (int l = 0; l < L; ++l) call(l, nullptr);
-        }
-        // The in-process reference: the decode kernel on S x L KV sets of
-        // the same shape (round robin, so KV comes from memory as in the
-        // service), all cores; one layer-step = S decodes. Measured before
-        // and after the row, the mean of the two used.
-        const int reps = std::max(400, std::min(4 * S * L, 4096));
-        double kernel_before = KernelReference(s, decode_tokens, S * L).Seconds(reps, cores) * S;
-        steps = 0;
-        std::vector<double> ms;
-        auto stats_before = admin->Stats();
-        const double busy0 = MachineBusySeconds();
-        const auto start = Clock::now();
-        int64_t layer_steps = 0;
-        while (std::chrono::duration<double>(Clock::now() - start).count() < duration ||
-               layer_steps < 3) {
+          std::vector<std::string> ids;
+          for (int i = 0; i < S; ++i)
+            ids.push_back(CreateLoaded(*admin, s, decode_tokens, 300 + i, L));
+          std::vector<v1::DecodeBatchRequest> requests(L);
           for (int l = 0; l < L; ++l) {
-            double t = 0;
-            if (call(l, &t))
-              ms.push_back(t);
-            else
-              ++failed;
-            ++calls;
+            requests[l].set_layer(l);
+            for (const std::string& id : ids) {
+              v1::DecodeEntry* e = requests[l].add_entries();
+              e->set_session_id(id);
+              ToProto(qt, e->mutable_q());
+              ToProto(kt, e->mutable_k());
+              ToProto(kt, e->mutable_v());
+            }
           }
-          ++layer_steps;
+          auto channel = grpc::CreateChannel(server->address(), grpc::InsecureChannelCredentials());
+          auto stub = v1::AttentionService::NewStub(channel);
+          int64_t calls = 0, failed = 0, steps = 0;
+          const bool streamed = transport == "stream";
+          grpc::ClientContext stream_context;
+          std::unique_ptr<grpc::ClientReaderWriter<v1::DecodeBatchRequest, v1::DecodeBatchResponse>>
+              stream;
+          if (streamed) stream = stub->DecodeBatchStream(&stream_context);
+          auto call = [&](int l, double* ms) {
+            grpc::ClientContext context;
+            v1::DecodeBatchResponse response;
+            const auto t0 = Clock::now();
+            grpc::Status st;
+            if (streamed) {
+              if (!stream->Write(requests[l]) || !stream->Read(&response))
+                st = grpc::Status(grpc::StatusCode::UNKNOWN, "stream ended");
+            } else {
+              st = stub->DecodeBatch(&context, requests[l], &response);
+            }
+            if (ms) *ms = std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+            bool ok = st.ok() && response.results_size() == S;
+            for (int i = 0; ok && i < S; ++i) {
+              ok = response.results(i).status().code() == 0 &&
+                   response.results(i).o().data().size() == size_t(s.q_row()) * 4;
+            }
+            steps += response.engine_steps();
+            return ok;
+          };
+          for (int w = 0; w < 2; ++w) {  // warm-up: one layer-step through every layer
+            for (int l = 0; l < L; ++l) call(l, nullptr);
+          }
+          // The in-process reference: the decode kernel on S x L KV sets of
+          // the same shape (round robin, so KV comes from memory as in the
+          // service), all cores; one layer-step = S decodes. Measured before
+          // and after the row, the mean of the two used.
+          const int reps = std::max(400, std::min(4 * S * L, 4096));
+          double kernel_before = KernelReference(s, decode_tokens, S * L).Seconds(reps, cores) * S;
+          steps = 0;
+          std::vector<double> ms;
+          auto stats_before = admin->Stats();
+          const double busy0 = MachineBusySeconds();
+          const auto start = Clock::now();
+          int64_t layer_steps = 0;
+          while (std::chrono::duration<double>(Clock::now() - start).count() < duration ||
+                 layer_steps < 3) {
+            for (int l = 0; l < L; ++l) {
+              double t = 0;
+              if (call(l, &t))
+                ms.push_back(t);
+              else
+                ++failed;
+              ++calls;
+            }
+            ++layer_steps;
+          }
+          const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
+          const double busy = MachineBusySeconds() - busy0;
+          auto stats_after = admin->Stats();
+          if (!stats_before.ok() || !stats_after.ok()) {
+            std::fprintf(stderr, "Stats failed\n");
+            return 1;
+          }
+          // KV read per session-decode: the sessions grow by one token per
+          // layer-step (warm-up included).
+          const double mean_tokens = double(decode_tokens) + 2.0 + 0.5 * double(layer_steps + 1);
+          // The in-process step on sessions of the service's mean length: the
+          // reference before the row is scaled to it (the kernel reads KV in
+          // proportion), the one after is measured at it.
+          kernel_before *= mean_tokens / double(decode_tokens);
+          const double kernel_after =
+              KernelReference(s, std::llround(mean_tokens), S * L).Seconds(reps, cores) * S;
+          const double kernel_step_s = 0.5 * (kernel_before + kernel_after);
+          if (streamed) {
+            stream->WritesDone();
+            grpc::Status closed = stream->Finish();
+            if (!closed.ok())
+              std::fprintf(stderr, "DecodeBatchStream: %s\n", closed.error_message().c_str());
+          }
+          for (const std::string& id : ids) (void)admin->DeleteSession(id);
+          const double session_bytes = mean_tokens * s.kv_row() * 4 * 2;
+          const double decodes = double(calls - failed) * S;
+          const double kv_gbs = decodes * session_bytes / seconds / 1e9;
+          const double kernel_gbs = S * mean_tokens * s.kv_row() * 4 * 2 / kernel_step_s / 1e9;
+          const double p50 = Percentile(ms, 0.5);
+          // Where a call's time goes (means per call, ms): the client and the
+          // transport (client mean less the server's), the server's handler,
+          // queue, step phases, and the rest of the server's time (responding).
+          auto phase_ms = [&](const char* name) {
+            return 1e3 * MeanPhase(*stats_before, *stats_after, name);
+          };
+          double client_mean = 0;
+          for (double t : ms) client_mean += t;
+          client_mean = ms.empty() ? 0.0 : client_mean / double(ms.size());
+          const double server_ms = 1e3 * MeanLatency(*stats_before, *stats_after, "DecodeBatch");
+          const double step_ms = phase_ms("plan") + phase_ms("execute") + phase_ms("finish");
+          const std::string breakdown = Fmt(
+              "\"client_mean_ms\":%.3f,\"server_mean_ms\":%.3f,\"handler_ms\":%.3f,\"queue_ms\":%."
+              "3f,"
+              "\"plan_ms\":%.3f,\"execute_ms\":%.3f,\"rank0_compute_ms\":%.3f,\"finish_ms\":%.3f,"
+              "\"respond_ms\":%.3f,\"client_and_transport_ms\":%.3f",
+              client_mean, server_ms, phase_ms("handler"), phase_ms("queue"), phase_ms("plan"),
+              phase_ms("execute"), phase_ms("compute"), phase_ms("finish"),
+              server_ms - phase_ms("handler") - phase_ms("queue") - step_ms,
+              client_mean - server_ms);
+          Emit(Fmt(
+              "{\"scenario\":\"engine_batch\",\"transport\":\"%s\",\"sessions\":%d,\"layers\":%d,"
+              "\"session_tokens\":%lld,"
+              "\"calls\":%lld,\"failed\":%lld,\"p50_ms\":%.3f,\"p99_ms\":%.3f,\"kernel_step_ms\":%."
+              "3f,"
+              "\"added_p50_ms\":%.3f,\"tokens_per_s\":%.1f,\"kv_gbs\":%.3f,\"kernel_gbs\":%.3f,"
+              "\"kv_rate_vs_kernel\":%.3f,\"cpu_us_per_decode\":%.1f,\"machine_busy\":%.2f,"
+              "\"engine_steps_per_call\":%.2f,\"kernel_step_ms_before\":%.3f,\"kernel_step_ms_"
+              "after\":%.3f,\"mean_session_tokens\":%.0f,%s}",
+              transport.c_str(), S, L, static_cast<long long>(decode_tokens),
+              static_cast<long long>(calls), static_cast<long long>(failed), p50,
+              Percentile(ms, 0.99), 1e3 * kernel_step_s, p50 - 1e3 * kernel_step_s,
+              double(layer_steps) * S / seconds, kv_gbs, kernel_gbs, kv_gbs / kernel_gbs,
+              decodes > 0 ? 1e6 * busy / decodes : 0.0, busy / (seconds * cores),
+              calls ? double(steps) / double(calls) : 0.0, 1e3 * kernel_before, 1e3 * kernel_after,
+              mean_tokens, breakdown.c_str()));
         }
-        const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
-        const double busy = MachineBusySeconds() - busy0;
-        auto stats_after = admin->Stats();
-        if (!stats_before.ok() || !stats_after.ok()) {
-          std::fprintf(stderr, "Stats failed\n");
-          return 1;
-        }
-        // KV read per session-decode: the sessions grow by one token per
-        // layer-step (warm-up included).
-        const double mean_tokens = double(decode_tokens) + 2.0 + 0.5 * double(layer_steps + 1);
-        // The in-process step on sessions of the service's mean length: the
-        // reference before the row is scaled to it (the kernel reads KV in
-        // proportion), the one after is measured at it.
-        kernel_before *= mean_tokens / double(decode_tokens);
-        const double kernel_after =
-            KernelReference(s, std::llround(mean_tokens), S * L).Seconds(reps, cores) * S;
-        const double kernel_step_s = 0.5 * (kernel_before + kernel_after);
-        for (const std::string& id : ids) (void)admin->DeleteSession(id);
-        const double session_bytes = mean_tokens * s.kv_row() * 4 * 2;
-        const double decodes = double(calls - failed) * S;
-        const double kv_gbs = decodes * session_bytes / seconds / 1e9;
-        const double kernel_gbs = S * mean_tokens * s.kv_row() * 4 * 2 / kernel_step_s / 1e9;
-        const double p50 = Percentile(ms, 0.5);
-        // Where a call's time goes (means per call, ms): the client and the
-        // transport (client mean less the server's), the server's handler,
-        // queue, step phases, and the rest of the server's time (responding).
-        auto phase_ms = [&](const char* name) {
-          return 1e3 * MeanPhase(*stats_before, *stats_after, name);
-        };
-        double client_mean = 0;
-        for (double t : ms) client_mean += t;
-        client_mean = ms.empty() ? 0.0 : client_mean / double(ms.size());
-        const double server_ms = 1e3 * MeanLatency(*stats_before, *stats_after, "DecodeBatch");
-        const double step_ms = phase_ms("plan") + phase_ms("execute") + phase_ms("finish");
-        const std::string breakdown = Fmt(
-            "\"client_mean_ms\":%.3f,\"server_mean_ms\":%.3f,\"handler_ms\":%.3f,\"queue_ms\":%.3f,"
-            "\"plan_ms\":%.3f,\"execute_ms\":%.3f,\"rank0_compute_ms\":%.3f,\"finish_ms\":%.3f,"
-            "\"respond_ms\":%.3f,\"client_and_transport_ms\":%.3f",
-            client_mean, server_ms, phase_ms("handler"), phase_ms("queue"), phase_ms("plan"),
-            phase_ms("execute"), phase_ms("compute"), phase_ms("finish"),
-            server_ms - phase_ms("handler") - phase_ms("queue") - step_ms, client_mean - server_ms);
-        Emit(Fmt(
-            "{\"scenario\":\"engine_batch\",\"sessions\":%d,\"layers\":%d,\"session_tokens\":%lld,"
-            "\"calls\":%lld,\"failed\":%lld,\"p50_ms\":%.3f,\"p99_ms\":%.3f,\"kernel_step_ms\":%."
-            "3f,"
-            "\"added_p50_ms\":%.3f,\"tokens_per_s\":%.1f,\"kv_gbs\":%.3f,\"kernel_gbs\":%.3f,"
-            "\"kv_rate_vs_kernel\":%.3f,\"cpu_us_per_decode\":%.1f,\"machine_busy\":%.2f,"
-            "\"engine_steps_per_call\":%.2f,\"kernel_step_ms_before\":%.3f,\"kernel_step_ms_"
-            "after\":%.3f,\"mean_session_tokens\":%.0f,%s}",
-            S, L, static_cast<long long>(decode_tokens), static_cast<long long>(calls),
-            static_cast<long long>(failed), p50, Percentile(ms, 0.99), 1e3 * kernel_step_s,
-            p50 - 1e3 * kernel_step_s, double(layer_steps) * S / seconds, kv_gbs, kernel_gbs,
-            kv_gbs / kernel_gbs, decodes > 0 ? 1e6 * busy / decodes : 0.0, busy / (seconds * cores),
-            calls ? double(steps) / double(calls) : 0.0, 1e3 * kernel_before, 1e3 * kernel_after,
-            mean_tokens, breakdown.c_str()));
-      }
     }
     // --- added latency: one small decode at a time ---------------------------
     if (only.empty() || only == "latency") {

@@ -490,6 +490,137 @@ TEST_F(ServiceFlow, BatchCallsServeManySessionsWithPerEntryStatus) {
   for (auto& id : ids) ASSERT_TRUE(client->DeleteSession(id).ok());
 }
 
+// DecodeBatchStream: one open call for a whole generation. Each message is
+// answered like a DecodeBatch, in order (also when the client sends several
+// before reading); a bad entry fails alone and the stream goes on; a message
+// refused as a whole ends the stream with its status.
+TEST_F(ServiceFlow, DecodeBatchStreamAnswersEachStepInOrder) {
+  auto client = Client(*server_);
+  std::mt19937 rng(12);
+  std::vector<Model> models(3);
+  models[1].heads = 4, models[1].kv_heads = 4, models[1].head_dim = 32;
+  models[2].storage = DType::kBFloat16;
+  std::vector<std::vector<Model>> layers(2, models);
+  std::vector<std::string> ids;
+  for (size_t i = 0; i < models.size(); ++i) {
+    auto info = client->CreateSession(Config(models[i]));
+    ASSERT_TRUE(info.ok()) << info.status().ToString();
+    ids.push_back(info->session_id());
+    for (int l = 0; l < 2; ++l) {
+      auto [k, v] = NewKv(rng, layers[l][i], 200 + 300 * static_cast<int64_t>(i) + l);
+      ASSERT_TRUE(client->AppendKV(ids[i], l, k, v).ok());
+    }
+  }
+  auto tolerance = [&](size_t i) { return models[i].storage == DType::kBFloat16 ? 2e-3 : 2e-4; };
+  auto stream = client->OpenDecodeBatchStream();
+  ASSERT_TRUE(stream.ok()) << stream.status().ToString();
+  for (int step = 0; step < 3; ++step) {
+    for (int l = 0; l < 2; ++l) {
+      std::vector<HostTensor> qs, ks, vs;
+      std::vector<std::vector<float>> qf;
+      std::vector<BatchEntry> entries;
+      for (size_t i = 0; i < models.size(); ++i) {
+        Model& m = layers[l][i];
+        qf.push_back(Random(rng, m.heads * m.head_dim));
+        auto [k, v] = NewKv(rng, m, 1);
+        qs.push_back(HostTensor::FromFloat32(qf.back().data(), {1, m.heads, m.head_dim}));
+        ks.push_back(std::move(k));
+        vs.push_back(std::move(v));
+      }
+      for (size_t i = 0; i < models.size(); ++i)
+        entries.push_back({ids[i], &qs[i], &ks[i], &vs[i], {}, {}});
+      // Step 1, layer 1: a stale expected_layer_tokens on session 1 fails
+      // that entry alone (and stores nothing); the model's copy is undone.
+      const bool bad = step == 1 && l == 1;
+      if (bad) entries[1].expected_layer_tokens = layers[l][1].tokens() - 5;
+      auto out = (*stream)->Step(l, entries);
+      ASSERT_TRUE(out.ok()) << out.status().ToString();
+      ASSERT_EQ(out->size(), models.size());
+      for (size_t i = 0; i < models.size(); ++i) {
+        const BatchEntryOutput& r = (*out)[i];
+        Model& m = layers[l][i];
+        if (bad && i == 1) {
+          EXPECT_EQ(GrpcCodeOf(r.status), grpc::StatusCode::FAILED_PRECONDITION)
+              << r.status.ToString();
+          EXPECT_NE(r.status.message().find("entries[1]"), std::string::npos)
+              << r.status.ToString();
+          const int64_t row = static_cast<int64_t>(m.kv_heads) * m.head_dim;
+          m.k.resize(m.k.size() - row);
+          m.v.resize(m.v.size() - row);
+          continue;
+        }
+        ASSERT_TRUE(r.status.ok()) << i << ": " << r.status.ToString();
+        EXPECT_EQ(r.output.first_position, m.tokens() - 1) << i;
+        EXPECT_LE(MaxDiff(r.output.o.ToFloat32(), Reference(m, qf[i], 1, true)), tolerance(i)) << i;
+      }
+    }
+  }
+  EXPECT_TRUE((*stream)->Close().ok());
+  for (size_t i = 0; i < models.size(); ++i) {
+    auto info = client->GetSession(ids[i]);
+    ASSERT_TRUE(info.ok());
+    EXPECT_EQ(info->layer_tokens(0), layers[0][i].tokens()) << i;
+    EXPECT_EQ(info->layer_tokens(1), layers[1][i].tokens()) << i;
+  }
+
+  // Three messages for the same session and layer sent before any is read:
+  // applied and answered in order (positions p, p+1, p+2), then an empty
+  // message ends the stream with INVALID_ARGUMENT naming entries.
+  {
+    Model& m = layers[0][0];
+    grpc::ClientContext context;
+    auto raw = client->stub()->DecodeBatchStream(&context);
+    std::vector<std::vector<float>> qf;
+    for (int j = 0; j < 3; ++j) {
+      qf.push_back(Random(rng, m.heads * m.head_dim));
+      auto [k, v] = NewKv(rng, m, 1);
+      v1::DecodeBatchRequest request;
+      request.set_layer(0);
+      v1::DecodeEntry* e = request.add_entries();
+      e->set_session_id(ids[0]);
+      ToProto(HostTensor::FromFloat32(qf.back().data(), {1, m.heads, m.head_dim}), e->mutable_q());
+      ToProto(k, e->mutable_k());
+      ToProto(v, e->mutable_v());
+      ASSERT_TRUE(raw->Write(request));
+    }
+    const int64_t first = m.tokens() - 3;
+    for (int j = 0; j < 3; ++j) {
+      v1::DecodeBatchResponse response;
+      ASSERT_TRUE(raw->Read(&response)) << j;
+      ASSERT_EQ(response.results_size(), 1);
+      ASSERT_EQ(response.results(0).status().code(), 0) << response.results(0).status().message();
+      EXPECT_EQ(response.results(0).first_position(), first + j) << "answered in order";
+      EXPECT_EQ(response.results(0).layer_tokens(), first + j + 1);
+      // Each query saw exactly the tokens up to its own.
+      Model upto = m;
+      const int64_t row = static_cast<int64_t>(m.kv_heads) * m.head_dim;
+      upto.k.resize(static_cast<size_t>((first + j + 1) * row));
+      upto.v.resize(static_cast<size_t>((first + j + 1) * row));
+      auto o = FromProto(response.results(0).o(), "test", "o");
+      ASSERT_TRUE(o.ok());
+      EXPECT_LE(MaxDiff(o->ToFloat32(), Reference(upto, qf[j], 1, true)), 2e-4) << j;
+    }
+    ASSERT_TRUE(raw->Write(v1::DecodeBatchRequest()));
+    v1::DecodeBatchResponse none;
+    EXPECT_FALSE(raw->Read(&none));
+    raw->WritesDone();
+    grpc::Status st = raw->Finish();
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    EXPECT_NE(st.error_message().find("entries"), std::string::npos) << st.error_message();
+  }
+  // The client's stream after such a refusal: that step and later ones fail.
+  {
+    auto s2 = client->OpenDecodeBatchStream();
+    ASSERT_TRUE(s2.ok());
+    auto refused = (*s2)->Step(0, {});
+    EXPECT_EQ(GrpcCodeOf(refused.status()), grpc::StatusCode::INVALID_ARGUMENT)
+        << refused.status().ToString();
+    EXPECT_FALSE((*s2)->Step(0, {}).ok());
+    EXPECT_EQ(GrpcCodeOf((*s2)->Close()), grpc::StatusCode::INVALID_ARGUMENT);
+  }
+  for (auto& id : ids) ASSERT_TRUE(client->DeleteSession(id).ok());
+}
+
 // One bad request: what it sends and the code it must get.
 struct BadCase {
   std::string name;
