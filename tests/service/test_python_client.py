@@ -134,8 +134,25 @@ def main():
         assert retrying.get_session(sid2).config.name == "caf\u00e9"
         assert retrying.delete_session(sid2) > 0
         retrying.close()
+        # DecodeBatchStream: three layer-steps on one open call, each answer
+        # equal to the reference, in order; an empty step ends the stream.
+        with client.open_decode_batch_stream() as stream:
+            for _ in range(3):
+                q = rng.standard_normal((1, H, D), dtype=np.float32)
+                dk = rng.standard_normal((1, HKV, D), dtype=np.float32)
+                dv = rng.standard_normal((1, HKV, D), dtype=np.float32)
+                k, v = np.concatenate([k, dk]), np.concatenate([v, dv])
+                (r,) = stream.step(0, [{"session_id": sid, "q": q, "k": dk, "v": dv}])
+                assert r.ok and r.first_position == k.shape[0] - 1, (r.code, r.message)
+                assert np.abs(r.o - reference(q, k, v, True)).max() <= 2e-4
+        stream = client.open_decode_batch_stream()
+        try:
+            stream.step(0, [])
+            raise AssertionError("expected INVALID_ARGUMENT")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "entries" in e.details(), e.details()
         stats = client.stats()
-        assert stats.world_size == 2 and sum(r.kv_tokens for r in stats.ranks) == 10131
+        assert stats.world_size == 2 and sum(r.kv_tokens for r in stats.ranks) == 10134
         assert client.delete_session(sid) > 0
         client.close()
     finally:

@@ -85,6 +85,59 @@ class BatchResult:
 _STATUS_CODES = {c.value[0]: c for c in grpc.StatusCode}
 
 
+class DecodeBatchStream:
+    """One open DecodeBatchStream call: step() sends one layer-step and
+    returns its BatchResults (as decode_batch), in order. The client's
+    timeout does not apply (the stream lives as long as the generation). A
+    step refused as a whole ends the stream: grpc.RpcError with the
+    server's status, then and on later steps."""
+
+    def __init__(self, client):
+        import queue
+        self._client = client
+        self._requests = queue.Queue()
+        self._responses = client.stub.DecodeBatchStream(iter(self._requests.get, None), metadata=client.metadata)
+        self._closed = False
+
+    def step(self, layer, entries, scale=0.0, return_lse=False, output_dtype="float32", dtype=None):
+        if self._closed:
+            raise ValueError("DecodeBatchStream: the stream is closed")
+        self._requests.put(self._client._decode_batch_request(layer, entries, scale, return_lse, output_dtype,
+                                                              dtype))
+        try:
+            response = next(self._responses)
+        except StopIteration:
+            self._end()
+            raise RuntimeError("DecodeBatchStream: the server ended the stream") from None
+        except grpc.RpcError:
+            self._end()
+            raise
+        return [BatchResult(r, return_lse) for r in response.results]
+
+    def close(self):
+        """Ends the stream (raises grpc.RpcError if the server ended it with an error)."""
+        if self._closed:
+            return
+        self._end()
+        for _ in self._responses:
+            pass
+
+    def _end(self):
+        self._closed = True
+        self._requests.put(None)  # ends the request iterator gRPC's thread reads
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self.close()
+        else:
+            self._end()
+            self._responses.cancel()
+        return False
+
+
 class AttentionClient:
     """Thread-safe client. Failed calls raise grpc.RpcError (e.code(), e.details()).
 
@@ -263,6 +316,11 @@ class AttentionClient:
         each entry succeeds or fails on its own. Raises grpc.RpcError only
         when the call as a whole was refused (auth, empty or oversized batch,
         expired deadline). Not retried (use expected_layer_tokens)."""
+        request = self._decode_batch_request(layer, entries, scale, return_lse, output_dtype, dtype)
+        response = self.stub.DecodeBatch(request, **self._kw())
+        return [BatchResult(r, return_lse) for r in response.results]
+
+    def _decode_batch_request(self, layer, entries, scale, return_lse, output_dtype, dtype):
         request = pb.DecodeBatchRequest(layer=layer, options=self._options(scale, return_lse, output_dtype))
         for e in entries:
             entry = request.entries.add(session_id=e["session_id"], q=to_tensor(e["q"], dtype),
@@ -271,8 +329,12 @@ class AttentionClient:
                 entry.retrieval.CopyFrom(e["retrieval"])
             if e.get("expected_layer_tokens") is not None:
                 entry.expected_layer_tokens = e["expected_layer_tokens"]
-        response = self.stub.DecodeBatch(request, **self._kw())
-        return [BatchResult(r, return_lse) for r in response.results]
+        return request
+
+    def open_decode_batch_stream(self):
+        """A DecodeBatchStream: decode_batch for a whole generation on one
+        open call (docs/api.md). Use as a context manager or close() it."""
+        return DecodeBatchStream(self)
 
     def attend_batch(self, layer, entries, scale=0.0, return_lse=False, output_dtype="float32", dtype=None):
         """Many sessions' attends for one layer in one call. entries: dicts
