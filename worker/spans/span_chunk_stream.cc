@@ -1,25 +1,54 @@
-// SpanStore, the chunk stream: spans streamed to a visitor as chunks of
-// contiguous positions, cold spans read ahead of the visitor by a prefetch
-// thread.
+// SpanChunkStream: spans streamed to a visitor as chunks of contiguous
+// positions, cold spans read ahead of the visitor.
+#include "worker/spans/span_chunk_stream.h"
+
 #include <fcntl.h>
+#include <tbb/parallel_pipeline.h>
 
 #include <algorithm>
+#include <atomic>
 #include <condition_variable>
 #include <cstring>
 #include <deque>
 #include <mutex>
 #include <thread>
 
-#include "worker/spans/span_store.h"
 #include "worker/spans/span_store_internal.h"
 
 namespace ringtree {
 
-using namespace spans_detail;  // NOLINT: this file is part of SpanStore
+namespace spans_detail {
+std::atomic<int> g_chunk_stream_mode{0};
+void SetChunkStreamModeForBenchmark(int mode) { g_chunk_stream_mode.store(mode); }
+}  // namespace spans_detail
 
-Status SpanStore::StreamChunks(const std::vector<int64_t>& spans, bool use_cache,
-                               bool insert_into_cache, bool split_per_span, bool gather,
-                               const ChunkVisitor& visitor) const {
+SpanChunkStream::SpanChunkStream(const SpanStoreOptions& options, const SpanIndex& index,
+                                 const SpanTiers& tiers, const SpanRecordFile& file)
+    : index_(index),
+      tiers_(tiers),
+      file_(file),
+      row_bytes_(size_t(options.kv_heads) * options.head_dim * DTypeSize(options.dtype)),
+      chunk_tokens_(options.chunk_tokens),
+      readahead_chunks_(static_cast<size_t>(options.readahead_chunks)) {}
+
+std::vector<uint8_t> SpanChunkStream::TakeBuffer() const {
+  MutexLock lock(&pool_mutex_);
+  std::vector<uint8_t> b;
+  if (!buffer_pool_.empty()) {
+    b = std::move(buffer_pool_.back());
+    buffer_pool_.pop_back();
+  }
+  return b;
+}
+
+void SpanChunkStream::GiveBuffer(std::vector<uint8_t>&& b) const {
+  if (b.capacity() == 0) return;
+  MutexLock lock(&pool_mutex_);
+  if (buffer_pool_.size() < readahead_chunks_ + 2) buffer_pool_.push_back(std::move(b));
+}
+
+Status SpanChunkStream::Stream(const std::vector<int64_t>& spans, Flags flags,
+                               const Visitor& visitor) const {
   struct Plan {
     size_t first, last;  // [first, last) into `spans`
     int64_t position_start, tokens;
@@ -27,17 +56,17 @@ Status SpanStore::StreamChunks(const std::vector<int64_t>& spans, bool use_cache
   std::vector<Plan> plans;
   bool any_cold = false;
   size_t cold_bytes = 0;
-  const size_t rb = row_bytes();
+  const size_t rb = row_bytes_;
   for (size_t i = 0; i < spans.size(); ++i) {
-    const Span& s = spans_[spans[i]];
-    if (!s.hot) {
+    const SpanIndex::Entry& s = index_.span(spans[i]);
+    if (!tiers_.hot(spans[i])) {
       any_cold = true;
       cold_bytes += size_t(s.tokens) * rb * 2;
     }
-    if (!plans.empty() && !split_per_span) {
+    if (!plans.empty() && !flags.split_per_span) {
       Plan& p = plans.back();
-      if ((gather || p.position_start + p.tokens == s.position_start) &&
-          p.tokens + s.tokens <= options_.chunk_tokens) {
+      if ((flags.gather || p.position_start + p.tokens == s.position_start) &&
+          p.tokens + s.tokens <= chunk_tokens_) {
         p.last = i + 1;
         p.tokens += s.tokens;
         continue;
@@ -47,20 +76,15 @@ Status SpanStore::StreamChunks(const std::vector<int64_t>& spans, bool use_cache
   }
   // A read bigger than the cache would only evict itself (and everything
   // else): cache sparse reads only when they fit comfortably.
-  const bool insert = use_cache && insert_into_cache && cold_bytes <= cache_->budget_bytes() / 2;
+  const bool insert = flags.use_cache && flags.insert_into_cache &&
+                      cold_bytes <= tiers_.cache().budget_bytes() / 2;
   // Sparse reads (retrieval): ask the kernel to start reading every cold
   // record now, so the disk sees many requests in flight instead of one
   // pread at a time (full scans rely on the kernel's sequential readahead).
   // Only header + payload: the summary after them is in RAM.
-  if (any_cold && insert_into_cache && fd_ >= 0) {
-    for (int64_t i : spans) {
-      const Span& s = spans_[i];
-      if (!s.hot)
-        ::posix_fadvise(fd_, off_t(s.record_offset),
-                        off_t(sizeof(RecordHeader) + size_t(s.tokens) * rb * 2),
-                        POSIX_FADV_WILLNEED);
-    }
-  }
+  if (any_cold && flags.insert_into_cache)
+    for (int64_t i : spans)
+      if (!tiers_.hot(i)) file_.AdviseWillNeed(i);
 
   // Fills one plan: hot or cached single spans are passed through without a
   // copy; cold spans are read straight into the (pooled) chunk buffer, K
@@ -69,59 +93,58 @@ Status SpanStore::StreamChunks(const std::vector<int64_t>& spans, bool use_cache
     Status status;
     size_t plan = 0;
     std::vector<uint8_t> buf;
-    SpanData view;  // zero-copy when view.owner != null
+    SpanTiers::View view;  // zero-copy when view.owner != null
   };
   auto fill = [&](size_t pi, Filled* out) {
     const Plan& p = plans[pi];
+    out->status = Status::Ok();
     out->plan = pi;
-    out->view = SpanData{};
+    out->view = SpanTiers::View{};
     if (p.last - p.first == 1) {
-      const Span& s = spans_[spans[p.first]];
-      SpanBuffer cached;
-      if (!s.hot && use_cache) cached = cache_->Get(store_id_, s.record_offset);
-      if (s.hot) {
-        out->view.owner = s.hot;
-        out->view.k = s.hot->data();
-        out->view.v = s.hot->data() + size_t(s.capacity) * rb;
+      const int64_t idx = spans[p.first];
+      if (tiers_.hot(idx)) {
+        out->view = tiers_.HotView(idx);
         return;
       }
-      if (cached) {
-        out->view.owner = cached;
-        out->view.k = cached->data();
-        out->view.v = cached->data() + size_t(s.tokens) * rb;
-        return;
+      if (flags.use_cache) {
+        if (SpanBuffer cached = tiers_.Cached(idx)) {
+          out->view.owner = cached;
+          out->view.k = cached->data();
+          out->view.v = cached->data() + size_t(index_.span(idx).tokens) * rb;
+          return;
+        }
       }
     }
     out->buf.resize(size_t(p.tokens) * rb * 2);
     uint8_t* k_block = out->buf.data();
     uint8_t* v_block = k_block + size_t(p.tokens) * rb;
     size_t row = 0;
-    std::vector<ColdRead> cold;
+    std::vector<SpanRecordFile::ColdRead> cold;
     for (size_t i = p.first; i < p.last; ++i) {
       const int64_t idx = spans[i];
-      const Span& s = spans_[idx];
-      const size_t n = size_t(s.tokens) * rb;
+      const size_t n = size_t(index_.span(idx).tokens) * rb;
+      const bool hot = tiers_.hot(idx);
       SpanBuffer cached;
-      if (!s.hot && use_cache) cached = cache_->Get(store_id_, s.record_offset);
-      if (s.hot || cached) {
-        const uint8_t* k = s.hot ? s.hot->data() : cached->data();
-        const uint8_t* v = s.hot ? s.hot->data() + size_t(s.capacity) * rb : cached->data() + n;
-        std::memcpy(k_block + row, k, n);
-        std::memcpy(v_block + row, v, n);
+      if (!hot && flags.use_cache) cached = tiers_.Cached(idx);
+      if (hot) {
+        std::memcpy(k_block + row, tiers_.hot_k(idx), n);
+        std::memcpy(v_block + row, tiers_.hot_v(idx), n);
+      } else if (cached) {
+        std::memcpy(k_block + row, cached->data(), n);
+        std::memcpy(v_block + row, cached->data() + n, n);
       } else {
-        cold.push_back(ColdRead{idx, k_block + row, v_block + row});
+        cold.push_back(SpanRecordFile::ColdRead{idx, k_block + row, v_block + row});
       }
       row += n;
     }
     if (cold.empty()) return;
-    out->status = ReadColdRun(cold.data(), cold.size());
+    out->status = file_.ReadCold(cold.data(), cold.size());
     if (!out->status.ok() || !insert) return;
-    for (const ColdRead& c : cold) {
-      const Span& s = spans_[c.span];
-      const size_t n = size_t(s.tokens) * rb;
+    for (const SpanRecordFile::ColdRead& c : cold) {
+      const size_t n = size_t(index_.span(c.span).tokens) * rb;
       auto kv = std::make_shared<std::vector<uint8_t>>(c.k, c.k + n);
       kv->insert(kv->end(), c.v, c.v + n);
-      cache_->Put(store_id_, s.record_offset, std::move(kv));
+      tiers_.InsertIntoCache(c.span, std::move(kv));
     }
   };
   auto visit = [&](const Filled& f) -> Status {
@@ -130,32 +153,55 @@ Status SpanStore::StreamChunks(const std::vector<int64_t>& spans, bool use_cache
     return visitor(f.buf.data(), f.buf.data() + size_t(p.tokens) * rb, p.position_start, p.tokens);
   };
 
-  auto take_buffer = [&]() {
-    std::lock_guard<std::mutex> lock(pool_mutex_);
-    std::vector<uint8_t> b;
-    if (!buffer_pool_.empty()) {
-      b = std::move(buffer_pool_.back());
-      buffer_pool_.pop_back();
-    }
-    return b;
-  };
-  auto give_buffer = [&](std::vector<uint8_t>&& b) {
-    if (b.capacity() == 0) return;
-    std::lock_guard<std::mutex> lock(pool_mutex_);
-    if (buffer_pool_.size() < size_t(options_.readahead_chunks) + 2)
-      buffer_pool_.push_back(std::move(b));
-  };
-
   if (!any_cold || plans.size() <= 1) {
     Filled f;
-    f.buf = take_buffer();
+    f.buf = TakeBuffer();
     Status st;
     for (size_t pi = 0; pi < plans.size() && st.ok(); ++pi) {
       fill(pi, &f);
       st = f.status.ok() ? visit(f) : f.status;
     }
-    give_buffer(std::move(f.buf));
+    GiveBuffer(std::move(f.buf));
     return st;
+  }
+
+  const size_t depth = readahead_chunks_;
+  if (spans_detail::g_chunk_stream_mode.load() == 1) {
+    // Pipeline: a serial in-order read stage, then the serial visit stage.
+    // depth + 1 tokens: `depth` chunks read ahead of the one being visited.
+    // Slot pi % tokens is free when plan pi is read: at most `tokens` plans
+    // are in flight and both stages are in order, so plan pi - tokens has
+    // left the visit stage.
+    const size_t tokens = depth + 1;
+    std::vector<Filled> slots(tokens);
+    std::atomic<bool> stop{false};
+    size_t next = 0;  // read stage only
+    Status result;    // visit stage only
+    tbb::parallel_pipeline(
+        tokens,
+        tbb::make_filter<void, Filled*>(tbb::filter_mode::serial_in_order,
+                                        [&](tbb::flow_control& fc) -> Filled* {
+                                          if (next == plans.size() || stop.load()) {
+                                            fc.stop();
+                                            return nullptr;
+                                          }
+                                          Filled* f = &slots[next % tokens];
+                                          if (f->buf.capacity() == 0) f->buf = TakeBuffer();
+                                          fill(next++, f);
+                                          if (!f->status.ok()) stop.store(true);
+                                          return f;
+                                        }) &
+            tbb::make_filter<Filled*, void>(tbb::filter_mode::serial_in_order, [&](Filled* f) {
+              if (!result.ok()) return;
+              Status st = f->status.ok() ? visit(*f) : f->status;
+              f->view = SpanTiers::View{};
+              if (!st.ok()) {
+                result = st;
+                stop.store(true);
+              }
+            }));
+    for (Filled& f : slots) GiveBuffer(std::move(f.buf));
+    return result;
   }
 
   // Prefetch thread: reads up to readahead_chunks plans ahead of the visitor.
@@ -164,7 +210,6 @@ Status SpanStore::StreamChunks(const std::vector<int64_t>& spans, bool use_cache
   std::deque<Filled> ready;
   std::vector<std::vector<uint8_t>> free_buffers;
   bool stop = false, producer_done = false;
-  const size_t depth = static_cast<size_t>(options_.readahead_chunks);
   std::thread producer([&] {
     for (size_t pi = 0; pi < plans.size(); ++pi) {
       Filled f;
@@ -177,7 +222,7 @@ Status SpanStore::StreamChunks(const std::vector<int64_t>& spans, bool use_cache
           free_buffers.pop_back();
         }
       }
-      if (f.buf.capacity() == 0) f.buf = take_buffer();
+      if (f.buf.capacity() == 0) f.buf = TakeBuffer();
       fill(pi, &f);
       const bool failed = !f.status.ok();
       {
@@ -218,30 +263,9 @@ Status SpanStore::StreamChunks(const std::vector<int64_t>& spans, bool use_cache
   }
   cv.notify_all();
   producer.join();
-  for (auto& b : free_buffers) give_buffer(std::move(b));
-  for (auto& f : ready) give_buffer(std::move(f.buf));
+  for (auto& b : free_buffers) GiveBuffer(std::move(b));
+  for (auto& f : ready) GiveBuffer(std::move(f.buf));
   return result;
-}
-
-Status SpanStore::ForEachChunk(const ChunkVisitor& visitor) const {
-  std::vector<int64_t> all(spans_.size());
-  for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int64_t>(i);
-  return StreamChunks(all, /*use_cache=*/true, /*insert_into_cache=*/false, false, false, visitor);
-}
-
-Status SpanStore::CheckSpanList(const std::vector<int64_t>& span_indices) const {
-  for (size_t i = 0; i < span_indices.size(); ++i) {
-    if (span_indices[i] < 0 || span_indices[i] >= span_count() ||
-        (i > 0 && span_indices[i] <= span_indices[i - 1]))
-      return Status::InvalidArgument("[spans] span_indices must be sorted, unique and in range");
-  }
-  return Status::Ok();
-}
-
-Status SpanStore::ForEachChunkOf(const std::vector<int64_t>& span_indices, bool use_cache,
-                                 const ChunkVisitor& visitor) const {
-  RINGTREE_RETURN_IF_ERROR(CheckSpanList(span_indices));
-  return StreamChunks(span_indices, use_cache, use_cache, false, false, visitor);
 }
 
 }  // namespace ringtree
