@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <mutex>
@@ -18,7 +19,7 @@
 namespace ringtree {
 
 namespace spans_detail {
-std::atomic<int> g_chunk_stream_mode{0};
+std::atomic<int> g_chunk_stream_mode{std::getenv("RINGTREE_CHUNK_STREAM_PIPELINE") ? 1 : 0};
 void SetChunkStreamModeForBenchmark(int mode) { g_chunk_stream_mode.store(mode); }
 }  // namespace spans_detail
 
