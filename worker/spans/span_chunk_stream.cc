@@ -1,27 +1,97 @@
 // SpanChunkStream: spans streamed to a visitor as chunks of contiguous
-// positions, cold spans read ahead of the visitor.
+// positions, cold spans read ahead of the visitor by a thread.
 #include "worker/spans/span_chunk_stream.h"
 
-#include <fcntl.h>
-#include <tbb/parallel_pipeline.h>
-
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
-#include <cstdlib>
 #include <cstring>
 #include <deque>
-#include <mutex>
 #include <thread>
-
-#include "worker/spans/span_store_internal.h"
 
 namespace ringtree {
 
-namespace spans_detail {
-std::atomic<int> g_chunk_stream_mode{std::getenv("RINGTREE_CHUNK_STREAM_PIPELINE") ? 1 : 0};
-void SetChunkStreamModeForBenchmark(int mode) { g_chunk_stream_mode.store(mode); }
-}  // namespace spans_detail
+namespace {
+
+// The hand-off between the read-ahead thread (producer) and the visitor
+// (consumer): at most `depth` filled chunks wait, and the buffers of visited
+// chunks go back to the producer.
+template <typename Filled>
+class ReadAheadQueue {
+ public:
+  explicit ReadAheadQueue(size_t depth) : depth_(depth) {}
+
+  // Producer: waits until fewer than `depth` chunks wait; false once stopped.
+  // Moves a recycled buffer, if any, into *buffer.
+  bool WaitForRoom(std::vector<uint8_t>* buffer) {
+    MutexLock lock(&mu_);
+    while (!stop_ && ready_.size() >= depth_) cv_.Wait(&mu_);
+    if (stop_) return false;
+    if (!free_.empty()) {
+      *buffer = std::move(free_.back());
+      free_.pop_back();
+    }
+    return true;
+  }
+  void Push(Filled&& filled) {
+    {
+      MutexLock lock(&mu_);
+      ready_.push_back(std::move(filled));
+    }
+    cv_.NotifyAll();
+  }
+  void ProducerDone() {
+    {
+      MutexLock lock(&mu_);
+      producer_done_ = true;
+    }
+    cv_.NotifyAll();
+  }
+  // Consumer: the next chunk in order; false when the producer is done and
+  // nothing waits.
+  bool Pop(Filled* filled) {
+    {
+      MutexLock lock(&mu_);
+      while (ready_.empty() && !producer_done_) cv_.Wait(&mu_);
+      if (ready_.empty()) return false;
+      *filled = std::move(ready_.front());
+      ready_.pop_front();
+    }
+    cv_.NotifyAll();
+    return true;
+  }
+  void Recycle(std::vector<uint8_t>&& buffer) {
+    if (buffer.capacity() == 0) return;
+    MutexLock lock(&mu_);
+    free_.push_back(std::move(buffer));
+  }
+  // Wakes and ends the producer at its next wait.
+  void Stop() {
+    {
+      MutexLock lock(&mu_);
+      stop_ = true;
+    }
+    cv_.NotifyAll();
+  }
+  // Every buffer the queue holds (free, and of chunks never visited).
+  std::vector<std::vector<uint8_t>> TakeBuffers() {
+    MutexLock lock(&mu_);
+    std::vector<std::vector<uint8_t>> out = std::move(free_);
+    free_.clear();
+    for (Filled& f : ready_) out.push_back(std::move(f.buf));
+    ready_.clear();
+    return out;
+  }
+
+ private:
+  const size_t depth_;
+  Mutex mu_;
+  CondVar cv_;
+  std::deque<Filled> ready_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::vector<uint8_t>> free_ ABSL_GUARDED_BY(mu_);
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  bool producer_done_ ABSL_GUARDED_BY(mu_) = false;
+};
+
+}  // namespace
 
 SpanChunkStream::SpanChunkStream(const SpanStoreOptions& options, const SpanIndex& index,
                                  const SpanTiers& tiers, const SpanRecordFile& file)
@@ -166,106 +236,47 @@ Status SpanChunkStream::Stream(const std::vector<int64_t>& spans, Flags flags,
     return st;
   }
 
-  const size_t depth = readahead_chunks_;
-  if (spans_detail::g_chunk_stream_mode.load() == 1) {
-    // Pipeline: a serial in-order read stage, then the serial visit stage.
-    // depth + 1 tokens: `depth` chunks read ahead of the one being visited.
-    // Slot pi % tokens is free when plan pi is read: at most `tokens` plans
-    // are in flight and both stages are in order, so plan pi - tokens has
-    // left the visit stage.
-    const size_t tokens = depth + 1;
-    std::vector<Filled> slots(tokens);
-    std::atomic<bool> stop{false};
-    size_t next = 0;  // read stage only
-    Status result;    // visit stage only
-    tbb::parallel_pipeline(
-        tokens,
-        tbb::make_filter<void, Filled*>(tbb::filter_mode::serial_in_order,
-                                        [&](tbb::flow_control& fc) -> Filled* {
-                                          if (next == plans.size() || stop.load()) {
-                                            fc.stop();
-                                            return nullptr;
-                                          }
-                                          Filled* f = &slots[next % tokens];
-                                          if (f->buf.capacity() == 0) f->buf = TakeBuffer();
-                                          fill(next++, f);
-                                          if (!f->status.ok()) stop.store(true);
-                                          return f;
-                                        }) &
-            tbb::make_filter<Filled*, void>(tbb::filter_mode::serial_in_order, [&](Filled* f) {
-              if (!result.ok()) return;
-              Status st = f->status.ok() ? visit(*f) : f->status;
-              f->view = SpanTiers::View{};
-              if (!st.ok()) {
-                result = st;
-                stop.store(true);
-              }
-            }));
-    for (Filled& f : slots) GiveBuffer(std::move(f.buf));
-    return result;
-  }
-
-  // Prefetch thread: reads up to readahead_chunks plans ahead of the visitor.
-  std::mutex mu;
-  std::condition_variable cv;
-  std::deque<Filled> ready;
-  std::vector<std::vector<uint8_t>> free_buffers;
-  bool stop = false, producer_done = false;
+  // Read-ahead thread: reads up to readahead_chunks plans ahead of the
+  // visitor. A thread rather than a tbb::parallel_pipeline stage: a read
+  // blocked in pread on a oneTBB worker is a core the visitor's kernels
+  // cannot use (measured: docs/ARCHITECTURE.md, "The chunk stream keeps a
+  // plain read-ahead thread").
+  ReadAheadQueue<Filled> queue(readahead_chunks_);
   std::thread producer([&] {
     for (size_t pi = 0; pi < plans.size(); ++pi) {
       Filled f;
-      {
-        std::unique_lock<std::mutex> lock(mu);
-        cv.wait(lock, [&] { return stop || ready.size() < depth; });
-        if (stop) break;
-        if (!free_buffers.empty()) {
-          f.buf = std::move(free_buffers.back());
-          free_buffers.pop_back();
-        }
-      }
+      if (!queue.WaitForRoom(&f.buf)) break;
       if (f.buf.capacity() == 0) f.buf = TakeBuffer();
       fill(pi, &f);
       const bool failed = !f.status.ok();
-      {
-        std::lock_guard<std::mutex> lock(mu);
-        ready.push_back(std::move(f));
-      }
-      cv.notify_all();
+      queue.Push(std::move(f));
       if (failed) break;
     }
-    {
-      std::lock_guard<std::mutex> lock(mu);
-      producer_done = true;
-    }
-    cv.notify_all();
+    queue.ProducerDone();
   });
   Status result;
-  while (true) {
-    Filled f;
-    {
-      std::unique_lock<std::mutex> lock(mu);
-      cv.wait(lock, [&] { return !ready.empty() || producer_done; });
-      if (ready.empty()) break;
-      f = std::move(ready.front());
-      ready.pop_front();
-    }
-    cv.notify_all();
-    if (f.status.ok()) f.status = visit(f);
-    if (!f.status.ok()) {
-      result = f.status;
-      break;
-    }
-    std::lock_guard<std::mutex> lock(mu);
-    if (!f.buf.empty()) free_buffers.push_back(std::move(f.buf));
-  }
   {
-    std::lock_guard<std::mutex> lock(mu);
-    stop = true;
+    // Stops and joins the producer however this scope is left (an error, or
+    // an exception from the visitor), before the buffers are collected.
+    struct Join {
+      ReadAheadQueue<Filled>& queue;
+      std::thread& thread;
+      ~Join() {
+        queue.Stop();
+        thread.join();
+      }
+    } join{queue, producer};
+    Filled f;
+    while (queue.Pop(&f)) {
+      if (f.status.ok()) f.status = visit(f);
+      queue.Recycle(std::move(f.buf));
+      if (!f.status.ok()) {
+        result = std::move(f.status);
+        break;
+      }
+    }
   }
-  cv.notify_all();
-  producer.join();
-  for (auto& b : free_buffers) GiveBuffer(std::move(b));
-  for (auto& f : ready) GiveBuffer(std::move(f.buf));
+  for (auto& b : queue.TakeBuffers()) GiveBuffer(std::move(b));
   return result;
 }
 

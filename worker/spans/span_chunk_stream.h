@@ -1,6 +1,7 @@
 // SpanChunkStream: streams spans to a visitor as chunks of contiguous
-// positions (at most chunk_tokens each), reading cold spans ahead of the
-// visitor. Owns the pool of chunk buffers (fresh multi-MB buffers cost a page
+// positions (at most chunk_tokens each); when any span is cold, a read-ahead
+// thread per call reads chunks ahead of the visitor (not a
+// tbb::parallel_pipeline: measured slower, docs/ARCHITECTURE.md). Owns the pool of chunk buffers (fresh multi-MB buffers cost a page
 // fault per 4 KiB on every call: measured 10x slower streaming in a VM).
 //
 // Contract of a stream: chunks reach the visitor in order; it stops at the
@@ -10,7 +11,8 @@
 // freed) when Stream returns, whichever way it returns.
 //
 // Threading: Stream is const and may run concurrently with itself (each call
-// has its own read-ahead); the pool is guarded by pool_mutex_. Reads the
+// has its own read-ahead thread and queue, whose lock is compiler-checked);
+// the pool is guarded by pool_mutex_. Reads the
 // index, tiers and file without locks, so no mutator of the store may run
 // meanwhile (SpanStore's contract).
 #pragma once

@@ -34,8 +34,4 @@ std::string Where(const std::string& path, uint64_t offset);
 // kv_heads, and q / out are non-null when q_tokens > 0.
 Status CheckQuery(int kv_heads, const float* q, int64_t q_tokens, int heads, const float* out);
 
-// Benchmark hook (temporary, for the A/B of issue 13): 0 = read-ahead
-// thread, 1 = tbb::parallel_pipeline.
-void SetChunkStreamModeForBenchmark(int mode);
-
 }  // namespace ringtree::spans_detail
