@@ -147,8 +147,8 @@ Status SpanChunkStream::Stream(const std::vector<int64_t>& spans, Flags flags,
   }
   // A read bigger than the cache would only evict itself (and everything
   // else): cache sparse reads only when they fit comfortably.
-  const bool insert = flags.use_cache && flags.insert_into_cache &&
-                      cold_bytes <= tiers_.cache().budget_bytes() / 2;
+  const bool insert =
+      flags.use_cache && flags.insert_into_cache && cold_bytes <= tiers_.cache().budget_bytes() / 2;
   // Sparse reads (retrieval): ask the kernel to start reading every cold
   // record now, so the disk sees many requests in flight instead of one
   // pread at a time (full scans rely on the kernel's sequential readahead).

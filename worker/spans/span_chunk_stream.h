@@ -1,8 +1,9 @@
 // SpanChunkStream: streams spans to a visitor as chunks of contiguous
 // positions (at most chunk_tokens each); when any span is cold, a read-ahead
 // thread per call reads chunks ahead of the visitor (not a
-// tbb::parallel_pipeline: measured slower, docs/ARCHITECTURE.md). Owns the pool of chunk buffers (fresh multi-MB buffers cost a page
-// fault per 4 KiB on every call: measured 10x slower streaming in a VM).
+// tbb::parallel_pipeline: measured slower, docs/ARCHITECTURE.md). Owns the pool of chunk buffers
+// (fresh multi-MB buffers cost a page fault per 4 KiB on every call: measured 10x slower streaming
+// in a VM).
 //
 // Contract of a stream: chunks reach the visitor in order; it stops at the
 // first error (a read's DATA_LOSS / IO_ERROR or the visitor's status, which
@@ -41,13 +42,13 @@ class SpanChunkStream {
     bool insert_into_cache = false;  // sparse reads: cache what is read (if it fits) and
                                      // fadvise(WILLNEED) every cold record first
     bool split_per_span = false;     // one chunk per span
-    bool gather = false;  // chunks may join spans that are not position-contiguous (the
-                          // visitor must not rely on positions; every key visible)
+    bool gather = false;             // chunks may join spans that are not position-contiguous (the
+                                     // visitor must not rely on positions; every key visible)
   };
 
   // index, tiers and file outlive this object.
-  SpanChunkStream(const SpanStoreOptions& options, const SpanIndex& index,
-                  const SpanTiers& tiers, const SpanRecordFile& file);
+  SpanChunkStream(const SpanStoreOptions& options, const SpanIndex& index, const SpanTiers& tiers,
+                  const SpanRecordFile& file);
 
   // Streams `spans` (indices into the index, in the order given).
   Status Stream(const std::vector<int64_t>& spans, Flags flags, const Visitor& visitor) const;

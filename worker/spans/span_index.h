@@ -76,7 +76,9 @@ class SpanIndex {
     return (summary_floats_per_span() + size_t(kv_heads_) * head_dim_) * sizeof(float);
   }
   const float* key_summary(int64_t i) const { return &summaries_[i * summary_floats_per_span()]; }
-  const float* value_mean(int64_t i) const { return &value_means_[size_t(i) * kv_heads_ * head_dim_]; }
+  const float* value_mean(int64_t i) const {
+    return &value_means_[size_t(i) * kv_heads_ * head_dim_];
+  }
   size_t summary_bytes() const;  // RAM used by the index
 
   // See SpanStore::Score, EstimateSpans and SplitSpans (same contracts).

@@ -147,8 +147,9 @@ Status SpanStore::FinishOpen(RecoveryReport* report) {
 
 SpanInfo SpanStore::Info(int64_t i, int64_t context_end) const {
   const SpanIndex::Entry& s = index_.span(i);
-  return SpanInfo{i,      s.position_start, s.tokens, tiers_.hot(i) ? SpanTier::kHot : SpanTier::kCold,
-                  s.sink, index_.IsWindow(i, context_end)};
+  return SpanInfo{i,        s.position_start,
+                  s.tokens, tiers_.hot(i) ? SpanTier::kHot : SpanTier::kCold,
+                  s.sink,   index_.IsWindow(i, context_end)};
 }
 
 Status SpanStore::WriteRecord(int64_t span) {
@@ -184,9 +185,7 @@ Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, 
             ") must hold 1.." + std::to_string(S) + " tokens (span_tokens), inside the append");
     }
   }
-  auto open_tail = [&]() {
-    return index_.size() > 0 && !index_.span(index_.size() - 1).sealed;
-  };
+  auto open_tail = [&]() { return index_.size() > 0 && !index_.span(index_.size() - 1).sealed; };
   // Spans this append touches; the first may be the open tail span.
   int64_t new_spans = (position_start + tokens - 1) / S - position_start / S + 1;
   if (open_tail() && end_position() == position_start) --new_spans;
@@ -358,9 +357,9 @@ Status SpanStore::AttendStreamed(const std::vector<int64_t>& spans, bool insert_
     MergePartials(o, lse, o_chunk.data(), lse_chunk.data(), rows, D);
     return Status::Ok();
   };
-  return stream_.Stream(spans,
-                        {.use_cache = true, .insert_into_cache = insert_into_cache, .gather = gather},
-                        visitor);
+  return stream_.Stream(
+      spans, {.use_cache = true, .insert_into_cache = insert_into_cache, .gather = gather},
+      visitor);
 }
 
 Status SpanStore::AttendSpans(const std::vector<int64_t>& span_indices, const float* q,
@@ -551,12 +550,12 @@ Status SpanStore::RetrieveKV(const float* q, int64_t q_tokens, int heads,
   std::sort(list.begin(), list.end());
   const int64_t end = request.context_end >= 0 ? request.context_end : end_position();
   size_t next = 0;
-  return stream_.Stream(
-      list, {.use_cache = true, .insert_into_cache = true, .split_per_span = true},
-      [&](const void* k, const void* v, int64_t, int64_t) -> Status {
-        const int64_t i = list[next++];
-        return visitor(Info(i, end), k, v);
-      });
+  return stream_.Stream(list,
+                        {.use_cache = true, .insert_into_cache = true, .split_per_span = true},
+                        [&](const void* k, const void* v, int64_t, int64_t) -> Status {
+                          const int64_t i = list[next++];
+                          return visitor(Info(i, end), k, v);
+                        });
 }
 
 std::vector<SpanInfo> SpanStore::Spans() const {

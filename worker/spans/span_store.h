@@ -250,7 +250,7 @@ class SpanStore {
   // Bytes of the records the spans use (the rest is dead).
   size_t live_disk_bytes() const { return file_.live_bytes(); }
   uint32_t file_generation() const { return file_.generation(); }
-  int64_t compactions() const { return file_.compactions(); }  // since this object was made
+  int64_t compactions() const { return file_.compactions(); }      // since this object was made
   size_t summary_bytes() const { return index_.summary_bytes(); }  // RAM used by the index
   const SpanStoreOptions& options() const { return options_; }
   const std::string& file_path() const { return file_.path(); }

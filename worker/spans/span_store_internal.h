@@ -1,7 +1,6 @@
 // Internal to the span store's classes (span_store.cc, span_index.cc,
-// span_record_file.cc, span_tiers.cc, span_chunk_stream.cc): shared
-// constants, POSIX file helpers and the query check. Not part of the public
-// API; include only from those files.
+// span_record_file.cc): shared constants, POSIX file helpers and the query
+// check. Not part of the public API; include only from those files.
 #pragma once
 
 #include <sys/uio.h>

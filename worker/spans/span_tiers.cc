@@ -12,8 +12,7 @@ namespace {
 std::atomic<uint64_t> g_next_store_id{1};
 }  // namespace
 
-SpanTiers::SpanTiers(const SpanStoreOptions& options, const SpanIndex& index,
-                     SpanRecordFile& file)
+SpanTiers::SpanTiers(const SpanStoreOptions& options, const SpanIndex& index, SpanRecordFile& file)
     : index_(index),
       file_(file),
       row_bytes_(size_t(options.kv_heads) * options.head_dim * DTypeSize(options.dtype)),
