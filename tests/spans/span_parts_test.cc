@@ -9,6 +9,7 @@
 #include <cstring>
 #include <filesystem>
 #include <limits>
+#include <stdexcept>
 
 #include "tests/spans/spans_test_util.h"
 #include "worker/spans/span_chunk_stream.h"
@@ -345,6 +346,22 @@ TEST_F(SpanPartsFileTest, ChunkStreamStopsAtTheFirstError) {
   });
   EXPECT_EQ(st.code(), StatusCode::kInternal);
   EXPECT_EQ(visits, 3);
+
+  // A visitor that throws: the read-ahead thread is stopped and joined (no
+  // std::terminate), the exception reaches the caller, and the next stream works.
+  visits = 0;
+  EXPECT_THROW((void)p.stream.Stream(all, {},
+                                     [&](const void*, const void*, int64_t, int64_t) -> Status {
+                                       if (++visits == 2)
+                                         throw std::runtime_error("visitor failed");
+                                       return Status::Ok();
+                                     }),
+               std::runtime_error);
+  EXPECT_EQ(visits, 2);
+  EXPECT_TRUE(
+      p.stream
+          .Stream(all, {}, [](const void*, const void*, int64_t, int64_t) { return Status::Ok(); })
+          .ok());
 
   // A corrupt cold record: DATA_LOSS, and the chunks before it were visited.
   {
