@@ -3,7 +3,7 @@
 namespace ringtree {
 
 SpanBuffer SpanCache::Get(uint64_t store_id, uint64_t record_offset) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&mutex_);
   auto it = index_.find(Key{store_id, record_offset});
   if (it == index_.end()) {
     ++misses_;
@@ -16,7 +16,7 @@ SpanBuffer SpanCache::Get(uint64_t store_id, uint64_t record_offset) {
 
 void SpanCache::Put(uint64_t store_id, uint64_t record_offset, SpanBuffer buffer) {
   if (!buffer || buffer->size() > budget_bytes_) return;
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&mutex_);
   Key key{store_id, record_offset};
   auto it = index_.find(key);
   if (it != index_.end()) {
@@ -36,7 +36,7 @@ void SpanCache::Put(uint64_t store_id, uint64_t record_offset, SpanBuffer buffer
 }
 
 void SpanCache::EraseStore(uint64_t store_id) {
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&mutex_);
   for (auto it = lru_.begin(); it != lru_.end();) {
     if (it->key.store_id == store_id) {
       bytes_ -= it->buffer->size();
@@ -49,15 +49,15 @@ void SpanCache::EraseStore(uint64_t store_id) {
 }
 
 size_t SpanCache::bytes() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&mutex_);
   return bytes_;
 }
 uint64_t SpanCache::hits() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&mutex_);
   return hits_;
 }
 uint64_t SpanCache::misses() const {
-  std::lock_guard<std::mutex> lock(mutex_);
+  MutexLock lock(&mutex_);
   return misses_;
 }
 

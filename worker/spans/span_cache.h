@@ -6,9 +6,10 @@
 #include <cstdint>
 #include <list>
 #include <memory>
-#include <mutex>
 #include <unordered_map>
 #include <vector>
+
+#include "base/mutex.h"
 
 namespace ringtree {
 
@@ -52,11 +53,11 @@ class SpanCache {
   };
 
   const size_t budget_bytes_;
-  mutable std::mutex mutex_;
-  std::list<Entry> lru_;  // front = most recently used; guarded by mutex_
-  std::unordered_map<Key, std::list<Entry>::iterator, KeyHash> index_;  // guarded by mutex_
-  size_t bytes_ = 0;                                                    // guarded by mutex_
-  uint64_t hits_ = 0, misses_ = 0;                                      // guarded by mutex_
+  mutable Mutex mutex_;
+  std::list<Entry> lru_ ABSL_GUARDED_BY(mutex_);  // front = most recently used
+  std::unordered_map<Key, std::list<Entry>::iterator, KeyHash> index_ ABSL_GUARDED_BY(mutex_);
+  size_t bytes_ ABSL_GUARDED_BY(mutex_) = 0;
+  uint64_t hits_ ABSL_GUARDED_BY(mutex_) = 0, misses_ ABSL_GUARDED_BY(mutex_) = 0;
 };
 
 }  // namespace ringtree

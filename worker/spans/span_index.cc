@@ -1,32 +1,74 @@
-// SpanStore, the index: per-span key summaries (max, min, mean per kv head)
-// and mean values, scoring a query block against them, the summary estimate
-// of skipped spans, and the always/candidate split for retrieval.
+// SpanIndex: key summaries and mean values, scoring, the summary estimate of
+// skipped spans, and the always/candidate split for retrieval.
+#include "worker/spans/span_index.h"
+
 #include <tbb/blocked_range.h>
 #include <tbb/parallel_for.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 
 #include "kernels/blas.h"
-#include "worker/spans/span_store.h"
 #include "worker/spans/span_store_internal.h"
 
 namespace ringtree {
 
-using namespace spans_detail;  // NOLINT: this file is part of SpanStore
+using spans_detail::CheckQuery;
+using spans_detail::kNegInfF;
 
-void SpanStore::UpdateSummary(int64_t span, int32_t from_row, int32_t to_row) {
-  const int H = options_.kv_heads, D = options_.head_dim;
-  const size_t rb = row_bytes();
-  Span& s = spans_[span];
+SpanIndex::SpanIndex(const SpanStoreOptions& o)
+    : kv_heads_(o.kv_heads),
+      head_dim_(o.head_dim),
+      dtype_(o.dtype),
+      span_tokens_(o.span_tokens),
+      sink_tokens_(o.sink_tokens),
+      window_tokens_(o.window_tokens) {}
+
+int64_t SpanIndex::end_position() const {
+  if (entries_.empty()) return 0;
+  return entries_.back().position_start + entries_.back().tokens;
+}
+
+bool SpanIndex::IsWindow(int64_t i, int64_t context_end) const {
+  const Entry& s = entries_[i];
+  return s.position_start + s.tokens > context_end - window_tokens_;
+}
+
+int64_t SpanIndex::StartSpan(int64_t position) {
+  Entry e;
+  e.position_start = position;
+  e.sink = position < sink_tokens_;
+  entries_.push_back(e);
+  const int H = kv_heads_, D = head_dim_;
+  const size_t nf = summary_floats_per_span();
+  summaries_.resize(entries_.size() * nf);
+  float* sum = &summaries_[(entries_.size() - 1) * nf];
+  for (int g = 0; g < H; ++g) {
+    float* mx = sum + size_t(g) * 3 * D;
+    std::fill(mx, mx + D, -std::numeric_limits<float>::infinity());
+    std::fill(mx + D, mx + 2 * D, std::numeric_limits<float>::infinity());
+    std::fill(mx + 2 * D, mx + 3 * D, 0.0f);
+  }
+  max_abs_.resize(entries_.size() * H, 0.0f);
+  value_means_.resize(entries_.size() * size_t(H) * D, 0.0f);
+  key_sums_.assign(size_t(H) * D, 0.0);
+  value_sums_.assign(size_t(H) * D, 0.0);
+  return size() - 1;
+}
+
+void SpanIndex::AddRows(const uint8_t* k, const uint8_t* v, int32_t rows) {
+  const int H = kv_heads_, D = head_dim_;
+  const size_t rb = size_t(H) * D * DTypeSize(dtype_);
+  const int64_t span = size() - 1;
+  Entry& s = entries_[span];
   float* sum = &summaries_[span * summary_floats_per_span()];
   std::vector<float> row(size_t(H) * D);
-  for (int32_t t = from_row; t < to_row; ++t) {
-    ConvertToFloat32(options_.dtype, s.hot->data() + (size_t(s.capacity) + t) * rb, row.data(),
-                     row.size());
+  for (int32_t t = 0; t < rows; ++t) {
+    ConvertToFloat32(dtype_, v + size_t(t) * rb, row.data(), row.size());
     for (size_t j = 0; j < row.size(); ++j) value_sums_[j] += row[j];
-    ConvertToFloat32(options_.dtype, s.hot->data() + size_t(t) * rb, row.data(), row.size());
+    ConvertToFloat32(dtype_, k + size_t(t) * rb, row.data(), row.size());
     for (int g = 0; g < H; ++g) {
       float* mx = sum + size_t(g) * 3 * D;
       float* mn = mx + D;
@@ -42,7 +84,9 @@ void SpanStore::UpdateSummary(int64_t span, int32_t from_row, int32_t to_row) {
       max_abs_[span * H + g] = m;
     }
   }
-  const double inv = 1.0 / double(to_row);
+  s.tokens += rows;
+  total_tokens_ += rows;
+  const double inv = 1.0 / double(s.tokens);
   for (int g = 0; g < H; ++g) {
     float* mean = sum + size_t(g) * 3 * D + 2 * D;
     for (int d = 0; d < D; ++d) mean[d] = static_cast<float>(key_sums_[size_t(g) * D + d] * inv);
@@ -51,13 +95,82 @@ void SpanStore::UpdateSummary(int64_t span, int32_t from_row, int32_t to_row) {
   for (size_t j = 0; j < size_t(H) * D; ++j) vmean[j] = static_cast<float>(value_sums_[j] * inv);
 }
 
-Result<SpanScores> SpanStore::Score(const float* q, int64_t q_tokens, int heads,
+void SpanIndex::Seal(int64_t i, bool closed) {
+  entries_[i].sealed = true;
+  entries_[i].closed = closed;
+}
+
+void SpanIndex::RestoreSpan(int64_t i, int64_t position_start, int32_t tokens, bool closed,
+                            const float* record_summary) {
+  const int H = kv_heads_, D = head_dim_;
+  const size_t index_floats = summary_floats_per_span();
+  Entry e;
+  e.position_start = position_start;
+  e.tokens = tokens;
+  e.sealed = true;  // FinishRecovery decides for the tail
+  e.closed = closed;
+  e.sink = position_start < sink_tokens_;
+  if (i == size()) {
+    entries_.push_back(e);
+    summaries_.resize(entries_.size() * index_floats);
+    value_means_.resize(entries_.size() * size_t(H) * D);
+    max_abs_.resize(entries_.size() * H);
+    total_tokens_ += tokens;
+  } else {  // rewrite of the last (partial) span
+    total_tokens_ += tokens - entries_[i].tokens;
+    entries_[i] = e;
+  }
+  float* dst = &summaries_[i * index_floats];
+  std::memcpy(dst, record_summary, index_floats * sizeof(float));
+  std::memcpy(&value_means_[i * size_t(H) * D], record_summary + index_floats,
+              size_t(H) * D * sizeof(float));
+  for (int g = 0; g < H; ++g) {
+    float m = 0.0f;
+    const float* mx = dst + size_t(g) * 3 * D;
+    const float* mn = mx + D;
+    for (int d = 0; d < D; ++d) m = std::max(m, std::max(std::fabs(mx[d]), std::fabs(mn[d])));
+    max_abs_[i * H + g] = m;
+  }
+}
+
+void SpanIndex::FinishRecovery() {
+  for (size_t i = 0; i < entries_.size(); ++i) {
+    Entry& s = entries_[i];
+    s.sealed = (i + 1 < entries_.size()) || ((s.position_start + s.tokens) % span_tokens_ == 0) ||
+               s.tokens == span_tokens_ || s.closed;
+  }
+}
+
+void SpanIndex::RestartRunningSums(const uint8_t* k, const uint8_t* v, int32_t tokens) {
+  const size_t n = size_t(kv_heads_) * head_dim_;
+  const size_t rb = n * DTypeSize(dtype_);
+  key_sums_.assign(n, 0.0);
+  value_sums_.assign(n, 0.0);
+  std::vector<float> row(n);
+  for (int32_t t = 0; t < tokens; ++t) {
+    ConvertToFloat32(dtype_, k + size_t(t) * rb, row.data(), n);
+    for (size_t j = 0; j < n; ++j) key_sums_[j] += row[j];
+    ConvertToFloat32(dtype_, v + size_t(t) * rb, row.data(), n);
+    for (size_t j = 0; j < n; ++j) value_sums_[j] += row[j];
+  }
+}
+
+void SpanIndex::Truncate(int64_t count) {
+  if (count >= size()) return;
+  for (int64_t i = count; i < size(); ++i) total_tokens_ -= entries_[i].tokens;
+  entries_.resize(size_t(count));
+  summaries_.resize(size_t(count) * summary_floats_per_span());
+  max_abs_.resize(size_t(count) * kv_heads_);
+  value_means_.resize(size_t(count) * kv_heads_ * head_dim_);
+}
+
+Result<SpanScores> SpanIndex::Score(const float* q, int64_t q_tokens, int heads,
                                     const AttentionOptions& options) const {
-  RINGTREE_RETURN_IF_ERROR(CheckQuery(options_, q, q_tokens, heads, q));
-  const int D = options_.head_dim, Hkv = options_.kv_heads;
+  RINGTREE_RETURN_IF_ERROR(CheckQuery(kv_heads_, q, q_tokens, heads, q));
+  const int D = head_dim_, Hkv = kv_heads_;
   const int G = heads / Hkv;
   const int64_t rows = q_tokens * heads;
-  const int64_t n = span_count();
+  const int64_t n = size();
   const float scale = ResolveScale(options, D);
   SpanScores scores;
   scores.spans = n;
@@ -88,8 +201,6 @@ Result<SpanScores> SpanStore::Score(const float* q, int64_t q_tokens, int heads,
         l1[size_t(g) * J + j] = static_cast<float>(a);
       }
   if (GetBlasThreads() != 1) SetBlasThreads(1);
-  const SpanScoreMode mode_unused = SpanScoreMode::kUpperBound;
-  (void)mode_unused;
   const int64_t block = 512;
   const int64_t blocks = (n + block - 1) / block;
   const size_t lda = size_t(Hkv) * 3 * D;
@@ -107,7 +218,7 @@ Result<SpanScores> SpanStore::Score(const float* q, int64_t q_tokens, int heads,
                   &qm[size_t(g) * J * D], D, 0.0f, mean.data(), int(J));
             for (int64_t i = 0; i < nb; ++i) {
               const int64_t s = s0 + i;
-              const Span& sp = spans_[s];
+              const Entry& sp = entries_[s];
               const float ma = max_abs_[s * Hkv + g];
               for (int64_t t = 0; t < q_tokens; ++t) {
                 if (options.causal && sp.position_start > options.q_position_offset + t) continue;
@@ -130,20 +241,20 @@ Result<SpanScores> SpanStore::Score(const float* q, int64_t q_tokens, int heads,
   return scores;
 }
 
-Status SpanStore::EstimateSpans(const SpanScores& scores, const std::vector<int64_t>& span_indices,
+Status SpanIndex::EstimateSpans(const SpanScores& scores, const std::vector<int64_t>& span_indices,
                                 int heads, const float* log_offset, float* o, float* lse) const {
-  const int D = options_.head_dim, Hkv = options_.kv_heads;
+  const int D = head_dim_, Hkv = kv_heads_;
   if (heads < 1 || heads % Hkv != 0)
     return Status::InvalidArgument(
         "[spans.estimate] heads must be a positive multiple of kv_heads");
   const int64_t rows = scores.rows;
-  if (rows % heads != 0 || scores.spans != span_count() ||
+  if (rows % heads != 0 || scores.spans != size() ||
       scores.mean.size() != size_t(scores.spans * rows))
     return Status::InvalidArgument("[spans.estimate] scores do not come from this store and heads");
   if (rows > 0 && (o == nullptr || lse == nullptr))
     return Status::InvalidArgument("[spans.estimate] o/lse is null");
   for (int64_t s : span_indices)
-    if (s < 0 || s >= span_count())
+    if (s < 0 || s >= size())
       return Status::InvalidArgument("[spans.estimate] span index out of range");
   const int G = heads / Hkv;
   std::fill(o, o + rows * D, 0.0f);
@@ -153,7 +264,7 @@ Status SpanStore::EstimateSpans(const SpanScores& scores, const std::vector<int6
   // Pass 1: per-row max of the log-masses, so every weight is in (0, 1].
   std::vector<float> max_log(rows, kNegInfF);
   for (int64_t s : span_indices) {
-    const float lt = std::log(static_cast<float>(spans_[s].tokens));
+    const float lt = std::log(static_cast<float>(entries_[s].tokens));
     const float* m = &scores.mean[size_t(s) * rows];
     for (int64_t r = 0; r < rows; ++r) max_log[r] = std::max(max_log[r], m[r] + lt);
   }
@@ -170,7 +281,7 @@ Status SpanStore::EstimateSpans(const SpanScores& scores, const std::vector<int6
     const int64_t end = std::min(n, (b + 1) * block);
     for (int64_t i = b * block; i < end; ++i) {
       const int64_t s = span_indices[i];
-      const float lt = std::log(static_cast<float>(spans_[s].tokens));
+      const float lt = std::log(static_cast<float>(entries_[s].tokens));
       const float* m = &scores.mean[size_t(s) * rows];
       const float* vm = &value_means_[size_t(s) * Hkv * D];
       for (int64_t r = 0; r < rows; ++r) {
@@ -200,26 +311,26 @@ Status SpanStore::EstimateSpans(const SpanScores& scores, const std::vector<int6
   return Status::Ok();
 }
 
-void SpanStore::SplitSpans(const AttentionOptions& options, int64_t q_tokens,
+void SpanIndex::SplitSpans(const AttentionOptions& options, int64_t q_tokens,
                            const RetrievalRequest& request, std::vector<int64_t>* always,
                            std::vector<int64_t>* candidates) const {
   always->clear();
   candidates->clear();
   const int64_t end = request.context_end >= 0 ? request.context_end : end_position();
   const int64_t last_q = options.q_position_offset + q_tokens - 1;
-  for (int64_t i = 0; i < span_count(); ++i) {
-    const Span& s = spans_[i];
+  for (int64_t i = 0; i < size(); ++i) {
+    const Entry& s = entries_[i];
     if (options.causal && s.position_start > last_q) continue;
-    if (s.sink || IsWindow(s, end))
+    if (s.sink || IsWindow(i, end))
       always->push_back(i);
     else
       candidates->push_back(i);
   }
 }
 
-size_t SpanStore::summary_bytes() const {
+size_t SpanIndex::summary_bytes() const {
   return summaries_.size() * sizeof(float) + max_abs_.size() * sizeof(float) +
-         value_means_.size() * sizeof(float) + spans_.size() * sizeof(Span);
+         value_means_.size() * sizeof(float) + entries_.size() * sizeof(Entry);
 }
 
 }  // namespace ringtree

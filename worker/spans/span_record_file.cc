@@ -1,6 +1,8 @@
-// SpanStore, the record file: the append-only span file of checksummed
-// records, the manifest, recovery at open, compaction, reads of cold records
-// (verified) and the scrub (VerifyAll).
+// SpanRecordFile: the append-only span file of checksummed records, the
+// manifest, recovery at open, compaction, verified reads of cold records and
+// the scrub (VerifyAll).
+#include "worker/spans/span_record_file.h"
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
@@ -12,12 +14,11 @@
 #include <cstring>
 
 #include "base/file_sync.h"
-#include "worker/spans/span_store.h"
 #include "worker/spans/span_store_internal.h"
 
 namespace ringtree {
 
-using namespace spans_detail;  // NOLINT: this file is part of SpanStore
+using namespace spans_detail;  // NOLINT: the store's internal helpers
 
 namespace spans_detail {
 
@@ -90,61 +91,51 @@ std::string Where(const std::string& path, uint64_t offset) {
 
 }  // namespace spans_detail
 
-Status SpanStore::OpenFile(bool create) {
-  file_path_ = options_.data_dir + "/" + SpanFileName(file_generation_);
+SpanRecordFile::SpanRecordFile(const SpanStoreOptions& options, const SpanIndex& index)
+    : options_(options), data_dir_(options.data_dir), index_(index) {}
+
+SpanRecordFile::~SpanRecordFile() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+size_t SpanRecordFile::row_bytes() const {
+  return size_t(options_.kv_heads) * options_.head_dim * DTypeSize(options_.dtype);
+}
+
+Status SpanRecordFile::OpenFile(bool create) {
+  path_ = data_dir_ + "/" + SpanFileName(generation_);
   int flags = O_RDWR | O_CLOEXEC | (create ? (O_CREAT | O_TRUNC) : 0);
-  fd_ = ::open(file_path_.c_str(), flags, 0644);
-  if (fd_ < 0) return Errno("open", file_path_);
+  fd_ = ::open(path_.c_str(), flags, 0644);
+  if (fd_ < 0) return Errno("open", path_);
   return Status::Ok();
 }
 
-Status SpanStore::Recover(const Manifest& manifest, RecoveryReport* report) {
+Status SpanRecordFile::Create() {
+  generation_ = 0;
+  return OpenFile(/*create=*/true);
+}
+
+Status SpanRecordFile::Open(const Manifest& manifest, SpanIndex* index, RecoveryReport* report) {
+  generation_ = manifest.file_generation;
+  RINGTREE_RETURN_IF_ERROR(OpenFile(/*create=*/false));
   struct stat st;
-  if (::fstat(fd_, &st) != 0) return Errno("fstat", file_path_);
+  if (::fstat(fd_, &st) != 0) return Errno("fstat", path_);
   const uint64_t file_size = static_cast<uint64_t>(st.st_size);
   if (file_size < manifest.committed_file_bytes)
-    return Status::DataLoss("[spans] " + file_path_ + ": file is " + std::to_string(file_size) +
+    return Status::DataLoss("[spans] " + path_ + ": file is " + std::to_string(file_size) +
                             " bytes, manifest committed " +
                             std::to_string(manifest.committed_file_bytes) + " (truncated)");
-  const size_t summary_bytes = record_summary_bytes();
-  const size_t index_floats = summary_floats_per_span();
+  const size_t summary_bytes = index->record_summary_bytes();
   const size_t rb = row_bytes();
   const int D = options_.head_dim, H = options_.kv_heads;
 
   auto add_span = [&](const RecordHeader& h, const float* summary, uint64_t offset,
                       uint64_t record_bytes) {
-    Span s;
-    s.position_start = h.position_start;
-    s.tokens = static_cast<int32_t>(h.tokens);
-    s.capacity = s.tokens;
-    s.sealed = true;  // fixed below for the tail
-    s.closed = (h.flags & kRecordClosed) != 0;
-    s.sink = s.position_start < options_.sink_tokens;
-    s.record_offset = offset;
-    s.record_bytes = record_bytes;
-    s.persisted_tokens = s.tokens;
     const int64_t idx = static_cast<int64_t>(h.span_index);
-    if (idx == span_count()) {
-      spans_.push_back(s);
-      summaries_.resize(spans_.size() * index_floats);
-      value_means_.resize(spans_.size() * size_t(H) * D);
-      max_abs_.resize(spans_.size() * H);
-      total_tokens_ += s.tokens;
-    } else {  // rewrite of the last (partial) span
-      total_tokens_ += s.tokens - spans_[idx].tokens;
-      spans_[idx] = s;
-    }
-    float* dst = &summaries_[idx * index_floats];
-    std::memcpy(dst, summary, index_floats * sizeof(float));
-    std::memcpy(&value_means_[idx * size_t(H) * D], summary + index_floats,
-                size_t(H) * D * sizeof(float));
-    for (int g = 0; g < H; ++g) {
-      float m = 0.0f;
-      const float* mx = dst + size_t(g) * 3 * D;
-      const float* mn = mx + D;
-      for (int d = 0; d < D; ++d) m = std::max(m, std::max(std::fabs(mx[d]), std::fabs(mn[d])));
-      max_abs_[idx * H + g] = m;
-    }
+    index->RestoreSpan(idx, h.position_start, static_cast<int32_t>(h.tokens),
+                       (h.flags & kRecordClosed) != 0, summary);
+    if (idx >= int64_t(locations_.size())) locations_.resize(size_t(idx) + 1);
+    locations_[idx] = Location{offset, record_bytes, static_cast<int32_t>(h.tokens)};
   };
 
   // 1. Committed spans: verify header + summary of each record (the summary
@@ -152,10 +143,9 @@ Status SpanStore::Recover(const Manifest& manifest, RecoveryReport* report) {
   std::vector<float> summary(summary_bytes / sizeof(float));
   for (size_t i = 0; i < manifest.spans.size(); ++i) {
     const ManifestSpan& ms = manifest.spans[i];
-    const std::string where = Where(file_path_, ms.record_offset);
+    const std::string where = Where(path_, ms.record_offset);
     RecordHeader h;
-    RINGTREE_ASSIGN_OR_RETURN(size_t got,
-                              PreadAll(fd_, &h, sizeof(h), ms.record_offset, file_path_));
+    RINGTREE_ASSIGN_OR_RETURN(size_t got, PreadAll(fd_, &h, sizeof(h), ms.record_offset, path_));
     if (got != sizeof(h)) return Status::DataLoss("[spans] " + where + ": short record header");
     if (h.magic == kSpanRecordMagic && h.version != kSpanRecordVersion)
       return Status::DataLoss("[spans] " + where + ": record version " + std::to_string(h.version) +
@@ -167,7 +157,7 @@ Status SpanStore::Recover(const Manifest& manifest, RecoveryReport* report) {
                               ": record sizes do not match the store/manifest");
     RINGTREE_ASSIGN_OR_RETURN(
         got, PreadAll(fd_, summary.data(), summary_bytes,
-                      ms.record_offset + sizeof(RecordHeader) + h.payload_bytes, file_path_));
+                      ms.record_offset + sizeof(RecordHeader) + h.payload_bytes, path_));
     if (got != summary_bytes)
       return Status::DataLoss("[spans] " + where + ": short record summary");
     RINGTREE_RETURN_IF_ERROR(VerifyRecordHeader(h, summary.data(), where));
@@ -182,13 +172,13 @@ Status SpanStore::Recover(const Manifest& manifest, RecoveryReport* report) {
   std::string reason;
   std::vector<uint8_t> record;
   while (offset < file_size) {
-    const std::string where = Where(file_path_, offset);
+    const std::string where = Where(path_, offset);
     if (file_size - offset < sizeof(RecordHeader)) {
       reason = where + ": torn record header";
       break;
     }
     RecordHeader h;
-    RINGTREE_ASSIGN_OR_RETURN(size_t got, PreadAll(fd_, &h, sizeof(h), offset, file_path_));
+    RINGTREE_ASSIGN_OR_RETURN(size_t got, PreadAll(fd_, &h, sizeof(h), offset, path_));
     (void)got;
     // A whole record of another format version is not a torn write: refuse
     // rather than truncate data this build cannot read.
@@ -212,25 +202,28 @@ Status SpanStore::Recover(const Manifest& manifest, RecoveryReport* report) {
       break;
     }
     record.resize(record_bytes);
-    RINGTREE_ASSIGN_OR_RETURN(got, PreadAll(fd_, record.data(), record_bytes, offset, file_path_));
+    RINGTREE_ASSIGN_OR_RETURN(got, PreadAll(fd_, record.data(), record_bytes, offset, path_));
     const uint8_t* payload = record.data() + sizeof(RecordHeader);
-    const uint8_t* summary = payload + h.payload_bytes;
-    if (!VerifyRecordHeader(h, summary, where).ok() ||
+    const uint8_t* record_summary = payload + h.payload_bytes;
+    if (!VerifyRecordHeader(h, record_summary, where).ok() ||
         Checksum64(payload, h.payload_bytes) != h.payload_checksum) {
       reason = where + ": record checksum mismatch";
       break;
     }
     const int64_t idx = static_cast<int64_t>(h.span_index);
-    const bool appends = idx == span_count() &&
-                         (spans_.empty() || h.position_start >= end_position()) && h.tokens > 0;
-    const bool rewrites_last = !spans_.empty() && idx == span_count() - 1 &&
-                               h.position_start == spans_.back().position_start &&
-                               int64_t(h.tokens) >= spans_.back().tokens;
+    const int64_t n = index->size();
+    const bool appends =
+        idx == n && (n == 0 || h.position_start >= index->end_position()) && h.tokens > 0;
+    const bool rewrites_last = n > 0 && idx == n - 1 &&
+                               h.position_start == index->span(n - 1).position_start &&
+                               int64_t(h.tokens) >= index->span(n - 1).tokens;
     if (!appends && !rewrites_last) {
       reason = where + ": record out of sequence";
       break;
     }
-    add_span(h, reinterpret_cast<const float*>(summary), offset, record_bytes);
+    // The summary's bytes may be unaligned in `record`: copy them out.
+    std::memcpy(summary.data(), record_summary, summary_bytes);
+    add_span(h, summary.data(), offset, record_bytes);
     ++report->replayed_records;
     offset += record_bytes;
     file_bytes_ = offset;
@@ -238,55 +231,16 @@ Status SpanStore::Recover(const Manifest& manifest, RecoveryReport* report) {
   if (offset < file_size) {
     report->dropped_tail_bytes = file_size - offset;
     report->dropped_reason = reason;
-    if (::ftruncate(fd_, static_cast<off_t>(offset)) != 0) return Errno("ftruncate", file_path_);
+    if (::ftruncate(fd_, static_cast<off_t>(offset)) != 0) return Errno("ftruncate", path_);
   }
-
-  // 3. Seal state of the tail, then warm sinks, window and the open tail span.
-  const int64_t S = options_.span_tokens;
-  for (size_t i = 0; i < spans_.size(); ++i) {
-    Span& s = spans_[i];
-    s.sealed = (i + 1 < spans_.size()) || ((s.position_start + s.tokens) % S == 0) ||
-               s.tokens == S || s.closed;
-  }
-  const int64_t end = end_position();
-  for (size_t i = 0; i < spans_.size(); ++i) {
-    Span& s = spans_[i];
-    if (!(s.sink || IsWindow(s, end) || !s.sealed)) continue;
-    RINGTREE_ASSIGN_OR_RETURN(SpanData data, ReadSpan(i, /*use_cache=*/false, false));
-    const int32_t cap = s.sealed ? s.tokens : static_cast<int32_t>(S);
-    auto buf = std::make_shared<std::vector<uint8_t>>(size_t(cap) * rb * 2);
-    std::memcpy(buf->data(), data.k, size_t(s.tokens) * rb);
-    std::memcpy(buf->data() + size_t(cap) * rb, data.v, size_t(s.tokens) * rb);
-    s.hot = std::move(buf);
-    s.capacity = cap;
-    hot_bytes_ += size_t(cap) * rb * 2;
-  }
-  if (!spans_.empty() && !spans_.back().sealed) {
-    // Running sums of the open span, to keep its mean exact as it grows.
-    Span& s = spans_.back();
-    key_sums_.assign(size_t(H) * D, 0.0);
-    value_sums_.assign(size_t(H) * D, 0.0);
-    std::vector<float> row(size_t(H) * D);
-    for (int32_t t = 0; t < s.tokens; ++t) {
-      ConvertToFloat32(options_.dtype, s.hot->data() + size_t(t) * rb, row.data(), row.size());
-      for (size_t j = 0; j < row.size(); ++j) key_sums_[j] += row[j];
-      ConvertToFloat32(options_.dtype, s.hot->data() + (size_t(s.capacity) + t) * rb, row.data(),
-                       row.size());
-      for (size_t j = 0; j < row.size(); ++j) value_sums_[j] += row[j];
-    }
-  }
-  next_evict_ = 0;
-  report->spans = span_count();
-  if (report->replayed_records > 0 || report->dropped_tail_bytes > 0)
-    RINGTREE_RETURN_IF_ERROR(Sync());
-  return EnforceHotBudget();
+  return Status::Ok();
 }
 
-Status SpanStore::WriteRecord(int64_t span) {
-  Span& s = spans_[span];
+Status SpanRecordFile::Write(int64_t span, const uint8_t* k, const uint8_t* v) {
+  const SpanIndex::Entry& s = index_.span(span);
   const size_t rb = row_bytes();
-  const size_t summary_bytes = record_summary_bytes();
-  const size_t index_bytes = summary_floats_per_span() * sizeof(float);
+  const size_t summary_bytes = index_.record_summary_bytes();
+  const size_t index_bytes = index_.summary_floats_per_span() * sizeof(float);
   const size_t payload = size_t(s.tokens) * rb * 2;
   std::vector<uint8_t> rec(sizeof(RecordHeader) + summary_bytes + payload);
   RecordHeader h;
@@ -301,44 +255,45 @@ Status SpanStore::WriteRecord(int64_t span) {
   h.payload_bytes = payload;
   uint8_t* body = rec.data() + sizeof(RecordHeader);
   uint8_t* summary = body + payload;
-  std::memcpy(summary, &summaries_[span * summary_floats_per_span()], index_bytes);
-  std::memcpy(summary + index_bytes,
-              &value_means_[size_t(span) * options_.kv_heads * options_.head_dim],
-              summary_bytes - index_bytes);
-  std::memcpy(body, s.hot->data(), size_t(s.tokens) * rb);
-  std::memcpy(body + size_t(s.tokens) * rb, s.hot->data() + size_t(s.capacity) * rb,
-              size_t(s.tokens) * rb);
+  std::memcpy(summary, index_.key_summary(span), index_bytes);
+  std::memcpy(summary + index_bytes, index_.value_mean(span), summary_bytes - index_bytes);
+  std::memcpy(body, k, size_t(s.tokens) * rb);
+  std::memcpy(body + size_t(s.tokens) * rb, v, size_t(s.tokens) * rb);
   SealRecordHeader(&h, summary, body);
   std::memcpy(rec.data(), &h, sizeof(h));
-  RINGTREE_RETURN_IF_ERROR(PwriteAll(fd_, rec.data(), rec.size(), file_bytes_, file_path_));
-  s.record_offset = file_bytes_;
-  s.record_bytes = rec.size();
-  s.persisted_tokens = s.tokens;
+  RINGTREE_RETURN_IF_ERROR(PwriteAll(fd_, rec.data(), rec.size(), file_bytes_, path_));
+  if (span >= int64_t(locations_.size())) locations_.resize(size_t(span) + 1);
+  locations_[span] = Location{file_bytes_, rec.size(), s.tokens};
   file_bytes_ += rec.size();
   return Status::Ok();
 }
 
-size_t SpanStore::live_disk_bytes() const {
+void SpanRecordFile::Truncate(int64_t count) {
+  if (count < int64_t(locations_.size())) locations_.resize(size_t(count));
+}
+
+size_t SpanRecordFile::live_bytes() const {
   size_t live = 0;
-  for (const Span& s : spans_) live += s.record_bytes;
+  for (const Location& l : locations_) live += l.bytes;
   return live;
 }
 
-Status SpanStore::Sync() {
-  if (options_.data_dir.empty()) return Status::Ok();
-  if (!spans_.empty() && spans_.back().persisted_tokens != spans_.back().tokens)
-    RINGTREE_RETURN_IF_ERROR(WriteRecord(span_count() - 1));
-  const size_t live = live_disk_bytes();
+Result<bool> SpanRecordFile::Sync() {
+  if (!enabled()) return false;
+  const size_t live = live_bytes();
   const size_t dead = file_bytes_ - live;
-  if (options_.compact_min_bytes > 0 && dead > options_.compact_min_bytes && dead > live)
-    return Compact();
-  if (SyncFileData(fd_) != 0) return Errno("fdatasync", file_path_);
-  return WriteManifest();
+  if (options_.compact_min_bytes > 0 && dead > options_.compact_min_bytes && dead > live) {
+    RINGTREE_RETURN_IF_ERROR(Compact());
+    return true;
+  }
+  if (SyncFileData(fd_) != 0) return Errno("fdatasync", path_);
+  RINGTREE_RETURN_IF_ERROR(WriteManifest());
+  return false;
 }
 
-Status SpanStore::Compact() {
-  const uint32_t generation = file_generation_ + 1;
-  const std::string path = options_.data_dir + "/" + SpanFileName(generation);
+Status SpanRecordFile::Compact() {
+  const uint32_t generation = generation_ + 1;
+  const std::string path = data_dir_ + "/" + SpanFileName(generation);
   const int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) return Errno("open", path);
   auto abandon = [&](Status st) {
@@ -348,23 +303,23 @@ Status SpanStore::Compact() {
   };
   // Records are copied byte for byte, checksums included: a record that was
   // corrupt on disk stays detectably corrupt.
-  std::vector<uint64_t> offsets(spans_.size());
+  const size_t n = size_t(index_.size());
+  std::vector<Location> moved(n);
   std::vector<uint8_t> record;
   uint64_t at = 0;
-  for (size_t i = 0; i < spans_.size(); ++i) {
-    const Span& s = spans_[i];
-    if (s.persisted_tokens != s.tokens)
+  for (size_t i = 0; i < n; ++i) {
+    if (!persisted(int64_t(i)))
       return abandon(
           Status::Internal("[spans] compaction: span " + std::to_string(i) + " is not persisted"));
-    record.resize(s.record_bytes);
-    auto got = PreadAll(fd_, record.data(), record.size(), s.record_offset, file_path_);
+    const Location& l = locations_[i];
+    record.resize(l.bytes);
+    auto got = PreadAll(fd_, record.data(), record.size(), l.offset, path_);
     if (!got.ok()) return abandon(got.status());
     if (*got != record.size())
-      return abandon(
-          Status::DataLoss("[spans] " + Where(file_path_, s.record_offset) + ": short record"));
+      return abandon(Status::DataLoss("[spans] " + Where(path_, l.offset) + ": short record"));
     Status w = PwriteAll(fd, record.data(), record.size(), at, path);
     if (!w.ok()) return abandon(w);
-    offsets[i] = at;
+    moved[i] = Location{at, l.bytes, l.persisted_tokens};
     at += record.size();
   }
   if (SyncFileData(fd) != 0) return abandon(Errno("fdatasync", path));
@@ -372,33 +327,31 @@ Status SpanStore::Compact() {
   // disk may be the old or the new (both files are whole and synced); the
   // store goes on with the old one, and Open keeps whichever the manifest names.
   const int old_fd = fd_;
-  const std::string old_path = file_path_;
+  const std::string old_path = path_;
   const uint64_t old_bytes = file_bytes_;
-  std::vector<uint64_t> old_offsets(spans_.size());
-  for (size_t i = 0; i < spans_.size(); ++i) old_offsets[i] = spans_[i].record_offset;
+  std::vector<Location> old_locations = std::move(locations_);
   fd_ = fd;
-  file_path_ = path;
-  file_generation_ = generation;
+  path_ = path;
+  generation_ = generation;
   file_bytes_ = at;
-  for (size_t i = 0; i < spans_.size(); ++i) spans_[i].record_offset = offsets[i];
+  locations_ = std::move(moved);
   Status committed = WriteManifest();
   if (!committed.ok()) {
     fd_ = old_fd;
-    file_path_ = old_path;
-    file_generation_ = generation - 1;
+    path_ = old_path;
+    generation_ = generation - 1;
     file_bytes_ = old_bytes;
-    for (size_t i = 0; i < spans_.size(); ++i) spans_[i].record_offset = old_offsets[i];
+    locations_ = std::move(old_locations);
     ::close(fd);
     return committed;
   }
-  if (cache_) cache_->EraseStore(store_id_);  // cached by offset
   ::close(old_fd);
   ::unlink(old_path.c_str());
   ++compactions_;
   return Status::Ok();
 }
 
-Status SpanStore::WriteManifest() {
+Status SpanRecordFile::WriteManifest() {
   Manifest m;
   m.kv_heads = options_.kv_heads;
   m.head_dim = options_.head_dim;
@@ -407,38 +360,41 @@ Status SpanStore::WriteManifest() {
   m.sink_tokens = options_.sink_tokens;
   m.window_tokens = options_.window_tokens;
   m.committed_file_bytes = file_bytes_;
-  m.file_generation = file_generation_;
-  m.spans.reserve(spans_.size());
-  for (const Span& s : spans_) {
+  m.file_generation = generation_;
+  m.spans.reserve(size_t(index_.size()));
+  for (int64_t i = 0; i < index_.size(); ++i) {
+    const Location l = i < int64_t(locations_.size()) ? locations_[i] : Location{};
     ManifestSpan ms;
-    ms.position_start = s.position_start;
-    ms.tokens = static_cast<uint32_t>(s.persisted_tokens);
-    ms.record_offset = s.record_offset;
-    ms.record_bytes = s.record_bytes;
+    ms.position_start = index_.span(i).position_start;
+    ms.tokens = static_cast<uint32_t>(l.persisted_tokens);
+    ms.record_offset = l.offset;
+    ms.record_bytes = l.bytes;
     m.spans.push_back(ms);
   }
-  return WriteFileAtomically(options_.data_dir, kManifestName, EncodeManifest(m));
+  return WriteFileAtomically(data_dir_, kManifestName, EncodeManifest(m));
 }
 
-Status SpanStore::DropFileCache() {
-  if (cache_) cache_->EraseStore(store_id_);
+Status SpanRecordFile::DropPageCache() {
   if (fd_ < 0) return Status::Ok();
-  if (SyncFileData(fd_) != 0) return Errno("fdatasync", file_path_);
-  if (::posix_fadvise(fd_, 0, 0, POSIX_FADV_DONTNEED) != 0) return Errno("fadvise", file_path_);
+  if (SyncFileData(fd_) != 0) return Errno("fdatasync", path_);
+  if (::posix_fadvise(fd_, 0, 0, POSIX_FADV_DONTNEED) != 0) return Errno("fadvise", path_);
   return Status::Ok();
 }
 
-Status SpanStore::ReadColdInto(int64_t span, uint8_t* k_dst, uint8_t* v_dst) const {
-  ColdRead one{span, k_dst, v_dst};
-  return ReadColdRun(&one, 1);
+void SpanRecordFile::AdviseWillNeed(int64_t span) const {
+  if (fd_ < 0) return;
+  const Location& l = locations_[span];
+  ::posix_fadvise(fd_, off_t(l.offset),
+                  off_t(sizeof(RecordHeader) + size_t(index_.span(span).tokens) * row_bytes() * 2),
+                  POSIX_FADV_WILLNEED);
 }
 
-Status SpanStore::ReadColdRun(const ColdRead* reads, size_t count) const {
+Status SpanRecordFile::ReadCold(const ColdRead* reads, size_t count) const {
   // Records adjacent in the file are read with one preadv per run (a full
   // scan stays one large sequential read, so the kernel's readahead works);
   // the summaries between them land in a scratch buffer.
   const size_t rb = row_bytes();
-  const size_t summary_bytes = record_summary_bytes();
+  const size_t summary_bytes = index_.record_summary_bytes();
   constexpr size_t kMaxRecordsPerRead = 240;  // 4 iovecs each, under IOV_MAX (1024)
   std::vector<RecordHeader> headers(std::min(count, kMaxRecordsPerRead));
   std::vector<uint8_t> scratch(summary_bytes);
@@ -447,14 +403,14 @@ Status SpanStore::ReadColdRun(const ColdRead* reads, size_t count) const {
   while (i < count) {
     size_t j = i + 1;
     while (j < count && j - i < kMaxRecordsPerRead) {
-      const Span& prev = spans_[reads[j - 1].span];
-      if (spans_[reads[j].span].record_offset != prev.record_offset + prev.record_bytes) break;
+      const Location& prev = locations_[reads[j - 1].span];
+      if (locations_[reads[j].span].offset != prev.offset + prev.bytes) break;
       ++j;
     }
     iov.clear();
     size_t want = 0;
     for (size_t r = i; r < j; ++r) {
-      const size_t n = size_t(spans_[reads[r].span].tokens) * rb;
+      const size_t n = size_t(index_.span(reads[r].span).tokens) * rb;
       iov.push_back({&headers[r - i], sizeof(RecordHeader)});
       iov.push_back({reads[r].k, n});
       iov.push_back({reads[r].v, n});
@@ -464,29 +420,29 @@ Status SpanStore::ReadColdRun(const ColdRead* reads, size_t count) const {
         want += summary_bytes;
       }
     }
-    const Span& first = spans_[reads[i].span];
-    RINGTREE_ASSIGN_OR_RETURN(
-        size_t got, PreadvAll(fd_, iov.data(), int(iov.size()), first.record_offset, file_path_));
+    const uint64_t first = locations_[reads[i].span].offset;
+    RINGTREE_ASSIGN_OR_RETURN(size_t got,
+                              PreadvAll(fd_, iov.data(), int(iov.size()), first, path_));
     for (size_t r = i; r < j; ++r) {
       const int64_t span = reads[r].span;
-      const Span& s = spans_[span];
+      const SpanIndex::Entry& s = index_.span(span);
+      const uint64_t offset = locations_[span].offset;
       const size_t n = size_t(s.tokens) * rb;
-      auto where = [&] { return Where(file_path_, s.record_offset); };
-      if (got < (s.record_offset - first.record_offset) + sizeof(RecordHeader) + 2 * n)
+      auto where = [&] { return Where(path_, offset); };
+      if (got < (offset - first) + sizeof(RecordHeader) + 2 * n)
         return Status::DataLoss("[spans] " + where() + ": short read (" + std::to_string(got) +
                                 " of " + std::to_string(want) + " bytes from " +
-                                Where(file_path_, first.record_offset) + ")");
+                                Where(path_, first) + ")");
       const RecordHeader& h = headers[r - i];
       if (h.summary_bytes != summary_bytes || h.payload_bytes != 2 * n)
         return Status::DataLoss("[spans] " + where() + ": record sizes do not match the index");
       // The header checksum covers header + summary; the summary is the
-      // in-RAM copy, byte-identical to the record's (verified at open or
+      // index's copy, byte-identical to the record's (verified at open or
       // written by this process).
-      const size_t index_bytes = summary_floats_per_span() * sizeof(float);
-      RINGTREE_RETURN_IF_ERROR(VerifyRecordHeaderSplit(
-          h, &summaries_[size_t(span) * summary_floats_per_span()], index_bytes,
-          &value_means_[size_t(span) * options_.kv_heads * options_.head_dim],
-          h.summary_bytes - index_bytes, where()));
+      const size_t index_bytes = index_.summary_floats_per_span() * sizeof(float);
+      RINGTREE_RETURN_IF_ERROR(VerifyRecordHeaderSplit(h, index_.key_summary(span), index_bytes,
+                                                       index_.value_mean(span),
+                                                       h.summary_bytes - index_bytes, where()));
       if (Checksum64Pair(reads[r].k, n, reads[r].v, n) != h.payload_checksum)
         return Status::DataLoss("[spans] " + where() + ": record payload checksum mismatch");
       if (h.span_index != uint64_t(span) || h.position_start != s.position_start ||
@@ -499,16 +455,14 @@ Status SpanStore::ReadColdRun(const ColdRead* reads, size_t count) const {
   return Status::Ok();
 }
 
-Status SpanStore::VerifyAll() const {
-  if (options_.data_dir.empty()) return Status::Ok();
+Status SpanRecordFile::VerifyAll() const {
+  if (!enabled()) return Status::Ok();
   // Reads every record from the file, bypassing RAM copies and the cache.
-  for (int64_t i = 0; i < span_count(); ++i) {
-    const Span& s = spans_[i];
-    if (s.persisted_tokens == 0) continue;
-    const std::string where = Where(file_path_, s.record_offset);
-    std::vector<uint8_t> rec(s.record_bytes);
-    RINGTREE_ASSIGN_OR_RETURN(size_t got,
-                              PreadAll(fd_, rec.data(), rec.size(), s.record_offset, file_path_));
+  for (const Location& l : locations_) {
+    if (l.persisted_tokens == 0) continue;
+    const std::string where = Where(path_, l.offset);
+    std::vector<uint8_t> rec(l.bytes);
+    RINGTREE_ASSIGN_OR_RETURN(size_t got, PreadAll(fd_, rec.data(), rec.size(), l.offset, path_));
     if (got != rec.size()) return Status::DataLoss("[spans] " + where + ": short read");
     RecordHeader h;
     std::memcpy(&h, rec.data(), sizeof(h));

@@ -1,16 +1,12 @@
-// SpanStore, the facade: construction and options, Create/Open, Append and
-// TruncateTo, exact attention, retrieval attention and KV retrieval (which
-// run worker/spans/retrieval_planner.h), and accessors. The other parts of
-// the class live by concern in span_index.cc (summaries, scoring),
-// span_record_file.cc (records, manifest, recovery, compaction, scrub),
-// span_tiers.cc (hot budget, cache, eviction) and span_chunk_stream.cc
-// (streaming with read-ahead).
+// SpanStore, the facade: options, Create/Open, Append and TruncateTo (which
+// keep the index, tiers and record file describing the same spans), exact
+// attention, retrieval attention and KV retrieval (through
+// worker/spans/retrieval_planner.h), and the calls it forwards to its parts.
 #include "worker/spans/span_store.h"
 
 #include <unistd.h>
 
 #include <algorithm>
-#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -23,16 +19,14 @@
 
 namespace ringtree {
 
-using namespace spans_detail;  // NOLINT: this file is part of SpanStore
+using spans_detail::CheckQuery;
+using spans_detail::kManifestName;
+using spans_detail::kNegInfF;
 
-namespace {
-std::atomic<uint64_t> g_next_store_id{1};
-}  // namespace
-
-Status spans_detail::CheckQuery(const SpanStoreOptions& o, const float* q, int64_t q_tokens,
-                                int heads, const float* out) {
+Status spans_detail::CheckQuery(int kv_heads, const float* q, int64_t q_tokens, int heads,
+                                const float* out) {
   if (q_tokens < 0) return Status::InvalidArgument("[spans.attend] q_tokens must be >= 0");
-  if (heads < 1 || heads % o.kv_heads != 0)
+  if (heads < 1 || heads % kv_heads != 0)
     return Status::InvalidArgument("[spans.attend] heads must be a positive multiple of kv_heads");
   if (q_tokens > 0 && (q == nullptr || out == nullptr))
     return Status::InvalidArgument("[spans.attend] q/o is null");
@@ -40,14 +34,13 @@ Status spans_detail::CheckQuery(const SpanStoreOptions& o, const float* q, int64
 }
 
 SpanStore::SpanStore(const SpanStoreOptions& options)
-    : options_(options), store_id_(g_next_store_id.fetch_add(1)) {
-  cache_ = options.cache ? options.cache : std::make_shared<SpanCache>(options.cache_budget_bytes);
-}
+    : options_(options),
+      index_(options),
+      file_(options, index_),
+      tiers_(options, index_, file_),
+      stream_(options, index_, tiers_, file_) {}
 
-SpanStore::~SpanStore() {
-  if (fd_ >= 0) ::close(fd_);
-  if (cache_) cache_->EraseStore(store_id_);
-}
+SpanStore::~SpanStore() = default;
 
 Status SpanStore::ValidateOptions(const SpanStoreOptions& o) {
   // Bounded: a manifest's kv_heads sizes the summary buffers at open.
@@ -79,7 +72,7 @@ Result<std::unique_ptr<SpanStore>> SpanStore::Create(const SpanStoreOptions& opt
     RINGTREE_RETURN_IF_ERROR(CreateDirectoriesDurably(options.data_dir));
     if (std::filesystem::exists(options.data_dir + "/" + kManifestName))
       return Status::AlreadyExists("[spans] " + options.data_dir + ": a store already exists");
-    RINGTREE_RETURN_IF_ERROR(store->OpenFile(/*create=*/true));
+    RINGTREE_RETURN_IF_ERROR(store->file_.Create());
     RINGTREE_RETURN_IF_ERROR(store->Sync());  // an empty store is a valid store
   }
   return store;
@@ -117,14 +110,14 @@ Result<std::unique_ptr<SpanStore>> SpanStore::Open(const SpanStoreOptions& optio
   RINGTREE_RETURN_IF_ERROR(ValidateOptions(merged));
 
   std::unique_ptr<SpanStore> store(new SpanStore(merged));
-  store->file_generation_ = manifest.file_generation;
-  RINGTREE_RETURN_IF_ERROR(store->OpenFile(/*create=*/false));
   RecoveryReport local;
-  RINGTREE_RETURN_IF_ERROR(store->Recover(manifest, report ? report : &local));
+  if (report == nullptr) report = &local;
+  RINGTREE_RETURN_IF_ERROR(store->file_.Open(manifest, &store->index_, report));
+  RINGTREE_RETURN_IF_ERROR(store->FinishOpen(report));
   // A compaction interrupted before or after its commit leaves the other
   // generation's file behind; the manifest names the one in use.
   std::error_code ec;
-  const std::string current = SpanFileName(store->file_generation_);
+  const std::string current = SpanFileName(store->file_.generation());
   for (const auto& e : std::filesystem::directory_iterator(options.data_dir, ec)) {
     const std::string name = e.path().filename().string();
     if (IsSpanFileName(name) && name != current) std::filesystem::remove(e.path(), ec);
@@ -132,13 +125,35 @@ Result<std::unique_ptr<SpanStore>> SpanStore::Open(const SpanStoreOptions& optio
   return store;
 }
 
-int64_t SpanStore::end_position() const {
-  if (spans_.empty()) return 0;
-  return spans_.back().position_start + spans_.back().tokens;
+Status SpanStore::FinishOpen(RecoveryReport* report) {
+  index_.FinishRecovery();
+  const int64_t end = index_.end_position();
+  const int32_t S = static_cast<int32_t>(options_.span_tokens);
+  for (int64_t i = 0; i < index_.size(); ++i) {
+    const SpanIndex::Entry& s = index_.span(i);
+    if (!(s.sink || index_.IsWindow(i, end) || !s.sealed)) continue;
+    RINGTREE_ASSIGN_OR_RETURN(SpanTiers::View data, tiers_.Read(i, /*use_cache=*/false, false));
+    tiers_.Load(i, data.k, data.v, s.tokens, s.sealed ? s.tokens : S);
+  }
+  if (index_.size() > 0 && !index_.span(index_.size() - 1).sealed) {
+    const int64_t last = index_.size() - 1;
+    index_.RestartRunningSums(tiers_.hot_k(last), tiers_.hot_v(last), index_.span(last).tokens);
+  }
+  report->spans = index_.size();
+  if (report->replayed_records > 0 || report->dropped_tail_bytes > 0)
+    RINGTREE_RETURN_IF_ERROR(Sync());
+  return tiers_.EnforceBudget();
 }
 
-bool SpanStore::IsWindow(const Span& s, int64_t context_end) const {
-  return s.position_start + s.tokens > context_end - options_.window_tokens;
+SpanInfo SpanStore::Info(int64_t i, int64_t context_end) const {
+  const SpanIndex::Entry& s = index_.span(i);
+  return SpanInfo{i,        s.position_start,
+                  s.tokens, tiers_.hot(i) ? SpanTier::kHot : SpanTier::kCold,
+                  s.sink,   index_.IsWindow(i, context_end)};
+}
+
+Status SpanStore::WriteRecord(int64_t span) {
+  return file_.Write(span, tiers_.hot_k(span), tiers_.hot_v(span));
 }
 
 Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, const void* v,
@@ -170,18 +185,18 @@ Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, 
             ") must hold 1.." + std::to_string(S) + " tokens (span_tokens), inside the append");
     }
   }
+  auto open_tail = [&]() { return index_.size() > 0 && !index_.span(index_.size() - 1).sealed; };
   // Spans this append touches; the first may be the open tail span.
   int64_t new_spans = (position_start + tokens - 1) / S - position_start / S + 1;
-  if (!spans_.empty() && !spans_.back().sealed && end_position() == position_start) --new_spans;
+  if (open_tail() && end_position() == position_start) --new_spans;
   if (!starts.empty()) new_spans = static_cast<int64_t>(starts.size());
-  if (options_.data_dir.empty() && options_.hot_budget_bytes > 0 &&
-      hot_bytes_ + size_t(new_spans) * span_bytes > options_.hot_budget_bytes)
+  if (options_.data_dir.empty() && tiers_.WouldExceed(size_t(new_spans) * span_bytes))
     return Status::ResourceExhausted("[spans.append] hot budget of " +
                                      std::to_string(options_.hot_budget_bytes) +
                                      " bytes exceeded and no data_dir to spill to");
-  const size_t record_overhead = sizeof(RecordHeader) + record_summary_bytes();
+  const size_t record_overhead = sizeof(RecordHeader) + index_.record_summary_bytes();
   if (!options_.data_dir.empty() && options_.disk_budget_bytes > 0 &&
-      file_bytes_ + size_t(tokens) * rb * 2 + size_t(new_spans + 1) * record_overhead >
+      file_.file_bytes() + size_t(tokens) * rb * 2 + size_t(new_spans + 1) * record_overhead >
           options_.disk_budget_bytes)
     return Status::ResourceExhausted("[spans.append] disk budget of " +
                                      std::to_string(options_.disk_budget_bytes) +
@@ -200,92 +215,121 @@ Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, 
     ConvertFromFloat32(scratch.data(), options_.dtype, dst, scratch.size());
   };
 
-  const int H = options_.kv_heads;
   int64_t pos = position_start;
   int64_t done = 0;
   size_t next_start = 0;  // into starts
-  // Frees the unused rows of a span that ends before its capacity.
-  auto shrink = [&](Span& t) {
-    if (t.capacity == t.tokens || !t.hot) return;
-    auto buf = std::make_shared<std::vector<uint8_t>>(size_t(t.tokens) * rb * 2);
-    std::memcpy(buf->data(), t.hot->data(), size_t(t.tokens) * rb);
-    std::memcpy(buf->data() + size_t(t.tokens) * rb, t.hot->data() + size_t(t.capacity) * rb,
-                size_t(t.tokens) * rb);
-    hot_bytes_ -= size_t(t.capacity - t.tokens) * rb * 2;
-    t.hot = std::move(buf);
-    t.capacity = t.tokens;
-  };
   while (done < tokens) {
     const bool cut_here = next_start < starts.size() && starts[next_start] == pos;
     if (cut_here) ++next_start;
-    bool open_tail = !spans_.empty() && !spans_.back().sealed && !cut_here &&
-                     spans_.back().position_start + spans_.back().tokens == pos;
-    if (!open_tail && !spans_.empty() && !spans_.back().sealed) {
+    const bool extend = open_tail() && !cut_here && end_position() == pos;
+    if (!extend && open_tail()) {
       // A gap (or a discovered boundary) closes the open span: compact it and write it out.
-      Span& t = spans_.back();
-      if (t.capacity != t.tokens) {
-        auto buf = std::make_shared<std::vector<uint8_t>>(size_t(t.tokens) * rb * 2);
-        std::memcpy(buf->data(), t.hot->data(), size_t(t.tokens) * rb);
-        std::memcpy(buf->data() + size_t(t.tokens) * rb, t.hot->data() + size_t(t.capacity) * rb,
-                    size_t(t.tokens) * rb);
-        hot_bytes_ -= size_t(t.capacity - t.tokens) * rb * 2;
-        t.hot = std::move(buf);
-        t.capacity = t.tokens;
-      }
-      t.sealed = true;
-      if (!options_.data_dir.empty() && t.persisted_tokens != t.tokens)
-        RINGTREE_RETURN_IF_ERROR(WriteRecord(span_count() - 1));
+      const int64_t last = index_.size() - 1;
+      tiers_.Shrink(last);
+      index_.Seal(last, /*closed=*/false);
+      if (file_.enabled() && !file_.persisted(last)) RINGTREE_RETURN_IF_ERROR(WriteRecord(last));
     }
-    if (!open_tail) {
-      Span s;
-      s.position_start = pos;
-      s.capacity = static_cast<int32_t>(S);
-      s.sink = pos < options_.sink_tokens;
-      s.hot = std::make_shared<std::vector<uint8_t>>(span_bytes);
-      hot_bytes_ += span_bytes;
-      spans_.push_back(std::move(s));
-      const size_t nf = summary_floats_per_span();
-      summaries_.resize(spans_.size() * nf);
-      float* sum = &summaries_[(spans_.size() - 1) * nf];
-      for (int g = 0; g < H; ++g) {
-        const int D = options_.head_dim;
-        std::fill(sum + size_t(g) * 3 * D, sum + size_t(g) * 3 * D + D,
-                  -std::numeric_limits<float>::infinity());
-        std::fill(sum + size_t(g) * 3 * D + D, sum + size_t(g) * 3 * D + 2 * D,
-                  std::numeric_limits<float>::infinity());
-        std::fill(sum + size_t(g) * 3 * D + 2 * D, sum + size_t(g) * 3 * D + 3 * D, 0.0f);
-      }
-      max_abs_.resize(spans_.size() * H, 0.0f);
-      value_means_.resize(spans_.size() * size_t(H) * options_.head_dim, 0.0f);
-      key_sums_.assign(size_t(H) * options_.head_dim, 0.0);
-      value_sums_.assign(size_t(H) * options_.head_dim, 0.0);
-    }
-    const int64_t idx = span_count() - 1;
-    Span& s = spans_[idx];
+    if (!extend) tiers_.AddSpan(index_.StartSpan(pos), static_cast<int32_t>(S));
+    const int64_t idx = index_.size() - 1;
+    const int64_t span_start = index_.span(idx).position_start;
+    const int32_t before = index_.span(idx).tokens;
     // Fixed mode: the next multiple of S, and never more than S rows (an
     // unaligned open tail, e.g. a record whose flag was lost, must not overrun).
-    const int64_t boundary = starts.empty() ? std::min((pos / S + 1) * S, s.position_start + S)
+    const int64_t boundary = starts.empty() ? std::min((pos / S + 1) * S, span_start + S)
                              : next_start < starts.size() ? starts[next_start]
                                                           : position_start + tokens;
     const int64_t n = std::min(tokens - done, boundary - pos);
-    copy_rows(static_cast<const uint8_t*>(k) + size_t(done) * src_row,
-              s.hot->data() + size_t(s.tokens) * rb, n);
-    copy_rows(static_cast<const uint8_t*>(v) + size_t(done) * src_row,
-              s.hot->data() + (size_t(s.capacity) + s.tokens) * rb, n);
-    UpdateSummary(idx, s.tokens, static_cast<int32_t>(s.tokens + n));
-    s.tokens += static_cast<int32_t>(n);
-    total_tokens_ += n;
+    uint8_t* k_rows = tiers_.hot_k(idx) + size_t(before) * rb;
+    uint8_t* v_rows = tiers_.hot_v(idx) + size_t(before) * rb;
+    copy_rows(static_cast<const uint8_t*>(k) + size_t(done) * src_row, k_rows, n);
+    copy_rows(static_cast<const uint8_t*>(v) + size_t(done) * src_row, v_rows, n);
+    index_.AddRows(k_rows, v_rows, static_cast<int32_t>(n));
     pos += n;
     done += n;
+    const int64_t span_tokens = index_.span(idx).tokens;
     if (!starts.empty() ? pos == boundary
-                        : ((s.position_start + s.tokens) % S == 0 || s.tokens == S)) {
-      s.sealed = true;
-      s.closed = !starts.empty();
-      if (s.closed) shrink(s);
-      if (!options_.data_dir.empty()) RINGTREE_RETURN_IF_ERROR(WriteRecord(idx));
+                        : ((span_start + span_tokens) % S == 0 || span_tokens == S)) {
+      const bool closed = !starts.empty();
+      index_.Seal(idx, closed);
+      if (closed) tiers_.Shrink(idx);
+      if (file_.enabled()) RINGTREE_RETURN_IF_ERROR(WriteRecord(idx));
     }
   }
-  return EnforceHotBudget();
+  return tiers_.EnforceBudget();
+}
+
+Status SpanStore::Sync() {
+  if (!file_.enabled()) return Status::Ok();
+  const int64_t last = index_.size() - 1;
+  if (last >= 0 && !file_.persisted(last)) RINGTREE_RETURN_IF_ERROR(WriteRecord(last));
+  RINGTREE_ASSIGN_OR_RETURN(const bool compacted, file_.Sync());
+  if (compacted) tiers_.ClearCache();  // cached by the old file's offsets
+  return Status::Ok();
+}
+
+Status SpanStore::TruncateTo(int64_t tokens) {
+  if (tokens < 0 || tokens > total_tokens())
+    return Status::InvalidArgument("[spans.truncate] tokens " + std::to_string(tokens) +
+                                   " not in [0, " + std::to_string(total_tokens()) + "]");
+  if (tokens == total_tokens()) return Status::Ok();
+  // The span the cut falls in, and how many of its rows stay.
+  int64_t cut = 0, before = 0;
+  while (before + index_.span(cut).tokens <= tokens) before += index_.span(cut++).tokens;
+  const int64_t keep = tokens - before;
+  const size_t rb = row_bytes();
+  std::vector<uint8_t> k, v;
+  const int64_t position = index_.span(cut).position_start;
+  if (keep > 0) {
+    RINGTREE_ASSIGN_OR_RETURN(SpanTiers::View data, tiers_.Read(cut, /*use_cache=*/false, false));
+    k.assign(data.k, data.k + size_t(keep) * rb);
+    v.assign(data.v, data.v + size_t(keep) * rb);
+  }
+  index_.Truncate(cut);
+  tiers_.Truncate(cut);
+  file_.Truncate(cut);
+  // Every span before the cut is sealed, so the kept rows start a new span
+  // (the records of the dropped spans are dead bytes in the file).
+  if (keep > 0)
+    RINGTREE_RETURN_IF_ERROR(Append(position, keep, k.data(), v.data(), options_.dtype));
+  return Sync();
+}
+
+Status SpanStore::CheckSpanList(const std::vector<int64_t>& span_indices) const {
+  for (size_t i = 0; i < span_indices.size(); ++i) {
+    if (span_indices[i] < 0 || span_indices[i] >= span_count() ||
+        (i > 0 && span_indices[i] <= span_indices[i - 1]))
+      return Status::InvalidArgument("[spans] span_indices must be sorted, unique and in range");
+  }
+  return Status::Ok();
+}
+
+Status SpanStore::ForEachChunk(const ChunkVisitor& visitor) const {
+  std::vector<int64_t> all(static_cast<size_t>(span_count()));
+  for (size_t i = 0; i < all.size(); ++i) all[i] = static_cast<int64_t>(i);
+  return stream_.Stream(all, {.use_cache = true, .insert_into_cache = false}, visitor);
+}
+
+Status SpanStore::ForEachChunkOf(const std::vector<int64_t>& span_indices, bool use_cache,
+                                 const ChunkVisitor& visitor) const {
+  RINGTREE_RETURN_IF_ERROR(CheckSpanList(span_indices));
+  return stream_.Stream(span_indices, {.use_cache = use_cache, .insert_into_cache = use_cache},
+                        visitor);
+}
+
+Result<SpanScores> SpanStore::Score(const float* q, int64_t q_tokens, int heads,
+                                    const AttentionOptions& options) const {
+  return index_.Score(q, q_tokens, heads, options);
+}
+
+Status SpanStore::EstimateSpans(const SpanScores& scores, const std::vector<int64_t>& span_indices,
+                                int heads, const float* log_offset, float* o, float* lse) const {
+  return index_.EstimateSpans(scores, span_indices, heads, log_offset, o, lse);
+}
+
+void SpanStore::SplitSpans(const AttentionOptions& options, int64_t q_tokens,
+                           const RetrievalRequest& request, std::vector<int64_t>* always,
+                           std::vector<int64_t>* candidates) const {
+  index_.SplitSpans(options, q_tokens, request, always, candidates);
 }
 
 Status SpanStore::AttendStreamed(const std::vector<int64_t>& spans, bool insert_into_cache,
@@ -313,14 +357,15 @@ Status SpanStore::AttendStreamed(const std::vector<int64_t>& spans, bool insert_
     MergePartials(o, lse, o_chunk.data(), lse_chunk.data(), rows, D);
     return Status::Ok();
   };
-  return StreamChunks(spans, /*use_cache=*/true, insert_into_cache, /*split_per_span=*/false,
-                      gather, visitor);
+  return stream_.Stream(
+      spans, {.use_cache = true, .insert_into_cache = insert_into_cache, .gather = gather},
+      visitor);
 }
 
 Status SpanStore::AttendSpans(const std::vector<int64_t>& span_indices, const float* q,
                               int64_t q_tokens, int heads, const AttentionOptions& options,
                               float* o, float* lse) const {
-  RINGTREE_RETURN_IF_ERROR(CheckQuery(options_, q, q_tokens, heads, o));
+  RINGTREE_RETURN_IF_ERROR(CheckQuery(options_.kv_heads, q, q_tokens, heads, o));
   RINGTREE_RETURN_IF_ERROR(CheckSpanList(span_indices));
   // When every selected key is visible to every query row (decode, or keys
   // all before the first query position), positions do not matter: gather
@@ -328,7 +373,7 @@ Status SpanStore::AttendSpans(const std::vector<int64_t>& span_indices, const fl
   // instead of one per span.
   bool gather = !options.causal;
   if (!span_indices.empty() && options.causal) {
-    const Span& last = spans_[span_indices.back()];
+    const SpanIndex::Entry& last = index_.span(span_indices.back());
     gather = last.position_start + last.tokens - 1 <= options.q_position_offset;
   }
   return AttendStreamed(span_indices, /*insert_into_cache=*/true, gather, q, q_tokens, heads,
@@ -337,17 +382,16 @@ Status SpanStore::AttendSpans(const std::vector<int64_t>& span_indices, const fl
 
 Status SpanStore::AttendExact(const float* q, int64_t q_tokens, int heads,
                               const AttentionOptions& options, float* o, float* lse) const {
-  RINGTREE_RETURN_IF_ERROR(CheckQuery(options_, q, q_tokens, heads, o));
+  RINGTREE_RETURN_IF_ERROR(CheckQuery(options_.kv_heads, q, q_tokens, heads, o));
   // A full scan does not fill the cache (it would flush it; see ForEachChunk).
   // With a sliding window, spans wholly before every query's window are
   // never read.
   const int64_t first_key =
       options.causal && options.window > 0 ? options.q_position_offset - options.window + 1 : 0;
   std::vector<int64_t> all;
-  all.reserve(spans_.size());
-  for (size_t i = 0; i < spans_.size(); ++i)
-    if (spans_[i].position_start + spans_[i].tokens > first_key)
-      all.push_back(static_cast<int64_t>(i));
+  all.reserve(size_t(span_count()));
+  for (int64_t i = 0; i < span_count(); ++i)
+    if (index_.span(i).position_start + index_.span(i).tokens > first_key) all.push_back(i);
   return AttendStreamed(all, /*insert_into_cache=*/false, /*gather=*/false, q, q_tokens, heads,
                         options, o, lse);
 }
@@ -362,8 +406,8 @@ Result<SpanStore::RetrievalInputs> SpanStore::PrepareRetrieval(
   in.span_tokens.resize(span_count());
   in.span_positions.resize(span_count());
   for (int64_t i = 0; i < span_count(); ++i) {
-    in.span_tokens[i] = spans_[i].tokens;
-    in.span_positions[i] = spans_[i].position_start;
+    in.span_tokens[i] = index_.span(i).tokens;
+    in.span_positions[i] = index_.span(i).position_start;
   }
   return in;
 }
@@ -371,7 +415,7 @@ Result<SpanStore::RetrievalInputs> SpanStore::PrepareRetrieval(
 Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
                                   const AttentionOptions& options, const RetrievalRequest& request,
                                   float* o, float* lse, RetrievalResult* result) const {
-  RINGTREE_RETURN_IF_ERROR(CheckQuery(options_, q, q_tokens, heads, o));
+  RINGTREE_RETURN_IF_ERROR(CheckQuery(options_.kv_heads, q, q_tokens, heads, o));
   if (request.top_k_spans < 0 || request.token_budget < 0)
     return Status::InvalidArgument("[spans.retrieve] top_k_spans/token_budget must be >= 0");
   using Clock = std::chrono::steady_clock;
@@ -415,7 +459,7 @@ Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
     const int64_t end = request.context_end >= 0 ? request.context_end : end_position();
     std::vector<int64_t> rest;
     for (int64_t i : attended)
-      (!spans_[i].sink && IsWindow(spans_[i], end) ? window : rest).push_back(i);
+      (!index_.span(i).sink && index_.IsWindow(i, end) ? window : rest).push_back(i);
     RINGTREE_RETURN_IF_ERROR(AttendSpans(rest, q, q_tokens, heads, options, o, lse));
     lse_window.resize(rows);
     RINGTREE_RETURN_IF_ERROR(
@@ -473,11 +517,8 @@ Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
     result->spans_used.clear();
     result->tokens_attended = 0;
     for (int64_t i : attended) {
-      const Span& s = spans_[i];
-      result->spans_used.push_back(SpanInfo{i, s.position_start, s.tokens,
-                                            s.hot ? SpanTier::kHot : SpanTier::kCold, s.sink,
-                                            IsWindow(s, end)});
-      result->tokens_attended += s.tokens;
+      result->spans_used.push_back(Info(i, end));
+      result->tokens_attended += index_.span(i).tokens;
     }
     result->selected_spans = rounds.take();
     result->skipped_mass_bound = bound;
@@ -498,7 +539,7 @@ Status SpanStore::AttendRetrieval(const float* q, int64_t q_tokens, int heads,
 Status SpanStore::RetrieveKV(const float* q, int64_t q_tokens, int heads,
                              const AttentionOptions& options, const RetrievalRequest& request,
                              bool include_always, const SpanVisitor& visitor) const {
-  RINGTREE_RETURN_IF_ERROR(CheckQuery(options_, q, q_tokens, heads, q));
+  RINGTREE_RETURN_IF_ERROR(CheckQuery(options_.kv_heads, q, q_tokens, heads, q));
   RINGTREE_ASSIGN_OR_RETURN(RetrievalInputs in,
                             PrepareRetrieval(q, q_tokens, heads, options, request));
   const std::vector<double> normalizer = LogNormalizers(in.scores, in.span_tokens, in.candidates);
@@ -509,60 +550,48 @@ Status SpanStore::RetrieveKV(const float* q, int64_t q_tokens, int heads,
   std::sort(list.begin(), list.end());
   const int64_t end = request.context_end >= 0 ? request.context_end : end_position();
   size_t next = 0;
-  return StreamChunks(list, true, true, /*split_per_span=*/true, /*gather=*/false,
-                      [&](const void* k, const void* v, int64_t, int64_t) -> Status {
-                        const int64_t i = list[next++];
-                        const Span& s = spans_[i];
-                        SpanInfo info{i, s.position_start, s.tokens,
-                                      s.hot ? SpanTier::kHot : SpanTier::kCold, s.sink,
-                                      IsWindow(s, end)};
-                        return visitor(info, k, v);
-                      });
+  return stream_.Stream(list,
+                        {.use_cache = true, .insert_into_cache = true, .split_per_span = true},
+                        [&](const void* k, const void* v, int64_t, int64_t) -> Status {
+                          const int64_t i = list[next++];
+                          return visitor(Info(i, end), k, v);
+                        });
 }
 
 std::vector<SpanInfo> SpanStore::Spans() const {
   std::vector<SpanInfo> out;
-  out.reserve(spans_.size());
+  out.reserve(size_t(span_count()));
   const int64_t end = end_position();
-  for (int64_t i = 0; i < span_count(); ++i) {
-    const Span& s = spans_[i];
-    out.push_back(SpanInfo{i, s.position_start, s.tokens, s.hot ? SpanTier::kHot : SpanTier::kCold,
-                           s.sink, IsWindow(s, end)});
-  }
+  for (int64_t i = 0; i < span_count(); ++i) out.push_back(Info(i, end));
   return out;
 }
 
-Status SpanStore::TruncateTo(int64_t tokens) {
-  if (tokens < 0 || tokens > total_tokens_)
-    return Status::InvalidArgument("[spans.truncate] tokens " + std::to_string(tokens) + " not in [0, " +
-                                   std::to_string(total_tokens_) + "]");
-  if (tokens == total_tokens_) return Status::Ok();
-  // The span the cut falls in, and how many of its rows stay.
-  int64_t cut = 0, before = 0;
-  while (before + spans_[cut].tokens <= tokens) before += spans_[cut++].tokens;
-  const int64_t keep = tokens - before;
-  const size_t rb = row_bytes();
-  std::vector<uint8_t> k, v;
-  const int64_t position = spans_[cut].position_start;
-  if (keep > 0) {
-    RINGTREE_ASSIGN_OR_RETURN(SpanData data, ReadSpan(cut, /*use_cache=*/false, false));
-    k.assign(data.k, data.k + size_t(keep) * rb);
-    v.assign(data.v, data.v + size_t(keep) * rb);
+bool SpanStore::HotSpanViews(std::vector<HotSpanView>* views) const {
+  views->clear();
+  views->reserve(size_t(span_count()));
+  for (int64_t i = 0; i < span_count(); ++i) {
+    if (!tiers_.hot(i)) {
+      views->clear();
+      return false;
+    }
+    views->push_back(HotSpanView{tiers_.hot_k(i), tiers_.hot_v(i), index_.span(i).position_start,
+                                 index_.span(i).tokens});
   }
-  const int H = options_.kv_heads, D = options_.head_dim;
-  for (int64_t i = cut; i < span_count(); ++i) {
-    if (spans_[i].hot) hot_bytes_ -= size_t(spans_[i].capacity) * rb * 2;
-    total_tokens_ -= spans_[i].tokens;
-  }
-  spans_.resize(size_t(cut));
-  summaries_.resize(size_t(cut) * summary_floats_per_span());
-  max_abs_.resize(size_t(cut) * H);
-  value_means_.resize(size_t(cut) * H * D);
-  next_evict_ = std::min(next_evict_, cut);
-  // Every span before the cut is sealed, so the kept rows start a new span
-  // (the records of the dropped spans are dead bytes in the file).
-  if (keep > 0) RINGTREE_RETURN_IF_ERROR(Append(position, keep, k.data(), v.data(), options_.dtype));
-  return Sync();
+  return true;
+}
+
+Status SpanStore::SetHotBudget(size_t bytes) {
+  options_.hot_budget_bytes = bytes;
+  return tiers_.SetBudget(bytes);
+}
+
+Status SpanStore::WarmNewest() { return tiers_.WarmNewest(); }
+
+Status SpanStore::VerifyAll() const { return file_.VerifyAll(); }
+
+Status SpanStore::DropFileCache() {
+  tiers_.ClearCache();
+  return file_.DropPageCache();
 }
 
 }  // namespace ringtree

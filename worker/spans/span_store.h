@@ -5,11 +5,14 @@
 // cross-rank parts with the pure functions in span_select.h and the
 // retrieval planner (retrieval_planner.h).
 //
-// Implementation files, by concern (one class, one header): span_store.cc
-// (facade: create/open, append, truncate, attention, retrieval),
-// span_index.cc (summaries, scoring), span_record_file.cc (records,
-// manifest, recovery, compaction, scrub), span_tiers.cc (hot budget, cache,
-// eviction, warming), span_chunk_stream.cc (streaming with read-ahead).
+// SpanStore is a facade over four classes, each with its own header, state
+// and invariants: SpanIndex (span_index.h: the span table, summaries,
+// scoring), SpanRecordFile (span_record_file.h: records, manifest, recovery,
+// compaction, scrub), SpanTiers (span_tiers.h: hot budget, cache, eviction,
+// warming) and SpanChunkStream (span_chunk_stream.h: streaming with
+// read-ahead). The facade owns them, keeps them describing the same spans,
+// and runs what crosses them: create/open, append, truncate, attention and
+// retrieval (through retrieval_planner.h).
 //
 // Spans. A span is a run of consecutive positions, at most `span_tokens` long,
 // aligned to multiples of span_tokens in absolute position (so a span is a
@@ -41,16 +44,17 @@
 // RecoveryReport). Payload checksums are verified on every read; a mismatch is
 // DATA_LOSS naming the file and offset, and the data is never used.
 //
-// Threading. Append/Sync/DropFileCache mutate and need exclusive access. All
-// const methods may run concurrently with each other (they read hot spans,
-// pread the file and use the thread-safe cache) but not with a mutator.
+// Threading. Append/Sync/TruncateTo/SetHotBudget/WarmNewest/DropFileCache
+// mutate and need exclusive access. All const methods may run concurrently
+// with each other (they read hot spans, pread the file and use the
+// thread-safe cache and the stream's locked buffer pool) but not with a
+// mutator. The parts have no locks of their own beyond those two, so this
+// contract is the caller's (the engine runs one command per store at a time).
 #pragma once
 
-#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <memory>
-#include <mutex>
 #include <span>
 #include <string>
 #include <vector>
@@ -59,59 +63,15 @@
 #include "kernels/attention.h"
 #include "kernels/dtype.h"
 #include "worker/spans/span_cache.h"
+#include "worker/spans/span_chunk_stream.h"
 #include "worker/spans/span_format.h"
+#include "worker/spans/span_index.h"
+#include "worker/spans/span_record_file.h"
 #include "worker/spans/span_select.h"
+#include "worker/spans/span_tiers.h"
+#include "worker/spans/span_types.h"
 
 namespace ringtree {
-
-struct SpanStoreOptions {
-  // Structural (fixed at creation, stored in the manifest; when opening an
-  // existing store, 0 / defaults here mean "take the manifest's").
-  int kv_heads = 0;                 // >= 1
-  int head_dim = 0;                 // 1..256
-  DType dtype = DType::kFloat32;    // storage: kFloat32 or kBFloat16
-  int span_tokens = 64;             // 1..65536; 16 and 64 are the tuned sizes
-  int64_t sink_tokens = 64;         // spans intersecting [0, sink_tokens) are sinks
-  int64_t window_tokens = 1024;     // spans ending after end - window_tokens are the window
-
-  // Runtime.
-  std::string data_dir;             // empty: RAM only (no cold tier, no durability)
-  size_t hot_budget_bytes = 0;      // K/V bytes kept in RAM; 0 = unlimited
-  size_t disk_budget_bytes = 0;     // bytes of spans.dat; 0 = unlimited
-  // Read cache for cold spans; share one per rank across stores. Null: the
-  // store makes its own with cache_budget_bytes.
-  std::shared_ptr<SpanCache> cache;
-  size_t cache_budget_bytes = size_t{256} << 20;
-  // Tokens per streamed chunk (one kernel call). Chunk buffers are pooled;
-  // ~1k tokens keeps them small enough to stay cache- and fault-friendly.
-  int64_t chunk_tokens = 1024;
-  int readahead_chunks = 2;         // chunks read ahead of compute
-  // Sync compacts the span file when its dead bytes (records superseded by a
-  // longer rewrite of the same partial tail span, one per Sync of a growing
-  // tail) exceed both this and the live bytes: the live records are copied to
-  // the next generation's file, the manifest is switched to it, and the old
-  // file is deleted. 0 = never.
-  size_t compact_min_bytes = size_t{1} << 20;
-};
-
-enum class SpanTier : uint8_t { kHot = 0, kCold = 1 };
-
-struct SpanInfo {
-  int64_t index = 0;           // append order in this store
-  int64_t position_start = 0;  // absolute position of the first token
-  int32_t tokens = 0;
-  SpanTier tier = SpanTier::kHot;
-  bool sink = false;
-  bool window = false;
-};
-
-// What Open() found beyond the committed manifest.
-struct RecoveryReport {
-  int64_t spans = 0;                 // spans after recovery
-  int64_t replayed_records = 0;      // whole valid records found after the manifest
-  uint64_t dropped_tail_bytes = 0;   // torn/corrupt tail dropped (file truncated)
-  std::string dropped_reason;        // "" or why, with file@offset
-};
 
 // Result of a retrieval attention call.
 struct RetrievalResult {
@@ -280,19 +240,21 @@ class SpanStore {
 
   // Accessors (cheap).
   std::vector<SpanInfo> Spans() const;
-  int64_t span_count() const { return static_cast<int64_t>(spans_.size()); }
-  int64_t total_tokens() const { return total_tokens_; }
-  int64_t end_position() const;    // one past the last appended position (0 if empty)
-  size_t hot_bytes() const { return hot_bytes_; }
-  size_t cold_bytes() const;       // K/V bytes of spans without a RAM copy
-  size_t disk_bytes() const { return file_bytes_; }
-  size_t live_disk_bytes() const;  // bytes of the records the spans use (the rest is dead)
-  uint32_t file_generation() const { return file_generation_; }
-  int64_t compactions() const { return compactions_; }  // since this object was made
-  size_t summary_bytes() const;    // RAM used by the index
+  int64_t span_count() const { return index_.size(); }
+  int64_t total_tokens() const { return index_.total_tokens(); }
+  // One past the last appended position (0 if empty).
+  int64_t end_position() const { return index_.end_position(); }
+  size_t hot_bytes() const { return tiers_.hot_bytes(); }
+  size_t cold_bytes() const { return tiers_.cold_bytes(); }  // K/V bytes without a RAM copy
+  size_t disk_bytes() const { return file_.file_bytes(); }
+  // Bytes of the records the spans use (the rest is dead).
+  size_t live_disk_bytes() const { return file_.live_bytes(); }
+  uint32_t file_generation() const { return file_.generation(); }
+  int64_t compactions() const { return file_.compactions(); }      // since this object was made
+  size_t summary_bytes() const { return index_.summary_bytes(); }  // RAM used by the index
   const SpanStoreOptions& options() const { return options_; }
-  const std::string& file_path() const { return file_path_; }
-  SpanCache& cache() const { return *cache_; }
+  const std::string& file_path() const { return file_.path(); }
+  SpanCache& cache() const { return tiers_.cache(); }
 
   // Service hooks (worker/engine). A zero-copy view of one hot span.
   struct HotSpanView {
@@ -316,98 +278,35 @@ class SpanStore {
   Status WarmNewest();
 
  private:
-  struct Span {
-    int64_t position_start = 0;
-    int32_t tokens = 0;
-    int32_t capacity = 0;          // rows allocated in `hot` (k block then v block)
-    bool sealed = false;
-    bool closed = false;  // ended at a discovered boundary (record flag kRecordClosed)
-    bool sink = false;
-    std::shared_ptr<std::vector<uint8_t>> hot;  // null when cold
-    // Latest record on disk (persisted_tokens == 0: none).
-    uint64_t record_offset = 0;
-    uint64_t record_bytes = 0;
-    int32_t persisted_tokens = 0;
-  };
-  // A view of one span's K/V that keeps its buffer alive.
-  struct SpanData {
-    std::shared_ptr<const std::vector<uint8_t>> owner;
-    const uint8_t* k = nullptr;
-    const uint8_t* v = nullptr;
-  };
-
   explicit SpanStore(const SpanStoreOptions& options);
   static Status ValidateOptions(const SpanStoreOptions& options);
-  Status OpenFile(bool create);
-  Status Recover(const Manifest& manifest, RecoveryReport* report);
-  size_t row_bytes() const;        // kv_heads * head_dim * dtype size
-  size_t summary_floats_per_span() const { return size_t(options_.kv_heads) * 3 * options_.head_dim; }
-  // Record summary: the index summary then the mean values [kv_heads, head_dim].
-  size_t record_summary_bytes() const {
-    return (summary_floats_per_span() + size_t(options_.kv_heads) * options_.head_dim) * sizeof(float);
-  }
-  void UpdateSummary(int64_t span, int32_t from_row, int32_t to_row);
-  void RecomputeSummaryFromKeys(int64_t span, const uint8_t* k, int32_t tokens);
-  bool IsWindow(const Span& s, int64_t context_end) const;
+  // Open's last steps after the record file restored the index: seal state,
+  // RAM copies of sinks, window and the open tail, running sums, a commit
+  // when recovery changed the file, and the hot budget.
+  Status FinishOpen(RecoveryReport* report);
+  size_t row_bytes() const;  // kv_heads * head_dim * dtype size
+  SpanInfo Info(int64_t span, int64_t context_end) const;
+  // Writes the record of a hot span.
   Status WriteRecord(int64_t span);
-  Status EnforceHotBudget();
-  Result<SpanData> ReadSpan(int64_t span, bool use_cache, bool insert_into_cache) const;
-  // Reads a cold span's record header + payload straight into k_dst / v_dst
-  // (tokens * row_bytes() each) with one preadv and verifies it; DATA_LOSS
-  // naming file@offset on any mismatch.
-  Status ReadColdInto(int64_t span, uint8_t* k_dst, uint8_t* v_dst) const;
-  // Same for many spans (in file order for best effect): records adjacent in
-  // the file are read with one preadv each run.
-  struct ColdRead {
-    int64_t span;
-    uint8_t* k;
-    uint8_t* v;
-  };
-  Status ReadColdRun(const ColdRead* reads, size_t count) const;
   // INVALID_ARGUMENT unless sorted, unique and in range.
   Status CheckSpanList(const std::vector<int64_t>& span_indices) const;
-  // gather: chunks may join spans that are not position-contiguous (the
-  // visitor must not rely on positions; used when every key is visible).
-  Status StreamChunks(const std::vector<int64_t>& spans, bool use_cache, bool insert_into_cache,
-                      bool split_per_span, bool gather, const ChunkVisitor& visitor) const;
   // Attention of q over `spans` (sorted, unique; checked by the caller)
   // streamed as chunks, each chunk's partial merged into (o, lse); the body
-  // of AttendSpans and AttendExact. gather: as StreamChunks (every key
-  // visible to every row, so causal masking is off).
+  // of AttendSpans and AttendExact. gather: as SpanChunkStream::Flags (every
+  // key visible to every row, so causal masking is off).
   Status AttendStreamed(const std::vector<int64_t>& spans, bool insert_into_cache, bool gather,
                         const float* q, int64_t q_tokens, int heads,
                         const AttentionOptions& options, float* o, float* lse) const;
 
+  // The facade's invariant: the index, the tiers and the record file describe
+  // the same spans (index_.size() spans; the tiers and file hold per-span
+  // state for them). Declaration order is construction order: each part
+  // refers only to the ones before it.
   SpanStoreOptions options_;
-  uint64_t store_id_ = 0;
-  std::shared_ptr<SpanCache> cache_;
-  // Builds the manifest of the current state and writes it atomically.
-  Status WriteManifest();
-  // Copies the live records to the next generation's file and commits it.
-  Status Compact();
-
-  std::string file_path_;
-  uint32_t file_generation_ = 0;
-  int64_t compactions_ = 0;
-  int fd_ = -1;
-  uint64_t file_bytes_ = 0;
-  std::vector<Span> spans_;
-  // Summaries [spans, kv_heads, 3, head_dim] ([max | min | mean] per head),
-  // plus per (span, head) the max |key element| for the rounding slack.
-  std::vector<float> summaries_;
-  std::vector<float> max_abs_;
-  std::vector<double> key_sums_;   // tail span's running key sums [kv_heads, head_dim]
-  // Mean value per span and kv head [spans, kv_heads, head_dim] (the
-  // skipped-span estimate), and the tail span's running value sums.
-  std::vector<float> value_means_;
-  std::vector<double> value_sums_;
-  int64_t total_tokens_ = 0;
-  size_t hot_bytes_ = 0;
-  int64_t next_evict_ = 0;         // spans before this index are cold or protected
-  // Reused chunk buffers: fresh multi-MB allocations cost a page fault per
-  // 4 KiB on every call (measured 10x slower streaming in a VM).
-  mutable std::mutex pool_mutex_;
-  mutable std::vector<std::vector<uint8_t>> buffer_pool_;  // guarded by pool_mutex_
+  SpanIndex index_;
+  SpanRecordFile file_;
+  SpanTiers tiers_;
+  SpanChunkStream stream_;
 };
 
 }  // namespace ringtree

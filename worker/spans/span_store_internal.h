@@ -1,7 +1,6 @@
-// Internal to the span store's implementation files (span_store.cc,
-// span_index.cc, span_record_file.cc, span_tiers.cc, span_chunk_stream.cc),
-// which together define SpanStore: shared constants, POSIX file helpers and
-// the query check. Not part of the public API; include only from those files.
+// Internal to the span store's classes (span_store.cc, span_index.cc,
+// span_record_file.cc): shared constants, POSIX file helpers and the query
+// check. Not part of the public API; include only from those files.
 #pragma once
 
 #include <sys/uio.h>
@@ -11,7 +10,6 @@
 #include <string>
 
 #include "base/status.h"
-#include "worker/spans/span_store.h"
 
 namespace ringtree::spans_detail {
 
@@ -32,8 +30,7 @@ Result<size_t> PreadvAll(int fd, struct iovec* iov, int count, uint64_t offset,
 std::string Where(const std::string& path, uint64_t offset);
 
 // INVALID_ARGUMENT unless q_tokens >= 0, heads is a positive multiple of
-// o.kv_heads, and q / out are non-null when q_tokens > 0.
-Status CheckQuery(const SpanStoreOptions& o, const float* q, int64_t q_tokens, int heads,
-                  const float* out);
+// kv_heads, and q / out are non-null when q_tokens > 0.
+Status CheckQuery(int kv_heads, const float* q, int64_t q_tokens, int heads, const float* out);
 
 }  // namespace ringtree::spans_detail

@@ -1,0 +1,110 @@
+// SpanIndex: the span store's index. Owns the span table (where each span
+// starts, how many tokens it has, whether it is sealed, closed or a sink) and
+// per span and KV head the key summaries (element-wise max, min and mean of
+// the stored keys, and the max |key element| for the rounding slack) and the
+// mean of the stored values. Everything is in RAM; scoring a query block is
+// two SGEMMs per KV head over the summaries.
+//
+// Invariants: span positions increase with the index; only the last span may
+// be unsealed (the open tail), and only it has running key/value sums; a
+// summary covers exactly the span's `tokens` rows as stored (bf16-rounded for
+// a bf16 store, so the bounds are exact for what is stored).
+//
+// Threading: no lock. Const methods may run concurrently with each other;
+// mutators (StartSpan, AddRows, Seal, RestoreSpan, ...) need exclusive access
+// (SpanStore's mutator contract).
+#pragma once
+
+#include <cstdint>
+#include <vector>
+
+#include "base/status.h"
+#include "kernels/attention.h"
+#include "kernels/dtype.h"
+#include "worker/spans/span_select.h"
+#include "worker/spans/span_types.h"
+
+namespace ringtree {
+
+class SpanIndex {
+ public:
+  struct Entry {
+    int64_t position_start = 0;
+    int32_t tokens = 0;
+    bool sealed = false;
+    bool closed = false;  // ended at a discovered boundary (record flag kRecordClosed)
+    bool sink = false;    // intersects [0, sink_tokens)
+  };
+
+  // Uses the structural options (kv_heads, head_dim, dtype, span_tokens,
+  // sink_tokens, window_tokens), already validated.
+  explicit SpanIndex(const SpanStoreOptions& options);
+
+  int64_t size() const { return static_cast<int64_t>(entries_.size()); }
+  const Entry& span(int64_t i) const { return entries_[i]; }
+  int64_t total_tokens() const { return total_tokens_; }
+  int64_t end_position() const;  // one past the last position (0 if empty)
+  // The span ends after context_end - window_tokens.
+  bool IsWindow(int64_t i, int64_t context_end) const;
+
+  // Appends an empty, unsealed span at `position` (>= end_position()) with
+  // empty summaries, and restarts the running sums. Returns its index.
+  int64_t StartSpan(int64_t position);
+  // Adds `rows` rows to the last span: k, v [rows, kv_heads, head_dim] in the
+  // store dtype. Updates its summaries and mean values (exact running means).
+  void AddRows(const uint8_t* k, const uint8_t* v, int32_t rows);
+  void Seal(int64_t i, bool closed);
+  // Recovery: sets span `i` (== size(): a new span; == size() - 1: a longer
+  // rewrite of the last one) from a verified record's header fields and
+  // summary (record layout: index summary then value means). Sealed; see
+  // FinishRecovery.
+  void RestoreSpan(int64_t i, int64_t position_start, int32_t tokens, bool closed,
+                   const float* record_summary);
+  // After the last RestoreSpan: only the last span may be open (it is unless
+  // it ends on a multiple of span_tokens, is full, or is closed).
+  void FinishRecovery();
+  // Rebuilds the open tail's running sums from its rows (k, v [tokens, ...]
+  // in the store dtype), so its means stay exact as it grows.
+  void RestartRunningSums(const uint8_t* k, const uint8_t* v, int32_t tokens);
+  // Keeps the first `count` spans.
+  void Truncate(int64_t count);
+
+  // Floats per span of the scoring summary [kv_heads, 3, head_dim], and the
+  // bytes of a record's summary (that, then the value means [kv_heads, head_dim]).
+  size_t summary_floats_per_span() const { return size_t(kv_heads_) * 3 * head_dim_; }
+  size_t record_summary_bytes() const {
+    return (summary_floats_per_span() + size_t(kv_heads_) * head_dim_) * sizeof(float);
+  }
+  const float* key_summary(int64_t i) const { return &summaries_[i * summary_floats_per_span()]; }
+  const float* value_mean(int64_t i) const {
+    return &value_means_[size_t(i) * kv_heads_ * head_dim_];
+  }
+  size_t summary_bytes() const;  // RAM used by the index
+
+  // See SpanStore::Score, EstimateSpans and SplitSpans (same contracts).
+  Result<SpanScores> Score(const float* q, int64_t q_tokens, int heads,
+                           const AttentionOptions& options) const;
+  Status EstimateSpans(const SpanScores& scores, const std::vector<int64_t>& span_indices,
+                       int heads, const float* log_offset, float* o, float* lse) const;
+  void SplitSpans(const AttentionOptions& options, int64_t q_tokens,
+                  const RetrievalRequest& request, std::vector<int64_t>* always,
+                  std::vector<int64_t>* candidates) const;
+
+ private:
+  const int kv_heads_, head_dim_;
+  const DType dtype_;
+  const int64_t span_tokens_, sink_tokens_, window_tokens_;
+  std::vector<Entry> entries_;
+  int64_t total_tokens_ = 0;
+  // Summaries [spans, kv_heads, 3, head_dim] ([max | min | mean] per head),
+  // plus per (span, head) the max |key element| for the rounding slack.
+  std::vector<float> summaries_;
+  std::vector<float> max_abs_;
+  // Mean value per span and kv head [spans, kv_heads, head_dim] (the
+  // skipped-span estimate).
+  std::vector<float> value_means_;
+  // The open tail's running key and value sums [kv_heads, head_dim].
+  std::vector<double> key_sums_, value_sums_;
+};
+
+}  // namespace ringtree
