@@ -2362,10 +2362,11 @@ TEST_F(ServiceWritePath, KillBetweenJournalAndLogSyncDropsOnlyThatStep) {
   }
 }
 
-// Rank 0's peak memory during one large AppendKV: the call once (as it
-// arrived) plus one rank's share while it is encoded and sent; before, the
-// staged call (with its growth slack), every rank's slice and the encoded
-// command were held together (about 3x the call).
+// Rank 0's peak memory during one large AppendKV on 2 ranks: its own share
+// of the rows (staged, then stored) plus the few chunks in flight (gRPC's
+// buffer of the message being read, the chunk whose step runs, the next one
+// converted meanwhile, and one worker's command); the rest of the call is
+// never on rank 0 at once.
 int64_t PeakRssBytes(pid_t pid) {
   std::ifstream status("/proc/" + std::to_string(pid) + "/status");
   std::string line;
@@ -2375,7 +2376,7 @@ int64_t PeakRssBytes(pid_t pid) {
   return -1;
 }
 
-TEST_F(ServiceWritePath, LargeAppendHoldsTheCallAboutOnceOnRankZero) {
+TEST_F(ServiceWritePath, LargeAppendHoldsItsShareAndAFewChunksOnRankZero) {
   auto server = Start(false, {"--kv-budget-mib", "4096"});
   auto client = Client(*server);
   Model m;
@@ -2395,9 +2396,18 @@ TEST_F(ServiceWritePath, LargeAppendHoldsTheCallAboutOnceOnRankZero) {
   ASSERT_TRUE(appended.ok()) << appended.status().message();
   const int64_t after = PeakRssBytes(server->rank0_pid());
   const double ratio = double(after - before) / double(call_bytes);
-  std::printf("rank 0 peak RSS grew by %.2f x the call (%lld MiB)\n", ratio, static_cast<long long>(call_bytes >> 20));
-  // Measured: 2.2x (the call, one rank's share, gRPC's message buffers); 3.6x before.
-  EXPECT_LT(ratio, 2.6) << "rank 0 held the call's bytes too many times";
+  const int64_t chunk_bytes =
+      2 * int64_t{4096} * row * 4;  // the client's default chunk: 4096 tokens
+  const int64_t bound = call_bytes / 2 + 6 * chunk_bytes;  // 1.25 x the call here
+  std::printf(
+      "rank 0 peak RSS grew by %.2f x the call (%lld MiB; bound %.2f x = its share + 6 chunks of "
+      "%lld MiB)\n",
+      ratio, static_cast<long long>(call_bytes >> 20), double(bound) / double(call_bytes),
+      static_cast<long long>(chunk_bytes >> 20));
+  // Measured: 1.08x (share 0.5x + about 4 chunks + heap slack). Holding the
+  // whole call until its end (before streaming): 2.2x; a commit that freed
+  // the staged rows only after storing all of them: 1.5x.
+  EXPECT_LT(after - before, bound) << "rank 0 held more than its share and a few chunks";
   EXPECT_EQ(server->Stop(), 0) << server->log();
 }
 
