@@ -140,10 +140,6 @@ std::vector<int64_t> EngineLoop::DiskAdded(const SessionRecord& s,
   for (const PlacedRun& r : runs) {
     added[r.rank] += 2 * r.tokens * row_bytes + (r.tokens / span + 2) * record_overhead;
   }
-  for (int r = 0; r < world_size_; ++r) {
-    // Sync rewrites the open tail span as a partial record: up to one span more.
-    if (added[r] != 0) added[r] += 2 * span * row_bytes + record_overhead;
-  }
   return added;
 }
 
@@ -151,15 +147,19 @@ Status EngineLoop::CheckDiskBudget(const SessionRecord& s,
                                    const std::vector<PlacedRun>& runs) const {
   if (sessions_ == nullptr || !sessions_->enabled() || options_.disk_budget_bytes <= 0)
     return Status::Ok();
-  return CheckDiskAdded(DiskAdded(s, runs));
+  return CheckDiskAdded(s, DiskAdded(s, runs));
 }
 
-Status EngineLoop::CheckDiskAdded(std::vector<int64_t> added) const {
+Status EngineLoop::CheckDiskAdded(const SessionRecord& s, std::vector<int64_t> added) const {
   if (sessions_ == nullptr || !sessions_->enabled() || options_.disk_budget_bytes <= 0)
     return Status::Ok();
   const std::vector<int64_t> used = RankDiskBytes();
+  // Sync rewrites the open tail span as a partial record: up to one span more.
+  const int64_t tail = 2 * int64_t{std::max(1, s.shape.span_tokens)} * s.shape.row_bytes() + 128 +
+                       4 * int64_t(s.shape.kv_heads) * s.shape.head_dim * 4;
   for (int r = 0; r < world_size_; ++r) {
     if (added[r] == 0) continue;
+    added[r] += tail;
     if (used[r] + added[r] > options_.disk_budget_bytes) {
       return Status::ResourceExhausted(
           "disk budget of " + std::to_string(options_.disk_budget_bytes >> 20) +
@@ -471,7 +471,6 @@ Status EngineLoop::Run(const std::function<bool()>& should_exit) {
     if (step.empty()) continue;
     ++steps_run_;
     switch (step[0]->kind) {
-      case WorkItem::Kind::kAppend: RunAppend(*step[0]); break;
       case WorkItem::Kind::kAppendChunk:
         RunAppendChunk(*step[0]);
         break;
@@ -567,102 +566,7 @@ KvRows SliceRows(const std::vector<PlacedRun>& runs, int rank, int64_t first, in
   return rows;
 }
 
-// Appends to *out the rows of `runs` that sit on `rank`, in order, cut out
-// of a call held as consecutive parts (AppendKV: one per message) whose first
-// row is position `first`.
-void AppendRowsFromParts(const std::vector<PlacedRun>& runs, int rank, int64_t first, int64_t row_bytes,
-                         const std::vector<std::string>& parts, std::string* out) {
-  size_t part = 0;
-  int64_t part_start = 0;  // byte offset of parts[part] in the call
-  for (const PlacedRun& r : runs) {
-    if (r.rank != rank) continue;
-    int64_t at = (r.position - first) * row_bytes;
-    int64_t left = r.tokens * row_bytes;
-    while (part > 0 && at < part_start) part_start -= static_cast<int64_t>(parts[--part].size());
-    while (left > 0 && part < parts.size()) {
-      const int64_t size = static_cast<int64_t>(parts[part].size());
-      if (at >= part_start + size) {
-        part_start += size;
-        ++part;
-        continue;
-      }
-      const int64_t n = std::min(left, part_start + size - at);
-      out->append(parts[part], static_cast<size_t>(at - part_start), static_cast<size_t>(n));
-      at += n;
-      left -= n;
-    }
-  }
-}
-
 }  // namespace
-
-void EngineLoop::RunAppend(WorkItem& item) {
-  if (!StartItem(item)) return;
-  SessionRecord& s = *item.session;
-  const int64_t row_bytes = s.shape.row_bytes();
-  // Plan without changing anything; commit only after every rank succeeded.
-  LayerLayout layout;
-  std::vector<PlacedRun> runs;
-  {
-    std::lock_guard<std::mutex> lock(s.mu);
-    layout = s.layers[item.layer];
-  }
-  if (Status expected = CheckExpectedTokens(item, layout); !expected.ok()) {
-    Complete(item, expected);
-    return;
-  }
-  item.first_position = layout.tokens;
-  runs = PlaceAppend(layout, item.kv_tokens, s.config.span_tokens(), RankBytes());
-  if (Status disk = CheckDiskBudget(s, runs); !disk.ok()) {
-    Complete(item, disk);
-    return;
-  }
-  // Memory: rank 0 holds the call once (its parts, as they arrived). Each
-  // worker's rows are copied straight into its encoded command, sent, and
-  // freed before the next rank's; the call is released before rank 0 stores
-  // its own share. Peak: the call plus one rank's share.
-  auto rank_runs = [&](int d) {
-    std::vector<KvRun> mine;
-    for (const PlacedRun& r : runs) {
-      if (r.rank == d) mine.push_back({r.position, r.tokens});
-    }
-    return mine;
-  };
-  // Group commit: rank 0's journal record syncs while the ranks store and log.
-  Command own;
-  const uint64_t serial = BeginCommit(
-      {PlannedLayout{item.session, item.layer, layout, 2 * item.kv_tokens * row_bytes}}, &own);
-  Status sent = Status::Ok();
-  int64_t sent_bytes = 0;
-  for (int d = 1; d < world_size_ && sent.ok(); ++d) {
-    const std::string bytes = EncodeAppendCommand(
-        serial, s.shape, item.layer, rank_runs(d), row_bytes, [&](int which, std::string* out) {
-          AppendRowsFromParts(runs, d, item.first_position, row_bytes, which == 0 ? item.k_parts : item.v_parts,
-                              out);
-        });
-    sent_bytes += static_cast<int64_t>(bytes.size());
-    sent = channel_.Send(d, bytes);
-  }
-  stats_.AddBytes(0, 0, sent_bytes);
-  own.kind = CommandKind::kAppend;
-  own.append.session = s.shape;
-  own.append.layer = item.layer;
-  own.append.rows.runs = rank_runs(0);
-  AppendRowsFromParts(runs, 0, item.first_position, row_bytes, item.k_parts, &own.append.rows.k);
-  AppendRowsFromParts(runs, 0, item.first_position, row_bytes, item.v_parts, &own.append.rows.v);
-  std::vector<std::string>().swap(item.k_parts);
-  std::vector<std::string>().swap(item.v_parts);
-  Result<EngineOutput> out = sent.ok() ? engine_.Execute(own) : Result<EngineOutput>(sent);
-  stats_.RecordBatch("append", 1);
-  if (!out.ok()) {
-    AbortCommit(serial);
-    Complete(item, out.status());
-    return;
-  }
-  CommitPlaced(s, item.layer, layout, item.kv_tokens, runs);
-  item.layer_tokens = layout.tokens;
-  Complete(item, AfterWrite(serial, *out));
-}
 
 void EngineLoop::RunAppendChunk(WorkItem& item) {
   if (!StartItem(item)) return;  // the handler aborts the stream
@@ -698,7 +602,7 @@ void EngineLoop::RunAppendChunk(WorkItem& item) {
   // counts its record overhead twice: a little more cautious than one call).
   std::vector<int64_t> disk_added = DiskAdded(s, runs);
   for (int r = 0; r < world_size_; ++r) disk_added[r] += st.disk_added[r];
-  if (Status disk = CheckDiskAdded(disk_added); !disk.ok()) {
+  if (Status disk = CheckDiskAdded(s, disk_added); !disk.ok()) {
     Complete(item, disk);
     return;
   }
@@ -786,7 +690,7 @@ void EngineLoop::RunAppendCommit(WorkItem& item) {
                                          "written");
   }
   if (planned.ok())
-    planned = CheckDiskAdded(st.disk_added);  // other writes may have grown the files since
+    planned = CheckDiskAdded(s, st.disk_added);  // other writes may have grown the files since
   if (!planned.ok()) {
     Status dropped = DropStream(item.stream);
     Complete(item, dropped.ok() ? planned : dropped);
@@ -800,7 +704,7 @@ void EngineLoop::RunAppendCommit(WorkItem& item) {
     commands[d].append.layer = item.layer;
     commands[d].staged_tokens = st.rank_tokens[d];
   }
-  // Group commit, as RunAppend: rank 0's journal record syncs while the
+  // Group commit: rank 0's journal record syncs while the
   // ranks store and log.
   const uint64_t serial =
       BeginCommit({PlannedLayout{item.session, item.layer, st.layout, 2 * st.tokens * row_bytes}},

@@ -23,7 +23,7 @@
 // position and the layout its placement continues from; the commit step
 // (kAppendCommit) checks that no other write landed on the layer meanwhile
 // and has every rank store its staged rows as one write step (the same
-// durable, all-or-nothing path as kAppend); an abort step (kAppendAbort)
+// durable, all-or-nothing path as CommandKind::kAppend); an abort step (kAppendAbort)
 // drops the staging on every rank. See docs/ARCHITECTURE.md.
 #pragma once
 
@@ -60,7 +60,6 @@ struct RetrievalParams {
 struct WorkItem {
   enum class Kind {
     kDelete,
-    kAppend,
     kPrefill,
     kDecode,
     kAttend,
@@ -77,10 +76,7 @@ struct WorkItem {
   // Inputs (validated by the handler).
   std::vector<float> q;  // [q_tokens, H, D] float32
   int64_t q_tokens = 0;
-  std::string k, v;      // [kv_tokens, Hkv, D] in the session's storage dtype
-  // kAppend: the same, as the stream's messages arrived (one part each, so
-  // the call is held once, without a contiguous copy or growth slack).
-  std::vector<std::string> k_parts, v_parts;
+  std::string k, v;  // [kv_tokens, Hkv, D] in the session's storage dtype
   int64_t kv_tokens = 0;
   float scale = 0.0f;
   bool return_lse = false;
@@ -205,7 +201,6 @@ class EngineLoop {
  private:
   std::vector<std::shared_ptr<WorkItem>> NextStep(const std::function<bool()>& should_exit, bool* exit);
   void RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items);
-  void RunAppend(WorkItem& item);
   void RunPrefill(WorkItem& item);
   void RunDelete(WorkItem& item);
   // Streamed appends (see the file comment).
@@ -221,8 +216,9 @@ class EngineLoop {
   // Refuses (RESOURCE_EXHAUSTED, no state change) a placement that could take
   // a rank's span file past --disk-budget-mib.
   Status CheckDiskBudget(const SessionRecord& s, const std::vector<PlacedRun>& runs) const;
-  // The same check for per-rank span-file bytes a write may add (DiskAdded).
-  Status CheckDiskAdded(std::vector<int64_t> added) const;
+  // The same check for the per-rank span-file bytes a write of `s` adds
+  // (DiskAdded: its rows and span records; the open-span slack is added here).
+  Status CheckDiskAdded(const SessionRecord& s, std::vector<int64_t> added) const;
   std::vector<int64_t> DiskAdded(const SessionRecord& s, const std::vector<PlacedRun>& runs) const;
   // Group commit (durable mode), before a write step runs: reserves its
   // serial and starts rank 0's journal record of `writes` (the planned
