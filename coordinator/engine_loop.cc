@@ -46,8 +46,9 @@ void WorkItem::Finish(Status s) {
   cv_.NotifyAll();
 }
 
-EngineLoop::EngineLoop(WorkerEngine& engine, const CommandChannel& channel, int world_size, Admission& admission,
-                       ServiceStats& stats, EngineLoopOptions options, const SessionStore* sessions)
+EngineLoop::EngineLoop(WorkerEngine& engine, const CommandChannel& channel, int world_size,
+                       Admission& admission, ServiceStats& stats, EngineLoopOptions options,
+                       const SessionStore* sessions)
     : engine_(engine),
       channel_(channel),
       world_size_(world_size),
@@ -58,6 +59,7 @@ EngineLoop::EngineLoop(WorkerEngine& engine, const CommandChannel& channel, int 
       rank_tokens_(world_size, 0),
       rank_disk_(world_size, 0),
       rank_hot_(world_size, 0),
+      rank_staged_(world_size, 0),
       sessions_(sessions) {}
 
 bool EngineLoop::Submit(std::shared_ptr<WorkItem> item) {
@@ -76,8 +78,9 @@ size_t EngineLoop::SubmitAll(std::vector<std::shared_ptr<WorkItem>> items) {
     } else {
       for (std::shared_ptr<WorkItem>& item : items) {
         item->submitted_at = now;
-        // Deletes are never refused: they free memory and are not admitted work.
-        if (item->kind != WorkItem::Kind::kDelete &&
+        // Deletes and append aborts are never refused: they free memory and
+        // are not admitted work.
+        if (item->kind != WorkItem::Kind::kDelete && item->kind != WorkItem::Kind::kAppendAbort &&
             static_cast<int64_t>(queue_.size()) >= options_.max_queue) {
           break;
         }
@@ -124,8 +127,13 @@ std::vector<int64_t> EngineLoop::RankHotBytes() const {
   return rank_hot_;
 }
 
-Status EngineLoop::CheckDiskBudget(const SessionRecord& s, const std::vector<PlacedRun>& runs) const {
-  if (sessions_ == nullptr || !sessions_->enabled() || options_.disk_budget_bytes <= 0) return Status::Ok();
+std::vector<int64_t> EngineLoop::RankStagedBytes() const {
+  MutexLock lock(&placement_mu_);
+  return rank_staged_;
+}
+
+std::vector<int64_t> EngineLoop::DiskAdded(const SessionRecord& s,
+                                           const std::vector<PlacedRun>& runs) const {
   const int64_t row_bytes = s.shape.row_bytes();
   const int64_t span = std::max(1, s.shape.span_tokens);
   // Per span record: header plus summaries (max/min/mean keys, mean values).
@@ -134,11 +142,26 @@ Status EngineLoop::CheckDiskBudget(const SessionRecord& s, const std::vector<Pla
   for (const PlacedRun& r : runs) {
     added[r.rank] += 2 * r.tokens * row_bytes + (r.tokens / span + 2) * record_overhead;
   }
+  return added;
+}
+
+Status EngineLoop::CheckDiskBudget(const SessionRecord& s,
+                                   const std::vector<PlacedRun>& runs) const {
+  if (sessions_ == nullptr || !sessions_->enabled() || options_.disk_budget_bytes <= 0)
+    return Status::Ok();
+  return CheckDiskAdded(s, DiskAdded(s, runs));
+}
+
+Status EngineLoop::CheckDiskAdded(const SessionRecord& s, std::vector<int64_t> added) const {
+  if (sessions_ == nullptr || !sessions_->enabled() || options_.disk_budget_bytes <= 0)
+    return Status::Ok();
   const std::vector<int64_t> used = RankDiskBytes();
+  // Sync rewrites the open tail span as a partial record: up to one span more.
+  const int64_t tail = 2 * int64_t{std::max(1, s.shape.span_tokens)} * s.shape.row_bytes() + 128 +
+                       4 * int64_t(s.shape.kv_heads) * s.shape.head_dim * 4;
   for (int r = 0; r < world_size_; ++r) {
     if (added[r] == 0) continue;
-    // Sync rewrites the open tail span as a partial record: up to one span more.
-    added[r] += 2 * span * row_bytes + record_overhead;
+    added[r] += tail;
     if (used[r] + added[r] > options_.disk_budget_bytes) {
       return Status::ResourceExhausted(
           "disk budget of " + std::to_string(options_.disk_budget_bytes >> 20) +
@@ -389,7 +412,8 @@ std::vector<std::shared_ptr<WorkItem>> EngineLoop::NextStep(const std::function<
       const bool batchable = retrieval || item->kind == WorkItem::Kind::kDecode ||
                              item->kind == WorkItem::Kind::kAttend;
       if (item->cancelled || now >= item->deadline ||
-          (item->session->deleted && item->kind != WorkItem::Kind::kDelete)) {
+          (item->session->deleted && item->kind != WorkItem::Kind::kDelete &&
+           item->kind != WorkItem::Kind::kAppendAbort)) {
         finished.push_back(std::move(item));
         continue;
       }
@@ -463,7 +487,15 @@ Status EngineLoop::Run(const std::function<bool()>& should_exit) {
     if (step.empty()) continue;
     ++steps_run_;
     switch (step[0]->kind) {
-      case WorkItem::Kind::kAppend: RunAppend(*step[0]); break;
+      case WorkItem::Kind::kAppendChunk:
+        RunAppendChunk(*step[0]);
+        break;
+      case WorkItem::Kind::kAppendCommit:
+        RunAppendCommit(*step[0]);
+        break;
+      case WorkItem::Kind::kAppendAbort:
+        Complete(*step[0], DropStream(step[0]->stream));
+        break;
       case WorkItem::Kind::kPrefill: RunPrefill(*step[0]); break;
       case WorkItem::Kind::kDelete: RunDelete(*step[0]); break;
       case WorkItem::Kind::kRetrieveKV:
@@ -535,6 +567,10 @@ namespace {
 KvRows SliceRows(const std::vector<PlacedRun>& runs, int rank, int64_t first, int64_t row_bytes,
                  const std::string& k, const std::string& v) {
   KvRows rows;
+  int64_t tokens = 0;
+  for (const PlacedRun& r : runs) tokens += r.rank == rank ? r.tokens : 0;
+  rows.k.reserve(static_cast<size_t>(tokens * row_bytes));  // exact: no growth copies or slack
+  rows.v.reserve(static_cast<size_t>(tokens * row_bytes));
   for (const PlacedRun& r : runs) {
     if (r.rank != rank) continue;
     rows.runs.push_back({r.position, r.tokens});
@@ -546,101 +582,196 @@ KvRows SliceRows(const std::vector<PlacedRun>& runs, int rank, int64_t first, in
   return rows;
 }
 
-// Appends to *out the rows of `runs` that sit on `rank`, in order, cut out
-// of a call held as consecutive parts (AppendKV: one per message) whose first
-// row is position `first`.
-void AppendRowsFromParts(const std::vector<PlacedRun>& runs, int rank, int64_t first, int64_t row_bytes,
-                         const std::vector<std::string>& parts, std::string* out) {
-  size_t part = 0;
-  int64_t part_start = 0;  // byte offset of parts[part] in the call
-  for (const PlacedRun& r : runs) {
-    if (r.rank != rank) continue;
-    int64_t at = (r.position - first) * row_bytes;
-    int64_t left = r.tokens * row_bytes;
-    while (part > 0 && at < part_start) part_start -= static_cast<int64_t>(parts[--part].size());
-    while (left > 0 && part < parts.size()) {
-      const int64_t size = static_cast<int64_t>(parts[part].size());
-      if (at >= part_start + size) {
-        part_start += size;
-        ++part;
-        continue;
-      }
-      const int64_t n = std::min(left, part_start + size - at);
-      out->append(parts[part], static_cast<size_t>(at - part_start), static_cast<size_t>(n));
-      at += n;
-      left -= n;
-    }
-  }
-}
-
 }  // namespace
 
-void EngineLoop::RunAppend(WorkItem& item) {
-  if (!StartItem(item)) return;
+void EngineLoop::RunAppendChunk(WorkItem& item) {
+  if (!StartItem(item)) return;  // the handler aborts the stream
   SessionRecord& s = *item.session;
   const int64_t row_bytes = s.shape.row_bytes();
-  // Plan without changing anything; commit only after every rank succeeded.
-  LayerLayout layout;
-  std::vector<PlacedRun> runs;
-  {
-    std::lock_guard<std::mutex> lock(s.mu);
-    layout = s.layers[item.layer];
+  auto it = streams_.find(item.stream);
+  if (it == streams_.end()) {
+    // The first chunk fixes the stream's position and the layout (and the
+    // placement tie-break) its rows are placed against, so the stream is
+    // placed exactly as one append of all its rows would be now.
+    AppendStream st;
+    {
+      std::lock_guard<std::mutex> lock(s.mu);
+      st.layout = s.layers[item.layer];
+    }
+    if (Status expected = CheckExpectedTokens(item, st.layout); !expected.ok()) {
+      Complete(item, expected);
+      return;
+    }
+    st.base_tokens = st.layout.tokens;
+    st.row_bytes = row_bytes;
+    st.rank_bytes = RankBytes();
+    st.rank_tokens.assign(world_size_, 0);
+    st.disk_added.assign(world_size_, 0);
+    it = streams_.emplace(item.stream, std::move(st)).first;
   }
-  if (Status expected = CheckExpectedTokens(item, layout); !expected.ok()) {
-    Complete(item, expected);
-    return;
-  }
-  item.first_position = layout.tokens;
-  runs = PlaceAppend(layout, item.kv_tokens, s.config.span_tokens(), RankBytes());
-  if (Status disk = CheckDiskBudget(s, runs); !disk.ok()) {
+  AppendStream& st = it->second;
+  LayerLayout after = st.layout;
+  const int64_t first = after.tokens;
+  const std::vector<PlacedRun> runs =
+      PlaceAppend(after, item.kv_tokens, s.config.span_tokens(), st.rank_bytes);
+  // The disk budget, for the stream so far (a run cut by a chunk boundary
+  // counts its record overhead twice: a little more cautious than one call).
+  std::vector<int64_t> disk_added = DiskAdded(s, runs);
+  for (int r = 0; r < world_size_; ++r) disk_added[r] += st.disk_added[r];
+  if (Status disk = CheckDiskAdded(s, disk_added); !disk.ok()) {
     Complete(item, disk);
     return;
   }
-  // Memory: rank 0 holds the call once (its parts, as they arrived). Each
-  // worker's rows are copied straight into its encoded command, sent, and
-  // freed before the next rank's; the call is released before rank 0 stores
-  // its own share. Peak: the call plus one rank's share.
-  auto rank_runs = [&](int d) {
+  // Each worker's rows go out in a command of their own (freed once sent);
+  // rank 0 stages its share and drops the chunk.
+  Status sent = Status::Ok();
+  int64_t sent_bytes = 0;
+  std::vector<int64_t> rows(world_size_, 0);
+  for (const PlacedRun& r : runs) rows[r.rank] += r.tokens;
+  for (int d = 1; d < world_size_ && sent.ok(); ++d) {
+    if (rows[d] == 0) continue;
     std::vector<KvRun> mine;
     for (const PlacedRun& r : runs) {
       if (r.rank == d) mine.push_back({r.position, r.tokens});
     }
-    return mine;
-  };
-  // Group commit: rank 0's journal record syncs while the ranks store and log.
-  Command own;
-  const uint64_t serial = BeginCommit(
-      {PlannedLayout{item.session, item.layer, layout, 2 * item.kv_tokens * row_bytes}}, &own);
-  Status sent = Status::Ok();
-  int64_t sent_bytes = 0;
-  for (int d = 1; d < world_size_ && sent.ok(); ++d) {
-    const std::string bytes = EncodeAppendCommand(
-        serial, s.shape, item.layer, rank_runs(d), row_bytes, [&](int which, std::string* out) {
-          AppendRowsFromParts(runs, d, item.first_position, row_bytes, which == 0 ? item.k_parts : item.v_parts,
-                              out);
+    const std::string bytes = EncodeStageCommand(
+        item.stream, s.shape, item.layer, mine, row_bytes, [&](int which, std::string* out) {
+          for (const PlacedRun& r : runs) {
+            if (r.rank == d)
+              out->append(which == 0 ? item.k : item.v, (r.position - first) * row_bytes,
+                          r.tokens * row_bytes);
+          }
         });
     sent_bytes += static_cast<int64_t>(bytes.size());
     sent = channel_.Send(d, bytes);
   }
-  stats_.AddBytes(0, 0, sent_bytes);
-  own.kind = CommandKind::kAppend;
+  Command own;
+  own.kind = CommandKind::kStageAppend;
+  own.stream = item.stream;
   own.append.session = s.shape;
   own.append.layer = item.layer;
-  own.append.rows.runs = rank_runs(0);
-  AppendRowsFromParts(runs, 0, item.first_position, row_bytes, item.k_parts, &own.append.rows.k);
-  AppendRowsFromParts(runs, 0, item.first_position, row_bytes, item.v_parts, &own.append.rows.v);
-  std::vector<std::string>().swap(item.k_parts);
-  std::vector<std::string>().swap(item.v_parts);
-  Result<EngineOutput> out = sent.ok() ? engine_.Execute(own) : Result<EngineOutput>(sent);
+  if (sent.ok() && rows[0] > 0)
+    own.append.rows = SliceRows(runs, 0, first, row_bytes, item.k, item.v);
+  std::string().swap(item.k);
+  std::string().swap(item.v);
+  stats_.AddBytes(0, 0, sent_bytes);
+  if (sent.ok() && rows[0] > 0)
+    sent = engine_.Execute(own).status();  // local: keeps the rows in memory
+  stats_.RecordBatch("append_chunk", 1);
+  // What was sent counts as staged even after a failed send: the stream's
+  // abort drops it everywhere and the ranks report what they hold.
+  {
+    MutexLock lock(&placement_mu_);
+    for (int d = 0; d < world_size_; ++d) rank_staged_[d] += 2 * rows[d] * row_bytes;
+  }
+  for (int d = 0; d < world_size_; ++d) st.rank_tokens[d] += rows[d];
+  if (!sent.ok()) {
+    Complete(item, sent);
+    return;
+  }
+  st.layout = after;
+  st.disk_added = std::move(disk_added);
+  st.tokens += item.kv_tokens;
+  item.first_position = st.base_tokens;
+  item.layer_tokens = after.tokens;
+  Complete(item, Status::Ok());
+}
+
+void EngineLoop::RunAppendCommit(WorkItem& item) {
+  if (!StartItem(item)) return;  // the handler aborts the stream
+  auto it = streams_.find(item.stream);
+  if (it == streams_.end()) {
+    Complete(item, Status::Internal("[engine] append stream " + std::to_string(item.stream) +
+                                    " has no chunks"));
+    return;
+  }
+  SessionRecord& s = *item.session;
+  const int64_t row_bytes = s.shape.row_bytes();
+  AppendStream& st = it->second;
+  int64_t now = 0;
+  {
+    std::lock_guard<std::mutex> lock(s.mu);
+    now = s.layers[item.layer].tokens;
+  }
+  // The stream's positions were fixed at its first chunk: another write on
+  // the layer since then (layers only grow) makes them wrong.
+  Status planned = Status::Ok();
+  if (now != st.base_tokens) {
+    planned = Status::FailedPrecondition("layer " + std::to_string(item.layer) + " holds " +
+                                         std::to_string(now) +
+                                         " tokens (layer_tokens=" + std::to_string(now) +
+                                         "), but held " + std::to_string(st.base_tokens) +
+                                         " when the stream's first chunk was placed: another write "
+                                         "landed on the layer meanwhile; nothing was "
+                                         "written");
+  }
+  if (planned.ok())
+    planned = CheckDiskAdded(s, st.disk_added);  // other writes may have grown the files since
+  if (!planned.ok()) {
+    Status dropped = DropStream(item.stream);
+    Complete(item, dropped.ok() ? planned : dropped);
+    return;
+  }
+  std::vector<Command> commands(world_size_);
+  for (int d = 0; d < world_size_; ++d) {
+    commands[d].kind = CommandKind::kCommitStaged;
+    commands[d].stream = item.stream;
+    commands[d].append.session = s.shape;
+    commands[d].append.layer = item.layer;
+    commands[d].staged_tokens = st.rank_tokens[d];
+  }
+  // Group commit: rank 0's journal record syncs while the
+  // ranks store and log.
+  const uint64_t serial =
+      BeginCommit({PlannedLayout{item.session, item.layer, st.layout, 2 * st.tokens * row_bytes}},
+                  &commands[0]);
+  for (Command& c : commands) c.serial = serial;
+  Result<EngineOutput> out = Broadcast(commands);
   stats_.RecordBatch("append", 1);
+  // The ranks dropped their staging of the stream whatever the outcome.
+  const AppendStream done = std::move(st);
+  streams_.erase(it);
+  {
+    MutexLock lock(&placement_mu_);
+    if (out.ok() && out->rank_staged_bytes.size() == rank_staged_.size()) {
+      rank_staged_ = out->rank_staged_bytes;
+    } else {
+      for (int d = 0; d < world_size_; ++d) rank_staged_[d] -= 2 * done.rank_tokens[d] * row_bytes;
+    }
+  }
   if (!out.ok()) {
     AbortCommit(serial);
     Complete(item, out.status());
     return;
   }
-  CommitPlaced(s, item.layer, layout, item.kv_tokens, runs);
-  item.layer_tokens = layout.tokens;
+  std::vector<PlacedRun> runs;  // per rank (CommitPlaced counts tokens per rank)
+  for (int d = 0; d < world_size_; ++d) {
+    if (done.rank_tokens[d] > 0) runs.push_back({d, done.base_tokens, done.rank_tokens[d]});
+  }
+  CommitPlaced(s, item.layer, done.layout, done.tokens, runs);
+  item.first_position = done.base_tokens;
+  item.kv_tokens = done.tokens;
+  item.layer_tokens = done.layout.tokens;
   Complete(item, AfterWrite(serial, *out));
+}
+
+Status EngineLoop::DropStream(uint64_t stream) {
+  std::vector<Command> commands(world_size_);
+  for (Command& c : commands) {
+    c.kind = CommandKind::kDropStaged;
+    c.stream = stream;
+  }
+  Result<EngineOutput> out = Broadcast(commands);
+  const auto it = streams_.find(stream);
+  MutexLock lock(&placement_mu_);
+  if (out.ok() && out->rank_staged_bytes.size() == rank_staged_.size()) {
+    rank_staged_ = out->rank_staged_bytes;
+  } else if (it != streams_.end()) {  // no report: what rank 0 sent is gone
+    for (int d = 0; d < world_size_; ++d)
+      rank_staged_[d] -= 2 * it->second.rank_tokens[d] * it->second.row_bytes;
+  }
+  if (it != streams_.end()) streams_.erase(it);
+  return out.status();
 }
 
 void EngineLoop::RunPrefill(WorkItem& item) {

@@ -15,6 +15,16 @@
 // write step changes the session's metadata only after every rank stored
 // its share (a failed step leaves layouts, kv_bytes and placement counters
 // as they were, and the ranks truncate what they appended).
+//
+// Streamed appends (AppendKV): each arriving chunk is its own short step
+// (kAppendChunk) that places the chunk's rows and stages them on their ranks
+// (kStageAppend: in the ranks' memory, not in their stores), so rank 0 never
+// holds more than the chunks in flight. The stream's first chunk fixes its
+// position and the layout its placement continues from; the commit step
+// (kAppendCommit) checks that no other write landed on the layer meanwhile
+// and has every rank store its staged rows as one write step (the same
+// durable, all-or-nothing path as CommandKind::kAppend); an abort step (kAppendAbort)
+// drops the staging on every rank. See docs/ARCHITECTURE.md.
 #pragma once
 
 #include <atomic>
@@ -22,6 +32,7 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
 #include <memory>
 #include <string>
 #include <thread>
@@ -47,17 +58,25 @@ struct RetrievalParams {
 };
 
 struct WorkItem {
-  enum class Kind { kDelete, kAppend, kPrefill, kDecode, kAttend, kRetrieveKV };
+  enum class Kind {
+    kDelete,
+    kPrefill,
+    kDecode,
+    kAttend,
+    kRetrieveKV,
+    kAppendChunk,  // one chunk of stream `stream`: placed and staged on its ranks (k, v, kv_tokens)
+    kAppendCommit,  // the end of stream `stream`: every rank stores what it staged
+    kAppendAbort,   // drops stream `stream`'s staging on every rank (never refused, never expires)
+  };
   Kind kind = Kind::kDecode;
+  // kAppendChunk/kAppendCommit/kAppendAbort: the AppendKV stream (unique, never 0).
+  uint64_t stream = 0;
   std::shared_ptr<SessionRecord> session;
   int layer = 0;
   // Inputs (validated by the handler).
   std::vector<float> q;  // [q_tokens, H, D] float32
   int64_t q_tokens = 0;
-  std::string k, v;      // [kv_tokens, Hkv, D] in the session's storage dtype
-  // kAppend: the same, as the stream's messages arrived (one part each, so
-  // the call is held once, without a contiguous copy or growth slack).
-  std::vector<std::string> k_parts, v_parts;
+  std::string k, v;  // [kv_tokens, Hkv, D] in the session's storage dtype
   int64_t kv_tokens = 0;
   float scale = 0.0f;
   bool return_lse = false;
@@ -158,6 +177,10 @@ class EngineLoop {
   // Per-rank stored bytes/tokens (all sessions), as placed by the engine.
   std::vector<int64_t> RankBytes() const;
   std::vector<int64_t> RankTokens() const;
+  // Per-rank K/V bytes of AppendKV streams staged and not yet committed or
+  // dropped: as the ranks reported them at the end of the last commit or
+  // abort step, plus the chunks staged since.
+  std::vector<int64_t> RankStagedBytes() const;
   // Per-rank span-file and hot bytes after the last write step (data dir only).
   std::vector<int64_t> RankDiskBytes() const;
   std::vector<int64_t> RankHotBytes() const;
@@ -181,9 +204,14 @@ class EngineLoop {
  private:
   std::vector<std::shared_ptr<WorkItem>> NextStep(const std::function<bool()>& should_exit, bool* exit);
   void RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items);
-  void RunAppend(WorkItem& item);
   void RunPrefill(WorkItem& item);
   void RunDelete(WorkItem& item);
+  // Streamed appends (see the file comment).
+  void RunAppendChunk(WorkItem& item);
+  void RunAppendCommit(WorkItem& item);
+  // Drops `stream`'s staging on every rank and forgets the stream (a step
+  // of its own; the ranks report their staged bytes).
+  Status DropStream(uint64_t stream);
   // A retrieval step: retrieval decodes/attends and KV retrievals of
   // distinct (session, layer) decodes, run one after another by the ranks in
   // one command, each succeeding or failing on its own.
@@ -191,6 +219,10 @@ class EngineLoop {
   // Refuses (RESOURCE_EXHAUSTED, no state change) a placement that could take
   // a rank's span file past --disk-budget-mib.
   Status CheckDiskBudget(const SessionRecord& s, const std::vector<PlacedRun>& runs) const;
+  // The same check for the per-rank span-file bytes a write of `s` adds
+  // (DiskAdded: its rows and span records; the open-span slack is added here).
+  Status CheckDiskAdded(const SessionRecord& s, std::vector<int64_t> added) const;
+  std::vector<int64_t> DiskAdded(const SessionRecord& s, const std::vector<PlacedRun>& runs) const;
   // Group commit (durable mode), before a write step runs: reserves its
   // serial and starts rank 0's journal record of `writes` (the planned
   // layouts of every session the step writes: one record, one sync), which
@@ -259,8 +291,21 @@ class EngineLoop {
   std::vector<int64_t> rank_tokens_ ABSL_GUARDED_BY(placement_mu_);
   std::vector<int64_t> rank_disk_ ABSL_GUARDED_BY(placement_mu_);
   std::vector<int64_t> rank_hot_ ABSL_GUARDED_BY(placement_mu_);
+  std::vector<int64_t> rank_staged_ ABSL_GUARDED_BY(placement_mu_);
   const SessionStore* sessions_ = nullptr;
   uint64_t steps_run_ = 0;  // engine thread only
+
+  // Streamed appends with staged chunks (engine thread only).
+  struct AppendStream {
+    int64_t base_tokens = 0;           // the layer's length at the first chunk (= first position)
+    LayerLayout layout;                // the layer after the rows staged so far
+    std::vector<int64_t> rank_bytes;   // placement's tie-break, as at the first chunk
+    std::vector<int64_t> rank_tokens;  // rows staged per rank
+    std::vector<int64_t> disk_added;  // span-file bytes the rows may add per rank (CheckDiskBudget)
+    int64_t tokens = 0;
+    int64_t row_bytes = 0;
+  };
+  std::map<uint64_t, AppendStream> streams_;
 
   // Completer thread: runs on_done callbacks in order.
   Mutex done_mu_;

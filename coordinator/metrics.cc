@@ -201,9 +201,9 @@ std::string RenderMetrics(const MetricsSources& src) {
   out.Family(
       "ringtree_engine_batch_size", "histogram",
       "requests per engine step, by kind: decode and attend (the requests of each kind in a step), "
-      "step (all of a decode/attend step), append, prefill, retrieval and retrieve_kv (requests of "
-      "a "
-      "retrieval step)");
+      "step (all of a decode/attend step), append (an AppendKV's commit), append_chunk (one chunk "
+      "of an AppendKV stream staged), prefill, retrieval and retrieve_kv (requests of a retrieval "
+      "step)");
   for (const auto& [kind, h] : stats.batch_sizes) {
     out.HistogramSamples("ringtree_engine_batch_size", {{"kind", kind}}, h);
   }

@@ -395,6 +395,20 @@ grpc::Status AttentionServiceImpl::DeleteSession(grpc::ServerContext* context, c
   });
 }
 
+Status AttentionServiceImpl::RunStreamStep(grpc::ServerContext* context, WorkItem& item) {
+  if (!item.Wait([context] { return context->IsCancelled(); })) {
+    item.cancelled = true;
+    if (item.Abandon()) {  // not started: it never runs
+      if (context->IsCancelled())
+        return Status::Cancelled("cancelled by the client; nothing was stored");
+      return Status::DeadlineExceeded(
+          "deadline exceeded before the append was stored; nothing was stored");
+    }
+    item.WaitDone();  // its step started: its outcome stands
+  }
+  return item.status;
+}
+
 grpc::Status AttentionServiceImpl::AppendKV(grpc::ServerContext* context,
                                             grpc::ServerReader<v1::AppendKVRequest>* reader,
                                             v1::AppendKVResponse* response) {
@@ -418,50 +432,118 @@ grpc::Status AttentionServiceImpl::AppendKV(grpc::ServerContext* context,
     const SessionShape& shape = session->shape;
     // Admitted from the first message: the stream counts as work in flight and
     // its KV bytes are reserved chunk by chunk; on any failure everything is
-    // released and nothing was stored (the engine sees only complete calls).
+    // released and nothing is stored.
     Status admitted = admission_.Admit(m, engine_.queue_depth(), 0);
     if (!admitted.ok()) {
       grpc::Status g = ToGrpcStatus(admitted);
       Record(m, start, g);
       return g;
     }
-    int64_t reserved = 0;
-    auto fail = [&](const Status& st, bool invalid) {
-      admission_.Complete(reserved);
-      if (invalid) admission_.CountInvalid();
-      return ToGrpcStatus(Tagged(m, st));
+    // Every chunk is placed and sent to its ranks (staged there) by an
+    // engine step of its own as it arrives; rank 0 holds at most the chunk
+    // whose step runs and the next one (engine_loop.h, "Streamed appends").
+    const uint64_t stream = last_stream_.fetch_add(1, std::memory_order_relaxed) + 1;
+    const Clock::time_point deadline = SteadyDeadline(*context);
+    auto step = [&](WorkItem::Kind kind) {
+      auto item = std::make_shared<WorkItem>();
+      item->kind = kind;
+      item->stream = stream;
+      item->session = session;
+      item->layer = layer;
+      if (kind != WorkItem::Kind::kAppendAbort) item->deadline = deadline;
+      return item;
     };
-    auto item = std::make_shared<WorkItem>();
-    item->kind = WorkItem::Kind::kAppend;
-    item->session = session;
-    item->layer = layer;
-    if (message.has_expected_layer_tokens())
-      item->expected_layer_tokens = message.expected_layer_tokens();
-    int64_t index = 0;
+    // Queues a chunk or the commit (gRPC's 1 ms rounding: see Enqueue).
+    auto submit = [&](const std::shared_ptr<WorkItem>& item) -> Status {
+      if (deadline != Clock::time_point::max() && Clock::now() + kMinDeadlineLeft >= deadline)
+        return Status::DeadlineExceeded(
+            "deadline expired before the append was stored; nothing was stored");
+      if (!engine_.Submit(item)) {
+        admission_.CountQueueFull();
+        return Status::ResourceExhausted("queue full (--max-queue); nothing was stored");
+      }
+      return Status::Ok();
+    };
+    int64_t reserved = 0, tokens = 0, index = 0;
+    bool staged = false;   // a chunk step was queued: ranks may hold staging
+    bool invalid = false;  // the failure is a validation refusal
+    Status failed = Status::Ok();
+    std::shared_ptr<WorkItem> running;  // the stream's chunk step in flight
     do {
       Result<AppendChunkInput> chunk =
-          ValidateAppendChunk(message, index, session->id, layer, item->kv_tokens, shape, limits_);
-      if (!chunk.ok()) return fail(chunk.status(), true);
-      if (Status r = admission_.ReserveKv(m, chunk->kv_bytes); !r.ok()) return fail(r, false);
+          ValidateAppendChunk(message, index, session->id, layer, tokens, shape, limits_);
+      if (!chunk.ok()) {
+        failed = chunk.status();
+        invalid = true;
+        break;
+      }
+      if (Status r = admission_.ReserveKv(m, chunk->kv_bytes); !r.ok()) {
+        failed = r;
+        break;
+      }
       reserved += chunk->kv_bytes;
-      std::string k_part, v_part;
-      if (Status c = ToStorage(chunk->k, shape.storage, m, &k_part); !c.ok()) return fail(c, true);
-      if (Status c = ToStorage(chunk->v, shape.storage, m, &v_part); !c.ok()) return fail(c, true);
-      item->k_parts.push_back(std::move(k_part));
-      item->v_parts.push_back(std::move(v_part));
-      item->kv_tokens += chunk->k.tokens;
+      auto item = step(WorkItem::Kind::kAppendChunk);
+      // The message's bytes themselves when no conversion is needed.
+      if (Status c = TakeStorage(chunk->k, shape.storage, m, message.mutable_k(), &item->k);
+          !c.ok())
+        failed = c;
+      if (Status c = TakeStorage(chunk->v, shape.storage, m, message.mutable_v(), &item->v);
+          failed.ok() && !c.ok())
+        failed = c;
+      if (!failed.ok()) {
+        invalid = true;
+        break;
+      }
+      item->kv_tokens = chunk->k.tokens;
+      if (index == 0 && message.has_expected_layer_tokens())
+        item->expected_layer_tokens = message.expected_layer_tokens();
+      tokens += chunk->k.tokens;
+      // One chunk step of a stream at a time: this chunk was read and
+      // converted while the previous one's step ran.
+      if (running) {
+        failed = RunStreamStep(context, *running);
+        running.reset();
+        if (!failed.ok()) break;
+      }
+      if (failed = submit(item); !failed.ok()) break;
+      staged = true;
+      running = std::move(item);
       ++index;
     } while (reader->Read(&message));
-    if (context->IsCancelled()) {
-      return fail(Status::Cancelled("client cancelled the stream; nothing was stored"), false);
+    if (running) {
+      Status last = RunStreamStep(context, *running);
+      running.reset();
+      if (failed.ok()) failed = last;
     }
-    grpc::Status g = Run(m, context, item, reserved);
-    Record(m, start, g);
-    if (!g.ok()) return g;
-    response->set_appended_tokens(item->kv_tokens);
-    response->set_first_position(item->first_position);
-    response->set_layer_tokens(item->layer_tokens);
-    return grpc::Status::OK;
+    if (failed.ok() && context->IsCancelled())
+      failed = Status::Cancelled("client cancelled the stream; nothing was stored");
+    std::shared_ptr<WorkItem> commit;
+    if (failed.ok()) {
+      commit = step(WorkItem::Kind::kAppendCommit);
+      failed = submit(commit);
+      if (failed.ok()) failed = RunStreamStep(context, *commit);
+    }
+    if (failed.ok()) {
+      admission_.Complete(0);
+      Record(m, start, grpc::Status::OK);
+      response->set_appended_tokens(commit->kv_tokens);
+      response->set_first_position(commit->first_position);
+      response->set_layer_tokens(commit->layer_tokens);
+      return grpc::Status::OK;
+    }
+    // Nothing is stored: the ranks drop the stream's staging (a step that
+    // always runs, even after a cancel or the deadline) before the
+    // reservation returns to the budget.
+    if (staged) {
+      auto abort = step(WorkItem::Kind::kAppendAbort);
+      engine_.Submit(abort);  // never refused (a failed world completes it at once)
+      abort->WaitDone();
+    }
+    admission_.Complete(reserved);
+    if (invalid) admission_.CountInvalid();
+    grpc::Status g = ToGrpcStatus(Tagged(m, failed));
+    if (!invalid) Record(m, start, g);
+    return g;
   });
 }
 
@@ -987,6 +1069,7 @@ grpc::Status AttentionServiceImpl::Stats(grpc::ServerContext* context, const v1:
     const Admission::Snapshot a = admission_.snapshot();
     const std::vector<int64_t> bytes = engine_.RankBytes(), tokens = engine_.RankTokens();
     const std::vector<int64_t> disk = engine_.RankDiskBytes(), hot = engine_.RankHotBytes();
+    const std::vector<int64_t> staged = engine_.RankStagedBytes();
     const int64_t sessions = static_cast<int64_t>(registry_.size());
     for (int r = 0; r < world_size_; ++r) {
       auto* rank = response->add_ranks();
@@ -994,6 +1077,7 @@ grpc::Status AttentionServiceImpl::Stats(grpc::ServerContext* context, const v1:
       rank->set_kv_bytes(bytes[r]);
       rank->set_kv_tokens(tokens[r]);
       rank->set_sessions(sessions);
+      rank->set_staged_bytes(staged[r]);
       if (storage_.durable) {
         rank->set_disk_bytes(disk[r]);
         rank->set_hot_bytes(hot[r]);

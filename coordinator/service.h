@@ -7,6 +7,7 @@
 // "[Decode] q.shape[1]: 4 heads, the session has 8".
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <functional>
@@ -123,6 +124,11 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   // (the admission is released, nothing was queued); nullopt: queued.
   std::optional<grpc::Status> Enqueue(const char* method, const grpc::ServerContextBase& context,
                                       const std::shared_ptr<WorkItem>& item, int64_t kv_bytes);
+  // AppendKV: queues one step of its stream (chunk, commit: refused when
+  // the queue is full; abort: never refused) and waits for it; a step that
+  // had not started when the client cancelled or the deadline passed never
+  // runs (CANCELLED / DEADLINE_EXCEEDED).
+  Status RunStreamStep(grpc::ServerContext* context, WorkItem& item);
   // Sync handlers: Enqueue, then wait. Returns the item's status.
   grpc::Status Run(const char* method, grpc::ServerContext* context, std::shared_ptr<WorkItem> item,
                    int64_t kv_bytes);
@@ -194,6 +200,7 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   const SessionStore* sessions_;
   const StorageSettings storage_;
   const std::chrono::steady_clock::time_point started_;
+  std::atomic<uint64_t> last_stream_{0};  // AppendKV stream ids
 };
 
 }  // namespace ringtree

@@ -515,6 +515,16 @@ Status ToStorage(const TensorInput& t, DType storage, const char* method, std::s
   return Status::Ok();
 }
 
+Status TakeStorage(const TensorInput& t, DType storage, const char* method, v1::Tensor* owner,
+                   std::string* out) {
+  if (t.dtype != storage || owner != t.proto || !out->empty())
+    return ToStorage(t, storage, method, out);
+  const int64_t bad = FirstNonFinite(t.proto->data(), t.dtype);
+  if (bad >= 0) return NonFinite(t, method, bad);
+  out->swap(*owner->mutable_data());
+  return Status::Ok();
+}
+
 Status ConvertInputs(const char* method, DType storage, const TensorInput& q, const TensorInput* k,
                      const TensorInput* v, std::vector<float>* q_out, std::string* k_out,
                      std::string* v_out) {

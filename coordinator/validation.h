@@ -149,6 +149,11 @@ Result<AppendChunkInput> ValidateAppendChunk(const v1::AppendKVRequest& message,
 Status ToFiniteFloat32(const TensorInput& t, const char* method, std::vector<float>* out);
 // Appends `t` converted to the storage dtype to *out; NaN/Inf rejected as above.
 Status ToStorage(const TensorInput& t, DType storage, const char* method, std::string* out);
+// ToStorage into an empty *out that may take `t`'s bytes instead of copying
+// them when no conversion is needed: `owner` (the mutable message field t
+// refers to) is then left empty. AppendKV chunks: held once, not twice.
+Status TakeStorage(const TensorInput& t, DType storage, const char* method, v1::Tensor* owner,
+                   std::string* out);
 // q to float32, and k/v (when not null) to the storage dtype: a request's
 // inputs as the engine takes them.
 Status ConvertInputs(const char* method, DType storage, const TensorInput& q, const TensorInput* k,

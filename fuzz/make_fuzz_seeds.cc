@@ -155,6 +155,24 @@ void CommandSeeds(const fs::path& dir) {
   rt::Command read_log;
   read_log.kind = rt::CommandKind::kReadLog;
   Seed(dir, "read_log", rt::EncodeCommand(read_log));
+  rt::Command stage;
+  stage.kind = rt::CommandKind::kStageAppend;
+  stage.stream = 3;
+  stage.append.session = Shape();
+  stage.append.layer = 1;
+  stage.append.rows = Rows();
+  Seed(dir, "stage_append", rt::EncodeCommand(stage));
+  rt::Command commit;
+  commit.kind = rt::CommandKind::kCommitStaged;
+  commit.serial = 12;
+  commit.stream = 3;
+  commit.append.session = Shape();
+  commit.staged_tokens = 2;
+  Seed(dir, "commit_staged", rt::EncodeCommand(commit));
+  rt::Command drop;
+  drop.kind = rt::CommandKind::kDropStaged;
+  drop.stream = 3;
+  Seed(dir, "drop_staged", rt::EncodeCommand(drop));
 }
 
 // A store of `tokens` tokens: flags (1 = the harness seals checksums), the

@@ -297,5 +297,77 @@ TEST(InProcessCommandChannel, CommandsOfManyPartsArriveWhole) {
   Communicator::SetMaxPartBytesForTesting(saved);
 }
 
+// Streamed appends on the engine: staged rows stay out of the stores until
+// kCommitStaged stores them (every rank, one write step); kDropStaged and a
+// failed commit leave every store and counter as before, and nothing staged.
+TEST(InProcessEngine, StagedRowsAreStoredOnlyByTheirCommit) {
+  const SessionShape shape{1, 1, 2, 1, 4, DType::kFloat32};
+  const int64_t row_bytes = shape.row_bytes();
+  auto stage = [&](WorkerEngine& engine, uint64_t stream, int64_t position, int64_t tokens) {
+    Command c;
+    c.kind = CommandKind::kStageAppend;
+    c.stream = stream;
+    c.append.session = shape;
+    c.append.rows.runs = {{position, tokens}};
+    c.append.rows.k.assign(static_cast<size_t>(tokens * row_bytes), '\1');
+    c.append.rows.v.assign(static_cast<size_t>(tokens * row_bytes), '\2');
+    // Through the wire format, as a worker receives it.
+    auto decoded = DecodeCommand(EncodeCommand(c));
+    ASSERT_TRUE(decoded.ok());
+    ASSERT_TRUE(engine.Execute(*decoded).ok());
+  };
+  auto finish = [&](WorkerEngine& engine, CommandKind kind, uint64_t stream,
+                    int64_t staged_tokens) {
+    Command c;
+    c.kind = kind;
+    c.stream = stream;
+    c.append.session = shape;
+    c.staged_tokens = staged_tokens;
+    auto decoded = DecodeCommand(EncodeCommand(c));
+    EXPECT_TRUE(decoded.ok());
+    return engine.Execute(*decoded);
+  };
+  ForRanks(2, 0, [&](const Communicator& comm) {
+    auto created = WorkerEngine::Create(comm);
+    ASSERT_TRUE(created.ok()) << created.status().ToString();
+    WorkerEngine& engine = **created;
+    const int rank = comm.rank();
+    // Rank 0 holds positions 0..63 (two chunks), rank 1 64..99.
+    const int64_t mine = rank == 0 ? 64 : 36;
+    if (rank == 0) {
+      stage(engine, 7, 0, 40);
+      stage(engine, 7, 40, 24);
+    } else {
+      stage(engine, 7, 64, 36);
+    }
+    EXPECT_EQ(engine.staged_bytes(), 2 * mine * row_bytes);
+    EXPECT_EQ(engine.kv_tokens(), 0) << "staged rows are not stored";
+    auto committed = finish(engine, CommandKind::kCommitStaged, 7, mine);
+    ASSERT_TRUE(committed.ok()) << committed.status().ToString();
+    EXPECT_EQ(engine.kv_tokens(), mine);
+    EXPECT_EQ(engine.staged_bytes(), 0);
+    if (rank == 0) {
+      EXPECT_EQ(committed->rank_staged_bytes, std::vector<int64_t>({0, 0}));
+    }
+    // Dropped: nothing stored, nothing staged.
+    stage(engine, 8, rank == 0 ? 100 : 164, 10);
+    auto dropped = finish(engine, CommandKind::kDropStaged, 8, 0);
+    ASSERT_TRUE(dropped.ok());
+    EXPECT_EQ(engine.staged_bytes(), 0);
+    EXPECT_EQ(engine.staged_streams(), 0u);
+    EXPECT_EQ(engine.kv_tokens(), mine);
+    if (rank == 0) {
+      EXPECT_EQ(dropped->rank_staged_bytes, std::vector<int64_t>({0, 0}));
+    }
+    // A commit that expects other rows on rank 1 fails on every rank, and
+    // rank 0's rows (already appended to its store) are rolled back.
+    stage(engine, 9, rank == 0 ? 100 : 164, 10);
+    auto failed = finish(engine, CommandKind::kCommitStaged, 9, rank == 0 ? 10 : 11);
+    EXPECT_FALSE(failed.ok());
+    EXPECT_EQ(engine.kv_tokens(), mine);
+    EXPECT_EQ(engine.staged_bytes(), 0);
+  });
+}
+
 }  // namespace
 }  // namespace ringtree

@@ -2493,10 +2493,137 @@ TEST_F(ServiceWritePath, KillBetweenJournalAndLogSyncDropsOnlyThatStep) {
   }
 }
 
-// Rank 0's peak memory during one large AppendKV: the call once (as it
-// arrived) plus one rank's share while it is encoded and sent; before, the
-// staged call (with its growth slack), every rank's slice and the encoded
-// command were held together (about 3x the call).
+// A streamed AppendKV stages each chunk on its ranks as it arrives; every
+// way a stream can end without storing (cancel, a later invalid chunk, the
+// deadline, another write on the layer meanwhile) drops the staging on every
+// rank (as the ranks themselves report it in Stats) and returns the
+// reservation; a stream that completes is stored at the position of its
+// first chunk.
+TEST_F(ServiceWritePath, StreamedAppendDropsItsStagingWheneverItStoresNothing) {
+  auto server = Start(false);
+  auto client = Client(*server);
+  Model m;
+  auto info = client->CreateSession(Config(m));
+  ASSERT_TRUE(info.ok());
+  const std::string id = info->session_id();
+  const int64_t row_bytes = int64_t{m.kv_heads} * m.head_dim * 4;
+  ASSERT_TRUE(
+      client
+          ->AppendKV(
+              id, 0,
+              HostTensor::FromFloat32(std::vector<float>(100 * 128, 0.5f).data(), {100, 2, 64}),
+              HostTensor::FromFloat32(std::vector<float>(100 * 128, 0.5f).data(), {100, 2, 64}))
+          .ok());
+  auto staged = [&] {
+    int64_t sum = 0;
+    auto stats = client->Stats();
+    if (!stats.ok()) return int64_t{-1};
+    for (const auto& r : stats->ranks()) sum += r.staged_bytes();
+    return sum;
+  };
+  auto wait_staged = [&](int64_t bytes) {
+    for (int i = 0; i < 500 && staged() != bytes; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    return staged();
+  };
+  auto chunk = [&](int64_t tokens, int64_t heads = 2) {
+    v1::AppendKVRequest r;
+    r.set_session_id(id);
+    *r.mutable_k() = Tensor3(tokens, heads, 64);
+    *r.mutable_v() = Tensor3(tokens, heads, 64);
+    return r;
+  };
+  auto expect_unchanged = [&](int64_t tokens, const char* when) {
+    EXPECT_EQ(wait_staged(0), 0) << when;
+    auto after = client->GetSession(id);
+    ASSERT_TRUE(after.ok());
+    EXPECT_EQ(after->layer_tokens(0), tokens) << when;
+    auto stats = client->Stats();
+    ASSERT_TRUE(stats.ok());
+    for (const auto& r : stats->ranks())
+      EXPECT_EQ(r.staged_bytes(), 0) << when << ": rank " << r.rank();
+    EXPECT_EQ(stats->in_flight(), 0) << when;
+    EXPECT_EQ(stats->kv_used_bytes(), 2 * tokens * row_bytes) << when;
+  };
+  {  // Cancelled after two chunks were staged.
+    grpc::ClientContext ctx;
+    v1::AppendKVResponse out;
+    auto writer = client->stub()->AppendKV(&ctx, &out);
+    ASSERT_TRUE(writer->Write(chunk(64)));
+    ASSERT_TRUE(writer->Write(chunk(64)));
+    EXPECT_EQ(wait_staged(2 * 128 * row_bytes), 2 * 128 * row_bytes)
+        << "both chunks staged before the end";
+    ctx.TryCancel();
+    EXPECT_EQ(writer->Finish().error_code(), grpc::StatusCode::CANCELLED);
+    expect_unchanged(100, "cancelled");
+  }
+  {  // A later chunk is invalid.
+    grpc::ClientContext ctx;
+    v1::AppendKVResponse out;
+    auto writer = client->stub()->AppendKV(&ctx, &out);
+    ASSERT_TRUE(writer->Write(chunk(64)));
+    EXPECT_EQ(wait_staged(64 * 2 * row_bytes), 64 * 2 * row_bytes);
+    writer->Write(chunk(64, 3));
+    writer->WritesDone();
+    EXPECT_EQ(writer->Finish().error_code(), grpc::StatusCode::INVALID_ARGUMENT);
+    expect_unchanged(100, "invalid later chunk");
+  }
+  {  // The deadline passes before the end of the stream: never stored.
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(600));
+    v1::AppendKVResponse out;
+    auto writer = client->stub()->AppendKV(&ctx, &out);
+    ASSERT_TRUE(writer->Write(chunk(64)));
+    EXPECT_EQ(wait_staged(64 * 2 * row_bytes), 64 * 2 * row_bytes);
+    std::this_thread::sleep_for(std::chrono::milliseconds(800));
+    writer->Write(chunk(64));
+    writer->WritesDone();
+    EXPECT_EQ(writer->Finish().error_code(), grpc::StatusCode::DEADLINE_EXCEEDED);
+    expect_unchanged(100, "deadline");
+  }
+  {  // Another write lands on the layer between two chunks: FAILED_PRECONDITION, nothing stored.
+    grpc::ClientContext ctx;
+    v1::AppendKVResponse out;
+    auto writer = client->stub()->AppendKV(&ctx, &out);
+    ASSERT_TRUE(writer->Write(chunk(64)));
+    EXPECT_EQ(wait_staged(64 * 2 * row_bytes), 64 * 2 * row_bytes);
+    const std::vector<float> ten(10 * 128, 0.25f);
+    auto other = client->AppendKV(id, 0, HostTensor::FromFloat32(ten.data(), {10, 2, 64}),
+                                  HostTensor::FromFloat32(ten.data(), {10, 2, 64}));
+    ASSERT_TRUE(other.ok()) << other.status().message();
+    EXPECT_EQ(other->first_position, 100);
+    ASSERT_TRUE(writer->Write(chunk(64)));
+    writer->WritesDone();
+    grpc::Status st = writer->Finish();
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::FAILED_PRECONDITION) << st.error_message();
+    EXPECT_NE(st.error_message().find("layer_tokens=110"), std::string::npos) << st.error_message();
+    expect_unchanged(110, "concurrent write");
+  }
+  {  // A stream of three chunks is stored at its first chunk's position, once.
+    grpc::ClientContext ctx;
+    v1::AppendKVResponse out;
+    auto writer = client->stub()->AppendKV(&ctx, &out);
+    auto first = chunk(50);
+    first.set_expected_layer_tokens(110);
+    ASSERT_TRUE(writer->Write(first));
+    ASSERT_TRUE(writer->Write(chunk(70)));
+    ASSERT_TRUE(writer->Write(chunk(1)));
+    writer->WritesDone();
+    grpc::Status st = writer->Finish();
+    ASSERT_TRUE(st.ok()) << st.error_message();
+    EXPECT_EQ(out.appended_tokens(), 121);
+    EXPECT_EQ(out.first_position(), 110);
+    EXPECT_EQ(out.layer_tokens(), 231);
+    expect_unchanged(231, "stored");
+  }
+  EXPECT_EQ(server->Stop(), 0) << server->log();
+}
+
+// Rank 0's peak memory during one large AppendKV on 2 ranks: its own share
+// of the rows (staged, then stored) plus the few chunks in flight (gRPC's
+// buffer of the message being read, the chunk whose step runs, the next one
+// converted meanwhile, and one worker's command); the rest of the call is
+// never on rank 0 at once.
 int64_t PeakRssBytes(pid_t pid) {
   std::ifstream status("/proc/" + std::to_string(pid) + "/status");
   std::string line;
@@ -2506,7 +2633,7 @@ int64_t PeakRssBytes(pid_t pid) {
   return -1;
 }
 
-TEST_F(ServiceWritePath, LargeAppendHoldsTheCallAboutOnceOnRankZero) {
+TEST_F(ServiceWritePath, LargeAppendHoldsItsShareAndAFewChunksOnRankZero) {
   auto server = Start(false, {"--kv-budget-mib", "4096"});
   auto client = Client(*server);
   Model m;
@@ -2522,13 +2649,25 @@ TEST_F(ServiceWritePath, LargeAppendHoldsTheCallAboutOnceOnRankZero) {
   const int64_t call_bytes = 2 * static_cast<int64_t>(k.data.size());
   const int64_t before = PeakRssBytes(server->rank0_pid());
   ASSERT_GT(before, 0);
-  auto appended = client->AppendKV(info->session_id(), 0, k, k);
+  // 1024-token messages (8 MiB here): the call is 32 of them.
+  const int64_t chunk_tokens = 1024;
+  auto appended = client->AppendKV(info->session_id(), 0, k, k, chunk_tokens);
   ASSERT_TRUE(appended.ok()) << appended.status().message();
   const int64_t after = PeakRssBytes(server->rank0_pid());
   const double ratio = double(after - before) / double(call_bytes);
-  std::printf("rank 0 peak RSS grew by %.2f x the call (%lld MiB)\n", ratio, static_cast<long long>(call_bytes >> 20));
-  // Measured: 2.2x (the call, one rank's share, gRPC's message buffers); 3.6x before.
-  EXPECT_LT(ratio, 2.6) << "rank 0 held the call's bytes too many times";
+  const int64_t chunk_bytes = 2 * chunk_tokens * row * 4;
+  // Its share, 4 chunks, and slack for gRPC's receive buffer (its flow
+  // control window grows with the bandwidth it measures) and the heap.
+  const int64_t bound = call_bytes / 2 + 4 * chunk_bytes + (160 << 20);  // 1.25 x the call here
+  std::printf(
+      "rank 0 peak RSS grew by %.2f x the call (%lld MiB in %lld MiB messages; bound %.2f x)\n",
+      ratio, static_cast<long long>(call_bytes >> 20), static_cast<long long>(chunk_bytes >> 20),
+      double(bound) / double(call_bytes));
+  // Measured: 0.76-0.82x alone, 1.03x once in a full ctest run (1.08-1.15x
+  // with 4096-token messages). Holding the whole call until its end (before
+  // streaming): 2.2x; a commit that freed the staged rows only after
+  // storing all of them: 1.5x.
+  EXPECT_LT(after - before, bound) << "rank 0 held more than its share and a few chunks";
   EXPECT_EQ(server->Stop(), 0) << server->log();
 }
 

@@ -97,7 +97,8 @@ bool Get(Reader& r, BatchGroup* g) {
 
 std::string EncodeCommand(const Command& c) {
   Writer w;
-  if (c.kind == CommandKind::kAppend) {  // large: one allocation, no growth copies
+  if (c.kind == CommandKind::kAppend ||
+      c.kind == CommandKind::kStageAppend) {  // large: one allocation
     w.Reserve(256 + c.append.rows.runs.size() * sizeof(KvRun) + c.append.rows.k.size() + c.append.rows.v.size());
   }
   w.Pod(c.kind);
@@ -147,20 +148,41 @@ std::string EncodeCommand(const Command& c) {
       break;
     case CommandKind::kReadLog:
       break;
+    case CommandKind::kStageAppend:
+      w.Pod(c.stream);
+      Put(w, c.append.session);
+      w.Pod(c.append.layer);
+      Put(w, c.append.rows);
+      break;
+    case CommandKind::kCommitStaged:
+      w.Pod(c.stream);
+      Put(w, c.append.session);
+      w.Pod(c.append.layer);
+      w.Pod(c.staged_tokens);
+      break;
+    case CommandKind::kDropStaged:
+      w.Pod(c.stream);
+      break;
   }
   return w.Take();
 }
 
-std::string EncodeAppendCommand(
-    uint64_t serial, const SessionShape& session, int32_t layer, const std::vector<KvRun>& runs,
-    int64_t row_bytes, const std::function<void(int which, std::string* out)>& append_rows) {
+namespace {
+
+// kAppend and kStageAppend with their rows written straight into the
+// encoding: kind, serial, [stream,] session, layer, then Put(KvRows)'s layout.
+std::string EncodeRowsCommand(CommandKind kind, uint64_t serial, uint64_t stream,
+                              const SessionShape& session, int32_t layer,
+                              const std::vector<KvRun>& runs, int64_t row_bytes,
+                              const std::function<void(int which, std::string* out)>& append_rows) {
   int64_t tokens = 0;
   for (const KvRun& r : runs) tokens += r.tokens;
   const uint64_t n = static_cast<uint64_t>(tokens * row_bytes);
   Writer w;
   w.Reserve(256 + runs.size() * sizeof(KvRun) + 2 * n);
-  w.Pod(CommandKind::kAppend);
+  w.Pod(kind);
   w.Pod(serial);
+  if (kind == CommandKind::kStageAppend) w.Pod(stream);
   Put(w, session);
   w.Pod(layer);
   w.Vector(runs);
@@ -169,6 +191,22 @@ std::string EncodeAppendCommand(
     append_rows(which, &w.raw());
   }
   return w.Take();
+}
+
+}  // namespace
+
+std::string EncodeAppendCommand(
+    uint64_t serial, const SessionShape& session, int32_t layer, const std::vector<KvRun>& runs,
+    int64_t row_bytes, const std::function<void(int which, std::string* out)>& append_rows) {
+  return EncodeRowsCommand(CommandKind::kAppend, serial, 0, session, layer, runs, row_bytes,
+                           append_rows);
+}
+
+std::string EncodeStageCommand(
+    uint64_t stream, const SessionShape& session, int32_t layer, const std::vector<KvRun>& runs,
+    int64_t row_bytes, const std::function<void(int which, std::string* out)>& append_rows) {
+  return EncodeRowsCommand(CommandKind::kStageAppend, 0, stream, session, layer, runs, row_bytes,
+                           append_rows);
 }
 
 Result<Command> DecodeCommand(const std::string& bytes) {
@@ -213,6 +251,17 @@ Result<Command> DecodeCommand(const std::string& bytes) {
       }
       case CommandKind::kRestore: ok = r.Vector(&c.live_handles) && r.Vector(&c.expected_tokens); break;
       case CommandKind::kReadLog:
+        break;
+      case CommandKind::kStageAppend:
+        ok = r.Pod(&c.stream) && Get(r, &c.append.session) && r.Pod(&c.append.layer) &&
+             Get(r, &c.append.rows);
+        break;
+      case CommandKind::kCommitStaged:
+        ok = r.Pod(&c.stream) && Get(r, &c.append.session) && r.Pod(&c.append.layer) &&
+             r.Pod(&c.staged_tokens) && c.staged_tokens >= 0;
+        break;
+      case CommandKind::kDropStaged:
+        ok = r.Pod(&c.stream);
         break;
       default: ok = false;
     }

@@ -59,6 +59,18 @@ enum class CommandKind : uint8_t {
   kRestore,   // after a restart: the sessions that exist; others' files are removed
   kReadLog,   // after a restart, first: every rank reads its write-ahead log, the root learns its
               // serials
+  // A streamed AppendKV (coordinator/engine_loop.h, "Streamed appends"): the
+  // rows of one chunk are kept in the rank's memory under the stream's id,
+  // not stored (local, not collective).
+  kStageAppend,
+  // The end of a stream: the rank appends every row it staged for the stream
+  // to its stores exactly as kAppend does (collective: durable log, status
+  // agreement, rollback on failure); the staging is dropped either way.
+  kCommitStaged,
+  // The stream failed, was cancelled or refused: the rank drops its staging
+  // (a stream the rank never staged is no error); collective only to tell
+  // the root every rank's staged bytes afterwards.
+  kDropStaged,
 };
 
 struct AppendCommand {
@@ -140,6 +152,13 @@ struct Command {
   // kRestore: (handle, layer, tokens) triples: the tokens this rank holds per
   // session layer according to rank 0's durable metadata.
   std::vector<int64_t> expected_tokens;
+  // kStageAppend, kCommitStaged, kDropStaged: the AppendKV stream (an id
+  // unique for the server's life, never 0). kStageAppend carries the chunk's
+  // rows for this rank in `append`; kCommitStaged carries the session and
+  // layer in `append` (no rows) and `staged_tokens`, the rows this rank must
+  // hold staged (a mismatch fails the step on every rank).
+  uint64_t stream = 0;
+  int64_t staged_tokens = 0;
 };
 
 // Binary encoding (host byte order: all ranks run the same binary).
@@ -151,6 +170,10 @@ std::string EncodeCommand(const Command& command);
 std::string EncodeAppendCommand(
     uint64_t serial, const SessionShape& session, int32_t layer, const std::vector<KvRun>& runs,
     int64_t row_bytes, const std::function<void(int which, std::string* out)>& append_rows);
+// The same for a kStageAppend command of stream `stream`.
+std::string EncodeStageCommand(uint64_t stream, const SessionShape& session, int32_t layer,
+                               const std::vector<KvRun>& runs, int64_t row_bytes,
+                               const std::function<void(int which, std::string* out)>& append_rows);
 // Errors: truncated or malformed bytes (kInternal; a bug, never user input).
 Result<Command> DecodeCommand(const std::string& bytes);
 

@@ -76,6 +76,52 @@ TEST(Command, EncodeAppendCommandEqualsEncodeCommand) {
   EXPECT_EQ(decoded->serial, 41u);
 }
 
+// Streamed appends: the stage command streamed into its encoding equals
+// EncodeCommand's; every kind round-trips and a truncated one is refused.
+TEST(Command, StagedAppendCommandsRoundTrip) {
+  Command c;
+  c.kind = CommandKind::kStageAppend;
+  c.stream = 77;
+  c.append.session = SessionShape{9, 3, 4, 2, 8, DType::kBFloat16};
+  c.append.layer = 1;
+  c.append.rows.runs = {{64, 3}};
+  const int64_t row_bytes = c.append.session.row_bytes();
+  c.append.rows.k.assign(static_cast<size_t>(3 * row_bytes), 'k');
+  c.append.rows.v.assign(static_cast<size_t>(3 * row_bytes), 'v');
+  const std::string streamed = EncodeStageCommand(
+      77, c.append.session, 1, c.append.rows.runs, row_bytes,
+      [&](int which, std::string* out) { *out += which == 0 ? c.append.rows.k : c.append.rows.v; });
+  EXPECT_EQ(streamed, EncodeCommand(c));
+  auto stage = DecodeCommand(streamed);
+  ASSERT_TRUE(stage.ok());
+  EXPECT_EQ(stage->stream, 77u);
+  EXPECT_EQ(stage->append.rows.v, c.append.rows.v);
+  EXPECT_FALSE(DecodeCommand(streamed.substr(0, streamed.size() - 1)).ok());
+
+  Command commit;
+  commit.kind = CommandKind::kCommitStaged;
+  commit.serial = 5;
+  commit.stream = 77;
+  commit.append.session = c.append.session;
+  commit.append.layer = 2;
+  commit.staged_tokens = 123;
+  auto decoded = DecodeCommand(EncodeCommand(commit));
+  ASSERT_TRUE(decoded.ok());
+  EXPECT_EQ(decoded->serial, 5u);
+  EXPECT_EQ(decoded->stream, 77u);
+  EXPECT_EQ(decoded->append.layer, 2);
+  EXPECT_EQ(decoded->staged_tokens, 123);
+  commit.staged_tokens = -1;  // never encoded by rank 0: refused
+  EXPECT_FALSE(DecodeCommand(EncodeCommand(commit)).ok());
+
+  Command drop;
+  drop.kind = CommandKind::kDropStaged;
+  drop.stream = 78;
+  auto dropped = DecodeCommand(EncodeCommand(drop));
+  ASSERT_TRUE(dropped.ok());
+  EXPECT_EQ(dropped->stream, 78u);
+}
+
 // A length field near 2^64 must not wrap the reader's bounds check around.
 TEST(Command, LengthThatWrapsTheOffsetIsRejected) {
   Command c;

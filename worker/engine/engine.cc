@@ -622,7 +622,107 @@ Status WorkerEngine::FinishWrite(Status local, const std::vector<SpanStore*>& to
   return agreed;
 }
 
+void WorkerEngine::StageRows(uint64_t stream, AppendCommand& append) {
+  auto [it, created] = staged_.try_emplace(stream);
+  StagedStream& staged = it->second;
+  if (created) {
+    staged.session = append.session;
+    staged.layer = append.layer;
+  }
+  if (!staged.error.ok()) return;  // the commit fails anyway; hold nothing more
+  const int64_t row_bytes = staged.session.row_bytes();
+  const int64_t tokens = append.rows.tokens();
+  if (append.session.handle != staged.session.handle || append.layer != staged.layer) {
+    staged.error = Status::Internal("[engine] stream " + std::to_string(stream) +
+                                    ": a chunk for another session or layer");
+  } else if (static_cast<int64_t>(append.rows.k.size()) != tokens * row_bytes ||
+             append.rows.k.size() != append.rows.v.size()) {
+    staged.error = Status::Internal("[engine] stream " + std::to_string(stream) +
+                                    ": staged rows: byte count does not match runs");
+  }
+  if (!staged.error.ok()) {  // drop what the stream holds: it will never be stored
+    staged_bytes_ -= staged.bytes;
+    staged.chunks.clear();
+    staged.bytes = 0;
+    return;
+  }
+  if (tokens == 0) return;
+  const int64_t bytes = static_cast<int64_t>(append.rows.k.size() + append.rows.v.size());
+  staged.tokens += tokens;
+  staged.bytes += bytes;
+  staged_bytes_ += bytes;
+  staged.chunks.push_back(std::move(append.rows));
+}
+
+void WorkerEngine::DropStaged(uint64_t stream) {
+  auto it = staged_.find(stream);
+  if (it == staged_.end()) return;
+  staged_bytes_ -= it->second.bytes;
+  staged_.erase(it);
+}
+
+Result<EngineOutput> WorkerEngine::CommitStaged(const Command& command) {
+  // The staging leaves the map first: whatever happens next, the stream
+  // holds nothing afterwards.
+  StagedStream staged;
+  bool found = false;
+  if (auto it = staged_.find(command.stream); it != staged_.end()) {
+    staged = std::move(it->second);
+    staged_bytes_ -= staged.bytes;
+    staged_.erase(it);
+    found = true;
+  }
+  const SessionShape& shape = command.append.session;
+  const int32_t layer = command.append.layer;
+  Status local = staged.error;
+  if (local.ok() && found && (staged.session.handle != shape.handle || staged.layer != layer)) {
+    local = Status::Internal("[engine] stream " + std::to_string(command.stream) +
+                             ": commit for another session or layer than its chunks");
+  }
+  if (local.ok() && staged.tokens != command.staged_tokens) {
+    local = Status::Internal("[engine] stream " + std::to_string(command.stream) + ": rank " +
+                             std::to_string(compute_->rank()) + " staged " +
+                             std::to_string(staged.tokens) + " rows, the commit expects " +
+                             std::to_string(command.staged_tokens));
+  }
+  // As kAppend: the rows into the stores (chunk by chunk, each freed once
+  // its store holds it), then the durable log and the status agreement; a
+  // failure anywhere rolls every rank back (Execute).
+  for (KvRows& rows : staged.chunks) {
+    if (!local.ok()) break;
+    local = AppendRows(shape, layer, rows);
+    // Frees the chunk's bytes now (assigning an empty string would keep them).
+    std::string().swap(rows.k);
+    std::string().swap(rows.v);
+  }
+  staged.chunks.clear();
+  EngineOutput out;
+  std::vector<SpanStore*> touched;
+  if (local.ok()) {
+    auto store = Store(shape, layer);
+    if (store.ok()) touched.push_back(*store);
+  }
+  RINGTREE_RETURN_IF_ERROR(FinishWrite(local, touched, &out));
+  RINGTREE_RETURN_IF_ERROR(GatherStaged(&out));
+  return out;
+}
+
+Status WorkerEngine::GatherStaged(EngineOutput* out) {
+  std::vector<int64_t> all(static_cast<size_t>(compute_->size()));
+  RINGTREE_RETURN_IF_ERROR(compute_->Allgather(&staged_bytes_, sizeof(staged_bytes_), all.data()));
+  if (compute_->rank() == root_) out->rank_staged_bytes = std::move(all);
+  return Status::Ok();
+}
+
 Status WorkerEngine::DeleteSession(uint64_t handle) {
+  for (auto it = staged_.begin(); it != staged_.end();) {  // streams of the session never commit
+    if (it->second.session.handle != handle) {
+      ++it;
+      continue;
+    }
+    staged_bytes_ -= it->second.bytes;
+    it = staged_.erase(it);
+  }
   for (auto it = wal_replay_.begin(); it != wal_replay_.end();) {
     it = it->first.first == handle ? wal_replay_.erase(it) : std::next(it);
   }
@@ -746,6 +846,17 @@ Result<EngineOutput> WorkerEngine::ExecuteStep(Command& command) {
       RINGTREE_RETURN_IF_ERROR(FinishWrite(local, touched, &out));
       return out;
     }
+    case CommandKind::kStageAppend:
+      StageRows(command.stream, command.append);
+      return EngineOutput{};
+    case CommandKind::kDropStaged: {
+      DropStaged(command.stream);
+      EngineOutput out;
+      RINGTREE_RETURN_IF_ERROR(GatherStaged(&out));
+      return out;
+    }
+    case CommandKind::kCommitStaged:
+      return CommitStaged(command);
     case CommandKind::kPrefill: return ExecutePrefill(command.prefill);
     case CommandKind::kAttendBatch: return ExecuteBatch(command.batch);
     case CommandKind::kRetrieve: {

@@ -113,6 +113,9 @@ struct EngineOutput {
   std::vector<int64_t> rank_disk_bytes, rank_hot_bytes;
   // kReadLog: every rank's write-ahead log.
   std::vector<WalState> rank_logs;
+  // kCommitStaged (on success) and kDropStaged: every rank's staged bytes
+  // (all streams) after the step.
+  std::vector<int64_t> rank_staged_bytes;
 };
 
 class WorkerEngine {
@@ -122,16 +125,20 @@ class WorkerEngine {
   static Result<std::unique_ptr<WorkerEngine>> Create(const Communicator& compute, int root = 0,
                                                       EngineConfig config = {});
 
-  // Executes one command. kAppend, kPrefill, kAttendBatch, kRetrieve and
-  // kRestore are collective over the compute communicator (every rank must
-  // execute its command of the same step); the others are local. Errors of
-  // collective steps are the same on every rank (a rank's failure, e.g. an
-  // append error, is agreed on, with or without a data directory); a failed
-  // step stores nothing: tokens it appended are truncated away on every rank.
+  // Executes one command. kAppend, kPrefill, kAttendBatch, kRetrieve,
+  // kCommitStaged, kDropStaged and kRestore are collective over the compute communicator (every
+  // rank must execute its command of the same step); the others are local. Errors of collective
+  // steps are the same on every rank (a rank's failure, e.g. an append error, is agreed on, with or
+  // without a data directory); a failed step stores nothing: tokens it appended are truncated away
+  // on every rank.
   Result<EngineOutput> Execute(Command& command);
 
   int64_t kv_bytes() const { return kv_bytes_; }
   int64_t kv_tokens() const { return kv_tokens_; }
+  // Streamed appends: K/V bytes this rank holds staged (kStageAppend, not
+  // yet committed or dropped), over all streams, and the number of streams.
+  int64_t staged_bytes() const { return staged_bytes_; }
+  size_t staged_streams() const { return staged_.size(); }
   size_t sessions() const { return sessions_.size(); }
   const EngineConfig& config() const { return config_; }
 
@@ -199,6 +206,14 @@ class WorkerEngine {
   Result<EngineOutput> ExecuteRetrieve(RetrieveCommand& command);
   Status DeleteSession(uint64_t handle);
   Status Restore(const std::vector<uint64_t>& live);
+  // Streamed appends (CommandKind::kStageAppend, kCommitStaged, kDropStaged).
+  // A staging error (malformed rows, a chunk of another session or layer) is
+  // kept with the stream and fails its commit on every rank.
+  void StageRows(uint64_t stream, AppendCommand& append);
+  void DropStaged(uint64_t stream);
+  Result<EngineOutput> CommitStaged(const Command& command);
+  // Collective: every rank's staged_bytes() into out->rank_staged_bytes (root).
+  Status GatherStaged(EngineOutput* out);
 
   const Communicator* compute_ = nullptr;
   int root_ = 0;
@@ -211,6 +226,18 @@ class WorkerEngine {
   std::map<std::pair<uint64_t, int>, int64_t> expected_tokens_;
   int64_t kv_bytes_ = 0;
   int64_t kv_tokens_ = 0;
+  // Rows of AppendKV streams not yet committed, per stream id: each chunk's
+  // rows as they arrived (no contiguous copy, so no growth slack).
+  struct StagedStream {
+    SessionShape session;
+    int32_t layer = 0;
+    std::vector<KvRows> chunks;
+    int64_t tokens = 0;
+    int64_t bytes = 0;  // K and V
+    Status error;       // the first staging error
+  };
+  std::unordered_map<uint64_t, StagedStream> staged_;
+  int64_t staged_bytes_ = 0;
   // Stores the current step appended to, with their length before it.
   struct UndoEntry {
     SpanStore* store;
