@@ -14,6 +14,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <future>
 #include <mutex>
 #include <nlohmann/json.hpp>
@@ -328,6 +329,26 @@ TEST_F(ServiceFlow, ConcurrentClientsAreCorrectAndBatched) {
   ASSERT_TRUE(setup->DeleteSession(shared_info->session_id()).ok());
 }
 
+// Creates one 2-layer session per model and appends `tokens(i) + l` random
+// tokens to session i's layer l (kept in layers[l][i]). Returns the ids.
+std::vector<std::string> CreateTwoLayerSessions(AttentionClient& client, std::mt19937& rng,
+                                                const std::vector<Model>& models,
+                                                std::vector<std::vector<Model>>* layers,
+                                                const std::function<int64_t(size_t)>& tokens) {
+  std::vector<std::string> ids;
+  for (size_t i = 0; i < models.size(); ++i) {
+    auto info = client.CreateSession(Config(models[i]));
+    EXPECT_TRUE(info.ok()) << info.status().ToString();
+    if (!info.ok()) return {};
+    ids.push_back(info->session_id());
+    for (int l = 0; l < 2; ++l) {
+      auto [k, v] = NewKv(rng, (*layers)[l][i], tokens(i) + l);
+      EXPECT_TRUE(client.AppendKV(ids[i], l, k, v).ok());
+    }
+  }
+  return ids;
+}
+
 // DecodeBatch / AttendBatch: sessions of different shapes and storage in
 // one call per layer, each answered like its own Decode/Attend; bad entries
 // get their own status naming entries[i] and change nothing; the exact
@@ -342,16 +363,9 @@ TEST_F(ServiceFlow, BatchCallsServeManySessionsWithPerEntryStatus) {
   models[4].heads = 6, models[4].kv_heads = 3, models[4].head_dim = 128;
   // models[l][i]: session i's layer l (the sessions have 2 layers).
   std::vector<std::vector<Model>> layers(2, models);
-  std::vector<std::string> ids;
-  for (size_t i = 0; i < models.size(); ++i) {
-    auto info = client->CreateSession(Config(models[i]));
-    ASSERT_TRUE(info.ok()) << info.status().ToString();
-    ids.push_back(info->session_id());
-    for (int l = 0; l < 2; ++l) {
-      auto [k, v] = NewKv(rng, layers[l][i], 300 + 700 * static_cast<int64_t>(i) + l);
-      ASSERT_TRUE(client->AppendKV(ids[i], l, k, v).ok());
-    }
-  }
+  const std::vector<std::string> ids = CreateTwoLayerSessions(
+      *client, rng, models, &layers, [](size_t i) { return 300 + 700 * static_cast<int64_t>(i); });
+  ASSERT_EQ(ids.size(), models.size());
   auto tolerance = [&](size_t i) { return models[i].storage == DType::kBFloat16 ? 2e-3 : 2e-4; };
   // Three engine steps of a 2-layer model: one DecodeBatch per layer-step.
   for (int step = 0; step < 3; ++step) {
@@ -501,16 +515,9 @@ TEST_F(ServiceFlow, DecodeBatchStreamAnswersEachStepInOrder) {
   models[1].heads = 4, models[1].kv_heads = 4, models[1].head_dim = 32;
   models[2].storage = DType::kBFloat16;
   std::vector<std::vector<Model>> layers(2, models);
-  std::vector<std::string> ids;
-  for (size_t i = 0; i < models.size(); ++i) {
-    auto info = client->CreateSession(Config(models[i]));
-    ASSERT_TRUE(info.ok()) << info.status().ToString();
-    ids.push_back(info->session_id());
-    for (int l = 0; l < 2; ++l) {
-      auto [k, v] = NewKv(rng, layers[l][i], 200 + 300 * static_cast<int64_t>(i) + l);
-      ASSERT_TRUE(client->AppendKV(ids[i], l, k, v).ok());
-    }
-  }
+  const std::vector<std::string> ids = CreateTwoLayerSessions(
+      *client, rng, models, &layers, [](size_t i) { return 200 + 300 * static_cast<int64_t>(i); });
+  ASSERT_EQ(ids.size(), models.size());
   auto tolerance = [&](size_t i) { return models[i].storage == DType::kBFloat16 ? 2e-3 : 2e-4; };
   auto stream = client->OpenDecodeBatchStream();
   ASSERT_TRUE(stream.ok()) << stream.status().ToString();
