@@ -285,19 +285,19 @@ RT_AVX512 void AccumulateTripleAvx512(const float* p0, int p_stride, const T* v,
   }
 }
 
-// Six accumulator rows by four 16-wide column chunks (24 registers): per key
-// four value loads and six broadcasts feed 24 independent FMAs. The values
-// of a block are streamed once per six rows and four chunks.
-template <typename T>
-RT_AVX512 void AccumulateSixByFourAvx512(const float* p0, int p_stride, const T* v, int64_t v_stride, int keys,
-                                         float* acc0, int D) {
-  __m512 a[6][4];
-  for (int r = 0; r < 6; ++r)
+// R (6 or 4) accumulator rows by four 16-wide column chunks (24 or 16
+// registers): per key four value loads and R broadcasts feed 4R independent
+// FMAs. The values of a block are streamed once per R rows and four chunks.
+template <typename T, int R = 6>
+RT_AVX512 void AccumulateSixByFourAvx512(const float* p0, int p_stride, const T* v,
+                                         int64_t v_stride, int keys, float* acc0, int D) {
+  __m512 a[R][4];
+  for (int r = 0; r < R; ++r)
     for (int c = 0; c < 4; ++c) a[r][c] = _mm512_loadu_ps(acc0 + r * D + 16 * c);
   for (int j = 0; j < keys; ++j) {
     const T* vr = v + j * v_stride;
     const __m512 x0 = Load16(vr), x1 = Load16(vr + 16), x2 = Load16(vr + 32), x3 = Load16(vr + 48);
-    for (int r = 0; r < 6; ++r) {
+    for (int r = 0; r < R; ++r) {
       const __m512 w = _mm512_set1_ps(p0[r * p_stride + j]);
       a[r][0] = _mm512_fmadd_ps(w, x0, a[r][0]);
       a[r][1] = _mm512_fmadd_ps(w, x1, a[r][1]);
@@ -305,7 +305,7 @@ RT_AVX512 void AccumulateSixByFourAvx512(const float* p0, int p_stride, const T*
       a[r][3] = _mm512_fmadd_ps(w, x3, a[r][3]);
     }
   }
-  for (int r = 0; r < 6; ++r)
+  for (int r = 0; r < R; ++r)
     for (int c = 0; c < 4; ++c) _mm512_storeu_ps(acc0 + r * D + 16 * c, a[r][c]);
 }
 
@@ -372,10 +372,13 @@ RT_AVX512 bool QueryKeyDotsPairs(const float* q, int rows, const T* k, int64_t k
                                  int s_stride) {
   if (rows < 1 || D % 16 != 0 || D < 32 || D > 128) return false;
   int r = 0;
-  // Quads from 8 rows (batched queries): there 16 independent chains beat
-  // rows held in registers. Below, pairs and triples keep the queries in
-  // registers, which is faster for the memory-bound GQA decode (4 rows).
-  for (; rows >= 8 && r + 4 <= rows; r += 4) {
+  // Quads from 4 rows: 16 independent chains, each key chunk loaded once per
+  // four rows. Pairs held two rows in registers and loaded every key twice
+  // for 4 rows; with Hkv = 8 and D = 128 fp32 a head's keys lie 4 KiB apart,
+  // so the 16 keys of a group share L1 sets and the second pass missed L1.
+  // Quads took GQA decode with 4 rows from 14 to 26 GB/s in L2 (one thread,
+  // 2026-12-01). The remaining 1-3 rows: triples, pairs, a single row.
+  for (; rows >= 4 && r + 4 <= rows; r += 4) {
     const float* q0 = q + r * D;
     float* s0 = s + r * s_stride;
     WithChunks(D / 16, [&](auto nc) { QueryKeyDotsQuadAvx512<T, decltype(nc)::value>(q0, D, k, k_stride, keys, s0, s_stride); });
@@ -408,6 +411,12 @@ RT_AVX512 int AccumulatePairs(const float* p, int p_stride, int rows, const T* v
     for (; r + 6 <= rows; r += 6)
       for (int d = 0; d < D; d += 64)
         AccumulateSixByFourAvx512<T>(p + r * p_stride, p_stride, v + d, v_stride, keys, acc + r * D + d, D);
+  }
+  if (D % 64 == 0 && rows - r >= 4) {
+    for (; r + 4 <= rows; r += 4)
+      for (int d = 0; d < D; d += 64)
+        AccumulateSixByFourAvx512<T, 4>(p + r * p_stride, p_stride, v + d, v_stride, keys,
+                                        acc + r * D + d, D);
   }
   for (const int triples = r + TripleRows(rows - r); r < triples; r += 3) {
     const float* p0 = p + r * p_stride;
@@ -939,8 +948,12 @@ void QueryKeyDotsBFloat16Permuted(const float* q, int rows, const uint16_t* k, i
   WithBlocks32(D / 32, [&](auto nb) {
     constexpr int NB = decltype(nb)::value;
     int r = 0;
-    // Tiles of up to 8 rows (one pass over the keys per tile), then pairs.
-    for (int rr; (rr = std::min(8, rows - r)) >= 3; r += rr)
+    // Tiles of 4 rows when the rows come in fours (8 rows as two tiles of
+    // 4 rows x 4 keys: each tile's 8 query vectors per block are reused by 4
+    // keys, where one 8 x 2 tile re-read them for every key), else tiles of
+    // up to 8 rows (one pass over the keys per tile); then pairs.
+    const int tile = rows % 4 == 0 ? 4 : 8;
+    for (int rr; (rr = std::min(tile, rows - r)) >= 3; r += rr)
       WithTileRows(rr, [&](auto rc) {
         constexpr int R = decltype(rc)::value;
         QueryKeyDotsEvenOddTile<NB, R, (R <= 4 ? 4 : 2)>(q + r * D, D, k, k_stride, keys,
