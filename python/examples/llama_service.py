@@ -227,6 +227,8 @@ def main():
     parser.add_argument("--storage-dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--retrieval-budget", type=int, default=0, help="retrieval-mode decode with this token budget")
     parser.add_argument("--check", action="store_true", help="compare with local PyTorch attention")
+    parser.add_argument("--transport", default="unary", choices=["unary", "stream"],
+                        help="decode steps as DecodeBatch calls or on one DecodeBatchStream")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     sys.path.insert(0, find_python_dir(args.build_dir))
@@ -253,7 +255,8 @@ def main():
             cfg.layers, cfg.hidden, cfg.heads, cfg.kv_heads, cfg.head_dim, cfg.vocab, lengths, args.storage_dtype,
             ", retrieval budget %d" % args.retrieval_budget if retrieval else ""))
         with ServiceAttention(client, cfg.layers, cfg.heads, cfg.kv_heads, cfg.head_dim,
-                              storage_dtype=args.storage_dtype, retrieval=retrieval, name="llama") as attn:
+                              storage_dtype=args.storage_dtype, retrieval=retrieval, name="llama",
+                              transport=args.transport) as attn:
             start = time.time()
             tokens, history = generate(model, attn, seq_ids, prompts, args.steps)
             elapsed = time.time() - start

@@ -114,6 +114,43 @@ def main():
         live = {s.session_id for s in client.list_sessions()}
         assert not live & set(sessions.values()), live
 
+        # 1b. The same lockstep decode with every layer-step on one open
+        # DecodeBatchStream; a step refused as a whole (an empty batch: the
+        # message's INVALID_ARGUMENT ends the stream) raises, and the next
+        # decode opens a new stream.
+        ref = LocalAttention(*shape)
+        with ServiceAttention(client, *shape, name="torch-stream", transport="stream") as attn:
+            t0 = time.time()
+            logits, last = prefill_step(model, attn, seq_ids, prompts)
+            ref_logits, ref_last = prefill_step(model, ref, seq_ids, prompts)
+            worst_stream = (logits - ref_logits).abs().max().item()
+            for step in range(DECODE_STEPS):
+                tokens = ref_last.argmax(-1)
+                assert torch.equal(last.argmax(-1), tokens), "stream: greedy tokens differ before step %d" % step
+                assert torch.equal(tokens, ref_tokens[step]), "stream: tokens differ from the unary run"
+                last = decode_step(model, attn, seq_ids, tokens)
+                ref_last = decode_step(model, ref, seq_ids, tokens)
+                d, s = (last - ref_last).abs().max().item(), ref_last.abs().max().item()
+                assert d <= TOLERANCE * s, "stream decode step %d: %.3e > %.0e * %.2f" % (step, d, TOLERANCE, s)
+                worst_stream = max(worst_stream, d)
+            elapsed_stream = time.time() - t0
+            assert attn.rpcs["DecodeBatchStream"] == cfg.layers * DECODE_STEPS, attn.rpcs
+            assert attn.rpcs["DecodeBatch"] == 0, attn.rpcs
+            q = torch.randn(len(seq_ids), cfg.heads, cfg.head_dim)
+            kv = torch.randn(len(seq_ids), cfg.kv_heads, cfg.head_dim)
+            try:
+                attn.decode(0, [], q[:0], kv[:0], kv[:0])
+                raise AssertionError("expected a refusal of the whole step")
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.INVALID_ARGUMENT, e
+            assert attn._stream is None
+            attn.decode(0, seq_ids, q, kv, kv)
+            assert attn.rpcs["DecodeBatchStream"] == cfg.layers * DECODE_STEPS + 1, attn.rpcs
+            for s, n in zip(seq_ids, PROMPT_LENGTHS):
+                assert client.get_session(attn.sessions[s]).layer_tokens[0] == n + DECODE_STEPS + 1
+        print("stream: prefill + %d decode steps on one DecodeBatchStream: max |logit diff| %.2e; %.1f s "
+              "(unary: %.1f s)" % (DECODE_STEPS, worst_stream, elapsed_stream, elapsed))
+
         # 2. Retrieval mode with a budget covering everything: same tokens.
         ref = LocalAttention(*shape)
         ref_gen, _ = generate(model, ref, seq_ids, prompts, DECODE_STEPS)

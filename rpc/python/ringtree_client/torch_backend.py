@@ -12,7 +12,8 @@ A model's attention layer computes q, k, v (RoPE applied) and calls::
 
 prefill sends one Prefill RPC (ring attention) per sequence; decode sends one
 DecodeBatch RPC per layer for the whole batch (tree attention, one engine
-step). A sequence's session is created on its first prefill or decode and
+step), or with transport="stream" one step on a DecodeBatchStream kept open
+across the generation. A sequence's session is created on its first prefill or decode and
 deleted by release(seq_id) or close() (also on leaving a `with` block).
 
 Tensors: float32 (and float16) CPU tensors are passed to the wire through
@@ -26,6 +27,7 @@ Every write is conditional on the length the backend expects
 service fails loudly (FAILED_PRECONDITION) instead of storing K/V at wrong
 positions.
 """
+import grpc
 import numpy as np
 import torch
 
@@ -63,13 +65,20 @@ class ServiceAttention:
     is always exact. wire_dtype: dtype of q/k/v on the wire (None = the
     tensor's, "bfloat16" halves the bytes of bf16 storage). span_tokens,
     sink_tokens, window_tokens: the sessions' SessionConfig (0 = server
-    defaults). conditional: send expected_layer_tokens with every write."""
+    defaults). conditional: send expected_layer_tokens with every write.
+    transport: "unary" (one DecodeBatch call per layer-step) or "stream" (one
+    DecodeBatchStream call kept open across steps, opened at the first decode
+    and again after a step the server refused as a whole; close() ends it)."""
 
     def __init__(self, client, layers, heads, kv_heads, head_dim, storage_dtype="float32", scale=None,
                  retrieval=None, wire_dtype=None, span_tokens=0, sink_tokens=0, window_tokens=0,
-                 name="torch", conditional=True):
+                 name="torch", conditional=True, transport="unary"):
         if heads % kv_heads:
             raise ValueError("heads (%d) must be a multiple of kv_heads (%d)" % (heads, kv_heads))
+        if transport not in ("unary", "stream"):
+            raise ValueError("transport: %r, expected \"unary\" or \"stream\"" % (transport,))
+        self.transport = transport
+        self._stream = None
         self.client = client
         self.layers, self.heads, self.kv_heads, self.head_dim = layers, heads, kv_heads, head_dim
         self.storage_dtype = storage_dtype
@@ -82,7 +91,9 @@ class ServiceAttention:
         self.sessions = {}   # seq_id -> session_id
         self.tokens = {}     # seq_id -> [stored tokens per layer]
         self.last_retrieval = None  # decode in retrieval mode: [RetrievalInfo] of the last call, in batch order
-        self.rpcs = {"Prefill": 0, "DecodeBatch": 0}
+        # Calls made: Prefill and DecodeBatch per call; DecodeBatchStream
+        # counts the steps sent on the open stream (transport="stream").
+        self.rpcs = {"Prefill": 0, "DecodeBatch": 0, "DecodeBatchStream": 0}
 
     # --- sessions ---------------------------------------------------------
     def _session(self, seq_id):
@@ -107,7 +118,14 @@ class ServiceAttention:
             self.client.delete_session(sid)
 
     def close(self):
-        """Deletes every session of this backend (the client stays open)."""
+        """Ends the decode stream, if open, and deletes every session of this
+        backend (the client stays open)."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            try:
+                stream.close()
+            except grpc.RpcError:
+                pass  # the server ended it with an error, already raised to the caller
         for seq_id in list(self.sessions):
             self.release(seq_id)
 
@@ -198,8 +216,18 @@ class ServiceAttention:
     def _decode_entries(self, layer, entries):
         """All entries of one layer's decode step -> per-entry results (.ok,
         .code, .message, .o, .retrieval), in entry order."""
-        results = self.client.decode_batch(layer, entries, scale=self.scale, dtype=self.wire_dtype)
-        self.rpcs["DecodeBatch"] += 1
+        if self.transport == "unary":
+            results = self.client.decode_batch(layer, entries, scale=self.scale, dtype=self.wire_dtype)
+            self.rpcs["DecodeBatch"] += 1
+            return results
+        if self._stream is None:
+            self._stream = self.client.open_decode_batch_stream()
+        try:
+            results = self._stream.step(layer, entries, scale=self.scale, dtype=self.wire_dtype)
+        except (grpc.RpcError, RuntimeError):
+            self._stream = None  # the stream has ended; the next decode opens another
+            raise
+        self.rpcs["DecodeBatchStream"] += 1
         return results
 
     def _out(self, o, like):
