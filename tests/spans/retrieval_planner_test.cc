@@ -304,5 +304,116 @@ TEST(RetrievalPlanner, DistributedProposalsSelectAsOneStore) {
   }
 }
 
+// Head voting and persistent recall across ranks: VotingProposals on each
+// "rank" + MergeVotes (and, without voting, RankForRequest + ProposalsFor +
+// MergeProposals with each rank's pinned spans) select exactly what
+// RankForRequest selects over one store holding every span, with the same
+// pinned spans first.
+TEST(RetrievalPlanner, DistributedVotingAndPersistentSpansSelectAsOneStore) {
+  Fixture f(33);
+  RetrievalRequest base;
+  auto scored = f.store->Score(f.q.data(), f.q_tokens, Fixture::kHeads, f.options);
+  ASSERT_TRUE(scored.ok());
+  SpanScores scores = std::move(scored).value();
+  ApplyScoreMode(base.score_mode, &scores);
+  std::vector<int64_t> always, candidates;
+  f.store->SplitSpans(f.options, f.q_tokens, base, &always, &candidates);
+  ASSERT_GT(candidates.size(), 20u);
+  const int kRanks = 3;
+  std::vector<std::vector<int64_t>> dealt(kRanks);
+  for (size_t i = 0; i < candidates.size(); ++i)
+    dealt[(i * 5 + i / 4) % kRanks].push_back(candidates[i]);
+  std::vector<double> normalizer;
+  for (const auto& d : dealt) LogAddNormalizers(&normalizer, LogNormalizers(scores, f.tokens, d));
+  // Pinned: a few candidates spread over the ranks, and one that is not a
+  // candidate (ignored by both).
+  const std::vector<int64_t> pinned_sets[] = {
+      {}, {candidates[3], candidates[11], candidates[17], 1 << 30}};
+  int differs = 0;
+  for (bool voting : {false, true}) {
+    for (const std::vector<int64_t>& pinned : pinned_sets) {
+      for (int64_t top_k : {0, 1, 5, 40}) {
+        for (int64_t budget : {0, 7, 50, 200}) {
+          for (double tolerance : {-1.0, 0.1}) {
+            RetrievalRequest request = base;
+            request.top_k_spans = top_k;
+            request.token_budget = budget;
+            request.mass_tolerance = tolerance;
+            request.head_voting = voting;
+            request.persistent_spans = pinned;
+            const std::string what = std::string(voting ? "voting " : "") +
+                                     std::to_string(pinned.size()) + " pinned " +
+                                     std::to_string(top_k) + "/" + std::to_string(budget) + "/" +
+                                     std::to_string(tolerance);
+            const CandidateOrder single = RankForRequest(
+                request, scores, f.tokens, f.positions, candidates,
+                LogNormalizers(scores, f.tokens, candidates), Fixture::kHeads, Fixture::kKvHeads);
+            const int64_t single_take = SelectionSize(request, single);
+            std::vector<std::vector<SpanCandidate>> per_rank;
+            std::vector<std::vector<double>> head_priority(kRanks);
+            for (int rank = 0; rank < kRanks; ++rank) {
+              RetrievalRequest mine_request = request;
+              mine_request.persistent_spans.clear();
+              for (int64_t s : pinned)
+                if (std::count(dealt[rank].begin(), dealt[rank].end(), s))
+                  mine_request.persistent_spans.push_back(s);
+              std::vector<SpanCandidate> proposals;
+              if (voting) {
+                proposals = VotingProposals(mine_request, scores, f.tokens, f.positions,
+                                            dealt[rank], normalizer, Fixture::kHeads,
+                                            Fixture::kKvHeads, &head_priority[rank]);
+                ASSERT_EQ(head_priority[rank].size(), proposals.size() * Fixture::kKvHeads) << what;
+              } else {
+                proposals =
+                    ProposalsFor(mine_request, RankForRequest(mine_request, scores, f.tokens,
+                                                              f.positions, dealt[rank], normalizer,
+                                                              Fixture::kHeads, Fixture::kKvHeads));
+              }
+              for (SpanCandidate& c : proposals) c.rank = rank;
+              per_rank.push_back(std::move(proposals));
+            }
+            const CandidateOrder merged =
+                voting ? MergeVotes(request, per_rank, head_priority, Fixture::kKvHeads)
+                       : MergeProposals(per_rank);
+            EXPECT_EQ(merged.pinned, single.pinned) << what;
+            const int64_t take = SelectionSize(request, merged);
+            ASSERT_EQ(take, single_take) << what;
+            std::set<int64_t> got, want, got_pinned, want_pinned;
+            for (int rank = 0; rank < kRanks; ++rank)
+              for (int64_t s : SpansOfRank(merged, 0, take, rank)) got.insert(s);
+            for (int64_t i = 0; i < single_take; ++i) want.insert(single.ranked[i].span_index);
+            EXPECT_EQ(got, want) << what;
+            for (int64_t i = 0; i < merged.pinned; ++i)
+              got_pinned.insert(merged.ranked[i].span_index);
+            for (int64_t i = 0; i < single.pinned; ++i)
+              want_pinned.insert(single.ranked[i].span_index);
+            EXPECT_EQ(got_pinned, want_pinned) << what;
+            // The whole order matters in tolerance mode (rounds extend it).
+            if (tolerance >= 0) {
+              ASSERT_EQ(merged.ranked.size(), single.ranked.size()) << what;
+              for (size_t i = 0; i < single.ranked.size(); ++i)
+                ASSERT_EQ(merged.ranked[i].span_index, single.ranked[i].span_index)
+                    << what << " at " << i;
+            }
+            if (voting && tolerance < 0 && pinned.empty()) {
+              RetrievalRequest plain = request;
+              plain.head_voting = false;
+              const CandidateOrder summed = RankForRequest(
+                  plain, scores, f.tokens, f.positions, candidates,
+                  LogNormalizers(scores, f.tokens, candidates), Fixture::kHeads, Fixture::kKvHeads);
+              std::set<int64_t> by_sum;
+              for (int64_t i = 0; i < SelectionSize(plain, summed); ++i)
+                by_sum.insert(summed.ranked[i].span_index);
+              differs += by_sum != want;
+            }
+          }
+        }
+      }
+    }
+  }
+  // The case is one where voting changes the selection (else it tests little).
+  EXPECT_GT(differs, 0);
+}
+
 }  // namespace
 }  // namespace ringtree

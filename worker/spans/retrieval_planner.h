@@ -44,8 +44,8 @@ struct CandidateOrder {
 // Step 2: ranks one store's `candidates` (indices into span_tokens /
 // span_positions) by RankCandidates against `normalizer` [rows], or by head
 // votes when request.head_voting (heads, kv_heads as in Score), then moves
-// request.persistent_spans to the front (stable). rank of every entry is 0;
-// the distributed caller sets it.
+// request.persistent_spans to the front (stable, flagged `pinned`). rank of
+// every entry is 0; the distributed caller sets it.
 CandidateOrder RankForRequest(const RetrievalRequest& request, const SpanScores& scores,
                               const std::vector<int32_t>& span_tokens,
                               const std::vector<int64_t>& span_positions,
@@ -63,17 +63,51 @@ int64_t SelectionSize(const RetrievalRequest& request, const CandidateOrder& ord
 
 // Step 3 (per rank): what a rank all-gathers. In tolerance mode every
 // candidate (rounds may reach any of them); otherwise its own selection
-// (SelectionSize entries). The global selection's members from a rank are
-// always among its proposals: a span's predecessors in its own rank's order
-// are also its predecessors in the global order, so its rank-local prefix
-// fits wherever the global prefix fits.
+// (SelectionSize entries) and the entry after it. The global selection's
+// members from a rank are always among its proposals: a span's predecessors
+// in its own rank's order are also its predecessors in the global order, so
+// its rank-local prefix fits wherever the global prefix fits. The entry after
+// the selection is there for the span that stops the global budget: without
+// it the merged order would take a smaller span behind it that the global
+// order never reaches.
 std::vector<SpanCandidate> ProposalsFor(const RetrievalRequest& request,
                                         const CandidateOrder& order);
 
 // Step 3 (every rank, identically): the ranks' proposals in one order, best
-// first, ties by (rank, position). Nothing is pinned (persistent recall is
-// per store and not offered by the distributed path).
+// first, ties by (rank, position); proposals flagged `pinned` (each rank's
+// persistent spans, flagged by RankForRequest) go first, in the same order,
+// and count in order.pinned.
 CandidateOrder MergeProposals(const std::vector<std::vector<SpanCandidate>>& per_rank);
+
+// Steps 2-3 with head voting across ranks. Per rank: this rank's candidates
+// by RankCandidates priority against the combined `normalizer`, and what it
+// must propose so that MergeVotes over every rank's proposals orders the
+// selection exactly as RankForRequest would over one store holding every
+// span: its pinned spans (flagged), each kv head's best spans within
+// top_k / token_budget (a head's global selection is a prefix of each rank's
+// own list for that head, so its members from this rank are among them),
+// then the longest prefix within the limits of the remaining spans in
+// priority order (what the selection may take beyond the voted spans), each
+// list with the entry after it (see ProposalsFor); every candidate in
+// tolerance mode. head_priority receives each proposal's
+// priority for every kv head, [proposals * kv_heads]. rank of every entry is
+// 0; the caller sets it.
+std::vector<SpanCandidate> VotingProposals(const RetrievalRequest& request,
+                                           const SpanScores& scores,
+                                           const std::vector<int32_t>& span_tokens,
+                                           const std::vector<int64_t>& span_positions,
+                                           const std::vector<int64_t>& candidates,
+                                           const std::vector<double>& normalizer, int heads,
+                                           int kv_heads, std::vector<double>* head_priority);
+
+// Every rank, identically: the ranks' voting proposals (and their
+// head_priority lists, as VotingProposals returned them) in one order. Each
+// kv head takes its best proposals within the limits (ties by summed
+// priority, rank, position); a span's priority becomes votes + p / (1 + sum
+// of p) as in RankCandidatesByVotes; pinned proposals go first.
+CandidateOrder MergeVotes(const RetrievalRequest& request,
+                          const std::vector<std::vector<SpanCandidate>>& per_rank,
+                          const std::vector<std::vector<double>>& head_priority, int kv_heads);
 
 // Sorted span indices of `rank`'s entries in order.ranked[from, to).
 std::vector<int64_t> SpansOfRank(const CandidateOrder& order, int64_t from, int64_t to, int rank);

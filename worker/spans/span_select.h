@@ -78,9 +78,10 @@ struct RetrievalRequest {
   // bounds the mass that was not attended exactly. kCalibrated is the most
   // accurate in bench/retrieval.
   SkippedEstimate skipped_estimate = SkippedEstimate::kNone;
-  // Head voting (off by default; single store, see RankCandidatesByVotes):
-  // each kv head proposes its own best spans within the budget and spans are
-  // taken by the number of heads proposing them.
+  // Head voting (off by default; RankCandidatesByVotes for one store,
+  // VotingProposals + MergeVotes across ranks): each kv head proposes its
+  // own best spans within the budget and spans are taken by the number of
+  // heads proposing them.
   bool head_voting = false;
   // Persistent recall: indices of this store's spans recalled at recent
   // steps (RecallHistory::Recalled). Those that are still candidates are
@@ -93,6 +94,7 @@ struct RetrievalRequest {
 // candidates from several ranks are merged.
 struct SpanCandidate {
   int32_t rank = 0;
+  int32_t pinned = 0;          // 1: persistent recall, selected on top of the limits
   int64_t span_index = 0;      // index in the owning rank's store
   int64_t position_start = 0;
   int32_t tokens = 0;
