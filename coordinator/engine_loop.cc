@@ -1104,6 +1104,8 @@ void EngineLoop::RunRetrieveStep(std::vector<std::shared_ptr<WorkItem>>& items) 
     p.base.context_end = item.layer_tokens;
     p.base.kv_only = item.kind == WorkItem::Kind::kRetrieveKV;
     p.base.include_always = item.retrieval.include_always;
+    p.base.head_voting = item.retrieval.head_voting;
+    p.base.persistent_steps = item.retrieval.persistent_steps;
     plans.push_back(std::move(p));
   }
   if (plans.empty()) return;

@@ -55,6 +55,8 @@ struct RetrievalParams {
   double mass_tolerance = -1.0;  // >= 0: tolerance mode
   uint8_t score_mode = 2;        // SpanScoreMode (kBlend)
   bool include_always = false;   // RetrieveKV
+  bool head_voting = false;      // RetrievalOptions.head_voting
+  int32_t persistent_steps = 0;  // RetrievalOptions.persistent_steps (0 = off)
 };
 
 struct WorkItem {

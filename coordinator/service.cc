@@ -75,6 +75,7 @@ void PutRetrievalInfo(const RetrievalOutput& r, v1::RetrievalInfo* info) {
   info->set_rounds(r.rounds);
   info->set_tokens_attended(r.tokens_attended);
   info->set_selected_spans(r.selected_spans);
+  info->set_recalled_spans(r.recalled_spans);
 }
 
 void PutOutput(const std::vector<float>& values, int64_t row_begin, int64_t rows, int64_t row_elems,

@@ -125,6 +125,11 @@ Result<RetrievalParams> CheckRetrieval(const v1::RetrievalOptions& r, const char
       return Status::InvalidArgument(f + "score_mode: unknown value " +
                                      std::to_string(r.score_mode()));
   }
+  if (r.persistent_steps() < 0 || r.persistent_steps() > kMaxPersistentSteps)
+    return Status::InvalidArgument(f + "persistent_steps: " + std::to_string(r.persistent_steps()) +
+                                   " not in [0, " + std::to_string(kMaxPersistentSteps) + "]");
+  params.head_voting = r.head_voting();
+  params.persistent_steps = r.persistent_steps();
   return params;
 }
 

@@ -1364,6 +1364,135 @@ TEST_F(ServiceSpans, RetrievalWithFullBudgetEqualsExactAndFindsTheNeedle) {
   EXPECT_EQ(server->Stop(), 0) << server->log();
 }
 
+// Head voting and persistent recall as retrieval options, across 2 ranks.
+// Three planted spans: X holds kv head 0's best keys, Y kv head 1's, and Z
+// slightly weaker keys for both heads. Z has the most mass summed over the
+// heads, so the plain ranking takes Z at top_k 1; with head voting each head
+// proposes its own best (X, Y) and Z gets no vote. Persistent recall keeps a
+// span selected at one step for the next persistent_steps steps, on top of
+// top_k, and then lets it go.
+TEST_F(ServiceSpans, HeadVotingAndPersistentRecallAcrossRanks) {
+  auto server = Start({});
+  auto client = Client(*server);
+  std::mt19937 rng(11);
+  Model m;  // 8 heads, 2 kv heads, D = 64
+  auto info = client->CreateSession(SpanConfig(m, 16, 16, 64));
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  const std::string id = info->session_id();
+  const int64_t n = 2048, x = 512, y = 1024, z = 1536, a = 256, b = 768;
+  const int D = m.head_dim, row = m.kv_heads * D;
+  std::vector<float> k = Random(rng, n * row), v = Random(rng, n * row);
+  for (auto& e : k) e *= 0.05f;
+  // Unit directions per kv head (and two more for the recall needles).
+  auto unit = [&] {
+    std::vector<float> d = Random(rng, D);
+    double norm = 0;
+    for (float e : d) norm += double(e) * e;
+    for (float& e : d) e = static_cast<float>(e / std::sqrt(norm));
+    return d;
+  };
+  const std::vector<float> dir[2] = {unit(), unit()}, far[2] = {unit(), unit()};
+  // A query along `d[g]` for kv head g scores 10 * c against a key c * L * d[g].
+  const float L = std::sqrt(10.0f * std::sqrt(float(D)));
+  auto plant = [&](int64_t start, int head, const std::vector<float>& d, float c) {
+    for (int64_t t = start; t < start + 16; ++t)
+      for (int i = 0; i < D; ++i) k[t * row + head * D + i] = c * L * d[i];
+  };
+  plant(x, 0, dir[0], 1.0f);
+  plant(y, 1, dir[1], 1.0f);
+  plant(z, 0, dir[0], 0.965f);
+  plant(z, 1, dir[1], 0.965f);
+  plant(a, 0, far[0], 1.0f);
+  plant(a, 1, far[1], 1.0f);
+  plant(b, 0, far[0], -1.0f);  // b: found by the negated query
+  plant(b, 1, far[1], -1.0f);
+  m.k = k;
+  m.v = v;
+  ASSERT_TRUE(client
+                  ->AppendKV(id, 0, HostTensor::FromFloat32(k.data(), {n, m.kv_heads, D}),
+                             HostTensor::FromFloat32(v.data(), {n, m.kv_heads, D}), 1000)
+                  .ok());
+  auto query = [&](const std::vector<float>* d, float sign) {
+    std::vector<float> q(m.heads * D);
+    for (int h = 0; h < m.heads; ++h) {
+      const int g = h / (m.heads / m.kv_heads);
+      for (int i = 0; i < D; ++i) q[h * D + i] = sign * L * d[g][i];
+    }
+    return q;
+  };
+  auto attend = [&](const std::vector<float>& q, const v1::RetrievalOptions& r) {
+    CallOptions o;
+    o.retrieval = r;
+    auto got = client->Attend(id, 0, HostTensor::FromFloat32(q.data(), {1, m.heads, D}), o);
+    EXPECT_TRUE(got.ok()) << got.status().ToString();
+    return got.ok() ? *got->retrieval : v1::RetrievalInfo();
+  };
+  const std::vector<float> qv = query(dir, 1.0f);
+  v1::RetrievalOptions top1;
+  top1.set_top_k_spans(1);
+  const v1::RetrievalInfo plain = attend(qv, top1);
+  EXPECT_TRUE(CoversPosition(plain, z, v1::SELECTED)) << plain.DebugString();
+  EXPECT_EQ(plain.selected_spans(), 1);
+  v1::RetrievalOptions voting = top1;
+  voting.set_head_voting(true);
+  const v1::RetrievalInfo voted = attend(qv, voting);
+  EXPECT_FALSE(CoversPosition(voted, z, v1::SELECTED)) << voted.DebugString();
+  EXPECT_TRUE(CoversPosition(voted, x, v1::SELECTED) || CoversPosition(voted, y, v1::SELECTED))
+      << voted.DebugString();
+  EXPECT_EQ(voted.selected_spans(), 1);
+  // Voting with a budget covering everything is exact attention.
+  v1::RetrievalOptions all = Budget(1 << 30);
+  all.set_head_voting(true);
+  all.set_persistent_steps(3);
+  {
+    CallOptions o;
+    o.retrieval = all;
+    auto full = client->Attend(id, 0, HostTensor::FromFloat32(qv.data(), {1, m.heads, D}), o);
+    ASSERT_TRUE(full.ok()) << full.status().ToString();
+    EXPECT_TRUE(full->retrieval->exact());
+    EXPECT_LE(MaxDiff(full->o.ToFloat32(), AttendReference(m, qv, 1)), 2e-4);
+  }
+
+  // Persistent recall over 2 steps. Step 1 finds a, step 2 (the negated
+  // query) finds b and keeps a, step 3 keeps both and takes one more by
+  // merit, step 4 has let a go (selected only at step 1).
+  const std::vector<float> qa = query(far, 1.0f), qb = query(far, -1.0f);
+  v1::RetrievalOptions recall = top1;
+  recall.set_persistent_steps(2);
+  const v1::RetrievalInfo s1 = attend(qa, recall);
+  EXPECT_TRUE(CoversPosition(s1, a, v1::SELECTED)) << s1.DebugString();
+  EXPECT_EQ(s1.recalled_spans(), 0);
+  const v1::RetrievalInfo s2 = attend(qb, recall);
+  EXPECT_TRUE(CoversPosition(s2, b, v1::SELECTED)) << s2.DebugString();
+  EXPECT_TRUE(CoversPosition(s2, a, v1::SELECTED)) << s2.DebugString();
+  EXPECT_EQ(s2.recalled_spans(), 1);
+  EXPECT_EQ(s2.selected_spans(), 2);
+  const v1::RetrievalInfo s3 = attend(qb, recall);
+  EXPECT_TRUE(CoversPosition(s3, a, v1::SELECTED) && CoversPosition(s3, b, v1::SELECTED))
+      << s3.DebugString();
+  EXPECT_EQ(s3.recalled_spans(), 2);
+  EXPECT_EQ(s3.selected_spans(), 3);
+  const v1::RetrievalInfo s4 = attend(qb, recall);
+  EXPECT_FALSE(CoversPosition(s4, a, v1::SELECTED)) << s4.DebugString();
+  EXPECT_TRUE(CoversPosition(s4, b, v1::SELECTED)) << s4.DebugString();
+  // Without persistent recall nothing is kept.
+  const v1::RetrievalInfo none = attend(qb, top1);
+  EXPECT_EQ(none.selected_spans(), 1);
+  EXPECT_EQ(none.recalled_spans(), 0);
+  EXPECT_FALSE(CoversPosition(none, a, v1::SELECTED));
+  // Out of range: a clear error naming the field.
+  v1::RetrievalOptions bad = top1;
+  bad.set_persistent_steps(65);
+  CallOptions o;
+  o.retrieval = bad;
+  auto refused = client->Attend(id, 0, HostTensor::FromFloat32(qb.data(), {1, m.heads, D}), o);
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(refused.status().message().find("retrieval.persistent_steps"), std::string::npos)
+      << refused.status().message();
+  EXPECT_EQ(server->Stop(), 0) << server->log();
+}
+
 // DecodeBatch / AttendBatch with retrieval entries: the retrieval entries of
 // distinct sessions share one retrieval step (the exact ones another), each
 // equals its reference with a budget covering everything, and a failing

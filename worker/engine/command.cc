@@ -140,6 +140,8 @@ std::string EncodeCommand(const Command& c) {
         w.Pod(r.context_end);
         w.Pod(r.kv_only);
         w.Pod(r.include_always);
+        w.Pod(r.head_voting);
+        w.Pod(r.persistent_steps);
       }
       break;
     case CommandKind::kRestore:
@@ -244,7 +246,9 @@ Result<Command> DecodeCommand(const std::string& bytes) {
           RetrieveCommand t;
           ok = Get(r, &t.group) && r.Pod(&t.top_k_spans) && r.Pod(&t.token_budget) &&
                r.Pod(&t.mass_tolerance) && r.Pod(&t.score_mode) && r.Pod(&t.context_end) &&
-               r.Pod(&t.kv_only) && r.Pod(&t.include_always);
+               r.Pod(&t.kv_only) && r.Pod(&t.include_always) && r.Pod(&t.head_voting) &&
+               r.Pod(&t.persistent_steps) && t.persistent_steps >= 0 &&
+               t.persistent_steps <= kMaxPersistentSteps;
           c.retrieves.push_back(std::move(t));
         }
         break;

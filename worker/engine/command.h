@@ -120,6 +120,10 @@ struct AttendBatchCommand {
 // for one request. Every rank scores its own spans; candidates are merged
 // into the global top-k identically on every rank; each rank attends sinks,
 // window and its selected spans; partials are tree-reduced.
+// RetrievalOptions.persistent_steps at most (the rank's recall history per
+// session layer holds this many steps' selections).
+constexpr int32_t kMaxPersistentSteps = 64;
+
 struct RetrieveCommand {
   BatchGroup group;            // query (+ decode's new rows), as in a batch
   int64_t top_k_spans = 0;     // 0: no limit from k
@@ -129,6 +133,8 @@ struct RetrieveCommand {
   int64_t context_end = 0;     // global end of the layer (after new rows)
   bool kv_only = false;        // KV retrieval: return K/V of the selection, no attention
   bool include_always = false; // KV retrieval: also return sinks and window
+  bool head_voting = false;    // spans by kv heads' votes (retrieval_planner.h MergeVotes)
+  int32_t persistent_steps = 0;  // persistent recall over this many steps (0 = off)
 };
 
 struct Command {

@@ -35,6 +35,36 @@ TEST(Command, BatchRoundTrip) {
   EXPECT_EQ(d.new_rows.runs[0].tokens, 1);
 }
 
+TEST(Command, RetrieveRoundTripWithVotingAndRecall) {
+  Command c;
+  c.kind = CommandKind::kRetrieve;
+  RetrieveCommand r;
+  r.group.session = SessionShape{9, 1, 8, 2, 64, DType::kFloat32};
+  r.group.q_tokens = 1;
+  r.group.q.assign(8 * 64, 0.25f);
+  r.top_k_spans = 3;
+  r.token_budget = 100;
+  r.mass_tolerance = 0.05;
+  r.context_end = 4096;
+  r.head_voting = true;
+  r.persistent_steps = 7;
+  c.retrieves.push_back(r);
+  std::string bytes = EncodeCommand(c);
+  auto decoded = DecodeCommand(bytes);
+  ASSERT_TRUE(decoded.ok()) << decoded.status().ToString();
+  ASSERT_EQ(decoded->retrieves.size(), 1u);
+  const RetrieveCommand& d = decoded->retrieves[0];
+  EXPECT_EQ(d.top_k_spans, 3);
+  EXPECT_EQ(d.token_budget, 100);
+  EXPECT_EQ(d.context_end, 4096);
+  EXPECT_TRUE(d.head_voting);
+  EXPECT_EQ(d.persistent_steps, 7);
+  EXPECT_EQ(d.group.q, r.group.q);
+  // A step count past the limit is malformed.
+  c.retrieves[0].persistent_steps = kMaxPersistentSteps + 1;
+  EXPECT_FALSE(DecodeCommand(EncodeCommand(c)).ok());
+}
+
 TEST(Command, PrefillRoundTripAndTruncation) {
   Command c;
   c.kind = CommandKind::kPrefill;

@@ -1195,6 +1195,20 @@ Result<EngineOutput> WorkerEngine::ExecuteRetrieve(RetrieveCommand& r) {
   request.mass_tolerance = r.mass_tolerance;
   request.score_mode = static_cast<SpanScoreMode>(r.score_mode);
   request.context_end = r.context_end;
+  request.head_voting = r.head_voting;
+  // Persistent recall: the spans this rank selected at the session layer's
+  // last persistent_steps retrieval steps are pinned (selected on top of the
+  // limits); this step's own selection is recorded at the end.
+  RecallHistory* history = nullptr;
+  if (r.persistent_steps > 0 && local.ok()) {
+    SessionShard& shard = Shard(s);
+    shard.recall.resize(shard.layers.size());
+    std::unique_ptr<RecallHistory>& h = shard.recall[static_cast<size_t>(g.layer)];
+    if (!h || h->steps() != r.persistent_steps)
+      h = std::make_unique<RecallHistory>(r.persistent_steps);
+    history = h.get();
+    request.persistent_spans = history->Recalled();
+  }
   SpanStore::RetrievalInputs in;
   std::vector<SpanInfo> infos;
   if (local.ok()) {
@@ -1226,12 +1240,26 @@ Result<EngineOutput> WorkerEngine::ExecuteRetrieve(RetrieveCommand& r) {
   //    rank: each rank proposes what the global selection could take from
   //    it, the proposals are all-gathered and merged.
   if (r.kv_only) request.mass_tolerance = -1.0;  // KV retrieval has no bound to meet
-  CandidateOrder mine =
-      RankForRequest(request, scores, tokens, positions, candidates, normalizer, heads, s.kv_heads);
-  for (SpanCandidate& c : mine.ranked) c.rank = me;
+  CandidateOrder merged;
   std::vector<std::vector<SpanCandidate>> per_rank;
-  RINGTREE_RETURN_IF_ERROR(AllgatherVectors(*compute_, ProposalsFor(request, mine), &per_rank));
-  const CandidateOrder merged = MergeProposals(per_rank);
+  if (request.head_voting) {
+    // Each kv head's selection across every rank, then votes.
+    std::vector<double> head_priority;
+    std::vector<SpanCandidate> mine =
+        VotingProposals(request, scores, tokens, positions, candidates, normalizer, heads,
+                        s.kv_heads, &head_priority);
+    for (SpanCandidate& c : mine) c.rank = me;
+    std::vector<std::vector<double>> all_priorities;
+    RINGTREE_RETURN_IF_ERROR(AllgatherVectors(*compute_, mine, &per_rank));
+    RINGTREE_RETURN_IF_ERROR(AllgatherVectors(*compute_, head_priority, &all_priorities));
+    merged = MergeVotes(request, per_rank, all_priorities, s.kv_heads);
+  } else {
+    CandidateOrder mine = RankForRequest(request, scores, tokens, positions, candidates, normalizer,
+                                         heads, s.kv_heads);
+    for (SpanCandidate& c : mine.ranked) c.rank = me;
+    RINGTREE_RETURN_IF_ERROR(AllgatherVectors(*compute_, ProposalsFor(request, mine), &per_rank));
+    merged = MergeProposals(per_rank);
+  }
   RetrievalRounds schedule(SelectionSize(request, merged),
                            static_cast<int64_t>(merged.ranked.size()), request.mass_tolerance);
 
@@ -1289,6 +1317,8 @@ Result<EngineOutput> WorkerEngine::ExecuteRetrieve(RetrieveCommand& r) {
       }
     }
     out.retrieval.selected_spans = schedule.take();
+    out.retrieval.recalled_spans = merged.pinned;
+    if (history) history->Record(SpansOfRank(merged, merged.pinned, schedule.take(), me));
     return out;
   }
 
@@ -1335,6 +1365,10 @@ Result<EngineOutput> WorkerEngine::ExecuteRetrieve(RetrieveCommand& r) {
   out.retrieval.exact = take >= all_candidates;
   out.retrieval.rounds = schedule.rounds();
   out.retrieval.selected_spans = take;
+  out.retrieval.recalled_spans = merged.pinned;
+  // What this step selected on its own merit (not what it kept pinned: a
+  // span recalled once stays for persistent_steps steps, not forever).
+  if (history) history->Record(SpansOfRank(merged, merged.pinned, take, me));
   // 5. Report the spans used (all ranks) at the root.
   std::vector<UsedSpan> used;
   {

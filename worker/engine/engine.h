@@ -64,6 +64,7 @@ struct RetrievalOutput {
   int rounds = 1;
   int64_t tokens_attended = 0;
   int64_t selected_spans = 0;
+  int64_t recalled_spans = 0;  // of selected_spans, kept by persistent recall
 };
 
 // KV retrieval: one run of consecutive positions (root).
@@ -175,6 +176,9 @@ class WorkerEngine {
   struct SessionShard {
     SessionShape shape;
     std::vector<std::unique_ptr<SpanStore>> layers;  // created/opened on first use
+    // Persistent recall (RetrieveCommand::persistent_steps): per layer, the
+    // spans this rank selected at its last retrieval steps. In memory only.
+    std::vector<std::unique_ptr<RecallHistory>> recall;
   };
   WorkerEngine() = default;
   SessionShard& Shard(const SessionShape& shape);

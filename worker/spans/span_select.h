@@ -141,6 +141,7 @@ std::vector<SpanCandidate> RankCandidatesByVotes(const SpanScores& scores,
 class RecallHistory {
  public:
   explicit RecallHistory(int steps) : steps_(steps < 1 ? 1 : steps) {}
+  int steps() const { return steps_; }
   // One step's selection (span indices; e.g. RetrievalResult::spans_used).
   void Record(std::vector<int64_t> spans);
   // Union of the last `steps` recorded selections, sorted, unique.
