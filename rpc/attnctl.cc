@@ -8,7 +8,8 @@
 //   decode  ID --layer 0 --q q.npy --k k.npy --v v.npy [--out o.npy]
 //   attend  ID --layer 0 --q q.npy [--out o.npy]
 //   decode/attend retrieval mode: [--top-k N] [--token-budget N] [--tolerance X]
-//                 [--score-mode blend|upper|mean]  (prints the spans used and the bound)
+//                 [--score-mode blend|upper|mean] [--head-voting] [--persistent-steps N]
+//                 (prints the spans used and the bound)
 //   retrieve-kv ID --layer 0 --q q.npy (--top-k N | --token-budget N) [--include-always]
 //               [--out-prefix P]  (writes P.k.npy, P.v.npy, P.positions.npy)
 //   demo    [--tokens 16384] ...   (generated data, end to end, checks results)
@@ -104,11 +105,14 @@ void PrintOutput(const char* what, const AttentionOutput& out, const std::string
     const v1::RetrievalInfo& r = *out.retrieval;
     int64_t cold = 0;
     for (const auto& span : r.spans_used()) cold += span.tier() == v1::COLD;
-    std::printf("  retrieval: %lld spans used (%lld selected, %lld cold), %lld tokens attended, exact=%s, rounds=%d,"
-                " max skipped-mass bound %.4g\n",
-                static_cast<long long>(r.spans_used_size()), static_cast<long long>(r.selected_spans()),
-                static_cast<long long>(cold), static_cast<long long>(r.tokens_attended()), r.exact() ? "yes" : "no",
-                r.rounds(), r.max_skipped_mass_bound());
+    std::printf(
+        "  retrieval: %lld spans used (%lld selected, %lld of them recalled, %lld cold), %lld "
+        "tokens attended,"
+        " exact=%s, rounds=%d, max skipped-mass bound %.4g\n",
+        static_cast<long long>(r.spans_used_size()), static_cast<long long>(r.selected_spans()),
+        static_cast<long long>(r.recalled_spans()), static_cast<long long>(cold),
+        static_cast<long long>(r.tokens_attended()), r.exact() ? "yes" : "no", r.rounds(),
+        r.max_skipped_mass_bound());
     for (const auto& span : r.spans_used()) {
       if (span.kind() != v1::SELECTED) continue;
       std::printf("    selected rank %d positions [%lld, %lld) %s\n", span.rank(),
@@ -306,7 +310,8 @@ int main(int argc, char** argv) {
   int64_t top_k = 0, token_budget = 0;
   double tolerance = -1.0;
   std::string score_mode = "blend", out_prefix;
-  bool include_always = false;
+  bool include_always = false, head_voting = false;
+  int persistent_steps = 0;
   auto* retrieve_kv = app.add_subcommand("retrieve-kv", "fetch the K/V of the spans the index selects for queries");
   retrieve_kv->add_option("id", id, "session id")->required();
   retrieve_kv->add_option("--layer", layer)->capture_default_str();
@@ -318,6 +323,9 @@ int main(int argc, char** argv) {
     sub->add_option("--token-budget", token_budget, "retrieval: tokens of selected spans");
     if (sub != retrieve_kv) sub->add_option("--tolerance", tolerance, "retrieval: skipped-mass tolerance");
     sub->add_option("--score-mode", score_mode, "retrieval ranking: blend, upper or mean")->capture_default_str();
+    sub->add_flag("--head-voting", head_voting, "retrieval: spans by the kv heads' votes");
+    sub->add_option("--persistent-steps", persistent_steps,
+                    "retrieval: keep spans the session's last N retrieval calls selected (0-64)");
   }
 
   int64_t demo_tokens = 16384;
@@ -397,6 +405,8 @@ int main(int argc, char** argv) {
   else if (score_mode == "upper") retrieval.set_score_mode(v1::UPPER_BOUND);
   else if (score_mode == "mean") retrieval.set_score_mode(v1::MEAN_KEY);
   else return Fail(Status::InvalidArgument("[attnctl] --score-mode: blend, upper or mean"));
+  retrieval.set_head_voting(head_voting);
+  retrieval.set_persistent_steps(persistent_steps);
   if (top_k > 0 || token_budget > 0 || tolerance >= 0) call.retrieval = retrieval;
   if (demo->parsed()) {
     return RunDemo(*client, demo_tokens, heads, kv_heads, head_dim, prefill_tokens, decode_steps, keep);
