@@ -96,6 +96,17 @@ def main():
         o_r, info = client.attend(sid, 0, q, retrieval=retrieval_options(token_budget=1 << 30))
         assert info.exact and info.tokens_attended == 10131, info
         worst = max(worst, np.abs(o_r - reference(q, k, v, False)).max())
+        # Head voting and persistent recall: a full budget is still exact; a
+        # second call with persistent_steps keeps the first call's selection.
+        o_v, info = client.attend(sid, 0, q, retrieval=retrieval_options(token_budget=1 << 30, head_voting=True))
+        assert info.exact, info
+        worst = max(worst, np.abs(o_v - reference(q, k, v, False)).max())
+        keep = retrieval_options(top_k_spans=2, persistent_steps=4)
+        _, first = client.attend(sid, 0, q, retrieval=keep)
+        _, second = client.attend(sid, 0, q[::-1].copy(), retrieval=keep)
+        assert first.recalled_spans == 0 and second.recalled_spans >= 1, (first, second)
+        chosen = {(s.rank, s.position_start) for s in first.spans_used if s.kind == 3}
+        assert chosen <= {(s.rank, s.position_start) for s in second.spans_used}, (first, second)
         runs = client.retrieve_kv(sid, 0, q[:1], retrieval_options(top_k_spans=3))
         assert 0 < sum(r[2].shape[0] for r in runs) <= 3 * 64, runs
         for rank, start, rk, rv in runs:
