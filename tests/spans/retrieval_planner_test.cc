@@ -245,6 +245,33 @@ TEST(RetrievalPlanner, ToleranceRoundsAgainstFloat64Reference) {
   }
 }
 
+// A fixture's candidates scored (the request's score mode) and dealt to
+// `ranks` fake ranks, candidate i to rank deal(i) % ranks, with the per-row
+// normaliser combined over the ranks (as the service all-reduces it).
+struct Dealt {
+  SpanScores scores;
+  std::vector<int64_t> candidates;
+  std::vector<std::vector<int64_t>> dealt;
+  std::vector<double> normalizer;
+};
+Dealt DealCandidates(Fixture& f, const RetrievalRequest& request, int ranks,
+                     size_t (*deal)(size_t)) {
+  Dealt d;
+  auto scored = f.store->Score(f.q.data(), f.q_tokens, Fixture::kHeads, f.options);
+  EXPECT_TRUE(scored.ok());
+  if (!scored.ok()) return d;
+  d.scores = std::move(scored).value();
+  ApplyScoreMode(request.score_mode, &d.scores);
+  std::vector<int64_t> always;
+  f.store->SplitSpans(f.options, f.q_tokens, request, &always, &d.candidates);
+  d.dealt.resize(ranks);
+  for (size_t i = 0; i < d.candidates.size(); ++i)
+    d.dealt[deal(i) % ranks].push_back(d.candidates[i]);
+  for (const auto& mine : d.dealt)
+    LogAddNormalizers(&d.normalizer, LogNormalizers(d.scores, f.tokens, mine));
+  return d;
+}
+
 // The distributed steps select what a single store would: spans dealt to
 // three "ranks", per-rank rankings against the combined normaliser, the
 // ranks' proposals merged, then SelectionSize -- against RankForRequest +
@@ -252,18 +279,12 @@ TEST(RetrievalPlanner, ToleranceRoundsAgainstFloat64Reference) {
 TEST(RetrievalPlanner, DistributedProposalsSelectAsOneStore) {
   Fixture f(21);
   RetrievalRequest base;
-  auto scored = f.store->Score(f.q.data(), f.q_tokens, Fixture::kHeads, f.options);
-  ASSERT_TRUE(scored.ok());
-  SpanScores scores = std::move(scored).value();
-  ApplyScoreMode(base.score_mode, &scores);
-  std::vector<int64_t> always, candidates;
-  f.store->SplitSpans(f.options, f.q_tokens, base, &always, &candidates);
   const int kRanks = 3;
-  std::vector<std::vector<int64_t>> dealt(kRanks);
-  for (size_t i = 0; i < candidates.size(); ++i)
-    dealt[(i * 7 + i / 3) % kRanks].push_back(candidates[i]);
-  std::vector<double> normalizer;
-  for (const auto& d : dealt) LogAddNormalizers(&normalizer, LogNormalizers(scores, f.tokens, d));
+  const Dealt d = DealCandidates(f, base, kRanks, [](size_t i) { return i * 7 + i / 3; });
+  const SpanScores& scores = d.scores;
+  const std::vector<int64_t>& candidates = d.candidates;
+  const std::vector<std::vector<int64_t>>& dealt = d.dealt;
+  const std::vector<double>& normalizer = d.normalizer;
   for (int64_t top_k : {0, 1, 5, 40}) {
     for (int64_t budget : {0, 7, 50, 200}) {
       for (double tolerance : {-1.0, 0.1}) {
@@ -312,19 +333,13 @@ TEST(RetrievalPlanner, DistributedProposalsSelectAsOneStore) {
 TEST(RetrievalPlanner, DistributedVotingAndPersistentSpansSelectAsOneStore) {
   Fixture f(33);
   RetrievalRequest base;
-  auto scored = f.store->Score(f.q.data(), f.q_tokens, Fixture::kHeads, f.options);
-  ASSERT_TRUE(scored.ok());
-  SpanScores scores = std::move(scored).value();
-  ApplyScoreMode(base.score_mode, &scores);
-  std::vector<int64_t> always, candidates;
-  f.store->SplitSpans(f.options, f.q_tokens, base, &always, &candidates);
-  ASSERT_GT(candidates.size(), 20u);
   const int kRanks = 3;
-  std::vector<std::vector<int64_t>> dealt(kRanks);
-  for (size_t i = 0; i < candidates.size(); ++i)
-    dealt[(i * 5 + i / 4) % kRanks].push_back(candidates[i]);
-  std::vector<double> normalizer;
-  for (const auto& d : dealt) LogAddNormalizers(&normalizer, LogNormalizers(scores, f.tokens, d));
+  const Dealt d = DealCandidates(f, base, kRanks, [](size_t i) { return i * 5 + i / 4; });
+  const SpanScores& scores = d.scores;
+  const std::vector<int64_t>& candidates = d.candidates;
+  const std::vector<std::vector<int64_t>>& dealt = d.dealt;
+  const std::vector<double>& normalizer = d.normalizer;
+  ASSERT_GT(candidates.size(), 20u);
   // Pinned: a few candidates spread over the ranks, and one that is not a
   // candidate (ignored by both).
   const std::vector<int64_t> pinned_sets[] = {
