@@ -288,6 +288,11 @@ RT_AVX512 void AccumulateTripleAvx512(const float* p0, int p_stride, const T* v,
 // R (6 or 4) accumulator rows by four 16-wide column chunks (24 or 16
 // registers): per key four value loads and R broadcasts feed 4R independent
 // FMAs. The values of a block are streamed once per R rows and four chunks.
+// Four rows (GQA-4 decode) used to go as two pairs, each streaming every
+// value row: with Hkv = 8 and D = 128 fp32 a head's rows lie 4 KiB apart, so
+// a 16-key group shares L1 sets and the second pair's pass missed L1. The
+// 4-row tile reads each value once (decode at N = 256k, 2 threads: 16.3-16.6
+// -> 19.4-20.0 GB/s at Hkv = 8, unchanged at Hkv = 2; 2026-12-01).
 template <typename T, int R = 6>
 RT_AVX512 void AccumulateSixByFourAvx512(const float* p0, int p_stride, const T* v,
                                          int64_t v_stride, int keys, float* acc0, int D) {
@@ -372,13 +377,13 @@ RT_AVX512 bool QueryKeyDotsPairs(const float* q, int rows, const T* k, int64_t k
                                  int s_stride) {
   if (rows < 1 || D % 16 != 0 || D < 32 || D > 128) return false;
   int r = 0;
-  // Quads from 4 rows: 16 independent chains, each key chunk loaded once per
-  // four rows. Pairs held two rows in registers and loaded every key twice
-  // for 4 rows; with Hkv = 8 and D = 128 fp32 a head's keys lie 4 KiB apart,
-  // so the 16 keys of a group share L1 sets and the second pass missed L1.
-  // Quads took GQA decode with 4 rows from 14 to 26 GB/s in L2 (one thread,
-  // 2026-12-01). The remaining 1-3 rows: triples, pairs, a single row.
-  for (; rows >= 4 && r + 4 <= rows; r += 4) {
+  // Quads from 8 rows (batched queries): there 16 independent chains beat
+  // rows held in registers. Below, pairs and triples keep the queries in
+  // registers. With 4 rows (GQA-4 decode) quads are faster while the keys
+  // sit in L2 (one thread, Hkv = 8: 14 -> 18 GB/s) but slower streaming
+  // from memory at Hkv = 2 (2 threads, N = 256k: 13.4-15.1 against 15.0-16.0
+  // GB/s, 2026-12-01), which is what decode does: pairs stay.
+  for (; rows >= 8 && r + 4 <= rows; r += 4) {
     const float* q0 = q + r * D;
     float* s0 = s + r * s_stride;
     WithChunks(D / 16, [&](auto nc) { QueryKeyDotsQuadAvx512<T, decltype(nc)::value>(q0, D, k, k_stride, keys, s0, s_stride); });
