@@ -6,12 +6,16 @@
 #   QUICK=1 bench/cluster/run.sh    # fewer points, one calibration (< 3 minutes)
 #
 # Measures, in one run:
-#   calibration on one emulated host (host1, ranks on shared memory, no link),
-#     right before the cluster point of the same size, because the kernels'
-#     rate drifts with other work's load on this shared machine: causal ring
-#     prefill at N/P = n (per-step compute, 2 ranks x 1 thread) and decode
-#     (local compute over N/P); per link rate and TCP progress mode, a
-#     reduction among 4 ranks on that host (4 ranks time-sharing 2 cores);
+#   kernel calibration right before the cluster point of the same size,
+#     because the kernels' rate drifts with other work's load on this shared
+#     machine: one rank computes what a rank computes in one step of the point
+#     (causal prefill over n tokens = one zigzag ring step at N/P = n; decode
+#     over N/P tokens), while a twin rank computes the same at once, each in
+#     its own session, as the two emulated hosts' ranks are (the kernel's
+#     autogroup scheduler shares the cores per session: under other work's
+#     load, 2 ranks in one session get about half the CPU of 2 ranks in two);
+#   per link rate and TCP progress mode, a reduction among 4 ranks on host1
+#     alone (shared memory, 4 ranks time-sharing 2 cores);
 #   calibration on the cluster, per link rate and TCP progress mode: small
 #     calls (ring prefill N/P = 32, decode N = 2048, an 8-row reduction per
 #     placement and topology), whose time is the fixed cost of a call and its
@@ -101,8 +105,10 @@ link_bytes() {
 }
 
 # run LABEL EXTRA_JSON mpirun-args... -- dist_bench args...
-# Runs dist_bench, appends its JSON lines to $results with the label, the
-# extra fields and the link bytes of the run.
+# Runs dist_bench (under the command in the array run_prefix, if any), appends
+# its JSON lines to $results with the label, the extra fields and the link
+# bytes of the run.
+run_prefix=()
 run() {
   local label=$1 extra=$2; shift 2
   local margs=() before after
@@ -111,7 +117,7 @@ run() {
   before=$(link_bytes)
   load=$(cut -d' ' -f1 /proc/loadavg)
   : >"$tmp/out.jsonl"
-  "$root/launch/mpirun-ringtree" "${margs[@]}" "$bin" "$@" --out "$tmp/out.jsonl" --label "$label" >"$tmp/log" 2>&1 ||
+  "${run_prefix[@]}" "$root/launch/mpirun-ringtree" "${margs[@]}" "$bin" "$@" --out "$tmp/out.jsonl" --label "$label" >"$tmp/log" 2>&1 ||
     { cat "$tmp/log" >&2; echo "[bench/cluster] $label failed" >&2; return 1; }
   after=$(link_bytes)
   /usr/bin/python3 - "$tmp/out.jsonl" "$results" "$extra" "$before" "$after" "$load" <<'EOF'
@@ -194,25 +200,37 @@ small_calls() {
   run "calib_small_decode" "$ex" "$@" -- decode --tokens 2048 --steps 20 --warmup 3 --threads 1
 }
 
-# Kernel calibration right before a cluster point of the same size, on host1
-# alone (2 ranks x 1 thread at once, as in the 2-host runs, which share these
-# cores; shared memory moves the blocks, so the per-step compute is the
-# kernel's alone). Runs with the ring's defaults (the poller), whatever the
-# point's progress mode.
+# Kernel calibration right before a cluster point of the same size (what:
+# prefill, N/P = n; decode, N = n over 2 ranks): one rank in the root
+# namespace computes one ring step's work, a single-rank causal prefill of n
+# tokens (the work of a zigzag step at N/P = n) or a decode over n/2 tokens,
+# while a twin rank computes the same in another session (started first and
+# stopped, by its process id, when the measurement ends). Each in its own
+# session (setsid), as the 2 emulated hosts' ranks are.
 calib_kernel() {
-  local what=$1 n=$2 rate=$3 progress=$4 reps
+  local what=$1 n=$2 rate=$3 progress=$4 reps twin label args measured twin_args
   local cx='{"link":"shm","progress":"default","calib_for":"'"$rate"'","calib_progress":"'"$progress"'"}'
   local saved=${RINGTREE_MPIRUN_ARGS-} poll=${RINGTREE_RING_POLL_US-unset}
-  unset RINGTREE_RING_POLL_US
-  export RINGTREE_MPIRUN_ARGS="--map-by slot --mca mpi_yield_when_idle 1"
+  unset RINGTREE_MPIRUN_ARGS RINGTREE_RING_POLL_US
   if [ "$what" = prefill ]; then
     reps=5; [ "$n" -ge 2048 ] && reps=3; [ "$n" -ge 8192 ] && reps=1
-    run "calib_prefill" "$cx" -np 2 --hostfile "$hostfile1" -- prefill --tokens $((2 * n)) --causal \
-      --heads 2 --kv-heads 2 --head-dim 128 --threads 1 --repeats "$reps"
+    label=calib_prefill
+    args=(prefill --tokens "$n" --causal --heads 2 --kv-heads 2 --head-dim 128 --threads 1)
+    measured=(--repeats "$reps"); twin_args=(--repeats 1000)
   else
-    run "calib_decode" "$cx" -np 2 --hostfile "$hostfile1" -- decode --tokens "$n" --steps 8 --warmup 2 --threads 1
+    label=calib_decode
+    args=(decode --tokens $((n / 2)) --threads 1)
+    measured=(--steps 8 --warmup 2); twin_args=(--steps 100000 --warmup 2)
   fi
-  export RINGTREE_MPIRUN_ARGS=$saved
+  setsid --wait "$root/launch/mpirun-ringtree" -np 1 --bind none "$bin" "${args[@]}" "${twin_args[@]}" \
+    >/dev/null 2>&1 &
+  twin=$!
+  run_prefix=(setsid --wait)
+  run "$label" "$cx" -np 1 --bind none -- "${args[@]}" "${measured[@]}"
+  run_prefix=()
+  kill -TERM "$twin" 2>/dev/null || true
+  wait "$twin" 2>/dev/null || true
+  if [ -n "$saved" ]; then export RINGTREE_MPIRUN_ARGS=$saved; fi
   [ "$poll" = unset ] || export RINGTREE_RING_POLL_US=$poll
 }
 

@@ -151,8 +151,10 @@ class Calibration:
             sys.exit("[model] no calib_prefill rows in the results")
         self.heads_p, self.hd_p = cp[0]["heads"], cp[0]["head_dim"]
         # Per-step compute of the busiest rank (2 ranks x 1 thread at once, on shared memory).
+        # (run.sh: one rank computing one step's work at once with a twin, in
+        # runs since 2026-12-01 10:41; 2 ranks x 2 steps before.)
         n, t = median_by(cp, lambda r: r["tokens"] / r["machine"]["ranks"],
-                         lambda r: max(x["compute_s"] + x["merge_s"] for x in r["per_rank"]) / r["machine"]["ranks"])
+                         lambda r: max((x["compute_s"] + x["merge_s"]) / max(1, x["steps"]) for x in r["per_rank"]))
         # Outside the measured N/P: a n^2 through the largest one (its rate R).
         self.c0 = 0.0
         self.a = t[-1] / n[-1] ** 2
@@ -352,8 +354,10 @@ class Calibration:
         out.append("    " + "  ".join("N/P=%d %.3f ms (%.2f GB/s)" % (b / (self.kvh_d * self.hd_d * 8), 1e3 * t, b / t / 1e9)
                                       for b, t in self.decode_points))
         for (h, b), t in sorted(self.reduce4.items()):
-            out.append("  reduction of %d rows among 4 ranks on shared memory (4 ranks on this machine's cores): %.3f ms"
-                       % (h * b, 1e3 * t))
+            own = reduce_time(self, 4, 4, h * b, self.hd_d, self.shm_clean, "two-level")
+            out.append("  reduction of %d rows among 4 ranks on shared memory (4 ranks on this machine's 2 cores): "
+                       "%.3f ms, time-sharing factor %.1f against %.3f ms modelled with a core per rank"
+                       % (h * b, 1e3 * t, t / own, 1e3 * own))
         for key in sorted(self.links, key=lambda k: (k[0] != "shm", k)):
             out.append("  link %s" % self.links[key])
         for key in sorted(self.links4):
