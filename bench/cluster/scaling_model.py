@@ -644,14 +644,31 @@ def fmt_t(s):
 def projections(cal, args, out_dir):
     lines = []
     H, Hkv, D = args.heads, args.kv_heads, args.head_dim
+    # The fixed costs α per step as measured with 2 ranks on 2 cores and no
+    # link: on a host of its own a rank has a core, so the time-sharing part
+    # of the cluster's α (other ranks, pollers and the emulated network
+    # stack on the same 2 cores) does not apply.
+    alpha_prefill = cal.overhead("prefill", "shm", "default")
+    alpha_tree = cal.overhead("decode", "shm", "default", "tree")
+    alpha_ring = cal.overhead("decode", "shm", "default", "ring")
+
+    def prefill(*a, **k):
+        return predict_prefill(*a, overhead=alpha_prefill, **k)
+
+    def decode(*a, **k):  # a[5]: the method
+        return predict_decode(*a, overhead=alpha_tree if a[5] == "tree" else alpha_ring, **k)
+
     thr_scale = args.threads_per_rank
     g = args.ranks_per_host
     cal.shm = cal.shm_clean  # past this machine: no other work's time slices
     lines.append("Projections past this machine: a rank = %d thread(s) at the measured kernel rate "
                  "(prefill %.1f GFLOP/s, decode %.2f GB/s per thread, scaled linearly), %d ranks per host, "
                  "H=%d, Hkv=%d, D=%d, float32 KV; links at their nominal rate less 6%% TCP/IP headers, "
-                 "latency the minimum measured here (progress thread; shared memory %.1f us), two-level tree unless said."
-                 % (thr_scale, cal.R / 1e9, cal.Bdec / 1e9, args.ranks_per_host, H, Hkv, D, 1e6 * cal.shm_clean.alpha))
+                 "latency the minimum measured here (progress thread; shared memory %.1f us), two-level tree unless said; "
+                 "fixed costs alpha as measured with 2 ranks on 2 cores: %.3f ms per prefill ring step, %.3f ms per "
+                 "tree round, %.3f ms per ring-decode step; links full duplex (k = 1); no time-sharing."
+                 % (thr_scale, cal.R / 1e9, cal.Bdec / 1e9, args.ranks_per_host, H, Hkv, D, 1e6 * cal.shm_clean.alpha,
+                    1e3 * alpha_prefill, 1e3 * alpha_tree, 1e3 * alpha_ring))
     # Scale the rank's rates.
     cal.a /= thr_scale
     cal.Bdec *= thr_scale
@@ -670,8 +687,8 @@ def projections(cal, args, out_dir):
         for N in Ns:
             cells = []
             for P in Ps:
-                z, _, _ = predict_prefill(cal, N, P, link, True, "zigzag", H, Hkv, D, per_host=g)
-                c, _, _ = predict_prefill(cal, N, P, link, True, "contiguous", H, Hkv, D, per_host=g)
+                z, _, _ = prefill(cal, N, P, link, True, "zigzag", H, Hkv, D, per_host=g)
+                c, _, _ = prefill(cal, N, P, link, True, "contiguous", H, Hkv, D, per_host=g)
                 star = "*" if N / P < threshold(cal, link, H, Hkv, D) else " "
                 cells.append("%11s / %10s%s" % (fmt_t(z), fmt_t(c), star))
             lines.append("  %-10d" % N + "".join("%26s" % c for c in cells))
@@ -681,8 +698,8 @@ def projections(cal, args, out_dir):
     for N in Ns:
         cells = []
         for P in Ps:
-            a_, _, _ = predict_prefill(cal, N, P, link10, True, "zigzag", H, Hkv, D, per_host=g)
-            b_, _, _ = predict_prefill(cal, N, P, link10, False, "zigzag", H, Hkv, D, per_host=g)
+            a_, _, _ = prefill(cal, N, P, link10, True, "zigzag", H, Hkv, D, per_host=g)
+            b_, _, _ = prefill(cal, N, P, link10, False, "zigzag", H, Hkv, D, per_host=g)
             cells.append("%11s / %10s" % (fmt_t(a_), fmt_t(b_)))
         lines.append("  %-10d" % N + "".join("%26s" % c for c in cells))
     for rate in ["10gbit", "100gbit"]:
@@ -692,9 +709,9 @@ def projections(cal, args, out_dir):
         for N in Ns:
             cells = []
             for P in Ps:
-                t2 = predict_decode(cal, N, P, link, True, "tree", args.ranks_per_host, "two-level", H, kv_heads=Hkv)
-                tf = predict_decode(cal, N, P, link, True, "tree", args.ranks_per_host, "flat-spread", H, kv_heads=Hkv)
-                rg = predict_decode(cal, N, P, link, True, "ring", args.ranks_per_host, heads=H, kv_heads=Hkv) if P <= 1024 else float("nan")
+                t2 = decode(cal, N, P, link, True, "tree", args.ranks_per_host, "two-level", H, kv_heads=Hkv)
+                tf = decode(cal, N, P, link, True, "tree", args.ranks_per_host, "flat-spread", H, kv_heads=Hkv)
+                rg = decode(cal, N, P, link, True, "ring", args.ranks_per_host, heads=H, kv_heads=Hkv) if P <= 1024 else float("nan")
                 cells.append("%9s / %9s / %9s" % (fmt_t(t2), fmt_t(tf), fmt_t(rg)))
             lines.append("  %-10d" % N + "".join("%34s" % c for c in cells))
     # Where the reduction matters: a batch of 64 sessions x H rows.
@@ -713,14 +730,14 @@ def projections(cal, args, out_dir):
     grid = [(N, P) for N in Ns for P in Ps]
     for rate in ["10gbit", "100gbit"]:
         link = cal.link(rate, "thread", nominal=True)
-        cz = [(predict_prefill(cal, N, P, link, True, "contiguous", H, Hkv, D, per_host=g)[0] /
-               predict_prefill(cal, N, P, link, True, "zigzag", H, Hkv, D, per_host=g)[0], N, P) for N, P in grid]
-        no = [(predict_prefill(cal, N, P, link, False, "zigzag", H, Hkv, D, per_host=g)[0] /
-               predict_prefill(cal, N, P, link, True, "zigzag", H, Hkv, D, per_host=g)[0], N, P) for N, P in grid]
-        rt = [(predict_decode(cal, N, P, link, True, "ring", g, heads=H, kv_heads=Hkv) /
-               predict_decode(cal, N, P, link, True, "tree", g, "two-level", H, kv_heads=Hkv), N, P) for N, P in grid]
-        ft = [(predict_decode(cal, N, P, link, True, "tree", g, "flat-spread", H, kv_heads=Hkv) /
-               predict_decode(cal, N, P, link, True, "tree", g, "two-level", H, kv_heads=Hkv), N, P) for N, P in grid]
+        cz = [(prefill(cal, N, P, link, True, "contiguous", H, Hkv, D, per_host=g)[0] /
+               prefill(cal, N, P, link, True, "zigzag", H, Hkv, D, per_host=g)[0], N, P) for N, P in grid]
+        no = [(prefill(cal, N, P, link, False, "zigzag", H, Hkv, D, per_host=g)[0] /
+               prefill(cal, N, P, link, True, "zigzag", H, Hkv, D, per_host=g)[0], N, P) for N, P in grid]
+        rt = [(decode(cal, N, P, link, True, "ring", g, heads=H, kv_heads=Hkv) /
+               decode(cal, N, P, link, True, "tree", g, "two-level", H, kv_heads=Hkv), N, P) for N, P in grid]
+        ft = [(decode(cal, N, P, link, True, "tree", g, "flat-spread", H, kv_heads=Hkv) /
+               decode(cal, N, P, link, True, "tree", g, "two-level", H, kv_heads=Hkv), N, P) for N, P in grid]
         lines.append("  %s: causal prefill, contiguous / zigzag time: %.2f-%.2fx (zigzag wins everywhere; "
                      "(2P-1)/P when compute-bound)" % (rate, min(cz)[0], max(cz)[0]))
         big = [x for x in no if x[0] > 1.1]
@@ -742,9 +759,9 @@ def projections(cal, args, out_dir):
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     ax = axes[0]
     for N, c in zip([1 << 20, 10 * (1 << 20), 100_000_000], ["tab:blue", "tab:orange", "tab:green"]):
-        z = [predict_prefill(cal, N, P, link10, True, "zigzag", H, Hkv, D, per_host=g)[0] for P in Pg]
-        cg = [predict_prefill(cal, N, P, link10, True, "contiguous", H, Hkv, D, per_host=g)[0] for P in Pg]
-        nz = [predict_prefill(cal, N, P, link10, False, "zigzag", H, Hkv, D, per_host=g)[0] for P in Pg]
+        z = [prefill(cal, N, P, link10, True, "zigzag", H, Hkv, D, per_host=g)[0] for P in Pg]
+        cg = [prefill(cal, N, P, link10, True, "contiguous", H, Hkv, D, per_host=g)[0] for P in Pg]
+        nz = [prefill(cal, N, P, link10, False, "zigzag", H, Hkv, D, per_host=g)[0] for P in Pg]
         ax.plot(Pg, z, "-o", color=c, label="N=%s zigzag" % fmt_n(N))
         ax.plot(Pg, cg, "--", color=c, label="N=%s contiguous" % fmt_n(N))
         ax.plot(Pg, nz, ":", color=c, label="N=%s zigzag, no overlap" % fmt_n(N))
@@ -759,9 +776,9 @@ def projections(cal, args, out_dir):
     for N, c in zip([1 << 20, 100_000_000], ["tab:blue", "tab:green"]):
         for rate, ls in [("10gbit", "-"), ("100gbit", "--")]:
             link = cal.link(rate, "thread", nominal=True)
-            ax.plot(Pg, [predict_decode(cal, N, P, link, True, "tree", args.ranks_per_host, "two-level", H, kv_heads=Hkv) for P in Pg],
+            ax.plot(Pg, [decode(cal, N, P, link, True, "tree", args.ranks_per_host, "two-level", H, kv_heads=Hkv) for P in Pg],
                     ls, color=c, marker="o", label="tree, N=%s, %s" % (fmt_n(N), rate))
-            ax.plot(Pg, [predict_decode(cal, N, P, link, True, "ring", args.ranks_per_host, heads=H, kv_heads=Hkv) for P in Pg],
+            ax.plot(Pg, [decode(cal, N, P, link, True, "ring", args.ranks_per_host, heads=H, kv_heads=Hkv) for P in Pg],
                     ls, color=c, marker="x", alpha=0.6, label="ring, N=%s, %s" % (fmt_n(N), rate))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
