@@ -4,17 +4,22 @@
     /usr/bin/python3 bench/cluster/scaling_model.py --calibrate bench/results/cluster/cluster.jsonl \
         [--check] [--out-dir bench/results/cluster] [--ranks-per-host 8] [--threads-per-rank 1]
 
-Calibrated from one run of bench/cluster/run.sh (nothing is assumed):
-  prefill kernel   t_step(n) = c0 + 4 n^2 H D / 2 / R     (one causal ring step, N/P = n),
-                   c0 and R fitted to the 1-rank x 1-thread causal prefills of N = n
-  decode kernel    t_dec(n) = d0 + n Hkv D 4 2 / Bdec      fitted to 1-rank decodes over n tokens
-  links            per (rate, TCP progress mode): alpha = one-way time of an 8-byte MPI message,
-                   bw = 8 MiB / (one-way time of 8 MiB - alpha), from the MPI ping-pong across the link;
-                   shared memory (ranks of one host) the same from a 2-rank ping-pong on one host
-  transfer         t(B) = the measured one-way time at B (log-log interpolation between the
-                   ping-pong sizes, 8 B .. 32 MiB), alpha + B / bw beyond; a ring step's
-                   transfer uses the exchange times (both ends send at once). Past this
-                   machine: alpha as measured, bw = nominal rate x 0.94.
+Calibrated from the calibration runs inside one run of bench/cluster/run.sh,
+never from the point being predicted (docs/scaling.md, "The model"):
+  prefill kernel   t_step(n): one causal ring step at N/P = n, measured right before each point
+                   (one rank computing one step's work next to a twin rank, each in its own
+                   session); log-log interpolated, a n^2 through the largest n beyond
+  decode kernel    local decode over N/P tokens, measured the same way
+  links            per (rate, TCP progress mode): the one-way MPI ping-pong, 8 B .. 32 MiB
+                   (log-log interpolation; alpha + B / bw beyond); shared memory the same
+  duplex factor k  a ring step's exchange takes k x the one-way time; k from a calibration ring
+                   decode (N = 32768) per (rate, mode); past this machine 1
+  fixed cost alpha per step, from calls at small sizes with their own compute taken out:
+                   ring prefill N/P = 32 (per ring step), decode N = 2048 (per tree round, per
+                   ring-decode step), an 8-row 2x2 reduction (per placement and topology); past
+                   this machine the same calls with 2 ranks on 2 cores and no link
+  time-sharing     a reduction among 4 ranks on one emulated host (4 ranks on 2 cores) is the
+                   base of the 2x2 reductions; past this machine ranks have their own cores
 
 Ring (prefill and the ring-decode baseline) is simulated step by step for
 every rank: at step s rank r computes on the block it holds while it sends it
