@@ -413,20 +413,28 @@ Status RunPingPong(const BenchOptions& o, const Communicator& comm, int threads)
         const int other = rank == 0 ? peer : 0;
         const int64_t half = bytes / 2;
         RINGTREE_ASSIGN_OR_RETURN(Request recv_k, comm.Irecv(buf2.data(), half, other, 80));
-        RINGTREE_ASSIGN_OR_RETURN(Request recv_v, comm.Irecv(buf2.data() + half, bytes - half, other, 80));
+        RINGTREE_ASSIGN_OR_RETURN(Request recv_v,
+                                  comm.Irecv(buf2.data() + half, bytes - half, other, 80));
         RINGTREE_ASSIGN_OR_RETURN(Request send_k, comm.Isend(buf.data(), half, other, 80));
-        RINGTREE_ASSIGN_OR_RETURN(Request send_v, comm.Isend(buf.data() + half, bytes - half, other, 80));
+        RINGTREE_ASSIGN_OR_RETURN(Request send_v,
+                                  comm.Isend(buf.data() + half, bytes - half, other, 80));
         RINGTREE_RETURN_IF_ERROR(comm.WaitAll({&recv_k, &recv_v, &send_k, &send_v}));
       }
       if (i >= 1) rx.push_back(1e6 * (NowSeconds() - a));
     }
     if (rank != 0) continue;
     const double med = Median(us);
-    json j = {{"bench", "pingpong"}, {"label", o.label}, {"bytes", bytes}, {"reps", reps},
-              {"peer", peer}, {"machine", Machine(comm, threads)},
-              {"one_way_us_median", med}, {"one_way_us_min", *std::min_element(us.begin(), us.end())},
+    json j = {{"bench", "pingpong"},
+              {"label", o.label},
+              {"bytes", bytes},
+              {"reps", reps},
+              {"peer", peer},
+              {"machine", Machine(comm, threads)},
+              {"one_way_us_median", med},
+              {"one_way_us_min", *std::min_element(us.begin(), us.end())},
               {"gbs", bytes / (med * 1e-6) / 1e9},
-              {"exchange_us_median", Median(ex)}, {"exchange_gbs_each_way", bytes / (Median(ex) * 1e-6) / 1e9},
+              {"exchange_us_median", Median(ex)},
+              {"exchange_gbs_each_way", bytes / (Median(ex) * 1e-6) / 1e9},
               {"ring_exchange_us_median", Median(rx)}};
     Emit(o, j);
   }
