@@ -4,17 +4,22 @@
     /usr/bin/python3 bench/cluster/scaling_model.py --calibrate bench/results/cluster/cluster.jsonl \
         [--check] [--out-dir bench/results/cluster] [--ranks-per-host 8] [--threads-per-rank 1]
 
-Calibrated from one run of bench/cluster/run.sh (nothing is assumed):
-  prefill kernel   t_step(n) = c0 + 4 n^2 H D / 2 / R     (one causal ring step, N/P = n),
-                   c0 and R fitted to the 1-rank x 1-thread causal prefills of N = n
-  decode kernel    t_dec(n) = d0 + n Hkv D 4 2 / Bdec      fitted to 1-rank decodes over n tokens
-  links            per (rate, TCP progress mode): alpha = one-way time of an 8-byte MPI message,
-                   bw = 8 MiB / (one-way time of 8 MiB - alpha), from the MPI ping-pong across the link;
-                   shared memory (ranks of one host) the same from a 2-rank ping-pong on one host
-  transfer         t(B) = the measured one-way time at B (log-log interpolation between the
-                   ping-pong sizes, 8 B .. 32 MiB), alpha + B / bw beyond; a ring step's
-                   transfer uses the exchange times (both ends send at once). Past this
-                   machine: alpha as measured, bw = nominal rate x 0.94.
+Calibrated from the calibration runs inside one run of bench/cluster/run.sh,
+never from the point being predicted (docs/scaling.md, "The model"):
+  prefill kernel   t_step(n): one causal ring step at N/P = n, measured right before each point
+                   (one rank computing one step's work next to a twin rank, each in its own
+                   session); log-log interpolated, a n^2 through the largest n beyond
+  decode kernel    local decode over N/P tokens, measured the same way
+  links            per (rate, TCP progress mode): the one-way MPI ping-pong, 8 B .. 32 MiB
+                   (log-log interpolation; alpha + B / bw beyond); shared memory the same
+  duplex factor k  a ring step's exchange takes k x the one-way time; k from a calibration ring
+                   decode (N = 32768) per (rate, mode); past this machine 1
+  fixed cost alpha per step, from calls at small sizes with their own compute taken out:
+                   ring prefill N/P = 32 (per ring step), decode N = 2048 (per tree round, per
+                   ring-decode step), an 8-row 2x2 reduction (per placement and topology); past
+                   this machine the same calls with 2 ranks on 2 cores and no link
+  time-sharing     a reduction among 4 ranks on one emulated host (4 ranks on 2 cores) is the
+                   base of the 2x2 reductions; past this machine ranks have their own cores
 
 Ring (prefill and the ring-decode baseline) is simulated step by step for
 every rank: at step s rank r computes on the block it holds while it sends it
@@ -40,6 +45,7 @@ shared-memory rounds then log2(hosts) link rounds.
 model and prints the error (target: within 20%).
 """
 import argparse
+import copy
 import json
 import math
 import os
@@ -56,12 +62,26 @@ class Link:
     """alpha: one-way latency; bw: one-way rate; bw_ex: rate each way when both
     ends send at once (a ring step), which on shared cores is not 2x."""
 
-    def __init__(self, name, alpha, bw, bw_ex=None, table=None, table_ex=None):
+    def __init__(self, name, alpha, bw, bw_ex=None, table=None, table_ex=None, table_ring=None):
         self.name, self.alpha, self.bw = name, alpha, bw
         self.bw_ex = bw_ex or bw
         # Measured (bytes, seconds): inside their range t() interpolates them
         # (log-log), so protocol steps at mid sizes are the measured ones.
-        self.table, self.table_ex = table, table_ex
+        # table_ring: the ring's own calls (Irecv + Isend, then WaitAll), in
+        # runs that measured it; a ring step's transfer takes that time.
+        self.table, self.table_ex, self.table_ring = table, table_ex, table_ring
+        self.bw_ring = (table_ring[-1][0] / max(1e-9, table_ring[-1][1] - alpha)) if table_ring else None
+        # duplex: a ring step's exchange (both ends send B at once, with the
+        # ring's calls and its progress mode) takes duplex x the one-way time
+        # of B: 1 when the two directions move at once, 2 when one waits for
+        # the other. Measured by a ring decode on the cluster
+        # (Calibration.ring_duplex); None: not measured.
+        self.duplex = None
+
+    def with_duplex(self, k):
+        other = copy.copy(self)
+        other.duplex = k
+        return other
 
     @staticmethod
     def _interp(table, nbytes, alpha, bw):
@@ -78,9 +98,18 @@ class Link:
     def t_ex(self, nbytes):
         return self._interp(self.table_ex, nbytes, self.alpha, self.bw_ex)
 
+    def t_ring(self, nbytes):
+        """One ring step's exchange (both ends send nbytes to each other with
+        the ring's calls): duplex x the one-way time; None when the run did
+        not measure the duplex factor."""
+        return self.duplex * self.t(nbytes) if self.duplex is not None else None
+
     def __repr__(self):
-        return "%s: alpha %.1f us, bw %.3f GB/s one way, %.3f GB/s each way in an exchange" % (
-            self.name, 1e6 * self.alpha, self.bw / 1e9, self.bw_ex / 1e9)
+        ring = ", %.3f GB/s each way with the ring's calls (ping-pong)" % (self.bw_ring / 1e9) if self.bw_ring else ""
+        if self.duplex is not None:
+            ring += "; a ring step's exchange: %.2f x the one-way time (ring decode)" % self.duplex
+        return "%s: alpha %.1f us, bw %.3f GB/s one way, %.3f GB/s each way in an exchange%s" % (
+            self.name, 1e6 * self.alpha, self.bw / 1e9, self.bw_ex / 1e9, ring)
 
 
 # Progress modes under which a ring step's transfer moves while ranks compute:
@@ -97,18 +126,22 @@ def nominal_bw(rate):
 
 
 class Calibration:
-    def __init__(self, rows, for_rate=None):
+    def __init__(self, rows, for_rate=None, for_progress=None):
         self.rows = rows
-        self.for_rate = for_rate
+        self.for_rate, self.for_progress = for_rate, for_progress
         m = next(r["machine"] for r in rows if "machine" in r)
         self.machine = m
 
-        # Calibration rows: those measured just before `for_rate`'s points, or
-        # (None) all of them, the median of each size.
-        def calib(label):  # falls back to every calibration (QUICK=1 calibrates once)
+        # Calibration rows: those measured just before the points of
+        # `for_rate` and `for_progress` (run.sh measures each kernel size right
+        # before the cluster point of that size), else those of `for_rate`,
+        # else (None, or runs that calibrated once) all of them; the median of
+        # each size.
+        def calib(label):
             rs = [r for r in rows if r.get("label") == label and
                   (for_rate is None or r.get("calib_for", for_rate) == for_rate)]
-            return rs or [r for r in rows if r.get("label") == label]
+            mine = [r for r in rs if for_progress is not None and r.get("calib_progress") == for_progress]
+            return mine or rs or [r for r in rows if r.get("label") == label]
 
         def median_by(rs, key, value):
             g = defaultdict(list)
@@ -123,8 +156,10 @@ class Calibration:
             sys.exit("[model] no calib_prefill rows in the results")
         self.heads_p, self.hd_p = cp[0]["heads"], cp[0]["head_dim"]
         # Per-step compute of the busiest rank (2 ranks x 1 thread at once, on shared memory).
+        # (run.sh: one rank computing one step's work at once with a twin, in
+        # runs since 2026-12-01 10:41; 2 ranks x 2 steps before.)
         n, t = median_by(cp, lambda r: r["tokens"] / r["machine"]["ranks"],
-                         lambda r: max(x["compute_s"] + x["merge_s"] for x in r["per_rank"]) / r["machine"]["ranks"])
+                         lambda r: max((x["compute_s"] + x["merge_s"]) / max(1, x["steps"]) for x in r["per_rank"]))
         # Outside the measured N/P: a n^2 through the largest one (its rate R).
         self.c0 = 0.0
         self.a = t[-1] / n[-1] ** 2
@@ -169,10 +204,12 @@ class Calibration:
             one = d[big]["one_way_us_median"] * 1e-6
             ex = d[big].get("exchange_us_median", d[big]["one_way_us_median"]) * 1e-6
             sizes = sorted(d)
+            ring = ([(b, d[b]["ring_exchange_us_median"] * 1e-6) for b in sizes]
+                    if all("ring_exchange_us_median" in d[b] for b in sizes) else None)
             lk = Link("%s/%s%s" % (link, progress, " 2x2" if tag else ""), alpha, big / max(1e-9, one - alpha),
                       big / max(1e-9, ex - alpha),
                       [(b, d[b]["one_way_us_median"] * 1e-6) for b in sizes],
-                      [(b, d[b].get("exchange_us_median", d[b]["one_way_us_median"]) * 1e-6) for b in sizes])
+                      [(b, d[b].get("exchange_us_median", d[b]["one_way_us_median"]) * 1e-6) for b in sizes], ring)
             (self.links4 if tag else self.links)[key] = lk
         # A reduction among 4 ranks sharing this machine's cores, shared memory only.
         r4 = defaultdict(list)
@@ -182,7 +219,94 @@ class Calibration:
         self.shm = self.links.get(("shm", "default"), Link("shm", 1e-6, 5e9))
         # Shared memory past this machine: the minimum latency, the median rate.
         self.shm_clean = Link("shm (min latency)", self.alpha_min.get(("shm", "default"), 1e-6), self.shm.bw,
-                              self.shm.bw_ex)
+                              self.shm.bw_ex, table_ring=self.shm.table_ring)
+        # Per-call fixed costs, measured at a small size where compute and
+        # transfer take microseconds (run.sh: small_calls, calib_small_reduce):
+        # on the cluster per (link, progress), and with 2 ranks on shared
+        # memory ("shm", the projections' value).
+        self.small = defaultdict(list)
+        for r in rows:
+            label = r.get("label", "")
+            if not label.startswith("calib_small_"):
+                continue
+            if r["link"] == "shm" and for_rate is not None and any(
+                    x.get("label") == label and x.get("calib_for") == for_rate for x in rows) \
+                    and r.get("calib_for") != for_rate:
+                continue  # the shared-memory calibration made before this rate's points
+            key = (label[len("calib_small_"):], r["link"], r["progress"])
+            if label == "calib_small_reduce":
+                key += (r["map_by"], r["topology"])
+            self.small[key].append(r)
+        self._overheads = {}
+        for key in list(self.links):
+            k = self.ring_duplex(*key)
+            if k is not None:
+                self.links[key] = self.links[key].with_duplex(k)
+
+    def ring_duplex(self, link_name, progress):
+        """The duplex factor of (link, progress) (Link.duplex): k such that the
+        model of the calibration ring decode (run.sh: calib_ring_decode, N =
+        32768, a 33.5 MB block each way at P = 2), with that run's own compute
+        and a ring step's transfer of k x the one-way time, equals its measured
+        median. The median over those runs; None when there are none."""
+        rs = [r for r in self.rows if r.get("label") == "calib_ring_decode" and r["link"] == link_name
+              and r["progress"] == progress]
+        if not rs or (link_name, progress) not in self.links:
+            return None
+        ks = []
+        for r in rs:
+            P = r["machine"]["ranks"]
+            c = r["ring_compute_ms_per_step_max_rank"] / 1e3 / P
+            overlap = progress in OVERLAP_MODES
+            target = r["ring_ms_median"] / 1e3
+            lo, hi = 0.1, 10.0
+            for _ in range(40):  # the model's time grows with k
+                k = 0.5 * (lo + hi)
+                t = predict_decode(self, r["tokens"], P, self.links[(link_name, progress)].with_duplex(k), overlap,
+                                   "ring", 1, "two-level", r["heads"], r["queries"], compute=c)
+                lo, hi = (k, hi) if t < target else (lo, k)
+            ks.append(0.5 * (lo + hi))
+        return float(np.median(ks))
+
+    def overhead(self, what, link_name, progress, method=None, map_by=None, topology=None):
+        """The per-step fixed cost α of a call, in seconds, measured at a small
+        size: (median measured time - the model's time of that call without α,
+        with the call's own measured compute), divided by the steps it has.
+        what:
+          "prefill": per ring step (a ring prefill of N/P = 32 at P = 2: two
+            steps; the handshake is modelled apart);
+          "decode": method "tree": per reduction round (a decode of N = 2048
+            at P = 2: one round); "ring": per ring step;
+          "reduce": per reduction (8 rows among 2 hosts x 2 ranks, by
+            map_by and topology).
+        0 when the run did not measure it (runs before these calibrations)."""
+        key = (what, link_name, progress) + ((map_by, topology) if what == "reduce" else ())
+        memo = key + (method,)
+        if memo in self._overheads:
+            return self._overheads[memo]
+        rs = self.small.get(key, [])
+        link = self.shm if link_name == "shm" else self.link(link_name, progress)
+        overlap = progress in OVERLAP_MODES or link_name == "shm"
+        vals = []
+        for r in rs:
+            P = r["machine"]["ranks"]
+            if what == "prefill":
+                rc = [x["compute_s"] + x["merge_s"] for x in sorted(r["per_rank"], key=lambda x: x["rank"])]
+                core = predict_prefill(self, r["tokens"], P, link, overlap, r.get("layout", "zigzag"), r["heads"],
+                                       r["kv_heads"], r["head_dim"], rank_compute=rc)[0]
+                vals.append((r["seconds"] - core) / P)
+            elif what == "decode":
+                c = r["%s_compute_ms_per_step_max_rank" % method] / 1e3 / (1 if method == "tree" else P)
+                core = predict_decode(self, r["tokens"], P, link, overlap, method, 1, "two-level", r["heads"],
+                                      r["queries"], compute=c)
+                steps = math.ceil(math.log2(P)) if method == "tree" else P
+                vals.append((r["%s_ms_median" % method] / 1e3 - core) / steps)
+            else:
+                link4 = self.links4.get((link_name, progress), link)
+                core = reduce_2x2(self, r, link4, "two-level" if topology == "two-level" else "flat-spread")
+                vals.append(r["reduce_only_ms_median"] / 1e3 - core)
+        self._overheads[memo] = float(np.median(vals)) if vals else 0.0
+        return self._overheads[memo]
 
     def t_step(self, n, frac=0.5):
         """Compute of one causal ring step (half of n x n visible): the measured
@@ -235,12 +359,30 @@ class Calibration:
         out.append("    " + "  ".join("N/P=%d %.3f ms (%.2f GB/s)" % (b / (self.kvh_d * self.hd_d * 8), 1e3 * t, b / t / 1e9)
                                       for b, t in self.decode_points))
         for (h, b), t in sorted(self.reduce4.items()):
-            out.append("  reduction of %d rows among 4 ranks on shared memory (4 ranks on this machine's cores): %.3f ms"
-                       % (h * b, 1e3 * t))
+            own = reduce_time(self, 4, 4, h * b, self.hd_d, self.shm_clean, "two-level")
+            out.append("  reduction of %d rows among 4 ranks on shared memory (4 ranks on this machine's 2 cores): "
+                       "%.3f ms, time-sharing factor %.1f against %.3f ms modelled with a core per rank"
+                       % (h * b, 1e3 * t, t / own, 1e3 * own))
         for key in sorted(self.links, key=lambda k: (k[0] != "shm", k)):
             out.append("  link %s" % self.links[key])
         for key in sorted(self.links4):
             out.append("  link %s (ranks 0 and 3 of 2 hosts x 2 ranks, 1 and 2 polling)" % self.links4[key])
+        keys = sorted({k[1:3] for k in self.small if k[0] != "reduce"}, key=lambda k: (k[0] != "shm", k))
+        if keys:
+            out.append("  fixed cost alpha per step, measured at a small size (prefill N/P = 32, per ring step; "
+                       "decode N = 2048, per tree round / per ring step):")
+            for link_name, progress in keys:
+                out.append("    %-7s %-8s prefill %7.3f ms   decode tree %7.3f ms   ring %7.3f ms" % (
+                    link_name, progress, 1e3 * self.overhead("prefill", link_name, progress),
+                    1e3 * self.overhead("decode", link_name, progress, "tree"),
+                    1e3 * self.overhead("decode", link_name, progress, "ring")))
+        rkeys = sorted({k[1:] for k in self.small if k[0] == "reduce"})
+        if rkeys:
+            out.append("  fixed cost alpha of a reduction among 2 hosts x 2 ranks (8 rows):")
+            for link_name, progress, map_by, topo in rkeys:
+                out.append("    %-7s %-8s by %-4s %-9s %7.3f ms" % (link_name, progress, map_by, topo,
+                                                                 1e3 * self.overhead("reduce", link_name, progress,
+                                                                                     map_by=map_by, topology=topo)))
         return "\n".join(out)
 
 
@@ -295,7 +437,11 @@ def edge_times(cal, P, per_host, link, nbytes, overlap=True):
     time: then both ranks sit in MPI waits and the link is full duplex (in
     this machine's runs the no-overlap ring moved its blocks at the one-way
     rate each way, while MPI_Sendrecv's exchange took about twice as long)."""
-    f = (lambda l: l.t_ex(nbytes)) if overlap else (lambda l: l.t(nbytes))
+    def f(l):
+        ring = l.t_ring(nbytes)  # measured with the ring's calls: the same for both modes
+        if ring is not None:
+            return ring
+        return l.t_ex(nbytes) if overlap else l.t(nbytes)
     if per_host <= 1:
         return f(link)
     r = np.arange(P)
@@ -304,10 +450,11 @@ def edge_times(cal, P, per_host, link, nbytes, overlap=True):
 
 
 def predict_prefill(cal, N, P, link, overlap, layout="zigzag", heads=None, kv_heads=None, head_dim=None,
-                    rank_compute=None, per_host=1):
+                    rank_compute=None, per_host=1, overhead=0.0):
     """rank_compute: optional [P] measured compute seconds of each rank in the
     run (the check's second column): spread over the steps by the layout's
-    work, instead of the calibrated kernel."""
+    work, instead of the calibrated kernel. overhead: the fixed cost α of a
+    ring step (Calibration.overhead), added once per step."""
     heads = heads or cal.heads_p
     kv_heads = kv_heads or heads
     head_dim = head_dim or cal.hd_p
@@ -321,7 +468,7 @@ def predict_prefill(cal, N, P, link, overlap, layout="zigzag", heads=None, kv_he
     T = edge_times(cal, P, per_host, link, block, overlap)
     total, wait = ring_time(P, comp, T, overlap)
     handshake = 2 * math.ceil(math.log2(P)) * 2 * link.alpha if P > 1 else 0.0  # two allgathers
-    return total + handshake, float(wait.max()) + handshake, float(comp.max(axis=0).mean())
+    return total + handshake + P * overhead, float(wait.max()) + handshake, float(comp.max(axis=0).mean())
 
 
 def threshold(cal, link, heads=None, kv_heads=None, head_dim=None):
@@ -357,7 +504,7 @@ def reduce_time(cal, P, per_host, rows, head_dim, link, mode, shm=None):
     return intra * shm.t(m) + inter * link.t(m)
 
 
-def reduce_2x2(cal, r, link, mode):
+def reduce_2x2(cal, r, link, mode, overhead=0.0):
     """2 hosts x 2 ranks on this machine: the measured cost of the same
     reduction among 4 ranks on shared memory (4 busy-polling ranks on 2 cores),
     plus what the link adds over shared memory on the rounds that cross it."""
@@ -369,22 +516,25 @@ def reduce_2x2(cal, r, link, mode):
         extra = link.alpha + 2 * m / link.bw - cal.shm.t(m)
     else:  # one round crosses: 2 -> 0
         extra = link.t(m) - cal.shm.t(m)
-    return base + max(0.0, extra)
+    return base + max(0.0, extra) + overhead
 
 
 def predict_decode(cal, N, P, link, overlap, method, per_host=1, mode="two-level", heads=None, queries=1,
-                   compute=None, kv_heads=None):
-    """compute: optional measured local decode seconds per step (the check's second column)."""
+                   compute=None, kv_heads=None, overhead=0.0):
+    """compute: optional measured local decode seconds per step (the check's
+    second column). overhead: the fixed cost α (Calibration.overhead) of a
+    reduction round (tree) or of a ring step (ring)."""
     heads = heads or cal.heads_d
     kv_heads = kv_heads or cal.kvh_d
     n = N / P
     c = cal.t_decode(n, kv_heads) if compute is None else compute
     if method == "tree":
-        return c + reduce_time(cal, P, per_host, queries * heads, cal.hd_d, link, mode)
+        rounds = math.ceil(math.log2(P)) if P > 1 else 0
+        return c + reduce_time(cal, P, per_host, queries * heads, cal.hd_d, link, mode) + rounds * overhead
     comp = np.full((P, P), c)
     block = 2 * n * kv_heads * cal.hd_d * 4
     total, _ = ring_time(P, comp, edge_times(cal, P, per_host, link, block, overlap), overlap)
-    return total + (2 * link.alpha if P > 1 else 0.0)
+    return total + (2 * link.alpha if P > 1 else 0.0) + P * overhead
 
 
 # ----------------------------------------------------------------------------- check
@@ -398,10 +548,10 @@ def check(cal):
     errs, errs2 = [], []
     cals = {}
 
-    def cal_for(rate):  # the calibration measured just before that rate's points
-        if rate not in cals:
-            cals[rate] = Calibration(rows, rate)
-        return cals[rate]
+    def cal_for(rate, progress):  # the calibration measured just before those points
+        if (rate, progress) not in cals:
+            cals[(rate, progress)] = Calibration(rows, rate, progress)
+        return cals[(rate, progress)]
 
     groups = defaultdict(list)
 
@@ -420,14 +570,15 @@ def check(cal):
     for r in rows:
         if r["bench"] != "prefill" or r.get("label") not in ("prefill", "prefill_contiguous"):
             continue
-        cl = cal_for(r["link"])
+        cl = cal_for(r["link"], r["progress"])
         P = r["machine"]["ranks"]
         link = cl.link(r["link"], r["progress"])
         overlap = r["progress"] in OVERLAP_MODES
         args = (cl, r["tokens"], P, link, overlap, r.get("layout", "zigzag"), r["heads"], r["kv_heads"], r["head_dim"])
-        tot, wait, _ = predict_prefill(*args)
+        alpha = cl.overhead("prefill", r["link"], r["progress"])
+        tot, wait, _ = predict_prefill(*args, overhead=alpha)
         rc = [x["compute_s"] + x["merge_s"] for x in sorted(r["per_rank"], key=lambda x: x["rank"])]
-        tot2, wait2, _ = predict_prefill(*args, rank_compute=rc)
+        tot2, wait2, _ = predict_prefill(*args, rank_compute=rc, overhead=alpha)
         mw = max(x["wait_s"] for x in r["per_rank"])
         add("%-6s %-7s %-6s N/P=%5d [%.1f/%.1f ms]" % (r["link"], r["progress"], r.get("layout")[:6],
                                                     r["tokens"] // P, 1e3 * mw, 1e3 * wait2), r["seconds"], tot, tot2,
@@ -436,15 +587,17 @@ def check(cal):
     for r in rows:
         if r["bench"] != "decode" or r.get("label") != "decode":
             continue
-        cl = cal_for(r["link"])
+        cl = cal_for(r["link"], r["progress"])
         P = r["machine"]["ranks"]
         link = cl.link(r["link"], r["progress"])
         overlap = r["progress"] in OVERLAP_MODES
         for method in ("tree", "ring"):
-            p = predict_decode(cl, r["tokens"], P, link, overlap, method, 1, "two-level", r["heads"], r["queries"])
+            alpha = cl.overhead("decode", r["link"], r["progress"], method)
+            p = predict_decode(cl, r["tokens"], P, link, overlap, method, 1, "two-level", r["heads"], r["queries"],
+                               overhead=alpha)
             c = r["%s_compute_ms_per_step_max_rank" % method] / 1e3 / (1 if method == "tree" else P)
             p2 = predict_decode(cl, r["tokens"], P, link, overlap, method, 1, "two-level", r["heads"], r["queries"],
-                                compute=c)
+                                compute=c, overhead=alpha)
             add("%-6s %-7s %s N=%7d" % (r["link"], r["progress"], method, r["tokens"]),
                 r["%s_ms_median" % method] / 1e3, p, p2,
                 "decode %s, N %s 65536" % (method, ">=" if r["tokens"] >= 65536 else "<"))
@@ -458,10 +611,11 @@ def check(cal):
     for r in rows:
         if r["bench"] != "decode_batch" or r.get("label") != "tree_2x2":
             continue
-        cl = cal_for(r["link"])
+        cl = cal_for(r["link"], r["progress"])
         link = cl.links4.get((r["link"], r["progress"]), cl.link(r["link"], r["progress"]))
         mode = "two-level" if r["topology"] == "two-level" else "flat-spread"
-        p = reduce_2x2(cl, r, link, mode)
+        p = reduce_2x2(cl, r, link, mode, cl.overhead("reduce", r["link"], r["progress"], map_by=r["map_by"],
+                                                      topology=r["topology"]))
         add("%-6s %-7s by %-4s %-9s rows %4d" % (r["link"], r["progress"], r["map_by"], r["topology"],
                                                 r["heads"] * r["batch"]), r["reduce_only_ms_median"] / 1e3, p, p,
             "2x2 reduction, %s rows, %s" % (r["heads"] * r["batch"], r["link"]))
@@ -495,14 +649,31 @@ def fmt_t(s):
 def projections(cal, args, out_dir):
     lines = []
     H, Hkv, D = args.heads, args.kv_heads, args.head_dim
+    # The fixed costs α per step as measured with 2 ranks on 2 cores and no
+    # link: on a host of its own a rank has a core, so the time-sharing part
+    # of the cluster's α (other ranks, pollers and the emulated network
+    # stack on the same 2 cores) does not apply.
+    alpha_prefill = cal.overhead("prefill", "shm", "default")
+    alpha_tree = cal.overhead("decode", "shm", "default", "tree")
+    alpha_ring = cal.overhead("decode", "shm", "default", "ring")
+
+    def prefill(*a, **k):
+        return predict_prefill(*a, overhead=alpha_prefill, **k)
+
+    def decode(*a, **k):  # a[5]: the method
+        return predict_decode(*a, overhead=alpha_tree if a[5] == "tree" else alpha_ring, **k)
+
     thr_scale = args.threads_per_rank
     g = args.ranks_per_host
     cal.shm = cal.shm_clean  # past this machine: no other work's time slices
     lines.append("Projections past this machine: a rank = %d thread(s) at the measured kernel rate "
                  "(prefill %.1f GFLOP/s, decode %.2f GB/s per thread, scaled linearly), %d ranks per host, "
                  "H=%d, Hkv=%d, D=%d, float32 KV; links at their nominal rate less 6%% TCP/IP headers, "
-                 "latency the minimum measured here (progress thread; shared memory %.1f us), two-level tree unless said."
-                 % (thr_scale, cal.R / 1e9, cal.Bdec / 1e9, args.ranks_per_host, H, Hkv, D, 1e6 * cal.shm_clean.alpha))
+                 "latency the minimum measured here (progress thread; shared memory %.1f us), two-level tree unless said; "
+                 "fixed costs alpha as measured with 2 ranks on 2 cores: %.3f ms per prefill ring step, %.3f ms per "
+                 "tree round, %.3f ms per ring-decode step; links full duplex (k = 1); no time-sharing."
+                 % (thr_scale, cal.R / 1e9, cal.Bdec / 1e9, args.ranks_per_host, H, Hkv, D, 1e6 * cal.shm_clean.alpha,
+                    1e3 * alpha_prefill, 1e3 * alpha_tree, 1e3 * alpha_ring))
     # Scale the rank's rates.
     cal.a /= thr_scale
     cal.Bdec *= thr_scale
@@ -521,8 +692,8 @@ def projections(cal, args, out_dir):
         for N in Ns:
             cells = []
             for P in Ps:
-                z, _, _ = predict_prefill(cal, N, P, link, True, "zigzag", H, Hkv, D, per_host=g)
-                c, _, _ = predict_prefill(cal, N, P, link, True, "contiguous", H, Hkv, D, per_host=g)
+                z, _, _ = prefill(cal, N, P, link, True, "zigzag", H, Hkv, D, per_host=g)
+                c, _, _ = prefill(cal, N, P, link, True, "contiguous", H, Hkv, D, per_host=g)
                 star = "*" if N / P < threshold(cal, link, H, Hkv, D) else " "
                 cells.append("%11s / %10s%s" % (fmt_t(z), fmt_t(c), star))
             lines.append("  %-10d" % N + "".join("%26s" % c for c in cells))
@@ -532,8 +703,8 @@ def projections(cal, args, out_dir):
     for N in Ns:
         cells = []
         for P in Ps:
-            a_, _, _ = predict_prefill(cal, N, P, link10, True, "zigzag", H, Hkv, D, per_host=g)
-            b_, _, _ = predict_prefill(cal, N, P, link10, False, "zigzag", H, Hkv, D, per_host=g)
+            a_, _, _ = prefill(cal, N, P, link10, True, "zigzag", H, Hkv, D, per_host=g)
+            b_, _, _ = prefill(cal, N, P, link10, False, "zigzag", H, Hkv, D, per_host=g)
             cells.append("%11s / %10s" % (fmt_t(a_), fmt_t(b_)))
         lines.append("  %-10d" % N + "".join("%26s" % c for c in cells))
     for rate in ["10gbit", "100gbit"]:
@@ -543,9 +714,9 @@ def projections(cal, args, out_dir):
         for N in Ns:
             cells = []
             for P in Ps:
-                t2 = predict_decode(cal, N, P, link, True, "tree", args.ranks_per_host, "two-level", H, kv_heads=Hkv)
-                tf = predict_decode(cal, N, P, link, True, "tree", args.ranks_per_host, "flat-spread", H, kv_heads=Hkv)
-                rg = predict_decode(cal, N, P, link, True, "ring", args.ranks_per_host, heads=H, kv_heads=Hkv) if P <= 1024 else float("nan")
+                t2 = decode(cal, N, P, link, True, "tree", args.ranks_per_host, "two-level", H, kv_heads=Hkv)
+                tf = decode(cal, N, P, link, True, "tree", args.ranks_per_host, "flat-spread", H, kv_heads=Hkv)
+                rg = decode(cal, N, P, link, True, "ring", args.ranks_per_host, heads=H, kv_heads=Hkv) if P <= 1024 else float("nan")
                 cells.append("%9s / %9s / %9s" % (fmt_t(t2), fmt_t(tf), fmt_t(rg)))
             lines.append("  %-10d" % N + "".join("%34s" % c for c in cells))
     # Where the reduction matters: a batch of 64 sessions x H rows.
@@ -564,14 +735,14 @@ def projections(cal, args, out_dir):
     grid = [(N, P) for N in Ns for P in Ps]
     for rate in ["10gbit", "100gbit"]:
         link = cal.link(rate, "thread", nominal=True)
-        cz = [(predict_prefill(cal, N, P, link, True, "contiguous", H, Hkv, D, per_host=g)[0] /
-               predict_prefill(cal, N, P, link, True, "zigzag", H, Hkv, D, per_host=g)[0], N, P) for N, P in grid]
-        no = [(predict_prefill(cal, N, P, link, False, "zigzag", H, Hkv, D, per_host=g)[0] /
-               predict_prefill(cal, N, P, link, True, "zigzag", H, Hkv, D, per_host=g)[0], N, P) for N, P in grid]
-        rt = [(predict_decode(cal, N, P, link, True, "ring", g, heads=H, kv_heads=Hkv) /
-               predict_decode(cal, N, P, link, True, "tree", g, "two-level", H, kv_heads=Hkv), N, P) for N, P in grid]
-        ft = [(predict_decode(cal, N, P, link, True, "tree", g, "flat-spread", H, kv_heads=Hkv) /
-               predict_decode(cal, N, P, link, True, "tree", g, "two-level", H, kv_heads=Hkv), N, P) for N, P in grid]
+        cz = [(prefill(cal, N, P, link, True, "contiguous", H, Hkv, D, per_host=g)[0] /
+               prefill(cal, N, P, link, True, "zigzag", H, Hkv, D, per_host=g)[0], N, P) for N, P in grid]
+        no = [(prefill(cal, N, P, link, False, "zigzag", H, Hkv, D, per_host=g)[0] /
+               prefill(cal, N, P, link, True, "zigzag", H, Hkv, D, per_host=g)[0], N, P) for N, P in grid]
+        rt = [(decode(cal, N, P, link, True, "ring", g, heads=H, kv_heads=Hkv) /
+               decode(cal, N, P, link, True, "tree", g, "two-level", H, kv_heads=Hkv), N, P) for N, P in grid]
+        ft = [(decode(cal, N, P, link, True, "tree", g, "flat-spread", H, kv_heads=Hkv) /
+               decode(cal, N, P, link, True, "tree", g, "two-level", H, kv_heads=Hkv), N, P) for N, P in grid]
         lines.append("  %s: causal prefill, contiguous / zigzag time: %.2f-%.2fx (zigzag wins everywhere; "
                      "(2P-1)/P when compute-bound)" % (rate, min(cz)[0], max(cz)[0]))
         big = [x for x in no if x[0] > 1.1]
@@ -593,9 +764,9 @@ def projections(cal, args, out_dir):
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     ax = axes[0]
     for N, c in zip([1 << 20, 10 * (1 << 20), 100_000_000], ["tab:blue", "tab:orange", "tab:green"]):
-        z = [predict_prefill(cal, N, P, link10, True, "zigzag", H, Hkv, D, per_host=g)[0] for P in Pg]
-        cg = [predict_prefill(cal, N, P, link10, True, "contiguous", H, Hkv, D, per_host=g)[0] for P in Pg]
-        nz = [predict_prefill(cal, N, P, link10, False, "zigzag", H, Hkv, D, per_host=g)[0] for P in Pg]
+        z = [prefill(cal, N, P, link10, True, "zigzag", H, Hkv, D, per_host=g)[0] for P in Pg]
+        cg = [prefill(cal, N, P, link10, True, "contiguous", H, Hkv, D, per_host=g)[0] for P in Pg]
+        nz = [prefill(cal, N, P, link10, False, "zigzag", H, Hkv, D, per_host=g)[0] for P in Pg]
         ax.plot(Pg, z, "-o", color=c, label="N=%s zigzag" % fmt_n(N))
         ax.plot(Pg, cg, "--", color=c, label="N=%s contiguous" % fmt_n(N))
         ax.plot(Pg, nz, ":", color=c, label="N=%s zigzag, no overlap" % fmt_n(N))
@@ -610,9 +781,9 @@ def projections(cal, args, out_dir):
     for N, c in zip([1 << 20, 100_000_000], ["tab:blue", "tab:green"]):
         for rate, ls in [("10gbit", "-"), ("100gbit", "--")]:
             link = cal.link(rate, "thread", nominal=True)
-            ax.plot(Pg, [predict_decode(cal, N, P, link, True, "tree", args.ranks_per_host, "two-level", H, kv_heads=Hkv) for P in Pg],
+            ax.plot(Pg, [decode(cal, N, P, link, True, "tree", args.ranks_per_host, "two-level", H, kv_heads=Hkv) for P in Pg],
                     ls, color=c, marker="o", label="tree, N=%s, %s" % (fmt_n(N), rate))
-            ax.plot(Pg, [predict_decode(cal, N, P, link, True, "ring", args.ranks_per_host, heads=H, kv_heads=Hkv) for P in Pg],
+            ax.plot(Pg, [decode(cal, N, P, link, True, "ring", args.ranks_per_host, heads=H, kv_heads=Hkv) for P in Pg],
                     ls, color=c, marker="x", alpha=0.6, label="ring, N=%s, %s" % (fmt_n(N), rate))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -645,22 +816,25 @@ def check_plot(cal, out_dir):
     meas, pred, kind = [], [], []
     cals = {}
     for r in cal.rows:
-        if r.get("link") and r.get("link") != "shm" and r["link"] not in cals:
-            cals[r["link"]] = Calibration(cal.rows, r["link"])
-        cl = cals.get(r.get("link"), cal)
+        key = (r.get("link"), r.get("progress"))
+        if key[0] and key[0] != "shm" and key not in cals:
+            cals[key] = Calibration(cal.rows, *key)
+        cl = cals.get(key, cal)
         if r["bench"] == "prefill" and r.get("label") in ("prefill", "prefill_contiguous"):
             P = r["machine"]["ranks"]
-            p = predict_prefill(cl, r["tokens"], P, cal.link(r["link"], r["progress"]), r["progress"] in OVERLAP_MODES,
-                                r.get("layout", "zigzag"), r["heads"], r["kv_heads"], r["head_dim"])[0]
+            p = predict_prefill(cl, r["tokens"], P, cl.link(r["link"], r["progress"]), r["progress"] in OVERLAP_MODES,
+                                r.get("layout", "zigzag"), r["heads"], r["kv_heads"], r["head_dim"],
+                                overhead=cl.overhead("prefill", *key))[0]
             meas.append(r["seconds"]); pred.append(p); kind.append("prefill " + r["progress"])
         elif r["bench"] == "decode" and r.get("label") == "decode":
             for m in ("tree", "ring"):
-                p = predict_decode(cl, r["tokens"], 2, cal.link(r["link"], r["progress"]), r["progress"] in OVERLAP_MODES,
-                                   m, 1, "two-level", r["heads"], r["queries"])
+                p = predict_decode(cl, r["tokens"], 2, cl.link(r["link"], r["progress"]), r["progress"] in OVERLAP_MODES,
+                                   m, 1, "two-level", r["heads"], r["queries"], overhead=cl.overhead("decode", *key, m))
                 meas.append(r["%s_ms_median" % m] / 1e3); pred.append(p); kind.append("decode %s" % m)
         elif r["bench"] == "decode_batch" and r.get("label") == "tree_2x2":
             mode = "two-level" if r["topology"] == "two-level" else "flat-spread"
-            p = reduce_2x2(cl, r, cal.links4.get((r["link"], r["progress"]), cal.link(r["link"], r["progress"])), mode)
+            p = reduce_2x2(cl, r, cl.links4.get(key, cl.link(*key)), mode,
+                           cl.overhead("reduce", *key, map_by=r["map_by"], topology=r["topology"]))
             meas.append(r["reduce_only_ms_median"] / 1e3); pred.append(p); kind.append("reduce 2x2")
     if not meas:
         return

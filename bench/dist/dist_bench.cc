@@ -6,8 +6,9 @@
 //   dist_bench prefill --tokens N [--heads 8 --kv-heads 2 --head-dim 64] [--causal] [--repeats 1]
 //   dist_bench batch   --tokens N --sessions S --batch B [--steps 200]
 //   dist_bench pingpong [--steps 20]   MPI latency/bandwidth, rank 0 <-> rank P-1
-//     (one JSON line per message size, 8 B .. 32 MiB: half the round trip, and
-//     the time of an exchange, both sending at once as a ring step does)
+//     (one JSON line per message size, 8 B .. 32 MiB: half the round trip, the
+//     time of an exchange, both sending at once with MPI_Sendrecv, and the
+//     same exchange with a ring step's own calls)
 //   decode and batch take --topology flat|two-level (the tree reduction;
 //   default flat); prefill takes --layout zigzag|contiguous (default: zigzag
 //   with --causal, contiguous without).
@@ -401,13 +402,40 @@ Status RunPingPong(const BenchOptions& o, const Communicator& comm, int threads)
       }
       if (i >= 1) ex.push_back(1e6 * (NowSeconds() - a));
     }
+    // A ring step's own calls (dist/ring_attention.cc): the block as two
+    // halves (K and V), both Irecvs and both Isends posted at once, then
+    // WaitAll. Its time need not equal MPI_Sendrecv's above.
+    std::vector<double> rx;
+    RINGTREE_RETURN_IF_ERROR(comm.Barrier());
+    for (int i = 0; i < reps + 1; ++i) {
+      const double a = NowSeconds();
+      if (active) {
+        const int other = rank == 0 ? peer : 0;
+        const int64_t half = bytes / 2;
+        RINGTREE_ASSIGN_OR_RETURN(Request recv_k, comm.Irecv(buf2.data(), half, other, 80));
+        RINGTREE_ASSIGN_OR_RETURN(Request recv_v,
+                                  comm.Irecv(buf2.data() + half, bytes - half, other, 80));
+        RINGTREE_ASSIGN_OR_RETURN(Request send_k, comm.Isend(buf.data(), half, other, 80));
+        RINGTREE_ASSIGN_OR_RETURN(Request send_v,
+                                  comm.Isend(buf.data() + half, bytes - half, other, 80));
+        RINGTREE_RETURN_IF_ERROR(comm.WaitAll({&recv_k, &recv_v, &send_k, &send_v}));
+      }
+      if (i >= 1) rx.push_back(1e6 * (NowSeconds() - a));
+    }
     if (rank != 0) continue;
     const double med = Median(us);
-    json j = {{"bench", "pingpong"}, {"label", o.label}, {"bytes", bytes}, {"reps", reps},
-              {"peer", peer}, {"machine", Machine(comm, threads)},
-              {"one_way_us_median", med}, {"one_way_us_min", *std::min_element(us.begin(), us.end())},
+    json j = {{"bench", "pingpong"},
+              {"label", o.label},
+              {"bytes", bytes},
+              {"reps", reps},
+              {"peer", peer},
+              {"machine", Machine(comm, threads)},
+              {"one_way_us_median", med},
+              {"one_way_us_min", *std::min_element(us.begin(), us.end())},
               {"gbs", bytes / (med * 1e-6) / 1e9},
-              {"exchange_us_median", Median(ex)}, {"exchange_gbs_each_way", bytes / (Median(ex) * 1e-6) / 1e9}};
+              {"exchange_us_median", Median(ex)},
+              {"exchange_gbs_each_way", bytes / (Median(ex) * 1e-6) / 1e9},
+              {"ring_exchange_us_median", Median(rx)}};
     Emit(o, j);
   }
   return Status::Ok();
