@@ -317,7 +317,8 @@ int main(int argc, char** argv) {
     sub->add_option("--top-k", top_k, "retrieval: spans beyond sinks and window");
     sub->add_option("--token-budget", token_budget, "retrieval: tokens of selected spans");
     if (sub != retrieve_kv) sub->add_option("--tolerance", tolerance, "retrieval: skipped-mass tolerance");
-    sub->add_option("--score-mode", score_mode, "retrieval ranking: blend, upper or mean")->capture_default_str();
+    sub->add_option("--score-mode", score_mode, "retrieval ranking: blend, upper, mean or reps")
+        ->capture_default_str();
   }
 
   int64_t demo_tokens = 16384;
@@ -396,7 +397,10 @@ int main(int argc, char** argv) {
   if (score_mode == "blend") retrieval.set_score_mode(v1::BLEND);
   else if (score_mode == "upper") retrieval.set_score_mode(v1::UPPER_BOUND);
   else if (score_mode == "mean") retrieval.set_score_mode(v1::MEAN_KEY);
-  else return Fail(Status::InvalidArgument("[attnctl] --score-mode: blend, upper or mean"));
+  else if (score_mode == "reps")
+    retrieval.set_score_mode(v1::REPRESENTATIVE);
+  else
+    return Fail(Status::InvalidArgument("[attnctl] --score-mode: blend, upper, mean or reps"));
   if (top_k > 0 || token_budget > 0 || tolerance >= 0) call.retrieval = retrieval;
   if (demo->parsed()) {
     return RunDemo(*client, demo_tokens, heads, kv_heads, head_dim, prefill_tokens, decode_steps, keep);

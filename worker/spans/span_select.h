@@ -90,8 +90,11 @@ struct RetrievalRequest {
   // <= mass_tolerance; when every span is selected the answer is exact.
   // < 0: off.
   double mass_tolerance = -1.0;
-  // kBlend ranks best in bench/retrieval (needle and diffuse queries alike).
-  SpanScoreMode score_mode = SpanScoreMode::kBlend;
+  // kRepresentative ranks best in bench/retrieval (every query kind, both
+  // generators, docs/spans.md "Index vectors"); on a store without index
+  // vectors (SpanStoreOptions::index_reps 0, the default) it ranks as kBlend,
+  // the best of the summary-only modes.
+  SpanScoreMode score_mode = SpanScoreMode::kRepresentative;
   // End (exclusive) of the whole context, for the window; -1 = the store's end.
   // The coordinator passes the global end so every rank agrees on the window.
   int64_t context_end = -1;
