@@ -267,7 +267,7 @@ int main(int argc, char** argv) {
   int max_message_mib = 64, threads = 0, grace_seconds = 10, spin_us = 2000, sleep_us = 100, max_sleep_us = 1000, compute_nice = 0, max_streams = 64;
   std::string data_dir;
   int64_t hot_budget_mib = 4096, disk_budget_mib = 0, cache_mib = 256;
-  int readahead_chunks = 4;
+  int readahead_chunks = 4, index_reps = 0;
   double peer_timeout = 3.0;
   bool placeholder = false;
   app.add_option("--listen", listen, "host:port to listen on (port 0 = any free port)")->capture_default_str();
@@ -300,6 +300,12 @@ int main(int argc, char** argv) {
   app.add_option("--cache-mib", cache_mib, "with --data-dir: LRU cache of cold spans read back, per rank, MiB")
       ->capture_default_str();
   app.add_option("--readahead-chunks", readahead_chunks, "chunks of cold spans read ahead of the kernel")
+      ->capture_default_str();
+  app.add_option(
+         "--index-reps", index_reps,
+         "representative keys per span and kv head for retrieval score_mode REPRESENTATIVE "
+         "(0 = off: it ranks as BLEND); rebuilt from the stored keys when a durable store opens")
+      ->check(CLI::Range(0, 64))
       ->capture_default_str();
   app.add_option("--max-batch", loop_options.max_batch, "requests per decode/attend engine step")->capture_default_str();
   app.add_option("--batch-linger-us", loop_options.batch_linger_us,
@@ -375,6 +381,7 @@ int main(int argc, char** argv) {
   loop_options.max_queue = admission_limits.max_queue;
   EngineConfig engine_config;
   StorageSettings storage;
+  engine_config.index_reps = index_reps;
   if (!data_dir.empty()) {
     // The memory budget spills to disk: what bounds stored K/V is the disk
     // budget, checked per rank by the engine loop before anything changes.

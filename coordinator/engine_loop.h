@@ -53,7 +53,7 @@ struct RetrievalParams {
   int64_t top_k_spans = 0;
   int64_t token_budget = 0;
   double mass_tolerance = -1.0;  // >= 0: tolerance mode
-  uint8_t score_mode = 2;        // SpanScoreMode (kBlend)
+  uint8_t score_mode = 3;        // SpanScoreMode (kRepresentative; kBlend without index vectors)
   bool include_always = false;   // RetrieveKV
   bool head_voting = false;      // RetrievalOptions.head_voting
   int32_t persistent_steps = 0;  // RetrievalOptions.persistent_steps (0 = off)

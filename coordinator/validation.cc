@@ -111,9 +111,12 @@ Result<RetrievalParams> CheckRetrieval(const v1::RetrievalOptions& r, const char
   params.token_budget = r.token_budget();
   params.mass_tolerance = r.has_mass_tolerance() ? r.mass_tolerance() : -1.0;
   switch (r.score_mode()) {
-    case v1::SPAN_SCORE_MODE_UNSPECIFIED:
     case v1::BLEND:
       params.score_mode = static_cast<uint8_t>(SpanScoreMode::kBlend);
+      break;
+    case v1::SPAN_SCORE_MODE_UNSPECIFIED:  // BLEND unless the server keeps index vectors
+    case v1::REPRESENTATIVE:
+      params.score_mode = static_cast<uint8_t>(SpanScoreMode::kRepresentative);
       break;
     case v1::UPPER_BOUND:
       params.score_mode = static_cast<uint8_t>(SpanScoreMode::kUpperBound);

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "rpc/tensor_codec.h"
+#include "worker/spans/span_select.h"
 
 namespace ringtree {
 namespace {
@@ -143,6 +144,11 @@ TEST(Validation, DecodeRetrievalAndWindow) {
   EXPECT_TRUE(in->retrieval.enabled);
   EXPECT_EQ(in->retrieval.top_k_spans, 3);
   EXPECT_EQ(in->retrieval.mass_tolerance, -1.0);
+  EXPECT_EQ(in->retrieval.score_mode, static_cast<uint8_t>(SpanScoreMode::kUpperBound));
+  r.mutable_retrieval()->set_score_mode(v1::REPRESENTATIVE);
+  in = ValidateDecode(r, Shape(), RequestLimits{});
+  ASSERT_TRUE(in.ok()) << in.status().message();
+  EXPECT_EQ(in->retrieval.score_mode, static_cast<uint8_t>(SpanScoreMode::kRepresentative));
   EXPECT_EQ(Message(ValidateDecode(r, Windowed(), RequestLimits{})),
             "[Decode] attention_window: Decode with retrieval is not supported on a session with a "
             "sliding window (Decode, Prefill and retrieval Attend are)");

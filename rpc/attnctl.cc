@@ -322,7 +322,8 @@ int main(int argc, char** argv) {
     sub->add_option("--top-k", top_k, "retrieval: spans beyond sinks and window");
     sub->add_option("--token-budget", token_budget, "retrieval: tokens of selected spans");
     if (sub != retrieve_kv) sub->add_option("--tolerance", tolerance, "retrieval: skipped-mass tolerance");
-    sub->add_option("--score-mode", score_mode, "retrieval ranking: blend, upper or mean")->capture_default_str();
+    sub->add_option("--score-mode", score_mode, "retrieval ranking: blend, upper, mean or reps")
+        ->capture_default_str();
     sub->add_flag("--head-voting", head_voting, "retrieval: spans by the kv heads' votes");
     sub->add_option("--persistent-steps", persistent_steps,
                     "retrieval: keep spans the session's last N retrieval calls selected (0-64)");
@@ -404,7 +405,10 @@ int main(int argc, char** argv) {
   if (score_mode == "blend") retrieval.set_score_mode(v1::BLEND);
   else if (score_mode == "upper") retrieval.set_score_mode(v1::UPPER_BOUND);
   else if (score_mode == "mean") retrieval.set_score_mode(v1::MEAN_KEY);
-  else return Fail(Status::InvalidArgument("[attnctl] --score-mode: blend, upper or mean"));
+  else if (score_mode == "reps")
+    retrieval.set_score_mode(v1::REPRESENTATIVE);
+  else
+    return Fail(Status::InvalidArgument("[attnctl] --score-mode: blend, upper, mean or reps"));
   retrieval.set_head_voting(head_voting);
   retrieval.set_persistent_steps(persistent_steps);
   if (top_k > 0 || token_budget > 0 || tolerance >= 0) call.retrieval = retrieval;

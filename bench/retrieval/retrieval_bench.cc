@@ -71,6 +71,9 @@ struct Args {
   // generator's statistics (1: runs of mean 64; 2: mixed, synthetic_kv.h),
   // and the extra query kinds of generator 2.
   std::vector<std::string> span_configs;
+  // SpanStoreOptions::index_reps: representative keys per span and kv head
+  // (index vectors for the reps / rep_max / mean_var / rep_blend modes).
+  int index_reps = 0;
   int generator = 1;
   int multi_needle_queries = 0, aggregate_queries = 0;
   // Span discovery: bounds, and the prefill whose band it uses (query heads
@@ -131,10 +134,9 @@ bool ParseArgs(int argc, char** argv, Args* a) {
     } else if (key == "--modes") {
       a->modes.clear();
       for (auto& m : Split(need())) {
-        if (m == "upper_bound") a->modes.push_back(SpanScoreMode::kUpperBound);
-        else if (m == "mean_key") a->modes.push_back(SpanScoreMode::kMeanKey);
-        else if (m == "blend") a->modes.push_back(SpanScoreMode::kBlend);
-        else return false;
+        SpanScoreMode mode;
+        if (!ParseSpanScoreMode(m, &mode)) return false;
+        a->modes.push_back(mode);
       }
     } else if (key == "--estimates") {
       a->estimates.clear();
@@ -165,6 +167,8 @@ bool ParseArgs(int argc, char** argv, Args* a) {
       a->multi_needle_queries = std::stoi(need());
     else if (key == "--aggregate-queries")
       a->aggregate_queries = std::stoi(need());
+    else if (key == "--index-reps")
+      a->index_reps = std::stoi(need());
     else if (key == "--min-span")
       a->min_span = std::stoi(need());
     else if (key == "--max-span")
@@ -425,6 +429,7 @@ int RunConfig(const Args& a_in, const SpanConfig& cfg) {
   o.sink_tokens = a.sink_tokens;
   o.window_tokens = a.window_tokens;
   o.readahead_chunks = 3;
+  o.index_reps = a.index_reps;
   if (!a.data_dir.empty()) {
     if (!a.keep_data) std::filesystem::remove_all(a.data_dir);
     o.data_dir = a.data_dir;
@@ -967,7 +972,8 @@ int main(int argc, char** argv) {
         stderr,
         "usage: retrieval_bench [--tokens N] [--span S] [--kv-heads 8] [--heads 32] "
         "[--head-dim 128] [--dtype bfloat16|float32] [--budgets 0.01,0.05,...] "
-        "[--modes upper_bound,mean_key,blend] [--needle-queries Q] [--diffuse-queries Q] "
+        "[--modes upper_bound,mean_key,blend,reps,rep_max,mean_var,rep_blend] [--index-reps R] "
+        "[--needle-queries Q] [--diffuse-queries Q] "
         "[--sink 16] [--window 128] [--data-dir DIR --hot-budget-mb M --cache-mb M] "
         "[--no-quality] [--exact-timing-queries N] [--out FILE.jsonl] [--label L] "
         "[--spans fixed16,fixed64,discovered] [--generator 1|2] [--multi-needle-queries Q] "

@@ -1491,6 +1491,94 @@ TEST_F(ServiceSpans, HeadVotingAndPersistentRecallAcrossRanks) {
   EXPECT_NE(refused.status().message().find("retrieval.persistent_steps"), std::string::npos)
       << refused.status().message();
   EXPECT_EQ(server->Stop(), 0) << server->log();
+
+// Index vectors (attnserve --index-reps, issue 15 item 3): with
+// REPRESENTATIVE ranking, a full budget is exact attention (and decode), the
+// needle span is among the top 2, and after a restart on the same data
+// directory (the vectors are rebuilt from the stored keys) the answers are
+// bit-identical.
+TEST_F(ServiceSpans, IndexVectorsRankTheNeedleAndFullBudgetIsExact) {
+  auto server = Start({"--index-reps", "4"});
+  auto client = Client(*server);
+  std::mt19937 rng(11);
+  Model m;
+  auto info = client->CreateSession(SpanConfig(m, 16, 16, 64));
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  const std::string id = info->session_id();
+  const int64_t n = 2048, needle = 1201;
+  std::vector<float> k = Random(rng, n * m.kv_heads * m.head_dim),
+                     v = Random(rng, n * m.kv_heads * m.head_dim);
+  for (auto& x : k) x *= 0.3f;
+  std::vector<float> dir_q = Random(rng, m.kv_heads * m.head_dim);
+  for (int64_t t = needle; t < needle + 16; ++t)
+    for (int i = 0; i < m.kv_heads * m.head_dim; ++i)
+      k[t * m.kv_heads * m.head_dim + i] = 1.5f * dir_q[i];
+  m.k = k;
+  m.v = v;
+  ASSERT_TRUE(client
+                  ->AppendKV(id, 0, HostTensor::FromFloat32(k.data(), {n, m.kv_heads, m.head_dim}),
+                             HostTensor::FromFloat32(v.data(), {n, m.kv_heads, m.head_dim}), 1000)
+                  .ok());
+  std::vector<float> q(m.heads * m.head_dim);
+  for (int h = 0; h < m.heads; ++h) {
+    const int g = h / (m.heads / m.kv_heads);
+    for (int d = 0; d < m.head_dim; ++d) q[h * m.head_dim + d] = dir_q[g * m.head_dim + d];
+  }
+  const HostTensor qt = HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim});
+  const auto ref = AttendReference(m, q, 1);
+  CallOptions all;
+  all.retrieval = Budget(1 << 30);
+  all.retrieval->set_score_mode(v1::REPRESENTATIVE);
+  auto full = client->Attend(id, 0, qt, all);
+  ASSERT_TRUE(full.ok()) << full.status().ToString();
+  EXPECT_TRUE(full->retrieval->exact());
+  EXPECT_LE(MaxDiff(full->o.ToFloat32(), ref), 2e-4);
+  EXPECT_LE(full->retrieval->max_skipped_mass_bound(), 1e-6);
+  CallOptions top;
+  top.retrieval = v1::RetrievalOptions();
+  top.retrieval->set_top_k_spans(2);
+  top.retrieval->set_score_mode(v1::REPRESENTATIVE);
+  auto few = client->Attend(id, 0, qt, top);
+  ASSERT_TRUE(few.ok()) << few.status().ToString();
+  EXPECT_TRUE(CoversPosition(*few->retrieval, needle, v1::SELECTED))
+      << few->retrieval->DebugString();
+  EXPECT_GT(few->retrieval->max_skipped_mass_bound(), 0.0f);
+  const std::vector<float> before = few->o.ToFloat32();
+  // The vectors are used: on a query spread over the background, the 8 spans
+  // REPRESENTATIVE selects are not BLEND's (without --index-reps they would be).
+  std::vector<float> spread = Random(rng, m.heads * m.head_dim);
+  const HostTensor st = HostTensor::FromFloat32(spread.data(), {1, m.heads, m.head_dim});
+  auto selected = [&](v1::SpanScoreMode mode) {
+    CallOptions o;
+    o.retrieval = v1::RetrievalOptions();
+    o.retrieval->set_top_k_spans(8);
+    o.retrieval->set_score_mode(mode);
+    auto r = client->Attend(id, 0, st, o);
+    std::vector<int64_t> starts;
+    if (!r.ok()) return starts;
+    for (const auto& span : r->retrieval->spans_used())
+      if (span.kind() == v1::SELECTED) starts.push_back(span.position_start());
+    std::sort(starts.begin(), starts.end());
+    return starts;
+  };
+  const std::vector<int64_t> by_reps = selected(v1::REPRESENTATIVE), by_blend = selected(v1::BLEND);
+  EXPECT_FALSE(by_reps.empty());
+  EXPECT_NE(by_reps, by_blend);
+  EXPECT_EQ(server->Stop(), 0) << server->log();
+
+  auto again = Start({"--index-reps", "4"});
+  auto client2 = Client(*again);
+  auto after = client2->Attend(id, 0, qt, top);
+  ASSERT_TRUE(after.ok()) << after.status().ToString();
+  EXPECT_EQ(after->o.ToFloat32(), before);
+  auto [dk, dv] = NewKv(rng, m, 1);
+  std::vector<float> dq = Random(rng, m.heads * m.head_dim);
+  auto dec = client2->Decode(id, 0, HostTensor::FromFloat32(dq.data(), {1, m.heads, m.head_dim}),
+                             dk, dv, all);
+  ASSERT_TRUE(dec.ok()) << dec.status().ToString();
+  EXPECT_TRUE(dec->retrieval->exact());
+  EXPECT_LE(MaxDiff(dec->o.ToFloat32(), Reference(m, dq, 1, true)), 2e-4);
+  EXPECT_EQ(again->Stop(), 0) << again->log();
 }
 
 // DecodeBatch / AttendBatch with retrieval entries: the retrieval entries of

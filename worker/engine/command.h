@@ -129,7 +129,7 @@ struct RetrieveCommand {
   int64_t top_k_spans = 0;     // 0: no limit from k
   int64_t token_budget = 0;    // 0: no limit from the budget
   double mass_tolerance = -1;  // >= 0: tolerance mode
-  uint8_t score_mode = 2;      // SpanScoreMode (kBlend)
+  uint8_t score_mode = 3;      // SpanScoreMode (kRepresentative; kBlend without index vectors)
   int64_t context_end = 0;     // global end of the layer (after new rows)
   bool kv_only = false;        // KV retrieval: return K/V of the selection, no attention
   bool include_always = false; // KV retrieval: also return sinks and window

@@ -126,6 +126,7 @@ Result<SpanStore*> WorkerEngine::Store(const SessionShape& shape, int layer) {
   o.window_tokens = shape.window_tokens;
   o.cache = cache_;
   o.readahead_chunks = config_.readahead_chunks;
+  o.index_reps = config_.index_reps;
   if (!config_.data_dir.empty()) {
     o.data_dir = StoreDir(config_.data_dir, compute_->rank(), shape.handle, layer);
     o.hot_budget_bytes = config_.hot_budget_bytes;

@@ -44,6 +44,9 @@ struct EngineConfig {
   size_t hot_budget_bytes = 0;    // this rank's K/V kept in RAM, all stores; 0 = unlimited
   size_t cache_budget_bytes = size_t{256} << 20;  // LRU of cold spans read back, per rank
   int readahead_chunks = 4;       // chunks read ahead of the kernel when streaming cold spans
+  // SpanStoreOptions::index_reps of every store (attnserve --index-reps):
+  // representative keys per span and kv head for the REPRESENTATIVE score mode.
+  int index_reps = 0;
 };
 
 // One span (or run of spans) used by a retrieval request, as reported.

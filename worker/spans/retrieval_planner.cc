@@ -79,7 +79,28 @@ std::vector<size_t> HeadOrder(const std::vector<double>& hp, int kv_heads, int g
 }  // namespace
 
 void ApplyScoreMode(SpanScoreMode mode, SpanScores* scores) {
-  for (size_t i = 0; i < scores->estimate.size(); ++i) {
+  const size_t n = scores->estimate.size();
+  // Index-vector modes on a store without index vectors rank as kBlend.
+  const std::vector<float>* field = nullptr;
+  switch (mode) {
+    case SpanScoreMode::kRepresentative:
+    case SpanScoreMode::kRepBlend:
+      field = &scores->rep_lse;
+      break;
+    case SpanScoreMode::kRepMax:
+      field = &scores->rep_max;
+      break;
+    case SpanScoreMode::kMeanVariance:
+      field = &scores->mean_var;
+      break;
+    default:
+      break;
+  }
+  if (field != nullptr && field->size() != n) {
+    field = nullptr;
+    mode = SpanScoreMode::kBlend;
+  }
+  for (size_t i = 0; i < n; ++i) {
     const float u = scores->upper[i];
     if (u == kNegInfF) continue;
     switch (mode) {
@@ -90,6 +111,14 @@ void ApplyScoreMode(SpanScoreMode mode, SpanScores* scores) {
         break;
       case SpanScoreMode::kBlend:
         scores->estimate[i] = 0.5f * (u + scores->estimate[i]);
+        break;
+      case SpanScoreMode::kRepresentative:
+      case SpanScoreMode::kRepMax:
+      case SpanScoreMode::kMeanVariance:
+        scores->estimate[i] = (*field)[i];
+        break;
+      case SpanScoreMode::kRepBlend:
+        scores->estimate[i] = 0.5f * (u + (*field)[i]);
         break;
     }
   }

@@ -18,10 +18,86 @@ namespace ringtree {
 using spans_detail::CheckQuery;
 using spans_detail::kNegInfF;
 
+void RepresentativeKeys(const float* x, int n, size_t stride, int D, int R, float* c, float* log_w,
+                        int iters) {
+  std::fill(c, c + size_t(R) * D, 0.0f);
+  std::fill(log_w, log_w + R, kNegInfF);
+  if (n <= 0 || R <= 0) return;
+  auto row = [&](int i) { return x + size_t(i) * stride; };
+  auto dist2 = [&](const float* a, const float* b) {
+    double acc = 0.0;
+    for (int d = 0; d < D; ++d) {
+      const double e = double(a[d]) - b[d];
+      acc += e * e;
+    }
+    return acc;
+  };
+  if (n <= R) {
+    for (int i = 0; i < n; ++i) {
+      std::copy(row(i), row(i) + D, c + size_t(i) * D);
+      log_w[i] = -std::log(static_cast<float>(n));
+    }
+    return;
+  }
+  // Seeding: the key farthest from the mean, then repeatedly the key
+  // farthest from every chosen centroid.
+  std::vector<float> mean(D, 0.0f);
+  for (int i = 0; i < n; ++i)
+    for (int d = 0; d < D; ++d) mean[d] += row(i)[d];
+  for (int d = 0; d < D; ++d) mean[d] /= float(n);
+  std::vector<double> near(n);
+  int first = 0;
+  for (int i = 0; i < n; ++i) {
+    near[i] = dist2(row(i), mean.data());
+    if (near[i] > near[first]) first = i;
+  }
+  std::copy(row(first), row(first) + D, c);
+  for (int i = 0; i < n; ++i) near[i] = dist2(row(i), c);
+  for (int r = 1; r < R; ++r) {
+    int far = 0;
+    for (int i = 1; i < n; ++i)
+      if (near[i] > near[far]) far = i;
+    float* cr = c + size_t(r) * D;
+    std::copy(row(far), row(far) + D, cr);
+    for (int i = 0; i < n; ++i) near[i] = std::min(near[i], dist2(row(i), cr));
+  }
+  // Lloyd steps.
+  std::vector<int> assign(n, 0), count(R, 0);
+  std::vector<double> sums(size_t(R) * D);
+  for (int it = 0; it <= iters; ++it) {
+    for (int i = 0; i < n; ++i) {
+      double best = dist2(row(i), c);
+      assign[i] = 0;
+      for (int r = 1; r < R; ++r) {
+        const double e = dist2(row(i), c + size_t(r) * D);
+        if (e < best) best = e, assign[i] = r;
+      }
+    }
+    std::fill(count.begin(), count.end(), 0);
+    std::fill(sums.begin(), sums.end(), 0.0);
+    for (int i = 0; i < n; ++i) {
+      ++count[assign[i]];
+      for (int d = 0; d < D; ++d) sums[size_t(assign[i]) * D + d] += row(i)[d];
+    }
+    for (int r = 0; r < R; ++r)
+      if (count[r] > 0)
+        for (int d = 0; d < D; ++d)
+          c[size_t(r) * D + d] = static_cast<float>(sums[size_t(r) * D + d] / count[r]);
+  }
+  // The last step's centroids are the means of the last assignment.
+  for (int r = 0; r < R; ++r) {
+    if (count[r] > 0)
+      log_w[r] = std::log(static_cast<float>(count[r]) / static_cast<float>(n));
+    else
+      std::fill(c + size_t(r) * D, c + size_t(r + 1) * D, 0.0f);
+  }
+}
+
 SpanIndex::SpanIndex(const SpanStoreOptions& o)
     : kv_heads_(o.kv_heads),
       head_dim_(o.head_dim),
       dtype_(o.dtype),
+      reps_(o.index_reps),
       span_tokens_(o.span_tokens),
       sink_tokens_(o.sink_tokens),
       window_tokens_(o.window_tokens) {}
@@ -53,6 +129,7 @@ int64_t SpanIndex::StartSpan(int64_t position) {
   }
   max_abs_.resize(entries_.size() * H, 0.0f);
   value_means_.resize(entries_.size() * size_t(H) * D, 0.0f);
+  ResizeVectors();
   key_sums_.assign(size_t(H) * D, 0.0);
   value_sums_.assign(size_t(H) * D, 0.0);
   return size() - 1;
@@ -115,6 +192,7 @@ void SpanIndex::RestoreSpan(int64_t i, int64_t position_start, int32_t tokens, b
     summaries_.resize(entries_.size() * index_floats);
     value_means_.resize(entries_.size() * size_t(H) * D);
     max_abs_.resize(entries_.size() * H);
+    ResizeVectors();  // filled by UpdateVectors (SpanStore::FinishOpen)
     total_tokens_ += tokens;
   } else {  // rewrite of the last (partial) span
     total_tokens_ += tokens - entries_[i].tokens;
@@ -162,6 +240,42 @@ void SpanIndex::Truncate(int64_t count) {
   summaries_.resize(size_t(count) * summary_floats_per_span());
   max_abs_.resize(size_t(count) * kv_heads_);
   value_means_.resize(size_t(count) * kv_heads_ * head_dim_);
+  ResizeVectors();
+}
+
+void SpanIndex::ResizeVectors() {
+  if (reps_ <= 0) return;
+  const size_t n = entries_.size() * kv_heads_;
+  const size_t old = rep_logw_.size() / reps_;
+  rep_keys_.resize(n * reps_ * head_dim_, 0.0f);
+  rep_logw_.resize(n * reps_, kNegInfF);
+  key_vars_.resize(n * head_dim_, 0.0f);
+  for (size_t j = old; j < n; ++j)  // new entries: no keys yet
+    std::fill(&rep_logw_[j * reps_], &rep_logw_[j * reps_] + reps_, kNegInfF);
+}
+
+void SpanIndex::UpdateVectors(int64_t i, const uint8_t* k, int32_t tokens) {
+  if (reps_ <= 0) return;
+  const int H = kv_heads_, D = head_dim_;
+  std::vector<float> keys(size_t(tokens) * H * D);
+  ConvertToFloat32(dtype_, k, keys.data(), keys.size());
+  for (int g = 0; g < H; ++g) {
+    const float* x = &keys[size_t(g) * D];
+    const size_t stride = size_t(H) * D;
+    RepresentativeKeys(x, tokens, stride, D, reps_, &rep_keys_[(size_t(i) * H + g) * reps_ * D],
+                       &rep_logw_[(size_t(i) * H + g) * reps_]);
+    float* var = &key_vars_[(size_t(i) * H + g) * D];
+    for (int d = 0; d < D; ++d) {
+      double m = 0.0, m2 = 0.0;
+      for (int32_t t = 0; t < tokens; ++t) m += x[t * stride + d];
+      m /= std::max(1, tokens);
+      for (int32_t t = 0; t < tokens; ++t) {
+        const double e = x[t * stride + d] - m;
+        m2 += e * e;
+      }
+      var[d] = static_cast<float>(m2 / std::max(1, tokens));
+    }
+  }
 }
 
 Result<SpanScores> SpanIndex::Score(const float* q, int64_t q_tokens, int heads,
@@ -178,12 +292,19 @@ Result<SpanScores> SpanIndex::Score(const float* q, int64_t q_tokens, int heads,
   scores.upper.assign(size_t(n * rows), kNegInfF);
   scores.estimate.assign(size_t(n * rows), kNegInfF);
   scores.mean.assign(size_t(n * rows), kNegInfF);
+  const int R = reps_;
+  if (R > 0) {
+    scores.rep_lse.assign(size_t(n * rows), kNegInfF);
+    scores.rep_max.assign(size_t(n * rows), kNegInfF);
+    scores.mean_var.assign(size_t(n * rows), kNegInfF);
+  }
   if (n == 0 || rows == 0) return scores;
 
   // Per kv head g: Qpm [J, 2D] = [q+ | q-] and Qm [J, D], J = q_tokens * G,
   // row j = t * G + gi for query head h = g * G + gi.
   const int64_t J = q_tokens * G;
   std::vector<float> qpm(size_t(Hkv) * J * 2 * D), qm(size_t(Hkv) * J * D), l1(size_t(Hkv) * J);
+  std::vector<float> q2(R > 0 ? size_t(Hkv) * J * D : 0);  // q_d^2, for the variance term
   for (int g = 0; g < Hkv; ++g)
     for (int64_t t = 0; t < q_tokens; ++t)
       for (int gi = 0; gi < G; ++gi) {
@@ -198,6 +319,8 @@ Result<SpanScores> SpanIndex::Score(const float* q, int64_t q_tokens, int heads,
           m[d] = qr[d];
           a += std::fabs(qr[d]);
         }
+        if (R > 0)
+          for (int d = 0; d < D; ++d) q2[(size_t(g) * J + j) * D + d] = qr[d] * qr[d];
         l1[size_t(g) * J + j] = static_cast<float>(a);
       }
   if (GetBlasThreads() != 1) SetBlasThreads(1);
@@ -206,7 +329,8 @@ Result<SpanScores> SpanIndex::Score(const float* q, int64_t q_tokens, int heads,
   const size_t lda = size_t(Hkv) * 3 * D;
   tbb::parallel_for(
       tbb::blocked_range<int64_t>(0, blocks), [&](const tbb::blocked_range<int64_t>& r) {
-        std::vector<float> ub(block * J), mean(block * J);
+        std::vector<float> ub(block * J), mean(block * J), rdot(size_t(R) * block * J),
+            vq(R > 0 ? block * J : 0);
         for (int64_t b = r.begin(); b < r.end(); ++b) {
           const int64_t s0 = b * block;
           const int64_t nb = std::min(block, n - s0);
@@ -216,6 +340,14 @@ Result<SpanScores> SpanIndex::Score(const float* q, int64_t q_tokens, int heads,
                   &qpm[size_t(g) * J * 2 * D], 2 * D, 0.0f, ub.data(), int(J));
             Sgemm(false, true, int(nb), int(J), D, 1.0f, base + 2 * D, int(lda),
                   &qm[size_t(g) * J * D], D, 0.0f, mean.data(), int(J));
+            if (R > 0) {
+              for (int r = 0; r < R; ++r)
+                Sgemm(false, true, int(nb), int(J), D, 1.0f,
+                      &rep_keys_[((size_t(s0) * Hkv + g) * R + r) * D], Hkv * R * D,
+                      &qm[size_t(g) * J * D], D, 0.0f, &rdot[size_t(r) * block * J], int(J));
+              Sgemm(false, true, int(nb), int(J), D, 1.0f, &key_vars_[(size_t(s0) * Hkv + g) * D],
+                    Hkv * D, &q2[size_t(g) * J * D], D, 0.0f, vq.data(), int(J));
+            }
             for (int64_t i = 0; i < nb; ++i) {
               const int64_t s = s0 + i;
               const Entry& sp = entries_[s];
@@ -232,6 +364,22 @@ Result<SpanScores> SpanIndex::Score(const float* q, int64_t q_tokens, int heads,
                   scores.upper[s * rows + row] = u;
                   scores.estimate[s * rows + row] = m;  // mode applied by the caller
                   scores.mean[s * rows + row] = m;
+                  if (R > 0) {
+                    const float* lw = &rep_logw_[(size_t(s) * Hkv + g) * R];
+                    float mx = kNegInfF;
+                    for (int r = 0; r < R; ++r)
+                      if (lw[r] != kNegInfF)
+                        mx = std::max(mx, scale * rdot[(size_t(r) * block + i) * J + j]);
+                    double acc = 0.0;
+                    for (int r = 0; r < R; ++r)
+                      if (lw[r] != kNegInfF)
+                        acc += std::exp(double(lw[r]) +
+                                        scale * rdot[(size_t(r) * block + i) * J + j] - mx);
+                    scores.rep_max[s * rows + row] = mx;
+                    scores.rep_lse[s * rows + row] =
+                        mx == kNegInfF ? kNegInfF : static_cast<float>(mx + std::log(acc));
+                    scores.mean_var[s * rows + row] = m + 0.5f * scale * scale * vq[i * J + j];
+                  }
                 }
               }
             }
@@ -330,7 +478,8 @@ void SpanIndex::SplitSpans(const AttentionOptions& options, int64_t q_tokens,
 
 size_t SpanIndex::summary_bytes() const {
   return summaries_.size() * sizeof(float) + max_abs_.size() * sizeof(float) +
-         value_means_.size() * sizeof(float) + entries_.size() * sizeof(Entry);
+         value_means_.size() * sizeof(float) + entries_.size() * sizeof(Entry) +
+         (rep_keys_.size() + rep_logw_.size() + key_vars_.size()) * sizeof(float);
 }
 
 }  // namespace ringtree

@@ -26,6 +26,16 @@
 
 namespace ringtree {
 
+// Representative keys of one span and KV head (index vectors, issue 15 item
+// 3): a k-means of the span's `n` keys x (row i at x + i * stride, D floats)
+// into at most R clusters. Writes the centroids c [R, D] and log_w [R] =
+// log(count_i / n), -inf for an unused centroid (c zeroed). With n <= R the
+// centroids are the keys themselves. Deterministic: farthest-point seeding
+// from the key farthest from the mean, then `iters` Lloyd steps (ties to the
+// lower index).
+void RepresentativeKeys(const float* x, int n, size_t stride, int D, int R, float* c, float* log_w,
+                        int iters = 4);
+
 class SpanIndex {
  public:
   struct Entry {
@@ -68,6 +78,22 @@ class SpanIndex {
   void RestartRunningSums(const uint8_t* k, const uint8_t* v, int32_t tokens);
   // Keeps the first `count` spans.
   void Truncate(int64_t count);
+  // Index vectors of span i (index_reps > 0) from its `tokens` rows of keys
+  // k [tokens, kv_heads, head_dim] in the store dtype: the representative
+  // keys (RepresentativeKeys) and the per-channel key variance.
+  void UpdateVectors(int64_t i, const uint8_t* k, int32_t tokens);
+  int index_reps() const { return reps_; }
+  // Span i's representative keys of head g [index_reps, head_dim], their log
+  // shares [index_reps], and key variance [head_dim].
+  const float* rep_keys(int64_t i, int g) const {
+    return &rep_keys_[(size_t(i) * kv_heads_ + g) * reps_ * head_dim_];
+  }
+  const float* rep_log_weights(int64_t i, int g) const {
+    return &rep_logw_[(size_t(i) * kv_heads_ + g) * reps_];
+  }
+  const float* key_variance(int64_t i, int g) const {
+    return &key_vars_[(size_t(i) * kv_heads_ + g) * head_dim_];
+  }
 
   // Floats per span of the scoring summary [kv_heads, 3, head_dim], and the
   // bytes of a record's summary (that, then the value means [kv_heads, head_dim]).
@@ -93,6 +119,7 @@ class SpanIndex {
  private:
   const int kv_heads_, head_dim_;
   const DType dtype_;
+  const int reps_;  // index_reps
   const int64_t span_tokens_, sink_tokens_, window_tokens_;
   std::vector<Entry> entries_;
   int64_t total_tokens_ = 0;
@@ -103,6 +130,11 @@ class SpanIndex {
   // Mean value per span and kv head [spans, kv_heads, head_dim] (the
   // skipped-span estimate).
   std::vector<float> value_means_;
+  // Index vectors (reps_ > 0): representative keys [spans, kv_heads, R,
+  // head_dim], their log shares [spans, kv_heads, R], key variance [spans,
+  // kv_heads, head_dim].
+  std::vector<float> rep_keys_, rep_logw_, key_vars_;
+  void ResizeVectors();
   // The open tail's running key and value sums [kv_heads, head_dim].
   std::vector<double> key_sums_, value_sums_;
 };

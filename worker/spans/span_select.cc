@@ -61,8 +61,25 @@ const char* SpanScoreModeName(SpanScoreMode mode) {
       return "mean_key";
     case SpanScoreMode::kBlend:
       return "blend";
+    case SpanScoreMode::kRepresentative:
+      return "reps";
+    case SpanScoreMode::kRepMax:
+      return "rep_max";
+    case SpanScoreMode::kMeanVariance:
+      return "mean_var";
+    case SpanScoreMode::kRepBlend:
+      return "rep_blend";
   }
   return "?";
+}
+
+bool ParseSpanScoreMode(const std::string& name, SpanScoreMode* mode) {
+  for (int m = 0; m <= static_cast<int>(SpanScoreMode::kRepBlend); ++m)
+    if (name == SpanScoreModeName(static_cast<SpanScoreMode>(m))) {
+      *mode = static_cast<SpanScoreMode>(m);
+      return true;
+    }
+  return false;
 }
 
 const char* SkippedEstimateName(SkippedEstimate estimate) {

@@ -14,6 +14,7 @@
 
 #include <cstdint>
 #include <limits>
+#include <string>
 #include <vector>
 
 namespace ringtree {
@@ -22,7 +23,25 @@ enum class SpanScoreMode : uint8_t {
   kUpperBound = 0,  // rank by the min/max upper bound (Quest)
   kMeanKey = 1,     // rank by q . mean key
   kBlend = 2,       // rank by the average of the two
+  // Index vectors (SpanStoreOptions::index_reps > 0; issue 15 item 3). A store
+  // without them (option off) ranks these modes as kBlend.
+  //   kRepresentative: log sum_i w_i exp(scale q . c_i) over the span's
+  //     representative keys c_i (a tiny k-means of its keys, w_i the share of
+  //     keys in cluster i): the span's log-mass per token, from R centroids
+  //     instead of one mean key (exact when the span has <= R keys).
+  kRepresentative = 3,
+  //   kRepMax: max_i scale q . c_i (the Ltri-LLM / ArkVale "max over
+  //     representative keys" score).
+  kRepMax = 4,
+  //   kMeanVariance: scale q . mean + scale^2 / 2 * sum_d q_d^2 var_d (the
+  //     log-mass of a Gaussian with the span's per-channel key variance).
+  kMeanVariance = 5,
+  //   kRepBlend: the average of kRepresentative and the upper bound (as
+  //     kBlend averages the mean key and the bound).
+  kRepBlend = 6,
 };
+// Parses a SpanScoreModeName; false if unknown.
+bool ParseSpanScoreMode(const std::string& name, SpanScoreMode* mode);
 const char* SpanScoreModeName(SpanScoreMode mode);
 
 // What retrieval attention does with the spans it skips (neither sinks, window
@@ -51,6 +70,10 @@ struct SpanScores {
   std::vector<float> upper;     // [spans, rows]; -inf where the span is invisible to the row
   std::vector<float> estimate;  // [spans, rows]; -inf where invisible
   std::vector<float> mean;      // [spans, rows]; scale * q . mean key; -inf where invisible
+  // Index-vector scores (empty when the store keeps no index vectors):
+  std::vector<float> rep_lse;   // [spans, rows]; log sum_i w_i exp(scale q . c_i)
+  std::vector<float> rep_max;   // [spans, rows]; max_i scale q . c_i
+  std::vector<float> mean_var;  // [spans, rows]; mean + scale^2/2 sum_d q_d^2 var_d
 };
 
 // How a retrieval request chooses spans beyond the sinks and the window.
@@ -67,8 +90,11 @@ struct RetrievalRequest {
   // <= mass_tolerance; when every span is selected the answer is exact.
   // < 0: off.
   double mass_tolerance = -1.0;
-  // kBlend ranks best in bench/retrieval (needle and diffuse queries alike).
-  SpanScoreMode score_mode = SpanScoreMode::kBlend;
+  // kRepresentative ranks best in bench/retrieval (every query kind, both
+  // generators, docs/spans.md "Index vectors"); on a store without index
+  // vectors (SpanStoreOptions::index_reps 0, the default) it ranks as kBlend,
+  // the best of the summary-only modes.
+  SpanScoreMode score_mode = SpanScoreMode::kRepresentative;
   // End (exclusive) of the whole context, for the window; -1 = the store's end.
   // The coordinator passes the global end so every rank agrees on the window.
   int64_t context_end = -1;

@@ -57,6 +57,8 @@ Status SpanStore::ValidateOptions(const SpanStoreOptions& o) {
   if (o.chunk_tokens < 1) return Status::InvalidArgument("[spans] chunk_tokens must be >= 1");
   if (o.readahead_chunks < 1)
     return Status::InvalidArgument("[spans] readahead_chunks must be >= 1");
+  if (o.index_reps < 0 || o.index_reps > 64)
+    return Status::InvalidArgument("[spans] index_reps must be in [0, 64]");
   return Status::Ok();
 }
 
@@ -139,6 +141,13 @@ Status SpanStore::FinishOpen(RecoveryReport* report) {
     const int64_t last = index_.size() - 1;
     index_.RestartRunningSums(tiers_.hot_k(last), tiers_.hot_v(last), index_.span(last).tokens);
   }
+  // Index vectors are not in the span files (any version): rebuild them from
+  // the stored keys, one verified read per record.
+  if (options_.index_reps > 0)
+    for (int64_t i = 0; i < index_.size(); ++i) {
+      RINGTREE_ASSIGN_OR_RETURN(SpanTiers::View data, tiers_.Read(i, /*use_cache=*/false, false));
+      index_.UpdateVectors(i, data.k, index_.span(i).tokens);
+    }
   report->spans = index_.size();
   if (report->replayed_records > 0 || report->dropped_tail_bytes > 0)
     RINGTREE_RETURN_IF_ERROR(Sync());
@@ -244,6 +253,8 @@ Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, 
     copy_rows(static_cast<const uint8_t*>(k) + size_t(done) * src_row, k_rows, n);
     copy_rows(static_cast<const uint8_t*>(v) + size_t(done) * src_row, v_rows, n);
     index_.AddRows(k_rows, v_rows, static_cast<int32_t>(n));
+    if (options_.index_reps > 0)  // from all of the span's rows so far
+      index_.UpdateVectors(idx, tiers_.hot_k(idx), index_.span(idx).tokens);
     pos += n;
     done += n;
     const int64_t span_tokens = index_.span(idx).tokens;

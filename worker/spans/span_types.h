@@ -24,6 +24,14 @@ struct SpanStoreOptions {
   int64_t window_tokens = 1024;   // spans ending after end - window_tokens are the window
 
   // Runtime.
+  // Index vectors (issue 15 item 3): per span and KV head, R representative
+  // keys (a k-means of the span's keys, with their cluster shares) and the
+  // per-channel key variance, for the kRepresentative / kRepMax /
+  // kMeanVariance / kRepBlend score modes. 0 = off (those modes rank as
+  // kBlend). RAM per span: kv_heads * ((R + 1) * head_dim + R) floats. Not in
+  // the span files: Open() rebuilds them from the stored keys (one read of
+  // every record), so data directories of any version get them.
+  int index_reps = 0;
   std::string data_dir;          // empty: RAM only (no cold tier, no durability)
   size_t hot_budget_bytes = 0;   // K/V bytes kept in RAM; 0 = unlimited
   size_t disk_budget_bytes = 0;  // bytes of spans.dat; 0 = unlimited

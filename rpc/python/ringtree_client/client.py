@@ -6,15 +6,19 @@ from ringtree.v1 import attention_pb2 as pb
 from ringtree.v1 import attention_pb2_grpc as pb_grpc
 
 _DTYPES = {"float32": pb.FLOAT32, "float16": pb.FLOAT16, "bfloat16": pb.BFLOAT16}
-_SCORE_MODES = {"blend": pb.BLEND, "upper": pb.UPPER_BOUND, "mean": pb.MEAN_KEY}
+_SCORE_MODES = {"blend": pb.BLEND, "upper": pb.UPPER_BOUND, "mean": pb.MEAN_KEY,
+                "reps": pb.REPRESENTATIVE}
 
 
-def retrieval_options(top_k_spans=0, token_budget=0, mass_tolerance=None, score_mode="blend",
+def retrieval_options(top_k_spans=0, token_budget=0, mass_tolerance=None, score_mode=None,
                       head_voting=False, persistent_steps=0):
-    """ringtree.v1.RetrievalOptions for decode/attend/retrieve_kv (see docs/api.md)."""
+    """ringtree.v1.RetrievalOptions for decode/attend/retrieve_kv (see docs/api.md).
+    score_mode: "blend", "upper", "mean", "reps"; None = the server's default
+    (REPRESENTATIVE, which is BLEND unless attnserve keeps index vectors)."""
     r = pb.RetrievalOptions(top_k_spans=top_k_spans, token_budget=token_budget,
-                            score_mode=_SCORE_MODES[score_mode], head_voting=head_voting,
-                            persistent_steps=persistent_steps)
+                            score_mode=(_SCORE_MODES[score_mode] if score_mode
+                                        else pb.SPAN_SCORE_MODE_UNSPECIFIED),
+                            head_voting=head_voting, persistent_steps=persistent_steps)
     if mass_tolerance is not None:
         r.mass_tolerance = mass_tolerance
     return r
