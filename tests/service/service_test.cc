@@ -1491,6 +1491,7 @@ TEST_F(ServiceSpans, HeadVotingAndPersistentRecallAcrossRanks) {
   EXPECT_NE(refused.status().message().find("retrieval.persistent_steps"), std::string::npos)
       << refused.status().message();
   EXPECT_EQ(server->Stop(), 0) << server->log();
+}
 
 // Index vectors (attnserve --index-reps, issue 15 item 3): with
 // REPRESENTATIVE ranking, a full budget is exact attention (and decode), the
