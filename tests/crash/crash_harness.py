@@ -92,8 +92,16 @@ class Server:
         env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
         self.log_path = os.path.join(workdir, "log")
         self.log = open(self.log_path, "a")
+        # Open MPI's shared-memory segments in a directory emptied before each
+        # start: a killed world leaves its segments behind, and a later job
+        # whose 16-bit job id matches (mpirun pids are reused) would attach to
+        # them and crash at start.
+        shm_dir = os.path.join(workdir, "shm")
+        shutil.rmtree(shm_dir, ignore_errors=True)
+        os.makedirs(shm_dir)
         self.proc = subprocess.Popen(
-            ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none", attnserve, "--listen", "127.0.0.1:0",
+            ["mpirun", "-np", "2", "--oversubscribe", "--bind-to", "none",
+             "--mca", "btl_vader_backing_directory", shm_dir, attnserve, "--listen", "127.0.0.1:0",
              "--port-file", self.port_file, "--pid-file", self.pid_file, "--data-dir", data_dir] + extra,
             env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + 60

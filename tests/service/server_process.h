@@ -6,6 +6,7 @@
 
 #include <dirent.h>
 #include <signal.h>
+#include <sys/stat.h>
 #include <sys/types.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -13,6 +14,7 @@
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <thread>
@@ -38,7 +40,15 @@ class ServerProcess {
     port_file_ = dir_ + "/port";
     pid_file_ = dir_ + "/pid";
     log_file_ = dir_ + "/log";
-    std::vector<std::string> args = {"mpirun", "-np", std::to_string(ranks), "--oversubscribe", "--bind-to", "none"};
+    // Open MPI's shared-memory segments in a directory of this server's own:
+    // a job killed by a test leaves its segments behind, and a later job whose
+    // 16-bit job id happens to match (mpirun pids are reused) attached to
+    // them and crashed at start (seen once in a full ctest run).
+    shm_dir_ = dir_ + "/shm";
+    mkdir(shm_dir_.c_str(), 0700);
+    std::vector<std::string> args = {
+        "mpirun", "-np",   std::to_string(ranks),         "--oversubscribe", "--bind-to",
+        "none",   "--mca", "btl_vader_backing_directory", shm_dir_};
     for (const std::string& e : env) {
       args.push_back("-x");
       args.push_back(e.substr(0, e.find('=')));
@@ -139,10 +149,14 @@ class ServerProcess {
 
   ~ServerProcess() {
     if (mpirun_ > 0) Stop(std::chrono::seconds(10));
+    if (!shm_dir_.empty()) {
+      std::error_code ec;
+      std::filesystem::remove_all(shm_dir_, ec);  // what a killed job left
+    }
   }
 
  private:
-  std::string dir_, port_file_, pid_file_, log_file_;
+  std::string dir_, shm_dir_, port_file_, pid_file_, log_file_;
   pid_t mpirun_ = -1;
   pid_t rank0_pid_ = -1;
   int port_ = 0;
