@@ -228,24 +228,8 @@ SpanStoreOptions ShapeOptions(const StoreShape& c, int reps) {
 }
 
 Context FillShape(const StoreShape& c, SpanStore* store, uint64_t seed) {
-  Context ctx;
-  ctx.kv_heads = c.kv_heads;
-  ctx.head_dim = c.head_dim;
-  ctx.dtype = c.dtype;
-  int64_t pos = 0;
-  const size_t row = size_t(c.kv_heads) * c.head_dim;
-  for (size_t i = 0; i < c.appends.size(); ++i) {
-    const int64_t n = c.appends[i];
-    auto k = Gaussian(n * row, seed + 2 * i);
-    auto v = Gaussian(n * row, seed + 2 * i + 1);
-    const std::vector<int64_t> starts =
-        c.discovered ? spans_test::RandomSpanStarts(pos, n, c.span_tokens, seed + 7 * i)
-                     : std::vector<int64_t>{};
-    Status st = AppendBoth(store, &ctx, pos, n, k.data(), v.data(), starts);
-    EXPECT_TRUE(st.ok()) << st.ToString();
-    pos += n;
-  }
-  return ctx;
+  return spans_test::FillGaussian(
+      {c.kv_heads, c.head_dim, c.dtype, c.appends, c.discovered, c.span_tokens, 0}, store, seed);
 }
 
 class IndexVectorStoreTest : public ::testing::TestWithParam<StoreShape> {};

@@ -118,6 +118,39 @@ inline std::vector<int64_t> RandomSpanStarts(int64_t position, int64_t tokens, i
   return starts;
 }
 
+// Appends runs of Gaussian K/V (sizes `appends`, seeded from `seed`) to a
+// store, each run `gap` positions after the previous one ends; with
+// `discovered`, at random span boundaries of at most span_tokens.
+// Returns the context copy (for the exact references).
+struct FillSpec {
+  int kv_heads = 0, head_dim = 0;
+  DType dtype = DType::kFloat32;
+  std::vector<int64_t> appends;
+  bool discovered = false;
+  int span_tokens = 16;
+  int64_t gap = 0;
+};
+inline Context FillGaussian(const FillSpec& c, SpanStore* store, uint64_t seed) {
+  Context ctx;
+  ctx.kv_heads = c.kv_heads;
+  ctx.head_dim = c.head_dim;
+  ctx.dtype = c.dtype;
+  int64_t pos = 0;
+  const size_t row = size_t(c.kv_heads) * c.head_dim;
+  for (size_t i = 0; i < c.appends.size(); ++i) {
+    const int64_t n = c.appends[i];
+    auto k = Gaussian(n * row, seed + 2 * i);
+    auto v = Gaussian(n * row, seed + 2 * i + 1);
+    const std::vector<int64_t> starts = c.discovered
+                                            ? RandomSpanStarts(pos, n, c.span_tokens, seed + 7 * i)
+                                            : std::vector<int64_t>{};
+    Status st = AppendBoth(store, &ctx, pos, n, k.data(), v.data(), starts);
+    EXPECT_TRUE(st.ok()) << st.ToString();
+    pos += n + c.gap;
+  }
+  return ctx;
+}
+
 // A fresh empty directory under the system temp dir.
 inline std::string TempDir(const std::string& name) {
   auto dir = std::filesystem::temp_directory_path() /
