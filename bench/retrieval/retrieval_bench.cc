@@ -56,6 +56,9 @@ struct Args {
                                       SpanScoreMode::kBlend};
   // Skipped-span estimates crossed with the modes ("blend+calibrated").
   std::vector<SkippedEstimate> estimates = {SkippedEstimate::kNone, SkippedEstimate::kCalibrated};
+  // Head voting (RetrievalRequest::head_voting) crossed with the modes
+  // ("blend+voting"): --voting off,on.
+  std::vector<bool> voting = {false};
   int needle_queries = 8, diffuse_queries = 8;
   int64_t sink_tokens = 16, window_tokens = 128;
   std::string data_dir;        // set: store on disk, cold measurements
@@ -137,6 +140,12 @@ bool ParseArgs(int argc, char** argv, Args* a) {
         SpanScoreMode mode;
         if (!ParseSpanScoreMode(m, &mode)) return false;
         a->modes.push_back(mode);
+      }
+    } else if (key == "--voting") {
+      a->voting.clear();
+      for (auto& v : Split(need())) {
+        if (v != "off" && v != "on") return false;
+        a->voting.push_back(v == "on");
       }
     } else if (key == "--estimates") {
       a->estimates.clear();
@@ -762,10 +771,12 @@ int RunConfig(const Args& a_in, const SpanConfig& cfg) {
         }
       }
       for (SpanScoreMode mode : a.modes)
-      for (SkippedEstimate estimate : a.estimates) {
+      for (SkippedEstimate estimate : a.estimates)
+      for (bool voting : a.voting) {
         RetrievalRequest req = base;
         req.score_mode = mode;
         req.skipped_estimate = estimate;
+        req.head_voting = voting;
         RetrievalResult res;
         if (Status st = store.DropFileCache(); !st.ok()) Die(st);
         const double s = NowMs();
@@ -776,6 +787,7 @@ int RunConfig(const Args& a_in, const SpanConfig& cfg) {
         std::string mode_name = SpanScoreModeName(mode);
         if (estimate != SkippedEstimate::kNone)
           mode_name += std::string("+") + SkippedEstimateName(estimate);
+        if (voting) mode_name += "+voting";
         std::snprintf(key, sizeof(key), "%s|%s|%.5f", kind, mode_name.c_str(), frac);
         Acc& A = acc[key];
         ++A.n;
@@ -973,6 +985,7 @@ int main(int argc, char** argv) {
         "usage: retrieval_bench [--tokens N] [--span S] [--kv-heads 8] [--heads 32] "
         "[--head-dim 128] [--dtype bfloat16|float32] [--budgets 0.01,0.05,...] "
         "[--modes upper_bound,mean_key,blend,reps,rep_max,mean_var,rep_blend] [--index-reps R] "
+        "[--estimates none,mean_key,calibrated] [--voting off,on] "
         "[--needle-queries Q] [--diffuse-queries Q] "
         "[--sink 16] [--window 128] [--data-dir DIR --hot-budget-mb M --cache-mb M] "
         "[--no-quality] [--exact-timing-queries N] [--out FILE.jsonl] [--label L] "
