@@ -257,6 +257,12 @@ void SpanIndex::ResizeVectors() {
 void SpanIndex::UpdateVectors(int64_t i, const uint8_t* k, int32_t tokens) {
   if (reps_ <= 0) return;
   const int H = kv_heads_, D = head_dim_;
+  if (tokens <= 0) {  // no keys yet: no representatives, no variance
+    std::fill_n(&rep_keys_[size_t(i) * H * reps_ * D], size_t(H) * reps_ * D, 0.0f);
+    std::fill_n(&rep_logw_[size_t(i) * H * reps_], size_t(H) * reps_, kNegInfF);
+    std::fill_n(&key_vars_[size_t(i) * H * D], size_t(H) * D, 0.0f);
+    return;
+  }
   std::vector<float> keys(size_t(tokens) * H * D);
   ConvertToFloat32(dtype_, k, keys.data(), keys.size());
   for (int g = 0; g < H; ++g) {
