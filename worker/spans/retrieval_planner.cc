@@ -1,14 +1,12 @@
 #include "worker/spans/retrieval_planner.h"
 
 #include <algorithm>
-#include <cmath>
 #include <limits>
 
 namespace ringtree {
 
 namespace {
 constexpr float kNegInfF = -std::numeric_limits<float>::infinity();
-constexpr double kNegInfD = -std::numeric_limits<double>::infinity();
 
 // Longest prefix of ranked[from, ...) within top_k / token_budget (0: none).
 int64_t PrefixWithinLimits(const std::vector<SpanCandidate>& ranked, size_t from, int64_t top_k,
@@ -22,12 +20,6 @@ int64_t PrefixWithinLimits(const std::vector<SpanCandidate>& ranked, size_t from
     ++take;
   }
   return take;
-}
-
-bool Better(const SpanCandidate& a, const SpanCandidate& b) {
-  if (a.priority != b.priority) return a.priority > b.priority;
-  if (a.rank != b.rank) return a.rank < b.rank;
-  return a.position_start < b.position_start;
 }
 
 // Moves the entries flagged `pinned` to the front (stable) and counts them.
@@ -45,37 +37,6 @@ std::vector<SpanCandidate> Gather(const std::vector<SpanCandidate>& v,
   return out;
 }
 
-// Each entry's priority for every kv head g (RankCandidatesByVotes' p: the
-// sum over the head's rows r, (r % heads) / (heads / kv_heads) == g, of
-// tokens * exp(estimate - normalizer)), [entries * kv_heads].
-std::vector<double> HeadPriorities(const SpanScores& scores,
-                                   const std::vector<int32_t>& span_tokens,
-                                   const std::vector<SpanCandidate>& entries,
-                                   const std::vector<double>& normalizer, int heads, int kv_heads) {
-  const int64_t rows = scores.rows;
-  const int G = heads / std::max(1, kv_heads);
-  std::vector<double> hp(entries.size() * static_cast<size_t>(kv_heads), 0.0);
-  for (size_t i = 0; i < entries.size(); ++i) {
-    const int64_t s = entries[i].span_index;
-    const float* e = &scores.estimate[s * rows];
-    const double lt = std::log(static_cast<double>(span_tokens[s]));
-    for (int64_t r = 0; r < rows; ++r) {
-      if (normalizer[r] == kNegInfD || e[r] == kNegInfF) continue;
-      hp[i * kv_heads + (r % heads) / G] += std::exp(e[r] + lt - normalizer[r]);
-    }
-  }
-  return hp;
-}
-
-// Indices 0..n-1 by head g's priority, best first; ties keep index order
-// (the entries are in summed-priority order).
-std::vector<size_t> HeadOrder(const std::vector<double>& hp, int kv_heads, int g, size_t n) {
-  std::vector<size_t> idx(n);
-  for (size_t i = 0; i < n; ++i) idx[i] = i;
-  std::stable_sort(idx.begin(), idx.end(),
-                   [&](size_t a, size_t b) { return hp[a * kv_heads + g] > hp[b * kv_heads + g]; });
-  return idx;
-}
 }  // namespace
 
 void ApplyScoreMode(SpanScoreMode mode, SpanScores* scores) {
@@ -191,7 +152,7 @@ std::vector<SpanCandidate> VotingProposals(const RetrievalRequest& request,
   } else {
     for (int64_t i = 0; i < order.pinned; ++i) keep[i] = 1;
     for (int g = 0; g < kv_heads; ++g) {
-      const std::vector<size_t> by_head = HeadOrder(hp, kv_heads, g, n);
+      const std::vector<size_t> by_head = HeadOrder(hp, kv_heads, g);
       const int64_t take =
           PrefixWithinLimits(Gather(ranked, by_head), 0, request.top_k_spans, request.token_budget);
       for (int64_t i = 0; i <= take && i < static_cast<int64_t>(n); ++i)
@@ -231,8 +192,8 @@ CandidateOrder MergeVotes(const RetrievalRequest& request,
       hp.insert(hp.end(), head_priority[r].begin(), head_priority[r].end());
   }
   hp.resize(all.size() * static_cast<size_t>(kv_heads), 0.0);
-  // Summed-priority order first: the heads' ties follow it, as the stable
-  // sort in RankCandidatesByVotes does.
+  // Summed-priority order first (the heads' ties follow it), then the vote
+  // step RankCandidatesByVotes runs on one store.
   std::vector<size_t> perm(all.size());
   for (size_t i = 0; i < perm.size(); ++i) perm[i] = i;
   std::sort(perm.begin(), perm.end(), [&](size_t a, size_t b) { return Better(all[a], all[b]); });
@@ -241,25 +202,9 @@ CandidateOrder MergeVotes(const RetrievalRequest& request,
   for (size_t i = 0; i < perm.size(); ++i)
     std::copy(hp.begin() + perm[i] * kv_heads, hp.begin() + (perm[i] + 1) * kv_heads,
               ranked_hp.begin() + i * kv_heads);
-  const size_t n = ranked.size();
-  std::vector<double> votes(n, 0.0);
-  const bool unlimited = request.top_k_spans <= 0 && request.token_budget <= 0;
-  for (int g = 0; g < kv_heads; ++g) {
-    if (unlimited) {
-      for (double& v : votes) v += 1.0;
-      continue;
-    }
-    const std::vector<size_t> by_head = HeadOrder(ranked_hp, kv_heads, g, n);
-    const int64_t take =
-        PrefixWithinLimits(Gather(ranked, by_head), 0, request.top_k_spans, request.token_budget);
-    for (int64_t i = 0; i < take; ++i) votes[by_head[i]] += 1.0;
-  }
-  double total = 0.0;
-  for (const SpanCandidate& c : ranked) total += c.priority;
-  for (size_t i = 0; i < n; ++i) ranked[i].priority = votes[i] + ranked[i].priority / (1.0 + total);
+  OrderByVotes(&ranked, ranked_hp, kv_heads, request.top_k_spans, request.token_budget);
   CandidateOrder order;
   order.ranked = std::move(ranked);
-  std::sort(order.ranked.begin(), order.ranked.end(), Better);
   PinFirst(&order);
   return order;
 }

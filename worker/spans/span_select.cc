@@ -107,13 +107,13 @@ void LogAddNormalizers(std::vector<double>* acc, const std::vector<double>& othe
   for (size_t r = 0; r < acc->size() && r < other.size(); ++r) (*acc)[r] = LogAdd((*acc)[r], other[r]);
 }
 
-namespace {
+namespace {}  // namespace
+
 bool Better(const SpanCandidate& a, const SpanCandidate& b) {
   if (a.priority != b.priority) return a.priority > b.priority;
   if (a.rank != b.rank) return a.rank < b.rank;
   return a.position_start < b.position_start;
 }
-}  // namespace
 
 std::vector<SpanCandidate> RankCandidates(const SpanScores& scores,
                                           const std::vector<int32_t>& span_tokens,
@@ -142,35 +142,41 @@ std::vector<SpanCandidate> RankCandidates(const SpanScores& scores,
   return out;
 }
 
-std::vector<SpanCandidate> RankCandidatesByVotes(const SpanScores& scores,
-                                                 const std::vector<int32_t>& span_tokens,
-                                                 const std::vector<int64_t>& span_positions,
-                                                 const std::vector<int64_t>& candidates,
-                                                 const std::vector<double>& normalizer, int heads,
-                                                 int kv_heads, int64_t top_k_spans,
-                                                 int64_t token_budget) {
-  std::vector<SpanCandidate> out =
-      RankCandidates(scores, span_tokens, span_positions, candidates, normalizer);
+std::vector<double> HeadPriorities(const SpanScores& scores,
+                                   const std::vector<int32_t>& span_tokens,
+                                   const std::vector<SpanCandidate>& entries,
+                                   const std::vector<double>& normalizer, int heads, int kv_heads) {
   const int64_t rows = scores.rows;
   const int G = heads / std::max(1, kv_heads);
-  std::vector<double> votes(out.size(), 0.0);
-  std::vector<std::pair<double, size_t>> mine(out.size());
-  for (int g = 0; g < kv_heads; ++g) {
-    for (size_t i = 0; i < out.size(); ++i) {
-      const int64_t s = out[i].span_index;
-      const float* e = &scores.estimate[s * rows];
-      const double lt = std::log(static_cast<double>(span_tokens[s]));
-      double p = 0.0;
-      for (int64_t r = 0; r < rows; ++r)
-        if ((r % heads) / G == g && normalizer[r] != kNegInf && e[r] != -INFINITY)
-          p += std::exp(e[r] + lt - normalizer[r]);
-      mine[i] = {p, i};
+  std::vector<double> hp(entries.size() * static_cast<size_t>(kv_heads), 0.0);
+  for (size_t i = 0; i < entries.size(); ++i) {
+    const int64_t s = entries[i].span_index;
+    const float* e = &scores.estimate[s * rows];
+    const double lt = std::log(static_cast<double>(span_tokens[s]));
+    for (int64_t r = 0; r < rows; ++r) {
+      if (normalizer[r] == kNegInf || e[r] == -INFINITY) continue;
+      hp[i * kv_heads + (r % heads) / G] += std::exp(e[r] + lt - normalizer[r]);
     }
-    // out is sorted by summed priority: a stable sort keeps that as the tie-break.
-    std::stable_sort(mine.begin(), mine.end(),
-                     [](const auto& a, const auto& b) { return a.first > b.first; });
+  }
+  return hp;
+}
+
+std::vector<size_t> HeadOrder(const std::vector<double>& head_priority, int kv_heads, int g) {
+  std::vector<size_t> idx(head_priority.size() / static_cast<size_t>(std::max(1, kv_heads)));
+  for (size_t i = 0; i < idx.size(); ++i) idx[i] = i;
+  std::stable_sort(idx.begin(), idx.end(), [&](size_t a, size_t b) {
+    return head_priority[a * kv_heads + g] > head_priority[b * kv_heads + g];
+  });
+  return idx;
+}
+
+void OrderByVotes(std::vector<SpanCandidate>* ranked, const std::vector<double>& head_priority,
+                  int kv_heads, int64_t top_k_spans, int64_t token_budget) {
+  std::vector<SpanCandidate>& out = *ranked;
+  std::vector<double> votes(out.size(), 0.0);
+  for (int g = 0; g < kv_heads; ++g) {
     int64_t taken = 0, tokens = 0;
-    for (const auto& [p, i] : mine) {
+    for (size_t i : HeadOrder(head_priority, kv_heads, g)) {
       if (top_k_spans <= 0 && token_budget <= 0) break;
       if (top_k_spans > 0 && taken >= top_k_spans) break;
       if (token_budget > 0 && tokens + out[i].tokens > token_budget) break;
@@ -186,6 +192,19 @@ std::vector<SpanCandidate> RankCandidatesByVotes(const SpanScores& scores,
   for (size_t i = 0; i < out.size(); ++i)
     out[i].priority = votes[i] + out[i].priority / (1.0 + total);
   std::sort(out.begin(), out.end(), Better);
+}
+
+std::vector<SpanCandidate> RankCandidatesByVotes(const SpanScores& scores,
+                                                 const std::vector<int32_t>& span_tokens,
+                                                 const std::vector<int64_t>& span_positions,
+                                                 const std::vector<int64_t>& candidates,
+                                                 const std::vector<double>& normalizer, int heads,
+                                                 int kv_heads, int64_t top_k_spans,
+                                                 int64_t token_budget) {
+  std::vector<SpanCandidate> out =
+      RankCandidates(scores, span_tokens, span_positions, candidates, normalizer);
+  OrderByVotes(&out, HeadPriorities(scores, span_tokens, out, normalizer, heads, kv_heads),
+               kv_heads, top_k_spans, token_budget);
   return out;
 }
 

@@ -127,6 +127,9 @@ struct SpanCandidate {
   double priority = 0.0;       // larger is better; comparable across ranks (see below)
 };
 
+// Best first: higher priority, then lower rank, then lower position.
+bool Better(const SpanCandidate& a, const SpanCandidate& b);
+
 // Per-row log normaliser of the estimated masses over `candidates`:
 // log sum_s tokens_s * exp(estimate[s, r]). In a distributed query each rank
 // computes its own and the coordinator combines them with LogAddNormalizers;
@@ -161,6 +164,24 @@ std::vector<SpanCandidate> RankCandidatesByVotes(const SpanScores& scores,
                                                  const std::vector<double>& normalizer, int heads,
                                                  int kv_heads, int64_t top_k_spans,
                                                  int64_t token_budget);
+
+// Each entry's priority for every kv head g: the sum over the head's rows r
+// ((r % heads) / (heads / kv_heads) == g) of tokens * exp(estimate[s, r] -
+// normalizer[r]), as RankCandidates sums over all rows. [entries * kv_heads].
+std::vector<double> HeadPriorities(const SpanScores& scores,
+                                   const std::vector<int32_t>& span_tokens,
+                                   const std::vector<SpanCandidate>& entries,
+                                   const std::vector<double>& normalizer, int heads, int kv_heads);
+// Entry indices by head g's priority (head_priority as HeadPriorities gives
+// it), best first; ties keep the entries' order.
+std::vector<size_t> HeadOrder(const std::vector<double>& head_priority, int kv_heads, int g);
+// The vote step of RankCandidatesByVotes on `ranked` (best first by summed
+// priority) with its head priorities: each head votes for its best entries
+// within the limits, priority becomes votes + p / (1 + sum of p), re-sorted
+// best first. MergeVotes (retrieval_planner.h) runs it on the ranks' merged
+// proposals.
+void OrderByVotes(std::vector<SpanCandidate>* ranked, const std::vector<double>& head_priority,
+                  int kv_heads, int64_t top_k_spans, int64_t token_budget);
 
 // Persistent recall state of one (session, store): the spans selected at the
 // last `steps` retrieval steps. Bounded (steps lists). Not thread-safe.
