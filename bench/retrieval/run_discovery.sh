@@ -15,16 +15,8 @@
 # Writes bench/results/retrieval/discovery.{jsonl,log}. BUILD_DIR as run.sh.
 # Tables: python3 bench/retrieval/discovery_table.py --budget 0.03
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
-build=${BUILD_DIR:-$root/build}
-out=$root/bench/results/retrieval
-mkdir -p "$out"
-bin=$build/bench/retrieval/retrieval_bench
-jsonl=$out/discovery.jsonl
-log=$out/discovery.log
-: >"$jsonl"
-: >"$log"
-run() { echo "\$ retrieval_bench $*" | tee -a "$log"; "$bin" --out "$jsonl" "$@" 2>&1 | grep -v '^#   ' | tee -a "$log"; }
+source "$(dirname "$0")/runner.sh"
+runner_start discovery
 common=(--spans fixed16,fixed64,fixed12,discovered,discovered+cols=0,discovered+opt=0+min=8+max=64+fallback=32+cols=0,keys+cols=0
   --modes blend --estimates none --budgets 0.01,0.03,0.05,0.1,0.25)
 [[ -n ${BAND_CACHE:-} ]] && common+=(--band-cache "$BAND_CACHE")

@@ -11,16 +11,8 @@
 # Writes bench/results/retrieval/vectors.{jsonl,log}. BUILD_DIR as run.sh.
 # Tables: python3 bench/retrieval/vectors_table.py bench/results/retrieval/vectors.jsonl
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
-build=${BUILD_DIR:-$root/build}
-out=$root/bench/results/retrieval
-mkdir -p "$out"
-bin=$build/bench/retrieval/retrieval_bench
-jsonl=$out/vectors.jsonl
-log=$out/vectors.log
-: >"$jsonl"
-: >"$log"
-run() { echo "\$ retrieval_bench $*" | tee -a "$log"; "$bin" --out "$jsonl" "$@" 2>&1 | grep -v '^#   ' | tee -a "$log"; }
+source "$(dirname "$0")/runner.sh"
+runner_start vectors
 common=(--tokens 131072 --prefill-window 4096 --no-prefill-timing --estimates none --budgets 0.03,0.1
   --band-cache "${BAND_CACHE:-/tmp/ringtree_band_cache}")
 g1=(--generator 1 --needle-queries 10 --diffuse-queries 10)

@@ -7,16 +7,8 @@
 # Writes bench/results/retrieval/voting.{jsonl,log}. BUILD_DIR as run.sh.
 # Table: python3 bench/retrieval/vectors_table.py bench/results/retrieval/voting.jsonl
 set -euo pipefail
-root=$(cd "$(dirname "$0")/../.." && pwd)
-build=${BUILD_DIR:-$root/build}
-out=$root/bench/results/retrieval
-mkdir -p "$out"
-bin=$build/bench/retrieval/retrieval_bench
-jsonl=$out/voting.jsonl
-log=$out/voting.log
-: >"$jsonl"
-: >"$log"
-run() { echo "\$ retrieval_bench $*" | tee -a "$log"; "$bin" --out "$jsonl" "$@" 2>&1 | grep -v '^#   ' | tee -a "$log"; }
+source "$(dirname "$0")/runner.sh"
+runner_start voting
 common=(--tokens 131072 --prefill-window 4096 --no-prefill-timing --estimates none --budgets 0.03
   --band-cache "${BAND_CACHE:-/tmp/ringtree_band_cache}" --spans discovered --index-reps 4
   --modes blend,reps --voting off,on --label voting_r4)
