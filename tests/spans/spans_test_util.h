@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <random>
+#include <set>
 #include <string>
 #include <vector>
 
@@ -105,6 +106,28 @@ inline ExactResult ExactDouble(const Context& ctx, const float* q, int64_t q_tok
       }
     }
   return r;
+}
+
+// The true softmax mass per row of the tokens outside a retrieval's
+// spans_used: `spans` the store's spans in position order (they tile the
+// context's tokens), p the exact probabilities [rows, tokens] (ExactDouble
+// with want_probs). [rows].
+inline std::vector<double> TrueSkippedMass(const std::vector<SpanInfo>& spans,
+                                           const RetrievalResult& res, const std::vector<double>& p,
+                                           int64_t tokens, int64_t rows) {
+  std::set<int64_t> used_spans;
+  for (const auto& s : res.spans_used) used_spans.insert(s.index);
+  std::vector<char> used(tokens, 0);
+  int64_t tok = 0;
+  for (const auto& s : spans) {
+    for (int32_t t = 0; t < s.tokens; ++t) used[tok + t] = used_spans.count(s.index) > 0;
+    tok += s.tokens;
+  }
+  std::vector<double> skipped(rows, 0.0);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < tokens; ++j)
+      if (!used[j]) skipped[r] += p[r * tokens + j];
+  return skipped;
 }
 
 // Random span boundaries for an append of `tokens` at `position`: lengths
