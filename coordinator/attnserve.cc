@@ -267,7 +267,7 @@ int main(int argc, char** argv) {
   int max_message_mib = 64, threads = 0, grace_seconds = 10, spin_us = 2000, sleep_us = 100, max_sleep_us = 1000, compute_nice = 0, max_streams = 64;
   std::string data_dir;
   int64_t hot_budget_mib = 4096, disk_budget_mib = 0, cache_mib = 256;
-  int readahead_chunks = 4, index_reps = 0;
+  int readahead_chunks = 4, index_reps = kDefaultIndexReps;
   double peer_timeout = 3.0;
   bool placeholder = false;
   app.add_option("--listen", listen, "host:port to listen on (port 0 = any free port)")->capture_default_str();
@@ -304,7 +304,8 @@ int main(int argc, char** argv) {
   app.add_option(
          "--index-reps", index_reps,
          "representative keys per span and kv head for retrieval score_mode REPRESENTATIVE "
-         "(0 = off: it ranks as BLEND); rebuilt from the stored keys when a durable store opens")
+         "(0 = off: it ranks as BLEND; 8 costs about a third of the K/V's bytes in RAM); rebuilt "
+         "from the stored keys when a durable store opens")
       ->check(CLI::Range(0, 64))
       ->capture_default_str();
   app.add_option("--max-batch", loop_options.max_batch, "requests per decode/attend engine step")->capture_default_str();

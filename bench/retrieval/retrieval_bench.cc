@@ -76,7 +76,7 @@ struct Args {
   std::vector<std::string> span_configs;
   // SpanStoreOptions::index_reps: representative keys per span and kv head
   // (index vectors for the reps / rep_max / mean_var / rep_blend modes).
-  int index_reps = 0;
+  int index_reps = kDefaultIndexReps;
   int generator = 1;
   int multi_needle_queries = 0, aggregate_queries = 0;
   // Span discovery: bounds, and the prefill whose band it uses (query heads

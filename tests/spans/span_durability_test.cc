@@ -261,8 +261,16 @@ TEST_P(DurabilityTest, BitFlipInPayloadIsReportedWithLocationAndNeverUsed) {
   span_offset = 10 * span_bytes;
   const uint64_t summary_bytes = kKvHeads * 4 * kDim * 4;  // after the payload (format v3)
   FlipBit(dir_ + "/spans.dat", span_offset + span_bytes - summary_bytes - 7);  // inside V
-  auto store = SpanStore::Open(Options(dir_, GetParam()));
+  RecoveryReport report;
+  auto store = SpanStore::Open(Options(dir_, GetParam()), &report);
   ASSERT_TRUE(store.ok()) << store.status().ToString();  // headers are fine
+  // The index vectors' rebuild read every record: the corrupt one opens
+  // without vectors, named in the report.
+  ASSERT_GT(Options(dir_, GetParam()).index_reps, 0);
+  EXPECT_EQ(report.spans_without_vectors, 1);
+  EXPECT_NE(report.vectors_reason.find("spans.dat@" + std::to_string(span_offset)),
+            std::string::npos)
+      << report.vectors_reason;
   auto q = Gaussian(kHeads * kDim, 3);
   std::vector<float> o(q.size()), lse(kHeads);
   Status st = (*store)->AttendExact(q.data(), 1, kHeads, {}, o.data(), lse.data());

@@ -131,7 +131,8 @@ TEST(IndexVectors, ScoresEqualBruteForce) {
         const int g = int(r % heads) / G;
         const float* qr = &q[r * D];
         // From the stored vectors.
-        const float* c = index.rep_keys(s, g);
+        std::vector<float> c(size_t(ic.reps) * D);
+        index.RepKeys(s, g, c.data());
         const float* lw = index.rep_log_weights(s, g);
         double mx = -INFINITY, sum = 0, qvar = 0, qmean = 0;
         for (int i = 0; i < ic.reps; ++i) {
@@ -201,6 +202,121 @@ TEST(IndexVectors, ScoresEqualBruteForce) {
       ApplyScoreMode(mode, &none);
       ApplyScoreMode(SpanScoreMode::kBlend, &blend);
       EXPECT_EQ(none.estimate, blend.estimate) << SpanScoreModeName(mode);
+    }
+  }
+}
+
+// The open tail's vectors (SpanIndex::ExtendVectors): the first R keys are
+// the representatives themselves; each later key joins its nearest
+// representative, a running mean (checked against the same procedure in
+// double); the shares are whole counts; the variance is the tail's. A
+// function of the rows alone: rows fed one at a time, in two chunks, or
+// replayed at once by a fresh index give the same vectors. The seal's
+// UpdateVectors is the k-means of RepresentativeKeys.
+TEST(IndexVectors, OpenTailClustersOnlineAndSealRunsKMeans) {
+  const int Hkv = 2, D = 32, R = 4, n = 13;
+  for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
+    SCOPED_TRACE(dtype == DType::kFloat32 ? "float32" : "bfloat16");
+    SpanStoreOptions o;
+    o.kv_heads = Hkv;
+    o.head_dim = D;
+    o.dtype = dtype;
+    o.span_tokens = 16;
+    o.sink_tokens = 0;
+    o.window_tokens = 0;
+    o.index_reps = R;
+    const size_t row = size_t(Hkv) * D, rb = row * DTypeSize(dtype);
+    auto k = spans_test::RoundTo(Gaussian(n * row, 31, 1.5f), dtype);
+    auto v = Gaussian(n * row, 32);
+    std::vector<uint8_t> kb(k.size() * DTypeSize(dtype)), vb(kb.size());
+    ConvertFromFloat32(k.data(), dtype, kb.data(), k.size());
+    ConvertFromFloat32(v.data(), dtype, vb.data(), v.size());
+    // One row at a time; chunks of 3 and 10; all at once; after a k-means.
+    SpanIndex one(o), two(o), all(o), after(o);
+    for (SpanIndex* x : {&one, &two, &all, &after}) x->StartSpan(0);
+    for (int t = 0; t < n; ++t) {
+      one.AddRows(kb.data() + t * rb, vb.data() + t * rb, 1);
+      one.ExtendVectors(0, kb.data(), t + 1, 1);
+      if (t + 1 <= R)  // the keys themselves, equal shares
+        for (int g = 0; g < Hkv; ++g) {
+          std::vector<float> c(size_t(R) * D);
+          one.RepKeys(0, g, c.data());
+          for (int i = 0; i <= t; ++i) {
+            EXPECT_FLOAT_EQ(one.rep_log_weights(0, g)[i], -std::log(float(t + 1)));
+            for (int d = 0; d < D; ++d) EXPECT_EQ(c[i * D + d], k[i * row + g * D + d]);
+          }
+        }
+    }
+    two.AddRows(kb.data(), vb.data(), 3);
+    two.ExtendVectors(0, kb.data(), 3, 3);
+    two.AddRows(kb.data() + 3 * rb, vb.data() + 3 * rb, n - 3);
+    two.ExtendVectors(0, kb.data(), n, n - 3);
+    all.AddRows(kb.data(), vb.data(), n);
+    all.ExtendVectors(0, kb.data(), n, n);
+    // A k-means of the tail (UpdateVectors) then one more row: the online
+    // clusters are replayed from the first row.
+    after.AddRows(kb.data(), vb.data(), n - 1);
+    after.UpdateVectors(0, kb.data(), n - 1);
+    after.AddRows(kb.data() + (n - 1) * rb, vb.data() + (n - 1) * rb, 1);
+    after.ExtendVectors(0, kb.data(), n, 1);
+    for (int g = 0; g < Hkv; ++g) {
+      // The online procedure in double, on the stored keys.
+      std::vector<double> c(size_t(R) * D, 0.0);
+      std::vector<int> cnt(R, 0);
+      for (int t = 0; t < n; ++t) {
+        const float* x = &k[t * row + g * D];
+        int r = t < R ? t : 0;
+        if (t >= R) {
+          double best = INFINITY;
+          for (int j = 0; j < R; ++j) {
+            double e2 = 0;
+            for (int d = 0; d < D; ++d) e2 += (x[d] - c[j * D + d]) * (x[d] - c[j * D + d]);
+            if (e2 < best) best = e2, r = j;
+          }
+        }
+        ++cnt[r];
+        for (int d = 0; d < D; ++d) c[r * D + d] += (x[d] - c[r * D + d]) / cnt[r];
+      }
+      std::vector<float> got(size_t(R) * D), got2(got.size()), got3(got.size()), got4(got.size());
+      one.RepKeys(0, g, got.data());
+      two.RepKeys(0, g, got2.data());
+      all.RepKeys(0, g, got3.data());
+      after.RepKeys(0, g, got4.data());
+      EXPECT_EQ(got, got2);
+      EXPECT_EQ(got, got3);
+      EXPECT_EQ(got, got4);
+      const double tol = dtype == DType::kBFloat16 ? 2e-2 : 1e-5;
+      int total = 0;
+      for (int r = 0; r < R; ++r) {
+        ASSERT_GT(cnt[r], 0);
+        total += cnt[r];
+        EXPECT_NEAR(one.rep_log_weights(0, g)[r], std::log(double(cnt[r]) / n), 1e-5) << r;
+        EXPECT_EQ(one.rep_log_weights(0, g)[r], two.rep_log_weights(0, g)[r]);
+        EXPECT_EQ(one.rep_log_weights(0, g)[r], all.rep_log_weights(0, g)[r]);
+        EXPECT_EQ(one.rep_log_weights(0, g)[r], after.rep_log_weights(0, g)[r]);
+        for (int d = 0; d < D; ++d)
+          EXPECT_NEAR(got[r * D + d], c[r * D + d], tol * (1 + std::fabs(c[r * D + d]))) << r;
+      }
+      EXPECT_EQ(total, n);
+      for (int d = 0; d < D; ++d) {
+        double m = 0, m2 = 0;
+        for (int t = 0; t < n; ++t) m += k[t * row + g * D + d];
+        m /= n;
+        for (int t = 0; t < n; ++t)
+          m2 += (k[t * row + g * D + d] - m) * (k[t * row + g * D + d] - m);
+        EXPECT_NEAR(one.key_variance(0, g)[d], m2 / n, 1e-5 * (1 + m2 / n));
+      }
+    }
+    // The seal's k-means.
+    one.Seal(0, false);
+    one.UpdateVectors(0, kb.data(), n);
+    for (int g = 0; g < Hkv; ++g) {
+      std::vector<float> km(size_t(R) * D), lw(R), stored(size_t(R) * D);
+      RepresentativeKeys(&k[g * D], n, row, D, R, km.data(), lw.data());
+      std::vector<float> rounded = spans_test::RoundTo(km, dtype);
+      one.RepKeys(0, g, stored.data());
+      EXPECT_EQ(stored, rounded);
+      for (int r = 0; r < R; ++r) EXPECT_EQ(one.rep_log_weights(0, g)[r], lw[r]);
     }
   }
 }

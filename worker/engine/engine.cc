@@ -181,6 +181,12 @@ Result<SpanStore*> WorkerEngine::Store(const SessionShape& shape, int layer) {
         LogWarn("[attnserve] rank {}: {}: dropped {} torn tail bytes ({})", compute_->rank(),
                 o.data_dir, report.dropped_tail_bytes, report.dropped_reason);
       }
+      if (report.spans_without_vectors > 0) {
+        LogWarn(
+            "[attnserve] rank {}: {}: {} spans failed verification and have no index vectors "
+            "({}); reading them reports DATA_LOSS",
+            compute_->rank(), o.data_dir, report.spans_without_vectors, report.vectors_reason);
+      }
     } else {
       // No store, but the session metadata (the commit point) says this rank
       // holds tokens of the layer: its directory was lost. Never an empty layer.

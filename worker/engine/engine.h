@@ -46,7 +46,7 @@ struct EngineConfig {
   int readahead_chunks = 4;       // chunks read ahead of the kernel when streaming cold spans
   // SpanStoreOptions::index_reps of every store (attnserve --index-reps):
   // representative keys per span and kv head for the REPRESENTATIVE score mode.
-  int index_reps = 0;
+  int index_reps = kDefaultIndexReps;
 };
 
 // One span (or run of spans) used by a retrieval request, as reported.

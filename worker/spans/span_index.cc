@@ -11,6 +11,7 @@
 #include <limits>
 
 #include "kernels/blas.h"
+#include "kernels/vector_ops.h"
 #include "worker/spans/span_store_internal.h"
 
 namespace ringtree {
@@ -24,14 +25,6 @@ void RepresentativeKeys(const float* x, int n, size_t stride, int D, int R, floa
   std::fill(log_w, log_w + R, kNegInfF);
   if (n <= 0 || R <= 0) return;
   auto row = [&](int i) { return x + size_t(i) * stride; };
-  auto dist2 = [&](const float* a, const float* b) {
-    double acc = 0.0;
-    for (int d = 0; d < D; ++d) {
-      const double e = double(a[d]) - b[d];
-      acc += e * e;
-    }
-    return acc;
-  };
   if (n <= R) {
     for (int i = 0; i < n; ++i) {
       std::copy(row(i), row(i) + D, c + size_t(i) * D);
@@ -39,50 +32,76 @@ void RepresentativeKeys(const float* x, int n, size_t stride, int D, int R, floa
     }
     return;
   }
+  // Squared distances from ||x||^2 - 2 x.c + ||c||^2, the dot products by the
+  // kernels' row primitive (AVX-512 where the CPU has it): a span's k-means
+  // runs at every seal, so it must cost little next to the append itself.
+  auto norm2 = [&](const float* a) {
+    float acc;
+    internal::QueryKeyDots(a, 1, a, 0, 1, D, &acc, 1);
+    return acc;
+  };
+  std::vector<float> xn(n), cn(R), dots(size_t(R) * n), near(n);
+  for (int i = 0; i < n; ++i) xn[i] = norm2(row(i));
   // Seeding: the key farthest from the mean, then repeatedly the key
   // farthest from every chosen centroid.
   std::vector<float> mean(D, 0.0f);
   for (int i = 0; i < n; ++i)
     for (int d = 0; d < D; ++d) mean[d] += row(i)[d];
   for (int d = 0; d < D; ++d) mean[d] /= float(n);
-  std::vector<double> near(n);
+  auto dist_to = [&](const float* a, float an, float* out) {  // out[i] = ||x_i - a||^2
+    internal::QueryKeyDots(a, 1, x, int64_t(stride), n, D, dots.data(), n);
+    for (int i = 0; i < n; ++i) out[i] = std::max(0.0f, xn[i] - 2.0f * dots[i] + an);
+  };
+  dist_to(mean.data(), norm2(mean.data()), near.data());
   int first = 0;
-  for (int i = 0; i < n; ++i) {
-    near[i] = dist2(row(i), mean.data());
+  for (int i = 1; i < n; ++i)
     if (near[i] > near[first]) first = i;
-  }
   std::copy(row(first), row(first) + D, c);
-  for (int i = 0; i < n; ++i) near[i] = dist2(row(i), c);
+  cn[0] = xn[first];
+  dist_to(c, cn[0], near.data());
+  std::vector<float> e(n);
   for (int r = 1; r < R; ++r) {
     int far = 0;
     for (int i = 1; i < n; ++i)
       if (near[i] > near[far]) far = i;
     float* cr = c + size_t(r) * D;
     std::copy(row(far), row(far) + D, cr);
-    for (int i = 0; i < n; ++i) near[i] = std::min(near[i], dist2(row(i), cr));
+    cn[r] = xn[far];
+    dist_to(cr, cn[r], e.data());
+    for (int i = 0; i < n; ++i) near[i] = std::min(near[i], e[i]);
   }
-  // Lloyd steps.
-  std::vector<int> assign(n, 0), count(R, 0);
-  std::vector<double> sums(size_t(R) * D);
+  // Lloyd steps: nearest centroid by ||c||^2 - 2 x.c (ties to the lower
+  // index). An assignment that did not change is a fixed point: the
+  // centroids are already its means, so later steps would change nothing.
+  std::vector<int> assign(n, -1), count(R, 0);
+  std::vector<float> sums(size_t(R) * D);
   for (int it = 0; it <= iters; ++it) {
+    internal::QueryKeyDots(c, R, x, int64_t(stride), n, D, dots.data(), n);
+    bool changed = false;
     for (int i = 0; i < n; ++i) {
-      double best = dist2(row(i), c);
-      assign[i] = 0;
+      float best = cn[0] - 2.0f * dots[i];
+      int a = 0;
       for (int r = 1; r < R; ++r) {
-        const double e = dist2(row(i), c + size_t(r) * D);
-        if (e < best) best = e, assign[i] = r;
+        const float v = cn[r] - 2.0f * dots[size_t(r) * n + i];
+        if (v < best) best = v, a = r;
       }
+      changed |= a != assign[i];
+      assign[i] = a;
     }
+    if (!changed) break;
     std::fill(count.begin(), count.end(), 0);
-    std::fill(sums.begin(), sums.end(), 0.0);
+    std::fill(sums.begin(), sums.end(), 0.0f);
     for (int i = 0; i < n; ++i) {
       ++count[assign[i]];
-      for (int d = 0; d < D; ++d) sums[size_t(assign[i]) * D + d] += row(i)[d];
+      float* sr = &sums[size_t(assign[i]) * D];
+      for (int d = 0; d < D; ++d) sr[d] += row(i)[d];
     }
     for (int r = 0; r < R; ++r)
-      if (count[r] > 0)
+      if (count[r] > 0) {
         for (int d = 0; d < D; ++d)
-          c[size_t(r) * D + d] = static_cast<float>(sums[size_t(r) * D + d] / count[r]);
+          c[size_t(r) * D + d] = sums[size_t(r) * D + d] / float(count[r]);
+        cn[r] = norm2(c + size_t(r) * D);
+      }
   }
   // The last step's centroids are the means of the last assignment.
   for (int r = 0; r < R; ++r) {
@@ -132,6 +151,8 @@ int64_t SpanIndex::StartSpan(int64_t position) {
   ResizeVectors();
   key_sums_.assign(size_t(H) * D, 0.0);
   value_sums_.assign(size_t(H) * D, 0.0);
+  if (reps_ > 0) key_sq_sums_.assign(size_t(H) * D, 0.0);
+  open_span_ = -1;
   return size() - 1;
 }
 
@@ -159,6 +180,8 @@ void SpanIndex::AddRows(const uint8_t* k, const uint8_t* v, int32_t rows) {
         m = std::max(m, std::fabs(x[d]));
       }
       max_abs_[span * H + g] = m;
+      if (reps_ > 0)
+        for (int d = 0; d < D; ++d) key_sq_sums_[size_t(g) * D + d] += double(x[d]) * x[d];
     }
   }
   s.tokens += rows;
@@ -224,10 +247,13 @@ void SpanIndex::RestartRunningSums(const uint8_t* k, const uint8_t* v, int32_t t
   const size_t rb = n * DTypeSize(dtype_);
   key_sums_.assign(n, 0.0);
   value_sums_.assign(n, 0.0);
+  if (reps_ > 0) key_sq_sums_.assign(n, 0.0);
   std::vector<float> row(n);
   for (int32_t t = 0; t < tokens; ++t) {
     ConvertToFloat32(dtype_, k + size_t(t) * rb, row.data(), n);
     for (size_t j = 0; j < n; ++j) key_sums_[j] += row[j];
+    if (reps_ > 0)
+      for (size_t j = 0; j < n; ++j) key_sq_sums_[j] += double(row[j]) * row[j];
     ConvertToFloat32(dtype_, v + size_t(t) * rb, row.data(), n);
     for (size_t j = 0; j < n; ++j) value_sums_[j] += row[j];
   }
@@ -241,45 +267,107 @@ void SpanIndex::Truncate(int64_t count) {
   max_abs_.resize(size_t(count) * kv_heads_);
   value_means_.resize(size_t(count) * kv_heads_ * head_dim_);
   ResizeVectors();
+  if (open_span_ >= count) open_span_ = -1;
 }
 
 void SpanIndex::ResizeVectors() {
   if (reps_ <= 0) return;
   const size_t n = entries_.size() * kv_heads_;
   const size_t old = rep_logw_.size() / reps_;
-  rep_keys_.resize(n * reps_ * head_dim_, 0.0f);
+  rep_keys_.resize(n * reps_ * head_dim_ * DTypeSize(dtype_), 0);
   rep_logw_.resize(n * reps_, kNegInfF);
   key_vars_.resize(n * head_dim_, 0.0f);
   for (size_t j = old; j < n; ++j)  // new entries: no keys yet
     std::fill(&rep_logw_[j * reps_], &rep_logw_[j * reps_] + reps_, kNegInfF);
 }
 
+void SpanIndex::RepKeys(int64_t i, int g, float* out) const {
+  const size_t at = (size_t(i) * kv_heads_ + g) * reps_ * head_dim_;
+  ConvertToFloat32(dtype_, &rep_keys_[at * DTypeSize(dtype_)], out, size_t(reps_) * head_dim_);
+}
+
 void SpanIndex::UpdateVectors(int64_t i, const uint8_t* k, int32_t tokens) {
   if (reps_ <= 0) return;
-  const int H = kv_heads_, D = head_dim_;
+  const int H = kv_heads_, D = head_dim_, R = reps_;
+  if (i == open_span_) open_span_ = -1;  // the tail's clusters no longer describe it
   if (tokens <= 0) {  // no keys yet: no representatives, no variance
-    std::fill_n(&rep_keys_[size_t(i) * H * reps_ * D], size_t(H) * reps_ * D, 0.0f);
-    std::fill_n(&rep_logw_[size_t(i) * H * reps_], size_t(H) * reps_, kNegInfF);
+    std::fill_n(rep_slot(i, 0), size_t(H) * R * D * DTypeSize(dtype_), 0);
+    std::fill_n(&rep_logw_[size_t(i) * H * R], size_t(H) * R, kNegInfF);
     std::fill_n(&key_vars_[size_t(i) * H * D], size_t(H) * D, 0.0f);
     return;
   }
-  std::vector<float> keys(size_t(tokens) * H * D);
+  std::vector<float> keys(size_t(tokens) * H * D), c(size_t(R) * D);
+  std::vector<double> mean(D), m2(D);
   ConvertToFloat32(dtype_, k, keys.data(), keys.size());
   for (int g = 0; g < H; ++g) {
     const float* x = &keys[size_t(g) * D];
     const size_t stride = size_t(H) * D;
-    RepresentativeKeys(x, tokens, stride, D, reps_, &rep_keys_[(size_t(i) * H + g) * reps_ * D],
-                       &rep_logw_[(size_t(i) * H + g) * reps_]);
+    RepresentativeKeys(x, tokens, stride, D, R, c.data(), &rep_logw_[(size_t(i) * H + g) * R]);
+    ConvertFromFloat32(c.data(), dtype_, rep_slot(i, g), c.size());
+    // Two passes over the rows (mean, then squared deviations), row-major.
     float* var = &key_vars_[(size_t(i) * H + g) * D];
-    for (int d = 0; d < D; ++d) {
-      double m = 0.0, m2 = 0.0;
-      for (int32_t t = 0; t < tokens; ++t) m += x[t * stride + d];
-      m /= std::max(1, tokens);
-      for (int32_t t = 0; t < tokens; ++t) {
-        const double e = x[t * stride + d] - m;
-        m2 += e * e;
+    std::fill(mean.begin(), mean.end(), 0.0);
+    std::fill(m2.begin(), m2.end(), 0.0);
+    for (int32_t t = 0; t < tokens; ++t)
+      for (int d = 0; d < D; ++d) mean[d] += x[t * stride + d];
+    for (int d = 0; d < D; ++d) mean[d] /= tokens;
+    for (int32_t t = 0; t < tokens; ++t)
+      for (int d = 0; d < D; ++d) {
+        const double e = x[t * stride + d] - mean[d];
+        m2[d] += e * e;
       }
-      var[d] = static_cast<float>(m2 / std::max(1, tokens));
+    for (int d = 0; d < D; ++d) var[d] = static_cast<float>(m2[d] / tokens);
+  }
+}
+
+void SpanIndex::ExtendVectors(int64_t i, const uint8_t* k, int32_t tokens, int32_t added) {
+  if (reps_ <= 0) return;
+  const int H = kv_heads_, D = head_dim_, R = reps_;
+  int32_t from = tokens - added;
+  if (open_span_ != i) {  // replay the tail's rows from its first
+    open_span_ = i;
+    open_centroids_.assign(size_t(H) * R * D, 0.0f);
+    open_norms_.assign(size_t(H) * R, 0.0f);
+    open_log_counts_.assign(size_t(H) * R, kNegInfF);
+    open_counts_.assign(size_t(H) * R, 0);
+    std::fill_n(rep_slot(i, 0), size_t(H) * R * D * DTypeSize(dtype_), 0);
+    from = 0;
+  }
+  if (tokens <= 0) return;
+  const size_t rb = size_t(H) * D * DTypeSize(dtype_);
+  std::vector<float> x(size_t(H) * D), dots(R);
+  for (int32_t t = from; t < tokens; ++t) {
+    ConvertToFloat32(dtype_, k + size_t(t) * rb, x.data(), x.size());
+    for (int g = 0; g < H; ++g) {
+      const float* xg = &x[size_t(g) * D];
+      float* c = &open_centroids_[size_t(g) * R * D];
+      float* cn = &open_norms_[size_t(g) * R];
+      int32_t* n = &open_counts_[size_t(g) * R];
+      int r = 0;
+      while (r < R && n[r] > 0) ++r;
+      if (r == R) {  // all in use: the nearest, by ||c||^2 - 2 x.c (ties to the lower index)
+        internal::QueryKeyDots(c, R, xg, 0, 1, D, dots.data(), 1);
+        r = 0;
+        for (int j = 1; j < R; ++j)
+          if (cn[j] - 2.0f * dots[j] < cn[r] - 2.0f * dots[r]) r = j;
+      }
+      const float w = 1.0f / float(++n[r]);
+      open_log_counts_[size_t(g) * R + r] = std::log(float(n[r]));
+      float* cr = c + size_t(r) * D;
+      for (int d = 0; d < D; ++d) cr[d] += (xg[d] - cr[d]) * w;
+      internal::QueryKeyDots(cr, 1, cr, 0, 1, D, &cn[r], 1);
+      ConvertFromFloat32(cr, dtype_, rep_slot(i, g) + size_t(r) * D * DTypeSize(dtype_), D);
+    }
+  }
+  const float log_tokens = std::log(float(tokens));
+  for (int g = 0; g < H; ++g) {
+    float* lw = &rep_logw_[(size_t(i) * H + g) * R];
+    for (int r = 0; r < R; ++r) lw[r] = open_log_counts_[size_t(g) * R + r] - log_tokens;
+    float* var = &key_vars_[(size_t(i) * H + g) * D];
+    const double inv = 1.0 / tokens;
+    for (int d = 0; d < D; ++d) {
+      const double m = key_sums_[size_t(g) * D + d] * inv;
+      var[d] = static_cast<float>(std::max(0.0, key_sq_sums_[size_t(g) * D + d] * inv - m * m));
     }
   }
 }
@@ -335,8 +423,10 @@ Result<SpanScores> SpanIndex::Score(const float* q, int64_t q_tokens, int heads,
   const size_t lda = size_t(Hkv) * 3 * D;
   tbb::parallel_for(
       tbb::blocked_range<int64_t>(0, blocks), [&](const tbb::blocked_range<int64_t>& r) {
+        // rdot [block * R, J]: span i's representative r at row i * R + r;
+        // reps: the block's representative keys of one head as floats.
         std::vector<float> ub(block * J), mean(block * J), rdot(size_t(R) * block * J),
-            vq(R > 0 ? block * J : 0);
+            vq(R > 0 ? block * J : 0), reps(size_t(R) * block * D);
         for (int64_t b = r.begin(); b < r.end(); ++b) {
           const int64_t s0 = b * block;
           const int64_t nb = std::min(block, n - s0);
@@ -347,10 +437,9 @@ Result<SpanScores> SpanIndex::Score(const float* q, int64_t q_tokens, int heads,
             Sgemm(false, true, int(nb), int(J), D, 1.0f, base + 2 * D, int(lda),
                   &qm[size_t(g) * J * D], D, 0.0f, mean.data(), int(J));
             if (R > 0) {
-              for (int r = 0; r < R; ++r)
-                Sgemm(false, true, int(nb), int(J), D, 1.0f,
-                      &rep_keys_[((size_t(s0) * Hkv + g) * R + r) * D], Hkv * R * D,
-                      &qm[size_t(g) * J * D], D, 0.0f, &rdot[size_t(r) * block * J], int(J));
+              for (int64_t i = 0; i < nb; ++i) RepKeys(s0 + i, g, &reps[size_t(i) * R * D]);
+              Sgemm(false, true, int(nb * R), int(J), D, 1.0f, reps.data(), D,
+                    &qm[size_t(g) * J * D], D, 0.0f, rdot.data(), int(J));
               Sgemm(false, true, int(nb), int(J), D, 1.0f, &key_vars_[(size_t(s0) * Hkv + g) * D],
                     Hkv * D, &q2[size_t(g) * J * D], D, 0.0f, vq.data(), int(J));
             }
@@ -375,12 +464,12 @@ Result<SpanScores> SpanIndex::Score(const float* q, int64_t q_tokens, int heads,
                     float mx = kNegInfF;
                     for (int r = 0; r < R; ++r)
                       if (lw[r] != kNegInfF)
-                        mx = std::max(mx, scale * rdot[(size_t(r) * block + i) * J + j]);
+                        mx = std::max(mx, scale * rdot[(size_t(i) * R + r) * J + j]);
                     double acc = 0.0;
                     for (int r = 0; r < R; ++r)
                       if (lw[r] != kNegInfF)
-                        acc += std::exp(double(lw[r]) +
-                                        scale * rdot[(size_t(r) * block + i) * J + j] - mx);
+                        acc += std::exp(double(lw[r]) + scale * rdot[(size_t(i) * R + r) * J + j] -
+                                        mx);
                     scores.rep_max[s * rows + row] = mx;
                     scores.rep_lse[s * rows + row] =
                         mx == kNegInfF ? kNegInfF : static_cast<float>(mx + std::log(acc));
@@ -484,8 +573,8 @@ void SpanIndex::SplitSpans(const AttentionOptions& options, int64_t q_tokens,
 
 size_t SpanIndex::summary_bytes() const {
   return summaries_.size() * sizeof(float) + max_abs_.size() * sizeof(float) +
-         value_means_.size() * sizeof(float) + entries_.size() * sizeof(Entry) +
-         (rep_keys_.size() + rep_logw_.size() + key_vars_.size()) * sizeof(float);
+         value_means_.size() * sizeof(float) + entries_.size() * sizeof(Entry) + rep_keys_.size() +
+         (rep_logw_.size() + key_vars_.size()) * sizeof(float);
 }
 
 }  // namespace ringtree

@@ -82,12 +82,22 @@ class SpanIndex {
   // k [tokens, kv_heads, head_dim] in the store dtype: the representative
   // keys (RepresentativeKeys) and the per-channel key variance.
   void UpdateVectors(int64_t i, const uint8_t* k, int32_t tokens);
+  // Index vectors of the open tail i (the last span, unsealed) after it grew
+  // by its last `added` of `tokens` rows (k as above: all its rows). A tail's
+  // vectors are an online clustering of its keys in order: the first R keys
+  // are representatives themselves, each later key joins its nearest one (a
+  // running mean); the variance follows the running sums. O(R * head_dim)
+  // per key, where a k-means per append would cost a decode step more than
+  // the rest of the append. A function of the rows alone: when the tail's
+  // clusters are not in memory (after open) they are replayed from its first
+  // row, so a reopened store scores as before. Its seal replaces them with
+  // UpdateVectors' k-means.
+  void ExtendVectors(int64_t i, const uint8_t* k, int32_t tokens, int32_t added);
   int index_reps() const { return reps_; }
-  // Span i's representative keys of head g [index_reps, head_dim], their log
-  // shares [index_reps], and key variance [head_dim].
-  const float* rep_keys(int64_t i, int g) const {
-    return &rep_keys_[(size_t(i) * kv_heads_ + g) * reps_ * head_dim_];
-  }
+  // Span i's representative keys of head g [index_reps, head_dim] in the
+  // store dtype (bf16 for a bf16 store: half the RAM), as floats into out;
+  // their log shares [index_reps] (-inf: unused), and key variance [head_dim].
+  void RepKeys(int64_t i, int g, float* out) const;
   const float* rep_log_weights(int64_t i, int g) const {
     return &rep_logw_[(size_t(i) * kv_heads_ + g) * reps_];
   }
@@ -131,12 +141,23 @@ class SpanIndex {
   // skipped-span estimate).
   std::vector<float> value_means_;
   // Index vectors (reps_ > 0): representative keys [spans, kv_heads, R,
-  // head_dim], their log shares [spans, kv_heads, R], key variance [spans,
-  // kv_heads, head_dim].
-  std::vector<float> rep_keys_, rep_logw_, key_vars_;
+  // head_dim] in dtype_, their log shares [spans, kv_heads, R], key variance
+  // [spans, kv_heads, head_dim].
+  std::vector<uint8_t> rep_keys_;
+  std::vector<float> rep_logw_, key_vars_;
+  uint8_t* rep_slot(int64_t i, int g) {
+    return &rep_keys_[(size_t(i) * kv_heads_ + g) * reps_ * head_dim_ * DTypeSize(dtype_)];
+  }
   void ResizeVectors();
-  // The open tail's running key and value sums [kv_heads, head_dim].
-  std::vector<double> key_sums_, value_sums_;
+  // The open tail's clusters (ExtendVectors): span open_span_ (-1: unknown),
+  // float centroids [kv_heads, R, head_dim], their squared norms, log key
+  // counts (-inf: unused) and key counts [kv_heads, R].
+  int64_t open_span_ = -1;
+  std::vector<float> open_centroids_, open_norms_, open_log_counts_;
+  std::vector<int32_t> open_counts_;
+  // The open tail's running key and value sums [kv_heads, head_dim], and of
+  // squared keys (its variance, index_reps > 0).
+  std::vector<double> key_sums_, value_sums_, key_sq_sums_;
 };
 
 }  // namespace ringtree

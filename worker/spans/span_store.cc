@@ -142,11 +142,24 @@ Status SpanStore::FinishOpen(RecoveryReport* report) {
     index_.RestartRunningSums(tiers_.hot_k(last), tiers_.hot_v(last), index_.span(last).tokens);
   }
   // Index vectors are not in the span files (any version): rebuild them from
-  // the stored keys, one verified read per record.
+  // the stored keys, one verified read per record. A record that fails the
+  // check leaves its span without vectors; it is reported when read, as a
+  // store without vectors would (opening does not read payloads otherwise).
   if (options_.index_reps > 0)
     for (int64_t i = 0; i < index_.size(); ++i) {
-      RINGTREE_ASSIGN_OR_RETURN(SpanTiers::View data, tiers_.Read(i, /*use_cache=*/false, false));
-      index_.UpdateVectors(i, data.k, index_.span(i).tokens);
+      Result<SpanTiers::View> data = tiers_.Read(i, /*use_cache=*/false, false);
+      const int32_t tokens = index_.span(i).tokens;
+      if (!data.ok()) {
+        if (data.status().code() != StatusCode::kDataLoss || !index_.span(i).sealed)
+          return data.status();
+        if (report->spans_without_vectors++ == 0) report->vectors_reason = data.status().message();
+        index_.UpdateVectors(i, nullptr, 0);
+        continue;
+      }
+      if (index_.span(i).sealed)
+        index_.UpdateVectors(i, data->k, tokens);
+      else  // the open tail: its online clusters, replayed
+        index_.ExtendVectors(i, data->k, tokens, tokens);
     }
   report->spans = index_.size();
   if (report->replayed_records > 0 || report->dropped_tail_bytes > 0)
@@ -236,6 +249,8 @@ Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, 
       const int64_t last = index_.size() - 1;
       tiers_.Shrink(last);
       index_.Seal(last, /*closed=*/false);
+      // Every sealed span has the k-means of its keys (as Open rebuilds it).
+      index_.UpdateVectors(last, tiers_.hot_k(last), index_.span(last).tokens);
       if (file_.enabled() && !file_.persisted(last)) RINGTREE_RETURN_IF_ERROR(WriteRecord(last));
     }
     if (!extend) tiers_.AddSpan(index_.StartSpan(pos), static_cast<int32_t>(S));
@@ -253,13 +268,19 @@ Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, 
     copy_rows(static_cast<const uint8_t*>(k) + size_t(done) * src_row, k_rows, n);
     copy_rows(static_cast<const uint8_t*>(v) + size_t(done) * src_row, v_rows, n);
     index_.AddRows(k_rows, v_rows, static_cast<int32_t>(n));
-    if (options_.index_reps > 0)  // from all of the span's rows so far
-      index_.UpdateVectors(idx, tiers_.hot_k(idx), index_.span(idx).tokens);
     pos += n;
     done += n;
     const int64_t span_tokens = index_.span(idx).tokens;
-    if (!starts.empty() ? pos == boundary
-                        : ((span_start + span_tokens) % S == 0 || span_tokens == S)) {
+    const bool seal = !starts.empty() ? pos == boundary
+                                      : ((span_start + span_tokens) % S == 0 || span_tokens == S);
+    // Index vectors: a k-means of all the span's rows when it seals, else
+    // the new rows join the open tail's online clusters (cheap per token).
+    if (seal)
+      index_.UpdateVectors(idx, tiers_.hot_k(idx), static_cast<int32_t>(span_tokens));
+    else
+      index_.ExtendVectors(idx, tiers_.hot_k(idx), static_cast<int32_t>(span_tokens),
+                           static_cast<int32_t>(n));
+    if (seal) {
       const bool closed = !starts.empty();
       index_.Seal(idx, closed);
       if (closed) tiers_.Shrink(idx);

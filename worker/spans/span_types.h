@@ -13,6 +13,12 @@
 
 namespace ringtree {
 
+// Representative keys per span and KV head by default (SpanStoreOptions::
+// index_reps, attnserve --index-reps): the smallest R whose top-10 recall is
+// >= 0.97 of the mass oracle's on both retrieval generators at a 3% budget
+// (docs/spans.md, "Index vectors").
+inline constexpr int kDefaultIndexReps = 8;
+
 struct SpanStoreOptions {
   // Structural (fixed at creation, stored in the manifest; when opening an
   // existing store, 0 / defaults here mean "take the manifest's").
@@ -28,10 +34,11 @@ struct SpanStoreOptions {
   // keys (a k-means of the span's keys, with their cluster shares) and the
   // per-channel key variance, for the kRepresentative / kRepMax /
   // kMeanVariance / kRepBlend score modes. 0 = off (those modes rank as
-  // kBlend). RAM per span: kv_heads * ((R + 1) * head_dim + R) floats. Not in
-  // the span files: Open() rebuilds them from the stored keys (one read of
-  // every record), so data directories of any version get them.
-  int index_reps = 0;
+  // kBlend). RAM per span and KV head: R * head_dim keys in the store dtype,
+  // R + head_dim floats. Not in the span files: Open() rebuilds them from the
+  // stored keys (one read of every record), so data directories of any
+  // version get them.
+  int index_reps = kDefaultIndexReps;
   std::string data_dir;          // empty: RAM only (no cold tier, no durability)
   size_t hot_budget_bytes = 0;   // K/V bytes kept in RAM; 0 = unlimited
   size_t disk_budget_bytes = 0;  // bytes of spans.dat; 0 = unlimited
@@ -68,6 +75,11 @@ struct RecoveryReport {
   int64_t replayed_records = 0;     // whole valid records found after the manifest
   uint64_t dropped_tail_bytes = 0;  // torn/corrupt tail dropped (file truncated)
   std::string dropped_reason;       // "" or why, with file@offset
+  // Sealed spans whose record failed verification while the index vectors
+  // were rebuilt: they open without vectors (ranked last by the vector score
+  // modes) and, as without vectors, report DATA_LOSS when read.
+  int64_t spans_without_vectors = 0;
+  std::string vectors_reason;  // "" or the first failure, with file@offset
 };
 
 }  // namespace ringtree
