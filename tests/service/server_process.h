@@ -1,7 +1,9 @@
 // Starts a real attnserve under `mpirun -np P --oversubscribe` on a free
 // loopback port (--listen 127.0.0.1:0 --port-file), for tests and benchmarks.
 // Stop() sends SIGTERM to rank 0 (as launch/attnserve does) and returns
-// mpirun's exit code. Not thread-safe; one owner.
+// mpirun's exit code. Its files (port, pid, log: tests print log() in their
+// failure messages) live in /tmp/attnserve-test-*, removed by the destructor
+// unless RINGTREE_KEEP_SERVER_DIRS is set. Not thread-safe; one owner.
 #pragma once
 
 #include <dirent.h>
@@ -149,10 +151,10 @@ class ServerProcess {
 
   ~ServerProcess() {
     if (mpirun_ > 0) Stop(std::chrono::seconds(10));
-    if (!shm_dir_.empty()) {
-      std::error_code ec;
-      std::filesystem::remove_all(shm_dir_, ec);  // what a killed job left
-    }
+    std::error_code ec;
+    if (!shm_dir_.empty()) std::filesystem::remove_all(shm_dir_, ec);  // what a killed job left
+    if (!dir_.empty() && !std::getenv("RINGTREE_KEEP_SERVER_DIRS"))
+      std::filesystem::remove_all(dir_, ec);
   }
 
  private:

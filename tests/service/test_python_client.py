@@ -7,6 +7,7 @@ health service and server reflection, then SIGTERM shutdown with exit 0.
 """
 import argparse
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,6 +177,8 @@ def main():
             code = -1
         log.close()
     print(open(os.path.join(workdir, "log")).read().strip())
+    if not os.environ.get("RINGTREE_KEEP_SERVER_DIRS"):  # the log was printed above
+        shutil.rmtree(workdir, ignore_errors=True)
     assert code == 0, f"mpirun exited {code}"
     print("python client test passed")
 
