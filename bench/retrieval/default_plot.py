@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 path = sys.argv[1] if len(sys.argv) > 1 else "bench/results/retrieval/default.jsonl"
 out_dir = sys.argv[2] if len(sys.argv) > 2 else os.path.dirname(path)
 rows = [json.loads(line) for line in open(path) if line.strip()]
-rows = [r for r in rows if r.get("bench") == "retrieval" and r.get("label", "").endswith("_r8")]
+rows = [r for r in rows if r.get("bench") == "retrieval" and r.get("label") == "v128k_r8"]
 lines = [("discovered", "reps", "discovered, reps R=8 (default)", "C0", "-"),
          ("fixed16", "reps", "fixed 16, reps R=8", "C1", "--"),
          ("fixed64", "reps", "fixed 64, reps R=8", "C2", "--"),
