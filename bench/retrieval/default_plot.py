@@ -11,7 +11,6 @@ Writes OUT_DIR/default_g<generator>.png (default: next to the JSON lines).
 """
 import json
 import os
-import re
 import sys
 
 import matplotlib
