@@ -38,6 +38,9 @@ struct FlashTile {
   const float* q = nullptr;  // [Tq, H, D]
   const void* k = nullptr;   // [Tk, Hkv, D] in kv_dtype
   const void* v = nullptr;
+  // When > 0: k and v point at head hk's row 0, rows this many elements
+  // apart (a head's K/V repacked contiguous), instead of [Tk, Hkv, D].
+  int64_t kv_row_stride = 0;
   DType kv_dtype = DType::kFloat32;
   AttentionShape shape;
   float qmul = 1.0f;  // softmax scale * log2(e)
