@@ -321,11 +321,11 @@ Status FlashAttentionForward(const float* q, const void* k, const void* v, DType
   // of all heads apart (a page or more at D = 128, Hkv >= 8), so every tile
   // copied each key block's rows, page by page past the hardware
   // prefetchers, for every query tile. With several query tiles per head
-  // the K/V are repacked once per call into contiguous [Hkv, Tk, D] arrays
-  // (transient: twice the K/V, at most kMaxRepackBytes), which the tiles
-  // read in place.
+  // the K/V are repacked once per call into contiguous [Hkv, Tk, D] arrays (rows FlashKvRowStride
+  // apart) (transient: twice the K/V, at most kMaxRepackBytes), which the tiles read in place.
   constexpr int64_t kMaxRepackBytes = int64_t{1} << 30;
-  const int64_t kv_elems = s.kv_tokens * s.kv_heads * s.head_dim;
+  const int kvs = internal::FlashKvRowStride(s.head_dim);  // packed row stride
+  const int64_t head_elems = s.kv_tokens * kvs, kv_elems = head_elems * s.kv_heads;
   bool repack = own_tiles && kv_dtype == DType::kFloat32 && s.kv_heads > 1 && q_tiles >= 4 &&
                 2 * kv_elems * static_cast<int64_t>(sizeof(float)) <= kMaxRepackBytes;
   std::unique_ptr<float[]> kv_packed;
@@ -347,7 +347,7 @@ Status FlashAttentionForward(const float* q, const void* k, const void* v, DType
             const int hk = static_cast<int>(i % Hkv);
             const int64_t j0 = i / Hkv * kChunk, j1 = std::min(s.kv_tokens, j0 + kChunk);
             for (int64_t j = j0; j < j1; ++j) {
-              const int64_t src = (j * Hkv + hk) * D, dst = (hk * s.kv_tokens + j) * D;
+              const int64_t src = (j * Hkv + hk) * D, dst = hk * head_elems + j * kvs;
               std::copy_n(static_cast<const float*>(k) + src, D, kp + dst);
               std::copy_n(static_cast<const float*>(v) + src, D, vp + dst);
             }
@@ -365,11 +365,10 @@ Status FlashAttentionForward(const float* q, const void* k, const void* v, DType
       internal::TokenKeyRanges(s, opt, t0, t1, first, last);
       ++tiles;
       if (own_tiles) {
-        const int64_t head_elems = s.kv_tokens * s.head_dim;
         const internal::FlashTile ft{.q = q,
                                      .k = repack ? kv_packed.get() + hk * head_elems : k,
                                      .v = repack ? kv_packed.get() + kv_elems + hk * head_elems : v,
-                                     .kv_row_stride = repack ? s.head_dim : 0,
+                                     .kv_row_stride = repack ? kvs : 0,
                                      .kv_dtype = kv_dtype,
                                      .shape = s,
                                      .qmul = qmul,

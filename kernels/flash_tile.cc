@@ -292,15 +292,16 @@ RT_AVX512 void SoftmaxBlock(float* st, int rp, int rows, int nk, int D, float* m
     const __m512 alpha = Exp2Avx512(_mm512_sub_ps(m_old, m_use));
     __m512 s0 = _mm512_setzero_ps(), s1 = s0;
     for (j = 0; j + 2 <= nk; j += 2) {
-      const __m512 p0 = Exp2Avx512(_mm512_sub_ps(_mm512_loadu_ps(st + j * rp + r), m_use));
-      const __m512 p1 = Exp2Avx512(_mm512_sub_ps(_mm512_loadu_ps(st + (j + 1) * rp + r), m_use));
+      const __m512 p0 = Exp2ScalefAvx512(_mm512_sub_ps(_mm512_loadu_ps(st + j * rp + r), m_use));
+      const __m512 p1 =
+          Exp2ScalefAvx512(_mm512_sub_ps(_mm512_loadu_ps(st + (j + 1) * rp + r), m_use));
       _mm512_storeu_ps(st + j * rp + r, p0);
       _mm512_storeu_ps(st + (j + 1) * rp + r, p1);
       s0 = _mm512_add_ps(s0, p0);
       s1 = _mm512_add_ps(s1, p1);
     }
     if (j < nk) {
-      const __m512 p0 = Exp2Avx512(_mm512_sub_ps(_mm512_loadu_ps(st + j * rp + r), m_use));
+      const __m512 p0 = Exp2ScalefAvx512(_mm512_sub_ps(_mm512_loadu_ps(st + j * rp + r), m_use));
       _mm512_storeu_ps(st + j * rp + r, p0);
       s0 = _mm512_add_ps(s0, p0);
     }
@@ -335,8 +336,9 @@ int64_t FlashTileAvx512(const FlashTile& t, bool bf16_dot) {
   float* st = ThreadScratch(1, static_cast<size_t>(kKB) * ld);
   float* ml = ThreadScratch(2, static_cast<size_t>(rp) * 2);
   float* qt = ThreadScratch(3, static_cast<size_t>(D) * ld);  // fp32, or bf16 pairs [D2][ld]
+  const int kvs = FlashKvRowStride(D);  // row stride of the fp32 K/V block copies
   float* kv_scratch =
-      ThreadScratch(4, static_cast<size_t>(kKB) * D * 2 + static_cast<size_t>(kKB / 2 + 1) * ld);
+      ThreadScratch(4, static_cast<size_t>(kKB) * kvs * 2 + static_cast<size_t>(kKB / 2 + 1) * ld);
   int32_t* bounds = reinterpret_cast<int32_t*>(ThreadScratch(5, static_cast<size_t>(rp) * 2));
   float* m = ml;
   float* l = ml + rp;
@@ -381,8 +383,8 @@ int64_t FlashTileAvx512(const FlashTile& t, bool bf16_dot) {
   const int64_t row_stride = t.kv_row_stride > 0 ? t.kv_row_stride : static_cast<int64_t>(Hkv) * D;
   const int64_t head_off = t.kv_row_stride > 0 ? 0 : static_cast<int64_t>(t.hk) * D;
   float* kbuf = kv_scratch;
-  float* vbuf = kv_scratch + static_cast<size_t>(kKB) * D;
-  uint32_t* pt2 = reinterpret_cast<uint32_t*>(kv_scratch + static_cast<size_t>(kKB) * D * 2);
+  float* vbuf = kv_scratch + static_cast<size_t>(kKB) * kvs;
+  uint32_t* pt2 = reinterpret_cast<uint32_t*>(kv_scratch + static_cast<size_t>(kKB) * kvs * 2);
   uint32_t* v2 = reinterpret_cast<uint32_t*>(vbuf);  // bf16 pairs fit in the fp32 V buffer
   TileBand band = t.band;
   BandBegin(band, rows);
@@ -431,24 +433,33 @@ int64_t FlashTileAvx512(const FlashTile& t, bool bf16_dot) {
       vp = vbuf;
       ks = D;
     } else {
+      // Repacked or single-head rows are read in place. Otherwise V rows of
+      // one head sit a whole row of all heads apart (a page or more): the
+      // P*V sweep would touch a page per key. One copy makes the block
+      // contiguous.
       const float* ksrc = static_cast<const float*>(t.k) + j0 * row_stride + head_off;
-      if (row_stride != D)
-        for (int j = 0; j < nk; ++j) std::copy(ksrc + j * row_stride, ksrc + j * row_stride + D, kbuf + static_cast<int64_t>(j) * D);
-      kp = row_stride != D ? kbuf : ksrc;
-      ks = D;
-      // V rows of one head sit a whole row of all heads apart (a page or
-      // more): the P*V sweep would touch a page per key. One copy makes the
-      // block contiguous.
       const float* vsrc = static_cast<const float*>(t.v) + j0 * row_stride + head_off;
-      if (row_stride != D)
-        for (int j = 0; j < nk; ++j) std::copy(vsrc + j * row_stride, vsrc + j * row_stride + D, vbuf + static_cast<int64_t>(j) * D);
-      vp = row_stride != D ? vbuf : vsrc;
+      if (t.kv_row_stride > 0 || row_stride == D) {
+        kp = ksrc;
+        vp = vsrc;
+        ks = row_stride;
+      } else {
+        for (int j = 0; j < nk; ++j) {
+          std::copy(ksrc + j * row_stride, ksrc + j * row_stride + D,
+                    kbuf + static_cast<int64_t>(j) * kvs);
+          std::copy(vsrc + j * row_stride, vsrc + j * row_stride + D,
+                    vbuf + static_cast<int64_t>(j) * kvs);
+        }
+        kp = kbuf;
+        vp = vbuf;
+        ks = kvs;
+      }
     }
     QkBlock(qt, ld, rv, kp, ks, nk, D, st);
     if (!full) MaskBlock(st, ld, rp, nk, lo, hi);
     if (band.band) BandCapture(band, t.t0, tokens, G, j0, nk, st, 1, ld);
     SoftmaxBlock(st, ld, rp, nk, D, m, l, ot);
-    PvBlock(st, ld, rv, nk, vp, D, D, ot);
+    PvBlock(st, ld, rv, nk, vp, ks, D, ot);
   }
 
   if (band.band) BandFinish(band, t.t0, tokens, G, t.hk, s, m, l);
