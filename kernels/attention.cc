@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <memory>
 #include <new>
@@ -319,15 +320,25 @@ Status FlashAttentionForward(const float* q, const void* k, const void* v, DType
                                 .diag = opt.q_position_offset - opt.kv_position_offset};
   // Own fp32 tiles with several kv heads: a head's K/V rows are a whole row
   // of all heads apart (a page or more at D = 128, Hkv >= 8), so every tile
-  // copied each key block's rows, page by page past the hardware
-  // prefetchers, for every query tile. With several query tiles per head
-  // the K/V are repacked once per call into contiguous [Hkv, Tk, D] arrays (rows FlashKvRowStride
-  // apart) (transient: twice the K/V, at most kMaxRepackBytes), which the tiles read in place.
+  // copies each key block's rows, page by page past the hardware
+  // prefetchers, for every query tile. For large K/V (at least
+  // FlashRepackMinBytes packed, 128 MiB: N = 16k at Hkv = 8, D = 128) they
+  // are repacked once per call into contiguous [Hkv, Tk, D] arrays (rows
+  // FlashKvRowStride apart; transient, at most kMaxRepackBytes), which the
+  // tiles read in place. Smaller K/V stay in the caches, where the per-tile
+  // copies cost less than first touching fresh pages: at 4k and 8k tokens
+  // (causal, one thread) the repack was 3-20% slower.
+  // RINGTREE_FLASH_REPACK_MIN_MIB overrides the threshold (tests use 0).
   constexpr int64_t kMaxRepackBytes = int64_t{1} << 30;
+  static const int64_t kRepackMinBytes = [] {
+    const char* env = std::getenv("RINGTREE_FLASH_REPACK_MIN_MIB");
+    return (env ? std::atoll(env) : 128) << 20;
+  }();
   const int kvs = internal::FlashKvRowStride(s.head_dim);  // packed row stride
   const int64_t head_elems = s.kv_tokens * kvs, kv_elems = head_elems * s.kv_heads;
+  const int64_t packed_bytes = 2 * kv_elems * static_cast<int64_t>(sizeof(float));
   bool repack = own_tiles && kv_dtype == DType::kFloat32 && s.kv_heads > 1 && q_tiles >= 4 &&
-                2 * kv_elems * static_cast<int64_t>(sizeof(float)) <= kMaxRepackBytes;
+                packed_bytes >= kRepackMinBytes && packed_bytes <= kMaxRepackBytes;
   std::unique_ptr<float[]> kv_packed;
   if (repack) {
     // Uninitialised: every element is written below. Without the memory the
