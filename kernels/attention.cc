@@ -5,7 +5,10 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
+#include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -315,6 +318,53 @@ Status FlashAttentionForward(const float* q, const void* k, const void* v, DType
   const int64_t blocks_per_tile = (s.kv_tokens + key_block - 1) / key_block;
   const internal::TileBand band{.band = opt.band,
                                 .diag = opt.q_position_offset - opt.kv_position_offset};
+  // Own fp32 tiles with several kv heads: a head's K/V rows are a whole row
+  // of all heads apart (a page or more at D = 128, Hkv >= 8), so every tile
+  // copies each key block's rows, page by page past the hardware
+  // prefetchers, for every query tile. For large K/V (at least
+  // FlashRepackMinBytes packed, 128 MiB: N = 16k at Hkv = 8, D = 128) they
+  // are repacked once per call into contiguous [Hkv, Tk, D] arrays (rows
+  // FlashKvRowStride apart; transient, at most kMaxRepackBytes), which the
+  // tiles read in place. Smaller K/V stay in the caches, where the per-tile
+  // copies cost less than first touching fresh pages: at 4k and 8k tokens
+  // (causal, one thread) the repack was 3-20% slower.
+  // RINGTREE_FLASH_REPACK_MIN_MIB overrides the threshold (tests use 0).
+  constexpr int64_t kMaxRepackBytes = int64_t{1} << 30;
+  static const int64_t kRepackMinBytes = [] {
+    const char* env = std::getenv("RINGTREE_FLASH_REPACK_MIN_MIB");
+    return (env ? std::atoll(env) : 128) << 20;
+  }();
+  const int kvs = internal::FlashKvRowStride(s.head_dim);  // packed row stride
+  const int64_t head_elems = s.kv_tokens * kvs, kv_elems = head_elems * s.kv_heads;
+  const int64_t packed_bytes = 2 * kv_elems * static_cast<int64_t>(sizeof(float));
+  bool repack = own_tiles && kv_dtype == DType::kFloat32 && s.kv_heads > 1 && q_tiles >= 4 &&
+                packed_bytes >= kRepackMinBytes && packed_bytes <= kMaxRepackBytes;
+  std::unique_ptr<float[]> kv_packed;
+  if (repack) {
+    // Uninitialised: every element is written below. Without the memory the
+    // tiles copy each block's rows as before.
+    kv_packed.reset(new (std::nothrow) float[2 * kv_elems]);
+    repack = kv_packed != nullptr;
+  }
+  if (repack) {
+    const int D = s.head_dim, Hkv = s.kv_heads;
+    constexpr int64_t kChunk = 256;  // tokens per task
+    const int64_t chunks = (s.kv_tokens + kChunk - 1) / kChunk;
+    float* kp = kv_packed.get();
+    float* vp = kp + kv_elems;
+    tbb::parallel_for(
+        tbb::blocked_range<int64_t>(0, chunks * Hkv), [&](const tbb::blocked_range<int64_t>& r) {
+          for (int64_t i = r.begin(); i < r.end(); ++i) {
+            const int hk = static_cast<int>(i % Hkv);
+            const int64_t j0 = i / Hkv * kChunk, j1 = std::min(s.kv_tokens, j0 + kChunk);
+            for (int64_t j = j0; j < j1; ++j) {
+              const int64_t src = (j * Hkv + hk) * D, dst = hk * head_elems + j * kvs;
+              std::copy_n(static_cast<const float*>(k) + src, D, kp + dst);
+              std::copy_n(static_cast<const float*>(v) + src, D, vp + dst);
+            }
+          }
+        });
+  }
   tbb::parallel_for(tbb::blocked_range<int64_t>(0, tasks, 1), [&](const tbb::blocked_range<int64_t>& range) {
     int64_t first[512], last[512];
     int64_t computed = 0, tiles = 0;
@@ -327,8 +377,9 @@ Status FlashAttentionForward(const float* q, const void* k, const void* v, DType
       ++tiles;
       if (own_tiles) {
         const internal::FlashTile ft{.q = q,
-                                     .k = k,
-                                     .v = v,
+                                     .k = repack ? kv_packed.get() + hk * head_elems : k,
+                                     .v = repack ? kv_packed.get() + kv_elems + hk * head_elems : v,
+                                     .kv_row_stride = repack ? kvs : 0,
                                      .kv_dtype = kv_dtype,
                                      .shape = s,
                                      .qmul = qmul,

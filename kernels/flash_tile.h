@@ -38,6 +38,9 @@ struct FlashTile {
   const float* q = nullptr;  // [Tq, H, D]
   const void* k = nullptr;   // [Tk, Hkv, D] in kv_dtype
   const void* v = nullptr;
+  // When > 0: k and v point at head hk's row 0, rows this many elements
+  // apart (a head's K/V repacked contiguous), instead of [Tk, Hkv, D].
+  int64_t kv_row_stride = 0;
   DType kv_dtype = DType::kFloat32;
   AttentionShape shape;
   float qmul = 1.0f;  // softmax scale * log2(e)
@@ -70,6 +73,11 @@ void WidenKeyValueRows(const uint16_t* k, const uint16_t* v, int64_t row_stride,
 
 // Key block length of the tiles (a block is computed or skipped whole).
 constexpr int kFlashKeyBlock = 128;
+
+// Row stride (floats) of fp32 K/V rows laid out for the tiles: a cache line
+// more than D when D is a multiple of 32 floats, so that a P*V pass over a
+// few columns of all keys does not land in a few L1 sets.
+constexpr int FlashKvRowStride(int D) { return D % 32 == 0 ? D + 16 : D; }
 
 // For query tokens [t0, t1): the key indices each can see, clipped to
 // [0, kv_tokens) (first > last when none), from causal, window and documents.

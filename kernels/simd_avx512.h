@@ -25,4 +25,16 @@ RT_AVX512 inline __m512 Exp2Avx512(__m512 x) {
   return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
 }
 
+// The same values as Exp2Avx512 (x <= 0; 0 where x < -126.5, for -inf and
+// NaN) in three fewer vector operations: the power of two is applied with
+// vscalefps under a zeroing mask instead of clamp, convert, shift and multiply.
+RT_AVX512 inline __m512 Exp2ScalefAvx512(__m512 x) {
+  const __m512 xi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, xi);
+  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
+  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
+  const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.5f), _CMP_GE_OQ);
+  return _mm512_maskz_scalef_ps(keep, p, xi);
+}
+
 }  // namespace ringtree::internal
