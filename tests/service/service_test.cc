@@ -1155,23 +1155,30 @@ TEST_F(ServiceShutdown, SigtermDrainsInFlightAndEveryRankExitsZero) {
   ASSERT_TRUE(client->AppendKV(info->session_id(), 0, k, v).ok());
   // Requests in flight when SIGTERM arrives complete with correct results.
   std::atomic<int> ok{0}, unavailable{0}, other{0};
+  std::mutex other_mu;
+  std::string other_status;  // the first unexpected status, for the failure message
   std::vector<std::thread> threads;
   for (int c = 0; c < 6; ++c) {
     threads.emplace_back([&, c] {
-      auto q = Random(rng, 0);  // placeholder for thread-local rng below
       std::mt19937 r(400 + c);
-      q = Random(r, 64 * 8 * 64);
+      const std::vector<float> q = Random(r, 64 * 8 * 64);
       auto out = client->Attend(info->session_id(), 0, HostTensor::FromFloat32(q.data(), {64, 8, 64}));
-      if (out.ok()) ++ok;
-      else if (GrpcCodeOf(out.status()) == grpc::StatusCode::UNAVAILABLE) ++unavailable;
-      else ++other;
+      if (out.ok()) {
+        ++ok;
+      } else if (GrpcCodeOf(out.status()) == grpc::StatusCode::UNAVAILABLE) {
+        ++unavailable;
+      } else {
+        ++other;
+        std::lock_guard<std::mutex> lock(other_mu);
+        if (other_status.empty()) other_status = out.status().ToString();
+      }
     });
   }
   std::this_thread::sleep_for(std::chrono::milliseconds(30));
   const int code = server->Stop(std::chrono::seconds(40));
   for (auto& t : threads) t.join();
   EXPECT_EQ(code, 0) << server->log();
-  EXPECT_EQ(other.load(), 0);
+  EXPECT_EQ(other.load(), 0) << other_status << "\n" << server->log();
   EXPECT_GT(ok.load() + unavailable.load(), 0);
   EXPECT_NE(server->log().find("stopped"), std::string::npos) << server->log();
 }
