@@ -299,16 +299,15 @@ RT_AVX512 void SoftmaxBlock(float* st, int rp, int rows, int nk, int D, float* m
     const __m512 alpha = Exp2Avx512(_mm512_sub_ps(m_old, m_use));
     __m512 s0 = _mm512_setzero_ps(), s1 = s0;
     for (j = 0; j + 2 <= nk; j += 2) {
-      const __m512 p0 = Exp2ScalefAvx512(_mm512_sub_ps(_mm512_loadu_ps(st + j * rp + r), m_use));
-      const __m512 p1 =
-          Exp2ScalefAvx512(_mm512_sub_ps(_mm512_loadu_ps(st + (j + 1) * rp + r), m_use));
+      const __m512 p0 = Exp2Avx512(_mm512_sub_ps(_mm512_loadu_ps(st + j * rp + r), m_use));
+      const __m512 p1 = Exp2Avx512(_mm512_sub_ps(_mm512_loadu_ps(st + (j + 1) * rp + r), m_use));
       _mm512_storeu_ps(st + j * rp + r, p0);
       _mm512_storeu_ps(st + (j + 1) * rp + r, p1);
       s0 = _mm512_add_ps(s0, p0);
       s1 = _mm512_add_ps(s1, p1);
     }
     if (j < nk) {
-      const __m512 p0 = Exp2ScalefAvx512(_mm512_sub_ps(_mm512_loadu_ps(st + j * rp + r), m_use));
+      const __m512 p0 = Exp2Avx512(_mm512_sub_ps(_mm512_loadu_ps(st + j * rp + r), m_use));
       _mm512_storeu_ps(st + j * rp + r, p0);
       s0 = _mm512_add_ps(s0, p0);
     }

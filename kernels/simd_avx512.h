@@ -16,19 +16,9 @@ inline constexpr float kExp2Poly[7] = {1.535336188319500e-4f, 1.339887440266574e
 
 // 2^x for x <= 0; x < -126 gives 0, -inf gives 0.
 RT_AVX512 inline __m512 Exp2Avx512(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-127.0f));
-  __m512 xi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_sub_ps(x, xi);
-  __m512 p = _mm512_set1_ps(kExp2Poly[0]);
-  for (int i = 1; i < 7; ++i) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(kExp2Poly[i]));
-  __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(xi), _mm512_set1_epi32(127)), 23);
-  return _mm512_mul_ps(p, _mm512_castsi512_ps(e));
-}
-
-// The same values as Exp2Avx512 (x <= 0; 0 where x < -126.5, for -inf and
-// NaN) in three fewer vector operations: the power of two is applied with
-// vscalefps under a zeroing mask instead of clamp, convert, shift and multiply.
-RT_AVX512 inline __m512 Exp2ScalefAvx512(__m512 x) {
+  // The power of two is applied with vscalefps under a zeroing mask (0 where
+  // x < -126.5, for -inf and NaN): three vector operations fewer than clamp,
+  // convert, shift and multiply, bit-identical to them for x <= 120.
   const __m512 xi = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(x, xi);
   __m512 p = _mm512_set1_ps(kExp2Poly[0]);
