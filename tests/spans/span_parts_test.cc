@@ -75,7 +75,7 @@ void FillIndex(SpanIndex* index, const Spans& sp) {
     index->AddRows(k, v, half);
     index->AddRows(k + half * kRow * sizeof(float), v + half * kRow * sizeof(float),
                    sp.lengths[s] - half);
-    if (s + 1 < sp.starts.size()) index->Seal(int64_t(s), /*closed=*/sp.lengths[s] != 16);
+    if (s + 1 < sp.starts.size()) index->Seal(int64_t(s), /*closed=*/sp.lengths[s] != 16, k);
   }
 }
 
@@ -204,7 +204,7 @@ TEST_F(SpanPartsFileTest, RecordFileRecoversATruncatedFile) {
       index.StartSpan(sp.starts[s]);
       const size_t r = sp.first_row(s);
       index.AddRows(Bytes(sp.k, r), Bytes(sp.v, r), sp.lengths[s]);
-      index.Seal(int64_t(s), sp.lengths[s] != 16);
+      index.Seal(int64_t(s), sp.lengths[s] != 16, Bytes(sp.k, r));
       ASSERT_TRUE(file.Write(int64_t(s), Bytes(sp.k, r), Bytes(sp.v, r)).ok());
       EXPECT_TRUE(file.persisted(int64_t(s)));
       if (s == 4) {
@@ -266,7 +266,7 @@ struct Parts {
       std::memcpy(tiers.hot_v(i), Bytes(sp.v, sp.first_row(s)), n);
       index.AddRows(tiers.hot_k(i), tiers.hot_v(i), sp.lengths[s]);
       if (s + 1 < count) {
-        index.Seal(i, sp.lengths[s] != 16);
+        index.Seal(i, sp.lengths[s] != 16, tiers.hot_k(i));
         EXPECT_TRUE(file.Write(i, tiers.hot_k(i), tiers.hot_v(i)).ok());
       }
     }

@@ -112,8 +112,7 @@ TEST(IndexVectors, ScoresEqualBruteForce) {
       index.UpdateVectors(int64_t(s), kb.data(), first);
       index.AddRows(kb.data() + first * row * DTypeSize(ic.dtype),
                     vb.data() + first * row * DTypeSize(ic.dtype), n - first);
-      index.UpdateVectors(int64_t(s), kb.data(), n);
-      index.Seal(int64_t(s), true);
+      index.Seal(int64_t(s), true, kb.data());  // the k-means of all n rows
       stored.push_back(k);
       pos += n;
     }
@@ -308,8 +307,7 @@ TEST(IndexVectors, OpenTailClustersOnlineAndSealRunsKMeans) {
       }
     }
     // The seal's k-means.
-    one.Seal(0, false);
-    one.UpdateVectors(0, kb.data(), n);
+    one.Seal(0, false, kb.data());
     for (int g = 0; g < Hkv; ++g) {
       std::vector<float> km(size_t(R) * D), lw(R), stored(size_t(R) * D);
       RepresentativeKeys(&k[g * D], n, row, D, R, km.data(), lw.data());

@@ -195,9 +195,10 @@ void SpanIndex::AddRows(const uint8_t* k, const uint8_t* v, int32_t rows) {
   for (size_t j = 0; j < size_t(H) * D; ++j) vmean[j] = static_cast<float>(value_sums_[j] * inv);
 }
 
-void SpanIndex::Seal(int64_t i, bool closed) {
+void SpanIndex::Seal(int64_t i, bool closed, const uint8_t* k) {
   entries_[i].sealed = true;
   entries_[i].closed = closed;
+  UpdateVectors(i, k, entries_[i].tokens);
 }
 
 void SpanIndex::RestoreSpan(int64_t i, int64_t position_start, int32_t tokens, bool closed,

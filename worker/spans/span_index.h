@@ -63,7 +63,10 @@ class SpanIndex {
   // Adds `rows` rows to the last span: k, v [rows, kv_heads, head_dim] in the
   // store dtype. Updates its summaries and mean values (exact running means).
   void AddRows(const uint8_t* k, const uint8_t* v, int32_t rows);
-  void Seal(int64_t i, bool closed);
+  // Seals span i; with index vectors, computes them from its keys k [tokens,
+  // kv_heads, head_dim] in the store dtype (UpdateVectors' k-means), so every
+  // sealed span has the k-means of its keys, as Open rebuilds them.
+  void Seal(int64_t i, bool closed, const uint8_t* k);
   // Recovery: sets span `i` (== size(): a new span; == size() - 1: a longer
   // rewrite of the last one) from a verified record's header fields and
   // summary (record layout: index summary then value means). Sealed; see

@@ -248,9 +248,7 @@ Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, 
       // A gap (or a discovered boundary) closes the open span: compact it and write it out.
       const int64_t last = index_.size() - 1;
       tiers_.Shrink(last);
-      index_.Seal(last, /*closed=*/false);
-      // Every sealed span has the k-means of its keys (as Open rebuilds it).
-      index_.UpdateVectors(last, tiers_.hot_k(last), index_.span(last).tokens);
+      index_.Seal(last, /*closed=*/false, tiers_.hot_k(last));
       if (file_.enabled() && !file_.persisted(last)) RINGTREE_RETURN_IF_ERROR(WriteRecord(last));
     }
     if (!extend) tiers_.AddSpan(index_.StartSpan(pos), static_cast<int32_t>(S));
@@ -273,16 +271,14 @@ Status SpanStore::Append(int64_t position_start, int64_t tokens, const void* k, 
     const int64_t span_tokens = index_.span(idx).tokens;
     const bool seal = !starts.empty() ? pos == boundary
                                       : ((span_start + span_tokens) % S == 0 || span_tokens == S);
-    // Index vectors: a k-means of all the span's rows when it seals, else
-    // the new rows join the open tail's online clusters (cheap per token).
-    if (seal)
-      index_.UpdateVectors(idx, tiers_.hot_k(idx), static_cast<int32_t>(span_tokens));
-    else
+    // Index vectors: the seal runs the k-means of all the span's rows;
+    // until then the new rows join the open tail's online clusters.
+    if (!seal)
       index_.ExtendVectors(idx, tiers_.hot_k(idx), static_cast<int32_t>(span_tokens),
                            static_cast<int32_t>(n));
     if (seal) {
       const bool closed = !starts.empty();
-      index_.Seal(idx, closed);
+      index_.Seal(idx, closed, tiers_.hot_k(idx));
       if (closed) tiers_.Shrink(idx);
       if (file_.enabled()) RINGTREE_RETURN_IF_ERROR(WriteRecord(idx));
     }
