@@ -11,6 +11,11 @@ float RowMax(const float* x, int n);
 // x[i] = exp2(x[i] - sub) in place; returns the sum. Inputs <= sub (+tiny) are
 // expected; -inf gives 0. Accuracy ~2 ulp for results above 2^-126.
 float Exp2SubInPlaceSum(float* x, int n, float sub);
+// OnlineSoftmaxUpdate (online_softmax.h) for 2 to 16 rows on AVX-512, the
+// rows' statistics as vectors; false (nothing done) otherwise (one row: the
+// per-row code is as fast).
+bool OnlineSoftmaxRowsFast(float* s, int s_stride, int rows, int keys, float* m, float* l,
+                           float* acc, int D);
 // y[i] *= a.
 void ScaleRow(float* y, int n, float a);
 // y[i] = x[i] * a.
