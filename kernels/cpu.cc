@@ -21,6 +21,9 @@
 extern "C" {
 void gotoblas_dynamic_init(void) __attribute__((weak));
 void gotoblas_dynamic_quit(void) __attribute__((weak));
+// The pthreads build's worker pool (started when the library loads).
+int blas_thread_init(void) __attribute__((weak));
+int blas_thread_shutdown_(void) __attribute__((weak));
 }
 
 namespace ringtree {
@@ -149,11 +152,19 @@ BlasState FixBlasCore() {
   const int have_rank = OpenBlasCoreRank(st.at_load);
   if (have_rank == 0 || have_rank >= OpenBlasCoreRank(want)) return st;
   // OpenBLAS reads OPENBLAS_CORETYPE when it (re)initialises its dispatch
-  // table; no BLAS call runs yet (static initialisation, before main).
+  // table; no BLAS call of ours runs yet (static initialisation, before
+  // main). Its worker threads, started when the library loaded, do touch
+  // the table while they start: the table is unset between quit and init,
+  // and one run in a few dozen crashed there (a null dispatch table called
+  // in gotoblas_dynamic_init, 2026-12-01). The pool is joined first and
+  // started again on the new table.
+  const bool pool = blas_thread_shutdown_ && blas_thread_init;
+  if (pool) blas_thread_shutdown_();
   setenv("OPENBLAS_CORETYPE", want, 1);
   gotoblas_dynamic_quit();
   gotoblas_dynamic_init();
   unsetenv("OPENBLAS_CORETYPE");
+  if (pool) blas_thread_init();
   st.now = openblas_get_corename();
   return st;
 }

@@ -7,6 +7,7 @@
 //   prefill FLOPs = 4 * N^2 * D * H (non-causal), half that causal
 //   SGEMM FLOPs   = 2 * M * N * K
 //   decode bytes  = 2 * N * Hkv * D * sizeof(storage)   (K and V read once)
+#include <immintrin.h>
 #include <spawn.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
@@ -14,7 +15,6 @@
 #include <tbb/parallel_for.h>
 #include <tbb/parallel_reduce.h>
 #include <unistd.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <chrono>
@@ -26,6 +26,7 @@
 #include <fstream>
 #include <functional>
 #include <memory>
+#include <new>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -70,10 +71,15 @@ void FillRandom(float* x, size_t n, uint64_t seed) {
   });
 }
 
+// K/V on a 64-byte boundary, as the span store holds them (base/aligned.h).
 struct Buffer {
-  std::unique_ptr<uint8_t[]> data;
+  struct Free {
+    void operator()(uint8_t* p) const { ::operator delete (p, std::align_val_t{64}); }
+  };
+  std::unique_ptr<uint8_t[], Free> data;
   size_t bytes = 0;
-  explicit Buffer(size_t n) : data(new uint8_t[n]), bytes(n) {}
+  explicit Buffer(size_t n)
+      : data(static_cast<uint8_t*>(::operator new (n, std::align_val_t{64}))), bytes(n) {}
   template <typename T> T* as() { return reinterpret_cast<T*>(data.get()); }
 };
 

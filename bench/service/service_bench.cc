@@ -43,6 +43,7 @@
 #include <random>
 #include <thread>
 
+#include "base/aligned.h"
 #include "kernels/attention.h"
 #include "kernels/cpu.h"
 #include "rpc/client.h"
@@ -395,9 +396,11 @@ class KernelReference {
     std::mt19937 rng(7);
     // Up to 32 random sets; more are copies of them (the timing only needs
     // distinct memory, and drawing gigabytes of normals takes long).
+    // K/V on 64-byte boundaries, as the service's span store holds them.
+    auto aligned = [](const std::vector<float>& x) { return AlignedFloats(x.begin(), x.end()); };
     for (int i = 0; i < sessions; ++i) {
-      ks_.push_back(i < 32 ? Random(rng, tokens * s.kv_row()) : ks_[i % 32]);
-      vs_.push_back(i < 32 ? Random(rng, tokens * s.kv_row()) : vs_[i % 32]);
+      ks_.push_back(i < 32 ? aligned(Random(rng, tokens * s.kv_row())) : ks_[i % 32]);
+      vs_.push_back(i < 32 ? aligned(Random(rng, tokens * s.kv_row())) : vs_[i % 32]);
     }
     q_ = Random(rng, s.q_row());
   }
@@ -423,7 +426,8 @@ class KernelReference {
  private:
   Shape s_;
   int64_t tokens_;
-  std::vector<std::vector<float>> ks_, vs_;
+  using AlignedFloats = std::vector<float, AlignedAllocator<float>>;
+  std::vector<AlignedFloats> ks_, vs_;
   std::vector<float> q_;
 };
 

@@ -306,6 +306,15 @@ TEST_F(SpanPartsFileTest, TiersEvictOldestFirstUnderTheBudget) {
   EXPECT_EQ(std::memcmp(view->k, Bytes(sp.k, sp.first_row(1)), n), 0);
   EXPECT_EQ(std::memcmp(view->v, Bytes(sp.v, sp.first_row(1)), n), 0);
   EXPECT_NE(p.tiers.Cached(1), nullptr);
+  // K and V start on 64-byte boundaries, hot or read back (base/aligned.h):
+  // the kernels' vector loads of a row then never span two cache lines.
+  auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 64 == 0; };
+  static_assert(kRow * sizeof(float) % 64 == 0);
+  EXPECT_TRUE(aligned(view->k) && aligned(view->v));
+  for (int64_t s : {0, 3, 4, 5, 6, 7}) {
+    const SpanTiers::View hot = p.tiers.HotView(s);
+    EXPECT_TRUE(aligned(hot.k) && aligned(hot.v)) << s;
+  }
   // A budget of 0 is unlimited: warming brings everything back.
   ASSERT_TRUE(p.tiers.SetBudget(0).ok());
   ASSERT_TRUE(p.tiers.WarmNewest().ok());

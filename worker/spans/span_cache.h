@@ -9,12 +9,13 @@
 #include <unordered_map>
 #include <vector>
 
+#include "base/aligned.h"
 #include "base/mutex.h"
 
 namespace ringtree {
 
 // An immutable, reference-counted byte buffer (a verified span record).
-using SpanBuffer = std::shared_ptr<const std::vector<uint8_t>>;
+using SpanBuffer = std::shared_ptr<const AlignedBytes>;
 
 class SpanCache {
  public:

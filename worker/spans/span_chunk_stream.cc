@@ -21,7 +21,7 @@ class ReadAheadQueue {
 
   // Producer: waits until fewer than `depth` chunks wait; false once stopped.
   // Moves a recycled buffer, if any, into *buffer.
-  bool WaitForRoom(std::vector<uint8_t>* buffer) {
+  bool WaitForRoom(AlignedBytes* buffer) {
     MutexLock lock(&mu_);
     while (!stop_ && ready_.size() >= depth_) cv_.Wait(&mu_);
     if (stop_) return false;
@@ -58,7 +58,7 @@ class ReadAheadQueue {
     cv_.NotifyAll();
     return true;
   }
-  void Recycle(std::vector<uint8_t>&& buffer) {
+  void Recycle(AlignedBytes&& buffer) {
     if (buffer.capacity() == 0) return;
     MutexLock lock(&mu_);
     free_.push_back(std::move(buffer));
@@ -72,9 +72,9 @@ class ReadAheadQueue {
     cv_.NotifyAll();
   }
   // Every buffer the queue holds (free, and of chunks never visited).
-  std::vector<std::vector<uint8_t>> TakeBuffers() {
+  std::vector<AlignedBytes> TakeBuffers() {
     MutexLock lock(&mu_);
-    std::vector<std::vector<uint8_t>> out = std::move(free_);
+    std::vector<AlignedBytes> out = std::move(free_);
     free_.clear();
     for (Filled& f : ready_) out.push_back(std::move(f.buf));
     ready_.clear();
@@ -86,7 +86,7 @@ class ReadAheadQueue {
   Mutex mu_;
   CondVar cv_;
   std::deque<Filled> ready_ ABSL_GUARDED_BY(mu_);
-  std::vector<std::vector<uint8_t>> free_ ABSL_GUARDED_BY(mu_);
+  std::vector<AlignedBytes> free_ ABSL_GUARDED_BY(mu_);
   bool stop_ ABSL_GUARDED_BY(mu_) = false;
   bool producer_done_ ABSL_GUARDED_BY(mu_) = false;
 };
@@ -102,9 +102,9 @@ SpanChunkStream::SpanChunkStream(const SpanStoreOptions& options, const SpanInde
       chunk_tokens_(options.chunk_tokens),
       readahead_chunks_(static_cast<size_t>(options.readahead_chunks)) {}
 
-std::vector<uint8_t> SpanChunkStream::TakeBuffer() const {
+AlignedBytes SpanChunkStream::TakeBuffer() const {
   MutexLock lock(&pool_mutex_);
-  std::vector<uint8_t> b;
+  AlignedBytes b;
   if (!buffer_pool_.empty()) {
     b = std::move(buffer_pool_.back());
     buffer_pool_.pop_back();
@@ -112,7 +112,7 @@ std::vector<uint8_t> SpanChunkStream::TakeBuffer() const {
   return b;
 }
 
-void SpanChunkStream::GiveBuffer(std::vector<uint8_t>&& b) const {
+void SpanChunkStream::GiveBuffer(AlignedBytes&& b) const {
   if (b.capacity() == 0) return;
   MutexLock lock(&pool_mutex_);
   if (buffer_pool_.size() < readahead_chunks_ + 2) buffer_pool_.push_back(std::move(b));
@@ -163,7 +163,7 @@ Status SpanChunkStream::Stream(const std::vector<int64_t>& spans, Flags flags,
   struct Filled {
     Status status;
     size_t plan = 0;
-    std::vector<uint8_t> buf;
+    AlignedBytes buf;
     SpanTiers::View view;  // zero-copy when view.owner != null
   };
   auto fill = [&](size_t pi, Filled* out) {
@@ -213,7 +213,7 @@ Status SpanChunkStream::Stream(const std::vector<int64_t>& spans, Flags flags,
     if (!out->status.ok() || !insert) return;
     for (const SpanRecordFile::ColdRead& c : cold) {
       const size_t n = size_t(index_.span(c.span).tokens) * rb;
-      auto kv = std::make_shared<std::vector<uint8_t>>(c.k, c.k + n);
+      auto kv = std::make_shared<AlignedBytes>(c.k, c.k + n);
       kv->insert(kv->end(), c.v, c.v + n);
       tiers_.InsertIntoCache(c.span, std::move(kv));
     }

@@ -22,6 +22,7 @@
 #include <functional>
 #include <vector>
 
+#include "base/aligned.h"
 #include "base/mutex.h"
 #include "base/status.h"
 #include "worker/spans/span_index.h"
@@ -54,8 +55,8 @@ class SpanChunkStream {
   Status Stream(const std::vector<int64_t>& spans, Flags flags, const Visitor& visitor) const;
 
  private:
-  std::vector<uint8_t> TakeBuffer() const;
-  void GiveBuffer(std::vector<uint8_t>&& buffer) const;
+  AlignedBytes TakeBuffer() const;
+  void GiveBuffer(AlignedBytes&& buffer) const;
 
   const SpanIndex& index_;
   const SpanTiers& tiers_;
@@ -64,7 +65,7 @@ class SpanChunkStream {
   const int64_t chunk_tokens_;
   const size_t readahead_chunks_;
   mutable Mutex pool_mutex_;
-  mutable std::vector<std::vector<uint8_t>> buffer_pool_ ABSL_GUARDED_BY(pool_mutex_);
+  mutable std::vector<AlignedBytes> buffer_pool_ ABSL_GUARDED_BY(pool_mutex_);
 };
 
 }  // namespace ringtree

@@ -35,7 +35,7 @@ SpanTiers::View SpanTiers::HotView(int64_t span) const {
 void SpanTiers::AddSpan(int64_t span, int32_t capacity) {
   if (span >= int64_t(copies_.size())) copies_.resize(size_t(span) + 1);
   const size_t bytes = size_t(capacity) * row_bytes_ * 2;
-  copies_[span].hot = std::make_shared<std::vector<uint8_t>>(bytes);
+  copies_[span].hot = std::make_shared<AlignedBytes>(bytes);
   copies_[span].capacity = capacity;
   hot_bytes_ += bytes;
 }
@@ -44,7 +44,7 @@ void SpanTiers::Shrink(int64_t span) {
   Copy& c = copies_[span];
   const int32_t tokens = index_.span(span).tokens;
   if (!c.hot || c.capacity == tokens) return;
-  auto buf = std::make_shared<std::vector<uint8_t>>(size_t(tokens) * row_bytes_ * 2);
+  auto buf = std::make_shared<AlignedBytes>(size_t(tokens) * row_bytes_ * 2);
   std::memcpy(buf->data(), hot_k(span), size_t(tokens) * row_bytes_);
   std::memcpy(buf->data() + size_t(tokens) * row_bytes_, hot_v(span), size_t(tokens) * row_bytes_);
   hot_bytes_ -= size_t(c.capacity - tokens) * row_bytes_ * 2;
@@ -57,7 +57,7 @@ void SpanTiers::Load(int64_t span, const uint8_t* k, const uint8_t* v, int32_t t
   if (span >= int64_t(copies_.size())) copies_.resize(size_t(span) + 1);
   Copy& c = copies_[span];
   if (c.hot) hot_bytes_ -= size_t(c.capacity) * row_bytes_ * 2;
-  auto buf = std::make_shared<std::vector<uint8_t>>(size_t(capacity) * row_bytes_ * 2);
+  auto buf = std::make_shared<AlignedBytes>(size_t(capacity) * row_bytes_ * 2);
   std::memcpy(buf->data(), k, size_t(tokens) * row_bytes_);
   std::memcpy(buf->data() + size_t(capacity) * row_bytes_, v, size_t(tokens) * row_bytes_);
   c.hot = std::move(buf);
@@ -113,7 +113,7 @@ Result<SpanTiers::View> SpanTiers::Read(int64_t span, bool use_cache,
   const size_t n = size_t(index_.span(span).tokens) * row_bytes_;
   SpanBuffer buffer = use_cache ? Cached(span) : nullptr;
   if (!buffer) {
-    auto kv = std::make_shared<std::vector<uint8_t>>(2 * n);
+    auto kv = std::make_shared<AlignedBytes>(2 * n);
     const SpanRecordFile::ColdRead read{span, kv->data(), kv->data() + n};
     RINGTREE_RETURN_IF_ERROR(file_.ReadCold(&read, 1));
     buffer = kv;

@@ -18,6 +18,7 @@
 #include <memory>
 #include <vector>
 
+#include "base/aligned.h"
 #include "base/status.h"
 #include "worker/spans/span_cache.h"
 #include "worker/spans/span_index.h"
@@ -30,7 +31,7 @@ class SpanTiers {
  public:
   // A view of one span's K/V that keeps its buffer alive.
   struct View {
-    std::shared_ptr<const std::vector<uint8_t>> owner;
+    std::shared_ptr<const AlignedBytes> owner;
     const uint8_t* k = nullptr;
     const uint8_t* v = nullptr;
   };
@@ -90,7 +91,7 @@ class SpanTiers {
 
  private:
   struct Copy {
-    std::shared_ptr<std::vector<uint8_t>> hot;  // null when cold
+    std::shared_ptr<AlignedBytes> hot;          // null when cold
     int32_t capacity = 0;                       // rows allocated (k block then v block)
   };
 
