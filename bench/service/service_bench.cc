@@ -531,6 +531,11 @@ int main(int argc, char** argv) {
                  "DecodeBatchStream for the row (stream)")
       ->check(CLI::IsMember({"unary", "stream"}))
       ->capture_default_str();
+  int engine_rounds = 3;
+  app.add_option("--engine-rounds", engine_rounds,
+                 "engine scenario: the row's service time in this many blocks, the in-process step "
+                 "measured between them; added latency and KV rate are the medians over the blocks")
+      ->check(CLI::Range(1, 20));
   app.add_option("--engine-shapes", engine_shapes,
                  "engine scenario rows SxL: S sessions of --decode-tokens tokens, L layers, one "
                  "DecodeBatch per layer-step")
@@ -768,45 +773,76 @@ int main(int argc, char** argv) {
           }
           // The in-process reference: the decode kernel on S x L KV sets of
           // the same shape (round robin, so KV comes from memory as in the
-          // service), all cores; one layer-step = S decodes. Measured before
-          // and after the row, the mean of the two used.
+          // service), all cores; one layer-step = S decodes, scaled to the
+          // sessions' length at the time (the kernel reads KV in
+          // proportion). The row's service time runs in `engine_rounds`
+          // blocks with the reference measured before, between and after
+          // them: each block is compared with the mean of the two
+          // measurements around it. This machine's in-process step drifts by
+          // up to 20% within a row, so one before/after pair around the
+          // whole row put the added latency anywhere from -0.4 to 2.4 ms.
           const int reps = std::max(400, std::min(4 * S * L, 4096));
-          double kernel_before = KernelReference(s, decode_tokens, S * L).Seconds(reps, cores) * S;
-          steps = 0;
-          std::vector<double> ms;
-          auto stats_before = admin->Stats();
-          const double busy0 = MachineBusySeconds();
-          const auto start = Clock::now();
+          const KernelReference reference(s, decode_tokens, S * L);
           int64_t layer_steps = 0;
-          while (std::chrono::duration<double>(Clock::now() - start).count() < duration ||
-                 layer_steps < 3) {
-            for (int l = 0; l < L; ++l) {
-              double t = 0;
-              if (call(l, &t))
-                ms.push_back(t);
-              else
-                ++failed;
-              ++calls;
+          // Sessions grow by one token per layer-step (2 warm-up steps).
+          auto tokens_now = [&] { return double(decode_tokens) + 2.0 + double(layer_steps); };
+          auto kernel_step = [&] {
+            return reference.Seconds(reps, cores) * S * tokens_now() / double(decode_tokens);
+          };
+          std::vector<double> kernel_steps{kernel_step()};
+          steps = 0;
+          std::vector<double> ms, round_added_ms, round_ratio;
+          auto stats_before = admin->Stats();
+          double seconds = 0, busy = 0, tokens_sum = 0;
+          for (int round = 0; round < engine_rounds; ++round) {
+            std::vector<double> round_ms;
+            const double tokens0 = tokens_now();
+            const double busy0 = MachineBusySeconds();
+            const auto start = Clock::now();
+            int64_t round_steps = 0;
+            while (std::chrono::duration<double>(Clock::now() - start).count() <
+                       duration / engine_rounds ||
+                   round_steps < 3) {
+              for (int l = 0; l < L; ++l) {
+                double t = 0;
+                if (call(l, &t))
+                  round_ms.push_back(t);
+                else
+                  ++failed;
+                ++calls;
+              }
+              ++round_steps;
+              ++layer_steps;
             }
-            ++layer_steps;
+            const double round_seconds =
+                std::chrono::duration<double>(Clock::now() - start).count();
+            seconds += round_seconds;
+            busy += MachineBusySeconds() - busy0;
+            tokens_sum += 0.5 * (tokens0 + tokens_now()) * double(round_steps);
+            // The reference before this block, rescaled to its mean length,
+            // and the one after it.
+            const double before = kernel_steps.back() * 0.5 * (tokens0 + tokens_now()) / tokens0;
+            kernel_steps.push_back(kernel_step());
+            const double k_round = 0.5 * (before + kernel_steps.back());
+            round_added_ms.push_back(Percentile(round_ms, 0.5) - 1e3 * k_round);
+            // KV rate / kernel rate = the in-process step / the mean time per call.
+            round_ratio.push_back(k_round * double(round_ms.size()) / round_seconds);
+            ms.insert(ms.end(), round_ms.begin(), round_ms.end());
           }
-          const double seconds = std::chrono::duration<double>(Clock::now() - start).count();
-          const double busy = MachineBusySeconds() - busy0;
           auto stats_after = admin->Stats();
           if (!stats_before.ok() || !stats_after.ok()) {
             std::fprintf(stderr, "Stats failed\n");
             return 1;
           }
-          // KV read per session-decode: the sessions grow by one token per
-          // layer-step (warm-up included).
-          const double mean_tokens = double(decode_tokens) + 2.0 + 0.5 * double(layer_steps + 1);
-          // The in-process step on sessions of the service's mean length: the
-          // reference before the row is scaled to it (the kernel reads KV in
-          // proportion), the one after is measured at it.
-          kernel_before *= mean_tokens / double(decode_tokens);
-          const double kernel_after =
-              KernelReference(s, std::llround(mean_tokens), S * L).Seconds(reps, cores) * S;
-          const double kernel_step_s = 0.5 * (kernel_before + kernel_after);
+          const double mean_tokens = tokens_sum / double(std::max<int64_t>(1, layer_steps));
+          double kernel_step_s = 0;
+          for (double k : kernel_steps) kernel_step_s += k / double(kernel_steps.size());
+          const double kernel_before = kernel_steps.front(), kernel_after = kernel_steps.back();
+          auto join = [](const std::vector<double>& v, double scale) {
+            std::string out;
+            for (double x : v) out += (out.empty() ? "" : ",") + Fmt("%.3f", x * scale);
+            return "[" + out + "]";
+          };
           if (streamed) {
             stream->WritesDone();
             grpc::Status closed = stream->Finish();
@@ -817,7 +853,8 @@ int main(int argc, char** argv) {
           const double session_bytes = mean_tokens * s.kv_row() * 4 * 2;
           const double decodes = double(calls - failed) * S;
           const double kv_gbs = decodes * session_bytes / seconds / 1e9;
-          const double kernel_gbs = S * mean_tokens * s.kv_row() * 4 * 2 / kernel_step_s / 1e9;
+          const double ratio = Percentile(round_ratio, 0.5);
+          const double kernel_gbs = kv_gbs / ratio;
           const double p50 = Percentile(ms, 0.5);
           // Where a call's time goes (means per call, ms): the client and the
           // transport (client mean less the server's), the server's handler,
@@ -846,14 +883,16 @@ int main(int argc, char** argv) {
               "\"added_p50_ms\":%.3f,\"tokens_per_s\":%.1f,\"kv_gbs\":%.3f,\"kernel_gbs\":%.3f,"
               "\"kv_rate_vs_kernel\":%.3f,\"cpu_us_per_decode\":%.1f,\"machine_busy\":%.2f,"
               "\"engine_steps_per_call\":%.2f,\"kernel_step_ms_before\":%.3f,\"kernel_step_ms_"
-              "after\":%.3f,\"mean_session_tokens\":%.0f,%s}",
+              "after\":%.3f,\"mean_session_tokens\":%.0f,\"rounds\":%d,\"round_added_p50_ms\":%s,"
+              "\"round_kv_rate_vs_kernel\":%s,\"kernel_steps_ms\":%s,%s}",
               transport.c_str(), S, L, static_cast<long long>(decode_tokens),
               static_cast<long long>(calls), static_cast<long long>(failed), p50,
-              Percentile(ms, 0.99), 1e3 * kernel_step_s, p50 - 1e3 * kernel_step_s,
-              double(layer_steps) * S / seconds, kv_gbs, kernel_gbs, kv_gbs / kernel_gbs,
+              Percentile(ms, 0.99), 1e3 * kernel_step_s, Percentile(round_added_ms, 0.5),
+              double(layer_steps) * S / seconds, kv_gbs, kernel_gbs, ratio,
               decodes > 0 ? 1e6 * busy / decodes : 0.0, busy / (seconds * cores),
               calls ? double(steps) / double(calls) : 0.0, 1e3 * kernel_before, 1e3 * kernel_after,
-              mean_tokens, breakdown.c_str()));
+              mean_tokens, engine_rounds, join(round_added_ms, 1.0).c_str(),
+              join(round_ratio, 1.0).c_str(), join(kernel_steps, 1e3).c_str(), breakdown.c_str()));
         }
     }
     // --- added latency: one small decode at a time ---------------------------
