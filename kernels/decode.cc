@@ -84,14 +84,13 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
   const bool permuted =
       kv_dtype == DType::kBFloat16 && rows <= 8 && internal::HasPermutedBFloat16(D);
   // Pre-scaled queries grouped by kv head: qs[hk][r][D].
-  std::vector<float> qs_buf(static_cast<size_t>(Hkv) * rows * D + 16);
-  float* const qs = internal::AlignFloats(qs_buf.data());
+  std::vector<float, AlignedAllocator<float>> qs(static_cast<size_t>(Hkv) * rows * D);
   std::vector<float> row_tmp(permuted ? D : 0);
   for (int hk = 0; hk < Hkv; ++hk)
     for (int64_t t = 0; t < s.q_tokens; ++t)
       for (int g = 0; g < G; ++g) {
         const int r = static_cast<int>(t) * G + g;
-        float* dst = qs + (static_cast<int64_t>(hk) * rows + r) * D;
+        float* dst = qs.data() + (static_cast<int64_t>(hk) * rows + r) * D;
         internal::ScaleCopy(q + (t * H + hk * G + g) * D, permuted ? row_tmp.data() : dst, D, qmul);
         if (permuted) internal::PermuteEvenOdd(row_tmp.data(), dst, D);
       }
@@ -180,13 +179,13 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
             if (prefetch_group)
               PrefetchRows(static_cast<const float*>(blk.k) + at, kKeyGroup, row_stride, n, D);
             if (permuted)
-              internal::QueryKeyDotsBFloat16Permuted(qs + base * D, rows, kh + at, row_stride, n, D,
-                                                     sc, kDecodeKeyBlock);
+              internal::QueryKeyDotsBFloat16Permuted(qs.data() + base * D, rows, kh + at,
+                                                     row_stride, n, D, sc, kDecodeKeyBlock);
             else if (fused_bf16)
-              internal::QueryKeyDotsBFloat16(qs + base * D, rows, kh + at, row_stride, n, D, sc,
-                                             kDecodeKeyBlock);
+              internal::QueryKeyDotsBFloat16(qs.data() + base * D, rows, kh + at, row_stride, n, D,
+                                             sc, kDecodeKeyBlock);
             else
-              internal::QueryKeyDots(qs + base * D, rows, kp + at, row_stride, n, D, sc,
+              internal::QueryKeyDots(qs.data() + base * D, rows, kp + at, row_stride, n, D, sc,
                                      kDecodeKeyBlock);
           }
         }

@@ -9,6 +9,7 @@
 #include <limits>
 #include <vector>
 
+#include "base/aligned.h"
 #include "kernels/vector_ops.h"
 
 namespace ringtree::internal {
@@ -17,22 +18,16 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// The first 64-byte boundary at or after p (a buffer of n floats needs n + 15).
-inline float* AlignFloats(float* p) {
-  const uintptr_t a = (reinterpret_cast<uintptr_t>(p) + 63) & ~uintptr_t{63};
-  return reinterpret_cast<float*>(a);
-}
-
 // Per-thread scratch that grows and is reused across tasks (no page faults in
 // the hot loop). 64-byte aligned: a 64-byte vector load from a misaligned
 // row spans two cache lines, and split loads halved the decode kernels'
 // rate from L1 (rows of 4 query heads, D = 128: 977 -> 502 ns per 64-key
 // P*V block when q, scores and accumulators were aligned; 2026-12-01).
 inline float* ThreadScratch(int slot, size_t floats) {
-  thread_local std::vector<float> buffers[10];
+  thread_local std::vector<float, AlignedAllocator<float>> buffers[10];
   auto& b = buffers[slot];
-  if (b.size() < floats + 16) b.resize(floats + 16);
-  return AlignFloats(b.data());
+  if (b.size() < floats) b.resize(floats);
+  return b.data();
 }
 
 // Rows are (token, group-head) pairs: row r belongs to token t0 + r / group

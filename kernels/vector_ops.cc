@@ -61,17 +61,9 @@ RT_AVX512 float Exp2SubAvx512(float* x, int n, float sub) {
 // about 500 ns per block of a GQA-8 decode, a sixth of its time).
 RT_AVX512 void OnlineSoftmaxRowsAvx512(float* s, int s_stride, int rows, int keys, float* m,
                                        float* l, float* acc, int D) {
-  const int full = keys / 16;
-  const __mmask16 tail = static_cast<__mmask16>((1u << (keys % 16)) - 1);
   const __m512 neg_inf = _mm512_set1_ps(kNegInf);
   alignas(64) float mx[16], m_new[16], alpha[16], sums[16];
-  for (int r = 0; r < rows; ++r) {
-    const float* row = s + static_cast<int64_t>(r) * s_stride;
-    __m512 v = neg_inf;
-    for (int c = 0; c < full; ++c) v = _mm512_max_ps(v, _mm512_loadu_ps(row + 16 * c));
-    if (tail) v = _mm512_max_ps(v, _mm512_mask_loadu_ps(neg_inf, tail, row + 16 * full));
-    mx[r] = _mm512_reduce_max_ps(v);
-  }
+  for (int r = 0; r < rows; ++r) mx[r] = RowMaxAvx512(s + static_cast<int64_t>(r) * s_stride, keys);
   const __mmask16 live = static_cast<__mmask16>((1u << rows) - 1);
   const __m512 m_old = _mm512_mask_loadu_ps(neg_inf, live, m);
   const __m512 mn = _mm512_max_ps(m_old, _mm512_mask_loadu_ps(neg_inf, live, mx));
@@ -83,25 +75,12 @@ RT_AVX512 void OnlineSoftmaxRowsAvx512(float* s, int s_stride, int rows, int key
   _mm512_store_ps(alpha, al);
   for (int r = 0; r < rows; ++r) {
     float* row = s + static_cast<int64_t>(r) * s_stride;
-    if (!((seen >> r) & 1)) {
+    if ((seen >> r) & 1) {
+      sums[r] = Exp2SubAvx512(row, keys, m_new[r]);
+    } else {
       for (int c = 0; c < keys; ++c) row[c] = 0.0f;
       sums[r] = 0.0f;
-      continue;
     }
-    const __m512 sub = _mm512_set1_ps(m_new[r]);
-    __m512 sum = _mm512_setzero_ps();
-    for (int c = 0; c < full; ++c) {
-      const __m512 p = Exp2Avx512(_mm512_sub_ps(_mm512_loadu_ps(row + 16 * c), sub));
-      _mm512_storeu_ps(row + 16 * c, p);
-      sum = _mm512_add_ps(sum, p);
-    }
-    if (tail) {
-      const __m512 p =
-          Exp2Avx512(_mm512_sub_ps(_mm512_mask_loadu_ps(neg_inf, tail, row + 16 * full), sub));
-      _mm512_mask_storeu_ps(row + 16 * full, tail, p);
-      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(tail, p));
-    }
-    sums[r] = _mm512_reduce_add_ps(sum);
   }
   const __m512 l_new =
       _mm512_fmadd_ps(_mm512_mask_loadu_ps(_mm512_setzero_ps(), live, l), al, _mm512_load_ps(sums));

@@ -26,12 +26,12 @@
 #include <fstream>
 #include <functional>
 #include <memory>
-#include <new>
 #include <sstream>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "base/aligned.h"
 #include "kernels/attention.h"
 #include "kernels/blas.h"
 #include "kernels/cpu.h"
@@ -72,14 +72,15 @@ void FillRandom(float* x, size_t n, uint64_t seed) {
 }
 
 // K/V on a 64-byte boundary, as the span store holds them (base/aligned.h).
+// Not an AlignedBytes: that would zero gigabytes before FillRandom writes them.
 struct Buffer {
   struct Free {
-    void operator()(uint8_t* p) const { ::operator delete (p, std::align_val_t{64}); }
+    size_t bytes;
+    void operator()(uint8_t* p) const { AlignedAllocator<uint8_t>().deallocate(p, bytes); }
   };
   std::unique_ptr<uint8_t[], Free> data;
   size_t bytes = 0;
-  explicit Buffer(size_t n)
-      : data(static_cast<uint8_t*>(::operator new (n, std::align_val_t{64}))), bytes(n) {}
+  explicit Buffer(size_t n) : data(AlignedAllocator<uint8_t>().allocate(n), Free{n}), bytes(n) {}
   template <typename T> T* as() { return reinterpret_cast<T*>(data.get()); }
 };
 
