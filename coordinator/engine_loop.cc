@@ -463,6 +463,11 @@ std::vector<std::shared_ptr<WorkItem>> EngineLoop::NextStep(const std::function<
   return step;
 }
 
+int64_t EngineLoop::running() const {
+  MutexLock lock(&mu_);
+  return static_cast<int64_t>(running_.size());
+}
+
 Status EngineLoop::Run(const std::function<bool()>& should_exit) {
   std::thread completer([this] { CompleterLoop(); });
   Status failed;

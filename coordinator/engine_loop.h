@@ -176,6 +176,8 @@ class EngineLoop {
   // queued: a prefix of `items`; the rest did not fit in the queue.
   size_t SubmitAll(std::vector<std::shared_ptr<WorkItem>> items);
   int64_t queue_depth() const { return depth_.load(std::memory_order_relaxed); }
+  // Thread-safe. Items in the step running now (0 between steps).
+  int64_t running() const;
   // Per-rank stored bytes/tokens (all sessions), as placed by the engine.
   std::vector<int64_t> RankBytes() const;
   std::vector<int64_t> RankTokens() const;

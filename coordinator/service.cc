@@ -1088,6 +1088,7 @@ grpc::Status AttentionServiceImpl::Stats(grpc::ServerContext* context, const v1:
     response->set_disk_budget_bytes(storage_.disk_budget_bytes);
     response->set_hot_budget_bytes(storage_.hot_budget_bytes);
     response->set_queue_depth(engine_.queue_depth());
+    response->set_running(engine_.running());
     response->set_in_flight(a.in_flight);
     response->set_admitted(a.admitted);
     response->set_rejected(a.rejected);

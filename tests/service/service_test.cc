@@ -819,11 +819,18 @@ TEST_F(ServiceFlow, DeadlineAndCancellation) {
                                HostTensor::FromFloat32(busy_k.data(), {2048, 2, 64}));
     EXPECT_TRUE(out.ok()) << out.status().message();
   });
-  // Wait until the prefill is admitted and taken by the engine.
-  for (int i = 0; i < 400; ++i) {
+  // Wait until the engine runs the prefill (admitted is not enough: the
+  // server converts its tensors before queueing it, and a decode queued in
+  // that time would run first).
+  bool prefill_running = false;
+  for (int i = 0; i < 2000 && !prefill_running; ++i) {
     auto s = client->Stats();
-    if (s.ok() && s->in_flight() == 1 && s->queue_depth() == 0) break;
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    prefill_running = s.ok() && s->running() == 1 && s->in_flight() == 1;
+    if (!prefill_running) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+  }
+  if (!prefill_running) {
+    busy.join();
+    FAIL() << "the prefill was never seen running";
   }
   std::this_thread::sleep_for(std::chrono::milliseconds(20));
   auto one = Tensor3(1, 8, 64);
