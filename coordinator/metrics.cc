@@ -230,6 +230,8 @@ std::string RenderMetrics(const MetricsSources& src) {
   const Admission::Snapshot a = src.admission->snapshot();
   out.Family("ringtree_queue_depth", "gauge", "requests queued for the engine, not yet in a step");
   out.Sample("ringtree_queue_depth", {}, static_cast<double>(src.engine->queue_depth()));
+  out.Family("ringtree_running_requests", "gauge", "requests in the engine's step running now");
+  out.Sample("ringtree_running_requests", {}, static_cast<double>(src.engine->running()));
   out.Family("ringtree_in_flight_requests", "gauge",
              "requests admitted and not completed (incl. AppendKV streams)");
   out.Sample("ringtree_in_flight_requests", {}, static_cast<double>(a.in_flight));

@@ -53,9 +53,11 @@ void PrintSession(const v1::SessionInfo& s) {
 }
 
 void PrintStats(const v1::StatsResponse& s) {
-  std::printf("world_size=%d sessions=%lld uptime=%.1fs queue_depth=%lld in_flight=%lld\n",
-              s.world_size(), static_cast<long long>(s.sessions()), s.uptime_s(),
-              static_cast<long long>(s.queue_depth()), static_cast<long long>(s.in_flight()));
+  std::printf(
+      "world_size=%d sessions=%lld uptime=%.1fs queue_depth=%lld running=%lld in_flight=%lld\n",
+      s.world_size(), static_cast<long long>(s.sessions()), s.uptime_s(),
+      static_cast<long long>(s.queue_depth()), static_cast<long long>(s.running()),
+      static_cast<long long>(s.in_flight()));
   const bool unbounded = s.kv_budget_bytes() == std::numeric_limits<int64_t>::max();
   std::printf("admitted=%lld rejected=%lld invalid=%lld kv_used=%.1f MiB of %s\n",
               static_cast<long long>(s.admitted()), static_cast<long long>(s.rejected()),

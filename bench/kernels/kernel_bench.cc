@@ -118,6 +118,7 @@ struct Options {
   int threads = 0;
   std::string path;  // force a kernel path (kernels/cpu.h names)
   int64_t decode_n = 0;  // decode: only this KV length (0: the default list)
+  int prefill_rounds = 5;  // prefill: rounds of the alternating headline measurement
 };
 
 FILE* g_json = nullptr;
@@ -139,12 +140,14 @@ std::string Fmt(const char* fmt, ...) {
 // ---------------- rooflines ----------------
 
 // OpenBLAS SGEMM with its own threads on all cores: C[M,N] = A[M,K] * B[N,K]^T.
-double SgemmGflops(int m, int n, int k, int threads) {
+double SgemmGflops(int m, int n, int k, int threads, int reps = 3) {
   std::vector<float> a(static_cast<size_t>(m) * k), b(static_cast<size_t>(n) * k), c(static_cast<size_t>(m) * n);
   FillRandom(a.data(), a.size(), 1);
   FillRandom(b.data(), b.size(), 2);
   SetBlasThreads(threads);
-  double t = TimeMin([&] { Sgemm(false, true, m, n, k, 1.0f, a.data(), k, b.data(), k, 0.0f, c.data(), n); }, 3);
+  double t = TimeMin(
+      [&] { Sgemm(false, true, m, n, k, 1.0f, a.data(), k, b.data(), k, 0.0f, c.data(), n); },
+      reps);
   SetBlasThreads(1);
   return 2.0 * m * n * k / t / 1e9;
 }
@@ -344,6 +347,65 @@ double PrefillCase(int64_t n, int heads, int kv_heads, int d, bool causal, bool 
                bf16 && fp32_gflops > 0 ? gflops / fp32_gflops : -1.0, err, t_unfused,
                t_unfused > 0 ? t_unfused / t : -1.0, 4.0 * n * n));
   return gflops;
+}
+
+// The headline prefill (fp32, non-causal, H = Hkv = 8, D = 128) against the
+// GEMM roofline measured in alternation with it. On a shared machine the GEMM
+// rate drifts by up to 1.5x within minutes (OpenBLAS 4096^3 went from 217 to
+// 319 GFLOP/s in one sitting), so a roofline taken once at the start (best of
+// three) and a prefill run minutes later (once) do not share conditions.
+// Each round times the roofline as MeasureRooflines defines its best fp32
+// GEMM (OpenBLAS 4096^3 and at the prefill's N x N x 128 shape, best of two
+// each), then the prefill once; the figure is the median of the rounds'
+// ratios (min and max printed beside it).
+void PrefillAlternating(int64_t n, int rounds, int threads) {
+  const int heads = 8, kv_heads = 8, d = 128;
+  const size_t qn = n * heads * d, kvn = n * kv_heads * d;
+  std::vector<float> q(qn), o(qn), lse(n * heads);
+  FillRandom(q.data(), qn, 11);
+  Buffer k = RandomStorage(kvn, DType::kFloat32, 12), v = RandomStorage(kvn, DType::kFloat32, 13);
+  AttentionShape s{n, n, heads, kv_heads, d};
+  AttentionOptions opt;
+  const double flops = 4.0 * n * n * d * heads;
+  (void)AttentionForward(q.data(), k.data.get(), v.data.get(), DType::kFloat32, s, opt, o.data(),
+                         lse.data());  // warm-up
+  std::printf(
+      "\nprefill_full_N%ld_H8_Hkv8_D128 in alternation with the fp32 GEMM roofline, %d rounds\n",
+      (long)n, rounds);
+  std::vector<double> ratios;
+  std::string rounds_json;
+  for (int r = 0; r < rounds; ++r) {
+    const double square = SgemmGflops(4096, 4096, 4096, threads, 2);
+    const double shaped = SgemmGflops(static_cast<int>(n), static_cast<int>(n), 128, threads, 2);
+    const double roof = std::max(square, shaped);
+    const double t = TimeMin(
+        [&] {
+          (void)AttentionForward(q.data(), k.data.get(), v.data.get(), DType::kFloat32, s, opt,
+                                 o.data(), lse.data());
+        },
+        1, 0);
+    const double gflops = flops / t / 1e9;
+    ratios.push_back(gflops / roof);
+    std::printf(
+        "  round %d: GEMM roofline %.1f GFLOP/s (4096^3 %.1f, %ldx%ldx128 %.1f), prefill %.1f "
+        "GFLOP/s -> %.3f\n",
+        r + 1, roof, square, (long)n, (long)n, shaped, gflops, gflops / roof);
+    std::fflush(stdout);
+    rounds_json += Fmt("%s{\"gemm_gflops\":%.2f,\"prefill_gflops\":%.2f,\"ratio\":%.4f}",
+                       r ? "," : "", roof, gflops, gflops / roof);
+  }
+  std::vector<double> sorted = ratios;
+  std::sort(sorted.begin(), sorted.end());
+  const double median = sorted[sorted.size() / 2];
+  std::printf("  median ratio %.3f (min %.3f, max %.3f)  path %s, blas core %s\n", median,
+              sorted.front(), sorted.back(), KernelPathName(ActiveKernelPath()),
+              BlasCoreName().c_str());
+  EmitJson(Fmt(
+      "{\"name\":\"prefill_alternating\",\"N\":%ld,\"heads\":%d,\"kv_heads\":%d,\"head_dim\":%d,"
+      "\"path\":\"%s\",\"blas_core\":\"%s\",\"rounds\":[%s],\"prefill_vs_sgemm_median\":%.4f,"
+      "\"prefill_vs_sgemm_min\":%.4f,\"prefill_vs_sgemm_max\":%.4f}",
+      (long)n, heads, kv_heads, d, KernelPathName(ActiveKernelPath()), BlasCoreName().c_str(),
+      rounds_json.c_str(), median, sorted.front(), sorted.back()));
 }
 
 // Causal prefill with a sliding window against full causal at the same size:
@@ -546,11 +608,14 @@ int Main(int argc, char** argv) {
     else if (a == "--path" && i + 1 < argc) opt.path = argv[++i];
     else if (a == "--decode-n" && i + 1 < argc)
       opt.decode_n = std::atol(argv[++i]);
+    else if (a == "--prefill-rounds" && i + 1 < argc && std::atoi(argv[i + 1]) > 0)
+      opt.prefill_rounds = std::atoi(argv[++i]);
     else {
       std::fprintf(stderr,
                    "usage: kernel_bench [--quick] [--only prefill|decode|batched|window|memory] "
                    "[--threads N] "
-                   "[--path generic|avx2|avx512|avx512bf16] [--decode-n N] [--json FILE]\n");
+                   "[--path generic|avx2|avx512|avx512bf16] [--decode-n N] [--prefill-rounds R] "
+                   "[--json FILE]\n");
       return 2;
     }
   }
@@ -591,6 +656,7 @@ int Main(int argc, char** argv) {
       PrefillCase(4096, 32, 8, 128, true, true, threads, roof);
       PrefillCase(32768, 8, 8, 128, true, false, threads, roof);
     }
+    PrefillAlternating(n_main, opt.quick ? 1 : opt.prefill_rounds, threads);
   }
   if (all || opt.only == "window") {
     const Rooflines roof = MeasureRooflines(opt.quick ? 2048 : 16384, threads);

@@ -302,6 +302,7 @@ TEST(ServiceMetrics, ScrapeParsesAndCountersMoveWithTraffic) {
       {"ringtree_engine_phase_seconds_total", "counter"},
       {"ringtree_engine_phase_steps_total", "counter"},
       {"ringtree_queue_depth", "gauge"},
+      {"ringtree_running_requests", "gauge"},
       {"ringtree_in_flight_requests", "gauge"},
       {"ringtree_admitted_requests_total", "counter"},
       {"ringtree_refused_requests_total", "counter"},
@@ -406,6 +407,7 @@ TEST(ServiceMetrics, ScrapeParsesAndCountersMoveWithTraffic) {
   EXPECT_EQ(delta("ringtree_refused_requests_total", {{"reason", "queue_full"}}), 0);
   EXPECT_EQ(delta("ringtree_invalid_requests_total"), 1);
   EXPECT_EQ(after.Get("ringtree_queue_depth"), 0);
+  EXPECT_EQ(after.Get("ringtree_running_requests"), 0);
   EXPECT_EQ(after.Get("ringtree_in_flight_requests"), 0);
   // Stored KV, summed over ranks, grew by exactly what was appended.
   const int64_t tokens = kAppendTokens + kPrefillTokens + kDecodes;
