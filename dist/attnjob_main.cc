@@ -302,10 +302,11 @@ Status CheckAgainstSingleProcess(const JobOptions& o, const Problem& p, const Co
   constexpr int64_t kFullCheckTokens = 4096;
   constexpr int64_t kSampledRows = 48;
   // fp32: the same products, another merge order. bf16 products (the
-  // avx512bf16 path) round probabilities against each tile's running max,
-  // which differs between the split and the whole sequence.
+  // avx512bf16 and onednn paths) round probabilities against each tile's
+  // running max, which differs between the split and the whole sequence.
   const double kTolerance =
-      p.heads.kv_dtype == DType::kBFloat16 && ActiveKernelPath() == KernelPath::kAvx512Bf16 ? 5e-3 : 1e-4;
+      p.heads.kv_dtype == DType::kBFloat16 && KernelPathRoundsToBFloat16(ActiveKernelPath()) ? 5e-3
+                                                                                             : 1e-4;
   const int64_t q_row = static_cast<int64_t>(p.heads.heads) * p.heads.head_dim;
   const int64_t kv_row = static_cast<int64_t>(p.heads.kv_heads) * p.heads.head_dim;
   std::vector<float> global_out, global_lse;

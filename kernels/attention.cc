@@ -391,7 +391,10 @@ Status FlashAttentionForward(const float* q, const void* k, const void* v, DType
                                      .o = o,
                                      .lse = lse,
                                      .band = band};
-        computed += internal::FlashTileAvx512(ft, path == KernelPath::kAvx512Bf16);
+        computed += internal::FlashTileAvx512(
+            ft, path == KernelPath::kAvx512Bf16 ? internal::Bf16Products::kDot
+                : path == KernelPath::kOneDnn   ? internal::Bf16Products::kOneDnn
+                                                : internal::Bf16Products::kWiden);
       } else {
         computed +=
             PrefillTileBlas(q, k, v, kv_dtype, s, qmul, hk, t0, t1, first, last, o, lse, band);

@@ -32,8 +32,8 @@ struct BandCase {
 
 std::vector<KernelPath> Paths() {
   std::vector<KernelPath> out;
-  for (KernelPath p :
-       {KernelPath::kGeneric, KernelPath::kAvx2, KernelPath::kAvx512, KernelPath::kAvx512Bf16})
+  for (KernelPath p : {KernelPath::kGeneric, KernelPath::kAvx2, KernelPath::kAvx512,
+                       KernelPath::kAvx512Bf16, KernelPath::kOneDnn})
     if (KernelPathSupported(p)) out.push_back(p);
   return out;
 }
@@ -69,7 +69,7 @@ TEST_P(AttentionBandTest, MatchesBruteForceOnEveryPath) {
     PathGuard guard(path);
     ASSERT_TRUE(guard.ok);
     const double tol =
-        c.dtype == DType::kBFloat16 && path == KernelPath::kAvx512Bf16 ? 2e-2 : 2e-5 * c.magnitude;
+        c.dtype == DType::kBFloat16 && KernelPathRoundsToBFloat16(path) ? 2e-2 : 2e-5 * c.magnitude;
     for (bool flash : {false, true}) {
       SCOPED_TRACE(std::string(KernelPathName(path)) + (flash ? " flash" : " forward"));
       std::vector<float> o_off(q.size()), lse_off(c.tq * c.heads), o_on(q.size(), 5.0f),

@@ -8,7 +8,7 @@
 // largest error seen on any case when they were set (2026-11-30):
 //   generic, avx2, avx512: 2e-5 (seen 1.6e-6) — fp32 products and sums over
 //       <= 600 keys of values in [-1, 1].
-//   avx512bf16 with bfloat16 KV: 6e-3 (seen 4.3e-3 on the flash tiles) —
+//   avx512bf16 and onednn with bfloat16 KV: 6e-3 (seen 4.3e-3 on the flash tiles) —
 //       queries and probabilities are rounded to bfloat16 (8 significant
 //       bits, relative error <= 2^-9) before the products; sums stay fp32.
 //   extreme logits (|logit| up to ~100): 1e-4 fp32, 2e-2 bf16 products (a
@@ -45,7 +45,7 @@ struct Tolerance {
 };
 
 Tolerance ToleranceFor(KernelPath path, const OpCase& c) {
-  const bool bf16_products = path == KernelPath::kAvx512Bf16 && c.dtype == DType::kBFloat16;
+  const bool bf16_products = KernelPathRoundsToBFloat16(path) && c.dtype == DType::kBFloat16;
   double o = bf16_products ? 6e-3 : 2e-5;
   if (c.magnitude > 1.0f) o = bf16_products ? 2e-2 : 1e-4;
   return {o, 10 * o};
@@ -196,7 +196,8 @@ Reference MakeReference(const OpCase& c, const AttentionOptions& opt) {
 
 std::vector<KernelPath> SupportedPaths() {
   std::vector<KernelPath> out;
-  for (KernelPath p : {KernelPath::kGeneric, KernelPath::kAvx2, KernelPath::kAvx512, KernelPath::kAvx512Bf16})
+  for (KernelPath p : {KernelPath::kGeneric, KernelPath::kAvx2, KernelPath::kAvx512,
+                       KernelPath::kAvx512Bf16, KernelPath::kOneDnn})
     if (KernelPathSupported(p)) out.push_back(p);
   return out;
 }
@@ -295,7 +296,8 @@ TEST(AttentionMasks, BadMasksAreRejectedNamingTheField) {
 
 TEST(KernelPaths, ForcingAnUnsupportedPathFailsAndChangesNothing) {
   const KernelPath before = ActiveKernelPath();
-  for (KernelPath p : {KernelPath::kGeneric, KernelPath::kAvx2, KernelPath::kAvx512, KernelPath::kAvx512Bf16}) {
+  for (KernelPath p : {KernelPath::kGeneric, KernelPath::kAvx2, KernelPath::kAvx512,
+                       KernelPath::kAvx512Bf16, KernelPath::kOneDnn}) {
     if (KernelPathSupported(p)) continue;
     EXPECT_FALSE(SetKernelPath(p));
     EXPECT_EQ(ActiveKernelPath(), before);

@@ -54,10 +54,12 @@ void RunCase(const Case& c, Entry entry) {
               : entry == Entry::kFlash  ? FlashAttentionForward(q.data(), k.data(), v.data(), c.dtype, s, opt, o.data(), lse.data())
                                         : AttentionForward(q.data(), k.data(), v.data(), c.dtype, s, opt, o.data(), lse.data());
   ASSERT_TRUE(st.ok()) << st.ToString();
-  // The avx512bf16 path multiplies bf16 K/V in bf16 (queries and
-  // probabilities rounded): its stated tolerance (attention_ops_test.cc).
+  // The avx512bf16 and onednn paths multiply bf16 K/V in bf16 (queries and
+  // probabilities rounded): their stated tolerance (attention_ops_test.cc).
   const double tolerance =
-      c.dtype == DType::kBFloat16 && ActiveKernelPath() == KernelPath::kAvx512Bf16 ? std::max(c.tolerance, 6e-3) : c.tolerance;
+      c.dtype == DType::kBFloat16 && KernelPathRoundsToBFloat16(ActiveKernelPath())
+          ? std::max(c.tolerance, 6e-3)
+          : c.tolerance;
   EXPECT_LE(testing::MaxAbsDiff(o.data(), o_ref.data(), o.size()), tolerance);
   EXPECT_LE(testing::MaxAbsDiff(lse.data(), lse_ref.data(), lse.size()), tolerance * 10);
   for (float x : o) ASSERT_TRUE(std::isfinite(x));

@@ -15,6 +15,7 @@
 #include <mutex>
 
 #include "kernels/dtype.h"
+#include "kernels/onednn_gemm.h"
 
 // OpenBLAS (DYNAMIC_ARCH builds, as Debian's) exports these; weak so a build
 // against another BLAS still links and simply skips the core correction.
@@ -184,7 +185,10 @@ KernelPath EnvironmentPath(bool* forced) {
   if (env && *env) {
     KernelPath p;
     if (!ParseKernelPath(env, &p)) {
-      std::fprintf(stderr, "[kernels] RINGTREE_KERNEL_PATH='%s' is not one of generic, avx2, avx512, avx512bf16\n", env);
+      std::fprintf(stderr,
+                   "[kernels] RINGTREE_KERNEL_PATH='%s' is not one of generic, avx2, avx512, "
+                   "avx512bf16, onednn\n",
+                   env);
       std::exit(2);
     }
     if (!KernelPathSupported(p)) {
@@ -226,12 +230,15 @@ const char* KernelPathName(KernelPath path) {
     case KernelPath::kAvx2: return "avx2";
     case KernelPath::kAvx512: return "avx512";
     case KernelPath::kAvx512Bf16: return "avx512bf16";
+    case KernelPath::kOneDnn:
+      return "onednn";
   }
   return "unknown";
 }
 
 bool ParseKernelPath(const std::string& name, KernelPath* out) {
-  for (KernelPath p : {KernelPath::kGeneric, KernelPath::kAvx2, KernelPath::kAvx512, KernelPath::kAvx512Bf16})
+  for (KernelPath p : {KernelPath::kGeneric, KernelPath::kAvx2, KernelPath::kAvx512,
+                       KernelPath::kAvx512Bf16, KernelPath::kOneDnn})
     if (name == KernelPathName(p)) {
       *out = p;
       return true;
@@ -246,6 +253,9 @@ bool KernelPathSupported(KernelPath path) {
     case KernelPath::kAvx2: return f.os_avx && f.avx2 && f.fma;
     case KernelPath::kAvx512: return Avx512Usable(f);
     case KernelPath::kAvx512Bf16: return Avx512Usable(f) && f.avx512bf16;
+    case KernelPath::kOneDnn:
+      return Avx512Usable(f) && (f.avx512bf16 || (f.amx_bf16 && f.os_amx)) &&
+             internal::OneDnnBf16Usable();
   }
   return false;
 }
@@ -257,8 +267,13 @@ double Bf16DotSpeedup() {
 
 KernelPath DefaultKernelPath() {
   static const KernelPath p = [] {
+    // AMX multiplies bf16 at several times the fp32 FMA rate (oneDNN picks
+    // it by itself when the CPU and the OS allow it).
+    if (KernelPathSupported(KernelPath::kOneDnn) && internal::OneDnnUsesAmx())
+      return KernelPath::kOneDnn;
     // vdpbf16ps must beat fp32 FMA clearly: it also costs packing bf16 pairs.
-    if (KernelPathSupported(KernelPath::kAvx512Bf16) && Bf16DotSpeedup() > 1.25) return KernelPath::kAvx512Bf16;
+    if (KernelPathSupported(KernelPath::kAvx512Bf16) && Bf16DotSpeedup() > 1.25)
+      return KernelPath::kAvx512Bf16;
     if (KernelPathSupported(KernelPath::kAvx512)) return KernelPath::kAvx512;
     if (KernelPathSupported(KernelPath::kAvx2)) return KernelPath::kAvx2;
     return KernelPath::kGeneric;
@@ -303,10 +318,16 @@ std::string KernelPathDescription() {
   add(f.amx_tile && f.amx_bf16, f.os_amx ? "amx-bf16" : "amx-bf16(not enabled by the OS)");
   char buf[512];
   const std::string core = BlasCoreName(), at_load = BlasCoreNameAtLoad();
-  std::snprintf(buf, sizeof(buf), "cpu: %s | features: %s | kernel path: %s%s | bf16 dot vs fp32 fma: %.2fx | blas core: %s%s",
-                f.model.c_str(), feats.empty() ? "none" : feats.c_str(), KernelPathName(ActiveKernelPath()),
-                ActiveKernelPath() == DefaultKernelPath() ? "" : " (forced)", Bf16DotSpeedup(), core.c_str(),
-                core == at_load ? "" : (" (OpenBLAS chose " + at_load + ", corrected from cpu features)").c_str());
+  std::snprintf(
+      buf, sizeof(buf),
+      "cpu: %s | features: %s | kernel path: %s%s | bf16 dot vs fp32 fma: %.2fx | onednn bf16: %s "
+      "| blas core: %s%s",
+      f.model.c_str(), feats.empty() ? "none" : feats.c_str(), KernelPathName(ActiveKernelPath()),
+      ActiveKernelPath() == DefaultKernelPath() ? "" : " (forced)", Bf16DotSpeedup(),
+      internal::OneDnnBf16Usable() ? internal::OneDnnBf16Impl().c_str() : "not usable",
+      core.c_str(),
+      core == at_load ? ""
+                      : (" (OpenBLAS chose " + at_load + ", corrected from cpu features)").c_str());
   return buf;
 }
 

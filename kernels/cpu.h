@@ -4,7 +4,7 @@
 // support (XCR0), never from a table of CPU models, so an unknown or newer
 // CPU gets the best path its features allow. Any supported path can be forced
 // for tests and comparisons:
-//   RINGTREE_KERNEL_PATH=generic|avx2|avx512|avx512bf16   (environment), or
+//   RINGTREE_KERNEL_PATH=generic|avx2|avx512|avx512bf16|onednn   (environment), or
 //   SetKernelPath() in-process (tests run the same suite on every path).
 // RINGTREE_DISABLE_AVX512=1 (older spelling) caps the path at avx2.
 // Forcing a path the CPU cannot run is an error at start, never a crash later.
@@ -44,20 +44,31 @@ const CpuFeatures& DetectCpu();
 //   kAvx512     the project's AVX-512 register-tiled micro-kernels
 //   kAvx512Bf16 as kAvx512, and bf16 KV multiplied with vdpbf16ps (bf16
 //               products, fp32 accumulation) instead of being widened to fp32
-// AMX tiles are detected and reported, but no AMX path exists (no machine the
-// project runs on exposes AMX to its VMs, so it could not be tested).
-enum class KernelPath { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3 };
+//   kOneDnn     as kAvx512, and the flash tiles' bf16 products (Q K^T and P V
+//               with bf16 K/V) run as oneDNN bf16 matmuls: on AMX tiles when
+//               the CPU and OS allow them (then it is the default path),
+//               oneDNN's AVX512-BF16 kernels otherwise. Needs AVX512-BF16 or
+//               AMX-BF16. Decode and short attends (<= 64 query tokens) run as
+//               on kAvx512: they are bound by memory, not by multiplies.
+enum class KernelPath { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, kOneDnn = 4 };
 
 const char* KernelPathName(KernelPath path);
-// Parses "generic", "avx2", "avx512", "avx512bf16"; false on anything else.
+// True when the path multiplies bfloat16 K/V with queries and probabilities
+// rounded to bfloat16 (avx512bf16 everywhere, onednn in the flash tiles): its
+// results differ from fp32 products by up to ~2^-9 relative (tests' tolerances).
+inline bool KernelPathRoundsToBFloat16(KernelPath path) {
+  return path == KernelPath::kAvx512Bf16 || path == KernelPath::kOneDnn;
+}
+// Parses "generic", "avx2", "avx512", "avx512bf16", "onednn"; false on anything else.
 bool ParseKernelPath(const std::string& name, KernelPath* out);
 
 // True when the CPU and OS can run `path`.
 bool KernelPathSupported(KernelPath path);
 
-// The best supported path (kAvx512Bf16 only when vdpbf16ps, measured once at
-// start against vfmadd231ps, multiplies faster than fp32 FMA does: on some
-// CPUs it has a quarter of the FMA's throughput, which makes it slower).
+// The best supported path: kOneDnn when oneDNN's bf16 matmul runs on AMX
+// tiles; else kAvx512Bf16 only when vdpbf16ps, measured once at start
+// against vfmadd231ps, multiplies faster than fp32 FMA does (on some CPUs it
+// has a quarter of the FMA's throughput, which makes it slower).
 KernelPath DefaultKernelPath();
 
 // The path the kernels use now: the forced one (environment or

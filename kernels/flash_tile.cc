@@ -19,6 +19,7 @@
 #include <algorithm>
 #include <cmath>
 
+#include "kernels/onednn_gemm.h"
 #include "kernels/online_softmax.h"
 #include "kernels/simd_avx512.h"
 
@@ -322,7 +323,7 @@ inline int32_t ClampRel(int64_t x) { return static_cast<int32_t>(std::clamp<int6
 
 }  // namespace
 
-int64_t FlashTileAvx512(const FlashTile& t, bool bf16_dot) {
+int64_t FlashTileAvx512(const FlashTile& t, Bf16Products products) {
   const AttentionShape& s = t.shape;
   const int D = s.head_dim, H = s.heads, Hkv = s.kv_heads, G = H / Hkv;
   const int tokens = static_cast<int>(t.t1 - t.t0);
@@ -332,10 +333,13 @@ int64_t FlashTileAvx512(const FlashTile& t, bool bf16_dot) {
   // the rows when a micro-kernel's 4-vector slice is narrower than a row, so
   // that the slice's lines at consecutive d or j spread over all L1 sets (a
   // power-of-two stride put them in a few sets, and re-read them from L2).
-  const int ld = rp > 64 ? rp + 16 : rp;
-  const int rv = rp / 16;
   const bool bf16 = t.kv_dtype == DType::kBFloat16;
-  bf16_dot = bf16_dot && bf16;
+  const bool bf16_dot = bf16 && products == Bf16Products::kDot;
+  // oneDNN tiles: dense row-major operands (oneDNN's AMX kernels take plain
+  // layouts), S^T = K Q^T and O^T += V^T P^T in bf16 with fp32 results.
+  const bool onednn = bf16 && products == Bf16Products::kOneDnn;
+  const int ld = rp > 64 && !onednn ? rp + 16 : rp;
+  const int rv = rp / 16;
   const int D2 = (D + 1) / 2;
 
   float* ot = ThreadScratch(0, static_cast<size_t>(D) * ld);
@@ -353,7 +357,13 @@ int64_t FlashTileAvx512(const FlashTile& t, bool bf16_dot) {
 
   // Pack scaled queries transposed; padded rows are zero.
   const int64_t q_row_base = static_cast<int64_t>(t.hk) * G;
-  if (bf16_dot) {
+  if (onednn) {
+    uint16_t* qt16 = reinterpret_cast<uint16_t*>(qt);  // [D][rp] bf16
+    for (int r = 0; r < rp; ++r) {
+      const float* qr = r < rows ? t.q + ((t.t0 + r / G) * H + q_row_base + r % G) * D : nullptr;
+      for (int d = 0; d < D; ++d) qt16[d * rp + r] = qr ? FloatToBFloat16(qr[d] * t.qmul) : 0;
+    }
+  } else if (bf16_dot) {
     uint32_t* qt2 = reinterpret_cast<uint32_t*>(qt);
     for (int i = 0; i < D2; ++i)
       for (int r = 0; r < rp; ++r) {
@@ -407,6 +417,26 @@ int64_t FlashTileAvx512(const FlashTile& t, bool bf16_dot) {
         hi[r] = padding ? kKB + 1 : ClampRel(t.key_last[r / G] - j0);
       }
     ++computed;
+    if (onednn) {
+      const uint16_t* kh = static_cast<const uint16_t*>(t.k) + j0 * row_stride + head_off;
+      const uint16_t* vh = static_cast<const uint16_t*>(t.v) + j0 * row_stride + head_off;
+      uint16_t* kd = reinterpret_cast<uint16_t*>(kbuf);  // [nk][D], dense
+      uint16_t* vt = reinterpret_cast<uint16_t*>(vbuf);  // [D][nk]
+      uint16_t* pt = reinterpret_cast<uint16_t*>(pt2);   // [nk][rp]
+      if (row_stride != D)
+        for (int j = 0; j < nk; ++j)
+          std::copy(kh + j * row_stride, kh + j * row_stride + D, kd + j * D);
+      for (int j = 0; j < nk; ++j)
+        for (int d = 0; d < D; ++d) vt[d * nk + j] = vh[j * row_stride + d];
+      OneDnnGemmBf16(row_stride != D ? kd : kh, reinterpret_cast<const uint16_t*>(qt), st, nk, rp,
+                     D, false);
+      if (!full) MaskBlock(st, ld, rp, nk, lo, hi);
+      if (band.band) BandCapture(band, t.t0, tokens, G, j0, nk, st, 1, ld);
+      SoftmaxBlock(st, ld, rp, nk, D, m, l, ot);
+      ConvertFromFloat32(st, DType::kBFloat16, pt, static_cast<size_t>(nk) * rp);
+      OneDnnGemmBf16(vt, pt, ot, D, rp, nk, true);
+      continue;
+    }
     if (bf16_dot) {
       const uint16_t* kh = static_cast<const uint16_t*>(t.k) + j0 * row_stride + head_off;
       const uint16_t* vh = static_cast<const uint16_t*>(t.v) + j0 * row_stride + head_off;

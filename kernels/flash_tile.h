@@ -53,12 +53,19 @@ struct FlashTile {
   TileBand band;         // span discovery capture (band.band null: off)
 };
 
-// Computes the tile's rows of o and lse. `bf16_dot`: bfloat16 K/V are
-// multiplied with vdpbf16ps (queries and probabilities rounded to bfloat16,
-// fp32 accumulation); otherwise K/V are widened and multiplied in fp32.
-// Requires KernelPath >= kAvx512 (kAvx512Bf16 for bf16_dot). Returns the
-// number of key blocks computed (the rest were wholly masked and skipped).
-int64_t FlashTileAvx512(const FlashTile& tile, bool bf16_dot);
+// How a tile multiplies bfloat16 K/V (fp32 K/V are always multiplied in fp32).
+enum class Bf16Products {
+  kWiden,   // widened to fp32, fp32 products (KernelPath kAvx512)
+  kDot,     // vdpbf16ps micro-kernels (kAvx512Bf16)
+  kOneDnn,  // oneDNN bf16 matmuls, AMX where present (kOneDnn)
+};
+// kDot and kOneDnn round the queries and probabilities to bfloat16; products
+// are exact in fp32 and sums are fp32.
+
+// Computes the tile's rows of o and lse. Requires KernelPath >= kAvx512
+// (and the path named beside `bf16`). Returns the number of key blocks
+// computed (the rest were wholly masked and skipped).
+int64_t FlashTileAvx512(const FlashTile& tile, Bf16Products bf16);
 
 // The tiles' QK^T micro-kernels as a plain GEMM, for the benchmark's
 // roofline: ct[j][r] = sum_d a[r][d] * b[j][d] for r < m, j < n (a [m, k],

@@ -37,6 +37,7 @@
 #include "kernels/cpu.h"
 #include "kernels/dtype.h"
 #include "kernels/flash_tile.h"
+#include "kernels/onednn_gemm.h"
 #include "kernels/reference.h"
 
 extern char** environ;
@@ -180,11 +181,48 @@ double TileGemmGflops(int m, int n, int k, bool bf16) {
   return 2.0 * m * n * k / t / 1e9;
 }
 
+// oneDNN's matmul (the library the onednn path multiplies with) on all
+// cores, 4096^3: the rows split over the threads, each running oneDNN on one
+// thread, as the kernels call it. fp32 or bf16 inputs, fp32 output.
+double OneDnnGemmGflops(bool bf16, int threads) {
+  if (!internal::OneDnnBf16Usable()) return 0;
+  constexpr int kN = 4096;
+  std::vector<float> a(static_cast<size_t>(kN) * kN), b(a.size()), c(a.size());
+  FillRandom(a.data(), a.size(), 1);
+  FillRandom(b.data(), b.size(), 2);
+  std::vector<uint16_t> ab, bb;
+  if (bf16) {
+    ab.resize(a.size());
+    bb.resize(b.size());
+    ConvertFromFloat32(a.data(), DType::kBFloat16, ab.data(), a.size());
+    ConvertFromFloat32(b.data(), DType::kBFloat16, bb.data(), b.size());
+  }
+  const int rows = kN / threads;
+  const double t = TimeMin(
+      [&] {
+        tbb::parallel_for(0, threads, [&](int i) {
+          const size_t off = static_cast<size_t>(i) * rows * kN;
+          if (bf16)
+            internal::OneDnnGemmBf16(ab.data() + off, bb.data(), c.data() + off, rows, kN, kN,
+                                     false);
+          else
+            internal::OneDnnGemmFloat32(a.data() + off, b.data(), c.data() + off, rows, kN, kN,
+                                        false);
+        });
+      },
+      3);
+  return 2.0 * rows * threads * kN * kN / t / 1e9;
+}
+
 struct Rooflines {
   double openblas_sgemm = 0, openblas_square = 0, tile_sgemm = 0, tile_bf16 = 0;
+  double onednn_fp32 = 0, onednn_bf16 = 0;  // 4096^3
   // The machine's best fp32 GEMM: the prefill-shaped products (N x N x 128,
   // whose N x N output costs memory traffic) or a compute-bound 4096^3 one.
-  double best_fp32() const { return std::max({openblas_sgemm, openblas_square, tile_sgemm}); }
+  double best_fp32() const {
+    return std::max({openblas_sgemm, openblas_square, tile_sgemm, onednn_fp32});
+  }
+  double best_bf16() const { return std::max(tile_bf16, onednn_bf16); }
 };
 
 // The machine's best GEMM rates at the prefill's shape (N x N x 128), same run.
@@ -194,13 +232,29 @@ Rooflines MeasureRooflines(int n, int threads) {
   r.openblas_square = SgemmGflops(4096, 4096, 4096, threads);
   r.tile_sgemm = TileGemmGflops(n, n, 128, false);
   if (KernelPathSupported(KernelPath::kAvx512Bf16)) r.tile_bf16 = TileGemmGflops(n, n, 128, true);
-  std::printf("\nGEMM rooflines, same run: OpenBLAS SGEMM (core %s) %dx%dx128 %.1f GFLOP/s, 4096^3 %.1f | project tile "
-              "fp32 %dx%dx128 %.1f | project tile bf16 (vdpbf16ps) %s GFLOP/s -> best fp32 %.1f\n",
-              BlasCoreName().c_str(), n, n, r.openblas_sgemm, r.openblas_square, n, n, r.tile_sgemm,
-              r.tile_bf16 > 0 ? Fmt("%.1f", r.tile_bf16).c_str() : "n/a", r.best_fp32());
-  EmitJson(Fmt("{\"name\":\"gemm_rooflines\",\"N\":%d,\"openblas_sgemm_gflops\":%.2f,\"openblas_sgemm_4096_cubed_gflops\":%.2f,"
-               "\"blas_core\":\"%s\",\"tile_fp32_gflops\":%.2f,\"tile_bf16_gflops\":%.2f,\"best_fp32_gflops\":%.2f}",
-               n, r.openblas_sgemm, r.openblas_square, BlasCoreName().c_str(), r.tile_sgemm, r.tile_bf16, r.best_fp32()));
+  r.onednn_fp32 = OneDnnGemmGflops(false, threads);
+  r.onednn_bf16 = OneDnnGemmGflops(true, threads);
+  const std::string onednn_impl =
+      internal::OneDnnBf16Usable() ? internal::OneDnnBf16Impl() : "not usable";
+  std::printf(
+      "\nGEMM rooflines, same run: OpenBLAS SGEMM (core %s) %dx%dx128 %.1f GFLOP/s, 4096^3 %.1f | "
+      "project tile "
+      "fp32 %dx%dx128 %.1f | project tile bf16 (vdpbf16ps) %s | oneDNN 4096^3 fp32 %.1f, bf16 %.1f "
+      "(%s) GFLOP/s "
+      "-> best fp32 %.1f, best bf16 %.1f\n",
+      BlasCoreName().c_str(), n, n, r.openblas_sgemm, r.openblas_square, n, n, r.tile_sgemm,
+      r.tile_bf16 > 0 ? Fmt("%.1f", r.tile_bf16).c_str() : "n/a", r.onednn_fp32, r.onednn_bf16,
+      onednn_impl.c_str(), r.best_fp32(), r.best_bf16());
+  EmitJson(
+      Fmt("{\"name\":\"gemm_rooflines\",\"N\":%d,\"openblas_sgemm_gflops\":%.2f,\"openblas_sgemm_"
+          "4096_cubed_gflops\":%.2f,"
+          "\"blas_core\":\"%s\",\"tile_fp32_gflops\":%.2f,\"tile_bf16_gflops\":%.2f,\"onednn_fp32_"
+          "4096_cubed_gflops\":%.2f,"
+          "\"onednn_bf16_4096_cubed_gflops\":%.2f,\"onednn_bf16_impl\":\"%s\",\"best_fp32_gflops\":"
+          "%.2f,"
+          "\"best_bf16_gflops\":%.2f}",
+          n, r.openblas_sgemm, r.openblas_square, BlasCoreName().c_str(), r.tile_sgemm, r.tile_bf16,
+          r.onednn_fp32, r.onednn_bf16, onednn_impl.c_str(), r.best_fp32(), r.best_bf16()));
   return r;
 }
 
@@ -381,10 +435,11 @@ double PrefillCase(int64_t n, int heads, int kv_heads, int d, bool causal, bool 
 // 319 GFLOP/s in one sitting), so a roofline taken once at the start (best of
 // three) and a prefill run minutes later (once) do not share conditions.
 // Each round times OpenBLAS SGEMM at 4096^3 and at the prefill's N x N x 128
-// shape (best of two each; the project's tile GEMM, which MeasureRooflines
-// also counts, is left out: it was below OpenBLAS 4096^3 in every run and
-// costs seconds at this N), then the prefill once; the figure is the median
-// of the rounds' ratios (min and max printed beside it).
+// shape and oneDNN's fp32 matmul at 4096^3 (best of two or three each; the
+// project's tile GEMM, which MeasureRooflines also counts, is left out: it
+// was below OpenBLAS 4096^3 in every run and costs seconds at this N), then
+// the prefill once; the figure is the median of the rounds' ratios (min and
+// max printed beside it).
 void PrefillAlternating(int64_t n, int rounds, int threads) {
   const int heads = 8, kv_heads = 8, d = 128;
   PrefillInputs in(n, heads, kv_heads, d, false, DType::kFloat32);
@@ -398,14 +453,16 @@ void PrefillAlternating(int64_t n, int rounds, int threads) {
   for (int r = 0; r < rounds; ++r) {
     const double square = SgemmGflops(4096, 4096, 4096, threads, 2);
     const double shaped = SgemmGflops(static_cast<int>(n), static_cast<int>(n), 128, threads, 2);
-    const double roof = std::max(square, shaped);
+    const double onednn = OneDnnGemmGflops(false, threads);
+    const double roof = std::max({square, shaped, onednn});
     const double t = TimeMin([&] { in.Run(); }, 1, 0);
     const double gflops = flops / t / 1e9;
     ratios.push_back(gflops / roof);
     std::printf(
-        "  round %d: GEMM roofline %.1f GFLOP/s (4096^3 %.1f, %ldx%ldx128 %.1f), prefill %.1f "
-        "GFLOP/s -> %.3f\n",
-        r + 1, roof, square, (long)n, (long)n, shaped, gflops, gflops / roof);
+        "  round %d: GEMM roofline %.1f GFLOP/s (OpenBLAS 4096^3 %.1f, %ldx%ldx128 %.1f; oneDNN "
+        "4096^3 %.1f), "
+        "prefill %.1f GFLOP/s -> %.3f\n",
+        r + 1, roof, square, (long)n, (long)n, shaped, onednn, gflops, gflops / roof);
     std::fflush(stdout);
     rounds_json += Fmt("%s{\"gemm_gflops\":%.2f,\"prefill_gflops\":%.2f,\"ratio\":%.4f}",
                        r ? "," : "", roof, gflops, gflops / roof);
@@ -627,11 +684,12 @@ int Main(int argc, char** argv) {
     else if (a == "--prefill-rounds" && i + 1 < argc && std::atoi(argv[i + 1]) > 0)
       opt.prefill_rounds = std::atoi(argv[++i]);
     else {
-      std::fprintf(stderr,
-                   "usage: kernel_bench [--quick] [--only prefill|decode|batched|window|memory] "
-                   "[--threads N] "
-                   "[--path generic|avx2|avx512|avx512bf16] [--decode-n N] [--prefill-rounds R] "
-                   "[--json FILE]\n");
+      std::fprintf(
+          stderr,
+          "usage: kernel_bench [--quick] [--only prefill|decode|batched|window|memory] "
+          "[--threads N] "
+          "[--path generic|avx2|avx512|avx512bf16|onednn] [--decode-n N] [--prefill-rounds R] "
+          "[--json FILE]\n");
       return 2;
     }
   }
@@ -656,9 +714,10 @@ int Main(int argc, char** argv) {
     // bf16 KV on the default path, and on the vdpbf16ps path when the CPU
     // has it (forced: the default takes it only where the probe found it faster).
     PrefillCase(n_main, 8, 8, 128, false, false, threads, roof, DType::kBFloat16, fp32);
-    if (KernelPathSupported(KernelPath::kAvx512Bf16) && ActiveKernelPath() != KernelPath::kAvx512Bf16) {
+    for (KernelPath bf16_path : {KernelPath::kAvx512Bf16, KernelPath::kOneDnn}) {
+      if (!KernelPathSupported(bf16_path) || ActiveKernelPath() == bf16_path) continue;
       const KernelPath before = ActiveKernelPath();
-      SetKernelPath(KernelPath::kAvx512Bf16);
+      SetKernelPath(bf16_path);
       PrefillCase(n_main, 8, 8, 128, false, false, threads, roof, DType::kBFloat16, fp32);
       SetKernelPath(before);
     }

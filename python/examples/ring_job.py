@@ -120,7 +120,7 @@ def main():
     to_f = (lambda x: rt.from_bfloat16(x)) if bf16 else (lambda x: x)
     q_all = q_rows(0, total)
     k_all, v_all = to_f(kv_rows(1, 0, total)), to_f(kv_rows(2, 0, total))
-    # bf16 K/V may be multiplied in bf16 (the avx512bf16 kernel path rounds
+    # bf16 K/V may be multiplied in bf16 (the avx512bf16 and onednn paths round
     # queries and probabilities to 8 significant bits): 1e-2; else fp32 products.
     tol = 1e-2 if bf16 else 2e-4
     # Prefill: a sample of rows (every rank's shard has some), plus every decode row.

@@ -165,7 +165,7 @@ def main():
             continue
         kr, vr = (to_bf16(k), to_bf16(v)) if kv_dtype == "bfloat16" else (k, v)
         o_ref, _ = masked_reference(q, kr, vr, window, docs)
-        # bf16 KV may be multiplied in bf16 (avx512bf16 path): 6e-3 as in the kernel suite.
+        # bf16 KV may be multiplied in bf16 (avx512bf16, onednn paths): 6e-3 as in the kernel suite.
         tol = 6e-3 if kv_dtype == "bfloat16" else O_TOL
         do = np.abs(np.load(out) - o_ref).max()
         if do > tol:
