@@ -1,5 +1,7 @@
 #include "kernels/onednn_gemm.h"
 
+#include "kernels/cpu.h"
+
 #include <dlfcn.h>
 
 #include <cstdio>
@@ -60,6 +62,9 @@ dnnl::matmul::primitive_desc Describe(int m, int n, int k, bool accumulate, bool
 }
 
 std::string ProbeImpl() {
+  // Detection asks Linux for the AMX tile state (arch_prctl) before oneDNN's
+  // first call, so oneDNN finds AMX usable wherever the CPU and OS allow it.
+  (void)DetectCpu();
   try {
     return Describe(128, 128, 128, true).impl_info_str();
   } catch (const std::exception&) {
