@@ -13,6 +13,7 @@
 //       bits, relative error <= 2^-9) before the products; sums stay fp32.
 //   extreme logits (|logit| up to ~100): 1e-4 fp32, 2e-2 bf16 products (a
 //       rounding of q shifts a near-one-hot softmax); never NaN or inf.
+#include <dirent.h>
 #include <gtest/gtest.h>
 
 #include <cmath>
@@ -292,6 +293,42 @@ TEST(AttentionMasks, BadMasksAreRejectedNamingTheField) {
   opt.doc_offsets = unsorted;
   st = DecodeAttention(q.data(), k.data(), v.data(), DType::kFloat32, s, opt, o.data(), nullptr);
   EXPECT_NE(st.message().find("doc_offsets"), std::string::npos) << st.message();
+}
+
+int ThreadCount() {
+  int n = 0;
+  if (DIR* d = opendir("/proc/self/task")) {
+    while (dirent* e = readdir(d)) n += e->d_name[0] != '.';
+    closedir(d);
+  }
+  return n;
+}
+
+// oneDNN (Debian's build threads with OpenMP) must compute on the calling
+// oneTBB thread: a team per worker would oversubscribe the cores. libgomp
+// keeps the threads of any team it started, so none may appear.
+TEST(KernelPaths, OneDnnPathStartsNoThreadsOfItsOwn) {
+  if (!KernelPathSupported(KernelPath::kOneDnn)) GTEST_SKIP() << "onednn path not supported here";
+  const AttentionShape s{512, 512, 4, 2, 64};
+  auto q = testing::RandomVector(512 * 4 * 64, 1);
+  auto k = testing::ToStorage(testing::RandomVector(512 * 2 * 64, 2), DType::kBFloat16);
+  auto v = testing::ToStorage(testing::RandomVector(512 * 2 * 64, 3), DType::kBFloat16);
+  std::vector<float> o(q.size()), lse(512 * 4);
+  AttentionOptions opt;
+  {
+    PathGuard warm(KernelPath::kAvx512);  // starts oneTBB's workers
+    ASSERT_TRUE(FlashAttentionForward(q.data(), k.data(), v.data(), DType::kBFloat16, s, opt,
+                                      o.data(), lse.data())
+                    .ok());
+  }
+  const int before = ThreadCount();
+  PathGuard guard(KernelPath::kOneDnn);
+  ASSERT_TRUE(guard.ok());
+  for (int i = 0; i < 3; ++i)
+    ASSERT_TRUE(FlashAttentionForward(q.data(), k.data(), v.data(), DType::kBFloat16, s, opt,
+                                      o.data(), lse.data())
+                    .ok());
+  EXPECT_EQ(ThreadCount(), before);
 }
 
 TEST(KernelPaths, ForcingAnUnsupportedPathFailsAndChangesNothing) {

@@ -23,16 +23,42 @@ dnnl::engine& Engine() {
 
 // Debian's oneDNN runs its parallel regions on OpenMP; called from a oneTBB
 // worker it would start a team of all cores in every worker. One thread per
-// caller: set through libgomp (loaded with libdnnl) without linking OpenMP.
-void SingleThreadedOmp() {
-  thread_local bool done = false;
-  if (done) return;
-  done = true;
-  using SetNumThreads = void (*)(int);
-  static const auto set =
-      reinterpret_cast<SetNumThreads>(dlsym(RTLD_DEFAULT, "omp_set_num_threads"));
-  if (set) set(1);
-}
+// call: the caller's OpenMP team size is set to one around each matmul and
+// restored after (a Python caller's PyTorch keeps its own setting), through
+// the libgomp that libdnnl loaded, without linking an OpenMP runtime here.
+class OneOmpThread {
+ public:
+  OneOmpThread() {
+    if (Api().set) {
+      prev_ = Api().get();
+      if (prev_ != 1) Api().set(1);
+    }
+  }
+  ~OneOmpThread() {
+    if (Api().set && prev_ != 1) Api().set(prev_);
+  }
+
+ private:
+  struct Functions {
+    void (*set)(int) = nullptr;
+    int (*get)() = nullptr;
+  };
+  static const Functions& Api() {
+    static const Functions f = [] {
+      Functions r;
+      // RTLD_NOLOAD: the copy libdnnl already loaded (in Python it is not in
+      // the global scope RTLD_DEFAULT searches).
+      void* gomp = dlopen("libgomp.so.1", RTLD_LAZY | RTLD_NOLOAD);
+      void* scope = gomp ? gomp : RTLD_DEFAULT;
+      r.set = reinterpret_cast<void (*)(int)>(dlsym(scope, "omp_set_num_threads"));
+      r.get = reinterpret_cast<int (*)()>(dlsym(scope, "omp_get_max_threads"));
+      if (!r.get) r.set = nullptr;
+      return r;
+    }();
+    return f;
+  }
+  int prev_ = 1;
+};
 
 struct Gemm {
   int m, n, k;
@@ -93,7 +119,7 @@ namespace {
 void Run(const void* a, const void* b, float* c, int m, int n, int k, bool accumulate, bool bf16) {
   thread_local std::vector<std::unique_ptr<Gemm>> cache;
   thread_local std::unique_ptr<dnnl::stream> stream;
-  SingleThreadedOmp();
+  const OneOmpThread one_thread;
   try {
     if (!stream) stream = std::make_unique<dnnl::stream>(Engine());
     Gemm* g = nullptr;
