@@ -1,7 +1,5 @@
 #include "kernels/onednn_gemm.h"
 
-#include "kernels/cpu.h"
-
 #include <dlfcn.h>
 
 #include <cstdio>
@@ -9,6 +7,8 @@
 #include <memory>
 #include <oneapi/dnnl/dnnl.hpp>
 #include <vector>
+
+#include "kernels/cpu.h"
 
 namespace ringtree::internal {
 namespace {
