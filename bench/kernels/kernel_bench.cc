@@ -153,19 +153,31 @@ double SgemmGflops(int m, int n, int k, int threads, int reps = 3) {
   return 2.0 * m * n * k / t / 1e9;
 }
 
-// The project's own tile GEMM (the flash tiles' QK^T micro-kernel) on all
-// cores, same shape: C = A[M,K] * B[N,K]^T, in fp32 or with bf16 inputs.
-double TileGemmGflops(int m, int n, int k, bool bf16) {
-  std::vector<float> a(static_cast<size_t>(m) * k), b(static_cast<size_t>(n) * k), c(static_cast<size_t>(m) * n);
-  FillRandom(a.data(), a.size(), 1);
-  FillRandom(b.data(), b.size(), 2);
-  std::vector<uint16_t> ab, bb;
-  if (bf16) {
+// A GEMM's random operands a [m, k] and b [n, k] (or [k, n]: same size),
+// with bf16 copies when asked; c [m, n].
+struct GemmOperands {
+  GemmOperands(int m, int n, int k, bool bf16)
+      : a(static_cast<size_t>(m) * k),
+        b(static_cast<size_t>(n) * k),
+        c(static_cast<size_t>(m) * n) {
+    FillRandom(a.data(), a.size(), 1);
+    FillRandom(b.data(), b.size(), 2);
+    if (!bf16) return;
     ab.resize(a.size());
     bb.resize(b.size());
     ConvertFromFloat32(a.data(), DType::kBFloat16, ab.data(), a.size());
     ConvertFromFloat32(b.data(), DType::kBFloat16, bb.data(), b.size());
   }
+  std::vector<float> a, b, c;
+  std::vector<uint16_t> ab, bb;
+};
+
+// The project's own tile GEMM (the flash tiles' QK^T micro-kernel) on all
+// cores, same shape: C = A[M,K] * B[N,K]^T, in fp32 or with bf16 inputs.
+double TileGemmGflops(int m, int n, int k, bool bf16) {
+  GemmOperands g(m, n, k, bf16);
+  auto &a = g.a, &b = g.b, &c = g.c;
+  auto &ab = g.ab, &bb = g.bb;
   const int row_blocks = (m + 127) / 128;
   double t = TimeMin([&] {
     tbb::parallel_for(tbb::blocked_range<int>(0, row_blocks, 1), [&](const tbb::blocked_range<int>& r) {
@@ -187,16 +199,9 @@ double TileGemmGflops(int m, int n, int k, bool bf16) {
 double OneDnnGemmGflops(bool bf16, int threads) {
   if (!internal::OneDnnBf16Usable()) return 0;
   constexpr int kN = 4096;
-  std::vector<float> a(static_cast<size_t>(kN) * kN), b(a.size()), c(a.size());
-  FillRandom(a.data(), a.size(), 1);
-  FillRandom(b.data(), b.size(), 2);
-  std::vector<uint16_t> ab, bb;
-  if (bf16) {
-    ab.resize(a.size());
-    bb.resize(b.size());
-    ConvertFromFloat32(a.data(), DType::kBFloat16, ab.data(), a.size());
-    ConvertFromFloat32(b.data(), DType::kBFloat16, bb.data(), b.size());
-  }
+  GemmOperands g(kN, kN, kN, bf16);
+  auto &a = g.a, &b = g.b, &c = g.c;
+  auto &ab = g.ab, &bb = g.bb;
   const int rows = kN / threads;
   const double t = TimeMin(
       [&] {
