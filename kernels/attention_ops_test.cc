@@ -23,6 +23,7 @@
 
 #include "kernels/attention.h"
 #include "kernels/cpu.h"
+#include "kernels/onednn_gemm.h"
 #include "kernels/reference.h"
 #include "kernels/test_util.h"
 
@@ -329,6 +330,57 @@ TEST(KernelPaths, OneDnnPathStartsNoThreadsOfItsOwn) {
                                       o.data(), lse.data())
                     .ok());
   EXPECT_EQ(ThreadCount(), before);
+}
+
+// The oneDNN products against a float64 product of the same (bf16) inputs,
+// with oneDNN working and with every oneDNN call failing (the fallback).
+TEST(KernelPaths, OneDnnGemmAndItsFallbackMatchFloat64) {
+  if (!internal::OneDnnBf16Usable()) GTEST_SKIP() << "no oneDNN bf16 matmul here";
+  const int m = 37, n = 53, k = 29;
+  const auto a = testing::ToStorage(testing::RandomVector(m * k, 1), DType::kBFloat16);
+  const auto b = testing::ToStorage(testing::RandomVector(k * n, 2), DType::kBFloat16);
+  const auto* a16 = reinterpret_cast<const uint16_t*>(a.data());
+  const auto* b16 = reinterpret_cast<const uint16_t*>(b.data());
+  std::vector<float> ref(m * n);
+  for (int i = 0; i < m; ++i)
+    for (int j = 0; j < n; ++j) {
+      double sum = 0;
+      for (int p = 0; p < k; ++p)
+        sum += double{BFloat16ToFloat(a16[i * k + p])} * BFloat16ToFloat(b16[p * n + j]);
+      ref[i * n + j] = static_cast<float>(2 * sum);  // once, then accumulated once more
+    }
+  for (bool fail : {false, true}) {
+    internal::FailOneDnnForTest(fail);
+    std::vector<float> c(m * n, 9.0f);
+    internal::OneDnnGemmBf16(a16, b16, c.data(), m, n, k, false);
+    internal::OneDnnGemmBf16(a16, b16, c.data(), m, n, k, true);
+    internal::FailOneDnnForTest(false);
+    EXPECT_LE(testing::MaxAbsDiff(c.data(), ref.data(), c.size()), 1e-4)
+        << (fail ? "fallback" : "oneDNN");
+  }
+}
+
+// A prefill on the onednn path whose oneDNN calls all fail still answers
+// correctly (computed without oneDNN), never aborts.
+TEST(KernelPaths, OneDnnPathSurvivesOneDnnFailing) {
+  if (!KernelPathSupported(KernelPath::kOneDnn)) GTEST_SKIP() << "onednn path not supported here";
+  const AttentionShape s{200, 300, 4, 2, 64};
+  auto q = testing::RandomVector(200 * 4 * 64, 1);
+  auto k = testing::ToStorage(testing::RandomVector(300 * 2 * 64, 2), DType::kBFloat16);
+  auto v = testing::ToStorage(testing::RandomVector(300 * 2 * 64, 3), DType::kBFloat16);
+  std::vector<float> o(q.size()), lse(200 * 4), o_ref(q.size()), lse_ref(lse.size());
+  AttentionOptions opt;
+  opt.causal = true;
+  ReferenceAttention(q.data(), k.data(), v.data(), DType::kBFloat16, s, opt, o_ref.data(),
+                     lse_ref.data());
+  PathGuard guard(KernelPath::kOneDnn);
+  internal::FailOneDnnForTest(true);
+  const Status st = FlashAttentionForward(q.data(), k.data(), v.data(), DType::kBFloat16, s, opt,
+                                          o.data(), lse.data());
+  internal::FailOneDnnForTest(false);
+  ASSERT_TRUE(st.ok()) << st.ToString();
+  EXPECT_LE(testing::MaxAbsDiff(o.data(), o_ref.data(), o.size()), 6e-3);
+  EXPECT_LE(testing::MaxAbsDiff(lse.data(), lse_ref.data(), lse.size()), 6e-2);
 }
 
 TEST(KernelPaths, ForcingAnUnsupportedPathFailsAndChangesNothing) {

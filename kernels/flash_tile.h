@@ -63,9 +63,9 @@ enum class Bf16Products {
 // are exact in fp32 and sums are fp32.
 
 // Computes the tile's rows of o and lse. Requires KernelPath >= kAvx512
-// (and the path named beside `bf16`). Returns the number of key blocks
+// (and the path named beside `products`). Returns the number of key blocks
 // computed (the rest were wholly masked and skipped).
-int64_t FlashTileAvx512(const FlashTile& tile, Bf16Products bf16);
+int64_t FlashTileAvx512(const FlashTile& tile, Bf16Products products);
 
 // The tiles' QK^T micro-kernels as a plain GEMM, for the benchmark's
 // roofline: ct[j][r] = sum_d a[r][d] * b[j][d] for r < m, j < n (a [m, k],

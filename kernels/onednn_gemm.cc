@@ -2,13 +2,18 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdio>
 #include <cstdlib>
 #include <memory>
 #include <oneapi/dnnl/dnnl.hpp>
+#include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #include "kernels/cpu.h"
+#include "kernels/dtype.h"
 
 namespace ringtree::internal {
 namespace {
@@ -64,7 +69,8 @@ struct Gemm {
   int m, n, k;
   bool accumulate, bf16;
   dnnl::matmul prim;
-  memory a, b, c, scratch;
+  memory a, b, c, scratch;  // scratch: the thread's shared scratchpad bytes
+  size_t scratch_bytes;
 };
 
 dnnl::matmul::primitive_desc Describe(int m, int n, int k, bool accumulate, bool bf16 = true) {
@@ -82,9 +88,35 @@ dnnl::matmul::primitive_desc Describe(int m, int n, int k, bool accumulate, bool
   return dnnl::matmul::primitive_desc(dnnl::matmul::desc(a, b, c), attr, Engine());
 }
 
-[[noreturn]] void Fail(const char* what, int m, int n, int k) {
-  std::fprintf(stderr, "[kernels] oneDNN bf16 matmul %dx%dx%d failed: %s\n", m, n, k, what);
-  std::abort();
+// The product without oneDNN, for when oneDNN fails (say, out of memory
+// for a primitive): slow, exact, and the caller's work is not lost.
+template <typename T>
+void PlainGemm(const T* a, const T* b, float* c, int m, int n, int k, bool accumulate) {
+  auto value = [](T x) {
+    if constexpr (std::is_same_v<T, float>)
+      return x;
+    else
+      return BFloat16ToFloat(x);
+  };
+  std::vector<float> row(static_cast<size_t>(n));
+  for (int i = 0; i < m; ++i) {
+    std::fill(row.begin(), row.end(), 0.0f);
+    for (int p = 0; p < k; ++p) {
+      const float x = value(a[static_cast<size_t>(i) * k + p]);
+      const T* bp = b + static_cast<size_t>(p) * n;
+      for (int j = 0; j < n; ++j) row[j] += x * value(bp[j]);
+    }
+    float* ci = c + static_cast<size_t>(i) * n;
+    for (int j = 0; j < n; ++j) ci[j] = accumulate ? ci[j] + row[j] : row[j];
+  }
+}
+
+void ReportFailure(const char* what, int m, int n, int k) {
+  static std::atomic<int> reported{0};
+  if (reported.fetch_add(1) < 5)
+    std::fprintf(stderr,
+                 "[kernels] oneDNN matmul %dx%dx%d failed (%s): computed without oneDNN, slowly\n",
+                 m, n, k, what);
 }
 
 std::string ProbeImpl() {
@@ -116,26 +148,46 @@ bool OneDnnUsesAmx() { return OneDnnBf16Impl().find("amx") != std::string::npos;
 
 namespace {
 
+// Primitives kept per thread, most recently used first. A tile's last key
+// block has its own length, so masks and offsets bring new shapes; the full
+// blocks' primitives stay at the front. (oneDNN also caches the generated
+// code of a shape process-wide, so a re-created primitive is cheap.)
+constexpr size_t kMaxPrimitives = 32;
+
+std::atomic<bool> g_fail_for_test{false};
+
 void Run(const void* a, const void* b, float* c, int m, int n, int k, bool accumulate, bool bf16) {
   thread_local std::vector<std::unique_ptr<Gemm>> cache;
   thread_local std::unique_ptr<dnnl::stream> stream;
+  thread_local std::unique_ptr<uint8_t[]> scratch;  // shared by the thread's primitives
+  thread_local size_t scratch_size = 0;
   const OneOmpThread one_thread;
   try {
+    if (g_fail_for_test.load(std::memory_order_relaxed))
+      throw std::runtime_error("failure injected by a test");
     if (!stream) stream = std::make_unique<dnnl::stream>(Engine());
-    Gemm* g = nullptr;
-    for (auto& e : cache)
-      if (e->m == m && e->n == n && e->k == k && e->accumulate == accumulate && e->bf16 == bf16)
-        g = e.get();
-    if (!g) {
-      if (cache.size() >= 64)
-        cache.clear();  // shapes vary only with the last key block and tile height
+    size_t at = cache.size();
+    for (size_t i = 0; i < cache.size() && at == cache.size(); ++i) {
+      const Gemm& e = *cache[i];
+      if (e.m == m && e.n == n && e.k == k && e.accumulate == accumulate && e.bf16 == bf16) at = i;
+    }
+    if (at == cache.size()) {
+      if (cache.size() >= kMaxPrimitives) cache.pop_back();  // the least recently used
       const auto pd = Describe(m, n, k, accumulate, bf16);
       cache.push_back(std::make_unique<Gemm>(Gemm{
           m, n, k, accumulate, bf16, dnnl::matmul(pd), memory(pd.src_desc(), Engine(), nullptr),
           memory(pd.weights_desc(), Engine(), nullptr), memory(pd.dst_desc(), Engine(), nullptr),
-          memory(pd.scratchpad_desc(), Engine())}));
-      g = cache.back().get();
+          memory(pd.scratchpad_desc(), Engine(), nullptr), pd.scratchpad_desc().get_size()}));
+      at = cache.size() - 1;
     }
+    std::rotate(cache.begin(), cache.begin() + static_cast<std::ptrdiff_t>(at),
+                cache.begin() + static_cast<std::ptrdiff_t>(at) + 1);
+    Gemm* g = cache.front().get();
+    if (g->scratch_bytes > scratch_size) {
+      scratch.reset(new uint8_t[g->scratch_bytes]);
+      scratch_size = g->scratch_bytes;
+    }
+    g->scratch.set_data_handle(scratch.get());
     g->a.set_data_handle(const_cast<void*>(a));
     g->b.set_data_handle(const_cast<void*>(b));
     g->c.set_data_handle(c);
@@ -145,11 +197,18 @@ void Run(const void* a, const void* b, float* c, int m, int n, int k, bool accum
                               {DNNL_ARG_SCRATCHPAD, g->scratch}});
     stream->wait();
   } catch (const std::exception& e) {
-    Fail(e.what(), m, n, k);
+    ReportFailure(e.what(), m, n, k);
+    if (bf16)
+      PlainGemm(static_cast<const uint16_t*>(a), static_cast<const uint16_t*>(b), c, m, n, k,
+                accumulate);
+    else
+      PlainGemm(static_cast<const float*>(a), static_cast<const float*>(b), c, m, n, k, accumulate);
   }
 }
 
 }  // namespace
+
+void FailOneDnnForTest(bool fail) { g_fail_for_test.store(fail); }
 
 void OneDnnGemmBf16(const uint16_t* a, const uint16_t* b, float* c, int m, int n, int k,
                     bool accumulate) {

@@ -27,12 +27,17 @@ bool OneDnnUsesAmx();
 // c[m][n] = a[m][k] * b[k][n] (accumulate: c += ...), bf16 inputs, fp32
 // products and sums; row-major, dense (row strides k, n, n). The primitive
 // for each (m, n, k, accumulate) is created once per thread and kept.
-// Aborts with a message if oneDNN fails (it was probed usable first).
+// Should oneDNN fail (it was probed usable first; say, no memory for a
+// primitive), the product is computed without it, slowly, and the first
+// failures are reported on stderr: the caller's work is never lost.
 void OneDnnGemmBf16(const uint16_t* a, const uint16_t* b, float* c, int m, int n, int k,
                     bool accumulate);
 // The same with fp32 inputs (oneDNN's own fp32 matmul: kernel_bench's
 // roofline counts it among the machine's fp32 GEMMs).
 void OneDnnGemmFloat32(const float* a, const float* b, float* c, int m, int n, int k,
                        bool accumulate);
+
+// Tests: every oneDNN call fails (as if out of memory) while set.
+void FailOneDnnForTest(bool fail);
 
 }  // namespace ringtree::internal
