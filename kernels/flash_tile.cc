@@ -249,6 +249,38 @@ RT_AVX512_BF16 void PackProbPairs(const float* st, int rp, int rows, int nk, uin
   }
 }
 
+// vt[d][j] = v[j][d] for j < nk, d < D (16-bit values; v rows vs apart, vt
+// rows nk apart): 8 x 8 blocks transposed in SSE2 registers, the edges one
+// value at a time. (One value at a time throughout cost 15% of the onednn
+// path's prefill at 4k tokens.)
+void TransposeRows16(const uint16_t* v, int64_t vs, int nk, int D, uint16_t* vt) {
+  const int nk8 = nk / 8 * 8, d8 = D / 8 * 8;
+  for (int j = 0; j < nk8; j += 8)
+    for (int d = 0; d < d8; d += 8) {
+      __m128i r[8];
+      for (int i = 0; i < 8; ++i)
+        r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + (j + i) * vs + d));
+      // rows (a..h) of 8 values -> columns, in three interleaving steps
+      const __m128i t0 = _mm_unpacklo_epi16(r[0], r[1]), t1 = _mm_unpackhi_epi16(r[0], r[1]);
+      const __m128i t2 = _mm_unpacklo_epi16(r[2], r[3]), t3 = _mm_unpackhi_epi16(r[2], r[3]);
+      const __m128i t4 = _mm_unpacklo_epi16(r[4], r[5]), t5 = _mm_unpackhi_epi16(r[4], r[5]);
+      const __m128i t6 = _mm_unpacklo_epi16(r[6], r[7]), t7 = _mm_unpackhi_epi16(r[6], r[7]);
+      const __m128i u0 = _mm_unpacklo_epi32(t0, t2), u1 = _mm_unpackhi_epi32(t0, t2);
+      const __m128i u2 = _mm_unpacklo_epi32(t1, t3), u3 = _mm_unpackhi_epi32(t1, t3);
+      const __m128i u4 = _mm_unpacklo_epi32(t4, t6), u5 = _mm_unpackhi_epi32(t4, t6);
+      const __m128i u6 = _mm_unpacklo_epi32(t5, t7), u7 = _mm_unpackhi_epi32(t5, t7);
+      const __m128i c[8] = {_mm_unpacklo_epi64(u0, u4), _mm_unpackhi_epi64(u0, u4),
+                            _mm_unpacklo_epi64(u1, u5), _mm_unpackhi_epi64(u1, u5),
+                            _mm_unpacklo_epi64(u2, u6), _mm_unpackhi_epi64(u2, u6),
+                            _mm_unpacklo_epi64(u3, u7), _mm_unpackhi_epi64(u3, u7)};
+      for (int i = 0; i < 8; ++i)
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(vt + static_cast<int64_t>(d + i) * nk + j),
+                         c[i]);
+    }
+  for (int j = 0; j < nk; ++j)  // edges: keys past nk8, and dims past d8 of the first nk8 keys
+    for (int d = j < nk8 ? d8 : 0; d < D; ++d) vt[static_cast<int64_t>(d) * nk + j] = v[j * vs + d];
+}
+
 // V rows (bf16, row stride vs) to pairs v2[i][d] = (v[2i][d], v[2i+1][d]).
 RT_AVX512 void PackValuePairs(const uint16_t* v, int64_t vs, int nk, int D, uint32_t* v2) {
   for (int i = 0; 2 * i < nk; ++i) {
@@ -426,8 +458,7 @@ int64_t FlashTileAvx512(const FlashTile& t, Bf16Products products) {
       if (row_stride != D)
         for (int j = 0; j < nk; ++j)
           std::copy(kh + j * row_stride, kh + j * row_stride + D, kd + j * D);
-      for (int j = 0; j < nk; ++j)
-        for (int d = 0; d < D; ++d) vt[d * nk + j] = vh[j * row_stride + d];
+      TransposeRows16(vh, row_stride, nk, D, vt);
       OneDnnGemmBf16(row_stride != D ? kd : kh, reinterpret_cast<const uint16_t*>(qt), st, nk, rp,
                      D, false);
       if (!full) MaskBlock(st, ld, rp, nk, lo, hi);
