@@ -305,15 +305,27 @@ int ThreadCount() {
   return n;
 }
 
+// Random queries and bf16 K/V for shape s.
+struct Bf16Inputs {
+  explicit Bf16Inputs(const AttentionShape& s)
+      : q(testing::RandomVector(s.q_tokens * s.heads * s.head_dim, 1)),
+        k(testing::ToStorage(testing::RandomVector(s.kv_tokens * s.kv_heads * s.head_dim, 2),
+                             DType::kBFloat16)),
+        v(testing::ToStorage(testing::RandomVector(s.kv_tokens * s.kv_heads * s.head_dim, 3),
+                             DType::kBFloat16)) {}
+  std::vector<float> q;
+  std::vector<uint8_t> k, v;
+};
+
 // oneDNN (Debian's build threads with OpenMP) must compute on the calling
 // oneTBB thread: a team per worker would oversubscribe the cores. libgomp
 // keeps the threads of any team it started, so none may appear.
 TEST(KernelPaths, OneDnnPathStartsNoThreadsOfItsOwn) {
   if (!KernelPathSupported(KernelPath::kOneDnn)) GTEST_SKIP() << "onednn path not supported here";
   const AttentionShape s{512, 512, 4, 2, 64};
-  auto q = testing::RandomVector(512 * 4 * 64, 1);
-  auto k = testing::ToStorage(testing::RandomVector(512 * 2 * 64, 2), DType::kBFloat16);
-  auto v = testing::ToStorage(testing::RandomVector(512 * 2 * 64, 3), DType::kBFloat16);
+  const Bf16Inputs in(s);
+  const std::vector<float>& q = in.q;
+  const std::vector<uint8_t>&k = in.k, &v = in.v;
   std::vector<float> o(q.size()), lse(512 * 4);
   AttentionOptions opt;
   {
@@ -365,9 +377,9 @@ TEST(KernelPaths, OneDnnGemmAndItsFallbackMatchFloat64) {
 TEST(KernelPaths, OneDnnPathSurvivesOneDnnFailing) {
   if (!KernelPathSupported(KernelPath::kOneDnn)) GTEST_SKIP() << "onednn path not supported here";
   const AttentionShape s{200, 300, 4, 2, 64};
-  auto q = testing::RandomVector(200 * 4 * 64, 1);
-  auto k = testing::ToStorage(testing::RandomVector(300 * 2 * 64, 2), DType::kBFloat16);
-  auto v = testing::ToStorage(testing::RandomVector(300 * 2 * 64, 3), DType::kBFloat16);
+  const Bf16Inputs in(s);
+  const std::vector<float>& q = in.q;
+  const std::vector<uint8_t>&k = in.k, &v = in.v;
   std::vector<float> o(q.size()), lse(200 * 4), o_ref(q.size()), lse_ref(lse.size());
   AttentionOptions opt;
   opt.causal = true;

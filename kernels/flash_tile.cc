@@ -449,28 +449,23 @@ int64_t FlashTileAvx512(const FlashTile& t, Bf16Products products) {
         hi[r] = padding ? kKB + 1 : ClampRel(t.key_last[r / G] - j0);
       }
     ++computed;
+    // The block's bf16 rows of head hk (bf16 storage only).
+    const uint16_t* kh =
+        bf16 ? static_cast<const uint16_t*>(t.k) + j0 * row_stride + head_off : nullptr;
+    const uint16_t* vh =
+        bf16 ? static_cast<const uint16_t*>(t.v) + j0 * row_stride + head_off : nullptr;
+    const float* kp = nullptr;  // fp32 K/V rows the fp32 micro-kernels read, ks apart
+    const float* vp = nullptr;
+    int64_t ks = 0;
+    // Scores st[j][r] (log2 domain, scaled queries), by path.
     if (onednn) {
-      const uint16_t* kh = static_cast<const uint16_t*>(t.k) + j0 * row_stride + head_off;
-      const uint16_t* vh = static_cast<const uint16_t*>(t.v) + j0 * row_stride + head_off;
       uint16_t* kd = reinterpret_cast<uint16_t*>(kbuf);  // [nk][D], dense
-      uint16_t* vt = reinterpret_cast<uint16_t*>(vbuf);  // [D][nk]
-      uint16_t* pt = reinterpret_cast<uint16_t*>(pt2);   // [nk][rp]
       if (row_stride != D)
         for (int j = 0; j < nk; ++j)
           std::copy(kh + j * row_stride, kh + j * row_stride + D, kd + j * D);
-      TransposeRows16(vh, row_stride, nk, D, vt);
       OneDnnGemmBf16(row_stride != D ? kd : kh, reinterpret_cast<const uint16_t*>(qt), st, nk, rp,
                      D, false);
-      if (!full) MaskBlock(st, ld, rp, nk, lo, hi);
-      if (band.band) BandCapture(band, t.t0, tokens, G, j0, nk, st, 1, ld);
-      SoftmaxBlock(st, ld, rp, nk, D, m, l, ot);
-      ConvertFromFloat32(st, DType::kBFloat16, pt, static_cast<size_t>(nk) * rp);
-      OneDnnGemmBf16(vt, pt, ot, D, rp, nk, true);
-      continue;
-    }
-    if (bf16_dot) {
-      const uint16_t* kh = static_cast<const uint16_t*>(t.k) + j0 * row_stride + head_off;
-      const uint16_t* vh = static_cast<const uint16_t*>(t.v) + j0 * row_stride + head_off;
+    } else if (bf16_dot) {
       if (D % 2 == 0) {
         QkBlockBf16(reinterpret_cast<const uint32_t*>(qt), ld, rv, kh, row_stride, nk, D2, st);
       } else {  // odd D: the pair read would cross into the next head; copy rows padded with 0
@@ -481,52 +476,54 @@ int64_t FlashTileAvx512(const FlashTile& t, Bf16Products products) {
         }
         QkBlockBf16(reinterpret_cast<const uint32_t*>(qt), ld, rv, kpad, D + 1, nk, D2, st);
       }
-      if (!full) MaskBlock(st, ld, rp, nk, lo, hi);
-      if (band.band) BandCapture(band, t.t0, tokens, G, j0, nk, st, 1, ld);
-      SoftmaxBlock(st, ld, rp, nk, D, m, l, ot);
-      PackProbPairs(st, ld, rp, nk, pt2);
-      PackValuePairs(vh, row_stride, nk, D, v2);
-      PvBlockBf16(pt2, ld, rv, (nk + 1) / 2, v2, D, ot);
-      continue;
-    }
-    const float* kp;
-    const float* vp;
-    int64_t ks;
-    if (bf16) {
-      WidenKeyValueRows(static_cast<const uint16_t*>(t.k) + j0 * row_stride + head_off,
-                        static_cast<const uint16_t*>(t.v) + j0 * row_stride + head_off, row_stride,
-                        nk, D, kbuf, vbuf);
-      kp = kbuf;
-      vp = vbuf;
-      ks = D;
     } else {
-      // Repacked or single-head rows are read in place. Otherwise V rows of
-      // one head sit a whole row of all heads apart (a page or more): the
-      // P*V sweep would touch a page per key. One copy makes the block
-      // contiguous.
-      const float* ksrc = static_cast<const float*>(t.k) + j0 * row_stride + head_off;
-      const float* vsrc = static_cast<const float*>(t.v) + j0 * row_stride + head_off;
-      if (t.kv_row_stride > 0 || row_stride == D) {
-        kp = ksrc;
-        vp = vsrc;
-        ks = row_stride;
-      } else {
-        for (int j = 0; j < nk; ++j) {
-          std::copy(ksrc + j * row_stride, ksrc + j * row_stride + D,
-                    kbuf + static_cast<int64_t>(j) * kvs);
-          std::copy(vsrc + j * row_stride, vsrc + j * row_stride + D,
-                    vbuf + static_cast<int64_t>(j) * kvs);
-        }
+      if (bf16) {
+        WidenKeyValueRows(kh, vh, row_stride, nk, D, kbuf, vbuf);
         kp = kbuf;
         vp = vbuf;
-        ks = kvs;
+        ks = D;
+      } else {
+        // Repacked or single-head rows are read in place. Otherwise V rows of
+        // one head sit a whole row of all heads apart (a page or more): the
+        // P*V sweep would touch a page per key. One copy makes the block
+        // contiguous.
+        const float* ksrc = static_cast<const float*>(t.k) + j0 * row_stride + head_off;
+        const float* vsrc = static_cast<const float*>(t.v) + j0 * row_stride + head_off;
+        if (t.kv_row_stride > 0 || row_stride == D) {
+          kp = ksrc;
+          vp = vsrc;
+          ks = row_stride;
+        } else {
+          for (int j = 0; j < nk; ++j) {
+            std::copy(ksrc + j * row_stride, ksrc + j * row_stride + D,
+                      kbuf + static_cast<int64_t>(j) * kvs);
+            std::copy(vsrc + j * row_stride, vsrc + j * row_stride + D,
+                      vbuf + static_cast<int64_t>(j) * kvs);
+          }
+          kp = kbuf;
+          vp = vbuf;
+          ks = kvs;
+        }
       }
+      QkBlock(qt, ld, rv, kp, ks, nk, D, st);
     }
-    QkBlock(qt, ld, rv, kp, ks, nk, D, st);
     if (!full) MaskBlock(st, ld, rp, nk, lo, hi);
     if (band.band) BandCapture(band, t.t0, tokens, G, j0, nk, st, 1, ld);
     SoftmaxBlock(st, ld, rp, nk, D, m, l, ot);
-    PvBlock(st, ld, rv, nk, vp, ks, D, ot);
+    // ot += probabilities x values, by path.
+    if (onednn) {
+      uint16_t* vt = reinterpret_cast<uint16_t*>(vbuf);  // [D][nk]
+      uint16_t* pt = reinterpret_cast<uint16_t*>(pt2);   // [nk][rp]
+      TransposeRows16(vh, row_stride, nk, D, vt);
+      ConvertFromFloat32(st, DType::kBFloat16, pt, static_cast<size_t>(nk) * rp);
+      OneDnnGemmBf16(vt, pt, ot, D, rp, nk, true);
+    } else if (bf16_dot) {
+      PackProbPairs(st, ld, rp, nk, pt2);
+      PackValuePairs(vh, row_stride, nk, D, v2);
+      PvBlockBf16(pt2, ld, rv, (nk + 1) / 2, v2, D, ot);
+    } else {
+      PvBlock(st, ld, rv, nk, vp, ks, D, ot);
+    }
   }
 
   if (band.band) BandFinish(band, t.t0, tokens, G, t.hk, s, m, l);
