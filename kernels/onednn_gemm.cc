@@ -70,7 +70,6 @@ struct Gemm {
   bool accumulate, bf16;
   dnnl::matmul prim;
   memory a, b, c, scratch;  // scratch: the thread's shared scratchpad bytes
-  size_t scratch_bytes;
 };
 
 dnnl::matmul::primitive_desc Describe(int m, int n, int k, bool accumulate, bool bf16 = true) {
@@ -177,15 +176,16 @@ void Run(const void* a, const void* b, float* c, int m, int n, int k, bool accum
       cache.push_back(std::make_unique<Gemm>(Gemm{
           m, n, k, accumulate, bf16, dnnl::matmul(pd), memory(pd.src_desc(), Engine(), nullptr),
           memory(pd.weights_desc(), Engine(), nullptr), memory(pd.dst_desc(), Engine(), nullptr),
-          memory(pd.scratchpad_desc(), Engine(), nullptr), pd.scratchpad_desc().get_size()}));
+          memory(pd.scratchpad_desc(), Engine(), nullptr)}));
       at = cache.size() - 1;
     }
     std::rotate(cache.begin(), cache.begin() + static_cast<std::ptrdiff_t>(at),
                 cache.begin() + static_cast<std::ptrdiff_t>(at) + 1);
     Gemm* g = cache.front().get();
-    if (g->scratch_bytes > scratch_size) {
-      scratch.reset(new uint8_t[g->scratch_bytes]);
-      scratch_size = g->scratch_bytes;
+    const size_t scratch_bytes = g->scratch.get_desc().get_size();
+    if (scratch_bytes > scratch_size) {
+      scratch.reset(new uint8_t[scratch_bytes]);
+      scratch_size = scratch_bytes;
     }
     g->scratch.set_data_handle(scratch.get());
     g->a.set_data_handle(const_cast<void*>(a));
