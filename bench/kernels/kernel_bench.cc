@@ -176,17 +176,19 @@ struct GemmOperands {
 // cores, same shape: C = A[M,K] * B[N,K]^T, in fp32 or with bf16 inputs.
 double TileGemmGflops(int m, int n, int k, bool bf16) {
   GemmOperands g(m, n, k, bf16);
-  auto &a = g.a, &b = g.b, &c = g.c;
-  auto &ab = g.ab, &bb = g.bb;
   const int row_blocks = (m + 127) / 128;
   double t = TimeMin([&] {
     tbb::parallel_for(tbb::blocked_range<int>(0, row_blocks, 1), [&](const tbb::blocked_range<int>& r) {
       for (int rb = r.begin(); rb < r.end(); ++rb) {
         const int r0 = rb * 128, rows = std::min(128, m - r0);
         // Each row block writes its own [n, rows] slice of C (transposed layout).
-        float* ct = c.data() + static_cast<size_t>(r0) * n;
-        if (bf16) internal::TileGemmBFloat16(ab.data() + static_cast<size_t>(r0) * k, bb.data(), rows, n, k, ct);
-        else internal::TileGemmFloat32(a.data() + static_cast<size_t>(r0) * k, b.data(), rows, n, k, ct);
+        float* ct = g.c.data() + static_cast<size_t>(r0) * n;
+        if (bf16)
+          internal::TileGemmBFloat16(g.ab.data() + static_cast<size_t>(r0) * k, g.bb.data(), rows,
+                                     n, k, ct);
+        else
+          internal::TileGemmFloat32(g.a.data() + static_cast<size_t>(r0) * k, g.b.data(), rows, n,
+                                    k, ct);
       }
     });
   }, 3);
