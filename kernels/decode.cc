@@ -42,19 +42,6 @@ struct RangePrefetch {
   }
 };
 
-// Prefetch (into L1) of n rows of D floats, row_stride floats apart, from
-// `skip` rows after `base`. The addresses may lie past the end of the KV (the
-// last group of a segment): they are formed as integers, and a prefetch
-// never faults.
-inline void PrefetchRows(const void* base, int64_t skip, int64_t row_stride, int n, int D) {
-  const uintptr_t p =
-      reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(skip * row_stride) * sizeof(float);
-  for (int j = 0; j < n; ++j)
-    for (int d = 0; d < D; d += 16)
-      _mm_prefetch(reinterpret_cast<const char*>(p + (j * row_stride + d) * sizeof(float)),
-                   _MM_HINT_T0);
-}
-
 // A run of at most kDecodeKeyBlock keys: rows [0, n) at k/v (row stride
 // Hkv*D elements), key index j0 in the concatenated KV (for causal masks).
 struct KeyBlock {
@@ -107,18 +94,28 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
   const bool fused_bf16 = !fp32 && internal::HasFusedBFloat16(D);
   const int64_t row_stride = static_cast<int64_t>(Hkv) * D;
   const int64_t row_bytes = row_stride * (fp32 ? 4 : 2);
-  // Software prefetch of the next block (into L2) while this one is
-  // computed: bf16 blocks cost more compute per byte than the core's stream
-  // can hide; fp32 blocks are left to the hardware prefetchers (measured
-  // slower with the software prefetch).
-  const bool prefetch = !fp32;
-  // fp32 with 4 or more rows per kv head (compute-heavier per byte): each
-  // kernel call first prefetches (into L1) the same head's rows of the next
-  // key group, one group ahead of the hardware prefetchers. With rows of 4
-  // in quads this gained at both Hkv = 2 and Hkv = 8 (N = 1M / 256k, 2
-  // threads, 6 alternating pairs: 12.8-14.8 -> 15.2-19.5 GB/s and
-  // 16.5-18.3 -> 18.1-19.6 GB/s; 2026-12-01).
-  const bool prefetch_group = fp32 && rows >= 4;
+  // Software prefetch into L2, spread over the computation: the kernels for
+  // 4 or more fp32 rows (3 or more bf16 rows in the even/odd layout) per kv
+  // head fetch the same head's rows of the next key group, one line for
+  // each line they read, so the requests are issued while the core computes
+  // instead of as a burst before it. Paired runs (N = 1M / 256k, 2 threads,
+  // 3 alternating rounds, 2026-12-02, Intel VM): fp32 Hkv = 2 18.0-20.2 ->
+  // 20.4-20.9 GB/s, H = 32 Hkv = 8 18.5-19.1 -> 21.5-23.5, Hkv = 1 14.1-15.2
+  // -> 16.1-16.8 (against a burst of the next group into L1 before each
+  // call, which had itself gained over no prefetch); bf16 H = 32 Hkv = 8
+  // 13.2-19.0 -> 16.9-23.1.
+  const int64_t group_ahead =
+      (fp32 && rows >= 4) || (permuted && rows >= 3) ? kKeyGroup * row_stride : 0;
+  // bf16 also prefetches the next block (into L2) in slices between the
+  // kernel calls of this one, where it cost more compute per byte than the
+  // core's stream could hide (single thread: 0.58 -> 0.74 of read bandwidth
+  // at Hkv = 2). With the spread prefetch as well this still gains for
+  // blocks of up to 32 KiB (Hkv <= 2 at D = 128: bf16 Hkv = 1 13.6-14.9 ->
+  // 15.8-16.1 GB/s) and loses for larger ones (Hkv = 8: 22.5-23.1 -> 17.3-
+  // 20.5), so it is kept for those only. fp32 was slower with it at every
+  // Hkv, before and with the spread prefetch.
+  const int64_t block_bytes = static_cast<int64_t>(kDecodeKeyBlock) * row_bytes;
+  const bool prefetch_blocks = !fp32 && (group_ahead == 0 || block_bytes <= (32 << 10));
 
   tbb::parallel_for(tbb::blocked_range<int64_t>(0, chunks, 1), [&](const tbb::blocked_range<int64_t>& range) {
     for (int64_t c = range.begin(); c < range.end(); ++c) {
@@ -138,7 +135,7 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
         const KeyBlock& blk = blocks[b];
         const int jb = blk.n;
         const int steps = (jb + kKeyGroup - 1) / kKeyGroup * Hkv;
-        if (prefetch && b + 1 < b1) {
+        if (prefetch_blocks && b + 1 < b1) {
           const KeyBlock& nb = blocks[b + 1];
           pfk.Start(nb.k, nb.n * row_bytes, steps);
           pfv.Start(nb.v, nb.n * row_bytes, steps);
@@ -176,17 +173,16 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
             float* sc = sc_all + base * kDecodeKeyBlock + jj;
             const int64_t at = jj * row_stride + hk * D;
             pfk.Step();
-            if (prefetch_group)
-              PrefetchRows(static_cast<const float*>(blk.k) + at, kKeyGroup, row_stride, n, D);
             if (permuted)
               internal::QueryKeyDotsBFloat16Permuted(qs.data() + base * D, rows, kh + at,
-                                                     row_stride, n, D, sc, kDecodeKeyBlock);
+                                                     row_stride, n, D, sc, kDecodeKeyBlock,
+                                                     group_ahead);
             else if (fused_bf16)
               internal::QueryKeyDotsBFloat16(qs.data() + base * D, rows, kh + at, row_stride, n, D,
                                              sc, kDecodeKeyBlock);
             else
               internal::QueryKeyDots(qs.data() + base * D, rows, kp + at, row_stride, n, D, sc,
-                                     kDecodeKeyBlock);
+                                     kDecodeKeyBlock, group_ahead);
           }
         }
         for (int hk = 0; hk < Hkv; ++hk) {
@@ -202,14 +198,14 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
             const float* p = sc_all + base * kDecodeKeyBlock + jj;
             const int64_t at = jj * row_stride + hk * D;
             pfv.Step();
-            if (prefetch_group)
-              PrefetchRows(static_cast<const float*>(blk.v) + at, kKeyGroup, row_stride, n, D);
             if (permuted)
-              internal::AccumulateProbValuesBFloat16Permuted(p, kDecodeKeyBlock, rows, vh + at, row_stride, n, D, acc + base * D);
+              internal::AccumulateProbValuesBFloat16Permuted(
+                  p, kDecodeKeyBlock, rows, vh + at, row_stride, n, D, acc + base * D, group_ahead);
             else if (fused_bf16)
               internal::AccumulateProbValuesBFloat16(p, kDecodeKeyBlock, rows, vh + at, row_stride, n, D, acc + base * D);
             else
-              internal::AccumulateProbValues(p, kDecodeKeyBlock, rows, vp + at, row_stride, n, D, acc + base * D);
+              internal::AccumulateProbValues(p, kDecodeKeyBlock, rows, vp + at, row_stride, n, D,
+                                             acc + base * D, group_ahead);
           }
         }
       }

@@ -105,6 +105,15 @@ RT_AVX512 inline __m512 Load16<uint16_t>(const uint16_t* p) {  // bfloat16 -> fl
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// Software prefetch into L2 of the 64-byte line holding element `ahead`
+// elements past p (ahead 0: none). The address is formed as an integer: it
+// may lie past the end of the K/V, and a prefetch never faults.
+template <typename T>
+inline void PrefetchAhead(const T* p, int64_t ahead) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(ahead) * sizeof(T);
+  _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T1);
+}
+
 // Four horizontal sums at once: returns {sum(a), sum(b), sum(c), sum(d)}.
 RT_AVX512 inline __m128 Reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
   __m256 a8 = _mm256_add_ps(_mm512_castps512_ps256(a), _mm512_extractf32x8_ps(a, 1));
@@ -242,8 +251,9 @@ RT_AVX512 void QueryKeyDotsTripleAvx512(const float* q0p, int64_t q_stride, cons
 // widened) once for four rows, and the sixteen sums reduced four at a time.
 // Queries are re-read from L1 per chunk instead of being held in registers.
 template <typename T, int NC>
-RT_AVX512 void QueryKeyDotsQuadAvx512(const float* q0p, int64_t q_stride, const T* k, int64_t k_stride, int keys,
-                                      float* s0, int s_stride) {
+RT_AVX512 void QueryKeyDotsQuadAvx512(const float* q0p, int64_t q_stride, const T* k,
+                                      int64_t k_stride, int keys, float* s0, int s_stride,
+                                      int64_t ahead) {
   const float* q1p = q0p + q_stride;
   const float* q2p = q1p + q_stride;
   const float* q3p = q2p + q_stride;
@@ -254,6 +264,9 @@ RT_AVX512 void QueryKeyDotsQuadAvx512(const float* q0p, int64_t q_stride, const 
     for (int r = 0; r < 4; ++r)
       for (int i = 0; i < 4; ++i) a[r][i] = _mm512_setzero_ps();
     for (int c = 0; c < NC; ++c) {
+      // This chunk's line of the four keys, `ahead` on (bf16: every other chunk).
+      if (ahead && (16 * c * sizeof(T)) % 64 == 0)
+        for (int i = 0; i < 4; ++i) PrefetchAhead(k0 + i * k_stride + 16 * c, ahead);
       const __m512 x0 = Load16(k0 + 16 * c), x1 = Load16(k0 + k_stride + 16 * c),
                    x2 = Load16(k0 + 2 * k_stride + 16 * c), x3 = Load16(k0 + 3 * k_stride + 16 * c);
       const __m512 y0 = _mm512_loadu_ps(q0p + 16 * c), y1 = _mm512_loadu_ps(q1p + 16 * c),
@@ -336,12 +349,15 @@ RT_AVX512 void AccumulateTripleAvx512(const float* p0, int p_stride, const T* v,
 // -> 19.4-20.0 GB/s at Hkv = 8, unchanged at Hkv = 2; 2026-12-01).
 template <typename T, int R = 6>
 RT_AVX512 void AccumulateSixByFourAvx512(const float* p0, int p_stride, const T* v,
-                                         int64_t v_stride, int keys, float* acc0, int D) {
+                                         int64_t v_stride, int keys, float* acc0, int D,
+                                         int64_t ahead) {
   __m512 a[R][4];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < 4; ++c) a[r][c] = _mm512_loadu_ps(acc0 + r * D + 16 * c);
   for (int j = 0; j < keys; ++j) {
     const T* vr = v + j * v_stride;
+    if (ahead)  // the lines of this key's 64 values, `ahead` on
+      for (size_t b = 0; b < 64 * sizeof(T); b += 64) PrefetchAhead(vr + b / sizeof(T), ahead);
     const __m512 x0 = Load16(vr), x1 = Load16(vr + 16), x2 = Load16(vr + 32), x3 = Load16(vr + 48);
     for (int r = 0; r < R; ++r) {
       const __m512 w = _mm512_set1_ps(p0[r * p_stride + j]);
@@ -414,8 +430,8 @@ RT_AVX512 inline void WithChunks(int nc, F&& f) {
 
 // Dispatch on D/16 (2..8); false when D is not handled (caller falls back).
 template <typename T>
-RT_AVX512 bool QueryKeyDotsPairs(const float* q, int rows, const T* k, int64_t k_stride, int keys, int D, float* s,
-                                 int s_stride) {
+RT_AVX512 bool QueryKeyDotsPairs(const float* q, int rows, const T* k, int64_t k_stride, int keys,
+                                 int D, float* s, int s_stride, int64_t ahead) {
   if (rows < 1 || D % 16 != 0 || D < 32 || D > 128) return false;
   int r = 0;
   // Quads from 4 rows (GQA-4 decode, batched queries): 16 independent
@@ -428,7 +444,10 @@ RT_AVX512 bool QueryKeyDotsPairs(const float* q, int rows, const T* k, int64_t k
   for (; rows >= 4 && r + 4 <= rows; r += 4) {
     const float* q0 = q + r * D;
     float* s0 = s + r * s_stride;
-    WithChunks(D / 16, [&](auto nc) { QueryKeyDotsQuadAvx512<T, decltype(nc)::value>(q0, D, k, k_stride, keys, s0, s_stride); });
+    const int64_t pf = r == 0 ? ahead : 0;  // the first quad prefetches for all rows
+    WithChunks(D / 16, [&](auto nc) {
+      QueryKeyDotsQuadAvx512<T, decltype(nc)::value>(q0, D, k, k_stride, keys, s0, s_stride, pf);
+    });
   }
   for (const int triples = r + TripleRows(rows - r); r < triples; r += 3) {
     const float* q0 = q + r * D;
@@ -450,20 +469,21 @@ RT_AVX512 bool QueryKeyDotsPairs(const float* q, int rows, const T* k, int64_t k
 
 // Returns the number of rows done (all of them; 0 when D is not handled).
 template <typename T>
-RT_AVX512 int AccumulatePairs(const float* p, int p_stride, int rows, const T* v, int64_t v_stride, int keys, int D,
-                              float* acc) {
+RT_AVX512 int AccumulatePairs(const float* p, int p_stride, int rows, const T* v, int64_t v_stride,
+                              int keys, int D, float* acc, int64_t ahead) {
   if (rows < 1 || D % 16 != 0 || D < 32 || D > 128) return 0;
   int r = 0;
   if (D % 64 == 0 && rows >= 6) {
     for (; r + 6 <= rows; r += 6)
       for (int d = 0; d < D; d += 64)
-        AccumulateSixByFourAvx512<T>(p + r * p_stride, p_stride, v + d, v_stride, keys, acc + r * D + d, D);
+        AccumulateSixByFourAvx512<T>(p + r * p_stride, p_stride, v + d, v_stride, keys,
+                                     acc + r * D + d, D, r == 0 ? ahead : 0);
   }
   if (D % 64 == 0 && rows - r >= 4) {
     for (; r + 4 <= rows; r += 4)
       for (int d = 0; d < D; d += 64)
         AccumulateSixByFourAvx512<T, 4>(p + r * p_stride, p_stride, v + d, v_stride, keys,
-                                        acc + r * D + d, D);
+                                        acc + r * D + d, D, r == 0 ? ahead : 0);
   }
   for (const int triples = r + TripleRows(rows - r); r < triples; r += 3) {
     const float* p0 = p + r * p_stride;
@@ -485,9 +505,9 @@ RT_AVX512 int AccumulatePairs(const float* p, int p_stride, int rows, const T* v
 }
 
 template <typename T>
-RT_AVX512 void QueryKeyDotsAvx512(const float* q, int rows, const T* k, int64_t k_stride, int keys, int D,
-                                  float* s, int s_stride) {
-  if (QueryKeyDotsPairs(q, rows, k, k_stride, keys, D, s, s_stride)) return;
+RT_AVX512 void QueryKeyDotsAvx512(const float* q, int rows, const T* k, int64_t k_stride, int keys,
+                                  int D, float* s, int s_stride, int64_t ahead = 0) {
+  if (QueryKeyDotsPairs(q, rows, k, k_stride, keys, D, s, s_stride, ahead)) return;
   // D is a multiple of 16. Four query rows share each key load (and its
   // widening from bfloat16); their four sums are reduced together.
   int r = 0;
@@ -536,8 +556,9 @@ RT_AVX512 void QueryKeyDotsAvx512(const float* q, int rows, const T* k, int64_t 
 
 template <typename T>
 RT_AVX512 void AccumulateProbValuesAvx512(const float* p, int p_stride, int rows, const T* v,
-                                          int64_t v_stride, int keys, int D, float* acc) {
-  if (const int done = AccumulatePairs(p, p_stride, rows, v, v_stride, keys, D, acc)) {
+                                          int64_t v_stride, int keys, int D, float* acc,
+                                          int64_t ahead = 0) {
+  if (const int done = AccumulatePairs(p, p_stride, rows, v, v_stride, keys, D, acc, ahead)) {
     p += done * p_stride;
     acc += done * D;
     rows -= done;
@@ -683,7 +704,8 @@ RT_AVX512 void AccumulateEvenOdd(const float* p0, int p_stride, const uint16_t* 
 // (a dot product does not depend on the order of its terms).
 template <int NB, int R, int KJ>
 RT_AVX512 void QueryKeyDotsEvenOddTile(const float* q0p, int64_t q_stride, const uint16_t* k,
-                                       int64_t k_stride, int keys, float* s0, int s_stride) {
+                                       int64_t k_stride, int keys, float* s0, int s_stride,
+                                       int64_t ahead) {
   static_assert(R * KJ <= 16 && (KJ == 2 || KJ == 4));
   int j = 0;
   for (; j + KJ <= keys; j += KJ) {
@@ -693,6 +715,8 @@ RT_AVX512 void QueryKeyDotsEvenOddTile(const float* q0p, int64_t q_stride, const
       for (int x = 0; x < KJ; ++x) a[r][x] = _mm512_setzero_ps();
     for (int m = 0; m < NB; ++m) {
       __m512 e[KJ], o[KJ];
+      if (ahead)  // this line of the KJ keys, `ahead` on
+        for (int x = 0; x < KJ; ++x) PrefetchAhead(kr + x * k_stride + 32 * m, ahead);
       for (int x = 0; x < KJ; ++x) LoadEvenOdd(kr + x * k_stride + 32 * m, &e[x], &o[x]);
       for (int r = 0; r < R; ++r) {
         const __m512 qe = _mm512_loadu_ps(q0p + r * q_stride + 32 * m);
@@ -730,13 +754,16 @@ RT_AVX512 void QueryKeyDotsEvenOddTile(const float* q0p, int64_t q_stride, const
 // v and acc0 point at the first column of the first block.
 template <int R, int NBB>
 RT_AVX512 void AccumulateEvenOddTile(const float* p0, int p_stride, const uint16_t* v,
-                                     int64_t v_stride, int keys, float* acc0, int acc_stride) {
+                                     int64_t v_stride, int keys, float* acc0, int acc_stride,
+                                     int64_t ahead) {
   __m512 a[R][2 * NBB];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < 2 * NBB; ++c) a[r][c] = _mm512_loadu_ps(acc0 + r * acc_stride + 16 * c);
   for (int j = 0; j < keys; ++j) {
     const uint16_t* vr = v + j * v_stride;
     __m512 e[NBB], o[NBB];
+    if (ahead)
+      for (int m = 0; m < NBB; ++m) PrefetchAhead(vr + 32 * m, ahead);
     for (int m = 0; m < NBB; ++m) LoadEvenOdd(vr + 32 * m, &e[m], &o[m]);
     for (int r = 0; r < R; ++r) {
       const __m512 w = _mm512_set1_ps(p0[r * p_stride + j]);
@@ -937,8 +964,9 @@ void ScaleCopy(const float* x, float* y, int n, float a) {
 }
 
 void QueryKeyDots(const float* q, int rows, const float* k, int64_t k_stride, int keys, int D,
-                  float* s, int s_stride) {
-  if (CpuHasAvx512() && D % 16 == 0) return QueryKeyDotsAvx512(q, rows, k, k_stride, keys, D, s, s_stride);
+                  float* s, int s_stride, int64_t prefetch_ahead) {
+  if (CpuHasAvx512() && D % 16 == 0)
+    return QueryKeyDotsAvx512(q, rows, k, k_stride, keys, D, s, s_stride, prefetch_ahead);
   if (Avx2Active() && D % 8 == 0) return QueryKeyDotsAvx2(q, rows, k, k_stride, keys, D, s, s_stride);
   for (int r = 0; r < rows; ++r) {
     for (int j = 0; j < keys; ++j) {
@@ -966,8 +994,9 @@ void AccumulateProbValuesBFloat16(const float* p, int p_stride, int rows, const 
 }
 
 void AccumulateProbValues(const float* p, int p_stride, int rows, const float* v, int64_t v_stride,
-                          int keys, int D, float* acc) {
-  if (CpuHasAvx512() && D % 16 == 0) return AccumulateProbValuesAvx512(p, p_stride, rows, v, v_stride, keys, D, acc);
+                          int keys, int D, float* acc, int64_t prefetch_ahead) {
+  if (CpuHasAvx512() && D % 16 == 0)
+    return AccumulateProbValuesAvx512(p, p_stride, rows, v, v_stride, keys, D, acc, prefetch_ahead);
   if (Avx2Active() && D % 8 == 0) return AccumulateProbValuesAvx2(p, p_stride, rows, v, v_stride, keys, D, acc);
   for (int r = 0; r < rows; ++r) {
     float* a = acc + r * D;
@@ -997,8 +1026,8 @@ void UnpermuteEvenOdd(const float* y, float* x, int D) {
     }
 }
 
-void QueryKeyDotsBFloat16Permuted(const float* q, int rows, const uint16_t* k, int64_t k_stride, int keys, int D,
-                                  float* s, int s_stride) {
+void QueryKeyDotsBFloat16Permuted(const float* q, int rows, const uint16_t* k, int64_t k_stride,
+                                  int keys, int D, float* s, int s_stride, int64_t prefetch_ahead) {
   WithBlocks32(D / 32, [&](auto nb) {
     constexpr int NB = decltype(nb)::value;
     int r = 0;
@@ -1011,15 +1040,17 @@ void QueryKeyDotsBFloat16Permuted(const float* q, int rows, const uint16_t* k, i
       WithTileRows(rr, [&](auto rc) {
         constexpr int R = decltype(rc)::value;
         QueryKeyDotsEvenOddTile<NB, R, (R <= 4 ? 4 : 2)>(q + r * D, D, k, k_stride, keys,
-                                                         s + r * s_stride, s_stride);
+                                                         s + r * s_stride, s_stride,
+                                                         r == 0 ? prefetch_ahead : 0);
       });
     for (; r + 2 <= rows; r += 2) QueryKeyDotsEvenOdd<NB, 2>(q + r * D, D, k, k_stride, keys, s + r * s_stride, s_stride);
     if (r < rows) QueryKeyDotsEvenOdd<NB, 1>(q + r * D, D, k, k_stride, keys, s + r * s_stride, s_stride);
   });
 }
 
-void AccumulateProbValuesBFloat16Permuted(const float* p, int p_stride, int rows, const uint16_t* v, int64_t v_stride,
-                                          int keys, int D, float* acc) {
+void AccumulateProbValuesBFloat16Permuted(const float* p, int p_stride, int rows, const uint16_t* v,
+                                          int64_t v_stride, int keys, int D, float* acc,
+                                          int64_t prefetch_ahead) {
   WithBlocks32(D / 32, [&](auto nb) {
     constexpr int NB = decltype(nb)::value;
     int r = 0;
@@ -1029,7 +1060,7 @@ void AccumulateProbValuesBFloat16Permuted(const float* p, int p_stride, int rows
         constexpr int NBB = R <= 4 && NB % 2 == 0 ? 2 : 1;  // 2*R*NBB <= 16 accumulators
         for (int m = 0; m < NB; m += NBB)
           AccumulateEvenOddTile<R, NBB>(p + r * p_stride, p_stride, v + 32 * m, v_stride, keys,
-                                        acc + r * D + 32 * m, D);
+                                        acc + r * D + 32 * m, D, r == 0 ? prefetch_ahead : 0);
       });
     for (; r + 2 <= rows; r += 2) AccumulateEvenOdd<NB, 2>(p + r * p_stride, p_stride, v, v_stride, keys, acc + r * D, D);
     if (r < rows) AccumulateEvenOdd<NB, 1>(p + r * p_stride, p_stride, v, v_stride, keys, acc + r * D, D);

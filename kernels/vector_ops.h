@@ -22,11 +22,16 @@ void ScaleRow(float* y, int n, float a);
 void ScaleCopy(const float* x, float* y, int n, float a);
 // Dot products of M query rows (q[r*D..], contiguous) with `keys` key rows
 // (k + j*k_stride) into s[r*s_stride + j].
+// prefetch_ahead > 0: while it reads each key row, the AVX-512 kernel for 4
+// or more rows (D <= 128) prefetches into L2 the same bytes prefetch_ahead
+// elements further on, spread over its loop (decode: the next key group).
+// The result does not depend on it.
 void QueryKeyDots(const float* q, int rows, const float* k, int64_t k_stride, int keys, int D,
-                  float* s, int s_stride);
+                  float* s, int s_stride, int64_t prefetch_ahead = 0);
 // acc[r*D + d] += sum_j p[r*p_stride + j] * v[j*v_stride + d] for r < rows.
+// prefetch_ahead: as for QueryKeyDots, for the value rows.
 void AccumulateProbValues(const float* p, int p_stride, int rows, const float* v, int64_t v_stride,
-                          int keys, int D, float* acc);
+                          int keys, int D, float* acc, int64_t prefetch_ahead = 0);
 
 // bfloat16 K/V read and widened in registers (no scratch copy). Only when
 // HasFusedBFloat16(D); otherwise convert to float32 first.
@@ -43,9 +48,12 @@ void AccumulateProbValuesBFloat16(const float* p, int p_stride, int rows, const 
 bool HasPermutedBFloat16(int D);
 void PermuteEvenOdd(const float* x, float* y, int D);
 void UnpermuteEvenOdd(const float* y, float* x, int D);
-void QueryKeyDotsBFloat16Permuted(const float* q, int rows, const uint16_t* k, int64_t k_stride, int keys, int D,
-                                  float* s, int s_stride);
-void AccumulateProbValuesBFloat16Permuted(const float* p, int p_stride, int rows, const uint16_t* v, int64_t v_stride,
-                                          int keys, int D, float* acc);
+// prefetch_ahead: as for QueryKeyDots, done by the tiles of 3 or more rows.
+void QueryKeyDotsBFloat16Permuted(const float* q, int rows, const uint16_t* k, int64_t k_stride,
+                                  int keys, int D, float* s, int s_stride,
+                                  int64_t prefetch_ahead = 0);
+void AccumulateProbValuesBFloat16Permuted(const float* p, int p_stride, int rows, const uint16_t* v,
+                                          int64_t v_stride, int keys, int D, float* acc,
+                                          int64_t prefetch_ahead = 0);
 
 }  // namespace ringtree::internal
