@@ -200,6 +200,7 @@ void Run(const void* a, const void* b, float* c, int m, int n, int k, bool accum
                                     {DNNL_ARG_SCRATCHPAD, g->scratch.get()}};
     dnnl::error::wrap_c_api(dnnl_primitive_execute(g->prim.get(), stream->get(), 4, args),
                             "could not execute a matmul");
+    stream->wait();
   } catch (const std::exception& e) {
     ReportFailure(e.what(), m, n, k);
     if (bf16)
