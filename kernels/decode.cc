@@ -42,6 +42,20 @@ struct RangePrefetch {
   }
 };
 
+// Prefetch (into L1) of n rows of D floats, row_stride floats apart, from
+// `skip` rows after `base`, as one burst: for fp32 shapes whose kernels do
+// not prefetch by themselves (AVX2, D > 128). The addresses may lie past the
+// end of the KV (the last group of a segment): they are formed as integers,
+// and a prefetch never faults.
+inline void PrefetchRows(const void* base, int64_t skip, int64_t row_stride, int n, int D) {
+  const uintptr_t p =
+      reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(skip * row_stride) * sizeof(float);
+  for (int j = 0; j < n; ++j)
+    for (int d = 0; d < D; d += 16)
+      _mm_prefetch(reinterpret_cast<const char*>(p + (j * row_stride + d) * sizeof(float)),
+                   _MM_HINT_T0);
+}
+
 // A run of at most kDecodeKeyBlock keys: rows [0, n) at k/v (row stride
 // Hkv*D elements), key index j0 in the concatenated KV (for causal masks).
 struct KeyBlock {
@@ -106,14 +120,21 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
   // 13.2-19.0 -> 16.9-23.1.
   const int64_t group_ahead =
       (fp32 && rows >= 4) || (permuted && rows >= 3) ? kKeyGroup * row_stride : 0;
+  // fp32 shapes whose kernels do not prefetch (AVX2, D > 128, values with D
+  // not a multiple of 64) keep the burst of the next group into L1 before
+  // each call that came before it.
+  const bool burst_k = fp32 && rows >= 4 && !internal::QueryKeyDotsPrefetchAhead(rows, D);
+  const bool burst_v = fp32 && rows >= 4 && !internal::AccumulateProbValuesPrefetchAhead(rows, D);
   // bf16 also prefetches the next block (into L2) in slices between the
   // kernel calls of this one, where it cost more compute per byte than the
   // core's stream could hide (single thread: 0.58 -> 0.74 of read bandwidth
-  // at Hkv = 2). With the spread prefetch as well this still gains for
-  // blocks of up to 32 KiB (Hkv <= 2 at D = 128: bf16 Hkv = 1 13.6-14.9 ->
-  // 15.8-16.1 GB/s) and loses for larger ones (Hkv = 8: 22.5-23.1 -> 17.3-
-  // 20.5), so it is kept for those only. fp32 was slower with it at every
-  // Hkv, before and with the spread prefetch.
+  // at Hkv = 2). Where the kernels do not prefetch (fewer than 3 rows, or
+  // not the even/odd layout) it stays at every block size. With the spread
+  // prefetch as well it still gains for blocks of up to 32 KiB (Hkv <= 2 at
+  // D = 128: bf16 Hkv = 1 13.6-14.9 -> 15.8-16.1 GB/s) and loses for larger
+  // ones (Hkv = 8: 22.5-23.1 -> 17.3-20.5), so there it is kept for those
+  // only. fp32 was slower with it at every Hkv, before and with the spread
+  // prefetch.
   const int64_t block_bytes = static_cast<int64_t>(kDecodeKeyBlock) * row_bytes;
   const bool prefetch_blocks = !fp32 && (group_ahead == 0 || block_bytes <= (32 << 10));
 
@@ -173,6 +194,8 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
             float* sc = sc_all + base * kDecodeKeyBlock + jj;
             const int64_t at = jj * row_stride + hk * D;
             pfk.Step();
+            if (burst_k)
+              PrefetchRows(static_cast<const float*>(blk.k) + at, kKeyGroup, row_stride, n, D);
             if (permuted)
               internal::QueryKeyDotsBFloat16Permuted(qs.data() + base * D, rows, kh + at,
                                                      row_stride, n, D, sc, kDecodeKeyBlock,
@@ -198,6 +221,8 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
             const float* p = sc_all + base * kDecodeKeyBlock + jj;
             const int64_t at = jj * row_stride + hk * D;
             pfv.Step();
+            if (burst_v)
+              PrefetchRows(static_cast<const float*>(blk.v) + at, kKeyGroup, row_stride, n, D);
             if (permuted)
               internal::AccumulateProbValuesBFloat16Permuted(
                   p, kDecodeKeyBlock, rows, vh + at, row_stride, n, D, acc + base * D, group_ahead);

@@ -105,9 +105,10 @@ RT_AVX512 inline __m512 Load16<uint16_t>(const uint16_t* p) {  // bfloat16 -> fl
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
-// Software prefetch into L2 of the 64-byte line holding element `ahead`
-// elements past p (ahead 0: none). The address is formed as an integer: it
-// may lie past the end of the K/V, and a prefetch never faults.
+// Software prefetch into L2 of the 64-byte line holding the element `ahead`
+// elements past p (callers skip it when ahead is 0). The address is formed
+// as an integer: it may lie past the end of the K/V, and a prefetch never
+// faults.
 template <typename T>
 inline void PrefetchAhead(const T* p, int64_t ahead) {
   const uintptr_t a = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(ahead) * sizeof(T);
@@ -977,6 +978,14 @@ void QueryKeyDots(const float* q, int rows, const float* k, int64_t k_stride, in
       s[r * s_stride + j] = dot;
     }
   }
+}
+
+bool QueryKeyDotsPrefetchAhead(int rows, int D) {
+  return CpuHasAvx512() && rows >= 4 && D % 16 == 0 && D >= 32 && D <= 128;
+}
+
+bool AccumulateProbValuesPrefetchAhead(int rows, int D) {
+  return CpuHasAvx512() && rows >= 4 && D % 64 == 0 && D <= 128;
 }
 
 bool HasFusedBFloat16(int D) { return (CpuHasAvx512() && D % 16 == 0) || (Avx2Active() && D % 8 == 0); }

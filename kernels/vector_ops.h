@@ -22,16 +22,21 @@ void ScaleRow(float* y, int n, float a);
 void ScaleCopy(const float* x, float* y, int n, float a);
 // Dot products of M query rows (q[r*D..], contiguous) with `keys` key rows
 // (k + j*k_stride) into s[r*s_stride + j].
-// prefetch_ahead > 0: while it reads each key row, the AVX-512 kernel for 4
-// or more rows (D <= 128) prefetches into L2 the same bytes prefetch_ahead
-// elements further on, spread over its loop (decode: the next key group).
-// The result does not depend on it.
+// prefetch_ahead > 0: while it reads each key row, the kernel prefetches
+// into L2 the same bytes prefetch_ahead elements further on, spread over its
+// loop (decode: the next key group). Done only where
+// QueryKeyDotsPrefetchAhead(rows, D) (the AVX-512 tiles of 4 or more rows,
+// D <= 128); ignored elsewhere. The result does not depend on it.
 void QueryKeyDots(const float* q, int rows, const float* k, int64_t k_stride, int keys, int D,
                   float* s, int s_stride, int64_t prefetch_ahead = 0);
+bool QueryKeyDotsPrefetchAhead(int rows, int D);
 // acc[r*D + d] += sum_j p[r*p_stride + j] * v[j*v_stride + d] for r < rows.
-// prefetch_ahead: as for QueryKeyDots, for the value rows.
+// prefetch_ahead: as for QueryKeyDots, for the value rows, where
+// AccumulateProbValuesPrefetchAhead(rows, D) (AVX-512, 4 or more rows, D a
+// multiple of 64 up to 128).
 void AccumulateProbValues(const float* p, int p_stride, int rows, const float* v, int64_t v_stride,
                           int keys, int D, float* acc, int64_t prefetch_ahead = 0);
+bool AccumulateProbValuesPrefetchAhead(int rows, int D);
 
 // bfloat16 K/V read and widened in registers (no scratch copy). Only when
 // HasFusedBFloat16(D); otherwise convert to float32 first.
