@@ -43,13 +43,13 @@ struct RangePrefetch {
 };
 
 // Prefetch (into L1) of n rows of D floats, row_stride floats apart, from
-// `skip` rows after `base`, as one burst: for fp32 shapes whose kernels do
-// not prefetch by themselves (AVX2, D > 128). The addresses may lie past the
-// end of the KV (the last group of a segment): they are formed as integers,
-// and a prefetch never faults.
-inline void PrefetchRows(const void* base, int64_t skip, int64_t row_stride, int n, int D) {
+// `ahead` floats after `base`, as one burst: for fp32 shapes whose kernels
+// do not prefetch by themselves (AVX2, D > 128). The addresses are formed
+// as integers (they may lie in another allocation, or past the end of the
+// KV), and a prefetch never faults.
+inline void PrefetchRows(const void* base, int64_t ahead, int64_t row_stride, int n, int D) {
   const uintptr_t p =
-      reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(skip * row_stride) * sizeof(float);
+      reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(ahead) * sizeof(float);
   for (int j = 0; j < n; ++j)
     for (int d = 0; d < D; d += 16)
       _mm_prefetch(reinterpret_cast<const char*>(p + (j * row_stride + d) * sizeof(float)),
@@ -118,8 +118,7 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
   // -> 16.1-16.8 (against a burst of the next group into L1 before each
   // call, which had itself gained over no prefetch); bf16 H = 32 Hkv = 8
   // 13.2-19.0 -> 16.9-23.1.
-  const int64_t group_ahead =
-      (fp32 && rows >= 4) || (permuted && rows >= 3) ? kKeyGroup * row_stride : 0;
+  const bool spread = (fp32 && rows >= 4) || (permuted && rows >= 3);
   // fp32 shapes whose kernels do not prefetch (AVX2, D > 128, values with D
   // not a multiple of 64) keep the burst of the next group into L1 before
   // each call that came before it.
@@ -136,7 +135,7 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
   // only. fp32 was slower with it at every Hkv, before and with the spread
   // prefetch.
   const int64_t block_bytes = static_cast<int64_t>(kDecodeKeyBlock) * row_bytes;
-  const bool prefetch_blocks = !fp32 && (group_ahead == 0 || block_bytes <= (32 << 10));
+  const bool prefetch_blocks = !fp32 && (!spread || block_bytes <= (32 << 10));
 
   tbb::parallel_for(tbb::blocked_range<int64_t>(0, chunks, 1), [&](const tbb::blocked_range<int64_t>& range) {
     for (int64_t c = range.begin(); c < range.end(); ++c) {
@@ -164,6 +163,18 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
           pfk.Start(nullptr, 0, 1);
           pfv.Start(nullptr, 0, 1);
         }
+        // Where a key group's rows are prefetched, in elements from its own
+        // rows: the next group of this block, and for the last group the
+        // first of the next block, which need not follow this one in memory
+        // (a store's spans are separate allocations).
+        const KeyBlock* nb = b + 1 < nblocks ? &blocks[b + 1] : nullptr;
+        const int64_t elem = fp32 ? 4 : 2;
+        auto ahead_of = [&](const void* rows, const void* next, int jj) -> int64_t {
+          if (jj + kKeyGroup < jb || !nb) return static_cast<int64_t>(kKeyGroup) * row_stride;
+          const intptr_t bytes =
+              reinterpret_cast<intptr_t>(next) - reinterpret_cast<intptr_t>(rows);
+          return bytes / elem - jj * row_stride;
+        };
         const int64_t j0 = blk.j0;
         const float* kp = nullptr;
         const float* vp = nullptr;
@@ -193,19 +204,20 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
             const int64_t base = static_cast<int64_t>(hk) * rows;
             float* sc = sc_all + base * kDecodeKeyBlock + jj;
             const int64_t at = jj * row_stride + hk * D;
+            const int64_t ahead = spread || burst_k ? ahead_of(blk.k, nb ? nb->k : nullptr, jj) : 0;
             pfk.Step();
             if (burst_k)
-              PrefetchRows(static_cast<const float*>(blk.k) + at, kKeyGroup, row_stride, n, D);
+              PrefetchRows(static_cast<const float*>(blk.k) + at, ahead, row_stride, n, D);
             if (permuted)
               internal::QueryKeyDotsBFloat16Permuted(qs.data() + base * D, rows, kh + at,
                                                      row_stride, n, D, sc, kDecodeKeyBlock,
-                                                     group_ahead);
+                                                     spread ? ahead : 0);
             else if (fused_bf16)
               internal::QueryKeyDotsBFloat16(qs.data() + base * D, rows, kh + at, row_stride, n, D,
                                              sc, kDecodeKeyBlock);
             else
               internal::QueryKeyDots(qs.data() + base * D, rows, kp + at, row_stride, n, D, sc,
-                                     kDecodeKeyBlock, group_ahead);
+                                     kDecodeKeyBlock, spread ? ahead : 0);
           }
         }
         for (int hk = 0; hk < Hkv; ++hk) {
@@ -220,17 +232,19 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
             const int64_t base = static_cast<int64_t>(hk) * rows;
             const float* p = sc_all + base * kDecodeKeyBlock + jj;
             const int64_t at = jj * row_stride + hk * D;
+            const int64_t ahead = spread || burst_v ? ahead_of(blk.v, nb ? nb->v : nullptr, jj) : 0;
             pfv.Step();
             if (burst_v)
-              PrefetchRows(static_cast<const float*>(blk.v) + at, kKeyGroup, row_stride, n, D);
+              PrefetchRows(static_cast<const float*>(blk.v) + at, ahead, row_stride, n, D);
             if (permuted)
-              internal::AccumulateProbValuesBFloat16Permuted(
-                  p, kDecodeKeyBlock, rows, vh + at, row_stride, n, D, acc + base * D, group_ahead);
+              internal::AccumulateProbValuesBFloat16Permuted(p, kDecodeKeyBlock, rows, vh + at,
+                                                             row_stride, n, D, acc + base * D,
+                                                             spread ? ahead : 0);
             else if (fused_bf16)
               internal::AccumulateProbValuesBFloat16(p, kDecodeKeyBlock, rows, vh + at, row_stride, n, D, acc + base * D);
             else
               internal::AccumulateProbValues(p, kDecodeKeyBlock, rows, vp + at, row_stride, n, D,
-                                             acc + base * D, group_ahead);
+                                             acc + base * D, spread ? ahead : 0);
           }
         }
       }
