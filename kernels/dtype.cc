@@ -5,6 +5,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "kernels/simd_avx512.h"
+
 namespace ringtree {
 
 namespace {
@@ -32,21 +34,11 @@ __attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void BF16ToF32Avx512(c
   for (; i < n; ++i) dst[i] = BFloat16ToFloat(src[i]);
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,f16c"))) void F32ToBF16Avx512(const float* src,
-                                                                                uint16_t* dst, size_t n) {
+RT_AVX512 void F32ToBF16Avx512(const float* src, uint16_t* dst, size_t n) {
   size_t i = 0;
-  const __m512i bias = _mm512_set1_epi32(0x7fff);
-  const __m512i one = _mm512_set1_epi32(1);
-  for (; i + 16 <= n; i += 16) {
-    __m512 f = _mm512_loadu_ps(src + i);
-    __m512i u = _mm512_castps_si512(f);
-    __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
-    __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, bias), lsb), 16);
-    __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
-    __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-    __m512i r = _mm512_mask_mov_epi32(rounded, nan, quiet);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(r));
-  }
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        internal::RoundToBFloat16(_mm512_loadu_ps(src + i)));
   for (; i < n; ++i) dst[i] = FloatToBFloat16(src[i]);
 }
 

@@ -313,9 +313,18 @@ RT_AVX512 void MaskBlock(float* st, int rp, int rows, int nk, const int32_t* lo,
   }
 }
 
-// Online softmax over a block in the transposed domain; leaves probabilities in st.
+// Online softmax over a block in the transposed domain; leaves probabilities
+// in st, or with pt rounded to bf16 in pt[j][r] (row stride rp) instead: the
+// onednn path's P operand, without a second pass over the block.
+RT_AVX512 inline void StoreProbabilities(float* st, uint16_t* pt, int64_t at, __m512 p) {
+  if (pt)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(pt + at), RoundToBFloat16(p));
+  else
+    _mm512_storeu_ps(st + at, p);
+}
+
 RT_AVX512 void SoftmaxBlock(float* st, int rp, int rows, int nk, int D, float* m, float* l,
-                            float* ot) {
+                            float* ot, uint16_t* pt = nullptr) {
   const __m512 neg = _mm512_set1_ps(kNegInf), one = _mm512_set1_ps(1.0f);
   for (int r = 0; r < rows; r += 16) {
     __m512 mx0 = neg, mx1 = neg;
@@ -334,14 +343,14 @@ RT_AVX512 void SoftmaxBlock(float* st, int rp, int rows, int nk, int D, float* m
     for (j = 0; j + 2 <= nk; j += 2) {
       const __m512 p0 = Exp2Avx512(_mm512_sub_ps(_mm512_loadu_ps(st + j * rp + r), m_use));
       const __m512 p1 = Exp2Avx512(_mm512_sub_ps(_mm512_loadu_ps(st + (j + 1) * rp + r), m_use));
-      _mm512_storeu_ps(st + j * rp + r, p0);
-      _mm512_storeu_ps(st + (j + 1) * rp + r, p1);
+      StoreProbabilities(st, pt, j * rp + r, p0);
+      StoreProbabilities(st, pt, (j + 1) * rp + r, p1);
       s0 = _mm512_add_ps(s0, p0);
       s1 = _mm512_add_ps(s1, p1);
     }
     if (j < nk) {
       const __m512 p0 = Exp2Avx512(_mm512_sub_ps(_mm512_loadu_ps(st + j * rp + r), m_use));
-      _mm512_storeu_ps(st + j * rp + r, p0);
+      StoreProbabilities(st, pt, j * rp + r, p0);
       s0 = _mm512_add_ps(s0, p0);
     }
     _mm512_storeu_ps(l + r, _mm512_fmadd_ps(_mm512_loadu_ps(l + r), alpha, _mm512_add_ps(s0, s1)));
@@ -509,13 +518,12 @@ int64_t FlashTileAvx512(const FlashTile& t, Bf16Products products) {
     }
     if (!full) MaskBlock(st, ld, rp, nk, lo, hi);
     if (band.band) BandCapture(band, t.t0, tokens, G, j0, nk, st, 1, ld);
-    SoftmaxBlock(st, ld, rp, nk, D, m, l, ot);
+    uint16_t* pt = onednn ? reinterpret_cast<uint16_t*>(pt2) : nullptr;  // [nk][rp] bf16
+    SoftmaxBlock(st, ld, rp, nk, D, m, l, ot, pt);
     // ot += probabilities x values, by path.
     if (onednn) {
       uint16_t* vt = reinterpret_cast<uint16_t*>(vbuf);  // [D][nk]
-      uint16_t* pt = reinterpret_cast<uint16_t*>(pt2);   // [nk][rp]
       TransposeRows16(vh, row_stride, nk, D, vt);
-      ConvertFromFloat32(st, DType::kBFloat16, pt, static_cast<size_t>(nk) * rp);
       OneDnnGemmBf16(vt, pt, ot, D, rp, nk, true);
     } else if (bf16_dot) {
       PackProbPairs(st, ld, rp, nk, pt2);

@@ -27,4 +27,16 @@ RT_AVX512 inline __m512 Exp2Avx512(__m512 x) {
   return _mm512_maskz_scalef_ps(keep, p, xi);
 }
 
+// 16 floats to bfloat16, rounded to nearest even, NaN kept (quiet): the
+// rounding of ConvertFromFloat32.
+RT_AVX512 inline __m256i RoundToBFloat16(__m512 f) {
+  const __m512i u = _mm512_castps_si512(f);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded =
+      _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7fff)), lsb), 16);
+  const __mmask16 nan = _mm512_cmp_ps_mask(f, f, _CMP_UNORD_Q);
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  return _mm512_cvtepi32_epi16(_mm512_mask_mov_epi32(rounded, nan, quiet));
+}
+
 }  // namespace ringtree::internal
