@@ -120,8 +120,8 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
   // 13.2-19.0 -> 16.9-23.1.
   const bool spread = (fp32 && rows >= 4) || (permuted && rows >= 3);
   // fp32 shapes whose kernels do not prefetch (AVX2, D > 128, values with D
-  // not a multiple of 64) keep the burst of the next group into L1 before
-  // each call that came before it.
+  // not a multiple of 64) keep what came before: a burst of the next
+  // group's rows into L1 before each kernel call.
   const bool burst_k = fp32 && rows >= 4 && !internal::QueryKeyDotsPrefetchAhead(rows, D);
   const bool burst_v = fp32 && rows >= 4 && !internal::AccumulateProbValuesPrefetchAhead(rows, D);
   // bf16 also prefetches the next block (into L2) in slices between the
@@ -169,10 +169,11 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
         // (a store's spans are separate allocations).
         const KeyBlock* nb = b + 1 < nblocks ? &blocks[b + 1] : nullptr;
         const int64_t elem = fp32 ? 4 : 2;
-        auto ahead_of = [&](const void* rows, const void* next, int jj) -> int64_t {
+        // block: this block's K (or V) base; next: the next block's.
+        auto ahead_of = [&](const void* block, const void* next, int jj) -> int64_t {
           if (jj + kKeyGroup < jb || !nb) return static_cast<int64_t>(kKeyGroup) * row_stride;
           const intptr_t bytes =
-              reinterpret_cast<intptr_t>(next) - reinterpret_cast<intptr_t>(rows);
+              reinterpret_cast<intptr_t>(next) - reinterpret_cast<intptr_t>(block);
           return bytes / elem - jj * row_stride;
         };
         const int64_t j0 = blk.j0;
