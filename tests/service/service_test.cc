@@ -980,7 +980,17 @@ TEST_F(ServiceOverload, RefusesFastWhileAdmittedRequestsComplete) {
   // Refusals do not wait for the engine: measured in the server, where
   // scheduling noise from the test's own threads does not count.
   ASSERT_GE(server_refusal_p99, 0.0) << "Stats has no (refused) latency entry";
-  EXPECT_LT(server_refusal_p99, 50.0);
+#ifdef RINGTREE_SANITIZED
+  // Sanitizer builds run several times slower on the same 2 shared cores,
+  // with 32 client threads and both ranks beside the handler, which can be
+  // descheduled for hundreds of milliseconds (265 ms once under TSan, CI of
+  // 2026-12-02). There the bound only says a refusal does not hang; the
+  // normal build's 50 ms is the one about speed.
+  constexpr double kRefusalBoundMs = 1000.0;
+#else
+  constexpr double kRefusalBoundMs = 50.0;
+#endif
+  EXPECT_LT(server_refusal_p99, kRefusalBoundMs);
   EXPECT_LT(worst, 1000.0);
   EXPECT_EQ(stats->rejected(), refused.load());
   EXPECT_EQ(stats->in_flight(), 0);
