@@ -192,8 +192,8 @@ void Run(const void* a, const void* b, float* c, int m, int n, int k, bool accum
     g->b.set_data_handle(const_cast<void*>(b));
     g->c.set_data_handle(c);
     // The C entry point with the arguments on the stack: the C++ one takes
-    // them as an std::unordered_map, built and freed on every call (a third
-    // of a small product's time here).
+    // them as an std::unordered_map, built and freed on every call (a
+    // 16 x 16 x 128 product: median 1.74 -> 1.52 us over 8 alternating runs).
     const dnnl_exec_arg_t args[] = {{DNNL_ARG_SRC, g->a.get()},
                                     {DNNL_ARG_WEIGHTS, g->b.get()},
                                     {DNNL_ARG_DST, g->c.get()},
