@@ -330,10 +330,12 @@ Status FlashAttentionForward(const float* q, const void* k, const void* v, DType
   // (causal, one thread) the repack was 3-20% slower.
   // RINGTREE_FLASH_REPACK_MIN_MIB overrides the threshold (tests use 0).
   constexpr int64_t kMaxRepackBytes = int64_t{1} << 30;
-  static const int64_t kRepackMinBytes = [] {
+  static const int64_t kRepackMinMib = [] {  // -1: not set
     const char* env = std::getenv("RINGTREE_FLASH_REPACK_MIN_MIB");
-    return (env ? std::atoll(env) : 128) << 20;
+    return env ? std::atoll(env) : int64_t{-1};
   }();
+  const int64_t kRepackMinBytes = (kRepackMinMib >= 0 ? kRepackMinMib : 128) << 20;
+  const int64_t kBf16PrepackMinBytes = (kRepackMinMib >= 0 ? kRepackMinMib : 0) << 20;
   const int kvs = internal::FlashKvRowStride(s.head_dim);  // packed row stride
   const int64_t head_elems = s.kv_tokens * kvs, kv_elems = head_elems * s.kv_heads;
   const int64_t packed_bytes = 2 * kv_elems * static_cast<int64_t>(sizeof(float));
@@ -365,6 +367,45 @@ Status FlashAttentionForward(const float* q, const void* k, const void* v, DType
           }
         });
   }
+  // onednn path, bf16 K/V: the matmuls take dense operands, so every query
+  // tile copied its head's K rows of each key block (several kv heads) and
+  // transposed its V rows, the whole K/V once per query tile. With 4 or more
+  // query tiles K is instead repacked per head ([Hkv, Tk, D]; not needed with
+  // one kv head) and V transposed per key block, once per call (transient,
+  // about the K/V's size, at most kMaxRepackBytes; without the memory the
+  // tiles copy as before).
+  const bool onednn_bf16 = own_tiles && path == KernelPath::kOneDnn && kv_dtype == DType::kBFloat16;
+  const int64_t v_head_elems = blocks_per_tile * key_block * s.head_dim;  // V blocks of one head
+  const int64_t k_head_elems = s.kv_heads > 1 ? s.kv_tokens * s.head_dim : 0;
+  const int64_t prepack_bytes = (v_head_elems + k_head_elems) * s.kv_heads * 2;
+  std::unique_ptr<uint16_t[]> bf16_packed;
+  if (onednn_bf16 && (q_tiles >= 4 || kRepackMinBytes == 0) &&
+      prepack_bytes >= kBf16PrepackMinBytes && prepack_bytes <= kMaxRepackBytes)
+    bf16_packed.reset(new (std::nothrow) uint16_t[static_cast<size_t>(prepack_bytes / 2)]);
+  uint16_t* v_blocks = bf16_packed.get();
+  uint16_t* k_packed =
+      bf16_packed && k_head_elems > 0 ? v_blocks + v_head_elems * s.kv_heads : nullptr;
+  if (bf16_packed) {
+    const int D = s.head_dim, Hkv = s.kv_heads;
+    const auto* k16 = static_cast<const uint16_t*>(k);
+    const auto* v16 = static_cast<const uint16_t*>(v);
+    tbb::parallel_for(tbb::blocked_range<int64_t>(0, blocks_per_tile * Hkv),
+                      [&](const tbb::blocked_range<int64_t>& r) {
+                        for (int64_t i = r.begin(); i < r.end(); ++i) {
+                          const int hk = static_cast<int>(i % Hkv);
+                          const int64_t j0 = i / Hkv * key_block;
+                          const int nk =
+                              static_cast<int>(std::min<int64_t>(key_block, s.kv_tokens - j0));
+                          const int64_t src = (j0 * Hkv + hk) * D;
+                          internal::TransposeValueRowsBf16(v16 + src, int64_t{Hkv} * D, nk, D,
+                                                           v_blocks + hk * v_head_elems + j0 * D);
+                          if (k_packed)
+                            for (int j = 0; j < nk; ++j)
+                              std::copy_n(k16 + src + int64_t{j} * Hkv * D, D,
+                                          k_packed + hk * k_head_elems + (j0 + j) * D);
+                        }
+                      });
+  }
   tbb::parallel_for(tbb::blocked_range<int64_t>(0, tasks, 1), [&](const tbb::blocked_range<int64_t>& range) {
     int64_t first[512], last[512];
     int64_t computed = 0, tiles = 0;
@@ -376,21 +417,30 @@ Status FlashAttentionForward(const float* q, const void* k, const void* v, DType
       internal::TokenKeyRanges(s, opt, t0, t1, first, last);
       ++tiles;
       if (own_tiles) {
-        const internal::FlashTile ft{.q = q,
-                                     .k = repack ? kv_packed.get() + hk * head_elems : k,
-                                     .v = repack ? kv_packed.get() + kv_elems + hk * head_elems : v,
-                                     .kv_row_stride = repack ? kvs : 0,
-                                     .kv_dtype = kv_dtype,
-                                     .shape = s,
-                                     .qmul = qmul,
-                                     .hk = hk,
-                                     .t0 = t0,
-                                     .t1 = t1,
-                                     .key_first = first,
-                                     .key_last = last,
-                                     .o = o,
-                                     .lse = lse,
-                                     .band = band};
+        const void* kt = repack ? kv_packed.get() + hk * head_elems : k;
+        const void* vt = repack ? kv_packed.get() + kv_elems + hk * head_elems : v;
+        int64_t kv_row_stride = repack ? kvs : 0;
+        if (k_packed) {
+          kt = k_packed + hk * k_head_elems;
+          kv_row_stride = s.head_dim;
+        }
+        const internal::FlashTile ft{
+            .q = q,
+            .k = kt,
+            .v = bf16_packed ? nullptr : vt,
+            .kv_row_stride = kv_row_stride,
+            .v_blocks = bf16_packed ? v_blocks + hk * v_head_elems : nullptr,
+            .kv_dtype = kv_dtype,
+            .shape = s,
+            .qmul = qmul,
+            .hk = hk,
+            .t0 = t0,
+            .t1 = t1,
+            .key_first = first,
+            .key_last = last,
+            .o = o,
+            .lse = lse,
+            .band = band};
         computed += internal::FlashTileAvx512(
             ft, path == KernelPath::kAvx512Bf16 ? internal::Bf16Products::kDot
                 : path == KernelPath::kOneDnn   ? internal::Bf16Products::kOneDnn

@@ -13,6 +13,7 @@
 #include "kernels/flash_tile.h"
 #include "kernels/merge.h"
 #include "kernels/online_softmax.h"
+#include "kernels/prefetch.h"
 
 namespace ringtree {
 
@@ -44,16 +45,13 @@ struct RangePrefetch {
 
 // Prefetch (into L1) of n rows of D floats, row_stride floats apart, from
 // `ahead` floats after `base`, as one burst: for fp32 shapes whose kernels
-// do not prefetch by themselves (AVX2, D > 128). The addresses are formed
-// as integers (they may lie in another allocation, or past the end of the
-// KV), and a prefetch never faults.
+// do not prefetch by themselves (AVX2, D > 128). The rows may lie in another
+// allocation, or past the end of the KV.
 inline void PrefetchRows(const void* base, int64_t ahead, int64_t row_stride, int n, int D) {
-  const uintptr_t p =
-      reinterpret_cast<uintptr_t>(base) + static_cast<uintptr_t>(ahead) * sizeof(float);
   for (int j = 0; j < n; ++j)
     for (int d = 0; d < D; d += 16)
-      _mm_prefetch(reinterpret_cast<const char*>(p + (j * row_stride + d) * sizeof(float)),
-                   _MM_HINT_T0);
+      internal::PrefetchLine<_MM_HINT_T0>(
+          base, (ahead + j * row_stride + d) * static_cast<int64_t>(sizeof(float)));
 }
 
 // A run of at most kDecodeKeyBlock keys: rows [0, n) at k/v (row stride
@@ -201,11 +199,11 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
         // half the machine's bandwidth.
         for (int jj = 0; jj < jb; jj += kKeyGroup) {
           const int n = std::min(kKeyGroup, jb - jj);
+          const int64_t ahead = spread || burst_k ? ahead_of(blk.k, nb ? nb->k : nullptr, jj) : 0;
           for (int hk = 0; hk < Hkv; ++hk) {
             const int64_t base = static_cast<int64_t>(hk) * rows;
             float* sc = sc_all + base * kDecodeKeyBlock + jj;
             const int64_t at = jj * row_stride + hk * D;
-            const int64_t ahead = spread || burst_k ? ahead_of(blk.k, nb ? nb->k : nullptr, jj) : 0;
             pfk.Step();
             if (burst_k)
               PrefetchRows(static_cast<const float*>(blk.k) + at, ahead, row_stride, n, D);
@@ -229,11 +227,11 @@ Status DecodeCore(const float* q, const std::vector<KeyBlock>& blocks, DType kv_
         }
         for (int jj = 0; jj < jb; jj += kKeyGroup) {
           const int n = std::min(kKeyGroup, jb - jj);
+          const int64_t ahead = spread || burst_v ? ahead_of(blk.v, nb ? nb->v : nullptr, jj) : 0;
           for (int hk = 0; hk < Hkv; ++hk) {
             const int64_t base = static_cast<int64_t>(hk) * rows;
             const float* p = sc_all + base * kDecodeKeyBlock + jj;
             const int64_t at = jj * row_stride + hk * D;
-            const int64_t ahead = spread || burst_v ? ahead_of(blk.v, nb ? nb->v : nullptr, jj) : 0;
             pfv.Step();
             if (burst_v)
               PrefetchRows(static_cast<const float*>(blk.v) + at, ahead, row_stride, n, D);

@@ -379,6 +379,7 @@ int64_t FlashTileAvx512(const FlashTile& t, Bf16Products products) {
   // oneDNN tiles: dense row-major operands (oneDNN's AMX kernels take plain
   // layouts), S^T = K Q^T and O^T += V^T P^T in bf16 with fp32 results.
   const bool onednn = bf16 && products == Bf16Products::kOneDnn;
+  const bool v_blocks = onednn && t.v_blocks != nullptr;
   const int ld = rp > 64 && !onednn ? rp + 16 : rp;
   const int rv = rp / 16;
   const int D2 = (D + 1) / 2;
@@ -446,8 +447,12 @@ int64_t FlashTileAvx512(const FlashTile& t, Bf16Products products) {
   TileBand band = t.band;
   BandBegin(band, rows);
   int64_t computed = 0;
-  for (int64_t j0 = kmin; j0 <= kmax; j0 += kKB) {
-    const int nk = static_cast<int>(std::min<int64_t>(kKB, kmax + 1 - j0));
+  // With V's blocks prepacked, key blocks are theirs: from a multiple of kKB,
+  // whole (keys past kmax are masked like any other hidden key).
+  const int64_t j_first = v_blocks ? kmin / kKB * kKB : kmin;
+  const int64_t j_end = v_blocks ? s.kv_tokens : kmax + 1;
+  for (int64_t j0 = j_first; j0 <= kmax; j0 += kKB) {
+    const int nk = static_cast<int>(std::min<int64_t>(kKB, j_end - j0));
     const BlockVisibility seen = ClassifyKeyBlock(t.key_first, t.key_last, tokens, j0, nk);
     if (!seen.any) continue;  // wholly masked: skipped, never computed
     const bool full = seen.full;
@@ -461,8 +466,9 @@ int64_t FlashTileAvx512(const FlashTile& t, Bf16Products products) {
     // The block's bf16 rows of head hk (bf16 storage only).
     const uint16_t* kh =
         bf16 ? static_cast<const uint16_t*>(t.k) + j0 * row_stride + head_off : nullptr;
-    const uint16_t* vh =
-        bf16 ? static_cast<const uint16_t*>(t.v) + j0 * row_stride + head_off : nullptr;
+    const uint16_t* vh = bf16 && !v_blocks
+                             ? static_cast<const uint16_t*>(t.v) + j0 * row_stride + head_off
+                             : nullptr;
     const float* kp = nullptr;  // fp32 K/V rows the fp32 micro-kernels read, ks apart
     const float* vp = nullptr;
     int64_t ks = 0;
@@ -522,8 +528,12 @@ int64_t FlashTileAvx512(const FlashTile& t, Bf16Products products) {
     SoftmaxBlock(st, ld, rp, nk, D, m, l, ot, pt);
     // ot += probabilities x values, by path.
     if (onednn) {
-      uint16_t* vt = reinterpret_cast<uint16_t*>(vbuf);  // [D][nk]
-      TransposeRows16(vh, row_stride, nk, D, vt);
+      const uint16_t* vt = v_blocks ? t.v_blocks + j0 * D : nullptr;  // [D][nk]
+      if (!v_blocks) {
+        uint16_t* vtb = reinterpret_cast<uint16_t*>(vbuf);
+        TransposeRows16(vh, row_stride, nk, D, vtb);
+        vt = vtb;
+      }
       OneDnnGemmBf16(vt, pt, ot, D, rp, nk, true);
     } else if (bf16_dot) {
       PackProbPairs(st, ld, rp, nk, pt2);
@@ -588,6 +598,10 @@ void TileGemmBFloat16(const uint16_t* a, const uint16_t* b, int m, int n, int k,
       for (int j = 0; j < nk; ++j) std::copy(st + j * rp, st + j * rp + rows, ct + static_cast<int64_t>(j0 + j) * m + r0);
     }
   }
+}
+
+void TransposeValueRowsBf16(const uint16_t* v, int64_t row_stride, int n, int D, uint16_t* vt) {
+  TransposeRows16(v, row_stride, n, D, vt);
 }
 
 void WidenKeyValueRows(const uint16_t* k, const uint16_t* v, int64_t row_stride, int n, int D, float* kbuf, float* vbuf) {

@@ -41,6 +41,12 @@ struct FlashTile {
   // When > 0: k and v point at head hk's row 0, rows this many elements
   // apart (a head's K/V repacked contiguous), instead of [Tk, Hkv, D].
   int64_t kv_row_stride = 0;
+  // onednn path only, when set: head hk's V transposed once per call into
+  // key blocks of kFlashKeyBlock keys counted from key 0 (block b at
+  // b * kFlashKeyBlock * D, dense [D][nk_b], nk_b = min(kFlashKeyBlock,
+  // Tk - b * kFlashKeyBlock)), read in place instead of transposed per tile.
+  // The tile's key blocks then start at multiples of kFlashKeyBlock.
+  const uint16_t* v_blocks = nullptr;
   DType kv_dtype = DType::kFloat32;
   AttentionShape shape;
   float qmul = 1.0f;  // softmax scale * log2(e)
@@ -80,6 +86,10 @@ void WidenKeyValueRows(const uint16_t* k, const uint16_t* v, int64_t row_stride,
 
 // Key block length of the tiles (a block is computed or skipped whole).
 constexpr int kFlashKeyBlock = 128;
+
+// vt[d][j] = v[j * row_stride + d] for j < n, d < D (bf16 bits): one key
+// block of one head's V transposed dense, as the onednn tiles multiply it.
+void TransposeValueRowsBf16(const uint16_t* v, int64_t row_stride, int n, int D, uint16_t* vt);
 
 // Row stride (floats) of fp32 K/V rows laid out for the tiles: a cache line
 // more than D when D is a multiple of 32 floats, so that a P*V pass over a

@@ -10,6 +10,7 @@
 
 #include "kernels/cpu.h"
 #include "kernels/dtype.h"
+#include "kernels/prefetch.h"
 #include "kernels/simd_avx512.h"
 
 namespace ringtree::internal {
@@ -106,13 +107,11 @@ RT_AVX512 inline __m512 Load16<uint16_t>(const uint16_t* p) {  // bfloat16 -> fl
 }
 
 // Software prefetch into L2 of the 64-byte line holding the element `ahead`
-// elements past p (callers skip it when ahead is 0). The address is formed
-// as an integer: it may lie past the end of the K/V, and a prefetch never
-// faults.
+// elements past p (callers skip it when ahead is 0; it may lie past the end
+// of the K/V).
 template <typename T>
 inline void PrefetchAhead(const T* p, int64_t ahead) {
-  const uintptr_t a = reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(ahead) * sizeof(T);
-  _mm_prefetch(reinterpret_cast<const char*>(a), _MM_HINT_T1);
+  PrefetchLine<_MM_HINT_T1>(p, ahead * static_cast<int64_t>(sizeof(T)));
 }
 
 // Four horizontal sums at once: returns {sum(a), sum(b), sum(c), sum(d)}.
