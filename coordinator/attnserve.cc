@@ -402,6 +402,12 @@ int main(int argc, char** argv) {
   Communicator world = Communicator::World();
   const int rank = world.rank(), ranks = world.size();
   const int local_ranks = MpiEnvironment::LocalRanks();
+  // A bad RINGTREE_KERNEL_PATH (on any rank: hosts can differ) stops every
+  // rank here, with one message, before the port file or "ready".
+  if (Status st = world.AgreeOnStatus(ValidateKernelPathEnvironment()); !st.ok()) {
+    if (rank == 0) Fail(rank, st);
+    return 1;
+  }
   if (threads <= 0) threads = std::max(1, static_cast<int>(std::thread::hardware_concurrency()) / local_ranks);
   tbb::global_control parallelism(tbb::global_control::max_allowed_parallelism, threads);
   SetBlasThreads(1);

@@ -178,24 +178,21 @@ const BlasState& Blas() {
 // Correct OpenBLAS's core at load, before any thread can call BLAS.
 [[maybe_unused]] const bool g_blas_fixed_at_load = (Blas(), true);
 
-KernelPath EnvironmentPath(bool* forced) {
+// The path the environment asks for (RINGTREE_KERNEL_PATH, then
+// RINGTREE_DISABLE_AVX512), or the default; an error naming the variable
+// when it names no path or one this CPU cannot run.
+Status PathFromEnvironment(KernelPath* out, bool* forced) {
   *forced = false;
   KernelPath best = DefaultKernelPath();
   const char* env = std::getenv("RINGTREE_KERNEL_PATH");
   if (env && *env) {
     KernelPath p;
-    if (!ParseKernelPath(env, &p)) {
-      std::fprintf(stderr,
-                   "[kernels] RINGTREE_KERNEL_PATH='%s' is not one of generic, avx2, avx512, "
-                   "avx512bf16, onednn\n",
-                   env);
-      std::exit(2);
-    }
-    if (!KernelPathSupported(p)) {
-      std::fprintf(stderr, "[kernels] RINGTREE_KERNEL_PATH=%s: this CPU cannot run that path (%s)\n", env,
-                   DetectCpu().model.c_str());
-      std::exit(2);
-    }
+    if (!ParseKernelPath(env, &p))
+      return Status::InvalidArgument(std::string("RINGTREE_KERNEL_PATH='") + env +
+                                     "' is not one of generic, avx2, avx512, avx512bf16, onednn");
+    if (!KernelPathSupported(p))
+      return Status::InvalidArgument(std::string("RINGTREE_KERNEL_PATH=") + env +
+                                     ": this CPU cannot run that path (" + DetectCpu().model + ")");
     *forced = true;
     best = p;
   }
@@ -204,7 +201,21 @@ KernelPath EnvironmentPath(bool* forced) {
     best = KernelPathSupported(KernelPath::kAvx2) ? KernelPath::kAvx2 : KernelPath::kGeneric;
     *forced = true;
   }
-  return best;
+  *out = best;
+  return Status::Ok();
+}
+
+// Programs check the environment at start (ValidateKernelPathEnvironment);
+// one that did not still stops at its first kernel call, never computes on
+// a path it was not asked for.
+KernelPath EnvironmentPath(bool* forced) {
+  KernelPath p = KernelPath::kGeneric;
+  const Status st = PathFromEnvironment(&p, forced);
+  if (!st.ok()) {
+    std::fprintf(stderr, "[kernels] %s\n", st.message().c_str());
+    std::exit(2);
+  }
+  return p;
 }
 
 std::atomic<int> g_path{-1};
@@ -294,6 +305,12 @@ bool SetKernelPath(KernelPath path) {
   if (!KernelPathSupported(path)) return false;
   g_path.store(static_cast<int>(path), std::memory_order_relaxed);
   return true;
+}
+
+Status ValidateKernelPathEnvironment() {
+  KernelPath p;
+  bool forced;
+  return PathFromEnvironment(&p, &forced);
 }
 
 void ResetKernelPath() { g_path.store(EnvironmentPathIndex(), std::memory_order_relaxed); }

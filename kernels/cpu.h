@@ -23,6 +23,8 @@
 
 #include <string>
 
+#include "base/status.h"
+
 namespace ringtree {
 
 struct CpuFeatures {
@@ -42,8 +44,10 @@ const CpuFeatures& DetectCpu();
 //   kGeneric    portable C++ (+ OpenBLAS for prefill tiles)
 //   kAvx2       AVX2/FMA compiled variants of the portable row primitives
 //   kAvx512     the project's AVX-512 register-tiled micro-kernels
-//   kAvx512Bf16 as kAvx512, and bf16 KV multiplied with vdpbf16ps (bf16
-//               products, fp32 accumulation) instead of being widened to fp32
+//   kAvx512Bf16 as kAvx512, and the flash tiles' bf16 K/V multiplied with
+//               vdpbf16ps (bf16 products, fp32 accumulation) instead of being
+//               widened to fp32. Decode and short attends (<= 64 query
+//               tokens) run as on kAvx512, as below
 //   kOneDnn     as kAvx512, and the flash tiles' bf16 products (Q K^T and P V
 //               with bf16 K/V) run as oneDNN bf16 matmuls: on AMX tiles when
 //               the CPU and OS allow them (then it is the default path),
@@ -54,7 +58,8 @@ enum class KernelPath { kGeneric = 0, kAvx2 = 1, kAvx512 = 2, kAvx512Bf16 = 3, k
 
 const char* KernelPathName(KernelPath path);
 // True when the path multiplies bfloat16 K/V with queries and probabilities
-// rounded to bfloat16 (avx512bf16 everywhere, onednn in the flash tiles): its
+// rounded to bfloat16 (avx512bf16 and onednn, in the flash tiles; decode and
+// attends of <= 64 query tokens widen bf16 to fp32 on every path): its
 // results differ from fp32 products by up to ~2^-9 relative (tests' tolerances).
 inline bool KernelPathRoundsToBFloat16(KernelPath path) {
   return path == KernelPath::kAvx512Bf16 || path == KernelPath::kOneDnn;
@@ -81,6 +86,13 @@ KernelPath ActiveKernelPath();
 bool SetKernelPath(KernelPath path);
 // Back to the environment's choice or the default.
 void ResetKernelPath();
+
+// Checks RINGTREE_KERNEL_PATH without acting on it: an InvalidArgument
+// naming the variable when it names no path or one this CPU cannot run.
+// Every program calls it at start, on every rank, before any collective
+// work (the Python module at import), so a bad value is one clear error
+// there; a kernel call that meets a bad value still exits with status 2.
+Status ValidateKernelPathEnvironment();
 
 // OpenBLAS's core name now (e.g. "SkylakeX"), and the one it picked itself
 // before this library corrected it (equal when nothing was changed).

@@ -545,6 +545,9 @@ PYBIND11_MODULE(ringtree_native, m) {
   using namespace ringtree;
   using namespace pybind11::literals;
   m.doc() = "RingTree: Ring Attention prefill, Tree decode and the attention kernels on NumPy arrays (mpi4py).";
+  // A bad RINGTREE_KERNEL_PATH fails the import (ImportError naming it), not
+  // the interpreter at the first kernel call.
+  if (Status st = ValidateKernelPathEnvironment(); !st.ok()) throw py::value_error(st.message());
 
   py::class_<PyComm>(m, "Comm",
                      "A private duplicate of an mpi4py communicator (collective to create), kept for many calls.\n"
