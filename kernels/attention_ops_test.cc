@@ -46,8 +46,12 @@ struct Tolerance {
   double o, lse;
 };
 
-Tolerance ToleranceFor(KernelPath path, const OpCase& c) {
-  const bool bf16_products = KernelPathRoundsToBFloat16(path) && c.dtype == DType::kBFloat16;
+// `widened`: the entry runs the decode kernel (DecodeAttention, or
+// AttentionForward with <= 64 query tokens), which widens bf16 K/V to fp32 on
+// every path: its products are fp32 even where the flash tiles round to bf16.
+Tolerance ToleranceFor(KernelPath path, const OpCase& c, bool widened) {
+  const bool bf16_products =
+      !widened && KernelPathRoundsToBFloat16(path) && c.dtype == DType::kBFloat16;
   double o = bf16_products ? 6e-3 : 2e-5;
   if (c.magnitude > 1.0f) o = bf16_products ? 2e-2 : 1e-4;
   return {o, 10 * o};
@@ -129,6 +133,30 @@ std::vector<OpCase> GenerateCases() {
                    std::to_string(tq) + "_g" + std::to_string(g) + (c.window ? "_win" : "");
           cases.push_back(c);
         }
+  // Masks on the decode kernel (<= 64 query tokens): documents with a
+  // boundary inside the last 64-key block and one between the queries,
+  // alone, with causal, and with a window; a window longer than the KV.
+  for (const Mask& m : {masks[3], masks[4], masks[5], masks[6]})
+    for (DType dtype : {DType::kFloat32, DType::kBFloat16})
+      for (int d : {32, 80, 128, 256})
+        for (int tq : {1, 3, 17, 64}) {
+          OpCase c;
+          c.tq = tq;
+          c.tk = 300 + 7 * tq + d / 16;
+          const int g = d == 32 ? 8 : d == 80 ? 4 : d == 128 ? 1 : 2;
+          c.kv_heads = g == 8 ? 1 : 2;
+          c.heads = g * c.kv_heads;
+          c.head_dim = d;
+          c.causal = m.causal;
+          c.window = m.window;
+          c.q_off = c.tk - tq;
+          c.dtype = dtype;
+          if (m.docs) c.docs = Docs({c.q_off - 90, c.q_off - 20, c.q_off + tq / 2}, c.tk);
+          c.name = std::string("decode_") + m.name + "_" +
+                   (dtype == DType::kFloat32 ? "f32" : "bf16") + "_d" + std::to_string(d) + "_g" +
+                   std::to_string(g) + "_q" + std::to_string(tq);
+          cases.push_back(c);
+        }
   // Special shapes.
   auto add = [&](OpCase c) { cases.push_back(std::move(c)); };
   {
@@ -138,6 +166,9 @@ std::vector<OpCase> GenerateCases() {
     add(c);
     c.name = "empty_kv_bf16";
     c.dtype = DType::kBFloat16;
+    add(c);
+    c.name = "empty_kv_causal_window";
+    c.causal = true, c.window = 5, c.q_off = 3;
     add(c);
   }
   for (DType dtype : {DType::kFloat32, DType::kBFloat16}) {
@@ -229,9 +260,9 @@ TEST_P(AttentionOpsTest, EveryPathMatchesFloat64Reference) {
   for (KernelPath path : SupportedPaths()) {
     PathGuard guard(path);
     ASSERT_TRUE(guard.ok());
-    const Tolerance tol = ToleranceFor(path, c);
     for (int entry = 0; entry < 3; ++entry) {
       if (entry == 2 && c.tq > 64) continue;  // the decode kernel takes up to 64 query tokens
+      const Tolerance tol = ToleranceFor(path, c, entry == 2 || (entry == 0 && c.tq <= 64));
       std::vector<float> o(ref.q.size(), 7.0f), lse(ref.lse.size(), 7.0f);
       Status st = entry == 0   ? AttentionForward(ref.q.data(), ref.k.data(), ref.v.data(), c.dtype, s, opt, o.data(), lse.data())
                   : entry == 1 ? FlashAttentionForward(ref.q.data(), ref.k.data(), ref.v.data(), c.dtype, s, opt, o.data(), lse.data())
@@ -247,6 +278,57 @@ TEST_P(AttentionOpsTest, EveryPathMatchesFloat64Reference) {
 
 INSTANTIATE_TEST_SUITE_P(Generated, AttentionOpsTest, ::testing::ValuesIn(GenerateCases()),
                          [](const ::testing::TestParamInfo<OpCase>& info) { return info.param.name; });
+
+// VisibleKeys gives one interval per query; the kernels and the reference
+// both use it, so it is checked here against the rule written pair by pair:
+// key position j is visible from query position p when (not causal or
+// j <= p) and (no window or p - W < j) and (no documents or p and j lie in
+// the same document [d[i], d[i+1])).
+TEST(AttentionMasks, VisibleKeysMatchesThePairwiseRule) {
+  const std::vector<std::vector<int64_t>> doc_sets = {
+      {}, {0, 5, 9, 20}, {0, 1, 2, 20}, {3, 11, 14}};
+  int checked_visible = 0;
+  for (bool causal : {false, true})
+    for (int64_t window : {0, 1, 3, 7})
+      for (const auto& docs : doc_sets) {
+        if (window > 0 && !causal) continue;  // a window needs causal (ValidateMasks)
+        AttentionOptions opt;
+        opt.causal = causal;
+        opt.window = window;
+        opt.doc_offsets = docs;
+        auto doc_of = [&](int64_t x) -> int64_t {
+          for (size_t i = 0; i + 1 < docs.size(); ++i)
+            if (docs[i] <= x && x < docs[i + 1]) return static_cast<int64_t>(i);
+          return -1;
+        };
+        for (int64_t p = 0; p < 22; ++p) {
+          const KeyInterval iv = VisibleKeys(opt, p);
+          for (int64_t j = -3; j < 26; ++j) {
+            const bool rule = (!causal || j <= p) && (window == 0 || p - window < j) &&
+                              (docs.empty() || (doc_of(p) >= 0 && doc_of(p) == doc_of(j)));
+            const bool in = iv.first <= j && j <= iv.last;
+            ASSERT_EQ(in, rule) << "causal " << causal << " window " << window << " docs "
+                                << docs.size() << " p " << p << " j " << j;
+            checked_visible += rule;
+          }
+        }
+      }
+  EXPECT_GT(checked_visible, 1000);
+  // By hand: W = 3 at p = 10 sees 8..10; documents [0, 5, 9) at p = 6 see
+  // 5..8 (not causal); causal, W = 2 and documents [0, 5, 9) at p = 5 see 5.
+  AttentionOptions w3;
+  w3.causal = true, w3.window = 3;
+  EXPECT_EQ(VisibleKeys(w3, 10).first, 8);
+  EXPECT_EQ(VisibleKeys(w3, 10).last, 10);
+  static const int64_t kDocs[] = {0, 5, 9};
+  AttentionOptions d;
+  d.doc_offsets = kDocs;
+  EXPECT_EQ(VisibleKeys(d, 6).first, 5);
+  EXPECT_EQ(VisibleKeys(d, 6).last, 8);
+  d.causal = true, d.window = 2;
+  EXPECT_EQ(VisibleKeys(d, 5).first, 5);
+  EXPECT_EQ(VisibleKeys(d, 5).last, 5);
+}
 
 // A window far shorter than the sequence computes only the blocks near the
 // diagonal: the tiles' counters must show the rest skipped, on every path.
