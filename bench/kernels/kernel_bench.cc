@@ -124,8 +124,21 @@ struct Options {
 
 FILE* g_json = nullptr;
 
-void EmitJson(const std::string& obj) {
-  if (g_json) { std::fputs(obj.c_str(), g_json); std::fputc('\n', g_json); std::fflush(g_json); }
+// Every line names the kernel path it ran on and OpenBLAS's core (added
+// here to the lines that do not set them themselves).
+void EmitJson(std::string obj) {
+  if (!g_json) return;
+  if (!obj.empty() && obj.back() == '}') {
+    obj.pop_back();
+    if (obj.find("\"path\":") == std::string::npos)
+      obj += std::string(",\"path\":\"") + KernelPathName(ActiveKernelPath()) + "\"";
+    if (obj.find("\"blas_core\":") == std::string::npos)
+      obj += ",\"blas_core\":\"" + BlasCoreName() + "\"";
+    obj += "}";
+  }
+  std::fputs(obj.c_str(), g_json);
+  std::fputc('\n', g_json);
+  std::fflush(g_json);
 }
 
 std::string Fmt(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -430,15 +443,20 @@ double PrefillCase(int64_t n, int heads, int kv_heads, int d, bool causal, bool 
               gflops, vs_best, t_unfused > 0 ? Fmt("%.3f", t_unfused / t).c_str() : "-", path, err,
               bf16 && fp32_gflops > 0 ? Fmt("  bf16/fp32 %.2fx", gflops / fp32_gflops).c_str() : "");
   std::fflush(stdout);
-  EmitJson(Fmt("{\"name\":\"%s\",\"kind\":\"prefill\",\"dtype\":\"%s\",\"causal\":%s,\"N\":%ld,\"heads\":%d,\"kv_heads\":%d,"
-               "\"head_dim\":%d,\"path\":\"%s\",\"blas_core\":\"%s\",\"seconds\":%.6f,\"gflops\":%.2f,"
-               "\"best_fp32_gemm_gflops\":%.2f,\"sgemm_gflops\":%.2f,\"prefill_vs_sgemm\":%.4f,"
-               "\"prefill_bf16_vs_fp32\":%.4f,\"max_abs_error_vs_float64\":%.3g,"
-               "\"unfused_seconds\":%.6f,\"prefill_vs_unfused\":%.4f,\"unfused_score_bytes_per_head\":%.0f}",
-               name.c_str(), DTypeName(dtype), causal ? "true" : "false", (long)n, heads, kv_heads, d, path,
-               BlasCoreName().c_str(), t, gflops, roof.best_fp32(), roof.openblas_sgemm, vs_best,
-               bf16 && fp32_gflops > 0 ? gflops / fp32_gflops : -1.0, err, t_unfused,
-               t_unfused > 0 ? t_unfused / t : -1.0, 4.0 * n * n));
+  EmitJson(Fmt(
+      "{\"name\":\"%s\",\"kind\":\"prefill\",\"dtype\":\"%s\",\"causal\":%s,\"N\":%ld,\"heads\":%d,"
+      "\"kv_heads\":%d,"
+      "\"head_dim\":%d,\"path\":\"%s\",\"blas_core\":\"%s\",\"seconds\":%.6f,\"gflops\":%.2f,"
+      "\"best_fp32_gemm_gflops\":%.2f,\"sgemm_gflops\":%.2f,\"prefill_vs_sgemm\":%.4f,"
+      "\"prefill_bf16_vs_fp32\":%.4f,\"best_bf16_gemm_gflops\":%.2f,\"prefill_vs_best_bf16_gemm\":%"
+      ".4f,"
+      "\"max_abs_error_vs_float64\":%.3g,"
+      "\"unfused_seconds\":%.6f,\"prefill_vs_unfused\":%.4f,\"unfused_score_bytes_per_head\":%.0f}",
+      name.c_str(), DTypeName(dtype), causal ? "true" : "false", (long)n, heads, kv_heads, d, path,
+      BlasCoreName().c_str(), t, gflops, roof.best_fp32(), roof.openblas_sgemm, vs_best,
+      bf16 && fp32_gflops > 0 ? gflops / fp32_gflops : -1.0, roof.best_bf16(),
+      bf16 && roof.best_bf16() > 0 ? gflops / roof.best_bf16() : -1.0, err, t_unfused,
+      t_unfused > 0 ? t_unfused / t : -1.0, 4.0 * n * n));
   return gflops;
 }
 
