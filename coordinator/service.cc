@@ -294,6 +294,20 @@ Status ParseRaw(const grpc::ByteBuffer& raw, const std::vector<int>& string_fiel
   return Status::Ok();
 }
 
+// CreateSession and DeleteSession change state without queueing: they run
+// only with time left and not cancelled, so a call its client has given up
+// on changes nothing (the queued methods check the same in Enqueue).
+grpc::Status GivenUp(const grpc::ServerContextBase& context, const char* method) {
+  const Clock::time_point deadline = SteadyDeadline(context);
+  if (deadline != Clock::time_point::max() && Clock::now() + kMinDeadlineLeft >= deadline)
+    return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
+                        Tag(method) + "deadline expired before the call ran; nothing was changed");
+  if (context.IsCancelled())
+    return grpc::Status(grpc::StatusCode::CANCELLED,
+                        Tag(method) + "cancelled before the call ran; nothing was changed");
+  return grpc::Status::OK;
+}
+
 grpc::ServerUnaryReactor* FinishRaw(grpc::CallbackServerContext* context, const grpc::Status& status,
                                     const google::protobuf::Message& reply, grpc::ByteBuffer* response) {
   if (status.ok()) {
@@ -311,13 +325,14 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::CreateSession(grpc::CallbackServ
                                                               const grpc::ByteBuffer* raw, grpc::ByteBuffer* response) {
   v1::CreateSessionRequest request;
   v1::SessionInfo info;
-  grpc::Status status;
-  // config (1) . name (9)
-  if (Status parsed = ParseRaw(*raw, {1, 9}, "CreateSession", "config.name", &request); !parsed.ok()) {
-    status = Invalid("CreateSession", parsed);
-  } else {
-    status = CreateSessionTyped(*context, request, &info);
-  }
+  // Authenticated before the bytes are looked at (an unauthenticated caller
+  // gets UNAUTHENTICATED whatever it sent); config (1) . name (9).
+  grpc::Status status = Authenticated(*context, [&](const Caller&) -> grpc::Status {
+    if (Status parsed = ParseRaw(*raw, {1, 9}, "CreateSession", "config.name", &request);
+        !parsed.ok())
+      return Invalid("CreateSession", parsed);
+    return CreateSessionTyped(*context, request, &info);
+  });
   return FinishRaw(context, status, info, response);
 }
 
@@ -325,12 +340,11 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::GetSession(grpc::CallbackServerC
                                                            const grpc::ByteBuffer* raw, grpc::ByteBuffer* response) {
   v1::GetSessionRequest request;
   v1::SessionInfo info;
-  grpc::Status status;
-  if (Status parsed = ParseRaw(*raw, {1}, "GetSession", "session_id", &request); !parsed.ok()) {
-    status = Invalid("GetSession", parsed);
-  } else {
-    status = GetSessionTyped(*context, request, &info);
-  }
+  grpc::Status status = Authenticated(*context, [&](const Caller&) -> grpc::Status {
+    if (Status parsed = ParseRaw(*raw, {1}, "GetSession", "session_id", &request); !parsed.ok())
+      return Invalid("GetSession", parsed);
+    return GetSessionTyped(*context, request, &info);
+  });
   return FinishRaw(context, status, info, response);
 }
 
@@ -344,6 +358,7 @@ grpc::Status AttentionServiceImpl::CreateSessionTyped(const grpc::ServerContextB
       return grpc::Status(grpc::StatusCode::UNAVAILABLE, Tag(m) + "server is shutting down");
     Result<v1::SessionConfig> config = ValidateSessionConfig(request.config(), limits_);
     if (!config.ok()) return Invalid(m, config.status());
+    if (grpc::Status late = GivenUp(context, m); !late.ok()) return late;
     auto record = registry_.Create(caller.tenant(), *config);
     if (!record.ok()) return ToGrpcStatus(record.status());
     if (sessions_ != nullptr) {
@@ -384,6 +399,7 @@ grpc::Status AttentionServiceImpl::DeleteSession(grpc::ServerContext* context, c
   return Authenticated(*context, [&](const Caller& caller) -> grpc::Status {
     if (Status available = admission_.Available(m); !available.ok()) return ToGrpcStatus(available);
     if (Status st = ValidateSessionId(request->session_id(), m); !st.ok()) return Invalid(m, st);
+    if (grpc::Status late = GivenUp(*context, m); !late.ok()) return late;
     auto s = registry_.Remove(caller.tenant(), request->session_id());
     if (!s.ok()) return Invalid(m, s.status());
     auto item = std::make_shared<WorkItem>();

@@ -1115,6 +1115,23 @@ TEST_F(ServiceAuth, EveryMethodRefusesAnUnauthenticatedCall) {
     }
   }
   EXPECT_GE(service->method_count(), 12);
+  // CreateSession and GetSession read their bytes themselves (UTF-8
+  // checks): an unauthenticated caller still gets UNAUTHENTICATED, not a
+  // verdict on what it sent.
+  grpc::GenericStub generic(channel);
+  for (const char* method : {"CreateSession", "GetSession"}) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    grpc::Slice slice(std::string("\x0a\x03\xc3\x28\x41", 5));
+    grpc::ByteBuffer request(&slice, 1), response;
+    std::promise<grpc::Status> done;
+    generic.UnaryCall(&ctx, std::string("/ringtree.v1.AttentionService/") + method,
+                      grpc::StubOptions(), &request, &response,
+                      [&](grpc::Status st) { done.set_value(st); });
+    grpc::Status st = done.get_future().get();
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::UNAUTHENTICATED)
+        << method << " " << st.error_message();
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -2475,6 +2492,27 @@ TEST_F(ServiceWritePath, ExpiredDeadlinesNeverWrite) {
   auto after = setup->GetSession(id);
   ASSERT_TRUE(after.ok());
   EXPECT_EQ(after->layer_tokens(0), 64) << "expired calls stored tokens";
+  // CreateSession and DeleteSession with a 1 ms deadline (sent, and expired
+  // on arrival) change nothing either: no session appears, and the session
+  // to delete is still there.
+  for (int i = 0; i < 20; ++i) {
+    grpc::ClientContext create_ctx, delete_ctx;
+    create_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(1));
+    delete_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(1));
+    v1::CreateSessionRequest create;
+    *create.mutable_config() = Config(m);
+    v1::SessionInfo created;
+    EXPECT_FALSE(setup->stub()->CreateSession(&create_ctx, create, &created).ok());
+    v1::DeleteSessionRequest del;
+    del.set_session_id(id);
+    v1::DeleteSessionResponse deleted;
+    EXPECT_FALSE(setup->stub()->DeleteSession(&delete_ctx, del, &deleted).ok());
+  }
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));
+  auto listed = setup->ListSessions();
+  ASSERT_TRUE(listed.ok());
+  EXPECT_EQ(listed->size(), 1u) << "an expired CreateSession made a session";
+  EXPECT_TRUE(setup->GetSession(id).ok()) << "an expired DeleteSession deleted the session";
   // A 1 ms budget: every call fails at the client.
   auto expired = Client(*server, "", std::chrono::milliseconds(1));
   for (int i = 0; i < 40; ++i) {
