@@ -2,14 +2,17 @@
 //
 //   attnctl [--address A] [--token T] [--tls-ca ca.pem] <command> ...
 //   create --layers 1 --heads 8 --kv-heads 2 --head-dim 64 [--dtype bfloat16]
+//          [--span-tokens N] [--sink-tokens N] [--window-tokens N] [--attention-window W]
+//          [--span-boundaries fixed|discovered] [--name NAME]
 //   get ID | list | delete ID | stats
 //   append ID --layer 0 --k k.npy --v v.npy [--chunk-tokens 4096]
 //   prefill ID --layer 0 --q q.npy --k k.npy --v v.npy [--out o.npy]
 //   decode  ID --layer 0 --q q.npy --k k.npy --v v.npy [--out o.npy]
 //   attend  ID --layer 0 --q q.npy [--out o.npy]
 //   decode/attend retrieval mode: [--top-k N] [--token-budget N] [--tolerance X]
-//                 [--score-mode blend|upper|mean] [--head-voting] [--persistent-steps N]
-//                 (prints the spans used and the bound)
+//                 [--retrieval] (sinks and window only, when no limit is given)
+//                 [--score-mode reps|blend|upper|mean] [--head-voting] [--persistent-steps N]
+//                 (prints the spans used and the bound; the ranking defaults to the server's)
 //   retrieve-kv ID --layer 0 --q q.npy (--top-k N | --token-budget N) [--include-always]
 //               [--out-prefix P]  (writes P.k.npy, P.v.npy, P.positions.npy)
 //   demo    [--tokens 16384] ...   (generated data, end to end, checks results)
@@ -43,10 +46,14 @@ void PrintSession(const v1::SessionInfo& s) {
   const auto& c = s.config();
   std::printf("session %s%s%s\n", s.session_id().c_str(), c.name().empty() ? "" : "  name=",
               c.name().c_str());
-  std::printf("  layers=%d heads=%d kv_heads=%d head_dim=%d storage=%s span=%d sink=%d window=%d\n",
-              c.layers(), c.heads(), c.kv_heads(), c.head_dim(),
-              v1::DataType_Name(c.storage_dtype()).c_str(), c.span_tokens(), c.sink_tokens(),
-              c.window_tokens());
+  std::printf(
+      "  layers=%d heads=%d kv_heads=%d head_dim=%d storage=%s span=%d sink=%d window=%d "
+      "attention_window=%lld "
+      "span_boundaries=%s\n",
+      c.layers(), c.heads(), c.kv_heads(), c.head_dim(),
+      v1::DataType_Name(c.storage_dtype()).c_str(), c.span_tokens(), c.sink_tokens(),
+      c.window_tokens(), static_cast<long long>(c.attention_window()),
+      v1::SpanBoundaries_Name(c.span_boundaries()).c_str());
   std::printf("  kv_bytes=%lld  tokens per layer:", static_cast<long long>(s.kv_bytes()));
   for (int64_t t : s.layer_tokens()) std::printf(" %lld", static_cast<long long>(t));
   std::printf("\n");
@@ -277,6 +284,16 @@ int main(int argc, char** argv) {
   create->add_option("--sink-tokens", sink);
   create->add_option("--window-tokens", window);
   create->add_option("--name", name);
+  int64_t attention_window = 0;
+  std::string span_boundaries = "fixed";
+  create
+      ->add_option("--attention-window", attention_window,
+                   "sliding-window attention: a query at p sees keys in (p - W, p]; 0 = full")
+      ->capture_default_str();
+  create
+      ->add_option("--span-boundaries", span_boundaries,
+                   "where Prefill's spans begin: fixed or discovered")
+      ->capture_default_str();
 
   std::string id, k_path, v_path, q_path, out_path;
   int layer = 0;
@@ -311,8 +328,8 @@ int main(int argc, char** argv) {
   append->add_option("--chunk-tokens", chunk_tokens)->capture_default_str();
   int64_t top_k = 0, token_budget = 0;
   double tolerance = -1.0;
-  std::string score_mode = "blend", out_prefix;
-  bool include_always = false, head_voting = false;
+  std::string score_mode, out_prefix;  // score_mode "": the server's default ranking
+  bool include_always = false, head_voting = false, retrieval_mode = false;
   int persistent_steps = 0;
   auto* retrieve_kv = app.add_subcommand("retrieve-kv", "fetch the K/V of the spans the index selects for queries");
   retrieve_kv->add_option("id", id, "session id")->required();
@@ -324,8 +341,14 @@ int main(int argc, char** argv) {
     sub->add_option("--top-k", top_k, "retrieval: spans beyond sinks and window");
     sub->add_option("--token-budget", token_budget, "retrieval: tokens of selected spans");
     if (sub != retrieve_kv) sub->add_option("--tolerance", tolerance, "retrieval: skipped-mass tolerance");
-    sub->add_option("--score-mode", score_mode, "retrieval ranking: blend, upper, mean or reps")
-        ->capture_default_str();
+    sub->add_option(
+        "--score-mode", score_mode,
+        "retrieval ranking: reps (representative), blend, upper or mean; default: the server's "
+        "(reps, or blend with attnserve --index-reps 0)");
+    if (sub != retrieve_kv)
+      sub->add_flag(
+          "--retrieval", retrieval_mode,
+          "retrieval mode even without --top-k/--token-budget/--tolerance (sinks and window only)");
     sub->add_flag("--head-voting", head_voting, "retrieval: spans by the kv heads' votes");
     sub->add_option("--persistent-steps", persistent_steps,
                     "retrieval: keep spans the session's last N retrieval calls selected (0-64)");
@@ -369,6 +392,14 @@ int main(int argc, char** argv) {
     config.set_span_tokens(span);
     config.set_sink_tokens(sink);
     config.set_window_tokens(window);
+    config.set_attention_window(attention_window);
+    if (span_boundaries == "fixed")
+      config.set_span_boundaries(v1::SPAN_BOUNDARIES_FIXED);
+    else if (span_boundaries == "discovered")
+      config.set_span_boundaries(v1::SPAN_BOUNDARIES_DISCOVERED);
+    else
+      return Fail(Status::InvalidArgument("[attnctl] --span-boundaries: fixed or discovered, not " +
+                                          span_boundaries));
     config.set_name(name);
     auto r = client->CreateSession(config);
     if (!r.ok()) return Fail(r.status());
@@ -404,16 +435,26 @@ int main(int argc, char** argv) {
   retrieval.set_top_k_spans(top_k);
   retrieval.set_token_budget(token_budget);
   if (tolerance >= 0) retrieval.set_mass_tolerance(tolerance);
-  if (score_mode == "blend") retrieval.set_score_mode(v1::BLEND);
+  if (score_mode.empty())
+    retrieval.set_score_mode(v1::SPAN_SCORE_MODE_UNSPECIFIED);
+  else if (score_mode == "blend")
+    retrieval.set_score_mode(v1::BLEND);
   else if (score_mode == "upper") retrieval.set_score_mode(v1::UPPER_BOUND);
   else if (score_mode == "mean") retrieval.set_score_mode(v1::MEAN_KEY);
-  else if (score_mode == "reps")
+  else if (score_mode == "reps" || score_mode == "representative")
     retrieval.set_score_mode(v1::REPRESENTATIVE);
   else
-    return Fail(Status::InvalidArgument("[attnctl] --score-mode: blend, upper, mean or reps"));
+    return Fail(Status::InvalidArgument("[attnctl] --score-mode: reps, blend, upper or mean"));
   retrieval.set_head_voting(head_voting);
   retrieval.set_persistent_steps(persistent_steps);
-  if (top_k > 0 || token_budget > 0 || tolerance >= 0) call.retrieval = retrieval;
+  const bool limited = top_k > 0 || token_budget > 0 || tolerance >= 0;
+  if (!retrieve_kv->parsed() && !limited && !retrieval_mode &&
+      (!score_mode.empty() || head_voting || persistent_steps != 0))
+    return Fail(
+        Status::InvalidArgument("[attnctl] --score-mode, --head-voting and --persistent-steps "
+                                "apply to retrieval mode: give "
+                                "--top-k, --token-budget, --tolerance or --retrieval"));
+  if (limited || retrieval_mode) call.retrieval = retrieval;
   if (demo->parsed()) {
     return RunDemo(*client, demo_tokens, heads, kv_heads, head_dim, prefill_tokens, decode_steps, keep);
   }
