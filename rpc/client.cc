@@ -150,9 +150,20 @@ Result<T> AttentionClient::WriteWithRetries(const char* method, const std::strin
                                             int64_t tokens, std::optional<int64_t> expected, Attempt attempt,
                                             Applied applied) {
   const int retries = std::max(0, options_.write_retries);
+  auto retryable = [](const Status& st) {
+    const grpc::StatusCode code = GrpcCodeOf(st);
+    return code == grpc::StatusCode::DEADLINE_EXCEEDED || code == grpc::StatusCode::UNAVAILABLE;
+  };
   if (retries > 0 && !expected) {
+    // The layer's length, read first so that every attempt is conditional:
+    // under the same retry policy as the write, and a failure is the write's.
     Result<v1::SessionInfo> info = GetSession(session_id);
-    if (!info.ok()) return info.status();
+    for (int a = 0; !info.ok() && a < retries && retryable(info.status()); ++a)
+      info = GetSession(session_id);
+    if (!info.ok())
+      return Status(info.status().code(), std::string("[") + method +
+                                              "] reading the layer's length before the write: " +
+                                              info.status().message());
     if (layer < 0 || layer >= info->layer_tokens_size()) return attempt(expected);  // the server names the error
     expected = info->layer_tokens(layer);
   }
@@ -168,9 +179,7 @@ Result<T> AttentionClient::WriteWithRetries(const char* method, const std::strin
       }
       return result;
     }
-    if (a >= retries || (code != grpc::StatusCode::DEADLINE_EXCEEDED && code != grpc::StatusCode::UNAVAILABLE)) {
-      return result;
-    }
+    if (a >= retries || !retryable(result.status())) return result;
   }
 }
 
@@ -483,9 +492,11 @@ Result<AttentionOutput> AttentionClient::Attend(const std::string& session_id, i
   return out;
 }
 
-Result<RetrieveKvOutput> AttentionClient::RetrieveKV(const std::string& session_id, int layer, const HostTensor& q,
-                                                     const v1::RetrievalOptions& retrieval, bool include_always,
-                                                     float scale) {
+Result<RetrieveKvOutput> AttentionClient::RetrieveKV(const std::string& session_id, int layer,
+                                                     const HostTensor& q,
+                                                     const v1::RetrievalOptions& retrieval,
+                                                     bool include_always, float scale,
+                                                     int64_t chunk_tokens) {
   grpc::ClientContext context;
   PrepareContext(&context);
   v1::RetrieveKVRequest request;
@@ -495,6 +506,7 @@ Result<RetrieveKvOutput> AttentionClient::RetrieveKV(const std::string& session_
   request.set_scale(scale);
   *request.mutable_retrieval() = retrieval;
   request.set_include_always(include_always);
+  request.set_chunk_tokens(chunk_tokens);
   auto reader = stub_->RetrieveKV(&context, request);
   RetrieveKvOutput out;
   v1::RetrieveKVResponse message;

@@ -157,10 +157,12 @@ class AttentionClient {
                                                     const CallOptions& options = {});
   // KV retrieval: the spans the index selects for q [T, H, D] (retrieval:
   // top_k_spans and/or token_budget), with their K/V, streamed and merged
-  // into runs of consecutive positions.
+  // into runs of consecutive positions. chunk_tokens: tokens of K/V per
+  // response message (0: the server's default).
   Result<RetrieveKvOutput> RetrieveKV(const std::string& session_id, int layer, const HostTensor& q,
-                                      const v1::RetrievalOptions& retrieval, bool include_always = false,
-                                      float scale = 0.0f);
+                                      const v1::RetrievalOptions& retrieval,
+                                      bool include_always = false, float scale = 0.0f,
+                                      int64_t chunk_tokens = 0);
   Result<v1::StatsResponse> Stats();
 
   // The raw stub, for callers that build requests themselves (tests).

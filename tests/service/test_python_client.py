@@ -112,6 +112,16 @@ def main():
         assert 0 < sum(r[2].shape[0] for r in runs) <= 3 * 64, runs
         for rank, start, rk, rv in runs:
             assert np.array_equal(rk, k[start:start + rk.shape[0]]) and np.array_equal(rv, v[start:start + rv.shape[0]])
+        # chunk_tokens reaches the server (a negative one is refused naming
+        # it) and the runs merge back the same whatever the chunking.
+        small = client.retrieve_kv(sid, 0, q[:1], retrieval_options(top_k_spans=3), chunk_tokens=5)
+        assert [(r[0], r[1]) for r in small] == [(r[0], r[1]) for r in runs], (small, runs)
+        assert all(np.array_equal(a[2], b[2]) and np.array_equal(a[3], b[3]) for a, b in zip(small, runs))
+        try:
+            client.retrieve_kv(sid, 0, q[:1], retrieval_options(top_k_spans=3), chunk_tokens=-1)
+            raise AssertionError("expected INVALID_ARGUMENT for chunk_tokens=-1")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "chunk_tokens" in e.details(), e.details()
         o16 = client.attend(sid, 0, q.astype(np.float16), output_dtype="float16")
         assert o16.dtype == np.float16
         print(f"python client: max |o - reference| = {worst:.2e}")

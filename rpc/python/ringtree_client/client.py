@@ -172,7 +172,15 @@ class AttentionClient:
     def _write(self, session_id, layer, tokens, expected, attempt, applied):
         """Runs attempt(expected) with the write_retries policy (see class doc)."""
         if self.write_retries > 0 and expected is None:
-            info = self.get_session(session_id)
+            # The layer's length, read first so that every attempt is
+            # conditional, under the same retry policy as the write.
+            for pre in range(self.write_retries + 1):
+                try:
+                    info = self.get_session(session_id)
+                    break
+                except grpc.RpcError as e:
+                    if pre >= self.write_retries or e.code() not in self._RETRYABLE:
+                        raise
             if 0 <= layer < len(info.layer_tokens):
                 expected = info.layer_tokens[layer]
         tries = 0
@@ -182,7 +190,10 @@ class AttentionClient:
             except grpc.RpcError as e:
                 code = e.code()
                 if tries > 0 and code == grpc.StatusCode.FAILED_PRECONDITION and expected is not None:
-                    info = self.get_session(session_id)
+                    try:
+                        info = self.get_session(session_id)
+                    except grpc.RpcError:
+                        raise e from None  # the write's error, not the check's
                     if layer < len(info.layer_tokens) and info.layer_tokens[layer] == expected + tokens:
                         return applied(expected)
                     raise
@@ -353,11 +364,15 @@ class AttentionClient:
         response = self.stub.AttendBatch(request, **self._kw())
         return [BatchResult(r, return_lse) for r in response.results]
 
-    def retrieve_kv(self, session_id, layer, q, retrieval, include_always=False, scale=0.0, dtype=None):
+    def retrieve_kv(self, session_id, layer, q, retrieval, include_always=False, scale=0.0, dtype=None,
+                    chunk_tokens=0):
         """KV retrieval: returns [(rank, position_start, k, v)] runs in position
-        order, k/v [n, kv_heads, head_dim] as float32 numpy arrays."""
+        order, k/v [n, kv_heads, head_dim] as float32 numpy arrays.
+        chunk_tokens: tokens of K/V per response message (0: the server's
+        default); the runs are merged back whatever the chunking."""
         request = pb.RetrieveKVRequest(session_id=session_id, layer=layer, q=to_tensor(q, dtype), scale=scale,
-                                       retrieval=retrieval, include_always=include_always)
+                                       retrieval=retrieval, include_always=include_always,
+                                       chunk_tokens=chunk_tokens)
         runs = []
         for m in self.stub.RetrieveKV(request, **self._kw()):
             k, v = from_tensor(m.k), from_tensor(m.v)
