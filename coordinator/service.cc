@@ -503,10 +503,10 @@ grpc::Status AttentionServiceImpl::AppendKV(grpc::ServerContext* context,
       // The message's bytes themselves when no conversion is needed.
       if (Status c = TakeStorage(chunk->k, shape.storage, m, message.mutable_k(), &item->k);
           !c.ok())
-        failed = c;
+        failed = AtAppendMessage(c, index);
       if (Status c = TakeStorage(chunk->v, shape.storage, m, message.mutable_v(), &item->v);
           failed.ok() && !c.ok())
-        failed = c;
+        failed = AtAppendMessage(c, index);
       if (!failed.ok()) {
         invalid = true;
         break;

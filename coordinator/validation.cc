@@ -41,7 +41,8 @@ Status NotWithAttentionWindow(const char* method, const char* what) {
 Result<TensorInput> CheckTensor(const v1::Tensor& t, const char* method, const char* field,
                                 int heads, int head_dim, int64_t min_tokens, int64_t max_tokens,
                                 int64_t expected_tokens) {
-  RINGTREE_ASSIGN_OR_RETURN(DType dtype, FromProtoDType(t.dtype(), method, field));
+  RINGTREE_ASSIGN_OR_RETURN(DType dtype,
+                            FromProtoDType(t.dtype(), method, std::string(field) + ".dtype"));
   TensorInput in{&t, field, dtype, 0};
   const std::string f = Tag(method) + field;
   if (t.shape_size() != 3) {
@@ -460,6 +461,14 @@ Status ValidateAppendHeader(const v1::AppendKVRequest& first, const SessionShape
   return CheckExpectedLayerTokens(ExpectedLayerTokens(first), m);
 }
 
+Status AtAppendMessage(const Status& status, int64_t index) {
+  // "[AppendKV] k.shape..." becomes "[AppendKV] message 3: k.shape...".
+  const std::string tag = Tag("AppendKV");
+  if (status.ok() || status.message().rfind(tag, 0) != 0) return status;
+  return Status(status.code(), tag + "message " + std::to_string(index) + ": " +
+                                   status.message().substr(tag.size()));
+}
+
 Result<AppendChunkInput> ValidateAppendChunk(const v1::AppendKVRequest& message, int64_t index,
                                              const std::string& session_id, int layer,
                                              int64_t tokens_so_far, const SessionShape& shape,
@@ -470,10 +479,7 @@ Result<AppendChunkInput> ValidateAppendChunk(const v1::AppendKVRequest& message,
       (message.session_id() != session_id || message.layer() != layer)) {
     return Invalid(m, at + "session_id/layer differ from the first message");
   }
-  // "[AppendKV] k.shape..." becomes "[AppendKV] message 3: k.shape...".
-  auto located = [&](const Status& st) {
-    return Status(st.code(), Tag(m) + at + st.message().substr(Tag(m).size()));
-  };
+  auto located = [&](const Status& st) { return AtAppendMessage(st, index); };
   AppendChunkInput in;
   auto k = CheckTensor(message.k(), m, "k", shape.kv_heads, shape.head_dim, 1,
                        limits.max_append_tokens, -1);
@@ -486,7 +492,8 @@ Result<AppendChunkInput> ValidateAppendChunk(const v1::AppendKVRequest& message,
   int64_t total = 0;
   if (__builtin_add_overflow(tokens_so_far, in.k.tokens, &total) ||
       total > limits.max_append_tokens) {
-    return Invalid(m, "k.shape[0]: the call exceeds " + std::to_string(limits.max_append_tokens) +
+    return Invalid(m, at + "k.shape[0]: the call exceeds " +
+                          std::to_string(limits.max_append_tokens) +
                           " tokens (--max-append-tokens)");
   }
   RINGTREE_ASSIGN_OR_RETURN(in.kv_bytes, KvBytes(in.k.tokens, shape, m, "k"));

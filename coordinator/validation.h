@@ -139,6 +139,9 @@ Result<RetrieveKVInput> ValidateRetrieveKV(const v1::RetrieveKVRequest& request,
 Status ValidateAppendHeader(const v1::AppendKVRequest& first, const SessionShape& shape);
 // Message `index` of an AppendKV stream to session `session_id` / `layer`,
 // after `tokens_so_far` tokens of the same call: "[AppendKV] message 3: k.shape[1]: ...".
+// AtAppendMessage locates any "[AppendKV] ..." status the same way (the
+// conversion's NaN/Inf refusals).
+Status AtAppendMessage(const Status& status, int64_t index);
 Result<AppendChunkInput> ValidateAppendChunk(const v1::AppendKVRequest& message, int64_t index,
                                              const std::string& session_id, int layer,
                                              int64_t tokens_so_far, const SessionShape& shape,

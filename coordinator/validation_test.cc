@@ -111,7 +111,7 @@ TEST(Validation, DecodeBadFieldsNameTheField) {
        "[Decode] options.scale: must be finite and >= 0 (0 = 1/sqrt(head_dim))"},
       {"output dtype",
        [](v1::DecodeRequest* r) { r->mutable_options()->set_output_dtype(v1::DataType(9)); },
-       "[Decode] options.output_dtype.dtype: must be FLOAT32, FLOAT16 or BFLOAT16 (got 9)"},
+       "[Decode] options.output_dtype: must be FLOAT32, FLOAT16 or BFLOAT16 (got 9)"},
       {"top_k", [](v1::DecodeRequest* r) { r->mutable_retrieval()->set_top_k_spans(-1); },
        "[Decode] retrieval.top_k_spans: must be >= 0"},
       {"token_budget", [](v1::DecodeRequest* r) { r->mutable_retrieval()->set_token_budget(-2); },
@@ -277,7 +277,7 @@ TEST(Validation, AppendChunks) {
   EXPECT_EQ(chunk->k.tokens, 6);
   EXPECT_EQ(chunk->kv_bytes, 2 * 6 * 2 * 16 * 4);
   EXPECT_EQ(Message(ValidateAppendChunk(first, 1, "s", 1, 6, shape, limits)),
-            "[AppendKV] k.shape[0]: the call exceeds 10 tokens (--max-append-tokens)");
+            "[AppendKV] message 1: k.shape[0]: the call exceeds 10 tokens (--max-append-tokens)");
   EXPECT_EQ(Message(ValidateAppendChunk(first, 2, "other", 1, 0, shape, limits)),
             "[AppendKV] message 2: session_id/layer differ from the first message");
   v1::AppendKVRequest later;  // later messages may leave session_id empty
@@ -302,7 +302,8 @@ TEST(Validation, OverflowingSizesAreRefused) {
   // tokens_so_far + this chunk's tokens wraps around.
   EXPECT_EQ(
       Message(ValidateAppendChunk(m, 1, "s", 0, std::numeric_limits<int64_t>::max(), shape, huge)),
-      "[AppendKV] k.shape[0]: the call exceeds 9223372036854775807 tokens (--max-append-tokens)");
+      "[AppendKV] message 1: k.shape[0]: the call exceeds 9223372036854775807 tokens "
+      "(--max-append-tokens)");
   // A shape whose byte count overflows 64 bits (and a little data).
   m.mutable_k()->set_shape(0, int64_t{1} << 60);
   Result<AppendChunkInput> r = ValidateAppendChunk(m, 0, "s", 0, 0, shape, huge);

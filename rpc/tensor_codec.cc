@@ -33,7 +33,7 @@ Result<DType> FromProtoDType(v1::DataType dtype, std::string_view op, std::strin
     case v1::BFLOAT16: return DType::kBFloat16;
     default:
       return Status::InvalidArgument("[" + std::string(op) + "] " + std::string(field) +
-                                     ".dtype: must be FLOAT32, FLOAT16 or BFLOAT16 (got " +
+                                     ": must be FLOAT32, FLOAT16 or BFLOAT16 (got " +
                                      std::to_string(static_cast<int>(dtype)) + ")");
   }
 }
@@ -66,7 +66,8 @@ void ToProto(const float* values, const std::vector<int64_t>& shape, DType dtype
 }
 
 Result<HostTensor> FromProto(const v1::Tensor& tensor, std::string_view op, std::string_view field) {
-  RINGTREE_ASSIGN_OR_RETURN(DType dtype, FromProtoDType(tensor.dtype(), op, field));
+  RINGTREE_ASSIGN_OR_RETURN(DType dtype,
+                            FromProtoDType(tensor.dtype(), op, std::string(field) + ".dtype"));
   HostTensor t;
   t.dtype = dtype;
   // Checked: a wrapped-around product would let a huge shape pass with little data.

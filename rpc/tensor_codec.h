@@ -29,7 +29,8 @@ struct HostTensor {
 };
 
 // Wire enum <-> kernel dtype. FromProtoDType fails on UNSPECIFIED/unknown
-// values with "[<op>] <field>.dtype: ..." (INVALID_ARGUMENT).
+// values with "[<op>] <dtype_field>: ..." (INVALID_ARGUMENT), dtype_field
+// being the enum field's path ("q.dtype", "options.output_dtype").
 Result<DType> FromProtoDType(v1::DataType dtype, std::string_view op, std::string_view field);
 v1::DataType ToProtoDType(DType dtype);
 

@@ -16,6 +16,7 @@
 #include <fstream>
 #include <functional>
 #include <future>
+#include <map>
 #include <mutex>
 #include <nlohmann/json.hpp>
 #include <random>
@@ -772,6 +773,41 @@ TEST_F(ServiceFlow, BadRequestsGetPreciseCodesAndChangeNothing) {
       {"create: name too long", C::INVALID_ARGUMENT, create([](auto& c) { c.set_name(std::string(200, 'n')); })},
   };
   ASSERT_GE(cases.size(), 20u);
+  const std::map<std::string, std::string> expected_field = {
+      {"decode: missing session_id", "[Decode] session_id: required"},
+      {"decode: unknown session", "[Decode] session_id: no session"},
+      {"decode: layer out of range", "[Decode] layer: 2 out of range"},
+      {"decode: negative layer", "[Decode] layer: -1 out of range"},
+      {"decode: q dtype unspecified", "[Decode] q.dtype:"},
+      {"decode: q wrong heads", "[Decode] q.shape[1]: 4 heads, the session has 8"},
+      {"decode: q wrong head_dim", "[Decode] q.shape[2]:"},
+      {"decode: q rank 2", "[Decode] q.shape:"},
+      {"decode: q bytes short", "[Decode] q.data:"},
+      {"decode: k tokens differ from q", "[Decode] k.shape[0]:"},
+      {"decode: k wrong kv heads", "[Decode] k.shape[1]:"},
+      {"decode: NaN in q", "[Decode] q.data: NaN or Inf at token 0"},
+      {"decode: Inf in v", "[Decode] v.data: NaN or Inf"},
+      {"decode: too many tokens", "[Decode] q.shape[0]: 17 tokens"},
+      {"decode: zero tokens", "[Decode] q.shape[0]: 0 tokens"},
+      {"decode: negative scale", "[Decode] options.scale:"},
+      {"decode: bad output dtype", "[Decode] options.output_dtype: must be"},
+      {"attend: empty layer", "[Attend] layer:"},
+      {"attend: q over limit", "[Attend] q.shape[0]: 5000 tokens"},
+      {"attend: over-long session id", "[Attend] session_id:"},
+      {"prefill: k/v token mismatch", "[Prefill] v.shape[0]:"},
+      {"prefill: negative output chunk", "[Prefill] output_chunk_tokens:"},
+      {"prefill: unknown session", "[Prefill] session_id: no session"},
+      {"append: bad second chunk", "[AppendKV] message 1: v.shape[2]:"},
+      {"append: chunk for another layer", "[AppendKV] message 1: session_id/layer"},
+      {"append: NaN in third chunk", "[AppendKV] message 2: k.data: NaN or Inf"},
+      {"append: empty stream", "[AppendKV] stream:"},
+      {"create: heads not multiple of kv_heads", "[CreateSession] config.heads:"},
+      {"create: zero layers", "[CreateSession] config.layers:"},
+      {"create: head_dim too large", "[CreateSession] config.head_dim:"},
+      {"create: float16 storage", "[CreateSession] config.storage_dtype:"},
+      {"create: negative window", "[CreateSession] config.window_tokens:"},
+      {"create: name too long", "[CreateSession] config.name:"},
+  };
   for (const BadCase& c : cases) {
     grpc::ClientContext ctx;
     grpc::Status st = c.call(client->stub(), &ctx);
@@ -779,6 +815,12 @@ TEST_F(ServiceFlow, BadRequestsGetPreciseCodesAndChangeNothing) {
                                        << st.error_message();
     // The message names the method in brackets and says what is wrong.
     EXPECT_EQ(st.error_message().rfind("[", 0), 0u) << c.name << ": " << st.error_message();
+    // ... and names the field (as the client sees it, after every rewrite on
+    // the way out: method tags, AppendKV's message index).
+    auto want = expected_field.find(c.name);
+    ASSERT_NE(want, expected_field.end()) << c.name << ": no expected field";
+    EXPECT_NE(st.error_message().find(want->second), std::string::npos)
+        << c.name << ": '" << st.error_message() << "' does not name '" << want->second << "'";
   }
   auto after = client->GetSession(id);
   auto stats_after = client->Stats();
