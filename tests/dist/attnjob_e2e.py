@@ -228,8 +228,31 @@ def main():
         ("out_dir_missing", {"out": w("no_such_dir/o.npy")}, [], ["no_such_dir/o.npy", "cannot create"]),
         # --lse fails after --out was written: --out is removed too.
         ("lse_dir_missing", {"lse": w("no_such_dir/lse.npy")}, [], ["no_such_dir/lse.npy", "cannot create"]),
+        # Options and masks. "DOCS" in the arguments is the case's --doc-lengths
+        # file, written from over["docs"] (absent when there is none).
+        ("window_negative", {}, ["--causal", "--window", "-1"], ["--window must be >= 0"]),
+        ("window_not_causal", {}, ["--window", "8"], ["--window requires --causal"]),
+        ("docs_sum_short", {"docs": np.array([10, 10], np.int64)}, ["--doc-lengths", "DOCS"],
+         ["--doc-lengths", "sum to 20, not the 24 tokens"]),
+        ("docs_zero_length", {"docs": np.array([10, 0, 14], np.int64)}, ["--doc-lengths", "DOCS"],
+         ["--doc-lengths", "document 1 has length 0"]),
+        ("docs_float64", {"docs": np.array([10.0, 14.0])}, ["--doc-lengths", "DOCS"],
+         ["--doc-lengths", "bad_docs_float64_docs.npy", "dtype '<f8'"]),
+        ("docs_two_dims", {"docs": np.array([[10, 14]], np.int64)}, ["--doc-lengths", "DOCS"],
+         ["--doc-lengths", "bad_docs_two_dims_docs.npy", "one-dimensional"]),
+        ("docs_missing", {}, ["--doc-lengths", "DOCS"], ["--doc-lengths", "bad_docs_missing_docs.npy", "cannot open"]),
+        ("kv_dtype_float16", {}, ["--kv-dtype", "float16"], ["--kv-dtype", "got 'float16'"]),
+        ("decode_steps_window", {}, ["--causal", "--window", "8", "--decode-steps", "2"],
+         ["--decode-steps does not support --window"]),
+        # Checked on every rank at start, agreed before any collective.
+        ("kernel_path_bogus", {"env": {"RINGTREE_KERNEL_PATH": "bogus"}}, [],
+         ["RINGTREE_KERNEL_PATH='bogus'", "is not one of"]),
     ]
     for name, over, extra, expect in bad:
+        docs_path = w("bad_%s_docs.npy" % name)
+        if "docs" in over:
+            np.save(docs_path, over["docs"])
+        extra = [docs_path if a == "DOCS" else a for a in extra]
         paths = {}
         for t in ("q", "k", "v"):
             p = w("bad_%s_%s.npy" % (name, t))
@@ -252,7 +275,7 @@ def main():
         lse = over.get("lse", w("bad_%s_lse.npy" % name))
         for P in (2, 3):
             rc, so, se, secs = r.run(P, ["--q", paths["q"], "--k", paths["k"], "--v", paths["v"],
-                                         "--out", out, "--lse", lse] + extra)
+                                         "--out", out, "--lse", lse] + extra, env=over.get("env"))
             label = "%s (P=%d)" % (name, P)
             leftovers = glob.glob(out + "*") + glob.glob(lse + "*") + \
                 glob.glob(w("bad_%s_o.npy*" % name)) + glob.glob(w("bad_%s_lse.npy*" % name))
