@@ -10,8 +10,8 @@
 // output is float32 [T, heads, head_dim] and --lse writes [T, heads] float32
 // (natural-log sum of exponentials of the scaled scores). Each rank reads and
 // writes only its own shard (MPI-IO); causal runs use the zigzag layout.
-// Any bad input gives one message (rank 0), a non-zero exit on every rank and
-// no output file.
+// Any bad input (files, options, --doc-lengths, RINGTREE_KERNEL_PATH) gives
+// one message (rank 0), a non-zero exit on every rank and no output file.
 //
 // Masks: --window W (with --causal) lets the query at position p see keys in
 // (p - W, p]; --doc-lengths takes a 1-D integer .npy (or "n1,n2,...") of
@@ -85,12 +85,17 @@ struct JobOptions {
   std::string kv_dtype = "float32";
 };
 
-// Document boundaries as cumulative lengths [0, n1, n1+n2, ..., tokens].
+// Document boundaries as cumulative lengths [0, n1, n1+n2, ..., tokens], read
+// and checked on the calling rank only (see BroadcastDocOffsets).
 Result<std::vector<int64_t>> DocOffsets(const JobOptions& o, int64_t tokens) {
   std::vector<int64_t> lengths;
   if (o.doc_lengths.find(".npy") != std::string::npos) {
     auto r = ReadNpyIntegers(o.doc_lengths);
-    if (!r.ok()) return Status::InvalidArgument("[attnjob] --doc-lengths " + r.status().message());
+    if (!r.ok()) {
+      std::string m = r.status().message();  // "[npy] path: ..." -> "--doc-lengths path: ..."
+      if (m.rfind("[npy] ", 0) == 0) m = m.substr(6);
+      return Status::InvalidArgument("[attnjob] --doc-lengths " + m);
+    }
     lengths = std::move(r.value());
   } else {
     size_t pos = 0;
@@ -118,6 +123,30 @@ Result<std::vector<int64_t>> DocOffsets(const JobOptions& o, int64_t tokens) {
   if (offsets.back() != tokens)
     return Status::InvalidArgument("[attnjob] --doc-lengths: the lengths sum to " + std::to_string(offsets.back()) +
                                    ", not the " + std::to_string(tokens) + " tokens");
+  return offsets;
+}
+
+// Collective. Rank 0 reads and checks --doc-lengths and broadcasts the
+// offsets, like the .npy headers: a file that is missing or different on
+// another host cannot split the ranks, and a bad one fails every rank with
+// rank 0's message before any collective read (no rank is left waiting).
+Result<std::vector<int64_t>> BroadcastDocOffsets(const Communicator& comm, const JobOptions& o,
+                                                 int64_t tokens) {
+  std::vector<int64_t> offsets;
+  Status local;
+  if (comm.rank() == 0) {
+    auto r = DocOffsets(o, tokens);
+    if (r.ok())
+      offsets = std::move(r.value());
+    else
+      local = r.status();
+  }
+  RINGTREE_RETURN_IF_ERROR(comm.AgreeOnStatus(local));
+  int64_t n = static_cast<int64_t>(offsets.size());
+  RINGTREE_RETURN_IF_ERROR(comm.Broadcast(&n, sizeof(n), 0));
+  offsets.resize(static_cast<size_t>(n));
+  RINGTREE_RETURN_IF_ERROR(
+      comm.Broadcast(offsets.data(), n * static_cast<int64_t>(sizeof(int64_t)), 0));
   return offsets;
 }
 
@@ -453,7 +482,7 @@ Status RunJob(const JobOptions& o, const Communicator& comm, int threads, PeerWa
   if (!o.doc_lengths.empty()) {
     if (p.q_tokens != p.kv_tokens)
       return Status::InvalidArgument("[attnjob] --doc-lengths needs as many query as key tokens (one packed sequence)");
-    RINGTREE_ASSIGN_OR_RETURN(docs, DocOffsets(o, p.q_tokens));
+    RINGTREE_ASSIGN_OR_RETURN(docs, BroadcastDocOffsets(comm, o, p.q_tokens));
   }
   if (!ParseDType(o.kv_dtype, &p.heads.kv_dtype) || p.heads.kv_dtype == DType::kFloat16)
     return Status::InvalidArgument("[attnjob] --kv-dtype must be float32 or bfloat16, got '" + o.kv_dtype + "'");
@@ -625,6 +654,13 @@ int main(int argc, char** argv) {
       exit_code = e.get_exit_code() == 0 ? 0 : 2;
       return exit_code;  // env's destructor finalises MPI
     }
+    // A bad RINGTREE_KERNEL_PATH (on any rank: hosts can differ) stops every
+    // rank here with one message, before any collective or kernel call (which
+    // would exit 2 on its own rank only, leaving the others in the ring).
+    if (Status st = world.AgreeOnStatus(ValidateKernelPathEnvironment()); !st.ok()) {
+      if (world.rank() == 0) std::fprintf(stderr, "%s\n", JobMessage(st).c_str());
+      return 1;  // env's destructor finalises MPI
+    }
     if (o.decode_steps < 0) o.decode_steps = o.demo ? 8 : 0;
     const int threads = o.threads > 0 ? o.threads : DefaultThreads();
     tbb::global_control limit(tbb::global_control::max_allowed_parallelism, threads);
@@ -643,8 +679,9 @@ int main(int argc, char** argv) {
     }
     Status s = RunJob(o, world, threads, watchdog.get());
     if (watchdog) watchdog->Stop(true);
-    // RunJob's errors are agreed (collective reads, AgreeOnStatus) except
-    // local argument errors, which are identical on every rank.
+    // RunJob's errors are agreed (collective reads, AgreeOnStatus, rank 0's
+    // --doc-lengths broadcast) except argument checks on values every rank
+    // holds alike (options, broadcast headers), which fail identically.
     if (!s.ok()) {
       if (world.rank() == 0) std::fprintf(stderr, "%s\n", JobMessage(s).c_str());
       exit_code = 1;

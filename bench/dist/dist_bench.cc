@@ -3,15 +3,16 @@
 // measurement to stdout (and --out FILE, appended).
 //
 //   dist_bench decode  --tokens N [--heads 8 --kv-heads 2 --head-dim 128 --steps 10 --queries 1]
-//   dist_bench prefill --tokens N [--heads 8 --kv-heads 2 --head-dim 64] [--causal] [--repeats 1]
-//   dist_bench batch   --tokens N --sessions S --batch B [--steps 200]
-//   dist_bench pingpong [--steps 20]   MPI latency/bandwidth, rank 0 <-> rank P-1
+//   dist_bench prefill --tokens N [--heads 8 --kv-heads 2 --head-dim 64] [--causal [--window W]]
+//   [--repeats 1] dist_bench batch   --tokens N --sessions S --batch B [--steps 200] dist_bench
+//   pingpong [--steps 20]   MPI latency/bandwidth, rank 0 <-> rank P-1
 //     (one JSON line per message size, 8 B .. 32 MiB: half the round trip, the
 //     time of an exchange, both sending at once with MPI_Sendrecv, and the
 //     same exchange with a ring step's own calls)
 //   decode and batch take --topology flat|two-level (the tree reduction;
 //   default flat); prefill takes --layout zigzag|contiguous (default: zigzag
-//   with --causal, contiguous without).
+//   with --causal, contiguous without). --window is prefill's only; the other
+//   modes refuse it (exit 2) rather than ignore it.
 //     the service's decode step without gRPC: S distinct N-token sessions
 //     sharded over the ranks, steps of B of them (local partials, status
 //     agreement, one tree reduction, as WorkerEngine::ExecuteBatch does);
@@ -462,7 +463,8 @@ int main(int argc, char** argv) {
     app.add_option("--sessions", o.sessions, "batch: distinct sessions");
     app.add_option("--batch", o.batch, "batch: sessions per step");
     app.add_option("--tokens", o.tokens);
-    app.add_option("--window", o.window, "prefill: sliding window W (with --causal)");
+    app.add_option("--window", o.window,
+                   "prefill only (refused elsewhere): sliding window W (with --causal)");
     app.add_option("--heads", o.heads);
     app.add_option("--kv-heads", o.kv_heads);
     app.add_option("--head-dim", o.head_dim);
@@ -482,6 +484,15 @@ int main(int argc, char** argv) {
       app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
       if (world.rank() == 0) app.exit(e);
+      return 2;
+    }
+    // Only prefill masks; elsewhere a window would be silently ignored and the
+    // figures labelled with a mask that never ran. Every rank parses the same
+    // argv, so every rank stops here.
+    if (o.window != 0 && o.mode != "prefill") {
+      if (world.rank() == 0)
+        std::fprintf(stderr, "[dist_bench] --window applies to prefill only, not %s\n",
+                     o.mode.c_str());
       return 2;
     }
     const int cores = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));

@@ -11,6 +11,7 @@ same float16 values widened, so the bound is unchanged).
 import argparse
 import glob
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -74,12 +75,19 @@ class Runner:
         self.args = args
         self.failures = []
 
-    def run(self, np_ranks, job_args):
-        cmd = [self.args.mpirun, "-np", str(np_ranks), "--oversubscribe", self.args.attnjob,
-               "--threads", "1", "--quiet"] + job_args
+    def run(self, np_ranks, job_args, env=None, rank_dirs=None):
+        """env: extra environment variables; rank_dirs: each rank runs in
+        rank_dirs + str(its rank), so a relative path can name a file that
+        only some ranks see (as on hosts without a shared file system)."""
+        launch = [self.args.attnjob]
+        if rank_dirs:
+            launch = ["/bin/sh", "-c", 'cd "%s$OMPI_COMM_WORLD_RANK" && exec "$0" "$@"' % rank_dirs] + launch
+        cmd = [self.args.mpirun, "-np", str(np_ranks), "--oversubscribe"] + launch + \
+            ["--threads", "1", "--quiet"] + job_args
         t0 = time.time()
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT,
+                               env=dict(os.environ, **env) if env else None)
         except subprocess.TimeoutExpired:
             return None, "", "TIMEOUT (hang?) after %ds: %s" % (TIMEOUT, " ".join(cmd)), time.time() - t0
         return p.returncode, p.stdout, p.stderr, time.time() - t0
@@ -87,6 +95,25 @@ class Runner:
     def fail(self, name, why):
         self.failures.append("%s: %s" % (name, why))
         print("FAIL %s: %s" % (name, why), flush=True)
+
+
+def check_refused(r, label, rc, se, secs, expect, leftovers):
+    """A refused job: non-zero exit (not a hang), exactly one [attnjob]
+    message containing every string of `expect`, no output left behind."""
+    if rc is None:
+        r.fail(label, se)
+        return
+    msgs = [l for l in se.splitlines() if l.startswith("[attnjob]")]
+    if rc == 0:
+        r.fail(label, "exit 0, want non-zero")
+    elif len(msgs) != 1:
+        r.fail(label, "want exactly one [attnjob] message, got %d: %r" % (len(msgs), se[-600:]))
+    elif not all(e in msgs[0] for e in expect):
+        r.fail(label, "message %r lacks %r" % (msgs[0], expect))
+    elif leftovers:
+        r.fail(label, "output left behind: %r" % leftovers)
+    else:
+        print("ok   %s: exit %d in %.1fs: %s" % (label, rc, secs, msgs[0]), flush=True)
 
 
 def save(path, a, fortran=False):
@@ -103,7 +130,7 @@ def main():
     args = ap.parse_args()
     os.makedirs(args.workdir, exist_ok=True)
     for f in glob.glob(os.path.join(args.workdir, "*")):
-        os.remove(f)
+        shutil.rmtree(f) if os.path.isdir(f) else os.remove(f)
     w = lambda name: os.path.join(args.workdir, name)
     r = Runner(args)
     rng = np.random.default_rng(7)
@@ -201,8 +228,31 @@ def main():
         ("out_dir_missing", {"out": w("no_such_dir/o.npy")}, [], ["no_such_dir/o.npy", "cannot create"]),
         # --lse fails after --out was written: --out is removed too.
         ("lse_dir_missing", {"lse": w("no_such_dir/lse.npy")}, [], ["no_such_dir/lse.npy", "cannot create"]),
+        # Options and masks. "DOCS" in the arguments is the case's --doc-lengths
+        # file, written from over["docs"] (absent when there is none).
+        ("window_negative", {}, ["--causal", "--window", "-1"], ["--window must be >= 0"]),
+        ("window_not_causal", {}, ["--window", "8"], ["--window requires --causal"]),
+        ("docs_sum_short", {"docs": np.array([10, 10], np.int64)}, ["--doc-lengths", "DOCS"],
+         ["--doc-lengths", "sum to 20, not the 24 tokens"]),
+        ("docs_zero_length", {"docs": np.array([10, 0, 14], np.int64)}, ["--doc-lengths", "DOCS"],
+         ["--doc-lengths", "document 1 has length 0"]),
+        ("docs_float64", {"docs": np.array([10.0, 14.0])}, ["--doc-lengths", "DOCS"],
+         ["--doc-lengths", "bad_docs_float64_docs.npy", "dtype '<f8'"]),
+        ("docs_two_dims", {"docs": np.array([[10, 14]], np.int64)}, ["--doc-lengths", "DOCS"],
+         ["--doc-lengths", "bad_docs_two_dims_docs.npy", "one-dimensional"]),
+        ("docs_missing", {}, ["--doc-lengths", "DOCS"], ["--doc-lengths", "bad_docs_missing_docs.npy", "cannot open"]),
+        ("kv_dtype_float16", {}, ["--kv-dtype", "float16"], ["--kv-dtype", "got 'float16'"]),
+        ("decode_steps_window", {}, ["--causal", "--window", "8", "--decode-steps", "2"],
+         ["--decode-steps does not support --window"]),
+        # Checked on every rank at start, agreed before any collective.
+        ("kernel_path_bogus", {"env": {"RINGTREE_KERNEL_PATH": "bogus"}}, [],
+         ["RINGTREE_KERNEL_PATH='bogus'", "is not one of"]),
     ]
     for name, over, extra, expect in bad:
+        docs_path = w("bad_%s_docs.npy" % name)
+        if "docs" in over:
+            np.save(docs_path, over["docs"])
+        extra = [docs_path if a == "DOCS" else a for a in extra]
         paths = {}
         for t in ("q", "k", "v"):
             p = w("bad_%s_%s.npy" % (name, t))
@@ -225,24 +275,49 @@ def main():
         lse = over.get("lse", w("bad_%s_lse.npy" % name))
         for P in (2, 3):
             rc, so, se, secs = r.run(P, ["--q", paths["q"], "--k", paths["k"], "--v", paths["v"],
-                                         "--out", out, "--lse", lse] + extra)
+                                         "--out", out, "--lse", lse] + extra, env=over.get("env"))
             label = "%s (P=%d)" % (name, P)
-            if rc is None:
-                r.fail(label, se)
-                continue
-            msgs = [l for l in se.splitlines() if l.startswith("[attnjob]")]
             leftovers = glob.glob(out + "*") + glob.glob(lse + "*") + \
                 glob.glob(w("bad_%s_o.npy*" % name)) + glob.glob(w("bad_%s_lse.npy*" % name))
-            if rc == 0:
-                r.fail(label, "exit 0, want non-zero")
-            elif len(msgs) != 1:
-                r.fail(label, "want exactly one [attnjob] message, got %d: %r" % (len(msgs), se[-600:]))
-            elif not all(e in msgs[0] for e in expect):
-                r.fail(label, "message %r lacks %r" % (msgs[0], expect))
-            elif leftovers:
-                r.fail(label, "output left behind: %r" % leftovers)
+            check_refused(r, label, rc, se, secs, expect, leftovers)
+
+    # --- --doc-lengths as a relative path that only one rank can open (each
+    # rank runs in its own directory). Rank 0 reads it and broadcasts: when
+    # rank 0 cannot open it, every rank fails with one message (no rank waits
+    # in a collective read); when only rank 0 can, the job runs.
+    name = "docs_rank_local"
+    T, H, Hkv, D, docs = 40, 2, 1, 16, [15, 25]
+    q = rng.uniform(-1, 1, (T, H, D)).astype(np.float32)
+    k = rng.uniform(-1, 1, (T, Hkv, D)).astype(np.float32)
+    v = rng.uniform(-1, 1, (T, Hkv, D)).astype(np.float32)
+    for n, a in (("q", q), ("k", k), ("v", v)):
+        save(w("%s_%s.npy" % (name, n)), a)
+    rank_dirs = w(name + "_rank")
+    for P in (2, 3):
+        for holder in (1, 0):  # the one rank whose directory has the file
+            for rk in range(P):
+                os.makedirs(rank_dirs + str(rk), exist_ok=True)
+                for f in glob.glob(os.path.join(rank_dirs + str(rk), "*")):
+                    os.remove(f)
+            np.save(os.path.join(rank_dirs + str(holder), "docs.npy"), np.array(docs, dtype=np.int64))
+            out = w(name + "_o.npy")
+            rc, so, se, secs = r.run(P, ["--q", w(name + "_q.npy"), "--k", w(name + "_k.npy"), "--v",
+                                         w(name + "_v.npy"), "--out", out, "--causal", "--doc-lengths",
+                                         "docs.npy"], rank_dirs=rank_dirs)
+            label = "%s only on rank %d (P=%d)" % (name, holder, P)
+            if holder != 0:
+                check_refused(r, label, rc, se, secs, ["--doc-lengths docs.npy", "cannot open"],
+                              glob.glob(out + "*"))
+                continue
+            if rc != 0:
+                r.fail(label, "exit %s, stderr: %s" % (rc, (se or "").strip()[-600:]))
+                continue
+            do = np.abs(np.load(out) - masked_reference(q, k, v, 0, docs)[0]).max()
+            os.remove(out)
+            if do > O_TOL:
+                r.fail(label, "max |o diff| %.3g (tol %g)" % (do, O_TOL))
             else:
-                print("ok   %s: exit %d in %.1fs: %s" % (label, rc, secs, msgs[0]), flush=True)
+                print("ok   %s: max |o diff| %.2g" % (label, do), flush=True)
 
     if r.failures:
         print("\n%d failure(s)" % len(r.failures))

@@ -24,6 +24,7 @@
 #include "dist/sharding.h"
 #include "dist/transfer_poller.h"
 #include "dist/tree_decode.h"
+#include "kernels/attention.h"
 #include "kernels/blas.h"
 #include "kernels/cpu.h"
 #include "kernels/reference.h"
@@ -243,14 +244,43 @@ TEST(RingBandTest, DiagonalBandEqualsFullReference) {
 // Ring prefill with a sliding window and packed documents equals the
 // single-process reference, and (query block, KV block) pairs no query can
 // see are skipped, never computed.
+enum class Docs {
+  kNone,
+  kInsideChunks,      // uneven lengths, boundaries inside the ranks' chunks
+  kOnRankBoundaries,  // one document per rank's chunk (contiguous layout)
+};
+
 struct MaskedRingCase {
   const char* name;
   int64_t tokens;
   int64_t window;
-  bool docs;
+  Docs docs;
   ShardLayoutKind layout;
   DType kv_dtype;
 };
+
+// The (query block, KV block) pairs in which at least one query of `mine`
+// sees at least one key of any rank's block, by brute force over positions
+// (causal, window, documents): exactly the pairs the ring must compute.
+int64_t VisibleBlockPairs(const std::vector<TokenRange>& mine, const ShardLayout& layout, int ranks,
+                          int64_t window, const std::vector<int64_t>& docs) {
+  auto doc_of = [&](int64_t p) {
+    return std::upper_bound(docs.begin(), docs.end(), p) - docs.begin();
+  };
+  auto sees = [&](int64_t q, int64_t k) {
+    return k <= q && (window == 0 || k > q - window) && (docs.empty() || doc_of(q) == doc_of(k));
+  };
+  int64_t visible = 0;
+  for (const TokenRange& qb : mine)
+    for (int r = 0; r < ranks; ++r)
+      for (const TokenRange& kb : layout.RangesOf(r)) {
+        bool any = false;
+        for (int64_t q = qb.begin; q < qb.end && !any; ++q)
+          for (int64_t k = kb.begin; k < kb.end && !any; ++k) any = sees(q, k);
+        visible += any;
+      }
+  return visible;
+}
 
 class MaskedRingTest : public ::testing::TestWithParam<MaskedRingCase> {};
 
@@ -262,9 +292,14 @@ TEST_P(MaskedRingTest, EqualsSingleProcessReferenceAndSkipsMaskedPairs) {
   const std::vector<float> q = testing::RandomVector(c.tokens * q_row, 21);
   const Tensor k = MakeKv(testing::RandomVector(c.tokens * kv_row, 22), kv_row, c.kv_dtype);
   const Tensor v = MakeKv(testing::RandomVector(c.tokens * kv_row, 23), kv_row, c.kv_dtype);
-  // Documents of uneven lengths with boundaries inside the ranks' chunks.
+  auto layout = ShardLayout::Create(c.layout, c.tokens, comm.size());
+  ASSERT_TRUE(layout.ok());
   std::vector<int64_t> docs;
-  if (c.docs) docs = {0, 13, 14, c.tokens / 2 + 5, c.tokens - 9, c.tokens};
+  if (c.docs == Docs::kInsideChunks) docs = {0, 13, 14, c.tokens / 2 + 5, c.tokens - 9, c.tokens};
+  if (c.docs == Docs::kOnRankBoundaries) {
+    docs = {0};
+    for (int r = 0; r < comm.size(); ++r) docs.push_back(layout->RangesOf(r).back().end);
+  }
   AttentionShape shape{c.tokens, c.tokens, hc.heads, hc.kv_heads, hc.head_dim};
   AttentionOptions ao;
   ao.causal = true;
@@ -273,8 +308,6 @@ TEST_P(MaskedRingTest, EqualsSingleProcessReferenceAndSkipsMaskedPairs) {
   std::vector<float> o_ref(static_cast<size_t>(c.tokens * q_row)), lse_ref(static_cast<size_t>(c.tokens * hc.heads));
   ReferenceAttention(q.data(), k.bytes.data(), v.bytes.data(), hc.kv_dtype, shape, ao, o_ref.data(), lse_ref.data());
 
-  auto layout = ShardLayout::Create(c.layout, c.tokens, comm.size());
-  ASSERT_TRUE(layout.ok());
   const std::vector<TokenRange> ranges = layout->RangesOf(comm.rank());
   const int64_t local = layout->LocalTokens(comm.rank());
   std::vector<float> o(static_cast<size_t>(local * q_row), NAN), lse(static_cast<size_t>(local * hc.heads), NAN);
@@ -291,7 +324,9 @@ TEST_P(MaskedRingTest, EqualsSingleProcessReferenceAndSkipsMaskedPairs) {
   options.window = c.window;
   options.doc_offsets = docs;
   PhaseTimings timing;
+  const AttentionCounters before = ReadAttentionCounters();
   const Status st = RingAttention(comm, hc, qb, kb, options, &timing);
+  const AttentionCounters after = ReadAttentionCounters();
   ASSERT_TRUE(st.ok()) << st.ToString();
   const double tol = c.kv_dtype == DType::kBFloat16 ? 6e-3 : kOTolerance;  // bf16 products on that path
   row = 0;
@@ -305,19 +340,62 @@ TEST_P(MaskedRingTest, EqualsSingleProcessReferenceAndSkipsMaskedPairs) {
   }
   const int64_t pairs = static_cast<int64_t>(ranges.size()) * static_cast<int64_t>(ranges.size()) * comm.size();
   EXPECT_EQ(timing.computed_pairs + timing.skipped_pairs, pairs) << c.name;
+  // The sum above holds with skipping switched off; these do not.
+  EXPECT_EQ(timing.computed_pairs, VisibleBlockPairs(ranges, *layout, comm.size(), c.window, docs))
+      << c.name << " rank " << comm.rank();
   // Contiguous chunks longer than the window: a rank's queries reach back at
   // most into the previous rank's chunk, so at most two pairs are computed.
   if (c.layout == ShardLayoutKind::kContiguous && c.window > 0 && c.window < c.tokens / comm.size() - 1)
     EXPECT_LE(timing.computed_pairs, 2) << c.name << " rank " << comm.rank();
+  // Zigzag chunks longer than the window: a query block sees its own chunk
+  // and the one before it, so from 3 ranks on some ring steps are skipped.
+  if (c.layout == ShardLayoutKind::kZigzag && c.window > 0 &&
+      c.window < c.tokens / (2 * comm.size()) && comm.size() >= 3)
+    EXPECT_GT(timing.skipped_pairs, 0) << c.name << " rank " << comm.rank();
+  if (c.docs == Docs::kOnRankBoundaries) {
+    // Every key of another rank is in another document: only the diagonal
+    // pair runs, at any P, and the kernel's tiles did that pair's work only
+    // (the blocks a direct call on it computes and skips; Tq > 64, so the
+    // flash tiles, which count, run).
+    EXPECT_EQ(timing.computed_pairs, 1) << c.name << " rank " << comm.rank();
+    ASSERT_EQ(ranges.size(), 1u);
+    ASSERT_GT(ranges[0].length(), 64)
+        << "the flash path counts key blocks; the decode path does not";
+    AttentionOptions diagonal = ao;
+    diagonal.q_position_offset = diagonal.kv_position_offset = ranges[0].begin;
+    const AttentionShape local_shape{ranges[0].length(), ranges[0].length(), hc.heads, hc.kv_heads,
+                                     hc.head_dim};
+    std::vector<float> o_diag(o.size()), lse_diag(lse.size());
+    const AttentionCounters direct_before = ReadAttentionCounters();
+    ASSERT_TRUE(AttentionForward(qb[0].q, kb[0].k, kb[0].v, hc.kv_dtype, local_shape, diagonal,
+                                 o_diag.data(), lse_diag.data())
+                    .ok());
+    const AttentionCounters direct_after = ReadAttentionCounters();
+    EXPECT_EQ(after.key_blocks_computed - before.key_blocks_computed,
+              direct_after.key_blocks_computed - direct_before.key_blocks_computed)
+        << c.name << " rank " << comm.rank();
+    EXPECT_EQ(after.key_blocks_skipped - before.key_blocks_skipped,
+              direct_after.key_blocks_skipped - direct_before.key_blocks_skipped)
+        << c.name << " rank " << comm.rank();
+  }
 }
 
 INSTANTIATE_TEST_SUITE_P(
     Cases, MaskedRingTest,
-    ::testing::Values(MaskedRingCase{"window9_contiguous", 160, 9, false, ShardLayoutKind::kContiguous, DType::kFloat32},
-                      MaskedRingCase{"window9_zigzag", 160, 9, false, ShardLayoutKind::kZigzag, DType::kFloat32},
-                      MaskedRingCase{"window_longer_than_sequence", 90, 1000, false, ShardLayoutKind::kZigzag, DType::kFloat32},
-                      MaskedRingCase{"docs_zigzag", 150, 0, true, ShardLayoutKind::kZigzag, DType::kFloat32},
-                      MaskedRingCase{"docs_window_contiguous_bf16", 150, 20, true, ShardLayoutKind::kContiguous, DType::kBFloat16}),
+    ::testing::Values(
+        MaskedRingCase{"window9_contiguous", 160, 9, Docs::kNone, ShardLayoutKind::kContiguous,
+                       DType::kFloat32},
+        MaskedRingCase{"window9_zigzag", 160, 9, Docs::kNone, ShardLayoutKind::kZigzag,
+                       DType::kFloat32},
+        MaskedRingCase{"window_longer_than_sequence", 90, 1000, Docs::kNone,
+                       ShardLayoutKind::kZigzag, DType::kFloat32},
+        MaskedRingCase{"docs_zigzag", 150, 0, Docs::kInsideChunks, ShardLayoutKind::kZigzag,
+                       DType::kFloat32},
+        MaskedRingCase{"docs_window_contiguous_bf16", 150, 20, Docs::kInsideChunks,
+                       ShardLayoutKind::kContiguous, DType::kBFloat16},
+        // 264 tokens: > 64 per rank up to P = 4 (the flash tiles, which count blocks).
+        MaskedRingCase{"docs_on_rank_boundaries_contiguous", 264, 0, Docs::kOnRankBoundaries,
+                       ShardLayoutKind::kContiguous, DType::kFloat32}),
     [](const auto& info) { return std::string(info.param.name); });
 
 TEST(MaskedRingTest, DifferentWindowsOnTwoRanksFailEverywhere) {
