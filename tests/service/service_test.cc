@@ -2283,11 +2283,15 @@ class ServiceWritePath : public ServerSuite {
   // session holds exactly the acknowledged tokens and answers exactly.
   void FailedWritesChangeNothing(bool durable);
   // The file layer's fault injection (base/file_sync.h): the next
-  // write to a path containing `where` fails as `kind` says.
+  // write to a path containing `where` fails as `kind` says. The count is
+  // reset only by a new content of the file, so each call writes a new one
+  // (a trailing number the parser ignores): the same fault twice in a row
+  // would otherwise inject nothing the second time.
   void InjectFileFault(const std::string& kind, const std::string& where) {
-    std::ofstream(file_fault_) << kind << " " << where << " 1\n";
+    std::ofstream(file_fault_) << kind << " " << where << " 1 " << ++faults_injected_ << "\n";
   }
   std::string dir_, fault_file_, file_fault_, crash_file_;
+  int faults_injected_ = 0;
 };
 
 void ServiceWritePath::FailedWritesChangeNothing(bool durable) {
@@ -2364,58 +2368,94 @@ void ServiceWritePath::FailedWritesChangeNothing(bool durable) {
 
 // Faults of the disk under a durable service (ENOSPC, EIO, a write cut
 // short), injected in the file layer on either rank's write-ahead log and
-// span files and on rank 0's metadata journal: the client gets the error
-// with the system's reason, the session keeps exactly its acknowledged
-// tokens, the next writes succeed at the same positions, and a restart finds
-// the same data.
+// span files and on rank 0's metadata journal (DIR/sessions/journal.log,
+// for an append, an exact decode and a retrieval decode): the client gets
+// INTERNAL with the system's reason, the session keeps exactly its
+// acknowledged tokens (layer length, kv_bytes, every rank's tokens, the
+// admission's kv_used), the same write at the same position then succeeds,
+// and a restart finds the same data. A retrieval decode whose journal
+// record failed used to stay applied (its layout was committed whatever
+// the journal said).
 TEST_F(ServiceWritePath, FileFaultsReachTheClientAndLeaveTheSessionUsable) {
   std::mt19937 rng(23);
   Model m;
   std::string id;
   const std::vector<float> q = Random(rng, m.heads * m.head_dim);
   const HostTensor qt = HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim});
+  CallOptions retrieval;  // a budget covering every token: exact, comparable with the reference
+  retrieval.retrieval = v1::RetrievalOptions();
+  retrieval.retrieval->set_token_budget(1 << 20);
   {
     auto server = Start(true);
     auto client = Client(*server);
     id = SessionOf192(*client, rng, m);
     ASSERT_FALSE(id.empty());
+    enum class Write { kAppend, kDecode, kRetrievalDecode };
     struct Fault {
       const char* kind;
       const char* where;
       const char* reason;
-      int64_t tokens;  // the write: an append of this many tokens, or a decode (1)
+      Write write;
     };
     // Appends of 128 tokens write spans on both ranks; a decode writes the
     // rank holding the newest span. "short": half a record, then ENOSPC.
     const Fault faults[] = {
-        {"enospc", "rank-1/", "No space left on device", 128},
-        {"eio", "rank-0/", "Input/output error", 128},
-        {"short", "rank-1/", "No space left on device", 128},
-        {"enospc", "rank-1/", "No space left on device", 1},
+        {"enospc", "rank-1/", "No space left on device", Write::kAppend},
+        {"eio", "rank-0/", "Input/output error", Write::kAppend},
+        {"short", "rank-1/", "No space left on device", Write::kAppend},
+        {"enospc", "rank-1/", "No space left on device", Write::kDecode},
+        {"enospc", "sessions/journal.log", "No space left on device", Write::kAppend},
+        {"enospc", "sessions/journal.log", "No space left on device", Write::kDecode},
+        {"enospc", "sessions/journal.log", "No space left on device", Write::kRetrievalDecode},
+        {"eio", "sessions/journal.log", "Input/output error", Write::kRetrievalDecode},
     };
+    const char* names[] = {"append", "decode", "retrieval decode"};
     for (const Fault& f : faults) {
       const std::string what =
-          std::string(f.kind) + " on " + f.where + (f.tokens == 1 ? " (decode)" : " (append)");
+          std::string(f.kind) + " on " + f.where + " (" + names[static_cast<int>(f.write)] + ")";
+      auto stats_before = client->Stats();
+      ASSERT_TRUE(stats_before.ok());
+      const int64_t before = m.tokens();
       Model scratch = m;  // rows of a failed write never join the model
-      auto [k, v] = NewKv(rng, scratch, f.tokens);
+      auto [k, v] = NewKv(rng, scratch, f.write == Write::kAppend ? 128 : 1);
       InjectFileFault(f.kind, f.where);
       Status failed;
-      if (f.tokens == 1) {
-        auto out = client->Decode(id, 0, qt, k, v);
+      if (f.write == Write::kAppend) {
+        auto out = client->AppendKV(id, 0, k, v);
         failed = out.ok() ? Status::Ok() : out.status();
       } else {
-        auto out = client->AppendKV(id, 0, k, v);
+        auto out =
+            client->Decode(id, 0, qt, k, v, f.write == Write::kDecode ? CallOptions() : retrieval);
         failed = out.ok() ? Status::Ok() : out.status();
       }
       std::filesystem::remove(file_fault_);
       EXPECT_FALSE(failed.ok()) << what << ": the write succeeded";
+      EXPECT_EQ(failed.code(), StatusCode::kInternal) << what << ": " << failed.message();
       EXPECT_NE(failed.message().find(f.reason), std::string::npos)
           << what << ": " << failed.message();
       ExpectStored(*client, id, m, 0, what.c_str());
-      // Usable at once: the same positions take the next write.
+      auto stats_after = client->Stats();
+      ASSERT_TRUE(stats_after.ok());
+      EXPECT_EQ(stats_after->kv_used_bytes(), stats_before->kv_used_bytes()) << what;
+      // Usable at once: the same write lands at the same position.
+      if (f.write != Write::kAppend) {
+        auto [dk, dv] = NewKv(rng, m, 1);
+        CallOptions again = f.write == Write::kDecode ? CallOptions() : retrieval;
+        again.expected_layer_tokens = before;
+        auto decoded = client->Decode(id, 0, qt, dk, dv, again);
+        ASSERT_TRUE(decoded.ok()) << what << ": " << decoded.status().message() << server->log();
+        EXPECT_EQ(decoded->first_position, before) << what;
+        EXPECT_LE(MaxDiff(decoded->o.ToFloat32(), Reference(m, q, 1, true)), 2e-4) << what;
+        if (f.write == Write::kRetrievalDecode) {
+          ASSERT_TRUE(decoded->retrieval.has_value()) << what;
+          EXPECT_TRUE(decoded->retrieval->exact()) << what;
+        }
+      }
+      const int64_t append_at = m.tokens();
       auto [k1, v1] = NewKv(rng, m, 64);
       auto appended = client->AppendKV(id, 0, k1, v1);
       ASSERT_TRUE(appended.ok()) << what << ": " << appended.status().message() << server->log();
+      EXPECT_EQ(appended->first_position, append_at) << what;
       auto [dk, dv] = NewKv(rng, m, 1);
       auto decoded = client->Decode(id, 0, qt, dk, dv);
       ASSERT_TRUE(decoded.ok()) << what << ": " << decoded.status().message();
@@ -2430,6 +2470,16 @@ TEST_F(ServiceWritePath, FileFaultsReachTheClientAndLeaveTheSessionUsable) {
   ASSERT_TRUE(attended.ok()) << attended.status().message() << server->log();
   EXPECT_LE(MaxDiff(attended->o.ToFloat32(), AttendReference(m, q, 1)), 2e-4);
   ExpectStored(*client, id, m, 0, "after the restart");
+  // The next write lands right after the acknowledged tokens.
+  const int64_t before = m.tokens();
+  auto [dk, dv] = NewKv(rng, m, 1);
+  CallOptions again = retrieval;
+  again.expected_layer_tokens = before;
+  auto decoded = client->Decode(id, 0, qt, dk, dv, again);
+  ASSERT_TRUE(decoded.ok()) << decoded.status().message() << server->log();
+  EXPECT_EQ(decoded->first_position, before);
+  EXPECT_LE(MaxDiff(decoded->o.ToFloat32(), Reference(m, q, 1, true)), 2e-4);
+  ExpectStored(*client, id, m, 0, "after a decode after the restart");
   EXPECT_EQ(server->Stop(), 0) << server->log();
 }
 
