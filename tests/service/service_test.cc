@@ -191,9 +191,11 @@ TEST_F(ServiceFlow, FullFlowMatchesReference) {
 }
 
 // A sliding-window session: Decode attends only the last attention_window
-// keys (on every rank's spans, hot or cold); calls that do not honour the
-// window (exact Attend, retrieval Decode) are refused naming it, never
-// answered with full attention. Prefill: ServiceSpans.StreamingWindowed*.
+// keys (on every rank's spans; this server has no --data-dir, so they are
+// all hot: cold spans are ServiceSpans.WindowedDecodeOverColdSpans*); calls
+// that do not honour the window (exact Attend, retrieval Decode) are refused
+// naming it, never answered with full attention. Prefill:
+// ServiceSpans.StreamingWindowed*.
 TEST_F(ServiceFlow, AttentionWindowDecodeMatchesReference) {
   auto client = Client(*server_);
   std::mt19937 rng(7);
@@ -2042,6 +2044,93 @@ TEST_F(ServiceSpans, ExactAttentionWithMostSpansColdMatchesReference) {
   int cold = 0;
   for (const auto& span : r->retrieval->spans_used()) cold += span.tier() == v1::COLD;
   EXPECT_GT(cold, 0);
+  EXPECT_EQ(server->Stop(), 0) << server->log();
+}
+
+// Sliding-window decodes over a context that spilled to disk: with a 1 MiB
+// hot budget most spans inside the window are cold (read back through
+// SpanStore::AttendExact), and the answers equal the reference restricted
+// to the window, which differs from full attention (so a decode that
+// ignored the window, or skipped the cold spans, fails). A DecodeBatch
+// mixing a windowed session, a full one and one whose window covers its
+// whole context answers each entry against its own reference.
+TEST_F(ServiceSpans, WindowedDecodeOverColdSpansMatchesReference) {
+  auto server = Start({"--hot-budget-mib", "1"});
+  auto client = Client(*server);
+  std::mt19937 rng(31);
+  const int64_t window = 8192;
+  Model a, full, wide;  // windowed; full attention; window >= context
+  v1::SessionConfig ca = SpanConfig(a, 64, 0, 0), cf = SpanConfig(full, 64, 0, 0),
+                    cw = SpanConfig(wide, 64, 0, 0);
+  ca.set_attention_window(window);
+  cw.set_attention_window(1 << 20);
+  auto ia = client->CreateSession(ca);
+  auto ifull = client->CreateSession(cf);
+  auto iw = client->CreateSession(cw);
+  ASSERT_TRUE(ia.ok() && ifull.ok() && iw.ok());
+  const std::string ida = ia->session_id(), idf = ifull->session_id(), idw = iw->session_id();
+  {
+    auto [k, v] = NewKv(rng, a, 16384);  // 8 MiB per rank against 1 MiB hot
+    ASSERT_TRUE(client->AppendKV(ida, 0, k, v, 4096).ok());
+  }
+  for (auto [id, model] : {std::pair{idf, &full}, std::pair{idw, &wide}}) {
+    auto [k, v] = NewKv(rng, *model, 4096);
+    ASSERT_TRUE(client->AppendKV(id, 0, k, v, 4096).ok());
+  }
+  auto stats = client->Stats();
+  ASSERT_TRUE(stats.ok());
+  for (const auto& r : stats->ranks())
+    EXPECT_LE(r.hot_bytes(), (1 << 20) + (64 << 10)) << "rank " << r.rank();
+  // The window's spans are mostly on disk: a retrieval Attend over every
+  // span (allowed on a windowed session) reports them COLD.
+  {
+    std::vector<float> q = Random(rng, a.heads * a.head_dim);
+    CallOptions all;
+    all.retrieval = Budget(1 << 20);
+    auto r =
+        client->Attend(ida, 0, HostTensor::FromFloat32(q.data(), {1, a.heads, a.head_dim}), all);
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    int64_t cold_in_window = 0;
+    for (const auto& span : r->retrieval->spans_used()) {
+      if (span.tier() == v1::COLD && span.position_start() >= a.tokens() - window)
+        cold_in_window += span.tokens();
+    }
+    EXPECT_GE(cold_in_window, window / 2);
+  }
+  for (int64_t t : {1, 3}) {
+    std::vector<float> q = Random(rng, t * a.heads * a.head_dim);
+    auto [dk, dv] = NewKv(rng, a, t);
+    auto d =
+        client->Decode(ida, 0, HostTensor::FromFloat32(q.data(), {t, a.heads, a.head_dim}), dk, dv);
+    ASSERT_TRUE(d.ok()) << d.status().ToString();
+    EXPECT_LE(MaxDiff(d->o.ToFloat32(), Reference(a, q, t, true, window)), 2e-4) << t << " tokens";
+    EXPECT_GT(MaxDiff(d->o.ToFloat32(), Reference(a, q, t, true)), 1e-3) << t << " tokens";
+  }
+  // One DecodeBatch step over the three sessions, 2 tokens each.
+  const int64_t t = 2;
+  std::vector<float> qa = Random(rng, t * a.heads * a.head_dim),
+                     qf = Random(rng, t * full.heads * full.head_dim),
+                     qw = Random(rng, t * wide.heads * wide.head_dim);
+  const HostTensor qat = HostTensor::FromFloat32(qa.data(), {t, a.heads, a.head_dim}),
+                   qft = HostTensor::FromFloat32(qf.data(), {t, full.heads, full.head_dim}),
+                   qwt = HostTensor::FromFloat32(qw.data(), {t, wide.heads, wide.head_dim});
+  auto [ka, va] = NewKv(rng, a, t);
+  auto [kf, vf] = NewKv(rng, full, t);
+  auto [kw, vw] = NewKv(rng, wide, t);
+  std::vector<BatchEntry> entries(3);
+  entries[0] = {ida, &qat, &ka, &va, std::nullopt, std::nullopt};
+  entries[1] = {idf, &qft, &kf, &vf, std::nullopt, std::nullopt};
+  entries[2] = {idw, &qwt, &kw, &vw, std::nullopt, std::nullopt};
+  auto out = client->DecodeBatch(0, entries);
+  ASSERT_TRUE(out.ok()) << out.status().ToString();
+  ASSERT_EQ(out->size(), 3u);
+  for (const auto& e : *out) ASSERT_TRUE(e.status.ok()) << e.status.ToString();
+  EXPECT_EQ((*out)[0].output.batch_size, 1) << "one engine step for the three entries";
+  EXPECT_LE(MaxDiff((*out)[0].output.o.ToFloat32(), Reference(a, qa, t, true, window)), 2e-4);
+  EXPECT_GT(MaxDiff((*out)[0].output.o.ToFloat32(), Reference(a, qa, t, true)), 1e-3);
+  EXPECT_LE(MaxDiff((*out)[1].output.o.ToFloat32(), Reference(full, qf, t, true)), 2e-4);
+  EXPECT_LE(MaxDiff((*out)[2].output.o.ToFloat32(), Reference(wide, qw, t, true, 1 << 20)), 2e-4);
+  EXPECT_LE(MaxDiff((*out)[2].output.o.ToFloat32(), Reference(wide, qw, t, true)), 2e-4);
   EXPECT_EQ(server->Stop(), 0) << server->log();
 }
 
