@@ -908,6 +908,10 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
   };
   std::vector<Group> groups;
   std::map<std::tuple<uint64_t, int, float>, size_t> attend_group;
+  // The layer length after each decode of the step: an attend that follows
+  // a decode of its (session, layer) in the step sees the decoded tokens
+  // (the ranks store them before computing) and reports that length.
+  std::map<std::pair<uint64_t, int>, int64_t> decoded_tokens;
   int decodes = 0, attends = 0;
   std::vector<std::pair<WorkItem*, Status>> refused;  // decodes over the disk budget
   using SteadyClock = std::chrono::steady_clock;
@@ -946,6 +950,7 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
         continue;
       }
       item.layer_tokens = g.layout.tokens;
+      decoded_tokens[{s.shape.handle, item.layer}] = g.layout.tokens;
       g.batch.session = s.shape;
       g.batch.layer = item.layer;
       g.batch.causal = true;
@@ -959,7 +964,9 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
       continue;
     }
     ++attends;
-    {
+    if (auto d = decoded_tokens.find({s.shape.handle, item.layer}); d != decoded_tokens.end()) {
+      item.layer_tokens = d->second;
+    } else {
       std::lock_guard<std::mutex> lock(s.mu);
       item.layer_tokens = s.layers[item.layer].tokens;
     }

@@ -239,6 +239,74 @@ TEST_F(ServiceFlow, AttentionWindowDecodeMatchesReference) {
   ASSERT_TRUE(client->DeleteSession(id).ok());
 }
 
+std::vector<float> AttendReference(const Model& m, const std::vector<float>& q, int64_t q_tokens);
+
+// An Attend that shares an exact engine step with a Decode of the same
+// (session, layer) sees the decoded token (the ranks store it before
+// computing) and reports the layer length it was computed over. To make
+// them share a step, a long Attend on another session keeps the engine
+// busy while the Decode and then the Attend are queued behind it; the
+// next step takes both (batch_size 2). A round whose requests did not
+// share a step (the blocker ended too early) is repeated.
+TEST_F(ServiceFlow, AttendInADecodesStepReportsTheDecodedLength) {
+  std::mt19937 rng(17);
+  auto client = Client(*server_);
+  Model blocker_model, m;
+  auto blocker = client->CreateSession(Config(blocker_model));
+  auto target = client->CreateSession(Config(m));
+  ASSERT_TRUE(blocker.ok() && target.ok());
+  {
+    auto [k, v] = NewKv(rng, blocker_model, 32768);
+    ASSERT_TRUE(client->AppendKV(blocker->session_id(), 0, k, v).ok());
+    auto [tk, tv] = NewKv(rng, m, 1000);
+    ASSERT_TRUE(client->AppendKV(target->session_id(), 0, tk, tv).ok());
+  }
+  auto decode_client = Client(*server_), attend_client = Client(*server_),
+       blocker_client = Client(*server_);
+  const std::vector<float> bq = Random(rng, 512 * m.heads * m.head_dim);
+  const HostTensor bqt = HostTensor::FromFloat32(bq.data(), {512, m.heads, m.head_dim});
+  auto wait_for = [&](auto predicate) {
+    const auto until = Clock::now() + std::chrono::seconds(10);
+    while (Clock::now() < until) {
+      auto stats = client->Stats();
+      if (stats.ok() && predicate(*stats)) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    return false;
+  };
+  bool shared = false;
+  for (int round = 0; round < 5 && !shared; ++round) {
+    const std::vector<float> q = Random(rng, m.heads * m.head_dim);
+    const HostTensor qt = HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim});
+    Model scratch = m;
+    auto [dk, dv] = NewKv(rng, scratch, 1);
+    auto blocked = std::async(
+        std::launch::async, [&] { return blocker_client->Attend(blocker->session_id(), 0, bqt); });
+    ASSERT_TRUE(wait_for([](const v1::StatsResponse& s) { return s.running() >= 1; }));
+    auto decoded = std::async(std::launch::async, [&] {
+      return decode_client->Decode(target->session_id(), 0, qt, dk, dv);
+    });
+    ASSERT_TRUE(wait_for([](const v1::StatsResponse& s) { return s.queue_depth() >= 1; }));
+    auto attended = std::async(std::launch::async,
+                               [&] { return attend_client->Attend(target->session_id(), 0, qt); });
+    (void)wait_for([](const v1::StatsResponse& s) { return s.queue_depth() >= 2; });
+    ASSERT_TRUE(blocked.get().ok());
+    auto d = decoded.get();
+    auto a = attended.get();
+    ASSERT_TRUE(d.ok()) << d.status().ToString();
+    ASSERT_TRUE(a.ok()) << a.status().ToString();
+    m = scratch;  // the decode was applied
+    EXPECT_EQ(d->layer_tokens, m.tokens());
+    if (d->batch_size != 2 || a->batch_size != 2) continue;  // not one step: again
+    shared = true;
+    EXPECT_EQ(a->layer_tokens, d->layer_tokens) << "the attend saw the decoded token";
+    EXPECT_LE(MaxDiff(a->o.ToFloat32(), AttendReference(m, q, 1)), 2e-4);
+  }
+  EXPECT_TRUE(shared) << "the decode and the attend never shared an engine step";
+  ASSERT_TRUE(client->DeleteSession(blocker->session_id()).ok());
+  ASSERT_TRUE(client->DeleteSession(target->session_id()).ok());
+}
+
 TEST_F(ServiceFlow, BFloat16StorageAndHalfPrecisionWire) {
   auto client = Client(*server_);
   std::mt19937 rng(2);
