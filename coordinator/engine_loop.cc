@@ -908,6 +908,10 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
   };
   std::vector<Group> groups;
   std::map<std::tuple<uint64_t, int, float>, size_t> attend_group;
+  // The layer length after each decode of the step: an attend that follows
+  // a decode of its (session, layer) in the step sees the decoded tokens
+  // (the ranks store them before computing) and reports that length.
+  std::map<std::pair<uint64_t, int>, int64_t> decoded_tokens;
   int decodes = 0, attends = 0;
   std::vector<std::pair<WorkItem*, Status>> refused;  // decodes over the disk budget
   using SteadyClock = std::chrono::steady_clock;
@@ -946,6 +950,7 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
         continue;
       }
       item.layer_tokens = g.layout.tokens;
+      decoded_tokens[{s.shape.handle, item.layer}] = g.layout.tokens;
       g.batch.session = s.shape;
       g.batch.layer = item.layer;
       g.batch.causal = true;
@@ -959,7 +964,9 @@ void EngineLoop::RunAttentionStep(std::vector<std::shared_ptr<WorkItem>>& items)
       continue;
     }
     ++attends;
-    {
+    if (auto d = decoded_tokens.find({s.shape.handle, item.layer}); d != decoded_tokens.end()) {
+      item.layer_tokens = d->second;
+    } else {
       std::lock_guard<std::mutex> lock(s.mu);
       item.layer_tokens = s.layers[item.layer].tokens;
     }
@@ -1114,25 +1121,56 @@ void EngineLoop::RunRetrieveStep(std::vector<std::shared_ptr<WorkItem>>& items) 
     plans.push_back(std::move(p));
   }
   if (plans.empty()) return;
-  // Decodes succeed or fail one by one here, so the journal record follows
-  // the step (with the step's serial, which every rank's log records carry).
-  bool any_decode = false;
-  for (const Planned& p : plans) any_decode = any_decode || p.item->kind == WorkItem::Kind::kDecode;
-  const uint64_t serial =
-      any_decode && sessions_ != nullptr && sessions_->enabled() ? sessions_->ReserveSerial() : 0;
+  // Decodes succeed or fail one by one here, each as a write of its own (the
+  // exact path's protocol per request): its own serial, its journal record
+  // started on rank 0 before its rows are stored and part of its status
+  // agreement, so a journal failure fails it on every rank and every rank
+  // truncates its rows. Its layout is committed (or its record aborted) as
+  // soon as it ends, before the next request's record: a journal record is
+  // written over sessions whose states are those of every earlier serial.
+  const bool durable = sessions_ != nullptr && sessions_->enabled();
+  std::vector<uint64_t> serials(plans.size(), 0);
+  for (size_t i = 0; i < plans.size(); ++i) {
+    if (durable && plans[i].item->kind == WorkItem::Kind::kDecode)
+      serials[i] = sessions_->ReserveSerial();
+  }
   std::vector<Command> commands(world_size_);
   for (int d = 0; d < world_size_; ++d) {
     commands[d].kind = CommandKind::kRetrieve;
-    commands[d].serial = serial;
-    for (const Planned& p : plans) {
+    for (size_t i = 0; i < plans.size(); ++i) {
+      const Planned& p = plans[i];
       RetrieveCommand r = p.base;
       r.group.q = p.item->q;
+      r.serial = serials[i];
       if (p.item->kind == WorkItem::Kind::kDecode) {
         r.group.new_rows = SliceRows(p.runs, d, p.item->first_position,
                                      p.item->session->shape.row_bytes(), p.item->k, p.item->v);
       }
       commands[d].retrieves.push_back(std::move(r));
     }
+  }
+  for (size_t i = 0; i < plans.size(); ++i) {
+    Planned& p = plans[i];
+    WorkItem& item = *p.item;
+    if (item.kind != WorkItem::Kind::kDecode) continue;
+    RetrieveCommand& root = commands[0].retrieves[i];
+    const uint64_t serial = serials[i];
+    if (serial != 0) {
+      root.commit_begin = [this, &p, &item, serial] {
+        std::vector<PlannedLayout> write{{item.session, item.layer, p.layout,
+                                          2 * item.kv_tokens * item.session->shape.row_bytes()}};
+        std::vector<int> ranks = WritingRanks(write);
+        sessions_->BeginCommit(serial, std::move(ranks), std::move(write));
+      };
+      root.commit_wait = [this] { return sessions_->WaitCommit(); };
+    }
+    root.commit_end = [this, &p, &item, serial](const Status& status) {
+      if (status.ok()) {
+        CommitPlaced(*item.session, item.layer, p.layout, item.kv_tokens, p.runs);
+      } else {
+        AbortCommit(serial);
+      }
+    };
   }
   Result<EngineOutput> out = Broadcast(commands);
   int64_t kv_only = 0;
@@ -1146,28 +1184,7 @@ void EngineLoop::RunRetrieveStep(std::vector<std::shared_ptr<WorkItem>>& items) 
                            std::to_string(out->retrieved.size()) + " results for " +
                            std::to_string(plans.size()) + " requests");
   }
-  // The decodes that every rank applied become the sessions' state, made
-  // durable together (one journal record); then every request completes.
-  std::vector<PlannedLayout> written;
-  for (size_t i = 0; out.ok() && i < plans.size(); ++i) {
-    WorkItem& item = *plans[i].item;
-    if (item.kind != WorkItem::Kind::kDecode || !out->retrieved[i].status.ok()) continue;
-    written.push_back({item.session, item.layer, plans[i].layout,
-                       2 * item.kv_tokens * item.session->shape.row_bytes()});
-  }
-  Status persisted = Status::Ok();
-  if (out.ok() && !written.empty()) {
-    (void)AfterWrite(0, *out);  // disk/hot bytes
-    if (serial != 0) {
-      std::vector<int> ranks = WritingRanks(written);
-      persisted = sessions_->CommitLayouts(serial, std::move(ranks), written);
-    }
-  }
-  for (size_t i = 0; out.ok() && i < plans.size(); ++i) {
-    WorkItem& item = *plans[i].item;
-    if (item.kind != WorkItem::Kind::kDecode || !out->retrieved[i].status.ok()) continue;
-    CommitPlaced(*item.session, item.layer, plans[i].layout, item.kv_tokens, plans[i].runs);
-  }
+  if (out.ok()) (void)AfterWrite(0, *out);  // disk/hot bytes
   for (size_t i = 0; i < plans.size(); ++i) {
     Planned& p = plans[i];
     WorkItem& item = *p.item;
@@ -1189,7 +1206,7 @@ void EngineLoop::RunRetrieveStep(std::vector<std::shared_ptr<WorkItem>>& items) 
       item.o = std::move(r.o);
       if (item.return_lse) item.lse = std::move(r.lse);
     }
-    Complete(item, item.kind == WorkItem::Kind::kDecode ? persisted : Status::Ok());
+    Complete(item, Status::Ok());
   }
 }
 

@@ -218,7 +218,9 @@ class EngineLoop {
   Status DropStream(uint64_t stream);
   // A retrieval step: retrieval decodes/attends and KV retrievals of
   // distinct (session, layer) decodes, run one after another by the ranks in
-  // one command, each succeeding or failing on its own.
+  // one command, each succeeding or failing on its own; in durable mode each
+  // decode is a write of its own (serial, journal record, rollback on every
+  // rank when a rank or the journal fails).
   void RunRetrieveStep(std::vector<std::shared_ptr<WorkItem>>& items);
   // Refuses (RESOURCE_EXHAUSTED, no state change) a placement that could take
   // a rank's span file past --disk-budget-mib.

@@ -192,9 +192,11 @@ TEST_F(ServiceFlow, FullFlowMatchesReference) {
 }
 
 // A sliding-window session: Decode attends only the last attention_window
-// keys (on every rank's spans, hot or cold); calls that do not honour the
-// window (exact Attend, retrieval Decode) are refused naming it, never
-// answered with full attention. Prefill: ServiceSpans.StreamingWindowed*.
+// keys (on every rank's spans; this server has no --data-dir, so they are
+// all hot: cold spans are ServiceSpans.WindowedDecodeOverColdSpans*); calls
+// that do not honour the window (exact Attend, retrieval Decode) are refused
+// naming it, never answered with full attention. Prefill:
+// ServiceSpans.StreamingWindowed*.
 TEST_F(ServiceFlow, AttentionWindowDecodeMatchesReference) {
   auto client = Client(*server_);
   std::mt19937 rng(7);
@@ -236,6 +238,74 @@ TEST_F(ServiceFlow, AttentionWindowDecodeMatchesReference) {
   ASSERT_TRUE(got.ok());
   EXPECT_EQ(got->layer_tokens(0), m.tokens());
   ASSERT_TRUE(client->DeleteSession(id).ok());
+}
+
+std::vector<float> AttendReference(const Model& m, const std::vector<float>& q, int64_t q_tokens);
+
+// An Attend that shares an exact engine step with a Decode of the same
+// (session, layer) sees the decoded token (the ranks store it before
+// computing) and reports the layer length it was computed over. To make
+// them share a step, a long Attend on another session keeps the engine
+// busy while the Decode and then the Attend are queued behind it; the
+// next step takes both (batch_size 2). A round whose requests did not
+// share a step (the blocker ended too early) is repeated.
+TEST_F(ServiceFlow, AttendInADecodesStepReportsTheDecodedLength) {
+  std::mt19937 rng(17);
+  auto client = Client(*server_);
+  Model blocker_model, m;
+  auto blocker = client->CreateSession(Config(blocker_model));
+  auto target = client->CreateSession(Config(m));
+  ASSERT_TRUE(blocker.ok() && target.ok());
+  {
+    auto [k, v] = NewKv(rng, blocker_model, 32768);
+    ASSERT_TRUE(client->AppendKV(blocker->session_id(), 0, k, v).ok());
+    auto [tk, tv] = NewKv(rng, m, 1000);
+    ASSERT_TRUE(client->AppendKV(target->session_id(), 0, tk, tv).ok());
+  }
+  auto decode_client = Client(*server_), attend_client = Client(*server_),
+       blocker_client = Client(*server_);
+  const std::vector<float> bq = Random(rng, 512 * m.heads * m.head_dim);
+  const HostTensor bqt = HostTensor::FromFloat32(bq.data(), {512, m.heads, m.head_dim});
+  auto wait_for = [&](auto predicate) {
+    const auto until = Clock::now() + std::chrono::seconds(10);
+    while (Clock::now() < until) {
+      auto stats = client->Stats();
+      if (stats.ok() && predicate(*stats)) return true;
+      std::this_thread::sleep_for(std::chrono::milliseconds(2));
+    }
+    return false;
+  };
+  bool shared = false;
+  for (int round = 0; round < 5 && !shared; ++round) {
+    const std::vector<float> q = Random(rng, m.heads * m.head_dim);
+    const HostTensor qt = HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim});
+    Model scratch = m;
+    auto [dk, dv] = NewKv(rng, scratch, 1);
+    auto blocked = std::async(
+        std::launch::async, [&] { return blocker_client->Attend(blocker->session_id(), 0, bqt); });
+    ASSERT_TRUE(wait_for([](const v1::StatsResponse& s) { return s.running() >= 1; }));
+    auto decoded = std::async(std::launch::async, [&] {
+      return decode_client->Decode(target->session_id(), 0, qt, dk, dv);
+    });
+    ASSERT_TRUE(wait_for([](const v1::StatsResponse& s) { return s.queue_depth() >= 1; }));
+    auto attended = std::async(std::launch::async,
+                               [&] { return attend_client->Attend(target->session_id(), 0, qt); });
+    (void)wait_for([](const v1::StatsResponse& s) { return s.queue_depth() >= 2; });
+    ASSERT_TRUE(blocked.get().ok());
+    auto d = decoded.get();
+    auto a = attended.get();
+    ASSERT_TRUE(d.ok()) << d.status().ToString();
+    ASSERT_TRUE(a.ok()) << a.status().ToString();
+    m = scratch;  // the decode was applied
+    EXPECT_EQ(d->layer_tokens, m.tokens());
+    if (d->batch_size != 2 || a->batch_size != 2) continue;  // not one step: again
+    shared = true;
+    EXPECT_EQ(a->layer_tokens, d->layer_tokens) << "the attend saw the decoded token";
+    EXPECT_LE(MaxDiff(a->o.ToFloat32(), AttendReference(m, q, 1)), 2e-4);
+  }
+  EXPECT_TRUE(shared) << "the decode and the attend never shared an engine step";
+  ASSERT_TRUE(client->DeleteSession(blocker->session_id()).ok());
+  ASSERT_TRUE(client->DeleteSession(target->session_id()).ok());
 }
 
 TEST_F(ServiceFlow, BFloat16StorageAndHalfPrecisionWire) {
@@ -2104,6 +2174,93 @@ TEST_F(ServiceSpans, ExactAttentionWithMostSpansColdMatchesReference) {
   EXPECT_EQ(server->Stop(), 0) << server->log();
 }
 
+// Sliding-window decodes over a context that spilled to disk: with a 1 MiB
+// hot budget most spans inside the window are cold (read back through
+// SpanStore::AttendExact), and the answers equal the reference restricted
+// to the window, which differs from full attention (so a decode that
+// ignored the window, or skipped the cold spans, fails). A DecodeBatch
+// mixing a windowed session, a full one and one whose window covers its
+// whole context answers each entry against its own reference.
+TEST_F(ServiceSpans, WindowedDecodeOverColdSpansMatchesReference) {
+  auto server = Start({"--hot-budget-mib", "1"});
+  auto client = Client(*server);
+  std::mt19937 rng(31);
+  const int64_t window = 8192;
+  Model a, full, wide;  // windowed; full attention; window >= context
+  v1::SessionConfig ca = SpanConfig(a, 64, 0, 0), cf = SpanConfig(full, 64, 0, 0),
+                    cw = SpanConfig(wide, 64, 0, 0);
+  ca.set_attention_window(window);
+  cw.set_attention_window(1 << 20);
+  auto ia = client->CreateSession(ca);
+  auto ifull = client->CreateSession(cf);
+  auto iw = client->CreateSession(cw);
+  ASSERT_TRUE(ia.ok() && ifull.ok() && iw.ok());
+  const std::string ida = ia->session_id(), idf = ifull->session_id(), idw = iw->session_id();
+  {
+    auto [k, v] = NewKv(rng, a, 16384);  // 8 MiB per rank against 1 MiB hot
+    ASSERT_TRUE(client->AppendKV(ida, 0, k, v, 4096).ok());
+  }
+  for (auto [id, model] : {std::pair{idf, &full}, std::pair{idw, &wide}}) {
+    auto [k, v] = NewKv(rng, *model, 4096);
+    ASSERT_TRUE(client->AppendKV(id, 0, k, v, 4096).ok());
+  }
+  auto stats = client->Stats();
+  ASSERT_TRUE(stats.ok());
+  for (const auto& r : stats->ranks())
+    EXPECT_LE(r.hot_bytes(), (1 << 20) + (64 << 10)) << "rank " << r.rank();
+  // The window's spans are mostly on disk: a retrieval Attend over every
+  // span (allowed on a windowed session) reports them COLD.
+  {
+    std::vector<float> q = Random(rng, a.heads * a.head_dim);
+    CallOptions all;
+    all.retrieval = Budget(1 << 20);
+    auto r =
+        client->Attend(ida, 0, HostTensor::FromFloat32(q.data(), {1, a.heads, a.head_dim}), all);
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    int64_t cold_in_window = 0;
+    for (const auto& span : r->retrieval->spans_used()) {
+      if (span.tier() == v1::COLD && span.position_start() >= a.tokens() - window)
+        cold_in_window += span.tokens();
+    }
+    EXPECT_GE(cold_in_window, window / 2);
+  }
+  for (int64_t t : {1, 3}) {
+    std::vector<float> q = Random(rng, t * a.heads * a.head_dim);
+    auto [dk, dv] = NewKv(rng, a, t);
+    auto d =
+        client->Decode(ida, 0, HostTensor::FromFloat32(q.data(), {t, a.heads, a.head_dim}), dk, dv);
+    ASSERT_TRUE(d.ok()) << d.status().ToString();
+    EXPECT_LE(MaxDiff(d->o.ToFloat32(), Reference(a, q, t, true, window)), 2e-4) << t << " tokens";
+    EXPECT_GT(MaxDiff(d->o.ToFloat32(), Reference(a, q, t, true)), 1e-3) << t << " tokens";
+  }
+  // One DecodeBatch step over the three sessions, 2 tokens each.
+  const int64_t t = 2;
+  std::vector<float> qa = Random(rng, t * a.heads * a.head_dim),
+                     qf = Random(rng, t * full.heads * full.head_dim),
+                     qw = Random(rng, t * wide.heads * wide.head_dim);
+  const HostTensor qat = HostTensor::FromFloat32(qa.data(), {t, a.heads, a.head_dim}),
+                   qft = HostTensor::FromFloat32(qf.data(), {t, full.heads, full.head_dim}),
+                   qwt = HostTensor::FromFloat32(qw.data(), {t, wide.heads, wide.head_dim});
+  auto [ka, va] = NewKv(rng, a, t);
+  auto [kf, vf] = NewKv(rng, full, t);
+  auto [kw, vw] = NewKv(rng, wide, t);
+  std::vector<BatchEntry> entries(3);
+  entries[0] = {ida, &qat, &ka, &va, std::nullopt, std::nullopt};
+  entries[1] = {idf, &qft, &kf, &vf, std::nullopt, std::nullopt};
+  entries[2] = {idw, &qwt, &kw, &vw, std::nullopt, std::nullopt};
+  auto out = client->DecodeBatch(0, entries);
+  ASSERT_TRUE(out.ok()) << out.status().ToString();
+  ASSERT_EQ(out->size(), 3u);
+  for (const auto& e : *out) ASSERT_TRUE(e.status.ok()) << e.status.ToString();
+  EXPECT_EQ((*out)[0].output.batch_size, 1) << "one engine step for the three entries";
+  EXPECT_LE(MaxDiff((*out)[0].output.o.ToFloat32(), Reference(a, qa, t, true, window)), 2e-4);
+  EXPECT_GT(MaxDiff((*out)[0].output.o.ToFloat32(), Reference(a, qa, t, true)), 1e-3);
+  EXPECT_LE(MaxDiff((*out)[1].output.o.ToFloat32(), Reference(full, qf, t, true)), 2e-4);
+  EXPECT_LE(MaxDiff((*out)[2].output.o.ToFloat32(), Reference(wide, qw, t, true, 1 << 20)), 2e-4);
+  EXPECT_LE(MaxDiff((*out)[2].output.o.ToFloat32(), Reference(wide, qw, t, true)), 2e-4);
+  EXPECT_EQ(server->Stop(), 0) << server->log();
+}
+
 TEST_F(ServiceSpans, RestartListsTheSameSessionsAndAnswersIdentically) {
   std::mt19937 rng(9);
   Model a, b;
@@ -2342,11 +2499,15 @@ class ServiceWritePath : public ServerSuite {
   // session holds exactly the acknowledged tokens and answers exactly.
   void FailedWritesChangeNothing(bool durable);
   // The file layer's fault injection (base/file_sync.h): the next
-  // write to a path containing `where` fails as `kind` says.
+  // write to a path containing `where` fails as `kind` says. The count is
+  // reset only by a new content of the file, so each call writes a new one
+  // (a trailing number the parser ignores): the same fault twice in a row
+  // would otherwise inject nothing the second time.
   void InjectFileFault(const std::string& kind, const std::string& where) {
-    std::ofstream(file_fault_) << kind << " " << where << " 1\n";
+    std::ofstream(file_fault_) << kind << " " << where << " 1 " << ++faults_injected_ << "\n";
   }
   std::string dir_, fault_file_, file_fault_, crash_file_;
+  int faults_injected_ = 0;
 };
 
 void ServiceWritePath::FailedWritesChangeNothing(bool durable) {
@@ -2423,58 +2584,94 @@ void ServiceWritePath::FailedWritesChangeNothing(bool durable) {
 
 // Faults of the disk under a durable service (ENOSPC, EIO, a write cut
 // short), injected in the file layer on either rank's write-ahead log and
-// span files and on rank 0's metadata journal: the client gets the error
-// with the system's reason, the session keeps exactly its acknowledged
-// tokens, the next writes succeed at the same positions, and a restart finds
-// the same data.
+// span files and on rank 0's metadata journal (DIR/sessions/journal.log,
+// for an append, an exact decode and a retrieval decode): the client gets
+// INTERNAL with the system's reason, the session keeps exactly its
+// acknowledged tokens (layer length, kv_bytes, every rank's tokens, the
+// admission's kv_used), the same write at the same position then succeeds,
+// and a restart finds the same data. A retrieval decode whose journal
+// record failed used to stay applied (its layout was committed whatever
+// the journal said).
 TEST_F(ServiceWritePath, FileFaultsReachTheClientAndLeaveTheSessionUsable) {
   std::mt19937 rng(23);
   Model m;
   std::string id;
   const std::vector<float> q = Random(rng, m.heads * m.head_dim);
   const HostTensor qt = HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim});
+  CallOptions retrieval;  // a budget covering every token: exact, comparable with the reference
+  retrieval.retrieval = v1::RetrievalOptions();
+  retrieval.retrieval->set_token_budget(1 << 20);
   {
     auto server = Start(true);
     auto client = Client(*server);
     id = SessionOf192(*client, rng, m);
     ASSERT_FALSE(id.empty());
+    enum class Write { kAppend, kDecode, kRetrievalDecode };
     struct Fault {
       const char* kind;
       const char* where;
       const char* reason;
-      int64_t tokens;  // the write: an append of this many tokens, or a decode (1)
+      Write write;
     };
     // Appends of 128 tokens write spans on both ranks; a decode writes the
     // rank holding the newest span. "short": half a record, then ENOSPC.
     const Fault faults[] = {
-        {"enospc", "rank-1/", "No space left on device", 128},
-        {"eio", "rank-0/", "Input/output error", 128},
-        {"short", "rank-1/", "No space left on device", 128},
-        {"enospc", "rank-1/", "No space left on device", 1},
+        {"enospc", "rank-1/", "No space left on device", Write::kAppend},
+        {"eio", "rank-0/", "Input/output error", Write::kAppend},
+        {"short", "rank-1/", "No space left on device", Write::kAppend},
+        {"enospc", "rank-1/", "No space left on device", Write::kDecode},
+        {"enospc", "sessions/journal.log", "No space left on device", Write::kAppend},
+        {"enospc", "sessions/journal.log", "No space left on device", Write::kDecode},
+        {"enospc", "sessions/journal.log", "No space left on device", Write::kRetrievalDecode},
+        {"eio", "sessions/journal.log", "Input/output error", Write::kRetrievalDecode},
     };
+    const char* names[] = {"append", "decode", "retrieval decode"};
     for (const Fault& f : faults) {
       const std::string what =
-          std::string(f.kind) + " on " + f.where + (f.tokens == 1 ? " (decode)" : " (append)");
+          std::string(f.kind) + " on " + f.where + " (" + names[static_cast<int>(f.write)] + ")";
+      auto stats_before = client->Stats();
+      ASSERT_TRUE(stats_before.ok());
+      const int64_t before = m.tokens();
       Model scratch = m;  // rows of a failed write never join the model
-      auto [k, v] = NewKv(rng, scratch, f.tokens);
+      auto [k, v] = NewKv(rng, scratch, f.write == Write::kAppend ? 128 : 1);
       InjectFileFault(f.kind, f.where);
       Status failed;
-      if (f.tokens == 1) {
-        auto out = client->Decode(id, 0, qt, k, v);
+      if (f.write == Write::kAppend) {
+        auto out = client->AppendKV(id, 0, k, v);
         failed = out.ok() ? Status::Ok() : out.status();
       } else {
-        auto out = client->AppendKV(id, 0, k, v);
+        auto out =
+            client->Decode(id, 0, qt, k, v, f.write == Write::kDecode ? CallOptions() : retrieval);
         failed = out.ok() ? Status::Ok() : out.status();
       }
       std::filesystem::remove(file_fault_);
       EXPECT_FALSE(failed.ok()) << what << ": the write succeeded";
+      EXPECT_EQ(failed.code(), StatusCode::kInternal) << what << ": " << failed.message();
       EXPECT_NE(failed.message().find(f.reason), std::string::npos)
           << what << ": " << failed.message();
       ExpectStored(*client, id, m, 0, what.c_str());
-      // Usable at once: the same positions take the next write.
+      auto stats_after = client->Stats();
+      ASSERT_TRUE(stats_after.ok());
+      EXPECT_EQ(stats_after->kv_used_bytes(), stats_before->kv_used_bytes()) << what;
+      // Usable at once: the same write lands at the same position.
+      if (f.write != Write::kAppend) {
+        auto [dk, dv] = NewKv(rng, m, 1);
+        CallOptions again = f.write == Write::kDecode ? CallOptions() : retrieval;
+        again.expected_layer_tokens = before;
+        auto decoded = client->Decode(id, 0, qt, dk, dv, again);
+        ASSERT_TRUE(decoded.ok()) << what << ": " << decoded.status().message() << server->log();
+        EXPECT_EQ(decoded->first_position, before) << what;
+        EXPECT_LE(MaxDiff(decoded->o.ToFloat32(), Reference(m, q, 1, true)), 2e-4) << what;
+        if (f.write == Write::kRetrievalDecode) {
+          ASSERT_TRUE(decoded->retrieval.has_value()) << what;
+          EXPECT_TRUE(decoded->retrieval->exact()) << what;
+        }
+      }
+      const int64_t append_at = m.tokens();
       auto [k1, v1] = NewKv(rng, m, 64);
       auto appended = client->AppendKV(id, 0, k1, v1);
       ASSERT_TRUE(appended.ok()) << what << ": " << appended.status().message() << server->log();
+      EXPECT_EQ(appended->first_position, append_at) << what;
       auto [dk, dv] = NewKv(rng, m, 1);
       auto decoded = client->Decode(id, 0, qt, dk, dv);
       ASSERT_TRUE(decoded.ok()) << what << ": " << decoded.status().message();
@@ -2489,6 +2686,16 @@ TEST_F(ServiceWritePath, FileFaultsReachTheClientAndLeaveTheSessionUsable) {
   ASSERT_TRUE(attended.ok()) << attended.status().message() << server->log();
   EXPECT_LE(MaxDiff(attended->o.ToFloat32(), AttendReference(m, q, 1)), 2e-4);
   ExpectStored(*client, id, m, 0, "after the restart");
+  // The next write lands right after the acknowledged tokens.
+  const int64_t before = m.tokens();
+  auto [dk, dv] = NewKv(rng, m, 1);
+  CallOptions again = retrieval;
+  again.expected_layer_tokens = before;
+  auto decoded = client->Decode(id, 0, qt, dk, dv, again);
+  ASSERT_TRUE(decoded.ok()) << decoded.status().message() << server->log();
+  EXPECT_EQ(decoded->first_position, before);
+  EXPECT_LE(MaxDiff(decoded->o.ToFloat32(), Reference(m, q, 1, true)), 2e-4);
+  ExpectStored(*client, id, m, 0, "after a decode after the restart");
   EXPECT_EQ(server->Stop(), 0) << server->log();
 }
 

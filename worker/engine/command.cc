@@ -142,6 +142,7 @@ std::string EncodeCommand(const Command& c) {
         w.Pod(r.include_always);
         w.Pod(r.head_voting);
         w.Pod(r.persistent_steps);
+        w.Pod(r.serial);
       }
       break;
     case CommandKind::kRestore:
@@ -248,7 +249,7 @@ Result<Command> DecodeCommand(const std::string& bytes) {
                r.Pod(&t.mass_tolerance) && r.Pod(&t.score_mode) && r.Pod(&t.context_end) &&
                r.Pod(&t.kv_only) && r.Pod(&t.include_always) && r.Pod(&t.head_voting) &&
                r.Pod(&t.persistent_steps) && t.persistent_steps >= 0 &&
-               t.persistent_steps <= kMaxPersistentSteps;
+               t.persistent_steps <= kMaxPersistentSteps && r.Pod(&t.serial);
           c.retrieves.push_back(std::move(t));
         }
         break;

@@ -135,6 +135,19 @@ struct RetrieveCommand {
   bool include_always = false; // KV retrieval: also return sinks and window
   bool head_voting = false;    // spans by kv heads' votes (retrieval_planner.h MergeVotes)
   int32_t persistent_steps = 0;  // persistent recall over this many steps (0 = off)
+  // Durable mode, a decode: the request's own write serial (each decode of a
+  // retrieval step is committed or undone on its own, so each has one; its
+  // rows' log records carry it). 0 otherwise.
+  uint64_t serial = 0;
+  // Root only, never encoded (durable decodes): commit_begin starts the
+  // request's journal record before its rows are stored; commit_wait waits
+  // for it and is folded into the request's final status agreement, as
+  // Command::commit_wait is for a whole step. commit_end runs after the
+  // request with its agreed outcome (every rank's rows already undone when
+  // it failed): the coordinator commits the layout or aborts the record.
+  std::function<void()> commit_begin;
+  std::function<Status()> commit_wait;
+  std::function<void(const Status&)> commit_end;
 };
 
 struct Command {
@@ -152,7 +165,8 @@ struct Command {
   PrefillCommand prefill;
   AttendBatchCommand batch;
   // kRetrieve: the step's requests, run one after another (each with its
-  // own collectives); each succeeds or fails on its own.
+  // own collectives); each succeeds or fails on its own (a decode with its
+  // own RetrieveCommand::serial; Command::serial and commit_wait unused).
   std::vector<RetrieveCommand> retrieves;
   std::vector<uint64_t> live_handles;  // kRestore
   // kRestore: (handle, layer, tokens) triples: the tokens this rank holds per

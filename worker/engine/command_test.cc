@@ -48,6 +48,7 @@ TEST(Command, RetrieveRoundTripWithVotingAndRecall) {
   r.context_end = 4096;
   r.head_voting = true;
   r.persistent_steps = 7;
+  r.serial = 41;
   c.retrieves.push_back(r);
   std::string bytes = EncodeCommand(c);
   auto decoded = DecodeCommand(bytes);
@@ -58,6 +59,7 @@ TEST(Command, RetrieveRoundTripWithVotingAndRecall) {
   EXPECT_EQ(d.token_budget, 100);
   EXPECT_EQ(d.context_end, 4096);
   EXPECT_TRUE(d.head_voting);
+  EXPECT_EQ(d.serial, 41u);
   EXPECT_EQ(d.persistent_steps, 7);
   EXPECT_EQ(d.group.q, r.group.q);
   // A step count past the limit is malformed.

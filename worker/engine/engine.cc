@@ -869,13 +869,24 @@ Result<EngineOutput> WorkerEngine::ExecuteStep(Command& command) {
     case CommandKind::kRetrieve: {
       // One request after another; a request's failure (agreed by every
       // rank inside ExecuteRetrieve) is its own, the next one still runs.
+      // A durable decode is a write of its own: its serial, its journal
+      // record (root), rolled back on every rank when any rank or the
+      // journal failed.
       EngineOutput out;
       for (RetrieveCommand& r : command.retrieves) {
         RetrieveOutcome outcome;
         undo_.clear();
+        step_serial_ = r.serial;
+        if (r.commit_begin) r.commit_begin();
+        commit_wait_ = std::move(r.commit_wait);
         Result<EngineOutput> one = ExecuteRetrieve(r);
+        commit_wait_ = nullptr;
         if (!one.ok()) {
-          if (!undo_.empty()) RollBackStep(one.status());  // this request's rows only
+          if (!undo_.empty()) {  // this request's rows only
+            // As in Execute: the rollback's checkpoint floor must not cover it.
+            if (step_serial_ > 0) durable_serial_ = std::min(durable_serial_, step_serial_ - 1);
+            RollBackStep(one.status());
+          }
           outcome.status = one.status();
         } else {
           if (!one->group_o.empty()) {
@@ -890,9 +901,11 @@ Result<EngineOutput> WorkerEngine::ExecuteStep(Command& command) {
           }
           out.timings.compute_seconds += one->timings.compute_seconds;
         }
+        if (r.commit_end) r.commit_end(outcome.status);
         out.retrieved.push_back(std::move(outcome));
       }
       undo_.clear();  // each request's write stands or was rolled back on its own
+      step_serial_ = 0;
       return out;
     }
   }
