@@ -13,6 +13,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <memory>
 #include <string>
@@ -345,13 +346,16 @@ TEST_P(MaskedRingTest, EqualsSingleProcessReferenceAndSkipsMaskedPairs) {
       << c.name << " rank " << comm.rank();
   // Contiguous chunks longer than the window: a rank's queries reach back at
   // most into the previous rank's chunk, so at most two pairs are computed.
-  if (c.layout == ShardLayoutKind::kContiguous && c.window > 0 && c.window < c.tokens / comm.size() - 1)
+  if (c.layout == ShardLayoutKind::kContiguous && c.window > 0 &&
+      c.window < c.tokens / comm.size() - 1) {
     EXPECT_LE(timing.computed_pairs, 2) << c.name << " rank " << comm.rank();
+  }
   // Zigzag chunks longer than the window: a query block sees its own chunk
   // and the one before it, so from 3 ranks on some ring steps are skipped.
   if (c.layout == ShardLayoutKind::kZigzag && c.window > 0 &&
-      c.window < c.tokens / (2 * comm.size()) && comm.size() >= 3)
+      c.window < c.tokens / (2 * comm.size()) && comm.size() >= 3) {
     EXPECT_GT(timing.skipped_pairs, 0) << c.name << " rank " << comm.rank();
+  }
   if (c.docs == Docs::kOnRankBoundaries) {
     // Every key of another rank is in another document: only the diagonal
     // pair runs, at any P, and the kernel's tiles did that pair's work only
@@ -721,7 +725,9 @@ TEST(TransferPollerTest, RingWithoutPollerEqualsRingWithPoller) {
     options.poll_interval_us = poll;
     PhaseTimings t;
     ASSERT_TRUE(RingAttention(comm, hc, {&qb, 1}, {&kb, 1}, options, &t).ok());
-    if (poll == 0) EXPECT_EQ(t.transfer_polls, 0);
+    if (poll == 0) {
+      EXPECT_EQ(t.transfer_polls, 0);
+    }
   }
   EXPECT_EQ(o_on, o_off);
   EXPECT_EQ(l_on, l_off);
@@ -877,6 +883,26 @@ int main(int argc, char** argv) {
   if (!env.ok()) {
     std::fprintf(stderr, "%s\n", env.status().ToString().c_str());
     return 2;
+  }
+  // --kernel-path=NAME: the tests on that kernel path (tests/dist/CMakeLists.txt
+  // runs the masked ring and tree tests on the others than the default); a
+  // path this CPU cannot run is reported as skipped (every rank runs on the
+  // same host here).
+  std::string path_name;
+  for (int i = 1; i < argc; ++i)
+    if (std::strncmp(argv[i], "--kernel-path=", 14) == 0) path_name = argv[i] + 14;
+  if (!path_name.empty()) {
+    ringtree::KernelPath path;
+    if (!ringtree::ParseKernelPath(path_name, &path)) {
+      std::fprintf(stderr, "[dist_test] --kernel-path=%s: not a kernel path\n", path_name.c_str());
+      return 2;
+    }
+    if (!ringtree::SetKernelPath(path)) {
+      if (ringtree::World().rank() == 0)
+        std::printf("[dist_test] SKIPPED: kernel path %s is not supported by this CPU\n",
+                    path_name.c_str());
+      return 0;
+    }
   }
   int result;
   {

@@ -280,7 +280,11 @@ TEST_F(ServiceFlow, AttendInADecodesStepReportsTheDecodedLength) {
     const std::vector<float> q = Random(rng, m.heads * m.head_dim);
     const HostTensor qt = HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim});
     Model scratch = m;
-    auto [dk, dv] = NewKv(rng, scratch, 1);
+    // Named, not a structured binding: the lambda below captures them (clang
+    // 14 refuses to capture a structured binding).
+    const std::pair<HostTensor, HostTensor> new_kv = NewKv(rng, scratch, 1);
+    const HostTensor& dk = new_kv.first;
+    const HostTensor& dv = new_kv.second;
     auto blocked = std::async(
         std::launch::async, [&] { return blocker_client->Attend(blocker->session_id(), 0, bqt); });
     ASSERT_TRUE(wait_for([](const v1::StatsResponse& s) { return s.running() >= 1; }));
@@ -1915,9 +1919,10 @@ TEST_F(ServiceSpans, StreamingWindowedPrefillAndRetrievalQuestions) {
     ASSERT_TRUE(out.ok()) << "chunk " << c << ": " << out.status().ToString();
     const std::vector<float> ref = Reference(m, q, chunk, true, window);
     EXPECT_LE(MaxDiff(out->o.ToFloat32(), ref), 2e-4) << "chunk " << c;
-    if (c > 1)
+    if (c > 1) {
       EXPECT_GT(MaxDiff(out->o.ToFloat32(), Reference(m, q, chunk, true)), 1e-3)
           << "the window cut nothing";
+    }
   }
   std::vector<float> question(qrow);
   for (int h = 0; h < m.heads; ++h) {
@@ -1996,7 +2001,9 @@ TEST_F(ServiceSpans, BatchedRetrievalEntriesShareAStepAndFailAlone) {
     EXPECT_LE(MaxDiff(r.output.o.ToFloat32(), refs[i]), 2e-4) << i;
     EXPECT_EQ(r.output.layer_tokens, models[i].tokens());
     EXPECT_EQ(r.output.retrieval.has_value(), i != 1);
-    if (i != 1) EXPECT_TRUE(r.output.retrieval->exact()) << i;
+    if (i != 1) {
+      EXPECT_TRUE(r.output.retrieval->exact()) << i;
+    }
   }
   EXPECT_EQ((*out)[0].output.batch_size, 2) << "one retrieval step and one exact step";
   EXPECT_EQ(GrpcCodeOf((*out)[3].status), grpc::StatusCode::FAILED_PRECONDITION)
@@ -2527,7 +2534,10 @@ void ServiceWritePath::FailedWritesChangeNothing(bool durable) {
       auto [dk, dv] = NewKv(rng, scratch, 1);
       auto out = client->Decode(id, 0, q1t, dk, dv);
       EXPECT_FALSE(out.ok()) << "decode with rank 1 failing";
-      if (!out.ok()) EXPECT_NE(out.status().message().find("injected fault"), std::string::npos) << out.status().message();
+      if (!out.ok()) {
+        EXPECT_NE(out.status().message().find("injected fault"), std::string::npos)
+            << out.status().message();
+      }
       ExpectStored(*client, id, m, 0, "after a failed decode");
     }
     {
@@ -2543,7 +2553,10 @@ void ServiceWritePath::FailedWritesChangeNothing(bool durable) {
       auto [ak, av] = NewKv(rng, scratch, 128);  // span 3 on rank 1, span 4 on rank 0
       auto out = client->AppendKV(id, 0, ak, av);
       EXPECT_FALSE(out.ok()) << "append with rank 1 failing (rank 0 stored its share)";
-      if (!out.ok()) EXPECT_NE(out.status().message().find("injected fault"), std::string::npos) << out.status().message();
+      if (!out.ok()) {
+        EXPECT_NE(out.status().message().find("injected fault"), std::string::npos)
+            << out.status().message();
+      }
       ExpectStored(*client, id, m, 0, "after a failed append");
     }
     {
