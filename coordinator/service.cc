@@ -60,6 +60,14 @@ Clock::time_point SteadyDeadline(const grpc::ServerContextBase& context) {
   return Clock::now() + std::chrono::duration_cast<Clock::duration>(left);
 }
 
+// gRPC carries deadlines in whole milliseconds and sends one that already
+// passed as a 1 ns timeout, which the server rounds up to 1 ms: a request
+// with less than kMinDeadlineLeft left cannot be told from one that expired
+// on the way, so it counts as expired and never runs.
+bool TooLate(Clock::time_point deadline) {
+  return deadline != Clock::time_point::max() && Clock::now() + kMinDeadlineLeft >= deadline;
+}
+
 void PutRetrievalInfo(const RetrievalOutput& r, v1::RetrievalInfo* info) {
   for (const UsedSpan& u : r.spans_used) {
     v1::SpanRef* ref = info->add_spans_used();
@@ -197,11 +205,7 @@ grpc::Status AttentionServiceImpl::AdmitAndConvert(const char* method, Clock::ti
 std::optional<grpc::Status> AttentionServiceImpl::Enqueue(const char* method, const grpc::ServerContextBase& context,
                                                           const std::shared_ptr<WorkItem>& item, int64_t kv_bytes) {
   item->deadline = SteadyDeadline(context);
-  // gRPC carries deadlines in whole milliseconds and sends one that already
-  // passed as a 1 ns timeout, which the server rounds up to 1 ms: a request
-  // with less than kMinDeadlineLeft left cannot be told from one that expired
-  // on the way, so it is refused here and never runs.
-  if (item->deadline != Clock::time_point::max() && Clock::now() + kMinDeadlineLeft >= item->deadline) {
+  if (TooLate(item->deadline)) {  // refused here, never runs
     admission_.Complete(kv_bytes);
     return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED, Tag(method) + "deadline expired before admission");
   }
@@ -298,8 +302,7 @@ Status ParseRaw(const grpc::ByteBuffer& raw, const std::vector<int>& string_fiel
 // only with time left and not cancelled, so a call its client has given up
 // on changes nothing (the queued methods check the same in Enqueue).
 grpc::Status GivenUp(const grpc::ServerContextBase& context, const char* method) {
-  const Clock::time_point deadline = SteadyDeadline(context);
-  if (deadline != Clock::time_point::max() && Clock::now() + kMinDeadlineLeft >= deadline)
+  if (TooLate(SteadyDeadline(context)))
     return grpc::Status(grpc::StatusCode::DEADLINE_EXCEEDED,
                         Tag(method) + "deadline expired before the call ran; nothing was changed");
   if (context.IsCancelled())
@@ -472,7 +475,7 @@ grpc::Status AttentionServiceImpl::AppendKV(grpc::ServerContext* context,
     };
     // Queues a chunk or the commit (gRPC's 1 ms rounding: see Enqueue).
     auto submit = [&](const std::shared_ptr<WorkItem>& item) -> Status {
-      if (deadline != Clock::time_point::max() && Clock::now() + kMinDeadlineLeft >= deadline)
+      if (TooLate(deadline))
         return Status::DeadlineExceeded(
             "deadline expired before the append was stored; nothing was stored");
       if (!engine_.Submit(item)) {
@@ -972,7 +975,7 @@ std::optional<grpc::Status> AttentionServiceImpl::StartBatch(const char* m,
     const int n = request.entries_size();
     if (Status st = ValidateBatchSize(n, limits_, m); !st.ok()) return Invalid(m, st);
     const Clock::time_point deadline = SteadyDeadline(context);
-    if (deadline != Clock::time_point::max() && Clock::now() + kMinDeadlineLeft >= deadline) {
+    if (TooLate(deadline)) {
       grpc::Status g(grpc::StatusCode::DEADLINE_EXCEEDED,
                      Tag(m) + "deadline expired before admission");
       Record(m, start, g);

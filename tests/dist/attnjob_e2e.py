@@ -135,6 +135,15 @@ def main():
     r = Runner(args)
     rng = np.random.default_rng(7)
 
+    def write_inputs(name, T, H, Hkv, D):
+        """Random float32 q [T, H, D], k and v [T, Hkv, D], saved as NAME_{q,k,v}.npy."""
+        q = rng.uniform(-1, 1, (T, H, D)).astype(np.float32)
+        k = rng.uniform(-1, 1, (T, Hkv, D)).astype(np.float32)
+        v = rng.uniform(-1, 1, (T, Hkv, D)).astype(np.float32)
+        for n, a in (("q", q), ("k", k), ("v", v)):
+            save(w("%s_%s.npy" % (name, n)), a)
+        return q, k, v
+
     # --- correct runs: (name, P, T, Tk, H, Hkv, D, causal, dtype, scale)
     good = [
         ("causal_gqa_p2_f32", 2, 61, 61, 4, 2, 32, True, np.float32, None),
@@ -173,11 +182,7 @@ def main():
         ("window_docs_bf16_p2", 2, 130, 4, 2, 64, 25, [70, 60], "bfloat16"),
     ]
     for name, P, T, H, Hkv, D, window, docs, kv_dtype in masked:
-        q = rng.uniform(-1, 1, (T, H, D)).astype(np.float32)
-        k = rng.uniform(-1, 1, (T, Hkv, D)).astype(np.float32)
-        v = rng.uniform(-1, 1, (T, Hkv, D)).astype(np.float32)
-        for n, a in (("q", q), ("k", k), ("v", v)):
-            save(w("%s_%s.npy" % (name, n)), a)
+        q, k, v = write_inputs(name, T, H, Hkv, D)
         out = w(name + "_o.npy")
         job = ["--q", w(name + "_q.npy"), "--k", w(name + "_k.npy"), "--v", w(name + "_v.npy"), "--out", out,
                "--causal", "--kv-dtype", kv_dtype]
@@ -287,11 +292,7 @@ def main():
     # in a collective read); when only rank 0 can, the job runs.
     name = "docs_rank_local"
     T, H, Hkv, D, docs = 40, 2, 1, 16, [15, 25]
-    q = rng.uniform(-1, 1, (T, H, D)).astype(np.float32)
-    k = rng.uniform(-1, 1, (T, Hkv, D)).astype(np.float32)
-    v = rng.uniform(-1, 1, (T, Hkv, D)).astype(np.float32)
-    for n, a in (("q", q), ("k", k), ("v", v)):
-        save(w("%s_%s.npy" % (name, n)), a)
+    q, k, v = write_inputs(name, T, H, Hkv, D)
     rank_dirs = w(name + "_rank")
     for P in (2, 3):
         for holder in (1, 0):  # the one rank whose directory has the file
