@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "base/aligned.h"
 #include "kernels/blas.h"
 #include "kernels/cpu.h"
 #include "kernels/flash_tile.h"
@@ -327,8 +328,18 @@ Status FlashAttentionForward(const float* q, const void* k, const void* v, DType
   // FlashKvRowStride apart; transient, at most kMaxRepackBytes), which the
   // tiles read in place. Smaller K/V stay in the caches, where the per-tile
   // copies cost less than first touching fresh pages: at 4k and 8k tokens
-  // (causal, one thread) the repack was 3-20% slower.
-  // RINGTREE_FLASH_REPACK_MIN_MIB overrides the threshold (tests use 0).
+  // (causal, one thread) the repack was 3-20% slower. The packed arrays are
+  // backed by huge pages: with 4 KiB pages the first touch of fresh memory
+  // cost more than the repack saved on a virtual AMD EPYC (N = 16k, H = 8,
+  // non-causal: 3.71-4.03 s with the repack on 4 KiB pages, 3.67-3.80 s
+  // without it, 3.39-3.45 s with it on huge pages; 2026-12-02).
+  // A sliding window bounds how many query tiles read each key block (about
+  // (W + tile) / tile of them): with fewer than 16 the copies it saves do
+  // not pay for the repack (N = 64k, H = 2, W = 4096, 10 readers: 0.91-0.94
+  // s without it against 0.97-1.09 s with it on huge pages; W = 16384, 33
+  // readers: even).
+  // RINGTREE_FLASH_REPACK_MIN_MIB overrides the threshold and the window
+  // rule (tests use 0).
   constexpr int64_t kMaxRepackBytes = int64_t{1} << 30;
   static const int64_t kRepackMinMib = [] {  // -1: not set
     const char* env = std::getenv("RINGTREE_FLASH_REPACK_MIN_MIB");
@@ -339,20 +350,26 @@ Status FlashAttentionForward(const float* q, const void* k, const void* v, DType
   const int kvs = internal::FlashKvRowStride(s.head_dim);  // packed row stride
   const int64_t head_elems = s.kv_tokens * kvs, kv_elems = head_elems * s.kv_heads;
   const int64_t packed_bytes = 2 * kv_elems * static_cast<int64_t>(sizeof(float));
+  const int64_t block_readers =
+      opt.window > 0 ? std::min(q_tiles, (opt.window + tile - 1) / tile + 1) : q_tiles;
+  const bool enough_readers = kRepackMinMib >= 0 || opt.window <= 0 || block_readers >= 16;
   bool repack = own_tiles && kv_dtype == DType::kFloat32 && s.kv_heads > 1 && q_tiles >= 4 &&
-                packed_bytes >= kRepackMinBytes && packed_bytes <= kMaxRepackBytes;
-  std::unique_ptr<float[]> kv_packed;
+                enough_readers && packed_bytes >= kRepackMinBytes &&
+                packed_bytes <= kMaxRepackBytes;
+  HugePageBuffer kv_buffer;
+  float* kv_packed = nullptr;
   if (repack) {
     // Uninitialised: every element is written below. Without the memory the
     // tiles copy each block's rows as before.
-    kv_packed.reset(new (std::nothrow) float[2 * kv_elems]);
+    kv_buffer = HugePageBuffer(static_cast<size_t>(2 * kv_elems) * sizeof(float));
+    kv_packed = kv_buffer.as<float>();
     repack = kv_packed != nullptr;
   }
   if (repack) {
     const int D = s.head_dim, Hkv = s.kv_heads;
     constexpr int64_t kChunk = 256;  // tokens per task
     const int64_t chunks = (s.kv_tokens + kChunk - 1) / kChunk;
-    float* kp = kv_packed.get();
+    float* kp = kv_packed;
     float* vp = kp + kv_elems;
     tbb::parallel_for(
         tbb::blocked_range<int64_t>(0, chunks * Hkv), [&](const tbb::blocked_range<int64_t>& r) {
@@ -378,11 +395,11 @@ Status FlashAttentionForward(const float* q, const void* k, const void* v, DType
   const int64_t v_head_elems = blocks_per_tile * key_block * s.head_dim;  // V blocks of one head
   const int64_t k_head_elems = s.kv_heads > 1 ? s.kv_tokens * s.head_dim : 0;
   const int64_t prepack_bytes = (v_head_elems + k_head_elems) * s.kv_heads * 2;
-  std::unique_ptr<uint16_t[]> bf16_packed;
+  HugePageBuffer bf16_packed;
   if (onednn_bf16 && (q_tiles >= 4 || kRepackMinBytes == 0) &&
       prepack_bytes >= kBf16PrepackMinBytes && prepack_bytes <= kMaxRepackBytes)
-    bf16_packed.reset(new (std::nothrow) uint16_t[static_cast<size_t>(prepack_bytes / 2)]);
-  uint16_t* v_blocks = bf16_packed.get();
+    bf16_packed = HugePageBuffer(static_cast<size_t>(prepack_bytes));
+  uint16_t* v_blocks = bf16_packed.as<uint16_t>();
   uint16_t* k_packed =
       bf16_packed && k_head_elems > 0 ? v_blocks + v_head_elems * s.kv_heads : nullptr;
   if (bf16_packed) {
@@ -417,8 +434,8 @@ Status FlashAttentionForward(const float* q, const void* k, const void* v, DType
       internal::TokenKeyRanges(s, opt, t0, t1, first, last);
       ++tiles;
       if (own_tiles) {
-        const void* kt = repack ? kv_packed.get() + hk * head_elems : k;
-        const void* vt = repack ? kv_packed.get() + kv_elems + hk * head_elems : v;
+        const void* kt = repack ? kv_packed + hk * head_elems : k;
+        const void* vt = repack ? kv_packed + kv_elems + hk * head_elems : v;
         int64_t kv_row_stride = repack ? kvs : 0;
         if (k_packed) {
           kt = k_packed + hk * k_head_elems;

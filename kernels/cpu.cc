@@ -55,6 +55,7 @@ CpuFeatures Detect() {
   }
   f.model = brand;
   while (!f.model.empty() && f.model.front() == ' ') f.model.erase(f.model.begin());
+  while (!f.model.empty() && f.model.back() == ' ') f.model.pop_back();
   if (max_leaf < 1) return f;
   __cpuid(1, a, b, c, d);
   const bool osxsave = (c >> 27) & 1;
@@ -333,8 +334,20 @@ std::string KernelPathDescription() {
   add(Avx512Usable(f), "avx512f/bw/vl/dq");
   add(f.avx512bf16, "avx512bf16");
   add(f.amx_tile && f.amx_bf16, f.os_amx ? "amx-bf16" : "amx-bf16(not enabled by the OS)");
-  char buf[512];
+  char buf[768];
   const std::string core = BlasCoreName(), at_load = BlasCoreNameAtLoad();
+  // A core named in the environment is kept (FixBlasCore); say so when it is
+  // weaker than this CPU allows, so that a figure is not taken for the best.
+  std::string note;
+  const char* want = OpenBlasCoreFor(f);
+  const char* env = std::getenv("OPENBLAS_CORETYPE");
+  if (core != at_load) {
+    note = " (OpenBLAS chose " + at_load + ", corrected from cpu features)";
+  } else if (env && want && OpenBlasCoreRank(core) > 0 &&
+             OpenBlasCoreRank(core) < OpenBlasCoreRank(want)) {
+    note =
+        std::string(" (kept: OPENBLAS_CORETYPE=") + env + " is set; this CPU allows " + want + ")";
+  }
   std::snprintf(
       buf, sizeof(buf),
       "cpu: %s | features: %s | kernel path: %s%s | bf16 dot vs fp32 fma: %.2fx | onednn bf16: %s "
@@ -342,9 +355,7 @@ std::string KernelPathDescription() {
       f.model.c_str(), feats.empty() ? "none" : feats.c_str(), KernelPathName(ActiveKernelPath()),
       ActiveKernelPath() == DefaultKernelPath() ? "" : " (forced)", Bf16DotSpeedup(),
       internal::OneDnnBf16Usable() ? internal::OneDnnBf16Impl().c_str() : "not usable",
-      core.c_str(),
-      core == at_load ? ""
-                      : (" (OpenBLAS chose " + at_load + ", corrected from cpu features)").c_str());
+      core.c_str(), note.c_str());
   return buf;
 }
 

@@ -14,7 +14,8 @@
 // model 207 among them: a fifth of the SGEMM rate). At load, this library
 // re-selects OpenBLAS's core from the same feature bits when its own choice is
 // weaker (SkylakeX/Cooperlake for AVX-512, Haswell for AVX2+FMA), unless the
-// user set OPENBLAS_CORETYPE. BlasCoreName() reports the result. The switch
+// user set OPENBLAS_CORETYPE (kept; KernelPathDescription() then says when it
+// is weaker than the CPU allows). BlasCoreName() reports the result. The switch
 // happens while the library loads (before main in programs; at import in the
 // Python module), when no BLAS call can be in flight: a program that loads
 // the library while another thread is inside OpenBLAS must set
