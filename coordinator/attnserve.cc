@@ -371,6 +371,7 @@ int main(int argc, char** argv) {
   } catch (const CLI::ParseError& e) {
     return app.exit(e);
   }
+  request_limits.max_message_bytes = int64_t{max_message_mib} << 20;
   if (!log_level.empty()) {
     if (Status st = SetLogLevel(log_level); !st.ok()) {
       std::fprintf(stderr, "%s\n", st.message().c_str());

@@ -592,9 +592,12 @@ grpc::Status AttentionServiceImpl::Prefill(grpc::ServerContext* context, const v
     const DType out_dtype = in.options.dtype;
     const int64_t q_row = int64_t(shape.heads) * shape.head_dim;
     int64_t chunk = in.output_chunk_tokens;
-    if (chunk == 0)
-      chunk =
-          std::max<int64_t>(1, limits_.prefill_output_chunk_bytes / (q_row * DTypeSize(out_dtype)));
+    if (chunk == 0) {  // the default size, within one message
+      const int64_t bytes = std::min(limits_.prefill_output_chunk_bytes,
+                                     limits_.max_message_bytes - kResponseOverheadBytes);
+      chunk = std::max<int64_t>(
+          1, bytes / AttentionOutputBytes(1, shape.heads, shape.head_dim, out_dtype));
+    }
     for (int64_t at = 0; at < qt; at += chunk) {
       if (context->IsCancelled())
         return grpc::Status(grpc::StatusCode::CANCELLED, Tag(m) + "cancelled by the client");
@@ -892,6 +895,28 @@ void PutEntryStatus(int index, const grpc::Status& g, v1::EntryStatus* out) {
                    (field ? "." : ": ") + rest);
 }
 
+// The whole batch's outputs must fit in its one response (a DecodeBatch
+// applies its entries' writes before answering): bounded from the entries'
+// declared query shapes, before any entry is admitted. Entries whose
+// shapes are malformed count for nothing here and fail on their own.
+template <typename Request>
+Status BatchResponseFits(const Request& request, const RequestLimits& limits, const char* m) {
+  int64_t bytes = 0;
+  DType out = DType::kFloat32;
+  if (request.options().output_dtype() == v1::BFLOAT16) out = DType::kBFloat16;
+  if (request.options().output_dtype() == v1::FLOAT16) out = DType::kFloat16;
+  for (const auto& e : request.entries()) {
+    const auto& shape = e.q().shape();
+    if (shape.size() != 3 || shape[0] < 0 || shape[1] < 0 || shape[2] < 0 ||
+        shape[0] > (int64_t{1} << 20) || shape[1] > (1 << 20) || shape[2] > (1 << 20))
+      continue;
+    bytes +=
+        AttentionOutputBytes(shape[0], static_cast<int>(shape[1]), static_cast<int>(shape[2]), out);
+    if (bytes > limits.max_message_bytes) break;  // enough to refuse; no overflow
+  }
+  return ResponseFits(m, bytes, limits, "entries");
+}
+
 // A finished entry's outputs into its result.
 template <typename Result>
 void PutEntryResult(const char* method, int index, const WorkItem& w, DType out_dtype, Result* r) {
@@ -974,6 +999,11 @@ std::optional<grpc::Status> AttentionServiceImpl::StartBatch(const char* m,
   return Authenticated(context, [&](const Caller& caller) -> std::optional<grpc::Status> {
     const int n = request.entries_size();
     if (Status st = ValidateBatchSize(n, limits_, m); !st.ok()) return Invalid(m, st);
+    if (Status st = BatchResponseFits(request, limits_, m); !st.ok()) {
+      grpc::Status g = ToGrpcStatus(st);
+      Record(m, start, g);
+      return g;
+    }
     const Clock::time_point deadline = SteadyDeadline(context);
     if (TooLate(deadline)) {
       grpc::Status g(grpc::StatusCode::DEADLINE_EXCEEDED,

@@ -160,6 +160,25 @@ struct DecodeFields {
   std::optional<int64_t> expected_layer_tokens;
 };
 
+}  // namespace
+
+int64_t AttentionOutputBytes(int64_t tokens, int heads, int head_dim, DType out_dtype) {
+  return tokens * heads * (int64_t{head_dim} * static_cast<int64_t>(DTypeSize(out_dtype)) + 4);
+}
+
+Status ResponseFits(const char* method, int64_t bytes, const RequestLimits& limits,
+                    const std::string& what) {
+  if (bytes + kResponseOverheadBytes <= limits.max_message_bytes) return Status::Ok();
+  return Status::ResourceExhausted(
+      Tag(method) + what + ": the response would carry " + std::to_string(bytes) +
+      " bytes of outputs, more than one message may hold (--max-message-mib " +
+      std::to_string(limits.max_message_bytes >> 20) +
+      "); nothing was changed: send fewer tokens or entries, or ask for options.output_dtype "
+      "bfloat16");
+}
+
+namespace {
+
 Result<DecodeInput> CheckDecode(const char* m, const DecodeFields& f, const SessionShape& shape,
                                 const RequestLimits& limits) {
   RINGTREE_RETURN_IF_ERROR(ValidateLayer(f.layer, shape.layers, m));
@@ -172,6 +191,9 @@ Result<DecodeInput> CheckDecode(const char* m, const DecodeFields& f, const Sess
   RINGTREE_ASSIGN_OR_RETURN(in.v, CheckTensor(f.v, m, "v", shape.kv_heads, shape.head_dim, 1,
                                               limits.max_decode_tokens, in.q.tokens));
   RINGTREE_ASSIGN_OR_RETURN(in.options, CheckOptions(f.options, m));
+  RINGTREE_RETURN_IF_ERROR(ResponseFits(
+      m, AttentionOutputBytes(in.q.tokens, shape.heads, shape.head_dim, in.options.dtype), limits,
+      "q"));
   if (f.retrieval != nullptr) {
     if (shape.attention_window > 0) return NotWithAttentionWindow(m, "Decode with retrieval");
     RINGTREE_ASSIGN_OR_RETURN(in.retrieval, CheckRetrieval(*f.retrieval, m));
@@ -428,6 +450,12 @@ Result<PrefillInput> ValidatePrefill(const v1::PrefillRequest& r, const SessionS
   if (r.output_chunk_tokens() < 0)
     return Invalid(m, "output_chunk_tokens: must be >= 0 (0 = server default)");
   in.output_chunk_tokens = r.output_chunk_tokens();
+  if (in.output_chunk_tokens > 0)
+    RINGTREE_RETURN_IF_ERROR(
+        ResponseFits(m,
+                     AttentionOutputBytes(std::min(in.output_chunk_tokens, in.q.tokens),
+                                          shape.heads, shape.head_dim, in.options.dtype),
+                     limits, "output_chunk_tokens"));
   in.expected_layer_tokens = ExpectedLayerTokens(r);
   RINGTREE_RETURN_IF_ERROR(CheckExpectedLayerTokens(in.expected_layer_tokens, m));
   RINGTREE_ASSIGN_OR_RETURN(in.kv_bytes, KvBytes(in.k.tokens, shape, m, "k"));

@@ -36,7 +36,27 @@ struct RequestLimits {
   int default_span_tokens = 64;
   int64_t prefill_output_chunk_bytes = 4 << 20;  // default Prefill response message size
   int64_t retrieve_kv_chunk_bytes = 4 << 20;     // default RetrieveKV response message size (K+V)
+  // --max-message-mib in bytes. A write's response is sent after the write
+  // is applied, and gRPC refuses to send one past this limit: the client
+  // would be told a write failed that had happened. Writes whose outputs
+  // would not fit (Decode, DecodeBatch, a Prefill output chunk) are refused
+  // before anything changes instead (ResponseFits).
+  int64_t max_message_bytes = int64_t{64} << 20;
 };
+
+// Room left in a response message for everything but the outputs (framing,
+// positions, per-entry statuses).
+inline constexpr int64_t kResponseOverheadBytes = 64 << 10;
+
+// Bytes of the attention outputs one response carries for `tokens` query
+// tokens: o in the output dtype and lse (float32, counted whether asked or
+// not: a bound).
+int64_t AttentionOutputBytes(int64_t tokens, int heads, int head_dim, DType out_dtype);
+
+// RESOURCE_EXHAUSTED naming --max-message-mib and `what` when `bytes` of
+// outputs would not fit in one response message; OK otherwise.
+Status ResponseFits(const char* method, int64_t bytes, const RequestLimits& limits,
+                    const std::string& what);
 
 // A checked [tokens, heads, head_dim] tensor of a request. Borrows the proto:
 // valid while the request is.

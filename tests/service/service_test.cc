@@ -1137,6 +1137,65 @@ TEST_F(ServiceOverload, KvBudgetRefusesBeforeAnythingChanges) {
   EXPECT_EQ(client->Stats()->kv_used_bytes(), 0);
 }
 
+// A write's response is sent after the write is applied; one larger than
+// --max-message-mib would be refused by gRPC and report a write that
+// happened as failed. Such writes are refused first, naming the limit, and
+// change nothing; the Prefill's default output chunks stay within it.
+TEST_F(ServiceOverload, WritesWhoseResponseWouldNotFitAreRefusedFirst) {
+  auto small = StartServer({"--max-message-mib", "1"});
+  auto client = Client(*small);
+  std::mt19937 rng(11);
+  Model m;
+  m.heads = 64;
+  m.kv_heads = 1;
+  m.head_dim = 256;  // one token's fp32 outputs: 64 * (256 * 4 + 4) = 65792 bytes
+  auto info = client->CreateSession(Config(m));
+  ASSERT_TRUE(info.ok()) << info.status().message();
+  const std::string id = info->session_id();
+  auto bf16 = [&](int64_t tokens, int heads) {
+    auto x = Random(rng, tokens * heads * m.head_dim);
+    return HostTensor::FromFloat32(x.data(), {tokens, heads, m.head_dim}, DType::kBFloat16);
+  };
+  auto expect_refused = [&](const Status& st, const char* field) {
+    EXPECT_EQ(GrpcCodeOf(st), grpc::StatusCode::RESOURCE_EXHAUSTED) << st.message();
+    EXPECT_NE(st.message().find("--max-message-mib 1"), std::string::npos) << st.message();
+    EXPECT_NE(st.message().find(field), std::string::npos) << st.message();
+  };
+  // Decode: 16 tokens of bf16 q (528 KiB with K/V) whose fp32 o would be 1.0 MiB.
+  const HostTensor q16 = bf16(16, m.heads), k16 = bf16(16, 1), v16 = bf16(16, 1);
+  expect_refused(client->Decode(id, 0, q16, k16, v16).status(), "[Decode] q:");
+  EXPECT_EQ(client->GetSession(id)->layer_tokens(0), 0);
+  CallOptions half;
+  half.output_dtype = DType::kBFloat16;  // half the bytes: fits
+  ASSERT_TRUE(client->Decode(id, 0, q16, k16, v16, half).ok());
+  EXPECT_EQ(client->GetSession(id)->layer_tokens(0), 16);
+  // DecodeBatch: two entries that fit alone but not in one response.
+  auto second = client->CreateSession(Config(m));
+  ASSERT_TRUE(second.ok());
+  const HostTensor q8 = bf16(8, m.heads), k8 = bf16(8, 1), v8 = bf16(8, 1);
+  std::vector<BatchEntry> entries{{id, &q8, &k8, &v8, {}, {}},
+                                  {second->session_id(), &q8, &k8, &v8, {}, {}}};
+  expect_refused(client->DecodeBatch(1, entries).status(), "[DecodeBatch] entries:");
+  EXPECT_EQ(client->GetSession(id)->layer_tokens(1), 0);
+  EXPECT_EQ(client->GetSession(second->session_id())->layer_tokens(1), 0);
+  auto batch = client->DecodeBatch(1, {entries[0]});
+  ASSERT_TRUE(batch.ok()) << batch.status().message();
+  EXPECT_EQ(client->GetSession(id)->layer_tokens(1), 8);
+  // Prefill: an output chunk that would not fit is refused; the default
+  // chunks (4 MiB otherwise) are cut to the limit and the call succeeds.
+  const HostTensor q20 = bf16(20, m.heads), k20 = bf16(20, 1), v20 = bf16(20, 1);
+  CallOptions whole;
+  whole.output_chunk_tokens = 20;
+  expect_refused(client->Prefill(second->session_id(), 0, q20, k20, v20, whole).status(),
+                 "[Prefill] output_chunk_tokens:");
+  EXPECT_EQ(client->GetSession(second->session_id())->layer_tokens(0), 0);
+  auto prefill = client->Prefill(second->session_id(), 0, q20, k20, v20);
+  ASSERT_TRUE(prefill.ok()) << prefill.status().message();
+  EXPECT_EQ(prefill->o.shape[0], 20);
+  EXPECT_EQ(client->GetSession(second->session_id())->layer_tokens(0), 20);
+  EXPECT_EQ(small->Stop(), 0) << small->log();
+}
+
 // ---------------------------------------------------------------------------
 class ServiceAuth : public ServerSuite {
  protected:
