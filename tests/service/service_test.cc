@@ -2815,7 +2815,12 @@ TEST_F(ServiceWritePath, ExpiredDeadlinesNeverWrite) {
   EXPECT_EQ(after->layer_tokens(0), 64) << "expired calls stored tokens";
   // CreateSession and DeleteSession with a 1 ms deadline (sent, and expired
   // on arrival) change nothing either: no session appears, and the session
-  // to delete is still there.
+  // to delete is still there. A call whose client was told OK did happen:
+  // under TSan the client's gRPC can compute the timeout it sends from a
+  // stale cached clock, so a server sometimes sees more than the 2 ms it
+  // requires and runs the call (once in CI, 2026-12-02). Every answer must
+  // match the state; in normal builds none may be OK.
+  int created_ok = 0, deleted_ok = 0;
   for (int i = 0; i < 20; ++i) {
     grpc::ClientContext create_ctx, delete_ctx;
     create_ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::milliseconds(1));
@@ -2823,17 +2828,24 @@ TEST_F(ServiceWritePath, ExpiredDeadlinesNeverWrite) {
     v1::CreateSessionRequest create;
     *create.mutable_config() = Config(m);
     v1::SessionInfo created;
-    EXPECT_FALSE(setup->stub()->CreateSession(&create_ctx, create, &created).ok());
+    if (setup->stub()->CreateSession(&create_ctx, create, &created).ok()) ++created_ok;
     v1::DeleteSessionRequest del;
     del.set_session_id(id);
     v1::DeleteSessionResponse deleted;
-    EXPECT_FALSE(setup->stub()->DeleteSession(&delete_ctx, del, &deleted).ok());
+    if (setup->stub()->DeleteSession(&delete_ctx, del, &deleted).ok()) ++deleted_ok;
   }
+#ifdef RINGTREE_SANITIZED
+  EXPECT_LE(created_ok + deleted_ok, 5) << "most calls with 1 ms left must be refused";
+#else
+  EXPECT_EQ(created_ok + deleted_ok, 0) << "a call with 1 ms left ran";
+#endif
   std::this_thread::sleep_for(std::chrono::milliseconds(200));
   auto listed = setup->ListSessions();
   ASSERT_TRUE(listed.ok());
-  EXPECT_EQ(listed->size(), 1u) << "an expired CreateSession made a session";
-  EXPECT_TRUE(setup->GetSession(id).ok()) << "an expired DeleteSession deleted the session";
+  EXPECT_EQ(listed->size(), static_cast<size_t>(1 + created_ok - deleted_ok))
+      << "a refused CreateSession made a session, or a refused DeleteSession deleted one";
+  EXPECT_EQ(setup->GetSession(id).ok(), deleted_ok == 0)
+      << "a refused DeleteSession deleted the session";
   // A 1 ms budget: every call fails at the client.
   auto expired = Client(*server, "", std::chrono::milliseconds(1));
   for (int i = 0; i < 40; ++i) {
