@@ -898,13 +898,14 @@ void PutEntryStatus(int index, const grpc::Status& g, v1::EntryStatus* out) {
 // The whole batch's outputs must fit in its one response (a DecodeBatch
 // applies its entries' writes before answering): bounded from the entries'
 // declared query shapes, before any entry is admitted. Entries whose
-// shapes are malformed count for nothing here and fail on their own.
+// shapes are malformed count for nothing here and fail on their own; an
+// output dtype that is unset (or invalid, refused per entry) counts as float32.
 template <typename Request>
 Status BatchResponseFits(const Request& request, const RequestLimits& limits, const char* m) {
   int64_t bytes = 0;
-  DType out = DType::kFloat32;
-  if (request.options().output_dtype() == v1::BFLOAT16) out = DType::kBFloat16;
-  if (request.options().output_dtype() == v1::FLOAT16) out = DType::kFloat16;
+  const Result<DType> asked =
+      FromProtoDType(request.options().output_dtype(), m, "options.output_dtype");
+  const DType out = asked.ok() ? asked.value() : DType::kFloat32;
   for (const auto& e : request.entries()) {
     const auto& shape = e.q().shape();
     if (shape.size() != 3 || shape[0] < 0 || shape[1] < 0 || shape[2] < 0 ||
