@@ -915,7 +915,7 @@ Status BatchResponseFits(const Request& request, const RequestLimits& limits, co
         AttentionOutputBytes(shape[0], static_cast<int>(shape[1]), static_cast<int>(shape[2]), out);
     if (bytes > limits.max_message_bytes) break;  // enough to refuse; no overflow
   }
-  return ResponseFits(m, bytes, limits, "entries");
+  return ResponseFits(m, bytes, out, limits, "entries");
 }
 
 // A finished entry's outputs into its result.

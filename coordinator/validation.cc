@@ -166,15 +166,19 @@ int64_t AttentionOutputBytes(int64_t tokens, int heads, int head_dim, DType out_
   return tokens * heads * (int64_t{head_dim} * static_cast<int64_t>(DTypeSize(out_dtype)) + 4);
 }
 
-Status ResponseFits(const char* method, int64_t bytes, const RequestLimits& limits,
+Status ResponseFits(const char* method, int64_t bytes, DType out_dtype, const RequestLimits& limits,
                     const std::string& what) {
   if (bytes + kResponseOverheadBytes <= limits.max_message_bytes) return Status::Ok();
+  // Smaller outputs are a remedy only where they are not already asked for.
+  const char* remedy =
+      out_dtype == DType::kFloat32
+          ? "send fewer tokens or entries, or ask for options.output_dtype bfloat16"
+          : "send fewer tokens or entries";
   return Status::ResourceExhausted(
       Tag(method) + what + ": the response would carry " + std::to_string(bytes) +
-      " bytes of outputs, more than one message may hold (--max-message-mib " +
-      std::to_string(limits.max_message_bytes >> 20) +
-      "); nothing was changed: send fewer tokens or entries, or ask for options.output_dtype "
-      "bfloat16");
+      " bytes of outputs, more than one message may hold "
+      "(--max-message-mib " +
+      std::to_string(limits.max_message_bytes >> 20) + "); nothing was changed: " + remedy);
 }
 
 namespace {
@@ -192,8 +196,8 @@ Result<DecodeInput> CheckDecode(const char* m, const DecodeFields& f, const Sess
                                               limits.max_decode_tokens, in.q.tokens));
   RINGTREE_ASSIGN_OR_RETURN(in.options, CheckOptions(f.options, m));
   RINGTREE_RETURN_IF_ERROR(ResponseFits(
-      m, AttentionOutputBytes(in.q.tokens, shape.heads, shape.head_dim, in.options.dtype), limits,
-      "q"));
+      m, AttentionOutputBytes(in.q.tokens, shape.heads, shape.head_dim, in.options.dtype),
+      in.options.dtype, limits, "q"));
   if (f.retrieval != nullptr) {
     if (shape.attention_window > 0) return NotWithAttentionWindow(m, "Decode with retrieval");
     RINGTREE_ASSIGN_OR_RETURN(in.retrieval, CheckRetrieval(*f.retrieval, m));
@@ -455,7 +459,7 @@ Result<PrefillInput> ValidatePrefill(const v1::PrefillRequest& r, const SessionS
         ResponseFits(m,
                      AttentionOutputBytes(std::min(in.output_chunk_tokens, in.q.tokens),
                                           shape.heads, shape.head_dim, in.options.dtype),
-                     limits, "output_chunk_tokens"));
+                     in.options.dtype, limits, "output_chunk_tokens"));
   in.expected_layer_tokens = ExpectedLayerTokens(r);
   RINGTREE_RETURN_IF_ERROR(CheckExpectedLayerTokens(in.expected_layer_tokens, m));
   RINGTREE_ASSIGN_OR_RETURN(in.kv_bytes, KvBytes(in.k.tokens, shape, m, "k"));

@@ -54,8 +54,10 @@ inline constexpr int64_t kResponseOverheadBytes = 64 << 10;
 int64_t AttentionOutputBytes(int64_t tokens, int heads, int head_dim, DType out_dtype);
 
 // RESOURCE_EXHAUSTED naming --max-message-mib and `what` when `bytes` of
-// outputs would not fit in one response message; OK otherwise.
-Status ResponseFits(const char* method, int64_t bytes, const RequestLimits& limits,
+// outputs (in out_dtype) would not fit in one response message; OK
+// otherwise. The message suggests bfloat16 outputs only when out_dtype is
+// float32.
+Status ResponseFits(const char* method, int64_t bytes, DType out_dtype, const RequestLimits& limits,
                     const std::string& what);
 
 // A checked [tokens, heads, head_dim] tensor of a request. Borrows the proto:

@@ -1142,7 +1142,7 @@ TEST_F(ServiceOverload, KvBudgetRefusesBeforeAnythingChanges) {
 // happened as failed. Such writes are refused first, naming the limit, and
 // change nothing; the Prefill's default output chunks stay within it.
 TEST_F(ServiceOverload, WritesWhoseResponseWouldNotFitAreRefusedFirst) {
-  auto small = StartServer({"--max-message-mib", "1"});
+  auto small = StartServer({"--max-message-mib", "1", "--max-decode-tokens", "32"});
   auto client = Client(*small);
   std::mt19937 rng(11);
   Model m;
@@ -1163,11 +1163,23 @@ TEST_F(ServiceOverload, WritesWhoseResponseWouldNotFitAreRefusedFirst) {
   };
   // Decode: 16 tokens of bf16 q (528 KiB with K/V) whose fp32 o would be 1.0 MiB.
   const HostTensor q16 = bf16(16, m.heads), k16 = bf16(16, 1), v16 = bf16(16, 1);
-  expect_refused(client->Decode(id, 0, q16, k16, v16).status(), "[Decode] q:");
+  const Status refused = client->Decode(id, 0, q16, k16, v16).status();
+  expect_refused(refused, "[Decode] q:");
+  EXPECT_NE(refused.message().find("output_dtype bfloat16"), std::string::npos)
+      << refused.message();
   EXPECT_EQ(client->GetSession(id)->layer_tokens(0), 0);
   CallOptions half;
   half.output_dtype = DType::kBFloat16;  // half the bytes: fits
   ASSERT_TRUE(client->Decode(id, 0, q16, k16, v16, half).ok());
+  EXPECT_EQ(client->GetSession(id)->layer_tokens(0), 16);
+  // 30 tokens (a 1000 KiB request, just under the limit) whose bfloat16
+  // outputs, lse included, would not fit beside the response's framing:
+  // refused, without suggesting the bfloat16 outputs already asked for.
+  const HostTensor q30 = bf16(30, m.heads), k30 = bf16(30, 1), v30 = bf16(30, 1);
+  const Status already = client->Decode(id, 0, q30, k30, v30, half).status();
+  expect_refused(already, "[Decode] q:");
+  EXPECT_EQ(already.message().find("output_dtype bfloat16"), std::string::npos)
+      << already.message();
   EXPECT_EQ(client->GetSession(id)->layer_tokens(0), 16);
   // DecodeBatch: two entries that fit alone but not in one response.
   auto second = client->CreateSession(Config(m));
