@@ -898,7 +898,8 @@ void PutEntryStatus(int index, const grpc::Status& g, v1::EntryStatus* out) {
 // The whole batch's outputs must fit in its one response (a DecodeBatch
 // applies its entries' writes before answering): bounded from the entries'
 // declared query shapes, before any entry is admitted. Entries whose
-// shapes are malformed count for nothing here and fail on their own; an
+// shapes are malformed or disagree with their data count for nothing here
+// and fail on their own; an
 // output dtype that is unset (or invalid, refused per entry) counts as float32.
 template <typename Request>
 Status BatchResponseFits(const Request& request, const RequestLimits& limits, const char* m) {
@@ -910,6 +911,14 @@ Status BatchResponseFits(const Request& request, const RequestLimits& limits, co
     const auto& shape = e.q().shape();
     if (shape.size() != 3 || shape[0] < 0 || shape[1] < 0 || shape[2] < 0 ||
         shape[0] > (int64_t{1} << 20) || shape[1] > (1 << 20) || shape[2] > (1 << 20))
+      continue;
+    // Only queries whose data matches their declared shape count: an entry
+    // that claims a huge shape without the data fails on its own instead
+    // of refusing the whole batch.
+    const Result<DType> in = FromProtoDType(e.q().dtype(), m, "q.dtype");
+    if (!in.ok() ||
+        static_cast<int64_t>(e.q().data().size()) !=
+            shape[0] * shape[1] * shape[2] * static_cast<int64_t>(DTypeSize(in.value())))
       continue;
     bytes +=
         AttentionOutputBytes(shape[0], static_cast<int>(shape[1]), static_cast<int>(shape[2]), out);
@@ -1087,7 +1096,11 @@ grpc::Status AttentionServiceImpl::RetrieveKV(grpc::ServerContext* context, cons
     const int64_t row_bytes = shape.row_bytes();
     int64_t chunk = in.chunk_tokens;
 
-    if (chunk == 0) chunk = std::max<int64_t>(1, limits_.retrieve_kv_chunk_bytes / (2 * row_bytes));
+    if (chunk == 0) {  // the default size, within one message
+      const int64_t bytes = std::min(limits_.retrieve_kv_chunk_bytes,
+                                     limits_.max_message_bytes - kResponseOverheadBytes);
+      chunk = std::max<int64_t>(1, bytes / (2 * row_bytes));
+    }
     const v1::DataType dtype = shape.storage == DType::kBFloat16 ? v1::BFLOAT16 : v1::FLOAT32;
     for (const RetrievedRun& run : item->kv_runs) {
       for (int64_t at = 0; at < run.tokens; at += chunk) {

@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <string_view>
 
 #include "kernels/attention.h"
 #include "rpc/tensor_codec.h"
@@ -244,7 +245,7 @@ std::optional<int64_t> ExpectedLayerTokens(const Message& m) {
 
 // Index of the first NaN/Inf element of raw `dtype` data (exponent bits all
 // ones), or -1. Checks the bits directly: no float32 copy of a large chunk.
-int64_t FirstNonFinite(const std::string& data, DType dtype) {
+int64_t FirstNonFinite(std::string_view data, DType dtype) {
   if (dtype == DType::kFloat32) {
     const size_t n = data.size() / 4;
     for (size_t i = 0; i < n; ++i) {
@@ -559,6 +560,17 @@ Status ToStorage(const TensorInput& t, DType storage, const char* method, std::s
   const size_t at = out->size();
   out->resize(at + values.size() * DTypeSize(storage));
   ConvertFromFloat32(values.data(), storage, out->data() + at, values.size());
+  // A finite value past the storage dtype's range (float16 above 65504,
+  // bfloat16 near FLT_MAX) would be stored as Inf: refused like one.
+  const int64_t over = FirstNonFinite(
+      std::string_view(*out).substr(at, values.size() * DTypeSize(storage)), storage);
+  if (over >= 0) {
+    out->resize(at);
+    const int64_t row = over / (t.proto->shape(1) * t.proto->shape(2));
+    return Invalid(method, std::string(t.field) + ".data: a value at token " + std::to_string(row) +
+                               " is out of range of the session's storage dtype " +
+                               DTypeName(storage) + " (it would be stored as Inf)");
+  }
   return Status::Ok();
 }
 

@@ -34,8 +34,11 @@ struct RequestLimits {
   int64_t max_append_tokens = 1 << 24;  // tokens of one AppendKV call (all chunks)
   int max_batch_entries = 256;          // entries of one DecodeBatch/AttendBatch
   int default_span_tokens = 64;
-  int64_t prefill_output_chunk_bytes = 4 << 20;  // default Prefill response message size
-  int64_t retrieve_kv_chunk_bytes = 4 << 20;     // default RetrieveKV response message size (K+V)
+  // Default sizes of the outputs (Prefill) and of the K+V (RetrieveKV) in
+  // one response message: 4 MiB less room for the framing, so a message
+  // also fits gRPC's default 4 MiB receive limit of a client that kept it.
+  int64_t prefill_output_chunk_bytes = (4 << 20) - (64 << 10);
+  int64_t retrieve_kv_chunk_bytes = (4 << 20) - (64 << 10);
   // --max-message-mib in bytes. A write's response is sent after the write
   // is applied, and gRPC refuses to send one past this limit: the client
   // would be told a write failed that had happened. Writes whose outputs

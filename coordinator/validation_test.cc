@@ -341,6 +341,28 @@ TEST(Validation, ConversionRejectsNonFiniteValues) {
   EXPECT_EQ(ToStorage(in->k, DType::kBFloat16, "AppendKV", &bf).message(),
             "[AppendKV] k.data: NaN or Inf at token 2");
   EXPECT_TRUE(bf.empty());
+  // Finite float32 values past the storage dtype's range would be stored as
+  // Inf: refused naming the token, nothing appended.
+  k.assign(k.size(), 1.0f);
+  k[1 * 32 + 3] = 3.4e38f;  // token 1: finite in float32, Inf in bfloat16
+  ToProto(k.data(), {3, 2, 16}, DType::kFloat32, r.mutable_k());
+  in = ValidateDecode(r, Shape(), RequestLimits{});
+  ASSERT_TRUE(in.ok());
+  EXPECT_EQ(ToStorage(in->k, DType::kBFloat16, "AppendKV", &bf).message(),
+            "[AppendKV] k.data: a value at token 1 is out of range of the session's storage "
+            "dtype bfloat16 (it would be stored as Inf)");
+  EXPECT_TRUE(bf.empty());
+  k[1 * 32 + 3] = 1.0f;
+  k[2 * 32] = -70000.0f;  // token 2: beyond float16's 65504
+  ToProto(k.data(), {3, 2, 16}, DType::kFloat32, r.mutable_k());
+  in = ValidateDecode(r, Shape(), RequestLimits{});
+  ASSERT_TRUE(in.ok());
+  EXPECT_EQ(ToStorage(in->k, DType::kFloat16, "AppendKV", &bf).message(),
+            "[AppendKV] k.data: a value at token 2 is out of range of the session's storage "
+            "dtype float16 (it would be stored as Inf)");
+  EXPECT_TRUE(bf.empty());
+  ASSERT_TRUE(ToStorage(in->k, DType::kBFloat16, "AppendKV", &bf).ok());  // in bfloat16's range
+  EXPECT_EQ(bf.size(), 3u * 2 * 16 * 2);
   // A clean request converts: q to float32, k/v to the storage dtype.
   r = GoodDecode(2);
   in = ValidateDecode(r, Shape(), RequestLimits{});

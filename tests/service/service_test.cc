@@ -1190,9 +1190,20 @@ TEST_F(ServiceOverload, WritesWhoseResponseWouldNotFitAreRefusedFirst) {
   expect_refused(client->DecodeBatch(1, entries).status(), "[DecodeBatch] entries:");
   EXPECT_EQ(client->GetSession(id)->layer_tokens(1), 0);
   EXPECT_EQ(client->GetSession(second->session_id())->layer_tokens(1), 0);
-  auto batch = client->DecodeBatch(1, {entries[0]});
+  // An entry that claims a huge query shape without its data fails on its
+  // own; it does not make the batch's response look too large.
+  HostTensor bogus;
+  bogus.dtype = DType::kBFloat16;
+  bogus.shape = {16, 1024, 1024};
+  std::vector<BatchEntry> with_bogus{entries[0], {second->session_id(), &bogus, &k8, &v8, {}, {}}};
+  auto batch = client->DecodeBatch(1, with_bogus);
   ASSERT_TRUE(batch.ok()) << batch.status().message();
+  ASSERT_EQ(batch->size(), 2u);
+  EXPECT_TRUE((*batch)[0].status.ok()) << (*batch)[0].status.message();
+  EXPECT_EQ(GrpcCodeOf((*batch)[1].status), grpc::StatusCode::INVALID_ARGUMENT)
+      << (*batch)[1].status.message();
   EXPECT_EQ(client->GetSession(id)->layer_tokens(1), 8);
+  EXPECT_EQ(client->GetSession(second->session_id())->layer_tokens(1), 0);
   // Prefill: an output chunk that would not fit is refused; the default
   // chunks (4 MiB otherwise) are cut to the limit and the call succeeds.
   const HostTensor q20 = bf16(20, m.heads), k20 = bf16(20, 1), v20 = bf16(20, 1);
@@ -1205,6 +1216,27 @@ TEST_F(ServiceOverload, WritesWhoseResponseWouldNotFitAreRefusedFirst) {
   ASSERT_TRUE(prefill.ok()) << prefill.status().message();
   EXPECT_EQ(prefill->o.shape[0], 20);
   EXPECT_EQ(client->GetSession(second->session_id())->layer_tokens(0), 20);
+  // RetrieveKV's default message size is cut to the limit too: one span of
+  // 600 float32 tokens (1.2 MB of K+V) comes back in several messages.
+  Model r;
+  r.heads = r.kv_heads = 1;
+  r.head_dim = 256;
+  v1::SessionConfig rc = Config(r);
+  rc.set_span_tokens(4096);
+  auto third = client->CreateSession(rc);
+  ASSERT_TRUE(third.ok()) << third.status().message();
+  for (int i = 0; i < 3; ++i) {
+    auto [k, v] = NewKv(rng, r, 200);
+    ASSERT_TRUE(client->AppendKV(third->session_id(), 0, k, v).ok());
+  }
+  v1::RetrievalOptions one;
+  one.set_top_k_spans(1);
+  const std::vector<float> rq = Random(rng, r.head_dim);
+  auto kv = client->RetrieveKV(third->session_id(), 0,
+                               HostTensor::FromFloat32(rq.data(), {1, 1, r.head_dim}), one);
+  ASSERT_TRUE(kv.ok()) << kv.status().message();
+  ASSERT_EQ(kv->runs.size(), 1u);
+  EXPECT_EQ(kv->runs[0].k.ToFloat32(), std::vector<float>(r.k.begin(), r.k.end()));
   EXPECT_EQ(small->Stop(), 0) << small->log();
 }
 
