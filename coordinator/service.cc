@@ -1,5 +1,7 @@
 #include "coordinator/service.h"
 
+#include <google/protobuf/descriptor.h>
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -135,9 +137,66 @@ std::shared_ptr<WorkItem> NewItem(WorkItem::Kind kind, std::shared_ptr<SessionRe
 
 }  // namespace
 
-AttentionServiceImpl::AttentionServiceImpl(SessionRegistry& registry, Admission& admission, EngineLoop& engine,
-                                           ServiceStats& stats, const TokenAuth& auth, RequestLimits limits,
-                                           int world_size, const SessionStore* sessions, StorageSettings storage)
+// The response type of AppendKV's own handler (below): a tag, so the
+// handler is a specialization of gRPC's ClientStreamingHandler, whose
+// friendship with the completion queue and the server context it needs.
+struct AppendKVRawResponse {
+  grpc::ByteBuffer message;
+};
+}  // namespace ringtree
+
+// AppendKV's sync handler: gRPC's ClientStreamingHandler with raw messages
+// and a read that tells the end of the stream (the client's half-close:
+// the read completes without a message) from a failed one (the batch
+// fails: a message over the receive limit, a broken stream), which
+// ServerReader::Read reports alike.
+template <>
+class grpc::internal::ClientStreamingHandler<ringtree::AttentionServiceImpl, grpc::ByteBuffer,
+                                             ringtree::AppendKVRawResponse>
+    : public grpc::internal::MethodHandler {
+ public:
+  explicit ClientStreamingHandler(ringtree::AttentionServiceImpl* service) : service_(service) {}
+
+  void RunHandler(const HandlerParameter& param) final {
+    grpc::internal::Call* call = param.call;
+    auto* context = static_cast<grpc::ServerContext*>(param.server_context);
+    using StreamRead = ringtree::AttentionServiceImpl::StreamRead;
+    auto read = [call](grpc::ByteBuffer* message) {
+      grpc::internal::CallOpSet<grpc::internal::CallOpRecvMessage<grpc::ByteBuffer>> ops;
+      ops.RecvMessage(message);
+      ops.AllowNoMessage();  // the end of the stream is a success without a message
+      call->PerformOps(&ops);
+      const bool ok = call->cq()->Pluck(&ops);
+      if (ok && ops.got_message) return StreamRead::kMessage;
+      return ok ? StreamRead::kEnd : StreamRead::kFailed;
+    };
+    ringtree::AppendKVRawResponse response;
+    grpc::Status status = service_->AppendKVRaw(context, read, &response.message);
+    grpc::internal::CallOpSet<grpc::internal::CallOpSendInitialMetadata,
+                              grpc::internal::CallOpSendMessage,
+                              grpc::internal::CallOpServerSendStatus>
+        ops;
+    if (!context->sent_initial_metadata_) {
+      ops.SendInitialMetadata(&context->initial_metadata_, context->initial_metadata_flags());
+      if (context->compression_level_set()) ops.set_compression_level(context->compression_level());
+    }
+    if (status.ok()) status = ops.SendMessagePtr(&response.message);
+    ops.ServerSendStatus(&context->trailing_metadata_, status);
+    call->PerformOps(&ops);
+    call->cq()->Pluck(&ops);
+  }
+
+ private:
+  ringtree::AttentionServiceImpl* service_;
+};
+
+namespace ringtree {
+
+AttentionServiceImpl::AttentionServiceImpl(SessionRegistry& registry, Admission& admission,
+                                           EngineLoop& engine, ServiceStats& stats,
+                                           const TokenAuth& auth, RequestLimits limits,
+                                           int world_size, const SessionStore* sessions,
+                                           StorageSettings storage)
     : registry_(registry),
       admission_(admission),
       engine_(engine),
@@ -147,7 +206,15 @@ AttentionServiceImpl::AttentionServiceImpl(SessionRegistry& registry, Admission&
       world_size_(world_size),
       sessions_(sessions),
       storage_(storage),
-      started_(Clock::now()) {}
+      started_(Clock::now()) {
+  const int append_kv = google::protobuf::DescriptorPool::generated_pool()
+                            ->FindServiceByName(v1::AttentionService::service_full_name())
+                            ->FindMethodByName("AppendKV")
+                            ->index();
+  MarkMethodStreamed(
+      append_kv, new grpc::internal::ClientStreamingHandler<AttentionServiceImpl, grpc::ByteBuffer,
+                                                            AppendKVRawResponse>(this));
+}
 
 grpc::Status AttentionServiceImpl::Invalid(const char* method, const Status& status) {
   if (status.code() != StatusCode::kUnavailable) admission_.CountInvalid();
@@ -429,14 +496,40 @@ Status AttentionServiceImpl::RunStreamStep(grpc::ServerContext* context, WorkIte
   return item.status;
 }
 
-grpc::Status AttentionServiceImpl::AppendKV(grpc::ServerContext* context,
-                                            grpc::ServerReader<v1::AppendKVRequest>* reader,
-                                            v1::AppendKVResponse* response) {
+grpc::Status AttentionServiceImpl::AppendKVRaw(grpc::ServerContext* context,
+                                               const StreamReader& read_raw,
+                                               grpc::ByteBuffer* response) {
   const char* m = "AppendKV";
   const auto start = Clock::now();
   return Authenticated(*context, [&](const Caller& caller) -> grpc::Status {
     v1::AppendKVRequest message;
-    if (!reader->Read(&message)) return Invalid(m, Status::InvalidArgument("stream: no messages"));
+    // The next message into `message`; false at the end of the stream, and
+    // when a message could not be received or parsed (`malformed` says why).
+    Status malformed = Status::Ok();
+    auto read = [&](int64_t index) {
+      grpc::ByteBuffer raw;
+      switch (read_raw(&raw)) {
+        case StreamRead::kEnd:
+          return false;
+        case StreamRead::kFailed:
+          malformed = Status::Cancelled(
+              Tag(m) + "message " + std::to_string(index) +
+              " could not be received (larger than --max-message-mib, or the stream broke); "
+              "nothing was stored");
+          return false;
+        case StreamRead::kMessage:
+          break;
+      }
+      message.Clear();
+      if (Status p = ParseRaw(raw, {1}, m, "session_id", &message); !p.ok()) {
+        malformed = AtAppendMessage(p, index);
+        return false;
+      }
+      return true;
+    };
+    if (!read(0))
+      return Invalid(m,
+                     malformed.ok() ? Status::InvalidArgument("stream: no messages") : malformed);
     std::shared_ptr<SessionRecord> session;
     bool header = false;  // ValidateAppendHeader's value is its status alone
     if (grpc::Status g = Resolve(
@@ -529,7 +622,11 @@ grpc::Status AttentionServiceImpl::AppendKV(grpc::ServerContext* context,
       staged = true;
       running = std::move(item);
       ++index;
-    } while (reader->Read(&message));
+    } while (read(index));
+    if (failed.ok() && !malformed.ok()) {
+      failed = malformed;
+      invalid = malformed.code() == StatusCode::kInvalidArgument;
+    }
     if (running) {
       Status last = RunStreamStep(context, *running);
       running.reset();
@@ -546,9 +643,12 @@ grpc::Status AttentionServiceImpl::AppendKV(grpc::ServerContext* context,
     if (failed.ok()) {
       admission_.Complete(0);
       Record(m, start, grpc::Status::OK);
-      response->set_appended_tokens(commit->kv_tokens);
-      response->set_first_position(commit->first_position);
-      response->set_layer_tokens(commit->layer_tokens);
+      v1::AppendKVResponse reply;
+      reply.set_appended_tokens(commit->kv_tokens);
+      reply.set_first_position(commit->first_position);
+      reply.set_layer_tokens(commit->layer_tokens);
+      grpc::Slice slice(reply.SerializeAsString());
+      *response = grpc::ByteBuffer(&slice, 1);
       return grpc::Status::OK;
     }
     // Nothing is stored: the ranks drop the stream's staging (a step that
@@ -748,17 +848,34 @@ class BatchCall final : public grpc::ServerUnaryReactor {
 // refused as a whole (auth, batch size, deadline) ends the stream with that
 // status once the earlier responses are written. Deletes itself when gRPC
 // is done with it.
-class BatchStream final
-    : public grpc::ServerBidiReactor<v1::DecodeBatchRequest, v1::DecodeBatchResponse> {
+class BatchStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer> {
  public:
   BatchStream(AttentionServiceImpl* service, grpc::CallbackServerContext* context)
       : service_(service), context_(context) {
-    StartRead(&request_);
+    StartRead(&raw_);
   }
   void OnReadDone(bool ok) override {
     if (!ok) {  // the client closed its side (or went away)
       {
         std::lock_guard<std::mutex> lock(mu_);
+        reading_ = false;
+      }
+      MaybeFinish();
+      return;
+    }
+    const int64_t index = read_count_++;
+    request_.Clear();
+    if (!request_.ParseFromString(Flatten(raw_))) {  // ends the stream, after the earlier answers
+      grpc::Status refused = service_->Authenticated(*context_, [&](const Caller&) {
+        return service_->Invalid(
+            "DecodeBatchStream",
+            Status::InvalidArgument("message " + std::to_string(index) +
+                                    ": not a DecodeBatchRequest protobuf can parse (a string "
+                                    "field that is not valid UTF-8 is one cause)"));
+      });
+      {
+        std::lock_guard<std::mutex> lock(mu_);
+        final_ = refused;
         reading_ = false;
       }
       MaybeFinish();
@@ -794,7 +911,7 @@ class BatchStream final
         read_later_ = true;
       }
     }
-    if (read) StartRead(&request_);
+    if (read) StartRead(&raw_);
     if (refused) MaybeFinish();
   }
   void OnWriteDone(bool ok) override {
@@ -812,7 +929,7 @@ class BatchStream final
           read = true;
       }
     }
-    if (read) StartRead(&request_);
+    if (read) StartRead(&raw_);
     TryWrite();
     MaybeFinish();
   }
@@ -827,21 +944,24 @@ class BatchStream final
   static constexpr int kMaxPending = 4;
   struct Slot {
     v1::DecodeBatchResponse response;
+    grpc::ByteBuffer wire;  // the response as written
     std::unique_ptr<BatchTracker> tracker;
     bool done = false;
   };
   // Writes the oldest response once it is complete (responses go out in
   // request order); after a failed write, complete responses are dropped.
   void TryWrite() {
-    v1::DecodeBatchResponse* next = nullptr;
+    Slot* next = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
       while (broken_ && !slots_.empty() && slots_.front()->done && !writing_) slots_.pop_front();
       if (writing_ || broken_ || slots_.empty() || !slots_.front()->done) return;
       writing_ = true;
-      next = &slots_.front()->response;
+      next = slots_.front().get();
     }
-    StartWrite(next);
+    grpc::Slice slice(next->response.SerializeAsString());
+    next->wire = grpc::ByteBuffer(&slice, 1);
+    StartWrite(&next->wire);
     // The read held back by kMaxPending starts in OnWriteDone.
   }
   void MaybeFinish() {
@@ -862,7 +982,9 @@ class BatchStream final
 
   AttentionServiceImpl* service_;
   grpc::CallbackServerContext* context_;
-  v1::DecodeBatchRequest request_;  // the message being read; consumed before the next read
+  grpc::ByteBuffer raw_;            // the message being read
+  v1::DecodeBatchRequest request_;  // raw_ parsed; consumed before the next read
+  int64_t read_count_ = 0;          // messages read (only the reading callback touches it)
   std::mutex mu_;
   std::deque<std::unique_ptr<Slot>> slots_;  // unanswered messages, oldest first
   bool reading_ = true;                      // a read is outstanding or will be started
@@ -968,7 +1090,7 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::DecodeBatch(grpc::CallbackServer
   return call;
 }
 
-grpc::ServerBidiReactor<v1::DecodeBatchRequest, v1::DecodeBatchResponse>*
+grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>*
 AttentionServiceImpl::DecodeBatchStream(grpc::CallbackServerContext* context) {
   return new BatchStream(this, context);
 }

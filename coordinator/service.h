@@ -55,7 +55,7 @@ class BatchStream;   // service.cc: the reactor of one DecodeBatchStream
 using AttentionServiceBase =
     v1::AttentionService::WithCallbackMethod_Decode<v1::AttentionService::WithCallbackMethod_Attend<
         v1::AttentionService::WithCallbackMethod_DecodeBatch<
-            v1::AttentionService::WithCallbackMethod_DecodeBatchStream<
+            v1::AttentionService::WithRawCallbackMethod_DecodeBatchStream<
                 v1::AttentionService::WithCallbackMethod_AttendBatch<
                     v1::AttentionService::WithRawCallbackMethod_CreateSession<
                         v1::AttentionService::WithRawCallbackMethod_GetSession<
@@ -75,8 +75,16 @@ class AttentionServiceImpl final : public AttentionServiceBase {
                             v1::ListSessionsResponse* response) override;
   grpc::Status DeleteSession(grpc::ServerContext* context, const v1::DeleteSessionRequest* request,
                              v1::DeleteSessionResponse* response) override;
-  grpc::Status AppendKV(grpc::ServerContext* context, grpc::ServerReader<v1::AppendKVRequest>* reader,
-                        v1::AppendKVResponse* response) override;
+  // AppendKV reads its messages as raw bytes through its own handler
+  // (installed by the constructor), which tells the client's half-close
+  // from a failed read. With gRPC's typed reader both ended the loop the
+  // same way: a message protobuf could not parse, or one larger than
+  // --max-message-mib, let the chunks before it be stored (the first even
+  // answered OK). Now either fails the stream and nothing is stored.
+  enum class StreamRead { kMessage, kEnd, kFailed };
+  using StreamReader = std::function<StreamRead(grpc::ByteBuffer*)>;
+  grpc::Status AppendKVRaw(grpc::ServerContext* context, const StreamReader& read_raw,
+                           grpc::ByteBuffer* response);
   grpc::Status Prefill(grpc::ServerContext* context, const v1::PrefillRequest* request,
                        grpc::ServerWriter<v1::PrefillResponse>* writer) override;
   grpc::ServerUnaryReactor* Decode(grpc::CallbackServerContext* context, const v1::DecodeRequest* request,
@@ -90,8 +98,11 @@ class AttentionServiceImpl final : public AttentionServiceBase {
                                         const v1::DecodeBatchRequest* request,
                                         v1::DecodeBatchResponse* response) override;
   // DecodeBatch for a whole generation: one request message, one response
-  // message, in order (BatchStream in service.cc).
-  grpc::ServerBidiReactor<v1::DecodeBatchRequest, v1::DecodeBatchResponse>* DecodeBatchStream(
+  // message, in order (BatchStream in service.cc). Raw messages: one that
+  // protobuf cannot parse ends the stream with INVALID_ARGUMENT naming it
+  // (with typed messages it ended the stream like the client's half-close,
+  // answered OK, and the messages after it were never served).
+  grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* DecodeBatchStream(
       grpc::CallbackServerContext* context) override;
   grpc::ServerUnaryReactor* AttendBatch(grpc::CallbackServerContext* context,
                                         const v1::AttendBatchRequest* request,

@@ -690,6 +690,66 @@ TEST_F(ServiceFlow, DecodeBatchStreamAnswersEachStepInOrder) {
     EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
     EXPECT_NE(st.error_message().find("entries"), std::string::npos) << st.error_message();
   }
+  // Raw bytes, as any client may send: a message protobuf cannot parse ends
+  // the stream with INVALID_ARGUMENT naming it, after the answer to the one
+  // before; the one after it is not served. (With typed messages the stream
+  // ended there with OK.)
+  {
+    Model& m = layers[0][0];
+    auto message = [&](bool in_model) {
+      v1::DecodeBatchRequest request;
+      request.set_layer(0);
+      v1::DecodeEntry* e = request.add_entries();
+      e->set_session_id(ids[0]);
+      const std::vector<float> q = Random(rng, m.heads * m.head_dim);
+      ToProto(HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim}), e->mutable_q());
+      Model scratch = m;
+      auto [k, v] = NewKv(rng, in_model ? m : scratch, 1);
+      ToProto(k, e->mutable_k());
+      ToProto(v, e->mutable_v());
+      return request.SerializeAsString();
+    };
+    const std::string bytes[3] = {message(true), std::string("\xff\xff\xff\xff"), message(false)};
+    auto channel = grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials());
+    grpc::GenericStub stub(channel);
+    grpc::CompletionQueue cq;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    auto rpc = stub.PrepareCall(&ctx, "/ringtree.v1.AttentionService/DecodeBatchStream", &cq);
+    void* tag = nullptr;
+    bool ok = false;
+    rpc->StartCall(reinterpret_cast<void*>(1));
+    ASSERT_TRUE(cq.Next(&tag, &ok));
+    for (const std::string& b : bytes) {
+      grpc::Slice slice(b);
+      grpc::ByteBuffer buffer(&slice, 1);
+      rpc->Write(buffer, reinterpret_cast<void*>(2));
+      ASSERT_TRUE(cq.Next(&tag, &ok));
+    }
+    rpc->WritesDone(reinterpret_cast<void*>(3));
+    ASSERT_TRUE(cq.Next(&tag, &ok));
+    int responses = 0;
+    for (;;) {
+      grpc::ByteBuffer reply;
+      rpc->Read(&reply, reinterpret_cast<void*>(4));
+      ASSERT_TRUE(cq.Next(&tag, &ok));
+      if (!ok) break;
+      ++responses;
+    }
+    grpc::Status status;
+    rpc->Finish(&status, reinterpret_cast<void*>(5));
+    ASSERT_TRUE(cq.Next(&tag, &ok));
+    cq.Shutdown();
+    while (cq.Next(&tag, &ok)) {
+    }
+    EXPECT_EQ(responses, 1);
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+    EXPECT_EQ(
+        status.error_message().rfind("[DecodeBatchStream] message 1: not a DecodeBatchRequest", 0),
+        0u)
+        << status.error_message();
+    EXPECT_EQ(client->GetSession(ids[0])->layer_tokens(0), m.tokens());
+  }
   // The client's stream after such a refusal: that step and later ones fail.
   {
     auto s2 = client->OpenDecodeBatchStream();
@@ -1237,6 +1297,97 @@ TEST_F(ServiceOverload, WritesWhoseResponseWouldNotFitAreRefusedFirst) {
   ASSERT_TRUE(kv.ok()) << kv.status().message();
   ASSERT_EQ(kv->runs.size(), 1u);
   EXPECT_EQ(kv->runs[0].k.ToFloat32(), std::vector<float>(r.k.begin(), r.k.end()));
+  EXPECT_EQ(small->Stop(), 0) << small->log();
+}
+
+// An AppendKV stream is all or nothing also when a message cannot be
+// received: one protobuf cannot parse (raw bytes, as any client may send)
+// or one over --max-message-mib. gRPC's typed reader ended the stream
+// there like the client's half-close, and the chunks before it were stored
+// (the first case even answered OK). Seen failing that way.
+TEST_F(ServiceOverload, AppendStreamWithABadOrOversizedMessageStoresNothing) {
+  auto small = StartServer({"--max-message-mib", "1"});
+  auto client = Client(*small);
+  std::mt19937 rng(12);
+  Model m;  // 8 heads, 2 kv heads, head_dim 64: 512 bytes of K per token
+  auto info = client->CreateSession(Config(m));
+  ASSERT_TRUE(info.ok()) << info.status().message();
+  const std::string id = info->session_id();
+  auto [k10, v10] = NewKv(rng, m, 10);
+  ASSERT_TRUE(client->AppendKV(id, 0, k10, v10).ok());
+  auto message = [&](bool first, int64_t tokens) {
+    v1::AppendKVRequest r;
+    if (first) r.set_session_id(id);
+    const std::vector<float> x = Random(rng, tokens * m.kv_heads * m.head_dim);
+    ToProto(x.data(), {tokens, m.kv_heads, m.head_dim}, DType::kFloat32, r.mutable_k());
+    ToProto(x.data(), {tokens, m.kv_heads, m.head_dim}, DType::kFloat32, r.mutable_v());
+    return r;
+  };
+  // Raw bytes: message 1 carries a session_id that is not UTF-8.
+  {
+    auto channel = grpc::CreateChannel(small->address(), grpc::InsecureChannelCredentials());
+    grpc::GenericStub stub(channel);
+    grpc::CompletionQueue cq;
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    auto rpc = stub.PrepareCall(&ctx, "/ringtree.v1.AttentionService/AppendKV", &cq);
+    void* tag = nullptr;
+    bool ok = false;
+    rpc->StartCall(reinterpret_cast<void*>(1));
+    ASSERT_TRUE(cq.Next(&tag, &ok));
+    const std::string bytes[3] = {message(true, 4).SerializeAsString(),
+                                  message(false, 4).SerializeAsString() + "\x0a\x02\xff\xfe",
+                                  message(false, 4).SerializeAsString()};
+    for (const std::string& b : bytes) {
+      grpc::Slice slice(b);
+      grpc::ByteBuffer buffer(&slice, 1);
+      rpc->Write(buffer, reinterpret_cast<void*>(2));
+      ASSERT_TRUE(cq.Next(&tag, &ok));
+    }
+    rpc->WritesDone(reinterpret_cast<void*>(3));
+    ASSERT_TRUE(cq.Next(&tag, &ok));
+    grpc::ByteBuffer reply;
+    rpc->Read(&reply, reinterpret_cast<void*>(4));
+    ASSERT_TRUE(cq.Next(&tag, &ok));
+    grpc::Status status;
+    rpc->Finish(&status, reinterpret_cast<void*>(5));
+    ASSERT_TRUE(cq.Next(&tag, &ok));
+    cq.Shutdown();
+    while (cq.Next(&tag, &ok)) {
+    }
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
+    EXPECT_EQ(status.error_message(), "[AppendKV] message 1: session_id: not valid UTF-8");
+  }
+  EXPECT_EQ(client->GetSession(id)->layer_tokens(0), 10);
+  // Message 1 over the 1 MiB limit (1500 tokens of K and V: 1.5 MB).
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    v1::AppendKVResponse reply;
+    auto writer = client->stub()->AppendKV(&ctx, &reply);
+    EXPECT_TRUE(writer->Write(message(true, 4)));
+    writer->Write(message(false, 1500));  // may report the broken stream
+    writer->Write(message(false, 4));
+    writer->WritesDone();
+    const grpc::Status status = writer->Finish();
+    EXPECT_EQ(status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED) << status.error_message();
+  }
+  EXPECT_EQ(client->GetSession(id)->layer_tokens(0), 10);
+  // The same stream without the bad message lands whole.
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+    v1::AppendKVResponse reply;
+    auto writer = client->stub()->AppendKV(&ctx, &reply);
+    ASSERT_TRUE(writer->Write(message(true, 4)));
+    ASSERT_TRUE(writer->Write(message(false, 4)));
+    writer->WritesDone();
+    const grpc::Status status = writer->Finish();
+    ASSERT_TRUE(status.ok()) << status.error_message();
+    EXPECT_EQ(reply.appended_tokens(), 8);
+    EXPECT_EQ(reply.layer_tokens(), 18);
+  }
+  EXPECT_EQ(client->GetSession(id)->layer_tokens(0), 18);
   EXPECT_EQ(small->Stop(), 0) << small->log();
 }
 
