@@ -42,7 +42,8 @@ TEST(RetrievalRounds, GrowthScheduleTable) {
     std::vector<int64_t> takes;  // take() of each round while the bound is never met
   };
   const Case cases[] = {
-      {"from_zero", 0, 40, 0.0, {0, 8, 16, 32, 40}},
+      {"from_zero_takes_one", 0, 40, 0.0, {1, 9, 18, 36, 40}},  // tolerance mode: >= 1 span
+      {"one_round_from_zero", 0, 40, -1.0, {0}},                // not tolerance mode
       {"from_three", 3, 100, 0.0, {3, 11, 22, 44, 88, 100}},
       {"floor_then_doubling", 9, 40, 0.0, {9, 18, 36, 40}},
       {"first_clamped", 50, 20, 0.0, {20}},
@@ -62,6 +63,11 @@ TEST(RetrievalRounds, GrowthScheduleTable) {
     EXPECT_EQ(got, c.takes) << c.name;
     EXPECT_EQ(rounds.rounds(), static_cast<int>(c.takes.size())) << c.name;
   }
+  // A tolerance of 1 is met by any bound: it still attends one span (it
+  // attended none, and answered o = 0, lse = -inf).
+  RetrievalRounds loosest(0, 10, 1.0);
+  EXPECT_EQ(loosest.take(), 1);
+  EXPECT_FALSE(loosest.Continue(1.0f));
   // The bound meeting the tolerance stops at once.
   RetrievalRounds met(4, 100, 0.1);
   EXPECT_FALSE(met.Continue(0.05f));

@@ -230,7 +230,11 @@ std::vector<int64_t> SkippedOfRank(const CandidateOrder& order, int64_t selected
 }
 
 RetrievalRounds::RetrievalRounds(int64_t first_take, int64_t total, double mass_tolerance)
-    : take_(std::clamp<int64_t>(first_take, 0, std::max<int64_t>(total, 0))),
+    // Tolerance mode starts from at least one span: a first round of sinks
+    // and window alone could meet a tolerance of 1 with nothing attended.
+    : take_(
+          std::clamp<int64_t>(mass_tolerance >= 0.0 ? std::max<int64_t>(first_take, 1) : first_take,
+                              0, std::max<int64_t>(total, 0))),
       total_(std::max<int64_t>(total, 0)),
       tolerance_(mass_tolerance) {}
 

@@ -119,7 +119,8 @@ std::vector<int64_t> SkippedOfRank(const CandidateOrder& order, int64_t selected
                                    const std::vector<int64_t>& candidates);
 
 // Step 5: the round schedule. Round 1 attends the request's selection
-// (`first_take` entries, possibly 0: sinks + window only); in tolerance mode
+// (`first_take` entries, possibly 0: sinks + window only; in tolerance mode
+// at least 1 when there is a candidate); in tolerance mode
 // each further round grows the take to
 //     min(total, max(2 * take, take + 8))
 // until the worst row's skipped-mass bound is <= mass_tolerance or every
