@@ -38,10 +38,10 @@ Status NotWithAttentionWindow(const char* method, const char* what) {
 
 // Checks a [tokens, heads, head_dim] tensor: dtype, shape against the
 // session, token count in [min_tokens, max_tokens] (and == expected_tokens
-// when >= 0), data size.
+// when >= 0: the token count of the tensor named expected_as), data size.
 Result<TensorInput> CheckTensor(const v1::Tensor& t, const char* method, const char* field,
                                 int heads, int head_dim, int64_t min_tokens, int64_t max_tokens,
-                                int64_t expected_tokens) {
+                                int64_t expected_tokens, const char* expected_as = "q") {
   RINGTREE_ASSIGN_OR_RETURN(DType dtype,
                             FromProtoDType(t.dtype(), method, std::string(field) + ".dtype"));
   TensorInput in{&t, field, dtype, 0};
@@ -54,7 +54,7 @@ Result<TensorInput> CheckTensor(const v1::Tensor& t, const char* method, const c
   if (expected_tokens >= 0 && in.tokens != expected_tokens) {
     return Status::InvalidArgument(f + ".shape[0]: " + std::to_string(in.tokens) +
                                    " tokens, expected " + std::to_string(expected_tokens) +
-                                   " (as q)");
+                                   " (as " + expected_as + ")");
   }
   if (in.tokens < min_tokens || in.tokens > max_tokens) {
     return Status::InvalidArgument(f + ".shape[0]: " + std::to_string(in.tokens) +
@@ -519,7 +519,7 @@ Result<AppendChunkInput> ValidateAppendChunk(const v1::AppendKVRequest& message,
   if (!k.ok()) return located(k.status());
   in.k = *k;
   auto v = CheckTensor(message.v(), m, "v", shape.kv_heads, shape.head_dim, 1,
-                       limits.max_append_tokens, in.k.tokens);
+                       limits.max_append_tokens, in.k.tokens, "k");
   if (!v.ok()) return located(v.status());
   in.v = *v;
   int64_t total = 0;

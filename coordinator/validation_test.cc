@@ -299,6 +299,11 @@ TEST(Validation, OverflowingSizesAreRefused) {
   m.set_layer(0);
   Fill(m.mutable_k(), 1, 2, 16);
   Fill(m.mutable_v(), 1, 2, 16);
+  // v's token count must match k's (AppendKV has no q).
+  Fill(m.mutable_v(), 2, 2, 16);
+  EXPECT_EQ(Message(ValidateAppendChunk(m, 0, "s", 0, 0, shape, huge)),
+            "[AppendKV] message 0: v.shape[0]: 2 tokens, expected 1 (as k)");
+  Fill(m.mutable_v(), 1, 2, 16);
   // tokens_so_far + this chunk's tokens wraps around.
   EXPECT_EQ(
       Message(ValidateAppendChunk(m, 1, "s", 0, std::numeric_limits<int64_t>::max(), shape, huge)),
