@@ -85,6 +85,19 @@ struct JobOptions {
   std::string kv_dtype = "float32";
 };
 
+// Checks of option values every rank holds alike (run on every rank right
+// after parsing, before any collective): a value the job would otherwise
+// replace by a default or ignore is refused, naming the option.
+Status CheckOptionValues(const JobOptions& o, const CLI::App& app) {
+  if (app.count("--scale") > 0 && !(std::isfinite(o.scale) && o.scale > 0))
+    return Status::InvalidArgument(
+        "[attnjob] --scale: must be a finite number > 0 (omit it for 1/sqrt(head_dim))");
+  if (app.count("--doc-lengths") > 0 && o.doc_lengths.empty())
+    return Status::InvalidArgument(
+        "[attnjob] --doc-lengths: empty value (want a .npy path or n1,n2,...)");
+  return Status::Ok();
+}
+
 // Document boundaries as cumulative lengths [0, n1, n1+n2, ..., tokens], read
 // and checked on the calling rank only (see BroadcastDocOffsets).
 Result<std::vector<int64_t>> DocOffsets(const JobOptions& o, int64_t tokens) {
@@ -653,6 +666,11 @@ int main(int argc, char** argv) {
       if (world.rank() == 0) app.exit(e);
       exit_code = e.get_exit_code() == 0 ? 0 : 2;
       return exit_code;  // env's destructor finalises MPI
+    }
+    // Every rank holds the same options: every rank stops here alike.
+    if (Status st = CheckOptionValues(o, app); !st.ok()) {
+      if (world.rank() == 0) std::fprintf(stderr, "%s\n", JobMessage(st).c_str());
+      return 1;  // env's destructor finalises MPI
     }
     // A bad RINGTREE_KERNEL_PATH (on any rank: hosts can differ) stops every
     // rank here with one message, before any collective or kernel call (which

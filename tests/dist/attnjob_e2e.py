@@ -247,6 +247,14 @@ def main():
          ["--doc-lengths", "bad_docs_two_dims_docs.npy", "one-dimensional"]),
         ("docs_missing", {}, ["--doc-lengths", "DOCS"], ["--doc-lengths", "bad_docs_missing_docs.npy", "cannot open"]),
         ("kv_dtype_float16", {}, ["--kv-dtype", "float16"], ["--kv-dtype", "got 'float16'"]),
+        # A --scale kernels would replace by 1/sqrt(head_dim) (<= 0) or that
+        # gives no result (inf, nan) is refused, not used.
+        ("scale_zero", {}, ["--scale", "0"], ["--scale: must be a finite number > 0"]),
+        ("scale_negative", {}, ["--scale", "-0.5"], ["--scale: must be a finite number > 0"]),
+        ("scale_inf", {}, ["--scale", "inf"], ["--scale: must be a finite number > 0"]),
+        ("scale_nan", {}, ["--scale", "nan"], ["--scale: must be a finite number > 0"]),
+        # An empty --doc-lengths is refused like "10,,14", not ignored.
+        ("docs_empty", {}, ["--causal", "--doc-lengths", ""], ["--doc-lengths: empty value"]),
         ("decode_steps_window", {}, ["--causal", "--window", "8", "--decode-steps", "2"],
          ["--decode-steps does not support --window"]),
         # Checked on every rank at start, agreed before any collective.
