@@ -95,6 +95,21 @@ Status CheckOptionValues(const JobOptions& o, const CLI::App& app) {
   if (app.count("--doc-lengths") > 0 && o.doc_lengths.empty())
     return Status::InvalidArgument(
         "[attnjob] --doc-lengths: empty value (want a .npy path or n1,n2,...)");
+  // --demo generates its data and writes no file; without it the shapes come
+  // from the files. An option of the other mode would be ignored.
+  if (o.demo) {
+    for (const char* f : {"--q", "--k", "--v", "--out", "--lse"})
+      if (app.count(f) > 0)
+        return Status::InvalidArgument(
+            std::string("[attnjob] ") + f +
+            " cannot be used with --demo (the demo generates its data and writes no file)");
+  } else {
+    for (const char* f : {"--tokens", "--heads", "--kv-heads", "--head-dim", "--seed"})
+      if (app.count(f) > 0)
+        return Status::InvalidArgument(
+            std::string("[attnjob] ") + f +
+            " applies to --demo only (without it the shapes come from the .npy files)");
+  }
   return Status::Ok();
 }
 

@@ -255,6 +255,9 @@ def main():
         ("scale_nan", {}, ["--scale", "nan"], ["--scale: must be a finite number > 0"]),
         # An empty --doc-lengths is refused like "10,,14", not ignored.
         ("docs_empty", {}, ["--causal", "--doc-lengths", ""], ["--doc-lengths: empty value"]),
+        # Demo-only options are refused in file mode, not ignored.
+        ("tokens_without_demo", {}, ["--tokens", "24"], ["--tokens applies to --demo only"]),
+        ("seed_without_demo", {}, ["--seed", "3"], ["--seed applies to --demo only"]),
         ("decode_steps_window", {}, ["--causal", "--window", "8", "--decode-steps", "2"],
          ["--decode-steps does not support --window"]),
         # Checked on every rank at start, agreed before any collective.
@@ -293,6 +296,18 @@ def main():
             leftovers = glob.glob(out + "*") + glob.glob(lse + "*") + \
                 glob.glob(w("bad_%s_o.npy*" % name)) + glob.glob(w("bad_%s_lse.npy*" % name))
             check_refused(r, label, rc, se, secs, expect, leftovers)
+
+    # --- bad --demo options: (name, extra args, expected substrings). The demo
+    # writes no file, so a file option given with it is refused, not ignored.
+    demo_bad = [
+        ("demo_with_q", ["--q", w("demo_with_q_q.npy")], ["--q cannot be used with --demo"]),
+        ("demo_with_out", ["--out", w("demo_with_out_o.npy")], ["--out cannot be used with --demo"]),
+        ("demo_with_lse", ["--lse", w("demo_with_lse_lse.npy")], ["--lse cannot be used with --demo"]),
+    ]
+    for name, extra, expect in demo_bad:
+        rc, so, se, secs = r.run(2, ["--demo", "--tokens", "64", "--heads", "2", "--kv-heads", "1",
+                                     "--head-dim", "16"] + extra)
+        check_refused(r, "%s (P=2)" % name, rc, se, secs, expect, glob.glob(w(name + "_*")))
 
     # --- --doc-lengths as a relative path that only one rank can open (each
     # rank runs in its own directory). Rank 0 reads it and broadcasts: when
