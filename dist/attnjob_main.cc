@@ -44,6 +44,7 @@
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <filesystem>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -110,6 +111,48 @@ Status CheckOptionValues(const JobOptions& o, const CLI::App& app) {
             std::string("[attnjob] ") + f +
             " applies to --demo only (without it the shapes come from the .npy files)");
   }
+  return Status::Ok();
+}
+
+// Whether two paths name the same file: std::filesystem::equivalent when both
+// exist (symbolic and hard links too), else the same absolute path once "."
+// and ".." and the existing part's links are resolved.
+bool SameFile(const std::string& a, const std::string& b) {
+  namespace fs = std::filesystem;
+  std::error_code ea, eb;
+  if (fs::exists(a, ea) && fs::exists(b, eb)) {
+    std::error_code e;
+    if (fs::equivalent(a, b, e)) return true;
+    if (!e) return false;
+  }
+  auto resolved = [](const std::string& p) {
+    std::error_code e;
+    fs::path c = fs::weakly_canonical(p, e);
+    return e ? fs::absolute(p, e).lexically_normal() : c;
+  };
+  return resolved(a) == resolved(b);
+}
+
+// File mode: --out and --lse must differ from each other and from every
+// input (--q, --k, --v, a --doc-lengths file); an input would be overwritten
+// (and --check would compare against it) and the same output twice fails
+// only at the rename after the whole computation.
+Status CheckOutputPaths(const JobOptions& o) {
+  std::vector<std::pair<const char*, const std::string*>> inputs{
+      {"--q", &o.q_path}, {"--k", &o.k_path}, {"--v", &o.v_path}};
+  if (o.doc_lengths.find(".npy") != std::string::npos)
+    inputs.push_back({"--doc-lengths", &o.doc_lengths});
+  std::vector<std::pair<const char*, const std::string*>> outputs{{"--out", &o.out_path}};
+  if (!o.lse_path.empty()) outputs.push_back({"--lse", &o.lse_path});
+  if (outputs.size() == 2 && SameFile(o.out_path, o.lse_path))
+    return Status::InvalidArgument("[attnjob] --out and --lse name the same file '" + o.lse_path +
+                                   "'");
+  for (const auto& [out_name, out_path] : outputs)
+    for (const auto& [in_name, in_path] : inputs)
+      if (SameFile(*out_path, *in_path))
+        return Status::InvalidArgument(std::string("[attnjob] ") + out_name + " '" + *out_path +
+                                       "' names the " + in_name +
+                                       " input file (refusing to overwrite an input)");
   return Status::Ok();
 }
 
@@ -499,6 +542,8 @@ Status RunJob(const JobOptions& o, const Communicator& comm, int threads, PeerWa
   } else {
     if (o.q_path.empty() || o.k_path.empty() || o.v_path.empty() || o.out_path.empty())
       return Status::InvalidArgument("[attnjob] --q, --k, --v and --out are required (or --demo)");
+    // Checked on every rank (paths are each rank's own), agreed before any collective read.
+    RINGTREE_RETURN_IF_ERROR(comm.AgreeOnStatus(CheckOutputPaths(o)));
     RINGTREE_ASSIGN_OR_RETURN(qh, ReadNpyHeaderCollective(comm, o.q_path));
     RINGTREE_ASSIGN_OR_RETURN(kh, ReadNpyHeaderCollective(comm, o.k_path));
     RINGTREE_ASSIGN_OR_RETURN(vh, ReadNpyHeaderCollective(comm, o.v_path));

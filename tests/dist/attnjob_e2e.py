@@ -255,6 +255,14 @@ def main():
         ("scale_nan", {}, ["--scale", "nan"], ["--scale: must be a finite number > 0"]),
         # An empty --doc-lengths is refused like "10,,14", not ignored.
         ("docs_empty", {}, ["--causal", "--doc-lengths", ""], ["--doc-lengths: empty value"]),
+        # An output naming an input or the other output is refused before any
+        # computation (the input is left as it was), however the path is spelt.
+        ("out_is_q", {"out": w("bad_out_is_q_q.npy")}, ["--check"], ["--out", "names the --q input file"]),
+        ("lse_is_k", {"lse": os.path.join(args.workdir, ".", "bad_lse_is_k_k.npy")}, [],
+         ["--lse", "names the --k input file"]),
+        ("out_is_docs", {"docs": np.array([10, 14], np.int64), "out": w("bad_out_is_docs_docs.npy")},
+         ["--causal", "--doc-lengths", "DOCS"], ["--out", "names the --doc-lengths input file"]),
+        ("lse_is_out", {"lse": w("bad_lse_is_out_o.npy")}, [], ["--out and --lse name the same file"]),
         # Demo-only options are refused in file mode, not ignored.
         ("tokens_without_demo", {}, ["--tokens", "24"], ["--tokens applies to --demo only"]),
         ("seed_without_demo", {}, ["--seed", "3"], ["--seed applies to --demo only"]),
@@ -293,9 +301,16 @@ def main():
             rc, so, se, secs = r.run(P, ["--q", paths["q"], "--k", paths["k"], "--v", paths["v"],
                                          "--out", out, "--lse", lse] + extra, env=over.get("env"))
             label = "%s (P=%d)" % (name, P)
-            leftovers = glob.glob(out + "*") + glob.glob(lse + "*") + \
-                glob.glob(w("bad_%s_o.npy*" % name)) + glob.glob(w("bad_%s_lse.npy*" % name))
+            inputs = set(os.path.realpath(f) for f in list(paths.values()) + [docs_path])
+            leftovers = sorted(set(f for f in glob.glob(out + "*") + glob.glob(lse + "*") +
+                                   glob.glob(w("bad_%s_o.npy*" % name)) + glob.glob(w("bad_%s_lse.npy*" % name))
+                                   if os.path.realpath(f) not in inputs))
             check_refused(r, label, rc, se, secs, expect, leftovers)
+            for t in ("q", "k", "v"):  # an input named as an output is left as it was
+                val = over.get(t, base[t])
+                if isinstance(val, np.ndarray) and os.path.exists(paths[t]) and \
+                        not np.array_equal(np.load(paths[t]), val):
+                    r.fail(label, "input %s was modified" % paths[t])
 
     # --- bad --demo options: (name, extra args, expected substrings). The demo
     # writes no file, so a file option given with it is refused, not ignored.
