@@ -12,7 +12,8 @@
 //   decode and batch take --topology flat|two-level (the tree reduction;
 //   default flat); prefill takes --layout zigzag|contiguous (default: zigzag
 //   with --causal, contiguous without). --window is prefill's only; the other
-//   modes refuse it (exit 2) rather than ignore it.
+//   modes refuse it (exit 2) rather than ignore it. Counts below 1 (--warmup
+//   below 0) and an --out that cannot be written are refused (exit 2).
 //     the service's decode step without gRPC: S distinct N-token sessions
 //     sharded over the ranks, steps of B of them (local partials, status
 //     agreement, one tree reduction, as WorkerEngine::ExecuteBatch does);
@@ -34,11 +35,12 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <cstdio>
+#include <filesystem>
 #include <fstream>
+#include <limits>
+#include <nlohmann/json.hpp>
 #include <string>
 #include <vector>
-
-#include <nlohmann/json.hpp>
 
 #include "dist/communicator.h"
 #include "dist/ring_attention.h"
@@ -99,6 +101,8 @@ double Median(std::vector<double> v) {
   return v.empty() ? 0 : v[v.size() / 2];
 }
 
+bool g_out_failed = false;  // a line could not be appended to --out (main exits 1)
+
 void Emit(const BenchOptions& o, const json& j) {
   const std::string line = j.dump();
   std::printf("%s\n", line.c_str());
@@ -106,7 +110,35 @@ void Emit(const BenchOptions& o, const json& j) {
   if (!o.out.empty()) {
     std::ofstream f(o.out, std::ios::app);
     f << line << "\n";
+    f.close();
+    if (!f && !g_out_failed) {
+      std::fprintf(stderr, "[dist_bench] --out %s: cannot append the measurement\n", o.out.c_str());
+      g_out_failed = true;
+    }
   }
+}
+
+// --out on rank 0: an existing file must be writable, a new one needs a
+// writable directory (checked before measuring; nothing is created here).
+Status CheckOutPath(const std::string& out) {
+  namespace fs = std::filesystem;
+  std::error_code e;
+  if (fs::exists(out, e)) {
+    if (fs::is_directory(out, e))
+      return Status::InvalidArgument("--out " + out + ": is a directory");
+    if (access(out.c_str(), W_OK) != 0)
+      return Status::InvalidArgument("--out " + out + ": not writable");
+    return Status::Ok();
+  }
+  const fs::path dir =
+      fs::path(out).has_parent_path() ? fs::path(out).parent_path() : fs::path(".");
+  if (!fs::is_directory(dir, e))
+    return Status::InvalidArgument("--out " + out + ": directory " + dir.string() +
+                                   " does not exist");
+  if (access(dir.c_str(), W_OK) != 0)
+    return Status::InvalidArgument("--out " + out + ": directory " + dir.string() +
+                                   " is not writable");
+  return Status::Ok();
 }
 
 Status RunDecode(const BenchOptions& o, const Communicator& comm, int threads) {
@@ -460,31 +492,38 @@ int main(int argc, char** argv) {
     app.add_option("mode", o.mode, "decode | prefill | batch | pingpong")
         ->required()
         ->check(CLI::IsMember({"decode", "prefill", "batch", "pingpong"}));
-    app.add_option("--sessions", o.sessions, "batch: distinct sessions");
-    app.add_option("--batch", o.batch, "batch: sessions per step");
-    app.add_option("--tokens", o.tokens);
+    // Counts are checked here (a CLI11 error naming the option, exit 2): 0 or
+    // negative steps, repeats or queries would divide by zero or index an
+    // empty vector, and 0 tokens would report a measurement of nothing.
+    const auto at_least_1 = CLI::Range(1, std::numeric_limits<int>::max());
+    app.add_option("--sessions", o.sessions, "batch: distinct sessions")->check(at_least_1);
+    app.add_option("--batch", o.batch, "batch: sessions per step")->check(at_least_1);
+    app.add_option("--tokens", o.tokens)
+        ->check(CLI::Range(int64_t{1}, std::numeric_limits<int64_t>::max()));
     app.add_option("--window", o.window,
                    "prefill only (refused elsewhere): sliding window W (with --causal)");
-    app.add_option("--heads", o.heads);
-    app.add_option("--kv-heads", o.kv_heads);
-    app.add_option("--head-dim", o.head_dim);
-    app.add_option("--steps", o.steps);
-    app.add_option("--warmup", o.warmup);
-    app.add_option("--queries", o.queries);
-    app.add_option("--repeats", o.repeats);
+    app.add_option("--heads", o.heads)->check(at_least_1);
+    app.add_option("--kv-heads", o.kv_heads)->check(at_least_1);
+    app.add_option("--head-dim", o.head_dim)->check(at_least_1);
+    app.add_option("--steps", o.steps)->check(at_least_1);
+    app.add_option("--warmup", o.warmup)->check(CLI::Range(0, std::numeric_limits<int>::max()));
+    app.add_option("--queries", o.queries)->check(at_least_1);
+    app.add_option("--repeats", o.repeats)->check(at_least_1);
     app.add_flag("--causal", o.causal);
     app.add_option("--topology", o.topology, "decode, batch: tree reduction flat | two-level")
         ->check(CLI::IsMember({"flat", "two-level"}));
     app.add_option("--layout", o.layout, "prefill: zigzag | contiguous (default: zigzag with --causal)")
         ->check(CLI::IsMember({"zigzag", "contiguous"}));
-    app.add_option("--threads", o.threads);
+    app.add_option("--threads", o.threads,
+                   "oneTBB threads per rank (default cores / ranks on this node)")
+        ->check(at_least_1);
     app.add_option("--out", o.out, "append JSON lines here (rank 0)");
     app.add_option("--label", o.label);
     try {
       app.parse(argc, argv);
     } catch (const CLI::ParseError& e) {
       if (world.rank() == 0) app.exit(e);
-      return 2;
+      return e.get_exit_code() == 0 ? 0 : 2;  // --help: 0
     }
     // Only prefill masks; elsewhere a window would be silently ignored and the
     // figures labelled with a mask that never ran. Every rank parses the same
@@ -493,6 +532,13 @@ int main(int argc, char** argv) {
       if (world.rank() == 0)
         std::fprintf(stderr, "[dist_bench] --window applies to prefill only, not %s\n",
                      o.mode.c_str());
+      return 2;
+    }
+    // Every rank stops here when rank 0 (the only writer) cannot write --out.
+    if (Status st = world.AgreeOnStatus(world.rank() == 0 && !o.out.empty() ? CheckOutPath(o.out)
+                                                                            : Status::Ok());
+        !st.ok()) {
+      if (world.rank() == 0) std::fprintf(stderr, "[dist_bench] %s\n", st.message().c_str());
       return 2;
     }
     const int cores = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
@@ -508,6 +554,7 @@ int main(int argc, char** argv) {
       if (world.rank() == 0) std::fprintf(stderr, "[dist_bench] %s\n", s.message().c_str());
       rc = 1;
     }
+    if (g_out_failed) rc = 1;
   }
   return rc;
 }
