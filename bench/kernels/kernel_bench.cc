@@ -17,6 +17,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <cstdarg>
@@ -703,25 +704,71 @@ int Main(int argc, char** argv) {
                        std::atoi(argv[6]) != 0, std::atoi(argv[7]));
   }
   Options opt;
+  const char* usage =
+      "usage: kernel_bench [--quick] [--only prefill|decode|batched|window|memory] "
+      "[--threads N] "
+      "[--path generic|avx2|avx512|avx512bf16|onednn] [--decode-n N] [--prefill-rounds R] "
+      "[--json FILE]\n";
+  // Every option is checked here, before the JSON file is opened (and so
+  // truncated): a bad value exits 2 naming the option and changes nothing.
+  auto integer = [](const char* name, const char* text, long long lo, long long hi,
+                    long long* out) {
+    char* end = nullptr;
+    errno = 0;
+    const long long v = std::strtoll(text, &end, 10);
+    if (*text == '\0' || *end != '\0' || errno != 0 || v < lo || v > hi) {
+      std::fprintf(stderr, "kernel_bench: %s: '%s' is not an integer in [%lld, %lld]\n", name, text,
+                   lo, hi);
+      return false;
+    }
+    *out = v;
+    return true;
+  };
   for (int i = 1; i < argc; ++i) {
     std::string a = argv[i];
-    if (a == "--quick") opt.quick = true;
-    else if (a == "--json" && i + 1 < argc) opt.json = argv[++i];
-    else if (a == "--only" && i + 1 < argc) opt.only = argv[++i];
-    else if (a == "--threads" && i + 1 < argc) opt.threads = std::atoi(argv[++i]);
-    else if (a == "--path" && i + 1 < argc) opt.path = argv[++i];
-    else if (a == "--decode-n" && i + 1 < argc)
-      opt.decode_n = std::atol(argv[++i]);
-    else if (a == "--prefill-rounds" && i + 1 < argc && std::atoi(argv[i + 1]) > 0)
-      opt.prefill_rounds = std::atoi(argv[++i]);
-    else {
-      std::fprintf(
-          stderr,
-          "usage: kernel_bench [--quick] [--only prefill|decode|batched|window|memory] "
-          "[--threads N] "
-          "[--path generic|avx2|avx512|avx512bf16|onednn] [--decode-n N] [--prefill-rounds R] "
-          "[--json FILE]\n");
+    long long v = 0;
+    if (a == "--help" || a == "-h") {
+      std::fputs(usage, stdout);
+      return 0;
+    }
+    if (a == "--quick") {
+      opt.quick = true;
+      continue;
+    }
+    const bool known = a == "--json" || a == "--only" || a == "--threads" || a == "--path" ||
+                       a == "--decode-n" || a == "--prefill-rounds";
+    if (!known) {
+      std::fprintf(stderr, "kernel_bench: unknown option '%s'\n%s", a.c_str(), usage);
       return 2;
+    }
+    if (i + 1 >= argc) {
+      std::fprintf(stderr, "kernel_bench: %s needs a value\n%s", a.c_str(), usage);
+      return 2;
+    }
+    const char* value = argv[++i];
+    if (a == "--json") {
+      opt.json = value;
+    } else if (a == "--only") {
+      opt.only = value;
+      if (opt.only != "prefill" && opt.only != "decode" && opt.only != "batched" &&
+          opt.only != "window" && opt.only != "memory") {
+        std::fprintf(
+            stderr,
+            "kernel_bench: --only: '%s' is not one of prefill, decode, batched, window, memory\n",
+            value);
+        return 2;
+      }
+    } else if (a == "--threads") {
+      if (!integer("--threads", value, 1, 4096, &v)) return 2;
+      opt.threads = static_cast<int>(v);
+    } else if (a == "--path") {
+      opt.path = value;
+    } else if (a == "--decode-n") {
+      if (!integer("--decode-n", value, 1, int64_t{1} << 32, &v)) return 2;
+      opt.decode_n = v;
+    } else {  // --prefill-rounds
+      if (!integer("--prefill-rounds", value, 1, 1000, &v)) return 2;
+      opt.prefill_rounds = static_cast<int>(v);
     }
   }
   if (!opt.path.empty()) {
