@@ -32,6 +32,7 @@
 // rank exits non-zero within seconds and no output file is left. The thread
 // never touches MPI on the fast path; the ring's own calls are unchanged.
 #include <glob.h>
+#include <sys/sysinfo.h>
 #include <tbb/global_control.h>
 #include <unistd.h>
 
@@ -568,8 +569,53 @@ Status RunJob(const JobOptions& o, const Communicator& comm, int threads, PeerWa
   const Ranges kv_ranges = ToPairs(kv_layout.RangesOf(rank));
   const int64_t q_row = static_cast<int64_t>(p.heads.heads) * p.heads.head_dim;
   const int64_t kv_row = static_cast<int64_t>(p.heads.kv_heads) * p.heads.head_dim;
-  std::vector<float> q(static_cast<size_t>(RowsIn(q_ranges) * q_row));
-  std::vector<float> k(static_cast<size_t>(RowsIn(kv_ranges) * kv_row)), v(k.size());
+  // Every large buffer of the job, allocated up front: a problem too large for
+  // this rank's memory fails here with one message on every rank (agreed),
+  // not with an uncaught std::bad_alloc in the middle of the ring.
+  std::vector<float> q, k, v, out, lse;
+  std::vector<uint16_t> k16, v16;  // bf16 storage: K/V rounded once, half the bytes
+  {
+    const double q_elems = double(RowsIn(q_ranges)) * q_row,
+                 kv_elems = double(RowsIn(kv_ranges)) * kv_row;
+    const double lse_elems = double(RowsIn(q_ranges)) * p.heads.heads;
+    const bool bf16 = p.heads.kv_dtype == DType::kBFloat16;
+    const double bytes =
+        4 * (2 * q_elems + 2 * kv_elems + lse_elems) + (bf16 ? 2 * 2 * kv_elems : 0);
+    Status local;
+    try {
+      // Beyond this node's memory and swap (shared by its ranks), the zeroing
+      // below would only end in the kernel's OOM killer.
+      struct sysinfo si {};
+      const double node =
+          sysinfo(&si) == 0 ? (double(si.totalram) + si.totalswap) * si.mem_unit : 0x1p62;
+      if (bytes > 0x1p62 || bytes * MpiEnvironment::LocalRanks() > node) throw std::bad_alloc();
+      q.resize(static_cast<size_t>(q_elems));
+      k.resize(static_cast<size_t>(kv_elems));
+      v.resize(k.size());
+      out.resize(q.size());
+      lse.resize(static_cast<size_t>(lse_elems));
+      if (bf16) {
+        k16.reserve(k.size());
+        v16.reserve(v.size());
+      }
+    } catch (const std::exception&) {  // std::bad_alloc, std::length_error
+      std::vector<float>().swap(q), std::vector<float>().swap(k), std::vector<float>().swap(v);
+      std::vector<float>().swap(out), std::vector<float>().swap(lse);
+      std::vector<uint16_t>().swap(k16), std::vector<uint16_t>().swap(v16);
+      char size[64];
+      std::snprintf(size, sizeof(size), "%.3g GB", bytes / 1e9);
+      const std::string what = o.demo ? "--demo --tokens " + std::to_string(o.tokens)
+                                      : o.q_path + ", " + o.k_path + ", " + o.v_path;
+      local = Status::ResourceExhausted(
+          "[attnjob] rank " + std::to_string(rank) + ": not enough memory: its shard of " + what +
+          " (" + std::to_string(p.q_tokens) + " tokens, heads " + std::to_string(p.heads.heads) +
+          "/" + std::to_string(p.heads.kv_heads) + ", head_dim " +
+          std::to_string(p.heads.head_dim) + ") and the output need " + size +
+          " (more than this node's memory and swap, or the allocation failed); "
+          "use more hosts");
+    }
+    RINGTREE_RETURN_IF_ERROR(comm.AgreeOnStatus(local));
+  }
   const double t_read = NowSeconds();
   if (o.demo) {
     FillDemoRows(o.seed, 0, q_ranges, q_row, q.data());
@@ -581,7 +627,6 @@ Status RunJob(const JobOptions& o, const Communicator& comm, int threads, PeerWa
     RINGTREE_RETURN_IF_ERROR(ReadNpyRowsCollective(comm, o.v_path, vh, kv_ranges, v.data()));
   }
   // bf16 storage: K/V rounded once here, half the bytes in memory and on the ring.
-  std::vector<uint16_t> k16, v16;
   const uint8_t* k_store = reinterpret_cast<const uint8_t*>(k.data());
   const uint8_t* v_store = reinterpret_cast<const uint8_t*>(v.data());
   if (p.heads.kv_dtype == DType::kBFloat16) {
@@ -597,7 +642,6 @@ Status RunJob(const JobOptions& o, const Communicator& comm, int threads, PeerWa
   const int64_t kv_row_bytes = kv_row * static_cast<int64_t>(DTypeSize(p.heads.kv_dtype));
   const double read_seconds = NowSeconds() - t_read;
 
-  std::vector<float> out(q.size()), lse(static_cast<size_t>(RowsIn(q_ranges) * p.heads.heads));
   std::vector<QueryBlock> qblocks;
   std::vector<KvBlock> kvblocks;
   int64_t qrow = 0, krow = 0;

@@ -263,6 +263,9 @@ def main():
         ("out_is_docs", {"docs": np.array([10, 14], np.int64), "out": w("bad_out_is_docs_docs.npy")},
          ["--causal", "--doc-lengths", "DOCS"], ["--out", "names the --doc-lengths input file"]),
         ("lse_is_out", {"lse": w("bad_lse_is_out_o.npy")}, [], ["--out and --lse name the same file"]),
+        # A valid header whose shape is too large for memory (a sparse 8 TiB
+        # file): one message naming the file, exit 1 everywhere, no abort.
+        ("huge_q", {"q": "HUGE"}, [], ["not enough memory", "bad_huge_q_q.npy"]),
         # Demo-only options are refused in file mode, not ignored.
         ("tokens_without_demo", {}, ["--tokens", "24"], ["--tokens applies to --demo only"]),
         ("seed_without_demo", {}, ["--seed", "3"], ["--seed applies to --demo only"]),
@@ -288,6 +291,12 @@ def main():
                 save(p, base[t])
                 with open(p, "r+b") as f:
                     f.truncate(os.path.getsize(p) - 100)
+            elif isinstance(val, str) and val == "HUGE":  # header of [2^34, H, D] float32, sparse data
+                hdr = np.lib.format.header_data_from_array_1_0(base[t][:1])
+                hdr["shape"] = (2 ** 34,) + base[t].shape[1:]
+                with open(p, "wb") as f:
+                    np.lib.format.write_array_header_1_0(f, hdr)
+                    f.truncate(f.tell() + 2 ** 34 * base[t][0].nbytes)
             elif isinstance(val, str) and val == "GARBAGE":
                 with open(p, "wb") as f:
                     f.write(b"this is not a numpy file at all" * 4)
@@ -311,17 +320,23 @@ def main():
                 if isinstance(val, np.ndarray) and os.path.exists(paths[t]) and \
                         not np.array_equal(np.load(paths[t]), val):
                     r.fail(label, "input %s was modified" % paths[t])
+        for t in ("q", "k", "v"):
+            if isinstance(over.get(t), str) and over[t] == "HUGE" and os.path.exists(paths[t]):
+                os.remove(paths[t])  # no 8 TiB sparse file left in the build tree
 
     # --- bad --demo options: (name, extra args, expected substrings). The demo
     # writes no file, so a file option given with it is refused, not ignored.
     demo_bad = [
-        ("demo_with_q", ["--q", w("demo_with_q_q.npy")], ["--q cannot be used with --demo"]),
-        ("demo_with_out", ["--out", w("demo_with_out_o.npy")], ["--out cannot be used with --demo"]),
-        ("demo_with_lse", ["--lse", w("demo_with_lse_lse.npy")], ["--lse cannot be used with --demo"]),
+        ("demo_with_q", ["--tokens", "64", "--q", w("demo_with_q_q.npy")], ["--q cannot be used with --demo"]),
+        ("demo_with_out", ["--tokens", "64", "--out", w("demo_with_out_o.npy")],
+         ["--out cannot be used with --demo"]),
+        ("demo_with_lse", ["--tokens", "64", "--lse", w("demo_with_lse_lse.npy")],
+         ["--lse cannot be used with --demo"]),
+        # Too large for memory: one message, exit 1 everywhere, not std::bad_alloc.
+        ("demo_tokens_huge", ["--tokens", "1000000000000"], ["not enough memory", "--tokens 1000000000000"]),
     ]
     for name, extra, expect in demo_bad:
-        rc, so, se, secs = r.run(2, ["--demo", "--tokens", "64", "--heads", "2", "--kv-heads", "1",
-                                     "--head-dim", "16"] + extra)
+        rc, so, se, secs = r.run(2, ["--demo", "--heads", "2", "--kv-heads", "1", "--head-dim", "16"] + extra)
         check_refused(r, "%s (P=2)" % name, rc, se, secs, expect, glob.glob(w(name + "_*")))
 
     # --- --doc-lengths as a relative path that only one rank can open (each
