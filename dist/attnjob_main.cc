@@ -85,6 +85,7 @@ struct JobOptions {
   int64_t window = 0;
   std::string doc_lengths;  // .npy path or "n1,n2,..."
   std::string kv_dtype = "float32";
+  bool decode_steps_given = false;  // --decode-steps on the command line (else the mode's default)
 };
 
 // Checks of option values every rank holds alike (run on every rank right
@@ -94,6 +95,11 @@ Status CheckOptionValues(const JobOptions& o, const CLI::App& app) {
   if (app.count("--scale") > 0 && !(std::isfinite(o.scale) && o.scale > 0))
     return Status::InvalidArgument(
         "[attnjob] --scale: must be a finite number > 0 (omit it for 1/sqrt(head_dim))");
+  if (app.count("--threads") > 0 && o.threads < 1)
+    return Status::InvalidArgument(
+        "[attnjob] --threads must be >= 1 (omit it for cores / ranks on this node)");
+  if (app.count("--decode-steps") > 0 && o.decode_steps < 0)
+    return Status::InvalidArgument("[attnjob] --decode-steps must be >= 0");
   if (app.count("--doc-lengths") > 0 && o.doc_lengths.empty())
     return Status::InvalidArgument(
         "[attnjob] --doc-lengths: empty value (want a .npy path or n1,n2,...)");
@@ -561,7 +567,12 @@ Status RunJob(const JobOptions& o, const Communicator& comm, int threads, PeerWa
   if (!ParseDType(o.kv_dtype, &p.heads.kv_dtype) || p.heads.kv_dtype == DType::kFloat16)
     return Status::InvalidArgument("[attnjob] --kv-dtype must be float32 or bfloat16, got '" + o.kv_dtype + "'");
   if (o.decode_steps > 0 && (o.window > 0 || !docs.empty()))
-    return Status::InvalidArgument("[attnjob] --decode-steps does not support --window or --doc-lengths");
+    return Status::InvalidArgument(
+        o.decode_steps_given
+            ? "[attnjob] --decode-steps does not support --window or --doc-lengths"
+            : "[attnjob] --demo decodes " + std::to_string(o.decode_steps) +
+                  " steps after the prefill by default, which does not support --window or "
+                  "--doc-lengths: pass --decode-steps 0");
   if (o.layout == "zigzag" || (o.layout == "auto" && o.causal)) p.layout = ShardLayoutKind::kZigzag;
   RINGTREE_ASSIGN_OR_RETURN(ShardLayout q_layout, ShardLayout::Create(p.layout, p.q_tokens, P));
   RINGTREE_ASSIGN_OR_RETURN(ShardLayout kv_layout, ShardLayout::Create(p.layout, p.kv_tokens, P));
@@ -783,7 +794,8 @@ int main(int argc, char** argv) {
       if (world.rank() == 0) std::fprintf(stderr, "%s\n", JobMessage(st).c_str());
       return 1;  // env's destructor finalises MPI
     }
-    if (o.decode_steps < 0) o.decode_steps = o.demo ? 8 : 0;
+    o.decode_steps_given = app.count("--decode-steps") > 0;
+    if (!o.decode_steps_given) o.decode_steps = o.demo ? 8 : 0;
     const int threads = o.threads > 0 ? o.threads : DefaultThreads();
     tbb::global_control limit(tbb::global_control::max_allowed_parallelism, threads);
     SetBlasThreads(1);

@@ -83,7 +83,7 @@ class Runner:
         if rank_dirs:
             launch = ["/bin/sh", "-c", 'cd "%s$OMPI_COMM_WORLD_RANK" && exec "$0" "$@"' % rank_dirs] + launch
         cmd = [self.args.mpirun, "-np", str(np_ranks), "--oversubscribe"] + launch + \
-            ["--threads", "1", "--quiet"] + job_args
+            ([] if "--threads" in job_args else ["--threads", "1"]) + ["--quiet"] + job_args
         t0 = time.time()
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT,
@@ -332,6 +332,15 @@ def main():
          ["--out cannot be used with --demo"]),
         ("demo_with_lse", ["--tokens", "64", "--lse", w("demo_with_lse_lse.npy")],
          ["--lse cannot be used with --demo"]),
+        # --threads and --decode-steps below their range are refused, not
+        # replaced by the default.
+        ("demo_threads_zero", ["--tokens", "64", "--threads", "0"], ["--threads must be >= 1"]),
+        ("demo_threads_negative", ["--tokens", "64", "--threads", "-2"], ["--threads must be >= 1"]),
+        ("demo_decode_steps_negative", ["--tokens", "64", "--decode-steps", "-4"], ["--decode-steps must be >= 0"]),
+        # The demo's default decode steps with a window: the message says where
+        # the decode steps come from and how to turn them off.
+        ("demo_window_default_decode", ["--tokens", "64", "--causal", "--window", "16"],
+         ["--demo decodes 8 steps after the prefill by default", "pass --decode-steps 0"]),
         # Too large for memory: one message, exit 1 everywhere, not std::bad_alloc.
         ("demo_tokens_huge", ["--tokens", "1000000000000"], ["not enough memory", "--tokens 1000000000000"]),
     ]
