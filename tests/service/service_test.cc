@@ -3484,15 +3484,18 @@ TEST_F(ServiceWritePath, LargeAppendHoldsItsShareAndAFewChunksOnRankZero) {
   const int64_t chunk_bytes = 2 * chunk_tokens * row * 4;
   // Its share, 4 chunks, and slack for gRPC's receive buffer (its flow
   // control window grows with the bandwidth it measures) and the heap.
-  const int64_t bound = call_bytes / 2 + 4 * chunk_bytes + (160 << 20);  // 1.25 x the call here
+  const int64_t bound = call_bytes / 2 + 4 * chunk_bytes + (200 << 20);  // 1.41 x the call here
   std::printf(
       "rank 0 peak RSS grew by %.2f x the call (%lld MiB in %lld MiB messages; bound %.2f x)\n",
       ratio, static_cast<long long>(call_bytes >> 20), static_cast<long long>(chunk_bytes >> 20),
       double(bound) / double(call_bytes));
   // Measured: 0.76-0.82x alone, 1.03x once in a full ctest run (1.08-1.15x
-  // with 4096-token messages). Holding the whole call until its end (before
+  // with 4096-token messages); 2026-12-02, after the whole suite: 1.02-1.10x
+  // (the raw-message AppendKV and the one before it alike), and 1.27x three
+  // times within ten minutes on a contended machine, which the bound of
+  // 1.25x it had then failed. Holding the whole call until its end (before
   // streaming): 2.2x; a commit that freed the staged rows only after
-  // storing all of them: 1.5x.
+  // storing all of them: 1.5x (both still fail at 1.41x).
   EXPECT_LT(after - before, bound) << "rank 0 held more than its share and a few chunks";
   EXPECT_EQ(server->Stop(), 0) << server->log();
 }
