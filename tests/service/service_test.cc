@@ -96,6 +96,49 @@ std::pair<HostTensor, HostTensor> NewKv(std::mt19937& rng, Model& m, int64_t tok
           HostTensor::FromFloat32(v.data(), {tokens, m.kv_heads, m.head_dim}, wire)};
 }
 
+// A streaming call with raw messages, as any client may send them: writes
+// `messages`, half-closes, reads every response. Its status and how many
+// responses came.
+struct RawStreamResult {
+  grpc::Status status;
+  int responses = 0;
+};
+RawStreamResult RawStream(const std::string& address, const std::string& method,
+                          const std::vector<std::string>& messages) {
+  auto channel = grpc::CreateChannel(address, grpc::InsecureChannelCredentials());
+  grpc::GenericStub stub(channel);
+  grpc::CompletionQueue cq;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  auto rpc = stub.PrepareCall(&ctx, method, &cq);
+  void* tag = nullptr;
+  bool ok = false;
+  RawStreamResult out;
+  rpc->StartCall(reinterpret_cast<void*>(1));
+  cq.Next(&tag, &ok);
+  for (const std::string& m : messages) {
+    grpc::Slice slice(m);
+    grpc::ByteBuffer buffer(&slice, 1);
+    rpc->Write(buffer, reinterpret_cast<void*>(2));
+    cq.Next(&tag, &ok);
+  }
+  rpc->WritesDone(reinterpret_cast<void*>(3));
+  cq.Next(&tag, &ok);
+  for (;;) {
+    grpc::ByteBuffer reply;
+    rpc->Read(&reply, reinterpret_cast<void*>(4));
+    cq.Next(&tag, &ok);
+    if (!ok) break;
+    ++out.responses;
+  }
+  rpc->Finish(&out.status, reinterpret_cast<void*>(5));
+  cq.Next(&tag, &ok);
+  cq.Shutdown();
+  while (cq.Next(&tag, &ok)) {
+  }
+  return out;
+}
+
 class ServerSuite : public ::testing::Test {
  protected:
   static std::unique_ptr<testing::ServerProcess> StartServer(const std::vector<std::string>& flags) {
@@ -709,45 +752,16 @@ TEST_F(ServiceFlow, DecodeBatchStreamAnswersEachStepInOrder) {
       ToProto(v, e->mutable_v());
       return request.SerializeAsString();
     };
-    const std::string bytes[3] = {message(true), std::string("\xff\xff\xff\xff"), message(false)};
-    auto channel = grpc::CreateChannel(server_->address(), grpc::InsecureChannelCredentials());
-    grpc::GenericStub stub(channel);
-    grpc::CompletionQueue cq;
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-    auto rpc = stub.PrepareCall(&ctx, "/ringtree.v1.AttentionService/DecodeBatchStream", &cq);
-    void* tag = nullptr;
-    bool ok = false;
-    rpc->StartCall(reinterpret_cast<void*>(1));
-    ASSERT_TRUE(cq.Next(&tag, &ok));
-    for (const std::string& b : bytes) {
-      grpc::Slice slice(b);
-      grpc::ByteBuffer buffer(&slice, 1);
-      rpc->Write(buffer, reinterpret_cast<void*>(2));
-      ASSERT_TRUE(cq.Next(&tag, &ok));
-    }
-    rpc->WritesDone(reinterpret_cast<void*>(3));
-    ASSERT_TRUE(cq.Next(&tag, &ok));
-    int responses = 0;
-    for (;;) {
-      grpc::ByteBuffer reply;
-      rpc->Read(&reply, reinterpret_cast<void*>(4));
-      ASSERT_TRUE(cq.Next(&tag, &ok));
-      if (!ok) break;
-      ++responses;
-    }
-    grpc::Status status;
-    rpc->Finish(&status, reinterpret_cast<void*>(5));
-    ASSERT_TRUE(cq.Next(&tag, &ok));
-    cq.Shutdown();
-    while (cq.Next(&tag, &ok)) {
-    }
-    EXPECT_EQ(responses, 1);
-    EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
-    EXPECT_EQ(
-        status.error_message().rfind("[DecodeBatchStream] message 1: not a DecodeBatchRequest", 0),
-        0u)
-        << status.error_message();
+    const RawStreamResult r =
+        RawStream(server_->address(), "/ringtree.v1.AttentionService/DecodeBatchStream",
+                  {message(true), std::string("\xff\xff\xff\xff"), message(false)});
+    EXPECT_EQ(r.responses, 1);
+    EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
+        << r.status.error_message();
+    EXPECT_EQ(r.status.error_message().rfind(
+                  "[DecodeBatchStream] message 1: not a DecodeBatchRequest", 0),
+              0u)
+        << r.status.error_message();
     EXPECT_EQ(client->GetSession(ids[0])->layer_tokens(0), m.tokens());
   }
   // The client's stream after such a refusal: that step and later ones fail.
@@ -1325,36 +1339,12 @@ TEST_F(ServiceOverload, AppendStreamWithABadOrOversizedMessageStoresNothing) {
   };
   // Raw bytes: message 1 carries a session_id that is not UTF-8.
   {
-    auto channel = grpc::CreateChannel(small->address(), grpc::InsecureChannelCredentials());
-    grpc::GenericStub stub(channel);
-    grpc::CompletionQueue cq;
-    grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
-    auto rpc = stub.PrepareCall(&ctx, "/ringtree.v1.AttentionService/AppendKV", &cq);
-    void* tag = nullptr;
-    bool ok = false;
-    rpc->StartCall(reinterpret_cast<void*>(1));
-    ASSERT_TRUE(cq.Next(&tag, &ok));
-    const std::string bytes[3] = {message(true, 4).SerializeAsString(),
-                                  message(false, 4).SerializeAsString() + "\x0a\x02\xff\xfe",
-                                  message(false, 4).SerializeAsString()};
-    for (const std::string& b : bytes) {
-      grpc::Slice slice(b);
-      grpc::ByteBuffer buffer(&slice, 1);
-      rpc->Write(buffer, reinterpret_cast<void*>(2));
-      ASSERT_TRUE(cq.Next(&tag, &ok));
-    }
-    rpc->WritesDone(reinterpret_cast<void*>(3));
-    ASSERT_TRUE(cq.Next(&tag, &ok));
-    grpc::ByteBuffer reply;
-    rpc->Read(&reply, reinterpret_cast<void*>(4));
-    ASSERT_TRUE(cq.Next(&tag, &ok));
-    grpc::Status status;
-    rpc->Finish(&status, reinterpret_cast<void*>(5));
-    ASSERT_TRUE(cq.Next(&tag, &ok));
-    cq.Shutdown();
-    while (cq.Next(&tag, &ok)) {
-    }
+    const grpc::Status status =
+        RawStream(small->address(), "/ringtree.v1.AttentionService/AppendKV",
+                  {message(true, 4).SerializeAsString(),
+                   message(false, 4).SerializeAsString() + "\x0a\x02\xff\xfe",
+                   message(false, 4).SerializeAsString()})
+            .status;
     EXPECT_EQ(status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << status.error_message();
     EXPECT_EQ(status.error_message(), "[AppendKV] message 1: session_id: not valid UTF-8");
   }
