@@ -161,14 +161,19 @@ class grpc::internal::ClientStreamingHandler<ringtree::AttentionServiceImpl, grp
     grpc::internal::Call* call = param.call;
     auto* context = static_cast<grpc::ServerContext*>(param.server_context);
     using StreamRead = ringtree::AttentionServiceImpl::StreamRead;
-    auto read = [call](grpc::ByteBuffer* message) {
+    auto read = [call, context](grpc::ByteBuffer* message) {
       grpc::internal::CallOpSet<grpc::internal::CallOpRecvMessage<grpc::ByteBuffer>> ops;
       ops.RecvMessage(message);
       ops.AllowNoMessage();  // the end of the stream is a success without a message
       call->PerformOps(&ops);
       const bool ok = call->cq()->Pluck(&ops);
       if (ok && ops.got_message) return StreamRead::kMessage;
-      return ok ? StreamRead::kEnd : StreamRead::kFailed;
+      // As ServerReader::Read does: a call cancelled (by the client or its
+      // deadline) before the message came also completes without one, and
+      // only this marks the context cancelled for IsCancelled().
+      context->MaybeMarkCancelledOnRead();
+      if (!ok || context->IsCancelled()) return StreamRead::kFailed;
+      return StreamRead::kEnd;
     };
     ringtree::AppendKVRawResponse response;
     grpc::Status status = service_->AppendKVRaw(context, read, &response.message);
@@ -512,10 +517,11 @@ grpc::Status AttentionServiceImpl::AppendKVRaw(grpc::ServerContext* context,
         case StreamRead::kEnd:
           return false;
         case StreamRead::kFailed:
-          malformed = Status::Cancelled(
-              Tag(m) + "message " + std::to_string(index) +
-              " could not be received (larger than --max-message-mib, or the stream broke); "
-              "nothing was stored");
+          malformed = Status::Cancelled(Tag(m) + "message " + std::to_string(index) +
+                                        " could not be received (larger than --max-message-mib, "
+                                        "the call cancelled or past its "
+                                        "deadline, or the stream broke); "
+                                        "nothing was stored");
           return false;
         case StreamRead::kMessage:
           break;
