@@ -353,6 +353,59 @@ TEST_P(DurabilityTest, OtherRecordVersionIsRefused) {
   }
 }
 
+// A record whose checksums hold but which claims more tokens than a span
+// can (here: a store written with span_tokens 32, its manifest rewritten to
+// say 16) is refused with its location, committed or in the log tail, and
+// the file is left as it was. Before, the 20-token open tail was copied into
+// a 16-token buffer (a heap overflow the span_recovery fuzzer found).
+TEST_P(DurabilityTest, RecordLongerThanASpanIsRefused) {
+  auto wide = [&](const std::string& dir) {
+    SpanStoreOptions o = Options(dir, GetParam());
+    o.span_tokens = 32;
+    o.sink_tokens = 0;
+    o.window_tokens = 0;
+    return o;
+  };
+  {
+    auto store = SpanStore::Create(wide(dir_));
+    ASSERT_TRUE(store.ok()) << store.status().ToString();
+    AppendRange(store->get(), 0, 20, 1);  // one open span of 20 tokens
+    ASSERT_TRUE((*store)->Sync().ok());
+  }
+  std::string bytes;
+  {
+    std::ifstream in(dir_ + "/MANIFEST", std::ios::binary);
+    bytes.assign(std::istreambuf_iterator<char>(in), {});
+  }
+  auto manifest = DecodeManifest(bytes, "MANIFEST");
+  ASSERT_TRUE(manifest.ok()) << manifest.status().ToString();
+  ASSERT_EQ(manifest->spans.size(), 1u);
+  manifest->span_tokens = 16;
+  for (bool committed : {true, false}) {
+    SCOPED_TRACE(committed ? "committed record" : "log-tail record");
+    Manifest m = *manifest;
+    if (!committed) {  // the same record, replayed from the tail
+      m.spans.clear();
+      m.committed_file_bytes = 0;
+    }
+    {
+      std::ofstream out(dir_ + "/MANIFEST", std::ios::binary | std::ios::trunc);
+      out << EncodeManifest(m);
+    }
+    const auto size_before = std::filesystem::file_size(dir_ + "/spans.dat");
+    SpanStoreOptions narrow = wide(dir_);
+    narrow.span_tokens = 16;
+    auto store = SpanStore::Open(narrow);
+    ASSERT_FALSE(store.ok());
+    EXPECT_EQ(store.status().code(), StatusCode::kDataLoss);
+    EXPECT_NE(store.status().message().find(
+                  "spans.dat@0: record holds 20 tokens, outside 1..16 (the store's span_tokens)"),
+              std::string::npos)
+        << store.status().message();
+    EXPECT_EQ(std::filesystem::file_size(dir_ + "/spans.dat"), size_before);
+  }
+}
+
 // Span files in a store directory, by name.
 std::vector<std::string> SpanFiles(const std::string& dir) {
   std::vector<std::string> names;

@@ -138,6 +138,19 @@ Status SpanRecordFile::Open(const Manifest& manifest, SpanIndex* index, Recovery
     locations_[idx] = Location{offset, record_bytes, static_cast<int32_t>(h.tokens)};
   };
 
+  // A span holds 1..span_tokens tokens, and spans follow each other in
+  // position. A checksummed record that breaks this is not a torn write but
+  // a file this store's shape cannot hold (or a corrupted one): refuse it,
+  // never truncate it away or load it into a span-sized buffer.
+  const int64_t S = options_.span_tokens;
+  auto out_of_shape = [&](const RecordHeader& h, const std::string& where) -> Status {
+    if (h.tokens == 0 || int64_t(h.tokens) > S)
+      return Status::DataLoss("[spans] " + where + ": record holds " + std::to_string(h.tokens) +
+                              " tokens, outside 1.." + std::to_string(S) +
+                              " (the store's span_tokens)");
+    return Status::Ok();
+  };
+
   // 1. Committed spans: verify header + summary of each record (the summary
   // follows the payload, which is verified on every read instead).
   std::vector<float> summary(summary_bytes / sizeof(float));
@@ -163,6 +176,10 @@ Status SpanRecordFile::Open(const Manifest& manifest, SpanIndex* index, Recovery
     RINGTREE_RETURN_IF_ERROR(VerifyRecordHeader(h, summary.data(), where));
     if (h.span_index != i || h.position_start != ms.position_start || h.tokens != ms.tokens)
       return Status::DataLoss("[spans] " + where + ": record does not match the manifest");
+    RINGTREE_RETURN_IF_ERROR(out_of_shape(h, where));
+    if (i > 0 && h.position_start < index->end_position())
+      return Status::DataLoss("[spans] " + where + ": record starts at position " +
+                              std::to_string(h.position_start) + ", inside the span before it");
     add_span(h, summary.data(), ms.record_offset, ms.record_bytes);
   }
   file_bytes_ = manifest.committed_file_bytes;
@@ -210,6 +227,7 @@ Status SpanRecordFile::Open(const Manifest& manifest, SpanIndex* index, Recovery
       reason = where + ": record checksum mismatch";
       break;
     }
+    RINGTREE_RETURN_IF_ERROR(out_of_shape(h, where));
     const int64_t idx = static_cast<int64_t>(h.span_index);
     const int64_t n = index->size();
     const bool appends =
