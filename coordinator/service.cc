@@ -540,9 +540,13 @@ grpc::Status AttentionServiceImpl::AppendKVRaw(grpc::ServerContext* context,
       }
       return true;
     };
-    if (!read(0))
+    if (!read(0)) {
+      // A first message that never came whole (a cancel, a broken stream) is
+      // not an invalid request: not counted as one.
+      if (malformed.code() == StatusCode::kCancelled) return ToGrpcStatus(malformed);
       return Invalid(m,
                      malformed.ok() ? Status::InvalidArgument("stream: no messages") : malformed);
+    }
     std::shared_ptr<SessionRecord> session;
     bool header = false;  // ValidateAppendHeader's value is its status alone
     if (grpc::Status g = Resolve(
@@ -706,8 +710,7 @@ grpc::Status AttentionServiceImpl::Prefill(grpc::ServerContext* context, const v
     const int64_t q_row = int64_t(shape.heads) * shape.head_dim;
     int64_t chunk = in.output_chunk_tokens;
     if (chunk == 0) {  // the default size, within one message
-      const int64_t bytes = std::min(limits_.prefill_output_chunk_bytes,
-                                     limits_.max_message_bytes - kResponseOverheadBytes);
+      const int64_t bytes = DefaultMessageBytes(limits_.prefill_output_chunk_bytes);
       chunk = std::max<int64_t>(
           1, bytes / AttentionOutputBytes(1, shape.heads, shape.head_dim, out_dtype));
     }
@@ -1232,8 +1235,7 @@ grpc::Status AttentionServiceImpl::RetrieveKV(grpc::ServerContext* context, cons
     int64_t chunk = in.chunk_tokens;
 
     if (chunk == 0) {  // the default size, within one message
-      const int64_t bytes = std::min(limits_.retrieve_kv_chunk_bytes,
-                                     limits_.max_message_bytes - kResponseOverheadBytes);
+      const int64_t bytes = DefaultMessageBytes(limits_.retrieve_kv_chunk_bytes);
       chunk = std::max<int64_t>(1, bytes / (2 * row_bytes));
     }
     const v1::DataType dtype = shape.storage == DType::kBFloat16 ? v1::BFLOAT16 : v1::FLOAT32;

@@ -7,6 +7,7 @@
 // "[Decode] q.shape[1]: 4 heads, the session has 8".
 #pragma once
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <cstdint>
@@ -131,6 +132,11 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   }
   // Validation failure: counted, converted, tagged with the method.
   grpc::Status Invalid(const char* method, const Status& status);
+  // Bytes of output per streamed message when the request leaves the chunk
+  // size to the server: `default_bytes`, within one message's limit.
+  int64_t DefaultMessageBytes(int64_t default_bytes) const {
+    return std::min(default_bytes, limits_.max_message_bytes - kResponseOverheadBytes);
+  }
   // Queues an admitted item after checking its deadline. A value: refused
   // (the admission is released, nothing was queued); nullopt: queued.
   std::optional<grpc::Status> Enqueue(const char* method, const grpc::ServerContextBase& context,

@@ -266,10 +266,14 @@ int64_t FirstNonFinite(std::string_view data, DType dtype) {
   return -1;
 }
 
+// The token (row of a [tokens, heads, head_dim] tensor) holding `element`.
+int64_t TokenOf(const TensorInput& t, int64_t element) {
+  return element / (t.proto->shape(1) * t.proto->shape(2));
+}
+
 Status NonFinite(const TensorInput& t, const char* method, int64_t element) {
-  const int64_t row = element / (t.proto->shape(1) * t.proto->shape(2));
-  return Invalid(method,
-                 std::string(t.field) + ".data: NaN or Inf at token " + std::to_string(row));
+  return Invalid(method, std::string(t.field) + ".data: NaN or Inf at token " +
+                             std::to_string(TokenOf(t, element)));
 }
 
 }  // namespace
@@ -566,8 +570,8 @@ Status ToStorage(const TensorInput& t, DType storage, const char* method, std::s
       std::string_view(*out).substr(at, values.size() * DTypeSize(storage)), storage);
   if (over >= 0) {
     out->resize(at);
-    const int64_t row = over / (t.proto->shape(1) * t.proto->shape(2));
-    return Invalid(method, std::string(t.field) + ".data: a value at token " + std::to_string(row) +
+    return Invalid(method, std::string(t.field) + ".data: a value at token " +
+                               std::to_string(TokenOf(t, over)) +
                                " is out of range of the session's storage dtype " +
                                DTypeName(storage) + " (it would be stored as Inf)");
   }

@@ -3373,6 +3373,20 @@ TEST_F(ServiceWritePath, StreamedAppendDropsItsStagingWheneverItStoresNothing) {
     EXPECT_EQ(writer->Finish().error_code(), grpc::StatusCode::CANCELLED);
     expect_unchanged(100, "cancelled");
   }
+  {  // Cancelled before its first message: not counted as an invalid request.
+    auto before = client->Stats();
+    ASSERT_TRUE(before.ok());
+    grpc::ClientContext ctx;
+    v1::AppendKVResponse out;
+    auto writer = client->stub()->AppendKV(&ctx, &out);
+    std::this_thread::sleep_for(std::chrono::milliseconds(300));  // the handler waits to read
+    ctx.TryCancel();
+    EXPECT_EQ(writer->Finish().error_code(), grpc::StatusCode::CANCELLED);
+    expect_unchanged(100, "cancelled before a message");
+    auto after = client->Stats();
+    ASSERT_TRUE(after.ok());
+    EXPECT_EQ(after->invalid(), before->invalid());
+  }
   {  // A later chunk is invalid.
     grpc::ClientContext ctx;
     v1::AppendKVResponse out;
