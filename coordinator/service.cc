@@ -314,8 +314,40 @@ grpc::Status AttentionServiceImpl::Run(const char* method, grpc::ServerContext* 
 // The reactor of one callback Decode/Attend. Cancellation (the client's, or
 // its deadline passing) marks the queued item so the engine skips it; the
 // engine still finishes the call. Deletes itself when gRPC is done with it.
-class UnaryCall final : public grpc::ServerUnaryReactor {
+// The typed messages of a call on a raw method (the request parsed from
+// gRPC's bytes, the response serialized into gRPC's buffer when the call
+// finishes OK), kept alive with the call's reactor.
+class RawMessages {
  public:
+  template <typename Request, typename Response>
+  std::pair<Request*, Response*> Hold(grpc::ByteBuffer* out) {
+    auto request = std::make_unique<Request>();
+    auto response = std::make_unique<Response>();
+    std::pair<Request*, Response*> held{request.get(), response.get()};
+    request_ = std::move(request);
+    response_ = std::move(response);
+    out_ = out;
+    return held;
+  }
+
+ protected:
+  // `status`, after the response went into gRPC's buffer when it is OK.
+  grpc::Status Serialized(grpc::Status status) {
+    if (!status.ok() || out_ == nullptr) return status;
+    bool own = false;
+    return grpc::SerializationTraits<google::protobuf::MessageLite>::Serialize(*response_, out_,
+                                                                               &own);
+  }
+
+ private:
+  std::unique_ptr<google::protobuf::MessageLite> request_, response_;
+  grpc::ByteBuffer* out_ = nullptr;
+};
+
+class UnaryCall final : public grpc::ServerUnaryReactor, public RawMessages {
+ public:
+  // Finishes the call (with the response, when OK).
+  void Complete(const grpc::Status& status) { Finish(Serialized(status)); }
   void Watch(const std::shared_ptr<WorkItem>& item) {
     std::lock_guard<std::mutex> lock(mu_);
     item_ = item;
@@ -347,7 +379,7 @@ std::function<void()> AttentionServiceImpl::Responder(const char* method, Clock:
       PutAttentionOutputs(*w, out_dtype, response);
       response->set_batch_size(w->batch_size);
     }
-    call->Finish(g);
+    call->Complete(g);
   };
 }
 
@@ -361,13 +393,44 @@ std::string Flatten(const grpc::ByteBuffer& buffer) {
   return out;
 }
 
-template <typename Request>
-Status ParseRaw(const grpc::ByteBuffer& raw, const std::vector<int>& string_field, const char* method,
-                const char* field, Request* request) {
+// Parses a raw request as gRPC's typed handlers do (from the buffer's
+// slices, without a flattened copy). One that protobuf cannot parse is
+// INVALID_ARGUMENT naming what it can: the first string field that is not
+// valid UTF-8 (`name_bad_utf8`: bytes -> Status), else the message as a whole.
+template <typename Request, typename NameBadUtf8>
+Status ParseRequest(const grpc::ByteBuffer& raw, const char* method,
+                    const NameBadUtf8& name_bad_utf8, Request* request) {
+  grpc::ByteBuffer consumed(raw);  // shares the slices; Deserialize releases its buffer
+  if (grpc::SerializationTraits<Request>::Deserialize(&consumed, request).ok()) return Status::Ok();
   const std::string bytes = Flatten(raw);
-  RINGTREE_RETURN_IF_ERROR(ValidateUtf8Field(bytes, string_field, method, field));
-  if (!request->ParseFromString(bytes)) return Status::InvalidArgument(Tag(method) + "request: malformed message");
-  return Status::Ok();
+  RINGTREE_RETURN_IF_ERROR(name_bad_utf8(bytes));
+  request->Clear();
+  if (request->ParseFromString(bytes)) return Status::Ok();
+  return Status::InvalidArgument(Tag(method) + "not a " + request->GetTypeName() +
+                                 " protobuf can parse");
+}
+
+// ParseRequest of a request whose one string field is at `string_field`.
+template <typename Request>
+Status ParseRaw(const grpc::ByteBuffer& raw, const std::vector<int>& string_field,
+                const char* method, const char* field, Request* request) {
+  return ParseRequest(
+      raw, method,
+      [&](const std::string& bytes) {
+        return ValidateUtf8Field(bytes, string_field, method, field);
+      },
+      request);
+}
+
+// ParseRequest of a batch request (entries = 2, each with session_id = 1).
+template <typename Request>
+Status ParseBatch(const grpc::ByteBuffer& raw, const char* method, Request* request) {
+  return ParseRequest(
+      raw, method,
+      [&](const std::string& bytes) {
+        return ValidateUtf8InEntries(bytes, 2, 1, method, "session_id");
+      },
+      request);
 }
 
 // CreateSession and DeleteSession change state without queueing: they run
@@ -530,12 +593,9 @@ grpc::Status AttentionServiceImpl::AppendKVRaw(grpc::ServerContext* context,
       // flattened copy of each message first raised rank 0's peak memory
       // during a large append by half the call's size. Only a message that
       // fails to parse is flattened, to name its bad field.
-      const grpc::ByteBuffer kept(raw);  // shares the slices
       message.Clear();
-      if (!grpc::SerializationTraits<v1::AppendKVRequest>::Deserialize(&raw, &message).ok()) {
-        Status p = ParseRaw(kept, {1}, m, "session_id", &message);
-        if (p.ok()) p = Status::InvalidArgument(Tag(m) + "request: malformed message");
-        malformed = AtAppendMessage(p, index);
+      if (Status p = ParseRaw(raw, {1}, m, "session_id", &message); !p.ok()) {
+        malformed = AtMessage(p, m, index);
         return false;
       }
       return true;
@@ -616,10 +676,10 @@ grpc::Status AttentionServiceImpl::AppendKVRaw(grpc::ServerContext* context,
       // The message's bytes themselves when no conversion is needed.
       if (Status c = TakeStorage(chunk->k, shape.storage, m, message.mutable_k(), &item->k);
           !c.ok())
-        failed = AtAppendMessage(c, index);
+        failed = AtMessage(c, m, index);
       if (Status c = TakeStorage(chunk->v, shape.storage, m, message.mutable_v(), &item->v);
           failed.ok() && !c.ok())
-        failed = AtAppendMessage(c, index);
+        failed = AtMessage(c, m, index);
       if (!failed.ok()) {
         invalid = true;
         break;
@@ -734,10 +794,23 @@ grpc::Status AttentionServiceImpl::Prefill(grpc::ServerContext* context, const v
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::Decode(grpc::CallbackServerContext* context,
-                                                       const v1::DecodeRequest* request, v1::DecodeResponse* response) {
+                                                       const grpc::ByteBuffer* raw,
+                                                       grpc::ByteBuffer* out) {
   auto* call = new UnaryCall;
-  if (std::optional<grpc::Status> now = StartDecode(*context, *request, response, call)) call->Finish(*now);
+  auto [request, response] = call->Hold<v1::DecodeRequest, v1::DecodeResponse>(out);
+  std::optional<grpc::Status> now =
+      Unparsable("Decode", *context, ParseRaw(*raw, {1}, "Decode", "session_id", request));
+  if (!now) now = StartDecode(*context, *request, response, call);
+  if (now) call->Complete(*now);
   return call;
+}
+
+std::optional<grpc::Status> AttentionServiceImpl::Unparsable(const char* method,
+                                                             const grpc::ServerContextBase& context,
+                                                             const Status& parsed) {
+  if (parsed.ok()) return std::nullopt;
+  // Authenticated first: an unauthenticated caller learns nothing of its bytes.
+  return Authenticated(context, [&](const Caller&) { return Invalid(method, parsed); });
 }
 
 std::optional<grpc::Status> AttentionServiceImpl::StartDecode(grpc::CallbackServerContext& context,
@@ -784,9 +857,14 @@ grpc::Status AttentionServiceImpl::PrepareDecode(const char* m, Clock::time_poin
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::Attend(grpc::CallbackServerContext* context,
-                                                       const v1::AttendRequest* request, v1::AttendResponse* response) {
+                                                       const grpc::ByteBuffer* raw,
+                                                       grpc::ByteBuffer* out) {
   auto* call = new UnaryCall;
-  if (std::optional<grpc::Status> now = StartAttend(*context, *request, response, call)) call->Finish(*now);
+  auto [request, response] = call->Hold<v1::AttendRequest, v1::AttendResponse>(out);
+  std::optional<grpc::Status> now =
+      Unparsable("Attend", *context, ParseRaw(*raw, {1}, "Attend", "session_id", request));
+  if (!now) now = StartAttend(*context, *request, response, call);
+  if (now) call->Complete(*now);
   return call;
 }
 
@@ -850,9 +928,10 @@ class BatchTracker {
 
 // The reactor of one DecodeBatch/AttendBatch call: finished when the last
 // entry completes. Deletes itself when gRPC is done with it.
-class BatchCall final : public grpc::ServerUnaryReactor {
+class BatchCall final : public grpc::ServerUnaryReactor, public RawMessages {
  public:
-  BatchCall() : tracker([this] { Finish(grpc::Status::OK); }) {}
+  BatchCall() : tracker([this] { Complete(grpc::Status::OK); }) {}
+  void Complete(const grpc::Status& status) { Finish(Serialized(status)); }
   void OnCancel() override { tracker.Cancel(); }
   void OnDone() override { delete this; }
   BatchTracker tracker;
@@ -881,13 +960,11 @@ class BatchStream final : public grpc::ServerBidiReactor<grpc::ByteBuffer, grpc:
     }
     const int64_t index = read_count_++;
     request_.Clear();
-    if (!request_.ParseFromString(Flatten(raw_))) {  // ends the stream, after the earlier answers
+    if (Status parsed = ParseBatch(raw_, "DecodeBatchStream", &request_);
+        !parsed.ok()) {  // ends the stream, after the earlier answers
       grpc::Status refused = service_->Authenticated(*context_, [&](const Caller&) {
-        return service_->Invalid(
-            "DecodeBatchStream",
-            Status::InvalidArgument("message " + std::to_string(index) +
-                                    ": not a DecodeBatchRequest protobuf can parse (a string "
-                                    "field that is not valid UTF-8 is one cause)"));
+        return service_->Invalid("DecodeBatchStream",
+                                 AtMessage(parsed, "DecodeBatchStream", index));
       });
       {
         std::lock_guard<std::mutex> lock(mu_);
@@ -1097,12 +1174,14 @@ std::optional<grpc::Status> AttentionServiceImpl::StartDecodeBatch(
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::DecodeBatch(grpc::CallbackServerContext* context,
-                                                            const v1::DecodeBatchRequest* request,
-                                                            v1::DecodeBatchResponse* response) {
+                                                            const grpc::ByteBuffer* raw,
+                                                            grpc::ByteBuffer* out) {
   auto* call = new BatchCall;
-  if (std::optional<grpc::Status> now =
-          StartDecodeBatch(*context, *request, response, &call->tracker))
-    call->Finish(*now);
+  auto [request, response] = call->Hold<v1::DecodeBatchRequest, v1::DecodeBatchResponse>(out);
+  std::optional<grpc::Status> now =
+      Unparsable("DecodeBatch", *context, ParseBatch(*raw, "DecodeBatch", request));
+  if (!now) now = StartDecodeBatch(*context, *request, response, &call->tracker);
+  if (now) call->Complete(*now);
   return call;
 }
 
@@ -1112,9 +1191,10 @@ AttentionServiceImpl::DecodeBatchStream(grpc::CallbackServerContext* context) {
 }
 
 grpc::ServerUnaryReactor* AttentionServiceImpl::AttendBatch(grpc::CallbackServerContext* context,
-                                                            const v1::AttendBatchRequest* request,
-                                                            v1::AttendBatchResponse* response) {
+                                                            const grpc::ByteBuffer* raw,
+                                                            grpc::ByteBuffer* out) {
   auto* call = new BatchCall;
+  auto [request, response] = call->Hold<v1::AttendBatchRequest, v1::AttendBatchResponse>(out);
   auto prepare = [this, request](const char* m, Clock::time_point start, const Caller& caller,
                                  int i, std::shared_ptr<WorkItem>* item, DType* out_dtype) {
     std::shared_ptr<SessionRecord> session;
@@ -1130,10 +1210,10 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::AttendBatch(grpc::CallbackServer
     *out_dtype = in.options.dtype;
     return PrepareAttend(m, start, std::move(session), in, item);
   };
-  if (std::optional<grpc::Status> now =
-          StartBatch("AttendBatch", *context, *request, response, &call->tracker, prepare)) {
-    call->Finish(*now);
-  }
+  std::optional<grpc::Status> now =
+      Unparsable("AttendBatch", *context, ParseBatch(*raw, "AttendBatch", request));
+  if (!now) now = StartBatch("AttendBatch", *context, *request, response, &call->tracker, prepare);
+  if (now) call->Complete(*now);
   return call;
 }
 

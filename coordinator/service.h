@@ -48,16 +48,17 @@ class BatchStream;   // service.cc: the reactor of one DecodeBatchStream
 // busy engine cannot starve refusals or new arrivals of threads). The other
 // methods are synchronous.
 //
-// CreateSession and GetSession take their request as raw bytes: protobuf's
-// parser rejects a proto3 string field that is not valid UTF-8 before any
-// handler runs (the client would see INTERNAL with an empty message), so
-// these check config.name / session_id first and answer INVALID_ARGUMENT
-// naming the field.
-using AttentionServiceBase =
-    v1::AttentionService::WithCallbackMethod_Decode<v1::AttentionService::WithCallbackMethod_Attend<
-        v1::AttentionService::WithCallbackMethod_DecodeBatch<
+// The callback methods take their requests as raw bytes and parse them
+// themselves (ParseRequest in service.cc). Protobuf's parser refuses a
+// proto3 string field that is not valid UTF-8; with typed methods gRPC
+// answered such a request before any handler ran, with UNIMPLEMENTED or
+// INTERNAL and an empty message. These answer INVALID_ARGUMENT naming the
+// field (`entries[3].session_id: not valid UTF-8`) or the message.
+using AttentionServiceBase = v1::AttentionService::WithRawCallbackMethod_Decode<
+    v1::AttentionService::WithRawCallbackMethod_Attend<
+        v1::AttentionService::WithRawCallbackMethod_DecodeBatch<
             v1::AttentionService::WithRawCallbackMethod_DecodeBatchStream<
-                v1::AttentionService::WithCallbackMethod_AttendBatch<
+                v1::AttentionService::WithRawCallbackMethod_AttendBatch<
                     v1::AttentionService::WithRawCallbackMethod_CreateSession<
                         v1::AttentionService::WithRawCallbackMethod_GetSession<
                             v1::AttentionService::Service>>>>>>>;
@@ -88,16 +89,18 @@ class AttentionServiceImpl final : public AttentionServiceBase {
                            grpc::ByteBuffer* response);
   grpc::Status Prefill(grpc::ServerContext* context, const v1::PrefillRequest* request,
                        grpc::ServerWriter<v1::PrefillResponse>* writer) override;
-  grpc::ServerUnaryReactor* Decode(grpc::CallbackServerContext* context, const v1::DecodeRequest* request,
-                                   v1::DecodeResponse* response) override;
-  grpc::ServerUnaryReactor* Attend(grpc::CallbackServerContext* context, const v1::AttendRequest* request,
-                                   v1::AttendResponse* response) override;
+  grpc::ServerUnaryReactor* Decode(grpc::CallbackServerContext* context,
+                                   const grpc::ByteBuffer* request,
+                                   grpc::ByteBuffer* response) override;
+  grpc::ServerUnaryReactor* Attend(grpc::CallbackServerContext* context,
+                                   const grpc::ByteBuffer* request,
+                                   grpc::ByteBuffer* response) override;
   // Many sessions' decodes (attends) for one layer in one call: each entry
   // is validated, admitted and answered on its own; the exact entries share
   // engine steps. See DecodeBatchRequest in the proto.
   grpc::ServerUnaryReactor* DecodeBatch(grpc::CallbackServerContext* context,
-                                        const v1::DecodeBatchRequest* request,
-                                        v1::DecodeBatchResponse* response) override;
+                                        const grpc::ByteBuffer* request,
+                                        grpc::ByteBuffer* response) override;
   // DecodeBatch for a whole generation: one request message, one response
   // message, in order (BatchStream in service.cc). Raw messages: one that
   // protobuf cannot parse ends the stream with INVALID_ARGUMENT naming it
@@ -106,8 +109,8 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   grpc::ServerBidiReactor<grpc::ByteBuffer, grpc::ByteBuffer>* DecodeBatchStream(
       grpc::CallbackServerContext* context) override;
   grpc::ServerUnaryReactor* AttendBatch(grpc::CallbackServerContext* context,
-                                        const v1::AttendBatchRequest* request,
-                                        v1::AttendBatchResponse* response) override;
+                                        const grpc::ByteBuffer* request,
+                                        grpc::ByteBuffer* response) override;
   grpc::Status RetrieveKV(grpc::ServerContext* context, const v1::RetrieveKVRequest* request,
                           grpc::ServerWriter<v1::RetrieveKVResponse>* writer) override;
   grpc::Status Stats(grpc::ServerContext* context, const v1::StatsRequest* request,
@@ -132,6 +135,11 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   }
   // Validation failure: counted, converted, tagged with the method.
   grpc::Status Invalid(const char* method, const Status& status);
+  // A raw request's parse (`parsed`, service.cc ParseRequest) as a refusal:
+  // nullopt when it parsed; otherwise the caller's UNAUTHENTICATED, or
+  // `parsed` counted as invalid.
+  std::optional<grpc::Status> Unparsable(const char* method, const grpc::ServerContextBase& context,
+                                         const Status& parsed);
   // Bytes of output per streamed message when the request leaves the chunk
   // size to the server: `default_bytes`, within one message's limit.
   int64_t DefaultMessageBytes(int64_t default_bytes) const {

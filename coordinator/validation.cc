@@ -352,6 +352,23 @@ Status ValidateUtf8Field(const std::string& bytes, const std::vector<int>& path,
   return Status::Ok();
 }
 
+Status ValidateUtf8InEntries(const std::string& bytes, int entries_field, int string_field,
+                             const char* method, const char* field) {
+  google::protobuf::UnknownFieldSet fields;
+  if (!fields.ParseFromString(bytes)) return Status::Ok();  // the typed parse reports it
+  int64_t entry = 0;
+  for (int i = 0; i < fields.field_count(); ++i) {
+    const google::protobuf::UnknownField& f = fields.field(i);
+    if (f.number() != entries_field ||
+        f.type() != google::protobuf::UnknownField::TYPE_LENGTH_DELIMITED)
+      continue;
+    const std::string name = "entries[" + std::to_string(entry++) + "]." + field;
+    RINGTREE_RETURN_IF_ERROR(
+        ValidateUtf8Field(f.length_delimited(), {string_field}, method, name.c_str()));
+  }
+  return Status::Ok();
+}
+
 Result<v1::SessionConfig> ValidateSessionConfig(const v1::SessionConfig& config,
                                                 const RequestLimits& limits) {
   const char* m = "CreateSession";
@@ -498,9 +515,9 @@ Status ValidateAppendHeader(const v1::AppendKVRequest& first, const SessionShape
   return CheckExpectedLayerTokens(ExpectedLayerTokens(first), m);
 }
 
-Status AtAppendMessage(const Status& status, int64_t index) {
+Status AtMessage(const Status& status, const char* method, int64_t index) {
   // "[AppendKV] k.shape..." becomes "[AppendKV] message 3: k.shape...".
-  const std::string tag = Tag("AppendKV");
+  const std::string tag = Tag(method);
   if (status.ok() || status.message().rfind(tag, 0) != 0) return status;
   return Status(status.code(), tag + "message " + std::to_string(index) + ": " +
                                    status.message().substr(tag.size()));
@@ -516,7 +533,7 @@ Result<AppendChunkInput> ValidateAppendChunk(const v1::AppendKVRequest& message,
       (message.session_id() != session_id || message.layer() != layer)) {
     return Invalid(m, at + "session_id/layer differ from the first message");
   }
-  auto located = [&](const Status& st) { return AtAppendMessage(st, index); };
+  auto located = [&](const Status& st) { return AtMessage(st, m, index); };
   AppendChunkInput in;
   auto k = CheckTensor(message.k(), m, "k", shape.kv_heads, shape.head_dim, 1,
                        limits.max_append_tokens, -1);

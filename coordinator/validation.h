@@ -134,6 +134,11 @@ bool IsValidUtf8(const std::string& s);
 // bytes pass (the typed parse reports them).
 Status ValidateUtf8Field(const std::string& bytes, const std::vector<int>& path, const char* method,
                          const char* field);
+// The same for the string field `string_field` of every entry of the
+// repeated message field `entries_field` (a batch request's entries):
+// "[<method>] entries[<i>].<field>: not valid UTF-8" for the first bad one.
+Status ValidateUtf8InEntries(const std::string& bytes, int entries_field, int string_field,
+                             const char* method, const char* field);
 
 // CreateSession's config with defaults resolved (storage_dtype FLOAT32,
 // span_tokens limits.default_span_tokens), or "[CreateSession] config.<field>: ...".
@@ -164,9 +169,9 @@ Result<RetrieveKVInput> ValidateRetrieveKV(const v1::RetrieveKVRequest& request,
 Status ValidateAppendHeader(const v1::AppendKVRequest& first, const SessionShape& shape);
 // Message `index` of an AppendKV stream to session `session_id` / `layer`,
 // after `tokens_so_far` tokens of the same call: "[AppendKV] message 3: k.shape[1]: ...".
-// AtAppendMessage locates any "[AppendKV] ..." status the same way (the
-// conversion's NaN/Inf refusals).
-Status AtAppendMessage(const Status& status, int64_t index);
+// AtMessage locates any "[<method>] ..." status of a stream's message
+// `index` the same way (the conversion's NaN/Inf refusals, unparsable messages).
+Status AtMessage(const Status& status, const char* method, int64_t index);
 Result<AppendChunkInput> ValidateAppendChunk(const v1::AppendKVRequest& message, int64_t index,
                                              const std::string& session_id, int layer,
                                              int64_t tokens_so_far, const SessionShape& shape,

@@ -759,7 +759,9 @@ TEST_F(ServiceFlow, DecodeBatchStreamAnswersEachStepInOrder) {
     EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
         << r.status.error_message();
     EXPECT_EQ(r.status.error_message().rfind(
-                  "[DecodeBatchStream] message 1: not a DecodeBatchRequest", 0),
+                  "[DecodeBatchStream] message 1: not a ringtree.v1.DecodeBatchRequest protobuf "
+                  "can parse",
+                  0),
               0u)
         << r.status.error_message();
     EXPECT_EQ(client->GetSession(ids[0])->layer_tokens(0), m.tokens());
@@ -3173,6 +3175,39 @@ TEST_F(ServiceWritePath, NonUtf8StringsAreInvalidArgumentNamingTheField) {
   ASSERT_TRUE(call("GetSession", std::string("\x0a") + char(info.session_id().size()) + info.session_id(), &got).ok());
   grpc::Status garbage = call("GetSession", std::string("\x0a\x7f", 2), nullptr);
   EXPECT_EQ(garbage.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << garbage.error_message();
+  // The attention methods parse their own bytes too (gRPC answered these
+  // UNIMPLEMENTED with an empty message): a bad session_id is named, in a
+  // batch with its entry, and bytes that are no message are refused.
+  const std::string bad_id_bytes("\x0a\x03\xc3\x28\x41", 5);
+  auto expect_refused = [&](const std::string& method, const std::string& bytes,
+                            const std::string& message) {
+    grpc::Status st = call(method, bytes, nullptr);
+    EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << method;
+    EXPECT_EQ(st.error_message(), message) << method;
+  };
+  for (const std::string method : {"Decode", "Attend"}) {
+    expect_refused(method, bad_id_bytes, "[" + method + "] session_id: not valid UTF-8");
+    expect_refused(method, std::string("\x0a\x7f", 2),
+                   "[" + method + "] not a ringtree.v1." + method + "Request protobuf can parse");
+  }
+  // entries (2): one with session_id "ab", then one with the bad id.
+  const std::string batch = std::string(
+                                "\x12\x04\x0a\x02"
+                                "ab",
+                                6) +
+                            "\x12" + char(bad_id_bytes.size()) + bad_id_bytes;
+  for (const std::string method : {"DecodeBatch", "AttendBatch"}) {
+    expect_refused(method, batch, "[" + method + "] entries[1].session_id: not valid UTF-8");
+    expect_refused(method, std::string("\x12\x7f", 2),
+                   "[" + method + "] not a ringtree.v1." + method + "Request protobuf can parse");
+  }
+  // Bytes that parse are served: an unknown session is NOT_FOUND naming it.
+  grpc::Status unknown = call("Decode",
+                              std::string("\x0a\x02"
+                                          "ab",
+                                          4),
+                              nullptr);
+  EXPECT_EQ(unknown.error_code(), grpc::StatusCode::NOT_FOUND) << unknown.error_message();
   EXPECT_EQ(server->Stop(), 0) << server->log();
 }
 
