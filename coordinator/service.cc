@@ -10,7 +10,9 @@
 #include <functional>
 #include <mutex>
 #include <set>
+#include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "rpc/tensor_codec.h"
 
@@ -797,7 +799,9 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Decode(grpc::CallbackServerConte
                                                        const grpc::ByteBuffer* raw,
                                                        grpc::ByteBuffer* out) {
   auto* call = new UnaryCall;
-  auto [request, response] = call->Hold<v1::DecodeRequest, v1::DecodeResponse>(out);
+  v1::DecodeRequest* request = nullptr;
+  v1::DecodeResponse* response = nullptr;
+  std::tie(request, response) = call->Hold<v1::DecodeRequest, v1::DecodeResponse>(out);
   std::optional<grpc::Status> now =
       Unparsable("Decode", *context, ParseRaw(*raw, {1}, "Decode", "session_id", request));
   if (!now) now = StartDecode(*context, *request, response, call);
@@ -860,7 +864,9 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::Attend(grpc::CallbackServerConte
                                                        const grpc::ByteBuffer* raw,
                                                        grpc::ByteBuffer* out) {
   auto* call = new UnaryCall;
-  auto [request, response] = call->Hold<v1::AttendRequest, v1::AttendResponse>(out);
+  v1::AttendRequest* request = nullptr;
+  v1::AttendResponse* response = nullptr;
+  std::tie(request, response) = call->Hold<v1::AttendRequest, v1::AttendResponse>(out);
   std::optional<grpc::Status> now =
       Unparsable("Attend", *context, ParseRaw(*raw, {1}, "Attend", "session_id", request));
   if (!now) now = StartAttend(*context, *request, response, call);
@@ -1177,7 +1183,9 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::DecodeBatch(grpc::CallbackServer
                                                             const grpc::ByteBuffer* raw,
                                                             grpc::ByteBuffer* out) {
   auto* call = new BatchCall;
-  auto [request, response] = call->Hold<v1::DecodeBatchRequest, v1::DecodeBatchResponse>(out);
+  v1::DecodeBatchRequest* request = nullptr;
+  v1::DecodeBatchResponse* response = nullptr;
+  std::tie(request, response) = call->Hold<v1::DecodeBatchRequest, v1::DecodeBatchResponse>(out);
   std::optional<grpc::Status> now =
       Unparsable("DecodeBatch", *context, ParseBatch(*raw, "DecodeBatch", request));
   if (!now) now = StartDecodeBatch(*context, *request, response, &call->tracker);
@@ -1194,7 +1202,9 @@ grpc::ServerUnaryReactor* AttentionServiceImpl::AttendBatch(grpc::CallbackServer
                                                             const grpc::ByteBuffer* raw,
                                                             grpc::ByteBuffer* out) {
   auto* call = new BatchCall;
-  auto [request, response] = call->Hold<v1::AttendBatchRequest, v1::AttendBatchResponse>(out);
+  v1::AttendBatchRequest* request = nullptr;
+  v1::AttendBatchResponse* response = nullptr;
+  std::tie(request, response) = call->Hold<v1::AttendBatchRequest, v1::AttendBatchResponse>(out);
   auto prepare = [this, request](const char* m, Clock::time_point start, const Caller& caller,
                                  int i, std::shared_ptr<WorkItem>* item, DType* out_dtype) {
     std::shared_ptr<SessionRecord> session;
