@@ -213,6 +213,79 @@ void SpanSeed(const fs::path& dir, const fs::path& tmp, const std::string& name,
 
 }  // namespace
 
+// request_fuzzer: the kind byte (its shape bits 0: 2 heads over 1 kv head,
+// head_dim 4, float32 storage), then a valid request of that kind.
+void RequestSeeds(const fs::path& dir) {
+  namespace v1 = rt::v1;
+  auto tensor = [](int64_t tokens, int64_t heads, rt::DType dtype, v1::Tensor* out) {
+    std::vector<float> values(size_t(tokens * heads * 4));
+    for (size_t i = 0; i < values.size(); ++i) values[i] = 0.25f * float(i % 7) - 0.5f;
+    rt::ToProto(values.data(), {tokens, heads, 4}, dtype, out);
+  };
+  auto seed = [&](const std::string& name, uint8_t kind, const google::protobuf::Message& m) {
+    Seed(dir, name, std::string(1, char(kind)) + m.SerializeAsString());
+  };
+  v1::DecodeRequest decode;
+  decode.set_session_id("s");
+  decode.set_layer(1);
+  tensor(1, 2, rt::DType::kFloat32, decode.mutable_q());
+  tensor(1, 1, rt::DType::kBFloat16, decode.mutable_k());
+  tensor(1, 1, rt::DType::kFloat16, decode.mutable_v());
+  decode.mutable_options()->set_return_lse(true);
+  decode.set_expected_layer_tokens(3);
+  seed("decode", 0, decode);
+  v1::AttendRequest attend;
+  attend.set_session_id("s");
+  tensor(3, 2, rt::DType::kFloat32, attend.mutable_q());
+  attend.mutable_retrieval()->set_top_k_spans(2);
+  attend.mutable_retrieval()->set_mass_tolerance(0.1);
+  seed("attend", 1, attend);
+  v1::PrefillRequest prefill;
+  prefill.set_session_id("s");
+  tensor(5, 2, rt::DType::kFloat32, prefill.mutable_q());
+  tensor(5, 1, rt::DType::kFloat32, prefill.mutable_k());
+  tensor(5, 1, rt::DType::kFloat32, prefill.mutable_v());
+  prefill.set_output_chunk_tokens(2);
+  prefill.mutable_options()->set_output_dtype(v1::BFLOAT16);
+  seed("prefill", 2, prefill);
+  v1::RetrieveKVRequest retrieve;
+  retrieve.set_session_id("s");
+  tensor(1, 2, rt::DType::kFloat32, retrieve.mutable_q());
+  retrieve.mutable_retrieval()->set_token_budget(128);
+  retrieve.set_include_always(true);
+  seed("retrieve_kv", 3, retrieve);
+  v1::DecodeBatchRequest decode_batch;
+  decode_batch.set_layer(0);
+  for (int i = 0; i < 2; ++i) {
+    v1::DecodeEntry* e = decode_batch.add_entries();
+    e->set_session_id("s" + std::to_string(i));
+    tensor(1, 2, rt::DType::kFloat32, e->mutable_q());
+    tensor(1, 1, rt::DType::kFloat32, e->mutable_k());
+    tensor(1, 1, rt::DType::kFloat32, e->mutable_v());
+  }
+  seed("decode_batch", 4, decode_batch);
+  v1::AttendBatchRequest attend_batch;
+  for (int i = 0; i < 2; ++i) {
+    v1::AttendEntry* e = attend_batch.add_entries();
+    e->set_session_id("s" + std::to_string(i));
+    tensor(2, 2, rt::DType::kBFloat16, e->mutable_q());
+  }
+  seed("attend_batch", 5, attend_batch);
+  v1::AppendKVRequest append;
+  append.set_session_id("s");
+  tensor(4, 1, rt::DType::kFloat32, append.mutable_k());
+  tensor(4, 1, rt::DType::kFloat32, append.mutable_v());
+  seed("append_kv", 6, append);
+  v1::SessionConfig config;
+  config.set_layers(2);
+  config.set_heads(8);
+  config.set_kv_heads(2);
+  config.set_head_dim(64);
+  config.set_storage_dtype(v1::BFLOAT16);
+  config.set_name("seed");
+  seed("session_config", 7, config);
+}
+
 int main(int argc, char** argv) {
   if (argc != 2) {
     std::fprintf(stderr, "usage: make_fuzz_seeds <corpus dir>\n");
@@ -225,6 +298,7 @@ int main(int argc, char** argv) {
   NpySeeds(out / "npy_fuzzer", tmp);
   TensorSeeds(out / "tensor_codec_fuzzer");
   CommandSeeds(out / "command_fuzzer");
+  RequestSeeds(out / "request_fuzzer");
   SpanSeed(out / "span_recovery_fuzzer", tmp, "f32_9", rt::DType::kFloat32, 9, 0);
   SpanSeed(out / "span_recovery_fuzzer", tmp, "bf16_6_tail3", rt::DType::kBFloat16, 6, 3);
   SpanSeed(out / "span_recovery_fuzzer", tmp, "empty", rt::DType::kFloat32, 0, 0);
