@@ -148,6 +148,39 @@ def main():
                 assert e.code() == grpc.StatusCode.FAILED_PRECONDITION, e
                 assert "holds 10131 tokens" in e.details(), e.details()
         assert client.get_session(sid).layer_tokens[0] == 10131
+        # append_kv's own arguments (audit-clients): k and v of different
+        # lengths are refused before anything is sent (v's extra tokens were
+        # silently dropped: 8 stored of a 12-token v), and so is a bad
+        # chunk_tokens naming it (0 raised UNKNOWN "Exception iterating
+        # requests!", -1 sent an empty stream).
+        sid3 = client.create_session(layers=1, heads=H, kv_heads=HKV, head_dim=D, name="append-args").session_id
+        for bad_v, chunk in ((v[:12], 4), (v[:8], -1)):
+            try:
+                client.append_kv(sid3, 0, k[:8], bad_v, chunk_tokens=chunk)
+                raise AssertionError("expected ValueError (v %s, chunk_tokens %d)" % (bad_v.shape, chunk))
+            except ValueError as e:
+                assert ("chunk_tokens" if chunk < 0 else "same shape") in str(e), e
+        assert client.get_session(sid3).layer_tokens[0] == 0
+        assert client.append_kv(sid3, 0, k[:8], v[:8], chunk_tokens=0).layer_tokens == 8
+        # The default chunking fits a message whatever the shape: 4096 tokens
+        # of an MHA 32 x 128 layer (Llama-2-7B) are 64 MiB of K and 64 of V in
+        # float16, which one 4096-token message could not carry (the server
+        # refused it: RESOURCE_EXHAUSTED "Received message larger than max").
+        sid4 = client.create_session(layers=1, heads=32, kv_heads=32, head_dim=128, name="mha").session_id
+        big = np.ones((4096, 32, 128), np.float16)
+        assert client.append_kv(sid4, 0, big, big).layer_tokens == 4096
+        del big
+        # A NaN sent as bfloat16 stays NaN, so the server refuses it (NaN
+        # payloads whose rounding carried past the exponent became -0.0 or
+        # 0.0 and were attended).
+        nan_q = q[:1].copy()
+        nan_q.view(np.uint32)[0, 0, 0] = 0x7FFFFFFF
+        try:
+            client.attend(sid3, 0, nan_q, dtype="bfloat16")
+            raise AssertionError("expected INVALID_ARGUMENT for a NaN query")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "NaN" in e.details(), e.details()
+        assert client.delete_session(sid3) > 0 and client.delete_session(sid4) > 0
         # Retries are conditional: a retrying client writes once, at the length it saw.
         retrying = AttentionClient(f"127.0.0.1:{port}", timeout=60, write_retries=3)
         sid2 = retrying.create_session(layers=1, heads=H, kv_heads=HKV, head_dim=D, name="caf\u00e9").session_id

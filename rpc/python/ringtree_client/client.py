@@ -26,9 +26,16 @@ def retrieval_options(top_k_spans=0, token_budget=0, mass_tolerance=None, score_
 
 def _to_bfloat16_bits(x):
     """float32 -> bfloat16 bit patterns (uint16), round to nearest even."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    bits = x.view(np.uint32)
     rounded = bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))
-    return (rounded >> np.uint32(16)).astype(np.uint16)
+    out = (rounded >> np.uint32(16)).astype(np.uint16)
+    # A NaN stays a (quiet) NaN: rounding its payload could carry into the
+    # exponent (Inf) or wrap past 2^32 (+-0), hiding it from the server's check.
+    nan = np.isnan(x)
+    if nan.any():
+        out[nan] = ((bits[nan] >> np.uint32(16)) | np.uint32(0x0040)).astype(np.uint16)
+    return out
 
 
 def to_tensor(array, dtype=None):
@@ -233,15 +240,31 @@ class AttentionClient:
         return self.stub.DeleteSession(pb.DeleteSessionRequest(session_id=session_id), **self._kw()).freed_bytes
 
     # --- KV and attention -------------------------------------------------
-    def append_kv(self, session_id, layer, k, v, chunk_tokens=4096, dtype=None, expected_layer_tokens=None):
+    # K and V bytes per AppendKV message when chunk_tokens is 0: half of
+    # attnserve's default --max-message-mib (64), whatever the session's shape.
+    APPEND_CHUNK_BYTES = 32 << 20
+
+    def append_kv(self, session_id, layer, k, v, chunk_tokens=0, dtype=None, expected_layer_tokens=None):
         """Streams k, v [T, kv_heads, head_dim] in chunks; all or nothing.
+        chunk_tokens: tokens per message; 0 = at most 4096 and at most
+        APPEND_CHUNK_BYTES (32 MiB) of K and V per message.
         expected_layer_tokens: store only if the layer holds exactly that many
         tokens (else FAILED_PRECONDITION, nothing stored)."""
         k, v = np.asarray(k), np.asarray(v)
+        if k.ndim == 0 or k.shape != v.shape:
+            raise ValueError("append_kv: k %s and v %s must have the same shape [T, kv_heads, head_dim]"
+                             % (k.shape, v.shape))
+        if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, (int, np.integer)) or chunk_tokens < 0:
+            raise ValueError("append_kv: chunk_tokens: %r, expected an int >= 1 (0 = the default)" % (chunk_tokens,))
+        if chunk_tokens == 0:
+            wire = dtype or ("float16" if k.dtype == np.float16 else "float32")
+            row = 2 * int(np.prod(k.shape[1:], dtype=np.int64)) * (4 if wire == "float32" else 2)
+            chunk_tokens = max(1, min(4096, self.APPEND_CHUNK_BYTES // max(1, row)))
+        chunk_tokens = int(chunk_tokens)
 
         def attempt(expected):
             def chunks():
-                for start in range(0, k.shape[0], chunk_tokens):
+                for start in range(0, max(1, k.shape[0]), chunk_tokens):
                     r = pb.AppendKVRequest(session_id=session_id, layer=layer,
                                            k=to_tensor(k[start:start + chunk_tokens], dtype),
                                            v=to_tensor(v[start:start + chunk_tokens], dtype))
