@@ -188,6 +188,17 @@ def main():
         assert r.layer_tokens == 7 and retrying.get_session(sid2).layer_tokens[0] == 7, r
         assert retrying.get_session(sid2).config.name == "caf\u00e9"
         assert retrying.delete_session(sid2) > 0
+        # A retrying write whose length read fails names the write and keeps
+        # the read's code (it raised GetSession's own error, naming GetSession).
+        for write in (lambda: retrying.append_kv("0" * 32, 0, k[:1], v[:1]),
+                      lambda: retrying.decode("0" * 32, 0, q[:1], k[:1], v[:1]),
+                      lambda: retrying.prefill("0" * 32, 0, q[:1], k[:1], v[:1])):
+            try:
+                write()
+                raise AssertionError("expected NOT_FOUND")
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.NOT_FOUND, e
+                assert e.details().startswith(("[AppendKV] reading", "[Decode] reading", "[Prefill] reading")), e.details()
         retrying.close()
         # DecodeBatchStream: three layer-steps on one open call, each answer
         # equal to the reference, in order; an empty step ends the stream.

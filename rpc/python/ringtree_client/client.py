@@ -74,6 +74,25 @@ class AppliedEarlierError(Exception):
         self.layer_tokens = expected + tokens
 
 
+class WriteRpcError(grpc.RpcError):
+    """A write's failure found by the client, as a grpc.RpcError (code(),
+    details()): the length read before a retrying write failed; details()
+    names the write's method, then the read's own error."""
+
+    def __init__(self, code, details):
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self):
+        return self._code
+
+    def details(self):
+        return self._details
+
+    def __str__(self):
+        return "%s: %s" % (self._code.name, self._details)
+
+
 class BatchResult:
     """One entry's answer in a decode_batch/attend_batch: ok, code
     (grpc.StatusCode), message; when ok: o [T, H, D], lse [T, H] (with
@@ -176,7 +195,7 @@ class AttentionClient:
 
     _RETRYABLE = (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
 
-    def _write(self, session_id, layer, tokens, expected, attempt, applied):
+    def _write(self, method, session_id, layer, tokens, expected, attempt, applied):
         """Runs attempt(expected) with the write_retries policy (see class doc)."""
         if self.write_retries > 0 and expected is None:
             # The layer's length, read first so that every attempt is
@@ -187,7 +206,9 @@ class AttentionClient:
                     break
                 except grpc.RpcError as e:
                     if pre >= self.write_retries or e.code() not in self._RETRYABLE:
-                        raise
+                        # The write's failure, with its code and its method named (docs/api.md).
+                        raise WriteRpcError(e.code(), "[%s] reading the layer's length before the write: %s"
+                                            % (method, e.details())) from e
             if 0 <= layer < len(info.layer_tokens):
                 expected = info.layer_tokens[layer]
         tries = 0
@@ -276,7 +297,7 @@ class AttentionClient:
         def applied(expected):
             return pb.AppendKVResponse(appended_tokens=k.shape[0], first_position=expected,
                                        layer_tokens=expected + k.shape[0])
-        return self._write(session_id, layer, k.shape[0], expected_layer_tokens, attempt, applied)
+        return self._write("AppendKV", session_id, layer, k.shape[0], expected_layer_tokens, attempt, applied)
 
     @staticmethod
     def _options(scale, return_lse, output_dtype):
@@ -305,7 +326,8 @@ class AttentionClient:
 
         def applied(expected):
             raise AppliedEarlierError("Prefill", expected, np.asarray(k).shape[0])
-        return self._write(session_id, layer, np.asarray(k).shape[0], expected_layer_tokens, attempt, applied)
+        return self._write("Prefill", session_id, layer, np.asarray(k).shape[0], expected_layer_tokens, attempt,
+                           applied)
 
     @staticmethod
     def _result(r, return_lse, retrieval):
@@ -336,7 +358,8 @@ class AttentionClient:
 
         def applied(expected):
             raise AppliedEarlierError("Decode", expected, np.asarray(k).shape[0])
-        return self._write(session_id, layer, np.asarray(k).shape[0], expected_layer_tokens, attempt, applied)
+        return self._write("Decode", session_id, layer, np.asarray(k).shape[0], expected_layer_tokens, attempt,
+                           applied)
 
     def attend(self, session_id, layer, q, scale=0.0, return_lse=False, output_dtype="float32", dtype=None,
                retrieval=None):
