@@ -160,10 +160,11 @@ Result<T> AttentionClient::WriteWithRetries(const char* method, const std::strin
     Result<v1::SessionInfo> info = GetSession(session_id);
     for (int a = 0; !info.ok() && a < retries && retryable(info.status()); ++a)
       info = GetSession(session_id);
-    if (!info.ok())
-      return Status(info.status().code(), std::string("[") + method +
-                                              "] reading the layer's length before the write: " +
-                                              info.status().message());
+    if (!info.ok())  // "[<method>] <CODE>: ...", the form GrpcCodeOf reads
+      return Status(
+          info.status().code(),
+          std::string("[") + method + "] " + GrpcCodeName(GrpcCodeOf(info.status())) +
+              ": reading the layer's length before the write: " + info.status().message());
     if (layer < 0 || layer >= info->layer_tokens_size()) return attempt(expected);  // the server names the error
     expected = info->layer_tokens(layer);
   }
@@ -189,9 +190,17 @@ Result<AppendOutput> AttentionClient::AppendKV(const std::string& session_id, in
   if (k.shape.empty() || k.shape != v.shape || k.dtype != v.dtype) {
     return Status::InvalidArgument("[AppendKV] k and v must have the same non-empty shape and dtype");
   }
+  if (chunk_tokens < 0) {
+    return Status::InvalidArgument(
+        "[AppendKV] INVALID_ARGUMENT: chunk_tokens: " + std::to_string(chunk_tokens) +
+        ", must be >= 1 (0 = the default)");
+  }
   const int64_t tokens = k.shape[0];
   const int64_t row_bytes = tokens > 0 ? static_cast<int64_t>(k.data.size()) / tokens : 0;
-  chunk_tokens = std::max<int64_t>(1, chunk_tokens);
+  if (chunk_tokens == 0) {  // at most 4096 tokens and kAppendChunkBytes of K and V per message
+    chunk_tokens =
+        std::clamp<int64_t>(kAppendChunkBytes / std::max<int64_t>(1, 2 * row_bytes), 1, 4096);
+  }
   auto attempt = [&](std::optional<int64_t> expected) -> Result<AppendOutput> {
     grpc::ClientContext context;
     PrepareContext(&context);

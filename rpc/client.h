@@ -3,8 +3,8 @@
 // A thin, typed wrapper over the generated stub: converts host tensors to the
 // wire format, splits AppendKV into stream chunks, reassembles the streamed
 // Prefill output, and turns grpc::Status into ringtree::Status (message
-// "[<Method>] <GRPC_CODE>: <server message>"; the gRPC code is kept in
-// CallStatus::grpc_code for callers that need it).
+// "[<Method>] <GRPC_CODE>: <server message>"; GrpcCodeOf recovers the gRPC
+// code for callers that need it).
 //
 // Thread-safety: one AttentionClient may be used from many threads at once
 // (gRPC channels and stubs are thread-safe).
@@ -119,11 +119,15 @@ class AttentionClient {
   Result<int64_t> DeleteSession(const std::string& session_id);  // freed bytes
 
   // Streams k/v [T, Hkv, D] in messages of `chunk_tokens` tokens (all or
-  // nothing on the server side). `expected_layer_tokens`: conditional write
+  // nothing on the server side); 0 = at most 4096 tokens and at most
+  // kAppendChunkBytes of K and V per message (so a message fits attnserve's
+  // default --max-message-mib whatever the layer's shape); negative is
+  // INVALID_ARGUMENT. `expected_layer_tokens`: conditional write
   // (see CallOptions). With write_retries, a retry that finds the layer at
   // expected + T tokens reports the earlier attempt's success.
+  static constexpr int64_t kAppendChunkBytes = int64_t{32} << 20;
   Result<AppendOutput> AppendKV(const std::string& session_id, int layer, const HostTensor& k,
-                                const HostTensor& v, int64_t chunk_tokens = 4096,
+                                const HostTensor& v, int64_t chunk_tokens = 0,
                                 std::optional<int64_t> expected_layer_tokens = std::nullopt);
   // Prefill/Decode with write_retries: a retry that finds the layer at
   // expected + T tokens means an earlier attempt was applied but its output

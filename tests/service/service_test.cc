@@ -793,6 +793,58 @@ v1::Tensor Tensor3(int64_t t, int64_t h, int64_t d, DType dtype = DType::kFloat3
   return out;
 }
 
+// The C++ client's own contract (audit-clients). A retrying write whose
+// length read fails keeps the read's gRPC code in the "[<Method>] <CODE>: "
+// form GrpcCodeOf reads (it said "[AppendKV] reading the layer's length ...",
+// which GrpcCodeOf took for UNKNOWN). AppendKV's default chunks fit one
+// message whatever the layer's shape (4096 tokens of an MHA 32 x 128 layer in
+// bfloat16 are 64 MiB of K and 64 of V: refused as a whole, "Received message
+// larger than max"), and a negative chunk_tokens is refused naming it.
+TEST_F(ServiceFlow, ClientWritesKeepCodesAndChunkWithinTheMessageLimit) {
+  ClientOptions o;
+  o.address = server_->address();
+  o.write_retries = 2;
+  auto retrying = AttentionClient::Connect(o);
+  ASSERT_TRUE(retrying->WaitForReady(std::chrono::seconds(10)));
+  const std::string unknown(32, '0');
+  std::vector<float> ones(4 * 8 * 64, 1.0f);
+  const HostTensor q = HostTensor::FromFloat32(ones.data(), {1, 8, 64});
+  const HostTensor kv = HostTensor::FromFloat32(ones.data(), {1, 2, 64});
+  for (const Status& st : {retrying->AppendKV(unknown, 0, kv, kv).status(),
+                           retrying->Decode(unknown, 0, q, kv, kv).status(),
+                           retrying->Prefill(unknown, 0, q, kv, kv).status()}) {
+    EXPECT_EQ(st.code(), StatusCode::kNotFound) << st.message();
+    EXPECT_EQ(GrpcCodeOf(st), grpc::StatusCode::NOT_FOUND) << st.message();
+    EXPECT_NE(st.message().find("NOT_FOUND: reading the layer's length before the write"),
+              std::string::npos)
+        << st.message();
+  }
+
+  auto client = Client(*server_);
+  v1::SessionConfig config;
+  config.set_layers(1);
+  config.set_heads(32);
+  config.set_kv_heads(32);
+  config.set_head_dim(128);
+  config.set_storage_dtype(v1::BFLOAT16);
+  auto info = client->CreateSession(config);
+  ASSERT_TRUE(info.ok()) << info.status().message();
+  const int64_t tokens = 4096;
+  HostTensor big;
+  big.dtype = DType::kBFloat16;
+  big.shape = {tokens, 32, 128};
+  big.data.assign(static_cast<size_t>(tokens) * 32 * 128 * 2, '\0');
+  auto refused = client->AppendKV(info->session_id(), 0, big, big, -1);
+  EXPECT_EQ(GrpcCodeOf(refused.status()), grpc::StatusCode::INVALID_ARGUMENT)
+      << refused.status().message();
+  EXPECT_NE(refused.status().message().find("chunk_tokens"), std::string::npos)
+      << refused.status().message();
+  auto appended = client->AppendKV(info->session_id(), 0, big, big);
+  ASSERT_TRUE(appended.ok()) << appended.status().message();
+  EXPECT_EQ(appended->layer_tokens, tokens);
+  EXPECT_TRUE(client->DeleteSession(info->session_id()).ok());
+}
+
 TEST_F(ServiceFlow, BadRequestsGetPreciseCodesAndChangeNothing) {
   auto client = Client(*server_);
   std::mt19937 rng(4);
