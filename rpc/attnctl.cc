@@ -5,10 +5,10 @@
 //          [--span-tokens N] [--sink-tokens N] [--window-tokens N] [--attention-window W]
 //          [--span-boundaries fixed|discovered] [--name NAME]
 //   get ID | list | delete ID | stats
-//   append ID --layer 0 --k k.npy --v v.npy [--chunk-tokens 4096]
-//   prefill ID --layer 0 --q q.npy --k k.npy --v v.npy [--out o.npy]
-//   decode  ID --layer 0 --q q.npy --k k.npy --v v.npy [--out o.npy]
-//   attend  ID --layer 0 --q q.npy [--out o.npy]
+//   append ID --layer 0 --k k.npy --v v.npy [--chunk-tokens N]  (0: the client's default)
+//   prefill ID --layer 0 --q q.npy --k k.npy --v v.npy [--out o.npy] [--lse] [--lse-out lse.npy]
+//   decode  ID --layer 0 --q q.npy --k k.npy --v v.npy [--out o.npy] [--lse] [--lse-out lse.npy]
+//   attend  ID --layer 0 --q q.npy [--out o.npy] [--lse] [--lse-out lse.npy]
 //   decode/attend retrieval mode: [--top-k N] [--token-budget N] [--tolerance X]
 //                 [--retrieval] (sinks and window only, when no limit is given)
 //                 [--score-mode reps|blend|upper|mean] [--head-voting] [--persistent-steps N]
@@ -17,9 +17,11 @@
 //               [--out-prefix P]  (writes P.k.npy, P.v.npy, P.positions.npy)
 //   demo    [--tokens 16384] ...   (generated data, end to end, checks results)
 //
-// Exit code 0 on success, 1 on a failed call (the status is printed).
+// Exit code 0 on success, 1 on a failed call or an output file that could not
+// be written (the status is printed), non-zero with the option named on bad
+// flags.
 #include <CLI/CLI.hpp>
-
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -101,7 +103,10 @@ void PrintStats(const v1::StatsResponse& s) {
               static_cast<long long>(s.tree_bytes()), static_cast<long long>(s.command_bytes()));
 }
 
-void PrintOutput(const char* what, const AttentionOutput& out, const std::string& path) {
+// Prints o's summary (and lse's, when returned) and writes the files asked
+// for; a file that cannot be written is the command's error.
+Status PrintOutput(const char* what, const AttentionOutput& out, const std::string& path,
+                   const std::string& lse_path = "") {
   std::vector<float> o = out.o.ToFloat32();
   double sum = 0, sumsq = 0;
   for (float x : o) { sum += x; sumsq += double(x) * x; }
@@ -129,11 +134,22 @@ void PrintOutput(const char* what, const AttentionOutput& out, const std::string
                   static_cast<long long>(span.position_start() + span.tokens()), v1::SpanTier_Name(span.tier()).c_str());
     }
   }
-  if (!path.empty()) {
-    Status st = WriteNpy(path, out.o);
-    if (!st.ok()) std::fprintf(stderr, "error: %s\n", st.message().c_str());
-    else std::printf("  wrote %s\n", path.c_str());
+  if (!out.lse.shape.empty()) {
+    std::vector<float> lse = out.lse.ToFloat32();
+    float lo = INFINITY, hi = -INFINITY;
+    for (float x : lse) {
+      lo = std::min(lo, x);
+      hi = std::max(hi, x);
+    }
+    std::printf("  lse %s float32  min=%.6f max=%.6f\n", ShapeString(out.lse.shape).c_str(), lo,
+                hi);
   }
+  for (auto [file, tensor] : {std::pair{&path, &out.o}, std::pair{&lse_path, &out.lse}}) {
+    if (file->empty()) continue;
+    RINGTREE_RETURN_IF_ERROR(WriteNpy(*file, *tensor));
+    std::printf("  wrote %s\n", file->c_str());
+  }
+  return Status::Ok();
 }
 
 std::vector<float> RandomValues(std::mt19937& rng, size_t n) {
@@ -210,7 +226,7 @@ int RunDemo(AttentionClient& client, int64_t context_tokens, int heads, int kv_h
     if (!out.ok()) return Fail(out.status());
     std::printf("[3] prefill of %d tokens (ring attention) in %.3f s\n", prefill_tokens,
                 std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    PrintOutput("    prefill", *out, "");
+    (void)PrintOutput("    prefill", *out, "");
     ok &= check("prefill", q, prefill_tokens, true, *out);
   }
   for (int step = 0; step < decode_steps; ++step) {
@@ -226,7 +242,7 @@ int RunDemo(AttentionClient& client, int64_t context_tokens, int heads, int kv_h
     if (!out.ok()) return Fail(out.status());
     std::printf("[4] decode step %d (tree reduction) in %.3f ms\n", step,
                 1e3 * std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    PrintOutput("    decode", *out, "");
+    (void)PrintOutput("    decode", *out, "");
     ok &= check("decode", q, 1, true, *out);
   }
   {
@@ -237,7 +253,7 @@ int RunDemo(AttentionClient& client, int64_t context_tokens, int heads, int kv_h
     if (!out.ok()) return Fail(out.status());
     std::printf("[5] attend with %lld queries (no append) in %.3f ms\n", static_cast<long long>(q_tokens),
                 1e3 * std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    PrintOutput("    attend", *out, "");
+    (void)PrintOutput("    attend", *out, "");
     ok &= check("attend", q, q_tokens, false, *out);
   }
   auto info = client.GetSession(id);
@@ -295,9 +311,9 @@ int main(int argc, char** argv) {
                    "where Prefill's spans begin: fixed or discovered")
       ->capture_default_str();
 
-  std::string id, k_path, v_path, q_path, out_path;
+  std::string id, k_path, v_path, q_path, out_path, lse_path;
   int layer = 0;
-  int64_t chunk_tokens = 4096;
+  int64_t chunk_tokens = 0;
   CallOptions call;
   std::string out_dtype = "float32";
   auto* get = app.add_subcommand("get", "show a session");
@@ -316,7 +332,8 @@ int main(int argc, char** argv) {
     if (sub != append) {
       sub->add_option("--q", q_path, "queries .npy [T, H, D]")->required();
       sub->add_option("--out", out_path, "write o to this .npy");
-      sub->add_flag("--lse", call.return_lse, "also return lse");
+      sub->add_flag("--lse", call.return_lse, "also return lse (its summary is printed)");
+      sub->add_option("--lse-out", lse_path, "write lse [T, H] to this .npy (implies --lse)");
       sub->add_option("--scale", call.scale, "softmax scale (0 = 1/sqrt(D))");
       sub->add_option("--out-dtype", out_dtype)->capture_default_str();
     }
@@ -325,7 +342,10 @@ int main(int argc, char** argv) {
       sub->add_option("--v", v_path, "values .npy [T, Hkv, D]")->required();
     }
   }
-  append->add_option("--chunk-tokens", chunk_tokens)->capture_default_str();
+  append
+      ->add_option("--chunk-tokens", chunk_tokens,
+                   "tokens per message (0 = at most 4096 and 32 MiB of K+V per message)")
+      ->capture_default_str();
   int64_t top_k = 0, token_budget = 0;
   double tolerance = -1.0;
   std::string score_mode, out_prefix;  // score_mode "": the server's default ranking
@@ -337,10 +357,15 @@ int main(int argc, char** argv) {
   retrieve_kv->add_option("--q", q_path, "queries .npy [T, H, D]")->required();
   retrieve_kv->add_flag("--include-always", include_always, "also return sinks and window");
   retrieve_kv->add_option("--out-prefix", out_prefix, "write PREFIX.k.npy, PREFIX.v.npy, PREFIX.positions.npy");
+  std::vector<CLI::Option*> limit_flags;  // any of them given (whatever its value): retrieval mode
   for (auto* sub : {decode, attend, retrieve_kv}) {
-    sub->add_option("--top-k", top_k, "retrieval: spans beyond sinks and window");
-    sub->add_option("--token-budget", token_budget, "retrieval: tokens of selected spans");
-    if (sub != retrieve_kv) sub->add_option("--tolerance", tolerance, "retrieval: skipped-mass tolerance");
+    limit_flags.push_back(
+        sub->add_option("--top-k", top_k, "retrieval: spans beyond sinks and window"));
+    limit_flags.push_back(
+        sub->add_option("--token-budget", token_budget, "retrieval: tokens of selected spans"));
+    if (sub != retrieve_kv)
+      limit_flags.push_back(
+          sub->add_option("--tolerance", tolerance, "retrieval: skipped-mass tolerance"));
     sub->add_option(
         "--score-mode", score_mode,
         "retrieval ranking: reps (representative), blend, upper or mean; default: the server's "
@@ -368,6 +393,12 @@ int main(int argc, char** argv) {
   kv_heads = 8;
 
   CLI11_PARSE(app, argc, argv);
+  if (timeout_ms < 0)
+    return Fail(Status::InvalidArgument("[attnctl] --timeout-ms: must be >= 0 (0 = none)"));
+  if (chunk_tokens < 0)
+    return Fail(Status::InvalidArgument(
+        "[attnctl] --chunk-tokens: must be >= 1 (0 = the client's default)"));
+  if (!lse_path.empty()) call.return_lse = true;
   if (!tls_ca.empty()) {
     std::ifstream in(tls_ca);
     if (!in) return Fail(Status::NotFound("[attnctl] --tls-ca: cannot open " + tls_ca));
@@ -434,7 +465,10 @@ int main(int argc, char** argv) {
   v1::RetrievalOptions retrieval;
   retrieval.set_top_k_spans(top_k);
   retrieval.set_token_budget(token_budget);
-  if (tolerance >= 0) retrieval.set_mass_tolerance(tolerance);
+  bool tolerance_given = false;
+  for (CLI::Option* opt : limit_flags)
+    if (opt->get_name() == "--tolerance" && opt->count() > 0) tolerance_given = true;
+  if (tolerance_given) retrieval.set_mass_tolerance(tolerance);  // the server checks [0, 1]
   if (score_mode.empty())
     retrieval.set_score_mode(v1::SPAN_SCORE_MODE_UNSPECIFIED);
   else if (score_mode == "blend")
@@ -447,7 +481,10 @@ int main(int argc, char** argv) {
     return Fail(Status::InvalidArgument("[attnctl] --score-mode: reps, blend, upper or mean"));
   retrieval.set_head_voting(head_voting);
   retrieval.set_persistent_steps(persistent_steps);
-  const bool limited = top_k > 0 || token_budget > 0 || tolerance >= 0;
+  // A limit given is retrieval mode, whatever its value: the server refuses a
+  // bad one naming it (a negative --top-k used to fall back to exact mode).
+  bool limited = false;
+  for (CLI::Option* opt : limit_flags) limited |= opt->count() > 0;
   if (!retrieve_kv->parsed() && !limited && !retrieval_mode &&
       (!score_mode.empty() || head_voting || persistent_steps != 0))
     return Fail(
@@ -519,6 +556,6 @@ int main(int argc, char** argv) {
   else if (decode->parsed()) { out = client->Decode(id, layer, q, k, v, call); what = "decode"; }
   else out = client->Attend(id, layer, q, call);
   if (!out.ok()) return Fail(out.status());
-  PrintOutput(what, *out, out_path);
+  if (Status st = PrintOutput(what, *out, out_path, lse_path); !st.ok()) return Fail(st);
   return 0;
 }
