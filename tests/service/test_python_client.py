@@ -217,6 +217,14 @@ def main():
             raise AssertionError("expected INVALID_ARGUMENT")
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "entries" in e.details(), e.details()
+        # ... and so does the next step, with the same RpcError (it raised
+        # ValueError "the stream is closed", which an except grpc.RpcError missed).
+        try:
+            stream.step(0, [{"session_id": sid, "q": q, "k": dk, "v": dv}])
+            raise AssertionError("expected the stream's INVALID_ARGUMENT again")
+        except grpc.RpcError as e:
+            assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "entries" in e.details(), e.details()
+        stream.close()  # the error was raised already
         stats = client.stats()
         assert stats.world_size == 2 and sum(r.kv_tokens for r in stats.ranks) == 10134
         assert client.delete_session(sid) > 0

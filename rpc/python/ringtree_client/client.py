@@ -130,8 +130,11 @@ class DecodeBatchStream:
         self._requests = queue.Queue()
         self._responses = client.stub.DecodeBatchStream(iter(self._requests.get, None), metadata=client.metadata)
         self._closed = False
+        self._error = None  # the server's grpc.RpcError that ended the stream
 
     def step(self, layer, entries, scale=0.0, return_lse=False, output_dtype="float32", dtype=None):
+        if self._error is not None:
+            raise self._error  # the server's status, on every later step too
         if self._closed:
             raise ValueError("DecodeBatchStream: the stream is closed")
         self._requests.put(self._client._decode_batch_request(layer, entries, scale, return_lse, output_dtype,
@@ -141,7 +144,8 @@ class DecodeBatchStream:
         except StopIteration:
             self._end()
             raise RuntimeError("DecodeBatchStream: the server ended the stream") from None
-        except grpc.RpcError:
+        except grpc.RpcError as e:
+            self._error = e
             self._end()
             raise
         return [BatchResult(r, return_lse) for r in response.results]
