@@ -124,6 +124,13 @@ def main():
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "chunk_tokens" in e.details(), e.details()
         o16 = client.attend(sid, 0, q.astype(np.float16), output_dtype="float16")
         assert o16.dtype == np.float16
+        # float16 stays float16 on the wire in either byte order (a big-endian
+        # one went as float32: twice the bytes), with the same values.
+        from ringtree_client import to_tensor, from_tensor
+        from ringtree.v1 import attention_pb2 as pb
+        be = q.astype(">f2")
+        assert to_tensor(be).dtype == pb.FLOAT16 and to_tensor(be).data == to_tensor(q.astype(np.float16)).data
+        assert np.array_equal(from_tensor(to_tensor(be)), q.astype(np.float16))
         print(f"python client: max |o - reference| = {worst:.2e}")
         assert worst <= 2e-4, worst
         assert client.get_session(sid).layer_tokens[0] == 10128 + 3

@@ -43,7 +43,8 @@ def to_tensor(array, dtype=None):
     "bfloat16"; default: float16 arrays stay float16, everything else float32."""
     array = np.asarray(array)
     if dtype is None:
-        dtype = "float16" if array.dtype == np.float16 else "float32"
+        # Any byte order: a big-endian float16 array is float16 too.
+        dtype = "float16" if array.dtype.kind == "f" and array.dtype.itemsize == 2 else "float32"
     if dtype == "bfloat16":
         data = _to_bfloat16_bits(array.astype(np.float32)).tobytes()
     else:
@@ -282,7 +283,7 @@ class AttentionClient:
         if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, (int, np.integer)) or chunk_tokens < 0:
             raise ValueError("append_kv: chunk_tokens: %r, expected an int >= 1 (0 = the default)" % (chunk_tokens,))
         if chunk_tokens == 0:
-            wire = dtype or ("float16" if k.dtype == np.float16 else "float32")
+            wire = dtype or ("float16" if k.dtype.kind == "f" and k.dtype.itemsize == 2 else "float32")
             row = 2 * int(np.prod(k.shape[1:], dtype=np.int64)) * (4 if wire == "float32" else 2)
             chunk_tokens = max(1, min(4096, self.APPEND_CHUNK_BYTES // max(1, row)))
         chunk_tokens = int(chunk_tokens)
