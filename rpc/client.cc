@@ -437,7 +437,11 @@ DecodeBatchStream::~DecodeBatchStream() {
 
 Result<std::vector<BatchEntryOutput>> DecodeBatchStream::Step(
     int layer, const std::vector<BatchEntry>& entries, const CallOptions& options) {
-  if (closed_) return Status::FailedPrecondition("[DecodeBatchStream] the stream is closed");
+  if (closed_) {  // the server's status that ended the stream, on every later step too
+    return final_.ok() ? Status::FailedPrecondition(
+                             "[DecodeBatchStream] FAILED_PRECONDITION: the stream is closed")
+                       : final_;
+  }
   v1::DecodeBatchRequest request;
   RINGTREE_RETURN_IF_ERROR(BuildDecodeBatch(layer, entries, options, &request));
   v1::DecodeBatchResponse response;
