@@ -124,6 +124,18 @@ def main():
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "chunk_tokens" in e.details(), e.details()
         o16 = client.attend(sid, 0, q.astype(np.float16), output_dtype="float16")
         assert o16.dtype == np.float16
+        # A bad dtype or mode name is a ValueError naming the argument (it was
+        # a bare KeyError 'fp16', or numpy's TypeError for dtype=).
+        from ringtree_client import retrieval_options as ro
+        for bad, field in ((lambda: client.attend(sid, 0, q, output_dtype="fp16"), "output_dtype"),
+                           (lambda: client.attend(sid, 0, q, dtype="bf16"), "dtype"),
+                           (lambda: client.create_session(storage_dtype="fp16"), "storage_dtype"),
+                           (lambda: ro(top_k_spans=1, score_mode="best"), "score_mode")):
+            try:
+                bad()
+                raise AssertionError("expected ValueError naming " + field)
+            except ValueError as e:
+                assert str(e).startswith(field + ": "), e
         # float16 stays float16 on the wire in either byte order (a big-endian
         # one went as float32: twice the bytes), with the same values.
         from ringtree_client import to_tensor, from_tensor

@@ -10,13 +10,22 @@ _SCORE_MODES = {"blend": pb.BLEND, "upper": pb.UPPER_BOUND, "mean": pb.MEAN_KEY,
                 "reps": pb.REPRESENTATIVE}
 
 
+def _choice(table, value, field):
+    """table[value], or ValueError naming the argument and its choices (a bad
+    name raised a bare KeyError, or numpy's TypeError for to_tensor's dtype)."""
+    try:
+        return table[value]
+    except (KeyError, TypeError):
+        raise ValueError("%s: %r, expected one of %s" % (field, value, ", ".join(sorted(table)))) from None
+
+
 def retrieval_options(top_k_spans=0, token_budget=0, mass_tolerance=None, score_mode=None,
                       head_voting=False, persistent_steps=0):
     """ringtree.v1.RetrievalOptions for decode/attend/retrieve_kv (see docs/api.md).
     score_mode: "blend", "upper", "mean", "reps"; None = the server's default
     (REPRESENTATIVE, which is BLEND unless attnserve keeps index vectors)."""
     r = pb.RetrievalOptions(top_k_spans=top_k_spans, token_budget=token_budget,
-                            score_mode=(_SCORE_MODES[score_mode] if score_mode
+                            score_mode=(_choice(_SCORE_MODES, score_mode, "score_mode") if score_mode
                                         else pb.SPAN_SCORE_MODE_UNSPECIFIED),
                             head_voting=head_voting, persistent_steps=persistent_steps)
     if mass_tolerance is not None:
@@ -42,6 +51,8 @@ def to_tensor(array, dtype=None):
     """numpy array -> ringtree.v1.Tensor. dtype: "float32", "float16" or
     "bfloat16"; default: float16 arrays stay float16, everything else float32."""
     array = np.asarray(array)
+    if dtype is not None:
+        _choice(_DTYPES, dtype, "dtype")
     if dtype is None:
         # Any byte order: a big-endian float16 array is float16 too.
         dtype = "float16" if array.dtype.kind == "f" and array.dtype.itemsize == 2 else "float32"
@@ -249,7 +260,7 @@ class AttentionClient:
         if span_boundaries not in ("fixed", "discovered"):
             raise ValueError("span_boundaries: 'fixed' or 'discovered', got %r" % (span_boundaries,))
         config = pb.SessionConfig(layers=layers, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-                                  storage_dtype=_DTYPES[storage_dtype], span_tokens=span_tokens,
+                                  storage_dtype=_choice(_DTYPES, storage_dtype, "storage_dtype"), span_tokens=span_tokens,
                                   sink_tokens=sink_tokens, window_tokens=window_tokens, name=name,
                                   attention_window=attention_window,
                                   span_boundaries=pb.SPAN_BOUNDARIES_DISCOVERED if span_boundaries == "discovered"
@@ -306,7 +317,7 @@ class AttentionClient:
 
     @staticmethod
     def _options(scale, return_lse, output_dtype):
-        return pb.AttentionOptions(scale=scale, return_lse=return_lse, output_dtype=_DTYPES[output_dtype])
+        return pb.AttentionOptions(scale=scale, return_lse=return_lse, output_dtype=_choice(_DTYPES, output_dtype, "output_dtype"))
 
     def prefill(self, session_id, layer, q, k, v, scale=0.0, return_lse=False, output_dtype="float32",
                 dtype=None, output_chunk_tokens=0, expected_layer_tokens=None):
