@@ -129,6 +129,7 @@ def main():
         from ringtree_client import retrieval_options as ro
         for bad, field in ((lambda: client.attend(sid, 0, q, output_dtype="fp16"), "output_dtype"),
                            (lambda: client.attend(sid, 0, q, dtype="bf16"), "dtype"),
+                           (lambda: client.append_kv(sid, 0, k[:1], v[:1], dtype="bf16"), "dtype"),
                            (lambda: client.create_session(storage_dtype="fp16"), "storage_dtype"),
                            (lambda: ro(top_k_spans=1, score_mode="best"), "score_mode")):
             try:

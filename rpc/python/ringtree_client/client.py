@@ -293,6 +293,8 @@ class AttentionClient:
                              % (k.shape, v.shape))
         if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, (int, np.integer)) or chunk_tokens < 0:
             raise ValueError("append_kv: chunk_tokens: %r, expected an int >= 1 (0 = the default)" % (chunk_tokens,))
+        if dtype is not None:  # here, not in chunks(): gRPC turns its exceptions into UNKNOWN
+            _choice(_DTYPES, dtype, "dtype")
         if chunk_tokens == 0:
             wire = dtype or ("float16" if k.dtype.kind == "f" and k.dtype.itemsize == 2 else "float32")
             row = 2 * int(np.prod(k.shape[1:], dtype=np.int64)) * (4 if wire == "float32" else 2)
