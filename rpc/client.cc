@@ -188,7 +188,10 @@ Result<AppendOutput> AttentionClient::AppendKV(const std::string& session_id, in
                                                const HostTensor& k, const HostTensor& v,
                                                int64_t chunk_tokens, std::optional<int64_t> expected_layer_tokens) {
   if (k.shape.empty() || k.shape != v.shape || k.dtype != v.dtype) {
-    return Status::InvalidArgument("[AppendKV] k and v must have the same non-empty shape and dtype");
+    return Status::InvalidArgument("[AppendKV] INVALID_ARGUMENT: k " + ShapeString(k.shape) + " " +
+                                   DTypeName(k.dtype) + " and v " + ShapeString(v.shape) + " " +
+                                   DTypeName(v.dtype) +
+                                   ": must have the same non-empty shape and dtype");
   }
   if (chunk_tokens < 0) {
     return Status::InvalidArgument(

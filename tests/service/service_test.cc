@@ -844,6 +844,17 @@ TEST_F(ServiceFlow, ClientWritesKeepCodesAndChunkWithinTheMessageLimit) {
       << refused.status().message();
   EXPECT_NE(refused.status().message().find("chunk_tokens"), std::string::npos)
       << refused.status().message();
+  // k and v that differ: refused naming both (no code, no shapes before).
+  HostTensor short_v = big;
+  short_v.shape[0] = 8;
+  short_v.data.resize(static_cast<size_t>(8) * 32 * 128 * 2);
+  auto mismatch = client->AppendKV(info->session_id(), 0, big, short_v);
+  EXPECT_EQ(GrpcCodeOf(mismatch.status()), grpc::StatusCode::INVALID_ARGUMENT)
+      << mismatch.status().message();
+  EXPECT_NE(
+      mismatch.status().message().find("k [4096, 32, 128] bfloat16 and v [8, 32, 128] bfloat16"),
+      std::string::npos)
+      << mismatch.status().message();
   auto appended = client->AppendKV(info->session_id(), 0, big, big);
   ASSERT_TRUE(appended.ok()) << appended.status().message();
   EXPECT_EQ(appended->layer_tokens, tokens);
