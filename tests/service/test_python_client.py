@@ -220,6 +220,11 @@ def main():
                 assert e.code() == grpc.StatusCode.NOT_FOUND, e
                 assert e.details().startswith(("[AppendKV] reading", "[Decode] reading", "[Prefill] reading")), e.details()
         retrying.close()
+        # timeout=0 is no deadline, as in the C++ client (every call failed
+        # with DEADLINE_EXCEEDED at once).
+        unbounded = AttentionClient(f"127.0.0.1:{port}", timeout=0)
+        assert sid in {s.session_id for s in unbounded.list_sessions()}
+        unbounded.close()
         # DecodeBatchStream: three layer-steps on one open call, each answer
         # equal to the reference, in order; an empty step ends the stream.
         with client.open_decode_batch_stream() as stream:

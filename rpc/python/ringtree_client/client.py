@@ -189,6 +189,8 @@ class DecodeBatchStream:
 class AttentionClient:
     """Thread-safe client. Failed calls raise grpc.RpcError (e.code(), e.details()).
 
+    timeout: seconds per call (None or 0 = no deadline).
+
     write_retries: append_kv/prefill/decode calls that fail with
     DEADLINE_EXCEEDED or UNAVAILABLE are sent again up to this many times,
     conditionally (expected_layer_tokens = the layer's length before the first
@@ -246,7 +248,9 @@ class AttentionClient:
                 tries += 1
 
     def _kw(self):
-        return {"metadata": self.metadata, "timeout": self.timeout}
+        # timeout 0 (or None) = no deadline, as ClientOptions::timeout and
+        # health() (0 made every call DEADLINE_EXCEEDED at once).
+        return {"metadata": self.metadata, "timeout": self.timeout or None}
 
     # --- sessions ---------------------------------------------------------
     def create_session(self, layers=1, heads=8, kv_heads=8, head_dim=64, storage_dtype="float32",
