@@ -109,6 +109,17 @@ def main():
             for s, n in zip(seq_ids, PROMPT_LENGTHS):
                 got = client.get_session(attn.sessions[s]).layer_tokens[0]
                 assert got == n + DECODE_STEPS + (s != "seq1"), (s, got)
+            # 3c. A layer outside the model is a ValueError naming it, before
+            # any call (layers raised IndexError, -1 sent the last layer's
+            # length as expected_layer_tokens).
+            for bad in (cfg.layers, -1):
+                for call in (lambda: attn.decode(bad, seq_ids, q, kv, kv),
+                             lambda: attn.prefill(bad, seq_ids[:1], [q[:1]], [kv[:1]], [kv[:1]])):
+                    try:
+                        call()
+                        raise AssertionError("expected ValueError for layer %d" % bad)
+                    except ValueError as e:
+                        assert "layer %d" % bad in str(e), e
             sessions = dict(attn.sessions)
         # 3b. close() (leaving the with block) deleted the sessions.
         live = {s.session_id for s in client.list_sessions()}

@@ -142,6 +142,13 @@ class ServiceAttention:
             raise ValueError("%s: shape %s, expected %s[..., %d, %d]" % (
                 name, tuple(x.shape), "[T, H, D]" if rank == 3 else "[B, H, D]", heads, self.head_dim))
 
+    def _check_layer(self, method, layer):
+        # Before any session or index: layer == layers raised IndexError and a
+        # negative one read another layer's length (Python's negative index).
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.layers:
+            raise ValueError("%s: layer %r, expected 0..%d (layers=%d)" % (method, layer, self.layers - 1,
+                                                                           self.layers))
+
     def _expected(self, seq_id, layer):
         return self.tokens[seq_id][layer] if self.conditional else None
 
@@ -153,6 +160,7 @@ class ServiceAttention:
         the sequence's next positions and attends everything before it plus
         itself causally. Returns the outputs in the same form (list of
         [T_i, H, D], or [B, T, H, D])."""
+        self._check_layer("prefill", layer)
         stacked = torch.is_tensor(q)
         if len(seq_ids) != len(q) or len(k) != len(q) or len(v) != len(q):
             raise ValueError("prefill: %d seq_ids, %d q, %d k, %d v" % (len(seq_ids), len(q), len(k), len(v)))
@@ -179,6 +187,7 @@ class ServiceAttention:
         [B, 1, Hkv, D]): one new token per sequence, at its next position.
         Returns o shaped like q. In retrieval mode the RetrievalInfo of each
         sequence is in self.last_retrieval."""
+        self._check_layer("decode", layer)
         shape = q.shape
         if q.dim() == 4:
             q, k, v = q.squeeze(1), k.squeeze(1), v.squeeze(1)
