@@ -559,6 +559,9 @@ int main(int argc, char** argv) {
   }
   if (!setup.ok()) {
     std::fprintf(stderr, "[attnserve] %s\n", setup.ToString().c_str());
+    // No checkpoint: the recovery may have read only part of the logs and
+    // the journal, and the next start must find them as they were.
+    loop.ShutDownWithoutCheckpoint();
     loop.Run([] { return true; }).ok();  // tells the workers to stop
     if (watchdog) watchdog->Stop(true);
     return 2;

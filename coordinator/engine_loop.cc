@@ -539,13 +539,17 @@ Status EngineLoop::Run(const std::function<bool()>& should_exit) {
   // Rank 0's stores complete in their files, its write-ahead log empty; then
   // the metadata journal folded into the session files (a clean restart
   // replays nothing).
-  if (Status st = engine_.Checkpoint(); !st.ok()) {
-    LogError("[attnserve] checkpoint at shutdown: {}", st.ToString());
+  if (checkpoint_at_shutdown_) {
+    if (Status st = engine_.Checkpoint(); !st.ok()) {
+      LogError("[attnserve] checkpoint at shutdown: {}", st.ToString());
+    }
+    Status checkpointed = sessions_ ? sessions_->Checkpoint() : Status::Ok();
+    if (!checkpointed.ok())
+      LogError("[attnserve] metadata checkpoint: {}", checkpointed.ToString());
   }
-  Status checkpointed = sessions_ ? sessions_->Checkpoint() : Status::Ok();
-  if (!checkpointed.ok()) LogError("[attnserve] metadata checkpoint: {}", checkpointed.ToString());
   Command shutdown;
   shutdown.kind = CommandKind::kShutdown;
+  if (!checkpoint_at_shutdown_) shutdown.serial = kShutdownWithoutCheckpoint;
   const std::string bytes = EncodeCommand(shutdown);
   Status result = Status::Ok();
   for (int d = 1; d < world_size_; ++d) {

@@ -195,6 +195,12 @@ class EngineLoop {
   // returns the failure without a checkpoint or a shutdown command (if the
   // step it is in ever returns).
   Status Run(const std::function<bool()>& should_exit);
+  // Before Run: its shutdown leaves every file as it is (no checkpoint of
+  // the stores, the write-ahead logs or the session metadata, on any rank).
+  // For a start that failed: its recovery may have read only part of the
+  // logs and journal (a corrupt record, a full disk), and a checkpoint would
+  // replace them with that part, losing acknowledged writes.
+  void ShutDownWithoutCheckpoint() { checkpoint_at_shutdown_ = false; }
 
   // Thread-safe, from any thread (attnserve calls it from the peer
   // watchdog's when a rank is lost): the world cannot run steps any more.
@@ -284,6 +290,7 @@ class EngineLoop {
   // The step the engine thread runs now, and the failure.
   std::vector<std::shared_ptr<WorkItem>> running_ ABSL_GUARDED_BY(mu_);
   bool failed_ ABSL_GUARDED_BY(mu_) = false;
+  bool checkpoint_at_shutdown_ = true;  // set before Run, read by it
   Status failure_ ABSL_GUARDED_BY(mu_);
   // Batch linger: requests submitted so far, the count when the last
   // attention step finished, that step's size, end and duration.

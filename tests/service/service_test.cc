@@ -2827,6 +2827,34 @@ class ServiceWritePath : public ServerSuite {
   void InjectFileFault(const std::string& kind, const std::string& where) {
     std::ofstream(file_fault_) << kind << " " << where << " 1 " << ++faults_injected_ << "\n";
   }
+  // A durable session whose acknowledged writes are only in the write-ahead
+  // logs and the metadata journal (40 appended tokens and 12 decodes, whose
+  // rows reach both ranks' logs (16-token spans), then
+  // rank 0 SIGKILLed: no checkpoint folded them into the files). Returns its
+  // id; `m` holds what was acknowledged.
+  static std::string SessionOnlyInTheLogs(std::unique_ptr<testing::ServerProcess> server,
+                                          std::mt19937& rng, Model& m) {
+    auto client = Client(*server);
+    v1::SessionConfig config = Config(m);
+    config.set_span_tokens(16);
+    auto info = client->CreateSession(config);
+    if (!info.ok()) return "";
+    auto [k, v] = NewKv(rng, m, 40);
+    if (!client->AppendKV(info->session_id(), 0, k, v).ok()) return "";
+    for (int t = 0; t < 12; ++t) {
+      Model next = m;
+      auto [kt, vt] = NewKv(rng, next, 1);
+      const std::vector<float> q = Random(rng, m.heads * m.head_dim);
+      auto out =
+          client->Decode(info->session_id(), 0,
+                         HostTensor::FromFloat32(q.data(), {1, m.heads, m.head_dim}), kt, vt);
+      if (!out.ok()) return "";
+      m = std::move(next);
+    }
+    kill(server->rank0_pid(), SIGKILL);
+    server->Wait(std::chrono::seconds(30));
+    return info->session_id();
+  }
   std::string dir_, fault_file_, file_fault_, crash_file_;
   int faults_injected_ = 0;
 };
@@ -3410,6 +3438,43 @@ TEST_F(ServiceWritePath, KillBetweenJournalAndLogSyncDropsOnlyThatStep) {
     EXPECT_LE(MaxDiff(out->o.ToFloat32(), Reference(m, q, 1, true)), 2e-4);
     EXPECT_EQ(server->Stop(), 0) << server->log();
   }
+}
+
+// After a start that failed, the next start must find every acknowledged
+// write. A start whose recovery cannot write the session files (the disk is
+// full: ENOSPC injected on `sessions/<id>.json.tmp`) fails naming the file;
+// its shutdown used to checkpoint anyway: the journal was emptied although
+// the session files had not taken its records, and the next start (with
+// space again) had every layer at 0 tokens (seen on a 20 MiB tmpfs filled by
+// appends: 24,000 acknowledged tokens gone). A failed start now leaves every
+// file as it was.
+TEST_F(ServiceWritePath, FailedStartLeavesTheLogsAndJournalForTheNext) {
+  std::mt19937 rng(31);
+  Model m;
+  const std::string id = SessionOnlyInTheLogs(Start(true), rng, m);
+  ASSERT_FALSE(id.empty());
+  ASSERT_EQ(m.tokens(), 52);
+  {
+    std::ofstream(file_fault_) << "enospc .json.tmp 1000\n";
+    testing::ServerProcess failing;
+    failing.env = {"RINGTREE_TEST_FILE_FAULT=" + file_fault_};
+    EXPECT_FALSE(failing.Start(ATTNSERVE_PATH, kRanks, {"--data-dir", dir_ + "/data"}))
+        << "started although its session files cannot be written";
+    failing.Wait(std::chrono::seconds(30));
+    EXPECT_NE(failing.log().find(".json.tmp: No space left on device"), std::string::npos)
+        << failing.log();
+    std::filesystem::remove(file_fault_);
+  }
+  auto server = Start(true);
+  auto client = Client(*server);
+  auto info = client->GetSession(id);
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  EXPECT_EQ(info->layer_tokens(0), m.tokens()) << "acknowledged tokens lost by a failed start";
+  const std::vector<float> q = Random(rng, 2 * m.heads * m.head_dim);
+  auto o = client->Attend(id, 0, HostTensor::FromFloat32(q.data(), {2, m.heads, m.head_dim}));
+  ASSERT_TRUE(o.ok()) << o.status().ToString();
+  EXPECT_LE(MaxDiff(o->o.ToFloat32(), AttendReference(m, q, 2)), 2e-4);
+  EXPECT_EQ(server->Stop(), 0) << server->log();
 }
 
 // A streamed AppendKV stages each chunk on its ranks as it arrives; every

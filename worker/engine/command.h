@@ -49,6 +49,11 @@ struct KvRows {
   int64_t tokens() const;
 };
 
+// A kShutdown whose serial is this: the worker exits without its
+// checkpoint, leaving its stores and write-ahead log as they are (a start
+// that failed; EngineLoop::ShutDownWithoutCheckpoint).
+constexpr uint64_t kShutdownWithoutCheckpoint = ~uint64_t{0};
+
 enum class CommandKind : uint8_t {
   kShutdown = 1,
   kDeleteSession,

@@ -1482,6 +1482,8 @@ Status RunWorkerLoop(WorkerEngine& engine, const CommandChannel& channel, int ro
                               channel.Receive(root, spin_microseconds, sleep_microseconds, max_sleep_microseconds));
     RINGTREE_ASSIGN_OR_RETURN(Command command, DecodeCommand(bytes));
     if (command.kind == CommandKind::kShutdown) {
+      // A start that failed: the files stay as they are, for the next one.
+      if (command.serial == kShutdownWithoutCheckpoint) return Status::Ok();
       // The stores' files become complete and the write-ahead log empty, so
       // a restart replays nothing.
       Status st = engine.Checkpoint();
