@@ -363,7 +363,7 @@ Result<std::vector<std::shared_ptr<SessionRecord>>> SessionStore::LoadAll(
     return Status::Ok();
   };
   // Records after the valid prefix are a torn last record: never acknowledged.
-  RINGTREE_RETURN_IF_ERROR(ForEachLogRecord(journal, kJournalMagic, find_aborts).status());
+  RINGTREE_RETURN_IF_ERROR(ForEachLogRecord(journal, kJournalMagic, find_aborts, path).status());
   bool ended = false;  // a record some writing rank's log lacks: the interrupted last step
   int64_t ignored = 0;
   auto replay = [&](const char* payload, uint32_t length) -> Status {
@@ -408,7 +408,7 @@ Result<std::vector<std::shared_ptr<SessionRecord>>> SessionStore::LoadAll(
     }
     return Status::Ok();
   };
-  RINGTREE_RETURN_IF_ERROR(ForEachLogRecord(journal, kJournalMagic, replay).status());
+  RINGTREE_RETURN_IF_ERROR(ForEachLogRecord(journal, kJournalMagic, replay, path).status());
   if (ignored > 0) {
     LogWarn("[attnserve] {}: {} records after the dropped one ignored", path, ignored);
   }

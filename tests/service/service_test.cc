@@ -3477,6 +3477,59 @@ TEST_F(ServiceWritePath, FailedStartLeavesTheLogsAndJournalForTheNext) {
   EXPECT_EQ(server->Stop(), 0) << server->log();
 }
 
+// A record of the metadata journal or of a rank's write-ahead log that fails
+// its checksum while whole records follow it is corruption, not a torn tail
+// (records are appended one at a time, each synced before the next): the
+// start fails with DATA_LOSS naming the file and the offset. It used to be
+// read as the end of the log: one flipped bit in the journal's first record
+// dropped every later acknowledged write (and rolled back the ranks' stores,
+// logged as "unacknowledged tokens"); in rank 1's log it emptied a session.
+// The failed start leaves the files as they were: with the byte restored,
+// every acknowledged token is back.
+TEST_F(ServiceWritePath, CorruptLogRecordIsDataLossNotATornTail) {
+  for (const std::string file : {"sessions/journal.log", "rank-0/wal.log", "rank-1/wal.log"}) {
+    SCOPED_TRACE(file);
+    std::filesystem::remove_all(dir_ + "/data");
+    std::mt19937 rng(32);
+    Model m;
+    const std::string id = SessionOnlyInTheLogs(Start(true), rng, m);
+    ASSERT_FALSE(id.empty());
+    const std::string path = dir_ + "/data/" + file;
+    ASSERT_GE(LogRecords(path).size(), 2u) << path;
+    const std::streamoff flip = 16 + 3;  // in the first record's payload
+    char byte = 0;
+    auto flip_byte = [&] {
+      std::fstream f(path, std::ios::in | std::ios::out | std::ios::binary);
+      f.seekg(flip);
+      f.get(byte);
+      f.seekp(flip);
+      f.put(static_cast<char>(byte ^ 0x10));
+    };
+    flip_byte();
+    {
+      testing::ServerProcess failing;
+      EXPECT_FALSE(failing.Start(ATTNSERVE_PATH, kRanks, {"--data-dir", dir_ + "/data"}))
+          << "started on a corrupt " << file;
+      failing.Wait(std::chrono::seconds(30));
+      const std::string log = failing.log();
+      EXPECT_NE(log.find("DATA_LOSS"), std::string::npos) << log;
+      EXPECT_NE(log.find(path + "@0: corrupt record followed by a valid record"), std::string::npos)
+          << log;
+    }
+    flip_byte();  // restored
+    auto server = Start(true);
+    auto client = Client(*server);
+    auto info = client->GetSession(id);
+    ASSERT_TRUE(info.ok()) << info.status().ToString();
+    EXPECT_EQ(info->layer_tokens(0), m.tokens());
+    const std::vector<float> q = Random(rng, 2 * m.heads * m.head_dim);
+    auto o = client->Attend(id, 0, HostTensor::FromFloat32(q.data(), {2, m.heads, m.head_dim}));
+    ASSERT_TRUE(o.ok()) << o.status().ToString();
+    EXPECT_LE(MaxDiff(o->o.ToFloat32(), AttendReference(m, q, 2)), 2e-4);
+    EXPECT_EQ(server->Stop(), 0) << server->log();
+  }
+}
+
 // A streamed AppendKV stages each chunk on its ranks as it arrives; every
 // way a stream can end without storing (cancel, a later invalid chunk, the
 // deadline, another write on the layer meanwhile) drops the staging on every

@@ -493,7 +493,7 @@ Result<WalState> WorkerEngine::LoadWal() {
     return Status::Ok();
   };
   // Records after the valid prefix are a torn last record: its step was never acknowledged.
-  RINGTREE_ASSIGN_OR_RETURN(const size_t at, ForEachLogRecord(log, kWalMagic, load));
+  RINGTREE_ASSIGN_OR_RETURN(const size_t at, ForEachLogRecord(log, kWalMagic, load, path));
   if (at < log.size() && IsZeroTail(log, at)) {
     // Preallocated space after the last record: not a torn write (the next
     // WriteWal cuts it off before growing the log again).

@@ -234,7 +234,8 @@ Result<int> OpenLogForAppend(const std::string& path, uint32_t magic, int64_t* e
   if (!*created) {
     Result<std::string> log = ReadWholeFile(path);
     Result<size_t> valid =
-        log.ok() ? ForEachLogRecord(*log, magic, [](const char*, uint32_t) { return Status::Ok(); })
+        log.ok() ? ForEachLogRecord(
+                       *log, magic, [](const char*, uint32_t) { return Status::Ok(); }, path)
                  : Result<size_t>(log.status());
     if (!valid.ok()) {
       ::close(fd);
@@ -258,21 +259,43 @@ bool IsZeroTail(const std::string& log, size_t from) {
   return true;
 }
 
+namespace {
+
+// True when a whole record with a valid checksum starts at `at`.
+bool ValidLogRecordAt(const std::string& log, uint32_t magic, size_t at) {
+  if (at + 16 > log.size()) return false;
+  uint32_t m = 0, length = 0;
+  uint64_t sum = 0;
+  std::memcpy(&m, log.data() + at, 4);
+  std::memcpy(&length, log.data() + at + 4, 4);
+  std::memcpy(&sum, log.data() + at + 8, 8);
+  return m == magic && length <= log.size() - at - 16 &&
+         Checksum64(log.data() + at + 16, length) == sum;
+}
+
+}  // namespace
+
 Result<size_t> ForEachLogRecord(
     const std::string& log, uint32_t magic,
-    const std::function<Status(const char* payload, uint32_t bytes)>& visit) {
+    const std::function<Status(const char* payload, uint32_t bytes)>& visit,
+    const std::string& path) {
   size_t at = 0;
-  while (at + 16 <= log.size()) {
-    uint32_t m = 0, length = 0;
-    uint64_t sum = 0;
-    std::memcpy(&m, log.data() + at, 4);
+  while (ValidLogRecordAt(log, magic, at)) {
+    uint32_t length = 0;
     std::memcpy(&length, log.data() + at + 4, 4);
-    std::memcpy(&sum, log.data() + at + 8, 8);
-    if (m != magic || length > log.size() - at - 16) break;
-    const char* payload = log.data() + at + 16;
-    if (Checksum64(payload, length) != sum) break;
-    RINGTREE_RETURN_IF_ERROR(visit(payload, length));
+    RINGTREE_RETURN_IF_ERROR(visit(log.data() + at + 16, length));
     at += 16 + length;
+  }
+  // Not a torn tail if a whole record follows (a bit flip, an overwritten
+  // block): refuse rather than drop the acknowledged records after it.
+  for (size_t p = at + 1; p + 16 <= log.size(); ++p) {
+    if (log[p] != static_cast<char>(magic & 0xff)) continue;
+    if (ValidLogRecordAt(log, magic, p)) {
+      return Status::DataLoss(
+          "[log] " + (path.empty() ? std::string("log") : path) + "@" + std::to_string(at) +
+          ": corrupt record followed by a valid record at offset " + std::to_string(p) +
+          " (not a torn tail; the records after it were acknowledged)");
+    }
   }
   return at;
 }

@@ -152,9 +152,14 @@ bool IsZeroTail(const std::string& log, size_t from);
 std::string FrameLogRecord(uint32_t magic, const std::string& payload);
 // Calls visit(payload, bytes) for each whole record with a valid checksum,
 // in order, stopping at the first that is not (a torn tail). Returns the
-// length of that valid prefix, or visit's first error.
+// length of that valid prefix, or visit's first error. A torn tail is the
+// log's last record: records are appended one at a time, each synced before
+// the next is written. So an invalid record followed by a whole valid one
+// is corruption, not a crash, and dropping it would drop acknowledged
+// records after it: DATA_LOSS naming `path` and both offsets.
 Result<size_t> ForEachLogRecord(
     const std::string& log, uint32_t magic,
-    const std::function<Status(const char* payload, uint32_t bytes)>& visit);
+    const std::function<Status(const char* payload, uint32_t bytes)>& visit,
+    const std::string& path = "");
 
 }  // namespace ringtree
