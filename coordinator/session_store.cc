@@ -262,6 +262,11 @@ Status SessionStore::SaveLocked(const SessionRecord& record, uint64_t seq) const
   j["layers"] = layout.at("layers");
   j["kv_bytes"] = layout.at("kv_bytes");
   j["seq"] = seq;
+  // XXH3 of the object's dump without this key (keys sorted, so a reader's
+  // re-dump of what it parsed is the same bytes): a flipped bit that still
+  // parses (a token count, a tenant) is DATA_LOSS at load, never data.
+  const std::string canonical = j.dump();
+  j["checksum"] = Checksum64(canonical.data(), canonical.size());
   RINGTREE_RETURN_IF_ERROR(CreateDirectoriesDurably(Dir()));
   return WriteFileAtomically(Dir(), record.id + ".json", j.dump());
 }
@@ -298,7 +303,15 @@ Result<std::vector<std::shared_ptr<SessionRecord>>> SessionStore::LoadAll(
     RINGTREE_ASSIGN_OR_RETURN(std::string text, ReadWholeFile(path));
     auto record = std::make_shared<SessionRecord>();
     try {
-      const nlohmann::json j = nlohmann::json::parse(text);
+      nlohmann::json j = nlohmann::json::parse(text);
+      if (j.contains("checksum")) {  // absent before 2026-12-02
+        const uint64_t want = j.at("checksum").get<uint64_t>();
+        j.erase("checksum");
+        const std::string canonical = j.dump();
+        if (Checksum64(canonical.data(), canonical.size()) != want)
+          return Status::DataLoss("[sessions] " + path +
+                                  ": checksum mismatch (the file is corrupt)");
+      }
       if (j.at("version").get<int>() != kFormatVersion) return Status::DataLoss("[sessions] " + path + ": unknown version");
       record->id = j.at("id").get<std::string>();
       record->tenant = j.at("tenant").get<std::string>();

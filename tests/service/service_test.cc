@@ -2678,6 +2678,7 @@ TEST_F(ServiceSpans, RestartListsTheSameSessionsAndAnswersIdentically) {
   const int open_rank = layer["open_span_rank"].get<int>();
   layer["tokens"] = 5005;
   layer["rank_tokens"][open_rank] = layer["rank_tokens"][open_rank].get<int64_t>() - 1;
+  j.erase("checksum");  // edited: written as a file of before the checksum (still read)
   std::ofstream(meta, std::ios::trunc) << j.dump();
   a.k.resize(a.k.size() - size_t(a.kv_heads) * a.head_dim);  // the model without the last decode
   a.v.resize(a.v.size() - size_t(a.kv_heads) * a.head_dim);
@@ -2699,6 +2700,7 @@ TEST_F(ServiceSpans, RestartListsTheSameSessionsAndAnswersIdentically) {
   j = read_meta();
   j["layers"][0]["tokens"] = j["layers"][0]["tokens"].get<int64_t>() + 1;
   j["layers"][0]["rank_tokens"][0] = j["layers"][0]["rank_tokens"][0].get<int64_t>() + 1;
+  j.erase("checksum");
   std::ofstream(meta, std::ios::trunc) << j.dump();
   auto fourth = Start({});
   auto c4 = Client(*fourth);
@@ -3528,6 +3530,60 @@ TEST_F(ServiceWritePath, CorruptLogRecordIsDataLossNotATornTail) {
     EXPECT_LE(MaxDiff(o->o.ToFloat32(), AttendReference(m, q, 2)), 2e-4);
     EXPECT_EQ(server->Stop(), 0) << server->log();
   }
+}
+
+// Session metadata files are checksummed like everything else on disk: a
+// flipped bit that still parses used to be read as data (one bit turned a
+// layer's "tokens":52 into 12; the session came back with 12 tokens and its
+// rank counts still summing to 52, unreported). Now the start fails with
+// DATA_LOSS naming the file; with the bit restored the session is whole.
+TEST_F(ServiceWritePath, SessionFileBitFlipIsDataLoss) {
+  std::mt19937 rng(33);
+  Model m;
+  std::string id;
+  {
+    auto server = Start(true);
+    auto client = Client(*server);
+    v1::SessionConfig config = Config(m);
+    config.set_span_tokens(16);
+    auto info = client->CreateSession(config);
+    ASSERT_TRUE(info.ok()) << info.status().ToString();
+    id = info->session_id();
+    auto [k, v] = NewKv(rng, m, 52);
+    ASSERT_TRUE(client->AppendKV(id, 0, k, v).ok());
+    EXPECT_EQ(server->Stop(), 0) << server->log();
+  }
+  const std::string meta = dir_ + "/data/sessions/" + id + ".json";
+  std::string text;
+  {
+    std::ifstream in(meta, std::ios::binary);
+    text.assign(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
+  }
+  const size_t at = text.find("\"tokens\":52");
+  ASSERT_NE(at, std::string::npos) << text;
+  std::string flipped = text;
+  flipped[at + 9] ^= 0x04;  // '5' -> '1'
+  std::ofstream(meta, std::ios::trunc | std::ios::binary) << flipped;
+  {
+    testing::ServerProcess failing;
+    EXPECT_FALSE(failing.Start(ATTNSERVE_PATH, kRanks, {"--data-dir", dir_ + "/data"}))
+        << "started on a corrupt session file";
+    failing.Wait(std::chrono::seconds(30));
+    EXPECT_NE(failing.log().find("DATA_LOSS: [sessions] " + meta + ": checksum mismatch"),
+              std::string::npos)
+        << failing.log();
+  }
+  std::ofstream(meta, std::ios::trunc | std::ios::binary) << text;
+  auto server = Start(true);
+  auto client = Client(*server);
+  auto info = client->GetSession(id);
+  ASSERT_TRUE(info.ok()) << info.status().ToString();
+  EXPECT_EQ(info->layer_tokens(0), 52);
+  const std::vector<float> q = Random(rng, 2 * m.heads * m.head_dim);
+  auto o = client->Attend(id, 0, HostTensor::FromFloat32(q.data(), {2, m.heads, m.head_dim}));
+  ASSERT_TRUE(o.ok()) << o.status().ToString();
+  EXPECT_LE(MaxDiff(o->o.ToFloat32(), AttendReference(m, q, 2)), 2e-4);
+  EXPECT_EQ(server->Stop(), 0) << server->log();
 }
 
 // A streamed AppendKV stages each chunk on its ranks as it arrives; every
