@@ -795,18 +795,28 @@ grpc::Status AttentionServiceImpl::Prefill(grpc::ServerContext* context, const v
   });
 }
 
+template <typename Request, typename Response>
+grpc::ServerUnaryReactor* AttentionServiceImpl::ServeUnary(
+    const char* method, grpc::CallbackServerContext* context, const grpc::ByteBuffer* raw,
+    grpc::ByteBuffer* out,
+    std::optional<grpc::Status> (AttentionServiceImpl::*start)(grpc::CallbackServerContext&,
+                                                               const Request&, Response*,
+                                                               UnaryCall*)) {
+  auto* call = new UnaryCall;
+  Request* request = nullptr;
+  Response* response = nullptr;
+  std::tie(request, response) = call->Hold<Request, Response>(out);
+  std::optional<grpc::Status> now =
+      Unparsable(method, *context, ParseRaw(*raw, {1}, method, "session_id", request));
+  if (!now) now = (this->*start)(*context, *request, response, call);
+  if (now) call->Complete(*now);
+  return call;
+}
+
 grpc::ServerUnaryReactor* AttentionServiceImpl::Decode(grpc::CallbackServerContext* context,
                                                        const grpc::ByteBuffer* raw,
                                                        grpc::ByteBuffer* out) {
-  auto* call = new UnaryCall;
-  v1::DecodeRequest* request = nullptr;
-  v1::DecodeResponse* response = nullptr;
-  std::tie(request, response) = call->Hold<v1::DecodeRequest, v1::DecodeResponse>(out);
-  std::optional<grpc::Status> now =
-      Unparsable("Decode", *context, ParseRaw(*raw, {1}, "Decode", "session_id", request));
-  if (!now) now = StartDecode(*context, *request, response, call);
-  if (now) call->Complete(*now);
-  return call;
+  return ServeUnary("Decode", context, raw, out, &AttentionServiceImpl::StartDecode);
 }
 
 std::optional<grpc::Status> AttentionServiceImpl::Unparsable(const char* method,
@@ -863,15 +873,7 @@ grpc::Status AttentionServiceImpl::PrepareDecode(const char* m, Clock::time_poin
 grpc::ServerUnaryReactor* AttentionServiceImpl::Attend(grpc::CallbackServerContext* context,
                                                        const grpc::ByteBuffer* raw,
                                                        grpc::ByteBuffer* out) {
-  auto* call = new UnaryCall;
-  v1::AttendRequest* request = nullptr;
-  v1::AttendResponse* response = nullptr;
-  std::tie(request, response) = call->Hold<v1::AttendRequest, v1::AttendResponse>(out);
-  std::optional<grpc::Status> now =
-      Unparsable("Attend", *context, ParseRaw(*raw, {1}, "Attend", "session_id", request));
-  if (!now) now = StartAttend(*context, *request, response, call);
-  if (now) call->Complete(*now);
-  return call;
+  return ServeUnary("Attend", context, raw, out, &AttentionServiceImpl::StartAttend);
 }
 
 std::optional<grpc::Status> AttentionServiceImpl::StartAttend(grpc::CallbackServerContext& context,

@@ -160,6 +160,13 @@ class AttentionServiceImpl final : public AttentionServiceBase {
   template <typename Response>
   std::function<void()> Responder(const char* method, std::chrono::steady_clock::time_point start, WorkItem* item,
                                   Response* response, UnaryCall* call, DType out_dtype);
+  // Decode and Attend: the raw request parsed (Unparsable), then `start`.
+  template <typename Request, typename Response>
+  grpc::ServerUnaryReactor* ServeUnary(const char* method, grpc::CallbackServerContext* context,
+                                       const grpc::ByteBuffer* raw, grpc::ByteBuffer* out,
+                                       std::optional<grpc::Status> (AttentionServiceImpl::*start)(
+                                           grpc::CallbackServerContext&, const Request&, Response*,
+                                           UnaryCall*));
   std::optional<grpc::Status> StartDecode(grpc::CallbackServerContext& context, const v1::DecodeRequest& request,
                                           v1::DecodeResponse* response, UnaryCall* call);
   std::optional<grpc::Status> StartAttend(grpc::CallbackServerContext& context, const v1::AttendRequest& request,

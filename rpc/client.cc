@@ -289,8 +289,15 @@ Result<AttentionOutput> AttentionClient::Prefill(const std::string& session_id, 
     out.lse.dtype = DType::kFloat32;
     if (options.return_lse && q.shape.size() >= 2) out.lse.shape = {q.shape[0], q.shape[1]};
     v1::PrefillResponse message;
+    int64_t rows = 0;  // output tokens received so far
+    Status broken;     // the first message out of order (the rest is read, then dropped)
     while (reader->Read(&message)) {
+      if (broken.ok() && message.token_offset() != rows)
+        broken = Status::Internal("[Prefill] o: a response message starts at token " +
+                                  std::to_string(message.token_offset()) + ", expected " +
+                                  std::to_string(rows));
       RINGTREE_ASSIGN_OR_RETURN(HostTensor o, FromProto(message.o(), "Prefill", "o"));
+      rows += o.shape.empty() ? 0 : o.shape[0];
       out.o.data += o.data;
       if (message.has_lse() && message.lse().dtype() != v1::DATA_TYPE_UNSPECIFIED) {
         RINGTREE_ASSIGN_OR_RETURN(HostTensor lse, FromProto(message.lse(), "Prefill", "lse"));
@@ -301,8 +308,12 @@ Result<AttentionOutput> AttentionClient::Prefill(const std::string& session_id, 
     }
     grpc::Status status = reader->Finish();
     if (!status.ok()) return FromGrpcStatus(status, "Prefill");
+    if (!broken.ok()) return broken;
     if (out.o.data.size() != static_cast<size_t>(out.o.elements()) * DTypeSize(out.o.dtype)) {
       return Status::Internal("[Prefill] o: streamed output is incomplete");
+    }
+    if (options.return_lse && out.lse.data.size() != static_cast<size_t>(out.lse.elements()) * 4) {
+      return Status::Internal("[Prefill] lse: streamed output is incomplete");
     }
     if (!options.return_lse) out.lse = HostTensor{};
     return out;

@@ -5,6 +5,7 @@
 // bfloat16 storage (the reference then reads the same bf16-rounded K/V).
 #include <google/protobuf/descriptor.h>
 #include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/grpcpp.h>
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -159,6 +160,71 @@ class ServerSuite : public ::testing::Test {
     return c;
   }
 };
+
+// ---------------------------------------------------------------------------
+// The C++ client checks the Prefill stream it reassembles: a server whose
+// messages skip tokens or end early (a stand-in that misbehaves on purpose,
+// in this process; the real one cannot) is an error, never a shorter o.
+class BrokenPrefill final : public v1::AttentionService::Service {
+ public:
+  std::vector<std::pair<int64_t, int64_t>> plan;  // (token_offset, tokens) per message
+  bool short_lse = false;                         // the last message's lse lacks a row
+  grpc::Status Prefill(grpc::ServerContext*, const v1::PrefillRequest* request,
+                       grpc::ServerWriter<v1::PrefillResponse>* writer) override {
+    const int64_t H = request->q().shape(1), D = request->q().shape(2);
+    for (size_t i = 0; i < plan.size(); ++i) {
+      const auto [offset, n] = plan[i];
+      v1::PrefillResponse r;
+      r.set_token_offset(offset);
+      ToProto(std::vector<float>(n * H * D).data(), {n, H, D}, DType::kFloat32, r.mutable_o());
+      const int64_t lse_rows = short_lse && i + 1 == plan.size() ? n - 1 : n;
+      if (request->options().return_lse())
+        ToProto(std::vector<float>(lse_rows * H).data(), {lse_rows, H}, DType::kFloat32,
+                r.mutable_lse());
+      writer->Write(r);
+    }
+    return grpc::Status::OK;
+  }
+};
+
+TEST(ServiceClient, BrokenPrefillStreamIsAnError) {
+  BrokenPrefill service;
+  grpc::ServerBuilder builder;
+  int port = 0;
+  builder.AddListeningPort("127.0.0.1:0", grpc::InsecureServerCredentials(), &port);
+  builder.RegisterService(&service);
+  std::unique_ptr<grpc::Server> server = builder.BuildAndStart();
+  ASSERT_GT(port, 0);
+  ClientOptions o;
+  o.address = "127.0.0.1:" + std::to_string(port);
+  auto client = AttentionClient::Connect(o);
+  const std::vector<float> q(4 * 2 * 4), kv(4 * 4);
+  const HostTensor qt = HostTensor::FromFloat32(q.data(), {4, 2, 4});
+  const HostTensor kvt = HostTensor::FromFloat32(kv.data(), {4, 1, 4});
+  struct Case {
+    const char* name;
+    std::vector<std::pair<int64_t, int64_t>> plan;
+    bool lse, short_lse;
+    const char* want;
+  };
+  for (const Case& c : std::vector<Case>{
+           {"gap", {{0, 2}, {3, 1}}, false, false, "starts at token 3, expected 2"},
+           {"short", {{0, 2}}, false, false, "o: streamed output is incomplete"},
+           {"short lse", {{0, 2}, {2, 2}}, true, true, "lse: streamed output is incomplete"},
+       }) {
+    service.plan = c.plan;
+    service.short_lse = c.short_lse;
+    CallOptions options;
+    options.return_lse = c.lse;
+    auto out = client->Prefill("s", 0, qt, kvt, kvt, options);
+    ASSERT_FALSE(out.ok()) << c.name << ": a broken Prefill stream was accepted";
+    EXPECT_NE(out.status().message().find(c.want), std::string::npos)
+        << c.name << ": " << out.status().message();
+  }
+  service.plan = {{0, 2}, {2, 2}};  // a whole stream is taken
+  EXPECT_TRUE(client->Prefill("s", 0, qt, kvt, kvt).ok());
+  server->Shutdown();
+}
 
 // ---------------------------------------------------------------------------
 class ServiceFlow : public ServerSuite {
@@ -2795,6 +2861,30 @@ class ServiceWritePath : public ServerSuite {
   // Appends on `rank` fail while set.
   void FailAppendsOn(int rank) { std::ofstream(fault_file_) << rank; }
   void StopFailing() { std::filesystem::remove(fault_file_); }
+  // Layer 0 of session `id` on a restarted server holds m's tokens, and an
+  // Attend over it equals the reference.
+  void ExpectWholeAfterRestart(const std::string& id, const Model& m, std::mt19937& rng) {
+    auto server = Start(true);
+    auto client =
+        Client(*server, "", std::chrono::seconds(120));  // a wedged server fails, not hangs
+    auto info = client->GetSession(id);
+    ASSERT_TRUE(info.ok()) << info.status().ToString();
+    EXPECT_EQ(info->layer_tokens(0), m.tokens()) << "acknowledged tokens lost";
+    const std::vector<float> q = Random(rng, 2 * m.heads * m.head_dim);
+    auto o = client->Attend(id, 0, HostTensor::FromFloat32(q.data(), {2, m.heads, m.head_dim}));
+    ASSERT_TRUE(o.ok()) << o.status().ToString();
+    EXPECT_LE(MaxDiff(o->o.ToFloat32(), AttendReference(m, q, 2)), 2e-4);
+    EXPECT_EQ(server->Stop(), 0) << server->log();
+  }
+  // A start on the data directory that must fail (`why`): its log.
+  std::string FailedStartLog(const std::string& why, std::vector<std::string> env = {}) {
+    testing::ServerProcess failing;
+    failing.env = std::move(env);
+    EXPECT_FALSE(failing.Start(ATTNSERVE_PATH, kRanks, {"--data-dir", dir_ + "/data"}))
+        << "started although " << why;
+    failing.Wait(std::chrono::seconds(30));
+    return failing.log();
+  }
   // Checks the session metadata and the placement counters against `m`.
   static void ExpectStored(AttentionClient& client, const std::string& id, const Model& m, int64_t other_layer,
                            const char* when) {
@@ -3456,27 +3546,12 @@ TEST_F(ServiceWritePath, FailedStartLeavesTheLogsAndJournalForTheNext) {
   const std::string id = SessionOnlyInTheLogs(Start(true), rng, m);
   ASSERT_FALSE(id.empty());
   ASSERT_EQ(m.tokens(), 52);
-  {
-    std::ofstream(file_fault_) << "enospc .json.tmp 1000\n";
-    testing::ServerProcess failing;
-    failing.env = {"RINGTREE_TEST_FILE_FAULT=" + file_fault_};
-    EXPECT_FALSE(failing.Start(ATTNSERVE_PATH, kRanks, {"--data-dir", dir_ + "/data"}))
-        << "started although its session files cannot be written";
-    failing.Wait(std::chrono::seconds(30));
-    EXPECT_NE(failing.log().find(".json.tmp: No space left on device"), std::string::npos)
-        << failing.log();
-    std::filesystem::remove(file_fault_);
-  }
-  auto server = Start(true);
-  auto client = Client(*server);
-  auto info = client->GetSession(id);
-  ASSERT_TRUE(info.ok()) << info.status().ToString();
-  EXPECT_EQ(info->layer_tokens(0), m.tokens()) << "acknowledged tokens lost by a failed start";
-  const std::vector<float> q = Random(rng, 2 * m.heads * m.head_dim);
-  auto o = client->Attend(id, 0, HostTensor::FromFloat32(q.data(), {2, m.heads, m.head_dim}));
-  ASSERT_TRUE(o.ok()) << o.status().ToString();
-  EXPECT_LE(MaxDiff(o->o.ToFloat32(), AttendReference(m, q, 2)), 2e-4);
-  EXPECT_EQ(server->Stop(), 0) << server->log();
+  std::ofstream(file_fault_) << "enospc .json.tmp 1000\n";
+  const std::string log = FailedStartLog("its session files cannot be written",
+                                         {"RINGTREE_TEST_FILE_FAULT=" + file_fault_});
+  EXPECT_NE(log.find(".json.tmp: No space left on device"), std::string::npos) << log;
+  std::filesystem::remove(file_fault_);
+  ExpectWholeAfterRestart(id, m, rng);
 }
 
 // A record of the metadata journal or of a rank's write-ahead log that fails
@@ -3508,27 +3583,12 @@ TEST_F(ServiceWritePath, CorruptLogRecordIsDataLossNotATornTail) {
       f.put(static_cast<char>(byte ^ 0x10));
     };
     flip_byte();
-    {
-      testing::ServerProcess failing;
-      EXPECT_FALSE(failing.Start(ATTNSERVE_PATH, kRanks, {"--data-dir", dir_ + "/data"}))
-          << "started on a corrupt " << file;
-      failing.Wait(std::chrono::seconds(30));
-      const std::string log = failing.log();
-      EXPECT_NE(log.find("DATA_LOSS"), std::string::npos) << log;
-      EXPECT_NE(log.find(path + "@0: corrupt record followed by a valid record"), std::string::npos)
-          << log;
-    }
+    const std::string log = FailedStartLog("its " + file + " is corrupt");
+    EXPECT_NE(log.find("DATA_LOSS"), std::string::npos) << log;
+    EXPECT_NE(log.find(path + "@0: corrupt record followed by a valid record"), std::string::npos)
+        << log;
     flip_byte();  // restored
-    auto server = Start(true);
-    auto client = Client(*server);
-    auto info = client->GetSession(id);
-    ASSERT_TRUE(info.ok()) << info.status().ToString();
-    EXPECT_EQ(info->layer_tokens(0), m.tokens());
-    const std::vector<float> q = Random(rng, 2 * m.heads * m.head_dim);
-    auto o = client->Attend(id, 0, HostTensor::FromFloat32(q.data(), {2, m.heads, m.head_dim}));
-    ASSERT_TRUE(o.ok()) << o.status().ToString();
-    EXPECT_LE(MaxDiff(o->o.ToFloat32(), AttendReference(m, q, 2)), 2e-4);
-    EXPECT_EQ(server->Stop(), 0) << server->log();
+    ExpectWholeAfterRestart(id, m, rng);
   }
 }
 
@@ -3564,26 +3624,12 @@ TEST_F(ServiceWritePath, SessionFileBitFlipIsDataLoss) {
   std::string flipped = text;
   flipped[at + 9] ^= 0x04;  // '5' -> '1'
   std::ofstream(meta, std::ios::trunc | std::ios::binary) << flipped;
-  {
-    testing::ServerProcess failing;
-    EXPECT_FALSE(failing.Start(ATTNSERVE_PATH, kRanks, {"--data-dir", dir_ + "/data"}))
-        << "started on a corrupt session file";
-    failing.Wait(std::chrono::seconds(30));
-    EXPECT_NE(failing.log().find("DATA_LOSS: [sessions] " + meta + ": checksum mismatch"),
-              std::string::npos)
-        << failing.log();
-  }
+  const std::string log = FailedStartLog("a session file is corrupt");
+  EXPECT_NE(log.find("DATA_LOSS: [sessions] " + meta + ": checksum mismatch"), std::string::npos)
+      << log;
   std::ofstream(meta, std::ios::trunc | std::ios::binary) << text;
-  auto server = Start(true);
-  auto client = Client(*server);
-  auto info = client->GetSession(id);
-  ASSERT_TRUE(info.ok()) << info.status().ToString();
-  EXPECT_EQ(info->layer_tokens(0), 52);
-  const std::vector<float> q = Random(rng, 2 * m.heads * m.head_dim);
-  auto o = client->Attend(id, 0, HostTensor::FromFloat32(q.data(), {2, m.heads, m.head_dim}));
-  ASSERT_TRUE(o.ok()) << o.status().ToString();
-  EXPECT_LE(MaxDiff(o->o.ToFloat32(), AttendReference(m, q, 2)), 2e-4);
-  EXPECT_EQ(server->Stop(), 0) << server->log();
+  ASSERT_EQ(m.tokens(), 52);
+  ExpectWholeAfterRestart(id, m, rng);
 }
 
 // A streamed AppendKV stages each chunk on its ranks as it arrives; every

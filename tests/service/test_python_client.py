@@ -250,6 +250,20 @@ def main():
         except grpc.RpcError as e:
             assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "entries" in e.details(), e.details()
         stream.close()  # the error was raised already
+        # A stream dropped without close() ends its call: gRPC's thread that
+        # reads its requests goes away (it waited for ever before).
+        import gc
+        import threading
+        threads = threading.active_count()
+        dropped = client.open_decode_batch_stream()
+        assert threading.active_count() > threads
+        del dropped
+        gc.collect()
+        for _ in range(100):
+            if threading.active_count() <= threads:
+                break
+            time.sleep(0.05)
+        assert threading.active_count() <= threads, "a dropped DecodeBatchStream left its thread"
         stats = client.stats()
         assert stats.world_size == 2 and sum(r.kv_tokens for r in stats.ranks) == 10134
         assert client.delete_session(sid) > 0
@@ -267,7 +281,51 @@ def main():
     if not os.environ.get("RINGTREE_KEEP_SERVER_DIRS"):  # the log was printed above
         shutil.rmtree(workdir, ignore_errors=True)
     assert code == 0, f"mpirun exited {code}"
+    check_prefill_reassembly()
     print("python client test passed")
+
+
+def check_prefill_reassembly():
+    """The client checks the Prefill stream it reassembles: a server (here a
+    stand-in that misbehaves on purpose; the real one cannot) whose messages
+    skip tokens, or end early, is an error, never a shorter o."""
+    from concurrent import futures
+    import grpc
+    from ringtree_client import AttentionClient, to_tensor
+    from ringtree.v1 import attention_pb2 as pb
+    H, D = 2, 4
+    plans = {"gap": [(0, 2), (3, 1)], "short": [(0, 2)], "short_lse": [(0, 2), (2, 2)]}
+
+    def prefill(request, context):
+        plan = request.session_id
+        for offset, n in plans[plan]:
+            r = pb.PrefillResponse(token_offset=offset, o=to_tensor(np.zeros((n, H, D), np.float32)))
+            if request.options.return_lse:
+                lse_rows = 1 if plan == "short_lse" and offset > 0 else n
+                r.lse.CopyFrom(to_tensor(np.zeros((lse_rows, H, 1), np.float32)[:, :, 0]))
+            yield r
+    handler = grpc.method_handlers_generic_handler("ringtree.v1.AttentionService", {
+        "Prefill": grpc.unary_stream_rpc_method_handler(
+            prefill, request_deserializer=pb.PrefillRequest.FromString,
+            response_serializer=pb.PrefillResponse.SerializeToString)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    q = np.zeros((4, H, D), np.float32)
+    kv = np.zeros((4, 1, D), np.float32)
+    try:
+        with AttentionClient(f"127.0.0.1:{port}", timeout=10) as client:  # closed on the way out
+            for plan, lse, want in (("gap", False, "starts at token 3, expected 2"),
+                                    ("short", False, "incomplete (2 of 4 tokens)"),
+                                    ("short_lse", True, "lse: streamed output is incomplete (3 of 4")):
+                try:
+                    client.prefill(plan, 0, q, kv, kv, return_lse=lse)
+                    raise AssertionError(plan + ": a broken Prefill stream was accepted")
+                except RuntimeError as e:
+                    assert want in str(e), (plan, str(e))
+    finally:
+        server.stop(None)
 
 
 if __name__ == "__main__":

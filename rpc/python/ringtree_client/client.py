@@ -185,6 +185,16 @@ class DecodeBatchStream:
             self._responses.cancel()
         return False
 
+    def __del__(self):
+        # A stream dropped without close(): end the call, or gRPC's thread
+        # that reads the requests would wait for the next one for ever.
+        try:
+            if not self._closed:
+                self._end()
+                self._responses.cancel()
+        except Exception:  # interpreter shutdown: nothing left to free
+            pass
+
 
 class AttentionClient:
     """Thread-safe client. Failed calls raise grpc.RpcError (e.code(), e.details()).
@@ -339,12 +349,26 @@ class AttentionClient:
             if expected is not None:
                 request.expected_layer_tokens = expected
             outs, lses = [], []
+            rows = 0  # output tokens received so far: the messages must follow each other
             for message in self.stub.Prefill(request, **self._kw()):
+                if message.token_offset != rows:
+                    raise RuntimeError("[Prefill] o: a response message starts at token %d, expected %d"
+                                       % (message.token_offset, rows))
                 outs.append(from_tensor(message.o))
+                rows += outs[-1].shape[0]
                 if return_lse:
                     lses.append(from_tensor(message.lse))
-            o = np.concatenate(outs, axis=0)
-            return (o, np.concatenate(lses, axis=0)) if return_lse else o
+            tokens = np.asarray(q).shape[0]
+            o = np.concatenate(outs, axis=0) if outs else None
+            if o is None or o.shape[0] != tokens:
+                raise RuntimeError("[Prefill] o: streamed output is incomplete (%d of %d tokens)" % (rows, tokens))
+            if not return_lse:
+                return o
+            lse = np.concatenate(lses, axis=0)
+            if lse.shape[0] != tokens:
+                raise RuntimeError("[Prefill] lse: streamed output is incomplete (%d of %d tokens)"
+                                   % (lse.shape[0], tokens))
+            return o, lse
 
         def applied(expected):
             raise AppliedEarlierError("Prefill", expected, np.asarray(k).shape[0])
@@ -466,3 +490,10 @@ class AttentionClient:
 
     def close(self):
         self.channel.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
